@@ -1,0 +1,52 @@
+# The two commands of the README: `make run` and `make test`. Every install step lives here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SPOOL ?= spool
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup system-deps lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian packages the test suite drives for real (installed only where missing).
+system-deps:
+	@command -v busybox >/dev/null && command -v sshd >/dev/null && command -v rsync >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsync openssh-client openssh-server busybox-static >/dev/null)
+
+# Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
+run: setup
+	$(VENV)/bin/spoold init --spool $(SPOOL)
+	cp -n examples/hello.yaml $(SPOOL)/incoming/hello.yaml || true
+	$(VENV)/bin/spoold run --spool $(SPOOL)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping (executors/ -> spoold.executors),
+# so it checks a link tree laid out as the installed package is.
+typecheck: setup
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -as $(CURDIR)/spoold build/typecheck/spoold
+	ln -s $(CURDIR)/executors build/typecheck/spoold/executors
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p spoold
+	$(VENV)/bin/mypy --config-file pyproject.toml tests benchmarks
+
+unit: setup
+	$(VENV)/bin/pytest -n auto -q
+
+test: setup system-deps lint typecheck unit
+
+bench: setup
+	$(PY) benchmarks/bench_spool.py
+
+clean:
+	rm -rf build dist $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""spoold's built-in executors, installed as ``spoold.executors``; discovered by entry points."""

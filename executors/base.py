@@ -1,0 +1,110 @@
+"""The executor plugin API: one small base class with a template method.
+
+``Executor.run`` keeps the invariants every executor must honour (log lines, errors turned into
+a failed result, never an exception into the worker); a subclass fills in ``execute``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from spoold.clock import Clock
+from spoold.errors import ExecutorError, SpooldError
+from spoold.joblog import JobLog
+from spoold.units import format_duration
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything an executor may use to run one attempt of a job."""
+
+    job_id: str
+    executor: str
+    type: str | None
+    product: Mapping[str, Any]
+    workdir: Path
+    env: Mapping[str, str]
+    log: JobLog
+    clock: Clock
+    timeout: float | None
+    kill_grace: float
+    cancel: threading.Event
+    before_script: tuple[str, ...] = ()
+    on_spawn: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What one attempt came to."""
+
+    exit_code: int | None
+    error: str | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and self.error is None and not (self.timed_out or self.cancelled)
+
+
+class Executor(ABC):
+    """Base class of every executor; subclasses are registered under ``spoold.executors``."""
+
+    #: The name job files use in ``executor:``.
+    name: ClassVar[str]
+    #: Where the JSON sub-schema of ``product:`` lives (importlib.resources package and file).
+    schema_package: ClassVar[str] = "spoold.schemas.executors"
+    schema_resource: ClassVar[str]
+
+    def run(self, ctx: RunContext) -> ExecResult:
+        """Run one attempt; never raises, a failure to run is a failed result."""
+        try:
+            result = self.execute(ctx)
+        except SpooldError as exc:
+            ctx.log.error(str(exc))
+            return ExecResult(exit_code=None, error=str(exc))
+        except Exception as exc:  # a plugin bug must fail the job, not the worker
+            ctx.log.error(f"executor {self.name!r} failed unexpectedly: {exc!r}")
+            return ExecResult(exit_code=None, error=f"executor error: {exc!r}")
+        if result.timed_out and result.error is None:
+            limit = format_duration(ctx.timeout or 0)
+            result = ExecResult(result.exit_code, f"timed out after {limit}", True, False, result.result)
+        elif result.cancelled and result.error is None:
+            result = ExecResult(result.exit_code, "cancelled", False, True, result.result)
+        return result
+
+    @abstractmethod
+    def execute(self, ctx: RunContext) -> ExecResult:
+        """Run the job's work; may raise SpooldError with a message for the log."""
+
+
+def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None) -> ExecResult:
+    """Run a process on this host with the context's environment, limits and log."""
+    from spoold.process import run_process  # local: only local executors need it
+
+    outcome = run_process(
+        argv,
+        cwd=cwd or ctx.workdir,
+        env=ctx.env,
+        log=ctx.log,
+        clock=ctx.clock,
+        timeout=ctx.timeout,
+        kill_grace=ctx.kill_grace,
+        cancel=ctx.cancel,
+        on_spawn=ctx.on_spawn,
+    )
+    return ExecResult(outcome.exit_code, outcome.error, outcome.timed_out, outcome.cancelled)
+
+
+def within_workdir(ctx: RunContext, relative: str) -> Path:
+    """A path inside the work dir; raise ExecutorError if ``relative`` would leave it."""
+    path = (ctx.workdir / relative).resolve()
+    if not path.is_relative_to(ctx.workdir.resolve()):
+        raise ExecutorError(f"{relative!r} leaves the job's work dir")
+    return path

@@ -1,0 +1,306 @@
+"""The command line: a thin layer over the spool, the validator, the runner and the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from spoold import __version__
+from spoold.clock import SystemClock
+from spoold.config import Config, load_config
+from spoold.daemon import Daemon, configure_logging, detach, job_validator
+from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
+from spoold.intake import Accepted, Intake
+from spoold.plugins import ExecutorRegistry
+from spoold.spool import SPOOL_DIRECTORIES, JobDir, Spool
+from spoold.states import JOB_DIRECTORIES, JobState
+from spoold.validation import compose_job_schema, load_base_schema
+from spoold.worker import JobRunner
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spoold`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, spool=args.spool)
+        result: int = args.handler(args, config)
+    except ConfigError as exc:
+        print(f"spoold: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SpoolError as exc:
+        print(f"spoold: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "not a spool" in str(exc) else EXIT_FAILED
+    except SpooldError as exc:
+        print(f"spoold: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--spool", type=Path, help="spool directory (default: ./spool, or SPOOLD_SPOOL)")
+    common.add_argument("--config", type=Path, help="config file (default: ./config.yaml, /etc/spoold/config.yaml)")
+    parser = argparse.ArgumentParser(prog="spoold", description="Crash-safe spool job runner.")
+    parser.add_argument("--version", action="version", version=f"spoold {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Command, text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=text, description=text)
+        command.set_defaults(handler=handler)
+        return command
+
+    add("init", cmd_init, "create the spool tree with safe permissions")
+    run = add("run", cmd_run, "run the daemon in the foreground")
+    run.add_argument("--daemon", action="store_true", help="detach into the background")
+    run.add_argument("--pidfile", type=Path, help="with --daemon: write the pid here")
+    submit = add("submit", cmd_submit, "validate files, then place them atomically into incoming/")
+    submit.add_argument("files", nargs="+", type=Path)
+    validate = add("validate", cmd_validate, "check job files; exit 1 if any is invalid")
+    validate.add_argument("files", nargs="+", type=Path)
+    execute = add("exec", cmd_exec, "run one job now, in the foreground, without a daemon")
+    execute.add_argument("file", type=Path)
+    status = add("status", cmd_status, "one job's status, or a summary of the spool")
+    status.add_argument("job_id", nargs="?")
+    status.add_argument("--json", action="store_true")
+    listing = add("list", cmd_list, "jobs, newest first")
+    listing.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.REJECTED])
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
+    listing.add_argument("--json", action="store_true")
+    logs = add("logs", cmd_logs, "a job's log")
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow while the job runs")
+    add("schema", cmd_schema, "print the job file's JSON Schema")
+    return parser
+
+
+def _spool(config: Config) -> Spool:
+    spool = Spool(config.spool, durable=config.durable)
+    spool.check()
+    return spool
+
+
+def cmd_init(args: argparse.Namespace, config: Config) -> int:
+    Spool(config.spool).init()
+    print(f"spool ready at {config.spool}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    daemon = Daemon.build(config)
+    if args.daemon:
+        detach(args.pidfile)
+        configure_logging(config)
+    return daemon.run()
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    validator = job_validator(ExecutorRegistry.from_entry_points())
+    failed = False
+    for path in args.files:
+        try:
+            issues = validator.check(path.read_bytes(), path.name)
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+            failed = True
+            continue
+        for issue in issues:
+            print(issue.format(str(path)), file=sys.stderr)
+        failed = failed or bool(issues)
+        if not issues:
+            print(f"{path}: valid")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    spool = _spool(config)
+    validator = job_validator(ExecutorRegistry.from_entry_points())
+    failed = False
+    for path in args.files:
+        try:
+            data = path.read_bytes()
+            validator.parse(data, path.name)
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+            failed = True
+            continue
+        except InvalidJobFile as exc:
+            for issue in exc.issues:
+                print(issue.format(str(path)), file=sys.stderr)
+            failed = True
+            continue
+        placed = spool.submit_file(path.name, data)
+        print(f"{path}: submitted as {placed}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace, config: Config) -> int:
+    spool = Spool(config.spool, durable=config.durable)
+    spool.init()
+    clock = SystemClock()
+    logger = configure_logging(config)
+    registry = ExecutorRegistry.from_entry_points()
+    runner = JobRunner(spool, registry, config, clock, logger)
+    intake = Intake(
+        spool,
+        job_validator(registry),
+        clock,
+        max_file_size=config.max_file_size,
+        settle_time=0.0,
+        on_accepted=lambda job: None,
+        logger=logger,
+    )
+    outcome = intake.process(spool.stage_file(args.file, max_size=config.max_file_size))
+    if not isinstance(outcome, Accepted):
+        for error in outcome.reason["errors"] or [{"message": outcome.reason["reason"]}]:
+            line, column = error.get("line"), error.get("column")
+            where = f":{line}:{column}" if line else ""
+            print(f"{args.file}{where}: {error.get('path') or ''} {error['message']}", file=sys.stderr)
+        print(f"rejected into {outcome.path}", file=sys.stderr)
+        return EXIT_FAILED
+    job = runner.claim(outcome.job.job_id)
+    if job is None:
+        raise SpoolError(f"job {outcome.job.job_id} was claimed by a running daemon")
+    beat = _Heartbeat(runner, config.heartbeat_interval)
+    try:
+        final = runner.run(job, tee=sys.stdout)
+    finally:
+        beat.stop()
+    state = spool.read_status(final)["state"]
+    print(f"{final.job_id}: {state} ({final.path})", file=sys.stderr)
+    return EXIT_OK if state == JobState.SUCCEEDED.value else EXIT_FAILED
+
+
+class _Heartbeat:
+    """Renews leases while ``spoold exec`` runs a job in the foreground."""
+
+    def __init__(self, runner: JobRunner, every: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(runner, every), daemon=True)
+        self._thread.start()
+
+    def _loop(self, runner: JobRunner, every: float) -> None:
+        while not self._stop.wait(every):
+            runner.renew_leases()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    spool = _spool(config)
+    if args.job_id:
+        status = spool.read_status(spool.get(args.job_id))
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            _print_status(status)
+        return EXIT_OK
+    counts = {name: _count(spool.dir(name)) for name in SPOOL_DIRECTORIES if name != "tmp"}
+    if args.json:
+        print(json.dumps({"spool": str(spool.root), "counts": counts}, indent=2))
+    else:
+        print(f"spool {spool.root}")
+        for name, count in counts.items():
+            print(f"  {name + '/':<11} {count}")
+    return EXIT_OK
+
+
+def _count(path: Path) -> int:
+    with os.scandir(path) as entries:
+        return sum(1 for e in entries if not e.name.startswith("."))
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    keys = ("job_id", "state", "executor", "type", "source", "submitted_at", "started_at",
+            "finished_at", "exit_code", "error", "worker")  # fmt: skip
+    for key in keys:
+        if status.get(key) is not None:
+            print(f"{key + ':':<14}{status[key]}")
+    for attempt in status.get("attempts") or ():
+        print(
+            f"attempt {attempt['number']}:    {attempt['started_at']} -> {attempt.get('finished_at')}"
+            f" exit {attempt.get('exit_code')}" + (f" ({attempt['error']})" if attempt.get("error") else "")
+        )
+    for artifact in status.get("artifacts") or ():
+        print(f"artifact:     {artifact['path']} ({artifact['size']} bytes, sha256 {artifact['sha256'][:12]})")
+
+
+def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    spool = _spool(config)
+    wanted = JobState(args.state) if args.state else None
+    directories = [wanted.directory] if wanted else list(JOB_DIRECTORIES)
+    jobs: list[JobDir] = [j for d in directories for j in spool.list_jobs(d)]
+    jobs.sort(key=_arrival, reverse=True)
+    rows = []
+    for job in jobs:
+        try:
+            status = spool.read_status(job)
+        except SpoolError:
+            continue
+        if wanted and status.get("state") != wanted.value:
+            continue
+        rows.append(status)
+        if args.limit and len(rows) >= args.limit:
+            break
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        print(f"{row['job_id']:<40} {row['state']:<10} {row.get('executor') or '':<8} "
+              f"{row.get('submitted_at') or '':<28} {row.get('error') or ''}")  # fmt: skip
+    return EXIT_OK
+
+
+def _arrival(job: JobDir) -> float:
+    try:
+        return job.path.stat().st_ctime
+    except FileNotFoundError:
+        return 0.0
+
+
+def cmd_logs(args: argparse.Namespace, config: Config) -> int:
+    spool = _spool(config)
+    job = spool.get(args.job_id)
+    out = sys.stdout.buffer
+    with open(job.log_path, "rb") as log:
+        while True:
+            chunk = log.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not args.follow:
+                return EXIT_OK
+            where = spool.find(args.job_id)
+            if where is None or where.directory not in ("pending", "running"):
+                # The job ended: whatever it wrote before that is already in the file.
+                rest = log.read()
+                out.write(rest)
+                out.flush()
+                return EXIT_OK
+            time.sleep(0.2)
+
+
+def cmd_schema(args: argparse.Namespace, config: Config) -> int:
+    schemas = ExecutorRegistry.from_entry_points().schemas()
+    print(json.dumps(compose_job_schema(load_base_schema(), schemas), indent=2))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

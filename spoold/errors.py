@@ -1,0 +1,62 @@
+"""The one exception tree of spoold: callers can catch ``SpooldError`` and nothing escapes it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spoold.validation import ValidationIssue
+
+
+class SpooldError(Exception):
+    """Base class of every error spoold raises on purpose."""
+
+
+class ConfigError(SpooldError):
+    """The configuration is invalid; the message names the key."""
+
+
+class SpoolError(SpooldError):
+    """The spool tree is missing, unusable or inconsistent."""
+
+
+class JobNotFound(SpoolError):
+    """No job with that id is in the spool."""
+
+
+class DuplicateJob(SpoolError):
+    """A job with that id already exists in some state."""
+
+
+class InvalidTransition(SpoolError):
+    """A state change the state machine does not allow."""
+
+
+class InvalidJobFile(SpooldError):
+    """A job file failed to parse or validate; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: Sequence[ValidationIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("; ".join(issue.message for issue in self.issues) or "invalid job file")
+
+
+class RejectedFile(SpooldError):
+    """A file in incoming/ is refused before parsing (symlink, device, too large, ...)."""
+
+    def __init__(self, reason: str, code: str) -> None:
+        self.reason = reason
+        self.code = code
+        super().__init__(reason)
+
+
+class ExecutorError(SpooldError):
+    """An executor could not run the job (as opposed to the job itself failing)."""
+
+
+class ExecutorNotAvailable(ExecutorError):
+    """An executor's SDK is not installed; the message names the extra to install."""
+
+
+class PluginError(SpooldError):
+    """An executor plugin could not be loaded or is not an Executor subclass."""

@@ -1,0 +1,209 @@
+"""Intake: a complete file in incoming/ becomes a pending job or a rejected one, never lost."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spoold.clock import Clock, rfc3339
+from spoold.errors import DuplicateJob, InvalidJobFile
+from spoold.job import JobSpec, JobStatus, generate_job_id
+from spoold.joblog import format_line
+from spoold.spool import JobDir, Spool, TakenFile
+from spoold.validation import JobValidator, ValidationIssue
+
+JOB_SUFFIXES = (".yaml", ".yml", ".json")
+
+_NOT_A_FILE = {
+    "symlink": "is a symbolic link; spoold takes only regular files (copy the file itself)",
+    "directory": "is a directory; drop job files, one per job",
+    "fifo": "is a named pipe, not a regular file",
+    "socket": "is a socket, not a regular file",
+    "device": "is a device node, not a regular file",
+    "other": "is not a regular file",
+    "unreadable": "cannot be read by spoold (check its owner and mode)",
+}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A file that became a pending job."""
+
+    job: JobDir
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file that was refused, with the directory that keeps it and why."""
+
+    path: Path
+    reason: dict[str, Any]
+
+
+def display_name(name: str) -> str:
+    """A file name as text that JSON and terminals can carry (undecodable bytes replaced)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class Intake:
+    """Decides what becomes of each file taken from incoming/."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        validator: JobValidator,
+        clock: Clock,
+        *,
+        max_file_size: int,
+        settle_time: float,
+        on_accepted: Callable[[JobDir], None],
+        logger: logging.Logger,
+    ) -> None:
+        self._spool = spool
+        self._validator = validator
+        self._clock = clock
+        self._max_size = max_file_size
+        self._settle = settle_time
+        self._on_accepted = on_accepted
+        self._log = logger
+
+    def offer(self, name: str, *, complete: bool, remote_writers: bool = False) -> Accepted | Rejected | None:
+        """Take one file if it is complete; ``complete`` when the watcher saw it closed or renamed in.
+
+        ``remote_writers`` (shared filesystems): open writers elsewhere are invisible, so a
+        file seen by a scan must also have been quiet for the settle time.
+        """
+        min_age = self._settle if remote_writers and not complete else 0.0
+        taken = self._spool.take_incoming(
+            name,
+            now=self._clock.now().timestamp(),
+            max_size=self._max_size,
+            min_age=min_age,
+            settle=0.0 if complete else self._settle,
+        )
+        if taken is None:
+            return None
+        try:
+            return self.process(taken)
+        except BaseException:
+            # A full disk or an I/O error mid-way: the file goes back to be tried again later.
+            self._spool.release(taken)
+            raise
+
+    def sweep(self, *, remote_writers: bool = False) -> int:
+        """Offer every file in incoming/; return how many were taken."""
+        taken = 0
+        for name in self._spool.list_incoming():
+            if self.offer(name, complete=False, remote_writers=remote_writers) is not None:
+                taken += 1
+        return taken
+
+    def process(self, taken: TakenFile) -> Accepted | Rejected:
+        """Validate a staged file and accept or reject it."""
+        problem = self._precheck(taken)
+        if problem is not None:
+            return self._reject(taken, *problem)
+        assert taken.data is not None
+        try:
+            document = self._validator.parse(taken.data, taken.name)
+        except InvalidJobFile as exc:
+            return self._reject(taken, "invalid", _summary(exc.issues), exc.issues)
+        now = self._clock.now()
+        job_id = str(document.get("job_id") or generate_job_id(now))
+        spec = JobSpec.from_document(document, job_id)
+        sha256 = hashlib.sha256(taken.data).hexdigest()
+        status = JobStatus.accepted(spec, source=display_name(taken.name), now=now, sha256=sha256)
+        line = format_line(
+            rfc3339(now), "INFO", f"spoold: accepted {display_name(taken.name)} as {job_id}"
+        )
+        try:
+            job = self._spool.accept(taken, job_id, status.to_dict(), line)
+        except DuplicateJob as exc:
+            return self._reject(taken, "duplicate", f"{exc}; a job id is never run twice")
+        self._log.info("accepted %s as %s (%s)", display_name(taken.name), job_id, spec.executor)
+        self._on_accepted(job)
+        return Accepted(job)
+
+    def _precheck(self, taken: TakenFile) -> tuple[str, str] | None:
+        if taken.kind != "file":
+            return "not_a_file", f"{display_name(taken.name)} {_NOT_A_FILE[taken.kind]}"
+        if not taken.name.endswith(JOB_SUFFIXES):
+            return "file_name", "job files must end in .yaml, .yml or .json"
+        if taken.data is None or len(taken.data) > self._max_size:
+            return "too_large", (
+                f"the file is {taken.size} bytes, over the limit of {self._max_size} bytes "
+                "(limits.max_file_size)"
+            )
+        return None
+
+    def _reject(
+        self, taken: TakenFile, code: str, reason: str, issues: list[ValidationIssue] | None = None
+    ) -> Rejected:
+        document = {
+            "file": display_name(taken.name),
+            "rejected_at": rfc3339(self._clock.now()),
+            "code": code,
+            "reason": reason,
+            "errors": [i.to_dict() for i in issues or ()],
+            "size": taken.size,
+        }
+        path = self._spool.reject(taken, document)
+        self._log.warning("rejected %s: %s", display_name(taken.name), reason)
+        return Rejected(path, document)
+
+
+def _summary(issues: list[ValidationIssue]) -> str:
+    first = issues[0] if issues else None
+    if first is None:
+        return "invalid job file"
+    where = f" (line {first.line})" if first.line else ""
+    more = f" and {len(issues) - 1} more problem(s)" if len(issues) > 1 else ""
+    return f"{first.path + ': ' if first.path else ''}{first.message}{where}{more}"
+
+
+class IntakeThread:
+    """Runs intake on one thread, fed by the watcher and by periodic sweeps."""
+
+    _SWEEP = "\0sweep"
+    _STOP = "\0stop"
+
+    def __init__(self, intake: Intake, logger: logging.Logger, *, remote_writers: bool) -> None:
+        self._intake = intake
+        self._log = logger
+        self._remote_writers = remote_writers
+        self._queue: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="spoold-intake", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def arrived(self, name: str, complete: bool) -> None:
+        """The watcher saw ``name`` appear; ``complete`` if it was closed or renamed in."""
+        self._queue.put((name, complete))
+
+    def request_sweep(self) -> None:
+        self._queue.put((self._SWEEP, False))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put((self._STOP, False))
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            name, complete = self._queue.get()
+            if name == self._STOP:
+                return
+            try:
+                if name == self._SWEEP:
+                    self._intake.sweep(remote_writers=self._remote_writers)
+                else:
+                    self._intake.offer(name, complete=complete)
+            except Exception:  # one bad file or a full disk must not end intake
+                self._log.exception("intake of %s failed; it stays in incoming/", display_name(name))
+

@@ -1,0 +1,222 @@
+"""The job as data: the parsed spec, its status document and its attempts. No I/O."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from spoold.clock import rfc3339
+from spoold.states import JobState
+from spoold.units import parse_duration
+
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def generate_job_id(moment: datetime) -> str:
+    """A unique, sortable id for a job file that names none."""
+    return f"job-{moment.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """One declared artifact: a glob relative to the work dir."""
+
+    path: str
+    type: str = "file"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job file, reduced to what spoold acts on."""
+
+    job_id: str
+    executor: str
+    type: str | None
+    product: dict[str, Any]
+    variables: dict[str, str]
+    artifacts: tuple[ArtifactSpec, ...]
+    timeout: float | None
+    on_interrupt: str
+    document: dict[str, Any]
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any], job_id: str) -> JobSpec:
+        """Build from a document that already passed schema validation."""
+        timeout = document.get("timeout")
+        return cls(
+            job_id=job_id,
+            executor=str(document.get("executor", "")),
+            type=document.get("type"),
+            product=dict(document.get("product") or {}),
+            variables={k: _scalar_text(v) for k, v in (document.get("variables") or {}).items()},
+            artifacts=tuple(
+                ArtifactSpec(path=a["path"], type=a.get("type", "file"))
+                for a in document.get("artifacts") or ()
+            ),
+            timeout=None if timeout is None else parse_duration(timeout),
+            on_interrupt=str(document.get("on_interrupt", "fail")),
+            document=document,
+        )
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """Replace ``${NAME}`` by known variables in every string of a nested structure.
+
+    Unknown names stay as written so that shell syntax such as ``${HOME}`` reaches the shell.
+    One pass only: a value that itself contains ``${...}`` is not expanded again.
+    """
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda m: variables.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [interpolate(item, variables) for item in value]
+    if isinstance(value, dict):
+        return {key: interpolate(item, variables) for key, item in value.items()}
+    return value
+
+
+@dataclass
+class Attempt:
+    """One run of a job."""
+
+    number: int
+    started_at: str
+    finished_at: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        return cls(
+            number=int(data["number"]),
+            started_at=str(data["started_at"]),
+            finished_at=data.get("finished_at"),
+            exit_code=data.get("exit_code"),
+            error=data.get("error"),
+        )
+
+
+@dataclass
+class JobStatus:
+    """The content of status.json (SPEC section 6)."""
+
+    job_id: str
+    state: JobState
+    executor: str
+    type: str | None
+    submitted_at: str
+    source: str | None
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    steps: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    worker: str | None = None
+    schedule: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+
+    @classmethod
+    def accepted(
+        cls, spec: JobSpec, *, source: str | None, now: datetime, sha256: str | None
+    ) -> JobStatus:
+        """The status of a job that was just accepted into pending/."""
+        return cls(
+            job_id=spec.job_id,
+            state=JobState.PENDING,
+            executor=spec.executor,
+            type=spec.type,
+            submitted_at=rfc3339(now),
+            source=source,
+            sha256=sha256,
+        )
+
+    def begin_attempt(self, now: datetime, worker: str) -> Attempt:
+        """Mark the job running with a new attempt."""
+        attempt = Attempt(number=len(self.attempts) + 1, started_at=rfc3339(now))
+        self.attempts.append(attempt)
+        self.state = JobState.RUNNING
+        self.started_at = attempt.started_at
+        self.finished_at = None
+        self.exit_code = None
+        self.error = None
+        self.worker = worker
+        return attempt
+
+    def end_attempt(
+        self, now: datetime, state: JobState, exit_code: int | None, error: str | None
+    ) -> None:
+        """Close the current attempt and set the job's outcome."""
+        stamp = rfc3339(now)
+        if self.attempts and self.attempts[-1].finished_at is None:
+            current = self.attempts[-1]
+            current.finished_at = stamp
+            current.exit_code = exit_code
+            current.error = error
+        self.state = state
+        self.finished_at = stamp
+        self.exit_code = exit_code
+        self.error = error
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state.value,
+            "executor": self.executor,
+            "type": self.type,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "attempts": [a.to_dict() for a in self.attempts],
+            "steps": self.steps,
+            "artifacts": self.artifacts,
+            "worker": self.worker,
+            "source": self.source,
+            "sha256": self.sha256,
+            "schedule": self.schedule,
+            "result": self.result,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobStatus:
+        return cls(
+            job_id=str(data["job_id"]),
+            state=JobState(data["state"]),
+            executor=str(data.get("executor", "")),
+            type=data.get("type"),
+            submitted_at=str(data.get("submitted_at", "")),
+            source=data.get("source"),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            exit_code=data.get("exit_code"),
+            error=data.get("error"),
+            attempts=[Attempt.from_dict(a) for a in data.get("attempts") or ()],
+            steps=dict(data.get("steps") or {}),
+            artifacts=list(data.get("artifacts") or ()),
+            worker=data.get("worker"),
+            schedule=data.get("schedule"),
+            result=dict(data.get("result") or {}),
+            sha256=data.get("sha256"),
+        )

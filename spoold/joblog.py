@@ -1,0 +1,54 @@
+"""A job's log: one timestamped, INFO/ERROR-prefixed line per line of output or event."""
+
+from __future__ import annotations
+
+import threading
+from typing import IO
+
+from spoold.clock import Clock, rfc3339
+
+
+def format_line(stamp: str, level: str, text: str) -> str:
+    """One log line as spoold writes it."""
+    return f"{stamp} {level} {text}\n"
+
+
+class JobLog:
+    """Appends lines to a job's log file; safe to share between threads.
+
+    ``tee`` receives the same lines (``spoold exec`` shows the log while it runs).
+    """
+
+    def __init__(self, handle: IO[bytes], clock: Clock, *, tee: IO[str] | None = None) -> None:
+        self._handle = handle
+        self._clock = clock
+        self._tee = tee
+        self._lock = threading.Lock()
+
+    def info(self, text: str) -> None:
+        """A line of spoold's own about the job."""
+        self._write("INFO", f"spoold: {text}")
+
+    def error(self, text: str) -> None:
+        """An error line of spoold's own about the job."""
+        self._write("ERROR", f"spoold: {text}")
+
+    def output(self, line: bytes, *, stderr: bool) -> None:
+        """A line the job printed: stdout as INFO, stderr as ERROR."""
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        self._write("ERROR" if stderr else "INFO", text)
+
+    def _write(self, level: str, text: str) -> None:
+        stamp = rfc3339(self._clock.now())
+        data = "".join(format_line(stamp, level, part) for part in text.split("\n"))
+        with self._lock:
+            self._handle.write(data.encode())
+            if self._tee is not None:
+                self._tee.write(data)
+                self._tee.flush()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def close(self) -> None:
+        self._handle.close()

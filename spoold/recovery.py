@@ -1,0 +1,136 @@
+"""After a crash or on another host's death: every job in running/ resumes or ends as its policy says."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import yaml
+
+from spoold.clock import Clock, parse_rfc3339
+from spoold.config import Config
+from spoold.errors import SpoolError
+from spoold.job import JobStatus
+from spoold.joblog import JobLog
+from spoold.spool import JobDir, Spool
+from spoold.states import JobState
+from spoold.worker import process_start_time
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a running job's worker is gone, and why."""
+
+    gone: bool
+    why: str = ""
+
+
+class Recovery:
+    """Finds running jobs whose worker is gone and ends or requeues them."""
+
+    def __init__(self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger) -> None:
+        self._spool = spool
+        self._config = config
+        self._clock = clock
+        self._logger = logger
+
+    def judge(self, job: JobDir, *, own_runs: frozenset[str]) -> Verdict:
+        """Decide about one job in running/. ``own_runs``: ids this process runs right now."""
+        if job.job_id in own_runs:
+            return Verdict(False)
+        lease = self._spool.read_lease(job)
+        now = self._clock.now().timestamp()
+        if lease is None:
+            # Claimed a moment ago, or its worker died between the rename and the lease.
+            age = now - self._spool.lease_age_reference(job)
+            if age > self._config.lease_timeout:
+                return Verdict(True, f"claimed {age:.0f}s ago and never leased")
+            return Verdict(False)
+        worker = f"worker {lease.get('worker')} (pid {lease.get('pid')} on {lease.get('host')})"
+        if lease.get("host") == self._config.hostname:
+            # Same host: the process table is the truth, not the heartbeat.
+            pid, start = lease.get("pid"), lease.get("pid_start")
+            if isinstance(pid, int) and start is not None and process_start_time(pid) == start:
+                return Verdict(False)
+            return Verdict(True, f"{worker} is gone")
+        heartbeat = parse_rfc3339(str(lease.get("heartbeat"))).timestamp()
+        if now - heartbeat > self._config.lease_timeout:
+            return Verdict(True, f"{worker} sent no heartbeat for {now - heartbeat:.0f}s")
+        return Verdict(False)
+
+    def reap(self, *, own_runs: frozenset[str] = frozenset()) -> list[JobDir]:
+        """End or requeue every running job whose worker is gone; return where they went."""
+        moved = []
+        for job in self._spool.list_jobs("running"):
+            try:
+                verdict = self.judge(job, own_runs=own_runs)
+                if verdict.gone:
+                    moved.append(self._interrupt(job, verdict.why))
+            except FileNotFoundError:
+                continue  # finished or taken over while we looked
+            except (SpoolError, OSError, ValueError) as exc:
+                self._logger.error("cannot recover job %s: %s", job.job_id, exc)
+        return moved
+
+    def _interrupt(self, job: JobDir, why: str) -> JobDir:
+        self._kill_leftovers(job)
+        status = JobStatus.from_dict(self._spool.read_status(job))
+        requeue = _on_interrupt(self._spool, job) == "requeue"
+        state = JobState.PENDING if requeue else JobState.FAILED
+        error = f"interrupted: {why}"
+        status.end_attempt(self._clock.now(), state, None, error)
+        if requeue:
+            status.finished_at = None
+        with self._spool.open_log(job) as handle:
+            line = f"{error}; " + ("requeued (on_interrupt: requeue)" if requeue else "failed")
+            JobLog(handle, self._clock).error(line)
+        self._logger.warning("job %s %s", job.job_id, line)
+        return self._spool.finish(job, state, status.to_dict())
+
+    def _kill_leftovers(self, job: JobDir) -> None:
+        """A job's processes can outlive a killed daemon; they must not outlive its recovery."""
+        lease = self._spool.read_lease(job) or {}
+        pid, start = lease.get("job_pid"), lease.get("job_pid_start")
+        if lease.get("host") != self._config.hostname or not isinstance(pid, int):
+            return
+        members = group_members(pid, int(start) if start is not None else None)
+        for member in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(member, signal.SIGKILL)
+        if members:
+            self._logger.warning(
+                "killed %d leftover process(es) of job %s", len(members), job.job_id
+            )
+
+
+def group_members(pgid: int, not_before: int | None) -> list[int]:
+    """Processes in group ``pgid`` that started no earlier than the group's leader did.
+
+    The start-time check keeps a recycled group id from naming someone else's processes.
+    """
+    if not_before is None:
+        return []
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and int(fields[19]) >= not_before:
+            members.append(int(entry.name))
+    return members
+
+
+def _on_interrupt(spool: Spool, job: JobDir) -> str:
+    try:
+        data = spool.read_job_file(job)
+        document = json.loads(data) if data.lstrip().startswith(b"{") else yaml.safe_load(data)
+        return str(document.get("on_interrupt", "fail"))
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return "fail"

@@ -1,0 +1,548 @@
+"""The spool tree: the only code that creates, renames or removes anything under it.
+
+A job's state is the directory it sits in; every transition is one rename(2) of its directory,
+with the files written before it fsynced and both parent directories fsynced after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from spoold.errors import DuplicateJob, JobNotFound, SpoolError
+from spoold.job import JOB_ID
+from spoold.states import JOB_DIRECTORIES, JobState
+
+SPOOL_DIRECTORIES = (
+    "incoming", "pending", "running", "done", "failed", "rejected", "scheduled", "outbox", "tmp",
+)  # fmt: skip
+
+# Writers drop files here; spoold alone reads the rest.
+_MODES = {"incoming": 0o770}
+_DEFAULT_MODE = 0o750
+
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_STAGE_PREFIX = "in-"
+_ORIGINAL = "orig"
+_TEMP_MARK = ".spoold-"
+
+
+def is_transient_name(name: str) -> bool:
+    """Names writers use while a file is incomplete: never taken from incoming/."""
+    return name.startswith(".") or name.endswith((".tmp", ".part"))
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """Where a job is: its id and the state directory it sits in."""
+
+    job_id: str
+    directory: str
+    path: Path
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log"
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / "job.yaml"
+
+
+@dataclass(frozen=True)
+class TakenFile:
+    """A file moved out of incoming/ into a private stage, ready to be accepted or rejected."""
+
+    name: str
+    stage: Path
+    kind: str  # file | symlink | directory | fifo | socket | device | other
+    size: int
+    data: bytes | None  # the content, for regular files no larger than the limit
+
+    @property
+    def original(self) -> Path:
+        return self.stage / _ORIGINAL / self.name
+
+
+class Spool:
+    """A spool directory tree and every operation on it."""
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        self.root = root
+        self.durable = durable
+
+    def dir(self, name: str) -> Path:
+        """The path of one of the spool's top-level directories."""
+        if name not in SPOOL_DIRECTORIES:
+            raise SpoolError(f"no spool directory named {name!r}")
+        return self.root / name
+
+    # -- the tree --------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Create the tree with safe permissions; existing directories are left as they are."""
+        self.root.mkdir(mode=_DEFAULT_MODE, parents=True, exist_ok=True)
+        for name in SPOOL_DIRECTORIES:
+            path = self.root / name
+            if not path.is_dir():
+                path.mkdir(mode=_MODES.get(name, _DEFAULT_MODE))
+                # mkdir's mode is masked by the umask; the modes are the point here.
+                path.chmod(_MODES.get(name, _DEFAULT_MODE))
+
+    def check(self) -> None:
+        """Raise SpoolError unless every directory of the tree exists."""
+        missing = [n for n in SPOOL_DIRECTORIES if not (self.root / n).is_dir()]
+        if missing:
+            raise SpoolError(
+                f"{self.root} is not a spool (missing {', '.join(missing)}): "
+                f"run 'spoold init --spool {self.root}'"
+            )
+
+    # -- incoming ----------------------------------------------------------------------------
+
+    def list_incoming(self) -> list[str]:
+        """Names in incoming/ that are not marked as still being written."""
+        with os.scandir(self.dir("incoming")) as entries:
+            return sorted(e.name for e in entries if not is_transient_name(e.name))
+
+    def take_incoming(
+        self, name: str, *, now: float, max_size: int, min_age: float = 0.0, settle: float = 0.0
+    ) -> TakenFile | None:
+        """Move one file out of incoming/ into a private stage, if it is complete.
+
+        Returns None when the file is gone (another instance took it) or not complete yet:
+        a local process still has it open for writing; or it changed less than ``min_age``
+        seconds before ``now`` (wall-clock); or, where open writers cannot be seen, less than
+        ``settle`` seconds before ``now``.
+        """
+        if is_transient_name(name) or "/" in name or name in (".", ".."):
+            return None
+        path = self.dir("incoming") / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        kind = _kind(st.st_mode)
+        fd = -1
+        try:
+            if kind == "file":
+                try:
+                    # O_NONBLOCK: a FIFO swapped in after the lstat must not hang us.
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return None
+                except PermissionError:
+                    kind = "unreadable"
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    kind = "symlink"
+                else:
+                    st = os.fstat(fd)
+                    kind = _kind(st.st_mode)
+                    writer = _has_local_writer(fd) if kind == "file" else False
+                    age = now - st.st_mtime
+                    if writer or age < min_age or (writer is None and age < settle):
+                        return None
+            stage = self._new_stage()
+            try:
+                os.rename(path, stage / _ORIGINAL / name)
+            except FileNotFoundError:
+                shutil.rmtree(stage, ignore_errors=True)
+                return None
+            data = None
+            if kind == "file" and st.st_size <= max_size:
+                data = _read_limited(fd, max_size + 1)
+            return TakenFile(name=name, stage=stage, kind=kind, size=st.st_size, data=data)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def submit_file(self, name: str, data: bytes) -> Path:
+        """Place a job file into incoming/ atomically, never over an existing file.
+
+        Written under a transient name, fsynced, then linked to a free final name (link fails
+        where rename would silently replace) and the transient name removed.
+        """
+        incoming = self.dir("incoming")
+        temp = incoming / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        self._write_file(temp, data, durable=self.durable)
+        stem, dot, suffix = name.rpartition(".")
+        try:
+            for n in range(1, 10_000):
+                candidate = name if n == 1 else f"{stem}-{n}{dot}{suffix}" if dot else f"{name}-{n}"
+                try:
+                    os.link(temp, incoming / candidate)
+                except FileExistsError:
+                    continue
+                self._sync_dirs(incoming)
+                return incoming / candidate
+            raise SpoolError(f"no free name for {name!r} in incoming/")
+        finally:
+            temp.unlink()
+
+    def stage_file(self, source: Path, *, max_size: int) -> TakenFile:
+        """Copy a file from outside the spool into a stage, as if it had been taken from incoming/."""
+        stage = self._new_stage()
+        target = stage / _ORIGINAL / source.name
+        size = source.stat().st_size
+        data = _read_limited_path(source, max_size + 1) if size <= max_size else None
+        if data is not None:
+            self._write_file(target, data, durable=False)
+        return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
+
+    def _new_stage(self) -> Path:
+        stage = self.dir("tmp") / f"{_STAGE_PREFIX}{uuid.uuid4().hex}"
+        stage.mkdir(mode=_DEFAULT_MODE)
+        (stage / _ORIGINAL).mkdir(mode=_DEFAULT_MODE)
+        return stage
+
+    def accept(self, taken: TakenFile, job_id: str, status: dict[str, Any], log_text: str) -> JobDir:
+        """Turn a staged file into pending/<job_id>; raise DuplicateJob if the id exists anywhere."""
+        _check_job_id(job_id)
+        if self.find(job_id) is not None:
+            raise DuplicateJob(f"a job with id {job_id!r} already exists")
+        stage = taken.stage
+        self._write_file(stage / "status.json", _json_bytes(status), durable=self.durable)
+        self._write_file(stage / "log", log_text.encode(), durable=self.durable)
+        (stage / "artifacts").mkdir(mode=_DEFAULT_MODE)
+        job_file = stage / "job.yaml"
+        if taken.original.exists():
+            os.rename(taken.original, job_file)
+        (stage / _ORIGINAL).rmdir()
+        if self.durable:
+            _fsync_path(job_file)
+            _fsync_path(stage)
+        target = self.dir("pending") / job_id
+        try:
+            os.rename(stage, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Lost a race with another instance: put the file back where reject() expects it.
+            (stage / _ORIGINAL).mkdir(mode=_DEFAULT_MODE)
+            os.rename(job_file, taken.original)
+            for leftover in ("status.json", "log"):
+                (stage / leftover).unlink()
+            (stage / "artifacts").rmdir()
+            raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
+        self._sync_dirs(self.dir("tmp"), self.dir("pending"), self.dir("incoming"))
+        return JobDir(job_id, "pending", target)
+
+    def reject(self, taken: TakenFile, reason: dict[str, Any]) -> Path:
+        """Move a staged file into rejected/<name>/ beside a reason.json; return that directory."""
+        stage = taken.stage
+        self._write_file(stage / "reason.json", _json_bytes(reason), durable=self.durable)
+        kept = stage / _kept_name(taken.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(taken.original, kept)
+        (stage / _ORIGINAL).rmdir()
+        if self.durable:
+            _fsync_path(stage)
+        target = self._rename_unique(stage, self.dir("rejected"), taken.name)
+        self._sync_dirs(self.dir("tmp"), self.dir("rejected"), self.dir("incoming"))
+        return target
+
+    def _rename_unique(self, source: Path, parent: Path, name: str) -> Path:
+        for n in range(1, 10_000):
+            target = parent / (name if n == 1 else f"{name}~{n}")
+            try:
+                os.rename(source, target)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                continue
+            return target
+        raise SpoolError(f"no free name for {name!r} in {parent}")
+
+    def release(self, taken: TakenFile) -> str:
+        """Undo a take that could not be finished: the file goes back into incoming/."""
+        return self._recover_stage(taken.stage)
+
+    def recover_stages(self) -> list[str]:
+        """Finish or undo intake that a crash interrupted; return what was done, for the log."""
+        done: list[str] = []
+        with os.scandir(self.dir("tmp")) as entries:
+            stages = [Path(e.path) for e in entries if e.name.startswith(_STAGE_PREFIX)]
+        for stage in stages:
+            done.append(self._recover_stage(stage))
+        return done
+
+    def _recover_stage(self, stage: Path) -> str:
+        original_dir = stage / _ORIGINAL
+        originals = list(original_dir.iterdir()) if original_dir.is_dir() else []
+        if originals:
+            name = originals[0].name
+            target = self._rename_unique_file(originals[0], self.dir("incoming"), name)
+            shutil.rmtree(stage)
+            return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
+        if (stage / "reason.json").exists():
+            reason = json.loads((stage / "reason.json").read_bytes())
+            target = self._rename_unique(stage, self.dir("rejected"), str(reason.get("file")))
+            return f"finished rejecting {target.name}"
+        status_file, job_file = stage / "status.json", stage / "job.yaml"
+        if job_file.exists() and status_file.exists():
+            source = json.loads(status_file.read_bytes()).get("source") or job_file.name
+            target = self._rename_unique_file(job_file, self.dir("incoming"), source)
+            shutil.rmtree(stage)
+            return f"returned {source} to incoming/ as {target.name} (intake was interrupted)"
+        shutil.rmtree(stage)
+        return f"removed empty stage {stage.name}"
+
+    def _rename_unique_file(self, source: Path, parent: Path, name: str) -> Path:
+        target = parent / name
+        n = 1
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = parent / f"{name}~{n}"
+        os.rename(source, target)
+        return target
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def find(self, job_id: str) -> JobDir | None:
+        """Where the job is now, looked up in the order jobs move so that none is missed."""
+        _check_job_id(job_id)
+        for directory in JOB_DIRECTORIES:
+            path = self.root / directory / job_id
+            if path.is_dir():
+                return JobDir(job_id, directory, path)
+        return None
+
+    def get(self, job_id: str) -> JobDir:
+        """Like find(), but raise JobNotFound."""
+        found = self.find(job_id)
+        if found is None:
+            raise JobNotFound(f"no job {job_id!r} in {self.root}")
+        return found
+
+    def list_jobs(self, directory: str) -> list[JobDir]:
+        """The jobs in one state directory, oldest arrival first."""
+        if directory not in JOB_DIRECTORIES:
+            raise SpoolError(f"no job directory named {directory!r}")
+        parent = self.root / directory
+        with os.scandir(parent) as entries:
+            found = [
+                (e.stat(follow_symlinks=False).st_ctime_ns, e.name)
+                for e in entries
+                if e.is_dir(follow_symlinks=False) and JOB_ID.match(e.name)
+            ]
+        return [JobDir(name, directory, parent / name) for _, name in sorted(found)]
+
+    def read_status(self, job: JobDir) -> dict[str, Any]:
+        """The job's status.json."""
+        try:
+            data: dict[str, Any] = json.loads(job.status_path.read_bytes())
+        except FileNotFoundError as exc:
+            raise JobNotFound(f"job {job.job_id!r} moved or has no status") from exc
+        return data
+
+    def read_job_file(self, job: JobDir) -> bytes:
+        """The job file as submitted."""
+        return job.job_file.read_bytes()
+
+    def write_status(self, job: JobDir, status: dict[str, Any], *, durable: bool = False) -> None:
+        """Replace status.json atomically."""
+        self._write_file(job.status_path, _json_bytes(status), durable=durable and self.durable)
+
+    def open_log(self, job: JobDir) -> IO[bytes]:
+        """The job's log, opened for appending; it stays valid when the directory moves."""
+        return open(job.log_path, "ab", buffering=0)  # noqa: SIM115 - the caller owns it
+
+    def claim(self, job_id: str, lease: dict[str, Any]) -> JobDir | None:
+        """pending/<id> -> running/<id>; None when another worker won the rename."""
+        _check_job_id(job_id)
+        source, target = self.dir("pending") / job_id, self.dir("running") / job_id
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
+            raise
+        self._sync_dirs(self.dir("pending"), self.dir("running"))
+        job = JobDir(job_id, "running", target)
+        self.write_lease(job, lease)
+        return job
+
+    def write_lease(self, job: JobDir, lease: dict[str, Any]) -> None:
+        """Record or renew the claim. Not fsynced: a lost lease reads as a dead worker."""
+        self._write_file(job.path / "lease", _json_bytes(lease), durable=False)
+
+    def read_lease(self, job: JobDir) -> dict[str, Any] | None:
+        """The claim on a running job, or None when it has none (yet)."""
+        try:
+            data: dict[str, Any] = json.loads((job.path / "lease").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data
+
+    def lease_age_reference(self, job: JobDir) -> float:
+        """When the job entered running/ (ctime of its directory), for lease-less claims."""
+        return job.path.stat().st_ctime
+
+    def finish(self, job: JobDir, state: JobState, status: dict[str, Any]) -> JobDir:
+        """running/<id> -> done|failed/<id> (or pending/ for a requeue), status written first."""
+        self._write_file(job.status_path, _json_bytes(status), durable=self.durable)
+        if self.durable:
+            _fsync_path(job.log_path)
+        with contextlib.suppress(FileNotFoundError):
+            (job.path / "lease").unlink()
+        directory = state.directory
+        target = self.root / directory / job.job_id
+        try:
+            os.rename(job.path, target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
+            raise
+        self._sync_dirs(job.path.parent, self.root / directory)
+        return JobDir(job.job_id, directory, target)
+
+    # -- work dirs and artifacts --------------------------------------------------------------
+
+    def default_workdir(self, job: JobDir) -> Path:
+        """The work dir inside the job's directory, used when the config names no workdir."""
+        return job.path / "work"
+
+    def artifacts_dir(self, job: JobDir) -> Path:
+        return job.path / "artifacts"
+
+    def store_artifact(self, job: JobDir, relative: str, source: Path) -> Path:
+        """Copy one file into the job's artifacts/, keeping its path relative to the work dir."""
+        target = self.artifacts_dir(job) / relative
+        if not target.resolve().is_relative_to(self.artifacts_dir(job).resolve()):
+            raise SpoolError(f"artifact path {relative!r} leaves the artifacts directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target, follow_symlinks=False)
+        return target
+
+    # -- locks --------------------------------------------------------------------------------
+
+    def lock_host(self, host: str) -> IO[bytes]:
+        """Hold the per-host daemon lock; raise SpoolError if another daemon here holds it."""
+        path = self.dir("tmp") / f"daemon-{host}.lock"
+        handle = open(path, "ab")  # noqa: SIM115 - held for the daemon's lifetime
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.close()
+            raise SpoolError(f"another spoold on {host} already runs on {self.root}") from exc
+        return handle
+
+    # -- primitives ---------------------------------------------------------------------------
+
+    def _write_file(self, path: Path, data: bytes, *, durable: bool) -> None:
+        temp = path.with_name(f"{_TEMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+
+    def _sync_dirs(self, *paths: Path) -> None:
+        if self.durable:
+            for path in paths:
+                _fsync_path(path)
+
+    def iter_job_dirs(self) -> Iterator[JobDir]:
+        """Every job in every state directory (for summaries)."""
+        for directory in JOB_DIRECTORIES:
+            yield from self.list_jobs(directory)
+
+
+def _check_job_id(job_id: str) -> None:
+    # The id becomes a path component: anything but a plain name could escape the spool.
+    if not JOB_ID.match(job_id):
+        raise SpoolError(f"{job_id!r} is not a valid job id")
+
+
+def _kept_name(name: str) -> str:
+    # A file named reason.json must not overwrite the reason written beside it.
+    return f"{name}.orig" if name == "reason.json" else name
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "other"
+
+
+def _has_local_writer(fd: int) -> bool | None:
+    """Whether a process on this host has the file open for writing; None if unknowable.
+
+    A read lease is granted only when nobody holds the file open for writing, which is
+    exactly "the writer (scp, cp, an editor) has closed it". Released at once, so that no
+    lease-break signal can reach us.
+    """
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return True
+        return None  # EACCES (not our file, no CAP_LEASE), EINVAL (NFS and friends)
+    fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def _read_limited(fd: int, limit: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        try:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_limited_path(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(limit)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()

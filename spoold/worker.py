@@ -1,0 +1,329 @@
+"""Runs claimed jobs: one attempt each, artifacts collected, the outcome recorded, within the limits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from spoold.clock import Clock, rfc3339
+from spoold.config import Config
+from spoold.executors.base import ExecResult, RunContext
+from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate
+from spoold.joblog import JobLog
+from spoold.plugins import ExecutorRegistry
+from spoold.spool import JobDir, Spool
+from spoold.states import JobState
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a process in clock ticks since boot; tells a live pid from a reused one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses; fields after it do not.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+@dataclass
+class ActiveRun:
+    """A job this process is running now, with its lease and its stop switch."""
+
+    job: JobDir
+    lease: dict[str, Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False
+
+
+class JobRunner:
+    """Runs one claimed job to its end: the code path shared by the daemon and ``spoold exec``."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        registry: ExecutorRegistry,
+        config: Config,
+        clock: Clock,
+        logger: logging.Logger,
+    ) -> None:
+        self._spool = spool
+        self._registry = registry
+        self._config = config
+        self._clock = clock
+        self._logger = logger
+        self._active: dict[str, ActiveRun] = {}
+        self._lock = threading.Lock()
+
+    def new_lease(self) -> dict[str, Any]:
+        """The claim a worker of this process writes into running/<id>/lease."""
+        now = rfc3339(self._clock.now())
+        pid = os.getpid()
+        return {
+            "worker": self._config.worker_id,
+            "host": self._config.hostname,
+            "pid": pid,
+            "pid_start": process_start_time(pid),
+            "claimed_at": now,
+            "heartbeat": now,
+            "job_pid": None,
+            "job_pid_start": None,
+        }
+
+    def claim(self, job_id: str) -> JobDir | None:
+        """Claim a pending job for this process; None if another worker was faster."""
+        lease = self.new_lease()
+        job = self._spool.claim(job_id, lease)
+        if job is not None:
+            with self._lock:
+                self._active[job_id] = ActiveRun(job, lease)
+        return job
+
+    def renew_leases(self) -> None:
+        """Heartbeat: rewrite the lease of every job this process runs."""
+        with self._lock:
+            runs = list(self._active.values())
+        stamp = rfc3339(self._clock.now())
+        for run in runs:
+            run.lease["heartbeat"] = stamp
+            try:
+                self._spool.write_lease(run.job, run.lease)
+            except FileNotFoundError:
+                pass  # finished between the snapshot and now
+
+    def interrupt_all(self) -> int:
+        """Stop every running job because spoold is stopping; return how many."""
+        with self._lock:
+            runs = list(self._active.values())
+        for run in runs:
+            run.interrupted = True
+            run.cancel.set()
+        return len(runs)
+
+    def active_ids(self) -> list[str]:
+        """The jobs this process runs now."""
+        with self._lock:
+            return list(self._active)
+
+    def run(self, job: JobDir, *, tee: IO[str] | None = None) -> JobDir:
+        """Run a job claimed by ``claim()``; return where it ended up."""
+        with self._lock:
+            run = self._active[job.job_id]
+        handle = self._spool.open_log(job)
+        log = JobLog(handle, self._clock, tee=tee)
+        status = JobStatus.from_dict(self._spool.read_status(job))
+        try:
+            return self._run(run, status, log)
+        except Exception as exc:  # spoold's own failure must still end the job somewhere
+            self._logger.exception("job %s failed inside spoold", job.job_id)
+            log.error(f"internal error: {exc!r}")
+            status.end_attempt(self._clock.now(), JobState.FAILED, None, f"internal error: {exc!r}")
+            return self._spool.finish(run.job, JobState.FAILED, status.to_dict())
+        finally:
+            with self._lock:
+                self._active.pop(job.job_id, None)
+            log.close()
+
+    def _run(self, run: ActiveRun, status: JobStatus, log: JobLog) -> JobDir:
+        job = run.job
+        spec = self._load_spec(job, status)
+        attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
+        self._spool.write_status(job, status.to_dict())
+        log.info(
+            f"attempt {attempt.number} started on {self._config.hostname} by "
+            f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
+        )
+        workdir = self._workdir(job)
+        workdir.mkdir(parents=True, exist_ok=True)
+        env, variables = self._environment(spec, job, workdir, attempt.number)
+
+        def on_spawn(pid: int) -> None:
+            run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
+            self._spool.write_lease(job, run.lease)
+
+        ctx = RunContext(
+            job_id=job.job_id,
+            executor=spec.executor,
+            type=spec.type,
+            product=interpolate(spec.product, variables),
+            workdir=workdir,
+            env=env,
+            log=log,
+            clock=self._clock,
+            timeout=spec.timeout,
+            kill_grace=self._config.kill_grace,
+            cancel=run.cancel,
+            before_script=self._config.global_before_script,
+            on_spawn=on_spawn,
+        )
+        result = self._registry.create(spec.executor).run(ctx)
+        status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)
+        status.result = dict(result.result)
+        state, error = self._outcome(run, spec, result)
+        if state is JobState.PENDING:
+            log.error("interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)")
+        status.end_attempt(self._clock.now(), state, result.exit_code, error)
+        if state is JobState.PENDING:
+            status.finished_at = None
+        else:
+            word = "succeeded" if state is JobState.SUCCEEDED else f"{state.value}: {error}"
+            (log.info if state is JobState.SUCCEEDED else log.error)(
+                f"attempt {attempt.number} {word} (exit code {result.exit_code})"
+            )
+        shutil.rmtree(workdir, ignore_errors=True)
+        return self._spool.finish(job, state, status.to_dict())
+
+    def _outcome(self, run: ActiveRun, spec: JobSpec, result: ExecResult) -> tuple[JobState, str | None]:
+        if run.interrupted:
+            if spec.on_interrupt == "requeue":
+                return JobState.PENDING, "interrupted: spoold stopped"
+            return JobState.FAILED, "interrupted: spoold stopped while the job ran"
+        if result.succeeded:
+            return JobState.SUCCEEDED, None
+        if result.cancelled:
+            return JobState.CANCELLED, result.error
+        return JobState.FAILED, result.error or f"exit code {result.exit_code}"
+
+    def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:
+        data = self._spool.read_job_file(job)
+        if (status.source or "").endswith(".json"):
+            document = json.loads(data)
+        else:
+            document = yaml.load(data, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
+        return JobSpec.from_document(document, job.job_id)
+
+    def _workdir(self, job: JobDir) -> Path:
+        if self._config.workdir is not None:
+            return self._config.workdir / job.job_id
+        return self._spool.default_workdir(job)
+
+    def _environment(
+        self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        builtins = {
+            "JOB_ID": job.job_id,
+            "SPOOLD_JOB_ID": job.job_id,
+            "SPOOLD_ATTEMPT": str(attempt),
+            "SPOOLD_JOB_DIR": str(job.path),
+            "RUNNER_ID": self._config.worker_id,
+            "RUNNER_HOSTNAME": self._config.hostname,
+            "RUNNER_WORKDIR": str(workdir),
+        }
+        variables = {**builtins, **spec.variables}
+        env = {**os.environ, **variables}
+        return env, variables
+
+
+def collect_artifacts(
+    spool: Spool, job: JobDir, workdir: Path, specs: tuple[ArtifactSpec, ...], log: JobLog
+) -> list[dict[str, Any]]:
+    """Copy the declared artifacts (never anything outside the work dir) into artifacts/."""
+    root = workdir.resolve()
+    found: dict[str, Path] = {}
+    for spec in specs:
+        matches = sorted(root.glob(spec.path)) if root.is_dir() else []
+        if not matches:
+            log.error(f"artifact {spec.path!r}: nothing matched")
+        for match in matches:
+            for path in _artifact_files(match, spec.type, root, log):
+                found.setdefault(path.relative_to(root).as_posix(), path)
+    collected = []
+    for relative, path in sorted(found.items()):
+        stored = spool.store_artifact(job, relative, path)
+        collected.append({"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)})
+    if collected:
+        log.info(f"kept {len(collected)} artifact(s)")
+    return collected
+
+
+def _artifact_files(match: Path, kind: str, root: Path, log: JobLog) -> list[Path]:
+    if not match.resolve().is_relative_to(root) or match.is_symlink():
+        log.error(f"artifact {match.relative_to(root)!s}: a link out of the work dir is not kept")
+        return []
+    if kind == "dir":
+        if not match.is_dir():
+            return []
+        return [
+            p for p in sorted(match.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)
+        ]  # fmt: skip
+    return [match] if match.is_file() else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WorkerPool:
+    """``workers`` threads that claim queued jobs and run them."""
+
+    _STOP = "\0stop"
+
+    def __init__(self, runner: JobRunner, workers: int, logger: logging.Logger) -> None:
+        self._runner = runner
+        self._logger = logger
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"spoold-worker-{n}", daemon=True)
+            for n in range(workers)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job_id: str) -> bool:
+        """Queue a pending job unless it is queued or running already."""
+        with self._lock:
+            if job_id in self._known or self._stopping.is_set():
+                return False
+            self._known.add(job_id)
+        self._queue.put(job_id)
+        return True
+
+    def stop(self, grace: float, clock: Clock) -> None:
+        """Take no more jobs; let running ones finish for ``grace`` seconds, then interrupt them."""
+        self._stopping.set()
+        for _ in self._threads:
+            self._queue.put(self._STOP)
+        end = clock.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(end - clock.monotonic(), 0.0))
+        if any(t.is_alive() for t in self._threads):
+            count = self._runner.interrupt_all()
+            self._logger.warning("interrupting %d running job(s) after %ss", count, grace)
+            for thread in self._threads:
+                thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id == self._STOP or self._stopping.is_set():
+                return
+            try:
+                job = self._runner.claim(job_id)
+                if job is not None:
+                    self._runner.run(job)
+            except Exception:  # a spool error on one job must not end the worker
+                self._logger.exception("worker failed on job %s", job_id)
+            finally:
+                with self._lock:
+                    self._known.discard(job_id)
