@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from spoold.clock import Clock
 from spoold.errors import ExecutorError, SpooldError
 from spoold.joblog import JobLog
+from spoold.process import run_process
 from spoold.units import format_duration
 
 
@@ -74,7 +75,9 @@ class Executor(ABC):
             return ExecResult(exit_code=None, error=f"executor error: {exc!r}")
         if result.timed_out and result.error is None:
             limit = format_duration(ctx.timeout or 0)
-            result = ExecResult(result.exit_code, f"timed out after {limit}", True, False, result.result)
+            result = ExecResult(
+                result.exit_code, f"timed out after {limit}", True, False, result.result
+            )
         elif result.cancelled and result.error is None:
             result = ExecResult(result.exit_code, "cancelled", False, True, result.result)
         return result
@@ -86,8 +89,6 @@ class Executor(ABC):
 
 def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None) -> ExecResult:
     """Run a process on this host with the context's environment, limits and log."""
-    from spoold.process import run_process  # local: only local executors need it
-
     outcome = run_process(
         argv,
         cwd=cwd or ctx.workdir,

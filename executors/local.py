@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from spoold.executors.base import ExecResult, Executor, RunContext, run_local_process, within_workdir
+from spoold.executors.base import (
+    ExecResult,
+    Executor,
+    RunContext,
+    run_local_process,
+    within_workdir,
+)
 
 
 class LocalExecutor(Executor):
@@ -26,5 +32,8 @@ def shell_script(before: tuple[str, ...], commands: str | list[str]) -> str:
         lines.append(commands)
     else:
         # `set -e` is ignored inside `if`, `&&` and functions; an explicit check per command is not.
-        lines.extend(f"{command}\n_spoold_rc=$?; [ $_spoold_rc -eq 0 ] || exit $_spoold_rc" for command in commands)
+        lines.extend(
+            f"{command}\n_spoold_rc=$?; [ $_spoold_rc -eq 0 ] || exit $_spoold_rc"
+            for command in commands
+        )
     return "\n".join(lines) + "\n"

@@ -52,8 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--spool", type=Path, help="spool directory (default: ./spool, or SPOOLD_SPOOL)")
-    common.add_argument("--config", type=Path, help="config file (default: ./config.yaml, /etc/spoold/config.yaml)")
+    common.add_argument(
+        "--spool", type=Path, help="spool directory (default: ./spool, or SPOOLD_SPOOL)"
+    )
+    common.add_argument(
+        "--config", type=Path, help="config file (default: ./config.yaml, /etc/spoold/config.yaml)"
+    )
     parser = argparse.ArgumentParser(prog="spoold", description="Crash-safe spool job runner.")
     parser.add_argument("--version", action="version", version=f"spoold {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("job_id", nargs="?")
     status.add_argument("--json", action="store_true")
     listing = add("list", cmd_list, "jobs, newest first")
-    listing.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.REJECTED])
+    listing.add_argument(
+        "--state", choices=[s.value for s in JobState if s is not JobState.REJECTED]
+    )
     listing.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
     listing.add_argument("--json", action="store_true")
     logs = add("logs", cmd_logs, "a job's log")
@@ -168,7 +174,9 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         for error in outcome.reason["errors"] or [{"message": outcome.reason["reason"]}]:
             line, column = error.get("line"), error.get("column")
             where = f":{line}:{column}" if line else ""
-            print(f"{args.file}{where}: {error.get('path') or ''} {error['message']}", file=sys.stderr)
+            print(
+                f"{args.file}{where}: {error.get('path') or ''} {error['message']}", file=sys.stderr
+            )
         print(f"rejected into {outcome.path}", file=sys.stderr)
         return EXIT_FAILED
     job = runner.claim(outcome.job.job_id)
@@ -234,10 +242,13 @@ def _print_status(status: dict[str, Any]) -> None:
     for attempt in status.get("attempts") or ():
         print(
             f"attempt {attempt['number']}:    {attempt['started_at']} -> {attempt.get('finished_at')}"
-            f" exit {attempt.get('exit_code')}" + (f" ({attempt['error']})" if attempt.get("error") else "")
+            f" exit {attempt.get('exit_code')}"
+            + (f" ({attempt['error']})" if attempt.get("error") else "")
         )
     for artifact in status.get("artifacts") or ():
-        print(f"artifact:     {artifact['path']} ({artifact['size']} bytes, sha256 {artifact['sha256'][:12]})")
+        print(
+            f"artifact:     {artifact['path']} ({artifact['size']} bytes, sha256 {artifact['sha256'][:12]})"
+        )
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:

@@ -118,7 +118,9 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         if key in doc:
             values[key] = _parsed(key, doc[key], parse_duration)
     if "max_file_size" in doc.get("limits", {}):
-        values["max_file_size"] = _parsed("limits.max_file_size", doc["limits"]["max_file_size"], parse_size)
+        values["max_file_size"] = _parsed(
+            "limits.max_file_size", doc["limits"]["max_file_size"], parse_size
+        )
     if "fsync" in doc:
         values["durable"] = bool(doc["fsync"])
     base = source.parent if source else Path.cwd()

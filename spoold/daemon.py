@@ -130,7 +130,9 @@ class Daemon:
             self._loop(stop)
         finally:
             sd_notify("STOPPING=1")
-            self.logger.info("stopping: no new jobs; running jobs get %ss", self.config.shutdown_grace)
+            self.logger.info(
+                "stopping: no new jobs; running jobs get %ss", self.config.shutdown_grace
+            )
             if watcher is not None:
                 watcher.stop()
             self.intake_thread.stop()

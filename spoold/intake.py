@@ -73,7 +73,9 @@ class Intake:
         self._on_accepted = on_accepted
         self._log = logger
 
-    def offer(self, name: str, *, complete: bool, remote_writers: bool = False) -> Accepted | Rejected | None:
+    def offer(
+        self, name: str, *, complete: bool, remote_writers: bool = False
+    ) -> Accepted | Rejected | None:
         """Take one file if it is complete; ``complete`` when the watcher saw it closed or renamed in.
 
         ``remote_writers`` (shared filesystems): open writers elsewhere are invisible, so a
@@ -205,5 +207,6 @@ class IntakeThread:
                 else:
                     self._intake.offer(name, complete=complete)
             except Exception:  # one bad file or a full disk must not end intake
-                self._log.exception("intake of %s failed; it stays in incoming/", display_name(name))
-
+                self._log.exception(
+                    "intake of %s failed; it stays in incoming/", display_name(name)
+                )

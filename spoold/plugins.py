@@ -54,7 +54,9 @@ def _load(point: EntryPoint) -> type[Executor]:
     try:
         loaded = point.load()
     except Exception as exc:  # an import error inside a plugin must name the plugin
-        raise PluginError(f"executor plugin {point.name!r} ({point.value}) failed to load: {exc}") from exc
+        raise PluginError(
+            f"executor plugin {point.name!r} ({point.value}) failed to load: {exc}"
+        ) from exc
     if not (isinstance(loaded, type) and issubclass(loaded, Executor)):
         raise PluginError(
             f"executor plugin {point.name!r} ({point.value}) is not a subclass of "

@@ -82,7 +82,9 @@ def run_process(
                 elif cancel.is_set():
                     cancelled = True
                 if timed_out or cancelled:
-                    reason = f"timeout of {format_duration(timeout or 0)}" if timed_out else "cancel"
+                    reason = (
+                        f"timeout of {format_duration(timeout or 0)}" if timed_out else "cancel"
+                    )
                     log.error(f"{reason}: sending SIGTERM to the job's processes")
                     _signal_group(process.pid, signal.SIGTERM)
                     kill_at = now + kill_grace

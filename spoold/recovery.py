@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -14,11 +13,11 @@ import yaml
 from spoold.clock import Clock, parse_rfc3339
 from spoold.config import Config
 from spoold.errors import SpoolError
-from spoold.job import JobStatus
+from spoold.job import JobStatus, load_accepted_document
 from spoold.joblog import JobLog
+from spoold.procfs import group_members, process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
-from spoold.worker import process_start_time
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class Recovery:
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)
         status = JobStatus.from_dict(self._spool.read_status(job))
-        requeue = _on_interrupt(self._spool, job) == "requeue"
+        requeue = _on_interrupt(self._spool, job, status) == "requeue"
         state = JobState.PENDING if requeue else JobState.FAILED
         error = f"interrupted: {why}"
         status.end_attempt(self._clock.now(), state, None, error)
@@ -107,30 +106,9 @@ class Recovery:
             )
 
 
-def group_members(pgid: int, not_before: int | None) -> list[int]:
-    """Processes in group ``pgid`` that started no earlier than the group's leader did.
-
-    The start-time check keeps a recycled group id from naming someone else's processes.
-    """
-    if not_before is None:
-        return []
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and int(fields[19]) >= not_before:
-            members.append(int(entry.name))
-    return members
-
-
-def _on_interrupt(spool: Spool, job: JobDir) -> str:
+def _on_interrupt(spool: Spool, job: JobDir, status: JobStatus) -> str:
     try:
-        data = spool.read_job_file(job)
-        document = json.loads(data) if data.lstrip().startswith(b"{") else yaml.safe_load(data)
-        return str(document.get("on_interrupt", "fail"))
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        document = load_accepted_document(spool.read_job_file(job), status.source)
+    except (OSError, ValueError, yaml.YAMLError):
         return "fail"
+    return str(document.get("on_interrupt", "fail"))

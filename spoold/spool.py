@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from spoold.errors import DuplicateJob, JobNotFound, SpoolError
 from spoold.job import JOB_ID
-from spoold.states import JOB_DIRECTORIES, JobState
+from spoold.states import JOB_DIRECTORIES, JobState, check_transition
 
 SPOOL_DIRECTORIES = (
     "incoming", "pending", "running", "done", "failed", "rejected", "scheduled", "outbox", "tmp",
@@ -211,7 +211,9 @@ class Spool:
         (stage / _ORIGINAL).mkdir(mode=_DEFAULT_MODE)
         return stage
 
-    def accept(self, taken: TakenFile, job_id: str, status: dict[str, Any], log_text: str) -> JobDir:
+    def accept(
+        self, taken: TakenFile, job_id: str, status: dict[str, Any], log_text: str
+    ) -> JobDir:
         """Turn a staged file into pending/<job_id>; raise DuplicateJob if the id exists anywhere."""
         _check_job_id(job_id)
         if self.find(job_id) is not None:
@@ -361,7 +363,7 @@ class Spool:
 
     def open_log(self, job: JobDir) -> IO[bytes]:
         """The job's log, opened for appending; it stays valid when the directory moves."""
-        return open(job.log_path, "ab", buffering=0)  # noqa: SIM115 - the caller owns it
+        return open(job.log_path, "ab", buffering=0)
 
     def claim(self, job_id: str, lease: dict[str, Any]) -> JobDir | None:
         """pending/<id> -> running/<id>; None when another worker won the rename."""
@@ -398,6 +400,7 @@ class Spool:
 
     def finish(self, job: JobDir, state: JobState, status: dict[str, Any]) -> JobDir:
         """running/<id> -> done|failed/<id> (or pending/ for a requeue), status written first."""
+        check_transition(JobState.RUNNING, state)
         self._write_file(job.status_path, _json_bytes(status), durable=self.durable)
         if self.durable:
             _fsync_path(job.log_path)

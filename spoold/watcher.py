@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyFD, Mask
+
 from spoold.errors import ConfigError
 
 # Filesystems on which inotify sees only this host's changes.
@@ -65,26 +67,25 @@ class InotifyWatcher:
         on_overflow: Callable[[], None],
         logger: logging.Logger,
     ) -> None:
-        from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
-
         self._directory = directory
         self._on_arrival = on_arrival
         self._on_overflow = on_overflow
         self._logger = logger
-        self._constants = InotifyConstants
         # A private instance: watchdog's shared one would be a hidden global.
         self._fd = InotifyFD()
         self._wd: object | None = None
+        self._stopping = False
 
     def start(self) -> None:
-        c = self._constants
+        c = InotifyConstants
         # IN_CREATE: a hard link (spoold submit) is complete when it appears; for a file
         # still being written, intake sees the open writer and waits for IN_CLOSE_WRITE.
         mask = c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_CREATE | c.IN_DELETE_SELF | c.IN_MOVE_SELF
         self._fd.start()
-        self._wd = self._fd.add_callback(os.fsencode(self._directory), mask, self, 0)
+        self._wd = self._fd.add_callback(os.fsencode(self._directory), Mask(mask), self, CallbackId(0))
 
     def stop(self) -> None:
+        self._stopping = True
         self._fd.stop()
         self._fd.join(5)
 
@@ -99,6 +100,8 @@ class InotifyWatcher:
             self._on_arrival(name, not getattr(event, "is_create", False))
 
     def on_watch_deleted(self, wd: object) -> None:
+        if self._stopping:
+            return
         self._logger.error("the watch on %s ended; falling back to scans", self._directory)
         self._on_overflow()
 

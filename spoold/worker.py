@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -13,28 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
-
 from spoold.clock import Clock, rfc3339
 from spoold.config import Config
 from spoold.executors.base import ExecResult, RunContext
-from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate
+from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate, load_accepted_document
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
+from spoold.procfs import process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
-
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The start time of a process in clock ticks since boot; tells a live pid from a reused one."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses; fields after it do not.
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 @dataclass
@@ -97,10 +84,8 @@ class JobRunner:
         stamp = rfc3339(self._clock.now())
         for run in runs:
             run.lease["heartbeat"] = stamp
-            try:
+            with contextlib.suppress(FileNotFoundError):  # finished since the snapshot
                 self._spool.write_lease(run.job, run.lease)
-            except FileNotFoundError:
-                pass  # finished between the snapshot and now
 
     def interrupt_all(self) -> int:
         """Stop every running job because spoold is stopping; return how many."""
@@ -172,7 +157,9 @@ class JobRunner:
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
         if state is JobState.PENDING:
-            log.error("interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)")
+            log.error(
+                "interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)"
+            )
         status.end_attempt(self._clock.now(), state, result.exit_code, error)
         if state is JobState.PENDING:
             status.finished_at = None
@@ -184,7 +171,9 @@ class JobRunner:
         shutil.rmtree(workdir, ignore_errors=True)
         return self._spool.finish(job, state, status.to_dict())
 
-    def _outcome(self, run: ActiveRun, spec: JobSpec, result: ExecResult) -> tuple[JobState, str | None]:
+    def _outcome(
+        self, run: ActiveRun, spec: JobSpec, result: ExecResult
+    ) -> tuple[JobState, str | None]:
         if run.interrupted:
             if spec.on_interrupt == "requeue":
                 return JobState.PENDING, "interrupted: spoold stopped"
@@ -196,11 +185,7 @@ class JobRunner:
         return JobState.FAILED, result.error or f"exit code {result.exit_code}"
 
     def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:
-        data = self._spool.read_job_file(job)
-        if (status.source or "").endswith(".json"):
-            document = json.loads(data)
-        else:
-            document = yaml.load(data, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
+        document = load_accepted_document(self._spool.read_job_file(job), status.source)
         return JobSpec.from_document(document, job.job_id)
 
     def _workdir(self, job: JobDir) -> Path:
@@ -241,7 +226,9 @@ def collect_artifacts(
     collected = []
     for relative, path in sorted(found.items()):
         stored = spool.store_artifact(job, relative, path)
-        collected.append({"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)})
+        collected.append(
+            {"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)}
+        )
     if collected:
         log.info(f"kept {len(collected)} artifact(s)")
     return collected

@@ -1,0 +1,39 @@
+"""What /proc says about processes: start times (to tell a live pid from a reused one) and groups."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PGRP, _STARTTIME = 2, 19  # indexes into the fields after the command name
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses; the fields after it do not.
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a process in clock ticks since boot, or None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[_STARTTIME])
+
+
+def group_members(pgid: int, not_before: int | None) -> list[int]:
+    """Processes in group ``pgid`` that started no earlier than ``not_before`` (clock ticks).
+
+    The start-time check keeps a recycled group id from naming someone else's processes.
+    """
+    if not_before is None:
+        return []
+    members = []
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            fields = _stat_fields(entry.name) if entry.name.isdigit() else None
+            if fields and int(fields[_PGRP]) == pgid and int(fields[_STARTTIME]) >= not_before:
+                members.append(int(entry.name))
+    return members

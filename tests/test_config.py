@@ -1,0 +1,73 @@
+"""Configuration: file, environment and flags; an invalid config names the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spoold.config import load_config
+from spoold.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_values_from_the_file_are_parsed(tmp_path: Path) -> None:
+    path = _write(tmp_path, "workers: 4\nkill_grace: 1m30s\nlimits: {max_file_size: 2MiB}\n"
+                            "global_before_script: [set -u, umask 077]\nworkdir: work\nfsync: false\n")  # fmt: skip
+    config = load_config(path, env={})
+    assert (config.workers, config.kill_grace, config.max_file_size) == (4, 90.0, 2 * 1024 * 1024)
+    assert config.global_before_script == ("set -u", "umask 077")
+    assert config.workdir == tmp_path / "work"  # relative to the config file
+    assert config.durable is False
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
+    path = _write(tmp_path, "spool: from-file\nworker_id: file-id\n")
+    env = {"SPOOLD_SPOOL": "/env/spool", "RUNNER_ID": "r-7", "RUNNER_HOSTNAME": "h-7",
+           "RUNNER_WORKDIR": "/w", "RUNNER_LOG_DIR": "/l", "RUNNER_LOG_SOCKET": "/s"}  # fmt: skip
+    config = load_config(path, env=env)
+    assert (str(config.spool), config.worker_id, config.hostname) == ("/env/spool", "r-7", "h-7")
+    assert (config.workdir, config.logdir, config.log_socket) == (
+        Path("/w"),
+        Path("/l"),
+        Path("/s"),
+    )
+    assert load_config(path, env=env, spool=Path("/flag")).spool == Path("/flag")
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("workerz: 2\n", "unknown key workerz"),
+        ("workers: 0\n", "key workers"),
+        ("watch: sometimes\n", "key watch"),
+        ("kill_grace: soon\n", "key kill_grace"),
+        ("limits: {max_file_size: huge}\n", "key limits.max_file_size"),
+        ("limits: {max_filesize: 1k}\n", "unknown key limits.max_filesize"),
+        ("- a list\n", "must be a mapping"),
+        ("workers: [\n", "cannot read"),
+    ],
+)
+def test_an_invalid_config_names_the_key(tmp_path: Path, text: str, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(_write(tmp_path, text), env={})
+
+
+def test_the_daemon_refuses_to_start_on_an_invalid_config(tmp_path: Path) -> None:
+    path = _write(tmp_path, "workers: many\n")
+    result = subprocess.run([sys.executable, "-m", "spoold", "run", "--config", str(path), "--spool",
+                             str(tmp_path / "s")], capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr and "key workers" in result.stderr
+
+
+def test_a_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", env={})

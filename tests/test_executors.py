@@ -1,0 +1,203 @@
+"""One contract for every executor, then what local and custom do beyond it."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from spoold.executors.base import ExecResult, Executor, RunContext
+from spoold.executors.custom import CustomExecutor
+from spoold.executors.local import LocalExecutor
+
+from spoold.clock import SystemClock
+from spoold.joblog import JobLog
+from spoold.plugins import ExecutorRegistry
+
+
+class _Log:
+    """A JobLog over memory, so tests can read what an executor wrote."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.log = JobLog(self.buffer, SystemClock())
+
+    def lines(self) -> list[str]:
+        return self.buffer.getvalue().decode().splitlines()
+
+    def text(self) -> str:
+        return "\n".join(
+            line.split(" ", 2)[2] if line.count(" ") >= 2 else line for line in self.lines()
+        )
+
+
+def _context(workdir: Path, product: dict[str, Any], log: _Log, **overrides: Any) -> RunContext:
+    fields: dict[str, Any] = {
+        "job_id": "t",
+        "executor": "local",
+        "type": None,
+        "product": product,
+        "workdir": workdir,
+        "env": {**os.environ, "GREETING": "hi"},
+        "log": log.log,
+        "clock": SystemClock(),
+        "timeout": None,
+        "kill_grace": 1.0,
+        "cancel": threading.Event(),
+    }
+    fields.update(overrides)
+    return RunContext(**fields)
+
+
+# What each executor needs to succeed, print a line, and fail with exit code 3.
+CONTRACT: dict[str, dict[str, dict[str, Any]]] = {
+    "local": {
+        "ok": {"commands": "echo contract-ok"},
+        "fail": {"commands": ["echo before", "exit 3", "echo never"]},
+        "hang": {"commands": "sleep 60"},
+    },
+    "custom": {
+        "ok": {"script": "#!/bin/sh\necho contract-ok\n"},
+        "fail": {"script": ["echo before", "exit 3"]},
+        "hang": {"script": "sleep 60"},
+    },
+}
+
+
+@pytest.fixture(params=sorted(CONTRACT))
+def executor(request: pytest.FixtureRequest) -> Iterator[tuple[str, Executor]]:
+    registry = ExecutorRegistry.from_entry_points()
+    yield request.param, registry.create(request.param)
+
+
+def test_every_installed_executor_is_covered_by_the_contract() -> None:
+    # A new executor must add its case here (issue 6 adds docker and ssh against real servers).
+    assert set(ExecutorRegistry.from_entry_points().names()) <= set(CONTRACT) | {"docker", "ssh"}
+
+
+def test_contract_success_output_and_exit_code(
+    executor: tuple[str, Executor], tmp_path: Path
+) -> None:
+    name, instance = executor
+    log = _Log()
+    result = instance.run(_context(tmp_path, CONTRACT[name]["ok"], log))
+    assert result.succeeded and result.exit_code == 0
+    assert any(line.endswith(" INFO contract-ok") for line in log.lines())
+
+
+def test_contract_failure_is_a_result_not_an_exception(
+    executor: tuple[str, Executor], tmp_path: Path
+) -> None:
+    name, instance = executor
+    log = _Log()
+    result = instance.run(_context(tmp_path, CONTRACT[name]["fail"], log))
+    assert (result.exit_code, result.succeeded, result.error) == (3, False, "exit code 3")
+    assert "never" not in log.text()
+
+
+def test_contract_timeout_ends_the_attempt(executor: tuple[str, Executor], tmp_path: Path) -> None:
+    name, instance = executor
+    result = instance.run(_context(tmp_path, CONTRACT[name]["hang"], _Log(), timeout=0.3))
+    assert result.timed_out and result.error == "timed out after 300ms"
+
+
+def test_contract_cancel_ends_the_attempt(executor: tuple[str, Executor], tmp_path: Path) -> None:
+    name, instance = executor
+    cancel = threading.Event()
+    spawned = threading.Event()
+    ctx = _context(
+        tmp_path, CONTRACT[name]["hang"], _Log(), cancel=cancel, on_spawn=lambda pid: spawned.set()
+    )
+    threading.Thread(target=lambda: spawned.wait(10) and cancel.set()).start()
+    result = instance.run(ctx)
+    assert result.cancelled and result.error == "cancelled"
+
+
+def test_a_plugin_bug_fails_the_job_and_not_the_worker(tmp_path: Path) -> None:
+    class Broken(Executor):
+        name = "broken"
+        schema_resource = "local.schema.json"
+
+        def execute(self, ctx: RunContext) -> ExecResult:
+            raise RuntimeError("boom")
+
+    log = _Log()
+    result = Broken().run(_context(tmp_path, {}, log))
+    assert not result.succeeded and "boom" in (result.error or "")
+    assert "executor 'broken' failed unexpectedly" in log.text()
+
+
+def test_local_stdout_is_info_and_stderr_is_error(tmp_path: Path) -> None:
+    log = _Log()
+    LocalExecutor().run(
+        _context(tmp_path, {"commands": "echo out; echo err >&2; printf partial"}, log)
+    )
+    levels = {line.split(" ", 2)[2]: line.split(" ", 2)[1] for line in log.lines()}
+    assert levels == {"out": "INFO", "err": "ERROR", "partial": "INFO"}
+
+
+def test_local_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    marker = tmp_path / "child-pid"
+    product = {"commands": f"sleep 60 & echo $! > {marker}; wait"}
+    result = LocalExecutor().run(_context(tmp_path, product, _Log(), timeout=0.5))
+    assert result.timed_out
+    child = int(marker.read_text())
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    )
+
+
+def test_a_term_ignoring_job_is_killed_after_the_grace(tmp_path: Path) -> None:
+    log = _Log()
+    product = {"commands": "trap '' TERM; sleep 60"}
+    result = LocalExecutor().run(_context(tmp_path, product, log, timeout=0.3, kill_grace=0.3))
+    assert result.timed_out
+    assert "SIGKILL" in log.text()
+
+
+def test_background_children_do_not_keep_a_finished_job_alive(tmp_path: Path) -> None:
+    # The shell exits at once; its background child holds stdout open and must not block the job.
+    result = LocalExecutor().run(
+        _context(tmp_path, {"commands": "sleep 60 & echo started"}, _Log())
+    )
+    assert result.succeeded
+
+
+def test_local_global_before_script_and_environment(tmp_path: Path) -> None:
+    log = _Log()
+    ctx = _context(
+        tmp_path, {"commands": ["echo $GREETING $PREFIX"]}, log, before_script=("PREFIX=pre",)
+    )
+    assert LocalExecutor().run(ctx).succeeded
+    assert "hi pre" in log.text()
+
+
+def test_local_cwd_must_stay_inside_the_work_dir(tmp_path: Path) -> None:
+    log = _Log()
+    result = LocalExecutor().run(_context(tmp_path, {"commands": "pwd", "cwd": "../.."}, log))
+    assert not result.succeeded and "leaves the job's work dir" in (result.error or "")
+
+
+def test_custom_runs_by_interpreter_with_args(tmp_path: Path) -> None:
+    log = _Log()
+    product = {
+        "script": "import sys; print('py', sys.argv[1:])",
+        "interpreter": "python3",
+        "args": ["a", "b"],
+    }
+    assert CustomExecutor().run(_context(tmp_path, product, log)).succeeded
+    assert "py ['a', 'b']" in log.text()
+
+
+def test_custom_before_script_runs_first(tmp_path: Path) -> None:
+    log = _Log()
+    ctx = _context(
+        tmp_path, {"script": "#!/bin/sh\necho script\n"}, log, before_script=("echo before",)
+    )
+    assert CustomExecutor().run(ctx).succeeded
+    assert log.text().splitlines() == ["before", "script"]

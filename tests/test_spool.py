@@ -1,0 +1,217 @@
+"""The spool module on its own: intake primitives, claims, transitions, crash leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spoold.errors import DuplicateJob, InvalidTransition, SpoolError
+from spoold.spool import SPOOL_DIRECTORIES, Spool, is_transient_name
+from spoold.states import JobState
+
+MB = 1 << 20
+
+
+def _spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    return spool
+
+
+def _take(spool: Spool, name: str, **kwargs: float) -> object:
+    return spool.take_incoming(name, now=time.time(), max_size=MB, **kwargs)
+
+
+def test_init_creates_the_tree_with_safe_modes(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    for name in SPOOL_DIRECTORIES:
+        assert (spool.root / name).is_dir()
+    assert (spool.root / "incoming").stat().st_mode & 0o777 == 0o770
+    assert (spool.root / "done").stat().st_mode & 0o777 == 0o750
+    spool.check()
+
+
+def test_check_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(SpoolError, match="run 'spoold init --spool"):
+        Spool(tmp_path / "nothing").check()
+
+
+@pytest.mark.parametrize("name", [".x.yaml", "x.yaml.tmp", "x.yaml.part", ".x.yaml.Ab12Cd"])
+def test_transient_names_are_never_taken(tmp_path: Path, name: str) -> None:
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / name).write_text("job_id: a\n")
+    assert is_transient_name(name)
+    assert spool.list_incoming() == []
+    assert _take(spool, name) is None
+    assert (spool.dir("incoming") / name).exists()
+
+
+def test_a_file_open_for_writing_is_not_taken_until_closed(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    path = spool.dir("incoming") / "slow.yaml"
+    with open(path, "w") as writer:
+        writer.write("job_id: slow\n")
+        writer.flush()
+        # The lease test sees the open writer however old the file is.
+        assert _take(spool, "slow.yaml") is None
+        assert path.exists()
+    taken = _take(spool, "slow.yaml")
+    assert taken is not None and taken.data == b"job_id: slow\n"  # type: ignore[attr-defined]
+    assert not path.exists()
+
+
+def test_min_age_holds_back_files_changed_recently(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    path = spool.dir("incoming") / "fresh.yaml"
+    path.write_text("job_id: a\n")
+    mtime = path.stat().st_mtime
+    assert spool.take_incoming("fresh.yaml", now=mtime + 0.5, max_size=MB, min_age=2) is None
+    assert spool.take_incoming("fresh.yaml", now=mtime + 2.5, max_size=MB, min_age=2) is not None
+
+
+def test_non_regular_files_are_taken_without_being_opened(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    incoming = spool.dir("incoming")
+    os.symlink("/etc/passwd", incoming / "link.yaml")
+    (incoming / "dir.yaml").mkdir()
+    os.mkfifo(incoming / "fifo.yaml")
+    kinds = {name: _take(spool, name).kind for name in ("link.yaml", "dir.yaml", "fifo.yaml")}  # type: ignore[union-attr]
+    assert kinds == {"link.yaml": "symlink", "dir.yaml": "directory", "fifo.yaml": "fifo"}
+    assert spool.list_incoming() == []
+
+
+def test_an_oversized_file_is_taken_without_its_content(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / "big.yaml").write_bytes(b"x" * 2000)
+    taken = spool.take_incoming("big.yaml", now=time.time(), max_size=1000)
+    assert taken is not None and taken.data is None and taken.size == 2000
+
+
+def _accept(spool: Spool, name: str, job_id: str) -> object:
+    (spool.dir("incoming") / name).write_text(f"job_id: {job_id}\n")
+    taken = _take(spool, name)
+    assert taken is not None
+    return spool.accept(
+        taken, job_id, {"job_id": job_id, "state": "pending", "source": name}, "accepted\n"
+    )  # type: ignore[arg-type]
+
+
+def test_accept_moves_the_file_byte_for_byte_into_pending(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    job = _accept(spool, "a.yaml", "a")
+    assert job.path == spool.dir("pending") / "a"  # type: ignore[attr-defined]
+    assert sorted(p.name for p in job.path.iterdir()) == [
+        "artifacts",
+        "job.yaml",
+        "log",
+        "status.json",
+    ]  # type: ignore[attr-defined]
+    assert (job.path / "job.yaml").read_text() == "job_id: a\n"  # type: ignore[attr-defined]
+    assert list(spool.dir("tmp").iterdir()) == []
+
+
+def test_a_duplicate_id_in_any_state_is_refused(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    _accept(spool, "a.yaml", "a")
+    job = spool.claim("a", {"worker": "w"})
+    assert job is not None
+    spool.finish(job, JobState.SUCCEEDED, {"job_id": "a", "state": "succeeded"})
+    with pytest.raises(DuplicateJob):
+        _accept(spool, "again.yaml", "a")
+
+
+def test_claim_is_won_by_exactly_one_of_many_threads(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    _accept(spool, "a.yaml", "race")
+    barrier = threading.Barrier(8)
+    winners = []
+
+    def contend() -> None:
+        barrier.wait()
+        if spool.claim("race", {"worker": threading.current_thread().name}) is not None:
+            winners.append(1)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1
+    assert json.loads((spool.dir("running") / "race" / "lease").read_text())["worker"]
+
+
+def test_finish_refuses_transitions_the_state_machine_forbids(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    _accept(spool, "a.yaml", "a")
+    job = spool.claim("a", {})
+    assert job is not None
+    with pytest.raises(InvalidTransition):
+        spool.finish(job, JobState.REJECTED, {})
+    done = spool.finish(job, JobState.FAILED, {"state": "failed"})
+    assert done.directory == "failed" and not (done.path / "lease").exists()
+    assert spool.find("a") == done
+
+
+def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    paths = []
+    for content in ("first", "second"):
+        (spool.dir("incoming") / "bad.yaml").write_text(content)
+        taken = _take(spool, "bad.yaml")
+        paths.append(spool.reject(taken, {"file": "bad.yaml", "reason": content}))  # type: ignore[arg-type]
+    assert [p.name for p in paths] == ["bad.yaml", "bad.yaml~2"]
+    assert [(p / "bad.yaml").read_text() for p in paths] == ["first", "second"]
+    assert json.loads((paths[1] / "reason.json").read_text())["reason"] == "second"
+
+
+def test_a_file_named_reason_json_does_not_hide_its_reason(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / "reason.json").write_text("{}")
+    target = spool.reject(_take(spool, "reason.json"), {"file": "reason.json", "reason": "r"})  # type: ignore[arg-type]
+    assert json.loads((target / "reason.json").read_text())["reason"] == "r"
+    assert (target / "reason.json.orig").read_text() == "{}"
+
+
+def test_interrupted_intake_returns_the_file_to_incoming(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / "a.yaml").write_text("job_id: a\n")
+    taken = _take(spool, "a.yaml")
+    assert taken is not None and not (spool.dir("incoming") / "a.yaml").exists()
+    # The process dies here, between taking the file and accepting it.
+    assert spool.recover_stages() == [
+        "returned a.yaml to incoming/ as a.yaml (intake was interrupted)"
+    ]
+    assert (spool.dir("incoming") / "a.yaml").read_text() == "job_id: a\n"
+    assert list(spool.dir("tmp").iterdir()) == []
+
+
+def test_submit_never_replaces_a_file_waiting_in_incoming(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    first = spool.submit_file("job.yaml", b"one")
+    second = spool.submit_file("job.yaml", b"two")
+    assert (first.name, second.name) == ("job.yaml", "job-2.yaml")
+    assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
+    assert spool.list_incoming() == ["job-2.yaml", "job.yaml"]
+
+
+def test_job_ids_that_are_not_plain_names_never_become_paths(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    for bad in ("../etc", "a/b", "", ".hidden"):
+        with pytest.raises(SpoolError):
+            spool.find(bad)
+
+
+def test_only_one_daemon_per_host_holds_the_spool(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    lock = spool.lock_host("h1")
+    with pytest.raises(SpoolError, match="already runs"):
+        spool.lock_host("h1")
+    other = spool.lock_host("h2")  # another host sharing the spool
+    lock.close()
+    other.close()
+    spool.lock_host("h1").close()

@@ -1,0 +1,258 @@
+"""The job runner and recovery in-process: artifacts, outcomes, dead workers, stale leases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spoold.clock import SystemClock, rfc3339
+from spoold.config import Config
+from spoold.daemon import job_validator
+from spoold.intake import Accepted, Intake, Rejected
+from spoold.plugins import ExecutorRegistry
+from spoold.procfs import process_start_time
+from spoold.recovery import Recovery
+from spoold.spool import JobDir, Spool
+from spoold.worker import JobRunner
+from tests.fakes import FakeClock
+
+LOGGER = logging.getLogger("spoold.test")
+
+
+def _parts(tmp_path: Path, **config: Any) -> tuple[Spool, Intake, JobRunner, Config]:
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    cfg = Config(spool=spool.root, hostname="here", worker_id="w1", kill_grace=0.5, **config)
+    registry = ExecutorRegistry.from_entry_points()
+    clock = SystemClock()
+    intake = Intake(spool, job_validator(registry), clock, max_file_size=cfg.max_file_size,
+                    settle_time=0, on_accepted=lambda job: None, logger=LOGGER)  # fmt: skip
+    return spool, intake, JobRunner(spool, registry, cfg, clock, LOGGER), cfg
+
+
+def _submit(spool: Spool, intake: Intake, document: dict[str, Any], name: str = "j.yaml") -> JobDir:
+    (spool.dir("incoming") / name).write_text(yaml.safe_dump(document))
+    outcome = intake.offer(name, complete=True)
+    assert isinstance(outcome, Accepted), outcome
+    return outcome.job
+
+
+def _run(
+    spool: Spool, intake: Intake, runner: JobRunner, document: dict[str, Any]
+) -> tuple[JobDir, dict[str, Any]]:
+    job = _submit(spool, intake, document)
+    claimed = runner.claim(job.job_id)
+    assert claimed is not None
+    final = runner.run(claimed)
+    return final, spool.read_status(final)
+
+
+def test_artifacts_are_copied_with_size_and_sha256_and_never_from_outside(tmp_path: Path) -> None:
+    spool, intake, runner, _ = _parts(tmp_path)
+    commands = [
+        "mkdir -p out/sub report && echo one > out/a.log && echo two > out/sub/b.log",
+        "echo r > report/index.html && ln -s /etc/passwd out/passwd.log",
+    ]
+    artifacts = [{"path": "out/**/*.log"}, {"path": "report", "type": "dir"}, {"path": "out/*"},
+                 {"path": "missing.txt"}]  # fmt: skip
+    job, status = _run(
+        spool,
+        intake,
+        runner,
+        {
+            "job_id": "art",
+            "executor": "local",
+            "product": {"commands": commands},
+            "artifacts": artifacts,
+        },
+    )
+    assert status["state"] == "succeeded"
+    kept = {a["path"]: a for a in status["artifacts"]}
+    assert sorted(kept) == ["out/a.log", "out/sub/b.log", "report/index.html"]
+    assert kept["out/a.log"]["size"] == 4
+    assert (
+        kept["out/a.log"]["sha256"]
+        == "2c8b08da5ce60398e1f19af0e5dccc744df274b826abe585eaba68c525434806"
+    )
+    assert (job.path / "artifacts" / "out" / "sub" / "b.log").read_text() == "two\n"
+    assert not (job.path / "work").exists()  # only declared artifacts are kept
+    log = job.log_path.read_text()
+    assert "artifact 'missing.txt': nothing matched" in log
+
+
+def test_a_failing_job_lands_in_failed_with_its_exit_code(tmp_path: Path) -> None:
+    spool, intake, runner, _ = _parts(tmp_path)
+    job, status = _run(
+        spool,
+        intake,
+        runner,
+        {"job_id": "f", "executor": "local", "product": {"commands": "exit 7"}},
+    )
+    assert job.directory == "failed"
+    assert (status["state"], status["exit_code"], status["error"]) == ("failed", 7, "exit code 7")
+    assert status["attempts"][0]["exit_code"] == 7 and status["attempts"][0]["finished_at"]
+
+
+def test_variables_are_exported_and_interpolated_but_unknown_names_reach_the_shell(
+    tmp_path: Path,
+) -> None:
+    spool, intake, runner, _ = _parts(tmp_path)
+    document = {"job_id": "v", "executor": "local", "variables": {"CUSTOMER": 4711},
+                "product": {"commands": ["echo ${CUSTOMER}-$CUSTOMER-${HOME:+home}-${JOB_ID}"]}}  # fmt: skip
+    job, status = _run(spool, intake, runner, document)
+    assert status["state"] == "succeeded"
+    assert " INFO 4711-4711-home-v\n" in job.log_path.read_text()
+
+
+def test_configured_workdir_is_used_and_cleaned(tmp_path: Path) -> None:
+    spool, intake, runner, _ = _parts(tmp_path, workdir=tmp_path / "work")
+    job, _ = _run(
+        spool, intake, runner, {"job_id": "w", "executor": "local", "product": {"commands": "pwd"}}
+    )
+    assert f" INFO {tmp_path / 'work' / 'w'}\n" in job.log_path.read_text()
+    assert not (tmp_path / "work" / "w").exists()
+
+
+def _running_job(
+    spool: Spool, intake: Intake, lease: dict[str, Any], document: dict[str, Any] | None = None
+) -> JobDir:
+    job = _submit(
+        spool,
+        intake,
+        document or {"job_id": "r", "executor": "local", "product": {"commands": "true"}},
+    )
+    claimed = spool.claim(job.job_id, lease)
+    assert claimed is not None
+    return claimed
+
+
+def test_recovery_fails_a_job_whose_local_worker_is_gone(tmp_path: Path) -> None:
+    spool, intake, _, cfg = _parts(tmp_path)
+    dead = subprocess.run(["true"], check=True)  # a pid that no longer exists
+    del dead
+    lease = {
+        "worker": "old",
+        "host": "here",
+        "pid": 999_999,
+        "pid_start": 1,
+        "heartbeat": rfc3339(SystemClock().now()),
+    }
+    _running_job(spool, intake, lease)
+    moved = Recovery(spool, cfg, SystemClock(), LOGGER).reap()
+    assert [(j.job_id, j.directory) for j in moved] == [("r", "failed")]
+    status = spool.read_status(moved[0])
+    assert status["state"] == "failed" and status["error"].startswith("interrupted: worker old")
+    assert "interrupted" in moved[0].log_path.read_text()
+
+
+def test_recovery_requeues_when_the_job_asks_for_it(tmp_path: Path) -> None:
+    spool, intake, _, cfg = _parts(tmp_path)
+    lease = {"worker": "old", "host": "here", "pid": 999_999, "pid_start": 1}
+    document = {
+        "job_id": "q",
+        "executor": "local",
+        "on_interrupt": "requeue",
+        "product": {"commands": "true"},
+    }
+    _running_job(spool, intake, lease, document)
+    (moved,) = Recovery(spool, cfg, SystemClock(), LOGGER).reap()
+    assert moved.directory == "pending"
+    assert spool.read_status(moved)["state"] == "pending"
+
+
+def test_recovery_leaves_a_live_local_worker_alone(tmp_path: Path) -> None:
+    spool, intake, _, cfg = _parts(tmp_path)
+    lease = {
+        "worker": "exec",
+        "host": "here",
+        "pid": os.getpid(),
+        "pid_start": process_start_time(os.getpid()),
+    }
+    _running_job(spool, intake, lease)
+    assert Recovery(spool, cfg, SystemClock(), LOGGER).reap() == []
+
+
+def test_recovery_takes_over_another_hosts_claim_only_when_its_heartbeat_is_stale(
+    tmp_path: Path,
+) -> None:
+    spool, intake, _, cfg = _parts(tmp_path, lease_timeout=60)
+    clock = FakeClock()
+    lease = {"worker": "far", "host": "elsewhere", "pid": 1, "heartbeat": rfc3339(clock.now())}
+    _running_job(spool, intake, lease)
+    recovery = Recovery(spool, cfg, clock, LOGGER)
+    clock.advance(59)
+    assert recovery.reap() == []
+    clock.advance(2)
+    (moved,) = recovery.reap()
+    assert "sent no heartbeat for 61s" in spool.read_status(moved)["error"]
+
+
+def test_recovery_kills_the_processes_a_dead_worker_left_behind(tmp_path: Path) -> None:
+    spool, intake, _, cfg = _parts(tmp_path)
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        lease = {"worker": "old", "host": "here", "pid": 999_999, "pid_start": 1,
+                 "job_pid": orphan.pid, "job_pid_start": process_start_time(orphan.pid)}  # fmt: skip
+        _running_job(spool, intake, lease)
+        Recovery(spool, cfg, SystemClock(), LOGGER).reap()
+        assert orphan.wait(10) == -9
+    finally:
+        orphan.kill()
+
+
+def test_intake_rejects_with_a_reason_that_names_line_and_path(tmp_path: Path) -> None:
+    spool, intake, _, _ = _parts(tmp_path)
+    (spool.dir("incoming") / "bad.yaml").write_text(
+        "job_id: bad\nexecutor: local\nproduct:\n  comands: x\n"
+    )
+    outcome = intake.offer("bad.yaml", complete=True)
+    assert isinstance(outcome, Rejected)
+    reason = json.loads((outcome.path / "reason.json").read_text())
+    assert reason["code"] == "invalid"
+    messages = {(e["path"], e["line"]) for e in reason["errors"]}
+    assert ("product.comands", 4) in messages or ("product", 3) in messages
+    assert (outcome.path / "bad.yaml").read_text().startswith("job_id: bad")
+
+
+def test_intake_puts_the_file_back_when_the_disk_fails_mid_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, intake, _, _ = _parts(tmp_path)
+    (spool.dir("incoming") / "a.yaml").write_text(
+        "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
+    )
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "accept", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        intake.offer("a.yaml", complete=True)
+    assert spool.list_incoming() == ["a.yaml"]
+    assert list(spool.dir("tmp").iterdir()) == []
+
+
+def test_a_job_that_prints_very_long_lines_is_logged_without_blocking(tmp_path: Path) -> None:
+    spool, intake, runner, _ = _parts(tmp_path)
+    start = time.monotonic()
+    job, status = _run(
+        spool,
+        intake,
+        runner,
+        {
+            "job_id": "big",
+            "executor": "local",
+            "product": {"commands": "head -c 3000000 /dev/zero | tr '\\0' x"},
+        },
+    )
+    assert status["state"] == "succeeded"
+    assert job.log_path.stat().st_size > 3_000_000
+    del start
