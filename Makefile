@@ -37,8 +37,8 @@ typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck
 	cp -as $(CURDIR)/spoold build/typecheck/spoold
 	ln -s $(CURDIR)/executors build/typecheck/spoold/executors
-	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p spoold
-	$(VENV)/bin/mypy --config-file pyproject.toml tests benchmarks
+	ln -s $(CURDIR)/tests $(CURDIR)/benchmarks build/typecheck/
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p spoold -p tests -p benchmarks
 
 unit: setup
 	$(VENV)/bin/pytest -n auto -q

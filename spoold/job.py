@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import yaml
 
 from spoold.clock import rfc3339
 from spoold.states import JobState
@@ -17,18 +14,6 @@ from spoold.units import parse_duration
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def load_accepted_document(data: bytes, source: str | None) -> dict[str, Any]:
-    """Parse a job file that intake already validated (no second validation on the hot path)."""
-    if (source or "").endswith(".json"):
-        document = json.loads(data)
-    else:
-        document = yaml.load(data, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
-    if not isinstance(document, dict):
-        raise ValueError("the job file is not a mapping")
-    return document
 
 
 def generate_job_id(moment: datetime) -> str:

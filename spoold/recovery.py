@@ -8,16 +8,15 @@ import os
 import signal
 from dataclasses import dataclass
 
-import yaml
-
 from spoold.clock import Clock, parse_rfc3339
 from spoold.config import Config
-from spoold.errors import SpoolError
-from spoold.job import JobStatus, load_accepted_document
+from spoold.errors import InvalidJobFile, SpoolError
+from spoold.job import JobStatus
 from spoold.joblog import JobLog
 from spoold.procfs import group_members, process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
+from spoold.validation import load_document
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ class Recovery:
 
 def _on_interrupt(spool: Spool, job: JobDir, status: JobStatus) -> str:
     try:
-        document = load_accepted_document(spool.read_job_file(job), status.source)
-    except (OSError, ValueError, yaml.YAMLError):
+        document = load_document(spool.read_job_file(job), status.source or "job.yaml")
+    except (OSError, InvalidJobFile):
         return "fail"
-    return str(document.get("on_interrupt", "fail"))
+    return str(document.get("on_interrupt", "fail")) if isinstance(document, dict) else "fail"

@@ -82,7 +82,9 @@ class InotifyWatcher:
         # still being written, intake sees the open writer and waits for IN_CLOSE_WRITE.
         mask = c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_CREATE | c.IN_DELETE_SELF | c.IN_MOVE_SELF
         self._fd.start()
-        self._wd = self._fd.add_callback(os.fsencode(self._directory), Mask(mask), self, CallbackId(0))
+        self._wd = self._fd.add_callback(
+            os.fsencode(self._directory), Mask(mask), self, CallbackId(0)
+        )
 
     def stop(self) -> None:
         self._stopping = True

@@ -16,12 +16,13 @@ from typing import IO, Any
 from spoold.clock import Clock, rfc3339
 from spoold.config import Config
 from spoold.executors.base import ExecResult, RunContext
-from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate, load_accepted_document
+from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
 from spoold.procfs import process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
+from spoold.validation import load_document
 
 
 @dataclass
@@ -185,7 +186,7 @@ class JobRunner:
         return JobState.FAILED, result.error or f"exit code {result.exit_code}"
 
     def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:
-        document = load_accepted_document(self._spool.read_job_file(job), status.source)
+        document = load_document(self._spool.read_job_file(job), status.source or "job.yaml")
         return JobSpec.from_document(document, job.job_id)
 
     def _workdir(self, job: JobDir) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,9 @@ T = TypeVar("T")
 DEFAULT_BOUND = 60.0
 
 
-def wait_for(predicate: Callable[[], T], *, bound: float = DEFAULT_BOUND, what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T | None], *, bound: float = DEFAULT_BOUND, what: str = "condition"
+) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``bound`` seconds."""
     end = time.monotonic() + bound
     while True:
@@ -77,7 +80,9 @@ def job_state(spool: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-def wait_finished(spool: Path, job_id: str, bound: float = DEFAULT_BOUND) -> tuple[str, dict[str, Any]]:
+def wait_finished(
+    spool: Path, job_id: str, bound: float = DEFAULT_BOUND
+) -> tuple[str, dict[str, Any]]:
     """Wait until a job is in done/ or failed/."""
 
     def finished() -> tuple[str, dict[str, Any]] | None:
@@ -117,7 +122,16 @@ class DaemonProcess:
             self.starts += 1
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "spoold", "run", "--spool", str(self.spool), "--config", str(self.config)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "spoold",
+                        "run",
+                        "--spool",
+                        str(self.spool),
+                        "--config",
+                        str(self.config),
+                    ],
                     env=env,
                     stdout=log,
                     stderr=log,
@@ -154,3 +168,81 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# -- helpers for the daemon intake, chaos and disk tests ------------------------------------------
+
+
+def run_cli(
+    spool: Path, *args: str, bound: float = DEFAULT_BOUND
+) -> subprocess.CompletedProcess[str]:
+    """``spoold <command> --spool SPOOL ARGS...`` as a user would type it; never hangs."""
+    command, *rest = args
+    return subprocess.run(
+        [sys.executable, "-m", "spoold", command, "--spool", str(spool), *rest],
+        capture_output=True,
+        text=True,
+        timeout=bound,
+        check=False,
+    )
+
+
+def found_in(spool: Path, job_id: str) -> list[str]:
+    """Every job directory (pending, running, done, failed) that holds ``job_id``."""
+    return [d for d in ("pending", "running", "done", "failed") if (spool / d / job_id).is_dir()]
+
+
+def wait_rescan(spool: Path, tag: str, bound: float = DEFAULT_BOUND) -> None:
+    """Return once a periodic rescan of incoming/ has offered every file named before ``zzzz``.
+
+    The proof is a witness file that only a rescan can take:
+
+    1. It is written through a link in tmp/ and linked into incoming/ while still open for
+       writing: its IN_CREATE is offered to intake, which sees the open writer and leaves it.
+    2. A marker file is renamed in after it; intake handles events one at a time in arrival
+       order, so once the marker is accepted the witness's IN_CREATE has been dealt with.
+    3. The writer then closes it through the tmp/ link, so the IN_CLOSE_WRITE is reported for
+       tmp/, not incoming/: no event names the witness any more.
+
+    So the witness can only be taken by a sweep whose listing of incoming/ came after step 1;
+    a sweep offers names in sorted order, and ``zzzz-rescan-*`` sorts after every name the
+    tests use, so that same sweep offered each file already there before reaching the witness.
+    """
+    witness_id, marker_id = f"zz-rescan-{tag}", f"zz-mark-{tag}"
+    staging = spool / "tmp" / f".witness-{tag}"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, yaml.safe_dump(local_job(witness_id, "true")).encode())
+        os.link(staging, spool / "incoming" / f"zzzz-rescan-{tag}.yaml")
+        staging.unlink()
+        drop(spool, f"zzzz-mark-{tag}.yaml", local_job(marker_id, "true"))
+        wait_for(lambda: job_state(spool, marker_id), bound=bound, what=f"marker {marker_id}")
+    finally:
+        os.close(fd)
+    wait_for(
+        lambda: job_state(spool, witness_id), bound=bound, what=f"a rescan taking {witness_id}"
+    )
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids of live processes whose command line contains ``token`` (zombies have none)."""
+    found = []
+    needle = token.encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_processes_with(token: str) -> None:
+    """Clean-up after a test: SIGKILL whatever still runs with ``token`` in its command line."""
+    for pid in processes_with(token):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

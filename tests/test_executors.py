@@ -17,6 +17,7 @@ from spoold.executors.local import LocalExecutor
 from spoold.clock import SystemClock
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
+from tests.harness import wait_for
 
 
 class _Log:
@@ -112,7 +113,11 @@ def test_contract_cancel_ends_the_attempt(executor: tuple[str, Executor], tmp_pa
     ctx = _context(
         tmp_path, CONTRACT[name]["hang"], _Log(), cancel=cancel, on_spawn=lambda pid: spawned.set()
     )
-    threading.Thread(target=lambda: spawned.wait(10) and cancel.set()).start()
+    def cancel_once_spawned() -> None:
+        if spawned.wait(10):
+            cancel.set()
+
+    threading.Thread(target=cancel_once_spawned).start()
     result = instance.run(ctx)
     assert result.cancelled and result.error == "cancelled"
 
@@ -145,11 +150,16 @@ def test_local_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     product = {"commands": f"sleep 60 & echo $! > {marker}; wait"}
     result = LocalExecutor().run(_context(tmp_path, product, _Log(), timeout=0.5))
     assert result.timed_out
-    child = int(marker.read_text())
-    assert (
-        not Path(f"/proc/{child}").exists()
-        or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
-    )
+    child = Path(f"/proc/{int(marker.read_text())}/stat")
+
+    def gone() -> bool:
+        # SIGKILL is delivered asynchronously; a zombie awaiting its reaper counts as gone.
+        try:
+            return child.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_for(gone, what="the background child to die")
 
 
 def test_a_term_ignoring_job_is_killed_after_the_grace(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spoold.errors import DuplicateJob, InvalidTransition, SpoolError
-from spoold.spool import SPOOL_DIRECTORIES, Spool, is_transient_name
+from spoold.spool import SPOOL_DIRECTORIES, JobDir, Spool, TakenFile, is_transient_name
 from spoold.states import JobState
 
 MB = 1 << 20
@@ -23,8 +23,14 @@ def _spool(tmp_path: Path) -> Spool:
     return spool
 
 
-def _take(spool: Spool, name: str, **kwargs: float) -> object:
-    return spool.take_incoming(name, now=time.time(), max_size=MB, **kwargs)
+def _take(spool: Spool, name: str) -> TakenFile | None:
+    return spool.take_incoming(name, now=time.time(), max_size=MB)
+
+
+def _taken(spool: Spool, name: str) -> TakenFile:
+    taken = _take(spool, name)
+    assert taken is not None
+    return taken
 
 
 def test_init_creates_the_tree_with_safe_modes(tmp_path: Path) -> None:
@@ -61,7 +67,7 @@ def test_a_file_open_for_writing_is_not_taken_until_closed(tmp_path: Path) -> No
         assert _take(spool, "slow.yaml") is None
         assert path.exists()
     taken = _take(spool, "slow.yaml")
-    assert taken is not None and taken.data == b"job_id: slow\n"  # type: ignore[attr-defined]
+    assert taken is not None and taken.data == b"job_id: slow\n"
     assert not path.exists()
 
 
@@ -80,7 +86,7 @@ def test_non_regular_files_are_taken_without_being_opened(tmp_path: Path) -> Non
     os.symlink("/etc/passwd", incoming / "link.yaml")
     (incoming / "dir.yaml").mkdir()
     os.mkfifo(incoming / "fifo.yaml")
-    kinds = {name: _take(spool, name).kind for name in ("link.yaml", "dir.yaml", "fifo.yaml")}  # type: ignore[union-attr]
+    kinds = {name: _taken(spool, name).kind for name in ("link.yaml", "dir.yaml", "fifo.yaml")}
     assert kinds == {"link.yaml": "symlink", "dir.yaml": "directory", "fifo.yaml": "fifo"}
     assert spool.list_incoming() == []
 
@@ -92,26 +98,27 @@ def test_an_oversized_file_is_taken_without_its_content(tmp_path: Path) -> None:
     assert taken is not None and taken.data is None and taken.size == 2000
 
 
-def _accept(spool: Spool, name: str, job_id: str) -> object:
+def _accept(spool: Spool, name: str, job_id: str) -> JobDir:
     (spool.dir("incoming") / name).write_text(f"job_id: {job_id}\n")
-    taken = _take(spool, name)
-    assert taken is not None
     return spool.accept(
-        taken, job_id, {"job_id": job_id, "state": "pending", "source": name}, "accepted\n"
-    )  # type: ignore[arg-type]
+        _taken(spool, name),
+        job_id,
+        {"job_id": job_id, "state": "pending", "source": name},
+        "accepted\n",
+    )
 
 
 def test_accept_moves_the_file_byte_for_byte_into_pending(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     job = _accept(spool, "a.yaml", "a")
-    assert job.path == spool.dir("pending") / "a"  # type: ignore[attr-defined]
+    assert job.path == spool.dir("pending") / "a"
     assert sorted(p.name for p in job.path.iterdir()) == [
         "artifacts",
         "job.yaml",
         "log",
         "status.json",
-    ]  # type: ignore[attr-defined]
-    assert (job.path / "job.yaml").read_text() == "job_id: a\n"  # type: ignore[attr-defined]
+    ]
+    assert (job.path / "job.yaml").read_text() == "job_id: a\n"
     assert list(spool.dir("tmp").iterdir()) == []
 
 
@@ -162,8 +169,9 @@ def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_pat
     paths = []
     for content in ("first", "second"):
         (spool.dir("incoming") / "bad.yaml").write_text(content)
-        taken = _take(spool, "bad.yaml")
-        paths.append(spool.reject(taken, {"file": "bad.yaml", "reason": content}))  # type: ignore[arg-type]
+        paths.append(
+            spool.reject(_taken(spool, "bad.yaml"), {"file": "bad.yaml", "reason": content})
+        )
     assert [p.name for p in paths] == ["bad.yaml", "bad.yaml~2"]
     assert [(p / "bad.yaml").read_text() for p in paths] == ["first", "second"]
     assert json.loads((paths[1] / "reason.json").read_text())["reason"] == "second"
@@ -172,7 +180,7 @@ def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_pat
 def test_a_file_named_reason_json_does_not_hide_its_reason(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     (spool.dir("incoming") / "reason.json").write_text("{}")
-    target = spool.reject(_take(spool, "reason.json"), {"file": "reason.json", "reason": "r"})  # type: ignore[arg-type]
+    target = spool.reject(_taken(spool, "reason.json"), {"file": "reason.json", "reason": "r"})
     assert json.loads((target / "reason.json").read_text())["reason"] == "r"
     assert (target / "reason.json.orig").read_text() == "{}"
 

@@ -112,6 +112,20 @@ def test_variables_are_exported_and_interpolated_but_unknown_names_reach_the_she
     assert " INFO 4711-4711-home-v\n" in job.log_path.read_text()
 
 
+def test_the_runner_sees_the_values_that_were_validated(tmp_path: Path) -> None:
+    # YAML 1.1 would read 10:30 as 630 and 2026-01-01 as a date; validation reads strings.
+    spool, intake, runner, _ = _parts(tmp_path)
+    name = "j.yaml"
+    text = "job_id: s\nexecutor: local\nvariables: {AT: 10:30, ON: 2026-01-01}\n"
+    (spool.dir("incoming") / name).write_text(text + "product: {commands: 'echo $AT $ON'}\n")
+    outcome = intake.offer(name, complete=True)
+    assert isinstance(outcome, Accepted)
+    claimed = runner.claim("s")
+    assert claimed is not None
+    final = runner.run(claimed)
+    assert " INFO 10:30 2026-01-01\n" in final.log_path.read_text()
+
+
 def test_configured_workdir_is_used_and_cleaned(tmp_path: Path) -> None:
     spool, intake, runner, _ = _parts(tmp_path, workdir=tmp_path / "work")
     job, _ = _run(
