@@ -116,8 +116,8 @@ def test_the_runner_sees_the_values_that_were_validated(tmp_path: Path) -> None:
     # YAML 1.1 would read 10:30 as 630 and 2026-01-01 as a date; validation reads strings.
     spool, intake, runner, _ = _parts(tmp_path)
     name = "j.yaml"
-    text = "job_id: s\nexecutor: local\nvariables: {AT: 10:30, ON: 2026-01-01}\n"
-    (spool.dir("incoming") / name).write_text(text + "product: {commands: 'echo $AT $ON'}\n")
+    text = "job_id: s\nexecutor: local\nvariables: {AT: 10:30, DAY: 2026-01-01}\n"
+    (spool.dir("incoming") / name).write_text(text + "product: {commands: 'echo $AT $DAY'}\n")
     outcome = intake.offer(name, complete=True)
     assert isinstance(outcome, Accepted)
     claimed = runner.claim("s")
