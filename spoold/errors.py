@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from spoold.validation import ValidationIssue
+    from spoold.documents import ValidationIssue
 
 
 class SpooldError(Exception):

@@ -1,7 +1,7 @@
-"""Job files: YAML/JSON loading, schema validation, and messages with line, column and path.
+"""Job files: schema composition, validation, and messages with line, column and path.
 
-Every job pays for the valid path, so it is only libyaml, a compiled schema check and a size
-walk. Positions and readable messages are worked out only when something is wrong, by composing
+Every job pays for the valid path, so it is only libyaml (spoold.documents), a compiled schema
+check and a size walk. Positions and readable messages are worked out only when something is wrong, by composing
 the text again into nodes that remember where they came from.
 """
 
@@ -12,7 +12,6 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -20,30 +19,52 @@ from urllib.parse import quote
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from spoold.documents import (
+    TYPE_WORDS,
+    DocPath,
+    JobLoader,
+    NodeMap,
+    ValidationIssue,
+    decode_text,
+    document_positions,
+    format_path,
+    kind_of,
+    load_document,
+    map_nodes,
+    position,
+    read_json,
+    read_yaml,
+    show_value,
+    size_problem,
+)
 from spoold.errors import InvalidJobFile, PluginError
 
-try:
-    from yaml import CSafeLoader as _SafeLoader
-except ImportError:  # PyYAML built without libyaml: slower, same results
-    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+# Re-exported: callers validate and load through this module.
+__all__ = [
+    "JobValidator",
+    "ValidationIssue",
+    "compose_job_schema",
+    "document_positions",
+    "format_path",
+    "load_base_schema",
+    "load_document",
+    "load_executor_schema",
+]
+
 try:  # jsonschema takes ~1 ms per job; this compiles the schema to Python code
     import fastjsonschema
 except ImportError:  # pragma: no cover
     fastjsonschema = None  # type: ignore[assignment]
 
-DocPath = tuple[Hashable, ...]
 _Problem = tuple[str, DocPath, bool]  # message, path, whether to point at the key
-MAX_DEPTH = 64
-_MERGE = "tag:yaml.org,2002:merge"
-_PARSER_DEPTH_BOUND = 1000  # libyaml composes recursively: ~0.4 MB of C stack at this depth
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "null": "null",
-               "number": "a number", "integer": "an integer", "boolean": "a boolean"}  # fmt: skip
+
+
 _PLAIN_NAME = (
     "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
 )
+
+
 # By the `title` of the schema holding the pattern, so executor sub-schemas can use them too.
 _PATTERN_MESSAGES = {
     "job id": "job id {} is not a plain name: " + _PLAIN_NAME,
@@ -54,30 +75,6 @@ _PATTERN_MESSAGES = {
     "cron expression": "{} is not a cron expression of 5 fields: minute hour day month weekday",
     "http(s) URL": "{} is not an http:// or https:// URL",
 }
-
-
-@dataclass(frozen=True)
-class ValidationIssue:
-    """One problem in a job file, with where it is."""
-
-    message: str
-    path: str
-    line: int | None = None
-    column: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The issue as reason.json and ``--json`` output carry it."""
-        return {
-            "message": self.message,
-            "path": self.path,
-            "line": self.line,
-            "column": self.column,
-        }
-
-    def format(self, filename: str) -> str:
-        """``file:line:column: path: message``, leaving out what is unknown."""
-        where = filename + "".join(f":{n}" for n in (self.line, self.column) if n is not None)
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
 def load_base_schema() -> dict[str, Any]:
@@ -140,252 +137,12 @@ def _rebased(schema: Any, pointer: str, top: bool = True) -> Any:
     return copied
 
 
-def _plain_data(loader: type[_SafeLoader]) -> tuple[dict[Any, Any], dict[Any, Any]]:
-    """Resolvers and constructors for JSON's types only: no dates, sets, bytes or 1:30 == 90."""
-    no_sexagesimal = {
-        "tag:yaml.org,2002:int": re.compile(
-            r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
-        ),
-        "tag:yaml.org,2002:float": re.compile(
-            r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
-            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-        ),
-    }
-    dropped = {f"tag:yaml.org,2002:{t}" for t in ("timestamp", "set", "omap", "pairs", "binary")}
-    resolvers = {
-        first: [(tag, no_sexagesimal.get(tag, rx)) for tag, rx in entries if tag not in dropped]
-        for first, entries in loader.yaml_implicit_resolvers.items()
-    }
-    constructors = {t: f for t, f in loader.yaml_constructors.items() if t not in dropped}
-    return resolvers, constructors
-
-
-class _JobLoader(_SafeLoader):
-    """The safe loader, for plain data, noting duplicate keys instead of keeping the last."""
-
-    yaml_implicit_resolvers, yaml_constructors = _plain_data(_SafeLoader)
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicate_keys: list[Hashable] = []
-        self._explicit_keys: dict[int, list[Node]] = {}
-
-    def flatten_mapping(self, node: MappingNode) -> None:
-        keys = self._explicit_keys.setdefault(
-            id(node), [k for k, _ in node.value if k.tag != _MERGE]
-        )
-        super().flatten_mapping(node)
-        # Merges of merges repeat pairs: keeping the last of each stops a few lines of `<<:`
-        # from growing into billions of pairs before any size check can run.
-        if len(node.value) > len(keys):
-            last = {id(key): i for i, (key, _) in enumerate(node.value)}
-            node.value = [pair for i, pair in enumerate(node.value) if last[id(pair[0])] == i]
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        mapping = super().construct_mapping(node, deep)
-        if len(mapping) < len(node.value):  # a key given twice, or merged and then overridden
-            seen: set[Any] = set()
-            for key in (self.construct_object(k) for k in self._explicit_keys[id(node)]):
-                if isinstance(key, str | int | float | bool) and key in seen:
-                    self.duplicate_keys.append(key)
-                seen.add(key if isinstance(key, str | int | float | bool) else id(key))
-        return mapping
-
-
-def _decode(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        before = data[: exc.start]
-        line = before.count(b"\n") + 1
-        column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", "replace")) + 1
-        message = f"the file is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"
-        raise InvalidJobFile([ValidationIssue(message, "", line, column)]) from None
-
-
-def _read_json(text: str) -> tuple[Any, list[Hashable]]:
-    duplicates: list[Hashable] = []
-
-    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = dict(pairs)
-        if len(result) < len(pairs):
-            names = [name for name, _ in pairs]
-            duplicates.extend(name for i, name in enumerate(names) if name in names[:i])
-        return result
-
-    try:
-        return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=mapping), duplicates
-    except json.JSONDecodeError as exc:
-        issue = ValidationIssue(f"invalid JSON: {exc.msg}", "", exc.lineno, exc.colno)
-    except RecursionError:
-        issue = ValidationIssue(f"the document is nested more than {MAX_DEPTH} levels deep", "")
-    raise InvalidJobFile([issue])
-
-
-def _read_yaml(text: str) -> tuple[Any, list[Hashable]]:
-    if _nests_too_deep(text):
-        message = f"the document is nested more than {MAX_DEPTH} levels deep"
-        raise InvalidJobFile([ValidationIssue(message, "")])
-    try:
-        loader = _JobLoader(text)
-        try:
-            return loader.get_single_data(), loader.duplicate_keys
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        issue = _yaml_issue(exc, text)
-    except RecursionError:  # the constructor recurses through chains of `<<:` merges
-        issue = ValidationIssue("the document's `<<:` merges are nested too deeply", "")
-    raise InvalidJobFile([issue])
-
-
-def _nests_too_deep(text: str) -> bool:
-    """Whether the text nests deeper than MAX_DEPTH, found without recursing where it could."""
-    if sum(map(text.count, "[{-?:")) < _PARSER_DEPTH_BOUND:  # every level needs one of these
-        return False
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=_JobLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    return True
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-    except yaml.YAMLError:
-        pass  # loading reports it, and stops no deeper than the events read so far
-    return False
-
-
-def _yaml_issue(exc: yaml.YAMLError, text: str) -> ValidationIssue:
-    if isinstance(exc, yaml.reader.ReaderError):  # libyaml counts bytes of UTF-8
-        before = text.encode("utf-8")[: exc.position].decode("utf-8", "replace")
-        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
-        return ValidationIssue(f"invalid YAML: {exc.reason}", "", line, column)
-    if not isinstance(exc, yaml.MarkedYAMLError):
-        return ValidationIssue(f"invalid YAML: {exc}", "")
-    mark, problem, context = exc.problem_mark or exc.context_mark, exc.problem or "", exc.context
-    if "could not determine a constructor for the tag" in problem:
-        tag = problem.split("'")[1].replace("tag:yaml.org,2002:", "!!")
-        message = f"the tag '{tag}' is not allowed: a job file holds plain data only"
-    elif context and "expected a single document" in context:
-        message = "the file holds more than one YAML document; a job file is exactly one"
-    elif context and exc.context_mark and exc.problem_mark:
-        message = f"invalid YAML: {problem}, {context} on line {exc.context_mark.line + 1}"
-    else:
-        message = f"invalid YAML: {problem or context}"
-    if mark is None:
-        return ValidationIssue(message, "")
-    lines = text.split("\n")
-    if mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]:
-        message += " (YAML does not allow tabs for indentation)"
-    return ValidationIssue(message, "", mark.line + 1, mark.column + 1)
-
-
-def _size_problem(document: Any, max_nodes: int) -> str | None:
-    """Count values as a validator sees them: an alias is walked again at each use."""
-    count, stack = 0, [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = list(value.values()) if isinstance(value, dict) else value
-        count += len(children)
-        if count > max_nodes:
-            return f"the document expands to more than {max_nodes} values (YAML aliases?)"
-        if depth > MAX_DEPTH:
-            return f"the document is nested more than {MAX_DEPTH} levels deep"
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return None
-
-
-@dataclass
-class _NodeMap:
-    values: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
-    keys: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
-    duplicates: list[tuple[DocPath, Node, Node]] = field(default_factory=list)  # path, 2nd, 1st
-
-
-def _position(node: Node) -> tuple[int, int]:
-    return node.start_mark.line + 1, node.start_mark.column + 1
-
-
-def _map_nodes(text: str, max_nodes: int) -> _NodeMap:
-    """Where each value and each mapping key of the document is, by path."""
-    found = _NodeMap()
-    try:
-        root = yaml.compose(text, Loader=_JobLoader)
-    except (yaml.YAMLError, RecursionError):
-        return found  # JSON that YAML cannot read: its issues go out without positions
-    constructor = yaml.constructor.SafeConstructor()
-
-    def key_of(node: Node) -> Hashable:
-        key = constructor.construct_object(node) if isinstance(node, ScalarNode) else None
-        return key if isinstance(key, str | int | float | bool) else ("<complex key>", id(node))
-
-    visited: set[int] = set()
-    stack: list[tuple[DocPath, Node]] = [((), root)] if root is not None else []
-    while stack and len(found.values) < max_nodes:
-        path, node = stack.pop()
-        found.values[path] = _position(node)
-        if isinstance(node, SequenceNode):
-            stack.extend(((*path, i), item) for i, item in enumerate(node.value))
-        if not isinstance(node, MappingNode):
-            continue
-        pairs: dict[Hashable, tuple[Node, Node]] = {}
-        for key_node, value_node in (p for p in node.value if p[0].tag != _MERGE):
-            key = key_of(key_node)
-            if key in pairs and id(node) not in visited:
-                found.duplicates.append(((*path, key), key_node, pairs[key][0]))
-            pairs[key] = (key_node, value_node)
-        for merged in (v for k, v in node.value if k.tag == _MERGE):
-            for source in merged.value if isinstance(merged, SequenceNode) else [merged]:
-                for key_node, value_node in source.value:  # earlier sources win; one level
-                    if key_node.tag != _MERGE:
-                        pairs.setdefault(key_of(key_node), (key_node, value_node))
-        visited.add(id(node))
-        for key, (key_node, value_node) in pairs.items():
-            found.keys[(*path, key)] = _position(key_node)
-            stack.append(((*path, key), value_node))
-    return found
-
-
-def document_positions(text: str, max_nodes: int = 100_000) -> dict[DocPath, tuple[int, int]]:
-    """1-based (line, column) of each value of a YAML or JSON text, by its path."""
-    return _map_nodes(text, max_nodes).values
-
-
-def format_path(path: DocPath) -> str:
-    """A path as messages show it: ``product.commands[1]``."""
-    out = ""
-    for part in path:
-        if isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
-            out += f".{part}" if out else part
-        elif isinstance(part, int) and not isinstance(part, bool):
-            out += f"[{part}]"
-        else:
-            out += f"[{json.dumps(part) if isinstance(part, str) else _show(part)}]"
-    return out
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    return repr(value) if isinstance(value, int | float) else _kind(value)
-
-
-def _kind(value: Any) -> str:
-    json_type = {bool: "boolean", type(None): "null", str: "string", int: "number",
-                 float: "number", dict: "object", list: "array"}.get(type(value))  # fmt: skip
-    return _TYPE_WORDS[json_type] if json_type else f"a {type(value).__name__}"
-
-
 def _or_list(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _type_words(value: str | list[str]) -> list[str]:
-    return [_TYPE_WORDS.get(t, t) for t in ([value] if isinstance(value, str) else value)]
+    return [TYPE_WORDS.get(t, t) for t in ([value] if isinstance(value, str) else value)]
 
 
 def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_Problem]:
@@ -408,30 +165,38 @@ def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_P
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             if not hint and 0 < len(allowed) <= 8:
                 hint = f" (allowed: {', '.join(allowed)})"
-            yield f"unknown field {_show(key)}{hint}", (*path, key), True
+            yield f"unknown field {show_value(key)}{hint}", (*path, key), True
     elif kind == "required":
         missing = [name for name in value if name not in instance]
-        yield from ((f"missing required field {_show(name)}", path, False) for name in missing)
+        yield from ((f"missing required field {show_value(name)}", path, False) for name in missing)
     elif kind == "type":
-        yield f"must be {_or_list(_type_words(value))}, not {_kind(instance)}", path, on_key
+        yield f"must be {_or_list(_type_words(value))}, not {kind_of(instance)}", path, on_key
     elif kind == "pattern":
         template = _PATTERN_MESSAGES.get(schema.get("title", ""), "{} does not match " + value)
-        yield template.format(_show(instance)), path, on_key
+        yield template.format(show_value(instance)), path, on_key
     elif kind == "enum" and path[-1:] == ("executor",) and len(path) in (1, 3):
         installed = ", ".join(executors) or "none"
-        yield f"unknown executor {_show(instance)} (installed: {installed})", path, False
+        yield f"unknown executor {show_value(instance)} (installed: {installed})", path, False
     elif kind == "enum":
-        yield f"must be one of: {', '.join(map(str, value))} (got {_show(instance)})", path, False
+        yield (
+            f"must be one of: {', '.join(map(str, value))} (got {show_value(instance)})",
+            path,
+            False,
+        )
     else:
         yield _simple_message(error), path, False
 
 
 def _simple_message(error: ValidationError) -> str:
-    kind, value, got = error.validator, error.validator_value, f" (got {_show(error.instance)})"
+    kind, value, got = (
+        error.validator,
+        error.validator_value,
+        f" (got {show_value(error.instance)})",
+    )
     if kind in ("minItems", "minLength", "minProperties") and value == 1:
         return "must not be empty"
     messages: dict[str, Callable[[], str]] = {
-        "const": lambda: f"must be {_show(value)}{got}",
+        "const": lambda: f"must be {show_value(value)}{got}",
         "minItems": lambda: f"must have at least {value} items",
         "maxItems": lambda: f"must have at most {value} items",
         "minLength": lambda: f"must be at least {value} characters long",
@@ -442,8 +207,8 @@ def _simple_message(error: ValidationError) -> str:
         "exclusiveMinimum": lambda: f"must be more than {value}{got}",
         "exclusiveMaximum": lambda: f"must be less than {value}{got}",
         "uniqueItems": lambda: "must not list the same item twice",
-        "format": lambda: f"{_show(error.instance)} is not a valid {value}",
-        "not": lambda: f"{_show(error.instance)} is not allowed here",
+        "format": lambda: f"{show_value(error.instance)} is not a valid {value}",
+        "not": lambda: f"{show_value(error.instance)} is not allowed here",
     }
     make = messages.get(kind) if isinstance(kind, str) else None
     return make() if make else error.message
@@ -464,7 +229,7 @@ def _branch_problems(error: ValidationError, executors: list[str]) -> Iterator[_
     fitting = [errs for errs in _branches(error) if not any(map(_rejects_type, errs))]
     if not fitting:
         expected = list(dict.fromkeys(word for e in error.context for word in _expected_types(e)))
-        yield f"must be {_or_list(expected)}, not {_kind(error.instance)}", path, False
+        yield f"must be {_or_list(expected)}, not {kind_of(error.instance)}", path, False
         return
     best = max(fitting, key=lambda errs: (max(len(e.relative_path) for e in errs), -len(errs)))
     for sub in best:
@@ -553,8 +318,14 @@ def _cycles(graph: Mapping[str, list[str]]) -> list[list[str]]:
 
 # Keywords fastjsonschema checks exactly as jsonschema does; any other keeps jsonschema alone.
 _SCHEMA_MAPS = {"properties", "patternProperties", "$defs"}
+
+
 _SCHEMA_LISTS = {"allOf", "anyOf", "oneOf"}
+
+
 _SCHEMA_ONE = {"items", "additionalProperties", "propertyNames", "not", "if", "then", "else"}
+
+
 _PLAIN_KEYWORDS = {
     "type", "required", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "minItems", "maxItems", "minLength", "maxLength", "uniqueItems", "minProperties",
@@ -581,17 +352,6 @@ def _fast_checkable(schema: Any) -> bool:
         if not ok:
             return False
     return True
-
-
-def load_document(data: bytes, filename: str) -> Any:
-    """Parse a job file with exactly the loader validation uses, without validating it.
-
-    For files already accepted: what runs must be what was validated (``10:30`` stays a
-    string here, where a plain YAML 1.1 loader would make it 630).
-    """
-    text = _decode(data)
-    document, _ = (_read_json if filename.lower().endswith(".json") else _read_yaml)(text)
-    return document
 
 
 class JobValidator:
@@ -626,15 +386,15 @@ class JobValidator:
 
     def parse(self, data: bytes, filename: str) -> dict[str, Any]:
         """The validated job document; raises InvalidJobFile listing every problem found."""
-        text = _decode(data)
+        text = decode_text(data)
         if not text.strip():
             raise InvalidJobFile([ValidationIssue("the file is empty", "")])
         json_file = filename.lower().endswith(".json")
-        document, duplicates = (_read_json if json_file else _read_yaml)(text)
+        document, duplicates = (read_json if json_file else read_yaml)(text)
         if not isinstance(document, dict):
             raise InvalidJobFile([self._shape_issue(document, text)])
-        if size_problem := _size_problem(document, self._max_nodes):
-            raise InvalidJobFile([ValidationIssue(size_problem, "")])
+        if too_big := size_problem(document, self._max_nodes):
+            raise InvalidJobFile([ValidationIssue(too_big, "")])
         errors = [] if self._fast_valid(document) else list(self._validator.iter_errors(document))
         steps = _step_problems(document)
         if errors or steps or duplicates:
@@ -651,11 +411,11 @@ class JobValidator:
         return True
 
     def _shape_issue(self, document: Any, text: str) -> ValidationIssue:
-        node = yaml.compose(text, Loader=_JobLoader) if document is None else None
+        node = yaml.compose(text, Loader=JobLoader) if document is None else None
         if document is None and (node is None or node.value == ""):  # comments, or "---" alone
             return ValidationIssue("the file is empty", "")
-        line, column = _map_nodes(text, 1).values.get((), (None, None))
-        message = f"the top level must be a mapping of job fields, not {_kind(document)}"
+        line, column = map_nodes(text, 1).values.get((), (None, None))
+        message = f"the top level must be a mapping of job fields, not {kind_of(document)}"
         return ValidationIssue(message, "", line, column)
 
     def _issues(
@@ -667,17 +427,19 @@ class JobValidator:
             e for e in errors if e.validator == "type" or tuple(e.absolute_path) not in mistyped
         ]
         problems = [p for error in errors for p in _error_problems(error, self._executors)]
-        nodes = _map_nodes(text, self._max_nodes)
+        nodes = map_nodes(text, self._max_nodes)
         issues = [_locate(problem, nodes) for problem in [*problems, *steps]]
         for path, second, first in nodes.duplicates:
-            message = f"duplicate key {_show(path[-1])} (first on line {_position(first)[0]})"
-            issues.append(ValidationIssue(message, format_path(path), *_position(second)))
+            message = f"duplicate key {show_value(path[-1])} (first on line {position(first)[0]})"
+            issues.append(ValidationIssue(message, format_path(path), *position(second)))
         if duplicates and not nodes.duplicates:  # only where the text could not be mapped
-            issues.extend(ValidationIssue(f"duplicate key {_show(key)}", "") for key in duplicates)
+            issues.extend(
+                ValidationIssue(f"duplicate key {show_value(key)}", "") for key in duplicates
+            )
         return sorted(dict.fromkeys(issues), key=lambda issue: (issue.line or 0, issue.column or 0))
 
 
-def _locate(problem: _Problem, nodes: _NodeMap) -> ValidationIssue:
+def _locate(problem: _Problem, nodes: NodeMap) -> ValidationIssue:
     message, path, at_key = problem
     position = nodes.keys.get(path) if at_key else None
     for end in range(len(path), -1, -1):  # the nearest enclosing value that has a position

@@ -663,7 +663,7 @@ def test_valid_files_skip_the_error_path(
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the valid path composed the document a second time")
 
-    monkeypatch.setattr(validation, "_map_nodes", forbidden)
+    monkeypatch.setattr(validation, "map_nodes", forbidden)
     monkeypatch.setattr(yaml, "compose", forbidden)
     assert validator.parse(textwrap.dedent(VALID_LOCAL).encode(), "a.yaml")["retries"] == 3
 
