@@ -19,7 +19,7 @@ from spoold.daemon import Daemon, configure_logging, detach, job_validator
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
 from spoold.plugins import ExecutorRegistry
-from spoold.spool import SPOOL_DIRECTORIES, JobDir, Spool
+from spoold.spool import SPOOL_DIRECTORIES, Spool
 from spoold.states import JOB_DIRECTORIES, JobState
 from spoold.validation import compose_job_schema, load_base_schema
 from spoold.worker import JobRunner
@@ -187,6 +187,9 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         final = runner.run(job, tee=sys.stdout)
     finally:
         beat.stop()
+    if final is None:
+        print(f"{job.job_id}: its outcome could not be recorded (see above)", file=sys.stderr)
+        return EXIT_FAILED
     state = spool.read_status(final)["state"]
     print(f"{final.job_id}: {state} ({final.path})", file=sys.stderr)
     return EXIT_OK if state == JobState.SUCCEEDED.value else EXIT_FAILED
@@ -255,19 +258,18 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     spool = _spool(config)
     wanted = JobState(args.state) if args.state else None
     directories = [wanted.directory] if wanted else list(JOB_DIRECTORIES)
-    jobs: list[JobDir] = [j for d in directories for j in spool.list_jobs(d)]
-    jobs.sort(key=_arrival, reverse=True)
     rows = []
-    for job in jobs:
+    for job in (j for d in directories for j in spool.list_jobs(d)):
         try:
             status = spool.read_status(job)
         except SpoolError:
-            continue
-        if wanted and status.get("state") != wanted.value:
-            continue
-        rows.append(status)
-        if args.limit and len(rows) >= args.limit:
-            break
+            continue  # moved on while we looked
+        if not wanted or status.get("state") == wanted.value:
+            rows.append(status)
+    # Directory times change with every state change; submission time does not.
+    rows.sort(key=lambda row: str(row.get("submitted_at") or ""), reverse=True)
+    if args.limit:
+        rows = rows[: args.limit]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -275,13 +277,6 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
         print(f"{row['job_id']:<40} {row['state']:<10} {row.get('executor') or '':<8} "
               f"{row.get('submitted_at') or '':<28} {row.get('error') or ''}")  # fmt: skip
     return EXIT_OK
-
-
-def _arrival(job: JobDir) -> float:
-    try:
-        return job.path.stat().st_ctime
-    except FileNotFoundError:
-        return 0.0
 
 
 def cmd_logs(args: argparse.Namespace, config: Config) -> int:

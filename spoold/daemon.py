@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -152,13 +153,21 @@ class Daemon:
         while not stop.wait(max(min(next_scan, next_heartbeat) - self.clock.monotonic(), 0.0)):
             now = self.clock.monotonic()
             if now >= next_heartbeat:
-                self.runner.renew_leases()
+                self._duty(self.runner.renew_leases)
+                self._duty(self.runner.retry_finishing)
                 next_heartbeat = now + heartbeat_every
             if now >= next_scan:
                 self.intake_thread.request_sweep()
-                self._queue_pending()
-                self.recovery.reap(own_runs=frozenset(self.runner.active_ids()))
+                self._duty(self._queue_pending)
+                self._duty(lambda: self.recovery.reap(own_runs=frozenset(self.runner.active_ids())))
                 next_scan = now + scan_every
+
+    def _duty(self, duty: Callable[[], object]) -> None:
+        """Run one periodic duty; its failure is logged and the daemon goes on."""
+        try:
+            duty()
+        except Exception:
+            self.logger.exception("unexpected failure in a periodic duty; retrying next time")
 
     def _recover(self) -> None:
         for line in self.spool.recover_stages():

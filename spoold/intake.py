@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +17,12 @@ from spoold.errors import DuplicateJob, InvalidJobFile
 from spoold.job import JobSpec, JobStatus, generate_job_id
 from spoold.joblog import format_line
 from spoold.spool import JobDir, Spool, TakenFile
+from spoold.units import format_duration
 from spoold.validation import JobValidator, ValidationIssue
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FIRST_RETRY, _LAST_RETRY = 1.0, 60.0
 
 _NOT_A_FILE = {
     "symlink": "is a symbolic link; spoold takes only regular files (copy the file itself)",
@@ -47,8 +51,9 @@ class Rejected:
 
 
 def display_name(name: str) -> str:
-    """A file name as text that JSON and terminals can carry (undecodable bytes replaced)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """A file name as one line of text: undecodable bytes replaced, control characters escaped."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class Intake:
@@ -72,6 +77,9 @@ class Intake:
         self._settle = settle_time
         self._on_accepted = on_accepted
         self._log = logger
+        # name -> (monotonic time of the next try, delay after that): files whose intake failed
+        # (a full disk) go back to incoming/, and their own rename back must not retry at once.
+        self._backoff: dict[str, tuple[float, float]] = {}
 
     def offer(
         self, name: str, *, complete: bool, remote_writers: bool = False
@@ -81,27 +89,41 @@ class Intake:
         ``remote_writers`` (shared filesystems): open writers elsewhere are invisible, so a
         file seen by a scan must also have been quiet for the settle time.
         """
-        min_age = self._settle if remote_writers and not complete else 0.0
-        taken = self._spool.take_incoming(
-            name,
-            now=self._clock.now().timestamp(),
-            max_size=self._max_size,
-            min_age=min_age,
-            settle=0.0 if complete else self._settle,
-        )
-        if taken is None:
+        retry = self._backoff.get(name)
+        if retry is not None and self._clock.monotonic() < retry[0]:
             return None
+        min_age = self._settle if remote_writers and not complete else 0.0
+        taken = None
         try:
-            return self.process(taken)
-        except BaseException:
-            # A full disk or an I/O error mid-way: the file goes back to be tried again later.
-            self._spool.release(taken)
-            raise
+            taken = self._spool.take_incoming(
+                name,
+                now=self._clock.now().timestamp(),
+                max_size=self._max_size,
+                min_age=min_age,
+                settle=0.0 if complete else self._settle,
+            )
+            outcome = None if taken is None else self.process(taken)
+        except Exception as exc:  # a full disk or an I/O error: never lose the file
+            if taken is not None:
+                self._spool.release(taken)
+            delay = min((retry or (0.0, _FIRST_RETRY))[1], _LAST_RETRY)
+            self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
+            self._log.error(
+                "intake of %s failed (%s); it stays in incoming/, next try in %s",
+                display_name(name), exc, format_duration(delay),
+            )  # fmt: skip
+            return None
+        if outcome is not None:
+            self._backoff.pop(name, None)
+        return outcome
 
     def sweep(self, *, remote_writers: bool = False) -> int:
         """Offer every file in incoming/; return how many were taken."""
+        names = self._spool.list_incoming()
+        for gone in self._backoff.keys() - set(names):
+            del self._backoff[gone]
         taken = 0
-        for name in self._spool.list_incoming():
+        for name in names:
             if self.offer(name, complete=False, remote_writers=remote_writers) is not None:
                 taken += 1
         return taken
@@ -133,6 +155,9 @@ class Intake:
         return Accepted(job)
 
     def _precheck(self, taken: TakenFile) -> tuple[str, str] | None:
+        if display_name(taken.name) != taken.name:
+            # Such a name would break log lines, or name no file once shown as text.
+            return "file_name", "the file name has control characters or is not UTF-8"
         if taken.kind != "file":
             return "not_a_file", f"{display_name(taken.name)} {_NOT_A_FILE[taken.kind]}"
         if not taken.name.endswith(JOB_SUFFIXES):
@@ -172,41 +197,36 @@ def _summary(issues: list[ValidationIssue]) -> str:
 class IntakeThread:
     """Runs intake on one thread, fed by the watcher and by periodic sweeps."""
 
-    _SWEEP = "\0sweep"
-    _STOP = "\0stop"
+    _SWEEP = object()
+    _STOP = object()
 
     def __init__(self, intake: Intake, logger: logging.Logger, *, remote_writers: bool) -> None:
         self._intake = intake
         self._log = logger
         self._remote_writers = remote_writers
-        self._queue: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="spoold-intake", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def arrived(self, name: str, complete: bool) -> None:
-        """The watcher saw ``name`` appear; ``complete`` if it was closed or renamed in."""
-        self._queue.put((name, complete))
+    def arrived(self, name: str) -> None:
+        """The watcher saw ``name`` closed after writing or renamed into incoming/."""
+        self._queue.put(name)
 
     def request_sweep(self) -> None:
-        self._queue.put((self._SWEEP, False))
+        self._queue.put(self._SWEEP)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._queue.put((self._STOP, False))
+        self._queue.put(self._STOP)
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while True:
-            name, complete = self._queue.get()
-            if name == self._STOP:
-                return
+        while (item := self._queue.get()) is not self._STOP:
             try:
-                if name == self._SWEEP:
+                if item is self._SWEEP:
                     self._intake.sweep(remote_writers=self._remote_writers)
-                else:
-                    self._intake.offer(name, complete=complete)
-            except Exception:  # one bad file or a full disk must not end intake
-                self._log.exception(
-                    "intake of %s failed; it stays in incoming/", display_name(name)
-                )
+                elif isinstance(item, str):
+                    self._intake.offer(item, complete=True)
+            except Exception:  # e.g. incoming/ unreadable: intake must go on
+                self._log.exception("intake failed; the next scan tries again")

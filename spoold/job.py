@@ -135,6 +135,7 @@ class JobStatus:
     schedule: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
+    log_lines_lost: int = 0
 
     @classmethod
     def accepted(
@@ -197,6 +198,7 @@ class JobStatus:
             "sha256": self.sha256,
             "schedule": self.schedule,
             "result": self.result,
+            "log_lines_lost": self.log_lines_lost,
         }
 
     @classmethod
@@ -219,4 +221,5 @@ class JobStatus:
             schedule=data.get("schedule"),
             result=dict(data.get("result") or {}),
             sha256=data.get("sha256"),
+            log_lines_lost=int(data.get("log_lines_lost") or 0),
         )

@@ -24,6 +24,9 @@ class JobLog:
         self._clock = clock
         self._tee = tee
         self._lock = threading.Lock()
+        #: Lines that could not be written (a full disk), and why the first one failed.
+        self.lost_lines = 0
+        self.first_error: str | None = None
 
     def info(self, text: str) -> None:
         """A line of spoold's own about the job."""
@@ -42,13 +45,21 @@ class JobLog:
         stamp = rfc3339(self._clock.now())
         data = "".join(format_line(stamp, level, part) for part in text.split("\n"))
         with self._lock:
-            self._handle.write(data.encode())
             if self._tee is not None:
                 self._tee.write(data)
                 self._tee.flush()
+            try:
+                self._handle.write(data.encode())
+            except OSError as exc:
+                # The job must not die of its log: what is lost is counted and reported.
+                self.lost_lines += data.count("\n")
+                self.first_error = self.first_error or exc.strerror or str(exc)
 
     def fileno(self) -> int:
         return self._handle.fileno()
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError as exc:
+            self.first_error = self.first_error or exc.strerror or str(exc)

@@ -95,7 +95,11 @@ def run_process(
             wait = 0.2
             if deadline is not None and not timed_out:
                 wait = min(wait, max(deadline - now, 0.0))
-            streams.pump(wait)
+            if streams.open:
+                streams.pump(wait)
+            else:  # both pipes closed: the exit is all there is left to wait for
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(wait)
     finally:
         # Whatever the shell left running in its group ends with it; this also
         # closes pipes that background children would otherwise hold open forever.
@@ -124,11 +128,13 @@ class _Streams:
             os.set_blocking(fd, False)
             self._selector.register(fd, selectors.EVENT_READ)
 
+    @property
+    def open(self) -> bool:
+        """Whether either stream may still deliver output."""
+        return bool(self._selector.get_map())
+
     def pump(self, timeout: float) -> bool:
         """Read what is there, waiting up to ``timeout`` seconds; False if nothing came."""
-        if not self._selector.get_map():
-            threading.Event().wait(timeout)
-            return False
         ready = self._selector.select(timeout)
         for key, _ in ready:
             self._read(key.fd)
@@ -141,9 +147,9 @@ class _Streams:
         after a few quiet seconds its output is abandoned rather than the job.
         """
         quiet_rounds = 0
-        while self._selector.get_map() and quiet_rounds < _DRAIN_QUIET_ROUNDS:
+        while self.open and quiet_rounds < _DRAIN_QUIET_ROUNDS:
             quiet_rounds = 0 if self.pump(0.5) else quiet_rounds + 1
-        if self._selector.get_map():
+        if self.open:
             self._log.error("a process that left the job's group still holds its output open")
         for fd, rest in self._partial.items():
             if rest:

@@ -77,6 +77,13 @@ class Recovery:
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)
         status = JobStatus.from_dict(self._spool.read_status(job))
+        if status.state is not JobState.RUNNING:
+            # The outcome was recorded (or no attempt began) before the worker died: the
+            # move is all that is missing. Running it again would run a finished job twice.
+            self._logger.warning(
+                "job %s: completing its move to %s/ (%s)", job.job_id, status.state.directory, why
+            )
+            return self._spool.finish(job, status.state, status.to_dict())
         requeue = _on_interrupt(self._spool, job, status) == "requeue"
         state = JobState.PENDING if requeue else JobState.FAILED
         error = f"interrupted: {why}"

@@ -7,6 +7,7 @@ with the files written before it fsynced and both parent directories fsynced aft
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -175,25 +176,18 @@ class Spool:
     def submit_file(self, name: str, data: bytes) -> Path:
         """Place a job file into incoming/ atomically, never over an existing file.
 
-        Written under a transient name, fsynced, then linked to a free final name (link fails
-        where rename would silently replace) and the transient name removed.
+        Written under a transient name and fsynced, then renamed to a free final name.
         """
         incoming = self.dir("incoming")
         temp = incoming / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
         self._write_file(temp, data, durable=self.durable)
-        stem, dot, suffix = name.rpartition(".")
         try:
-            for n in range(1, 10_000):
-                candidate = name if n == 1 else f"{stem}-{n}{dot}{suffix}" if dot else f"{name}-{n}"
-                try:
-                    os.link(temp, incoming / candidate)
-                except FileExistsError:
-                    continue
-                self._sync_dirs(incoming)
-                return incoming / candidate
-            raise SpoolError(f"no free name for {name!r} in incoming/")
-        finally:
-            temp.unlink()
+            target = _move_to_free_name(temp, incoming, name)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        self._sync_dirs(incoming)
+        return target
 
     def stage_file(self, source: Path, *, max_size: int) -> TakenFile:
         """Copy a file from outside the spool into a stage, as if it had been taken from incoming/."""
@@ -231,10 +225,8 @@ class Spool:
             _fsync_path(stage)
         target = self.dir("pending") / job_id
         try:
-            os.rename(stage, target)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+            rename_noreplace(stage, target)
+        except FileExistsError as exc:
             # Lost a race with another instance: put the file back where reject() expects it.
             (stage / _ORIGINAL).mkdir(mode=_DEFAULT_MODE)
             os.rename(job_file, taken.original)
@@ -249,27 +241,18 @@ class Spool:
         """Move a staged file into rejected/<name>/ beside a reason.json; return that directory."""
         stage = taken.stage
         self._write_file(stage / "reason.json", _json_bytes(reason), durable=self.durable)
-        kept = stage / _kept_name(taken.name)
+        # Via a hidden name, so that even a file named like orig/ keeps its own name.
+        hop = stage / f".{uuid.uuid4().hex}"
         with contextlib.suppress(FileNotFoundError):
-            os.rename(taken.original, kept)
+            os.rename(taken.original, hop)
         (stage / _ORIGINAL).rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(hop, stage / _kept_name(taken.name))
         if self.durable:
             _fsync_path(stage)
-        target = self._rename_unique(stage, self.dir("rejected"), taken.name)
+        target = _move_to_free_name(stage, self.dir("rejected"), taken.name)
         self._sync_dirs(self.dir("tmp"), self.dir("rejected"), self.dir("incoming"))
         return target
-
-    def _rename_unique(self, source: Path, parent: Path, name: str) -> Path:
-        for n in range(1, 10_000):
-            target = parent / (name if n == 1 else f"{name}~{n}")
-            try:
-                os.rename(source, target)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                    raise
-                continue
-            return target
-        raise SpoolError(f"no free name for {name!r} in {parent}")
 
     def release(self, taken: TakenFile) -> str:
         """Undo a take that could not be finished: the file goes back into incoming/."""
@@ -289,30 +272,21 @@ class Spool:
         originals = list(original_dir.iterdir()) if original_dir.is_dir() else []
         if originals:
             name = originals[0].name
-            target = self._rename_unique_file(originals[0], self.dir("incoming"), name)
+            target = _move_to_free_name(originals[0], self.dir("incoming"), name)
             shutil.rmtree(stage)
             return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
         if (stage / "reason.json").exists():
             reason = json.loads((stage / "reason.json").read_bytes())
-            target = self._rename_unique(stage, self.dir("rejected"), str(reason.get("file")))
+            target = _move_to_free_name(stage, self.dir("rejected"), str(reason.get("file")))
             return f"finished rejecting {target.name}"
         status_file, job_file = stage / "status.json", stage / "job.yaml"
         if job_file.exists() and status_file.exists():
             source = json.loads(status_file.read_bytes()).get("source") or job_file.name
-            target = self._rename_unique_file(job_file, self.dir("incoming"), source)
+            target = _move_to_free_name(job_file, self.dir("incoming"), source)
             shutil.rmtree(stage)
             return f"returned {source} to incoming/ as {target.name} (intake was interrupted)"
         shutil.rmtree(stage)
         return f"removed empty stage {stage.name}"
-
-    def _rename_unique_file(self, source: Path, parent: Path, name: str) -> Path:
-        target = parent / name
-        n = 1
-        while target.exists() or target.is_symlink():
-            n += 1
-            target = parent / f"{name}~{n}"
-        os.rename(source, target)
-        return target
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -370,13 +344,11 @@ class Spool:
         _check_job_id(job_id)
         source, target = self.dir("pending") / job_id, self.dir("running") / job_id
         try:
-            os.rename(source, target)
+            rename_noreplace(source, target)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
-            raise
+        except FileExistsError as exc:
+            raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
         self._sync_dirs(self.dir("pending"), self.dir("running"))
         job = JobDir(job_id, "running", target)
         self.write_lease(job, lease)
@@ -409,11 +381,9 @@ class Spool:
         directory = state.directory
         target = self.root / directory / job.job_id
         try:
-            os.rename(job.path, target)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
-            raise
+            rename_noreplace(job.path, target)
+        except FileExistsError as exc:
+            raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
         self._sync_dirs(job.path.parent, self.root / directory)
         return JobDir(job.job_id, directory, target)
 
@@ -454,14 +424,18 @@ class Spool:
         temp = path.with_name(f"{_TEMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a full disk must not leave half-written temp files
+            raise
 
     def _sync_dirs(self, *paths: Path) -> None:
         if self.durable:
@@ -481,8 +455,52 @@ def _check_job_id(job_id: str) -> None:
 
 
 def _kept_name(name: str) -> str:
-    # A file named reason.json must not overwrite the reason written beside it.
+    # A file must not land on the reason written beside it.
     return f"{name}.orig" if name == "reason.json" else name
+
+
+def _free_names(name: str) -> Iterator[str]:
+    """name, then name-2.yaml, name-3.yaml, ...: the suffix stays, so a job file stays one."""
+    stem, dot, suffix = name.rpartition(".")
+    if not (dot and stem):
+        stem, suffix = name, ""
+    yield name
+    for n in range(2, 10_000):
+        yield f"{stem}-{n}.{suffix}" if suffix else f"{stem}-{n}"
+
+
+def _move_to_free_name(source: Path, parent: Path, name: str) -> Path:
+    """Rename ``source`` into ``parent`` under the first free name; never replaces anything."""
+    for candidate in _free_names(name):
+        try:
+            rename_noreplace(source, parent / candidate)
+        except FileExistsError:
+            continue
+        return parent / candidate
+    raise SpoolError(f"no free name for {name!r} in {parent}")
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing ``target``.
+
+    renameat2(RENAME_NOREPLACE) where the filesystem has it; elsewhere (NFS) a check first,
+    which is racy only against another writer choosing the very same name at the same moment.
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, bytes(source), _AT_FDCWD, bytes(target), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(err, os.strerror(err), str(target))
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(source))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
 
 
 def _kind(mode: int) -> str:

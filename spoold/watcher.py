@@ -1,6 +1,6 @@
 """Tells intake that a file arrived in incoming/; nothing more.
 
-inotify through watchdog's ``InotifyFD`` with a mask of IN_MOVED_TO, IN_CLOSE_WRITE and IN_CREATE:
+inotify through watchdog's ``InotifyFD`` with a mask of IN_MOVED_TO and IN_CLOSE_WRITE only:
 watchdog's observer holds every IN_MOVED_FROM for 0.5 s to pair moves, and once spoold moves a
 file out of incoming/ every later drop would queue behind it. Asking the kernel for neither
 IN_MOVED_FROM nor anything else keeps pickup in the low milliseconds. Where inotify cannot see
@@ -55,7 +55,7 @@ def resolve_watch_mode(setting: str, incoming: Path) -> str:
 
 
 class InotifyWatcher:
-    """Calls ``on_arrival(name, complete)`` for each file created, renamed into or closed in a directory.
+    """Calls ``on_arrival(name)`` for each file renamed into, or closed after writing in, a directory.
 
     ``on_overflow`` is called when the kernel dropped events; the caller then scans.
     """
@@ -63,7 +63,7 @@ class InotifyWatcher:
     def __init__(
         self,
         directory: Path,
-        on_arrival: Callable[[str, bool], None],
+        on_arrival: Callable[[str], None],
         on_overflow: Callable[[], None],
         logger: logging.Logger,
     ) -> None:
@@ -78,9 +78,7 @@ class InotifyWatcher:
 
     def start(self) -> None:
         c = InotifyConstants
-        # IN_CREATE: a hard link (spoold submit) is complete when it appears; for a file
-        # still being written, intake sees the open writer and waits for IN_CLOSE_WRITE.
-        mask = c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_CREATE | c.IN_DELETE_SELF | c.IN_MOVE_SELF
+        mask = c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_DELETE_SELF | c.IN_MOVE_SELF
         self._fd.start()
         self._wd = self._fd.add_callback(
             os.fsencode(self._directory), Mask(mask), self, CallbackId(0)
@@ -98,8 +96,7 @@ class InotifyWatcher:
             self._logger.error("incoming directory %s was removed or moved", self._directory)
             return
         if name:
-            # Created is only a hint (the writer may still be at work); moved or closed is final.
-            self._on_arrival(name, not getattr(event, "is_create", False))
+            self._on_arrival(name)
 
     def on_watch_deleted(self, wd: object) -> None:
         if self._stopping:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -33,6 +32,8 @@ class ActiveRun:
     lease: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    #: Set once the attempt ended: what is to be recorded.
+    outcome: tuple[JobState, JobStatus] | None = None
 
 
 class JobRunner:
@@ -85,8 +86,12 @@ class JobRunner:
         stamp = rfc3339(self._clock.now())
         for run in runs:
             run.lease["heartbeat"] = stamp
-            with contextlib.suppress(FileNotFoundError):  # finished since the snapshot
+            try:
                 self._spool.write_lease(run.job, run.lease)
+            except FileNotFoundError:
+                pass  # finished since the snapshot
+            except OSError as exc:  # a full disk: the old lease stands, the job goes on
+                self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
 
     def interrupt_all(self) -> int:
         """Stop every running job because spoold is stopping; return how many."""
@@ -102,30 +107,59 @@ class JobRunner:
         with self._lock:
             return list(self._active)
 
-    def run(self, job: JobDir, *, tee: IO[str] | None = None) -> JobDir:
-        """Run a job claimed by ``claim()``; return where it ended up."""
+    def run(self, job: JobDir, *, tee: IO[str] | None = None) -> JobDir | None:
+        """Run a job claimed by ``claim()``; return where it ended up.
+
+        None when the outcome is known but could not be recorded yet (a full disk): the job
+        stays claimed, and ``retry_finishing()`` records it once it can.
+        """
         with self._lock:
             run = self._active[job.job_id]
-        handle = self._spool.open_log(job)
-        log = JobLog(handle, self._clock, tee=tee)
+        log = JobLog(self._spool.open_log(job), self._clock, tee=tee)
         status = JobStatus.from_dict(self._spool.read_status(job))
         try:
-            return self._run(run, status, log)
+            state = self._run(run, status, log)
         except Exception as exc:  # spoold's own failure must still end the job somewhere
             self._logger.exception("job %s failed inside spoold", job.job_id)
             log.error(f"internal error: {exc!r}")
-            status.end_attempt(self._clock.now(), JobState.FAILED, None, f"internal error: {exc!r}")
-            return self._spool.finish(run.job, JobState.FAILED, status.to_dict())
-        finally:
-            with self._lock:
-                self._active.pop(job.job_id, None)
-            log.close()
+            state = JobState.FAILED
+            status.end_attempt(self._clock.now(), state, None, f"internal error: {exc!r}")
+        log.close()
+        if log.lost_lines:
+            status.log_lines_lost += log.lost_lines
+            self._logger.error(
+                "job %s: %d log line(s) lost (%s)", job.job_id, log.lost_lines, log.first_error
+            )
+        run.outcome = (state, status)
+        return self._finish(run)
 
-    def _run(self, run: ActiveRun, status: JobStatus, log: JobLog) -> JobDir:
+    def retry_finishing(self) -> list[JobDir]:
+        """Record the outcomes that could not be recorded before; return the jobs moved."""
+        with self._lock:
+            waiting = [run for run in self._active.values() if run.outcome is not None]
+        return [final for run in waiting if (final := self._finish(run)) is not None]
+
+    def _finish(self, run: ActiveRun) -> JobDir | None:
+        assert run.outcome is not None
+        state, status = run.outcome
+        try:
+            final = self._spool.finish(run.job, state, status.to_dict())
+        except OSError as exc:
+            self._logger.error(
+                "job %s ended %s but cannot be moved yet (%s); retrying",
+                run.job.job_id, state.value, exc,
+            )  # fmt: skip
+            return None
+        with self._lock:
+            self._active.pop(run.job.job_id, None)
+        return final
+
+    def _run(self, run: ActiveRun, status: JobStatus, log: JobLog) -> JobState:
         job = run.job
         spec = self._load_spec(job, status)
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
-        self._spool.write_status(job, status.to_dict())
+        # Durable: after a power loss, "running" is what tells recovery the job may have started.
+        self._spool.write_status(job, status.to_dict(), durable=True)
         log.info(
             f"attempt {attempt.number} started on {self._config.hostname} by "
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
@@ -170,7 +204,7 @@ class JobRunner:
                 f"attempt {attempt.number} {word} (exit code {result.exit_code})"
             )
         shutil.rmtree(workdir, ignore_errors=True)
-        return self._spool.finish(job, state, status.to_dict())
+        return state
 
     def _outcome(
         self, run: ActiveRun, spec: JobSpec, result: ExecResult

@@ -117,7 +117,6 @@ class DaemonProcess:
         address = os.path.join(notify_dir, "notify")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(address)
-            sock.settimeout(bound)
             env = {**os.environ, **self.env, "NOTIFY_SOCKET": address, "PYTHONUNBUFFERED": "1"}
             self.starts += 1
             with open(self.log_path, "ab") as log:
@@ -137,14 +136,18 @@ class DaemonProcess:
                     stderr=log,
                     start_new_session=True,
                 )
-            try:
-                while True:
-                    message = sock.recv(4096).decode()
-                    if "READY=1" in message:
+            # Short receive timeouts, so that a daemon dying before READY fails at once.
+            sock.settimeout(0.1)
+            end = time.monotonic() + bound
+            while True:
+                try:
+                    if "READY=1" in sock.recv(4096).decode():
                         break
-            except TimeoutError:
-                self.kill()
-                raise AssertionError(f"daemon did not become ready:\n{self.log()}") from None
+                except TimeoutError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > end:
+                    self.kill()
+                    raise AssertionError(f"daemon did not become ready:\n{self.log()}")
         os.unlink(address)
         os.rmdir(notify_dir)
 
@@ -198,9 +201,10 @@ def wait_rescan(spool: Path, tag: str, bound: float = DEFAULT_BOUND) -> None:
     The proof is a witness file that only a rescan can take:
 
     1. It is written through a link in tmp/ and linked into incoming/ while still open for
-       writing: its IN_CREATE is offered to intake, which sees the open writer and leaves it.
+       writing: a link raises no event spoold listens to (and were it offered, intake would see
+       the open writer and leave it).
     2. A marker file is renamed in after it; intake handles events one at a time in arrival
-       order, so once the marker is accepted the witness's IN_CREATE has been dealt with.
+       order, so once the marker is accepted anything the link raised has been dealt with.
     3. The writer then closes it through the tmp/ link, so the IN_CLOSE_WRITE is reported for
        tmp/, not incoming/: no event names the witness any more.
 

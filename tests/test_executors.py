@@ -113,6 +113,7 @@ def test_contract_cancel_ends_the_attempt(executor: tuple[str, Executor], tmp_pa
     ctx = _context(
         tmp_path, CONTRACT[name]["hang"], _Log(), cancel=cancel, on_spawn=lambda pid: spawned.set()
     )
+
     def cancel_once_spawned() -> None:
         if spawned.wait(10):
             cancel.set()

@@ -172,7 +172,7 @@ def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_pat
         paths.append(
             spool.reject(_taken(spool, "bad.yaml"), {"file": "bad.yaml", "reason": content})
         )
-    assert [p.name for p in paths] == ["bad.yaml", "bad.yaml~2"]
+    assert [p.name for p in paths] == ["bad.yaml", "bad-2.yaml"]
     assert [(p / "bad.yaml").read_text() for p in paths] == ["first", "second"]
     assert json.loads((paths[1] / "reason.json").read_text())["reason"] == "second"
 

@@ -17,6 +17,7 @@ from spoold.clock import SystemClock, rfc3339
 from spoold.config import Config
 from spoold.daemon import job_validator
 from spoold.intake import Accepted, Intake, Rejected
+from spoold.job import JobStatus
 from spoold.plugins import ExecutorRegistry
 from spoold.procfs import process_start_time
 from spoold.recovery import Recovery
@@ -52,6 +53,7 @@ def _run(
     claimed = runner.claim(job.job_id)
     assert claimed is not None
     final = runner.run(claimed)
+    assert final is not None
     return final, spool.read_status(final)
 
 
@@ -123,6 +125,7 @@ def test_the_runner_sees_the_values_that_were_validated(tmp_path: Path) -> None:
     claimed = runner.claim("s")
     assert claimed is not None
     final = runner.run(claimed)
+    assert final is not None
     assert " INFO 10:30 2026-01-01\n" in final.log_path.read_text()
 
 
@@ -145,6 +148,9 @@ def _running_job(
     )
     claimed = spool.claim(job.job_id, lease)
     assert claimed is not None
+    status = JobStatus.from_dict(spool.read_status(claimed))
+    status.begin_attempt(SystemClock().now(), str(lease["worker"]))
+    spool.write_status(claimed, status.to_dict())
     return claimed
 
 
@@ -248,10 +254,43 @@ def test_intake_puts_the_file_back_when_the_disk_fails_mid_way(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(spool, "accept", full_disk)
-    with pytest.raises(OSError, match="No space"):
-        intake.offer("a.yaml", complete=True)
+    assert intake.offer("a.yaml", complete=True) is None
     assert spool.list_incoming() == ["a.yaml"]
     assert list(spool.dir("tmp").iterdir()) == []
+
+
+def test_a_failing_file_is_retried_with_backoff_not_in_a_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, _, runner, cfg = _parts(tmp_path)
+    clock = FakeClock()
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=cfg.max_file_size, settle_time=0,
+                    on_accepted=lambda job: None, logger=LOGGER)  # fmt: skip
+    (spool.dir("incoming") / "a.yaml").write_text(
+        "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
+    )
+    tries: list[float] = []
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        tries.append(clock.monotonic())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "take_incoming", full_disk)
+    for _ in range(5):  # the file's own rename back into incoming/ re-offers it at once
+        assert intake.offer("a.yaml", complete=True) is None
+    assert len(tries) == 1
+    clock.advance(1.01)
+    intake.offer("a.yaml", complete=True)
+    clock.advance(1.01)
+    intake.offer("a.yaml", complete=True)  # skipped: the second delay is 2 s
+    clock.advance(1.0)
+    intake.offer("a.yaml", complete=True)
+    assert [t - tries[0] for t in tries] == pytest.approx([0, 1.01, 3.02])
+    monkeypatch.undo()
+    clock.advance(60)
+    assert isinstance(intake.offer("a.yaml", complete=True), Accepted)
+    del runner
 
 
 def test_a_job_that_prints_very_long_lines_is_logged_without_blocking(tmp_path: Path) -> None:

@@ -1,0 +1,458 @@
+"""kill -9 of the real daemon: every accepted job ends in exactly one place, none runs twice.
+
+Each job's command first appends ``start <attempt>`` to its own marker file, carries a unique
+token in its command line (so that its processes can be found in /proc), and last appends
+``end <attempt>``. A marker file therefore tells how often the job's command began and whether
+it ever completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spoold.procfs import process_start_time
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    found_in,
+    job_state,
+    kill_processes_with,
+    processes_with,
+    wait_finished,
+    wait_for,
+    wait_rejected,
+    write_config,
+)
+
+pytestmark = pytest.mark.daemon
+
+JOB_DIRS = ("pending", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where the jobs of one test leave their traces, and the token in their command lines."""
+
+    spool: Path
+    marks: Path
+    go: Path
+    token: str
+
+    def job(
+        self, job_id: str, work: str = "", *, wait_go: bool = False, **fields: Any
+    ) -> dict[str, Any]:
+        lines = [
+            f'echo "start $SPOOLD_ATTEMPT" >> "{self.marks}/$JOB_ID"',
+            f": {self.token}-{job_id}",
+            work,
+        ]
+        if wait_go:
+            # Bounded, so that a test that fails cannot leave it behind for long.
+            lines.append(
+                f'i=0; while [ ! -e "{self.go}" ] && [ $i -lt 1200 ]; do sleep 0.05; '
+                "i=$((i+1)); done"
+            )
+        lines.append(f'echo "end $SPOOLD_ATTEMPT" >> "{self.marks}/$JOB_ID"')
+        command = "\n".join(line for line in lines if line)
+        return {"job_id": job_id, "executor": "local", "product": {"commands": command}, **fields}
+
+    def marks_of(self, job_id: str) -> list[str]:
+        path = self.marks / job_id
+        return path.read_text().splitlines() if path.exists() else []
+
+    def lease(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(
+                (self.spool / "running" / job_id / "lease").read_text()
+            )
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return data
+
+    def lease_with_process(self, job_id: str) -> dict[str, Any] | None:
+        lease = self.lease(job_id)
+        return lease if lease and lease.get("job_pid") else None
+
+
+@pytest.fixture
+def env(spool_dir: Path, tmp_path: Path) -> Iterator[Env]:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    environment = Env(spool_dir, marks, tmp_path / "go", f"spoold-chaos-{uuid.uuid4().hex}")
+    yield environment
+    (tmp_path / "go").touch()
+    kill_processes_with(environment.token)
+
+
+def assert_ran_at_most_as_allowed(
+    env: Env, job_id: str, status: dict[str, Any], policy: str
+) -> tuple[list[str], bool]:
+    """Only a job that may be requeued ever starts twice, and only after an interruption.
+
+    A killed daemon does not kill its jobs (they run in their own session): a job can run to
+    its end while no spoold watches, and recovery cannot know it did. With on_interrupt:
+    requeue it then runs again, by the user's choice; with fail it ends in failed/.
+
+    Returns the job's marks, and whether it shows the known bug of
+    test_recorded_outcome_survives_a_crash: an attempt whose outcome spoold had already
+    recorded in status.json, overridden by recovery (run again, or failed as interrupted).
+    """
+    marks = env.marks_of(job_id)
+    starts = [m for m in marks if m.startswith("start")]
+    attempts = status["attempts"]
+    assert len(starts) <= len(attempts), (job_id, marks, attempts)
+    if policy != "requeue":
+        assert len(starts) <= 1, f"{job_id} ran twice: {marks}"
+        assert len(attempts) <= 1, (job_id, attempts)
+    overridden = False
+    for attempt in attempts[:-1]:
+        if "interrupted" not in (attempt["error"] or ""):
+            assert attempt["exit_code"] == 0 and attempt["finished_at"], (job_id, attempts)
+            overridden = True
+    if status["state"] == "failed" and attempts and attempts[-1]["exit_code"] == 0:
+        overridden = True
+    return marks, overridden
+
+
+def assert_spool_drained(spool: Path) -> None:
+    for directory in ("incoming", "pending", "running"):
+        assert os.listdir(spool / directory) == [], directory
+    leftovers = [n for n in os.listdir(spool / "tmp") if not n.startswith("daemon-")]
+    assert leftovers == [], f"left in tmp/: {leftovers}"
+
+
+def test_kill_9_with_running_and_pending_jobs(env: Env, tmp_path: Path) -> None:
+    spool = env.spool
+    daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool, workers=2))
+    daemon.start()
+    try:
+        drop(spool, "run-fail.yaml", env.job("run-fail", wait_go=True))
+        drop(
+            spool, "run-requeue.yaml", env.job("run-requeue", wait_go=True, on_interrupt="requeue")
+        )
+        leases: dict[str, dict[str, Any]] = {}
+        for job_id in ("run-fail", "run-requeue"):
+            # Running for real: its command began, and its lease names its process group.
+            wait_for(partial(env.marks_of, job_id), what=f"{job_id} to start")
+            leases[job_id] = wait_for(
+                partial(env.lease_with_process, job_id), what=f"{job_id}'s lease to name its pid"
+            )
+        pending = [f"pend-{n}" for n in range(3)]
+        for job_id in pending:
+            drop(spool, f"{job_id}.yaml", env.job(job_id, wait_go=True))
+        for job_id in pending:
+            wait_for(partial(found_in, spool, job_id), what=f"{job_id} to be accepted")
+            assert found_in(spool, job_id) == ["pending"], "both workers are busy"
+
+        daemon.kill()
+        # The jobs' processes outlive the daemon (their own session): recovery must end them.
+        assert processes_with(f"{env.token}-run-fail")
+        for lease in leases.values():
+            assert process_start_time(lease["job_pid"]) == lease["job_pid_start"]
+
+        daemon.start()
+        # Recovery runs before the daemon reports READY.
+        directory, status = job_state(spool, "run-fail") or ("missing", {})
+        assert directory == "failed", status
+        assert "interrupted" in (status["error"] or ""), status
+        assert len(status["attempts"]) == 1 and "interrupted" in status["attempts"][0]["error"]
+        wait_for(
+            lambda: not processes_with(f"{env.token}-run-fail"),
+            bound=10,
+            what="the interrupted job's processes to be killed",
+        )
+        old = leases["run-requeue"]
+        wait_for(
+            lambda: process_start_time(old["job_pid"]) != old["job_pid_start"],
+            bound=10,
+            what="the requeued job's first run to be killed",
+        )
+
+        env.go.touch()
+        final = {job_id: wait_finished(spool, job_id) for job_id in ["run-requeue", *pending]}
+        for job_id, (directory, status) in final.items():
+            assert directory == "done", (job_id, status)
+            assert found_in(spool, job_id) == ["done"]
+        assert found_in(spool, "run-fail") == ["failed"]
+        assert env.marks_of("run-fail") == ["start 1"]
+        assert env.marks_of("run-requeue") == ["start 1", "start 2", "end 2"]
+        requeued = final["run-requeue"][1]
+        assert [a["number"] for a in requeued["attempts"]] == [1, 2]
+        assert "interrupted" in requeued["attempts"][0]["error"]
+        assert requeued["attempts"][1]["exit_code"] == 0
+        for job_id in pending:
+            assert env.marks_of(job_id) == ["start 1", "end 1"]
+            assert len(final[job_id][1]["attempts"]) == 1
+        assert daemon.stop() == 0
+        assert_spool_drained(spool)
+        assert processes_with(env.token) == []
+    finally:
+        daemon.kill()
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments(env: Env, tmp_path: Path) -> None:
+    seed = int(os.environ.get("SPOOLD_CHAOS_SEED") or random.randrange(2**32))
+    print(f"chaos seed: {seed} (rerun with SPOOLD_CHAOS_SEED={seed})")
+    rng = random.Random(seed)
+    spool = env.spool
+    daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool, workers=2))
+    valid: dict[str, str] = {}  # job id -> on_interrupt
+    invalid: set[str] = set()
+    counter = 0
+
+    def drop_some(count: int) -> None:
+        nonlocal counter
+        for _ in range(count):
+            counter += 1
+            job_id = f"c{counter:03d}"
+            kind = rng.choices(["quick", "sleep", "invalid"], weights=[5, 4, 1])[0]
+            if kind == "invalid":
+                invalid.add(f"{job_id}.yaml")
+                drop(spool, f"{job_id}.yaml", f"job_id: {job_id}\nexecutor: [\n")
+                continue
+            policy = rng.choice(["fail", "requeue"])
+            work = "true" if kind == "quick" else f"sleep {rng.choice([0.05, 0.1, 0.2, 0.3])}"
+            drop(spool, f"{job_id}.yaml", env.job(job_id, work, on_interrupt=policy))
+            valid[job_id] = policy
+
+    try:
+        for _ in range(12):
+            if rng.random() < 0.4:
+                drop_some(rng.randint(1, 2))  # arrives while the daemon is down
+            daemon.start()
+            drop_some(rng.randint(1, 4))
+            # The moment of the crash is the point of this test, not a wait for an outcome.
+            time.sleep(rng.uniform(0.0, 0.4))
+            daemon.kill()
+
+        daemon.start()
+        for job_id in valid:
+            wait_finished(spool, job_id, bound=30)
+        for name in invalid:
+            wait_rejected(spool, name, bound=30)
+        assert daemon.stop() == 0
+
+        context = f"(seed {seed})"
+        unobserved = []  # ran to its end while no spoold watched
+        overridden = []  # the known bug, see assert_ran_at_most_as_allowed
+        for job_id, policy in valid.items():
+            places = found_in(spool, job_id)
+            assert places in (["done"], ["failed"]), (job_id, places, context)
+            status = json.loads((spool / places[0] / job_id / "status.json").read_text())
+            marks, recorded_outcome_lost = assert_ran_at_most_as_allowed(
+                env, job_id, status, policy
+            )
+            if recorded_outcome_lost:
+                overridden.append(job_id)
+            if places == ["done"]:
+                assert status["state"] == "succeeded"
+                assert marks[-1:] == [f"end {len(status['attempts'])}"], (job_id, marks, context)
+            else:
+                # Its command cannot fail: only a crash can have ended it in failed/.
+                assert policy == "fail", (job_id, status, context)
+                assert "interrupted" in (status["error"] or ""), (job_id, status, context)
+            ends = [m for m in marks if m.startswith("end")]
+            if len(ends) > (1 if places == ["done"] else 0):
+                unobserved.append(job_id)
+        print(f"{len(unobserved)} job(s) ran to their end unobserved by spoold: {unobserved}")
+        assert set(os.listdir(spool / "rejected")) == invalid, context
+        assert set(os.listdir(spool / "done")) | set(os.listdir(spool / "failed")) == set(valid)
+        assert_spool_drained(spool)
+        wait_for(lambda: not processes_with(env.token), bound=10, what="no job process left")
+        assert not overridden, f"recorded outcome overridden by recovery: {overridden}"
+    finally:
+        daemon.kill()
+
+
+@pytest.mark.parametrize("policy", ["requeue", "fail"])
+def test_recorded_outcome_survives_a_crash(env: Env, tmp_path: Path, policy: str) -> None:
+    """The state kill -9 leaves between Spool.finish()'s status write and its rename."""
+    spool = env.spool
+    job_dir = spool / "running" / "recorded"
+    (job_dir / "artifacts").mkdir(parents=True)
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(env.job("recorded", on_interrupt=policy)))
+    (env.marks / "recorded").write_text("start 1\nend 1\n")
+    status = accepted_status("recorded", "recorded.yaml")
+    attempt = {
+        "number": 1,
+        "started_at": "2026-01-01T00:00:01.000000Z",
+        "finished_at": "2026-01-01T00:00:02.000000Z",
+        "exit_code": 0,
+        "error": None,
+    }
+    status.update(
+        state="succeeded",
+        started_at=attempt["started_at"],
+        finished_at=attempt["finished_at"],
+        exit_code=0,
+        attempts=[attempt],
+        worker="gone-worker",
+    )
+    (job_dir / "status.json").write_text(json.dumps(status))
+    (job_dir / "log").write_text(
+        "2026-01-01T00:00:01.000000Z INFO spoold: attempt 1 started\n"
+        "2026-01-01T00:00:02.000000Z INFO spoold: attempt 1 succeeded (exit code 0)\n"
+    )
+    # Its daemon is gone: a pid that has exited, on this host (so no waiting for a lease).
+    lease = {
+        "worker": "gone-worker",
+        "host": socket.gethostname(),
+        "pid": dead_pid(),
+        "pid_start": 1,
+        "claimed_at": attempt["started_at"],
+        "heartbeat": attempt["finished_at"],
+        "job_pid": None,
+        "job_pid_start": None,
+    }
+    (job_dir / "lease").write_text(json.dumps(lease))
+
+    daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool))
+    daemon.start()
+    try:
+        directory, final = wait_finished(spool, "recorded")
+        assert env.marks_of("recorded") == ["start 1", "end 1"], "it ran again"
+        assert (directory, final["state"]) == ("done", "succeeded"), final
+        assert len(final["attempts"]) == 1
+    finally:
+        daemon.kill()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+# -- crash states of intake, made by hand -----------------------------------------------------
+
+
+def new_stage(spool: Path) -> Path:
+    stage = spool / "tmp" / f"in-{uuid.uuid4().hex}"
+    stage.mkdir()
+    return stage
+
+
+def accepted_status(job_id: str, source: str) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "state": "pending",
+        "executor": "local",
+        "type": None,
+        "submitted_at": "2026-01-01T00:00:00.000000Z",
+        "started_at": None,
+        "finished_at": None,
+        "exit_code": None,
+        "error": None,
+        "attempts": [],
+        "steps": {},
+        "artifacts": [],
+        "worker": None,
+        "source": source,
+        "sha256": None,
+        "schedule": None,
+        "result": {},
+    }
+
+
+def test_intake_interrupted_at_each_step_is_finished_once(env: Env, tmp_path: Path) -> None:
+    spool = env.spool
+    texts = {
+        job_id: yaml.safe_dump(env.job(job_id))
+        for job_id in ("taken", "accept-written", "accept-half")
+    }
+    # Taken: moved out of incoming/ into a stage, nothing else (Spool.take_incoming).
+    stage = new_stage(spool)
+    (stage / "orig").mkdir()
+    (stage / "orig" / "taken.yaml").write_text(texts["taken"])
+
+    # Accepted but not yet renamed into pending/: everything written, orig/ already gone.
+    stage = new_stage(spool)
+    (stage / "status.json").write_text(json.dumps(accepted_status("accept-written", "aw.yaml")))
+    (stage / "log").write_text("2026-01-01T00:00:00.000000Z INFO spoold: accepted aw.yaml\n")
+    (stage / "artifacts").mkdir()
+    (stage / "job.yaml").write_text(texts["accept-written"])
+
+    # Accept half done: status and log written, the file still in orig/.
+    stage = new_stage(spool)
+    (stage / "status.json").write_text(json.dumps(accepted_status("accept-half", "ah.yaml")))
+    (stage / "log").write_text("2026-01-01T00:00:00.000000Z INFO spoold: accepted ah.yaml\n")
+    (stage / "artifacts").mkdir()
+    (stage / "orig").mkdir()
+    (stage / "orig" / "ah.yaml").write_text(texts["accept-half"])
+
+    # Reject nearly done: reason written and the file moved beside it, not yet in rejected/.
+    broken = b"job_id: [\n"
+    reason = {"file": "rj.yaml", "code": "invalid", "reason": "bad", "errors": [], "size": 10}
+    stage = new_stage(spool)
+    (stage / "reason.json").write_text(json.dumps(reason))
+    (stage / "rj.yaml").write_bytes(broken)
+
+    # Reject half done: reason written, the file still in orig/.
+    stage = new_stage(spool)
+    (stage / "reason.json").write_text(json.dumps({**reason, "file": "rh.yaml"}))
+    (stage / "orig").mkdir()
+    (stage / "orig" / "rh.yaml").write_bytes(broken)
+
+    # A stage made and nothing moved into it yet.
+    (new_stage(spool) / "orig").mkdir()
+    new_stage(spool)
+
+    daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool))
+    daemon.start()
+    try:
+        for job_id, text in texts.items():
+            directory, status = wait_finished(spool, job_id)
+            assert directory == "done", (job_id, status)
+            assert found_in(spool, job_id) == ["done"]
+            assert (spool / "done" / job_id / "job.yaml").read_text() == text
+            assert env.marks_of(job_id) == ["start 1", "end 1"]
+            assert len(status["attempts"]) == 1
+        for name in ("rj.yaml", "rh.yaml"):
+            assert wait_rejected(spool, name)["code"] == "invalid"
+            assert (spool / "rejected" / name / name).read_bytes() == broken
+        assert daemon.stop() == 0
+        assert sorted(os.listdir(spool / "rejected")) == ["rh.yaml", "rj.yaml"]
+        assert sorted(os.listdir(spool / "done")) == sorted(texts)
+        assert os.listdir(spool / "failed") == []
+        assert_spool_drained(spool)
+    finally:
+        daemon.kill()
+
+
+def test_returned_file_whose_name_was_taken_meanwhile_still_runs(env: Env, tmp_path: Path) -> None:
+    spool = env.spool
+    stage = new_stage(spool)
+    (stage / "orig").mkdir()
+    (stage / "orig" / "same.yaml").write_text(yaml.safe_dump(env.job("from-stage")))
+    # While spoold was down, a client dropped another file of the same name.
+    drop(spool, "same.yaml", env.job("dropped-later"))
+    daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool))
+    daemon.start()
+    try:
+        wait_finished(spool, "dropped-later")
+
+        def handled() -> bool:
+            return bool(job_state(spool, "from-stage") or os.listdir(spool / "rejected"))
+
+        wait_for(handled, what="the returned file to be taken")
+        assert os.listdir(spool / "rejected") == []
+        directory, _ = wait_finished(spool, "from-stage")
+        assert directory == "done"
+    finally:
+        daemon.kill()
