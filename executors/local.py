@@ -19,8 +19,10 @@ class LocalExecutor(Executor):
 
     def execute(self, ctx: RunContext) -> ExecResult:
         shell = str(ctx.product.get("shell", "/bin/sh"))
-        cwd = within_workdir(ctx, str(ctx.product.get("cwd") or "."))
-        cwd.mkdir(parents=True, exist_ok=True)
+        cwd = ctx.workdir
+        if ctx.product.get("cwd"):
+            cwd = within_workdir(ctx, str(ctx.product["cwd"]))
+            cwd.mkdir(parents=True, exist_ok=True)
         script = shell_script(ctx.before_script, ctx.product["commands"])
         return run_local_process(ctx, [shell, "-c", script], cwd)
 

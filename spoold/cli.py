@@ -166,7 +166,7 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         clock,
         max_file_size=config.max_file_size,
         settle_time=0.0,
-        on_accepted=lambda job: None,
+        on_accepted=lambda job, document: runner.remember(job.job_id, document),
         logger=logger,
     )
     outcome = intake.process(spool.stage_file(args.file, max_size=config.max_file_size))
@@ -184,7 +184,7 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         raise SpoolError(f"job {outcome.job.job_id} was claimed by a running daemon")
     beat = _Heartbeat(runner, config.heartbeat_interval)
     try:
-        final = runner.run(job, tee=sys.stdout)
+        final = runner.run(job, slot=f"exec-{os.getpid()}", tee=sys.stdout)
     finally:
         beat.stop()
     if final is None:

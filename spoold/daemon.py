@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from spoold.clock import Clock, SystemClock
 from spoold.config import Config
@@ -88,7 +89,8 @@ class Daemon:
         pool = WorkerPool(runner, config.workers, logger)
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
-        def queue_job(job: JobDir) -> None:
+        def queue_job(job: JobDir, document: dict[str, Any]) -> None:
+            runner.remember(job.job_id, document)
             pool.submit(job.job_id)
 
         intake = Intake(
@@ -172,6 +174,7 @@ class Daemon:
     def _recover(self) -> None:
         for line in self.spool.recover_stages():
             self.logger.warning("recovery: %s", line)
+        self.recovery.repair_pending()
         for job in self.recovery.reap():
             self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
         self._queue_pending()

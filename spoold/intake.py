@@ -67,7 +67,7 @@ class Intake:
         *,
         max_file_size: int,
         settle_time: float,
-        on_accepted: Callable[[JobDir], None],
+        on_accepted: Callable[[JobDir, dict[str, Any]], None],
         logger: logging.Logger,
     ) -> None:
         self._spool = spool
@@ -151,7 +151,10 @@ class Intake:
         except DuplicateJob as exc:
             return self._reject(taken, "duplicate", f"{exc}; a job id is never run twice")
         self._log.info("accepted %s as %s (%s)", display_name(taken.name), job_id, spec.executor)
-        self._on_accepted(job)
+        try:
+            self._on_accepted(job, document)
+        except Exception:  # the job is in pending/ already: a scan will queue it
+            self._log.exception("queueing job %s failed; the next scan queues it", job_id)
         return Accepted(job)
 
     def _precheck(self, taken: TakenFile) -> tuple[str, str] | None:

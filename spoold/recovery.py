@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from spoold.clock import Clock, parse_rfc3339
 from spoold.config import Config
-from spoold.errors import InvalidJobFile, SpoolError
-from spoold.job import JobStatus
+from spoold.errors import InvalidJobFile, JobNotFound, SpoolError
+from spoold.job import JobSpec, JobStatus
 from spoold.joblog import JobLog
 from spoold.procfs import group_members, process_start_time
 from spoold.spool import JobDir, Spool
@@ -77,9 +79,10 @@ class Recovery:
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)
         status = JobStatus.from_dict(self._spool.read_status(job))
-        if status.state is not JobState.RUNNING:
-            # The outcome was recorded (or no attempt began) before the worker died: the
-            # move is all that is missing. Running it again would run a finished job twice.
+        if status.state.is_terminal:
+            # The outcome was recorded before the worker died: the move is all that is
+            # missing. Running it again would run a finished job twice. (A status that is not
+            # terminal proves nothing: "running" is not fsynced, so the policy decides.)
             self._logger.warning(
                 "job %s: completing its move to %s/ (%s)", job.job_id, status.state.directory, why
             )
@@ -95,6 +98,29 @@ class Recovery:
             JobLog(handle, self._clock).error(line)
         self._logger.warning("job %s %s", job.job_id, line)
         return self._spool.finish(job, state, status.to_dict())
+
+    def repair_pending(self) -> list[str]:
+        """Rebuild the status.json of pending jobs that lost it (it is not fsynced at accept)."""
+        repaired = []
+        for job in self._spool.list_jobs("pending"):
+            try:
+                self._spool.read_status(job)
+                continue
+            except (JobNotFound, ValueError):
+                pass
+            try:
+                data = self._spool.read_job_file(job)
+                spec = JobSpec.from_document(load_document(data, "job.yaml"), job.job_id)
+            except (OSError, InvalidJobFile, AttributeError, ValueError) as exc:
+                self._logger.error("pending job %s is unreadable: %s", job.job_id, exc)
+                continue
+            when = datetime.fromtimestamp(self._spool.lease_age_reference(job), UTC)
+            digest = hashlib.sha256(data).hexdigest()
+            status = JobStatus.accepted(spec, source=None, now=when, sha256=digest)
+            self._spool.write_status(job, status.to_dict(), durable=True)
+            repaired.append(job.job_id)
+            self._logger.warning("rebuilt the lost status of pending job %s", job.job_id)
+        return repaired
 
     def _kill_leftovers(self, job: JobDir) -> None:
         """A job's processes can outlive a killed daemon; they must not outlive its recovery."""

@@ -1,7 +1,18 @@
 """The spool tree: the only code that creates, renames or removes anything under it.
 
-A job's state is the directory it sits in; every transition is one rename(2) of its directory,
-with the files written before it fsynced and both parent directories fsynced after it.
+A job's state is the directory it sits in; every transition is one rename(2) of its directory.
+
+What is fsynced, and why no more: on a journaling filesystem (ext4, xfs: the supported ones) a
+rename is one journal operation, and an fsync of a directory commits every metadata change made
+before it, in order. So each transition fsyncs the content that cannot be rebuilt (the job file
+as submitted; the final status and log), renames, then fsyncs the directory it renamed into:
+
+- accept:  fsync job.yaml, rename the stage into pending/, fsync pending/. status.json and the
+           first log line are derived from job.yaml; recovery rebuilds a status lost to power
+           loss (``repair_pending``).
+- claim:   rename into running/, fsync running/, before any process of the job starts: after a
+           power loss a job that may have started is never found in pending/ again.
+- finish:  fsync status.json and log, rename into done/ or failed/, fsync that directory.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -34,8 +46,10 @@ _DEFAULT_MODE = 0o750
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _STAGE_PREFIX = "in-"
-_ORIGINAL = "orig"
 _TEMP_MARK = ".spoold-"
+# The files spoold writes into a stage; a staged original is any other entry.
+_STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
+_counter = itertools.count()
 
 
 def is_transient_name(name: str) -> bool:
@@ -76,7 +90,7 @@ class TakenFile:
 
     @property
     def original(self) -> Path:
-        return self.stage / _ORIGINAL / self.name
+        return self.stage / self.name
 
 
 class Spool:
@@ -157,13 +171,15 @@ class Spool:
                     kind = _kind(st.st_mode)
                     writer = _has_local_writer(fd) if kind == "file" else False
                     age = now - st.st_mtime
-                    if writer or age < min_age or (writer is None and age < settle):
+                    if writer or (min_age and age < min_age):
+                        return None
+                    if writer is None and settle and age < settle:
                         return None
             stage = self._new_stage()
             try:
-                os.rename(path, stage / _ORIGINAL / name)
+                os.rename(path, stage / name)
             except FileNotFoundError:
-                shutil.rmtree(stage, ignore_errors=True)
+                stage.rmdir()
                 return None
             data = None
             if kind == "file" and st.st_size <= max_size:
@@ -192,7 +208,7 @@ class Spool:
     def stage_file(self, source: Path, *, max_size: int) -> TakenFile:
         """Copy a file from outside the spool into a stage, as if it had been taken from incoming/."""
         stage = self._new_stage()
-        target = stage / _ORIGINAL / source.name
+        target = stage / source.name
         size = source.stat().st_size
         data = _read_limited_path(source, max_size + 1) if size <= max_size else None
         if data is not None:
@@ -200,9 +216,9 @@ class Spool:
         return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
 
     def _new_stage(self) -> Path:
-        stage = self.dir("tmp") / f"{_STAGE_PREFIX}{uuid.uuid4().hex}"
+        # uuid: stages of several hosts sharing one spool must not collide.
+        stage = self.dir("tmp") / f"{_STAGE_PREFIX}{uuid.uuid4().hex[:16]}"
         stage.mkdir(mode=_DEFAULT_MODE)
-        (stage / _ORIGINAL).mkdir(mode=_DEFAULT_MODE)
         return stage
 
     def accept(
@@ -213,50 +229,58 @@ class Spool:
         if self.find(job_id) is not None:
             raise DuplicateJob(f"a job with id {job_id!r} already exists")
         stage = taken.stage
-        self._write_file(stage / "status.json", _json_bytes(status), durable=self.durable)
-        self._write_file(stage / "log", log_text.encode(), durable=self.durable)
-        (stage / "artifacts").mkdir(mode=_DEFAULT_MODE)
         job_file = stage / "job.yaml"
-        if taken.original.exists():
+        # The original keeps its name to the last, so that recovery can give it back under
+        # it; unless it is named like a file written beside it (a job file named status.json).
+        if taken.name in _STAGE_FILES:
             os.rename(taken.original, job_file)
-        (stage / _ORIGINAL).rmdir()
+        # Plain writes: nobody else looks into a stage.
+        _write_new(stage / "status.json", _json_bytes(status))
+        _write_new(stage / "log", log_text.encode())
+        (stage / "artifacts").mkdir(mode=_DEFAULT_MODE)
+        if taken.name not in _STAGE_FILES:
+            os.rename(taken.original, job_file)
         if self.durable:
             _fsync_path(job_file)
-            _fsync_path(stage)
         target = self.dir("pending") / job_id
         try:
             rename_noreplace(stage, target)
         except FileExistsError as exc:
             # Lost a race with another instance: put the file back where reject() expects it.
-            (stage / _ORIGINAL).mkdir(mode=_DEFAULT_MODE)
-            os.rename(job_file, taken.original)
             for leftover in ("status.json", "log"):
                 (stage / leftover).unlink()
             (stage / "artifacts").rmdir()
+            os.rename(job_file, taken.original)
             raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
-        self._sync_dirs(self.dir("tmp"), self.dir("pending"), self.dir("incoming"))
+        self._sync_dirs(self.dir("pending"))
         return JobDir(job_id, "pending", target)
 
     def reject(self, taken: TakenFile, reason: dict[str, Any]) -> Path:
         """Move a staged file into rejected/<name>/ beside a reason.json; return that directory."""
         stage = taken.stage
+        if taken.name == "reason.json":  # the reason must not land on the file it is about
+            os.rename(taken.original, stage / "reason.json.orig")
         self._write_file(stage / "reason.json", _json_bytes(reason), durable=self.durable)
-        # Via a hidden name, so that even a file named like orig/ keeps its own name.
-        hop = stage / f".{uuid.uuid4().hex}"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(taken.original, hop)
-        (stage / _ORIGINAL).rmdir()
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(hop, stage / _kept_name(taken.name))
-        if self.durable:
-            _fsync_path(stage)
         target = _move_to_free_name(stage, self.dir("rejected"), taken.name)
-        self._sync_dirs(self.dir("tmp"), self.dir("rejected"), self.dir("incoming"))
+        self._sync_dirs(self.dir("rejected"))
         return target
 
     def release(self, taken: TakenFile) -> str:
         """Undo a take that could not be finished: the file goes back into incoming/."""
-        return self._recover_stage(taken.stage)
+        stage = taken.stage
+        # Where accept() or reject() may have moved it; a file named like one spoold writes
+        # was moved first, so its original name may now hold spoold's own file.
+        moved = [stage / "job.yaml", stage / "reason.json.orig"]
+        places = (
+            [*moved, taken.original] if taken.name in _STAGE_FILES else [taken.original, *moved]
+        )
+        source = next((p for p in places if p.exists() or p.is_symlink()), None)
+        if source is None:
+            shutil.rmtree(stage)
+            return f"{taken.name} was gone from its stage"
+        target = _move_to_free_name(source, self.dir("incoming"), taken.name)
+        shutil.rmtree(stage)
+        return f"returned {taken.name} to incoming/ as {target.name}"
 
     def recover_stages(self) -> list[str]:
         """Finish or undo intake that a crash interrupted; return what was done, for the log."""
@@ -268,25 +292,30 @@ class Spool:
         return done
 
     def _recover_stage(self, stage: Path) -> str:
-        original_dir = stage / _ORIGINAL
-        originals = list(original_dir.iterdir()) if original_dir.is_dir() else []
-        if originals:
-            name = originals[0].name
-            target = _move_to_free_name(originals[0], self.dir("incoming"), name)
-            shutil.rmtree(stage)
-            return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
-        if (stage / "reason.json").exists():
+        entries = {entry.name for entry in os.scandir(stage)}
+        originals = sorted(entries - _STAGE_FILES)
+        if "reason.json" in entries:
             reason = json.loads((stage / "reason.json").read_bytes())
             target = _move_to_free_name(stage, self.dir("rejected"), str(reason.get("file")))
             return f"finished rejecting {target.name}"
-        status_file, job_file = stage / "status.json", stage / "job.yaml"
-        if job_file.exists() and status_file.exists():
-            source = json.loads(status_file.read_bytes()).get("source") or job_file.name
-            target = _move_to_free_name(job_file, self.dir("incoming"), source)
+        if originals or "job.yaml" in entries:
+            # Taken but not yet accepted: back to incoming/ to be taken again. A file already
+            # renamed to job.yaml is named after the source recorded beside it, if any.
+            source = stage / (originals[0] if originals else "job.yaml")
+            name = originals[0] if originals else self._staged_source(stage)
+            target = _move_to_free_name(source, self.dir("incoming"), name)
             shutil.rmtree(stage)
-            return f"returned {source} to incoming/ as {target.name} (intake was interrupted)"
+            return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
         shutil.rmtree(stage)
         return f"removed empty stage {stage.name}"
+
+    @staticmethod
+    def _staged_source(stage: Path) -> str:
+        try:
+            source = json.loads((stage / "status.json").read_bytes()).get("source")
+        except (OSError, ValueError):
+            source = None
+        return str(source) if source else "job.yaml"
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -339,8 +368,12 @@ class Spool:
         """The job's log, opened for appending; it stays valid when the directory moves."""
         return open(job.log_path, "ab", buffering=0)
 
-    def claim(self, job_id: str, lease: dict[str, Any]) -> JobDir | None:
-        """pending/<id> -> running/<id>; None when another worker won the rename."""
+    def claim(self, job_id: str) -> JobDir | None:
+        """pending/<id> -> running/<id>; None when another worker won the rename.
+
+        The claimant writes its lease once the job's process exists (``write_lease``); until
+        then recovery judges the claim by its age.
+        """
         _check_job_id(job_id)
         source, target = self.dir("pending") / job_id, self.dir("running") / job_id
         try:
@@ -349,10 +382,8 @@ class Spool:
             return None
         except FileExistsError as exc:
             raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
-        self._sync_dirs(self.dir("pending"), self.dir("running"))
-        job = JobDir(job_id, "running", target)
-        self.write_lease(job, lease)
-        return job
+        self._sync_dirs(self.dir("running"))
+        return JobDir(job_id, "running", target)
 
     def write_lease(self, job: JobDir, lease: dict[str, Any]) -> None:
         """Record or renew the claim. Not fsynced: a lost lease reads as a dead worker."""
@@ -367,7 +398,7 @@ class Spool:
         return data
 
     def lease_age_reference(self, job: JobDir) -> float:
-        """When the job entered running/ (ctime of its directory), for lease-less claims."""
+        """When the job entered its directory (the directory's ctime)."""
         return job.path.stat().st_ctime
 
     def finish(self, job: JobDir, state: JobState, status: dict[str, Any]) -> JobDir:
@@ -384,14 +415,16 @@ class Spool:
             rename_noreplace(job.path, target)
         except FileExistsError as exc:
             raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
-        self._sync_dirs(job.path.parent, self.root / directory)
+        self._sync_dirs(self.root / directory)
         return JobDir(job.job_id, directory, target)
 
     # -- work dirs and artifacts --------------------------------------------------------------
 
-    def default_workdir(self, job: JobDir) -> Path:
-        """The work dir inside the job's directory, used when the config names no workdir."""
-        return job.path / "work"
+    def work_slot(self, name: str) -> Path:
+        """A worker's work dir under tmp/work/, used when the config names no workdir."""
+        path = self.dir("tmp") / "work" / name
+        path.mkdir(parents=True, exist_ok=True, mode=_DEFAULT_MODE)
+        return path
 
     def artifacts_dir(self, job: JobDir) -> Path:
         return job.path / "artifacts"
@@ -421,7 +454,7 @@ class Spool:
     # -- primitives ---------------------------------------------------------------------------
 
     def _write_file(self, path: Path, data: bytes, *, durable: bool) -> None:
-        temp = path.with_name(f"{_TEMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        temp = path.with_name(f"{_TEMP_MARK}{path.name}.{os.getpid()}.{next(_counter)}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             try:
@@ -536,6 +569,16 @@ def _has_local_writer(fd: int) -> bool | None:
     return False
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def _read_limited(fd: int, limit: int) -> bytes:
     os.lseek(fd, 0, os.SEEK_SET)
     chunks: list[bytes] = []
@@ -566,4 +609,5 @@ def _fsync_path(path: Path) -> None:
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+    # Compact: only then does json use its C encoder (``spoold status`` pretty-prints).
+    return (json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n").encode()

@@ -23,6 +23,8 @@ from spoold.spool import JobDir, Spool
 from spoold.states import JobState
 from spoold.validation import load_document
 
+_DOCUMENT_CACHE = 10_000
+
 
 @dataclass
 class ActiveRun:
@@ -32,8 +34,10 @@ class ActiveRun:
     lease: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
-    #: Set once the attempt ended: what is to be recorded.
+    #: An outcome its worker could not record (a full disk), for ``retry_finishing``.
     outcome: tuple[JobState, JobStatus] | None = None
+    #: Held while the lease is written or the job moved, so neither undoes the other.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class JobRunner:
@@ -54,6 +58,17 @@ class JobRunner:
         self._logger = logger
         self._active: dict[str, ActiveRun] = {}
         self._lock = threading.Lock()
+        self._pid_start = process_start_time(os.getpid())
+        self._environ = dict(os.environ)  # a plain dict copies much faster per job
+        # Documents intake parsed, so that a job is not parsed again to run (bounded).
+        self._documents: dict[str, dict[str, Any]] = {}
+
+    def remember(self, job_id: str, document: dict[str, Any]) -> None:
+        """Keep the document intake validated for a job about to be queued."""
+        with self._lock:
+            if len(self._documents) >= _DOCUMENT_CACHE:
+                self._documents.pop(next(iter(self._documents)))
+            self._documents[job_id] = document
 
     def new_lease(self) -> dict[str, Any]:
         """The claim a worker of this process writes into running/<id>/lease."""
@@ -63,7 +78,7 @@ class JobRunner:
             "worker": self._config.worker_id,
             "host": self._config.hostname,
             "pid": pid,
-            "pid_start": process_start_time(pid),
+            "pid_start": self._pid_start,
             "claimed_at": now,
             "heartbeat": now,
             "job_pid": None,
@@ -72,11 +87,10 @@ class JobRunner:
 
     def claim(self, job_id: str) -> JobDir | None:
         """Claim a pending job for this process; None if another worker was faster."""
-        lease = self.new_lease()
-        job = self._spool.claim(job_id, lease)
+        job = self._spool.claim(job_id)
         if job is not None:
             with self._lock:
-                self._active[job_id] = ActiveRun(job, lease)
+                self._active[job_id] = ActiveRun(job, self.new_lease())
         return job
 
     def renew_leases(self) -> None:
@@ -85,13 +99,16 @@ class JobRunner:
             runs = list(self._active.values())
         stamp = rfc3339(self._clock.now())
         for run in runs:
-            run.lease["heartbeat"] = stamp
-            try:
-                self._spool.write_lease(run.job, run.lease)
-            except FileNotFoundError:
-                pass  # finished since the snapshot
-            except OSError as exc:  # a full disk: the old lease stands, the job goes on
-                self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
+            with run.lock:
+                if run.lease["job_pid"] is None or run.outcome is not None:
+                    continue  # not leased yet, or ended: nothing to renew
+                run.lease["heartbeat"] = stamp
+                try:
+                    self._spool.write_lease(run.job, run.lease)
+                except FileNotFoundError:
+                    pass  # finished since the snapshot
+                except OSError as exc:  # a full disk: the old lease stands, the job goes on
+                    self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
 
     def interrupt_all(self) -> int:
         """Stop every running job because spoold is stopping; return how many."""
@@ -107,7 +124,7 @@ class JobRunner:
         with self._lock:
             return list(self._active)
 
-    def run(self, job: JobDir, *, tee: IO[str] | None = None) -> JobDir | None:
+    def run(self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None) -> JobDir | None:
         """Run a job claimed by ``claim()``; return where it ended up.
 
         None when the outcome is known but could not be recorded yet (a full disk): the job
@@ -118,7 +135,7 @@ class JobRunner:
         log = JobLog(self._spool.open_log(job), self._clock, tee=tee)
         status = JobStatus.from_dict(self._spool.read_status(job))
         try:
-            state = self._run(run, status, log)
+            state = self._run(run, status, log, slot)
         except Exception as exc:  # spoold's own failure must still end the job somewhere
             self._logger.exception("job %s failed inside spoold", job.job_id)
             log.error(f"internal error: {exc!r}")
@@ -130,31 +147,36 @@ class JobRunner:
             self._logger.error(
                 "job %s: %d log line(s) lost (%s)", job.job_id, log.lost_lines, log.first_error
             )
-        run.outcome = (state, status)
-        return self._finish(run)
+        return self._finish(run, state, status)
 
     def retry_finishing(self) -> list[JobDir]:
         """Record the outcomes that could not be recorded before; return the jobs moved."""
         with self._lock:
             waiting = [run for run in self._active.values() if run.outcome is not None]
-        return [final for run in waiting if (final := self._finish(run)) is not None]
+        moved = []
+        for run in waiting:
+            assert run.outcome is not None
+            if (final := self._finish(run, *run.outcome)) is not None:
+                moved.append(final)
+        return moved
 
-    def _finish(self, run: ActiveRun) -> JobDir | None:
-        assert run.outcome is not None
-        state, status = run.outcome
-        try:
-            final = self._spool.finish(run.job, state, status.to_dict())
-        except OSError as exc:
-            self._logger.error(
-                "job %s ended %s but cannot be moved yet (%s); retrying",
-                run.job.job_id, state.value, exc,
-            )  # fmt: skip
-            return None
+    def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
+        with run.lock:
+            try:
+                final = self._spool.finish(run.job, state, status.to_dict())
+            except OSError as exc:
+                # Only now is the outcome handed to retry_finishing: never two finishers.
+                run.outcome = (state, status)
+                self._logger.error(
+                    "job %s ended %s but cannot be moved yet (%s); retrying",
+                    run.job.job_id, state.value, exc,
+                )  # fmt: skip
+                return None
         with self._lock:
             self._active.pop(run.job.job_id, None)
         return final
 
-    def _run(self, run: ActiveRun, status: JobStatus, log: JobLog) -> JobState:
+    def _run(self, run: ActiveRun, status: JobStatus, log: JobLog, slot: str) -> JobState:
         job = run.job
         spec = self._load_spec(job, status)
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
@@ -164,13 +186,13 @@ class JobRunner:
             f"attempt {attempt.number} started on {self._config.hostname} by "
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
         )
-        workdir = self._workdir(job)
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = self._workdir(slot)
         env, variables = self._environment(spec, job, workdir, attempt.number)
 
         def on_spawn(pid: int) -> None:
-            run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
-            self._spool.write_lease(job, run.lease)
+            with run.lock:
+                run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
+                self._spool.write_lease(job, run.lease)
 
         ctx = RunContext(
             job_id=job.job_id,
@@ -203,7 +225,7 @@ class JobRunner:
             (log.info if state is JobState.SUCCEEDED else log.error)(
                 f"attempt {attempt.number} {word} (exit code {result.exit_code})"
             )
-        shutil.rmtree(workdir, ignore_errors=True)
+        _empty(workdir)
         return state
 
     def _outcome(
@@ -220,13 +242,22 @@ class JobRunner:
         return JobState.FAILED, result.error or f"exit code {result.exit_code}"
 
     def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:
-        document = load_document(self._spool.read_job_file(job), status.source or "job.yaml")
+        with self._lock:
+            document = self._documents.pop(job.job_id, None)
+        if document is None:
+            document = load_document(self._spool.read_job_file(job), status.source or "job.yaml")
         return JobSpec.from_document(document, job.job_id)
 
-    def _workdir(self, job: JobDir) -> Path:
+    def _workdir(self, slot: str) -> Path:
+        """The work dir of one worker slot, empty; reused job after job (as CI runners do)."""
+        name = f"{self._config.worker_id}-{slot}"
         if self._config.workdir is not None:
-            return self._config.workdir / job.job_id
-        return self._spool.default_workdir(job)
+            path = self._config.workdir / name
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path = self._spool.work_slot(name)
+        _empty(path)  # what a crash left behind
+        return path
 
     def _environment(
         self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int
@@ -241,14 +272,25 @@ class JobRunner:
             "RUNNER_WORKDIR": str(workdir),
         }
         variables = {**builtins, **spec.variables}
-        env = {**os.environ, **variables}
-        return env, variables
+        return {**self._environ, **variables}, variables
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything inside ``directory``, keeping it."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
 
 
 def collect_artifacts(
     spool: Spool, job: JobDir, workdir: Path, specs: tuple[ArtifactSpec, ...], log: JobLog
 ) -> list[dict[str, Any]]:
     """Copy the declared artifacts (never anything outside the work dir) into artifacts/."""
+    if not specs:
+        return []
     root = workdir.resolve()
     found: dict[str, Path] = {}
     for spec in specs:
@@ -304,7 +346,9 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads = [
-            threading.Thread(target=self._loop, name=f"spoold-worker-{n}", daemon=True)
+            threading.Thread(
+                target=self._loop, args=(str(n),), name=f"spoold-worker-{n}", daemon=True
+            )
             for n in range(workers)
         ]
 
@@ -335,7 +379,7 @@ class WorkerPool:
             for thread in self._threads:
                 thread.join()
 
-    def _loop(self) -> None:
+    def _loop(self, slot: str) -> None:
         while True:
             job_id = self._queue.get()
             if job_id == self._STOP or self._stopping.is_set():
@@ -343,7 +387,7 @@ class WorkerPool:
             try:
                 job = self._runner.claim(job_id)
                 if job is not None:
-                    self._runner.run(job)
+                    self._runner.run(job, slot=slot)
             except Exception:  # a spool error on one job must not end the worker
                 self._logger.exception("worker failed on job %s", job_id)
             finally:

@@ -250,3 +250,14 @@ def kill_processes_with(token: str) -> None:
     for pid in processes_with(token):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def tmp_leftovers(spool: Path) -> list[str]:
+    """What tmp/ holds besides daemon locks and empty per-slot work dirs: nothing, when drained."""
+    tmp = spool / "tmp"
+    found = [n for n in os.listdir(tmp) if not n.startswith("daemon-") and n != "work"]
+    if (tmp / "work").is_dir():
+        found += [
+            f"work/{s}/{n}" for s in os.listdir(tmp / "work") for n in os.listdir(tmp / "work" / s)
+        ]
+    return found

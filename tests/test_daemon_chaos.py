@@ -32,6 +32,7 @@ from tests.harness import (
     job_state,
     kill_processes_with,
     processes_with,
+    tmp_leftovers,
     wait_finished,
     wait_for,
     wait_rejected,
@@ -131,7 +132,7 @@ def assert_ran_at_most_as_allowed(
 def assert_spool_drained(spool: Path) -> None:
     for directory in ("incoming", "pending", "running"):
         assert os.listdir(spool / directory) == [], directory
-    leftovers = [n for n in os.listdir(spool / "tmp") if not n.startswith("daemon-")]
+    leftovers = tmp_leftovers(spool)
     assert leftovers == [], f"left in tmp/: {leftovers}"
 
 
@@ -378,23 +379,19 @@ def test_intake_interrupted_at_each_step_is_finished_once(env: Env, tmp_path: Pa
     }
     # Taken: moved out of incoming/ into a stage, nothing else (Spool.take_incoming).
     stage = new_stage(spool)
-    (stage / "orig").mkdir()
-    (stage / "orig" / "taken.yaml").write_text(texts["taken"])
+    (stage / "taken.yaml").write_text(texts["taken"])
 
-    # Accepted but not yet renamed into pending/: everything written, orig/ already gone.
+    # Accepted but not yet renamed into pending/: everything written.
     stage = new_stage(spool)
     (stage / "status.json").write_text(json.dumps(accepted_status("accept-written", "aw.yaml")))
     (stage / "log").write_text("2026-01-01T00:00:00.000000Z INFO spoold: accepted aw.yaml\n")
     (stage / "artifacts").mkdir()
     (stage / "job.yaml").write_text(texts["accept-written"])
 
-    # Accept half done: status and log written, the file still in orig/.
+    # Accept half done: the file renamed to job.yaml and status written, the log not yet.
     stage = new_stage(spool)
+    (stage / "job.yaml").write_text(texts["accept-half"])
     (stage / "status.json").write_text(json.dumps(accepted_status("accept-half", "ah.yaml")))
-    (stage / "log").write_text("2026-01-01T00:00:00.000000Z INFO spoold: accepted ah.yaml\n")
-    (stage / "artifacts").mkdir()
-    (stage / "orig").mkdir()
-    (stage / "orig" / "ah.yaml").write_text(texts["accept-half"])
 
     # Reject nearly done: reason written and the file moved beside it, not yet in rejected/.
     broken = b"job_id: [\n"
@@ -403,14 +400,12 @@ def test_intake_interrupted_at_each_step_is_finished_once(env: Env, tmp_path: Pa
     (stage / "reason.json").write_text(json.dumps(reason))
     (stage / "rj.yaml").write_bytes(broken)
 
-    # Reject half done: reason written, the file still in orig/.
+    # Taken and found invalid, the reason not yet written: taken again, then rejected.
     stage = new_stage(spool)
-    (stage / "reason.json").write_text(json.dumps({**reason, "file": "rh.yaml"}))
-    (stage / "orig").mkdir()
-    (stage / "orig" / "rh.yaml").write_bytes(broken)
+    (stage / "rh.yaml").write_bytes(broken)
 
-    # A stage made and nothing moved into it yet.
-    (new_stage(spool) / "orig").mkdir()
+    # Stages made and nothing moved into them yet.
+    new_stage(spool)
     new_stage(spool)
 
     daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool))
@@ -438,8 +433,7 @@ def test_intake_interrupted_at_each_step_is_finished_once(env: Env, tmp_path: Pa
 def test_returned_file_whose_name_was_taken_meanwhile_still_runs(env: Env, tmp_path: Path) -> None:
     spool = env.spool
     stage = new_stage(spool)
-    (stage / "orig").mkdir()
-    (stage / "orig" / "same.yaml").write_text(yaml.safe_dump(env.job("from-stage")))
+    (stage / "same.yaml").write_text(yaml.safe_dump(env.job("from-stage")))
     # While spoold was down, a client dropped another file of the same name.
     drop(spool, "same.yaml", env.job("dropped-later"))
     daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool))

@@ -33,6 +33,7 @@ from tests.harness import (
     job_state,
     local_job,
     run_cli,
+    tmp_leftovers,
     wait_finished,
     wait_for,
     wait_rejected,
@@ -470,9 +471,7 @@ def test_bad_input_is_rejected_with_reason_and_kept(
     # Nothing else came of it: no job, no stage left behind.
     assert os.listdir(spool_dir / "pending") == os.listdir(spool_dir / "running") == []
     still_works(small_daemon, case.replace(".", "-"))
-    assert sorted(os.listdir(spool_dir / "tmp")) == [
-        n for n in os.listdir(spool_dir / "tmp") if n.startswith("daemon-")
-    ]
+    assert tmp_leftovers(spool_dir) == []
 
 
 def test_unreadable_file(daemon: DaemonProcess, spool_dir: Path) -> None:

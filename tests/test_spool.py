@@ -125,7 +125,7 @@ def test_accept_moves_the_file_byte_for_byte_into_pending(tmp_path: Path) -> Non
 def test_a_duplicate_id_in_any_state_is_refused(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     _accept(spool, "a.yaml", "a")
-    job = spool.claim("a", {"worker": "w"})
+    job = spool.claim("a")
     assert job is not None
     spool.finish(job, JobState.SUCCEEDED, {"job_id": "a", "state": "succeeded"})
     with pytest.raises(DuplicateJob):
@@ -140,7 +140,7 @@ def test_claim_is_won_by_exactly_one_of_many_threads(tmp_path: Path) -> None:
 
     def contend() -> None:
         barrier.wait()
-        if spool.claim("race", {"worker": threading.current_thread().name}) is not None:
+        if spool.claim("race") is not None:
             winners.append(1)
 
     threads = [threading.Thread(target=contend) for _ in range(8)]
@@ -149,13 +149,13 @@ def test_claim_is_won_by_exactly_one_of_many_threads(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert len(winners) == 1
-    assert json.loads((spool.dir("running") / "race" / "lease").read_text())["worker"]
+    assert (spool.dir("running") / "race").is_dir() and not (spool.dir("pending") / "race").exists()
 
 
 def test_finish_refuses_transitions_the_state_machine_forbids(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     _accept(spool, "a.yaml", "a")
-    job = spool.claim("a", {})
+    job = spool.claim("a")
     assert job is not None
     with pytest.raises(InvalidTransition):
         spool.finish(job, JobState.REJECTED, {})
@@ -223,3 +223,25 @@ def test_only_one_daemon_per_host_holds_the_spool(tmp_path: Path) -> None:
     lock.close()
     other.close()
     spool.lock_host("h1").close()
+
+
+@pytest.mark.parametrize("name", ["status.json", "log", "job.yaml", "plain.yaml"])
+def test_release_gives_back_the_original_whatever_its_name(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / name).write_text("the original\n")
+    taken = _taken(spool, name)
+
+    def fail_after_writing(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    # Fail at the last step of accept(), after every file beside the original was written.
+    monkeypatch.setattr("spoold.spool.rename_noreplace", fail_after_writing)
+    with pytest.raises(OSError):
+        spool.accept(taken, "x", {"job_id": "x", "source": name}, "accepted\n")
+    monkeypatch.undo()
+    spool.release(taken)
+    assert spool.list_incoming() == [name]
+    assert (spool.dir("incoming") / name).read_text() == "the original\n"
+    assert list(spool.dir("tmp").iterdir()) == []

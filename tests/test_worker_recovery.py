@@ -35,7 +35,7 @@ def _parts(tmp_path: Path, **config: Any) -> tuple[Spool, Intake, JobRunner, Con
     registry = ExecutorRegistry.from_entry_points()
     clock = SystemClock()
     intake = Intake(spool, job_validator(registry), clock, max_file_size=cfg.max_file_size,
-                    settle_time=0, on_accepted=lambda job: None, logger=LOGGER)  # fmt: skip
+                    settle_time=0, on_accepted=lambda job, document: None, logger=LOGGER)  # fmt: skip
     return spool, intake, JobRunner(spool, registry, cfg, clock, LOGGER), cfg
 
 
@@ -132,10 +132,12 @@ def test_the_runner_sees_the_values_that_were_validated(tmp_path: Path) -> None:
 def test_configured_workdir_is_used_and_cleaned(tmp_path: Path) -> None:
     spool, intake, runner, _ = _parts(tmp_path, workdir=tmp_path / "work")
     job, _ = _run(
-        spool, intake, runner, {"job_id": "w", "executor": "local", "product": {"commands": "pwd"}}
-    )
-    assert f" INFO {tmp_path / 'work' / 'w'}\n" in job.log_path.read_text()
-    assert not (tmp_path / "work" / "w").exists()
+        spool, intake, runner, {"job_id": "w", "executor": "local",
+                                "product": {"commands": "pwd; echo left > behind.txt"}},
+    )  # fmt: skip
+    # One work dir per worker slot, emptied after each job (worker_id w1, slot 0).
+    assert f" INFO {tmp_path / 'work' / 'w1-0'}\n" in job.log_path.read_text()
+    assert list((tmp_path / "work" / "w1-0").iterdir()) == []
 
 
 def _running_job(
@@ -146,8 +148,9 @@ def _running_job(
         intake,
         document or {"job_id": "r", "executor": "local", "product": {"commands": "true"}},
     )
-    claimed = spool.claim(job.job_id, lease)
+    claimed = spool.claim(job.job_id)
     assert claimed is not None
+    spool.write_lease(claimed, lease)
     status = JobStatus.from_dict(spool.read_status(claimed))
     status.begin_attempt(SystemClock().now(), str(lease["worker"]))
     spool.write_status(claimed, status.to_dict())
@@ -215,6 +218,18 @@ def test_recovery_takes_over_another_hosts_claim_only_when_its_heartbeat_is_stal
     assert "sent no heartbeat for 61s" in spool.read_status(moved)["error"]
 
 
+def test_a_pending_status_lost_to_power_loss_is_rebuilt(tmp_path: Path) -> None:
+    spool, intake, _, cfg = _parts(tmp_path)
+    job = _submit(
+        spool, intake, {"job_id": "p", "executor": "local", "product": {"commands": "true"}}
+    )
+    job.status_path.write_bytes(b"")  # written at accept without fsync: may come back empty
+    assert Recovery(spool, cfg, SystemClock(), LOGGER).repair_pending() == ["p"]
+    status = spool.read_status(job)
+    assert (status["job_id"], status["state"], status["executor"]) == ("p", "pending", "local")
+    assert status["submitted_at"] and status["sha256"]
+
+
 def test_recovery_kills_the_processes_a_dead_worker_left_behind(tmp_path: Path) -> None:
     spool, intake, _, cfg = _parts(tmp_path)
     orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -266,7 +281,7 @@ def test_a_failing_file_is_retried_with_backoff_not_in_a_loop(
     clock = FakeClock()
     intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
                     max_file_size=cfg.max_file_size, settle_time=0,
-                    on_accepted=lambda job: None, logger=LOGGER)  # fmt: skip
+                    on_accepted=lambda job, document: None, logger=LOGGER)  # fmt: skip
     (spool.dir("incoming") / "a.yaml").write_text(
         "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
     )
