@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import IO
 
@@ -55,8 +56,12 @@ class JobLog:
                 self.lost_lines += data.count("\n")
                 self.first_error = self.first_error or exc.strerror or str(exc)
 
-    def fileno(self) -> int:
-        return self._handle.fileno()
+    def sync(self) -> None:
+        """fsync what was written; a failure counts as lost lines would."""
+        try:
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            self.first_error = self.first_error or exc.strerror or str(exc)
 
     def close(self) -> None:
         try:

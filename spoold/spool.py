@@ -385,8 +385,16 @@ class Spool:
         self._sync_dirs(self.dir("running"))
         return JobDir(job_id, "running", target)
 
-    def write_lease(self, job: JobDir, lease: dict[str, Any]) -> None:
-        """Record or renew the claim. Not fsynced: a lost lease reads as a dead worker."""
+    def write_lease(self, job: JobDir, lease: dict[str, Any], *, first: bool = False) -> None:
+        """Record (``first``) or renew the claim. Not fsynced: a lost lease reads as a dead worker.
+
+        The first write creates the file in place: a reader that catches it half-written
+        sees no lease yet, which is what it would have seen a moment earlier.
+        """
+        if first:
+            with contextlib.suppress(FileExistsError):
+                _write_new(job.path / "lease", _json_bytes(lease))
+                return
         self._write_file(job.path / "lease", _json_bytes(lease), durable=False)
 
     def read_lease(self, job: JobDir) -> dict[str, Any] | None:
@@ -401,11 +409,13 @@ class Spool:
         """When the job entered its directory (the directory's ctime)."""
         return job.path.stat().st_ctime
 
-    def finish(self, job: JobDir, state: JobState, status: dict[str, Any]) -> JobDir:
+    def finish(
+        self, job: JobDir, state: JobState, status: dict[str, Any], *, log_synced: bool = False
+    ) -> JobDir:
         """running/<id> -> done|failed/<id> (or pending/ for a requeue), status written first."""
         check_transition(JobState.RUNNING, state)
         self._write_file(job.status_path, _json_bytes(status), durable=self.durable)
-        if self.durable:
+        if self.durable and not log_synced:
             _fsync_path(job.log_path)
         with contextlib.suppress(FileNotFoundError):
             (job.path / "lease").unlink()
@@ -454,7 +464,8 @@ class Spool:
     # -- primitives ---------------------------------------------------------------------------
 
     def _write_file(self, path: Path, data: bytes, *, durable: bool) -> None:
-        temp = path.with_name(f"{_TEMP_MARK}{path.name}.{os.getpid()}.{next(_counter)}.tmp")
+        directory, name = os.path.split(path)
+        temp = f"{directory}/{_TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             try:
@@ -467,7 +478,8 @@ class Spool:
                 os.close(fd)
             os.replace(temp, path)
         except BaseException:
-            temp.unlink(missing_ok=True)  # a full disk must not leave half-written temp files
+            with contextlib.suppress(FileNotFoundError):  # no half-written temp files left
+                os.unlink(temp)
             raise
 
     def _sync_dirs(self, *paths: Path) -> None:

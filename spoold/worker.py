@@ -24,6 +24,8 @@ from spoold.states import JobState
 from spoold.validation import load_document
 
 _DOCUMENT_CACHE = 10_000
+# Recording is mostly waiting on fsync: two overlap their waits.
+_RECORDERS = 2
 
 
 @dataclass
@@ -38,6 +40,15 @@ class ActiveRun:
     outcome: tuple[JobState, JobStatus] | None = None
     #: Held while the lease is written or the job moved, so neither undoes the other.
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An attempt that ended, waiting to be recorded."""
+
+    run: ActiveRun
+    state: JobState
+    status: JobStatus
 
 
 class JobRunner:
@@ -125,11 +136,15 @@ class JobRunner:
             return list(self._active)
 
     def run(self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None) -> JobDir | None:
-        """Run a job claimed by ``claim()``; return where it ended up.
+        """Run a job claimed by ``claim()`` and record its outcome; return where it ended up.
 
         None when the outcome is known but could not be recorded yet (a full disk): the job
         stays claimed, and ``retry_finishing()`` records it once it can.
         """
+        return self.record(self.attempt(job, slot=slot, tee=tee))
+
+    def attempt(self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None) -> Outcome:
+        """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded yet."""
         with self._lock:
             run = self._active[job.job_id]
         log = JobLog(self._spool.open_log(job), self._clock, tee=tee)
@@ -141,13 +156,19 @@ class JobRunner:
             log.error(f"internal error: {exc!r}")
             state = JobState.FAILED
             status.end_attempt(self._clock.now(), state, None, f"internal error: {exc!r}")
+        if self._spool.durable:
+            log.sync()  # through the open handle: cheaper than by path in finish()
         log.close()
         if log.lost_lines:
             status.log_lines_lost += log.lost_lines
             self._logger.error(
                 "job %s: %d log line(s) lost (%s)", job.job_id, log.lost_lines, log.first_error
             )
-        return self._finish(run, state, status)
+        return Outcome(run, state, status)
+
+    def record(self, outcome: Outcome) -> JobDir | None:
+        """Write an attempt's outcome and move the job to done/, failed/ or back to pending/."""
+        return self._finish(outcome.run, outcome.state, outcome.status)
 
     def retry_finishing(self) -> list[JobDir]:
         """Record the outcomes that could not be recorded before; return the jobs moved."""
@@ -163,7 +184,7 @@ class JobRunner:
     def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
         with run.lock:
             try:
-                final = self._spool.finish(run.job, state, status.to_dict())
+                final = self._spool.finish(run.job, state, status.to_dict(), log_synced=True)
             except OSError as exc:
                 # Only now is the outcome handed to retry_finishing: never two finishers.
                 run.outcome = (state, status)
@@ -192,7 +213,7 @@ class JobRunner:
         def on_spawn(pid: int) -> None:
             with run.lock:
                 run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
-                self._spool.write_lease(job, run.lease)
+                self._spool.write_lease(job, run.lease, first=True)
 
         ctx = RunContext(
             job_id=job.job_id,
@@ -334,7 +355,12 @@ def _sha256(path: Path) -> str:
 
 
 class WorkerPool:
-    """``workers`` threads that claim queued jobs and run them."""
+    """``workers`` threads that claim queued jobs and run them, and recorders behind them.
+
+    Recording an outcome (fsync of status and log, the rename, a directory fsync) needs no
+    worker slot: it is handed to recorder threads so that the slot takes the next job at once.
+    ``workers`` still bounds how many jobs run at the same time.
+    """
 
     _STOP = "\0stop"
 
@@ -342,6 +368,7 @@ class WorkerPool:
         self._runner = runner
         self._logger = logger
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._known: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -351,9 +378,13 @@ class WorkerPool:
             )
             for n in range(workers)
         ]
+        self._recorders = [
+            threading.Thread(target=self._record_loop, name=f"spoold-recorder-{n}", daemon=True)
+            for n in range(_RECORDERS)
+        ]
 
     def start(self) -> None:
-        for thread in self._threads:
+        for thread in [*self._threads, *self._recorders]:
             thread.start()
 
     def submit(self, job_id: str) -> bool:
@@ -378,6 +409,10 @@ class WorkerPool:
             self._logger.warning("interrupting %d running job(s) after %ss", count, grace)
             for thread in self._threads:
                 thread.join()
+        for _ in self._recorders:
+            self._outcomes.put(None)
+        for thread in self._recorders:
+            thread.join()
 
     def _loop(self, slot: str) -> None:
         while True:
@@ -387,9 +422,16 @@ class WorkerPool:
             try:
                 job = self._runner.claim(job_id)
                 if job is not None:
-                    self._runner.run(job, slot=slot)
+                    self._outcomes.put(self._runner.attempt(job, slot=slot))
             except Exception:  # a spool error on one job must not end the worker
                 self._logger.exception("worker failed on job %s", job_id)
             finally:
                 with self._lock:
                     self._known.discard(job_id)
+
+    def _record_loop(self) -> None:
+        while (outcome := self._outcomes.get()) is not None:
+            try:
+                self._runner.record(outcome)
+            except Exception:  # retry_finishing picks up what was not recorded
+                self._logger.exception("recording job %s failed", outcome.run.job.job_id)
