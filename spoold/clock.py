@@ -31,7 +31,10 @@ class SystemClock:
 
 def rfc3339(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a Z, as status.json and log lines use."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # isoformat is several times faster than strftime, and this runs for every log line.
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_rfc3339(text: str) -> datetime:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 _PGRP, _STARTTIME = 2, 19  # indexes into the fields after the command name
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name (field 2) may contain spaces and parentheses; the fields after it do not.
     return stat.rsplit(")", 1)[1].split()
 

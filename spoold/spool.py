@@ -59,23 +59,27 @@ def is_transient_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class JobDir:
-    """Where a job is: its id and the state directory it sits in."""
+    """Where a job is: its id, the state directory it sits in, and that directory's path."""
 
     job_id: str
     directory: str
-    path: Path
+    location: str  # a string: the per-job paths are built often enough for pathlib to show
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
     @property
     def status_path(self) -> Path:
-        return self.path / "status.json"
+        return Path(self.location, "status.json")
 
     @property
     def log_path(self) -> Path:
-        return self.path / "log"
+        return Path(self.location, "log")
 
     @property
     def job_file(self) -> Path:
-        return self.path / "job.yaml"
+        return Path(self.location, "job.yaml")
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,13 @@ class Spool:
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
         self.durable = durable
+        self._dirs = {name: os.path.join(root, name) for name in SPOOL_DIRECTORIES}
 
     def dir(self, name: str) -> Path:
         """The path of one of the spool's top-level directories."""
-        if name not in SPOOL_DIRECTORIES:
+        if name not in self._dirs:
             raise SpoolError(f"no spool directory named {name!r}")
-        return self.root / name
+        return Path(self._dirs[name])
 
     # -- the tree --------------------------------------------------------------------------
 
@@ -242,7 +247,7 @@ class Spool:
             os.rename(taken.original, job_file)
         if self.durable:
             _fsync_path(job_file)
-        target = self.dir("pending") / job_id
+        target = f"{self._dirs['pending']}/{job_id}"
         try:
             rename_noreplace(stage, target)
         except FileExistsError as exc:
@@ -252,7 +257,7 @@ class Spool:
             (stage / "artifacts").rmdir()
             os.rename(job_file, taken.original)
             raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
-        self._sync_dirs(self.dir("pending"))
+        self._sync_dirs(self._dirs["pending"])
         return JobDir(job_id, "pending", target)
 
     def reject(self, taken: TakenFile, reason: dict[str, Any]) -> Path:
@@ -323,8 +328,8 @@ class Spool:
         """Where the job is now, looked up in the order jobs move so that none is missed."""
         _check_job_id(job_id)
         for directory in JOB_DIRECTORIES:
-            path = self.root / directory / job_id
-            if path.is_dir():
+            path = f"{self._dirs[directory]}/{job_id}"
+            if os.path.isdir(path):
                 return JobDir(job_id, directory, path)
         return None
 
@@ -346,27 +351,29 @@ class Spool:
                 for e in entries
                 if e.is_dir(follow_symlinks=False) and JOB_ID.match(e.name)
             ]
-        return [JobDir(name, directory, parent / name) for _, name in sorted(found)]
+        return [JobDir(name, directory, os.path.join(parent, name)) for _, name in sorted(found)]
 
     def read_status(self, job: JobDir) -> dict[str, Any]:
         """The job's status.json."""
         try:
-            data: dict[str, Any] = json.loads(job.status_path.read_bytes())
+            data: dict[str, Any] = json.loads(_read(f"{job.location}/status.json"))
         except FileNotFoundError as exc:
             raise JobNotFound(f"job {job.job_id!r} moved or has no status") from exc
         return data
 
     def read_job_file(self, job: JobDir) -> bytes:
         """The job file as submitted."""
-        return job.job_file.read_bytes()
+        return _read(f"{job.location}/job.yaml")
 
     def write_status(self, job: JobDir, status: dict[str, Any], *, durable: bool = False) -> None:
         """Replace status.json atomically."""
-        self._write_file(job.status_path, _json_bytes(status), durable=durable and self.durable)
+        self._write_file(
+            f"{job.location}/status.json", _json_bytes(status), durable=durable and self.durable
+        )
 
     def open_log(self, job: JobDir) -> IO[bytes]:
         """The job's log, opened for appending; it stays valid when the directory moves."""
-        return open(job.log_path, "ab", buffering=0)
+        return open(f"{job.location}/log", "ab", buffering=0)
 
     def claim(self, job_id: str) -> JobDir | None:
         """pending/<id> -> running/<id>; None when another worker won the rename.
@@ -375,14 +382,14 @@ class Spool:
         then recovery judges the claim by its age.
         """
         _check_job_id(job_id)
-        source, target = self.dir("pending") / job_id, self.dir("running") / job_id
+        source, target = f"{self._dirs['pending']}/{job_id}", f"{self._dirs['running']}/{job_id}"
         try:
             rename_noreplace(source, target)
         except FileNotFoundError:
             return None
         except FileExistsError as exc:
             raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
-        self._sync_dirs(self.dir("running"))
+        self._sync_dirs(self._dirs["running"])
         return JobDir(job_id, "running", target)
 
     def write_lease(self, job: JobDir, lease: dict[str, Any], *, first: bool = False) -> None:
@@ -393,14 +400,14 @@ class Spool:
         """
         if first:
             with contextlib.suppress(FileExistsError):
-                _write_new(job.path / "lease", _json_bytes(lease))
+                _write_new(f"{job.location}/lease", _json_bytes(lease))
                 return
-        self._write_file(job.path / "lease", _json_bytes(lease), durable=False)
+        self._write_file(f"{job.location}/lease", _json_bytes(lease), durable=False)
 
     def read_lease(self, job: JobDir) -> dict[str, Any] | None:
         """The claim on a running job, or None when it has none (yet)."""
         try:
-            data: dict[str, Any] = json.loads((job.path / "lease").read_bytes())
+            data: dict[str, Any] = json.loads(_read(f"{job.location}/lease"))
         except (FileNotFoundError, ValueError):
             return None
         return data
@@ -414,18 +421,18 @@ class Spool:
     ) -> JobDir:
         """running/<id> -> done|failed/<id> (or pending/ for a requeue), status written first."""
         check_transition(JobState.RUNNING, state)
-        self._write_file(job.status_path, _json_bytes(status), durable=self.durable)
+        self._write_file(f"{job.location}/status.json", _json_bytes(status), durable=self.durable)
         if self.durable and not log_synced:
-            _fsync_path(job.log_path)
+            _fsync_path(f"{job.location}/log")
         with contextlib.suppress(FileNotFoundError):
-            (job.path / "lease").unlink()
+            os.unlink(f"{job.location}/lease")
         directory = state.directory
-        target = self.root / directory / job.job_id
+        target = f"{self._dirs[directory]}/{job.job_id}"
         try:
             rename_noreplace(job.path, target)
         except FileExistsError as exc:
             raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
-        self._sync_dirs(self.root / directory)
+        self._sync_dirs(self._dirs[directory])
         return JobDir(job.job_id, directory, target)
 
     # -- work dirs and artifacts --------------------------------------------------------------
@@ -463,7 +470,7 @@ class Spool:
 
     # -- primitives ---------------------------------------------------------------------------
 
-    def _write_file(self, path: Path, data: bytes, *, durable: bool) -> None:
+    def _write_file(self, path: str | Path, data: bytes, *, durable: bool) -> None:
         directory, name = os.path.split(path)
         temp = f"{directory}/{_TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
@@ -482,7 +489,7 @@ class Spool:
                 os.unlink(temp)
             raise
 
-    def _sync_dirs(self, *paths: Path) -> None:
+    def _sync_dirs(self, *paths: str | Path) -> None:
         if self.durable:
             for path in paths:
                 _fsync_path(path)
@@ -529,14 +536,15 @@ _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
-def rename_noreplace(source: Path, target: Path) -> None:
+def rename_noreplace(source: str | Path, target: str | Path) -> None:
     """rename(2) that fails with FileExistsError instead of replacing ``target``.
 
     renameat2(RENAME_NOREPLACE) where the filesystem has it; elsewhere (NFS) a check first,
     which is racy only against another writer choosing the very same name at the same moment.
     """
     if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, bytes(source), _AT_FDCWD, bytes(target), _RENAME_NOREPLACE) == 0:
+        src, dst = os.fsencode(source), os.fsencode(target)
+        if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err in (errno.EEXIST, errno.ENOTEMPTY):
@@ -581,7 +589,7 @@ def _has_local_writer(fd: int) -> bool | None:
     return False
 
 
-def _write_new(path: Path, data: bytes) -> None:
+def _write_new(path: str | Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         view = memoryview(data)
@@ -612,7 +620,18 @@ def _read_limited_path(path: Path, limit: int) -> bytes:
         return handle.read(limit)
 
 
-def _fsync_path(path: Path) -> None:
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

@@ -287,7 +287,7 @@ class JobRunner:
             "JOB_ID": job.job_id,
             "SPOOLD_JOB_ID": job.job_id,
             "SPOOLD_ATTEMPT": str(attempt),
-            "SPOOLD_JOB_DIR": str(job.path),
+            "SPOOLD_JOB_DIR": job.location,
             "RUNNER_ID": self._config.worker_id,
             "RUNNER_HOSTNAME": self._config.hostname,
             "RUNNER_WORKDIR": str(workdir),
