@@ -36,7 +36,9 @@ class RunContext:
     kill_grace: float
     cancel: threading.Event
     before_script: tuple[str, ...] = ()
-    on_spawn: Callable[[int], None] | None = None
+    #: Call once the job's work has begun, with the pid of its process if it has one: spoold
+    #: then records the job as running (and the process, so that recovery can end it).
+    on_start: Callable[[int | None], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,15 @@ class Executor(ABC):
     #: Where the JSON sub-schema of ``product:`` lives (importlib.resources package and file).
     schema_package: ClassVar[str] = "spoold.schemas.executors"
     schema_resource: ClassVar[str]
+    #: True when ``execute`` calls ``ctx.on_start`` itself (with the pid of a process it
+    #: starts); otherwise ``run`` calls it just before ``execute``.
+    reports_start: ClassVar[bool] = False
 
     def run(self, ctx: RunContext) -> ExecResult:
         """Run one attempt; never raises, a failure to run is a failed result."""
         try:
+            if not self.reports_start and ctx.on_start is not None:
+                ctx.on_start(None)
             result = self.execute(ctx)
         except SpooldError as exc:
             ctx.log.error(str(exc))
@@ -98,7 +105,7 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
         timeout=ctx.timeout,
         kill_grace=ctx.kill_grace,
         cancel=ctx.cancel,
-        on_spawn=ctx.on_spawn,
+        on_spawn=ctx.on_start,
     )
     return ExecResult(outcome.exit_code, outcome.error, outcome.timed_out, outcome.cancelled)
 

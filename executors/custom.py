@@ -14,6 +14,7 @@ class CustomExecutor(Executor):
 
     name = "custom"
     schema_resource = "custom.schema.json"
+    reports_start = True
 
     def execute(self, ctx: RunContext) -> ExecResult:
         script = ctx.product["script"]

@@ -80,6 +80,7 @@ class Intake:
         # name -> (monotonic time of the next try, delay after that): files whose intake failed
         # (a full disk) go back to incoming/, and their own rename back must not retry at once.
         self._backoff: dict[str, tuple[float, float]] = {}
+        self._backoff_lock = threading.Lock()  # intake runs on several threads
 
     def offer(
         self, name: str, *, complete: bool, remote_writers: bool = False
@@ -89,7 +90,8 @@ class Intake:
         ``remote_writers`` (shared filesystems): open writers elsewhere are invisible, so a
         file seen by a scan must also have been quiet for the settle time.
         """
-        retry = self._backoff.get(name)
+        with self._backoff_lock:
+            retry = self._backoff.get(name)
         if retry is not None and self._clock.monotonic() < retry[0]:
             return None
         min_age = self._settle if remote_writers and not complete else 0.0
@@ -107,21 +109,24 @@ class Intake:
             if taken is not None:
                 self._spool.release(taken)
             delay = min((retry or (0.0, _FIRST_RETRY))[1], _LAST_RETRY)
-            self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
+            with self._backoff_lock:
+                self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
             self._log.error(
                 "intake of %s failed (%s); it stays in incoming/, next try in %s",
                 display_name(name), exc, format_duration(delay),
             )  # fmt: skip
             return None
-        if outcome is not None:
-            self._backoff.pop(name, None)
+        if outcome is not None and retry is not None:
+            with self._backoff_lock:
+                self._backoff.pop(name, None)
         return outcome
 
     def sweep(self, *, remote_writers: bool = False) -> int:
         """Offer every file in incoming/; return how many were taken."""
         names = self._spool.list_incoming()
-        for gone in self._backoff.keys() - set(names):
-            del self._backoff[gone]
+        with self._backoff_lock:
+            for gone in self._backoff.keys() - set(names):
+                del self._backoff[gone]
         taken = 0
         for name in names:
             if self.offer(name, complete=False, remote_writers=remote_writers) is not None:
@@ -198,20 +203,31 @@ def _summary(issues: list[ValidationIssue]) -> str:
 
 
 class IntakeThread:
-    """Runs intake on one thread, fed by the watcher and by periodic sweeps."""
+    """Runs intake on a few threads, fed by the watcher and by periodic sweeps.
+
+    Files are independent: the rename out of incoming/ decides who takes a file, and the
+    no-replace rename into pending/ settles two files naming one job id. Several threads let
+    the fsyncs of one file overlap the parsing of the next.
+    """
 
     _SWEEP = object()
     _STOP = object()
 
-    def __init__(self, intake: Intake, logger: logging.Logger, *, remote_writers: bool) -> None:
+    def __init__(
+        self, intake: Intake, logger: logging.Logger, *, remote_writers: bool, threads: int = 3
+    ) -> None:
         self._intake = intake
         self._log = logger
         self._remote_writers = remote_writers
         self._queue: queue.SimpleQueue[str | object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="spoold-intake", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"spoold-intake-{n}", daemon=True)
+            for n in range(threads)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def arrived(self, name: str) -> None:
         """The watcher saw ``name`` closed after writing or renamed into incoming/."""
@@ -221,8 +237,10 @@ class IntakeThread:
         self._queue.put(self._SWEEP)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._queue.put(self._STOP)
-        self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(self._STOP)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not self._STOP:

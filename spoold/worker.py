@@ -36,6 +36,7 @@ class ActiveRun:
     lease: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    leased: bool = False
     #: An outcome its worker could not record (a full disk), for ``retry_finishing``.
     outcome: tuple[JobState, JobStatus] | None = None
     #: Held while the lease is written or the job moved, so neither undoes the other.
@@ -49,6 +50,7 @@ class Outcome:
     run: ActiveRun
     state: JobState
     status: JobStatus
+    log: JobLog
 
 
 class JobRunner:
@@ -111,7 +113,7 @@ class JobRunner:
         stamp = rfc3339(self._clock.now())
         for run in runs:
             with run.lock:
-                if run.lease["job_pid"] is None or run.outcome is not None:
+                if not run.leased or run.outcome is not None:
                     continue  # not leased yet, or ended: nothing to renew
                 run.lease["heartbeat"] = stamp
                 try:
@@ -156,19 +158,21 @@ class JobRunner:
             log.error(f"internal error: {exc!r}")
             state = JobState.FAILED
             status.end_attempt(self._clock.now(), state, None, f"internal error: {exc!r}")
+        return Outcome(run, state, status, log)
+
+    def record(self, outcome: Outcome) -> JobDir | None:
+        """Write an attempt's outcome and move the job to done/, failed/ or back to pending/."""
+        log, status = outcome.log, outcome.status
         if self._spool.durable:
             log.sync()  # through the open handle: cheaper than by path in finish()
         log.close()
         if log.lost_lines:
             status.log_lines_lost += log.lost_lines
             self._logger.error(
-                "job %s: %d log line(s) lost (%s)", job.job_id, log.lost_lines, log.first_error
-            )
-        return Outcome(run, state, status)
-
-    def record(self, outcome: Outcome) -> JobDir | None:
-        """Write an attempt's outcome and move the job to done/, failed/ or back to pending/."""
-        return self._finish(outcome.run, outcome.state, outcome.status)
+                "job %s: %d log line(s) lost (%s)", outcome.run.job.job_id, log.lost_lines,
+                log.first_error,
+            )  # fmt: skip
+        return self._finish(outcome.run, outcome.state, status)
 
     def retry_finishing(self) -> list[JobDir]:
         """Record the outcomes that could not be recorded before; return the jobs moved."""
@@ -201,8 +205,9 @@ class JobRunner:
         job = run.job
         spec = self._load_spec(job, status)
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
-        # Durable: after a power loss, "running" is what tells recovery the job may have started.
-        self._spool.write_status(job, status.to_dict(), durable=True)
+        # Before anything of the job starts: every start must show in attempts, whatever
+        # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
+        self._spool.write_status(job, status.to_dict())
         log.info(
             f"attempt {attempt.number} started on {self._config.hostname} by "
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
@@ -210,10 +215,12 @@ class JobRunner:
         workdir = self._workdir(slot)
         env, variables = self._environment(spec, job, workdir, attempt.number)
 
-        def on_spawn(pid: int) -> None:
+        def on_start(pid: int | None) -> None:
             with run.lock:
-                run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
+                if pid is not None:
+                    run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
                 self._spool.write_lease(job, run.lease, first=True)
+                run.leased = True
 
         ctx = RunContext(
             job_id=job.job_id,
@@ -228,7 +235,7 @@ class JobRunner:
             kill_grace=self._config.kill_grace,
             cancel=run.cancel,
             before_script=self._config.global_before_script,
-            on_spawn=on_spawn,
+            on_start=on_start,
         )
         result = self._registry.create(spec.executor).run(ctx)
         status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)

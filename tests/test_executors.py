@@ -111,7 +111,7 @@ def test_contract_cancel_ends_the_attempt(executor: tuple[str, Executor], tmp_pa
     cancel = threading.Event()
     spawned = threading.Event()
     ctx = _context(
-        tmp_path, CONTRACT[name]["hang"], _Log(), cancel=cancel, on_spawn=lambda pid: spawned.set()
+        tmp_path, CONTRACT[name]["hang"], _Log(), cancel=cancel, on_start=lambda pid: spawned.set()
     )
 
     def cancel_once_spawned() -> None:
