@@ -25,7 +25,8 @@ system-deps:
 # Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
 run: setup
 	$(VENV)/bin/spoold init --spool $(SPOOL)
-	cp -n examples/hello.yaml $(SPOOL)/incoming/hello.yaml || true
+	@# The example once: a second run would only see it rejected as a duplicate job id.
+	$(VENV)/bin/spoold status hello --spool $(SPOOL) >/dev/null 2>&1 || $(VENV)/bin/spoold submit --spool $(SPOOL) examples/hello.yaml
 	$(VENV)/bin/spoold run --spool $(SPOOL)
 
 lint: setup
