@@ -494,11 +494,6 @@ class Spool:
             for path in paths:
                 _fsync_path(path)
 
-    def iter_job_dirs(self) -> Iterator[JobDir]:
-        """Every job in every state directory (for summaries)."""
-        for directory in JOB_DIRECTORIES:
-            yield from self.list_jobs(directory)
-
 
 def _check_job_id(job_id: str) -> None:
     # The id becomes a path component: anything but a plain name could escape the spool.
