@@ -113,8 +113,9 @@ class JobRunner:
         stamp = rfc3339(self._clock.now())
         for run in runs:
             with run.lock:
-                if not run.leased or run.outcome is not None:
-                    continue  # not leased yet, or ended: nothing to renew
+                if not run.leased:
+                    continue  # the lease is written once the work starts
+                # Also while an outcome waits to be recorded: the claim is still ours.
                 run.lease["heartbeat"] = stamp
                 try:
                     self._spool.write_lease(run.job, run.lease)
