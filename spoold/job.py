@@ -175,7 +175,8 @@ class JobStatus:
             current.exit_code = exit_code
             current.error = error
         self.state = state
-        self.finished_at = stamp
+        # A job going back to pending (a requeue) has not finished.
+        self.finished_at = None if state is JobState.PENDING else stamp
         self.exit_code = exit_code
         self.error = error
 

@@ -91,8 +91,6 @@ class Recovery:
         state = JobState.PENDING if requeue else JobState.FAILED
         error = f"interrupted: {why}"
         status.end_attempt(self._clock.now(), state, None, error)
-        if requeue:
-            status.finished_at = None
         with self._spool.open_log(job) as handle:
             line = f"{error}; " + ("requeued (on_interrupt: requeue)" if requeue else "failed")
             JobLog(handle, self._clock).error(line)

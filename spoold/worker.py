@@ -247,9 +247,7 @@ class JobRunner:
                 "interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)"
             )
         status.end_attempt(self._clock.now(), state, result.exit_code, error)
-        if state is JobState.PENDING:
-            status.finished_at = None
-        else:
+        if state is not JobState.PENDING:
             word = "succeeded" if state is JobState.SUCCEEDED else f"{state.value}: {error}"
             (log.info if state is JobState.SUCCEEDED else log.error)(
                 f"attempt {attempt.number} {word} (exit code {result.exit_code})"
