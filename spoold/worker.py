@@ -75,6 +75,7 @@ class JobRunner:
         self._environ = dict(os.environ)  # a plain dict copies much faster per job
         # Documents intake parsed, so that a job is not parsed again to run (bounded).
         self._documents: dict[str, dict[str, Any]] = {}
+        self._slots: dict[str, Path] = {}  # work dirs ready for use, by slot
 
     def remember(self, job_id: str, document: dict[str, Any]) -> None:
         """Keep the document intake validated for a job about to be queued."""
@@ -214,6 +215,16 @@ class JobRunner:
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
         )
         workdir = self._workdir(slot)
+        try:
+            return self._execute(run, spec, status, log, workdir)
+        finally:
+            _empty(workdir)  # only declared artifacts are kept; the next job starts clean
+
+    def _execute(
+        self, run: ActiveRun, spec: JobSpec, status: JobStatus, log: JobLog, workdir: Path
+    ) -> JobState:
+        job = run.job
+        attempt = status.attempts[-1]
         env, variables = self._environment(spec, job, workdir, attempt.number)
 
         def on_start(pid: int | None) -> None:
@@ -252,7 +263,6 @@ class JobRunner:
             (log.info if state is JobState.SUCCEEDED else log.error)(
                 f"attempt {attempt.number} {word} (exit code {result.exit_code})"
             )
-        _empty(workdir)
         return state
 
     def _outcome(
@@ -276,14 +286,21 @@ class JobRunner:
         return JobSpec.from_document(document, job.job_id)
 
     def _workdir(self, slot: str) -> Path:
-        """The work dir of one worker slot, empty; reused job after job (as CI runners do)."""
-        name = f"{self._config.worker_id}-{slot}"
-        if self._config.workdir is not None:
-            path = self._config.workdir / name
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path = self._spool.work_slot(name)
-        _empty(path)  # what a crash left behind
+        """The work dir of one worker slot, reused job after job (as CI runners do).
+
+        Made and cleared of what a crash left behind on first use; after that every job
+        empties it on its way out.
+        """
+        path = self._slots.get(slot)
+        if path is None:
+            name = f"{self._config.worker_id}-{slot}"
+            if self._config.workdir is not None:
+                path = self._config.workdir / name
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path = self._spool.work_slot(name)
+            _empty(path)
+            self._slots[slot] = path
         return path
 
     def _environment(
