@@ -46,7 +46,7 @@ class Recovery:
         now = self._clock.now().timestamp()
         if lease is None:
             # Claimed a moment ago, or its worker died between the rename and the lease.
-            age = now - self._spool.lease_age_reference(job)
+            age = now - self._spool.entered_at(job)
             if age > self._config.lease_timeout:
                 return Verdict(True, f"claimed {age:.0f}s ago and never leased")
             return Verdict(False)
@@ -112,7 +112,7 @@ class Recovery:
             except (OSError, InvalidJobFile, AttributeError, ValueError) as exc:
                 self._logger.error("pending job %s is unreadable: %s", job.job_id, exc)
                 continue
-            when = datetime.fromtimestamp(self._spool.lease_age_reference(job), UTC)
+            when = datetime.fromtimestamp(self._spool.entered_at(job), UTC)
             digest = hashlib.sha256(data).hexdigest()
             status = JobStatus.accepted(spec, source=None, now=when, sha256=digest)
             self._spool.write_status(job, status.to_dict(), durable=True)

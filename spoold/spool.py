@@ -217,7 +217,7 @@ class Spool:
         size = source.stat().st_size
         data = _read_limited_path(source, max_size + 1) if size <= max_size else None
         if data is not None:
-            self._write_file(target, data, durable=False)
+            _write_new(target, data)  # a stage is private: no atomic replace needed
         return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
 
     def _new_stage(self) -> Path:
@@ -412,7 +412,7 @@ class Spool:
             return None
         return data
 
-    def lease_age_reference(self, job: JobDir) -> float:
+    def entered_at(self, job: JobDir) -> float:
         """When the job entered its directory (the directory's ctime)."""
         return job.path.stat().st_ctime
 
@@ -429,7 +429,7 @@ class Spool:
         directory = state.directory
         target = f"{self._dirs[directory]}/{job.job_id}"
         try:
-            rename_noreplace(job.path, target)
+            rename_noreplace(job.location, target)
         except FileExistsError as exc:
             raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
         self._sync_dirs(self._dirs[directory])
@@ -473,16 +473,8 @@ class Spool:
     def _write_file(self, path: str | Path, data: bytes, *, durable: bool) -> None:
         directory, name = os.path.split(path)
         temp = f"{directory}/{_TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_new(temp, data, durable=durable)
             os.replace(temp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):  # no half-written temp files left
@@ -499,11 +491,6 @@ def _check_job_id(job_id: str) -> None:
     # The id becomes a path component: anything but a plain name could escape the spool.
     if not JOB_ID.match(job_id):
         raise SpoolError(f"{job_id!r} is not a valid job id")
-
-
-def _kept_name(name: str) -> str:
-    # A file must not land on the reason written beside it.
-    return f"{name}.orig" if name == "reason.json" else name
 
 
 def _free_names(name: str) -> Iterator[str]:
@@ -584,12 +571,15 @@ def _has_local_writer(fd: int) -> bool | None:
     return False
 
 
-def _write_new(path: str | Path, data: bytes) -> None:
+def _write_new(path: str | Path, data: bytes, *, durable: bool = False) -> None:
+    """Create ``path`` (it must not exist) holding ``data``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
