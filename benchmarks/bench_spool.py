@@ -152,16 +152,40 @@ class Daemon:
                 self.process.wait(bound)
         return self.process.returncode
 
-    def cpu_seconds(self) -> float:
-        """utime + stime of the daemon (all its threads, not its children)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    def own_pids(self) -> list[int]:
+        """The daemon and its helper processes: its session (jobs start sessions of their own)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            if int(fields[3]) == self.pid:  # field 6 of stat: the session id
+                pids.append(int(entry.name))
+        return pids
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return math.nan
+    def cpu_seconds(self) -> float:
+        """utime + stime of the daemon's processes (all their threads, not the jobs)."""
+        total = 0
+        for pid in self.own_pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / CLOCK_TICKS
+
+    def memory_mb(self) -> tuple[float, float]:
+        """RSS and PSS summed over the daemon's processes (PSS counts shared pages once)."""
+        rss = pss = 0
+        for pid in self.own_pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        return rss / 1024, pss / 1024
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -406,6 +430,8 @@ class Results:
     empty: dict[str, list[Run]] = field(default_factory=lambda: {t: [] for t in TOOLS})
     filled: dict[str, list[Run]] = field(default_factory=lambda: {t: [] for t in TOOLS})
     idle_rss_mb: dict[str, float] = field(default_factory=dict)
+    idle_pss_mb: dict[str, float] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
     idle_cpu_percent: dict[str, float] = field(default_factory=dict)
     load_average: dict[str, str] = field(default_factory=dict)  # others share this machine
 
@@ -424,6 +450,9 @@ class Results:
             "pickup_p50_ms": {t: percentile(v, 50) for t, v in self.pickup_ms.items()},
             "pickup_p99_ms": {t: percentile(v, 99) for t, v in self.pickup_ms.items()},
             "pickup_samples": {t: len(v) for t, v in self.pickup_ms.items()},
+            "pickup_ms_in_drop_order": {
+                t: [round(x, 2) for x in v] for t, v in self.pickup_ms.items()
+            },
             "throughput_jobs_per_s": median_of(s, "jobs_per_s"),
             "throughput_ratio": paired(s["spoold"], s["floor"]),
             "throughput_filled_jobs_per_s": median_of(f, "jobs_per_s"),
@@ -436,6 +465,8 @@ class Results:
             "late_jobs": {t: sum(r.late for r in s[t] + f[t]) for t in TOOLS},
             "load_average": self.load_average,
             "idle_rss_mb": self.idle_rss_mb,
+            "idle_pss_mb": self.idle_pss_mb,
+            "processes": self.processes,
             "idle_cpu_percent_of_a_core": self.idle_cpu_percent,
             "runs": {
                 "empty": {t: [asdict(r) for r in s[t]] for t in TOOLS},
@@ -466,7 +497,9 @@ def table(summary: dict[str, Any]) -> str:
                  f"{growth['floor']:.2f}x", "", "~1.0"))  # fmt: skip
     row("daemon CPU per job (ms)", "cpu_ms_per_job", ".2f")
     row(f"daemon CPU per job, {filler} done/ (ms)", "cpu_ms_per_job_filled", ".2f")
-    row("idle RSS (MB)", "idle_rss_mb", ".1f")
+    row("processes", "processes", "d")
+    row("idle RSS, all processes (MB)", "idle_rss_mb", ".1f")
+    row("idle PSS, all processes (MB)", "idle_pss_mb", ".1f")
     row(f"idle CPU (% of a core, {sizes['idle']:.0f} s)", "idle_cpu_percent_of_a_core", ".2f",
         target="0")  # fmt: skip
     header = ("", "spoold", "floor", "ratio", "target")
@@ -505,7 +538,9 @@ def measure(tools: dict[str, Tool], sizes: Sizes, base: Path, filler: Path) -> R
     for name in TOOLS:
         used = tools[name].daemon.cpu_seconds() - before[name]
         results.idle_cpu_percent[name] = 100 * used / elapsed
-        results.idle_rss_mb[name] = tools[name].daemon.rss_mb()
+        rss, pss = tools[name].daemon.memory_mb()
+        results.idle_rss_mb[name], results.idle_pss_mb[name] = rss, pss
+        results.processes[name] = len(tools[name].daemon.own_pids())
     return results
 
 

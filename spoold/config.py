@@ -26,6 +26,8 @@ class Config:
 
     spool: Path = DEFAULT_SPOOL
     workers: int = 2
+    #: Processes the workers are spread over; None: one per core (at most one per worker).
+    worker_processes: int | None = None
     watch: str = "auto"
     poll_interval: float = 1.0
     rescan_interval: float = 30.0
@@ -105,7 +107,7 @@ def _describe(error: Any) -> str:
 
 def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     values: dict[str, Any] = {"source": source}
-    for key in ("workers", "watch", "worker_id", "hostname", "log_level"):
+    for key in ("workers", "worker_processes", "watch", "worker_id", "hostname", "log_level"):
         if key in doc:
             values[key] = doc[key]
     for key in ("default_callback_url", "default_callback_secret"):

@@ -18,6 +18,7 @@ from spoold.clock import Clock, SystemClock
 from spoold.config import Config
 from spoold.intake import Intake, IntakeThread
 from spoold.plugins import ExecutorRegistry
+from spoold.pool import WorkerProcesses, receive_setup, reporter, serve_jobs
 from spoold.recovery import Recovery
 from spoold.spool import JobDir, Spool
 from spoold.validation import JobValidator, compose_job_schema, load_base_schema
@@ -71,11 +72,12 @@ class Daemon:
     clock: Clock
     logger: logging.Logger
     spool: Spool
-    runner: JobRunner
-    pool: WorkerPool
+    workers: WorkerProcesses
     intake_thread: IntakeThread
     recovery: Recovery
     watch_mode: str
+    #: Set to wake the loop early: a worker process died, or the daemon is stopping.
+    attention: threading.Event
 
     @classmethod
     def build(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
@@ -85,13 +87,17 @@ class Daemon:
         spool = Spool(config.spool, durable=config.durable)
         spool.check()
         registry = ExecutorRegistry.from_entry_points()
-        runner = JobRunner(spool, registry, config, clock, logger)
-        pool = WorkerPool(runner, config.workers, logger)
+        attention = threading.Event()
+        workers = WorkerProcesses(
+            config,
+            logger,
+            processes=config.worker_processes or os.cpu_count() or 1,
+            on_lost=attention.set,
+        )
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
         def queue_job(job: JobDir, document: dict[str, Any]) -> None:
-            runner.remember(job.job_id, document)
-            pool.submit(job.job_id)
+            workers.submit(job.job_id, document)
 
         intake = Intake(
             spool,
@@ -104,17 +110,19 @@ class Daemon:
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         recovery = Recovery(spool, config, clock, logger)
-        return cls(config, clock, logger, spool, runner, pool, intake_thread, recovery, watch_mode)
+        return cls(
+            config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention
+        )
 
-    def run(self, stop: threading.Event | None = None) -> int:
-        """Run until SIGTERM/SIGINT (or ``stop`` is set); return the process exit code."""
-        stop = stop or threading.Event()
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the process exit code."""
+        stop = threading.Event()
         self._install_signals(stop)
         lock = self.spool.lock_host(self.config.hostname)
         watcher: InotifyWatcher | None = None
         try:
             self._recover()
-            self.pool.start()
+            self.workers.start()
             self.intake_thread.start()
             if self.watch_mode == "inotify":
                 watcher = InotifyWatcher(
@@ -126,8 +134,8 @@ class Daemon:
                 watcher.start()
             self.intake_thread.request_sweep()
             self.logger.info(
-                "spoold running on %s: %d worker(s), watching by %s",
-                self.spool.root, self.config.workers, self.watch_mode,
+                "spoold running on %s: %d worker(s) in %d process(es), watching by %s",
+                self.spool.root, self.config.workers, self.workers.processes, self.watch_mode,
             )  # fmt: skip
             sd_notify("READY=1")
             self._loop(stop)
@@ -139,30 +147,41 @@ class Daemon:
             if watcher is not None:
                 watcher.stop()
             self.intake_thread.stop()
-            self.pool.stop(self.config.shutdown_grace, self.clock)
+            self.workers.stop(self.config.shutdown_grace)
             lock.close()
             self.logger.info("stopped")
         return 0
 
     def _loop(self, stop: threading.Event) -> None:
-        """Periodic duties: scans that back up the watcher, heartbeats, lost-claim recovery."""
+        """Periodic duties: scans that back up the watcher, lost-claim recovery, dead workers.
+
+        Leases are kept alive by the worker processes that hold them.
+        """
         scan_every = (
             self.config.poll_interval if self.watch_mode == "poll" else self.config.rescan_interval
         )
-        heartbeat_every = self.config.heartbeat_interval
-        now = self.clock.monotonic()
-        next_scan, next_heartbeat = now + scan_every, now + heartbeat_every
-        while not stop.wait(max(min(next_scan, next_heartbeat) - self.clock.monotonic(), 0.0)):
+        next_scan = self.clock.monotonic() + scan_every
+        while not stop.is_set():
+            self.attention.wait(max(next_scan - self.clock.monotonic(), 0.0))
+            self.attention.clear()
+            if stop.is_set():
+                return
+            if self.workers.lost_any():
+                self._duty(self._replace_workers)
             now = self.clock.monotonic()
-            if now >= next_heartbeat:
-                self._duty(self.runner.renew_leases)
-                self._duty(self.runner.retry_finishing)
-                next_heartbeat = now + heartbeat_every
             if now >= next_scan:
                 self.intake_thread.request_sweep()
                 self._duty(self._queue_pending)
-                self._duty(lambda: self.recovery.reap(own_runs=frozenset(self.runner.active_ids())))
+                self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
                 next_scan = now + scan_every
+
+    def _replace_workers(self) -> None:
+        lost = self.workers.replace_dead()
+        # Their leases name a dead pid now: recovery ends or requeues those jobs at once.
+        for job in self.recovery.reap(own_runs=self.workers.in_flight()):
+            self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
+        if lost:
+            self._queue_pending()
 
     def _duty(self, duty: Callable[[], object]) -> None:
         """Run one periodic duty; its failure is logged and the daemon goes on."""
@@ -181,7 +200,7 @@ class Daemon:
 
     def _queue_pending(self) -> None:
         for job in self.spool.list_jobs("pending"):
-            self.pool.submit(job.job_id)
+            self.workers.submit(job.job_id)
 
     def _install_signals(self, stop: threading.Event) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -190,12 +209,28 @@ class Daemon:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             self.logger.info("received %s", signal.Signals(signum).name)
             stop.set()
+            self.attention.set()
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         # A lease-break notice (SIGIO) would kill the process by default; leases are only
         # held for microseconds, but the default must never apply.
         signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+def serve_worker_process(fd: int) -> None:
+    """The composition root of a worker process (see spoold.pool), started by the daemon."""
+    received = receive_setup(fd)
+    if received is None:
+        return
+    conn, setup = received
+    config, clock = setup.config, SystemClock()
+    logger = configure_logging(config)
+    spool = Spool(config.spool, durable=config.durable)
+    registry = ExecutorRegistry.from_entry_points()
+    runner = JobRunner(spool, registry, config, clock, logger, daemon_pid=setup.parent)
+    pool = WorkerPool(runner, setup.slots, logger, on_done=reporter(conn))
+    serve_jobs(conn, runner, pool, config, clock)
 
 
 def detach(pidfile: Path | None) -> None:

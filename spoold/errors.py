@@ -60,3 +60,7 @@ class ExecutorNotAvailable(ExecutorError):
 
 class PluginError(SpooldError):
     """An executor plugin could not be loaded or is not an Executor subclass."""
+
+
+class WorkerProcessError(SpooldError):
+    """A worker process could not be started or said something it should not."""

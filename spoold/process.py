@@ -121,7 +121,8 @@ class _Streams:
 
     def __init__(self, log: JobLog, stdout: int, stderr: int) -> None:
         self._log = log
-        self._selector = selectors.DefaultSelector()
+        # poll(2) needs no kernel object of its own, unlike epoll: fewer syscalls for two fds.
+        self._selector = selectors.PollSelector()
         self._partial: dict[int, bytes] = {stdout: b"", stderr: b""}
         self._is_stderr = {stdout: False, stderr: True}
         for fd in (stdout, stderr):

@@ -52,11 +52,16 @@ class Recovery:
             return Verdict(False)
         worker = f"worker {lease.get('worker')} (pid {lease.get('pid')} on {lease.get('host')})"
         if lease.get("host") == self._config.hostname:
-            # Same host: the process table is the truth, not the heartbeat.
-            pid, start = lease.get("pid"), lease.get("pid_start")
-            if isinstance(pid, int) and start is not None and process_start_time(pid) == start:
-                return Verdict(False)
-            return Verdict(True, f"{worker} is gone")
+            # Same host: the process table is the truth, not the heartbeat. The daemon and
+            # its worker process must both live (the worker dies with the daemon, but not
+            # necessarily before a restarted daemon looks).
+            if not _alive(lease.get("pid"), lease.get("pid_start")):
+                return Verdict(True, f"{worker} is gone")
+            if "worker_pid" in lease and not _alive(
+                lease.get("worker_pid"), lease.get("worker_pid_start")
+            ):
+                return Verdict(True, f"{worker} lost its worker process {lease['worker_pid']}")
+            return Verdict(False)
         heartbeat = parse_rfc3339(str(lease.get("heartbeat"))).timestamp()
         if now - heartbeat > self._config.lease_timeout:
             return Verdict(True, f"{worker} sent no heartbeat for {now - heartbeat:.0f}s")
@@ -123,8 +128,15 @@ class Recovery:
     def _kill_leftovers(self, job: JobDir) -> None:
         """A job's processes can outlive a killed daemon; they must not outlive its recovery."""
         lease = self._spool.read_lease(job) or {}
+        if lease.get("host") != self._config.hostname:
+            return
+        worker, worker_start = lease.get("worker_pid"), lease.get("worker_pid_start")
+        if isinstance(worker, int) and _alive(worker, worker_start):
+            # Its daemon is gone, and so must it be before the job moves on.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(worker, signal.SIGKILL)
         pid, start = lease.get("job_pid"), lease.get("job_pid_start")
-        if lease.get("host") != self._config.hostname or not isinstance(pid, int):
+        if not isinstance(pid, int):
             return
         members = group_members(pid, int(start) if start is not None else None)
         for member in members:
@@ -134,6 +146,11 @@ class Recovery:
             self._logger.warning(
                 "killed %d leftover process(es) of job %s", len(members), job.job_id
             )
+
+
+def _alive(pid: object, start: object) -> bool:
+    """Whether ``pid`` is still the process that started at ``start`` (not a reused pid)."""
+    return isinstance(pid, int) and start is not None and process_start_time(pid) == start
 
 
 def _on_interrupt(spool: Spool, job: JobDir, status: JobStatus) -> str:

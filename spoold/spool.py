@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class Spool:
         self.root = root
         self.durable = durable
         self._dirs = {name: os.path.join(root, name) for name in SPOOL_DIRECTORIES}
+        self._syncers: dict[str, _GroupSync] = {}
+        self._syncers_lock = threading.Lock()
 
     def dir(self, name: str) -> Path:
         """The path of one of the spool's top-level directories."""
@@ -482,9 +485,14 @@ class Spool:
             raise
 
     def _sync_dirs(self, *paths: str | Path) -> None:
-        if self.durable:
-            for path in paths:
-                _fsync_path(path)
+        if not self.durable:
+            return
+        for path in (os.fspath(p) for p in paths):
+            with self._syncers_lock:
+                syncer = self._syncers.get(path)
+                if syncer is None:
+                    syncer = self._syncers[path] = _GroupSync(path)
+            syncer.sync()
 
 
 def _check_job_id(job_id: str) -> None:
@@ -614,6 +622,48 @@ def _read(path: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+class _GroupSync:
+    """fsync of one directory, shared by every thread that needs one at the same time.
+
+    What a caller needs is a sync that starts after its rename: when one is under way, the
+    callers that arrive meanwhile wait for it to end and share the next, as a database
+    commits a group. Under load, a directory is synced once per batch, not once per job.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._started = 0
+        self._finished = 0
+        self._running = False
+        self._error: OSError | None = None
+
+    def sync(self) -> None:
+        with self._cond:
+            needed = self._started + 1  # the first sync to start from now on
+            while self._finished < needed:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                self._cond.release()
+                try:
+                    _fsync_path(self._path)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._finished = number
+                    self._error = error
+                    self._cond.notify_all()
+            if self._error is not None:  # the latest sync, which covers this caller, failed
+                raise self._error
 
 
 def _fsync_path(path: str | Path) -> None:

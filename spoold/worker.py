@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +25,7 @@ from spoold.states import JobState
 from spoold.validation import load_document
 
 _DOCUMENT_CACHE = 10_000
-# Recording is mostly waiting on fsync: two overlap their waits.
+# Recording is mostly waiting on fsync: two overlap their waits (one where one slot feeds them).
 _RECORDERS = 2
 
 
@@ -63,7 +64,10 @@ class JobRunner:
         config: Config,
         clock: Clock,
         logger: logging.Logger,
+        *,
+        daemon_pid: int | None = None,
     ) -> None:
+        """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone)."""
         self._spool = spool
         self._registry = registry
         self._config = config
@@ -71,7 +75,15 @@ class JobRunner:
         self._logger = logger
         self._active: dict[str, ActiveRun] = {}
         self._lock = threading.Lock()
-        self._pid_start = process_start_time(os.getpid())
+        # A claim is the daemon's and, inside it, a worker process's: it dies with either.
+        self._owner = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
+        if daemon_pid is not None:
+            self._owner = {
+                "pid": daemon_pid,
+                "pid_start": process_start_time(daemon_pid),
+                "worker_pid": os.getpid(),
+                "worker_pid_start": process_start_time(os.getpid()),
+            }
         self._environ = dict(os.environ)  # a plain dict copies much faster per job
         # Documents intake parsed, so that a job is not parsed again to run (bounded).
         self._documents: dict[str, dict[str, Any]] = {}
@@ -87,12 +99,10 @@ class JobRunner:
     def new_lease(self) -> dict[str, Any]:
         """The claim a worker of this process writes into running/<id>/lease."""
         now = rfc3339(self._clock.now())
-        pid = os.getpid()
         return {
             "worker": self._config.worker_id,
             "host": self._config.hostname,
-            "pid": pid,
-            "pid_start": self._pid_start,
+            **self._owner,
             "claimed_at": now,
             "heartbeat": now,
             "job_pid": None,
@@ -378,18 +388,26 @@ def _sha256(path: Path) -> str:
 
 
 class WorkerPool:
-    """``workers`` threads that claim queued jobs and run them, and recorders behind them.
+    """Threads that claim jobs and run them, one per work slot, and recorders behind them.
 
     Recording an outcome (fsync of status and log, the rename, a directory fsync) needs no
-    worker slot: it is handed to recorder threads so that the slot takes the next job at once.
-    ``workers`` still bounds how many jobs run at the same time.
+    slot: it is handed to recorder threads so that the slot takes the next job at once. The
+    slots still bound how many jobs run at the same time. ``on_done`` hears of every job a
+    slot is done with, whatever became of it.
     """
 
     _STOP = "\0stop"
 
-    def __init__(self, runner: JobRunner, workers: int, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        runner: JobRunner,
+        slots: Sequence[str],
+        logger: logging.Logger,
+        on_done: Callable[[str], None],
+    ) -> None:
         self._runner = runner
         self._logger = logger
+        self._on_done = on_done
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._known: set[str] = set()
@@ -397,14 +415,20 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._threads = [
             threading.Thread(
-                target=self._loop, args=(str(n),), name=f"spoold-worker-{n}", daemon=True
+                target=self._loop, args=(slot,), name=f"spoold-slot-{slot}", daemon=True
             )
-            for n in range(workers)
+            for slot in slots
         ]
         self._recorders = [
             threading.Thread(target=self._record_loop, name=f"spoold-recorder-{n}", daemon=True)
-            for n in range(_RECORDERS)
+            for n in range(min(_RECORDERS, len(slots)))
         ]
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job is queued here or running."""
+        with self._lock:
+            return bool(self._known)
 
     def start(self) -> None:
         for thread in [*self._threads, *self._recorders]:
@@ -451,6 +475,7 @@ class WorkerPool:
             finally:
                 with self._lock:
                     self._known.discard(job_id)
+                self._on_done(job_id)
 
     def _record_loop(self) -> None:
         while (outcome := self._outcomes.get()) is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import time
@@ -164,6 +165,13 @@ def test_kill_9_with_running_and_pending_jobs(env: Env, tmp_path: Path) -> None:
         assert processes_with(f"{env.token}-run-fail")
         for lease in leases.values():
             assert process_start_time(lease["job_pid"]) == lease["job_pid_start"]
+        # Its worker processes do not outlive it (PR_SET_PDEATHSIG).
+        for lease in leases.values():
+            wait_for(
+                partial(gone, lease["worker_pid"], lease["worker_pid_start"]),
+                bound=10,
+                what=f"worker process {lease['worker_pid']} to die with its daemon",
+            )
 
         daemon.start()
         # Recovery runs before the daemon reports READY.
@@ -201,6 +209,50 @@ def test_kill_9_with_running_and_pending_jobs(env: Env, tmp_path: Path) -> None:
         assert daemon.stop() == 0
         assert_spool_drained(spool)
         assert processes_with(env.token) == []
+    finally:
+        daemon.kill()
+
+
+def gone(pid: int, start: int) -> bool:
+    return process_start_time(pid) != start
+
+
+def test_kill_9_of_a_worker_process(env: Env, tmp_path: Path) -> None:
+    """The OOM killer takes one worker process: its job is recovered, a new one takes over."""
+    spool = env.spool
+    config = write_config(tmp_path / "config.yaml", spool, workers=2, worker_processes=2)
+    daemon = DaemonProcess(spool, config)
+    daemon.start()
+    try:
+        drop(spool, "victim.yaml", env.job("victim", wait_go=True))
+        drop(spool, "survivor.yaml", env.job("survivor", wait_go=True, on_interrupt="requeue"))
+        victim = wait_for(partial(env.lease_with_process, "victim"), what="victim's lease")
+        survivor = wait_for(partial(env.lease_with_process, "survivor"), what="survivor's lease")
+        assert victim["pid"] == survivor["pid"] == daemon.process.pid  # type: ignore[union-attr]
+        assert victim["worker_pid"] != survivor["worker_pid"], "one job per worker process"
+
+        os.kill(victim["worker_pid"], signal.SIGKILL)
+        directory, status = wait_finished(spool, "victim")
+        assert directory == "failed" and "interrupted" in status["error"], status
+        assert "worker process" in status["error"], status
+        wait_for(
+            partial(gone, victim["job_pid"], victim["job_pid_start"]),
+            bound=10,
+            what="the victim's job process to be killed",
+        )
+        assert daemon.alive
+        assert found_in(spool, "survivor") == ["running"], "the other worker process is untouched"
+
+        drop(spool, "after.yaml", env.job("after", wait_go=True))
+        after = wait_for(partial(env.lease, "after"), what="a new worker process to take a job")
+        assert after["worker_pid"] not in (victim["worker_pid"], survivor["worker_pid"])
+        env.go.touch()
+        assert wait_finished(spool, "after")[0] == "done"
+        assert wait_finished(spool, "survivor")[0] == "done"
+        assert env.marks_of("survivor") == ["start 1", "end 1"]
+        assert "worker process 0" in daemon.log() or "worker process 1" in daemon.log()
+        assert daemon.stop() == 0
+        assert_spool_drained(spool)
     finally:
         daemon.kill()
 

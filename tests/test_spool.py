@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from spoold import spool as spool_module
 from spoold.errors import DuplicateJob, InvalidTransition, SpoolError
 from spoold.spool import SPOOL_DIRECTORIES, JobDir, Spool, TakenFile, is_transient_name
 from spoold.states import JobState
@@ -245,3 +248,50 @@ def test_release_gives_back_the_original_whatever_its_name(
     assert spool.list_incoming() == [name]
     assert (spool.dir("incoming") / name).read_text() == "the original\n"
     assert list(spool.dir("tmp").iterdir()) == []
+
+
+def test_directory_syncs_are_shared_by_callers_that_arrive_during_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Group commit: callers arriving while a sync runs share the next one, none is skipped."""
+    release = threading.Event()
+    synced: list[str] = []
+
+    def slow_fsync(path: str | Path) -> None:
+        synced.append(str(path))
+        if len(synced) == 1:
+            release.wait(10)
+
+    monkeypatch.setattr(spool_module, "_fsync_path", slow_fsync)
+    syncer = spool_module._GroupSync(str(tmp_path))
+    first = threading.Thread(target=syncer.sync)
+    first.start()
+    wait_until(lambda: len(synced) == 1)
+    late = [threading.Thread(target=syncer.sync) for _ in range(5)]
+    for thread in late:
+        thread.start()
+    # All five wait: the running sync may have begun before their renames.
+    wait_until(lambda: len(syncer._cond._waiters) == 5)  # type: ignore[attr-defined]
+    release.set()
+    for thread in [first, *late]:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert synced == [str(tmp_path)] * 2, "one sync for the first caller, one for the five"
+
+
+def test_a_failed_directory_sync_is_raised_to_its_callers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def failing(path: str | Path) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(spool_module, "_fsync_path", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        spool_module._GroupSync(str(tmp_path)).sync()
+
+
+def wait_until(predicate: Callable[[], bool], bound: float = 10.0) -> None:
+    end = time.monotonic() + bound
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)

@@ -1,0 +1,347 @@
+"""The daemon's worker processes: jobs run on their threads, each process with its own GIL.
+
+spoold's work per job (the spawn, log lines, status writes, fsync waits) is mostly Python, and
+one Python process runs Python on one core at a time: past a few hundred jobs a second its
+threads spend more time handing the GIL around than working. So, as gunicorn and dramatiq do,
+the main process takes files in and hands job ids to worker processes, one socket pair each,
+and a worker process reports each job it is done with. A worker process that dies is replaced,
+and its claims are recovered as a crashed daemon's would be: they carry its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from spoold.clock import Clock
+from spoold.config import Config
+from spoold.errors import WorkerProcessError
+from spoold.worker import JobRunner, WorkerPool
+
+_PR_SET_PDEATHSIG = 1
+# How long past shutdown_grace a worker process may take to record what it interrupted.
+_STOP_MARGIN = 15.0
+_READY_BOUND = 60.0  # a fresh interpreter importing spoold takes well under a second
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The first message to a new worker process: what it is and which work slots it has."""
+
+    config: Config
+    slots: tuple[str, ...]
+    parent: int
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Run a pending job; ``document`` is the job file as intake parsed it, if it did."""
+
+    job_id: str
+    document: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Take no more jobs; interrupt running ones after ``grace`` seconds; exit."""
+
+    grace: float
+
+
+@dataclass(frozen=True)
+class Ready:
+    """From a new worker process: built and listening."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """From a worker process: its slot is free again (the job ran, or another claimed it)."""
+
+    job_id: str
+
+
+def plan_slots(workers: int, processes: int) -> list[tuple[str, ...]]:
+    """Spread ``workers`` work slots over ``processes`` processes, round robin."""
+    count = max(1, min(processes, workers))
+    return [tuple(str(slot) for slot in range(n, workers, count)) for n in range(count)]
+
+
+@dataclass
+class _Link:
+    """One worker process as the main process sees it."""
+
+    index: int
+    slots: tuple[str, ...]
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    in_flight: set[str] = field(default_factory=set)
+    alive: bool = True
+    #: Sends come from intake threads and from this link's receiver: one message at a time.
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def free(self) -> int:
+        return len(self.slots) - len(self.in_flight) if self.alive else 0
+
+
+class WorkerProcesses:
+    """Starts the worker processes, feeds them job ids as slots free up, replaces the dead."""
+
+    def __init__(
+        self,
+        config: Config,
+        logger: logging.Logger,
+        *,
+        processes: int,
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._logger = logger
+        self._plan = plan_slots(config.workers, processes)
+        self._on_lost = on_lost
+        self._cond = threading.Condition()
+        self._queue: deque[RunJob] = deque()
+        self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
+        self._links: list[_Link] = []
+        self._stopping = False
+
+    @property
+    def processes(self) -> int:
+        return len(self._plan)
+
+    def start(self) -> None:
+        """Start every worker process and wait until each is ready.
+
+        Call from a thread that lives as long as the daemon: a worker process dies with the
+        thread that started it (PR_SET_PDEATHSIG).
+        """
+        links = [self._spawn(index, slots) for index, slots in enumerate(self._plan)]
+        for link in links:
+            self._await_ready(link)
+            self._add(link)
+
+    def _add(self, link: _Link, replacing: int | None = None) -> None:
+        """Put a ready worker process to use, and hand it what is queued."""
+        with self._cond:
+            if replacing is None:
+                self._links.append(link)
+            else:
+                self._links[replacing] = link
+            handed = [self._hand_out(link) for _ in link.slots]
+        for each in handed:
+            self._send(each)
+
+    def submit(self, job_id: str, document: dict[str, Any] | None = None) -> bool:
+        """Queue a pending job unless it is queued or running already."""
+        with self._cond:
+            if job_id in self._known or self._stopping:
+                return False
+            self._known.add(job_id)
+            self._queue.append(RunJob(job_id, document))
+            handed = self._hand_out(self._free_link())
+        self._send(handed)
+        return True
+
+    def in_flight(self) -> frozenset[str]:
+        """Jobs handed to a worker process and not reported done."""
+        with self._cond:
+            return frozenset().union(*(link.in_flight for link in self._links))
+
+    def lost_any(self) -> bool:
+        """Whether a worker process died and awaits ``replace_dead``."""
+        with self._cond:
+            return not self._stopping and not all(link.alive for link in self._links)
+
+    def replace_dead(self) -> list[str]:
+        """Restart every worker process that died; return the jobs they had in hand."""
+        lost: list[str] = []
+        for position, link in enumerate(list(self._links)):
+            if link.alive or self._stopping:
+                continue
+            code = link.process.wait()
+            with self._cond:
+                lost.extend(link.in_flight)
+                self._known.difference_update(link.in_flight)
+                link.in_flight.clear()
+            self._logger.error(
+                "worker process %d (pid %d) ended with %s; starting a new one",
+                link.index, link.process.pid, _describe_exit(code),
+            )  # fmt: skip
+            replacement = self._spawn(link.index, link.slots)
+            self._await_ready(replacement)
+            self._add(replacement, replacing=position)
+        return lost
+
+    def stop(self, grace: float) -> None:
+        """Stop taking jobs; worker processes interrupt theirs after ``grace`` and exit."""
+        with self._cond:
+            self._stopping = True
+            self._queue.clear()
+        for link in self._links:
+            with link.send_lock, contextlib.suppress(OSError):
+                link.conn.send(Stop(grace))
+        for link in self._links:
+            try:
+                link.process.wait(timeout=grace + _STOP_MARGIN)
+            except subprocess.TimeoutExpired:
+                self._logger.error("worker process %d did not stop; killing it", link.index)
+                link.process.kill()
+                link.process.wait()
+            link.conn.close()
+
+    def _spawn(self, index: int, slots: tuple[str, ...]) -> _Link:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+            conn = Connection(ours.detach())
+        conn.send(Setup(self._config, slots, os.getpid()))
+        return _Link(index, slots, process, conn)
+
+    def _await_ready(self, link: _Link) -> None:
+        """Wait for the Ready of a new worker process, then listen to it."""
+        try:
+            if not link.conn.poll(_READY_BOUND):
+                raise WorkerProcessError(
+                    f"worker process {link.index} was not ready after {_READY_BOUND:.0f}s"
+                )
+            if not isinstance(message := link.conn.recv(), Ready):
+                raise WorkerProcessError(
+                    f"worker process {link.index} said {message!r} instead of Ready"
+                )
+        except (EOFError, OSError) as exc:
+            code = link.process.wait()
+            raise WorkerProcessError(
+                f"worker process {link.index} ended while starting ({_describe_exit(code)})"
+            ) from exc
+        threading.Thread(
+            target=self._receive, args=(link,), name=f"spoold-link-{link.index}", daemon=True
+        ).start()
+
+    def _receive(self, link: _Link) -> None:
+        try:
+            while True:
+                message = link.conn.recv()
+                if isinstance(message, Done):
+                    with self._cond:
+                        link.in_flight.discard(message.job_id)
+                        self._known.discard(message.job_id)
+                        handed = self._hand_out(link)
+                    self._send(handed)  # the freed slot's next job, without another thread
+        except (EOFError, OSError):
+            pass
+        with self._cond:
+            link.alive = False
+            stopping = self._stopping
+        if not stopping:
+            self._on_lost()
+
+    def _hand_out(self, link: _Link | None) -> tuple[_Link, RunJob] | None:
+        """Under the lock: the next queued job, reserved for a free slot of ``link``."""
+        if link is None or link.free <= 0 or not self._queue or self._stopping:
+            return None
+        job = self._queue.popleft()
+        link.in_flight.add(job.job_id)
+        return link, job
+
+    def _send(self, handed: tuple[_Link, RunJob] | None) -> None:
+        if handed is None:
+            return
+        link, job = handed
+        try:
+            with link.send_lock:
+                link.conn.send(job)
+        except OSError:  # it died: the job stays pending, and a scan queues it again
+            with self._cond:
+                link.in_flight.discard(job.job_id)
+                self._known.discard(job.job_id)
+
+    def _free_link(self) -> _Link | None:
+        best = max(self._links, key=lambda link: link.free, default=None)
+        return best if best is not None and best.free > 0 else None
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+# The worker process's entry: a fresh interpreter (no fork of a threaded process).
+_CHILD_MAIN = "import sys; from spoold.daemon import serve_worker_process; serve_worker_process(int(sys.argv[1]))"
+
+
+def receive_setup(fd: int) -> tuple[Connection, Setup] | None:
+    """In a new worker process: die with the main process, then read the Setup; None if orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The main process decides when to stop (Stop); a Ctrl-C to the group is its to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = Connection(fd)
+    try:
+        setup = conn.recv()
+    except EOFError:
+        return None
+    if not isinstance(setup, Setup) or os.getppid() != setup.parent:
+        return None  # the main process died before prctl took effect
+    return conn, setup
+
+
+def serve_jobs(
+    conn: Connection,
+    runner: JobRunner,
+    pool: WorkerPool,
+    config: Config,
+    clock: Clock,
+) -> None:
+    """A worker process's loop: take jobs from the main process, keep leases alive, stop."""
+    heartbeat = config.heartbeat_interval
+    next_beat = clock.monotonic() + heartbeat
+    pool.start()
+    conn.send(Ready())
+    while True:
+        busy = pool.busy or bool(runner.active_ids())
+        timeout = max(next_beat - clock.monotonic(), 0.0) if busy else None
+        if conn.poll(timeout):
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the main process is gone: stop as it would have
+                message = Stop(config.shutdown_grace)
+            if isinstance(message, Stop):
+                pool.stop(message.grace, clock)
+                return
+            if isinstance(message, RunJob):
+                if message.document is not None:
+                    runner.remember(message.job_id, message.document)
+                pool.submit(message.job_id)
+        now = clock.monotonic()
+        if not busy:
+            next_beat = now + heartbeat
+        elif now >= next_beat:
+            runner.renew_leases()
+            runner.retry_finishing()
+            next_beat = now + heartbeat
+
+
+def reporter(conn: Connection) -> Callable[[str], None]:
+    """What a worker process's slots call when they are done with a job."""
+    lock = threading.Lock()
+
+    def done(job_id: str) -> None:
+        with lock, contextlib.suppress(OSError):
+            conn.send(Done(job_id))
+
+    return done
