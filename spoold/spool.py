@@ -348,12 +348,15 @@ class Spool:
         if directory not in JOB_DIRECTORIES:
             raise SpoolError(f"no job directory named {directory!r}")
         parent = self.root / directory
+        found = []
         with os.scandir(parent) as entries:
-            found = [
-                (e.stat(follow_symlinks=False).st_ctime_ns, e.name)
-                for e in entries
-                if e.is_dir(follow_symlinks=False) and JOB_ID.match(e.name)
-            ]
+            for entry in entries:
+                if not (entry.is_dir(follow_symlinks=False) and JOB_ID.match(entry.name)):
+                    continue
+                try:
+                    found.append((entry.stat(follow_symlinks=False).st_ctime_ns, entry.name))
+                except FileNotFoundError:
+                    continue  # moved on (claimed, finished) while we looked
         return [JobDir(name, directory, os.path.join(parent, name)) for _, name in sorted(found)]
 
     def read_status(self, job: JobDir) -> dict[str, Any]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,34 @@ def wait_until(predicate: Callable[[], bool], bound: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.001)
+
+
+def test_list_jobs_skips_a_job_that_moves_on_while_listed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker process claims a pending job while the main process lists pending/."""
+    spool = _spool(tmp_path)
+    for job_id in ("stays", "claimed"):
+        (tmp_path / "spool" / "pending" / job_id).mkdir()
+    real_scandir = os.scandir
+
+    class Moving:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self._entry = entry
+            self.name = entry.name
+
+        def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+            return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            if self.name == "claimed":
+                raise FileNotFoundError(self.name)
+            return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    @contextlib.contextmanager
+    def scandir(path: str | Path) -> Iterator[list[Moving]]:
+        with real_scandir(path) as entries:
+            yield [Moving(entry) for entry in entries]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert [job.job_id for job in spool.list_jobs("pending")] == ["stays"]
