@@ -97,6 +97,16 @@ def say(message: str) -> None:
 # -- the daemons ------------------------------------------------------------------------------
 
 
+def service_environment() -> dict[str, str]:
+    """The few variables systemd gives a service, not the environment of whoever runs this.
+
+    Every job's environment is the daemon's plus its own variables, built per job: the
+    daemons are measured with what they would have in production.
+    """
+    keep = ("PATH", "LANG", "PYTHONPATH")
+    return {key: os.environ[key] for key in keep if key in os.environ} | {"PYTHONUNBUFFERED": "1"}
+
+
 class Daemon:
     """A spool daemon in a subprocess, started and stopped the way systemd would."""
 
@@ -119,7 +129,7 @@ class Daemon:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.bind(address)
                 sock.settimeout(0.5)
-                env = {**os.environ, "NOTIFY_SOCKET": address, "PYTHONUNBUFFERED": "1"}
+                env = {**service_environment(), "NOTIFY_SOCKET": address}
                 with open(self.log_path, "ab") as log:
                     self.process = subprocess.Popen(
                         self.argv,

@@ -154,7 +154,7 @@ class Spool:
         """
         if is_transient_name(name) or "/" in name or name in (".", ".."):
             return None
-        path = self.dir("incoming") / name
+        path = f"{self._dirs['incoming']}/{name}"  # plain strings: this runs for every file
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -185,14 +185,14 @@ class Spool:
                         return None
             stage = self._new_stage()
             try:
-                os.rename(path, stage / name)
+                os.rename(path, f"{stage}/{name}")
             except FileNotFoundError:
-                stage.rmdir()
+                os.rmdir(stage)
                 return None
             data = None
             if kind == "file" and st.st_size <= max_size:
                 data = _read_limited(fd, max_size + 1)
-            return TakenFile(name=name, stage=stage, kind=kind, size=st.st_size, data=data)
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=data)
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -215,7 +215,7 @@ class Spool:
 
     def stage_file(self, source: Path, *, max_size: int) -> TakenFile:
         """Copy a file from outside the spool into a stage, as if it had been taken from incoming/."""
-        stage = self._new_stage()
+        stage = Path(self._new_stage())
         target = stage / source.name
         size = source.stat().st_size
         data = _read_limited_path(source, max_size + 1) if size <= max_size else None
@@ -223,10 +223,10 @@ class Spool:
             _write_new(target, data)  # a stage is private: no atomic replace needed
         return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
 
-    def _new_stage(self) -> Path:
+    def _new_stage(self) -> str:
         # uuid: stages of several hosts sharing one spool must not collide.
-        stage = self.dir("tmp") / f"{_STAGE_PREFIX}{uuid.uuid4().hex[:16]}"
-        stage.mkdir(mode=_DEFAULT_MODE)
+        stage = f"{self._dirs['tmp']}/{_STAGE_PREFIX}{uuid.uuid4().hex[:16]}"
+        os.mkdir(stage, _DEFAULT_MODE)
         return stage
 
     def accept(
@@ -236,18 +236,19 @@ class Spool:
         _check_job_id(job_id)
         if self.find(job_id) is not None:
             raise DuplicateJob(f"a job with id {job_id!r} already exists")
-        stage = taken.stage
-        job_file = stage / "job.yaml"
+        stage = os.fspath(taken.stage)
+        original = f"{stage}/{taken.name}"
+        job_file = f"{stage}/job.yaml"
         # The original keeps its name to the last, so that recovery can give it back under
         # it; unless it is named like a file written beside it (a job file named status.json).
         if taken.name in _STAGE_FILES:
-            os.rename(taken.original, job_file)
+            os.rename(original, job_file)
         # Plain writes: nobody else looks into a stage.
-        _write_new(stage / "status.json", _json_bytes(status))
-        _write_new(stage / "log", log_text.encode())
-        (stage / "artifacts").mkdir(mode=_DEFAULT_MODE)
+        _write_new(f"{stage}/status.json", _json_bytes(status))
+        _write_new(f"{stage}/log", log_text.encode())
+        os.mkdir(f"{stage}/artifacts", _DEFAULT_MODE)
         if taken.name not in _STAGE_FILES:
-            os.rename(taken.original, job_file)
+            os.rename(original, job_file)
         if self.durable:
             _fsync_path(job_file)
         target = f"{self._dirs['pending']}/{job_id}"
@@ -256,9 +257,9 @@ class Spool:
         except FileExistsError as exc:
             # Lost a race with another instance: put the file back where reject() expects it.
             for leftover in ("status.json", "log"):
-                (stage / leftover).unlink()
-            (stage / "artifacts").rmdir()
-            os.rename(job_file, taken.original)
+                os.unlink(f"{stage}/{leftover}")
+            os.rmdir(f"{stage}/artifacts")
+            os.rename(job_file, original)
             raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
         self._sync_dirs(self._dirs["pending"])
         return JobDir(job_id, "pending", target)
