@@ -191,6 +191,7 @@ class Daemon:
             self.logger.exception("unexpected failure in a periodic duty; retrying next time")
 
     def _recover(self) -> None:
+        self.spool.sync_tree()
         for line in self.spool.recover_stages():
             self.logger.warning("recovery: %s", line)
         self.recovery.repair_pending()

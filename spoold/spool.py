@@ -291,6 +291,11 @@ class Spool:
         shutil.rmtree(stage)
         return f"returned {taken.name} to incoming/ as {target.name}"
 
+    def sync_tree(self) -> None:
+        """fsync every top-level directory: at start, so that the first jobs do not pay for
+        whatever metadata of the tree is still unwritten (a fresh ``init`` takes ~0.1 s here)."""
+        self._sync_dirs(*(self._dirs[name] for name in SPOOL_DIRECTORIES))
+
     def recover_stages(self) -> list[str]:
         """Finish or undo intake that a crash interrupted; return what was done, for the log."""
         done: list[str] = []
