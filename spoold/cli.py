@@ -15,9 +15,10 @@ from typing import Any
 from spoold import __version__
 from spoold.clock import SystemClock
 from spoold.config import Config, load_config
-from spoold.daemon import Daemon, configure_logging, detach, job_validator
+from spoold.daemon import Daemon, detach, job_validator
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
+from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
 from spoold.spool import SPOOL_DIRECTORIES, Spool
 from spoold.states import JOB_DIRECTORIES, JobState

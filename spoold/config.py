@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
 
+from spoold.documents import load_executor_schema
 from spoold.errors import ConfigError
 from spoold.units import parse_duration, parse_size
-from spoold.validation import load_executor_schema
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
 DEFAULT_SPOOL = Path("spool")
@@ -85,6 +84,8 @@ def _read_document(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
+    from jsonschema import Draft202012Validator  # noqa: PLC0415 - worker processes never need it
+
     schema = load_executor_schema("spoold.schemas", "config.schema.json")
     errors = sorted(Draft202012Validator(schema).iter_errors(document), key=lambda e: e.path)
     if errors:

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,36 +16,18 @@ from typing import Any
 from spoold.clock import Clock, SystemClock
 from spoold.config import Config
 from spoold.intake import Intake, IntakeThread
+from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
-from spoold.pool import WorkerProcesses, receive_setup, reporter, serve_jobs
+from spoold.pool import WorkerProcesses
 from spoold.recovery import Recovery
 from spoold.spool import JobDir, Spool
 from spoold.validation import JobValidator, compose_job_schema, load_base_schema
 from spoold.watcher import InotifyWatcher, resolve_watch_mode
-from spoold.worker import JobRunner, WorkerPool
 
 
 def job_validator(registry: ExecutorRegistry) -> JobValidator:
     """The validator for job files, knowing every installed executor."""
     return JobValidator(compose_job_schema(load_base_schema(), registry.schemas()))
-
-
-def configure_logging(config: Config) -> logging.Logger:
-    """spoold's own log: standard error (journald under systemd), and logdir/spoold.log if set."""
-    logger = logging.getLogger("spoold")
-    logger.setLevel(config.log_level.upper())
-    logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if config.logdir is not None:
-        config.logdir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(config.logdir / "spoold.log"))
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
-    return logger
 
 
 def sd_notify(message: str, env: dict[str, str] | None = None) -> None:
@@ -217,21 +198,6 @@ class Daemon:
         # A lease-break notice (SIGIO) would kill the process by default; leases are only
         # held for microseconds, but the default must never apply.
         signal.signal(signal.SIGIO, signal.SIG_IGN)
-
-
-def serve_worker_process(fd: int) -> None:
-    """The composition root of a worker process (see spoold.pool), started by the daemon."""
-    received = receive_setup(fd)
-    if received is None:
-        return
-    conn, setup = received
-    config, clock = setup.config, SystemClock()
-    logger = configure_logging(config)
-    spool = Spool(config.spool, durable=config.durable)
-    registry = ExecutorRegistry.from_entry_points()
-    runner = JobRunner(spool, registry, config, clock, logger, daemon_pid=setup.parent)
-    pool = WorkerPool(runner, setup.slots, logger, on_done=reporter(conn))
-    serve_jobs(conn, runner, pool, config, clock)
 
 
 def detach(pidfile: Path | None) -> None:

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import yaml
@@ -304,3 +305,10 @@ def load_document(data: bytes, filename: str) -> Any:
     text = decode_text(data)
     document, _ = (read_json if filename.lower().endswith(".json") else read_yaml)(text)
     return document
+
+
+def load_executor_schema(package: str, resource: str) -> dict[str, Any]:
+    """A JSON schema shipped as package data, such as an executor's product sub-schema."""
+    text = resources.files(package).joinpath(resource).read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema

@@ -6,9 +6,9 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from spoold.documents import load_executor_schema
 from spoold.errors import PluginError
 from spoold.executors.base import Executor
-from spoold.validation import load_executor_schema
 
 GROUP = "spoold.executors"
 

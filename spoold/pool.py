@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from spoold.clock import Clock
+from spoold.clock import Clock, SystemClock
 from spoold.config import Config
 from spoold.errors import WorkerProcessError
+from spoold.logs import configure_logging
+from spoold.plugins import ExecutorRegistry
+from spoold.spool import Spool
 from spoold.worker import JobRunner, WorkerPool
 
 _PR_SET_PDEATHSIG = 1
@@ -280,7 +283,7 @@ def _describe_exit(code: int) -> str:
 
 
 # The worker process's entry: a fresh interpreter (no fork of a threaded process).
-_CHILD_MAIN = "import sys; from spoold.daemon import serve_worker_process; serve_worker_process(int(sys.argv[1]))"
+_CHILD_MAIN = "import sys; from spoold.pool import serve_worker_process; serve_worker_process(int(sys.argv[1]))"
 
 
 def receive_setup(fd: int) -> tuple[Connection, Setup] | None:
@@ -345,3 +348,18 @@ def reporter(conn: Connection) -> Callable[[str], None]:
             conn.send(Done(job_id))
 
     return done
+
+
+def serve_worker_process(fd: int) -> None:
+    """The composition root of a worker process, started by the daemon (spoold.daemon is the other)."""
+    received = receive_setup(fd)
+    if received is None:
+        return
+    conn, setup = received
+    config, clock = setup.config, SystemClock()
+    logger = configure_logging(config)
+    spool = Spool(config.spool, durable=config.durable)
+    registry = ExecutorRegistry.from_entry_points()
+    runner = JobRunner(spool, registry, config, clock, logger, daemon_pid=setup.parent)
+    pool = WorkerPool(runner, setup.slots, logger, on_done=reporter(conn))
+    serve_jobs(conn, runner, pool, config, clock)

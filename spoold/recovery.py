@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 
 from spoold.clock import Clock, parse_rfc3339
 from spoold.config import Config
+from spoold.documents import load_document
 from spoold.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.job import JobSpec, JobStatus
 from spoold.joblog import JobLog
 from spoold.procfs import group_members, process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
-from spoold.validation import load_document
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
@@ -31,6 +29,7 @@ from spoold.documents import (
     format_path,
     kind_of,
     load_document,
+    load_executor_schema,
     map_nodes,
     position,
     read_json,
@@ -80,13 +79,6 @@ _PATTERN_MESSAGES = {
 def load_base_schema() -> dict[str, Any]:
     """The job file's schema before executors are added, as shipped in ``spoold.schemas``."""
     return load_executor_schema("spoold.schemas", "job.schema.json")
-
-
-def load_executor_schema(package: str, resource: str) -> dict[str, Any]:
-    """A JSON schema shipped as package data, such as an executor's product sub-schema."""
-    text = resources.files(package).joinpath(resource).read_text("utf-8")
-    schema: dict[str, Any] = json.loads(text)
-    return schema
 
 
 def compose_job_schema(

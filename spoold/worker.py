@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from spoold.clock import Clock, rfc3339
 from spoold.config import Config
+from spoold.documents import load_document
 from spoold.executors.base import ExecResult, RunContext
 from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate
 from spoold.joblog import JobLog
@@ -22,7 +23,6 @@ from spoold.plugins import ExecutorRegistry
 from spoold.procfs import process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
-from spoold.validation import load_document
 
 _DOCUMENT_CACHE = 10_000
 # Recording is mostly waiting on fsync: two overlap their waits (one where one slot feeds them).
