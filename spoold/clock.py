@@ -33,8 +33,11 @@ def rfc3339(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a Z, as status.json and log lines use."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    # isoformat is several times faster than strftime, and this runs for every log line.
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    # %-formatting of the fields: twice as fast as isoformat, and this runs for every log line.
+    m = moment
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031
+        m.year, m.month, m.day, m.hour, m.minute, m.second, m.microsecond,
+    )  # fmt: skip
 
 
 def parse_rfc3339(text: str) -> datetime:

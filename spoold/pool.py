@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import marshal
 import os
 import signal
 import socket
@@ -73,6 +74,46 @@ class Done:
     """From a worker process: its slot is free again (the job ran, or another claimed it)."""
 
     job_id: str
+
+
+Message = RunJob | Stop | Ready | Done
+
+
+def send_message(conn: Connection, message: Message) -> None:
+    """Send one message as marshal data: several times cheaper than pickle, and both ends run
+    the same interpreter. A document marshal cannot take goes as None (the worker reads it)."""
+    match message:
+        case RunJob(job_id, document):
+            try:
+                data = marshal.dumps(("run", job_id, document))
+            except ValueError:
+                data = marshal.dumps(("run", job_id, None))
+        case Stop(grace):
+            data = marshal.dumps(("stop", grace))
+        case Ready():
+            data = marshal.dumps(("ready",))
+        case Done(job_id):
+            data = marshal.dumps(("done", job_id))
+    conn.send_bytes(data)
+
+
+def receive_message(conn: Connection) -> Message:
+    """The next message; raise EOFError when the other end is gone, WorkerProcessError on junk."""
+    try:
+        # A private socket pair to our own child: no one else can write to it.
+        fields = marshal.loads(conn.recv_bytes())  # noqa: S302 - EOFError: the other end is gone
+    except (ValueError, TypeError) as exc:
+        raise WorkerProcessError(f"unreadable message between spoold processes: {exc}") from exc
+    match fields:
+        case ("run", str(job_id), document):
+            return RunJob(job_id, document)
+        case ("stop", float(grace)):
+            return Stop(grace)
+        case ("ready",):
+            return Ready()
+        case ("done", str(job_id)):
+            return Done(job_id)
+    raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
 
 
 def plan_slots(workers: int, processes: int) -> list[tuple[str, ...]]:
@@ -194,7 +235,7 @@ class WorkerProcesses:
             self._queue.clear()
         for link in self._links:
             with link.send_lock, contextlib.suppress(OSError):
-                link.conn.send(Stop(grace))
+                send_message(link.conn, Stop(float(grace)))
         for link in self._links:
             try:
                 link.process.wait(timeout=grace + _STOP_MARGIN)
@@ -222,7 +263,7 @@ class WorkerProcesses:
                 raise WorkerProcessError(
                     f"worker process {link.index} was not ready after {_READY_BOUND:.0f}s"
                 )
-            if not isinstance(message := link.conn.recv(), Ready):
+            if not isinstance(message := receive_message(link.conn), Ready):
                 raise WorkerProcessError(
                     f"worker process {link.index} said {message!r} instead of Ready"
                 )
@@ -238,15 +279,15 @@ class WorkerProcesses:
     def _receive(self, link: _Link) -> None:
         try:
             while True:
-                message = link.conn.recv()
+                message = receive_message(link.conn)
                 if isinstance(message, Done):
                     with self._cond:
                         link.in_flight.discard(message.job_id)
                         self._known.discard(message.job_id)
                         handed = self._hand_out(link)
                     self._send(handed)  # the freed slot's next job, without another thread
-        except (EOFError, OSError):
-            pass
+        except (EOFError, OSError, WorkerProcessError):
+            pass  # a worker process that says nonsense is as good as dead: it is replaced
         with self._cond:
             link.alive = False
             stopping = self._stopping
@@ -267,7 +308,7 @@ class WorkerProcesses:
         link, job = handed
         try:
             with link.send_lock:
-                link.conn.send(job)
+                send_message(link.conn, job)
         except OSError:  # it died: the job stays pending, and a scan queues it again
             with self._cond:
                 link.in_flight.discard(job.job_id)
@@ -314,13 +355,13 @@ def serve_jobs(
     heartbeat = config.heartbeat_interval
     next_beat = clock.monotonic() + heartbeat
     pool.start()
-    conn.send(Ready())
+    send_message(conn, Ready())
     while True:
         busy = pool.busy or bool(runner.active_ids())
         timeout = max(next_beat - clock.monotonic(), 0.0) if busy else None
         if conn.poll(timeout):
             try:
-                message = conn.recv()
+                message = receive_message(conn)
             except (EOFError, OSError):  # the main process is gone: stop as it would have
                 message = Stop(config.shutdown_grace)
             if isinstance(message, Stop):
@@ -345,7 +386,7 @@ def reporter(conn: Connection) -> Callable[[str], None]:
 
     def done(job_id: str) -> None:
         with lock, contextlib.suppress(OSError):
-            conn.send(Done(job_id))
+            send_message(conn, Done(job_id))
 
     return done
 
