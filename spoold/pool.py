@@ -38,6 +38,10 @@ _PR_SET_PDEATHSIG = 1
 # How long past shutdown_grace a worker process may take to record what it interrupted.
 _STOP_MARGIN = 15.0
 _READY_BOUND = 60.0  # a fresh interpreter importing spoold takes well under a second
+# Jobs a worker process holds beyond its slots, so that a slot that frees up starts the next
+# job at once instead of waiting for the main process to answer. A job held behind a long
+# one is taken back (Revoke) as soon as another process has a slot free.
+_PREFETCH = 1
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,25 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """Give back the jobs you hold and have not started: another process has a slot free."""
+
+
+@dataclass(frozen=True)
+class Returned:
+    """From a worker process, answering Revoke: the jobs it gave back (maybe none)."""
+
+    job_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Done:
     """From a worker process: its slot is free again (the job ran, or another claimed it)."""
 
     job_id: str
 
 
-Message = RunJob | Stop | Ready | Done
+Message = RunJob | Stop | Ready | Done | Revoke | Returned
 
 
 def send_message(conn: Connection, message: Message) -> None:
@@ -94,6 +110,10 @@ def send_message(conn: Connection, message: Message) -> None:
             data = marshal.dumps(("ready",))
         case Done(job_id):
             data = marshal.dumps(("done", job_id))
+        case Revoke():
+            data = marshal.dumps(("revoke",))
+        case Returned(job_ids):
+            data = marshal.dumps(("returned", job_ids))
     conn.send_bytes(data)
 
 
@@ -113,6 +133,10 @@ def receive_message(conn: Connection) -> Message:
             return Ready()
         case ("done", str(job_id)):
             return Done(job_id)
+        case ("revoke",):
+            return Revoke()
+        case ("returned", tuple(job_ids)) if all(isinstance(j, str) for j in job_ids):
+            return Returned(job_ids)
     raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
 
 
@@ -130,14 +154,25 @@ class _Link:
     slots: tuple[str, ...]
     process: subprocess.Popen[bytes]
     conn: Connection
-    in_flight: set[str] = field(default_factory=set)
+    in_flight: dict[str, RunJob] = field(default_factory=dict)  # sent, not reported done
     alive: bool = True
+    revoking: bool = False  # a Revoke is out, its Returned not in yet
     #: Sends come from intake threads and from this link's receiver: one message at a time.
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def free(self) -> int:
+        """How many more jobs it may be sent (its slots and its prefetch)."""
+        return len(self.slots) + _PREFETCH - len(self.in_flight) if self.alive else 0
+
+    @property
+    def idle_slots(self) -> int:
         return len(self.slots) - len(self.in_flight) if self.alive else 0
+
+    @property
+    def waiting(self) -> int:
+        """Jobs it holds that no slot of it runs yet."""
+        return max(len(self.in_flight) - len(self.slots), 0)
 
 
 class WorkerProcesses:
@@ -183,7 +218,7 @@ class WorkerProcesses:
                 self._links.append(link)
             else:
                 self._links[replacing] = link
-            handed = [self._hand_out(link) for _ in link.slots]
+            handed = [self._hand_out(link) for _ in range(link.free)]
         for each in handed:
             self._send(each)
 
@@ -201,7 +236,7 @@ class WorkerProcesses:
     def in_flight(self) -> frozenset[str]:
         """Jobs handed to a worker process and not reported done."""
         with self._cond:
-            return frozenset().union(*(link.in_flight for link in self._links))
+            return frozenset().union(*(link.in_flight.keys() for link in self._links))
 
     def lost_any(self) -> bool:
         """Whether a worker process died and awaits ``replace_dead``."""
@@ -282,10 +317,23 @@ class WorkerProcesses:
                 message = receive_message(link.conn)
                 if isinstance(message, Done):
                     with self._cond:
-                        link.in_flight.discard(message.job_id)
+                        link.in_flight.pop(message.job_id, None)
                         self._known.discard(message.job_id)
                         handed = self._hand_out(link)
+                        holder = self._holder_to_revoke(link)
                     self._send(handed)  # the freed slot's next job, without another thread
+                    if holder is not None:
+                        with holder.send_lock, contextlib.suppress(OSError):
+                            send_message(holder.conn, Revoke())
+                elif isinstance(message, Returned):
+                    with self._cond:
+                        link.revoking = False
+                        for job_id in reversed(message.job_ids):
+                            if (job := link.in_flight.pop(job_id, None)) is not None:
+                                self._queue.appendleft(job)  # first in line again
+                        handed_out = [self._hand_out(self._free_link()) for _ in message.job_ids]
+                    for each in handed_out:
+                        self._send(each)
         except (EOFError, OSError, WorkerProcessError):
             pass  # a worker process that says nonsense is as good as dead: it is replaced
         with self._cond:
@@ -299,8 +347,18 @@ class WorkerProcesses:
         if link is None or link.free <= 0 or not self._queue or self._stopping:
             return None
         job = self._queue.popleft()
-        link.in_flight.add(job.job_id)
+        link.in_flight[job.job_id] = job
         return link, job
+
+    def _holder_to_revoke(self, freed: _Link) -> _Link | None:
+        """Under the lock: a process holding a job it cannot start while ``freed`` idles."""
+        if self._queue or freed.idle_slots <= 0 or self._stopping:
+            return None
+        for link in self._links:
+            if link is not freed and link.alive and link.waiting and not link.revoking:
+                link.revoking = True
+                return link
+        return None
 
     def _send(self, handed: tuple[_Link, RunJob] | None) -> None:
         if handed is None:
@@ -311,11 +369,12 @@ class WorkerProcesses:
                 send_message(link.conn, job)
         except OSError:  # it died: the job stays pending, and a scan queues it again
             with self._cond:
-                link.in_flight.discard(job.job_id)
+                link.in_flight.pop(job.job_id, None)
                 self._known.discard(job.job_id)
 
     def _free_link(self) -> _Link | None:
-        best = max(self._links, key=lambda link: link.free, default=None)
+        """The process to send a job to: an idle slot first, then room to prefetch."""
+        best = max(self._links, key=lambda link: (link.idle_slots, link.free), default=None)
         return best if best is not None and best.free > 0 else None
 
 
@@ -346,8 +405,10 @@ def receive_setup(fd: int) -> tuple[Connection, Setup] | None:
 
 def serve_jobs(
     conn: Connection,
+    outbox: Outbox,
     runner: JobRunner,
     pool: WorkerPool,
+    *,
     config: Config,
     clock: Clock,
 ) -> None:
@@ -355,7 +416,7 @@ def serve_jobs(
     heartbeat = config.heartbeat_interval
     next_beat = clock.monotonic() + heartbeat
     pool.start()
-    send_message(conn, Ready())
+    outbox.send(Ready())
     while True:
         busy = pool.busy or bool(runner.active_ids())
         timeout = max(next_beat - clock.monotonic(), 0.0) if busy else None
@@ -371,6 +432,8 @@ def serve_jobs(
                 if message.document is not None:
                     runner.remember(message.job_id, message.document)
                 pool.submit(message.job_id)
+            elif isinstance(message, Revoke):
+                outbox.send(Returned(tuple(pool.revoke())))
         now = clock.monotonic()
         if not busy:
             next_beat = now + heartbeat
@@ -380,15 +443,20 @@ def serve_jobs(
             next_beat = now + heartbeat
 
 
-def reporter(conn: Connection) -> Callable[[str], None]:
-    """What a worker process's slots call when they are done with a job."""
-    lock = threading.Lock()
+class Outbox:
+    """A worker process's messages to the main process, one at a time from any thread."""
 
-    def done(job_id: str) -> None:
-        with lock, contextlib.suppress(OSError):
-            send_message(conn, Done(job_id))
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
 
-    return done
+    def send(self, message: Message) -> None:
+        with self._lock, contextlib.suppress(OSError):  # the main process is gone: no one hears
+            send_message(self._conn, message)
+
+    def done(self, job_id: str) -> None:
+        """What the slots call when they are done with a job."""
+        self.send(Done(job_id))
 
 
 def serve_worker_process(fd: int) -> None:
@@ -402,5 +470,6 @@ def serve_worker_process(fd: int) -> None:
     spool = Spool(config.spool, durable=config.durable)
     registry = ExecutorRegistry.from_entry_points()
     runner = JobRunner(spool, registry, config, clock, logger, daemon_pid=setup.parent)
-    pool = WorkerPool(runner, setup.slots, logger, on_done=reporter(conn))
-    serve_jobs(conn, runner, pool, config, clock)
+    outbox = Outbox(conn)
+    pool = WorkerPool(runner, setup.slots, logger, on_done=outbox.done)
+    serve_jobs(conn, outbox, runner, pool, config=config, clock=clock)

@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,8 +397,6 @@ class WorkerPool:
     slot is done with, whatever became of it.
     """
 
-    _STOP = "\0stop"
-
     def __init__(
         self,
         runner: JobRunner,
@@ -408,7 +407,8 @@ class WorkerPool:
         self._runner = runner
         self._logger = logger
         self._on_done = on_done
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
+        self._queued = threading.Condition()
         self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._known: set[str] = set()
         self._lock = threading.Lock()
@@ -440,14 +440,26 @@ class WorkerPool:
             if job_id in self._known or self._stopping.is_set():
                 return False
             self._known.add(job_id)
-        self._queue.put(job_id)
+        with self._queued:
+            self._queue.append(job_id)
+            self._queued.notify()
         return True
+
+    def revoke(self) -> list[str]:
+        """Take back the queued jobs no slot has started; return their ids."""
+        with self._queued:
+            taken = list(self._queue)
+            self._queue.clear()
+        with self._lock:
+            self._known.difference_update(taken)
+        return taken
 
     def stop(self, grace: float, clock: Clock) -> None:
         """Take no more jobs; let running ones finish for ``grace`` seconds, then interrupt them."""
         self._stopping.set()
-        for _ in self._threads:
-            self._queue.put(self._STOP)
+        with self._queued:
+            self._queue.clear()  # not started: they stay in pending/
+            self._queued.notify_all()
         end = clock.monotonic() + grace
         for thread in self._threads:
             thread.join(max(end - clock.monotonic(), 0.0))
@@ -461,11 +473,14 @@ class WorkerPool:
         for thread in self._recorders:
             thread.join()
 
+    def _next(self) -> str | None:
+        with self._queued:
+            while not self._queue and not self._stopping.is_set():
+                self._queued.wait()
+            return None if self._stopping.is_set() else self._queue.popleft()
+
     def _loop(self, slot: str) -> None:
-        while True:
-            job_id = self._queue.get()
-            if job_id == self._STOP or self._stopping.is_set():
-                return
+        while (job_id := self._next()) is not None:
             try:
                 job = self._runner.claim(job_id)
                 if job is not None:

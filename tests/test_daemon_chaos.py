@@ -257,6 +257,44 @@ def test_kill_9_of_a_worker_process(env: Env, tmp_path: Path) -> None:
         daemon.kill()
 
 
+def test_a_job_held_behind_a_long_one_moves_to_a_free_process(env: Env, tmp_path: Path) -> None:
+    """A worker process holds one job beyond its slots; it gives it back when another frees up."""
+    spool = env.spool
+    config = write_config(tmp_path / "config.yaml", spool, workers=2, worker_processes=2)
+    daemon = DaemonProcess(spool, config)
+    daemon.start()
+
+    def gated(job_id: str) -> dict[str, Any]:
+        gate = tmp_path / f"go-{job_id}"
+        wait = f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
+        return env.job(job_id, wait)
+
+    try:
+        drop(spool, "long.yaml", gated("long"))
+        long = wait_for(partial(env.lease_with_process, "long"), what="the long job to run")
+        drop(spool, "short.yaml", gated("short"))
+        short = wait_for(partial(env.lease_with_process, "short"), what="the short job to run")
+        assert long["worker_pid"] != short["worker_pid"]
+        # Both slots are busy: the next job waits, held by one of the two processes.
+        drop(spool, "next.yaml", env.job("next"))
+        wait_for(partial(found_in, spool, "next"), what="next to be accepted")
+        assert found_in(spool, "next") == ["pending"]
+
+        (tmp_path / "go-short").touch()
+        # It runs now, in the process that freed a slot, while the long job still runs.
+        assert wait_finished(spool, "next")[0] == "done"
+        assert found_in(spool, "long") == ["running"]
+        assert env.marks_of("next") == ["start 1", "end 1"]
+        (tmp_path / "go-long").touch()
+        assert wait_finished(spool, "long")[0] == "done"
+        assert daemon.stop() == 0
+        assert_spool_drained(spool)
+    finally:
+        (tmp_path / "go-long").touch()
+        (tmp_path / "go-short").touch()
+        daemon.kill()
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments(env: Env, tmp_path: Path) -> None:
     seed = int(os.environ.get("SPOOLD_CHAOS_SEED") or random.randrange(2**32))
