@@ -1,4 +1,5 @@
-"""What /proc says about processes: start times (to tell a live pid from a reused one) and groups."""
+"""What /proc says about processes: start times (to tell a live pid from a reused one), groups,
+and environments."""
 
 from __future__ import annotations
 
@@ -42,3 +43,26 @@ def group_members(pgid: int, not_before: int | None) -> list[int]:
             if fields and int(fields[_PGRP]) == pgid and int(fields[_STARTTIME]) >= not_before:
                 members.append(int(entry.name))
     return members
+
+
+def processes_with_environment(entry: str) -> list[int]:
+    """Processes whose environment holds ``entry`` ("NAME=value") as it was at their start.
+
+    Every job process of spoold's starts with ``SPOOLD_JOB_DIR`` naming its job: its
+    processes are found even when no lease names them (a crash right after the spawn) and
+    when they left the job's process group.
+    """
+    wanted = entry.encode()
+    found = []
+    with os.scandir("/proc") as entries:
+        for proc in entries:
+            if not proc.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{proc.name}/environ", "rb") as handle:
+                    environment = handle.read()
+            except OSError:
+                continue  # gone, or not ours to read
+            if wanted in environment.split(b"\0"):
+                found.append(int(proc.name))
+    return found

@@ -16,7 +16,7 @@ from spoold.documents import load_document
 from spoold.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.job import JobSpec, JobStatus
 from spoold.joblog import JobLog
-from spoold.procfs import group_members, process_start_time
+from spoold.procfs import group_members, process_start_time, processes_with_environment
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
 
@@ -127,19 +127,23 @@ class Recovery:
 
     def _kill_leftovers(self, job: JobDir) -> None:
         """A job's processes can outlive a killed daemon; they must not outlive its recovery."""
-        lease = self._spool.read_lease(job) or {}
-        if lease.get("host") != self._config.hostname:
-            return
+        lease = self._spool.read_lease(job)
+        if lease is not None and lease.get("host") != self._config.hostname:
+            return  # another host's processes are out of reach
+        lease = lease or {}
         worker, worker_start = lease.get("worker_pid"), lease.get("worker_pid_start")
         if isinstance(worker, int) and _alive(worker, worker_start):
             # Its daemon is gone, and so must it be before the job moves on.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(worker, signal.SIGKILL)
         pid, start = lease.get("job_pid"), lease.get("job_pid_start")
-        if not isinstance(pid, int):
-            return
-        members = group_members(pid, int(start) if start is not None else None)
-        for member in members:
+        members = set()
+        if isinstance(pid, int):
+            members.update(group_members(pid, int(start) if start is not None else None))
+        # Also those no lease names: spawned just before a crash, or gone from the group.
+        members.update(processes_with_environment(f"SPOOLD_JOB_DIR={job.location}"))
+        members.discard(os.getpid())
+        for member in sorted(members):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(member, signal.SIGKILL)
         if members:

@@ -102,7 +102,8 @@ class Spool:
     """A spool directory tree and every operation on it."""
 
     def __init__(self, root: Path, *, durable: bool = True) -> None:
-        self.root = root
+        # Absolute: job paths are handed to jobs (SPOOLD_JOB_DIR), which run elsewhere.
+        self.root = Path(os.path.abspath(root))
         self.durable = durable
         self._dirs = {name: os.path.join(root, name) for name in SPOOL_DIRECTORIES}
         self._syncers: dict[str, _GroupSync] = {}
@@ -353,7 +354,7 @@ class Spool:
         """The jobs in one state directory, oldest arrival first."""
         if directory not in JOB_DIRECTORIES:
             raise SpoolError(f"no job directory named {directory!r}")
-        parent = self.root / directory
+        parent = self._dirs[directory]
         found = []
         with os.scandir(parent) as entries:
             for entry in entries:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -368,6 +369,44 @@ def test_kill_9_at_random_moments(env: Env, tmp_path: Path) -> None:
         assert not overridden, f"recorded outcome overridden by recovery: {overridden}"
     finally:
         daemon.kill()
+
+
+def test_a_job_process_no_lease_names_is_killed_by_recovery(env: Env, tmp_path: Path) -> None:
+    """The crash state between spawning a job and writing its lease: a process, no lease.
+
+    The lease cannot name the process before it exists; its environment names its job.
+    """
+    spool = env.spool
+    job_dir = spool / "running" / "orphan"
+    (job_dir / "artifacts").mkdir(parents=True)
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(env.job("orphan")))
+    status = accepted_status("orphan", "orphan.yaml")
+    attempt = {"number": 1, "started_at": "2026-01-01T00:00:01.000000Z", "finished_at": None,
+               "exit_code": None, "error": None}  # fmt: skip
+    status.update(state="running", started_at=attempt["started_at"], attempts=[attempt])
+    (job_dir / "status.json").write_text(json.dumps(status))
+    (job_dir / "log").write_text("2026-01-01T00:00:01.000000Z INFO spoold: attempt 1 started\n")
+    # Its own session, as every job's: no process group of a daemon leads to it.
+    orphan = subprocess.Popen(
+        ["sh", "-c", f": {env.token}-orphan; sleep 60"],
+        env={**os.environ, "SPOOLD_JOB_DIR": str(job_dir)},
+        start_new_session=True,
+    )
+    try:
+        config = write_config(tmp_path / "config.yaml", spool)  # lease_timeout: 3s
+        daemon = DaemonProcess(spool, config)
+        daemon.start()
+        try:
+            directory, final = wait_finished(spool, "orphan")
+            assert directory == "failed" and "never leased" in final["error"], final
+            assert orphan.wait(timeout=10) == -signal.SIGKILL
+            # The shell and its sleep (if the shell forked): the environment is inherited.
+            assert re.search(r"killed [12] leftover process\(es\) of job orphan", daemon.log())
+        finally:
+            daemon.kill()
+    finally:
+        orphan.kill()
+        orphan.wait()
 
 
 @pytest.mark.parametrize("policy", ["requeue", "fail"])
