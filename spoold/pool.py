@@ -4,7 +4,9 @@ spoold's work per job (the spawn, log lines, status writes, fsync waits) is most
 one Python process runs Python on one core at a time: past a few hundred jobs a second its
 threads spend more time handing the GIL around than working. So, as gunicorn and dramatiq do,
 the main process takes files in and hands job ids to worker processes, one socket pair each,
-and a worker process reports each job it is done with. A worker process that dies is replaced,
+and a worker process reports each job it is done with. Each process holds one job beyond its
+slots, so that a slot starts its next job without a round trip; a job held behind a long one
+is taken back when another process has a slot free. A worker process that dies is replaced,
 and its claims are recovered as a crashed daemon's would be: they carry its pid.
 """
 
