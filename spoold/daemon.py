@@ -21,13 +21,13 @@ from spoold.plugins import ExecutorRegistry
 from spoold.pool import WorkerProcesses
 from spoold.recovery import Recovery
 from spoold.spool import JobDir, Spool
-from spoold.validation import JobValidator, compose_job_schema, load_base_schema
+from spoold.validation import JobValidator, load_base_schema
 from spoold.watcher import InotifyWatcher, resolve_watch_mode
 
 
 def job_validator(registry: ExecutorRegistry) -> JobValidator:
     """The validator for job files, knowing every installed executor."""
-    return JobValidator(compose_job_schema(load_base_schema(), registry.schemas()))
+    return JobValidator.for_executors(load_base_schema(), registry.schemas())
 
 
 def sd_notify(message: str, env: dict[str, str] | None = None) -> None:

@@ -346,10 +346,58 @@ def _fast_checkable(schema: Any) -> bool:
     return True
 
 
-class JobValidator:
-    """Parses and validates job files against one composed schema, compiled once."""
+def _compiled(schema: Mapping[str, Any]) -> Callable[[Any], Any] | None:
+    """The schema compiled by fastjsonschema, or None where only jsonschema can be trusted."""
+    # $id at the root only: fastjsonschema resolves "#..." in an embedded resource wrongly.
+    below_root = {key: value for key, value in schema.items() if key != "$id"}
+    if fastjsonschema is None or not _fast_checkable(below_root):
+        return None
+    try:
+        compiled: Callable[[Any], Any] = fastjsonschema.compile(dict(schema), use_default=False)
+    except Exception:  # an accelerator that cannot compile leaves jsonschema to it
+        return None
+    return compiled
 
-    def __init__(self, schema: Mapping[str, Any], *, max_nodes: int = 100_000) -> None:
+
+def _passes(check: Callable[[Any], Any], document: dict[str, Any]) -> bool:
+    try:
+        check(document)
+    except Exception:  # jsonschema has the last word, and the details
+        return False
+    return True
+
+
+class JobValidator:
+    """Parses and validates job files against one composed schema, compiled once.
+
+    ``narrowed``: per executor name, the same schema for jobs of that executor alone. A valid
+    file is checked against its executor's (compiled too), which costs the same however many
+    executors are installed; the full schema has a clause for each. Narrowed schemas accept
+    less, never more, and a file they refuse still gets the full schema's verdict.
+    """
+
+    @classmethod
+    def for_executors(
+        cls,
+        base: Mapping[str, Any],
+        executor_schemas: Mapping[str, Mapping[str, Any]],
+        *,
+        max_nodes: int = 100_000,
+    ) -> JobValidator:
+        """The validator for ``base`` with these executors' product schemas."""
+        narrowed = {
+            name: compose_job_schema(base, {name: sub}) for name, sub in executor_schemas.items()
+        }
+        full = compose_job_schema(base, executor_schemas)
+        return cls(full, max_nodes=max_nodes, narrowed=narrowed)
+
+    def __init__(
+        self,
+        schema: Mapping[str, Any],
+        *,
+        max_nodes: int = 100_000,
+        narrowed: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as exc:  # in practice an executor plugin's sub-schema
@@ -359,14 +407,12 @@ class JobValidator:
         self._validator = Draft202012Validator(schema, format_checker=checker)
         self._executors = sorted(schema.get("$defs", {}).get("executor", {}).get("enum", []))
         self._max_nodes = max_nodes
-        self._fast: Callable[[Any], Any] | None = None
-        # $id at the root only: fastjsonschema resolves "#..." in an embedded resource wrongly.
-        below_root = {key: value for key, value in schema.items() if key != "$id"}
-        if fastjsonschema is not None and _fast_checkable(below_root):
-            try:
-                self._fast = fastjsonschema.compile(dict(schema), use_default=False)
-            except Exception:  # an accelerator that cannot compile leaves jsonschema to it
-                self._fast = None
+        self._fast = _compiled(schema)
+        self._fast_by_executor = {
+            name: fast
+            for name, sub in (narrowed or {}).items()
+            if (fast := _compiled(sub)) is not None
+        }
 
     def check(self, data: bytes, filename: str) -> list[ValidationIssue]:
         """Every problem in the file, or [] when it is a valid job."""
@@ -394,13 +440,10 @@ class JobValidator:
         return document
 
     def _fast_valid(self, document: dict[str, Any]) -> bool:
-        if self._fast is None:
-            return False
-        try:
-            self._fast(document)
-        except Exception:  # jsonschema has the last word, and the details
-            return False
-        return True
+        executor = document.get("executor")
+        fast = self._fast_by_executor.get(executor) if isinstance(executor, str) else None
+        # The narrowed check first; steps naming other executors need the full one.
+        return any(_passes(check, document) for check in (fast, self._fast) if check is not None)
 
     def _shape_issue(self, document: Any, text: str) -> ValidationIssue:
         node = yaml.compose(text, Loader=JobLoader) if document is None else None

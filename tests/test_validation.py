@@ -723,3 +723,37 @@ def test_fast_check_agrees_with_jsonschema(document: Any) -> None:
     except fastjsonschema.JsonSchemaException:
         fast_verdict = False
     assert fast_verdict == jsonschema.Draft202012Validator(schema).is_valid(document)
+
+
+NARROWING_CASES = [
+    "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n",
+    "executor: custom\nproduct: {script: 'echo hi'}\n",
+    "executor: local\nproduct: {script: 'echo hi'}\n",  # custom's field under local
+    "executor: local\nproduct: {commands: 'true'}\ntimeout: soon\n",
+    "executor: nope\nproduct: {}\n",
+    # Steps naming another executor: the narrowed schema refuses, the full one accepts.
+    textwrap.dedent("""\
+        executor: local
+        product: {commands: 'true'}
+        steps:
+          - {id: a, product: {commands: 'true'}}
+          - {id: b, executor: custom, product: {script: 'echo b'}, needs: [a]}
+        """),
+    textwrap.dedent("""\
+        executor: local
+        product: {commands: 'true'}
+        steps:
+          - {id: a, executor: custom, product: {commands: 'wrong field'}}
+        """),
+]
+
+
+@pytest.mark.parametrize("text", NARROWING_CASES)
+def test_narrowed_schemas_give_the_full_schemas_verdict(text: str) -> None:
+    subs = {
+        "local": load_executor_schema(EXECUTORS, "local.schema.json"),
+        "custom": load_executor_schema(EXECUTORS, "custom.schema.json"),
+    }
+    narrowed = JobValidator.for_executors(load_base_schema(), subs)
+    plain = JobValidator(compose_job_schema(load_base_schema(), subs))
+    assert narrowed.check(text.encode(), "job.yaml") == plain.check(text.encode(), "job.yaml")
