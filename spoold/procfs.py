@@ -4,6 +4,7 @@ and environments."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 _PGRP, _STARTTIME = 2, 19  # indexes into the fields after the command name
 
@@ -45,6 +46,23 @@ def group_members(pgid: int, not_before: int | None) -> list[int]:
     return members
 
 
+def processes_matching(part: str, matches: Callable[[bytes], bool]) -> list[int]:
+    """Processes whose /proc/<pid>/``part`` (cmdline, environ, ...) satisfies ``matches``."""
+    found = []
+    with os.scandir("/proc") as entries:
+        for proc in entries:
+            if not proc.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{proc.name}/{part}", "rb") as handle:
+                    content = handle.read()
+            except OSError:
+                continue  # gone, or not ours to read
+            if matches(content):
+                found.append(int(proc.name))
+    return found
+
+
 def processes_with_environment(entry: str) -> list[int]:
     """Processes whose environment holds ``entry`` ("NAME=value") as it was at their start.
 
@@ -53,16 +71,4 @@ def processes_with_environment(entry: str) -> list[int]:
     when they left the job's process group.
     """
     wanted = entry.encode()
-    found = []
-    with os.scandir("/proc") as entries:
-        for proc in entries:
-            if not proc.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{proc.name}/environ", "rb") as handle:
-                    environment = handle.read()
-            except OSError:
-                continue  # gone, or not ours to read
-            if wanted in environment.split(b"\0"):
-                found.append(int(proc.name))
-    return found
+    return processes_matching("environ", lambda environment: wanted in environment.split(b"\0"))

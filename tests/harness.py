@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from spoold.procfs import processes_matching
+
 T = TypeVar("T")
 
 # A ceiling for a wait, not a measurement: a wait that needs it has failed.
@@ -230,19 +232,8 @@ def wait_rescan(spool: Path, tag: str, bound: float = DEFAULT_BOUND) -> None:
 
 def processes_with(token: str) -> list[int]:
     """Pids of live processes whose command line contains ``token`` (zombies have none)."""
-    found = []
     needle = token.encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
-            continue
-        if needle in cmdline:
-            found.append(int(entry.name))
-    return found
+    return processes_matching("cmdline", lambda cmdline: needle in cmdline)
 
 
 def kill_processes_with(token: str) -> None:
