@@ -158,9 +158,7 @@ class Daemon:
 
     def _replace_workers(self) -> None:
         lost = self.workers.replace_dead()
-        # Their leases name a dead pid now: recovery ends or requeues those jobs at once.
-        for job in self.recovery.reap(own_runs=self.workers.in_flight()):
-            self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
+        self._reap()  # their leases name a dead pid now: those jobs end or requeue at once
         if lost:
             self._queue_pending()
 
@@ -176,9 +174,12 @@ class Daemon:
         for line in self.spool.recover_stages():
             self.logger.warning("recovery: %s", line)
         self.recovery.repair_pending()
-        for job in self.recovery.reap():
-            self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
+        self._reap()
         self._queue_pending()
+
+    def _reap(self) -> None:
+        for job in self.recovery.reap(own_runs=self.workers.in_flight()):
+            self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
 
     def _queue_pending(self) -> None:
         for job in self.spool.list_jobs("pending"):

@@ -162,6 +162,11 @@ class _Link:
     #: Sends come from intake threads and from this link's receiver: one message at a time.
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def send(self, message: Message) -> None:
+        """Send one message; OSError when the process is gone."""
+        with self.send_lock:
+            send_message(self.conn, message)
+
     @property
     def free(self) -> int:
         """How many more jobs it may be sent (its slots and its prefetch)."""
@@ -192,7 +197,7 @@ class WorkerProcesses:
         self._logger = logger
         self._plan = plan_slots(config.workers, processes)
         self._on_lost = on_lost
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: deque[RunJob] = deque()
         self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
         self._links: list[_Link] = []
@@ -215,7 +220,7 @@ class WorkerProcesses:
 
     def _add(self, link: _Link, replacing: int | None = None) -> None:
         """Put a ready worker process to use, and hand it what is queued."""
-        with self._cond:
+        with self._lock:
             if replacing is None:
                 self._links.append(link)
             else:
@@ -226,7 +231,7 @@ class WorkerProcesses:
 
     def submit(self, job_id: str, document: dict[str, Any] | None = None) -> bool:
         """Queue a pending job unless it is queued or running already."""
-        with self._cond:
+        with self._lock:
             if job_id in self._known or self._stopping:
                 return False
             self._known.add(job_id)
@@ -237,12 +242,12 @@ class WorkerProcesses:
 
     def in_flight(self) -> frozenset[str]:
         """Jobs handed to a worker process and not reported done."""
-        with self._cond:
+        with self._lock:
             return frozenset().union(*(link.in_flight.keys() for link in self._links))
 
     def lost_any(self) -> bool:
         """Whether a worker process died and awaits ``replace_dead``."""
-        with self._cond:
+        with self._lock:
             return not self._stopping and not all(link.alive for link in self._links)
 
     def replace_dead(self) -> list[str]:
@@ -252,7 +257,7 @@ class WorkerProcesses:
             if link.alive or self._stopping:
                 continue
             code = link.process.wait()
-            with self._cond:
+            with self._lock:
                 lost.extend(link.in_flight)
                 self._known.difference_update(link.in_flight)
                 link.in_flight.clear()
@@ -267,12 +272,12 @@ class WorkerProcesses:
 
     def stop(self, grace: float) -> None:
         """Stop taking jobs; worker processes interrupt theirs after ``grace`` and exit."""
-        with self._cond:
+        with self._lock:
             self._stopping = True
             self._queue.clear()
         for link in self._links:
-            with link.send_lock, contextlib.suppress(OSError):
-                send_message(link.conn, Stop(float(grace)))
+            with contextlib.suppress(OSError):
+                link.send(Stop(float(grace)))
         for link in self._links:
             try:
                 link.process.wait(timeout=grace + _STOP_MARGIN)
@@ -318,17 +323,17 @@ class WorkerProcesses:
             while True:
                 message = receive_message(link.conn)
                 if isinstance(message, Done):
-                    with self._cond:
+                    with self._lock:
                         link.in_flight.pop(message.job_id, None)
                         self._known.discard(message.job_id)
                         handed = self._hand_out(link)
                         holder = self._holder_to_revoke(link)
                     self._send(handed)  # the freed slot's next job, without another thread
                     if holder is not None:
-                        with holder.send_lock, contextlib.suppress(OSError):
-                            send_message(holder.conn, Revoke())
+                        with contextlib.suppress(OSError):  # its receiver sees it die
+                            holder.send(Revoke())
                 elif isinstance(message, Returned):
-                    with self._cond:
+                    with self._lock:
                         link.revoking = False
                         for job_id in reversed(message.job_ids):
                             if (job := link.in_flight.pop(job_id, None)) is not None:
@@ -338,7 +343,7 @@ class WorkerProcesses:
                         self._send(each)
         except (EOFError, OSError, WorkerProcessError):
             pass  # a worker process that says nonsense is as good as dead: it is replaced
-        with self._cond:
+        with self._lock:
             link.alive = False
             stopping = self._stopping
         if not stopping:
@@ -367,10 +372,9 @@ class WorkerProcesses:
             return
         link, job = handed
         try:
-            with link.send_lock:
-                send_message(link.conn, job)
+            link.send(job)
         except OSError:  # it died: the job stays pending, and a scan queues it again
-            with self._cond:
+            with self._lock:
                 link.in_flight.pop(job.job_id, None)
                 self._known.discard(job.job_id)
 

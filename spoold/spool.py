@@ -106,8 +106,7 @@ class Spool:
         self.root = Path(os.path.abspath(root))
         self.durable = durable
         self._dirs = {name: os.path.join(root, name) for name in SPOOL_DIRECTORIES}
-        self._syncers: dict[str, _GroupSync] = {}
-        self._syncers_lock = threading.Lock()
+        self._syncers = {path: _GroupSync(path) for path in self._dirs.values()}
 
     def dir(self, name: str) -> Path:
         """The path of one of the spool's top-level directories."""
@@ -497,12 +496,8 @@ class Spool:
     def _sync_dirs(self, *paths: str | Path) -> None:
         if not self.durable:
             return
-        for path in (os.fspath(p) for p in paths):
-            with self._syncers_lock:
-                syncer = self._syncers.get(path)
-                if syncer is None:
-                    syncer = self._syncers[path] = _GroupSync(path)
-            syncer.sync()
+        for path in paths:  # always one of the tree's top-level directories
+            self._syncers[os.fspath(path)].sync()
 
 
 def _check_job_id(job_id: str) -> None:

@@ -408,10 +408,9 @@ class WorkerPool:
         self._logger = logger
         self._on_done = on_done
         self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
-        self._queued = threading.Condition()
+        self._known: set[str] = set()  # queued or running
+        self._cond = threading.Condition()  # guards both
         self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
-        self._known: set[str] = set()
-        self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads = [
             threading.Thread(
@@ -427,7 +426,7 @@ class WorkerPool:
     @property
     def busy(self) -> bool:
         """Whether any job is queued here or running."""
-        with self._lock:
+        with self._cond:
             return bool(self._known)
 
     def start(self) -> None:
@@ -436,30 +435,28 @@ class WorkerPool:
 
     def submit(self, job_id: str) -> bool:
         """Queue a pending job unless it is queued or running already."""
-        with self._lock:
+        with self._cond:
             if job_id in self._known or self._stopping.is_set():
                 return False
             self._known.add(job_id)
-        with self._queued:
             self._queue.append(job_id)
-            self._queued.notify()
+            self._cond.notify()
         return True
 
     def revoke(self) -> list[str]:
         """Take back the queued jobs no slot has started; return their ids."""
-        with self._queued:
+        with self._cond:
             taken = list(self._queue)
             self._queue.clear()
-        with self._lock:
             self._known.difference_update(taken)
         return taken
 
     def stop(self, grace: float, clock: Clock) -> None:
         """Take no more jobs; let running ones finish for ``grace`` seconds, then interrupt them."""
         self._stopping.set()
-        with self._queued:
+        with self._cond:
             self._queue.clear()  # not started: they stay in pending/
-            self._queued.notify_all()
+            self._cond.notify_all()
         end = clock.monotonic() + grace
         for thread in self._threads:
             thread.join(max(end - clock.monotonic(), 0.0))
@@ -474,9 +471,9 @@ class WorkerPool:
             thread.join()
 
     def _next(self) -> str | None:
-        with self._queued:
+        with self._cond:
             while not self._queue and not self._stopping.is_set():
-                self._queued.wait()
+                self._cond.wait()
             return None if self._stopping.is_set() else self._queue.popleft()
 
     def _loop(self, slot: str) -> None:
@@ -488,7 +485,7 @@ class WorkerPool:
             except Exception:  # a spool error on one job must not end the worker
                 self._logger.exception("worker failed on job %s", job_id)
             finally:
-                with self._lock:
+                with self._cond:
                     self._known.discard(job_id)
                 self._on_done(job_id)
 
