@@ -139,23 +139,22 @@ class Intake:
         if problem is not None:
             return self._reject(taken, *problem)
         assert taken.data is not None
+        name = taken.name  # _precheck made sure it shows as itself: display_name() is a no-op
         try:
-            document = self._validator.parse(taken.data, taken.name)
+            document = self._validator.parse(taken.data, name)
         except InvalidJobFile as exc:
             return self._reject(taken, "invalid", _summary(exc.issues), exc.issues)
         now = self._clock.now()
         job_id = str(document.get("job_id") or generate_job_id(now))
         spec = JobSpec.from_document(document, job_id)
         sha256 = hashlib.sha256(taken.data).hexdigest()
-        status = JobStatus.accepted(spec, source=display_name(taken.name), now=now, sha256=sha256)
-        line = format_line(
-            rfc3339(now), "INFO", f"spoold: accepted {display_name(taken.name)} as {job_id}"
-        )
+        status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256)
+        line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
         try:
             job = self._spool.accept(taken, job_id, status.to_dict(), line)
         except DuplicateJob as exc:
             return self._reject(taken, "duplicate", f"{exc}; a job id is never run twice")
-        self._log.info("accepted %s as %s (%s)", display_name(taken.name), job_id, spec.executor)
+        self._log.info("accepted %s as %s (%s)", name, job_id, spec.executor)
         try:
             self._on_accepted(job, document)
         except Exception:  # the job is in pending/ already: a scan will queue it
