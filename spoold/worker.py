@@ -77,14 +77,11 @@ class JobRunner:
         self._active: dict[str, ActiveRun] = {}
         self._lock = threading.Lock()
         # A claim is the daemon's and, inside it, a worker process's: it dies with either.
-        self._owner = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
+        me = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
+        self._owner = me
         if daemon_pid is not None:
-            self._owner = {
-                "pid": daemon_pid,
-                "pid_start": process_start_time(daemon_pid),
-                "worker_pid": os.getpid(),
-                "worker_pid_start": process_start_time(os.getpid()),
-            }
+            daemon = {"pid": daemon_pid, "pid_start": process_start_time(daemon_pid)}
+            self._owner = {**daemon, "worker_pid": me["pid"], "worker_pid_start": me["pid_start"]}
         self._environ = dict(os.environ)  # a plain dict copies much faster per job
         # Documents intake parsed, so that a job is not parsed again to run (bounded).
         self._documents: dict[str, dict[str, Any]] = {}
