@@ -251,6 +251,10 @@ class Spool:
             os.rename(original, job_file)
         if self.durable:
             _fsync_path(job_file)
+            # The job directory's own entries: without this, a filesystem that orders no
+            # metadata (ext4 without a journal, as on the benchmark machine) may come back from
+            # a power loss with pending/<id> naming a directory that was never written.
+            _fsync_path(stage)
         target = f"{self._dirs['pending']}/{job_id}"
         try:
             rename_noreplace(stage, target)

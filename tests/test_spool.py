@@ -126,6 +126,32 @@ def test_accept_moves_the_file_byte_for_byte_into_pending(tmp_path: Path) -> Non
     assert list(spool.dir("tmp").iterdir()) == []
 
 
+def test_accept_makes_the_job_directory_durable_before_it_enters_pending(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without a journal, nothing orders metadata: each step must be synced explicitly."""
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / "a.yaml").write_text("job_id: a\n")
+    taken = _taken(spool, "a.yaml")
+    steps: list[str] = []
+    real_rename = spool_module.rename_noreplace
+
+    def rename(source: str | Path, target: str | Path) -> None:
+        steps.append(f"rename {Path(source).name} -> {Path(target).parent.name}/")
+        real_rename(source, target)
+
+    monkeypatch.setattr(spool_module, "_fsync_path", lambda path: steps.append(f"sync {path}"))
+    monkeypatch.setattr(spool_module, "rename_noreplace", rename)
+    spool.accept(taken, "a", {"job_id": "a", "state": "pending"}, "accepted\n")
+    stage = taken.stage
+    assert steps == [
+        f"sync {stage}/job.yaml",
+        f"sync {stage}",
+        f"rename {stage.name} -> pending/",
+        f"sync {spool.dir('pending')}",
+    ]
+
+
 def test_a_duplicate_id_in_any_state_is_refused(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     _accept(spool, "a.yaml", "a")
