@@ -16,7 +16,7 @@ from spoold.clock import Clock, rfc3339
 from spoold.errors import DuplicateJob, InvalidJobFile
 from spoold.job import JobSpec, JobStatus, generate_job_id
 from spoold.joblog import format_line
-from spoold.spool import JobDir, Spool, TakenFile
+from spoold.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.units import format_duration
 from spoold.validation import JobValidator, ValidationIssue
 
@@ -56,6 +56,41 @@ def display_name(name: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+class QuietFiles:
+    """Which files in incoming/ have been left alone for ``period`` seconds, by this host's clock.
+
+    On a shared filesystem the writer is on another host and its mtimes come from another
+    clock: a skew of minutes would take a file in the middle of its upload, or hold it back
+    for as long. So a file counts as quiet once its inode, size, mtime and ctime have stayed
+    the same for ``period`` seconds of our own monotonic clock, however old its mtime says it is.
+    """
+
+    def __init__(self, clock: Clock, period: float) -> None:
+        self._clock = clock
+        self._period = period
+        self._seen: dict[str, tuple[FileSignature, float]] = {}  # name -> (signature, since)
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, signature: FileSignature) -> bool:
+        now = self._clock.monotonic()
+        with self._lock:
+            seen = self._seen.get(name)
+            if seen is None or seen[0] != signature:
+                self._seen[name] = (signature, now)
+                return self._period <= 0
+            return now - seen[1] >= self._period
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._seen.pop(name, None)
+
+    def keep_only(self, names: set[str]) -> None:
+        """Drop what is known of files no longer in incoming/."""
+        with self._lock:
+            for gone in self._seen.keys() - names:
+                del self._seen[gone]
+
+
 class Intake:
     """Decides what becomes of each file taken from incoming/."""
 
@@ -81,6 +116,7 @@ class Intake:
         # (a full disk) go back to incoming/, and their own rename back must not retry at once.
         self._backoff: dict[str, tuple[float, float]] = {}
         self._backoff_lock = threading.Lock()  # intake runs on several threads
+        self._quiet = QuietFiles(clock, settle_time)
 
     def offer(
         self, name: str, *, complete: bool, remote_writers: bool = False
@@ -94,16 +130,17 @@ class Intake:
             retry = self._backoff.get(name)
         if retry is not None and self._clock.monotonic() < retry[0]:
             return None
-        min_age = self._settle if remote_writers and not complete else 0.0
         taken = None
         try:
             taken = self._spool.take_incoming(
                 name,
                 now=self._clock.now().timestamp(),
                 max_size=self._max_size,
-                min_age=min_age,
                 settle=0.0 if complete else self._settle,
+                quiet=self._quiet if remote_writers and not complete else None,
             )
+            if taken is not None:
+                self._quiet.forget(name)
             outcome = None if taken is None else self.process(taken)
         except Exception as exc:  # a full disk or an I/O error: never lose the file
             if taken is not None:
@@ -124,9 +161,11 @@ class Intake:
     def sweep(self, *, remote_writers: bool = False) -> int:
         """Offer every file in incoming/; return how many were taken."""
         names = self._spool.list_incoming()
+        present = set(names)
         with self._backoff_lock:
-            for gone in self._backoff.keys() - set(names):
+            for gone in self._backoff.keys() - present:
                 del self._backoff[gone]
+        self._quiet.keep_only(present)
         taken = 0
         for name in names:
             if self.offer(name, complete=False, remote_writers=remote_writers) is not None:

@@ -28,7 +28,7 @@ import shutil
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +51,11 @@ _TEMP_MARK = ".spoold-"
 # The files spoold writes into a stage; a staged original is any other entry.
 _STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
 _counter = itertools.count()
+
+#: What tells one version of a file from the next without reading it.
+FileSignature = tuple[int, int, int, int]
+#: Whether the file ``name``, as ``signature`` shows it now, has been left alone long enough.
+QuietCheck = Callable[[str, FileSignature], bool]
 
 
 def is_transient_name(name: str) -> bool:
@@ -143,14 +148,20 @@ class Spool:
             return sorted(e.name for e in entries if not is_transient_name(e.name))
 
     def take_incoming(
-        self, name: str, *, now: float, max_size: int, min_age: float = 0.0, settle: float = 0.0
+        self,
+        name: str,
+        *,
+        now: float,
+        max_size: int,
+        settle: float = 0.0,
+        quiet: QuietCheck | None = None,
     ) -> TakenFile | None:
         """Move one file out of incoming/ into a private stage, if it is complete.
 
         Returns None when the file is gone (another instance took it) or not complete yet:
-        a local process still has it open for writing; or it changed less than ``min_age``
-        seconds before ``now`` (wall-clock); or, where open writers cannot be seen, less than
-        ``settle`` seconds before ``now``.
+        a local process still has it open for writing; or, where open writers cannot be seen,
+        it changed less than ``settle`` seconds before ``now`` (both by this host's clock);
+        or ``quiet`` (for writers on other hosts, whose clocks say nothing here) says no.
         """
         if is_transient_name(name) or "/" in name or name in (".", ".."):
             return None
@@ -178,10 +189,9 @@ class Spool:
                     st = os.fstat(fd)
                     kind = _kind(st.st_mode)
                     writer = _has_local_writer(fd) if kind == "file" else False
-                    age = now - st.st_mtime
-                    if writer or (min_age and age < min_age):
+                    if writer or (quiet is not None and not quiet(name, _signature(st))):
                         return None
-                    if writer is None and settle and age < settle:
+                    if writer is None and settle and now - st.st_mtime < settle:
                         return None
             stage = self._new_stage()
             try:
@@ -553,6 +563,10 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     os.rename(source, target)
+
+
+def _signature(st: os.stat_result) -> FileSignature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _kind(mode: int) -> str:

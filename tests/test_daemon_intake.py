@@ -205,6 +205,24 @@ def test_slow_in_place_write_is_taken_only_once_closed(
     assert os.listdir(spool_dir / "rejected") == []
 
 
+def test_poll_mode_takes_files_by_scanning(spool_dir: Path, tmp_path: Path) -> None:
+    """watch: poll, as on NFS: no events; a scan finds the file, which must stay unchanged
+    for settle_time before it is taken, whatever its mtime says."""
+    config = write_config(tmp_path / "poll.yaml", spool_dir, watch="poll", settle_time="300ms")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        assert "watching by poll" in daemon.log()
+        target = drop(spool_dir, "polled.yaml", local_job("polled", "echo polled"))
+        # Its mtime an hour ahead, as a writer with a fast clock would leave it.
+        os.utime(target, (target.stat().st_atime + 3600, target.stat().st_mtime + 3600))
+        directory, status = wait_finished(spool_dir, "polled")
+        assert directory == "done", status
+        assert daemon.alive
+    finally:
+        daemon.kill()
+
+
 def test_rsync_style_temp_names_are_left_alone_until_renamed(
     daemon: DaemonProcess, spool_dir: Path
 ) -> None:

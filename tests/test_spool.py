@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import threading
@@ -75,13 +76,36 @@ def test_a_file_open_for_writing_is_not_taken_until_closed(tmp_path: Path) -> No
     assert not path.exists()
 
 
-def test_min_age_holds_back_files_changed_recently(tmp_path: Path) -> None:
+def test_the_quiet_check_sees_each_change_and_can_hold_a_file_back(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
+    path = spool.dir("incoming") / "remote.yaml"
+    path.write_text("job_id: a\n")
+    seen: list[spool_module.FileSignature] = []
+
+    def not_yet(name: str, signature: spool_module.FileSignature) -> bool:
+        seen.append(signature)
+        return False
+
+    take = functools.partial(spool.take_incoming, now=time.time(), max_size=MB)
+    assert take("remote.yaml", quiet=not_yet) is None, "held back, though no writer is open here"
+    assert take("remote.yaml", quiet=not_yet) is None
+    with open(path, "a") as writer:
+        writer.write("# more\n")
+    assert take("remote.yaml", quiet=not_yet) is None
+    assert seen[0] == seen[1] != seen[2], "an unchanged file looks the same, an appended one not"
+    assert take("remote.yaml", quiet=lambda name, signature: True) is not None
+
+
+def test_settle_holds_back_files_changed_recently_where_writers_cannot_be_seen(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    spool = _spool(tmp_path)
+    monkeypatch.setattr(spool_module, "_has_local_writer", lambda fd: None)  # no CAP_LEASE
     path = spool.dir("incoming") / "fresh.yaml"
     path.write_text("job_id: a\n")
     mtime = path.stat().st_mtime
-    assert spool.take_incoming("fresh.yaml", now=mtime + 0.5, max_size=MB, min_age=2) is None
-    assert spool.take_incoming("fresh.yaml", now=mtime + 2.5, max_size=MB, min_age=2) is not None
+    assert spool.take_incoming("fresh.yaml", now=mtime + 0.5, max_size=MB, settle=2) is None
+    assert spool.take_incoming("fresh.yaml", now=mtime + 2.5, max_size=MB, settle=2) is not None
 
 
 def test_non_regular_files_are_taken_without_being_opened(tmp_path: Path) -> None:

@@ -1,0 +1,75 @@
+"""Intake's own decisions, with a clock the test moves: when a file counts as complete."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from spoold.daemon import job_validator
+from spoold.intake import Accepted, Intake
+from spoold.plugins import ExecutorRegistry
+from spoold.spool import Spool
+from tests.fakes import FakeClock
+
+SETTLE = 2.0
+JOB = "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
+
+
+def _intake(tmp_path: Path) -> tuple[Spool, Intake, FakeClock]:
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    clock = FakeClock()
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=1 << 20, settle_time=SETTLE,
+                    on_accepted=lambda job, document: None,
+                    logger=logging.getLogger("spoold.test"))  # fmt: skip
+    return spool, intake, clock
+
+
+@pytest.mark.parametrize(
+    "skew", [-3600.0, 3600.0], ids=["writer-clock-behind", "writer-clock-ahead"]
+)
+def test_poll_mode_takes_a_file_once_unchanged_for_the_settle_time_by_our_clock(
+    tmp_path: Path, skew: float
+) -> None:
+    """A shared filesystem's mtimes come from another host: an hour of skew changes nothing."""
+    spool, intake, clock = _intake(tmp_path)
+    path = spool.dir("incoming") / "upload.yaml"
+    path.write_text(JOB[:20])  # an upload under way, its mtime by the writer's clock
+    os.utime(path, (path.stat().st_atime + skew, path.stat().st_mtime + skew))
+    assert intake.sweep(remote_writers=True) == 0
+    clock.advance(SETTLE - 0.5)
+    with open(path, "a") as writer:  # the upload goes on: the wait starts again
+        writer.write(JOB[20:])
+    os.utime(path, (path.stat().st_atime + skew, path.stat().st_mtime + skew))
+    assert intake.sweep(remote_writers=True) == 0
+    clock.advance(SETTLE - 0.5)
+    assert intake.sweep(remote_writers=True) == 0, "quiet for less than the settle time"
+    clock.advance(0.5)
+    assert intake.sweep(remote_writers=True) == 1
+    assert [job.job_id for job in spool.list_jobs("pending")] == ["a"]
+
+
+def test_a_file_seen_closed_or_renamed_in_is_taken_at_once_in_poll_mode_too(
+    tmp_path: Path,
+) -> None:
+    spool, intake, _ = _intake(tmp_path)
+    (spool.dir("incoming") / "a.yaml").write_text(JOB)
+    assert isinstance(intake.offer("a.yaml", complete=True, remote_writers=True), Accepted)
+
+
+def test_a_file_gone_and_back_under_the_same_name_waits_again(tmp_path: Path) -> None:
+    spool, intake, clock = _intake(tmp_path)
+    path = spool.dir("incoming") / "a.yaml"
+    path.write_text(JOB)
+    assert intake.sweep(remote_writers=True) == 0
+    path.unlink()
+    assert intake.sweep(remote_writers=True) == 0  # forgets it
+    clock.advance(SETTLE)
+    path.write_text(JOB)
+    assert intake.sweep(remote_writers=True) == 0, "a new file, seen for the first time"
+    clock.advance(SETTLE)
+    assert intake.sweep(remote_writers=True) == 1
