@@ -64,3 +64,7 @@ class PluginError(SpooldError):
 
 class WorkerProcessError(SpooldError):
     """A worker process could not be started or said something it should not."""
+
+
+class SecretError(SpooldError):
+    """A ``${secret:NAME}`` cannot be read safely: missing, unsafe mode, not a plain file."""
