@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold import __version__
-from spoold.clock import SystemClock
+from spoold.clock import SystemClock, parse_rfc3339
 from spoold.config import Config, load_config
 from spoold.daemon import Daemon, detach, job_validator
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
@@ -180,16 +180,25 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
             )
         print(f"rejected into {outcome.path}", file=sys.stderr)
         return EXIT_FAILED
-    job = runner.claim(outcome.job.job_id)
-    if job is None:
-        raise SpoolError(f"job {outcome.job.job_id} was claimed by a running daemon")
+    job_id = outcome.job.job_id
     beat = _Heartbeat(runner, config.heartbeat_interval)
     try:
-        final = runner.run(job, slot=f"exec-{os.getpid()}", tee=sys.stdout)
+        while True:
+            job = runner.claim(job_id)
+            if job is None:
+                raise SpoolError(f"job {job_id} was claimed by a running daemon")
+            final = runner.run(job, slot=f"exec-{os.getpid()}", tee=sys.stdout)
+            if final is None or final.directory != "pending":
+                break
+            # A retry: wait here for it, in the foreground, as the daemon would in the background.
+            due = spool.read_status(final).get("next_attempt_at")
+            if not isinstance(due, str):
+                break
+            time.sleep(max(parse_rfc3339(due).timestamp() - clock.now().timestamp(), 0.0))
     finally:
         beat.stop()
     if final is None:
-        print(f"{job.job_id}: its outcome could not be recorded (see above)", file=sys.stderr)
+        print(f"{job_id}: its outcome could not be recorded (see above)", file=sys.stderr)
         return EXIT_FAILED
     state = spool.read_status(final)["state"]
     print(f"{final.job_id}: {state} ({final.path})", file=sys.stderr)
@@ -239,10 +248,10 @@ def _count(path: Path) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     keys = ("job_id", "state", "executor", "type", "source", "submitted_at", "started_at",
-            "finished_at", "exit_code", "error", "worker")  # fmt: skip
+            "finished_at", "next_attempt_at", "exit_code", "error", "worker")  # fmt: skip
     for key in keys:
         if status.get(key) is not None:
-            print(f"{key + ':':<14}{status[key]}")
+            print(f"{key + ':':<17}{status[key]}")
     for attempt in status.get("attempts") or ():
         print(
             f"attempt {attempt['number']}:    {attempt['started_at']} -> {attempt.get('finished_at')}"

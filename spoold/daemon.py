@@ -9,12 +9,15 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spoold.clock import Clock, SystemClock
+from spoold.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.config import Config
+from spoold.due import DueJobs
+from spoold.errors import SpoolError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
@@ -57,8 +60,11 @@ class Daemon:
     intake_thread: IntakeThread
     recovery: Recovery
     watch_mode: str
-    #: Set to wake the loop early: a worker process died, or the daemon is stopping.
+    #: Set to wake the loop early: a worker process died, a retry was scheduled, or the
+    #: daemon is stopping.
     attention: threading.Event
+    #: Pending jobs waiting for a later attempt, handed to the workers once due.
+    due: DueJobs
 
     @classmethod
     def build(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
@@ -69,11 +75,18 @@ class Daemon:
         spool.check()
         registry = ExecutorRegistry.from_entry_points()
         attention = threading.Event()
+        due = DueJobs()
+
+        def defer(job_id: str, when: float) -> None:
+            due.add(job_id, when)
+            attention.set()  # the loop's next wake-up may have to come sooner
+
         workers = WorkerProcesses(
             config,
             logger,
             processes=config.worker_processes or os.cpu_count() or 1,
             on_lost=attention.set,
+            on_deferred=defer,
         )
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
@@ -92,8 +105,9 @@ class Daemon:
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         recovery = Recovery(spool, config, clock, logger)
         return cls(
-            config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention
-        )
+            config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
+            due,
+        )  # fmt: skip
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
@@ -143,12 +157,17 @@ class Daemon:
         )
         next_scan = self.clock.monotonic() + scan_every
         while not stop.is_set():
-            self.attention.wait(max(next_scan - self.clock.monotonic(), 0.0))
+            wait = next_scan - self.clock.monotonic()
+            if (due := self.due.next_due()) is not None:
+                wait = min(wait, due - self.clock.now().timestamp())
+            self.attention.wait(max(wait, 0.0))
             self.attention.clear()
             if stop.is_set():
                 return
             if self.workers.lost_any():
                 self._duty(self._replace_workers)
+            for job_id in self.due.pop_due(self.clock.now().timestamp()):
+                self.workers.submit(job_id)
             now = self.clock.monotonic()
             if now >= next_scan:
                 self.intake_thread.request_sweep()
@@ -182,8 +201,27 @@ class Daemon:
             self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
 
     def _queue_pending(self) -> None:
+        """Hand the workers every pending job they do not hold, unless it waits for a retry."""
+        now = self.clock.now().timestamp()
         for job in self.spool.list_jobs("pending"):
-            self.workers.submit(job.job_id)
+            if job.job_id in self.due or self.workers.holds(job.job_id):
+                continue
+            if (when := self._due_time(job)) is not None and when > now:
+                self.due.add(job.job_id, when)
+                self.logger.info(
+                    "job %s waits for its next attempt, due at %s",
+                    job.job_id, rfc3339(datetime.fromtimestamp(when, UTC)),
+                )  # fmt: skip
+            else:
+                self.workers.submit(job.job_id)
+
+    def _due_time(self, job: JobDir) -> float | None:
+        """When a pending job's next attempt is due, from its status.json (None: now)."""
+        try:
+            due = self.spool.read_status(job).get("next_attempt_at")
+            return parse_rfc3339(due).timestamp() if isinstance(due, str) else None
+        except (OSError, SpoolError, ValueError):
+            return None  # gone, or unreadable: the worker that claims it finds out
 
     def _install_signals(self, stop: threading.Event) -> None:
         if threading.current_thread() is not threading.main_thread():

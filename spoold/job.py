@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from spoold.clock import rfc3339
+from spoold.retry import RetryPolicy
 from spoold.states import JobState
 from spoold.units import parse_duration
 
@@ -41,6 +42,7 @@ class JobSpec:
     artifacts: tuple[ArtifactSpec, ...]
     timeout: float | None
     on_interrupt: str
+    retry: RetryPolicy
     document: dict[str, Any]
 
     @classmethod
@@ -59,6 +61,7 @@ class JobSpec:
             ),
             timeout=None if timeout is None else parse_duration(timeout),
             on_interrupt=str(document.get("on_interrupt", "fail")),
+            retry=RetryPolicy.from_document(document),
             document=document,
         )
 
@@ -136,6 +139,8 @@ class JobStatus:
     result: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
     log_lines_lost: int = 0
+    #: When a job waiting in pending/ for its next attempt becomes due (RFC 3339).
+    next_attempt_at: str | None = None
 
     @classmethod
     def accepted(
@@ -162,6 +167,7 @@ class JobStatus:
         self.exit_code = None
         self.error = None
         self.worker = worker
+        self.next_attempt_at = None
         return attempt
 
     def end_attempt(
@@ -200,6 +206,7 @@ class JobStatus:
             "schedule": self.schedule,
             "result": self.result,
             "log_lines_lost": self.log_lines_lost,
+            "next_attempt_at": self.next_attempt_at,
         }
 
     @classmethod
@@ -223,4 +230,5 @@ class JobStatus:
             result=dict(data.get("result") or {}),
             sha256=data.get("sha256"),
             log_lines_lost=int(data.get("log_lines_lost") or 0),
+            next_attempt_at=data.get("next_attempt_at"),
         )

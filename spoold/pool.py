@@ -94,7 +94,15 @@ class Done:
     job_id: str
 
 
-Message = RunJob | Stop | Ready | Done | Revoke | Returned
+@dataclass(frozen=True)
+class Deferred:
+    """From a worker process: a job failed, went back to pending/, and is due again at ``due``."""
+
+    job_id: str
+    due: float  # a wall-clock timestamp: it is also what status.json says
+
+
+Message = RunJob | Stop | Ready | Done | Revoke | Returned | Deferred
 
 
 def send_message(conn: Connection, message: Message) -> None:
@@ -116,6 +124,8 @@ def send_message(conn: Connection, message: Message) -> None:
             data = marshal.dumps(("revoke",))
         case Returned(job_ids):
             data = marshal.dumps(("returned", job_ids))
+        case Deferred(job_id, due):
+            data = marshal.dumps(("deferred", job_id, due))
     conn.send_bytes(data)
 
 
@@ -137,6 +147,8 @@ def receive_message(conn: Connection) -> Message:
             return Done(job_id)
         case ("revoke",):
             return Revoke()
+        case ("deferred", str(job_id), float(due)):
+            return Deferred(job_id, due)
         case ("returned", tuple(job_ids)) if all(isinstance(j, str) for j in job_ids):
             return Returned(job_ids)
     raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
@@ -192,8 +204,10 @@ class WorkerProcesses:
         *,
         processes: int,
         on_lost: Callable[[], None],
+        on_deferred: Callable[[str, float], None],
     ) -> None:
         self._config = config
+        self._on_deferred = on_deferred
         self._logger = logger
         self._plan = plan_slots(config.workers, processes)
         self._on_lost = on_lost
@@ -239,6 +253,11 @@ class WorkerProcesses:
             handed = self._hand_out(self._free_link())
         self._send(handed)
         return True
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the job is queued here or in a worker process's hands."""
+        with self._lock:
+            return job_id in self._known
 
     def in_flight(self) -> frozenset[str]:
         """Jobs handed to a worker process and not reported done."""
@@ -332,6 +351,8 @@ class WorkerProcesses:
                     if holder is not None:
                         with contextlib.suppress(OSError):  # its receiver sees it die
                             holder.send(Revoke())
+                elif isinstance(message, Deferred):
+                    self._on_deferred(message.job_id, message.due)
                 elif isinstance(message, Returned):
                     with self._lock:
                         link.revoking = False
@@ -464,6 +485,10 @@ class Outbox:
         """What the slots call when they are done with a job."""
         self.send(Done(job_id))
 
+    def deferred(self, job_id: str, due: float) -> None:
+        """What the runner calls when a job waits in pending/ for its next attempt."""
+        self.send(Deferred(job_id, due))
+
 
 def serve_worker_process(fd: int) -> None:
     """The composition root of a worker process, started by the daemon (spoold.daemon is the other)."""
@@ -475,7 +500,9 @@ def serve_worker_process(fd: int) -> None:
     logger = configure_logging(config)
     spool = Spool(config.spool, durable=config.durable)
     registry = ExecutorRegistry.from_entry_points()
-    runner = JobRunner(spool, registry, config, clock, logger, daemon_pid=setup.parent)
     outbox = Outbox(conn)
+    runner = JobRunner(
+        spool, registry, config, clock, logger, daemon_pid=setup.parent, on_deferred=outbox.deferred
+    )
     pool = WorkerPool(runner, setup.slots, logger, on_done=outbox.done)
     serve_jobs(conn, outbox, runner, pool, config=config, clock=clock)

@@ -6,15 +6,17 @@ import hashlib
 import logging
 import os
 import queue
+import random
 import shutil
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from spoold.clock import Clock, rfc3339
+from spoold.clock import Clock, parse_rfc3339, rfc3339
 from spoold.config import Config
 from spoold.documents import load_document
 from spoold.executors.base import ExecResult, RunContext
@@ -24,6 +26,7 @@ from spoold.plugins import ExecutorRegistry
 from spoold.procfs import process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
+from spoold.units import format_duration
 
 _DOCUMENT_CACHE = 10_000
 # Recording is mostly waiting on fsync: two overlap their waits (one where one slot feeds them).
@@ -67,6 +70,8 @@ class JobRunner:
         logger: logging.Logger,
         *,
         daemon_pid: int | None = None,
+        draw: Callable[[], float] = random.random,
+        on_deferred: Callable[[str, float], None] | None = None,
     ) -> None:
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone)."""
         self._spool = spool
@@ -74,6 +79,9 @@ class JobRunner:
         self._config = config
         self._clock = clock
         self._logger = logger
+        self._draw = draw  # the jitter of retry waits
+        # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
+        self._on_deferred = on_deferred
         self._active: dict[str, ActiveRun] = {}
         self._lock = threading.Lock()
         # A claim is the daemon's and, inside it, a worker process's: it dies with either.
@@ -209,6 +217,8 @@ class JobRunner:
                 return None
         with self._lock:
             self._active.pop(run.job.job_id, None)
+        if state is JobState.PENDING and status.next_attempt_at and self._on_deferred:
+            self._on_deferred(run.job.job_id, parse_rfc3339(status.next_attempt_at).timestamp())
         return final
 
     def _run(self, run: ActiveRun, status: JobStatus, log: JobLog, slot: str) -> JobState:
@@ -261,16 +271,28 @@ class JobRunner:
         status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
+        now = self._clock.now()
         if state is JobState.PENDING:
             log.error(
                 "interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)"
             )
-        status.end_attempt(self._clock.now(), state, result.exit_code, error)
-        if state is not JobState.PENDING:
+        else:
             word = "succeeded" if state is JobState.SUCCEEDED else f"{state.value}: {error}"
             (log.info if state is JobState.SUCCEEDED else log.error)(
                 f"attempt {attempt.number} {word} (exit code {result.exit_code})"
             )
+        retry = spec.retry
+        if state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code):
+            wait = retry.delay(attempt.number, self._draw)
+            due = now + timedelta(seconds=wait)
+            status.end_attempt(now, JobState.PENDING, result.exit_code, error)
+            status.next_attempt_at = rfc3339(due)
+            log.info(
+                f"retrying in {format_duration(wait)}: attempt {attempt.number + 1} of "
+                f"{retry.attempts} is due at {status.next_attempt_at}"
+            )
+            return JobState.PENDING
+        status.end_attempt(now, state, result.exit_code, error)
         return state
 
     def _outcome(

@@ -1,0 +1,119 @@
+"""Job semantics run in-process (issue 3): retries with backoff, with a clock the test moves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spoold.clock import parse_rfc3339
+from spoold.config import Config
+from spoold.daemon import job_validator
+from spoold.intake import Accepted, Intake
+from spoold.plugins import ExecutorRegistry
+from spoold.spool import JobDir, Spool
+from spoold.worker import JobRunner
+from tests.fakes import FakeClock
+
+LOGGER = logging.getLogger("spoold.test")
+
+
+class Parts:
+    """A spool, intake and a runner sharing one fake clock; remembers deferred jobs."""
+
+    def __init__(self, tmp_path: Path, draw: float = 0.0) -> None:
+        self.spool = Spool(tmp_path / "spool")
+        self.spool.init()
+        self.clock = FakeClock()
+        registry = ExecutorRegistry.from_entry_points()
+        config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5)
+        self.deferred: list[tuple[str, float]] = []
+        self.intake = Intake(self.spool, job_validator(registry), self.clock,
+                             max_file_size=config.max_file_size, settle_time=0,
+                             on_accepted=lambda job, document: None, logger=LOGGER)  # fmt: skip
+        self.runner = JobRunner(self.spool, registry, config, self.clock, LOGGER,
+                                draw=lambda: draw,
+                                on_deferred=lambda job_id, due: self.deferred.append((job_id, due)))  # fmt: skip
+
+    def submit(self, document: dict[str, Any]) -> str:
+        (self.spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
+        outcome = self.intake.offer("j.yaml", complete=True)
+        assert isinstance(outcome, Accepted), outcome
+        return outcome.job.job_id
+
+    def attempt(self, job_id: str) -> tuple[JobDir, dict[str, Any]]:
+        claimed = self.runner.claim(job_id)
+        assert claimed is not None
+        final = self.runner.run(claimed)
+        assert final is not None
+        return final, self.spool.read_status(final)
+
+
+def _flaky(job_id: str, fail_times: int, **fields: Any) -> dict[str, Any]:
+    """A job that fails its first ``fail_times`` attempts (exit 75), then succeeds."""
+    script = f'test "$SPOOLD_ATTEMPT" -gt {fail_times} || exit 75'
+    return {"job_id": job_id, "executor": "local", "product": {"commands": script}, **fields}
+
+
+def test_a_failed_attempt_waits_in_pending_for_its_backoff_then_succeeds(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    job_id = parts.submit(_flaky("flaky", 2, retries=3, backoff="30s"))
+    start = parts.clock.now().timestamp()
+    job, status = parts.attempt(job_id)
+    assert job.directory == "pending"
+    assert (status["state"], status["exit_code"]) == ("pending", 75)
+    assert parse_rfc3339(status["next_attempt_at"]).timestamp() == start + 30
+    assert parts.deferred == [("flaky", start + 30)]
+    parts.clock.advance(30)
+    job, status = parts.attempt(job_id)
+    assert job.directory == "pending" and len(parts.deferred) == 2
+    parts.clock.advance(30)
+    job, status = parts.attempt(job_id)
+    assert job.directory == "done"
+    assert status["state"] == "succeeded" and status["next_attempt_at"] is None
+    assert [a["exit_code"] for a in status["attempts"]] == [75, 75, 0]
+    log = job.log_path.read_text()
+    for n in (1, 2, 3):  # each attempt has its own section, opened and closed in the log
+        assert f"attempt {n} started" in log
+    assert log.count("retrying in 30s") == 2
+    assert "attempt 2 of 4 is due at" in log and "attempt 3 of 4 is due at" in log
+
+
+def test_retries_run_out_and_the_job_fails_with_every_attempt_recorded(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    job_id = parts.submit(_flaky("hopeless", 99, retries=2, backoff={"initial": "1s"}))
+    waits = []
+    for _ in range(2):
+        job, status = parts.attempt(job_id)
+        assert job.directory == "pending"
+        due = parse_rfc3339(status["next_attempt_at"]).timestamp()
+        waits.append(due - parts.clock.now().timestamp())
+        parts.clock.advance(waits[-1])
+    job, status = parts.attempt(job_id)
+    assert job.directory == "failed" and len(status["attempts"]) == 3
+    assert waits == [1, 2], "exponential by default: 1s, then 2s"
+
+
+def test_only_the_exit_codes_of_retry_on_are_retried(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = {"job_id": "other", "executor": "local", "product": {"commands": "exit 3"},
+                "retries": 5, "retry_on": [75]}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "failed" and len(status["attempts"]) == 1
+    assert parts.deferred == []
+
+
+def test_a_cancelled_or_succeeded_job_is_never_retried(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    job, status = parts.attempt(parts.submit(_flaky("fine", 0, retries=3)))
+    assert job.directory == "done" and len(status["attempts"]) == 1
+
+
+def test_jitter_comes_from_the_injected_source(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, draw=0.5)
+    document = _flaky("jit", 9, retries=1, backoff={"initial": "40s", "jitter": True})
+    start = parts.clock.now().timestamp()
+    job, status = parts.attempt(parts.submit(document))
+    assert parse_rfc3339(status["next_attempt_at"]).timestamp() == start + 30  # 20 + 0.5 * 20
