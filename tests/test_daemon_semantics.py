@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_a_restart_keeps_the_retry_schedule(spool_dir: Path, tmp_path: Path) -> 
         drop(spool_dir, "later.yaml", local_job("later", FLAKY, retries=1, backoff="1h"))
         drop(spool_dir, "soon.yaml", local_job("soon", FLAKY, retries=1, backoff="2s"))
         for job_id in ("later", "soon"):
-            wait_for(lambda j=job_id: _waiting_for_retry(spool_dir, j),
+            wait_for(functools.partial(_waiting_for_retry, spool_dir, job_id),
                      what=f"{job_id} to wait for a retry")  # fmt: skip
         daemon.stop()
         later_due = job_state(spool_dir, "later")[1]["next_attempt_at"]  # type: ignore[index]

@@ -115,5 +115,5 @@ def test_jitter_comes_from_the_injected_source(tmp_path: Path) -> None:
     parts = Parts(tmp_path, draw=0.5)
     document = _flaky("jit", 9, retries=1, backoff={"initial": "40s", "jitter": True})
     start = parts.clock.now().timestamp()
-    job, status = parts.attempt(parts.submit(document))
+    _, status = parts.attempt(parts.submit(document))
     assert parse_rfc3339(status["next_attempt_at"]).timestamp() == start + 30  # 20 + 0.5 * 20
