@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Any
 from spoold import __version__
 from spoold.clock import SystemClock, parse_rfc3339
 from spoold.config import Config, load_config
+from spoold.control import JobControl
 from spoold.daemon import Daemon, detach, job_validator
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
@@ -90,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     logs = add("logs", cmd_logs, "a job's log")
     logs.add_argument("job_id")
     logs.add_argument("-f", "--follow", action="store_true", help="follow while the job runs")
+    cancel = add("cancel", cmd_cancel, "stop a pending or running job; it ends as cancelled")
+    cancel.add_argument("job_id")
+    cancel.add_argument(
+        "--wait", type=float, default=None, metavar="SECONDS",
+        help="how long to wait for a running job to end (default: kill_grace + 30s; 0: not)",
+    )  # fmt: skip
+    again = add("retry", cmd_retry, "run a failed or cancelled job again, as a new attempt")
+    again.add_argument("job_id")
     add("schema", cmd_schema, "print the job file's JSON Schema")
     return parser
 
@@ -181,7 +191,7 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         print(f"rejected into {outcome.path}", file=sys.stderr)
         return EXIT_FAILED
     job_id = outcome.job.job_id
-    beat = _Heartbeat(runner, config.heartbeat_interval)
+    beat = _Heartbeat(runner, config.heartbeat_interval, config.poll_interval)
     try:
         while True:
             job = runner.claim(job_id)
@@ -206,16 +216,20 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
 
 
 class _Heartbeat:
-    """Renews leases while ``spoold exec`` runs a job in the foreground."""
+    """Renews leases and looks for cancel requests while ``spoold exec`` runs a job."""
 
-    def __init__(self, runner: JobRunner, every: float) -> None:
+    def __init__(self, runner: JobRunner, every: float, look: float) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(runner, every), daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(runner, every, look), daemon=True)
         self._thread.start()
 
-    def _loop(self, runner: JobRunner, every: float) -> None:
-        while not self._stop.wait(every):
-            runner.renew_leases()
+    def _loop(self, runner: JobRunner, every: float, look: float) -> None:
+        next_beat = time.monotonic() + every
+        while not self._stop.wait(min(look, every)):
+            runner.check_cancels()  # `spoold cancel` works on a job run by `spoold exec` too
+            if time.monotonic() >= next_beat:
+                runner.renew_leases()
+                next_beat = time.monotonic() + every
 
     def stop(self) -> None:
         self._stop.set()
@@ -310,6 +324,46 @@ def cmd_logs(args: argparse.Namespace, config: Config) -> int:
                 out.flush()
                 return EXIT_OK
             time.sleep(0.2)
+
+
+def _control(config: Config) -> JobControl:
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    return JobControl(_spool(config), SystemClock(), who=f"{user} on {config.hostname}")
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    control = _control(config)
+    outcome = control.cancel(args.job_id)
+    if outcome.cancelled:
+        print(f"{args.job_id}: cancelled before it started ({outcome.job.path})")
+        return EXIT_OK
+    if outcome.state is not JobState.RUNNING:
+        print(f"{args.job_id}: already {outcome.state.value}; nothing to cancel", file=sys.stderr)
+        return EXIT_FAILED
+    bound = config.kill_grace + 30.0 if args.wait is None else args.wait
+    print(f"{args.job_id}: cancel requested; its worker stops it", file=sys.stderr)
+    end = time.monotonic() + bound
+    spool = _spool(config)
+    while time.monotonic() < end:
+        job = spool.find(args.job_id)
+        if job is not None and job.directory in ("done", "failed"):
+            state = spool.read_status(job)["state"]
+            print(f"{args.job_id}: {state} ({job.path})")
+            return EXIT_OK if state == JobState.CANCELLED.value else EXIT_FAILED
+        time.sleep(0.1)
+    if bound > 0:
+        print(f"{args.job_id}: still running after {bound:g}s", file=sys.stderr)
+    return EXIT_FAILED if bound > 0 else EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    control = _control(config)
+    job = control.retry(args.job_id)
+    woke = control.wake_daemon(config.hostname)
+    print(f"{args.job_id}: back in pending/ ({job.path})")
+    if not woke:
+        print("no spoold runs here: the job runs when one starts", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace, config: Config) -> int:

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -65,6 +65,8 @@ class Daemon:
     attention: threading.Event
     #: Pending jobs waiting for a later attempt, handed to the workers once due.
     due: DueJobs
+    #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
+    rescan: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
@@ -169,6 +171,9 @@ class Daemon:
             for job_id in self.due.pop_due(self.clock.now().timestamp()):
                 self.workers.submit(job_id)
             now = self.clock.monotonic()
+            if self.rescan.is_set():
+                self.rescan.clear()
+                next_scan = now  # at once, as if its time had come
             if now >= next_scan:
                 self.intake_thread.request_sweep()
                 self._duty(self._queue_pending)
@@ -232,8 +237,13 @@ class Daemon:
             stop.set()
             self.attention.set()
 
+        def request_rescan(signum: int, _frame: FrameType | None) -> None:
+            self.rescan.set()  # `spoold retry` put a job back into pending/
+            self.attention.set()
+
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGUSR1, request_rescan)
         # A lease-break notice (SIGIO) would kill the process by default; leases are only
         # held for microseconds, but the default must never apply.
         signal.signal(signal.SIGIO, signal.SIG_IGN)

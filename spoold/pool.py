@@ -442,11 +442,14 @@ def serve_jobs(
     """A worker process's loop: take jobs from the main process, keep leases alive, stop."""
     heartbeat = config.heartbeat_interval
     next_beat = clock.monotonic() + heartbeat
+    # Cancel requests are files (they must work across hosts and restarts): looked for while
+    # jobs run, as often as a polling watcher looks at incoming/.
+    next_look = clock.monotonic() + config.poll_interval
     pool.start()
     outbox.send(Ready())
     while True:
         busy = pool.busy or bool(runner.active_ids())
-        timeout = max(next_beat - clock.monotonic(), 0.0) if busy else None
+        timeout = max(min(next_beat, next_look) - clock.monotonic(), 0.0) if busy else None
         if conn.poll(timeout):
             try:
                 message = receive_message(conn)
@@ -463,8 +466,12 @@ def serve_jobs(
                 outbox.send(Returned(tuple(pool.revoke())))
         now = clock.monotonic()
         if not busy:
-            next_beat = now + heartbeat
-        elif now >= next_beat:
+            next_beat, next_look = now + heartbeat, now + config.poll_interval
+            continue
+        if now >= next_look:
+            runner.check_cancels()
+            next_look = now + config.poll_interval
+        if now >= next_beat:
             runner.renew_leases()
             runner.retry_finishing()
             next_beat = now + heartbeat

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from spoold.errors import DuplicateJob, JobNotFound, SpoolError
+from spoold.errors import DuplicateJob, InvalidTransition, JobNotFound, SpoolError
 from spoold.job import JOB_ID
+from spoold.procfs import process_start_time
 from spoold.states import JOB_DIRECTORIES, JobState, check_transition
 
 SPOOL_DIRECTORIES = (
@@ -50,6 +51,7 @@ _STAGE_PREFIX = "in-"
 _TEMP_MARK = ".spoold-"
 # The files spoold writes into a stage; a staged original is any other entry.
 _STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
+_CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _counter = itertools.count()
 
 #: What tells one version of a file from the next without reading it.
@@ -450,8 +452,9 @@ class Spool:
         self._write_file(f"{job.location}/status.json", _json_bytes(status), durable=self.durable)
         if self.durable and not log_synced:
             _fsync_path(f"{job.location}/log")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{job.location}/lease")
+        for claim_file in ("lease", _CANCEL_FILE):  # they belong to the run that just ended
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{job.location}/{claim_file}")
         directory = state.directory
         target = f"{self._dirs[directory]}/{job.job_id}"
         try:
@@ -460,6 +463,38 @@ class Spool:
             raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
         self._sync_dirs(self._dirs[directory])
         return JobDir(job.job_id, directory, target)
+
+    def requeue(self, job: JobDir, status: dict[str, Any]) -> JobDir:
+        """failed/<id> -> pending/<id> (``spoold retry``), with its new status.
+
+        Moved first, then the status rewritten: a crash in between leaves a pending job whose
+        status still says how it ended, which runs as the next attempt all the same.
+        """
+        if job.directory != "failed":
+            raise InvalidTransition(f"only a failed or cancelled job can run again, not {job}")
+        target = f"{self._dirs['pending']}/{job.job_id}"
+        try:
+            rename_noreplace(job.location, target)
+        except FileExistsError as exc:
+            raise SpoolError(f"job {job.job_id!r} is in failed/ and pending/ at once") from exc
+        self._sync_dirs(self._dirs["pending"])
+        pending = JobDir(job.job_id, "pending", target)
+        self.write_status(pending, status, durable=True)
+        return pending
+
+    def request_cancel(self, job: JobDir, request: dict[str, Any]) -> None:
+        """Ask whoever runs ``job`` to cancel it; FileNotFoundError if it is no longer running."""
+        if job.directory != "running":
+            raise InvalidTransition(f"only a running job takes a cancel request, not {job}")
+        self._write_file(f"{job.location}/{_CANCEL_FILE}", _json_bytes(request), durable=False)
+
+    def cancel_request(self, job: JobDir) -> dict[str, Any] | None:
+        """The cancel request made for a running job, if any."""
+        try:
+            data: dict[str, Any] = json.loads(_read(f"{job.location}/{_CANCEL_FILE}"))
+        except (FileNotFoundError, ValueError):
+            return None
+        return data
 
     # -- work dirs and artifacts --------------------------------------------------------------
 
@@ -492,7 +527,28 @@ class Spool:
         except BlockingIOError as exc:
             handle.close()
             raise SpoolError(f"another spoold on {host} already runs on {self.root}") from exc
+        # Who holds it, for `spoold retry` to wake this daemon with SIGUSR1.
+        os.truncate(handle.fileno(), 0)
+        os.write(handle.fileno(), f"{os.getpid()} {process_start_time(os.getpid())}\n".encode())
         return handle
+
+    def daemon_on(self, host: str) -> tuple[int, int] | None:
+        """(pid, start time) of the daemon holding the lock on ``host``, or None if none does."""
+        path = self.dir("tmp") / f"daemon-{host}.lock"
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: a daemon runs, and the file says which
+                fields = handle.read(100).split()
+                if len(fields) == 2 and all(f.isdigit() for f in fields):
+                    return int(fields[0]), int(fields[1])
+                return None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return None
 
     # -- primitives ---------------------------------------------------------------------------
 

@@ -41,6 +41,8 @@ class ActiveRun:
     lease: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    #: Why ``cancel`` was set by a user's request (``spoold cancel``): for status.json.
+    cancel_reason: str | None = None
     leased: bool = False
     #: An outcome its worker could not record (a full disk), for ``retry_finishing``.
     outcome: tuple[JobState, JobStatus] | None = None
@@ -140,6 +142,19 @@ class JobRunner:
                     pass  # finished since the snapshot
                 except OSError as exc:  # a full disk: the old lease stands, the job goes on
                     self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
+
+    def check_cancels(self) -> int:
+        """Act on the cancel requests made for jobs this process runs; return how many."""
+        with self._lock:
+            runs = [run for run in self._active.values() if not run.cancel.is_set()]
+        found = 0
+        for run in runs:
+            request = self._spool.cancel_request(run.job)
+            if request is not None:
+                run.cancel_reason = f"cancelled by {request.get('by') or 'a user'}"
+                run.cancel.set()
+                found += 1
+        return found
 
     def interrupt_all(self) -> int:
         """Stop every running job because spoold is stopping; return how many."""
@@ -305,7 +320,7 @@ class JobRunner:
         if result.succeeded:
             return JobState.SUCCEEDED, None
         if result.cancelled:
-            return JobState.CANCELLED, result.error
+            return JobState.CANCELLED, run.cancel_reason or result.error
         return JobState.FAILED, result.error or f"exit code {result.exit_code}"
 
     def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ from tests.harness import (
     DaemonProcess,
     drop,
     job_state,
+    kill_processes_with,
     local_job,
+    processes_with,
+    run_cli,
     wait_finished,
     wait_for,
     write_config,
@@ -67,5 +71,83 @@ def test_a_restart_keeps_the_retry_schedule(spool_dir: Path, tmp_path: Path) -> 
         found = job_state(spool_dir, "later")
         assert found is not None and found[0] == "pending"
         assert found[1]["next_attempt_at"] == later_due and len(found[1]["attempts"]) == 1
+    finally:
+        daemon.kill()
+
+
+def _sleeper(tmp_path: Path) -> tuple[str, str]:
+    """(a sleep command, a word in its command line unique to this test) to find its processes."""
+    token = f"spoold-test-{tmp_path.name}"
+    sleeper = tmp_path / f"{token}-sleep"
+    sleeper.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    return str(sleeper), token
+
+
+def test_cancel_ends_a_running_job_and_its_whole_process_tree(
+    daemon: DaemonProcess, spool_dir: Path, tmp_path: Path
+) -> None:
+    sleep, token = _sleeper(tmp_path)
+    # Children and a grandchild that left the job's environment behind (env -i).
+    tree = f"{sleep} 300 & env -i sh -c '{sleep} 301' & {sleep} 302; wait"
+    drop(spool_dir, "long.yaml", local_job("long", tree))
+    try:
+        wait_for(lambda: len(processes_with(token)) >= 3, what="the job's processes")
+        result = run_cli(spool_dir, "cancel", "long")
+        assert result.returncode == 0, result.stderr
+        assert "long: cancelled" in result.stdout
+        directory, status = job_state(spool_dir, "long") or ("", {})
+        assert directory == "failed", status
+        assert status["state"] == "cancelled"
+        assert status["error"].startswith("cancelled by root on ")
+        assert processes_with(token) == [], "cancel left processes behind"
+        assert not (spool_dir / "failed" / "long" / "cancel").exists()
+        assert "cancelled by root" in (spool_dir / "failed" / "long" / "log").read_text()
+    finally:
+        kill_processes_with(token)
+
+
+def test_cancel_of_a_pending_job_ends_it_before_it_starts(spool_dir: Path, tmp_path: Path) -> None:
+    sleep, token = _sleeper(tmp_path)
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "one.yaml", spool_dir, workers=1))
+    daemon.start()
+    try:
+        drop(spool_dir, "busy.yaml", local_job("busy", f"{sleep} 300"))
+        wait_for(lambda: processes_with(token), what="the first job to run")
+        drop(spool_dir, "queued.yaml", local_job("queued", "echo never"))
+        wait_for((spool_dir / "pending" / "queued").is_dir, what="queued to be pending")
+        result = run_cli(spool_dir, "cancel", "queued")
+        assert result.returncode == 0, result.stderr
+        assert "cancelled before it started" in result.stdout
+        directory, status = job_state(spool_dir, "queued") or ("", {})
+        assert (directory, status["state"], status["attempts"]) == ("failed", "cancelled", [])
+        assert run_cli(spool_dir, "cancel", "busy").returncode == 0
+        assert job_state(spool_dir, "busy")[1]["state"] == "cancelled"  # type: ignore[index]
+        again = run_cli(spool_dir, "cancel", "queued")
+        assert again.returncode == 1 and "already cancelled" in again.stderr
+    finally:
+        daemon.kill()
+        kill_processes_with(token)
+
+
+def test_retry_runs_a_failed_job_again_at_once_keeping_its_history(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    # No periodic scan for an hour: only the wake-up of `spoold retry` can start it again.
+    config = write_config(tmp_path / "slow.yaml", spool_dir, rescan_interval="1h")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        drop(spool_dir, "again.yaml", local_job("again", FLAKY))
+        directory, status = wait_finished(spool_dir, "again")
+        assert (directory, status["exit_code"]) == ("failed", 75)
+        result = run_cli(spool_dir, "retry", "again")
+        assert result.returncode == 0, result.stderr
+        directory, status = wait_finished(spool_dir, "again")
+        assert directory == "done", status
+        assert [a["exit_code"] for a in status["attempts"]] == [75, 0]
+        log = (spool_dir / "done" / "again" / "log").read_text()
+        assert "retry requested by root" in log and "attempt 2 started" in log
+        refused = run_cli(spool_dir, "retry", "again")
+        assert refused.returncode == 1 and "only a failed or cancelled job" in refused.stderr
     finally:
         daemon.kill()

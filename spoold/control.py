@@ -1,0 +1,106 @@
+"""What users ask of a job from outside the daemon: cancel it, or run it again.
+
+Both work through the spool alone, so they work with the daemon stopped, on another host of a
+shared spool, and across a daemon restart. A pending job is cancelled here and now: the
+claim rename decides between this and a worker, exactly one wins. A running job belongs to
+the worker that claimed it: it gets a request (running/<id>/cancel), which that worker picks
+up within a poll interval and acts on by ending the job's whole process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+
+from spoold.clock import Clock, rfc3339
+from spoold.errors import InvalidTransition, JobNotFound, SpoolError
+from spoold.job import JobStatus
+from spoold.joblog import JobLog
+from spoold.procfs import process_start_time
+from spoold.spool import JobDir, Spool
+from spoold.states import JobState
+
+# A job can move while we act on it (claimed, finished); a few looks settle where it is.
+_LOOKS = 5
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What ``cancel`` did: ``job`` is where the job is now."""
+
+    job: JobDir
+    cancelled: bool  # True: it ended here; False: a request waits for its worker
+    state: JobState
+
+
+class JobControl:
+    """Cancel and retry, as ``spoold cancel`` and ``spoold retry`` do them."""
+
+    def __init__(self, spool: Spool, clock: Clock, *, who: str) -> None:
+        self._spool = spool
+        self._clock = clock
+        self._who = who  # who asks, for the log and status.json: "root on host1"
+
+    def cancel(self, job_id: str) -> CancelOutcome:
+        """End a pending job now, or ask the worker of a running job to end it."""
+        for _ in range(_LOOKS):
+            job = self._spool.get(job_id)
+            if job.directory == "pending":
+                claimed = self._spool.claim(job_id)
+                if claimed is None:
+                    continue  # a worker was faster: it runs now
+                return CancelOutcome(self._end_unstarted(claimed), True, JobState.CANCELLED)
+            if job.directory == "running":
+                request = {"by": self._who, "at": rfc3339(self._clock.now())}
+                try:
+                    self._spool.request_cancel(job, request)
+                except FileNotFoundError:
+                    continue  # it finished meanwhile
+                return CancelOutcome(job, False, JobState.RUNNING)
+            state = JobState(self._spool.read_status(job)["state"])
+            return CancelOutcome(job, False, state)
+        raise SpoolError(f"job {job_id} kept moving; try again")
+
+    def retry(self, job_id: str) -> JobDir:
+        """Put a failed or cancelled job back into pending/ for one more attempt."""
+        job = self._spool.get(job_id)
+        status = JobStatus.from_dict(self._spool.read_status(job))
+        if job.directory != "failed" or status.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise InvalidTransition(
+                f"job {job_id} is {status.state.value}: only a failed or cancelled job runs again"
+            )
+        status.state = JobState.PENDING
+        status.finished_at = status.exit_code = status.error = status.next_attempt_at = None
+        pending = self._spool.requeue(job, status.to_dict())
+        with self._spool.open_log(pending) as handle:
+            JobLog(handle, self._clock).info(
+                f"retry requested by {self._who}: attempt {len(status.attempts) + 1} follows"
+            )
+        return pending
+
+    def wake_daemon(self, host: str) -> bool:
+        """Ask the daemon on ``host`` to look at pending/ now (SIGUSR1); False if none runs."""
+        found = self._spool.daemon_on(host)
+        if found is None:
+            return False
+        pid, start = found
+        if process_start_time(pid) != start:  # the lock outlived it, and the pid was reused
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGUSR1)
+            return True
+        return False
+
+    def _end_unstarted(self, job: JobDir) -> JobDir:
+        try:
+            status = JobStatus.from_dict(self._spool.read_status(job))
+        except (JobNotFound, ValueError, OSError):
+            raise SpoolError(f"job {job.job_id} has no readable status.json") from None
+        reason = f"cancelled by {self._who} before it started"
+        status.end_attempt(self._clock.now(), JobState.CANCELLED, None, reason)
+        status.next_attempt_at = None
+        with self._spool.open_log(job) as handle:
+            JobLog(handle, self._clock).error(reason)
+        return self._spool.finish(job, JobState.CANCELLED, status.to_dict())
