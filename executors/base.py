@@ -67,6 +67,9 @@ class Executor(ABC):
     #: True when ``execute`` calls ``ctx.on_start`` itself (with the pid of a process it
     #: starts); otherwise ``run`` calls it just before ``execute``.
     reports_start: ClassVar[bool] = False
+    #: Fields of ``product:`` that are programs (a shell script, a script file): spoold pastes
+    #: no values into them, the program reads variables and secrets from its environment.
+    script_fields: ClassVar[tuple[str, ...]] = ()
 
     def run(self, ctx: RunContext) -> ExecResult:
         """Run one attempt; never raises, a failure to run is a failed result."""

@@ -15,6 +15,7 @@ class CustomExecutor(Executor):
     name = "custom"
     schema_resource = "custom.schema.json"
     reports_start = True
+    script_fields = ("script",)
 
     def execute(self, ctx: RunContext) -> ExecResult:
         script = ctx.product["script"]

@@ -17,6 +17,7 @@ class LocalExecutor(Executor):
     name = "local"
     schema_resource = "local.schema.json"
     reports_start = True
+    script_fields = ("commands",)
 
     def execute(self, ctx: RunContext) -> ExecResult:
         shell = str(ctx.product.get("shell", "/bin/sh"))

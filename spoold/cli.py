@@ -22,6 +22,7 @@ from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
 from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
+from spoold.secrets import Masker, SecretStore
 from spoold.spool import SPOOL_DIRECTORIES, Spool
 from spoold.states import JOB_DIRECTORIES, JobState
 from spoold.validation import compose_job_schema, load_base_schema
@@ -168,9 +169,11 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
     spool = Spool(config.spool, durable=config.durable)
     spool.init()
     clock = SystemClock()
-    logger = configure_logging(config)
+    masker = Masker()
+    logger = configure_logging(config, masker)
     registry = ExecutorRegistry.from_entry_points()
-    runner = JobRunner(spool, registry, config, clock, logger)
+    runner = JobRunner(spool, registry, config, clock, logger,
+                       secrets=SecretStore(config.secrets_dir), masker=masker)  # fmt: skip
     intake = Intake(
         spool,
         job_validator(registry),

@@ -46,6 +46,8 @@ class Config:
     log_level: str = "info"
     default_callback_url: str | None = None
     default_callback_secret: str | None = None
+    #: Where ``${secret:NAME}`` is read from: the file NAME, mode 0600 or stricter.
+    secrets_dir: Path | None = None
     source: Path | None = None
 
 
@@ -127,7 +129,7 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     if "fsync" in doc:
         values["durable"] = bool(doc["fsync"])
     base = source.parent if source else Path.cwd()
-    for key in ("spool", "workdir", "logdir"):
+    for key in ("spool", "workdir", "logdir", "secrets_dir"):
         if key in doc:
             values[key] = base / doc[key]
     script = doc.get("global_before_script")

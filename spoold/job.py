@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,10 @@ from spoold.states import JobState
 from spoold.units import parse_duration
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_REFERENCE = re.compile(
+    r"\$\{(?:secret:(?P<secret>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})|(?P<name>[A-Za-z_][A-Za-z0-9_]*))\}"
+)
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_]")
 
 
 def generate_job_id(moment: datetime) -> str:
@@ -72,18 +76,55 @@ def _scalar_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def interpolate(value: Any, variables: dict[str, str]) -> Any:
-    """Replace ``${NAME}`` by known variables in every string of a nested structure.
+def secret_variable(name: str) -> str:
+    """The environment variable a job's program reads secret ``name`` from."""
+    return "SPOOLD_SECRET_" + _NOT_IN_NAMES.sub("_", name).upper()
 
-    Unknown names stay as written so that shell syntax such as ``${HOME}`` reaches the shell.
-    One pass only: a value that itself contains ``${...}`` is not expanded again.
+
+def interpolate(value: Any, variables: Mapping[str, str], secret: Callable[[str], str]) -> Any:
+    """Replace ``${NAME}`` by variables and ``${secret:NAME}`` by ``secret(NAME)``, in every
+    string of a parsed structure, in one pass.
+
+    The document is parsed before this runs, so a value can never add YAML structure; and a
+    replacement is not looked at again, so a variable's value that itself says ``${...}``
+    stays as it is. Unknown names stay as written. For fields that are not programs.
     """
     if isinstance(value, str):
-        return _VARIABLE.sub(lambda m: variables.get(m.group(1), m.group(0)), value)
+
+        def replace(match: re.Match[str]) -> str:
+            if (name := match.group("secret")) is not None:
+                return secret(name)
+            return variables.get(match.group("name"), match.group(0))
+
+        return _REFERENCE.sub(replace, value)
     if isinstance(value, list):
-        return [interpolate(item, variables) for item in value]
+        return [interpolate(item, variables, secret) for item in value]
     if isinstance(value, dict):
-        return {key: interpolate(item, variables) for key, item in value.items()}
+        return {key: interpolate(item, variables, secret) for key, item in value.items()}
+    return value
+
+
+def refer_to_secrets(value: Any, used: set[str]) -> Any:
+    """For fields that are programs (a shell script): change nothing but ``${secret:NAME}``,
+    which becomes ``${SPOOLD_SECRET_NAME}``; record each NAME in ``used``.
+
+    A value pasted into a script would be parsed as part of it: ``; rm -rf /`` in a variable
+    would run. Left as references, variables and secrets reach the program through its
+    environment, and a shell expands them as data, never as syntax.
+    """
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            if (name := match.group("secret")) is None:
+                return match.group(0)
+            used.add(name)
+            return "${" + secret_variable(name) + "}"
+
+        return _REFERENCE.sub(replace, value)
+    if isinstance(value, list):
+        return [refer_to_secrets(item, used) for item in value]
+    if isinstance(value, dict):
+        return {key: refer_to_secrets(item, used) for key, item in value.items()}
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import IO
 
 from spoold.clock import Clock, rfc3339
@@ -20,10 +21,19 @@ class JobLog:
     ``tee`` receives the same lines (``spoold exec`` shows the log while it runs).
     """
 
-    def __init__(self, handle: IO[bytes], clock: Clock, *, tee: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        handle: IO[bytes],
+        clock: Clock,
+        *,
+        tee: IO[str] | None = None,
+        mask: Callable[[str], str] | None = None,
+    ) -> None:
+        """``mask`` rewrites each line before it is written (secrets become ``***``)."""
         self._handle = handle
         self._clock = clock
         self._tee = tee
+        self._mask = mask
         self._lock = threading.Lock()
         #: Lines that could not be written (a full disk), and why the first one failed.
         self.lost_lines = 0
@@ -44,6 +54,8 @@ class JobLog:
 
     def _write(self, level: str, text: str) -> None:
         stamp = rfc3339(self._clock.now())
+        if self._mask is not None:
+            text = self._mask(text)
         data = "".join(format_line(stamp, level, part) for part in text.split("\n"))
         with self._lock:
             if self._tee is not None:

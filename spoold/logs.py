@@ -6,14 +6,30 @@ import logging
 import sys
 
 from spoold.config import Config
+from spoold.secrets import Masker
 
 
-def configure_logging(config: Config) -> logging.Logger:
-    """spoold's own log: standard error (journald under systemd), and logdir/spoold.log if set."""
+class _MaskingFormatter(logging.Formatter):
+    """Formats as usual, then masks: a secret may hide in a message, an argument or a traceback."""
+
+    def __init__(self, fmt: str, masker: Masker) -> None:
+        super().__init__(fmt)
+        self._masker = masker
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._masker.mask_text(super().format(record))
+
+
+def configure_logging(config: Config, masker: Masker | None = None) -> logging.Logger:
+    """spoold's own log: standard error (journald under systemd), and logdir/spoold.log if set.
+
+    ``masker``: the secrets read in this process, masked in every line.
+    """
     logger = logging.getLogger("spoold")
     logger.setLevel(config.log_level.upper())
     logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    formatter = logging.Formatter(fmt) if masker is None else _MaskingFormatter(fmt, masker)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if config.logdir is not None:
         config.logdir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from spoold.config import Config
 from spoold.errors import WorkerProcessError
 from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
+from spoold.secrets import Masker, SecretStore
 from spoold.spool import Spool
 from spoold.worker import JobRunner, WorkerPool
 
@@ -504,12 +505,14 @@ def serve_worker_process(fd: int) -> None:
         return
     conn, setup = received
     config, clock = setup.config, SystemClock()
-    logger = configure_logging(config)
+    masker = Masker()  # every secret this process reads: its own log masks them too
+    logger = configure_logging(config, masker)
     spool = Spool(config.spool, durable=config.durable)
     registry = ExecutorRegistry.from_entry_points()
     outbox = Outbox(conn)
     runner = JobRunner(
-        spool, registry, config, clock, logger, daemon_pid=setup.parent, on_deferred=outbox.deferred
-    )
+        spool, registry, config, clock, logger, daemon_pid=setup.parent,
+        on_deferred=outbox.deferred, secrets=SecretStore(config.secrets_dir), masker=masker,
+    )  # fmt: skip
     pool = WorkerPool(runner, setup.slots, logger, on_done=outbox.done)
     serve_jobs(conn, outbox, runner, pool, config=config, clock=clock)

@@ -19,11 +19,20 @@ from typing import IO, Any
 from spoold.clock import Clock, parse_rfc3339, rfc3339
 from spoold.config import Config
 from spoold.documents import load_document
+from spoold.errors import SecretError
 from spoold.executors.base import ExecResult, RunContext
-from spoold.job import ArtifactSpec, JobSpec, JobStatus, interpolate
+from spoold.job import (
+    ArtifactSpec,
+    JobSpec,
+    JobStatus,
+    interpolate,
+    refer_to_secrets,
+    secret_variable,
+)
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
 from spoold.procfs import process_start_time
+from spoold.secrets import Masker, SecretStore
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
 from spoold.units import format_duration
@@ -41,6 +50,8 @@ class ActiveRun:
     lease: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    #: Masks this job's secrets in its log and status.json.
+    masker: Masker = field(default_factory=Masker)
     #: Why ``cancel`` was set by a user's request (``spoold cancel``): for status.json.
     cancel_reason: str | None = None
     leased: bool = False
@@ -74,7 +85,10 @@ class JobRunner:
         daemon_pid: int | None = None,
         draw: Callable[[], float] = random.random,
         on_deferred: Callable[[str, float], None] | None = None,
+        secrets: SecretStore | None = None,
+        masker: Masker | None = None,
     ) -> None:
+        """``masker``: where every secret read is also registered (spoold's own log masks it)."""
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone)."""
         self._spool = spool
         self._registry = registry
@@ -82,6 +96,8 @@ class JobRunner:
         self._clock = clock
         self._logger = logger
         self._draw = draw  # the jitter of retry waits
+        self._secrets = secrets or SecretStore(None)
+        self._masker = masker or Masker()
         # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
         self._on_deferred = on_deferred
         self._active: dict[str, ActiveRun] = {}
@@ -182,7 +198,7 @@ class JobRunner:
         """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded yet."""
         with self._lock:
             run = self._active[job.job_id]
-        log = JobLog(self._spool.open_log(job), self._clock, tee=tee)
+        log = JobLog(self._spool.open_log(job), self._clock, tee=tee, mask=run.masker.mask_text)
         status = JobStatus.from_dict(self._spool.read_status(job))
         try:
             state = self._run(run, status, log, slot)
@@ -221,7 +237,9 @@ class JobRunner:
     def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
         with run.lock:
             try:
-                final = self._spool.finish(run.job, state, status.to_dict(), log_synced=True)
+                final = self._spool.finish(
+                    run.job, state, run.masker.mask_data(status.to_dict()), log_synced=True
+                )
             except OSError as exc:
                 # Only now is the outcome handed to retry_finishing: never two finishers.
                 run.outcome = (state, status)
@@ -239,10 +257,11 @@ class JobRunner:
     def _run(self, run: ActiveRun, status: JobStatus, log: JobLog, slot: str) -> JobState:
         job = run.job
         spec = self._load_spec(job, status)
+        run.masker.collect(spec.document)  # the values of secret-named fields, wherever they are
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
         # Before anything of the job starts: every start must show in attempts, whatever
         # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
-        self._spool.write_status(job, status.to_dict())
+        self._spool.write_status(job, run.masker.mask_data(status.to_dict()))
         log.info(
             f"attempt {attempt.number} started on {self._config.hostname} by "
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
@@ -258,7 +277,7 @@ class JobRunner:
     ) -> JobState:
         job = run.job
         attempt = status.attempts[-1]
-        env, variables = self._environment(spec, job, workdir, attempt.number)
+        executor = self._registry.create(spec.executor)
 
         def on_start(pid: int | None) -> None:
             with run.lock:
@@ -267,22 +286,28 @@ class JobRunner:
                 self._spool.write_lease(job, run.lease, first=True)
                 run.leased = True
 
-        ctx = RunContext(
-            job_id=job.job_id,
-            executor=spec.executor,
-            type=spec.type,
-            product=interpolate(spec.product, variables),
-            workdir=workdir,
-            env=env,
-            log=log,
-            clock=self._clock,
-            timeout=spec.timeout,
-            kill_grace=self._config.kill_grace,
-            cancel=run.cancel,
-            before_script=self._config.global_before_script,
-            on_start=on_start,
-        )
-        result = self._registry.create(spec.executor).run(ctx)
+        try:
+            product, env = self._resolve(run, spec, executor.script_fields, workdir, attempt.number)
+        except SecretError as exc:
+            log.error(str(exc))
+            result = ExecResult(exit_code=None, error=str(exc))
+        else:
+            ctx = RunContext(
+                job_id=job.job_id,
+                executor=spec.executor,
+                type=spec.type,
+                product=product,
+                workdir=workdir,
+                env=env,
+                log=log,
+                clock=self._clock,
+                timeout=spec.timeout,
+                kill_grace=self._config.kill_grace,
+                cancel=run.cancel,
+                before_script=self._config.global_before_script,
+                on_start=on_start,
+            )
+            result = executor.run(ctx)
         status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
@@ -348,8 +373,35 @@ class JobRunner:
             self._slots[slot] = path
         return path
 
+    def _resolve(
+        self, run: ActiveRun, spec: JobSpec, scripts: tuple[str, ...], workdir: Path, attempt: int
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The product with variables and secrets filled in, and the job's environment.
+
+        Secrets are read now, at run time, and masked from here on. Fields that are programs
+        (``scripts``) get references instead of values: see ``refer_to_secrets``.
+        """
+
+        def secret(name: str) -> str:
+            value = self._secrets.read(name)
+            run.masker.add(value)
+            self._masker.add(value)  # spoold's own log
+            return value
+
+        own = {name: interpolate(value, {}, secret) for name, value in spec.variables.items()}
+        env, variables = self._environment(spec, run.job, workdir, attempt, own)
+        used: set[str] = set()
+        product = {
+            key: refer_to_secrets(value, used)
+            if key in scripts
+            else interpolate(value, variables, secret)
+            for key, value in spec.product.items()
+        }
+        env.update({secret_variable(name): secret(name) for name in sorted(used)})
+        return product, env
+
     def _environment(
-        self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int
+        self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int, own: dict[str, str]
     ) -> tuple[dict[str, str], dict[str, str]]:
         builtins = {
             "JOB_ID": job.job_id,
@@ -360,7 +412,7 @@ class JobRunner:
             "RUNNER_HOSTNAME": self._config.hostname,
             "RUNNER_WORKDIR": str(workdir),
         }
-        variables = {**builtins, **spec.variables}
+        variables = {**builtins, **own}
         return {**self._environ, **variables}, variables
 
 

@@ -151,3 +151,32 @@ def test_retry_runs_a_failed_job_again_at_once_keeping_its_history(
         assert refused.returncode == 1 and "only a failed or cancelled job" in refused.stderr
     finally:
         daemon.kill()
+
+
+def test_a_secret_never_reaches_a_file_spoold_writes(spool_dir: Path, tmp_path: Path) -> None:
+    secret = "s3cr3t-for-the-daemon-only"
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "api_token").write_text(secret + "\n")
+    (secrets / "api_token").chmod(0o600)
+    config = write_config(tmp_path / "config.yaml", spool_dir, secrets_dir=str(secrets))
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        commands = [
+            'echo "token is ${secret:api_token}"',
+            'echo "and on stderr: $SPOOLD_SECRET_API_TOKEN" >&2',
+            'test "$SPOOLD_ATTEMPT" -gt 1 || exit 3',
+        ]
+        job = local_job("leaky", commands, retries=1, backoff="100ms",
+                        callback={"url": "http://127.0.0.1:9/", "secret": "cb-" + secret})  # fmt: skip
+        drop(spool_dir, "leaky.yaml", job)
+        directory, status = wait_finished(spool_dir, "leaky")
+        assert directory == "done", status
+        log = (spool_dir / "done" / "leaky" / "log").read_text()
+        assert log.count("token is ***") == 2 and log.count("and on stderr: ***") == 2
+    finally:
+        daemon.kill()
+    written = [p for p in spool_dir.rglob("*") if p.is_file() and p.name != "job.yaml"]
+    leaks = [str(p) for p in [*written, daemon.log_path] if secret in p.read_text(errors="replace")]
+    assert leaks == []

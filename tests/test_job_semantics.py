@@ -1,7 +1,8 @@
-"""Job semantics run in-process (issue 3): retries with backoff, with a clock the test moves."""
+"""Job semantics run in-process (issue 3), with a clock the test moves: retries, secrets."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from spoold.config import Config
 from spoold.daemon import job_validator
 from spoold.intake import Accepted, Intake
 from spoold.plugins import ExecutorRegistry
+from spoold.secrets import Masker, SecretStore
 from spoold.spool import JobDir, Spool
 from spoold.worker import JobRunner
 from tests.fakes import FakeClock
@@ -23,10 +25,11 @@ LOGGER = logging.getLogger("spoold.test")
 class Parts:
     """A spool, intake and a runner sharing one fake clock; remembers deferred jobs."""
 
-    def __init__(self, tmp_path: Path, draw: float = 0.0) -> None:
+    def __init__(self, tmp_path: Path, draw: float = 0.0, secrets: Path | None = None) -> None:
         self.spool = Spool(tmp_path / "spool")
         self.spool.init()
         self.clock = FakeClock()
+        self.masker = Masker()
         registry = ExecutorRegistry.from_entry_points()
         config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5)
         self.deferred: list[tuple[str, float]] = []
@@ -35,7 +38,8 @@ class Parts:
                              on_accepted=lambda job, document: None, logger=LOGGER)  # fmt: skip
         self.runner = JobRunner(self.spool, registry, config, self.clock, LOGGER,
                                 draw=lambda: draw,
-                                on_deferred=lambda job_id, due: self.deferred.append((job_id, due)))  # fmt: skip
+                                on_deferred=lambda job_id, due: self.deferred.append((job_id, due)),
+                                secrets=SecretStore(secrets), masker=self.masker)  # fmt: skip
 
     def submit(self, document: dict[str, Any]) -> str:
         (self.spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
@@ -117,3 +121,96 @@ def test_jitter_comes_from_the_injected_source(tmp_path: Path) -> None:
     start = parts.clock.now().timestamp()
     _, status = parts.attempt(parts.submit(document))
     assert parse_rfc3339(status["next_attempt_at"]).timestamp() == start + 30  # 20 + 0.5 * 20
+
+
+SECRET = "pa55-w0rd-7f3a"
+
+
+def _secrets(tmp_path: Path, mode: int = 0o600, **values: str) -> Path:
+    directory = tmp_path / "secrets"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for name, value in values.items():
+        path = directory / name
+        path.write_text(value + "\n")
+        path.chmod(mode)
+    return directory
+
+
+def _written(root: Path) -> str:
+    """Everything spoold wrote under ``root``, as one text."""
+    return "".join(p.read_text(errors="replace") for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_a_secret_reaches_the_job_but_no_file_spoold_writes(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, secrets=_secrets(tmp_path, DB_PASSWORD=SECRET))
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()  # job.yaml must not hold the value
+    commands = [
+        f'test "$(printf %s "$SPOOLD_SECRET_DB_PASSWORD" | sha256sum)" = "{digest}  -"'
+        " && echo value-arrived",
+        "echo stdout ${secret:DB_PASSWORD}",
+        "echo stderr ${secret:DB_PASSWORD} >&2",
+        'echo "from a variable: $TOKEN"',
+    ]
+    document = {"job_id": "sec", "executor": "local", "product": {"commands": commands},
+                "variables": {"TOKEN": "${secret:DB_PASSWORD}"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded", job.log_path.read_text()
+    log = job.log_path.read_text()
+    assert "value-arrived" in log
+    assert "INFO stdout ***" in log and "ERROR stderr ***" in log
+    assert "from a variable: ***" in log
+    assert SECRET not in _written(parts.spool.root)
+    assert SECRET not in parts.masker.mask_text(SECRET), "spoold's own log masks it too"
+
+
+def test_values_of_secret_named_fields_are_masked_too(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = {"job_id": "cb", "executor": "local", "product": {"commands": f"echo {SECRET}"},
+                "callback": {"url": "http://127.0.0.1:9/hook", "secret": SECRET}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded"
+    assert "INFO ***" in job.log_path.read_text()
+    assert SECRET not in (job.path / "status.json").read_text()
+
+
+def test_a_secret_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, secrets=_secrets(tmp_path, mode=0o644, API=SECRET))
+    document = {"job_id": "loose", "executor": "local",
+                "product": {"commands": "echo ${secret:API}"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "failed"
+    assert "chmod 600" in status["error"] and "API" in status["error"]
+    assert SECRET not in _written(parts.spool.root)
+
+
+def test_without_a_secrets_dir_a_secret_fails_the_job_clearly(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = {"job_id": "nodir", "executor": "local",
+                "product": {"commands": "echo ${secret:API}"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "failed"
+    assert "secret 'API'" in status["error"] and "no secrets_dir is configured" in status["error"]
+
+
+def test_a_variable_cannot_inject_shell_syntax_or_yaml(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    evil = "x; touch injected-1 #$(touch injected-2)`touch injected-3`"
+    document = {"job_id": "inj", "executor": "local",
+                "variables": {"EVIL": evil, "DOC": "a\nproduct: {commands: touch injected-4}"},
+                "product": {"commands": ['echo "${EVIL}"', "echo ${EVIL}", 'echo "$DOC"',
+                                         'echo "files made: $(ls -A | wc -l)"']}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded", job.log_path.read_text()
+    log = job.log_path.read_text()
+    assert f"INFO {evil}" in log, "the value arrives as data, whole"
+    assert "INFO product: {commands: touch injected-4}" in log
+    assert "INFO files made: 0" in log
+
+
+def test_values_are_filled_into_fields_that_are_not_programs(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = {"job_id": "cwd", "executor": "local", "variables": {"SUB": "deep/er"},
+                "product": {"commands": "pwd", "cwd": "${SUB}"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded"
+    assert "/deep/er\n" in job.log_path.read_text()
