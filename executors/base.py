@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 from spoold.clock import Clock
 from spoold.errors import ExecutorError, SpooldError
 from spoold.joblog import JobLog
-from spoold.process import run_process
+from spoold.limits import Limits
+from spoold.process import RunAs, run_process
 from spoold.units import format_duration
 
 
@@ -39,6 +40,10 @@ class RunContext:
     #: Call once the job's work has begun, with the pid of its process if it has one: spoold
     #: then records the job as running (and the process, so that recovery can end it).
     on_start: Callable[[int | None], None] | None = None
+    #: Resource limits for the job's local processes (``limits:``), or None.
+    limits: Limits | None = None
+    #: The user the job's local processes run as (``run_as:``), or None: spoold's own.
+    run_as: RunAs | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ class Executor(ABC):
 
 def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None) -> ExecResult:
     """Run a process on this host with the context's environment, limits and log."""
+    if ctx.limits is not None:
+        ctx.log.info(f"limits: {ctx.limits.describe()}")
+        argv = ctx.limits.wrap(argv)
     outcome = run_process(
         argv,
         cwd=cwd or ctx.workdir,
@@ -109,8 +117,16 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
         kill_grace=ctx.kill_grace,
         cancel=ctx.cancel,
         on_spawn=ctx.on_start,
+        run_as=ctx.run_as,
     )
-    return ExecResult(outcome.exit_code, outcome.error, outcome.timed_out, outcome.cancelled)
+    error = outcome.error
+    if error is not None and ctx.limits is not None and outcome.exit_code is not None:
+        # Not for a timeout or a cancel: spoold's own SIGKILL would look like the CPU limit.
+        hit = ctx.limits.explain(outcome.exit_code, "\n".join(ctx.log.tail()))
+        if hit is not None:
+            ctx.log.error(hit)
+            error = f"{hit} ({error})"
+    return ExecResult(outcome.exit_code, error, outcome.timed_out, outcome.cancelled)
 
 
 def within_workdir(ctx: RunContext, relative: str) -> Path:

@@ -26,6 +26,8 @@ class CustomExecutor(Executor):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o700)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        if ctx.run_as is not None:  # theirs to read and run, as the work dir is
+            os.chown(path, ctx.run_as.uid, ctx.run_as.gid)
         args = [str(a) for a in ctx.product.get("args") or ()]
         interpreter = ctx.product.get("interpreter")
         if interpreter:

@@ -182,6 +182,7 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         settle_time=0.0,
         on_accepted=lambda job, document: runner.remember(job.job_id, document),
         logger=logger,
+        allowed_run_as=config.allowed_run_as,
     )
     outcome = intake.process(spool.stage_file(args.file, max_size=config.max_file_size))
     if not isinstance(outcome, Accepted):

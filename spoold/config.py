@@ -48,6 +48,8 @@ class Config:
     default_callback_secret: str | None = None
     #: Where ``${secret:NAME}`` is read from: the file NAME, mode 0600 or stricter.
     secrets_dir: Path | None = None
+    #: The users a job may name in ``run_as:``; none by default.
+    allowed_run_as: tuple[str, ...] = ()
     source: Path | None = None
 
 
@@ -132,6 +134,8 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     for key in ("spool", "workdir", "logdir", "secrets_dir"):
         if key in doc:
             values[key] = base / doc[key]
+    if "allowed_run_as" in doc:
+        values["allowed_run_as"] = tuple(doc["allowed_run_as"])
     script = doc.get("global_before_script")
     if script is not None:
         values["global_before_script"] = (script,) if isinstance(script, str) else tuple(script)

@@ -103,6 +103,7 @@ class Daemon:
             settle_time=config.settle_time,
             on_accepted=queue_job,
             logger=logger,
+            allowed_run_as=config.allowed_run_as,
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         recovery = Recovery(spool, config, clock, logger)

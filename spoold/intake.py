@@ -21,6 +21,8 @@ from spoold.units import format_duration
 from spoold.validation import JobValidator, ValidationIssue
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
+#: The executors whose processes run on this host, and so can run as another user.
+RUN_AS_EXECUTORS = frozenset({"local", "custom"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIRST_RETRY, _LAST_RETRY = 1.0, 60.0
 
@@ -104,8 +106,10 @@ class Intake:
         settle_time: float,
         on_accepted: Callable[[JobDir, dict[str, Any]], None],
         logger: logging.Logger,
+        allowed_run_as: tuple[str, ...] = (),
     ) -> None:
         self._spool = spool
+        self._allowed_run_as = allowed_run_as
         self._validator = validator
         self._clock = clock
         self._max_size = max_file_size
@@ -186,6 +190,8 @@ class Intake:
         now = self._clock.now()
         job_id = str(document.get("job_id") or generate_job_id(now))
         spec = JobSpec.from_document(document, job_id)
+        if (refused := self._policy_problem(spec)) is not None:
+            return self._reject(taken, "not_allowed", refused)
         sha256 = hashlib.sha256(taken.data).hexdigest()
         status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256)
         line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
@@ -199,6 +205,20 @@ class Intake:
         except Exception:  # the job is in pending/ already: a scan will queue it
             self._log.exception("queueing job %s failed; the next scan queues it", job_id)
         return Accepted(job)
+
+    def _policy_problem(self, spec: JobSpec) -> str | None:
+        """What this host's config does not allow of a valid job, in words."""
+        if spec.run_as is None:
+            return None
+        if spec.executor not in RUN_AS_EXECUTORS:
+            return f"run_as: applies to local and custom jobs only, not to {spec.executor} jobs"
+        if spec.run_as not in self._allowed_run_as:
+            allowed = ", ".join(self._allowed_run_as) or "none"
+            return (
+                f"run_as: user {spec.run_as!r} is not allowed here "
+                f"(the config's allowed_run_as: {allowed})"
+            )
+        return None
 
     def _precheck(self, taken: TakenFile) -> tuple[str, str] | None:
         if display_name(taken.name) != taken.name:

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from spoold.clock import rfc3339
+from spoold.limits import Limits
 from spoold.retry import RetryPolicy
 from spoold.states import JobState
 from spoold.units import parse_duration
@@ -47,6 +48,8 @@ class JobSpec:
     timeout: float | None
     on_interrupt: str
     retry: RetryPolicy
+    limits: Limits | None
+    run_as: str | None
     document: dict[str, Any]
 
     @classmethod
@@ -66,6 +69,8 @@ class JobSpec:
             timeout=None if timeout is None else parse_duration(timeout),
             on_interrupt=str(document.get("on_interrupt", "fail")),
             retry=RetryPolicy.from_document(document),
+            limits=Limits.from_document(document.get("limits")),
+            run_as=document.get("run_as"),
             document=document,
         )
 

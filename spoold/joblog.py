@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import IO
 
 from spoold.clock import Clock, rfc3339
+
+_TAIL_LINES = 20
 
 
 def format_line(stamp: str, level: str, text: str) -> str:
@@ -34,6 +37,8 @@ class JobLog:
         self._clock = clock
         self._tee = tee
         self._mask = mask
+        # What the job printed last: what a limit it hit looks like ("Too many open files").
+        self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._lock = threading.Lock()
         #: Lines that could not be written (a full disk), and why the first one failed.
         self.lost_lines = 0
@@ -50,7 +55,12 @@ class JobLog:
     def output(self, line: bytes, *, stderr: bool) -> None:
         """A line the job printed: stdout as INFO, stderr as ERROR."""
         text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        self._tail.append(text)
         self._write("ERROR" if stderr else "INFO", text)
+
+    def tail(self) -> list[str]:
+        """The job's last lines of output (unmasked: for spoold to read, never to write)."""
+        return list(self._tail)
 
     def _write(self, level: str, text: str) -> None:
         stamp = rfc3339(self._clock.now())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import selectors
 import signal
 import subprocess
@@ -17,11 +18,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spoold.clock import Clock
+from spoold.errors import ExecutorError
 from spoold.joblog import JobLog
 from spoold.units import format_duration
 
 _READ_SIZE = 65536
 _DRAIN_QUIET_ROUNDS = 6
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """A user a job's processes run as (``run_as:``)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> RunAs:
+        """The account ``name`` on this host; ExecutorError if there is none."""
+        try:
+            account = pwd.getpwnam(name)
+        except KeyError:
+            raise ExecutorError(f"run_as: there is no user {name!r} on this host") from None
+        groups = os.getgrouplist(name, account.pw_gid)
+        return cls(name, account.pw_uid, account.pw_gid, tuple(groups), account.pw_dir)
+
+    def environment(self) -> dict[str, str]:
+        """What a login as this user would set, so that tools look in the right home."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
 @dataclass(frozen=True)
@@ -54,17 +81,21 @@ def run_process(
     kill_grace: float,
     cancel: threading.Event,
     on_spawn: Callable[[int], None] | None = None,
+    run_as: RunAs | None = None,
 ) -> ProcessOutcome:
     """Run ``argv`` to its end, writing its output into ``log``."""
     process = subprocess.Popen(
         list(argv),
         cwd=cwd,
-        env=dict(env),
+        env=dict(env) if run_as is None else {**env, **run_as.environment()},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
+        user=None if run_as is None else run_as.uid,
+        group=None if run_as is None else run_as.gid,
+        extra_groups=None if run_as is None else list(run_as.groups),
     )
     if on_spawn is not None:
         on_spawn(process.pid)

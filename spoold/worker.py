@@ -19,7 +19,7 @@ from typing import IO, Any
 from spoold.clock import Clock, parse_rfc3339, rfc3339
 from spoold.config import Config
 from spoold.documents import load_document
-from spoold.errors import SecretError
+from spoold.errors import ExecutorError, SecretError
 from spoold.executors.base import ExecResult, RunContext
 from spoold.job import (
     ArtifactSpec,
@@ -31,6 +31,7 @@ from spoold.job import (
 )
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
+from spoold.process import RunAs
 from spoold.procfs import process_start_time
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import JobDir, Spool
@@ -288,7 +289,10 @@ class JobRunner:
 
         try:
             product, env = self._resolve(run, spec, executor.script_fields, workdir, attempt.number)
-        except SecretError as exc:
+            run_as = None if spec.run_as is None else RunAs.lookup(spec.run_as)
+            if run_as is not None:
+                os.chown(workdir, run_as.uid, run_as.gid)  # emptied; theirs for this job
+        except (SecretError, ExecutorError) as exc:
             log.error(str(exc))
             result = ExecResult(exit_code=None, error=str(exc))
         else:
@@ -306,6 +310,8 @@ class JobRunner:
                 cancel=run.cancel,
                 before_script=self._config.global_before_script,
                 on_start=on_start,
+                limits=spec.limits,
+                run_as=run_as,
             )
             result = executor.run(ctx)
         status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 from spoold.clock import parse_rfc3339
 from spoold.config import Config
 from spoold.daemon import job_validator
-from spoold.intake import Accepted, Intake
+from spoold.intake import Accepted, Intake, Rejected
 from spoold.plugins import ExecutorRegistry
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import JobDir, Spool
@@ -214,3 +215,61 @@ def test_values_are_filled_into_fields_that_are_not_programs(tmp_path: Path) -> 
     job, status = parts.attempt(parts.submit(document))
     assert status["state"] == "succeeded"
     assert "/deep/er\n" in job.log_path.read_text()
+
+
+def test_hitting_a_limit_fails_the_job_saying_which(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    hog = {"job_id": "hog", "executor": "local", "limits": {"cpu_seconds": 1},
+           "product": {"commands": "while :; do :; done"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(hog))
+    assert job.directory == "failed"
+    assert status["error"].startswith("cpu_seconds limit reached (1 s of CPU)"), status["error"]
+    greedy = {"job_id": "greedy", "executor": "local", "limits": {"memory": "64MiB"},
+              "product": {"commands": f"{sys.executable} -c 'bytearray(256 << 20)'"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(greedy))
+    assert job.directory == "failed"
+    assert status["error"].startswith("memory limit reached (64 MiB)"), status["error"]
+    assert "limits: memory 64 MiB" in job.log_path.read_text()
+
+
+def test_a_job_within_its_limits_runs_as_usual(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = {"job_id": "fine", "executor": "local",
+                "limits": {"memory": "512MiB", "cpu_seconds": 30, "open_files": 64},
+                "product": {"commands": "ulimit -n; echo done"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded"
+    assert "INFO 64\n" in job.log_path.read_text()
+
+
+def test_run_as_runs_a_local_job_as_that_user(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    parts.intake = Intake(parts.spool, job_validator(ExecutorRegistry.from_entry_points()),
+                          parts.clock, max_file_size=1 << 20, settle_time=0,
+                          on_accepted=lambda job, document: None, logger=LOGGER,
+                          allowed_run_as=("nobody",))  # fmt: skip
+    document = {"job_id": "who", "executor": "local", "run_as": "nobody",
+                "artifacts": [{"path": "out.txt"}],
+                "product": {"commands": ['echo "$(id -un) $HOME"', "echo kept > out.txt"]}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded", job.log_path.read_text()
+    assert "INFO nobody /nonexistent" in job.log_path.read_text()
+    assert [a["path"] for a in status["artifacts"]] == ["out.txt"]
+
+
+def test_run_as_a_user_the_config_does_not_allow_is_rejected(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    (parts.spool.dir("incoming") / "j.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "job_id": "root-please",
+                "executor": "local",
+                "run_as": "daemon",
+                "product": {"commands": "id"},
+            }
+        )  # fmt: skip
+    )
+    outcome = parts.intake.offer("j.yaml", complete=True)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason["code"] == "not_allowed"
+    assert "user 'daemon' is not allowed here" in outcome.reason["reason"]
