@@ -259,16 +259,9 @@ def test_run_as_runs_a_local_job_as_that_user(tmp_path: Path) -> None:
 
 def test_run_as_a_user_the_config_does_not_allow_is_rejected(tmp_path: Path) -> None:
     parts = Parts(tmp_path)
-    (parts.spool.dir("incoming") / "j.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "job_id": "root-please",
-                "executor": "local",
-                "run_as": "daemon",
-                "product": {"commands": "id"},
-            }
-        )  # fmt: skip
-    )
+    document = {"job_id": "root-please", "executor": "local", "run_as": "daemon",
+                "product": {"commands": "id"}}  # fmt: skip
+    (parts.spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
     outcome = parts.intake.offer("j.yaml", complete=True)
     assert isinstance(outcome, Rejected)
     assert outcome.reason["code"] == "not_allowed"
