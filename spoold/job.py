@@ -50,6 +50,7 @@ class JobSpec:
     retry: RetryPolicy
     limits: Limits | None
     run_as: str | None
+    hooks: dict[str, str | list[str]]
     document: dict[str, Any]
 
     @classmethod
@@ -71,6 +72,7 @@ class JobSpec:
             retry=RetryPolicy.from_document(document),
             limits=Limits.from_document(document.get("limits")),
             run_as=document.get("run_as"),
+            hooks=dict(document.get("hooks") or {}),
             document=document,
         )
 

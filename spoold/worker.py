@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ from spoold.config import Config
 from spoold.documents import load_document
 from spoold.errors import ExecutorError, SecretError
 from spoold.executors.base import ExecResult, RunContext
+from spoold.hooks import HookRunner
 from spoold.job import (
     ArtifactSpec,
     JobSpec,
@@ -287,11 +289,13 @@ class JobRunner:
                 self._spool.write_lease(job, run.lease, first=True)
                 run.leased = True
 
+        hooks: HookRunner | None = None
         try:
             product, env = self._resolve(run, spec, executor.script_fields, workdir, attempt.number)
             run_as = None if spec.run_as is None else RunAs.lookup(spec.run_as)
             if run_as is not None:
                 os.chown(workdir, run_as.uid, run_as.gid)  # emptied; theirs for this job
+            hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as)
         except (SecretError, ExecutorError) as exc:
             log.error(str(exc))
             result = ExecResult(exit_code=None, error=str(exc))
@@ -313,7 +317,11 @@ class JobRunner:
                 limits=spec.limits,
                 run_as=run_as,
             )
-            result = executor.run(ctx)
+            if hooks.run("pre_run", state="running", exit_code=None):
+                result = executor.run(ctx)
+            else:
+                result = ExecResult(exit_code=None, error="the pre_run hook failed")
+            hooks.run("post_run", state="running", exit_code=result.exit_code)
         status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
@@ -339,7 +347,27 @@ class JobRunner:
             )
             return JobState.PENDING
         status.end_attempt(now, state, result.exit_code, error)
+        if hooks is not None and state is not JobState.PENDING:  # the job's end, not an attempt's
+            final = "on_success" if state is JobState.SUCCEEDED else "on_failure"
+            hooks.run(final, state=state.value, exit_code=result.exit_code)
         return state
+
+    def _hooks(
+        self,
+        run: ActiveRun,
+        spec: JobSpec,
+        env: dict[str, str],
+        *,
+        workdir: Path,
+        log: JobLog,
+        run_as: RunAs | None,
+    ) -> HookRunner:
+        """The job's hooks, with secrets reaching them as they reach its commands."""
+        used: set[str] = set()
+        commands = {name: refer_to_secrets(value, used) for name, value in spec.hooks.items()}
+        env = {**env, **{secret_variable(name): self._secret(run, name) for name in used}}
+        return HookRunner(commands, env, workdir, log, self._clock, self._config.kill_grace,
+                          spec.timeout, run_as)  # fmt: skip
 
     def _outcome(
         self, run: ActiveRun, spec: JobSpec, result: ExecResult
@@ -387,13 +415,7 @@ class JobRunner:
         Secrets are read now, at run time, and masked from here on. Fields that are programs
         (``scripts``) get references instead of values: see ``refer_to_secrets``.
         """
-
-        def secret(name: str) -> str:
-            value = self._secrets.read(name)
-            run.masker.add(value)
-            self._masker.add(value)  # spoold's own log
-            return value
-
+        secret = functools.partial(self._secret, run)
         own = {name: interpolate(value, {}, secret) for name, value in spec.variables.items()}
         env, variables = self._environment(spec, run.job, workdir, attempt, own)
         used: set[str] = set()
@@ -405,6 +427,13 @@ class JobRunner:
         }
         env.update({secret_variable(name): secret(name) for name in sorted(used)})
         return product, env
+
+    def _secret(self, run: ActiveRun, name: str) -> str:
+        """Read a secret for a job, masked from now on in its log and in spoold's own."""
+        value = self._secrets.read(name)
+        run.masker.add(value)
+        self._masker.add(value)
+        return value
 
     def _environment(
         self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int, own: dict[str, str]

@@ -266,3 +266,63 @@ def test_run_as_a_user_the_config_does_not_allow_is_rejected(tmp_path: Path) -> 
     assert isinstance(outcome, Rejected)
     assert outcome.reason["code"] == "not_allowed"
     assert "user 'daemon' is not allowed here" in outcome.reason["reason"]
+
+
+def _hooked(job_id: str, commands: str, **hooks: str | list[str]) -> dict[str, Any]:
+    return {"job_id": job_id, "executor": "local", "product": {"commands": commands},
+            "hooks": hooks}  # fmt: skip
+
+
+REPORT = 'echo "$SPOOLD_HOOK state=$SPOOLD_JOB_STATE exit=$SPOOLD_EXIT_CODE job=$JOB_ID"'
+
+
+def test_hooks_run_around_the_job_with_its_state_and_exit_code(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = _hooked("ok", "echo main", pre_run=REPORT, post_run=REPORT, on_success=REPORT,
+                       on_failure=REPORT)  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded"
+    lines = [line.split(" INFO ", 1)[1] for line in job.log_path.read_text().splitlines()
+             if " INFO " in line and "spoold:" not in line]  # fmt: skip
+    assert lines == [
+        "pre_run state=running exit= job=ok",
+        "main",
+        "post_run state=running exit=0 job=ok",
+        "on_success state=succeeded exit=0 job=ok",
+    ]
+
+
+def test_on_failure_runs_once_the_job_has_failed_for_good(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = _hooked("bad", "exit 4", on_success=REPORT, on_failure=REPORT)
+    document.update(retries=1, backoff="1s")
+    job, _ = parts.attempt(parts.submit(document))
+    assert job.directory == "pending"
+    assert "on_failure" not in job.log_path.read_text(), "not after an attempt that is retried"
+    parts.clock.advance(1)
+    job, _ = parts.attempt("bad")
+    assert job.directory == "failed"
+    log = job.log_path.read_text()
+    assert log.count("on_failure state=failed exit=4 job=bad") == 1 and "on_success" not in log
+
+
+def test_a_failing_pre_run_fails_the_attempt_and_the_job_does_not_run(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = _hooked("pre", "echo must-not-run", pre_run="exit 9", on_failure=REPORT)
+    job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "failed" and status["error"] == "the pre_run hook failed"
+    log = job.log_path.read_text()
+    assert "must-not-run" not in log.replace("echo must-not-run", "")
+    assert "hook pre_run failed: exit code 9" in log
+    assert "on_failure state=failed" in log
+
+
+def test_a_failing_post_run_or_on_success_hook_is_logged_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    parts = Parts(tmp_path)
+    document = _hooked("post", "echo fine", post_run="exit 3", on_success=["false"])
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded"
+    log = job.log_path.read_text()
+    assert "hook post_run failed: exit code 3" in log and "hook on_success failed" in log
