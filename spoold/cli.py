@@ -18,6 +18,7 @@ from spoold.clock import SystemClock, parse_rfc3339
 from spoold.config import Config, load_config
 from spoold.control import JobControl
 from spoold.daemon import Daemon, detach, job_validator
+from spoold.dag import plan_text
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
 from spoold.logs import configure_logging
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("files", nargs="+", type=Path)
     validate = add("validate", cmd_validate, "check job files; exit 1 if any is invalid")
     validate.add_argument("files", nargs="+", type=Path)
+    validate.add_argument(
+        "--plan", action="store_true", help="also print the order a job's steps run in"
+    )
     execute = add("exec", cmd_exec, "run one job now, in the foreground, without a daemon")
     execute.add_argument("file", type=Path)
     status = add("status", cmd_status, "one job's status, or a summary of the spool")
@@ -130,16 +134,22 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     failed = False
     for path in args.files:
         try:
-            issues = validator.check(path.read_bytes(), path.name)
+            data = path.read_bytes()
         except OSError as exc:
             print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
             failed = True
             continue
-        for issue in issues:
-            print(issue.format(str(path)), file=sys.stderr)
-        failed = failed or bool(issues)
-        if not issues:
-            print(f"{path}: valid")
+        try:
+            document = validator.parse(data, path.name)
+        except InvalidJobFile as exc:
+            for issue in exc.issues:
+                print(issue.format(str(path)), file=sys.stderr)
+            failed = True
+            continue
+        print(f"{path}: valid")
+        if args.plan:
+            steps = document.get("steps")
+            print(plan_text(steps) if steps else "one step: the job itself (no steps:)")
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -51,6 +51,7 @@ class JobSpec:
     limits: Limits | None
     run_as: str | None
     hooks: dict[str, str | list[str]]
+    steps: tuple[dict[str, Any], ...]
     document: dict[str, Any]
 
     @classmethod
@@ -73,6 +74,7 @@ class JobSpec:
             limits=Limits.from_document(document.get("limits")),
             run_as=document.get("run_as"),
             hooks=dict(document.get("hooks") or {}),
+            steps=tuple(document.get("steps") or ()),
             document=document,
         )
 

@@ -6,6 +6,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import IO
 
 from spoold.clock import Clock, rfc3339
@@ -16,6 +17,17 @@ _TAIL_LINES = 20
 def format_line(stamp: str, level: str, text: str) -> str:
     """One log line as spoold writes it."""
     return f"{stamp} {level} {text}\n"
+
+
+@dataclass
+class _Sink:
+    """The log file, shared by a job's log and its steps' sections."""
+
+    handle: IO[bytes]
+    tee: IO[str] | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    lost_lines: int = 0
+    first_error: str | None = None
 
 
 class JobLog:
@@ -33,16 +45,29 @@ class JobLog:
         mask: Callable[[str], str] | None = None,
     ) -> None:
         """``mask`` rewrites each line before it is written (secrets become ``***``)."""
-        self._handle = handle
+        self._sink = _Sink(handle, tee)
         self._clock = clock
-        self._tee = tee
         self._mask = mask
+        self._prefix = ""
         # What the job printed last: what a limit it hit looks like ("Too many open files").
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
-        self._lock = threading.Lock()
-        #: Lines that could not be written (a full disk), and why the first one failed.
-        self.lost_lines = 0
-        self.first_error: str | None = None
+
+    def section(self, name: str) -> JobLog:
+        """The same log, each line of it starting with ``[name]``: one step's section."""
+        view = JobLog(self._sink.handle, self._clock, tee=self._sink.tee, mask=self._mask)
+        view._sink = self._sink  # one file, one lock, one count of lost lines
+        view._prefix = f"{self._prefix}[{name}] "
+        return view
+
+    @property
+    def lost_lines(self) -> int:
+        """Lines that could not be written (a full disk)."""
+        return self._sink.lost_lines
+
+    @property
+    def first_error(self) -> str | None:
+        """Why the first lost line was lost."""
+        return self._sink.first_error
 
     def info(self, text: str) -> None:
         """A line of spoold's own about the job."""
@@ -66,27 +91,29 @@ class JobLog:
         stamp = rfc3339(self._clock.now())
         if self._mask is not None:
             text = self._mask(text)
-        data = "".join(format_line(stamp, level, part) for part in text.split("\n"))
-        with self._lock:
-            if self._tee is not None:
-                self._tee.write(data)
-                self._tee.flush()
+        prefix = self._prefix
+        data = "".join(format_line(stamp, level, prefix + part) for part in text.split("\n"))
+        sink = self._sink
+        with sink.lock:
+            if sink.tee is not None:
+                sink.tee.write(data)
+                sink.tee.flush()
             try:
-                self._handle.write(data.encode())
+                sink.handle.write(data.encode())
             except OSError as exc:
                 # The job must not die of its log: what is lost is counted and reported.
-                self.lost_lines += data.count("\n")
-                self.first_error = self.first_error or exc.strerror or str(exc)
+                sink.lost_lines += data.count("\n")
+                sink.first_error = sink.first_error or exc.strerror or str(exc)
 
     def sync(self) -> None:
         """fsync what was written; a failure counts as lost lines would."""
         try:
-            os.fsync(self._handle.fileno())
+            os.fsync(self._sink.handle.fileno())
         except OSError as exc:
-            self.first_error = self.first_error or exc.strerror or str(exc)
+            self._sink.first_error = self._sink.first_error or exc.strerror or str(exc)
 
     def close(self) -> None:
         try:
-            self._handle.close()
+            self._sink.handle.close()
         except OSError as exc:
-            self.first_error = self.first_error or exc.strerror or str(exc)
+            self._sink.first_error = self._sink.first_error or exc.strerror or str(exc)

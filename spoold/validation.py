@@ -99,9 +99,10 @@ def compose_job_schema(
         step_clauses.append({"if": when, "then": then})
         # Steps that name no executor run with the job's, so its product rules apply to them.
         inherit = {"items": {"if": {"not": {"required": ["executor"]}}, "then": then}}
-        job_clauses.append(
-            {"if": when, "then": {**then, "properties": {**then["properties"], "steps": inherit}}}
-        )
+        job_then: dict[str, Any] = {"properties": {**then["properties"], "steps": inherit}}
+        if "required" in then:  # a job of steps needs no product of its own: its steps have one
+            job_then |= {"if": {"required": ["steps"]}, "else": {"required": ["product"]}}
+        job_clauses.append({"if": when, "then": job_then})
     schema.setdefault("properties", {})["executor"] = {"$ref": "#/$defs/executor"}
     if job_clauses:
         schema["allOf"] = [*schema.get("allOf", []), *job_clauses]

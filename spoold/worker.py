@@ -38,6 +38,7 @@ from spoold.procfs import process_start_time
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
+from spoold.steps import StepsRun
 from spoold.units import format_duration
 
 _DOCUMENT_CACHE = 10_000
@@ -280,49 +281,39 @@ class JobRunner:
     ) -> JobState:
         job = run.job
         attempt = status.attempts[-1]
-        executor = self._registry.create(spec.executor)
-
-        def on_start(pid: int | None) -> None:
-            with run.lock:
-                if pid is not None:
-                    run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
-                self._spool.write_lease(job, run.lease, first=True)
-                run.leased = True
-
         hooks: HookRunner | None = None
         try:
-            product, env = self._resolve(run, spec, executor.script_fields, workdir, attempt.number)
             run_as = None if spec.run_as is None else RunAs.lookup(spec.run_as)
             if run_as is not None:
                 os.chown(workdir, run_as.uid, run_as.gid)  # emptied; theirs for this job
+            own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
+            env, _ = self._environment(spec, job, workdir, attempt.number, own)
             hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as)
         except (SecretError, ExecutorError) as exc:
             log.error(str(exc))
             result = ExecResult(exit_code=None, error=str(exc))
         else:
-            ctx = RunContext(
-                job_id=job.job_id,
-                executor=spec.executor,
-                type=spec.type,
-                product=product,
-                workdir=workdir,
-                env=env,
-                log=log,
-                clock=self._clock,
-                timeout=spec.timeout,
-                kill_grace=self._config.kill_grace,
-                cancel=run.cancel,
-                before_script=self._config.global_before_script,
-                on_start=on_start,
-                limits=spec.limits,
-                run_as=run_as,
+            unit = functools.partial(
+                self._run_unit, run, workdir=workdir, run_as=run_as, attempt=attempt.number
             )
-            if hooks.run("pre_run", state="running", exit_code=None):
-                result = executor.run(ctx)
-            else:
+            if not hooks.run("pre_run", state="running", exit_code=None):
                 result = ExecResult(exit_code=None, error="the pre_run hook failed")
+            elif spec.steps:
+                result = StepsRun(
+                    spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
+                    parallel=self._config.workers, draw=self._draw,
+                    run_unit=lambda step_id, step, section: unit(step, section, step_id=step_id),
+                    on_change=functools.partial(self._steps_changed, run, status),
+                ).run()  # fmt: skip
+            else:
+                result = unit(spec, log)
             hooks.run("post_run", state="running", exit_code=result.exit_code)
-        status.artifacts = collect_artifacts(self._spool, job, workdir, spec.artifacts, log)
+        declared = spec.artifacts + tuple(
+            ArtifactSpec(path=item["path"], type=item.get("type", "file"))
+            for step in spec.steps
+            for item in step.get("artifacts") or ()
+        )
+        status.artifacts = collect_artifacts(self._spool, job, workdir, declared, log)
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
         now = self._clock.now()
@@ -351,6 +342,61 @@ class JobRunner:
             final = "on_success" if state is JobState.SUCCEEDED else "on_failure"
             hooks.run(final, state=state.value, exit_code=result.exit_code)
         return state
+
+    def _run_unit(
+        self,
+        run: ActiveRun,
+        unit: JobSpec,
+        log: JobLog,
+        *,
+        workdir: Path,
+        run_as: RunAs | None,
+        attempt: int,
+        step_id: str | None = None,
+    ) -> ExecResult:
+        """Run one executor once: the job's own, or one step's."""
+        job = run.job
+
+        def on_start(pid: int | None) -> None:
+            with run.lock:
+                if run.leased:
+                    return  # an earlier step wrote it: the claim is the job's, not a step's
+                if pid is not None:
+                    run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
+                self._spool.write_lease(job, run.lease, first=True)
+                run.leased = True
+
+        try:
+            executor = self._registry.create(unit.executor)
+            product, env = self._resolve(run, unit, executor.script_fields, workdir, attempt)
+        except (SecretError, ExecutorError) as exc:
+            log.error(str(exc))
+            return ExecResult(exit_code=None, error=str(exc))
+        if step_id is not None:
+            env["SPOOLD_STEP_ID"] = step_id
+        ctx = RunContext(
+            job_id=job.job_id,
+            executor=unit.executor,
+            type=unit.type,
+            product=product,
+            workdir=workdir,
+            env=env,
+            log=log,
+            clock=self._clock,
+            timeout=unit.timeout,
+            kill_grace=self._config.kill_grace,
+            cancel=run.cancel,
+            before_script=self._config.global_before_script,
+            on_start=on_start,
+            limits=unit.limits,
+            run_as=run_as,
+        )
+        return executor.run(ctx)
+
+    def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:
+        """A step started or ended: status.json says so (not fsynced, like the running state)."""
+        status.steps = steps
+        self._spool.write_status(run.job, run.masker.mask_data(status.to_dict()))
 
     def _hooks(
         self,
@@ -415,18 +461,21 @@ class JobRunner:
         Secrets are read now, at run time, and masked from here on. Fields that are programs
         (``scripts``) get references instead of values: see ``refer_to_secrets``.
         """
-        secret = functools.partial(self._secret, run)
-        own = {name: interpolate(value, {}, secret) for name, value in spec.variables.items()}
+        own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
         env, variables = self._environment(spec, run.job, workdir, attempt, own)
         used: set[str] = set()
         product = {
             key: refer_to_secrets(value, used)
             if key in scripts
-            else interpolate(value, variables, secret)
+            else self._fill(run, value, variables)
             for key, value in spec.product.items()
         }
-        env.update({secret_variable(name): secret(name) for name in sorted(used)})
+        env.update({secret_variable(name): self._secret(run, name) for name in sorted(used)})
         return product, env
+
+    def _fill(self, run: ActiveRun, value: Any, variables: dict[str, str]) -> Any:
+        """``value`` with variables and secrets filled in (for fields that are not programs)."""
+        return interpolate(value, variables, functools.partial(self._secret, run))
 
     def _secret(self, run: ActiveRun, name: str) -> str:
         """Read a secret for a job, masked from now on in its log and in spoold's own."""

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spoold.clock import parse_rfc3339
 from tests.harness import (
@@ -180,3 +181,42 @@ def test_a_secret_never_reaches_a_file_spoold_writes(spool_dir: Path, tmp_path: 
     written = [p for p in spool_dir.rglob("*") if p.is_file() and p.name != "job.yaml"]
     leaks = [str(p) for p in [*written, daemon.log_path] if secret in p.read_text(errors="replace")]
     assert leaks == []
+
+
+def test_validate_plan_prints_the_order_of_the_steps(spool_dir: Path, tmp_path: Path) -> None:
+    document = {"job_id": "plan", "executor": "local", "steps": [
+        {"id": "fetch", "product": {"commands": "true"}},
+        {"id": "lint", "product": {"commands": "true"}},
+        {"id": "build", "needs": ["fetch", "lint"], "product": {"commands": "true"}},
+    ]}  # fmt: skip
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = run_cli(spool_dir, "validate", "--plan", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "1. fetch, lint (run in parallel)\n2. build\n   build <- fetch, lint" in result.stdout
+
+
+def test_cancel_stops_a_job_of_steps_and_starts_no_more(
+    daemon: DaemonProcess, spool_dir: Path, tmp_path: Path
+) -> None:
+    sleep, token = _sleeper(tmp_path)
+    steps = [
+        {"id": "first", "product": {"commands": "echo first"}},
+        {"id": "long-a", "needs": ["first"], "product": {"commands": f"{sleep} 300"}},
+        {"id": "long-b", "needs": ["first"], "product": {"commands": f"{sleep} 301"}},
+        {"id": "never", "needs": ["long-a", "long-b"], "product": {"commands": "echo never"}},
+    ]
+    drop(spool_dir, "dag.yaml", {"job_id": "dag", "executor": "local", "steps": steps})
+    try:
+        sleeping = f"{token}-sleep\x0030"  # the sleeps themselves, not the shells around them
+        wait_for(lambda: len(processes_with(sleeping)) == 2, what="both long steps to run at once")
+        result = run_cli(spool_dir, "cancel", "dag")
+        assert result.returncode == 0, result.stdout + result.stderr
+        directory, status = job_state(spool_dir, "dag") or ("", {})
+        assert (directory, status["state"]) == ("failed", "cancelled")
+        states = {step: record["state"] for step, record in status["steps"].items()}
+        assert states == {"first": "succeeded", "long-a": "failed", "long-b": "failed",
+                          "never": "skipped"}  # fmt: skip
+        assert processes_with(token) == []
+    finally:
+        kill_processes_with(token)

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from spoold.clock import parse_rfc3339
+from spoold.clock import Clock, SystemClock, parse_rfc3339
 from spoold.config import Config
 from spoold.daemon import job_validator
 from spoold.intake import Accepted, Intake, Rejected
@@ -26,10 +26,16 @@ LOGGER = logging.getLogger("spoold.test")
 class Parts:
     """A spool, intake and a runner sharing one fake clock; remembers deferred jobs."""
 
-    def __init__(self, tmp_path: Path, draw: float = 0.0, secrets: Path | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        draw: float = 0.0,
+        secrets: Path | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.spool = Spool(tmp_path / "spool")
         self.spool.init()
-        self.clock = FakeClock()
+        self.clock: Any = clock or FakeClock()
         self.masker = Masker()
         registry = ExecutorRegistry.from_entry_points()
         config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5)
@@ -326,3 +332,86 @@ def test_a_failing_post_run_or_on_success_hook_is_logged_and_changes_nothing(
     assert status["state"] == "succeeded"
     log = job.log_path.read_text()
     assert "hook post_run failed: exit code 3" in log and "hook on_success failed" in log
+
+
+def _step(step_id: str, commands: str, *needs: str, **fields: Any) -> dict[str, Any]:
+    return {"id": step_id, "needs": list(needs), "product": {"commands": commands}, **fields}
+
+
+def test_twenty_steps_with_a_diamond_and_a_failure_in_the_middle(tmp_path: Path) -> None:
+    """a -> (b, c) -> d is the diamond; m fails in the middle of a chain; x.. runs beside."""
+    parts = Parts(tmp_path)
+    mark = 'echo "$SPOOLD_STEP_ID" >> order.txt'
+    steps = [
+        _step("a", mark),
+        _step("b", mark, "a"),
+        _step("c", mark, "a"),
+        _step("d", f"{mark}; test -s order.txt", "b", "c"),
+        *[_step(f"k{n}", mark, "d" if n == 1 else f"k{n - 1}") for n in range(1, 6)],
+        _step("m", f"{mark}; exit 5", "k5"),
+        *[_step(f"after{n}", mark, "m" if n == 1 else f"after{n - 1}") for n in range(1, 4)],
+        *[_step(f"x{n}", mark, *([f"x{n - 1}"] if n > 1 else [])) for n in range(1, 6)],
+        _step("tolerant", "exit 1", "a", continue_on_error=True),
+        _step(
+            "z", "cp order.txt kept.txt", "tolerant", "x5", "k5", artifacts=[{"path": "kept.txt"}]
+        ),
+    ]
+    assert len(steps) == 20
+    document = {"job_id": "dag", "executor": "local", "steps": steps}
+    job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "failed"
+    assert status["error"].startswith("step m failed: exit code 5"), status["error"]
+    states = {step_id: record["state"] for step_id, record in status["steps"].items()}
+    assert states["m"] == "failed" and states["tolerant"] == "failed"
+    assert {s for s, state in states.items() if state == "skipped"} == {
+        "after1",
+        "after2",
+        "after3",
+    }
+    ran = {s for s, state in states.items() if state == "succeeded"}
+    assert ran == {"a", "b", "c", "d", "k1", "k2", "k3", "k4", "k5", "x1", "x2", "x3", "x4",
+                   "x5", "z"}  # fmt: skip
+    order = (job.path / "artifacts" / "kept.txt").read_text().split()
+    assert order.index("a") < order.index("b") < order.index("d")
+    assert order.index("c") < order.index("d") < order.index("k1") < order.index("k5")
+    log = job.log_path.read_text()
+    assert "[m] spoold: step m failed: exit code 5" in log
+    assert "spoold: step after1 skipped: a step it needs failed" in log
+    assert "[tolerant] spoold: step tolerant failed: exit code 1 (continue_on_error)" in log
+
+
+def test_a_retried_job_runs_only_the_steps_that_did_not_succeed(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    steps = [
+        _step("once", "echo ran-once"),
+        _step("flaky", 'test "$SPOOLD_ATTEMPT" -gt 1', "once"),
+        _step("last", "echo last", "flaky"),
+    ]
+    document = {"job_id": "resume", "executor": "local", "steps": steps,
+                "retries": 1, "backoff": "1s"}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "pending" and status["steps"]["last"]["state"] == "skipped"
+    parts.clock.advance(1)
+    job, status = parts.attempt("resume")
+    assert job.directory == "done", job.log_path.read_text()
+    assert job.log_path.read_text().count("INFO [once] ran-once") == 1
+    assert {s: r["state"] for s, r in status["steps"].items()} == dict.fromkeys(
+        ("once", "flaky", "last"), "succeeded"
+    )
+
+
+def test_a_step_retries_on_its_own_and_has_its_own_timeout(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, clock=SystemClock())  # a timeout is measured on a real clock
+    flaky = 'n=$(cat count 2>/dev/null || echo 0); echo $((n+1)) > count; test "$n" -ge 1'
+    steps = [
+        _step("flaky", flaky, retries=2, backoff="10ms"),
+        _step("slow", "sleep 5", "flaky", timeout="300ms"),
+    ]
+    document = {"job_id": "own", "executor": "local", "steps": steps}
+    _, status = parts.attempt(parts.submit(document))
+    assert status["steps"]["flaky"] | {"started_at": None, "finished_at": None} == {
+        "state": "succeeded", "attempts": 2, "exit_code": 0, "error": None,
+        "started_at": None, "finished_at": None,
+    }  # fmt: skip
+    assert status["steps"]["slow"]["state"] == "failed"
+    assert "timed out after 300ms" in status["steps"]["slow"]["error"]
