@@ -32,6 +32,8 @@ class Config:
     rescan_interval: float = 30.0
     settle_time: float = 2.0
     max_file_size: int = 1024 * 1024
+    #: At most this many jobs of an executor at once (``limits.executors``), beyond ``workers``.
+    executor_limits: dict[str, int] = field(default_factory=dict)
     workdir: Path | None = None
     logdir: Path | None = None
     global_before_script: tuple[str, ...] = ()
@@ -128,6 +130,8 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         values["max_file_size"] = _parsed(
             "limits.max_file_size", doc["limits"]["max_file_size"], parse_size
         )
+    if "executors" in doc.get("limits", {}):
+        values["executor_limits"] = dict(doc["limits"]["executors"])
     if "fsync" in doc:
         values["durable"] = bool(doc["fsync"])
     base = source.parent if source else Path.cwd()

@@ -43,15 +43,19 @@ class JobControl:
         self._clock = clock
         self._who = who  # who asks, for the log and status.json: "root on host1"
 
-    def cancel(self, job_id: str) -> CancelOutcome:
-        """End a pending job now, or ask the worker of a running job to end it."""
+    def cancel(self, job_id: str, reason: str | None = None) -> CancelOutcome:
+        """End a pending job now, or ask the worker of a running job to end it.
+
+        ``reason``: what status.json and the log say (default: who cancelled it).
+        """
         for _ in range(_LOOKS):
             job = self._spool.get(job_id)
             if job.directory == "pending":
                 claimed = self._spool.claim(job_id)
                 if claimed is None:
                     continue  # a worker was faster: it runs now
-                return CancelOutcome(self._end_unstarted(claimed), True, JobState.CANCELLED)
+                ended = self._end_unstarted(claimed, reason)
+                return CancelOutcome(ended, True, JobState.CANCELLED)
             if job.directory == "running":
                 request = {"by": self._who, "at": rfc3339(self._clock.now())}
                 try:
@@ -93,12 +97,12 @@ class JobControl:
             return True
         return False
 
-    def _end_unstarted(self, job: JobDir) -> JobDir:
+    def _end_unstarted(self, job: JobDir, reason: str | None) -> JobDir:
         try:
             status = JobStatus.from_dict(self._spool.read_status(job))
         except (JobNotFound, ValueError, OSError):
             raise SpoolError(f"job {job.job_id} has no readable status.json") from None
-        reason = f"cancelled by {self._who} before it started"
+        reason = reason or f"cancelled by {self._who} before it started"
         status.end_attempt(self._clock.now(), JobState.CANCELLED, None, reason)
         status.next_attempt_at = None
         with self._spool.open_log(job) as handle:

@@ -16,8 +16,10 @@ from typing import Any
 
 from spoold.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.config import Config
+from spoold.control import JobControl
+from spoold.dispatch import JobMeta
 from spoold.due import DueJobs
-from spoold.errors import SpoolError
+from spoold.errors import SpooldError, SpoolError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
@@ -83,12 +85,22 @@ class Daemon:
             due.add(job_id, when)
             attention.set()  # the loop's next wake-up may have to come sooner
 
+        control = JobControl(spool, clock, who=f"spoold on {config.hostname}")
+
+        def cancel(job_id: str, why: str) -> None:
+            try:
+                control.cancel(job_id, reason=why)
+                logger.info("job %s cancelled: %s", job_id, why)
+            except SpooldError as exc:  # it moved on (ran, or was cancelled): nothing to undo
+                logger.warning("job %s could not be cancelled (%s): %s", job_id, why, exc)
+
         workers = WorkerProcesses(
             config,
             logger,
             processes=config.worker_processes or os.cpu_count() or 1,
             on_lost=attention.set,
             on_deferred=defer,
+            on_cancel=cancel,
         )
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
@@ -170,7 +182,7 @@ class Daemon:
             if self.workers.lost_any():
                 self._duty(self._replace_workers)
             for job_id in self.due.pop_due(self.clock.now().timestamp()):
-                self.workers.submit(job_id)
+                self.workers.submit(job_id, meta=self._meta(job_id))
             now = self.clock.monotonic()
             if self.rescan.is_set():
                 self.rescan.clear()
@@ -180,6 +192,13 @@ class Daemon:
                 self._duty(self._queue_pending)
                 self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
                 next_scan = now + scan_every
+
+    def _meta(self, job_id: str) -> JobMeta:
+        """A pending job's priority and concurrency, as its status.json kept them."""
+        try:
+            return JobMeta.from_document(self.spool.read_status(self.spool.get(job_id)))
+        except (OSError, SpooldError, ValueError):
+            return JobMeta()  # gone, or unreadable: the worker that claims it finds out
 
     def _replace_workers(self) -> None:
         lost = self.workers.replace_dead()
@@ -212,22 +231,20 @@ class Daemon:
         for job in self.spool.list_jobs("pending"):
             if job.job_id in self.due or self.workers.holds(job.job_id):
                 continue
-            if (when := self._due_time(job)) is not None and when > now:
+            try:
+                status = self.spool.read_status(job)
+            except (OSError, SpoolError, ValueError):
+                status = {}  # gone, or unreadable: the worker that claims it finds out
+            due = status.get("next_attempt_at")
+            when = parse_rfc3339(due).timestamp() if isinstance(due, str) else None
+            if when is not None and when > now:
                 self.due.add(job.job_id, when)
                 self.logger.info(
                     "job %s waits for its next attempt, due at %s",
                     job.job_id, rfc3339(datetime.fromtimestamp(when, UTC)),
                 )  # fmt: skip
             else:
-                self.workers.submit(job.job_id)
-
-    def _due_time(self, job: JobDir) -> float | None:
-        """When a pending job's next attempt is due, from its status.json (None: now)."""
-        try:
-            due = self.spool.read_status(job).get("next_attempt_at")
-            return parse_rfc3339(due).timestamp() if isinstance(due, str) else None
-        except (OSError, SpoolError, ValueError):
-            return None  # gone, or unreadable: the worker that claims it finds out
+                self.workers.submit(job.job_id, meta=JobMeta.from_document(status))
 
     def _install_signals(self, stop: threading.Event) -> None:
         if threading.current_thread() is not threading.main_thread():

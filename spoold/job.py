@@ -191,6 +191,9 @@ class JobStatus:
     log_lines_lost: int = 0
     #: When a job waiting in pending/ for its next attempt becomes due (RFC 3339).
     next_attempt_at: str | None = None
+    #: Kept from the job file, so that a restarted daemon orders and limits it without reading it.
+    priority: int = 0
+    concurrency: dict[str, Any] | None = None
 
     @classmethod
     def accepted(
@@ -205,6 +208,8 @@ class JobStatus:
             submitted_at=rfc3339(now),
             source=source,
             sha256=sha256,
+            priority=int(spec.document.get("priority") or 0),
+            concurrency=spec.document.get("concurrency"),
         )
 
     def begin_attempt(self, now: datetime, worker: str) -> Attempt:
@@ -257,6 +262,8 @@ class JobStatus:
             "result": self.result,
             "log_lines_lost": self.log_lines_lost,
             "next_attempt_at": self.next_attempt_at,
+            "priority": self.priority,
+            "concurrency": self.concurrency,
         }
 
     @classmethod
@@ -281,4 +288,6 @@ class JobStatus:
             sha256=data.get("sha256"),
             log_lines_lost=int(data.get("log_lines_lost") or 0),
             next_attempt_at=data.get("next_attempt_at"),
+            priority=int(data.get("priority") or 0),
+            concurrency=data.get("concurrency"),
         )

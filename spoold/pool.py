@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -30,6 +29,7 @@ from typing import Any
 
 from spoold.clock import Clock, SystemClock
 from spoold.config import Config
+from spoold.dispatch import DispatchQueue, JobMeta
 from spoold.errors import WorkerProcessError
 from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
@@ -206,14 +206,16 @@ class WorkerProcesses:
         processes: int,
         on_lost: Callable[[], None],
         on_deferred: Callable[[str, float], None],
+        on_cancel: Callable[[str, str], None],
     ) -> None:
         self._config = config
         self._on_deferred = on_deferred
+        self._on_cancel = on_cancel  # a job to end as cancelled, and why
         self._logger = logger
         self._plan = plan_slots(config.workers, processes)
         self._on_lost = on_lost
         self._lock = threading.Lock()
-        self._queue: deque[RunJob] = deque()
+        self._queue = DispatchQueue(config.executor_limits)
         self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
         self._links: list[_Link] = []
         self._stopping = False
@@ -244,16 +246,31 @@ class WorkerProcesses:
         for each in handed:
             self._send(each)
 
-    def submit(self, job_id: str, document: dict[str, Any] | None = None) -> bool:
-        """Queue a pending job unless it is queued or running already."""
+    def submit(
+        self, job_id: str, document: dict[str, Any] | None = None, meta: JobMeta | None = None
+    ) -> bool:
+        """Queue a pending job unless it is queued or running already.
+
+        ``meta`` (priority, concurrency) comes from ``document`` when not given. A job its
+        concurrency strategy refuses, or one it replaces, goes to ``on_cancel``.
+        """
+        if meta is None:
+            meta = JobMeta() if document is None else JobMeta.from_document(document)
         with self._lock:
             if job_id in self._known or self._stopping:
                 return False
+            cancel = self._queue.add(job_id, meta, RunJob(job_id, document))
             self._known.add(job_id)
-            self._queue.append(RunJob(job_id, document))
+            self._known.difference_update(cancelled for cancelled, _ in cancel)
             handed = self._hand_out(self._free_link())
+            holder = None if handed else self._outranked_holder(meta.priority)
         self._send(handed)
-        return True
+        if holder is not None:
+            with contextlib.suppress(OSError):  # its receiver sees it die
+                holder.send(Revoke())
+        for cancelled, why in cancel:
+            self._on_cancel(cancelled, why)
+        return all(cancelled != job_id for cancelled, _ in cancel)
 
     def holds(self, job_id: str) -> bool:
         """Whether the job is queued here or in a worker process's hands."""
@@ -280,6 +297,8 @@ class WorkerProcesses:
             with self._lock:
                 lost.extend(link.in_flight)
                 self._known.difference_update(link.in_flight)
+                for job_id in link.in_flight:
+                    self._queue.finished(job_id)
                 link.in_flight.clear()
             self._logger.error(
                 "worker process %d (pid %d) ended with %s; starting a new one",
@@ -346,6 +365,7 @@ class WorkerProcesses:
                     with self._lock:
                         link.in_flight.pop(message.job_id, None)
                         self._known.discard(message.job_id)
+                        self._queue.finished(message.job_id)
                         handed = self._hand_out(link)
                         holder = self._holder_to_revoke(link)
                     self._send(handed)  # the freed slot's next job, without another thread
@@ -357,9 +377,9 @@ class WorkerProcesses:
                 elif isinstance(message, Returned):
                     with self._lock:
                         link.revoking = False
-                        for job_id in reversed(message.job_ids):
-                            if (job := link.in_flight.pop(job_id, None)) is not None:
-                                self._queue.appendleft(job)  # first in line again
+                        for job_id in message.job_ids:
+                            if link.in_flight.pop(job_id, None) is not None:
+                                self._queue.give_back(job_id)  # to its old place in line
                         handed_out = [self._hand_out(self._free_link()) for _ in message.job_ids]
                     for each in handed_out:
                         self._send(each)
@@ -375,9 +395,24 @@ class WorkerProcesses:
         """Under the lock: the next queued job, reserved for a free slot of ``link``."""
         if link is None or link.free <= 0 or not self._queue or self._stopping:
             return None
-        job = self._queue.popleft()
+        if (taken := self._queue.take()) is None:
+            return None  # what waits, waits for a concurrency limit
+        job: RunJob = taken[1]
         link.in_flight[job.job_id] = job
         return link, job
+
+    def _outranked_holder(self, priority: int) -> _Link | None:
+        """Under the lock: a process holding, unstarted, a job of lower priority than a new one.
+
+        Its held jobs come back (Revoke, Returned) and go out again in priority order.
+        """
+        for link in self._links:
+            if not link.alive or not link.waiting or link.revoking:
+                continue
+            if any(self._queue.priority_of(job_id) < priority for job_id in link.in_flight):
+                link.revoking = True
+                return link
+        return None
 
     def _holder_to_revoke(self, freed: _Link) -> _Link | None:
         """Under the lock: a process holding a job it cannot start while ``freed`` idles."""
@@ -398,6 +433,7 @@ class WorkerProcesses:
         except OSError:  # it died: the job stays pending, and a scan queues it again
             with self._lock:
                 link.in_flight.pop(job.job_id, None)
+                self._queue.finished(job.job_id)
                 self._known.discard(job.job_id)
 
     def _free_link(self) -> _Link | None:

@@ -220,3 +220,68 @@ def test_cancel_stops_a_job_of_steps_and_starts_no_more(
         assert processes_with(token) == []
     finally:
         kill_processes_with(token)
+
+
+def test_priority_and_concurrency_keys_decide_what_runs_next(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    order, release = tmp_path / "order.txt", tmp_path / "release"
+    config = write_config(tmp_path / "one.yaml", spool_dir, workers=1)
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+
+    def job(job_id: str, **fields: object) -> dict[str, object]:
+        note = f"echo {job_id} >> {order}"
+        return local_job(job_id, note, **fields)
+
+    try:
+        blocker = f"echo blocker >> {order}; while [ ! -e {release} ]; do sleep 0.02; done"
+        drop(spool_dir, "blocker.yaml",
+             local_job("blocker", blocker, concurrency={"key": "customer"}))  # fmt: skip
+        wait_for(order.exists, what="the blocker to run")
+        drop(spool_dir, "waits.yaml", job("waits", concurrency={"key": "customer"}))
+        wait_for((spool_dir / "pending" / "waits").is_dir, what="waits to be pending")
+        drop(spool_dir, "newest.yaml",
+             job("newest", concurrency={"key": "customer", "strategy": "replace"}))  # fmt: skip
+        directory, status = wait_finished(spool_dir, "waits")
+        assert (directory, status["state"]) == ("failed", "cancelled")
+        assert status["error"] == "replaced by job newest (concurrency key 'customer')"
+        drop(spool_dir, "skipped.yaml",
+             job("skipped", concurrency={"key": "customer", "strategy": "skip"}))  # fmt: skip
+        directory, status = wait_finished(spool_dir, "skipped")
+        assert (directory, status["state"]) == ("failed", "cancelled")
+        assert status["error"].startswith("skipped: 2 job(s) with concurrency key 'customer'")
+        drop(spool_dir, "low.yaml", job("low"))
+        drop(spool_dir, "high.yaml", job("high", priority=10))
+        wait_for((spool_dir / "pending" / "high").is_dir, what="high to be pending")
+        release.touch()
+        for job_id in ("blocker", "newest", "low", "high"):
+            assert wait_finished(spool_dir, job_id)[0] == "done"
+        assert order.read_text().split() == ["blocker", "high", "newest", "low"]
+    finally:
+        daemon.kill()
+
+
+def test_a_per_executor_limit_holds_back_only_that_executor(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    limits = {"executors": {"local": 1}}
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir, limits=limits))
+    daemon.start()
+    try:
+        blocker = f"while [ ! -e {release} ]; do sleep 0.02; done"
+        drop(spool_dir, "blocker.yaml", local_job("blocker", blocker))
+        wait_for((spool_dir / "running" / "blocker").is_dir, what="the blocker to run")
+        drop(spool_dir, "second.yaml", local_job("second", "true"))
+        wait_for((spool_dir / "pending" / "second").is_dir, what="second to be pending")
+        other = {"job_id": "other", "executor": "custom", "product": {"script": "true"}}
+        drop(spool_dir, "other.yaml", other)
+        # "other" came after "second" and ran on the free slot: "second" was passed over.
+        assert wait_finished(spool_dir, "other")[0] == "done"
+        assert job_state(spool_dir, "second") is not None
+        assert job_state(spool_dir, "second")[0] == "pending"  # type: ignore[index]
+        release.touch()
+        assert wait_finished(spool_dir, "second")[0] == "done"
+    finally:
+        daemon.kill()
