@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from spoold.clock import parse_rfc3339
+from spoold.spool import JobDir
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -22,6 +23,7 @@ from tests.harness import (
     wait_for,
     write_config,
 )
+from tests.test_job_semantics import check_twenty_steps, twenty_steps
 
 pytestmark = pytest.mark.daemon
 
@@ -285,3 +287,9 @@ def test_a_per_executor_limit_holds_back_only_that_executor(
         assert wait_finished(spool_dir, "second")[0] == "done"
     finally:
         daemon.kill()
+
+
+def test_a_dag_of_twenty_steps_on_the_daemon(daemon: DaemonProcess, spool_dir: Path) -> None:
+    drop(spool_dir, "dag.yaml", {"job_id": "dag", "executor": "local", "steps": twenty_steps()})
+    directory, status = wait_finished(spool_dir, "dag")
+    check_twenty_steps(JobDir("dag", directory, str(spool_dir / directory / "dag")), status)

@@ -338,9 +338,8 @@ def _step(step_id: str, commands: str, *needs: str, **fields: Any) -> dict[str, 
     return {"id": step_id, "needs": list(needs), "product": {"commands": commands}, **fields}
 
 
-def test_twenty_steps_with_a_diamond_and_a_failure_in_the_middle(tmp_path: Path) -> None:
+def twenty_steps() -> list[dict[str, Any]]:
     """a -> (b, c) -> d is the diamond; m fails in the middle of a chain; x.. runs beside."""
-    parts = Parts(tmp_path)
     mark = 'echo "$SPOOLD_STEP_ID" >> order.txt'
     steps = [
         _step("a", mark),
@@ -357,8 +356,11 @@ def test_twenty_steps_with_a_diamond_and_a_failure_in_the_middle(tmp_path: Path)
         ),
     ]
     assert len(steps) == 20
-    document = {"job_id": "dag", "executor": "local", "steps": steps}
-    job, status = parts.attempt(parts.submit(document))
+    return steps
+
+
+def check_twenty_steps(job: JobDir, status: dict[str, Any]) -> None:
+    """What twenty_steps() must come to, wherever it ran."""
     assert job.directory == "failed"
     assert status["error"].startswith("step m failed: exit code 5"), status["error"]
     states = {step_id: record["state"] for step_id, record in status["steps"].items()}
@@ -378,6 +380,12 @@ def test_twenty_steps_with_a_diamond_and_a_failure_in_the_middle(tmp_path: Path)
     assert "[m] spoold: step m failed: exit code 5" in log
     assert "spoold: step after1 skipped: a step it needs failed" in log
     assert "[tolerant] spoold: step tolerant failed: exit code 1 (continue_on_error)" in log
+
+
+def test_twenty_steps_with_a_diamond_and_a_failure_in_the_middle(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    document = {"job_id": "dag", "executor": "local", "steps": twenty_steps()}
+    check_twenty_steps(*parts.attempt(parts.submit(document)))
 
 
 def test_a_retried_job_runs_only_the_steps_that_did_not_succeed(tmp_path: Path) -> None:
