@@ -211,6 +211,10 @@ class Masker:
             self._values = self._values | new
             self._pattern = _compile(self._values)
 
+    def __bool__(self) -> bool:
+        """Whether any value is known (else mask_text changes nothing)."""
+        return self._pattern is not None
+
     def mask_text(self, text: str) -> str:
         """``text`` with every occurrence of every known value replaced by ``***``."""
         pattern = self._pattern

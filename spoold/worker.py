@@ -242,7 +242,7 @@ class JobRunner:
         with run.lock:
             try:
                 final = self._spool.finish(
-                    run.job, state, run.masker.mask_data(status.to_dict()), log_synced=True
+                    run.job, state, _masked(run.masker, status.to_dict()), log_synced=True
                 )
             except OSError as exc:
                 # Only now is the outcome handed to retry_finishing: never two finishers.
@@ -265,7 +265,7 @@ class JobRunner:
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
         # Before anything of the job starts: every start must show in attempts, whatever
         # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
-        self._spool.write_status(job, run.masker.mask_data(status.to_dict()))
+        self._spool.write_status(job, _masked(run.masker, status.to_dict()))
         log.info(
             f"attempt {attempt.number} started on {self._config.hostname} by "
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
@@ -396,7 +396,7 @@ class JobRunner:
     def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:
         """A step started or ended: status.json says so (not fsynced, like the running state)."""
         status.steps = steps
-        self._spool.write_status(run.job, run.masker.mask_data(status.to_dict()))
+        self._spool.write_status(run.job, _masked(run.masker, status.to_dict()))
 
     def _hooks(
         self,
@@ -498,6 +498,19 @@ class JobRunner:
         }
         variables = {**builtins, **own}
         return {**self._environ, **variables}, variables
+
+
+def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:
+    """status.json as it may be written: no secret value in it, no secret-named field's value.
+
+    spoold writes every field but ``result`` itself, and puts no secret into any: with no
+    secret known and nothing from an executor, there is nothing to mask (the common case,
+    and walking the document for nothing cost more than the rest of writing it).
+    """
+    if not masker and not status.get("result"):
+        return status
+    masked: dict[str, Any] = masker.mask_data(status)
+    return masked
 
 
 def _empty(directory: Path) -> None:
