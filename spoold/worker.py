@@ -101,7 +101,7 @@ class JobRunner:
         self._logger = logger
         self._draw = draw  # the jitter of retry waits
         self._secrets = secrets or SecretStore(None)
-        self._masker = masker or Masker()
+        self._masker = masker if masker is not None else Masker()
         # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
         self._on_deferred = on_deferred
         self._active: dict[str, ActiveRun] = {}
