@@ -69,19 +69,25 @@ class Limits:
                 "`limits:` needs util-linux's prlimit, which is not on PATH "
                 "(Debian: apt-get install util-linux)"
             )
-        options = []
+        options = [option for option, _ in self._each()]
+        # `--` so that a command starting with a dash is not read as a prlimit option.
+        return [path, *options, "--", *argv]
+
+    def _each(self) -> list[tuple[str, str]]:
+        """(prlimit option, words for the log) of each limit that is set."""
+        each = []
         if self.memory is not None:
             # RLIMIT_AS, not RLIMIT_RSS: Linux ignores RLIMIT_RSS.
-            options.append(f"--as={self.memory}")
+            each.append((f"--as={self.memory}", f"memory {format_size(self.memory)}"))
         if self.cpu_seconds is not None:
             # A hard limit one second above the soft one: the kernel sends SIGXCPU at the soft
             # limit, which explain() can tell apart from any other kill; with soft == hard the
             # process would get SIGKILL straight away.
-            options.append(f"--cpu={self.cpu_seconds}:{self.cpu_seconds + 1}")
+            seconds = self.cpu_seconds
+            each.append((f"--cpu={seconds}:{seconds + 1}", f"cpu {seconds} s"))
         if self.open_files is not None:
-            options.append(f"--nofile={self.open_files}")
-        # `--` so that a command starting with a dash is not read as a prlimit option.
-        return [path, *options, "--", *argv]
+            each.append((f"--nofile={self.open_files}", f"open files {self.open_files}"))
+        return each
 
     def explain(self, returncode: int, output_tail: str) -> str | None:
         """Which limit ended the job, in words for the job log; None when none seems to have.
@@ -108,14 +114,7 @@ class Limits:
 
     def describe(self) -> str:
         """The limits in words for the job log: 'memory 512 MiB, cpu 60 s, open files 256'."""
-        parts = []
-        if self.memory is not None:
-            parts.append(f"memory {format_size(self.memory)}")
-        if self.cpu_seconds is not None:
-            parts.append(f"cpu {self.cpu_seconds} s")
-        if self.open_files is not None:
-            parts.append(f"open files {self.open_files}")
-        return ", ".join(parts) or "no limits"
+        return ", ".join(words for _, words in self._each()) or "no limits"
 
 
 def format_size(size: int) -> str:

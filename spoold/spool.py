@@ -434,11 +434,7 @@ class Spool:
 
     def read_lease(self, job: JobDir) -> dict[str, Any] | None:
         """The claim on a running job, or None when it has none (yet)."""
-        try:
-            data: dict[str, Any] = json.loads(_read(f"{job.location}/lease"))
-        except (FileNotFoundError, ValueError):
-            return None
-        return data
+        return _read_json(f"{job.location}/lease")
 
     def entered_at(self, job: JobDir) -> float:
         """When the job entered its directory (the directory's ctime)."""
@@ -455,7 +451,10 @@ class Spool:
         for claim_file in ("lease", _CANCEL_FILE):  # they belong to the run that just ended
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{job.location}/{claim_file}")
-        directory = state.directory
+        return self._move(job, state.directory)
+
+    def _move(self, job: JobDir, directory: str) -> JobDir:
+        """The rename of a job's directory into ``directory``/, then that directory synced."""
         target = f"{self._dirs[directory]}/{job.job_id}"
         try:
             rename_noreplace(job.location, target)
@@ -472,13 +471,7 @@ class Spool:
         """
         if job.directory != "failed":
             raise InvalidTransition(f"only a failed or cancelled job can run again, not {job}")
-        target = f"{self._dirs['pending']}/{job.job_id}"
-        try:
-            rename_noreplace(job.location, target)
-        except FileExistsError as exc:
-            raise SpoolError(f"job {job.job_id!r} is in failed/ and pending/ at once") from exc
-        self._sync_dirs(self._dirs["pending"])
-        pending = JobDir(job.job_id, "pending", target)
+        pending = self._move(job, "pending")
         self.write_status(pending, status, durable=True)
         return pending
 
@@ -490,11 +483,7 @@ class Spool:
 
     def cancel_request(self, job: JobDir) -> dict[str, Any] | None:
         """The cancel request made for a running job, if any."""
-        try:
-            data: dict[str, Any] = json.loads(_read(f"{job.location}/{_CANCEL_FILE}"))
-        except (FileNotFoundError, ValueError):
-            return None
-        return data
+        return _read_json(f"{job.location}/{_CANCEL_FILE}")
 
     # -- work dirs and artifacts --------------------------------------------------------------
 
@@ -690,6 +679,15 @@ def _read_limited(fd: int, limit: int) -> bytes:
 def _read_limited_path(path: Path, limit: int) -> bytes:
     with open(path, "rb") as handle:
         return handle.read(limit)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON file spoold wrote, or None when it is not there (or not whole yet)."""
+    try:
+        data = json.loads(_read(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _read(path: str) -> bytes:
