@@ -19,6 +19,7 @@ from spoold.config import Config, load_config
 from spoold.control import JobControl
 from spoold.daemon import Daemon, detach, job_validator
 from spoold.dag import plan_text
+from spoold.documents import load_document
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
 from spoold.logs import configure_logging
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     listing = add("list", cmd_list, "jobs, newest first")
     listing.add_argument(
-        "--state", choices=[s.value for s in JobState if s is not JobState.REJECTED]
+        "--state", choices=[*(s.value for s in JobState if s is not JobState.REJECTED), "scheduled"]
     )
     listing.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
     listing.add_argument("--json", action="store_true")
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     again = add("retry", cmd_retry, "run a failed or cancelled job again, as a new attempt")
     again.add_argument("job_id")
+    unschedule = add("unschedule", cmd_unschedule, "remove a recurring job (its runs stay)")
+    unschedule.add_argument("job_id")
     add("schema", cmd_schema, "print the job file's JSON Schema")
     return parser
 
@@ -194,6 +197,10 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         logger=logger,
         allowed_run_as=config.allowed_run_as,
     )
+    if _has_schedule(args.file):
+        print(f"{args.file}: has a schedule: exec runs one job now; submit it to spoold instead",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     outcome = intake.process(spool.stage_file(args.file, max_size=config.max_file_size))
     if not isinstance(outcome, Accepted):
         for error in outcome.reason["errors"] or [{"message": outcome.reason["reason"]}]:
@@ -227,6 +234,14 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
     state = spool.read_status(final)["state"]
     print(f"{final.job_id}: {state} ({final.path})", file=sys.stderr)
     return EXIT_OK if state == JobState.SUCCEEDED.value else EXIT_FAILED
+
+
+def _has_schedule(path: Path) -> bool:
+    try:
+        document = load_document(path.read_bytes(), path.name)
+    except (OSError, SpooldError):
+        return False  # intake reports what is wrong with it
+    return isinstance(document, dict) and "schedule" in document
 
 
 class _Heartbeat:
@@ -276,10 +291,17 @@ def _count(path: Path) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     keys = ("job_id", "state", "executor", "type", "source", "submitted_at", "started_at",
-            "finished_at", "next_attempt_at", "exit_code", "error", "worker")  # fmt: skip
+            "finished_at", "next_attempt_at", "exit_code", "error", "worker", "schedule",
+            "last_fired")  # fmt: skip
     for key in keys:
         if status.get(key) is not None:
             print(f"{key + ':':<17}{status[key]}")
+    for moment in status.get("next_fire_times") or ():
+        print(f"{'next firing:':<17}{moment}")
+    for run in (status.get("runs") or [])[-5:]:
+        print(f"{'run:':<17}{run['run_id']}")
+    for note in (status.get("notes") or [])[-5:]:
+        print(f"{'note:':<17}{note['at']} {note['what']}")
     for attempt in status.get("attempts") or ():
         print(
             f"attempt {attempt['number']}:    {attempt['started_at']} -> {attempt.get('finished_at')}"
@@ -294,8 +316,9 @@ def _print_status(status: dict[str, Any]) -> None:
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
     spool = _spool(config)
-    wanted = JobState(args.state) if args.state else None
-    directories = [wanted.directory] if wanted else list(JOB_DIRECTORIES)
+    scheduled = args.state == "scheduled"
+    wanted = JobState(args.state) if args.state and not scheduled else None
+    directories = ["scheduled"] if scheduled else [wanted.directory] if wanted else JOB_DIRECTORIES
     rows = []
     for job in (j for d in directories for j in spool.list_jobs(d)):
         try:
@@ -304,6 +327,10 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
             continue  # moved on while we looked
         if not wanted or status.get("state") == wanted.value:
             rows.append(status)
+    if scheduled:
+        for row in rows:
+            times = row.get("next_fire_times") or ["never again"]
+            row["error"] = f"next: {times[0]}; last run: {_last_run(row)}"
     # Directory times change with every state change; submission time does not.
     rows.sort(key=lambda row: str(row.get("submitted_at") or ""), reverse=True)
     if args.limit:
@@ -314,6 +341,22 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     for row in rows:
         print(f"{row['job_id']:<40} {row['state']:<10} {row.get('executor') or '':<8} "
               f"{row.get('submitted_at') or '':<28} {row.get('error') or ''}")  # fmt: skip
+    return EXIT_OK
+
+
+def _last_run(status: dict[str, Any]) -> str:
+    runs = status.get("runs") or []
+    return str(runs[-1]["run_id"]) if runs else "none yet"
+
+
+def cmd_unschedule(args: argparse.Namespace, config: Config) -> int:
+    control = _control(config)
+    _spool(config).unschedule(args.job_id)
+    woke = control.wake_daemon(config.hostname)
+    print(f"{args.job_id}: unscheduled (its runs stay where they are)")
+    if not woke:
+        print("no spoold runs here: others sharing the spool notice at their next scan",
+              file=sys.stderr)  # fmt: skip
     return EXIT_OK
 
 

@@ -25,6 +25,7 @@ from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
 from spoold.pool import WorkerProcesses
 from spoold.recovery import Recovery
+from spoold.scheduler import Scheduler
 from spoold.spool import JobDir, Spool
 from spoold.validation import JobValidator, load_base_schema
 from spoold.watcher import InotifyWatcher, resolve_watch_mode
@@ -67,6 +68,8 @@ class Daemon:
     attention: threading.Event
     #: Pending jobs waiting for a later attempt, handed to the workers once due.
     due: DueJobs
+    #: The schedules in scheduled/, firing into pending/.
+    scheduler: Scheduler
     #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
     rescan: threading.Event = field(default_factory=threading.Event)
 
@@ -107,6 +110,11 @@ class Daemon:
         def queue_job(job: JobDir, document: dict[str, Any]) -> None:
             workers.submit(job.job_id, document)
 
+        scheduler = Scheduler(
+            spool, clock, logger, defer=defer, cancel=cancel,
+            queue=workers.submit,
+        )  # fmt: skip
+
         intake = Intake(
             spool,
             job_validator(registry),
@@ -116,12 +124,13 @@ class Daemon:
             on_accepted=queue_job,
             logger=logger,
             allowed_run_as=config.allowed_run_as,
+            on_scheduled=lambda job: scheduler.sync(),
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         recovery = Recovery(spool, config, clock, logger)
         return cls(
             config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
-            due,
+            due, scheduler,
         )  # fmt: skip
 
     def run(self) -> int:
@@ -133,6 +142,7 @@ class Daemon:
         try:
             self._recover()
             self.workers.start()
+            self.scheduler.start()  # after the workers: what was missed may be queued at once
             self.intake_thread.start()
             if self.watch_mode == "inotify":
                 watcher = InotifyWatcher(
@@ -157,6 +167,7 @@ class Daemon:
             if watcher is not None:
                 watcher.stop()
             self.intake_thread.stop()
+            self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
             lock.close()
             self.logger.info("stopped")
@@ -189,6 +200,7 @@ class Daemon:
                 next_scan = now  # at once, as if its time had come
             if now >= next_scan:
                 self.intake_thread.request_sweep()
+                self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
                 self._duty(self._queue_pending)
                 self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
                 next_scan = now + scan_every

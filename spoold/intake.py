@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from spoold.clock import Clock, rfc3339
-from spoold.errors import DuplicateJob, InvalidJobFile
+from spoold.errors import DuplicateJob, InvalidJobFile, SpooldError
 from spoold.job import JobSpec, JobStatus, generate_job_id
 from spoold.joblog import format_line
+from spoold.scheduler import schedule_status
 from spoold.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.units import format_duration
 from spoold.validation import JobValidator, ValidationIssue
@@ -107,8 +109,10 @@ class Intake:
         on_accepted: Callable[[JobDir, dict[str, Any]], None],
         logger: logging.Logger,
         allowed_run_as: tuple[str, ...] = (),
+        on_scheduled: Callable[[JobDir], None] = lambda job: None,
     ) -> None:
         self._spool = spool
+        self._on_scheduled = on_scheduled
         self._allowed_run_as = allowed_run_as
         self._validator = validator
         self._clock = clock
@@ -193,6 +197,8 @@ class Intake:
         if (refused := self._policy_problem(spec)) is not None:
             return self._reject(taken, "not_allowed", refused)
         sha256 = hashlib.sha256(taken.data).hexdigest()
+        if "schedule" in document:
+            return self._accept_schedule(taken, document, job_id, sha256)
         status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256)
         line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
         try:
@@ -204,6 +210,31 @@ class Intake:
             self._on_accepted(job, document)
         except Exception:  # the job is in pending/ already: a scan will queue it
             self._log.exception("queueing job %s failed; the next scan queues it", job_id)
+        return Accepted(job)
+
+    def _accept_schedule(
+        self, taken: TakenFile, document: dict[str, Any], job_id: str, sha256: str
+    ) -> Accepted | Rejected:
+        """Into scheduled/<job_id>, replacing a schedule of that id (its history kept)."""
+        now = self._clock.now()
+        existing = self._spool.find(job_id)
+        previous = None
+        if existing is not None and existing.directory == "scheduled":
+            with contextlib.suppress(OSError, SpooldError, ValueError):
+                previous = self._spool.read_status(existing)
+        status = schedule_status(document, job_id=job_id, source=taken.name, now=now,
+                                 sha256=sha256, previous=previous)  # fmt: skip
+        verb = "replaced the schedule" if existing is not None else "scheduled"
+        line = format_line(rfc3339(now), "INFO", f"spoold: {verb} {job_id} from {taken.name}")
+        try:
+            job = self._spool.accept(taken, job_id, status, line, schedule=True)
+        except DuplicateJob as exc:
+            return self._reject(taken, "duplicate", f"{exc}; a job id is never run twice")
+        self._log.info("%s %s from %s", verb, job_id, taken.name)
+        try:
+            self._on_scheduled(job)
+        except Exception:  # it is in scheduled/ already: a scan registers it
+            self._log.exception("registering schedule %s failed; the next scan does it", job_id)
         return Accepted(job)
 
     def _policy_problem(self, spec: JobSpec) -> str | None:

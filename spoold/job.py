@@ -16,6 +16,8 @@ from spoold.states import JobState
 from spoold.units import parse_duration
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: A job directory's name: a job id, or a schedule's run ``<job_id>@<UTC time of the firing>``.
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[0-9]{8}T[0-9]{6}Z)?$")
 _REFERENCE = re.compile(
     r"\$\{(?:secret:(?P<secret>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})|(?P<name>[A-Za-z_][A-Za-z0-9_]*))\}"
 )

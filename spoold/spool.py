@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from spoold.errors import DuplicateJob, InvalidTransition, JobNotFound, SpoolError
-from spoold.job import JOB_ID
+from spoold.job import RUN_ID
 from spoold.procfs import process_start_time
 from spoold.states import JOB_DIRECTORIES, JobState, check_transition
 
@@ -242,12 +242,23 @@ class Spool:
         return stage
 
     def accept(
-        self, taken: TakenFile, job_id: str, status: dict[str, Any], log_text: str
+        self,
+        taken: TakenFile,
+        job_id: str,
+        status: dict[str, Any],
+        log_text: str,
+        *,
+        schedule: bool = False,
     ) -> JobDir:
-        """Turn a staged file into pending/<job_id>; raise DuplicateJob if the id exists anywhere."""
+        """Turn a staged file into pending/<job_id>; raise DuplicateJob if the id exists anywhere.
+
+        ``schedule``: into scheduled/<job_id> instead, replacing a schedule of that id (one
+        atomic exchange: the old definition is there up to the instant the new one is).
+        """
         _check_job_id(job_id)
-        if self.find(job_id) is not None:
-            raise DuplicateJob(f"a job with id {job_id!r} already exists")
+        found = self.find(job_id)
+        if found is not None and not (schedule and found.directory == "scheduled"):
+            raise DuplicateJob(f"a job with id {job_id!r} already exists in {found.directory}/")
         stage = os.fspath(taken.stage)
         original = f"{stage}/{taken.name}"
         job_file = f"{stage}/job.yaml"
@@ -267,6 +278,8 @@ class Spool:
             # metadata (ext4 without a journal, as on the benchmark machine) may come back from
             # a power loss with pending/<id> naming a directory that was never written.
             _fsync_path(stage)
+        if schedule:
+            return self._place_schedule(stage, job_id)
         target = f"{self._dirs['pending']}/{job_id}"
         try:
             rename_noreplace(stage, target)
@@ -279,6 +292,54 @@ class Spool:
             raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
         self._sync_dirs(self._dirs["pending"])
         return JobDir(job_id, "pending", target)
+
+    def _place_schedule(self, stage: str, job_id: str) -> JobDir:
+        target = f"{self._dirs['scheduled']}/{job_id}"
+        try:
+            rename_noreplace(stage, target)
+        except FileExistsError:
+            try:
+                rename_exchange(stage, target)  # the old definition is in the stage now
+            except OSError:  # no exchange here (NFS): the old one goes first, for a moment
+                os.rename(target, f"{stage}.old")
+                os.rename(stage, target)
+                stage = f"{stage}.old"
+            shutil.rmtree(stage)
+        self._sync_dirs(self._dirs["scheduled"])
+        return JobDir(job_id, "scheduled", target)
+
+    def unschedule(self, job_id: str) -> None:
+        """Remove scheduled/<job_id> (the runs it made stay); JobNotFound if there is none."""
+        _check_job_id(job_id)
+        source = f"{self._dirs['scheduled']}/{job_id}"
+        gone = f"{self._new_stage()}/{job_id}"  # out of the tree at once, then deleted
+        try:
+            os.rename(source, gone)
+        except FileNotFoundError:
+            os.rmdir(os.path.dirname(gone))
+            raise JobNotFound(f"no schedule {job_id!r} in {self.root}") from None
+        self._sync_dirs(self._dirs["scheduled"])
+        shutil.rmtree(os.path.dirname(gone))
+
+    def create_run(
+        self, schedule: JobDir, run_id: str, status: dict[str, Any], log_text: str
+    ) -> JobDir:
+        """A firing of a schedule: pending/<run_id> with the schedule's job.yaml, status, log.
+
+        DuplicateJob if that run exists anywhere already: the firing was made before (a crash
+        between making it and recording it), and must not be made twice.
+        """
+        _check_job_id(run_id)
+        if self.find(run_id) is not None:
+            raise DuplicateJob(f"run {run_id!r} exists already")
+        stage = self._new_stage()
+        try:
+            shutil.copyfile(f"{schedule.location}/job.yaml", f"{stage}/job.yaml")
+            taken = TakenFile(name="job.yaml", stage=Path(stage), kind="file", size=0, data=None)
+            return self.accept(taken, run_id, status, log_text)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
 
     def reject(self, taken: TakenFile, reason: dict[str, Any]) -> Path:
         """Move a staged file into rejected/<name>/ beside a reason.json; return that directory."""
@@ -352,7 +413,7 @@ class Spool:
     def find(self, job_id: str) -> JobDir | None:
         """Where the job is now, looked up in the order jobs move so that none is missed."""
         _check_job_id(job_id)
-        for directory in JOB_DIRECTORIES:
+        for directory in (*JOB_DIRECTORIES, "scheduled"):
             path = f"{self._dirs[directory]}/{job_id}"
             if os.path.isdir(path):
                 return JobDir(job_id, directory, path)
@@ -367,13 +428,13 @@ class Spool:
 
     def list_jobs(self, directory: str) -> list[JobDir]:
         """The jobs in one state directory, oldest arrival first."""
-        if directory not in JOB_DIRECTORIES:
+        if directory not in (*JOB_DIRECTORIES, "scheduled"):
             raise SpoolError(f"no job directory named {directory!r}")
         parent = self._dirs[directory]
         found = []
         with os.scandir(parent) as entries:
             for entry in entries:
-                if not (entry.is_dir(follow_symlinks=False) and JOB_ID.match(entry.name)):
+                if not (entry.is_dir(follow_symlinks=False) and RUN_ID.match(entry.name)):
                     continue
                 try:
                     found.append((entry.stat(follow_symlinks=False).st_ctime_ns, entry.name))
@@ -561,7 +622,7 @@ class Spool:
 
 def _check_job_id(job_id: str) -> None:
     # The id becomes a path component: anything but a plain name could escape the spool.
-    if not JOB_ID.match(job_id):
+    if not RUN_ID.match(job_id):
         raise SpoolError(f"{job_id!r} is not a valid job id")
 
 
@@ -586,7 +647,7 @@ def _move_to_free_name(source: Path, parent: Path, name: str) -> Path:
     raise SpoolError(f"no free name for {name!r} in {parent}")
 
 
-_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
@@ -608,6 +669,16 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     os.rename(source, target)
+
+
+def rename_exchange(source: str | Path, target: str | Path) -> None:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE); OSError where it is missing."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(source))
+    src, dst = os.fsencode(source), os.fsencode(target)
+    if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(source))
 
 
 def _signature(st: os.stat_result) -> FileSignature:

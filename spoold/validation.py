@@ -11,6 +11,7 @@ import copy
 import difflib
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -286,6 +287,14 @@ def _step_problems(document: Mapping[Hashable, Any]) -> list[_Problem]:
     return problems
 
 
+def _schedule_problems(schedule: Any) -> list[_Problem]:
+    """What the schema cannot say about a schedule: a cron that never fires, an unknown zone."""
+    from spoold.schedules import problem  # noqa: PLC0415 - APScheduler only for schedules
+
+    found = problem(schedule, datetime.now(UTC))
+    return [] if found is None else [(found, ("schedule",), False)]
+
+
 def _cycles(graph: Mapping[str, list[str]]) -> list[list[str]]:
     """Each cycle a depth-first walk meets, as ``[a, b, a]``; iterative, as chains can be long."""
     state: dict[str, int] = {}  # 1: on the trail being walked, 2: done
@@ -436,6 +445,8 @@ class JobValidator:
             raise InvalidJobFile([ValidationIssue(too_big, "")])
         errors = [] if self._fast_valid(document) else list(self._validator.iter_errors(document))
         steps = _step_problems(document)
+        if not errors and "schedule" in document:
+            steps += _schedule_problems(document["schedule"])
         if errors or steps or duplicates:
             raise InvalidJobFile(self._issues(text, errors, steps, duplicates))
         return document

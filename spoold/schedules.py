@@ -1,0 +1,281 @@
+"""Recurring jobs (``schedule:``): when they fire, and what a restart does about missed firings.
+
+Pure: times come in, decisions come out; the daemon's scheduler (``spoold.scheduler``) acts on
+them. Fire times come from APScheduler 3.x triggers. Two things are added on top:
+
+- A wall-clock time fires once: a daily job at a time the autumn clock change repeats (02:30
+  in Europe/Berlin on the last Sunday of October) runs once that day, not twice as the bare
+  trigger would (an hourly job has 24 runs on that 25-hour day); a time the spring change skips
+  fires an hour later, once.
+- A firing is named by its nominal time (``<job_id>@20261122T153000Z``): a firing that was
+  recorded can be recognised after any crash, so none is lost and none repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from spoold.units import parse_duration
+
+#: A firing this late (or one period, if shorter) is on time (a busy daemon), not missed.
+ON_TIME = 60.0
+#: ``catch_up: all`` starts at most this many runs at once; the rest are recorded as dropped.
+CATCH_UP_LIMIT = 1000
+#: How far ahead a schedule must fire at least once to be valid (31 February never comes).
+_HORIZON = timedelta(days=366 * 8)
+_TICK = timedelta(microseconds=1)
+
+
+def run_id(job_id: str, fire_time: datetime) -> str:
+    """The id of the run a firing creates: the schedule's id and the firing's UTC time."""
+    return f"{job_id}@{fire_time.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A job file's ``schedule:``, read."""
+
+    cron: str | None = None
+    every: float | None = None
+    timezone: str = "UTC"
+    jitter: float = 0.0
+    start: datetime | None = None
+    end: datetime | None = None
+    catch_up: str = "once"
+    overlap: str = "skip"
+
+    @classmethod
+    def from_document(cls, value: str | Mapping[str, Any]) -> ScheduleSpec:
+        """From a validated ``schedule:``; ValueError for what the schema cannot check."""
+        if isinstance(value, str):
+            return cls(cron=value.strip())
+        zone = _zone(str(value.get("timezone", "UTC")))
+        window = value.get("window") or {}
+        every = value.get("every")
+        return cls(
+            cron=value["cron"].strip() if value.get("cron") else None,
+            every=None if every is None else parse_duration(every),
+            timezone=zone.key,
+            jitter=parse_duration(value.get("jitter", 0)),
+            start=_moment(window.get("start"), zone, "window.start"),
+            end=_moment(window.get("end"), zone, "window.end"),
+            catch_up=str(value.get("catch_up", "once")),
+            overlap=str(value.get("overlap", "skip")),
+        )
+
+    def trigger(self, anchor: datetime) -> BaseTrigger:
+        """The APScheduler trigger; ``anchor`` is when an ``every:`` schedule counts from."""
+        if self.every is not None:
+            if self.every < 1:  # a run is named by its firing's second
+                raise ValueError("every: must be at least 1s")
+            return IntervalTrigger(
+                seconds=self.every, start_date=self.start or anchor.replace(microsecond=0),
+                end_date=self.end, timezone=self.timezone,
+            )  # fmt: skip
+        assert self.cron is not None
+        return CronTrigger(
+            **_cron_fields(self.cron), timezone=self.timezone, start_date=self.start,
+            end_date=self.end,
+        )  # fmt: skip
+
+
+def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
+    """Why a ``schedule:`` cannot work, in words (None if it can)."""
+    try:
+        spec = ScheduleSpec.from_document(value)
+        trigger = spec.trigger(now)
+    except ValueError as exc:
+        return f"schedule: {exc}"
+    first = trigger.get_next_fire_time(None, now)
+    if first is None or first - now > _HORIZON:
+        return "schedule: it never fires (a date that does not exist, or a window in the past)"
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do now: the firings to run, and what was decided about the others."""
+
+    fire: tuple[datetime, ...]
+    notes: tuple[str, ...]
+    last: datetime | None  # the newest firing dealt with, run or not
+
+
+def plan(
+    spec: ScheduleSpec, trigger: BaseTrigger, *, last: datetime | None, since: datetime,
+    now: datetime,
+) -> Plan:  # fmt: skip
+    """The firings due at ``now``: after ``last`` (the newest dealt with) or, never fired,
+    after ``since`` (when the schedule was made). A firing more than ``ON_TIME`` seconds late
+    was missed (spoold was down): ``catch_up`` decides, and the notes say what happened.
+    """
+    due, count = _due(spec, trigger, last or since, now)
+    if not due:
+        return Plan((), (), last)
+    # Late by less than a period (a minute at most) is on time; later than that was missed.
+    grace = min(ON_TIME, spec.every) if spec.every else ON_TIME
+    on_time = [t for t in due if (now - t).total_seconds() <= grace]
+    missed = due[: len(due) - len(on_time)]
+    fire, notes = list(on_time), []
+    if missed:
+        total = count - len(on_time)
+        first = _show(missed[0]) if total == len(missed) else f"{total - len(missed)} earlier, "
+        span = f"{first}{' to ' if first[-1] != ' ' else ''}{_show(missed[-1])}"
+        if total == 1:
+            span = _show(missed[0])
+        if spec.catch_up == "skip":
+            notes.append(f"skipped {total} firing(s) missed while spoold was down ({span})")
+        elif spec.catch_up == "once":
+            if not on_time:  # an on-time firing already is the one run
+                fire.insert(0, missed[-1])
+            notes.append(
+                f"caught up {total} firing(s) missed while spoold was down ({span}) "
+                "with one run (catch_up: once)"
+            )
+        else:
+            kept = missed[-CATCH_UP_LIMIT:]
+            fire[:0] = kept
+            dropped = total - len(kept)
+            notes.append(
+                f"caught up {len(kept)} firing(s) missed while spoold was down ({span}), "
+                "one run each (catch_up: all)"
+                + (f"; {dropped} older ones dropped (at most {CATCH_UP_LIMIT})" if dropped else "")
+            )
+    return Plan(tuple(fire), tuple(notes), due[-1])
+
+
+def next_fire_times(
+    spec: ScheduleSpec, trigger: BaseTrigger, after: datetime, count: int = 3
+) -> list[datetime]:
+    """The next ``count`` firings after ``after`` (fewer if the schedule ends)."""
+    times: list[datetime] = []
+    previous: datetime | None = None
+    moment = after
+    while len(times) < count:
+        moment_next = _next(spec, trigger, previous, moment)
+        if moment_next is None:
+            break
+        times.append(moment_next)
+        previous = moment = moment_next
+    return times
+
+
+def jitter_delay(spec: ScheduleSpec, draw: float) -> float:
+    """How long a run waits after its firing: ``draw`` in [0, 1) spread over the jitter."""
+    return spec.jitter * draw
+
+
+def _due(
+    spec: ScheduleSpec, trigger: BaseTrigger, after: datetime, now: datetime
+) -> tuple[list[datetime], int]:
+    """The firings in (after, now], oldest first, at most the newest 2 x CATCH_UP_LIMIT of
+    them (a long downtime of a frequent schedule), and how many there were in all."""
+    times: list[datetime] = []
+    count = 0
+    previous: datetime | None = after
+    while (moment := _next(spec, trigger, previous, previous or after)) is not None:
+        if moment > now:
+            break
+        times.append(moment)
+        count += 1
+        if len(times) > CATCH_UP_LIMIT * 2:
+            del times[:CATCH_UP_LIMIT]
+        previous = moment
+    return times, count
+
+
+def _next(
+    spec: ScheduleSpec, trigger: BaseTrigger, previous: datetime | None, now: datetime
+) -> datetime | None:
+    """The trigger's next firing after ``previous``, without a repeated wall-clock time.
+
+    Times go to the trigger in UTC: from a local time in the repeated autumn hour, APScheduler
+    would find that same instant again.
+    """
+    previous = None if previous is None else previous.astimezone(UTC)
+    moment: datetime | None = trigger.get_next_fire_time(previous, now.astimezone(UTC))
+    while (
+        moment is not None
+        and previous is not None
+        and (moment <= previous or _wall(moment, spec) == _wall(previous, spec))
+    ):
+        # In the hour the autumn change repeats, APScheduler 3 finds the same instant again,
+        # or that wall-clock time a second time: look on from just after it instead.
+        moment = trigger.get_next_fire_time(None, max(moment.astimezone(UTC), previous) + _TICK)
+    return moment
+
+
+def _wall(moment: datetime, spec: ScheduleSpec) -> datetime:
+    return moment.astimezone(ZoneInfo(spec.timezone)).replace(tzinfo=None)
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"timezone: unknown time zone {name!r} (e.g. Europe/Berlin, UTC)"
+        ) from None
+
+
+def _moment(value: Any, zone: ZoneInfo, where: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"{where}: {value!r} is no date or time (e.g. 2026-12-01T08:00)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+
+
+def _cron_fields(expression: str) -> dict[str, str]:
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"{expression!r} is not 5 cron fields (minute hour day month weekday)")
+    minute, hour, day, month, weekday = fields
+    return {"minute": minute, "hour": hour, "day": day, "month": month,
+            "day_of_week": _weekdays(weekday)}  # fmt: skip
+
+
+def _weekdays(field: str) -> str:
+    """cron's weekday field in APScheduler's words: cron counts from Sunday (0 and 7),
+    APScheduler 3 from Monday, so "1-5" must become mon-fri, not tue-sat."""
+    if field == "*" or not any(c.isdigit() for c in field):
+        return field.lower()  # names (mon-fri) mean the same to both
+    days: set[int] = set()
+    for part in field.split(","):
+        span, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if span == "*":
+            first, last = 0, 6
+        elif "-" in span:
+            first, last = (_weekday(x) for x in span.split("-", 1))
+        else:
+            first = last = _weekday(span)
+        if last < first or step < 1:
+            raise ValueError(f"weekday field {field!r} is not valid")
+        days.update(range(first, last + 1, step))
+    return ",".join(_DAY_NAMES[day % 7] for day in sorted(days))
+
+
+def _weekday(text: str) -> int:
+    if text.isdigit() and 0 <= int(text) <= 7:
+        return int(text)
+    if text.lower()[:3] in _DAY_NAMES:
+        return _DAY_NAMES.index(text.lower()[:3])
+    raise ValueError(f"{text!r} is not a weekday (0-7 or sun-sat)")
+
+
+_DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+def _show(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

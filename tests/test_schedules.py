@@ -1,0 +1,136 @@
+"""When schedules fire, with times passed in: cron, time zones and DST, catch-up, jitter."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from spoold.schedules import (
+    CATCH_UP_LIMIT,
+    ScheduleSpec,
+    jitter_delay,
+    next_fire_times,
+    plan,
+    problem,
+    run_id,
+)
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _times(value: str | dict[str, Any], after: datetime, count: int) -> list[datetime]:
+    spec = ScheduleSpec.from_document(value)
+    return next_fire_times(spec, spec.trigger(after), after, count)
+
+
+def test_cron_weekdays_count_from_sunday_as_cron_does() -> None:
+    monday_to_friday = _times("0 9 * * 1-5", NOW, 6)  # NOW is a Sunday
+    assert [t.strftime("%a") for t in monday_to_friday] == [
+        "Mon",
+        "Tue",
+        "Wed",
+        "Thu",
+        "Fri",
+        "Mon",
+    ]
+    assert {t.strftime("%a") for t in _times("0 9 * * 0", NOW, 3)} == {"Sun"}
+    assert {t.strftime("%a") for t in _times("0 9 * * 7", NOW, 3)} == {"Sun"}
+    assert [t.strftime("%a") for t in _times("0 9 * * */3", NOW, 3)] == ["Wed", "Sat", "Sun"]
+
+
+def test_a_daily_job_fires_once_on_both_clock_change_days() -> None:
+    daily = {"cron": "30 2 * * *", "timezone": "Europe/Berlin"}
+    spring = _times(daily, datetime(2026, 3, 28, 12, tzinfo=UTC), 2)
+    assert [t.astimezone(BERLIN).date().day for t in spring] == [29, 30]
+    autumn = _times(daily, datetime(2026, 10, 24, 12, tzinfo=UTC), 2)
+    assert [t.astimezone(BERLIN).date().day for t in autumn] == [25, 26], "02:30 comes twice"
+
+
+def test_an_hourly_job_fires_at_each_wall_clock_hour_once_through_the_changes() -> None:
+    hourly = {"cron": "0 * * * *", "timezone": "Europe/Berlin"}
+    autumn = _times(hourly, datetime(2026, 10, 24, 22, 0, tzinfo=UTC), 30)  # 00:00 local
+    on_that_day = [t.astimezone(BERLIN) for t in autumn if t.astimezone(BERLIN).day == 25]
+    assert [t.hour for t in on_that_day] == list(range(24)), "02:00 once on a 25-hour day"
+    spring = _times(hourly, datetime(2026, 3, 28, 23, 0, tzinfo=UTC), 5)  # 00:00 local
+    assert [t.astimezone(BERLIN).hour for t in spring] == [0, 1, 3, 4, 5], "02:00 never comes"
+    assert len(set(autumn)) == len(autumn) and sorted(autumn) == autumn
+
+
+def _plan(value: dict[str, Any], *, last: datetime | None, now: datetime):  # type: ignore[no-untyped-def]
+    spec = ScheduleSpec.from_document(value)
+    since = datetime(2026, 11, 1, tzinfo=UTC)
+    return plan(spec, spec.trigger(since), last=last, since=since, now=now)
+
+
+@pytest.mark.parametrize(("catch_up", "runs"), [("skip", 0), ("once", 1), ("all", 72)])
+def test_catch_up_after_three_days_down(catch_up: str, runs: int) -> None:
+    down_since = NOW - timedelta(days=3)
+    decided = _plan(
+        {"every": "1h", "catch_up": catch_up}, last=down_since, now=NOW + timedelta(minutes=5)
+    )
+    assert len(decided.fire) == runs
+    assert decided.last == NOW, "the newest firing is dealt with, run or not"
+    [note] = decided.notes
+    assert "72 firing(s) missed while spoold was down" in note or "72 firing" in note
+    assert "2026-11-19T13:00:00Z to 2026-11-22T12:00:00Z" in note
+    if runs == 1:
+        assert decided.fire == (NOW,), "the newest missed firing is the one run"
+
+
+def test_a_firing_due_a_moment_ago_is_on_time_not_missed() -> None:
+    decided = _plan({"every": "1h", "catch_up": "skip"}, last=NOW - timedelta(hours=1),
+                    now=NOW + timedelta(seconds=20))  # fmt: skip
+    assert decided.fire == (NOW,) and decided.notes == ()
+
+
+def test_catch_up_all_is_bounded() -> None:
+    decided = _plan({"every": "1m", "catch_up": "all"}, last=NOW - timedelta(days=30), now=NOW)
+    assert len([t for t in decided.fire if (NOW - t).total_seconds() > 60]) == CATCH_UP_LIMIT
+    assert "older ones dropped" in decided.notes[0]
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999999])
+def test_jitter_stays_within_its_bounds(draw: float) -> None:
+    spec = ScheduleSpec.from_document({"every": "1h", "jitter": "30s"})
+    assert 0 <= jitter_delay(spec, draw) < 30
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("0 0 31 2 *", "never fires"),
+        ("61 * * * *", "higher than the maximum value (59)"),
+        ("0 9 * * 8", "not a weekday"),
+        ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        (
+            {"cron": "* * * * *", "window": {"start": "2020-01-01", "end": "2020-02-01"}},
+            "never fires",
+        ),
+        ({"every": "500ms"}, "at least 1s"),
+        ({"every": "1h", "window": {"start": "next tuesday"}}, "is no date or time"),
+    ],
+)
+def test_schedules_that_cannot_work_are_named(value: str | dict[str, Any], words: str) -> None:
+    found = problem(value, NOW)
+    assert found is not None and words in found
+
+
+def test_a_window_limits_when_a_schedule_fires() -> None:
+    value = {"every": "1h", "window": {"start": "2026-12-01T08:00", "end": "2026-12-01T10:30"},
+             "timezone": "Europe/Berlin"}  # fmt: skip
+    fired = _times(value, NOW, 10)
+    assert [t.astimezone(BERLIN).strftime("%d %H:%M") for t in fired] == [
+        "01 08:00",
+        "01 09:00",
+        "01 10:00",
+    ]
+
+
+def test_a_run_is_named_by_its_firing_in_utc() -> None:
+    assert (
+        run_id("nightly", datetime(2026, 11, 22, 3, 0, tzinfo=BERLIN)) == "nightly@20261122T020000Z"
+    )
