@@ -57,7 +57,7 @@ class JobControl:
                 ended = self._end_unstarted(claimed, reason)
                 return CancelOutcome(ended, True, JobState.CANCELLED)
             if job.directory == "running":
-                request = {"by": self._who, "at": rfc3339(self._clock.now())}
+                request = {"by": self._who, "at": rfc3339(self._clock.now()), "reason": reason}
                 try:
                     self._spool.request_cancel(job, request)
                 except FileNotFoundError:

@@ -13,9 +13,10 @@ them. Fire times come from APScheduler 3.x triggers. Two things are added on top
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -32,6 +33,8 @@ CATCH_UP_LIMIT = 1000
 #: How far ahead a schedule must fire at least once to be valid (31 February never comes).
 _HORIZON = timedelta(days=366 * 8)
 _TICK = timedelta(microseconds=1)
+_WINDOW_JUMPS = 1000
+_TIME_OF_DAY = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
 
 
 def run_id(job_id: str, fire_time: datetime) -> str:
@@ -49,6 +52,8 @@ class ScheduleSpec:
     jitter: float = 0.0
     start: datetime | None = None
     end: datetime | None = None
+    #: ``window`` as times of day (``{start: "08:00", end: "18:00"}``): firings only in it.
+    daily: tuple[time, time] | None = None
     catch_up: str = "once"
     overlap: str = "skip"
 
@@ -60,13 +65,15 @@ class ScheduleSpec:
         zone = _zone(str(value.get("timezone", "UTC")))
         window = value.get("window") or {}
         every = value.get("every")
+        daily = _daily(window)
         return cls(
             cron=value["cron"].strip() if value.get("cron") else None,
             every=None if every is None else parse_duration(every),
             timezone=zone.key,
             jitter=parse_duration(value.get("jitter", 0)),
-            start=_moment(window.get("start"), zone, "window.start"),
-            end=_moment(window.get("end"), zone, "window.end"),
+            start=None if daily else _moment(window.get("start"), zone, "window.start"),
+            end=None if daily else _moment(window.get("end"), zone, "window.end"),
+            daily=daily,
             catch_up=str(value.get("catch_up", "once")),
             overlap=str(value.get("overlap", "skip")),
         )
@@ -202,15 +209,48 @@ def _next(
     """
     previous = None if previous is None else previous.astimezone(UTC)
     moment: datetime | None = trigger.get_next_fire_time(previous, now.astimezone(UTC))
-    while (
-        moment is not None
-        and previous is not None
-        and (moment <= previous or _wall(moment, spec) == _wall(previous, spec))
-    ):
-        # In the hour the autumn change repeats, APScheduler 3 finds the same instant again,
-        # or that wall-clock time a second time: look on from just after it instead.
-        moment = trigger.get_next_fire_time(None, max(moment.astimezone(UTC), previous) + _TICK)
-    return moment
+    for _ in range(_WINDOW_JUMPS):
+        if moment is None:
+            return None
+        if previous is not None and (
+            moment <= previous or _wall(moment, spec) == _wall(previous, spec)
+        ):
+            # In the hour the autumn change repeats, APScheduler 3 finds the same instant
+            # again, or that wall-clock time a second time: look on from just after it.
+            moment = trigger.get_next_fire_time(None, max(moment.astimezone(UTC), previous) + _TICK)
+        elif (opens := _outside_daily(spec, moment)) is not None:
+            moment = trigger.get_next_fire_time(None, opens)  # the next firing in the window
+        else:
+            return moment
+    return None  # a window no firing ever falls into
+
+
+def _outside_daily(spec: ScheduleSpec, moment: datetime) -> datetime | None:
+    """When a daily window next opens, if ``moment`` is outside it (None: it is inside)."""
+    if spec.daily is None:
+        return None
+    zone = ZoneInfo(spec.timezone)
+    local = moment.astimezone(zone)
+    start, end = spec.daily
+    now = local.time().replace(tzinfo=None)
+    inside = start <= now < end if start < end else (now >= start or now < end)  # over midnight
+    if inside:
+        return None
+    day = local.date() if now < start else local.date() + timedelta(days=1)
+    return datetime.combine(day, start, tzinfo=zone).astimezone(UTC)
+
+
+def _daily(window: Mapping[str, Any]) -> tuple[time, time] | None:
+    """A window given as times of day ("08:00"), or None when it is given as dates."""
+    kinds = {key: _TIME_OF_DAY.match(str(window[key])) for key in ("start", "end") if key in window}
+    if not kinds or not any(kinds.values()):
+        return None
+    if not all(kinds.values()) or len(kinds) != 2:
+        raise ValueError("window: times of day need both start and end, e.g. 08:00 and 18:00")
+    start, end = (time.fromisoformat(str(window[key]).zfill(5)) for key in ("start", "end"))
+    if start == end:
+        raise ValueError("window: start and end are the same time")
+    return start, end
 
 
 def _wall(moment: datetime, spec: ScheduleSpec) -> datetime:

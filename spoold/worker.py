@@ -171,7 +171,9 @@ class JobRunner:
         for run in runs:
             request = self._spool.cancel_request(run.job)
             if request is not None:
-                run.cancel_reason = f"cancelled by {request.get('by') or 'a user'}"
+                run.cancel_reason = request.get("reason") or (
+                    f"cancelled by {request.get('by') or 'a user'}"
+                )
                 run.cancel.set()
                 found += 1
         return found

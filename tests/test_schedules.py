@@ -134,3 +134,17 @@ def test_a_run_is_named_by_its_firing_in_utc() -> None:
     assert (
         run_id("nightly", datetime(2026, 11, 22, 3, 0, tzinfo=BERLIN)) == "nightly@20261122T020000Z"
     )
+
+
+def test_a_daily_window_keeps_firings_within_those_hours() -> None:
+    value = {
+        "every": "1h",
+        "window": {"start": "10:30", "end": "17:00"},
+        "timezone": "Europe/Berlin",
+    }
+    fired = _times(value, NOW, 8)
+    assert [t.astimezone(BERLIN).strftime("%d %H:%M") for t in fired][:7] == [
+        "22 13:00", "22 14:00", "22 15:00", "22 16:00", "23 11:00", "23 12:00", "23 13:00",
+    ]  # fmt: skip
+    night = {"cron": "0 * * * *", "window": {"start": "22:00", "end": "02:00"}}
+    assert [t.hour for t in _times(night, NOW, 5)] == [22, 23, 0, 1, 22]
