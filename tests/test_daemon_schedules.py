@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,6 @@ from tests.harness import (
 )
 
 pytestmark = pytest.mark.daemon
-
-
-@pytest.fixture
-def daemon(spool_dir: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir))
-    process.start()
-    yield process
-    process.kill()
 
 
 def _schedule(spool: Path, job_id: str) -> dict[str, Any]:
