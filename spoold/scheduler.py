@@ -64,7 +64,8 @@ class Scheduler:
         self.sync()
 
     def stop(self) -> None:
-        self._aps.shutdown(wait=False)
+        if self._aps.running:  # the daemon may stop before it started
+            self._aps.shutdown(wait=False)
 
     def sync(self) -> None:
         """Register what scheduled/ holds and drop what it no longer does; fire what is due."""
