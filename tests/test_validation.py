@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -757,3 +758,15 @@ def test_narrowed_schemas_give_the_full_schemas_verdict(text: str) -> None:
     narrowed = JobValidator.for_executors(load_base_schema(), subs)
     plain = JobValidator(compose_job_schema(load_base_schema(), subs))
     assert narrowed.check(text.encode(), "job.yaml") == plain.check(text.encode(), "job.yaml")
+
+
+def test_the_examples_are_valid() -> None:
+    """What the README points users to must pass `spoold validate`."""
+    from spoold.daemon import job_validator  # noqa: PLC0415 - the validator with every executor
+    from spoold.plugins import ExecutorRegistry  # noqa: PLC0415
+
+    validator = job_validator(ExecutorRegistry.from_entry_points())
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+    for example in examples:
+        assert validator.check(example.read_bytes(), example.name) == [], example.name
