@@ -23,6 +23,7 @@ from spoold.documents import load_document
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
 from spoold.logs import configure_logging
+from spoold.logtap import LogTap
 from spoold.plugins import ExecutorRegistry
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import SPOOL_DIRECTORIES, Spool
@@ -186,7 +187,8 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
     logger = configure_logging(config, masker)
     registry = ExecutorRegistry.from_entry_points()
     runner = JobRunner(spool, registry, config, clock, logger,
-                       secrets=SecretStore(config.secrets_dir), masker=masker)  # fmt: skip
+                       secrets=SecretStore(config.secrets_dir), masker=masker,
+                       tap=LogTap.open(config.log_socket))  # fmt: skip
     intake = Intake(
         spool,
         job_validator(registry),

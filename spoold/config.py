@@ -32,6 +32,8 @@ class Config:
     rescan_interval: float = 30.0
     settle_time: float = 2.0
     max_file_size: int = 1024 * 1024
+    #: A job's log keeps at most this much of its output (``limits.max_log_size``).
+    max_log_size: int | None = 100 * 1024 * 1024
     #: At most this many jobs of an executor at once (``limits.executors``), beyond ``workers``.
     executor_limits: dict[str, int] = field(default_factory=dict)
     workdir: Path | None = None
@@ -129,6 +131,10 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     if "max_file_size" in doc.get("limits", {}):
         values["max_file_size"] = _parsed(
             "limits.max_file_size", doc["limits"]["max_file_size"], parse_size
+        )
+    if "max_log_size" in doc.get("limits", {}):
+        values["max_log_size"] = _parsed(
+            "limits.max_log_size", doc["limits"]["max_log_size"], parse_size
         )
     if "executors" in doc.get("limits", {}):
         values["executor_limits"] = dict(doc["limits"]["executors"])

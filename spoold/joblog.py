@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import deque
@@ -25,6 +26,10 @@ class _Sink:
 
     handle: IO[bytes]
     tee: IO[str] | None
+    tap: Callable[[str], None] | None = None
+    limit: int | None = None  # bytes of log a job's output may fill
+    size: int = 0  # of the file, as written
+    cut_lines: int = 0  # output lines not kept, past the limit
     lock: threading.Lock = field(default_factory=threading.Lock)
     lost_lines: int = 0
     first_error: str | None = None
@@ -43,9 +48,16 @@ class JobLog:
         *,
         tee: IO[str] | None = None,
         mask: Callable[[str], str] | None = None,
+        tap: Callable[[str], None] | None = None,
+        limit: int | None = None,
     ) -> None:
-        """``mask`` rewrites each line before it is written (secrets become ``***``)."""
-        self._sink = _Sink(handle, tee)
+        """``mask`` rewrites each line before it is written (secrets become ``***``); ``tap``
+        gets each written line too (RUNNER_LOG_SOCKET); past ``limit`` bytes, the job's own
+        output is no longer kept (spoold's lines still are), and the log says so."""
+        self._sink = _Sink(handle, tee, tap, limit)
+        if limit is not None:
+            with contextlib.suppress(OSError):
+                self._sink.size = os.fstat(handle.fileno()).st_size
         self._clock = clock
         self._mask = mask
         self._prefix = ""
@@ -81,6 +93,13 @@ class JobLog:
         """A line the job printed: stdout as INFO, stderr as ERROR."""
         text = line.decode("utf-8", errors="replace").rstrip("\r\n")
         self._tail.append(text)
+        sink = self._sink
+        if sink.limit is not None and sink.size >= sink.limit:
+            sink.cut_lines += 1
+            if sink.cut_lines == 1:
+                self.error(f"the log reached its limit of {sink.limit} bytes: output from here "
+                           "on is not kept (limits.max_log_size)")  # fmt: skip
+            return
         self._write("ERROR" if stderr else "INFO", text)
 
     def tail(self) -> list[str]:
@@ -98,12 +117,16 @@ class JobLog:
             if sink.tee is not None:
                 sink.tee.write(data)
                 sink.tee.flush()
+            encoded = data.encode()
             try:
-                sink.handle.write(data.encode())
+                sink.handle.write(encoded)
+                sink.size += len(encoded)
             except OSError as exc:
                 # The job must not die of its log: what is lost is counted and reported.
                 sink.lost_lines += data.count("\n")
                 sink.first_error = sink.first_error or exc.strerror or str(exc)
+            if sink.tap is not None:
+                sink.tap(data)
 
     def sync(self) -> None:
         """fsync what was written; a failure counts as lost lines would."""
@@ -111,6 +134,12 @@ class JobLog:
             os.fsync(self._sink.handle.fileno())
         except OSError as exc:
             self._sink.first_error = self._sink.first_error or exc.strerror or str(exc)
+
+    def summarize(self) -> None:
+        """Say, at the end of the attempt, how much output the limit kept out of the log."""
+        if self._sink.cut_lines:
+            self.info(f"{self._sink.cut_lines} line(s) of output were not kept (log limit)")
+            self._sink.cut_lines = 0
 
     def close(self) -> None:
         try:

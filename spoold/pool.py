@@ -32,6 +32,7 @@ from spoold.config import Config
 from spoold.dispatch import DispatchQueue, JobMeta
 from spoold.errors import WorkerProcessError
 from spoold.logs import configure_logging
+from spoold.logtap import LogTap
 from spoold.plugins import ExecutorRegistry
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import Spool
@@ -549,6 +550,7 @@ def serve_worker_process(fd: int) -> None:
     runner = JobRunner(
         spool, registry, config, clock, logger, daemon_pid=setup.parent,
         on_deferred=outbox.deferred, secrets=SecretStore(config.secrets_dir), masker=masker,
+        tap=LogTap.open(config.log_socket),
     )  # fmt: skip
     pool = WorkerPool(runner, setup.slots, logger, on_done=outbox.done)
     serve_jobs(conn, outbox, runner, pool, config=config, clock=clock)

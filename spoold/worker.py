@@ -32,6 +32,7 @@ from spoold.job import (
     secret_variable,
 )
 from spoold.joblog import JobLog
+from spoold.logtap import LogTap
 from spoold.plugins import ExecutorRegistry
 from spoold.process import RunAs
 from spoold.procfs import process_start_time
@@ -91,6 +92,7 @@ class JobRunner:
         on_deferred: Callable[[str, float], None] | None = None,
         secrets: SecretStore | None = None,
         masker: Masker | None = None,
+        tap: LogTap | None = None,
     ) -> None:
         """``masker``: where every secret read is also registered (spoold's own log masks it)."""
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone)."""
@@ -101,6 +103,7 @@ class JobRunner:
         self._logger = logger
         self._draw = draw  # the jitter of retry waits
         self._secrets = secrets or SecretStore(None)
+        self._tap = tap  # RUNNER_LOG_SOCKET
         self._masker = masker if masker is not None else Masker()
         # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
         self._on_deferred = on_deferred
@@ -204,7 +207,11 @@ class JobRunner:
         """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded yet."""
         with self._lock:
             run = self._active[job.job_id]
-        log = JobLog(self._spool.open_log(job), self._clock, tee=tee, mask=run.masker.mask_text)
+        log = JobLog(
+            self._spool.open_log(job), self._clock, tee=tee, mask=run.masker.mask_text,
+            limit=self._config.max_log_size,
+            tap=None if self._tap is None else functools.partial(self._tap.send, job.job_id),
+        )  # fmt: skip
         status = JobStatus.from_dict(self._spool.read_status(job))
         try:
             state = self._run(run, status, log, slot)
@@ -218,6 +225,7 @@ class JobRunner:
     def record(self, outcome: Outcome) -> JobDir | None:
         """Write an attempt's outcome and move the job to done/, failed/ or back to pending/."""
         log, status = outcome.log, outcome.status
+        log.summarize()
         if self._spool.durable:
             log.sync()  # through the open handle: cheaper than by path in finish()
         log.close()

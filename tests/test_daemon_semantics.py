@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -293,3 +295,51 @@ def test_a_dag_of_twenty_steps_on_the_daemon(daemon: DaemonProcess, spool_dir: P
     drop(spool_dir, "dag.yaml", {"job_id": "dag", "executor": "local", "steps": twenty_steps()})
     directory, status = wait_finished(spool_dir, "dag")
     check_twenty_steps(JobDir("dag", directory, str(spool_dir / directory / "dag")), status)
+
+
+def _log_socket(path: Path, buffer: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    return sock
+
+
+def test_runner_log_socket_receives_every_line_of_a_job(spool_dir: Path, tmp_path: Path) -> None:
+    path = Path(tempfile.mkdtemp(prefix="spoold-tap-")) / "log.sock"  # short: sun_path is small
+    with _log_socket(path) as reader:
+        daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir),
+                               env={"RUNNER_LOG_SOCKET": str(path)})  # fmt: skip
+        daemon.start()
+        try:
+            drop(spool_dir, "talk.yaml", local_job("talk", ["echo one", "echo two >&2"]))
+            lines: list[str] = []
+            while not any("attempt 1 succeeded" in line for line in lines):
+                lines.append(reader.recv(65536).decode())
+            wait_finished(spool_dir, "talk")
+        finally:
+            daemon.kill()
+    assert all(line.startswith("talk ") for line in lines)
+    assert any(line.endswith(" INFO one\n") for line in lines)
+    assert any(line.endswith(" ERROR two\n") for line in lines)
+    assert (
+        "".join(line.removeprefix("talk ") for line in lines)
+        in (spool_dir / "done" / "talk" / "log").read_text()
+    )
+
+
+def test_a_log_socket_nobody_reads_never_holds_a_job_up(spool_dir: Path, tmp_path: Path) -> None:
+    path = Path(tempfile.mkdtemp(prefix="spoold-tap-")) / "log.sock"
+    with _log_socket(path, buffer=4096):  # fills after a few lines, and nobody reads it
+        daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir),
+                               env={"RUNNER_LOG_SOCKET": str(path)})  # fmt: skip
+        daemon.start()
+        try:
+            lines = "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done"
+            drop(spool_dir, "flood.yaml", local_job("flood", lines))
+            directory, status = wait_finished(spool_dir, "flood")
+        finally:
+            daemon.kill()
+    assert directory == "done", status
+    assert (spool_dir / "done" / "flood" / "log").read_text().count(" INFO line ") == 20000

@@ -32,13 +32,15 @@ class Parts:
         draw: float = 0.0,
         secrets: Path | None = None,
         clock: Clock | None = None,
+        **settings: Any,
     ) -> None:
         self.spool = Spool(tmp_path / "spool")
         self.spool.init()
         self.clock: Any = clock or FakeClock()
         self.masker = Masker()
         registry = ExecutorRegistry.from_entry_points()
-        config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5)
+        config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5,
+                        **settings)  # fmt: skip
         self.deferred: list[tuple[str, float]] = []
         self.intake = Intake(self.spool, job_validator(registry), self.clock,
                              max_file_size=config.max_file_size, settle_time=0,
@@ -423,3 +425,16 @@ def test_a_step_retries_on_its_own_and_has_its_own_timeout(tmp_path: Path) -> No
     }  # fmt: skip
     assert status["steps"]["slow"]["state"] == "failed"
     assert "timed out after 300ms" in status["steps"]["slow"]["error"]
+
+
+def test_a_job_that_writes_too_much_keeps_its_log_within_the_limit(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, max_log_size=8192)
+    document = {"job_id": "chatty", "executor": "local",
+                "product": {"commands": "i=0; while [ $i -lt 5000 ]; do echo line $i; i=$((i+1)); done"}}  # fmt: skip
+    job, status = parts.attempt(parts.submit(document))
+    assert status["state"] == "succeeded"
+    log = job.log_path.read_text()
+    assert len(log) < 8192 + 1024, "the limit, plus spoold's own closing lines"
+    assert "the log reached its limit of 8192 bytes" in log
+    kept = log.count(" INFO line ")
+    assert f"{5000 - kept} line(s) of output were not kept (log limit)" in log
