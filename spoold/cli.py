@@ -17,7 +17,7 @@ from spoold import __version__
 from spoold.clock import SystemClock, parse_rfc3339
 from spoold.config import Config, load_config
 from spoold.control import JobControl
-from spoold.daemon import Daemon, detach, job_validator
+from spoold.daemon import Daemon, apply_retention, detach, job_validator
 from spoold.dag import plan_text
 from spoold.documents import load_document
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
@@ -25,9 +25,11 @@ from spoold.intake import Accepted, Intake
 from spoold.logs import configure_logging
 from spoold.logtap import LogTap
 from spoold.plugins import ExecutorRegistry
+from spoold.retention import STATES, Retention, Rule
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import SPOOL_DIRECTORIES, Spool
 from spoold.states import JOB_DIRECTORIES, JobState
+from spoold.units import parse_duration
 from spoold.validation import compose_job_schema, load_base_schema
 from spoold.worker import JobRunner
 
@@ -109,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("job_id")
     unschedule = add("unschedule", cmd_unschedule, "remove a recurring job (its runs stay)")
     unschedule.add_argument("job_id")
+    purge = add("purge", cmd_purge, "remove finished jobs older than a given age")
+    purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+    purge.add_argument("--state", choices=STATES, help="done or failed (default: both)")
     add("schema", cmd_schema, "print the job file's JSON Schema")
     return parser
 
@@ -359,6 +364,19 @@ def cmd_unschedule(args: argparse.Namespace, config: Config) -> int:
     if not woke:
         print("no spoold runs here: others sharing the spool notice at their next scan",
               file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace, config: Config) -> int:
+    try:
+        age = parse_duration(args.older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from exc
+    states = [args.state] if args.state else list(STATES)
+    # The config's per-executor ages still hold: what billing keeps longer, a purge keeps too.
+    rules = Retention({state: Rule(max_age=age) for state in states}, config.retention.executors)
+    removed = apply_retention(_spool(config), rules, SystemClock())
+    print(f"removed {removed} finished job(s) older than {args.older_than}")
     return EXIT_OK
 
 

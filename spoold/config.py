@@ -13,6 +13,7 @@ import yaml
 
 from spoold.documents import load_executor_schema
 from spoold.errors import ConfigError
+from spoold.retention import Retention
 from spoold.units import parse_duration, parse_size
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
@@ -52,6 +53,8 @@ class Config:
     default_callback_secret: str | None = None
     #: Where ``${secret:NAME}`` is read from: the file NAME, mode 0600 or stricter.
     secrets_dir: Path | None = None
+    #: Which finished jobs are removed, and when (``retention:``); empty keeps everything.
+    retention: Retention = field(default_factory=Retention)
     #: The users a job may name in ``run_as:``; none by default.
     allowed_run_as: tuple[str, ...] = ()
     source: Path | None = None
@@ -144,6 +147,8 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     for key in ("spool", "workdir", "logdir", "secrets_dir"):
         if key in doc:
             values[key] = base / doc[key]
+    if "retention" in doc:
+        values["retention"] = _parsed("retention", doc["retention"], Retention.from_document)
     if "allowed_run_as" in doc:
         values["allowed_run_as"] = tuple(doc["allowed_run_as"])
     script = doc.get("global_before_script")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
 from spoold.pool import WorkerProcesses
 from spoold.recovery import Recovery
+from spoold.retention import STATES, Retention
 from spoold.scheduler import Scheduler
 from spoold.spool import JobDir, Spool
 from spoold.validation import JobValidator, load_base_schema
@@ -182,8 +184,9 @@ class Daemon:
             self.config.poll_interval if self.watch_mode == "poll" else self.config.rescan_interval
         )
         next_scan = self.clock.monotonic() + scan_every
+        next_retention = self.clock.monotonic()  # once at start, then hourly
         while not stop.is_set():
-            wait = next_scan - self.clock.monotonic()
+            wait = min(next_scan, next_retention) - self.clock.monotonic()
             if (due := self.due.next_due()) is not None:
                 wait = min(wait, due - self.clock.now().timestamp())
             self.attention.wait(max(wait, 0.0))
@@ -198,12 +201,22 @@ class Daemon:
             if self.rescan.is_set():
                 self.rescan.clear()
                 next_scan = now  # at once, as if its time had come
+            if now >= next_retention:
+                self._duty(self.apply_retention)
+                next_retention = now + RETENTION_EVERY
             if now >= next_scan:
                 self.intake_thread.request_sweep()
                 self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
                 self._duty(self._queue_pending)
                 self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
                 next_scan = now + scan_every
+
+    def apply_retention(self, retention: Retention | None = None) -> int:
+        """Remove the finished jobs ``retention`` (the config's) says to; return how many."""
+        removed = apply_retention(self.spool, retention or self.config.retention, self.clock)
+        if removed:
+            self.logger.info("retention: removed %d finished job(s)", removed)
+        return removed
 
     def _meta(self, job_id: str) -> JobMeta:
         """A pending job's priority and concurrency, as its status.json kept them."""
@@ -277,6 +290,32 @@ class Daemon:
         # A lease-break notice (SIGIO) would kill the process by default; leases are only
         # held for microseconds, but the default must never apply.
         signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+#: How often the retention rules are applied (also once at start).
+RETENTION_EVERY = 3600.0
+
+
+def apply_retention(spool: Spool, retention: Retention, clock: Clock) -> int:
+    """Remove the finished jobs ``retention`` says to; return how many were removed."""
+    if not retention.active:
+        return 0
+    removed = 0
+    now = clock.now().timestamp()
+    for state in STATES:
+
+        def executor_of(job_id: str, state: str = state) -> str | None:
+            try:
+                found = spool.read_status(JobDir(job_id, state, f"{spool.dir(state)}/{job_id}"))
+            except (OSError, SpooldError, ValueError):
+                return None
+            return str(found.get("executor") or "") or None
+
+        for job_id in retention.expired(state, spool.entered_times(state), now, executor_of):
+            with contextlib.suppress(FileNotFoundError):
+                spool.purge(JobDir(job_id, state, f"{spool.dir(state)}/{job_id}"))
+                removed += 1
+    return removed
 
 
 def detach(pidfile: Path | None) -> None:

@@ -48,6 +48,7 @@ _DEFAULT_MODE = 0o750
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _STAGE_PREFIX = "in-"
+_GONE_PREFIX = "gone-"  # a job or schedule being deleted
 _TEMP_MARK = ".spoold-"
 # The files spoold writes into a stage; a staged original is any other entry.
 _STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
@@ -311,15 +312,23 @@ class Spool:
     def unschedule(self, job_id: str) -> None:
         """Remove scheduled/<job_id> (the runs it made stay); JobNotFound if there is none."""
         _check_job_id(job_id)
-        source = f"{self._dirs['scheduled']}/{job_id}"
-        gone = f"{self._new_stage()}/{job_id}"  # out of the tree at once, then deleted
         try:
-            os.rename(source, gone)
+            self._remove(JobDir(job_id, "scheduled", f"{self._dirs['scheduled']}/{job_id}"))
         except FileNotFoundError:
-            os.rmdir(os.path.dirname(gone))
             raise JobNotFound(f"no schedule {job_id!r} in {self.root}") from None
-        self._sync_dirs(self._dirs["scheduled"])
-        shutil.rmtree(os.path.dirname(gone))
+
+    def purge(self, job: JobDir) -> None:
+        """Remove a finished job (retention, ``spoold purge``); FileNotFoundError if gone."""
+        if job.directory not in ("done", "failed"):
+            raise InvalidTransition(f"only a finished job can be purged, not {job}")
+        self._remove(job)
+
+    def _remove(self, job: JobDir) -> None:
+        """Out of the tree in one rename, then deleted: no half-deleted job is ever seen."""
+        gone = f"{self._dirs['tmp']}/{_GONE_PREFIX}{uuid.uuid4().hex[:16]}"
+        os.rename(job.location, gone)
+        self._sync_dirs(self._dirs[job.directory])
+        shutil.rmtree(gone, ignore_errors=True)
 
     def create_run(
         self, schedule: JobDir, run_id: str, status: dict[str, Any], log_text: str
@@ -377,9 +386,12 @@ class Spool:
         """Finish or undo intake that a crash interrupted; return what was done, for the log."""
         done: list[str] = []
         with os.scandir(self.dir("tmp")) as entries:
-            stages = [Path(e.path) for e in entries if e.name.startswith(_STAGE_PREFIX)]
-        for stage in stages:
+            found = [Path(e.path) for e in entries]
+        for stage in (p for p in found if p.name.startswith(_STAGE_PREFIX)):
             done.append(self._recover_stage(stage))
+        for gone in (p for p in found if p.name.startswith(_GONE_PREFIX)):
+            shutil.rmtree(gone, ignore_errors=True)  # a removal a crash cut short
+            done.append(f"finished removing {gone.name}")
         return done
 
     def _recover_stage(self, stage: Path) -> str:
@@ -428,11 +440,21 @@ class Spool:
 
     def list_jobs(self, directory: str) -> list[JobDir]:
         """The jobs in one state directory, oldest arrival first."""
+        parent = self._dirs[directory]
+        return [
+            JobDir(name, directory, os.path.join(parent, name))
+            for _, name in sorted(self._entered(directory))
+        ]
+
+    def entered_times(self, directory: str) -> list[tuple[str, float]]:
+        """(job id, when it entered ``directory``) of every job there: one stat each, no reads."""
+        return [(name, ctime / 1e9) for ctime, name in self._entered(directory)]
+
+    def _entered(self, directory: str) -> list[tuple[int, str]]:
         if directory not in (*JOB_DIRECTORIES, "scheduled"):
             raise SpoolError(f"no job directory named {directory!r}")
-        parent = self._dirs[directory]
         found = []
-        with os.scandir(parent) as entries:
+        with os.scandir(self._dirs[directory]) as entries:
             for entry in entries:
                 if not (entry.is_dir(follow_symlinks=False) and RUN_ID.match(entry.name)):
                     continue
@@ -440,7 +462,7 @@ class Spool:
                     found.append((entry.stat(follow_symlinks=False).st_ctime_ns, entry.name))
                 except FileNotFoundError:
                     continue  # moved on (claimed, finished) while we looked
-        return [JobDir(name, directory, os.path.join(parent, name)) for _, name in sorted(found)]
+        return found
 
     def read_status(self, job: JobDir) -> dict[str, Any]:
         """The job's status.json."""
