@@ -49,7 +49,7 @@ class JobControl:
         ``reason``: what status.json and the log say (default: who cancelled it).
         """
         for _ in range(_LOOKS):
-            job = self._spool.get(job_id)
+            job = self._not_a_schedule(self._spool.get(job_id))
             if job.directory == "pending":
                 claimed = self._spool.claim(job_id)
                 if claimed is None:
@@ -69,7 +69,7 @@ class JobControl:
 
     def retry(self, job_id: str) -> JobDir:
         """Put a failed or cancelled job back into pending/ for one more attempt."""
-        job = self._spool.get(job_id)
+        job = self._not_a_schedule(self._spool.get(job_id))
         status = JobStatus.from_dict(self._spool.read_status(job))
         if job.directory != "failed" or status.state not in (JobState.FAILED, JobState.CANCELLED):
             raise InvalidTransition(
@@ -83,6 +83,15 @@ class JobControl:
                 f"retry requested by {self._who}: attempt {len(status.attempts) + 1} follows"
             )
         return pending
+
+    @staticmethod
+    def _not_a_schedule(job: JobDir) -> JobDir:
+        if job.directory == "scheduled":
+            raise InvalidTransition(
+                f"{job.job_id} is a schedule: `spoold unschedule {job.job_id}` removes it, and "
+                f"its runs ({job.job_id}@<time>) are cancelled or retried one by one"
+            )
+        return job
 
     def wake_daemon(self, host: str) -> bool:
         """Ask the daemon on ``host`` to look at pending/ now (SIGUSR1); False if none runs."""

@@ -182,4 +182,7 @@ def test_a_schedule_that_never_fires_is_rejected_and_one_dropped_again_is_replac
     assert any(note["what"] == "definition replaced" for note in schedule["notes"])
     duplicate = drop(spool_dir, "plain.yaml", local_job("twice", "true"))
     assert "already exists in scheduled/" in wait_rejected(spool_dir, duplicate.name)["reason"]
+    for verb in ("cancel", "retry"):
+        refused = run_cli(spool_dir, verb, "twice")
+        assert refused.returncode == 1 and "twice is a schedule" in refused.stderr, refused.stderr
     run_cli(spool_dir, "unschedule", "twice")
