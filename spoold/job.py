@@ -100,19 +100,13 @@ def interpolate(value: Any, variables: Mapping[str, str], secret: Callable[[str]
     replacement is not looked at again, so a variable's value that itself says ``${...}``
     stays as it is. Unknown names stay as written. For fields that are not programs.
     """
-    if isinstance(value, str):
 
-        def replace(match: re.Match[str]) -> str:
-            if (name := match.group("secret")) is not None:
-                return secret(name)
-            return variables.get(match.group("name"), match.group(0))
+    def replace(match: re.Match[str]) -> str:
+        if (name := match.group("secret")) is not None:
+            return secret(name)
+        return variables.get(match.group("name"), match.group(0))
 
-        return _REFERENCE.sub(replace, value)
-    if isinstance(value, list):
-        return [interpolate(item, variables, secret) for item in value]
-    if isinstance(value, dict):
-        return {key: interpolate(item, variables, secret) for key, item in value.items()}
-    return value
+    return _each_string(value, lambda text: _REFERENCE.sub(replace, text))
 
 
 def refer_to_secrets(value: Any, used: set[str]) -> Any:
@@ -123,19 +117,24 @@ def refer_to_secrets(value: Any, used: set[str]) -> Any:
     would run. Left as references, variables and secrets reach the program through its
     environment, and a shell expands them as data, never as syntax.
     """
+
+    def replace(match: re.Match[str]) -> str:
+        if (name := match.group("secret")) is None:
+            return match.group(0)
+        used.add(name)
+        return "${" + secret_variable(name) + "}"
+
+    return _each_string(value, lambda text: _REFERENCE.sub(replace, text))
+
+
+def _each_string(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of a parsed structure with ``change`` applied to every string in it."""
     if isinstance(value, str):
-
-        def replace(match: re.Match[str]) -> str:
-            if (name := match.group("secret")) is None:
-                return match.group(0)
-            used.add(name)
-            return "${" + secret_variable(name) + "}"
-
-        return _REFERENCE.sub(replace, value)
+        return change(value)
     if isinstance(value, list):
-        return [refer_to_secrets(item, used) for item in value]
+        return [_each_string(item, change) for item in value]
     if isinstance(value, dict):
-        return {key: refer_to_secrets(item, used) for key, item in value.items()}
+        return {key: _each_string(item, change) for key, item in value.items()}
     return value
 
 

@@ -57,6 +57,9 @@ class ActiveRun:
     interrupted: bool = False
     #: Masks this job's secrets in its log and status.json.
     masker: Masker = field(default_factory=Masker)
+    #: The secrets read for this attempt: each file is read once, and hooks, variables and
+    #: commands all see the same value.
+    secrets: dict[str, str] = field(default_factory=dict)
     #: Why ``cancel`` was set by a user's request (``spoold cancel``): for status.json.
     cancel_reason: str | None = None
     leased: bool = False
@@ -94,8 +97,10 @@ class JobRunner:
         masker: Masker | None = None,
         tap: LogTap | None = None,
     ) -> None:
-        """``masker``: where every secret read is also registered (spoold's own log masks it)."""
-        """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone)."""
+        """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone).
+
+        ``masker``: where every secret read is also registered (spoold's own log masks it).
+        """
         self._spool = spool
         self._registry = registry
         self._config = config
@@ -489,9 +494,10 @@ class JobRunner:
 
     def _secret(self, run: ActiveRun, name: str) -> str:
         """Read a secret for a job, masked from now on in its log and in spoold's own."""
-        value = self._secrets.read(name)
-        run.masker.add(value)
-        self._masker.add(value)
+        if (value := run.secrets.get(name)) is None:
+            value = run.secrets[name] = self._secrets.read(name)
+            run.masker.add(value)
+            self._masker.add(value)
         return value
 
     def _environment(
