@@ -18,13 +18,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 
 from spoold.clock import Clock, parse_rfc3339, rfc3339
 from spoold.dispatch import JobMeta
 from spoold.documents import load_document
 from spoold.errors import DuplicateJob, SpooldError
 from spoold.job import JobSpec, JobStatus
-from spoold.joblog import JobLog
+from spoold.joblog import JobLog, format_line
 from spoold.schedules import ScheduleSpec, jitter_delay, next_fire_times, plan, run_id
 from spoold.spool import JobDir, Spool
 
@@ -90,11 +91,17 @@ class Scheduler:
             except Exception:  # a schedule's failure must not stop the scheduler
                 self._logger.exception("schedule %s failed to fire", job_id)
 
-    def _register(self, job: JobDir, sha: str) -> None:
-        document = load_document(self._spool.read_job_file(job), "job.yaml")
+    def _load(
+        self, schedule: JobDir
+    ) -> tuple[dict[str, Any], ScheduleSpec, dict[str, Any], BaseTrigger]:
+        """A schedule's job document, its ``schedule:`` read, its status, its trigger."""
+        document = load_document(self._spool.read_job_file(schedule), "job.yaml")
         spec = ScheduleSpec.from_document(document["schedule"])
-        status = self._spool.read_status(job)
-        trigger = spec.trigger(parse_rfc3339(status["submitted_at"]))
+        status = self._spool.read_status(schedule)
+        return document, spec, status, spec.trigger(parse_rfc3339(status["submitted_at"]))
+
+    def _register(self, job: JobDir, sha: str) -> None:
+        _, spec, _, trigger = self._load(job)
         self._aps.add_job(
             self.fire, trigger=trigger, args=[job.job_id], id=job.job_id, replace_existing=True,
             misfire_grace_time=None, coalesce=True, max_instances=1,
@@ -113,10 +120,7 @@ class Scheduler:
         if schedule is None or schedule.directory != "scheduled":
             self._unregister(job_id)
             return
-        document = load_document(self._spool.read_job_file(schedule), "job.yaml")
-        spec = ScheduleSpec.from_document(document["schedule"])
-        status = self._spool.read_status(schedule)
-        trigger = spec.trigger(parse_rfc3339(status["submitted_at"]))
+        document, spec, status, trigger = self._load(schedule)
         now = self._clock.now()
         last = status.get("last_fired")
         since = parse_rfc3339(status["accepted_at"])
@@ -125,9 +129,11 @@ class Scheduler:
             since=since, now=now,
         )  # fmt: skip
         notes = list(decided.notes)
-        made = []
-        for moment in decided.fire:
-            made.extend(self._run(schedule, document, spec, status, moment, notes=notes))
+        made = [
+            made_run
+            for moment in decided.fire
+            if (made_run := self._run(schedule, document, spec, status, moment, notes=notes))
+        ]
         if decided.last is not None:
             status["last_fired"] = rfc3339(decided.last)
         status["next_fire_times"] = [rfc3339(t) for t in next_fire_times(spec, trigger, now)]
@@ -148,8 +154,8 @@ class Scheduler:
         moment: datetime,
         *,
         notes: list[str],
-    ) -> list[tuple[str, JobMeta, datetime]]:
-        """Make the run of one firing; [] when ``overlap`` says not to."""
+    ) -> tuple[str, JobMeta, datetime] | None:
+        """Make the run of one firing: (its id, meta, when due); None when not to make it."""
         job_id, run = schedule.job_id, run_id(schedule.job_id, moment)
         going = [r for r in _recent(status) if self._going(r)]
         when = rfc3339(moment)
@@ -157,7 +163,7 @@ class Scheduler:
             notes.append(
                 f"firing at {when} skipped: run {going[-1]} is still going (overlap: skip)"
             )
-            return []
+            return None
         if going and spec.overlap == "replace":
             for old in going:
                 self._cancel(old, f"replaced by the firing at {when} (overlap: replace)")
@@ -173,14 +179,16 @@ class Scheduler:
         due = moment + timedelta(seconds=jitter_delay(spec, self._draw()))
         if due > self._clock.now():
             run_status.next_attempt_at = rfc3339(due)
-        line = f"{rfc3339(self._clock.now())} INFO spoold: firing at {when} of schedule {job_id}\n"
+        line = format_line(
+            rfc3339(self._clock.now()), "INFO", f"spoold: firing at {when} of schedule {job_id}"
+        )
         try:
             self._spool.create_run(schedule, run, run_status.to_dict(), line)
         except DuplicateJob:
-            return []  # made before a crash that kept it from being recorded: not again
+            return None  # made before a crash that kept it from being recorded: not again
         status["runs"] = [*status.get("runs", []), {"run_id": run, "fired_at": when}][-_RUNS_KEPT:]
         meta = JobMeta.from_document({**document, "concurrency": concurrency})
-        return [(run, meta, due)]
+        return run, meta, due
 
     def _going(self, run: str) -> bool:
         found = self._spool.find(run)
