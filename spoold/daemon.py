@@ -303,17 +303,20 @@ def apply_retention(spool: Spool, retention: Retention, clock: Clock) -> int:
     removed = 0
     now = clock.now().timestamp()
     for state in STATES:
+        entered = spool.entered_times(state)
+        jobs = {job.job_id: job for job, _ in entered}
 
-        def executor_of(job_id: str, state: str = state) -> str | None:
+        def executor_of(job_id: str, jobs: dict[str, JobDir] = jobs) -> str | None:
             try:
-                found = spool.read_status(JobDir(job_id, state, f"{spool.dir(state)}/{job_id}"))
+                found = spool.read_status(jobs[job_id])
             except (OSError, SpooldError, ValueError):
                 return None
             return str(found.get("executor") or "") or None
 
-        for job_id in retention.expired(state, spool.entered_times(state), now, executor_of):
+        ages = [(job.job_id, when) for job, when in entered]
+        for job_id in retention.expired(state, ages, now, executor_of):
             with contextlib.suppress(FileNotFoundError):
-                spool.purge(JobDir(job_id, state, f"{spool.dir(state)}/{job_id}"))
+                spool.purge(jobs[job_id])
                 removed += 1
     return removed
 

@@ -338,9 +338,6 @@ class Spool:
         DuplicateJob if that run exists anywhere already: the firing was made before (a crash
         between making it and recording it), and must not be made twice.
         """
-        _check_job_id(run_id)
-        if self.find(run_id) is not None:
-            raise DuplicateJob(f"run {run_id!r} exists already")
         stage = self._new_stage()
         try:
             shutil.copyfile(f"{schedule.location}/job.yaml", f"{stage}/job.yaml")
@@ -446,9 +443,13 @@ class Spool:
             for _, name in sorted(self._entered(directory))
         ]
 
-    def entered_times(self, directory: str) -> list[tuple[str, float]]:
-        """(job id, when it entered ``directory``) of every job there: one stat each, no reads."""
-        return [(name, ctime / 1e9) for ctime, name in self._entered(directory)]
+    def entered_times(self, directory: str) -> list[tuple[JobDir, float]]:
+        """Every job in ``directory`` with when it entered it: one stat each, no reads."""
+        parent = self._dirs[directory]
+        return [
+            (JobDir(name, directory, os.path.join(parent, name)), ctime / 1e9)
+            for ctime, name in self._entered(directory)
+        ]
 
     def _entered(self, directory: str) -> list[tuple[int, str]]:
         if directory not in (*JOB_DIRECTORIES, "scheduled"):
@@ -679,15 +680,13 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     renameat2(RENAME_NOREPLACE) where the filesystem has it; elsewhere (NFS) a check first,
     which is racy only against another writer choosing the very same name at the same moment.
     """
-    if _renameat2 is not None:
-        src, dst = os.fsencode(source), os.fsencode(target)
-        if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(err, os.strerror(err), str(target))
-        if err not in (errno.EINVAL, errno.ENOSYS):
-            raise OSError(err, os.strerror(err), str(source))
+    err = _renameat2_errno(source, target, _RENAME_NOREPLACE)
+    if err == 0:
+        return
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise FileExistsError(err, os.strerror(err), str(target))
+    if err not in (None, errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), str(source))
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     os.rename(source, target)
@@ -695,12 +694,21 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
 
 def rename_exchange(source: str | Path, target: str | Path) -> None:
     """Swap two paths in one step (renameat2 RENAME_EXCHANGE); OSError where it is missing."""
-    if _renameat2 is None:
+    err = _renameat2_errno(source, target, _RENAME_EXCHANGE)
+    if err is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available", str(source))
-    src, dst = os.fsencode(source), os.fsencode(target)
-    if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
+    if err:
         raise OSError(err, os.strerror(err), str(source))
+
+
+def _renameat2_errno(source: str | Path, target: str | Path, flags: int) -> int | None:
+    """renameat2(2)'s errno (0: done), or None where the C library has no renameat2."""
+    if _renameat2 is None:
+        return None
+    src, dst = os.fsencode(source), os.fsencode(target)
+    if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, flags) == 0:
+        return 0
+    return int(ctypes.get_errno())
 
 
 def _signature(st: os.stat_result) -> FileSignature:
