@@ -20,7 +20,7 @@ from spoold.config import Config
 from spoold.control import JobControl
 from spoold.dispatch import JobMeta
 from spoold.due import DueJobs
-from spoold.errors import SpooldError, SpoolError
+from spoold.errors import SpooldError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
 from spoold.plugins import ExecutorRegistry
@@ -220,10 +220,16 @@ class Daemon:
 
     def _meta(self, job_id: str) -> JobMeta:
         """A pending job's priority and concurrency, as its status.json kept them."""
+        return JobMeta.from_document(self._pending_status(self.spool.find(job_id)))
+
+    def _pending_status(self, job: JobDir | None) -> dict[str, Any]:
+        """A pending job's status.json; {} if it is gone or unreadable (its worker finds out)."""
+        if job is None:
+            return {}
         try:
-            return JobMeta.from_document(self.spool.read_status(self.spool.get(job_id)))
+            return self.spool.read_status(job)
         except (OSError, SpooldError, ValueError):
-            return JobMeta()  # gone, or unreadable: the worker that claims it finds out
+            return {}
 
     def _replace_workers(self) -> None:
         lost = self.workers.replace_dead()
@@ -256,10 +262,7 @@ class Daemon:
         for job in self.spool.list_jobs("pending"):
             if job.job_id in self.due or self.workers.holds(job.job_id):
                 continue
-            try:
-                status = self.spool.read_status(job)
-            except (OSError, SpoolError, ValueError):
-                status = {}  # gone, or unreadable: the worker that claims it finds out
+            status = self._pending_status(job)
             due = status.get("next_attempt_at")
             when = parse_rfc3339(due).timestamp() if isinstance(due, str) else None
             if when is not None and when > now:
