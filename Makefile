@@ -22,9 +22,10 @@ setup: $(STAMP)
 
 # Debian packages the test suite drives for real (installed only where missing): rsync, for
 # the test that delivers job files the way rsync does.
+# rsync: uploads in the intake tests; openssl: checks callback signatures independently.
 system-deps:
-	@command -v rsync >/dev/null \
-	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsync >/dev/null)
+	@command -v rsync >/dev/null && command -v openssl >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsync openssl >/dev/null)
 
 # Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
 run: setup

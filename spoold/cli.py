@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pwd
 import sys
@@ -24,6 +25,7 @@ from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
 from spoold.logs import configure_logging
 from spoold.logtap import LogTap
+from spoold.outbox import callbacks_for
 from spoold.plugins import ExecutorRegistry
 from spoold.retention import STATES, Retention, Rule
 from spoold.secrets import Masker, SecretStore
@@ -191,9 +193,10 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
     masker = Masker()
     logger = configure_logging(config, masker)
     registry = ExecutorRegistry.from_entry_points()
+    callbacks = callbacks_for(config, spool, clock, logger)
     runner = JobRunner(spool, registry, config, clock, logger,
                        secrets=SecretStore(config.secrets_dir), masker=masker,
-                       tap=LogTap.open(config.log_socket))  # fmt: skip
+                       tap=LogTap.open(config.log_socket), callbacks=callbacks)  # fmt: skip
     intake = Intake(
         spool,
         job_validator(registry),
@@ -203,6 +206,7 @@ def cmd_exec(args: argparse.Namespace, config: Config) -> int:
         on_accepted=lambda job, document: runner.remember(job.job_id, document),
         logger=logger,
         allowed_run_as=config.allowed_run_as,
+        callbacks=callbacks,
     )
     if _has_schedule(args.file):
         print(f"{args.file}: has a schedule: exec runs one job now; submit it to spoold instead",
@@ -276,19 +280,42 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     spool = _spool(config)
     if args.job_id:
         status = spool.read_status(spool.get(args.job_id))
-        if args.json:
+        if args.json:  # status.json as it is
             print(json.dumps(status, indent=2))
         else:
             _print_status(status)
+            waiting = [n for n in spool.list_outbox() if n.startswith(f"{args.job_id}~")]
+            if waiting:
+                print(f"{'callbacks:':<17}{len(waiting)} waiting in outbox/")
         return EXIT_OK
-    counts = {name: _count(spool.dir(name)) for name in SPOOL_DIRECTORIES if name != "tmp"}
+    counts = {
+        name: _count(spool.dir(name)) for name in SPOOL_DIRECTORIES if name not in ("tmp", "outbox")
+    }
+    counts["outbox"] = len(spool.list_outbox())
+    given_up = [
+        {"name": name, **_delivery_summary(spool.read_delivery(name, "failed") or {})}
+        for name in spool.list_outbox("failed")
+    ]
     if args.json:
-        print(json.dumps({"spool": str(spool.root), "counts": counts}, indent=2))
-    else:
-        print(f"spool {spool.root}")
-        for name, count in counts.items():
-            print(f"  {name + '/':<11} {count}")
+        print(json.dumps(
+            {"spool": str(spool.root), "counts": counts, "callbacks_given_up": given_up}, indent=2
+        ))  # fmt: skip
+        return EXIT_OK
+    print(f"spool {spool.root}")
+    for name, count in counts.items():
+        print(f"  {name + '/':<11} {count}" + ("  callbacks waiting" if name == "outbox" else ""))
+    if given_up:
+        print(f"  {len(given_up)} callback(s) given up, kept in outbox/failed/:")
+        for item in given_up:
+            print(
+                f"    {item['name']}: {item['event']} to {item['url']} after {item['tries']} "
+                f"tries; last: {item['last_error']}"
+            )
     return EXIT_OK
+
+
+def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: record.get(key) for key in ("event", "url", "tries", "last_error", "created")}
 
 
 def _count(path: Path) -> int:
@@ -405,7 +432,9 @@ def cmd_logs(args: argparse.Namespace, config: Config) -> int:
 
 def _control(config: Config) -> JobControl:
     user = pwd.getpwuid(os.geteuid()).pw_name
-    return JobControl(_spool(config), SystemClock(), who=f"{user} on {config.hostname}")
+    spool, clock = _spool(config), SystemClock()
+    callbacks = callbacks_for(config, spool, clock, logging.getLogger("spoold"))
+    return JobControl(spool, clock, who=f"{user} on {config.hostname}", callbacks=callbacks)
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:

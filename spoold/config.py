@@ -13,6 +13,7 @@ import yaml
 
 from spoold.documents import load_executor_schema
 from spoold.errors import ConfigError
+from spoold.outbox import CallbackSettings
 from spoold.retention import Retention
 from spoold.units import parse_duration, parse_size
 
@@ -51,6 +52,8 @@ class Config:
     log_level: str = "info"
     default_callback_url: str | None = None
     default_callback_secret: str | None = None
+    #: How callback deliveries are sent: timeout, backoff, when to give up (``callbacks:``).
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     #: Where ``${secret:NAME}`` is read from: the file NAME, mode 0600 or stricter.
     secrets_dir: Path | None = None
     #: Which finished jobs are removed, and when (``retention:``); empty keeps everything.
@@ -125,6 +128,12 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     for key in ("default_callback_url", "default_callback_secret"):
         if key in doc:
             values[key] = doc[key]
+    if doc.get("default_callback_url") and not doc.get("default_callback_secret"):
+        raise ConfigError(
+            "key default_callback_url: callbacks are signed; set default_callback_secret too"
+        )
+    if "callbacks" in doc:
+        values["callbacks"] = _parsed("callbacks", doc["callbacks"], CallbackSettings.from_document)
     for key in (
         "poll_interval", "rescan_interval", "settle_time", "kill_grace",
         "shutdown_grace", "lease_timeout", "heartbeat_interval",

@@ -18,6 +18,7 @@ from spoold.clock import Clock, rfc3339
 from spoold.errors import InvalidTransition, JobNotFound, SpoolError
 from spoold.job import JobStatus
 from spoold.joblog import JobLog
+from spoold.outbox import Callbacks, announce
 from spoold.procfs import process_start_time
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
@@ -38,8 +39,11 @@ class CancelOutcome:
 class JobControl:
     """Cancel and retry, as ``spoold cancel`` and ``spoold retry`` do them."""
 
-    def __init__(self, spool: Spool, clock: Clock, *, who: str) -> None:
+    def __init__(
+        self, spool: Spool, clock: Clock, *, who: str, callbacks: Callbacks | None = None
+    ) -> None:
         self._spool = spool
+        self._callbacks = callbacks
         self._clock = clock
         self._who = who  # who asks, for the log and status.json: "root on host1"
 
@@ -77,7 +81,8 @@ class JobControl:
             )
         status.state = JobState.PENDING
         status.finished_at = status.exit_code = status.error = status.next_attempt_at = None
-        pending = self._spool.requeue(job, status.to_dict())
+        with announce(self._callbacks, job, "retrying", status):
+            pending = self._spool.requeue(job, status.to_dict())
         with self._spool.open_log(pending) as handle:
             JobLog(handle, self._clock).info(
                 f"retry requested by {self._who}: attempt {len(status.attempts) + 1} follows"
@@ -116,4 +121,5 @@ class JobControl:
         status.next_attempt_at = None
         with self._spool.open_log(job) as handle:
             JobLog(handle, self._clock).error(reason)
-        return self._spool.finish(job, JobState.CANCELLED, status.to_dict())
+        with announce(self._callbacks, job, "cancelled", status):
+            return self._spool.finish(job, JobState.CANCELLED, status.to_dict())

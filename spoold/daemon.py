@@ -23,6 +23,7 @@ from spoold.due import DueJobs
 from spoold.errors import SpooldError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
+from spoold.outbox import Callbacks, Sender, callbacks_for
 from spoold.plugins import ExecutorRegistry
 from spoold.pool import WorkerProcesses
 from spoold.recovery import Recovery
@@ -72,6 +73,10 @@ class Daemon:
     due: DueJobs
     #: The schedules in scheduled/, firing into pending/.
     scheduler: Scheduler
+    #: Writes the deliveries of the state changes made in this process into outbox/.
+    callbacks: Callbacks
+    #: Posts what is in outbox/.
+    sender: Sender
     #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
     rescan: threading.Event = field(default_factory=threading.Event)
 
@@ -90,7 +95,11 @@ class Daemon:
             due.add(job_id, when)
             attention.set()  # the loop's next wake-up may have to come sooner
 
-        control = JobControl(spool, clock, who=f"spoold on {config.hostname}")
+        outbox_changed = threading.Event()
+        callbacks = callbacks_for(config, spool, clock, logger, wake=outbox_changed.set)
+        sender = Sender(spool, callbacks, clock, config.callbacks, logger,
+                        poll_interval=config.poll_interval, wake=outbox_changed)  # fmt: skip
+        control = JobControl(spool, clock, who=f"spoold on {config.hostname}", callbacks=callbacks)
 
         def cancel(job_id: str, why: str) -> None:
             try:
@@ -114,7 +123,7 @@ class Daemon:
 
         scheduler = Scheduler(
             spool, clock, logger, defer=defer, cancel=cancel,
-            queue=workers.submit,
+            queue=workers.submit, callbacks=callbacks,
         )  # fmt: skip
 
         intake = Intake(
@@ -127,12 +136,13 @@ class Daemon:
             logger=logger,
             allowed_run_as=config.allowed_run_as,
             on_scheduled=lambda job: scheduler.sync(),
+            callbacks=callbacks,
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
-        recovery = Recovery(spool, config, clock, logger)
+        recovery = Recovery(spool, config, clock, logger, callbacks)
         return cls(
             config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
-            due, scheduler,
+            due, scheduler, callbacks, sender,
         )  # fmt: skip
 
     def run(self) -> int:
@@ -143,6 +153,7 @@ class Daemon:
         watcher: InotifyWatcher | None = None
         try:
             self._recover()
+            self.sender.start()
             self.workers.start()
             self.scheduler.start()  # after the workers: what was missed may be queued at once
             self.intake_thread.start()
@@ -171,6 +182,7 @@ class Daemon:
             self.intake_thread.stop()
             self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
+            self.sender.stop()
             lock.close()
             self.logger.info("stopped")
         return 0
@@ -246,6 +258,13 @@ class Daemon:
 
     def _recover(self) -> None:
         self.spool.sync_tree()
+        # Before the stages: a prepared rejection is decided by whether its stage is one.
+        made, dropped = self.callbacks.settle_all()
+        if made or dropped:
+            self.logger.warning(
+                "recovery: %d callback(s) of changes made before a crash queued, %d of "
+                "changes not made dropped", made, dropped,
+            )  # fmt: skip
         for line in self.spool.recover_stages():
             self.logger.warning("recovery: %s", line)
         self.recovery.repair_pending()

@@ -66,5 +66,9 @@ class WorkerProcessError(SpooldError):
     """A worker process could not be started or said something it should not."""
 
 
+class CallbackError(SpooldError):
+    """A job's callback cannot be signed: no secret, or one that cannot be read."""
+
+
 class SecretError(SpooldError):
     """A ``${secret:NAME}`` cannot be read safely: missing, unsafe mode, not a plain file."""

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from spoold.clock import Clock, rfc3339
-from spoold.errors import DuplicateJob, InvalidJobFile, SpooldError
+from spoold.errors import CallbackError, DuplicateJob, InvalidJobFile, SpooldError
 from spoold.job import JobSpec, JobStatus, generate_job_id
 from spoold.joblog import format_line
+from spoold.outbox import Callbacks, CallbackTarget
 from spoold.scheduler import schedule_status
 from spoold.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.units import format_duration
@@ -110,8 +111,10 @@ class Intake:
         logger: logging.Logger,
         allowed_run_as: tuple[str, ...] = (),
         on_scheduled: Callable[[JobDir], None] = lambda job: None,
+        callbacks: Callbacks | None = None,
     ) -> None:
         self._spool = spool
+        self._callbacks = callbacks
         self._on_scheduled = on_scheduled
         self._allowed_run_as = allowed_run_as
         self._validator = validator
@@ -195,16 +198,23 @@ class Intake:
         job_id = str(document.get("job_id") or generate_job_id(now))
         spec = JobSpec.from_document(document, job_id)
         if (refused := self._policy_problem(spec)) is not None:
-            return self._reject(taken, "not_allowed", refused)
+            return self._reject(taken, "not_allowed", refused, document=document)
+        try:
+            target = None if self._callbacks is None else self._callbacks.target(document)
+        except CallbackError as exc:
+            return self._reject(taken, "callback", str(exc), document=document)
         sha256 = hashlib.sha256(taken.data).hexdigest()
         if "schedule" in document:
             return self._accept_schedule(taken, document, job_id, sha256)
         status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256)
         line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
         try:
-            job = self._spool.accept(taken, job_id, status.to_dict(), line)
+            with self._announce(target, status):
+                job = self._spool.accept(taken, job_id, status.to_dict(), line)
         except DuplicateJob as exc:
-            return self._reject(taken, "duplicate", f"{exc}; a job id is never run twice")
+            return self._reject(
+                taken, "duplicate", f"{exc}; a job id is never run twice", document=document
+            )
         self._log.info("accepted %s as %s (%s)", name, job_id, spec.executor)
         try:
             self._on_accepted(job, document)
@@ -229,7 +239,9 @@ class Intake:
         try:
             job = self._spool.accept(taken, job_id, status, line, schedule=True)
         except DuplicateJob as exc:
-            return self._reject(taken, "duplicate", f"{exc}; a job id is never run twice")
+            return self._reject(
+                taken, "duplicate", f"{exc}; a job id is never run twice", document=document
+            )
         self._log.info("%s %s from %s", verb, job_id, taken.name)
         try:
             self._on_scheduled(job)
@@ -266,10 +278,21 @@ class Intake:
             )
         return None
 
+    def _announce(self, target: CallbackTarget | None, status: JobStatus) -> Any:
+        if self._callbacks is None:
+            return contextlib.nullcontext()
+        return self._callbacks.announce(target, "accepted", status)
+
     def _reject(
-        self, taken: TakenFile, code: str, reason: str, issues: list[ValidationIssue] | None = None
+        self,
+        taken: TakenFile,
+        code: str,
+        reason: str,
+        issues: list[ValidationIssue] | None = None,
+        *,
+        document: dict[str, Any] | None = None,
     ) -> Rejected:
-        document = {
+        record = {
             "file": display_name(taken.name),
             "rejected_at": rfc3339(self._clock.now()),
             "code": code,
@@ -277,9 +300,29 @@ class Intake:
             "errors": [i.to_dict() for i in issues or ()],
             "size": taken.size,
         }
-        path = self._spool.reject(taken, document)
+        job_id = None if document is None else document.get("job_id")
+        with self._announce_rejection(taken, record, document, job_id):
+            path = self._spool.reject(taken, record)
         self._log.warning("rejected %s: %s", display_name(taken.name), reason)
-        return Rejected(path, document)
+        return Rejected(path, record)
+
+    def _announce_rejection(
+        self, taken: TakenFile, record: dict[str, Any], document: dict[str, Any] | None,
+        job_id: Any,
+    ) -> Any:  # fmt: skip
+        """The ``rejected`` event goes where the file asked, if it got that far; else the default."""
+        if self._callbacks is None:
+            return contextlib.nullcontext()
+        target = None
+        for candidate in (document, None) if document is not None else (None,):
+            try:
+                target = self._callbacks.target(candidate)
+                break
+            except CallbackError as exc:
+                self._log.error("rejection of %s: %s", record["file"], exc)
+        stage = str(taken.stage)
+        ident = str(job_id) if isinstance(job_id, str | int) else None
+        return self._callbacks.announce_rejection(target, stage, record, ident)
 
 
 def _summary(issues: list[ValidationIssue]) -> str:

@@ -195,6 +195,8 @@ class JobStatus:
     #: Kept from the job file, so that a restarted daemon orders and limits it without reading it.
     priority: int = 0
     concurrency: dict[str, Any] | None = None
+    #: The sequence number of the job's latest callback delivery: its record of having been sent.
+    callback_sequence: int = 0
 
     @classmethod
     def accepted(
@@ -265,6 +267,7 @@ class JobStatus:
             "next_attempt_at": self.next_attempt_at,
             "priority": self.priority,
             "concurrency": self.concurrency,
+            "callback_sequence": self.callback_sequence,
         }
 
     @classmethod
@@ -291,4 +294,5 @@ class JobStatus:
             next_attempt_at=data.get("next_attempt_at"),
             priority=int(data.get("priority") or 0),
             concurrency=data.get("concurrency"),
+            callback_sequence=int(data.get("callback_sequence") or 0),
         )

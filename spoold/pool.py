@@ -33,6 +33,7 @@ from spoold.dispatch import DispatchQueue, JobMeta
 from spoold.errors import WorkerProcessError
 from spoold.logs import configure_logging
 from spoold.logtap import LogTap
+from spoold.outbox import callbacks_for
 from spoold.plugins import ExecutorRegistry
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import Spool
@@ -550,7 +551,7 @@ def serve_worker_process(fd: int) -> None:
     runner = JobRunner(
         spool, registry, config, clock, logger, daemon_pid=setup.parent,
         on_deferred=outbox.deferred, secrets=SecretStore(config.secrets_dir), masker=masker,
-        tap=LogTap.open(config.log_socket),
+        tap=LogTap.open(config.log_socket), callbacks=callbacks_for(config, spool, clock, logger),
     )  # fmt: skip
     pool = WorkerPool(runner, setup.slots, logger, on_done=outbox.done)
     serve_jobs(conn, outbox, runner, pool, config=config, clock=clock)

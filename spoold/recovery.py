@@ -16,6 +16,7 @@ from spoold.documents import load_document
 from spoold.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.job import JobSpec, JobStatus
 from spoold.joblog import JobLog
+from spoold.outbox import Callbacks, announce, event_for
 from spoold.procfs import group_members, process_start_time, processes_with_environment
 from spoold.spool import JobDir, Spool
 from spoold.states import JobState
@@ -32,8 +33,12 @@ class Verdict:
 class Recovery:
     """Finds running jobs whose worker is gone and ends or requeues them."""
 
-    def __init__(self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger) -> None:
+    def __init__(
+        self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger,
+        callbacks: Callbacks | None = None,
+    ) -> None:  # fmt: skip
         self._spool = spool
+        self._callbacks = callbacks
         self._config = config
         self._clock = clock
         self._logger = logger
@@ -84,6 +89,8 @@ class Recovery:
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)
         status = JobStatus.from_dict(self._spool.read_status(job))
+        if self._callbacks is not None:  # the dead worker's last event, if its change was made
+            self._callbacks.settle_job(job.job_id, status.callback_sequence)
         if status.state.is_terminal:
             # The outcome was recorded before the worker died: the move is all that is
             # missing. Running it again would run a finished job twice. (A status that is not
@@ -100,7 +107,8 @@ class Recovery:
             line = f"{error}; " + ("requeued (on_interrupt: requeue)" if requeue else "failed")
             JobLog(handle, self._clock).error(line)
         self._logger.warning("job %s %s", job.job_id, line)
-        return self._spool.finish(job, state, status.to_dict())
+        with announce(self._callbacks, job, event_for(state), status):
+            return self._spool.finish(job, state, status.to_dict())
 
     def repair_pending(self) -> list[str]:
         """Rebuild the status.json of pending jobs that lost it (it is not fsynced at accept)."""

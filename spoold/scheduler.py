@@ -10,6 +10,7 @@ from the schedule's own record, so a slow or repeated call changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -26,6 +27,7 @@ from spoold.documents import load_document
 from spoold.errors import DuplicateJob, SpooldError
 from spoold.job import JobSpec, JobStatus
 from spoold.joblog import JobLog, format_line
+from spoold.outbox import Callbacks
 from spoold.schedules import ScheduleSpec, jitter_delay, next_fire_times, plan, run_id
 from spoold.spool import JobDir, Spool
 
@@ -46,10 +48,12 @@ class Scheduler:
         defer: Callable[[str, float], None],
         cancel: Callable[[str, str], None],
         draw: Callable[[], float] = random.random,
+        callbacks: Callbacks | None = None,
     ) -> None:
         """``queue`` hands a run to the workers, ``defer`` makes it wait (jitter), ``cancel``
         ends a run (``overlap: replace``)."""
         self._spool = spool
+        self._callbacks = callbacks
         self._clock = clock
         self._logger = logger
         self._queue = queue
@@ -183,12 +187,22 @@ class Scheduler:
             rfc3339(self._clock.now()), "INFO", f"spoold: firing at {when} of schedule {job_id}"
         )
         try:
-            self._spool.create_run(schedule, run, run_status.to_dict(), line)
+            with self._announce(document, run_status):
+                self._spool.create_run(schedule, run, run_status.to_dict(), line)
         except DuplicateJob:
             return None  # made before a crash that kept it from being recorded: not again
         status["runs"] = [*status.get("runs", []), {"run_id": run, "fired_at": when}][-_RUNS_KEPT:]
         meta = JobMeta.from_document({**document, "concurrency": concurrency})
         return run, meta, due
+
+    def _announce(
+        self, document: dict[str, Any], status: JobStatus
+    ) -> contextlib.AbstractContextManager[None]:
+        """A run's ``accepted`` event, to the schedule's callback."""
+        if self._callbacks is None:
+            return contextlib.nullcontext()
+        target = self._callbacks.target_of(status.job_id, document)
+        return self._callbacks.announce(target, "accepted", status)
 
     def _going(self, run: str) -> bool:
         found = self._spool.find(run)

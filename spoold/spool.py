@@ -52,6 +52,7 @@ _GONE_PREFIX = "gone-"  # a job or schedule being deleted
 _TEMP_MARK = ".spoold-"
 # The files spoold writes into a stage; a staged original is any other entry.
 _STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
+_PREPARED = ".prepared"  # an outbox delivery whose state change is not made yet
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _counter = itertools.count()
 
@@ -568,6 +569,85 @@ class Spool:
     def cancel_request(self, job: JobDir) -> dict[str, Any] | None:
         """The cancel request made for a running job, if any."""
         return _read_json(f"{job.location}/{_CANCEL_FILE}")
+
+    # -- the outbox ------------------------------------------------------------------------------
+    # A delivery is outbox/<key>~<sequence>.json. It is written as .prepared before the state
+    # change it tells of, and renamed to .json once that change is made: see spoold.outbox.
+
+    def prepare_delivery(
+        self, key: str, sequence: int, data: bytes, *, exclusive: bool = False
+    ) -> str:
+        """Write a delivery that is not valid yet, durably; return its name.
+
+        A leftover of that name is replaced (its change was never made); with ``exclusive``,
+        FileExistsError instead if that delivery exists in any form (a job's first event:
+        another job of that id, even one accepted by another host a moment ago, owns it).
+        """
+        outbox = self._dirs["outbox"]
+        name = f"{key}~{sequence:08d}"
+        path = f"{outbox}/{name}{_PREPARED}"
+        if not exclusive:
+            self._write_file(path, data, durable=self.durable)
+        else:
+            temp = f"{outbox}/{_TEMP_MARK}{name}.{uuid.uuid4().hex[:8]}.tmp"
+            _write_new(temp, data, durable=self.durable)
+            try:
+                os.link(temp, path)  # unlike a rename, never replaces
+            finally:
+                os.unlink(temp)
+            if os.path.exists(f"{outbox}/{name}.json"):
+                os.unlink(path)
+                raise FileExistsError(f"{outbox}/{name}.json")
+        self._sync_dirs(outbox)
+        return name + _PREPARED
+
+    def commit_delivery(self, name: str) -> bool:
+        """Make a prepared delivery valid; False if it is not there (committed or discarded)."""
+        if not name.endswith(_PREPARED):
+            raise SpoolError(f"{name!r} is not a prepared delivery")
+        outbox = self._dirs["outbox"]
+        try:
+            os.rename(f"{outbox}/{name}", f"{outbox}/{name[: -len(_PREPARED)]}.json")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list_outbox(self, directory: str = "") -> list[str]:
+        """The deliveries waiting (or, with ``directory="failed"``, given up), in key order."""
+        try:
+            with os.scandir(os.path.join(self._dirs["outbox"], directory)) as entries:
+                return sorted(
+                    e.name for e in entries
+                    if "~" in e.name and e.name.endswith((".json", _PREPARED)) and e.is_file()
+                )  # fmt: skip
+        except FileNotFoundError:
+            return []
+
+    def read_delivery(self, name: str, directory: str = "") -> dict[str, Any] | None:
+        """A delivery's content; None once it is gone."""
+        return _read_json(os.path.join(self._dirs["outbox"], directory, name))
+
+    def update_delivery(self, name: str, data: bytes) -> None:
+        """Record a delivery's failed tries. Not fsynced: a lost update only means a sooner try."""
+        self._write_file(f"{self._dirs['outbox']}/{name}", data, durable=False)
+
+    def remove_delivery(self, name: str) -> None:
+        """Drop a delivery: acknowledged, or a prepared one whose state change never happened."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self._dirs['outbox']}/{name}")
+
+    def give_up_delivery(self, name: str) -> None:
+        """Move a delivery that will not be tried again into outbox/failed/."""
+        failed = f"{self._dirs['outbox']}/failed"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(failed, _DEFAULT_MODE)
+        os.replace(f"{self._dirs['outbox']}/{name}", f"{failed}/{name}")
+        self._sync_dirs(self._dirs["outbox"])
+
+    def stage_decided(self, stage: str) -> bool:
+        """Whether intake's stage was turned into a rejection (or is gone: moved on)."""
+        path = os.path.join(self._dirs["tmp"], os.path.basename(stage))
+        return not os.path.isdir(path) or os.path.exists(f"{path}/reason.json")
 
     # -- work dirs and artifacts --------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -33,6 +34,7 @@ from spoold.job import (
 )
 from spoold.joblog import JobLog
 from spoold.logtap import LogTap
+from spoold.outbox import Callbacks, CallbackTarget, event_for
 from spoold.plugins import ExecutorRegistry
 from spoold.process import RunAs
 from spoold.procfs import process_start_time
@@ -67,6 +69,8 @@ class ActiveRun:
     outcome: tuple[JobState, JobStatus] | None = None
     #: Held while the lease is written or the job moved, so neither undoes the other.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Where its events go (``callback:`` or the config's default), once its spec is read.
+    callback: CallbackTarget | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class JobRunner:
         secrets: SecretStore | None = None,
         masker: Masker | None = None,
         tap: LogTap | None = None,
+        callbacks: Callbacks | None = None,
     ) -> None:
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone).
 
@@ -109,6 +114,7 @@ class JobRunner:
         self._draw = draw  # the jitter of retry waits
         self._secrets = secrets or SecretStore(None)
         self._tap = tap  # RUNNER_LOG_SOCKET
+        self._callbacks = callbacks
         self._masker = masker if masker is not None else Masker()
         # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
         self._on_deferred = on_deferred
@@ -256,9 +262,10 @@ class JobRunner:
     def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
         with run.lock:
             try:
-                final = self._spool.finish(
-                    run.job, state, _masked(run.masker, status.to_dict()), log_synced=True
-                )
+                with self._announce(run, event_for(state), status):
+                    final = self._spool.finish(
+                        run.job, state, _masked(run.masker, status.to_dict()), log_synced=True
+                    )
             except OSError as exc:
                 # Only now is the outcome handed to retry_finishing: never two finishers.
                 run.outcome = (state, status)
@@ -277,10 +284,13 @@ class JobRunner:
         job = run.job
         spec = self._load_spec(job, status)
         run.masker.collect(spec.document)  # the values of secret-named fields, wherever they are
+        if self._callbacks is not None:
+            run.callback = self._callbacks.target_of(spec.job_id, spec.document)
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
         # Before anything of the job starts: every start must show in attempts, whatever
         # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
-        self._spool.write_status(job, _masked(run.masker, status.to_dict()))
+        with self._announce(run, "started", status):
+            self._spool.write_status(job, _masked(run.masker, status.to_dict()))
         log.info(
             f"attempt {attempt.number} started on {self._config.hostname} by "
             f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
@@ -290,6 +300,12 @@ class JobRunner:
             return self._execute(run, spec, status, log, workdir)
         finally:
             _empty(workdir)  # only declared artifacts are kept; the next job starts clean
+
+    def _announce(self, run: ActiveRun, event: str, status: JobStatus) -> Any:
+        if self._callbacks is None:
+            return contextlib.nullcontext()
+        mask = functools.partial(_masked, run.masker)
+        return self._callbacks.announce(run.callback, event, status, mask)
 
     def _execute(
         self, run: ActiveRun, spec: JobSpec, status: JobStatus, log: JobLog, workdir: Path

@@ -1,0 +1,389 @@
+"""Callbacks in one process: deliveries made with their state change, signed, sent in order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from requests.structures import CaseInsensitiveDict
+
+from spoold.config import load_config
+from spoold.daemon import job_validator
+from spoold.errors import CallbackError, ConfigError
+from spoold.intake import Accepted, Intake, Rejected
+from spoold.job import JobStatus
+from spoold.outbox import STALE_PREPARED, Callbacks, CallbackSettings, CallbackTarget, Sender
+from spoold.plugins import ExecutorRegistry
+from spoold.secrets import SecretStore
+from spoold.spool import Spool
+from spoold.states import JobState
+from tests.fakes import FakeClock
+from tests.harness import run_cli, wait_for
+from tests.receiver import Receiver, free_port, verify
+
+LOG = logging.getLogger("test")
+SECRET = "s3cr3t-for-tests"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    return spool
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver().start()
+    yield receiver
+    receiver.stop()
+
+
+def callbacks(spool: Spool, clock: FakeClock, secrets: SecretStore | None = None) -> Callbacks:
+    return Callbacks(spool, clock, secrets or SecretStore(None), logger=LOG)
+
+
+def sender(spool: Spool, clock: FakeClock, **settings: Any) -> Sender:
+    return Sender(
+        spool, callbacks(spool, clock), clock, CallbackSettings(**settings), LOG, draw=lambda: 0.0
+    )
+
+
+def status(job_id: str, state: JobState = JobState.PENDING, sequence: int = 0) -> JobStatus:
+    return JobStatus(
+        job_id=job_id, state=state, executor="local", type=None,
+        submitted_at="2026-11-22T12:00:00Z", source=None, callback_sequence=sequence,
+    )  # fmt: skip
+
+
+def put_job(spool: Spool, directory: str, job_id: str, sequence: int) -> None:
+    """A job as the spool would hold it, with the sequence its status.json records."""
+    path = spool.dir(directory) / job_id
+    path.mkdir()
+    (path / "status.json").write_text(json.dumps(status(job_id, sequence=sequence).to_dict()))
+
+
+def emit(
+    spool: Spool, clock: FakeClock, target: CallbackTarget, job: JobStatus, event: str
+) -> None:
+    with callbacks(spool, clock).announce(target, event, job):
+        pass
+
+
+def readme_verify(secret: bytes, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """The receiver's check exactly as the README shows it, run here."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("Verifying in Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)
+    result = namespace["verify"](secret, headers, body)
+    assert isinstance(result, dict)
+    return result
+
+
+def outbox(spool: Spool, directory: str = "") -> list[str]:
+    return spool.list_outbox(directory)
+
+
+def deliver_all(sender: Sender, spool: Spool) -> list[bool]:
+    """Every delivery due, in the order the sender hands them out, tried once each."""
+    results = []
+    for name in outbox(spool):
+        record = spool.read_delivery(name)
+        assert record is not None
+        results.append(sender.deliver(name, record))
+    return results
+
+
+def test_a_delivery_is_signed_and_says_what_happened(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    job = status("j1")
+    job.begin_attempt(clock.now(), "w1")
+    job.end_attempt(clock.now(), JobState.SUCCEEDED, 0, None)
+    job.result = {"vmid": 4711}
+    emit(spool, clock, CallbackTarget(receiver.url, SECRET), job, "succeeded")
+    assert outbox(spool) == ["j1~00000001.json"]
+    assert job.callback_sequence == 1
+    assert deliver_all(sender(spool, clock), spool) == [True]
+    (got,) = receiver.wait_count(1)
+    body = verify(got, SECRET)
+    assert readme_verify(SECRET.encode(), CaseInsensitiveDict(got.headers), got.body) == body
+    with pytest.raises(PermissionError):
+        readme_verify(b"another secret", CaseInsensitiveDict(got.headers), got.body)
+    assert {"event", "job_id", "state", "attempt", "exit_code", "error", "artifacts", "result",
+            "timestamp", "delivery_id", "sequence"} <= body.keys()  # fmt: skip
+    assert (body["event"], body["state"], body["attempt"], body["exit_code"]) == (
+        "succeeded", "succeeded", 1, 0,
+    )  # fmt: skip
+    assert body["result"] == {"vmid": 4711} and body["sequence"] == 1
+    assert got.headers["x-spoold-delivery"] == body["delivery_id"]
+    assert got.headers["x-spoold-event"] == "succeeded"
+    assert outbox(spool) == []
+
+
+def test_a_change_that_is_not_made_sends_nothing(spool: Spool, clock: FakeClock) -> None:
+    job = status("j1", sequence=3)
+    target = CallbackTarget("http://x", SECRET)
+    with (
+        pytest.raises(OSError, match="disk full"),
+        callbacks(spool, clock).announce(target, "failed", job),
+    ):
+        assert job.callback_sequence == 4
+        raise OSError("disk full")
+    assert job.callback_sequence == 3
+    assert outbox(spool) == []
+
+
+def test_events_a_job_did_not_ask_for_are_not_made(spool: Spool, clock: FakeClock) -> None:
+    target = CallbackTarget("http://x", SECRET, frozenset({"failed"}))
+    job = status("j1")
+    emit(spool, clock, target, job, "started")
+    emit(spool, clock, target, job, "failed")
+    assert outbox(spool) == ["j1~00000001.json"]
+
+
+def test_a_prepared_delivery_is_decided_by_the_jobs_status(spool: Spool, clock: FakeClock) -> None:
+    """What a crash between prepare and commit leaves: the status says whether it happened."""
+    data = b'{"sequence": %d, "condition": {"job": "%s"}}'
+    put_job(spool, "done", "made", sequence=2)
+    put_job(spool, "running", "unmade", sequence=1)
+    spool.prepare_delivery("made", 2, data % (2, b"made"))
+    spool.prepare_delivery("unmade", 2, data % (2, b"unmade"))
+    spool.prepare_delivery("gone", 1, data % (1, b"gone"))  # its accept never happened
+    assert callbacks(spool, clock).settle_all() == (1, 2)
+    assert outbox(spool) == ["made~00000002.json"]
+
+
+def test_the_next_owner_commits_what_its_last_owner_left(spool: Spool, clock: FakeClock) -> None:
+    spool.prepare_delivery("j1", 1, b"{}")  # accepted: made, but not committed yet
+    spool.prepare_delivery("j1", 2, b"{}")  # a change that was never made
+    emit(spool, clock, CallbackTarget("http://x", SECRET), status("j1", sequence=1), "started")
+    assert outbox(spool) == ["j1~00000001.json", "j1~00000002.json"]
+    record = spool.read_delivery("j1~00000002.json")
+    assert record is not None and record["event"] == "started"
+
+
+def test_a_rejection_is_decided_by_its_stage(spool: Spool, clock: FakeClock) -> None:
+    stages = {}
+    for name, reason in (("decided", True), ("undecided", False)):
+        stage = spool.dir("tmp") / f"in-{name}"
+        stage.mkdir()
+        if reason:
+            (stage / "reason.json").write_text("{}")
+        stages[name] = str(stage)
+    stages["moved"] = str(spool.dir("tmp") / "in-moved")
+    for key, path in stages.items():
+        spool.prepare_delivery(key, 1, json.dumps({"condition": {"stage": path}}).encode())
+    assert callbacks(spool, clock).settle_all() == (2, 1)
+    assert outbox(spool) == ["decided~00000001.json", "moved~00000001.json"]
+
+
+def test_a_first_event_never_replaces_another_jobs(spool: Spool) -> None:
+    """Two files with one job id: the loser must not overwrite the winner's delivery."""
+    spool.prepare_delivery("j1", 1, b"{}", exclusive=True)
+    with pytest.raises(FileExistsError):
+        spool.prepare_delivery("j1", 1, b"{}", exclusive=True)
+    spool.commit_delivery("j1~00000001.prepared")
+    with pytest.raises(FileExistsError):
+        spool.prepare_delivery("j1", 1, b"{}", exclusive=True)
+    assert outbox(spool) == ["j1~00000001.json"]
+
+
+def test_later_events_wait_for_an_earlier_one(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    target = CallbackTarget(receiver.url, SECRET)
+    emit(spool, clock, target, status("j1", sequence=1), "started")
+    # Its writer has not committed it yet (the sender would settle it after STALE_PREPARED).
+    unfinished = {"created": clock.now().timestamp(), "sequence": 1, "condition": {"job": "j1"}}
+    spool.prepare_delivery("j1", 1, json.dumps(unfinished).encode())
+    emit(spool, clock, target, status("j2"), "accepted")
+    posting = sender(spool, clock)
+    posting.start()
+    try:
+        assert wait_for(lambda: receiver.bodies() or None)[0]["job_id"] == "j2"
+        assert posting.tick() == 0  # j1's first event is not made yet: its second waits
+        assert len(receiver.received) == 1
+    finally:
+        posting.stop()
+
+
+def test_a_receiver_that_is_down_is_tried_again_later(spool: Spool, clock: FakeClock) -> None:
+    port = free_port()
+    emit(spool, clock, CallbackTarget(f"http://127.0.0.1:{port}/hook", SECRET), status("j1"),
+         "accepted")  # fmt: skip
+    posting = sender(spool, clock, initial=10.0)
+    assert deliver_all(posting, spool) == [False]
+    record = spool.read_delivery("j1~00000001.json")
+    assert record is not None and record["tries"] == 1 and "ConnectionError" in record["last_error"]
+    assert record["next_try"] == clock.now().timestamp() + 5.0  # jittered into [5, 10)
+    assert posting.tick() == 0  # not due yet
+    back = Receiver(port).start()
+    try:
+        clock.advance(5)
+        assert posting.deliver("j1~00000001.json", record)
+        verify(back.wait_count(1)[0], SECRET)
+    finally:
+        back.stop()
+    assert outbox(spool) == []
+
+
+@pytest.mark.parametrize(("answer", "taken"), [(204, True), (302, False), (410, False)])
+def test_only_a_2xx_answer_takes_a_delivery(
+    spool: Spool, clock: FakeClock, receiver: Receiver, answer: int, taken: bool
+) -> None:
+    receiver.status = answer
+    emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "accepted")
+    assert deliver_all(sender(spool, clock), spool) == [taken]
+    assert outbox(spool) == ([] if taken else ["j1~00000001.json"])
+
+
+def test_a_delivery_gives_up_into_outbox_failed(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    receiver.status = 503
+    emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "failed")
+    posting = sender(spool, clock, give_up_after=3600.0)
+    assert deliver_all(posting, spool) == [False]
+    clock.advance(3600)
+    assert deliver_all(posting, spool) == [False]
+    assert outbox(spool) == []
+    assert outbox(spool, "failed") == ["j1~00000001.json"]
+    shown = run_cli(spool.root, "status")
+    assert "1 callback(s) given up" in shown.stdout and "HTTP 503" in shown.stdout, shown
+
+
+def test_a_slow_receiver_holds_only_its_own_deliveries(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    slow = Receiver()
+    slow.hold = threading.Event()
+    slow.start()
+    try:
+        for job_id in ("slow1", "slow2"):
+            emit(spool, clock, CallbackTarget(slow.url, SECRET), status(job_id), "accepted")
+        for job_id in ("fast1", "fast2", "fast3"):
+            emit(spool, clock, CallbackTarget(receiver.url, SECRET), status(job_id), "accepted")
+        posting = sender(spool, clock, workers=2, per_host=1)
+        posting.start()
+        try:
+            receiver.wait_count(3)
+            assert len(slow.received) == 1  # per_host: its second waits, not the others
+            slow.hold.set()
+            slow.wait_count(2)
+            wait_for(lambda: not outbox(spool), what="an empty outbox")
+        finally:
+            posting.stop()
+    finally:
+        slow.stop()
+
+
+def test_a_callback_secret_is_read_from_secrets_dir_and_never_written(
+    spool: Spool, clock: FakeClock, receiver: Receiver, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "CB").write_text("from-the-secrets-dir\n")
+    (secrets / "CB").chmod(0o600)
+    made = callbacks(spool, clock, SecretStore(secrets))
+    document = {"callback": {"url": receiver.url, "secret": "${secret:CB}"}}
+    with made.announce(made.target(document), "accepted", status("j1")):
+        pass
+    assert b"from-the-secrets-dir" not in (spool.dir("outbox") / "j1~00000001.json").read_bytes()
+    assert deliver_all(sender(spool, clock), spool) == [True]
+    verify(receiver.wait_count(1)[0], "from-the-secrets-dir")
+
+
+def test_the_callback_of_a_job_and_the_defaults(spool: Spool, clock: FakeClock) -> None:
+    plain = callbacks(spool, clock)
+    assert plain.target({}) is None
+    with pytest.raises(CallbackError, match="no secret"):
+        plain.target({"callback": {"url": "http://127.0.0.1/x"}})
+    default = Callbacks(spool, clock, SecretStore(None), logger=LOG,
+                        default_url="http://127.0.0.1/d", default_secret="d")  # fmt: skip
+    own = default.target({"callback": {"events": ["failed"]}, "variables": {"S": "v"}})
+    assert own == CallbackTarget("http://127.0.0.1/d", "d", frozenset({"failed"}))
+    mine = default.target({"callback": {"url": "http://127.0.0.1/m", "secret": "${S}"},
+                           "variables": {"S": "from-a-variable"}})  # fmt: skip
+    assert mine == CallbackTarget("http://127.0.0.1/m", "from-a-variable")
+
+
+def test_a_default_callback_needs_a_secret(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("default_callback_url: http://127.0.0.1/x\n")
+    with pytest.raises(ConfigError, match="default_callback_secret"):
+        load_config(config)
+    config.write_text(
+        "default_callback_url: http://127.0.0.1/x\ndefault_callback_secret: s\n"
+        "callbacks: {timeout: 3s, workers: 8, backoff: {initial: 1s, max: 2m}, give_up_after: 1d}\n"
+    )
+    assert load_config(config).callbacks == CallbackSettings(
+        timeout=3.0, workers=8, initial=1.0, maximum=120.0, give_up_after=86400.0
+    )
+
+
+def test_the_sender_settles_what_a_killed_writer_left(spool: Spool, clock: FakeClock) -> None:
+    """A ``spoold cancel`` killed between its prepare and its commit: decided later, not never."""
+    put_job(spool, "failed", "j1", sequence=1)
+    emit(spool, clock, CallbackTarget("http://127.0.0.1:9/x", SECRET), status("j1"), "cancelled")
+    (spool.dir("outbox") / "j1~00000001.json").rename(spool.dir("outbox") / "j1~00000001.prepared")
+    posting = sender(spool, clock)
+    assert posting.tick() == 0 and outbox(spool) == ["j1~00000001.prepared"]
+    clock.advance(STALE_PREPARED + 1)
+    posting.tick()
+    assert outbox(spool) == ["j1~00000001.json"]
+
+
+def test_a_damaged_delivery_is_put_aside(spool: Spool, clock: FakeClock) -> None:
+    (spool.dir("outbox") / "j1~00000001.json").write_text('{"key": "j1"')
+    assert sender(spool, clock).tick() == 0
+    assert outbox(spool) == [] and outbox(spool, "failed") == ["j1~00000001.json"]
+
+
+def test_intake_announces_and_refuses_what_it_cannot_sign(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    made = Callbacks(spool, clock, SecretStore(None), logger=LOG,
+                     default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
+                    logger=LOG, callbacks=made)  # fmt: skip
+
+    def offer(name: str, text: str) -> Accepted | Rejected:
+        (tmp_path / name).write_text(text)
+        return intake.process(spool.stage_file(tmp_path / name, max_size=1 << 20))
+
+    job = "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
+    assert isinstance(offer("a.yaml", job), Accepted)
+    first = spool.read_delivery("a~00000001.json")
+    assert first is not None and first["event"] == "accepted"
+    # The same id again: rejected, and the first job's delivery is left as it was.
+    again = offer("again.yaml", job)
+    assert isinstance(again, Rejected) and again.reason["code"] == "duplicate"
+    assert spool.read_delivery("a~00000001.json") == first
+    unsigned = offer(
+        "b.yaml", job.replace("a\n", "b\ncallback: {url: 'http://127.0.0.1:9/b'}\n", 1)
+    )
+    assert isinstance(unsigned, Accepted)  # the default secret signs a job's own url
+    rejections = [n for n in outbox(spool) if n.startswith("rejected-")]
+    assert len(rejections) == 1
+    record = spool.read_delivery(rejections[0])
+    assert record is not None and json.loads(record["body"])["job_id"] == "a"
+    bare = Callbacks(spool, clock, SecretStore(None), logger=LOG)
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
+                    logger=LOG, callbacks=bare)  # fmt: skip
+    refused = offer("c.yaml", job.replace("a\n", "c\ncallback: {url: 'http://127.0.0.1:9/c'}\n", 1))
+    assert isinstance(refused, Rejected) and refused.reason["code"] == "callback"
+    assert "no secret" in refused.reason["reason"]
