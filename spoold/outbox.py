@@ -447,6 +447,8 @@ class Sender:
         """Stop taking deliveries; posts under way end on their own (within the timeout)."""
         self._stop.set()
         self._wake.set()
+        if not self._threads:
+            return  # never started (the daemon failed before)
         for _ in range(self._settings.workers):
             self._work.put(None)
         self._threads[0].join()
@@ -490,11 +492,15 @@ class Sender:
             handed += 1
         return handed
 
-    def next_due(self) -> float | None:
-        """When the earliest delivery waiting for its next try is due (epoch seconds)."""
+    def next_due(self, now: float) -> float | None:
+        """When the earliest delivery that waits out a backoff is due (epoch seconds).
+
+        Not one that is due already: it is in flight, or waits for a free slot, and the end
+        of a post wakes the loop for it.
+        """
         with self._lock:
             tries = [float(r.get("next_try") or 0) for r in self._records.values()]
-        return min(tries, default=None)
+        return min((t for t in tries if t > now), default=None)
 
     def _record(self, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -525,15 +531,16 @@ class Sender:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before looking: a wake-up from now on is not lost
             try:
                 self.tick()
             except Exception:  # the sender must outlive any one bad file
                 self._logger.exception("callback sender: unexpected failure; going on")
+            now = self._clock.now().timestamp()
             wait = self._poll
-            if (due := self.next_due()) is not None:
-                wait = max(0.0, min(wait, due - self._clock.now().timestamp()))
+            if (due := self.next_due(now)) is not None:
+                wait = min(wait, due - now)
             self._wake.wait(wait)
-            self._wake.clear()
 
     def _post_loop(self) -> None:
         while (due := self._work.get()) is not None:

@@ -280,6 +280,8 @@ def test_a_slow_receiver_holds_only_its_own_deliveries(
         try:
             receiver.wait_count(3)
             assert len(slow.received) == 1  # per_host: its second waits, not the others
+            # Both due, one in flight, one held by per_host: nothing to wake up for (no spin).
+            assert posting.next_due(clock.now().timestamp()) is None
             slow.hold.set()
             slow.wait_count(2)
             wait_for(lambda: not outbox(spool), what="an empty outbox")
