@@ -13,6 +13,7 @@ import pytest
 from requests.structures import CaseInsensitiveDict
 
 from spoold.config import load_config
+from spoold.control import JobControl
 from spoold.daemon import job_validator
 from spoold.errors import CallbackError, ConfigError
 from spoold.intake import Accepted, Intake, Rejected
@@ -389,3 +390,24 @@ def test_intake_announces_and_refuses_what_it_cannot_sign(
     refused = offer("c.yaml", job.replace("a\n", "c\ncallback: {url: 'http://127.0.0.1:9/c'}\n", 1))
     assert isinstance(refused, Rejected) and refused.reason["code"] == "callback"
     assert "no secret" in refused.reason["reason"]
+
+
+def test_cancel_and_retry_from_the_command_line_are_announced(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    made = Callbacks(spool, clock, SecretStore(None), logger=LOG,
+                     default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
+                    logger=LOG, callbacks=made)  # fmt: skip
+    (tmp_path / "a.yaml").write_text("job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n")
+    assert isinstance(intake.process(spool.stage_file(tmp_path / "a.yaml", max_size=1 << 20)),
+                      Accepted)  # fmt: skip
+    control = JobControl(spool, clock, who="tester", callbacks=made)
+    assert control.cancel("a").cancelled
+    control.retry("a")
+    sent = [spool.read_delivery(name) or {} for name in outbox(spool)]
+    assert [(r["sequence"], r["event"]) for r in sent] == [
+        (1, "accepted"), (2, "cancelled"), (3, "retrying"),
+    ]  # fmt: skip
+    assert spool.read_status(spool.get("a"))["callback_sequence"] == 3
