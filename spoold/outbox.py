@@ -59,6 +59,7 @@ _STATE_EVENTS = {
     JobState.CANCELLED: "cancelled",
 }
 _REQUIRED = frozenset({"key", "event", "url", "body", "signature", "timestamp", "delivery_id"})
+_RELIST = 0.1  # seconds between listings of outbox/, at most (unless woken)
 #: A prepared delivery older than this has lost its writer (killed mid-change): settle it.
 STALE_PREPARED = 600.0
 
@@ -424,6 +425,10 @@ class Sender:
         self._in_flight: set[str] = set()  # keys
         self._hosts: Counter[str] = Counter()
         self._records: dict[str, dict[str, Any]] = {}  # read once per name
+        self._names: list[str] | None = None  # the last listing of outbox/
+        self._listed = 0.0  # when, monotonic
+        self._relist = False
+        self._gone: set[str] = set()  # taken or given up since
         self._work: queue.Queue[_Due | None] = queue.Queue()
         self._wake = wake or threading.Event()
         self._stop = threading.Event()
@@ -431,7 +436,8 @@ class Sender:
         self._local = threading.local()
 
     def wake(self) -> None:
-        """Look at outbox/ now: a delivery was committed, or one ended."""
+        """Look at outbox/ now: a delivery was committed."""
+        self._relist = True
         self._wake.set()
 
     def start(self) -> None:
@@ -461,18 +467,17 @@ class Sender:
     def tick(self) -> int:
         """Hand out every delivery that is due; return how many were."""
         now = self._clock.now().timestamp()
-        heads: dict[str, str] = {}
-        names = self._spool.list_outbox()
-        for name in names:  # sorted: a key's lowest sequence comes first
-            heads.setdefault(name.rsplit("~", 1)[0], name)
-        with self._lock:
-            for gone in self._records.keys() - set(names):
-                del self._records[gone]
         handed = 0
-        for key, name in heads.items():
-            with self._lock:
-                if key in self._in_flight or len(self._in_flight) >= self._settings.workers:
-                    continue
+        keys: set[str] = set()
+        for name in self._listing():  # sorted: a key's lowest sequence comes first
+            key = name.rsplit("~", 1)[0]
+            if key in keys:
+                continue
+            keys.add(key)
+            if key in self._in_flight:  # only this thread adds: a stale read only waits
+                continue
+            if len(self._in_flight) >= self._settings.workers:
+                break
             if name.endswith(".prepared"):
                 self._settle_if_stale(name, now)
                 continue
@@ -482,7 +487,7 @@ class Sender:
                 continue
             if float(record.get("next_try") or 0) > now:
                 continue
-            host = urlsplit(str(record.get("url"))).netloc
+            host = urlsplit(str(record["url"])).netloc
             with self._lock:
                 if self._hosts[host] >= self._settings.per_host:
                     continue
@@ -491,6 +496,24 @@ class Sender:
             self._work.put(_Due(name, record))
             handed += 1
         return handed
+
+    def _listing(self) -> list[str]:
+        """outbox/'s deliveries: listed at most every ``_RELIST`` s (or when woken from outside).
+
+        A backlog of thousands would otherwise be listed again after every single delivery.
+        """
+        now = self._clock.monotonic()
+        with self._lock:
+            if self._names is not None and not self._relist and now - self._listed < _RELIST:
+                return [name for name in self._names if name not in self._gone]
+            self._relist = False
+        names = self._spool.list_outbox()
+        with self._lock:
+            self._names, self._listed = names, now
+            self._gone.clear()
+            for gone in self._records.keys() - set(names):
+                del self._records[gone]
+        return names
 
     def next_due(self, now: float) -> float | None:
         """When the earliest delivery that waits out a backoff is due (epoch seconds).
@@ -503,8 +526,7 @@ class Sender:
         return min((t for t in tries if t > now), default=None)
 
     def _record(self, name: str) -> dict[str, Any] | None:
-        with self._lock:
-            record = self._records.get(name)
+        record = self._records.get(name)  # one dict lookup is atomic; this runs per delivery
         if record is None:
             record = self._spool.read_delivery(name)
             if record is not None:
@@ -518,12 +540,15 @@ class Sender:
             self._spool.give_up_delivery(name)
         except FileNotFoundError:
             return  # delivered and removed while we looked
+        finally:
+            self._gone.add(name)
         self._logger.error("callback %s is unreadable; moved to outbox/failed/", name)
 
     def _settle_if_stale(self, name: str, now: float) -> None:
         record = self._spool.read_delivery(name)
         if record is not None and now - float(record.get("created") or 0) > STALE_PREPARED:
             made = self._callbacks.settle(name)
+            self._relist = True  # it is gone, or under its committed name
             self._logger.warning(
                 "callback %s: its writer left it unfinished; %s", name,
                 "the change was made, sending it" if made else "the change was not made, dropped",
@@ -580,7 +605,8 @@ class Sender:
             self._spool.remove_delivery(name)
             with self._lock:
                 self._records.pop(name, None)
-            self._logger.info("callback %s %s delivered", record["key"], record["event"])
+                self._gone.add(name)
+            self._logger.debug("callback %s %s delivered", record["key"], record["event"])
             return True
         self._failed(name, record, error)
         return False
@@ -594,6 +620,7 @@ class Sender:
             self._spool.give_up_delivery(name)
             with self._lock:
                 self._records.pop(name, None)
+                self._gone.add(name)
             self._logger.error(
                 "callback %s %s to %s: gave up after %d tries (%s); kept in outbox/failed/",
                 record["key"], record["event"], record["url"], tries, error,

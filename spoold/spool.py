@@ -614,14 +614,14 @@ class Spool:
 
     def list_outbox(self, directory: str = "") -> list[str]:
         """The deliveries waiting (or, with ``directory="failed"``, given up), in key order."""
+        # Names alone: the sender lists a backlog of thousands after every delivery.
         try:
-            with os.scandir(os.path.join(self._dirs["outbox"], directory)) as entries:
-                return sorted(
-                    e.name for e in entries
-                    if "~" in e.name and e.name.endswith((".json", _PREPARED)) and e.is_file()
-                )  # fmt: skip
+            names = os.listdir(os.path.join(self._dirs["outbox"], directory))
         except FileNotFoundError:
             return []
+        names = [n for n in names if "~" in n and n[0] != "."]  # not failed/, nor temp files
+        names.sort()
+        return names
 
     def read_delivery(self, name: str, directory: str = "") -> dict[str, Any] | None:
         """A delivery's content; None once it is gone."""
