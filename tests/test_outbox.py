@@ -354,14 +354,18 @@ def test_a_damaged_delivery_is_put_aside(spool: Spool, clock: FakeClock) -> None
     assert outbox(spool) == [] and outbox(spool, "failed") == ["j1~00000001.json"]
 
 
+def intake_with(spool: Spool, clock: FakeClock, made: Callbacks) -> Intake:
+    return Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                  max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
+                  logger=LOG, callbacks=made)  # fmt: skip
+
+
 def test_intake_announces_and_refuses_what_it_cannot_sign(
     spool: Spool, clock: FakeClock, tmp_path: Path
 ) -> None:
     made = Callbacks(spool, clock, SecretStore(None), logger=LOG,
                      default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
-                    logger=LOG, callbacks=made)  # fmt: skip
+    intake = intake_with(spool, clock, made)
 
     def offer(name: str, text: str) -> Accepted | Rejected:
         (tmp_path / name).write_text(text)
@@ -383,10 +387,7 @@ def test_intake_announces_and_refuses_what_it_cannot_sign(
     assert len(rejections) == 1
     record = spool.read_delivery(rejections[0])
     assert record is not None and json.loads(record["body"])["job_id"] == "a"
-    bare = Callbacks(spool, clock, SecretStore(None), logger=LOG)
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
-                    logger=LOG, callbacks=bare)  # fmt: skip
+    intake = intake_with(spool, clock, Callbacks(spool, clock, SecretStore(None), logger=LOG))
     refused = offer("c.yaml", job.replace("a\n", "c\ncallback: {url: 'http://127.0.0.1:9/c'}\n", 1))
     assert isinstance(refused, Rejected) and refused.reason["code"] == "callback"
     assert "no secret" in refused.reason["reason"]
@@ -397,9 +398,7 @@ def test_cancel_and_retry_from_the_command_line_are_announced(
 ) -> None:
     made = Callbacks(spool, clock, SecretStore(None), logger=LOG,
                      default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
-                    logger=LOG, callbacks=made)  # fmt: skip
+    intake = intake_with(spool, clock, made)
     (tmp_path / "a.yaml").write_text("job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n")
     assert isinstance(intake.process(spool.stage_file(tmp_path / "a.yaml", max_size=1 << 20)),
                       Accepted)  # fmt: skip
