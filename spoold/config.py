@@ -128,6 +128,8 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     for key in ("default_callback_url", "default_callback_secret"):
         if key in doc:
             values[key] = doc[key]
+    if not str(doc.get("default_callback_url") or "http://").startswith(("http://", "https://")):
+        raise ConfigError("key default_callback_url: callbacks go to an http:// or https:// URL")
     if doc.get("default_callback_url") and not doc.get("default_callback_secret"):
         raise ConfigError(
             "key default_callback_url: callbacks are signed; set default_callback_secret too"

@@ -327,6 +327,9 @@ def test_a_default_callback_needs_a_secret(tmp_path: Path) -> None:
     config.write_text("default_callback_url: http://127.0.0.1/x\n")
     with pytest.raises(ConfigError, match="default_callback_secret"):
         load_config(config)
+    config.write_text("default_callback_url: ftp://127.0.0.1/x\ndefault_callback_secret: s\n")
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        load_config(config)
     config.write_text(
         "default_callback_url: http://127.0.0.1/x\ndefault_callback_secret: s\n"
         "callbacks: {timeout: 3s, workers: 8, backoff: {initial: 1s, max: 2m}, give_up_after: 1d}\n"
