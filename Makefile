@@ -15,17 +15,21 @@ $(STAMP): pyproject.toml
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docker,ssh]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # Debian packages the test suite drives for real (installed only where missing): rsync, for
 # the test that delivers job files the way rsync does.
-# rsync: uploads in the intake tests; openssl: checks callback signatures independently.
+# rsync: uploads in the intake tests; openssl: checks callback signatures independently;
+# docker.io, busybox-static (the test image) and openssh-server: the real servers the docker
+# and ssh executors are tested against (the test fixtures start them).
 system-deps:
-	@command -v rsync >/dev/null && command -v openssl >/dev/null \
-	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsync openssl >/dev/null)
+	@command -v rsync >/dev/null && command -v openssl >/dev/null && command -v dockerd >/dev/null \
+	  && test -x /bin/busybox && test -x /usr/sbin/sshd \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      rsync openssl docker.io busybox-static openssh-server >/dev/null)
 
 # Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
 run: setup

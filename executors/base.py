@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from spoold.clock import Clock
 from spoold.errors import ExecutorError, SpooldError
+from spoold.job import ArtifactSpec
 from spoold.joblog import JobLog
 from spoold.limits import Limits
 from spoold.process import RunAs, run_process
@@ -44,6 +45,10 @@ class RunContext:
     limits: Limits | None = None
     #: The user the job's local processes run as (``run_as:``), or None: spoold's own.
     run_as: RunAs | None = None
+    #: The artifacts declared for this unit (globs relative to the work dir). spoold collects
+    #: them from ``workdir`` after ``execute``: an executor that runs elsewhere (a container,
+    #: another host) copies the matching files from there into ``workdir`` first.
+    artifacts: tuple[ArtifactSpec, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -421,6 +421,7 @@ class JobRunner:
             on_start=on_start,
             limits=unit.limits,
             run_as=run_as,
+            artifacts=unit.artifacts,
         )
         return executor.run(ctx)
 

@@ -1,0 +1,177 @@
+"""A real Docker engine for the docker executor's tests, started once per session.
+
+The daemon listens on the default socket, so the executor finds it as it would in production.
+No registry is reachable here: the test image is a busybox rootfs imported from this host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+SOCKET = "/var/run/docker.sock"
+IMAGE = "local/busybox:test"
+_STATE_DIR = Path(tempfile.gettempdir()) / "spoold-test-dockerd"
+_START_BOUND = 60.0  # seconds; it is up in about one, but a cold overlay2 set-up takes longer
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """A missing engine fails the run in CI (it must be tested there) and skips it elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"docker engine unavailable: {reason}")
+    pytest.skip(f"docker engine unavailable: {reason}")
+
+
+def _answers() -> bool:
+    if not Path(SOCKET).exists():
+        return False
+    try:
+        done = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _install() -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "-qq", "--no-install-recommends"]
+    done = subprocess.run(
+        [*command, "docker.io", "busybox-static"], env=env, capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        _unavailable(f"apt-get install docker.io failed: {done.stderr.decode()[-500:]}")
+
+
+def _busybox_rootfs() -> bytes:
+    """A tar of /bin/busybox and its applets as symlinks: enough for sh, sleep, head, ..."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        _unavailable("no busybox binary to build the test image from")
+    with tempfile.TemporaryDirectory() as tmp:
+        bin_dir = Path(tmp, "bin")
+        bin_dir.mkdir()
+        shutil.copy2(str(busybox), bin_dir / "busybox")
+        listed = subprocess.run([busybox, "--list"], capture_output=True, check=True, text=True)
+        for applet in listed.stdout.split():
+            # Relative links: `busybox --install -s` would point them at this host's path.
+            if applet != "busybox":
+                (bin_dir / applet).symlink_to("busybox")
+        Path(tmp, "tmp").mkdir(mode=0o1777)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(tmp, arcname=".")
+    return buffer.getvalue()
+
+
+def _import_image() -> None:
+    have = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, check=False)
+    if have.returncode == 0:
+        return
+    done = subprocess.run(
+        ["docker", "import", "-", IMAGE], input=_busybox_rootfs(), capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        _unavailable(f"docker import failed: {done.stderr.decode()}")
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM, then SIGKILL: dockerd stops its containerd and containers first."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _ended(pid):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)  # a zombie of ours, when this process started it
+                return
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie that the xdist worker which started it has yet to reap."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@contextlib.contextmanager
+def _shared_state() -> Iterator[dict[str, Any]]:
+    """The users of the daemon across pytest-xdist workers, under a lock: each worker runs its
+    own session fixture, and only one may start dockerd, and only the last out stop it."""
+    _STATE_DIR.mkdir(exist_ok=True)
+    with (_STATE_DIR / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = _STATE_DIR / "state.json"
+        state: dict[str, Any] = {"users": 0, "pid": None}
+        if path.exists() and path.read_text():
+            state = json.loads(path.read_text())
+        yield state
+        path.write_text(json.dumps(state))
+
+
+def _start(log_dir: Path) -> int:
+    if shutil.which("dockerd") is None:
+        _install()
+    if shutil.which("dockerd") is None:
+        _unavailable("dockerd is not installed")
+    with (log_dir / "dockerd.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["dockerd", "--pidfile", str(log_dir / "dockerd.pid")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + _START_BOUND
+    while not _answers():
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                _stop(process.pid)
+            tail = (log_dir / "dockerd.log").read_text(errors="replace")[-2000:]
+            _unavailable(f"dockerd did not come up (exit {process.poll()}):\n{tail}")
+        time.sleep(0.1)
+    return process.pid
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running Docker engine with the test image; yields the image's name.
+
+    A daemon that already answers is used and left running; one started here is stopped when
+    the last test session using it ends.
+    """
+    try:
+        import docker  # type: ignore[import-untyped]  # noqa: F401, PLC0415 - say so first
+    except ImportError:
+        _unavailable("the docker SDK is not installed (pip install spoold[docker])")
+    with _shared_state() as state:
+        if not _answers():
+            state["users"], state["pid"] = 0, _start(tmp_path_factory.mktemp("dockerd"))
+        _import_image()
+        state["users"] += 1
+    try:
+        yield IMAGE
+    finally:
+        with _shared_state() as state:
+            state["users"] -= 1
+            if state["users"] <= 0 and state["pid"] is not None:
+                _stop(state["pid"])
+                state["users"], state["pid"] = 0, None

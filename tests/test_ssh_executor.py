@@ -1,0 +1,255 @@
+"""The ssh executor against a real OpenSSH server on 127.0.0.1 (see tests/sshd.py)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from spoold.executors.base import ExecResult, RunContext
+from spoold.executors.ssh import SshExecutor
+
+from spoold.job import ArtifactSpec
+from spoold.plugins import ExecutorRegistry
+from tests.harness import wait_for
+from tests.sshd import SshServer, free_port, keygen, sshd_fixture  # noqa: F401 - the fixture
+from tests.test_executors import _context, _Log
+
+
+def _run(
+    tmp_path: Path, product: dict[str, Any], **overrides: Any
+) -> tuple[ExecResult, _Log, RunContext]:
+    log = overrides.pop("log", None) or _Log()
+    job_id = overrides.pop("job_id", f"ssh-{uuid.uuid4().hex[:12]}")
+    workdir = tmp_path / "work"
+    workdir.mkdir(exist_ok=True)
+    env = overrides.pop("env", None) or _context(workdir, {}, log).env
+    env = {**env, "JOB_ID": job_id, "SPOOLD_JOB_ID": job_id}
+    ctx = _context(workdir, product, log, executor="ssh", job_id=job_id, env=env, **overrides)
+    return SshExecutor().run(ctx), log, ctx
+
+
+def _remote_dirs(ctx: RunContext) -> list[str]:
+    """The job's remote work dirs left behind (sshd runs on this host)."""
+    return glob.glob(f"/tmp/spoold-{ctx.job_id}-*")
+
+
+def _processes(marker: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+def _marker() -> str:
+    # A sleep whose argv is unique to the test: pgrep can tell it from every other.
+    return f"{uuid.uuid4().int % 10**9 + 600}.{uuid.uuid4().int % 10**6:06d}"
+
+
+def test_registered_with_a_schema_that_accepts_its_fields(sshd: SshServer) -> None:
+    registry = ExecutorRegistry.from_entry_points()
+    assert registry.get("ssh") is SshExecutor
+    product = sshd.product(commands=["true"], env={"A": "1"}, connect_timeout="5s")
+    jsonschema.validate(product, registry.schemas()["ssh"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**product, "shell": "bash; id"}, registry.schemas()["ssh"])
+
+
+def test_output_is_streamed_into_the_log_by_stream(sshd: SshServer, tmp_path: Path) -> None:
+    product = sshd.product(commands='echo "out $JOB_ID"\necho err >&2\nprintf "no newline"')
+    result, log, ctx = _run(tmp_path, product)
+    assert result.succeeded and result.exit_code == 0
+    assert any(line.endswith(f" INFO out {ctx.job_id}") for line in log.lines())
+    assert any(line.endswith(" ERROR err") for line in log.lines())
+    assert any(line.endswith(" INFO no newline") for line in log.lines())
+    assert "spoold-pgid" not in log.text()
+    assert _remote_dirs(ctx) == []
+
+
+def test_exit_code_of_the_remote_commands_is_the_jobs(sshd: SshServer, tmp_path: Path) -> None:
+    product = sshd.product(commands=["echo before", "exit 3", "echo never"])
+    result, log, ctx = _run(tmp_path, product)
+    assert (result.exit_code, result.succeeded, result.error) == (3, False, "exit code 3")
+    assert "before" in log.text() and "never" not in log.text()
+    assert _remote_dirs(ctx) == []
+
+
+def test_commands_run_in_the_remote_work_dir(sshd: SshServer, tmp_path: Path) -> None:
+    product = sshd.product(commands='[ "$PWD" = "$RUNNER_WORKDIR" ] && echo "in $PWD"')
+    result, log, ctx = _run(tmp_path, product)
+    assert result.succeeded, log.text()
+    assert f"in /tmp/spoold-{ctx.job_id}-" in log.text()
+    assert str(ctx.workdir) not in log.text()
+
+
+def test_variables_reach_the_remote_side_literally(sshd: SshServer, tmp_path: Path) -> None:
+    victim = tmp_path / "pwned"
+    nasty = f'\'; touch {victim} #$(id) `id` \\ \n"x"'
+    product = sshd.product(
+        commands='printf "%s|" "$NASTY" "$EXTRA" "$SPOOLD_ATTEMPT"', env={"EXTRA": "it's"}
+    )
+    env = {**_context(tmp_path, {}, _Log()).env, "NASTY": nasty, "SPOOLD_ATTEMPT": "2"}
+    result, log, _ = _run(tmp_path, product, env=env)
+    assert result.succeeded, log.text()
+    assert f"{nasty}|it's|2|" in "\n".join(line.split(" ", 2)[2] for line in log.lines())
+    assert not victim.exists()
+
+
+def test_an_unknown_host_key_fails_the_job(sshd: SshServer, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    result, log, _ = _run(tmp_path, sshd.product(commands="echo ran", known_hosts=str(empty)))
+    assert result.exit_code is None and not result.succeeded
+    assert result.error is not None and "host key" in result.error and "unknown" in result.error
+    assert "retryable" not in result.error
+    assert "ran" not in log.text().replace(result.error, "")
+
+
+def test_a_changed_host_key_fails_the_job(sshd: SshServer, tmp_path: Path) -> None:
+    other = keygen(tmp_path / "other_host_key")
+    public = Path(f"{other}.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {public[0]} {public[1]}\n")
+    result, log, _ = _run(tmp_path, sshd.product(commands="echo ran", known_hosts=str(known)))
+    assert result.exit_code is None
+    assert result.error is not None and "CHANGED" in result.error, result.error
+    assert "ran" not in log.text().replace(result.error, "")
+
+
+def test_a_refused_connection_fails_retryably(sshd: SshServer, tmp_path: Path) -> None:
+    port = free_port()
+    result, _, _ = _run(tmp_path, sshd.product(commands="true", port=port))
+    assert result.exit_code is None
+    assert (
+        result.error == f"ssh: cannot connect to 127.0.0.1:{port}: Connection refused (retryable)"
+    )
+
+
+def test_a_server_that_never_answers_fails_retryably(sshd: SshServer, tmp_path: Path) -> None:
+    with socket.socket() as silent:  # the kernel accepts connections; nobody says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        product = sshd.product(commands="true", port=silent.getsockname()[1], connect_timeout=0.5)
+        result, _, _ = _run(tmp_path, product)
+    assert result.exit_code is None
+    assert result.error is not None and result.error.endswith("(retryable)"), result.error
+
+
+def test_a_rejected_key_fails_without_retry(sshd: SshServer, tmp_path: Path) -> None:
+    stranger = keygen(tmp_path / "stranger")
+    result, _, _ = _run(tmp_path, sshd.product(commands="true", keyfile=str(stranger)))
+    assert result.exit_code is None
+    assert result.error is not None and "authentication as" in result.error
+    assert "retryable" not in result.error
+
+
+def test_artifacts_are_fetched_from_the_remote_work_dir(sshd: SshServer, tmp_path: Path) -> None:
+    commands = [
+        "mkdir -p out/sub logs && echo report > out/report.txt && echo no > out/report.bin",
+        "echo deep > logs/a.log && ln -s /etc/passwd out/passwd.txt && echo top > top.txt",
+        "echo nested > out/sub/n.txt",
+    ]
+    artifacts = (ArtifactSpec("out/*.txt"), ArtifactSpec("logs", "dir"), ArtifactSpec("../*"))
+    result, log, ctx = _run(tmp_path, sshd.product(commands=commands), artifacts=artifacts)
+    assert result.succeeded, log.text()
+    fetched = sorted(p.relative_to(ctx.workdir).as_posix() for p in ctx.workdir.rglob("*"))
+    assert fetched == ["logs", "logs/a.log", "out", "out/report.txt"]
+    assert (ctx.workdir / "out/report.txt").read_text() == "report\n"
+    assert _remote_dirs(ctx) == []
+
+
+def test_a_timeout_kills_the_remote_process_group(sshd: SshServer, tmp_path: Path) -> None:
+    marker = _marker()
+    product = sshd.product(commands=f"sleep {marker} & sleep {marker}")
+    result, log, ctx = _run(tmp_path, product, timeout=1.0, kill_grace=1.0)
+    assert result.timed_out and result.error == "timed out after 1s", log.text()
+    wait_for(lambda: not _processes(marker), bound=10, what="the remote sleeps to end")
+    assert _remote_dirs(ctx) == []
+
+
+def test_what_the_job_left_running_ends_with_it(sshd: SshServer, tmp_path: Path) -> None:
+    marker = _marker()
+    product = sshd.product(commands=f"sleep {marker} & echo left")
+    result, log, _ = _run(tmp_path, product, timeout=30.0)
+    assert result.succeeded and "left" in log.text(), log.text()
+    wait_for(lambda: not _processes(marker), bound=10, what="the background sleep to end")
+
+
+def test_sigkill_follows_when_sigterm_is_ignored(sshd: SshServer, tmp_path: Path) -> None:
+    marker = _marker()
+    product = sshd.product(commands=f"trap '' TERM; sleep {marker}")
+    result, log, _ = _run(tmp_path, product, timeout=0.5, kill_grace=0.5)
+    assert result.timed_out
+    assert "SIGKILL" in log.text()
+    wait_for(lambda: not _processes(marker), bound=10, what="the remote sleep to end")
+
+
+def test_cancel_kills_the_remote_process_group(sshd: SshServer, tmp_path: Path) -> None:
+    marker = _marker()
+    log = _Log()
+    cancel = threading.Event()
+
+    def cancel_once_started() -> None:
+        wait_for(lambda: "started" in log.text(), bound=30, what="the job's first line")
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_started, daemon=True)
+    canceller.start()
+    product = sshd.product(commands=f"echo started; sh -c 'sleep {marker}; :'")
+    result, _, ctx = _run(tmp_path, product, log=log, cancel=cancel)
+    canceller.join(10)
+    assert result.cancelled and result.error == "cancelled", log.text()
+    wait_for(lambda: not _processes(marker), bound=10, what="the remote processes to end")
+    assert _remote_dirs(ctx) == []
+
+
+def test_a_lost_connection_fails_retryably(sshd: SshServer, tmp_path: Path) -> None:
+    marker, job_id = _marker(), f"ssh-lost-{uuid.uuid4().hex[:12]}"
+    log = _Log()
+
+    def cut_once_started() -> None:
+        wait_for(lambda: "started" in log.text(), bound=30, what="the job's first line")
+        # The connection's own sshd processes (privileged monitor and its child), not the
+        # job's shell: as when the network goes away, the job's processes stay.
+        monitors = _children(sshd.pid)
+        for pid in monitors + [c for m in monitors for c in _children(m)]:
+            if "sshd" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(int(pid), signal.SIGKILL)
+        for left in glob.glob(f"/tmp/spoold-{job_id}-*"):  # no link left to remove it with
+            shutil.rmtree(left)
+
+    cutter = threading.Thread(target=cut_once_started, daemon=True)
+    cutter.start()
+    try:
+        product = sshd.product(commands=f"echo started; sleep {marker}")
+        result, _, _ = _run(tmp_path, product, log=log, timeout=60.0, job_id=job_id)
+        cutter.join(10)
+        assert result.exit_code is None
+        assert result.error == "ssh: the connection ended before the job did (retryable)"
+    finally:
+        for pid in _processes(marker):  # the job's own sleep, left behind as a lost link leaves it
+            os.kill(int(pid), signal.SIGKILL)
+        for left in glob.glob(f"/tmp/spoold-{job_id}-*"):  # no link left to remove it with
+            shutil.rmtree(left)
+
+
+def _children(pid: int | str) -> list[str]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+def test_without_paramiko_the_error_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "paramiko", None)
+    result, _, _ = _run(tmp_path, {"host": "127.0.0.1", "commands": "true"})
+    assert result.exit_code is None
+    assert result.error is not None and "pip install spoold[ssh]" in result.error
