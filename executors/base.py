@@ -49,6 +49,11 @@ class RunContext:
     #: them from ``workdir`` after ``execute``: an executor that runs elsewhere (a container,
     #: another host) copies the matching files from there into ``workdir`` first.
     artifacts: tuple[ArtifactSpec, ...] = ()
+    #: The part of ``env`` that is the job's own: its variables, its secrets' variables and
+    #: spoold's about the job (``JOB_ID``, ``SPOOLD_*``, ``RUNNER_*``). ``env`` adds spoold's
+    #: inherited environment, which describes this host: an executor that runs elsewhere (a
+    #: container, another host) passes on only this.
+    job_env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,6 @@ WORKDIR = "/spoold/work"
 LABEL_JOB = "spoold.job"
 LABEL_MANAGED = "spoold.managed"
 LABEL_WORKER = "spoold.worker"
-# Besides the job's own variables, only what identifies the job goes in: the rest of spoold's
-# environment (PATH, HOME, anything secret in it) describes this host, not the container.
-_PASSED_PREFIXES = ("SPOOLD_", "RUNNER_")
-_PASSED_NAMES = frozenset({"JOB_ID"})
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
 _POLL = 0.05  # seconds between looks at cancel and the timeout
 _MAX_LINE = 64 * 1024  # a longer run of output without a newline is logged in pieces
@@ -163,14 +159,7 @@ def _lines(value: str | list[str] | None) -> list[str]:
 
 
 def _environment(ctx: RunContext) -> dict[str, str]:
-    # ctx.env is spoold's environment with the job's laid over it: what differs is the job's.
-    env = {
-        name: value
-        for name, value in ctx.env.items()
-        if name.startswith(_PASSED_PREFIXES)
-        or name in _PASSED_NAMES
-        or os.environ.get(name) != value
-    }
+    env = dict(ctx.job_env)  # not spoold's own environment: it describes this host
     env["RUNNER_WORKDIR"] = WORKDIR  # the host's path means nothing in the container
     env.update({str(k): str(v) for k, v in (ctx.product.get("env") or {}).items()})
     return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
 import re
 import select
 import shlex
@@ -149,13 +148,7 @@ def _prepare(client: Any, ctx: RunContext) -> str:
 def _script(ctx: RunContext) -> str:
     """The remote script: its process group first, the job's environment, then its commands."""
     lines = ['printf "spoold-pgid %s\\n" "${_SPOOLD_PGID:-$$}"']
-    # ctx.env is spoold's own environment plus the job's: only the job's part means anything
-    # over there (its variables and secrets, and spoold's variables about the job).
-    env = {
-        name: value
-        for name, value in ctx.env.items()
-        if name == "JOB_ID" or name.startswith("SPOOLD_") or os.environ.get(name) != value
-    }
+    env = dict(ctx.job_env)  # not spoold's own environment: it describes this host
     env.update({str(k): str(v) for k, v in (ctx.product.get("env") or {}).items()})
     env.pop("RUNNER_WORKDIR", None)
     lines += [f"export {n}={shlex.quote(v)}" for n, v in sorted(env.items()) if _VARIABLE.match(n)]

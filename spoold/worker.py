@@ -399,12 +399,14 @@ class JobRunner:
 
         try:
             executor = self._registry.create(unit.executor)
-            product, env = self._resolve(run, unit, executor.script_fields, workdir, attempt)
+            product, env, job_env = self._resolve(
+                run, unit, executor.script_fields, workdir, attempt
+            )
         except (SecretError, ExecutorError) as exc:
             log.error(str(exc))
             return ExecResult(exit_code=None, error=str(exc))
         if step_id is not None:
-            env["SPOOLD_STEP_ID"] = step_id
+            env["SPOOLD_STEP_ID"] = job_env["SPOOLD_STEP_ID"] = step_id
         ctx = RunContext(
             job_id=job.job_id,
             executor=unit.executor,
@@ -422,6 +424,7 @@ class JobRunner:
             limits=unit.limits,
             run_as=run_as,
             artifacts=unit.artifacts,
+            job_env=job_env,
         )
         return executor.run(ctx)
 
@@ -487,8 +490,9 @@ class JobRunner:
 
     def _resolve(
         self, run: ActiveRun, spec: JobSpec, scripts: tuple[str, ...], workdir: Path, attempt: int
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The product with variables and secrets filled in, and the job's environment.
+    ) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+        """The product with variables and secrets filled in, the job's environment, and the
+        part of it that is the job's own (not spoold's inherited one).
 
         Secrets are read now, at run time, and masked from here on. Fields that are programs
         (``scripts``) get references instead of values: see ``refer_to_secrets``.
@@ -502,8 +506,9 @@ class JobRunner:
             else self._fill(run, value, variables)
             for key, value in spec.product.items()
         }
-        env.update({secret_variable(name): self._secret(run, name) for name in sorted(used)})
-        return product, env
+        secrets = {secret_variable(name): self._secret(run, name) for name in sorted(used)}
+        env.update(secrets)
+        return product, env, {**variables, **secrets}
 
     def _fill(self, run: ActiveRun, value: Any, variables: dict[str, str]) -> Any:
         """``value`` with variables and secrets filled in (for fields that are not programs)."""

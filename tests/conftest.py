@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from spoold.spool import Spool
+from tests.dockerd import dockerd  # noqa: F401 - the real servers, one each per session
 from tests.harness import DaemonProcess, write_config
+from tests.sshd import sshd_fixture  # noqa: F401
 
 
 @pytest.fixture

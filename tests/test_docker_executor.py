@@ -25,11 +25,8 @@ from spoold.executors.docker import (
 from spoold.job import ArtifactSpec
 from spoold.plugins import ExecutorRegistry
 from spoold.validation import JobValidator, compose_job_schema, load_base_schema
-from tests.dockerd import dockerd
 from tests.harness import wait_for
 from tests.test_executors import _context, _Log
-
-__all__ = ["dockerd"]  # the session fixture, imported to be found
 
 
 @pytest.fixture
@@ -107,6 +104,7 @@ def test_environment_is_the_jobs_and_not_the_hosts(
             "env": {"NASTY": nasty},
         },
         env={"HOST_ONLY": "must-not-leak", "GREETING": "hi", "JOB_ID": "j-1", "PATH": "/nowhere"},
+        job_env={"GREETING": "hi", "JOB_ID": "j-1"},
     )
     result = _run(ctx)
     assert result.succeeded, log.text()

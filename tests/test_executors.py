@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def _context(workdir: Path, product: dict[str, Any], log: _Log, **overrides: Any
         "product": product,
         "workdir": workdir,
         "env": {**os.environ, "GREETING": "hi"},
+        "job_env": {"GREETING": "hi"},
         "log": log.log,
         "clock": SystemClock(),
         "timeout": None,
@@ -66,52 +68,79 @@ CONTRACT: dict[str, dict[str, dict[str, Any]]] = {
         "fail": {"script": ["echo before", "exit 3"]},
         "hang": {"script": "sleep 60"},
     },
+    "docker": {
+        "ok": {"script": "echo contract-ok"},
+        "fail": {"commands": ["echo before", "exit 3", "echo never"]},
+        "hang": {"script": "sleep 60"},
+    },
+    "ssh": {
+        "ok": {"commands": "echo contract-ok"},
+        "fail": {"commands": ["echo before", "exit 3", "echo never"]},
+        "hang": {"commands": "sleep 60"},
+    },
+}
+# The fields that point an executor at its real server, from that server's fixture.
+SERVERS: dict[str, Callable[[pytest.FixtureRequest], dict[str, Any]]] = {
+    "docker": lambda request: {"image": request.getfixturevalue("dockerd")},
+    "ssh": lambda request: dict(request.getfixturevalue("sshd").product()),
 }
 
 
+@dataclass(frozen=True)
+class Contracted:
+    """An executor under the contract, and the product of each case for it."""
+
+    name: str
+    instance: Executor
+    server: dict[str, Any]
+
+    def product(self, case: str) -> dict[str, Any]:
+        return {**self.server, **CONTRACT[self.name][case]}
+
+
 @pytest.fixture(params=sorted(CONTRACT))
-def executor(request: pytest.FixtureRequest) -> Iterator[tuple[str, Executor]]:
+def executor(request: pytest.FixtureRequest) -> Contracted:
     registry = ExecutorRegistry.from_entry_points()
-    yield request.param, registry.create(request.param)
+    server = SERVERS[request.param](request) if request.param in SERVERS else {}
+    return Contracted(request.param, registry.create(request.param), server)
 
 
 def test_every_installed_executor_is_covered_by_the_contract() -> None:
-    # A new executor must add its case here (issue 6 adds docker and ssh against real servers).
-    assert set(ExecutorRegistry.from_entry_points().names()) <= set(CONTRACT) | {"docker", "ssh"}
+    assert set(ExecutorRegistry.from_entry_points().names()) <= set(CONTRACT)
 
 
-def test_contract_success_output_and_exit_code(
-    executor: tuple[str, Executor], tmp_path: Path
-) -> None:
-    name, instance = executor
+def test_contract_success_output_and_exit_code(executor: Contracted, tmp_path: Path) -> None:
     log = _Log()
-    result = instance.run(_context(tmp_path, CONTRACT[name]["ok"], log))
+    result = executor.instance.run(_context(tmp_path, executor.product("ok"), log))
     assert result.succeeded and result.exit_code == 0
     assert any(line.endswith(" INFO contract-ok") for line in log.lines())
 
 
 def test_contract_failure_is_a_result_not_an_exception(
-    executor: tuple[str, Executor], tmp_path: Path
+    executor: Contracted, tmp_path: Path
 ) -> None:
-    name, instance = executor
     log = _Log()
-    result = instance.run(_context(tmp_path, CONTRACT[name]["fail"], log))
+    result = executor.instance.run(_context(tmp_path, executor.product("fail"), log))
     assert (result.exit_code, result.succeeded, result.error) == (3, False, "exit code 3")
     assert "never" not in log.text()
 
 
-def test_contract_timeout_ends_the_attempt(executor: tuple[str, Executor], tmp_path: Path) -> None:
-    name, instance = executor
-    result = instance.run(_context(tmp_path, CONTRACT[name]["hang"], _Log(), timeout=0.3))
+def test_contract_timeout_ends_the_attempt(executor: Contracted, tmp_path: Path) -> None:
+    result = executor.instance.run(
+        _context(tmp_path, executor.product("hang"), _Log(), timeout=0.3)
+    )
     assert result.timed_out and result.error == "timed out after 300ms"
 
 
-def test_contract_cancel_ends_the_attempt(executor: tuple[str, Executor], tmp_path: Path) -> None:
-    name, instance = executor
+def test_contract_cancel_ends_the_attempt(executor: Contracted, tmp_path: Path) -> None:
     cancel = threading.Event()
     spawned = threading.Event()
     ctx = _context(
-        tmp_path, CONTRACT[name]["hang"], _Log(), cancel=cancel, on_start=lambda pid: spawned.set()
+        tmp_path,
+        executor.product("hang"),
+        _Log(),
+        cancel=cancel,
+        on_start=lambda pid: spawned.set(),
     )
 
     def cancel_once_spawned() -> None:
@@ -119,7 +148,7 @@ def test_contract_cancel_ends_the_attempt(executor: tuple[str, Executor], tmp_pa
             cancel.set()
 
     threading.Thread(target=cancel_once_spawned).start()
-    result = instance.run(ctx)
+    result = executor.instance.run(ctx)
     assert result.cancelled and result.error == "cancelled"
 
 

@@ -22,7 +22,7 @@ from spoold.executors.ssh import SshExecutor
 from spoold.job import ArtifactSpec
 from spoold.plugins import ExecutorRegistry
 from tests.harness import wait_for
-from tests.sshd import SshServer, free_port, keygen, sshd_fixture  # noqa: F401 - the fixture
+from tests.sshd import SshServer, free_port, keygen
 from tests.test_executors import _context, _Log
 
 
@@ -33,9 +33,11 @@ def _run(
     job_id = overrides.pop("job_id", f"ssh-{uuid.uuid4().hex[:12]}")
     workdir = tmp_path / "work"
     workdir.mkdir(exist_ok=True)
-    env = overrides.pop("env", None) or _context(workdir, {}, log).env
-    env = {**env, "JOB_ID": job_id, "SPOOLD_JOB_ID": job_id}
-    ctx = _context(workdir, product, log, executor="ssh", job_id=job_id, env=env, **overrides)
+    own = {**overrides.pop("job_env", {}), "JOB_ID": job_id, "SPOOLD_JOB_ID": job_id}
+    env = {**_context(workdir, {}, log).env, **own}
+    ctx = _context(
+        workdir, product, log, executor="ssh", job_id=job_id, env=env, job_env=own, **overrides
+    )
     return SshExecutor().run(ctx), log, ctx
 
 
@@ -96,8 +98,7 @@ def test_variables_reach_the_remote_side_literally(sshd: SshServer, tmp_path: Pa
     product = sshd.product(
         commands='printf "%s|" "$NASTY" "$EXTRA" "$SPOOLD_ATTEMPT"', env={"EXTRA": "it's"}
     )
-    env = {**_context(tmp_path, {}, _Log()).env, "NASTY": nasty, "SPOOLD_ATTEMPT": "2"}
-    result, log, _ = _run(tmp_path, product, env=env)
+    result, log, _ = _run(tmp_path, product, job_env={"NASTY": nasty, "SPOOLD_ATTEMPT": "2"})
     assert result.succeeded, log.text()
     assert f"{nasty}|it's|2|" in "\n".join(line.split(" ", 2)[2] for line in log.lines())
     assert not victim.exists()
