@@ -6,9 +6,10 @@ a failed result, never an exception into the worker); a subclass fills in ``exec
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,6 +107,16 @@ class Executor(ABC):
         elif result.cancelled and result.error is None:
             result = ExecResult(result.exit_code, "cancelled", False, True, result.result)
         return result
+
+    @classmethod
+    def recover(cls, spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
+        """After a crash: remove what this executor's jobs left outside spoold's process tree
+        (containers, ...) for the jobs of ``spool_root`` that are no longer in ``running``.
+
+        Recovery calls it at start and whenever it ended jobs whose worker died (their
+        processes on this host are killed before). The default has nothing to remove.
+        """
+        return
 
     @abstractmethod
     def execute(self, ctx: RunContext) -> ExecResult:

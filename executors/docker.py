@@ -32,6 +32,7 @@ WORKDIR = "/spoold/work"
 LABEL_JOB = "spoold.job"
 LABEL_MANAGED = "spoold.managed"
 LABEL_WORKER = "spoold.worker"
+LABEL_SPOOL = "spoold.spool"  # whose recovery may remove it: several spools can share an engine
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
 _POLL = 0.05  # seconds between looks at cancel and the timeout
 _MAX_LINE = 64 * 1024  # a longer run of output without a newline is logged in pieces
@@ -55,6 +56,11 @@ class DockerExecutor(Executor):
     schema_resource = "docker.schema.json"
     reports_start = True
     script_fields = ("before_script", "script", "commands")
+
+    @classmethod
+    def recover(cls, spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
+        """Remove the containers of this spool's jobs that no longer run (a kill -9 of spoold)."""
+        _recover(spool_root, running, log)
 
     def execute(self, ctx: RunContext) -> ExecResult:
         docker = _sdk()
@@ -107,7 +113,9 @@ def _options(ctx: RunContext) -> dict[str, Any]:
     commands += _lines(product.get("commands"))
     labels = {LABEL_JOB: ctx.job_id, LABEL_MANAGED: "1"}
     if worker := ctx.env.get("RUNNER_ID"):
-        labels[LABEL_WORKER] = worker  # so that one spoold's recovery spares another's containers
+        labels[LABEL_WORKER] = worker
+    if job_dir := ctx.job_env.get("SPOOLD_JOB_DIR"):
+        labels[LABEL_SPOOL] = str(Path(job_dir).parent.parent)
     namespace = product.get("namespace")
     if namespace:
         labels["spoold.namespace"] = str(namespace)
@@ -338,16 +346,27 @@ def _explain(exc: BaseException) -> str:
     return str(getattr(exc, "explanation", None) or exc)
 
 
+def _recover(spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
+    try:
+        client = _sdk().from_env(timeout=10)
+        client.ping()
+    except Exception as exc:  # no SDK or no engine here: then no container of ours either
+        log.debug("docker recovery: no engine to look at (%s)", exc)
+        return
+    with contextlib.closing(client):
+        remove_leftovers(client, log, running=running, spool=str(spool_root))
+
+
 def remove_leftovers(
-    client: Any, log: logging.Logger, *, running: Collection[str] = (), worker: str | None = None
+    client: Any, log: logging.Logger, *, running: Collection[str] = (), spool: str | None = None
 ) -> list[str]:
     """Remove spoold's containers whose job is not in ``running`` (after a kill -9 of spoold).
 
-    ``worker`` limits this to the containers one spoold started (its RUNNER_ID), so that several
-    spoold daemons can share an engine. Returns the names of the containers removed.
+    ``spool`` limits this to the containers of one spool's jobs, so that several spools (and
+    their daemons) can share an engine. Returns the names of the containers removed.
     """
     docker = _sdk()
-    labels = [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_WORKER}={worker}"] if worker else [])
+    labels = [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_SPOOL}={spool}"] if spool else [])
     removed = []
     for container in client.containers.list(all=True, filters={"label": labels}):
         if container.labels.get(LABEL_JOB) in running:

@@ -139,7 +139,8 @@ class Daemon:
             callbacks=callbacks,
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
-        recovery = Recovery(spool, config, clock, logger, callbacks)
+        executors = [registry.get(name) for name in registry.names()]
+        recovery = Recovery(spool, config, clock, logger, callbacks=callbacks, executors=executors)
         return cls(
             config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
             due, scheduler, callbacks, sender,

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -14,6 +15,7 @@ from spoold.clock import Clock, parse_rfc3339
 from spoold.config import Config
 from spoold.documents import load_document
 from spoold.errors import InvalidJobFile, JobNotFound, SpoolError
+from spoold.executors.base import Executor
 from spoold.job import JobSpec, JobStatus
 from spoold.joblog import JobLog
 from spoold.outbox import Callbacks, announce, event_for
@@ -35,9 +37,12 @@ class Recovery:
 
     def __init__(
         self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger,
-        callbacks: Callbacks | None = None,
+        *, callbacks: Callbacks | None = None, executors: Iterable[type[Executor]] = (),
     ) -> None:  # fmt: skip
+        """``executors``: whose ``recover`` removes what jobs left outside this host's processes."""
         self._spool = spool
+        self._executors = tuple(executors)
+        self._swept = False
         self._callbacks = callbacks
         self._config = config
         self._clock = clock
@@ -84,7 +89,21 @@ class Recovery:
                 continue  # finished or taken over while we looked
             except (SpoolError, OSError, ValueError) as exc:
                 self._logger.error("cannot recover job %s: %s", job.job_id, exc)
+        if moved or not self._swept:
+            self.sweep_executors()
         return moved
+
+    def sweep_executors(self) -> None:
+        """Let every executor remove what jobs no longer running left behind (containers)."""
+        self._swept = True
+        running = {job.job_id for job in self._spool.list_jobs("running")}
+        for executor in self._executors:
+            try:
+                executor.recover(self._spool.root, running, self._logger)
+            except Exception:  # one executor's clean-up must not stop recovery
+                self._logger.exception(
+                    "recovery of %s jobs failed; tried again later", executor.name
+                )
 
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)

@@ -17,7 +17,7 @@ from spoold.executors.base import ExecResult, RunContext
 from spoold.executors.docker import (
     LABEL_JOB,
     LABEL_MANAGED,
-    LABEL_WORKER,
+    LABEL_SPOOL,
     DockerExecutor,
     remove_leftovers,
 )
@@ -242,14 +242,14 @@ def test_the_sub_schema(product: dict[str, Any], problem: str | None) -> None:
 
 
 def test_remove_leftovers_removes_a_stopped_labelled_container(dockerd: str, client: Any) -> None:
-    # Its own worker label: other tests' containers (other xdist workers) are not leftovers.
-    job, running, worker = _job_id(), _job_id(), _job_id()
-    labels = {LABEL_JOB: job, LABEL_MANAGED: "1", LABEL_WORKER: worker}
+    # Its own spool label: other tests' containers (other xdist workers) are not leftovers.
+    job, running, spool = _job_id(), _job_id(), _job_id()
+    labels = {LABEL_JOB: job, LABEL_MANAGED: "1", LABEL_SPOOL: spool}
     client.containers.create(dockerd, ["true"], labels=labels).start()
     client.containers.create(dockerd, ["true"], labels={**labels, LABEL_JOB: running})
     try:
         removed = remove_leftovers(
-            client, logging.getLogger("test"), running={running}, worker=worker
+            client, logging.getLogger("test"), running={running}, spool=spool
         )
         assert len(removed) == 1
         assert _left(client, job) == []
