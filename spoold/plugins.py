@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -23,7 +24,15 @@ class ExecutorRegistry:
     def from_entry_points(cls, points: Iterable[EntryPoint] | None = None) -> ExecutorRegistry:
         """Load every registered executor; a broken plugin is an error that names it."""
         found: dict[str, type[Executor]] = {}
+        values: dict[str, str] = {}
         for point in points if points is not None else entry_points(group=GROUP):
+            if values.setdefault(point.name, point.value) != point.value:
+                # Which one won would depend on sys.path order: a plugin must not replace
+                # another (a built-in one least of all) by accident.
+                raise PluginError(
+                    f"two executor plugins are named {point.name!r}: {values[point.name]} and "
+                    f"{point.value}; uninstall one"
+                )
             found[point.name] = _load(point)
         return cls(found)
 
@@ -43,11 +52,19 @@ class ExecutorRegistry:
         return self.get(name)()
 
     def schemas(self) -> dict[str, dict[str, Any]]:
-        """Each executor's sub-schema of ``product:``."""
-        return {
-            name: load_executor_schema(cls.schema_package, cls.schema_resource)
-            for name, cls in sorted(self._executors.items())
-        }
+        """Each executor's sub-schema of ``product:``; PluginError names one that is missing."""
+        schemas = {}
+        for name, executor in sorted(self._executors.items()):
+            where = f"{executor.schema_package}/{getattr(executor, 'schema_resource', None)}"
+            try:
+                schemas[name] = load_executor_schema(
+                    executor.schema_package, executor.schema_resource
+                )
+            except (AttributeError, OSError, ValueError) as exc:  # package data not installed
+                raise PluginError(
+                    f"executor plugin {name!r}: cannot read its schema {where}: {exc}"
+                ) from exc
+        return schemas
 
 
 def _load(point: EntryPoint) -> type[Executor]:
@@ -61,6 +78,11 @@ def _load(point: EntryPoint) -> type[Executor]:
         raise PluginError(
             f"executor plugin {point.name!r} ({point.value}) is not a subclass of "
             "spoold.executors.base.Executor"
+        )
+    if inspect.isabstract(loaded):
+        raise PluginError(
+            f"executor plugin {point.name!r} ({point.value}) is abstract: it must implement "
+            f"{', '.join(sorted(loaded.__abstractmethods__))}"
         )
     if getattr(loaded, "name", None) != point.name:
         raise PluginError(

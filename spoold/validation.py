@@ -166,7 +166,9 @@ def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_P
     elif kind == "type":
         yield f"must be {_or_list(_type_words(value))}, not {kind_of(instance)}", path, on_key
     elif kind == "pattern":
-        template = _PATTERN_MESSAGES.get(schema.get("title", ""), "{} does not match " + value)
+        # The pattern is text, not a template: `{0,63}` must not be read as a placeholder.
+        fallback = "{} does not match " + value.replace("{", "{{").replace("}", "}}")
+        template = _PATTERN_MESSAGES.get(schema.get("title", ""), fallback)
         yield template.format(show_value(instance)), path, on_key
     elif kind == "enum" and path[-1:] == ("executor",) and len(path) in (1, 3):
         installed = ", ".join(executors) or "none"

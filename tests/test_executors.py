@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from spoold.executors.custom import CustomExecutor
 from spoold.executors.local import LocalExecutor
 
 from spoold.clock import SystemClock
+from spoold.errors import PluginError
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
 from tests.harness import wait_for
@@ -241,3 +243,28 @@ def test_custom_before_script_runs_first(tmp_path: Path) -> None:
     )
     assert CustomExecutor().run(ctx).succeeded
     assert log.text().splitlines() == ["before", "script"]
+
+
+def _point(name: str, value: str) -> EntryPoint:
+    return EntryPoint(name=name, value=value, group="spoold.executors")
+
+
+class Abstract(Executor):  # forgets execute()
+    name = "abstract"
+    schema_resource = "local.schema.json"
+
+
+class NoSchema(LocalExecutor):
+    name = "noschema"
+    schema_resource = "missing.schema.json"
+
+
+def test_plugins_are_checked_when_loaded() -> None:
+    local = "spoold.executors.local:LocalExecutor"
+    with pytest.raises(PluginError, match="two executor plugins are named 'local'"):
+        ExecutorRegistry.from_entry_points([_point("local", local), _point("local", "x.y:Z")])
+    with pytest.raises(PluginError, match="abstract: it must implement execute"):
+        ExecutorRegistry.from_entry_points([_point("abstract", f"{__name__}:Abstract")])
+    registry = ExecutorRegistry.from_entry_points([_point("noschema", f"{__name__}:NoSchema")])
+    with pytest.raises(PluginError, match="'noschema': cannot read its schema"):
+        registry.schemas()

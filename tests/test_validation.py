@@ -770,3 +770,13 @@ def test_the_examples_are_valid() -> None:
     assert len(examples) >= 3
     for example in examples:
         assert validator.check(example.read_bytes(), example.name) == [], example.name
+
+
+def test_a_pattern_with_braces_is_shown_not_formatted() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "pattern": "^[a-z]{2,3}$"}},
+    }
+    checker = JobValidator(_schema(braces=schema))
+    issues = checker.check(b"executor: braces\nproduct: {name: toolong}\n", "a.yaml")
+    assert [i.message for i in issues] == ["'toolong' does not match ^[a-z]{2,3}$"]

@@ -18,8 +18,9 @@ import hashlib
 from pathlib import Path
 from typing import Protocol
 
-from spoold.errors import ExecutorError, ExecutorNotAvailable
 from spoold.executors.base import ExecResult, Executor, RunContext, within_workdir
+
+from spoold.errors import ExecutorError, ExecutorNotAvailable
 
 __all__ = ["ChecksumExecutor"]
 
@@ -60,7 +61,6 @@ class ChecksumExecutor(Executor):
     def execute(self, ctx: RunContext) -> ExecResult:
         given = str(ctx.product["path"])
         algorithm = str(ctx.product.get("algorithm", "sha256"))
-        expect = ctx.product.get("expect")
         path = Path(given) if Path(given).is_absolute() else within_workdir(ctx, given)
         if not path.is_file():  # not even opened: a FIFO would block the worker
             raise ExecutorError(f"{given}: no such file (or not a regular file)")
@@ -81,7 +81,7 @@ class ChecksumExecutor(Executor):
         digest = hasher.hexdigest()
         ctx.log.info(f"{algorithm} {digest}  {given} ({size} bytes)")
         result = {"algorithm": algorithm, "digest": digest, "path": given, "size": size}
-        if isinstance(expect, str) and expect.lower() != digest:
+        if isinstance(expect := ctx.product.get("expect"), str) and expect.lower() != digest:
             error = f"{algorithm} of {given} is {digest}, expected {expect.lower()}"
             ctx.log.error(error)
             return ExecResult(exit_code=1, error=error, result=result)
