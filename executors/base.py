@@ -55,6 +55,8 @@ class RunContext:
     #: inherited environment, which describes this host: an executor that runs elsewhere (a
     #: container, another host) passes on only this.
     job_env: Mapping[str, str] = field(default_factory=dict)
+    #: The operator's settings for this executor: the config's ``executors: {NAME: {...}}``.
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import select
 import shlex
 import socket
 import stat
-from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,7 +51,7 @@ class SshExecutor(Executor):
         shell = str(ctx.product.get("shell", "/bin/sh"))
         if not _SHELL.match(shell):
             raise ExecutorError(f"ssh: shell {shell!r} must be an absolute path")
-        client = _connect(paramiko, ctx.product)
+        client = _connect(paramiko, ctx)
         if ctx.cancel.is_set():
             client.close()
             return ExecResult(None, cancelled=True)
@@ -69,18 +68,38 @@ class SshExecutor(Executor):
             client.close()
 
 
-def _connect(paramiko: Any, product: Mapping[str, Any]) -> Any:
+def _connect(paramiko: Any, ctx: RunContext) -> Any:
     """A client logged in to the job's host; ExecutorError with the reason if not."""
+    product = ctx.product
     host, port, user = str(product["host"]), int(product.get("port", 22)), product.get("user")
     where = f"{host}:{port}"
     known = Path(str(product.get("known_hosts") or "~/.ssh/known_hosts")).expanduser()
     client = paramiko.SSHClient()
+    if ctx.settings.get("trust_on_first_use") and not known.exists():
+        known.parent.mkdir(parents=True, exist_ok=True)
+        known.touch(mode=0o600)
     try:
         client.load_host_keys(str(known))
     except (OSError, paramiko.SSHException) as exc:
         raise ExecutorError(f"ssh: cannot read known_hosts {known}: {exc}") from exc
-    # No trust on first use: a host key spoold has not been told about fails the job.
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    # No trust on first use, unless the operator's config says so (``executors: {ssh:
+    # {trust_on_first_use: true}}``): a host key spoold has not been told about fails the job.
+    # A changed key fails either way.
+    if ctx.settings.get("trust_on_first_use"):
+
+        class TrustOnFirstUse(paramiko.AutoAddPolicy):  # type: ignore[misc]
+            """Keeps the key in known_hosts (paramiko saves it there) and says so in the log."""
+
+            def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+                super().missing_host_key(client, hostname, key)
+                ctx.log.info(
+                    f"ssh: trusted {hostname} on first use: {key.get_name()} "
+                    f"{key.fingerprint}, kept in {known}"
+                )
+
+        client.set_missing_host_key_policy(TrustOnFirstUse())
+    else:
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
     keyfile = Path(str(product["keyfile"])).expanduser() if product.get("keyfile") else None
     if keyfile is not None and not keyfile.is_file():
         client.close()

@@ -60,6 +60,8 @@ class Config:
     retention: Retention = field(default_factory=Retention)
     #: The users a job may name in ``run_as:``; none by default.
     allowed_run_as: tuple[str, ...] = ()
+    #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
+    executor_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: Path | None = None
 
 
@@ -162,6 +164,8 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         values["retention"] = _parsed("retention", doc["retention"], Retention.from_document)
     if "allowed_run_as" in doc:
         values["allowed_run_as"] = tuple(doc["allowed_run_as"])
+    if "executors" in doc:
+        values["executor_settings"] = {str(k): dict(v) for k, v in doc["executors"].items()}
     script = doc.get("global_before_script")
     if script is not None:
         values["global_before_script"] = (script,) if isinstance(script, str) else tuple(script)

@@ -425,6 +425,7 @@ class JobRunner:
             run_as=run_as,
             artifacts=unit.artifacts,
             job_env=job_env,
+            settings=self._config.executor_settings.get(unit.executor, {}),
         )
         return executor.run(ctx)
 

@@ -71,3 +71,14 @@ def test_the_daemon_refuses_to_start_on_an_invalid_config(tmp_path: Path) -> Non
 def test_a_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_each_executor_gets_its_own_settings(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("executors: {ssh: {trust_on_first_use: true}, mine: {endpoint: x}}\n")
+    assert load_config(path, env={}).executor_settings == {
+        "ssh": {"trust_on_first_use": True}, "mine": {"endpoint": "x"},
+    }  # fmt: skip
+    path.write_text("executors: {ssh: true}\n")
+    with pytest.raises(ConfigError, match=r"executors\.ssh"):
+        load_config(path, env={})

@@ -125,6 +125,23 @@ def test_a_changed_host_key_fails_the_job(sshd: SshServer, tmp_path: Path) -> No
     assert "ran" not in log.text().replace(result.error, "")
 
 
+def test_trust_on_first_use_only_when_the_config_says_so(sshd: SshServer, tmp_path: Path) -> None:
+    known = tmp_path / "new" / "known_hosts"  # not there yet
+    trusting = {"trust_on_first_use": True}
+    product = sshd.product(commands="echo ran", known_hosts=str(known))
+    result, log, _ = _run(tmp_path, product, settings=trusting)
+    assert result.succeeded, log.text()
+    assert f"trusted [127.0.0.1]:{sshd.port} on first use" in log.text()
+    assert known.read_text().startswith(f"[127.0.0.1]:{sshd.port} ")
+    result, log, _ = _run(tmp_path, product)  # now known: no trust needed
+    assert result.succeeded and "on first use" not in log.text()
+    # A changed key fails even so.
+    public = Path(f"{keygen(tmp_path / 'other')}.pub").read_text().split()
+    known.write_text(f"[127.0.0.1]:{sshd.port} {public[0]} {public[1]}\n")
+    result, _, _ = _run(tmp_path, product, settings=trusting)
+    assert result.error is not None and "CHANGED" in result.error
+
+
 def test_a_refused_connection_fails_retryably(sshd: SshServer, tmp_path: Path) -> None:
     port = free_port()
     result, _, _ = _run(tmp_path, sshd.product(commands="true", port=port))
