@@ -111,6 +111,16 @@ class Executor(ABC):
         return result
 
     @classmethod
+    def validate(cls, product: Mapping[str, Any]) -> list[str]:
+        """What is wrong with a ``product:`` its sub-schema accepted, in words; [] if nothing.
+
+        For what a schema cannot say (two fields that exclude each other in a way it cannot
+        express, a value's meaning). Intake, ``spoold validate`` and ``exec`` refuse the job
+        with these messages. Runs on the document as written, before ``${NAME}`` is filled in.
+        """
+        return []
+
+    @classmethod
     def recover(cls, spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
         """After a crash: remove what this executor's jobs left outside spoold's process tree
         (containers, ...) for the jobs of ``spool_root`` that are no longer in ``running``.

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import threading
 import uuid
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -56,6 +56,21 @@ class DockerExecutor(Executor):
     schema_resource = "docker.schema.json"
     reports_start = True
     script_fields = ("before_script", "script", "commands")
+
+    @classmethod
+    def validate(cls, product: Mapping[str, Any]) -> list[str]:
+        """Mounts the engine would refuse only when the job runs."""
+        problems, targets = [], set()
+        for mount in product.get("mounts") or ():
+            source, target = str(mount).split(":")[:2]
+            if source.startswith("."):
+                problems.append(
+                    f"mounts: {source} is a relative path: give an absolute one or a volume name"
+                )
+            if target.rstrip("/") in targets:
+                problems.append(f"mounts: {target} is mounted twice")
+            targets.add(target.rstrip("/"))
+        return problems
 
     @classmethod
     def recover(cls, spool_root: Path, running: Collection[str], log: logging.Logger) -> None:

@@ -8,6 +8,7 @@ import select
 import shlex
 import socket
 import stat
+from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -43,6 +44,15 @@ class SshExecutor(Executor):
     name = "ssh"
     schema_resource = "ssh.schema.json"
     script_fields = ("commands",)
+
+    @classmethod
+    def validate(cls, product: Mapping[str, Any]) -> list[str]:
+        """Paths that would depend on the directory spoold was started in."""
+        return [
+            f"{field}: {product[field]} is a relative path: give an absolute one (or ~/...)"
+            for field in ("keyfile", "known_hosts")
+            if field in product and not str(product[field]).startswith(("/", "~"))
+        ]
 
     def execute(self, ctx: RunContext) -> ExecResult:
         paramiko = _paramiko()

@@ -36,7 +36,8 @@ from spoold.watcher import InotifyWatcher, resolve_watch_mode
 
 def job_validator(registry: ExecutorRegistry) -> JobValidator:
     """The validator for job files, knowing every installed executor."""
-    return JobValidator.for_executors(load_base_schema(), registry.schemas())
+    checks = {name: registry.get(name).validate for name in registry.names()}
+    return JobValidator.for_executors(load_base_schema(), registry.schemas(), checks=checks)
 
 
 def sd_notify(message: str, env: dict[str, str] | None = None) -> None:

@@ -58,6 +58,8 @@ except ImportError:  # pragma: no cover
     fastjsonschema = None  # type: ignore[assignment]
 
 _Problem = tuple[str, DocPath, bool]  # message, path, whether to point at the key
+#: An executor's own check of a valid ``product:``: the problems, in words ([] if none).
+ProductCheck = Callable[[Mapping[str, Any]], list[str]]
 
 
 _PLAIN_NAME = (
@@ -395,13 +397,15 @@ class JobValidator:
         executor_schemas: Mapping[str, Mapping[str, Any]],
         *,
         max_nodes: int = 100_000,
+        checks: Mapping[str, ProductCheck] | None = None,
     ) -> JobValidator:
-        """The validator for ``base`` with these executors' product schemas."""
+        """The validator for ``base`` with these executors' product schemas (and ``checks``:
+        each executor's ``validate``, for what a schema cannot say)."""
         narrowed = {
             name: compose_job_schema(base, {name: sub}) for name, sub in executor_schemas.items()
         }
         full = compose_job_schema(base, executor_schemas)
-        return cls(full, max_nodes=max_nodes, narrowed=narrowed)
+        return cls(full, max_nodes=max_nodes, narrowed=narrowed, checks=checks)
 
     def __init__(
         self,
@@ -409,7 +413,9 @@ class JobValidator:
         *,
         max_nodes: int = 100_000,
         narrowed: Mapping[str, Mapping[str, Any]] | None = None,
+        checks: Mapping[str, ProductCheck] | None = None,
     ) -> None:
+        self._checks = dict(checks or {})
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as exc:  # in practice an executor plugin's sub-schema
@@ -449,9 +455,23 @@ class JobValidator:
         steps = _step_problems(document)
         if not errors and "schedule" in document:
             steps += _schedule_problems(document["schedule"])
+        if not errors:
+            steps += self._product_problems(document)
         if errors or steps or duplicates:
             raise InvalidJobFile(self._issues(text, errors, steps, duplicates))
         return document
+
+    def _product_problems(self, document: dict[str, Any]) -> list[_Problem]:
+        """Each executor's own check of its products (the job's, and each step's)."""
+        units: list[tuple[DocPath, Mapping[str, Any]]] = [((), document)]
+        units += [(("steps", n), step) for n, step in enumerate(document.get("steps") or ())]
+        problems: list[_Problem] = []
+        for path, unit in units:
+            executor = unit.get("executor", document.get("executor"))
+            check = self._checks.get(executor) if isinstance(executor, str) else None
+            if check is not None and isinstance(unit.get("product"), Mapping):
+                problems += [(m, (*path, "product"), False) for m in check(unit["product"])]
+        return problems
 
     def _fast_valid(self, document: dict[str, Any]) -> bool:
         executor = document.get("executor")

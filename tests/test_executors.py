@@ -17,6 +17,7 @@ from spoold.executors.custom import CustomExecutor
 from spoold.executors.local import LocalExecutor
 
 from spoold.clock import SystemClock
+from spoold.daemon import job_validator
 from spoold.errors import PluginError
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
@@ -268,3 +269,22 @@ def test_plugins_are_checked_when_loaded() -> None:
     registry = ExecutorRegistry.from_entry_points([_point("noschema", f"{__name__}:NoSchema")])
     with pytest.raises(PluginError, match="'noschema': cannot read its schema"):
         registry.schemas()
+
+
+def test_an_executor_checks_what_its_schema_cannot(tmp_path: Path) -> None:
+    checker = job_validator(ExecutorRegistry.from_entry_points())
+    text = (
+        b"executor: ssh\nproduct: {host: h, commands: x, keyfile: id_rsa}\nsteps:\n"
+        b"  - {id: a, executor: docker, product: {image: x, script: y, mounts: ['./d:/a', 'v:/a/']}}\n"
+    )
+    assert [(i.path, i.message) for i in checker.check(text, "a.yaml")] == [
+        ("product", "keyfile: id_rsa is a relative path: give an absolute one (or ~/...)"),
+        (
+            "steps[0].product",
+            "mounts: ./d is a relative path: give an absolute one or a volume name",
+        ),
+        ("steps[0].product", "mounts: /a/ is mounted twice"),
+    ]
+    assert (
+        checker.check(b"executor: ssh\nproduct: {host: h, commands: x, keyfile: ~/k}\n", "b") == []
+    )
