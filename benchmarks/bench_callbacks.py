@@ -19,8 +19,9 @@ if __package__ in (None, ""):  # run as a script: the project root is one up
 
 from spoold.clock import SystemClock
 from spoold.job import JobStatus
-from spoold.outbox import Callbacks, CallbackSettings, CallbackTarget, Sender
+from spoold.outbox import Callbacks, CallbackTarget
 from spoold.secrets import SecretStore
+from spoold.sender import CallbackSettings, Sender
 from spoold.spool import Spool
 from spoold.states import JobState
 from tests.receiver import Receiver

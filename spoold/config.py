@@ -13,8 +13,8 @@ import yaml
 
 from spoold.documents import load_executor_schema
 from spoold.errors import ConfigError
-from spoold.outbox import CallbackSettings
 from spoold.retention import Retention
+from spoold.sender import CallbackSettings
 from spoold.units import parse_duration, parse_size
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))

@@ -23,12 +23,13 @@ from spoold.due import DueJobs
 from spoold.errors import SpooldError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
-from spoold.outbox import Callbacks, Sender, callbacks_for
+from spoold.outbox import Callbacks, callbacks_for
 from spoold.plugins import ExecutorRegistry
 from spoold.pool import WorkerProcesses
 from spoold.recovery import Recovery
 from spoold.retention import STATES, Retention
 from spoold.scheduler import Scheduler
+from spoold.sender import Sender
 from spoold.spool import JobDir, Spool
 from spoold.validation import JobValidator, load_base_schema
 from spoold.watcher import InotifyWatcher, resolve_watch_mode

@@ -18,9 +18,10 @@ from spoold.daemon import job_validator
 from spoold.errors import CallbackError, ConfigError
 from spoold.intake import Accepted, Intake, Rejected
 from spoold.job import JobStatus
-from spoold.outbox import STALE_PREPARED, Callbacks, CallbackSettings, CallbackTarget, Sender
+from spoold.outbox import STALE_PREPARED, Callbacks, CallbackTarget
 from spoold.plugins import ExecutorRegistry
 from spoold.secrets import SecretStore
+from spoold.sender import CallbackSettings, Sender
 from spoold.spool import Spool
 from spoold.states import JobState
 from tests.fakes import FakeClock
