@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,docker,ssh]'
+	$(PY) -m pip install --quiet -e '.[test,docker,ssh,proxmox]'
 	touch $(STAMP)
 
 setup: $(STAMP)
