@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from spoold.daemon import job_validator
 from spoold.errors import PluginError
 from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
+from tests.fake_pve import AgentCommand, FakePVE
 from tests.harness import wait_for
 
 
@@ -81,30 +82,75 @@ CONTRACT: dict[str, dict[str, dict[str, Any]]] = {
         "fail": {"commands": ["echo before", "exit 3", "echo never"]},
         "hang": {"commands": "sleep 60"},
     },
-}
-# The fields that point an executor at its real server, from that server's fixture.
-SERVERS: dict[str, Callable[[pytest.FixtureRequest], dict[str, Any]]] = {
-    "docker": lambda request: {"image": request.getfixturevalue("dockerd")},
-    "ssh": lambda request: dict(request.getfixturevalue("sshd").product()),
+    # A command run by the guest agent of a VM on the fake Proxmox VE (what it prints and
+    # returns is the fake's, set by Server.prepare).
+    "proxmox": {
+        "ok": {"command": ["echo"]},
+        "fail": {"command": ["false"]},
+        "hang": {"command": ["sleep"]},
+    },
 }
 
 
 @dataclass(frozen=True)
+class Server:
+    """What points an executor at its real (or, for a vendor's API, fake) server."""
+
+    product: dict[str, Any] = field(default_factory=dict)
+    type: str | None = None
+    prepare: Callable[[str], None] = lambda case: None  # before a case runs
+
+
+def _proxmox(request: pytest.FixtureRequest) -> Server:
+    fake: FakePVE = request.getfixturevalue("fake_pve")
+    fake.add_guest(100, "qemu", status="running", config={"name": "vm100", "agent": "1"})
+    outcomes = {
+        "ok": AgentCommand(0, "contract-ok\n"),
+        "fail": AgentCommand(3, "before\n"),
+        "hang": AgentCommand(0, polls=1_000_000),
+    }
+    product = {
+        "host": f"{fake.host}:{fake.port}", "node": "pve1", "vmid": 100, "ca_file": fake.ca_file,
+        "token_id": fake.token_id, "token_secret": fake.token_secret,
+    }  # fmt: skip
+    return Server(
+        product, "kvm_agent_exec", lambda case: fake.agent_commands.append(outcomes[case])
+    )
+
+
+SERVERS: dict[str, Callable[[pytest.FixtureRequest], Server]] = {
+    "docker": lambda request: Server({"image": request.getfixturevalue("dockerd")}),
+    "ssh": lambda request: Server(dict(request.getfixturevalue("sshd").product())),
+    "proxmox": _proxmox,
+}
+
+
+@pytest.fixture
+def fake_pve() -> Iterator[FakePVE]:
+    with FakePVE() as server:
+        server.task_polls = 0
+        yield server
+        assert server.violations == []
+
+
+@dataclass(frozen=True)
 class Contracted:
-    """An executor under the contract, and the product of each case for it."""
+    """An executor under the contract, and the context of each case for it."""
 
     name: str
     instance: Executor
-    server: dict[str, Any]
+    server: Server
 
-    def product(self, case: str) -> dict[str, Any]:
-        return {**self.server, **CONTRACT[self.name][case]}
+    def context(self, case: str, workdir: Path, log: _Log, **overrides: Any) -> RunContext:
+        self.server.prepare(case)
+        product = {**self.server.product, **CONTRACT[self.name][case]}
+        return _context(workdir, product, log, type=self.server.type, **overrides)
 
 
 @pytest.fixture(params=sorted(CONTRACT))
 def executor(request: pytest.FixtureRequest) -> Contracted:
     registry = ExecutorRegistry.from_entry_points()
-    server = SERVERS[request.param](request) if request.param in SERVERS else {}
+    server = SERVERS[request.param](request) if request.param in SERVERS else Server()
     return Contracted(request.param, registry.create(request.param), server)
 
 
@@ -114,7 +160,7 @@ def test_every_installed_executor_is_covered_by_the_contract() -> None:
 
 def test_contract_success_output_and_exit_code(executor: Contracted, tmp_path: Path) -> None:
     log = _Log()
-    result = executor.instance.run(_context(tmp_path, executor.product("ok"), log))
+    result = executor.instance.run(executor.context("ok", tmp_path, log))
     assert result.succeeded and result.exit_code == 0
     assert any(line.endswith(" INFO contract-ok") for line in log.lines())
 
@@ -123,27 +169,21 @@ def test_contract_failure_is_a_result_not_an_exception(
     executor: Contracted, tmp_path: Path
 ) -> None:
     log = _Log()
-    result = executor.instance.run(_context(tmp_path, executor.product("fail"), log))
+    result = executor.instance.run(executor.context("fail", tmp_path, log))
     assert (result.exit_code, result.succeeded, result.error) == (3, False, "exit code 3")
     assert "never" not in log.text()
 
 
 def test_contract_timeout_ends_the_attempt(executor: Contracted, tmp_path: Path) -> None:
-    result = executor.instance.run(
-        _context(tmp_path, executor.product("hang"), _Log(), timeout=0.3)
-    )
+    result = executor.instance.run(executor.context("hang", tmp_path, _Log(), timeout=0.3))
     assert result.timed_out and result.error == "timed out after 300ms"
 
 
 def test_contract_cancel_ends_the_attempt(executor: Contracted, tmp_path: Path) -> None:
     cancel = threading.Event()
     spawned = threading.Event()
-    ctx = _context(
-        tmp_path,
-        executor.product("hang"),
-        _Log(),
-        cancel=cancel,
-        on_start=lambda pid: spawned.set(),
+    ctx = executor.context(
+        "hang", tmp_path, _Log(), cancel=cancel, on_start=lambda pid: spawned.set()
     )
 
     def cancel_once_spawned() -> None:
