@@ -35,7 +35,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-APIDATA_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "apis" / "pve-apidata.json"
+from tests.apis import api_description
+
+APIDATA_PATH = api_description("pve-apidata.json")  # a missing one fails the tests at import
 BASE_PATH = "/api2/json"
 
 Schema = dict[str, Any]
