@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -154,8 +155,39 @@ def executor(request: pytest.FixtureRequest) -> Contracted:
     return Contracted(request.param, registry.create(request.param), server)
 
 
+# Executors that call a business API and run no program: they have no output to print and no
+# exit code to give, so the cases above do not apply. Their part of the contract: a failure to
+# reach their server is a result that says "(retryable)", never an exception.
+API_EXECUTORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sevdesk": ("create_invoice", {"api_token": "t", "contact_id": 1, "invoice_data": {
+        "invoice_date": "2026-11-22", "contact_person_id": 1,
+        "positions": [{"name": "Hosting", "quantity": 1, "price": "9.99", "tax_rate": 19}],
+    }}),
+    "lexware": ("create_invoice", {"api_key": "k", "customer_id": "c", "invoice_data": {
+        "voucherDate": "2026-11-22",
+        "lineItems": [{"name": "Hosting", "quantity": 1,
+                       "unitPrice": {"netAmount": "9.99", "taxRatePercentage": 19}}],
+    }}),
+}  # fmt: skip
+
+
 def test_every_installed_executor_is_covered_by_the_contract() -> None:
-    assert set(ExecutorRegistry.from_entry_points().names()) <= set(CONTRACT)
+    assert set(ExecutorRegistry.from_entry_points().names()) <= set(CONTRACT) | set(API_EXECUTORS)
+
+
+@pytest.mark.parametrize("name", sorted(API_EXECUTORS))
+def test_an_api_executor_that_cannot_reach_its_server_fails_retryably(
+    name: str, tmp_path: Path
+) -> None:
+    type_, product = API_EXECUTORS[name]
+    log = _Log()
+    ctx = _context(
+        tmp_path, {**product, "base_url": f"http://127.0.0.1:{_free_port()}"}, log,
+        executor=name, type=type_, timeout=5.0,
+    )  # fmt: skip
+    result = ExecutorRegistry.from_entry_points().create(name).run(ctx)
+    assert not result.succeeded and result.error is not None
+    assert "(retryable)" in result.error, result.error
 
 
 def test_contract_success_output_and_exit_code(executor: Contracted, tmp_path: Path) -> None:
@@ -328,3 +360,9 @@ def test_an_executor_checks_what_its_schema_cannot(tmp_path: Path) -> None:
     assert (
         checker.check(b"executor: ssh\nproduct: {host: h, commands: x, keyfile: ~/k}\n", "b") == []
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
