@@ -133,6 +133,8 @@ class FakeSevdesk:
         self.crash_after_create = False
         self.crash_after_cancel = False
         self.answer_after_create: int | None = None
+        #: Set: a create is stored, then its answer waits for the event (a daemon killed meanwhile).
+        self.hold_after_create: threading.Event | None = None
         self.fail_with: int | None = None
         self.fail_count = 0
         self._ids = itertools.count(5001)
@@ -255,6 +257,8 @@ class FakeSevdesk:
         invoice_id = next(self._ids)
         invoice = self._invoice(invoice_id, "RE", contact, head, net, tax)
         self.invoices[invoice_id] = invoice
+        if self.hold_after_create is not None:
+            self.hold_after_create.wait(60)
         if self.crash_after_create:
             self.crash_after_create = False
             return 0, None
