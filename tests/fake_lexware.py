@@ -30,6 +30,7 @@ import jsonschema
 import yaml
 
 from tests.apis import api_description
+from tests.loopback import serve_in_thread, stop_serving
 
 INVOICES = "lexoffice-invoices-UNOFFICIAL-apievangelist.yml"
 CREDIT_NOTES = "lexoffice-credit-notes-UNOFFICIAL-apievangelist.yml"
@@ -116,20 +117,13 @@ class FakeLexware:
 
         self._server = Server((self.host, 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+            stop_serving(self._server, self._thread)
+            self._server = self._thread = None
 
     def __enter__(self) -> FakeLexware:
         return self.start()

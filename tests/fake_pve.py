@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.apis import api_description
+from tests.loopback import serve_in_thread, stop_serving
 
 APIDATA_PATH = api_description("pve-apidata.json")  # a missing one fails the tests at import
 BASE_PATH = "/api2/json"
@@ -471,20 +472,13 @@ class FakePVE:
 
         self._server = Server((self.host, 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+            stop_serving(self._server, self._thread)
+            self._server = self._thread = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
