@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +30,7 @@ import jsonschema
 import yaml
 
 from tests.apis import api_description
-from tests.loopback import serve_in_thread, stop_serving
+from tests.loopback import MethodHandler, serve_in_thread, stop_serving
 
 INVOICES = "lexoffice-invoices-UNOFFICIAL-apievangelist.yml"
 CREDIT_NOTES = "lexoffice-credit-notes-UNOFFICIAL-apievangelist.yml"
@@ -229,26 +229,10 @@ class _Reply(Exception):
         self.status, self.body, self.violation = status, body, violation
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(MethodHandler):
     lexware: FakeLexware
-    protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def _serve(self, method: str) -> None:
+    def serve(self, method: str) -> None:
         fake = self.lexware
         parts = urlsplit(self.path)
         query = dict(parse_qs(parts.query, keep_blank_values=True).items())

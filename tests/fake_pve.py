@@ -29,14 +29,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.apis import api_description
-from tests.loopback import serve_in_thread, stop_serving
+from tests.loopback import MethodHandler, serve_in_thread, stop_serving
 
 APIDATA_PATH = api_description("pve-apidata.json")  # a missing one fails the tests at import
 BASE_PATH = "/api2/json"
@@ -994,36 +994,13 @@ class FakePVE:
         return {"result": {}}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(MethodHandler):
     pve: FakePVE
-    protocol_version = "HTTP/1.1"
     server_version = "pve-api-daemon/3.0"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    # Methods PVE does not know: recorded as violations, answered 501.
-    def do_PATCH(self) -> None:
-        self._serve("PATCH")
-
-    def do_OPTIONS(self) -> None:
-        self._serve("OPTIONS")
 
     def do_HEAD(self) -> None:
         self.close_connection = True
-        self._serve("HEAD")
+        self.serve("HEAD")
 
     def _reply(self, status: int, reason: str, body: dict[str, Any]) -> None:
         raw = json.dumps(body).encode()
@@ -1033,7 +1010,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(raw)
 
-    def _serve(self, method: str) -> None:
+    def serve(self, method: str) -> None:
         fake = self.pve
         split = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from http.server import HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 
 
 def serve_in_thread(server: HTTPServer) -> threading.Thread:
@@ -20,3 +21,34 @@ def stop_serving(server: HTTPServer, thread: threading.Thread | None) -> None:
     server.server_close()
     if thread is not None:
         thread.join(timeout=5)
+
+
+class MethodHandler(BaseHTTPRequestHandler):
+    """Hands every request to ``serve(method)``, whatever the method: a fake must see (and may
+    refuse) the ones its API does not know, too. Quiet: tests read what they assert on."""
+
+    protocol_version = "HTTP/1.1"
+
+    def serve(self, method: str) -> None:
+        raise NotImplementedError
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self.serve("GET")
+
+    def do_POST(self) -> None:
+        self.serve("POST")
+
+    def do_PUT(self) -> None:
+        self.serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self.serve("DELETE")
+
+    def do_PATCH(self) -> None:
+        self.serve("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self.serve("OPTIONS")
