@@ -20,7 +20,7 @@ from spoold.config import Config
 from spoold.control import JobControl
 from spoold.dispatch import JobMeta
 from spoold.due import DueJobs
-from spoold.errors import SpooldError
+from spoold.errors import SpooldError, SpoolError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
 from spoold.outbox import Callbacks, callbacks_for
@@ -89,6 +89,9 @@ class Daemon:
         logger = configure_logging(config)
         spool = Spool(config.spool, durable=config.durable)
         spool.check()
+        if problems := spool.unsafe_permissions():
+            # A job written into pending/ by someone else would run unvalidated, as spoold.
+            raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
         registry = ExecutorRegistry.from_entry_points()
         attention = threading.Event()
         due = DueJobs()

@@ -144,6 +144,25 @@ class Spool:
                 f"run 'spoold init --spool {self.root}'"
             )
 
+    def unsafe_permissions(self) -> list[str]:
+        """What would let users other than spoold's own (and root) put jobs into the tree, each
+        with its fix. Only incoming/ may be writable by its group (the submitters')."""
+        problems = []
+        for name in ("", *SPOOL_DIRECTORIES):
+            path = self.root / name if name else self.root
+            info = path.stat()
+            if info.st_mode & stat.S_IWOTH:
+                problems.append(f"{path} is writable by everyone: chmod o-w {path}")
+            if info.st_mode & stat.S_IWGRP and name != "incoming":
+                problems.append(f"{path} is writable by its group: chmod g-w {path}")
+            if info.st_uid not in (os.geteuid(), 0):
+                owner = f"{os.geteuid()}:{os.getegid()}"
+                problems.append(
+                    f"{path} belongs to uid {info.st_uid}, who could open it to anyone: "
+                    f"chown {owner} {path}"
+                )
+        return problems
+
     # -- incoming ----------------------------------------------------------------------------
 
     def list_incoming(self) -> list[str]:

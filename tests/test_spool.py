@@ -18,6 +18,7 @@ from spoold import spool as spool_module
 from spoold.errors import DuplicateJob, InvalidTransition, SpoolError
 from spoold.spool import SPOOL_DIRECTORIES, JobDir, Spool, TakenFile, is_transient_name
 from spoold.states import JobState
+from tests.harness import run_cli
 
 MB = 1 << 20
 
@@ -377,3 +378,21 @@ def test_list_jobs_skips_a_job_that_moves_on_while_listed(
 
     monkeypatch.setattr(os, "scandir", scandir)
     assert [job.job_id for job in spool.list_jobs("pending")] == ["stays"]
+
+
+def test_a_spool_others_could_write_jobs_into_is_refused(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    assert spool.unsafe_permissions() == []
+    (spool.root / "incoming").chmod(0o770)  # the submitters' group drops files: fine
+    assert spool.unsafe_permissions() == []
+    (spool.root / "pending").chmod(0o757)
+    (spool.root / "done").chmod(0o770)
+    assert spool.unsafe_permissions() == [
+        f"{spool.root}/pending is writable by everyone: chmod o-w {spool.root}/pending",
+        f"{spool.root}/done is writable by its group: chmod g-w {spool.root}/done",
+    ]
+    refused = run_cli(spool.root, "run")
+    assert refused.returncode != 0
+    assert "refusing to run: others could write jobs" in refused.stderr
+    assert f"chmod o-w {spool.root}/pending" in refused.stderr
