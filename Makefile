@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SPOOL ?= spool
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps lint typecheck unit bench clean
+.PHONY: run test setup system-deps lint typecheck unit bench clean deb deb-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
@@ -55,6 +55,30 @@ unit: setup
 	$(VENV)/bin/pytest -n auto -q
 
 test: setup system-deps lint typecheck unit
+
+# The Debian package: dist/spoold_<version>-1_<arch>.deb (see packaging/README.md). Built from a
+# copy of the tracked files in build/deb, with packaging/debian as its debian/ directory.
+DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' packaging/debian/changelog)
+DEB_SRC := build/deb/spoold-$(firstword $(subst -, ,$(DEB_VERSION)))
+
+deb-deps:
+	@command -v dpkg-buildpackage >/dev/null && command -v dh >/dev/null && command -v lintian >/dev/null && command -v gcc >/dev/null \
+	  && test -x /usr/bin/python3.11 && test -f /usr/include/yaml.h && test -f /usr/include/python3.11/Python.h && /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      build-essential dpkg-dev debhelper lintian fakeroot python3.11 python3.11-venv python3.11-dev libyaml-dev >/dev/null)
+
+deb: deb-deps
+	rm -rf build/deb && mkdir -p $(DEB_SRC) dist
+	git ls-files -z --cached --others --exclude-standard | grep -zv '^packaging/debian/' \
+	  | xargs -0 -I{} cp --parents -P {} $(DEB_SRC)/ 2>/dev/null; true
+	cp -r packaging/debian $(DEB_SRC)/debian
+	cp packaging/systemd/spoold.service $(DEB_SRC)/debian/spoold.service
+	cd $(DEB_SRC) && dpkg-buildpackage -us -uc -b --no-sign >../build.log 2>&1 \
+	  || (tail -40 ../build.log; exit 1)
+	rm -f dist/spoold_*.deb
+	cp build/deb/spoold_$(DEB_VERSION)_*.deb dist/
+	set -o pipefail; lintian --tag-display-limit 0 build/deb/spoold_$(DEB_VERSION)_*.changes | tee build/deb/lintian.txt
+	@ls dist/spoold_*.deb
 
 bench: setup
 	$(PY) benchmarks/bench_spool.py

@@ -18,12 +18,19 @@ from spoold import __version__
 from spoold.clock import SystemClock, parse_rfc3339
 from spoold.config import Config, load_config
 from spoold.control import JobControl
-from spoold.daemon import Daemon, apply_retention, detach, job_validator
+from spoold.daemon import (
+    Daemon,
+    Systemd,
+    apply_retention,
+    detach,
+    job_validator,
+    lock_holder,
+)
 from spoold.dag import plan_text
 from spoold.documents import load_document
 from spoold.errors import ConfigError, InvalidJobFile, SpooldError, SpoolError
 from spoold.intake import Accepted, Intake
-from spoold.logs import configure_logging
+from spoold.logs import close_logging, configure_logging
 from spoold.logtap import LogTap
 from spoold.outbox import callbacks_for
 from spoold.plugins import ExecutorRegistry
@@ -133,10 +140,19 @@ def cmd_init(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    daemon = Daemon.build(config)
+    """The daemon: in the foreground (systemd, Type=notify), or detached with ``--daemon``.
+
+    One daemon per spool and host: if another holds the lock, say which and exit 2.
+    """
+    daemon = Daemon.build(config)  # every check that can fail, while the terminal still sees it
+    if daemon.spool.daemon_on(config.hostname) is not None:
+        print(f"spoold: {lock_holder(daemon.spool, config.hostname)}", file=sys.stderr)
+        return EXIT_USAGE
     if args.daemon:
-        detach(args.pidfile)
+        close_logging()  # its files would be closed under it, their numbers reused
+        detach(args.pidfile.absolute() if args.pidfile else None)
         configure_logging(config)
+        daemon.systemd = Systemd()  # a new pid: WATCHDOG_PID names the process that detached
     return daemon.run()
 
 

@@ -8,19 +8,19 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from spoold.clock import Clock, SystemClock, parse_rfc3339, rfc3339
-from spoold.config import Config
+from spoold.config import Config, load_config
 from spoold.control import JobControl
 from spoold.dispatch import JobMeta
 from spoold.due import DueJobs
-from spoold.errors import SpooldError, SpoolError
+from spoold.errors import ConfigError, SpooldError, SpoolError
 from spoold.intake import Intake, IntakeThread
 from spoold.logs import configure_logging
 from spoold.outbox import Callbacks, callbacks_for
@@ -56,6 +56,89 @@ def sd_notify(message: str, env: dict[str, str] | None = None) -> None:
             pass  # systemd went away; nothing to tell
 
 
+#: STATUS= is sent at most this often (seconds) while the daemon runs, and only on a change.
+STATUS_EVERY = 2.0
+
+
+class Systemd:
+    """What spoold tells systemd (Type=notify): readiness, status lines and watchdog pings.
+
+    Does nothing outside systemd (no NOTIFY_SOCKET). Pings go at half of WATCHDOG_USEC, and only
+    from the daemon's loop: a loop that hangs stops pinging, and systemd restarts spoold.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self.watchdog_interval = _watchdog_interval(self._env)
+        self._next_ping = 0.0
+        self._status = ""
+        self._status_sent = float("-inf")
+
+    def notify(self, message: str) -> None:
+        """Send one notification (``READY=1``, ``STOPPING=1``, ...)."""
+        sd_notify(message, self._env)
+
+    def status(self, text: str, now: float, *, force: bool = False) -> bool:
+        """``STATUS=text`` if it changed, at most every STATUS_EVERY seconds unless ``force``.
+
+        Returns whether it was new (and sent, if systemd listens).
+        """
+        if text == self._status or (not force and now < self._status_sent + STATUS_EVERY):
+            return False
+        self._status, self._status_sent = text, now
+        self.notify(f"STATUS={text}")
+        return True
+
+    def ping(self, now: float) -> None:
+        """``WATCHDOG=1`` if the watchdog is on and half its interval has passed."""
+        if self.watchdog_interval is not None and now >= self._next_ping:
+            self.notify("WATCHDOG=1")
+            self._next_ping = now + self.watchdog_interval
+
+    def next_wake(self, now: float) -> float:
+        """Seconds until the loop must run again for the next ping (inf without a watchdog)."""
+        if self.watchdog_interval is None:
+            return float("inf")
+        return max(self._next_ping - now, 0.0)
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """Half of WATCHDOG_USEC in seconds, if the watchdog is meant for this process."""
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 1e6 / 2
+
+
+def lock_holder(spool: Spool, host: str) -> str:
+    """Who holds the daemon lock of ``spool`` on ``host``: pid and since when, as far as known."""
+    holder = spool.daemon_on(host)
+    if holder is None:
+        return f"another spoold on {host} already runs on {spool.root}"
+    pid, ticks = holder
+    since = _started_at(ticks)
+    when = f", running since {rfc3339(since)}" if since is not None else ""
+    return f"another spoold on {host} already runs on {spool.root}: pid {pid}{when}"
+
+
+def _started_at(ticks: int) -> datetime | None:
+    """The wall-clock time of a process start time in clock ticks since boot (/proc)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
+
+
+#: The config keys a SIGHUP applies at once; every other key needs a restart.
+RELOADABLE = ("log_level", "poll_interval", "rescan_interval", "retention", "shutdown_grace")
+
+
 @dataclass
 class Daemon:
     """Every part of a running spoold, wired together."""
@@ -81,6 +164,10 @@ class Daemon:
     sender: Sender
     #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
     rescan: threading.Event = field(default_factory=threading.Event)
+    #: Set (SIGHUP) to read the config file again.
+    reload: threading.Event = field(default_factory=threading.Event)
+    #: Readiness, status and watchdog pings for systemd.
+    systemd: Systemd = field(default_factory=Systemd)
 
     @classmethod
     def build(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
@@ -153,11 +240,16 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
+        try:
+            lock = self.spool.lock_host(self.config.hostname)
+        except SpoolError:
+            self.logger.error("refusing to run: %s", lock_holder(self.spool, self.config.hostname))
+            return 2
         stop = threading.Event()
         self._install_signals(stop)
-        lock = self.spool.lock_host(self.config.hostname)
         watcher: InotifyWatcher | None = None
         try:
+            self.systemd.status("recovering", self.clock.monotonic(), force=True)
             self._recover()
             self.sender.start()
             self.workers.start()
@@ -176,10 +268,13 @@ class Daemon:
                 "spoold running on %s: %d worker(s) in %d process(es), watching by %s",
                 self.spool.root, self.config.workers, self.workers.processes, self.watch_mode,
             )  # fmt: skip
-            sd_notify("READY=1")
+            self.systemd.notify("READY=1")
             self._loop(stop)
         finally:
-            sd_notify("STOPPING=1")
+            self.systemd.notify(
+                f"STOPPING=1\nSTATUS=stopping: {len(self.workers.in_flight())} running job(s) "
+                f"get {self.config.shutdown_grace:g}s"
+            )
             self.logger.info(
                 "stopping: no new jobs; running jobs get %ss", self.config.shutdown_grace
             )
@@ -198,19 +293,27 @@ class Daemon:
 
         Leases are kept alive by the worker processes that hold them.
         """
-        scan_every = (
-            self.config.poll_interval if self.watch_mode == "poll" else self.config.rescan_interval
-        )
-        next_scan = self.clock.monotonic() + scan_every
+        next_scan = self.clock.monotonic() + self._scan_every()
         next_retention = self.clock.monotonic()  # once at start, then hourly
+        next_status = self.clock.monotonic()
         while not stop.is_set():
-            wait = min(next_scan, next_retention) - self.clock.monotonic()
+            now = self.clock.monotonic()
+            self.systemd.ping(now)
+            if now >= next_status:
+                self._duty(self._report_status)
+                next_status = now + STATUS_EVERY
+            wait = min(next_scan, next_retention, next_status) - now
+            wait = min(wait, self.systemd.next_wake(now))
             if (due := self.due.next_due()) is not None:
                 wait = min(wait, due - self.clock.now().timestamp())
             self.attention.wait(max(wait, 0.0))
             self.attention.clear()
             if stop.is_set():
                 return
+            if self.reload.is_set():
+                self.reload.clear()
+                self._duty(self.reload_config)
+                next_scan = min(next_scan, self.clock.monotonic() + self._scan_every())
             if self.workers.lost_any():
                 self._duty(self._replace_workers)
             for job_id in self.due.pop_due(self.clock.now().timestamp()):
@@ -227,7 +330,52 @@ class Daemon:
                 self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
                 self._duty(self._queue_pending)
                 self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
-                next_scan = now + scan_every
+                next_scan = now + self._scan_every()
+
+    def _scan_every(self) -> float:
+        if self.watch_mode == "poll":
+            return self.config.poll_interval
+        return self.config.rescan_interval
+
+    def _report_status(self) -> None:
+        """``STATUS=running: N jobs, M pending`` for ``systemctl status``."""
+        running = len(self.workers.in_flight())
+        pending = len(self.spool.list_jobs("pending"))
+        text = f"running: {running} jobs, {pending} pending"
+        if self.systemd.status(text, self.clock.monotonic()):
+            self.logger.debug("status: %s", text)
+
+    def reload_config(self) -> bool:
+        """Read the config file again (SIGHUP); return whether the new one was taken.
+
+        Applied at once: ``log_level``, ``poll_interval``, ``rescan_interval`` (from the next
+        scan), ``retention`` (from the next hourly pass) and ``shutdown_grace``. Every other key
+        needs a restart: the worker processes got the config when they started (executor
+        settings, limits, kill_grace, lease and heartbeat times, default callback, secrets,
+        workdir, run_as users), and the spool, watch mode, workers and log files are built once.
+        Changes to those are logged as waiting for a restart. An invalid file is refused, with
+        the problem logged, and the config in use is kept.
+        """
+        old = self.config
+        try:
+            new = load_config(old.source, spool=old.spool)
+        except ConfigError as exc:
+            self.logger.error("config not reloaded, the old one stays in use: %s", exc)
+            return False
+        changed = [f for f in _config_fields() if getattr(new, f) != getattr(old, f)]
+        applied = [f for f in changed if f in RELOADABLE]
+        waiting = [f for f in changed if f not in RELOADABLE]
+        kept = {f: getattr(old, f) for f in _config_fields() if f not in RELOADABLE}
+        self.config = replace(new, **kept)
+        self.logger.setLevel(self.config.log_level.upper())
+        self.logger.info(
+            "config reloaded from %s: applied %s; need a restart: %s",
+            old.source, ", ".join(applied) or "no changes",
+            ", ".join(waiting) or "none",
+        )  # fmt: skip
+        self.logger.info("keys a reload applies: %s; all others need a restart",
+                         ", ".join(RELOADABLE))  # fmt: skip
+        return True
 
     def apply_retention(self, retention: Retention | None = None) -> int:
         """Remove the finished jobs ``retention`` (the config's) says to; return how many."""
@@ -312,7 +460,12 @@ class Daemon:
             self.rescan.set()  # `spoold retry` put a job back into pending/
             self.attention.set()
 
+        def request_reload(signum: int, _frame: FrameType | None) -> None:
+            self.reload.set()
+            self.attention.set()
+
         signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGUSR1, request_rescan)
         # A lease-break notice (SIGIO) would kill the process by default; leases are only
@@ -322,6 +475,10 @@ class Daemon:
 
 #: How often the retention rules are applied (also once at start).
 RETENTION_EVERY = 3600.0
+
+
+def _config_fields() -> list[str]:
+    return [f for f in Config.__dataclass_fields__ if f not in ("source", "worker_id")]
 
 
 def apply_retention(spool: Spool, retention: Retention, clock: Clock) -> int:

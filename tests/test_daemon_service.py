@@ -1,0 +1,319 @@
+"""spoold as a service (issue 9): systemd notifications, --daemon, the lock, signals, its log."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from spoold.logs import LineFormatter, stderr_is_journal
+from tests.harness import (
+    DEFAULT_BOUND,
+    DaemonProcess,
+    drop,
+    job_state,
+    local_job,
+    run_cli,
+    wait_finished,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.daemon
+
+
+class NotifySocket:
+    """The datagram socket systemd listens on (NOTIFY_SOCKET), bound by the test."""
+
+    def __init__(self) -> None:
+        # Not under tmp_path: a Unix socket's path must stay short.
+        self._dir = tempfile.mkdtemp(prefix="spoold-notify-")
+        self.address = os.path.join(self._dir, "notify")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.address)
+        self._sock.settimeout(0.05)
+        self.received: list[str] = []
+
+    def lines(self) -> list[str]:
+        """Every notification line received so far (one datagram may hold several)."""
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                return [line for message in self.received for line in message.splitlines()]
+            self.received.append(data.decode())
+
+    def wait(self, predicate: Callable[[list[str]], bool], what: str) -> list[str]:
+        """Wait until the lines received so far satisfy ``predicate``; return them."""
+
+        def satisfied() -> list[str] | None:
+            lines = self.lines()
+            return lines if predicate(lines) else None
+
+        return wait_for(satisfied, what=what)
+
+    def close(self) -> None:
+        self._sock.close()
+        os.unlink(self.address)
+        os.rmdir(self._dir)
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.close()
+
+
+def _spoold_run(
+    spool: Path, config: Path, env: dict[str, str], log: Path, *flags: str
+) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "spoold", "run", "--spool", str(spool),
+             "--config", str(config), *flags],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=out, stderr=out, start_new_session=True,
+        )  # fmt: skip
+
+
+def test_systemd_hears_ready_status_watchdog_and_stopping(
+    spool_dir: Path, tmp_path: Path, notify: NotifySocket
+) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir)
+    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"}
+    process = _spoold_run(spool_dir, config, env, tmp_path / "daemon.log")
+    try:
+        notify.wait(lambda lines: "READY=1" in lines, "READY=1")
+        notify.wait(lambda lines: lines.count("WATCHDOG=1") >= 4, "repeated WATCHDOG=1")
+        lines = notify.lines()
+        assert "STATUS=recovering" in lines
+        assert lines.index("STATUS=recovering") < lines.index("READY=1")
+        drop(spool_dir, "one.yaml", local_job("one", "true"))
+        assert wait_finished(spool_dir, "one")[0] == "done"
+        notify.wait(
+            lambda lines: any(re.fullmatch(r"STATUS=running: \d+ jobs, \d+ pending", line)
+                              for line in lines),
+            "a STATUS=running line",
+        )  # fmt: skip
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(DEFAULT_BOUND) == 0
+        lines = notify.lines()
+        assert "STOPPING=1" in lines
+        assert any(line.startswith("STATUS=stopping") for line in lines)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_no_watchdog_pings_without_watchdog_usec(
+    spool_dir: Path, tmp_path: Path, notify: NotifySocket
+) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir)
+    process = _spoold_run(spool_dir, config, {"NOTIFY_SOCKET": notify.address},
+                          tmp_path / "daemon.log")  # fmt: skip
+    try:
+        notify.wait(lambda lines: "READY=1" in lines, "READY=1")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(DEFAULT_BOUND) == 0
+        assert "WATCHDOG=1" not in notify.lines()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_daemon_flag_detaches_with_a_pidfile(spool_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir, logdir=str(tmp_path / "logs"))
+    pidfile = tmp_path / "spoold.pid"
+    result = subprocess.run(
+        [sys.executable, "-m", "spoold", "run", "--daemon", "--pidfile", str(pidfile),
+         "--spool", str(spool_dir), "--config", str(config)],
+        capture_output=True, text=True, timeout=DEFAULT_BOUND, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pid = 0
+    try:
+        text: str = wait_for(lambda: pidfile.read_text().strip() if pidfile.exists() else "",
+                             what="the pidfile")  # fmt: skip
+        pid = int(text)
+        assert _alive(pid)
+        drop(spool_dir, "bg.yaml", local_job("bg", "echo detached"))
+        assert wait_finished(spool_dir, "bg")[0] == "done"
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _alive(pid), what="the detached daemon to stop")
+        assert not pidfile.exists()
+        log = (tmp_path / "logs" / "spoold.log").read_text()
+        assert "spoold running on" in log and "stopped" in log
+    finally:
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_daemon_on_the_spool_says_who_runs_and_exits_2(
+    daemon: DaemonProcess, spool_dir: Path
+) -> None:
+    assert daemon.process is not None
+    result = run_cli(spool_dir, "run", "--config", str(daemon.config))
+    assert result.returncode == 2, result.stderr
+    assert f"pid {daemon.process.pid}, running since 20" in result.stderr
+    assert "already runs on" in result.stderr
+    assert daemon.alive
+    drop(spool_dir, "still.yaml", local_job("still", "true"))
+    assert wait_finished(spool_dir, "still")[0] == "done"
+
+
+def test_sigterm_lets_a_short_job_finish_within_the_grace(spool_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir, shutdown_grace="5s")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    started = tmp_path / "started"
+    try:
+        drop(spool_dir, "short.yaml", local_job("short", f"touch {started}; sleep 1"))
+        wait_for(started.exists, what="the job to start")
+        assert daemon.stop() == 0
+        directory, status = job_state(spool_dir, "short") or ("", {})
+        assert directory == "done", status
+        assert status["state"] == "succeeded"
+    finally:
+        daemon.kill()
+
+
+def test_sigterm_interrupts_a_long_job_after_the_grace(spool_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir, shutdown_grace="1s")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        marks = {name: tmp_path / name for name in ("fails", "requeues")}
+        drop(spool_dir, "fails.yaml", local_job("fails", f"touch {marks['fails']}; sleep 60"))
+        drop(spool_dir, "requeues.yaml",
+             local_job("requeues", f"touch {marks['requeues']}; sleep 60",
+                       on_interrupt="requeue"))  # fmt: skip
+        for mark in marks.values():
+            wait_for(mark.exists, what=f"{mark.name} to start")
+        assert daemon.stop() == 0
+        directory, status = job_state(spool_dir, "fails") or ("", {})
+        assert directory == "failed", status
+        assert "interrupted" in status["error"]
+        directory, status = job_state(spool_dir, "requeues") or ("", {})
+        assert directory == "pending", status
+        assert "interrupted" in (spool_dir / "pending" / "requeues" / "log").read_text()
+    finally:
+        daemon.kill()
+
+
+def test_sighup_reloads_the_config_and_refuses_an_invalid_one(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir, log_level="info")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    assert daemon.process is not None
+    try:
+        assert " DEBUG " not in daemon.log()
+        write_config(config, spool_dir, log_level="debug", workers=3)
+        daemon.process.send_signal(signal.SIGHUP)
+        line = wait_for(lambda: next((x for x in daemon.log().splitlines()
+                                      if "config reloaded" in x), None),
+                        what="the reload")  # fmt: skip
+        assert "applied log_level" in line and "need a restart: workers" in line
+        assert "keys a reload applies: log_level" in daemon.log()
+        # The new level is in force: the status line of a running job is logged at debug.
+        drop(spool_dir, "seen.yaml", local_job("seen", "sleep 3"))
+        wait_for(lambda: re.search(r" DEBUG spoold: status: running: 1 jobs", daemon.log()),
+                 what="a debug line")  # fmt: skip
+        assert wait_finished(spool_dir, "seen")[0] == "done"
+
+        config.write_text("workers: [\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config not reloaded" in daemon.log(), what="the refusal")
+        refusal = next(x for x in daemon.log().splitlines() if "config not reloaded" in x)
+        assert str(config) in refusal
+        assert daemon.alive
+        drop(spool_dir, "after.yaml", local_job("after", "true"))
+        assert wait_finished(spool_dir, "after")[0] == "done"
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_the_log_uses_syslog_priorities_under_journald(spool_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir)
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.log_path.touch()
+    info = os.stat(daemon.log_path)
+    daemon.env = {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+    daemon.start()
+    try:
+        drop(spool_dir, "j.yaml", local_job("j", "true"))
+        assert wait_finished(spool_dir, "j")[0] == "done"
+        assert daemon.stop() == 0
+        lines = daemon.log().splitlines()
+        assert lines and all(re.match(r"<[0-7]>", line) for line in lines), lines
+        assert any(line.startswith("<6>spoold: spoold running on") for line in lines)
+    finally:
+        daemon.kill()
+
+
+def test_the_log_is_timestamped_elsewhere(daemon: DaemonProcess) -> None:
+    assert daemon.stop() == 0
+    lines = daemon.log().splitlines()
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", x)
+                         for x in lines), lines  # fmt: skip
+
+
+def _record_with_traceback() -> logging.LogRecord:
+    try:
+        raise ValueError("first\nsecond")
+    except ValueError:
+        return logging.LogRecord(
+            "spoold", logging.ERROR, __file__, 1, "it broke:\n%s", ("detail",), sys.exc_info()
+        )
+
+
+def test_a_traceback_stays_one_event_in_both_forms() -> None:
+    record = _record_with_traceback()
+    journal = LineFormatter(journal=True).format(record)
+    assert "\n" not in journal
+    assert journal.startswith("<3>spoold: it broke:\\ndetail\\nTraceback")
+    assert "ValueError: first\\nsecond" in journal
+    plain = LineFormatter().format(record).splitlines()
+    assert " ERROR spoold: it broke:" in plain[0]
+    assert len(plain) > 3 and all(line.startswith("    ") for line in plain[1:])
+
+
+def test_priorities_follow_sd_daemon() -> None:
+    formatter = LineFormatter(journal=True)
+    for level, prefix in ((logging.DEBUG, "<7>"), (logging.INFO, "<6>"),
+                          (logging.WARNING, "<4>"), (logging.ERROR, "<3>")):  # fmt: skip
+        record = logging.LogRecord("spoold", level, __file__, 1, "x", (), None)
+        assert formatter.format(record) == f"{prefix}spoold: x"
+
+
+def test_journal_stream_must_name_stderr(tmp_path: Path) -> None:
+    path = tmp_path / "err"
+    with open(path, "w") as stream:
+        info = os.stat(path)
+        assert stderr_is_journal(stream, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+        assert not stderr_is_journal(stream, {"JOURNAL_STREAM": f"{info.st_dev}:1"})
+        assert not stderr_is_journal(stream, {})
+    with contextlib.suppress(OSError), open("/dev/tty", "w") as tty:
+        info = os.fstat(tty.fileno())
+        assert not stderr_is_journal(tty, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
