@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from spoold.clock import Clock
 from spoold.errors import ExecutorError, SpooldError
@@ -160,6 +161,21 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
             ctx.log.error(hit)
             error = f"{hit} ({error})"
     return ExecResult(outcome.exit_code, error, outcome.timed_out, outcome.cancelled)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cleartext_problem(base_url: str, credential: str) -> str | None:
+    """Why ``base_url`` would send ``credential`` in clear text, or None: plain http is for a
+    loopback address only (a local test server, a tunnel)."""
+    url = urlsplit(base_url)
+    if url.scheme == "http" and url.hostname not in _LOOPBACK:
+        return (
+            f"base_url: {base_url} is plain http: the {credential} would travel in clear text; "
+            "use https (only a loopback address may use http)"
+        )
+    return None
 
 
 def within_workdir(ctx: RunContext, relative: str) -> Path:

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from spoold.executors.base import ExecResult, Executor, RunContext
+from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
 from spoold.errors import ExecutorError
 from spoold.ratelimit import RateLimiter
@@ -44,7 +44,6 @@ _BACKOFF_FIRST, _BACKOFF_MAX, _TRIES_WITHOUT_TIMEOUT = 0.5, 16.0, 8
 _CREATES = 3  # creates sent at most per attempt (each after a lookup found nothing)
 _SETTLE = (2.0, 5.0)  # waits before the lookups after a lost create answer
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class _Lost(Exception):
@@ -73,11 +72,8 @@ class LexwareExecutor(Executor):
         base = product.get("base_url")
         if isinstance(base, str) and "${" not in base:
             parts = urlsplit(base)
-            if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
-                problems.append(
-                    f"base_url: {base} is plain http: the API key would travel in clear "
-                    "(http is only for 127.0.0.1/localhost)"
-                )
+            if (problem := cleartext_problem(base, "API key")) is not None:
+                problems.append(problem)
             if parts.path not in ("", "/"):
                 problems.append(f"base_url: {base} has a path: give only scheme://host[:port]")
         data = product.get("invoice_data")

@@ -18,9 +18,8 @@ import re
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
-from spoold.executors.base import ExecResult, Executor, RunContext
+from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
 from spoold.errors import ExecutorError, ExecutorNotAvailable
 
@@ -102,7 +101,7 @@ class SevdeskExecutor(Executor):
         problems: list[str] = []
         base_url = product.get("base_url")
         if base_url is not None and _literal(base_url):
-            problem = _plain_http(str(base_url))
+            problem = cleartext_problem(str(base_url), "API token")
             if problem is not None:
                 problems.append(problem)
         data = product.get("invoice_data")
@@ -167,7 +166,9 @@ class SevdeskExecutor(Executor):
         return problems
 
     def execute(self, ctx: RunContext) -> ExecResult:
-        problem = _plain_http(str(ctx.product.get("base_url") or DEFAULT_BASE_URL))
+        problem = cleartext_problem(
+            str(ctx.product.get("base_url") or DEFAULT_BASE_URL), "API token"
+        )
         if problem is not None:
             raise ExecutorError(f"sevdesk: {problem}")
         api = _Api(_requests(), ctx)
@@ -176,17 +177,6 @@ class SevdeskExecutor(Executor):
         if ctx.type == "cancel_invoice":
             return _cancel(api, ctx)
         raise ExecutorError(f"sevdesk: unknown type {ctx.type!r}: give one of {', '.join(TYPES)}")
-
-
-def _plain_http(base_url: str) -> str | None:
-    """Why ``base_url`` would send the token in clear text (only loopback may), or None."""
-    url = urlsplit(base_url)
-    if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
-        return (
-            f"base_url: {base_url} is plain http: the API token would travel in clear text; "
-            "use https (only a loopback address may use http)"
-        )
-    return None
 
 
 def _need(product: Mapping[str, Any], field: str, type_: str) -> Any:
