@@ -112,10 +112,7 @@ class FakeLexware:
         class Handler(_Handler):
             lexware = fake
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self._server = Server((self.host, 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self.port = self._server.server_address[1]
         self._thread = serve_in_thread(self._server)
         return self
@@ -141,13 +138,7 @@ class FakeLexware:
 
     def max_in_window(self, seconds: float = 1.0) -> int:
         """The most requests the fake answered (not 429) within any ``seconds`` window."""
-        times = sorted(t for t, _, _ in self.requests)
-        best, start = 0, 0
-        for end, t in enumerate(times):
-            while t - times[start] >= seconds:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
+        return most_in_window([t for t, _, _ in self.requests], seconds)
 
     # ------------------------------------------------------------------ model
     def _store(self, kind: str, body: dict[str, Any], finalize: bool, preceding: str | None) -> str:
@@ -456,3 +447,14 @@ class _Handler(MethodHandler):
 
 class _Drop(Exception):
     pass
+
+
+def most_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` that fall within any ``window`` seconds."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

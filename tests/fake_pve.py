@@ -459,8 +459,6 @@ class FakePVE:
         fake = self
 
         class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
             def get_request(self) -> tuple[socket.socket, Any]:
                 sock, addr = super().get_request()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

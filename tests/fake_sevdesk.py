@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 import yaml
 
 from tests.apis import api_description
+from tests.loopback import serve_in_thread, stop_serving
 
 SPEC_PATH = api_description("sevdesk-openapi-2025-07-28.yaml")
 BASE_PATH = "/api/v1"
@@ -141,21 +142,17 @@ class FakeSevdesk:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}{BASE_PATH}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> FakeSevdesk:
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        stop_serving(self._server, self._thread)
 
     def count(self, invoice_type: str = "RE") -> int:
         return sum(1 for inv in self.invoices.values() if inv["invoiceType"] == invoice_type)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (right now): a server that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def serve_in_thread(server: HTTPServer) -> threading.Thread:

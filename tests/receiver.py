@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.harness import DEFAULT_BOUND, wait_for
+from tests.loopback import serve_in_thread, stop_serving
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,21 @@ class Receiver:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
     def start(self) -> Receiver:
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def stop(self) -> None:
         if self.hold is not None:
             self.hold.set()
-        self._server.shutdown()
-        self._server.server_close()
+        stop_serving(self._server, self._thread)
 
     def bodies(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -83,14 +82,6 @@ class Receiver:
                 return list(self.received) if len(self.received) >= count else None
 
         return wait_for(enough, bound=bound, what=f"{count} callback(s) at {self.url}")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (a receiver that is down)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    port = server.server_address[1]
-    server.server_close()
-    return int(port)
 
 
 def verify(received: Received, secret: str) -> dict[str, Any]:

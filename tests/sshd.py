@@ -20,6 +20,8 @@ from typing import NoReturn
 
 import pytest
 
+from tests.loopback import free_port
+
 SSHD = "/usr/sbin/sshd"
 # A ceiling for the server to come up, not a measurement.
 START_BOUND = 20.0
@@ -47,13 +49,6 @@ class SshServer:
             "known_hosts": str(self.known_hosts),
         }
         return {**base, **fields}
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (right now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def keygen(path: Path) -> Path:

@@ -22,7 +22,8 @@ from tests.harness import (
     wait_rejected,
     write_config,
 )
-from tests.receiver import Receiver, free_port, verify
+from tests.loopback import free_port
+from tests.receiver import Receiver, verify
 
 pytestmark = pytest.mark.daemon
 

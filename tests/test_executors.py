@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from spoold.joblog import JobLog
 from spoold.plugins import ExecutorRegistry
 from tests.fake_pve import AgentCommand, FakePVE
 from tests.harness import wait_for
+from tests.loopback import free_port
 
 
 class _Log:
@@ -182,7 +182,7 @@ def test_an_api_executor_that_cannot_reach_its_server_fails_retryably(
     type_, product = API_EXECUTORS[name]
     log = _Log()
     ctx = _context(
-        tmp_path, {**product, "base_url": f"http://127.0.0.1:{_free_port()}"}, log,
+        tmp_path, {**product, "base_url": f"http://127.0.0.1:{free_port()}"}, log,
         executor=name, type=type_, timeout=5.0,
     )  # fmt: skip
     result = ExecutorRegistry.from_entry_points().create(name).run(ctx)
@@ -360,9 +360,3 @@ def test_an_executor_checks_what_its_schema_cannot(tmp_path: Path) -> None:
     assert (
         checker.check(b"executor: ssh\nproduct: {host: h, commands: x, keyfile: ~/k}\n", "b") == []
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -26,7 +26,8 @@ from spoold.spool import Spool
 from spoold.states import JobState
 from tests.fakes import FakeClock
 from tests.harness import run_cli, wait_for
-from tests.receiver import Receiver, free_port, verify
+from tests.loopback import free_port
+from tests.receiver import Receiver, verify
 
 LOG = logging.getLogger("test")
 SECRET = "s3cr3t-for-tests"

@@ -11,6 +11,7 @@ import pytest
 
 from spoold.errors import ExecutorError
 from spoold.ratelimit import RateLimiter, default_rate_dir
+from tests.fake_lexware import most_in_window
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,16 +22,6 @@ def _worker(directory: str, count: int, out: multiprocessing.Queue[list[float]])
     for _ in range(count):
         times.append(limiter.acquire())  # the slot's time, taken under the lock
     out.put(times)
-
-
-def _max_in_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def test_several_processes_never_exceed_two_per_second(tmp_path: Path) -> None:
@@ -46,7 +37,7 @@ def test_several_processes_never_exceed_two_per_second(tmp_path: Path) -> None:
         assert worker.exitcode == 0
     assert len(times) == 12
     # Deterministic: the slots are counted on the clock the limiter uses.
-    assert _max_in_window(times, 1.0) <= 2
+    assert most_in_window(times, 1.0) <= 2
     # Generous on time: 12 slots at 2/s need >= 5 s (first two at once), well under 20 s.
     assert max(times) - min(times) >= 4.9 and time.monotonic() - started < 20
 

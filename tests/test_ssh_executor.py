@@ -22,7 +22,8 @@ from spoold.executors.ssh import SshExecutor
 from spoold.job import ArtifactSpec
 from spoold.plugins import ExecutorRegistry
 from tests.harness import wait_for
-from tests.sshd import SshServer, free_port, keygen
+from tests.loopback import free_port
+from tests.sshd import SshServer, keygen
 from tests.test_executors import _context, _Log
 
 
