@@ -305,7 +305,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 print(f"{'callbacks:':<17}{len(waiting)} waiting in outbox/")
         return EXIT_OK
     counts = {
-        name: _count(spool.dir(name)) for name in SPOOL_DIRECTORIES if name not in ("tmp", "outbox")
+        name: spool.count(name) for name in SPOOL_DIRECTORIES if name not in ("tmp", "outbox")
     }
     counts["outbox"] = len(spool.list_outbox())
     given_up = [
@@ -332,11 +332,6 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record.get(key) for key in ("event", "url", "tries", "last_error", "created")}
-
-
-def _count(path: Path) -> int:
-    with os.scandir(path) as entries:
-        return sum(1 for e in entries if not e.name.startswith("."))
 
 
 def _print_status(status: dict[str, Any]) -> None:

@@ -340,7 +340,7 @@ class Daemon:
     def _report_status(self) -> None:
         """``STATUS=running: N jobs, M pending`` for ``systemctl status``."""
         running = len(self.workers.in_flight())
-        pending = len(self.spool.list_jobs("pending"))
+        pending = self.spool.count("pending")  # every STATUS_EVERY: names only, however many
         text = f"running: {running} jobs, {pending} pending"
         if self.systemd.status(text, self.clock.monotonic()):
             self.logger.debug("status: %s", text)

@@ -91,9 +91,7 @@ def configure_logging(config: Config, masker: Masker | None = None) -> logging.L
         file = logging.FileHandler(config.logdir / "spoold.log")
         file.setFormatter(LineFormatter(masker=masker))
         handlers.append(file)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logging()
     for handler in handlers:
         logger.addHandler(handler)
     return logger

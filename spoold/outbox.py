@@ -42,7 +42,6 @@ from spoold.states import JobState
 if TYPE_CHECKING:
     from spoold.config import Config
 
-EVENTS = ("accepted", "started", "retrying", "succeeded", "failed", "cancelled", "rejected")
 _STATE_EVENTS = {
     JobState.PENDING: "retrying",
     JobState.SUCCEEDED: "succeeded",

@@ -142,11 +142,6 @@ class Sender:
             self._work.put(None)
         self._threads[0].join()
 
-    def pending(self) -> int:
-        """Deliveries being posted now."""
-        with self._lock:
-            return len(self._in_flight)
-
     def tick(self) -> int:
         """Hand out every delivery that is due; return how many were."""
         now = self._clock.now().timestamp()

@@ -463,6 +463,11 @@ class Spool:
             for _, name in sorted(self._entered(directory))
         ]
 
+    def count(self, directory: str) -> int:
+        """How many entries one top-level directory holds: names only, no stat, no sort."""
+        with os.scandir(self._dirs[directory]) as entries:
+            return sum(1 for entry in entries if not entry.name.startswith("."))
+
     def entered_times(self, directory: str) -> list[tuple[JobDir, float]]:
         """Every job in ``directory`` with when it entered it: one stat each, no reads."""
         parent = self._dirs[directory]
