@@ -3,22 +3,54 @@ SHELL := /bin/bash
 # Debian's own Python 3.11: the interpreter the Debian package runs under (and, built with
 # PGO and LTO, about 1.5x as fast on spoold's work as an unoptimised pyenv build).
 PYTHON ?= /usr/bin/python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 SPOOL ?= spool
+# Every install comes from these, exact versions with their hashes, written by `make lock` from
+# pyproject.toml's ranges: requirements.lock is what the Debian package bundles (the
+# dependencies, extras docker, ssh and proxmox, pip and setuptools); requirements-dev.lock is
+# that, at the same versions, plus the test extra (pytest, ruff, mypy, stubs, pip-tools).
+LOCKS := requirements.lock requirements-dev.lock
+LOCKED := $(VENV)/.locked
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps lint typecheck unit bench clean deb deb-deps
+.PHONY: run test setup lock system-deps lint typecheck unit bench clean deb deb-deps
 
-$(STAMP): pyproject.toml
+# The venv holds exactly requirements-dev.lock: it is made anew whenever a lock file changes.
+$(LOCKED): $(LOCKS)
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,docker,ssh,proxmox]'
-	touch $(STAMP)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	touch $@
+
+# spoold itself, over the locked set (setuptools, its build backend, is in it): nothing else is
+# fetched. pip check fails when pyproject.toml asks for something the lock lacks.
+$(STAMP): $(LOCKED) pyproject.toml
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(PY) -m pip check || { echo "pyproject.toml and requirements-dev.lock disagree: run make lock" >&2; exit 1; }
+	touch $@
 
 setup: $(STAMP)
+
+# Write both lock files from pyproject.toml with the locked pip-tools. Pins that still fit the
+# ranges are kept; `make lock UPGRADE=1` moves every package to its newest fitting release,
+# `make lock UPGRADE='requests urllib3'` only those. Then `make test`, and commit both files.
+# pip and the build backend (build-system.requires) are added on stdin: no dependency asks for
+# them, but the venvs install from the lock alone (their lines read "via -r -").
+UPGRADE ?=
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND='make lock' $(VENV)/bin/pip-compile --quiet --generate-hashes \
+  --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+# Only the named packages that lock file $(1) already holds: pip-tools would add the others to it.
+upgrade = $(if $(filter 1,$(UPGRADE)),--upgrade,$$(for p in $(UPGRADE); do \
+  p=$$(echo "$$p" | tr 'A-Z_.' 'a-z--'); \
+  if grep -q "^$$p==" $(1); then echo "--upgrade-package $$p"; fi; done))
+lock: $(LOCKED)
+	set -o pipefail; $(PY) -c 'import tomllib; print("pip", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	  | $(PIP_COMPILE) $(call upgrade,requirements.lock) --extra docker --extra ssh --extra proxmox \
+	  -o requirements.lock pyproject.toml -
+	$(PIP_COMPILE) $(call upgrade,requirements-dev.lock) --extra docker --extra ssh --extra proxmox \
+	  --extra test -c requirements.lock -o requirements-dev.lock pyproject.toml
 
 # Debian packages the test suite drives for real (installed only where missing): rsync, for
 # the test that delivers job files the way rsync does.
@@ -49,7 +81,7 @@ typecheck: setup
 	cp -as $(CURDIR)/spoold build/typecheck/spoold
 	ln -s $(CURDIR)/executors build/typecheck/spoold/executors
 	ln -s $(CURDIR)/tests $(CURDIR)/benchmarks build/typecheck/
-	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p spoold -p tests -p benchmarks
+	cd build/typecheck && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml -p spoold -p tests -p benchmarks
 
 unit: setup
 	$(VENV)/bin/pytest -n auto -q

@@ -74,6 +74,15 @@ class ExecResult:
     def succeeded(self) -> bool:
         return self.exit_code == 0 and self.error is None and not (self.timed_out or self.cancelled)
 
+    @property
+    def failure(self) -> str:
+        """Why it did not succeed, in words: its error, else its exit code (never ``None``)."""
+        if self.error:
+            return self.error
+        if self.exit_code is None:
+            return "the executor gave no exit code"
+        return f"exit code {self.exit_code}"
+
 
 class Executor(ABC):
     """Base class of every executor; subclasses are registered under ``spoold.executors``."""

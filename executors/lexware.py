@@ -434,6 +434,9 @@ class _Api:
         """One request, retried on 429/5xx; a create whose answer is lost raises _Lost."""
         import time  # noqa: PLC0415 - the limiter's clock, shared by processes
 
+        # Here, on the URL as it is sent: validate sees `${...}` unfilled, and skips it.
+        if (clear := cleartext_problem(self.base, "API key")) is not None:
+            raise ExecutorError(f"lexware: {clear}")
         errors = self._requests.exceptions
         query = "&".join(f"{k}={v}" for k, v in (params or {}).items())
         shown = f"{method} {path}" + (f"?{query}" if query else "")

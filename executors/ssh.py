@@ -17,12 +17,13 @@ from spoold.executors.base import ExecResult, Executor, RunContext, within_workd
 from spoold.executors.local import shell_script
 
 from spoold.errors import ExecutorError, ExecutorNotAvailable
-from spoold.joblog import JobLog
+from spoold.joblog import JobLog, OutputStream
 from spoold.units import format_duration, parse_duration
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHELL = re.compile(r"/[A-Za-z0-9/._+-]*\Z")  # it is pasted into a remote command line
 _HEADER = b"spoold-pgid "
+_HEADER_BOUND = 64  # a first line longer than this is the job's own output, not the header
 _HELPER_TIMEOUT = 30.0
 _DRAIN_QUIET_ROUNDS = 6  # of 0.5 s, as for local processes
 
@@ -256,28 +257,32 @@ def _pump(channel: Any, stdout: _Lines, stderr: _Lines, wait: float) -> bool:
 
 
 class _Lines:
-    """Cuts one remote stream into log lines; on stdout, takes the script's header out first."""
+    """Cuts one remote stream into log lines, in bounded memory; on stdout, takes the script's
+    header out first."""
 
     def __init__(self, log: JobLog, *, stderr: bool) -> None:
-        self._log, self._stderr, self._partial = log, stderr, b""
-        self._header = not stderr
+        self._stream = OutputStream(log, stderr=stderr)
+        self._head: bytes | None = None if stderr else b""  # stdout's first line, until it ends
         self.pgid: int | None = None
 
     def feed(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            if self._header:
-                self._header = False
-                if line.startswith(_HEADER) and line[len(_HEADER) :].strip().isdigit():
-                    self.pgid = int(line[len(_HEADER) :])
-                    continue
-            self._log.output(line, stderr=self._stderr)
+        if self._head is not None:
+            self._head += data
+            end = self._head.find(b"\n")
+            if end < 0 and len(self._head) <= _HEADER_BOUND:
+                return
+            data, self._head = self._head, None
+            line = data[:end] if end >= 0 else b""
+            if line.startswith(_HEADER) and line[len(_HEADER) :].strip().isdigit():
+                self.pgid = int(line[len(_HEADER) :])
+                data = data[end + 1 :]
+        self._stream.feed(data)
 
     def flush(self) -> None:
-        if self._partial:
-            self._log.output(self._partial, stderr=self._stderr)
-            self._partial = b""
+        if self._head:
+            self._stream.feed(self._head)
+            self._head = None
+        self._stream.close()
 
 
 def _helper(client: Any, command: str, log: JobLog, stdin: bytes = b"") -> tuple[int, str]:

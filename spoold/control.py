@@ -5,6 +5,11 @@ shared spool, and across a daemon restart. A pending job is cancelled here and n
 claim rename decides between this and a worker, exactly one wins. A running job belongs to
 the worker that claimed it: it gets a request (running/<id>/cancel), which that worker picks
 up within a poll interval and acts on by ending the job's whole process group.
+
+A request, once written, wins: the job ends ``cancelled``, never retried (``retry:``) nor
+requeued (``on_interrupt: requeue``). If its worker is gone (spoold was killed, or stopped while
+the job ran), recovery ends it cancelled when spoold next looks: at its restart, or when
+another host takes the claim over. ``spoold retry`` runs it again.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from spoold.clock import Clock, rfc3339
 from spoold.errors import InvalidTransition, JobNotFound, SpoolError
@@ -21,10 +28,21 @@ from spoold.joblog import JobLog
 from spoold.outbox import Callbacks, announce
 from spoold.procfs import process_start_time
 from spoold.spool import JobDir, Spool
-from spoold.states import JobState
+from spoold.states import JobState, state_phrase
 
 # A job can move while we act on it (claimed, finished); a few looks settle where it is.
 _LOOKS = 5
+
+
+def cancel_reason(request: Mapping[str, Any]) -> str:
+    """What status.json says of a cancel request (running/<id>/cancel): its reason, or who."""
+    return str(request.get("reason") or f"cancelled by {request.get('by') or 'a user'}")
+
+
+def cancel_words(request: Mapping[str, Any]) -> str:
+    """A cancel request for spoold's own log: ``cancelled by WHO`` and its reason, if any."""
+    who = f"cancelled by {request.get('by') or 'a user'}"
+    return f"{who}: {request['reason']}" if request.get("reason") else who
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,8 @@ class JobControl:
         status = JobStatus.from_dict(self._spool.read_status(job))
         if job.directory != "failed" or status.state not in (JobState.FAILED, JobState.CANCELLED):
             raise InvalidTransition(
-                f"job {job_id} is {status.state.value}: only a failed or cancelled job runs again"
+                f"job {job_id} {state_phrase(status.state)}: only a failed or cancelled job "
+                "runs again"
             )
         status.state = JobState.PENDING
         status.finished_at = status.exit_code = status.error = status.next_attempt_at = None
@@ -97,6 +116,16 @@ class JobControl:
                 f"its runs ({job.job_id}@<time>) are cancelled or retried one by one"
             )
         return job
+
+    def worker_gone(self, job: JobDir, host: str) -> bool:
+        """Whether the spoold that runs ``job`` on ``host`` (this host) is gone: killed, or
+        stopped. Its cancel request then waits for spoold's next start there, which ends the
+        job cancelled. False while it lives, and for a job another host runs."""
+        lease = self._spool.read_lease(job)
+        if lease is None or lease.get("host") != host:
+            return False
+        pid, start = lease.get("pid"), lease.get("pid_start")
+        return not (isinstance(pid, int) and start is not None and process_start_time(pid) == start)
 
     def wake_daemon(self, host: str) -> bool:
         """Ask the daemon on ``host`` to look at pending/ now (SIGUSR1); False if none runs."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -26,8 +25,9 @@ from spoold.logs import configure_logging
 from spoold.outbox import Callbacks, callbacks_for
 from spoold.plugins import ExecutorRegistry
 from spoold.pool import WorkerProcesses
+from spoold.procfs import started_at
 from spoold.recovery import Recovery
-from spoold.retention import STATES, Retention
+from spoold.retention import Retention, apply_retention
 from spoold.scheduler import Scheduler
 from spoold.sender import Sender
 from spoold.spool import JobDir, Spool
@@ -120,19 +120,9 @@ def lock_holder(spool: Spool, host: str) -> str:
     if holder is None:
         return f"another spoold on {host} already runs on {spool.root}"
     pid, ticks = holder
-    since = _started_at(ticks)
+    since = started_at(ticks)
     when = f", running since {rfc3339(since)}" if since is not None else ""
     return f"another spoold on {host} already runs on {spool.root}: pid {pid}{when}"
-
-
-def _started_at(ticks: int) -> datetime | None:
-    """The wall-clock time of a process start time in clock ticks since boot (/proc)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as stat:
-            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
 #: The config keys a SIGHUP applies at once; every other key needs a restart.
@@ -179,6 +169,8 @@ class Daemon:
         if problems := spool.unsafe_permissions():
             # A job written into pending/ by someone else would run unvalidated, as spoold.
             raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
+        if reserved := spool.ensure_reservations():
+            logger.info("reserved the ids of %d existing job(s) in %s", reserved, spool.dir("ids"))
         registry = ExecutorRegistry.from_entry_points()
         attention = threading.Event()
         due = DueJobs()
@@ -379,7 +371,8 @@ class Daemon:
 
     def apply_retention(self, retention: Retention | None = None) -> int:
         """Remove the finished jobs ``retention`` (the config's) says to; return how many."""
-        removed = apply_retention(self.spool, retention or self.config.retention, self.clock)
+        rules = retention or self.config.retention
+        removed = len(apply_retention(self.spool, rules, self.clock.now().timestamp()))
         if removed:
             self.logger.info("retention: removed %d finished job(s)", removed)
         return removed
@@ -481,33 +474,27 @@ def _config_fields() -> list[str]:
     return [f for f in Config.__dataclass_fields__ if f not in ("source", "worker_id")]
 
 
-def apply_retention(spool: Spool, retention: Retention, clock: Clock) -> int:
-    """Remove the finished jobs ``retention`` says to; return how many were removed."""
-    if not retention.active:
-        return 0
-    removed = 0
-    now = clock.now().timestamp()
-    for state in STATES:
-        entered = spool.entered_times(state)
-        jobs = {job.job_id: job for job, _ in entered}
+def check_detach(config: Config) -> None:
+    """Refuse ``spoold run --daemon`` where its log would go nowhere: ConfigError naming logdir.
 
-        def executor_of(job_id: str, jobs: dict[str, JobDir] = jobs) -> str | None:
-            try:
-                found = spool.read_status(jobs[job_id])
-            except (OSError, SpooldError, ValueError):
-                return None
-            return str(found.get("executor") or "") or None
-
-        ages = [(job.job_id, when) for job, when in entered]
-        for job_id in retention.expired(state, ages, now, executor_of):
-            with contextlib.suppress(FileNotFoundError):
-                spool.purge(jobs[job_id])
-                removed += 1
-    return removed
+    Detached, spoold's standard error (and its worker processes') is /dev/null: without
+    ``logdir`` no line of its log, not even why it stopped, would be kept. Under systemd, run
+    it in the foreground instead: journald keeps the log.
+    """
+    if config.logdir is None:
+        raise ConfigError(
+            "logdir: spoold run --daemon needs a logdir in the config (e.g. logdir: "
+            "/var/log/spoold, or RUNNER_LOG_DIR): detached, its standard error goes to "
+            "/dev/null and its log with it; or run it in the foreground (under systemd, "
+            "whose journal keeps the log)"
+        )
 
 
 def detach(pidfile: Path | None) -> None:
-    """Become a background daemon (``spoold run --daemon``) with python-daemon."""
+    """Become a background daemon (``spoold run --daemon``) with python-daemon.
+
+    ``check_detach`` first: detached, only ``logdir`` keeps spoold's log.
+    """
     import daemon  # noqa: PLC0415 - only --daemon needs it
     import daemon.pidfile  # noqa: PLC0415
 

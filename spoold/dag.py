@@ -47,6 +47,11 @@ class StepState(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+def _phrase(state: StepState) -> str:
+    """How a step's state reads after "it": ``succeeded``, ``failed``, ``is running``."""
+    return state.value if state in (StepState.SUCCEEDED, StepState.FAILED) else f"is {state.value}"
+
+
 @dataclass(frozen=True)
 class _Graph:
     """A checked steps list: ids in file order, what each needs, and what needs each."""
@@ -206,7 +211,7 @@ class StepScheduler:
             if state is not StepState.PENDING and waiting:
                 raise InvalidSteps(
                     f"step '{step_id}' is recorded {state.value} but the step it needs, "
-                    f"'{waiting[0]}', is {scheduler._state[waiting[0]].value}"
+                    f"'{waiting[0]}', {_phrase(scheduler._state[waiting[0]])}"
                 )
         scheduler._recount()
         return scheduler
@@ -279,7 +284,7 @@ class StepScheduler:
                 raise InvalidStepEvent(
                     f"step '{step_id}' cannot start yet: it waits for {', '.join(waiting)}"
                 )
-            raise InvalidStepEvent(f"step '{step_id}' cannot start: it is {state.value}")
+            raise InvalidStepEvent(f"step '{step_id}' cannot start: it {_phrase(state)}")
         self._startable.discard(step_id)
         self._state[step_id] = StepState.RUNNING
 
@@ -287,7 +292,7 @@ class StepScheduler:
         """``step_id``, which was running, ended; its dependents may start, or are skipped."""
         state = self._known(step_id)
         if state is not StepState.RUNNING:
-            raise InvalidStepEvent(f"step '{step_id}' cannot finish: it is {state.value}")
+            raise InvalidStepEvent(f"step '{step_id}' cannot finish: it {_phrase(state)}")
         self._state[step_id] = StepState.SUCCEEDED if succeeded else StepState.FAILED
         if not self._let_through(step_id):
             self._skip_behind(step_id)

@@ -139,9 +139,8 @@ def read_json(text: str) -> tuple[Any, list[Hashable]]:
 
 
 def read_yaml(text: str) -> tuple[Any, list[Hashable]]:
-    if _nests_too_deep(text):
-        message = f"the document is nested more than {MAX_DEPTH} levels deep"
-        raise InvalidJobFile([ValidationIssue(message, "")])
+    if too_deep := _nesting_issue(text):
+        raise InvalidJobFile([too_deep])
     try:
         loader = JobLoader(text)
         try:
@@ -155,22 +154,37 @@ def read_yaml(text: str) -> tuple[Any, list[Hashable]]:
     raise InvalidJobFile([issue])
 
 
-def _nests_too_deep(text: str) -> bool:
-    """Whether the text nests deeper than MAX_DEPTH, found without recursing where it could."""
+def _nesting_issue(text: str) -> ValidationIssue | None:
+    """Where the text first nests deeper than MAX_DEPTH, if it does, found without recursing.
+
+    libyaml reads flow collections ahead, and since 0.2.6 refuses nesting past its own limit
+    (1000 levels) before it yields their first event. Where it refuses the text, PyYAML's
+    pure-Python parser, which has no such limit, looks again: the limit a person is told of is
+    spoold's, whichever libyaml is installed.
+    """
     if sum(map(text.count, "[{-?:")) < _PARSER_DEPTH_BOUND:  # every level needs one of these
-        return False
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=JobLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    return True
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-    except yaml.YAMLError:
-        pass  # loading reports it, and stops no deeper than the events read so far
-    return False
+        return None
+    loaders: list[type[JobLoader] | type[yaml.SafeLoader]] = [JobLoader]
+    if yaml.__with_libyaml__:  # JobLoader is libyaml's: PyYAML's own parser looks again
+        loaders.append(yaml.SafeLoader)
+    for loader in loaders:
+        depth = 0
+        try:
+            for event in yaml.parse(text, Loader=loader):
+                if isinstance(event, yaml.CollectionStartEvent):
+                    depth += 1
+                    if depth > MAX_DEPTH:
+                        mark = event.start_mark
+                        message = f"the document is nested more than {MAX_DEPTH} levels deep"
+                        if mark is None:
+                            return ValidationIssue(message, "")
+                        return ValidationIssue(message, "", mark.line + 1, mark.column + 1)
+                elif isinstance(event, yaml.CollectionEndEvent):
+                    depth -= 1
+        except yaml.YAMLError:
+            continue  # loading reports it, unless the next parser finds the nesting first
+        return None
+    return None
 
 
 def _yaml_issue(exc: yaml.YAMLError, text: str) -> ValidationIssue:

@@ -29,6 +29,10 @@ class DuplicateJob(SpoolError):
     """A job with that id already exists in some state."""
 
 
+class JobFileChanged(SpoolError):
+    """A job's job.yaml is no longer the file that was validated (its sha256 differs)."""
+
+
 class InvalidTransition(SpoolError):
     """A state change the state machine does not allow."""
 

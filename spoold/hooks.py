@@ -1,9 +1,10 @@
 """A job's hooks: pre_run, post_run, on_success, on_failure, each a few shell commands.
 
 They run on this host, in the job's work dir, as the job's user, with the job's environment
-plus ``SPOOLD_HOOK``, ``SPOOLD_JOB_STATE`` and ``SPOOLD_EXIT_CODE``. A hook's failure is the
-job's business (``pre_run`` failing fails the attempt), never spoold's: nothing a hook does
-raises out of here.
+plus ``SPOOLD_HOOK``, ``SPOOLD_JOB_STATE`` and ``SPOOLD_EXIT_CODE``, and start as the job's own
+processes do (``spoold.process``: default signals, every process a hook started ends with it,
+bounded output). A hook's failure is the job's business (``pre_run`` failing fails the
+attempt), never spoold's: nothing a hook does raises out of here.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class HookRunner:
                 # Not the job's cancel: on_failure must still run after a cancel.
                 cancel=threading.Event(),
                 run_as=self.run_as,
+                label=f"hook {name}",
             )
         except Exception as exc:  # a hook that cannot even start is a failed hook
             self.log.error(f"hook {name} could not run: {exc}")

@@ -6,16 +6,16 @@ import contextlib
 import hashlib
 import logging
 import queue
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spoold.admission import Admission, Refused, display_name, file_problem
 from spoold.clock import Clock, rfc3339
-from spoold.errors import CallbackError, DuplicateJob, InvalidJobFile, SpooldError
-from spoold.job import JobSpec, JobStatus, generate_job_id
+from spoold.errors import CallbackError, DuplicateJob, SpooldError
+from spoold.job import JobStatus
 from spoold.joblog import format_line
 from spoold.outbox import Callbacks, CallbackTarget
 from spoold.scheduler import schedule_status
@@ -23,10 +23,6 @@ from spoold.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.units import format_duration
 from spoold.validation import JobValidator, ValidationIssue
 
-JOB_SUFFIXES = (".yaml", ".yml", ".json")
-#: The executors whose processes run on this host, and so can run as another user.
-RUN_AS_EXECUTORS = frozenset({"local", "custom"})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIRST_RETRY, _LAST_RETRY = 1.0, 60.0
 
 _NOT_A_FILE = {
@@ -53,12 +49,6 @@ class Rejected:
 
     path: Path
     reason: dict[str, Any]
-
-
-def display_name(name: str) -> str:
-    """A file name as one line of text: undecodable bytes replaced, control characters escaped."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class QuietFiles:
@@ -116,8 +106,13 @@ class Intake:
         self._spool = spool
         self._callbacks = callbacks
         self._on_scheduled = on_scheduled
-        self._allowed_run_as = allowed_run_as
-        self._validator = validator
+        # What validate and submit ask too: the same file gets the same answer everywhere.
+        self._admission = Admission(
+            validator,
+            max_file_size=max_file_size,
+            allowed_run_as=allowed_run_as,
+            callback_target=None if callbacks is None else callbacks.target,
+        )
         self._clock = clock
         self._max_size = max_file_size
         self._settle = settle_time
@@ -190,31 +185,22 @@ class Intake:
             return self._reject(taken, *problem)
         assert taken.data is not None
         name = taken.name  # _precheck made sure it shows as itself: display_name() is a no-op
-        try:
-            document = self._validator.parse(taken.data, name)
-        except InvalidJobFile as exc:
-            return self._reject(taken, "invalid", _summary(exc.issues), exc.issues)
         now = self._clock.now()
-        job_id = str(document.get("job_id") or generate_job_id(now))
-        spec = JobSpec.from_document(document, job_id)
-        if (refused := self._policy_problem(spec)) is not None:
-            return self._reject(taken, "not_allowed", refused, document=document)
         try:
-            target = None if self._callbacks is None else self._callbacks.target(document)
-        except CallbackError as exc:
-            return self._reject(taken, "callback", str(exc), document=document)
+            admitted = self._admission.admit(taken.data, name, now=now)
+        except Refused as refused:
+            return self._refuse(taken, refused)
+        document, job_id, spec = admitted.document, admitted.job_id, admitted.spec
         sha256 = hashlib.sha256(taken.data).hexdigest()
         if "schedule" in document:
             return self._accept_schedule(taken, document, job_id, sha256)
         status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256)
         line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
         try:
-            with self._announce(target, status):
+            with self._announce(admitted.callback, status):
                 job = self._spool.accept(taken, job_id, status.to_dict(), line)
-        except DuplicateJob as exc:
-            return self._reject(
-                taken, "duplicate", f"{exc}; a job id is never run twice", document=document
-            )
+        except DuplicateJob as exc:  # the rename into pending/ settles it, with no window
+            return self._refuse(taken, self._admission.duplicate(taken.data, document, str(exc)))
         self._log.info("accepted %s as %s (%s)", name, job_id, spec.executor)
         try:
             self._on_accepted(job, document)
@@ -239,9 +225,8 @@ class Intake:
         try:
             job = self._spool.accept(taken, job_id, status, line, schedule=True)
         except DuplicateJob as exc:
-            return self._reject(
-                taken, "duplicate", f"{exc}; a job id is never run twice", document=document
-            )
+            assert taken.data is not None
+            return self._refuse(taken, self._admission.duplicate(taken.data, document, str(exc)))
         self._log.info("%s %s from %s", verb, job_id, taken.name)
         try:
             self._on_scheduled(job)
@@ -249,39 +234,31 @@ class Intake:
             self._log.exception("registering schedule %s failed; the next scan does it", job_id)
         return Accepted(job)
 
-    def _policy_problem(self, spec: JobSpec) -> str | None:
-        """What this host's config does not allow of a valid job, in words."""
-        if spec.run_as is None:
-            return None
-        if spec.executor not in RUN_AS_EXECUTORS:
-            return f"run_as: applies to local and custom jobs only, not to {spec.executor} jobs"
-        if spec.run_as not in self._allowed_run_as:
-            allowed = ", ".join(self._allowed_run_as) or "none"
-            return (
-                f"run_as: user {spec.run_as!r} is not allowed here "
-                f"(the config's allowed_run_as: {allowed})"
-            )
-        return None
-
     def _precheck(self, taken: TakenFile) -> tuple[str, str] | None:
         if display_name(taken.name) != taken.name:
             # Such a name would break log lines, or name no file once shown as text.
             return "file_name", "the file name has control characters or is not UTF-8"
         if taken.kind != "file":
             return "not_a_file", f"{display_name(taken.name)} {_NOT_A_FILE[taken.kind]}"
-        if not taken.name.endswith(JOB_SUFFIXES):
-            return "file_name", "job files must end in .yaml, .yml or .json"
-        if taken.data is None or len(taken.data) > self._max_size:
-            return "too_large", (
-                f"the file is {taken.size} bytes, over the limit of {self._max_size} bytes "
-                "(limits.max_file_size)"
+        if taken.links > 1:
+            # Its other name stays writable by whoever made the link, and its owner (the
+            # submitter spoold records) need not be who dropped it.
+            return "hard_link", (
+                f"{display_name(taken.name)} is a hard link ({taken.links} names for one file); "
+                "spoold takes only files with one name (copy the file itself)"
             )
-        return None
+        size = taken.size if taken.data is None else len(taken.data)
+        return file_problem(taken.name, size, self._max_size)
 
     def _announce(self, target: CallbackTarget | None, status: JobStatus) -> Any:
         if self._callbacks is None:
             return contextlib.nullcontext()
         return self._callbacks.announce(target, "accepted", status)
+
+    def _refuse(self, taken: TakenFile, refused: Refused) -> Rejected:
+        return self._reject(
+            taken, refused.code, refused.reason, refused.issues, document=refused.document
+        )
 
     def _reject(
         self,
@@ -323,15 +300,6 @@ class Intake:
         stage = str(taken.stage)
         ident = str(job_id) if isinstance(job_id, str | int) else None
         return self._callbacks.announce_rejection(target, stage, record, ident)
-
-
-def _summary(issues: list[ValidationIssue]) -> str:
-    first = issues[0] if issues else None
-    if first is None:
-        return "invalid job file"
-    where = f" (line {first.line})" if first.line else ""
-    more = f" and {len(issues) - 1} more problem(s)" if len(issues) > 1 else ""
-    return f"{first.path + ': ' if first.path else ''}{first.message}{where}{more}"
 
 
 class IntakeThread:

@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from spoold.clock import rfc3339
+from spoold.errors import SecretError
 from spoold.limits import Limits
 from spoold.retry import RetryPolicy
+from spoold.secrets import NAME_RULE, SECRET_NAME, Masker
 from spoold.states import JobState
 from spoold.units import parse_duration
 
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: A job directory's name: a job id, or a schedule's run ``<job_id>@<UTC time of the firing>``.
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[0-9]{8}T[0-9]{6}Z)?$")
+_VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
+#: ``${NAME}`` and ``${secret:NAME}``; ``broken``: any other ``${secret:...}``, which names no
+#: secret (``${secret:../x}``, ``${secret:}``, ``${secret:a${b}}``, one never closed).
 _REFERENCE = re.compile(
-    r"\$\{(?:secret:(?P<secret>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})|(?P<name>[A-Za-z_][A-Za-z0-9_]*))\}"
+    rf"\$\{{(?:secret:(?:(?P<secret>{SECRET_NAME.pattern})\}}|(?P<broken>[^}}]*)\}}?)"
+    rf"|(?P<name>{_VARIABLE})\}})"
+)
+#: What validation looks at: every ``${secret:...}``, and a reference nested in one
+#: (``${${X}}``, ``${A${B}}``). A shell's own ``${X:-${Y}}`` is neither.
+_SUSPECT = re.compile(
+    rf"\$\{{(?:secret:(?P<body>[^}}]*)(?P<end>\}}?)|(?P<nested>(?:{_VARIABLE})?\$\{{))"
 )
 _NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_]")
-
-
-def generate_job_id(moment: datetime) -> str:
-    """A unique, sortable id for a job file that names none."""
-    return f"job-{moment.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+_SHOWN = 60
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,17 @@ class JobSpec:
         )
 
 
+def labels_and_description(document: Mapping[str, Any]) -> dict[str, Any]:
+    """``labels`` and ``description`` for status.json, which submitters read: masked as a
+    worker masks status.json (secret-named fields' values), since job.yaml is spoold's alone."""
+    labels, description = dict(document.get("labels") or {}), document.get("description")
+    if labels or description:
+        masker = Masker()
+        masker.collect(document)
+        labels, description = masker.mask_data(labels), masker.mask_data(description)
+    return {"labels": labels, "description": description}
+
+
 def _scalar_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -104,6 +118,8 @@ def interpolate(value: Any, variables: Mapping[str, str], secret: Callable[[str]
     def replace(match: re.Match[str]) -> str:
         if (name := match.group("secret")) is not None:
             return secret(name)
+        if match.group("name") is None:
+            raise _unresolvable(match)
         return variables.get(match.group("name"), match.group(0))
 
     return _each_string(value, lambda text: _REFERENCE.sub(replace, text))
@@ -119,12 +135,57 @@ def refer_to_secrets(value: Any, used: set[str]) -> Any:
     """
 
     def replace(match: re.Match[str]) -> str:
+        if match.group("broken") is not None:
+            raise _unresolvable(match)
         if (name := match.group("secret")) is None:
             return match.group(0)
         used.add(name)
         return "${" + secret_variable(name) + "}"
 
     return _each_string(value, lambda text: _REFERENCE.sub(replace, text))
+
+
+def reference_problems(text: str) -> list[str]:
+    """What in ``text`` reads as a reference spoold would not resolve, in words; [] if none.
+
+    Validation refuses these, so that none reaches ``interpolate``, which would refuse them
+    only at run time: a ``${secret:...}`` whose name breaks the rule for secret names, one
+    never closed, and a reference nested in another.
+    """
+    problems = []
+    for match in _SUSPECT.finditer(text):
+        shown = _shown(text, match.start())
+        body = match.group("body")
+        if match.group("nested") is not None or (body is not None and "${" in body):
+            problems.append(
+                f"{shown} puts a reference inside a reference, which spoold does not resolve: "
+                "name the secret or the variable itself"
+            )
+        elif not match.group("end"):
+            problems.append(f"{shown} has no closing '}}'")
+        elif SECRET_NAME.fullmatch(body or "") is None:
+            problems.append(f"{shown} names no secret spoold can read: {NAME_RULE}")
+    return problems
+
+
+def _unresolvable(match: re.Match[str]) -> SecretError:
+    shown = _shown(match.string, match.start())
+    return SecretError(f"{shown} names no secret spoold can read: {NAME_RULE}")
+
+
+def _shown(text: str, start: int) -> str:
+    """The reference that starts at ``start``, to its matching brace, quoted and cut short."""
+    depth, end = 0, len(text)
+    for index in range(start + 1, min(len(text), start + 4 * _SHOWN)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                end = index + 1
+                break
+    piece = text[start:end]
+    return repr(piece if len(piece) <= _SHOWN else piece[: _SHOWN - 3] + "...")
 
 
 def _each_string(value: Any, change: Callable[[str], str]) -> Any:
@@ -197,6 +258,10 @@ class JobStatus:
     concurrency: dict[str, Any] | None = None
     #: The sequence number of the job's latest callback delivery: its record of having been sent.
     callback_sequence: int = 0
+    #: Kept from the job file for ``spoold status`` and ``list --label``: job.yaml is spoold's
+    #: alone to read. None: not kept (a job accepted before status.json kept them).
+    labels: dict[str, str] | None = None
+    description: str | None = None
 
     @classmethod
     def accepted(
@@ -213,6 +278,7 @@ class JobStatus:
             sha256=sha256,
             priority=int(spec.document.get("priority") or 0),
             concurrency=spec.document.get("concurrency"),
+            **labels_and_description(spec.document),
         )
 
     def begin_attempt(self, now: datetime, worker: str) -> Attempt:
@@ -268,6 +334,8 @@ class JobStatus:
             "priority": self.priority,
             "concurrency": self.concurrency,
             "callback_sequence": self.callback_sequence,
+            "labels": self.labels,
+            "description": self.description,
         }
 
     @classmethod
@@ -295,4 +363,6 @@ class JobStatus:
             priority=int(data.get("priority") or 0),
             concurrency=data.get("concurrency"),
             callback_sequence=int(data.get("callback_sequence") or 0),
+            labels=dict(labels) if isinstance(labels := data.get("labels"), dict) else None,
+            description=data.get("description"),
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spoold.errors import ExecutorError
-from spoold.units import parse_size
+from spoold.units import SIZE_FORMS, parse_size
 
 _KEYS = ("memory", "cpu_seconds", "open_files")
 
@@ -142,7 +142,7 @@ def _memory(value: Any) -> int | None:
         return None
     # parse_size takes only int or str, and a YAML float (1.5) would reach its regex.
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"limits.memory: {value!r} is not a size like 512MiB or 1GB")
+        raise ValueError(f"limits.memory: {value!r} is not a size: {SIZE_FORMS}")
     try:
         size = parse_size(value)
     except ValueError as exc:

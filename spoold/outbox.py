@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from spoold.clock import Clock, rfc3339
-from spoold.documents import load_document
 from spoold.errors import CallbackError, DuplicateJob, SpooldError
 from spoold.job import JobStatus, interpolate
 from spoold.secrets import SecretStore
@@ -212,8 +211,11 @@ class Callbacks:
         self, job: JobDir, event: str, status: JobStatus
     ) -> contextlib.AbstractContextManager[None]:
         """``announce`` for a job whose document is not at hand: its job.yaml is read."""
+        from spoold.documents import load_document  # noqa: PLC0415 - YAML only where needed
+
         try:
-            document = load_document(self._spool.read_job_file(job), "job.yaml")
+            data = self._spool.read_job_file(job, sha256=status.sha256)
+            document = load_document(data, "job.yaml")
         except (SpooldError, OSError, ValueError) as exc:
             self._logger.error("job %s: no %s callback: %s", job.job_id, event, exc)
             document = None

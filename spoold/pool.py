@@ -35,6 +35,7 @@ from spoold.logs import configure_logging
 from spoold.logtap import LogTap
 from spoold.outbox import callbacks_for
 from spoold.plugins import ExecutorRegistry
+from spoold.process import adopt_orphans
 from spoold.secrets import Masker, SecretStore
 from spoold.spool import Spool
 from spoold.worker import JobRunner, WorkerPool
@@ -452,13 +453,38 @@ def _describe_exit(code: int) -> str:
 _CHILD_MAIN = "import sys; from spoold.pool import serve_worker_process; serve_worker_process(int(sys.argv[1]))"
 
 
+# SIGPIPE and SIGXFSZ: subprocess resets them in each child (restore_signals).
+_RESET_BY_SUBPROCESS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _disregard(signum: int, frame: object) -> None:
+    """A worker process's handler for the signals it must neither die of nor pass on ignored."""
+
+
+def set_up_signals() -> None:
+    """A worker process's signals, and its jobs': the main process decides when to stop
+    (Stop), so a Ctrl-C or SIGTERM to the process group is not this process's to act on.
+
+    Caught, not ignored: an ignored signal stays ignored across exec, so every job would start
+    deaf to it (its `trap ... TERM` would never run); a caught one starts at its default. The
+    same for what the daemon was started with ignored, or ignores itself (SIGIO; nohup's
+    SIGHUP): this process goes on disregarding it, its jobs start clean, and spoold.process
+    starts them without a step in the child. Orphans of its jobs become its children, to be
+    found and ended at each job's end.
+    """
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGINT, signal.SIGTERM) or (
+            signum not in _RESET_BY_SUBPROCESS and signal.getsignal(signum) == signal.SIG_IGN
+        ):
+            signal.signal(signum, _disregard)
+    adopt_orphans()
+
+
 def receive_setup(fd: int) -> tuple[Connection, Setup] | None:
     """In a new worker process: die with the main process, then read the Setup; None if orphaned."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # The main process decides when to stop (Stop); a Ctrl-C to the group is its to handle.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_up_signals()
     conn = Connection(fd)
     try:
         setup = conn.recv()

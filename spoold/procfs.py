@@ -1,12 +1,18 @@
 """What /proc says about processes: start times (to tell a live pid from a reused one), groups,
-and environments."""
+sessions, children, environments and signal state."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
-_PGRP, _STARTTIME = 2, 19  # indexes into the fields after the command name
+# Indexes into the fields of /proc/<pid>/stat after the command name (field 3 is index 0).
+_STATE, _PGRP, _SESSION, _STARTTIME = 0, 2, 3, 19
+_BLOCKED, _IGNORED = 29, 30  # the calling thread's signal mask; the process's ignored signals
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -28,6 +34,17 @@ def process_start_time(pid: int) -> int | None:
     """The start time of a process in clock ticks since boot, or None if it is gone."""
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[_STARTTIME])
+
+
+def started_at(ticks: int) -> datetime | None:
+    """The wall-clock time of a process start time (``process_start_time``: clock ticks since
+    boot); None if /proc does not say when it booted."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
 def group_members(pgid: int, not_before: int | None) -> list[int]:
@@ -72,3 +89,116 @@ def processes_with_environment(entry: str) -> list[int]:
     """
     wanted = entry.encode()
     return processes_matching("environ", lambda environment: wanted in environment.split(b"\0"))
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What /proc/<pid>/stat says about one process."""
+
+    pid: int
+    state: str  # R, S, D, Z, ...
+    pgrp: int
+    session: int
+    start: int  # clock ticks since boot
+
+    @property
+    def zombie(self) -> bool:
+        """Ended, waiting for its parent to reap it."""
+        return self.state == "Z"
+
+
+def process_info(pid: int) -> ProcessInfo | None:
+    """The process ``pid``, or None if it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return ProcessInfo(
+        pid, fields[_STATE], int(fields[_PGRP]), int(fields[_SESSION]), int(fields[_STARTTIME])
+    )
+
+
+def children(pid: int, thread: int | None = None) -> list[int]:
+    """The child processes of ``pid``: of all its threads, or of ``thread`` alone.
+
+    Linux lists a child under the thread that started it, and an adopted orphan under the
+    first live thread of its new parent: the main thread.
+    """
+    threads = [thread] if thread is not None else _threads(pid)
+    found: list[int] = []
+    for tid in threads:
+        try:
+            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # the thread or the process is gone
+        try:
+            found.extend(int(child) for child in _read_all(fd).split())
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return found
+
+
+def descendants(pids: Iterable[int]) -> list[int]:
+    """Every process below ``pids`` (children, their children, ...), ``pids`` not included."""
+    found: list[int] = []
+    seen = set(pids)
+    todo = list(seen)
+    while todo:
+        for child in children(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def environment_value(pid: int, name: str) -> str | None:
+    """The value of ``name`` in the environment ``pid`` started with; None if it has none, or
+    if that cannot be read (gone, a zombie, or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environment = handle.read()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for entry in environment.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def signal_state() -> tuple[int, int] | None:
+    """(blocked, ignored) signals of the calling thread, as bit masks (bit n-1 is signal n);
+    None if /proc cannot tell."""
+    fields = _stat_fields("thread-self")
+    if fields is None:
+        return None
+    return int(fields[_BLOCKED]), int(fields[_IGNORED])
+
+
+def become_child_subreaper() -> bool:
+    """Make this process the parent of its descendants' orphans (PR_SET_CHILD_SUBREAPER),
+    instead of init; False, changing nothing, where that is not possible or where Linux
+    cannot list a thread's children (CONFIG_PROC_CHILDREN), which finding them needs."""
+    if not Path(f"/proc/self/task/{os.getpid()}/children").exists():
+        return False
+    import ctypes  # noqa: PLC0415 - once per worker process; the CLI never needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+def _threads(pid: int) -> list[str]:
+    try:
+        with os.scandir(f"/proc/{pid}/task") as entries:
+            return [entry.name for entry in entries]
+    except OSError:
+        return []
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from spoold.clock import Clock, parse_rfc3339
 from spoold.config import Config
+from spoold.control import cancel_reason, cancel_words
 from spoold.documents import load_document
 from spoold.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.executors.base import Executor
@@ -118,16 +119,32 @@ class Recovery:
                 "job %s: completing its move to %s/ (%s)", job.job_id, status.state.directory, why
             )
             return self._spool.finish(job, status.state, status.to_dict())
-        requeue = _on_interrupt(self._spool, job, status) == "requeue"
-        state = JobState.PENDING if requeue else JobState.FAILED
-        error = f"interrupted: {why}"
+        request = self._spool.cancel_request(job)
+        which = f"attempt {status.attempts[-1].number}" if status.attempts else "no attempt"
+        if request is not None:
+            # A cancel, once asked for, wins over on_interrupt: requeue (and over retries):
+            # the job ends cancelled, though its worker died before it could act on it.
+            state, error = JobState.CANCELLED, cancel_reason(request)
+            line = f"{error}, and {why}: the job ends cancelled"
+            told = f"job {job.job_id} {cancel_words(request)} ({which}; recovered: {why})"
+        elif _on_interrupt(self._spool, job, status) == "requeue":
+            state, error = JobState.PENDING, f"interrupted: {why}"
+            line = f"{error}; requeued (on_interrupt: requeue)"
+            told = f"job {job.job_id} interrupted ({which}; {why}); back to pending " + (
+                "(on_interrupt: requeue)"
+            )
+        else:
+            state, error = JobState.FAILED, f"interrupted: {why}"
+            line = f"{error}; failed"
+            told = f"job {job.job_id} failed: {error} ({which})"
         status.end_attempt(self._clock.now(), state, None, error)
+        status.next_attempt_at = None
         with self._spool.open_log(job) as handle:
-            line = f"{error}; " + ("requeued (on_interrupt: requeue)" if requeue else "failed")
             JobLog(handle, self._clock).error(line)
-        self._logger.warning("job %s %s", job.job_id, line)
         with announce(self._callbacks, job, event_for(state), status):
-            return self._spool.finish(job, state, status.to_dict())
+            moved = self._spool.finish(job, state, status.to_dict())
+        self._logger.warning("%s", told)
+        return moved
 
     def repair_pending(self) -> list[str]:
         """Rebuild the status.json of pending jobs that lost it (it is not fsynced at accept)."""
@@ -139,7 +156,7 @@ class Recovery:
             except (JobNotFound, ValueError):
                 pass
             try:
-                data = self._spool.read_job_file(job)
+                data = self._spool.read_job_file(job, sha256=None)  # its record is what was lost
                 spec = JobSpec.from_document(load_document(data, "job.yaml"), job.job_id)
             except (OSError, InvalidJobFile, AttributeError, ValueError) as exc:
                 self._logger.error("pending job %s is unreadable: %s", job.job_id, exc)
@@ -186,7 +203,8 @@ def _alive(pid: object, start: object) -> bool:
 
 def _on_interrupt(spool: Spool, job: JobDir, status: JobStatus) -> str:
     try:
-        document = load_document(spool.read_job_file(job), status.source or "job.yaml")
-    except (OSError, InvalidJobFile):
+        data = spool.read_job_file(job, sha256=status.sha256)
+        document = load_document(data, status.source or "job.yaml")
+    except (OSError, InvalidJobFile, SpoolError):  # JobFileChanged: never run again
         return "fail"
     return str(document.get("on_interrupt", "fail")) if isinstance(document, dict) else "fail"

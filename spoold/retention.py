@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from spoold.errors import SpooldError
 from spoold.units import parse_duration
+
+if TYPE_CHECKING:
+    from spoold.spool import JobDir, Spool
 
 STATES = ("done", "failed")
 
@@ -85,3 +89,42 @@ class Retention:
             if too_many or (limit is not None and age > limit):
                 doomed.append(job_id)
         return doomed
+
+
+def apply_retention(
+    spool: Spool,
+    retention: Retention,
+    now: float,
+    *,
+    states: Iterable[str] = STATES,
+    dry_run: bool = False,
+) -> list[JobDir]:
+    """Remove the finished jobs of ``states`` that ``retention`` says to; return them.
+
+    ``dry_run``: remove nothing, return what would go. A job another process removed
+    meanwhile (the daemon's hourly pass, a ``spoold purge``) is left out. The daemon's
+    retention and ``spoold purge`` both come here.
+    """
+    if not retention.active:
+        return []
+    gone: list[JobDir] = []
+    for state in states:
+        entered = spool.entered_times(state)
+        jobs = {job.job_id: job for job, _ in entered}
+
+        def executor_of(job_id: str, jobs: dict[str, JobDir] = jobs) -> str | None:
+            try:
+                found = spool.read_status(jobs[job_id])
+            except (OSError, SpooldError, ValueError):
+                return None
+            return str(found.get("executor") or "") or None
+
+        ages = [(job.job_id, when) for job, when in entered]
+        for job_id in retention.expired(state, ages, now, executor_of):
+            if not dry_run:
+                try:
+                    spool.purge(jobs[job_id])
+                except FileNotFoundError:
+                    continue
+            gone.append(jobs[job_id])
+    return gone

@@ -25,7 +25,7 @@ from spoold.clock import Clock, parse_rfc3339, rfc3339
 from spoold.dispatch import JobMeta
 from spoold.documents import load_document
 from spoold.errors import DuplicateJob, SpooldError
-from spoold.job import JobSpec, JobStatus
+from spoold.job import JobSpec, JobStatus, labels_and_description
 from spoold.joblog import JobLog, format_line
 from spoold.outbox import Callbacks
 from spoold.schedules import ScheduleSpec, jitter_delay, next_fire_times, plan, run_id
@@ -99,10 +99,13 @@ class Scheduler:
         self, schedule: JobDir
     ) -> tuple[dict[str, Any], ScheduleSpec, dict[str, Any], BaseTrigger]:
         """A schedule's job document, its ``schedule:`` read, its status, its trigger."""
-        document = load_document(self._spool.read_job_file(schedule), "job.yaml")
-        spec = ScheduleSpec.from_document(document["schedule"])
         status = self._spool.read_status(schedule)
-        return document, spec, status, spec.trigger(parse_rfc3339(status["submitted_at"]))
+        data = self._spool.read_job_file(schedule, sha256=status.get("sha256"))
+        document = load_document(data, "job.yaml")
+        spec = ScheduleSpec.from_document(document["schedule"])
+        # The same anchor as plan()'s: an ``every:`` definition counts from its acceptance, so
+        # APScheduler wakes spoold at the very firings plan() makes (not a period later).
+        return document, spec, status, spec.trigger(parse_rfc3339(status["accepted_at"]))
 
     def _register(self, job: JobDir, sha: str) -> None:
         _, spec, _, trigger = self._load(job)
@@ -126,12 +129,12 @@ class Scheduler:
             return
         document, spec, status, trigger = self._load(schedule)
         now = self._clock.now()
-        last = status.get("last_fired")
+        recorded = status.get("last_fired")
         since = parse_rfc3339(status["accepted_at"])
-        decided = plan(
-            spec, trigger, last=None if last is None else max(parse_rfc3339(last), since),
-            since=since, now=now,
-        )  # fmt: skip
+        # A firing of an earlier definition (dropped again under the same id) is not this one's.
+        last = None if recorded is None else parse_rfc3339(recorded)
+        last = None if last is None or last < since else last
+        decided = plan(spec, trigger, last=last, since=since, now=now)
         notes = list(decided.notes)
         made = [
             made_run
@@ -140,7 +143,8 @@ class Scheduler:
         ]
         if decided.last is not None:
             status["last_fired"] = rfc3339(decided.last)
-        status["next_fire_times"] = [rfc3339(t) for t in next_fire_times(spec, trigger, now)]
+        coming = next_fire_times(spec, trigger, now, last=decided.last or last)
+        status["next_fire_times"] = [rfc3339(t) for t in coming]
         self._note(schedule, status, notes)
         self._spool.write_status(schedule, status, durable=True)  # the record, before queueing
         for run, meta, due in made:
@@ -245,6 +249,7 @@ def schedule_status(
         "executor": spec_document.get("executor"),
         "type": spec_document.get("type"),
         "schedule": spec_document["schedule"],
+        **labels_and_description(spec_document),
         "source": source,
         "sha256": sha256,
         "submitted_at": previous.get("submitted_at") or rfc3339(now),

@@ -9,6 +9,9 @@ them. Fire times come from APScheduler 3.x triggers. Two things are added on top
   fires an hour later, once.
 - A firing is named by its nominal time (``<job_id>@20261122T153000Z``): a firing that was
   recorded can be recognised after any crash, so none is lost and none repeated.
+- ``every:`` fires on one exact grid (``EveryTrigger``), from when its definition was accepted:
+  APScheduler wakes spoold at each firing, which is made then and there, and status.json's
+  ``next_fire_times`` are the very times that will be fired, sub-second part included.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from spoold.units import parse_duration
 
@@ -40,6 +42,42 @@ _TIME_OF_DAY = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
 def run_id(job_id: str, fire_time: datetime) -> str:
     """The id of the run a firing creates: the schedule's id and the firing's UTC time."""
     return f"{job_id}@{fire_time.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+class EveryTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 ships no types
+    """``every:``: firings at ``start + k x period`` (k = 0, 1, ...), up to ``end``.
+
+    One grid for everyone: APScheduler wakes spoold at these times, ``plan`` fires them and
+    ``next_fire_times`` shows them, so a run is made at its firing and status shows the times
+    that will be used. Unlike APScheduler's IntervalTrigger it counts in whole microseconds
+    (no float drift), and the firing after ``previous`` is the next point of the grid (not
+    ``previous + period``: a firing off the grid, recorded by an older spoold, leads back to it).
+    """
+
+    __slots__ = ("end", "period", "start")
+
+    def __init__(self, period: timedelta, *, start: datetime, end: datetime | None) -> None:
+        if period <= timedelta(0):
+            raise ValueError("every: must be longer than 0s")
+        self.period = period
+        self.start = start.astimezone(UTC)
+        self.end = None if end is None else end.astimezone(UTC)
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The first firing after ``previous_fire_time`` or, without one, at or after ``now``."""
+        if previous_fire_time is not None:
+            return self._first_from(previous_fire_time.astimezone(UTC) + _TICK)
+        return self._first_from(now.astimezone(UTC))
+
+    def _first_from(self, moment: datetime) -> datetime | None:
+        steps = -((self.start - moment) // self.period) if moment > self.start else 0  # ceil
+        fire = self.start + steps * self.period
+        return None if self.end is not None and fire > self.end else fire
+
+    def __str__(self) -> str:
+        return f"every {self.period.total_seconds():g}s from {self.start.isoformat()}"
 
 
 @dataclass(frozen=True)
@@ -79,14 +117,13 @@ class ScheduleSpec:
         )
 
     def trigger(self, anchor: datetime) -> BaseTrigger:
-        """The APScheduler trigger; ``anchor`` is when an ``every:`` schedule counts from."""
+        """The APScheduler trigger; ``anchor`` is when an ``every:`` schedule counts from (its
+        first firing is one period later, or at ``window.start``)."""
         if self.every is not None:
             if self.every < 1:  # a run is named by its firing's second
                 raise ValueError("every: must be at least 1s")
-            return IntervalTrigger(
-                seconds=self.every, start_date=self.start or anchor.replace(microsecond=0),
-                end_date=self.end, timezone=self.timezone,
-            )  # fmt: skip
+            period = timedelta(seconds=self.every)
+            return EveryTrigger(period, start=self.start or anchor + period, end=self.end)
         assert self.cron is not None
         return CronTrigger(
             **_cron_fields(self.cron), timezone=self.timezone, start_date=self.start,
@@ -100,10 +137,10 @@ def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
         spec = ScheduleSpec.from_document(value)
         trigger = spec.trigger(now)
     except ValueError as exc:
-        return f"schedule: {exc}"
+        return str(exc)
     first = trigger.get_next_fire_time(None, now)
     if first is None or first - now > _HORIZON:
-        return "schedule: it never fires (a date that does not exist, or a window in the past)"
+        return "it never fires (a date that does not exist, or a window in the past)"
     return None
 
 
@@ -160,18 +197,24 @@ def plan(
 
 
 def next_fire_times(
-    spec: ScheduleSpec, trigger: BaseTrigger, after: datetime, count: int = 3
-) -> list[datetime]:
-    """The next ``count`` firings after ``after`` (fewer if the schedule ends)."""
+    spec: ScheduleSpec, trigger: BaseTrigger, after: datetime, count: int = 3,
+    *, last: datetime | None = None,
+) -> list[datetime]:  # fmt: skip
+    """The next ``count`` firings strictly after ``after`` (fewer if the schedule ends): the
+    times ``plan`` will fire. ``last``: the newest firing dealt with (its wall-clock time,
+    repeated by the autumn change, does not fire again)."""
     times: list[datetime] = []
-    previous: datetime | None = None
-    moment = after
-    while len(times) < count:
-        moment_next = _next(spec, trigger, previous, moment)
-        if moment_next is None:
+    previous = last
+    moment = after + _TICK if last is None else last
+    for _ in range(_WINDOW_JUMPS + count):
+        if len(times) == count:
             break
-        times.append(moment_next)
-        previous = moment = moment_next
+        found = _next(spec, trigger, previous, moment)
+        if found is None:
+            break
+        if found > after:
+            times.append(found)
+        previous = moment = found
     return times
 
 
@@ -213,10 +256,12 @@ def _next(
         if moment is None:
             return None
         if previous is not None and (
-            moment <= previous or _wall(moment, spec) == _wall(previous, spec)
+            moment <= previous
+            or (spec.cron is not None and _wall(moment, spec) == _wall(previous, spec))
         ):
             # In the hour the autumn change repeats, APScheduler 3 finds the same instant
             # again, or that wall-clock time a second time: look on from just after it.
+            # (``every:`` counts elapsed time: an hourly interval fires in both of those hours.)
             moment = trigger.get_next_fire_time(None, max(moment.astimezone(UTC), previous) + _TICK)
         elif (opens := _outside_daily(spec, moment)) is not None:
             moment = trigger.get_next_fire_time(None, opens)  # the next firing in the window

@@ -18,7 +18,14 @@ from typing import Any
 from spoold.errors import SecretError
 
 #: A secret's name is a file name in secrets_dir, never a path: no "/", no "." or ".." or dotfile.
+#: Use with ``fullmatch``; ``spoold.job`` builds ``${secret:NAME}`` references from it.
 SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+#: The rule of SECRET_NAME in words, for messages.
+NAME_RULE = (
+    "a secret's name is a file name in secrets_dir, never a path: 1 to 128 letters, digits, "
+    "'_', '.' or '-', not starting with '.' and without '/'"
+)
 
 #: A secret file holds one value (a token, a password, a PEM key), never a document.
 MAX_SECRET_SIZE = 64 * 1024
@@ -63,6 +70,10 @@ def _kind_at(path: Path) -> str | None:
     return None if stat.S_ISREG(mode) else _file_kind(mode)
 
 
+class SecretAccessDenied(SecretError):
+    """This process may not open secrets_dir or the secret's file (EACCES, EPERM)."""
+
+
 class SecretStore:
     """Reads secrets from one file each in ``directory``, at call time (a rotated file is seen)."""
 
@@ -84,8 +95,7 @@ class SecretStore:
         # fullmatch, not match with "$": "$" would also accept a name ending in "\n".
         if SECRET_NAME.fullmatch(name) is None:
             raise SecretError(
-                f"secret name {name!r} is not a plain file name in {self._directory}: use up to "
-                "128 letters, digits, '_', '.' or '-', not starting with '.' and without '/'"
+                f"secret name {name!r} is not a plain file name in {self._directory}: " + NAME_RULE
             )
         path = self._directory / name
         data = self._read_bytes(name, path)
@@ -130,7 +140,10 @@ class SecretStore:
                     f"secret {name!r}: {path} is {kind}, not a regular file; replace it with a "
                     f"regular file and chmod 600 {path}"
                 ) from None
-            raise SecretError(
+            # EACCES here is this user's lot (`spoold validate` run by a submitter), or a
+            # secrets_dir the daemon's own user may not open: callers tell the two apart.
+            denied = exc.errno in (errno.EACCES, errno.EPERM)
+            raise (SecretAccessDenied if denied else SecretError)(
                 f"secret {name!r}: cannot open {path}: {exc.strerror or exc}; check secrets_dir "
                 "and the file"
             ) from None

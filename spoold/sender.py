@@ -8,65 +8,23 @@ import queue
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from spoold.clock import Clock
+from spoold.config import CallbackSettings
 from spoold.outbox import STALE_PREPARED, Callbacks, encode_record
-from spoold.retry import RetryPolicy
 from spoold.spool import Spool
-from spoold.units import parse_duration
 
 if TYPE_CHECKING:
     import requests
 
+__all__ = ["CallbackSettings", "Sender"]  # CallbackSettings lives in spoold.config
+
 _REQUIRED = frozenset({"key", "event", "url", "body", "signature", "timestamp", "delivery_id"})
 _RELIST = 0.1  # seconds between listings of outbox/, at most (unless woken)
-
-
-@dataclass(frozen=True)
-class CallbackSettings:
-    """How deliveries are sent (``callbacks:`` in the config)."""
-
-    timeout: float = 10.0
-    #: Deliveries in flight at once, and at most ``per_host`` of them to one receiver.
-    workers: int = 4
-    per_host: int = 2
-    initial: float = 5.0
-    maximum: float = 3600.0
-    multiplier: float = 2.0
-    #: A delivery not acknowledged this long after it was made goes to outbox/failed/.
-    give_up_after: float = 3 * 86400.0
-
-    @classmethod
-    def from_document(cls, document: Mapping[str, Any]) -> CallbackSettings:
-        """From the config's validated ``callbacks:`` mapping."""
-        backoff = document.get("backoff") or {}
-        defaults = cls()
-        durations = {
-            "timeout": document.get("timeout"),
-            "initial": backoff.get("initial"),
-            "maximum": backoff.get("max"),
-            "give_up_after": document.get("give_up_after"),
-        }
-        parsed = {
-            key: parse_duration(value) for key, value in durations.items() if value is not None
-        }
-        return replace(
-            defaults,
-            workers=int(document.get("workers", defaults.workers)),
-            per_host=int(document.get("per_host", defaults.per_host)),
-            multiplier=float(backoff.get("multiplier", defaults.multiplier)),
-            **parsed,
-        )
-
-    def policy(self) -> RetryPolicy:
-        """The backoff between tries; jittered, so that a receiver back up is not stampeded."""
-        return RetryPolicy(
-            initial=self.initial, multiplier=self.multiplier, maximum=self.maximum, jitter=True
-        )
 
 
 @dataclass

@@ -18,37 +18,51 @@ as submitted; the final status and log), renames, then fsyncs the directory it r
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import os
 import shutil
 import stat
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from spoold.errors import DuplicateJob, InvalidTransition, JobNotFound, SpoolError
-from spoold.job import RUN_ID
+from spoold.errors import (
+    DuplicateJob,
+    InvalidTransition,
+    JobFileChanged,
+    JobNotFound,
+    SpoolError,
+)
+from spoold.ids import RUN_ID
 from spoold.procfs import process_start_time
 from spoold.states import JOB_DIRECTORIES, JobState, check_transition
 
 SPOOL_DIRECTORIES = (
-    "incoming", "pending", "running", "done", "failed", "rejected", "scheduled", "outbox", "tmp",
+    "incoming", "pending", "running", "done", "failed", "rejected", "scheduled", "outbox", "ids",
+    "tmp",
 )  # fmt: skip
+#: Directories an older spoold did not make: created (and filled) when the spool is opened.
+_ADDED_LATER = frozenset({"ids"})
 
-# Writers drop files here; spoold alone reads the rest.
-_MODES = {"incoming": 0o770}
+# Writers drop files here; spoold alone reads the rest. The sticky bit: a submitter can neither
+# rename nor delete another's file (swapping a file another user is about to have validated).
+_MODES = {"incoming": 0o1770}
 _DEFAULT_MODE = 0o750
+# A job file (job.yaml, a rejected file's copy) may hold secrets written into it: spoold's
+# alone, as a job's artifacts/ (its unmasked output). status.json and log (secrets masked)
+# are readable by the group of the directory they are made in (the package's spoold-submit).
+_PRIVATE_FILE, _PRIVATE_DIR = 0o600, 0o700
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _STAGE_PREFIX = "in-"
-_GONE_PREFIX = "gone-"  # a job or schedule being deleted
+_GONE_PREFIX = "gone-"  # a job or schedule being deleted: gone-<its reservation>~<job id>
+_MIGRATION_PREFIX = "ids-"  # ids/ being filled for a spool made by an older spoold
 _TEMP_MARK = ".spoold-"
 # The files spoold writes into a stage; a staged original is any other entry.
 _STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
@@ -101,6 +115,7 @@ class TakenFile:
     kind: str  # file | symlink | directory | fifo | socket | device | other
     size: int
     data: bytes | None  # the content, for regular files no larger than the limit
+    links: int = 1  # names the file had when taken: more than one is a hard link
 
     @property
     def original(self) -> Path:
@@ -126,18 +141,35 @@ class Spool:
     # -- the tree --------------------------------------------------------------------------
 
     def init(self) -> None:
-        """Create the tree with safe permissions; existing directories are left as they are."""
-        self.root.mkdir(mode=_DEFAULT_MODE, parents=True, exist_ok=True)
+        """Create the tree with safe permissions, whatever the umask.
+
+        Existing directories keep their owner and mode, except that ``incoming/`` gets the
+        sticky bit it lacked before; a spool made by an older spoold gets ``ids/`` filled.
+        """
+        if not self.root.is_dir():
+            self.root.mkdir(mode=_DEFAULT_MODE, parents=True)
+            self.root.chmod(_DEFAULT_MODE)  # mkdir's mode is masked by the umask
+        elif (mode := stat.S_IMODE(self.root.stat().st_mode)) & 0o027:
+            # Only ever tightened: a checkout's spool/ comes as 0755, every job's log readable
+            # by every user of the host.
+            self.root.chmod(mode & ~0o027)
         for name in SPOOL_DIRECTORIES:
             path = self.root / name
+            mode = _MODES.get(name, _DEFAULT_MODE)
+            if name in _ADDED_LATER:
+                continue
             if not path.is_dir():
-                path.mkdir(mode=_MODES.get(name, _DEFAULT_MODE))
-                # mkdir's mode is masked by the umask; the modes are the point here.
-                path.chmod(_MODES.get(name, _DEFAULT_MODE))
+                path.mkdir(mode=mode)
+                path.chmod(mode)
+            elif mode & stat.S_ISVTX and not path.stat().st_mode & stat.S_ISVTX:
+                path.chmod(path.stat().st_mode | stat.S_ISVTX)
+        self.ensure_reservations()
 
     def check(self) -> None:
         """Raise SpoolError unless every directory of the tree exists."""
-        missing = [n for n in SPOOL_DIRECTORIES if not (self.root / n).is_dir()]
+        missing = [
+            n for n in SPOOL_DIRECTORIES if n not in _ADDED_LATER and not (self.root / n).is_dir()
+        ]
         if missing:
             raise SpoolError(
                 f"{self.root} is not a spool (missing {', '.join(missing)}): "
@@ -146,22 +178,109 @@ class Spool:
 
     def unsafe_permissions(self) -> list[str]:
         """What would let users other than spoold's own (and root) put jobs into the tree, each
-        with its fix. Only incoming/ may be writable by its group (the submitters')."""
+        with its fix. Only incoming/ may be writable by its group (the submitters'), and only
+        with the sticky bit. The directories above the spool count too, as OpenSSH's
+        StrictModes counts a home directory's: whoever may rename an ancestor may put another
+        tree in the spool's place, unless the sticky bit stops them."""
         problems = []
+        me = os.geteuid()
+        for above in _ancestors(self.root):
+            info = os.stat(above)
+            sticky = info.st_mode & stat.S_ISVTX
+            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+                who = "everyone" if info.st_mode & stat.S_IWOTH else "its group"
+                problems.append(
+                    f"{above}, above the spool, is writable by {who}: chmod go-w {above} "
+                    f"(or chmod +t {above})"
+                )
+            if info.st_uid not in (me, 0):
+                problems.append(
+                    f"{above}, above the spool, belongs to uid {info.st_uid}: chown root {above}"
+                )
         for name in ("", *SPOOL_DIRECTORIES):
             path = self.root / name if name else self.root
-            info = path.stat()
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue  # ids/ of an older spool: made with the right mode when opened
             if info.st_mode & stat.S_IWOTH:
                 problems.append(f"{path} is writable by everyone: chmod o-w {path}")
             if info.st_mode & stat.S_IWGRP and name != "incoming":
                 problems.append(f"{path} is writable by its group: chmod g-w {path}")
-            if info.st_uid not in (os.geteuid(), 0):
-                owner = f"{os.geteuid()}:{os.getegid()}"
+            unguarded = not info.st_mode & stat.S_ISVTX
+            if info.st_mode & stat.S_IWGRP and name == "incoming" and unguarded:
+                problems.append(
+                    f"{path} is writable by its group without the sticky bit, so a submitter "
+                    f"could replace another's file: chmod +t {path}"
+                )
+            if info.st_uid not in (me, 0):
+                owner = f"{me}:{os.getegid()}"
                 problems.append(
                     f"{path} belongs to uid {info.st_uid}, who could open it to anyone: "
                     f"chown {owner} {path}"
                 )
         return problems
+
+    # -- job ids -----------------------------------------------------------------------------
+    # ids/<job_id> reserves a job id for as long as the job's record is kept, across every
+    # state: a symlink (made in one step, and never replacing anything) whose target is a
+    # token naming who reserved it, the intake stage that made it. Checking the state
+    # directories one after another cannot do this: a job moves between them while they are
+    # looked at, and two files naming one id would both get in.
+
+    def ensure_reservations(self) -> int:
+        """Make ids/ for a spool made before it existed: reserve every job's id; return how many.
+
+        Filled under another name and renamed into place, so that no job is accepted against
+        a half-filled ids/ (accept fails while ids/ is missing, and the file waits).
+        """
+        ids = self._dirs["ids"]
+        if os.path.isdir(ids):
+            return 0
+        tmp = self._dirs["tmp"]
+        building = f"{tmp}/{_MIGRATION_PREFIX}{os.urandom(8).hex()}"
+        os.mkdir(building, _DEFAULT_MODE)
+        os.chmod(building, _DEFAULT_MODE)
+        count = 0
+        for directory in (*JOB_DIRECTORIES, "scheduled"):
+            with os.scandir(self._dirs[directory]) as entries:
+                names = [e.name for e in entries if RUN_ID.match(e.name)]
+            for name in names:
+                with contextlib.suppress(FileExistsError):
+                    os.symlink(_new_token("mig-"), f"{building}/{name}")
+                    count += 1
+        try:
+            rename_noreplace(building, ids)
+        except FileExistsError:  # another spoold did the same a moment ago
+            shutil.rmtree(building)
+            return 0
+        self._sync_dirs(self._dirs["tmp"])
+        return count
+
+    def reserved(self, job_id: str) -> bool:
+        """Whether a job (or a schedule, or a file being accepted) holds this id."""
+        _check_job_id(job_id)
+        return os.path.lexists(f"{self._dirs['ids']}/{job_id}")
+
+    def _reserve(self, job_id: str, token: str) -> bool:
+        """Reserve ``job_id`` for ``token``; False if it is held already."""
+        try:
+            os.symlink(token, f"{self._dirs['ids']}/{job_id}")
+        except FileExistsError:
+            return False
+        return True
+
+    def _reservation(self, job_id: str) -> str | None:
+        try:
+            return os.readlink(f"{self._dirs['ids']}/{job_id}")
+        except OSError:  # none, or not a reservation spoold made
+            return None
+
+    def _unreserve(self, job_id: str, token: str) -> None:
+        """Give ``job_id`` up, if ``token`` still holds it (never another job's reservation)."""
+        if self._reservation(job_id) == token:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._dirs['ids']}/{job_id}")
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -222,13 +341,58 @@ class Spool:
             except FileNotFoundError:
                 os.rmdir(stage)
                 return None
-            data = None
-            if kind == "file" and st.st_size <= max_size:
-                data = _read_limited(fd, max_size + 1)
-            return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=data)
         finally:
             if fd >= 0:
                 os.close(fd)
+        if kind != "file":
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=None)
+        return self._own_copy(name, stage, max_size, checked=(st.st_dev, st.st_ino))
+
+    def _own_copy(
+        self, name: str, stage: str, max_size: int, *, checked: tuple[int, int]
+    ) -> TakenFile | None:
+        """Read the file now in ``stage`` and put a private copy of those bytes in its place.
+
+        What was checked above may not be what was renamed: another file can be renamed over
+        the name in between. And what was renamed may still change: a hard link, or a writer
+        that kept it open. So the content is read only from the stage, where nobody else can
+        put a name, and the stage then holds a file only spoold can write: exactly the bytes
+        that are validated, accepted (as job.yaml) or kept with the reason of a rejection.
+        """
+        staged = f"{stage}/{name}"
+        try:
+            fd = os.open(staged, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:  # swapped for a symlink, or for a file spoold may not read
+            kind = "symlink" if exc.errno == errno.ELOOP else "unreadable"
+            size = os.lstat(staged).st_size
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=size, data=None)
+        try:
+            st = os.fstat(fd)
+            kind = _kind(st.st_mode)
+            if kind == "file" and (st.st_dev, st.st_ino) != checked and _has_local_writer(fd):
+                # Renamed over the checked file while still being written: not complete.
+                _move_to_free_name(Path(staged), self.dir("incoming"), name)
+                os.rmdir(stage)
+                return None
+            if kind != "file" or st.st_size > max_size:
+                return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size,
+                                 data=None, links=st.st_nlink)  # fmt: skip
+            data = _read_limited(fd, max_size + 1)
+        finally:
+            os.close(fd)
+        if len(data) <= max_size:
+            temp = f"{stage}/{_TEMP_MARK}copy"
+            try:
+                _write_new(temp, data, mode=_PRIVATE_FILE)
+                os.replace(temp, staged)
+            except BaseException:  # a full disk: the file goes back, to be tried again
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                _move_to_free_name(Path(staged), self.dir("incoming"), name)
+                os.rmdir(stage)
+                raise
+        return TakenFile(name=name, stage=Path(stage), kind="file", size=len(data),
+                         data=data if len(data) <= max_size else None, links=st.st_nlink)  # fmt: skip
 
     def submit_file(self, name: str, data: bytes) -> Path:
         """Place a job file into incoming/ atomically, never over an existing file.
@@ -236,7 +400,7 @@ class Spool:
         Written under a transient name and fsynced, then renamed to a free final name.
         """
         incoming = self.dir("incoming")
-        temp = incoming / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        temp = incoming / f".{name}.{os.urandom(4).hex()}.tmp"
         self._write_file(temp, data, durable=self.durable)
         try:
             target = _move_to_free_name(temp, incoming, name)
@@ -253,12 +417,12 @@ class Spool:
         size = source.stat().st_size
         data = _read_limited_path(source, max_size + 1) if size <= max_size else None
         if data is not None:
-            _write_new(target, data)  # a stage is private: no atomic replace needed
+            _write_new(target, data, mode=_PRIVATE_FILE)  # a stage is private: no atomic replace
         return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
 
     def _new_stage(self) -> str:
-        # uuid: stages of several hosts sharing one spool must not collide.
-        stage = f"{self._dirs['tmp']}/{_STAGE_PREFIX}{uuid.uuid4().hex[:16]}"
+        # Random: stages of several hosts sharing one spool must not collide.
+        stage = f"{self._dirs['tmp']}/{_STAGE_PREFIX}{os.urandom(8).hex()}"
         os.mkdir(stage, _DEFAULT_MODE)
         return stage
 
@@ -277,20 +441,18 @@ class Spool:
         atomic exchange: the old definition is there up to the instant the new one is).
         """
         _check_job_id(job_id)
-        found = self.find(job_id)
-        if found is not None and not (schedule and found.directory == "scheduled"):
-            raise DuplicateJob(f"a job with id {job_id!r} already exists in {found.directory}/")
         stage = os.fspath(taken.stage)
         original = f"{stage}/{taken.name}"
         job_file = f"{stage}/job.yaml"
         # The original keeps its name to the last, so that recovery can give it back under
         # it; unless it is named like a file written beside it (a job file named status.json).
+        # It is spoold's own copy already (take_incoming, stage_file, create_run).
         if taken.name in _STAGE_FILES:
             os.rename(original, job_file)
         # Plain writes: nobody else looks into a stage.
         _write_new(f"{stage}/status.json", _json_bytes(status))
         _write_new(f"{stage}/log", log_text.encode())
-        os.mkdir(f"{stage}/artifacts", _DEFAULT_MODE)
+        os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
         if taken.name not in _STAGE_FILES:
             os.rename(original, job_file)
         if self.durable:
@@ -299,18 +461,33 @@ class Spool:
             # metadata (ext4 without a journal, as on the benchmark machine) may come back from
             # a power loss with pending/<id> naming a directory that was never written.
             _fsync_path(stage)
-        if schedule:
-            return self._place_schedule(stage, job_id)
-        target = f"{self._dirs['pending']}/{job_id}"
+        # Reserved only now that status.json names the id: recovery of a stage undoes a
+        # reservation that names the stage. No fsync of ids/: the fsync of pending/ (or
+        # scheduled/) below commits it, as every metadata change before it.
+        token: str | None = os.path.basename(stage)
+        if not self._reserve(job_id, str(token)):
+            found = self.find(job_id)
+            if not (schedule and found is not None and found.directory == "scheduled"):
+                _unstage(stage, original, job_file)
+                where = f" in {found.directory}/" if found else " (its file is being accepted)"
+                raise DuplicateJob(f"a job with id {job_id!r} already exists{where}")
+            token = None  # a schedule replaced keeps the reservation it had
         try:
-            rename_noreplace(stage, target)
-        except FileExistsError as exc:
-            # Lost a race with another instance: put the file back where reject() expects it.
-            for leftover in ("status.json", "log"):
-                os.unlink(f"{stage}/{leftover}")
-            os.rmdir(f"{stage}/artifacts")
-            os.rename(job_file, original)
-            raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
+            if schedule:
+                return self._place_schedule(stage, job_id)
+            target = f"{self._dirs['pending']}/{job_id}"
+            try:
+                rename_noreplace(stage, target)
+            except FileExistsError as exc:
+                # A job from before ids/ existed that the spool's migration missed: the
+                # reservation just made is now its.
+                token = None
+                _unstage(stage, original, job_file)
+                raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
+        except BaseException:
+            if token is not None:
+                self._unreserve(job_id, token)
+            raise
         self._sync_dirs(self._dirs["pending"])
         return JobDir(job_id, "pending", target)
 
@@ -344,10 +521,22 @@ class Spool:
         self._remove(job)
 
     def _remove(self, job: JobDir) -> None:
-        """Out of the tree in one rename, then deleted: no half-deleted job is ever seen."""
-        gone = f"{self._dirs['tmp']}/{_GONE_PREFIX}{uuid.uuid4().hex[:16]}"
+        """Out of the tree in one rename, then deleted: no half-deleted job is ever seen.
+
+        Its id is given up once it is out of the tree; the name it goes out under says
+        which reservation was its, so that recovery finishes a removal cut short without
+        touching a reservation made since by another job of that id.
+        """
+        token = self._reservation(job.job_id) or _new_token("none-")
+        gone = f"{self._dirs['tmp']}/{_GONE_PREFIX}{token}~{job.job_id}"
         os.rename(job.location, gone)
         self._sync_dirs(self._dirs[job.directory])
+        self._finish_removal(gone)
+
+    def _finish_removal(self, gone: str) -> None:
+        token, _, job_id = os.path.basename(gone)[len(_GONE_PREFIX) :].partition("~")
+        if job_id and RUN_ID.match(job_id):
+            self._unreserve(job_id, token)
         shutil.rmtree(gone, ignore_errors=True)
 
     def create_run(
@@ -358,10 +547,13 @@ class Spool:
         DuplicateJob if that run exists anywhere already: the firing was made before (a crash
         between making it and recording it), and must not be made twice.
         """
+        data = self.read_job_file(schedule, sha256=status.get("sha256"))
         stage = self._new_stage()
         try:
-            shutil.copyfile(f"{schedule.location}/job.yaml", f"{stage}/job.yaml")
-            taken = TakenFile(name="job.yaml", stage=Path(stage), kind="file", size=0, data=None)
+            _write_new(f"{stage}/job.yaml", data, mode=_PRIVATE_FILE)
+            taken = TakenFile(
+                name="job.yaml", stage=Path(stage), kind="file", size=len(data), data=data
+            )
             return self.accept(taken, run_id, status, log_text)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
@@ -407,20 +599,26 @@ class Spool:
         for stage in (p for p in found if p.name.startswith(_STAGE_PREFIX)):
             done.append(self._recover_stage(stage))
         for gone in (p for p in found if p.name.startswith(_GONE_PREFIX)):
-            shutil.rmtree(gone, ignore_errors=True)  # a removal a crash cut short
+            self._finish_removal(os.fspath(gone))  # a removal a crash cut short
             done.append(f"finished removing {gone.name}")
+        for building in (p for p in found if p.name.startswith(_MIGRATION_PREFIX)):
+            shutil.rmtree(building, ignore_errors=True)  # ensure_reservations() begins anew
         return done
 
     def _recover_stage(self, stage: Path) -> str:
-        entries = {entry.name for entry in os.scandir(stage)}
+        entries = {e.name for e in os.scandir(stage) if not e.name.startswith(_TEMP_MARK)}
         originals = sorted(entries - _STAGE_FILES)
         if "reason.json" in entries:
             reason = json.loads((stage / "reason.json").read_bytes())
             target = _move_to_free_name(stage, self.dir("rejected"), str(reason.get("file")))
             return f"finished rejecting {target.name}"
         if originals or "job.yaml" in entries:
-            # Taken but not yet accepted: back to incoming/ to be taken again. A file already
-            # renamed to job.yaml is named after the source recorded beside it, if any.
+            # Taken but not yet accepted: back to incoming/ to be taken again, and the id it
+            # may have reserved given up. A file already renamed to job.yaml is named after
+            # the source recorded beside it, if any.
+            job_id = self._staged_status(stage).get("job_id")
+            if isinstance(job_id, str) and RUN_ID.match(job_id):
+                self._unreserve(job_id, stage.name)
             source = stage / (originals[0] if originals else "job.yaml")
             name = originals[0] if originals else self._staged_source(stage)
             target = _move_to_free_name(source, self.dir("incoming"), name)
@@ -430,11 +628,11 @@ class Spool:
         return f"removed empty stage {stage.name}"
 
     @staticmethod
-    def _staged_source(stage: Path) -> str:
-        try:
-            source = json.loads((stage / "status.json").read_bytes()).get("source")
-        except (OSError, ValueError):
-            source = None
+    def _staged_status(stage: Path) -> dict[str, Any]:
+        return _read_json(f"{stage}/status.json") or {}
+
+    def _staged_source(self, stage: Path) -> str:
+        source = self._staged_status(stage).get("source")
         return str(source) if source else "job.yaml"
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -498,9 +696,23 @@ class Spool:
             raise JobNotFound(f"job {job.job_id!r} moved or has no status") from exc
         return data
 
-    def read_job_file(self, job: JobDir) -> bytes:
-        """The job file as submitted."""
-        return _read(f"{job.location}/job.yaml")
+    def read_job_file(self, job: JobDir, *, sha256: str | None) -> bytes:
+        """The job file as submitted; JobFileChanged unless its sha256 is ``sha256``.
+
+        Every reader passes what status.json recorded at intake (None only where there is no
+        record to check against): what runs is what was validated, or nothing.
+        """
+        data = _read(f"{job.location}/job.yaml")
+        if sha256 is None:
+            return data
+        import hashlib  # noqa: PLC0415 - not on the command line's light paths
+
+        if (found := hashlib.sha256(data).hexdigest()) != sha256:
+            raise JobFileChanged(
+                f"job {job.job_id}: job.yaml is not the file that was validated (sha256 "
+                f"{found[:12]}..., recorded {sha256[:12]}...); it is not run"
+            )
+        return data
 
     def write_status(self, job: JobDir, status: dict[str, Any], *, durable: bool = False) -> None:
         """Replace status.json atomically."""
@@ -613,7 +825,7 @@ class Spool:
         if not exclusive:
             self._write_file(path, data, durable=self.durable)
         else:
-            temp = f"{outbox}/{_TEMP_MARK}{name}.{uuid.uuid4().hex[:8]}.tmp"
+            temp = f"{outbox}/{_TEMP_MARK}{name}.{os.urandom(4).hex()}.tmp"
             _write_new(temp, data, durable=self.durable)
             try:
                 os.link(temp, path)  # unlike a rename, never replaces
@@ -667,6 +879,32 @@ class Spool:
             os.mkdir(failed, _DEFAULT_MODE)
         os.replace(f"{self._dirs['outbox']}/{name}", f"{failed}/{name}")
         self._sync_dirs(self._dirs["outbox"])
+
+    # -- rejected files --------------------------------------------------------------------------
+
+    def list_rejected(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Every entry of rejected/, by name, with its reason.json (None where it has none, or
+        this user may not read it)."""
+        with os.scandir(self._dirs["rejected"]) as entries:
+            names = sorted(
+                e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name[0] != "."
+            )
+        return [(name, self.read_rejection(name)) for name in names]
+
+    def read_rejection(self, name: str) -> dict[str, Any] | None:
+        """rejected/<name>/reason.json, or None."""
+        try:
+            return _read_json(f"{self._dirs['rejected']}/{_entry_name(name)}/reason.json")
+        except OSError:  # not this user's to read
+            return None
+
+    def purge_rejected(self, name: str) -> None:
+        """Remove rejected/<name> as a job is removed: out of the tree in one rename, then
+        deleted; FileNotFoundError if it is gone."""
+        gone = f"{self._dirs['tmp']}/{_GONE_PREFIX}{_new_token('rejected-')}"
+        os.rename(f"{self._dirs['rejected']}/{_entry_name(name)}", gone)
+        self._sync_dirs(self._dirs["rejected"])
+        self._finish_removal(gone)
 
     def stage_decided(self, stage: str) -> bool:
         """Whether intake's stage was turned into a rejection (or is gone: moved on)."""
@@ -747,6 +985,35 @@ class Spool:
             self._syncers[os.fspath(path)].sync()
 
 
+def _entry_name(name: str) -> str:
+    """``name`` if it names an entry of a directory, never a path out of it."""
+    if "/" in name or name in ("", ".", ".."):
+        raise SpoolError(f"{name!r} is not a name of an entry")
+    return name
+
+
+def _unstage(stage: str, original: str, job_file: str) -> None:
+    """Undo accept's writes: the stage holds the file alone again, as reject() expects."""
+    for leftover in ("status.json", "log"):
+        os.unlink(f"{stage}/{leftover}")
+    os.rmdir(f"{stage}/artifacts")
+    os.rename(job_file, original)
+
+
+def _ancestors(root: Path) -> list[str]:
+    """The directories above ``root`` as the kernel resolves them now, nearest first."""
+    path = os.path.realpath(root)
+    found = []
+    while (parent := os.path.dirname(path)) != path:
+        found.append(parent)
+        path = parent
+    return found
+
+
+def _new_token(prefix: str) -> str:
+    return f"{prefix}{os.urandom(8).hex()}"
+
+
 def _check_job_id(job_id: str) -> None:
     # The id becomes a path component: anything but a plain name could escape the spool.
     if not RUN_ID.match(job_id):
@@ -775,7 +1042,6 @@ def _move_to_free_name(source: Path, parent: Path, name: str) -> Path:
 
 
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
-_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
 def rename_noreplace(source: str | Path, target: str | Path) -> None:
@@ -807,12 +1073,24 @@ def rename_exchange(source: str | Path, target: str | Path) -> None:
 
 def _renameat2_errno(source: str | Path, target: str | Path, flags: int) -> int | None:
     """renameat2(2)'s errno (0: done), or None where the C library has no renameat2."""
-    if _renameat2 is None:
+    renameat2 = _libc_renameat2()
+    if renameat2 is None:
         return None
     src, dst = os.fsencode(source), os.fsencode(target)
-    if _renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, flags) == 0:
+    if renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, flags) == 0:
         return 0
+    import ctypes  # noqa: PLC0415 - loaded by _libc_renameat2 already
+
     return int(ctypes.get_errno())
+
+
+@functools.cache
+def _libc_renameat2() -> Any:
+    """The C library's renameat2, or None; looked up on first use (ctypes costs every
+    command-line call that never renames anything)."""
+    import ctypes  # noqa: PLC0415
+
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
 def _signature(st: os.stat_result) -> FileSignature:
@@ -852,9 +1130,9 @@ def _has_local_writer(fd: int) -> bool | None:
     return False
 
 
-def _write_new(path: str | Path, data: bytes, *, durable: bool = False) -> None:
+def _write_new(path: str | Path, data: bytes, *, durable: bool = False, mode: int = 0o640) -> None:
     """Create ``path`` (it must not exist) holding ``data``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:

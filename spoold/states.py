@@ -57,6 +57,16 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 JOB_DIRECTORIES = ("pending", "running", "done", "failed")
 
 
+#: How a state reads after "job X": most as they are (``job X succeeded``, ``job X failed``).
+_PHRASES = {"pending": "is pending", "running": "is running", "cancelled": "was cancelled",
+            "rejected": "was rejected"}  # fmt: skip
+
+
+def state_phrase(state: str) -> str:
+    """``job X succeeded``, ``job X is pending``, ``job X was cancelled``: never ``is succeeded``."""
+    return _PHRASES.get(state, state)
+
+
 def check_transition(current: JobState, new: JobState) -> None:
     """Raise InvalidTransition unless ``current -> new`` is allowed."""
     if new not in TRANSITIONS[current]:

@@ -60,8 +60,13 @@ class StepsRun:
             if record.get("state") == StepState.SUCCEEDED.value
         }
         self._scheduler = StepScheduler.from_states(steps, done)
+        # Each entry says whether the job goes on past the step's failure: `spoold status`
+        # shows it without reading job.yaml.
         self._records: dict[str, dict[str, Any]] = {
-            step["id"]: dict(previous.get(step["id"]) or {"state": StepState.PENDING.value})
+            step["id"]: {
+                **(previous.get(step["id"]) or {"state": StepState.PENDING.value}),
+                "continue_on_error": step.get("continue_on_error") is True,
+            }
             for step in steps
         }
         self._run_unit = run_unit
@@ -125,15 +130,14 @@ class StepsRun:
             if failed and spec.retry.should_retry(number, result.exit_code):
                 wait = spec.retry.delay(number, self._draw)
                 log.error(
-                    f"step {step_id} failed ({result.error or result.exit_code}); "
-                    f"retrying in {format_duration(wait)}"
+                    f"step {step_id} failed ({result.failure}); retrying in {format_duration(wait)}"
                 )
                 if not self._cancel.wait(wait):
                     continue
             state = StepState.SUCCEEDED if result.succeeded else StepState.FAILED
             self._record(step_id, state=state.value, finished_at=rfc3339(self._clock.now()),
                          exit_code=result.exit_code, error=result.error)  # fmt: skip
-            word = "succeeded" if result.succeeded else f"failed: {result.error}"
+            word = "succeeded" if result.succeeded else f"failed: {result.failure}"
             tolerated = not result.succeeded and step.get("continue_on_error")
             (log.info if result.succeeded or tolerated else log.error)(
                 f"step {step_id} {word}" + (" (continue_on_error)" if tolerated else "")
@@ -156,7 +160,7 @@ class StepsRun:
             if not result.succeeded and not self._scheduler.step(step_id).get("continue_on_error")
         ]
         first = results[failed[0]] if failed else None
-        error = f"step {failed[0]} failed: {first.error}" if first else "steps failed"
+        error = f"step {failed[0]} failed: {first.failure}" if first else "steps failed"
         if len(failed) > 1:
             error += f" (and {len(failed) - 1} more step(s))"
         return ExecResult(exit_code=first.exit_code if first else None, error=error)

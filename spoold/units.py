@@ -8,6 +8,12 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
 _DURATION_FULL = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+$", re.IGNORECASE)
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
+#: The sizes parse_size takes, in words, for every message about one.
+SIZE_FORMS = (
+    "a number of bytes, or a number and a unit: k, M, G or T (powers of 1000), Ki, Mi, Gi or Ti "
+    "(powers of 1024), with or without B, in either case: e.g. 512MiB, 2G, 1.5GB"
+)
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_FACTORS = {
     "": 1, "b": 1,
@@ -44,7 +50,7 @@ def parse_size(value: str | int) -> int:
         return value
     match = _SIZE.match(value)
     if not match or (match.group(2) or "").lower() not in _SIZE_FACTORS:
-        raise ValueError(f"{value!r} is not a size like 1MiB, 512k or 2GB")
+        raise ValueError(f"{value!r} is not a size: {SIZE_FORMS}")
     return int(float(match.group(1)) * _SIZE_FACTORS[(match.group(2) or "").lower()])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from spoold.documents import (
     size_problem,
 )
 from spoold.errors import InvalidJobFile, PluginError
+from spoold.units import SIZE_FORMS
 
 # Re-exported: callers validate and load through this module.
 __all__ = [
@@ -76,6 +78,7 @@ _PATTERN_MESSAGES = {
     "relative path": "{} is not a path inside the work dir: no leading '/' and no '..'",
     "cron expression": "{} is not a cron expression of 5 fields: minute hour day month weekday",
     "http(s) URL": "{} is not an http:// or https:// URL",
+    "size": "{} is not a size: " + SIZE_FORMS,
 }
 
 
@@ -87,33 +90,166 @@ def load_base_schema() -> dict[str, Any]:
 def compose_job_schema(
     base: Mapping[str, Any], executor_schemas: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The full job schema: ``executor`` limited to these names, each one's ``product`` checked."""
+    """The full job schema: ``executor`` limited to these names, each one's ``product`` checked,
+    and its ``type`` where its sub-schema declares the executor's types (see ``_TypeRules``).
+
+    The rules sit in ``$defs`` entries and are reached by ``$ref``: fastjsonschema makes a
+    function of each entry, and an ``if`` that fails costs an exception whose price grows with
+    the function it passes through (CPython finds its line by scanning the function's code).
+    """
     schema = copy.deepcopy(dict(base))
     defs = schema.setdefault("$defs", {})
     defs["executor"] = {"type": "string", "enum": sorted(executor_schemas)}
-    job_clauses, step_clauses = [], []
+    job_clauses, step_clauses, in_steps = [], [], []
     for name in sorted(executor_schemas):
-        pointer = "#" + quote("/$defs/product." + name.replace("~", "~0").replace("/", "~1"), "/$~")
+        pointer = _def_pointer(f"product.{name}")
         sub = defs[f"product.{name}"] = _rebased(executor_schemas[name], pointer)
-        then: dict[str, Any] = {"properties": {"product": {"$ref": pointer}}}
+        types = _TypeRules(sub, pointer)
+        unit: dict[str, Any] = {"properties": {"product": {"$ref": pointer}}}
         if sub.get("required"):
-            then["required"] = ["product"]
+            unit["required"] = ["product"]
+        job: dict[str, Any] = {"properties": dict(unit["properties"])}
         when = {"required": ["executor"], "properties": {"executor": {"const": name}}}
-        step_clauses.append({"if": when, "then": then})
+        with_steps: list[dict[str, Any]] = []  # the job's rules when it has steps, and without
+        alone: list[dict[str, Any]] = [{"required": ["product"]}] if "required" in unit else []
+        if types.declared:
+            defs[f"type.{name}"] = {
+                "description": f"The `type` of a job or step of the {name} executor.",
+                "allOf": types.own(),
+            }
+            unit["allOf"] = [{"$ref": _def_pointer(f"type.{name}")}]
+            job["allOf"] = [{"$ref": _def_pointer(f"type.{name}")}]
+            defs[f"type.{name}.inherited"] = {
+                "description": "The steps that run with the job's executor and type.",
+                "allOf": types.inherited({"properties": {"executor": {"const": name}}}),
+            }
+            with_steps.append({"$ref": _def_pointer(f"type.{name}.inherited")})
+            defs[f"type.{name}.in_steps"] = {  # in a job of this executor: "inherited"
+                "description": f"The steps of the {name} executor that run with the job's type.",
+                "if": when,
+                "else": {"allOf": types.inherited(when, foreign=True)},
+            }
+            in_steps.append({"$ref": _def_pointer(f"type.{name}.in_steps")})
+            if (missing := types.missing()) is not None:  # an `if` only where type is missing
+                alone.append(
+                    missing if "if" not in missing else {"if": _NEEDS_TYPE, "else": missing}
+                )
+        defs[f"step.{name}"] = unit
+        unit_pointer = _def_pointer(f"step.{name}")
+        step_clauses.append({"if": when, "then": {"$ref": unit_pointer}})
         # Steps that name no executor run with the job's, so its product rules apply to them.
-        inherit = {"items": {"if": {"not": {"required": ["executor"]}}, "then": then}}
-        job_then: dict[str, Any] = {"properties": {**then["properties"], "steps": inherit}}
-        if "required" in then:  # a job of steps needs no product of its own: its steps have one
-            job_then |= {"if": {"required": ["steps"]}, "else": {"required": ["product"]}}
-        job_clauses.append({"if": when, "then": job_then})
+        inherit = {"if": {"not": {"required": ["executor"]}}, "then": {"$ref": unit_pointer}}
+        job["properties"]["steps"] = {"items": inherit}
+        if with_steps or alone:  # a job of steps needs no product of its own: its steps have one
+            job["if"] = {"required": ["steps"]}
+            job |= {"then": _all_of(with_steps)} if with_steps else {}
+            job |= {"else": _all_of(alone)} if alone else {}
+        defs[f"job.{name}"] = job
+        job_clauses.append({"if": when, "then": {"$ref": _def_pointer(f"job.{name}")}})
+    if in_steps:  # one `if` for a job without steps, not one per executor
+        job_clauses.append({"if": {"required": ["steps"]}, "then": _all_of(in_steps)})
     schema.setdefault("properties", {})["executor"] = {"$ref": "#/$defs/executor"}
     if job_clauses:
-        schema["allOf"] = [*schema.get("allOf", []), *job_clauses]
+        defs["job.by_executor"] = {"allOf": job_clauses}
+        schema["allOf"] = [*schema.get("allOf", []), {"$ref": "#/$defs/job.by_executor"}]
     if isinstance(step := defs.get("step"), dict):
         step.setdefault("properties", {})["executor"] = {"$ref": "#/$defs/executor"}
         if step_clauses:
-            step["allOf"] = [*step.get("allOf", []), *step_clauses]
+            defs["step.by_executor"] = {"allOf": step_clauses}
+            step["allOf"] = [*step.get("allOf", []), {"$ref": "#/$defs/step.by_executor"}]
     return schema
+
+
+def _def_pointer(key: str) -> str:
+    """The reference to ``$defs/<key>`` of the composed schema."""
+    return "#" + quote("/$defs/" + key.replace("~", "~0").replace("/", "~1"), "/$~")
+
+
+def _all_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
+    return schemas[0] if len(schemas) == 1 else {"allOf": schemas}
+
+
+class _TypeRules:
+    """What an executor's sub-schema says about the job's ``type``, as clauses over a unit (the
+    job, or a step: its ``type`` beside its ``product``). In the sub-schema's ``$defs``:
+
+    - ``type``: the schema of ``type``, an enum of the executor's types. A ``not`` in it with a
+      ``description`` refuses the values it matches with that reason (instead of the list).
+      Declaring it makes ``type`` required, unless ``untyped`` says otherwise.
+    - ``untyped``: what ``product`` must satisfy in a unit without a type; one whose product
+      does not is missing its ``type``.
+    - ``by_type``: ``{TYPE: schema}``, what ``product`` must also satisfy for that type. It is
+      no schema: its entries go into the clauses (types with equal rules share one) and it
+      leaves the composed ``$defs``.
+
+    An executor that declares none of them leaves ``type`` free. A step without a ``type`` runs
+    with the job's, so the rules for it are the job's (``inherited``).
+    """
+
+    def __init__(self, sub: dict[str, Any], pointer: str) -> None:
+        defs: dict[str, Any] = sub["$defs"] if isinstance(sub.get("$defs"), dict) else {}
+        declared = defs.get("type")
+        self.pointer = f"{pointer}/$defs/type" if isinstance(declared, Mapping) else None
+        self.check: dict[str, Any] | None = None
+        if isinstance(declared, Mapping):
+            self.check = {"$ref": f"{pointer}/$defs/type"}
+            refused = declared.get("not")
+            if isinstance(refused, Mapping) and "description" in refused:
+                # Said with its reason alone, not with the list too. Inline: the message
+                # reads the reason from the `not` that fails.
+                refusal = {"not": copy.deepcopy(refused)}
+                wrong = {"if": copy.deepcopy(refused), "then": refusal, "else": self.check}
+                self.check = {"if": self.check, "else": wrong}
+        by_type = defs.pop("by_type", None)
+        groups: dict[str, tuple[list[str], Any]] = {}
+        for name, rules in by_type.items() if isinstance(by_type, Mapping) else ():
+            key = json.dumps(rules, sort_keys=True)
+            groups.setdefault(key, ([], rules))[0].append(str(name))
+        self.by_type = list(groups.values())
+        self.untyped = f"{pointer}/$defs/untyped" if "untyped" in defs else None
+        self.declared = bool(self.pointer or self.by_type or self.untyped)
+
+    def own(self) -> list[dict[str, Any]]:
+        """For a unit that names its ``type``: one of the executor's, with its product's rules."""
+        clauses: list[dict[str, Any]] = []
+        if self.check is not None:
+            clauses.append({"properties": {"type": self.check}})
+        for names, rules in self.by_type:
+            when = {"required": ["type"], "properties": {"type": _one_of(names)}}
+            clauses.append({"if": when, "then": {"properties": {"product": rules}}})
+        return clauses
+
+    def missing(self) -> dict[str, Any] | None:
+        """For a unit with no type, its own or inherited: what it must be, or None (anything)."""
+        if self.untyped is not None:
+            return {"if": {"properties": {"product": {"$ref": self.untyped}}}, "else": _NEEDS_TYPE}
+        return _NEEDS_TYPE if self.pointer is not None else None
+
+    def inherited(self, which: dict[str, Any], *, foreign: bool = False) -> list[dict[str, Any]]:
+        """Job clauses for the steps ``which`` selects that name no type: they run with the
+        job's. ``foreign``: the job's executor is another, and its type may be none of these."""
+        typeless = {**which, "not": {"required": ["type"]}}
+
+        def steps(rules: dict[str, Any]) -> dict[str, Any]:
+            return {"properties": {"steps": {"items": {"if": typeless, "then": rules}}}}
+
+        clauses = []
+        for names, rules in self.by_type:
+            when = {"required": ["type"], "properties": {"type": _one_of(names)}}
+            clauses.append({"if": when, "then": steps({"properties": {"product": rules}})})
+        if (missing := self.missing()) is not None:
+            clauses.append({"if": {"not": {"required": ["type"]}}, "then": steps(missing)})
+        if foreign and self.pointer is not None:  # such a step must name one of its own
+            when = {"required": ["type"], "properties": {"type": {"not": {"$ref": self.pointer}}}}
+            clauses.append({"if": when, "then": steps(_NEEDS_TYPE)})
+        return clauses
+
+
+_NEEDS_TYPE = {"required": ["type"]}
+
+
+def _one_of(names: list[str]) -> dict[str, Any]:
+    return {"const": names[0]} if len(names) == 1 else {"enum": names}
 
 
 def _rebased(schema: Any, pointer: str, top: bool = True) -> Any:
@@ -206,10 +342,16 @@ def _simple_message(error: ValidationError) -> str:
         "exclusiveMaximum": lambda: f"must be less than {value}{got}",
         "uniqueItems": lambda: "must not list the same item twice",
         "format": lambda: f"{show_value(error.instance)} is not a valid {value}",
-        "not": lambda: f"{show_value(error.instance)} is not allowed here",
+        "not": lambda: f"{show_value(error.instance)} is not allowed here{_reason(value)}",
     }
     make = messages.get(kind) if isinstance(kind, str) else None
     return make() if make else error.message
+
+
+def _reason(refused: Any) -> str:
+    """A refusing schema's ``description`` (the why of a ``not``), as the end of a message."""
+    why = refused.get("description") if isinstance(refused, Mapping) else None
+    return f": {why}" if isinstance(why, str) and why else ""
 
 
 def _branch_problems(error: ValidationError, executors: list[str]) -> Iterator[_Problem]:
@@ -339,11 +481,26 @@ _PLAIN_KEYWORDS = {
 }  # fmt: skip
 
 
+# What fastjsonschema may meet beside a $ref: nothing that checks anything.
+_BESIDE_REF = {
+    "$ref",
+    "$defs",
+    "$schema",
+    "$comment",
+    "title",
+    "description",
+    "default",
+    "examples",
+}
+
+
 def _fast_checkable(schema: Any) -> bool:
     if isinstance(schema, bool):
         return True
     if not isinstance(schema, dict):
         return False
+    if "$ref" in schema and not schema.keys() <= _BESIDE_REF:
+        return False  # fastjsonschema skips every keyword beside a $ref: they would go unchecked
     for key, value in schema.items():
         if key in _SCHEMA_MAPS:
             ok = isinstance(value, dict) and all(map(_fast_checkable, value.values()))
@@ -446,7 +603,13 @@ class JobValidator:
         if not text.strip():
             raise InvalidJobFile([ValidationIssue("the file is empty", "")])
         json_file = filename.lower().endswith(".json")
-        document, duplicates = (read_json if json_file else read_yaml)(text)
+        try:
+            document, duplicates = (read_json if json_file else read_yaml)(text)
+        except ValueError as exc:  # an integer longer than Python converts (sys.int_info)
+            digits = re.search(r"[0-9]{4300}", text)
+            line = None if digits is None else text.count("\n", 0, digits.start()) + 1
+            message = f"a number in the file is too long to be one: {exc}".split(";")[0]
+            raise InvalidJobFile([ValidationIssue(message, "", line)]) from None
         if not isinstance(document, dict):
             raise InvalidJobFile([self._shape_issue(document, text)])
         if too_big := size_problem(document, self._max_nodes):

@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import random
+import re
 import shutil
 import threading
 from collections import deque
@@ -20,12 +21,14 @@ from typing import IO, Any
 
 from spoold.clock import Clock, parse_rfc3339, rfc3339
 from spoold.config import Config
+from spoold.control import cancel_reason, cancel_words
 from spoold.documents import load_document
-from spoold.errors import ExecutorError, SecretError
+from spoold.errors import ExecutorError, JobFileChanged, SecretError
 from spoold.executors.base import ExecResult, RunContext
 from spoold.hooks import HookRunner
 from spoold.job import (
     ArtifactSpec,
+    Attempt,
     JobSpec,
     JobStatus,
     interpolate,
@@ -64,6 +67,10 @@ class ActiveRun:
     secrets: dict[str, str] = field(default_factory=dict)
     #: Why ``cancel`` was set by a user's request (``spoold cancel``): for status.json.
     cancel_reason: str | None = None
+    #: That request (running/<id>/cancel): who asked, when, why.
+    cancel_request: dict[str, Any] | None = None
+    #: How many attempts its ``retry:`` allows in all, once its spec is read (for the log).
+    attempts_allowed: int = 1
     leased: bool = False
     #: An outcome its worker could not record (a full disk), for ``retry_finishing``.
     outcome: tuple[JobState, JobStatus] | None = None
@@ -185,12 +192,19 @@ class JobRunner:
         for run in runs:
             request = self._spool.cancel_request(run.job)
             if request is not None:
-                run.cancel_reason = request.get("reason") or (
-                    f"cancelled by {request.get('by') or 'a user'}"
-                )
+                _take_cancel(run, request)
                 run.cancel.set()
                 found += 1
         return found
+
+    def _cancel_asked(self, run: ActiveRun) -> str | None:
+        """Why the job is to end cancelled, if a cancel was asked for: seen while it ran, or
+        there now (asked as it ended, or while spoold was stopping it). None if none was."""
+        if run.cancel_request is None:
+            request = self._spool.cancel_request(run.job)
+            if request is not None:
+                _take_cancel(run, request)
+        return run.cancel_reason if run.cancel_request is not None else None
 
     def interrupt_all(self) -> int:
         """Stop every running job because spoold is stopping; return how many."""
@@ -226,6 +240,11 @@ class JobRunner:
         status = JobStatus.from_dict(self._spool.read_status(job))
         try:
             state = self._run(run, status, log, slot)
+        except JobFileChanged as exc:  # not the validated file: nothing of it runs, ever
+            self._logger.error("%s", exc)
+            log.error(str(exc))
+            state = JobState.FAILED
+            status.end_attempt(self._clock.now(), state, None, str(exc))
         except Exception as exc:  # spoold's own failure must still end the job somewhere
             self._logger.exception("job %s failed inside spoold", job.job_id)
             log.error(f"internal error: {exc!r}")
@@ -260,11 +279,15 @@ class JobRunner:
         return moved
 
     def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
+        synced = True
+        if state is JobState.PENDING and (reason := self._cancel_asked(run)) is not None:
+            # Asked after the attempt's outcome was decided: no retry, no requeue all the same.
+            state, synced = self._cancel_instead(run, status, reason), False
         with run.lock:
             try:
                 with self._announce(run, event_for(state), status):
                     final = self._spool.finish(
-                        run.job, state, _masked(run.masker, status.to_dict()), log_synced=True
+                        run.job, state, _masked(run.masker, status.to_dict()), log_synced=synced
                     )
             except OSError as exc:
                 # Only now is the outcome handed to retry_finishing: never two finishers.
@@ -276,9 +299,54 @@ class JobRunner:
                 return None
         with self._lock:
             self._active.pop(run.job.job_id, None)
+        self._log_end(run, state, status)
         if state is JobState.PENDING and status.next_attempt_at and self._on_deferred:
             self._on_deferred(run.job.job_id, parse_rfc3339(status.next_attempt_at).timestamp())
         return final
+
+    def _cancel_instead(self, run: ActiveRun, status: JobStatus, reason: str) -> JobState:
+        """End as cancelled a job whose attempt sent it back to pending/ (a retry, a requeue)."""
+        status.state = JobState.CANCELLED
+        status.error, status.next_attempt_at = reason, None
+        status.finished_at = status.attempts[-1].finished_at if status.attempts else None
+        status.finished_at = status.finished_at or rfc3339(self._clock.now())
+        with self._spool.open_log(run.job) as handle:
+            JobLog(handle, self._clock, mask=run.masker.mask_text).error(
+                f"{reason}: the job ends cancelled, with no further attempt"
+            )
+        return JobState.CANCELLED
+
+    def _log_end(self, run: ActiveRun, state: JobState, status: JobStatus) -> None:
+        """spoold's own log line for a job that ended, or whose attempt did (a retry follows)."""
+        job_id, allowed = run.job.job_id, run.attempts_allowed
+        attempt = status.attempts[-1] if status.attempts else None
+        if attempt is not None and state is not JobState.PENDING:
+            # None began (its job file was not the one validated): not an earlier attempt's.
+            attempt = attempt if attempt.finished_at == status.finished_at else None
+        number = 0 if attempt is None else attempt.number
+        facts = _facts(status.exit_code, attempt)
+        if state is JobState.PENDING and status.next_attempt_at:
+            self._logger.warning(
+                "job %s attempt %s %s (%s); retry: attempt %s due at %s", job_id,
+                _of(number, allowed), _ended(JobState.FAILED, status.error, status.exit_code),
+                facts or "no exit code", _of(number + 1, allowed), status.next_attempt_at,
+            )  # fmt: skip
+            return
+        which = f"attempt {_of(number, allowed)}" if number else ""
+        facts = ", ".join(filter(None, [facts, which]))
+        if state is JobState.PENDING:
+            self._logger.warning(
+                "job %s interrupted (%s); back to pending (on_interrupt: requeue)", job_id, facts
+            )
+        elif state is JobState.SUCCEEDED:
+            self._logger.info("job %s succeeded (%s)", job_id, facts)
+        else:
+            error = status.error
+            if state is JobState.CANCELLED and run.cancel_request is not None:
+                error = cancel_words(run.cancel_request)  # who, and why if said
+            self._logger.warning(
+                "job %s %s (%s)", job_id, _ended(state, error, status.exit_code), facts
+            )
 
     def _run(self, run: ActiveRun, status: JobStatus, log: JobLog, slot: str) -> JobState:
         job = run.job
@@ -286,7 +354,13 @@ class JobRunner:
         run.masker.collect(spec.document)  # the values of secret-named fields, wherever they are
         if self._callbacks is not None:
             run.callback = self._callbacks.target_of(spec.job_id, spec.document)
+        run.attempts_allowed = spec.retry.attempts
         attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
+        if attempt.number > 1:
+            self._logger.info(
+                "job %s attempt %s started (a retry)", job.job_id,
+                _of(attempt.number, run.attempts_allowed),
+            )  # fmt: skip
         # Before anything of the job starts: every start must show in attempts, whatever
         # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
         with self._announce(run, "started", status):
@@ -353,9 +427,9 @@ class JobRunner:
                 "interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)"
             )
         else:
-            word = "succeeded" if state is JobState.SUCCEEDED else f"{state.value}: {error}"
+            code = "" if result.exit_code is None else f" (exit code {result.exit_code})"
             (log.info if state is JobState.SUCCEEDED else log.error)(
-                f"attempt {attempt.number} {word} (exit code {result.exit_code})"
+                f"attempt {attempt.number} {_ended(state, error, result.exit_code)}{code}"
             )
         retry = spec.retry
         if state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code):
@@ -454,6 +528,10 @@ class JobRunner:
     def _outcome(
         self, run: ActiveRun, spec: JobSpec, result: ExecResult
     ) -> tuple[JobState, str | None]:
+        if not result.succeeded and (reason := self._cancel_asked(run)) is not None:
+            # A cancel, once asked for, wins over on_interrupt: requeue and over retries,
+            # whatever the job did on its SIGTERM (exit 0 before it came is a success).
+            return JobState.CANCELLED, reason
         if run.interrupted:
             if spec.on_interrupt == "requeue":
                 return JobState.PENDING, "interrupted: spoold stopped"
@@ -462,13 +540,14 @@ class JobRunner:
             return JobState.SUCCEEDED, None
         if result.cancelled:
             return JobState.CANCELLED, run.cancel_reason or result.error
-        return JobState.FAILED, result.error or f"exit code {result.exit_code}"
+        return JobState.FAILED, result.failure
 
     def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:
         with self._lock:
             document = self._documents.pop(job.job_id, None)
         if document is None:
-            document = load_document(self._spool.read_job_file(job), status.source or "job.yaml")
+            data = self._spool.read_job_file(job, sha256=status.sha256)
+            document = load_document(data, status.source or "job.yaml")
         return JobSpec.from_document(document, job.job_id)
 
     def _workdir(self, slot: str) -> Path:
@@ -537,6 +616,43 @@ class JobRunner:
         }
         variables = {**builtins, **own}
         return {**self._environ, **variables}, variables
+
+
+def _take_cancel(run: ActiveRun, request: dict[str, Any]) -> None:
+    run.cancel_request = request
+    run.cancel_reason = cancel_reason(request)
+
+
+def _ended(state: JobState, error: str | None, exit_code: int | None) -> str:
+    """How an attempt or a job ended, in words: ``failed: timeout of 5s``, ``failed``.
+
+    No doubled words: the caller adds the exit code, so the error's own mention of it is left
+    out (``step b failed: exit code 4`` reads ``failed: step b failed``).
+    """
+    if state is JobState.SUCCEEDED:
+        return "succeeded"
+    if error is not None and exit_code is not None:
+        error = re.sub(rf"(: )?\bexit code {exit_code}\b", "", error, count=1).strip() or None
+    if error is None:
+        return state.value
+    if error.startswith(state.value):  # "cancelled by root on host1"
+        return error
+    return f"{state.value}: {error}"
+
+
+def _facts(exit_code: int | None, attempt: Attempt | None) -> str:
+    """``exit 3, 0.4 s``: what there is of an attempt's exit code and duration."""
+    facts = [] if exit_code is None else [f"exit {exit_code}"]
+    if attempt is not None and attempt.finished_at is not None:
+        took = parse_rfc3339(attempt.finished_at) - parse_rfc3339(attempt.started_at)
+        seconds = took.total_seconds()
+        facts.append(f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds))
+    return ", ".join(facts)
+
+
+def _of(number: int, allowed: int) -> str:
+    """``2 of 3`` while within what ``retry:`` allows, ``4`` beyond it (``spoold retry``)."""
+    return f"{number} of {allowed}" if allowed > 1 and number <= allowed else str(number)
 
 
 def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:

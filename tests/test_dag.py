@@ -224,6 +224,9 @@ def test_events_out_of_order_are_refused() -> None:
         scheduler.started("a")
     with pytest.raises(InvalidStepEvent, match="not done yet"):
         scheduler.outcome()
+    scheduler.finished("a", succeeded=True)
+    with pytest.raises(InvalidStepEvent, match=r"'a' cannot finish: it succeeded$"):
+        scheduler.finished("a", succeeded=True)  # never "it is succeeded"
 
 
 def test_other_fields_pass_through_untouched() -> None:
@@ -317,7 +320,7 @@ def test_rebuilt_from_states_a_failed_step_reset_to_pending_lets_the_rest_run() 
         ({"a": "finished"}, "step 'a' has unknown state 'finished'"),
         ({"zz": "pending"}, "steps the job does not have: zz"),
         ({"b": "succeeded"}, "'b' is recorded succeeded but the step it needs, 'a', is pending"),
-        ({"a": "failed", "b": "failed"}, "'b' is recorded failed but .* 'a', is failed"),
+        ({"a": "failed", "b": "failed"}, "'b' is recorded failed but .* 'a', failed"),
     ],
 )
 def test_states_that_cannot_be_are_refused(recorded: Mapping[str, str], message: str) -> None:

@@ -80,9 +80,15 @@ def check_spool_tree() -> None:
         assert info.st_uid == uid, name
         assert not mode & stat.S_IWOTH, name
         if name == "incoming":
-            assert (info.st_gid, mode) == (submit, 0o2770)
-        else:
-            assert not mode & stat.S_IWGRP, name
+            assert (info.st_gid, mode) == (submit, 0o3770)
+        elif name == "tmp":  # closed to submitters; setgid: job directories made there are theirs
+            assert (info.st_gid, mode) == (submit, 0o2700)
+        elif name == "outbox":
+            assert stat.S_IMODE(info.st_mode) & 0o077 == 0o050 and info.st_gid != submit, name
+        else:  # submitters list and pass: they read status.json and log, masked of secrets
+            assert (info.st_gid, mode) == (submit, 0o750), name
+    assert "spoold-submit" in run("id", "-nG", "spoold").stdout.split()
+    assert Path("/usr/share/bash-completion/completions/spoold").is_file()
     # spoold's own check, as the service's user sees it.
     proc = run(
         "runuser", "-u", "spoold", "--", "/usr/lib/spoold/venv/bin/python3", "-I", "-c",
@@ -110,6 +116,11 @@ def check_submitters() -> None:
         assert outsider.returncode != 0
         assert "Permission denied" in outsider.stderr, outsider.stderr
         run(*as_user, f"--regid={submit}", *cmd, cwd=shared)
+        # A submitter reads the spool's summary: no traceback, no "no job" for what it may see.
+        summary = run(*as_user, f"--regid={submit}", "/usr/bin/spoold", "status", "--spool",
+                      str(SPOOL), cwd=shared, check=False)  # fmt: skip
+        assert summary.returncode == 0, summary.stderr
+        assert "Traceback" not in summary.stderr
     placed = list((SPOOL / "incoming").iterdir())
     assert [p.name for p in placed] == ["submitted.yaml"]
     assert placed[0].stat().st_gid == submit  # incoming/ is setgid

@@ -421,7 +421,7 @@ def test_a_step_retries_on_its_own_and_has_its_own_timeout(tmp_path: Path) -> No
     _, status = parts.attempt(parts.submit(document))
     assert status["steps"]["flaky"] | {"started_at": None, "finished_at": None} == {
         "state": "succeeded", "attempts": 2, "exit_code": 0, "error": None,
-        "started_at": None, "finished_at": None,
+        "started_at": None, "finished_at": None, "continue_on_error": False,
     }  # fmt: skip
     assert status["steps"]["slow"]["state"] == "failed"
     assert "timed out after 300ms" in status["steps"]["slow"]["error"]

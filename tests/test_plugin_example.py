@@ -121,7 +121,7 @@ def test_exec_logs_and_returns_the_digest(site: Path, tmp_path: Path) -> None:
     )
     spool = tmp_path / "spool"
     run = spoold(tmp_path, "exec", "--spool", str(spool), str(job), site=site, check=0)
-    assert "sum-ok: succeeded" in run.stderr
+    assert "job sum-ok succeeded" in run.stderr
     done = status(spool, "done", "sum-ok")
     assert done["state"] == "succeeded" and done["executor"] == "checksum"
     assert done["exit_code"] == 0 and done["error"] is None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from spoold.retention import Retention
+from spoold.retention import Retention, apply_retention
+from spoold.spool import JobDir, Spool
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -55,6 +57,28 @@ def _finished(spool: Path, state: str, job_id: str, age_days: float, executor: s
     (job / "artifacts").mkdir(parents=True)
     (job / "status.json").write_text(f'{{"job_id": "{job_id}", "executor": "{executor}"}}')
     os.utime(job, (NOW, NOW))  # ctime cannot be set: the test's clock is the real one instead
+
+
+def test_apply_retention_returns_what_goes_and_a_dry_run_removes_nothing(spool_dir: Path) -> None:
+    """The one selection the daemon's hourly pass and ``spoold purge`` (naming each) share."""
+    spool = Spool(spool_dir)
+    _finished(spool_dir, "done", "old-local", 0, "local")
+    _finished(spool_dir, "done", "old-invoice", 0, "sevdesk")
+    _finished(spool_dir, "failed", "old-failed", 0, "local")
+    rules = Retention.from_document(
+        {"done": {"max_age": "1d"}, "executors": {"sevdesk": {"max_age": "3650d"}}}
+    )
+    later = time.time() + 2 * DAY  # entered_times are the directories' real ctimes
+
+    def named(jobs: list[JobDir]) -> list[str]:
+        return [f"{job.directory}/{job.job_id}" for job in jobs]
+
+    assert named(apply_retention(spool, rules, later, dry_run=True)) == ["done/old-local"]
+    assert (spool_dir / "done" / "old-local").is_dir(), "a dry run removes nothing"
+    assert named(apply_retention(spool, rules, later)) == ["done/old-local"]
+    assert sorted(p.name for p in (spool_dir / "done").iterdir()) == ["old-invoice"]
+    assert (spool_dir / "failed" / "old-failed").is_dir(), "no rule for failed/"
+    assert apply_retention(spool, rules, later) == []
 
 
 def test_spoold_purge_removes_old_finished_jobs_and_keeps_the_rest(

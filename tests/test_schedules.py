@@ -23,8 +23,9 @@ BERLIN = ZoneInfo("Europe/Berlin")
 
 
 def _times(value: str | dict[str, Any], after: datetime, count: int) -> list[datetime]:
+    """The firings from ``after`` on (``after`` itself included) of a schedule made then."""
     spec = ScheduleSpec.from_document(value)
-    return next_fire_times(spec, spec.trigger(after), after, count)
+    return next_fire_times(spec, spec.trigger(after), after - timedelta(microseconds=1), count)
 
 
 def test_cron_weekdays_count_from_sunday_as_cron_does() -> None:
@@ -142,9 +143,9 @@ def test_a_daily_window_keeps_firings_within_those_hours() -> None:
         "window": {"start": "10:30", "end": "17:00"},
         "timezone": "Europe/Berlin",
     }
-    fired = _times(value, NOW, 8)
+    fired = _times(value, NOW, 8)  # made at 13:00 local: every hour from then on
     assert [t.astimezone(BERLIN).strftime("%d %H:%M") for t in fired][:7] == [
-        "22 13:00", "22 14:00", "22 15:00", "22 16:00", "23 11:00", "23 12:00", "23 13:00",
+        "22 14:00", "22 15:00", "22 16:00", "23 11:00", "23 12:00", "23 13:00", "23 14:00",
     ]  # fmt: skip
     night = {"cron": "0 * * * *", "window": {"start": "22:00", "end": "02:00"}}
     assert [t.hour for t in _times(night, NOW, 5)] == [22, 23, 0, 1, 22]

@@ -384,8 +384,14 @@ def test_a_spool_others_could_write_jobs_into_is_refused(tmp_path: Path) -> None
     spool = Spool(tmp_path / "spool")
     spool.init()
     assert spool.unsafe_permissions() == []
-    (spool.root / "incoming").chmod(0o770)  # the submitters' group drops files: fine
+    (spool.root / "incoming").chmod(0o1770)  # the submitters' group drops files: fine
     assert spool.unsafe_permissions() == []
+    (spool.root / "incoming").chmod(0o770)  # but without the sticky bit they swap each other's
+    assert spool.unsafe_permissions() == [
+        f"{spool.root}/incoming is writable by its group without the sticky bit, so a "
+        f"submitter could replace another's file: chmod +t {spool.root}/incoming"
+    ]
+    (spool.root / "incoming").chmod(0o1770)
     (spool.root / "pending").chmod(0o757)
     (spool.root / "done").chmod(0o770)
     assert spool.unsafe_permissions() == [

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,39 @@ def test_output_is_streamed_into_the_log_by_stream(sshd: SshServer, tmp_path: Pa
     assert any(line.endswith(" INFO no newline") for line in log.lines())
     assert "spoold-pgid" not in log.text()
     assert _remote_dirs(ctx) == []
+
+
+def test_output_without_newlines_is_cut_in_bounded_memory(sshd: SshServer, tmp_path: Path) -> None:
+    """Remote output with no newline was held whole before it was logged."""
+    product = sshd.product(commands="head -c 3000000 /dev/zero | tr '\\0' z; echo; echo after")
+    result, log, _ = _run(tmp_path, product)
+    assert result.succeeded
+    text = log.text()
+    assert "a line of stdout was 3000000 bytes long: only its first 65536 bytes are kept" in text
+    assert text.endswith("after")
+    assert len(log.buffer.getvalue()) < 70_000
+
+
+def test_a_remote_stream_is_held_in_bounded_memory() -> None:
+    """20 MB without a newline, as the channel hands it over: never held whole."""
+    from spoold.executors.ssh import _Lines  # noqa: PLC0415 - the unit under test
+
+    log = _Log()
+    lines = _Lines(log.log, stderr=False)
+    chunk = b"z" * 32768
+    tracemalloc.start()
+    try:
+        lines.feed(b"spoold-pgid 4242\n")
+        for _ in range(640):
+            lines.feed(chunk)
+        lines.feed(b"\nlast")
+        lines.flush()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines.pgid == 4242
+    assert peak < 1 << 20, f"{peak} bytes at the peak"
+    assert log.text().endswith("last")
 
 
 def test_exit_code_of_the_remote_commands_is_the_jobs(sshd: SshServer, tmp_path: Path) -> None:

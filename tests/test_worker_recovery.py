@@ -18,6 +18,7 @@ from spoold.config import Config
 from spoold.daemon import job_validator
 from spoold.intake import Accepted, Intake, Rejected
 from spoold.job import JobStatus
+from spoold.joblog import LINE_BOUND
 from spoold.plugins import ExecutorRegistry
 from spoold.procfs import process_start_time
 from spoold.recovery import Recovery
@@ -322,5 +323,9 @@ def test_a_job_that_prints_very_long_lines_is_logged_without_blocking(tmp_path: 
         },
     )
     assert status["state"] == "succeeded"
-    assert job.log_path.stat().st_size > 3_000_000
+    # The line is cut at its bound, and the log says how long it was (issue 16).
+    log = job.log_path.read_text()
+    assert f" INFO {'x' * LINE_BOUND}\n" in log
+    assert f"a line of stdout was 3000000 bytes long: only its first {LINE_BOUND}" in log
+    assert job.log_path.stat().st_size < 2 * LINE_BOUND
     del start

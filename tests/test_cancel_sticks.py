@@ -1,0 +1,289 @@
+"""A cancel sticks (issue 16): once asked for, it wins over `on_interrupt: requeue` and retries.
+
+In-process first (recovery and the runner, each moment a cancel can come), then the real
+daemon: `kill -9` while a job runs, `spoold cancel` with the daemon down, a restart.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spoold.clock import SystemClock
+from spoold.config import Config
+from spoold.control import JobControl
+from spoold.daemon import job_validator
+from spoold.intake import Accepted, Intake
+from spoold.job import JobStatus
+from spoold.plugins import ExecutorRegistry
+from spoold.recovery import Recovery
+from spoold.spool import JobDir, Spool
+from spoold.validation import JobValidator
+from spoold.worker import JobRunner
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    job_state,
+    kill_processes_with,
+    local_job,
+    processes_with,
+    run_cli,
+    wait_finished,
+    wait_for,
+    write_config,
+)
+from tests.receiver import Receiver
+
+LOGGER = logging.getLogger("spoold.test")
+#: Fails by itself (exit 3) as soon as a cancel is asked for, before any worker acts on it.
+FAILS_AS_CANCELLED = 'while [ ! -e "$SPOOLD_JOB_DIR/cancel" ]; do sleep 0.02; done; exit 3'
+
+
+class Parts:
+    """A spool, intake, a runner and a JobControl, in this process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.spool = Spool(tmp_path / "spool")
+        self.spool.init()
+        self.config = Config(spool=self.spool.root, hostname="here", worker_id="w1",
+                             kill_grace=0.5)  # fmt: skip
+        registry = ExecutorRegistry.from_entry_points()
+        clock = SystemClock()
+        self.intake = Intake(self.spool, _validator(), clock, max_file_size=1 << 20,
+                             settle_time=0, on_accepted=lambda job, document: None,
+                             logger=LOGGER)  # fmt: skip
+        self.runner = JobRunner(self.spool, registry, self.config, clock, LOGGER)
+        self.control = JobControl(self.spool, clock, who="alice on here")
+
+    def submit(self, document: dict[str, Any]) -> JobDir:
+        name = f"{document['job_id']}.yaml"
+        (self.spool.dir("incoming") / name).write_text(yaml.safe_dump(document))
+        outcome = self.intake.offer(name, complete=True)
+        assert isinstance(outcome, Accepted), outcome
+        return outcome.job
+
+    def status(self, job: JobDir) -> dict[str, Any]:
+        return dict(self.spool.read_status(job))
+
+
+@functools.cache
+def _validator() -> JobValidator:
+    return job_validator(ExecutorRegistry.from_entry_points())
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Parts:
+    return Parts(tmp_path)
+
+
+def _job(job_id: str, commands: str, **fields: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "executor": "local", "product": {"commands": commands}, **fields}
+
+
+def test_recovery_ends_a_cancelled_job_whose_worker_died_instead_of_requeueing_it(
+    parts: Parts,
+) -> None:
+    job = parts.submit(_job("r", "sleep 30", on_interrupt="requeue", retries=2))
+    claimed = parts.spool.claim(job.job_id)
+    assert claimed is not None
+    parts.spool.write_lease(claimed, {"worker": "old", "host": "here", "pid": 999_999,
+                                      "pid_start": 1}, first=True)  # fmt: skip
+    status = JobStatus.from_dict(parts.status(claimed))
+    status.begin_attempt(SystemClock().now(), "old")
+    parts.spool.write_status(claimed, status.to_dict())
+    outcome = parts.control.cancel("r")  # its daemon is gone: only a request can be left
+    assert not outcome.cancelled and (claimed.path / "cancel").exists()
+    assert parts.control.worker_gone(outcome.job, "here"), "what spoold cancel can tell"
+    assert not parts.control.worker_gone(outcome.job, "elsewhere"), "not its to judge"
+
+    (moved,) = Recovery(parts.spool, parts.config, SystemClock(), LOGGER).reap()
+    assert moved.directory == "failed"
+    ended = parts.status(moved)
+    assert (ended["state"], ended["error"]) == ("cancelled", "cancelled by alice on here")
+    assert [a["number"] for a in ended["attempts"]] == [1], "no attempt 2"
+    assert ended["attempts"][0]["error"] == "cancelled by alice on here"
+    assert "the job ends cancelled" in moved.log_path.read_text()
+    assert not (moved.path / "cancel").exists()
+
+
+def test_spoold_cancel_says_when_a_job_whose_spoold_is_gone_ends(parts: Parts) -> None:
+    """No worker stops it: the CLI says so at once, and when it ends, instead of waiting."""
+    job = parts.submit(_job("orphan", "sleep 30"))
+    claimed = parts.spool.claim(job.job_id)
+    assert claimed is not None
+    parts.spool.write_lease(claimed, {"worker": "old", "host": socket.gethostname(),
+                                      "pid": 999_999, "pid_start": 1}, first=True)  # fmt: skip
+    asked = run_cli(parts.spool.root, "cancel", "orphan", "--wait", "5")
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    assert asked.stdout == (
+        "orphan: cancel requested; no spoold runs it now: it ends cancelled when spoold starts "
+        "again on this host\n"
+    ), asked.stdout
+    assert "its worker stops it" not in asked.stderr, asked.stderr
+    assert (claimed.path / "cancel").exists(), "the request waits for spoold's next start"
+
+
+def _run_in_thread(parts: Parts, job: JobDir) -> tuple[threading.Thread, list[JobDir | None]]:
+    claimed = parts.runner.claim(job.job_id)
+    assert claimed is not None
+    ended: list[JobDir | None] = []
+    thread = threading.Thread(target=lambda: ended.append(parts.runner.run(claimed)))
+    thread.start()
+    return thread, ended
+
+
+def test_a_job_that_fails_as_it_is_cancelled_is_not_retried(parts: Parts) -> None:
+    # The worker never looks for requests here (no serve loop): only the end of the attempt
+    # can see this one, as a daemon's worker would between two looks.
+    job = parts.submit(_job("f", FAILS_AS_CANCELLED, retries=2, backoff="1s"))
+    thread, ended = _run_in_thread(parts, job)
+    running = parts.spool.dir("running") / "f"
+    wait_for((running / "lease").exists, bound=20, what="the job to run")
+    asked = parts.control.cancel("f")
+    assert not asked.cancelled and not parts.control.worker_gone(asked.job, "here")
+    thread.join(20)
+    [final] = ended
+    assert final is not None and final.directory == "failed"
+    status = parts.status(final)
+    assert (status["state"], status["error"]) == ("cancelled", "cancelled by alice on here")
+    assert (len(status["attempts"]), status["exit_code"], status["next_attempt_at"]) == (1, 3, None)
+
+
+def test_a_cancel_that_comes_once_the_retry_is_decided_still_wins(parts: Parts) -> None:
+    job = parts.submit(_job("late", "exit 3", retries=2, backoff="1h"))
+    claimed = parts.runner.claim(job.job_id)
+    assert claimed is not None
+    outcome = parts.runner.attempt(claimed)
+    assert outcome.status.next_attempt_at is not None, "a retry was decided"
+    parts.control.cancel("late")  # before its outcome is recorded
+    final = parts.runner.record(outcome)
+    assert final is not None and final.directory == "failed"
+    status = parts.status(final)
+    assert (status["state"], status["next_attempt_at"], len(status["attempts"])) == (
+        "cancelled", None, 1,
+    )  # fmt: skip
+    assert status["finished_at"] == status["attempts"][0]["finished_at"]
+    log = final.log_path.read_text()
+    assert "retrying in 1h" in log and "the job ends cancelled, with no further attempt" in log
+
+
+def test_a_cancel_wins_over_requeue_when_spoold_stops_during_it(parts: Parts) -> None:
+    job = parts.submit(_job("stop", "sleep 30 & wait", on_interrupt="requeue"))
+    thread, ended = _run_in_thread(parts, job)
+    wait_for((parts.spool.dir("running") / "stop" / "lease").exists, bound=20,
+             what="the job to run")  # fmt: skip
+    parts.control.cancel("stop")
+    parts.runner.interrupt_all()  # spoold stops before its worker looked for requests
+    thread.join(20)
+    [final] = ended
+    assert final is not None and final.directory == "failed"
+    assert parts.status(final)["state"] == "cancelled"
+
+
+def test_a_job_that_succeeds_before_the_cancel_reaches_it_succeeded(parts: Parts) -> None:
+    job = parts.submit(
+        _job("quick", 'while [ ! -e "$SPOOLD_JOB_DIR/cancel" ]; do sleep 0.02; done')
+    )
+    thread, ended = _run_in_thread(parts, job)
+    wait_for((parts.spool.dir("running") / "quick" / "lease").exists, bound=20,
+             what="the job to run")  # fmt: skip
+    parts.control.cancel("quick")
+    thread.join(20)
+    [final] = ended
+    assert final is not None and parts.status(final)["state"] == "succeeded", "its work was done"
+
+
+# -- the real daemon -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver().start()
+    yield made
+    made.stop()
+
+
+def _sleeper(tmp_path: Path) -> tuple[str, str]:
+    """(a sleep command, a word in its command line unique to this test) to find its processes."""
+    token = f"spoold-cancel-{tmp_path.name}"
+    sleeper = tmp_path / f"{token}-sleep"
+    sleeper.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    return str(sleeper), token
+
+
+@pytest.mark.daemon
+def test_a_cancel_made_while_the_daemon_is_down_ends_the_job_at_its_restart(
+    spool_dir: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    sleep, token = _sleeper(tmp_path)
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir))
+    document = local_job("c1", f"{sleep} 30", on_interrupt="requeue", retries=2,
+                         callback={"url": receiver.url, "secret": "s3cret"})  # fmt: skip
+    try:
+        daemon.start()
+        drop(spool_dir, "c1.yaml", document)
+        wait_for(lambda: processes_with(token), bound=15, what="the job to run")
+        wait_for(lambda: any(b["event"] == "started" for b in receiver.bodies()), bound=15,
+                 what="the started callback")  # fmt: skip
+        daemon.kill()  # kill -9: its job's process lives on, in a session of its own
+        asked = run_cli(spool_dir, "cancel", "c1", "--wait", "0")
+        assert asked.returncode == 0, asked.stderr
+        assert (spool_dir / "running" / "c1" / "cancel").exists()
+
+        daemon.start()  # recovery runs before READY
+        directory, status = wait_finished(spool_dir, "c1", bound=15)
+        assert (directory, status["state"]) == ("failed", "cancelled"), status
+        assert status["error"].startswith("cancelled by root on "), status["error"]
+        assert [a["number"] for a in status["attempts"]] == [1], "no attempt 2"
+        wait_for(lambda: not processes_with(token), bound=10, what="the leftover to be killed")
+
+        def last_event() -> str | None:
+            bodies = [b for b in receiver.bodies() if b["job_id"] == "c1"]
+            ended = max(bodies, key=lambda b: b["sequence"]) if bodies else None
+            return ended["event"] if ended and ended["event"] == "cancelled" else None
+
+        wait_for(last_event, bound=15, what="the cancelled callback")
+        events = [b["event"] for b in sorted(receiver.bodies(), key=lambda b: b["sequence"])]
+        assert events[-1] == "cancelled" and "retrying" not in events, events
+        assert "job c1 cancelled by root on " in daemon.log()
+        assert job_state(spool_dir, "c1") == (directory, status), "it stays cancelled"
+    finally:
+        daemon.kill()
+        kill_processes_with(token)
+
+
+@pytest.mark.daemon
+@pytest.mark.parametrize("how", ["stopped-by-its-worker", "fails-on-its-own"])
+def test_a_running_job_cancelled_with_retries_left_is_not_retried(
+    spool_dir: Path, tmp_path: Path, how: str
+) -> None:
+    if how == "stopped-by-its-worker":  # SIGTERM from the worker; the job exits 3 on it
+        script, overrides = "trap 'exit 3' TERM; sleep 30 & wait", {}
+    else:  # exits 3 just after the request, before the worker's next look
+        script, overrides = FAILS_AS_CANCELLED, {"poll_interval": "1h"}
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir,
+                                                   **overrides))  # fmt: skip
+    try:
+        daemon.start()
+        drop(spool_dir, "c2.yaml", local_job("c2", script, retries=2, backoff="200ms"))
+        wait_for((spool_dir / "running" / "c2" / "lease").exists, bound=15, what="c2 to run")
+        asked = run_cli(spool_dir, "cancel", "c2", "--wait", "15")
+        assert asked.returncode == 0, asked.stdout + asked.stderr
+        assert "c2: cancelled" in asked.stdout
+        directory, status = wait_finished(spool_dir, "c2", bound=15)
+        assert (directory, status["state"], len(status["attempts"])) == ("failed", "cancelled", 1)
+        assert status["exit_code"] == 3 and status["next_attempt_at"] is None
+        wait_for(lambda: "job c2 cancelled by root on " in daemon.log(), bound=10,
+                 what="the daemon's log line")  # fmt: skip
+        assert "job c2 attempt" not in daemon.log(), "no retry was ever due"
+    finally:
+        daemon.kill()

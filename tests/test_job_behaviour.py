@@ -1,0 +1,387 @@
+"""What a job gets from spoold whoever starts it (issue 16): its signals, an end for every process
+it started, and output that costs bounded memory and bounded log, whatever its shape."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.clock import SystemClock
+from spoold.joblog import HELD_BYTES, LINE_BOUND, JobLog, OutputStream
+from spoold.process import run_process
+from spoold.procfs import children
+from spoold.secrets import Masker
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    kill_processes_with,
+    local_job,
+    processes_with,
+    run_cli,
+    wait_finished,
+    wait_for,
+    write_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+# The trap a well-behaved job has: it says so, and ends at once as a shell would on SIGTERM.
+TRAP = "trap 'echo trapped TERM; exit 143' TERM; echo ready; sleep 60 & wait"
+NO_SIGKILL = "after SIGTERM: SIGKILL"
+
+
+def _log(spool: Path, job_id: str) -> str:
+    for directory in ("done", "failed", "running"):
+        path = spool / directory / job_id / "log"
+        if path.exists():
+            return path.read_text(errors="replace")
+    return ""
+
+
+# Signals 32 and 33 are glibc's own: each program's C library takes them over at its start, and
+# Python cannot reset them; a test runner's worker may hand them down ignored.
+_LIBC_INTERNAL = (1 << 31) | (1 << 32)
+
+
+def _signal_lines(text: str) -> dict[str, str]:
+    """SigBlk/SigIgn as a job printed them from /proc/self/status (glibc's own signals aside)."""
+    found = {}
+    for line in text.splitlines():
+        for name in ("SigBlk", "SigIgn"):
+            if f" {name}:" in line:
+                mask = int(line.rsplit(":", 1)[1].strip(), 16) & ~_LIBC_INTERNAL
+                found[name] = f"{mask:016x}"
+    return found
+
+
+# -- signals --------------------------------------------------------------------------------------
+
+_IN_A_DEAF_PROCESS = """
+import io, os, signal, sys, threading
+from pathlib import Path
+from spoold.clock import SystemClock
+from spoold.joblog import JobLog
+from spoold.process import _signal_reset, run_process
+if sys.argv[1] == "worker":
+    from spoold.pool import set_up_signals
+    set_up_signals()
+    assert _signal_reset() is None, "a worker process must start jobs without a child step"
+for signum in (signal.SIGHUP, signal.SIGQUIT) + ((signal.SIGINT, signal.SIGTERM)
+                                                  if sys.argv[1] == "deaf" else ()):
+    signal.signal(signum, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGTERM])
+out = io.BytesIO()
+def job():
+    run_process(["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"], cwd=Path("/"),
+                env=dict(os.environ), log=JobLog(out, SystemClock()), clock=SystemClock(),
+                timeout=None, kill_grace=1, cancel=threading.Event())
+thread = threading.Thread(target=job)  # as a worker slot starts jobs: from a thread
+thread.start()
+thread.join()
+sys.stdout.write(out.getvalue().decode())
+"""
+
+
+@pytest.mark.parametrize("starter", ["deaf", "worker"])
+def test_a_job_starts_with_default_signals_and_an_empty_mask_whatever_its_starter_does(
+    starter: str,
+) -> None:
+    # "deaf": a process (spoold exec under nohup, in a script's background) that ignores and
+    # blocks signals; "worker": what a worker process does to itself, plus the same.
+    result = subprocess.run(
+        [sys.executable, "-c", _IN_A_DEAF_PROCESS, starter],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _signal_lines(result.stdout) == {
+        "SigBlk": "0000000000000000",
+        "SigIgn": "0000000000000000",
+    }, result.stdout
+
+
+def test_a_worker_process_disregards_sigterm_and_sigint_but_its_jobs_hear_them() -> None:
+    script = (
+        "import os, signal, sys; from spoold.pool import set_up_signals; set_up_signals(); "
+        "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); "
+        "print('alive')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        check=False, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert (result.returncode, result.stdout.strip()) == (0, "alive"), result.stderr
+
+
+def test_under_the_daemon_a_jobs_trap_runs_on_timeout_cancel_and_shutdown(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    # A grace long enough that a job deaf to SIGTERM would be seen ending in SIGKILL.
+    config = write_config(tmp_path / "config.yaml", spool_dir, kill_grace="30s")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        drop(spool_dir, "sigs.yaml", local_job("sigs", "grep -E '^Sig(Blk|Ign)' /proc/self/status"))
+        drop(spool_dir, "late.yaml", local_job("late", TRAP, timeout="2s"))
+        drop(spool_dir, "stop.yaml", local_job("stop", TRAP))
+        directory, _ = wait_finished(spool_dir, "sigs")
+        assert directory == "done"
+        assert _signal_lines(_log(spool_dir, "sigs")) == {
+            "SigBlk": "0000000000000000",
+            "SigIgn": "0000000000000000",
+        }, _log(spool_dir, "sigs")
+
+        directory, status = wait_finished(spool_dir, "late")
+        assert (directory, status["exit_code"]) == ("failed", 143), status
+        assert "timed out" in status["error"]
+        log = _log(spool_dir, "late")
+        assert "trapped TERM" in log and NO_SIGKILL not in log, log
+
+        wait_for(lambda: "INFO ready" in _log(spool_dir, "stop"), what="the job to run")
+        assert run_cli(spool_dir, "cancel", "stop").returncode == 0
+        directory, status = wait_finished(spool_dir, "stop")
+        assert (directory, status["state"], status["exit_code"]) == ("failed", "cancelled", 143)
+        log = _log(spool_dir, "stop")
+        assert "trapped TERM" in log and NO_SIGKILL not in log, log
+
+        drop(spool_dir, "shutdown.yaml", local_job("shutdown", TRAP))
+        wait_for(lambda: "INFO ready" in _log(spool_dir, "shutdown"), what="the job to run")
+        daemon.stop()  # shutdown_grace 2s, then the job is interrupted
+        directory, status = wait_finished(spool_dir, "shutdown", bound=5)
+        assert (directory, status["exit_code"]) == ("failed", 143), status
+        assert "interrupted" in status["error"]
+        log = _log(spool_dir, "shutdown")
+        assert "trapped TERM" in log and NO_SIGKILL not in log, log
+    finally:
+        daemon.kill()
+
+
+# -- process trees --------------------------------------------------------------------------------
+
+
+def _escapers(tmp_path: Path, tag: str) -> tuple[str, str]:
+    """(shell lines that leave processes behind in five ways, a word in each one's command line).
+
+    The lines wait until all five run, so that a job's end really has something to end.
+    """
+    token = f"spoold-escaper-{tag}-{tmp_path.name}"
+    sleep = tmp_path / token
+    sleep.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    daemonize = (  # the classic double fork: fork, setsid, fork, the middle one exits
+        "import os, sys; os.fork() and os._exit(0); os.setsid(); os.fork() and os._exit(0); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    heard = tmp_path / f"{tag}-heard-TERM"  # a setsid'd one that says when SIGTERM reaches it
+    lines = textwrap.dedent(f"""\
+        setsid {sleep} 301 &
+        (setsid sh -c '{sleep} 302 & ' &)
+        nohup {sleep} 303 >/dev/null 2>&1 &
+        {sys.executable} -c '{daemonize}' {sleep} 304
+        setsid sh -c 'trap "touch {heard}; exit 0" TERM; {sleep} 305 & wait' &
+        n=0
+        until [ "$(pgrep -fc '^{sleep} 30')" -ge 5 ] || [ $n -ge 400 ]; do sleep 0.05; n=$((n+1)); done
+        echo "escapers: $(pgrep -fc '^{sleep} 30')"
+        """)  # fmt: skip
+    return lines, token
+
+
+@pytest.mark.parametrize("end", ["normal", "timeout", "cancel"])
+def test_nothing_a_job_or_its_hook_started_outlives_it(
+    end: str, spool_dir: Path, tmp_path: Path
+) -> None:
+    lines, token = _escapers(tmp_path, "job")
+    hook_lines, hook_token = _escapers(tmp_path, "hook")
+    # On a timeout or cancel the job ends only once SIGTERM has reached its setsid'd process
+    # too (or is killed after kill_grace, and the test fails).
+    heard = tmp_path / "job-heard-TERM"
+    wait = f"trap 'until [ -e {heard} ]; do sleep 0.02; done; exit 143' TERM; sleep 60 & wait"
+    fields: dict[str, Any] = {"hooks": {"pre_run": hook_lines}}
+    if end == "timeout":
+        fields["timeout"] = "5s"
+    document = local_job("tree", lines + ("" if end == "normal" else wait), **fields)
+    daemon = DaemonProcess(
+        spool_dir, write_config(tmp_path / "c.yaml", spool_dir, kill_grace="20s")
+    )
+    daemon.start()
+    try:
+        drop(spool_dir, "tree.yaml", document)
+        if end == "cancel":
+            wait_for(lambda: "escapers: 5" in _log(spool_dir, "tree").rsplit("hook pre_run", 1)[-1],
+                     what="the job's escapers to run")  # fmt: skip
+            assert run_cli(spool_dir, "cancel", "tree").returncode == 0
+        _, status = wait_finished(spool_dir, "tree")
+        log = _log(spool_dir, "tree")
+        assert log.count("escapers: 5") == 2, log  # the hook's and the job's all ran
+        expected = {"normal": "succeeded", "timeout": "failed", "cancel": "cancelled"}[end]
+        assert status["state"] == expected, status
+        # Recorded only after its end: none may be left, not even for a moment.
+        assert processes_with(token) == [], f"{end}: the job left processes behind"
+        assert processes_with(hook_token) == [], f"{end}: the hook left processes behind"
+        # The hook's end kills what it left at once; so does the job's normal end. A timeout
+        # or a cancel sends SIGTERM to every one of them first, in its group or not.
+        assert re.search(r"ended [5-9] process\(es\) hook pre_run left running", log), log
+        if end == "normal":
+            assert re.search(r"ended [5-9] process\(es\) the job left running", log), log
+        else:
+            assert heard.exists() and NO_SIGKILL not in log, log
+        assert daemon.process is not None
+        for worker in children(daemon.process.pid):  # they reaped the orphans they adopted
+            assert all(_state(child) != "Z" for child in children(worker)), "zombies left"
+    finally:
+        daemon.kill()
+        kill_processes_with(token)
+        kill_processes_with(hook_token)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_job_ends_what_it_left_even_where_orphans_go_to_init(tmp_path: Path) -> None:
+    # In a process that adopts no orphans (spoold exec), the environment token finds them.
+    lines, token = _escapers(tmp_path, "exec")
+    out = io.BytesIO()
+    try:
+        outcome = run_process(["/bin/sh", "-c", lines], cwd=tmp_path, env=dict(os.environ),
+                              log=JobLog(out, SystemClock()), clock=SystemClock(), timeout=None,
+                              kill_grace=1, cancel=threading.Event())  # fmt: skip
+        assert outcome.exit_code == 0
+        assert "escapers: 5" in out.getvalue().decode()
+        assert processes_with(token) == []
+    finally:
+        kill_processes_with(token)
+
+
+# -- bounded output -------------------------------------------------------------------------------
+
+
+def _joblog(limit: int | None = None, masker: Masker | None = None) -> tuple[JobLog, io.BytesIO]:
+    out = io.BytesIO()
+    mask = None if masker is None else masker.mask_text
+    return JobLog(out, SystemClock(), limit=limit, mask=mask), out
+
+
+def test_a_line_longer_than_the_bound_is_cut_and_the_log_says_how_long_it_was() -> None:
+    log, out = _joblog()
+    stream = OutputStream(log, stderr=False)
+    stream.feed(b"short\n" + b"x" * 100_000 + b"\nafter\n")
+    stream.close()
+    lines = out.getvalue().decode().splitlines()
+    assert lines[0].endswith(" INFO short")
+    assert lines[1].endswith(" INFO " + "x" * LINE_BOUND)
+    assert lines[2].endswith(
+        f"ERROR spoold: a line of stdout was 100000 bytes long: only its first {LINE_BOUND} "
+        "bytes are kept"
+    )
+    assert lines[3].endswith(" INFO after")
+
+
+def test_output_without_newlines_costs_bounded_memory_and_one_cut_line() -> None:
+    log, out = _joblog()
+    stream = OutputStream(log, stderr=True)
+    chunk = b"z" * 65536
+    tracemalloc.start()
+    try:
+        for _ in range(50_000_000 // len(chunk)):
+            stream.feed(chunk)
+        stream.feed(b"z" * 12345 + b"\nthe end")
+        stream.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    lines = out.getvalue().decode().splitlines()
+    assert len(lines) == 3, [line[:80] for line in lines]
+    assert lines[0].endswith(" ERROR " + "z" * LINE_BOUND)
+    length = 50_000_000 // len(chunk) * len(chunk) + 12345
+    assert f"a line of stderr was {length} bytes long" in lines[1]
+    assert lines[2].endswith(" ERROR the end")
+    # What is held (HELD_BYTES of an unfinished line) and what cutting it costs, with room.
+    assert peak < 4 * HELD_BYTES + LINE_BOUND, peak
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"z" * HELD_BYTES])
+def test_a_cut_never_leaves_part_of_a_secret_in_the_log(ending: bytes) -> None:
+    secret = "s3cr3t-" + "k" * 300
+    masker = Masker([secret])
+    for offset in (LINE_BOUND - 7, LINE_BOUND - 1, LINE_BOUND - 300):
+        log, out = _joblog(masker=masker)
+        stream = OutputStream(log, stderr=False)
+        # The secret starts just before the cut; the line ends (or goes on past what is held).
+        stream.feed(b"a" * offset + secret.encode() + ending)
+        stream.close()
+        text = out.getvalue().decode()
+        kept = text.splitlines()[0].split(" INFO ", 1)[1]
+        rest = kept[offset:]  # the mask, or as much of it as the cut left; then more z
+        assert kept.startswith("a" * offset) and rest.startswith("*"), (offset, rest)
+        assert rest.strip("*z") == "" and "s3cr" not in text, (offset, rest)
+
+
+def test_the_log_ends_at_most_one_line_past_its_limit_whatever_the_lines(tmp_path: Path) -> None:
+    limit = 1 << 20
+    path = tmp_path / "log"
+    with open(path, "wb") as handle:
+        log = JobLog(handle, SystemClock(), limit=limit)
+        script = ("i=0; while [ $i -lt 40 ]; do head -c 100000 /dev/zero | tr '\\0' y; echo; "
+                  "i=$((i+1)); done; head -c 3000000 /dev/zero | tr '\\0' q")  # fmt: skip
+        outcome = run_process(["/bin/sh", "-c", script], cwd=tmp_path, env=dict(os.environ),
+                              log=log, clock=SystemClock(), timeout=None, kill_grace=1,
+                              cancel=threading.Event())  # fmt: skip
+        log.summarize()
+    assert outcome.exit_code == 0
+    text = path.read_text()
+    # The line that crossed the limit (its timestamp too), then spoold's lines about it.
+    assert path.stat().st_size <= limit + LINE_BOUND + 1024, path.stat().st_size
+    assert "the log reached its limit of 1048576 bytes" in text
+    assert text.count("was 100000 bytes long") == text.count(" INFO " + "y" * LINE_BOUND)
+    assert "line(s) of output were not kept (log limit)" in text
+
+
+def _worker_peak_kib(daemon: DaemonProcess) -> int:
+    """The largest VmHWM (peak resident memory) among the daemon's worker processes."""
+    assert daemon.process is not None
+    peaks = []
+    for pid in children(daemon.process.pid):
+        status = Path(f"/proc/{pid}/status").read_text()
+        peaks += [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")]
+    assert peaks, "no worker process found"
+    return max(peaks)
+
+
+def test_under_the_daemon_200_mb_without_a_newline_leave_memory_and_log_bounded(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir, limits={"max_log_size": "1MiB"},
+                          workers=1)  # fmt: skip
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        drop(spool_dir, "warm.yaml", local_job("warm", "echo warm"))  # imports, first job
+        wait_finished(spool_dir, "warm")
+        before = _worker_peak_kib(daemon)
+        drop(spool_dir, "zs.yaml",
+             local_job("zs", "head -c 200000000 /dev/zero | tr '\\0' z; echo; echo done"))  # fmt: skip
+        directory, status = wait_finished(spool_dir, "zs")
+        assert directory == "done", status
+        log_path = spool_dir / "done" / "zs" / "log"
+        assert log_path.stat().st_size <= (1 << 20) + LINE_BOUND
+        log = log_path.read_text()
+        assert "a line of stdout was 200000000 bytes long" in log
+        assert log.rstrip().endswith("succeeded (exit code 0)")
+        growth = _worker_peak_kib(daemon) - before
+        # It held at most HELD_BYTES of the line; 16 MiB is room for everything else.
+        assert growth < 16 * 1024, f"the worker process grew by {growth} KiB"
+    finally:
+        daemon.kill()
