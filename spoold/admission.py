@@ -29,7 +29,6 @@ from spoold.documents import (
     NodeMap,
     ValidationIssue,
     decode_text,
-    format_path,
     load_document,
     map_nodes,
     show_value,
@@ -43,7 +42,7 @@ from spoold.secrets import SecretAccessDenied
 from spoold.spool import Spool
 from spoold.states import JOB_DIRECTORIES
 from spoold.units import parse_duration, parse_size
-from spoold.validation import JobValidator
+from spoold.validation import JobValidator, locate
 
 if TYPE_CHECKING:
     from spoold.clock import Clock
@@ -390,13 +389,7 @@ def _nodes(data: bytes) -> NodeMap:
 
 
 def _located(nodes: NodeMap, problems: list[_Problem]) -> list[ValidationIssue]:
-    issues = []
-    for message, path, at_key in problems:
-        position = nodes.keys.get(path) if at_key else None
-        for end in range(len(path), -1, -1):  # the nearest enclosing value with a position
-            position = position or nodes.values.get(path[:end])
-        line, column = position or (None, None)
-        issues.append(ValidationIssue(message, format_path(path), line, column))
+    issues = [locate(problem, nodes) for problem in problems]
     return sorted(dict.fromkeys(issues), key=_order)
 
 

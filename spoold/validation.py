@@ -660,7 +660,7 @@ class JobValidator:
         ]
         problems = [p for error in errors for p in _error_problems(error, self._executors)]
         nodes = map_nodes(text, self._max_nodes)
-        issues = [_locate(problem, nodes) for problem in [*problems, *steps]]
+        issues = [locate(problem, nodes) for problem in [*problems, *steps]]
         for path, second, first in nodes.duplicates:
             message = f"duplicate key {show_value(path[-1])} (first on line {position(first)[0]})"
             issues.append(ValidationIssue(message, format_path(path), *position(second)))
@@ -671,7 +671,8 @@ class JobValidator:
         return sorted(dict.fromkeys(issues), key=lambda issue: (issue.line or 0, issue.column or 0))
 
 
-def _locate(problem: _Problem, nodes: NodeMap) -> ValidationIssue:
+def locate(problem: _Problem, nodes: NodeMap) -> ValidationIssue:
+    """A problem (message, path, whether it is about the key) as an issue with its position."""
     message, path, at_key = problem
     position = nodes.keys.get(path) if at_key else None
     for end in range(len(path), -1, -1):  # the nearest enclosing value that has a position
