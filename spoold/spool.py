@@ -66,6 +66,7 @@ _MIGRATION_PREFIX = "ids-"  # ids/ being filled for a spool made by an older spo
 _TEMP_MARK = ".spoold-"
 # The files spoold writes into a stage; a staged original is any other entry.
 _STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
+_REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
 _PREPARED = ".prepared"  # an outbox delivery whose state change is not made yet
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _counter = itertools.count()
@@ -496,6 +497,12 @@ class Spool:
         try:
             rename_noreplace(stage, target)
         except FileExistsError:
+            # Marked before it goes: once exchanged, the old definition sits where the new one
+            # was prepared, and recovery must delete it there, not give it back to incoming/
+            # (where it would replace the new one). On the current definition the mark is inert.
+            os.close(
+                os.open(f"{target}/{_REPLACED}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            )
             try:
                 rename_exchange(stage, target)  # the old definition is in the stage now
             except OSError:  # no exchange here (NFS): the old one goes first, for a moment
@@ -607,6 +614,9 @@ class Spool:
 
     def _recover_stage(self, stage: Path) -> str:
         entries = {e.name for e in os.scandir(stage) if not e.name.startswith(_TEMP_MARK)}
+        if _REPLACED in entries:  # a schedule's old definition, replaced: what was left to do
+            shutil.rmtree(stage)
+            return f"finished removing a replaced schedule definition ({stage.name})"
         originals = sorted(entries - _STAGE_FILES)
         if "reason.json" in entries:
             reason = json.loads((stage / "reason.json").read_bytes())

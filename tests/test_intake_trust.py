@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -373,3 +374,27 @@ def test_init_tightens_a_spool_made_before(tmp_path: Path) -> None:
     Spool(root).init()
     assert stat.S_IMODE(root.stat().st_mode) == 0o750
     assert stat.S_IMODE((root / "incoming").stat().st_mode) == 0o1770
+
+
+def test_a_crash_after_a_schedule_is_replaced_never_brings_the_old_one_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exchange puts the old definition where the new one was prepared; killed before it is
+    deleted, recovery gave it back to incoming/, and it replaced the new one again."""
+    spool, intake = _intake(tmp_path)
+    old = (
+        "job_id: nightly\nexecutor: local\nproduct: {commands: 'echo old'}\nschedule: '0 2 * * *'\n"
+    )
+    new = old.replace("echo old", "echo new")
+    drop(spool.root, "nightly.yaml", old)
+    assert isinstance(intake.offer("nightly.yaml", complete=True), Accepted)
+    drop(spool.root, "nightly.yaml", new)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr("spoold.spool.shutil.rmtree", lambda path, **kw: None)  # killed here
+    assert isinstance(intake.offer("nightly.yaml", complete=True), Accepted)
+    monkeypatch.setattr("spoold.spool.shutil.rmtree", real_rmtree)
+    assert [n for n in os.listdir(spool.dir("tmp")) if n.startswith("in-")], "the crash's leftover"
+    spool.recover_stages()  # the restart
+    assert os.listdir(spool.dir("incoming")) == []
+    assert "echo new" in (spool.dir("scheduled") / "nightly" / "job.yaml").read_text()
+    assert tmp_leftovers(spool.root) == []
