@@ -93,7 +93,7 @@ def permission_problem(exc: PermissionError) -> str:
 
 def hidden_directories(spool: Spool, names: tuple[str, ...] = _LOOKED_IN) -> list[str]:
     """The state directories this user may not look into."""
-    return [n for n in names if spool.dir(n).is_dir() and not os.access(spool.dir(n), os.X_OK)]
+    return spool.hidden(names)
 
 
 def refusal(spool: Spool, names: list[str]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from spoold.job import JobSpec, reference_problems
 from spoold.outbox import CallbackTarget, callbacks_for
 from spoold.secrets import SecretAccessDenied
 from spoold.spool import Spool
-from spoold.states import JOB_DIRECTORIES
 from spoold.units import parse_duration, parse_size
 from spoold.validation import JobValidator, locate
 
@@ -225,8 +223,7 @@ class Admission:
         if found is None and spool.reserved(job_id):
             where = "(its file is being accepted)"
             raise self.duplicate(data, document, f"a job with id {job_id!r} already exists {where}")
-        hidden = [d for d in (*JOB_DIRECTORIES, "scheduled") if not _searchable(spool, d)]
-        if found is None and hidden:
+        if found is None and (hidden := spool.hidden()):
             dirs = ", ".join(f"{d}/" for d in hidden)
             note = f"not checked here against {dirs}: this user may not look into them"
             return (self._issue(data, note, ("job_id",)),)
@@ -376,11 +373,6 @@ def _secret_names(value: str) -> list[str]:
         if closed:
             names.append(name)
     return names
-
-
-def _searchable(spool: Spool, directory: str) -> bool:
-    path = spool.dir(directory)
-    return not path.is_dir() or os.access(path, os.X_OK)
 
 
 def _nodes(data: bytes) -> NodeMap:

@@ -258,6 +258,14 @@ class Spool:
         self._sync_dirs(self._dirs["tmp"])
         return count
 
+    def hidden(self, names: tuple[str, ...] = (*JOB_DIRECTORIES, "scheduled")) -> list[str]:
+        """Those of the tree's directories this process may not look into (a submitter's CLI)."""
+        return [
+            n
+            for n in names
+            if os.path.isdir(self._dirs[n]) and not os.access(self._dirs[n], os.X_OK)
+        ]
+
     def reserved(self, job_id: str) -> bool:
         """Whether a job (or a schedule, or a file being accepted) holds this id."""
         _check_job_id(job_id)

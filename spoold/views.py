@@ -253,15 +253,28 @@ def _callback_lines(spool: Spool, job_id: str) -> list[str]:
 
 def daemon_text(spool: Spool, host: str) -> str:
     """Whether a daemon serves this spool on this host: its pid and since when."""
+    return _daemon_words(spool, _daemon(spool, host))
+
+
+def _daemon(spool: Spool, host: str) -> dict[str, Any] | None:
+    """The daemon on ``host`` as ``status --json`` shows it (pid None: none); None if this user
+    may not look."""
     try:
         holder = spool.daemon_on(host)
     except PermissionError:
+        return None
+    since = started_at(holder[1]) if holder else None
+    return {"host": host, "pid": holder[0] if holder else None,
+            "since": rfc3339(since) if since else None}  # fmt: skip
+
+
+def _daemon_words(spool: Spool, daemon: dict[str, Any] | None) -> str:
+    if daemon is None:
         return f"not visible to this user (its lock is in tmp/, {owner(str(spool.dir('tmp')))})"
-    if holder is None:
-        return f"none: no spoold runs on {host} for this spool"
-    pid, ticks = holder
-    since = started_at(ticks)
-    return f"pid {pid} on {host}" + (f", running since {rfc3339(since)}" if since else "")
+    if daemon["pid"] is None:
+        return f"none: no spoold runs on {daemon['host']} for this spool"
+    since = f", running since {daemon['since']}" if daemon["since"] else ""
+    return f"pid {daemon['pid']} on {daemon['host']}{since}"
 
 
 # -- the spool ------------------------------------------------------------------------------------
@@ -286,18 +299,8 @@ def summary(spool: Spool, config: Config) -> dict[str, Any]:
         ]
     except PermissionError:
         counts["outbox"], given_up = None, None
-    try:
-        holder = spool.daemon_on(config.hostname)
-        since = started_at(holder[1]) if holder else None
-        daemon: dict[str, Any] | None = {
-            "host": config.hostname,
-            "pid": holder[0] if holder else None,
-            "since": rfc3339(since) if since else None,
-        }
-    except PermissionError:
-        daemon = None
     return {"spool": str(spool.root), "counts": counts, "callbacks_given_up": given_up,
-            "daemon": daemon}  # fmt: skip
+            "daemon": _daemon(spool, config.hostname)}  # fmt: skip
 
 
 def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -316,7 +319,7 @@ def summary_text(spool: Spool, config: Config) -> str:
     hidden = [name for name, count in found["counts"].items() if count is None]
     if hidden:
         lines.append(f"  ?: {who()} may not look into {', '.join(n + '/' for n in hidden)}")
-    lines.append(f"  daemon:     {daemon_text(spool, config.hostname)}")
+    lines.append(f"  daemon:     {_daemon_words(spool, found['daemon'])}")
     given_up = found["callbacks_given_up"] or []
     if given_up:
         lines.append(f"  {len(given_up)} callback(s) given up, kept in outbox/failed/:")
