@@ -192,6 +192,18 @@ def run_cli(
     )
 
 
+def run_detached(
+    spool: Path, config: Path, pidfile: Path, bound: float = DEFAULT_BOUND
+) -> subprocess.CompletedProcess[str]:
+    """``spoold run --daemon --pidfile PIDFILE`` as an init script would; returns once the
+    command has exited (the daemon, if it detached, goes on)."""
+    return subprocess.run(
+        [sys.executable, "-m", "spoold", "run", "--daemon", "--pidfile", str(pidfile),
+         "--spool", str(spool), "--config", str(config)],
+        capture_output=True, text=True, timeout=bound, check=False,
+    )  # fmt: skip
+
+
 def found_in(spool: Path, job_id: str) -> list[str]:
     """Every job directory (pending, running, done, failed) that holds ``job_id``."""
     return [d for d in ("pending", "running", "done", "failed") if (spool / d / job_id).is_dir()]

@@ -24,6 +24,7 @@ from tests.harness import (
     job_state,
     local_job,
     run_cli,
+    run_detached,
     wait_finished,
     wait_for,
     write_config,
@@ -143,11 +144,7 @@ def _alive(pid: int) -> bool:
 def test_daemon_flag_detaches_with_a_pidfile(spool_dir: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", spool_dir, logdir=str(tmp_path / "logs"))
     pidfile = tmp_path / "spoold.pid"
-    result = subprocess.run(
-        [sys.executable, "-m", "spoold", "run", "--daemon", "--pidfile", str(pidfile),
-         "--spool", str(spool_dir), "--config", str(config)],
-        capture_output=True, text=True, timeout=DEFAULT_BOUND, check=False,
-    )  # fmt: skip
+    result = run_detached(spool_dir, config, pidfile)
     assert result.returncode == 0, result.stderr
     pid = 0
     try:

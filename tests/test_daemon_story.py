@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,11 @@ from spoold.config import Config
 from spoold.daemon import check_detach
 from spoold.errors import ConfigError
 from tests.harness import (
-    DEFAULT_BOUND,
     DaemonProcess,
     drop,
     local_job,
     run_cli,
+    run_detached,
     wait_finished,
     wait_for,
     write_config,
@@ -126,11 +124,7 @@ def test_run_daemon_without_a_logdir_says_why_and_does_not_detach(
 ) -> None:
     config = write_config(tmp_path / "config.yaml", spool_dir)
     pidfile = tmp_path / "spoold.pid"
-    result = subprocess.run(
-        [sys.executable, "-m", "spoold", "run", "--daemon", "--pidfile", str(pidfile),
-         "--spool", str(spool_dir), "--config", str(config)],
-        capture_output=True, text=True, timeout=DEFAULT_BOUND, check=False,
-    )  # fmt: skip
+    result = run_detached(spool_dir, config, pidfile)
     try:
         assert result.returncode == 2, result.stderr
         assert "logdir" in result.stderr and "--daemon" in result.stderr
