@@ -1,19 +1,20 @@
 """The configuration: a frozen Config built from config.yaml, the environment and flags.
 
 Every ``spoold`` command loads it, so this module is light: the standard library, the units
-and the retention rules. YAML is read only when there is a config file, and the JSON Schema
-check (jsonschema) runs only where it is asked for (``check_schema``).
+and the retention rules. YAML is read only when there is a config file and no parsed copy of
+its text (spoold.parsed), and the JSON Schema check (jsonschema) runs only where it is asked
+for (``check_schema``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spoold.errors import ConfigError
+from spoold.parsed import recall, remember
 from spoold.retention import Retention
 from spoold.units import parse_duration, parse_size
 
@@ -29,8 +30,15 @@ def _hostname() -> str:
     return os.uname().nodename
 
 
-@dataclass(frozen=True)
-class CallbackSettings:
+def _worker_id(hostname: str) -> str:
+    return f"{hostname}-{os.getpid()}"
+
+
+# The settings are NamedTuples, not dataclasses: importing dataclasses (and with it inspect)
+# costs about a fifth of a light CLI command's start (issue 16: ``spoold status`` under 0.1 s).
+# Their mapping defaults are shared plain dicts, never changed (a mappingproxy cannot be pickled,
+# and a Config is sent to the worker processes).
+class CallbackSettings(NamedTuple):
     """How deliveries are sent (``callbacks:`` in the config)."""
 
     timeout: float = 10.0
@@ -57,8 +65,7 @@ class CallbackSettings:
         parsed = {
             key: parse_duration(value) for key, value in durations.items() if value is not None
         }
-        return replace(
-            defaults,
+        return defaults._replace(
             workers=int(document.get("workers", defaults.workers)),
             per_host=int(document.get("per_host", defaults.per_host)),
             multiplier=float(backoff.get("multiplier", defaults.multiplier)),
@@ -74,9 +81,13 @@ class CallbackSettings:
         )
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything the daemon and the CLI need to know, validated at start."""
+class Config(NamedTuple):
+    """Everything the daemon and the CLI need to know, validated at start.
+
+    ``load_config`` names the worker after the process that loads the configuration; the
+    defaults of ``worker_id`` and ``hostname`` (for a Config built by hand) are the importing
+    process's.
+    """
 
     spool: Path = DEFAULT_SPOOL
     workers: int = 2
@@ -90,7 +101,7 @@ class Config:
     #: A job's log keeps at most this much of its output (``limits.max_log_size``).
     max_log_size: int | None = 100 * 1024 * 1024
     #: At most this many jobs of an executor at once (``limits.executors``), beyond ``workers``.
-    executor_limits: dict[str, int] = field(default_factory=dict)
+    executor_limits: Mapping[str, int] = {}
     workdir: Path | None = None
     logdir: Path | None = None
     global_before_script: tuple[str, ...] = ()
@@ -99,22 +110,22 @@ class Config:
     lease_timeout: float = 60.0
     heartbeat_interval: float = 10.0
     durable: bool = True
-    worker_id: str = field(default_factory=lambda: f"{_hostname()}-{os.getpid()}")
-    hostname: str = field(default_factory=_hostname)
+    worker_id: str = _worker_id(_hostname())
+    hostname: str = _hostname()
     log_socket: Path | None = None
     log_level: str = "info"
     default_callback_url: str | None = None
     default_callback_secret: str | None = None
     #: How callback deliveries are sent: timeout, backoff, when to give up (``callbacks:``).
-    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    callbacks: CallbackSettings = CallbackSettings()
     #: Where ``${secret:NAME}`` is read from: the file NAME, mode 0600 or stricter.
     secrets_dir: Path | None = None
     #: Which finished jobs are removed, and when (``retention:``); empty keeps everything.
-    retention: Retention = field(default_factory=Retention)
+    retention: Retention = Retention()
     #: The users a job may name in ``run_as:``; none by default.
     allowed_run_as: tuple[str, ...] = ()
     #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
-    executor_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    executor_settings: Mapping[str, dict[str, Any]] = {}
     source: Path | None = None
 
 
@@ -143,7 +154,7 @@ def load_config(
     """
     env = os.environ if env is None else env
     found = find_config_file(path)
-    document = _read_document(found, check_schema=check_schema) if found else {}
+    document = _read_document(found, env, check_schema=check_schema) if found else {}
     try:
         config = _from_document(document, found)
     except (ConfigError, TypeError, ValueError, AttributeError) as exc:
@@ -155,18 +166,21 @@ def load_config(
         raise ConfigError(f"{found}: cannot use the configuration: {exc}") from exc
     config = _apply_environment(config, env)
     if spool is not None:
-        config = replace(config, spool=spool)
+        config = config._replace(spool=spool)
     return config
 
 
-def _read_document(path: Path, *, check_schema: bool = True) -> dict[str, Any]:
-    import yaml  # noqa: PLC0415 - only where there is a config file
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # without libyaml: same, slower
+def _read_document(
+    path: Path, env: Mapping[str, str], *, check_schema: bool = True
+) -> dict[str, Any]:
     try:
-        document = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 - safe
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
+    document = recall(path, text, env)
+    if document is None:
+        document = _parse_yaml(path, text)
+        remember(path, text, document, env)
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -174,6 +188,16 @@ def _read_document(path: Path, *, check_schema: bool = True) -> dict[str, Any]:
     if check_schema:
         _check_schema(document, path)
     return document
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml  # noqa: PLC0415 - only where there is a config file, and no parsed copy
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # without libyaml: same, slower
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
 
 
 def _check_schema(document: dict[str, Any], path: Path) -> None:
@@ -204,7 +228,8 @@ def _describe(error: Any) -> str:
 def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     """The Config a config file's mapping says; ConfigError naming the key of a value that is
     not of the kind the key takes (with the schema skipped, this is all that checks them)."""
-    values: dict[str, Any] = {"source": source}
+    here = _hostname()
+    values: dict[str, Any] = {"source": source, "hostname": here, "worker_id": _worker_id(here)}
     for key in ("workers", "worker_processes"):
         if key in doc:
             values[key] = _of_kind(key, doc[key], int, "a whole number")
@@ -302,4 +327,4 @@ def _apply_environment(config: Config, env: Mapping[str, str]) -> Config:
         changes["worker_id"] = env["RUNNER_ID"]
     if env.get("RUNNER_HOSTNAME"):
         changes["hostname"] = env["RUNNER_HOSTNAME"]
-    return replace(config, **changes) if changes else config
+    return config._replace(**changes) if changes else config

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -358,7 +358,7 @@ class Daemon:
         applied = [f for f in changed if f in RELOADABLE]
         waiting = [f for f in changed if f not in RELOADABLE]
         kept = {f: getattr(old, f) for f in _config_fields() if f not in RELOADABLE}
-        self.config = replace(new, **kept)
+        self.config = new._replace(**kept)
         self.logger.setLevel(self.config.log_level.upper())
         self.logger.info(
             "config reloaded from %s: applied %s; need a restart: %s",
@@ -471,7 +471,7 @@ RETENTION_EVERY = 3600.0
 
 
 def _config_fields() -> list[str]:
-    return [f for f in Config.__dataclass_fields__ if f not in ("source", "worker_id")]
+    return [f for f in Config._fields if f not in ("source", "worker_id")]
 
 
 def check_detach(config: Config) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 # Indexes into the fields of /proc/<pid>/stat after the command name (field 3 is index 0).
 _STATE, _PGRP, _SESSION, _STARTTIME = 0, 2, 3, 19
@@ -91,8 +91,7 @@ def processes_with_environment(entry: str) -> list[int]:
     return processes_matching("environ", lambda environment: wanted in environment.split(b"\0"))
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
+class ProcessInfo(NamedTuple):
     """What /proc/<pid>/stat says about one process."""
 
     pid: int

@@ -10,8 +10,7 @@ removes (moved out of the tree first, so that no half-deleted job is ever seen).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spoold.errors import SpooldError
 from spoold.units import parse_duration
@@ -22,18 +21,16 @@ if TYPE_CHECKING:
 STATES = ("done", "failed")
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     max_age: float | None = None  # seconds
     max_count: int | None = None
 
 
-@dataclass(frozen=True)
-class Retention:
+class Retention(NamedTuple):
     """The config's ``retention:``; empty keeps everything (the default)."""
 
-    states: Mapping[str, Rule] = field(default_factory=dict)
-    executors: Mapping[str, float] = field(default_factory=dict)  # executor -> max_age
+    states: Mapping[str, Rule] = {}
+    executors: Mapping[str, float] = {}  # executor -> max_age
 
     @classmethod
     def from_document(cls, value: Mapping[str, Any] | None) -> Retention:

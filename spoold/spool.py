@@ -28,9 +28,8 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from spoold.errors import (
     DuplicateJob,
@@ -82,8 +81,7 @@ def is_transient_name(name: str) -> bool:
     return name.startswith(".") or name.endswith((".tmp", ".part"))
 
 
-@dataclass(frozen=True)
-class JobDir:
+class JobDir(NamedTuple):
     """Where a job is: its id, the state directory it sits in, and that directory's path."""
 
     job_id: str
@@ -107,8 +105,7 @@ class JobDir:
         return Path(self.location, "job.yaml")
 
 
-@dataclass(frozen=True)
-class TakenFile:
+class TakenFile(NamedTuple):
     """A file moved out of incoming/ into a private stage, ready to be accepted or rejected."""
 
     name: str
