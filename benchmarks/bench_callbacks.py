@@ -17,13 +17,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spoold.clock import SystemClock
-from spoold.job import JobStatus
-from spoold.outbox import Callbacks, CallbackTarget
-from spoold.secrets import SecretStore
-from spoold.sender import CallbackSettings, Sender
-from spoold.spool import Spool
-from spoold.states import JobState
+from spoold.core.clock import SystemClock
+from spoold.core.job import JobStatus
+from spoold.core.secrets import SecretStore
+from spoold.core.spool import Spool
+from spoold.core.states import JobState
+from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.out.sender import CallbackSettings, Sender
 from tests.receiver import Receiver
 
 LOG = logging.getLogger("bench")

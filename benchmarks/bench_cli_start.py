@@ -2,7 +2,7 @@
 and ``list`` on a small spool, against ``python -I -c pass`` (the interpreter's own start).
 
 Each command runs as the Debian package's ``/usr/bin/spoold`` runs it (``python3 -I``, then
-``spoold.cli.main``), in three layouts:
+``spoold.app.main``), in three layouts:
 
 - **checkout**: no config file (the spool from ``SPOOLD_SPOOL``), so no YAML is read;
 - **package**: a ``config.yaml`` naming the spool, and a runtime directory
@@ -49,8 +49,8 @@ ARGUMENTS = {"--version": ["--version"], "status ID": ["status", "bench-1"], "li
 
 
 def _spoold(python: str) -> list[str]:
-    """``python -I`` calling spoold.cli.main, as the package's /usr/bin/spoold does."""
-    return [python, "-I", "-c", "import sys; from spoold.cli import main; sys.exit(main())"]
+    """``python -I`` calling spoold.app.main, as the package's /usr/bin/spoold does."""
+    return [python, "-I", "-c", "import sys; from spoold.app import main; sys.exit(main())"]
 
 
 def _timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:

@@ -13,6 +13,8 @@ Every wait is bounded; every daemon is stopped and every temporary directory rem
 out.
 
 Usage: .venv/bin/python benchmarks/bench_spool.py [--quick] [--json FILE] [--dir DIR]
+       [--against PYTHON]   (another spoold in the floor's place: old against new; run it
+       from outside the checkout, whose spoold/ would shadow the other one's in its processes)
 """
 
 from __future__ import annotations
@@ -219,13 +221,15 @@ class Tool:
         return self.spool / "incoming"
 
 
-def make_tool(name: str, base: Path, workers: int) -> Tool:
+def make_tool(name: str, base: Path, workers: int, against: str | None = None) -> Tool:
+    """The daemon of one column: spoold, and the floor or (``against``) another spoold."""
     home = base / name
     home.mkdir()
     spool = home / "spool"
-    if name == "spoold":
-        spoold = Path(sys.executable).with_name("spoold")
-        cli = [str(spoold)] if spoold.exists() else [sys.executable, "-m", "spoold"]
+    if name == "spoold" or against:
+        python = against if name == "floor" and against else sys.executable
+        spoold = Path(python).with_name("spoold")
+        cli = [str(spoold)] if spoold.exists() else [python, "-m", "spoold"]
         subprocess.run([*cli, "init", "--spool", str(spool)], check=True, capture_output=True)
         config = home / "config.yaml"
         config.write_text(f"workers: {workers}\nrescan_interval: 30s\nlog_level: warning\n")
@@ -485,7 +489,7 @@ class Results:
         }
 
 
-def table(summary: dict[str, Any]) -> str:
+def table(summary: dict[str, Any], second: str = "floor") -> str:
     sizes = summary["sizes"]
     filler = f"{sizes['filler'] // 1000}k"
     rows: list[tuple[str, str, str, str, str]] = []
@@ -512,7 +516,7 @@ def table(summary: dict[str, Any]) -> str:
     row("idle PSS, all processes (MB)", "idle_pss_mb", ".1f")
     row(f"idle CPU (% of a core, {sizes['idle']:.0f} s)", "idle_cpu_percent_of_a_core", ".2f",
         target="0")  # fmt: skip
-    header = ("", "spoold", "floor", "ratio", "target")
+    header = ("", "spoold", second, "ratio", "target")
     lines = [f"{header[0]:<38}{header[1]:>9}{header[2]:>9}{header[3]:>8}   {header[4]}"]
     lines += [f"{a:<38}{b:>9}{c:>9}{d:>8}   {e}" for a, b, c, d, e in rows]
     return "\n".join(lines)
@@ -560,6 +564,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--dir", type=Path, help="where the temporary spools go (same filesystem)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--against", metavar="PYTHON",
+        help="in the floor's place, the spoold installed for this interpreter (an older commit's "
+        "venv): ratios are then this spoold's over that one's",
+    )  # fmt: skip
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     began = time.monotonic()
@@ -577,7 +586,7 @@ def main() -> int:
         # p99 went from 4 ms to 1.3 s in one run, spoold's in others).
         os.sync()
         for name in TOOLS:
-            tools[name] = make_tool(name, base, args.workers)
+            tools[name] = make_tool(name, base, args.workers, args.against)
             tools[name].daemon.start()
         summary = measure(tools, sizes, base, filler).summary()
         for name, tool in tools.items():
@@ -595,7 +604,7 @@ def main() -> int:
         say(f"removing {base}")
         shutil.rmtree(base, ignore_errors=True)
     summary["run_seconds"] = round(time.monotonic() - began, 1)
-    print(table(summary))
+    print(table(summary, "old" if args.against else "floor"))
     if any(summary["failed_jobs"].values()) or any(summary["late_jobs"].values()):
         print(
             f"failed jobs: {summary['failed_jobs']}, jobs late past the bound: "

@@ -6,6 +6,7 @@ a failed result, never an exception into the worker); a subclass fills in ``exec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -15,13 +16,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from spoold.clock import Clock
-from spoold.errors import ExecutorError, SpooldError
-from spoold.job import ArtifactSpec
-from spoold.joblog import JobLog
-from spoold.limits import Limits
-from spoold.process import RunAs, run_process
-from spoold.units import format_duration
+from spoold.core.clock import Clock
+from spoold.core.errors import ExecutorError, SpooldError
+from spoold.core.job import ArtifactSpec
+from spoold.core.joblog import JobLog
+from spoold.core.limits import Limits
+from spoold.core.units import format_duration
+from spoold.run.process import RunAs, run_process
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class ExecResult:
     timed_out: bool = False
     cancelled: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    #: The failure is transient (a server busy or away, a connection lost): a retry can help.
+    #: The job's ``retry:`` policy still decides whether one comes; status.json's attempt and
+    #: ``spoold status`` say so.
+    retryable: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -106,18 +111,17 @@ class Executor(ABC):
                 ctx.on_start(None)
             result = self.execute(ctx)
         except SpooldError as exc:
-            ctx.log.error(str(exc))
-            return ExecResult(exit_code=None, error=str(exc))
+            retryable = isinstance(exc, ExecutorError) and exc.retryable
+            ctx.log.error(str(exc) + (" (retryable)" if retryable else ""))
+            return ExecResult(exit_code=None, error=str(exc), retryable=retryable)
         except Exception as exc:  # a plugin bug must fail the job, not the worker
             ctx.log.error(f"executor {self.name!r} failed unexpectedly: {exc!r}")
             return ExecResult(exit_code=None, error=f"executor error: {exc!r}")
         if result.timed_out and result.error is None:
             limit = format_duration(ctx.timeout or 0)
-            result = ExecResult(
-                result.exit_code, f"timed out after {limit}", True, False, result.result
-            )
+            result = dataclasses.replace(result, error=f"timed out after {limit}", cancelled=False)
         elif result.cancelled and result.error is None:
-            result = ExecResult(result.exit_code, "cancelled", False, True, result.result)
+            result = dataclasses.replace(result, error="cancelled", timed_out=False)
         return result
 
     @classmethod

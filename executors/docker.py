@@ -24,8 +24,8 @@ from typing import Any
 from spoold.executors.base import ExecResult, Executor, RunContext
 from spoold.executors.local import shell_script
 
-from spoold.errors import ExecutorError, ExecutorNotAvailable
-from spoold.joblog import JobLog
+from spoold.core.errors import ExecutorError, ExecutorNotAvailable
+from spoold.core.joblog import JobLog
 
 #: Where the job's commands run, inside the container; artifacts are relative to it.
 WORKDIR = "/spoold/work"

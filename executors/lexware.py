@@ -12,7 +12,7 @@ idempotency keys and a create may answer 504 after 30 s and still have succeeded
   cancel, adopted.
 
 All lexware jobs of the machine share the API's limit of 2 requests per second through
-``spoold.ratelimit`` (the workers are separate processes). 429 and 5xx answers are retried
+``spoold.core.ratelimit`` (the workers are separate processes). 429 and 5xx answers are retried
 within the attempt (Retry-After honoured), bounded by the job's timeout. Money is
 ``decimal.Decimal`` throughout, written to JSON as the exact decimal text.
 """
@@ -31,8 +31,8 @@ from zoneinfo import ZoneInfo
 
 from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
-from spoold.errors import ExecutorError
-from spoold.ratelimit import RateLimiter
+from spoold.core.errors import ExecutorError
+from spoold.core.ratelimit import RateLimiter
 
 DEFAULT_BASE_URL = "https://api.lexware.io"
 TYPES = ("create_invoice", "cancel_invoice")
@@ -150,7 +150,8 @@ def _create_invoice(api: _Api, ctx: RunContext) -> ExecResult:
                 return _invoice_result(api, str(found["id"]), ref, adopted=True)
             if n + 1 == _CREATES:
                 raise ExecutorError(
-                    f"lexware: {_CREATES} creates lost their answer and none is found (retryable)"
+                    f"lexware: {_CREATES} creates lost their answer and none is found",
+                    retryable=True,
                 ) from None
             ctx.log.info("lexware: no invoice carries the reference: creating it again")
             continue
@@ -191,7 +192,7 @@ def _cancel_invoice(api: _Api, ctx: RunContext) -> ExecResult:
     if existing is not None:
         ctx.log.info(f"lexware: invoice {invoice_id} already has credit note {existing}: adopting")
         return _credit_result(api, invoice_id, existing, ref, adopted=True)
-    body = credit_note_body(invoice, ref)
+    body = credit_note_body(invoice, ref, now=ctx.clock.now())
     params = {"precedingSalesVoucherId": invoice_id, "finalize": "true"}
     for n in range(_CREATES):
         try:
@@ -205,8 +206,8 @@ def _cancel_invoice(api: _Api, ctx: RunContext) -> ExecResult:
                 return _credit_result(api, invoice_id, found, ref, adopted=True)
             if n + 1 == _CREATES:
                 raise ExecutorError(
-                    f"lexware: {_CREATES} credit notes lost their answer and none is found "
-                    "(retryable)"
+                    f"lexware: {_CREATES} credit notes lost their answer and none is found",
+                    retryable=True,
                 ) from None
             continue
         ctx.log.info(f"lexware: created credit note {created.get('id')} for {invoice_id}")
@@ -291,8 +292,9 @@ def invoice_body(customer_id: str, data: Mapping[str, Any], ref: str) -> dict[st
     return body
 
 
-def credit_note_body(invoice: Mapping[str, Any], ref: str) -> dict[str, Any]:
-    """A credit note over the whole invoice (its line items, address and tax conditions)."""
+def credit_note_body(invoice: Mapping[str, Any], ref: str, *, now: dt.datetime) -> dict[str, Any]:
+    """A credit note over the whole invoice (its line items, address and tax conditions),
+    dated the day ``now`` is in Berlin."""
     items = []
     for item in invoice.get("lineItems") or []:
         line = {k: item[k] for k in ("type", "name", "description", "quantity", "unitName",
@@ -307,7 +309,7 @@ def credit_note_body(invoice: Mapping[str, Any], ref: str) -> dict[str, Any]:
     if "contactId" in address:
         address = {"contactId": address["contactId"]}
     number = invoice.get("voucherNumber") or invoice.get("id")
-    today = dt.datetime.now(_BERLIN).date().isoformat()
+    today = now.astimezone(_BERLIN).date().isoformat()
     return {
         "voucherDate": lexware_date(today),
         "language": invoice.get("language", "de"),
@@ -432,8 +434,6 @@ class _Api:
         create: bool = False,
     ) -> Any:
         """One request, retried on 429/5xx; a create whose answer is lost raises _Lost."""
-        import time  # noqa: PLC0415 - the limiter's clock, shared by processes
-
         # Here, on the URL as it is sent: validate sees `${...}` unfilled, and skips it.
         if (clear := cleartext_problem(self.base, "API key")) is not None:
             raise ExecutorError(f"lexware: {clear}")
@@ -447,8 +447,10 @@ class _Api:
             if self.ctx.cancel.is_set():
                 raise ExecutorError("lexware: cancelled")
             if left is not None and left <= 0:
-                raise ExecutorError(f"lexware: {shown}: out of time (retryable)")
-            self.limiter.acquire(self.ctx.cancel, None if left is None else time.monotonic() + left)
+                raise ExecutorError(f"lexware: {shown}: out of time", retryable=True)
+            # The limiter's deadline is on its own clock, the one its processes share.
+            until = None if left is None else self.limiter.clock() + left
+            self.limiter.acquire(self.ctx.cancel, until)
             self.ctx.log.info(f"lexware: {shown}")
             timeout = _REQUEST_TIMEOUT if left is None else max(1.0, min(_REQUEST_TIMEOUT, left))
             try:
@@ -472,7 +474,7 @@ class _Api:
             if status == 429 or status >= 500:
                 if create and status != 429:  # a 429 was refused; a 5xx may have been done
                     raise _Lost(f"{status}")
-                hint = _retry_after(answer.headers.get("Retry-After"))
+                hint = _retry_after(answer.headers.get("Retry-After"), self.ctx.clock.now())
                 self._wait_before_retry(shown, f"answered {status}", delay, hint, tries)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
@@ -487,10 +489,10 @@ class _Api:
     ) -> None:
         left = self.left()
         if left is None and tries >= _TRIES_WITHOUT_TIMEOUT:
-            raise ExecutorError(f"lexware: {shown}: {why}, {tries} times (retryable)")
+            raise ExecutorError(f"lexware: {shown}: {why}, {tries} times", retryable=True)
         wait = delay if hint is None else max(hint, 0.0)
         if left is not None and wait >= left:
-            raise ExecutorError(f"lexware: {shown}: {why}; no time left to retry (retryable)")
+            raise ExecutorError(f"lexware: {shown}: {why}; no time left to retry", retryable=True)
         self.ctx.log.info(f"lexware: {shown}: {why}; retrying in {wait:.1f}s")
         if self.ctx.cancel.wait(wait):
             raise ExecutorError("lexware: cancelled")
@@ -534,7 +536,8 @@ class _Api:
             page += 1
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, now: dt.datetime) -> float | None:
+    """Seconds to wait as a Retry-After header says (seconds or an HTTP date), at most 120."""
     if not value:
         return None
     try:
@@ -545,7 +548,7 @@ def _retry_after(value: str | None) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return min(max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds()), 120.0)
+    return min(max(0.0, (when - now).total_seconds()), 120.0)
 
 
 def _detail(answer: Any) -> str:

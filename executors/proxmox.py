@@ -13,7 +13,7 @@ from typing import Any
 
 from spoold.executors.base import ExecResult, Executor, RunContext, within_workdir
 
-from spoold.errors import ExecutorError, ExecutorNotAvailable
+from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 
 GUESTS = {"kvm": "qemu", "lxc": "lxc"}
 _GUEST = "/nodes/{node}/{guest}/{vmid}"
@@ -260,7 +260,7 @@ class _Api:
     def call(
         self, method: str, path: str, params: Mapping[str, Any], *, quiet: bool = False
     ) -> Any:
-        """One request; ExecutorError with the reason, "(retryable)" where a retry can help."""
+        """One request; ExecutorError with the reason, retryable where a retry can help."""
         if not quiet:  # polls would fill the log of a long task
             names = f" ({', '.join(sorted(params))})" if params else ""
             self.ctx.log.info(f"proxmox: {method} {path}{names}")  # names: values may be secret
@@ -277,7 +277,7 @@ class _Api:
             if exc.status_code == 401:
                 detail += " (check token_id and token_secret)"
             message = f"proxmox: {method} {path} failed: {exc.status_code} {detail}"
-            raise ExecutorError(message + (" (retryable)" if retry else "")) from exc
+            raise ExecutorError(message, retryable=retry) from exc
         except errors.SSLError as exc:
             raise ExecutorError(
                 f"proxmox: the TLS certificate of {where} is not trusted: {_reason(exc)} "
@@ -287,8 +287,9 @@ class _Api:
             reason = _reason(exc)
             # A name that does not exist stays so; a DNS server that did not answer may not.
             unknown = "Failed to resolve" in reason and "Temporary failure" not in reason
-            retry = "" if unknown else " (retryable)"
-            raise ExecutorError(f"proxmox: cannot reach {where}: {reason}{retry}") from exc
+            raise ExecutorError(
+                f"proxmox: cannot reach {where}: {reason}", retryable=not unknown
+            ) from exc
 
     def find_guest(self, vmid: int) -> dict[str, Any] | None:
         """The cluster's guest with this vmid (any node, VM or container), or None."""
@@ -313,7 +314,8 @@ class _Api:
         if found.get("lock") in ("create", "clone"):
             raise ExecutorError(
                 f"proxmox: vmid {vmid} is still being made by an earlier attempt "
-                f"(lock: {found['lock']}) (retryable)"
+                f"(lock: {found['lock']})",
+                retryable=True,
             )
         self.ctx.log.info("proxmox: it matches this job: not creating it again (a retry)")
         return ExecResult(0, result=result | {"created": False, "existing": found})

@@ -21,7 +21,7 @@ from typing import Any
 
 from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
-from spoold.errors import ExecutorError, ExecutorNotAvailable
+from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 
 DEFAULT_BASE_URL = "https://my.sevdesk.de/api/v1"
 TYPES = ("create_invoice", "cancel_invoice")
@@ -388,7 +388,7 @@ class _Api:
         contact: int | None = None,
         invoice: int | None = None,
     ) -> Any:
-        """One request; ExecutorError with the reason, "(retryable)" where a retry can help."""
+        """One request; ExecutorError with the reason, retryable where a retry can help."""
         self.ctx.log.info(f"sevdesk: {method} {path}")
         errors = self.requests.exceptions
         headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -408,7 +408,8 @@ class _Api:
         except (errors.ConnectionError, errors.Timeout) as exc:
             raise ExecutorError(
                 f"sevdesk: {method} {path}: no answer from {self.base} ({type(exc).__name__}); "
-                "a create may still have happened: the next attempt looks it up (retryable)"
+                "a create may still have happened: the next attempt looks it up",
+                retryable=True,
             ) from exc
         status = response.status_code
         if status < 400:
@@ -416,7 +417,7 @@ class _Api:
                 return response.json()
             except ValueError:
                 raise ExecutorError(
-                    f"sevdesk: {method} {path}: the answer is not JSON (retryable)"
+                    f"sevdesk: {method} {path}: the answer is not JSON", retryable=True
                 ) from None
         detail = _message(response)
         text = f"sevdesk: {method} {path} failed: {status} {detail}".rstrip()
@@ -429,9 +430,7 @@ class _Api:
             )
         if status in (400, 404) and invoice is not None:
             raise ExecutorError(f"{text}: check invoice_id {invoice}")
-        if status in _RETRYABLE:
-            raise ExecutorError(text + " (retryable)")
-        raise ExecutorError(text)
+        raise ExecutorError(text, retryable=status in _RETRYABLE)
 
     def _invoices(self, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         answer = self.call("GET", "/Invoice", params=params)

@@ -16,9 +16,9 @@ from typing import Any
 from spoold.executors.base import ExecResult, Executor, RunContext, within_workdir
 from spoold.executors.local import shell_script
 
-from spoold.errors import ExecutorError, ExecutorNotAvailable
-from spoold.joblog import JobLog, OutputStream
-from spoold.units import format_duration, parse_duration
+from spoold.core.errors import ExecutorError, ExecutorNotAvailable
+from spoold.core.joblog import JobLog, OutputStream
+from spoold.core.units import format_duration, parse_duration
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHELL = re.compile(r"/[A-Za-z0-9/._+-]*\Z")  # it is pasted into a remote command line
@@ -116,6 +116,7 @@ def _connect(paramiko: Any, ctx: RunContext) -> Any:
         client.close()
         raise ExecutorError(f"ssh: keyfile {keyfile} does not exist")
     timeout = parse_duration(product.get("connect_timeout", 10))
+    retryable = False
     try:
         client.connect(
             host, port, None if user is None else str(user),
@@ -139,17 +140,21 @@ def _connect(paramiko: Any, ctx: RunContext) -> Any:
             )
         else:  # paramiko says "No existing session" when the server never finished its hello
             limit = format_duration(timeout)
-            message = f"ssh: no SSH handshake with {where} within {limit} ({exc}) (retryable)"
+            message = f"ssh: no SSH handshake with {where} within {limit} ({exc})"
+            retryable = True
     except socket.gaierror as exc:
-        retry = " (retryable)" if exc.errno == socket.EAI_AGAIN else ""
-        message = f"ssh: cannot resolve {host}: {exc.strerror}{retry}"
+        message = f"ssh: cannot resolve {host}: {exc.strerror}"
+        retryable = exc.errno == socket.EAI_AGAIN  # "try again", not "no such host"
     except paramiko.ssh_exception.NoValidConnectionsError as exc:
         reasons = {e.strerror or str(e) for e in exc.errors.values()}
-        message = f"ssh: cannot connect to {where}: {', '.join(sorted(reasons))} (retryable)"
+        message = f"ssh: cannot connect to {where}: {', '.join(sorted(reasons))}"
+        retryable = True
     except TimeoutError:
-        message = f"ssh: cannot connect to {where}: no answer in {format_duration(timeout)} (retryable)"  # fmt: skip
+        message = f"ssh: cannot connect to {where}: no answer in {format_duration(timeout)}"
+        retryable = True
     except OSError as exc:
-        message = f"ssh: cannot connect to {where}: {exc.strerror or exc} (retryable)"
+        message = f"ssh: cannot connect to {where}: {exc.strerror or exc}"
+        retryable = True
     else:
         transport = client.get_transport()
         transport.set_keepalive(30)  # quiet jobs must outlive NAT and firewalls
@@ -157,7 +162,7 @@ def _connect(paramiko: Any, ctx: RunContext) -> Any:
         transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client
     client.close()
-    raise ExecutorError(message)
+    raise ExecutorError(message, retryable=retryable)
 
 
 def _prepare(client: Any, ctx: RunContext) -> str:
@@ -234,7 +239,7 @@ def _run(client: Any, ctx: RunContext, root: str, shell: str, deadline: float | 
     if reason is not None:
         return ExecResult(None if code < 0 else code, None, reason != "cancel", reason == "cancel")
     if code < 0 and not client.get_transport().is_active():
-        raise ExecutorError("ssh: the connection ended before the job did (retryable)")
+        raise ExecutorError("ssh: the connection ended before the job did", retryable=True)
     if code < 0:  # OpenSSH sends exit-signal instead of exit-status
         return ExecResult(None, "the remote shell was killed by a signal")
     return ExecResult(code, None if code == 0 else f"exit code {code}")

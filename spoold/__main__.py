@@ -2,6 +2,6 @@
 
 import sys
 
-from spoold.cli import main
+from spoold.app import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""The composition root: builds every part explicitly, then runs the daemon's loop."""
+"""The daemon: builds its parts (those every spoold process has come from spoold.wiring),
+then runs its loop, whose rounds (``Daemon.tick``) take the time they run at."""
 
 from __future__ import annotations
 
@@ -12,33 +13,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
-from spoold.clock import Clock, SystemClock, parse_rfc3339, rfc3339
-from spoold.config import Config, load_config
-from spoold.control import JobControl
-from spoold.dispatch import JobMeta
-from spoold.due import DueJobs
-from spoold.errors import ConfigError, SpooldError, SpoolError
-from spoold.intake import Intake, IntakeThread
-from spoold.logs import configure_logging
-from spoold.outbox import Callbacks, callbacks_for
-from spoold.plugins import ExecutorRegistry
-from spoold.pool import WorkerProcesses
-from spoold.procfs import started_at
-from spoold.recovery import Recovery
-from spoold.retention import Retention, apply_retention
-from spoold.scheduler import Scheduler
-from spoold.sender import Sender
-from spoold.spool import JobDir, Spool
-from spoold.validation import JobValidator, load_base_schema
-from spoold.watcher import InotifyWatcher, resolve_watch_mode
-
-
-def job_validator(registry: ExecutorRegistry) -> JobValidator:
-    """The validator for job files, knowing every installed executor."""
-    checks = {name: registry.get(name).validate for name in registry.names()}
-    return JobValidator.for_executors(load_base_schema(), registry.schemas(), checks=checks)
+from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
+from spoold.core.config import Config, load_config
+from spoold.core.errors import ConfigError, SpooldError, SpoolError
+from spoold.core.procfs import started_at
+from spoold.core.retention import Retention, apply_retention
+from spoold.core.spool import JobDir, Spool
+from spoold.intake.incoming import Intake, IntakeThread
+from spoold.intake.watcher import InotifyWatcher, resolve_watch_mode
+from spoold.out.outbox import Callbacks
+from spoold.out.sender import Sender
+from spoold.run.control import JobControl
+from spoold.run.dispatch import JobMeta
+from spoold.run.due import DueJobs
+from spoold.run.pool import WorkerProcesses
+from spoold.run.recovery import Recovery
+from spoold.schedule.scheduler import Scheduler
+from spoold.wiring import WORKER_ENTRY, Parts
 
 
 def sd_notify(message: str, env: dict[str, str] | None = None) -> None:
@@ -116,7 +109,7 @@ def _watchdog_interval(env: Mapping[str, str]) -> float | None:
 
 def lock_holder(spool: Spool, host: str) -> str:
     """Who holds the daemon lock of ``spool`` on ``host``: pid and since when, as far as known."""
-    holder = spool.daemon_on(host)
+    holder = spool.host_lock.daemon_on(host)
     if holder is None:
         return f"another spoold on {host} already runs on {spool.root}"
     pid, ticks = holder
@@ -129,6 +122,62 @@ def lock_holder(spool: Spool, host: str) -> str:
 RELOADABLE = ("log_level", "poll_interval", "rescan_interval", "retention", "shutdown_grace")
 
 
+class Workers(Protocol):
+    """What the daemon asks of its workers: WorkerProcesses, or a test's double in process."""
+
+    @property
+    def processes(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, grace: float) -> None: ...
+
+    def submit(
+        self, job_id: str, document: dict[str, Any] | None = None, meta: JobMeta | None = None
+    ) -> bool: ...
+
+    def holds(self, job_id: str) -> bool: ...
+
+    def in_flight(self) -> frozenset[str]: ...
+
+    def lost_any(self) -> bool: ...
+
+    def replace_dead(self) -> list[str]: ...
+
+
+class MakeWorkers(Protocol):
+    """Builds the daemon's workers from its parts, with what they tell the daemon."""
+
+    def __call__(
+        self,
+        parts: Parts,
+        *,
+        on_lost: Callable[[], None],
+        on_deferred: Callable[[str, float], None],
+        on_cancel: Callable[[str, str], None],
+    ) -> Workers: ...
+
+
+def worker_processes(
+    parts: Parts,
+    *,
+    on_lost: Callable[[], None],
+    on_deferred: Callable[[str, float], None],
+    on_cancel: Callable[[str, str], None],
+) -> WorkerProcesses:
+    """The daemon's workers: processes of their own, each built by ``WORKER_ENTRY``."""
+    config = parts.config
+    return WorkerProcesses(
+        config,
+        parts.logger,
+        processes=config.worker_processes or os.cpu_count() or 1,
+        entry=WORKER_ENTRY,
+        on_lost=on_lost,
+        on_deferred=on_deferred,
+        on_cancel=on_cancel,
+    )
+
+
 @dataclass
 class Daemon:
     """Every part of a running spoold, wired together."""
@@ -137,7 +186,7 @@ class Daemon:
     clock: Clock
     logger: logging.Logger
     spool: Spool
-    workers: WorkerProcesses
+    workers: Workers
     intake_thread: IntakeThread
     recovery: Recovery
     watch_mode: str
@@ -152,26 +201,39 @@ class Daemon:
     callbacks: Callbacks
     #: Posts what is in outbox/.
     sender: Sender
+    #: Takes files in from incoming/ (on the intake threads, or a test's own).
+    intake: Intake
     #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
     rescan: threading.Event = field(default_factory=threading.Event)
     #: Set (SIGHUP) to read the config file again.
     reload: threading.Event = field(default_factory=threading.Event)
     #: Readiness, status and watchdog pings for systemd.
     systemd: Systemd = field(default_factory=Systemd)
+    #: When ``tick`` scans, applies retention and reports status next (monotonic; None until
+    #: the first round).
+    _next_scan: float | None = field(default=None, init=False, repr=False)
+    _next_retention: float = field(default=0.0, init=False, repr=False)
+    _next_status: float = field(default=0.0, init=False, repr=False)
 
     @classmethod
-    def build(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
-        """Build every part from the config: the one place that knows how they fit."""
-        clock = clock or SystemClock()
-        logger = configure_logging(config)
-        spool = Spool(config.spool, durable=config.durable)
+    def build(
+        cls,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        make_workers: MakeWorkers = worker_processes,
+    ) -> Daemon:
+        """Build the daemon from the config: the parts every process has (spoold.wiring), and
+        those only the daemon runs. ``make_workers``: its worker processes, unless a test's."""
+        outbox_changed = threading.Event()
+        parts = Parts.build(config, clock or SystemClock(), wake=outbox_changed.set)
+        clock, logger, spool, callbacks = parts.clock, parts.logger, parts.spool, parts.callbacks
         spool.check()
         if problems := spool.unsafe_permissions():
             # A job written into pending/ by someone else would run unvalidated, as spoold.
             raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
-        if reserved := spool.ensure_reservations():
+        if reserved := spool.reservations.ensure():
             logger.info("reserved the ids of %d existing job(s) in %s", reserved, spool.dir("ids"))
-        registry = ExecutorRegistry.from_entry_points()
         attention = threading.Event()
         due = DueJobs()
 
@@ -179,8 +241,6 @@ class Daemon:
             due.add(job_id, when)
             attention.set()  # the loop's next wake-up may have to come sooner
 
-        outbox_changed = threading.Event()
-        callbacks = callbacks_for(config, spool, clock, logger, wake=outbox_changed.set)
         sender = Sender(spool, callbacks, clock, config.callbacks, logger,
                         poll_interval=config.poll_interval, wake=outbox_changed)  # fmt: skip
         control = JobControl(spool, clock, who=f"spoold on {config.hostname}", callbacks=callbacks)
@@ -192,14 +252,7 @@ class Daemon:
             except SpooldError as exc:  # it moved on (ran, or was cancelled): nothing to undo
                 logger.warning("job %s could not be cancelled (%s): %s", job_id, why, exc)
 
-        workers = WorkerProcesses(
-            config,
-            logger,
-            processes=config.worker_processes or os.cpu_count() or 1,
-            on_lost=attention.set,
-            on_deferred=defer,
-            on_cancel=cancel,
-        )
+        workers = make_workers(parts, on_lost=attention.set, on_deferred=defer, on_cancel=cancel)
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
         def queue_job(job: JobDir, document: dict[str, Any]) -> None:
@@ -212,7 +265,7 @@ class Daemon:
 
         intake = Intake(
             spool,
-            job_validator(registry),
+            parts.validator(),
             clock,
             max_file_size=config.max_file_size,
             settle_time=config.settle_time,
@@ -223,17 +276,17 @@ class Daemon:
             callbacks=callbacks,
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
-        executors = [registry.get(name) for name in registry.names()]
+        executors = [parts.registry.get(name) for name in parts.registry.names()]
         recovery = Recovery(spool, config, clock, logger, callbacks=callbacks, executors=executors)
         return cls(
             config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
-            due, scheduler, callbacks, sender,
+            due, scheduler, callbacks, sender, intake,
         )  # fmt: skip
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
         try:
-            lock = self.spool.lock_host(self.config.hostname)
+            lock = self.spool.host_lock.acquire(self.config.hostname)
         except SpoolError:
             self.logger.error("refusing to run: %s", lock_holder(self.spool, self.config.hostname))
             return 2
@@ -242,7 +295,7 @@ class Daemon:
         watcher: InotifyWatcher | None = None
         try:
             self.systemd.status("recovering", self.clock.monotonic(), force=True)
-            self._recover()
+            self.recover()
             self.sender.start()
             self.workers.start()
             self.scheduler.start()  # after the workers: what was missed may be queued at once
@@ -281,48 +334,57 @@ class Daemon:
         return 0
 
     def _loop(self, stop: threading.Event) -> None:
-        """Periodic duties: scans that back up the watcher, lost-claim recovery, dead workers.
-
-        Leases are kept alive by the worker processes that hold them.
-        """
-        next_scan = self.clock.monotonic() + self._scan_every()
-        next_retention = self.clock.monotonic()  # once at start, then hourly
-        next_status = self.clock.monotonic()
+        """The waiting: until the next round is due or something asks for attention (a worker
+        process died, a retry was scheduled, a signal came), then the round (``tick``)."""
         while not stop.is_set():
-            now = self.clock.monotonic()
-            self.systemd.ping(now)
-            if now >= next_status:
-                self._duty(self._report_status)
-                next_status = now + STATUS_EVERY
-            wait = min(next_scan, next_retention, next_status) - now
-            wait = min(wait, self.systemd.next_wake(now))
-            if (due := self.due.next_due()) is not None:
-                wait = min(wait, due - self.clock.now().timestamp())
-            self.attention.wait(max(wait, 0.0))
+            wake_at = self.tick(self.clock.monotonic())
+            self.attention.wait(max(wake_at - self.clock.monotonic(), 0.0))
             self.attention.clear()
-            if stop.is_set():
-                return
-            if self.reload.is_set():
-                self.reload.clear()
-                self._duty(self.reload_config)
-                next_scan = min(next_scan, self.clock.monotonic() + self._scan_every())
-            if self.workers.lost_any():
-                self._duty(self._replace_workers)
-            for job_id in self.due.pop_due(self.clock.now().timestamp()):
-                self.workers.submit(job_id, meta=self._meta(job_id))
-            now = self.clock.monotonic()
-            if self.rescan.is_set():
-                self.rescan.clear()
-                next_scan = now  # at once, as if its time had come
-            if now >= next_retention:
-                self._duty(self.apply_retention)
-                next_retention = now + RETENTION_EVERY
-            if now >= next_scan:
-                self.intake_thread.request_sweep()
-                self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
-                self._duty(self._queue_pending)
-                self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
-                next_scan = now + self._scan_every()
+
+    def tick(self, now: float) -> float:
+        """One round of the periodic duties at ``now`` (the clock's monotonic time); return when
+        the next round is due, on that same clock.
+
+        In order: the watchdog ping; the status line (every STATUS_EVERY); the config read again
+        if asked (SIGHUP); dead worker processes replaced; the retries that are due by the
+        clock's wall time handed to the workers; retention (at the first round, then hourly);
+        a scan when its time has come or one was asked for (SIGUSR1): a sweep of incoming/ that
+        backs up the watcher, the schedules synced, pending jobs queued, lost claims reaped.
+        Leases are kept alive by the worker processes that hold them. Does not wait; whoever
+        calls it (``_loop``, or a test with a fake clock) decides when the next round runs.
+        """
+        if self._next_scan is None:  # the first round: retention and status now, a scan later
+            self._next_scan = now + self._scan_every()
+            self._next_retention = self._next_status = now
+        self.systemd.ping(now)
+        if now >= self._next_status:
+            self._duty(self._report_status)
+            self._next_status = now + STATUS_EVERY
+        if self.reload.is_set():
+            self.reload.clear()
+            self._duty(self.reload_config)
+            self._next_scan = min(self._next_scan, now + self._scan_every())
+        if self.workers.lost_any():
+            self._duty(self._replace_workers)
+        for job_id in self.due.pop_due(self.clock.now().timestamp()):
+            self.workers.submit(job_id, meta=self._meta(job_id))
+        if self.rescan.is_set():
+            self.rescan.clear()
+            self._next_scan = now  # at once, as if its time had come
+        if now >= self._next_retention:
+            self._duty(self.apply_retention)
+            self._next_retention = now + RETENTION_EVERY
+        if now >= self._next_scan:
+            self.intake_thread.request_sweep()
+            self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
+            self._duty(self._queue_pending)
+            self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
+            self._next_scan = now + self._scan_every()
+        wake_at = min(self._next_scan, self._next_retention, self._next_status)
+        wake_at = min(wake_at, now + self.systemd.next_wake(now))
+        if (due := self.due.next_due()) is not None:
+            wake_at = min(wake_at, now + due - self.clock.now().timestamp())
+        return wake_at
 
     def _scan_every(self) -> float:
         if self.watch_mode == "poll":
@@ -379,14 +441,14 @@ class Daemon:
 
     def _meta(self, job_id: str) -> JobMeta:
         """A pending job's priority and concurrency, as its status.json kept them."""
-        return JobMeta.from_document(self._pending_status(self.spool.find(job_id)))
+        return JobMeta.from_document(self._pending_status(self.spool.jobs.find(job_id)))
 
     def _pending_status(self, job: JobDir | None) -> dict[str, Any]:
         """A pending job's status.json; {} if it is gone or unreadable (its worker finds out)."""
         if job is None:
             return {}
         try:
-            return self.spool.read_status(job)
+            return self.spool.jobs.read_status(job)
         except (OSError, SpooldError, ValueError):
             return {}
 
@@ -403,7 +465,9 @@ class Daemon:
         except Exception:
             self.logger.exception("unexpected failure in a periodic duty; retrying next time")
 
-    def _recover(self) -> None:
+    def recover(self) -> None:
+        """What a start does before anything runs: finish what a crash left half done, end
+        or requeue the lost claims, queue what is pending."""
         self.spool.sync_tree()
         # Before the stages: a prepared rejection is decided by whether its stage is one.
         made, dropped = self.callbacks.settle_all()
@@ -412,7 +476,7 @@ class Daemon:
                 "recovery: %d callback(s) of changes made before a crash queued, %d of "
                 "changes not made dropped", made, dropped,
             )  # fmt: skip
-        for line in self.spool.recover_stages():
+        for line in self.spool.stages.recover():
             self.logger.warning("recovery: %s", line)
         self.recovery.repair_pending()
         self._reap()
@@ -425,7 +489,7 @@ class Daemon:
     def _queue_pending(self) -> None:
         """Hand the workers every pending job they do not hold, unless it waits for a retry."""
         now = self.clock.now().timestamp()
-        for job in self.spool.list_jobs("pending"):
+        for job in self.spool.jobs.list_jobs("pending"):
             if job.job_id in self.due or self.workers.holds(job.job_id):
                 continue
             status = self._pending_status(job)

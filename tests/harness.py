@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from spoold.procfs import processes_matching
+from spoold.core.procfs import processes_matching
 
 T = TypeVar("T")
 

@@ -23,17 +23,15 @@ from typing import Any
 
 import pytest
 
-from spoold.admission import MAX_DURATION, MAX_MEMORY, Admission, Refused
-from spoold.daemon import job_validator
-from spoold.documents import ValidationIssue
-from spoold.errors import CallbackError, SecretError
-from spoold.intake import Accepted, Intake, Rejected
-from spoold.job import interpolate, refer_to_secrets
-from spoold.outbox import Callbacks, CallbackTarget
-from spoold.plugins import ExecutorRegistry
-from spoold.secrets import SecretAccessDenied, SecretStore
-from spoold.spool import Spool
-from spoold.validation import JobValidator, load_base_schema
+from spoold.core.errors import CallbackError, SecretError, ValidationIssue
+from spoold.core.job import interpolate, refer_to_secrets
+from spoold.core.secrets import SecretAccessDenied, SecretStore
+from spoold.core.spool import Spool
+from spoold.intake.admission import MAX_DURATION, MAX_MEMORY, Admission, Refused
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import JobValidator, job_validator, load_base_schema
+from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,7 +332,7 @@ def test_an_existing_job_id_is_refused_by_validate_with_spool_and_by_submit(
                        cwd=tmp_path)  # fmt: skip
     assert submitted.returncode == 1
     assert lines_of(submitted, again) == [expected]
-    assert spool.list_incoming() == []
+    assert spool.stages.list_incoming() == []
     # Intake says the same of it.
     (spool.dir("incoming") / "again.yaml").write_bytes(again.read_bytes())
     outcome = intake_for(spool, tmp_path, validator).offer("again.yaml", complete=True)
@@ -363,7 +361,7 @@ def test_submit_refuses_a_policy_refusal_and_a_second_file_with_one_id(
     assert lines_of(result, root) == [
         f"{root}:3:9: run_as: user 'root' is not allowed here (the config's allowed_run_as: deploy)"
     ]
-    assert spool.list_incoming() == ["one.yaml"]
+    assert spool.stages.list_incoming() == ["one.yaml"]
 
 
 def test_exec_prints_a_refusal_as_validate_does(refusals: Refusals, tmp_path: Path) -> None:
@@ -410,7 +408,7 @@ def test_permission_denied_on_a_secret_is_told_apart(
     def denied(*args: Any, **kwargs: Any) -> int:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("spoold.secrets.os.open", denied)
+    monkeypatch.setattr("spoold.core.secrets.os.open", denied)
     with pytest.raises(SecretAccessDenied, match="Permission denied"):
         SecretStore(tmp_path).read("token")
 

@@ -18,17 +18,16 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.clock import SystemClock
-from spoold.config import Config
-from spoold.control import JobControl
-from spoold.daemon import job_validator
-from spoold.intake import Accepted, Intake
-from spoold.job import JobStatus
-from spoold.plugins import ExecutorRegistry
-from spoold.recovery import Recovery
-from spoold.spool import JobDir, Spool
-from spoold.validation import JobValidator
-from spoold.worker import JobRunner
+from spoold.core.clock import SystemClock
+from spoold.core.config import Config
+from spoold.core.job import JobStatus
+from spoold.core.spool import JobDir, Spool
+from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.validation import JobValidator, job_validator
+from spoold.run.control import JobControl
+from spoold.run.recovery import Recovery
+from spoold.run.registry import ExecutorRegistry
+from spoold.run.worker import JobRunner
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -72,7 +71,7 @@ class Parts:
         return outcome.job
 
     def status(self, job: JobDir) -> dict[str, Any]:
-        return dict(self.spool.read_status(job))
+        return dict(self.spool.jobs.read_status(job))
 
 
 @functools.cache
@@ -93,13 +92,13 @@ def test_recovery_ends_a_cancelled_job_whose_worker_died_instead_of_requeueing_i
     parts: Parts,
 ) -> None:
     job = parts.submit(_job("r", "sleep 30", on_interrupt="requeue", retries=2))
-    claimed = parts.spool.claim(job.job_id)
+    claimed = parts.spool.jobs.claim(job.job_id)
     assert claimed is not None
-    parts.spool.write_lease(claimed, {"worker": "old", "host": "here", "pid": 999_999,
+    parts.spool.jobs.write_lease(claimed, {"worker": "old", "host": "here", "pid": 999_999,
                                       "pid_start": 1}, first=True)  # fmt: skip
     status = JobStatus.from_dict(parts.status(claimed))
     status.begin_attempt(SystemClock().now(), "old")
-    parts.spool.write_status(claimed, status.to_dict())
+    parts.spool.jobs.write_status(claimed, status.to_dict())
     outcome = parts.control.cancel("r")  # its daemon is gone: only a request can be left
     assert not outcome.cancelled and (claimed.path / "cancel").exists()
     assert parts.control.worker_gone(outcome.job, "here"), "what spoold cancel can tell"
@@ -118,9 +117,9 @@ def test_recovery_ends_a_cancelled_job_whose_worker_died_instead_of_requeueing_i
 def test_spoold_cancel_says_when_a_job_whose_spoold_is_gone_ends(parts: Parts) -> None:
     """No worker stops it: the CLI says so at once, and when it ends, instead of waiting."""
     job = parts.submit(_job("orphan", "sleep 30"))
-    claimed = parts.spool.claim(job.job_id)
+    claimed = parts.spool.jobs.claim(job.job_id)
     assert claimed is not None
-    parts.spool.write_lease(claimed, {"worker": "old", "host": socket.gethostname(),
+    parts.spool.jobs.write_lease(claimed, {"worker": "old", "host": socket.gethostname(),
                                       "pid": 999_999, "pid_start": 1}, first=True)  # fmt: skip
     asked = run_cli(parts.spool.root, "cancel", "orphan", "--wait", "5")
     assert asked.returncode == 0, asked.stdout + asked.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from spoold.spool import Spool
+from spoold.core.spool import Spool
 from tests.test_cli_status import make_job
 
 pytestmark = pytest.mark.skipif(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spoold.spool import Spool
+from spoold.core.spool import Spool
 from tests.test_cli_status import make_job
 
 SCRIPT = Path(__file__).resolve().parent.parent / "packaging" / "spoold.bash-completion"

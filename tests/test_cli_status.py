@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold import cli, config
-from spoold.clock import SystemClock
-from spoold.control import JobControl
-from spoold.errors import InvalidTransition
-from spoold.job import JobStatus
-from spoold.spool import JobDir, Spool
-from spoold.states import JobState
+from spoold import app
+from spoold.core import config
+from spoold.core.clock import SystemClock
+from spoold.core.errors import InvalidTransition
+from spoold.core.job import JobStatus
+from spoold.core.spool import JobDir, Spool
+from spoold.core.states import JobState
+from spoold.run.control import JobControl
 from tests.harness import local_job, run_cli, write_config
 
 NOW = "2026-12-02T10:00:00Z"
@@ -43,7 +44,7 @@ def make_job(
     text = yaml.safe_dump(document)
     source = spool_root.parent / f"{job_id.replace('@', '-')}.yaml"
     source.write_text(text)
-    taken = spool.stage_file(source, max_size=1 << 20)
+    taken = spool.stages.stage_file(source, max_size=1 << 20)
     status = JobStatus(
         job_id=job_id, state=JobState.PENDING, executor=str(document.get("executor") or "local"),
         type=None, submitted_at=fields.pop("submitted_at", NOW), source=source.name,
@@ -51,17 +52,19 @@ def make_job(
         concurrency=document.get("concurrency"),
     ).to_dict()  # fmt: skip
     line = f"{NOW} INFO spoold: accepted {source.name} as {job_id}\n{log}"
-    job = spool.accept(taken, job_id, {**status, **(fields if state == "pending" else {})}, line)
+    job = spool.stages.accept(
+        taken, job_id, {**status, **(fields if state == "pending" else {})}, line
+    )
     if state == "pending":
         return job
-    running = spool.claim(job_id)
+    running = spool.jobs.claim(job_id)
     assert running is not None
     status = {**status, "state": "running", "started_at": NOW, "worker": "w-1"}
     if state == "running":
-        spool.write_status(running, {**status, **fields})
+        spool.jobs.write_status(running, {**status, **fields})
         return running
     status = {**status, "state": state, "finished_at": NOW, **fields}
-    return spool.finish(running, JobState(state), status)
+    return spool.jobs.finish(running, JobState(state), status)
 
 
 def attempt(exit_code: int | None, error: str | None, number: int = 1) -> dict[str, Any]:
@@ -222,10 +225,10 @@ def test_list_rejected_with_the_reason(spool_root: Path, tmp_path: Path) -> None
     bad = tmp_path / "bad.yaml"
     bad.write_text("job_id: bad\nexecutor: local\nproduct: {commands: 'true'}\ntimeuot: 5s\n")
     spool = Spool(spool_root, durable=False)
-    taken = spool.stage_file(bad, max_size=1 << 20)
+    taken = spool.stages.stage_file(bad, max_size=1 << 20)
     reason = {"file": "bad.yaml", "rejected_at": NOW, "code": "invalid",
               "reason": "timeuot: unknown field 'timeuot' (line 4)", "errors": [], "size": 60}  # fmt: skip
-    spool.reject(taken, reason)
+    spool.stages.reject(taken, reason)
     listed = run_cli(spool_root, "list", "--state", "rejected")
     assert listed.returncode == 0, listed.stderr
     assert "bad.yaml" in listed.stdout and "invalid: timeuot: unknown field" in listed.stdout
@@ -276,13 +279,13 @@ def test_a_config_found_elsewhere_than_expected_is_named(
     monkeypatch.chdir(work)
     monkeypatch.delenv("SPOOLD_SPOOL", raising=False)
     monkeypatch.setattr(config, "SEARCH_PATH", (Path("config.yaml"), etc))
-    assert cli.main(["status"]) == 0
+    assert app.main(["status"]) == 0
     err = capsys.readouterr().err
     assert f"using the config {etc} (there is no ./config.yaml here), spool {spool_root}" in err
-    assert cli.main(["status", "--config", str(etc)]) == 0  # named: nothing to say
+    assert app.main(["status", "--config", str(etc)]) == 0  # named: nothing to say
     assert capsys.readouterr().err == ""
     write_config(work / "config.yaml", spool_root)  # the expected one
-    assert cli.main(["status"]) == 0
+    assert app.main(["status"]) == 0
     assert capsys.readouterr().err == ""
 
 
@@ -314,8 +317,8 @@ def test_light_commands_load_no_heavy_module(spool_root: Path) -> None:
     description or continue_on_error is not parsed); `--version` without spoold's own modules."""
     make_job(spool_root, "quick", "succeeded", exit_code=0)
     heavy = {"jsonschema", "fastjsonschema", "apscheduler", "requests", "watchdog", "yaml"}
-    freed = {"spoold.sender", "spoold.outbox", "spoold.documents", "spoold.job",
-             "spoold.validation", "spoold.daemon"}  # fmt: skip
+    freed = {"spoold.out.sender", "spoold.out.outbox", "spoold.core.documents", "spoold.core.job",
+             "spoold.intake.validation", "spoold.daemon"}  # fmt: skip
 
     def imported(*args: str) -> set[str]:
         done = subprocess.run(
@@ -335,7 +338,8 @@ def test_light_commands_load_no_heavy_module(spool_root: Path) -> None:
         found = ({name.split(".")[0] for name in modules} & heavy) | (modules & freed)
         assert not found, (command, sorted(found))
     version = imported("--version")
-    assert {m for m in version if m.startswith("spoold")} <= {"spoold", "spoold.cli"}, version
+    own = {"spoold", "spoold.app", "spoold.face", "spoold.face.cli"}
+    assert {m for m in version if m.startswith("spoold")} <= own, version
     assert not {name.split(".")[0] for name in version} & heavy
 
 

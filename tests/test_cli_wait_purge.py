@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spoold.spool import Spool
-from spoold.states import JobState
-from spoold.waits import give_job_id
+from spoold.core.spool import Spool
+from spoold.core.states import JobState
+from spoold.face.waits import give_job_id
 from tests.harness import DaemonProcess, local_job, run_cli, write_config
 from tests.test_cli_status import NOW, make_job
 
@@ -63,10 +63,10 @@ def test_wait_sees_a_job_end_while_it_waits(spool_root: Path) -> None:
     )  # fmt: skip
     try:
         spool = Spool(spool_root, durable=False)
-        running = spool.find("soon")
+        running = spool.jobs.find("soon")
         assert running is not None
-        status = {**spool.read_status(running), "state": "succeeded", "exit_code": 0}
-        spool.finish(running, JobState.SUCCEEDED, status)
+        status = {**spool.jobs.read_status(running), "state": "succeeded", "exit_code": 0}
+        spool.jobs.finish(running, JobState.SUCCEEDED, status)
         out, err = waiting.communicate(timeout=60)
     finally:
         waiting.kill()
@@ -80,7 +80,7 @@ def test_purge_names_what_it_removes_and_a_dry_run_removes_nothing(spool_root: P
     spool = Spool(spool_root, durable=False)
     bad = spool_root.parent / "bad.yaml"
     bad.write_text("executor: nope\n")
-    spool.reject(spool.stage_file(bad, max_size=1 << 20),
+    spool.stages.reject(spool.stages.stage_file(bad, max_size=1 << 20),
                  {"file": "bad.yaml", "rejected_at": NOW, "code": "invalid", "reason": "no"})  # fmt: skip
     time.sleep(0.05)  # older than the age below: ctime and rejected_at both lie in the past
     dry = run_cli(spool_root, "purge", "--older-than", "10ms", "--dry-run")
@@ -110,7 +110,9 @@ def test_purge_of_rejected_needs_no_age_and_nothing_else_does_without_one(
     for name in ("a.yaml", "b.json"):
         source = spool_root.parent / name
         source.write_text("{}")
-        spool.reject(spool.stage_file(source, max_size=1 << 20), {"file": name, "code": "invalid"})
+        spool.stages.reject(
+            spool.stages.stage_file(source, max_size=1 << 20), {"file": name, "code": "invalid"}
+        )
     result = run_cli(spool_root, "purge", "--state", "rejected")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from spoold.config import load_config
-from spoold.errors import ConfigError
+from spoold.core.config import load_config
+from spoold.core.errors import ConfigError
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -142,14 +142,14 @@ def test_without_the_schema_check_an_unknown_key_is_left_to_the_full_check(
 
 
 def test_the_light_commands_take_a_config_without_jsonschema(tmp_path: Path) -> None:
-    """check_schema=False reads the file without jsonschema, spoold.documents or the sender;
+    """check_schema=False reads the file without jsonschema, spoold.core.documents or the sender;
     a bad value loads jsonschema only to say what is wrong."""
     good = _write(tmp_path, "workers: 3\ncallbacks: {workers: 2}\n")
     program = (
-        "import sys; from pathlib import Path; from spoold.config import load_config; "
+        "import sys; from pathlib import Path; from spoold.core.config import load_config; "
         f"load_config(Path({str(good)!r}), env={{}}, check_schema=False); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jsonschema' "
-        "or m in ('spoold.documents', 'spoold.sender', 'spoold.outbox')))"
+        "or m in ('spoold.core.documents', 'spoold.out.sender', 'spoold.out.outbox')))"
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           timeout=60, check=True)  # fmt: skip

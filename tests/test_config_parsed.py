@@ -1,4 +1,4 @@
-"""The parsed copy of the config file (spoold.parsed): used only for the exact text it was made
+"""The parsed copy of the config file (spoold.core.parsed): used only for the exact text it was made
 from, kept only in the user's own runtime directory, never trusted when anyone else could
 have written it."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from spoold import parsed
-from spoold.config import load_config
-from spoold.parsed import recall, remember
+from spoold.core import parsed
+from spoold.core.config import load_config
+from spoold.core.parsed import recall, remember
 
 NOBODY = 65534
 
@@ -43,7 +43,7 @@ def test_a_light_command_with_a_config_file_reads_no_yaml_the_second_time(
 ) -> None:
     config = _config(tmp_path, "spool: elsewhere\nworkers: 3\n")
     probe = (
-        "import sys; from pathlib import Path; from spoold.config import load_config; "
+        "import sys; from pathlib import Path; from spoold.core.config import load_config; "
         f"c = load_config(Path({str(config)!r}), check_schema=False); "
         "print(c.workers, c.spool.name, 'yaml' in sys.modules)"
     )

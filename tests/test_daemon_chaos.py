@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.procfs import process_start_time
+from spoold.core.procfs import process_start_time
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -506,7 +506,7 @@ def test_intake_interrupted_at_each_step_is_finished_once(env: Env, tmp_path: Pa
         job_id: yaml.safe_dump(env.job(job_id))
         for job_id in ("taken", "accept-written", "accept-half")
     }
-    # Taken: moved out of incoming/ into a stage, nothing else (Spool.take_incoming).
+    # Taken: moved out of incoming/ into a stage, nothing else (Stages.take_incoming).
     stage = new_stage(spool)
     (stage / "taken.yaml").write_text(texts["taken"])
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.admission import display_name
+from spoold.intake.admission import display_name
 from tests.harness import (
     DaemonProcess,
     drop,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from spoold.logs import LineFormatter, stderr_is_journal
+from spoold.core.own_log import LineFormatter, stderr_is_journal
 from tests.harness import (
     DEFAULT_BOUND,
     DaemonProcess,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from spoold.config import Config
+from spoold.core.config import Config
+from spoold.core.errors import ConfigError
 from spoold.daemon import check_detach
-from spoold.errors import ConfigError
 from tests.harness import (
     DaemonProcess,
     drop,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from spoold.dag import InvalidStepEvent, InvalidSteps, StepScheduler, plan, plan_text
-from spoold.errors import SpooldError
+from spoold.core.errors import SpooldError
+from spoold.run.dag import InvalidStepEvent, InvalidSteps, StepScheduler, plan, plan_text
 
 
 def step(step_id: str, *needs: str, **fields: Any) -> dict[str, Any]:

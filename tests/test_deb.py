@@ -92,7 +92,7 @@ def check_spool_tree() -> None:
     # spoold's own check, as the service's user sees it.
     proc = run(
         "runuser", "-u", "spoold", "--", "/usr/lib/spoold/venv/bin/python3", "-I", "-c",
-        "from pathlib import Path; from spoold.spool import Spool; "
+        "from pathlib import Path; from spoold.core.spool import Spool; "
         "print(Spool(Path('/var/spool/spoold')).unsafe_permissions())",
     )  # fmt: skip
     assert proc.stdout.strip() == "[]"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spoold.dispatch import DispatchQueue, JobMeta
+from spoold.run.dispatch import DispatchQueue, JobMeta
 
 
 def _drain(queue: DispatchQueue) -> list[str]:

@@ -22,9 +22,9 @@ from spoold.executors.docker import (
     remove_leftovers,
 )
 
-from spoold.job import ArtifactSpec
-from spoold.plugins import ExecutorRegistry
-from spoold.validation import JobValidator, compose_job_schema, load_base_schema
+from spoold.core.job import ArtifactSpec
+from spoold.intake.validation import JobValidator, compose_job_schema, load_base_schema
+from spoold.run.registry import ExecutorRegistry
 from tests.harness import wait_for
 from tests.test_executors import _context, _Log
 

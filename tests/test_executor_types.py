@@ -23,10 +23,15 @@ import yaml
 from spoold.executors import lexware, proxmox, sevdesk
 from spoold.executors.lexware import LexwareExecutor
 
-from spoold.daemon import job_validator
-from spoold.job import interpolate
-from spoold.plugins import ExecutorRegistry
-from spoold.validation import JobValidator, ValidationIssue, compose_job_schema, load_base_schema
+from spoold.core.errors import ValidationIssue
+from spoold.core.job import interpolate
+from spoold.intake.validation import (
+    JobValidator,
+    compose_job_schema,
+    job_validator,
+    load_base_schema,
+)
+from spoold.run.registry import ExecutorRegistry
 from tests.loopback import MethodHandler, serve_in_thread, stop_serving
 from tests.test_executors import _context, _Log
 

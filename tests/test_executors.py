@@ -16,11 +16,11 @@ from spoold.executors.base import ExecResult, Executor, RunContext
 from spoold.executors.custom import CustomExecutor
 from spoold.executors.local import LocalExecutor
 
-from spoold.clock import SystemClock
-from spoold.daemon import job_validator
-from spoold.errors import PluginError
-from spoold.joblog import JobLog
-from spoold.plugins import ExecutorRegistry
+from spoold.core.clock import SystemClock
+from spoold.core.errors import PluginError
+from spoold.core.joblog import JobLog
+from spoold.intake.validation import job_validator
+from spoold.run.registry import ExecutorRegistry
 from tests.fake_pve import AgentCommand, FakePVE
 from tests.harness import wait_for
 from tests.loopback import free_port
@@ -157,7 +157,7 @@ def executor(request: pytest.FixtureRequest) -> Contracted:
 
 # Executors that call a business API and run no program: they have no output to print and no
 # exit code to give, so the cases above do not apply. Their part of the contract: a failure to
-# reach their server is a result that says "(retryable)", never an exception.
+# reach their server is a retryable result, never an exception.
 API_EXECUTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "sevdesk": ("create_invoice", {"api_token": "t", "contact_id": 1, "invoice_data": {
         "invoice_date": "2026-11-22", "contact_person_id": 1,
@@ -187,7 +187,7 @@ def test_an_api_executor_that_cannot_reach_its_server_fails_retryably(
     )  # fmt: skip
     result = ExecutorRegistry.from_entry_points().create(name).run(ctx)
     assert not result.succeeded and result.error is not None
-    assert "(retryable)" in result.error, result.error
+    assert result.retryable, result.error
 
 
 def test_contract_success_output_and_exit_code(executor: Contracted, tmp_path: Path) -> None:

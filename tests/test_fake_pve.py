@@ -50,8 +50,11 @@ class Client:
 
 
 @pytest.fixture
-def c(fake: FakePVE) -> Client:
-    return Client(fake)
+def c(fake: FakePVE) -> Iterator[Client]:
+    client = Client(fake)
+    yield client
+    # A connection kept alive holds one of the fake's handler threads in a read until it closes.
+    client.s.close()
 
 
 LXC_CREATE = {

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from spoold.daemon import job_validator
-from spoold.intake import Accepted, Intake
-from spoold.plugins import ExecutorRegistry
-from spoold.spool import Spool
+from spoold.core.spool import Spool
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import job_validator
+from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 
 SETTLE = 2.0
@@ -50,7 +51,7 @@ def test_poll_mode_takes_a_file_once_unchanged_for_the_settle_time_by_our_clock(
     assert intake.sweep(remote_writers=True) == 0, "quiet for less than the settle time"
     clock.advance(0.5)
     assert intake.sweep(remote_writers=True) == 1
-    assert [job.job_id for job in spool.list_jobs("pending")] == ["a"]
+    assert [job.job_id for job in spool.jobs.list_jobs("pending")] == ["a"]
 
 
 def test_a_file_seen_closed_or_renamed_in_is_taken_at_once_in_poll_mode_too(
@@ -73,3 +74,19 @@ def test_a_file_gone_and_back_under_the_same_name_waits_again(tmp_path: Path) ->
     assert intake.sweep(remote_writers=True) == 0, "a new file, seen for the first time"
     clock.advance(SETTLE)
     assert intake.sweep(remote_writers=True) == 1
+
+
+def test_a_schedule_window_is_judged_by_intakes_clock(tmp_path: Path) -> None:
+    """Whether a schedule can still fire is asked of the clock intake is given, not the host's."""
+    spool, intake, clock = _intake(tmp_path)  # the fake clock starts on 2026-11-22
+    window = "{start: '2026-11-01T00:00:00Z', end: '2026-12-01T00:00:00Z'}"
+    for job_id in ("in", "late"):
+        text = JOB.replace("job_id: a", f"job_id: {job_id}")
+        (spool.dir("incoming") / f"{job_id}.yaml").write_text(
+            f"{text}schedule: {{every: 1h, window: {window}}}\n"
+        )
+    assert isinstance(intake.offer("in.yaml", complete=True), Accepted)
+    clock.advance(30 * 86400)  # past the window's end
+    refused = intake.offer("late.yaml", complete=True)
+    assert isinstance(refused, Rejected), refused
+    assert "never fires" in json.dumps(refused.reason), refused.reason

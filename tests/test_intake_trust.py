@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.daemon import job_validator
-from spoold.errors import DuplicateJob, JobFileChanged
-from spoold.intake import Accepted, Intake, Rejected
-from spoold.job import JobSpec, JobStatus
-from spoold.plugins import ExecutorRegistry
-from spoold.spool import Spool
-from spoold.states import JobState
+from spoold.core.errors import DuplicateJob, JobFileChanged
+from spoold.core.job import JobSpec, JobStatus
+from spoold.core.spool import Spool
+from spoold.core.states import JobState
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import job_validator
+from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 from tests.harness import (
     DaemonProcess,
@@ -77,7 +77,7 @@ def test_a_hard_link_is_rejected_and_its_other_name_changes_nothing(tmp_path: Pa
     assert kept.stat().st_ino != mine.stat().st_ino, "rejected/ keeps spoold's own copy"
     mine.write_text("executor: local\nproduct: {commands: 'rm -rf /'}\nbogus_field: 1\n")
     assert kept.read_text() == JOB.format(id="linked")
-    assert spool.find("linked") is None
+    assert spool.jobs.find("linked") is None
 
 
 def test_a_writer_spoold_cannot_see_changes_nothing_after_the_take(
@@ -85,7 +85,7 @@ def test_a_writer_spoold_cannot_see_changes_nothing_after_the_take(
 ) -> None:
     """On a network filesystem no lease shows an open writer: what it writes after the take
     must not reach job.yaml."""
-    monkeypatch.setattr("spoold.spool._has_local_writer", lambda fd: None)
+    monkeypatch.setattr("spoold.core.spool.stages._has_local_writer", lambda fd: None)
     spool, intake = _intake(tmp_path)
     path = spool.dir("incoming") / "w.yaml"
     writer = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -118,7 +118,7 @@ def test_a_file_renamed_over_the_one_being_taken_is_stored_as_validated(
             swapped.append(True)
         return False
 
-    monkeypatch.setattr("spoold.spool._has_local_writer", swap_then_answer)
+    monkeypatch.setattr("spoold.core.spool.stages._has_local_writer", swap_then_answer)
     outcome = intake.offer("x.yaml", complete=True)
     assert isinstance(outcome, Accepted)
     data, status = _stored(outcome.job.path)
@@ -138,7 +138,7 @@ def test_a_job_file_changed_after_it_was_accepted_is_never_run(tmp_path: Path) -
     assert isinstance(outcome, Accepted)
     with pytest.raises(JobFileChanged):
         (outcome.job.path / "job.yaml").write_text(yaml.safe_dump(local_job("tampered", "id")))
-        spool.read_job_file(outcome.job, sha256=_stored(outcome.job.path)[1]["sha256"])
+        spool.jobs.read_job_file(outcome.job, sha256=_stored(outcome.job.path)[1]["sha256"])
     daemon = DaemonProcess(spool.root, write_config(tmp_path / "config.yaml", spool.root))
     daemon.start()
     try:
@@ -157,16 +157,16 @@ def _accept(spool: Spool, job_id: str, name: str | None = None) -> Path:
     """Through the spool alone: take a file and accept it as ``job_id``."""
     name = name or f"{job_id}.yaml"
     drop(spool.root, name, JOB.format(id=job_id))
-    taken = spool.take_incoming(name, now=0.0, max_size=1 << 20)
+    taken = spool.stages.take_incoming(name, now=0.0, max_size=1 << 20)
     assert taken is not None and taken.data is not None
     document = yaml.safe_load(taken.data)
     spec = JobSpec.from_document(document, job_id)
     sha = hashlib.sha256(taken.data).hexdigest()
     status = JobStatus.accepted(spec, source=name, now=FakeClock().now(), sha256=sha)
     try:
-        return spool.accept(taken, job_id, status.to_dict(), "accepted\n").path
+        return spool.stages.accept(taken, job_id, status.to_dict(), "accepted\n").path
     except DuplicateJob:
-        spool.release(taken)
+        spool.stages.release(taken)
         raise
 
 
@@ -178,13 +178,13 @@ def test_a_job_id_stays_reserved_in_every_state_until_purged(tmp_path: Path) -> 
         with pytest.raises(DuplicateJob, match=f"in {state}/"):
             _accept(spool, "once", name="again.yaml")
         if state == "pending":
-            assert spool.claim("once") is not None
+            assert spool.jobs.claim("once") is not None
         elif state == "running":
-            job = spool.get("once")
-            spool.finish(job, JobState.SUCCEEDED, spool.read_status(job))
+            job = spool.jobs.get("once")
+            spool.jobs.finish(job, JobState.SUCCEEDED, spool.jobs.read_status(job))
     (spool.dir("incoming") / "again.yaml").unlink()
-    spool.purge(spool.get("once"))
-    assert not spool.reserved("once")
+    spool.jobs.purge(spool.jobs.get("once"))
+    assert not spool.reservations.reserved("once")
     _accept(spool, "once")  # its record is gone: the id is free again
 
 
@@ -193,14 +193,14 @@ def test_recovery_gives_up_only_the_reservation_its_stage_made(tmp_path: Path) -
     spool = Spool(tmp_path / "spool")
     spool.init()
     drop(spool.root, "cut.yaml", JOB.format(id="cut"))
-    taken = spool.take_incoming("cut.yaml", now=0.0, max_size=1 << 20)
+    taken = spool.stages.take_incoming("cut.yaml", now=0.0, max_size=1 << 20)
     assert taken is not None
     (taken.stage / "status.json").write_text(json.dumps({"job_id": "cut", "source": "cut.yaml"}))
     os.symlink(taken.stage.name, spool.dir("ids") / "cut")
     os.symlink("in-someone-else", spool.dir("ids") / "other")
-    spool.recover_stages()
-    assert not spool.reserved("cut")
-    assert spool.reserved("other")
+    spool.stages.recover()
+    assert not spool.reservations.reserved("cut")
+    assert spool.reservations.reserved("other")
     assert (spool.dir("incoming") / "cut.yaml").read_text() == JOB.format(id="cut")
 
 
@@ -212,9 +212,9 @@ def test_a_removal_cut_short_spares_a_reservation_made_since(tmp_path: Path) -> 
     (spool.dir("tmp") / "gone-in-old~theirs").mkdir()
     os.symlink("in-old", spool.dir("ids") / "mine")
     os.symlink("in-new", spool.dir("ids") / "theirs")  # accepted again since
-    spool.recover_stages()
-    assert not spool.reserved("mine")
-    assert spool.reserved("theirs")
+    spool.stages.recover()
+    assert not spool.reservations.reserved("mine")
+    assert spool.reservations.reserved("theirs")
     assert tmp_leftovers(spool.root) == []
 
 
@@ -223,14 +223,14 @@ def test_a_spool_from_before_ids_existed_has_its_jobs_reserved(tmp_path: Path) -
     spool.init()
     _accept(spool, "old-pending")
     _accept(spool, "old-done")
-    assert spool.claim("old-done") is not None
-    job = spool.get("old-done")
-    spool.finish(job, JobState.SUCCEEDED, spool.read_status(job))
+    assert spool.jobs.claim("old-done") is not None
+    job = spool.jobs.get("old-done")
+    spool.jobs.finish(job, JobState.SUCCEEDED, spool.jobs.read_status(job))
     for name in os.listdir(spool.dir("ids")):
         os.unlink(spool.dir("ids") / name)
     os.rmdir(spool.dir("ids"))
     spool.check()  # an older spool is still a spool
-    assert spool.ensure_reservations() == 2
+    assert spool.reservations.ensure() == 2
     with pytest.raises(DuplicateJob):
         _accept(spool, "old-done", name="new.yaml")
 
@@ -354,7 +354,7 @@ def test_init_sets_the_modes_whatever_the_umask(tmp_path: Path, umask: int) -> N
     root = tmp_path / "spool"
     done = subprocess.run(
         [sys.executable, "-c", f"import os, sys; os.umask({umask}); "
-         "from spoold.cli import main; sys.exit(main(sys.argv[1:]))",
+         "from spoold.app import main; sys.exit(main(sys.argv[1:]))",
          "init", "--spool", str(root)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -390,11 +390,11 @@ def test_a_crash_after_a_schedule_is_replaced_never_brings_the_old_one_back(
     assert isinstance(intake.offer("nightly.yaml", complete=True), Accepted)
     drop(spool.root, "nightly.yaml", new)
     real_rmtree = shutil.rmtree
-    monkeypatch.setattr("spoold.spool.shutil.rmtree", lambda path, **kw: None)  # killed here
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: None)  # killed here
     assert isinstance(intake.offer("nightly.yaml", complete=True), Accepted)
-    monkeypatch.setattr("spoold.spool.shutil.rmtree", real_rmtree)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     assert [n for n in os.listdir(spool.dir("tmp")) if n.startswith("in-")], "the crash's leftover"
-    spool.recover_stages()  # the restart
+    spool.stages.recover()  # the restart
     assert os.listdir(spool.dir("incoming")) == []
     assert "echo new" in (spool.dir("scheduled") / "nightly" / "job.yaml").read_text()
     assert tmp_leftovers(spool.root) == []

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from spoold.clock import SystemClock
-from spoold.joblog import HELD_BYTES, LINE_BOUND, JobLog, OutputStream
-from spoold.process import run_process
-from spoold.procfs import children
-from spoold.secrets import Masker
+from spoold.core.clock import SystemClock
+from spoold.core.joblog import HELD_BYTES, LINE_BOUND, JobLog, OutputStream
+from spoold.core.procfs import children
+from spoold.core.secrets import Masker
+from spoold.run.process import run_process
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -69,11 +69,11 @@ def _signal_lines(text: str) -> dict[str, str]:
 _IN_A_DEAF_PROCESS = """
 import io, os, signal, sys, threading
 from pathlib import Path
-from spoold.clock import SystemClock
-from spoold.joblog import JobLog
-from spoold.process import _signal_reset, run_process
+from spoold.core.clock import SystemClock
+from spoold.core.joblog import JobLog
+from spoold.run.process import _signal_reset, run_process
 if sys.argv[1] == "worker":
-    from spoold.pool import set_up_signals
+    from spoold.run.pool import set_up_signals
     set_up_signals()
     assert _signal_reset() is None, "a worker process must start jobs without a child step"
 for signum in (signal.SIGHUP, signal.SIGQUIT) + ((signal.SIGINT, signal.SIGTERM)
@@ -112,7 +112,7 @@ def test_a_job_starts_with_default_signals_and_an_empty_mask_whatever_its_starte
 
 def test_a_worker_process_disregards_sigterm_and_sigint_but_its_jobs_hear_them() -> None:
     script = (
-        "import os, signal, sys; from spoold.pool import set_up_signals; set_up_signals(); "
+        "import os, signal, sys; from spoold.run.pool import set_up_signals; set_up_signals(); "
         "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); "
         "print('alive')"
     )

@@ -10,14 +10,14 @@ from typing import Any
 
 import yaml
 
-from spoold.clock import Clock, SystemClock, parse_rfc3339
-from spoold.config import Config
-from spoold.daemon import job_validator
-from spoold.intake import Accepted, Intake, Rejected
-from spoold.plugins import ExecutorRegistry
-from spoold.secrets import Masker, SecretStore
-from spoold.spool import JobDir, Spool
-from spoold.worker import JobRunner
+from spoold.core.clock import Clock, SystemClock, parse_rfc3339
+from spoold.core.config import Config
+from spoold.core.secrets import Masker, SecretStore
+from spoold.core.spool import JobDir, Spool
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import job_validator
+from spoold.run.registry import ExecutorRegistry
+from spoold.run.worker import JobRunner
 from tests.fakes import FakeClock
 
 LOGGER = logging.getLogger("spoold.test")
@@ -61,7 +61,7 @@ class Parts:
         assert claimed is not None
         final = self.runner.run(claimed)
         assert final is not None
-        return final, self.spool.read_status(final)
+        return final, self.spool.jobs.read_status(final)
 
 
 def _flaky(job_id: str, fail_times: int, **fields: Any) -> dict[str, Any]:

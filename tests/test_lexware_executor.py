@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.resources import files
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 from spoold.executors.base import ExecResult
-from spoold.executors.lexware import LexwareExecutor, dumps, reference
+from spoold.executors.lexware import LexwareExecutor, credit_note_body, dumps, reference
 
 from tests.fake_lexware import FakeLexware
 from tests.test_executors import _context, _Log
@@ -187,7 +188,7 @@ def test_a_storm_longer_than_the_timeout_fails_retryable(fake: FakeLexware, tmp_
     fake.storm_429 = 1000
     product = {"customer_id": CUSTOMER, "invoice_data": _invoice_data()}
     result, _ = _run(fake, tmp_path, "create_invoice", product, timeout=2.0)
-    assert not result.succeeded and "(retryable)" in str(result.error)
+    assert not result.succeeded and result.retryable
     assert fake.invoices == {}
     assert fake.violations == []
 
@@ -231,6 +232,13 @@ def test_cancel_makes_one_credit_note_and_a_second_cancel_none(
     assert fake.violations == []
 
 
+def test_a_credit_note_is_dated_by_the_jobs_clock_in_berlin() -> None:
+    invoice = {"id": "i-1", "voucherNumber": "RE-1", "lineItems": [], "totalPrice": {}}
+    late_evening_utc = datetime(2026, 12, 31, 23, 30, tzinfo=UTC)  # already 2027 in Berlin
+    note = credit_note_body(invoice, reference("j"), now=late_evening_utc)
+    assert note["voucherDate"] == "2027-01-01T00:00:00.000+01:00"
+
+
 def test_cancel_whose_answer_is_lost_does_not_credit_twice(
     fake: FakeLexware, tmp_path: Path
 ) -> None:
@@ -268,7 +276,7 @@ def test_a_wrong_key_fails_without_retry(fake: FakeLexware, tmp_path: Path) -> N
     product = {"customer_id": CUSTOMER, "invoice_data": _invoice_data(), "api_key": "nope"}
     result, _ = _run(fake, tmp_path, "create_invoice", product)
     assert not result.succeeded and "401" in str(result.error)
-    assert "check api_key" in str(result.error) and "retryable" not in str(result.error)
+    assert "check api_key" in str(result.error) and not result.retryable
     assert fake.violations == []
 
 

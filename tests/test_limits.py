@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from spoold.errors import ExecutorError
-from spoold.limits import Limits, format_size
-from spoold.units import parse_size
+from spoold.core.errors import ExecutorError
+from spoold.core.limits import Limits, format_size
+from spoold.core.units import parse_size
 
 # Bounds every wait on a child: a limit that failed to apply must fail the test, not hang it.
 CHILD_TIMEOUT = 30

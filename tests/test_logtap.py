@@ -6,7 +6,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from spoold.logtap import LogTap
+from spoold.run.log_socket import LogTap
 
 
 def _path() -> Path:

@@ -12,18 +12,18 @@ from typing import Any
 import pytest
 from requests.structures import CaseInsensitiveDict
 
-from spoold.config import load_config
-from spoold.control import JobControl
-from spoold.daemon import job_validator
-from spoold.errors import CallbackError, ConfigError
-from spoold.intake import Accepted, Intake, Rejected
-from spoold.job import JobStatus
-from spoold.outbox import STALE_PREPARED, Callbacks, CallbackTarget
-from spoold.plugins import ExecutorRegistry
-from spoold.secrets import SecretStore
-from spoold.sender import CallbackSettings, Sender
-from spoold.spool import Spool
-from spoold.states import JobState
+from spoold.core.config import load_config
+from spoold.core.errors import CallbackError, ConfigError
+from spoold.core.job import JobStatus
+from spoold.core.secrets import SecretStore
+from spoold.core.spool import Spool
+from spoold.core.states import JobState
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import job_validator
+from spoold.out.outbox import STALE_PREPARED, Callbacks, CallbackTarget
+from spoold.out.sender import CallbackSettings, Sender
+from spoold.run.control import JobControl
+from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 from tests.harness import run_cli, wait_for
 from tests.loopback import free_port
@@ -95,14 +95,14 @@ def readme_verify(secret: bytes, headers: Mapping[str, str], body: bytes) -> dic
 
 
 def outbox(spool: Spool, directory: str = "") -> list[str]:
-    return spool.list_outbox(directory)
+    return spool.deliveries.names(directory)
 
 
 def deliver_all(sender: Sender, spool: Spool) -> list[bool]:
     """Every delivery due, in the order the sender hands them out, tried once each."""
     results = []
     for name in outbox(spool):
-        record = spool.read_delivery(name)
+        record = spool.deliveries.read(name)
         assert record is not None
         results.append(sender.deliver(name, record))
     return results
@@ -161,19 +161,19 @@ def test_a_prepared_delivery_is_decided_by_the_jobs_status(spool: Spool, clock: 
     data = b'{"sequence": %d, "condition": {"job": "%s"}}'
     put_job(spool, "done", "made", sequence=2)
     put_job(spool, "running", "unmade", sequence=1)
-    spool.prepare_delivery("made", 2, data % (2, b"made"))
-    spool.prepare_delivery("unmade", 2, data % (2, b"unmade"))
-    spool.prepare_delivery("gone", 1, data % (1, b"gone"))  # its accept never happened
+    spool.deliveries.prepare("made", 2, data % (2, b"made"))
+    spool.deliveries.prepare("unmade", 2, data % (2, b"unmade"))
+    spool.deliveries.prepare("gone", 1, data % (1, b"gone"))  # its accept never happened
     assert callbacks(spool, clock).settle_all() == (1, 2)
     assert outbox(spool) == ["made~00000002.json"]
 
 
 def test_the_next_owner_commits_what_its_last_owner_left(spool: Spool, clock: FakeClock) -> None:
-    spool.prepare_delivery("j1", 1, b"{}")  # accepted: made, but not committed yet
-    spool.prepare_delivery("j1", 2, b"{}")  # a change that was never made
+    spool.deliveries.prepare("j1", 1, b"{}")  # accepted: made, but not committed yet
+    spool.deliveries.prepare("j1", 2, b"{}")  # a change that was never made
     emit(spool, clock, CallbackTarget("http://x", SECRET), status("j1", sequence=1), "started")
     assert outbox(spool) == ["j1~00000001.json", "j1~00000002.json"]
-    record = spool.read_delivery("j1~00000002.json")
+    record = spool.deliveries.read("j1~00000002.json")
     assert record is not None and record["event"] == "started"
 
 
@@ -187,19 +187,19 @@ def test_a_rejection_is_decided_by_its_stage(spool: Spool, clock: FakeClock) -> 
         stages[name] = str(stage)
     stages["moved"] = str(spool.dir("tmp") / "in-moved")
     for key, path in stages.items():
-        spool.prepare_delivery(key, 1, json.dumps({"condition": {"stage": path}}).encode())
+        spool.deliveries.prepare(key, 1, json.dumps({"condition": {"stage": path}}).encode())
     assert callbacks(spool, clock).settle_all() == (2, 1)
     assert outbox(spool) == ["decided~00000001.json", "moved~00000001.json"]
 
 
 def test_a_first_event_never_replaces_another_jobs(spool: Spool) -> None:
     """Two files with one job id: the loser must not overwrite the winner's delivery."""
-    spool.prepare_delivery("j1", 1, b"{}", exclusive=True)
+    spool.deliveries.prepare("j1", 1, b"{}", exclusive=True)
     with pytest.raises(FileExistsError):
-        spool.prepare_delivery("j1", 1, b"{}", exclusive=True)
-    spool.commit_delivery("j1~00000001.prepared")
+        spool.deliveries.prepare("j1", 1, b"{}", exclusive=True)
+    spool.deliveries.commit("j1~00000001.prepared")
     with pytest.raises(FileExistsError):
-        spool.prepare_delivery("j1", 1, b"{}", exclusive=True)
+        spool.deliveries.prepare("j1", 1, b"{}", exclusive=True)
     assert outbox(spool) == ["j1~00000001.json"]
 
 
@@ -210,7 +210,7 @@ def test_later_events_wait_for_an_earlier_one(
     emit(spool, clock, target, status("j1", sequence=1), "started")
     # Its writer has not committed it yet (the sender would settle it after STALE_PREPARED).
     unfinished = {"created": clock.now().timestamp(), "sequence": 1, "condition": {"job": "j1"}}
-    spool.prepare_delivery("j1", 1, json.dumps(unfinished).encode())
+    spool.deliveries.prepare("j1", 1, json.dumps(unfinished).encode())
     emit(spool, clock, target, status("j2"), "accepted")
     posting = sender(spool, clock)
     posting.start()
@@ -228,7 +228,7 @@ def test_a_receiver_that_is_down_is_tried_again_later(spool: Spool, clock: FakeC
          "accepted")  # fmt: skip
     posting = sender(spool, clock, initial=10.0)
     assert deliver_all(posting, spool) == [False]
-    record = spool.read_delivery("j1~00000001.json")
+    record = spool.deliveries.read("j1~00000001.json")
     assert record is not None and record["tries"] == 1 and "ConnectionError" in record["last_error"]
     assert record["next_try"] == clock.now().timestamp() + 5.0  # jittered into [5, 10)
     assert posting.tick() == 0  # not due yet
@@ -375,23 +375,23 @@ def test_intake_announces_and_refuses_what_it_cannot_sign(
 
     def offer(name: str, text: str) -> Accepted | Rejected:
         (tmp_path / name).write_text(text)
-        return intake.process(spool.stage_file(tmp_path / name, max_size=1 << 20))
+        return intake.decide(spool.stages.stage_file(tmp_path / name, max_size=1 << 20))
 
     job = "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
     assert isinstance(offer("a.yaml", job), Accepted)
-    first = spool.read_delivery("a~00000001.json")
+    first = spool.deliveries.read("a~00000001.json")
     assert first is not None and first["event"] == "accepted"
     # The same id again: rejected, and the first job's delivery is left as it was.
     again = offer("again.yaml", job)
     assert isinstance(again, Rejected) and again.reason["code"] == "duplicate"
-    assert spool.read_delivery("a~00000001.json") == first
+    assert spool.deliveries.read("a~00000001.json") == first
     unsigned = offer(
         "b.yaml", job.replace("a\n", "b\ncallback: {url: 'http://127.0.0.1:9/b'}\n", 1)
     )
     assert isinstance(unsigned, Accepted)  # the default secret signs a job's own url
     rejections = [n for n in outbox(spool) if n.startswith("rejected-")]
     assert len(rejections) == 1
-    record = spool.read_delivery(rejections[0])
+    record = spool.deliveries.read(rejections[0])
     assert record is not None and json.loads(record["body"])["job_id"] == "a"
     intake = intake_with(spool, clock, Callbacks(spool, clock, SecretStore(None), logger=LOG))
     refused = offer("c.yaml", job.replace("a\n", "c\ncallback: {url: 'http://127.0.0.1:9/c'}\n", 1))
@@ -406,13 +406,13 @@ def test_cancel_and_retry_from_the_command_line_are_announced(
                      default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
     intake = intake_with(spool, clock, made)
     (tmp_path / "a.yaml").write_text("job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n")
-    assert isinstance(intake.process(spool.stage_file(tmp_path / "a.yaml", max_size=1 << 20)),
+    assert isinstance(intake.decide(spool.stages.stage_file(tmp_path / "a.yaml", max_size=1 << 20)),
                       Accepted)  # fmt: skip
     control = JobControl(spool, clock, who="tester", callbacks=made)
     assert control.cancel("a").cancelled
     control.retry("a")
-    sent = [spool.read_delivery(name) or {} for name in outbox(spool)]
+    sent = [spool.deliveries.read(name) or {} for name in outbox(spool)]
     assert [(r["sequence"], r["event"]) for r in sent] == [
         (1, "accepted"), (2, "cancelled"), (3, "retrying"),
     ]  # fmt: skip
-    assert spool.read_status(spool.get("a"))["callback_sequence"] == 3
+    assert spool.jobs.read_status(spool.jobs.get("a"))["callback_sequence"] == 3

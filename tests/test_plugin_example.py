@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from spoold.executors.base import ExecResult, Executor, RunContext
 
-from spoold.clock import SystemClock
-from spoold.joblog import JobLog
-from spoold.plugins import ExecutorRegistry
+from spoold.core.clock import SystemClock
+from spoold.core.joblog import JobLog
+from spoold.run.registry import ExecutorRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "executor-plugin"

@@ -8,8 +8,8 @@ from multiprocessing import Pipe
 
 import pytest
 
-from spoold.errors import WorkerProcessError
-from spoold.pool import Done, Ready, RunJob, Stop, plan_slots, receive_message, send_message
+from spoold.core.errors import WorkerProcessError
+from spoold.run.pool import Done, Ready, RunJob, Stop, plan_slots, receive_message, send_message
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,7 @@ def test_a_retry_after_a_lost_answer_adopts_the_guest(fake: FakePVE, tmp_path: P
     fake.crash_after_create = True
     product = {"vmid": 201, "params": {"hostname": "ct", "ostemplate": "local:vztmpl/d.tar.zst"}}
     first, _ = _run(fake, tmp_path, "lxc_create", product)
-    assert not first.succeeded and (first.error or "").endswith("(retryable)")
+    assert not first.succeeded and first.retryable
     second, _ = _run(fake, tmp_path, "lxc_create", product)
     assert second.succeeded and second.result["created"] is False
     assert len(fake.requests_to("POST", "/nodes/{node}/lxc")) == 1
@@ -333,7 +333,7 @@ def test_a_bad_token_and_an_unreachable_host_are_clear(fake: FakePVE, tmp_path: 
     assert "wrong" not in (result.error or "")
     result, _ = _run(fake, tmp_path, "kvm_list", {"host": "127.0.0.1:1"})
     assert (result.error or "").startswith("proxmox: cannot reach 127.0.0.1:1")
-    assert (result.error or "").endswith("(retryable)")
+    assert result.retryable
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spoold.errors import ExecutorError
-from spoold.ratelimit import RateLimiter, default_rate_dir
+from spoold.core.errors import ExecutorError
+from spoold.core.ratelimit import RateLimiter, default_rate_dir
 from tests.fake_lexware import most_in_window
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,8 +45,9 @@ def test_several_processes_never_exceed_two_per_second(tmp_path: Path) -> None:
 def test_the_deadline_and_cancel_end_a_wait(tmp_path: Path) -> None:
     limiter = RateLimiter("x", 1, 10.0, directory=tmp_path)
     assert limiter.acquire() <= time.monotonic()
-    with pytest.raises(ExecutorError, match="retryable"):
+    with pytest.raises(ExecutorError, match="before the deadline") as late:
         limiter.acquire(deadline=time.monotonic() + 0.2)
+    assert late.value.retryable
     cancel = threading.Event()
     threading.Timer(0.2, cancel.set).start()
     begun = time.monotonic()

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from spoold.retention import Retention, apply_retention
-from spoold.spool import JobDir, Spool
+from spoold.core.retention import Retention, apply_retention
+from spoold.core.spool import JobDir, Spool
 from tests.harness import (
     DaemonProcess,
     drop,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spoold.retry import RetryPolicy
+from spoold.core.retry import RetryPolicy
 
 
 def test_no_retries_by_default() -> None:

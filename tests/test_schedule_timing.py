@@ -21,15 +21,14 @@ import pytest
 import yaml
 from apscheduler.triggers.interval import IntervalTrigger
 
-from spoold.clock import parse_rfc3339, rfc3339
-from spoold.daemon import job_validator
-from spoold.dispatch import JobMeta
-from spoold.intake import Accepted, Intake
-from spoold.plugins import ExecutorRegistry
-from spoold.scheduler import Scheduler
-from spoold.schedules import EveryTrigger, ScheduleSpec, next_fire_times, plan
-from spoold.spool import Spool
-from spoold.validation import JobValidator
+from spoold.core.clock import parse_rfc3339, rfc3339
+from spoold.core.spool import Spool
+from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.validation import JobValidator, job_validator
+from spoold.run.dispatch import JobMeta
+from spoold.run.registry import ExecutorRegistry
+from spoold.schedule.scheduler import Scheduler
+from spoold.schedule.triggers import EveryTrigger, ScheduleSpec, next_fire_times, plan
 from tests.fakes import FakeClock
 from tests.harness import DaemonProcess, drop, job_state, local_job, wait_for, write_config
 
@@ -70,7 +69,7 @@ class Bench:
         assert isinstance(self.intake.offer(path.name, complete=True), Accepted)
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return dict(self.spool.read_status(self.spool.get(job_id)))
+        return dict(self.spool.jobs.read_status(self.spool.jobs.get(job_id)))
 
     def next_firings(self, job_id: str) -> list[datetime]:
         return [parse_rfc3339(t) for t in self.status(job_id)["next_fire_times"]]

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from spoold.schedules import (
+from spoold.schedule.triggers import (
     CATCH_UP_LIMIT,
     ScheduleSpec,
     jitter_delay,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from spoold.errors import SecretError, SpooldError
-from spoold.secrets import MAX_SECRET_SIZE, Masker, SecretStore, is_secret_field
+from spoold.core.errors import SecretError, SpooldError
+from spoold.core.secrets import MAX_SECRET_SIZE, Masker, SecretStore, is_secret_field
 
 
 def _secret(directory: Path, name: str, data: bytes, mode: int = 0o600) -> Path:

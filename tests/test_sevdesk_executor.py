@@ -12,8 +12,8 @@ import pytest
 from spoold.executors.base import ExecResult
 from spoold.executors.sevdesk import SevdeskExecutor, totals
 
-from spoold.daemon import job_validator
-from spoold.plugins import ExecutorRegistry
+from spoold.intake.validation import job_validator
+from spoold.run.registry import ExecutorRegistry
 from tests.fake_sevdesk import FakeSevdesk
 from tests.test_executors import _context, _Log
 
@@ -89,7 +89,7 @@ def test_a_crash_between_request_and_answer_then_a_rerun_adopts(
 ) -> None:
     fake.crash_after_create = True
     first, _ = _create(fake, tmp_path)
-    assert not first.succeeded and "(retryable)" in (first.error or "")
+    assert not first.succeeded and first.retryable
     assert fake.count() == 1  # it was created, the answer was lost
     second, log = _create(fake, tmp_path)
     assert second.succeeded, second.error
@@ -107,7 +107,7 @@ def test_a_retry_after_504_adopts_the_invoice_that_was_created(
     fake.answer_after_create = 504
     first, _ = _create(fake, tmp_path)
     assert not first.succeeded and "504" in (first.error or "")
-    assert "(retryable)" in (first.error or "")
+    assert first.retryable
     second, _ = _create(fake, tmp_path)
     assert second.succeeded and second.result["adopted"] is True
     assert fake.count() == 1
@@ -131,7 +131,7 @@ def test_a_429_storm_is_a_retryable_failure_and_creates_nothing(
     fake.fail_with, fake.fail_count = 429, 100
     result, _ = _create(fake, tmp_path)
     assert not result.succeeded
-    assert "429" in (result.error or "") and "(retryable)" in (result.error or "")
+    assert "429" in (result.error or "") and result.retryable
     assert fake.count() == 0
     assert fake.violations == []
 
@@ -144,7 +144,7 @@ def test_a_refused_token_says_so_and_is_not_logged(fake: FakeSevdesk, tmp_path: 
     result = SevdeskExecutor().run(ctx)
     assert not result.succeeded and "401" in (result.error or "")
     assert "check api_token" in (result.error or "")
-    assert "(retryable)" not in (result.error or "")
+    assert not result.retryable
     assert "wrong-token-abc" not in log.text() and "wrong-token-abc" not in str(result)
     assert fake.violations == []
 
@@ -153,7 +153,7 @@ def test_a_missing_contact_is_named(fake: FakeSevdesk, tmp_path: Path) -> None:
     result, _ = _create(fake, tmp_path, contact_id=999)
     assert not result.succeeded
     assert "contact 999 does not exist" in (result.error or "")
-    assert "(retryable)" not in (result.error or "")
+    assert not result.retryable
     assert fake.count() == 0
     assert fake.violations == []
 
@@ -165,7 +165,7 @@ def test_an_unreachable_server_is_retryable(tmp_path: Path) -> None:
     product = {"api_token": token, "base_url": base, "contact_id": 1001, "invoice_data": INVOICE}
     ctx = _context(tmp_path, product, log, executor="sevdesk", type="create_invoice")
     result = SevdeskExecutor().run(ctx)
-    assert not result.succeeded and "(retryable)" in (result.error or "")
+    assert not result.succeeded and result.retryable
 
 
 def test_cancel_once_and_a_second_cancel_adopts(fake: FakeSevdesk, tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_a_crash_after_cancel_then_a_rerun_does_not_cancel_twice(
     invoice_id = _create(fake, tmp_path)[0].result["invoice_id"]
     fake.crash_after_cancel = True
     first, _ = _run(fake, tmp_path, "cancel_invoice", job_id="c-1", invoice_id=invoice_id)
-    assert not first.succeeded and "(retryable)" in (first.error or "")
+    assert not first.succeeded and first.retryable
     second, _ = _run(fake, tmp_path, "cancel_invoice", job_id="c-1", invoice_id=invoice_id)
     assert second.succeeded and second.result["adopted"] is True
     assert fake.count("SR") == 1

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from spoold import spool as spool_module
-from spoold.errors import DuplicateJob, InvalidTransition, SpoolError
-from spoold.spool import SPOOL_DIRECTORIES, JobDir, Spool, TakenFile, is_transient_name
-from spoold.states import JobState
+from spoold.core import spool as spool_module
+from spoold.core.errors import DuplicateJob, SpoolError
+from spoold.core.spool import SPOOL_DIRECTORIES, JobDir, Spool, TakenFile, is_transient_name
+from spoold.core.spool import fs as fs_module
+from spoold.core.spool import stages as stages_module
+from spoold.core.states import JobState
 from tests.harness import run_cli
 
 MB = 1 << 20
@@ -30,7 +32,7 @@ def _spool(tmp_path: Path) -> Spool:
 
 
 def _take(spool: Spool, name: str) -> TakenFile | None:
-    return spool.take_incoming(name, now=time.time(), max_size=MB)
+    return spool.stages.take_incoming(name, now=time.time(), max_size=MB)
 
 
 def _taken(spool: Spool, name: str) -> TakenFile:
@@ -58,7 +60,7 @@ def test_transient_names_are_never_taken(tmp_path: Path, name: str) -> None:
     spool = _spool(tmp_path)
     (spool.dir("incoming") / name).write_text("job_id: a\n")
     assert is_transient_name(name)
-    assert spool.list_incoming() == []
+    assert spool.stages.list_incoming() == []
     assert _take(spool, name) is None
     assert (spool.dir("incoming") / name).exists()
 
@@ -87,7 +89,7 @@ def test_the_quiet_check_sees_each_change_and_can_hold_a_file_back(tmp_path: Pat
         seen.append(signature)
         return False
 
-    take = functools.partial(spool.take_incoming, now=time.time(), max_size=MB)
+    take = functools.partial(spool.stages.take_incoming, now=time.time(), max_size=MB)
     assert take("remote.yaml", quiet=not_yet) is None, "held back, though no writer is open here"
     assert take("remote.yaml", quiet=not_yet) is None
     with open(path, "a") as writer:
@@ -101,12 +103,14 @@ def test_settle_holds_back_files_changed_recently_where_writers_cannot_be_seen(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     spool = _spool(tmp_path)
-    monkeypatch.setattr(spool_module, "_has_local_writer", lambda fd: None)  # no CAP_LEASE
+    monkeypatch.setattr(stages_module, "_has_local_writer", lambda fd: None)  # no CAP_LEASE
     path = spool.dir("incoming") / "fresh.yaml"
     path.write_text("job_id: a\n")
     mtime = path.stat().st_mtime
-    assert spool.take_incoming("fresh.yaml", now=mtime + 0.5, max_size=MB, settle=2) is None
-    assert spool.take_incoming("fresh.yaml", now=mtime + 2.5, max_size=MB, settle=2) is not None
+    assert spool.stages.take_incoming("fresh.yaml", now=mtime + 0.5, max_size=MB, settle=2) is None
+    assert (
+        spool.stages.take_incoming("fresh.yaml", now=mtime + 2.5, max_size=MB, settle=2) is not None
+    )
 
 
 def test_non_regular_files_are_taken_without_being_opened(tmp_path: Path) -> None:
@@ -117,19 +121,19 @@ def test_non_regular_files_are_taken_without_being_opened(tmp_path: Path) -> Non
     os.mkfifo(incoming / "fifo.yaml")
     kinds = {name: _taken(spool, name).kind for name in ("link.yaml", "dir.yaml", "fifo.yaml")}
     assert kinds == {"link.yaml": "symlink", "dir.yaml": "directory", "fifo.yaml": "fifo"}
-    assert spool.list_incoming() == []
+    assert spool.stages.list_incoming() == []
 
 
 def test_an_oversized_file_is_taken_without_its_content(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     (spool.dir("incoming") / "big.yaml").write_bytes(b"x" * 2000)
-    taken = spool.take_incoming("big.yaml", now=time.time(), max_size=1000)
+    taken = spool.stages.take_incoming("big.yaml", now=time.time(), max_size=1000)
     assert taken is not None and taken.data is None and taken.size == 2000
 
 
 def _accept(spool: Spool, name: str, job_id: str) -> JobDir:
     (spool.dir("incoming") / name).write_text(f"job_id: {job_id}\n")
-    return spool.accept(
+    return spool.stages.accept(
         _taken(spool, name),
         job_id,
         {"job_id": job_id, "state": "pending", "source": name},
@@ -159,15 +163,19 @@ def test_accept_makes_the_job_directory_durable_before_it_enters_pending(
     (spool.dir("incoming") / "a.yaml").write_text("job_id: a\n")
     taken = _taken(spool, "a.yaml")
     steps: list[str] = []
-    real_rename = spool_module.rename_noreplace
+    real_rename = fs_module.rename_noreplace
 
     def rename(source: str | Path, target: str | Path) -> None:
         steps.append(f"rename {Path(source).name} -> {Path(target).parent.name}/")
         real_rename(source, target)
 
-    monkeypatch.setattr(spool_module, "_fsync_path", lambda path: steps.append(f"sync {path}"))
-    monkeypatch.setattr(spool_module, "rename_noreplace", rename)
-    spool.accept(taken, "a", {"job_id": "a", "state": "pending"}, "accepted\n")
+    def sync(path: str | Path) -> None:
+        steps.append(f"sync {path}")
+
+    monkeypatch.setattr(stages_module, "fsync_path", sync)  # the job file, the stage
+    monkeypatch.setattr(fs_module, "fsync_path", sync)  # pending/, through its group commit
+    monkeypatch.setattr(stages_module, "rename_noreplace", rename)
+    spool.stages.accept(taken, "a", {"job_id": "a", "state": "pending"}, "accepted\n")
     stage = taken.stage
     assert steps == [
         f"sync {stage}/job.yaml",
@@ -180,9 +188,9 @@ def test_accept_makes_the_job_directory_durable_before_it_enters_pending(
 def test_a_duplicate_id_in_any_state_is_refused(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     _accept(spool, "a.yaml", "a")
-    job = spool.claim("a")
+    job = spool.jobs.claim("a")
     assert job is not None
-    spool.finish(job, JobState.SUCCEEDED, {"job_id": "a", "state": "succeeded"})
+    spool.jobs.finish(job, JobState.SUCCEEDED, {"job_id": "a", "state": "succeeded"})
     with pytest.raises(DuplicateJob):
         _accept(spool, "again.yaml", "a")
 
@@ -195,7 +203,7 @@ def test_claim_is_won_by_exactly_one_of_many_threads(tmp_path: Path) -> None:
 
     def contend() -> None:
         barrier.wait()
-        if spool.claim("race") is not None:
+        if spool.jobs.claim("race") is not None:
             winners.append(1)
 
     threads = [threading.Thread(target=contend) for _ in range(8)]
@@ -207,16 +215,15 @@ def test_claim_is_won_by_exactly_one_of_many_threads(tmp_path: Path) -> None:
     assert (spool.dir("running") / "race").is_dir() and not (spool.dir("pending") / "race").exists()
 
 
-def test_finish_refuses_transitions_the_state_machine_forbids(tmp_path: Path) -> None:
+def test_finish_moves_a_claimed_job_and_drops_its_claim_files(tmp_path: Path) -> None:
+    """Whether a move is allowed is the ledger's check (tests/test_ledger.py)."""
     spool = _spool(tmp_path)
     _accept(spool, "a.yaml", "a")
-    job = spool.claim("a")
+    job = spool.jobs.claim("a")
     assert job is not None
-    with pytest.raises(InvalidTransition):
-        spool.finish(job, JobState.REJECTED, {})
-    done = spool.finish(job, JobState.FAILED, {"state": "failed"})
+    done = spool.jobs.finish(job, JobState.FAILED, {"state": "failed"})
     assert done.directory == "failed" and not (done.path / "lease").exists()
-    assert spool.find("a") == done
+    assert spool.jobs.find("a") == done
 
 
 def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_path: Path) -> None:
@@ -225,7 +232,7 @@ def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_pat
     for content in ("first", "second"):
         (spool.dir("incoming") / "bad.yaml").write_text(content)
         paths.append(
-            spool.reject(_taken(spool, "bad.yaml"), {"file": "bad.yaml", "reason": content})
+            spool.stages.reject(_taken(spool, "bad.yaml"), {"file": "bad.yaml", "reason": content})
         )
     assert [p.name for p in paths] == ["bad.yaml", "bad-2.yaml"]
     assert [(p / "bad.yaml").read_text() for p in paths] == ["first", "second"]
@@ -235,7 +242,9 @@ def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_pat
 def test_a_file_named_reason_json_does_not_hide_its_reason(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     (spool.dir("incoming") / "reason.json").write_text("{}")
-    target = spool.reject(_taken(spool, "reason.json"), {"file": "reason.json", "reason": "r"})
+    target = spool.stages.reject(
+        _taken(spool, "reason.json"), {"file": "reason.json", "reason": "r"}
+    )
     assert json.loads((target / "reason.json").read_text())["reason"] == "r"
     assert (target / "reason.json.orig").read_text() == "{}"
 
@@ -246,7 +255,7 @@ def test_interrupted_intake_returns_the_file_to_incoming(tmp_path: Path) -> None
     taken = _take(spool, "a.yaml")
     assert taken is not None and not (spool.dir("incoming") / "a.yaml").exists()
     # The process dies here, between taking the file and accepting it.
-    assert spool.recover_stages() == [
+    assert spool.stages.recover() == [
         "returned a.yaml to incoming/ as a.yaml (intake was interrupted)"
     ]
     assert (spool.dir("incoming") / "a.yaml").read_text() == "job_id: a\n"
@@ -255,29 +264,29 @@ def test_interrupted_intake_returns_the_file_to_incoming(tmp_path: Path) -> None
 
 def test_submit_never_replaces_a_file_waiting_in_incoming(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
-    first = spool.submit_file("job.yaml", b"one")
-    second = spool.submit_file("job.yaml", b"two")
+    first = spool.stages.submit_file("job.yaml", b"one")
+    second = spool.stages.submit_file("job.yaml", b"two")
     assert (first.name, second.name) == ("job.yaml", "job-2.yaml")
     assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
-    assert spool.list_incoming() == ["job-2.yaml", "job.yaml"]
+    assert spool.stages.list_incoming() == ["job-2.yaml", "job.yaml"]
 
 
 def test_job_ids_that_are_not_plain_names_never_become_paths(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     for bad in ("../etc", "a/b", "", ".hidden"):
         with pytest.raises(SpoolError):
-            spool.find(bad)
+            spool.jobs.find(bad)
 
 
 def test_only_one_daemon_per_host_holds_the_spool(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
-    lock = spool.lock_host("h1")
+    lock = spool.host_lock.acquire("h1")
     with pytest.raises(SpoolError, match="already runs"):
-        spool.lock_host("h1")
-    other = spool.lock_host("h2")  # another host sharing the spool
+        spool.host_lock.acquire("h1")
+    other = spool.host_lock.acquire("h2")  # another host sharing the spool
     lock.close()
     other.close()
-    spool.lock_host("h1").close()
+    spool.host_lock.acquire("h1").close()
 
 
 @pytest.mark.parametrize("name", ["status.json", "log", "job.yaml", "plain.yaml"])
@@ -292,12 +301,12 @@ def test_release_gives_back_the_original_whatever_its_name(
         raise OSError(28, "No space left on device")
 
     # Fail at the last step of accept(), after every file beside the original was written.
-    monkeypatch.setattr("spoold.spool.rename_noreplace", fail_after_writing)
+    monkeypatch.setattr("spoold.core.spool.stages.rename_noreplace", fail_after_writing)
     with pytest.raises(OSError):
-        spool.accept(taken, "x", {"job_id": "x", "source": name}, "accepted\n")
+        spool.stages.accept(taken, "x", {"job_id": "x", "source": name}, "accepted\n")
     monkeypatch.undo()
-    spool.release(taken)
-    assert spool.list_incoming() == [name]
+    spool.stages.release(taken)
+    assert spool.stages.list_incoming() == [name]
     assert (spool.dir("incoming") / name).read_text() == "the original\n"
     assert list(spool.dir("tmp").iterdir()) == []
 
@@ -314,8 +323,8 @@ def test_directory_syncs_are_shared_by_callers_that_arrive_during_one(
         if len(synced) == 1:
             release.wait(10)
 
-    monkeypatch.setattr(spool_module, "_fsync_path", slow_fsync)
-    syncer = spool_module._GroupSync(str(tmp_path))
+    monkeypatch.setattr(fs_module, "fsync_path", slow_fsync)
+    syncer = fs_module.GroupSync(str(tmp_path))
     first = threading.Thread(target=syncer.sync)
     first.start()
     wait_until(lambda: len(synced) == 1)
@@ -337,9 +346,9 @@ def test_a_failed_directory_sync_is_raised_to_its_callers(
     def failing(path: str | Path) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(spool_module, "_fsync_path", failing)
+    monkeypatch.setattr(fs_module, "fsync_path", failing)
     with pytest.raises(OSError, match="I/O error"):
-        spool_module._GroupSync(str(tmp_path)).sync()
+        fs_module.GroupSync(str(tmp_path)).sync()
 
 
 def wait_until(predicate: Callable[[], bool], bound: float = 10.0) -> None:
@@ -377,7 +386,7 @@ def test_list_jobs_skips_a_job_that_moves_on_while_listed(
             yield [Moving(entry) for entry in entries]
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert [job.job_id for job in spool.list_jobs("pending")] == ["stays"]
+    assert [job.job_id for job in spool.jobs.list_jobs("pending")] == ["stays"]
 
 
 def test_a_spool_others_could_write_jobs_into_is_refused(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ import pytest
 from spoold.executors.base import ExecResult, RunContext
 from spoold.executors.ssh import SshExecutor
 
-from spoold.job import ArtifactSpec
-from spoold.plugins import ExecutorRegistry
+from spoold.core.job import ArtifactSpec
+from spoold.run.registry import ExecutorRegistry
 from tests.harness import wait_for
 from tests.loopback import free_port
 from tests.sshd import SshServer, keygen
@@ -145,7 +145,7 @@ def test_an_unknown_host_key_fails_the_job(sshd: SshServer, tmp_path: Path) -> N
     result, log, _ = _run(tmp_path, sshd.product(commands="echo ran", known_hosts=str(empty)))
     assert result.exit_code is None and not result.succeeded
     assert result.error is not None and "host key" in result.error and "unknown" in result.error
-    assert "retryable" not in result.error
+    assert not result.retryable
     assert "ran" not in log.text().replace(result.error, "")
 
 
@@ -181,9 +181,8 @@ def test_a_refused_connection_fails_retryably(sshd: SshServer, tmp_path: Path) -
     port = free_port()
     result, _, _ = _run(tmp_path, sshd.product(commands="true", port=port))
     assert result.exit_code is None
-    assert (
-        result.error == f"ssh: cannot connect to 127.0.0.1:{port}: Connection refused (retryable)"
-    )
+    assert result.error == f"ssh: cannot connect to 127.0.0.1:{port}: Connection refused"
+    assert result.retryable
 
 
 def test_a_server_that_never_answers_fails_retryably(sshd: SshServer, tmp_path: Path) -> None:
@@ -193,7 +192,7 @@ def test_a_server_that_never_answers_fails_retryably(sshd: SshServer, tmp_path: 
         product = sshd.product(commands="true", port=silent.getsockname()[1], connect_timeout=0.5)
         result, _, _ = _run(tmp_path, product)
     assert result.exit_code is None
-    assert result.error is not None and result.error.endswith("(retryable)"), result.error
+    assert result.error is not None and result.retryable, result.error
 
 
 def test_a_rejected_key_fails_without_retry(sshd: SshServer, tmp_path: Path) -> None:
@@ -201,7 +200,7 @@ def test_a_rejected_key_fails_without_retry(sshd: SshServer, tmp_path: Path) -> 
     result, _, _ = _run(tmp_path, sshd.product(commands="true", keyfile=str(stranger)))
     assert result.exit_code is None
     assert result.error is not None and "authentication as" in result.error
-    assert "retryable" not in result.error
+    assert not result.retryable
 
 
 def test_artifacts_are_fetched_from_the_remote_work_dir(sshd: SshServer, tmp_path: Path) -> None:
@@ -286,7 +285,8 @@ def test_a_lost_connection_fails_retryably(sshd: SshServer, tmp_path: Path) -> N
         result, _, _ = _run(tmp_path, product, log=log, timeout=60.0, job_id=job_id)
         cutter.join(10)
         assert result.exit_code is None
-        assert result.error == "ssh: the connection ended before the job did (retryable)"
+        assert result.error == "ssh: the connection ended before the job did"
+        assert result.retryable
     finally:
         for pid in _processes(marker):  # the job's own sleep, left behind as a lost link leaves it
             os.kill(int(pid), signal.SIGKILL)

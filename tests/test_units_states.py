@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from spoold.errors import InvalidTransition
-from spoold.states import TRANSITIONS, JobState, check_transition
-from spoold.units import format_duration, parse_duration, parse_size
+from spoold.core.errors import InvalidTransition
+from spoold.core.states import TRANSITIONS, JobState, check_transition
+from spoold.core.units import format_duration, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

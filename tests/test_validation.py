@@ -11,10 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
-from spoold import validation
-from spoold.documents import MAX_DEPTH
-from spoold.errors import InvalidJobFile, PluginError
-from spoold.validation import (
+from spoold.core.documents import MAX_DEPTH
+from spoold.core.errors import InvalidJobFile, PluginError
+from spoold.intake import validation
+from spoold.intake.validation import (
     JobValidator,
     ValidationIssue,
     compose_job_schema,
@@ -769,8 +769,8 @@ def test_narrowed_schemas_give_the_full_schemas_verdict(text: str) -> None:
 
 def test_the_examples_are_valid() -> None:
     """What the README points users to must pass `spoold validate`."""
-    from spoold.daemon import job_validator  # noqa: PLC0415 - the validator with every executor
-    from spoold.plugins import ExecutorRegistry  # noqa: PLC0415
+    from spoold.intake.validation import job_validator  # noqa: PLC0415 - the validator with every executor
+    from spoold.run.registry import ExecutorRegistry  # noqa: PLC0415
 
     validator = job_validator(ExecutorRegistry.from_entry_points())
     examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))

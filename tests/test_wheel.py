@@ -50,8 +50,8 @@ def test_the_installed_wheel_loads_its_plugins_and_runs_a_job(wheel: Path, tmp_p
     # PYTHONPATH puts the installed copy ahead of the development checkout.
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = (
-        "import spoold, spoold.executors.local as l; from spoold.plugins import ExecutorRegistry;"
-        "from spoold.daemon import job_validator; r = ExecutorRegistry.from_entry_points();"
+        "import spoold, spoold.executors.local as l; from spoold.run.registry import ExecutorRegistry;"
+        "from spoold.intake.validation import job_validator; r = ExecutorRegistry.from_entry_points();"
         "job_validator(r); print(spoold.__file__); print(l.__file__); print(','.join(r.names()))"
     )
     result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, check=True,

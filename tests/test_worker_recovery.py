@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.clock import SystemClock, rfc3339
-from spoold.config import Config
-from spoold.daemon import job_validator
-from spoold.intake import Accepted, Intake, Rejected
-from spoold.job import JobStatus
-from spoold.joblog import LINE_BOUND
-from spoold.plugins import ExecutorRegistry
-from spoold.procfs import process_start_time
-from spoold.recovery import Recovery
-from spoold.spool import JobDir, Spool
-from spoold.worker import JobRunner
+from spoold.core.clock import SystemClock, rfc3339
+from spoold.core.config import Config
+from spoold.core.job import JobStatus
+from spoold.core.joblog import LINE_BOUND
+from spoold.core.procfs import process_start_time
+from spoold.core.spool import JobDir, Spool
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import job_validator
+from spoold.run.recovery import Recovery
+from spoold.run.registry import ExecutorRegistry
+from spoold.run.worker import JobRunner
 from tests.fakes import FakeClock
 
 LOGGER = logging.getLogger("spoold.test")
@@ -55,7 +55,7 @@ def _run(
     assert claimed is not None
     final = runner.run(claimed)
     assert final is not None
-    return final, spool.read_status(final)
+    return final, spool.jobs.read_status(final)
 
 
 def test_artifacts_are_copied_with_size_and_sha256_and_never_from_outside(tmp_path: Path) -> None:
@@ -149,12 +149,12 @@ def _running_job(
         intake,
         document or {"job_id": "r", "executor": "local", "product": {"commands": "true"}},
     )
-    claimed = spool.claim(job.job_id)
+    claimed = spool.jobs.claim(job.job_id)
     assert claimed is not None
-    spool.write_lease(claimed, lease)
-    status = JobStatus.from_dict(spool.read_status(claimed))
+    spool.jobs.write_lease(claimed, lease)
+    status = JobStatus.from_dict(spool.jobs.read_status(claimed))
     status.begin_attempt(SystemClock().now(), str(lease["worker"]))
-    spool.write_status(claimed, status.to_dict())
+    spool.jobs.write_status(claimed, status.to_dict())
     return claimed
 
 
@@ -172,7 +172,7 @@ def test_recovery_fails_a_job_whose_local_worker_is_gone(tmp_path: Path) -> None
     _running_job(spool, intake, lease)
     moved = Recovery(spool, cfg, SystemClock(), LOGGER).reap()
     assert [(j.job_id, j.directory) for j in moved] == [("r", "failed")]
-    status = spool.read_status(moved[0])
+    status = spool.jobs.read_status(moved[0])
     assert status["state"] == "failed" and status["error"].startswith("interrupted: worker old")
     assert "interrupted" in moved[0].log_path.read_text()
 
@@ -189,7 +189,7 @@ def test_recovery_requeues_when_the_job_asks_for_it(tmp_path: Path) -> None:
     _running_job(spool, intake, lease, document)
     (moved,) = Recovery(spool, cfg, SystemClock(), LOGGER).reap()
     assert moved.directory == "pending"
-    assert spool.read_status(moved)["state"] == "pending"
+    assert spool.jobs.read_status(moved)["state"] == "pending"
 
 
 def test_recovery_leaves_a_live_local_worker_alone(tmp_path: Path) -> None:
@@ -216,7 +216,7 @@ def test_recovery_takes_over_another_hosts_claim_only_when_its_heartbeat_is_stal
     assert recovery.reap() == []
     clock.advance(2)
     (moved,) = recovery.reap()
-    assert "sent no heartbeat for 61s" in spool.read_status(moved)["error"]
+    assert "sent no heartbeat for 61s" in spool.jobs.read_status(moved)["error"]
 
 
 def test_a_pending_status_lost_to_power_loss_is_rebuilt(tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ def test_a_pending_status_lost_to_power_loss_is_rebuilt(tmp_path: Path) -> None:
     )
     job.status_path.write_bytes(b"")  # written at accept without fsync: may come back empty
     assert Recovery(spool, cfg, SystemClock(), LOGGER).repair_pending() == ["p"]
-    status = spool.read_status(job)
+    status = spool.jobs.read_status(job)
     assert (status["job_id"], status["state"], status["executor"]) == ("p", "pending", "local")
     assert status["submitted_at"] and status["sha256"]
 
@@ -269,9 +269,9 @@ def test_intake_puts_the_file_back_when_the_disk_fails_mid_way(
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spool, "accept", full_disk)
+    monkeypatch.setattr(spool.stages, "accept", full_disk)
     assert intake.offer("a.yaml", complete=True) is None
-    assert spool.list_incoming() == ["a.yaml"]
+    assert spool.stages.list_incoming() == ["a.yaml"]
     assert list(spool.dir("tmp").iterdir()) == []
 
 
@@ -292,7 +292,7 @@ def test_a_failing_file_is_retried_with_backoff_not_in_a_loop(
         tries.append(clock.monotonic())
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spool, "take_incoming", full_disk)
+    monkeypatch.setattr(spool.stages, "take_incoming", full_disk)
     for _ in range(5):  # the file's own rename back into incoming/ re-offers it at once
         assert intake.offer("a.yaml", complete=True) is None
     assert len(tries) == 1

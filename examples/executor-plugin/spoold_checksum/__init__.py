@@ -20,7 +20,7 @@ from typing import Protocol
 
 from spoold.executors.base import ExecResult, Executor, RunContext, within_workdir
 
-from spoold.errors import ExecutorError, ExecutorNotAvailable
+from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 
 __all__ = ["ChecksumExecutor"]
 

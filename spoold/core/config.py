@@ -1,0 +1,330 @@
+"""The configuration: a frozen Config built from config.yaml, the environment and flags.
+
+Every ``spoold`` command loads it, so this module is light: the standard library, the units
+and the retention rules. YAML is read only when there is a config file and no parsed copy of
+its text (spoold.core.parsed), and the JSON Schema check (jsonschema) runs only where it is asked
+for (``check_schema``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from spoold.core.errors import ConfigError
+from spoold.core.parsed import recall, remember
+from spoold.core.retention import Retention
+from spoold.core.units import parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from spoold.core.retry import RetryPolicy
+
+SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
+DEFAULT_SPOOL = Path("spool")
+
+
+def _hostname() -> str:
+    """This host's name, as ``socket.gethostname()`` says it (without importing socket)."""
+    return os.uname().nodename
+
+
+def _worker_id(hostname: str) -> str:
+    return f"{hostname}-{os.getpid()}"
+
+
+# The settings are NamedTuples, not dataclasses: importing dataclasses (and with it inspect)
+# costs about a fifth of a light CLI command's start (issue 16: ``spoold status`` under 0.1 s).
+# Their mapping defaults are shared plain dicts, never changed (a mappingproxy cannot be pickled,
+# and a Config is sent to the worker processes).
+class CallbackSettings(NamedTuple):
+    """How deliveries are sent (``callbacks:`` in the config)."""
+
+    timeout: float = 10.0
+    #: Deliveries in flight at once, and at most ``per_host`` of them to one receiver.
+    workers: int = 4
+    per_host: int = 2
+    initial: float = 5.0
+    maximum: float = 3600.0
+    multiplier: float = 2.0
+    #: A delivery not acknowledged this long after it was made goes to outbox/failed/.
+    give_up_after: float = 3 * 86400.0
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any]) -> CallbackSettings:
+        """From the config's ``callbacks:`` mapping; ValueError or TypeError if it is not one."""
+        backoff = document.get("backoff") or {}
+        defaults = cls()
+        durations = {
+            "timeout": document.get("timeout"),
+            "initial": backoff.get("initial"),
+            "maximum": backoff.get("max"),
+            "give_up_after": document.get("give_up_after"),
+        }
+        parsed = {
+            key: parse_duration(value) for key, value in durations.items() if value is not None
+        }
+        return defaults._replace(
+            workers=int(document.get("workers", defaults.workers)),
+            per_host=int(document.get("per_host", defaults.per_host)),
+            multiplier=float(backoff.get("multiplier", defaults.multiplier)),
+            **parsed,
+        )
+
+    def policy(self) -> RetryPolicy:
+        """The backoff between tries; jittered, so that a receiver back up is not stampeded."""
+        from spoold.core.retry import RetryPolicy  # noqa: PLC0415 - only the sender backs off
+
+        return RetryPolicy(
+            initial=self.initial, multiplier=self.multiplier, maximum=self.maximum, jitter=True
+        )
+
+
+class Config(NamedTuple):
+    """Everything the daemon and the CLI need to know, validated at start.
+
+    ``load_config`` names the worker after the process that loads the configuration; the
+    defaults of ``worker_id`` and ``hostname`` (for a Config built by hand) are the importing
+    process's.
+    """
+
+    spool: Path = DEFAULT_SPOOL
+    workers: int = 2
+    #: Processes the workers are spread over; None: one per core (at most one per worker).
+    worker_processes: int | None = None
+    watch: str = "auto"
+    poll_interval: float = 1.0
+    rescan_interval: float = 30.0
+    settle_time: float = 2.0
+    max_file_size: int = 1024 * 1024
+    #: A job's log keeps at most this much of its output (``limits.max_log_size``).
+    max_log_size: int | None = 100 * 1024 * 1024
+    #: At most this many jobs of an executor at once (``limits.executors``), beyond ``workers``.
+    executor_limits: Mapping[str, int] = {}
+    workdir: Path | None = None
+    logdir: Path | None = None
+    global_before_script: tuple[str, ...] = ()
+    kill_grace: float = 10.0
+    shutdown_grace: float = 30.0
+    lease_timeout: float = 60.0
+    heartbeat_interval: float = 10.0
+    durable: bool = True
+    worker_id: str = _worker_id(_hostname())
+    hostname: str = _hostname()
+    log_socket: Path | None = None
+    log_level: str = "info"
+    default_callback_url: str | None = None
+    default_callback_secret: str | None = None
+    #: How callback deliveries are sent: timeout, backoff, when to give up (``callbacks:``).
+    callbacks: CallbackSettings = CallbackSettings()
+    #: Where ``${secret:NAME}`` is read from: the file NAME, mode 0600 or stricter.
+    secrets_dir: Path | None = None
+    #: Which finished jobs are removed, and when (``retention:``); empty keeps everything.
+    retention: Retention = Retention()
+    #: The users a job may name in ``run_as:``; none by default.
+    allowed_run_as: tuple[str, ...] = ()
+    #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
+    executor_settings: Mapping[str, dict[str, Any]] = {}
+    source: Path | None = None
+
+
+def find_config_file(explicit: Path | None) -> Path | None:
+    """--config, else ./config.yaml, else /etc/spoold/config.yaml, else none."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist")
+        return explicit
+    return next((p for p in SEARCH_PATH if p.is_file()), None)
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    spool: Path | None = None,
+    check_schema: bool = True,
+) -> Config:
+    """Defaults, then the config file, then the environment, then flags; the last one wins.
+
+    ``check_schema=False``: the file is not checked against config.schema.json (loading
+    jsonschema takes about 0.1 s), for the commands that only read the spool. Unknown keys
+    are then ignored and ranges not enforced, but a value that cannot be used is still a
+    ConfigError naming its key: the full check runs then, to say it as ``spoold run`` would.
+    """
+    env = os.environ if env is None else env
+    found = find_config_file(path)
+    document = _read_document(found, env, check_schema=check_schema) if found else {}
+    try:
+        config = _from_document(document, found)
+    except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+        if check_schema or found is None:
+            raise
+        _check_schema(document, found)  # says what is wrong, in the words of the full check
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{found}: cannot use the configuration: {exc}") from exc
+    config = _apply_environment(config, env)
+    if spool is not None:
+        config = config._replace(spool=spool)
+    return config
+
+
+def _read_document(
+    path: Path, env: Mapping[str, str], *, check_schema: bool = True
+) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
+    document = recall(path, text, env)
+    if document is None:
+        document = _parse_yaml(path, text)
+        remember(path, text, document, env)
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
+    if check_schema:
+        _check_schema(document, path)
+    return document
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml  # noqa: PLC0415 - only where there is a config file, and no parsed copy
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # without libyaml: same, slower
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
+
+
+def _check_schema(document: dict[str, Any], path: Path) -> None:
+    """ConfigError naming every key config.schema.json refuses, if any."""
+    from jsonschema import Draft202012Validator  # noqa: PLC0415 - worker processes never need it
+
+    from spoold.core.documents import load_executor_schema  # noqa: PLC0415
+
+    schema = load_executor_schema("spoold.schemas", "config.schema.json")
+    errors = sorted(Draft202012Validator(schema).iter_errors(document), key=lambda e: e.path)
+    if errors:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(e) for e in errors))
+
+
+def _describe(error: Any) -> str:
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        where = ".".join(str(p) for p in error.absolute_path)
+        names = ", ".join(f"{where + '.' if where else ''}{k}" for k in extra)
+        return f"unknown key {names} (known: {', '.join(known)})"
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "oneOf":
+        return f"key {key}: {error.instance!r} is not valid ({error.schema.get('description', '')})"
+    return f"key {key}: {error.message}"
+
+
+def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
+    """The Config a config file's mapping says; ConfigError naming the key of a value that is
+    not of the kind the key takes (with the schema skipped, this is all that checks them)."""
+    here = _hostname()
+    values: dict[str, Any] = {"source": source, "hostname": here, "worker_id": _worker_id(here)}
+    for key in ("workers", "worker_processes"):
+        if key in doc:
+            values[key] = _of_kind(key, doc[key], int, "a whole number")
+    for key in (
+        "watch", "worker_id", "hostname", "log_level",
+        "default_callback_url", "default_callback_secret",
+    ):  # fmt: skip
+        if key in doc:
+            values[key] = _of_kind(key, doc[key], str, "a string")
+    if not str(doc.get("default_callback_url") or "http://").startswith(("http://", "https://")):
+        raise ConfigError("key default_callback_url: callbacks go to an http:// or https:// URL")
+    if doc.get("default_callback_url") and not doc.get("default_callback_secret"):
+        raise ConfigError(
+            "key default_callback_url: callbacks are signed; set default_callback_secret too"
+        )
+    if "callbacks" in doc:
+        callbacks = _of_kind("callbacks", doc["callbacks"], dict, "a mapping")
+        values["callbacks"] = _parsed("callbacks", callbacks, CallbackSettings.from_document)
+    for key in (
+        "poll_interval", "rescan_interval", "settle_time", "kill_grace",
+        "shutdown_grace", "lease_timeout", "heartbeat_interval",
+    ):  # fmt: skip
+        if key in doc:
+            values[key] = _parsed(key, doc[key], parse_duration)
+    limits = _of_kind("limits", doc.get("limits", {}), dict, "a mapping")
+    for key in ("max_file_size", "max_log_size"):
+        if key in limits:
+            values[key] = _parsed(f"limits.{key}", limits[key], parse_size)
+    if "executors" in limits:
+        caps = _of_kind("limits.executors", limits["executors"], dict, "a mapping")
+        values["executor_limits"] = {
+            str(name): _of_kind(f"limits.executors.{name}", cap, int, "a whole number")
+            for name, cap in caps.items()
+        }
+    if "fsync" in doc:
+        values["durable"] = _of_kind("fsync", doc["fsync"], bool, "true or false")
+    base = source.parent if source else Path.cwd()
+    for key in ("spool", "workdir", "logdir", "secrets_dir"):
+        if key in doc:
+            values[key] = base / _of_kind(key, doc[key], str, "a path")
+    if "retention" in doc:
+        retention = _of_kind("retention", doc["retention"], dict, "a mapping")
+        values["retention"] = _parsed("retention", retention, Retention.from_document)
+    if "allowed_run_as" in doc:
+        users = _of_kind("allowed_run_as", doc["allowed_run_as"], list, "a list of user names")
+        values["allowed_run_as"] = tuple(
+            _of_kind("allowed_run_as", user, str, "a list of user names") for user in users
+        )
+    if "executors" in doc:
+        executors = _of_kind("executors", doc["executors"], dict, "a mapping")
+        values["executor_settings"] = {
+            str(name): dict(_of_kind(f"executors.{name}", settings, dict, "a mapping"))
+            for name, settings in executors.items()
+        }
+    script = doc.get("global_before_script")
+    if script is not None:
+        if isinstance(script, str):
+            values["global_before_script"] = (script,)
+        else:
+            lines = _of_kind("global_before_script", script, list, "a command or a list of them")
+            values["global_before_script"] = tuple(
+                _of_kind("global_before_script", line, str, "a command or a list of them")
+                for line in lines
+            )
+    return Config(**values)
+
+
+def _of_kind(key: str, value: Any, kind: type, what: str) -> Any:
+    """``value`` if it is a ``kind`` (true and false are no numbers; 4.0 is the whole number
+    4, as for the schema), else ConfigError."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"key {key}: {value!r} is not {what}")
+    return value
+
+
+def _parsed(key: str, value: Any, parse: Any) -> Any:
+    try:
+        return parse(value)
+    except (ValueError, TypeError, AttributeError) as exc:  # the last two: a wrong kind
+        raise ConfigError(f"key {key}: {exc}") from exc
+
+
+def _apply_environment(config: Config, env: Mapping[str, str]) -> Config:
+    changes: dict[str, Any] = {}
+    paths = {
+        "SPOOLD_SPOOL": "spool", "RUNNER_WORKDIR": "workdir",
+        "RUNNER_LOG_DIR": "logdir", "RUNNER_LOG_SOCKET": "log_socket",
+    }  # fmt: skip
+    for variable, key in paths.items():
+        if env.get(variable):
+            changes[key] = Path(env[variable])
+    if env.get("RUNNER_ID"):
+        changes["worker_id"] = env["RUNNER_ID"]
+    if env.get("RUNNER_HOSTNAME"):
+        changes["hostname"] = env["RUNNER_HOSTNAME"]
+    return config._replace(**changes) if changes else config

@@ -1,0 +1,299 @@
+"""Secrets: reading ``${secret:NAME}`` files safely, and masking secret values wherever spoold writes.
+
+Pure: no global state. The daemon builds one ``SecretStore`` from the config and one ``Masker``
+per job (or per daemon), and passes them to whatever writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from spoold.core.errors import SecretError
+
+#: A secret's name is a file name in secrets_dir, never a path: no "/", no "." or ".." or dotfile.
+#: Use with ``fullmatch``; ``spoold.core.job`` builds ``${secret:NAME}`` references from it.
+SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+#: The rule of SECRET_NAME in words, for messages.
+NAME_RULE = (
+    "a secret's name is a file name in secrets_dir, never a path: 1 to 128 letters, digits, "
+    "'_', '.' or '-', not starting with '.' and without '/'"
+)
+
+#: A secret file holds one value (a token, a password, a PEM key), never a document.
+MAX_SECRET_SIZE = 64 * 1024
+
+#: Field names whose values are secret; use with ``search`` (the name *ends* in one of these).
+SECRET_FIELD = re.compile(r"(?:secret|password|api_key|api_token)\Z", re.IGNORECASE)
+
+#: What a secret value is replaced with.
+MASK = "***"
+
+# The job log is masked one line at a time, so a multi-line value is also masked line by line;
+# shorter lines ("-----", "==") would mask ordinary output without protecting anything.
+_MIN_LINE_LENGTH = 4
+
+# Open flags: never follow a symlink planted in secrets_dir, never leak the descriptor into a
+# job's process, and never block on a FIFO put where a secret file should be.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def is_secret_field(name: str) -> bool:
+    """Whether a field of that name holds a secret (``token_secret``, ``DB_PASSWORD``, ...)."""
+    return SECRET_FIELD.search(name) is not None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_IFDIR: "a directory",
+        stat.S_IFIFO: "a FIFO",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+    }
+    return kinds.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _kind_at(path: Path) -> str | None:
+    """What is at ``path`` if it is not a regular file; None if it is one or cannot be told."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _file_kind(mode)
+
+
+class SecretAccessDenied(SecretError):
+    """This process may not open secrets_dir or the secret's file (EACCES, EPERM)."""
+
+
+class SecretStore:
+    """Reads secrets from one file each in ``directory``, at call time (a rotated file is seen)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self._directory = directory
+
+    @property
+    def directory(self) -> Path | None:
+        """The configured secrets_dir, or None when the config has none."""
+        return self._directory
+
+    def read(self, name: str) -> str:
+        """The value of secret ``name``, one trailing newline stripped; ``SecretError`` if unsafe."""
+        if self._directory is None:
+            raise SecretError(
+                f"secret {name!r} cannot be read: no secrets_dir is configured; set secrets_dir "
+                "in the config to a directory holding one file per secret (mode 0600)"
+            )
+        # fullmatch, not match with "$": "$" would also accept a name ending in "\n".
+        if SECRET_NAME.fullmatch(name) is None:
+            raise SecretError(
+                f"secret name {name!r} is not a plain file name in {self._directory}: " + NAME_RULE
+            )
+        path = self._directory / name
+        data = self._read_bytes(name, path)
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SecretError(
+                f"secret {name!r}: {path} is not valid UTF-8 (bad byte at offset {exc.start}); "
+                "save the file as UTF-8"
+            ) from None
+        # Exactly one line ending: editors add one, but further blank lines or spaces are data.
+        if value.endswith("\r\n"):
+            return value[:-2]
+        if value.endswith("\n"):
+            return value[:-1]
+        return value
+
+    def _read_bytes(self, name: str, path: Path) -> bytes:
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            if self._directory is not None and not self._directory.is_dir():
+                raise SecretError(
+                    f"secret {name!r}: secrets_dir {self._directory} does not exist or is not a "
+                    "directory; create it (mode 0700) or fix secrets_dir in the config"
+                ) from None
+            raise SecretError(
+                f"secret {name!r}: {path} does not exist; create it with the value and "
+                f"chmod 600 {path}"
+            ) from None
+        except OSError as exc:
+            # With O_NOFOLLOW, ELOOP means the last component is a symlink (dangling or not).
+            if exc.errno == errno.ELOOP:
+                raise SecretError(
+                    f"secret {name!r}: {path} is a symbolic link, which spoold does not follow; "
+                    f"replace it with a regular file and chmod 600 {path}"
+                ) from None
+            # A socket (ENXIO) or an unplugged device fails open itself: say what is there.
+            kind = _kind_at(path)
+            if kind is not None:
+                raise SecretError(
+                    f"secret {name!r}: {path} is {kind}, not a regular file; replace it with a "
+                    f"regular file and chmod 600 {path}"
+                ) from None
+            # EACCES here is this user's lot (`spoold validate` run by a submitter), or a
+            # secrets_dir the daemon's own user may not open: callers tell the two apart.
+            denied = exc.errno in (errno.EACCES, errno.EPERM)
+            raise (SecretAccessDenied if denied else SecretError)(
+                f"secret {name!r}: cannot open {path}: {exc.strerror or exc}; check secrets_dir "
+                "and the file"
+            ) from None
+        try:
+            # Checked on the open descriptor, not the path, so a swap after the check is moot.
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SecretError(
+                    f"secret {name!r}: {path} is {_file_kind(info.st_mode)}, not a regular file; "
+                    f"replace it with a regular file and chmod 600 {path}"
+                )
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & 0o077:
+                raise SecretError(
+                    f"secret {name!r}: {path} has mode {mode:04o}, which lets group or others "
+                    f"read or write it; run chmod 600 {path}"
+                )
+            if info.st_size > MAX_SECRET_SIZE:
+                raise SecretError(
+                    f"secret {name!r}: {path} is {info.st_size} bytes, larger than 64 KiB; a "
+                    "secret file holds one value (a token, a password, a key)"
+                )
+            # One byte past the limit, in case the file grew after fstat.
+            data = _read_at_most(fd, MAX_SECRET_SIZE + 1)
+        except OSError as exc:
+            raise SecretError(
+                f"secret {name!r}: cannot read {path}: {exc.strerror or exc}"
+            ) from None
+        finally:
+            os.close(fd)
+        if len(data) > MAX_SECRET_SIZE:
+            raise SecretError(
+                f"secret {name!r}: {path} is larger than 64 KiB; a secret file holds one value "
+                "(a token, a password, a key)"
+            )
+        return data
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _compile(values: frozenset[str]) -> re.Pattern[str]:
+    # Never called with no values: an empty alternation would match everywhere.
+    # Longest first, so that where several values start at one position the longest one wins;
+    # the lookahead lets matches overlap, so mask_text can merge spans and leave no fragment.
+    ordered = sorted(values, key=lambda value: (-len(value), value))
+    return re.compile("(?=(" + "|".join(re.escape(value) for value in ordered) + "))")
+
+
+class Masker:
+    """Replaces known secret values by ``***`` in text and data; safe to share between threads."""
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._values: frozenset[str] = frozenset()
+        # Readers take this one reference without the lock: add() swaps in a whole new pattern.
+        self._pattern: re.Pattern[str] | None = None
+        for value in values:
+            self.add(value)
+
+    def add(self, value: str) -> None:
+        """Mask ``value`` from now on (and each line of it, if it has several)."""
+        new = _registered_forms(value)
+        if not new:
+            return
+        with self._lock:
+            if new <= self._values:
+                return
+            self._values = self._values | new
+            self._pattern = _compile(self._values)
+
+    def __bool__(self) -> bool:
+        """Whether any value is known (else mask_text changes nothing)."""
+        return self._pattern is not None
+
+    def mask_text(self, text: str) -> str:
+        """``text`` with every occurrence of every known value replaced by ``***``."""
+        pattern = self._pattern
+        if pattern is None:
+            # Runs on every log line: nothing to mask costs one attribute read.
+            return text
+        pieces: list[str] = []
+        masked_to = 0  # text[:masked_to] is already copied or masked
+        for match in pattern.finditer(text):
+            start, end = match.start(), match.end(1)
+            if end <= masked_to:
+                continue
+            if start >= masked_to:
+                pieces.append(text[masked_to:start])
+                pieces.append(MASK)
+            # An overlapping match extends the span the last "***" already stands for.
+            masked_to = end
+        if not pieces:
+            return text
+        pieces.append(text[masked_to:])
+        return "".join(pieces)
+
+    def mask_data(self, data: Any) -> Any:
+        """A copy of nested dicts/lists with strings masked and secret-named fields set to ``***``."""
+        if isinstance(data, str):
+            return self.mask_text(data)
+        if isinstance(data, dict):
+            masked: dict[Any, Any] = {}
+            for key, value in data.items():
+                # Keys are masked too: a value must not leak by being used as a name.
+                new_key = self.mask_text(key) if isinstance(key, str) else key
+                if isinstance(key, str) and is_secret_field(key) and value is not None:
+                    masked[new_key] = MASK
+                else:
+                    masked[new_key] = self.mask_data(value)
+            return masked
+        if isinstance(data, list):
+            return [self.mask_data(item) for item in data]
+        if isinstance(data, tuple):
+            return tuple(self.mask_data(item) for item in data)
+        return data
+
+    def collect(self, document: Any) -> None:
+        """Add the string values of secret-named fields, at any depth, so free text masks them."""
+        self._collect(document, inside_secret=False)
+
+    def _collect(self, data: Any, *, inside_secret: bool) -> None:
+        if isinstance(data, str):
+            if inside_secret:
+                self.add(data)
+        elif isinstance(data, dict):
+            for key, value in data.items():
+                secret = inside_secret or (isinstance(key, str) and is_secret_field(key))
+                self._collect(value, inside_secret=secret)
+        elif isinstance(data, list | tuple):
+            for item in data:
+                self._collect(item, inside_secret=inside_secret)
+
+
+def _registered_forms(value: str) -> frozenset[str]:
+    if not value.strip():
+        return frozenset()
+    forms = {value}
+    if "\n" in value or "\r" in value:
+        for raw_line in value.splitlines():
+            line = raw_line.strip()
+            if len(line) >= _MIN_LINE_LENGTH:
+                forms.add(line)
+    return frozenset(forms)

@@ -1,0 +1,104 @@
+"""outbox/: the deliveries of callbacks, as files.
+
+A delivery is outbox/<key>~<sequence>.json. It is written as .prepared, and fsynced with
+outbox/, before the state change it tells of, and renamed to .json once that change is made:
+see ``spoold.out.outbox`` for how a delivery becomes part of its state change, and how a
+prepared one a crash left is decided. Deliveries given up are moved into outbox/failed/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from spoold.core.errors import SpoolError
+from spoold.core.spool.fs import (
+    DEFAULT_MODE,
+    TEMP_MARK,
+    GroupCommit,
+    read_json,
+    write_file,
+    write_new,
+)
+
+__all__ = ["Deliveries"]
+
+_PREPARED = ".prepared"  # an outbox delivery whose state change is not made yet
+
+
+class Deliveries:
+    """The outbox: deliveries prepared, committed, listed, retried, acknowledged, given up."""
+
+    def __init__(self, dirs: Mapping[str, str], disk: GroupCommit) -> None:
+        self._dirs = dirs
+        self._disk = disk
+
+    def prepare(self, key: str, sequence: int, data: bytes, *, exclusive: bool = False) -> str:
+        """Write a delivery that is not valid yet, durably; return its name.
+
+        A leftover of that name is replaced (its change was never made); with ``exclusive``,
+        FileExistsError instead if that delivery exists in any form (a job's first event:
+        another job of that id, even one accepted by another host a moment ago, owns it).
+        """
+        outbox = self._dirs["outbox"]
+        name = f"{key}~{sequence:08d}"
+        path = f"{outbox}/{name}{_PREPARED}"
+        if not exclusive:
+            write_file(path, data, durable=self._disk.durable)
+        else:
+            temp = f"{outbox}/{TEMP_MARK}{name}.{os.urandom(4).hex()}.tmp"
+            write_new(temp, data, durable=self._disk.durable)
+            try:
+                os.link(temp, path)  # unlike a rename, never replaces
+            finally:
+                os.unlink(temp)
+            if os.path.exists(f"{outbox}/{name}.json"):
+                os.unlink(path)
+                raise FileExistsError(f"{outbox}/{name}.json")
+        self._disk.sync(outbox)
+        return name + _PREPARED
+
+    def commit(self, name: str) -> bool:
+        """Make a prepared delivery valid; False if it is not there (committed or discarded)."""
+        if not name.endswith(_PREPARED):
+            raise SpoolError(f"{name!r} is not a prepared delivery")
+        outbox = self._dirs["outbox"]
+        try:
+            os.rename(f"{outbox}/{name}", f"{outbox}/{name[: -len(_PREPARED)]}.json")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def names(self, directory: str = "") -> list[str]:
+        """The deliveries waiting (or, with ``directory="failed"``, given up), in key order."""
+        # Names alone: the sender lists a backlog of thousands after every delivery.
+        try:
+            names = os.listdir(os.path.join(self._dirs["outbox"], directory))
+        except FileNotFoundError:
+            return []
+        names = [n for n in names if "~" in n and n[0] != "."]  # not failed/, nor temp files
+        names.sort()
+        return names
+
+    def read(self, name: str, directory: str = "") -> dict[str, Any] | None:
+        """A delivery's content; None once it is gone."""
+        return read_json(os.path.join(self._dirs["outbox"], directory, name))
+
+    def update(self, name: str, data: bytes) -> None:
+        """Record a delivery's failed tries. Not fsynced: a lost update only means a sooner try."""
+        write_file(f"{self._dirs['outbox']}/{name}", data, durable=False)
+
+    def remove(self, name: str) -> None:
+        """Drop a delivery: acknowledged, or a prepared one whose state change never happened."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self._dirs['outbox']}/{name}")
+
+    def give_up(self, name: str) -> None:
+        """Move a delivery that will not be tried again into outbox/failed/."""
+        failed = f"{self._dirs['outbox']}/failed"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(failed, DEFAULT_MODE)
+        os.replace(f"{self._dirs['outbox']}/{name}", f"{failed}/{name}")
+        self._disk.sync(self._dirs["outbox"])

@@ -1,0 +1,240 @@
+"""File-system primitives of the spool: renames that never replace, files written whole, reads
+with limits, fsyncs, and the group commit of a directory's fsync. Nothing here knows of jobs.
+
+What is fsynced, and why no more: on a journaling filesystem (ext4, xfs: the supported ones) a
+rename is one journal operation, and an fsync of a directory commits every metadata change made
+before it, in order. So a store fsyncs the content that cannot be rebuilt, renames, then fsyncs
+the directory it renamed into (``GroupCommit.sync``), and nothing else. Whether any of it is
+done at all (``fsync: false`` in the config turns it off, for throwaway spools) is one setting,
+``GroupCommit.durable``, shared by every store of a spool.
+
+The per-job operations build paths as strings: pathlib cost 30% of the GIL there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import itertools
+import json
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MODE",
+    "TEMP_MARK",
+    "GroupCommit",
+    "GroupSync",
+    "fsync_path",
+    "json_bytes",
+    "read_bytes",
+    "read_json",
+    "read_limited",
+    "read_limited_path",
+    "rename_exchange",
+    "rename_noreplace",
+    "write_file",
+    "write_new",
+]
+
+DEFAULT_MODE = 0o750
+#: In the name of a file being written, to be renamed into place: never a finished file.
+TEMP_MARK = ".spoold-"
+_counter = itertools.count()
+
+
+class GroupCommit:
+    """The durability setting the stores of one spool share, and their directories' syncs.
+
+    One ``GroupSync`` per top-level directory of the tree: every store that renamed into a
+    directory shares its fsync with whoever else needs one at the same time.
+    """
+
+    def __init__(self, directories: Iterable[str], *, durable: bool) -> None:
+        self.durable = durable
+        self._syncers = {path: GroupSync(path) for path in directories}
+
+    def sync(self, *paths: str | Path) -> None:
+        """fsync these directories (each one of the tree's top-level ones), if durable."""
+        if not self.durable:
+            return
+        for path in paths:  # always one of the tree's top-level directories
+            self._syncers[os.fspath(path)].sync()
+
+
+def write_file(path: str | Path, data: bytes, *, durable: bool) -> None:
+    """Replace ``path`` atomically: written whole under a temporary name, then renamed over it."""
+    directory, name = os.path.split(path)
+    temp = f"{directory}/{TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
+    try:
+        write_new(temp, data, durable=durable)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):  # no half-written temp files left
+            os.unlink(temp)
+        raise
+
+
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+
+
+def rename_noreplace(source: str | Path, target: str | Path) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing ``target``.
+
+    renameat2(RENAME_NOREPLACE) where the filesystem has it; elsewhere (NFS) a check first,
+    which is racy only against another writer choosing the very same name at the same moment.
+    """
+    err = _renameat2_errno(source, target, _RENAME_NOREPLACE)
+    if err == 0:
+        return
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise FileExistsError(err, os.strerror(err), str(target))
+    if err not in (None, errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), str(source))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
+def rename_exchange(source: str | Path, target: str | Path) -> None:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE); OSError where it is missing."""
+    err = _renameat2_errno(source, target, _RENAME_EXCHANGE)
+    if err is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(source))
+    if err:
+        raise OSError(err, os.strerror(err), str(source))
+
+
+def _renameat2_errno(source: str | Path, target: str | Path, flags: int) -> int | None:
+    """renameat2(2)'s errno (0: done), or None where the C library has no renameat2."""
+    renameat2 = _libc_renameat2()
+    if renameat2 is None:
+        return None
+    src, dst = os.fsencode(source), os.fsencode(target)
+    if renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, flags) == 0:
+        return 0
+    import ctypes  # noqa: PLC0415 - loaded by _libc_renameat2 already
+
+    return int(ctypes.get_errno())
+
+
+@functools.cache
+def _libc_renameat2() -> Any:
+    """The C library's renameat2, or None; looked up on first use (ctypes costs every
+    command-line call that never renames anything)."""
+    import ctypes  # noqa: PLC0415
+
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
+def write_new(path: str | Path, data: bytes, *, durable: bool = False, mode: int = 0o640) -> None:
+    """Create ``path`` (it must not exist) holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_limited(fd: int, limit: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        try:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_limited_path(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(limit)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON file spoold wrote, or None when it is not there (or not whole yet)."""
+    try:
+        data = json.loads(read_bytes(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_bytes(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class GroupSync:
+    """fsync of one directory, shared by every thread that needs one at the same time.
+
+    What a caller needs is a sync that starts after its rename: when one is under way, the
+    callers that arrive meanwhile wait for it to end and share the next, as a database
+    commits a group. Under load, a directory is synced once per batch, not once per job.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._started = 0
+        self._finished = 0
+        self._running = False
+        self._error: OSError | None = None
+
+    def sync(self) -> None:
+        with self._cond:
+            needed = self._started + 1  # the first sync to start from now on
+            while self._finished < needed:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                self._cond.release()
+                try:
+                    fsync_path(self._path)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._finished = number
+                    self._error = error
+                    self._cond.notify_all()
+            if self._error is not None:  # the latest sync, which covers this caller, failed
+                raise self._error
+
+
+def fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def json_bytes(data: dict[str, Any]) -> bytes:
+    # Compact: only then does json use its C encoder (``spoold status`` pretty-prints).
+    return (json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n").encode()

@@ -1,0 +1,295 @@
+"""Jobs and their leases: where a job is, what it holds, and its moves after intake.
+
+A job's state is the directory it sits in (pending/, running/, done/, failed/; a schedule's
+definition sits in scheduled/); every transition is one rename(2) of its directory. What each
+transition fsyncs (see ``spoold.core.spool.fs`` for why no more):
+
+- claim:   rename into running/, fsync running/, before any process of the job starts: after a
+           power loss a job that may have started is never found in pending/ again.
+- finish:  fsync status.json and log, rename into done/ or failed/, fsync that directory.
+- requeue: rename into pending/, fsync pending/, then the new status written durably.
+- purge, unschedule: out of the tree in one rename (into tmp/gone-...), fsync the directory it
+           left, then deleted; its id given up (``Reservations.finish_removal``).
+
+A lease (running/<id>/lease) and a cancel request (running/<id>/cancel) are not fsynced: a lost
+lease reads as a dead worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from spoold.core.errors import InvalidTransition, JobFileChanged, JobNotFound, SpoolError
+from spoold.core.ids import RUN_ID
+from spoold.core.spool.fs import (
+    DEFAULT_MODE,
+    GroupCommit,
+    fsync_path,
+    json_bytes,
+    read_bytes,
+    read_json,
+    rename_noreplace,
+    write_file,
+    write_new,
+)
+from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
+from spoold.core.states import JOB_DIRECTORIES, JobState
+
+__all__ = ["JobDir", "Jobs"]
+
+_CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
+
+
+class JobDir(NamedTuple):
+    """Where a job is: its id, the state directory it sits in, and that directory's path."""
+
+    job_id: str
+    directory: str
+    location: str  # a string: the per-job paths are built often enough for pathlib to show
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+    @property
+    def status_path(self) -> Path:
+        return Path(self.location, "status.json")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.location, "log")
+
+    @property
+    def job_file(self) -> Path:
+        return Path(self.location, "job.yaml")
+
+
+class Jobs:
+    """The jobs of a spool, in every state, and the schedules' definitions in scheduled/."""
+
+    def __init__(
+        self, root: Path, dirs: Mapping[str, str], disk: GroupCommit, reservations: Reservations
+    ) -> None:
+        self._root = root
+        self._dirs = dirs
+        self._disk = disk
+        self._ids = reservations
+
+    def find(self, job_id: str) -> JobDir | None:
+        """Where the job is now, looked up in the order jobs move so that none is missed."""
+        check_job_id(job_id)
+        for directory in (*JOB_DIRECTORIES, "scheduled"):
+            path = f"{self._dirs[directory]}/{job_id}"
+            if os.path.isdir(path):
+                return JobDir(job_id, directory, path)
+        return None
+
+    def get(self, job_id: str) -> JobDir:
+        """Like find(), but raise JobNotFound."""
+        found = self.find(job_id)
+        if found is None:
+            raise JobNotFound(f"no job {job_id!r} in {self._root}")
+        return found
+
+    def list_jobs(self, directory: str) -> list[JobDir]:
+        """The jobs in one state directory, oldest arrival first."""
+        parent = self._dirs[directory]
+        return [
+            JobDir(name, directory, os.path.join(parent, name))
+            for _, name in sorted(self._entered(directory))
+        ]
+
+    def entered_times(self, directory: str) -> list[tuple[JobDir, float]]:
+        """Every job in ``directory`` with when it entered it: one stat each, no reads."""
+        parent = self._dirs[directory]
+        return [
+            (JobDir(name, directory, os.path.join(parent, name)), ctime / 1e9)
+            for ctime, name in self._entered(directory)
+        ]
+
+    def _entered(self, directory: str) -> list[tuple[int, str]]:
+        if directory not in (*JOB_DIRECTORIES, "scheduled"):
+            raise SpoolError(f"no job directory named {directory!r}")
+        found = []
+        with os.scandir(self._dirs[directory]) as entries:
+            for entry in entries:
+                if not (entry.is_dir(follow_symlinks=False) and RUN_ID.match(entry.name)):
+                    continue
+                try:
+                    found.append((entry.stat(follow_symlinks=False).st_ctime_ns, entry.name))
+                except FileNotFoundError:
+                    continue  # moved on (claimed, finished) while we looked
+        return found
+
+    def read_status(self, job: JobDir) -> dict[str, Any]:
+        """The job's status.json."""
+        try:
+            data: dict[str, Any] = json.loads(read_bytes(f"{job.location}/status.json"))
+        except FileNotFoundError as exc:
+            raise JobNotFound(f"job {job.job_id!r} moved or has no status") from exc
+        return data
+
+    def read_job_file(self, job: JobDir, *, sha256: str | None) -> bytes:
+        """The job file as submitted; JobFileChanged unless its sha256 is ``sha256``.
+
+        Every reader passes what status.json recorded at intake (None only where there is no
+        record to check against): what runs is what was validated, or nothing.
+        """
+        data = read_bytes(f"{job.location}/job.yaml")
+        if sha256 is None:
+            return data
+        import hashlib  # noqa: PLC0415 - not on the command line's light paths
+
+        if (found := hashlib.sha256(data).hexdigest()) != sha256:
+            raise JobFileChanged(
+                f"job {job.job_id}: job.yaml is not the file that was validated (sha256 "
+                f"{found[:12]}..., recorded {sha256[:12]}...); it is not run"
+            )
+        return data
+
+    def write_status(self, job: JobDir, status: dict[str, Any], *, durable: bool = False) -> None:
+        """Replace status.json atomically."""
+        write_file(
+            f"{job.location}/status.json",
+            json_bytes(status),
+            durable=durable and self._disk.durable,
+        )
+
+    def open_log(self, job: JobDir) -> IO[bytes]:
+        """The job's log, opened for appending; it stays valid when the directory moves."""
+        return open(f"{job.location}/log", "ab", buffering=0)
+
+    def claim(self, job_id: str) -> JobDir | None:
+        """pending/<id> -> running/<id>; None when another worker won the rename.
+
+        The claimant writes its lease once the job's process exists (``write_lease``); until
+        then recovery judges the claim by its age.
+        """
+        check_job_id(job_id)
+        source, target = f"{self._dirs['pending']}/{job_id}", f"{self._dirs['running']}/{job_id}"
+        try:
+            rename_noreplace(source, target)
+        except FileNotFoundError:
+            return None
+        except FileExistsError as exc:
+            raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
+        self._disk.sync(self._dirs["running"])
+        return JobDir(job_id, "running", target)
+
+    def write_lease(self, job: JobDir, lease: dict[str, Any], *, first: bool = False) -> None:
+        """Record (``first``) or renew the claim. Not fsynced: a lost lease reads as a dead worker.
+
+        The first write creates the file in place: a reader that catches it half-written
+        sees no lease yet, which is what it would have seen a moment earlier.
+        """
+        if first:
+            with contextlib.suppress(FileExistsError):
+                write_new(f"{job.location}/lease", json_bytes(lease))
+                return
+        write_file(f"{job.location}/lease", json_bytes(lease), durable=False)
+
+    def read_lease(self, job: JobDir) -> dict[str, Any] | None:
+        """The claim on a running job, or None when it has none (yet)."""
+        return read_json(f"{job.location}/lease")
+
+    def entered_at(self, job: JobDir) -> float:
+        """When the job entered its directory (the directory's ctime)."""
+        return job.path.stat().st_ctime
+
+    def finish(
+        self, job: JobDir, state: JobState, status: dict[str, Any], *, log_synced: bool = False
+    ) -> JobDir:
+        """running/<id> -> done|failed/<id> (or pending/ for a requeue), status written first.
+
+        Whether the move is allowed is the ledger's to decide (spoold.run.ledger), not the
+        store's."""
+        write_file(f"{job.location}/status.json", json_bytes(status), durable=self._disk.durable)
+        if self._disk.durable and not log_synced:
+            fsync_path(f"{job.location}/log")
+        for claim_file in ("lease", _CANCEL_FILE):  # they belong to the run that just ended
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{job.location}/{claim_file}")
+        return self._move(job, state.directory)
+
+    def _move(self, job: JobDir, directory: str) -> JobDir:
+        """The rename of a job's directory into ``directory``/, then that directory synced."""
+        target = f"{self._dirs[directory]}/{job.job_id}"
+        try:
+            rename_noreplace(job.location, target)
+        except FileExistsError as exc:
+            raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
+        self._disk.sync(self._dirs[directory])
+        return JobDir(job.job_id, directory, target)
+
+    def requeue(self, job: JobDir, status: dict[str, Any]) -> JobDir:
+        """failed/<id> -> pending/<id> (``spoold retry``), with its new status.
+
+        Moved first, then the status rewritten: a crash in between leaves a pending job whose
+        status still says how it ended, which runs as the next attempt all the same.
+        """
+        pending = self._move(job, "pending")
+        self.write_status(pending, status, durable=True)
+        return pending
+
+    def request_cancel(self, job: JobDir, request: dict[str, Any]) -> None:
+        """Ask whoever runs ``job`` to cancel it; FileNotFoundError if it is no longer running."""
+        if job.directory != "running":
+            raise InvalidTransition(f"only a running job takes a cancel request, not {job}")
+        write_file(f"{job.location}/{_CANCEL_FILE}", json_bytes(request), durable=False)
+
+    def cancel_request(self, job: JobDir) -> dict[str, Any] | None:
+        """The cancel request made for a running job, if any."""
+        return read_json(f"{job.location}/{_CANCEL_FILE}")
+
+    def unschedule(self, job_id: str) -> None:
+        """Remove scheduled/<job_id> (the runs it made stay); JobNotFound if there is none."""
+        check_job_id(job_id)
+        try:
+            self._remove(JobDir(job_id, "scheduled", f"{self._dirs['scheduled']}/{job_id}"))
+        except FileNotFoundError:
+            raise JobNotFound(f"no schedule {job_id!r} in {self._root}") from None
+
+    def purge(self, job: JobDir) -> None:
+        """Remove a finished job (retention, ``spoold purge``); FileNotFoundError if gone."""
+        if job.directory not in ("done", "failed"):
+            raise InvalidTransition(f"only a finished job can be purged, not {job}")
+        self._remove(job)
+
+    def _remove(self, job: JobDir) -> None:
+        """Out of the tree in one rename, then deleted: no half-deleted job is ever seen.
+
+        Its id is given up once it is out of the tree; the name it goes out under says
+        which reservation was its, so that recovery finishes a removal cut short without
+        touching a reservation made since by another job of that id.
+        """
+        token = self._ids.holder(job.job_id) or new_token("none-")
+        gone = f"{self._dirs['tmp']}/{GONE_PREFIX}{token}~{job.job_id}"
+        os.rename(job.location, gone)
+        self._disk.sync(self._dirs[job.directory])
+        self._ids.finish_removal(gone)
+
+    # -- work dirs and artifacts --------------------------------------------------------------
+
+    def work_slot(self, name: str) -> Path:
+        """A worker's work dir under tmp/work/, used when the config names no workdir."""
+        path = Path(self._dirs["tmp"]) / "work" / name
+        path.mkdir(parents=True, exist_ok=True, mode=DEFAULT_MODE)
+        return path
+
+    def artifacts_dir(self, job: JobDir) -> Path:
+        return job.path / "artifacts"
+
+    def store_artifact(self, job: JobDir, relative: str, source: Path) -> Path:
+        """Copy one file into the job's artifacts/, keeping its path relative to the work dir."""
+        target = self.artifacts_dir(job) / relative
+        if not target.resolve().is_relative_to(self.artifacts_dir(job).resolve()):
+            raise SpoolError(f"artifact path {relative!r} leaves the artifacts directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target, follow_symlinks=False)
+        return target

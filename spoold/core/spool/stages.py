@@ -1,0 +1,535 @@
+"""Intake's side of the spool: incoming/, the private stages under tmp/, and rejected/.
+
+A file is moved out of incoming/ into a stage (tmp/in-<random>: that rename is also how several
+hosts sharing a spool agree who takes it), read there, and replaced by spoold's own copy of the
+bytes read. From the stage it is accepted (into pending/, or scheduled/ for a schedule's
+definition, its id reserved in ids/ first), rejected (into rejected/<name>/ beside a
+reason.json), or released (back into incoming/). What accept fsyncs (see
+``spoold.core.spool.fs`` for why no more):
+
+- accept:  fsync job.yaml, rename the stage into pending/, fsync pending/. status.json and the
+           first log line are derived from job.yaml; recovery rebuilds a status lost to power
+           loss (``repair_pending``).
+
+A crash leaves the stage; ``recover`` at start finishes a rejection whose reason.json was
+written, and otherwise gives up the reservation the stage made and puts the file back into
+incoming/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from spoold.core.errors import DuplicateJob, SpoolError
+from spoold.core.ids import RUN_ID
+from spoold.core.spool.fs import (
+    DEFAULT_MODE,
+    TEMP_MARK,
+    GroupCommit,
+    fsync_path,
+    json_bytes,
+    read_json,
+    read_limited,
+    read_limited_path,
+    rename_exchange,
+    rename_noreplace,
+    write_file,
+    write_new,
+)
+from spoold.core.spool.jobs import JobDir, Jobs
+from spoold.core.spool.reservations import (
+    GONE_PREFIX,
+    MIGRATION_PREFIX,
+    Reservations,
+    check_job_id,
+    new_token,
+)
+
+__all__ = ["FileSignature", "QuietCheck", "Stages", "TakenFile", "is_transient_name"]
+
+# A job file (job.yaml, a rejected file's copy) may hold secrets written into it: spoold's
+# alone, as a job's artifacts/ (its unmasked output). status.json and log (secrets masked)
+# are readable by the group of the directory they are made in (the package's spoold-submit).
+_PRIVATE_FILE, _PRIVATE_DIR = 0o600, 0o700
+
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_STAGE_PREFIX = "in-"
+# The files spoold writes into a stage; a staged original is any other entry.
+_STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
+_REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
+
+#: What tells one version of a file from the next without reading it.
+FileSignature = tuple[int, int, int, int]
+#: Whether the file ``name``, as ``signature`` shows it now, has been left alone long enough.
+QuietCheck = Callable[[str, FileSignature], bool]
+
+
+def is_transient_name(name: str) -> bool:
+    """Names writers use while a file is incomplete: never taken from incoming/."""
+    return name.startswith(".") or name.endswith((".tmp", ".part"))
+
+
+class TakenFile(NamedTuple):
+    """A file moved out of incoming/ into a private stage, ready to be accepted or rejected."""
+
+    name: str
+    stage: Path
+    kind: str  # file | symlink | directory | fifo | socket | device | other
+    size: int
+    data: bytes | None  # the content, for regular files no larger than the limit
+    links: int = 1  # names the file had when taken: more than one is a hard link
+
+    @property
+    def original(self) -> Path:
+        return self.stage / self.name
+
+
+class Stages:
+    """incoming/, the stages a file passes through on its way in, and rejected/."""
+
+    def __init__(
+        self, dirs: Mapping[str, str], disk: GroupCommit, jobs: Jobs, reservations: Reservations
+    ) -> None:
+        self._dirs = dirs
+        self._disk = disk
+        self._jobs = jobs
+        self._ids = reservations
+
+    # -- incoming ----------------------------------------------------------------------------
+
+    def list_incoming(self) -> list[str]:
+        """Names in incoming/ that are not marked as still being written."""
+        with os.scandir(self._dirs["incoming"]) as entries:
+            return sorted(e.name for e in entries if not is_transient_name(e.name))
+
+    def take_incoming(
+        self,
+        name: str,
+        *,
+        now: float,
+        max_size: int,
+        settle: float = 0.0,
+        quiet: QuietCheck | None = None,
+    ) -> TakenFile | None:
+        """Move one file out of incoming/ into a private stage, if it is complete.
+
+        Returns None when the file is gone (another instance took it) or not complete yet:
+        a local process still has it open for writing; or, where open writers cannot be seen,
+        it changed less than ``settle`` seconds before ``now`` (both by this host's clock);
+        or ``quiet`` (for writers on other hosts, whose clocks say nothing here) says no.
+        """
+        if is_transient_name(name) or "/" in name or name in (".", ".."):
+            return None
+        path = f"{self._dirs['incoming']}/{name}"  # plain strings: this runs for every file
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        kind = _kind(st.st_mode)
+        fd = -1
+        try:
+            if kind == "file":
+                try:
+                    # O_NONBLOCK: a FIFO swapped in after the lstat must not hang us.
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return None
+                except PermissionError:
+                    kind = "unreadable"
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    kind = "symlink"
+                else:
+                    st = os.fstat(fd)
+                    kind = _kind(st.st_mode)
+                    writer = _has_local_writer(fd) if kind == "file" else False
+                    if writer or (quiet is not None and not quiet(name, _signature(st))):
+                        return None
+                    if writer is None and settle and now - st.st_mtime < settle:
+                        return None
+            stage = self._new_stage()
+            try:
+                os.rename(path, f"{stage}/{name}")
+            except FileNotFoundError:
+                os.rmdir(stage)
+                return None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if kind != "file":
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=None)
+        return self._own_copy(name, stage, max_size, checked=(st.st_dev, st.st_ino))
+
+    def _own_copy(
+        self, name: str, stage: str, max_size: int, *, checked: tuple[int, int]
+    ) -> TakenFile | None:
+        """Read the file now in ``stage`` and put a private copy of those bytes in its place.
+
+        What was checked above may not be what was renamed: another file can be renamed over
+        the name in between. And what was renamed may still change: a hard link, or a writer
+        that kept it open. So the content is read only from the stage, where nobody else can
+        put a name, and the stage then holds a file only spoold can write: exactly the bytes
+        that are validated, accepted (as job.yaml) or kept with the reason of a rejection.
+        """
+        staged = f"{stage}/{name}"
+        try:
+            fd = os.open(staged, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:  # swapped for a symlink, or for a file spoold may not read
+            kind = "symlink" if exc.errno == errno.ELOOP else "unreadable"
+            size = os.lstat(staged).st_size
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=size, data=None)
+        try:
+            st = os.fstat(fd)
+            kind = _kind(st.st_mode)
+            if kind == "file" and (st.st_dev, st.st_ino) != checked and _has_local_writer(fd):
+                # Renamed over the checked file while still being written: not complete.
+                _move_to_free_name(Path(staged), Path(self._dirs["incoming"]), name)
+                os.rmdir(stage)
+                return None
+            if kind != "file" or st.st_size > max_size:
+                return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size,
+                                 data=None, links=st.st_nlink)  # fmt: skip
+            data = read_limited(fd, max_size + 1)
+        finally:
+            os.close(fd)
+        if len(data) <= max_size:
+            temp = f"{stage}/{TEMP_MARK}copy"
+            try:
+                write_new(temp, data, mode=_PRIVATE_FILE)
+                os.replace(temp, staged)
+            except BaseException:  # a full disk: the file goes back, to be tried again
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                _move_to_free_name(Path(staged), Path(self._dirs["incoming"]), name)
+                os.rmdir(stage)
+                raise
+        return TakenFile(name=name, stage=Path(stage), kind="file", size=len(data),
+                         data=data if len(data) <= max_size else None, links=st.st_nlink)  # fmt: skip
+
+    def submit_file(self, name: str, data: bytes) -> Path:
+        """Place a job file into incoming/ atomically, never over an existing file.
+
+        Written under a transient name and fsynced, then renamed to a free final name.
+        """
+        incoming = Path(self._dirs["incoming"])
+        temp = incoming / f".{name}.{os.urandom(4).hex()}.tmp"
+        write_file(temp, data, durable=self._disk.durable)
+        try:
+            target = _move_to_free_name(temp, incoming, name)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        self._disk.sync(incoming)
+        return target
+
+    def stage_file(self, source: Path, *, max_size: int) -> TakenFile:
+        """Copy a file from outside the spool into a stage, as if it had been taken from incoming/."""
+        stage = Path(self._new_stage())
+        target = stage / source.name
+        size = source.stat().st_size
+        data = read_limited_path(source, max_size + 1) if size <= max_size else None
+        if data is not None:
+            write_new(target, data, mode=_PRIVATE_FILE)  # a stage is private: no atomic replace
+        return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
+
+    def _new_stage(self) -> str:
+        # Random: stages of several hosts sharing one spool must not collide.
+        stage = f"{self._dirs['tmp']}/{_STAGE_PREFIX}{os.urandom(8).hex()}"
+        os.mkdir(stage, DEFAULT_MODE)
+        return stage
+
+    def accept(
+        self,
+        taken: TakenFile,
+        job_id: str,
+        status: dict[str, Any],
+        log_text: str,
+        *,
+        schedule: bool = False,
+    ) -> JobDir:
+        """Turn a staged file into pending/<job_id>; raise DuplicateJob if the id exists anywhere.
+
+        ``schedule``: into scheduled/<job_id> instead, replacing a schedule of that id (one
+        atomic exchange: the old definition is there up to the instant the new one is).
+        """
+        check_job_id(job_id)
+        stage = os.fspath(taken.stage)
+        original = f"{stage}/{taken.name}"
+        job_file = f"{stage}/job.yaml"
+        # The original keeps its name to the last, so that recovery can give it back under
+        # it; unless it is named like a file written beside it (a job file named status.json).
+        # It is spoold's own copy already (take_incoming, stage_file, create_run).
+        if taken.name in _STAGE_FILES:
+            os.rename(original, job_file)
+        # Plain writes: nobody else looks into a stage.
+        write_new(f"{stage}/status.json", json_bytes(status))
+        write_new(f"{stage}/log", log_text.encode())
+        os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
+        if taken.name not in _STAGE_FILES:
+            os.rename(original, job_file)
+        if self._disk.durable:
+            fsync_path(job_file)
+            # The job directory's own entries: without this, a filesystem that orders no
+            # metadata (ext4 without a journal, as on the benchmark machine) may come back from
+            # a power loss with pending/<id> naming a directory that was never written.
+            fsync_path(stage)
+        # Reserved only now that status.json names the id: recovery of a stage undoes a
+        # reservation that names the stage. No fsync of ids/: the fsync of pending/ (or
+        # scheduled/) below commits it, as every metadata change before it.
+        token: str | None = os.path.basename(stage)
+        if not self._ids.reserve(job_id, str(token)):
+            found = self._jobs.find(job_id)
+            if not (schedule and found is not None and found.directory == "scheduled"):
+                _unstage(stage, original, job_file)
+                where = f" in {found.directory}/" if found else " (its file is being accepted)"
+                raise DuplicateJob(f"a job with id {job_id!r} already exists{where}")
+            token = None  # a schedule replaced keeps the reservation it had
+        try:
+            if schedule:
+                return self._place_schedule(stage, job_id)
+            target = f"{self._dirs['pending']}/{job_id}"
+            try:
+                rename_noreplace(stage, target)
+            except FileExistsError as exc:
+                # A job from before ids/ existed that the spool's migration missed: the
+                # reservation just made is now its.
+                token = None
+                _unstage(stage, original, job_file)
+                raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
+        except BaseException:
+            if token is not None:
+                self._ids.unreserve(job_id, token)
+            raise
+        self._disk.sync(self._dirs["pending"])
+        return JobDir(job_id, "pending", target)
+
+    def _place_schedule(self, stage: str, job_id: str) -> JobDir:
+        target = f"{self._dirs['scheduled']}/{job_id}"
+        try:
+            rename_noreplace(stage, target)
+        except FileExistsError:
+            # Marked before it goes: once exchanged, the old definition sits where the new one
+            # was prepared, and recovery must delete it there, not give it back to incoming/
+            # (where it would replace the new one). On the current definition the mark is inert.
+            os.close(
+                os.open(f"{target}/{_REPLACED}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            )
+            try:
+                rename_exchange(stage, target)  # the old definition is in the stage now
+            except OSError:  # no exchange here (NFS): the old one goes first, for a moment
+                os.rename(target, f"{stage}.old")
+                os.rename(stage, target)
+                stage = f"{stage}.old"
+            shutil.rmtree(stage)
+        self._disk.sync(self._dirs["scheduled"])
+        return JobDir(job_id, "scheduled", target)
+
+    def create_run(
+        self, schedule: JobDir, run_id: str, status: dict[str, Any], log_text: str
+    ) -> JobDir:
+        """A firing of a schedule: pending/<run_id> with the schedule's job.yaml, status, log.
+
+        DuplicateJob if that run exists anywhere already: the firing was made before (a crash
+        between making it and recording it), and must not be made twice.
+        """
+        data = self._jobs.read_job_file(schedule, sha256=status.get("sha256"))
+        stage = self._new_stage()
+        try:
+            write_new(f"{stage}/job.yaml", data, mode=_PRIVATE_FILE)
+            taken = TakenFile(
+                name="job.yaml", stage=Path(stage), kind="file", size=len(data), data=data
+            )
+            return self.accept(taken, run_id, status, log_text)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+    def reject(self, taken: TakenFile, reason: dict[str, Any]) -> Path:
+        """Move a staged file into rejected/<name>/ beside a reason.json; return that directory."""
+        stage = taken.stage
+        if taken.name == "reason.json":  # the reason must not land on the file it is about
+            os.rename(taken.original, stage / "reason.json.orig")
+        write_file(stage / "reason.json", json_bytes(reason), durable=self._disk.durable)
+        target = _move_to_free_name(stage, Path(self._dirs["rejected"]), taken.name)
+        self._disk.sync(self._dirs["rejected"])
+        return target
+
+    def release(self, taken: TakenFile) -> str:
+        """Undo a take that could not be finished: the file goes back into incoming/."""
+        stage = taken.stage
+        # Where accept() or reject() may have moved it; a file named like one spoold writes
+        # was moved first, so its original name may now hold spoold's own file.
+        moved = [stage / "job.yaml", stage / "reason.json.orig"]
+        places = (
+            [*moved, taken.original] if taken.name in _STAGE_FILES else [taken.original, *moved]
+        )
+        source = next((p for p in places if p.exists() or p.is_symlink()), None)
+        if source is None:
+            shutil.rmtree(stage)
+            return f"{taken.name} was gone from its stage"
+        target = _move_to_free_name(source, Path(self._dirs["incoming"]), taken.name)
+        shutil.rmtree(stage)
+        return f"returned {taken.name} to incoming/ as {target.name}"
+
+    def recover(self) -> list[str]:
+        """Finish or undo intake that a crash interrupted; return what was done, for the log."""
+        done: list[str] = []
+        with os.scandir(self._dirs["tmp"]) as entries:
+            found = [Path(e.path) for e in entries]
+        for stage in (p for p in found if p.name.startswith(_STAGE_PREFIX)):
+            done.append(self._recover_stage(stage))
+        for gone in (p for p in found if p.name.startswith(GONE_PREFIX)):
+            self._ids.finish_removal(os.fspath(gone))  # a removal a crash cut short
+            done.append(f"finished removing {gone.name}")
+        for building in (p for p in found if p.name.startswith(MIGRATION_PREFIX)):
+            shutil.rmtree(building, ignore_errors=True)  # Reservations.ensure() begins anew
+        return done
+
+    def _recover_stage(self, stage: Path) -> str:
+        entries = {e.name for e in os.scandir(stage) if not e.name.startswith(TEMP_MARK)}
+        if _REPLACED in entries:  # a schedule's old definition, replaced: what was left to do
+            shutil.rmtree(stage)
+            return f"finished removing a replaced schedule definition ({stage.name})"
+        originals = sorted(entries - _STAGE_FILES)
+        if "reason.json" in entries:
+            reason = json.loads((stage / "reason.json").read_bytes())
+            target = _move_to_free_name(
+                stage, Path(self._dirs["rejected"]), str(reason.get("file"))
+            )
+            return f"finished rejecting {target.name}"
+        if originals or "job.yaml" in entries:
+            # Taken but not yet accepted: back to incoming/ to be taken again, and the id it
+            # may have reserved given up. A file already renamed to job.yaml is named after
+            # the source recorded beside it, if any.
+            job_id = self._staged_status(stage).get("job_id")
+            if isinstance(job_id, str) and RUN_ID.match(job_id):
+                self._ids.unreserve(job_id, stage.name)
+            source = stage / (originals[0] if originals else "job.yaml")
+            name = originals[0] if originals else self._staged_source(stage)
+            target = _move_to_free_name(source, Path(self._dirs["incoming"]), name)
+            shutil.rmtree(stage)
+            return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
+        shutil.rmtree(stage)
+        return f"removed empty stage {stage.name}"
+
+    @staticmethod
+    def _staged_status(stage: Path) -> dict[str, Any]:
+        return read_json(f"{stage}/status.json") or {}
+
+    def _staged_source(self, stage: Path) -> str:
+        source = self._staged_status(stage).get("source")
+        return str(source) if source else "job.yaml"
+
+    # -- rejected files --------------------------------------------------------------------------
+
+    def list_rejected(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Every entry of rejected/, by name, with its reason.json (None where it has none, or
+        this user may not read it)."""
+        with os.scandir(self._dirs["rejected"]) as entries:
+            names = sorted(
+                e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name[0] != "."
+            )
+        return [(name, self.read_rejection(name)) for name in names]
+
+    def read_rejection(self, name: str) -> dict[str, Any] | None:
+        """rejected/<name>/reason.json, or None."""
+        try:
+            return read_json(f"{self._dirs['rejected']}/{_entry_name(name)}/reason.json")
+        except OSError:  # not this user's to read
+            return None
+
+    def purge_rejected(self, name: str) -> None:
+        """Remove rejected/<name> as a job is removed: out of the tree in one rename, then
+        deleted; FileNotFoundError if it is gone."""
+        gone = f"{self._dirs['tmp']}/{GONE_PREFIX}{new_token('rejected-')}"
+        os.rename(f"{self._dirs['rejected']}/{_entry_name(name)}", gone)
+        self._disk.sync(self._dirs["rejected"])
+        self._ids.finish_removal(gone)
+
+    def decided(self, stage: str) -> bool:
+        """Whether intake's stage was turned into a rejection (or is gone: moved on)."""
+        path = os.path.join(self._dirs["tmp"], os.path.basename(stage))
+        return not os.path.isdir(path) or os.path.exists(f"{path}/reason.json")
+
+
+def _entry_name(name: str) -> str:
+    """``name`` if it names an entry of a directory, never a path out of it."""
+    if "/" in name or name in ("", ".", ".."):
+        raise SpoolError(f"{name!r} is not a name of an entry")
+    return name
+
+
+def _unstage(stage: str, original: str, job_file: str) -> None:
+    """Undo accept's writes: the stage holds the file alone again, as reject() expects."""
+    for leftover in ("status.json", "log"):
+        os.unlink(f"{stage}/{leftover}")
+    os.rmdir(f"{stage}/artifacts")
+    os.rename(job_file, original)
+
+
+def _free_names(name: str) -> Iterator[str]:
+    """name, then name-2.yaml, name-3.yaml, ...: the suffix stays, so a job file stays one."""
+    stem, dot, suffix = name.rpartition(".")
+    if not (dot and stem):
+        stem, suffix = name, ""
+    yield name
+    for n in range(2, 10_000):
+        yield f"{stem}-{n}.{suffix}" if suffix else f"{stem}-{n}"
+
+
+def _move_to_free_name(source: Path, parent: Path, name: str) -> Path:
+    """Rename ``source`` into ``parent`` under the first free name; never replaces anything."""
+    for candidate in _free_names(name):
+        try:
+            rename_noreplace(source, parent / candidate)
+        except FileExistsError:
+            continue
+        return parent / candidate
+    raise SpoolError(f"no free name for {name!r} in {parent}")
+
+
+def _signature(st: os.stat_result) -> FileSignature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "other"
+
+
+def _has_local_writer(fd: int) -> bool | None:
+    """Whether a process on this host has the file open for writing; None if unknowable.
+
+    A read lease is granted only when nobody holds the file open for writing, which is
+    exactly "the writer (scp, cp, an editor) has closed it". Released at once, so that no
+    lease-break signal can reach us.
+    """
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return True
+        return None  # EACCES (not our file, no CAP_LEASE), EINVAL (NFS and friends)
+    fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    return False

@@ -1,0 +1,542 @@
+"""The command line: a thin layer over the spool, the validator, the runner and the daemon.
+
+Start-up is kept light: this module imports the standard library's argparse and little else,
+and each command imports what it needs. ``spoold --version`` and the commands that only read
+the spool (``status``, ``list``, ``logs``, ``wait``) never load jsonschema, APScheduler,
+requests or watchdog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spoold import __version__
+
+if TYPE_CHECKING:
+    from spoold.core.clock import SystemClock
+    from spoold.core.config import Config
+    from spoold.core.errors import ValidationIssue
+    from spoold.core.spool import Spool
+    from spoold.intake.admission import Admission, Admitted
+    from spoold.run.control import JobControl
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+Command = Callable[[argparse.Namespace, "Config"], int]
+
+#: Where the Debian package's venv lives: its CLI's own config is /etc/spoold/config.yaml.
+PACKAGED_PREFIX = Path("/usr/lib/spoold/venv")
+#: The commands that act on what the config allows: they check the config against its schema.
+#: The others read the spool, and take the config's values without that check (load_config
+#: still names the key of a value it cannot use).
+_CHECKED = frozenset({"run", "validate", "submit", "exec"})
+#: The commands that need no config and no spool.
+_STANDALONE = frozenset({"schema", "completion"})
+_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+
+def main(argv: Sequence[str] | None = None, *, commands: Mapping[str, Command]) -> int:
+    """The ``spoold`` command, given the commands that run spoold's parts (``run``, ``exec``):
+    the composition root (spoold.app) owns those, this face parses and shows."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --version and --help end here, having imported nothing
+    if args.handler is None:
+        args.handler = commands[args.command]
+    if (wrong := _usage_problem(args)) is not None:
+        parser.error(wrong)  # exits 2, with the usage
+    from spoold.core.errors import ConfigError, SpooldError, SpoolError  # noqa: PLC0415
+    from spoold.face.access import UsageError, permission_problem  # noqa: PLC0415
+
+    try:
+        config = None if args.command in _STANDALONE else _config(args)
+        result: int = args.handler(args, config)
+    except ConfigError as exc:
+        print(f"spoold: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:  # and NotAllowed: what this user may not look at
+        print(f"spoold: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SpoolError as exc:
+        print(f"spoold: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "not a spool" in str(exc) else EXIT_FAILED
+    except SpooldError as exc:
+        print(f"spoold: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except PermissionError as exc:
+        print(f"spoold: {permission_problem(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a file named on the command line, a full disk: no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"spoold: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+
+def _locations(parser: argparse.ArgumentParser, default: Any) -> None:
+    """--spool and --config: on the main parser (before the command) and on every command.
+
+    On a command they default to SUPPRESS, so that a value given before the command stays
+    unless one is given after it too (then that one wins).
+    """
+    parser.add_argument(
+        "--spool", type=Path, default=default, metavar="DIR",
+        help="spool directory (default: the config's spool, else ./spool; SPOOLD_SPOOL overrides)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--config", type=Path, default=default, metavar="FILE",
+        help="config file (default: ./config.yaml, else /etc/spoold/config.yaml)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spoold`` command's parser (the bash completion script is made from it too)."""
+    parser = argparse.ArgumentParser(
+        prog="spoold",
+        description="Crash-safe spool job runner.",
+        epilog="--spool and --config may stand before the command or after it. Exit codes: "
+        "0 success, 1 the job or file failed, 2 usage, configuration or permission error.",
+    )
+    parser.add_argument("--version", action="version", version=f"spoold {__version__}")
+    _locations(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _locations(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Command | None, text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=text, description=text)
+        command.set_defaults(handler=handler)
+        return command
+
+    add("init", cmd_init, "create the spool tree with safe permissions")
+    run = add("run", None, "run the daemon in the foreground")
+    run.add_argument("--daemon", action="store_true", help="detach into the background")
+    run.add_argument("--pidfile", type=Path, help="with --daemon: write the pid here")
+    submit = add(
+        "submit", cmd_submit,
+        "check files as intake would (job ids too), then place them atomically into incoming/",
+    )  # fmt: skip
+    submit.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    submit.add_argument(
+        "--wait", action="store_true",
+        help="then wait until the jobs end; exit 0 only if every one succeeded (a file without "
+        "job_id is given one, written as its first key)",
+    )  # fmt: skip
+    submit.add_argument("--timeout", type=duration, metavar="SECONDS", help="with --wait: at most")
+    validate = add(
+        "validate", cmd_validate,
+        "check job files as intake would, with the config's run_as policy and callbacks; "
+        "with --spool DIR, also job ids already in that spool; exit 1 if any is refused",
+    )  # fmt: skip
+    validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument(
+        "--plan", action="store_true", help="also print the order a job's steps run in"
+    )
+    execute = add("exec", None, "run one job now, in the foreground, without a daemon")
+    execute.add_argument("file", type=Path, metavar="FILE")
+    status = add("status", cmd_status, "one job's status, or a summary of the spool")
+    status.add_argument("job_id", nargs="?", metavar="ID")
+    status.add_argument("--json", action="store_true", help="status.json as it is")
+    listing = add("list", cmd_list, "jobs, newest first; rejected files with their reason")
+    listing.add_argument("--state", choices=[*_STATES, "scheduled", "rejected"])
+    listing.add_argument(
+        "--label", action="append", default=[], metavar="KEY[=VALUE]",
+        help="only jobs with this label (and value); repeat for several",
+    )  # fmt: skip
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--ids", action="store_true", help=argparse.SUPPRESS)  # for completion
+    logs = add("logs", cmd_logs, "a job's log")
+    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument(
+        "-f", "--follow", action="store_true",
+        help="follow while the job runs, then exit 0 if it succeeded, 1 if not",
+    )  # fmt: skip
+    wait = add("wait", cmd_wait, "wait until the jobs end; exit 0 only if every one succeeded")
+    wait.add_argument("job_ids", nargs="+", metavar="ID")
+    wait.add_argument("--timeout", type=duration, metavar="SECONDS", help="at most (exit 1)")
+    cancel = add("cancel", cmd_cancel, "stop a pending or running job; it ends as cancelled")
+    cancel.add_argument("job_id", metavar="ID")
+    cancel.add_argument(
+        "--wait", type=duration, default=None, metavar="SECONDS",
+        help="how long to wait for a running job to end (default: kill_grace + 30s; 0: not)",
+    )  # fmt: skip
+    again = add("retry", cmd_retry, "run a failed or cancelled job again, as a new attempt")
+    again.add_argument("job_id", metavar="ID")
+    unschedule = add("unschedule", cmd_unschedule, "remove a recurring job (its runs stay)")
+    unschedule.add_argument("job_id", metavar="ID")
+    purge = add(
+        "purge", cmd_purge,
+        "remove finished jobs and rejected files older than an age, naming each; "
+        "--dry-run lists what would go",
+    )  # fmt: skip
+    purge.add_argument(
+        "--older-than", metavar="AGE",
+        help="e.g. 30d, 12h (needed unless --state rejected: then all of rejected/ by default)",
+    )  # fmt: skip
+    purge.add_argument(
+        "--state", choices=("done", "failed", "rejected"), help="only this (default: all three)"
+    )
+    purge.add_argument("--dry-run", action="store_true", help="list, and remove nothing")
+    add("schema", cmd_schema, "print the job file's JSON Schema")
+    add("completion", cmd_completion, "print the bash completion script")
+    return parser
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What argparse cannot say about a combination of options."""
+    if args.command == "submit" and args.timeout is not None and not args.wait:
+        return "submit: --timeout goes with --wait"
+    if args.command == "purge" and args.older_than is None and args.state != "rejected":
+        return (
+            "purge: --older-than AGE is needed (e.g. 30d); only --state rejected may leave "
+            "it out, to remove every rejected file"
+        )
+    return None
+
+
+def duration(text: str) -> float:
+    """Seconds, given as a number or a duration (30, 30s, 10m); argparse reports a ValueError
+    as "invalid duration value"."""
+    from spoold.core.units import parse_duration  # noqa: PLC0415
+
+    return parse_duration(text)
+
+
+# -- the config and the spool -----------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from spoold.core.config import load_config  # noqa: PLC0415
+
+    checked = args.command in _CHECKED  # the others skip jsonschema (~0.1 s to load)
+    config = load_config(args.config, spool=args.spool, check_schema=checked)
+    if (note := which_config_note(args, config)) is not None:
+        print(f"spoold: {note}", file=sys.stderr)
+    return config
+
+
+def which_config_note(args: argparse.Namespace, config: Config) -> str | None:
+    """What to say when the config (and so the spool) is not the one this CLI's user expects.
+
+    A checkout's or a pip install's spoold expects ./config.yaml and ./spool; the Debian
+    package's, /etc/spoold/config.yaml and its spool. A config found elsewhere by the search
+    (a checkout's CLI finding the package's /etc/spoold/config.yaml) is named, with the spool.
+    """
+    if args.config is not None or config.source is None:
+        return None
+    packaged = Path(sys.prefix) == PACKAGED_PREFIX
+    expected = Path("/etc/spoold/config.yaml") if packaged else Path("config.yaml")
+    if config.source.absolute() == expected.absolute():
+        return None
+    spool = config.spool
+    spool_from = (
+        "--spool" if args.spool is not None
+        else "SPOOLD_SPOOL" if os.environ.get("SPOOLD_SPOOL")
+        else "the config's" if spool != Path("spool")
+        else "the default"
+    )  # fmt: skip
+    why = "found in the current directory" if packaged else "there is no ./config.yaml here"
+    return (
+        f"using the config {config.source} ({why}), spool {spool} ({spool_from}); "
+        "--config FILE and --spool DIR choose others"
+    )
+
+
+def _spool(config: Config) -> Spool:
+    from spoold.face.access import open_spool  # noqa: PLC0415
+
+    return open_spool(config)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, config: Config) -> int:
+    from spoold.core.spool import Spool  # noqa: PLC0415
+
+    Spool(config.spool).init()
+    print(f"spool ready at {config.spool}")
+    return EXIT_OK
+
+
+def _admission(config: Config, clock: SystemClock) -> Admission:
+    """What intake admits, for a face run by a submitter: secrets it may not read are noted."""
+    from spoold.intake.admission import Admission  # noqa: PLC0415
+    from spoold.intake.validation import job_validator  # noqa: PLC0415
+    from spoold.run.registry import ExecutorRegistry  # noqa: PLC0415
+
+    validator = job_validator(ExecutorRegistry.from_entry_points())
+    return Admission.for_config(config, validator, clock, strict_secrets=False)
+
+
+def read_job_file(path: Path) -> bytes | None:
+    """A job file's bytes, or None with why not printed as validate prints a problem."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
+def _admit(
+    admission: Admission, path: Path, clock: SystemClock, spool: Spool | None
+) -> tuple[bytes, Admitted] | None:
+    """A file's bytes and its admission, or None with the refusal printed as validate prints it."""
+    from spoold.intake.admission import Refused  # noqa: PLC0415
+
+    if (data := read_job_file(path)) is None:
+        return None
+    try:
+        admitted = admission.admit(data, path.name, now=clock.now(), spool=spool)
+    except Refused as refused:
+        _print_issues(path, refused.issues)
+        return None
+    return data, admitted
+
+
+def _print_issues(path: Path, issues: Sequence[ValidationIssue]) -> None:
+    for issue in issues:
+        print(issue.format(str(path)), file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    from spoold.core.clock import SystemClock  # noqa: PLC0415
+    from spoold.run.dag import plan_text  # noqa: PLC0415
+
+    clock = SystemClock()
+    admission = _admission(config, clock)
+    spool = _spool(config) if args.spool is not None else None  # no spool needed without it
+    failed = False
+    for path in args.files:
+        if (found := _admit(admission, path, clock, spool)) is None:
+            failed = True
+            continue
+        admitted = found[1]
+        print(f"{path}: valid")
+        _print_issues(path, admitted.notes)
+        if args.plan:
+            steps = admitted.document.get("steps")
+            print(plan_text(steps) if steps else "one step: the job itself (no steps:)")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    from spoold.core.clock import SystemClock, rfc3339  # noqa: PLC0415
+    from spoold.face.waits import Submitted, give_job_id, wait_for_submitted  # noqa: PLC0415
+
+    spool = _spool(config)
+    clock = SystemClock()
+    admission = _admission(config, clock)
+    failed = False
+    submitted: dict[str, Path] = {}  # job id -> the file of this run that names it
+    waits: list[Submitted] = []
+    for path in args.files:
+        if (found := _admit(admission, path, clock, spool)) is None:
+            failed = True
+            continue
+        data, admitted = found
+        if (first := submitted.get(admitted.job_id)) is not None:
+            taken = f"a job with id {admitted.job_id!r} is in {first}, submitted just now"
+            _print_issues(path, admission.duplicate(data, admitted.document, taken).issues)
+            failed = True
+            continue
+        if args.wait and "schedule" in admitted.document:
+            print(f"{path}: has a schedule, which never ends: submit it without --wait, then "
+                  f"`spoold wait` its runs ({admitted.job_id}@<time>)", file=sys.stderr)  # fmt: skip
+            failed = True
+            continue
+        if args.wait and "job_id" not in admitted.document:
+            named = give_job_id(data, admitted.job_id)
+            if named is None:
+                print(f"{path}: has no job_id, and spoold cannot add one to it: give it a "
+                      "job_id for --wait to know the job by", file=sys.stderr)  # fmt: skip
+                failed = True
+                continue
+            data = named
+        _print_issues(path, admitted.notes)
+        when = rfc3339(clock.now())
+        placed = spool.stages.submit_file(path.name, data)
+        submitted[admitted.job_id] = path
+        print(f"{path}: submitted as {placed} (job {admitted.job_id})")
+        waits.append(Submitted(admitted.job_id, placed, when))
+    if not args.wait:
+        return EXIT_FAILED if failed else EXIT_OK
+    all_succeeded = wait_for_submitted(spool, config, waits, timeout=args.timeout)
+    return EXIT_OK if all_succeeded and not failed else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face import views  # noqa: PLC0415
+    from spoold.face.access import locate, read_status  # noqa: PLC0415
+
+    spool = _spool(config)
+    if args.job_id:
+        job = locate(spool, args.job_id)
+        status = read_status(spool, job)
+        if args.json:  # status.json as it is
+            import json  # noqa: PLC0415
+
+            print(json.dumps(status, indent=2))
+        else:
+            print(views.job_text(spool, config, job, status))
+        return EXIT_OK
+    if args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(views.summary(spool, config), indent=2))
+    else:
+        print(views.summary_text(spool, config))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face import listing  # noqa: PLC0415
+
+    spool = _spool(config)
+    labels = listing.parse_labels(args.label)
+    if args.state == "rejected":
+        rows = listing.rejected_rows(spool)
+    else:
+        rows = listing.job_rows(spool, args.state, labels, ids_only=args.ids)
+    if args.limit:
+        rows = rows[: args.limit]
+    if args.ids:
+        print("\n".join(str(row.get("job_id") or row.get("name")) for row in rows))
+    elif args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print("\n".join(listing.row_text(row) for row in rows))
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face.waits import show_log  # noqa: PLC0415
+
+    return show_log(_spool(config), args.job_id, follow=args.follow)
+
+
+def cmd_wait(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face.waits import wait_for_jobs  # noqa: PLC0415
+
+    ids = list(dict.fromkeys(args.job_ids))
+    return EXIT_OK if wait_for_jobs(_spool(config), ids, timeout=args.timeout) else EXIT_FAILED
+
+
+def _control(config: Config) -> JobControl:
+    import logging  # noqa: PLC0415
+    import pwd  # noqa: PLC0415
+
+    from spoold.core.clock import SystemClock  # noqa: PLC0415
+    from spoold.out.outbox import callbacks_for  # noqa: PLC0415
+    from spoold.run.control import JobControl  # noqa: PLC0415
+
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    spool, clock = _spool(config), SystemClock()
+    callbacks = callbacks_for(config, spool, clock, logging.getLogger("spoold"))
+    return JobControl(spool, clock, who=f"{user} on {config.hostname}", callbacks=callbacks)
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    import time  # noqa: PLC0415
+
+    from spoold.core.states import JobState  # noqa: PLC0415
+    from spoold.face.access import locate, read_status  # noqa: PLC0415
+    from spoold.face.views import ended_text  # noqa: PLC0415
+
+    spool = _spool(config)
+    locate(spool, args.job_id)  # "may not look" is said as such, never as "no job"
+    control = _control(config)
+    outcome = control.cancel(args.job_id)
+    if outcome.cancelled:
+        print(f"{args.job_id}: cancelled before it started ({outcome.job.path})")
+        return EXIT_OK
+    if outcome.state is not JobState.RUNNING:
+        print(f"{args.job_id}: already {outcome.state.value}; nothing to cancel", file=sys.stderr)
+        return EXIT_FAILED
+    if control.worker_gone(outcome.job, config.hostname):  # killed, or stopped: none to wait for
+        print(f"{args.job_id}: cancel requested; no spoold runs it now: it ends cancelled when "
+              "spoold starts again on this host")  # fmt: skip
+        return EXIT_OK
+    bound = config.kill_grace + 30.0 if args.wait is None else args.wait
+    print(f"{args.job_id}: cancel requested; its worker stops it", file=sys.stderr)
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        job = spool.jobs.find(args.job_id)
+        if job is not None and job.directory in ("done", "failed"):
+            status = read_status(spool, job)
+            print(f"{args.job_id}: {status['state']} ({job.path})")
+            if status["state"] != JobState.CANCELLED.value:
+                print(f"{args.job_id}: {ended_text(status)} before the cancel reached it",
+                      file=sys.stderr)  # fmt: skip
+            return EXIT_OK if status["state"] == JobState.CANCELLED.value else EXIT_FAILED
+        time.sleep(0.1)
+    if bound > 0:
+        print(f"{args.job_id}: still running after {bound:g}s", file=sys.stderr)
+    return EXIT_FAILED if bound > 0 else EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face.access import locate  # noqa: PLC0415
+
+    locate(_spool(config), args.job_id)  # "may not look" is said as such, never as "no job"
+    control = _control(config)
+    job = control.retry(args.job_id)  # says why not, for a job that is not failed or cancelled
+    woke = control.wake_daemon(config.hostname)
+    print(f"{args.job_id}: back in pending/ ({job.path})")
+    if not woke:
+        print("no spoold runs here: the job runs when one starts", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_unschedule(args: argparse.Namespace, config: Config) -> int:
+    control = _control(config)
+    _spool(config).jobs.unschedule(args.job_id)
+    woke = control.wake_daemon(config.hostname)
+    print(f"{args.job_id}: unscheduled (its runs stay where they are)")
+    if not woke:
+        print("no spoold runs here: others sharing the spool notice at their next scan",
+              file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace, config: Config) -> int:
+    from spoold.core.errors import ConfigError  # noqa: PLC0415
+    from spoold.core.units import parse_duration  # noqa: PLC0415
+    from spoold.face.cleanup import purge  # noqa: PLC0415
+
+    try:
+        age = None if args.older_than is None else parse_duration(args.older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from exc
+    states = [args.state] if args.state else ["done", "failed", "rejected"]
+    return purge(_spool(config), config, states, age, args.older_than, dry_run=args.dry_run)
+
+
+def cmd_schema(args: argparse.Namespace, config: Config | None) -> int:
+    import json  # noqa: PLC0415
+
+    from spoold.intake.validation import compose_job_schema, load_base_schema  # noqa: PLC0415
+    from spoold.run.registry import ExecutorRegistry  # noqa: PLC0415
+
+    schemas = ExecutorRegistry.from_entry_points().schemas()
+    print(json.dumps(compose_job_schema(load_base_schema(), schemas), indent=2))
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace, config: Config | None) -> int:
+    from spoold.face.completion import bash_script  # noqa: PLC0415
+
+    sys.stdout.write(bash_script(build_parser()))
+    return EXIT_OK

@@ -1,0 +1,333 @@
+"""What ``spoold status`` shows: one job (its attempts, steps, why it waits, its callbacks) or
+the spool (counts, callbacks given up, the daemon), read as this user may (spoold.face.access)."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from spoold.core.clock import parse_rfc3339, rfc3339
+from spoold.core.errors import SpooldError
+from spoold.core.procfs import started_at
+from spoold.core.spool import JobDir, Spool
+from spoold.core.states import state_phrase
+from spoold.face.access import owner, who
+
+if TYPE_CHECKING:
+    from spoold.core.config import Config
+
+#: The directories ``spoold status`` counts; ids/ and tmp/ are spoold's own bookkeeping.
+COUNTED = ("incoming", "pending", "running", "done", "failed", "rejected", "scheduled")
+_WIDTH = 17  # the label column of ``spoold status ID``
+#: What ``spoold status ID`` reads from the job file of a job accepted before status.json kept
+#: these (JobStatus ``labels`` and ``description``, a step entry's ``continue_on_error``).
+_ABOUT_KEYS = ("labels", "description", "continue_on_error")
+
+
+# -- one job ----------------------------------------------------------------------------------
+
+
+def outcome_text(exit_code: Any, error: Any) -> str:
+    """``exit code 3``, or the error (which names the exit code when it is all there is)."""
+    if error:
+        said = f"exit code {exit_code}"
+        return str(error) if exit_code is None or said in str(error) else f"{said}: {error}"
+    return "" if exit_code is None else f"exit code {exit_code}"
+
+
+def ended_text(status: dict[str, Any]) -> str:
+    """``job f3 failed: exit code 3``, ``job ok1 succeeded``, ``job c was cancelled: ...``."""
+    state = str(status.get("state"))
+    outcome = (
+        "" if state == "succeeded" else outcome_text(status.get("exit_code"), status.get("error"))
+    )
+    return f"job {status.get('job_id')} {state_phrase(state)}" + (f": {outcome}" if outcome else "")
+
+
+def _line(label: str, text: Any) -> str:
+    return f"{label + ':':<{_WIDTH}}{text}"
+
+
+def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) -> str:
+    """``spoold status ID``: the job, its attempts and steps, why it waits, its callbacks."""
+    lines = []
+    keys = ("job_id", "state", "executor", "type", "description", "source", "submitted_at",
+            "started_at", "finished_at", "next_attempt_at", "exit_code", "error", "worker",
+            "schedule", "last_fired")  # fmt: skip
+    about = _about(spool, job, status)
+    for key in keys:
+        value = status.get(key)
+        value = about.get(key) if value is None else value  # a job from before status kept it
+        if value is not None and value != "":
+            lines.append(_line(key, value))
+    if labels := about.get("labels"):
+        lines.append(_line("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))))
+    lines += [_line("next firing", moment) for moment in status.get("next_fire_times") or ()]
+    lines += [_line("run", run["run_id"]) for run in (status.get("runs") or [])[-5:]]
+    lines += [_line("note", f"{n['at']} {n['what']}") for n in (status.get("notes") or [])[-5:]]
+    for attempt in status.get("attempts") or ():
+        lines.append(_line(f"attempt {attempt.get('number')}", _attempt_text(attempt)))
+    lines += _steps_lines(status, about)
+    for artifact in status.get("artifacts") or ():
+        sha = str(artifact.get("sha256") or "")[:12]
+        lines.append(
+            _line("artifact", f"{artifact['path']} ({artifact['size']} bytes, sha256 {sha})")
+        )
+    if status.get("log_lines_lost"):
+        lines.append(_line("log", f"{status['log_lines_lost']} line(s) lost (the disk was full)"))
+    if job.directory == "pending":
+        lines += [_line("waits", reason) for reason in waiting_reasons(spool, config, status)]
+    lines += [_line("callback", text) for text in _callback_lines(spool, job.job_id)]
+    if job.directory in ("pending", "running", "scheduled"):
+        lines.append(_line("daemon", daemon_text(spool, config.hostname)))
+    return "\n".join(lines)
+
+
+def _attempt_text(attempt: dict[str, Any]) -> str:
+    end = attempt.get("finished_at") or "(running)"
+    outcome = outcome_text(attempt.get("exit_code"), attempt.get("error"))
+    if attempt.get("retryable") is True:
+        outcome += " (retryable)"
+    return f"{attempt.get('started_at')} -> {end}" + (f", {outcome}" if outcome else "")
+
+
+def _about(spool: Spool, job: JobDir, status: dict[str, Any]) -> dict[str, Any]:
+    """Labels, description and which steps may fail (``continue_on_error``), as status.json
+    keeps them; for a job accepted before it kept them, as its job file says."""
+    steps = status.get("steps") or {}
+    if isinstance(status.get("labels"), dict) and all(
+        "continue_on_error" in (step or {}) for step in steps.values()
+    ):
+        tolerated = {key for key, step in steps.items() if step.get("continue_on_error")}
+        return {"labels": status["labels"], "description": status.get("description"),
+                "tolerated": tolerated}  # fmt: skip
+    return _about_from_file(spool, job, status)
+
+
+def labels_of(spool: Spool, job: JobDir, status: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's labels (``spoold list --label``) as status.json keeps them; for a job accepted
+    before it kept them, as its job file says where this user may read it. None if unknown."""
+    labels = status.get("labels")
+    if not isinstance(labels, dict):
+        try:
+            labels = job_document(spool, job, status, keys=("labels",)).get("labels")
+        except (OSError, SpooldError, ValueError):
+            return None
+    return labels if isinstance(labels, dict) else None
+
+
+def _about_from_file(spool: Spool, job: JobDir, status: dict[str, Any]) -> dict[str, Any]:
+    """``_about`` of a job accepted before status.json kept it: read from job.yaml, which only
+    spoold may read (0600); empty for everyone else."""
+    try:
+        document = job_document(spool, job, status, keys=_ABOUT_KEYS)
+    except (OSError, SpooldError, ValueError):
+        return {}
+    tolerated = {
+        str(step.get("id"))
+        for step in document.get("steps") or ()
+        if isinstance(step, dict) and step.get("continue_on_error") is True
+    }
+    labels = document.get("labels") if isinstance(document.get("labels"), dict) else None
+    return {"labels": labels, "description": document.get("description"), "tolerated": tolerated}
+
+
+def job_document(
+    spool: Spool, job: JobDir, status: dict[str, Any], *, keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The job file, parsed (the sha256 status.json recorded checked); OSError if unreadable.
+
+    ``keys``: only these top-level keys are wanted, and a file whose text names none of them
+    is not parsed ({}): importing YAML and the job-file loader would cost ``spoold status ID``
+    20-30 ms. A key spelled with escapes (``"\\u006cabels"``) is not seen.
+    """
+    data = spool.jobs.read_job_file(job, sha256=status.get("sha256"))
+    if keys and not any(key.encode() in data for key in keys):
+        return {}
+    from spoold.core.documents import load_document  # noqa: PLC0415 - YAML only where needed
+
+    document = load_document(data, "job.yaml")
+    return document if isinstance(document, dict) else {}
+
+
+def _steps_lines(status: dict[str, Any], about: dict[str, Any]) -> list[str]:
+    """One line per step: its state, exit code or error, attempts; a failed step the job went
+    on past (``continue_on_error``) says so."""
+    steps = status.get("steps") or {}
+    tolerated = about.get("tolerated")
+    lines = []
+    for step_id, step in steps.items():
+        state = str((step or {}).get("state"))
+        parts = [state]
+        if outcome := outcome_text(step.get("exit_code"), step.get("error")):
+            parts.append(outcome)
+        if int(step.get("attempts") or 0) > 1:
+            parts.append(f"{step['attempts']} attempts")
+        text = ", ".join(parts)
+        if state == "failed":
+            went_on = (
+                step_id in tolerated
+                if tolerated is not None
+                else status.get("state") == "succeeded"
+            )
+            if went_on:
+                text += " (continue_on_error: the job went on)"
+        lines.append(_line(f"step {step_id}", text))
+    return lines
+
+
+def waiting_reasons(spool: Spool, config: Config, status: dict[str, Any]) -> list[str]:
+    """Why a pending job has not started: its due time, a busy concurrency key or executor, every
+    worker busy, no daemon. "next in line" when nothing holds it back."""
+    from spoold.core.clock import SystemClock  # noqa: PLC0415
+    from spoold.core.units import format_duration  # noqa: PLC0415
+
+    now = SystemClock().now()
+    reasons = []
+    due = status.get("next_attempt_at")
+    if isinstance(due, str) and (when := _moment(due)) is not None and when > now:
+        wait = format_duration((when - now).total_seconds())
+        reasons.append(f"for its next attempt, due at {due} (in {wait})")
+    running = _running_statuses(spool)
+    concurrency = status.get("concurrency") if isinstance(status.get("concurrency"), dict) else {}
+    if key := (concurrency or {}).get("key"):
+        limit = int((concurrency or {}).get("limit") or 1)
+        busy = sum(1 for s in running if (s.get("concurrency") or {}).get("key") == key)
+        if busy >= limit:
+            reasons.append(f"for concurrency key {key!r}: {busy} running, limit {limit}")
+    executor = status.get("executor")
+    if (cap := config.executor_limits.get(str(executor))) is not None:
+        busy = sum(1 for s in running if s.get("executor") == executor)
+        if busy >= cap:
+            reasons.append(f"for a {executor} slot: {busy} running, limits.executors: {cap}")
+    if len(running) >= config.workers:
+        reasons.append(f"for a worker: {len(running)} running, workers: {config.workers}")
+    try:
+        if spool.host_lock.daemon_on(config.hostname) is None:
+            reasons.append(f"for a daemon: none runs on {config.hostname} for this spool")
+    except OSError:  # tmp/ is not this user's to look into
+        return reasons or ["for its turn, as far as this user can see"]
+    return reasons or ["for its turn: nothing else holds it back"]
+
+
+def _moment(text: str) -> datetime | None:
+    try:
+        return parse_rfc3339(text)
+    except ValueError:
+        return None
+
+
+def _running_statuses(spool: Spool) -> list[dict[str, Any]]:
+    found = []
+    for job in spool.jobs.list_jobs("running"):
+        with contextlib.suppress(OSError, SpooldError, ValueError):
+            found.append(spool.jobs.read_status(job))
+    return found
+
+
+def _callback_lines(spool: Spool, job_id: str) -> list[str]:
+    """The job's callbacks still in outbox/ (or given up in outbox/failed/): last error, next try."""
+    try:
+        waiting = [(n, "") for n in spool.deliveries.names() if n.startswith(f"{job_id}~")]
+        waiting += [
+            (n, "failed") for n in spool.deliveries.names("failed") if n.startswith(f"{job_id}~")
+        ]
+    except PermissionError:
+        return [f"not visible to this user (outbox/ is {owner(str(spool.dir('outbox')))})"]
+    lines = []
+    for name, where in waiting:
+        record = spool.deliveries.read(name, where) or {}
+        event, tries = record.get("event", "?"), int(record.get("tries") or 0)
+        if where:
+            text = f"{event}: given up after {tries} tries; last error: {record.get('last_error')}"
+        elif not tries:
+            text = f"{event}: waiting in outbox/, not tried yet"
+        else:
+            next_try = record.get("next_try")
+            when = rfc3339(datetime.fromtimestamp(float(next_try), UTC)) if next_try else "soon"
+            text = (
+                f"{event}: {tries} tries failed, last: {record.get('last_error')}; next try {when}"
+            )
+        lines.append(text)
+    return lines
+
+
+def daemon_text(spool: Spool, host: str) -> str:
+    """Whether a daemon serves this spool on this host: its pid and since when."""
+    return _daemon_words(spool, _daemon(spool, host))
+
+
+def _daemon(spool: Spool, host: str) -> dict[str, Any] | None:
+    """The daemon on ``host`` as ``status --json`` shows it (pid None: none); None if this user
+    may not look."""
+    try:
+        holder = spool.host_lock.daemon_on(host)
+    except PermissionError:
+        return None
+    since = started_at(holder[1]) if holder else None
+    return {"host": host, "pid": holder[0] if holder else None,
+            "since": rfc3339(since) if since else None}  # fmt: skip
+
+
+def _daemon_words(spool: Spool, daemon: dict[str, Any] | None) -> str:
+    if daemon is None:
+        return f"not visible to this user (its lock is in tmp/, {owner(str(spool.dir('tmp')))})"
+    if daemon["pid"] is None:
+        return f"none: no spoold runs on {daemon['host']} for this spool"
+    since = f", running since {daemon['since']}" if daemon["since"] else ""
+    return f"pid {daemon['pid']} on {daemon['host']}{since}"
+
+
+# -- the spool ------------------------------------------------------------------------------------
+
+
+def _count(spool: Spool, name: str) -> int | None:
+    try:
+        return spool.count(name)
+    except PermissionError:
+        return None
+
+
+def summary(spool: Spool, config: Config) -> dict[str, Any]:
+    """``spoold status --json``: counts (null where this user may not look), callbacks given up,
+    and the daemon on this host."""
+    counts: dict[str, int | None] = {name: _count(spool, name) for name in COUNTED}
+    try:
+        counts["outbox"] = len(spool.deliveries.names())
+        given_up: list[dict[str, Any]] | None = [
+            {"name": name, **_delivery_summary(spool.deliveries.read(name, "failed") or {})}
+            for name in spool.deliveries.names("failed")
+        ]
+    except PermissionError:
+        counts["outbox"], given_up = None, None
+    return {"spool": str(spool.root), "counts": counts, "callbacks_given_up": given_up,
+            "daemon": _daemon(spool, config.hostname)}  # fmt: skip
+
+
+def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: record.get(key) for key in ("event", "url", "tries", "last_error", "created")}
+
+
+def summary_text(spool: Spool, config: Config) -> str:
+    """``spoold status``: how many entries each directory holds, and who serves the spool."""
+    found = summary(spool, config)
+    lines = [f"spool {spool.root}"]
+    for name, count in found["counts"].items():
+        shown = "?" if count is None else str(count)
+        lines.append(
+            f"  {name + '/':<11} {shown}" + ("  callbacks waiting" if name == "outbox" else "")
+        )
+    hidden = [name for name, count in found["counts"].items() if count is None]
+    if hidden:
+        lines.append(f"  ?: {who()} may not look into {', '.join(n + '/' for n in hidden)}")
+    lines.append(f"  daemon:     {_daemon_words(spool, found['daemon'])}")
+    given_up = found["callbacks_given_up"] or []
+    if given_up:
+        lines.append(f"  {len(given_up)} callback(s) given up, kept in outbox/failed/:")
+        lines += [
+            f"    {item['name']}: {item['event']} to {item['url']} after {item['tries']} tries; "
+            f"last: {item['last_error']}"
+            for item in given_up
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Waiting on jobs from the command line: ``spoold wait``, ``submit --wait`` and ``logs -f``.
+
+Each polls the spool (status.json of the jobs waited for), so it works on a shared spool and
+without a daemon on this host. Every wait is bounded when a timeout is given; the outcome is
+the exit code: 0 only if every job succeeded.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spoold.core.errors import JobNotFound, SpooldError
+from spoold.face.access import NotAllowed, UsageError, locate, read_status, who
+from spoold.face.views import ended_text
+
+if TYPE_CHECKING:
+    from spoold.core.config import Config
+    from spoold.core.spool import JobDir, Spool
+
+#: How often the spool is looked at while waiting.
+POLL = 0.2
+#: A job found nowhere for this long was removed (a purge) rather than caught mid-rename.
+GONE_AFTER = 5.0
+_FINISHED = ("done", "failed")
+
+
+def wait_for_jobs(spool: Spool, job_ids: list[str], *, timeout: float | None) -> bool:
+    """Wait until every job has ended, saying how each did; True only if every one succeeded.
+
+    UsageError for an id that names no job (or a schedule, which never ends).
+    """
+    for job_id in job_ids:
+        try:
+            where = locate(spool, job_id)
+        except JobNotFound as exc:
+            raise UsageError(str(exc)) from None
+        if where.directory == "scheduled":
+            raise UsageError(
+                f"{job_id} is a schedule, which never ends: wait for its runs ({job_id}@<time>)"
+            )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = list(job_ids)
+    states: dict[str, str] = {}
+    missing: dict[str, float] = {}  # job id -> since when it is found nowhere
+    while True:
+        for job_id in list(left):
+            job = spool.jobs.find(job_id)
+            if job is None:
+                if time.monotonic() - missing.setdefault(job_id, time.monotonic()) > GONE_AFTER:
+                    print(f"job {job_id} is gone from the spool (purged?)", file=sys.stderr)
+                    states[job_id] = "gone"
+                    left.remove(job_id)
+                continue
+            missing.pop(job_id, None)
+            if job.directory in _FINISHED and (status := _final_status(spool, job)) is not None:
+                print(ended_text(status))
+                states[job_id] = str(status.get("state"))
+                left.remove(job_id)
+        if not left:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            print(
+                f"spoold: still waiting after {timeout:g}s for {', '.join(left)}", file=sys.stderr
+            )
+            break
+        time.sleep(POLL)
+    return all(states.get(job_id) == "succeeded" for job_id in job_ids)
+
+
+def _final_status(spool: Spool, job: JobDir) -> dict[str, Any] | None:
+    try:
+        return read_status(spool, job)
+    except JobNotFound:  # moved on (a retry) while we looked
+        return None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A file ``spoold submit`` placed into incoming/: the job it becomes, the name, when."""
+
+    job_id: str
+    placed: Path
+    at: str  # RFC 3339, just before it was placed
+
+
+def wait_for_submitted(
+    spool: Spool, config: Config, placed: list[Submitted], *, timeout: float | None
+) -> bool:
+    """``submit --wait``: until each file is a job (then until it ends) or rejected."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    started, told = time.monotonic(), False
+    waiting, accepted, ok = list(placed), [], True
+    while waiting:
+        for item in list(waiting):
+            if spool.jobs.find(item.job_id) is not None:
+                accepted.append(item.job_id)
+                waiting.remove(item)
+            elif not _still_there(item.placed) and (reason := rejection_of(spool, item)):
+                print(f"{item.placed.name}: rejected: {reason.get('reason')}", file=sys.stderr)
+                waiting.remove(item)
+                ok = False
+        if not waiting:
+            break
+        if not told and time.monotonic() - started > 5 and _no_daemon(spool, config.hostname):
+            told = True
+            print(f"spoold: no spoold runs on {config.hostname} for this spool: the file(s) "
+                  "wait in incoming/ until one starts (or another host's takes them)",
+                  file=sys.stderr)  # fmt: skip
+        if deadline is not None and time.monotonic() >= deadline:
+            names = ", ".join(item.placed.name for item in waiting)
+            print(f"spoold: still in incoming/ after {timeout:g}s: {names}", file=sys.stderr)
+            return False
+        time.sleep(POLL)
+    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    return wait_for_jobs(spool, accepted, timeout=left) and ok if accepted else ok
+
+
+def _still_there(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return True
+
+
+def _no_daemon(spool: Spool, host: str) -> bool:
+    try:
+        return spool.host_lock.daemon_on(host) is None
+    except OSError:  # tmp/ is not this user's to look into: no telling
+        return False
+
+
+def rejection_of(spool: Spool, item: Submitted) -> dict[str, Any] | None:
+    """The reason.json of the rejection of ``item``'s file, if there is one.
+
+    rejected/ keeps a file under its name, or ``name-2.yaml`` and so on when that is taken:
+    the one whose reason names this file, rejected since it was placed.
+    """
+    name = item.placed.name
+    stem = name.rpartition(".")[0] or name
+    try:
+        candidates = [p.name for p in spool.dir("rejected").iterdir() if p.name.startswith(stem)]
+    except OSError:
+        return None
+    for candidate in sorted(candidates):
+        reason = spool.stages.read_rejection(candidate)
+        if reason and reason.get("file") == name and str(reason.get("rejected_at")) >= item.at:
+            return reason
+    return None
+
+
+def give_job_id(data: bytes, job_id: str) -> bytes | None:
+    """The file with ``job_id`` added as its first key, in the file's own style (block YAML, or
+    flow YAML and JSON); None where that cannot be done without changing anything else."""
+    import codecs  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from spoold.core.documents import load_document  # noqa: PLC0415
+
+    bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
+    try:
+        text = data[len(bom) :].decode("utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        before = load_document(data, "job.yaml")
+    except (UnicodeDecodeError, yaml.YAMLError, SpooldError, ValueError, RecursionError):
+        return None
+    if not isinstance(root, yaml.MappingNode) or not root.value or not isinstance(before, dict):
+        return None
+    mark = root.value[0][0].start_mark
+    if root.flow_style:
+        at, piece = mark.index, f'"job_id": "{job_id}", '
+    else:
+        at = mark.index - mark.column
+        newline = "\r\n" if "\r\n" in text else "\n"
+        piece = f"{' ' * mark.column}job_id: {job_id}{newline}"
+        if text[at : mark.index].strip():  # the first key is not the first thing on its line
+            return None
+    changed = bom + (text[:at] + piece + text[at:]).encode("utf-8")
+    try:
+        after = load_document(changed, "job.yaml")
+    except (SpooldError, ValueError):
+        return None
+    return changed if after == {**before, "job_id": job_id} else None
+
+
+def show_log(spool: Spool, job_id: str, *, follow: bool) -> int:
+    """``spoold logs ID [-f]``: the log; with -f, followed until the job ends, and then exit 0
+    if it succeeded, 1 if not."""
+    job = locate(spool, job_id)
+    out = sys.stdout.buffer
+    try:
+        log = open(job.log_path, "rb")  # noqa: SIM115 - closed below; valid across renames
+    except PermissionError:
+        raise NotAllowed(
+            f"job {job_id} is in {job.directory}/, but {who()} may not read its log"
+        ) from None
+    with log:
+        missing_since: float | None = None
+        while True:
+            chunk = log.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not follow:
+                return 0
+            where = spool.jobs.find(job_id)
+            if where is None:  # between two directories, or purged
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since <= GONE_AFTER:
+                    time.sleep(POLL)
+                    continue
+                return 1
+            missing_since = None
+            if where.directory in ("pending", "running"):
+                time.sleep(POLL)
+                continue
+            # The job ended: whatever it wrote before that is already in the file.
+            out.write(log.read())
+            out.flush()
+            if where.directory == "scheduled":
+                return 0
+            status = _final_status(spool, where) or {}
+            return 0 if status.get("state") == "succeeded" else 1

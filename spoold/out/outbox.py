@@ -1,0 +1,340 @@
+"""Durable signed callbacks: the backend learns every state change of its jobs, even after an outage.
+
+``Callbacks`` is called by whoever changes a job's state (intake, a worker, cancel, retry,
+recovery) and writes the delivery into outbox/ in the same step; ``spoold.out.sender`` posts what is
+in outbox/, per job in sequence order, until the receiver answers 2xx.
+
+How a delivery becomes part of its state change, with no transaction across two files:
+
+1. prepare: outbox/<job>~<n>.prepared is written and fsynced, n = status ``callback_sequence`` + 1;
+2. the state change is made, and the status.json it writes says ``callback_sequence: n``;
+3. commit: the delivery is renamed to outbox/<job>~<n>.json, which the sender posts.
+
+A crash between 1 and 3 leaves a prepared delivery, and the job's status.json decides it: a
+sequence of n or more means the change was made (commit), a smaller one that it was not (the
+delivery is dropped). The next owner of the job does this before its own event; the daemon does
+it at start for every leftover; the sender does it for one left over longer than
+``STALE_PREPARED`` (a ``spoold cancel`` killed half-way). A receiver may get a delivery twice
+(an answer lost in a crash), never one for a change that was not made, and dedupes by
+``delivery_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from spoold.core.clock import Clock, rfc3339
+from spoold.core.errors import CallbackError, DuplicateJob, SpooldError
+from spoold.core.job import JobStatus, interpolate
+from spoold.core.secrets import SecretStore
+from spoold.core.spool import JobDir, Spool
+from spoold.core.states import JobState
+
+if TYPE_CHECKING:
+    from spoold.core.config import Config
+
+_STATE_EVENTS = {
+    JobState.PENDING: "retrying",
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+#: A prepared delivery older than this has lost its writer (killed mid-change): settle it.
+STALE_PREPARED = 600.0
+
+
+def callbacks_for(
+    config: Config, spool: Spool, clock: Clock, logger: logging.Logger,
+    wake: Callable[[], None] | None = None,
+) -> Callbacks:  # fmt: skip
+    """The Callbacks of a process that changes job states: daemon, worker process, CLI."""
+    return Callbacks(
+        spool, clock, SecretStore(config.secrets_dir), logger=logger,
+        default_url=config.default_callback_url, default_secret=config.default_callback_secret,
+        wake=wake,
+    )  # fmt: skip
+
+
+def announce(
+    callbacks: Callbacks | None, job: JobDir, event: str, status: JobStatus
+) -> contextlib.AbstractContextManager[None]:
+    """``Callbacks.announce_job``, or nothing where no callbacks are set up."""
+    if callbacks is None:
+        return contextlib.nullcontext()
+    return callbacks.announce_job(job, event, status)
+
+
+def event_for(state: JobState) -> str:
+    """The event of a job moving into ``state`` after an attempt (pending: it runs again)."""
+    return _STATE_EVENTS[state]
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The ``X-Spoold-Signature`` value: ``sha256=`` hex HMAC-SHA256 of ``timestamp.body``."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CallbackTarget:
+    """Where a job's events go and the key they are signed with."""
+
+    url: str
+    secret: str = field(repr=False)
+    events: frozenset[str] | None = None  # None: all of them
+
+    def wants(self, event: str) -> bool:
+        return self.events is None or event in self.events
+
+
+class Callbacks:
+    """Writes deliveries into outbox/ as part of the state changes they tell of."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        clock: Clock,
+        secrets: SecretStore,
+        *,
+        logger: logging.Logger,
+        default_url: str | None = None,
+        default_secret: str | None = None,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        self._spool = spool
+        self._logger = logger
+        self._clock = clock
+        self._secrets = secrets
+        self._default_url = default_url
+        self._default_secret = default_secret
+        self._wake = wake  # the sender, when it runs in this process
+
+    @property
+    def configured(self) -> bool:
+        """Whether a job without a ``callback:`` of its own has one (the config's default)."""
+        return self._default_url is not None
+
+    def target(self, document: Mapping[str, Any] | None) -> CallbackTarget | None:
+        """A job's callback: its own ``callback:`` over the config's defaults; None if none.
+
+        Raises CallbackError when there is a URL but no secret to sign with, or the secret
+        cannot be read: intake refuses such a job rather than send unsigned or nothing.
+        """
+        block = (document or {}).get("callback") or {}
+        url = block.get("url") or self._default_url
+        if not url:
+            return None
+        raw = block.get("secret") or self._default_secret
+        if not raw:
+            raise CallbackError(
+                f"callback to {url} has no secret to sign with: set callback.secret "
+                "or the config's default_callback_secret"
+            )
+        try:
+            variables = {
+                str(name): str(interpolate(value, {}, self._secrets.read))
+                for name, value in ((document or {}).get("variables") or {}).items()
+            }
+            secret = str(interpolate(str(raw), variables, self._secrets.read))
+        except SpooldError as exc:
+            raise CallbackError(f"callback secret: {exc}") from exc
+        events = block.get("events")
+        return CallbackTarget(str(url), secret, None if events is None else frozenset(events))
+
+    @contextlib.contextmanager
+    def announce(
+        self,
+        target: CallbackTarget | None,
+        event: str,
+        status: JobStatus,
+        mask: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> Iterator[None]:
+        """Around a job's state change: prepare its delivery, and commit it once the change is made.
+
+        The block must write ``status`` (its ``callback_sequence`` is raised on entry). When
+        it raises, the change counts as not made, and the delivery is dropped.
+        """
+        if target is None or not target.wants(event):
+            yield
+            return
+        job_id = status.job_id
+        self.settle_job(job_id, status.callback_sequence)
+        sequence = status.callback_sequence + 1
+        data = status.to_dict()
+        data = mask(data) if mask is not None else data
+        attempts = data.get("attempts") or []
+        body = {
+            "event": event,
+            "job_id": job_id,
+            "state": data.get("state"),
+            "attempt": attempts[-1]["number"] if attempts else 0,
+            "exit_code": data.get("exit_code"),
+            "error": data.get("error"),
+            "artifacts": data.get("artifacts") or [],
+            "result": data.get("result") or {},
+        }
+        if event == "retrying":
+            body["next_attempt_at"] = data.get("next_attempt_at")
+        try:
+            name = self._prepare(
+                target, job_id, sequence, body, {"job": job_id}, exclusive=event == "accepted"
+            )
+        except FileExistsError:
+            raise DuplicateJob(f"a job with id {job_id!r} has callbacks waiting") from None
+        status.callback_sequence = sequence
+        try:
+            yield
+        except BaseException:
+            # The change was not made (a duplicate id, a full disk): nor is its delivery.
+            status.callback_sequence = sequence - 1
+            self._spool.deliveries.remove(name)
+            raise
+        self._commit(name)
+
+    def target_of(self, job_id: str, document: Mapping[str, Any] | None) -> CallbackTarget | None:
+        """``target``, for a job accepted before: a problem now is logged, and none is sent."""
+        try:
+            return self.target(document)
+        except CallbackError as exc:  # intake checked it: the secret changed since
+            self._logger.error("job %s sends no callbacks: %s", job_id, exc)
+            return None
+
+    def announce_job(
+        self, job: JobDir, event: str, status: JobStatus
+    ) -> contextlib.AbstractContextManager[None]:
+        """``announce`` for a job whose document is not at hand: its job.yaml is read."""
+        from spoold.core.documents import load_document  # noqa: PLC0415 - YAML only where needed
+
+        try:
+            data = self._spool.jobs.read_job_file(job, sha256=status.sha256)
+            document = load_document(data, "job.yaml")
+        except (SpooldError, OSError, ValueError) as exc:
+            self._logger.error("job %s: no %s callback: %s", job.job_id, event, exc)
+            document = None
+        target = None if document is None else self.target_of(job.job_id, document)
+        return self.announce(target, event, status)
+
+    @contextlib.contextmanager
+    def announce_rejection(
+        self, target: CallbackTarget | None, stage: str, reason: Mapping[str, Any],
+        job_id: str | None,
+    ) -> Iterator[None]:  # fmt: skip
+        """Around intake's rejection of a staged file: the ``rejected`` event.
+
+        Keyed by the stage, not the job id: a file rejected as a duplicate must not take a
+        place in the sequence of the job that holds that id.
+        """
+        if target is None or not target.wants("rejected"):
+            yield
+            return
+        body: dict[str, Any] = {
+            "event": "rejected",
+            "job_id": job_id,
+            "state": "rejected",
+            "attempt": 0,
+            "exit_code": None,
+            "error": reason.get("reason"),
+            "artifacts": [],
+            "result": {},
+            "file": reason.get("file"),
+            "code": reason.get("code"),
+        }
+        key = "rejected-" + stage.rstrip("/").rsplit("/", 1)[-1]
+        name = self._prepare(target, key, 1, body, {"stage": stage})
+        try:
+            yield
+        except BaseException:
+            self._spool.deliveries.remove(name)
+            raise
+        self._commit(name)
+
+    def settle_job(self, job_id: str, sequence: int) -> None:
+        """Commit the job's delivery ``sequence`` if its last owner left it prepared.
+
+        Called by the job's next owner with the sequence its status.json shows: that change
+        was made, so its delivery is valid. One that is higher was not, and the owner's own
+        prepare replaces it.
+        """
+        if sequence > 0 and self._spool.deliveries.commit(f"{job_id}~{sequence:08d}.prepared"):
+            self._woken()
+
+    def settle(self, name: str) -> bool:
+        """Decide one prepared delivery by the state it depends on; True if it was committed."""
+        record = self._spool.deliveries.read(name)
+        if record is None:
+            return False
+        condition = record.get("condition") or {}
+        made = False
+        if "stage" in condition:
+            made = self._spool.stages.decided(str(condition["stage"]))
+        elif "job" in condition:
+            with contextlib.suppress(SpooldError, OSError, ValueError):
+                job = self._spool.jobs.find(str(condition["job"]))
+                if job is not None:
+                    status = self._spool.jobs.read_status(job)
+                    made = int(status.get("callback_sequence") or 0) >= int(record["sequence"])
+        if made:
+            self._spool.deliveries.commit(name)
+            self._woken()
+        else:
+            self._spool.deliveries.remove(name)
+        return made
+
+    def settle_all(self) -> tuple[int, int]:
+        """At start, before stages are recovered: decide every prepared delivery (made, dropped)."""
+        made = dropped = 0
+        for name in self._spool.deliveries.names():
+            if name.endswith(".prepared"):
+                if self.settle(name):
+                    made += 1
+                else:
+                    dropped += 1
+        return made, dropped
+
+    def _prepare(
+        self, target: CallbackTarget, key: str, sequence: int, body: dict[str, Any],
+        condition: dict[str, str], *, exclusive: bool = False,
+    ) -> str:  # fmt: skip
+        now = self._clock.now()
+        stamp = str(int(now.timestamp()))
+        body.update(timestamp=rfc3339(now), delivery_id=uuid.uuid4().hex, sequence=sequence)
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        record = {
+            "delivery_id": body["delivery_id"],
+            "key": key,
+            "sequence": sequence,
+            "event": body["event"],
+            "url": target.url,
+            "timestamp": stamp,
+            "signature": sign(target.secret, stamp, payload),
+            "body": payload.decode(),
+            "created": now.timestamp(),
+            "condition": condition,
+            "tries": 0,
+            "next_try": now.timestamp(),
+            "last_error": None,
+        }
+        return self._spool.deliveries.prepare(
+            key, sequence, encode_record(record), exclusive=exclusive
+        )
+
+    def _commit(self, name: str) -> None:
+        self._spool.deliveries.commit(name)
+        self._woken()
+
+    def _woken(self) -> None:
+        if self._wake is not None:
+            self._wake()
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """A delivery file's bytes."""
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()

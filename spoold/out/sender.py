@@ -1,0 +1,292 @@
+"""Sends what is in outbox/ (see spoold.out.outbox for how it gets there): per job in order, a few
+at once, with backoff, until the receiver answers 2xx or the delivery is given up."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from spoold.core.clock import Clock
+from spoold.core.config import CallbackSettings
+from spoold.core.spool import Spool
+from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
+
+if TYPE_CHECKING:
+    import requests
+
+__all__ = ["CallbackSettings", "Sender"]  # CallbackSettings lives in spoold.core.config
+
+_REQUIRED = frozenset({"key", "event", "url", "body", "signature", "timestamp", "delivery_id"})
+_RELIST = 0.1  # seconds between listings of outbox/, at most (unless woken)
+
+
+@dataclass
+class _Due:
+    name: str
+    record: dict[str, Any]
+
+
+class Sender:
+    """Posts the deliveries in outbox/: per key in order, a few at once, one host never all.
+
+    One thread decides what is due (``tick``); ``settings.workers`` threads post. A slow or
+    dead receiver holds at most ``per_host`` of them, and its jobs' later events wait behind
+    the one in flight: nobody else's.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        callbacks: Callbacks,
+        clock: Clock,
+        settings: CallbackSettings,
+        logger: logging.Logger,
+        *,
+        poll_interval: float = 1.0,
+        draw: Callable[[], float] = random.random,
+        wake: threading.Event | None = None,
+    ) -> None:
+        """``wake``: set by whoever commits a delivery in this process (``Callbacks``)."""
+        self._spool = spool
+        self._callbacks = callbacks
+        self._clock = clock
+        self._settings = settings
+        self._policy = settings.policy()
+        self._logger = logger
+        self._poll = poll_interval
+        self._draw = draw
+        self._lock = threading.Lock()
+        self._in_flight: set[str] = set()  # keys
+        self._hosts: Counter[str] = Counter()
+        self._records: dict[str, dict[str, Any]] = {}  # read once per name
+        self._names: list[str] | None = None  # the last listing of outbox/
+        self._listed = 0.0  # when, monotonic
+        self._relist = False
+        self._gone: set[str] = set()  # taken or given up since
+        self._work: queue.Queue[_Due | None] = queue.Queue()
+        self._wake = wake or threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._local = threading.local()
+
+    def wake(self) -> None:
+        """Look at outbox/ now: a delivery was committed."""
+        self._relist = True
+        self._wake.set()
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._loop, name="outbox", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._post_loop, name=f"outbox-{n}", daemon=True)
+            for n in range(self._settings.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop taking deliveries; posts under way end on their own (within the timeout)."""
+        self._stop.set()
+        self._wake.set()
+        if not self._threads:
+            return  # never started (the daemon failed before)
+        for _ in range(self._settings.workers):
+            self._work.put(None)
+        self._threads[0].join()
+
+    def tick(self) -> int:
+        """Hand out every delivery that is due; return how many were."""
+        now = self._clock.now().timestamp()
+        handed = 0
+        keys: set[str] = set()
+        for name in self._listing():  # sorted: a key's lowest sequence comes first
+            key = name.rsplit("~", 1)[0]
+            if key in keys:
+                continue
+            keys.add(key)
+            if key in self._in_flight:  # only this thread adds: a stale read only waits
+                continue
+            if len(self._in_flight) >= self._settings.workers:
+                break
+            if name.endswith(".prepared"):
+                self._settle_if_stale(name, now)
+                continue
+            record = self._record(name)
+            if record is None or not record.keys() >= _REQUIRED:
+                self._unusable(name)
+                continue
+            if float(record.get("next_try") or 0) > now:
+                continue
+            host = urlsplit(str(record["url"])).netloc
+            with self._lock:
+                if self._hosts[host] >= self._settings.per_host:
+                    continue
+                self._in_flight.add(key)
+                self._hosts[host] += 1
+            self._work.put(_Due(name, record))
+            handed += 1
+        return handed
+
+    def _listing(self) -> list[str]:
+        """outbox/'s deliveries: listed at most every ``_RELIST`` s (or when woken from outside).
+
+        A backlog of thousands would otherwise be listed again after every single delivery.
+        """
+        now = self._clock.monotonic()
+        with self._lock:
+            if self._names is not None and not self._relist and now - self._listed < _RELIST:
+                return [name for name in self._names if name not in self._gone]
+            self._relist = False
+        names = self._spool.deliveries.names()
+        with self._lock:
+            self._names, self._listed = names, now
+            self._gone.clear()
+            for gone in self._records.keys() - set(names):
+                del self._records[gone]
+        return names
+
+    def next_due(self, now: float) -> float | None:
+        """When the earliest delivery that waits out a backoff is due (epoch seconds).
+
+        Not one that is due already: it is in flight, or waits for a free slot, and the end
+        of a post wakes the loop for it.
+        """
+        with self._lock:
+            tries = [float(r.get("next_try") or 0) for r in self._records.values()]
+        return min((t for t in tries if t > now), default=None)
+
+    def _record(self, name: str) -> dict[str, Any] | None:
+        record = self._records.get(name)  # one dict lookup is atomic; this runs per delivery
+        if record is None:
+            record = self._spool.deliveries.read(name)
+            if record is not None:
+                with self._lock:
+                    self._records[name] = record
+        return record
+
+    def _unusable(self, name: str) -> None:
+        """A delivery file that cannot be sent (damaged, or not spoold's): out of the way."""
+        try:
+            self._spool.deliveries.give_up(name)
+        except FileNotFoundError:
+            return  # delivered and removed while we looked
+        finally:
+            self._gone.add(name)
+        self._logger.error("callback %s is unreadable; moved to outbox/failed/", name)
+
+    def _settle_if_stale(self, name: str, now: float) -> None:
+        record = self._spool.deliveries.read(name)
+        if record is not None and now - float(record.get("created") or 0) > STALE_PREPARED:
+            made = self._callbacks.settle(name)
+            self._relist = True  # it is gone, or under its committed name
+            self._logger.warning(
+                "callback %s: its writer left it unfinished; %s", name,
+                "the change was made, sending it" if made else "the change was not made, dropped",
+            )  # fmt: skip
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()  # before looking: a wake-up from now on is not lost
+            try:
+                self.tick()
+            except Exception:  # the sender must outlive any one bad file
+                self._logger.exception("callback sender: unexpected failure; going on")
+            now = self._clock.now().timestamp()
+            wait = self._poll
+            if (due := self.next_due(now)) is not None:
+                wait = min(wait, due - now)
+            self._wake.wait(wait)
+
+    def _post_loop(self) -> None:
+        while (due := self._work.get()) is not None:
+            try:
+                self.deliver(due.name, due.record)
+            except Exception:
+                self._logger.exception("callback %s: unexpected failure; will try again", due.name)
+            finally:
+                key = due.name.rsplit("~", 1)[0]
+                with self._lock:
+                    self._in_flight.discard(key)
+                    self._hosts[urlsplit(str(due.record.get("url"))).netloc] -= 1
+                self._wake.set()
+        # Its keep-alive connections would stay open until the Sender is collected.
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+
+    def deliver(self, name: str, record: dict[str, Any]) -> bool:
+        """One try at one delivery; True when the receiver took it."""
+        import requests  # noqa: PLC0415 - worker processes, which never send, need not load it
+
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "spoold",
+            "X-Spoold-Signature": str(record["signature"]),
+            "X-Spoold-Timestamp": str(record["timestamp"]),
+            "X-Spoold-Delivery": str(record["delivery_id"]),
+            "X-Spoold-Event": str(record["event"]),
+        }
+        try:
+            answer = self._session().post(
+                str(record["url"]), data=str(record["body"]).encode(), headers=headers,
+                timeout=self._settings.timeout, allow_redirects=False,
+            )  # fmt: skip
+            answer.close()
+            error = None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
+        except requests.RequestException as exc:
+            error = f"{type(exc).__name__}: {_first_line(exc)}"
+        if error is None:
+            self._spool.deliveries.remove(name)
+            with self._lock:
+                self._records.pop(name, None)
+                self._gone.add(name)
+            self._logger.debug("callback %s %s delivered", record["key"], record["event"])
+            return True
+        self._failed(name, record, error)
+        return False
+
+    def _failed(self, name: str, record: dict[str, Any], error: str) -> None:
+        now = self._clock.now().timestamp()
+        tries = int(record.get("tries") or 0) + 1
+        record = {**record, "tries": tries, "last_error": error}
+        if now - float(record.get("created") or now) >= self._settings.give_up_after:
+            self._spool.deliveries.update(name, encode_record(record))
+            self._spool.deliveries.give_up(name)
+            with self._lock:
+                self._records.pop(name, None)
+                self._gone.add(name)
+            self._logger.error(
+                "callback %s %s to %s: gave up after %d tries (%s); kept in outbox/failed/",
+                record["key"], record["event"], record["url"], tries, error,
+            )  # fmt: skip
+            return
+        wait = self._policy.delay(tries, self._draw)
+        record["next_try"] = now + wait
+        with self._lock:
+            self._records[name] = record
+        try:
+            self._spool.deliveries.update(name, encode_record(record))
+        except FileNotFoundError:  # removed by hand meanwhile
+            return
+        self._logger.warning(
+            "callback %s %s to %s failed (%s); try %d again in %.0fs",
+            record["key"], record["event"], record["url"], error, tries + 1, wait,
+        )  # fmt: skip
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            import requests  # noqa: PLC0415
+
+            session = self._local.session = requests.Session()
+        return session
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:300]

@@ -1,0 +1,70 @@
+"""A job's hooks: pre_run, post_run, on_success, on_failure, each a few shell commands.
+
+They run on this host, in the job's work dir, as the job's user, with the job's environment
+plus ``SPOOLD_HOOK``, ``SPOOLD_JOB_STATE`` and ``SPOOLD_EXIT_CODE``, and start as the job's own
+processes do (``spoold.run.process``: default signals, every process a hook started ends with it,
+bounded output). A hook's failure is the job's business (``pre_run`` failing fails the
+attempt), never spoold's: nothing a hook does raises out of here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from spoold.core.clock import Clock
+from spoold.core.joblog import JobLog
+from spoold.executors.local import shell_script
+from spoold.run.process import RunAs, run_process
+
+HOOKS = ("pre_run", "post_run", "on_success", "on_failure")
+#: A hook without the job's own timeout may take this long: it must never hold a slot forever.
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class HookRunner:
+    """Runs one job's hooks (``hooks:`` of its file) for one attempt."""
+
+    hooks: Mapping[str, str | list[str]]
+    env: Mapping[str, str]
+    workdir: Path
+    log: JobLog
+    clock: Clock
+    kill_grace: float
+    timeout: float | None = None
+    run_as: RunAs | None = None
+
+    def run(self, name: str, *, state: str, exit_code: int | None) -> bool:
+        """Run hook ``name`` if the job has it; True unless it ran and failed."""
+        commands = self.hooks.get(name)
+        if not commands:
+            return True
+        self.log.info(f"hook {name} started")
+        env = {**self.env, "SPOOLD_HOOK": name, "SPOOLD_JOB_STATE": state,
+               "SPOOLD_EXIT_CODE": "" if exit_code is None else str(exit_code)}  # fmt: skip
+        try:
+            outcome = run_process(
+                ["/bin/sh", "-c", shell_script((), commands)],
+                cwd=self.workdir,
+                env=env,
+                log=self.log,
+                clock=self.clock,
+                timeout=self.timeout or DEFAULT_TIMEOUT,
+                kill_grace=self.kill_grace,
+                # Not the job's cancel: on_failure must still run after a cancel.
+                cancel=threading.Event(),
+                run_as=self.run_as,
+                label=f"hook {name}",
+            )
+        except Exception as exc:  # a hook that cannot even start is a failed hook
+            self.log.error(f"hook {name} could not run: {exc}")
+            return False
+        if outcome.exit_code == 0 and not outcome.timed_out:
+            self.log.info(f"hook {name} succeeded")
+            return True
+        why = "timed out" if outcome.timed_out else outcome.error or "failed"
+        self.log.error(f"hook {name} failed: {why}")
+        return False

@@ -1,0 +1,564 @@
+"""The daemon's worker processes: jobs run on their threads, each process with its own GIL.
+
+spoold's work per job (the spawn, log lines, status writes, fsync waits) is mostly Python, and
+one Python process runs Python on one core at a time: past a few hundred jobs a second its
+threads spend more time handing the GIL around than working. So, as gunicorn and dramatiq do,
+the main process takes files in and hands job ids to worker processes, one socket pair each,
+and a worker process reports each job it is done with. Each process holds one job beyond its
+slots, so that a slot starts its next job without a round trip; a job held behind a long one
+is taken back when another process has a slot free. A worker process that dies is replaced,
+and its claims are recovered as a crashed daemon's would be: they carry its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import marshal
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from spoold.core.clock import Clock
+from spoold.core.config import Config
+from spoold.core.errors import WorkerProcessError
+from spoold.run.dispatch import DispatchQueue, JobMeta
+from spoold.run.heartbeat import LeaseHeartbeat
+from spoold.run.process import adopt_orphans
+from spoold.run.worker import JobRunner, WorkerPool
+
+_PR_SET_PDEATHSIG = 1
+# How long past shutdown_grace a worker process may take to record what it interrupted.
+_STOP_MARGIN = 15.0
+_READY_BOUND = 60.0  # a fresh interpreter importing spoold takes well under a second
+# Jobs a worker process holds beyond its slots, so that a slot that frees up starts the next
+# job at once instead of waiting for the main process to answer. A job held behind a long
+# one is taken back (Revoke) as soon as another process has a slot free.
+_PREFETCH = 1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The first message to a new worker process: what it is and which work slots it has."""
+
+    config: Config
+    slots: tuple[str, ...]
+    parent: int
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Run a pending job; ``document`` is the job file as intake parsed it, if it did."""
+
+    job_id: str
+    document: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Take no more jobs; interrupt running ones after ``grace`` seconds; exit."""
+
+    grace: float
+
+
+@dataclass(frozen=True)
+class Ready:
+    """From a new worker process: built and listening."""
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """Give back the jobs you hold and have not started: another process has a slot free."""
+
+
+@dataclass(frozen=True)
+class Returned:
+    """From a worker process, answering Revoke: the jobs it gave back (maybe none)."""
+
+    job_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    """From a worker process: its slot is free again (the job ran, or another claimed it)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """From a worker process: a job failed, went back to pending/, and is due again at ``due``."""
+
+    job_id: str
+    due: float  # a wall-clock timestamp: it is also what status.json says
+
+
+Message = RunJob | Stop | Ready | Done | Revoke | Returned | Deferred
+
+
+def send_message(conn: Connection, message: Message) -> None:
+    """Send one message as marshal data: several times cheaper than pickle, and both ends run
+    the same interpreter. A document marshal cannot take goes as None (the worker reads it)."""
+    match message:
+        case RunJob(job_id, document):
+            try:
+                data = marshal.dumps(("run", job_id, document))
+            except ValueError:
+                data = marshal.dumps(("run", job_id, None))
+        case Stop(grace):
+            data = marshal.dumps(("stop", grace))
+        case Ready():
+            data = marshal.dumps(("ready",))
+        case Done(job_id):
+            data = marshal.dumps(("done", job_id))
+        case Revoke():
+            data = marshal.dumps(("revoke",))
+        case Returned(job_ids):
+            data = marshal.dumps(("returned", job_ids))
+        case Deferred(job_id, due):
+            data = marshal.dumps(("deferred", job_id, due))
+    conn.send_bytes(data)
+
+
+def receive_message(conn: Connection) -> Message:
+    """The next message; raise EOFError when the other end is gone, WorkerProcessError on junk."""
+    try:
+        # A private socket pair to our own child: no one else can write to it.
+        fields = marshal.loads(conn.recv_bytes())  # noqa: S302 - EOFError: the other end is gone
+    except (ValueError, TypeError) as exc:
+        raise WorkerProcessError(f"unreadable message between spoold processes: {exc}") from exc
+    match fields:
+        case ("run", str(job_id), document):
+            return RunJob(job_id, document)
+        case ("stop", float(grace)):
+            return Stop(grace)
+        case ("ready",):
+            return Ready()
+        case ("done", str(job_id)):
+            return Done(job_id)
+        case ("revoke",):
+            return Revoke()
+        case ("deferred", str(job_id), float(due)):
+            return Deferred(job_id, due)
+        case ("returned", tuple(job_ids)) if all(isinstance(j, str) for j in job_ids):
+            return Returned(job_ids)
+    raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
+
+
+def plan_slots(workers: int, processes: int) -> list[tuple[str, ...]]:
+    """Spread ``workers`` work slots over ``processes`` processes, round robin."""
+    count = max(1, min(processes, workers))
+    return [tuple(str(slot) for slot in range(n, workers, count)) for n in range(count)]
+
+
+@dataclass
+class _Link:
+    """One worker process as the main process sees it."""
+
+    index: int
+    slots: tuple[str, ...]
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    in_flight: dict[str, RunJob] = field(default_factory=dict)  # sent, not reported done
+    alive: bool = True
+    revoking: bool = False  # a Revoke is out, its Returned not in yet
+    #: Sends come from intake threads and from this link's receiver: one message at a time.
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, message: Message) -> None:
+        """Send one message; OSError when the process is gone."""
+        with self.send_lock:
+            send_message(self.conn, message)
+
+    @property
+    def free(self) -> int:
+        """How many more jobs it may be sent (its slots and its prefetch)."""
+        return len(self.slots) + _PREFETCH - len(self.in_flight) if self.alive else 0
+
+    @property
+    def idle_slots(self) -> int:
+        return len(self.slots) - len(self.in_flight) if self.alive else 0
+
+    @property
+    def waiting(self) -> int:
+        """Jobs it holds that no slot of it runs yet."""
+        return max(len(self.in_flight) - len(self.slots), 0)
+
+
+class WorkerProcesses:
+    """Starts the worker processes, feeds them job ids as slots free up, replaces the dead.
+
+    ``entry`` (``module:function``) is what a worker process runs, given the descriptor of its
+    end of the socket pair: the composition root of a worker process, which the daemon's own
+    root names (this layer builds no process of its own).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        logger: logging.Logger,
+        *,
+        processes: int,
+        entry: str,
+        on_lost: Callable[[], None],
+        on_deferred: Callable[[str, float], None],
+        on_cancel: Callable[[str, str], None],
+    ) -> None:
+        self._config = config
+        self._child_main = child_main(entry)
+        self._on_deferred = on_deferred
+        self._on_cancel = on_cancel  # a job to end as cancelled, and why
+        self._logger = logger
+        self._plan = plan_slots(config.workers, processes)
+        self._on_lost = on_lost
+        self._lock = threading.Lock()
+        self._queue = DispatchQueue(config.executor_limits)
+        self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
+        self._links: list[_Link] = []
+        self._stopping = False
+
+    @property
+    def processes(self) -> int:
+        return len(self._plan)
+
+    def start(self) -> None:
+        """Start every worker process and wait until each is ready.
+
+        Call from a thread that lives as long as the daemon: a worker process dies with the
+        thread that started it (PR_SET_PDEATHSIG).
+        """
+        links = [self._spawn(index, slots) for index, slots in enumerate(self._plan)]
+        for link in links:
+            self._await_ready(link)
+            self._add(link)
+
+    def _add(self, link: _Link, replacing: int | None = None) -> None:
+        """Put a ready worker process to use, and hand it what is queued."""
+        with self._lock:
+            if replacing is None:
+                self._links.append(link)
+            else:
+                self._links[replacing] = link
+            handed = [self._hand_out(link) for _ in range(link.free)]
+        for each in handed:
+            self._send(each)
+
+    def submit(
+        self, job_id: str, document: dict[str, Any] | None = None, meta: JobMeta | None = None
+    ) -> bool:
+        """Queue a pending job unless it is queued or running already.
+
+        ``meta`` (priority, concurrency) comes from ``document`` when not given. A job its
+        concurrency strategy refuses, or one it replaces, goes to ``on_cancel``.
+        """
+        if meta is None:
+            meta = JobMeta() if document is None else JobMeta.from_document(document)
+        with self._lock:
+            if job_id in self._known or self._stopping:
+                return False
+            cancel = self._queue.add(job_id, meta, RunJob(job_id, document))
+            self._known.add(job_id)
+            self._known.difference_update(cancelled for cancelled, _ in cancel)
+            handed = self._hand_out(self._free_link())
+            holder = None if handed else self._outranked_holder(meta.priority)
+        self._send(handed)
+        if holder is not None:
+            with contextlib.suppress(OSError):  # its receiver sees it die
+                holder.send(Revoke())
+        for cancelled, why in cancel:
+            self._on_cancel(cancelled, why)
+        return all(cancelled != job_id for cancelled, _ in cancel)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the job is queued here or in a worker process's hands."""
+        with self._lock:
+            return job_id in self._known
+
+    def in_flight(self) -> frozenset[str]:
+        """Jobs handed to a worker process and not reported done."""
+        with self._lock:
+            return frozenset().union(*(link.in_flight.keys() for link in self._links))
+
+    def lost_any(self) -> bool:
+        """Whether a worker process died and awaits ``replace_dead``."""
+        with self._lock:
+            return not self._stopping and not all(link.alive for link in self._links)
+
+    def replace_dead(self) -> list[str]:
+        """Restart every worker process that died; return the jobs they had in hand."""
+        lost: list[str] = []
+        for position, link in enumerate(list(self._links)):
+            if link.alive or self._stopping:
+                continue
+            code = link.process.wait()
+            with self._lock:
+                lost.extend(link.in_flight)
+                self._known.difference_update(link.in_flight)
+                for job_id in link.in_flight:
+                    self._queue.finished(job_id)
+                link.in_flight.clear()
+            self._logger.error(
+                "worker process %d (pid %d) ended with %s; starting a new one",
+                link.index, link.process.pid, _describe_exit(code),
+            )  # fmt: skip
+            replacement = self._spawn(link.index, link.slots)
+            self._await_ready(replacement)
+            self._add(replacement, replacing=position)
+        return lost
+
+    def stop(self, grace: float) -> None:
+        """Stop taking jobs; worker processes interrupt theirs after ``grace`` and exit."""
+        with self._lock:
+            self._stopping = True
+            self._queue.clear()
+        for link in self._links:
+            with contextlib.suppress(OSError):
+                link.send(Stop(float(grace)))
+        for link in self._links:
+            try:
+                link.process.wait(timeout=grace + _STOP_MARGIN)
+            except subprocess.TimeoutExpired:
+                self._logger.error("worker process %d did not stop; killing it", link.index)
+                link.process.kill()
+                link.process.wait()
+            link.conn.close()
+
+    def _spawn(self, index: int, slots: tuple[str, ...]) -> _Link:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-c", self._child_main, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+            conn = Connection(ours.detach())
+        conn.send(Setup(self._config, slots, os.getpid()))
+        return _Link(index, slots, process, conn)
+
+    def _await_ready(self, link: _Link) -> None:
+        """Wait for the Ready of a new worker process, then listen to it."""
+        try:
+            if not link.conn.poll(_READY_BOUND):
+                raise WorkerProcessError(
+                    f"worker process {link.index} was not ready after {_READY_BOUND:.0f}s"
+                )
+            if not isinstance(message := receive_message(link.conn), Ready):
+                raise WorkerProcessError(
+                    f"worker process {link.index} said {message!r} instead of Ready"
+                )
+        except (EOFError, OSError) as exc:
+            code = link.process.wait()
+            raise WorkerProcessError(
+                f"worker process {link.index} ended while starting ({_describe_exit(code)})"
+            ) from exc
+        threading.Thread(
+            target=self._receive, args=(link,), name=f"spoold-link-{link.index}", daemon=True
+        ).start()
+
+    def _receive(self, link: _Link) -> None:
+        try:
+            while True:
+                message = receive_message(link.conn)
+                if isinstance(message, Done):
+                    with self._lock:
+                        link.in_flight.pop(message.job_id, None)
+                        self._known.discard(message.job_id)
+                        self._queue.finished(message.job_id)
+                        handed = self._hand_out(link)
+                        holder = self._holder_to_revoke(link)
+                    self._send(handed)  # the freed slot's next job, without another thread
+                    if holder is not None:
+                        with contextlib.suppress(OSError):  # its receiver sees it die
+                            holder.send(Revoke())
+                elif isinstance(message, Deferred):
+                    self._on_deferred(message.job_id, message.due)
+                elif isinstance(message, Returned):
+                    with self._lock:
+                        link.revoking = False
+                        for job_id in message.job_ids:
+                            if link.in_flight.pop(job_id, None) is not None:
+                                self._queue.give_back(job_id)  # to its old place in line
+                        handed_out = [self._hand_out(self._free_link()) for _ in message.job_ids]
+                    for each in handed_out:
+                        self._send(each)
+        except (EOFError, OSError, WorkerProcessError):
+            pass  # a worker process that says nonsense is as good as dead: it is replaced
+        with self._lock:
+            link.alive = False
+            stopping = self._stopping
+        if not stopping:
+            self._on_lost()
+
+    def _hand_out(self, link: _Link | None) -> tuple[_Link, RunJob] | None:
+        """Under the lock: the next queued job, reserved for a free slot of ``link``."""
+        if link is None or link.free <= 0 or not self._queue or self._stopping:
+            return None
+        if (taken := self._queue.take()) is None:
+            return None  # what waits, waits for a concurrency limit
+        job: RunJob = taken[1]
+        link.in_flight[job.job_id] = job
+        return link, job
+
+    def _outranked_holder(self, priority: int) -> _Link | None:
+        """Under the lock: a process holding, unstarted, a job of lower priority than a new one.
+
+        Its held jobs come back (Revoke, Returned) and go out again in priority order.
+        """
+        for link in self._links:
+            if not link.alive or not link.waiting or link.revoking:
+                continue
+            if any(self._queue.priority_of(job_id) < priority for job_id in link.in_flight):
+                link.revoking = True
+                return link
+        return None
+
+    def _holder_to_revoke(self, freed: _Link) -> _Link | None:
+        """Under the lock: a process holding a job it cannot start while ``freed`` idles."""
+        if self._queue or freed.idle_slots <= 0 or self._stopping:
+            return None
+        for link in self._links:
+            if link is not freed and link.alive and link.waiting and not link.revoking:
+                link.revoking = True
+                return link
+        return None
+
+    def _send(self, handed: tuple[_Link, RunJob] | None) -> None:
+        if handed is None:
+            return
+        link, job = handed
+        try:
+            link.send(job)
+        except OSError:  # it died: the job stays pending, and a scan queues it again
+            with self._lock:
+                link.in_flight.pop(job.job_id, None)
+                self._queue.finished(job.job_id)
+                self._known.discard(job.job_id)
+
+    def _free_link(self) -> _Link | None:
+        """The process to send a job to: an idle slot first, then room to prefetch."""
+        best = max(self._links, key=lambda link: (link.idle_slots, link.free), default=None)
+        return best if best is not None and best.free > 0 else None
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def child_main(entry: str) -> str:
+    """The ``python -c`` program of a worker process that runs ``entry`` (``module:function``):
+    a fresh interpreter (no fork of a threaded process), given its socket's descriptor."""
+    module, _, function = entry.partition(":")
+    if not (module and function.isidentifier()):
+        raise ValueError(f"not a module:function: {entry!r}")
+    return f"import sys; from {module} import {function}; {function}(int(sys.argv[1]))"
+
+
+# SIGPIPE and SIGXFSZ: subprocess resets them in each child (restore_signals).
+_RESET_BY_SUBPROCESS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _disregard(signum: int, frame: object) -> None:
+    """A worker process's handler for the signals it must neither die of nor pass on ignored."""
+
+
+def set_up_signals() -> None:
+    """A worker process's signals, and its jobs': the main process decides when to stop
+    (Stop), so a Ctrl-C or SIGTERM to the process group is not this process's to act on.
+
+    Caught, not ignored: an ignored signal stays ignored across exec, so every job would start
+    deaf to it (its `trap ... TERM` would never run); a caught one starts at its default. The
+    same for what the daemon was started with ignored, or ignores itself (SIGIO; nohup's
+    SIGHUP): this process goes on disregarding it, its jobs start clean, and spoold.run.process
+    starts them without a step in the child. Orphans of its jobs become its children, to be
+    found and ended at each job's end.
+    """
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGINT, signal.SIGTERM) or (
+            signum not in _RESET_BY_SUBPROCESS and signal.getsignal(signum) == signal.SIG_IGN
+        ):
+            signal.signal(signum, _disregard)
+    adopt_orphans()
+
+
+def receive_setup(fd: int) -> tuple[Connection, Setup] | None:
+    """In a new worker process: die with the main process, then read the Setup; None if orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_up_signals()
+    conn = Connection(fd)
+    try:
+        setup = conn.recv()
+    except EOFError:
+        return None
+    if not isinstance(setup, Setup) or os.getppid() != setup.parent:
+        return None  # the main process died before prctl took effect
+    return conn, setup
+
+
+def serve_jobs(
+    conn: Connection,
+    parent: ParentLink,
+    runner: JobRunner,
+    pool: WorkerPool,
+    heartbeat: LeaseHeartbeat,
+    *,
+    config: Config,
+    clock: Clock,
+) -> None:
+    """A worker process's loop: take jobs from the main process, keep leases alive, stop.
+
+    ``heartbeat`` is ticked between messages while a job is queued or runs here.
+    """
+    heartbeat.restart(clock.monotonic())
+    pool.start()
+    parent.send(Ready())
+    while True:
+        busy = pool.busy or bool(runner.active_ids())
+        timeout = max(heartbeat.next_due - clock.monotonic(), 0.0) if busy else None
+        if conn.poll(timeout):
+            try:
+                message = receive_message(conn)
+            except (EOFError, OSError):  # the main process is gone: stop as it would have
+                message = Stop(config.shutdown_grace)
+            if isinstance(message, Stop):
+                pool.stop(message.grace, clock)
+                return
+            if isinstance(message, RunJob):
+                if message.document is not None:
+                    runner.remember(message.job_id, message.document)
+                pool.submit(message.job_id)
+            elif isinstance(message, Revoke):
+                parent.send(Returned(tuple(pool.revoke())))
+        now = clock.monotonic()
+        if busy:
+            heartbeat.tick(now)
+        else:
+            heartbeat.restart(now)
+
+
+class ParentLink:
+    """A worker process's link to the main process: its messages, one at a time from any
+    thread (not spoold.out.outbox, which holds the callbacks' deliveries)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: Message) -> None:
+        with self._lock, contextlib.suppress(OSError):  # the main process is gone: no one hears
+            send_message(self._conn, message)
+
+    def done(self, job_id: str) -> None:
+        """What the slots call when they are done with a job."""
+        self.send(Done(job_id))
+
+    def deferred(self, job_id: str, due: float) -> None:
+        """What the runner calls when a job waits in pending/ for its next attempt."""
+        self.send(Deferred(job_id, due))

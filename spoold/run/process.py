@@ -1,0 +1,401 @@
+"""Run one command in a session of its own: output into the log, timeout, cancel, and an end
+for everything it started.
+
+What every process run here gets, whatever the process that starts it does:
+
+- **Its signals.** It starts with every signal at its default disposition and none blocked:
+  a job's ``trap ... TERM`` runs on a timeout, a cancel or a stop. (An ignored signal stays
+  ignored across exec; a caught one does not. The worker processes catch what they must not
+  die of, so their jobs start clean at no cost; where the starting thread ignores or blocks
+  a signal anyway, the child resets it before exec.)
+- **An end for its whole tree.** Each run's processes carry ``SPOOLD_PROCESS_TREE=<token>``
+  in their environment. On a timeout or cancel, SIGTERM goes to the run's process group and to
+  every process of the run outside it; after ``kill_grace``, SIGKILL. When the run's first
+  process has ended, for whatever reason, SIGKILL goes to everything of the run still there.
+  In a worker process (``adopt_orphans``) orphans become its children, so finding what a run
+  left costs one read of /proc; elsewhere (``spoold exec``) /proc is scanned for the token.
+- **Bounded output.** See ``spoold.core.joblog``: at most ``HELD_BYTES`` of an unfinished line per
+  stream, plus one read of ``_READ_SIZE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pwd
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from spoold.core import procfs
+from spoold.core.clock import Clock
+from spoold.core.errors import ExecutorError
+from spoold.core.joblog import JobLog, OutputStream
+from spoold.core.procfs import ProcessInfo
+from spoold.core.units import format_duration
+
+_READ_SIZE = 65536
+_DRAIN_QUIET_ROUNDS = 6
+#: Names a run's processes, whatever session or group they moved to.
+TREE_VARIABLE = "SPOOLD_PROCESS_TREE"
+#: How long an end waits for the processes it killed to be gone (a process in uninterruptible
+#: sleep can take longer: it is killed again by a later end).
+_KILL_WAIT = 2.0
+#: Signals subprocess resets in the child itself (restore_signals=True).
+_RESTORED = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+# Signals 32 and 33: glibc's own (thread cancellation, setxid), which Python can neither set nor
+# reset, and which each program's C library takes over when it starts. A parent that ignores
+# them (seen under a test runner's worker processes) changes nothing for a job.
+_LIBC_INTERNAL = (1 << 31) | (1 << 32)
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """A user a job's processes run as (``run_as:``)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> RunAs:
+        """The account ``name`` on this host; ExecutorError if there is none."""
+        try:
+            account = pwd.getpwnam(name)
+        except KeyError:
+            raise ExecutorError(f"run_as: there is no user {name!r} on this host") from None
+        groups = os.getgrouplist(name, account.pw_gid)
+        return cls(name, account.pw_uid, account.pw_gid, tuple(groups), account.pw_dir)
+
+    def environment(self) -> dict[str, str]:
+        """What a login as this user would set, so that tools look in the right home."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """How a process ended."""
+
+    exit_code: int | None
+    timed_out: bool = False
+    cancelled: bool = False
+
+    @property
+    def error(self) -> str | None:
+        if self.timed_out or self.cancelled:
+            return None  # the caller words these; it knows the timeout
+        if self.exit_code is None or self.exit_code == 0:
+            return None
+        if self.exit_code < 0:
+            return f"killed by signal {signal.Signals(-self.exit_code).name}"
+        return f"exit code {self.exit_code}"
+
+
+def adopt_orphans() -> bool:
+    """Make this process the parent of every orphan its runs leave (a child subreaper).
+
+    For a process whose main thread starts no processes itself, as a worker process's does
+    not: every child of its main thread is then an orphan it adopted, so what a run left is
+    found there, cheaply, and reaped. False where Linux does not allow it; runs then look for
+    their processes in all of /proc.
+    """
+    _TREES.adopting = procfs.become_child_subreaper()
+    return _TREES.adopting
+
+
+def run_process(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: JobLog,
+    clock: Clock,
+    timeout: float | None,
+    kill_grace: float,
+    cancel: threading.Event,
+    on_spawn: Callable[[int], None] | None = None,
+    run_as: RunAs | None = None,
+    label: str = "the job",
+) -> ProcessOutcome:
+    """Run ``argv`` to its end, writing its output into ``log``; nothing it started outlives it.
+
+    ``label`` names it in the log's lines about its end ("the job", "hook post_run").
+    """
+    token = os.urandom(8).hex()
+    environment = {**env, TREE_VARIABLE: token}
+    if run_as is not None:
+        environment.update(run_as.environment())
+    process = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+        user=None if run_as is None else run_as.uid,
+        group=None if run_as is None else run_as.gid,
+        extra_groups=None if run_as is None else list(run_as.groups),
+        # None (and no Python in the child) unless this thread ignores or blocks a signal.
+        preexec_fn=_signal_reset(),  # noqa: PLW1509 - see _reset_signals
+    )
+    tree = _TREES.add(token, process.pid)
+    assert process.stdout is not None and process.stderr is not None
+    streams = _Streams(log, process.stdout.fileno(), process.stderr.fileno())
+    deadline = None if timeout is None else clock.monotonic() + timeout
+    timed_out = cancelled = False
+    kill_at: float | None = None
+    try:
+        if on_spawn is not None:
+            on_spawn(process.pid)
+        while process.poll() is None:
+            now = clock.monotonic()
+            if not (timed_out or cancelled):
+                if deadline is not None and now >= deadline:
+                    timed_out = True
+                elif cancel.is_set():
+                    cancelled = True
+                if timed_out or cancelled:
+                    reason = (
+                        f"timeout of {format_duration(timeout or 0)}" if timed_out else "cancel"
+                    )
+                    log.error(f"{reason}: sending SIGTERM to {label}'s processes")
+                    _TREES.signal(tree, signal.SIGTERM)
+                    kill_at = now + kill_grace
+            elif kill_at is not None and now >= kill_at:
+                log.error(f"still running {format_duration(kill_grace)} after SIGTERM: SIGKILL")
+                _TREES.signal(tree, signal.SIGKILL)
+                kill_at = None
+            wait = 0.2
+            if deadline is not None and not timed_out:
+                wait = min(wait, max(deadline - now, 0.0))
+            if streams.open:
+                streams.pump(wait)
+            else:  # both pipes closed: the exit is all there is left to wait for
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(wait)
+    finally:
+        if process.poll() is None:  # an exception: the process must not outlive it either
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+        _TREES.remove(tree)
+        # Whatever the run left running ends with it; this also closes pipes that background
+        # children would otherwise hold open forever.
+        left = _TREES.end(tree)
+        streams.drain()
+        process.stdout.close()
+        process.stderr.close()
+        if left:
+            log.info(f"ended {left} process(es) {label} left running (SIGKILL)")
+    return ProcessOutcome(process.returncode, timed_out=timed_out, cancelled=cancelled)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _signal_reset() -> Callable[[], None] | None:
+    """What the child must do before exec so that it starts with default signal dispositions
+    and an empty mask; None when it inherits that anyway (the fast path: no Python in the
+    child, and vfork stays possible).
+
+    A handled signal is reset by exec itself; SIGPIPE and SIGXFSZ by subprocess.
+    """
+    state = procfs.signal_state()
+    if state is None:
+        return functools.partial(_reset_signals, tuple(range(1, signal.NSIG)))
+    blocked, ignored = state[0] & ~_LIBC_INTERNAL, state[1] & ~(_RESTORED | _LIBC_INTERNAL)
+    if not (blocked or ignored):
+        return None
+    return functools.partial(
+        _reset_signals, tuple(n for n in range(1, signal.NSIG) if ignored >> (n - 1) & 1)
+    )
+
+
+def _reset_signals(ignored: tuple[int, ...]) -> None:
+    """In the child, between fork and exec: two C calls (sigprocmask, sigaction) and nothing
+    that could wait for a lock a thread of the parent held at the fork (no import, no I/O)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for signum in ignored:
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL, SIGSTOP, libc's own
+            signal.signal(signum, signal.SIG_DFL)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """One run of run_process: its token and its first process."""
+
+    token: str
+    pid: int
+
+
+class _Trees:
+    """The runs of this process that have not ended, and the ends of those that have."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, _Tree] = {}
+        self.adopting = False  # adopt_orphans() was called and took effect
+
+    def add(self, token: str, pid: int) -> _Tree:
+        tree = _Tree(token, pid)
+        with self._lock:
+            self._live[token] = tree
+        return tree
+
+    def remove(self, tree: _Tree) -> None:
+        with self._lock:
+            self._live.pop(tree.token, None)
+
+    def signal(self, tree: _Tree, sig: signal.Signals) -> None:
+        """Signal a live run's processes: its group at once, then each one outside it."""
+        _signal_group(tree.pid, sig)
+        for info in self._processes(tree, [tree.pid]):
+            if info.pgrp != tree.pid:
+                _signal(info.pid, sig)
+
+    def end(self, tree: _Tree) -> int:
+        """SIGKILL what an ended run left, and wait until it is gone; return how many.
+
+        Its process group at once, then every process of the run, again until none is left
+        or ``_KILL_WAIT`` has passed (one in uninterruptible sleep is left to a later end).
+        """
+        left = self._processes(tree, [])
+        _signal_group(tree.pid, signal.SIGKILL)
+        killed: set[int] = set()
+        give_up = time.monotonic() + _KILL_WAIT
+        while left:
+            for info in left:
+                _signal(info.pid, signal.SIGKILL)
+            killed.update(info.pid for info in left)
+            if time.monotonic() > give_up:
+                break
+            time.sleep(0.002)  # a signal is delivered asynchronously
+            left = self._processes(tree, [])
+        return len(killed)
+
+    def _processes(self, tree: _Tree, roots: list[int]) -> list[ProcessInfo]:
+        """The live processes of ``tree``: below ``roots`` and, wherever they are, those that
+        carry its token. Adopted orphans that have ended are reaped on the way."""
+        if self.adopting:
+            roots = roots + [info.pid for info in self._orphans(tree)]
+        else:
+            roots = roots + procfs.processes_with_environment(f"{TREE_VARIABLE}={tree.token}")
+        if not roots:
+            return []
+        found = [
+            procfs.process_info(pid) for pid in dict.fromkeys(roots + procfs.descendants(roots))
+        ]
+        return [info for info in found if info is not None and not info.zombie]
+
+    def _orphans(self, tree: _Tree) -> list[ProcessInfo]:
+        """Adopted orphans that are ``tree``'s, or no live run's: those to signal for it.
+
+        An orphan is known by its token; or, if it cleared its environment (or that cannot be
+        read), by the session or group it is in. One known by neither is ended once no run
+        that was going when it started still goes. Ended orphans are reaped: none of them is
+        a Popen's to wait for.
+        """
+        mine = os.getpid()
+        adopted = procfs.children(mine, mine)
+        if not adopted:
+            return []  # the usual case: nothing to look at
+        with self._lock:
+            live = dict(self._live)
+        mains = {run.pid for run in live.values()}  # started by this thread, if by the main one
+        found = []
+        for pid in adopted:
+            info = procfs.process_info(pid)
+            if info is None or pid in mains:
+                continue
+            if info.zombie:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                continue
+            token = procfs.environment_value(pid, TREE_VARIABLE)
+            if token is None:
+                runs = (tree, *live.values())
+                owner = next((r for r in runs if r.pid in (info.session, info.pgrp)), None)
+                token = None if owner is None else owner.token
+            if token == tree.token or (token is not None and token not in live):
+                found.append(info)  # its own, or a run's that has ended (what its end missed)
+            elif token is None and not any(_started_by(r, info) for r in live.values()):
+                found.append(info)
+        return found
+
+
+def _started_by(run: _Tree, info: ProcessInfo) -> bool:
+    """Whether ``run`` may have started ``info``: it was going when ``info`` started."""
+    start = procfs.process_start_time(run.pid)
+    return start is None or start <= info.start
+
+
+_TREES = _Trees()
+
+
+class _Streams:
+    """Reads stdout and stderr without blocking and turns them into log lines."""
+
+    def __init__(self, log: JobLog, stdout: int, stderr: int) -> None:
+        self._log = log
+        # poll(2) needs no kernel object of its own, unlike epoll: fewer syscalls for two fds.
+        self._selector = selectors.PollSelector()
+        self._streams = {
+            stdout: OutputStream(log, stderr=False),
+            stderr: OutputStream(log, stderr=True),
+        }
+        for fd in (stdout, stderr):
+            os.set_blocking(fd, False)
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    @property
+    def open(self) -> bool:
+        """Whether either stream may still deliver output."""
+        return bool(self._selector.get_map())
+
+    def pump(self, timeout: float) -> bool:
+        """Read what is there, waiting up to ``timeout`` seconds; False if nothing came."""
+        ready = self._selector.select(timeout)
+        for key, _ in ready:
+            self._read(key.fd)
+        return bool(ready)
+
+    def drain(self) -> None:
+        """Read to end of file on both streams, then flush incomplete last lines.
+
+        A process out of spoold's reach (one that became another user) may hold a pipe open
+        for ever: after a few quiet seconds its output is abandoned rather than the job.
+        """
+        quiet_rounds = 0
+        while self.open and quiet_rounds < _DRAIN_QUIET_ROUNDS:
+            quiet_rounds = 0 if self.pump(0.5) else quiet_rounds + 1
+        if self.open:
+            self._log.error("a process out of spoold's reach still holds the job's output open")
+        for stream in self._streams.values():
+            stream.close()
+        self._selector.close()
+
+    def _read(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._selector.unregister(fd)
+            return
+        self._streams[fd].feed(chunk)

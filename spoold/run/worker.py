@@ -1,0 +1,841 @@
+"""Runs claimed jobs: one attempt each, artifacts collected, the outcome recorded, within the limits."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import queue
+import random
+import re
+import shutil
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from spoold.core.clock import Clock, parse_rfc3339, rfc3339
+from spoold.core.config import Config
+from spoold.core.documents import load_document
+from spoold.core.errors import ExecutorError, JobFileChanged, SecretError
+from spoold.core.job import (
+    ArtifactSpec,
+    Attempt,
+    JobSpec,
+    JobStatus,
+    interpolate,
+    refer_to_secrets,
+    secret_variable,
+)
+from spoold.core.joblog import JobLog
+from spoold.core.procfs import process_start_time
+from spoold.core.secrets import Masker, SecretStore
+from spoold.core.spool import JobDir, Spool
+from spoold.core.states import JobState
+from spoold.core.units import format_duration
+from spoold.executors.base import ExecResult, RunContext
+from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.run.control import cancel_reason, cancel_words
+from spoold.run.hooks import HookRunner
+from spoold.run.ledger import JobLedger
+from spoold.run.log_socket import LogTap
+from spoold.run.process import RunAs
+from spoold.run.registry import ExecutorRegistry
+from spoold.run.steps import StepsRun
+
+_DOCUMENT_CACHE = 10_000
+# Recording is mostly waiting on fsync: two overlap their waits (one where one slot feeds them).
+_RECORDERS = 2
+
+
+@dataclass
+class ActiveRun:
+    """A job this process is running now, with its lease and its stop switch."""
+
+    job: JobDir
+    lease: dict[str, Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False
+    #: Masks this job's secrets in its log and status.json.
+    masker: Masker = field(default_factory=Masker)
+    #: The secrets read for this attempt: each file is read once, and hooks, variables and
+    #: commands all see the same value.
+    secrets: dict[str, str] = field(default_factory=dict)
+    #: Why ``cancel`` was set by a user's request (``spoold cancel``): for status.json.
+    cancel_reason: str | None = None
+    #: That request (running/<id>/cancel): who asked, when, why.
+    cancel_request: dict[str, Any] | None = None
+    #: How many attempts its ``retry:`` allows in all, once its spec is read (for the log).
+    attempts_allowed: int = 1
+    leased: bool = False
+    #: An outcome its worker could not record (a full disk), for ``retry_finishing``.
+    outcome: tuple[JobState, JobStatus] | None = None
+    #: Held while the lease is written or the job moved, so neither undoes the other.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Where its events go (``callback:`` or the config's default), once its spec is read.
+    callback: CallbackTarget | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An attempt that ended, waiting to be recorded."""
+
+    run: ActiveRun
+    state: JobState
+    status: JobStatus
+    log: JobLog
+
+
+class JobRunner:
+    """Runs one claimed job to its end: the code path shared by the daemon and ``spoold exec``."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        registry: ExecutorRegistry,
+        config: Config,
+        clock: Clock,
+        logger: logging.Logger,
+        *,
+        daemon_pid: int | None = None,
+        draw: Callable[[], float] = random.random,
+        on_deferred: Callable[[str, float], None] | None = None,
+        secrets: SecretStore | None = None,
+        masker: Masker | None = None,
+        tap: LogTap | None = None,
+        callbacks: Callbacks | None = None,
+    ) -> None:
+        """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone).
+
+        ``masker``: where every secret read is also registered (spoold's own log masks it).
+        """
+        self._spool = spool
+        self._registry = registry
+        self._config = config
+        self._clock = clock
+        self._logger = logger
+        self._draw = draw  # the jitter of retry waits
+        self._secrets = secrets or SecretStore(None)
+        self._tap = tap  # RUNNER_LOG_SOCKET
+        self._callbacks = callbacks
+        self._ledger = JobLedger(spool, callbacks, logger=logger)
+        self._masker = masker if masker is not None else Masker()
+        # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
+        self._on_deferred = on_deferred
+        self._active: dict[str, ActiveRun] = {}
+        self._lock = threading.Lock()
+        # A claim is the daemon's and, inside it, a worker process's: it dies with either.
+        me = {"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
+        self._owner = me
+        if daemon_pid is not None:
+            daemon = {"pid": daemon_pid, "pid_start": process_start_time(daemon_pid)}
+            self._owner = {**daemon, "worker_pid": me["pid"], "worker_pid_start": me["pid_start"]}
+        self._environ = dict(os.environ)  # a plain dict copies much faster per job
+        # Documents intake parsed, so that a job is not parsed again to run (bounded).
+        self._documents: dict[str, dict[str, Any]] = {}
+        self._slots: dict[str, Path] = {}  # work dirs ready for use, by slot
+
+    def remember(self, job_id: str, document: dict[str, Any]) -> None:
+        """Keep the document intake validated for a job about to be queued."""
+        with self._lock:
+            if len(self._documents) >= _DOCUMENT_CACHE:
+                self._documents.pop(next(iter(self._documents)))
+            self._documents[job_id] = document
+
+    def new_lease(self) -> dict[str, Any]:
+        """The claim a worker of this process writes into running/<id>/lease."""
+        now = rfc3339(self._clock.now())
+        return {
+            "worker": self._config.worker_id,
+            "host": self._config.hostname,
+            **self._owner,
+            "claimed_at": now,
+            "heartbeat": now,
+            "job_pid": None,
+            "job_pid_start": None,
+        }
+
+    def claim(self, job_id: str) -> JobDir | None:
+        """Claim a pending job for this process; None if another worker was faster."""
+        job = self._ledger.claim(job_id)
+        if job is not None:
+            with self._lock:
+                self._active[job_id] = ActiveRun(job, self.new_lease())
+        return job
+
+    def renew_leases(self) -> None:
+        """Heartbeat: rewrite the lease of every job this process runs."""
+        with self._lock:
+            runs = list(self._active.values())
+        stamp = rfc3339(self._clock.now())
+        for run in runs:
+            with run.lock:
+                if not run.leased:
+                    continue  # the lease is written once the work starts
+                # Also while an outcome waits to be recorded: the claim is still ours.
+                run.lease["heartbeat"] = stamp
+                try:
+                    self._spool.jobs.write_lease(run.job, run.lease)
+                except FileNotFoundError:
+                    pass  # finished since the snapshot
+                except OSError as exc:  # a full disk: the old lease stands, the job goes on
+                    self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
+
+    def check_cancels(self) -> int:
+        """Act on the cancel requests made for jobs this process runs; return how many."""
+        with self._lock:
+            runs = [run for run in self._active.values() if not run.cancel.is_set()]
+        found = 0
+        for run in runs:
+            request = self._spool.jobs.cancel_request(run.job)
+            if request is not None:
+                _take_cancel(run, request)
+                run.cancel.set()
+                found += 1
+        return found
+
+    def _cancel_asked(self, run: ActiveRun) -> str | None:
+        """Why the job is to end cancelled, if a cancel was asked for: seen while it ran, or
+        there now (asked as it ended, or while spoold was stopping it). None if none was."""
+        if run.cancel_request is None:
+            request = self._spool.jobs.cancel_request(run.job)
+            if request is not None:
+                _take_cancel(run, request)
+        return run.cancel_reason if run.cancel_request is not None else None
+
+    def interrupt_all(self) -> int:
+        """Stop every running job because spoold is stopping; return how many."""
+        with self._lock:
+            runs = list(self._active.values())
+        for run in runs:
+            run.interrupted = True
+            run.cancel.set()
+        return len(runs)
+
+    def active_ids(self) -> list[str]:
+        """The jobs this process runs now."""
+        with self._lock:
+            return list(self._active)
+
+    def run(self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None) -> JobDir | None:
+        """Run a job claimed by ``claim()`` and record its outcome; return where it ended up.
+
+        None when the outcome is known but could not be recorded yet (a full disk): the job
+        stays claimed, and ``retry_finishing()`` records it once it can.
+        """
+        return self.record(self.attempt(job, slot=slot, tee=tee))
+
+    def attempt(self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None) -> Outcome:
+        """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded yet."""
+        with self._lock:
+            run = self._active[job.job_id]
+        log = JobLog(
+            self._spool.jobs.open_log(job), self._clock, tee=tee, mask=run.masker.mask_text,
+            limit=self._config.max_log_size,
+            tap=None if self._tap is None else functools.partial(self._tap.send, job.job_id),
+        )  # fmt: skip
+        status = JobStatus.from_dict(self._spool.jobs.read_status(job))
+        try:
+            state = self._run(run, status, log, slot)
+        except JobFileChanged as exc:  # not the validated file: nothing of it runs, ever
+            self._logger.error("%s", exc)
+            log.error(str(exc))
+            state = JobState.FAILED
+            status.end_attempt(self._clock.now(), state, None, str(exc))
+        except Exception as exc:  # spoold's own failure must still end the job somewhere
+            self._logger.exception("job %s failed inside spoold", job.job_id)
+            log.error(f"internal error: {exc!r}")
+            state = JobState.FAILED
+            status.end_attempt(self._clock.now(), state, None, f"internal error: {exc!r}")
+        return Outcome(run, state, status, log)
+
+    def record(self, outcome: Outcome) -> JobDir | None:
+        """Write an attempt's outcome and move the job to done/, failed/ or back to pending/."""
+        log, status = outcome.log, outcome.status
+        log.summarize()
+        if self._spool.durable:
+            log.sync()  # through the open handle: cheaper than by path in finish()
+        log.close()
+        if log.lost_lines:
+            status.log_lines_lost += log.lost_lines
+            self._logger.error(
+                "job %s: %d log line(s) lost (%s)", outcome.run.job.job_id, log.lost_lines,
+                log.first_error,
+            )  # fmt: skip
+        return self._finish(outcome.run, outcome.state, status)
+
+    def retry_finishing(self) -> list[JobDir]:
+        """Record the outcomes that could not be recorded before; return the jobs moved."""
+        with self._lock:
+            waiting = [run for run in self._active.values() if run.outcome is not None]
+        moved = []
+        for run in waiting:
+            assert run.outcome is not None
+            if (final := self._finish(run, *run.outcome)) is not None:
+                moved.append(final)
+        return moved
+
+    def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
+        synced = True
+        if state is JobState.PENDING and (reason := self._cancel_asked(run)) is not None:
+            # Asked after the attempt's outcome was decided: no retry, no requeue all the same.
+            state, synced = self._cancel_instead(run, status, reason), False
+        with run.lock:
+            try:
+                final = self._ledger.move(
+                    run.job, state, status, target=run.callback,
+                    mask=functools.partial(_masked, run.masker), log_synced=synced,
+                )  # fmt: skip
+            except OSError as exc:
+                # Only now is the outcome handed to retry_finishing: never two finishers.
+                run.outcome = (state, status)
+                self._logger.error(
+                    "job %s ended %s but cannot be moved yet (%s); retrying",
+                    run.job.job_id, state.value, exc,
+                )  # fmt: skip
+                return None
+        with self._lock:
+            self._active.pop(run.job.job_id, None)
+        self._log_end(run, state, status)
+        if state is JobState.PENDING and status.next_attempt_at and self._on_deferred:
+            self._on_deferred(run.job.job_id, parse_rfc3339(status.next_attempt_at).timestamp())
+        return final
+
+    def _cancel_instead(self, run: ActiveRun, status: JobStatus, reason: str) -> JobState:
+        """End as cancelled a job whose attempt sent it back to pending/ (a retry, a requeue)."""
+        status.state = JobState.CANCELLED
+        status.error, status.next_attempt_at = reason, None
+        status.finished_at = status.attempts[-1].finished_at if status.attempts else None
+        status.finished_at = status.finished_at or rfc3339(self._clock.now())
+        with self._spool.jobs.open_log(run.job) as handle:
+            JobLog(handle, self._clock, mask=run.masker.mask_text).error(
+                f"{reason}: the job ends cancelled, with no further attempt"
+            )
+        return JobState.CANCELLED
+
+    def _log_end(self, run: ActiveRun, state: JobState, status: JobStatus) -> None:
+        """spoold's own log line for a job that ended, or whose attempt did (a retry follows)."""
+        job_id, allowed = run.job.job_id, run.attempts_allowed
+        attempt = status.attempts[-1] if status.attempts else None
+        if attempt is not None and state is not JobState.PENDING:
+            # None began (its job file was not the one validated): not an earlier attempt's.
+            attempt = attempt if attempt.finished_at == status.finished_at else None
+        number = 0 if attempt is None else attempt.number
+        facts = _facts(status.exit_code, attempt)
+        retryable = " (retryable)" if attempt is not None and attempt.retryable else ""
+        if state is JobState.PENDING and status.next_attempt_at:
+            self._logger.warning(
+                "job %s attempt %s %s%s (%s); retry: attempt %s due at %s", job_id,
+                _of(number, allowed), _ended(JobState.FAILED, status.error, status.exit_code),
+                retryable, facts or "no exit code", _of(number + 1, allowed),
+                status.next_attempt_at,
+            )  # fmt: skip
+            return
+        which = f"attempt {_of(number, allowed)}" if number else ""
+        facts = ", ".join(filter(None, [facts, which]))
+        if state is JobState.PENDING:
+            self._logger.warning(
+                "job %s interrupted (%s); back to pending (on_interrupt: requeue)", job_id, facts
+            )
+        elif state is JobState.SUCCEEDED:
+            self._logger.info("job %s succeeded (%s)", job_id, facts)
+        else:
+            error = status.error
+            if state is JobState.CANCELLED and run.cancel_request is not None:
+                error = cancel_words(run.cancel_request)  # who, and why if said
+            self._logger.warning(
+                "job %s %s%s (%s)", job_id, _ended(state, error, status.exit_code), retryable, facts
+            )
+
+    def _run(self, run: ActiveRun, status: JobStatus, log: JobLog, slot: str) -> JobState:
+        job = run.job
+        spec = self._load_spec(job, status)
+        run.masker.collect(spec.document)  # the values of secret-named fields, wherever they are
+        if self._callbacks is not None:
+            run.callback = self._callbacks.target_of(spec.job_id, spec.document)
+        run.attempts_allowed = spec.retry.attempts
+        attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
+        if attempt.number > 1:
+            self._logger.info(
+                "job %s attempt %s started (a retry)", job.job_id,
+                _of(attempt.number, run.attempts_allowed),
+            )  # fmt: skip
+        # Before anything of the job starts: every start must show in attempts, whatever
+        # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
+        with self._announce(run, "started", status):
+            self._spool.jobs.write_status(job, _masked(run.masker, status.to_dict()))
+        log.info(
+            f"attempt {attempt.number} started on {self._config.hostname} by "
+            f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
+        )
+        workdir = self._workdir(slot)
+        try:
+            return self._execute(run, spec, status, log, workdir)
+        finally:
+            _empty(workdir)  # only declared artifacts are kept; the next job starts clean
+
+    def _announce(self, run: ActiveRun, event: str, status: JobStatus) -> Any:
+        if self._callbacks is None:
+            return contextlib.nullcontext()
+        mask = functools.partial(_masked, run.masker)
+        return self._callbacks.announce(run.callback, event, status, mask)
+
+    def _execute(
+        self, run: ActiveRun, spec: JobSpec, status: JobStatus, log: JobLog, workdir: Path
+    ) -> JobState:
+        job = run.job
+        attempt = status.attempts[-1]
+        hooks: HookRunner | None = None
+        try:
+            run_as = None if spec.run_as is None else RunAs.lookup(spec.run_as)
+            if run_as is not None:
+                os.chown(workdir, run_as.uid, run_as.gid)  # emptied; theirs for this job
+            own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
+            env, _ = self._environment(spec, job, workdir, attempt.number, own)
+            hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as)
+        except (SecretError, ExecutorError) as exc:
+            log.error(str(exc))
+            result = ExecResult(exit_code=None, error=str(exc))
+        else:
+            unit = functools.partial(
+                self._run_unit, run, workdir=workdir, run_as=run_as, attempt=attempt.number
+            )
+            if not hooks.run("pre_run", state="running", exit_code=None):
+                result = ExecResult(exit_code=None, error="the pre_run hook failed")
+            elif spec.steps:
+                result = StepsRun(
+                    spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
+                    parallel=self._config.workers, draw=self._draw,
+                    run_unit=lambda step_id, step, section: unit(step, section, step_id=step_id),
+                    on_change=functools.partial(self._steps_changed, run, status),
+                ).run()  # fmt: skip
+            else:
+                result = unit(spec, log)
+            hooks.run("post_run", state="running", exit_code=result.exit_code)
+        declared = spec.artifacts + tuple(
+            ArtifactSpec(path=item["path"], type=item.get("type", "file"))
+            for step in spec.steps
+            for item in step.get("artifacts") or ()
+        )
+        status.artifacts = collect_artifacts(self._spool, job, workdir, declared, log)
+        status.result = dict(result.result)
+        state, error = self._outcome(run, spec, result)
+        now = self._clock.now()
+        if state is JobState.PENDING:
+            log.error(
+                "interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)"
+            )
+        else:
+            code = "" if result.exit_code is None else f" (exit code {result.exit_code})"
+            (log.info if state is JobState.SUCCEEDED else log.error)(
+                f"attempt {attempt.number} {_ended(state, error, result.exit_code)}{code}"
+            )
+        retry = spec.retry
+        # The executor's word on its own failure, not on spoold's stop that ended the job.
+        retryable = state is JobState.FAILED and not run.interrupted and result.retryable
+        if state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code):
+            wait = retry.delay(attempt.number, self._draw)
+            due = now + timedelta(seconds=wait)
+            status.end_attempt(now, JobState.PENDING, result.exit_code, error, retryable=retryable)
+            status.next_attempt_at = rfc3339(due)
+            log.info(
+                f"retrying in {format_duration(wait)}: attempt {attempt.number + 1} of "
+                f"{retry.attempts} is due at {status.next_attempt_at}"
+            )
+            return JobState.PENDING
+        status.end_attempt(now, state, result.exit_code, error, retryable=retryable)
+        if hooks is not None and state is not JobState.PENDING:  # the job's end, not an attempt's
+            final = "on_success" if state is JobState.SUCCEEDED else "on_failure"
+            hooks.run(final, state=state.value, exit_code=result.exit_code)
+        return state
+
+    def _run_unit(
+        self,
+        run: ActiveRun,
+        unit: JobSpec,
+        log: JobLog,
+        *,
+        workdir: Path,
+        run_as: RunAs | None,
+        attempt: int,
+        step_id: str | None = None,
+    ) -> ExecResult:
+        """Run one executor once: the job's own, or one step's."""
+        job = run.job
+
+        def on_start(pid: int | None) -> None:
+            with run.lock:
+                if run.leased:
+                    return  # an earlier step wrote it: the claim is the job's, not a step's
+                if pid is not None:
+                    run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
+                self._spool.jobs.write_lease(job, run.lease, first=True)
+                run.leased = True
+
+        try:
+            executor = self._registry.create(unit.executor)
+            product, env, job_env = self._resolve(
+                run, unit, executor.script_fields, workdir, attempt
+            )
+        except (SecretError, ExecutorError) as exc:
+            log.error(str(exc))
+            return ExecResult(exit_code=None, error=str(exc))
+        if step_id is not None:
+            env["SPOOLD_STEP_ID"] = job_env["SPOOLD_STEP_ID"] = step_id
+        ctx = RunContext(
+            job_id=job.job_id,
+            executor=unit.executor,
+            type=unit.type,
+            product=product,
+            workdir=workdir,
+            env=env,
+            log=log,
+            clock=self._clock,
+            timeout=unit.timeout,
+            kill_grace=self._config.kill_grace,
+            cancel=run.cancel,
+            before_script=self._config.global_before_script,
+            on_start=on_start,
+            limits=unit.limits,
+            run_as=run_as,
+            artifacts=unit.artifacts,
+            job_env=job_env,
+            settings=self._config.executor_settings.get(unit.executor, {}),
+        )
+        return executor.run(ctx)
+
+    def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:
+        """A step started or ended: status.json says so (not fsynced, like the running state)."""
+        status.steps = steps
+        self._spool.jobs.write_status(run.job, _masked(run.masker, status.to_dict()))
+
+    def _hooks(
+        self,
+        run: ActiveRun,
+        spec: JobSpec,
+        env: dict[str, str],
+        *,
+        workdir: Path,
+        log: JobLog,
+        run_as: RunAs | None,
+    ) -> HookRunner:
+        """The job's hooks, with secrets reaching them as they reach its commands."""
+        used: set[str] = set()
+        commands = {name: refer_to_secrets(value, used) for name, value in spec.hooks.items()}
+        env = {**env, **{secret_variable(name): self._secret(run, name) for name in used}}
+        return HookRunner(commands, env, workdir, log, self._clock, self._config.kill_grace,
+                          spec.timeout, run_as)  # fmt: skip
+
+    def _outcome(
+        self, run: ActiveRun, spec: JobSpec, result: ExecResult
+    ) -> tuple[JobState, str | None]:
+        if not result.succeeded and (reason := self._cancel_asked(run)) is not None:
+            # A cancel, once asked for, wins over on_interrupt: requeue and over retries,
+            # whatever the job did on its SIGTERM (exit 0 before it came is a success).
+            return JobState.CANCELLED, reason
+        if run.interrupted:
+            if spec.on_interrupt == "requeue":
+                return JobState.PENDING, "interrupted: spoold stopped"
+            return JobState.FAILED, "interrupted: spoold stopped while the job ran"
+        if result.succeeded:
+            return JobState.SUCCEEDED, None
+        if result.cancelled:
+            return JobState.CANCELLED, run.cancel_reason or result.error
+        return JobState.FAILED, result.failure
+
+    def _load_spec(self, job: JobDir, status: JobStatus) -> JobSpec:
+        with self._lock:
+            document = self._documents.pop(job.job_id, None)
+        if document is None:
+            data = self._spool.jobs.read_job_file(job, sha256=status.sha256)
+            document = load_document(data, status.source or "job.yaml")
+        return JobSpec.from_document(document, job.job_id)
+
+    def _workdir(self, slot: str) -> Path:
+        """The work dir of one worker slot, reused job after job (as CI runners do).
+
+        Made and cleared of what a crash left behind on first use; after that every job
+        empties it on its way out.
+        """
+        path = self._slots.get(slot)
+        if path is None:
+            name = f"{self._config.worker_id}-{slot}"
+            if self._config.workdir is not None:
+                path = self._config.workdir / name
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path = self._spool.jobs.work_slot(name)
+            _empty(path)
+            self._slots[slot] = path
+        return path
+
+    def _resolve(
+        self, run: ActiveRun, spec: JobSpec, scripts: tuple[str, ...], workdir: Path, attempt: int
+    ) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+        """The product with variables and secrets filled in, the job's environment, and the
+        part of it that is the job's own (not spoold's inherited one).
+
+        Secrets are read now, at run time, and masked from here on. Fields that are programs
+        (``scripts``) get references instead of values: see ``refer_to_secrets``.
+        """
+        own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
+        env, variables = self._environment(spec, run.job, workdir, attempt, own)
+        used: set[str] = set()
+        product = {
+            key: refer_to_secrets(value, used)
+            if key in scripts
+            else self._fill(run, value, variables)
+            for key, value in spec.product.items()
+        }
+        secrets = {secret_variable(name): self._secret(run, name) for name in sorted(used)}
+        env.update(secrets)
+        return product, env, {**variables, **secrets}
+
+    def _fill(self, run: ActiveRun, value: Any, variables: dict[str, str]) -> Any:
+        """``value`` with variables and secrets filled in (for fields that are not programs)."""
+        return interpolate(value, variables, functools.partial(self._secret, run))
+
+    def _secret(self, run: ActiveRun, name: str) -> str:
+        """Read a secret for a job, masked from now on in its log and in spoold's own."""
+        if (value := run.secrets.get(name)) is None:
+            value = run.secrets[name] = self._secrets.read(name)
+            run.masker.add(value)
+            self._masker.add(value)
+        return value
+
+    def _environment(
+        self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int, own: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        builtins = {
+            "JOB_ID": job.job_id,
+            "SPOOLD_JOB_ID": job.job_id,
+            "SPOOLD_ATTEMPT": str(attempt),
+            "SPOOLD_JOB_DIR": job.location,
+            "RUNNER_ID": self._config.worker_id,
+            "RUNNER_HOSTNAME": self._config.hostname,
+            "RUNNER_WORKDIR": str(workdir),
+        }
+        variables = {**builtins, **own}
+        return {**self._environ, **variables}, variables
+
+
+def _take_cancel(run: ActiveRun, request: dict[str, Any]) -> None:
+    run.cancel_request = request
+    run.cancel_reason = cancel_reason(request)
+
+
+def _ended(state: JobState, error: str | None, exit_code: int | None) -> str:
+    """How an attempt or a job ended, in words: ``failed: timeout of 5s``, ``failed``.
+
+    No doubled words: the caller adds the exit code, so the error's own mention of it is left
+    out (``step b failed: exit code 4`` reads ``failed: step b failed``).
+    """
+    if state is JobState.SUCCEEDED:
+        return "succeeded"
+    if error is not None and exit_code is not None:
+        error = re.sub(rf"(: )?\bexit code {exit_code}\b", "", error, count=1).strip() or None
+    if error is None:
+        return state.value
+    if error.startswith(state.value):  # "cancelled by root on host1"
+        return error
+    return f"{state.value}: {error}"
+
+
+def _facts(exit_code: int | None, attempt: Attempt | None) -> str:
+    """``exit 3, 0.4 s``: what there is of an attempt's exit code and duration."""
+    facts = [] if exit_code is None else [f"exit {exit_code}"]
+    if attempt is not None and attempt.finished_at is not None:
+        took = parse_rfc3339(attempt.finished_at) - parse_rfc3339(attempt.started_at)
+        seconds = took.total_seconds()
+        facts.append(f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds))
+    return ", ".join(facts)
+
+
+def _of(number: int, allowed: int) -> str:
+    """``2 of 3`` while within what ``retry:`` allows, ``4`` beyond it (``spoold retry``)."""
+    return f"{number} of {allowed}" if allowed > 1 and number <= allowed else str(number)
+
+
+def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:
+    """status.json as it may be written: no secret value in it, no secret-named field's value.
+
+    spoold writes every field but ``result`` itself, and puts no secret into any: with no
+    secret known and nothing from an executor, there is nothing to mask (the common case,
+    and walking the document for nothing cost more than the rest of writing it).
+    """
+    if not masker and not status.get("result"):
+        return status
+    masked: dict[str, Any] = masker.mask_data(status)
+    return masked
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything inside ``directory``, keeping it."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def collect_artifacts(
+    spool: Spool, job: JobDir, workdir: Path, specs: tuple[ArtifactSpec, ...], log: JobLog
+) -> list[dict[str, Any]]:
+    """Copy the declared artifacts (never anything outside the work dir) into artifacts/."""
+    if not specs:
+        return []
+    root = workdir.resolve()
+    found: dict[str, Path] = {}
+    for spec in specs:
+        matches = sorted(root.glob(spec.path)) if root.is_dir() else []
+        if not matches:
+            log.error(f"artifact {spec.path!r}: nothing matched")
+        for match in matches:
+            for path in _artifact_files(match, spec.type, root, log):
+                found.setdefault(path.relative_to(root).as_posix(), path)
+    collected = []
+    for relative, path in sorted(found.items()):
+        stored = spool.jobs.store_artifact(job, relative, path)
+        collected.append(
+            {"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)}
+        )
+    if collected:
+        log.info(f"kept {len(collected)} artifact(s)")
+    return collected
+
+
+def _artifact_files(match: Path, kind: str, root: Path, log: JobLog) -> list[Path]:
+    if not match.resolve().is_relative_to(root) or match.is_symlink():
+        log.error(f"artifact {match.relative_to(root)!s}: a link out of the work dir is not kept")
+        return []
+    if kind == "dir":
+        if not match.is_dir():
+            return []
+        return [
+            p for p in sorted(match.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)
+        ]  # fmt: skip
+    return [match] if match.is_file() else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WorkerPool:
+    """Threads that claim jobs and run them, one per work slot, and recorders behind them.
+
+    Recording an outcome (fsync of status and log, the rename, a directory fsync) needs no
+    slot: it is handed to recorder threads so that the slot takes the next job at once. The
+    slots still bound how many jobs run at the same time. ``on_done`` hears of every job a
+    slot is done with, whatever became of it.
+    """
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        slots: Sequence[str],
+        logger: logging.Logger,
+        on_done: Callable[[str], None],
+    ) -> None:
+        self._runner = runner
+        self._logger = logger
+        self._on_done = on_done
+        self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
+        self._known: set[str] = set()  # queued or running
+        self._cond = threading.Condition()  # guards both
+        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._loop, args=(slot,), name=f"spoold-slot-{slot}", daemon=True
+            )
+            for slot in slots
+        ]
+        self._recorders = [
+            threading.Thread(target=self._record_loop, name=f"spoold-recorder-{n}", daemon=True)
+            for n in range(min(_RECORDERS, len(slots)))
+        ]
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job is queued here or running."""
+        with self._cond:
+            return bool(self._known)
+
+    def start(self) -> None:
+        for thread in [*self._threads, *self._recorders]:
+            thread.start()
+
+    def submit(self, job_id: str) -> bool:
+        """Queue a pending job unless it is queued or running already."""
+        with self._cond:
+            if job_id in self._known or self._stopping.is_set():
+                return False
+            self._known.add(job_id)
+            self._queue.append(job_id)
+            self._cond.notify()
+        return True
+
+    def revoke(self) -> list[str]:
+        """Take back the queued jobs no slot has started; return their ids."""
+        with self._cond:
+            taken = list(self._queue)
+            self._queue.clear()
+            self._known.difference_update(taken)
+        return taken
+
+    def stop(self, grace: float, clock: Clock) -> None:
+        """Take no more jobs; let running ones finish for ``grace`` seconds, then interrupt them."""
+        self._stopping.set()
+        with self._cond:
+            self._queue.clear()  # not started: they stay in pending/
+            self._cond.notify_all()
+        end = clock.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(end - clock.monotonic(), 0.0))
+        if any(t.is_alive() for t in self._threads):
+            count = self._runner.interrupt_all()
+            self._logger.warning("interrupting %d running job(s) after %ss", count, grace)
+            for thread in self._threads:
+                thread.join()
+        for _ in self._recorders:
+            self._outcomes.put(None)
+        for thread in self._recorders:
+            thread.join()
+
+    def _next(self) -> str | None:
+        with self._cond:
+            while not self._queue and not self._stopping.is_set():
+                self._cond.wait()
+            return None if self._stopping.is_set() else self._queue.popleft()
+
+    def _loop(self, slot: str) -> None:
+        while (job_id := self._next()) is not None:
+            try:
+                job = self._runner.claim(job_id)
+                if job is not None:
+                    self._outcomes.put(self._runner.attempt(job, slot=slot))
+            except Exception:  # a spool error on one job must not end the worker
+                self._logger.exception("worker failed on job %s", job_id)
+            finally:
+                with self._cond:
+                    self._known.discard(job_id)
+                self._on_done(job_id)
+
+    def _record_loop(self) -> None:
+        while (outcome := self._outcomes.get()) is not None:
+            try:
+                self._runner.record(outcome)
+            except Exception:  # retry_finishing picks up what was not recorded
+                self._logger.exception("recording job %s failed", outcome.run.job.job_id)

@@ -1,0 +1,400 @@
+"""Recurring jobs (``schedule:``): when they fire, and what a restart does about missed firings.
+
+Pure: times come in, decisions come out; the daemon's scheduler (``spoold.schedule.scheduler``) acts on
+them. Fire times come from APScheduler 3.x triggers. Two things are added on top:
+
+- A wall-clock time fires once: a daily job at a time the autumn clock change repeats (02:30
+  in Europe/Berlin on the last Sunday of October) runs once that day, not twice as the bare
+  trigger would (an hourly job has 24 runs on that 25-hour day); a time the spring change skips
+  fires an hour later, once.
+- A firing is named by its nominal time (``<job_id>@20261122T153000Z``): a firing that was
+  recorded can be recognised after any crash, so none is lost and none repeated.
+- ``every:`` fires on one exact grid (``EveryTrigger``), from when its definition was accepted:
+  APScheduler wakes spoold at each firing, which is made then and there, and status.json's
+  ``next_fire_times`` are the very times that will be fired, sub-second part included.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+
+from spoold.core.clock import rfc3339
+from spoold.core.job import labels_and_description
+from spoold.core.units import parse_duration
+
+#: A firing this late (or one period, if shorter) is on time (a busy daemon), not missed.
+ON_TIME = 60.0
+#: ``catch_up: all`` starts at most this many runs at once; the rest are recorded as dropped.
+CATCH_UP_LIMIT = 1000
+#: How far ahead a schedule must fire at least once to be valid (31 February never comes).
+_HORIZON = timedelta(days=366 * 8)
+_TICK = timedelta(microseconds=1)
+_WINDOW_JUMPS = 1000
+_TIME_OF_DAY = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
+
+
+def run_id(job_id: str, fire_time: datetime) -> str:
+    """The id of the run a firing creates: the schedule's id and the firing's UTC time."""
+    return f"{job_id}@{fire_time.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+class EveryTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 ships no types
+    """``every:``: firings at ``start + k x period`` (k = 0, 1, ...), up to ``end``.
+
+    One grid for everyone: APScheduler wakes spoold at these times, ``plan`` fires them and
+    ``next_fire_times`` shows them, so a run is made at its firing and status shows the times
+    that will be used. Unlike APScheduler's IntervalTrigger it counts in whole microseconds
+    (no float drift), and the firing after ``previous`` is the next point of the grid (not
+    ``previous + period``: a firing off the grid, recorded by an older spoold, leads back to it).
+    """
+
+    __slots__ = ("end", "period", "start")
+
+    def __init__(self, period: timedelta, *, start: datetime, end: datetime | None) -> None:
+        if period <= timedelta(0):
+            raise ValueError("every: must be longer than 0s")
+        self.period = period
+        self.start = start.astimezone(UTC)
+        self.end = None if end is None else end.astimezone(UTC)
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The first firing after ``previous_fire_time`` or, without one, at or after ``now``."""
+        if previous_fire_time is not None:
+            return self._first_from(previous_fire_time.astimezone(UTC) + _TICK)
+        return self._first_from(now.astimezone(UTC))
+
+    def _first_from(self, moment: datetime) -> datetime | None:
+        steps = -((self.start - moment) // self.period) if moment > self.start else 0  # ceil
+        fire = self.start + steps * self.period
+        return None if self.end is not None and fire > self.end else fire
+
+    def __str__(self) -> str:
+        return f"every {self.period.total_seconds():g}s from {self.start.isoformat()}"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A job file's ``schedule:``, read."""
+
+    cron: str | None = None
+    every: float | None = None
+    timezone: str = "UTC"
+    jitter: float = 0.0
+    start: datetime | None = None
+    end: datetime | None = None
+    #: ``window`` as times of day (``{start: "08:00", end: "18:00"}``): firings only in it.
+    daily: tuple[time, time] | None = None
+    catch_up: str = "once"
+    overlap: str = "skip"
+
+    @classmethod
+    def from_document(cls, value: str | Mapping[str, Any]) -> ScheduleSpec:
+        """From a validated ``schedule:``; ValueError for what the schema cannot check."""
+        if isinstance(value, str):
+            return cls(cron=value.strip())
+        zone = _zone(str(value.get("timezone", "UTC")))
+        window = value.get("window") or {}
+        every = value.get("every")
+        daily = _daily(window)
+        return cls(
+            cron=value["cron"].strip() if value.get("cron") else None,
+            every=None if every is None else parse_duration(every),
+            timezone=zone.key,
+            jitter=parse_duration(value.get("jitter", 0)),
+            start=None if daily else _moment(window.get("start"), zone, "window.start"),
+            end=None if daily else _moment(window.get("end"), zone, "window.end"),
+            daily=daily,
+            catch_up=str(value.get("catch_up", "once")),
+            overlap=str(value.get("overlap", "skip")),
+        )
+
+    def trigger(self, anchor: datetime) -> BaseTrigger:
+        """The APScheduler trigger; ``anchor`` is when an ``every:`` schedule counts from (its
+        first firing is one period later, or at ``window.start``)."""
+        if self.every is not None:
+            if self.every < 1:  # a run is named by its firing's second
+                raise ValueError("every: must be at least 1s")
+            period = timedelta(seconds=self.every)
+            return EveryTrigger(period, start=self.start or anchor + period, end=self.end)
+        assert self.cron is not None
+        return CronTrigger(
+            **_cron_fields(self.cron), timezone=self.timezone, start_date=self.start,
+            end_date=self.end,
+        )  # fmt: skip
+
+
+def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
+    """Why a ``schedule:`` cannot work, in words (None if it can)."""
+    try:
+        spec = ScheduleSpec.from_document(value)
+        trigger = spec.trigger(now)
+    except ValueError as exc:
+        return str(exc)
+    first = trigger.get_next_fire_time(None, now)
+    if first is None or first - now > _HORIZON:
+        return "it never fires (a date that does not exist, or a window in the past)"
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do now: the firings to run, and what was decided about the others."""
+
+    fire: tuple[datetime, ...]
+    notes: tuple[str, ...]
+    last: datetime | None  # the newest firing dealt with, run or not
+
+
+def plan(
+    spec: ScheduleSpec, trigger: BaseTrigger, *, last: datetime | None, since: datetime,
+    now: datetime,
+) -> Plan:  # fmt: skip
+    """The firings due at ``now``: after ``last`` (the newest dealt with) or, never fired,
+    after ``since`` (when the schedule was made). A firing more than ``ON_TIME`` seconds late
+    was missed (spoold was down): ``catch_up`` decides, and the notes say what happened.
+    """
+    due, count = _due(spec, trigger, last or since, now)
+    if not due:
+        return Plan((), (), last)
+    # Late by less than a period (a minute at most) is on time; later than that was missed.
+    grace = min(ON_TIME, spec.every) if spec.every else ON_TIME
+    on_time = [t for t in due if (now - t).total_seconds() <= grace]
+    missed = due[: len(due) - len(on_time)]
+    fire, notes = list(on_time), []
+    if missed:
+        total = count - len(on_time)
+        first = _show(missed[0]) if total == len(missed) else f"{total - len(missed)} earlier, "
+        span = f"{first}{' to ' if first[-1] != ' ' else ''}{_show(missed[-1])}"
+        if total == 1:
+            span = _show(missed[0])
+        if spec.catch_up == "skip":
+            notes.append(f"skipped {total} firing(s) missed while spoold was down ({span})")
+        elif spec.catch_up == "once":
+            if not on_time:  # an on-time firing already is the one run
+                fire.insert(0, missed[-1])
+            notes.append(
+                f"caught up {total} firing(s) missed while spoold was down ({span}) "
+                "with one run (catch_up: once)"
+            )
+        else:
+            kept = missed[-CATCH_UP_LIMIT:]
+            fire[:0] = kept
+            dropped = total - len(kept)
+            notes.append(
+                f"caught up {len(kept)} firing(s) missed while spoold was down ({span}), "
+                "one run each (catch_up: all)"
+                + (f"; {dropped} older ones dropped (at most {CATCH_UP_LIMIT})" if dropped else "")
+            )
+    return Plan(tuple(fire), tuple(notes), due[-1])
+
+
+def next_fire_times(
+    spec: ScheduleSpec, trigger: BaseTrigger, after: datetime, count: int = 3,
+    *, last: datetime | None = None,
+) -> list[datetime]:  # fmt: skip
+    """The next ``count`` firings strictly after ``after`` (fewer if the schedule ends): the
+    times ``plan`` will fire. ``last``: the newest firing dealt with (its wall-clock time,
+    repeated by the autumn change, does not fire again)."""
+    times: list[datetime] = []
+    previous = last
+    moment = after + _TICK if last is None else last
+    for _ in range(_WINDOW_JUMPS + count):
+        if len(times) == count:
+            break
+        found = _next(spec, trigger, previous, moment)
+        if found is None:
+            break
+        if found > after:
+            times.append(found)
+        previous = moment = found
+    return times
+
+
+def jitter_delay(spec: ScheduleSpec, draw: float) -> float:
+    """How long a run waits after its firing: ``draw`` in [0, 1) spread over the jitter."""
+    return spec.jitter * draw
+
+
+def _due(
+    spec: ScheduleSpec, trigger: BaseTrigger, after: datetime, now: datetime
+) -> tuple[list[datetime], int]:
+    """The firings in (after, now], oldest first, at most the newest 2 x CATCH_UP_LIMIT of
+    them (a long downtime of a frequent schedule), and how many there were in all."""
+    times: list[datetime] = []
+    count = 0
+    previous: datetime | None = after
+    while (moment := _next(spec, trigger, previous, previous or after)) is not None:
+        if moment > now:
+            break
+        times.append(moment)
+        count += 1
+        if len(times) > CATCH_UP_LIMIT * 2:
+            del times[:CATCH_UP_LIMIT]
+        previous = moment
+    return times, count
+
+
+def _next(
+    spec: ScheduleSpec, trigger: BaseTrigger, previous: datetime | None, now: datetime
+) -> datetime | None:
+    """The trigger's next firing after ``previous``, without a repeated wall-clock time.
+
+    Times go to the trigger in UTC: from a local time in the repeated autumn hour, APScheduler
+    would find that same instant again.
+    """
+    previous = None if previous is None else previous.astimezone(UTC)
+    moment: datetime | None = trigger.get_next_fire_time(previous, now.astimezone(UTC))
+    for _ in range(_WINDOW_JUMPS):
+        if moment is None:
+            return None
+        if previous is not None and (
+            moment <= previous
+            or (spec.cron is not None and _wall(moment, spec) == _wall(previous, spec))
+        ):
+            # In the hour the autumn change repeats, APScheduler 3 finds the same instant
+            # again, or that wall-clock time a second time: look on from just after it.
+            # (``every:`` counts elapsed time: an hourly interval fires in both of those hours.)
+            moment = trigger.get_next_fire_time(None, max(moment.astimezone(UTC), previous) + _TICK)
+        elif (opens := _outside_daily(spec, moment)) is not None:
+            moment = trigger.get_next_fire_time(None, opens)  # the next firing in the window
+        else:
+            return moment
+    return None  # a window no firing ever falls into
+
+
+def _outside_daily(spec: ScheduleSpec, moment: datetime) -> datetime | None:
+    """When a daily window next opens, if ``moment`` is outside it (None: it is inside)."""
+    if spec.daily is None:
+        return None
+    zone = ZoneInfo(spec.timezone)
+    local = moment.astimezone(zone)
+    start, end = spec.daily
+    now = local.time().replace(tzinfo=None)
+    inside = start <= now < end if start < end else (now >= start or now < end)  # over midnight
+    if inside:
+        return None
+    day = local.date() if now < start else local.date() + timedelta(days=1)
+    return datetime.combine(day, start, tzinfo=zone).astimezone(UTC)
+
+
+def _daily(window: Mapping[str, Any]) -> tuple[time, time] | None:
+    """A window given as times of day ("08:00"), or None when it is given as dates."""
+    kinds = {key: _TIME_OF_DAY.match(str(window[key])) for key in ("start", "end") if key in window}
+    if not kinds or not any(kinds.values()):
+        return None
+    if not all(kinds.values()) or len(kinds) != 2:
+        raise ValueError("window: times of day need both start and end, e.g. 08:00 and 18:00")
+    start, end = (time.fromisoformat(str(window[key]).zfill(5)) for key in ("start", "end"))
+    if start == end:
+        raise ValueError("window: start and end are the same time")
+    return start, end
+
+
+def _wall(moment: datetime, spec: ScheduleSpec) -> datetime:
+    return moment.astimezone(ZoneInfo(spec.timezone)).replace(tzinfo=None)
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"timezone: unknown time zone {name!r} (e.g. Europe/Berlin, UTC)"
+        ) from None
+
+
+def _moment(value: Any, zone: ZoneInfo, where: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"{where}: {value!r} is no date or time (e.g. 2026-12-01T08:00)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+
+
+def _cron_fields(expression: str) -> dict[str, str]:
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"{expression!r} is not 5 cron fields (minute hour day month weekday)")
+    minute, hour, day, month, weekday = fields
+    return {"minute": minute, "hour": hour, "day": day, "month": month,
+            "day_of_week": _weekdays(weekday)}  # fmt: skip
+
+
+def _weekdays(field: str) -> str:
+    """cron's weekday field in APScheduler's words: cron counts from Sunday (0 and 7),
+    APScheduler 3 from Monday, so "1-5" must become mon-fri, not tue-sat."""
+    if field == "*" or not any(c.isdigit() for c in field):
+        return field.lower()  # names (mon-fri) mean the same to both
+    days: set[int] = set()
+    for part in field.split(","):
+        span, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if span == "*":
+            first, last = 0, 6
+        elif "-" in span:
+            first, last = (_weekday(x) for x in span.split("-", 1))
+        else:
+            first = last = _weekday(span)
+        if last < first or step < 1:
+            raise ValueError(f"weekday field {field!r} is not valid")
+        days.update(range(first, last + 1, step))
+    return ",".join(_DAY_NAMES[day % 7] for day in sorted(days))
+
+
+def _weekday(text: str) -> int:
+    if text.isdigit() and 0 <= int(text) <= 7:
+        return int(text)
+    if text.lower()[:3] in _DAY_NAMES:
+        return _DAY_NAMES.index(text.lower()[:3])
+    raise ValueError(f"{text!r} is not a weekday (0-7 or sun-sat)")
+
+
+_DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+def _show(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: A schedule's status.json keeps this many notes (the newest).
+NOTES_KEPT = 50
+
+
+def schedule_status(
+    spec_document: dict[str, Any], *, job_id: str, source: str, now: datetime, sha256: str,
+    previous: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """A schedule's status.json as intake writes it; a replaced definition keeps its history."""
+    previous = previous or {}
+    replaced = ["definition replaced"] if previous else []
+    return {
+        "job_id": job_id,
+        "state": "scheduled",
+        "executor": spec_document.get("executor"),
+        "type": spec_document.get("type"),
+        "schedule": spec_document["schedule"],
+        **labels_and_description(spec_document),
+        "source": source,
+        "sha256": sha256,
+        "submitted_at": previous.get("submitted_at") or rfc3339(now),
+        "accepted_at": rfc3339(now),
+        "last_fired": previous.get("last_fired"),
+        "next_fire_times": [],
+        "runs": previous.get("runs", []),
+        "notes": [
+            *previous.get("notes", []),
+            *({"at": rfc3339(now), "what": note} for note in replaced),
+        ][-NOTES_KEPT:],
+    }
