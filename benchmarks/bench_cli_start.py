@@ -48,9 +48,18 @@ JOB = "job_id: bench-1\nexecutor: local\nproduct: {commands: 'true'}\n"
 ARGUMENTS = {"--version": ["--version"], "status ID": ["status", "bench-1"], "list": ["list"]}
 
 
+#: What the package's /usr/bin/spoold runs; spoold before issue 17 had its main in spoold.cli.
+_MAIN = """import sys
+try:
+    from spoold.app import main
+except ImportError:
+    from spoold.cli import main
+sys.exit(main())"""
+
+
 def _spoold(python: str) -> list[str]:
-    """``python -I`` calling spoold.app.main, as the package's /usr/bin/spoold does."""
-    return [python, "-I", "-c", "import sys; from spoold.app import main; sys.exit(main())"]
+    """``python -I`` calling spoold's main, as the package's /usr/bin/spoold does."""
+    return [python, "-I", "-c", _MAIN]
 
 
 def _timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:

@@ -264,3 +264,18 @@ def tmp_leftovers(spool: Path) -> list[str]:
             f"work/{s}/{n}" for s in os.listdir(tmp / "work") for n in os.listdir(tmp / "work" / s)
         ]
     return found
+
+
+def schedule_status(spool: Path, job_id: str) -> dict[str, Any]:
+    """The schedule's status.json ({} until it is there)."""
+    try:
+        return dict(json.loads((spool / "scheduled" / job_id / "status.json").read_text()))
+    except FileNotFoundError:
+        return {}
+
+
+def schedule_runs(spool: Path, job_id: str) -> list[str]:
+    """Every run of a schedule, wherever it is, oldest first."""
+    names = {p.name for d in ("pending", "running", "done", "failed")
+             for p in (spool / d).glob(f"{job_id}@*")}  # fmt: skip
+    return sorted(names)

@@ -6,7 +6,6 @@ round by round on a FakeClock in test_daemon_ticks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,13 @@ from tests.harness import (
     drop,
     local_job,
     run_cli,
+    schedule_runs,
+    schedule_status,
     wait_finished,
     wait_for,
 )
 
 pytestmark = pytest.mark.daemon
-
-
-def _schedule(spool: Path, job_id: str) -> dict[str, Any]:
-    """The schedule's status.json ({} until it is there)."""
-    try:
-        return dict(json.loads((spool / "scheduled" / job_id / "status.json").read_text()))
-    except FileNotFoundError:
-        return {}
-
-
-def _runs(spool: Path, job_id: str) -> list[str]:
-    """Every run of a schedule, wherever it is, oldest first."""
-    names = {p.name for d in ("pending", "running", "done", "failed")
-             for p in (spool / d).glob(f"{job_id}@*")}  # fmt: skip
-    return sorted(names)
 
 
 def _blocking(job_id: str, release: Path, overlap: str, **fields: Any) -> dict[str, Any]:
@@ -51,12 +37,12 @@ def test_overlap_skip_records_each_firing_it_skips(
 ) -> None:
     release = tmp_path / "release"
     drop(spool_dir, "slow.yaml", _blocking("slow", release, "skip"))
-    wait_for(lambda: len(_schedule(spool_dir, "slow").get("notes", [])) >= 2,
+    wait_for(lambda: len(schedule_status(spool_dir, "slow").get("notes", [])) >= 2,
              what="two skipped firings")  # fmt: skip
-    notes = [note["what"] for note in _schedule(spool_dir, "slow")["notes"]]
-    first = _runs(spool_dir, "slow")[0]
+    notes = [note["what"] for note in schedule_status(spool_dir, "slow")["notes"]]
+    first = schedule_runs(spool_dir, "slow")[0]
     assert all(f"skipped: run {first} is still going (overlap: skip)" in n for n in notes)
-    assert _runs(spool_dir, "slow") == [first]
+    assert schedule_runs(spool_dir, "slow") == [first]
     run_cli(spool_dir, "unschedule", "slow")
     release.touch()
     assert wait_finished(spool_dir, first)[0] == "done"
@@ -67,10 +53,10 @@ def test_overlap_queue_runs_every_firing_one_after_another(
 ) -> None:
     release = tmp_path / "release"
     drop(spool_dir, "queued.yaml", _blocking("queued", release, "queue"))
-    wait_for(lambda: len(_runs(spool_dir, "queued")) >= 3, what="three runs, two waiting")
+    wait_for(lambda: len(schedule_runs(spool_dir, "queued")) >= 3, what="three runs, two waiting")
     run_cli(spool_dir, "unschedule", "queued")
     wait_for(lambda: "schedule queued removed" in daemon.log(), what="the schedule's removal")
-    runs = _runs(spool_dir, "queued")
+    runs = schedule_runs(spool_dir, "queued")
     assert sum(1 for r in runs if (spool_dir / "pending" / r).is_dir()) >= 2
     release.touch()
     for run in runs:
@@ -83,8 +69,8 @@ def test_overlap_replace_cancels_the_run_still_going(
 ) -> None:
     release = tmp_path / "release"
     drop(spool_dir, "fresh.yaml", _blocking("fresh", release, "replace"))
-    wait_for(lambda: len(_runs(spool_dir, "fresh")) >= 2, what="a second firing")
-    first = _runs(spool_dir, "fresh")[0]
+    wait_for(lambda: len(schedule_runs(spool_dir, "fresh")) >= 2, what="a second firing")
+    first = schedule_runs(spool_dir, "fresh")[0]
     directory, status = wait_finished(spool_dir, first)
     assert (directory, status["state"]) == ("failed", "cancelled")
     assert (

@@ -22,7 +22,14 @@ from spoold.daemon import STATUS_EVERY
 from spoold.intake.incoming import Accepted, Rejected
 from tests.daemon_bench import TickedDaemon
 from tests.fakes import FakeClock
-from tests.harness import job_state, local_job, run_cli, write_config
+from tests.harness import (
+    job_state,
+    local_job,
+    run_cli,
+    schedule_runs,
+    schedule_status,
+    write_config,
+)
 
 #: Where the fake clock starts: a time with a fraction of a second, as real ones have.
 T = datetime(2026, 11, 22, 10, 2, 47, 160000, tzinfo=UTC)
@@ -148,23 +155,8 @@ def test_a_restart_keeps_the_retry_schedule(bench: Bench) -> None:
 # -- schedules (issue 4): moved from test_daemon_schedules, where they waited for real firings ----
 
 
-def _schedule(spool: Path, job_id: str) -> dict[str, Any]:
-    """The schedule's status.json ({} until it is there)."""
-    try:
-        return dict(json.loads((spool / "scheduled" / job_id / "status.json").read_text()))
-    except FileNotFoundError:
-        return {}
-
-
-def _runs(spool: Path, job_id: str) -> list[str]:
-    """Every run of a schedule, wherever it is, oldest first."""
-    names = {p.name for d in ("pending", "running", "done", "failed")
-             for p in (spool / d).glob(f"{job_id}@*")}  # fmt: skip
-    return sorted(names)
-
-
 def _done_runs(spool: Path, job_id: str) -> list[str]:
-    return [run for run in _runs(spool, job_id) if (spool / "done" / run).is_dir()]
+    return [run for run in schedule_runs(spool, job_id) if (spool / "done" / run).is_dir()]
 
 
 def _second(run: str) -> datetime:
@@ -185,13 +177,13 @@ def test_an_every_second_schedule_fires_runs_and_says_what_comes_next(bench: Ben
     for _ in range(3):
         _fire_and_run(ticked, "tick")
     runs = _done_runs(spool, "tick")
-    assert len(runs) == 3, _runs(spool, "tick")
+    assert len(runs) == 3, schedule_runs(spool, "tick")
     assert all(run.startswith("tick@") for run in runs)
     assert {_second(b) - _second(a) for a, b in itertools.pairwise(runs)} == {timedelta(seconds=1)}
     status = job_state(spool, runs[0])
     assert status is not None and status[1]["schedule"] == "tick"
     assert f"INFO tick {runs[0]}" in (spool / "done" / runs[0] / "log").read_text()
-    schedule = _schedule(spool, "tick")
+    schedule = schedule_status(spool, "tick")
     assert schedule["state"] == "scheduled" and len(schedule["next_fire_times"]) == 3
     listing = run_cli(spool, "list", "--state", "scheduled")
     assert listing.returncode == 0 and "tick" in listing.stdout and "next: " in listing.stdout
@@ -204,13 +196,13 @@ def test_an_every_second_schedule_fires_runs_and_says_what_comes_next(bench: Ben
     ticked.tick()
     assert "schedule tick removed" in ticked.log()
     assert not ticked.registered("tick"), "APScheduler wakes spoold for it no more"
-    made = set(_runs(spool, "tick"))
+    made = set(schedule_runs(spool, "tick"))
     # Well past the next second, and a job run meanwhile: no firing came in between.
     bench.clock.advance(1.5)
     ticked.drop("after.yaml", local_job("after", "true"))
     ticked.tick()
     assert ticked.work() == ["after"]
-    assert set(_runs(spool, "tick")) == made
+    assert set(schedule_runs(spool, "tick")) == made
     assert not (spool / "scheduled" / "tick").exists()
 
 
@@ -226,7 +218,7 @@ def test_a_crash_and_restart_neither_loses_nor_repeats_a_firing(
                                                     "overlap": "queue"}))  # fmt: skip
     _fire_and_run(ticked, "beat")
     ticked.fire("beat")  # made and queued; the crash comes before it runs
-    assert len(_runs(spool, "beat")) >= 2
+    assert len(schedule_runs(spool, "beat")) >= 2
     bench.crash()
     down = bench.clock.now()
     bench.clock.advance(3.5)  # the downtime itself: three firings fall into it
@@ -234,13 +226,15 @@ def test_a_crash_and_restart_neither_loses_nor_repeats_a_firing(
     up = bench.clock.now()
     restarted.tick()
     restarted.work()  # the run left pending, and what catching up made
-    while len([r for r in _runs(spool, "beat") if _second(r) > up + timedelta(seconds=1)]) < 2:
+    while (
+        len([r for r in schedule_runs(spool, "beat") if _second(r) > up + timedelta(seconds=1)]) < 2
+    ):
         _fire_and_run(restarted, "beat")
-    assert not [r for r in _runs(spool, "beat") if not (spool / "done" / r).is_dir()]
-    runs = _runs(spool, "beat")
+    assert not [r for r in schedule_runs(spool, "beat") if not (spool / "done" / r).is_dir()]
+    runs = schedule_runs(spool, "beat")
     seconds = [_second(run) for run in runs]
     gaps = [b - a for a, b in itertools.pairwise(seconds)]
-    notes = " ".join(note["what"] for note in _schedule(spool, "beat").get("notes", []))
+    notes = " ".join(note["what"] for note in schedule_status(spool, "beat").get("notes", []))
     if catch_up == "all":
         assert set(gaps) == {timedelta(seconds=1)}, f"a firing lost: {runs}"
         assert "one run each (catch_up: all)" in notes
@@ -265,8 +259,8 @@ def test_a_schedule_that_never_fires_is_rejected_and_one_dropped_again_is_replac
     assert ticked.fire("twice") == T + timedelta(seconds=1), "woken by the new definition"
     ticked.tick()
     ticked.work()
-    assert _runs(spool, "twice"), "a run of the new definition"
-    schedule = _schedule(spool, "twice")
+    assert schedule_runs(spool, "twice"), "a run of the new definition"
+    schedule = schedule_status(spool, "twice")
     assert schedule["schedule"] == {"every": "1s"}
     assert any(note["what"] == "definition replaced" for note in schedule["notes"])
     duplicate = ticked.drop("plain.yaml", local_job("twice", "true"))

@@ -48,7 +48,9 @@ def _key(path: Path) -> dict[str, str]:
 
 
 def _name(path: Path) -> str:
-    return quote(str(path.absolute()), safe="") + ".json"
+    # The venv in the name too: two spoolds of one user (a checkout's, the package's) reading
+    # one config would otherwise replace each other's copy on every call.
+    return quote(f"{sys.prefix}:{path.absolute()}", safe="") + ".json"
 
 
 def _owned(st: os.stat_result) -> bool:
