@@ -63,15 +63,6 @@ def callbacks_for(
     )  # fmt: skip
 
 
-def announce(
-    callbacks: Callbacks | None, job: JobDir, event: str, status: JobStatus
-) -> contextlib.AbstractContextManager[None]:
-    """``Callbacks.announce_job``, or nothing where no callbacks are set up."""
-    if callbacks is None:
-        return contextlib.nullcontext()
-    return callbacks.announce_job(job, event, status)
-
-
 def event_for(state: JobState) -> str:
     """The event of a job moving into ``state`` after an attempt (pending: it runs again)."""
     return _STATE_EVENTS[state]

@@ -62,7 +62,6 @@ class JobControl:
         self, spool: Spool, clock: Clock, *, who: str, callbacks: Callbacks | None = None
     ) -> None:
         self._spool = spool
-        self._callbacks = callbacks
         self._ledger = JobLedger(spool, callbacks)
         self._clock = clock
         self._who = who  # who asks, for the log and status.json: "root on host1"

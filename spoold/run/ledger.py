@@ -75,12 +75,8 @@ class JobLedger:
     ) -> None:
         self._spool = spool
         self._callbacks = callbacks
-        self._listeners = list(listeners)
+        self._listeners = tuple(listeners)
         self._logger = logger or logging.getLogger("spoold")
-
-    def listen(self, listener: Listener) -> None:
-        """Call ``listener`` after every change this ledger makes."""
-        self._listeners.append(listener)
 
     def claim(self, job_id: str) -> JobDir | None:
         """pending/ -> running/ for the worker that wins the rename; None for the others."""
