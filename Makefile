@@ -14,7 +14,7 @@ LOCKS := requirements.lock requirements-dev.lock
 LOCKED := $(VENV)/.locked
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup lock system-deps lint typecheck unit bench clean deb deb-deps
+.PHONY: run test setup job-user lock system-deps lint typecheck unit bench clean deb deb-deps
 
 # The venv holds exactly requirements-dev.lock: it is made anew whenever a lock file changes.
 $(LOCKED): $(LOCKS)
@@ -31,7 +31,17 @@ $(STAMP): $(LOCKED) pyproject.toml
 	@$(PY) -m pip check || { echo "pyproject.toml and requirements-dev.lock disagree: run make lock" >&2; exit 1; }
 	touch $@
 
-setup: $(STAMP)
+# The default job user (job_user in the config): a checkout run as root runs its jobs as
+# spoold-job, as the Debian package does (the package's postinst makes it the same way: its own
+# group only, no home, no shell). Made only where missing; nothing to do for other users.
+job-user:
+	@if [ "$$(id -u)" = 0 ] && ! getent passwd spoold-job >/dev/null; then \
+	  getent group spoold-job >/dev/null && group="--gid spoold-job" || group=--user-group; \
+	  useradd --system $$group --no-create-home --home-dir /nonexistent \
+	    --shell /usr/sbin/nologin --comment "spoold jobs" spoold-job; \
+	fi
+
+setup: $(STAMP) job-user
 
 # Write both lock files from pyproject.toml with the locked pip-tools. Pins that still fit the
 # ranges are kept; `make lock UPGRADE=1` moves every package to its newest fitting release,

@@ -353,6 +353,7 @@ def pickup(tool: Tool, ids: list[str], spacing: float, base: Path) -> list[float
     """Drop jobs ``spacing`` s apart; latencies in ms from each rename to the job's shell running."""
     marks = base / f"marks-{tool.name}"
     marks.mkdir(exist_ok=True)
+    marks.chmod(0o1777)  # spoold's jobs write here as the job user
     stage = base / "stage"
     names = stage_jobs(stage, ids, f"echo $EPOCHREALTIME > {marks}/$JOB_ID", shell="/bin/bash")
     dropped: dict[str, float] = {}
@@ -573,6 +574,7 @@ def main() -> int:
     sizes = QUICK if args.quick else FULL
     began = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
+    base.chmod(0o711)  # the job user passes through to its marks
     tools: dict[str, Tool] = {}
     try:
         spread_subdirectories(base)

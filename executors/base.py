@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock
@@ -22,7 +22,7 @@ from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
 from spoold.core.limits import Limits
 from spoold.core.units import format_duration
-from spoold.run.process import RunAs, run_process
+from spoold.run.process import Processes, RunAs
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,26 @@ class RunContext:
     job_env: Mapping[str, str] = field(default_factory=dict)
     #: The operator's settings for this executor: the config's ``executors: {NAME: {...}}``.
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: Names this run of the executor among all of the job's: the attempt, and the step and
+    #: its try where there are steps (``3``, ``3.build.2``). What an executor starts elsewhere
+    #: carries it (a container's label, a remote pid file's name), so that ``resume`` finds it.
+    unit_key: str = "1"
+    #: This unit may have been started under an earlier daemon that died or stopped (the job
+    #: was adopted): attach to what ``unit_key`` started if it is still there, or report how it
+    #: ended; start the work only if nothing of it was started.
+    resume: bool = False
+    #: Set when spoold stops and leaves the job running for the next daemon to adopt: an
+    #: executor whose work outlives spoold (a supervised process, a container, a remote
+    #: process) stops watching it and returns ``ExecResult(None, detached=True)`` at once,
+    #: leaving it running. One whose work cannot outlive spoold ignores it; ``cancel`` follows
+    #: after the stop's grace.
+    detach: threading.Event = field(default_factory=threading.Event)
+    #: How ``run_local_process`` starts the job's processes: in the daemon and ``spoold exec``
+    #: under a supervisor that outlives spoold (``spoold.run.launcher.Supervised``).
+    processes: Processes = field(default_factory=Processes)
+    #: Opens the job's log for reading, as written so far (what an executor that resumes
+    #: compares with what its work printed while no daemon watched); None outside the daemon.
+    read_log: Callable[[], IO[bytes]] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,12 @@ class ExecResult:
     #: The job's ``retry:`` policy still decides whether one comes; status.json's attempt and
     #: ``spoold status`` say so.
     retryable: bool = False
+    #: The executor stopped watching work it left running (``RunContext.detach``): the job
+    #: stays in running/ for the next daemon, which resumes the unit.
+    detached: bool = False
+    #: Ended by a stop that was not the job's doing (its supervisor was stopped at a system
+    #: shutdown, or died): the job's ``on_interrupt`` decides, as after a crash.
+    interrupted: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -103,6 +129,14 @@ class Executor(ABC):
     #: Fields of ``product:`` that are programs (a shell script, a script file): spoold pastes
     #: no values into them, the program reads variables and secrets from its environment.
     script_fields: ClassVar[tuple[str, ...]] = ()
+    #: True when its work is processes on this host started through ``run_local_process``:
+    #: each runs under a supervisor that outlives spoold and records the unit itself, and
+    #: the work dir is the job user's.
+    supervised: ClassVar[bool] = False
+    #: True when ``execute`` honours ``ctx.resume`` and ``ctx.detach`` (its work outlives
+    #: spoold: a container, a remote process). A unit of another executor that was under way
+    #: when its daemon died is not run again: the job's ``on_interrupt`` decides.
+    resumable: ClassVar[bool] = False
 
     def run(self, ctx: RunContext) -> ExecResult:
         """Run one attempt; never raises, a failure to run is a failed result."""
@@ -154,8 +188,10 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
     if ctx.limits is not None:
         ctx.log.info(f"limits: {ctx.limits.describe()}")
         argv = ctx.limits.wrap(argv)
-    outcome = run_process(
+    outcome = ctx.processes.run(
         argv,
+        key=ctx.unit_key,
+        detach=ctx.detach,
         cwd=cwd or ctx.workdir,
         env=ctx.env,
         log=ctx.log,
@@ -166,10 +202,18 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
         on_spawn=ctx.on_start,
         run_as=ctx.run_as,
     )
+    if outcome.detached:
+        return ExecResult(None, detached=True)
+    if outcome.interrupted:
+        why = (
+            "its supervisor was stopped" if outcome.exit_code is not None else "its supervisor died"
+        )
+        return ExecResult(outcome.exit_code, why, interrupted=True)
     error = outcome.error
     if error is not None and ctx.limits is not None and outcome.exit_code is not None:
         # Not for a timeout or a cancel: spoold's own SIGKILL would look like the CPU limit.
-        hit = ctx.limits.explain(outcome.exit_code, "\n".join(ctx.log.tail()))
+        tail = outcome.tail or tuple(ctx.log.tail())
+        hit = ctx.limits.explain(outcome.exit_code, "\n".join(tail))
         if hit is not None:
             ctx.log.error(hit)
             error = f"{hit} ({error})"

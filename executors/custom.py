@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 
 from spoold.executors.base import ExecResult, Executor, RunContext, run_local_process
 
 SCRIPT_NAME = ".spoold-script"
+_VARIABLE = "SPOOLD_SCRIPT"  # carries the script to the shell that writes it
 
 
 class CustomExecutor(Executor):
@@ -15,6 +16,7 @@ class CustomExecutor(Executor):
     name = "custom"
     schema_resource = "custom.schema.json"
     reports_start = True
+    supervised = True
     script_fields = ("script",)
 
     def execute(self, ctx: RunContext) -> ExecResult:
@@ -23,11 +25,6 @@ class CustomExecutor(Executor):
         if not text.endswith("\n"):
             text += "\n"
         path = ctx.workdir / SCRIPT_NAME
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o700)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        if ctx.run_as is not None:  # theirs to read and run, as the work dir is
-            os.chown(path, ctx.run_as.uid, ctx.run_as.gid)
         args = [str(a) for a in ctx.product.get("args") or ()]
         interpreter = ctx.product.get("interpreter")
         if interpreter:
@@ -36,8 +33,16 @@ class CustomExecutor(Executor):
             argv = [str(path), *args]
         else:
             argv = ["/bin/sh", str(path), *args]
-        if ctx.before_script:
-            # The before-script is shell; it runs first, then the script replaces that shell.
-            prelude = "\n".join(ctx.before_script) + '\nexec "$@"\n'
-            argv = ["/bin/sh", "-c", prelude, "spoold-before-script", *argv]
-        return run_local_process(ctx, argv)
+        # The script file is written by the job's own user, in its work dir (which spoold's
+        # user may not be able to write into), then the before-script runs, then the script
+        # replaces that shell.
+        prelude = "\n".join(
+            [
+                f'umask 077 && printf %s "${_VARIABLE}" > {SCRIPT_NAME} && chmod 700 {SCRIPT_NAME}'
+                f" && unset {_VARIABLE} || exit 126",
+                *ctx.before_script,
+                'exec "$@"',
+            ]
+        )
+        argv = ["/bin/sh", "-c", prelude, "spoold-custom", *argv]
+        return run_local_process(replace(ctx, env={**ctx.env, _VARIABLE: text}), argv)

@@ -1,5 +1,8 @@
 """The ``docker`` executor: the job's script in a fresh container, removed at the end.
 
+A container outlives the daemon that started it: on ``detach`` spoold leaves it running, and the
+next daemon resumes the unit, finding the container by its labels (spool, job, unit).
+
 The docker SDK is imported when a job runs, never with this module: spoold must load (and list
 its executors) on hosts without it.
 """
@@ -7,9 +10,12 @@ its executors) on hosts without it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import heapq
 import io
 import logging
 import math
+import operator
 import os
 import posixpath
 import shutil
@@ -17,15 +23,19 @@ import tarfile
 import tempfile
 import threading
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from spoold.executors.base import ExecResult, Executor, RunContext
 from spoold.executors.local import shell_script
 
+from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 from spoold.core.joblog import JobLog
+from spoold.core.units import format_duration
 
 #: Where the job's commands run, inside the container; artifacts are relative to it.
 WORKDIR = "/spoold/work"
@@ -33,10 +43,18 @@ LABEL_JOB = "spoold.job"
 LABEL_MANAGED = "spoold.managed"
 LABEL_WORKER = "spoold.worker"
 LABEL_SPOOL = "spoold.spool"  # whose recovery may remove it: several spools can share an engine
+LABEL_UNIT = "spoold.unit"  # which run of the job's executor (RunContext.unit_key) started it
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
 _POLL = 0.05  # seconds between looks at cancel and the timeout
 _MAX_LINE = 64 * 1024  # a longer run of output without a newline is logged in pieces
 _GLOB = frozenset("*?[")
+#: spoold's line in the job's log just before it starts a container, with the container's name:
+#: a resumed unit finds there where its output begins in the log, and its step's prefix.
+_STARTING = "starting container "
+#: How far behind the engine an earlier daemon may have been in writing the output to the log:
+#: on resume, the engine's lines from this long before the last one logged are compared.
+_LAG = timedelta(seconds=10)
+_KEPT = 4096  # lines of the job's log held before those older than _LAG are dropped
 
 
 def _sdk() -> Any:
@@ -55,6 +73,7 @@ class DockerExecutor(Executor):
     name = "docker"
     schema_resource = "docker.schema.json"
     reports_start = True
+    resumable = True  # a container outlives spoold: a next daemon re-attaches by its labels
     script_fields = ("before_script", "script", "commands")
 
     @classmethod
@@ -78,6 +97,8 @@ class DockerExecutor(Executor):
         _recover(spool_root, running, log)
 
     def execute(self, ctx: RunContext) -> ExecResult:
+        if ctx.detach.is_set():  # spoold stops before the unit began: the next daemon starts it
+            return ExecResult(None, detached=True)
         docker = _sdk()
         import requests  # noqa: PLC0415 - worker processes load it only to run such jobs
 
@@ -90,14 +111,25 @@ class DockerExecutor(Executor):
         except failures as exc:
             raise ExecutorError(f"cannot reach the docker engine: {exc}") from exc
         try:
-            _ensure_image(client, image, ctx.log)
-            container = client.containers.create(image, **_options(ctx))
+            container = _adopt(client, ctx) if ctx.resume else None
+            resumed = container is not None
+            if container is None:
+                _ensure_image(client, image, ctx.log)
+                container = client.containers.create(image, **_options(ctx))
+            result: ExecResult | None = None
             try:
-                if ctx.product.get("user") is not None:
-                    _open_workdir(container)
-                return _run(container, streams, ctx)
+                if resumed:
+                    result = _resume(container, streams, ctx)
+                else:
+                    if ctx.product.get("user") is not None:
+                        _open_workdir(container)
+                    result = _run(container, streams, ctx)
+                return result
             finally:
-                _remove(container, ctx.log)
+                if result is not None and result.detached:
+                    ctx.log.info(f"container {container.name} left running for the next daemon")
+                else:
+                    _remove(container, ctx.log)
         except failures as exc:
             raise ExecutorError(f"docker: {_explain(exc)}") from exc
         finally:
@@ -126,11 +158,9 @@ def _options(ctx: RunContext) -> dict[str, Any]:
     product = ctx.product
     commands = [*_lines(product.get("before_script")), *_lines(product.get("script"))]
     commands += _lines(product.get("commands"))
-    labels = {LABEL_JOB: ctx.job_id, LABEL_MANAGED: "1"}
+    labels = _identity(ctx)
     if worker := ctx.env.get("RUNNER_ID"):
         labels[LABEL_WORKER] = worker
-    if job_dir := ctx.job_env.get("SPOOLD_JOB_DIR"):
-        labels[LABEL_SPOOL] = str(Path(job_dir).parent.parent)
     namespace = product.get("namespace")
     if namespace:
         labels["spoold.namespace"] = str(namespace)
@@ -188,46 +218,102 @@ def _environment(ctx: RunContext) -> dict[str, str]:
     return env
 
 
+def _identity(ctx: RunContext) -> dict[str, str]:
+    """The labels that name the container of this unit of this job of this spool."""
+    labels = {LABEL_MANAGED: "1", LABEL_JOB: ctx.job_id, LABEL_UNIT: ctx.unit_key}
+    if job_dir := ctx.job_env.get("SPOOLD_JOB_DIR"):
+        labels[LABEL_SPOOL] = str(Path(job_dir).parent.parent)
+    return labels
+
+
+class _Pumps:
+    """The threads that copy a container's output streams into the job's log."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: The container's output streams, closed by ``stop``.
+        self.streams: list[Any] = []
+        #: Every thread has returned: the container's output is all in the log.
+        self.done = threading.Event()
+        #: Set before the streams are closed to leave the container running: a line it has
+        #: half printed is not logged, the next daemon copies it whole.
+        self.leaving = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, targets: Sequence[Callable[[], None]]) -> None:
+        """Run each target in a thread of its own; ``done`` once all have returned."""
+        left = len(targets)
+        lock = threading.Lock()
+
+        def run(target: Callable[[], None]) -> None:
+            nonlocal left
+            try:
+                target()
+            finally:
+                with lock:
+                    left -= 1
+                    if not left:
+                        self.done.set()
+
+        for target in targets:
+            thread = threading.Thread(target=run, args=(target,), name=self.name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> None:
+        """Close the streams and let the threads end (bounded: an engine may not answer)."""
+        for stream in self.streams:
+            stream.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
 def _run(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
     # Attached before the start, with the output so far: not one line is missed.
     output = streams.api.attach(
         container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
     )
-    done = threading.Event()
-    pump = threading.Thread(
-        target=_pump, args=(output, ctx.log, done), name=f"docker-{ctx.job_id}", daemon=True
-    )
-    pump.start()
+    pumps = _Pumps(f"docker-{ctx.job_id}")
+    pumps.streams.append(output)
+    pumps.start([functools.partial(_pump, output, ctx.log, pumps.leaving)])
     try:
+        ctx.log.info(f"{_STARTING}{container.name}")  # before its first line: see _STARTING
         container.start()
         if ctx.on_start is not None:
             ctx.on_start(None)
-        ended = _wait(container, done, ctx)
-        if ended is not None:
-            _stop(container, ctx.kill_grace)
-            done.wait(ctx.kill_grace + 10)  # the rest of the output, up to the very end
-        container.reload()
-        state = container.attrs["State"]
-        try:
-            _copy_artifacts(container, ctx)
-        except Exception as exc:  # the job ran, its result stands; spoold says what is missing
-            ctx.log.error(f"could not copy the artifacts out of the container: {_explain(exc)}")
+        return _watch(container, pumps, ctx, ctx.timeout)
     finally:
-        output.close()
-        pump.join(5)
+        pumps.stop()
+
+
+def _watch(container: Any, pumps: _Pumps, ctx: RunContext, limit: float | None) -> ExecResult:
+    """Follow a started container to its end, within ``limit`` seconds from now."""
+    ended = _wait(container, pumps.done, ctx, limit)
+    if ended == "detach":
+        pumps.leaving.set()
+        return ExecResult(None, detached=True)
+    if ended is not None:
+        _stop(container, ctx.kill_grace)
+        pumps.done.wait(ctx.kill_grace + 10)  # the rest of the output, up to the very end
+    container.reload()
+    state = container.attrs["State"]
+    try:
+        _copy_artifacts(container, ctx)
+    except Exception as exc:  # the job ran, its result stands; spoold says what is missing
+        ctx.log.error(f"could not copy the artifacts out of the container: {_explain(exc)}")
     code = state.get("ExitCode")
     if ended is not None:
         return ExecResult(code, timed_out=ended == "timeout", cancelled=ended == "cancel")
     if state.get("OOMKilled"):
-        limit = container.attrs["HostConfig"].get("Memory")
-        error = f"the container ran out of memory (memory limit {limit} bytes)"
+        memory = container.attrs["HostConfig"].get("Memory")
+        error = f"the container ran out of memory (memory limit {memory} bytes)"
         ctx.log.error(error)
         return ExecResult(code, error)
     return ExecResult(code, None if code == 0 else f"exit code {code}")
 
 
 def _pump(
-    output: Iterable[tuple[bytes | None, bytes | None]], log: JobLog, done: threading.Event
+    output: Iterable[tuple[bytes | None, bytes | None]], log: JobLog, leaving: threading.Event
 ) -> None:
     """Log the container's output line by line as it comes; stderr as errors."""
     pending = {False: b"", True: b""}
@@ -247,14 +333,16 @@ def _pump(
         pass
     finally:
         for is_err, rest in pending.items():
-            if rest:
+            if rest and not leaving.is_set():
                 log.output(rest, stderr=is_err)
-        done.set()
 
 
-def _wait(container: Any, done: threading.Event, ctx: RunContext) -> str | None:
-    """Until the container ends (None), the timeout passes or the job is cancelled."""
-    deadline = None if ctx.timeout is None else ctx.clock.monotonic() + ctx.timeout
+def _wait(
+    container: Any, done: threading.Event, ctx: RunContext, limit: float | None
+) -> str | None:
+    """Until the container ends (None), ``limit`` seconds pass, or the job is cancelled or left
+    running for the next daemon."""
+    deadline = None if limit is None else ctx.clock.monotonic() + limit
     while True:
         if done.wait(_POLL):
             container.reload()
@@ -264,8 +352,230 @@ def _wait(container: Any, done: threading.Event, ctx: RunContext) -> str | None:
             ctx.cancel.wait(0.5)
         if ctx.cancel.is_set():
             return "cancel"
+        if ctx.detach.is_set():
+            return "detach"
         if deadline is not None and ctx.clock.monotonic() >= deadline:
             return "timeout"
+
+
+def _adopt(client: Any, ctx: RunContext) -> Any | None:
+    """The container an earlier daemon started for this unit; None if it started none."""
+    labels = [f"{key}={value}" for key, value in _identity(ctx).items()]
+    started = None
+    for container in client.containers.list(all=True, filters={"label": labels}):
+        if container.status == "created":  # its daemon died before the start: nothing ran
+            _remove(container, ctx.log)
+        elif started is None:  # the engine lists the newest first
+            started = container
+    if started is None:
+        ctx.log.info(f"no container of unit {ctx.unit_key} to re-attach to: starting one")
+    return started
+
+
+def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
+    """Follow the container an earlier daemon started to its end, or say how it ended, with
+    the output the job's log lacks."""
+    state = container.attrs["State"]
+    started = parse_rfc3339(state["StartedAt"])
+    running = container.status in _ALIVE
+    logged = _logged_output(ctx, container.name)  # before this run writes to the log
+    ended = ctx.clock.now() if running else parse_rfc3339(state["FinishedAt"])
+    ran = max(0.0, (ended - started).total_seconds())  # clocks apart, or a dead one's zero end
+    if running:
+        said = f"re-attached to container {container.name}, running for {format_duration(ran)}"
+    else:
+        said = (
+            f"container {container.name} ended while no daemon watched, after "
+            f"{format_duration(ran)}, with exit code {state.get('ExitCode')}"
+        )
+        if ctx.timeout is not None and ran > ctx.timeout:
+            said += f" (past its timeout of {format_duration(ctx.timeout)}: its result stands)"
+    pumps = _Pumps(f"docker-{ctx.job_id}")
+    try:
+        try:
+            targets = _replay(container, streams, ctx.log, logged, pumps)
+            how = (
+                "its output since its start follows from the engine's log; lines the job's "
+                "log already holds may repeat"
+                if logged is None
+                else "the output the job's log lacks follows from the engine's log"
+            )
+        except _sdk().errors.APIError as exc:  # a log driver that cannot be read back
+            if not running:
+                raise
+            output = streams.api.attach(
+                container.id, stdout=True, stderr=True, stream=True, demux=True
+            )
+            pumps.streams.append(output)
+            targets = [functools.partial(_pump, output, ctx.log, pumps.leaving)]
+            how = (
+                f"the engine cannot give back its output ({_explain(exc)}): what it printed "
+                "while no daemon watched is missing, its output from now on follows"
+            )
+        ctx.log.info(f"{said}: {how}")
+        if ctx.on_start is not None:
+            ctx.on_start(None)
+        pumps.start(targets)
+        limit = None  # an ended container's result stands
+        if running and ctx.timeout is not None:
+            # Its start counts: a resumed unit does not get a fresh timeout.
+            limit = max(0.0, ctx.timeout - (ctx.clock.now() - started).total_seconds())
+        return _watch(container, pumps, ctx, limit)
+    finally:
+        pumps.stop()
+
+
+def _replay(
+    container: Any, streams: Any, log: JobLog, logged: _LoggedOutput | None, pumps: _Pumps
+) -> list[Callable[[], None]]:
+    """Open the engine's log of the container from where the job's log may lack lines, one
+    stream at a time (only so are stdout and stderr told apart), to follow it to the end."""
+    tty = bool(container.attrs["Config"].get("Tty"))  # a tty merged stderr into stdout
+    since = None if logged is None else logged.since
+    lines = []
+    for is_err in (False,) if tty else (False, True):
+        chunks = streams.api.logs(
+            container.id, stdout=not is_err, stderr=is_err, stream=True, follow=True,
+            timestamps=True, since=since,
+        )  # fmt: skip
+        pumps.streams.append(chunks)
+        entries = _tty_entries(chunks) if tty else chunks
+        lines.append(_stamped_lines(entries, is_err, pumps.leaving))
+    if container.status not in _ALIVE:
+        # Its streams end, so they can be merged: its lines keep their order across them.
+        lines = [heapq.merge(*lines, key=operator.itemgetter(0))]
+    # A running one's are followed side by side: a line on one may pass a line on the other.
+    return [functools.partial(_copy, each, log, logged) for each in lines]
+
+
+def _copy(
+    lines: Iterable[tuple[str, bool, bytes]], log: JobLog, logged: _LoggedOutput | None
+) -> None:
+    """Log the lines of the engine's log that the job's log does not hold."""
+    try:
+        for stamp, is_err, line in lines:
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")  # as JobLog has it
+            if logged is None or not logged.lines[is_err].holds(stamp, text):
+                log.output(line, stderr=is_err)
+    except Exception:  # noqa: S110 - closed at the end, or the engine went: _wait tells which
+        pass
+
+
+def _stamped_lines(
+    entries: Iterable[bytes], is_err: bool, leaving: threading.Event
+) -> Iterator[tuple[str, bool, bytes]]:
+    """(stamp, is_err, line) from the entries of one stream of the engine's log with
+    timestamps, ``STAMP text``.
+
+    A line longer than the engine's buffer comes in several entries, each but the last without
+    a newline; the line has the stamp of its first.
+    """
+    stamp, held = "", b""
+    for entry in entries:
+        raw, _, text = entry.partition(b" ")
+        if not held:
+            try:
+                stamp = rfc3339(parse_rfc3339(raw.decode()))  # as the job's log writes stamps
+            except ValueError:  # the engine's own words ("Error grabbing logs: ..."): no stamp
+                yield "", is_err, entry.removesuffix(b"\n")
+                continue
+        held += text
+        if held.endswith(b"\n") or len(held) > _MAX_LINE:
+            yield stamp, is_err, held.removesuffix(b"\n")
+            held = b""
+    if held and not leaving.is_set():
+        yield stamp, is_err, held
+
+
+def _tty_entries(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The entries of a tty's log, which the engine sends unframed: split at newlines (so an
+    entry without one, a part of a long line, stays inside the next)."""
+    held = bytearray()
+    for chunk in chunks:
+        held += chunk
+        if b"\n" in chunk or len(held) > _MAX_LINE:
+            *entries, rest = bytes(held).split(b"\n")
+            yield from (entry + b"\n" for entry in entries)
+            held = bytearray(rest)
+    if held:
+        yield bytes(held)
+
+
+class _Logged:
+    """Lines of one stream of a container that the job's log holds, near its end."""
+
+    def __init__(self) -> None:
+        self._lines: deque[tuple[str, str]] = deque()  # (stamp, text), as written, in order
+
+    def add(self, stamp: str, text: str) -> None:
+        self._lines.append((stamp, text))
+
+    def holds(self, stamp: str, text: str) -> bool:
+        """Whether the log holds the line that the engine stamped ``stamp``; each logged line
+        answers for one line of the engine's."""
+        lines = self._lines
+        while lines and lines[0][0] < stamp:  # logged before the engine had this line
+            lines.popleft()
+        for index, (_, logged) in enumerate(lines):
+            if logged == text:
+                del lines[index]
+                return True
+        return False
+
+
+class _LoggedOutput:
+    """What the job's log holds of a container's output, from ``_LAG`` before its last line."""
+
+    def __init__(self, lines: Sequence[tuple[str, str, str]]) -> None:
+        """``lines``: (stamp, level, text) of the container's output in the log, in order."""
+        self.lines = {False: _Logged(), True: _Logged()}  # by stream: stderr is True
+        #: Where the engine's log is read from (seconds since the epoch); None: the start.
+        self.since = None if not lines else (parse_rfc3339(lines[-1][0]) - _LAG).timestamp()
+        for stamp, level, text in lines:
+            self.lines[level == "ERROR"].add(stamp, text)
+
+
+def _logged_output(ctx: RunContext, name: str) -> _LoggedOutput | None:
+    """What the job's log holds of container ``name``'s output; None if it cannot say (no log,
+    or no line of spoold's that it started the container there)."""
+    if ctx.read_log is None:
+        return None
+    starting = f"spoold: {_STARTING}{name}"
+    prefix: str | None = None  # of the unit's lines: its step's section, if it is a step
+    kept: deque[tuple[str, str, str]] = deque()
+    bound = _KEPT
+    try:
+        with ctx.read_log() as log:
+            for raw in log:
+                stamp, _, rest = raw.decode("utf-8", errors="replace").partition(" ")
+                level, _, content = rest.removesuffix("\n").partition(" ")
+                if prefix is None:
+                    if content.endswith(starting):
+                        prefix = content[: -len(starting)]
+                    continue
+                text = content[len(prefix) :]
+                # spoold's own lines say nothing of what the container printed, and a later
+                # daemon's would move the comparison past what was printed while none watched.
+                if not content.startswith(prefix) or text.startswith("spoold: "):
+                    continue
+                kept.append((stamp, level, text))
+                if len(kept) > bound:
+                    _forget_before(kept, stamp)
+                    bound = max(_KEPT, 2 * len(kept))
+        if prefix is None:
+            return None
+        if kept:
+            _forget_before(kept, kept[-1][0])
+        return _LoggedOutput(kept)
+    except (OSError, ValueError):  # no log, or a line torn by a crash where a stamp should be
+        return None
+
+
+def _forget_before(lines: deque[tuple[str, str, str]], last: str) -> None:
+    """Drop the lines logged more than ``_LAG`` before ``last``."""
+    horizon = rfc3339(parse_rfc3339(last) - _LAG)
+    while lines and lines[0][0] < horizon:
+        lines.popleft()
 
 
 def _stop(container: Any, grace: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from spoold.executors.base import (
     ExecResult,
     Executor,
@@ -17,16 +19,18 @@ class LocalExecutor(Executor):
     name = "local"
     schema_resource = "local.schema.json"
     reports_start = True
+    supervised = True
     script_fields = ("commands",)
 
     def execute(self, ctx: RunContext) -> ExecResult:
         shell = str(ctx.product.get("shell", "/bin/sh"))
-        cwd = ctx.workdir
+        before = ctx.before_script
         if ctx.product.get("cwd"):
-            cwd = within_workdir(ctx, str(ctx.product["cwd"]))
-            cwd.mkdir(parents=True, exist_ok=True)
-        script = shell_script(ctx.before_script, ctx.product["commands"])
-        return run_local_process(ctx, [shell, "-c", script], cwd)
+            # Made by the job's own user: spoold's may not write into the job's work dir.
+            cwd = shlex.quote(str(within_workdir(ctx, str(ctx.product["cwd"]))))
+            before = (f"mkdir -p -- {cwd} && cd -- {cwd} || exit 126", *before)
+        script = shell_script(before, ctx.product["commands"])
+        return run_local_process(ctx, [shell, "-c", script])
 
 
 def shell_script(before: tuple[str, ...], commands: str | list[str]) -> str:

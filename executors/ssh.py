@@ -1,14 +1,26 @@
-"""The ``ssh`` executor: the job's commands in one shell on another host, through paramiko."""
+"""The ``ssh`` executor: the job's commands in one shell on another host, through paramiko.
+
+The job runs on the host under a small supervisor, detached from spoold's connection, in a
+directory of its own unit (``~/.spoold/<spool>/<job id>/<unit key>/``): the supervisor writes
+its pid there, the job's output into files, and, once the job has ended, its exit status
+(atomically). spoold follows the output files into the job's log. A lost connection, a spoold
+that stops or dies leaves the job running; the next run of the unit (``resume``) finds it again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
+import hashlib
+import os
 import re
 import select
 import shlex
 import socket
 import stat
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,10 +34,122 @@ from spoold.core.units import format_duration, parse_duration
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHELL = re.compile(r"/[A-Za-z0-9/._+-]*\Z")  # it is pasted into a remote command line
-_HEADER = b"spoold-pgid "
-_HEADER_BOUND = 64  # a first line longer than this is the job's own output, not the header
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _HELPER_TIMEOUT = 30.0
 _DRAIN_QUIET_ROUNDS = 6  # of 0.5 s, as for local processes
+#: How often the host is told how far the log has the job's output: after a crash of spoold,
+#: the next one repeats at most what came in this long.
+_ACK_INTERVAL = 1.0
+_DETACH_ROUNDS = 50  # of 0.1 s: for the host to record that when spoold stops
+#: The pauses before each try to connect again when the connection is lost while a job runs.
+_RECONNECT_PAUSES = (1.0, 4.0, 15.0)
+_LOSSES_BOUND = 20  # lost connections in one run of a unit, before spoold gives up on it
+
+# The remote side, in /bin/sh. Each script is one line: the user's login shell, which hands it
+# on to /bin/sh, may be csh, which takes no newline inside quotes. Values are positional
+# arguments, $1 always the unit's dir relative to the remote $HOME. In the unit's dir: `pid`
+# ("SUPERVISOR JOB_PGID START_TIME BOOT_ID", JOB_PGID "-" until the job is started), `out` and
+# `err`, `status` (the exit status), `logged` (how far spoold's log has out and err), `work/`.
+# The boot id tells a pid of this boot from a reused one after a reboot (Linux; "-" elsewhere).
+# `alive`: a process that ended but was not reaped is not (kill -0 finds it; an init that
+# reaps no orphans, as in some containers, leaves an ended supervisor so for good).
+_FUNCTIONS = (
+    "boot_id() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo -; }; "
+    'alive() { kill -0 "$1" 2>/dev/null || return 1; '
+    'if [ -r "/proc/$1/stat" ]; then read -r x < "/proc/$1/stat" 2>/dev/null || return 1; '
+    'case $x in *") "[ZX]" "*) return 1 ;; esac; '
+    'else case $(ps -o stat= -p "$1" 2>/dev/null) in Z*) return 1 ;; esac; fi; return 0; }; '
+)
+
+#: The supervisor: reads the job's environment (stdin) into memory only, starts the job in a
+#: session of its own (so that a kill of the job's group spares the supervisor, which records
+#: how it ended), says so on stdout and closes it, waits, ends what the job left running, and
+#: renames the exit status into place. Arguments: the dir, the shell, the environment's end
+#: mark, then the command that starts a new session.
+_SUPERVISOR = (
+    'd=$1 s=$2 n=$3; shift 3; cd "$d" || exit 125; e=$(cat); exec < /dev/null; '
+    'case $e in *"$n") ;; *) echo "the environment of the job did not arrive whole"; exit 124 ;; '
+    "esac; "
+    "t=$(date +%s); b=$(boot_id); "
+    ': > out && : > err && echo "$$ - $t $b" > pid.tmp && mv -f pid.tmp pid || exit 125; '
+    'set -- "$@" "$s" ../script; '
+    '(cd work && eval "$e" && exec "$@") < /dev/null > out 2> err & j=$!; e=; '
+    # Set after the job started, which must not inherit it: the end of spoold's connection
+    # must not kill the supervisor on its last word to it.
+    'trap "" PIPE; '
+    'echo "$$ $j $t $b" > pid.tmp && mv -f pid.tmp pid; echo "ok $$ $j $t $b"; '
+    'exec > /dev/null 2>&1; wait "$j"; rc=$?; kill -KILL -"$j" 2>/dev/null; '
+    'echo "$rc" > status.tmp && mv -f status.tmp status'
+)
+
+#: Makes the unit's dir, writes the job's commands there (stdin, up to the mark line: `read`
+#: takes no byte past its line, so the rest is left for the supervisor), starts the supervisor
+#: in a session of its own, out of reach of the connection's end, and prints the dir and what
+#: the supervisor said. A dir already there is an earlier run of this unit that was not resumed:
+#: what of it still runs is ended first (on the same boot only), so that two never run.
+_START = (
+    f"sv={shlex.quote(_FUNCTIONS + _SUPERVISOR)}; "
+    'u=$(umask); umask 077; d="$HOME/$1" s=$2 n=$3; '
+    'if [ -e "$d" ]; then echo spoold-leftover; '
+    'if { read -r w j t b < "$d/pid"; } 2>/dev/null && [ "$b" = "$(boot_id)" ]; then '
+    '[ "$j" = - ] || kill -KILL -"$j" 2>/dev/null; kill -KILL "$w" 2>/dev/null; fi; '
+    'rm -rf "$d"; fi; '
+    'mkdir -p "$d/work" && cd "$d" || exit 125; echo "dir $PWD"; '
+    'while IFS= read -r l; do [ "$l" = "$n" ] && break; printf "%s\\n" "$l"; done > script; '
+    '[ "$l" = "$n" ] || { echo "the commands of the job did not arrive whole"; exit 124; }; '
+    'umask "$u"; '
+    'if command -v setsid > /dev/null 2>&1; then set -- "$(command -v setsid)"; '
+    "elif command -v perl > /dev/null 2>&1; then "
+    'set -- "$(command -v perl)" -MPOSIX -e "POSIX::setsid(); exec @ARGV or die"; '
+    'else echo "neither setsid nor perl is on the host: spoold needs one of them to start a job '
+    'that outlives its connection"; exit 126; fi; '
+    # An asynchronous command reads /dev/null unless told otherwise: fd 3 carries stdin over.
+    'exec 3<&0; ack=$("$@" /bin/sh -c "$sv" spoold-unit "$d" "$s" "$n" "$@" <&3 3<&- 2>&1 &); '
+    'printf "%s\\n" "$ack"'
+)
+
+#: Copies the job's output from the given offsets (out to stdout, err to stderr) until the job
+#: has ended; exits 0 once it has an exit status, 1 if its supervisor is gone without one, 4 if
+#: there is no unit. Lines on stdin ("OUT ERR [final]") are how far spoold's log has the
+#: output: written to `logged`. The end of stdin (spoold went away) ends the follower.
+_FOLLOW = (
+    'd="$HOME/$1" o=$2 e=$3; '
+    'cd "$d" 2>/dev/null && { read -r w j t b < pid; } 2>/dev/null || exit 4; '
+    '[ "$b" = "$(boot_id)" ] || w=; exec 3<&0 < /dev/null; '
+    '(while IFS= read -r a; do printf "%s\\n" "$a" > logged.tmp && mv -f logged.tmp logged; '
+    'done; kill "$$") <&3 & r=$!; exec 3<&-; '
+    "while :; do f=0; "
+    'if [ -e status ]; then f=1; elif [ -z "$w" ] || ! alive "$w"; then f=2; '
+    "[ -e status ] && f=1; fi; "
+    # Sizes after the check: once the status is there, nothing of the job writes any more.
+    "set -- $(wc -c out err); "
+    'if [ "$1" -gt "$o" ]; then tail -c +$((o + 1)) out | head -c $(($1 - o)); o=$1; fi; '
+    'if [ "$3" -gt "$e" ]; then tail -c +$((e + 1)) err | head -c $(($3 - e)) >&2; e=$3; fi; '
+    '[ "$f" = 0 ] || break; sleep 0.2 2>/dev/null || sleep 1; done; '
+    'kill "$r" 2>/dev/null; exit $((f - 1))'
+)
+
+#: Sends a signal to the job's process group.
+_SIGNAL = '{ read -r w j t b < "$HOME/$1/pid"; } 2>/dev/null && [ "$j" != - ] && kill -"$2" -"$j"'
+
+#: What the host holds of a unit, one "key value" line each; nothing if it has no dir.
+_PROBE = (
+    'cd "$HOME/$1" 2>/dev/null || exit 0; '
+    'echo "dir $PWD"; echo "now $(date +%s)"; echo "boot $(boot_id)"; '
+    'if { read -r w j t b < pid; } 2>/dev/null; then echo "pid $w $j $t $b"; '
+    'alive "$w" && echo alive; fi; '
+    '[ -f status ] && echo "status $(cat status)"; '
+    '[ -f logged ] && echo "logged $(cat logged)"; exit 0'
+)
+
+#: Prints the exit status and removes the unit's dir (and its parents once empty); with
+#: "kill", ends the job's group first (same boot only).
+_FINISH = (
+    'd="$HOME/$1"; cat "$d/status" 2>/dev/null; '
+    'if [ "$2" = kill ] && { read -r w j t b < "$d/pid"; } 2>/dev/null && [ "$j" != - ] '
+    '&& [ "$b" = "$(boot_id)" ]; then kill -KILL -"$j" 2>/dev/null; fi; '
+    'rm -rf "$d"; rmdir "${d%/*}" 2>/dev/null && rmdir "${d%/*/*}" 2>/dev/null; exit 0'
+)
 
 
 def _paramiko() -> Any:
@@ -40,11 +164,12 @@ def _paramiko() -> Any:
 
 
 class SshExecutor(Executor):
-    """Runs ``product.commands`` in one shell on ``product.host``, in a per-job remote work dir."""
+    """Runs ``product.commands`` in one shell on ``product.host``, in a per-unit remote dir."""
 
     name = "ssh"
     schema_resource = "ssh.schema.json"
     script_fields = ("commands",)
+    resumable = True  # the job runs on under its supervisor on the host: see the module's doc
 
     @classmethod
     def validate(cls, product: Mapping[str, Any]) -> list[str]:
@@ -62,21 +187,7 @@ class SshExecutor(Executor):
         shell = str(ctx.product.get("shell", "/bin/sh"))
         if not _SHELL.match(shell):
             raise ExecutorError(f"ssh: shell {shell!r} must be an absolute path")
-        client = _connect(paramiko, ctx)
-        if ctx.cancel.is_set():
-            client.close()
-            return ExecResult(None, cancelled=True)
-        try:
-            root = _prepare(client, ctx)
-            try:
-                result = _run(client, ctx, root, shell, deadline)
-                if ctx.artifacts:
-                    _fetch_artifacts(client, ctx, f"{root}/work")
-                return result
-            finally:
-                _helper(client, f"rm -rf {root}", ctx.log)
-        finally:
-            client.close()
+        return _Unit(paramiko, ctx, shell, deadline).run()
 
 
 def _connect(paramiko: Any, ctx: RunContext) -> Any:
@@ -165,87 +276,418 @@ def _connect(paramiko: Any, ctx: RunContext) -> Any:
     raise ExecutorError(message, retryable=retryable)
 
 
-def _prepare(client: Any, ctx: RunContext) -> str:
-    """Make the remote work dir and write the job's script there; returns the dir."""
-    label = re.sub(r"[^A-Za-z0-9._-]", "_", ctx.job_id)[:64]
-    # The remote shell reads the script from stdin: no quoting of the commands is needed.
-    command = (
-        f"umask 077 && d=$(mktemp -d /tmp/spoold-{label}-XXXXXX) && mkdir $d/work "
-        '&& cat > $d/script && echo "$d"'
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """What the host holds of a unit, as the probe saw it."""
+
+    root: str  # the unit's dir, absolute
+    now: int  # the host's clock, in seconds
+    boot: str
+    supervisor: int | None = None  # None: no pid file, so nothing of the job was started
+    started: int = 0  # on the host's clock
+    started_boot: str = "-"
+    alive: bool = False
+    status: int | None = None
+    logged: tuple[int, int] | None = None
+    final: bool = False  # ``logged`` was written as spoold stopped, not along the way
+
+    @classmethod
+    def parse(cls, text: str) -> _Found | None:
+        fields: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            fields[key] = value.split() if key != "dir" else [value]
+        if "dir" not in fields:
+            return None
+        pid, logged = fields.get("pid", []), fields.get("logged", [])
+        started = len(pid) == 4 and pid[0].isdigit()
+        position = len(logged) >= 2 and logged[0].isdigit() and logged[1].isdigit()
+        return cls(
+            root=fields["dir"][0],
+            now=_number(fields.get("now")) or 0,
+            boot=_word(fields.get("boot")),
+            supervisor=int(pid[0]) if started else None,
+            started=(_number(pid[2:3]) or 0) if started else 0,
+            started_boot=pid[3] if started else "-",
+            alive="alive" in fields,
+            status=_number(fields.get("status")),
+            logged=(int(logged[0]), int(logged[1])) if position else None,
+            final=position and logged[2:3] == ["final"],
+        )
+
+
+def _number(words: Sequence[str] | None) -> int | None:
+    return int(words[0]) if words and words[0].isdigit() else None
+
+
+def _word(words: Sequence[str] | None) -> str:
+    return words[0] if words else "-"
+
+
+class _Unit:
+    """One run of the executor: the unit's remote dir, its supervisor, its output so far."""
+
+    def __init__(self, paramiko: Any, ctx: RunContext, shell: str, deadline: float | None) -> None:
+        self._paramiko = paramiko
+        self.ctx = ctx
+        self.shell = shell
+        self.deadline = deadline
+        self.path = _unit_path(ctx)
+        self.root = f"~/{self.path}"  # absolute once the host has said where its home is
+        self.where = f"{ctx.product['host']}:{ctx.product.get('port', 22)}"
+        self.client: Any = None
+        self.supervisor: int | None = None
+        self.rebooted = False
+        self.out = _Stream(ctx.log, stderr=False)
+        self.err = _Stream(ctx.log, stderr=True)
+        self.acked = (0, 0)
+        self.ack_at = 0.0
+        self.reason: str | None = None  # of stopping the job: a timeout, a cancel
+        self.sent = 0  # of SIGTERM, SIGKILL
+        self.next_step_at = 0.0
+        self.losses = 0
+
+    def run(self) -> ExecResult:
+        ctx = self.ctx
+        self.client = _connect(self._paramiko, ctx)
+        try:
+            found = self._probe() if ctx.resume else None
+            if found is not None and found.supervisor is not None:
+                self._adopt(found)  # a cancel or a timeout now ends what runs there
+            else:
+                if ctx.cancel.is_set():
+                    return ExecResult(None, cancelled=True)
+                if ctx.resume:
+                    ctx.log.info(
+                        f"ssh: resuming: nothing of unit {ctx.unit_key} was started "
+                        f"on {self.where}: starting it"
+                    )
+                if ctx.detach.is_set():  # nothing runs yet: the next spoold starts it
+                    return ExecResult(None, detached=True)
+                self._start()
+            try:
+                ending = self._watch()
+            except ExecutorError:
+                raise  # the connection is gone: nothing can be ended or removed
+            except Exception:
+                with contextlib.suppress(Exception):  # the bug's own error is the one to see
+                    self._finish(kill=True)  # a bug must not leave the job running unwatched
+                raise
+            if ending == "detached":
+                return ExecResult(None, detached=True)
+            self.out.close()
+            self.err.close()
+            if ctx.artifacts:
+                _fetch_artifacts(self.client, ctx, f"{self.root}/work")
+            code = self._finish(kill=ending == "died")
+            return self._result(ending, code)
+        finally:
+            self.client.close()
+
+    def _probe(self) -> _Found | None:
+        code, out = _remote(
+            self.client, _PROBE, (self.path,), self.ctx.log, what="looking for the unit"
+        )
+        if code != 0:
+            raise ExecutorError(
+                f"ssh: cannot look for the unit on {self.where}: {out.strip() or code}",
+                retryable=code < 0,
+            )
+        return _Found.parse(out)
+
+    def _start(self) -> None:
+        """Make the unit's dir and start the job there under its supervisor."""
+        ctx = self.ctx
+        mark = f": spoold-{uuid.uuid4().hex}"
+        script = shell_script(ctx.before_script, ctx.product["commands"])
+        stdin = f"{script}{mark}\n{_environment(ctx, mark)}".encode()
+        args = (self.path, self.shell, mark)
+        code, out = _remote(
+            self.client, _START, args, ctx.log, stdin=stdin, what="starting the job"
+        )
+        lines = out.strip().splitlines()
+        if "spoold-leftover" in lines and not ctx.resume:
+            ctx.log.info(
+                f"ssh: {self.where} held a dir of unit {ctx.unit_key} from an earlier spoold "
+                "that was not resumed: ended what ran of it and removed it"
+            )
+        root = next((line[4:] for line in lines if line.startswith("dir /")), None)
+        self.root = root or self.root
+        ack = lines[-1].split() if lines else []
+        if code == 0 and root and len(ack) == 5 and ack[0] == "ok" and ack[1].isdigit():
+            self.supervisor = int(ack[1])
+            return
+        if code < 0:  # whether the job started is unknown: the unit's dir stays for a resume
+            raise ExecutorError(
+                "ssh: the connection ended while the job was being started", retryable=True
+            )
+        if root:
+            self._finish(kill=True)
+        said = "\n".join(line for line in lines if line != "spoold-leftover" and line[:4] != "dir ")
+        raise ExecutorError(f"ssh: cannot start the job on the host: {said or code}")
+
+    def _adopt(self, found: _Found) -> None:
+        """Take up a unit an earlier spoold started: its output from where the log has it."""
+        ctx = self.ctx
+        self.root, self.supervisor = found.root, found.supervisor
+        self.rebooted = found.started_boot != found.boot
+        if found.logged is None:
+            whence = "from its start: lines this log already has appear again"
+        else:
+            self.out.skip_to(found.logged[0])
+            self.err.skip_to(found.logged[1])
+            self.acked = found.logged
+            whence = "from where this log left it"
+            if not found.final:  # the last spoold did not stop: it died
+                whence = (
+                    "from where this log last recorded it: lines from the last moments "
+                    "before the last spoold died may appear twice"
+                )
+        elapsed = max(found.now - found.started, 0)
+        if found.status is not None:
+            ctx.log.info(
+                f"ssh: resuming: the job ended on {self.where} while no spoold "
+                f"watched it (exit status {found.status}); its output {whence}"
+            )
+        elif found.alive and not self.rebooted:
+            left = ""
+            if ctx.timeout is not None:
+                remaining = max(ctx.timeout - elapsed, 0.0)
+                self.deadline = ctx.clock.monotonic() + remaining
+                left = f", {format_duration(remaining)} of its timeout left"
+            ctx.log.info(
+                f"ssh: resuming: the job still runs on {self.where} (pid "
+                f"{self.supervisor}, started {format_duration(elapsed)} ago{left}); "
+                f"its output {whence}"
+            )
+        else:
+            ctx.log.info(
+                f"ssh: resuming: the job's supervisor on {self.where} (pid "
+                f"{self.supervisor}) is gone; its output {whence}"
+            )
+
+    def _watch(self) -> str:
+        """Follow the job to its end, connecting again when the connection is lost: "ended",
+        "died" (no exit status), "gone" (no unit), "abandoned" or "detached"."""
+        while True:
+            ending = self._follow()
+            if ending is not None:
+                return ending
+            if not self._reconnect():
+                return "detached"
+
+    def _follow(self) -> str | None:
+        """Copy the job's output into the log until it ends; stop it if told to. None if the
+        connection was lost."""
+        ctx = self.ctx
+        try:
+            channel = self.client.get_transport().open_session(timeout=_HELPER_TIMEOUT)
+            channel.exec_command(
+                _command(_FOLLOW, (self.path, str(self.out.read), str(self.err.read)))
+            )
+        except Exception:  # paramiko's SSHException, EOFError, OSError: the connection is gone
+            return None
+        gave_up = False
+        try:
+            while not channel.exit_status_ready():
+                now = ctx.clock.monotonic()
+                if self.reason is None:
+                    # Not while stopping the job: it is ending anyway, and its end is the result.
+                    if ctx.detach.is_set():
+                        return self._detach(channel)
+                    if self.deadline is not None and now >= self.deadline:
+                        self.reason = f"timeout of {format_duration(ctx.timeout or 0)}"
+                    elif ctx.cancel.is_set():
+                        self.reason = "cancel"
+                    self.next_step_at = now
+                if self.reason is not None and now >= self.next_step_at and not self._stop(now):
+                    gave_up = True
+                    break
+                self._ack(channel, now)
+                late = self.deadline is None or self.reason is not None
+                wait = 0.2 if late else min(0.2, max((self.deadline or now) - now, 0.0))
+                _pump(channel, self.out, self.err, wait)
+            quiet = 0
+            while not (channel.eof_received or channel.closed) and quiet < _DRAIN_QUIET_ROUNDS:
+                quiet = 0 if _pump(channel, self.out, self.err, 0.5) else quiet + 1
+            _pump(channel, self.out, self.err, 0)
+            code = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        finally:
+            channel.close()
+        if gave_up:
+            return "abandoned"
+        return {0: "ended", 1: "died", 4: "gone"}.get(code)
+
+    def _stop(self, now: float) -> bool:
+        """Send the job's group the next signal of a timeout or cancel; False if none is left."""
+        log = self.ctx.log
+        if self.sent == 2:
+            log.error(f"{self.reason}: the job's remote processes do not end; leaving them")
+            return False
+        what = ("sending SIGTERM to", "still running: SIGKILL to")[self.sent]
+        log.error(f"{self.reason}: {what} the job's remote processes")
+        signal = ("TERM", "KILL")[self.sent]
+        _remote(self.client, _SIGNAL, (self.path, signal), log, what="signalling the job")
+        self.sent += 1
+        grace = self.ctx.kill_grace
+        self.next_step_at = now + (grace if self.sent == 1 else max(grace, 5.0))
+        return True
+
+    def _ack(self, channel: Any, now: float) -> None:
+        """Tell the host, now and then, how far the log has the job's output."""
+        position = (self.out.logged, self.err.logged)
+        if now < self.ack_at or position == self.acked:
+            return
+        self.ack_at = now + _ACK_INTERVAL
+        try:
+            channel.sendall(f"{position[0]} {position[1]}\n".encode())
+        except Exception:  # a lost connection shows as the follower's end
+            return
+        self.acked = position
+
+    def _detach(self, channel: Any) -> str:
+        """Leave the job running for the next spoold: record where the log stands, and go."""
+        ctx = self.ctx
+        recorded = False
+        try:
+            # Whole lines only: a line begun is read again, whole, by the next spoold.
+            channel.sendall(f"{self.out.logged} {self.err.logged} final\n".encode())
+            channel.shutdown_write()  # the follower records it, then ends
+            for _ in range(_DETACH_ROUNDS):
+                if channel.exit_status_ready():
+                    recorded = True
+                    break
+                select.select([channel], [], [], 0.1)
+                while channel.recv_ready():  # past what the log has: the next spoold reads it
+                    channel.recv(32768)
+                while channel.recv_stderr_ready():
+                    channel.recv_stderr(32768)
+        except Exception:  # noqa: S110 - paramiko's own errors: recorded stays False
+            pass
+        finally:
+            channel.close()
+        if not recorded:
+            ctx.log.error(
+                "ssh: could not record on the host how far this log has the job's "
+                "output: the next spoold may log some of it twice"
+            )
+        ctx.log.info(
+            f"ssh: spoold stops: the job keeps running on {self.where} (pid "
+            f"{self.supervisor}, in {self.root}); the next spoold resumes it"
+        )
+        return "detached"
+
+    def _reconnect(self) -> bool:
+        """Connect again after the connection was lost; False if spoold stops meanwhile."""
+        ctx = self.ctx
+        self.losses += 1
+        transport = self.client.get_transport()
+        if self.losses <= _LOSSES_BOUND and transport is not None and transport.is_active():
+            return True  # the follower ended, not the connection: start another
+        problem = "it ended"
+        for number, pause in enumerate(_RECONNECT_PAUSES, 1):
+            if self.losses > _LOSSES_BOUND:
+                problem = f"it was lost {self.losses} times"
+                break
+            ctx.log.error(
+                f"ssh: lost the connection to {self.where} ({problem}): connecting "
+                f"again in {format_duration(pause)} (try {number} of "
+                f"{len(_RECONNECT_PAUSES)})"
+            )
+            if ctx.detach.wait(pause):
+                ctx.log.info(
+                    f"ssh: spoold stops: the job may still run on {self.where} (pid "
+                    f"{self.supervisor}, in {self.root}); the next spoold resumes it"
+                )
+                return False
+            self.client.close()
+            try:
+                self.client = _connect(self._paramiko, ctx)
+            except ExecutorError as exc:
+                problem = str(exc)
+                continue
+            ctx.log.info(
+                f"ssh: connected to {self.where} again: following the job's output "
+                "from where this log has it"
+            )
+            return True
+        raise ExecutorError(
+            f"ssh: the connection to {self.where} ended before the job did and could not be "
+            f"made again ({problem}); the job may still run there, in {self.root}",
+            retryable=True,
+        )
+
+    def _finish(self, *, kill: bool) -> int | None:
+        """Remove the unit's dir, ending the job's group first if ``kill``; its exit status."""
+        args = (self.path, "kill" if kill else "-")
+        code, out = _remote(
+            self.client, _FINISH, args, self.ctx.log, what="removing the unit's dir"
+        )
+        if code < 0:
+            raise ExecutorError(
+                "ssh: the connection ended before the job's exit status was "
+                f"read; its dir on the host stays: {self.root}",
+                retryable=True,
+            )
+        text = out.strip()
+        return int(text) if text.isdigit() else None
+
+    def _result(self, ending: str, code: int | None) -> ExecResult:
+        if self.reason is not None:
+            return ExecResult(code, None, self.reason != "cancel", self.reason == "cancel")
+        if ending == "died":
+            why = "the host rebooted" if self.rebooted else "killed, or the host rebooted"
+            raise ExecutorError(
+                f"ssh: the job's supervisor on {self.where} (pid "
+                f"{self.supervisor}) ended without an exit status ({why})",
+                retryable=True,
+            )
+        if ending == "gone":
+            raise ExecutorError(
+                f"ssh: the unit's dir {self.root} vanished from {self.where} while the job ran"
+            )
+        if code is None:
+            return ExecResult(None, "ssh: the job's supervisor recorded no exit status")
+        return ExecResult(code, None if code == 0 else f"exit code {code}")
+
+
+def _unit_path(ctx: RunContext) -> str:
+    """The unit's dir, relative to the remote home: ``.spoold/<spool>/<job id>/<unit key>``."""
+    return f".spoold/{_spool_id(ctx)}/{_component(ctx.job_id)}/{_component(ctx.unit_key)}"
+
+
+def _spool_id(ctx: RunContext) -> str:
+    """This spool among all that run jobs on a host: its host's name and a digest of that and
+    of the spool's path. The same for the next spoold on the spool, which resumes the units."""
+    host = (
+        ctx.job_env.get("RUNNER_HOSTNAME") or ctx.env.get("RUNNER_HOSTNAME") or os.uname().nodename
     )
-    code, out = _helper(client, command, ctx.log, _script(ctx).encode())
-    root = out.strip()
-    if code != 0 or not root.startswith("/tmp/spoold-"):
-        raise ExecutorError(f"ssh: cannot make a work dir on the host: {out.strip() or code}")
-    return root
+    job_dir = ctx.job_env.get("SPOOLD_JOB_DIR")  # <spool>/<state>/<job id>
+    spool = str(PurePosixPath(job_dir).parent.parent) if job_dir else ""
+    digest = hashlib.sha256(f"{host}\0{spool}".encode()).hexdigest()[:12]
+    return f"{_UNSAFE.sub('_', host)[:40]}-{digest}"
 
 
-def _script(ctx: RunContext) -> str:
-    """The remote script: its process group first, the job's environment, then its commands."""
-    lines = ['printf "spoold-pgid %s\\n" "${_SPOOLD_PGID:-$$}"']
+def _component(name: str) -> str:
+    """``name`` as one path component; a changed one gets a digest, so that none collide."""
+    safe = _UNSAFE.sub("_", name)[:80]
+    if safe != name or safe.startswith("."):
+        safe = f"_{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def _environment(ctx: RunContext, mark: str) -> str:
+    """The job's environment as shell exports, ``mark`` last: the supervisor holds it in memory
+    only, so that no secret is written to a file on the host."""
     env = dict(ctx.job_env)  # not spoold's own environment: it describes this host
     env.update({str(k): str(v) for k, v in (ctx.product.get("env") or {}).items()})
     env.pop("RUNNER_WORKDIR", None)
-    lines += [f"export {n}={shlex.quote(v)}" for n, v in sorted(env.items()) if _VARIABLE.match(n)]
-    lines.append('export RUNNER_WORKDIR="$PWD"')
-    return "\n".join(lines) + "\n" + shell_script(ctx.before_script, ctx.product["commands"])
+    lines = [f"export {n}={shlex.quote(v)}" for n, v in sorted(env.items()) if _VARIABLE.match(n)]
+    lines += ['export RUNNER_WORKDIR="$PWD"', mark]
+    return "\n".join(lines) + "\n"
 
 
-def _run(client: Any, ctx: RunContext, root: str, shell: str, deadline: float | None) -> ExecResult:
-    """Run the script to its end, its output into the log; stop its process group if told to."""
-    # setsid gives the script a process group of its own, which is what a timeout or cancel
-    # kills: closing the channel would leave it running. Without setsid, sshd's own group is.
-    command = (
-        f"cd {root}/work || exit 125; if command -v setsid >/dev/null 2>&1; then "
-        f"setsid {shell} ../script </dev/null & p=$!; wait $p; rc=$?; "
-        "kill -KILL -$p 2>/dev/null; exit $rc; fi; "  # what it left running ends with it
-        '_SPOOLD_PGID=$(ps -o pgid= -p $$ | tr -d " ") '
-        f"exec {shell} ../script </dev/null"
-    )
-    channel = client.get_transport().open_session(timeout=_HELPER_TIMEOUT)
-    channel.exec_command(f"/bin/sh -c {shlex.quote(command)}")
-    stdout, stderr = _Lines(ctx.log, stderr=False), _Lines(ctx.log, stderr=True)
-    reason: str | None = None
-    stopped_at = next_step_at = 0.0
-    sent = 0  # of SIGTERM, SIGKILL
-    while not channel.exit_status_ready():
-        now = ctx.clock.monotonic()
-        if reason is None:
-            stopped_at = next_step_at = now
-            if deadline is not None and now >= deadline:
-                reason = f"timeout of {format_duration(ctx.timeout or 0)}"
-            elif ctx.cancel.is_set():
-                reason = "cancel"
-        if reason is not None and now >= next_step_at:
-            if stdout.pgid is not None and sent < 2:
-                what = ("sending SIGTERM to", "still running: SIGKILL to")[sent]
-                ctx.log.error(f"{reason}: {what} the job's remote processes")
-                _helper(client, f"kill -{('TERM', 'KILL')[sent]} -{stdout.pgid}", ctx.log)
-                sent += 1
-                next_step_at = now + (ctx.kill_grace if sent == 1 else max(ctx.kill_grace, 5.0))
-            elif sent == 2 or now >= stopped_at + max(ctx.kill_grace, 5.0):
-                ctx.log.error(f"{reason}: the job's remote processes do not end; leaving them")
-                break
-        wait = 0.2 if deadline is None or reason else min(0.2, max(deadline - now, 0.0))
-        _pump(channel, stdout, stderr, wait)
-    quiet = 0
-    while not (channel.eof_received or channel.closed) and quiet < _DRAIN_QUIET_ROUNDS:
-        quiet = 0 if _pump(channel, stdout, stderr, 0.5) else quiet + 1
-    _pump(channel, stdout, stderr, 0)
-    stdout.flush()
-    stderr.flush()
-    code = channel.recv_exit_status() if channel.exit_status_ready() else -1
-    channel.close()
-    if reason is not None:
-        return ExecResult(None if code < 0 else code, None, reason != "cancel", reason == "cancel")
-    if code < 0 and not client.get_transport().is_active():
-        raise ExecutorError("ssh: the connection ended before the job did", retryable=True)
-    if code < 0:  # OpenSSH sends exit-signal instead of exit-status
-        return ExecResult(None, "the remote shell was killed by a signal")
-    return ExecResult(code, None if code == 0 else f"exit code {code}")
-
-
-def _pump(channel: Any, stdout: _Lines, stderr: _Lines, wait: float) -> bool:
+def _pump(channel: Any, stdout: _Stream, stderr: _Stream, wait: float) -> bool:
     """Read what output there is, waiting up to ``wait`` seconds; False if none came."""
     if wait > 0 and not (channel.recv_ready() or channel.recv_stderr_ready()):
         select.select([channel], [], [], wait)
@@ -261,43 +703,47 @@ def _pump(channel: Any, stdout: _Lines, stderr: _Lines, wait: float) -> bool:
     return got
 
 
-class _Lines:
-    """Cuts one remote stream into log lines, in bounded memory; on stdout, takes the script's
-    header out first."""
+class _Stream:
+    """One of the job's output files as the follower sends it, cut into log lines in bounded
+    memory; knows how far it has read the file and how far whole lines of it are in the log."""
 
     def __init__(self, log: JobLog, *, stderr: bool) -> None:
-        self._stream = OutputStream(log, stderr=stderr)
-        self._head: bytes | None = None if stderr else b""  # stdout's first line, until it ends
-        self.pgid: int | None = None
+        self._lines = OutputStream(log, stderr=stderr)
+        self.read = 0
+        self.logged = 0
+
+    def skip_to(self, offset: int) -> None:
+        self.read = self.logged = offset
 
     def feed(self, data: bytes) -> None:
-        if self._head is not None:
-            self._head += data
-            end = self._head.find(b"\n")
-            if end < 0 and len(self._head) <= _HEADER_BOUND:
-                return
-            data, self._head = self._head, None
-            line = data[:end] if end >= 0 else b""
-            if line.startswith(_HEADER) and line[len(_HEADER) :].strip().isdigit():
-                self.pgid = int(line[len(_HEADER) :])
-                data = data[end + 1 :]
-        self._stream.feed(data)
+        self._lines.feed(data)
+        self.read += len(data)
+        end = data.rfind(b"\n")
+        if end >= 0:
+            self.logged = self.read - len(data) + end + 1
 
-    def flush(self) -> None:
-        if self._head:
-            self._stream.feed(self._head)
-            self._head = None
-        self._stream.close()
+    def close(self) -> None:
+        self._lines.close()
+        self.logged = self.read
 
 
-def _helper(client: Any, command: str, log: JobLog, stdin: bytes = b"") -> tuple[int, str]:
-    """Run a short command of spoold's own on the host; its exit status and output."""
+def _command(script: str, args: Sequence[str]) -> str:
+    """The command line for the host: ``script`` run by /bin/sh (the user's login shell may be
+    anything: csh, fish) with ``args`` as $1...."""
+    quoted = " ".join(shlex.quote(arg) for arg in args)
+    return f"/bin/sh -c {shlex.quote(_FUNCTIONS + script)} spoold {quoted}"
+
+
+def _remote(
+    client: Any, script: str, args: Sequence[str], log: JobLog, *, stdin: bytes = b"", what: str
+) -> tuple[int, str]:
+    """Run a short script of spoold's own on the host; its exit status (-1 if the connection
+    failed) and output."""
     try:
         channel = client.get_transport().open_session(timeout=_HELPER_TIMEOUT)
         channel.settimeout(_HELPER_TIMEOUT)
         channel.set_combine_stderr(True)
-        # Through /bin/sh: the user's login shell may be anything (csh, fish).
-        channel.exec_command(f"/bin/sh -c {shlex.quote(command)}")
+        channel.exec_command(_command(script, args))
         if stdin:
             channel.sendall(stdin)
         channel.shutdown_write()
@@ -305,7 +751,7 @@ def _helper(client: Any, command: str, log: JobLog, stdin: bytes = b"") -> tuple
         code = channel.recv_exit_status()
         channel.close()
     except Exception as exc:  # paramiko raises its own errors besides OSError
-        log.error(f"ssh: {command.split(maxsplit=1)[0]} on the host failed: {exc!r}")
+        log.error(f"ssh: {what} on the host failed: {exc!r}")
         return -1, ""
     return code, output
 

@@ -28,6 +28,7 @@ from spoold.out.sender import Sender
 from spoold.run.control import JobControl
 from spoold.run.dispatch import JobMeta
 from spoold.run.due import DueJobs
+from spoold.run.lane import Lane
 from spoold.run.pool import WorkerProcesses
 from spoold.run.recovery import Recovery
 from spoold.schedule.scheduler import Scheduler
@@ -133,7 +134,12 @@ class Workers(Protocol):
     def stop(self, grace: float) -> None: ...
 
     def submit(
-        self, job_id: str, document: dict[str, Any] | None = None, meta: JobMeta | None = None
+        self,
+        job_id: str,
+        document: dict[str, Any] | None = None,
+        meta: JobMeta | None = None,
+        *,
+        adopt: bool = False,
     ) -> bool: ...
 
     def holds(self, job_id: str) -> bool: ...
@@ -234,6 +240,9 @@ class Daemon:
             raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
         if reserved := spool.reservations.ensure():
             logger.info("reserved the ids of %d existing job(s) in %s", reserved, spool.dir("ids"))
+        # Here, once: a job user that does not exist stops spoold at start, not each job.
+        for note in Lane.from_config(config, spool.jobs.work_root).notes:
+            logger.warning("%s", note)
         attention = threading.Event()
         due = DueJobs()
 
@@ -274,14 +283,24 @@ class Daemon:
             allowed_run_as=config.allowed_run_as,
             on_scheduled=lambda job: scheduler.sync(),
             callbacks=callbacks,
+            policy=config.policy,
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         executors = [parts.registry.get(name) for name in parts.registry.names()]
         recovery = Recovery(spool, config, clock, logger, callbacks=callbacks, executors=executors)
-        return cls(
+        daemon = cls(
             config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
             due, scheduler, callbacks, sender, intake,
         )  # fmt: skip
+        recovery.adopter = daemon.adopt
+        return daemon
+
+    def adopt(self, job: JobDir) -> bool:
+        """Hand a running job whose worker is gone to the workers, to go on with its attempt."""
+        if self.workers.holds(job.job_id):
+            return True
+        status = self._pending_status(job)
+        return self.workers.submit(job.job_id, meta=JobMeta.from_document(status), adopt=True)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""

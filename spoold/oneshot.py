@@ -46,6 +46,7 @@ def run_once(path: Path, config: Config) -> int:
         logger=parts.logger,
         allowed_run_as=config.allowed_run_as,
         callbacks=parts.callbacks,
+        policy=config.policy,
     )
     outcome = intake.decide(spool.stages.stage_file(path, max_size=config.max_file_size))
     if not isinstance(outcome, Accepted):

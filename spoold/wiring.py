@@ -21,6 +21,7 @@ from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import Spool
 from spoold.out.outbox import Callbacks, callbacks_for
 from spoold.run.heartbeat import LeaseHeartbeat
+from spoold.run.launcher import Launcher
 from spoold.run.log_socket import LogTap
 from spoold.run.pool import ParentLink, receive_setup, serve_jobs
 from spoold.run.registry import ExecutorRegistry
@@ -100,6 +101,7 @@ def serve_worker_process(fd: int) -> None:
         return
     conn, setup = received
     parts = Parts.build(setup.config)
+    Launcher.shared().start()  # before Ready: the first job does not wait for a new Python
     parent = ParentLink(conn)
     runner = parts.runner(daemon_pid=setup.parent, on_deferred=parent.deferred)
     pool = WorkerPool(runner, setup.slots, parts.logger, on_done=parent.done)

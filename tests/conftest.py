@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -17,9 +20,41 @@ from typing import NamedTuple
 import pytest
 
 from spoold.core.spool import Spool
-from tests.dockerd import dockerd  # noqa: F401 - the real servers, one each per session
+from spoold.run.launcher import Launcher
+from tests.dockerd import client, dockerd  # noqa: F401 - the real servers, one each per session
 from tests.harness import DaemonProcess, write_config
 from tests.sshd import sshd_fixture  # noqa: F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launcher() -> Launcher:
+    """This test process's launcher of job supervisors: the runners tests make share it, as a
+    worker process's runner does; it lives as long as the process, as there."""
+    shared = Launcher.shared()
+    shared.start()  # now, not in a test
+    return shared
+
+
+@pytest.fixture(autouse=True)
+def idle_supervisors_end(launcher: Launcher) -> Iterator[None]:
+    """The supervisors a test's jobs left idle for a next unit end with the test."""
+    yield
+    launcher.drain()
+
+
+@pytest.fixture(autouse=True)
+def jobs_reach_tmp_path(tmp_path: Path) -> None:
+    """Jobs run as the job user (spoold-job), not as root: the tests' jobs write their marks
+    into the test's tmp_path, as jobs would into a directory an operator gives them. pytest
+    makes it and its parents root's alone; here they may be entered, and it written (sticky,
+    as /tmp). A spool made in it keeps its own modes: no job reaches into it."""
+    for above in tmp_path.parents:
+        if above == Path(tempfile.gettempdir()):
+            break
+        mode = above.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            above.chmod(stat.S_IMODE(mode) | 0o011)
+    tmp_path.chmod(0o1777)
 
 
 @pytest.fixture
@@ -428,3 +463,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if not config.pluginmanager.has_plugin("spoold-leak-guard"):
         config.pluginmanager.register(LeakGuard(config), "spoold-leak-guard")
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        # Not pytest's /tmp/pytest-of-root, which it keeps root's alone (0700), re-checked
+        # as each xdist worker starts: the tests' jobs run as the job user and must enter
+        # their test's tmp_path (jobs_reach_tmp_path). One fresh directory per run, removed after.
+        base = tempfile.mkdtemp(prefix="spoold-tests-")
+        config.option.basetemp = base
+        config.add_cleanup(lambda: shutil.rmtree(base, ignore_errors=True))

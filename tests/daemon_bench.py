@@ -42,6 +42,7 @@ class InlineWorkers:
         del on_lost, on_cancel  # no process to lose; no concurrency strategy to refuse a job
         self.runner = parts.runner(on_deferred=on_deferred)
         self.queued: list[str] = []
+        self.adopting: set[str] = set()
 
     @property
     def processes(self) -> int:
@@ -54,10 +55,17 @@ class InlineWorkers:
         pass
 
     def submit(
-        self, job_id: str, document: dict[str, Any] | None = None, meta: JobMeta | None = None
+        self,
+        job_id: str,
+        document: dict[str, Any] | None = None,
+        meta: JobMeta | None = None,
+        *,
+        adopt: bool = False,
     ) -> bool:
         if job_id in self.queued:
             return False
+        if adopt:
+            self.adopting.add(job_id)
         if document is not None:
             self.runner.remember(job_id, document)
         self.queued.append(job_id)
@@ -80,7 +88,9 @@ class InlineWorkers:
         ran = []
         while self.queued:
             job_id = self.queued.pop(0)
-            job = self.runner.claim(job_id)
+            adopt = job_id in self.adopting
+            self.adopting.discard(job_id)
+            job = self.runner.adopt(job_id) if adopt else self.runner.claim(job_id)
             if job is not None:
                 self.runner.run(job)
                 ran.append(job_id)

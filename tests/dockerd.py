@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import io
 import json
 import os
@@ -175,3 +176,12 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if state["users"] <= 0 and state["pid"] is not None:
                 _stop(state["pid"])
                 state["users"], state["pid"] = 0, None
+
+
+@pytest.fixture
+def client(dockerd: str) -> Iterator[Any]:
+    """A docker SDK client of the test engine."""
+    docker = importlib.import_module("docker")  # only once the fixture found the SDK
+    engine = docker.from_env()
+    yield engine
+    engine.close()

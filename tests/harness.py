@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from spoold.core.procfs import processes_matching
+from spoold.core.procfs import process_info, process_start_time, processes_matching
 
 T = TypeVar("T")
 
@@ -157,18 +157,24 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def kill(self) -> None:
-        """kill -9, as a crash would."""
+    def kill(self, *, leave_jobs: bool = False) -> None:
+        """kill -9, as a crash would; then the jobs' supervisors are ended too (as a system
+        shutdown would end them) unless ``leave_jobs``: for a next daemon to adopt them."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+        if not leave_jobs:
+            end_supervisors(self.spool)
 
-    def stop(self, bound: float = DEFAULT_BOUND) -> int:
-        """SIGTERM, as systemd stop does; returns the exit code."""
+    def stop(self, bound: float = DEFAULT_BOUND, *, leave_jobs: bool = False) -> int:
+        """SIGTERM, as systemd stop does; returns the exit code. The jobs left running for a
+        next daemon are ended then, unless ``leave_jobs``."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(bound)
+        if not leave_jobs:
+            end_supervisors(self.spool)
         return int(self.process.returncode)
 
     def log(self) -> str:
@@ -176,6 +182,39 @@ class DaemonProcess:
 
 
 # -- helpers for the daemon intake, chaos and disk tests ------------------------------------------
+
+
+def supervisors(spool: Path) -> list[int]:
+    """The live supervisors of the spool's running jobs, as their units' records name them."""
+    found = []
+    for record in spool.glob("running/*/units/*"):
+        if record.name.endswith(".end") or record.name.startswith("."):
+            continue
+        try:
+            begun = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        pid, start = begun.get("pid"), begun.get("pid_start")
+        if isinstance(pid, int) and process_start_time(pid) == start and _running(pid):
+            found.append(pid)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive, and not a zombie: an orphaned supervisor's parent (init) may not reap it at once."""
+    info = process_info(pid)
+    return info is not None and not info.zombie
+
+
+def end_supervisors(spool: Path, bound: float = DEFAULT_BOUND) -> None:
+    """SIGTERM to the spool's job supervisors (each ends its job's processes and records
+    the end), and wait until they are gone: what a system shutdown does."""
+    pids = supervisors(spool)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not any(_running(pid) for pid in pids), bound=bound,
+             what="the job supervisors to end")  # fmt: skip
 
 
 def run_cli(

@@ -10,6 +10,8 @@ import functools
 import logging
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +45,13 @@ from tests.harness import (
 from tests.receiver import Receiver
 
 LOGGER = logging.getLogger("spoold.test")
-#: Fails by itself (exit 3) as soon as a cancel is asked for, before any worker acts on it.
-FAILS_AS_CANCELLED = 'while [ ! -e "$SPOOLD_JOB_DIR/cancel" ]; do sleep 0.02; done; exit 3'
+
+
+def fails_when(mark: Path) -> str:
+    """A job that fails by itself (exit 3) once ``mark`` exists: the test makes it as soon as
+    it asked for a cancel, before any worker acts on it. (A job cannot see the spool, and so
+    not the request itself.)"""
+    return f'while [ ! -e "{mark}" ]; do sleep 0.02; done; exit 3'
 
 
 class Parts:
@@ -143,11 +150,13 @@ def _run_in_thread(parts: Parts, job: JobDir) -> tuple[threading.Thread, list[Jo
 def test_a_job_that_fails_as_it_is_cancelled_is_not_retried(parts: Parts) -> None:
     # The worker never looks for requests here (no serve loop): only the end of the attempt
     # can see this one, as a daemon's worker would between two looks.
-    job = parts.submit(_job("f", FAILS_AS_CANCELLED, retries=2, backoff="1s"))
+    mark = parts.spool.root.parent / "asked"
+    job = parts.submit(_job("f", fails_when(mark), retries=2, backoff="1s"))
     thread, ended = _run_in_thread(parts, job)
     running = parts.spool.dir("running") / "f"
     wait_for((running / "lease").exists, bound=20, what="the job to run")
     asked = parts.control.cancel("f")
+    mark.touch()
     assert not asked.cancelled and not parts.control.worker_gone(asked.job, "here")
     thread.join(20)
     [final] = ended
@@ -162,7 +171,7 @@ def test_a_cancel_that_comes_once_the_retry_is_decided_still_wins(parts: Parts) 
     claimed = parts.runner.claim(job.job_id)
     assert claimed is not None
     outcome = parts.runner.attempt(claimed)
-    assert outcome.status.next_attempt_at is not None, "a retry was decided"
+    assert outcome is not None and outcome.status.next_attempt_at is not None, "a retry was decided"
     parts.control.cancel("late")  # before its outcome is recorded
     final = parts.runner.record(outcome)
     assert final is not None and final.directory == "failed"
@@ -189,13 +198,13 @@ def test_a_cancel_wins_over_requeue_when_spoold_stops_during_it(parts: Parts) ->
 
 
 def test_a_job_that_succeeds_before_the_cancel_reaches_it_succeeded(parts: Parts) -> None:
-    job = parts.submit(
-        _job("quick", 'while [ ! -e "$SPOOLD_JOB_DIR/cancel" ]; do sleep 0.02; done')
-    )
+    mark = parts.spool.root.parent / "asked"
+    job = parts.submit(_job("quick", f'while [ ! -e "{mark}" ]; do sleep 0.02; done'))
     thread, ended = _run_in_thread(parts, job)
     wait_for((parts.spool.dir("running") / "quick" / "lease").exists, bound=20,
              what="the job to run")  # fmt: skip
     parts.control.cancel("quick")
+    mark.touch()
     thread.join(20)
     [final] = ended
     assert final is not None and parts.status(final)["state"] == "succeeded", "its work was done"
@@ -268,14 +277,21 @@ def test_a_running_job_cancelled_with_retries_left_is_not_retried(
     if how == "stopped-by-its-worker":  # SIGTERM from the worker; the job exits 3 on it
         script, overrides = "trap 'exit 3' TERM; sleep 30 & wait", {}
     else:  # exits 3 just after the request, before the worker's next look
-        script, overrides = FAILS_AS_CANCELLED, {"poll_interval": "1h"}
+        script, overrides = fails_when(tmp_path / "asked"), {"poll_interval": "1h"}
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir,
                                                    **overrides))  # fmt: skip
     try:
         daemon.start()
         drop(spool_dir, "c2.yaml", local_job("c2", script, retries=2, backoff="200ms"))
         wait_for((spool_dir / "running" / "c2" / "lease").exists, bound=15, what="c2 to run")
-        asked = run_cli(spool_dir, "cancel", "c2", "--wait", "15")
+        asking = subprocess.Popen(
+            [sys.executable, "-m", "spoold", "cancel", "--spool", str(spool_dir), "c2", "--wait",
+             "15"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for((spool_dir / "running" / "c2" / "cancel").exists, bound=15, what="the request")
+        (tmp_path / "asked").touch()
+        out, err = asking.communicate(timeout=30)
+        asked = subprocess.CompletedProcess(asking.args, asking.returncode, out, err)
         assert asked.returncode == 0, asked.stdout + asked.stderr
         assert "c2: cancelled" in asked.stdout
         directory, status = wait_finished(spool_dir, "c2", bound=15)

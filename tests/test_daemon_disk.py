@@ -77,11 +77,13 @@ class Inotify:
 
 @pytest.fixture
 def small_spool(tmp_path: Path) -> Iterator[Path]:
-    """A spool alone on a 2 MB tmpfs; spoold's own log (tmp_path/daemon.log) stays off it."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
+    """A spool and the jobs' work root alone on a 2 MB tmpfs; spoold's own log
+    (tmp_path/daemon.log) stays off it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    spool = disk / "spool"
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0750", "tmpfs", str(spool)],
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(disk)],
         capture_output=True,
         text=True,
         check=False,
@@ -96,8 +98,8 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
         assert result.returncode == 0, result.stderr
         yield spool
     finally:
-        if subprocess.run(["umount", str(spool)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(spool)], check=False)
+        if subprocess.run(["umount", str(disk)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @pytest.fixture
@@ -136,7 +138,10 @@ def is_full(path: Path) -> bool:
 
 
 def start_daemon(spool: Path, tmp_path: Path) -> DaemonProcess:
-    daemon = DaemonProcess(spool, write_config(tmp_path / "config.yaml", spool, workers=1))
+    config = write_config(tmp_path / "config.yaml", spool, workers=1,
+                          workdir=str(spool.parent / "work"))  # fmt: skip
+    daemon = DaemonProcess(spool, config)
+    daemon.log_path = tmp_path / "daemon.log"  # off the small disk
     daemon.start()
     return daemon
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
+import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,12 @@ from tests.harness import DaemonProcess, drop, job_state, wait_finished, wait_fo
 pytestmark = pytest.mark.daemon
 
 
-@pytest.fixture
-def engine(dockerd: str) -> Iterator[Any]:
-    client = importlib.import_module("docker").from_env()
-    yield client
-    client.close()
-
-
 def _containers(engine: Any, job_id: str) -> list[Any]:
     return list(engine.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}))
 
 
 def test_a_docker_job_runs_and_its_container_goes(
-    dockerd: str, engine: Any, spool_dir: Path, daemon: DaemonProcess
+    dockerd: str, client: Any, spool_dir: Path, daemon: DaemonProcess
 ) -> None:
     job_id = f"box-{uuid.uuid4().hex[:8]}"
     drop(spool_dir, "box.yaml", {
@@ -42,33 +34,57 @@ def test_a_docker_job_runs_and_its_container_goes(
     assert (
         spool_dir / "done" / job_id / "artifacts" / "out" / "r.txt"
     ).read_text() == "hi spoold\n"
-    assert _containers(engine, job_id) == []
+    assert _containers(client, job_id) == []
 
 
-def test_recovery_removes_the_container_of_a_job_whose_daemon_was_killed(
-    dockerd: str, engine: Any, spool_dir: Path, tmp_path: Path
-) -> None:
+def _killed_while_a_container_runs(spool: Path, config: Path, image: str, script: str) -> str:
+    """A docker job started, and its daemon killed once the container printed ``up``."""
     job_id = f"box-{uuid.uuid4().hex[:8]}"
-    config = write_config(tmp_path / "config.yaml", spool_dir)
-    first = DaemonProcess(spool_dir, config)
+    first = DaemonProcess(spool, config)
     first.start()
     try:
-        drop(spool_dir, "box.yaml", {
-            "job_id": job_id, "executor": "docker", "on_interrupt": "fail",
-            "product": {"image": dockerd, "script": "echo up; sleep 300"},
-        })  # fmt: skip
-        wait_for(lambda: "up" in _log(spool_dir, job_id), what="the container's first line")
-        (container,) = _containers(engine, job_id)
-        assert container.labels[LABEL_SPOOL] == str(spool_dir.resolve())
+        drop(spool, "box.yaml", {"job_id": job_id, "executor": "docker",
+                                 "product": {"image": image, "script": script}})  # fmt: skip
+        wait_for(lambda: "up" in _log(spool, job_id), what="the container's first line")
     finally:
         first.kill()
-    assert _containers(engine, job_id), "the container outlived its daemon: the case to recover"
+    return job_id
+
+
+def test_a_container_outlives_a_killed_daemon_and_the_next_one_reattaches(
+    dockerd: str, client: Any, spool_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir)
+    job_id = _killed_while_a_container_runs(
+        spool_dir, config, dockerd, "echo up; sleep 2; echo down"
+    )
+    (container,) = _containers(client, job_id)  # it outlived its daemon
+    assert container.labels[LABEL_SPOOL] == str(spool_dir.resolve())
     second = DaemonProcess(spool_dir, config)
     second.start()
     try:
         directory, status = wait_finished(spool_dir, job_id)
-        assert directory == "failed" and "interrupted" in str(status["error"]), status
-        wait_for(lambda: not _containers(engine, job_id), what="the leftover container removed")
+        assert (directory, status["exit_code"], len(status["attempts"])) == ("done", 0, 1), status
+        log = _log(spool_dir, job_id)
+        assert log.count("INFO up") == 1 and log.count("INFO down") == 1, log
+        wait_for(lambda: not _containers(client, job_id), what="the container removed")
+    finally:
+        second.kill()
+
+
+def test_recovery_removes_the_container_of_a_job_no_longer_running(
+    dockerd: str, client: Any, spool_dir: Path, tmp_path: Path
+) -> None:
+    """A container whose job left running/ while no daemon ran (purged, or recorded by
+    another host) is removed at the next start."""
+    config = write_config(tmp_path / "config.yaml", spool_dir)
+    job_id = _killed_while_a_container_runs(spool_dir, config, dockerd, "echo up; sleep 300")
+    assert _containers(client, job_id)
+    os.rename(spool_dir / "running" / job_id, spool_dir / "failed" / job_id)
+    second = DaemonProcess(spool_dir, config)
+    second.start()
+    try:
+        wait_for(lambda: not _containers(client, job_id), what="the leftover container removed")
     finally:
         second.kill()
 

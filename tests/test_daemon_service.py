@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,10 +22,12 @@ from tests.harness import (
     DEFAULT_BOUND,
     DaemonProcess,
     drop,
+    end_supervisors,
     job_state,
     local_job,
     run_cli,
     run_detached,
+    supervisors,
     wait_finished,
     wait_for,
     write_config,
@@ -177,23 +180,34 @@ def test_a_second_daemon_on_the_spool_says_who_runs_and_exits_2(
     assert wait_finished(spool_dir, "still")[0] == "done"
 
 
-def test_sigterm_lets_a_short_job_finish_within_the_grace(spool_dir: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.yaml", spool_dir, shutdown_grace="5s")
+def test_sigterm_stops_at_once_and_leaves_running_jobs_to_the_next_daemon(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.yaml", spool_dir, shutdown_grace="60s")
     daemon = DaemonProcess(spool_dir, config)
     daemon.start()
-    started = tmp_path / "started"
+    started, go = tmp_path / "started", tmp_path / "go"
     try:
-        drop(spool_dir, "short.yaml", local_job("short", f"touch {started}; sleep 1"))
+        drop(spool_dir, "long.yaml",
+             local_job("long", f"touch {started}; until [ -e {go} ]; do sleep 0.05; done"))  # fmt: skip
         wait_for(started.exists, what="the job to start")
-        assert daemon.stop() == 0
-        directory, status = job_state(spool_dir, "short") or ("", {})
-        assert directory == "done", status
-        assert status["state"] == "succeeded"
+        assert daemon.stop(bound=10, leave_jobs=True) == 0, "no wait for the grace"
+        assert "job long left running for the next daemon" in daemon.log()
+        assert supervisors(spool_dir), "the job goes on"
+        assert (job_state(spool_dir, "long") or ("",))[0] == "running"
+        daemon.start()
+        go.touch()
+        directory, status = wait_finished(spool_dir, "long")
+        assert (directory, status["state"], len(status["attempts"])) == ("done", "succeeded", 1)
     finally:
         daemon.kill()
 
 
-def test_sigterm_interrupts_a_long_job_after_the_grace(spool_dir: Path, tmp_path: Path) -> None:
+def test_a_system_shutdown_interrupts_jobs_as_their_on_interrupt_says(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    """The daemon stops and leaves its jobs; then the shutdown's SIGTERM reaches what is left
+    (their supervisors): each job ends interrupted, and the next start follows on_interrupt."""
     config = write_config(tmp_path / "config.yaml", spool_dir, shutdown_grace="1s")
     daemon = DaemonProcess(spool_dir, config)
     daemon.start()
@@ -205,13 +219,22 @@ def test_sigterm_interrupts_a_long_job_after_the_grace(spool_dir: Path, tmp_path
                        on_interrupt="requeue"))  # fmt: skip
         for mark in marks.values():
             wait_for(mark.exists, what=f"{mark.name} to start")
-        assert daemon.stop() == 0
-        directory, status = job_state(spool_dir, "fails") or ("", {})
+        assert daemon.stop(leave_jobs=True) == 0
+        end_supervisors(spool_dir)  # the shutdown's SIGTERM to what is left
+        daemon.start()
+        directory, status = wait_finished(spool_dir, "fails")
         assert directory == "failed", status
-        assert "interrupted" in status["error"]
-        directory, status = job_state(spool_dir, "requeues") or ("", {})
-        assert directory == "pending", status
-        assert "interrupted" in (spool_dir / "pending" / "requeues" / "log").read_text()
+        assert "interrupted: its supervisor was stopped" in status["error"]
+
+        def requeued() -> dict[str, Any] | None:
+            found = job_state(spool_dir, "requeues")
+            status = found[1] if found else {}
+            attempts = status.get("attempts", [])
+            return status if attempts and attempts[0].get("finished_at") else None
+
+        status = wait_for(requeued, what="the requeue")
+        assert "interrupted" in status["attempts"][0]["error"], status
+        assert status["state"] in ("pending", "running"), "back in line (on_interrupt: requeue)"
     finally:
         daemon.kill()
 

@@ -1,26 +1,34 @@
 """The Debian package (issue 9): `make deb` builds it, and it installs, runs, reinstalls,
-upgrades and purges on this machine.
+upgrades and purges on this machine; its service runs jobs as the job user, and a job running
+through an upgrade is adopted by the new daemon (issue 18).
 
 One test function: every step drives dpkg, which must never run twice at once under
 pytest-xdist. It needs root (it installs the package system-wide); under CI=true it installs
 what it lacks and never skips. It leaves the machine as it found it: the package purged and,
-when they did not exist before, the spoold user and groups removed.
+when they did not exist before, the spoold and spoold-job users and their groups removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import grp
 import json
 import os
 import pwd
+import shlex
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SPOOL = Path("/var/spool/spoold")
@@ -29,6 +37,12 @@ SPOOL_DIRECTORIES = (
 )  # fmt: skip
 CI = os.environ.get("CI") == "true"
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+UNIT = Path("/lib/systemd/system/spoold.service")
+JOB_USER = "spoold-job"
+WORKDIR = Path("/var/lib/spoold/work")
+# Starting jobs as other users and ending them: the daemon's capabilities, and no more.
+DAEMON_CAPABILITIES = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
+LEAK_TOKEN = "SPOOLD_TEST_LEAK_GUARD"  # tests/conftest.py: found in what the test started
 
 
 def run(
@@ -144,6 +158,268 @@ def bumped_copy(deb: Path, workdir: Path) -> Path:
     return out
 
 
+def unit_settings() -> dict[str, list[str]]:
+    """The installed unit's [Service] settings, each with every value it is given, in order."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def check_unit_privileges() -> None:
+    """Exactly the three capabilities, ambient and bounding; the supervisors survive a restart
+    (KillMode=process); the jobs' work dirs writable under ProtectSystem=strict."""
+    settings = unit_settings()
+    for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+        values = settings.get(key, [])
+        assert len(values) == 1 and set(values[0].split()) == DAEMON_CAPABILITIES, (key, values)
+    assert settings["User"] == ["spoold"]
+    assert settings["KillMode"] == ["process"]
+    writable = [Path(p) for value in settings.get("ReadWritePaths", []) for p in value.split()]
+    writable += [Path("/var/lib", d) for v in settings.get("StateDirectory", []) for d in v.split()]
+    assert any(p == WORKDIR or p in WORKDIR.parents for p in writable), writable
+
+
+def check_job_user() -> None:
+    """postinst's job user: its own group and no other, no login, no home; and the work dir."""
+    account = pwd.getpwnam(JOB_USER)
+    assert grp.getgrgid(account.pw_gid).gr_name == JOB_USER
+    assert (account.pw_dir, account.pw_shell) == ("/nonexistent", "/usr/sbin/nologin")
+    assert run("id", "-nG", JOB_USER).stdout.split() == [JOB_USER]
+    assert not os.path.exists("/nonexistent")
+    # The job user may make its own work dir there; only spoold may list them, and the sticky
+    # bit keeps each job user from removing another's.
+    spoold = pwd.getpwnam("spoold")
+    info = WORKDIR.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
+        spoold.pw_uid, spoold.pw_gid, 0o1733
+    )  # fmt: skip
+    parent = WORKDIR.parent.stat()
+    assert parent.st_uid == 0 and not stat.S_IMODE(parent.st_mode) & 0o022
+    config = yaml.safe_load(Path("/etc/spoold/config.yaml").read_text())
+    assert (config["job_user"], config["workdir"]) == (JOB_USER, str(WORKDIR)), config
+
+
+class UnitService:
+    """The installed unit's daemon, started and stopped as systemd does it from the unit.
+
+    This container has no systemd as PID 1, so the maintainer scripts start and restart
+    nothing (debhelper's snippets look for /run/systemd/system); the test does what systemd
+    would from the unit's settings, read at each start: ExecStartPre, then ExecStart as User=
+    and Group= with its supplementary groups, the AmbientCapabilities and
+    CapabilityBoundingSet, NoNewPrivileges, UMask, working directory /, and READY=1 on
+    NOTIFY_SOCKET. A stop (KillMode=process) sends SIGTERM to the main process only, and
+    SIGKILL to it only after TimeoutStopSec. The mount namespaces (ProtectSystem, PrivateTmp,
+    ...) are not made here.
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self.journal = journal  # the daemon's standard output and error, as journald has them
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def tail(self) -> str:
+        text = self.journal.read_text(errors="replace") if self.journal.exists() else ""
+        return "\n".join(text.splitlines()[-40:])
+
+    def start(self, bound: float = 120) -> None:
+        """ExecStartPre, then ExecStart; return once the daemon has sent READY=1."""
+        settings = unit_settings()
+        user = pwd.getpwnam(settings["User"][-1])
+        umask = int(settings.get("UMask", ["0022"])[-1], 8)
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": user.pw_dir,
+            "USER": user.pw_name,
+            "LOGNAME": user.pw_name,
+            "SHELL": user.pw_shell,
+            "STATE_DIRECTORY": ":".join(
+                f"/var/lib/{d}" for v in settings.get("StateDirectory", []) for d in v.split()
+            ),
+        }
+        if LEAK_TOKEN in os.environ:
+            env[LEAK_TOKEN] = os.environ[LEAK_TOKEN]
+        as_unit = self._credentials(settings)
+        for line in settings.get("ExecStartPre", []):
+            pre = subprocess.run(
+                [*as_unit, *shlex.split(line)], env=env, cwd="/", umask=umask,
+                capture_output=True, text=True, timeout=bound, check=False,
+            )  # fmt: skip
+            assert pre.returncode == 0, f"ExecStartPre={line}: {pre.stdout}{pre.stderr}"
+        # The socket systemd listens on; the daemon's user must be able to send to it.
+        notify_dir = tempfile.mkdtemp(prefix="spoold-notify-")
+        os.chmod(notify_dir, 0o755)
+        address = os.path.join(notify_dir, "notify")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.bind(address)
+                os.chmod(address, 0o777)
+                sock.settimeout(0.1)
+                with self.journal.open("ab") as journal:
+                    self.process = subprocess.Popen(
+                        [*as_unit, *shlex.split(settings["ExecStart"][-1])],
+                        env={**env, "NOTIFY_SOCKET": address}, cwd="/", umask=umask,
+                        stdout=journal, stderr=journal, start_new_session=True,
+                    )  # fmt: skip
+                end = time.monotonic() + bound
+                while True:
+                    try:
+                        if "READY=1" in sock.recv(4096).decode():
+                            return
+                    except TimeoutError:
+                        pass
+                    if self.process.poll() is not None or time.monotonic() > end:
+                        self.kill()
+                        pytest.fail(f"the service did not become ready:\n{self.tail()}")
+        finally:
+            shutil.rmtree(notify_dir, ignore_errors=True)
+
+    @staticmethod
+    def _credentials(settings: dict[str, list[str]]) -> list[str]:
+        def caps(key: str) -> str:
+            names = settings.get(key, [""])[-1].split()
+            return ",".join(["-all", *(f"+{n.removeprefix('CAP_').lower()}" for n in names)])
+
+        credentials = [
+            "setpriv", f"--reuid={settings['User'][-1]}", f"--regid={settings['Group'][-1]}",
+            "--init-groups", f"--inh-caps={caps('AmbientCapabilities')}",
+            f"--ambient-caps={caps('AmbientCapabilities')}",
+            f"--bounding-set={caps('CapabilityBoundingSet')}",
+        ]  # fmt: skip
+        if settings.get("NoNewPrivileges", ["no"])[-1] == "yes":
+            credentials.append("--no-new-privs")
+        return [*credentials, "--"]
+
+    def stop(self) -> int:
+        """KillMode=process: SIGTERM to the main process, SIGKILL after TimeoutStopSec."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(float(unit_settings().get("TimeoutStopSec", ["90"])[-1]))
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.process.returncode)
+
+    def restart(self) -> int:
+        """systemctl restart, as postinst asks for it after an upgrade; the stop's exit code."""
+        code = self.stop()
+        self.start()
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait_until(predicate: Callable[[], object], what: str, service: UnitService,
+               bound: float = 120) -> None:  # fmt: skip
+    """Poll until ``predicate`` holds; fail at once if the service died, or after ``bound``."""
+    end = time.monotonic() + bound
+    while not predicate():
+        if not service.alive or time.monotonic() > end:
+            state = "running" if service.alive else "dead"
+            pytest.fail(f"timed out waiting for {what} (service {state}):\n{service.tail()}")
+        time.sleep(0.05)
+
+
+def job_directories(job_id: str) -> list[str]:
+    return [d for d in ("pending", "running", "done", "failed") if (SPOOL / d / job_id).is_dir()]
+
+
+UPGRADE_JOB = "through-upgrade"
+
+
+def started(job_id: str, share: Path, service: UnitService) -> bool:
+    """Whether the job has begun its waiting; fails at once if it ended instead."""
+    for where in set(job_directories(job_id)) & {"done", "failed"}:
+        log = (SPOOL / where / job_id / "log").read_text(errors="replace")
+        pytest.fail(f"the job ended in {where}/ before it began to wait:\n{log}\n{service.tail()}")
+    return (share / "marks" / "runs").exists()
+
+
+def adopted(job_id: str, service: UnitService) -> bool:
+    """Whether the running job's log says a daemon adopted it; fails once it is not running."""
+    where = job_directories(job_id)
+    if where != ["running"]:
+        pytest.fail(f"the job left running/ before it was adopted: {where}\n{service.tail()}")
+    with contextlib.suppress(FileNotFoundError):
+        return "adopted" in (SPOOL / "running" / job_id / "log").read_text(errors="replace")
+    return False
+
+
+def submit_waiting_job(share: Path) -> None:
+    """A local job, submitted by a member of spoold-submit, that marks its start and then waits
+    for the test's release file (a bound, not a guess: it gives up after 300 s)."""
+    job_user = pwd.getpwnam(JOB_USER)
+    marks = share / "marks"
+    marks.mkdir()
+    os.chown(marks, job_user.pw_uid, job_user.pw_gid)
+    commands = [
+        f"grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status > {marks}/caps",
+        f"echo started >> {marks}/runs",
+        f"i=0; while [ ! -e {share}/release ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done",
+        f"test -e {share}/release",
+        "echo released $((6 * 7))",
+    ]
+    job = share / "job.yaml"
+    job.write_text(yaml.safe_dump(
+        {"job_id": UPGRADE_JOB, "executor": "local", "product": {"commands": commands}}
+    ))  # fmt: skip
+    job.chmod(0o644)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    submit = grp.getgrnam("spoold-submit").gr_gid
+    run("setpriv", f"--reuid={nobody}", f"--regid={submit}", "--clear-groups",
+        "/usr/bin/spoold", "submit", "--spool", str(SPOOL), str(job), cwd=share)  # fmt: skip
+
+
+def check_job_through_upgrade(share: Path, service: UnitService) -> None:
+    """The job ran once, as the job user without the daemon's capabilities, and finished under
+    the new daemon, which adopted it: in done/ only, one attempt, its output once."""
+    assert job_directories(UPGRADE_JOB) == ["done"], (job_directories(UPGRADE_JOB), service.tail())
+    status = json.loads((SPOOL / "done" / UPGRADE_JOB / "status.json").read_text())
+    log = (SPOOL / "done" / UPGRADE_JOB / "log").read_text()
+    assert status["state"] == "succeeded", (status, log)
+    assert len(status["attempts"]) == 1, status["attempts"]
+    assert (share / "marks" / "runs").read_text() == "started\n"
+    assert len([line for line in log.splitlines() if line.endswith("released 42")]) == 1, log
+    assert "adopted" in log, f"no adoption by the new daemon in the job's log:\n{log}"
+    runs = (share / "marks" / "runs").stat()
+    assert runs.st_uid == pwd.getpwnam(JOB_USER).pw_uid, "the job did not run as the job user"
+    caps = {}
+    for line in (share / "marks" / "caps").read_text().splitlines():
+        name, _, value = line.partition(":")
+        caps[name] = value.strip()
+    assert all(int(value, 16) == 0 for value in caps.values()), (
+        f"the job holds capabilities: {caps}"
+    )
+
+
+def end_leftovers(token: str) -> None:
+    """After a failure: SIGKILL what still runs with ``token`` in its command line (the job)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = Path("/proc", name, "cmdline").read_bytes()
+        except OSError:
+            continue
+        if token.encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(name), signal.SIGKILL)
+
+
 @pytest.mark.timeout(900)
 def test_debian_package(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
@@ -158,8 +434,12 @@ def test_debian_package(tmp_path: Path) -> None:
         apt_install("systemd")
     had = {
         "user": user_exists("spoold"),
+        "job-user": user_exists(JOB_USER),
         "spoold": group_exists("spoold"),
         "spoold-submit": group_exists("spoold-submit"),
+        JOB_USER: group_exists(JOB_USER),
+        "spool": SPOOL.exists(),
+        "state": WORKDIR.parent.exists(),
     }
 
     # Build (make deb installs its own build tools and fails on any lintian error).
@@ -170,6 +450,10 @@ def test_debian_package(tmp_path: Path) -> None:
     lintian = (ROOT / "build" / "deb" / "lintian.txt").read_text()
     assert not [line for line in lintian.splitlines() if line.startswith("E:")], lintian
 
+    service = UnitService(tmp_path / "journal")
+    # The job's files and the release: readable by the job user (tmp_path is root's alone).
+    share = Path(tempfile.mkdtemp(prefix="spoold-upgrade-"))
+    share.chmod(0o755)
     try:
         run("apt-get", "install", "-y", "-qq", str(deb))
         assert installed("spoold")
@@ -201,6 +485,7 @@ def test_debian_package(tmp_path: Path) -> None:
         for setting in ("User=spoold", "ProtectSystem=strict", "ReadWritePaths=/var/spool/spoold",
                         "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes"):  # fmt: skip
             assert setting in unit.splitlines(), setting
+        check_unit_privileges()
         assert Path("/usr/share/man/man1/spoold.1.gz").is_file()
         conffiles = run("dpkg-query", "-W", "-f", "${Conffiles}", "spoold").stdout
         assert "/etc/spoold/config.yaml" in conffiles
@@ -208,6 +493,7 @@ def test_debian_package(tmp_path: Path) -> None:
         assert pwd.getpwnam("spoold").pw_gid == grp.getgrnam("spoold").gr_gid
         assert group_exists("spoold-submit")
         check_spool_tree()
+        check_job_user()
         check_submitters()
 
         # Installing the same version again keeps the admin's config and the tree.
@@ -216,28 +502,62 @@ def test_debian_package(tmp_path: Path) -> None:
         run("apt-get", "install", "-y", "-qq", "--reinstall", str(deb))
         assert "# changed by test_deb" in Path("/etc/spoold/config.yaml").read_text()
         check_spool_tree()
+        check_job_user()
 
-        # An upgrade to a higher version.
+        # An upgrade to a higher version while a job runs under the service.
+        service.start()
+        submit_waiting_job(share)
+        wait_until(lambda: started(UPGRADE_JOB, share, service), "the job to start", service)
+        assert job_directories(UPGRADE_JOB) == ["running"]
         bumped = bumped_copy(deb, tmp_path)
         run("apt-get", "install", "-y", "-qq", "-o", "Dpkg::Options::=--force-confold", str(bumped))
         assert "+test1" in run("dpkg-query", "-W", "-f", "${Version}", "spoold").stdout
         assert "# changed by test_deb" in Path("/etc/spoold/config.yaml").read_text()
         check_spool_tree()
+        check_job_user()
+        # Under systemd, postinst restarts the service now (debhelper's default for an upgrade).
+        stopped = service.restart()
+        assert stopped == 0, f"the old daemon's stop: exit {stopped}\n{service.tail()}"
+        assert job_directories(UPGRADE_JOB) == ["running"], service.tail()
+        wait_until(
+            lambda: adopted(UPGRADE_JOB, service), "the new daemon to adopt the job", service
+        )
+        (share / "release").touch()
+        wait_until(
+            lambda: set(job_directories(UPGRADE_JOB)) & {"done", "failed"},
+            "the job to finish under the new daemon", service,
+        )  # fmt: skip
+        stopped = service.stop()
+        assert stopped == 0, f"the new daemon's stop: exit {stopped}\n{service.tail()}"
+        check_job_through_upgrade(share, service)
         run("/usr/bin/spoold", "status", "--spool", str(spool), "debtest")
+        # Jobs are data: purge keeps a spool that holds any. The test's go first.
+        run("runuser", "-u", "spoold", "--", "/usr/bin/spoold", "purge", "--spool", str(SPOOL),
+            "--older-than", "0s", cwd=Path("/"))  # fmt: skip
     finally:
+        service.kill()
+        end_leftovers(str(share))  # the job, after a failure
+        shutil.rmtree(share, ignore_errors=True)
         run("apt-get", "purge", "-y", "-qq", "spoold", check=False)
         gone_ok = not installed("spoold")
-        leftovers = [p for p in ("/etc/spoold", str(SPOOL), "/usr/lib/spoold", "/usr/bin/spoold",
+        leftovers = [p for p in ("/etc/spoold", str(SPOOL), str(WORKDIR.parent),
+                                 "/usr/lib/spoold", "/usr/bin/spoold",
                                  "/lib/systemd/system/spoold.service",
                                  "/etc/systemd/system/multi-user.target.wants/spoold.service")
                      if os.path.lexists(p)]  # fmt: skip
-        # Debian policy: purging keeps the system user and groups; the test removes its own.
+        # What purge kept after a failure (a job, a work dir): the machine as it was.
+        for path, key in ((SPOOL, "spool"), (WORKDIR.parent, "state")):
+            if not had[key] and path.exists() and not installed("spoold"):
+                shutil.rmtree(path, ignore_errors=True)
+        # Debian policy: purging keeps the system users and groups; the test removes its own.
         kept_user = user_exists("spoold")
-        if not had["user"] and kept_user:
-            run("deluser", "--system", "--quiet", "spoold", check=False)
-        for group in ("spoold", "spoold-submit"):
+        kept_job_user = user_exists(JOB_USER)
+        for user, key in (("spoold", "user"), (JOB_USER, "job-user")):
+            if not had[key] and user_exists(user):
+                run("deluser", "--system", "--quiet", user, check=False)
+        for group in ("spoold", "spoold-submit", JOB_USER):
             if not had[group] and group_exists(group):
                 run("delgroup", "--system", "--quiet", group, check=False)
     assert gone_ok
     assert leftovers == []
-    assert kept_user
+    assert kept_user and kept_job_user

@@ -8,7 +8,6 @@ import logging
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ from spoold.intake.validation import JobValidator, compose_job_schema, load_base
 from spoold.run.registry import ExecutorRegistry
 from tests.harness import wait_for
 from tests.test_executors import _context, _Log
-
-
-@pytest.fixture
-def client(dockerd: str) -> Iterator[Any]:
-    docker = importlib.import_module("docker")  # only once the fixture found the SDK
-
-    engine = docker.from_env()
-    yield engine
-    engine.close()
 
 
 def _job_id() -> str:

@@ -4,9 +4,11 @@ it started, and output that costs bounded memory and bounded log, whatever its s
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -156,10 +158,15 @@ def test_under_the_daemon_a_jobs_trap_runs_on_timeout_cancel_and_shutdown(
 
         drop(spool_dir, "shutdown.yaml", local_job("shutdown", TRAP))
         wait_for(lambda: "INFO ready" in _log(spool_dir, "shutdown"), what="the job to run")
-        daemon.stop()  # shutdown_grace 2s, then the job is interrupted
-        directory, status = wait_finished(spool_dir, "shutdown", bound=5)
+        daemon.stop()  # the job goes on under its supervisor, for the next daemon
+        units = spool_dir / "running" / "shutdown" / "units"
+        supervisor = json.loads((units / "1").read_text())["pid"]
+        os.kill(supervisor, signal.SIGTERM)  # a system shutdown: what is left gets SIGTERM
+        wait_for((units / "1.end").exists, what="the supervisor to record the job's end")
+        daemon.start()  # adopts it, finds it ended, and its on_interrupt (fail) decides
+        directory, status = wait_finished(spool_dir, "shutdown", bound=15)
         assert (directory, status["exit_code"]) == ("failed", 143), status
-        assert "interrupted" in status["error"]
+        assert "interrupted: its supervisor was stopped" in status["error"], status
         log = _log(spool_dir, "shutdown")
         assert "trapped TERM" in log and NO_SIGKILL not in log, log
     finally:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -17,8 +18,9 @@ from typing import Any
 
 import jsonschema
 import pytest
+from spoold.executors import ssh
 from spoold.executors.base import ExecResult, RunContext
-from spoold.executors.ssh import SshExecutor
+from spoold.executors.ssh import SshExecutor, _Stream, _unit_path
 
 from spoold.core.job import ArtifactSpec
 from spoold.run.registry import ExecutorRegistry
@@ -28,9 +30,10 @@ from tests.sshd import SshServer, keygen
 from tests.test_executors import _context, _Log
 
 
-def _run(
+def ssh_context(
     tmp_path: Path, product: dict[str, Any], **overrides: Any
-) -> tuple[ExecResult, _Log, RunContext]:
+) -> tuple[RunContext, _Log]:
+    """A RunContext for the ssh executor, with a log the test can read."""
     log = overrides.pop("log", None) or _Log()
     job_id = overrides.pop("job_id", f"ssh-{uuid.uuid4().hex[:12]}")
     workdir = tmp_path / "work"
@@ -40,12 +43,29 @@ def _run(
     ctx = _context(
         workdir, product, log, executor="ssh", job_id=job_id, env=env, job_env=own, **overrides
     )
+    return ctx, log
+
+
+def _run(
+    tmp_path: Path, product: dict[str, Any], **overrides: Any
+) -> tuple[ExecResult, _Log, RunContext]:
+    ctx, log = ssh_context(tmp_path, product, **overrides)
     return SshExecutor().run(ctx), log, ctx
 
 
-def _remote_dirs(ctx: RunContext) -> list[str]:
-    """The job's remote work dirs left behind (sshd runs on this host)."""
-    return glob.glob(f"/tmp/spoold-{ctx.job_id}-*")
+def remote_home() -> Path:
+    """The home of this user, which is where the test sshd logs in to."""
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+def unit_dir(ctx: RunContext) -> Path:
+    """Where the unit of ``ctx`` lives on the host (sshd runs on this host)."""
+    return remote_home() / _unit_path(ctx)
+
+
+def _remote_dirs(ctx: RunContext) -> list[Path]:
+    """What the job left of its remote dirs: its units' dirs are under the job's."""
+    return [path for path in [unit_dir(ctx).parent] if path.exists()]
 
 
 def _processes(marker: str) -> list[str]:
@@ -61,6 +81,7 @@ def _marker() -> str:
 def test_registered_with_a_schema_that_accepts_its_fields(sshd: SshServer) -> None:
     registry = ExecutorRegistry.from_entry_points()
     assert registry.get("ssh") is SshExecutor
+    assert SshExecutor.resumable and not SshExecutor.supervised  # its own supervisor, remotely
     product = sshd.product(commands=["true"], env={"A": "1"}, connect_timeout="5s")
     jsonschema.validate(product, registry.schemas()["ssh"])
     with pytest.raises(jsonschema.ValidationError):
@@ -74,7 +95,6 @@ def test_output_is_streamed_into_the_log_by_stream(sshd: SshServer, tmp_path: Pa
     assert any(line.endswith(f" INFO out {ctx.job_id}") for line in log.lines())
     assert any(line.endswith(" ERROR err") for line in log.lines())
     assert any(line.endswith(" INFO no newline") for line in log.lines())
-    assert "spoold-pgid" not in log.text()
     assert _remote_dirs(ctx) == []
 
 
@@ -91,24 +111,25 @@ def test_output_without_newlines_is_cut_in_bounded_memory(sshd: SshServer, tmp_p
 
 def test_a_remote_stream_is_held_in_bounded_memory() -> None:
     """20 MB without a newline, as the channel hands it over: never held whole."""
-    from spoold.executors.ssh import _Lines  # noqa: PLC0415 - the unit under test
-
     log = _Log()
-    lines = _Lines(log.log, stderr=False)
+    stream = _Stream(log.log, stderr=False)
     chunk = b"z" * 32768
     tracemalloc.start()
     try:
-        lines.feed(b"spoold-pgid 4242\n")
+        stream.feed(b"first\n")
         for _ in range(640):
-            lines.feed(chunk)
-        lines.feed(b"\nlast")
-        lines.flush()
+            stream.feed(chunk)
         peak = tracemalloc.get_traced_memory()[1]
+        # What the log has whole, for the next spoold to go on from: not the line begun.
+        assert (stream.read, stream.logged) == (6 + 640 * 32768, 6)
+        stream.feed(b"\nlast")
+        assert stream.logged == 6 + 640 * 32768 + 1
+        stream.close()
     finally:
         tracemalloc.stop()
-    assert lines.pgid == 4242
     assert peak < 1 << 20, f"{peak} bytes at the peak"
     assert log.text().endswith("last")
+    assert stream.logged == stream.read
 
 
 def test_exit_code_of_the_remote_commands_is_the_jobs(sshd: SshServer, tmp_path: Path) -> None:
@@ -123,7 +144,7 @@ def test_commands_run_in_the_remote_work_dir(sshd: SshServer, tmp_path: Path) ->
     product = sshd.product(commands='[ "$PWD" = "$RUNNER_WORKDIR" ] && echo "in $PWD"')
     result, log, ctx = _run(tmp_path, product)
     assert result.succeeded, log.text()
-    assert f"in /tmp/spoold-{ctx.job_id}-" in log.text()
+    assert f"in {unit_dir(ctx)}/work" in log.text()
     assert str(ctx.workdir) not in log.text()
 
 
@@ -263,35 +284,99 @@ def test_cancel_kills_the_remote_process_group(sshd: SshServer, tmp_path: Path) 
     assert _remote_dirs(ctx) == []
 
 
-def test_a_lost_connection_fails_retryably(sshd: SshServer, tmp_path: Path) -> None:
-    marker, job_id = _marker(), f"ssh-lost-{uuid.uuid4().hex[:12]}"
+def cut_connections(sshd: SshServer) -> None:
+    """Kill the sshd processes that serve the connections (privileged monitors and their
+    children): as when the network goes away, the processes they started stay."""
+    monitors = _children(sshd.pid)
+    for pid in monitors + [c for m in monitors for c in _children(m)]:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if "sshd" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def end_unit(ctx: RunContext) -> None:
+    """End what a test left running of a unit on the host, and remove its dir."""
+    directory = unit_dir(ctx)
+    with contextlib.suppress(FileNotFoundError):
+        supervisor, group = (directory / "pid").read_text().split()[:2]
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.killpg(int(group), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(supervisor), signal.SIGKILL)
+        wait_for(lambda: not alive(int(supervisor)), bound=10, what="the supervisor to end")
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another test's, or this one's other units
+        directory.parent.rmdir()
+        directory.parent.parent.rmdir()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (this test host's init may leave an ended orphan unreaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_a_lost_connection_is_made_again(
+    sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job goes on on the host; spoold connects again and logs each line of it once."""
+    monkeypatch.setattr(ssh, "_RECONNECT_PAUSES", (0.1, 0.1, 0.1))
+    flag = tmp_path / "go-on"
     log = _Log()
 
     def cut_once_started() -> None:
         wait_for(lambda: "started" in log.text(), bound=30, what="the job's first line")
-        # The connection's own sshd processes (privileged monitor and its child), not the
-        # job's shell: as when the network goes away, the job's processes stay.
-        monitors = _children(sshd.pid)
-        for pid in monitors + [c for m in monitors for c in _children(m)]:
-            if "sshd" in Path(f"/proc/{pid}/cmdline").read_text():
-                os.kill(int(pid), signal.SIGKILL)
-        for left in glob.glob(f"/tmp/spoold-{job_id}-*"):  # no link left to remove it with
-            shutil.rmtree(left)
+        cut_connections(sshd)
+        wait_for(lambda: "again" in log.text(), bound=30, what="a new connection")
+        flag.touch()
 
-    cutter = threading.Thread(target=cut_once_started, daemon=True)
+    cutter = threading.Thread(target=cut_once_started)
     cutter.start()
+    commands = f"echo started; while [ ! -e {flag} ]; do sleep 0.05; done; echo after; exit 5"
+    result, _, ctx = _run(tmp_path, sshd.product(commands=commands), log=log, timeout=60.0)
+    cutter.join(30)
+    assert result.exit_code == 5 and result.error == "exit code 5", log.text()
+    text = log.text()
+    assert f"lost the connection to 127.0.0.1:{sshd.port}" in text
+    assert text.splitlines().count("started") == 1
+    assert text.splitlines().count("after") == 1
+    assert _remote_dirs(ctx) == []
+
+
+def test_a_connection_that_cannot_be_made_again_fails_retryably(
+    sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh, "_RECONNECT_PAUSES", (0.05, 0.05))
+    marker = _marker()
+    log = _Log()
+    product = sshd.product(commands=f"echo started; sleep {marker}")
+
+    def cut_once_started() -> None:
+        wait_for(lambda: "started" in log.text(), bound=30, what="the job's first line")
+        product["port"] = free_port()  # the host is out of reach from now on
+        cut_connections(sshd)
+
+    cutter = threading.Thread(target=cut_once_started)
+    cutter.start()
+    ctx, _ = ssh_context(tmp_path, product, log=log, timeout=60.0)
     try:
-        product = sshd.product(commands=f"echo started; sleep {marker}")
-        result, _, _ = _run(tmp_path, product, log=log, timeout=60.0, job_id=job_id)
-        cutter.join(10)
+        result = SshExecutor().run(ctx)
+        cutter.join(30)
         assert result.exit_code is None
-        assert result.error == "ssh: the connection ended before the job did"
+        assert result.error is not None and result.error.startswith(
+            f"ssh: the connection to 127.0.0.1:{sshd.port} ended before the job did and could "
+            "not be made again (ssh: cannot connect to 127.0.0.1:"
+        ), result.error
+        assert "Connection refused" in result.error
         assert result.retryable
+        assert _processes(marker), "the job was left running for a resume"
+        assert (unit_dir(ctx) / "pid").exists()
     finally:
-        for pid in _processes(marker):  # the job's own sleep, left behind as a lost link leaves it
-            os.kill(int(pid), signal.SIGKILL)
-        for left in glob.glob(f"/tmp/spoold-{job_id}-*"):  # no link left to remove it with
-            shutil.rmtree(left)
+        end_unit(ctx)
+    wait_for(lambda: not _processes(marker), bound=10, what="the remote sleep to end")
 
 
 def _children(pid: int | str) -> list[str]:

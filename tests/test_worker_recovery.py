@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -136,9 +137,10 @@ def test_configured_workdir_is_used_and_cleaned(tmp_path: Path) -> None:
         spool, intake, runner, {"job_id": "w", "executor": "local",
                                 "product": {"commands": "pwd; echo left > behind.txt"}},
     )  # fmt: skip
-    # One work dir per worker slot, emptied after each job (worker_id w1, slot 0).
-    assert f" INFO {tmp_path / 'work' / 'w1-0'}\n" in job.log_path.read_text()
-    assert list((tmp_path / "work" / "w1-0").iterdir()) == []
+    # One work dir per attempt, made in it by the job's user and removed after it.
+    log = job.log_path.read_text()
+    assert re.search(rf" INFO {re.escape(str(tmp_path / 'work'))}/w\.1\.[0-9a-f]{{12}}\n", log), log
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def _running_job(

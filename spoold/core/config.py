@@ -19,6 +19,7 @@ from spoold.core.retention import Retention
 from spoold.core.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
+    from spoold.core.policy import Policy
     from spoold.core.retry import RetryPolicy
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
@@ -124,6 +125,12 @@ class Config(NamedTuple):
     retention: Retention = Retention()
     #: The users a job may name in ``run_as:``; none by default.
     allowed_run_as: tuple[str, ...] = ()
+    #: Who local and custom jobs, hooks and steps run as when spoold may switch users
+    #: (``job_user:``): one account, or one per worker slot so that jobs running at the same
+    #: time cannot reach each other. ``root`` only when the config says so.
+    job_users: tuple[str, ...] = ("spoold-job",)
+    #: What each submitter may use (``policy:``); None: no limits beyond the rest of the config.
+    policy: Policy | None = None
     #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
     executor_settings: Mapping[str, dict[str, Any]] = {}
     source: Path | None = None
@@ -278,6 +285,22 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         values["allowed_run_as"] = tuple(
             _of_kind("allowed_run_as", user, str, "a list of user names") for user in users
         )
+    if "job_user" in doc:
+        named = doc["job_user"]
+        names = (
+            [named]
+            if isinstance(named, str)
+            else _of_kind("job_user", named, list, "a user name or a list of them")
+        )
+        values["job_users"] = tuple(
+            _of_kind("job_user", name, str, "a user name or a list of them") for name in names
+        )
+        if not values["job_users"]:
+            raise ConfigError("key job_user: name at least one user")
+    if "policy" in doc:
+        from spoold.core.policy import Policy  # noqa: PLC0415 - only a config that has one
+
+        values["policy"] = Policy.from_document(doc["policy"])
     if "executors" in doc:
         executors = _of_kind("executors", doc["executors"], dict, "a mapping")
         values["executor_settings"] = {

@@ -94,6 +94,11 @@ class PluginError(SpooldError):
     """An executor plugin could not be loaded or is not an Executor subclass."""
 
 
+class JobDetached(SpooldError):
+    """spoold stops and leaves a job running for the next daemon to adopt: its attempt ends
+    here without an outcome, and the job stays in running/."""
+
+
 class WorkerProcessError(SpooldError):
     """A worker process could not be started or said something it should not."""
 

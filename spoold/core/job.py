@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spoold.core.clock import rfc3339
 from spoold.core.errors import SecretError
@@ -15,6 +15,9 @@ from spoold.core.retry import RetryPolicy
 from spoold.core.secrets import NAME_RULE, SECRET_NAME, Masker
 from spoold.core.states import JobState
 from spoold.core.units import parse_duration
+
+if TYPE_CHECKING:
+    from spoold.core.policy import Submitter
 
 _VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
 #: ``${NAME}`` and ``${secret:NAME}``; ``broken``: any other ``${secret:...}``, which names no
@@ -268,10 +271,20 @@ class JobStatus:
     #: alone to read. None: not kept (a job accepted before status.json kept them).
     labels: dict[str, str] | None = None
     description: str | None = None
+    #: Who submitted it (a user name, or ``uid:N``), and the uid: a schedule's runs inherit the
+    #: schedule's. None: not known (a job accepted before spoold recorded it).
+    submitter: str | None = None
+    submitter_uid: int | None = None
 
     @classmethod
     def accepted(
-        cls, spec: JobSpec, *, source: str | None, now: datetime, sha256: str | None
+        cls,
+        spec: JobSpec,
+        *,
+        source: str | None,
+        now: datetime,
+        sha256: str | None,
+        submitter: Submitter | None = None,
     ) -> JobStatus:
         """The status of a job that was just accepted into pending/."""
         return cls(
@@ -285,6 +298,7 @@ class JobStatus:
             priority=int(spec.document.get("priority") or 0),
             concurrency=spec.document.get("concurrency"),
             **labels_and_description(spec.document),
+            **({} if submitter is None else submitter.status_fields()),
         )
 
     def begin_attempt(self, now: datetime, worker: str) -> Attempt:
@@ -339,6 +353,8 @@ class JobStatus:
             "artifacts": self.artifacts,
             "worker": self.worker,
             "source": self.source,
+            "submitter": self.submitter,
+            "submitter_uid": self.submitter_uid,
             "sha256": self.sha256,
             "schedule": self.schedule,
             "result": self.result,
@@ -360,6 +376,8 @@ class JobStatus:
             type=data.get("type"),
             submitted_at=str(data.get("submitted_at", "")),
             source=data.get("source"),
+            submitter=data.get("submitter"),
+            submitter_uid=data.get("submitter_uid"),
             started_at=data.get("started_at"),
             finished_at=data.get("finished_at"),
             exit_code=data.get("exit_code"),

@@ -78,6 +78,7 @@ class JobLog:
         self._clock = clock
         self._mask = mask
         self._prefix = ""
+        self._sections: tuple[str, ...] = ()
         # What the job printed last: what a limit it hit looks like ("Too many open files").
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
 
@@ -86,7 +87,24 @@ class JobLog:
         view = JobLog(self._sink.handle, self._clock, tee=self._sink.tee, mask=self._mask)
         view._sink = self._sink  # one file, one lock, one count of lost lines
         view._prefix = f"{self._prefix}[{name}] "
+        view._sections = (*self._sections, name)
         return view
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The names of the sections this view is in (``section``), outermost first."""
+        return self._sections
+
+    def tee_fd(self) -> int | None:
+        """The descriptor the lines are shown on too, if any (``spoold exec``'s terminal)."""
+        tee = self._sink.tee
+        return None if tee is None else tee.fileno()
+
+    def written_elsewhere(self) -> None:
+        """Another process appended to the file (a job's supervisor): count what it wrote
+        against the limit, and take its lines as its own to summarize."""
+        with contextlib.suppress(OSError):
+            self._sink.size = os.fstat(self._sink.handle.fileno()).st_size
 
     @property
     def lost_lines(self) -> int:

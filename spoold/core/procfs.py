@@ -3,6 +3,7 @@ sessions, children, environments and signal state."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -12,6 +13,8 @@ from typing import NamedTuple
 # Indexes into the fields of /proc/<pid>/stat after the command name (field 3 is index 0).
 _STATE, _PGRP, _SESSION, _STARTTIME = 0, 2, 3, 19
 _BLOCKED, _IGNORED = 29, 30  # the calling thread's signal mask; the process's ignored signals
+_PR_SET_NAME = 15
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -176,6 +179,32 @@ def signal_state() -> tuple[int, int] | None:
     return int(fields[_BLOCKED]), int(fields[_IGNORED])
 
 
+def ambient_capabilities() -> int:
+    """This process's ambient capabilities (a bit mask; 0 if /proc cannot tell)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            line = next((line for line in status if line.startswith("CapAmb:")), "CapAmb: 0")
+    except OSError:
+        return 0
+    return int(line.split()[1], 16)
+
+
+def ambient_clearer() -> Callable[[], object] | None:
+    """What drops every ambient capability, for a child between fork and exec (one C call,
+    prepared here); None when this process has none to drop.
+
+    For a child about to exec a job as another user: the daemon of the Debian package holds
+    CAP_SETUID, CAP_SETGID and CAP_KILL as ambient capabilities, and a change between two
+    uids that are not root keeps them, so a job would run with them (and could become root).
+    """
+    if not ambient_capabilities():
+        return None
+    import ctypes  # noqa: PLC0415 - only where there are ambient capabilities
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return functools.partial(libc.prctl, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
 def become_child_subreaper() -> bool:
     """Make this process the parent of its descendants' orphans (PR_SET_CHILD_SUBREAPER),
     instead of init; False, changing nothing, where that is not possible or where Linux
@@ -201,3 +230,20 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def boot_id() -> str | None:
+    """This boot's id: a process recorded under another boot cannot be running now."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def name_process(name: str) -> None:
+    """Set this process's name as ps and top show it (``comm``, at most 15 bytes)."""
+    import ctypes  # noqa: PLC0415 - only processes that rename themselves need it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)

@@ -224,6 +224,10 @@ class Masker:
             self._values = self._values | new
             self._pattern = _compile(self._values)
 
+    def values(self) -> tuple[str, ...]:
+        """What it masks: given to a Masker elsewhere (a job's supervisor), it masks the same."""
+        return tuple(self._values)
+
     def __bool__(self) -> bool:
         """Whether any value is known (else mask_text changes nothing)."""
         return self._pattern is not None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from spoold.core.clock import SystemClock
     from spoold.core.config import Config
     from spoold.core.errors import ValidationIssue
+    from spoold.core.policy import Submitter
     from spoold.core.spool import Spool
     from spoold.intake.admission import Admission, Admitted
     from spoold.run.control import JobControl
@@ -134,10 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=duration, metavar="SECONDS", help="with --wait: at most")
     validate = add(
         "validate", cmd_validate,
-        "check job files as intake would, with the config's run_as policy and callbacks; "
-        "with --spool DIR, also job ids already in that spool; exit 1 if any is refused",
+        "check job files as intake would, with the config's run_as users, submitter policy "
+        "and callbacks; with --spool DIR, also job ids already in that spool; exit 1 if any is "
+        "refused",
     )  # fmt: skip
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument(
+        "--as", dest="as_user", metavar="USER",
+        help="check against USER's policy (a name, or uid:N), as if USER dropped the files; "
+        "default: yours",
+    )  # fmt: skip
     validate.add_argument(
         "--plan", action="store_true", help="also print the order a job's steps run in"
     )
@@ -289,15 +296,24 @@ def read_job_file(path: Path) -> bytes | None:
 
 
 def _admit(
-    admission: Admission, path: Path, clock: SystemClock, spool: Spool | None
+    admission: Admission,
+    path: Path,
+    clock: SystemClock,
+    spool: Spool | None,
+    submitter: Submitter | None = None,
 ) -> tuple[bytes, Admitted] | None:
-    """A file's bytes and its admission, or None with the refusal printed as validate prints it."""
+    """A file's bytes and its admission, or None with the refusal printed as validate prints it.
+
+    ``submitter``: whose policy applies; None: the caller's (who owns what submit places).
+    """
     from spoold.intake.admission import Refused  # noqa: PLC0415
 
     if (data := read_job_file(path)) is None:
         return None
     try:
-        admitted = admission.admit(data, path.name, now=clock.now(), spool=spool)
+        admitted = admission.admit(
+            data, path.name, now=clock.now(), spool=spool, submitter=submitter
+        )
     except Refused as refused:
         _print_issues(path, refused.issues)
         return None
@@ -314,11 +330,12 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     from spoold.run.dag import plan_text  # noqa: PLC0415
 
     clock = SystemClock()
+    submitter = None if args.as_user is None else _submitter(args.as_user)
     admission = _admission(config, clock)
     spool = _spool(config) if args.spool is not None else None  # no spool needed without it
     failed = False
     for path in args.files:
-        if (found := _admit(admission, path, clock, spool)) is None:
+        if (found := _admit(admission, path, clock, spool, submitter)) is None:
             failed = True
             continue
         admitted = found[1]
@@ -328,6 +345,17 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
             steps = admitted.document.get("steps")
             print(plan_text(steps) if steps else "one step: the job itself (no steps:)")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _submitter(user: str) -> Submitter:
+    """``--as USER``: the user, or a usage error naming what is wrong."""
+    from spoold.core.policy import Submitter  # noqa: PLC0415
+    from spoold.face.access import UsageError  # noqa: PLC0415
+
+    try:
+        return Submitter.named(user)
+    except ValueError as exc:
+        raise UsageError(f"--as: {exc}") from None
 
 
 def cmd_submit(args: argparse.Namespace, config: Config) -> int:

@@ -52,9 +52,9 @@ def _line(label: str, text: Any) -> str:
 def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) -> str:
     """``spoold status ID``: the job, its attempts and steps, why it waits, its callbacks."""
     lines = []
-    keys = ("job_id", "state", "executor", "type", "description", "source", "submitted_at",
-            "started_at", "finished_at", "next_attempt_at", "exit_code", "error", "worker",
-            "schedule", "last_fired")  # fmt: skip
+    keys = ("job_id", "state", "executor", "type", "description", "source", "submitter",
+            "submitted_at", "started_at", "finished_at", "next_attempt_at", "exit_code", "error",
+            "worker", "schedule", "last_fired")  # fmt: skip
     about = _about(spool, job, status)
     for key in keys:
         value = status.get(key)

@@ -7,10 +7,10 @@ line and column of what is wrong.
 
 The order is intake's: the schema and the executors' checks (``invalid``), what no schema says
 about the values (``invalid``: NUL characters, references spoold would not resolve, numbers
-that are not finite, durations and sizes past their bounds), the config's policy
-(``not_allowed``), the callback (``callback``), and, where a spool is given, the job id
-(``duplicate``). A valid file costs one walk over its values; positions are worked out only
-for a refusal, by composing the text again.
+that are not finite, durations and sizes past their bounds), the config's ``allowed_run_as``
+and the submitter's ``policy:`` (``not_allowed``), the callback (``callback``), and, where a
+spool is given, the job id (``duplicate``). A valid file costs one walk over its values;
+positions are worked out only for a refusal, by composing the text again.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ from spoold.core.documents import (
 from spoold.core.errors import CallbackError, InvalidJobFile, SpooldError, ValidationIssue
 from spoold.core.ids import generate_job_id
 from spoold.core.job import JobSpec, reference_problems
+from spoold.core.policy import Policy, Submitter
 from spoold.core.secrets import SecretAccessDenied
 from spoold.core.spool import Spool
 from spoold.core.units import parse_duration, parse_size
+from spoold.intake.policy_check import policy_problems
 from spoold.intake.validation import JobValidator, locate
 from spoold.out.outbox import CallbackTarget, callbacks_for
 
@@ -107,6 +109,7 @@ class Admission:
     ``callback_target`` resolves a job's callback (``Callbacks.target``); None where callbacks
     are not set up. ``strict_secrets=False`` (the command line, run by submitters) leaves a
     callback secret this process may not open to intake, with a note, instead of refusing.
+    ``policy``: what each submitter may use (the config's ``policy:``); None: no limits.
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class Admission:
         allowed_run_as: tuple[str, ...] = (),
         callback_target: CallbackResolver | None = None,
         strict_secrets: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         self._validator = validator
+        self._policy = policy
         self._max_file_size = max_file_size
         self._allowed_run_as = allowed_run_as
         self._callback_target = callback_target
@@ -139,12 +144,23 @@ class Admission:
             allowed_run_as=config.allowed_run_as,
             callback_target=callbacks.target,
             strict_secrets=strict_secrets,
+            policy=config.policy,
         )
 
     def admit(
-        self, data: bytes, filename: str, *, now: datetime, spool: Spool | None = None
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        now: datetime,
+        spool: Spool | None = None,
+        submitter: Submitter | None = None,
     ) -> Admitted:
-        """The admitted job, or Refused. ``spool``: also refuse a job id it holds already."""
+        """The admitted job, or Refused. ``spool``: also refuse a job id it holds already.
+
+        ``submitter``: whose policy applies (the owner of a dropped file); None: this process's
+        user (``spoold validate`` and ``submit`` check as their caller).
+        """
         if (problem := file_problem(filename, len(data), self._max_file_size)) is not None:
             code, reason = problem
             raise Refused(code, reason, [ValidationIssue(reason, "")])
@@ -166,6 +182,12 @@ class Admission:
             message, field = refused
             issue = self._issue(data, message, (field,))
             raise Refused("not_allowed", f"{field}: {message}", [issue], document)
+        if self._policy is not None:
+            who = submitter or Submitter.caller()
+            rules = self._policy.rules_of(who)
+            if rules is not None and (problems := policy_problems(document, who, rules)):
+                issues = _located(_nodes(data), problems)
+                raise Refused("not_allowed", summary(issues), issues, document)
         target, notes = self._callback(data, document)
         if spool is not None and "job_id" in document:
             notes += self._check_job_id(data, document, job_id, spool)

@@ -16,9 +16,11 @@ from spoold.core.clock import Clock, rfc3339
 from spoold.core.errors import CallbackError, DuplicateJob, SpooldError, ValidationIssue
 from spoold.core.job import JobStatus
 from spoold.core.joblog import format_line
+from spoold.core.policy import Policy, Submitter
 from spoold.core.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.core.units import format_duration
 from spoold.intake.admission import Admission, Refused, display_name, file_problem
+from spoold.intake.policy_check import shared_writer_problem
 from spoold.intake.validation import JobValidator
 from spoold.out.outbox import Callbacks
 from spoold.run.ledger import JobLedger
@@ -103,8 +105,10 @@ class Intake:
         allowed_run_as: tuple[str, ...] = (),
         on_scheduled: Callable[[JobDir], None] = lambda job: None,
         callbacks: Callbacks | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self._spool = spool
+        self._policy = policy
         self._callbacks = callbacks
         self._ledger = JobLedger(spool, callbacks, logger=logger)
         self._on_scheduled = on_scheduled
@@ -114,6 +118,7 @@ class Intake:
             max_file_size=max_file_size,
             allowed_run_as=allowed_run_as,
             callback_target=None if callbacks is None else callbacks.target,
+            policy=policy,
         )
         self._clock = clock
         self._max_size = max_file_size
@@ -188,15 +193,24 @@ class Intake:
         assert taken.data is not None
         name = taken.name  # _precheck made sure it shows as itself: display_name() is a no-op
         now = self._clock.now()
+        # The owner of the bytes read; a file spoold staged itself (`spoold exec`) has its caller.
+        owner = taken.owner
+        submitter = Submitter.caller() if owner is None else Submitter.of_uid(owner.uid)
+        # Without a policy every submitter may do the same: who wrote the file changes nothing.
+        if self._policy is not None and owner is not None:
+            why = shared_writer_problem(owner, submitter)
+            if why is not None:
+                issue = ValidationIssue(why, "")
+                return self._reject(taken, "not_allowed", why, [issue], submitter=submitter)
         try:
-            admitted = self._admission.admit(taken.data, name, now=now)
+            admitted = self._admission.admit(taken.data, name, now=now, submitter=submitter)
         except Refused as refused:
-            return self._refuse(taken, refused)
+            return self._refuse(taken, refused, submitter)
         document, job_id, spec = admitted.document, admitted.job_id, admitted.spec
         sha256 = hashlib.sha256(taken.data).hexdigest()
         if "schedule" in document:
-            return self._accept_schedule(taken, document, job_id, sha256)
-        status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256)
+            return self._accept_schedule(taken, document, job_id, sha256, submitter)
+        status = JobStatus.accepted(spec, source=name, now=now, sha256=sha256, submitter=submitter)
         line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
         try:
             job = self._ledger.enter(
@@ -204,8 +218,10 @@ class Intake:
                 lambda: self._spool.stages.accept(taken, job_id, status.to_dict(), line),
             )  # fmt: skip
         except DuplicateJob as exc:  # the rename into pending/ settles it, with no window
-            return self._refuse(taken, self._admission.duplicate(taken.data, document, str(exc)))
-        self._log.info("accepted %s as %s (%s)", name, job_id, spec.executor)
+            duplicate = self._admission.duplicate(taken.data, document, str(exc))
+            return self._refuse(taken, duplicate, submitter)
+        self._log.info("accepted %s as %s (%s, from %s)", name, job_id, spec.executor,
+                       submitter.name)  # fmt: skip
         try:
             self._on_accepted(job, document)
         except Exception:  # the job is in pending/ already: a scan will queue it
@@ -213,9 +229,17 @@ class Intake:
         return Accepted(job)
 
     def _accept_schedule(
-        self, taken: TakenFile, document: dict[str, Any], job_id: str, sha256: str
+        self,
+        taken: TakenFile,
+        document: dict[str, Any],
+        job_id: str,
+        sha256: str,
+        submitter: Submitter,
     ) -> Accepted | Rejected:
-        """Into scheduled/<job_id>, replacing a schedule of that id (its history kept)."""
+        """Into scheduled/<job_id>, replacing a schedule of that id (its history kept).
+
+        Its runs are the submitter's: the scheduler copies ``submitter`` into each one.
+        """
         now = self._clock.now()
         existing = self._spool.jobs.find(job_id)
         previous = None
@@ -224,13 +248,15 @@ class Intake:
                 previous = self._spool.jobs.read_status(existing)
         status = schedule_status(document, job_id=job_id, source=taken.name, now=now,
                                  sha256=sha256, previous=previous)  # fmt: skip
+        status.update(submitter.status_fields())
         verb = "replaced the schedule" if existing is not None else "scheduled"
         line = format_line(rfc3339(now), "INFO", f"spoold: {verb} {job_id} from {taken.name}")
         try:
             job = self._spool.stages.accept(taken, job_id, status, line, schedule=True)
         except DuplicateJob as exc:
             assert taken.data is not None
-            return self._refuse(taken, self._admission.duplicate(taken.data, document, str(exc)))
+            duplicate = self._admission.duplicate(taken.data, document, str(exc))
+            return self._refuse(taken, duplicate, submitter)
         self._log.info("%s %s from %s", verb, job_id, taken.name)
         try:
             self._on_scheduled(job)
@@ -254,10 +280,11 @@ class Intake:
         size = taken.size if taken.data is None else len(taken.data)
         return file_problem(taken.name, size, self._max_size)
 
-    def _refuse(self, taken: TakenFile, refused: Refused) -> Rejected:
+    def _refuse(self, taken: TakenFile, refused: Refused, submitter: Submitter) -> Rejected:
         return self._reject(
-            taken, refused.code, refused.reason, refused.issues, document=refused.document
-        )
+            taken, refused.code, refused.reason, refused.issues, document=refused.document,
+            submitter=submitter,
+        )  # fmt: skip
 
     def _reject(
         self,
@@ -267,8 +294,9 @@ class Intake:
         issues: list[ValidationIssue] | None = None,
         *,
         document: dict[str, Any] | None = None,
+        submitter: Submitter | None = None,
     ) -> Rejected:
-        record = {
+        record: dict[str, Any] = {
             "file": display_name(taken.name),
             "rejected_at": rfc3339(self._clock.now()),
             "code": code,
@@ -276,6 +304,8 @@ class Intake:
             "errors": [i.to_dict() for i in issues or ()],
             "size": taken.size,
         }
+        if submitter is not None:
+            record.update(submitter.status_fields())
         job_id = None if document is None else document.get("job_id")
         with self._announce_rejection(taken, record, document, job_id):
             path = self._spool.stages.reject(taken, record)

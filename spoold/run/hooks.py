@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoold.core.clock import Clock
+from spoold.core.errors import JobDetached
 from spoold.core.joblog import JobLog
 from spoold.executors.local import shell_script
-from spoold.run.process import RunAs, run_process
+from spoold.run.process import Processes, RunAs
 
 HOOKS = ("pre_run", "post_run", "on_success", "on_failure")
 #: A hook without the job's own timeout may take this long: it must never hold a slot forever.
@@ -36,6 +37,12 @@ class HookRunner:
     kill_grace: float
     timeout: float | None = None
     run_as: RunAs | None = None
+    #: How the hooks' processes start (``spoold.run.launcher.Supervised`` in the daemon).
+    processes: Processes = field(default_factory=Processes)
+    #: The attempt: with the hook's name, it names the hook's run (``3.hook.post_run``).
+    attempt: int = 1
+    #: spoold stops and leaves the job running: see ``RunContext.detach``.
+    detach: threading.Event = field(default_factory=threading.Event)
 
     def run(self, name: str, *, state: str, exit_code: int | None) -> bool:
         """Run hook ``name`` if the job has it; True unless it ran and failed."""
@@ -46,8 +53,11 @@ class HookRunner:
         env = {**self.env, "SPOOLD_HOOK": name, "SPOOLD_JOB_STATE": state,
                "SPOOLD_EXIT_CODE": "" if exit_code is None else str(exit_code)}  # fmt: skip
         try:
-            outcome = run_process(
+            outcome = self.processes.run(
                 ["/bin/sh", "-c", shell_script((), commands)],
+                # on_success and on_failure run once a job, the others once an attempt.
+                key=f"{self.attempt}.hook.{name}",
+                detach=self.detach,
                 cwd=self.workdir,
                 env=env,
                 log=self.log,
@@ -62,6 +72,8 @@ class HookRunner:
         except Exception as exc:  # a hook that cannot even start is a failed hook
             self.log.error(f"hook {name} could not run: {exc}")
             return False
+        if outcome.detached:
+            raise JobDetached(f"hook {name} left running")
         if outcome.exit_code == 0 and not outcome.timed_out:
             self.log.info(f"hook {name} succeeded")
             return True

@@ -32,7 +32,6 @@ from spoold.core.config import Config
 from spoold.core.errors import WorkerProcessError
 from spoold.run.dispatch import DispatchQueue, JobMeta
 from spoold.run.heartbeat import LeaseHeartbeat
-from spoold.run.process import adopt_orphans
 from spoold.run.worker import JobRunner, WorkerPool
 
 _PR_SET_PDEATHSIG = 1
@@ -56,10 +55,15 @@ class Setup:
 
 @dataclass(frozen=True)
 class RunJob:
-    """Run a pending job; ``document`` is the job file as intake parsed it, if it did."""
+    """Run a pending job; ``document`` is the job file as intake parsed it, if it did.
+
+    ``adopt``: the job is in running/ already, its worker gone (a daemon that died or
+    stopped): take it over and go on with its attempt where that worker left it.
+    """
 
     job_id: str
     document: dict[str, Any] | None = None
+    adopt: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,11 @@ def send_message(conn: Connection, message: Message) -> None:
     """Send one message as marshal data: several times cheaper than pickle, and both ends run
     the same interpreter. A document marshal cannot take goes as None (the worker reads it)."""
     match message:
-        case RunJob(job_id, document):
+        case RunJob(job_id, document, adopt):
             try:
-                data = marshal.dumps(("run", job_id, document))
+                data = marshal.dumps(("run", job_id, document, adopt))
             except ValueError:
-                data = marshal.dumps(("run", job_id, None))
+                data = marshal.dumps(("run", job_id, None, adopt))
         case Stop(grace):
             data = marshal.dumps(("stop", grace))
         case Ready():
@@ -136,8 +140,8 @@ def receive_message(conn: Connection) -> Message:
     except (ValueError, TypeError) as exc:
         raise WorkerProcessError(f"unreadable message between spoold processes: {exc}") from exc
     match fields:
-        case ("run", str(job_id), document):
-            return RunJob(job_id, document)
+        case ("run", str(job_id), document, bool(adopt)):
+            return RunJob(job_id, document, adopt)
         case ("stop", float(grace)):
             return Stop(grace)
         case ("ready",):
@@ -252,9 +256,15 @@ class WorkerProcesses:
             self._send(each)
 
     def submit(
-        self, job_id: str, document: dict[str, Any] | None = None, meta: JobMeta | None = None
+        self,
+        job_id: str,
+        document: dict[str, Any] | None = None,
+        meta: JobMeta | None = None,
+        *,
+        adopt: bool = False,
     ) -> bool:
-        """Queue a pending job unless it is queued or running already.
+        """Queue a pending job (``adopt``: a running one whose worker is gone) unless it is
+        queued or running already.
 
         ``meta`` (priority, concurrency) comes from ``document`` when not given. A job its
         concurrency strategy refuses, or one it replaces, goes to ``on_cancel``.
@@ -264,7 +274,7 @@ class WorkerProcesses:
         with self._lock:
             if job_id in self._known or self._stopping:
                 return False
-            cancel = self._queue.add(job_id, meta, RunJob(job_id, document))
+            cancel = self._queue.add(job_id, meta, RunJob(job_id, document, adopt))
             self._known.add(job_id)
             self._known.difference_update(cancelled for cancelled, _ in cancel)
             handed = self._hand_out(self._free_link())
@@ -476,15 +486,16 @@ def set_up_signals() -> None:
     deaf to it (its `trap ... TERM` would never run); a caught one starts at its default. The
     same for what the daemon was started with ignored, or ignores itself (SIGIO; nohup's
     SIGHUP): this process goes on disregarding it, its jobs start clean, and spoold.run.process
-    starts them without a step in the child. Orphans of its jobs become its children, to be
-    found and ended at each job's end.
+    starts them without a step in the child.
+
+    Not a child subreaper: the jobs' processes are their supervisors' (spoold.run.launcher),
+    which must go to init, never to this process, when their launcher is gone.
     """
     for signum in signal.valid_signals():
         if signum in (signal.SIGINT, signal.SIGTERM) or (
             signum not in _RESET_BY_SUBPROCESS and signal.getsignal(signum) == signal.SIG_IGN
         ):
             signal.signal(signum, _disregard)
-    adopt_orphans()
 
 
 def receive_setup(fd: int) -> tuple[Connection, Setup] | None:
@@ -533,7 +544,7 @@ def serve_jobs(
             if isinstance(message, RunJob):
                 if message.document is not None:
                     runner.remember(message.job_id, message.document)
-                pool.submit(message.job_id)
+                pool.submit(message.job_id, adopt=message.adopt)
             elif isinstance(message, Revoke):
                 parent.send(Returned(tuple(pool.revoke())))
         now = clock.monotonic()

@@ -87,16 +87,52 @@ class ProcessOutcome:
     exit_code: int | None
     timed_out: bool = False
     cancelled: bool = False
+    #: Left running for the next daemon (spoold stopped): no end yet.
+    detached: bool = False
+    #: Its supervisor was stopped (a shutdown) or died: the job's ``on_interrupt`` decides.
+    interrupted: bool = False
+    #: Its last lines of output (unmasked: for spoold to read, never to write).
+    tail: tuple[str, ...] = ()
 
     @property
     def error(self) -> str | None:
-        if self.timed_out or self.cancelled:
+        if self.timed_out or self.cancelled or self.detached or self.interrupted:
             return None  # the caller words these; it knows the timeout
         if self.exit_code is None or self.exit_code == 0:
             return None
         if self.exit_code < 0:
             return f"killed by signal {signal.Signals(-self.exit_code).name}"
         return f"exit code {self.exit_code}"
+
+
+class Processes:
+    """How a job's local processes start. This one runs each in this process, with none of a
+    supervisor's survival: for executors used outside the daemon (a plugin's tests, a tool of
+    its own). The daemon and ``spoold exec`` use ``spoold.run.launcher.Supervised``."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        key: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        log: JobLog,
+        clock: Clock,
+        timeout: float | None,
+        kill_grace: float,
+        cancel: threading.Event,
+        detach: threading.Event,
+        on_spawn: Callable[[int], None] | None = None,
+        run_as: RunAs | None = None,
+        label: str = "the job",
+    ) -> ProcessOutcome:
+        """Run ``argv`` as the job's unit ``key`` to its end, or until ``detach`` is set (which
+        only a supervisor honours: here the process is this process's, and ends with it)."""
+        return run_process(
+            argv, cwd=cwd, env=env, log=log, clock=clock, timeout=timeout,
+            kill_grace=kill_grace, cancel=cancel, on_spawn=on_spawn, run_as=run_as, label=label,
+        )  # fmt: skip
 
 
 def adopt_orphans() -> bool:
@@ -133,9 +169,12 @@ def run_process(
     environment = {**env, TREE_VARIABLE: token}
     if run_as is not None:
         environment.update(run_as.environment())
+    # subprocess enters cwd before it becomes the job's user; a daemon that is not root may
+    # not enter the job user's work dir (mode 0700), so the child enters it once it is them.
+    enter_late = run_as is not None and os.geteuid() != 0
     process = subprocess.Popen(
         list(argv),
-        cwd=cwd,
+        cwd=None if enter_late else cwd,
         env=environment,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -145,8 +184,9 @@ def run_process(
         user=None if run_as is None else run_as.uid,
         group=None if run_as is None else run_as.gid,
         extra_groups=None if run_as is None else list(run_as.groups),
-        # None (and no Python in the child) unless this thread ignores or blocks a signal.
-        preexec_fn=_signal_reset(),  # noqa: PLW1509 - see _reset_signals
+        # None (and no Python in the child) unless this thread ignores or blocks a signal,
+        # or the job changes user while this process holds ambient capabilities.
+        preexec_fn=_before_exec(run_as is not None, cwd if enter_late else None),  # noqa: PLW1509
     )
     tree = _TREES.add(token, process.pid)
     assert process.stdout is not None and process.stderr is not None
@@ -207,6 +247,25 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
+
+
+def _before_exec(switching: bool, enter: Path | None = None) -> Callable[[], None] | None:
+    """What the child does between fork and exec, after it became the job's user: reset
+    signals, drop ambient capabilities, enter its work dir (``enter``)."""
+    reset = _signal_reset()
+    clear = procfs.ambient_clearer() if switching else None
+    if clear is None and enter is None:
+        return reset
+
+    def before() -> None:
+        if reset is not None:
+            reset()
+        if clear is not None:
+            clear()
+        if enter is not None:
+            os.chdir(enter)
+
+    return before
 
 
 def _signal_reset() -> Callable[[], None] | None:

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,7 +17,12 @@ from spoold.core.documents import load_document
 from spoold.core.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog
-from spoold.core.procfs import group_members, process_start_time, processes_with_environment
+from spoold.core.procfs import (
+    boot_id,
+    group_members,
+    process_start_time,
+    processes_with_environment,
+)
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.executors.base import Executor
@@ -50,6 +55,10 @@ class Recovery:
         self._config = config
         self._clock = clock
         self._logger = logger
+        self._boot = boot_id()
+        #: Takes over a job whose worker on this host is gone, since this boot (the daemon's
+        #: workers): True if it did. None: such jobs end or requeue as their on_interrupt says.
+        self.adopter: Callable[[JobDir], bool] | None = None
 
     def judge(self, job: JobDir, *, own_runs: frozenset[str]) -> Verdict:
         """Decide about one job in running/. ``own_runs``: ids this process runs right now."""
@@ -86,7 +95,7 @@ class Recovery:
         for job in self._spool.jobs.list_jobs("running"):
             try:
                 verdict = self.judge(job, own_runs=own_runs)
-                if verdict.gone:
+                if verdict.gone and not self._adopted(job, verdict.why):
                     moved.append(self._interrupt(job, verdict.why))
             except FileNotFoundError:
                 continue  # finished or taken over while we looked
@@ -95,6 +104,30 @@ class Recovery:
         if moved or not self._swept:
             self.sweep_executors()
         return moved
+
+    def _adopted(self, job: JobDir, why: str) -> bool:
+        """Whether the job was handed over to go on, rather than ended or requeued.
+
+        Only on the host that ran it, and only since the boot it began in: its supervisors,
+        containers and remote processes may still run, and the records of those that ended
+        are still there. After a reboot nothing of it runs: its on_interrupt decides.
+        """
+        if self.adopter is None:
+            return False
+        lease = self._spool.jobs.read_lease(job)
+        if lease is None or lease.get("host") != self._config.hostname:
+            return False
+        if self._boot is None or lease.get("boot_id") != self._boot:
+            return False
+        status = JobStatus.from_dict(self._spool.jobs.read_status(job))
+        if status.state.is_terminal:
+            return False  # recorded: only its move is missing, which _interrupt completes
+        if status.attempts and status.attempts[-1].finished_at is not None:
+            return False  # its attempt had ended: nothing of it runs to go on with
+        if not self.adopter(job):
+            return False
+        self._logger.warning("recovery: job %s handed over to go on (%s)", job.job_id, why)
+        return True
 
     def sweep_executors(self) -> None:
         """Let every executor remove what jobs no longer running left behind (containers)."""

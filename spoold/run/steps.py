@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from spoold.core.clock import Clock, rfc3339
+from spoold.core.errors import JobDetached
 from spoold.core.job import JobSpec
 from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
@@ -85,8 +86,9 @@ class StepsRun:
         results: dict[str, ExecResult] = {}
         for step_id in self._scheduler.skipped():
             self._record(step_id, state=StepState.SKIPPED.value)
+        detached = False
         while True:
-            if not self._cancel.is_set():
+            if not (self._cancel.is_set() or detached):
                 for step_id in self._scheduler.ready(self._parallel):
                     self._scheduler.started(step_id)
                     running += 1
@@ -98,17 +100,24 @@ class StepsRun:
                 break
             step_id, result = finished.get()
             running -= 1
+            if result.detached:  # spoold stops: the others are told too, and left as they are
+                detached = True
+                continue
             results[step_id] = result
             self._scheduler.finished(step_id, result.succeeded)
             for skipped in self._scheduler.skipped():
                 if self._records[skipped]["state"] != StepState.SKIPPED.value:
                     self._record(skipped, state=StepState.SKIPPED.value)
                     self._log.error(f"step {skipped} skipped: a step it needs failed")
+        if detached:
+            raise JobDetached("steps left running")
         return self._result(results)
 
     def _step(self, step_id: str, finished: queue.SimpleQueue[tuple[str, ExecResult]]) -> None:
         try:
             result = self._attempts(step_id)
+        except JobDetached:
+            result = ExecResult(exit_code=None, detached=True)
         except Exception as exc:  # a bug here must end the step, not hang the job
             self._log.error(f"step {step_id} failed inside spoold: {exc!r}")
             result = ExecResult(exit_code=None, error=f"internal error: {exc!r}")
@@ -126,6 +135,8 @@ class StepsRun:
                          started_at=rfc3339(self._clock.now()), finished_at=None,
                          exit_code=None, error=None)  # fmt: skip
             result = self._run_unit(step_id, spec, log)
+            if result.interrupted:  # not the step's doing: the job's on_interrupt decides
+                return result
             failed = not result.succeeded and not result.cancelled
             if failed and spec.retry.should_retry(number, result.exit_code):
                 wait = spec.retry.delay(number, self._draw)
@@ -152,6 +163,8 @@ class StepsRun:
     def _result(self, results: Mapping[str, ExecResult]) -> ExecResult:
         if self._cancel.is_set() or any(r.cancelled for r in results.values()):
             return ExecResult(exit_code=None, error="cancelled", cancelled=True)
+        if any(result.interrupted for result in results.values()):
+            return ExecResult(exit_code=None, error="interrupted while it ran", interrupted=True)
         if self._scheduler.outcome() == "succeeded":
             return ExecResult(exit_code=0)
         failed = [

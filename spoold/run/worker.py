@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -10,7 +11,6 @@ import os
 import queue
 import random
 import re
-import shutil
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,7 +22,7 @@ from typing import IO, Any
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.config import Config
 from spoold.core.documents import load_document
-from spoold.core.errors import ExecutorError, JobFileChanged, SecretError
+from spoold.core.errors import ExecutorError, JobDetached, JobFileChanged, SecretError
 from spoold.core.job import (
     ArtifactSpec,
     Attempt,
@@ -33,15 +33,17 @@ from spoold.core.job import (
     secret_variable,
 )
 from spoold.core.joblog import JobLog
-from spoold.core.procfs import process_start_time
+from spoold.core.procfs import boot_id, process_start_time
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.core.units import format_duration
-from spoold.executors.base import ExecResult, RunContext
+from spoold.executors.base import ExecResult, Executor, RunContext
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.hooks import HookRunner
+from spoold.run.lane import Lane
+from spoold.run.launcher import Chore, Launcher, LauncherError, Supervised
 from spoold.run.ledger import JobLedger
 from spoold.run.log_socket import LogTap
 from spoold.run.process import RunAs
@@ -79,6 +81,13 @@ class ActiveRun:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Where its events go (``callback:`` or the config's default), once its spec is read.
     callback: CallbackTarget | None = None
+    #: Taken over from a worker that is gone (``JobRunner.adopt``): its attempt goes on.
+    resume: bool = False
+    #: spoold stops and leaves the job running for the next daemon (``RunContext.detach``).
+    detach: threading.Event = field(default_factory=threading.Event)
+    #: The attempt's work dir, and who its processes run as (None: spoold's own user).
+    workdir: Path | None = None
+    user: RunAs | None = None
 
 
 @dataclass(frozen=True)
@@ -109,10 +118,14 @@ class JobRunner:
         masker: Masker | None = None,
         tap: LogTap | None = None,
         callbacks: Callbacks | None = None,
+        launcher: Launcher | None = None,
+        lane: Lane | None = None,
     ) -> None:
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone).
 
         ``masker``: where every secret read is also registered (spoold's own log masks it).
+        ``launcher`` starts the jobs' supervisors (this process's if not given); ``lane``
+        says who jobs run as and where they work (the config's if not given).
         """
         self._spool = spool
         self._registry = registry
@@ -138,7 +151,9 @@ class JobRunner:
         self._environ = dict(os.environ)  # a plain dict copies much faster per job
         # Documents intake parsed, so that a job is not parsed again to run (bounded).
         self._documents: dict[str, dict[str, Any]] = {}
-        self._slots: dict[str, Path] = {}  # work dirs ready for use, by slot
+        self._launcher = launcher if launcher is not None else Launcher.shared()
+        self._lane = lane if lane is not None else Lane.from_config(config, spool.jobs.work_root)
+        self._boot = boot_id()
 
     def remember(self, job_id: str, document: dict[str, Any]) -> None:
         """Keep the document intake validated for a job about to be queued."""
@@ -156,6 +171,9 @@ class JobRunner:
             **self._owner,
             "claimed_at": now,
             "heartbeat": now,
+            # A lease from another boot names no process that could still run: the job's
+            # on_interrupt decides, rather than an adoption (see Recovery).
+            "boot_id": self._boot,
             "job_pid": None,
             "job_pid_start": None,
         }
@@ -167,6 +185,23 @@ class JobRunner:
             with self._lock:
                 self._active[job_id] = ActiveRun(job, self.new_lease())
         return job
+
+    def adopt(self, job_id: str) -> JobDir | None:
+        """Take over a running job whose worker is gone; None if it is not in running/."""
+        job = self._spool.jobs.find(job_id)
+        if job is None or job.directory != JobState.RUNNING.directory:
+            return None
+        with self._lock:
+            self._active[job_id] = ActiveRun(job, self.new_lease(), resume=True)
+        return job
+
+    def detach_all(self) -> int:
+        """spoold stops: leave every running job that can outlive it running; return how many."""
+        with self._lock:
+            runs = list(self._active.values())
+        for run in runs:
+            run.detach.set()
+        return len(runs)
 
     def renew_leases(self) -> None:
         """Heartbeat: rewrite the lease of every job this process runs."""
@@ -228,10 +263,14 @@ class JobRunner:
         None when the outcome is known but could not be recorded yet (a full disk): the job
         stays claimed, and ``retry_finishing()`` records it once it can.
         """
-        return self.record(self.attempt(job, slot=slot, tee=tee))
+        outcome = self.attempt(job, slot=slot, tee=tee)
+        return None if outcome is None else self.record(outcome)
 
-    def attempt(self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None) -> Outcome:
-        """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded yet."""
+    def attempt(
+        self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None
+    ) -> Outcome | None:
+        """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded
+        yet. None: spoold stops and left the job running, in running/, for the next daemon."""
         with self._lock:
             run = self._active[job.job_id]
         log = JobLog(
@@ -242,6 +281,13 @@ class JobRunner:
         status = JobStatus.from_dict(self._spool.jobs.read_status(job))
         try:
             state = self._run(run, status, log, slot)
+        except JobDetached:
+            log.info("spoold stops: the job goes on, and the next daemon adopts it")
+            log.close()
+            with self._lock:
+                self._active.pop(job.job_id, None)
+            self._logger.info("job %s left running for the next daemon", job.job_id)
+            return None
         except JobFileChanged as exc:  # not the validated file: nothing of it runs, ever
             self._logger.error("%s", exc)
             log.error(str(exc))
@@ -359,25 +405,65 @@ class JobRunner:
         if self._callbacks is not None:
             run.callback = self._callbacks.target_of(spec.job_id, spec.document)
         run.attempts_allowed = spec.retry.attempts
-        attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
-        if attempt.number > 1:
-            self._logger.info(
-                "job %s attempt %s started (a retry)", job.job_id,
-                _of(attempt.number, run.attempts_allowed),
-            )  # fmt: skip
-        # Before anything of the job starts: every start must show in attempts, whatever
-        # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
-        with self._announce(run, "started", status):
-            self._spool.jobs.write_status(job, _masked(run.masker, status.to_dict()))
-        log.info(
-            f"attempt {attempt.number} started on {self._config.hostname} by "
-            f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
-        )
-        workdir = self._workdir(slot)
+        last = status.attempts[-1] if status.attempts else None
+        if run.resume and last is not None and last.finished_at is None:
+            attempt = last
+            self._adopted(run, attempt.number, log)
+        else:
+            run.resume = False  # its attempt had ended (or none began): a new one starts
+            attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
+            if attempt.number > 1:
+                self._logger.info(
+                    "job %s attempt %s started (a retry)", job.job_id,
+                    _of(attempt.number, run.attempts_allowed),
+                )  # fmt: skip
+            # Before anything of the job starts: every start must show in attempts, whatever
+            # happens next. Not fsynced: after a power loss, recovery follows on_interrupt.
+            with self._announce(run, "started", status):
+                self._spool.jobs.write_status(job, _masked(run.masker, status.to_dict()))
+            log.info(
+                f"attempt {attempt.number} started on {self._config.hostname} by "
+                f"{self._config.worker_id} ({spec.executor}{'/' + spec.type if spec.type else ''})"
+            )
+        workdir = run.workdir or self._lane.workdir_for(job.job_id, attempt.number)
+        with run.lock:
+            # Before anything of the attempt starts: what it starts, a next daemon adopts.
+            run.workdir, run.lease["workdir"] = workdir, str(workdir)
+            self._spool.jobs.write_lease(job, run.lease, first=not run.resume)
+            run.leased = True
+        detached = False
         try:
-            return self._execute(run, spec, status, log, workdir)
+            return self._execute(run, spec, status, log, workdir=workdir, slot=slot)
+        except JobDetached:
+            detached = True
+            raise
         finally:
-            _empty(workdir)  # only declared artifacts are kept; the next job starts clean
+            if not detached:  # only declared artifacts are kept
+                self._chore(run, Chore("remove", run.user, str(workdir)), log)
+
+    def _adopted(self, run: ActiveRun, number: int, log: JobLog) -> None:
+        """Take over an attempt whose worker is gone: its work dir, and a word in both logs."""
+        old = self._spool.jobs.read_lease(run.job) or {}
+        if isinstance(old.get("workdir"), str):
+            run.workdir = Path(old["workdir"])
+        gone = f"{old.get('worker')} (pid {old.get('pid')} on {old.get('host')})"
+        log.info(
+            f"attempt {number} adopted on {self._config.hostname} by {self._config.worker_id}: "
+            f"its worker {gone} is gone; what it started goes on"
+        )
+        self._logger.warning("job %s adopted: attempt %s goes on (its worker %s is gone)",
+                             run.job.job_id, number, gone)  # fmt: skip
+
+    def _chore(self, run: ActiveRun, chore: Chore, log: JobLog) -> Any:
+        """Do file work on the job's work dir as its user; a failure is the job's error."""
+        try:
+            return self._launcher.chore(chore)
+        except LauncherError as exc:
+            log.error(str(exc))
+            if chore.kind == "remove":
+                self._logger.error("job %s: %s", run.job.job_id, exc)
+                return None
+            raise ExecutorError(str(exc)) from None
 
     def _announce(self, run: ActiveRun, event: str, status: JobStatus) -> Any:
         if self._callbacks is None:
@@ -386,43 +472,66 @@ class JobRunner:
         return self._callbacks.announce(run.callback, event, status, mask)
 
     def _execute(
-        self, run: ActiveRun, spec: JobSpec, status: JobStatus, log: JobLog, workdir: Path
-    ) -> JobState:
+        self, run: ActiveRun, spec: JobSpec, status: JobStatus, log: JobLog, *, workdir: Path,
+        slot: str,
+    ) -> JobState:  # fmt: skip
         job = run.job
         attempt = status.attempts[-1]
         hooks: HookRunner | None = None
+        processes = Supervised(
+            self._launcher, self._spool.jobs, job, masker=run.masker,
+            log_limit=self._config.max_log_size, host=self._config.hostname, resume=run.resume,
+            log_socket=self._config.log_socket,
+        )  # fmt: skip
         try:
-            run_as = None if spec.run_as is None else RunAs.lookup(spec.run_as)
-            if run_as is not None:
-                os.chown(workdir, run_as.uid, run_as.gid)  # emptied; theirs for this job
+            run_as = run.user = self._lane.user_for(slot, spec.run_as)
+            # The job user's own for a job of processes here; spoold's, readable by the
+            # hooks, for one whose executor brings files back from elsewhere.
+            local = self._registry.get(spec.executor).supervised if not spec.steps else True
+            owner = run_as if local else None
+            self._chore(
+                run, Chore("mkdir", owner, str(workdir), mode=0o700 if local else 0o755), log
+            )
+            run.user = owner
             own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
             env, _ = self._environment(spec, job, workdir, attempt.number, own)
-            hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as)
+            hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as,
+                                processes=processes, attempt=attempt.number)  # fmt: skip
         except (SecretError, ExecutorError) as exc:
             log.error(str(exc))
             result = ExecResult(exit_code=None, error=str(exc))
         else:
+            tries: dict[str, int] = {}
             unit = functools.partial(
-                self._run_unit, run, workdir=workdir, run_as=run_as, attempt=attempt.number
-            )
+                self._run_unit, run, workdir=workdir, run_as=run_as, attempt=attempt.number,
+                processes=processes,
+            )  # fmt: skip
+
+            def step_unit(step_id: str, step: JobSpec, section: JobLog) -> ExecResult:
+                with run.lock:  # one thread per step: each step's tries are its own
+                    tries[step_id] = tries.get(step_id, 0) + 1
+                    key = f"{attempt.number}.{step_id}.{tries[step_id]}"
+                return unit(step, section, key=key, step_id=step_id)
+
             if not hooks.run("pre_run", state="running", exit_code=None):
                 result = ExecResult(exit_code=None, error="the pre_run hook failed")
             elif spec.steps:
                 result = StepsRun(
                     spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
-                    parallel=self._config.workers, draw=self._draw,
-                    run_unit=lambda step_id, step, section: unit(step, section, step_id=step_id),
+                    parallel=self._config.workers, draw=self._draw, run_unit=step_unit,
                     on_change=functools.partial(self._steps_changed, run, status),
                 ).run()  # fmt: skip
             else:
-                result = unit(spec, log)
+                result = unit(spec, log, key=str(attempt.number))
             hooks.run("post_run", state="running", exit_code=result.exit_code)
+        if result.interrupted:
+            run.interrupted = True
         declared = spec.artifacts + tuple(
             ArtifactSpec(path=item["path"], type=item.get("type", "file"))
             for step in spec.steps
             for item in step.get("artifacts") or ()
         )
-        status.artifacts = collect_artifacts(self._spool, job, workdir, declared, log)
+        status.artifacts = self._collect(run, workdir, declared, log)
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
         now = self._clock.now()
@@ -460,22 +569,21 @@ class JobRunner:
         unit: JobSpec,
         log: JobLog,
         *,
+        key: str,
         workdir: Path,
         run_as: RunAs | None,
         attempt: int,
+        processes: Supervised,
         step_id: str | None = None,
     ) -> ExecResult:
-        """Run one executor once: the job's own, or one step's."""
+        """Run one executor once (the job's own, or one step's try) as unit ``key``."""
         job = run.job
 
         def on_start(pid: int | None) -> None:
+            if pid is None or run.lease.get("job_pid") is not None:
+                return  # an earlier step's: the claim is the job's, not a step's
             with run.lock:
-                if run.leased:
-                    return  # an earlier step wrote it: the claim is the job's, not a step's
-                if pid is not None:
-                    run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
-                self._spool.jobs.write_lease(job, run.lease, first=True)
-                run.leased = True
+                run.lease.update(job_pid=pid, job_pid_start=process_start_time(pid))
 
         try:
             executor = self._registry.create(unit.executor)
@@ -506,8 +614,41 @@ class JobRunner:
             artifacts=unit.artifacts,
             job_env=job_env,
             settings=self._config.executor_settings.get(unit.executor, {}),
+            unit_key=key,
+            resume=run.resume,
+            detach=run.detach,
+            processes=processes,
+            read_log=functools.partial(self._spool.jobs.read_log, job),
         )
-        return executor.run(ctx)
+        if executor.supervised:  # its supervisor records the unit, and finds it again
+            result = executor.run(ctx)
+        else:
+            result = self._recorded(run, executor, ctx)
+        if result.detached:
+            raise JobDetached(f"unit {key} left running")
+        return result
+
+    def _recorded(self, run: ActiveRun, executor: Executor, ctx: RunContext) -> ExecResult:
+        """Run a unit of an executor without a supervisor, recording its start and end, so
+        that a next daemon neither runs it twice nor loses how it ended."""
+        jobs, key = self._spool.jobs, ctx.unit_key
+        begun, ended = jobs.read_unit(run.job, key) if run.resume else (None, None)
+        if ended is not None:
+            ctx.log.info(f"{executor.name} unit {key} had ended: its outcome is taken as recorded")
+            return _result_of(ended)
+        if begun is not None and not executor.resumable:
+            ctx.log.error(
+                f"the {executor.name} work of unit {key} was under way when its worker was "
+                "lost, and cannot be resumed"
+            )
+            return ExecResult(None, "interrupted while it ran", interrupted=True)
+        if begun is None:
+            jobs.begin_unit(run.job, key, {"executor": executor.name,
+                                           "started_at": rfc3339(self._clock.now())})  # fmt: skip
+        result = executor.run(dataclasses.replace(ctx, resume=begun is not None))
+        if not result.detached:
+            jobs.end_unit(run.job, key, _record_of(result))
+        return result
 
     def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:
         """A step started or ended: status.json says so (not fsynced, like the running state)."""
@@ -523,13 +664,15 @@ class JobRunner:
         workdir: Path,
         log: JobLog,
         run_as: RunAs | None,
+        processes: Supervised,
+        attempt: int,
     ) -> HookRunner:
         """The job's hooks, with secrets reaching them as they reach its commands."""
         used: set[str] = set()
         commands = {name: refer_to_secrets(value, used) for name, value in spec.hooks.items()}
         env = {**env, **{secret_variable(name): self._secret(run, name) for name in used}}
         return HookRunner(commands, env, workdir, log, self._clock, self._config.kill_grace,
-                          spec.timeout, run_as)  # fmt: skip
+                          spec.timeout, run_as, processes, attempt, run.detach)  # fmt: skip
 
     def _outcome(
         self, run: ActiveRun, spec: JobSpec, result: ExecResult
@@ -539,9 +682,10 @@ class JobRunner:
             # whatever the job did on its SIGTERM (exit 0 before it came is a success).
             return JobState.CANCELLED, reason
         if run.interrupted:
+            why = result.error if result.interrupted else None
             if spec.on_interrupt == "requeue":
-                return JobState.PENDING, "interrupted: spoold stopped"
-            return JobState.FAILED, "interrupted: spoold stopped while the job ran"
+                return JobState.PENDING, f"interrupted: {why or 'spoold stopped'}"
+            return JobState.FAILED, f"interrupted: {why or 'spoold stopped while the job ran'}"
         if result.succeeded:
             return JobState.SUCCEEDED, None
         if result.cancelled:
@@ -556,23 +700,32 @@ class JobRunner:
             document = load_document(data, status.source or "job.yaml")
         return JobSpec.from_document(document, job.job_id)
 
-    def _workdir(self, slot: str) -> Path:
-        """The work dir of one worker slot, reused job after job (as CI runners do).
-
-        Made and cleared of what a crash left behind on first use; after that every job
-        empties it on its way out.
-        """
-        path = self._slots.get(slot)
-        if path is None:
-            name = f"{self._config.worker_id}-{slot}"
-            if self._config.workdir is not None:
-                path = self._config.workdir / name
-                path.mkdir(parents=True, exist_ok=True)
-            else:
-                path = self._spool.jobs.work_slot(name)
-            _empty(path)
-            self._slots[slot] = path
-        return path
+    def _collect(
+        self, run: ActiveRun, workdir: Path, declared: tuple[ArtifactSpec, ...], log: JobLog
+    ) -> list[dict[str, Any]]:
+        """Copy the declared artifacts into artifacts/, each opened by the job's own user
+        (never anything outside the work dir, never through a link)."""
+        if not declared:
+            return []
+        patterns = tuple((spec.path, spec.type) for spec in declared)
+        collected = []
+        try:
+            for found in self._launcher.artifacts(Chore("artifacts", run.user, str(workdir),
+                                                         patterns)):  # fmt: skip
+                if isinstance(found, str):
+                    log.error(found)
+                    continue
+                relative, fd = found
+                with open(fd, "rb") as source:
+                    stored = self._spool.jobs.store_artifact(run.job, relative, source)
+                collected.append(
+                    {"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)}
+                )
+        except (LauncherError, OSError) as exc:
+            log.error(f"artifacts: {exc}")
+        if collected:
+            log.info(f"kept {len(collected)} artifact(s)")
+        return collected
 
     def _resolve(
         self, run: ActiveRun, spec: JobSpec, scripts: tuple[str, ...], workdir: Path, attempt: int
@@ -674,54 +827,26 @@ def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:
     return masked
 
 
-def _empty(directory: Path) -> None:
-    """Remove everything inside ``directory``, keeping it."""
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                Path(entry.path).unlink(missing_ok=True)
+def _record_of(result: ExecResult) -> dict[str, Any]:
+    """A unit's end as its record keeps it (``_result_of`` reads it back)."""
+    return {
+        "exit_code": result.exit_code, "error": result.error, "timed_out": result.timed_out,
+        "cancelled": result.cancelled, "result": result.result, "retryable": result.retryable,
+        "interrupted": result.interrupted,
+    }  # fmt: skip
 
 
-def collect_artifacts(
-    spool: Spool, job: JobDir, workdir: Path, specs: tuple[ArtifactSpec, ...], log: JobLog
-) -> list[dict[str, Any]]:
-    """Copy the declared artifacts (never anything outside the work dir) into artifacts/."""
-    if not specs:
-        return []
-    root = workdir.resolve()
-    found: dict[str, Path] = {}
-    for spec in specs:
-        matches = sorted(root.glob(spec.path)) if root.is_dir() else []
-        if not matches:
-            log.error(f"artifact {spec.path!r}: nothing matched")
-        for match in matches:
-            for path in _artifact_files(match, spec.type, root, log):
-                found.setdefault(path.relative_to(root).as_posix(), path)
-    collected = []
-    for relative, path in sorted(found.items()):
-        stored = spool.jobs.store_artifact(job, relative, path)
-        collected.append(
-            {"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)}
-        )
-    if collected:
-        log.info(f"kept {len(collected)} artifact(s)")
-    return collected
-
-
-def _artifact_files(match: Path, kind: str, root: Path, log: JobLog) -> list[Path]:
-    if not match.resolve().is_relative_to(root) or match.is_symlink():
-        log.error(f"artifact {match.relative_to(root)!s}: a link out of the work dir is not kept")
-        return []
-    if kind == "dir":
-        if not match.is_dir():
-            return []
-        return [
-            p for p in sorted(match.rglob("*"))
-            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)
-        ]  # fmt: skip
-    return [match] if match.is_file() else []
+def _result_of(record: dict[str, Any]) -> ExecResult:
+    code = record.get("exit_code")
+    return ExecResult(
+        code if isinstance(code, int) else None,
+        record.get("error") if isinstance(record.get("error"), str) else None,
+        timed_out=record.get("timed_out") is True,
+        cancelled=record.get("cancelled") is True,
+        result=dict(record.get("result") or {}),
+        retryable=record.get("retryable") is True,
+        interrupted=record.get("interrupted") is True,
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -753,6 +878,7 @@ class WorkerPool:
         self._on_done = on_done
         self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
         self._known: set[str] = set()  # queued or running
+        self._adopting: set[str] = set()  # of those, the ones to adopt rather than claim
         self._cond = threading.Condition()  # guards both
         self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -777,12 +903,15 @@ class WorkerPool:
         for thread in [*self._threads, *self._recorders]:
             thread.start()
 
-    def submit(self, job_id: str) -> bool:
-        """Queue a pending job unless it is queued or running already."""
+    def submit(self, job_id: str, *, adopt: bool = False) -> bool:
+        """Queue a pending job (``adopt``: a running one whose worker is gone) unless it is
+        queued or running already."""
         with self._cond:
             if job_id in self._known or self._stopping.is_set():
                 return False
             self._known.add(job_id)
+            if adopt:
+                self._adopting.add(job_id)
             self._queue.append(job_id)
             self._cond.notify()
         return True
@@ -796,11 +925,13 @@ class WorkerPool:
         return taken
 
     def stop(self, grace: float, clock: Clock) -> None:
-        """Take no more jobs; let running ones finish for ``grace`` seconds, then interrupt them."""
+        """Take no more jobs; leave running ones that can outlive spoold running for the next
+        daemon; let the others finish for ``grace`` seconds, then interrupt them."""
         self._stopping.set()
         with self._cond:
             self._queue.clear()  # not started: they stay in pending/
             self._cond.notify_all()
+        self._runner.detach_all()
         end = clock.monotonic() + grace
         for thread in self._threads:
             thread.join(max(end - clock.monotonic(), 0.0))
@@ -823,14 +954,16 @@ class WorkerPool:
     def _loop(self, slot: str) -> None:
         while (job_id := self._next()) is not None:
             try:
-                job = self._runner.claim(job_id)
-                if job is not None:
-                    self._outcomes.put(self._runner.attempt(job, slot=slot))
+                adopt = job_id in self._adopting
+                job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
+                if job is not None and (outcome := self._runner.attempt(job, slot=slot)):
+                    self._outcomes.put(outcome)
             except Exception:  # a spool error on one job must not end the worker
                 self._logger.exception("worker failed on job %s", job_id)
             finally:
                 with self._cond:
                     self._known.discard(job_id)
+                    self._adopting.discard(job_id)
                 self._on_done(job_id)
 
     def _record_loop(self) -> None:

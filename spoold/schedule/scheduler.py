@@ -191,6 +191,9 @@ class Scheduler:
         )  # fmt: skip
         run_status.schedule = job_id
         run_status.concurrency = concurrency
+        # A firing is the schedule's file run again: its submitter's, whose policy admitted it.
+        run_status.submitter = status.get("submitter")
+        run_status.submitter_uid = status.get("submitter_uid")
         due = moment + timedelta(seconds=jitter_delay(spec, self._draw()))
         if due > self._clock.now():
             run_status.next_attempt_at = rfc3339(due)

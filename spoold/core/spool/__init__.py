@@ -32,6 +32,7 @@ from spoold.core.spool.host_lock import HostLock
 from spoold.core.spool.jobs import JobDir, Jobs
 from spoold.core.spool.reservations import Reservations
 from spoold.core.spool.stages import (
+    FileOwner,
     FileSignature,
     QuietCheck,
     Stages,
@@ -42,6 +43,7 @@ from spoold.core.states import JOB_DIRECTORIES
 
 __all__ = [
     "SPOOL_DIRECTORIES",
+    "FileOwner",
     "FileSignature",
     "JobDir",
     "QuietCheck",

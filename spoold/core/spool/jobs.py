@@ -44,6 +44,7 @@ from spoold.core.states import JOB_DIRECTORIES, JobState
 __all__ = ["JobDir", "Jobs"]
 
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
+_UNITS = "units"  # in a job's directory: what each unit of its attempts began and how it ended
 
 
 class JobDir(NamedTuple):
@@ -161,7 +162,13 @@ class Jobs:
             durable=durable and self._disk.durable,
         )
 
-    def open_log(self, job: JobDir) -> IO[bytes]:
+    @staticmethod
+    def read_log(job: JobDir) -> IO[bytes]:
+        """The job's log, opened for reading from its start."""
+        return open(f"{job.location}/log", "rb")
+
+    @staticmethod
+    def open_log(job: JobDir) -> IO[bytes]:
         """The job's log, opened for appending; it stays valid when the directory moves."""
         return open(f"{job.location}/log", "ab", buffering=0)
 
@@ -193,6 +200,41 @@ class Jobs:
                 write_new(f"{job.location}/lease", json_bytes(lease))
                 return
         write_file(f"{job.location}/lease", json_bytes(lease), durable=False)
+
+    # -- units: each process, container or call an attempt starts, begun once and ended once --
+
+    @staticmethod
+    def begin_unit(job: JobDir, key: str, record: dict[str, Any]) -> bool:
+        """Record that unit ``key`` of the job starts; False if it was begun before.
+
+        Exclusive: of two that try (a supervisor forked just before its daemon died, and the
+        next daemon's), one wins, so no unit runs twice. Created whole (a link of a written
+        file): a reader never sees it half written. Not fsynced: after a reboot no unit
+        goes on, and recovery then follows the job's ``on_interrupt`` (see ``lease``).
+        """
+        units = f"{job.location}/{_UNITS}"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(units, DEFAULT_MODE)
+        temporary = f"{units}/.{key}.{os.getpid()}"
+        write_new(temporary, json_bytes(record))
+        try:
+            os.link(temporary, f"{units}/{key}")
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temporary)
+        return True
+
+    @staticmethod
+    def end_unit(job: JobDir, key: str, record: dict[str, Any]) -> None:
+        """Record how unit ``key`` ended (replaced whole; not fsynced, as ``begin_unit``)."""
+        write_file(f"{job.location}/{_UNITS}/{key}.end", json_bytes(record), durable=False)
+
+    @staticmethod
+    def read_unit(job: JobDir, key: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """How unit ``key`` began and ended, each None if it did not (yet)."""
+        units = f"{job.location}/{_UNITS}"
+        return read_json(f"{units}/{key}"), read_json(f"{units}/{key}.end")
 
     def read_lease(self, job: JobDir) -> dict[str, Any] | None:
         """The claim on a running job, or None when it has none (yet)."""
@@ -276,20 +318,23 @@ class Jobs:
 
     # -- work dirs and artifacts --------------------------------------------------------------
 
-    def work_slot(self, name: str) -> Path:
-        """A worker's work dir under tmp/work/, used when the config names no workdir."""
-        path = Path(self._dirs["tmp"]) / "work" / name
+    def work_root(self) -> Path:
+        """Where jobs' work dirs are made (tmp/work/) when the config names no workdir and
+        jobs run as spoold's own user."""
+        path = Path(self._dirs["tmp"]) / "work"
         path.mkdir(parents=True, exist_ok=True, mode=DEFAULT_MODE)
         return path
 
     def artifacts_dir(self, job: JobDir) -> Path:
         return job.path / "artifacts"
 
-    def store_artifact(self, job: JobDir, relative: str, source: Path) -> Path:
-        """Copy one file into the job's artifacts/, keeping its path relative to the work dir."""
+    def store_artifact(self, job: JobDir, relative: str, source: IO[bytes]) -> Path:
+        """Copy one file (open: the job's user opened it) into the job's artifacts/, keeping
+        its path relative to the work dir."""
         target = self.artifacts_dir(job) / relative
         if not target.resolve().is_relative_to(self.artifacts_dir(job).resolve()):
             raise SpoolError(f"artifact path {relative!r} leaves the artifacts directory")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target, follow_symlinks=False)
+        with open(target, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
         return target

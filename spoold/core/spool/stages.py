@@ -54,7 +54,7 @@ from spoold.core.spool.reservations import (
     new_token,
 )
 
-__all__ = ["FileSignature", "QuietCheck", "Stages", "TakenFile", "is_transient_name"]
+__all__ = ["FileOwner", "FileSignature", "QuietCheck", "Stages", "TakenFile", "is_transient_name"]
 
 # A job file (job.yaml, a rejected file's copy) may hold secrets written into it: spoold's
 # alone, as a job's artifacts/ (its unmasked output). status.json and log (secrets masked)
@@ -78,6 +78,19 @@ def is_transient_name(name: str) -> bool:
     return name.startswith(".") or name.endswith((".tmp", ".part"))
 
 
+class FileOwner(NamedTuple):
+    """Whose a taken file was, as it was read: its owner is who submitted it."""
+
+    uid: int
+    gid: int
+    #: Its permission bits: a file others could write is not known to be its owner's alone.
+    mode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileOwner:
+        return cls(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+
+
 class TakenFile(NamedTuple):
     """A file moved out of incoming/ into a private stage, ready to be accepted or rejected."""
 
@@ -87,6 +100,8 @@ class TakenFile(NamedTuple):
     size: int
     data: bytes | None  # the content, for regular files no larger than the limit
     links: int = 1  # names the file had when taken: more than one is a hard link
+    #: Whose the bytes read were (spoold's own copy replaces the file); None: not known.
+    owner: FileOwner | None = None
 
     @property
     def original(self) -> Path:
@@ -214,7 +229,8 @@ class Stages:
                 os.rmdir(stage)
                 raise
         return TakenFile(name=name, stage=Path(stage), kind="file", size=len(data),
-                         data=data if len(data) <= max_size else None, links=st.st_nlink)  # fmt: skip
+                         data=data if len(data) <= max_size else None, links=st.st_nlink,
+                         owner=FileOwner.of(st))  # fmt: skip
 
     def submit_file(self, name: str, data: bytes) -> Path:
         """Place a job file into incoming/ atomically, never over an existing file.
@@ -240,7 +256,11 @@ class Stages:
         data = read_limited_path(source, max_size + 1) if size <= max_size else None
         if data is not None:
             write_new(target, data, mode=_PRIVATE_FILE)  # a stage is private: no atomic replace
-        return TakenFile(name=source.name, stage=stage, kind="file", size=size, data=data)
+        # Who names a file to run (``spoold exec``) submits it, whoever wrote it.
+        caller = FileOwner(os.geteuid(), os.getegid(), _PRIVATE_FILE)
+        return TakenFile(
+            name=source.name, stage=stage, kind="file", size=size, data=data, owner=caller
+        )
 
     def _new_stage(self) -> str:
         # Random: stages of several hosts sharing one spool must not collide.

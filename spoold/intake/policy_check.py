@@ -1,0 +1,110 @@
+"""What a submitter's policy (``policy:`` in the config) allows of a job file.
+
+Every executor the file names (the job's and each step's), its ``run_as`` user and every
+``${secret:NAME}`` anywhere in it (product, variables, hooks, callback, steps) must be in the
+submitter's rules; hooks are shell commands run on this host, so they need the ``local``
+executor. Admission applies this to every way in and gives each problem its line.
+
+And who the submitter is: the owner of a dropped file, unless others could have written it.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from spoold.core.documents import DocPath
+from spoold.core.policy import Rules, Submitter
+from spoold.core.secrets import SECRET_NAME
+from spoold.core.spool import FileOwner
+
+#: A problem as admission locates it: (message, path, whether to point at the key).
+PolicyProblem = tuple[str, DocPath, bool]
+
+_SECRET = re.compile(rf"\$\{{secret:({SECRET_NAME.pattern})\}}")
+_WHAT = {"executors": "executors", "run_as": "run_as users", "secrets": "secrets"}
+
+
+def policy_problems(
+    document: Mapping[str, Any], submitter: Submitter, rules: Rules
+) -> list[PolicyProblem]:
+    """What in a valid job file ``rules`` do not allow ``submitter``; [] if nothing."""
+    who = f"submitter {submitter.name}"
+
+    def given(kind: str) -> str:
+        allowed = ", ".join(getattr(rules, kind)) or "none"
+        return f"(the config's policy gives {submitter.name} the {_WHAT[kind]}: {allowed})"
+
+    problems: list[PolicyProblem] = []
+    named: list[tuple[Any, DocPath]] = [(document.get("executor"), ("executor",))]
+    for number, step in enumerate(document.get("steps") or ()):
+        named.append((step.get("executor"), ("steps", number, "executor")))
+    for executor, path in named:
+        if isinstance(executor, str) and not rules.allows("executors", executor):
+            message = f"{who} may not submit {executor} jobs {given('executors')}"
+            problems.append((message, path, False))
+    if document.get("hooks") and not rules.allows("executors", "local"):
+        message = (
+            f"hooks are shell commands run on this host, as a local job's are: {who} may not "
+            f"submit local jobs {given('executors')}"
+        )
+        problems.append((message, ("hooks",), True))
+    run_as = document.get("run_as")
+    if isinstance(run_as, str) and not rules.allows("run_as", run_as):
+        problems.append(
+            (f"{who} may not run jobs as {run_as!r} {given('run_as')}", ("run_as",), False)
+        )
+    for name, path in dict.fromkeys(secret_references(document)):
+        if not rules.allows("secrets", name):
+            problems.append((f"{who} may not use secret {name!r} {given('secrets')}", path, False))
+    return problems
+
+
+def secret_references(value: Any, path: DocPath = ()) -> Iterator[tuple[str, DocPath]]:
+    """Each ``${secret:NAME}`` in a document's values, with the path of the value it is in."""
+    if isinstance(value, str):
+        if "${secret:" in value:
+            yield from ((match.group(1), path) for match in _SECRET.finditer(value))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from secret_references(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from secret_references(item, (*path, index))
+
+
+def shared_writer_problem(owner: FileOwner, submitter: Submitter) -> str | None:
+    """Why a file's owner is not known to be who wrote it: others may write it too; or None.
+
+    Its owner's rights would go to whoever else wrote into it, and on the package's incoming/
+    (setgid) every file's group is the submitters' group. A group of the owner's own (a user
+    private group, as Debian makes them) is theirs alone.
+    """
+    if owner.mode & 0o002:
+        whom = "everyone"
+    elif owner.mode & 0o020 and not _own_group(owner.gid, submitter.name):
+        whom = f"its group {_group_name(owner.gid)}"
+    else:
+        return None
+    return (
+        f"the file is writable by {whom} (mode {owner.mode:04o}): what it says may not be "
+        f"{submitter.name}'s, whose policy would apply; make it writable by its owner only "
+        "(chmod go-w before it goes into incoming/; `spoold submit` does)"
+    )
+
+
+def _own_group(gid: int, user: str) -> bool:
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return group.gr_name == user and set(group.gr_mem) <= {user}
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -1,0 +1,741 @@
+"""Supervisors for a job's processes, and the chores done as the job's user, forked on request by
+a launcher: a small single-threaded process each worker process starts once.
+
+Why a launcher. A job's process must outlive the daemon (a crash, ``kill -9``, an upgrade), so
+something that is not the daemon must own it: its **supervisor**, which starts it as the job's
+user, writes its output into the job's log within the limits, ends its whole tree on a timeout,
+a cancel or its own end, and records how it ended in the job's directory. The next daemon
+adopts it (``spoold.run.worker``) instead of failing or requeueing the job. A fresh Python
+for each supervisor costs ~80 ms and ~13 MB; a fork of the worker process is unsafe (it has
+threads). The launcher is a fresh interpreter made once, single-threaded, with what a
+supervisor needs imported: a fork of it costs ~1 ms and shares its pages.
+
+The same forks do a job user's file work: make the job's work dir, empty it, open its
+artifacts. The daemon may lack the right to read or remove what the job user made (in the
+Debian package it has CAP_SETUID, CAP_SETGID and CAP_KILL, no more), so it does that work as
+that user, in a child that became them.
+
+The launcher dies with its worker process (its socket reaches end of file); supervisors do
+not: they are in sessions of their own, and when the launcher is gone they are init's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import os
+import pickle
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from spoold.core.clock import Clock, SystemClock, rfc3339
+from spoold.core.errors import ExecutorError, SpooldError
+from spoold.core.joblog import JobLog
+from spoold.core.procfs import (
+    group_members,
+    name_process,
+    process_start_time,
+)
+from spoold.core.secrets import Masker
+from spoold.core.spool.jobs import JobDir, Jobs
+from spoold.run.log_socket import LogTap
+from spoold.run.process import Processes, ProcessOutcome, RunAs, adopt_orphans, run_process
+
+_HEADER = struct.Struct("!I")
+_FD_BATCH = 64  # descriptors per message (SCM_RIGHTS takes at most 253)
+#: Supervisors kept waiting for a next unit, per worker process: each holds ~2.5 MB of its own.
+_IDLE_SUPERVISORS = 4
+#: How often a waiting worker looks at the cancel and detach switches.
+_LOOK = 0.2
+
+
+class LauncherError(SpooldError):
+    """The launcher could not be started or reached, or a chore failed."""
+
+
+class Supervise(NamedTuple):
+    """Start one unit's process under a supervisor."""
+
+    job: JobDir
+    key: str
+    argv: tuple[str, ...]
+    cwd: str
+    env: dict[str, str]
+    run_as: RunAs | None
+    timeout: float | None
+    kill_grace: float
+    label: str
+    sections: tuple[str, ...]
+    masks: tuple[str, ...]
+    log_limit: int | None
+    host: str
+    #: RUNNER_LOG_SOCKET: where every line goes too.
+    log_socket: str | None = None
+
+
+class Chore(NamedTuple):
+    """File work on a job's work dir, done as its user (``None``: as the daemon's own)."""
+
+    kind: str  # "mkdir", "remove" or "artifacts"
+    user: RunAs | None
+    path: str
+    #: For "artifacts": (glob, type) of each declared artifact, relative to ``path``.
+    patterns: tuple[tuple[str, str], ...] = ()
+    #: For "mkdir": the work dir's mode.
+    mode: int = 0o700
+
+
+# -- framing: a length, a pickle, and descriptors riding on the length --------------------------
+
+
+def _send(sock: socket.socket, message: object, fds: tuple[int, ...] = ()) -> None:
+    data = pickle.dumps(message)
+    header = _HEADER.pack(len(data))
+    if fds:
+        socket.send_fds(sock, [header], list(fds))
+    else:
+        sock.sendall(header)
+    sock.sendall(data)
+
+
+def _receive(sock: socket.socket) -> tuple[Any, list[int]]:
+    """A message and the descriptors that came with it; EOFError at the end of the stream."""
+    header, fds, _, _ = socket.recv_fds(sock, _HEADER.size, _FD_BATCH)
+    if not header:
+        raise EOFError
+    while len(header) < _HEADER.size:
+        header += _exactly(sock, _HEADER.size - len(header))
+    (length,) = _HEADER.unpack(header)
+    return pickle.loads(_exactly(sock, length)), fds  # noqa: S301 - our own processes' pickles
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+# -- the worker's side -------------------------------------------------------------------------
+
+
+class Launcher:
+    """A worker process's way to its launcher process: started on first use, thread-safe."""
+
+    _shared: Launcher | None = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> Launcher:
+        """This process's launcher: it lives as long as the process (it reads end of file
+        when the process is gone)."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def __init__(self, *, chores_here: bool | None = None) -> None:
+        """``chores_here``: do the chores in this process, not in a fork that became the job's
+        user; by default when this process is root, which may do them for any user at the
+        cost of a few system calls (a fork costs milliseconds)."""
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._chores_here = os.geteuid() == 0 if chores_here is None else chores_here
+        self._idle: list[socket.socket] = []  # supervisors that ended a unit, for the next
+
+    def request(self, message: Supervise | Chore, fds: tuple[int, ...] = ()) -> socket.socket:
+        """Hand ``message`` to a fork of the launcher; return the socket its answers come on."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                sock = self._started()
+                try:
+                    _send(sock, message, (theirs.fileno(), *fds))
+                except OSError:  # it died (a test killed it, the OOM killer): once more
+                    self._stop()
+                    _send(self._started(), message, (theirs.fileno(), *fds))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    def supervise(self, request: Supervise, fds: tuple[int, ...] = ()) -> socket.socket:
+        """Hand a unit to an idle supervisor, or to a new one; return its socket."""
+        while True:
+            with self._lock:
+                idle = self._idle.pop() if self._idle else None
+            if idle is None:
+                return self.request(request, fds)
+            try:
+                _send(idle, request, fds)
+            except OSError:  # it ended meanwhile (a signal): another, or a new one
+                idle.close()
+                continue
+            return idle
+
+    def release(self, sock: socket.socket) -> None:
+        """Keep a supervisor that ended its unit for the next; past a few, let it end."""
+        with self._lock:
+            if len(self._idle) < _IDLE_SUPERVISORS:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def chore(self, chore: Chore) -> Any:
+        """Do ``chore`` and return its answer; LauncherError with its reason if it failed."""
+        if self._chores_here:
+            try:
+                return _do_chore(chore, chown=True)
+            except OSError as exc:
+                raise LauncherError(f"{chore.kind} {chore.path}: {exc}") from None
+        with self.request(chore) as sock:
+            try:
+                answer, _ = _receive(sock)
+            except EOFError:
+                raise LauncherError(f"the {chore.kind} chore on {chore.path} died") from None
+        if isinstance(answer, Exception):
+            raise LauncherError(str(answer))
+        return answer
+
+    def artifacts(self, chore: Chore) -> Iterator[tuple[str, int] | str]:
+        """Open the declared artifacts as the job's user: each found file's path and an open
+        descriptor (the caller closes it), or a line for the log about what was not kept."""
+        if self._chores_here:
+            yield from _artifacts(Path(chore.path), chore.patterns)
+            return
+        with self.request(chore) as sock:
+            while True:
+                try:
+                    answer, fds = _receive(sock)
+                except EOFError:
+                    raise LauncherError(
+                        f"collecting the artifacts of {chore.path} failed"
+                    ) from None
+                if answer is None:
+                    return
+                if isinstance(answer, str):
+                    yield answer
+                    continue
+                for index, relative in enumerate(answer):
+                    yield relative, fds[index]
+
+    def start(self) -> None:
+        """Start the launcher process now, not on the first request."""
+        with self._lock:
+            self._started()
+
+    def drain(self) -> None:
+        """Let the idle supervisors end (each reads end of file)."""
+        with self._lock:
+            for idle in self._idle:
+                idle.close()
+            self._idle.clear()
+
+    def close(self) -> None:
+        self.drain()
+        with self._lock:
+            self._stop()
+
+    def _started(self) -> socket.socket:
+        if self._sock is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with theirs:
+                # As the worker processes are started: this interpreter, this import path.
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", f"from {__name__} import serve; serve()",
+                     str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+            self._sock = ours
+        return self._sock
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the launcher reads end of file and exits
+            self._sock = None
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(5)
+            if self._process.poll() is None:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+class Supervised(Processes):
+    """Runs a job's processes under supervisors, or finds those an earlier daemon started.
+
+    One per attempt of a job. ``resume``: the attempt was begun under an earlier daemon: a
+    unit found begun is attached to (its supervisor may still run) or, if it ended, its
+    outcome is taken as it was recorded; only a unit never begun is started.
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        jobs: Jobs,
+        job: JobDir,
+        *,
+        masker: Masker,
+        log_limit: int | None,
+        host: str,
+        resume: bool = False,
+        log_socket: Path | None = None,
+    ) -> None:
+        self._launcher = launcher
+        self._jobs = jobs
+        self._job = job
+        self._masker = masker
+        self._log_limit = log_limit
+        self._host = host
+        self._log_socket = None if log_socket is None else str(log_socket)
+        self.resume = resume
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        key: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        log: JobLog,
+        clock: Clock,
+        timeout: float | None,
+        kill_grace: float,
+        cancel: threading.Event,
+        detach: threading.Event,
+        on_spawn: Callable[[int], None] | None = None,
+        run_as: RunAs | None = None,
+        label: str = "the job",
+    ) -> ProcessOutcome:
+        """Run ``argv`` as unit ``key`` to its end (or until ``detach``), its output in ``log``."""
+        if self.resume:
+            begun, ended = self._jobs.read_unit(self._job, key)
+            if ended is not None:
+                log.info(f"{label} had ended: its outcome is taken as recorded")
+                return _outcome(ended)
+            if begun is not None:
+                return self._attach(begun, key, log, cancel=cancel, detach=detach, label=label)
+        request = Supervise(
+            self._job, key, tuple(argv), str(cwd), dict(env), run_as, timeout, kill_grace,
+            label, log.sections, self._masker.values(), self._log_limit, self._host,
+            self._log_socket,
+        )  # fmt: skip
+        tee = log.tee_fd()
+        sock = self._launcher.supervise(request, () if tee is None else (tee,))
+        reusable = False
+        try:
+            pidfd: int | None = None
+            spawned: tuple[int, int | None] | None = None
+            try:
+                while True:
+                    if detach.is_set():
+                        return ProcessOutcome(None, detached=True)
+                    if cancel.is_set() and pidfd is not None:
+                        _signal(pidfd, signal.SIGUSR1)
+                        cancel = threading.Event()  # once is enough: it takes it from there
+                    if not select.select([sock], [], [], _LOOK)[0]:
+                        continue
+                    try:
+                        message, _ = _receive(sock)
+                    except EOFError:
+                        return self._ended_unseen(key, log, label, spawned)
+                    kind, value = message
+                    if kind == "begun":
+                        pidfd = _pidfd(value)
+                    elif kind == "spawned":
+                        spawned = (value, process_start_time(value))
+                        if on_spawn is not None:
+                            on_spawn(value)
+                    elif kind == "taken":  # an earlier daemon's supervisor began it: attach
+                        reusable = True
+                        begun, _ = self._jobs.read_unit(self._job, key)
+                        return self._attach(
+                            begun or {}, key, log, cancel=cancel, detach=detach, label=label
+                        )
+                    elif kind == "ended":
+                        reusable = True
+                        log.written_elsewhere()
+                        return _outcome(value)
+                    elif kind == "failed":
+                        reusable = True
+                        raise ExecutorError(value)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+        finally:
+            if reusable:
+                self._launcher.release(sock)
+            else:  # busy (left running) or gone: it ends after its unit, at end of file
+                sock.close()
+
+    def _attach(
+        self,
+        begun: dict[str, Any],
+        key: str,
+        log: JobLog,
+        *,
+        cancel: threading.Event,
+        detach: threading.Event,
+        label: str,
+    ) -> ProcessOutcome:
+        """Wait for a supervisor this process did not start (an earlier daemon's)."""
+        pid, start = begun.get("pid"), begun.get("pid_start")
+        pidfd = None
+        if isinstance(pid, int) and start is not None:
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+            if pidfd is not None and process_start_time(pid) != start:
+                os.close(pidfd)  # the pid was reused: that supervisor is long gone
+                pidfd = None
+        if pidfd is None:
+            return self._ended_unseen(key, log, label)
+        log.info(f"adopted {label} (supervisor pid {pid}, begun {begun.get('started_at')})")
+        try:
+            signalled = False
+            while not select.select([pidfd], [], [], _LOOK)[0]:
+                if detach.is_set():
+                    return ProcessOutcome(None, detached=True)
+                if cancel.is_set() and not signalled:
+                    _signal(pidfd, signal.SIGUSR1)
+                    signalled = True
+        finally:
+            os.close(pidfd)
+        return self._ended_unseen(key, log, label)
+
+    def _ended_unseen(
+        self, key: str, log: JobLog, label: str, spawned: tuple[int, int | None] | None = None
+    ) -> ProcessOutcome:
+        """The supervisor is gone: its record says how the unit ended, or that it died.
+
+        One that died (killed itself: the OOM killer) left its job's processes to init: those
+        of the job's own group end here (``spawned``: its first process, if known).
+        """
+        log.written_elsewhere()
+        _, ended = self._jobs.read_unit(self._job, key)
+        if ended is not None:
+            return _outcome(ended)
+        log.error(f"the supervisor of {label} died before it could record its end")
+        if spawned is not None:
+            for pid in group_members(*spawned):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        return ProcessOutcome(None, interrupted=True)
+
+
+def _outcome(record: dict[str, Any]) -> ProcessOutcome:
+    """A unit's end as its supervisor recorded it; ExecutorError if it could not start."""
+    if isinstance(record.get("error"), str):
+        raise ExecutorError(record["error"])
+    code = record.get("exit_code")
+    return ProcessOutcome(
+        code if isinstance(code, int) else None,
+        timed_out=record.get("timed_out") is True,
+        cancelled=record.get("cancelled") is True,
+        interrupted=record.get("interrupted") is True,
+        tail=tuple(record.get("tail") or ()),
+    )
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # it has ended already: its end comes on the socket
+        return None
+
+
+def _signal(pidfd: int, signum: int) -> None:
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signum)
+
+
+# -- the launcher's side -----------------------------------------------------------------------
+
+
+def serve() -> None:
+    """The launcher process: fork a child for each request until the worker process is gone."""
+    name_process("spoold-launcher")
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    # Forks are not waited for: the kernel reaps them. Each child puts this back first.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # A Ctrl-C or SIGTERM to the daemon's process group is the daemon's to act on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # What is here now stays out of the collector's sight: a fork's collections would touch
+    # every object and copy each page that holds one (~6 ms a fork, measured, of ~10).
+    gc.freeze()
+    while True:
+        try:
+            message, fds = _receive(sock)
+        except (EOFError, OSError):
+            return
+        if os.fork() == 0:
+            try:
+                sock.close()
+                _child(message, fds)
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+
+
+def _child(message: Supervise | Chore, fds: list[int]) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    reply = socket.socket(fileno=fds[0])
+    if isinstance(message, Supervise):
+        _supervise(message, reply, fds[1] if len(fds) > 1 else None)
+    else:
+        _chore(message, reply)
+
+
+def _answer(reply: socket.socket, message: object, fds: tuple[int, ...] = ()) -> None:
+    with contextlib.suppress(OSError):  # the worker died: its successor reads the records
+        _send(reply, message, fds)
+
+
+class _Unit:
+    """What the signal handlers of a supervisor act on: the unit it runs now, if any."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.interrupted: list[int] = []
+        self.idle = False
+
+    def next(self) -> None:
+        """Fresh for the next unit, waiting for it (the handlers hold this one object)."""
+        self.cancel = threading.Event()
+        self.interrupted = []
+        self.idle = True
+
+
+def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> None:
+    """A supervisor: runs units one after another for its worker, as long as the worker
+    hands it more (a fork and its first copy-on-write faults cost more than a unit of
+    ``true`` does); ends at the end of the worker's socket, after the unit it runs."""
+    os.setsid()  # no signal to the daemon's group or session reaches it
+    name_process("spoold-job-sup")  # in ps -o comm, top: not a launcher
+    adopt_orphans()  # what the job leaves is found and ended here, without a look at all of /proc
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a dead worker's socket: an error, no death
+    unit = _Unit()
+
+    def on_cancel(signum: int, frame: object) -> None:
+        if not unit.idle:  # one meant for a unit that ended as it came: not for the next
+            unit.cancel.set()
+
+    def on_stop(signum: int, frame: object) -> None:  # system shutdown, or an operator
+        if unit.idle:
+            raise SystemExit(0)  # no unit to end first
+        unit.interrupted.append(signum)
+        unit.cancel.set()
+
+    signal.signal(signal.SIGUSR1, on_cancel)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_stop)
+    while True:
+        _run_unit(request, reply, tee_fd, unit)
+        unit.next()
+        try:
+            message, fds = _receive(reply)
+        except (EOFError, OSError):
+            return  # the worker is done with it, or gone
+        unit.idle = False
+        if not isinstance(message, Supervise):
+            return
+        request, tee_fd = message, fds[0] if fds else None
+
+
+def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit: _Unit) -> None:
+    """Begin one unit, run it to its end, record the end."""
+    clock = SystemClock()
+    me = os.getpid()
+    began = {"pid": me, "pid_start": process_start_time(me), "host": request.host,
+             "started_at": rfc3339(clock.now())}  # fmt: skip
+    try:
+        if not Jobs.begin_unit(request.job, request.key, began):
+            _answer(reply, ("taken", None))
+            return
+    except OSError as exc:
+        _answer(reply, ("failed", f"cannot record the start of {request.label}: {exc}"))
+        return
+    _answer(reply, ("begun", me))
+    tee = None if tee_fd is None else os.fdopen(tee_fd, "w")
+    masker = Masker(request.masks)
+    tap = None if request.log_socket is None else LogTap.open(Path(request.log_socket))
+    log = JobLog(
+        Jobs.open_log(request.job), clock, tee=tee, mask=masker.mask_text,
+        limit=request.log_limit,
+        tap=None if tap is None else functools.partial(tap.send, request.job.job_id),
+    )  # fmt: skip
+    for name in request.sections:
+        log = log.section(name)
+    ended: dict[str, Any]
+    try:
+        outcome = run_process(
+            request.argv, cwd=Path(request.cwd), env=request.env, log=log, clock=clock,
+            timeout=request.timeout, kill_grace=request.kill_grace, cancel=unit.cancel,
+            on_spawn=lambda pid: _answer(reply, ("spawned", pid)), run_as=request.run_as,
+            label=request.label,
+        )  # fmt: skip
+        ended = {
+            "exit_code": outcome.exit_code,
+            "timed_out": outcome.timed_out,
+            "cancelled": outcome.cancelled and not unit.interrupted,
+            "interrupted": bool(unit.interrupted),
+            # Masked: it is written down (a limit's message is found in it all the same).
+            "tail": [masker.mask_text(line) for line in log.tail()],
+        }
+    except Exception as exc:  # cannot start it (no such program, a work dir gone)
+        log.error(f"cannot start {request.label}: {exc}")
+        ended = {"exit_code": None, "error": str(exc), "tail": []}
+    if unit.interrupted:
+        log.error(f"the supervisor of {request.label} was stopped (signal {unit.interrupted[0]})")
+    ended["finished_at"] = rfc3339(clock.now())
+    log.summarize()
+    log.close()
+    if tap is not None:
+        tap.close()
+    with contextlib.suppress(OSError):  # the job was purged meanwhile: no one to tell
+        Jobs.end_unit(request.job, request.key, ended)
+    _answer(reply, ("ended", ended))
+    if unit.interrupted:
+        raise SystemExit(0)  # stopped: no next unit
+
+
+def _become(user: RunAs | None) -> None:
+    if user is not None and os.geteuid() != user.uid:
+        os.setgroups(list(user.groups))
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+
+
+def _chore(chore: Chore, reply: socket.socket) -> None:
+    try:
+        _become(chore.user)
+        if chore.kind == "artifacts":
+            batch: list[tuple[str, int]] = []
+            for found in _artifacts(Path(chore.path), chore.patterns):
+                if isinstance(found, str):
+                    _answer(reply, found)
+                    continue
+                batch.append(found)
+                if len(batch) == _FD_BATCH:
+                    _flush(reply, batch)
+            _flush(reply, batch)
+            _answer(reply, None)
+        else:
+            _answer(reply, _do_chore(chore, chown=False))
+    except Exception as exc:  # said to the worker, which logs it with the job
+        _answer(reply, LauncherError(f"{chore.kind} {chore.path}: {exc}"))
+
+
+def _do_chore(chore: Chore, *, chown: bool) -> bool:
+    """A work dir made or removed; ``chown``: by root for the user, not as the user."""
+    if chore.kind == "mkdir":
+        owner = chore.user.uid if chore.user is not None else os.geteuid()
+        made = _make_workdir(chore.path, chore.mode, owner)
+        if made and chown and chore.user is not None:
+            os.chown(chore.path, chore.user.uid, chore.user.gid, follow_symlinks=False)
+        return made
+    if chore.kind == "remove":
+        return _remove_tree(chore.path)
+    raise LauncherError(f"no chore {chore.kind!r}")
+
+
+def _make_workdir(path: str, mode: int, owner: int) -> bool:
+    """Make the work dir, or take the one an earlier attempt of this run made (an adoption)."""
+    try:
+        Path(path).mkdir(mode)
+        Path(path).chmod(mode)  # not the umask's
+        return True
+    except FileExistsError:
+        info = os.lstat(path)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == owner:
+            return False
+        raise LauncherError(f"{path} exists and is not this job's work dir") from None
+
+
+def _remove_tree(path: str) -> bool:
+    """Remove ``path`` and all in it, whatever modes the job left on what it made."""
+
+    def writable(function: Any, failed: str, exc: Any) -> None:
+        entry = Path(failed)
+        with contextlib.suppress(OSError):
+            entry.parent.chmod(0o700)
+            if entry.is_dir() and not entry.is_symlink():
+                entry.chmod(0o700)
+        with contextlib.suppress(FileNotFoundError):
+            function(failed)
+
+    if not os.path.lexists(path):
+        return False
+    import shutil  # noqa: PLC0415 - in the chore's fork only
+
+    shutil.rmtree(path, onerror=writable)
+    return True
+
+
+def _artifacts(
+    root: Path, patterns: tuple[tuple[str, str], ...]
+) -> Iterator[str | tuple[str, int]]:
+    """An open descriptor of each declared artifact (never anything outside the work dir,
+    never through a link), with its path; or a line for the log about what was not kept."""
+    root = root.resolve()
+    found: dict[str, Path] = {}
+    for pattern, kind in patterns:
+        matches = sorted(root.glob(pattern)) if root.is_dir() else []
+        if not matches:
+            yield f"artifact {pattern!r}: nothing matched"
+        for match in matches:
+            if not match.resolve().is_relative_to(root) or match.is_symlink():
+                yield f"artifact {match.relative_to(root)!s}: a link out of the work dir is not kept"
+                continue
+            for path in _artifact_files(match, kind, root):
+                found.setdefault(path.relative_to(root).as_posix(), path)
+    for relative, path in sorted(found.items()):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            yield f"artifact {relative}: {exc.strerror}"
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            continue
+        yield relative, fd
+
+
+def _flush(reply: socket.socket, batch: list[tuple[str, int]]) -> None:
+    if batch:
+        _answer(reply, [relative for relative, _ in batch], tuple(fd for _, fd in batch))
+        for _, fd in batch:
+            os.close(fd)
+        batch.clear()
+
+
+def _artifact_files(match: Path, kind: str, root: Path) -> list[Path]:
+    if kind == "dir":
+        if not match.is_dir():
+            return []
+        return [
+            p for p in sorted(match.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)
+        ]  # fmt: skip
+    return [match] if match.is_file() else []

@@ -1,0 +1,324 @@
+"""A docker job outlives its daemon: left running on ``detach``, resumed by the next daemon
+(``resume``), against a real Docker engine (tests/dockerd.py starts one).
+
+Each "daemon" here is a run of the executor with a JobLog of its own on the job's log file, as
+a restarted daemon has. The container waits for files the test creates in it (``/tmp/go1``,
+``/tmp/go2``), so that what it prints falls before or after a restart by design, not by timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from spoold.executors.base import ExecResult, RunContext
+from spoold.executors.docker import (
+    LABEL_JOB,
+    LABEL_MANAGED,
+    LABEL_SPOOL,
+    LABEL_UNIT,
+    DockerExecutor,
+)
+
+from spoold.core.clock import Clock, SystemClock
+from spoold.core.job import ArtifactSpec
+from spoold.core.joblog import JobLog
+from tests.harness import wait_for
+
+_BOUND = 60.0  # seconds: a ceiling for a wait, not a measurement
+
+#: Lines longer than the engine's 16 KiB entries of its log.
+_LONG = ("a" * 20000, "x" * 40000)
+#: Prints a line on each stream, a long line, half a line, and the rest of it only after
+#: /tmp/go1; exits 3 after /tmp/go2, with an artifact.
+_GATED = [
+    "echo one; echo err-one >&2; head -c 20000 /dev/zero | tr '\\0' a; echo; printf half",
+    "until [ -e /tmp/go1 ]; do sleep 0.05; done",
+    "echo '-line'; head -c 40000 /dev/zero | tr '\\0' x; echo; echo away; echo err-away >&2",
+    "until [ -e /tmp/go2 ]; do sleep 0.05; done",
+    "echo after; mkdir -p out; echo art > out/a.txt; exit 3",
+]
+
+
+class _Later:
+    """The real clock, two hours on: a container started two hours ago by its time."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(hours=2)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class _Job:
+    """A job in running/ of a spool, and the runs of its docker executor by one daemon or
+    the next."""
+
+    def __init__(self, root: Path, image: str, product: dict[str, Any]) -> None:
+        self.job_id = f"t-{uuid.uuid4().hex[:10]}"
+        self.spool = root / "spool"
+        self.dir = self.spool / "running" / self.job_id
+        self.dir.mkdir(parents=True)
+        self.workdir = root / "work"
+        self.workdir.mkdir()
+        self.product = {"image": image, **product}
+        self.logs: list[JobLog] = []
+
+    def context(self, *, section: str | None = None, **overrides: Any) -> RunContext:
+        """The context a daemon gives the unit: a JobLog of its own on the job's log."""
+        log = JobLog(open(self.dir / "log", "ab", buffering=0), SystemClock())
+        self.logs.append(log)
+        fields: dict[str, Any] = {
+            "job_id": self.job_id, "executor": "docker", "type": None, "product": self.product,
+            "workdir": self.workdir, "env": {}, "job_env": {"SPOOLD_JOB_DIR": str(self.dir)},
+            "log": log if section is None else log.section(section), "clock": SystemClock(),
+            "timeout": None, "kill_grace": 1.0, "cancel": threading.Event(),
+            "read_log": lambda: (self.dir / "log").open("rb"),
+        }  # fmt: skip
+        fields.update(overrides)
+        return RunContext(**fields)
+
+    def labels(self) -> dict[str, str]:
+        """What the executor labels unit 1's container with (for one made by hand)."""
+        return {LABEL_MANAGED: "1", LABEL_JOB: self.job_id, LABEL_UNIT: "1",
+                LABEL_SPOOL: str(self.spool)}  # fmt: skip
+
+    def start(self, ctx: RunContext) -> _Running:
+        return _Running(ctx)
+
+    def lines(self) -> list[str]:
+        """The log's lines without their stamps: ``INFO text``."""
+        text = (self.dir / "log").read_text()
+        return [line.split(" ", 1)[1] for line in text.splitlines()]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+
+
+class _Running:
+    """A run of the executor in a thread of its own."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.result: ExecResult | None = None
+        self._thread = threading.Thread(target=self._run, name="test-docker-run")
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.result = DockerExecutor().run(self.ctx)
+
+    def wait(self, bound: float = _BOUND) -> ExecResult:
+        self._thread.join(bound)
+        if self._thread.is_alive():
+            self.ctx.cancel.set()  # so that the thread ends before the leak guard looks
+            self._thread.join(_BOUND)
+            raise AssertionError(f"the executor did not return within {bound}s")
+        assert self.result is not None
+        return self.result
+
+
+@pytest.fixture
+def make_job(tmp_path: Path, dockerd: str, client: Any) -> Iterator[Any]:
+    """Jobs for one test; their logs closed and their containers removed at its end."""
+    made: list[_Job] = []
+
+    def make(product: dict[str, Any]) -> _Job:
+        made.append(_Job(tmp_path / str(len(made)), dockerd, product))
+        return made[-1]
+
+    yield make
+    for job in made:
+        job.close()
+        for container in _containers(client, job.job_id):
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+
+
+def _containers(client: Any, job_id: str) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}))
+
+
+def _the_container(client: Any, job: _Job) -> Any:
+    (container,) = _containers(client, job.job_id)
+    return container
+
+
+def _open_gate(container: Any, name: str) -> None:
+    done = container.exec_run(["touch", f"/tmp/{name}"])
+    assert done.exit_code == 0, done.output
+
+
+def _printed(container: Any, text: bytes) -> bool:
+    return text in container.logs()
+
+
+def _detach_once(job: _Job, ctx: RunContext, line: str) -> ExecResult:
+    """Run until the log shows ``line``, then stop watching as a stopping daemon would."""
+    running = job.start(ctx)
+    wait_for(lambda: line in job.lines(), bound=_BOUND, what=f"{line!r} in the log")
+    ctx.detach.set()
+    return running.wait()
+
+
+def test_detach_leaves_the_container_running_and_resume_re_attaches_to_it(
+    make_job: Any, client: Any
+) -> None:
+    job = make_job({"script": _GATED})
+    first = job.context(section="build", unit_key="1.build.1")
+    result = _detach_once(job, first, "INFO [build] one")
+    assert (result.exit_code, result.detached, result.error) == (None, True, None)
+    container = _the_container(client, job)
+    container.reload()
+    assert container.status == "running"
+    assert container.labels[LABEL_UNIT] == "1.build.1"
+    assert any("left running for the next daemon" in line for line in job.lines())
+    # The next daemon's recovery leaves alone the container of a job still in running/.
+    DockerExecutor.recover(job.spool, {job.job_id}, logging.getLogger("test"))
+    assert _containers(client, job.job_id) == [container]
+
+    _open_gate(container, "go1")  # printed while no daemon watches
+    wait_for(lambda: _printed(container, b"away\n"), bound=_BOUND, what="the line printed away")
+    second = job.context(section="build", unit_key="1.build.1", resume=True)
+    result = _detach_once(job, second, "INFO [build] away")  # and left again
+    assert result.detached, result
+    assert any("re-attached to container" in line for line in job.lines())
+
+    _open_gate(container, "go2")
+    artifacts = (ArtifactSpec("out/a.txt"),)
+    third = job.context(section="build", unit_key="1.build.1", resume=True, artifacts=artifacts)
+    result = job.start(third).wait()
+    assert (result.exit_code, result.error) == (3, "exit code 3"), job.text()
+    lines = job.lines()
+    for line in ("INFO [build] one", "ERROR [build] err-one", "INFO [build] half-line",
+                 "INFO [build] away", "ERROR [build] err-away", "INFO [build] after",
+                 *(f"INFO [build] {long}" for long in _LONG)):  # fmt: skip
+        assert lines.count(line) == 1, (line[:40], job.text())
+    assert "INFO [build] half" not in lines  # the half line was left to be copied whole
+    assert (job.workdir / "out" / "a.txt").read_text() == "art\n"
+    assert _containers(client, job.job_id) == []
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_resume_of_a_container_that_ended_while_no_daemon_watched(
+    make_job: Any, client: Any, tty: bool
+) -> None:
+    job = make_job({"script": _GATED, "tty": tty})
+    assert _detach_once(job, job.context(), "INFO one").detached
+    container = _the_container(client, job)
+    _open_gate(container, "go1")
+    _open_gate(container, "go2")
+
+    def ended() -> bool:
+        container.reload()
+        return bool(container.status == "exited")
+
+    wait_for(ended, bound=_BOUND, what="the container's end")
+    result = job.start(job.context(resume=True, artifacts=(ArtifactSpec("out/a.txt"),))).wait()
+    assert (result.exit_code, result.detached) == (3, False), job.text()
+    lines = job.lines()
+    assert any("ended while no daemon watched" in line for line in lines)
+    err = "INFO" if tty else "ERROR"  # a tty has one stream
+    # A tty's log is not framed: a long line copied from it keeps the stamps of its parts.
+    longs = () if tty else tuple(f"INFO {long}" for long in _LONG)
+    for line in ("INFO one", f"{err} err-one", "INFO half-line", "INFO away", "INFO after", *longs):
+        assert lines.count(line) == 1, (line[:40], job.text())
+    assert (job.workdir / "out" / "a.txt").read_text() == "art\n"
+    assert _containers(client, job.job_id) == []
+
+
+def test_resume_with_nothing_started_starts_it(make_job: Any, client: Any) -> None:
+    job = make_job({"script": "echo fresh"})
+    result = job.start(job.context(resume=True, unit_key="2")).wait()
+    assert result.succeeded, job.text()
+    assert any("no container of unit 2 to re-attach to" in line for line in job.lines())
+    assert job.lines().count("INFO fresh") == 1
+    assert _containers(client, job.job_id) == []
+
+
+def test_a_container_created_but_never_started_is_replaced(make_job: Any, client: Any) -> None:
+    job = make_job({"script": "echo fresh"})
+    client.containers.create(job.product["image"], ["echo", "stale"], labels=job.labels())
+    result = job.start(job.context(resume=True)).wait()
+    assert result.succeeded, job.text()
+    assert any("no container of unit 1 to re-attach to" in line for line in job.lines())
+    assert job.lines().count("INFO fresh") == 1 and "stale" not in job.text()
+    assert _containers(client, job.job_id) == []
+
+
+def test_a_resumed_container_has_what_is_left_of_its_timeout(make_job: Any, client: Any) -> None:
+    job = make_job({"script": "echo up; sleep 300"})
+    assert _detach_once(job, job.context(timeout=3600.0), "INFO up").detached
+    # Two hours after its start by the daemon's clock: an hour past its timeout. A fresh
+    # timeout would wait an hour more; the bound of wait() fails the test long before.
+    later: Clock = _Later()
+    result = job.start(job.context(resume=True, timeout=3600.0, clock=later)).wait()
+    assert result.timed_out and result.error == "timed out after 1h", job.text()
+    assert _containers(client, job.job_id) == []
+
+
+def test_a_resumed_container_can_be_cancelled(make_job: Any, client: Any) -> None:
+    job = make_job({"script": "echo up; sleep 300"})
+    assert _detach_once(job, job.context(), "INFO up").detached
+    ctx = job.context(resume=True)
+    running = job.start(ctx)
+    wait_for(lambda: "re-attached to container" in job.text(), bound=_BOUND, what="re-attach")
+    ctx.cancel.set()
+    result = running.wait()
+    assert result.cancelled and result.error == "cancelled"
+    assert job.lines().count("INFO up") == 1
+    assert _containers(client, job.job_id) == []
+
+
+def test_a_unit_asked_to_detach_before_it_began_starts_nothing(make_job: Any, client: Any) -> None:
+    job = make_job({"script": "echo never"})
+    ctx = job.context()
+    ctx.detach.set()
+    assert job.start(ctx).wait().detached
+    assert _containers(client, job.job_id) == []
+
+
+@pytest.mark.parametrize(
+    ("driver", "said", "early"),
+    [
+        ("json-file", "its output since its start follows from the engine's log; lines", 1),
+        ("none", "the engine cannot give back its output", 0),
+    ],
+)
+def test_resume_says_what_it_could_not_copy(
+    make_job: Any, client: Any, driver: str, said: str, early: int
+) -> None:
+    """A container whose start the job's log does not show (a log lost, or one started by
+    hand), and one whose log driver keeps nothing to read back."""
+    docker = importlib.import_module("docker")
+    job = make_job({"script": "unused"})
+    script = "echo early; touch /tmp/early; until [ -e /tmp/go1 ]; do sleep 0.05; done; echo late"
+    container = client.containers.run(
+        job.product["image"], ["/bin/sh", "-c", script], labels=job.labels(), init=True,
+        detach=True,
+        log_config=docker.types.LogConfig(type=driver),
+    )  # fmt: skip
+
+    def printed() -> bool:  # the engine's log cannot say so when its driver is none
+        return bool(container.exec_run(["test", "-e", "/tmp/early"]).exit_code == 0)
+
+    wait_for(printed, bound=_BOUND, what="the first line printed")  # before the resume
+    running = job.start(job.context(resume=True))
+    wait_for(lambda: said in job.text(), bound=_BOUND, what="what the resume could do")
+    _open_gate(container, "go1")
+    result = running.wait()
+    assert result.succeeded, job.text()
+    assert (job.lines().count("INFO early"), job.lines().count("INFO late")) == (early, 1)
+    assert _containers(client, job.job_id) == []

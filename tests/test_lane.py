@@ -1,0 +1,249 @@
+"""The jobs' own lane, tried as a hostile submitter would: a job reaches its own work dir and
+the secrets its file references, and nothing of the spool, secrets_dir, another job or the
+daemon. Each attempt is denied; the daemon and the records are unharmed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spoold.core.clock import SystemClock
+from spoold.core.config import Config
+from spoold.core.errors import ConfigError
+from spoold.core.spool import Spool
+from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.validation import job_validator
+from spoold.run.lane import WORK_ROOT_MODE, Lane
+from spoold.run.launcher import Launcher
+from spoold.run.registry import ExecutorRegistry
+from spoold.run.worker import JobRunner
+from tests.harness import DaemonProcess, drop, local_job, wait_finished, wait_for, write_config
+
+pytestmark = pytest.mark.daemon
+
+SECOND_USER = "spoold-job-t2"
+LOGGER = logging.getLogger("spoold.test")
+
+
+@pytest.fixture(scope="session")
+def second_job_user() -> Iterator[str]:
+    """A second job user, so that two jobs running at once run as two users."""
+    try:
+        pwd.getpwnam(SECOND_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", SECOND_USER], check=True)  # fmt: skip
+    yield SECOND_USER
+
+
+def _secrets(tmp_path: Path, **values: str) -> Path:
+    directory = tmp_path / "secrets"
+    directory.mkdir(mode=0o700)
+    for name, value in values.items():
+        path = directory / name
+        path.write_text(value)
+        path.chmod(0o600)
+    return directory
+
+
+def _log(spool: Path, job_id: str) -> str:
+    found = job_state_dir(spool, job_id)
+    return (found / "log").read_text()
+
+
+def job_state_dir(spool: Path, job_id: str) -> Path:
+    for state in ("done", "failed", "running", "pending"):
+        if (spool / state / job_id).is_dir():
+            return spool / state / job_id
+    raise AssertionError(f"no job {job_id}")
+
+
+def test_hostile_jobs_reach_nothing_but_their_own(
+    spool_dir: Path, tmp_path: Path, second_job_user: str
+) -> None:
+    secrets = _secrets(tmp_path, MINE="mine-7f3a", OTHER="other-9c1d")
+    config = write_config(tmp_path / "c.yaml", spool_dir, secrets_dir=str(secrets),
+                          job_user=["spoold-job", second_job_user])  # fmt: skip
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    assert daemon.process is not None
+    found = tmp_path / "found"  # where the jobs tell the test what they saw
+    try:
+        # Two jobs at once, one per slot and so one per job user: the second looks into the
+        # first one's work dir, whose path the first one tells it.
+        holder = tmp_path / "holder-dir"
+        drop(spool_dir, "holder.yaml", local_job("holder", [
+            "echo private > mine.txt",
+            f"pwd > {holder}",
+            f"until [ -e {tmp_path / 'done-looking'} ]; do sleep 0.05; done",
+        ]))  # fmt: skip
+        wait_for(holder.exists, what="the first job to start")
+        attacks = {
+            "whoami": "id -un",
+            "other-secret": f"cat {secrets}/OTHER",
+            "list-secrets": f"ls {secrets}",
+            "own-secret": 'printf %s "$SPOOLD_SECRET_MINE" | tr a-z A-Z',
+            "status": 'echo forged > "$SPOOLD_JOB_DIR/status.json"',
+            "remove-record": 'rm -rf "$SPOOLD_JOB_DIR"',
+            "move-record": 'mv "$SPOOLD_JOB_DIR" "$SPOOLD_JOB_DIR/../../done/x"',
+            "forge": 'mkdir "$SPOOLD_JOB_DIR/../../pending/forged"',
+            "spool": f"ls {spool_dir}/done",
+            "other-workdir": f'cat "$(cat {holder})/mine.txt"',
+            "signal-daemon": f"kill -TERM {daemon.process.pid}",
+        }
+        script = [f'out=$({command} 2>&1); rc=$?; echo "{name}:" $out "rc=$rc" >> {found}'
+                  for name, command in attacks.items()]  # fmt: skip
+        script.append("echo ${secret:MINE} >/dev/null")  # it references MINE, and only MINE
+        drop(spool_dir, "hostile.yaml", local_job("hostile", script))
+        directory, status = wait_finished(spool_dir, "hostile")
+        (tmp_path / "done-looking").touch()
+        assert (directory, status["state"]) == ("done", "succeeded"), status
+        seen = dict(line.split(": ", 1) for line in found.read_text().splitlines())
+        assert seen["whoami"].split()[0] == second_job_user, seen  # the second slot's user
+        assert seen["own-secret"].split()[0] == "MINE-7F3A", "its own secret, handed over"
+        for name in ("other-secret", "list-secrets", "status", "remove-record", "move-record",
+                     "forge", "spool", "other-workdir", "signal-daemon"):  # fmt: skip
+            assert not seen[name].endswith(" rc=0"), f"{name} was allowed: {seen[name]}"
+        assert "other-9c1d" not in found.read_text()
+        assert "private" not in seen["other-workdir"]
+        # The daemon and the records are unharmed.
+        assert daemon.alive
+        assert not (spool_dir / "pending" / "forged").exists()
+        assert not (spool_dir / "done" / "x").exists()
+        directory, status = wait_finished(spool_dir, "holder")
+        assert (directory, status["state"]) == ("done", "succeeded"), status
+        assert "mine.txt" not in os.listdir(tmp_path), "work dirs are not in the test's tree"
+    finally:
+        daemon.kill()
+
+
+def test_jobs_run_as_root_only_when_the_config_says_so(spool_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ids"
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir))
+    try:
+        daemon.start()
+        drop(
+            spool_dir,
+            "a.yaml",
+            local_job("a", f"id -u >> {out}", hooks={"post_run": f"id -u >> {out}"}),
+        )
+        wait_finished(spool_dir, "a")
+        daemon.stop()
+        daemon.config = write_config(tmp_path / "root.yaml", spool_dir, job_user="root")
+        daemon.start()
+        drop(spool_dir, "b.yaml", local_job("b", f"id -u >> {out}"))
+        wait_finished(spool_dir, "b")
+        job_uid = str(pwd.getpwnam("spoold-job").pw_uid)
+        assert out.read_text().split() == [job_uid, job_uid, "0"]
+        assert "jobs run as root (job_user: root)" in daemon.log()
+    finally:
+        daemon.kill()
+
+
+def test_a_missing_job_user_stops_spoold_at_start(tmp_path: Path) -> None:
+    config = Config(spool=tmp_path / "spool", job_users=("no-such-user-x",))
+    spool = Spool(config.spool)
+    spool.init()
+    with pytest.raises(ConfigError, match="key job_user: there is no user 'no-such-user-x'"):
+        Lane.from_config(config, spool.jobs.work_root, switching=True)
+
+
+def test_spoold_says_once_what_jobs_reach_when_it_cannot_switch_users(tmp_path: Path) -> None:
+    config = Config(spool=tmp_path / "spool")
+    spool = Spool(config.spool)
+    spool.init()
+    lane = Lane.from_config(config, spool.jobs.work_root, switching=False)
+    assert lane.user_for("0", None) is None
+    [note] = lane.notes
+    assert "cannot switch users" in note and "secrets_dir" in note
+
+
+def test_the_work_root_is_unlistable_and_reachable(tmp_path: Path) -> None:
+    root = tmp_path / "work"
+    config = Config(spool=tmp_path / "spool", workdir=root)
+    Spool(config.spool).init()
+    Lane.from_config(config, lambda: root, switching=True)
+    assert root.stat().st_mode & 0o7777 == WORK_ROOT_MODE
+
+
+def test_secrets_dir_a_job_user_could_read_is_refused(tmp_path: Path) -> None:
+    secrets = _secrets(tmp_path, A="a")
+    secrets.chmod(0o755)
+    config = Config(spool=tmp_path / "spool", secrets_dir=secrets)
+    Spool(config.spool).init()
+    with pytest.raises(ConfigError, match="key secrets_dir: the job user spoold-job may read"):
+        Lane.from_config(config, lambda: tmp_path / "w", switching=True)
+
+
+def test_a_job_started_by_a_daemon_with_capabilities_gets_none_of_them(tmp_path: Path) -> None:
+    """The package's daemon is not root: it holds CAP_SETUID, CAP_SETGID and CAP_KILL as
+    ambient capabilities. A switch between two uids that are not root keeps them; the job
+    must start with none, or it could make itself root."""
+    script = textwrap.dedent("""\
+        import io, sys, threading
+        from pathlib import Path
+        from spoold.core.clock import SystemClock
+        from spoold.core.joblog import JobLog
+        from spoold.run.lane import may_switch_users
+        from spoold.run.process import RunAs, run_process
+        assert may_switch_users()
+        out = io.BytesIO()
+        log = JobLog(out, SystemClock())
+        run_process(["grep", "^Cap", "/proc/self/status"], cwd=Path("/"), env={}, log=log,
+                    clock=SystemClock(), timeout=10, kill_grace=1, cancel=threading.Event(),
+                    run_as=RunAs.lookup("spoold-job"))
+        sys.stdout.write(out.getvalue().decode())
+    """)
+    caps = "+setuid,+setgid,+kill"
+    result = subprocess.run(
+        ["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups", f"--inh-caps={caps}",
+         f"--ambient-caps={caps}", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = dict(re.findall(r"(Cap\w+):\s+([0-9a-f]+)", result.stdout))
+    assert set(found) >= {"CapPrm", "CapEff", "CapAmb", "CapInh"}, result.stdout
+    for name in ("CapPrm", "CapEff", "CapAmb"):
+        assert int(found[name], 16) == 0, f"the job holds {name} {found[name]}"
+
+
+def test_the_job_users_file_work_done_as_that_user(tmp_path: Path) -> None:
+    """What the package's daemon (not root) does: the work dir made, the artifacts opened and
+    the work dir removed by forks that became the job user, not by spoold's own user."""
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    config = Config(spool=spool.root, workdir=tmp_path / "work", hostname="here", worker_id="w")
+    registry = ExecutorRegistry.from_entry_points()
+    clock = SystemClock()
+    intake = Intake(spool, job_validator(registry), clock, max_file_size=1 << 20, settle_time=0,
+                    on_accepted=lambda job, document: None, logger=LOGGER)  # fmt: skip
+    launcher = Launcher(chores_here=False)
+    try:
+        runner = JobRunner(spool, registry, config, clock, LOGGER, launcher=launcher)
+        document = local_job("art", ["mkdir out", "echo made > out/r.txt", "chmod 0400 out/r.txt",
+                                     "chmod 0500 out", "id -un > who.txt"],
+                             artifacts=[{"path": "out", "type": "dir"}, {"path": "who.txt"}])  # fmt: skip
+        (spool.dir("incoming") / "art.yaml").write_text(yaml.safe_dump(document))
+        accepted = intake.offer("art.yaml", complete=True)
+        assert isinstance(accepted, Accepted), accepted
+        job = runner.claim("art")
+        assert job is not None
+        final = runner.run(job)
+        assert final is not None and final.directory == "done", final
+        kept = final.path / "artifacts"
+        assert (kept / "out" / "r.txt").read_text() == "made\n"
+        assert (kept / "who.txt").read_text() == "spoold-job\n"
+        assert list((tmp_path / "work").iterdir()) == [], "removed, read-only parts too"
+    finally:
+        launcher.close()
