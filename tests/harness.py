@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -217,11 +219,25 @@ def end_supervisors(spool: Path, bound: float = DEFAULT_BOUND) -> None:
              what="the job supervisors to end")  # fmt: skip
 
 
+@functools.cache
+def _empty_config() -> Path:
+    """An empty config file (every default), removed when this process ends."""
+    fd, name = tempfile.mkstemp(prefix="spoold-empty-", suffix=".yaml")
+    os.close(fd)
+    atexit.register(os.unlink, name)
+    return Path(name)
+
+
 def run_cli(
     spool: Path, *args: str, bound: float = DEFAULT_BOUND
 ) -> subprocess.CompletedProcess[str]:
-    """``spoold <command> --spool SPOOL ARGS...`` as a user would type it; never hangs."""
+    """``spoold <command> --spool SPOOL ARGS...`` as a user would type it; never hangs.
+
+    Without ``--config``, an empty config: not /etc/spoold/config.yaml, which the package
+    test installs while other tests run."""
     command, *rest = args
+    if "--config" not in rest:
+        rest = [*rest, "--config", str(_empty_config())]
     return subprocess.run(
         [sys.executable, "-m", "spoold", command, "--spool", str(spool), *rest],
         capture_output=True,

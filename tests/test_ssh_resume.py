@@ -233,8 +233,9 @@ def test_a_supervisor_gone_without_an_exit_status_fails_retryably(
     log = _Log()
     ctx = _detached(sshd, tmp_path, _waiting_job(tmp_path), cleanup, log=log)
     supervisor, group, _, _ = _pid_file(ctx)
-    os.killpg(group, signal.SIGKILL)
+    # The supervisor first: killed after the job, it would see the job end and record it.
     os.kill(supervisor, signal.SIGKILL)
+    os.killpg(group, signal.SIGKILL)
     wait_for(lambda: not alive(supervisor), bound=BOUND, what="the supervisor to end")
 
     result = SshExecutor().run(_resumed(ctx))
