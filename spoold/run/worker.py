@@ -484,15 +484,15 @@ class JobRunner:
             log_socket=self._config.log_socket,
         )  # fmt: skip
         try:
-            run_as = run.user = self._lane.user_for(slot, spec.run_as)
-            # The job user's own for a job of processes here; spoold's, readable by the
-            # hooks, for one whose executor brings files back from elsewhere.
+            run_as = self._lane.user_for(slot, spec.run_as)
+            # The work dir is the job user's own for a job of processes here; spoold's,
+            # readable by the hooks, for one whose executor brings files back from elsewhere.
+            # Whoever owns it removes it, and opens the artifacts in it.
             local = self._registry.get(spec.executor).supervised if not spec.steps else True
-            owner = run_as if local else None
+            run.user = run_as if local else None
             self._chore(
-                run, Chore("mkdir", owner, str(workdir), mode=0o700 if local else 0o755), log
+                run, Chore("mkdir", run.user, str(workdir), mode=0o700 if local else 0o755), log
             )
-            run.user = owner
             own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
             env, _ = self._environment(spec, job, workdir, attempt.number, own)
             hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as,
