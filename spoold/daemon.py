@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.core.config import Config, load_config
@@ -33,6 +33,12 @@ from spoold.run.pool import WorkerProcesses
 from spoold.run.recovery import Recovery
 from spoold.schedule.scheduler import Scheduler
 from spoold.wiring import WORKER_ENTRY, Parts
+
+if TYPE_CHECKING:
+    from spoold.face.api.server import ApiServer
+    from spoold.face.catalogue import Catalogue
+    from spoold.face.metrics import Metrics
+    from spoold.run.observed import Observation
 
 
 def sd_notify(message: str, env: dict[str, str] | None = None) -> None:
@@ -161,6 +167,7 @@ class MakeWorkers(Protocol):
         on_lost: Callable[[], None],
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
+        on_observed: Callable[[Observation], None] | None = None,
     ) -> Workers: ...
 
 
@@ -170,6 +177,7 @@ def worker_processes(
     on_lost: Callable[[], None],
     on_deferred: Callable[[str, float], None],
     on_cancel: Callable[[str, str], None],
+    on_observed: Callable[[Observation], None] | None = None,
 ) -> WorkerProcesses:
     """The daemon's workers: processes of their own, each built by ``WORKER_ENTRY``."""
     config = parts.config
@@ -181,6 +189,7 @@ def worker_processes(
         on_lost=on_lost,
         on_deferred=on_deferred,
         on_cancel=on_cancel,
+        on_observed=on_observed,
     )
 
 
@@ -215,6 +224,9 @@ class Daemon:
     reload: threading.Event = field(default_factory=threading.Event)
     #: Readiness, status and watchdog pings for systemd.
     systemd: Systemd = field(default_factory=Systemd)
+    #: The HTTP API, when the config enables it (``api:``), and what it reads of the changes.
+    api: ApiServer | None = None
+    seen: _Seen | None = None
     #: When ``tick`` scans, applies retention and reports status next (monotonic; None until
     #: the first round).
     _next_scan: float | None = field(default=None, init=False, repr=False)
@@ -261,7 +273,14 @@ class Daemon:
             except SpooldError as exc:  # it moved on (ran, or was cancelled): nothing to undo
                 logger.warning("job %s could not be cancelled (%s): %s", job_id, why, exc)
 
-        workers = make_workers(parts, on_lost=attention.set, on_deferred=defer, on_cancel=cancel)
+        # Kept only where they can be read: a daemon without the API counts nothing.
+        seen = _Seen.build(config, spool, clock, logger) if config.api is not None else None
+        metrics = None if seen is None else seen.metrics
+        observed = None if seen is None else seen.observe
+        workers = make_workers(
+            parts, on_lost=attention.set, on_deferred=defer, on_cancel=cancel,
+            on_observed=observed,
+        )  # fmt: skip
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
         def queue_job(job: JobDir, document: dict[str, Any]) -> None:
@@ -270,6 +289,7 @@ class Daemon:
         scheduler = Scheduler(
             spool, clock, logger, defer=defer, cancel=cancel,
             queue=workers.submit, callbacks=callbacks,
+            on_fired=None if metrics is None else metrics.schedule_fired,
         )  # fmt: skip
 
         intake = Intake(
@@ -284,6 +304,7 @@ class Daemon:
             on_scheduled=lambda job: scheduler.sync(),
             callbacks=callbacks,
             policy=config.policy,
+            on_observed=observed,
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         executors = [parts.registry.get(name) for name in parts.registry.names()]
@@ -293,7 +314,29 @@ class Daemon:
             due, scheduler, callbacks, sender, intake,
         )  # fmt: skip
         recovery.adopter = daemon.adopt
+        if seen is not None:
+            daemon.seen, daemon.api = seen, daemon.build_api(seen)
         return daemon
+
+    def build_api(self, seen: _Seen) -> ApiServer:
+        """The HTTP API's server (``api:`` in the config), over this daemon's spool and intake;
+        started by ``run``. Imported only here: FastAPI costs a daemon without the API nothing."""
+        from spoold import __version__  # noqa: PLC0415
+        from spoold.face.api import ApiContext, build_app  # noqa: PLC0415
+        from spoold.face.api.server import ApiServer  # noqa: PLC0415
+
+        assert self.config.api is not None
+
+        def wake() -> None:
+            self.rescan.set()
+            self.attention.set()
+
+        context = ApiContext(
+            config=self.config, spool=self.spool, clock=self.clock, logger=self.logger,
+            submit=self.intake.submit, wake=wake, catalogue=seen.catalogue, metrics=seen.metrics,
+            callbacks=self.callbacks, version=__version__,
+        )  # fmt: skip
+        return ApiServer(build_app(context), self.config.api, self.logger)
 
     def adopt(self, job: JobDir) -> bool:
         """Hand a running job whose worker is gone to the workers, to go on with its attempt."""
@@ -328,6 +371,12 @@ class Daemon:
                 )
                 watcher.start()
             self.intake_thread.request_sweep()
+            if self.api is not None:
+                try:
+                    self.api.start()
+                except ConfigError as exc:  # detached, the log is all that says it
+                    self.logger.error("refusing to run: %s", exc)
+                    raise
             self.logger.info(
                 "spoold running on %s: %d worker(s) in %d process(es), watching by %s",
                 self.spool.root, self.config.workers, self.workers.processes, self.watch_mode,
@@ -342,6 +391,8 @@ class Daemon:
             self.logger.info(
                 "stopping: no new jobs; running jobs get %ss", self.config.shutdown_grace
             )
+            if self.api is not None:
+                self.api.stop()
             if watcher is not None:
                 watcher.stop()
             self.intake_thread.stop()
@@ -453,7 +504,11 @@ class Daemon:
     def apply_retention(self, retention: Retention | None = None) -> int:
         """Remove the finished jobs ``retention`` (the config's) says to; return how many."""
         rules = retention or self.config.retention
-        removed = len(apply_retention(self.spool, rules, self.clock.now().timestamp()))
+        purged = apply_retention(self.spool, rules, self.clock.now().timestamp())
+        if self.seen is not None:
+            for job in purged:
+                self.seen.catalogue.forget(job.job_id)
+        removed = len(purged)
         if removed:
             self.logger.info("retention: removed %d finished job(s)", removed)
         return removed
@@ -547,6 +602,31 @@ class Daemon:
         # A lease-break notice (SIGIO) would kill the process by default; leases are only
         # held for microseconds, but the default must never apply.
         signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+@dataclass
+class _Seen:
+    """What the API reads of the changes of state this process sees (its own, and its worker
+    processes'): the counters of /metrics, and the index jobs are listed from."""
+
+    metrics: Metrics
+    catalogue: Catalogue
+
+    @classmethod
+    def build(cls, config: Config, spool: Spool, clock: Clock, logger: logging.Logger) -> _Seen:
+        import platform  # noqa: PLC0415
+
+        from spoold import __version__  # noqa: PLC0415
+        from spoold.face.catalogue import Catalogue  # noqa: PLC0415
+        from spoold.face.metrics import Metrics  # noqa: PLC0415
+
+        info = {"version": __version__, "python": platform.python_version()}
+        metrics = Metrics(spool, config, clock, build_info=info, logger=logger)
+        return cls(metrics, Catalogue(spool))
+
+    def observe(self, observation: Observation) -> None:
+        self.metrics.observe(observation)
+        self.catalogue.forget(observation.job_id)  # read again: its state changed
 
 
 #: How often the retention rules are applied (also once at start).

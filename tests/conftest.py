@@ -408,14 +408,22 @@ class LeakGuard:
             return (yield)
         threads, children, last = set(threading.enumerate()), _children(), _last_pid()
         since = int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+        # A token of the fixture's own: what its processes start later (a daemon's worker
+        # process, started on demand) is theirs, not the test's that happened to set it up.
+        test_token = os.environ.get(LEAK_TOKEN)
+        token = f"{test_token}-{fixturedef.argname}"
+        os.environ[LEAK_TOKEN] = token
         try:
             return (yield)
         finally:
+            if test_token is None:
+                os.environ.pop(LEAK_TOKEN, None)
+            else:
+                os.environ[LEAK_TOKEN] = test_token
             new_threads = set(threading.enumerate()) - threads
             # Read twice: the kernel's list can skip a child while another one exits.
             new_pids = (_children() | _children()) - children
-            if self.watch is not None:
-                new_pids |= _descendants(self.watch.token, new_pids, last, _last_pid())
+            new_pids |= _descendants(token, new_pids, last, _last_pid())
             self.owned_threads |= new_threads
             self.owned_pids |= new_pids
             if new_threads or new_pids:

@@ -18,6 +18,7 @@ from spoold.core.own_log import close_logging
 from spoold.daemon import Daemon, Systemd
 from spoold.intake.incoming import Accepted, Rejected
 from spoold.run.dispatch import JobMeta
+from spoold.run.observed import Observation
 from spoold.wiring import Parts
 from tests.fakes import FakeClock
 from tests.harness import drop
@@ -38,9 +39,10 @@ class InlineWorkers:
         on_lost: Callable[[], None],
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
+        on_observed: Callable[[Observation], None] | None = None,
     ) -> None:
         del on_lost, on_cancel  # no process to lose; no concurrency strategy to refuse a job
-        self.runner = parts.runner(on_deferred=on_deferred)
+        self.runner = parts.runner(on_deferred=on_deferred, observe=on_observed)
         self.queued: list[str] = []
         self.adopting: set[str] = set()
 

@@ -313,7 +313,9 @@ def kill_processes_with(token: str) -> None:
 def tmp_leftovers(spool: Path) -> list[str]:
     """What tmp/ holds besides daemon locks and empty per-slot work dirs: nothing, when drained."""
     tmp = spool / "tmp"
-    found = [n for n in os.listdir(tmp) if not n.startswith("daemon-") and n != "work"]
+    # The API's catalogue keeps its snapshot there too: a cache, not a leftover.
+    found = [n for n in os.listdir(tmp) if not n.startswith("daemon-")
+             and n not in ("work", "catalogue.snapshot")]  # fmt: skip
     if (tmp / "work").is_dir():
         found += [
             f"work/{s}/{n}" for s in os.listdir(tmp / "work") for n in os.listdir(tmp / "work" / s)

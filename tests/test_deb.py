@@ -1,6 +1,8 @@
 """The Debian package (issue 9): `make deb` builds it, and it installs, runs, reinstalls,
 upgrades and purges on this machine; its service runs jobs as the job user, and a job running
-through an upgrade is adopted by the new daemon (issue 18).
+through an upgrade is adopted by the new daemon (issue 18); it serves the HTTP API on loopback
+with an admin token made at install, root's alone, kept through a reinstall and an upgrade
+(issue 19).
 
 One test function: every step drives dpkg, which must never run twice at once under
 pytest-xdist. It needs root (it installs the package system-wide); under CI=true it installs
@@ -16,6 +18,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +47,10 @@ WORKDIR = Path("/var/lib/spoold/work")
 # Starting jobs as other users and ending them: the daemon's capabilities, and no more.
 DAEMON_CAPABILITIES = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
 LEAK_TOKEN = "SPOOLD_TEST_LEAK_GUARD"  # tests/conftest.py: found in what the test started
+API_PORT = 8420  # the package's config.yaml: api: {listen: 127.0.0.1:8420}
+API_TOKEN = Path("/etc/spoold/api-token")  # postinst's: admin scope, named local-admin
+TOKEN_LINE = re.compile(r"spoold_(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{43}\n")
+API_JOB = "via-api"
 
 
 def run(
@@ -406,6 +414,130 @@ def check_job_through_upgrade(share: Path, service: UnitService) -> None:
     )
 
 
+def check_api_token() -> str:
+    """postinst's token: /etc/spoold/api-token, root's alone, one line; its record, the only
+    token of the spool, named local-admin with the admin scope, the daemon's user's to read.
+    Returns the token (never put in an assertion's message)."""
+    info = API_TOKEN.lstat()
+    assert stat.S_ISREG(info.st_mode)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o600)
+    assert not Path(f"{API_TOKEN}.new").exists()
+    text = API_TOKEN.read_text()
+    shape = TOKEN_LINE.fullmatch(text)
+    assert shape is not None, "/etc/spoold/api-token holds no token line"
+    listed = json.loads(run("/usr/bin/spoold", "token", "list", "--json", "--spool", str(SPOOL),
+                            "--config", "/etc/spoold/config.yaml", cwd=Path("/")).stdout)  # fmt: skip
+    assert [(t["id"], t["name"], t["scopes"]) for t in listed] == [
+        (shape["id"], "local-admin", ["admin"])
+    ], listed
+    spoold = pwd.getpwnam("spoold").pw_uid
+    for path, mode in (
+        (SPOOL / "tokens", 0o700),
+        (SPOOL / "tokens" / f"{shape['id']}.json", 0o600),
+    ):
+        info = path.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (spoold, mode), path
+    return text.strip()
+
+
+def not_shown(token: str, *outputs: subprocess.CompletedProcess[str]) -> None:
+    """The token appears in no output of the maintainer scripts (apt's, which has them)."""
+    for proc in outputs:
+        assert token not in proc.stdout + proc.stderr, "the token was shown"
+
+
+def api_port() -> int:
+    """The package's port, unless something on this machine holds it (the test's daemon runs
+    in the host's network, as the service does): then one the kernel has free."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon binds
+        try:
+            probe.bind(("127.0.0.1", API_PORT))
+        except OSError:
+            pass
+        else:
+            return API_PORT
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return int(free.getsockname()[1])
+
+
+def move_api(port: int) -> None:
+    """The installed config's api.listen to ``port``, as an admin would edit it."""
+    config = Path("/etc/spoold/config.yaml")
+    text = config.read_text()
+    packaged = f"  listen: 127.0.0.1:{API_PORT}\n"
+    assert text.count(packaged) == 1, text
+    config.write_text(text.replace(packaged, f"  listen: 127.0.0.1:{port}\n"))
+
+
+class ApiClient:
+    """Requests to the service's API on 127.0.0.1 (no proxy from the environment)."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.token = token
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> requests.Response:
+        """One request, with ``token`` (default: the install's; "" for none)."""
+        presented = self.token if token is None else token
+        sent = dict(headers or {})
+        if presented:
+            sent["Authorization"] = f"Bearer {presented}"
+        return self.session.request(method, self.base + path, headers=sent, data=data, timeout=30)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def check_api(api: ApiClient) -> None:
+    """/healthz without a token; /api/v1/status with the install's token only."""
+    health = api.call("GET", "/healthz", token="")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"}), health.text
+    status = api.call("GET", "/api/v1/status")
+    assert status.status_code == 200, status.text
+    assert isinstance(status.json(), dict), status.text
+    assert api.call("GET", "/api/v1/status", token="").status_code == 401
+    wrong = f"spoold_{'0' * 12}_{'x' * 43}"
+    assert api.call("GET", "/api/v1/status", token=wrong).status_code == 401
+
+
+def check_api_job(api: ApiClient, service: UnitService) -> None:
+    """A job POSTed with the install's token runs to success, its submitter that token, its
+    output in its log (read through the API too)."""
+    job = f"job_id: {API_JOB}\nexecutor: local\nproduct:\n  commands: ['echo api-job $((6*7))']\n"
+    made = api.call("POST", "/api/v1/jobs", data=job.encode(),
+                    headers={"Content-Type": "application/yaml"})  # fmt: skip
+    assert made.status_code == 201, made.text
+    assert made.headers["Location"].endswith(f"/api/v1/jobs/{API_JOB}"), made.headers
+    assert made.json()["job_id"] == API_JOB, made.text
+    states: list[str] = []
+
+    def ended() -> bool:
+        answer = api.call("GET", f"/api/v1/jobs/{API_JOB}")
+        assert answer.status_code == 200, answer.text
+        states.append(answer.json()["state"])
+        return states[-1] in ("succeeded", "failed", "cancelled")
+
+    wait_until(ended, "the API's job to end", service)
+    assert states[-1] == "succeeded", states
+    status = api.call("GET", f"/api/v1/jobs/{API_JOB}").json()
+    assert "local-admin" in json.dumps(status.get("submitter")), status
+    log = api.call("GET", f"/api/v1/jobs/{API_JOB}/log")
+    assert log.status_code == 200 and "api-job 42" in log.text, log.text
+    assert job_directories(API_JOB) == ["done"]
+
+
 def end_leftovers(token: str) -> None:
     """After a failure: SIGKILL what still runs with ``token`` in its command line (the job)."""
     for name in os.listdir("/proc"):
@@ -451,12 +583,15 @@ def test_debian_package(tmp_path: Path) -> None:
     assert not [line for line in lintian.splitlines() if line.startswith("E:")], lintian
 
     service = UnitService(tmp_path / "journal")
+    api: ApiClient | None = None
     # The job's files and the release: readable by the job user (tmp_path is root's alone).
     share = Path(tempfile.mkdtemp(prefix="spoold-upgrade-"))
     share.chmod(0o755)
     try:
-        run("apt-get", "install", "-y", "-qq", str(deb))
+        first = run("apt-get", "install", "-y", "-qq", str(deb))
         assert installed("spoold")
+        token = check_api_token()
+        not_shown(token, first)
 
         # The installed command, against a spool of its own.
         assert os.path.realpath("/usr/bin/spoold") == "/usr/bin/spoold"
@@ -492,27 +627,44 @@ def test_debian_package(tmp_path: Path) -> None:
         assert "spool: /var/spool/spoold" in Path("/etc/spoold/config.yaml").read_text()
         assert pwd.getpwnam("spoold").pw_gid == grp.getgrnam("spoold").gr_gid
         assert group_exists("spoold-submit")
+        # The HTTP API on loopback, on the port the issue names.
+        config = yaml.safe_load(Path("/etc/spoold/config.yaml").read_text())
+        assert config["api"] == {"listen": f"127.0.0.1:{API_PORT}"}, config["api"]
         check_spool_tree()
         check_job_user()
         check_submitters()
 
-        # Installing the same version again keeps the admin's config and the tree.
-        with Path("/etc/spoold/config.yaml").open("a") as config:
-            config.write("# changed by test_deb\n")
-        run("apt-get", "install", "-y", "-qq", "--reinstall", str(deb))
+        # Installing the same version again keeps the admin's config, the tree and the token
+        # (postinst makes none while /etc/spoold/api-token exists).
+        port = api_port()
+        if port != API_PORT:  # held on this machine: the service's API moves, as an admin would
+            move_api(port)
+        with Path("/etc/spoold/config.yaml").open("a") as config_file:
+            config_file.write("# changed by test_deb\n")
+        again = run("apt-get", "install", "-y", "-qq", "--reinstall", str(deb))
         assert "# changed by test_deb" in Path("/etc/spoold/config.yaml").read_text()
+        assert check_api_token() == token, "the reinstall replaced the API token"
+        not_shown(token, again)
         check_spool_tree()
         check_job_user()
 
-        # An upgrade to a higher version while a job runs under the service.
+        # The service serves the API with the install's token, and runs a job POSTed with it.
         service.start()
+        api = ApiClient(port, token)
+        check_api(api)
+        check_api_job(api, service)
+
+        # An upgrade to a higher version while a job runs under the service.
         submit_waiting_job(share)
         wait_until(lambda: started(UPGRADE_JOB, share, service), "the job to start", service)
         assert job_directories(UPGRADE_JOB) == ["running"]
         bumped = bumped_copy(deb, tmp_path)
-        run("apt-get", "install", "-y", "-qq", "-o", "Dpkg::Options::=--force-confold", str(bumped))
+        upgrade = run("apt-get", "install", "-y", "-qq", "-o", "Dpkg::Options::=--force-confold",
+                      str(bumped))  # fmt: skip
         assert "+test1" in run("dpkg-query", "-W", "-f", "${Version}", "spoold").stdout
         assert "# changed by test_deb" in Path("/etc/spoold/config.yaml").read_text()
+        assert check_api_token() == token, "the upgrade replaced the API token"
+        not_shown(token, upgrade)
         check_spool_tree()
         check_job_user()
         # Under systemd, postinst restarts the service now (debhelper's default for an upgrade).
@@ -522,6 +674,7 @@ def test_debian_package(tmp_path: Path) -> None:
         wait_until(
             lambda: adopted(UPGRADE_JOB, service), "the new daemon to adopt the job", service
         )
+        check_api(api)  # the new daemon, with the kept token
         (share / "release").touch()
         wait_until(
             lambda: set(job_directories(UPGRADE_JOB)) & {"done", "failed"},
@@ -535,6 +688,8 @@ def test_debian_package(tmp_path: Path) -> None:
         run("runuser", "-u", "spoold", "--", "/usr/bin/spoold", "purge", "--spool", str(SPOOL),
             "--older-than", "0s", cwd=Path("/"))  # fmt: skip
     finally:
+        if api is not None:
+            api.close()
         service.kill()
         end_leftovers(str(share))  # the job, after a failure
         shutil.rmtree(share, ignore_errors=True)

@@ -149,3 +149,14 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
                         break
                 found.append(component)
     return found
+
+
+def test_every_package_is_installed() -> None:
+    """A subpackage pyproject.toml does not list is missing from the wheel and the Debian
+    package (spoold.face.api was, once, and the packaged daemon could not start its API)."""
+    import tomllib  # noqa: PLC0415
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])  # fmt: skip
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages - listed == set(), "add them to [tool.setuptools] packages"

@@ -82,6 +82,49 @@ class CallbackSettings(NamedTuple):
         )
 
 
+class ApiSettings(NamedTuple):
+    """The HTTP API (``api:`` in the config): where it listens, and how."""
+
+    host: str = "127.0.0.1"
+    port: int = 8420
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: A client silent this long (idle keep-alive, a slow request) is disconnected.
+    client_timeout: float = 30.0
+    #: Where clients reach the API (Location headers); None: as each request came.
+    public_url: str | None = None
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any], base: Path) -> ApiSettings | None:
+        """From the config's ``api:`` mapping (None: ``enabled: false``); ConfigError naming
+        the key of what is wrong. Paths are relative to the config file's directory."""
+        if document.get("enabled", True) is False:
+            return None
+        found: dict[str, Any] = {}
+        if "listen" in document:
+            host, sep, port = str(document["listen"]).rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"key api.listen: {document['listen']!r} is not host:port")
+            found["host"], found["port"] = host.removeprefix("[").removesuffix("]"), int(port)
+        for key in ("certfile", "keyfile"):
+            if key in document:
+                found[key] = base / str(document[key])
+        if ("certfile" in found) != ("keyfile" in found):
+            raise ConfigError("key api.certfile: HTTPS needs both certfile and keyfile")
+        if "client_timeout" in document:
+            try:
+                found["client_timeout"] = parse_duration(document["client_timeout"])
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"key api.client_timeout: {exc}") from None
+        if document.get("public_url"):
+            found["public_url"] = str(document["public_url"]).rstrip("/")
+        return cls(**found)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certfile else "http"
+
+
 class Config(NamedTuple):
     """Everything the daemon and the CLI need to know, validated at start.
 
@@ -131,6 +174,8 @@ class Config(NamedTuple):
     job_users: tuple[str, ...] = ("spoold-job",)
     #: What each submitter may use (``policy:``); None: no limits beyond the rest of the config.
     policy: Policy | None = None
+    #: The HTTP API (``api:``); None: not served.
+    api: ApiSettings | None = None
     #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
     executor_settings: Mapping[str, dict[str, Any]] = {}
     source: Path | None = None
@@ -301,6 +346,9 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         from spoold.core.policy import Policy  # noqa: PLC0415 - only a config that has one
 
         values["policy"] = Policy.from_document(doc["policy"])
+    if "api" in doc:
+        api = _of_kind("api", doc["api"] or {}, dict, "a mapping")
+        values["api"] = ApiSettings.from_document(api, base)
     if "executors" in doc:
         executors = _of_kind("executors", doc["executors"], dict, "a mapping")
         values["executor_settings"] = {

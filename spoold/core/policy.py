@@ -1,7 +1,7 @@
 """The submitter policy (``policy:`` in the config): which executors, ``run_as`` users and secrets
 a submitter may use, and who the submitter is.
 
-A subject is a user, a group or (for the HTTP API, later) a token; each names rules of glob
+A subject is a user, a group or an HTTP API token (by its name); each names rules of glob
 patterns. A submitter's rights are the union of the rules naming their user, any of their groups
 or their token; ``default`` is for a submitter none of them names. No ``policy:`` at all limits
 no one; a policy without ``default`` gives anyone it does not name nothing. Root is never
@@ -63,15 +63,24 @@ class Rules(NamedTuple):
 
 
 class Submitter(NamedTuple):
-    """Who submitted a job file: the owner of the file dropped into incoming/, or the CLI's caller.
+    """Who submitted a job file: the owner of the file dropped into incoming/, the CLI's caller,
+    or an HTTP API token.
 
-    ``name`` is the user's name, or ``uid:N`` for a uid with none (a policy can name it so).
+    ``name`` is the user's name, ``uid:N`` for a uid with none (a policy can name it so), or
+    ``token:NAME`` for a token.
     """
 
     name: str
     uid: int | None
     #: The primary group, for the group list; None: not a user of this host.
     gid: int | None = None
+    #: The API token's name (``policy: tokens: NAME``); None: a user.
+    token: str | None = None
+
+    @classmethod
+    def of_token(cls, name: str) -> Submitter:
+        """The holder of the API token named ``name``: no user of this host, never root."""
+        return cls(f"token:{name}", None, None, name)
 
     @classmethod
     def of_uid(cls, uid: int) -> Submitter:
@@ -129,7 +138,7 @@ class Policy(NamedTuple):
     groups: Mapping[str, Rules] = {}
     #: The rules of a submitter no entry names; None: nothing at all.
     default: Rules | None = None
-    #: For the HTTP API's tokens (not read from the config yet): a token is a subject too.
+    #: The HTTP API's tokens, by name: a token is a subject too.
     tokens: Mapping[str, Rules] = {}
 
     @classmethod
@@ -137,12 +146,12 @@ class Policy(NamedTuple):
         """From the config's ``policy:``; ConfigError naming the key of what is wrong."""
         if not isinstance(document, dict):
             raise ConfigError(f"key policy: {document!r} is not a mapping")
-        known = ("users", "groups", "default")
+        known = ("users", "groups", "tokens", "default")
         if unknown := sorted(set(document) - set(known)):
             names = ", ".join(f"policy.{name}" for name in unknown)
             raise ConfigError(f"unknown key {names} (known: {', '.join(known)})")
         subjects: dict[str, dict[str, Rules]] = {}
-        for kind in ("users", "groups"):
+        for kind in ("users", "groups", "tokens"):
             entries = document.get(kind) or {}
             if not isinstance(entries, dict):
                 raise ConfigError(f"key policy.{kind}: {entries!r} is not a mapping of names")
@@ -154,6 +163,7 @@ class Policy(NamedTuple):
         return cls(
             users=subjects["users"],
             groups=subjects["groups"],
+            tokens=subjects["tokens"],
             default=None if default is None else Rules.from_document(default, "policy.default"),
         )
 
@@ -177,6 +187,8 @@ class Policy(NamedTuple):
         """What ``submitter`` may use; None: not limited (root)."""
         if submitter.unlimited:
             return None
+        if submitter.token is not None:
+            return self.rules_for(token=submitter.token)
         return self.rules_for(user=submitter.name, groups=submitter.groups())
 
 

@@ -123,3 +123,15 @@ def read_status(spool: Spool, job: JobDir) -> dict[str, Any]:
             f"job {job.job_id} is in {job.directory}/, but {who()} may not read its status.json "
             f"({job.job_id}/ is {owner(job.location)})"
         ) from None
+
+
+def current_status(spool: Spool, job_id: str, *, looks: int = 20) -> dict[str, Any]:
+    """The job's status.json wherever it is now: a job that moves between finding it and
+    reading it (claimed, finished) is looked for again."""
+    for _ in range(looks - 1):
+        job = locate(spool, job_id)
+        try:
+            return read_status(spool, job)
+        except JobNotFound:  # moved on: locate finds where to, or says it is gone
+            continue
+    return read_status(spool, locate(spool, job_id))

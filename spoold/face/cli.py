@@ -194,6 +194,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", choices=("done", "failed", "rejected"), help="only this (default: all three)"
     )
     purge.add_argument("--dry-run", action="store_true", help="list, and remove nothing")
+    schedule = add("schedule", None, "schedules: list them, run one now, pause, resume")
+    schedule_sub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    schedule_list = schedule_sub.add_parser(
+        "list", parents=[common],
+        help="the schedules, soonest firing first: next firings, paused or not, last runs",
+    )  # fmt: skip
+    schedule_list.add_argument("--json", action="store_true")
+    schedule_list.set_defaults(handler=cmd_schedule_list)
+    for action, text in (
+        (
+            "run",
+            "run a schedule once now, paused or not (its overlap rule applies); prints "
+            "the run's id",
+        ),
+        (
+            "pause",
+            "stop a schedule's firings until it is resumed (those meanwhile are "
+            "skipped, not caught up)",
+        ),
+        ("resume", "fire a paused schedule again from its next firing on"),
+    ):
+        acting = schedule_sub.add_parser(action, parents=[common], help=text, description=text)
+        acting.add_argument("job_id", metavar="ID")
+        acting.set_defaults(handler=cmd_schedule_act)
+    token = add("token", None, "HTTP API tokens: create, list, revoke")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser(
+        "create", parents=[common], help="make a token; it is printed once, on standard output",
+        description="Make an API token and print it (only its hash is kept). Scopes: read "
+        "(jobs, logs, artifacts, schedules, metrics), submit, control (cancel, retry, run now, "
+        "pause, resume), admin (all). What it may submit is policy: tokens: NAME's.",
+    )  # fmt: skip
+    create.add_argument("--name", required=True, help="what the policy, logs and jobs call it")
+    create.add_argument(
+        "--scope", action="append", required=True, metavar="SCOPES",
+        help="comma-separated: read, submit, control, admin (repeatable)",
+    )  # fmt: skip
+    create.set_defaults(handler=cmd_token_create)
+    token_list = token_sub.add_parser("list", parents=[common], help="the tokens (no secrets)")
+    token_list.add_argument("--json", action="store_true")
+    token_list.set_defaults(handler=cmd_token_list)
+    revoke = token_sub.add_parser(
+        "revoke", parents=[common], help="revoke a token by id, or every token of a name"
+    )
+    revoke.add_argument("which", metavar="ID|NAME")
+    revoke.set_defaults(handler=cmd_token_revoke)
     add("schema", cmd_schema, "print the job file's JSON Schema")
     add("completion", cmd_completion, "print the bash completion script")
     return parser
@@ -550,6 +596,109 @@ def cmd_purge(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(f"--older-than: {exc}") from exc
     states = [args.state] if args.state else ["done", "failed", "rejected"]
     return purge(_spool(config), config, states, age, args.older_than, dry_run=args.dry_run)
+
+
+def _who(config: Config) -> str:
+    """Who runs this command, for records: ``alice on host1``."""
+    import pwd  # noqa: PLC0415
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid:{os.geteuid()}"
+    return f"{user} on {config.hostname}"
+
+
+def cmd_schedule_list(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face.schedules import schedule_rows  # noqa: PLC0415
+
+    rows = schedule_rows(_spool(config))
+    if args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        coming = row.get("next_fire_times") or []
+        when = "paused" if row.get("paused") else coming[0] if coming else "never again"
+        last = (row.get("last_runs") or [{}])[0]
+        ran = f"{last.get('run_id')} {last.get('state')}" if last else "no run yet"
+        print(f"{row['job_id']:<32} next: {when:<22} last: {ran}")
+    return EXIT_OK
+
+
+def cmd_schedule_act(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face import schedules  # noqa: PLC0415
+
+    spool, who, action = _spool(config), _who(config), args.schedule_command
+    if action == "run":
+        run = schedules.run_now(spool, args.job_id, who=who)
+        said = f"{args.job_id}: run {run} asked for"
+    elif action == "pause":
+        done = schedules.pause(spool, args.job_id, who=who)
+        said = (
+            f"{args.job_id}: paused"
+            if done["changed"]
+            else (
+                f"{args.job_id}: paused already, since {done['paused_at']} by {done['paused_by']}"
+            )
+        )
+    else:
+        done = schedules.resume(spool, args.job_id, who=who)
+        said = f"{args.job_id}: resumed" if done["changed"] else f"{args.job_id}: was not paused"
+    print(said)
+    if not schedules.wake_daemon(spool, config.hostname):
+        print("no spoold runs here: it acts when one starts (or another host sharing the spool "
+              "does at its next scan)", file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace, config: Config) -> int:
+    from spoold.core.clock import SystemClock  # noqa: PLC0415
+    from spoold.core.tokens import TokenError, parse_scopes  # noqa: PLC0415
+    from spoold.face.access import UsageError  # noqa: PLC0415
+    from spoold.face.tokens import create_token  # noqa: PLC0415
+
+    try:
+        scopes = parse_scopes(args.scope)
+        token, text = create_token(
+            _spool(config), args.name, scopes, who=_who(config), now=SystemClock().now()
+        )
+    except TokenError as exc:
+        raise UsageError(f"token create: {exc}") from None
+    print(text)
+    print(f"spoold: token {token.id} ({token.name}: {', '.join(token.scopes)}) made; it is "
+          "shown only now", file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face.tokens import list_tokens  # noqa: PLC0415
+
+    tokens = list_tokens(_spool(config))
+    if args.json:
+        import json  # noqa: PLC0415
+
+        shown = [{k: v for k, v in t.to_dict().items() if k != "secret_sha256"} for t in tokens]
+        print(json.dumps(shown, indent=2))
+        return EXIT_OK
+    for t in tokens:
+        print(f"{t.id}  {t.name:<20} {','.join(t.scopes):<24} {t.created_at}  {t.created_by}")
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace, config: Config) -> int:
+    from spoold.core.tokens import TokenError  # noqa: PLC0415
+    from spoold.face.access import UsageError  # noqa: PLC0415
+    from spoold.face.tokens import revoke_tokens  # noqa: PLC0415
+
+    try:
+        revoked = revoke_tokens(_spool(config), args.which)
+    except TokenError as exc:
+        raise UsageError(f"token revoke: {exc}") from None
+    for t in revoked:
+        print(f"token {t.id} ({t.name}) revoked")
+    return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace, config: Config | None) -> int:

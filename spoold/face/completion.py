@@ -64,6 +64,7 @@ _TAIL = """\
         jobs) COMPREPLY=($(compgen -W "$(_spoold_ids)" -- "$cur")) ;;
         schedules) COMPREPLY=($(compgen -W "$(_spoold_ids scheduled)" -- "$cur")) ;;
         any) COMPREPLY=($(compgen -W "$(_spoold_ids) $(_spoold_ids scheduled)" -- "$cur")) ;;
+        actions) COMPREPLY=($(compgen -W "$actions" -- "$cur")) ;;
     esac
     return 0
 }
@@ -102,7 +103,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
     lines = [
         _HEAD,
         f'    local commands="{" ".join(commands)}"',
-        f'    local opts="{" ".join(options)}" takes="{" ".join(takes)}" states="" operands=""',
+        f'    local opts="{" ".join(options)}" takes="{" ".join(takes)}" states="" operands="" actions=""',
         "    case $command in",
     ]
     for name, command in commands.items():
@@ -112,6 +113,8 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         extra = [f'states="{" ".join(states)}"'] if states else []
         if name in _OPERANDS:
             extra.append(f"operands={_OPERANDS[name]}")
+        elif actions := _commands(command):  # spoold schedule run|pause|..., token create|...
+            extra.append(f'operands=actions; actions="{" ".join(actions)}"')
         if extra:
             lines.append(f"            {'; '.join(extra)}")
         lines.append("            ;;")

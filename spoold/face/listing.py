@@ -68,7 +68,9 @@ def job_rows(
         if labels and not _labelled(spool, job, status, labels):
             continue
         if scheduled:
-            times = status.get("next_fire_times") or ["never again"]
+            times = status.get("next_fire_times") or [
+                "paused" if status.get("paused") else "never again"
+            ]
             runs = status.get("runs") or []
             last = str(runs[-1]["run_id"]) if runs else "none yet"
             status["error"] = f"next: {times[0]}; last run: {last}"

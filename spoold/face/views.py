@@ -54,7 +54,7 @@ def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) 
     lines = []
     keys = ("job_id", "state", "executor", "type", "description", "source", "submitter",
             "submitted_at", "started_at", "finished_at", "next_attempt_at", "exit_code", "error",
-            "worker", "schedule", "last_fired")  # fmt: skip
+            "worker", "schedule", "last_fired", "paused_at", "paused_by")  # fmt: skip
     about = _about(spool, job, status)
     for key in keys:
         value = status.get(key)
@@ -268,6 +268,16 @@ def _daemon(spool: Spool, host: str) -> dict[str, Any] | None:
     since = started_at(holder[1]) if holder else None
     return {"host": host, "pid": holder[0] if holder else None,
             "since": rfc3339(since) if since else None}  # fmt: skip
+
+
+def hosts_rows(spool: Spool) -> list[dict[str, Any]]:
+    """The hosts that serve (or served) this spool: ``alive`` with the daemon's pid and start
+    where one holds the spool's lock for that host now."""
+    rows = []
+    for host in spool.host_lock.hosts():
+        daemon = _daemon(spool, host) or {"host": host, "pid": None, "since": None}
+        rows.append({**daemon, "alive": daemon["pid"] is not None})
+    return rows
 
 
 def _daemon_words(spool: Spool, daemon: dict[str, Any] | None) -> str:

@@ -155,11 +155,13 @@ class Admission:
         now: datetime,
         spool: Spool | None = None,
         submitter: Submitter | None = None,
+        job_id: str | None = None,
     ) -> Admitted:
         """The admitted job, or Refused. ``spool``: also refuse a job id it holds already.
 
         ``submitter``: whose policy applies (the owner of a dropped file); None: this process's
-        user (``spoold validate`` and ``submit`` check as their caller).
+        user (``spoold validate`` and ``submit`` check as their caller). ``job_id``: the id of a
+        file that names none (else one is made).
         """
         if (problem := file_problem(filename, len(data), self._max_file_size)) is not None:
             code, reason = problem
@@ -172,7 +174,7 @@ class Admission:
         if problems := value_problems(document):
             issues = _located(_nodes(data), problems)
             raise Refused("invalid", summary(issues), issues)
-        job_id = str(document.get("job_id") or generate_job_id(now))
+        job_id = str(document.get("job_id") or job_id or generate_job_id(now))
         try:
             spec = JobSpec.from_document(document, job_id)
         except ValueError as exc:  # the checks above should leave nothing for this

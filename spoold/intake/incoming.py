@@ -19,11 +19,13 @@ from spoold.core.joblog import format_line
 from spoold.core.policy import Policy, Submitter
 from spoold.core.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.core.units import format_duration
-from spoold.intake.admission import Admission, Refused, display_name, file_problem
+from spoold.intake.admission import Admission, Admitted, Refused, display_name, file_problem
 from spoold.intake.policy_check import shared_writer_problem
 from spoold.intake.validation import JobValidator
 from spoold.out.outbox import Callbacks
+from spoold.run import observed
 from spoold.run.ledger import JobLedger
+from spoold.run.observed import Observation
 from spoold.schedule.triggers import schedule_status
 
 _FIRST_RETRY, _LAST_RETRY = 1.0, 60.0
@@ -106,11 +108,14 @@ class Intake:
         on_scheduled: Callable[[JobDir], None] = lambda job: None,
         callbacks: Callbacks | None = None,
         policy: Policy | None = None,
+        on_observed: Callable[[Observation], None] | None = None,
     ) -> None:
+        """``on_observed`` hears of each job accepted, with its pickup latency (the metrics')."""
         self._spool = spool
         self._policy = policy
         self._callbacks = callbacks
-        self._ledger = JobLedger(spool, callbacks, logger=logger)
+        listeners = () if on_observed is None else (observed.listener(on_observed, clock),)
+        self._ledger = JobLedger(spool, callbacks, listeners=listeners, logger=logger)
         self._on_scheduled = on_scheduled
         # What validate and submit ask too: the same file gets the same answer everywhere.
         self._admission = Admission(
@@ -206,6 +211,45 @@ class Intake:
             admitted = self._admission.admit(taken.data, name, now=now, submitter=submitter)
         except Refused as refused:
             return self._refuse(taken, refused, submitter)
+        try:
+            return self._place(taken, admitted, submitter)
+        except Refused as duplicate:
+            return self._refuse(taken, duplicate, submitter)
+
+    def submit(
+        self,
+        data: bytes,
+        name: str,
+        submitter: Submitter,
+        job_id: str | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> str:
+        """A job file handed over directly (the HTTP API): admitted as the same file dropped by
+        ``submitter`` would be, and placed as intake places one; its job id.
+
+        Refused, and nothing written, if it is not admitted (code ``duplicate``: the job id is
+        taken). ``job_id``: the id for a file that names none. ``dry_run``: admit only.
+        """
+        now = self._clock.now()
+        admitted = self._admission.admit(
+            data, name, now=now, spool=self._spool, submitter=submitter, job_id=job_id
+        )
+        if dry_run:
+            return admitted.job_id
+        taken = self._spool.stages.stage_data(name, data)
+        try:
+            accepted = self._place(taken, admitted, submitter)
+        except BaseException:
+            self._spool.stages.discard(taken)
+            raise
+        self._spool.stages.handed_over(accepted.job)
+        return admitted.job_id
+
+    def _place(self, taken: TakenFile, admitted: Admitted, submitter: Submitter) -> Accepted:
+        """Into pending/ (or scheduled/) with its status; Refused if its job id is taken."""
+        assert taken.data is not None
+        name, now = taken.name, self._clock.now()
         document, job_id, spec = admitted.document, admitted.job_id, admitted.spec
         sha256 = hashlib.sha256(taken.data).hexdigest()
         if "schedule" in document:
@@ -216,10 +260,10 @@ class Intake:
             job = self._ledger.enter(
                 status, admitted.callback,
                 lambda: self._spool.stages.accept(taken, job_id, status.to_dict(), line),
+                arrived=taken.arrived,
             )  # fmt: skip
         except DuplicateJob as exc:  # the rename into pending/ settles it, with no window
-            duplicate = self._admission.duplicate(taken.data, document, str(exc))
-            return self._refuse(taken, duplicate, submitter)
+            raise self._admission.duplicate(taken.data, document, str(exc)) from None
         self._log.info("accepted %s as %s (%s, from %s)", name, job_id, spec.executor,
                        submitter.name)  # fmt: skip
         try:
@@ -235,7 +279,7 @@ class Intake:
         job_id: str,
         sha256: str,
         submitter: Submitter,
-    ) -> Accepted | Rejected:
+    ) -> Accepted:
         """Into scheduled/<job_id>, replacing a schedule of that id (its history kept).
 
         Its runs are the submitter's: the scheduler copies ``submitter`` into each one.
@@ -255,8 +299,7 @@ class Intake:
             job = self._spool.stages.accept(taken, job_id, status, line, schedule=True)
         except DuplicateJob as exc:
             assert taken.data is not None
-            duplicate = self._admission.duplicate(taken.data, document, str(exc))
-            return self._refuse(taken, duplicate, submitter)
+            raise self._admission.duplicate(taken.data, document, str(exc)) from None
         self._log.info("%s %s from %s", verb, job_id, taken.name)
         try:
             self._on_scheduled(job)

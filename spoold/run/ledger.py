@@ -11,6 +11,10 @@ this order, written once:
 4. commit the delivery, or drop it if the change raised;
 5. tell the listeners (``StateChange``): a listener that fails is logged, never felt.
 
+A ``StateChange`` carries what a listener needs to tell what happened (spoold.run.observed
+makes the metrics' observations of it) without reading the spool again: the status written,
+and for a claim the status the job was claimed with (read only when someone listens).
+
 Where a job comes from (an accepted file, a schedule's firing) it enters pending/ through
 ``enter``; the crash-safety of each step is the stores' (spoold.core.spool) and the outbox's.
 """
@@ -22,12 +26,12 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from spoold.core.errors import InvalidTransition
+from spoold.core.errors import InvalidTransition, SpooldError
+from spoold.core.job import JobStatus
 from spoold.core.states import JobState, check_transition
 from spoold.out.outbox import event_for
 
 if TYPE_CHECKING:
-    from spoold.core.job import JobStatus
     from spoold.core.spool import JobDir, Spool
     from spoold.out.outbox import Callbacks, CallbackTarget
 
@@ -48,6 +52,12 @@ class StateChange(NamedTuple):
     before: JobState | None
     after: JobState
     job: JobDir
+    #: The status written by the change (before masking: what a listener keeps of it must
+    #: hold no secret); for a claim, which writes none, the status the job had in pending/,
+    #: read only when the ledger has listeners. None: not known (unreadable).
+    status: JobStatus | None = None
+    #: For a new job taken from a file: when the file arrived in incoming/ (a Unix time).
+    arrived: float | None = None
 
 
 Listener = Callable[[StateChange], None]
@@ -81,8 +91,9 @@ class JobLedger:
     def claim(self, job_id: str) -> JobDir | None:
         """pending/ -> running/ for the worker that wins the rename; None for the others."""
         job = self._spool.jobs.claim(job_id)
-        if job is not None:
-            self._tell(StateChange(job_id, JobState.PENDING, JobState.RUNNING, job))
+        if job is not None and self._listeners:
+            self._tell(StateChange(job_id, JobState.PENDING, JobState.RUNNING, job,
+                                   self._claimed_status(job)))  # fmt: skip
         return job
 
     def move(
@@ -116,19 +127,27 @@ class JobLedger:
                 moved = self._spool.jobs.requeue(job, data)
             else:
                 moved = self._spool.jobs.finish(job, to, data, log_synced=log_synced)
-        self._tell(StateChange(job.job_id, before, to, moved))
+        self._tell(StateChange(job.job_id, before, to, moved, status))
         return moved
 
     def enter(
-        self, status: JobStatus, target: CallbackTarget | None, place: Callable[[], JobDir]
+        self,
+        status: JobStatus,
+        target: CallbackTarget | None,
+        place: Callable[[], JobDir],
+        *,
+        arrived: float | None = None,
     ) -> JobDir:
         """A new job into pending/ (``place`` puts it there: intake's accept, a schedule's
-        firing), its ``accepted`` event prepared before and committed after."""
+        firing), its ``accepted`` event prepared before and committed after.
+
+        ``arrived``: when its file arrived in incoming/, for the listeners (pickup latency).
+        """
         if status.state is not JobState.PENDING:
             raise InvalidTransition(f"a new job enters pending, not {status.state.value}")
         with self._announced(None, "accepted", status, target, mask=None, announce=True):
             job = place()
-        self._tell(StateChange(job.job_id, None, JobState.PENDING, job))
+        self._tell(StateChange(job.job_id, None, JobState.PENDING, job, status, arrived))
         return job
 
     @contextlib.contextmanager
@@ -152,6 +171,14 @@ class JobLedger:
             return
         with self._callbacks.announce(target, event, status, mask):
             yield
+
+    def _claimed_status(self, job: JobDir) -> JobStatus | None:
+        """The status a claimed job had in pending/ (its worker reads it next, from the page
+        cache); None if it cannot be read (recovery rebuilds a lost one: repair_pending)."""
+        try:
+            return JobStatus.from_dict(self._spool.jobs.read_status(job))
+        except (OSError, SpooldError, ValueError, KeyError, TypeError):
+            return None
 
     def _tell(self, change: StateChange) -> None:
         for listener in self._listeners:

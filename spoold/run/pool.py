@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -32,6 +33,7 @@ from spoold.core.config import Config
 from spoold.core.errors import WorkerProcessError
 from spoold.run.dispatch import DispatchQueue, JobMeta
 from spoold.run.heartbeat import LeaseHeartbeat
+from spoold.run.observed import Observation
 from spoold.run.worker import JobRunner, WorkerPool
 
 _PR_SET_PDEATHSIG = 1
@@ -42,6 +44,11 @@ _READY_BOUND = 60.0  # a fresh interpreter importing spoold takes well under a s
 # job at once instead of waiting for the main process to answer. A job held behind a long
 # one is taken back (Revoke) as soon as another process has a slot free.
 _PREFETCH = 1
+# A worker process's observations (the metrics') wait this long at most, to go out together
+# and with its other messages: each message wakes the main process's reader of the link, and
+# a wake-up costs it more than counting what it brings.
+_OBSERVED_WINDOW = 0.05
+_OBSERVED_MOST = 256  # then they go at once
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class Setup:
     config: Config
     slots: tuple[str, ...]
     parent: int
+    #: Whether the main process counts what it does (``Observed``): else it sends none.
+    observe: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,9 +101,11 @@ class Returned:
 
 @dataclass(frozen=True)
 class Done:
-    """From a worker process: its slot is free again (the job ran, or another claimed it)."""
+    """From a worker process: its slot is free again (the job ran, or another claimed it);
+    with the observations it held meanwhile (``Observed``): one message, one wake-up."""
 
     job_id: str
+    observations: tuple[Observation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,14 @@ class Deferred:
     due: float  # a wall-clock timestamp: it is also what status.json says
 
 
-Message = RunJob | Stop | Ready | Done | Revoke | Returned | Deferred
+@dataclass(frozen=True)
+class Observed:
+    """From a worker process: changes of jobs' states it made, for the daemon's metrics."""
+
+    observations: tuple[Observation, ...]
+
+
+Message = RunJob | Stop | Ready | Done | Revoke | Returned | Deferred | Observed
 
 
 def send_message(conn: Connection, message: Message) -> None:
@@ -121,14 +139,18 @@ def send_message(conn: Connection, message: Message) -> None:
             data = marshal.dumps(("stop", grace))
         case Ready():
             data = marshal.dumps(("ready",))
-        case Done(job_id):
+        case Done(job_id, ()):
             data = marshal.dumps(("done", job_id))
+        case Done(job_id, observations):
+            data = marshal.dumps(("done", job_id, tuple(each.to_wire() for each in observations)))
         case Revoke():
             data = marshal.dumps(("revoke",))
         case Returned(job_ids):
             data = marshal.dumps(("returned", job_ids))
         case Deferred(job_id, due):
             data = marshal.dumps(("deferred", job_id, due))
+        case Observed(observations):
+            data = marshal.dumps(("observed", tuple(each.to_wire() for each in observations)))
     conn.send_bytes(data)
 
 
@@ -148,10 +170,16 @@ def receive_message(conn: Connection) -> Message:
             return Ready()
         case ("done", str(job_id)):
             return Done(job_id)
+        case ("done", str(job_id), tuple(batch)):
+            with contextlib.suppress(ValueError):  # not observations: junk, as below
+                return Done(job_id, tuple(Observation.from_wire(wire) for wire in batch))
         case ("revoke",):
             return Revoke()
         case ("deferred", str(job_id), float(due)):
             return Deferred(job_id, due)
+        case ("observed", tuple(batch)):
+            with contextlib.suppress(ValueError):  # not observations: junk, as below
+                return Observed(tuple(Observation.from_wire(wire) for wire in batch))
         case ("returned", tuple(job_ids)) if all(isinstance(j, str) for j in job_ids):
             return Returned(job_ids)
     raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
@@ -215,8 +243,12 @@ class WorkerProcesses:
         on_lost: Callable[[], None],
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
+        on_observed: Callable[[Observation], None] | None = None,
     ) -> None:
+        """``on_observed`` hears of each change of state a worker process makes (the
+        metrics'), on the thread that reads that process's messages: it must be quick."""
         self._config = config
+        self._on_observed = on_observed
         self._child_main = child_main(entry)
         self._on_deferred = on_deferred
         self._on_cancel = on_cancel  # a job to end as cancelled, and why
@@ -349,7 +381,7 @@ class WorkerProcesses:
                 pass_fds=(theirs.fileno(),),
             )
             conn = Connection(ours.detach())
-        conn.send(Setup(self._config, slots, os.getpid()))
+        conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None))
         return _Link(index, slots, process, conn)
 
     def _await_ready(self, link: _Link) -> None:
@@ -387,6 +419,11 @@ class WorkerProcesses:
                     if holder is not None:
                         with contextlib.suppress(OSError):  # its receiver sees it die
                             holder.send(Revoke())
+                    for observation in message.observations:
+                        self._observed(observation)
+                elif isinstance(message, Observed):
+                    for observation in message.observations:
+                        self._observed(observation)
                 elif isinstance(message, Deferred):
                     self._on_deferred(message.job_id, message.due)
                 elif isinstance(message, Returned):
@@ -405,6 +442,17 @@ class WorkerProcesses:
             stopping = self._stopping
         if not stopping:
             self._on_lost()
+
+    def _observed(self, observation: Observation) -> None:
+        """Hand an observation on; a failure there is logged, never felt by the link's reader
+        (which would take it for a dead worker process)."""
+        if self._on_observed is None:
+            return
+        try:
+            self._on_observed(observation)
+        except Exception:
+            self._logger.exception("counting %s of job %s failed", observation.kind,
+                                   observation.job_id)  # fmt: skip
 
     def _hand_out(self, link: _Link | None) -> tuple[_Link, RunJob] | None:
         """Under the lock: the next queued job, reserved for a free slot of ``link``."""
@@ -540,6 +588,7 @@ def serve_jobs(
                 message = Stop(config.shutdown_grace)
             if isinstance(message, Stop):
                 pool.stop(message.grace, clock)
+                parent.close()
                 return
             if isinstance(message, RunJob):
                 if message.document is not None:
@@ -556,15 +605,39 @@ def serve_jobs(
 
 class ParentLink:
     """A worker process's link to the main process: its messages, one at a time from any
-    thread (not spoold.out.outbox, which holds the callbacks' deliveries)."""
+    thread (not spoold.out.outbox, which holds the callbacks' deliveries).
 
-    def __init__(self, conn: Connection) -> None:
+    Observations are held for up to ``window`` seconds and go out together: in the next
+    ``Done`` (a slot's, which comes every job), ahead of any other message sent meanwhile, or
+    else by a thread of their own once the window is over.
+    """
+
+    def __init__(self, conn: Connection, *, window: float = _OBSERVED_WINDOW) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._held: list[Observation] = []
+        self._since = 0.0  # when the first of those held came (time.monotonic)
+        self._window = window
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
+        self._sender: threading.Thread | None = None
 
     def send(self, message: Message) -> None:
         with self._lock, contextlib.suppress(OSError):  # the main process is gone: no one hears
+            if self._held and isinstance(message, Done):  # the most frequent: they go along
+                message, self._held = Done(message.job_id, tuple(self._held)), []
+            self._send_held()
             send_message(self._conn, message)
+
+    def close(self) -> None:
+        """Send what is held; hold nothing more (the process ends)."""
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._send_held()
+            self._changed.notify()
+        if self._sender is not None:
+            self._sender.join()
 
     def done(self, job_id: str) -> None:
         """What the slots call when they are done with a job."""
@@ -573,3 +646,44 @@ class ParentLink:
     def deferred(self, job_id: str, due: float) -> None:
         """What the runner calls when a job waits in pending/ for its next attempt."""
         self.send(Deferred(job_id, due))
+
+    def observed(self, observation: Observation) -> None:
+        """What the runner's ledger listener calls for each change of state (the metrics')."""
+        with self._lock:
+            if self._closed:
+                with contextlib.suppress(OSError):
+                    send_message(self._conn, Observed((observation,)))
+                return
+            self._held.append(observation)
+            if len(self._held) == 1:
+                # Real time, not a Clock: how long a batch waits to go is no job's time.
+                self._since = time.monotonic()
+                if self._sender is None:
+                    self._sender = threading.Thread(
+                        target=self._send_in_time, name="spoold-observed", daemon=True
+                    )
+                    self._sender.start()
+                self._changed.notify()
+            elif len(self._held) >= _OBSERVED_MOST:
+                with contextlib.suppress(OSError):
+                    self._send_held()
+
+    def _send_held(self) -> None:
+        """Under the lock: the observations held, in one message."""
+        if self._held:
+            held, self._held = tuple(self._held), []
+            send_message(self._conn, Observed(held))
+
+    def _send_in_time(self) -> None:
+        """Send the observations no other message took along, ``window`` after the first."""
+        with self._lock:
+            while not self._closed:
+                if not self._held:
+                    self._changed.wait()
+                    continue
+                left = self._since + self._window - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                with contextlib.suppress(OSError):
+                    self._send_held()

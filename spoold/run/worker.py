@@ -13,7 +13,7 @@ import random
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +44,7 @@ from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.hooks import HookRunner
 from spoold.run.lane import Lane
 from spoold.run.launcher import Chore, Launcher, LauncherError, Supervised
-from spoold.run.ledger import JobLedger
+from spoold.run.ledger import JobLedger, Listener
 from spoold.run.log_socket import LogTap
 from spoold.run.process import RunAs
 from spoold.run.registry import ExecutorRegistry
@@ -120,12 +120,14 @@ class JobRunner:
         callbacks: Callbacks | None = None,
         launcher: Launcher | None = None,
         lane: Lane | None = None,
+        listeners: Iterable[Listener] = (),
     ) -> None:
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone).
 
         ``masker``: where every secret read is also registered (spoold's own log masks it).
         ``launcher`` starts the jobs' supervisors (this process's if not given); ``lane``
-        says who jobs run as and where they work (the config's if not given).
+        says who jobs run as and where they work (the config's if not given). ``listeners``
+        hear of each change of state this runner makes (spoold.run.ledger: the metrics').
         """
         self._spool = spool
         self._registry = registry
@@ -136,7 +138,7 @@ class JobRunner:
         self._secrets = secrets or SecretStore(None)
         self._tap = tap  # RUNNER_LOG_SOCKET
         self._callbacks = callbacks
-        self._ledger = JobLedger(spool, callbacks, logger=logger)
+        self._ledger = JobLedger(spool, callbacks, listeners=listeners, logger=logger)
         self._masker = masker if masker is not None else Masker()
         # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
         self._on_deferred = on_deferred

@@ -153,6 +153,7 @@ class Plan:
     fire: tuple[datetime, ...]
     notes: tuple[str, ...]
     last: datetime | None  # the newest firing dealt with, run or not
+    skipped: int = 0  # firings skipped because the schedule is paused (``skip_while_paused``)
 
 
 def plan(
@@ -196,6 +197,22 @@ def plan(
                 + (f"; {dropped} older ones dropped (at most {CATCH_UP_LIMIT})" if dropped else "")
             )
     return Plan(tuple(fire), tuple(notes), due[-1])
+
+
+def skip_while_paused(
+    spec: ScheduleSpec, trigger: BaseTrigger, *, last: datetime | None, since: datetime,
+    now: datetime,
+) -> Plan:  # fmt: skip
+    """While a schedule is paused: every firing due at ``now`` (after ``last``, or ``since``) is
+    skipped, on time or missed, and dealt with: none is caught up once it is resumed."""
+    due, count = _due(spec, trigger, last or since, now)
+    if not due:
+        return Plan((), (), last)
+    span = _show(due[0]) if count == 1 else f"{count} from {_show(due[0])} to {_show(due[-1])}"
+    if count > len(due):  # a long pause of a frequent schedule: only the newest are kept
+        span = f"{count}, the newest {_show(due[-1])}"
+    note = f"firing(s) skipped while paused: {span}"
+    return Plan((), (note,), due[-1], skipped=count)
 
 
 def next_fire_times(
@@ -379,6 +396,12 @@ def schedule_status(
     """A schedule's status.json as intake writes it; a replaced definition keeps its history."""
     previous = previous or {}
     replaced = ["definition replaced"] if previous else []
+    if previous.get("paused"):
+        # The pause belonged to the definition replaced (its mark went with its directory).
+        replaced = [
+            f"definition replaced while paused (by {previous.get('paused_by')} since "
+            f"{previous.get('paused_at')}): the new definition is not paused"
+        ]
     return {
         "job_id": job_id,
         "state": "scheduled",

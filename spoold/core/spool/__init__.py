@@ -10,7 +10,9 @@ group commit of directory fsyncs (``fs.GroupCommit``):
   artifacts and work dirs (``jobs``);
 - ``spool.reservations``: ids/, the job ids held (``reservations``);
 - ``spool.deliveries``: outbox/, the callbacks' deliveries (``deliveries``);
-- ``spool.host_lock``: one daemon per host (``host_lock``).
+- ``spool.host_lock``: one daemon per host (``host_lock``);
+- ``spool.tokens`` and ``spool.idempotency``: the HTTP API's tokens/ and idempotency/
+  (``records``).
 
 What is fsynced, and why no more: on a journaling filesystem (ext4, xfs: the supported ones) a
 rename is one journal operation, and an fsync of a directory commits every metadata change made
@@ -30,6 +32,7 @@ from spoold.core.spool.deliveries import Deliveries
 from spoold.core.spool.fs import DEFAULT_MODE, GroupCommit
 from spoold.core.spool.host_lock import HostLock
 from spoold.core.spool.jobs import JobDir, Jobs
+from spoold.core.spool.records import IdempotencyKeys, TokenRecords
 from spoold.core.spool.reservations import Reservations
 from spoold.core.spool.stages import (
     FileOwner,
@@ -66,7 +69,7 @@ _MODES = {"incoming": 0o1770}
 
 class Spool:
     """A spool directory tree, and its stores: ``stages``, ``jobs``, ``reservations``,
-    ``deliveries`` and ``host_lock``."""
+    ``deliveries``, ``host_lock``, ``tokens`` and ``idempotency``."""
 
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         # Absolute: job paths are handed to jobs (SPOOLD_JOB_DIR), which run elsewhere.
@@ -78,6 +81,8 @@ class Spool:
         self.stages = Stages(self._dirs, self._disk, self.jobs, self.reservations)
         self.deliveries = Deliveries(self._dirs, self._disk)
         self.host_lock = HostLock(self.root, self._dirs)
+        self.tokens = TokenRecords(self.root, durable=durable)
+        self.idempotency = IdempotencyKeys(self.root, durable=durable)
 
     @property
     def durable(self) -> bool:

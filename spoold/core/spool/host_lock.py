@@ -40,6 +40,12 @@ class HostLock:
         os.write(handle.fileno(), f"{os.getpid()} {process_start_time(os.getpid())}\n".encode())
         return handle
 
+    def hosts(self) -> list[str]:
+        """The hosts that have run a daemon on this spool (each left its lock file)."""
+        names = os.listdir(self._dirs["tmp"])
+        return sorted(n[len("daemon-") : -len(".lock")] for n in names
+                      if n.startswith("daemon-") and n.endswith(".lock"))  # fmt: skip
+
     def daemon_on(self, host: str) -> tuple[int, int] | None:
         """(pid, start time) of the daemon holding the lock on ``host``, or None if none does."""
         path = Path(self._dirs["tmp"], f"daemon-{host}.lock")

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -29,6 +30,7 @@ from spoold.core.errors import InvalidTransition, JobFileChanged, JobNotFound, S
 from spoold.core.ids import RUN_ID
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
+    TEMP_MARK,
     GroupCommit,
     fsync_path,
     json_bytes,
@@ -41,10 +43,21 @@ from spoold.core.spool.fs import (
 from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
 from spoold.core.states import JOB_DIRECTORIES, JobState
 
-__all__ = ["JobDir", "Jobs"]
+__all__ = ["JobDir", "Jobs", "ScheduleRequests"]
 
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _UNITS = "units"  # in a job's directory: what each unit of its attempts began and how it ended
+_PAUSED = "paused"  # in scheduled/<id>/: there while the schedule is paused (who, since when)
+_RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the scheduler noted it
+_RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
+
+
+class ScheduleRequests(NamedTuple):
+    """What a schedule's directory asks of the scheduler (``Jobs.schedule_requests``)."""
+
+    paused: dict[str, Any] | None  # the pause, while paused
+    resumed: dict[str, Any] | None  # the resume not yet noted
+    run_now: list[tuple[str, str, dict[str, Any]]]  # (file name, run id, record), oldest first
 
 
 class JobDir(NamedTuple):
@@ -69,6 +82,46 @@ class JobDir(NamedTuple):
     @property
     def job_file(self) -> Path:
         return Path(self.location, "job.yaml")
+
+
+def _create_whole(schedule: JobDir, name: str, record: dict[str, Any], *, durable: bool) -> bool:
+    """Create ``name`` in a schedule's directory holding ``record``, whole (a link of a file
+    written aside) and only if it is not there; False if it was."""
+    temporary = _request_file(schedule, name, record, durable=durable)
+    try:
+        os.link(temporary, f"{schedule.location}/{name}")
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(temporary)
+    if durable:
+        fsync_path(schedule.location)
+    return True
+
+
+def _request_file(schedule: JobDir, name: str, record: dict[str, Any], *, durable: bool) -> str:
+    """``record`` written aside in a schedule's directory, to be linked or renamed into place;
+    its path. Root's (``spoold schedule ...`` run as root) is given to the directory's owner:
+    the daemon, running as that owner, must read it."""
+    temporary = f"{schedule.location}/{TEMP_MARK}{name}.{os.getpid()}.{os.urandom(4).hex()}"
+    write_new(temporary, json_bytes(record), durable=durable)
+    if os.geteuid() == 0:
+        info = os.stat(schedule.location)
+        if info.st_uid != 0:
+            os.chown(temporary, info.st_uid, info.st_gid)
+    return temporary
+
+
+def _job_directory(directory: str) -> str:
+    if directory not in (*JOB_DIRECTORIES, "scheduled"):
+        raise SpoolError(f"no job directory named {directory!r}")
+    return directory
+
+
+def _snapshot_name(name: str) -> str:
+    if not (name.isascii() and name.isalnum()):
+        raise SpoolError(f"not a snapshot name: {name!r}")
+    return f"{name}.snapshot"
 
 
 class Jobs:
@@ -127,6 +180,32 @@ class Jobs:
                 except FileNotFoundError:
                     continue  # moved on (claimed, finished) while we looked
         return found
+
+    # -- for a catalogue of the jobs (spoold.face.catalogue): what changed, without reading --
+
+    def stamp(self, directory: str) -> tuple[int, int, int]:
+        """What changes whenever a job enters or leaves ``directory``: its device, inode and
+        mtime (ns). A cache's check of the names it holds, not a clock: the mtime has the
+        kernel's coarse granularity, so a stamp read within a tick of a change proves little."""
+        info = os.stat(self._dirs[_job_directory(directory)])
+        return info.st_dev, info.st_ino, info.st_mtime_ns
+
+    def names(self, directory: str) -> list[str]:
+        """The names in ``directory``: one listdir, no stat, unchecked (a job's read tells;
+        half the cost of a scandir, which makes an object of every name)."""
+        return os.listdir(self._dirs[_job_directory(directory)])
+
+    def read_snapshot(self, name: str) -> bytes | None:
+        """tmp/<name>.snapshot as ``write_snapshot`` left it, or None if there is none."""
+        try:
+            return read_bytes(f"{self._dirs['tmp']}/{_snapshot_name(name)}")
+        except FileNotFoundError:
+            return None
+
+    def write_snapshot(self, name: str, data: bytes) -> None:
+        """Replace tmp/<name>.snapshot atomically: a cache of what the tree says, which its
+        reader validates and can always rebuild; so not fsynced (a crash may lose or tear it)."""
+        write_file(f"{self._dirs['tmp']}/{_snapshot_name(name)}", data, durable=False)
 
     def read_status(self, job: JobDir) -> dict[str, Any]:
         """The job's status.json."""
@@ -297,6 +376,75 @@ class Jobs:
         except FileNotFoundError:
             raise JobNotFound(f"no schedule {job_id!r} in {self._root}") from None
 
+    # -- a schedule's requests: files in scheduled/<id>/ that its faces write (spoold schedule
+    # pause|resume|run, the API) and the daemon's scheduler acts on; that scheduler alone
+    # writes the schedule's status.json, so no request is lost to another's rewrite of it.
+
+    def request_pause(self, schedule: JobDir, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Mark a schedule paused (``paused``, made whole and exclusively, durably); the
+        record of the pause already there, if it was (then nothing changes).
+        FileNotFoundError if the schedule is gone."""
+        if _create_whole(schedule, _PAUSED, record, durable=self._disk.durable):
+            return None
+        return read_json(f"{schedule.location}/{_PAUSED}") or {}
+
+    def request_resume(self, schedule: JobDir, record: dict[str, Any]) -> dict[str, Any] | None:
+        """End a schedule's pause: ``resumed`` (who, when) written for the scheduler's record,
+        then ``paused`` removed. The pause that ended, or None if it was not paused."""
+        paused = read_json(f"{schedule.location}/{_PAUSED}")
+        if paused is None:
+            return None
+        durable = self._disk.durable
+        temporary = _request_file(schedule, _RESUMED, {**record, "paused": paused}, durable=durable)
+        os.replace(temporary, f"{schedule.location}/{_RESUMED}")
+        try:
+            os.unlink(f"{schedule.location}/{_PAUSED}")
+        except FileNotFoundError:
+            return None  # another resume was first
+        if durable:
+            fsync_path(schedule.location)
+        return paused
+
+    def request_run_now(self, schedule: JobDir, run_id: str, record: dict[str, Any]) -> bool:
+        """Ask for the run ``run_id`` (``<id>@<time>``) of a schedule now (``run-now.<time>``,
+        made whole and exclusively, durably); False if that very run was asked for already."""
+        check_job_id(run_id)
+        job_id, _, moment = run_id.partition("@")
+        if job_id != schedule.job_id or not moment:
+            raise SpoolError(f"{run_id!r} is not a run of schedule {schedule.job_id!r}")
+        return _create_whole(schedule, _RUN_NOW + moment, record, durable=self._disk.durable)
+
+    @staticmethod
+    def schedule_requests(schedule: JobDir) -> ScheduleRequests:
+        """The requests waiting in a schedule's directory: one scandir, and a read of each."""
+        paused = resumed = None
+        run_now: list[tuple[str, str, dict[str, Any]]] = []
+        try:
+            with os.scandir(schedule.location) as entries:
+                names = [entry.name for entry in entries]
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name == _PAUSED:
+                paused = read_json(f"{schedule.location}/{name}")
+            elif name == _RESUMED:
+                resumed = read_json(f"{schedule.location}/{name}")
+            elif name.startswith(_RUN_NOW):
+                record = read_json(f"{schedule.location}/{name}")
+                run = f"{schedule.job_id}@{name[len(_RUN_NOW) :]}"
+                if record is not None and RUN_ID.match(run):
+                    run_now.append((name, run, record))
+        return ScheduleRequests(paused, resumed, sorted(run_now))
+
+    @staticmethod
+    def drop_schedule_request(schedule: JobDir, name: str) -> None:
+        """Remove a request the scheduler has acted on (a run now, a resume's record). Not
+        fsynced: one seen again is recognised (its run exists) and removed again."""
+        if name != _RESUMED and not name.startswith(_RUN_NOW):
+            raise SpoolError(f"{name!r} is no request a schedule's scheduler removes")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{schedule.location}/{name}")
+
     def purge(self, job: JobDir) -> None:
         """Remove a finished job (retention, ``spoold purge``); FileNotFoundError if gone."""
         if job.directory not in ("done", "failed"):
@@ -338,3 +486,29 @@ class Jobs:
         with open(target, "wb") as copy:
             shutil.copyfileobj(source, copy, 1 << 20)
         return target
+
+    def open_artifact(self, job: JobDir, relative: str) -> IO[bytes]:
+        """One of the job's artifacts, opened for reading, confined to its artifacts/: each
+        component opened below the last without following a link, so that no name (``..``, a
+        link, an absolute path) reaches outside. FileNotFoundError for anything else."""
+        parts = relative.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise FileNotFoundError(relative)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.artifacts_dir(job), flags | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            found = os.open(parts[-1], flags, dir_fd=fd)
+        except (NotADirectoryError, OSError) as exc:
+            if isinstance(exc, PermissionError):
+                raise
+            raise FileNotFoundError(relative) from None
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(os.fstat(found).st_mode):
+            os.close(found)
+            raise FileNotFoundError(relative)
+        return os.fdopen(found, "rb")

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,7 +65,12 @@ _PRIVATE_FILE, _PRIVATE_DIR = 0o600, 0o700
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _STAGE_PREFIX = "in-"
 # The files spoold writes into a stage; a staged original is any other entry.
-_STAGE_FILES = frozenset({"job.yaml", "status.json", "log", "artifacts", "reason.json"})
+#: In a stage of bytes handed over (the HTTP API): no file of incoming/ to give back after a
+#: crash, and a client that got no answer, whose retry places the job again.
+_HANDED_OVER = "handed-over"
+_STAGE_FILES = frozenset(
+    {"job.yaml", "status.json", "log", "artifacts", "reason.json", _HANDED_OVER}
+)
 _REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
 
 #: What tells one version of a file from the next without reading it.
@@ -102,6 +108,10 @@ class TakenFile(NamedTuple):
     links: int = 1  # names the file had when taken: more than one is a hard link
     #: Whose the bytes read were (spoold's own copy replaces the file); None: not known.
     owner: FileOwner | None = None
+    #: When it arrived in incoming/: its ctime as taken (a rename into incoming/ and every
+    #: write set it, and no writer can set it back, unlike the mtime that rsync and scp -p
+    #: copy from the source). None: not taken from incoming/.
+    arrived: float | None = None
 
     @property
     def original(self) -> Path:
@@ -125,6 +135,22 @@ class Stages:
         """Names in incoming/ that are not marked as still being written."""
         with os.scandir(self._dirs["incoming"]) as entries:
             return sorted(e.name for e in entries if not is_transient_name(e.name))
+
+    def waiting_incoming(self) -> tuple[int, float | None]:
+        """How many files wait in incoming/ (as ``list_incoming`` names them), and the ctime
+        of the one waiting longest (None: none waits). One lstat each, nothing read."""
+        count, oldest = 0, None
+        with os.scandir(self._dirs["incoming"]) as entries:
+            for entry in entries:
+                if is_transient_name(entry.name):
+                    continue
+                try:
+                    changed = entry.stat(follow_symlinks=False).st_ctime
+                except FileNotFoundError:
+                    continue  # taken while we looked
+                count += 1
+                oldest = changed if oldest is None else min(oldest, changed)
+        return count, oldest
 
     def take_incoming(
         self,
@@ -183,10 +209,12 @@ class Stages:
                 os.close(fd)
         if kind != "file":
             return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=None)
-        return self._own_copy(name, stage, max_size, checked=(st.st_dev, st.st_ino))
+        return self._own_copy(
+            name, stage, max_size, checked=(st.st_dev, st.st_ino), arrived=st.st_ctime
+        )
 
     def _own_copy(
-        self, name: str, stage: str, max_size: int, *, checked: tuple[int, int]
+        self, name: str, stage: str, max_size: int, *, checked: tuple[int, int], arrived: float
     ) -> TakenFile | None:
         """Read the file now in ``stage`` and put a private copy of those bytes in its place.
 
@@ -230,7 +258,7 @@ class Stages:
                 raise
         return TakenFile(name=name, stage=Path(stage), kind="file", size=len(data),
                          data=data if len(data) <= max_size else None, links=st.st_nlink,
-                         owner=FileOwner.of(st))  # fmt: skip
+                         owner=FileOwner.of(st), arrived=arrived)  # fmt: skip
 
     def submit_file(self, name: str, data: bytes) -> Path:
         """Place a job file into incoming/ atomically, never over an existing file.
@@ -261,6 +289,26 @@ class Stages:
         return TakenFile(
             name=source.name, stage=stage, kind="file", size=size, data=data, owner=caller
         )
+
+    def stage_data(self, name: str, data: bytes) -> TakenFile:
+        """Job file bytes handed over directly (the HTTP API) into a stage, as if taken from
+        incoming/ under ``name``; their submitter is whoever handed them over, not a file's
+        owner."""
+        stage = Path(self._new_stage())
+        write_new(stage / _HANDED_OVER, b"", mode=_PRIVATE_FILE)
+        write_new(stage / name, data, mode=_PRIVATE_FILE)
+        return TakenFile(name=name, stage=stage, kind="file", size=len(data), data=data)
+
+    @staticmethod
+    def handed_over(job: JobDir) -> None:
+        """A job placed from bytes handed over: its stage's mark is no longer needed (one left
+        by a crash in between is inert)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{job.location}/{_HANDED_OVER}")
+
+    def discard(self, taken: TakenFile) -> None:
+        """Remove a stage that was not accepted (its bytes were handed over, not dropped)."""
+        shutil.rmtree(taken.stage, ignore_errors=True)
 
     def _new_stage(self) -> str:
         # Random: stages of several hosts sharing one spool must not collide.
@@ -413,6 +461,13 @@ class Stages:
             done.append(f"finished removing {gone.name}")
         for building in (p for p in found if p.name.startswith(MIGRATION_PREFIX)):
             shutil.rmtree(building, ignore_errors=True)  # Reservations.ensure() begins anew
+        # A cache's copy being written when a crash came (the API's catalogue snapshot); an
+        # hour old, so that no writer of a host sharing the spool still writes it.
+        for torn in (p for p in found if p.name.startswith(TEMP_MARK) and ".snapshot." in p.name):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - torn.lstat().st_mtime > 3600:
+                    torn.unlink()
+                    done.append(f"removed {torn.name}, a snapshot left half written")
         return done
 
     def _recover_stage(self, stage: Path) -> str:
@@ -421,6 +476,12 @@ class Stages:
             shutil.rmtree(stage)
             return f"finished removing a replaced schedule definition ({stage.name})"
         originals = sorted(entries - _STAGE_FILES)
+        if _HANDED_OVER in entries:
+            job_id = self._staged_status(stage).get("job_id")
+            if isinstance(job_id, str) and RUN_ID.match(job_id):
+                self._ids.unreserve(job_id, stage.name)
+            shutil.rmtree(stage)
+            return f"removed job file {stage.name} handed over by the API and not yet accepted"
         if "reason.json" in entries:
             reason = json.loads((stage / "reason.json").read_bytes())
             target = _move_to_free_name(

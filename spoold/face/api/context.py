@@ -1,0 +1,88 @@
+"""What the API's routes work with: the spool, and the functions that change it, handed over
+by the composition root (the routes build nothing themselves)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from spoold.core.clock import Clock
+    from spoold.core.config import Config
+    from spoold.core.policy import Submitter
+    from spoold.core.spool import Spool
+    from spoold.face.catalogue import Catalogue
+    from spoold.face.metrics import Metrics
+    from spoold.out.outbox import Callbacks
+    from spoold.run.control import JobControl
+
+
+class Submit(Protocol):
+    """Admit a job file as intake does and place it in pending/ (or scheduled/); return the job
+    id. ``job_id``: the id for a file that names none. ``dry_run``: admit only. Refused (with
+    its issues; code ``duplicate`` for a taken job id) if it is not admitted."""
+
+    def __call__(
+        self, data: bytes, name: str, submitter: Submitter, job_id: str | None, *, dry_run: bool
+    ) -> str: ...
+
+
+class RefusalLog:
+    """Logs refused requests, at most ``burst`` lines a minute: someone guessing tokens must not
+    fill the log; the lines held back are counted in the next one."""
+
+    def __init__(self, burst: int = 20, per: float = 60.0) -> None:
+        self._burst, self._per = burst, per
+        self._window = float("-inf")
+        self._said = self._held = 0
+        self._lock = threading.Lock()
+
+    def refused(self, ctx: ApiContext, request: Request, why: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window >= self._per:
+                held, self._held = self._held, 0
+                self._window, self._said = now, 0
+                if held:
+                    ctx.logger.warning("API: %d more request(s) refused without a line", held)
+            if self._said >= self._burst:
+                self._held += 1
+                return
+            self._said += 1
+        client = request.client.host if request.client else "?"
+        ctx.logger.warning(
+            "API: refused %s %s from %s: %s", request.method, request.url.path, client, why
+        )
+
+
+@dataclass
+class ApiContext:
+    """The parts the API reads and acts through."""
+
+    config: Config
+    spool: Spool
+    clock: Clock
+    logger: logging.Logger
+    submit: Submit
+    #: Tells the daemon to look now (a retried job, a schedule's request): its SIGUSR1.
+    wake: Callable[[], None]
+    catalogue: Catalogue
+    metrics: Metrics | None = None
+    callbacks: Callbacks | None = None
+    version: str = ""
+    #: Set when the server stops: open log streams end.
+    stopping: threading.Event = field(default_factory=threading.Event)
+    #: Requests refused for want of a token, as the log tells them.
+    refusals: RefusalLog = field(default_factory=RefusalLog)
+
+    def control(self, who: str) -> JobControl:
+        """Cancel and retry, as ``spoold cancel`` and ``retry`` do them, on behalf of ``who``."""
+        from spoold.run.control import JobControl  # noqa: PLC0415
+
+        return JobControl(self.spool, self.clock, who=who, callbacks=self.callbacks)

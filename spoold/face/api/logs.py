@@ -1,0 +1,154 @@
+"""/api/v1/jobs/{id}/log: a page of a job's log, or the log followed while the job runs.
+
+Offsets are bytes. A page (``?offset=&limit=``) says where the next starts (``X-Log-Next-Offset``)
+and how long the log is now (``X-Log-Size``). ``?follow=1`` streams from ``offset`` until the job
+ends: as Server-Sent Events when the client accepts ``text/event-stream`` (each event a run of
+whole lines, its ``id`` the byte offset after them, so that a reconnecting EventSource's
+``Last-Event-ID`` resumes exactly there; an ``end`` event carries the outcome), else as plain
+chunked text (curl). The log file stays open across the job's moves between directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import IO, Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
+
+from spoold.core.errors import SpooldError
+from spoold.core.spool import JobDir
+from spoold.face.access import locate
+from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require
+from spoold.face.api.context import ApiContext
+from spoold.face.api.jobs import JobId
+
+router = APIRouter(prefix="/api/v1", tags=["logs"], responses=JOB_RESPONSES)
+
+#: How often a followed log is looked at when nothing new came.
+POLL = 0.2
+#: A job not found for this long (between two directories takes microseconds) ended the stream.
+GONE_AFTER = 5.0
+#: SSE: a comment this often keeps proxies from closing an idle stream.
+KEEPALIVE = 15.0
+#: At most this much is read, and sent, at once.
+CHUNK = 64 * 1024
+_ENDED = ("done", "failed", "scheduled")
+
+
+def _open_log(ctx: ApiContext, job_id: str) -> tuple[JobDir, IO[bytes]]:
+    job = locate(ctx.spool, job_id)
+    try:
+        return job, ctx.spool.jobs.read_log(job)
+    except FileNotFoundError:
+        raise HTTPException(status_code=404, detail=f"job {job_id} has no log yet") from None
+
+
+@router.get(
+    "/jobs/{job_id}/log",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
+                                 "text/event-stream": {"schema": {"type": "string"}}}}},
+)  # fmt: skip
+async def get_log(
+    job_id: JobId,
+    request: Request,
+    _: Annotated[Caller, Depends(require("read"))],
+    ctx: Annotated[ApiContext, Depends(context)],
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=16 * 1024 * 1024)] = 1024 * 1024,
+    follow: bool = False,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+) -> Response:
+    """A page of the log (`offset`, `limit` in bytes), or with `follow=1` the log streamed until
+    the job ends (`text/event-stream` if accepted, else chunked text)."""
+    job, log = _open_log(ctx, job_id)
+    if not follow:
+        with log:
+            log.seek(offset)
+            data = log.read(limit)
+            size = log.seek(0, 2)
+        headers = {"X-Log-Offset": str(offset), "X-Log-Next-Offset": str(offset + len(data)),
+                   "X-Log-Size": str(size), "X-Job-Directory": job.directory}  # fmt: skip
+        return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
+    if last_event_id is not None and last_event_id.isdigit():
+        offset = int(last_event_id)
+    log.seek(offset)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return EventSourceResponse(_events(ctx, request, job_id, log, offset))
+    return StreamingResponse(
+        _text(ctx, request, job_id, log), media_type="text/plain; charset=utf-8"
+    )
+
+
+async def _text(
+    ctx: ApiContext, request: Request, job_id: str, log: IO[bytes]
+) -> AsyncIterator[bytes]:
+    with log:
+        async for chunk, _ended in _follow(ctx, request, job_id, log):
+            if chunk:
+                yield chunk
+
+
+async def _events(
+    ctx: ApiContext, request: Request, job_id: str, log: IO[bytes], offset: int
+) -> AsyncIterator[bytes]:
+    """SSE: whole lines only (a line still being written waits for its end, or the job's)."""
+    held = b""
+    quiet_since = time.monotonic()
+    yield format_sse_event(retry=2000, comment="spoold log stream")
+    with log:
+        async for chunk, ended in _follow(ctx, request, job_id, log):
+            held += chunk
+            cut = len(held) if ended or len(held) >= CHUNK else held.rfind(b"\n") + 1
+            if cut > 0:
+                lines, held = held[:cut], held[cut:]
+                offset += len(lines)
+                text = lines.decode("utf-8", "replace").removesuffix("\n")
+                yield format_sse_event(data_str=text, id=str(offset))
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= KEEPALIVE:
+                yield KEEPALIVE_COMMENT
+                quiet_since = time.monotonic()
+            if ended is not None:
+                yield format_sse_event(event="end", data_str=json.dumps(ended), id=str(offset))
+
+
+async def _follow(
+    ctx: ApiContext, request: Request, job_id: str, log: IO[bytes]
+) -> AsyncIterator[tuple[bytes, dict[str, Any] | None]]:
+    """(new bytes, None) while the job runs; (the rest, its outcome) once it ended. Stops
+    early when the client goes or the server stops."""
+    missing_since: float | None = None
+    while True:
+        chunk = log.read(CHUNK)
+        if chunk:
+            yield chunk, None
+            continue
+        if ctx.stopping.is_set() or await request.is_disconnected():
+            return
+        where = ctx.spool.jobs.find(job_id)
+        if where is None:  # between two directories, or purged
+            missing_since = missing_since or time.monotonic()
+            if time.monotonic() - missing_since > GONE_AFTER:
+                yield b"", {"state": "gone"}
+                return
+        elif where.directory in _ENDED:
+            yield log.read(), _outcome(ctx, where)
+            return
+        else:
+            missing_since = None
+        yield b"", None
+        await asyncio.sleep(POLL)
+
+
+def _outcome(ctx: ApiContext, job: JobDir) -> dict[str, Any]:
+    try:
+        status = ctx.spool.jobs.read_status(job)
+    except (OSError, SpooldError, ValueError):
+        return {"state": job.directory}
+    return {key: status.get(key) for key in ("state", "exit_code", "error", "finished_at")}
