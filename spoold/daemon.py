@@ -29,6 +29,7 @@ from spoold.run.control import JobControl
 from spoold.run.dispatch import JobMeta
 from spoold.run.due import DueJobs
 from spoold.run.lane import Lane
+from spoold.run.observed import listener as observed_listener
 from spoold.run.pool import WorkerProcesses
 from spoold.run.recovery import Recovery
 from spoold.schedule.scheduler import Scheduler
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from spoold.face.api.server import ApiServer
     from spoold.face.catalogue import Catalogue
     from spoold.face.metrics import Metrics
+    from spoold.run.ledger import Listener
     from spoold.run.observed import Observation
 
 
@@ -264,7 +266,13 @@ class Daemon:
 
         sender = Sender(spool, callbacks, clock, config.callbacks, logger,
                         poll_interval=config.poll_interval, wake=outbox_changed)  # fmt: skip
-        control = JobControl(spool, clock, who=f"spoold on {config.hostname}", callbacks=callbacks)
+        # Kept only where they can be read: a daemon without the API counts nothing.
+        seen = _Seen.build(config, spool, clock, logger) if config.api is not None else None
+        metrics = None if seen is None else seen.metrics
+        observed = None if seen is None else seen.observe
+        told = () if seen is None else seen.listeners(clock)
+        control = JobControl(spool, clock, who=f"spoold on {config.hostname}",
+                             callbacks=callbacks, listeners=told)  # fmt: skip
 
         def cancel(job_id: str, why: str) -> None:
             try:
@@ -273,10 +281,6 @@ class Daemon:
             except SpooldError as exc:  # it moved on (ran, or was cancelled): nothing to undo
                 logger.warning("job %s could not be cancelled (%s): %s", job_id, why, exc)
 
-        # Kept only where they can be read: a daemon without the API counts nothing.
-        seen = _Seen.build(config, spool, clock, logger) if config.api is not None else None
-        metrics = None if seen is None else seen.metrics
-        observed = None if seen is None else seen.observe
         workers = make_workers(
             parts, on_lost=attention.set, on_deferred=defer, on_cancel=cancel,
             on_observed=observed,
@@ -289,7 +293,7 @@ class Daemon:
         scheduler = Scheduler(
             spool, clock, logger, defer=defer, cancel=cancel,
             queue=workers.submit, callbacks=callbacks,
-            on_fired=None if metrics is None else metrics.schedule_fired,
+            on_fired=None if metrics is None else metrics.schedule_fired, listeners=told,
         )  # fmt: skip
 
         intake = Intake(
@@ -308,7 +312,8 @@ class Daemon:
         )
         intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
         executors = [parts.registry.get(name) for name in parts.registry.names()]
-        recovery = Recovery(spool, config, clock, logger, callbacks=callbacks, executors=executors)
+        recovery = Recovery(spool, config, clock, logger, callbacks=callbacks,
+                            executors=executors, listeners=told)  # fmt: skip
         daemon = cls(
             config, clock, logger, spool, workers, intake_thread, recovery, watch_mode, attention,
             due, scheduler, callbacks, sender, intake,
@@ -334,6 +339,7 @@ class Daemon:
         context = ApiContext(
             config=self.config, spool=self.spool, clock=self.clock, logger=self.logger,
             submit=self.intake.submit, wake=wake, catalogue=seen.catalogue, metrics=seen.metrics,
+            listeners=seen.listeners(self.clock),
             callbacks=self.callbacks, version=__version__,
         )  # fmt: skip
         return ApiServer(build_app(context), self.config.api, self.logger)
@@ -627,6 +633,10 @@ class _Seen:
     def observe(self, observation: Observation) -> None:
         self.metrics.observe(observation)
         self.catalogue.forget(observation.job_id)  # read again: its state changed
+
+    def listeners(self, clock: Clock) -> tuple[Listener, ...]:
+        """For the ledgers of this process: each change they make, observed."""
+        return (observed_listener(self.observe, clock),)
 
 
 #: How often the retention rules are applied (also once at start).

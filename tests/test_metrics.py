@@ -703,3 +703,26 @@ def test_a_listener_built_for_a_runner_hands_on_what_it_counts() -> None:
     tell(_change(P, R, _status(P)))
     tell(_change(F, P, _status(P, [(3, 5)])))  # `spoold retry`: not counted
     assert seen == [Observation("started", "j", "local", "running", wait_seconds=2.0)]
+
+
+def test_a_pending_job_cancelled_is_counted_finished_and_never_started(parts: Parts) -> None:
+    metrics = _metrics(parts)
+    intake = _intake(parts, metrics.observe)
+    _submit(parts, intake, {"job_id": "never", "executor": "local",
+                            "product": {"commands": "true"}})  # fmt: skip
+    seen: list[Observation] = []
+
+    def observe(observation: Observation) -> None:
+        seen.append(observation)
+        metrics.observe(observation)
+
+    control = JobControl(parts.spool, parts.clock, who="a test",
+                         listeners=(observed.listener(observe, parts.clock),))  # fmt: skip
+    assert control.cancel("never").cancelled
+    assert [(o.kind, o.outcome) for o in seen] == [("finished", "cancelled")]
+    samples = _samples(metrics.render()[0])
+    assert _value(samples, "spoold_jobs_finished_total", executor="local",
+                  outcome="cancelled") == 1  # fmt: skip
+    assert ("spoold_job_queue_wait_seconds_count", frozenset({("executor", "local")})) not in (
+        samples
+    )  # no start was seen: no wait

@@ -14,6 +14,8 @@ Errors: ``JobNotFound`` (the API's 404) for an id that names no schedule, a job'
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,12 +93,8 @@ def run_now(spool: Spool, job_id: str, *, who: str, now: datetime | None = None)
         )
     run = run_id(job_id, moment)
     record = {"by": who, "at": rfc3339(moment), "run_id": run}
-    try:
+    with _asking(job_id):
         spool.jobs.request_run_now(schedule, run, record)  # False: asked already, same run
-    except FileNotFoundError:
-        raise JobNotFound(f"schedule {job_id!r} was removed meanwhile") from None
-    except PermissionError as exc:
-        raise NotAllowed(permission_problem(exc)) from None
     return run
 
 
@@ -106,12 +104,8 @@ def pause(spool: Spool, job_id: str, *, who: str, now: datetime | None = None) -
     False when it was paused already (then ``paused_at``/``paused_by`` are that pause's)."""
     schedule = _schedule(spool, job_id)
     record = {"by": who, "at": rfc3339(now or datetime.now(UTC))}
-    try:
+    with _asking(job_id):
         before = spool.jobs.request_pause(schedule, record)
-    except FileNotFoundError:
-        raise JobNotFound(f"schedule {job_id!r} was removed meanwhile") from None
-    except PermissionError as exc:
-        raise NotAllowed(permission_problem(exc)) from None
     held = record if before is None else before
     return {"job_id": job_id, "paused": True, "paused_at": held.get("at"),
             "paused_by": held.get("by"), "changed": before is None}  # fmt: skip
@@ -124,14 +118,21 @@ def resume(spool: Spool, job_id: str, *, who: str, now: datetime | None = None) 
     None)."""
     schedule = _schedule(spool, job_id)
     record = {"by": who, "at": rfc3339(now or datetime.now(UTC))}
-    try:
+    with _asking(job_id):
         ended = spool.jobs.request_resume(schedule, record)
+    return {"job_id": job_id, "paused": False, "resumed_at": record["at"],
+            "resumed_by": who, "was_paused": ended, "changed": ended is not None}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _asking(job_id: str) -> Iterator[None]:
+    """A request written into a schedule's directory: said as the CLI and the API say it."""
+    try:
+        yield
     except FileNotFoundError:
         raise JobNotFound(f"schedule {job_id!r} was removed meanwhile") from None
     except PermissionError as exc:
         raise NotAllowed(permission_problem(exc)) from None
-    return {"job_id": job_id, "paused": False, "resumed_at": record["at"],
-            "resumed_by": who, "was_paused": ended, "changed": ended is not None}  # fmt: skip
 
 
 def wake_daemon(spool: Spool, host: str) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from spoold.core.procfs import process_start_time
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState, state_phrase
 from spoold.out.outbox import Callbacks
-from spoold.run.ledger import JobLedger
+from spoold.run.ledger import JobLedger, Listener, StateChange
 
 # A job can move while we act on it (claimed, finished); a few looks settle where it is.
 _LOOKS = 5
@@ -59,10 +59,25 @@ class JobControl:
     """Cancel and retry, as ``spoold cancel`` and ``spoold retry`` do them."""
 
     def __init__(
-        self, spool: Spool, clock: Clock, *, who: str, callbacks: Callbacks | None = None
+        self,
+        spool: Spool,
+        clock: Clock,
+        *,
+        who: str,
+        callbacks: Callbacks | None = None,
+        listeners: Iterable[Listener] = (),
     ) -> None:
+        """``listeners``: told of each job it ends or puts back (the metrics); not of the claim
+        that keeps a worker from starting a pending job being cancelled, which starts nothing."""
         self._spool = spool
-        self._ledger = JobLedger(spool, callbacks)
+        told = tuple(listeners)
+
+        def tell(change: StateChange) -> None:
+            if change.after is not JobState.RUNNING:
+                for listener in told:
+                    listener(change)
+
+        self._ledger = JobLedger(spool, callbacks, listeners=(tell,) if told else ())
         self._clock = clock
         self._who = who  # who asks, for the log and status.json: "root on host1"
 

@@ -28,7 +28,7 @@ from spoold.core.states import JobState
 from spoold.executors.base import Executor
 from spoold.out.outbox import Callbacks
 from spoold.run.control import cancel_reason, cancel_words
-from spoold.run.ledger import JobLedger
+from spoold.run.ledger import JobLedger, Listener
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,15 @@ class Recovery:
     def __init__(
         self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger,
         *, callbacks: Callbacks | None = None, executors: Iterable[type[Executor]] = (),
+        listeners: Iterable[Listener] = (),
     ) -> None:  # fmt: skip
-        """``executors``: whose ``recover`` removes what jobs left outside this host's processes."""
+        """``executors``: whose ``recover`` removes what jobs left outside this host's processes;
+        ``listeners``: told of each job it ends or requeues (the metrics)."""
         self._spool = spool
         self._executors = tuple(executors)
         self._swept = False
         self._callbacks = callbacks
-        self._ledger = JobLedger(spool, callbacks, logger=logger)
+        self._ledger = JobLedger(spool, callbacks, listeners=listeners, logger=logger)
         self._config = config
         self._clock = clock
         self._logger = logger

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -42,7 +42,7 @@ from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import ScheduleRequests
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
-from spoold.run.ledger import JobLedger
+from spoold.run.ledger import JobLedger, Listener
 from spoold.schedule.triggers import (
     NOTES_KEPT,
     Plan,
@@ -95,13 +95,15 @@ class Scheduler:
         draw: Callable[[], float] = random.random,
         callbacks: Callbacks | None = None,
         on_fired: Callable[[float], None] | None = None,
+        listeners: Iterable[Listener] = (),
     ) -> None:
         """``queue`` hands a run to the workers, ``defer`` makes it wait (jitter), ``cancel``
         ends a run (``overlap: replace``); ``on_fired`` hears, for each run a firing makes, how
-        many seconds after the firing's moment it was made (``spoold_schedule_lag_seconds``)."""
+        many seconds after the firing's moment it was made (``spoold_schedule_lag_seconds``);
+        ``listeners``: told of each run made (the metrics count it accepted)."""
         self._spool = spool
         self._callbacks = callbacks
-        self._ledger = JobLedger(spool, callbacks, logger=logger)
+        self._ledger = JobLedger(spool, callbacks, listeners=listeners, logger=logger)
         self._clock = clock
         self._logger = logger
         self._queue = queue

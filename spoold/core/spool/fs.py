@@ -30,7 +30,9 @@ __all__ = [
     "GroupCommit",
     "GroupSync",
     "fsync_path",
+    "give_to_owner_of",
     "json_bytes",
+    "link_into_place",
     "read_bytes",
     "read_json",
     "read_limited",
@@ -142,6 +144,26 @@ def write_new(path: str | Path, data: bytes, *, durable: bool = False, mode: int
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def link_into_place(temporary: str, path: str) -> bool:
+    """Link ``temporary`` (a file written whole) to ``path`` unless something is there (then
+    False), and remove ``temporary``: a reader never sees half of it, two writers never both
+    win."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(temporary)
+    return True
+
+
+def give_to_owner_of(path: str, directory: str) -> None:
+    """What root (a command run as root) made in ``directory`` is given to its owner: the
+    daemon, running as that owner, must read it."""
+    if os.geteuid() == 0 and (owner := os.stat(directory)).st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def read_limited(fd: int, limit: int) -> bytes:

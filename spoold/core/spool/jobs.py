@@ -33,7 +33,9 @@ from spoold.core.spool.fs import (
     TEMP_MARK,
     GroupCommit,
     fsync_path,
+    give_to_owner_of,
     json_bytes,
+    link_into_place,
     read_bytes,
     read_json,
     rename_noreplace,
@@ -88,12 +90,8 @@ def _create_whole(schedule: JobDir, name: str, record: dict[str, Any], *, durabl
     """Create ``name`` in a schedule's directory holding ``record``, whole (a link of a file
     written aside) and only if it is not there; False if it was."""
     temporary = _request_file(schedule, name, record, durable=durable)
-    try:
-        os.link(temporary, f"{schedule.location}/{name}")
-    except FileExistsError:
+    if not link_into_place(temporary, f"{schedule.location}/{name}"):
         return False
-    finally:
-        os.unlink(temporary)
     if durable:
         fsync_path(schedule.location)
     return True
@@ -105,10 +103,7 @@ def _request_file(schedule: JobDir, name: str, record: dict[str, Any], *, durabl
     the daemon, running as that owner, must read it."""
     temporary = f"{schedule.location}/{TEMP_MARK}{name}.{os.getpid()}.{os.urandom(4).hex()}"
     write_new(temporary, json_bytes(record), durable=durable)
-    if os.geteuid() == 0:
-        info = os.stat(schedule.location)
-        if info.st_uid != 0:
-            os.chown(temporary, info.st_uid, info.st_gid)
+    give_to_owner_of(temporary, schedule.location)
     return temporary
 
 
@@ -296,13 +291,7 @@ class Jobs:
             os.mkdir(units, DEFAULT_MODE)
         temporary = f"{units}/.{key}.{os.getpid()}"
         write_new(temporary, json_bytes(record))
-        try:
-            os.link(temporary, f"{units}/{key}")
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(temporary)
-        return True
+        return link_into_place(temporary, f"{units}/{key}")
 
     @staticmethod
     def end_unit(job: JobDir, key: str, record: dict[str, Any]) -> None:

@@ -16,7 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from spoold.core.spool.fs import json_bytes, read_json, write_file
+from spoold.core.spool.fs import (
+    give_to_owner_of,
+    json_bytes,
+    link_into_place,
+    read_json,
+    write_file,
+)
 
 __all__ = ["IdempotencyKeys", "TokenRecords"]
 
@@ -37,15 +43,7 @@ class _Records:
             return
         with contextlib.suppress(FileExistsError):
             os.mkdir(self._dir, _PRIVATE_DIR)
-            self._give_to_owner(self._dir)
-
-    def _give_to_owner(self, path: str) -> None:
-        """Root makes a record for the daemon, which runs as the spool's owner: hand it over."""
-        if os.geteuid() != 0:
-            return
-        owner = os.stat(self._root)
-        if owner.st_uid != 0:
-            os.chown(path, owner.st_uid, owner.st_gid)
+            give_to_owner_of(self._dir, os.fspath(self._root))
 
     def _path(self, key: str) -> str:
         if not key or not key.replace("-", "").replace("_", "").isalnum() or not key.isascii():
@@ -68,13 +66,11 @@ class _Records:
         write_file(temp, json_bytes(record), durable=self._durable)
         try:
             os.chmod(temp, _PRIVATE_FILE)
-            self._give_to_owner(temp)
-            os.link(temp, path)
-        except FileExistsError:
-            return False
-        finally:
+            give_to_owner_of(temp, os.fspath(self._root))
+        except BaseException:
             os.unlink(temp)
-        return True
+            raise
+        return link_into_place(temp, path)
 
     def remove(self, key: str) -> bool:
         """Remove the record; False if there was none."""

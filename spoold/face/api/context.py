@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from spoold.face.metrics import Metrics
     from spoold.out.outbox import Callbacks
     from spoold.run.control import JobControl
+    from spoold.run.ledger import Listener
 
 
 class Submit(Protocol):
@@ -75,6 +76,8 @@ class ApiContext:
     catalogue: Catalogue
     metrics: Metrics | None = None
     callbacks: Callbacks | None = None
+    #: Told of the changes the API's cancels and retries make (the metrics, the catalogue).
+    listeners: tuple[Listener, ...] = ()
     version: str = ""
     #: Set when the server stops: open log streams end.
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -85,4 +88,6 @@ class ApiContext:
         """Cancel and retry, as ``spoold cancel`` and ``retry`` do them, on behalf of ``who``."""
         from spoold.run.control import JobControl  # noqa: PLC0415
 
-        return JobControl(self.spool, self.clock, who=who, callbacks=self.callbacks)
+        return JobControl(
+            self.spool, self.clock, who=who, callbacks=self.callbacks, listeners=self.listeners
+        )

@@ -39,9 +39,7 @@ def run_schedule_now(
     from spoold.face.schedules import run_now  # noqa: PLC0415
 
     run = run_now(ctx.spool, job_id, who=caller.who, now=ctx.clock.now())
-    ctx.wake()
-    ctx.logger.info("API: run now of schedule %s asked by %s", job_id, caller.who)
-    return {"job_id": job_id, "run_id": run}
+    return _asked(ctx, caller, job_id, "a run now", {"job_id": job_id, "run_id": run})
 
 
 @router.post("/schedules/{job_id}/pause")
@@ -53,10 +51,8 @@ def pause_schedule(
     """Stop the schedule's firings until it is resumed (those missed meanwhile are skipped)."""
     from spoold.face.schedules import pause  # noqa: PLC0415
 
-    done = pause(ctx.spool, job_id, who=caller.who, now=ctx.clock.now())
-    ctx.wake()
-    ctx.logger.info("API: schedule %s paused by %s", job_id, caller.who)
-    return done
+    return _asked(ctx, caller, job_id, "a pause",
+                  pause(ctx.spool, job_id, who=caller.who, now=ctx.clock.now()))  # fmt: skip
 
 
 @router.post("/schedules/{job_id}/resume")
@@ -68,7 +64,14 @@ def resume_schedule(
     """Fire the schedule again from its next firing on."""
     from spoold.face.schedules import resume  # noqa: PLC0415
 
-    done = resume(ctx.spool, job_id, who=caller.who, now=ctx.clock.now())
+    return _asked(ctx, caller, job_id, "a resume",
+                  resume(ctx.spool, job_id, who=caller.who, now=ctx.clock.now()))  # fmt: skip
+
+
+def _asked(
+    ctx: ApiContext, caller: Caller, job_id: str, what: str, answer: dict[str, Any]
+) -> dict[str, Any]:
+    """The daemon woken to act on the request now (its scheduler syncs), and the log told."""
     ctx.wake()
-    ctx.logger.info("API: schedule %s resumed by %s", job_id, caller.who)
-    return done
+    ctx.logger.info("API: %s of schedule %s asked by %s", what, job_id, caller.who)
+    return answer
