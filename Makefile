@@ -66,12 +66,14 @@ lock: $(LOCKED)
 # the test that delivers job files the way rsync does.
 # rsync: uploads in the intake tests; openssl: checks callback signatures independently;
 # docker.io, busybox-static (the test image) and openssh-server: the real servers the docker
-# and ssh executors are tested against (the test fixtures start them).
+# and ssh executors are tested against (the test fixtures start them); chromium and
+# chromium-driver: the browser the web page is tested in (headless, through Selenium).
 system-deps:
 	@command -v rsync >/dev/null && command -v openssl >/dev/null && command -v dockerd >/dev/null \
 	  && test -x /bin/busybox && test -x /usr/sbin/sshd \
+	  && test -x /usr/bin/chromium && test -x /usr/bin/chromedriver \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      rsync openssl docker.io busybox-static openssh-server >/dev/null)
+	      rsync openssl docker.io busybox-static openssh-server chromium chromium-driver >/dev/null)
 
 # Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
 run: setup

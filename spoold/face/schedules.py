@@ -124,6 +124,21 @@ def resume(spool: Spool, job_id: str, *, who: str, now: datetime | None = None) 
             "resumed_by": who, "was_paused": ended, "changed": ended is not None}  # fmt: skip
 
 
+def firings_within(spool: Spool, job_id: str, *, now: datetime, hours: int = 24) -> list[float]:
+    """The firings of a schedule in the next ``hours`` (Unix times; at most 1500), as its
+    scheduler will make them: the web page's timeline."""
+    job = _schedule(spool, job_id)
+    status = read_status(spool, job)
+    try:
+        spec = _spec(spool, job, status)
+        trigger = spec.trigger(parse_rfc3339(status["accepted_at"]))
+    except (SpooldError, OSError, ValueError, KeyError):
+        return []
+    end = now.timestamp() + hours * 3600
+    return [t.timestamp() for t in next_fire_times(spec, trigger, now, 1500)
+            if t.timestamp() <= end]  # fmt: skip
+
+
 @contextlib.contextmanager
 def _asking(job_id: str) -> Iterator[None]:
     """A request written into a schedule's directory: said as the CLI and the API say it."""

@@ -18,6 +18,7 @@ from spoold.core.spool.fs import (
     DEFAULT_MODE,
     TEMP_MARK,
     GroupCommit,
+    json_bytes,
     read_json,
     write_file,
     write_new,
@@ -94,6 +95,19 @@ class Deliveries:
         """Drop a delivery: acknowledged, or a prepared one whose state change never happened."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{self._dirs['outbox']}/{name}")
+
+    def resend(self, name: str, now: float) -> bool:
+        """A delivery given up, back into outbox/ to be tried again from now (its tries and its
+        time to give up begin anew); False if it is not in outbox/failed/."""
+        record = self.read(name, "failed")
+        if record is None:
+            return False
+        record = {**record, "tries": 0, "next_try": None, "created": now, "resent_at": now}
+        write_file(f"{self._dirs['outbox']}/{name}", json_bytes(record), durable=self._disk.durable)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self._dirs['outbox']}/failed/{name}")
+        self._disk.sync(self._dirs["outbox"])
+        return True
 
     def give_up(self, name: str) -> None:
         """Move a delivery that will not be tried again into outbox/failed/."""

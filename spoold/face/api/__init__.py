@@ -54,6 +54,9 @@ def build_app(ctx: ApiContext) -> FastAPI:
     for router in (jobs.router, logs.router, schedules.router, system.router):
         app.include_router(router)
     _errors(app, ctx)
+    from spoold.face import page  # noqa: PLC0415 - the web page, behind the same tokens
+
+    page.install(app, ctx)
     return app
 
 

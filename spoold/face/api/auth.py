@@ -74,6 +74,12 @@ def require(scope: str) -> Callable[..., Awaitable[Caller]]:
     ) -> Caller:
         presented = bearer.credentials if bearer is not None else api_key
         token = authenticate(ctx.spool, presented) if presented else None
+        if token is None and not presented and request.method in ("GET", "HEAD"):
+            # The web page's own reads (its live log's EventSource cannot send a header); a
+            # change through the API always needs the token itself (no CSRF for the API).
+            from spoold.face.page.session import COOKIE, session_token  # noqa: PLC0415
+
+            token = session_token(ctx.spool, request.cookies.get(COOKIE))
         if token is None:
             ctx.refusals.refused(
                 ctx, request, "a token that is not valid" if presented else "no token"

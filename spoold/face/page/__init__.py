@@ -1,0 +1,478 @@
+"""The web page (SPEC section 12): server-rendered pages over the same functions as the CLI and
+the API, behind the same tokens.
+
+Templates (``templates/``) only show what the routes here hand them; one small script
+(``static/page.js``: the live log, confirmations) and one stylesheet, served from here: no
+build step, no CDN, no inline script or style (the Content-Security-Policy forbids both).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from spoold.core.errors import SpooldError
+from spoold.core.tokens import Token
+from spoold.face.api.auth import Caller, context
+from spoold.face.api.context import ApiContext
+from spoold.face.page import charts
+from spoold.face.page.session import (
+    COOKIE,
+    LIFETIME,
+    csrf_ok,
+    csrf_token,
+    end_session,
+    session_cookie,
+    session_token,
+)
+from spoold.face.tokens import authenticate
+
+HERE = Path(__file__).parent
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+#: The jobs the overview's charts are drawn from: the newest this many finished ones.
+CHART_JOBS = 1000
+#: The tail of a log a job's page shows at first; older parts are fetched on demand.
+LOG_TAIL = 64 * 1024
+_SECRET_VALUE = re.compile(
+    r"(?im)^(\s*[\w.-]*(?:secret|password|passwd|token|api_key|apikey)[\w.-]*\s*:\s*)"
+    r"(?![\"']?\$\{secret:)(\S.*)$"
+)
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+static = StaticFiles(directory=str(HERE / "static"))
+
+
+class LoginNeeded(SpooldError):
+    """A page asked for without a session: the login form instead."""
+
+
+class Forbidden(SpooldError):
+    """A change asked for without the right CSRF token or scope."""
+
+
+class Viewer:
+    """Who looks at the page: the token of the session, and what its forms carry."""
+
+    def __init__(self, token: Token, cookie: str, csrf: str) -> None:
+        self.token, self.cookie, self.csrf = token, cookie, csrf
+
+    @property
+    def may_control(self) -> bool:
+        return self.token.allows("control")
+
+    @property
+    def caller(self) -> Caller:
+        return Caller(self.token)
+
+
+def viewer(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> Viewer:
+    """The session's viewer; LoginNeeded without a valid one."""
+    cookie = request.cookies.get(COOKIE)
+    token = session_token(ctx.spool, cookie)
+    if token is None or cookie is None:
+        raise LoginNeeded("log in")
+    return Viewer(token, cookie, csrf_token(ctx.spool, cookie))
+
+
+async def form(request: Request) -> dict[str, str]:
+    """A posted form's fields (``application/x-www-form-urlencoded``, a few hundred bytes: the
+    app's body limit bounds it); the last value of a repeated field."""
+    body = await request.body()
+    return {key: values[-1] for key, values in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+def acting(
+    request: Request,
+    ctx: Annotated[ApiContext, Depends(context)],
+    fields: Annotated[dict[str, str], Depends(form)],
+) -> Viewer:
+    """The viewer of a POST that changes something: its CSRF token and ``control`` checked."""
+    seen = viewer(request, ctx)
+    if not csrf_ok(ctx.spool, seen.cookie, fields.get("csrf")):
+        raise Forbidden("this form is stale or forged (no valid CSRF token): reload the page")
+    if not seen.may_control:
+        raise Forbidden(f"token {seen.token.name} may not change anything (no control scope)")
+    return seen
+
+
+def render(request: Request, name: str, seen: Viewer | None, **values: Any) -> HTMLResponse:
+    """A page from its template, with the viewer and the flash message of the last action."""
+    return templates.TemplateResponse(
+        request, name, {"viewer": seen, "flash": request.query_params.get("done"), **values}
+    )
+
+
+def back(path: str, said: str) -> RedirectResponse:
+    return RedirectResponse(f"{path}?{urlencode({'done': said})}", status_code=303)
+
+
+# -- access ---------------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_form(request: Request) -> HTMLResponse:
+    return render(request, "login.html", None, error=None)
+
+
+@router.post("/login", response_model=None)
+def login(
+    request: Request,
+    ctx: Annotated[ApiContext, Depends(context)],
+    fields: Annotated[dict[str, str], Depends(form)],
+) -> Response:
+    token = fields.get("token", "")[:200]
+    found = authenticate(ctx.spool, token) if token else None
+    if found is None:
+        ctx.refusals.refused(ctx, request, "a login with a token that is not valid")
+        refused = render(request, "login.html", None, error="That token is not valid.")
+        refused.status_code = 401
+        return refused
+    ctx.logger.info("page: %s logged in", Caller(found).who)
+    answer = RedirectResponse("/", status_code=303)
+    secure = ctx.config.api is not None and ctx.config.api.certfile is not None
+    answer.set_cookie(
+        COOKIE, session_cookie(ctx.spool, found), max_age=LIFETIME, path="/", httponly=True,
+        samesite="strict", secure=secure,
+    )  # fmt: skip
+    return answer
+
+
+def leaving(
+    request: Request,
+    ctx: Annotated[ApiContext, Depends(context)],
+    fields: Annotated[dict[str, str], Depends(form)],
+) -> Viewer:
+    """The viewer of a logout: its CSRF token checked (a forged logout is a nuisance too)."""
+    seen = viewer(request, ctx)
+    if not csrf_ok(ctx.spool, seen.cookie, fields.get("csrf")):
+        raise Forbidden("this form is stale or forged (no valid CSRF token): reload the page")
+    return seen
+
+
+@router.post("/logout")
+def logout(
+    seen: Annotated[Viewer, Depends(leaving)], ctx: Annotated[ApiContext, Depends(context)]
+) -> RedirectResponse:
+    end_session(ctx.spool, seen.cookie)
+    answer = RedirectResponse("/login", status_code=303)
+    answer.delete_cookie(COOKIE, path="/")
+    return answer
+
+
+# -- pages ----------------------------------------------------------------------------------
+
+
+@router.get("/")
+def overview(
+    request: Request,
+    seen: Annotated[Viewer, Depends(viewer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> HTMLResponse:
+    from spoold.face.catalogue import JobQuery  # noqa: PLC0415
+    from spoold.face.views import hosts_rows, summary  # noqa: PLC0415
+
+    spool, now = ctx.spool, ctx.clock.now().timestamp()
+    found = summary(spool, ctx.config)
+    counts = ctx.catalogue.counts()
+    counts["rejected"] = found["counts"].get("rejected") or 0
+    running = ctx.catalogue.page(JobQuery(state="running"), limit=50).rows
+    for row in running:
+        row["_age"] = _since(row.get("started_at"), now)
+    failures = ctx.catalogue.page(JobQuery(state="failed"), limit=10).rows
+    waiting, oldest = spool.stages.waiting_incoming()
+    recent = ctx.catalogue.page(JobQuery(), limit=CHART_JOBS).rows
+    return render(
+        request, "overview.html", seen,
+        counts=counts, running=running, failures=failures, now=now,
+        incoming=waiting, incoming_age=None if oldest is None else max(now - oldest, 0.0),
+        outbox=found["counts"].get("outbox"), given_up=found["callbacks_given_up"] or [],
+        hosts=hosts_rows(spool),
+        hourly=charts.hourly_chart(_finished(recent), now=now),
+        runtime=charts.runtime_chart(_durations(recent)),
+    )  # fmt: skip
+
+
+@router.get("/jobs")
+def jobs(
+    request: Request,
+    seen: Annotated[Viewer, Depends(viewer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> HTMLResponse:
+    from spoold.face.catalogue import STATES, JobQuery  # noqa: PLC0415
+    from spoold.face.listing import parse_labels  # noqa: PLC0415
+
+    given = {k: v.strip() for k, v in request.query_params.items() if v.strip()}
+    state = given.get("state") if given.get("state") in STATES else None
+    labels = parse_labels([given["label"]]) if given.get("label") else {}
+    query = JobQuery(state=state, executor=given.get("executor"), labels=labels,
+                     submitter=given.get("submitter"), text=given.get("q"))  # fmt: skip
+    try:
+        page = ctx.catalogue.page(query, cursor=given.get("cursor"), limit=50)
+    except ValueError:
+        page = ctx.catalogue.page(query, limit=50)
+    following = None
+    if page.next_cursor:
+        following = "/jobs?" + urlencode({**given, "cursor": page.next_cursor})
+    return render(request, "jobs.html", seen, rows=page.rows, given=given, states=STATES,
+                  following=following)  # fmt: skip
+
+
+@router.get("/jobs/{job_id}")
+def job(
+    job_id: str,
+    request: Request,
+    seen: Annotated[Viewer, Depends(viewer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> HTMLResponse:
+    from spoold.face.access import current_status, locate  # noqa: PLC0415
+
+    status = current_status(ctx.spool, job_id)
+    where = locate(ctx.spool, job_id)
+    log, log_start = _log_tail(ctx, where)
+    steps = status.get("steps") or {}
+    needs = _needs(ctx, where, status) if steps else {}
+    return render(
+        request, "job.html", seen,
+        job_id=job_id, status=status, directory=where.directory, log=log, log_start=log_start,
+        log_end=log_start + len(log.encode()), graph=charts.step_graph(steps, needs) if steps
+        else None, deliveries=_deliveries(ctx, job_id), job_file=_job_file(ctx, where, status),
+        api=_api_base(request, ctx), live=where.directory in ("pending", "running"),
+    )  # fmt: skip
+
+
+@router.get("/schedules")
+def schedules(
+    request: Request,
+    seen: Annotated[Viewer, Depends(viewer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> HTMLResponse:
+    from spoold.face.schedules import firings_within, schedule_rows  # noqa: PLC0415
+
+    now = ctx.clock.now()
+    rows = schedule_rows(ctx.spool, now=now)
+    firings = {row["job_id"]: firings_within(ctx.spool, row["job_id"], now=now, hours=24)
+               for row in rows if not row.get("paused")}  # fmt: skip
+    timeline = charts.timeline_chart(firings, now=now.timestamp(), hours=24)
+    return render(request, "schedules.html", seen, rows=rows, timeline=timeline)
+
+
+@router.get("/rejected")
+def rejected(
+    request: Request,
+    seen: Annotated[Viewer, Depends(viewer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> HTMLResponse:
+    from spoold.face.listing import rejected_rows  # noqa: PLC0415
+
+    return render(request, "rejected.html", seen, rows=rejected_rows(ctx.spool)[:500])
+
+
+@router.get("/deliveries")
+def deliveries(
+    request: Request,
+    seen: Annotated[Viewer, Depends(viewer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> HTMLResponse:
+    records = ctx.spool.deliveries
+    rows = [{"name": name, **(records.read(name, "failed") or {})}
+            for name in records.names("failed")]  # fmt: skip
+    return render(request, "deliveries.html", seen, rows=rows)
+
+
+# -- actions --------------------------------------------------------------------------------
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(
+    job_id: str,
+    seen: Annotated[Viewer, Depends(acting)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> RedirectResponse:
+    who = seen.caller.who
+    outcome = ctx.control(who).cancel(job_id, reason=f"cancelled by {who} on the web page")
+    ctx.catalogue.forget(job_id)
+    ctx.logger.info("page: cancel of job %s asked by %s", job_id, who)
+    said = "cancelled" if outcome.cancelled else f"cancel asked (it was {outcome.state.value})"
+    return back(f"/jobs/{job_id}", said)
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry(
+    job_id: str,
+    seen: Annotated[Viewer, Depends(acting)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> RedirectResponse:
+    ctx.control(seen.caller.who).retry(job_id)
+    ctx.catalogue.forget(job_id)
+    ctx.wake()
+    ctx.logger.info("page: job %s retried by %s", job_id, seen.caller.who)
+    return back(f"/jobs/{job_id}", "back in pending/: it runs again")
+
+
+@router.post("/schedules/{job_id}/{action}")
+def schedule_action(
+    job_id: str,
+    action: str,
+    seen: Annotated[Viewer, Depends(acting)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> RedirectResponse:
+    from spoold.face import schedules as acts  # noqa: PLC0415
+
+    who, now = seen.caller.who, ctx.clock.now()
+    if action == "run":
+        said = f"run {acts.run_now(ctx.spool, job_id, who=who, now=now)} asked for"
+    elif action == "pause":
+        acts.pause(ctx.spool, job_id, who=who, now=now)
+        said = f"{job_id} paused"
+    elif action == "resume":
+        acts.resume(ctx.spool, job_id, who=who, now=now)
+        said = f"{job_id} resumed"
+    else:
+        raise Forbidden(f"no such action: {action}")
+    ctx.wake()
+    ctx.logger.info("page: %s of schedule %s by %s", action, job_id, who)
+    return back("/schedules", said)
+
+
+@router.post("/deliveries/{name}/resend")
+def resend(
+    name: str,
+    seen: Annotated[Viewer, Depends(acting)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> RedirectResponse:
+    sent = ctx.spool.deliveries.resend(name, now=time.time())
+    ctx.logger.info("page: delivery %s sent again by %s", name, seen.caller.who)
+    return back("/deliveries", f"{name} back in outbox/" if sent else f"{name} was not given up")
+
+
+# -- what the pages show --------------------------------------------------------------------
+
+
+def _since(moment: Any, now: float) -> float | None:
+    from spoold.core.clock import parse_rfc3339  # noqa: PLC0415
+
+    try:
+        return max(now - parse_rfc3339(str(moment)).timestamp(), 0.0) if moment else None
+    except ValueError:
+        return None
+
+
+def _finished(rows: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    from spoold.core.clock import parse_rfc3339  # noqa: PLC0415
+
+    found = []
+    for row in rows:
+        if row.get("finished_at") and row.get("state") in ("succeeded", "failed", "cancelled"):
+            try:
+                found.append((parse_rfc3339(str(row["finished_at"])).timestamp(), row["state"]))
+            except ValueError:
+                continue
+    return found
+
+
+def _durations(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    from spoold.core.clock import parse_rfc3339  # noqa: PLC0415
+
+    found: dict[str, list[float]] = {}
+    for row in rows:
+        for attempt in row.get("attempts") or ():
+            if attempt.get("started_at") and attempt.get("finished_at"):
+                try:
+                    took = (parse_rfc3339(attempt["finished_at"])
+                            - parse_rfc3339(attempt["started_at"])).total_seconds()  # fmt: skip
+                except ValueError:
+                    continue
+                found.setdefault(str(row.get("executor") or "?"), []).append(max(took, 0.0))
+    return found
+
+
+def _needs(ctx: ApiContext, where: Any, status: dict[str, Any]) -> dict[str, list[str]]:
+    """What each step needs, as the job file says (status.json keeps each step's outcome)."""
+    from spoold.face.views import job_document  # noqa: PLC0415
+
+    try:
+        document = job_document(ctx.spool, where, status, keys=("steps",))
+    except (OSError, SpooldError, ValueError):
+        return {}
+    return {str(step.get("id")): [str(n) for n in step.get("needs") or ()]
+            for step in document.get("steps") or () if isinstance(step, dict)}  # fmt: skip
+
+
+def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int]:
+    """The last LOG_TAIL bytes of the log from a line's start, and where they start."""
+    try:
+        with ctx.spool.jobs.read_log(where) as log:
+            size = log.seek(0, 2)
+            start = max(size - LOG_TAIL, 0)
+            log.seek(start)
+            data = log.read()
+    except FileNotFoundError:
+        return "", 0
+    if start:
+        cut = data.find(b"\n") + 1
+        data, start = data[cut:], start + cut
+    return data.decode("utf-8", "replace"), start
+
+
+def _deliveries(ctx: ApiContext, job_id: str) -> list[dict[str, Any]]:
+    records, rows = ctx.spool.deliveries, []
+    for where in ("", "failed"):
+        for name in records.names(where):
+            if name.startswith(f"{job_id}~"):
+                rows.append({"name": name, "given_up": bool(where), **(records.read(name, where)
+                                                                        or {})})  # fmt: skip
+    return rows
+
+
+def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> str:
+    """The job file as submitted, with values of keys that name secrets masked."""
+    try:
+        data = ctx.spool.jobs.read_job_file(where, sha256=status.get("sha256"))
+    except (OSError, SpooldError):
+        return ""
+    return _SECRET_VALUE.sub(r"\1********", data.decode("utf-8", "replace"))
+
+
+def _api_base(request: Request, ctx: ApiContext) -> str:
+    if ctx.config.api is not None and ctx.config.api.public_url:
+        return ctx.config.api.public_url
+    return str(request.base_url).rstrip("/")
+
+
+def install(app: Any, ctx: ApiContext) -> None:
+    """Serve the page from ``app``: its routes, its static files, its CSP, its errors."""
+    from fastapi.responses import PlainTextResponse  # noqa: PLC0415
+
+    app.include_router(router)
+    app.mount("/static", static, name="static")
+
+    async def policy(request: Request, call_next: Any) -> Response:
+        answer: Response = await call_next(request)
+        if not request.url.path.startswith("/api/"):
+            answer.headers["Content-Security-Policy"] = CSP
+            answer.headers["X-Content-Type-Options"] = "nosniff"
+            answer.headers["Referrer-Policy"] = "same-origin"
+        return answer
+
+    app.middleware("http")(policy)
+
+    async def to_login(request: Request, exc: Exception) -> Response:
+        return RedirectResponse("/login", status_code=303)
+
+    async def forbidden(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse(str(exc), status_code=403)
+
+    app.add_exception_handler(LoginNeeded, to_login)
+    app.add_exception_handler(Forbidden, forbidden)
