@@ -99,9 +99,7 @@ def acting(
     fields: Annotated[dict[str, str], Depends(form)],
 ) -> Viewer:
     """The viewer of a POST that changes something: its CSRF token and ``control`` checked."""
-    seen = viewer(request, ctx)
-    if not csrf_ok(ctx.spool, seen.cookie, fields.get("csrf")):
-        raise Forbidden("this form is stale or forged (no valid CSRF token): reload the page")
+    seen = leaving(request, ctx, fields)
     if not seen.may_control:
         raise Forbidden(f"token {seen.token.name} may not change anything (no control scope)")
     return seen
@@ -172,6 +170,12 @@ def logout(
 
 
 # -- pages ----------------------------------------------------------------------------------
+
+
+@router.get("/charts.css")
+def chart_styles() -> Response:
+    """The charts' colours, kept beside the code that draws them (charts.CHART_CSS)."""
+    return Response(charts.CHART_CSS, media_type="text/css")
 
 
 @router.get("/")
