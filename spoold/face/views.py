@@ -226,18 +226,25 @@ def _running_statuses(spool: Spool) -> list[dict[str, Any]]:
     return found
 
 
+def job_deliveries(spool: Spool, job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """The job's callbacks still in outbox/ (``""``) or given up (``"failed"``): (name, where,
+    record); PermissionError where this user may not look."""
+    return [
+        (name, where, spool.deliveries.read(name, where) or {})
+        for where in ("", "failed")
+        for name in spool.deliveries.names(where)
+        if name.startswith(f"{job_id}~")
+    ]
+
+
 def _callback_lines(spool: Spool, job_id: str) -> list[str]:
     """The job's callbacks still in outbox/ (or given up in outbox/failed/): last error, next try."""
     try:
-        waiting = [(n, "") for n in spool.deliveries.names() if n.startswith(f"{job_id}~")]
-        waiting += [
-            (n, "failed") for n in spool.deliveries.names("failed") if n.startswith(f"{job_id}~")
-        ]
+        waiting = job_deliveries(spool, job_id)
     except PermissionError:
         return [f"not visible to this user (outbox/ is {owner(str(spool.dir('outbox')))})"]
     lines = []
-    for name, where in waiting:
-        record = spool.deliveries.read(name, where) or {}
+    for _, where, record in waiting:
         event, tries = record.get("event", "?"), int(record.get("tries") or 0)
         if where:
             text = f"{event}: given up after {tries} tries; last error: {record.get('last_error')}"

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from spoold.face.catalogue import Catalogue
     from spoold.face.metrics import Metrics
     from spoold.out.outbox import Callbacks
-    from spoold.run.control import JobControl
+    from spoold.run.control import CancelOutcome, JobControl
     from spoold.run.ledger import Listener
 
 
@@ -91,3 +91,15 @@ class ApiContext:
         return JobControl(
             self.spool, self.clock, who=who, callbacks=self.callbacks, listeners=self.listeners
         )
+
+    def cancel(self, job_id: str, who: str, reason: str) -> CancelOutcome:
+        """Cancel as ``spoold cancel`` does, for the API and the page alike."""
+        outcome = self.control(who).cancel(job_id, reason=reason)
+        self.catalogue.forget(job_id)
+        return outcome
+
+    def retry(self, job_id: str, who: str) -> None:
+        """Retry as ``spoold retry`` does, and wake the daemon to run it now."""
+        self.control(who).retry(job_id)
+        self.catalogue.forget(job_id)  # no change the listeners count: it is told here
+        self.wake()

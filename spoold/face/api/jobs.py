@@ -213,8 +213,7 @@ def cancel_job(
     from spoold.core.states import JobState  # noqa: PLC0415
 
     locate(ctx.spool, job_id)
-    outcome = ctx.control(caller.who).cancel(job_id, reason=f"cancelled by {caller.who}")
-    ctx.catalogue.forget(job_id)
+    outcome = ctx.cancel(job_id, caller.who, reason=f"cancelled by {caller.who}")
     body = {"job_id": job_id, "state": outcome.state.value}
     if outcome.cancelled:
         ctx.logger.info("API: job %s cancelled by %s", job_id, caller.who)
@@ -233,9 +232,7 @@ def retry_job(
 ) -> dict[str, Any]:
     """Run a failed or cancelled job again, as a new attempt: back in pending/."""
     locate(ctx.spool, job_id)
-    ctx.control(caller.who).retry(job_id)
-    ctx.catalogue.forget(job_id)
-    ctx.wake()
+    ctx.retry(job_id, caller.who)
     ctx.logger.info("API: job %s retried by %s", job_id, caller.who)
     return current_status(ctx.spool, job_id)
 

@@ -9,7 +9,6 @@ build step, no CDN, no inline script or style (the Content-Security-Policy forbi
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
@@ -185,12 +184,12 @@ def overview(
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> HTMLResponse:
     from spoold.face.catalogue import JobQuery  # noqa: PLC0415
-    from spoold.face.views import hosts_rows, summary  # noqa: PLC0415
+    from spoold.face.views import hosts_rows  # noqa: PLC0415
 
     spool, now = ctx.spool, ctx.clock.now().timestamp()
-    found = summary(spool, ctx.config)
     counts = ctx.catalogue.counts()
-    counts["rejected"] = found["counts"].get("rejected") or 0
+    # The rest from the catalogue's index: summary() would count done/ again, name by name.
+    counts["rejected"] = spool.count("rejected")
     running = ctx.catalogue.page(JobQuery(state="running"), limit=50).rows
     for row in running:
         row["_age"] = _since(row.get("started_at"), now)
@@ -201,7 +200,8 @@ def overview(
         request, "overview.html", seen,
         counts=counts, running=running, failures=failures, now=now,
         incoming=waiting, incoming_age=None if oldest is None else max(now - oldest, 0.0),
-        outbox=found["counts"].get("outbox"), given_up=found["callbacks_given_up"] or [],
+        outbox=len(spool.deliveries.names()),
+        given_up=[spool.deliveries.read(n, "failed") or {} for n in spool.deliveries.names("failed")],
         hosts=hosts_rows(spool),
         hourly=charts.hourly_chart(_finished(recent), now=now),
         runtime=charts.runtime_chart(_durations(recent)),
@@ -305,8 +305,7 @@ def cancel(
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
     who = seen.caller.who
-    outcome = ctx.control(who).cancel(job_id, reason=f"cancelled by {who} on the web page")
-    ctx.catalogue.forget(job_id)
+    outcome = ctx.cancel(job_id, who, reason=f"cancelled by {who} on the web page")
     ctx.logger.info("page: cancel of job %s asked by %s", job_id, who)
     said = "cancelled" if outcome.cancelled else f"cancel asked (it was {outcome.state.value})"
     return back(f"/jobs/{job_id}", said)
@@ -318,9 +317,7 @@ def retry(
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
-    ctx.control(seen.caller.who).retry(job_id)
-    ctx.catalogue.forget(job_id)
-    ctx.wake()
+    ctx.retry(job_id, seen.caller.who)
     ctx.logger.info("page: job %s retried by %s", job_id, seen.caller.who)
     return back(f"/jobs/{job_id}", "back in pending/: it runs again")
 
@@ -356,7 +353,7 @@ def resend(
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
-    sent = ctx.spool.deliveries.resend(name, now=time.time())
+    sent = ctx.spool.deliveries.resend(name, now=ctx.clock.now().timestamp())
     ctx.logger.info("page: delivery %s sent again by %s", name, seen.caller.who)
     return back("/deliveries", f"{name} back in outbox/" if sent else f"{name} was not given up")
 
@@ -431,13 +428,10 @@ def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int]:
 
 
 def _deliveries(ctx: ApiContext, job_id: str) -> list[dict[str, Any]]:
-    records, rows = ctx.spool.deliveries, []
-    for where in ("", "failed"):
-        for name in records.names(where):
-            if name.startswith(f"{job_id}~"):
-                rows.append({"name": name, "given_up": bool(where), **(records.read(name, where)
-                                                                        or {})})  # fmt: skip
-    return rows
+    from spoold.face.views import job_deliveries  # noqa: PLC0415
+
+    return [{"name": name, "given_up": bool(where), **record}
+            for name, where, record in job_deliveries(ctx.spool, job_id)]  # fmt: skip
 
 
 def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> str:
