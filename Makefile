@@ -72,8 +72,10 @@ system-deps:
 	@command -v rsync >/dev/null && command -v openssl >/dev/null && command -v dockerd >/dev/null \
 	  && test -x /bin/busybox && test -x /usr/sbin/sshd \
 	  && test -x /usr/bin/chromium && test -x /usr/bin/chromedriver \
+	  && command -v sshfs >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      rsync openssl docker.io busybox-static openssh-server chromium chromium-driver >/dev/null)
+	      rsync openssl docker.io busybox-static openssh-server chromium chromium-driver \
+	      sshfs fuse3 iproute2 util-linux >/dev/null)
 
 # Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
 run: setup

@@ -37,8 +37,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if args.daemon:
         check_detach(config)  # detached without a logdir, its log would go nowhere
     daemon = Daemon.build(config)  # every check that can fail, while the terminal still sees it
-    if daemon.spool.host_lock.daemon_on(config.hostname) is not None:
-        print(f"spoold: {lock_holder(daemon.spool, config.hostname)}", file=sys.stderr)
+    if daemon.spool.host_lock.daemon_on(config.host_id) is not None:
+        print(f"spoold: {lock_holder(daemon.spool, config.host_id)}", file=sys.stderr)
         return EXIT_USAGE
     if args.daemon:
         close_logging()  # its files would be closed under it, their numbers reused

@@ -28,6 +28,7 @@ from spoold.out.sender import Sender
 from spoold.run.control import JobControl
 from spoold.run.dispatch import JobMeta
 from spoold.run.due import DueJobs
+from spoold.run.hostbeat import HostBeat
 from spoold.run.lane import Lane
 from spoold.run.observed import listener as observed_listener
 from spoold.run.pool import WorkerProcesses
@@ -226,6 +227,8 @@ class Daemon:
     reload: threading.Event = field(default_factory=threading.Event)
     #: Readiness, status and watchdog pings for systemd.
     systemd: Systemd = field(default_factory=Systemd)
+    #: This host's heartbeat in hosts/, and its view of the other hosts sharing the spool.
+    hostbeat: HostBeat | None = None
     #: The HTTP API, when the config enables it (``api:``), and what it reads of the changes.
     api: ApiServer | None = None
     seen: _Seen | None = None
@@ -319,6 +322,11 @@ class Daemon:
             due, scheduler, callbacks, sender, intake,
         )  # fmt: skip
         recovery.adopter = daemon.adopt
+        from spoold import __version__  # noqa: PLC0415
+
+        daemon.hostbeat = HostBeat(spool, config, clock, logger, running=workers.in_flight,
+                                   version=__version__)  # fmt: skip
+        sender.host_state = daemon.hostbeat.state_of
         if seen is not None:
             daemon.seen, daemon.api = seen, daemon.build_api(seen)
         return daemon
@@ -354,15 +362,17 @@ class Daemon:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
         try:
-            lock = self.spool.host_lock.acquire(self.config.hostname)
+            lock = self.spool.host_lock.acquire(self.config.host_id)
         except SpoolError:
-            self.logger.error("refusing to run: %s", lock_holder(self.spool, self.config.hostname))
+            self.logger.error("refusing to run: %s", lock_holder(self.spool, self.config.host_id))
             return 2
         stop = threading.Event()
         self._install_signals(stop)
         watcher: InotifyWatcher | None = None
         try:
             self.systemd.status("recovering", self.clock.monotonic(), force=True)
+            if self.hostbeat is not None:  # before anything this host writes names it
+                self.hostbeat.tick(self.clock.monotonic())
             self.recover()
             self.sender.start()
             self.workers.start()
@@ -405,6 +415,8 @@ class Daemon:
             self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
             self.sender.stop()
+            if self.hostbeat is not None:
+                self.hostbeat.stopped()
             lock.close()
             self.logger.info("stopped")
         return 0
@@ -450,13 +462,18 @@ class Daemon:
         if now >= self._next_retention:
             self._duty(self.apply_retention)
             self._next_retention = now + RETENTION_EVERY
+        if self.hostbeat is not None and now >= self.hostbeat.next_due:
+            self._duty(lambda: self.hostbeat.tick(now) if self.hostbeat else None)
         if now >= self._next_scan:
             self.intake_thread.request_sweep()
             self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
             self._duty(self._queue_pending)
             self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
+            self._duty(self._recover_lost_hosts)
             self._next_scan = now + self._scan_every()
         wake_at = min(self._next_scan, self._next_retention, self._next_status)
+        if self.hostbeat is not None:
+            wake_at = min(wake_at, self.hostbeat.next_due)
         wake_at = min(wake_at, now + self.systemd.next_wake(now))
         if (due := self.due.next_due()) is not None:
             wake_at = min(wake_at, now + due - self.clock.now().timestamp())
@@ -558,9 +575,23 @@ class Daemon:
             )  # fmt: skip
         for line in self.spool.stages.recover():
             self.logger.warning("recovery: %s", line)
+        if restored := self.spool.deliveries.finish_adoptions(frozenset({self.config.host_id})):
+            self.logger.warning("recovery: %d callback adoption(s) cut short put back", restored)
         self.recovery.repair_pending()
         self._reap()
         self._queue_pending()
+
+    def _recover_lost_hosts(self) -> None:
+        """What hosts found stale or gone left half done in tmp/ and outbox/: their intake
+        stages and their adoptions of deliveries. (Their claims: ``recovery.reap``.)"""
+        lost = self.hostbeat.lost() if self.hostbeat is not None else frozenset()
+        if not lost:
+            return
+        for line in self.spool.stages.recover(lost):
+            self.logger.warning("recovery of %s: %s", ", ".join(sorted(lost)), line)
+        if restored := self.spool.deliveries.finish_adoptions(lost):
+            self.logger.warning("recovery: %d callback adoption(s) of %s put back", restored,
+                                ", ".join(sorted(lost)))  # fmt: skip
 
     def _reap(self) -> None:
         for job in self.recovery.reap(own_runs=self.workers.in_flight()):

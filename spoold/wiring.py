@@ -56,7 +56,7 @@ class Parts:
         clock = clock or SystemClock()
         masker = Masker()
         logger = configure_logging(config, masker)
-        spool = Spool(config.spool, durable=config.durable)
+        spool = Spool(config.spool, durable=config.durable, host=config.host_id)
         registry = ExecutorRegistry.from_entry_points()
         callbacks = callbacks_for(config, spool, clock, logger, wake=wake)
         secrets = SecretStore(config.secrets_dir)
@@ -93,6 +93,7 @@ class Parts:
             every=self.config.heartbeat_interval,
             look=self.config.poll_interval,
             now=self.clock.monotonic(),
+            logger=self.logger,
         )
 
 

@@ -229,12 +229,12 @@ def _empty_config() -> Path:
 
 
 def run_cli(
-    spool: Path, *args: str, bound: float = DEFAULT_BOUND
+    spool: Path, *args: str, bound: float = DEFAULT_BOUND, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``spoold <command> --spool SPOOL ARGS...`` as a user would type it; never hangs.
 
     Without ``--config``, an empty config: not /etc/spoold/config.yaml, which the package
-    test installs while other tests run."""
+    test installs while other tests run. ``env``: added to this process's environment."""
     command, *rest = args
     if "--config" not in rest:
         rest = [*rest, "--config", str(_empty_config())]
@@ -244,6 +244,7 @@ def run_cli(
         text=True,
         timeout=bound,
         check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

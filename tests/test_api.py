@@ -589,3 +589,13 @@ def test_metrics_parse_and_count_what_happened(tmp_path: Path) -> None:
         assert value("spoold_jobs", state="succeeded") == 1
     finally:
         started.daemon.kill()
+
+
+def test_the_hosts_are_this_daemons_view_of_hosts(api: Api) -> None:
+    """/api/v1/hosts is ``spoold hosts --json``: this host alive, with its beat."""
+    rows = api.call("GET", "/api/v1/hosts", token=api.tokens["read"]).json()
+    mine = [row for row in rows if row["this_host"]]
+    assert len(mine) == 1 and mine[0]["state"] == "alive" and mine[0]["beat"] >= 1, rows
+    shown = run_cli(api.spool, "hosts", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [row["host"] for row in json.loads(shown.stdout)] == [row["host"] for row in rows]

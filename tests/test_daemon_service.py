@@ -254,7 +254,8 @@ def test_sighup_reloads_the_config_and_refuses_an_invalid_one(
                                       if "config reloaded" in x), None),
                         what="the reload")  # fmt: skip
         assert "applied log_level" in line and "need a restart: workers" in line
-        assert "keys a reload applies: log_level" in daemon.log()
+        # The next line of the reload's: written a moment after (waited on, not assumed).
+        wait_for(lambda: "keys a reload applies: log_level" in daemon.log(), what="its keys")
         # The new level is in force: the status line of a running job is logged at debug.
         drop(spool_dir, "seen.yaml", local_job("seen", "sleep 3"))
         wait_for(lambda: re.search(r" DEBUG spoold: status: running: 1 jobs", daemon.log()),

@@ -453,18 +453,24 @@ def test_the_spools_figures_are_counted_at_scrape_time(tmp_path: Path) -> None:
     def beat(ago: float) -> str:
         return rfc3339(clock.now() - timedelta(seconds=ago))
 
-    # Leases: a live one here, one of a process that is gone, one of another host whose
-    # heartbeat stopped 2 minutes ago and one whose heartbeat is fresh.
+    # Leases: a live one here, one of a process that is gone, two of another host: one whose
+    # beat stands still from here on, one that goes on beating (judged by this host's clock,
+    # over scrapes: the times written in them are never compared with it).
     me = {"host": "here", "pid": os.getpid(), "pid_start": process_start_time(os.getpid())}
     _job_dir(spool, "running", "alive", {**me, "heartbeat": beat(0)})
     _job_dir(spool, "running", "orphan", {**me, "pid": 999_999_999, "heartbeat": beat(0)})
-    _job_dir(spool, "running", "silent", {"host": "there", "pid": 1, "heartbeat": beat(120)})
-    _job_dir(spool, "running", "beating", {"host": "there", "pid": 1, "heartbeat": beat(5)})
+    _job_dir(spool, "running", "silent", {"host": "there", "pid": 1, "beat": 4})
+    _job_dir(spool, "running", "beating", {"host": "there", "pid": 1, "beat": 9})
     outbox = spool.dir("outbox")
     for name in ("a~00000001.json", "a~00000002.json", "b~00000001.prepared"):
         (outbox / name).write_text("{}")
     (outbox / "failed").mkdir()
     (outbox / "failed" / "c~00000001.json").write_text("{}")
+    samples = _samples(metrics.render()[0])
+    assert _value(samples, "spoold_leases_stale") == 1, "only the orphan, at first sight"
+    clock.advance(61.0)
+    running = spool.dir("running")
+    (running / "beating" / "lease").write_text(json.dumps({"host": "there", "pid": 1, "beat": 10}))
     samples = _samples(metrics.render()[0])
     jobs = {state: _value(samples, "spoold_jobs", state=state)
             for state in ("pending", "running", "succeeded", "failed", "rejected")}  # fmt: skip
@@ -474,17 +480,23 @@ def test_the_spools_figures_are_counted_at_scrape_time(tmp_path: Path) -> None:
     assert _value(samples, "spoold_callbacks_waiting") == 2
     assert _value(samples, "spoold_callbacks_given_up") == 1
     assert _value(samples, "spoold_incoming_files") == 2
-    assert _value(samples, "spoold_incoming_oldest_age_seconds") == pytest.approx(90.0, abs=0.01)
-    assert _value(samples, "spoold_hosts_alive") == 0, "no daemon holds this host's lock"
+    assert _value(samples, "spoold_incoming_oldest_age_seconds") == pytest.approx(151.0, abs=0.01)
+    assert _value(samples, "spoold_hosts_alive") == 0, "no host has beaten in hosts/"
     assert _value(samples, "spoold_build_info", **BUILD) == 1
 
-    (spool.dir("tmp") / "daemon-gone.lock").write_text("4242 1\n")  # a host whose daemon ended
+    # This host's daemon beats (and holds its lock); one other host stopped, one beats.
+    spool.hosts.write("gone", {"host": "gone", "beat": 7, "stopped": True})
+    spool.hosts.write("there", {"host": "there", "beat": 3})
+    spool.hosts.write("here", {"host": "here", "beat": 1, "view": {
+        "there": {"state": "alive", "beat": 3, "unchanged_for": 0.0},
+        "gone": {"state": "gone", "beat": 7, "unchanged_for": 0.0},
+    }})  # fmt: skip
     lock = spool.host_lock.acquire("here")
     try:
         (incoming / "old.yaml").unlink()
         (incoming / "new.yaml").unlink()
         samples = _samples(metrics.render()[0])
-        assert _value(samples, "spoold_hosts_alive") == 1
+        assert _value(samples, "spoold_hosts_alive") == 2, "here and there; not gone"
         assert _value(samples, "spoold_incoming_oldest_age_seconds") == 0.0, "none waits"
     finally:
         lock.close()

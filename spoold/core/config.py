@@ -9,6 +9,7 @@ for (``check_schema``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from spoold.core.policy import Policy
     from spoold.core.retry import RetryPolicy
 
+#: What a host id may be (``host_id``, ``RUNNER_ID``): a file name in hosts/.
+HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
 DEFAULT_SPOOL = Path("spool")
 
@@ -156,6 +159,8 @@ class Config(NamedTuple):
     durable: bool = True
     worker_id: str = _worker_id(_hostname())
     hostname: str = _hostname()
+    #: ``RUNNER_ID`` (or ``host_id`` in the file): this host's id; empty: the host name.
+    runner_id: str = ""
     log_socket: Path | None = None
     log_level: str = "info"
     default_callback_url: str | None = None
@@ -179,6 +184,12 @@ class Config(NamedTuple):
     #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
     executor_settings: Mapping[str, dict[str, Any]] = {}
     source: Path | None = None
+
+    @property
+    def host_id(self) -> str:
+        """This host among those sharing the spool (``RUNNER_ID``, else the host name): its
+        heartbeat is hosts/<host_id>, and its leases and deliveries name it."""
+        return self.runner_id or self.hostname
 
 
 def find_config_file(explicit: Path | None) -> Path | None:
@@ -217,6 +228,12 @@ def load_config(
             raise
         raise ConfigError(f"{found}: cannot use the configuration: {exc}") from exc
     config = _apply_environment(config, env)
+    if not HOST_ID.match(config.host_id):
+        # It names files in the shared spool (hosts/<id>): no path, no dot file.
+        raise ConfigError(
+            f"key host_id: {config.host_id!r} (RUNNER_ID, else the host name) is not a usable "
+            "host id: letters, digits, '.', '_' and '-', 64 at most, not starting with '.'"
+        )
     if spool is not None:
         config = config._replace(spool=spool)
     return config
@@ -281,16 +298,20 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     """The Config a config file's mapping says; ConfigError naming the key of a value that is
     not of the kind the key takes (with the schema skipped, this is all that checks them)."""
     here = _hostname()
-    values: dict[str, Any] = {"source": source, "hostname": here, "worker_id": _worker_id(here)}
+    values: dict[str, Any] = {
+        "source": source, "hostname": here, "worker_id": _worker_id(here),
+    }  # fmt: skip
     for key in ("workers", "worker_processes"):
         if key in doc:
             values[key] = _of_kind(key, doc[key], int, "a whole number")
     for key in (
         "watch", "worker_id", "hostname", "log_level",
-        "default_callback_url", "default_callback_secret",
+        "default_callback_url", "default_callback_secret", "host_id",
     ):  # fmt: skip
         if key in doc:
             values[key] = _of_kind(key, doc[key], str, "a string")
+    if "host_id" in values:
+        values["runner_id"] = values.pop("host_id")
     if not str(doc.get("default_callback_url") or "http://").startswith(("http://", "https://")):
         raise ConfigError("key default_callback_url: callbacks go to an http:// or https:// URL")
     if doc.get("default_callback_url") and not doc.get("default_callback_secret"):
@@ -395,7 +416,7 @@ def _apply_environment(config: Config, env: Mapping[str, str]) -> Config:
         if env.get(variable):
             changes[key] = Path(env[variable])
     if env.get("RUNNER_ID"):
-        changes["worker_id"] = env["RUNNER_ID"]
+        changes["worker_id"] = changes["runner_id"] = env["RUNNER_ID"]
     if env.get("RUNNER_HOSTNAME"):
         changes["hostname"] = env["RUNNER_HOSTNAME"]
     return config._replace(**changes) if changes else config

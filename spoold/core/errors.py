@@ -57,6 +57,10 @@ class InvalidTransition(SpoolError):
     """A state change the state machine does not allow."""
 
 
+class JobFenced(SpoolError):
+    """Another host took the job over: this host's copy of it writes nothing more for it."""
+
+
 class InvalidJobFile(SpooldError):
     """A job file failed to parse or validate; ``issues`` lists every problem found."""
 

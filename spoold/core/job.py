@@ -267,6 +267,8 @@ class JobStatus:
     concurrency: dict[str, Any] | None = None
     #: The sequence number of the job's latest callback delivery: its record of having been sent.
     callback_sequence: int = 0
+    #: The claim generation of its latest attempt (raised by each takeover; SPEC section 11).
+    generation: int = 0
     #: Kept from the job file for ``spoold status`` and ``list --label``: job.yaml is spoold's
     #: alone to read. None: not kept (a job accepted before status.json kept them).
     labels: dict[str, str] | None = None
@@ -363,6 +365,7 @@ class JobStatus:
             "priority": self.priority,
             "concurrency": self.concurrency,
             "callback_sequence": self.callback_sequence,
+            "generation": self.generation,
             "labels": self.labels,
             "description": self.description,
         }
@@ -394,6 +397,7 @@ class JobStatus:
             priority=int(data.get("priority") or 0),
             concurrency=data.get("concurrency"),
             callback_sequence=int(data.get("callback_sequence") or 0),
+            generation=int(data.get("generation") or 0),
             labels=dict(labels) if isinstance(labels := data.get("labels"), dict) else None,
             description=data.get("description"),
         )

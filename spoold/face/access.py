@@ -32,7 +32,7 @@ class NotAllowed(UsageError):
 
 def open_spool(config: Config) -> Spool:
     """The config's spool, checked to be one; NotAllowed if this user may not even enter it."""
-    spool = Spool(config.spool, durable=config.durable)
+    spool = Spool(config.spool, durable=config.durable, host=config.host_id)
     root = spool.root
     if root.is_dir() and not os.access(root, os.X_OK):
         raise NotAllowed(

@@ -194,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", choices=("done", "failed", "rejected"), help="only this (default: all three)"
     )
     purge.add_argument("--dry-run", action="store_true", help="list, and remove nothing")
+    hosts = add(
+        "hosts", cmd_hosts,
+        "the hosts serving this spool (hosts/): alive, stale or gone, and what each runs",
+    )  # fmt: skip
+    hosts.add_argument("--json", action="store_true")
+    hosts.add_argument(
+        "--forget", metavar="HOST",
+        help="remove a gone or stale host's record from hosts/ (a host retired for good)",
+    )  # fmt: skip
     schedule = add("schedule", None, "schedules: list them, run one now, pause, resume")
     schedule_sub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
     schedule_list = schedule_sub.add_parser(
@@ -539,7 +548,7 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     if outcome.state is not JobState.RUNNING:
         print(f"{args.job_id}: already {outcome.state.value}; nothing to cancel", file=sys.stderr)
         return EXIT_FAILED
-    if control.worker_gone(outcome.job, config.hostname):  # killed, or stopped: none to wait for
+    if control.worker_gone(outcome.job, config.host_id):  # killed, or stopped: none to wait for
         print(f"{args.job_id}: cancel requested; no spoold runs it now: it ends cancelled when "
               "spoold starts again on this host")  # fmt: skip
         return EXIT_OK
@@ -567,7 +576,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     locate(_spool(config), args.job_id)  # "may not look" is said as such, never as "no job"
     control = _control(config)
     job = control.retry(args.job_id)  # says why not, for a job that is not failed or cancelled
-    woke = control.wake_daemon(config.hostname)
+    woke = control.wake_daemon(config.host_id)
     print(f"{args.job_id}: back in pending/ ({job.path})")
     if not woke:
         print("no spoold runs here: the job runs when one starts", file=sys.stderr)
@@ -577,7 +586,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
 def cmd_unschedule(args: argparse.Namespace, config: Config) -> int:
     control = _control(config)
     _spool(config).jobs.unschedule(args.job_id)
-    woke = control.wake_daemon(config.hostname)
+    woke = control.wake_daemon(config.host_id)
     print(f"{args.job_id}: unscheduled (its runs stay where they are)")
     if not woke:
         print("no spoold runs here: others sharing the spool notice at their next scan",
@@ -607,6 +616,42 @@ def _who(config: Config) -> str:
     except KeyError:
         user = f"uid:{os.geteuid()}"
     return f"{user} on {config.hostname}"
+
+
+def cmd_hosts(args: argparse.Namespace, config: Config) -> int:
+    from spoold.face.views import hosts_rows  # noqa: PLC0415
+
+    spool = _spool(config)
+    rows = hosts_rows(spool, config)
+    if args.forget is not None:
+        row = next((r for r in rows if r["host"] == args.forget), None)
+        if row is None:
+            print(f"spoold: no host {args.forget!r} in hosts/", file=sys.stderr)
+            return EXIT_FAILED
+        if row["state"] not in ("gone", "stale"):
+            print(f"spoold: host {args.forget} is {row['state']}: only a gone or stale host's "
+                  "record is removed", file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
+        spool.hosts.remove(args.forget)
+        print(f"forgot host {args.forget} ({row['state']})")
+        return EXIT_OK
+    if args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no host has served this spool yet (hosts/ is empty)")
+    for row in rows:
+        state = row["state"]
+        if row["unchanged_for"]:
+            state += f" (beat unchanged {row['unchanged_for']:.0f}s)"
+        seen = f"seen by {row['seen_by']}" if row["seen_by"] else "no daemon's view"
+        mark = "*" if row["this_host"] else " "
+        running = ", ".join(row["running"][:5]) + (" ..." if len(row["running"]) > 5 else "")
+        print(f"{mark}{row['host']:<20} {state:<34} beat {row['beat']!s:<8} {seen:<18} "
+              f"runs {len(row['running'])}{': ' + running if running else ''}")  # fmt: skip
+    return EXIT_OK
 
 
 def cmd_schedule_list(args: argparse.Namespace, config: Config) -> int:
@@ -647,7 +692,7 @@ def cmd_schedule_act(args: argparse.Namespace, config: Config) -> int:
         done = schedules.resume(spool, args.job_id, who=who)
         said = f"{args.job_id}: resumed" if done["changed"] else f"{args.job_id}: was not paused"
     print(said)
-    if not schedules.wake_daemon(spool, config.hostname):
+    if not schedules.wake_daemon(spool, config.host_id):
         print("no spoold runs here: it acts when one starts (or another host sharing the spool "
               "does at its next scan)", file=sys.stderr)  # fmt: skip
     return EXIT_OK

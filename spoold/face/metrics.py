@@ -43,6 +43,7 @@ from spoold.core.clock import Clock
 from spoold.core.config import Config
 from spoold.core.errors import SpooldError
 from spoold.core.spool import Spool
+from spoold.face.views import hosts_rows
 from spoold.run.observed import Observation
 from spoold.run.recovery import Recovery
 
@@ -97,7 +98,10 @@ LEASES_STALE = MetricDoc(
     "Jobs in running/ whose worker is gone, as recovery judges them, not yet recovered.",
 )  # fmt: skip
 HOSTS_ALIVE = MetricDoc(
-    "spoold_hosts_alive", "gauge", (), "spoold daemons serving this spool whose host lock is held."
+    "spoold_hosts_alive",
+    "gauge",
+    (),
+    "spoold hosts serving this spool whose heartbeat moves (hosts/).",
 )
 BUILD_INFO = MetricDoc(
     "spoold_build_info", "gauge", ("version", "python"),
@@ -198,6 +202,7 @@ class Metrics:
         ``count_reuse``: a figure read from the spool is reused for up to this many times
         the time its reading took (0: read at every scrape)."""
         self._spool = spool
+        self._config = config
         self._clock = clock
         self._build_info = dict(build_info)
         self._logger = logger or logging.getLogger("spoold")
@@ -365,9 +370,8 @@ class Metrics:
         return stale
 
     def _hosts_alive(self) -> int:
-        """The hosts whose daemon holds its lock on the spool (an flock: NFS carries it)."""
-        locks = self._spool.host_lock
-        return sum(1 for host in locks.hosts() if locks.daemon_on(host) is not None)
+        """The hosts this host's daemon sees alive in hosts/ (itself included)."""
+        return sum(1 for row in hosts_rows(self._spool, self._config) if row["state"] == "alive")
 
 
 class _SpoolCollector:

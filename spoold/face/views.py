@@ -80,7 +80,7 @@ def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) 
         lines += [_line("waits", reason) for reason in waiting_reasons(spool, config, status)]
     lines += [_line("callback", text) for text in _callback_lines(spool, job.job_id)]
     if job.directory in ("pending", "running", "scheduled"):
-        lines.append(_line("daemon", daemon_text(spool, config.hostname)))
+        lines.append(_line("daemon", daemon_text(spool, config.host_id)))
     return "\n".join(lines)
 
 
@@ -204,7 +204,7 @@ def waiting_reasons(spool: Spool, config: Config, status: dict[str, Any]) -> lis
     if len(running) >= config.workers:
         reasons.append(f"for a worker: {len(running)} running, workers: {config.workers}")
     try:
-        if spool.host_lock.daemon_on(config.hostname) is None:
+        if spool.host_lock.daemon_on(config.host_id) is None:
             reasons.append(f"for a daemon: none runs on {config.hostname} for this spool")
     except OSError:  # tmp/ is not this user's to look into
         return reasons or ["for its turn, as far as this user can see"]
@@ -277,14 +277,44 @@ def _daemon(spool: Spool, host: str) -> dict[str, Any] | None:
             "since": rfc3339(since) if since else None}  # fmt: skip
 
 
-def hosts_rows(spool: Spool) -> list[dict[str, Any]]:
-    """The hosts that serve (or served) this spool: ``alive`` with the daemon's pid and start
-    where one holds the spool's lock for that host now."""
+def hosts_rows(spool: Spool, config: Config) -> list[dict[str, Any]]:
+    """The hosts serving this spool (hosts/): each with its state as a daemon sees it
+    (``alive``, ``stale``, ``gone``; ``unknown`` where no daemon's view says), its beat, what
+    it runs, and ``seen_by``: whose view that is. A command has no clock that watched the
+    beats, so it shows a daemon's view: this host's daemon's if it runs, else another's."""
+    records = spool.hosts.all()
+    me = config.host_id
+    mine = records.get(me)
+    here = mine is not None and not mine.get("stopped") and _runs_here(spool, me)
+    observers = [me] if here else [
+        host for host, record in records.items() if not record.get("stopped") and host != me
+    ]  # fmt: skip
     rows = []
-    for host in spool.host_lock.hosts():
-        daemon = _daemon(spool, host) or {"host": host, "pid": None, "since": None}
-        rows.append({**daemon, "alive": daemon["pid"] is not None})
+    for host, record in records.items():
+        seen_by, state, still = None, "unknown", None
+        if record.get("stopped"):
+            state = "gone"
+        elif host == me and here:
+            seen_by, state, still = me, "alive", 0.0
+        else:
+            for observer in observers:
+                if (seen := (records[observer].get("view") or {}).get(host)) is not None:
+                    seen_by, state, still = observer, seen.get("state"), seen.get("unchanged_for")
+                    break
+        rows.append({
+            "host": host, "hostname": record.get("hostname"), "state": state,
+            "beat": record.get("beat"), "unchanged_for": still, "seen_by": seen_by,
+            "running": list(record.get("running") or []), "pid": record.get("pid"),
+            "started_at": record.get("started_at"), "this_host": host == me,
+        })  # fmt: skip
     return rows
+
+
+def _runs_here(spool: Spool, host: str) -> bool:
+    try:
+        return spool.host_lock.daemon_on(host) is not None
+    except PermissionError:
+        return False
 
 
 def _daemon_words(spool: Spool, daemon: dict[str, Any] | None) -> str:
@@ -319,7 +349,7 @@ def summary(spool: Spool, config: Config) -> dict[str, Any]:
     except PermissionError:
         counts["outbox"], given_up = None, None
     return {"spool": str(spool.root), "counts": counts, "callbacks_given_up": given_up,
-            "daemon": _daemon(spool, config.hostname)}  # fmt: skip
+            "daemon": _daemon(spool, config.host_id)}  # fmt: skip
 
 
 def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def wait_for_submitted(
                 ok = False
         if not waiting:
             break
-        if not told and time.monotonic() - started > 5 and _no_daemon(spool, config.hostname):
+        if not told and time.monotonic() - started > 5 and _no_daemon(spool, config.host_id):
             told = True
             print(f"spoold: no spoold runs on {config.hostname} for this spool: the file(s) "
                   "wait in incoming/ until one starts (or another host's takes them)",

@@ -59,7 +59,7 @@ def callbacks_for(
     return Callbacks(
         spool, clock, SecretStore(config.secrets_dir), logger=logger,
         default_url=config.default_callback_url, default_secret=config.default_callback_secret,
-        wake=wake,
+        wake=wake, host=config.host_id,
     )  # fmt: skip
 
 
@@ -99,7 +99,11 @@ class Callbacks:
         default_url: str | None = None,
         default_secret: str | None = None,
         wake: Callable[[], None] | None = None,
+        host: str = "",
     ) -> None:
+        """``host``: this host's id, written into each delivery: only it sends the delivery
+        while it is alive (spoold.out.sender)."""
+        self._host = host
         self._spool = spool
         self._logger = logger
         self._clock = clock
@@ -171,6 +175,8 @@ class Callbacks:
             "error": data.get("error"),
             "artifacts": data.get("artifacts") or [],
             "result": data.get("result") or {},
+            # Which claim made the change: a receiver can tell a takeover's event apart.
+            "generation": data.get("generation") or 0,
         }
         if event == "retrying":
             body["next_attempt_at"] = data.get("next_attempt_at")
@@ -280,10 +286,12 @@ class Callbacks:
         return made
 
     def settle_all(self) -> tuple[int, int]:
-        """At start, before stages are recovered: decide every prepared delivery (made, dropped)."""
+        """At start, before stages are recovered: decide every prepared delivery this host
+        left (made, dropped). Another host's may be a change under way: the sender settles
+        those once their host is found stale."""
         made = dropped = 0
         for name in self._spool.deliveries.names():
-            if name.endswith(".prepared"):
+            if name.endswith(".prepared") and self.written_here(self._spool.deliveries.read(name)):
                 if self.settle(name):
                     made += 1
                 else:
@@ -312,10 +320,20 @@ class Callbacks:
             "tries": 0,
             "next_try": now.timestamp(),
             "last_error": None,
+            "host": self._host,
         }
         return self._spool.deliveries.prepare(
             key, sequence, encode_record(record), exclusive=exclusive
         )
+
+    def written_here(self, record: Mapping[str, Any] | None) -> bool:
+        """Whether this host wrote the delivery (one of an older spoold names no host)."""
+        return record is not None and record.get("host") in (None, "", self._host)
+
+    @property
+    def host(self) -> str:
+        """This host's id, as its deliveries name it."""
+        return self._host
 
     def _commit(self, name: str) -> None:
         self._spool.deliveries.commit(name)

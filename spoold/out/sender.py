@@ -75,6 +75,9 @@ class Sender:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
+        #: How this host sees another (spoold.run.hostbeat.HostBeat.state_of): a delivery
+        #: another host wrote is left to it while it is alive, adopted once it is not.
+        self.host_state: Callable[[str], str] = lambda host: "alive"
 
     def wake(self) -> None:
         """Look at outbox/ now: a delivery was committed."""
@@ -121,6 +124,12 @@ class Sender:
             if record is None or not record.keys() >= _REQUIRED:
                 self._unusable(name)
                 continue
+            if not self._callbacks.written_here(record):
+                if self.host_state(str(record["host"])) == "alive":
+                    continue  # its host sends it
+                record = self._adopt(name, record, now)
+                if record is None:
+                    continue
             if float(record.get("next_try") or 0) > now:
                 continue
             host = urlsplit(str(record["url"])).netloc
@@ -180,15 +189,42 @@ class Sender:
             self._gone.add(name)
         self._logger.error("callback %s is unreadable; moved to outbox/failed/", name)
 
+    def _adopt(self, name: str, record: dict[str, Any], now: float) -> dict[str, Any] | None:
+        """Take over a delivery whose host is stale or gone; its new record, or None if
+        another host took it first. Its times are this host's from now on (``created``,
+        ``next_try``): another host's clock is never compared with this one's."""
+        owner = str(record["host"])
+        adopted = {**record, "host": self._callbacks.host, "adopted_from": owner,
+                   "created": now, "next_try": now}  # fmt: skip
+        with self._lock:
+            self._records.pop(name, None)
+        if not self._spool.deliveries.adopt(name, self._callbacks.host,
+                                            lambda _old: encode_record(adopted)):  # fmt: skip
+            self._relist = True
+            return None
+        self._logger.warning("callback %s: adopted from host %s, which is %s", name, owner,
+                             self.host_state(owner))  # fmt: skip
+        with self._lock:
+            self._records[name] = adopted
+        return adopted
+
     def _settle_if_stale(self, name: str, now: float) -> None:
         record = self._spool.deliveries.read(name)
-        if record is not None and now - float(record.get("created") or 0) > STALE_PREPARED:
-            made = self._callbacks.settle(name)
-            self._relist = True  # it is gone, or under its committed name
-            self._logger.warning(
-                "callback %s: its writer left it unfinished; %s", name,
-                "the change was made, sending it" if made else "the change was not made, dropped",
-            )  # fmt: skip
+        if record is None:
+            return
+        if self._callbacks.written_here(record):
+            if now - float(record.get("created") or 0) <= STALE_PREPARED:
+                return
+        elif self.host_state(str(record["host"])) == "alive":
+            return  # another host's change under way
+        # Left by this host's writer killed half-way, or by a host no longer alive (decided
+        # at once then: its time is its host's, never compared with this host's clock).
+        made = self._callbacks.settle(name)
+        self._relist = True  # it is gone, or under its committed name
+        self._logger.warning(
+            "callback %s: its writer left it unfinished; %s", name,
+            "the change was made, sending it" if made else "the change was not made, dropped",
+        )  # fmt: skip
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -8,8 +8,9 @@ its main thread runs the job.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from spoold.core.clock import Clock
@@ -33,7 +34,12 @@ class LeaseHeartbeat:
     jobs run, as often as a polling watcher looks at incoming/.
     """
 
-    def __init__(self, runner: Claims, *, every: float, look: float, now: float) -> None:
+    def __init__(
+        self, runner: Claims, *, every: float, look: float, now: float,
+        logger: logging.Logger | None = None,
+    ) -> None:  # fmt: skip
+        self._logger = logger or logging.getLogger("spoold")
+        self._unreachable: str | None = None  # what the spool last answered, while it fails
         self._runner = runner
         self._every = every
         self._look = look
@@ -52,13 +58,27 @@ class LeaseHeartbeat:
     def tick(self, now: float) -> float:
         """Do what is due at ``now``; return when the next tick is due."""
         if now >= self._next_look:
-            self._runner.check_cancels()
+            self._duty(self._runner.check_cancels)
             self._next_look = now + self._look
         if now >= self._next_beat:
-            self._runner.renew_leases()
-            self._runner.retry_finishing()
+            self._duty(self._runner.renew_leases)
+            self._duty(self._runner.retry_finishing)
             self._next_beat = now + self._every
         return self.next_due
+
+    def _duty(self, duty: Callable[[], object]) -> None:
+        """One duty; a spool that cannot be reached (a shared one cut off: EIO) is said once,
+        and tried again at the next tick: the process that runs the jobs goes on."""
+        try:
+            duty()
+        except OSError as exc:
+            if str(exc) != self._unreachable:
+                self._logger.warning("the spool cannot be reached (%s); trying again", exc)
+            self._unreachable = str(exc)
+            return
+        if self._unreachable is not None:
+            self._unreachable = None
+            self._logger.warning("the spool can be reached again")
 
     @contextlib.contextmanager
     def in_background(self, clock: Clock) -> Iterator[None]:

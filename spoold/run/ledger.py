@@ -118,6 +118,9 @@ class JobLedger:
             raise ValueError("a job becomes running by claim(), which its worker wins")
         before = _STATE_OF_DIRECTORY[job.directory]
         check_transition(before, to)
+        # Before anything is written for it, its delivery included: a claim another host
+        # took over writes nothing more (JobFenced).
+        self._spool.jobs.check_fence(job)
         with self._announced(job, event or event_for(to), status, target, mask=mask,
                              announce=announce):  # fmt: skip
             data = status.to_dict()

@@ -1,4 +1,13 @@
-"""After a crash or on another host's death: every job in running/ resumes or ends as its policy says."""
+"""After a crash or on another host's death: every job in running/ resumes or ends as its policy says.
+
+A claim of this host is judged by the process table (is the worker that holds it alive?). A
+claim of another host is judged by its lease's counter (``beat``, with its host and claim
+generation), watched by this host's own monotonic clock (spoold.core.sightings): stale once it
+has not changed for ``lease_timeout``, however the two hosts' clocks differ. A stale claim is
+taken over: fenced first (one host wins; see spoold.core.spool.jobs), its log rotated away
+from the old owner, then ended or requeued as its ``on_interrupt`` says, and its log and
+status say who took it over from whom.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +19,9 @@ import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from spoold.core.clock import Clock, parse_rfc3339
+from spoold.core.clock import Clock, rfc3339
 from spoold.core.config import Config
 from spoold.core.documents import load_document
 from spoold.core.errors import InvalidJobFile, JobNotFound, SpoolError
@@ -23,7 +33,9 @@ from spoold.core.procfs import (
     process_start_time,
     processes_with_environment,
 )
+from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.jobs import generations
 from spoold.core.states import JobState
 from spoold.executors.base import Executor
 from spoold.out.outbox import Callbacks
@@ -37,6 +49,10 @@ class Verdict:
 
     gone: bool
     why: str = ""
+    #: The claim generation to fence to take it over, and whose it was, as judged (not as
+    #: read again later: a host that fenced it meanwhile must win, not be taken from).
+    fence: int = 0
+    owner: str = ""
 
 
 class Recovery:
@@ -58,6 +74,8 @@ class Recovery:
         self._clock = clock
         self._logger = logger
         self._boot = boot_id()
+        #: Each running job's lease as last seen, and since when (this host's monotonic clock).
+        self._leases: Sightings[str] = Sightings()
         #: Takes over a job whose worker on this host is gone, since this boot (the daemon's
         #: workers): True if it did. None: such jobs end or requeue as their on_interrupt says.
         self.adopter: Callable[[JobDir], bool] | None = None
@@ -67,38 +85,50 @@ class Recovery:
         if job.job_id in own_runs:
             return Verdict(False)
         lease = self._spool.jobs.read_lease(job)
-        now = self._clock.now().timestamp()
-        if lease is None:
-            # Claimed a moment ago, or its worker died between the rename and the lease.
-            age = now - self._spool.jobs.entered_at(job)
-            if age > self._config.lease_timeout:
-                return Verdict(True, f"claimed {age:.0f}s ago and never leased")
-            return Verdict(False)
-        worker = f"worker {lease.get('worker')} (pid {lease.get('pid')} on {lease.get('host')})"
-        if lease.get("host") == self._config.hostname:
+        now = self._clock.monotonic()
+        owner = str((lease or {}).get("host") or "")
+        if lease is not None and owner == self._config.host_id:
             # Same host: the process table is the truth, not the heartbeat. The daemon and
             # its worker process must both live (the worker dies with the daemon, but not
             # necessarily before a restarted daemon looks).
+            worker = f"worker {lease.get('worker')} (pid {lease.get('pid')} on {owner})"
+            fence = _to_fence(lease, generations(job.location))
             if not _alive(lease.get("pid"), lease.get("pid_start")):
-                return Verdict(True, f"{worker} is gone")
+                return Verdict(True, f"{worker} is gone", fence, owner)
             if "worker_pid" in lease and not _alive(
                 lease.get("worker_pid"), lease.get("worker_pid_start")
             ):
-                return Verdict(True, f"{worker} lost its worker process {lease['worker_pid']}")
+                why = f"{worker} lost its worker process {lease['worker_pid']}"
+                return Verdict(True, why, fence, owner)
             return Verdict(False)
-        heartbeat = parse_rfc3339(str(lease.get("heartbeat"))).timestamp()
-        if now - heartbeat > self._config.lease_timeout:
-            return Verdict(True, f"{worker} sent no heartbeat for {now - heartbeat:.0f}s")
-        return Verdict(False)
+        # Claimed a moment ago and not leased yet, or another host's: only whether the claim
+        # moves (its lease's counter, and the fences made in it), by this host's clock. (A
+        # lease of an older spoold has no beat; its heartbeat text changes as a counter would.)
+        fenced = generations(job.location)
+        lease = lease or {}
+        seen = (owner, lease.get("generation"), lease.get("beat"), lease.get("heartbeat"),
+                max(fenced, default=0))  # fmt: skip
+        still = self._leases.unchanged_for(job.job_id, seen, now)
+        if still < self._config.lease_timeout:
+            return Verdict(False)
+        if not lease:
+            why = f"claimed and never leased for {still:.0f}s"
+        else:
+            why = (f"host {owner}'s lease (generation {lease.get('generation')}, beat "
+                   f"{lease.get('beat')}) unchanged for {still:.0f}s")  # fmt: skip
+        return Verdict(True, why, _to_fence(lease, fenced), owner)
 
     def reap(self, *, own_runs: frozenset[str] = frozenset()) -> list[JobDir]:
         """End or requeue every running job whose worker is gone; return where they went."""
         moved = []
-        for job in self._spool.jobs.list_jobs("running"):
+        running = self._spool.jobs.list_jobs("running")
+        self._leases.keep_only(job.job_id for job in running)
+        for job in running:
             try:
                 verdict = self.judge(job, own_runs=own_runs)
-                if verdict.gone and not self._adopted(job, verdict.why):
-                    moved.append(self._interrupt(job, verdict.why))
+                gone = verdict.gone and not self._adopted(job, verdict.why)
+                if gone and (taken := self._take_over(job, verdict)) is not None:
+                    moved.append(self._interrupt(*taken))
             except FileNotFoundError:
                 continue  # finished or taken over while we looked
             except (SpoolError, OSError, ValueError) as exc:
@@ -117,7 +147,7 @@ class Recovery:
         if self.adopter is None:
             return False
         lease = self._spool.jobs.read_lease(job)
-        if lease is None or lease.get("host") != self._config.hostname:
+        if lease is None or lease.get("host") != self._config.host_id:
             return False
         if self._boot is None or lease.get("boot_id") != self._boot:
             return False
@@ -142,6 +172,27 @@ class Recovery:
                 self._logger.exception(
                     "recovery of %s jobs failed; tried again later", executor.name
                 )
+
+    def _take_over(self, job: JobDir, verdict: Verdict) -> tuple[JobDir, str] | None:
+        """Fence the claim judged gone, for this host; the job under the new claim, and why
+        (with who took it over from whom), or None if another host fenced it first."""
+        fenced, owner, me = verdict.fence, verdict.owner or "unknown", self._config.host_id
+        why = verdict.why
+        record = {"by": me, "from": owner, "at": rfc3339(self._clock.now()), "why": why}
+        if not self._spool.jobs.fence(job, fenced, record):
+            self._logger.info("job %s: another host is taking it over (%s)", job.job_id, why)
+            return None
+        job = job._replace(generation=fenced + 1)
+        if owner == me:
+            return job, why
+        # Its old owner may wake and append to the log it holds open: not to this one.
+        self._spool.jobs.rotate_log(job, fenced)
+        # Ours now: if this host stops half-way, the next judge sees this lease stand still.
+        taker = {"worker": self._config.worker_id, "host": me, "hostname": self._config.hostname,
+                 "generation": fenced + 1, "beat": 0, "takeover": True}  # fmt: skip
+        self._spool.jobs.write_lease(job, taker)
+        return job, (f"taken over by host {me} from host {owner} (claim generation {fenced} "
+                     f"-> {fenced + 1}): {why}")  # fmt: skip
 
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)
@@ -176,6 +227,7 @@ class Recovery:
             told = f"job {job.job_id} failed: {error} ({which})"
         status.end_attempt(self._clock.now(), state, None, error)
         status.next_attempt_at = None
+        status.generation = job.generation or status.generation
         with self._spool.jobs.open_log(job) as handle:
             JobLog(handle, self._clock).error(line)
         moved = self._ledger.move(job, state, status)
@@ -210,7 +262,7 @@ class Recovery:
     def _kill_leftovers(self, job: JobDir) -> None:
         """A job's processes can outlive a killed daemon; they must not outlive its recovery."""
         lease = self._spool.jobs.read_lease(job)
-        if lease is not None and lease.get("host") != self._config.hostname:
+        if lease is not None and lease.get("host") != self._config.host_id:
             return  # another host's processes are out of reach
         lease = lease or {}
         worker, worker_start = lease.get("worker_pid"), lease.get("worker_pid_start")
@@ -246,3 +298,10 @@ def _on_interrupt(spool: Spool, job: JobDir, status: JobStatus) -> str:
     except (OSError, InvalidJobFile, SpoolError):  # JobFileChanged: never run again
         return "fail"
     return str(document.get("on_interrupt", "fail")) if isinstance(document, dict) else "fail"
+
+
+def _to_fence(lease: dict[str, Any], fenced: list[int]) -> int:
+    """The generation a takeover fences: the lease's, or, when a taker fenced that one and
+    stopped before it wrote its own lease, the taker's (one above the highest fenced)."""
+    held = lease.get("generation")
+    return max(held if isinstance(held, int) else 0, max(fenced, default=0) + 1)

@@ -22,7 +22,13 @@ from typing import IO, Any
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.config import Config
 from spoold.core.documents import load_document
-from spoold.core.errors import ExecutorError, JobDetached, JobFileChanged, SecretError
+from spoold.core.errors import (
+    ExecutorError,
+    JobDetached,
+    JobFenced,
+    JobFileChanged,
+    SecretError,
+)
 from spoold.core.job import (
     ArtifactSpec,
     Attempt,
@@ -36,6 +42,7 @@ from spoold.core.joblog import JobLog
 from spoold.core.procfs import boot_id, process_start_time
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.jobs import generations
 from spoold.core.states import JobState
 from spoold.core.units import format_duration
 from spoold.executors.base import ExecResult, Executor, RunContext
@@ -88,6 +95,9 @@ class ActiveRun:
     #: The attempt's work dir, and who its processes run as (None: spoold's own user).
     workdir: Path | None = None
     user: RunAs | None = None
+    #: Another host took the claim over (JobFenced): the job's processes here are ended
+    #: and nothing more is written for it.
+    fenced: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,12 +174,19 @@ class JobRunner:
                 self._documents.pop(next(iter(self._documents)))
             self._documents[job_id] = document
 
-    def new_lease(self) -> dict[str, Any]:
-        """The claim a worker of this process writes into running/<id>/lease."""
+    def new_lease(self, generation: int | None = None) -> dict[str, Any]:
+        """The claim a worker of this process writes into running/<id>/lease.
+
+        ``host`` and ``generation`` name the claim; ``beat``, one higher at each renewal, is
+        what other hosts watch by their own clocks (``heartbeat`` is for people only).
+        """
         now = rfc3339(self._clock.now())
         return {
             "worker": self._config.worker_id,
-            "host": self._config.hostname,
+            "host": self._config.host_id,
+            "hostname": self._config.hostname,
+            "generation": generation,
+            "beat": 0,
             **self._owner,
             "claimed_at": now,
             "heartbeat": now,
@@ -185,7 +202,7 @@ class JobRunner:
         job = self._ledger.claim(job_id)
         if job is not None:
             with self._lock:
-                self._active[job_id] = ActiveRun(job, self.new_lease())
+                self._active[job_id] = ActiveRun(job, self.new_lease(job.generation))
         return job
 
     def adopt(self, job_id: str) -> JobDir | None:
@@ -193,8 +210,15 @@ class JobRunner:
         job = self._spool.jobs.find(job_id)
         if job is None or job.directory != JobState.RUNNING.directory:
             return None
+        # Its claim goes on here, under the generation it had (its worker on this host is
+        # gone, the process table says so): fenced like it if another host takes it over.
+        held = (self._spool.jobs.read_lease(job) or {}).get("generation")
+        generation = (
+            held if isinstance(held, int) else max(generations(job.location), default=0) + 1
+        )
+        job = job._replace(generation=generation)
         with self._lock:
-            self._active[job_id] = ActiveRun(job, self.new_lease(), resume=True)
+            self._active[job_id] = ActiveRun(job, self.new_lease(generation), resume=True)
         return job
 
     def detach_all(self) -> int:
@@ -216,12 +240,30 @@ class JobRunner:
                     continue  # the lease is written once the work starts
                 # Also while an outcome waits to be recorded: the claim is still ours.
                 run.lease["heartbeat"] = stamp
+                run.lease["beat"] = int(run.lease.get("beat") or 0) + 1
                 try:
                     self._spool.jobs.write_lease(run.job, run.lease)
+                except JobFenced as exc:
+                    self._fenced(run, exc)
                 except FileNotFoundError:
                     pass  # finished since the snapshot
                 except OSError as exc:  # a full disk: the old lease stands, the job goes on
                     self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
+
+    def _fenced(self, run: ActiveRun, exc: JobFenced) -> None:
+        """Another host took the job over: end its processes here; write nothing for it."""
+        if not run.fenced:
+            run.fenced = True
+            self._logger.warning("%s: its processes here are ended; nothing more is written "
+                                 "for it from this host", exc)  # fmt: skip
+        run.cancel.set()
+
+    def _drop_fenced(self, run: ActiveRun, exc: JobFenced) -> None:
+        """Forget a job another host took over, as if it had never been claimed here."""
+        run.fenced = True
+        with self._lock:
+            self._active.pop(run.job.job_id, None)
+        self._logger.warning("%s: this host's copy of it ended, recording nothing", exc)
 
     def check_cancels(self) -> int:
         """Act on the cancel requests made for jobs this process runs; return how many."""
@@ -290,6 +332,10 @@ class JobRunner:
                 self._active.pop(job.job_id, None)
             self._logger.info("job %s left running for the next daemon", job.job_id)
             return None
+        except JobFenced as exc:
+            log.close()
+            self._drop_fenced(run, exc)
+            return None
         except JobFileChanged as exc:  # not the validated file: nothing of it runs, ever
             self._logger.error("%s", exc)
             log.error(str(exc))
@@ -339,6 +385,9 @@ class JobRunner:
                     run.job, state, status, target=run.callback,
                     mask=functools.partial(_masked, run.masker), log_synced=synced,
                 )  # fmt: skip
+            except JobFenced as exc:
+                self._drop_fenced(run, exc)
+                return None
             except OSError as exc:
                 # Only now is the outcome handed to retry_finishing: never two finishers.
                 run.outcome = (state, status)
@@ -347,6 +396,7 @@ class JobRunner:
                     run.job.job_id, state.value, exc,
                 )  # fmt: skip
                 return None
+            run.leased = False  # moved: its lease went with the claim; no renewal after this
         with self._lock:
             self._active.pop(run.job.job_id, None)
         self._log_end(run, state, status)
@@ -414,6 +464,7 @@ class JobRunner:
         else:
             run.resume = False  # its attempt had ended (or none began): a new one starts
             attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
+            status.generation = job.generation or 0
             if attempt.number > 1:
                 self._logger.info(
                     "job %s attempt %s started (a retry)", job.job_id,
@@ -468,6 +519,7 @@ class JobRunner:
             raise ExecutorError(str(exc)) from None
 
     def _announce(self, run: ActiveRun, event: str, status: JobStatus) -> Any:
+        self._spool.jobs.check_fence(run.job)  # before its delivery is prepared
         if self._callbacks is None:
             return contextlib.nullcontext()
         mask = functools.partial(_masked, run.masker)
@@ -878,6 +930,7 @@ class WorkerPool:
         self._runner = runner
         self._logger = logger
         self._on_done = on_done
+        self._unreachable: int | None = None  # the errno a claim last failed with, if any
         self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
         self._known: set[str] = set()  # queued or running
         self._adopting: set[str] = set()  # of those, the ones to adopt rather than claim
@@ -958,8 +1011,16 @@ class WorkerPool:
             try:
                 adopt = job_id in self._adopting
                 job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
+                self._unreachable = None
                 if job is not None and (outcome := self._runner.attempt(job, slot=slot)):
                     self._outcomes.put(outcome)
+            except OSError as exc:
+                # A shared spool cut off (EIO): said once, not for each job handed over
+                # meanwhile; those wait in pending/ for a scan once it is back.
+                if exc.errno != self._unreachable:
+                    self._logger.warning("job %s: the spool cannot be reached (%s); it waits "
+                                         "for a later scan", job_id, exc)  # fmt: skip
+                self._unreachable = exc.errno
             except Exception:  # a spool error on one job must not end the worker
                 self._logger.exception("worker failed on job %s", job_id)
             finally:

@@ -11,6 +11,7 @@ group commit of directory fsyncs (``fs.GroupCommit``):
 - ``spool.reservations``: ids/, the job ids held (``reservations``);
 - ``spool.deliveries``: outbox/, the callbacks' deliveries (``deliveries``);
 - ``spool.host_lock``: one daemon per host (``host_lock``);
+- ``spool.hosts``: hosts/, each host's heartbeat (``hosts``);
 - ``spool.tokens`` and ``spool.idempotency``: the HTTP API's tokens/ and idempotency/
   (``records``).
 
@@ -31,6 +32,7 @@ from spoold.core.errors import SpoolError
 from spoold.core.spool.deliveries import Deliveries
 from spoold.core.spool.fs import DEFAULT_MODE, GroupCommit
 from spoold.core.spool.host_lock import HostLock
+from spoold.core.spool.hosts import HostRecords
 from spoold.core.spool.jobs import JobDir, Jobs
 from spoold.core.spool.records import IdempotencyKeys, TokenRecords
 from spoold.core.spool.reservations import Reservations
@@ -57,10 +59,11 @@ __all__ = [
 
 SPOOL_DIRECTORIES = (
     "incoming", "pending", "running", "done", "failed", "rejected", "scheduled", "outbox", "ids",
-    "tmp",
+    "tmp", "hosts",
 )  # fmt: skip
-#: Directories an older spoold did not make: created (and filled) when the spool is opened.
-_ADDED_LATER = frozenset({"ids"})
+#: Directories an older spoold did not make: created (and filled) when the spool is opened
+#: (ids/), or when first written (hosts/).
+_ADDED_LATER = frozenset({"ids", "hosts"})
 
 # Writers drop files here; spoold alone reads the rest. The sticky bit: a submitter can neither
 # rename nor delete another's file (swapping a file another user is about to have validated).
@@ -69,18 +72,21 @@ _MODES = {"incoming": 0o1770}
 
 class Spool:
     """A spool directory tree, and its stores: ``stages``, ``jobs``, ``reservations``,
-    ``deliveries``, ``host_lock``, ``tokens`` and ``idempotency``."""
+    ``deliveries``, ``host_lock``, ``hosts``, ``tokens`` and ``idempotency``."""
 
-    def __init__(self, root: Path, *, durable: bool = True) -> None:
+    def __init__(self, root: Path, *, durable: bool = True, host: str = "") -> None:
+        """``host``: this host's id among those sharing the spool (``host_id``), for the
+        names of what it stages in tmp/."""
         # Absolute: job paths are handed to jobs (SPOOLD_JOB_DIR), which run elsewhere.
         self.root = Path(os.path.abspath(root))
         self._dirs = {name: os.path.join(root, name) for name in SPOOL_DIRECTORIES}
         self._disk = GroupCommit(self._dirs.values(), durable=durable)
         self.reservations = Reservations(self._dirs, self._disk)
         self.jobs = Jobs(self.root, self._dirs, self._disk, self.reservations)
-        self.stages = Stages(self._dirs, self._disk, self.jobs, self.reservations)
+        self.stages = Stages(self._dirs, self._disk, self.jobs, self.reservations, host=host)
         self.deliveries = Deliveries(self._dirs, self._disk)
         self.host_lock = HostLock(self.root, self._dirs)
+        self.hosts = HostRecords(self.root, self._dirs)
         self.tokens = TokenRecords(self.root, durable=durable)
         self.idempotency = IdempotencyKeys(self.root, durable=durable)
 
@@ -113,8 +119,8 @@ class Spool:
         for name in SPOOL_DIRECTORIES:
             path = self.root / name
             mode = _MODES.get(name, DEFAULT_MODE)
-            if name in _ADDED_LATER:
-                continue
+            if name == "ids":
+                continue  # made and filled by reservations.ensure(), below
             if not path.is_dir():
                 path.mkdir(mode=mode)
                 path.chmod(mode)

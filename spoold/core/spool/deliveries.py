@@ -4,13 +4,18 @@ A delivery is outbox/<key>~<sequence>.json. It is written as .prepared, and fsyn
 outbox/, before the state change it tells of, and renamed to .json once that change is made:
 see ``spoold.out.outbox`` for how a delivery becomes part of its state change, and how a
 prepared one a crash left is decided. Deliveries given up are moved into outbox/failed/.
+
+Several hosts sharing the spool: a delivery names the host that wrote it, and only that host
+sends it while it is alive. A stale host's deliveries are adopted, one host winning each
+(``adopt``: renamed aside, which only one rename can do, then written back under the new
+host's name).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spoold.core.errors import SpoolError
@@ -27,6 +32,7 @@ from spoold.core.spool.fs import (
 __all__ = ["Deliveries"]
 
 _PREPARED = ".prepared"  # an outbox delivery whose state change is not made yet
+_ADOPTING = ".adopt-"  # .adopt-<host>-<name>: a delivery being adopted by <host>
 
 
 class Deliveries:
@@ -116,3 +122,43 @@ class Deliveries:
             os.mkdir(failed, DEFAULT_MODE)
         os.replace(f"{self._dirs['outbox']}/{name}", f"{failed}/{name}")
         self._disk.sync(self._dirs["outbox"])
+
+    def adopt(self, name: str, host: str, update: Callable[[dict[str, Any]], bytes]) -> bool:
+        """Take over a delivery another host wrote, for ``host`` (``update`` makes its new
+        content); False if another host took it first, or it was delivered meanwhile."""
+        outbox = self._dirs["outbox"]
+        aside = f"{outbox}/{_ADOPTING}{host}-{name}"
+        try:
+            os.rename(f"{outbox}/{name}", aside)  # of hosts adopting at once, one wins
+        except FileNotFoundError:
+            return False
+        record = read_json(aside)
+        if record is None:  # not whole: back where it was, for its writer
+            os.rename(aside, f"{outbox}/{name}")
+            return False
+        write_file(f"{outbox}/{name}", update(record), durable=self._disk.durable)
+        os.unlink(aside)
+        return True
+
+    def finish_adoptions(self, hosts: frozenset[str]) -> int:
+        """Put back the deliveries these hosts were adopting when they stopped (this host at
+        start, or hosts found stale); return how many."""
+        outbox = self._dirs["outbox"]
+        restored = 0
+        for name in os.listdir(outbox):
+            if not name.startswith(_ADOPTING):
+                continue
+            for host in hosts:  # host ids may hold "-": matched by prefix
+                prefix = f"{_ADOPTING}{host}-"
+                if name.startswith(prefix):
+                    delivery = name[len(prefix) :]
+                    break
+            else:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(f"{outbox}/{delivery}"):
+                    os.unlink(f"{outbox}/{name}")  # written back already
+                else:
+                    os.rename(f"{outbox}/{name}", f"{outbox}/{delivery}")
+                    restored += 1
+        return restored

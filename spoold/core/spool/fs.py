@@ -87,8 +87,10 @@ _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 def rename_noreplace(source: str | Path, target: str | Path) -> None:
     """rename(2) that fails with FileExistsError instead of replacing ``target``.
 
-    renameat2(RENAME_NOREPLACE) where the filesystem has it; elsewhere (NFS) a check first,
-    which is racy only against another writer choosing the very same name at the same moment.
+    renameat2(RENAME_NOREPLACE) where the filesystem has it. Elsewhere (NFS, FUSE: sshfs) a
+    file is linked to ``target`` (which fails if anything is there) and unlinked; a directory
+    is renamed after a check, and a rename(2) never replaces a directory that holds anything
+    (a job's directory always does): racy only against an empty directory made at that name.
     """
     err = _renameat2_errno(source, target, _RENAME_NOREPLACE)
     if err == 0:
@@ -97,9 +99,18 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
         raise FileExistsError(err, os.strerror(err), str(target))
     if err not in (None, errno.EINVAL, errno.ENOSYS):
         raise OSError(err, os.strerror(err), str(source))
+    if not os.path.isdir(source) or os.path.islink(source):
+        os.link(source, target, follow_symlinks=False)
+        os.unlink(source)
+        return
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-    os.rename(source, target)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(exc.errno, os.strerror(exc.errno), str(target)) from None
+        raise
 
 
 def rename_exchange(source: str | Path, target: str | Path) -> None:

@@ -13,6 +13,16 @@ transition fsyncs (see ``spoold.core.spool.fs`` for why no more):
 
 A lease (running/<id>/lease) and a cancel request (running/<id>/cancel) are not fsynced: a lost
 lease reads as a dead worker.
+
+Fencing (SPEC section 11). A claim has a generation: one more than the highest generation ever
+fenced in the job's directory. A host that takes over another's stale claim first creates
+``fenced.<generation>`` in the job's directory, exclusively (of two hosts that judge the same
+lease stale, one wins), then rotates the log (``rotate_log``). The claim's old owner checks,
+before every write it makes for the job (status, lease, units, artifacts, the move), that its
+generation is not fenced and that the job is still where it left it (``check_fence``): a host
+that wakes after a pause or a partition finds itself fenced and writes nothing more. The marker
+travels with the job's directory, so a later claim of the same job (requeued, claimed again)
+still fences the old owner's generation.
 """
 
 from __future__ import annotations
@@ -26,7 +36,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from spoold.core.errors import InvalidTransition, JobFileChanged, JobNotFound, SpoolError
+from spoold.core.errors import (
+    InvalidTransition,
+    JobFenced,
+    JobFileChanged,
+    JobNotFound,
+    SpoolError,
+)
 from spoold.core.ids import RUN_ID
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
@@ -52,6 +68,8 @@ _UNITS = "units"  # in a job's directory: what each unit of its attempts began a
 _PAUSED = "paused"  # in scheduled/<id>/: there while the schedule is paused (who, since when)
 _RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the scheduler noted it
 _RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
+_FENCED = "fenced."  # in a job's directory: fenced.<generation>, that claim taken over (by whom)
+_FENCED_LOG = "fenced-log."  # the log as the fenced owner held it open: its late lines go here
 
 
 class ScheduleRequests(NamedTuple):
@@ -63,11 +81,13 @@ class ScheduleRequests(NamedTuple):
 
 
 class JobDir(NamedTuple):
-    """Where a job is: its id, the state directory it sits in, and that directory's path."""
+    """Where a job is: its id, the state directory it sits in, and that directory's path; for
+    a claimed job, the generation of the claim (each write for it checks it is not fenced)."""
 
     job_id: str
     directory: str
     location: str  # a string: the per-job paths are built often enough for pathlib to show
+    generation: int | None = None
 
     @property
     def path(self) -> Path:
@@ -117,6 +137,35 @@ def _snapshot_name(name: str) -> str:
     if not (name.isascii() and name.isalnum()):
         raise SpoolError(f"not a snapshot name: {name!r}")
     return f"{name}.snapshot"
+
+
+def check_fence(job: JobDir) -> None:
+    """JobFenced if ``job``'s claim was taken over, or the job is no longer where its claim
+    left it (moved on by whoever took it over). Nothing for a job held by no claim."""
+    if job.generation is None:
+        return
+    try:
+        os.lstat(f"{job.location}/{_FENCED}{job.generation}")
+    except FileNotFoundError:
+        pass
+    else:
+        taker = read_json(f"{job.location}/{_FENCED}{job.generation}") or {}
+        raise JobFenced(
+            f"job {job.job_id}: claim generation {job.generation} was taken over by "
+            f"{taker.get('by', 'another host')}"
+        )
+    if not os.path.isdir(job.location):
+        raise JobFenced(f"job {job.job_id}: no longer in {job.directory}/ (taken over, or removed)")
+
+
+def generations(location: str) -> list[int]:
+    """The claim generations fenced in a job's directory, lowest first."""
+    try:
+        names = os.listdir(location)
+    except FileNotFoundError:
+        return []
+    found = [n[len(_FENCED) :] for n in names if n.startswith(_FENCED)]
+    return sorted(int(n) for n in found if n.isdigit())
 
 
 class Jobs:
@@ -229,7 +278,8 @@ class Jobs:
         return data
 
     def write_status(self, job: JobDir, status: dict[str, Any], *, durable: bool = False) -> None:
-        """Replace status.json atomically."""
+        """Replace status.json atomically (JobFenced if the claim ``job`` holds is fenced)."""
+        check_fence(job)
         write_file(
             f"{job.location}/status.json",
             json_bytes(status),
@@ -250,7 +300,7 @@ class Jobs:
         """pending/<id> -> running/<id>; None when another worker won the rename.
 
         The claimant writes its lease once the job's process exists (``write_lease``); until
-        then recovery judges the claim by its age.
+        then recovery judges the claim by whether it moves.
         """
         check_job_id(job_id)
         source, target = f"{self._dirs['pending']}/{job_id}", f"{self._dirs['running']}/{job_id}"
@@ -259,16 +309,54 @@ class Jobs:
         except FileNotFoundError:
             return None
         except FileExistsError as exc:
+            # Where the filesystem has no no-replace rename (FUSE, NFS), another host's claim
+            # can be seen made before this one's source is seen gone: it won.
+            if not os.path.lexists(source):
+                return None
             raise SpoolError(f"job {job_id!r} is in pending/ and running/ at once") from exc
         self._disk.sync(self._dirs["running"])
-        return JobDir(job_id, "running", target)
+        return JobDir(job_id, "running", target, max(generations(target), default=0) + 1)
+
+    def check_fence(self, job: JobDir) -> None:
+        """JobFenced if the claim ``job`` holds was taken over (see ``check_fence``)."""
+        check_fence(job)
+
+    def fence(self, job: JobDir, generation: int, record: dict[str, Any]) -> bool:
+        """Fence claim ``generation`` of a running job (``record``: who takes it over, and
+        why); False if another host fenced it first. Made whole and exclusively."""
+        temporary = f"{job.location}/{TEMP_MARK}{_FENCED}{generation}.{os.urandom(4).hex()}"
+        write_new(temporary, json_bytes(record), durable=self._disk.durable)
+        placed = link_into_place(temporary, f"{job.location}/{_FENCED}{generation}")
+        if placed and self._disk.durable:
+            fsync_path(job.location)
+        return placed
+
+    @staticmethod
+    def rotate_log(job: JobDir, generation: int) -> None:
+        """Give the job a log of its own again after fencing ``generation``: the old owner
+        keeps its log open and would append to it when it wakes. The log is copied, the old
+        file renamed aside (the old owner's late lines land there, never in ``log``), what
+        came in between copied too, and the copy renamed into place."""
+        log, aside = f"{job.location}/log", f"{job.location}/{_FENCED_LOG}{generation}"
+        copy = f"{job.location}/{TEMP_MARK}log.{os.urandom(4).hex()}"
+        with open(copy, "wb") as target:
+            try:
+                with open(log, "rb") as source:
+                    shutil.copyfileobj(source, target, 1 << 20)
+                    os.rename(log, aside)
+                    shutil.copyfileobj(source, target, 1 << 20)  # appended meanwhile
+            except FileNotFoundError:
+                pass  # no log yet: the copy starts it
+        os.rename(copy, log)
 
     def write_lease(self, job: JobDir, lease: dict[str, Any], *, first: bool = False) -> None:
         """Record (``first``) or renew the claim. Not fsynced: a lost lease reads as a dead worker.
 
         The first write creates the file in place: a reader that catches it half-written
-        sees no lease yet, which is what it would have seen a moment earlier.
+        sees no lease yet, which is what it would have seen a moment earlier. JobFenced if
+        the claim was taken over.
         """
+        check_fence(job)
         if first:
             with contextlib.suppress(FileExistsError):
                 write_new(f"{job.location}/lease", json_bytes(lease))
@@ -286,6 +374,7 @@ class Jobs:
         file): a reader never sees it half written. Not fsynced: after a reboot no unit
         goes on, and recovery then follows the job's ``on_interrupt`` (see ``lease``).
         """
+        check_fence(job)
         units = f"{job.location}/{_UNITS}"
         with contextlib.suppress(FileExistsError):
             os.mkdir(units, DEFAULT_MODE)
@@ -296,6 +385,7 @@ class Jobs:
     @staticmethod
     def end_unit(job: JobDir, key: str, record: dict[str, Any]) -> None:
         """Record how unit ``key`` ended (replaced whole; not fsynced, as ``begin_unit``)."""
+        check_fence(job)
         write_file(f"{job.location}/{_UNITS}/{key}.end", json_bytes(record), durable=False)
 
     @staticmethod
@@ -318,13 +408,15 @@ class Jobs:
         """running/<id> -> done|failed/<id> (or pending/ for a requeue), status written first.
 
         Whether the move is allowed is the ledger's to decide (spoold.run.ledger), not the
-        store's."""
+        store's. JobFenced, with nothing written, if the claim ``job`` holds was taken over."""
+        check_fence(job)
         write_file(f"{job.location}/status.json", json_bytes(status), durable=self._disk.durable)
         if self._disk.durable and not log_synced:
             fsync_path(f"{job.location}/log")
         for claim_file in ("lease", _CANCEL_FILE):  # they belong to the run that just ended
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{job.location}/{claim_file}")
+        check_fence(job)  # again: the writes above took time
         return self._move(job, state.directory)
 
     def _move(self, job: JobDir, directory: str) -> JobDir:
@@ -332,8 +424,15 @@ class Jobs:
         target = f"{self._dirs[directory]}/{job.job_id}"
         try:
             rename_noreplace(job.location, target)
-        except FileExistsError as exc:
-            raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
+        except (FileExistsError, FileNotFoundError) as exc:
+            # A network filesystem's client may send a rename again after its answer was
+            # lost, and report the second try's error for a rename that was made: for a move
+            # the claim's owner makes, where the job is now says what happened.
+            made = job.generation is not None and not os.path.lexists(job.location)
+            if not (made and os.path.isdir(target)):
+                if isinstance(exc, FileNotFoundError):
+                    raise
+                raise SpoolError(f"job {job.job_id!r} already exists in {directory}/") from exc
         self._disk.sync(self._dirs[directory])
         return JobDir(job.job_id, directory, target)
 
@@ -468,6 +567,7 @@ class Jobs:
     def store_artifact(self, job: JobDir, relative: str, source: IO[bytes]) -> Path:
         """Copy one file (open: the job's user opened it) into the job's artifacts/, keeping
         its path relative to the work dir."""
+        check_fence(job)
         target = self.artifacts_dir(job) / relative
         if not target.resolve().is_relative_to(self.artifacts_dir(job).resolve()):
             raise SpoolError(f"artifact path {relative!r} leaves the artifacts directory")

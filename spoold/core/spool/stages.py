@@ -122,12 +122,16 @@ class Stages:
     """incoming/, the stages a file passes through on its way in, and rejected/."""
 
     def __init__(
-        self, dirs: Mapping[str, str], disk: GroupCommit, jobs: Jobs, reservations: Reservations
-    ) -> None:
+        self, dirs: Mapping[str, str], disk: GroupCommit, jobs: Jobs, reservations: Reservations,
+        *, host: str = "",
+    ) -> None:  # fmt: skip
+        """``host``: this host's id, in the name of each stage it makes: of hosts sharing the
+        spool, each recovers only its own stages (and those of a host found stale)."""
         self._dirs = dirs
         self._disk = disk
         self._jobs = jobs
         self._ids = reservations
+        self._host = host
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -311,10 +315,14 @@ class Stages:
         shutil.rmtree(taken.stage, ignore_errors=True)
 
     def _new_stage(self) -> str:
-        # Random: stages of several hosts sharing one spool must not collide.
-        stage = f"{self._dirs['tmp']}/{_STAGE_PREFIX}{os.urandom(8).hex()}"
+        stage = self._new_stage_name()
         os.mkdir(stage, DEFAULT_MODE)
         return stage
+
+    def _new_stage_name(self) -> str:
+        # Random: stages of several hosts sharing one spool must not collide.
+        owner = f"{self._host}@" if self._host else ""  # not "~": gone-<token>~<id> parses it
+        return f"{self._dirs['tmp']}/{_STAGE_PREFIX}{owner}{os.urandom(8).hex()}"
 
     def accept(
         self,
@@ -449,13 +457,36 @@ class Stages:
         shutil.rmtree(stage)
         return f"returned {taken.name} to incoming/ as {target.name}"
 
-    def recover(self) -> list[str]:
-        """Finish or undo intake that a crash interrupted; return what was done, for the log."""
+    def recover(self, hosts: frozenset[str] | None = None) -> list[str]:
+        """Finish or undo intake that a crash interrupted; return what was done, for the log.
+
+        At start (``hosts`` None): this host's stages, and those no host's name marks (made
+        by an older spoold). Later, ``hosts``: the stages of those hosts only (found stale:
+        a live host's stage is intake under way, not a leftover). Each is first renamed to a
+        stage of this host's (one host wins it; its maker, should it wake, finds it gone and
+        writes nothing into it), and recovered under the name its reservation holds.
+        """
         done: list[str] = []
         with os.scandir(self._dirs["tmp"]) as entries:
             found = [Path(e.path) for e in entries]
+        mine = {self._host, ""} if hosts is None else set(hosts)
         for stage in (p for p in found if p.name.startswith(_STAGE_PREFIX)):
-            done.append(self._recover_stage(stage))
+            maker = stage.name[len(_STAGE_PREFIX) :].rpartition("@")[0]
+            if maker not in mine:
+                continue
+            try:
+                if hosts is not None:
+                    taken = Path(self._new_stage_name())
+                    os.rename(stage, taken)
+                    done.append(self._recover_stage(taken, token=stage.name))
+                else:
+                    done.append(self._recover_stage(stage))
+            except FileNotFoundError:
+                continue  # its maker finished it, or another host took it first
+            except OSError as exc:
+                done.append(f"could not recover stage {stage.name} yet: {exc}")
+        if hosts is not None:
+            return done
         for gone in (p for p in found if p.name.startswith(GONE_PREFIX)):
             self._ids.finish_removal(os.fspath(gone))  # a removal a crash cut short
             done.append(f"finished removing {gone.name}")
@@ -470,7 +501,9 @@ class Stages:
                     done.append(f"removed {torn.name}, a snapshot left half written")
         return done
 
-    def _recover_stage(self, stage: Path) -> str:
+    def _recover_stage(self, stage: Path, *, token: str | None = None) -> str:
+        """``token``: the name the stage had when it reserved its job id (its own if None)."""
+        token = token or stage.name
         entries = {e.name for e in os.scandir(stage) if not e.name.startswith(TEMP_MARK)}
         if _REPLACED in entries:  # a schedule's old definition, replaced: what was left to do
             shutil.rmtree(stage)
@@ -479,7 +512,7 @@ class Stages:
         if _HANDED_OVER in entries:
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
-                self._ids.unreserve(job_id, stage.name)
+                self._ids.unreserve(job_id, token)
             shutil.rmtree(stage)
             return f"removed job file {stage.name} handed over by the API and not yet accepted"
         if "reason.json" in entries:
@@ -494,7 +527,7 @@ class Stages:
             # the source recorded beside it, if any.
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
-                self._ids.unreserve(job_id, stage.name)
+                self._ids.unreserve(job_id, token)
             source = stage / (originals[0] if originals else "job.yaml")
             name = originals[0] if originals else self._staged_source(stage)
             target = _move_to_free_name(source, Path(self._dirs["incoming"]), name)

@@ -40,10 +40,11 @@ def hosts(
     _: Annotated[Caller, Depends(require("read"))],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> list[dict[str, Any]]:
-    """The hosts serving this spool: each daemon, its pid and since when."""
+    """The hosts serving this spool (hosts/): alive, stale or gone as a daemon sees them,
+    each with its beat and the jobs it runs."""
     from spoold.face.views import hosts_rows  # noqa: PLC0415
 
-    return hosts_rows(ctx.spool)
+    return hosts_rows(ctx.spool, ctx.config)
 
 
 @router.get(

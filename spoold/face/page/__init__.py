@@ -202,7 +202,7 @@ def overview(
         incoming=waiting, incoming_age=None if oldest is None else max(now - oldest, 0.0),
         outbox=len(spool.deliveries.names()),
         given_up=[spool.deliveries.read(n, "failed") or {} for n in spool.deliveries.names("failed")],
-        hosts=hosts_rows(spool),
+        hosts=hosts_rows(spool, ctx.config),
         hourly=charts.hourly_chart(_finished(recent), now=now),
         runtime=charts.runtime_chart(_durations(recent)),
     )  # fmt: skip

@@ -1,0 +1,71 @@
+"""hosts/<id>: the heartbeat of each host serving this spool (SPEC section 11).
+
+Each daemon rewrites its own record every ``heartbeat_interval`` with a counter one higher
+(``beat``), what it runs, and how it sees the others. Other hosts read the counter and judge it
+by their own monotonic clock (spoold.core.sightings), never by a time written in it: the
+times in a record are for people. A record is replaced whole (written aside, renamed over it;
+over sshfs that takes OpenSSH's posix-rename, which its sftp-server offers), not fsynced: a
+lost beat only looks like a slow host for one interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from spoold.core.errors import SpoolError
+from spoold.core.spool.fs import DEFAULT_MODE, give_to_owner_of, json_bytes, read_json, write_file
+
+__all__ = ["HostRecords"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+class HostRecords:
+    """hosts/: one record per host id, written only by that host's daemon."""
+
+    def __init__(self, root: Path, dirs: Mapping[str, str]) -> None:
+        self._root = root
+        self._dir = dirs["hosts"]
+
+    def _path(self, host: str) -> str:
+        if not _NAME.match(host):
+            raise SpoolError(f"not a host id: {host!r}")
+        return f"{self._dir}/{host}"
+
+    def write(self, host: str, record: dict[str, Any]) -> None:
+        """Replace ``host``'s record (only its own daemon calls this)."""
+        path = self._path(host)
+        if not os.path.isdir(self._dir):  # a spool made before hosts/ existed
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self._dir, DEFAULT_MODE)
+                give_to_owner_of(self._dir, os.fspath(self._root))
+        write_file(path, json_bytes(record), durable=False)
+
+    def read(self, host: str) -> dict[str, Any] | None:
+        """One host's record; None if it has none (or it is being replaced this instant)."""
+        return read_json(self._path(host))
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        """Every host's record, by host id (a record unreadable right now is left out)."""
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for name in sorted(names):
+            if _NAME.match(name) and (record := read_json(f"{self._dir}/{name}")) is not None:
+                found[name] = record
+        return found
+
+    def remove(self, host: str) -> bool:
+        """Forget a host (``spoold hosts --forget``); False if it had no record."""
+        try:
+            os.unlink(self._path(host))
+        except FileNotFoundError:
+            return False
+        return True

@@ -1,0 +1,125 @@
+"""This host's heartbeat in hosts/<id>, and how it sees the other hosts sharing the spool.
+
+Every ``heartbeat_interval`` the daemon rewrites its record with ``beat`` one higher, the jobs
+it runs, and its view of every other host: ``alive`` while that host's beat moves, ``stale``
+once it has stood still for ``lease_timeout`` by this host's monotonic clock, ``gone`` when
+that host said it stopped. A command (``spoold hosts``, the API, the page) has no clock that
+watched, so it shows a daemon's view (spoold.face.views.hosts_rows). Times written in a
+record are for people: no host compares them with its own clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from spoold.core.clock import Clock, rfc3339
+from spoold.core.config import Config
+from spoold.core.sightings import Sightings
+from spoold.core.spool import Spool
+
+__all__ = ["ALIVE", "GONE", "STALE", "HostBeat"]
+
+ALIVE, STALE, GONE = "alive", "stale", "gone"
+
+
+class HostBeat:
+    """Writes this host's record, watches the others'. Time is passed in; the caller waits."""
+
+    def __init__(
+        self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger,
+        *, running: Callable[[], Iterable[str]], version: str = "",
+    ) -> None:  # fmt: skip
+        """``running``: the jobs this host runs now (for the record)."""
+        self._spool = spool
+        self._config = config
+        self._clock = clock
+        self._logger = logger
+        self._running = running
+        self._version = version
+        self._beat = 0
+        self._started = rfc3339(clock.now())
+        self._seen: Sightings[str] = Sightings()
+        self._view: dict[str, dict[str, Any]] = {}
+        self._looked = False  # whether hosts/ was read yet
+        self._next: float | None = None
+
+    @property
+    def next_due(self) -> float:
+        """When ``tick`` has work next (monotonic); at once before the first beat."""
+        return self._clock.monotonic() if self._next is None else self._next
+
+    def tick(self, now: float) -> float:
+        """Beat if due at ``now``; return when the next beat is due."""
+        if self._next is None or now >= self._next:
+            self._next = now + self._config.heartbeat_interval
+            self.beat(now)
+        return self._next
+
+    def beat(self, now: float) -> None:
+        """Look at the other hosts' records, then write this host's, one beat higher."""
+        me = self._config.host_id
+        records = self._spool.hosts.all()
+        view: dict[str, dict[str, Any]] = {}
+        for host, record in records.items():
+            if host == me:
+                continue
+            view[host] = self._judge(host, record, now)
+        self._seen.keep_only(records)
+        self._view, self._looked = view, True
+        self._beat += 1
+        self._spool.hosts.write(me, self._record(view, stopped=False))
+
+    def stopped(self) -> None:
+        """Say that this host's daemon stopped: others call it gone, not stale."""
+        try:
+            self._spool.hosts.write(self._config.host_id, self._record(self._view, stopped=True))
+        except OSError as exc:  # a partition or a full disk: others will find it stale
+            self._logger.warning("could not record this host's stop in hosts/: %s", exc)
+
+    def state_of(self, host: str) -> str:
+        """How this host sees ``host`` now: alive, stale or gone (this host itself: alive).
+        A host with no record in hosts/ is gone (a command run where no daemon runs)."""
+        if host == self._config.host_id:
+            return ALIVE
+        if (seen := self._view.get(host)) is None:
+            return GONE if self._looked else ALIVE
+        return str(seen["state"])
+
+    def lost(self) -> frozenset[str]:
+        """The other hosts this host sees stale or gone."""
+        return frozenset(h for h, seen in self._view.items() if seen["state"] != ALIVE)
+
+    def _judge(self, host: str, record: dict[str, Any], now: float) -> dict[str, Any]:
+        # A restarted daemon counts from 0 again: its pid and start tell the new beat apart.
+        seen = (record.get("beat"), record.get("pid"), record.get("started_at"))
+        still = self._seen.unchanged_for(host, seen, now)
+        if record.get("stopped"):
+            state = GONE
+        elif still >= self._config.lease_timeout:
+            state = STALE
+        else:
+            state = ALIVE
+        if state != (old := self._view.get(host, {}).get("state", ALIVE)):
+            log = self._logger.warning if state == STALE else self._logger.info
+            log("host %s is %s (was %s; its beat %s unchanged for %.0fs by this host's clock)",
+                host, state, old, record.get("beat"), still)  # fmt: skip
+        return {"state": state, "beat": record.get("beat"), "unchanged_for": round(still, 1)}
+
+    def _record(self, view: dict[str, dict[str, Any]], *, stopped: bool) -> dict[str, Any]:
+        return {
+            "host": self._config.host_id,
+            "hostname": self._config.hostname,
+            "pid": os.getpid(),
+            "beat": self._beat,
+            "started_at": self._started,
+            "written_at": rfc3339(self._clock.now()),  # for people: never compared
+            "heartbeat_interval": self._config.heartbeat_interval,
+            "lease_timeout": self._config.lease_timeout,
+            "running": [] if stopped else sorted(self._running()),
+            "stopped": stopped,
+            "version": self._version,
+            "view": view,
+        }
