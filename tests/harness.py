@@ -7,13 +7,14 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,55 +106,75 @@ def wait_rejected(spool: Path, name: str, bound: float = DEFAULT_BOUND) -> dict[
 
 
 class DaemonProcess:
-    """``spoold run`` in a subprocess, started and stopped the way systemd would."""
+    """``spoold run`` in a subprocess, started and stopped the way systemd would.
 
-    def __init__(self, spool: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    ``prefix``: a command that runs the daemon elsewhere and execs it, so that the pid is
+    spoold's (``nsenter --net=...``: in a network namespace). ``log_path``: where its output
+    goes (``daemon.log`` beside the spool by default)."""
+
+    def __init__(
+        self,
+        spool: Path,
+        config: Path,
+        env: dict[str, str] | None = None,
+        *,
+        prefix: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
         self.spool = spool
         self.config = config
         self.env = env or {}
+        self.prefix = list(prefix)
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = spool.parent / "daemon.log"
+        self.log_path = log_path or spool.parent / "daemon.log"
         self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     def start(self, bound: float = DEFAULT_BOUND) -> None:
         """Start, and return once the daemon has told systemd READY=1."""
         notify_dir = tempfile.mkdtemp(prefix="spoold-notify-")
         address = os.path.join(notify_dir, "notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(address)
-            env = {**os.environ, **self.env, "NOTIFY_SOCKET": address, "PYTHONUNBUFFERED": "1"}
-            self.starts += 1
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "spoold",
-                        "run",
-                        "--spool",
-                        str(self.spool),
-                        "--config",
-                        str(self.config),
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
-            # Short receive timeouts, so that a daemon dying before READY fails at once.
-            sock.settimeout(0.1)
-            end = time.monotonic() + bound
-            while True:
-                try:
-                    if "READY=1" in sock.recv(4096).decode():
-                        break
-                except TimeoutError:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"daemon did not become ready:\n{self.log()}")
-        os.unlink(address)
-        os.rmdir(notify_dir)
+        try:
+            # A socket with a path is reached through the filesystem: from any network namespace.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.bind(address)
+                env = {**os.environ, **self.env, "NOTIFY_SOCKET": address, "PYTHONUNBUFFERED": "1"}
+                self.starts += 1
+                with open(self.log_path, "ab") as log:
+                    self.process = subprocess.Popen(
+                        [
+                            *self.prefix,
+                            sys.executable,
+                            "-m",
+                            "spoold",
+                            "run",
+                            "--spool",
+                            str(self.spool),
+                            "--config",
+                            str(self.config),
+                        ],
+                        env=env,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                    )
+                # Short receive timeouts, so that a daemon dying before READY fails at once.
+                sock.settimeout(0.1)
+                end = time.monotonic() + bound
+                while True:
+                    try:
+                        if "READY=1" in sock.recv(4096).decode():
+                            break
+                    except TimeoutError:
+                        pass
+                    if self.process.poll() is not None or time.monotonic() > end:
+                        self.kill()
+                        raise AssertionError(f"daemon did not become ready:\n{self.log()}")
+        finally:
+            shutil.rmtree(notify_dir, ignore_errors=True)
 
     @property
     def alive(self) -> bool:
@@ -166,7 +187,7 @@ class DaemonProcess:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
         if not leave_jobs:
-            end_supervisors(self.spool)
+            self._end_jobs()
 
     def stop(self, bound: float = DEFAULT_BOUND, *, leave_jobs: bool = False) -> int:
         """SIGTERM, as systemd stop does; returns the exit code. The jobs left running for a
@@ -176,8 +197,13 @@ class DaemonProcess:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(bound)
         if not leave_jobs:
-            end_supervisors(self.spool)
+            self._end_jobs()
         return int(self.process.returncode)
+
+    def _end_jobs(self) -> None:
+        """End the jobs left running, as a system shutdown would: every supervisor the spool's
+        records name (this daemon's own, as no other daemon runs on the spool)."""
+        end_supervisors(self.spool)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

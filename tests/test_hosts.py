@@ -415,3 +415,48 @@ def test_a_rename_never_replaces_where_the_filesystem_refuses_renameat2_flags(
         fs.rename_noreplace(tmp_path / "d1", tmp_path / "d2")
     fs.rename_noreplace(tmp_path / "d1", tmp_path / "d3")
     assert (tmp_path / "d3" / "job.yaml").read_text() == "d1"
+
+
+def test_a_delivery_dropped_by_a_host_that_took_its_writer_for_stale_is_written_again(
+    tmp_path: Path,
+) -> None:
+    """h3 came back from a cut while h2 still saw it stale: h2 dropped h3's prepared delivery
+    as a change not made, and h3 then made the change. Its commit writes it again."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
+    target = CallbackTarget("http://127.0.0.1:9/", "s3cret", None)
+    with a.announce(target, "succeeded", callbacks_status("j1")):
+        (prepared,) = spool.deliveries.names()
+        _sender(spool, clock, "b", "stale").tick()  # no job j1 says it was made: dropped
+        assert spool.deliveries.names() == []
+    (committed,) = spool.deliveries.names()
+    assert committed == prepared.replace(".prepared", ".json")
+    assert spool.deliveries.read(committed)["host"] == "a"  # type: ignore[index]
+
+
+def test_of_two_hosts_that_prepared_one_firings_event_only_the_maker_s_is_sent(
+    tmp_path: Path,
+) -> None:
+    """a made the run and its ``accepted`` went out; b, frozen while making the same firing,
+    left its own prepared: found stale, b's is dropped, for the status names a's."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    target = CallbackTarget("http://127.0.0.1:9/", "s3cret", None)
+    a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
+    _pending(spool, "run1")
+    made = callbacks_status("run1")
+    made.state = JobState.PENDING
+    with a.announce(target, "accepted", made):
+        spool.jobs.write_status(spool.jobs.get("run1"), made.to_dict())
+    (sent,) = spool.deliveries.names()
+    spool.deliveries.remove(sent)  # delivered
+    b = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="b")
+    bogus = b._prepare(target, "run1", 1, {"event": "accepted"}, {"job": "run1"})
+    _sender(spool, clock, "c", "stale").tick()
+    assert spool.deliveries.names() == [], f"{bogus} would have been a second 'accepted'"
+    # The maker's own, found prepared (its writer killed before the commit), is made.
+    mine = a._prepare(target, "run1", 1, {"event": "accepted", "delivery_id": "x"}, {"job": "run1"})
+    record = spool.deliveries.read(mine)
+    assert record is not None
+    spool.jobs.write_status(spool.jobs.get("run1"),
+                            {**made.to_dict(), "callback_delivery": record["delivery_id"]})  # fmt: skip
+    assert b.settle(mine) is True and spool.deliveries.names() == ["run1~00000001.json"]

@@ -267,6 +267,9 @@ class JobStatus:
     concurrency: dict[str, Any] | None = None
     #: The sequence number of the job's latest callback delivery: its record of having been sent.
     callback_sequence: int = 0
+    #: The ``delivery_id`` of that delivery: of two writers that prepared one sequence (a
+    #: firing made by one host, tried by another), it tells whose change was made.
+    callback_delivery: str | None = None
     #: The claim generation of its latest attempt (raised by each takeover; SPEC section 11).
     generation: int = 0
     #: Kept from the job file for ``spoold status`` and ``list --label``: job.yaml is spoold's
@@ -365,6 +368,7 @@ class JobStatus:
             "priority": self.priority,
             "concurrency": self.concurrency,
             "callback_sequence": self.callback_sequence,
+            "callback_delivery": self.callback_delivery,
             "generation": self.generation,
             "labels": self.labels,
             "description": self.description,
@@ -397,6 +401,7 @@ class JobStatus:
             priority=int(data.get("priority") or 0),
             concurrency=data.get("concurrency"),
             callback_sequence=int(data.get("callback_sequence") or 0),
+            callback_delivery=data.get("callback_delivery"),
             generation=int(data.get("generation") or 0),
             labels=dict(labels) if isinstance(labels := data.get("labels"), dict) else None,
             description=data.get("description"),

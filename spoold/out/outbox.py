@@ -104,6 +104,9 @@ class Callbacks:
         """``host``: this host's id, written into each delivery: only it sends the delivery
         while it is alive (spoold.out.sender)."""
         self._host = host
+        #: What each delivery prepared here holds, until committed: written again should
+        #: another host have dropped it meanwhile (``Deliveries.commit``).
+        self._prepared: dict[str, bytes] = {}
         self._spool = spool
         self._logger = logger
         self._clock = clock
@@ -161,7 +164,7 @@ class Callbacks:
             yield
             return
         job_id = status.job_id
-        self.settle_job(job_id, status.callback_sequence)
+        self.settle_job(job_id, status.callback_sequence, status.callback_delivery)
         sequence = status.callback_sequence + 1
         data = status.to_dict()
         data = mask(data) if mask is not None else data
@@ -186,12 +189,14 @@ class Callbacks:
             )
         except FileExistsError:
             raise DuplicateJob(f"a job with id {job_id!r} has callbacks waiting") from None
-        status.callback_sequence = sequence
+        before = status.callback_delivery
+        status.callback_sequence, status.callback_delivery = sequence, body["delivery_id"]
         try:
             yield
         except BaseException:
             # The change was not made (a duplicate id, a full disk): nor is its delivery.
-            status.callback_sequence = sequence - 1
+            status.callback_sequence, status.callback_delivery = sequence - 1, before
+            self._prepared.pop(name, None)
             self._spool.deliveries.remove(name)
             raise
         self._commit(name)
@@ -249,18 +254,23 @@ class Callbacks:
         try:
             yield
         except BaseException:
+            self._prepared.pop(name, None)
             self._spool.deliveries.remove(name)
             raise
         self._commit(name)
 
-    def settle_job(self, job_id: str, sequence: int) -> None:
+    def settle_job(self, job_id: str, sequence: int, delivery: str | None = None) -> None:
         """Commit the job's delivery ``sequence`` if its last owner left it prepared.
 
         Called by the job's next owner with the sequence its status.json shows: that change
-        was made, so its delivery is valid. One that is higher was not, and the owner's own
-        prepare replaces it.
+        was made, so its delivery is valid, if it is the one the status names (``delivery``;
+        None: a status of an older spoold, which names none). One that is higher was not, and
+        the owner's own prepare replaces it.
         """
-        if sequence > 0 and self._spool.deliveries.commit(f"{job_id}~{sequence:08d}.prepared"):
+        name = f"{job_id}~{sequence:08d}.prepared"
+        if sequence <= 0 or not _made_by(self._spool.deliveries.read(name), delivery):
+            return
+        if self._spool.deliveries.commit(name):
             self._woken()
 
     def settle(self, name: str) -> bool:
@@ -277,7 +287,10 @@ class Callbacks:
                 job = self._spool.jobs.find(str(condition["job"]))
                 if job is not None:
                     status = self._spool.jobs.read_status(job)
-                    made = int(status.get("callback_sequence") or 0) >= int(record["sequence"])
+                    made = int(status.get("callback_sequence") or 0) > int(record["sequence"]) or (
+                        int(status.get("callback_sequence") or 0) == int(record["sequence"])
+                        and _made_by(record, status.get("callback_delivery"))
+                    )
         if made:
             self._spool.deliveries.commit(name)
             self._woken()
@@ -322,9 +335,10 @@ class Callbacks:
             "last_error": None,
             "host": self._host,
         }
-        return self._spool.deliveries.prepare(
-            key, sequence, encode_record(record), exclusive=exclusive
-        )
+        data = encode_record(record)
+        name = self._spool.deliveries.prepare(key, sequence, data, exclusive=exclusive)
+        self._prepared[name] = data
+        return name
 
     def written_here(self, record: Mapping[str, Any] | None) -> bool:
         """Whether this host wrote the delivery (one of an older spoold names no host)."""
@@ -336,7 +350,7 @@ class Callbacks:
         return self._host
 
     def _commit(self, name: str) -> None:
-        self._spool.deliveries.commit(name)
+        self._spool.deliveries.commit(name, self._prepared.pop(name, None))
         self._woken()
 
     def _woken(self) -> None:
@@ -347,3 +361,9 @@ class Callbacks:
 def encode_record(record: dict[str, Any]) -> bytes:
     """A delivery file's bytes."""
     return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _made_by(record: Mapping[str, Any] | None, delivery: str | None) -> bool:
+    """Whether a prepared delivery is the one whose change a status records (``delivery``,
+    its ``callback_delivery``; None: a status that names none, of an older spoold)."""
+    return record is not None and (delivery is None or record.get("delivery_id") == delivery)

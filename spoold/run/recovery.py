@@ -198,7 +198,9 @@ class Recovery:
         self._kill_leftovers(job)
         status = JobStatus.from_dict(self._spool.jobs.read_status(job))
         if self._callbacks is not None:  # the dead worker's last event, if its change was made
-            self._callbacks.settle_job(job.job_id, status.callback_sequence)
+            self._callbacks.settle_job(
+                job.job_id, status.callback_sequence, status.callback_delivery
+            )
         if status.state.is_terminal:
             # The outcome was recorded before the worker died: the move is all that is
             # missing. Running it again would run a finished job twice. (A status that is not

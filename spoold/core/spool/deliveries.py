@@ -24,6 +24,7 @@ from spoold.core.spool.fs import (
     TEMP_MARK,
     GroupCommit,
     json_bytes,
+    link_into_place,
     read_json,
     write_file,
     write_new,
@@ -67,15 +68,26 @@ class Deliveries:
         self._disk.sync(outbox)
         return name + _PREPARED
 
-    def commit(self, name: str) -> bool:
-        """Make a prepared delivery valid; False if it is not there (committed or discarded)."""
+    def commit(self, name: str, data: bytes | None = None) -> bool:
+        """Make a prepared delivery valid; False if it is not there (committed or discarded).
+
+        ``data``: its content, from the writer that made the change. Another host that took
+        this one for stale may have dropped it as a change not made: the writer knows better,
+        and writes it again (a receiver dedupes by ``delivery_id`` should it come twice)."""
         if not name.endswith(_PREPARED):
             raise SpoolError(f"{name!r} is not a prepared delivery")
         outbox = self._dirs["outbox"]
+        committed = f"{outbox}/{name[: -len(_PREPARED)]}.json"
         try:
-            os.rename(f"{outbox}/{name}", f"{outbox}/{name[: -len(_PREPARED)]}.json")
+            os.rename(f"{outbox}/{name}", committed)
         except FileNotFoundError:
-            return False
+            if data is None:
+                return False
+            temporary = f"{outbox}/{TEMP_MARK}{name}.{os.urandom(4).hex()}.tmp"
+            write_new(temporary, data, durable=self._disk.durable)
+            if not link_into_place(temporary, committed):
+                return False  # committed by whoever found it made
+            self._disk.sync(outbox)
         return True
 
     def names(self, directory: str = "") -> list[str]:

@@ -1,0 +1,225 @@
+"""Three spoold hosts on one spool over a real network filesystem (SPEC section 11): sshfs from
+three network namespaces (tests/netbed.py), 1000 jobs, and during the run one host killed with
+``kill -9``, one frozen past its lease and thawed, one cut off the network past its lease and
+put back. Afterwards: every job in exactly one terminal directory, none run twice beyond what
+its ``on_interrupt`` allows, nothing written into a job's record by a host after it was fenced,
+every final callback delivered, every firing of a schedule made once.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness import run_cli, wait_for, write_config
+from tests.netbed import Bed, Host, make_bed
+
+JOBS = 1000
+LONG_EVERY = 10  # every tenth job runs ~3 s: some are always under way when a host goes
+LEASE_TIMEOUT = 6.0  # above heartbeat (1 s) + the mount's dead-connection time (~3-4 s)
+RUN_BOUND = 480.0  # a ceiling for the whole run, not a measurement
+SCHEDULE = "tick"
+SECRET = "s3cret"
+TERMINAL = ("done", "failed")
+FINAL_EVENTS = {"succeeded", "failed", "cancelled"}
+
+
+def _config(bed: Bed, host: Host) -> Path:
+    return write_config(
+        bed.root / f"config-{host.name}.yaml", host.spool,
+        workers=4, watch="poll", poll_interval="200ms", rescan_interval="1s", settle_time="0.1s",
+        lease_timeout=f"{LEASE_TIMEOUT:g}s", heartbeat_interval="1s", kill_grace="1s",
+        shutdown_grace="2s", default_callback_url=host.callback_url,
+        default_callback_secret=SECRET, logdir=str(bed.root / "logs" / host.name),
+    )  # fmt: skip
+
+
+def _job(n: int, runs: Path) -> dict[str, Any]:
+    """Job ``n``: it leaves a mark for each start (which host, which attempt), and a line
+    naming its host and attempt in its log; every tenth runs ~3 s."""
+    mark = f'touch "{runs}/$SPOOLD_JOB_ID.$SPOOLD_ATTEMPT.$RUNNER_ID.$$"'
+    ticks = 15 if n % LONG_EVERY == 0 else 1
+    body = f'for i in $(seq {ticks}); do echo "tick $RUNNER_ID $SPOOLD_ATTEMPT"; sleep 0.2; done'
+    return {
+        "job_id": f"j{n:04d}", "executor": "local",
+        "product": {"commands": f"{mark}; {body}"},
+        "on_interrupt": "requeue" if n % 2 else "fail",
+    }  # fmt: skip
+
+
+def _drop(server: Path, name: str, document: dict[str, Any]) -> None:
+    """As a backend writing on the file server: written aside, renamed into place."""
+    temporary = server / "incoming" / f".{name}.part"
+    temporary.write_text(yaml.safe_dump(document))
+    os.rename(temporary, server / "incoming" / name)
+
+
+def _where(server: Path) -> dict[str, list[str]]:
+    """Every job id, with each directory it is found in (the server's own view)."""
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for directory in ("pending", "running", *TERMINAL):
+        for name in os.listdir(server / directory):
+            if not name.startswith("."):
+                found[name].append(directory)
+    return found
+
+
+def _finished(server: Path) -> int:
+    """How many of the jobs (not the schedule's runs) have ended."""
+    return sum(n.startswith("j") for d in TERMINAL for n in os.listdir(server / d))
+
+
+@pytest.fixture(name="bed")
+def bed_fixture() -> Iterator[Bed]:
+    """Three hosts, for this test alone: its teardown ends the hosts' daemons, and with them
+    their connections to the receiver, whose handler threads then end too."""
+    with make_bed(hosts=3) as bed:
+        yield bed
+
+
+def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed: Bed) -> None:
+    server = bed.server_spool
+    assert run_cli(server, "init").returncode == 0
+    runs = bed.root / "runs"
+    runs.mkdir(mode=0o777)
+    runs.chmod(0o777)  # the jobs run as the job user
+    h1, h2, h3 = bed.hosts
+    for host in bed.hosts:
+        host.start_daemon(_config(bed, host))
+    _drop(server, f"{SCHEDULE}.yaml", {
+        "job_id": SCHEDULE, "executor": "local", "product": {"commands": "true"},
+        "schedule": {"every": "1s", "overlap": "allow", "catch_up": "all"},
+    })  # fmt: skip
+    dropping = threading.Thread(target=_drop_all, args=(server, runs), daemon=True)
+    dropping.start()
+    events: list[str] = []
+
+    def when_finished(count: int, what: str, act: Callable[[], object]) -> None:
+        wait_for(lambda: _finished(server) >= count, bound=RUN_BOUND, what=f"{count} finished")
+        act()
+        events.append(f"{what} at {_finished(server)} finished")
+
+    when_finished(150, "h1 killed", h1.kill9)
+    when_finished(300, "h2 frozen", h2.freeze)
+    time.sleep(LEASE_TIMEOUT + 4)  # past its lease, by the other hosts' clocks
+    h2.thaw()
+    events.append("h2 thawed")
+    when_finished(550, "h3 cut off", h3.cut)
+    time.sleep(LEASE_TIMEOUT + 4)
+    h3.restore()
+    events.append("h3 restored")
+    when_finished(700, "h1 started again", lambda: h1.start_daemon(_config(bed, h1)))
+    dropping.join(RUN_BOUND)
+    wait_for(lambda: _finished(server) >= JOBS, bound=RUN_BOUND, what="every job to end")
+    assert run_cli(server, "unschedule", SCHEDULE).returncode == 0
+    wait_for(lambda: not any(n.startswith(SCHEDULE + "@")
+                             for d in ("pending", "running") for n in os.listdir(server / d)),
+             bound=RUN_BOUND, what="the schedule's last runs")  # fmt: skip
+    logs = {h.name: h.daemon.log() for h in bed.hosts if h.daemon}
+    context = f"{events}\n" + "\n".join(f"--- {name}\n{log[-3000:]}" for name, log in logs.items())
+    tracebacks = {name: _tracebacks(log) for name, log in logs.items()}
+    (bed.root.parent / f"{bed.root.name}-tracebacks.txt").write_text(
+        json.dumps(tracebacks, indent=1)
+    )
+
+    # Every job in exactly one terminal directory; nothing rejected, pending or running.
+    where = _where(server)
+    jobs = {job_id: dirs for job_id, dirs in where.items() if not job_id.startswith(SCHEDULE)}
+    assert len(jobs) == JOBS, context
+    assert {job_id: d for job_id, d in jobs.items() if len(d) != 1 or d[0] not in TERMINAL} == {}
+    assert os.listdir(server / "rejected") == [], context
+
+    # None run more often than its attempts record (on_interrupt: fail: once at most).
+    marks: dict[str, list[str]] = collections.defaultdict(list)
+    for name in os.listdir(runs):
+        marks[name.split(".", 1)[0]].append(name)
+    taken_over = 0
+    late: list[str] = []
+    for job_id, (directory,) in jobs.items():
+        status = json.loads((server / directory / job_id / "status.json").read_text())
+        started = marks.get(job_id, [])
+        assert len(started) <= len(status["attempts"]), (job_id, started, status["attempts"])
+        if int(job_id[1:]) % 2 == 0:  # on_interrupt: fail
+            assert len(started) <= 1, (job_id, started)
+        log = (server / directory / job_id / "log").read_text(errors="replace")
+        late += _fenced_writes(job_id, log)
+        taken_over += "taken over by host" in log
+    assert late == [], context
+    assert taken_over > 0, f"no takeover happened: the test proves nothing\n{context}"
+
+    # Every job's final callback delivered (to whichever host's address sent it).
+    finals = {body["job_id"] for body in bed.receiver.bodies() if body["event"] in FINAL_EVENTS}
+    missing = set(jobs) - finals
+    if missing:  # the last ones may still be on their way
+        said = [f"{name}: {line}" for name, log in logs.items() for line in log.splitlines()
+                if any(job_id in line for job_id in missing)]  # fmt: skip
+        wait_for(lambda: not set(jobs) - {b["job_id"] for b in bed.receiver.bodies()
+                                           if b["event"] in FINAL_EVENTS},
+                 bound=60.0, what=f"final callbacks of {sorted(missing)[:5]}:\n"
+                 + "\n".join(said[-40:]))  # fmt: skip
+    # Each firing of the schedule made once: one run, one "accepted" delivery.
+    fired = sorted(job_id for job_id in where if job_id.startswith(SCHEDULE + "@"))
+    assert len(fired) >= 10, fired
+    # (A delivery may reach the receiver twice, an answer lost to a cut: it is the same
+    # delivery, which the receiver dedupes by its id; two deliveries would be two firings.)
+    accepted = collections.Counter(
+        body["job_id"] for body in {b["delivery_id"]: b for b in bed.receiver.bodies()}.values()
+        if body["event"] == "accepted" and body["job_id"].startswith(SCHEDULE + "@")
+    )  # fmt: skip
+    assert {run for run, count in accepted.items() if count != 1} == set(), accepted
+    # Every host alive again, as each of them sees the others.
+    for host in bed.hosts:
+        shown = run_cli(host.spool, "hosts", "--json", "--config", str(_config(bed, host)),
+                        env={"RUNNER_ID": host.name})  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        states = {row["host"]: row["state"] for row in json.loads(shown.stdout)}
+        assert states == {"h1": "alive", "h2": "alive", "h3": "alive"}, (host.name, states)
+
+
+def _drop_all(server: Path, runs: Path) -> None:
+    """The jobs, in ten batches a second apart: intake goes on while hosts come and go."""
+    for batch in range(10):
+        for n in range(batch * JOBS // 10, (batch + 1) * JOBS // 10):
+            _drop(server, f"j{n:04d}.yaml", _job(n, runs))
+        time.sleep(1.0)
+
+
+TAKEN = re.compile(r"taken over by host (\S+) from host (\S+) \(claim generation (\d+)")
+TICK = re.compile(r"^.*tick (\S+) (\d+)$")
+
+
+def _fenced_writes(job_id: str, log: str) -> list[str]:
+    """Lines in a job's log written by a host for an attempt after that attempt's claim was
+    taken from it: what fencing must prevent."""
+    fenced: set[tuple[str, str]] = set()  # (host, attempt) whose claim was taken over
+    attempt = "0"
+    found = []
+    for line in log.splitlines():
+        if (started := re.search(r"attempt (\d+) started on", line)) is not None:
+            attempt = started.group(1)
+        if (taken := TAKEN.search(line)) is not None:
+            fenced.add((taken.group(2), attempt))
+        elif (tick := TICK.match(line)) is not None and (tick[1], tick[2]) in fenced:
+            found.append(f"{job_id}: {line}")
+    return found
+
+
+def _tracebacks(log: str) -> list[str]:
+    """Each traceback in a daemon's log, with the line that introduced it."""
+    lines = log.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.strip().startswith("Traceback"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j][:4] != "    "), i)
+            found.append("\n".join(lines[max(i - 1, 0) : end + 1]))
+    return found
