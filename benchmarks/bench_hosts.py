@@ -9,7 +9,7 @@ every setup runs once, in a rotated order (the machine is shared and noisy: trus
 - throughput: ``--jobs`` jobs that run ``true``, renamed into ``incoming/`` at once, from the
   first drop to the last job in ``done/``;
 - pickup latency: ``--drops`` drops spaced 100 ms, from the rename into ``incoming/`` to the
-  job's shell having started (it writes ``$EPOCHREALTIME`` into a file named after its id).
+  job's shell having started (it writes ``date +%s.%N`` into a file named after its id).
 
     .venv/bin/python benchmarks/bench_hosts.py [--rounds 3] [--jobs 300] [--drops 30]
 """
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+if __package__ in (None, ""):  # run as a script: the checkout's tests/ holds the bed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import DaemonProcess, run_cli, wait_for, write_config
 from tests.netbed import Bed, make_bed
@@ -122,7 +125,7 @@ def pickup(setup: Setup, drops: int, tag: str, marks: Path) -> list[float]:
         for n in range(drops):
             job_id = f"{prefix}{n:04d}"
             dropped[job_id] = time.time()
-            _drop(setup.spool, job_id, f'echo "$EPOCHREALTIME" > "{marks}/$SPOOLD_JOB_ID"')
+            _drop(setup.spool, job_id, f'date +%s.%N > "{marks}/$SPOOLD_JOB_ID"')
             time.sleep(0.1)
         wait_for(lambda: _done(setup.spool, prefix) >= drops, bound=BOUND, what="the drops")
     return [(float((marks / job_id).read_text()) - when) * 1000 for job_id, when in
