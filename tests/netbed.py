@@ -275,8 +275,16 @@ class Host:
         _ip("-n", self.netns, "link", "set", self.veth, "down")
 
     def restore(self) -> None:
-        """Put it back (its mount reconnects on its next operation)."""
+        """Put it back (its mount reconnects on its next operation), with its route to the
+        other hosts' root ends, which the kernel dropped with the link."""
         _ip("-n", self.netns, "link", "set", self.veth, "up")
+        self.route()
+
+    def route(self) -> None:
+        """Every root-end address through its own link, as one network would carry them: a
+        callback adopted from another host goes to the URL that host's config named."""
+        _ip("-n", self.netns, "route", "replace", f"10.{self.bed.octet}.0.0/16",
+            "via", self.server_address)  # fmt: skip
 
     # -- its processes --
 
@@ -479,9 +487,7 @@ def _network(bed: Bed, stack: contextlib.ExitStack) -> None:
         _ip("-n", host.netns, "addr", "add", f"{host.address}/30", "dev", host.veth)
         _ip("-n", host.netns, "link", "set", host.veth, "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
-        # Every root-end address through its own link, as one network would carry them: a
-        # callback adopted from another host goes to the URL that host's config named.
-        _ip("-n", host.netns, "route", "add", f"10.{bed.octet}.0.0/16", "via", host.server_address)
+        host.route()
 
 
 def _common_port(addresses: list[str]) -> int:

@@ -172,6 +172,8 @@ def test_a_cut_host_cannot_write_and_its_requests_do_not_land_later(netbed: Bed)
         h1.restore()
         _end(writer)
     reconnect = _reconnect_time(h1)
+    routes = h1.run(["ip", "route"]).stdout
+    assert f"10.{netbed.octet}.0.0/16 via {h1.server_address}" in routes, "lost with the link"
     # The dead connection's socket, orphaned in h1's kernel, still holds the requests: it
     # sends them when the link is back (about 2 s later, measured). Watch for them well after.
     time.sleep(4.0)

@@ -190,7 +190,7 @@ class Callbacks:
         except FileExistsError:
             raise DuplicateJob(f"a job with id {job_id!r} has callbacks waiting") from None
         before = status.callback_delivery
-        status.callback_sequence, status.callback_delivery = sequence, body["delivery_id"]
+        status.callback_sequence, status.callback_delivery = sequence, str(body["delivery_id"])
         try:
             yield
         except BaseException:

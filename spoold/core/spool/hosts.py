@@ -54,11 +54,17 @@ class HostRecords:
         """Every host's record, by host id (a record unreadable right now is left out)."""
         try:
             names = os.listdir(self._dir)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # none yet, or not this user's to read
             return {}
         found = {}
         for name in sorted(names):
-            if _NAME.match(name) and (record := read_json(f"{self._dir}/{name}")) is not None:
+            if not _NAME.match(name):
+                continue
+            try:
+                record = read_json(f"{self._dir}/{name}")
+            except PermissionError:
+                continue
+            if record is not None:
                 found[name] = record
         return found
 
