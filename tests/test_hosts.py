@@ -261,7 +261,9 @@ def test_a_claim_never_leased_is_judged_by_sightings_not_by_its_directory_time(
     assert judge.reap() == []
     clock.advance(1)
     (moved,) = judge.reap()
-    assert "claimed and never leased for 10s" in spool.jobs.read_status(moved)["error"]
+    error = spool.jobs.read_status(moved)["error"]
+    assert "taken over by host b from a host that never leased it" in error
+    assert "claimed and never leased for 10s" in error
 
 
 # -- host heartbeats ----------------------------------------------------------------------------

@@ -176,9 +176,9 @@ class Recovery:
     def _take_over(self, job: JobDir, verdict: Verdict) -> tuple[JobDir, str] | None:
         """Fence the claim judged gone, for this host; the job under the new claim, and why
         (with who took it over from whom), or None if another host fenced it first."""
-        fenced, owner, me = verdict.fence, verdict.owner or "unknown", self._config.host_id
+        fenced, owner, me = verdict.fence, verdict.owner, self._config.host_id
         why = verdict.why
-        record = {"by": me, "from": owner, "at": rfc3339(self._clock.now()), "why": why}
+        record = {"by": me, "from": owner or None, "at": rfc3339(self._clock.now()), "why": why}
         if not self._spool.jobs.fence(job, fenced, record):
             self._logger.info("job %s: another host is taking it over (%s)", job.job_id, why)
             return None
@@ -191,8 +191,10 @@ class Recovery:
         taker = {"worker": self._config.worker_id, "host": me, "hostname": self._config.hostname,
                  "generation": fenced + 1, "beat": 0, "takeover": True}  # fmt: skip
         self._spool.jobs.write_lease(job, taker)
-        return job, (f"taken over by host {me} from host {owner} (claim generation {fenced} "
-                     f"-> {fenced + 1}): {why}")  # fmt: skip
+        # A claim never leased names no host: whoever renamed it into running/ is not known.
+        whose = f"from host {owner}" if owner else "from a host that never leased it"
+        return job, (f"taken over by host {me} {whose} (claim generation {fenced} -> "
+                     f"{fenced + 1}): {why}")  # fmt: skip
 
     def _interrupt(self, job: JobDir, why: str) -> JobDir:
         self._kill_leftovers(job)
