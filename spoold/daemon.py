@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError, SpooldError, SpoolError
+from spoold.core.outage import Outage, is_outage
 from spoold.core.procfs import started_at
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import JobDir, Spool
@@ -237,6 +238,10 @@ class Daemon:
     _next_scan: float | None = field(default=None, init=False, repr=False)
     _next_retention: float = field(default=0.0, init=False, repr=False)
     _next_status: float = field(default=0.0, init=False, repr=False)
+    _outage: Outage = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._outage = Outage(self.logger, "periodic duties")
 
     @classmethod
     def build(
@@ -556,11 +561,18 @@ class Daemon:
             self._queue_pending()
 
     def _duty(self, duty: Callable[[], object]) -> None:
-        """Run one periodic duty; its failure is logged and the daemon goes on."""
+        """Run one periodic duty; its failure is logged and the daemon goes on. A spool that
+        cannot be reached (a shared one cut off) is said once, not at every round."""
         try:
             duty()
-        except Exception:
-            self.logger.exception("unexpected failure in a periodic duty; retrying next time")
+        except Exception as exc:
+            if not is_outage(exc):
+                self.logger.exception("unexpected failure in a periodic duty; retrying next time")
+                return
+            assert isinstance(exc, OSError)
+            self._outage.failed(exc)
+            return
+        self._outage.ok()
 
     def recover(self) -> None:
         """What a start does before anything runs: finish what a crash left half done, end

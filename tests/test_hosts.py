@@ -462,3 +462,24 @@ def test_of_two_hosts_that_prepared_one_firings_event_only_the_maker_s_is_sent(
     spool.jobs.write_status(spool.jobs.get("run1"),
                             {**made.to_dict(), "callback_delivery": record["delivery_id"]})  # fmt: skip
     assert b.settle(mine) is True and spool.deliveries.names() == ["run1~00000001.json"]
+
+
+def test_a_spool_that_cannot_be_reached_is_said_once_and_its_return_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from spoold.core.outage import Outage, is_outage  # noqa: PLC0415
+
+    outage = Outage(LOG, "intake")
+    cut = OSError(errno.EIO, "Input/output error")
+    assert is_outage(cut) and not is_outage(OSError(errno.ENOSPC, "full"))
+    assert not is_outage(ValueError("x"))
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        for _ in range(50):  # a poll every 200 ms through a 10 s cut
+            outage.failed(cut)
+        outage.ok()
+        outage.ok()
+    said = [record.getMessage() for record in caplog.records]
+    assert said == [
+        "intake: the spool cannot be reached ([Errno 5] Input/output error); trying again",
+        "intake: the spool can be reached again",
+    ]

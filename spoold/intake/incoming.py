@@ -16,6 +16,7 @@ from spoold.core.clock import Clock, rfc3339
 from spoold.core.errors import CallbackError, DuplicateJob, SpooldError, ValidationIssue
 from spoold.core.job import JobStatus
 from spoold.core.joblog import format_line
+from spoold.core.outage import Outage, is_outage
 from spoold.core.policy import Policy, Submitter
 from spoold.core.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.core.units import format_duration
@@ -390,6 +391,7 @@ class IntakeThread:
     ) -> None:
         self._intake = intake
         self._log = logger
+        self._outage = Outage(logger, "intake")
         self._remote_writers = remote_writers
         self._queue: queue.SimpleQueue[str | object] = queue.SimpleQueue()
         self._threads = [
@@ -421,5 +423,11 @@ class IntakeThread:
                     self._intake.sweep(remote_writers=self._remote_writers)
                 elif isinstance(item, str):
                     self._intake.offer(item, complete=True)
-            except Exception:  # e.g. incoming/ unreadable: intake must go on
-                self._log.exception("intake failed; the next scan tries again")
+            except Exception as exc:  # e.g. incoming/ unreadable: intake must go on
+                if not is_outage(exc):
+                    self._log.exception("intake failed; the next scan tries again")
+                    continue
+                assert isinstance(exc, OSError)
+                self._outage.failed(exc)
+                continue
+            self._outage.ok()

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings
+from spoold.core.outage import Outage, is_outage
 from spoold.core.spool import Spool
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 
@@ -75,6 +76,7 @@ class Sender:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
+        self._outage = Outage(logger, "callback sender")
         #: How this host sees another (spoold.run.hostbeat.HostBeat.state_of): a delivery
         #: another host wrote is left to it while it is alive, adopted once it is not.
         self.host_state: Callable[[str], str] = lambda host: "alive"
@@ -231,8 +233,13 @@ class Sender:
             self._wake.clear()  # before looking: a wake-up from now on is not lost
             try:
                 self.tick()
-            except Exception:  # the sender must outlive any one bad file
-                self._logger.exception("callback sender: unexpected failure; going on")
+                self._outage.ok()
+            except Exception as exc:  # the sender must outlive any one bad file
+                if is_outage(exc):
+                    assert isinstance(exc, OSError)
+                    self._outage.failed(exc)
+                else:
+                    self._logger.exception("callback sender: unexpected failure; going on")
             now = self._clock.now().timestamp()
             wait = self._poll
             if (due := self.next_due(now)) is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from spoold.core.clock import Clock
+from spoold.core.outage import Outage, is_outage
 
 
 class Claims(Protocol):
@@ -39,7 +40,7 @@ class LeaseHeartbeat:
         logger: logging.Logger | None = None,
     ) -> None:  # fmt: skip
         self._logger = logger or logging.getLogger("spoold")
-        self._unreachable: str | None = None  # what the spool last answered, while it fails
+        self._outage = Outage(self._logger, "lease heartbeat")
         self._runner = runner
         self._every = every
         self._look = look
@@ -71,14 +72,13 @@ class LeaseHeartbeat:
         and tried again at the next tick: the process that runs the jobs goes on."""
         try:
             duty()
-        except OSError as exc:
-            if str(exc) != self._unreachable:
-                self._logger.warning("the spool cannot be reached (%s); trying again", exc)
-            self._unreachable = str(exc)
+        except OSError as exc:  # the process that runs the jobs goes on, whatever it was
+            if is_outage(exc):
+                self._outage.failed(exc)
+            else:
+                self._logger.warning("lease heartbeat: %s; trying again", exc)
             return
-        if self._unreachable is not None:
-            self._unreachable = None
-            self._logger.warning("the spool can be reached again")
+        self._outage.ok()
 
     @contextlib.contextmanager
     def in_background(self, clock: Clock) -> Iterator[None]:

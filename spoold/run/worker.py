@@ -39,6 +39,7 @@ from spoold.core.job import (
     secret_variable,
 )
 from spoold.core.joblog import JobLog
+from spoold.core.outage import Outage, is_outage
 from spoold.core.procfs import boot_id, process_start_time
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import JobDir, Spool
@@ -930,7 +931,7 @@ class WorkerPool:
         self._runner = runner
         self._logger = logger
         self._on_done = on_done
-        self._unreachable: int | None = None  # the errno a claim last failed with, if any
+        self._outage = Outage(logger, "worker slots")
         self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
         self._known: set[str] = set()  # queued or running
         self._adopting: set[str] = set()  # of those, the ones to adopt rather than claim
@@ -1011,16 +1012,15 @@ class WorkerPool:
             try:
                 adopt = job_id in self._adopting
                 job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
-                self._unreachable = None
+                self._outage.ok()
                 if job is not None and (outcome := self._runner.attempt(job, slot=slot)):
                     self._outcomes.put(outcome)
             except OSError as exc:
                 # A shared spool cut off (EIO): said once, not for each job handed over
                 # meanwhile; those wait in pending/ for a scan once it is back.
-                if exc.errno != self._unreachable:
-                    self._logger.warning("job %s: the spool cannot be reached (%s); it waits "
-                                         "for a later scan", job_id, exc)  # fmt: skip
-                self._unreachable = exc.errno
+                if not is_outage(exc):
+                    self._logger.exception("worker failed on job %s", job_id)
+                self._outage.failed(exc)
             except Exception:  # a spool error on one job must not end the worker
                 self._logger.exception("worker failed on job %s", job_id)
             finally:
