@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError, SpooldError, SpoolError
-from spoold.core.outage import Outage, is_outage
+from spoold.core.outage import Outage
 from spoold.core.procfs import started_at
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import JobDir, Spool
@@ -563,16 +563,7 @@ class Daemon:
     def _duty(self, duty: Callable[[], object]) -> None:
         """Run one periodic duty; its failure is logged and the daemon goes on. A spool that
         cannot be reached (a shared one cut off) is said once, not at every round."""
-        try:
-            duty()
-        except Exception as exc:
-            if not is_outage(exc):
-                self.logger.exception("unexpected failure in a periodic duty; retrying next time")
-                return
-            assert isinstance(exc, OSError)
-            self._outage.failed(exc)
-            return
-        self._outage.ok()
+        self._outage.call(duty, "unexpected failure in a periodic duty; retrying next time")
 
     def recover(self) -> None:
         """What a start does before anything runs: finish what a crash left half done, end

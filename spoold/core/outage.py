@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 
 __all__ = ["Outage", "is_outage"]
 
@@ -41,6 +42,19 @@ class Outage:
             self._logger.warning("%s: the spool cannot be reached (%s); trying again",
                                  self._part, exc)  # fmt: skip
         self._errno = exc.errno
+
+    def call(self, duty: Callable[[], object], failure: str) -> None:
+        """Run ``duty``: an outage is said once; any other failure is logged with its
+        traceback as ``failure``; either way the caller goes on."""
+        try:
+            duty()
+        except Exception as exc:
+            if isinstance(exc, OSError) and is_outage(exc):
+                self.failed(exc)
+            else:
+                self._logger.exception("%s", failure)
+            return
+        self.ok()
 
     def ok(self) -> None:
         """An operation worked: said if the spool could not be reached before."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import queue
@@ -16,7 +17,7 @@ from spoold.core.clock import Clock, rfc3339
 from spoold.core.errors import CallbackError, DuplicateJob, SpooldError, ValidationIssue
 from spoold.core.job import JobStatus
 from spoold.core.joblog import format_line
-from spoold.core.outage import Outage, is_outage
+from spoold.core.outage import Outage
 from spoold.core.policy import Policy, Submitter
 from spoold.core.spool import FileSignature, JobDir, Spool, TakenFile
 from spoold.core.units import format_duration
@@ -418,16 +419,12 @@ class IntakeThread:
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not self._STOP:
-            try:
-                if item is self._SWEEP:
-                    self._intake.sweep(remote_writers=self._remote_writers)
-                elif isinstance(item, str):
-                    self._intake.offer(item, complete=True)
-            except Exception as exc:  # e.g. incoming/ unreadable: intake must go on
-                if not is_outage(exc):
-                    self._log.exception("intake failed; the next scan tries again")
-                    continue
-                assert isinstance(exc, OSError)
-                self._outage.failed(exc)
-                continue
-            self._outage.ok()
+            # e.g. incoming/ unreadable: intake must go on
+            self._outage.call(functools.partial(self._take, item),
+                              "intake failed; the next scan tries again")  # fmt: skip
+
+    def _take(self, item: str | object) -> None:
+        if item is self._SWEEP:
+            self._intake.sweep(remote_writers=self._remote_writers)
+        elif isinstance(item, str):
+            self._intake.offer(item, complete=True)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings
-from spoold.core.outage import Outage, is_outage
+from spoold.core.outage import Outage
 from spoold.core.spool import Spool
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 
@@ -231,15 +231,8 @@ class Sender:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()  # before looking: a wake-up from now on is not lost
-            try:
-                self.tick()
-                self._outage.ok()
-            except Exception as exc:  # the sender must outlive any one bad file
-                if is_outage(exc):
-                    assert isinstance(exc, OSError)
-                    self._outage.failed(exc)
-                else:
-                    self._logger.exception("callback sender: unexpected failure; going on")
+            # The sender must outlive any one bad file.
+            self._outage.call(self.tick, "callback sender: unexpected failure; going on")
             now = self._clock.now().timestamp()
             wait = self._poll
             if (due := self.next_due(now)) is not None:
