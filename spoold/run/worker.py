@@ -283,7 +283,14 @@ class JobRunner:
         """Why the job is to end cancelled, if a cancel was asked for: seen while it ran, or
         there now (asked as it ended, or while spoold was stopping it). None if none was."""
         if run.cancel_request is None:
-            request = self._spool.jobs.cancel_request(run.job)
+            try:
+                request = self._spool.jobs.cancel_request(run.job)
+            except OSError as exc:
+                if not is_outage(exc):
+                    raise
+                # A shared spool cut off as the job ended: its outcome is not lost to it (it
+                # is recorded once the spool is back); a cancel asked meanwhile, seen then.
+                request = None
             if request is not None:
                 _take_cancel(run, request)
         return run.cancel_reason if run.cancel_request is not None else None
