@@ -9,12 +9,12 @@ for (``check_schema``).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from spoold.core.errors import ConfigError
+from spoold.core.ids import HOST_ID
 from spoold.core.parsed import recall, remember
 from spoold.core.retention import Retention
 from spoold.core.units import parse_duration, parse_size
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from spoold.core.policy import Policy
     from spoold.core.retry import RetryPolicy
 
-#: What a host id may be (``host_id``, ``RUNNER_ID``): a file name in hosts/.
-HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
 DEFAULT_SPOOL = Path("spool")
 

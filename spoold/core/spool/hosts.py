@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from spoold.core.errors import SpoolError
+from spoold.core.ids import HOST_ID
 from spoold.core.spool.fs import DEFAULT_MODE, give_to_owner_of, json_bytes, read_json, write_file
 
 __all__ = ["HostRecords"]
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 class HostRecords:
@@ -33,7 +31,7 @@ class HostRecords:
         self._dir = dirs["hosts"]
 
     def _path(self, host: str) -> str:
-        if not _NAME.match(host):
+        if not HOST_ID.match(host):
             raise SpoolError(f"not a host id: {host!r}")
         return f"{self._dir}/{host}"
 
@@ -58,7 +56,7 @@ class HostRecords:
             return {}
         found = {}
         for name in sorted(names):
-            if not _NAME.match(name):
+            if not HOST_ID.match(name):
                 continue
             try:
                 record = read_json(f"{self._dir}/{name}")
