@@ -1017,24 +1017,22 @@ class WorkerPool:
     def _loop(self, slot: str) -> None:
         while (job_id := self._next()) is not None:
             try:
-                adopt = job_id in self._adopting
-                job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
-                self._outage.ok()
-                if job is not None and (outcome := self._runner.attempt(job, slot=slot)):
-                    self._outcomes.put(outcome)
-            except OSError as exc:
-                # A shared spool cut off (EIO): said once, not for each job handed over
-                # meanwhile; those wait in pending/ for a scan once it is back.
-                if not is_outage(exc):
-                    self._logger.exception("worker failed on job %s", job_id)
-                self._outage.failed(exc)
-            except Exception:  # a spool error on one job must not end the worker
-                self._logger.exception("worker failed on job %s", job_id)
+                # A spool error on one job must not end the worker; a shared spool cut off
+                # (EIO) is said once, not for each job handed over meanwhile: those wait in
+                # pending/ for a scan once it is back.
+                self._outage.call(functools.partial(self._work_on, job_id, slot),
+                                  f"worker failed on job {job_id}")  # fmt: skip
             finally:
                 with self._cond:
                     self._known.discard(job_id)
                     self._adopting.discard(job_id)
                 self._on_done(job_id)
+
+    def _work_on(self, job_id: str, slot: str) -> None:
+        adopt = job_id in self._adopting
+        job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
+        if job is not None and (outcome := self._runner.attempt(job, slot=slot)):
+            self._outcomes.put(outcome)
 
     def _record_loop(self) -> None:
         while (outcome := self._outcomes.get()) is not None:
