@@ -79,6 +79,11 @@ class RunContext:
     #: Opens the job's log for reading, as written so far (what an executor that resumes
     #: compares with what its work printed while no daemon watched); None outside the daemon.
     read_log: Callable[[], IO[bytes]] | None = None
+    #: The values of the secrets this attempt read (``${secret:NAME}``), by name. They are in
+    #: ``env`` and ``job_env`` already (``SPOOLD_SECRET_NAME``, or inside a variable): an
+    #: executor that hands the work to a system with a secret store of its own (Swarm) finds
+    #: with these what it must pass through that store instead of an environment it records.
+    secrets: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

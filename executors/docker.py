@@ -46,7 +46,7 @@ LABEL_SPOOL = "spoold.spool"  # whose recovery may remove it: several spools can
 LABEL_UNIT = "spoold.unit"  # which run of the job's executor (RunContext.unit_key) started it
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
 _POLL = 0.05  # seconds between looks at cancel and the timeout
-_MAX_LINE = 64 * 1024  # a longer run of output without a newline is logged in pieces
+MAX_LINE = 64 * 1024  # a longer run of output without a newline is logged in pieces
 _GLOB = frozenset("*?[")
 #: spoold's line in the job's log just before it starts a container, with the container's name:
 #: a resumed unit finds there where its output begins in the log, and its step's prefix.
@@ -54,10 +54,11 @@ _STARTING = "starting container "
 #: How far behind the engine an earlier daemon may have been in writing the output to the log:
 #: on resume, the engine's lines from this long before the last one logged are compared.
 _LAG = timedelta(seconds=10)
+_SKEW = timedelta(seconds=1)  # see _Logged.holds
 _KEPT = 4096  # lines of the job's log held before those older than _LAG are dropped
 
 
-def _sdk() -> Any:
+def sdk() -> Any:
     try:
         import docker  # type: ignore[import-untyped]  # noqa: PLC0415 - only jobs need it
     except ImportError:
@@ -99,7 +100,7 @@ class DockerExecutor(Executor):
     def execute(self, ctx: RunContext) -> ExecResult:
         if ctx.detach.is_set():  # spoold stops before the unit began: the next daemon starts it
             return ExecResult(None, detached=True)
-        docker = _sdk()
+        docker = sdk()
         import requests  # noqa: PLC0415 - worker processes load it only to run such jobs
 
         failures = (docker.errors.DockerException, requests.RequestException)
@@ -129,9 +130,9 @@ class DockerExecutor(Executor):
                 if result is not None and result.detached:
                     ctx.log.info(f"container {container.name} left running for the next daemon")
                 else:
-                    _remove(container, ctx.log)
+                    remove_container(container, ctx.log)
         except failures as exc:
-            raise ExecutorError(f"docker: {_explain(exc)}") from exc
+            raise ExecutorError(f"docker: {explain(exc)}") from exc
         finally:
             client.close()
             streams.close()
@@ -139,7 +140,7 @@ class DockerExecutor(Executor):
 
 def _ensure_image(client: Any, image: str, log: JobLog) -> None:
     """Pull the image only when this host lacks it: a tag here wins over the registry's."""
-    docker = _sdk()
+    docker = sdk()
     try:
         client.images.get(image)
         return
@@ -150,15 +151,13 @@ def _ensure_image(client: Any, image: str, log: JobLog) -> None:
         client.images.pull(image)  # the tag in the name, or latest: never every tag
     except docker.errors.DockerException as exc:
         raise ExecutorError(
-            f"image {image} is not on this host and cannot be pulled: {_explain(exc)}"
+            f"image {image} is not on this host and cannot be pulled: {explain(exc)}"
         ) from exc
 
 
 def _options(ctx: RunContext) -> dict[str, Any]:
     product = ctx.product
-    commands = [*_lines(product.get("before_script")), *_lines(product.get("script"))]
-    commands += _lines(product.get("commands"))
-    labels = _identity(ctx)
+    labels = identity_labels(ctx)
     if worker := ctx.env.get("RUNNER_ID"):
         labels[LABEL_WORKER] = worker
     namespace = product.get("namespace")
@@ -166,9 +165,9 @@ def _options(ctx: RunContext) -> dict[str, Any]:
         labels["spoold.namespace"] = str(namespace)
     options: dict[str, Any] = {
         # The entrypoint, not the command: an image's own ENTRYPOINT would swallow the script.
-        "entrypoint": ["/bin/sh", "-c", shell_script(ctx.before_script, commands)],
+        "entrypoint": ["/bin/sh", "-c", script_of(ctx)],
         "working_dir": WORKDIR,
-        "environment": _environment(ctx),
+        "environment": environment(ctx),
         "labels": labels,
         "name": f"{namespace or 'spoold'}-{ctx.job_id}-{uuid.uuid4().hex[:8]}",
         # PID 1 ignores SIGTERM unless it installs a handler, as sh does not: with an init,
@@ -205,20 +204,29 @@ def _open_workdir(container: Any) -> None:
     container.put_archive(posixpath.dirname(WORKDIR), buffer.getvalue())
 
 
+def script_of(ctx: RunContext) -> str:
+    """The shell script of the job's ``before_script``, ``script`` and ``commands``, after the
+    config's ``global_before_script``: what ``/bin/sh -c`` runs in the container."""
+    product = ctx.product
+    commands = [*_lines(product.get("before_script")), *_lines(product.get("script"))]
+    commands += _lines(product.get("commands"))
+    return shell_script(ctx.before_script, commands)
+
+
 def _lines(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else [str(line) for line in value]
 
 
-def _environment(ctx: RunContext) -> dict[str, str]:
+def environment(ctx: RunContext) -> dict[str, str]:
     env = dict(ctx.job_env)  # not spoold's own environment: it describes this host
     env["RUNNER_WORKDIR"] = WORKDIR  # the host's path means nothing in the container
     env.update({str(k): str(v) for k, v in (ctx.product.get("env") or {}).items()})
     return env
 
 
-def _identity(ctx: RunContext) -> dict[str, str]:
+def identity_labels(ctx: RunContext) -> dict[str, str]:
     """The labels that name the container of this unit of this job of this spool."""
     labels = {LABEL_MANAGED: "1", LABEL_JOB: ctx.job_id, LABEL_UNIT: ctx.unit_key}
     if job_dir := ctx.job_env.get("SPOOLD_JOB_DIR"):
@@ -226,7 +234,7 @@ def _identity(ctx: RunContext) -> dict[str, str]:
     return labels
 
 
-class _Pumps:
+class Pumps:
     """The threads that copy a container's output streams into the job's log."""
 
     def __init__(self, name: str) -> None:
@@ -273,7 +281,7 @@ def _run(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
     output = streams.api.attach(
         container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
     )
-    pumps = _Pumps(f"docker-{ctx.job_id}")
+    pumps = Pumps(f"docker-{ctx.job_id}")
     pumps.streams.append(output)
     pumps.start([functools.partial(_pump, output, ctx.log, pumps.leaving)])
     try:
@@ -286,7 +294,7 @@ def _run(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
         pumps.stop()
 
 
-def _watch(container: Any, pumps: _Pumps, ctx: RunContext, limit: float | None) -> ExecResult:
+def _watch(container: Any, pumps: Pumps, ctx: RunContext, limit: float | None) -> ExecResult:
     """Follow a started container to its end, within ``limit`` seconds from now."""
     ended = _wait(container, pumps.done, ctx, limit)
     if ended == "detach":
@@ -298,9 +306,9 @@ def _watch(container: Any, pumps: _Pumps, ctx: RunContext, limit: float | None) 
     container.reload()
     state = container.attrs["State"]
     try:
-        _copy_artifacts(container, ctx)
+        copy_artifacts(container, ctx)
     except Exception as exc:  # the job ran, its result stands; spoold says what is missing
-        ctx.log.error(f"could not copy the artifacts out of the container: {_explain(exc)}")
+        ctx.log.error(f"could not copy the artifacts out of the container: {explain(exc)}")
     code = state.get("ExitCode")
     if ended is not None:
         return ExecResult(code, timed_out=ended == "timeout", cancelled=ended == "cancel")
@@ -325,7 +333,7 @@ def _pump(
                 *lines, rest = (pending[is_err] + chunk).split(b"\n")
                 for line in lines:
                     log.output(line, stderr=is_err)
-                if len(rest) > _MAX_LINE:
+                if len(rest) > MAX_LINE:
                     log.output(rest, stderr=is_err)
                     rest = b""
                 pending[is_err] = rest
@@ -360,11 +368,11 @@ def _wait(
 
 def _adopt(client: Any, ctx: RunContext) -> Any | None:
     """The container an earlier daemon started for this unit; None if it started none."""
-    labels = [f"{key}={value}" for key, value in _identity(ctx).items()]
+    labels = [f"{key}={value}" for key, value in identity_labels(ctx).items()]
     started = None
     for container in client.containers.list(all=True, filters={"label": labels}):
         if container.status == "created":  # its daemon died before the start: nothing ran
-            _remove(container, ctx.log)
+            remove_container(container, ctx.log)
         elif started is None:  # the engine lists the newest first
             started = container
     if started is None:
@@ -378,7 +386,7 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
     state = container.attrs["State"]
     started = parse_rfc3339(state["StartedAt"])
     running = container.status in _ALIVE
-    logged = _logged_output(ctx, container.name)  # before this run writes to the log
+    logged = logged_output(ctx, _STARTING + container.name)  # before this run writes to it
     ended = ctx.clock.now() if running else parse_rfc3339(state["FinishedAt"])
     ran = max(0.0, (ended - started).total_seconds())  # clocks apart, or a dead one's zero end
     if running:
@@ -390,7 +398,7 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
         )
         if ctx.timeout is not None and ran > ctx.timeout:
             said += f" (past its timeout of {format_duration(ctx.timeout)}: its result stands)"
-    pumps = _Pumps(f"docker-{ctx.job_id}")
+    pumps = Pumps(f"docker-{ctx.job_id}")
     try:
         try:
             targets = _replay(container, streams, ctx.log, logged, pumps)
@@ -400,7 +408,7 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
                 if logged is None
                 else "the output the job's log lacks follows from the engine's log"
             )
-        except _sdk().errors.APIError as exc:  # a log driver that cannot be read back
+        except sdk().errors.APIError as exc:  # a log driver that cannot be read back
             if not running:
                 raise
             output = streams.api.attach(
@@ -409,7 +417,7 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
             pumps.streams.append(output)
             targets = [functools.partial(_pump, output, ctx.log, pumps.leaving)]
             how = (
-                f"the engine cannot give back its output ({_explain(exc)}): what it printed "
+                f"the engine cannot give back its output ({explain(exc)}): what it printed "
                 "while no daemon watched is missing, its output from now on follows"
             )
         ctx.log.info(f"{said}: {how}")
@@ -426,7 +434,7 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
 
 
 def _replay(
-    container: Any, streams: Any, log: JobLog, logged: _LoggedOutput | None, pumps: _Pumps
+    container: Any, streams: Any, log: JobLog, logged: LoggedOutput | None, pumps: Pumps
 ) -> list[Callable[[], None]]:
     """Open the engine's log of the container from where the job's log may lack lines, one
     stream at a time (only so are stdout and stderr told apart), to follow it to the end."""
@@ -449,7 +457,7 @@ def _replay(
 
 
 def _copy(
-    lines: Iterable[tuple[str, bool, bytes]], log: JobLog, logged: _LoggedOutput | None
+    lines: Iterable[tuple[str, bool, bytes]], log: JobLog, logged: LoggedOutput | None
 ) -> None:
     """Log the lines of the engine's log that the job's log does not hold."""
     try:
@@ -480,7 +488,7 @@ def _stamped_lines(
                 yield "", is_err, entry.removesuffix(b"\n")
                 continue
         held += text
-        if held.endswith(b"\n") or len(held) > _MAX_LINE:
+        if held.endswith(b"\n") or len(held) > MAX_LINE:
             yield stamp, is_err, held.removesuffix(b"\n")
             held = b""
     if held and not leaving.is_set():
@@ -493,7 +501,7 @@ def _tty_entries(chunks: Iterable[bytes]) -> Iterator[bytes]:
     held = bytearray()
     for chunk in chunks:
         held += chunk
-        if b"\n" in chunk or len(held) > _MAX_LINE:
+        if b"\n" in chunk or len(held) > MAX_LINE:
             *entries, rest = bytes(held).split(b"\n")
             yield from (entry + b"\n" for entry in entries)
             held = bytearray(rest)
@@ -514,7 +522,11 @@ class _Logged:
         """Whether the log holds the line that the engine stamped ``stamp``; each logged line
         answers for one line of the engine's."""
         lines = self._lines
-        while lines and lines[0][0] < stamp:  # logged before the engine had this line
+        # Logged before the engine had this line: gone. The engine stamps a line when its log
+        # driver reads it, which may be after spoold got it through an attached stream (and a
+        # swarm node's clock is not this host's): within _SKEW, a logged line still counts.
+        horizon = rfc3339(parse_rfc3339(stamp) - _SKEW)
+        while lines and lines[0][0] < horizon:
             lines.popleft()
         for index, (_, logged) in enumerate(lines):
             if logged == text:
@@ -523,7 +535,7 @@ class _Logged:
         return False
 
 
-class _LoggedOutput:
+class LoggedOutput:
     """What the job's log holds of a container's output, from ``_LAG`` before its last line."""
 
     def __init__(self, lines: Sequence[tuple[str, str, str]]) -> None:
@@ -535,12 +547,13 @@ class _LoggedOutput:
             self.lines[level == "ERROR"].add(stamp, text)
 
 
-def _logged_output(ctx: RunContext, name: str) -> _LoggedOutput | None:
-    """What the job's log holds of container ``name``'s output; None if it cannot say (no log,
-    or no line of spoold's that it started the container there)."""
+def logged_output(ctx: RunContext, starting: str) -> LoggedOutput | None:
+    """What the job's log holds of the output of what spoold started saying ``starting`` (the
+    line it logged just before, as ``ctx.log.info`` wrote it); None if it cannot say (no log,
+    or no such line)."""
     if ctx.read_log is None:
         return None
-    starting = f"spoold: {_STARTING}{name}"
+    starting = f"spoold: {starting}"
     prefix: str | None = None  # of the unit's lines: its step's section, if it is a step
     kept: deque[tuple[str, str, str]] = deque()
     bound = _KEPT
@@ -566,7 +579,7 @@ def _logged_output(ctx: RunContext, name: str) -> _LoggedOutput | None:
             return None
         if kept:
             _forget_before(kept, kept[-1][0])
-        return _LoggedOutput(kept)
+        return LoggedOutput(kept)
     except (OSError, ValueError):  # no log, or a line torn by a crash where a stamp should be
         return None
 
@@ -579,7 +592,7 @@ def _forget_before(lines: deque[tuple[str, str, str]], last: str) -> None:
 
 
 def _stop(container: Any, grace: float) -> None:
-    docker = _sdk()
+    docker = sdk()
     try:
         container.stop(timeout=math.ceil(grace))  # SIGTERM, and SIGKILL after the grace period
     except docker.errors.NotFound:
@@ -589,21 +602,21 @@ def _stop(container: Any, grace: float) -> None:
             container.kill()
 
 
-def _remove(container: Any, log: JobLog) -> None:
-    docker = _sdk()
+def remove_container(container: Any, log: JobLog) -> None:
+    docker = sdk()
     try:
         container.remove(force=True)
     except docker.errors.NotFound:
         pass
     except Exception as exc:  # the job's result stands; recovery removes it later
-        log.error(f"could not remove container {container.name}: {_explain(exc)}")
+        log.error(f"could not remove container {container.name}: {explain(exc)}")
 
 
-def _copy_artifacts(container: Any, ctx: RunContext) -> None:
+def copy_artifacts(container: Any, ctx: RunContext) -> None:
     """Copy what the declared globs match out of the container's work dir into ctx.workdir."""
     if not ctx.artifacts:
         return
-    docker = _sdk()
+    docker = sdk()
     with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=".spoold-docker-") as tmp:
         staging = Path(tmp)
         work = staging / WORKDIR.lstrip("/")
@@ -667,19 +680,27 @@ def _extract(chunks: Iterator[bytes], into: Path) -> None:
                         shutil.copyfileobj(source, out)
 
 
-def _explain(exc: BaseException) -> str:
+def explain(exc: BaseException) -> str:
     return str(getattr(exc, "explanation", None) or exc)
 
 
-def _recover(spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
+def engine_for_recovery(log: logging.Logger, executor: str, timeout: float) -> Any | None:
+    """A client of this host's engine for a recovery; None (said at debug level) when there is
+    no SDK or no engine here: then nothing of ours runs on it either."""
     try:
-        client = _sdk().from_env(timeout=10)
+        client = sdk().from_env(timeout=timeout)
         client.ping()
-    except Exception as exc:  # no SDK or no engine here: then no container of ours either
-        log.debug("docker recovery: no engine to look at (%s)", exc)
-        return
-    with contextlib.closing(client):
-        remove_leftovers(client, log, running=running, spool=str(spool_root))
+    except Exception as exc:  # any failure: no engine to look at
+        log.debug("%s recovery: no engine to look at (%s)", executor, exc)
+        return None
+    return client
+
+
+def _recover(spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
+    client = engine_for_recovery(log, "docker", 10)
+    if client is not None:
+        with contextlib.closing(client):
+            remove_leftovers(client, log, running=running, spool=str(spool_root))
 
 
 def remove_leftovers(
@@ -690,7 +711,7 @@ def remove_leftovers(
     ``spool`` limits this to the containers of one spool's jobs, so that several spools (and
     their daemons) can share an engine. Returns the names of the containers removed.
     """
-    docker = _sdk()
+    docker = sdk()
     labels = [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_SPOOL}={spool}"] if spool else [])
     removed = []
     for container in client.containers.list(all=True, filters={"label": labels}):

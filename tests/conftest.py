@@ -21,7 +21,7 @@ import pytest
 
 from spoold.core.spool import Spool
 from spoold.run.launcher import Launcher
-from tests.dockerd import client, dockerd  # noqa: F401 - the real servers, one each per session
+from tests.dockerd import client, dockerd, swarm  # noqa: F401 - the real servers, one each per session
 from tests.harness import DaemonProcess, write_config
 from tests.sshd import sshd_fixture  # noqa: F401
 

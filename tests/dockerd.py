@@ -27,6 +27,7 @@ import pytest
 SOCKET = "/var/run/docker.sock"
 IMAGE = "local/busybox:test"
 _STATE_DIR = Path(tempfile.gettempdir()) / "spoold-test-dockerd"
+_NO_REGISTRY = "http://127.0.0.1:9"  # the discard port: nothing listens, a pull fails at once
 _START_BOUND = 60.0  # seconds; it is up in about one, but a cold overlay2 set-up takes longer
 
 
@@ -115,13 +116,14 @@ def _ended(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _shared_state() -> Iterator[dict[str, Any]]:
-    """The users of the daemon across pytest-xdist workers, under a lock: each worker runs its
-    own session fixture, and only one may start dockerd, and only the last out stop it."""
+def _shared_state(name: str = "state") -> Iterator[dict[str, Any]]:
+    """The users of the daemon (or of its swarm) across pytest-xdist workers, under a lock:
+    each worker runs its own session fixture, and only one may start dockerd (or make the
+    swarm), and only the last out stop it."""
     _STATE_DIR.mkdir(exist_ok=True)
     with (_STATE_DIR / "lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        path = _STATE_DIR / "state.json"
+        path = _STATE_DIR / f"{name}.json"
         state: dict[str, Any] = {"users": 0, "pid": None}
         if path.exists() and path.read_text():
             state = json.loads(path.read_text())
@@ -134,12 +136,17 @@ def _start(log_dir: Path) -> int:
         _install()
     if shutil.which("dockerd") is None:
         _unavailable("dockerd is not installed")
+    # Pulls go to a proxy on loopback that refuses them: no test may reach another address,
+    # and an engine (a swarm task above all) tries the registry even for an image it has.
+    # Go never proxies loopback addresses, so the swarm's own traffic is untouched.
+    env = {**os.environ, "HTTPS_PROXY": _NO_REGISTRY, "HTTP_PROXY": _NO_REGISTRY, "NO_PROXY": ""}
     with (log_dir / "dockerd.log").open("wb") as log:
         process = subprocess.Popen(
             ["dockerd", "--pidfile", str(log_dir / "dockerd.pid")],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     deadline = time.monotonic() + _START_BOUND
     while not _answers():
@@ -176,6 +183,46 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if state["users"] <= 0 and state["pid"] is not None:
                 _stop(state["pid"])
                 state["users"], state["pid"] = 0, None
+
+
+def _swarm_state() -> str:
+    done = subprocess.run(
+        ["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def _docker(*args: str) -> None:
+    done = subprocess.run(["docker", *args], capture_output=True, timeout=60, check=False)
+    if done.returncode != 0:
+        _unavailable(f"docker {' '.join(args)} failed: {done.stderr.decode()[-500:]}")
+
+
+@pytest.fixture(scope="session")
+def swarm(dockerd: str) -> Iterator[str]:
+    """A single-node Docker Swarm on the test engine; yields the test image's name.
+
+    A swarm that is already active is used and left as it is; one made here (`docker swarm
+    init --advertise-addr 127.0.0.1`) is left again when the last test session using it ends,
+    so that the engine is as it was found.
+    """
+    with _shared_state("swarm") as state:
+        if not state["users"]:
+            state["made"] = False
+            if _swarm_state() != "active":
+                _docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+                state["made"] = True
+        state["users"] += 1
+    try:
+        yield dockerd
+    finally:
+        with _shared_state("swarm") as state:
+            state["users"] -= 1
+            if state["users"] <= 0:
+                if state.get("made"):
+                    _docker("swarm", "leave", "--force")
+                state["users"], state["made"] = 0, False
 
 
 @pytest.fixture

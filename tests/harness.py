@@ -85,6 +85,29 @@ def job_state(spool: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def job_log(spool: Path, job_id: str) -> str:
+    """The job's log, wherever the job is; "" while it has none."""
+    found = job_state(spool, job_id)
+    if found is None:
+        return ""
+    try:
+        return (spool / found[0] / job_id / "log").read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def killed_once_logged(spool: Path, config: Path, document: dict[str, Any], line: str) -> None:
+    """Start a daemon, drop the job ``document``, and kill -9 the daemon once the job's log
+    holds ``line`` (what it started goes on without it)."""
+    daemon = DaemonProcess(spool, config)
+    daemon.start()
+    try:
+        drop(spool, f"{document['job_id']}.yaml", document)
+        wait_for(lambda: line in job_log(spool, document["job_id"]), what=f"{line!r} logged")
+    finally:
+        daemon.kill()
+
+
 def wait_finished(
     spool: Path, job_id: str, bound: float = DEFAULT_BOUND
 ) -> tuple[str, dict[str, Any]]:

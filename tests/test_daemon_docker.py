@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from spoold.executors.docker import LABEL_JOB, LABEL_SPOOL
 
-from tests.harness import DaemonProcess, drop, job_state, wait_finished, wait_for, write_config
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    job_log,
+    killed_once_logged,
+    wait_finished,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.daemon
 
@@ -40,14 +48,12 @@ def test_a_docker_job_runs_and_its_container_goes(
 def _killed_while_a_container_runs(spool: Path, config: Path, image: str, script: str) -> str:
     """A docker job started, and its daemon killed once the container printed ``up``."""
     job_id = f"box-{uuid.uuid4().hex[:8]}"
-    first = DaemonProcess(spool, config)
-    first.start()
-    try:
-        drop(spool, "box.yaml", {"job_id": job_id, "executor": "docker",
-                                 "product": {"image": image, "script": script}})  # fmt: skip
-        wait_for(lambda: "up" in _log(spool, job_id), what="the container's first line")
-    finally:
-        first.kill()
+    document = {
+        "job_id": job_id,
+        "executor": "docker",
+        "product": {"image": image, "script": script},
+    }
+    killed_once_logged(spool, config, document, "INFO up")
     return job_id
 
 
@@ -65,7 +71,7 @@ def test_a_container_outlives_a_killed_daemon_and_the_next_one_reattaches(
     try:
         directory, status = wait_finished(spool_dir, job_id)
         assert (directory, status["exit_code"], len(status["attempts"])) == ("done", 0, 1), status
-        log = _log(spool_dir, job_id)
+        log = job_log(spool_dir, job_id)
         assert log.count("INFO up") == 1 and log.count("INFO down") == 1, log
         wait_for(lambda: not _containers(client, job_id), what="the container removed")
     finally:
@@ -87,13 +93,3 @@ def test_recovery_removes_the_container_of_a_job_no_longer_running(
         wait_for(lambda: not _containers(client, job_id), what="the leftover container removed")
     finally:
         second.kill()
-
-
-def _log(spool: Path, job_id: str) -> str:
-    found = job_state(spool, job_id)
-    if found is None:
-        return ""
-    try:
-        return (spool / found[0] / job_id / "log").read_text()
-    except FileNotFoundError:
-        return ""

@@ -27,6 +27,7 @@ from spoold.executors.docker import (
     LABEL_SPOOL,
     LABEL_UNIT,
     DockerExecutor,
+    LoggedOutput,
 )
 
 from spoold.core.clock import Clock, SystemClock
@@ -322,3 +323,12 @@ def test_resume_says_what_it_could_not_copy(
     assert result.succeeded, job.text()
     assert (job.lines().count("INFO early"), job.lines().count("INFO late")) == (early, 1)
     assert _containers(client, job.job_id) == []
+
+
+def test_a_line_logged_just_before_the_engine_stamped_it_is_held() -> None:
+    # The engine stamps a line when its log driver reads it, which can be after spoold got it
+    # through the attached stream: seen as a repeated line on resume, under load.
+    logged = LoggedOutput([("2026-12-03T10:00:00.000100Z", "INFO", "up")])
+    assert logged.lines[False].holds("2026-12-03T10:00:00.000900Z", "up")
+    older = LoggedOutput([("2026-12-03T10:00:00.000000Z", "INFO", "up")])
+    assert not older.lines[False].holds("2026-12-03T10:00:05.000000Z", "up")

@@ -78,6 +78,11 @@ CONTRACT: dict[str, dict[str, dict[str, Any]]] = {
         "fail": {"commands": ["echo before", "exit 3", "echo never"]},
         "hang": {"script": "sleep 60"},
     },
+    "swarm": {
+        "ok": {"script": "echo contract-ok"},
+        "fail": {"commands": ["echo before", "exit 3", "echo never"]},
+        "hang": {"script": "sleep 60"},
+    },
     "ssh": {
         "ok": {"commands": "echo contract-ok"},
         "fail": {"commands": ["echo before", "exit 3", "echo never"]},
@@ -121,6 +126,7 @@ def _proxmox(request: pytest.FixtureRequest) -> Server:
 
 SERVERS: dict[str, Callable[[pytest.FixtureRequest], Server]] = {
     "docker": lambda request: Server({"image": request.getfixturevalue("dockerd")}),
+    "swarm": lambda request: Server({"image": request.getfixturevalue("swarm")}),
     "ssh": lambda request: Server(dict(request.getfixturevalue("sshd").product())),
     "proxmox": _proxmox,
 }

@@ -681,6 +681,7 @@ class JobRunner:
             detach=run.detach,
             processes=processes,
             read_log=functools.partial(self._spool.jobs.read_log, job),
+            secrets=dict(run.secrets),
         )
         if executor.supervised:  # its supervisor records the unit, and finds it again
             result = executor.run(ctx)
