@@ -58,7 +58,16 @@ def test_the_installed_wheel_loads_its_plugins_and_runs_a_job(wheel: Path, tmp_p
                             capture_output=True, text=True)  # fmt: skip
     package, executor, names = result.stdout.split()
     assert package.startswith(str(target)) and executor.startswith(str(target))
-    assert names.split(",") == ["custom", "docker", "lexware", "local", "proxmox", "sevdesk", "ssh"]
+    assert names.split(",") == [
+        "custom",
+        "docker",
+        "lexware",
+        "local",
+        "proxmox",
+        "sevdesk",
+        "ssh",
+        "swarm",
+    ]
     job = tmp_path / "job.yaml"
     job.write_text("job_id: from-wheel\nexecutor: local\nproduct: {commands: 'echo wheel-ok'}\n")
     run = subprocess.run([sys.executable, "-m", "spoold", "exec", "--spool", str(tmp_path / "spool"), str(job)],
