@@ -345,7 +345,7 @@ class _ServiceRun:
         """Create the service (and the secrets it reads) and follow it to its end."""
         ctx = self.ctx
         _remove_secrets(self.client, ctx.log, _unit_filter(ctx))  # of a daemon that died
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", ctx.job_id).strip("-")[:36] or "job"
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", ctx.job_id).strip("-")[:34] or "job"
         self.name = f"{ctx.product.get('namespace') or 'spoold'}-{slug}-{uuid.uuid4().hex[:8]}"
         image = _pinned_image(self.client, str(ctx.product["image"]), ctx.log)
         spec = _ServiceSpec(ctx, self.name, image)

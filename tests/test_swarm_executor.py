@@ -358,6 +358,47 @@ def test_validate_refuses_what_the_cluster_would(swarm: str, client: Any) -> Non
         client.networks.get(name).remove()
 
 
+def test_networks_placement_and_resources_reach_the_service(
+    swarm: str, client: Any, tmp_path: Path
+) -> None:
+    network = client.networks.create(
+        f"spoold-test-{uuid.uuid4().hex[:6]}", driver="overlay", attachable=True
+    )
+    specs: list[dict[str, Any]] = []
+    try:
+        log = _Log()
+        product = {
+            "replicas": 2, "script": "echo placed", "networks": [network.name],
+            "placement": {
+                "constraints": ["node.role==manager"], "preferences": ["spread=node.labels.zone"],
+                "max_per_node": 2,
+            },
+            "memory": "64m", "cpus": 0.5, "reserve": {"memory": "32m", "cpus": 0}, "pids": 64,
+        }  # fmt: skip
+        job = _job_id()
+        ctx = _ctx(
+            swarm, tmp_path, log, product, job_id=job,
+            on_start=lambda pid: specs.extend(s.attrs["Spec"] for s in _services(client, job)),
+        )  # fmt: skip
+        result = _run(ctx)
+        assert result.succeeded, log.text()
+        assert log.text().count("placed") == 2
+    finally:
+        network.remove()
+    template = specs[0]["TaskTemplate"]
+    assert [n["Target"] for n in template["Networks"]] == [network.id]
+    assert template["Placement"] == {
+        "Constraints": ["node.role==manager"],
+        "Preferences": [{"Spread": {"SpreadDescriptor": "node.labels.zone"}}],
+        "MaxReplicas": 2,
+    }
+    assert template["Resources"]["Limits"] == {
+        "NanoCPUs": 500_000_000, "MemoryBytes": 64 * 2**20, "Pids": 64,
+    }  # fmt: skip
+    assert template["Resources"]["Reservations"] == {"MemoryBytes": 32 * 2**20}
+    assert _left(client, job) == []
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
