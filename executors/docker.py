@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import http.client
 import io
+import json
 import logging
 import math
 import operator
 import os
 import posixpath
 import shutil
+import socket
 import tarfile
 import tempfile
 import threading
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -696,7 +700,74 @@ def engine_for_recovery(log: logging.Logger, executor: str, timeout: float) -> A
     return client
 
 
+def nothing_left(paths: Sequence[str], spool: Path, running: Collection[str]) -> bool:
+    """Whether the engine surely holds nothing of this spool's jobs that no longer run, in
+    these listings (``/containers/json?all=1``, ``/services``, ...), asked without the SDK.
+
+    Recovery runs in the daemon's main process: the SDK (requests, urllib3, cryptography)
+    would add ~20 MB to it for good, to learn, nearly always, that there is nothing to do.
+    False when that cannot be told this way (an engine over TCP or SSH, an odd answer).
+    """
+    wanted = {"label": [f"{LABEL_MANAGED}=1", f"{LABEL_SPOOL}={spool}"]}
+    for path in paths:
+        listed = _engine_get(path, wanted)
+        if listed is None:
+            return False
+        for item in listed:
+            labels = item.get("Labels") or item.get("Spec", {}).get("Labels") or {}
+            if labels.get(LABEL_JOB) not in running:
+                return False
+    return True
+
+
+def _engine_get(path: str, filters: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A listing of the engine on its local socket; [] where no engine answers; None where
+    this cannot ask (an engine over TCP or SSH, an error)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        return None
+    query = urllib.parse.urlencode({"filters": json.dumps(filters)})
+    connection = _UnixConnection(host.removeprefix("unix://"))
+    try:
+        connection.request("GET", f"{path}{'&' if '?' in path else '?'}{query}")
+        response = connection.getresponse()
+        body = response.read()
+    except (FileNotFoundError, ConnectionRefusedError):
+        return []  # no engine here: nothing of ours runs on it
+    except OSError:
+        return None
+    finally:
+        connection.close()
+    if response.status == 503:  # a swarm listing on an engine that manages none
+        return []
+    try:
+        listed = json.loads(body) if response.status == 200 else None
+    except ValueError:
+        return None
+    return listed if isinstance(listed, list) else None
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the engine's unix socket."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def _recover(spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
+    if nothing_left(["/containers/json?all=1"], spool_root, running):
+        return
     client = engine_for_recovery(log, "docker", 10)
     if client is not None:
         with contextlib.closing(client):

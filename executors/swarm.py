@@ -45,6 +45,7 @@ from spoold.executors.docker import (
     explain,
     identity_labels,
     logged_output,
+    nothing_left,
     remove_container,
     script_of,
     sdk,
@@ -156,6 +157,8 @@ class SwarmExecutor(Executor):
     @classmethod
     def recover(cls, spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
         """End and remove the services (and secrets) of this spool's jobs that no longer run."""
+        if nothing_left(["/services", "/secrets"], spool_root, running):
+            return
         client = engine_for_recovery(log, "swarm", 30)
         if client is None:
             return

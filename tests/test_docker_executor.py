@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import subprocess
 import sys
 import threading
 import uuid
@@ -18,6 +19,7 @@ from spoold.executors.docker import (
     LABEL_MANAGED,
     LABEL_SPOOL,
     DockerExecutor,
+    nothing_left,
     remove_leftovers,
 )
 
@@ -247,3 +249,31 @@ def test_remove_leftovers_removes_a_stopped_labelled_container(dockerd: str, cli
     finally:
         for container in _left(client, running):
             container.remove(force=True)
+
+
+def test_recovery_knows_without_the_sdk_that_nothing_is_left(
+    dockerd: str, client: Any, tmp_path: Path
+) -> None:
+    # Recovery runs in the daemon's main process: the SDK would stay there for good.
+    program = (
+        "import logging, sys; from pathlib import Path\n"
+        "from spoold.executors.docker import DockerExecutor\n"
+        "from spoold.executors.swarm import SwarmExecutor\n"
+        "for executor in (DockerExecutor, SwarmExecutor):\n"
+        "    executor.recover(Path(sys.argv[1]), set(), logging.getLogger())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('docker', 'requests')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stderr
+    # One container of the spool's: its job running, nothing is left; not running, it is.
+    job = _job_id()
+    labels = {LABEL_JOB: job, LABEL_MANAGED: "1", LABEL_SPOOL: str(tmp_path)}
+    container = client.containers.create(dockerd, ["true"], labels=labels)
+    try:
+        listing = ["/containers/json?all=1"]
+        assert nothing_left(listing, tmp_path, {job})
+        assert not nothing_left(listing, tmp_path, set())
+    finally:
+        container.remove(force=True)

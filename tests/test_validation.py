@@ -19,9 +19,11 @@ from spoold.intake.validation import (
     ValidationIssue,
     compose_job_schema,
     document_positions,
+    job_validator,
     load_base_schema,
     load_executor_schema,
 )
+from spoold.run.registry import ExecutorRegistry
 
 EXECUTORS = "spoold.schemas.executors"
 
@@ -769,9 +771,6 @@ def test_narrowed_schemas_give_the_full_schemas_verdict(text: str) -> None:
 
 def test_the_examples_are_valid() -> None:
     """What the README points users to must pass `spoold validate`."""
-    from spoold.intake.validation import job_validator  # noqa: PLC0415 - the validator with every executor
-    from spoold.run.registry import ExecutorRegistry  # noqa: PLC0415
-
     validator = job_validator(ExecutorRegistry.from_entry_points())
     examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
     assert len(examples) >= 3
@@ -803,3 +802,23 @@ def test_keywords_beside_a_ref_are_checked_on_the_fast_path_too() -> None:
     assert [(i.path, i.message) for i in issues] == [
         ("product.target", "missing required field 'host'")
     ]
+
+
+def test_a_schema_is_compiled_only_when_a_job_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each compiled schema costs megabytes of generated code in the daemon for good: a daemon
+    # that only ever runs local jobs compiles the local one, not one per installed executor.
+    compiled: list[Any] = []
+    real = validation._compiled
+
+    def counting(schema: Any) -> Any:
+        compiled.append(schema)
+        return real(schema)
+
+    monkeypatch.setattr(validation, "_compiled", counting)
+    checker = job_validator(ExecutorRegistry.from_entry_points())
+    assert compiled == []
+    for _ in range(3):
+        assert checker.check(b"executor: local\nproduct: {commands: 'true'}\n", "a.yaml") == []
+    assert len(compiled) == 1  # the local jobs' narrowed schema, once
+    assert checker.check(b"executor: custom\nproduct: {script: 'true'}\n", "b.yaml") == []
+    assert len(compiled) == 2

@@ -11,6 +11,7 @@ import copy
 import difflib
 import json
 import re
+import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from spoold.core.documents import (
     size_problem,
 )
 from spoold.core.errors import InvalidJobFile, PluginError, ValidationIssue
+from spoold.core.procfs import release_memory
 from spoold.core.units import SIZE_FORMS
 
 if TYPE_CHECKING:
@@ -586,12 +588,12 @@ class JobValidator:
         self._validator = Draft202012Validator(schema, format_checker=checker)
         self._executors = sorted(schema.get("$defs", {}).get("executor", {}).get("enum", []))
         self._max_nodes = max_nodes
-        self._fast = _compiled(schema)
-        self._fast_by_executor = {
-            name: fast
-            for name, sub in (narrowed or {}).items()
-            if (fast := _compiled(sub)) is not None
-        }
+        # Compiled when first needed: each costs megabytes of generated code, and a daemon
+        # that runs jobs of two executors needs two of them, not one per installed executor.
+        self._schema = schema
+        self._narrowed = dict(narrowed or {})
+        self._compiled: dict[str | None, Callable[[Any], Any] | None] = {}
+        self._compiling = threading.Lock()
 
     def check(
         self, data: bytes, filename: str, *, now: datetime | None = None
@@ -648,9 +650,26 @@ class JobValidator:
 
     def _fast_valid(self, document: dict[str, Any]) -> bool:
         executor = document.get("executor")
-        fast = self._fast_by_executor.get(executor) if isinstance(executor, str) else None
+        narrowed = executor if isinstance(executor, str) and executor in self._narrowed else None
         # The narrowed check first; steps naming other executors need the full one.
-        return any(_passes(check, document) for check in (fast, self._fast) if check is not None)
+        for key in (narrowed, None) if narrowed is not None else (None,):
+            check = self._fast_check(key)
+            if check is not None and _passes(check, document):
+                return True
+        return False
+
+    def _fast_check(self, executor: str | None) -> Callable[[Any], Any] | None:
+        """The compiled schema for one executor's jobs (None: the full one), made once."""
+        try:
+            return self._compiled[executor]
+        except KeyError:
+            pass
+        with self._compiling:
+            if executor not in self._compiled:
+                schema = self._schema if executor is None else self._narrowed[executor]
+                self._compiled[executor] = _compiled(schema)
+                release_memory()  # the generated source and its parse trees are garbage now
+            return self._compiled[executor]
 
     def _shape_issue(self, document: Any, text: str) -> ValidationIssue:
         node = yaml.compose(text, Loader=JobLoader) if document is None else None
