@@ -3,11 +3,16 @@
 Bounded whatever the output's shape: a line keeps at most ``LINE_BOUND`` bytes (the log says
 how long it was), ``OutputStream`` holds at most ``HELD_BYTES`` of an unfinished line, and past
 ``limit`` no more output is kept.
+
+At disk speed: the lines of a chunk of output share one stamp, and where nothing but the stamp
+is to be added (no mask to apply, valid UTF-8, no line to cut) they are written with bytes
+operations, not one by one; past the limit they are only counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections import deque
@@ -16,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from spoold.core.clock import Clock, rfc3339
-from spoold.core.secrets import MASK, MAX_SECRET_SIZE
+from spoold.core.secrets import MASK, MAX_SECRET_SIZE, Masker
 
 _TAIL_LINES = 20
 _TAIL_CHARS = 4096  # of each line in the tail: what limits.explain looks for is near the start
+#: Up to this many secrets, output is searched for each (memchr-fast) rather than run through
+#: the masker's pattern (a lookahead at every character).
+_FEW_SECRETS = 16
 
 #: The most of one line of output the log keeps, in bytes as written (decoded and masked).
 LINE_BOUND = 64 * 1024
@@ -77,10 +85,16 @@ class JobLog:
                 self._sink.size = os.fstat(handle.fileno()).st_size
         self._clock = clock
         self._mask = mask
+        # A Masker's own mask changes only text that holds one of its values.
+        owner = getattr(mask, "__self__", None)
+        self._masker = owner if isinstance(owner, Masker) and mask == owner.mask_text else None
+        self._secrets: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())  # encoded, kept
         self._prefix = ""
         self._sections: tuple[str, ...] = ()
         # What the job printed last: what a limit it hit looks like ("Too many open files").
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        # Whole lines of output, (data, start, end), not yet decoded into the tail.
+        self._recent: tuple[bytes, int, int] | None = None
 
     def section(self, name: str) -> JobLog:
         """The same log, each line of it starting with ``[name]``: one step's section."""
@@ -133,10 +147,127 @@ class JobLog:
             self._long_output(line, stderr)
             return
         text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-        self._tail.append(text)
+        self._tail_add(text)
         if self._reached_limit():
             return
         self._write("ERROR" if stderr else "INFO", text)
+
+    def output_lines(
+        self, data: bytes, *, stderr: bool, start: int = 0, end: int | None = None
+    ) -> None:
+        """Whole lines the job printed, ``data[start:end]``, each ending in a newline: logged as
+        ``output`` logs them one by one, except that lines read together share one stamp.
+
+        Where nothing but the stamp needs adding (valid UTF-8, no ``\\r\\n``, no line to cut,
+        nothing to mask) the lines are written with bytes operations, not one by one; past
+        the limit they are only counted.
+        """
+        end = len(data) if end is None else end
+        level = "ERROR" if stderr else "INFO"
+        head: bytes | None = None  # the stamp, level and section: one clock read for them all
+        pos = start
+        while pos < end:  # bounded: each round takes one line or more
+            if self._full():
+                self._not_kept(data, pos, end)
+                return
+            # Pieces of at most LINE_BOUND + 1 bytes hold no line to cut, and written they
+            # stay small (2-byte lines grow 17-fold).
+            stop = data.rfind(b"\n", pos, min(pos + LINE_BOUND + 1, end))
+            if stop < 0:  # a line longer than LINE_BOUND, to cut as output cuts it
+                stop = data.index(b"\n", pos, end)
+                self.output(data[pos:stop], stderr=stderr)
+                head, pos = None, stop + 1  # that read the clock: the next stamp is no older
+                continue
+            piece = data[pos : stop + 1]
+            if not self._plain(piece):
+                for line in piece.split(b"\n")[:-1]:
+                    self.output(line, stderr=stderr)
+                head, pos = None, stop + 1
+                continue
+            if head is None:
+                head = f"{rfc3339(self._clock.now())} {level} {self._prefix}".encode()
+            pos += self._output_plain(piece, head)
+
+    def _plain(self, piece: bytes) -> bool:
+        """Whether ``piece`` (whole lines) is logged as it is, a stamp before each line and
+        nothing else changed, as ``output`` would log it line by line."""
+        if b"\r" in piece and b"\r\n" in piece:  # the first is memchr: no "\r" costs least
+            return False  # output strips a line's "\r" before its newline
+        text = None
+        if not piece.isascii():
+            try:
+                text = piece.decode()
+            except UnicodeDecodeError:
+                return False  # output replaces what is invalid
+        if self._mask is None:
+            return True
+        if self._masker is not None and len(secrets := self._masker.values()) <= _FEW_SECRETS:
+            if secrets != self._secrets[0]:  # values are added while a job runs
+                self._secrets = (secrets, tuple(value.encode() for value in secrets))
+            # Valid UTF-8 holds a value's bytes only where it holds the value.
+            return not any(value in piece for value in self._secrets[1])
+        text = piece.decode() if text is None else text
+        # A mask that leaves all of the text alone leaves each line of it alone.
+        return self._mask(text) == text
+
+    def _output_plain(self, piece: bytes, head: bytes) -> int:
+        """Log ``piece`` (whole lines, none longer than LINE_BOUND, ``_plain``) with bytes
+        operations; how many bytes of it were taken (fewer than all when the limit is reached
+        among them: the rest is for ``_not_kept``)."""
+        sink = self._sink
+        if sink.limit is not None:
+            room, width = sink.limit - sink.size, len(head)
+            # Each line is a byte at least: most pieces fit without counting their lines.
+            if len(piece) * (width + 1) >= room and (
+                len(piece) + piece.count(b"\n") * width >= room
+            ):
+                piece = piece[: _fitting(piece, room, width)]
+        self._remember(piece, 0, len(piece))
+        self._emit(b"".join((head, piece[:-1].replace(b"\n", b"\n" + head), b"\n")), None)
+        return len(piece)
+
+    def _full(self) -> bool:
+        """Whether the output's share of the log is used up."""
+        sink = self._sink
+        return sink.limit is not None and sink.size >= sink.limit
+
+    def _not_kept(self, data: bytes, start: int, end: int) -> None:
+        """Whole lines of output past the limit, ``data[start:end]``: counted, the last ones
+        remembered, nothing more."""
+        self._remember(data, start, end)
+        sink = self._sink
+        first = sink.cut_lines == 0
+        sink.cut_lines += data.count(b"\n", start, end)
+        if first:
+            self._said_full()
+
+    def _remember(self, data: bytes, start: int, end: int) -> None:
+        """The last lines of ``data[start:end]`` (whole lines) go to the tail, as ``output``
+        puts them there; decoded only when the tail is read or more goes in one by one."""
+        first = end - 1  # where the last lines start: after a newline, or at start
+        for _ in range(_TAIL_LINES):
+            first = data.rfind(b"\n", start, first)
+            if first < 0:
+                break
+        if first >= 0:  # a whole tail's worth: what came before it is of no more use
+            self._recent = (data, first + 1, end)
+        else:
+            self._flush_recent()
+            self._recent = (data, start, end)
+
+    def _flush_recent(self) -> None:
+        """Decode into the tail the lines ``_remember`` kept as bytes."""
+        if self._recent is None:
+            return
+        data, start, end = self._recent
+        self._recent = None
+        for line in data[start : end - 1].split(b"\n"):
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            self._tail.append(text if len(line) <= _SHORT_LINE else text[:_TAIL_CHARS])
+
+    def _tail_add(self, text: str) -> None:
+        self._flush_recent()
+        self._tail.append(text)
 
     def output_start(self, start: bytes, *, stderr: bool) -> bool:
         """The first ``HELD_BYTES`` of a line too long to hold whole: its first ``LINE_BOUND``
@@ -144,7 +275,7 @@ class JobLog:
         (call ``line_cut`` once the line has ended), False if the log is full."""
         near = self._masked(start[:LINE_BOUND].decode("utf-8", errors="replace"))
         far = self._masked(start.decode("utf-8", errors="replace"))
-        self._tail.append(near[:_TAIL_CHARS])
+        self._tail_add(near[:_TAIL_CHARS])
         if not far.startswith(near):
             # Its end is not what the longer text masks to: the start of a secret that runs
             # past the cut, or a character the cut split. Only what both agree on is kept.
@@ -163,7 +294,7 @@ class JobLog:
 
     def _long_output(self, line: bytes, stderr: bool) -> None:
         text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-        self._tail.append(text[:_TAIL_CHARS])
+        self._tail_add(text[:_TAIL_CHARS])
         if self._reached_limit():
             return
         # Masked whole, then cut: a cut first could leave the start of a secret standing.
@@ -179,15 +310,19 @@ class JobLog:
             return False
         sink.cut_lines += 1
         if sink.cut_lines == 1:
-            self.error(f"the log reached its limit of {sink.limit} bytes: output from here "
-                       "on is not kept (limits.max_log_size)")  # fmt: skip
+            self._said_full()
         return True
+
+    def _said_full(self) -> None:
+        self.error(f"the log reached its limit of {self._sink.limit} bytes: output from here "
+                   "on is not kept (limits.max_log_size)")  # fmt: skip
 
     def _masked(self, text: str) -> str:
         return text if self._mask is None else self._mask(text)
 
     def tail(self) -> list[str]:
         """The job's last lines of output (unmasked: for spoold to read, never to write)."""
+        self._flush_recent()
         return list(self._tail)
 
     def _write(self, level: str, text: str, *, masked: bool = False) -> None:
@@ -196,21 +331,35 @@ class JobLog:
             text = self._mask(text)
         prefix = self._prefix
         data = "".join(format_line(stamp, level, prefix + part) for part in text.split("\n"))
+        self._emit(data.encode(), data)
+
+    def _emit(self, data: bytes, text: str | None) -> None:
+        """Log lines into the file, the tee and the tap; ``text``: ``data`` decoded, if at hand."""
         sink = self._sink
         with sink.lock:
+            if text is None and (sink.tee is not None or sink.tap is not None):
+                text = data.decode()
             if sink.tee is not None:
-                sink.tee.write(data)
+                assert text is not None
+                sink.tee.write(text)
                 sink.tee.flush()
-            encoded = data.encode()
+            done = 0
             try:
-                sink.handle.write(encoded)
-                sink.size += len(encoded)
+                # A regular file takes less than all only when it is full: the next write
+                # says why. Bounded: each round writes something or raises.
+                while done < len(data):
+                    written = sink.handle.write(data[done:] if done else data)
+                    if not written:  # 0, or None from a non-blocking file that would block
+                        raise OSError(errno.EIO, "the log took none of a write")
+                    done += written
+                    sink.size += written
             except OSError as exc:
                 # The job must not die of its log: what is lost is counted and reported.
-                sink.lost_lines += data.count("\n")
+                sink.lost_lines += data.count(b"\n", done)
                 sink.first_error = sink.first_error or exc.strerror or str(exc)
             if sink.tap is not None:
-                sink.tap(data)
+                assert text is not None
+                sink.tap(text)
 
     def sync(self) -> None:
         """fsync what was written; a failure counts as lost lines would."""
@@ -256,16 +405,17 @@ class OutputStream:
                 return
             self._end_cut(self._cut_length + end)
             data = data[end + 1 :]
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        if lines:
-            if self._partial:
-                lines[0] = self._partial + lines[0]
-            for line in lines:
-                self._log.output(line, stderr=self._stderr)
-            self._partial = rest
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._partial += data
         else:
-            self._partial += rest
+            # All the whole lines at once (JobLog.output_lines), in place if none was held.
+            if self._partial:
+                lines = b"".join((self._partial, memoryview(data)[: last + 1]))
+                self._log.output_lines(lines, stderr=self._stderr)
+            else:
+                self._log.output_lines(data, stderr=self._stderr, end=last + 1)
+            self._partial = data[last + 1 :]
         if len(self._partial) >= HELD_BYTES:
             self._start_written = self._log.output_start(
                 self._partial[:HELD_BYTES], stderr=self._stderr
@@ -297,6 +447,24 @@ def _cut(text: str) -> tuple[str, bool]:
     if len(data) <= LINE_BOUND:
         return text, False
     return data[:LINE_BOUND].decode("utf-8", errors="ignore"), True
+
+
+def _fitting(data: bytes, room: int, width: int) -> int:
+    """How many bytes of ``data`` (whole lines) fit in ``room``: as ``output`` would write them,
+    each line while what went before it is less than ``room``, each ``width`` bytes longer
+    as written (its stamp)."""
+    # Written before the line that starts at offset m: m + width * (newlines before m). That
+    # grows with m: halving finds where it reaches room, each step one count in C.
+    low, high = 0, len(data)
+    while low < high:  # bounded: halves each round
+        middle = (low + high) // 2
+        if middle + width * data.count(b"\n", 0, middle) >= room:
+            high = middle
+        else:
+            low = middle + 1
+    if low == 0 or data[low - 1] == 0x0A:
+        return low
+    return data.index(b"\n", low) + 1  # the line that crosses room is written whole
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -581,7 +581,8 @@ def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit
     masker = Masker(request.masks)
     tap = None if request.log_socket is None else LogTap.open(Path(request.log_socket))
     log = JobLog(
-        Jobs.open_log(request.job), clock, tee=tee, mask=masker.mask_text,
+        # No secret to mask (the usual case): no mask to run over every piece of output.
+        Jobs.open_log(request.job), clock, tee=tee, mask=masker.mask_text if masker else None,
         limit=request.log_limit,
         tap=None if tap is None else functools.partial(tap.send, request.job.job_id),
     )  # fmt: skip

@@ -1,0 +1,1369 @@
+"""spoold against the durable floor and its peers, in one interleaved run (issue 23).
+
+The tools: spoold (this checkout's, 2 workers), the durable floor (floor_durable.py, 2 workers:
+spoold's 7 fsyncs a job and nothing more), and where a row applies to them task-spooler
+(``tsp -S 2``), nq (two queues, jobs alternating), incron (one command per file renamed in) and a
+plain subprocess loop (2 threads), plus ``> file`` + fsync for the log rows. Each round measures
+every row, and within a row the tools take turns (the order rotates from round to round); the
+table shows medians over the rounds and ratios taken within a round, where the tools met the
+same machine. Rows (``--only``):
+
+- idle: every daemon left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over
+  all of its processes (smaps_rollup), their number and their threads;
+- pickup: jobs renamed into incoming/ one at a time, ``spacing`` apart, in blocks of 25 per
+  tool; rename -> the job's process has started (it writes $EPOCHREALTIME);
+- throughput: ``jobs`` ``/bin/true`` jobs, 2 at a time: renamed into incoming/ at once, first
+  rename -> last job in done/ (spoold, floor, incron: each file's command ends by moving it to
+  done/), all submitted by a shell loop then waited for (tsp, nq), or run by the loop; also
+  the daemon's CPU per job: utime+stime of the daemon and of its descendants that run its own
+  executable (spoold: worker processes, launchers, the jobs' supervisors, which sit in sessions
+  of their own), so not the jobs (tsp: its server alone, not the clients that run its jobs;
+  incron: incrond; the loop: its own process);
+- flood: ``flood`` ``/bin/true`` job files renamed into incoming/ at once. *Accepted* = the job's
+  directory was renamed into pending/ (or a later state's directory: running/, done/, failed/),
+  seen by inotify; accepted files/s = ``flood`` / (last one accepted - first rename). When the
+  last file left incoming/ and when the last job finished are shown too; peak RSS is the largest
+  sum of VmRSS over the daemon's processes, sampled every 0.1 s until the last job finished,
+  beside that sum just before the drop;
+- log100, log2: one job writing ``log_bytes`` in 100-byte lines (``yes <99 x> | head -c N``), or
+  in 2-byte lines (``yes | head -c N``): rename -> job in done/, and the daemon's CPU over it,
+  against the same command with ``> file`` and an fsync of the file (spoold keeps its default
+  ``max_log_size``);
+- schedules: a fresh spoold each round (stopped and removed after it), ``schedules`` files
+  ``{every: 60s}`` renamed in at once; first rename -> every schedule's status.json lists its
+  ``next_fire_times`` (its scheduler took it in), and the daemon's CPU over that time; then its
+  CPU left alone up to ``idle`` s, in the minute before the first firing is due.
+  ``--schedules-large`` adds the same with ``schedules_large`` (10,000).
+
+Every wait is bounded; every daemon (incrond with a throwaway config and table in the run's own
+directory, tsp's server on its own socket) is stopped and every temporary directory removed on the
+way out, also after a failure or Ctrl-C. task-spooler, nq and incron are installed with apt-get
+when missing. Local files and a Unix socket only: no network.
+
+Usage: .venv/bin/python benchmarks/bench_compare.py [--quick] [--rounds N] [--json FILE]
+       [--only ROW,...] [--schedules-large] [--dir DIR] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
+
+from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+
+if __package__ in (None, ""):  # run as a script: the project root is one up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_spool import (
+    CLOCK_TICKS,
+    START_BOUND,
+    STOP_BOUND,
+    Daemon,
+    Finished,
+    Tool,
+    archive_jobs,
+    load_average,
+    make_tool,
+    percentile,
+    pickup,
+    say,
+    service_environment,
+    spread_subdirectories,
+    stage_jobs,
+)
+from benchmarks.floor_durable import DIRECTORIES as FLOOR_DIRECTORIES
+
+HERE = Path(__file__).resolve().parent
+ROWS = ("idle", "pickup", "throughput", "flood", "log100", "log2", "schedules")
+PICKUP_BLOCK = 25  # pickup drops alternate between the tools in blocks of this many
+SAMPLE_EVERY = 0.1  # seconds between two RSS samples in the flood
+LINE_99 = "x" * 99  # with yes's newline: 100-byte lines
+FIRST_FIRING = 60.0  # seconds from a schedule's acceptance to its first firing ({every: 60s})
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    jobs: int  # throughput: /bin/true jobs per tool and round
+    flood: int  # files renamed into incoming/ at once
+    log_bytes: int  # what the log job writes
+    schedules: int  # schedules registered
+    schedules_large: int  # the same with --schedules-large
+    drops: int  # pickup: drops per tool and round
+    spacing: float  # pickup: seconds between two drops
+    idle: float  # seconds each daemon is left alone
+    rounds: int
+    warmup: int  # jobs each spool runs before the first round, not counted
+
+
+FULL = Sizes(
+    jobs=1000,
+    flood=10_000,
+    log_bytes=200_000_000,
+    schedules=1000,
+    schedules_large=10_000,
+    drops=200,
+    spacing=0.020,
+    idle=10.0,
+    rounds=3,
+    warmup=50,
+)
+QUICK = Sizes(
+    jobs=200,
+    flood=1000,
+    log_bytes=20_000_000,
+    schedules=100,
+    schedules_large=1000,
+    drops=50,
+    spacing=0.020,
+    idle=3.0,
+    rounds=1,
+    warmup=20,
+)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A number from /proc/PID/status (``VmRSS`` in kB, ``Threads``); 0 if it has ended."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    return 0
+
+
+def family(daemon: Daemon) -> list[int]:
+    """The daemon's processes: itself and its descendants that run its own executable.
+
+    spoold's worker processes, their launchers and the jobs' supervisors (forks of a launcher,
+    each in a session of its own, which write the job's log) are all its Python; a job runs
+    other programs (sh, true, yes) and is left out, with whatever it starts.
+    """
+    try:
+        exe = os.readlink(f"/proc/{daemon.pid}/exe")
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [daemon.pid], [daemon.pid]
+    while todo:  # each process is reached once: the tree is finite
+        for child in children.get(todo.pop(), []):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{child}/exe") == exe:
+                    found.append(child)
+                    todo.append(child)
+    return found
+
+
+def cpu_seconds(daemon: Daemon) -> float:
+    """utime + stime of the daemon's ``family`` (all their threads; not the jobs)."""
+    total = 0
+    for pid in family(daemon):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def memory_mb(daemon: Daemon) -> tuple[float, float]:
+    """RSS and PSS summed over the daemon's ``family`` (PSS counts shared pages once)."""
+    rss = pss = 0
+    for pid in family(daemon):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
+
+
+def rss_now_mb(daemon: Daemon) -> float:
+    """VmRSS summed over the daemon's ``family`` (cheaper than smaps_rollup: for sampling)."""
+    return sum(proc_status(pid, "VmRSS") for pid in family(daemon)) / 1024
+
+
+class PeakRss:
+    """Samples ``rss_now_mb`` every SAMPLE_EVERY s in a thread while the block runs."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_now_mb(self.daemon))
+            if self._stop.wait(SAMPLE_EVERY):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_script(script: str, env: dict[str, str], bound: float) -> float:
+    """Run a shell script in a session of its own; its wall time. Killed (its whole session)
+    and TimeoutError after ``bound`` seconds."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", script],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, err = process.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        raise TimeoutError(f"script not done after {bound:.0f}s") from None
+    elapsed = time.monotonic() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"script failed ({process.returncode}): {err.decode(errors='replace')}")
+    return elapsed
+
+
+# -- the peers ----------------------------------------------------------------------------------
+
+
+def find_tsp() -> str | None:
+    """task-spooler's binary: Debian names it ``tsp`` (``ts`` is also moreutils' timestamper)."""
+    if found := shutil.which("tsp"):
+        return found
+    ts = shutil.which("ts")
+    if ts is None:
+        return None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([ts, "-V"], capture_output=True, timeout=5, check=False)
+        if b"spooler" in (out.stdout + out.stderr).lower():
+            return ts
+    return None
+
+
+PEERS: dict[str, tuple[str, Callable[[], str | None]]] = {
+    "tsp": ("task-spooler", find_tsp),
+    "nq": ("nq", lambda: shutil.which("nq")),
+    "incron": (
+        "incron",
+        lambda: shutil.which("incrond") or shutil.which("incrond", path="/usr/sbin"),
+    ),
+}
+
+
+def ensure_peers(wanted: list[str]) -> dict[str, str | None]:
+    """The peers' binaries, installed with apt-get where missing; None for one not to be had."""
+    missing = [PEERS[name][0] for name in wanted if PEERS[name][1]() is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            say(f"cannot install {missing} (not root, or no apt-get): those columns stay empty")
+        else:
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+            say(f"installing {' '.join(missing)} with apt-get")
+            for attempt in range(2):  # the second after an update of the package lists
+                done = subprocess.run(
+                    install, env=env, capture_output=True, timeout=600, check=False
+                )
+                if done.returncode == 0 or attempt == 1:
+                    break
+                subprocess.run(
+                    ["apt-get", "update", "-qq"],
+                    env=env,
+                    capture_output=True,
+                    timeout=600,
+                    check=False,
+                )
+            if done.returncode != 0:
+                say(f"apt-get failed: {done.stderr.decode(errors='replace')[-500:]}")
+    return {name: PEERS[name][1]() for name in wanted}
+
+
+class TaskSpooler(Daemon):
+    """task-spooler's server on a socket of its own: started by ``tsp -S 2`` (it forks into a
+    session of its own, found by the TS_SOCKET in its environment), stopped by ``tsp -K``."""
+
+    def __init__(self, binary: str, home: Path) -> None:
+        super().__init__("tsp", [binary], home / "daemon.log")
+        self.binary = binary
+        self.socket = home / "socket"
+        self.env = {
+            **service_environment(),
+            "TS_SOCKET": str(self.socket),
+            "TMPDIR": str(home),
+            "TS_MAXFINISHED": "20",
+            "TS_MAXCONN": "5000",
+        }
+        self.server: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.server is not None
+        return self.server
+
+    def _find_server(self) -> int | None:
+        mark = f"TS_SOCKET={self.socket}\0".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == int(entry.name) and mark in (entry / "environ").read_bytes():
+                    return int(entry.name)
+        return None
+
+    def start(self, bound: float = START_BOUND) -> None:
+        subprocess.run(
+            [self.binary, "-S", "2"], env=self.env, capture_output=True, timeout=bound, check=True
+        )
+        end = time.monotonic() + bound
+        while (server := self._find_server()) is None and time.monotonic() < end:
+            time.sleep(0.05)
+        if server is None:
+            raise RuntimeError("tsp: no server process found")
+        self.server = server
+
+    def stop(self, bound: float = STOP_BOUND) -> int | None:
+        if self.server is None:
+            return None
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [self.binary, "-K"], env=self.env, capture_output=True, timeout=10, check=False
+            )
+        end = time.monotonic() + bound
+        while self._find_server() == self.server and time.monotonic() < end:
+            time.sleep(0.05)
+        if self._find_server() == self.server:  # still ours (its socket in its environment)
+            os.kill(self.server, signal.SIGKILL)
+        self.server = None
+        return 0
+
+    def throughput(self, jobs: int, bound: float) -> dict[str, float]:
+        """``jobs`` ``tsp -n /bin/true`` submitted by a shell loop, then waited for."""
+        cpu = cpu_seconds(self)
+        script = (
+            f'for i in $(seq {jobs}); do "$TSP" -n /bin/true > /dev/null || exit 1; done\n'
+            '"$TSP" -w > /dev/null 2>&1\n'  # the last one added; then any still going
+            'for id in $("$TSP" -l | awk \'NR > 1 && $2 != "finished" {print $1}\'); do\n'
+            '  "$TSP" -w "$id" > /dev/null 2>&1\n'
+            "done\n"
+            "exit 0\n"
+        )
+        seconds = run_script(script, {**self.env, "TSP": self.binary}, bound)
+        used = cpu_seconds(self) - cpu
+        return {"jobs_per_s": jobs / seconds, "cpu_ms_per_job": used * 1000 / jobs}
+
+
+class Incron(Daemon):
+    """incrond in the foreground with a throwaway config: its system table, lock file and
+    allow/deny lists in ``home``, none of the machine's (/etc/incron.d, /var/spool/incron).
+
+    Its table watches two spool-like trees, each file renamed into their incoming/ runs one
+    command (bash -c, as incrond runs them), which ends by moving the file to done/<id>:
+    ``true_tree`` runs /bin/true, ``pick_tree`` writes $EPOCHREALTIME to ``marks``/<id> first.
+    """
+
+    def __init__(
+        self, binary: str, home: Path, true_tree: Path, pick_tree: Path, marks: Path
+    ) -> None:
+        tables, conf = home / "tables", home / "incron.conf"
+        for directory in (tables, home / "lock", home / "users"):
+            directory.mkdir(parents=True)
+        conf.write_text(
+            f"system_table_dir = {tables}\nuser_table_dir = {home / 'users'}\n"
+            f"allowed_users = {home / 'allow'}\ndenied_users = {home / 'deny'}\n"
+            f"lockfile_dir = {home / 'lock'}\nlockfile_name = incrond\n"
+        )
+
+        # incrond replaces $@ (the directory) and $# (the file's name), and $$ by $.
+        def done(tree: Path) -> str:
+            return f"mv -- $@/$# {tree}/done/$${{n%.yaml}}"
+
+        (tables / "bench").write_text(
+            f"{true_tree}/incoming IN_MOVED_TO n=$#; /bin/true; {done(true_tree)}\n"
+            f"{pick_tree}/incoming IN_MOVED_TO n=$#; echo $$EPOCHREALTIME > {marks}/$${{n%.yaml}};"
+            f" {done(pick_tree)}\n"
+        )
+        super().__init__("incron", [binary, "-n", "-f", str(conf)], home / "daemon.log")
+        self.probe_tree = true_tree
+
+    def start(self, bound: float = START_BOUND) -> None:
+        """Start, and return once a probe file renamed in has come out in done/."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                env=service_environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        end = time.monotonic() + bound
+        for probe in range(int(bound) + 1):  # one probe a second at most
+            name = f"probe-{probe}"
+            staged = self.probe_tree / f"{name}.yaml"
+            staged.write_text("probe\n")
+            os.rename(staged, self.probe_tree / "incoming" / staged.name)
+            seen = time.monotonic() + 1.0
+            while time.monotonic() < min(seen, end) and self.process.poll() is None:
+                if (self.probe_tree / "done" / name).exists():
+                    os.unlink(self.probe_tree / "done" / name)
+                    return
+                time.sleep(0.02)
+            with contextlib.suppress(FileNotFoundError):  # renamed in before it watched
+                os.unlink(self.probe_tree / "incoming" / staged.name)
+            if time.monotonic() >= end or self.process.poll() is not None:
+                break
+        raise RuntimeError(f"incrond did not run its table; its log:\n{self.log_tail()}")
+
+
+def nq_throughput(binary: str, home: Path, jobs: int, bound: float) -> dict[str, float]:
+    """``jobs`` ``nq /bin/true`` alternating between two queues (two at a time), then ``nq -w``."""
+    queues = [home / "q1", home / "q2"]
+    for queue in queues:
+        shutil.rmtree(queue, ignore_errors=True)
+        queue.mkdir(parents=True)
+    script = (
+        f"for i in $(seq {(jobs + 1) // 2}); do\n"
+        '  NQDIR="$Q1" "$NQ" -c -q /bin/true || exit 1\n'
+        '  NQDIR="$Q2" "$NQ" -c -q /bin/true || exit 1\n'
+        "done\n"
+        'NQDIR="$Q1" "$NQ" -w && NQDIR="$Q2" "$NQ" -w\n'
+    )
+    env = {**service_environment(), "NQ": binary, "Q1": str(queues[0]), "Q2": str(queues[1])}
+    seconds = run_script(script, env, bound)
+    return {"jobs_per_s": 2 * ((jobs + 1) // 2) / seconds}
+
+
+LOOP = r"""
+import json, resource, subprocess, sys, threading, time
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+jobs, lock, left = int(sys.argv[1]), threading.Lock(), [int(sys.argv[1])]
+def work():
+    while True:
+        with lock:
+            if left[0] == 0:
+                return
+            left[0] -= 1
+        subprocess.run(["/bin/true"], check=False)
+before, started = cpu(), time.monotonic()
+threads = [threading.Thread(target=work) for _ in range(2)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"seconds": time.monotonic() - started, "cpu": cpu() - before}))
+"""
+
+
+def loop_throughput(jobs: int, bound: float) -> dict[str, float]:
+    """A Python loop running ``/bin/true`` in 2 threads: the spawn floor."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOOP, str(jobs)],
+        env=service_environment(),
+        capture_output=True,
+        timeout=bound,
+        check=True,
+    )
+    measured = json.loads(done.stdout)
+    return {
+        "jobs_per_s": jobs / measured["seconds"],
+        "cpu_ms_per_job": measured["cpu"] * 1000 / jobs,
+    }
+
+
+# -- the spools ---------------------------------------------------------------------------------
+
+
+def make_floor(base: Path, workers: int) -> Tool:
+    """The durable floor's column: floor_durable.py on a spool of its own."""
+    home = base / "floor"
+    spool = home / "spool"
+    for directory in FLOOR_DIRECTORIES:
+        (spool / directory).mkdir(parents=True)
+    argv = [sys.executable, str(HERE / "floor_durable.py"), str(spool), "--workers", str(workers)]
+    return Tool("floor", spool, Daemon("floor", argv, home / "daemon.log"), home / "done.aside")
+
+
+def incron_tree(path: Path) -> Path:
+    for directory in ("incoming", "done", "failed"):
+        (path / directory).mkdir(parents=True)
+    return path
+
+
+def drop_and_wait(
+    tool: Tool, ids: list[str], base: Path, commands: str, bound: float
+) -> dict[str, float]:
+    """Stage one job per id, rename them all into incoming/ at once, wait for all in done/ (or
+    failed/): wall seconds and the daemon's CPU over it. The jobs stay in done/."""
+    names = stage_jobs(base / "stage", ids, commands)
+    cpu = cpu_seconds(tool.daemon)
+    with Finished(tool.spool, ids) as finished:
+        first = time.time()
+        for name in names:
+            os.rename(base / "stage" / name, tool.incoming / name)
+        last = finished.wait(bound)
+    used = cpu_seconds(tool.daemon) - cpu
+    if finished.failed:
+        say(f"{tool.name}: {len(finished.failed)} job(s) failed")
+    return {"seconds": last - first, "cpu_s": used, "failed": len(finished.failed)}
+
+
+def spool_throughput(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
+    bound = max(120.0, len(ids) / 5)
+    run = drop_and_wait(tool, ids, base, "/bin/true", bound)
+    archive_jobs(tool, ids, base / "archive")
+    return {
+        "jobs_per_s": len(ids) / run["seconds"],
+        "cpu_ms_per_job": run["cpu_s"] * 1000 / len(ids),
+        "failed": run["failed"],
+    }
+
+
+class Flood:
+    """When each of a flood's files left incoming/, reached pending/ (or a later state's
+    directory), and finished (done/ or failed/), seen by inotify."""
+
+    def __init__(self, spool: Path, ids: list[str]) -> None:
+        self.spool = spool
+        self.ids = set(ids)
+        self.left: dict[str, float] = {}
+        self.accepted: dict[str, float] = {}
+        self.finished: dict[str, float] = {}
+        self._where: dict[object, str] = {}
+        self._lock = threading.Lock()
+        self._all_in = threading.Event()
+        self._overflowed = False
+        self._inotify: Any = InotifyFD()
+
+    def __enter__(self) -> Flood:
+        self._inotify.start()
+        out = InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_DELETE
+        for directory in ("incoming", "pending", "running", "done", "failed"):
+            mask = out if directory == "incoming" else InotifyConstants.IN_MOVED_TO
+            wd = self._inotify.add_callback(os.fsencode(self.spool / directory), mask, self, 0)
+            self._where[wd] = directory
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._inotify.stop()
+        self._inotify.join(5)
+
+    # WatchCallback protocol, called on the InotifyFD thread.
+    def on_event(self, event: Any) -> None:
+        self._seen(self._where.get(event.wd, ""), os.fsdecode(event.name), time.time())
+
+    def on_watch_deleted(self, wd: object) -> None:
+        pass
+
+    def on_queue_overflow(self) -> None:
+        self._overflowed = True
+
+    def _seen(self, directory: str, name: str, now: float) -> None:
+        job_id = name.removesuffix(".yaml") if directory == "incoming" else name
+        if job_id not in self.ids:
+            return
+        with self._lock:
+            if directory == "incoming":
+                self.left.setdefault(job_id, now)
+            else:
+                self.accepted.setdefault(job_id, now)
+                if directory in ("done", "failed"):
+                    self.finished.setdefault(job_id, now)
+            if len(self.finished) == len(self.ids) and len(self.left) == len(self.ids):
+                self._all_in.set()
+
+    def _look(self) -> None:
+        """After lost events: what the directories hold now (late by up to a poll)."""
+        now = time.time()
+        for job_id in self.ids - set(self.finished):
+            if not (self.spool / "incoming" / f"{job_id}.yaml").exists():
+                self._seen("incoming", f"{job_id}.yaml", now)
+            for directory in ("pending", "running", "done", "failed"):
+                if (self.spool / directory / job_id).exists():
+                    self._seen(directory, job_id, now)
+
+    def wait(self, bound: float) -> None:
+        """Until every job finished; TimeoutError after ``bound`` seconds."""
+        end = time.monotonic() + bound
+        while not self._all_in.wait(0.5):
+            if self._overflowed:
+                self._overflowed = False
+                self._look()
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"{len(self.ids) - len(self.finished)} flood job(s) not finished"
+                )
+
+
+def flood(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
+    """All of ``ids`` renamed into incoming/ at once; see the module's docstring."""
+    names = stage_jobs(base / "stage", ids, "/bin/true")
+    os.sync()  # the staged files written back now, not during the drop
+    baseline = rss_now_mb(tool.daemon)
+    cpu = cpu_seconds(tool.daemon)
+    with Flood(tool.spool, ids) as seen, PeakRss(tool.daemon) as peak:
+        first = time.time()
+        for name in names:
+            os.rename(base / "stage" / name, tool.incoming / name)
+        seen.wait(max(300.0, len(ids) / 20))
+    used = cpu_seconds(tool.daemon) - cpu
+    archive_jobs(tool, ids, base / "archive")
+    accepted = max(seen.accepted.values()) - first
+    return {
+        "accepted_s": accepted,
+        "accepted_per_s": len(ids) / accepted,
+        "left_incoming_s": max(seen.left.values()) - first,
+        "finished_s": max(seen.finished.values()) - first,
+        "rss_before_mb": baseline,
+        "peak_rss_mb": peak.peak,
+        "cpu_s": used,
+    }
+
+
+def log_command(line_bytes: int, total: int) -> str:
+    return f"yes {LINE_99} | head -c {total}" if line_bytes == 100 else f"yes | head -c {total}"
+
+
+def log_job(tool: Tool, job_id: str, base: Path, commands: str) -> dict[str, float]:
+    """One job writing a lot to its stdout: rename -> done/, the daemon's CPU, the log kept."""
+    run = drop_and_wait(tool, [job_id], base, commands, bound=900.0)
+    job_dir = next(
+        tool.spool / d / job_id for d in ("done", "failed") if (tool.spool / d / job_id).is_dir()
+    )
+    kept = (job_dir / "log").stat().st_size if (job_dir / "log").exists() else 0
+    shutil.rmtree(job_dir)  # hundreds of MB: not kept for the archive
+    return {
+        "wall_s": run["seconds"],
+        "cpu_s": run["cpu_s"],
+        "log_bytes": kept,
+        "failed": run["failed"],
+    }
+
+
+def to_file(base: Path, commands: str) -> dict[str, float]:
+    """The same command with ``> file``, then an fsync of the file: the disk's own speed."""
+    path = base / "to-file.out"
+    started = time.monotonic()
+    subprocess.run(["/bin/sh", "-c", f"{commands} > {path}"], check=True, timeout=900)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    wall = time.monotonic() - started
+    size = path.stat().st_size
+    path.unlink()
+    return {"wall_s": wall, "log_bytes": size}
+
+
+class Registered:
+    """Waits until each schedule's status.json (scheduled/<id>/) lists ``next_fire_times``:
+    its scheduler took it in. A watch on scheduled/ adds one on each schedule's directory."""
+
+    def __init__(self, spool: Path, ids: list[str]) -> None:
+        self.scheduled = spool / "scheduled"
+        self.ids = set(ids)
+        self.placed: set[str] = set()
+        self.registered: dict[str, float] = {}
+        self._job_of: dict[object, str] = {}
+        self._top: object = None
+        self._lock = threading.Lock()
+        self._all_in = threading.Event()
+        self._overflowed = False
+        self._inotify: Any = InotifyFD()
+
+    def __enter__(self) -> Registered:
+        self._inotify.start()
+        mask = InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CREATE
+        self._top = self._inotify.add_callback(os.fsencode(self.scheduled), mask, self, 0)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._inotify.stop()
+        self._inotify.join(5)
+
+    # WatchCallback protocol, called on the InotifyFD thread.
+    def on_event(self, event: Any) -> None:
+        name = os.fsdecode(event.name)
+        if event.wd == self._top:
+            if name in self.ids and name not in self.placed:
+                self.placed.add(name)
+                mask = InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE
+                wd = self._inotify.add_callback(os.fsencode(self.scheduled / name), mask, self, 0)
+                self._job_of[wd] = name
+                self._check(name)  # its status may have been written before the watch
+        elif name == "status.json" and (job_id := self._job_of.get(event.wd)):
+            self._check(job_id)
+
+    def on_watch_deleted(self, wd: object) -> None:
+        pass
+
+    def on_queue_overflow(self) -> None:
+        self._overflowed = True
+
+    def _check(self, job_id: str) -> None:
+        try:
+            status = json.loads((self.scheduled / job_id / "status.json").read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(status, dict) and "next_fire_times" in status:
+            with self._lock:
+                self.registered.setdefault(job_id, time.time())
+                if len(self.registered) == len(self.ids):
+                    self._all_in.set()
+
+    def wait(self, bound: float, daemon: Daemon) -> tuple[float, str]:
+        """The time the last one was registered, and how that was known: ``status`` (every
+        status.json says so), or ``quiet`` (all are in scheduled/ but some status.json never
+        said so, and the daemon used no CPU for 2 s: the last time it did). TimeoutError."""
+        end = time.monotonic() + bound
+        cpu, moved = cpu_seconds(daemon), time.time()
+        while not self._all_in.wait(0.5):
+            if self._overflowed:
+                self._overflowed = False
+                for job_id in self.ids - set(self.registered):
+                    if (self.scheduled / job_id).is_dir():
+                        self.placed.add(job_id)
+                        self._check(job_id)
+            now_cpu = cpu_seconds(daemon)
+            if now_cpu != cpu:
+                cpu, moved = now_cpu, time.time()
+            elif len(self.placed) == len(self.ids) and time.time() - moved >= 2.0:
+                return moved, "quiet"
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"{len(self.registered)} of {len(self.ids)} schedules registered"
+                )
+        return max(self.registered.values()), "status"
+
+
+def schedules(base: Path, count: int, sizes: Sizes, workers: int, label: str) -> dict[str, Any]:
+    """A fresh spoold; ``count`` schedules renamed in at once; see the module's docstring."""
+    home = base / label
+    home.mkdir()
+    tool = make_tool("spoold", home, workers)
+    try:
+        tool.daemon.start()
+        stage = home / "stage"
+        stage.mkdir()
+        ids = [f"sched-{i:05d}" for i in range(count)]
+        for job_id in ids:
+            (stage / f"{job_id}.yaml").write_text(
+                f"job_id: {job_id}\nexecutor: local\nproduct: {{commands: /bin/true}}\n"
+                "schedule: {every: 60s}\n"
+            )
+        os.sync()
+        cpu = cpu_seconds(tool.daemon)
+        with Registered(tool.spool, ids) as registered:
+            first = time.time()
+            for job_id in ids:
+                os.rename(stage / f"{job_id}.yaml", tool.incoming / f"{job_id}.yaml")
+            last, how = registered.wait(min(900.0, max(120.0, count * 0.2)), tool.daemon)
+        used = cpu_seconds(tool.daemon) - cpu
+        result: dict[str, Any] = {"wall_s": last - first, "cpu_s": used, "known_by": how}
+        # Idle with them: only before the first firing is due (one period after acceptance).
+        window = min(sizes.idle, first + FIRST_FIRING - 3.0 - time.time())
+        if window >= 1.0:
+            before, started = cpu_seconds(tool.daemon), time.monotonic()
+            time.sleep(window)
+            elapsed = time.monotonic() - started
+            result["idle_s"] = elapsed
+            result["idle_cpu_percent"] = 100 * (cpu_seconds(tool.daemon) - before) / elapsed
+        else:
+            say(f"{label}: registration ran into the first firings; no idle window")
+        rss, pss = memory_mb(tool.daemon)
+        result.update(rss_mb=rss, pss_mb=pss)
+        return result
+    finally:
+        tool.daemon.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def rotated(items: list[T], turn: int) -> list[T]:
+    """``items`` starting at ``turn``: each round a different tool goes first."""
+    k = turn % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+@dataclass
+class Results:
+    sizes: Sizes
+    peers: dict[str, str | None] = field(default_factory=dict)
+    # row -> tool -> round -> what was measured
+    rows: dict[str, dict[str, dict[int, dict[str, Any]]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    load_average: dict[str, str] = field(default_factory=dict)
+
+    def put(self, row: str, tool: str, round_: int, measured: dict[str, Any]) -> None:
+        self.rows.setdefault(row, {}).setdefault(tool, {})[round_] = measured
+
+    def median(self, row: str, tool: str, key: str) -> float:
+        values = [m[key] for m in self.rows.get(row, {}).get(tool, {}).values() if key in m]
+        return statistics.median(values) if values else math.nan
+
+    def ratio(self, row: str, a: str, b: str, key: str) -> float:
+        """The median over rounds of a's value / b's, both from the same round."""
+        mine, theirs = self.rows.get(row, {}).get(a, {}), self.rows.get(row, {}).get(b, {})
+        pairs = [
+            (mine[i][key], theirs[i][key])
+            for i in mine
+            if i in theirs and key in mine[i] and key in theirs[i]
+        ]
+        ratios = [x / y for x, y in pairs if y]
+        return statistics.median(ratios) if ratios else math.nan
+
+    def samples(self, row: str, tool: str, key: str) -> list[float]:
+        """Every round's samples of ``key`` (a list per round) together."""
+        return [x for m in self.rows.get(row, {}).get(tool, {}).values() for x in m.get(key, [])]
+
+
+class Bench:
+    """The daemons of one run, and the rows measured on them."""
+
+    def __init__(
+        self, base: Path, sizes: Sizes, rows: list[str], workers: int, large: bool
+    ) -> None:
+        self.base = base
+        self.sizes = sizes
+        self.rows = rows
+        self.workers = workers
+        self.large = large
+        self.results = Results(sizes)
+        self.spools: dict[str, Tool] = {}
+        self.incron: Incron | None = None
+        self.incron_true: Tool | None = None
+        self.incron_pick: Tool | None = None
+        self.tsp: TaskSpooler | None = None
+        self.nq: str | None = None
+
+    def daemons(self) -> dict[str, Daemon]:
+        found: dict[str, Daemon] = {name: tool.daemon for name, tool in self.spools.items()}
+        if self.tsp is not None:
+            found["tsp"] = self.tsp
+        if self.incron is not None:
+            found["incron"] = self.incron
+        return found
+
+    def set_up(self) -> None:
+        for directory in ("stage", "archive", "peers"):
+            (self.base / directory).mkdir()
+        needs_spools = set(self.rows) - {"schedules"}
+        if needs_spools:
+            self.spools["spoold"] = make_tool("spoold", self.base, self.workers)
+            self.spools["floor"] = make_floor(self.base, self.workers)
+        wanted = [
+            name
+            for name, rows in (
+                ("tsp", {"idle", "throughput"}),
+                ("nq", {"throughput"}),
+                ("incron", {"idle", "pickup", "throughput"}),
+            )
+            if rows & set(self.rows)
+        ]
+        self.results.peers = ensure_peers(wanted)
+        for tool in self.spools.values():
+            tool.daemon.start()
+        peers = self.base / "peers"
+        if binary := self.results.peers.get("incron"):
+            home = peers / "incron"
+            true_tree, pick_tree = incron_tree(home / "true"), incron_tree(home / "pick")
+            marks = self.base / "marks-incron"  # where bench_spool.pickup looks for tool "incron"
+            marks.mkdir()
+            self.incron = Incron(binary, home / "daemon", true_tree, pick_tree, marks)
+            if self._started(self.incron):
+                aside = home / "aside"
+                self.incron_true = Tool("incron", true_tree, self.incron, aside)
+                self.incron_pick = Tool("incron", pick_tree, self.incron, aside)
+            else:
+                self.incron = None
+        if binary := self.results.peers.get("tsp"):
+            (peers / "tsp").mkdir()
+            self.tsp = TaskSpooler(binary, peers / "tsp")
+            if not self._started(self.tsp):
+                self.tsp = None
+        self.nq = self.results.peers.get("nq")
+        warm = [*self.spools.values(), *([self.incron_true] if self.incron_true else [])]
+        for tool in warm:  # lazily loaded code and first-time costs, not counted
+            ids = [f"warm-{tool.name}-{i:04d}" for i in range(self.sizes.warmup)]
+            spool_throughput(tool, ids, self.base)
+
+    def _started(self, peer: Daemon) -> bool:
+        """Start a peer; one that will not start is stopped, said, and its column left empty."""
+        try:
+            peer.start()
+        except Exception as exc:
+            self.results.errors.append(f"{peer.name} did not start: {exc!r}")
+            say(self.results.errors[-1])
+            peer.stop()
+            return False
+        return True
+
+    def tear_down(self) -> None:
+        """Every daemon stopped, whatever happened (each on its own: one failing stops no other)."""
+        for daemon in self.daemons().values():
+            try:
+                code = daemon.stop()
+                if code not in (0, None):
+                    say(f"{daemon.name} exited with {code}; its log:\n{daemon.log_tail(10)}")
+            except Exception as exc:  # the others must still be stopped
+                say(f"{daemon.name}: stopping it failed: {exc!r}")
+
+    def attempt(
+        self, row: str, tool: str, round_: int, measure: Callable[[], dict[str, Any]]
+    ) -> None:
+        """Measure one tool's cell of one round; a failure is recorded, and the run goes on."""
+        try:
+            self.results.put(row, tool, round_, measure())
+        except Exception as exc:
+            message = f"round {round_ + 1}, {row}, {tool}: {exc!r}"
+            say(message)
+            self.results.errors.append(message)
+
+    def run(self) -> Results:
+        self.results.load_average["start"] = load_average()
+        for round_ in range(self.sizes.rounds):
+            for row in self.rows:
+                say(f"round {round_ + 1}/{self.sizes.rounds}: {row}")
+                getattr(self, f"row_{row}")(round_)
+        self.results.load_average["end"] = load_average()
+        return self.results
+
+    def row_idle(self, round_: int) -> None:
+        os.sync()
+        daemons = self.daemons()
+        before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
+        started = time.monotonic()
+        time.sleep(self.sizes.idle)
+        elapsed = time.monotonic() - started
+        for name, daemon in daemons.items():
+
+            def measure(name: str = name, daemon: Daemon = daemon) -> dict[str, Any]:
+                rss, pss = memory_mb(daemon)
+                pids = family(daemon)
+                return {
+                    "cpu_percent": 100 * (cpu_seconds(daemon) - before[name]) / elapsed,
+                    "rss_mb": rss,
+                    "pss_mb": pss,
+                    "processes": len(pids),
+                    "threads": sum(proc_status(pid, "Threads") for pid in pids),
+                }
+
+            self.attempt("idle", name, round_, measure)
+
+    def row_pickup(self, round_: int) -> None:
+        tools = [*self.spools.values(), *([self.incron_pick] if self.incron_pick else [])]
+        latencies: dict[str, list[float]] = {tool.name: [] for tool in tools}
+        for block, first in enumerate(range(0, self.sizes.drops, PICKUP_BLOCK)):
+            numbers = range(first, min(first + PICKUP_BLOCK, self.sizes.drops))
+            for tool in rotated(tools, round_ + block):
+                ids = [f"pick{round_}-{tool.name}-{i:05d}" for i in numbers]
+                try:
+                    latencies[tool.name] += pickup(tool, ids, self.sizes.spacing, self.base)
+                except Exception as exc:
+                    self.results.errors.append(f"round {round_ + 1}, pickup, {tool.name}: {exc!r}")
+                    say(self.results.errors[-1])
+        for name, values in latencies.items():
+            self.results.put(
+                "pickup",
+                name,
+                round_,
+                {
+                    "samples_ms": values,
+                    "p50_ms": percentile(values, 50),
+                    "p99_ms": percentile(values, 99),
+                    "late": self.sizes.drops - len(values),
+                },
+            )
+
+    def row_throughput(self, round_: int) -> None:
+        jobs, base = self.sizes.jobs, self.base
+        bound = max(120.0, jobs / 5)
+        cells: dict[str, Callable[[], dict[str, Any]]] = {}
+        tools = [*self.spools.values(), *([self.incron_true] if self.incron_true else [])]
+        for tool in tools:
+            ids = [f"t{round_}-{tool.name}-{i:05d}" for i in range(jobs)]
+            cells[tool.name] = partial(spool_throughput, tool, ids, base)
+        if self.tsp is not None:
+            cells["tsp"] = partial(self.tsp.throughput, jobs, bound)
+        if self.nq is not None:
+            cells["nq"] = partial(nq_throughput, self.nq, base / "peers" / "nq", jobs, bound)
+        cells["loop"] = partial(loop_throughput, jobs, bound)
+        for name in rotated(list(cells), round_):
+            say(f"  {name}: {jobs} jobs")
+            self.attempt("throughput", name, round_, cells[name])
+
+    def row_flood(self, round_: int) -> None:
+        for name in rotated(list(self.spools), round_):
+            tool = self.spools[name]
+            ids = [f"f{round_}-{name}-{i:05d}" for i in range(self.sizes.flood)]
+            say(f"  {name}: {len(ids)} files")
+            self.attempt("flood", name, round_, partial(flood, tool, ids, self.base))
+
+    def _log_row(self, row: str, line_bytes: int, round_: int) -> None:
+        commands = log_command(line_bytes, self.sizes.log_bytes)
+        cells: dict[str, Callable[[], dict[str, Any]]] = {
+            name: partial(log_job, tool, f"{row}-{round_}-{name}", self.base, commands)
+            for name, tool in self.spools.items()
+        }
+        cells["file"] = partial(to_file, self.base, commands)
+        for name in rotated(list(cells), round_):
+            os.sync()  # the last one's writes and frees settled before this one starts
+            say(f"  {name}: {self.sizes.log_bytes / 1e6:.0f} MB in {line_bytes}-byte lines")
+            self.attempt(row, name, round_, cells[name])
+
+    def row_log100(self, round_: int) -> None:
+        self._log_row("log100", 100, round_)
+
+    def row_log2(self, round_: int) -> None:
+        self._log_row("log2", 2, round_)
+
+    def row_schedules(self, round_: int) -> None:
+        counts = [("schedules", self.sizes.schedules)]
+        if self.large:
+            counts.append(("schedules-large", self.sizes.schedules_large))
+        for row, count in counts:
+            say(f"  {count} schedules")
+            measure = partial(
+                schedules, self.base, count, self.sizes, self.workers, f"{row}-{round_}"
+            )
+            self.attempt(row, "spoold", round_, measure)
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int = 0, unit: str = "") -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:,.{digits}f}{unit}"
+
+
+def met(ok: bool | None, target: str) -> str:
+    """Whether the target is met: yes, no, ? (not measured), — (no target)."""
+    if target == "—":
+        return "—"
+    return "?" if ok is None else ("yes" if ok else "no")
+
+
+def times(value: float, what: str) -> str:
+    """``value`` as a ratio to ``what``; empty when it could not be taken."""
+    return "" if math.isnan(value) else f"{value:.2f}x {what}"
+
+
+def all_known(*values: float) -> bool:
+    return all(not math.isnan(v) for v in values)
+
+
+PEER_NAMES = {
+    "tsp": "tsp",
+    "nq": "nq x2",
+    "incron": "incron",
+    "loop": "loop",
+    "file": "`> file` + fsync",
+}
+
+
+def table(results: Results) -> str:
+    """The issue's table: spoold, the durable floor, the peers, ratios within a round, targets."""
+    s, r = results.sizes, results
+    lines = [
+        "| what | spoold | durable floor | peers | ratios (same round, median) | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def add(
+        what: str, spoold: str, floor: str, peers: str, ratios: str, target: str, ok: bool | None
+    ) -> None:
+        lines.append(
+            f"| {what} | {spoold} | {floor} | {peers or '—'} | {ratios or '—'} | {target} "
+            f"| {met(ok, target)} |"
+        )
+
+    def peers_of(
+        row: str, key: str, names: tuple[str, ...], digits: int = 0, unit: str = ""
+    ) -> str:
+        return ", ".join(
+            f"{PEER_NAMES[n]} {fmt(r.median(row, n, key), digits, unit)}"
+            for n in names
+            if n in r.rows.get(row, {})
+        )
+
+    if "throughput" in r.rows:
+        key = "jobs_per_s"
+        vs = {
+            n: r.ratio("throughput", "spoold", n, key)
+            for n in ("floor", "tsp", "nq", "incron", "loop")
+        }
+        ok = (
+            None
+            if not all_known(vs["floor"], vs["tsp"])
+            else vs["floor"] >= 1.5 and vs["tsp"] >= 1.0
+        )
+        add(
+            f"{s.jobs} `/bin/true` jobs, 2 at a time (jobs/s)",
+            fmt(r.median("throughput", "spoold", key)),
+            fmt(r.median("throughput", "floor", key)),
+            peers_of("throughput", key, ("tsp", "nq", "incron", "loop")),
+            ", ".join(times(v, PEER_NAMES.get(n, n)) for n, v in vs.items() if not math.isnan(v)),
+            ">= 1.5x the durable floor and >= tsp, same run",
+            ok,
+        )
+        key = "cpu_ms_per_job"
+        mine = r.median("throughput", "spoold", key)
+        add(
+            "daemon CPU per job (all its processes, jobs excluded; ms)",
+            fmt(mine, 2),
+            fmt(r.median("throughput", "floor", key), 2),
+            peers_of("throughput", key, ("tsp", "incron", "loop"), 2).replace("tsp", "tsp server"),
+            times(r.ratio("throughput", "spoold", "floor", key), "floor"),
+            "<= 1.5 ms",
+            None if math.isnan(mine) else mine <= 1.5,
+        )
+    if "idle" in r.rows:
+
+        def memory(tool: str) -> str:
+            if tool not in r.rows["idle"]:
+                return "—"
+            return (
+                f"{fmt(r.median('idle', tool, 'rss_mb'))} / {fmt(r.median('idle', tool, 'pss_mb'))} MiB "
+                f"({fmt(r.median('idle', tool, 'processes'))} processes, "
+                f"{fmt(r.median('idle', tool, 'threads'))} threads)"
+            )
+
+        rss, pss = r.median("idle", "spoold", "rss_mb"), r.median("idle", "spoold", "pss_mb")
+        add(
+            "idle, all processes: RSS / PSS",
+            memory("spoold"),
+            memory("floor"),
+            ", ".join(f"{n} {memory(n)}" for n in ("tsp", "incron") if n in r.rows["idle"]),
+            f"RSS {times(r.ratio('idle', 'spoold', 'floor', 'rss_mb'), 'floor')}, "
+            f"PSS {times(r.ratio('idle', 'spoold', 'floor', 'pss_mb'), 'floor')}",
+            "<= 60 / 40 MiB",
+            None if not all_known(rss, pss) else rss <= 60 and pss <= 40,
+        )
+        key = "cpu_percent"
+        add(
+            f"idle CPU ({s.idle:.0f} s alone; % of a core)",
+            fmt(r.median("idle", "spoold", key), 2),
+            fmt(r.median("idle", "floor", key), 2),
+            peers_of("idle", key, ("tsp", "incron"), 2),
+            "",
+            "—",
+            None,
+        )
+    if "flood" in r.rows:
+
+        def flooded(tool: str) -> str:
+            if tool not in r.rows["flood"]:
+                return "—"
+            return (
+                f"{fmt(r.median('flood', tool, 'accepted_per_s'))} files/s "
+                f"(all in pending/ after {fmt(r.median('flood', tool, 'accepted_s'), 1)} s, out of "
+                f"incoming/ after {fmt(r.median('flood', tool, 'left_incoming_s'), 1)} s, all done after "
+                f"{fmt(r.median('flood', tool, 'finished_s'), 1)} s) / peak "
+                f"{fmt(r.median('flood', tool, 'peak_rss_mb'))} MiB "
+                f"(before {fmt(r.median('flood', tool, 'rss_before_mb'))})"
+            )
+
+        rate = r.median("flood", "spoold", "accepted_per_s")
+        growth = r.median("flood", "spoold", "peak_rss_mb") / r.median(
+            "flood", "spoold", "rss_before_mb"
+        )
+        add(
+            f"{s.flood:,} files renamed in at once: accepted / peak RSS",
+            flooded("spoold"),
+            flooded("floor"),
+            "",
+            f"accepted/s {times(r.ratio('flood', 'spoold', 'floor', 'accepted_per_s'), 'floor')}; "
+            f"spoold's peak {times(growth, 'its RSS before')}",
+            "accepted >= 2000 files/s; peak <= 1.3x idle",
+            None if not all_known(rate, growth) else rate >= 2000 and growth <= 1.3,
+        )
+    for row, lines_of, limit in (("log100", "100-byte lines", 2.0), ("log2", "2-byte lines", 5.0)):
+        if row not in r.rows:
+            continue
+
+        def logged(tool: str, row: str = row) -> str:
+            if tool not in r.rows[row]:
+                return "—"
+            return (
+                f"{fmt(r.median(row, tool, 'wall_s'), 2)} s, {fmt(r.median(row, tool, 'cpu_s'), 2)} s "
+                f"daemon CPU, log {fmt(r.median(row, tool, 'log_bytes') / 1e6)} MB"
+            )
+
+        to_disk = r.ratio(row, "spoold", "file", "wall_s")
+        add(
+            f"one job writing {s.log_bytes / 1e6:.0f} MB in {lines_of}",
+            logged("spoold"),
+            logged("floor"),
+            f"{PEER_NAMES['file']} {fmt(r.median(row, 'file', 'wall_s'), 2)} s",
+            f"{times(to_disk, '`> file`')}, {times(r.ratio(row, 'spoold', 'floor', 'wall_s'), 'floor')}",
+            f"<= {limit:.0f}x `> file`",
+            None if math.isnan(to_disk) else to_disk <= limit,
+        )
+    for row, count in (("schedules", s.schedules), ("schedules-large", s.schedules_large)):
+        if row not in r.rows:
+            continue
+        wall, cpu = r.median(row, "spoold", "wall_s"), r.median(row, "spoold", "cpu_s")
+        idle = r.median(row, "spoold", "idle_cpu_percent")
+        known = {m.get("known_by") for m in r.rows[row].get("spoold", {}).values()}
+        cell = (
+            f"{fmt(wall, 2)} s, {fmt(cpu, 2)} s CPU; then idle {fmt(idle, 2)}% of a core, "
+            f"RSS {fmt(r.median(row, 'spoold', 'rss_mb'))} MiB"
+            + ("" if known <= {"status"} else " (quiet)")
+        )
+        if row == "schedules":
+            target, ok = "<= 1 s CPU", None if math.isnan(cpu) else cpu <= 1.0
+        else:
+            target = "<= 10 s; idle CPU <= 0.1% of a core"
+            ok = None if not all_known(wall, idle) else wall <= 10 and idle <= 0.1
+        add(f"{count:,} schedules `{{every: 60s}}` registered", cell, "—", "", "", target, ok)
+    if "pickup" in r.rows:
+
+        def picked(tool: str) -> tuple[float, float]:
+            values = r.samples("pickup", tool, "samples_ms")
+            return percentile(values, 50), percentile(values, 99)
+
+        (p50, p99), (f50, f99), (i50, i99) = picked("spoold"), picked("floor"), picked("incron")
+        ok = None if not all_known(p50, p99, i50) else p50 <= i50 and p99 <= 10
+        add(
+            "pickup p50 / p99 (rename into incoming/ -> job process started; ms)",
+            f"{fmt(p50, 1)} / {fmt(p99, 1)}",
+            f"{fmt(f50, 1)} / {fmt(f99, 1)}",
+            f"incron {fmt(i50, 1)} / {fmt(i99, 1)}",
+            f"p50 {times(r.ratio('pickup', 'spoold', 'incron', 'p50_ms'), 'incron')}, "
+            f"{times(r.ratio('pickup', 'spoold', 'floor', 'p50_ms'), 'floor')}",
+            "p50 <= incron's, p99 <= 10 ms, same run",
+            ok,
+        )
+    return "\n".join(lines)
+
+
+def summary(results: Results) -> dict[str, Any]:
+    """Everything measured, per row, tool and round, with the medians the table shows."""
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    for row, tools in results.rows.items():
+        for tool, rounds in tools.items():
+            keys = {k for m in rounds.values() for k, v in m.items() if isinstance(v, (int, float))}
+            medians.setdefault(row, {})[tool] = {
+                k: results.median(row, tool, k) for k in sorted(keys)
+            }
+    return {
+        "sizes": dataclasses.asdict(results.sizes),
+        "peers": results.peers,
+        "medians": medians,
+        "rounds": results.rows,
+        "errors": results.errors,
+        "load_average": results.load_average,
+    }
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM ends the run as Ctrl-C does: through every ``finally`` (daemons, directories)."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="everything smaller (~1-2 min)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
+    parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--only", help=f"comma-separated rows, of: {','.join(ROWS)}")
+    parser.add_argument(
+        "--schedules-large",
+        action="store_true",
+        help="the schedules row also with 10,000 (--quick: 1000)",
+    )
+    parser.add_argument("--dir", type=Path, help="where the temporary spools go")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
+    rows = [row.strip() for row in args.only.split(",")] if args.only else list(ROWS)
+    if unknown := [row for row in rows if row not in ROWS]:
+        parser.error(f"unknown row(s) {unknown}; the rows: {','.join(ROWS)}")
+    rows = [row for row in ROWS if row in rows]  # the run's own order
+    began = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="bench-compare-", dir=args.dir))
+    base.chmod(0o711)  # spoold's job user passes through to the pickup marks
+    bench = Bench(base, sizes, rows, args.workers, args.schedules_large)
+    try:
+        with interruptible():
+            try:
+                spread_subdirectories(base)
+                bench.set_up()
+                results = bench.run()
+            finally:
+                bench.tear_down()
+                say(f"removing {base}")
+                shutil.rmtree(base, ignore_errors=True)
+    except KeyboardInterrupt:
+        say("interrupted: daemons stopped, directories removed")
+        return 130
+    data = summary(results)
+    data["run_seconds"] = round(time.monotonic() - began, 1)
+    print(table(results))
+    print()
+    print(f"sizes: {data['sizes']}")
+    print(f"load average (1, 5, 15 min): {data['load_average']}; run: {data['run_seconds']:.0f} s")
+    for error in results.errors:
+        print(f"error: {error}")
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 1 if results.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
