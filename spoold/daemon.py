@@ -313,7 +313,7 @@ class Daemon:
             on_accepted=queue_job,
             logger=logger,
             allowed_run_as=config.allowed_run_as,
-            on_scheduled=lambda job: scheduler.sync(),
+            on_scheduled=scheduler.accept,  # that schedule alone: no pass over the others
             callbacks=callbacks,
             policy=config.policy,
             on_observed=observed,
@@ -471,7 +471,7 @@ class Daemon:
             self._duty(lambda: self.hostbeat.tick(now) if self.hostbeat else None)
         if now >= self._next_scan:
             self.intake_thread.request_sweep()
-            self._duty(self.scheduler.sync)  # `spoold unschedule` on any host
+            self._duty(self.scheduler.sync)  # any host: unschedule, replace, requests (stats)
             self._duty(self._queue_pending)
             self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
             self._duty(self._recover_lost_hosts)

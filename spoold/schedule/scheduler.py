@@ -19,6 +19,17 @@ Users steer a schedule through files in its directory, which its faces write
   its time), made at the next sync (a face wakes the daemon, SIGUSR1) with the overlap rules of
   a firing; made, recorded, then the request removed: a request seen again after a crash finds
   its run made (the name) or recorded (``runs``), and makes none.
+
+Thousands of schedules (issue 23): intake hands over the one schedule it placed (``accept``),
+which is read and registered alone. A round (``sync``: the daemon's scan, or SIGUSR1) lists
+scheduled/ and stats each schedule's directory; a schedule is read only when that stamp
+(inode, mtime, ctime) differs from the one taken before its last read, which is what any host's
+``spoold unschedule``, replacing definition or request file (made or removed in the directory)
+changes. A stamp has the filesystem's timestamp granularity (a kernel tick, a second over
+SFTP): a change made within that of a read could leave it as it was, so a stamp counts as read
+only once a read followed it by ``SETTLE`` seconds (``_settled``); until then the schedule is
+read at every round. The first round reads every schedule: what was missed while down fires
+there, before APScheduler starts (``start``), so that it takes them all in one go.
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -35,11 +48,11 @@ from apscheduler.triggers.base import BaseTrigger
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.documents import load_document
-from spoold.core.errors import DuplicateJob, SpooldError
+from spoold.core.errors import DuplicateJob, JobNotFound, SpooldError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.jobs import ScheduleRequests
+from spoold.core.spool.jobs import DirStamp, ScheduleRequests
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
 from spoold.run.ledger import JobLedger, Listener
@@ -55,6 +68,10 @@ from spoold.schedule.triggers import (
 )
 
 _RUNS_KEPT = 20  # in a schedule's status.json
+#: Seconds by which a read must follow a directory's stamp for the stamp to stand for it:
+#: more than the filesystem's timestamp granularity (1 s over SFTP) plus the clock skew between
+#: this host and the one whose clock stamps the spool's files (keep hosts on NTP).
+SETTLE = 5.0
 
 
 class _Made(NamedTuple):
@@ -80,6 +97,16 @@ class _Skips(NamedTuple):
 _Notes = list[str | _Skips]
 
 
+@dataclass(slots=True)
+class _Known:
+    """What the scheduler last read of one schedule in scheduled/."""
+
+    definition: str | None  # registered: sha256 and acceptance time; None: none is (or gone)
+    stamp: DirStamp  # its directory's, taken before that read
+    since: float  # (monotonic) when that stamp was first seen
+    settled: bool  # the read came late enough after the stamp: unread until the stamp changes
+
+
 class Scheduler:
     """Keeps APScheduler's jobs in line with scheduled/ and makes the runs of each firing."""
 
@@ -96,11 +123,16 @@ class Scheduler:
         callbacks: Callbacks | None = None,
         on_fired: Callable[[float], None] | None = None,
         listeners: Iterable[Listener] = (),
+        settle: float = SETTLE,
+        wall_time: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``queue`` hands a run to the workers, ``defer`` makes it wait (jitter), ``cancel``
         ends a run (``overlap: replace``); ``on_fired`` hears, for each run a firing makes, how
         many seconds after the firing's moment it was made (``spoold_schedule_lag_seconds``);
-        ``listeners``: told of each run made (the metrics count it accepted)."""
+        ``listeners``: told of each run made (the metrics count it accepted). ``settle``,
+        ``wall_time`` and ``monotonic``: when a directory's stamp stands for it (``_settled``);
+        the host's real clocks, as the filesystem's timestamps follow them (not ``clock``)."""
         self._spool = spool
         self._callbacks = callbacks
         self._ledger = JobLedger(spool, callbacks, listeners=listeners, logger=logger)
@@ -112,68 +144,125 @@ class Scheduler:
         self._draw = draw
         self._on_fired = on_fired
         self._aps = BackgroundScheduler(timezone=UTC)
-        self._registered: dict[str, str] = {}  # job id -> sha256 of the definition
+        self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
+        self._scheduled = str(spool.dir("scheduled"))
+        self._settle = settle
+        self._wall = wall_time
+        self._monotonic = monotonic
         self._lock = threading.RLock()  # firings and registrations, one at a time
 
     def start(self) -> None:
-        self._aps.start()
+        """Register every schedule, firing what was missed while down, then start APScheduler:
+        handed them before it runs, it takes thousands in one go, not one wake-up each."""
         self.sync()
+        self._aps.start()
 
     def stop(self) -> None:
         if self._aps.running:  # the daemon may stop before it started
             self._aps.shutdown(wait=False)
 
     def sync(self) -> None:
-        """Register what scheduled/ holds and drop what it no longer does; fire what is due,
-        and act on what users asked of a schedule (pause, resume, run now)."""
+        """A round: register what scheduled/ holds anew (a definition replaced, on any host),
+        drop what it no longer holds (``spoold unschedule`` on any host), act on what users
+        asked of a schedule (pause, resume, run now). One listing and one stat per schedule;
+        only the schedules whose stamp changed since their last read (or may yet hide a change)
+        are read. The first round reads them all, and fires what was missed while down."""
         with self._lock:
-            present = {job.job_id: job for job in self._spool.jobs.list_jobs("scheduled")}
-            for job_id in set(self._registered) - set(present):
+            wall, now = self._wall(), self._monotonic()  # before the stats: see _settled
+            stamps = self._spool.jobs.entry_stamps("scheduled")
+            for job_id in [job_id for job_id in self._known if job_id not in stamps]:
+                if self._known[job_id].definition is not None:
+                    self._logger.info("schedule %s removed", job_id)
                 self._unregister(job_id)
-                self._logger.info("schedule %s removed", job_id)
-            for job_id, job in present.items():
-                try:
-                    status = self._spool.jobs.read_status(job)
-                    sha = str(status.get("sha256"))
-                    if self._registered.get(job_id) != sha:
-                        self._register(job, sha)  # fires: what was asked is done there too
-                    elif _asked(self._spool.jobs.schedule_requests(job), status):
-                        self._fire(job_id)
-                except (OSError, SpooldError, ValueError) as exc:
-                    self._logger.error("schedule %s cannot be loaded: %s", job_id, exc)
+            for job_id, stamp in stamps.items():
+                known = self._known.get(job_id)
+                if known is None or not known.settled or known.stamp != stamp:
+                    self._look(job_id, stamp, wall=wall, now=now)
+
+    def accept(self, job: JobDir) -> None:
+        """Register the schedule intake just placed in scheduled/ (new, or its definition
+        replaced), and only it: one stat, one read."""
+        with self._lock:
+            wall, now = self._wall(), self._monotonic()
+            stamp = self._spool.jobs.stamp_of(job)
+            if stamp is not None:  # else unscheduled meanwhile: nothing to register
+                self._look(job.job_id, stamp, wall=wall, now=now)
+
+    def registered(self) -> dict[str, str]:
+        """The schedules registered with APScheduler: job id -> their definition's sha256 and
+        acceptance time."""
+        with self._lock:
+            return {j: k.definition for j, k in self._known.items() if k.definition is not None}
+
+    def _look(self, job_id: str, stamp: DirStamp, *, wall: float, now: float) -> None:
+        """Read one schedule, its directory stamped ``stamp`` (taken at or after ``wall`` and
+        ``now``): register its definition if it is new here (what was missed fires there, and
+        what was asked is done there too), else act on what was asked of it, if anything."""
+        known = self._known.get(job_id)
+        since = known.since if known is not None and known.stamp == stamp else now
+        entry = _Known(
+            definition=None if known is None else known.definition, stamp=stamp, since=since,
+            settled=_settled(stamp, since, wall=wall, now=now, settle=self._settle),
+        )  # fmt: skip
+        self._known[job_id] = entry
+        schedule = JobDir(job_id, "scheduled", f"{self._scheduled}/{job_id}")
+        try:
+            status = self._spool.jobs.read_status(schedule)
+        except JobNotFound:
+            entry.settled = False  # gone since its stat: the next round's listing drops it
+            return
+        except (OSError, ValueError) as exc:
+            entry.settled = False  # read again at the next round
+            self._logger.error("schedule %s cannot be loaded: %s", job_id, exc)
+            return
+        try:
+            definition = f"{status.get('sha256')} {status.get('accepted_at')}"
+            if entry.definition != definition:
+                spec, trigger = self._load(schedule, status)
+                self._aps.add_job(
+                    self.fire, trigger=trigger, args=[job_id], id=job_id, replace_existing=True,
+                    misfire_grace_time=None, coalesce=True, max_instances=1,
+                )  # fmt: skip
+                entry.definition = definition
+                self._logger.info("schedule %s registered (%s)", job_id, _describe(spec))
+                self._fire_loaded(schedule, status, spec, trigger)  # what was missed, if anything
+            elif _asked(asked := self._spool.jobs.schedule_requests(schedule), status):
+                self._fire_loaded(schedule, status, *self._load(schedule, status), asked=asked)
+        except (OSError, SpooldError, ValueError) as exc:
+            entry.settled = False  # read again at the next round
+            self._logger.error("schedule %s cannot be loaded: %s", job_id, exc)
 
     def fire(self, job_id: str) -> None:
         """Make the runs due now for one schedule (APScheduler calls this at each firing)."""
         with self._lock:
             try:
                 self._fire(job_id)
+            except (OSError, SpooldError, ValueError) as exc:  # its job file changed, a full disk
+                self._logger.error("schedule %s cannot fire: %s", job_id, exc)
             except Exception:  # a schedule's failure must not stop the scheduler
                 self._logger.exception("schedule %s failed to fire", job_id)
 
     def _load(
-        self, schedule: JobDir
-    ) -> tuple[dict[str, Any], ScheduleSpec, dict[str, Any], BaseTrigger]:
-        """A schedule's job document, its ``schedule:`` read, its status, its trigger."""
-        status = self._spool.jobs.read_status(schedule)
-        data = self._spool.jobs.read_job_file(schedule, sha256=status.get("sha256"))
-        document = load_document(data, "job.yaml")
-        spec = ScheduleSpec.from_document(document["schedule"])
+        self, schedule: JobDir, status: Mapping[str, Any]
+    ) -> tuple[ScheduleSpec, BaseTrigger]:
+        """A schedule's ``schedule:`` read, and its trigger: from the copy intake recorded in
+        its status (the job file is read, and checked, only to make a run: ``_document``)."""
+        value = status.get("schedule")
+        if value is None:  # recorded by a spoold that kept no copy
+            value = self._document(schedule, status)["schedule"]
+        spec = ScheduleSpec.from_document(value)
         # The same anchor as plan()'s: an ``every:`` definition counts from its acceptance, so
         # APScheduler wakes spoold at the very firings plan() makes (not a period later).
-        return document, spec, status, spec.trigger(parse_rfc3339(status["accepted_at"]))
+        return spec, spec.trigger(parse_rfc3339(status["accepted_at"]))
 
-    def _register(self, job: JobDir, sha: str) -> None:
-        _, spec, _, trigger = self._load(job)
-        self._aps.add_job(
-            self.fire, trigger=trigger, args=[job.job_id], id=job.job_id, replace_existing=True,
-            misfire_grace_time=None, coalesce=True, max_instances=1,
-        )  # fmt: skip
-        self._registered[job.job_id] = sha
-        self._logger.info("schedule %s registered (%s)", job.job_id, _describe(spec))
-        self._fire(job.job_id)  # what was missed while down, or nothing
+    def _document(self, schedule: JobDir, status: Mapping[str, Any]) -> dict[str, Any]:
+        """A schedule's job document: the file its status recorded (JobFileChanged if not)."""
+        data = self._spool.jobs.read_job_file(schedule, sha256=status.get("sha256"))
+        document: dict[str, Any] = load_document(data, "job.yaml")
+        return document
 
     def _unregister(self, job_id: str) -> None:
-        self._registered.pop(job_id, None)
+        self._known.pop(job_id, None)
         if self._aps.get_job(job_id) is not None:
             self._aps.remove_job(job_id)
 
@@ -182,8 +271,20 @@ class Scheduler:
         if schedule is None or schedule.directory != "scheduled":
             self._unregister(job_id)
             return
-        document, spec, status, trigger = self._load(schedule)
-        asked = self._spool.jobs.schedule_requests(schedule)
+        status = self._spool.jobs.read_status(schedule)
+        self._fire_loaded(schedule, status, *self._load(schedule, status))
+
+    def _fire_loaded(
+        self, schedule: JobDir, status: dict[str, Any], spec: ScheduleSpec, trigger: BaseTrigger,
+        *, asked: ScheduleRequests | None = None,
+    ) -> None:  # fmt: skip
+        """Make the runs due now of a schedule read (and what was asked of it, read if not
+        given); record them, and what changed, in its status.json, then queue them. Its job
+        file is read only for runs to make."""
+        job_id = schedule.job_id
+        if asked is None:
+            asked = self._spool.jobs.schedule_requests(schedule)
+        read = dict(status)  # every change below replaces a key's value: a shallow copy tells
         now = self._clock.now()
         recorded = status.get("last_fired")
         since = parse_rfc3339(status["accepted_at"])
@@ -193,7 +294,7 @@ class Scheduler:
         notes: _Notes = []
         last = self._follow_pause(spec, trigger, status, asked, last=last, since=since, now=now,
                                   notes=notes)  # fmt: skip
-        made: list[_Made] = []
+        fire: tuple[datetime, ...] = ()
         if asked.paused is not None:
             decided = skip_while_paused(spec, trigger, last=last, since=since, now=now)
             if decided.last is not None and decided.skipped:
@@ -201,18 +302,21 @@ class Scheduler:
         else:
             decided = plan(spec, trigger, last=last, since=since, now=now)
             notes.extend(decided.notes)
-            made = [
-                made_run
-                for moment in decided.fire
-                if (made_run := self._run(schedule, document, spec, status, moment, notes=notes))
-            ]
+            fire = decided.fire
+        document = self._document(schedule, status) if fire or asked.run_now else {}
+        made = [
+            made_run
+            for moment in fire
+            if (made_run := self._run(schedule, document, spec, status, moment, notes=notes))
+        ]
         made += self._runs_now(schedule, document, spec, status, asked, notes=notes)
         if (newest := decided.last or last) is not None:
             status["last_fired"] = rfc3339(newest)
         coming = [] if asked.paused else next_fire_times(spec, trigger, now, last=newest)
         status["next_fire_times"] = [rfc3339(t) for t in coming]
         self._note(schedule, status, notes)
-        self._spool.jobs.write_status(schedule, status, durable=True)  # the record, before queueing
+        if status != read:  # nothing made, noted or changed (a registration): nothing to record
+            self._spool.jobs.write_status(schedule, status, durable=True)  # before queueing
         for name, _, _ in asked.run_now:  # made and recorded: done
             self._spool.jobs.drop_schedule_request(schedule, name)
         if _spent(asked):
@@ -387,6 +491,16 @@ class Scheduler:
                 log.info(line)
         for line in said:
             self._logger.info("schedule %s: %s", schedule.job_id, line)
+
+
+def _settled(stamp: DirStamp, since: float, *, wall: float, now: float, settle: float) -> bool:
+    """Whether ``stamp`` now stands for its directory: whether any change after a read that
+    follows this stat must give the directory another stamp. So once the stamp is ``settle``
+    seconds old by this host's wall clock (``wall``, read before the stat), or was seen
+    unchanged for that long by its monotonic clock (first at ``since``, now ``now``), which
+    holds whatever the skew of the clock that stamps the spool's files."""
+    _, mtime_ns, ctime_ns = stamp
+    return now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
 
 
 def _asked(asked: ScheduleRequests, status: Mapping[str, Any]) -> bool:

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 
-from spoold.core.clock import rfc3339
+from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.job import labels_and_description
 from spoold.core.units import parse_duration
 
@@ -389,6 +389,16 @@ def _show(moment: datetime) -> str:
 NOTES_KEPT = 50
 
 
+def _first_firings(value: str | Mapping[str, Any], accepted: datetime) -> list[str]:
+    """The firings a schedule accepted at ``accepted`` shows first: those after that moment,
+    as the scheduler's look at it computes them (``next_fire_times``)."""
+    try:
+        spec = ScheduleSpec.from_document(value)
+        return [rfc3339(t) for t in next_fire_times(spec, spec.trigger(accepted), accepted)]
+    except ValueError:  # admitted, so not expected: the scheduler says why when it looks
+        return []
+
+
 def schedule_status(
     spec_document: dict[str, Any], *, job_id: str, source: str, now: datetime, sha256: str,
     previous: dict[str, Any] | None,
@@ -402,6 +412,7 @@ def schedule_status(
             f"definition replaced while paused (by {previous.get('paused_by')} since "
             f"{previous.get('paused_at')}): the new definition is not paused"
         ]
+    accepted_at = rfc3339(now)
     return {
         "job_id": job_id,
         "state": "scheduled",
@@ -411,10 +422,13 @@ def schedule_status(
         **labels_and_description(spec_document),
         "source": source,
         "sha256": sha256,
-        "submitted_at": previous.get("submitted_at") or rfc3339(now),
-        "accepted_at": rfc3339(now),
+        "submitted_at": previous.get("submitted_at") or accepted_at,
+        "accepted_at": accepted_at,
         "last_fired": previous.get("last_fired"),
-        "next_fire_times": [],
+        # What the scheduler's first look at it records: left to it, that look would write
+        # status.json again (durably) for each schedule registered.
+        "next_fire_times": _first_firings(spec_document["schedule"], parse_rfc3339(accepted_at)),
+        "paused": False,
         "runs": previous.get("runs", []),
         "notes": [
             *previous.get("notes", []),

@@ -61,7 +61,7 @@ from spoold.core.spool.fs import (
 from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
 from spoold.core.states import JOB_DIRECTORIES, JobState
 
-__all__ = ["JobDir", "Jobs", "ScheduleRequests"]
+__all__ = ["DirStamp", "JobDir", "Jobs", "ScheduleRequests"]
 
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _UNITS = "units"  # in a job's directory: what each unit of its attempts began and how it ended
@@ -70,6 +70,11 @@ _RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the sched
 _RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
 _FENCED = "fenced."  # in a job's directory: fenced.<generation>, that claim taken over (by whom)
 _FENCED_LOG = "fenced-log."  # the log as the fenced owner held it open: its late lines go here
+
+
+#: A directory's inode, mtime and ctime (ns): one of them changes whenever an entry is made,
+#: removed or renamed in it, or another directory takes its name (``Jobs.entry_stamps``).
+DirStamp = tuple[int, int, int]
 
 
 class ScheduleRequests(NamedTuple):
@@ -238,6 +243,36 @@ class Jobs:
         """The names in ``directory``: one listdir, no stat, unchecked (a job's read tells;
         half the cost of a scandir, which makes an object of every name)."""
         return os.listdir(self._dirs[_job_directory(directory)])
+
+    def entry_stamps(self, directory: str) -> dict[str, DirStamp]:
+        """Every job directory in ``directory`` with its stamp (``DirStamp``): one listing and
+        one stat each, no reads. What a schedule's requests, a definition replaced or removed
+        change (``spoold.schedule.scheduler`` reads only those); with the filesystem's timestamp
+        granularity: a change within a tick of the last one may leave the stamp as it was."""
+        found: dict[str, DirStamp] = {}
+        fd = os.open(self._dirs[_job_directory(directory)], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in os.listdir(fd):
+                if not RUN_ID.match(name):
+                    continue
+                try:
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # moved on while we looked
+                if stat.S_ISDIR(info.st_mode):
+                    found[name] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+        finally:
+            os.close(fd)
+        return found
+
+    @staticmethod
+    def stamp_of(job: JobDir) -> DirStamp | None:
+        """One job directory's stamp (``entry_stamps``); None if it is gone."""
+        try:
+            info = os.stat(job.location, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
     def read_snapshot(self, name: str) -> bytes | None:
         """tmp/<name>.snapshot as ``write_snapshot`` left it, or None if there is none."""
