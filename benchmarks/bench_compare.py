@@ -67,7 +67,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
-from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+from watchdog.observers.inotify_c import InotifyConstants
 
 if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,6 +78,7 @@ from benchmarks.bench_spool import (
     STOP_BOUND,
     Daemon,
     Finished,
+    InotifyWatch,
     Tool,
     archive_jobs,
     load_average,
@@ -556,46 +557,27 @@ def spool_throughput(tool: Tool, ids: list[str], base: Path) -> dict[str, float]
     }
 
 
-class Flood:
+class Flood(InotifyWatch):
     """When each of a flood's files left incoming/, reached pending/ (or a later state's
     directory), and finished (done/ or failed/), seen by inotify."""
 
     def __init__(self, spool: Path, ids: list[str]) -> None:
+        super().__init__()
         self.spool = spool
         self.ids = set(ids)
         self.left: dict[str, float] = {}
         self.accepted: dict[str, float] = {}
         self.finished: dict[str, float] = {}
         self._where: dict[object, str] = {}
-        self._lock = threading.Lock()
-        self._all_in = threading.Event()
-        self._overflowed = False
-        self._inotify: Any = InotifyFD()
 
-    def __enter__(self) -> Flood:
-        self._inotify.start()
+    def add_watches(self) -> None:
         out = InotifyConstants.IN_MOVED_FROM | InotifyConstants.IN_DELETE
         for directory in ("incoming", "pending", "running", "done", "failed"):
             mask = out if directory == "incoming" else InotifyConstants.IN_MOVED_TO
-            wd = self._inotify.add_callback(os.fsencode(self.spool / directory), mask, self, 0)
-            self._where[wd] = directory
-        return self
+            self._where[self.watch(self.spool / directory, mask)] = directory
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._inotify.stop()
-        self._inotify.join(5)
-
-    # WatchCallback protocol, called on the InotifyFD thread.
     def on_event(self, event: Any) -> None:
         self._seen(self._where.get(event.wd, ""), os.fsdecode(event.name), time.time())
-
-    def on_watch_deleted(self, wd: object) -> None:
-        pass
-
-    def on_queue_overflow(self) -> None:
-        self._overflowed = True
 
     def _seen(self, directory: str, name: str, now: float) -> None:
         job_id = name.removesuffix(".yaml") if directory == "incoming" else name
@@ -695,52 +677,35 @@ def to_file(base: Path, commands: str) -> dict[str, float]:
     return {"wall_s": wall, "log_bytes": size}
 
 
-class Registered:
-    """Waits until each schedule's status.json (scheduled/<id>/) lists ``next_fire_times``:
-    its scheduler took it in. A watch on scheduled/ adds one on each schedule's directory."""
+class Registered(InotifyWatch):
+    """Waits until each schedule's status.json (scheduled/<id>/) lists ``next_fire_times``.
+    Intake writes them, and hands the schedule to the scheduler in the same call (``accept``),
+    so this is when the scheduler took it in, within one registration. A watch on scheduled/
+    adds one on each schedule's directory."""
 
     def __init__(self, spool: Path, ids: list[str]) -> None:
+        super().__init__()
         self.scheduled = spool / "scheduled"
         self.ids = set(ids)
         self.placed: set[str] = set()
         self.registered: dict[str, float] = {}
         self._job_of: dict[object, str] = {}
         self._top: object = None
-        self._lock = threading.Lock()
-        self._all_in = threading.Event()
-        self._overflowed = False
-        self._inotify: Any = InotifyFD()
 
-    def __enter__(self) -> Registered:
-        self._inotify.start()
+    def add_watches(self) -> None:
         mask = InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CREATE
-        self._top = self._inotify.add_callback(os.fsencode(self.scheduled), mask, self, 0)
-        return self
+        self._top = self.watch(self.scheduled, mask)
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._inotify.stop()
-        self._inotify.join(5)
-
-    # WatchCallback protocol, called on the InotifyFD thread.
     def on_event(self, event: Any) -> None:
         name = os.fsdecode(event.name)
         if event.wd == self._top:
             if name in self.ids and name not in self.placed:
                 self.placed.add(name)
                 mask = InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE
-                wd = self._inotify.add_callback(os.fsencode(self.scheduled / name), mask, self, 0)
-                self._job_of[wd] = name
+                self._job_of[self.watch(self.scheduled / name, mask)] = name
                 self._check(name)  # its status may have been written before the watch
         elif name == "status.json" and (job_id := self._job_of.get(event.wd)):
             self._check(job_id)
-
-    def on_watch_deleted(self, wd: object) -> None:
-        pass
-
-    def on_queue_overflow(self) -> None:
-        self._overflowed = True
 
     def _check(self, job_id: str) -> None:
         try:

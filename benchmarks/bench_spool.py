@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
 
@@ -271,27 +271,19 @@ def archive_jobs(tool: Tool, ids: list[str], archive: Path) -> None:
                 os.rename(tool.spool / directory / job_id, archive / f"{tool.name}-{job_id}")
 
 
-class Finished:
-    """Waits, by inotify, until every expected job has been renamed into done/ or failed/."""
+class InotifyWatch:
+    """Watches on a spool's directories (an InotifyFD and its WatchCallback), for waiting on
+    what a tool does; lost events (an overflow) are flagged for the waiter to look instead."""
 
-    def __init__(self, spool: Path, ids: list[str]) -> None:
-        self.spool = spool
-        self.remaining = set(ids)
-        self.failed: list[str] = []
-        self.completed_at = math.nan
-        self._all_in = threading.Event()
+    def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._all_in = threading.Event()
         self._overflowed = False
-        self._failed_wd: object = None
         self._inotify: Any = InotifyFD()
 
-    def __enter__(self) -> Finished:
+    def __enter__(self) -> Self:
         self._inotify.start()
-        mask = InotifyConstants.IN_MOVED_TO
-        self._inotify.add_callback(os.fsencode(self.spool / "done"), mask, self, 0)
-        self._failed_wd = self._inotify.add_callback(
-            os.fsencode(self.spool / "failed"), mask, self, 0
-        )
+        self.add_watches()
         return self
 
     def __exit__(
@@ -300,15 +292,40 @@ class Finished:
         self._inotify.stop()
         self._inotify.join(5)
 
+    def add_watches(self) -> None:
+        """Watch what the subclass waits on (``watch``)."""
+
+    def watch(self, path: Path, mask: int) -> object:
+        return self._inotify.add_callback(os.fsencode(path), mask, self, 0)
+
     # WatchCallback protocol, called on the InotifyFD thread.
     def on_event(self, event: Any) -> None:
-        self._arrived(os.fsdecode(event.name), failed=event.wd == self._failed_wd)
+        raise NotImplementedError
 
     def on_watch_deleted(self, wd: object) -> None:
         pass
 
     def on_queue_overflow(self) -> None:
         self._overflowed = True
+
+
+class Finished(InotifyWatch):
+    """Waits, by inotify, until every expected job has been renamed into done/ or failed/."""
+
+    def __init__(self, spool: Path, ids: list[str]) -> None:
+        super().__init__()
+        self.spool = spool
+        self.remaining = set(ids)
+        self.failed: list[str] = []
+        self.completed_at = math.nan
+        self._failed_wd: object = None
+
+    def add_watches(self) -> None:
+        self.watch(self.spool / "done", InotifyConstants.IN_MOVED_TO)
+        self._failed_wd = self.watch(self.spool / "failed", InotifyConstants.IN_MOVED_TO)
+
+    def on_event(self, event: Any) -> None:
+        self._arrived(os.fsdecode(event.name), failed=event.wd == self._failed_wd)
 
     def _arrived(self, name: str, *, failed: bool) -> None:
         with self._lock:

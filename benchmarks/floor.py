@@ -21,12 +21,12 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def fsync_path(path: str) -> None:
@@ -37,21 +37,20 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-class Floor:
-    """incoming/ -> running/<id>/ -> done/<id>/, nothing more."""
+class IncomingWatch:
+    """What both floors share: incoming/ watched with InotifyFD (IN_MOVED_TO, IN_CLOSE_WRITE),
+    each name seen put on ``names`` (a rescan after an overflow, and at the start)."""
 
-    def __init__(self, root: str, workers: int) -> None:
-        self.incoming, self.running = f"{root}/incoming", f"{root}/running"
-        self.done, self.failed = f"{root}/done", f"{root}/failed"
-        self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(workers)]
+    def __init__(self, incoming: str) -> None:
+        self.incoming = incoming
+        self.names: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.inotify: Any = InotifyFD()
 
     # WatchCallback protocol, called on the InotifyFD thread.
     def on_event(self, event: Any) -> None:
         name = os.fsdecode(event.name)
-        if name and not name.startswith(".") and not name.endswith((".tmp", ".part")):
-            self.queue.put(name)
+        if _wanted(name):
+            self.names.put(name)
 
     def on_watch_deleted(self, wd: object) -> None:
         pass
@@ -61,25 +60,43 @@ class Floor:
 
     def scan(self) -> None:
         for name in sorted(os.listdir(self.incoming)):
-            self.queue.put(name)
+            if _wanted(name):
+                self.names.put(name)
 
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+    def watch(self) -> None:
         mask = InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE
         self.inotify.start()
         self.inotify.add_callback(os.fsencode(self.incoming), mask, self, 0)
         self.scan()
 
+
+def _wanted(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and not name.endswith((".tmp", ".part"))
+
+
+class Floor(IncomingWatch):
+    """incoming/ -> running/<id>/ -> done/<id>/, nothing more."""
+
+    def __init__(self, root: str, workers: int) -> None:
+        super().__init__(f"{root}/incoming")
+        self.running = f"{root}/running"
+        self.done, self.failed = f"{root}/done", f"{root}/failed"
+        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(workers)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+        self.watch()
+
     def stop(self) -> None:
         self.inotify.stop()
         for _ in self.threads:
-            self.queue.put(None)
+            self.names.put(None)
         for thread in self.threads:
             thread.join(30)
 
     def work(self) -> None:
-        while (name := self.queue.get()) is not None:
+        while (name := self.names.get()) is not None:
             try:
                 self.run(name)
             except Exception as exc:  # one bad file must not end a worker
@@ -89,7 +106,7 @@ class Floor:
         source = f"{self.incoming}/{name}"
         try:
             with open(source, "rb") as handle:
-                document = yaml.load(handle.read(), Loader=_LOADER)  # CSafeLoader: safe
+                document = yaml.load(handle.read(), Loader=LOADER)  # CSafeLoader: safe
         except FileNotFoundError:
             return  # the other worker took it
         job_id, product = str(document["job_id"]), document.get("product") or {}
@@ -131,20 +148,29 @@ def notify_ready() -> None:
             sock.sendto(b"READY=1", address)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("spool")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+class _Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def serve(floor: _Startable) -> None:
+    """Start ``floor``, say READY=1, and stop it at SIGTERM or SIGINT."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    floor = Floor(args.spool.rstrip("/"), args.workers)
     floor.start()
     notify_ready()
     while not stop.wait(3600):
         pass
     floor.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spool")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    serve(Floor(args.spool.rstrip("/"), args.workers))
 
 
 if __name__ == "__main__":

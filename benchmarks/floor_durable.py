@@ -29,27 +29,20 @@ import argparse
 import json
 import os
 import queue
-import signal
-import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import yaml
-from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+if __package__ in (None, ""):  # run as a script: the project root is one up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.floor import LOADER, IncomingWatch, fsync_path, serve
+
 DIRECTORIES = ("incoming", "tmp", "pending", "running", "done", "failed")
-
-
-def fsync_path(path: str) -> None:
-    """fsync a file or a directory by its path."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_new(path: str, data: bytes, *, durable: bool) -> None:
@@ -68,44 +61,22 @@ def shell_script(commands: str | list[str]) -> str:
     return (commands if isinstance(commands, str) else "\n".join(commands)) + "\n"
 
 
-class DurableFloor:
+class DurableFloor(IncomingWatch):
     """incoming/ -> tmp/<stage>/ -> pending/<id>/ -> running/<id>/ -> done/<id>/, 7 fsyncs."""
 
     def __init__(self, root: str, workers: int) -> None:
         self.dirs = {name: f"{root}/{name}" for name in DIRECTORIES}
-        self.incoming = self.dirs["incoming"]
-        self.names: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        super().__init__(self.dirs["incoming"])
         self.jobs: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         self.intake = threading.Thread(target=self.take_all, daemon=True)
         self.workers = [threading.Thread(target=self.work, daemon=True) for _ in range(workers)]
-        self.inotify: Any = InotifyFD()
         self.stages = 0  # only the intake thread counts
-
-    # WatchCallback protocol, called on the InotifyFD thread.
-    def on_event(self, event: Any) -> None:
-        name = os.fsdecode(event.name)
-        if name and not name.startswith(".") and not name.endswith((".tmp", ".part")):
-            self.names.put(name)
-
-    def on_watch_deleted(self, wd: object) -> None:
-        pass
-
-    def on_queue_overflow(self) -> None:
-        self.scan()
-
-    def scan(self) -> None:
-        for name in sorted(os.listdir(self.incoming)):
-            if not name.startswith(".") and not name.endswith((".tmp", ".part")):
-                self.names.put(name)
 
     def start(self) -> None:
         self.intake.start()
         for thread in self.workers:
             thread.start()
-        mask = InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE
-        self.inotify.start()
-        self.inotify.add_callback(os.fsencode(self.incoming), mask, self, 0)
-        self.scan()
+        self.watch()
 
     def stop(self) -> None:
         """Stop watching, accept what was seen, let the workers finish what was accepted."""
@@ -136,7 +107,7 @@ class DurableFloor:
             os.rmdir(stage)  # seen twice (a close and a move), or taken already
             return
         with open(job_file, "rb") as handle:
-            document = yaml.load(handle.read(), Loader=_LOADER)  # CSafeLoader: safe
+            document = yaml.load(handle.read(), Loader=LOADER)  # CSafeLoader: safe
         job_id, product = str(document["job_id"]), document.get("product") or {}
         status = {"job_id": job_id, "state": "pending", "source": name}
         write_new(f"{stage}/status.json", json.dumps(status).encode(), durable=False)
@@ -185,30 +156,15 @@ class DurableFloor:
         fsync_path(target)
 
 
-def notify_ready() -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
-    if address:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(b"READY=1", address)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("spool")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     root = args.spool.rstrip("/")
     for name in DIRECTORIES:
         os.makedirs(f"{root}/{name}", exist_ok=True)
-    floor = DurableFloor(root, args.workers)
-    floor.start()
-    notify_ready()
-    while not stop.wait(3600):
-        pass
-    floor.stop()
+    serve(DurableFloor(root, args.workers))
 
 
 if __name__ == "__main__":
