@@ -83,6 +83,7 @@ from benchmarks.bench_spool import (
     archive_jobs,
     load_average,
     make_tool,
+    memory_of,
     percentile,
     pickup,
     say,
@@ -192,15 +193,7 @@ def cpu_seconds(daemon: Daemon) -> float:
 
 def memory_mb(daemon: Daemon) -> tuple[float, float]:
     """RSS and PSS summed over the daemon's ``family`` (PSS counts shared pages once)."""
-    rss = pss = 0
-    for pid in family(daemon):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-    return rss / 1024, pss / 1024
+    return memory_of(family(daemon))
 
 
 def rss_now_mb(daemon: Daemon) -> float:

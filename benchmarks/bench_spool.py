@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -189,15 +189,7 @@ class Daemon:
 
     def memory_mb(self) -> tuple[float, float]:
         """RSS and PSS summed over the daemon's processes (PSS counts shared pages once)."""
-        rss = pss = 0
-        for pid in self.own_pids():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        return rss / 1024, pss / 1024
+        return memory_of(self.own_pids())
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -205,6 +197,19 @@ class Daemon:
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def memory_of(pids: Iterable[int]) -> tuple[float, float]:
+    """RSS and PSS in MiB summed over ``pids`` (PSS counts shared pages once)."""
+    rss = pss = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
 
 
 @dataclass

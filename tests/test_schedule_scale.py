@@ -25,21 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import DirStamp
 from spoold.face.schedules import pause, resume, run_now
-from spoold.intake.incoming import Accepted, Intake
-from spoold.intake.validation import JobValidator, job_validator
-from spoold.run.dispatch import JobMeta
-from spoold.run.registry import ExecutorRegistry
+from spoold.intake.incoming import Intake
 from spoold.schedule.scheduler import SETTLE, Scheduler
 from spoold.schedule.triggers import EveryTrigger
 from tests.daemon_bench import TickedDaemon
 from tests.fakes import FakeClock
 from tests.harness import local_job, run_cli, wait_for, write_config
+from tests.test_schedule_timing import Dropping, schedule_validator
 
 #: Dropped at a time with a fraction of a second, as real drops are.
 T = datetime(2026, 11, 22, 10, 2, 47, 160000, tzinfo=UTC)
@@ -89,7 +86,7 @@ class Reads:
         self.counts.clear()
 
 
-class Bench:
+class Bench(Dropping):
     """A spool, intake handing each schedule to ``Scheduler.accept``, and the scheduler, on one
     FakeClock; its stamps' clocks the test's (``wall``: old_wall or new_wall)."""
 
@@ -111,7 +108,7 @@ class Bench:
         self.aps = self.scheduler._aps  # to ask it what it holds
         self.aps.start(paused=True)
         self.intake = Intake(
-            self.spool, _validator(), self.clock,
+            self.spool, schedule_validator(), self.clock,
             max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, document: None,
             logger=self.logger, on_scheduled=self.scheduler.accept,
         )  # fmt: skip
@@ -123,17 +120,6 @@ class Bench:
             defer=lambda run, when: None, cancel=lambda run, why: None, draw=lambda: 0.0,
             wall_time=self.wall, monotonic=lambda: self.elapsed,
         )  # fmt: skip
-
-    def _queue(self, run: str, document: dict[str, Any], meta: JobMeta) -> None:
-        self.queued.append(run)
-
-    def drop(self, job_id: str, schedule: dict[str, Any]) -> None:
-        path = self.spool.dir("incoming") / f"{job_id}.yaml"
-        path.write_text(yaml.safe_dump(local_job(job_id, "true", schedule=schedule)))
-        assert isinstance(self.intake.offer(path.name, complete=True), Accepted)
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        return dict(self.spool.jobs.read_status(self.spool.jobs.get(job_id)))
 
     def period(self, job_id: str) -> timedelta:
         """The period of the trigger APScheduler holds for ``job_id``."""
@@ -153,11 +139,6 @@ class _Said(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.said.append(record.getMessage())
-
-
-@functools.cache
-def _validator() -> JobValidator:
-    return job_validator(ExecutorRegistry.from_entry_points())
 
 
 @pytest.fixture

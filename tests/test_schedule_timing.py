@@ -36,7 +36,26 @@ from tests.harness import DaemonProcess, drop, job_state, local_job, wait_for, w
 T = datetime(2026, 11, 22, 10, 2, 47, 160000, tzinfo=UTC)
 
 
-class Bench:
+class Dropping:
+    """What a bench of a spool, its intake and a scheduler does with schedule files."""
+
+    spool: Spool
+    intake: Intake
+    queued: list[str]
+
+    def _queue(self, run: str, document: dict[str, Any], meta: JobMeta) -> None:
+        self.queued.append(run)
+
+    def drop(self, job_id: str, schedule: dict[str, Any]) -> None:
+        path = self.spool.dir("incoming") / f"{job_id}.yaml"
+        path.write_text(yaml.safe_dump(local_job(job_id, "true", schedule=schedule)))
+        assert isinstance(self.intake.offer(path.name, complete=True), Accepted)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return dict(self.spool.jobs.read_status(self.spool.jobs.get(job_id)))
+
+
+class Bench(Dropping):
     """A spool, intake and the scheduler on one FakeClock; what the scheduler queued."""
 
     def __init__(self, root: Path, clock: FakeClock) -> None:
@@ -55,21 +74,10 @@ class Bench:
         self.aps = self.scheduler._aps  # to ask it what it was given
         self.aps.start(paused=True)
         self.intake = Intake(
-            self.spool, _validator(), clock,
+            self.spool, schedule_validator(), clock,
             max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, document: None,
             logger=logger, on_scheduled=lambda job: self.scheduler.sync(),
         )  # fmt: skip
-
-    def _queue(self, run: str, document: dict[str, Any], meta: JobMeta) -> None:
-        self.queued.append(run)
-
-    def drop(self, job_id: str, schedule: dict[str, Any]) -> None:
-        path = self.spool.dir("incoming") / f"{job_id}.yaml"
-        path.write_text(yaml.safe_dump(local_job(job_id, "true", schedule=schedule)))
-        assert isinstance(self.intake.offer(path.name, complete=True), Accepted)
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        return dict(self.spool.jobs.read_status(self.spool.jobs.get(job_id)))
 
     def next_firings(self, job_id: str) -> list[datetime]:
         return [parse_rfc3339(t) for t in self.status(job_id)["next_fire_times"]]
@@ -93,7 +101,7 @@ class Bench:
 
 
 @functools.cache
-def _validator() -> JobValidator:
+def schedule_validator() -> JobValidator:
     return job_validator(ExecutorRegistry.from_entry_points())
 
 
