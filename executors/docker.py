@@ -710,7 +710,7 @@ def nothing_left(paths: Sequence[str], spool: Path, running: Collection[str]) ->
     """
     wanted = {"label": [f"{LABEL_MANAGED}=1", f"{LABEL_SPOOL}={spool}"]}
     for path in paths:
-        listed = _engine_get(path, wanted)
+        listed = engine_listing(path, wanted)
         if listed is None:
             return False
         for item in listed:
@@ -720,8 +720,9 @@ def nothing_left(paths: Sequence[str], spool: Path, running: Collection[str]) ->
     return True
 
 
-def _engine_get(path: str, filters: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """A listing of the engine on its local socket; [] where no engine answers; None where
+def engine_listing(path: str, filters: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A listing of the engine (``/containers/json``, ``/networks``, ...) on its local socket,
+    asked without the SDK; [] where no engine answers; None where
     this cannot ask (an engine over TCP or SSH, an error)."""
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if not host.startswith("unix://"):

@@ -41,6 +41,7 @@ from spoold.executors.docker import (
     Pumps,
     copy_artifacts,
     engine_for_recovery,
+    engine_listing,
     environment,
     explain,
     identity_labels,
@@ -63,7 +64,7 @@ _RUNNING = frozenset({"new", "allocated", "pending", "assigned", "accepted", "pr
 _RUNNING |= {"ready", "starting", "running"}
 #: A task in one of these states failed the job; ``shutdown`` counts only where spoold did
 #: not ask for it (a drained or lost node).
-_FAILED = frozenset({"failed", "rejected", "orphaned", "shutdown", "remove"})
+_FAILED = frozenset({"failed", "rejected", "orphaned", "shutdown"})
 # Seconds between looks at the tasks: often while a short job may end (the engine tells of no
 # task's change but by being asked), then less and less.
 _POLL_FIRST, _POLL_MOST, _POLL_OFTEN_FOR = 0.1, 1.0, 3.0
@@ -142,11 +143,17 @@ class SwarmExecutor(Executor):
         now = time.monotonic()
         if cls._networks is not None and now - cls._networks[0] < _NETWORKS_FRESH:
             return cls._networks[1]
-        try:
-            client = sdk().from_env(timeout=5)
-            with contextlib.closing(client):
-                found = client.api.networks()
-        except Exception:  # no SDK, no engine: validation cannot ask, the run will tell
+        # On the engine's socket first: intake validates in the daemon's main process, which
+        # the SDK would stay in for good (see docker.nothing_left).
+        found = engine_listing("/networks", {})
+        if found is None:
+            try:
+                client = sdk().from_env(timeout=5)
+                with contextlib.closing(client):
+                    found = client.api.networks()
+            except Exception:  # no SDK, no engine: validation cannot ask, the run will tell
+                return None
+        if not found:  # an engine has its bridge, host and none networks: none answered
             return None
         known = {}
         for network in found:
@@ -267,6 +274,8 @@ def _reserve_problems(product: Mapping[str, Any]) -> list[str]:
 
 
 def _bytes(value: int | str) -> int:
+    """Bytes of a size as docker writes it (``512m``: powers of 1024, unlike
+    ``spoold.core.units.parse_size``)."""
     if isinstance(value, int):
         return value
     units = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -352,7 +361,9 @@ class _ServiceRun:
         self.name = f"{ctx.product.get('namespace') or 'spoold'}-{slug}-{uuid.uuid4().hex[:8]}"
         image = _pinned_image(self.client, str(ctx.product["image"]), ctx.log)
         spec = _ServiceSpec(ctx, self.name, image)
-        secrets = _create_secrets(self.client, ctx, self.name, spec.secret_variables)
+        secrets = _create_secrets(
+            self.client, ctx, self.name, {name: spec.env[name] for name in spec.secret_variables}
+        )
         ctx.log.info(f"{_STARTING}{self.name}")  # before its first line: see _STARTING
         try:
             created = self.client.api.create_service(**spec.arguments(secrets))
@@ -406,7 +417,6 @@ class _ServiceRun:
             output.finish()
         finally:
             output.close()
-        self._look()
         self._copy_artifacts()
         if ended is not None:
             return ExecResult(None, timed_out=ended == "timeout", cancelled=ended == "cancel")
@@ -514,7 +524,7 @@ class _ServiceRun:
         if not ctx.artifacts:
             return
         docker = sdk()
-        node = (self.client.info().get("Swarm") or {}).get("NodeID")
+        node: str | None = None
         for task in sorted(self.tasks.values(), key=lambda t: (_slot(t), t.get("CreatedAt", ""))):
             container_id = task.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")
             if not container_id:
@@ -522,6 +532,7 @@ class _ServiceRun:
             try:
                 container = self.client.containers.get(container_id)
             except docker.errors.NotFound:
+                node = node or (self.client.info().get("Swarm") or {}).get("NodeID")
                 if task.get("NodeID") != node:
                     ctx.log.error(
                         f"artifacts: task {_slot(task) + 1} ran on node {task.get('NodeID')}, "
@@ -620,9 +631,9 @@ class _ServiceSpec:
         reserved_cpus = reserve.get("cpus", cpus)
         resources = docker.types.Resources(
             cpu_limit=int(float(cpus) * 1e9) if cpus else None,
-            mem_limit=docker.utils.parse_bytes(memory) if memory else None,
+            mem_limit=_bytes(memory) if memory else None,
             cpu_reservation=int(float(reserved_cpus) * 1e9) if reserved_cpus else None,
-            mem_reservation=docker.utils.parse_bytes(reserved_memory) if reserved_memory else None,
+            mem_reservation=_bytes(reserved_memory) if reserved_memory else None,
         )
         if product.get("pids"):  # the SDK's Resources has no field for it (API 1.41)
             resources.setdefault("Limits", {})["Pids"] = int(product["pids"])
@@ -675,22 +686,24 @@ def _unit_filter(ctx: RunContext) -> dict[str, Any]:
     return {"label": [f"{key}={value}" for key, value in identity_labels(ctx).items()]}
 
 
-def _create_secrets(client: Any, ctx: RunContext, service: str, names: Sequence[str]) -> list[Any]:
+def _create_secrets(
+    client: Any, ctx: RunContext, service: str, variables: Mapping[str, str]
+) -> list[Any]:
     """A Swarm secret per variable that holds a secret, made for this unit (removed after)."""
     docker = sdk()
-    env = environment(ctx)
     references = []
-    for index, name in enumerate(names):
+    for index, (name, value) in enumerate(variables.items()):
         secret = client.secrets.create(
             name=f"{service}-{index}",
-            data=env[name].encode(),
+            data=value.encode(),
             labels=identity_labels(ctx),
         )
         references.append(
             docker.types.SecretReference(secret.id, f"{service}-{index}", filename=name)
         )
-    if names:
-        ctx.log.info(f"{len(names)} secret(s) handed over as Swarm secrets: {', '.join(names)}")
+    if variables:
+        said = ", ".join(variables)
+        ctx.log.info(f"{len(variables)} secret(s) handed over as Swarm secrets: {said}")
     return references
 
 

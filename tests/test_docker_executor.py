@@ -251,7 +251,7 @@ def test_remove_leftovers_removes_a_stopped_labelled_container(dockerd: str, cli
             container.remove(force=True)
 
 
-def test_recovery_knows_without_the_sdk_that_nothing_is_left(
+def test_recovery_and_validation_ask_the_engine_without_the_sdk(
     dockerd: str, client: Any, tmp_path: Path
 ) -> None:
     # Recovery runs in the daemon's main process: the SDK would stay there for good.
@@ -261,6 +261,7 @@ def test_recovery_knows_without_the_sdk_that_nothing_is_left(
         "from spoold.executors.swarm import SwarmExecutor\n"
         "for executor in (DockerExecutor, SwarmExecutor):\n"
         "    executor.recover(Path(sys.argv[1]), set(), logging.getLogger())\n"
+        "assert SwarmExecutor.validate({'image': 'x', 'script': 'y', 'networks': ['bridge']})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('docker', 'requests')))\n"
     )
     done = subprocess.run(
