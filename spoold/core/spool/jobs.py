@@ -77,6 +77,10 @@ _FENCED_LOG = "fenced-log."  # the log as the fenced owner held it open: its lat
 DirStamp = tuple[int, int, int]
 
 
+def _stamp(info: os.stat_result) -> DirStamp:
+    return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
 class ScheduleRequests(NamedTuple):
     """What a schedule's directory asks of the scheduler (``Jobs.schedule_requests``)."""
 
@@ -260,7 +264,7 @@ class Jobs:
                 except FileNotFoundError:
                     continue  # moved on while we looked
                 if stat.S_ISDIR(info.st_mode):
-                    found[name] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+                    found[name] = _stamp(info)
         finally:
             os.close(fd)
         return found
@@ -272,7 +276,7 @@ class Jobs:
             info = os.stat(job.location, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+        return _stamp(info)
 
     def read_snapshot(self, name: str) -> bytes | None:
         """tmp/<name>.snapshot as ``write_snapshot`` left it, or None if there is none."""
