@@ -12,13 +12,14 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit
 
-from spoold.core.clock import Clock
+from spoold.core.clock import Clock, parse_rfc3339
 from spoold.core.errors import ExecutorError, SpooldError
-from spoold.core.job import ArtifactSpec
+from spoold.core.job import ArtifactSpec, Usage
 from spoold.core.joblog import JobLog
 from spoold.core.limits import Limits
 from spoold.core.units import format_duration
@@ -105,6 +106,10 @@ class ExecResult:
     #: Ended by a stop that was not the job's doing (its supervisor was stopped at a system
     #: shutdown, or died): the job's ``on_interrupt`` decides, as after a crash.
     interrupted: bool = False
+    #: What the unit cost, as far as the executor can tell (CPU and memory from the kernel or
+    #: the engine that ran it); ``Executor.run`` adds the wall time and the output it counted
+    #: where the executor left them out. None only for a unit left running (``detached``).
+    usage: Usage | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -145,6 +150,7 @@ class Executor(ABC):
 
     def run(self, ctx: RunContext) -> ExecResult:
         """Run one attempt; never raises, a failure to run is a failed result."""
+        began, written = ctx.clock.monotonic(), ctx.log.output_bytes
         try:
             if not self.reports_start and ctx.on_start is not None:
                 ctx.on_start(None)
@@ -152,10 +158,15 @@ class Executor(ABC):
         except SpooldError as exc:
             retryable = isinstance(exc, ExecutorError) and exc.retryable
             ctx.log.error(str(exc) + (" (retryable)" if retryable else ""))
-            return ExecResult(exit_code=None, error=str(exc), retryable=retryable)
+            result = ExecResult(exit_code=None, error=str(exc), retryable=retryable)
         except Exception as exc:  # a plugin bug must fail the job, not the worker
             ctx.log.error(f"executor {self.name!r} failed unexpectedly: {exc!r}")
-            return ExecResult(exit_code=None, error=f"executor error: {exc!r}")
+            result = ExecResult(exit_code=None, error=f"executor error: {exc!r}")
+        if not result.detached:
+            # A supervised unit's output is read by its supervisor, which counts it: none
+            # passes through this log (None: not known, if the supervisor could not say).
+            output = None if self.supervised else ctx.log.output_bytes - written
+            result = measured(result, ctx.clock.monotonic() - began, output)
         if result.timed_out and result.error is None:
             limit = format_duration(ctx.timeout or 0)
             result = dataclasses.replace(result, error=f"timed out after {limit}", cancelled=False)
@@ -188,6 +199,33 @@ class Executor(ABC):
         """Run the job's work; may raise SpooldError with a message for the log."""
 
 
+def measured(result: ExecResult, wall_seconds: float, output_bytes: int | None) -> ExecResult:
+    """``result`` with the wall time and output bytes its executor did not measure itself
+    (an API executor's work: these are all there is)."""
+    usage = result.usage or Usage()
+    if usage.wall_seconds is not None and (usage.output_bytes is not None or output_bytes is None):
+        return result
+    usage = dataclasses.replace(
+        usage,
+        wall_seconds=usage.wall_seconds if usage.wall_seconds is not None else wall_seconds,
+        output_bytes=usage.output_bytes if usage.output_bytes is not None else output_bytes,
+    )
+    return dataclasses.replace(result, usage=usage)
+
+
+def resumed(result: ExecResult, begun: Mapping[str, Any], now: datetime) -> ExecResult:
+    """A resumed unit's result with its wall time from its start as recorded (``begun``'s
+    ``started_at``), not from this daemon's adoption of it."""
+    try:
+        start = parse_rfc3339(str(begun.get("started_at")))
+    except ValueError:
+        return result
+    if result.usage is None:
+        return result
+    wall = max((now - start).total_seconds(), 0.0)
+    return dataclasses.replace(result, usage=dataclasses.replace(result.usage, wall_seconds=wall))
+
+
 def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None) -> ExecResult:
     """Run a process on this host with the context's environment, limits and log."""
     if ctx.limits is not None:
@@ -213,7 +251,7 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
         why = (
             "its supervisor was stopped" if outcome.exit_code is not None else "its supervisor died"
         )
-        return ExecResult(outcome.exit_code, why, interrupted=True)
+        return ExecResult(outcome.exit_code, why, interrupted=True, usage=outcome.usage)
     error = outcome.error
     if error is not None and ctx.limits is not None and outcome.exit_code is not None:
         # Not for a timeout or a cancel: spoold's own SIGKILL would look like the CPU limit.
@@ -222,7 +260,9 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
         if hit is not None:
             ctx.log.error(hit)
             error = f"{hit} ({error})"
-    return ExecResult(outcome.exit_code, error, outcome.timed_out, outcome.cancelled)
+    return ExecResult(
+        outcome.exit_code, error, outcome.timed_out, outcome.cancelled, usage=outcome.usage
+    )
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -38,6 +38,7 @@ from spoold.executors.local import shell_script
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
+from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
 
@@ -50,6 +51,9 @@ LABEL_SPOOL = "spoold.spool"  # whose recovery may remove it: several spools can
 LABEL_UNIT = "spoold.unit"  # which run of the job's executor (RunContext.unit_key) started it
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
 _POLL = 0.05  # seconds between looks at cancel and the timeout
+#: Seconds between readings of a running container's stats (``EngineUsage``): each costs the
+#: engine a read of the container's cgroup.
+_STATS_EVERY = 0.5
 MAX_LINE = 64 * 1024  # a longer run of output without a newline is logged in pieces
 _GLOB = frozenset("*?[")
 #: spoold's line in the job's log just before it starts a container, with the container's name:
@@ -300,7 +304,12 @@ def _run(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
 
 def _watch(container: Any, pumps: Pumps, ctx: RunContext, limit: float | None) -> ExecResult:
     """Follow a started container to its end, within ``limit`` seconds from now."""
-    ended = _wait(container, pumps.done, ctx, limit)
+    meter = EngineUsage(container)
+    meter.start()
+    try:
+        ended = _wait(container, pumps.done, ctx, limit)
+    finally:
+        meter.stop()
     if ended == "detach":
         pumps.leaving.set()
         return ExecResult(None, detached=True)
@@ -308,6 +317,7 @@ def _watch(container: Any, pumps: Pumps, ctx: RunContext, limit: float | None) -
         _stop(container, ctx.kill_grace)
         pumps.done.wait(ctx.kill_grace + 10)  # the rest of the output, up to the very end
     container.reload()
+    usage = meter.usage()
     state = container.attrs["State"]
     try:
         copy_artifacts(container, ctx)
@@ -315,13 +325,81 @@ def _watch(container: Any, pumps: Pumps, ctx: RunContext, limit: float | None) -
         ctx.log.error(f"could not copy the artifacts out of the container: {explain(exc)}")
     code = state.get("ExitCode")
     if ended is not None:
-        return ExecResult(code, timed_out=ended == "timeout", cancelled=ended == "cancel")
+        return ExecResult(
+            code, timed_out=ended == "timeout", cancelled=ended == "cancel", usage=usage
+        )
     if state.get("OOMKilled"):
         memory = container.attrs["HostConfig"].get("Memory")
         error = f"the container ran out of memory (memory limit {memory} bytes)"
         ctx.log.error(error)
-        return ExecResult(code, error)
-    return ExecResult(code, None if code == 0 else f"exit code {code}")
+        return ExecResult(code, error, usage=usage)
+    return ExecResult(code, None if code == 0 else f"exit code {code}", usage=usage)
+
+
+class EngineUsage:
+    """What a container cost, as its engine accounts for it (``GET /containers/ID/stats``),
+    read every ``_STATS_EVERY`` seconds while it runs: its cgroup, and the engine's figures,
+    go with it, so the last reading before its end is what there is (up to that long short).
+
+    CPU user and system seconds are the cgroup's. The peak is the cgroup's own maximum where
+    the engine reports one (``memory_stats.max_usage``: cgroup v1) and the largest usage
+    read otherwise (cgroup v2, where Docker reports no maximum): ``source`` says which. Both
+    count the page cache the container's files use, as the cgroup does. A container that
+    ended before its first reading has none (wall time and output only).
+    """
+
+    def __init__(self, container: Any) -> None:
+        self._container = container
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cpu: tuple[float, float] | None = None  # user, system: seconds
+        self._peak: int | None = None
+        self._maximum = False  # the peak is the engine's max_usage, not a reading's usage
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._read_until_stopped, name=f"docker-stats-{self._container.name}",
+            daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading (bounded: an engine may not answer)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(_STATS_EVERY + 10)
+
+    def usage(self) -> Usage | None:
+        """What the readings say; None if there was none."""
+        if self._cpu is None and self._peak is None:
+            return None
+        user, system = self._cpu if self._cpu is not None else (None, None)
+        return Usage(
+            cpu_user_seconds=user, cpu_system_seconds=system, peak_memory_bytes=self._peak,
+            source="docker" if self._maximum else "docker-sampled",
+        )  # fmt: skip
+
+    def _read_until_stopped(self) -> None:
+        while True:  # bounded by the container's life: stop() ends it
+            # Ended, or the engine went: the readings so far stand.
+            with contextlib.suppress(Exception):
+                api = self._container.client.api
+                self.read(api.stats(self._container.id, stream=False, one_shot=True))
+            if self._stop.wait(_STATS_EVERY):
+                return
+
+    def read(self, stats: Mapping[str, Any]) -> None:
+        """Take one reading of ``GET /containers/ID/stats`` (an ended container's are empty)."""
+        cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+        user, system = cpu.get("usage_in_usermode"), cpu.get("usage_in_kernelmode")
+        if isinstance(user, int) and isinstance(system, int) and cpu.get("total_usage"):
+            self._cpu = (user / 1e9, system / 1e9)
+        memory = stats.get("memory_stats") or {}
+        maximum, usage = memory.get("max_usage"), memory.get("usage")
+        if isinstance(maximum, int) and maximum > 0:
+            self._peak, self._maximum = max(self._peak or 0, maximum), True
+        elif isinstance(usage, int) and usage > 0:
+            self._peak = max(self._peak or 0, usage)
 
 
 def _pump(
@@ -334,6 +412,7 @@ def _pump(
             for is_err, chunk in zip((False, True), chunks, strict=True):
                 if not chunk:
                     continue
+                log.count_output(len(chunk))
                 *lines, rest = (pending[is_err] + chunk).split(b"\n")
                 for line in lines:
                     log.output(line, stderr=is_err)
@@ -468,6 +547,8 @@ def _copy(
         for stamp, is_err, line in lines:
             text = line.decode("utf-8", errors="replace").rstrip("\r\n")  # as JobLog has it
             if logged is None or not logged.lines[is_err].holds(stamp, text):
+                if stamp:  # the job's line, its newline taken off (not the engine's words)
+                    log.count_output(len(line) + 1)
                 log.output(line, stderr=is_err)
     except Exception:  # noqa: S110 - closed at the end, or the engine went: _wait tells which
         pass

@@ -901,6 +901,7 @@ class _Output:
                     if place < self.written[(task, is_err)]:
                         continue  # another reader wrote it
                     self.written[(task, is_err)] = place + count
+                    self.log.count_output(len(line) + 1)  # its newline was taken off
                     if self.logged is None or not self.logged.lines[is_err].holds(
                         stamp, text.rstrip("\r\n")
                     ):

@@ -24,6 +24,7 @@ from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import JobDir, Spool
 from spoold.intake.incoming import Intake, IntakeThread
 from spoold.intake.watcher import InotifyWatcher, resolve_watch_mode
+from spoold.out.notify import Notifier
 from spoold.out.outbox import Callbacks
 from spoold.out.sender import Sender
 from spoold.run.control import JobControl
@@ -222,6 +223,8 @@ class Daemon:
     sender: Sender
     #: Takes files in from incoming/ (on the intake threads, or a test's own).
     intake: Intake
+    #: Sends the notifications in outbox/ (mail, chat), folded per target and window.
+    notifier: Notifier | None = None
     #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
     rescan: threading.Event = field(default_factory=threading.Event)
     #: Set (SIGHUP) to read the config file again.
@@ -253,8 +256,13 @@ class Daemon:
     ) -> Daemon:
         """Build the daemon from the config: the parts every process has (spoold.wiring), and
         those only the daemon runs. ``make_workers``: its worker processes, unless a test's."""
-        outbox_changed = threading.Event()
-        parts = Parts.build(config, clock or SystemClock(), wake=outbox_changed.set)
+        outbox_changed, notices_changed = threading.Event(), threading.Event()
+
+        def outbox_written() -> None:
+            outbox_changed.set()
+            notices_changed.set()
+
+        parts = Parts.build(config, clock or SystemClock(), wake=outbox_written)
         clock, logger, spool, callbacks = parts.clock, parts.logger, parts.spool, parts.callbacks
         spool.check()
         if problems := spool.unsafe_permissions():
@@ -278,6 +286,11 @@ class Daemon:
         seen = _Seen.build(config, spool, clock, logger) if config.api is not None else None
         metrics = None if seen is None else seen.metrics
         observed = None if seen is None else seen.observe
+        notifier = Notifier(
+            spool, callbacks, clock, settings=config.notify, sending=config.callbacks,
+            secrets=parts.secrets, logger=logger, poll_interval=config.poll_interval, wake=notices_changed,
+            on_folded=None if metrics is None else metrics.notifications_folded,
+        )  # fmt: skip
         told = () if seen is None else seen.listeners(clock)
         control = JobControl(spool, clock, who=f"spoold on {config.hostname}",
                              callbacks=callbacks, listeners=told)  # fmt: skip
@@ -332,6 +345,7 @@ class Daemon:
         daemon.hostbeat = HostBeat(spool, config, clock, logger, running=workers.in_flight,
                                    version=__version__)  # fmt: skip
         sender.host_state = daemon.hostbeat.state_of
+        daemon.notifier, notifier.host_state = notifier, daemon.hostbeat.state_of
         if seen is not None:
             daemon.seen, daemon.api = seen, daemon.build_api(seen)
         return daemon
@@ -380,6 +394,8 @@ class Daemon:
                 self.hostbeat.tick(self.clock.monotonic())
             self.recover()
             self.sender.start()
+            if self.notifier is not None:
+                self.notifier.start()
             self.workers.start()
             self.scheduler.start()  # after the workers: what was missed may be queued at once
             self.intake_thread.start()
@@ -420,6 +436,8 @@ class Daemon:
             self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
             self.sender.stop()
+            if self.notifier is not None:
+                self.notifier.stop()
             if self.hostbeat is not None:
                 self.hostbeat.stopped()
             lock.close()

@@ -148,6 +148,10 @@ CASES = {
         JOB + "schedule: {every: 1.0e+12}\n",
         "invalid", "schedule.every", 3, "must be at most 315360000 (got 1000000000000.0)",
     ),
+    "notify-email-without-a-mail-server": Case(
+        JOB + "notify:\n  - email: {to: [ops@example.net]}\n",
+        "callback", "notify", 4, "need a mail server, and the config names none",
+    ),
     "timeout-nan": Case(
         JOB + "timeout: .nan\n",
         "invalid", "timeout", 3, "must be a finite number (got nan)",

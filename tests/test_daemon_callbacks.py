@@ -134,6 +134,10 @@ def test_a_job_calls_back_signed_in_order(
     assert {b["job_id"] for b in bodies} == {"one"}
     assert [b["attempt"] for b in bodies] == [0, 1, 1]
     assert bodies[2]["exit_code"] == 0 and bodies[2]["error"] is None
+    # What the attempt cost comes with its end: 3 bytes of output ("hi\n"), measured CPU.
+    assert bodies[0]["usage"] is None and bodies[1]["usage"] is None
+    assert bodies[2]["usage"]["output_bytes"] == 3 and bodies[2]["usage"]["source"] == "kernel"
+    assert bodies[2]["usage"]["cpu_user_seconds"] is not None
     assert len({b["delivery_id"] for b in bodies}) == 3
     for each, body in zip(received, bodies, strict=True):
         assert each.path == "/hook"

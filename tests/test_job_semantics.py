@@ -419,10 +419,14 @@ def test_a_step_retries_on_its_own_and_has_its_own_timeout(tmp_path: Path) -> No
     ]
     document = {"job_id": "own", "executor": "local", "steps": steps}
     _, status = parts.attempt(parts.submit(document))
-    assert status["steps"]["flaky"] | {"started_at": None, "finished_at": None} == {
+    flaky_entry = status["steps"]["flaky"]
+    assert {k: v for k, v in flaky_entry.items() if k not in ("usage", "usage_attempt")} | {
+        "started_at": None, "finished_at": None
+    } == {
         "state": "succeeded", "attempts": 2, "exit_code": 0, "error": None,
         "started_at": None, "finished_at": None, "continue_on_error": False,
     }  # fmt: skip
+    assert flaky_entry["usage_attempt"] == 1 and flaky_entry["usage"]["wall_seconds"] is not None
     assert status["steps"]["slow"]["state"] == "failed"
     assert "timed out after 300ms" in status["steps"]["slow"]["error"]
 

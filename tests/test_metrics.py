@@ -26,7 +26,7 @@ import spoold
 from spoold.core.clock import SystemClock, rfc3339
 from spoold.core.config import Config, load_config
 from spoold.core.errors import WorkerProcessError
-from spoold.core.job import Attempt, JobStatus
+from spoold.core.job import Attempt, JobStatus, Usage
 from spoold.core.own_log import close_logging
 from spoold.core.procfs import process_start_time
 from spoold.core.spool import JobDir, Spool
@@ -188,6 +188,34 @@ def test_each_change_is_counted_as_what_it_is(
     change: StateChange, now: float, expected: Observation
 ) -> None:
     assert observation_of(change, now=_ts(now)) == expected
+
+
+def test_what_an_attempt_cost_rides_with_its_end_to_the_histograms(tmp_path: Path) -> None:
+    """The cost is in the observation made as the attempt ends (no file read at scrape time),
+    crosses the pool link, and is counted per executor; a figure not known is left out."""
+    status = _status(F, [(3, 5)], finished=5)
+    status.attempts[-1].usage = Usage(wall_seconds=2.0, cpu_user_seconds=0.75,
+                                      cpu_system_seconds=0.25, peak_memory_bytes=300 * 2**20,
+                                      output_bytes=12, source="kernel")  # fmt: skip
+    seen = observation_of(_change(R, F, status), now=_ts(6))
+    assert seen == Observation("finished", "j", "local", "failed", run_seconds=2.0,
+                               cpu_seconds=1.0, peak_memory_bytes=300.0 * 2**20,
+                               output_bytes=12.0)  # fmt: skip
+    assert Observation.from_wire(marshal.loads(marshal.dumps(seen.to_wire()))) == seen
+    status.attempts[-1].usage = Usage(wall_seconds=2.0, source="wall")
+    walled = observation_of(_change(R, F, status), now=_ts(6))
+    assert walled is not None and walled.cpu_seconds is None and walled.output_bytes is None
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    config = Config(spool=spool.root, hostname="here")
+    metrics = Metrics(spool, config, SystemClock(), build_info=BUILD, count_reuse=0)
+    metrics.observe(seen)
+    metrics.observe(walled)
+    text = metrics.render()[0].decode()
+    assert 'spoold_job_cpu_seconds_count{executor="local"} 1.0' in text
+    assert 'spoold_job_cpu_seconds_sum{executor="local"} 1.0' in text
+    assert 'spoold_job_peak_memory_bytes_bucket{executor="local",le="536870912.0"} 1.0' in text
+    assert 'spoold_job_output_bytes_sum{executor="local"} 12.0' in text
 
 
 def test_a_failed_job_put_back_by_hand_is_not_counted() -> None:

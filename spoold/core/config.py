@@ -9,6 +9,7 @@ for (``check_schema``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from spoold.core.retry import RetryPolicy
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
+#: Enough of a mail address to refuse what is surely none (the server decides the rest).
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 DEFAULT_SPOOL = Path("spool")
 
 
@@ -126,6 +129,170 @@ class ApiSettings(NamedTuple):
         return "https" if self.certfile else "http"
 
 
+# -- notifications (``notify:``, ``mail:``, ``notify_window:``) ----------------------------------
+
+#: The events a notification target may ask for (``on:``), and what it gets without one.
+NOTIFY_EVENTS = ("failed", "succeeded", "retrying", "cancelled", "rejected")
+NOTIFY_DEFAULT_ON = frozenset({"failed"})
+#: The message shapes of a webhook target.
+WEBHOOK_FORMATS = ("slack", "mattermost", "teams", "json")
+
+
+class NotifyTarget(NamedTuple):
+    """One place a job's notifications go: mail to ``to``, or a chat/JSON webhook at ``url``."""
+
+    kind: str  # "email" | "webhook"
+    to: tuple[str, ...] = ()
+    url: str = ""  # may hold ${secret:NAME}: resolved only when sent
+    format: str = "json"
+    on: frozenset[str] = NOTIFY_DEFAULT_ON
+
+    def wants(self, event: str) -> bool:
+        """Whether this target hears of ``event``."""
+        return event in self.on
+
+    def to_dict(self) -> dict[str, Any]:
+        """As outbox/ keeps it (and as ``from_dict`` reads it back)."""
+        found: dict[str, Any] = {"kind": self.kind, "on": sorted(self.on)}
+        if self.kind == "email":
+            found["to"] = list(self.to)
+        else:
+            found.update(url=self.url, format=self.format)
+        return found
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NotifyTarget:
+        """What ``to_dict`` wrote."""
+        return cls(
+            str(data["kind"]), tuple(str(a) for a in data.get("to") or ()),
+            str(data.get("url") or ""), str(data.get("format") or "json"),
+            frozenset(str(e) for e in data.get("on") or NOTIFY_DEFAULT_ON),
+        )  # fmt: skip
+
+
+def parse_notify(value: Any, key: str = "notify") -> tuple[NotifyTarget, ...]:
+    """A ``notify:`` list (a job's or the config's) as targets; ConfigError naming the key of
+    what is wrong (``key``: where the list is, e.g. ``notify``)."""
+    if value is None:
+        return ()
+    entries = _of_kind(key, value, list, "a list of targets (email: or webhook:)")
+    return tuple(_notify_target(entry, f"{key}.{n}") for n, entry in enumerate(entries))
+
+
+def _notify_target(entry: Any, key: str) -> NotifyTarget:
+    entry = _of_kind(key, entry, dict, "a mapping with email: or webhook:")
+    kinds = [kind for kind in ("email", "webhook") if kind in entry]
+    if len(kinds) != 1:
+        raise ConfigError(f"key {key}: give exactly one of email: or webhook:")
+    unknown = set(entry) - {"email", "webhook", "on"}
+    if unknown:
+        raise ConfigError(f"unknown key {key}.{sorted(unknown)[0]} (known: email, webhook, on)")
+    on = NOTIFY_DEFAULT_ON
+    if "on" in entry:
+        events = _of_kind(f"{key}.on", entry["on"], list, "a list of events")
+        if not events:
+            raise ConfigError(f"key {key}.on: name at least one event")
+        if bad := [e for e in events if e not in NOTIFY_EVENTS]:
+            raise ConfigError(
+                f"key {key}.on: {bad[0]!r} is not an event ({', '.join(NOTIFY_EVENTS)})"
+            )
+        on = frozenset(events)
+    kind = kinds[0]
+    block = _of_kind(f"{key}.{kind}", entry[kind], dict, "a mapping")
+    if kind == "email":
+        unknown = set(block) - {"to"}
+        if unknown:
+            raise ConfigError(f"unknown key {key}.email.{sorted(unknown)[0]} (known: to)")
+        raw = block.get("to")
+        addresses = [raw] if isinstance(raw, str) else raw
+        addresses = _of_kind(f"{key}.email.to", addresses, list, "an address or a list of them")
+        if not addresses or not all(
+            isinstance(a, str) and _ADDRESS.fullmatch(a) for a in addresses
+        ):
+            raise ConfigError(f"key {key}.email.to: {raw!r} is not a list of mail addresses")
+        return NotifyTarget("email", to=tuple(addresses), on=on)
+    unknown = set(block) - {"url", "format"}
+    if unknown:
+        raise ConfigError(f"unknown key {key}.webhook.{sorted(unknown)[0]} (known: format, url)")
+    url = _of_kind(f"{key}.webhook.url", block.get("url"), str, "a URL")
+    if not url.startswith(("http://", "https://", "${secret:")):
+        raise ConfigError(
+            f"key {key}.webhook.url: {url!r} is not an http(s) URL (or ${{secret:NAME}} holding one)"
+        )
+    form = block.get("format", "json")
+    if form not in WEBHOOK_FORMATS:
+        raise ConfigError(f"key {key}.webhook.format: {form!r} is not one of "
+                          f"{', '.join(WEBHOOK_FORMATS)}")  # fmt: skip
+    return NotifyTarget("webhook", url=url, format=str(form), on=on)
+
+
+class MailSettings(NamedTuple):
+    """The SMTP server notifications are mailed through (``mail:`` in the config)."""
+
+    host: str
+    port: int = 587
+    #: ``starttls`` (upgrade a plain connection, port 587), ``tls`` (TLS from the start, 465)
+    #: or ``none`` (plain: only for a relay on loopback).
+    security: str = "starttls"
+    user: str | None = None
+    #: The name of the file in secrets_dir that holds the password (read at each send).
+    password_secret: str | None = None
+    sender: str = "spoold@localhost"
+    #: A CA bundle to verify the server with, beside the system's (a private CA).
+    ca_file: Path | None = None
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any], base: Path, hostname: str) -> MailSettings:
+        """From the config's ``mail:`` mapping; ConfigError naming the key of what is wrong."""
+        known = {"host", "port", "security", "user", "password_secret", "from", "ca_file"}
+        if unknown := sorted(set(document) - known):
+            raise ConfigError(f"unknown key mail.{unknown[0]} (known: {', '.join(sorted(known))})")
+        if "host" not in document:
+            raise ConfigError("key mail.host: the SMTP server to send notifications through")
+        security = document.get("security", "starttls")
+        if security not in ("starttls", "tls", "none"):
+            raise ConfigError(f"key mail.security: {security!r} is not starttls, tls or none")
+        port = _of_kind("mail.port", document.get("port", 465 if security == "tls" else 587),
+                        int, "a port number")  # fmt: skip
+        if not 0 < port < 65536:
+            raise ConfigError(f"key mail.port: {port} is not a port number")
+        user = document.get("user")
+        secret = document.get("password_secret")
+        if (user is None) != (secret is None):
+            raise ConfigError("key mail.user: a login needs both user and password_secret")
+        if secret is not None:
+            from spoold.core.secrets import NAME_RULE, SECRET_NAME  # noqa: PLC0415
+
+            if not isinstance(secret, str) or not SECRET_NAME.fullmatch(secret):
+                raise ConfigError(f"key mail.password_secret: {secret!r}: {NAME_RULE}")
+        sender = _of_kind("mail.from", document.get("from", f"spoold@{hostname}"), str,
+                          "a mail address")  # fmt: skip
+        if not _ADDRESS.fullmatch(sender):
+            raise ConfigError(f"key mail.from: {sender!r} is not a mail address")
+        ca_file = document.get("ca_file")
+        return cls(
+            host=_of_kind("mail.host", document["host"], str, "a host name"), port=port,
+            security=str(security),
+            user=None if user is None else _of_kind("mail.user", user, str, "a user name"),
+            password_secret=secret, sender=sender,
+            ca_file=None if ca_file is None else base / _of_kind("mail.ca_file", ca_file, str,
+                                                                 "a path"),
+        )  # fmt: skip
+
+
+class NotifySettings(NamedTuple):
+    """Notifications (``notify:``, ``mail:``, ``notify_window:``)."""
+
+    #: The targets of a job that has no ``notify:`` of its own.
+    defaults: tuple[NotifyTarget, ...] = ()
+    mail: MailSettings | None = None
+    #: One target gets at most one message per window; what comes meanwhile is one digest.
+    window: float = 300.0
+    #: How long a quiet target's first notice waits for others to join it: a burst of
+    #: failures is one digest, not a message and then a digest of the rest.
+    wait: float = 10.0
+
+
 class Config(NamedTuple):
     """Everything the daemon and the CLI need to know, validated at start.
 
@@ -181,6 +348,8 @@ class Config(NamedTuple):
     api: ApiSettings | None = None
     #: Each executor's own settings (``executors: {NAME: {...}}``), given to it in RunContext.
     executor_settings: Mapping[str, dict[str, Any]] = {}
+    #: Mail and chat notifications (``notify:``, ``mail:``, ``notify_window:``).
+    notify: NotifySettings = NotifySettings()
     source: Path | None = None
 
     @property
@@ -374,6 +543,7 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
             str(name): dict(_of_kind(f"executors.{name}", settings, dict, "a mapping"))
             for name, settings in executors.items()
         }
+    values["notify"] = _notify_settings(doc, base, here)
     script = doc.get("global_before_script")
     if script is not None:
         if isinstance(script, str):
@@ -385,6 +555,24 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
                 for line in lines
             )
     return Config(**values)
+
+
+def _notify_settings(doc: Mapping[str, Any], base: Path, hostname: str) -> NotifySettings:
+    """``notify:``, ``mail:``, ``notify_window:`` and ``notify_wait:``: defaults that mail
+    need ``mail:``."""
+    mail = None
+    if "mail" in doc:
+        block = _of_kind("mail", doc["mail"], dict, "a mapping")
+        mail = MailSettings.from_document(block, base, hostname)
+    defaults = parse_notify(doc.get("notify"))
+    if mail is None and any(target.kind == "email" for target in defaults):
+        raise ConfigError("key notify: email targets need the config's mail: server (mail.host)")
+    window, wait = NotifySettings().window, NotifySettings().wait
+    if "notify_window" in doc:
+        window = _parsed("notify_window", doc["notify_window"], parse_duration)
+    if "notify_wait" in doc:
+        wait = _parsed("notify_wait", doc["notify_wait"], parse_duration)
+    return NotifySettings(defaults, mail, window, wait)
 
 
 def _of_kind(key: str, value: Any, kind: type, what: str) -> Any:

@@ -111,5 +111,9 @@ class CallbackError(SpooldError):
     """A job's callback cannot be signed: no secret, or one that cannot be read."""
 
 
+class NotifyError(CallbackError):
+    """A job's ``notify:`` cannot be used (an email target with no mail server configured)."""
+
+
 class SecretError(SpooldError):
     """A ``${secret:NAME}`` cannot be read safely: missing, unsafe mode, not a plain file."""

@@ -95,6 +95,8 @@ class JobLog:
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
         # Whole lines of output, (data, start, end), not yet decoded into the tail.
         self._recent: tuple[bytes, int, int] | None = None
+        # Bytes of output the job wrote through this view, kept or not (``count_output``).
+        self._output_bytes = 0
 
     def section(self, name: str) -> JobLog:
         """The same log, each line of it starting with ``[name]``: one step's section."""
@@ -119,6 +121,18 @@ class JobLog:
         against the limit, and take its lines as its own to summarize."""
         with contextlib.suppress(OSError):
             self._sink.size = os.fstat(self._sink.handle.fileno()).st_size
+
+    def count_output(self, size: int) -> None:
+        """The job wrote ``size`` more bytes to its stdout or stderr, as they came (before
+        lines are cut, masked or left out past the limit). Called by whatever reads the
+        output: ``OutputStream``, an executor that splits a stream itself."""
+        with self._sink.lock:  # several readers (stdout and stderr threads) may count at once
+            self._output_bytes += size
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of output counted through this view so far (``count_output``)."""
+        return self._output_bytes
 
     @property
     def lost_lines(self) -> int:
@@ -398,6 +412,7 @@ class OutputStream:
 
     def feed(self, data: bytes) -> None:
         """More of the stream."""
+        self._log.count_output(len(data))
         if self._cut_length is not None:
             end = data.find(b"\n")
             if end < 0:

@@ -44,6 +44,7 @@ from spoold.core.config import Config
 from spoold.core.errors import SpooldError
 from spoold.core.spool import Spool
 from spoold.face.views import hosts_rows
+from spoold.out.notices import PREFIX as NOTICE_PREFIX
 from spoold.run.observed import Observation
 from spoold.run.recovery import Recovery
 
@@ -136,11 +137,41 @@ SCHEDULE_LAG = MetricDoc(
     "How late a schedule's firing came after the time it was due.",
 )  # fmt: skip
 
+# -- what attempts cost: status.json's ``usage`` (the wall time is RUN_DURATION's) -----------
+
+#: Bytes: a shell's few MB to a VM image's tens of GB.
+MEMORY_BUCKETS = tuple(float(mib * 2**20) for mib in (4, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                                      4096, 8192, 16384, 65536))  # fmt: skip
+#: Bytes of output: none, a line, to a chatty build's gigabyte.
+OUTPUT_BUCKETS = (0.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9)
+CPU_USED = MetricDoc(
+    "spoold_job_cpu_seconds", "histogram", ("executor",),
+    "CPU time (user + system) of each attempt's work, where its executor can tell.",
+)  # fmt: skip
+PEAK_MEMORY = MetricDoc(
+    "spoold_job_peak_memory_bytes", "histogram", ("executor",),
+    "Peak memory of each attempt's work (the largest max RSS of one of its processes, or the "
+    "container's peak), where its executor can tell.",
+)  # fmt: skip
+OUTPUT_WRITTEN = MetricDoc(
+    "spoold_job_output_bytes", "histogram", ("executor",),
+    "Bytes each attempt's work wrote to its stdout and stderr.",
+)  # fmt: skip
+USAGE_METRICS = (CPU_USED, PEAK_MEMORY, OUTPUT_WRITTEN)
+
+# -- notifications (spoold.out.notify) --------------------------------------------------------
+
+NOTIFICATIONS_FOLDED = MetricDoc(
+    "spoold_notifications_folded_total", "counter", ("kind",),
+    "Notifications sent folded into a digest (one message per target and window), by target "
+    "kind: email or webhook.",
+)  # fmt: skip
+
 #: Every metric, in the order /metrics gives them.
 METRICS = (
     JOBS, SCHEDULES, INCOMING, INCOMING_AGE, CALLBACKS_WAITING, CALLBACKS_GIVEN_UP, LEASES_STALE,
     HOSTS_ALIVE, BUILD_INFO, ACCEPTED, FINISHED, RETRIES, RUN_DURATION, QUEUE_WAIT,
-    PICKUP_LATENCY, SCHEDULE_LAG,
+    PICKUP_LATENCY, SCHEDULE_LAG, *USAGE_METRICS, NOTIFICATIONS_FOLDED,
 )  # fmt: skip
 
 #: ``spoold_jobs``'s states and the directory each is counted from.
@@ -217,6 +248,10 @@ class Metrics:
         self._wait: dict[str, _Histogram] = {}
         self._pickup = _Histogram(PICKUP_BUCKETS)
         self._lag = _Histogram(LAG_BUCKETS)
+        self._folded: dict[str, int] = {}  # notifications folded, by target kind
+        self._cpu: dict[str, _Histogram] = {}
+        self._peak: dict[str, _Histogram] = {}
+        self._output: dict[str, _Histogram] = {}
         self._count_reuse = count_reuse
         # Spool figures as last read: (value, until when it may be reused; time.monotonic()).
         self._kept: dict[str, tuple[object, float]] = {}
@@ -253,11 +288,24 @@ class Metrics:
                 self._retries[executor] = self._retries.get(executor, 0) + 1
             if run is not None:
                 self._histogram(self._run, executor, RUN_BUCKETS).add(run)
+            # An attempt ended: what it cost, where its executor could tell.
+            for histograms, figure, buckets in (
+                (self._cpu, observation.cpu_seconds, RUN_BUCKETS),
+                (self._peak, observation.peak_memory_bytes, MEMORY_BUCKETS),
+                (self._output, observation.output_bytes, OUTPUT_BUCKETS),
+            ):
+                if figure is not None:
+                    self._histogram(histograms, executor, buckets).add(figure)
 
     def schedule_fired(self, lag_seconds: float) -> None:
         """Count one firing of a schedule, ``lag_seconds`` after it was due."""
         with self._lock:
             self._lag.add(max(lag_seconds, 0.0))
+
+    def notifications_folded(self, kind: str, count: int) -> None:
+        """Count ``count`` notifications sent folded into one digest to a ``kind`` target."""
+        with self._lock:
+            self._folded[kind] = self._folded.get(kind, 0) + count
 
     def render(self) -> tuple[bytes, str]:
         """The body of GET /metrics and its content type (Prometheus's text format 0.0.4)."""
@@ -293,6 +341,12 @@ class Metrics:
             wait = {name: (h.buckets(), h.total) for name, h in self._wait.items()}
             pickup = (self._pickup.buckets(), self._pickup.total)
             lag = (self._lag.buckets(), self._lag.total)
+            folded = sorted(self._folded.items())
+            usage = [
+                (doc, {name: (h.buckets(), h.total) for name, h in histograms.items()})
+                for doc, histograms in ((CPU_USED, self._cpu), (PEAK_MEMORY, self._peak),
+                                        (OUTPUT_WRITTEN, self._output))
+            ]  # fmt: skip
         yield _counter(ACCEPTED, [((executor,), n) for executor, n in sorted(accepted.items())])
         yield _counter(FINISHED, sorted(finished.items()))
         yield _counter(RETRIES, [((executor,), n) for executor, n in sorted(retries.items())])
@@ -300,6 +354,9 @@ class Metrics:
         yield _histograms(QUEUE_WAIT, {(name,): each for name, each in wait.items()})
         yield _histograms(PICKUP_LATENCY, {(): pickup})
         yield _histograms(SCHEDULE_LAG, {(): lag})
+        yield _counter(NOTIFICATIONS_FOLDED, [((kind,), n) for kind, n in folded])
+        for doc, each in usage:
+            yield _histograms(doc, {(name,): figures for name, figures in each.items()})
 
     def from_spool(self) -> Iterator[Metric]:
         """The families counted from the spool now (or as lately as ``count_reuse`` lets a
@@ -355,10 +412,14 @@ class Metrics:
         return self._read(directory, functools.partial(self._spool.count, directory))
 
     def _callbacks(self) -> tuple[int, int]:
-        """Deliveries waiting and given up. A prepared one is not one yet: its change is being
-        made (or was never made)."""
-        waiting = sum(1 for n in self._spool.deliveries.names() if not n.endswith(".prepared"))
-        return waiting, len(self._spool.deliveries.names("failed"))
+        """Callback deliveries waiting and given up. A prepared one is not one yet: its change
+        is being made (or was never made). Notifications (``_``) are not callbacks."""
+        waiting = sum(
+            1 for n in self._spool.deliveries.names()
+            if not n.endswith(".prepared") and not n.startswith(NOTICE_PREFIX)
+        )  # fmt: skip
+        given_up = self._spool.deliveries.names("failed")
+        return waiting, sum(1 for n in given_up if not n.startswith(NOTICE_PREFIX))
 
     def _stale_leases(self) -> int:
         stale = 0

@@ -12,6 +12,7 @@ from spoold.core.errors import SpooldError
 from spoold.core.procfs import started_at
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import state_phrase
+from spoold.core.units import format_duration
 from spoold.face.access import owner, who
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) 
     lines += [_line("note", f"{n['at']} {n['what']}") for n in (status.get("notes") or [])[-5:]]
     for attempt in status.get("attempts") or ():
         lines.append(_line(f"attempt {attempt.get('number')}", _attempt_text(attempt)))
+        if cost := usage_text(attempt.get("usage")):
+            lines.append(_line("  cost", cost))
     lines += _steps_lines(status, about)
     for artifact in status.get("artifacts") or ():
         sha = str(artifact.get("sha256") or "")[:12]
@@ -90,6 +93,51 @@ def _attempt_text(attempt: dict[str, Any]) -> str:
     if attempt.get("retryable") is True:
         outcome += " (retryable)"
     return f"{attempt.get('started_at')} -> {end}" + (f", {outcome}" if outcome else "")
+
+
+#: How each ``usage.source`` measured, in words (README, "What an attempt cost").
+_MEASURED_BY = {
+    "kernel": "from the kernel",
+    "docker": "from the docker engine",
+    "docker-sampled": "from the docker engine; memory sampled",
+    "wall": "CPU and memory not known for this executor",
+}
+
+
+def usage_text(usage: Any) -> str:
+    """An attempt's or a step's ``usage`` in a line: ``wall 1.02s, CPU 0.98s user + 0.01s
+    system, peak memory 212.4 MiB, output 7 bytes (from the kernel)``; "" if there is none."""
+    if not isinstance(usage, dict):
+        return ""
+    parts = []
+    if isinstance(wall := usage.get("wall_seconds"), int | float):
+        parts.append(f"wall {_seconds_text(wall)}")
+    user, system = usage.get("cpu_user_seconds"), usage.get("cpu_system_seconds")
+    if isinstance(user, int | float) and isinstance(system, int | float):
+        parts.append(f"CPU {_seconds_text(user)} user + {_seconds_text(system)} system")
+    if isinstance(peak := usage.get("peak_memory_bytes"), int):
+        parts.append(f"peak memory {bytes_text(peak)}")
+    if isinstance(output := usage.get("output_bytes"), int):
+        parts.append(f"output {bytes_text(output)}")
+    source = str(usage.get("source") or "")
+    said = "; ".join(_MEASURED_BY.get(each, each) for each in source.split("+") if each)
+    return ", ".join(parts) + (f" ({said})" if said else "")
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.2f}s" if seconds < 60 else format_duration(seconds)
+
+
+def bytes_text(size: int) -> str:
+    """``7 bytes``, ``1.5 KiB``, ``212.4 MiB``, ``3.0 GiB``."""
+    if size < 1024:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _about(spool: Spool, job: JobDir, status: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +222,8 @@ def _steps_lines(status: dict[str, Any], about: dict[str, Any]) -> list[str]:
             if went_on:
                 text += " (continue_on_error: the job went on)"
         lines.append(_line(f"step {step_id}", text))
+        if cost := usage_text(step.get("usage")):
+            lines.append(_line("  cost", cost))
     return lines
 
 

@@ -32,7 +32,13 @@ from spoold.core.documents import (
     show_value,
     size_problem,
 )
-from spoold.core.errors import CallbackError, InvalidJobFile, SpooldError, ValidationIssue
+from spoold.core.errors import (
+    CallbackError,
+    InvalidJobFile,
+    NotifyError,
+    SpooldError,
+    ValidationIssue,
+)
 from spoold.core.ids import generate_job_id
 from spoold.core.job import JobSpec, reference_problems
 from spoold.core.policy import Policy, Submitter
@@ -224,7 +230,11 @@ class Admission:
         except CallbackError as exc:
             # Callbacks.target raises from the SecretError of a secret it could not read, and
             # with no cause when there is no secret at all.
-            where = _callback_path(document, exc.__cause__)
+            where = (
+                ("notify",)
+                if isinstance(exc, NotifyError)
+                else _callback_path(document, exc.__cause__)
+            )
             if not self._strict_secrets and isinstance(exc.__cause__, SecretAccessDenied):
                 note = (
                     "not checked here: this user may not read secrets_dir, where the callback's "

@@ -17,6 +17,11 @@ it at start for every leftover; the sender does it for one left over longer than
 ``STALE_PREPARED`` (a ``spoold cancel`` killed half-way). A receiver may get a delivery twice
 (an answer lost in a crash), never one for a change that was not made, and dedupes by
 ``delivery_id``.
+
+A change that the job's notification targets want (``notify:``) prepares, beside its callback,
+one more file in the same step, ``_n.<job>~<n>`` (spoold.out.notices), decided the same way:
+its ``delivery_id`` is the change's, which status ``callback_delivery`` names (a change with
+notifications but no callback still raises the sequence and names itself there).
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from spoold.core.clock import Clock, rfc3339
+from spoold.core.config import NotifyTarget
 from spoold.core.errors import CallbackError, DuplicateJob, SpooldError
 from spoold.core.job import JobStatus, interpolate
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
+from spoold.out.notices import Mask, Notices, change_key, log_tail
 
 if TYPE_CHECKING:
     from spoold.core.config import Config
@@ -59,7 +66,7 @@ def callbacks_for(
     return Callbacks(
         spool, clock, SecretStore(config.secrets_dir), logger=logger,
         default_url=config.default_callback_url, default_secret=config.default_callback_secret,
-        wake=wake, host=config.host_id,
+        wake=wake, host=config.host_id, notices=Notices.for_config(config),
     )  # fmt: skip
 
 
@@ -76,14 +83,21 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 @dataclass(frozen=True)
 class CallbackTarget:
-    """Where a job's events go and the key they are signed with."""
+    """Where a job's events go and the key they are signed with; and whom its notifications
+    go to (``notify``). ``url`` None: no callback, notifications only."""
 
-    url: str
+    url: str | None
     secret: str = field(repr=False)
     events: frozenset[str] | None = None  # None: all of them
+    notify: tuple[NotifyTarget, ...] = ()
 
     def wants(self, event: str) -> bool:
-        return self.events is None or event in self.events
+        """Whether the callback hears of ``event`` (notifications: ``notified``)."""
+        return self.url is not None and (self.events is None or event in self.events)
+
+    def notified(self, event: str) -> tuple[NotifyTarget, ...]:
+        """The notification targets that hear of ``event``."""
+        return tuple(target for target in self.notify if target.wants(event))
 
 
 class Callbacks:
@@ -100,10 +114,13 @@ class Callbacks:
         default_secret: str | None = None,
         wake: Callable[[], None] | None = None,
         host: str = "",
+        notices: Notices | None = None,
     ) -> None:
         """``host``: this host's id, written into each delivery: only it sends the delivery
-        while it is alive (spoold.out.sender)."""
+        while it is alive (spoold.out.sender). ``notices``: decides the notifications (none
+        without)."""
         self._host = host
+        self._notices = notices
         #: What each delivery prepared here holds, until committed: written again should
         #: another host have dropped it meanwhile (``Deliveries.commit``).
         self._prepared: dict[str, bytes] = {}
@@ -121,15 +138,23 @@ class Callbacks:
         return self._default_url is not None
 
     def target(self, document: Mapping[str, Any] | None) -> CallbackTarget | None:
-        """A job's callback: its own ``callback:`` over the config's defaults; None if none.
+        """A job's callback: its own ``callback:`` over the config's defaults, with its
+        notification targets (``notify:``, else the config's); None if neither.
 
         Raises CallbackError when there is a URL but no secret to sign with, or the secret
-        cannot be read: intake refuses such a job rather than send unsigned or nothing.
+        cannot be read, or a ``notify:`` that cannot be used: intake refuses such a job rather
+        than send unsigned or nothing.
         """
+        notify = () if self._notices is None else self._notices.targets(document)
+        return self._callback(document, notify)
+
+    def _callback(
+        self, document: Mapping[str, Any] | None, notify: tuple[NotifyTarget, ...]
+    ) -> CallbackTarget | None:
         block = (document or {}).get("callback") or {}
         url = block.get("url") or self._default_url
         if not url:
-            return None
+            return CallbackTarget(None, "", notify=notify) if notify else None
         raw = block.get("secret") or self._default_secret
         if not raw:
             raise CallbackError(
@@ -145,7 +170,14 @@ class Callbacks:
         except SpooldError as exc:
             raise CallbackError(f"callback secret: {exc}") from exc
         events = block.get("events")
-        return CallbackTarget(str(url), secret, None if events is None else frozenset(events))
+        return CallbackTarget(
+            str(url), secret, None if events is None else frozenset(events), notify
+        )
+
+    @staticmethod
+    def delivers(target: CallbackTarget | None, event: str) -> bool:
+        """Whether ``announce`` prepares anything for ``event``: a callback or a notice."""
+        return target is not None and (target.wants(event) or bool(target.notified(event)))
 
     @contextlib.contextmanager
     def announce(
@@ -160,14 +192,24 @@ class Callbacks:
         The block must write ``status`` (its ``callback_sequence`` is raised on entry). When
         it raises, the change counts as not made, and the delivery is dropped.
         """
-        if target is None or not target.wants(event):
+        if target is None or not self.delivers(target, event):
             yield
             return
+        notify = target.notified(event)
         job_id = status.job_id
         self.settle_job(job_id, status.callback_sequence, status.callback_delivery)
         sequence = status.callback_sequence + 1
         data = status.to_dict()
         data = mask(data) if mask is not None else data
+        change = uuid.uuid4().hex  # the change's id: its callback's delivery_id, if it has one
+        names = []
+        if notify:
+            item = self._item(event, data, mask)
+            names.append(self._prepare_notices(job_id, sequence, change, targets=notify,
+                                               item=item, condition={"job": job_id}))  # fmt: skip
+        if not target.wants(event):
+            yield from self._made(names, status, sequence, change)
+            return
         attempts = data.get("attempts") or []
         body = {
             "event": event,
@@ -180,34 +222,97 @@ class Callbacks:
             "result": data.get("result") or {},
             # Which claim made the change: a receiver can tell a takeover's event apart.
             "generation": data.get("generation") or 0,
+            # What the attempt cost (status.json's usage): none while it runs.
+            "usage": attempts[-1].get("usage") if attempts else None,
         }
         if event == "retrying":
             body["next_attempt_at"] = data.get("next_attempt_at")
+        body["delivery_id"] = change
         try:
-            name = self._prepare(
+            names.append(self._prepare(
                 target, job_id, sequence, body, {"job": job_id}, exclusive=event == "accepted"
-            )
+            ))  # fmt: skip
         except FileExistsError:
+            self._drop(names)
             raise DuplicateJob(f"a job with id {job_id!r} has callbacks waiting") from None
+        except BaseException:
+            self._drop(names)
+            raise
+        yield from self._made(names, status, sequence, change)
+
+    def _made(
+        self, names: list[str], status: JobStatus, sequence: int, change: str
+    ) -> Iterator[None]:
+        """The change itself (the caller's block), between the prepare of ``names`` and their
+        commit; they are dropped if it raises."""
         before = status.callback_delivery
-        status.callback_sequence, status.callback_delivery = sequence, str(body["delivery_id"])
+        status.callback_sequence, status.callback_delivery = sequence, change
         try:
             yield
         except BaseException:
-            # The change was not made (a duplicate id, a full disk): nor is its delivery.
+            # The change was not made (a duplicate id, a full disk): nor are its deliveries.
             status.callback_sequence, status.callback_delivery = sequence - 1, before
+            self._drop(names)
+            raise
+        for name in names:
+            self._commit(name)
+
+    def _drop(self, names: list[str]) -> None:
+        for name in names:
             self._prepared.pop(name, None)
             self._spool.deliveries.remove(name)
-            raise
-        self._commit(name)
+
+    def _item(self, event: str, data: dict[str, Any], mask: Mask | None) -> dict[str, Any]:
+        """What the change's notifications say, with the tail of the job's log."""
+        assert self._notices is not None
+        tail = None
+        try:
+            job = self._spool.jobs.find(str(data.get("job_id")))
+            if job is not None:
+                with self._spool.jobs.read_log(job) as log:
+                    tail = log_tail(log, mask)
+        except OSError:
+            pass  # no log yet (a job cancelled before it ran): the message says so by its absence
+        return self._notices.item(event, data, tail)
+
+    def _prepare_notices(
+        self, key: str, sequence: int, change: str, *, targets: tuple[NotifyTarget, ...],
+        item: dict[str, Any], condition: dict[str, str],
+    ) -> str:  # fmt: skip
+        """The change file of a change's notifications (spoold.out.notices), prepared."""
+        now = self._clock.now()
+        item["timestamp"] = rfc3339(now)
+        record = {
+            "kind": "notices",
+            "delivery_id": change,
+            "key": change_key(key),
+            "sequence": sequence,
+            "event": item["event"],
+            "targets": [target.to_dict() for target in targets],
+            "item": item,
+            "created": now.timestamp(),
+            "condition": condition,
+            "host": self._host,
+        }
+        data = encode_record(record)
+        name = self._spool.deliveries.prepare(change_key(key), sequence, data)
+        self._prepared[name] = data
+        return name
 
     def target_of(self, job_id: str, document: Mapping[str, Any] | None) -> CallbackTarget | None:
-        """``target``, for a job accepted before: a problem now is logged, and none is sent."""
+        """``target``, for a job accepted before: a problem now is logged, and that part (the
+        callback, or the notifications) is not sent; the other still is."""
+        notify: tuple[NotifyTarget, ...] = ()
+        if self._notices is not None:
+            try:
+                notify = self._notices.targets(document)
+            except CallbackError as exc:  # the config changed since (its mail server gone)
+                self._logger.error("job %s sends no notifications: %s", job_id, exc)
         try:
-            return self.target(document)
+            return self._callback(document, notify)
         except CallbackError as exc:  # intake checked it: the secret changed since
             self._logger.error("job %s sends no callbacks: %s", job_id, exc)
-            return None
+            return CallbackTarget(None, "", notify=notify) if notify else None
 
     def announce_job(
         self, job: JobDir, event: str, status: JobStatus
@@ -234,8 +339,19 @@ class Callbacks:
         Keyed by the stage, not the job id: a file rejected as a duplicate must not take a
         place in the sequence of the job that holds that id.
         """
-        if target is None or not target.wants("rejected"):
+        notify = () if target is None else target.notified("rejected")
+        if target is None or not (target.wants("rejected") or notify):
             yield
+            return
+        key = "rejected-" + stage.rstrip("/").rsplit("/", 1)[-1]
+        names = []
+        if notify:
+            assert self._notices is not None
+            item = self._notices.rejection_item(reason, job_id)
+            names.append(self._prepare_notices(key, 1, uuid.uuid4().hex, targets=notify,
+                                               item=item, condition={"stage": stage}))  # fmt: skip
+        if not target.wants("rejected"):
+            yield from self._rejection_made(names)
             return
         body: dict[str, Any] = {
             "event": "rejected",
@@ -249,15 +365,22 @@ class Callbacks:
             "file": reason.get("file"),
             "code": reason.get("code"),
         }
-        key = "rejected-" + stage.rstrip("/").rsplit("/", 1)[-1]
-        name = self._prepare(target, key, 1, body, {"stage": stage})
+        body["delivery_id"] = uuid.uuid4().hex
+        try:
+            names.append(self._prepare(target, key, 1, body, {"stage": stage}))
+        except BaseException:
+            self._drop(names)
+            raise
+        yield from self._rejection_made(names)
+
+    def _rejection_made(self, names: list[str]) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            self._prepared.pop(name, None)
-            self._spool.deliveries.remove(name)
+            self._drop(names)
             raise
-        self._commit(name)
+        for name in names:
+            self._commit(name)
 
     def settle_job(self, job_id: str, sequence: int, delivery: str | None = None) -> None:
         """Commit the job's delivery ``sequence`` if its last owner left it prepared.
@@ -267,11 +390,14 @@ class Callbacks:
         None: a status of an older spoold, which names none). One that is higher was not, and
         the owner's own prepare replaces it.
         """
-        name = f"{job_id}~{sequence:08d}.prepared"
-        if sequence <= 0 or not _made_by(self._spool.deliveries.read(name), delivery):
+        if sequence <= 0:
             return
-        if self._spool.deliveries.commit(name):
-            self._woken()
+        for key in (job_id, change_key(job_id)):
+            name = f"{key}~{sequence:08d}.prepared"
+            if not _made_by(self._spool.deliveries.read(name), delivery):
+                continue
+            if self._spool.deliveries.commit(name):
+                self._woken()
 
     def settle(self, name: str) -> bool:
         """Decide one prepared delivery by the state it depends on; True if it was committed."""
@@ -317,14 +443,15 @@ class Callbacks:
     ) -> str:  # fmt: skip
         now = self._clock.now()
         stamp = str(int(now.timestamp()))
-        body.update(timestamp=rfc3339(now), delivery_id=uuid.uuid4().hex, sequence=sequence)
+        body.update(timestamp=rfc3339(now), sequence=sequence)
+        body.setdefault("delivery_id", uuid.uuid4().hex)  # a change's own, where it has one
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         record = {
             "delivery_id": body["delivery_id"],
             "key": key,
             "sequence": sequence,
             "event": body["event"],
-            "url": target.url,
+            "url": str(target.url),
             "timestamp": stamp,
             "signature": sign(target.secret, stamp, payload),
             "body": payload.decode(),

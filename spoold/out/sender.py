@@ -17,6 +17,7 @@ from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings
 from spoold.core.outage import Outage
 from spoold.core.spool import Spool
+from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 
 if TYPE_CHECKING:
@@ -111,6 +112,8 @@ class Sender:
         handed = 0
         keys: set[str] = set()
         for name in self._listing():  # sorted: a key's lowest sequence comes first
+            if is_notification(name) and not name.endswith(".prepared"):
+                continue  # spoold.out.notify sends those (their prepared ones: settled here)
             key = name.rsplit("~", 1)[0]
             if key in keys:
                 continue

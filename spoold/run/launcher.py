@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 from spoold.core.clock import Clock, SystemClock, rfc3339
 from spoold.core.errors import ExecutorError, SpooldError
+from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
 from spoold.core.procfs import (
     group_members,
@@ -451,6 +452,7 @@ def _outcome(record: dict[str, Any]) -> ProcessOutcome:
         cancelled=record.get("cancelled") is True,
         interrupted=record.get("interrupted") is True,
         tail=tuple(record.get("tail") or ()),
+        usage=Usage.from_dict(record.get("usage")),
     )
 
 
@@ -603,6 +605,8 @@ def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit
             "interrupted": bool(unit.interrupted),
             # Masked: it is written down (a limit's message is found in it all the same).
             "tail": [masker.mask_text(line) for line in log.tail()],
+            # In the record, so that a next daemon that adopts the job has it too.
+            "usage": None if outcome.usage is None else outcome.usage.to_dict(),
         }
     except Exception as exc:  # cannot start it (no such program, a work dir gone)
         log.error(f"cannot start {request.label}: {exc}")

@@ -15,7 +15,9 @@ The times it carries are measured as the change is made:
   submission for a first attempt; for a retry, the time it was due) to its claim. A job put
   back by a requeue or by ``spoold retry`` records no such time: its wait is not observed;
 - ``retrying``, ``requeued``, ``finished`` (a move out of running/): ``run_seconds``, the wall
-  time of the attempt that just ended. ``finished`` is also a pending job cancelled (no run).
+  time of the attempt that just ended, and what it cost where its executor could tell
+  (``cpu_seconds``, ``peak_memory_bytes``, ``output_bytes``: its status.json ``usage``).
+  ``finished`` is also a pending job cancelled (no run).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Observation(NamedTuple):
     run_seconds: float | None = None
     wait_seconds: float | None = None
     pickup_seconds: float | None = None
+    cpu_seconds: float | None = None  # user + system
+    peak_memory_bytes: float | None = None
+    output_bytes: float | None = None
 
     def to_wire(self) -> tuple[str | float | None, ...]:
         """A plain tuple, which marshal takes (a NamedTuple it does not)."""
@@ -55,14 +60,12 @@ class Observation(NamedTuple):
         """Rebuild one from ``to_wire``'s tuple; ValueError for anything else."""
         if not isinstance(fields, tuple) or len(fields) != len(cls._fields):
             raise ValueError(f"not an observation: {fields!r}")
-        kind, job_id, executor, outcome, run, wait, pickup = fields
+        kind, job_id, executor, outcome, *numbers = fields
         texts = (kind, job_id, executor, outcome)
         if kind not in KINDS or not all(isinstance(text, str) for text in texts):
             raise ValueError(f"not an observation: {fields!r}")
-        return cls(
-            str(kind), str(job_id), str(executor), str(outcome),
-            _seconds(run), _seconds(wait), _seconds(pickup),
-        )  # fmt: skip
+        return cls(str(kind), str(job_id), str(executor), str(outcome),
+                   *(_seconds(number) for number in numbers))  # fmt: skip
 
 
 def observation_of(change: StateChange, *, now: float) -> Observation | None:
@@ -83,7 +86,17 @@ def observation_of(change: StateChange, *, now: float) -> Observation | None:
             kind, run = ("retrying" if retry else "requeued"), _last_run(status, ended=False)
         else:
             kind, run = "finished", _last_run(status, ended=True)
-        return Observation(kind, change.job_id, executor, after.value, run_seconds=run)
+        usage = None if run is None or status is None else status.attempts[-1].usage
+        if usage is None:
+            return Observation(kind, change.job_id, executor, after.value, run_seconds=run)
+        cpu = None
+        if usage.cpu_user_seconds is not None and usage.cpu_system_seconds is not None:
+            cpu = usage.cpu_user_seconds + usage.cpu_system_seconds
+        return Observation(
+            kind, change.job_id, executor, after.value, run_seconds=run, cpu_seconds=cpu,
+            peak_memory_bytes=_number(usage.peak_memory_bytes),
+            output_bytes=_number(usage.output_bytes),
+        )  # fmt: skip
     if after.is_terminal:  # a pending job ended before it started (cancelled)
         return Observation("finished", change.job_id, executor, after.value)
     return None
@@ -127,6 +140,10 @@ def _seconds(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, float | int):
         raise ValueError(f"not a number of seconds: {value!r}")
     return float(value)
+
+
+def _number(value: int | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _timestamp(text: str) -> float | None:

@@ -16,6 +16,15 @@ What every process run here gets, whatever the process that starts it does:
   left costs one read of /proc; elsewhere (``spoold exec``) /proc is scanned for the token.
 - **Bounded output.** See ``spoold.core.joblog``: at most ``HELD_BYTES`` of an unfinished line per
   stream, plus one read of ``_READ_SIZE``.
+- **What it cost** (``ProcessOutcome.usage``), from the kernel: each process of the run is
+  reaped here with ``wait4``, whose rusage covers it and every descendant it reaped itself.
+  CPU user and system seconds add up over those; the peak is the largest ``ru_maxrss`` among
+  them: the most memory one process of the tree held, exact, not a sum of processes side by
+  side (nothing samples them). Linux counts into a process's max RSS the image it replaced by
+  exec, so a job's figure is at least what the process that started it held at the start
+  (a supervisor: some 10-20 MB). An orphan is counted where it is reaped here, which a
+  supervisor (a child subreaper, one run at a time) does for all of them; elsewhere only what
+  the run's own processes reaped is counted.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import contextlib
 import functools
 import os
 import pwd
+import resource
+import select
 import selectors
 import signal
 import subprocess
@@ -36,6 +47,7 @@ from pathlib import Path
 from spoold.core import procfs
 from spoold.core.clock import Clock
 from spoold.core.errors import ExecutorError
+from spoold.core.job import Usage
 from spoold.core.joblog import JobLog, OutputStream
 from spoold.core.procfs import ProcessInfo
 from spoold.core.units import format_duration
@@ -93,6 +105,8 @@ class ProcessOutcome:
     interrupted: bool = False
     #: Its last lines of output (unmasked: for spoold to read, never to write).
     tail: tuple[str, ...] = ()
+    #: What it cost (None: not measured, as for one left running).
+    usage: Usage | None = None
 
     @property
     def error(self) -> str | None:
@@ -189,6 +203,8 @@ def run_process(
         preexec_fn=_before_exec(run_as is not None, cwd if enter_late else None),  # noqa: PLW1509
     )
     tree = _TREES.add(token, process.pid)
+    meter = _TREES.meter(tree, clock.monotonic())
+    written = log.output_bytes  # counted by the streams' OutputStream as they read
     assert process.stdout is not None and process.stderr is not None
     streams = _Streams(log, process.stdout.fileno(), process.stderr.fileno())
     deadline = None if timeout is None else clock.monotonic() + timeout
@@ -197,7 +213,7 @@ def run_process(
     try:
         if on_spawn is not None:
             on_spawn(process.pid)
-        while process.poll() is None:
+        while not _reaped(process, meter):
             now = clock.monotonic()
             if not (timed_out or cancelled):
                 if deadline is not None and now >= deadline:
@@ -221,22 +237,75 @@ def run_process(
             if streams.open:
                 streams.pump(wait)
             else:  # both pipes closed: the exit is all there is left to wait for
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(wait)
+                _exit_wait(process.pid, wait)
     finally:
-        if process.poll() is None:  # an exception: the process must not outlive it either
+        if not _reaped(process, meter):  # an exception: the process must not outlive it either
             _signal_group(process.pid, signal.SIGKILL)
-            process.wait()
+            _reaped(process, meter, block=True)
         _TREES.remove(tree)
         # Whatever the run left running ends with it; this also closes pipes that background
         # children would otherwise hold open forever.
         left = _TREES.end(tree)
+        _TREES.forget(tree)
         streams.drain()
         process.stdout.close()
         process.stderr.close()
         if left:
             log.info(f"ended {left} process(es) {label} left running (SIGKILL)")
-    return ProcessOutcome(process.returncode, timed_out=timed_out, cancelled=cancelled)
+    usage = meter.usage(clock.monotonic(), log.output_bytes - written)
+    return ProcessOutcome(process.returncode, timed_out=timed_out, cancelled=cancelled,
+                          usage=usage)  # fmt: skip
+
+
+class _Meter:
+    """What one run's processes cost, added up as each is reaped (``os.wait4``'s rusage)."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started  # monotonic
+        self.user = 0.0
+        self.system = 0.0
+        self.peak_kib = 0  # Linux's ru_maxrss is in KiB
+
+    def add(self, rusage: resource.struct_rusage) -> None:
+        self.user += rusage.ru_utime
+        self.system += rusage.ru_stime
+        self.peak_kib = max(self.peak_kib, rusage.ru_maxrss)
+
+    def usage(self, now: float, output_bytes: int) -> Usage:
+        return Usage(
+            wall_seconds=max(now - self.started, 0.0), cpu_user_seconds=self.user,
+            cpu_system_seconds=self.system, peak_memory_bytes=self.peak_kib * 1024,
+            output_bytes=output_bytes, source="kernel",
+        )  # fmt: skip
+
+
+def _reaped(process: subprocess.Popen[bytes], meter: _Meter, *, block: bool = False) -> bool:
+    """Whether the run's first process has ended; reaps it with its rusage (and its
+    descendants') into ``meter``, where Popen's own wait would throw that away."""
+    if process.returncode is not None:
+        return True
+    try:
+        pid, status, rusage = os.wait4(process.pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:  # reaped elsewhere (cannot be here): its cost is not known
+        return process.poll() is not None
+    if pid == 0:
+        return False
+    meter.add(rusage)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return True
+
+
+def _exit_wait(pid: int, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``pid`` to end, without reaping it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone already (its zombie is reaped next), or no pidfds: a short nap
+        time.sleep(min(timeout, 0.05))
+        return
+    try:
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -309,6 +378,7 @@ class _Trees:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._live: dict[str, _Tree] = {}
+        self._meters: dict[str, _Meter] = {}  # of runs not yet at their end's very end
         self.adopting = False  # adopt_orphans() was called and took effect
 
     def add(self, token: str, pid: int) -> _Tree:
@@ -320,6 +390,17 @@ class _Trees:
     def remove(self, tree: _Tree) -> None:
         with self._lock:
             self._live.pop(tree.token, None)
+
+    def meter(self, tree: _Tree, started: float) -> _Meter:
+        """What ``tree`` costs, counted from ``started`` (monotonic) until ``forget``."""
+        meter = _Meter(started)
+        with self._lock:
+            self._meters[tree.token] = meter
+        return meter
+
+    def forget(self, tree: _Tree) -> None:
+        with self._lock:
+            self._meters.pop(tree.token, None)
 
     def signal(self, tree: _Tree, sig: signal.Signals) -> None:
         """Signal a live run's processes: its group at once, then each one outside it."""
@@ -383,8 +464,13 @@ class _Trees:
             if info is None or pid in mains:
                 continue
             if info.zombie:
+                # Whose it was cannot be read from a zombie: the run being ended, which in a
+                # supervisor (one run at a time) is the one it can only be.
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
+                    reaped, _, rusage = os.wait4(pid, os.WNOHANG)
+                    with self._lock:
+                        if reaped and (meter := self._meters.get(tree.token)) is not None:
+                            meter.add(rusage)
                 continue
             token = procfs.environment_value(pid, TREE_VARIABLE)
             if token is None:

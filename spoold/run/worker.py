@@ -34,6 +34,8 @@ from spoold.core.job import (
     Attempt,
     JobSpec,
     JobStatus,
+    StepUsage,
+    Usage,
     interpolate,
     refer_to_secrets,
     secret_variable,
@@ -46,7 +48,7 @@ from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import generations
 from spoold.core.states import JobState
 from spoold.core.units import format_duration
-from spoold.executors.base import ExecResult, Executor, RunContext
+from spoold.executors.base import ExecResult, Executor, RunContext, resumed
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.hooks import HookRunner
@@ -569,11 +571,15 @@ class JobRunner:
                 processes=processes,
             )  # fmt: skip
 
+            step_usage = StepUsage(attempt.number, status.steps)
+
             def step_unit(step_id: str, step: JobSpec, section: JobLog) -> ExecResult:
                 with run.lock:  # one thread per step: each step's tries are its own
                     tries[step_id] = tries.get(step_id, 0) + 1
                     key = f"{attempt.number}.{step_id}.{tries[step_id]}"
-                return unit(step, section, key=key, step_id=step_id)
+                ended = unit(step, section, key=key, step_id=step_id)
+                step_usage.add(step_id, ended.usage)  # this step's entry, from its one thread
+                return ended
 
             if not hooks.run("pre_run", state="running", exit_code=None):
                 result = ExecResult(exit_code=None, error="the pre_run hook failed")
@@ -581,8 +587,10 @@ class JobRunner:
                 result = StepsRun(
                     spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
                     parallel=self._config.workers, draw=self._draw, run_unit=step_unit,
-                    on_change=functools.partial(self._steps_changed, run, status),
+                    on_change=lambda steps: self._steps_changed(run, status,
+                                                                step_usage.onto(steps)),
                 ).run()  # fmt: skip
+                result = dataclasses.replace(result, usage=step_usage.total())
             else:
                 result = unit(spec, log, key=str(attempt.number))
             hooks.run("post_run", state="running", exit_code=result.exit_code)
@@ -612,14 +620,16 @@ class JobRunner:
         if state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code):
             wait = retry.delay(attempt.number, self._draw)
             due = now + timedelta(seconds=wait)
-            status.end_attempt(now, JobState.PENDING, result.exit_code, error, retryable=retryable)
+            status.end_attempt(now, JobState.PENDING, result.exit_code, error, retryable=retryable,
+                               usage=result.usage)  # fmt: skip
             status.next_attempt_at = rfc3339(due)
             log.info(
                 f"retrying in {format_duration(wait)}: attempt {attempt.number + 1} of "
                 f"{retry.attempts} is due at {status.next_attempt_at}"
             )
             return JobState.PENDING
-        status.end_attempt(now, state, result.exit_code, error, retryable=retryable)
+        status.end_attempt(now, state, result.exit_code, error, retryable=retryable,
+                           usage=result.usage)  # fmt: skip
         if hooks is not None and state is not JobState.PENDING:  # the job's end, not an attempt's
             final = "on_success" if state is JobState.SUCCEEDED else "on_failure"
             hooks.run(final, state=state.value, exit_code=result.exit_code)
@@ -698,7 +708,7 @@ class JobRunner:
         begun, ended = jobs.read_unit(run.job, key) if run.resume else (None, None)
         if ended is not None:
             ctx.log.info(f"{executor.name} unit {key} had ended: its outcome is taken as recorded")
-            return _result_of(ended)
+            return dataclasses.replace(_result_of(ended), usage=Usage.from_dict(ended.get("usage")))
         if begun is not None and not executor.resumable:
             ctx.log.error(
                 f"the {executor.name} work of unit {key} was under way when its worker was "
@@ -709,8 +719,11 @@ class JobRunner:
             jobs.begin_unit(run.job, key, {"executor": executor.name,
                                            "started_at": rfc3339(self._clock.now())})  # fmt: skip
         result = executor.run(dataclasses.replace(ctx, resume=begun is not None))
+        if begun is not None:  # its wall time from its start, not from this adoption
+            result = resumed(result, begun, self._clock.now())
         if not result.detached:
-            jobs.end_unit(run.job, key, _record_of(result))
+            usage = None if result.usage is None else result.usage.to_dict()
+            jobs.end_unit(run.job, key, {**_record_of(result), "usage": usage})
         return result
 
     def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:

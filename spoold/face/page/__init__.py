@@ -250,10 +250,28 @@ def job(
     return render(
         request, "job.html", seen,
         job_id=job_id, status=status, directory=where.directory, log=log, log_start=log_start,
+        costs=_costs(status),
         log_end=log_start + len(log.encode()), graph=charts.step_graph(steps, needs) if steps
         else None, deliveries=_deliveries(ctx, job_id), job_file=_job_file(ctx, where, status),
         api=_api_base(request, ctx), live=where.directory in ("pending", "running"),
     )  # fmt: skip
+
+
+def _costs(status: dict[str, Any]) -> dict[str, Any]:
+    """What each attempt and each step cost, in words (``spoold status``'s): by attempt number
+    and by step id."""
+    from spoold.face.views import usage_text  # noqa: PLC0415
+
+    attempts = {
+        attempt.get("number"): usage_text(attempt.get("usage"))
+        for attempt in status.get("attempts") or ()
+    }
+    steps = {
+        step_id: usage_text(step.get("usage"))
+        for step_id, step in (status.get("steps") or {}).items()
+        if isinstance(step, dict) and step.get("usage")
+    }
+    return {"attempts": attempts, "steps": steps}
 
 
 @router.get("/schedules")

@@ -1,0 +1,408 @@
+"""Sends the notifications in outbox/ (see spoold.out.notices for how they get there): by mail
+and to webhooks, each target at most once per window, with backoff, given up into outbox/failed/.
+
+One thread decides (``tick``), a few send. A round:
+
+1. every committed change file (``_n.``) this host wrote is split into one held notice per
+   target (``_t.<target>.``), each prepared and committed, then the change file is removed. A
+   crash half-way splits it again into the same names: nothing is sent twice for it.
+2. each target's held notices are sent together once its window is closed (``_w.<host>.<target>``
+   says until when it is open), or, where none is open, once the first has waited ``wait``
+   seconds for others to join it, and their backoff is over: one notice as a message of its
+   own, several as one digest; the window is written (durably) before they are removed.
+3. a window that closed with nothing held is removed.
+
+A target that fails (a mail server down, a receiver answering 500) waits out its own backoff
+and holds no one else: each target is in flight at most once, and at most ``per_host`` sends
+go to one server at a time. Another host's notifications are its own while it is alive, and
+adopted once it is not, like callbacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import random
+import smtplib
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from spoold.core.clock import Clock
+from spoold.core.config import CallbackSettings, MailSettings, NotifySettings, NotifyTarget
+from spoold.core.errors import SpooldError
+from spoold.core.outage import Outage
+from spoold.core.secrets import SecretStore
+from spoold.core.spool import Spool
+from spoold.out.messages import mail, webhook_body
+from spoold.out.notices import CHANGE, HELD, WINDOW, target_id
+from spoold.out.outbox import Callbacks, encode_record
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
+
+#: Folded notices are told to this, by target kind (email, webhook): the metrics' counter.
+OnFolded = Callable[[str, int], None]
+
+
+@dataclass
+class _Batch:
+    """One target's held notices, sent as one message."""
+
+    target_id: str
+    target: NotifyTarget
+    names: list[str]
+    records: list[dict[str, Any]]
+    server: str
+
+
+class Notifier:
+    """Splits, folds and sends the notifications in outbox/."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        callbacks: Callbacks,
+        clock: Clock,
+        *,
+        settings: NotifySettings,
+        sending: CallbackSettings,
+        secrets: SecretStore,
+        logger: logging.Logger,
+        poll_interval: float = 1.0,
+        wake: threading.Event | None = None,
+        on_folded: OnFolded | None = None,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        """``sending``: the callbacks' timeout, backoff and give-up time, used here too.
+        ``wake``: set by whoever commits a change file in this process."""
+        self._spool = spool
+        self._callbacks = callbacks
+        self._clock = clock
+        self._settings = settings
+        self._sending = sending
+        self._policy = sending.policy()
+        self._secrets = secrets
+        self._logger = logger
+        self._poll = poll_interval
+        self._wake = wake or threading.Event()
+        self._on_folded = on_folded
+        self._draw = draw
+        self._lock = threading.Lock()
+        self._in_flight: set[str] = set()  # target ids
+        self._servers: Counter[str] = Counter()
+        self._work: queue.Queue[_Batch | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._outage = Outage(logger, "notifier")
+        self._next_due: float | None = None
+        #: How this host sees another (as the callback sender's).
+        self.host_state: Callable[[str], str] = lambda host: "alive"
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look at outbox/ now: a change file was committed."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._loop, name="notify", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._send_loop, name=f"notify-{n}", daemon=True)
+            for n in range(self._sending.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop taking notices; sends under way end on their own (within the timeout)."""
+        self._stop.set()
+        self._wake.set()
+        if not self._threads:
+            return
+        for _ in range(self._sending.workers):
+            self._work.put(None)
+        self._threads[0].join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()  # before looking: a wake-up from now on is not lost
+            self._outage.call(self.tick, "notifier: unexpected failure; going on")
+            wait = self._poll
+            if self._next_due is not None:
+                wait = min(wait, max(self._next_due - self._clock.now().timestamp(), 0.0))
+            self._wake.wait(wait)
+
+    def _send_loop(self) -> None:
+        while (batch := self._work.get()) is not None:
+            try:
+                self.send(batch)
+            except Exception:
+                self._logger.exception("notify %s: unexpected failure; will try again",
+                                       describe(batch.target))  # fmt: skip
+            finally:
+                with self._lock:
+                    self._in_flight.discard(batch.target_id)
+                    self._servers[batch.server] -= 1
+                self._wake.set()
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def tick(self, *, inline: bool = False) -> int:
+        """Split what came, and hand out each target whose time has come; return how many
+        were. ``inline``: send them in this thread (a test's, or a loop not started)."""
+        now = self._clock.now().timestamp()
+        names = self._spool.deliveries.names()
+        split = False
+        for name in names:
+            if name.startswith(CHANGE) and name.endswith(".json"):
+                record = self._own(name, now)
+                if record is not None:
+                    self._split(name, record)
+                    split = True
+        if split:
+            names = self._spool.deliveries.names()
+        held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        windows: dict[str, tuple[str, float]] = {}
+        own_window = f"{WINDOW}{self._callbacks.host}."
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            if name.startswith(HELD):
+                record = self._own(name, now)
+                if record is not None and isinstance(record.get("target"), dict):
+                    held.setdefault(name[len(HELD) :].split(".", 1)[0], []).append((name, record))
+            elif name.startswith(own_window):
+                record = self._spool.deliveries.read(name)
+                if record is not None:
+                    windows[str(record.get("target_id"))] = (name, float(record.get("until") or 0))
+        self._next_due = None
+        handed = 0
+        for tid, notices in held.items():
+            notices.sort(key=lambda pair: float(pair[1].get("created") or 0))
+            if tid in windows:
+                until = windows[tid][1]
+            else:  # a quiet target: its first notice waits a moment for others to join it
+                until = float(notices[0][1].get("created") or 0) + self._settings.wait
+            due = max([until] + [float(r.get("next_try") or 0) for _, r in notices])
+            if due > now:
+                self._due_at(due)
+                continue
+            if self._hand(tid, notices, inline=inline):
+                handed += 1
+        for tid, (name, until) in windows.items():
+            if tid in held:
+                continue
+            if until <= now:
+                self._spool.deliveries.remove(name)  # closed, and nothing came
+            else:
+                self._due_at(until)
+        return handed
+
+    def _due_at(self, when: float) -> None:
+        self._next_due = when if self._next_due is None else min(self._next_due, when)
+
+    def _hand(self, tid: str, notices: list[tuple[str, dict[str, Any]]], *, inline: bool) -> bool:
+        target = NotifyTarget.from_dict(notices[0][1]["target"])
+        server = self._server(target)
+        with self._lock:
+            if tid in self._in_flight or self._servers[server] >= self._sending.per_host:
+                return False
+            self._in_flight.add(tid)
+            self._servers[server] += 1
+        batch = _Batch(tid, target, [n for n, _ in notices], [r for _, r in notices], server)
+        if not inline:
+            self._work.put(batch)
+            return True
+        try:
+            self.send(batch)
+        finally:
+            with self._lock:
+                self._in_flight.discard(tid)
+                self._servers[server] -= 1
+        return True
+
+    def _server(self, target: NotifyTarget) -> str:
+        """Where a target's messages go: its mail server, or its webhook's host."""
+        mail = self._settings.mail
+        if target.kind == "email":
+            return f"smtp:{mail.host}:{mail.port}" if mail is not None else "smtp:"
+        return "http:" + (urlsplit(target.url).netloc or target.url[:40])
+
+    def _own(self, name: str, now: float) -> dict[str, Any] | None:
+        """A notification file's record if this host sends it (adopted first from a host no
+        longer alive); None if another host does, or it is gone."""
+        record = self._spool.deliveries.read(name)
+        if record is None or self._callbacks.written_here(record):
+            return record
+        owner = str(record.get("host"))
+        if self.host_state(owner) == "alive":
+            return None
+        adopted = {**record, "host": self._callbacks.host, "adopted_from": owner,
+                   "created": now, "next_try": now}  # fmt: skip
+        if not self._spool.deliveries.adopt(name, self._callbacks.host,
+                                            lambda _old: encode_record(adopted)):  # fmt: skip
+            return None
+        self._logger.warning("notification %s: adopted from host %s, which is %s", name, owner,
+                             self.host_state(owner))  # fmt: skip
+        return adopted
+
+    def _split(self, name: str, record: dict[str, Any]) -> None:
+        """One change file into a held notice per target; the change file removed last."""
+        key = str(record["key"])[len(CHANGE) :]
+        sequence = int(record["sequence"])
+        for entry in record.get("targets") or []:
+            target = NotifyTarget.from_dict(entry)
+            tid = target_id(target)
+            notice = {
+                "kind": "notice",
+                # The same for the same change and target, split once or twice: a Message-ID.
+                "delivery_id": hashlib.sha256(
+                    f"{record['delivery_id']}/{tid}".encode()
+                ).hexdigest()[:32],
+                "key": f"{HELD}{tid}.{key}",
+                "sequence": sequence,
+                "target": target.to_dict(),
+                "target_id": tid,
+                "item": record.get("item") or {},
+                "created": float(record.get("created") or self._clock.now().timestamp()),
+                "condition": record.get("condition") or {},
+                "host": record.get("host"),
+                "tries": 0,
+                "next_try": 0,
+                "last_error": None,
+            }
+            data = encode_record(notice)
+            prepared = self._spool.deliveries.prepare(str(notice["key"]), sequence, data)
+            self._spool.deliveries.commit(prepared, data)
+        self._spool.deliveries.remove(name)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, batch: _Batch) -> bool:
+        """One try at one target's held notices; True when they were taken."""
+        items = [dict(record.get("item") or {}) for record in batch.records]
+        error = None
+        try:
+            if batch.target.kind == "email":
+                self._mail(batch, items)
+            else:
+                self._post(batch.target, items)
+        except (OSError, smtplib.SMTPException, SpooldError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        if error is not None:
+            self._failed(batch, error)
+            return False
+        now = self._clock.now().timestamp()
+        self._window(batch.target_id, now)
+        for name in batch.names:
+            self._spool.deliveries.remove(name)
+        if len(items) > 1:
+            self._logger.info(
+                "notify %s: %d notifications folded into one digest (window %gs)",
+                describe(batch.target), len(items), self._settings.window,
+            )  # fmt: skip
+            if self._on_folded is not None:
+                self._on_folded(batch.target.kind, len(items))
+        else:
+            self._logger.debug("notify %s: sent", describe(batch.target))
+        return True
+
+    def _window(self, tid: str, now: float) -> None:
+        """The target's window is open from now: written before its notices are removed, so
+        that a restart neither forgets it nor sends them again but as a duplicate."""
+        record = {"kind": "window", "key": f"{WINDOW}{self._callbacks.host}.{tid}",
+                  "sequence": 0, "target_id": tid, "sent_at": now,
+                  "until": now + self._settings.window, "host": self._callbacks.host,
+                  "condition": {}}  # fmt: skip
+        data = encode_record(record)
+        prepared = self._spool.deliveries.prepare(str(record["key"]), 0, data)
+        self._spool.deliveries.commit(prepared, data)
+
+    def _failed(self, batch: _Batch, error: str) -> None:
+        now = self._clock.now().timestamp()
+        tries = 1 + max(int(record.get("tries") or 0) for record in batch.records)
+        wait = self._policy.delay(tries, self._draw)
+        for name, record in zip(batch.names, batch.records, strict=True):
+            updated = {**record, "tries": tries, "last_error": error, "next_try": now + wait}
+            if now - float(record.get("created") or now) >= self._sending.give_up_after:
+                self._spool.deliveries.update(name, encode_record(updated))
+                try:
+                    self._spool.deliveries.give_up(name)
+                except FileNotFoundError:
+                    continue
+                self._logger.error(
+                    "notify %s of %s: gave up after %d tries (%s); kept in outbox/failed/",
+                    describe(batch.target), record.get("key"), tries, error,
+                )  # fmt: skip
+                continue
+            try:
+                self._spool.deliveries.update(name, encode_record(updated))
+            except FileNotFoundError:  # removed by hand meanwhile
+                continue
+        self._logger.warning("notify %s failed (%s); try %d again in %.0fs",
+                             describe(batch.target), error, tries + 1, wait)  # fmt: skip
+
+    def _mail(self, batch: _Batch, items: list[dict[str, Any]]) -> None:
+        settings = self._settings.mail
+        if settings is None:
+            raise ValueError("no mail server is configured (mail: in the config)")
+        message = mail(
+            items, sender=settings.sender, to=batch.target.to,
+            message_id=str(batch.records[-1]["delivery_id"]), window=self._settings.window,
+        )  # fmt: skip
+        send_mail(settings, message, list(batch.target.to), self._secrets, self._sending.timeout)
+
+    def _post(self, target: NotifyTarget, items: list[dict[str, Any]]) -> None:
+        import requests  # noqa: PLC0415 - only where a webhook is sent
+
+        url = target.url
+        if url.startswith("${secret:") and url.endswith("}"):
+            url = self._secrets.read(url[len("${secret:") : -1]).strip()
+        body = webhook_body(target.format, items, window=self._settings.window)
+        try:
+            answer = requests.post(
+                url, json=body, timeout=self._sending.timeout, allow_redirects=False,
+                headers={"User-Agent": "spoold"},
+            )  # fmt: skip
+            answer.close()
+        except requests.RequestException as exc:
+            raise OSError(str(exc)) from None
+        if not 200 <= answer.status_code < 300:
+            raise OSError(f"HTTP {answer.status_code}")
+
+
+def send_mail(
+    settings: MailSettings, message: EmailMessage, to: list[str], secrets: SecretStore,
+    timeout: float,
+) -> None:  # fmt: skip
+    """Mail ``message`` through the configured server: TLS (from the start, or by STARTTLS)
+    with the server's certificate checked, then the login, if any."""
+    context = ssl.create_default_context()
+    if settings.ca_file is not None:
+        context.load_verify_locations(cafile=str(settings.ca_file))
+    smtp: smtplib.SMTP
+    if settings.security == "tls":
+        smtp = smtplib.SMTP_SSL(settings.host, settings.port, timeout=timeout, context=context)
+    else:
+        smtp = smtplib.SMTP(settings.host, settings.port, timeout=timeout)
+    with smtp:
+        if settings.security == "starttls":
+            smtp.starttls(context=context)
+        if settings.user is not None and settings.password_secret is not None:
+            smtp.login(settings.user, secrets.read(settings.password_secret))
+        smtp.send_message(message, from_addr=settings.sender, to_addrs=to)
+
+
+def describe(target: NotifyTarget) -> str:
+    """A target in the log: never a webhook's path, which is often its key."""
+    if target.kind == "email":
+        return "mail to " + ", ".join(target.to)
+    if target.url.startswith("${secret:"):
+        return f"{target.format} webhook in {target.url[2:-1]}"
+    return f"{target.format} webhook at {urlsplit(target.url).netloc}"

@@ -1,0 +1,347 @@
+"""Notifications in one process: made with their change of state, folded per target and window,
+sent through a real SMTP server (aiosmtpd, STARTTLS and a login) and a real webhook receiver."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.core.config import (
+    CallbackSettings,
+    MailSettings,
+    NotifySettings,
+    NotifyTarget,
+)
+from spoold.core.errors import CallbackError
+from spoold.core.job import JobStatus
+from spoold.core.secrets import Masker, SecretStore
+from spoold.core.spool import Spool
+from spoold.core.states import JobState
+from spoold.out.notices import Notices
+from spoold.out.notify import Notifier
+from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.out.sender import Sender
+from tests.fakes import FakeClock
+from tests.loopback import free_port
+from tests.receiver import Receiver
+from tests.smtpd import MailServer, write_password
+
+LOG = logging.getLogger("test")
+WINDOW = 300.0
+LINK = "https://spoold.example.net/jobs/"
+TOKEN = "tok-9f8e7d6c5b4a"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    return spool
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def mail_server(tmp_path: Path) -> Iterator[MailServer]:
+    (tmp_path / "smtpd").mkdir()
+    server = MailServer(tmp_path / "smtpd").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver().start()
+    yield receiver
+    receiver.stop()
+
+
+class Bed:
+    """Callbacks and a Notifier over one spool, as the daemon wires them."""
+
+    def __init__(
+        self, spool: Spool, clock: FakeClock, tmp_path: Path, mail: MailSettings | None,
+        *, wait: float = 0.0, **sending: Any,
+    ) -> None:  # fmt: skip
+        secrets_dir = tmp_path / "secrets"
+        write_password(secrets_dir)
+        self.spool, self.clock = spool, clock
+        self.settings = NotifySettings(mail=mail, window=WINDOW, wait=wait)
+        notices = Notices(self.settings, hostname="host1", link=lambda job_id: LINK + job_id)
+        self.callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="host1",
+                                   notices=notices)  # fmt: skip
+        self.folded: list[tuple[str, int]] = []
+        self.notifier = Notifier(
+            spool, self.callbacks, clock, settings=self.settings,
+            sending=CallbackSettings(timeout=10.0, initial=5.0, **sending),
+            secrets=SecretStore(secrets_dir), logger=LOG, draw=lambda: 0.0,
+            on_folded=lambda kind, n: self.folded.append((kind, n)),
+        )  # fmt: skip
+
+    def fail(
+        self, job_id: str, targets: tuple[NotifyTarget, ...], *, log: str = "",
+        event: str = "failed", masker: Masker | None = None,
+    ) -> JobStatus:  # fmt: skip
+        """A job in running/ that ends ``event`` (its log holding ``log``), announced."""
+        path = self.spool.dir("running") / job_id
+        path.mkdir()
+        (path / "log").write_text(log)
+        status = JobStatus(job_id=job_id, state=JobState.RUNNING, executor="local", type=None,
+                           submitted_at="2026-11-22T12:00:00Z", source=None)  # fmt: skip
+        (path / "status.json").write_text(json.dumps(status.to_dict()))
+        status.begin_attempt(self.clock.now(), "w1")
+        state = {"failed": JobState.FAILED, "succeeded": JobState.SUCCEEDED}[event]
+        status.end_attempt(self.clock.now(), state, 3 if event == "failed" else 0,
+                           f"exit code 3 ({TOKEN})" if event == "failed" else None)  # fmt: skip
+        mask = None if masker is None else masker.mask_data
+        with self.callbacks.announce(CallbackTarget(None, "", notify=targets), event, status,
+                                     mask):  # fmt: skip
+            (path / "status.json").write_text(json.dumps(status.to_dict()))
+        return status
+
+    def outbox(self, directory: str = "") -> list[str]:
+        return self.spool.deliveries.names(directory)
+
+
+def email(*to: str, on: tuple[str, ...] = ("failed",)) -> NotifyTarget:
+    return NotifyTarget("email", to=to, on=frozenset(on))
+
+
+def webhook(url: str, form: str = "json", on: tuple[str, ...] = ("failed",)) -> NotifyTarget:
+    return NotifyTarget("webhook", url=url, format=form, on=frozenset(on))
+
+
+def mail_settings(server: MailServer, port: int | None = None) -> MailSettings:
+    return MailSettings(
+        host="127.0.0.1", port=port or server.port, user="spoold-mailer",
+        password_secret="smtp-password", sender="spoold@example.net", ca_file=server.ca_file,
+    )  # fmt: skip
+
+
+def test_a_failure_is_mailed_once_over_starttls_with_its_masked_log_tail(
+    spool: Spool, clock: FakeClock, tmp_path: Path, mail_server: MailServer
+) -> None:
+    bed = Bed(spool, clock, tmp_path, mail_settings(mail_server))
+    lines = [f"2026-11-22T12:00:00Z INFO line {n}" for n in range(200)]
+    lines.append(f"2026-11-22T12:00:01Z ERROR token was {TOKEN}")
+    masker = Masker([TOKEN])
+    bed.fail("backup-7", (email("ops@example.net"),), log="\n".join(lines) + "\n", masker=masker)
+    assert bed.outbox() == ["_n.backup-7~00000001.json"], "made with the change"
+    assert bed.notifier.tick(inline=True) == 1
+    (got,) = mail_server.wait_count(1)
+    assert got.tls and got.login == "spoold-mailer", "STARTTLS, then the login"
+    assert got.recipients == ["ops@example.net"] and got.sender == "spoold@example.net"
+    message = got.message()
+    assert message["Subject"] == "[spoold] job backup-7 failed on host1"
+    text = got.text()
+    assert "Error: exit code 3 (***)" in text and TOKEN not in text
+    assert f"Page: {LINK}backup-7" in text
+    tail = got.attachments()["log-tail.txt"]
+    assert "line 199" in tail and "line 151" in tail and "line 150" not in tail, "50 lines"
+    assert "token was ***" in tail and TOKEN not in got.content.decode(errors="replace")
+    # Sent: nothing is held, the window is open; nothing is sent again.
+    assert [n for n in bed.outbox() if not n.startswith("_w.")] == []
+    assert bed.notifier.tick(inline=True) == 0
+    assert len(mail_server.mails()) == 1 and bed.folded == []
+
+
+def test_twenty_failures_together_are_one_digest(
+    spool: Spool, clock: FakeClock, tmp_path: Path, mail_server: MailServer
+) -> None:
+    bed = Bed(spool, clock, tmp_path, mail_settings(mail_server))
+    target = email("ops@example.net")
+    for n in range(20):
+        bed.fail(f"job-{n:02d}", (target,))
+    assert bed.notifier.tick(inline=True) == 1
+    (got,) = mail_server.wait_count(1)
+    assert got.message()["Subject"] == "[spoold] 20 jobs on host1: 20 failed"
+    text = got.text()
+    for n in range(20):
+        assert f"- job-{n:02d}: failed (exit code 3 (" in text
+        assert f"{LINK}job-{n:02d}" in text
+    assert bed.folded == [("email", 20)]
+
+
+def test_a_quiet_targets_first_notice_waits_for_the_burst_it_starts(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    """``wait``: the first failure of a burst is not sent alone, ahead of a digest of the
+    rest; after the wait, one message holds all that came; alone, it goes alone."""
+    bed = Bed(spool, clock, tmp_path, None, wait=10.0)
+    target = webhook(receiver.url)
+    bed.fail("first", (target,))
+    assert bed.notifier.tick(inline=True) == 0, "it waits for others to join it"
+    clock.advance(9)
+    for n in range(5):
+        bed.fail(f"more-{n}", (target,))
+    assert bed.notifier.tick(inline=True) == 0
+    clock.advance(1)
+    assert bed.notifier.tick(inline=True) == 1
+    (body,) = receiver.bodies()
+    assert body["count"] == 6 and body["digest"] is True
+    assert [n["job_id"] for n in body["notices"]] == ["first", *(f"more-{n}" for n in range(5))]
+    # The window is open now; once it closed and a failure comes alone, it goes alone.
+    clock.advance(WINDOW)
+    bed.notifier.tick(inline=True)
+    bed.fail("lone", (target,))
+    clock.advance(10)
+    assert bed.notifier.tick(inline=True) == 1
+    assert receiver.bodies()[-1]["count"] == 1
+
+
+def test_what_comes_while_the_window_is_open_waits_for_it_to_close(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    bed = Bed(spool, clock, tmp_path, None)
+    target = webhook(receiver.url)
+    bed.fail("first", (target,))
+    bed.notifier.tick(inline=True)
+    assert [b["count"] for b in receiver.bodies()] == [1]
+    clock.advance(10)
+    bed.fail("second", (target,))
+    bed.fail("third", (target,))
+    assert bed.notifier.tick(inline=True) == 0, "the window is open"
+    clock.advance(WINDOW - 11)
+    assert bed.notifier.tick(inline=True) == 0
+    # The daemon restarts meanwhile: the window and what it holds are in outbox/.
+    bed = Bed(spool, clock, tmp_path, None)
+    assert bed.notifier.tick(inline=True) == 0
+    clock.advance(1)
+    assert bed.notifier.tick(inline=True) == 1
+    bodies = receiver.bodies()
+    assert [b["count"] for b in bodies] == [1, 2]
+    assert [n["job_id"] for n in bodies[1]["notices"]] == ["second", "third"]
+    assert bodies[1]["digest"] is True and bed.folded == [("webhook", 2)]
+    # Nothing came in the next window: it closes and is forgotten.
+    clock.advance(WINDOW)
+    bed.notifier.tick(inline=True)
+    assert bed.outbox() == []
+
+
+def test_targets_hear_only_the_events_they_asked_for(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    bed = Bed(spool, clock, tmp_path, None)
+    on_success = webhook(receiver.url + "/ok", on=("succeeded",))
+    on_failure = webhook(receiver.url + "/ko")
+    bed.fail("a", (on_success, on_failure), event="failed")
+    bed.fail("b", (on_success, on_failure), event="succeeded")
+    status = JobStatus(job_id="c", state=JobState.RUNNING, executor="local", type=None,
+                       submitted_at="2026-11-22T12:00:00Z", source=None)  # fmt: skip
+    with bed.callbacks.announce(CallbackTarget(None, "", notify=(on_failure,)), "started", status):
+        pass
+    assert status.callback_sequence == 0, "no target wants it: nothing prepared, no sequence"
+    bed.notifier.tick(inline=True)
+    got = {r.path: json.loads(r.body) for r in receiver.wait_count(2)}
+    assert got["/hook/ok"]["notices"][0]["job_id"] == "b"
+    assert got["/hook/ko"]["notices"][0]["job_id"] == "a"
+    assert len(receiver.received) == 2
+
+
+def test_a_change_that_is_not_made_notifies_no_one(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    bed = Bed(spool, clock, tmp_path, None)
+    status = JobStatus(job_id="j", state=JobState.FAILED, executor="local", type=None,
+                       submitted_at="2026-11-22T12:00:00Z", source=None)  # fmt: skip
+    target = CallbackTarget(None, "", notify=(webhook(receiver.url),))
+    with (
+        pytest.raises(OSError, match="disk full"),
+        bed.callbacks.announce(target, "failed", status),
+    ):
+        assert bed.outbox() == ["_n.j~00000001.prepared"]
+        raise OSError("disk full")
+    assert bed.outbox() == [] and status.callback_sequence == 0
+
+
+def test_a_prepared_notification_is_decided_by_the_jobs_status(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A crash between prepare and commit: the status.json the change wrote decides."""
+    bed = Bed(spool, clock, tmp_path, None)
+    target = CallbackTarget(None, "", notify=(webhook("http://127.0.0.1:9/x"),))
+    left = []  # kept: a generator collected would be closed, and drop what it prepared
+    for job_id, made in (("made", True), ("unmade", False)):
+        path = spool.dir("running") / job_id
+        path.mkdir()
+        status = JobStatus(job_id=job_id, state=JobState.RUNNING, executor="local", type=None,
+                           submitted_at="2026-11-22T12:00:00Z", source=None)  # fmt: skip
+        (path / "status.json").write_text(json.dumps(status.to_dict()))
+        left.append(bed.callbacks.announce(target, "failed", status))
+        left[-1].__enter__()  # prepared; the process dies before it commits
+        if made:
+            (path / "status.json").write_text(json.dumps(status.to_dict()))
+    assert sorted(bed.outbox()) == ["_n.made~00000001.prepared", "_n.unmade~00000001.prepared"]
+    assert bed.callbacks.settle_all() == (1, 1)
+    assert bed.outbox() == ["_n.made~00000001.json"]
+
+
+def test_a_mail_server_that_is_down_delays_no_one_else(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver, mail_server: MailServer
+) -> None:
+    down = free_port()  # nothing listens there
+    bed = Bed(spool, clock, tmp_path, mail_settings(mail_server, port=down), give_up_after=3600)
+    bed.fail("j", (email("ops@example.net"), webhook(receiver.url)))
+    assert bed.notifier.tick(inline=True) == 2
+    assert receiver.wait_count(1)[0].path == "/hook", "the webhook went, the mail did not"
+    (held,) = [n for n in bed.outbox() if n.startswith("_t.")]
+    record = spool.deliveries.read(held)
+    assert (
+        record is not None
+        and record["tries"] == 1
+        and "Connection refused" in str(record["last_error"])
+    )
+    assert bed.notifier.tick(inline=True) == 0, "it waits out its backoff"
+    clock.advance(5)
+    assert bed.notifier.tick(inline=True) == 1
+    clock.advance(3600)
+    bed.notifier.tick(inline=True)
+    assert bed.outbox("failed") == [held], "given up into outbox/failed/"
+    assert mail_server.mails() == [] and len(receiver.received) == 1
+
+
+def test_callbacks_and_notifications_go_their_own_ways(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    """One change, one sequence: its callback and its notification file, each sent by its own."""
+    bed = Bed(spool, clock, tmp_path, None)
+    status = JobStatus(job_id="j", state=JobState.FAILED, executor="local", type=None,
+                       submitted_at="2026-11-22T12:00:00Z", source=None)  # fmt: skip
+    target = CallbackTarget(receiver.url + "/cb", "secret", notify=(webhook(receiver.url),))
+    with bed.callbacks.announce(target, "failed", status):
+        pass
+    assert bed.outbox() == ["_n.j~00000001.json", "j~00000001.json"]
+    callback = spool.deliveries.read("j~00000001.json")
+    assert callback is not None and callback["delivery_id"] == status.callback_delivery
+    sender = Sender(spool, bed.callbacks, clock, CallbackSettings(), LOG)
+    assert sender.tick() == 1, "the callback sender takes the callback, not the notification"
+    sender.start()
+    try:
+        receiver.wait_count(1)
+    finally:
+        sender.stop()
+    bed.notifier.tick(inline=True)
+    paths = sorted(r.path for r in receiver.wait_count(2))
+    assert paths == ["/hook", "/hook/cb"]
+
+
+def test_a_job_whose_targets_no_longer_work_keeps_its_callback(
+    spool: Spool, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accepted with a mail server that the config no longer names: its callback still goes."""
+    bed = Bed(spool, clock, tmp_path, None)
+    document = {"callback": {"url": "http://127.0.0.1:9/cb", "secret": "s"},
+                "notify": [{"email": {"to": ["ops@example.net"]}}]}  # fmt: skip
+    with pytest.raises(CallbackError, match="email targets need a mail server"):
+        bed.callbacks.target(document)  # what intake refuses
+    found = bed.callbacks.target_of("j", document)
+    assert found is not None and found.url == "http://127.0.0.1:9/cb" and found.notify == ()
+    assert "job j sends no notifications: notify: email targets need" in caplog.text

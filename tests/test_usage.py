@@ -1,0 +1,177 @@
+"""What each attempt cost (status.json ``usage``, issue 24): measured by the kernel for local
+jobs, kept across a ``kill -9`` of the daemon, shown by ``spoold status``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.core.clock import SystemClock
+from spoold.core.job import StepUsage, Usage
+from spoold.core.joblog import JobLog
+from spoold.face.views import usage_text
+from spoold.run.process import run_process
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    local_job,
+    run_cli,
+    supervisors,
+    wait_finished,
+    wait_for,
+    write_config,
+)
+
+MB = 1024 * 1024
+#: Allocates 200 MB and touches every page of it: resident, not only reserved.
+ALLOCATE = (
+    "python3 -c 'b = bytearray(200 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1'"
+)
+#: A second of CPU in user mode (the clock read is a small part of it).
+BURN = (
+    "python3 -c 'import time\nt = time.process_time()\n"
+    "while time.process_time() - t < 1.0: sum(range(100000))'"
+)
+#: Exactly 11 bytes of output, one line without its newline, one on stderr.
+PRINT = "printf 'abc\\ndef'; printf 'err\\n' >&2"
+
+
+def _run(command: str, tmp_path: Path) -> Usage:
+    with (tmp_path / "log").open("ab") as handle:
+        log = JobLog(handle, SystemClock())
+        outcome = run_process(
+            ["/bin/sh", "-c", command], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, log=log,
+            clock=SystemClock(), timeout=None, kill_grace=1.0, cancel=threading.Event(),
+        )  # fmt: skip
+    assert outcome.exit_code == 0, (tmp_path / "log").read_text()
+    assert outcome.usage is not None
+    return outcome.usage
+
+
+def test_the_kernel_measures_memory_cpu_and_output_of_a_process_tree(tmp_path: Path) -> None:
+    # In a child of the shell, which the shell reaps: its figures reach spoold through it.
+    memory = _run(ALLOCATE + "; true", tmp_path)
+    assert memory.peak_memory_bytes is not None and memory.peak_memory_bytes >= 200 * MB
+    assert memory.source == "kernel"
+    burn = _run(BURN, tmp_path)
+    assert burn.cpu_user_seconds is not None and burn.cpu_user_seconds >= 0.9
+    assert burn.cpu_system_seconds is not None and burn.cpu_system_seconds >= 0.0
+    assert burn.wall_seconds is not None and burn.wall_seconds >= 0.9
+    assert burn.peak_memory_bytes is not None and burn.peak_memory_bytes < 200 * MB
+    assert _run(PRINT, tmp_path).output_bytes == 11
+    assert _run("true", tmp_path).output_bytes == 0
+
+
+def test_usage_adds_up_and_reads_back() -> None:
+    a = Usage(1.0, 0.5, 0.25, 10 * MB, 7, "kernel")
+    b = Usage(2.0, None, None, None, 3, "wall")
+    both = a.plus(b)
+    assert both == Usage(3.0, 0.5, 0.25, 10 * MB, 10, "kernel+wall")
+    assert Usage.from_dict(both.to_dict()) == both
+    assert Usage.from_dict(None) is None and Usage.from_dict("x") is None
+    steps = StepUsage(2, {"old": {"usage": a.to_dict(), "usage_attempt": 1},
+                          "kept": {"usage": b.to_dict(), "usage_attempt": 2}})  # fmt: skip
+    steps.add("new", a)
+    steps.add("new", a)
+    assert steps.total() == b.plus(a.plus(a))
+    shown = steps.onto({"old": {"state": "running", "usage": {}, "usage_attempt": 1},
+                        "new": {"state": "succeeded"}})  # fmt: skip
+    assert "usage" not in shown["old"]
+    assert shown["new"]["usage_attempt"] == 2 and shown["new"]["usage"]["output_bytes"] == 14
+    text = usage_text(a.to_dict())
+    assert text == (
+        "wall 1.00s, CPU 0.50s user + 0.25s system, peak memory 10.0 MiB, output 7 bytes "
+        "(from the kernel)"
+    )
+    assert usage_text(b.to_dict()).endswith("(CPU and memory not known for this executor)")
+    assert usage_text(None) == ""
+
+
+def _usage(status: dict[str, Any]) -> dict[str, Any]:
+    usage: dict[str, Any] = status["attempts"][-1]["usage"]
+    assert set(usage) == {"wall_seconds", "cpu_user_seconds", "cpu_system_seconds",
+                          "peak_memory_bytes", "output_bytes", "source"}  # fmt: skip
+    return usage
+
+
+@pytest.mark.daemon
+def test_a_jobs_attempts_and_steps_show_what_they_cost(spool_dir: Path, tmp_path: Path) -> None:
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir))
+    steps = [
+        {"id": "memory", "executor": "local", "product": {"commands": ALLOCATE}},
+        {"id": "cpu", "executor": "local", "product": {"commands": BURN}},
+        {"id": "print", "executor": "local", "product": {"commands": PRINT},
+         "needs": ["memory"]},
+    ]  # fmt: skip
+    try:
+        daemon.start()
+        drop(spool_dir, "plain.yaml", local_job("plain", PRINT, retries=1, backoff="1s"))
+        drop(spool_dir, "fails.yaml", local_job("fails", f"{BURN}; exit 3"))
+        drop(spool_dir, "steps.yaml", {"job_id": "steps", "executor": "local", "steps": steps})
+        where, plain = wait_finished(spool_dir, "plain")
+        assert where == "done"
+        usage = _usage(plain)
+        assert usage["output_bytes"] == 11 and usage["source"] == "kernel"
+        assert usage["wall_seconds"] >= 0 and usage["peak_memory_bytes"] > 0
+        where, fails = wait_finished(spool_dir, "fails")
+        assert where == "failed"
+        assert _usage(fails)["cpu_user_seconds"] >= 0.9  # a failed attempt cost as much
+        where, status = wait_finished(spool_dir, "steps")
+        assert where == "done", status
+        by_step = {step_id: step["usage"] for step_id, step in status["steps"].items()}
+        assert by_step["memory"]["peak_memory_bytes"] >= 200 * MB
+        assert by_step["cpu"]["cpu_user_seconds"] >= 0.9
+        assert by_step["print"]["output_bytes"] == 11
+        assert {step["usage_attempt"] for step in status["steps"].values()} == {1}
+        total = _usage(status)
+        assert total["peak_memory_bytes"] >= 200 * MB
+        assert total["cpu_user_seconds"] >= 0.9 and total["output_bytes"] == 11
+        assert total["wall_seconds"] >= 1.0
+        shown = run_cli(spool_dir, "status", "steps")
+        assert shown.returncode == 0, shown.stderr
+        cost = next(line for line in shown.stdout.splitlines() if line.startswith("  cost:"))
+        assert "peak memory" in cost and "output 11 bytes" in cost and "(from the kernel)" in cost
+        shown_lines = shown.stdout.splitlines()
+        after_memory = shown_lines[shown_lines.index(next(
+            line for line in shown_lines if line.startswith("step memory:")
+        )) + 1]  # fmt: skip
+        assert after_memory.startswith("  cost:") and "peak memory 2" in after_memory
+    finally:
+        daemon.kill()
+
+
+@pytest.mark.daemon
+@pytest.mark.parametrize("ends", ["while-no-daemon", "after-adoption"])
+def test_usage_survives_a_kill_9_of_the_daemon(spool_dir: Path, tmp_path: Path, ends: str) -> None:
+    """The supervisor writes the unit's cost into its end record; the next daemon reads it."""
+    mark = tmp_path / "go"
+    command = f"until [ -e {mark} ]; do sleep 0.05; done; {ALLOCATE}; {PRINT}"
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir))
+    units = spool_dir / "running" / "long" / "units"
+    try:
+        daemon.start()
+        drop(spool_dir, "long.yaml", local_job("long", command))
+        wait_for(lambda: supervisors(spool_dir), what="the job's supervisor")
+        daemon.kill(leave_jobs=True)
+        if ends == "while-no-daemon":
+            mark.touch()
+            wait_for(lambda: any(units.glob("*.end")) if units.is_dir() else None,
+                     what="the unit's end record")  # fmt: skip
+            record = json.loads(next(units.glob("*.end")).read_text())
+            assert record["usage"]["peak_memory_bytes"] >= 200 * MB
+        daemon.start()
+        if ends == "after-adoption":
+            wait_for(lambda: "adopted" in (spool_dir / "running" / "long" / "log").read_text(),
+                     what="the new daemon to adopt the job")  # fmt: skip
+            mark.touch()
+        where, status = wait_finished(spool_dir, "long")
+        assert where == "done", status
+        usage = _usage(status)
+        assert usage["peak_memory_bytes"] >= 200 * MB
+        assert usage["output_bytes"] == 11 and usage["source"] == "kernel"
+    finally:
+        daemon.kill()
