@@ -90,3 +90,75 @@ def test_a_schedule_window_is_judged_by_intakes_clock(tmp_path: Path) -> None:
     refused = intake.offer("late.yaml", complete=True)
     assert isinstance(refused, Rejected), refused
     assert "never fires" in json.dumps(refused.reason), refused.reason
+
+
+def test_files_offered_together_are_each_decided_as_alone_and_in_order(tmp_path: Path) -> None:
+    """A group commit changes no decision: a bad file and a duplicate id among good ones are
+    rejected with their reasons, the others accepted, a schedule placed, in the given order."""
+    spool, intake, _ = _intake(tmp_path)
+    incoming = spool.dir("incoming")
+    files = {
+        "a.yaml": JOB,
+        "bad.yaml": "job_id: [\n",
+        "b.yaml": JOB.replace("job_id: a", "job_id: b"),
+        "again.yaml": JOB,  # a's id, a second time in the same group
+        "s.yaml": JOB.replace("job_id: a", "job_id: s") + "schedule: {every: 1h}\n",
+    }
+    for name, text in files.items():
+        (incoming / name).write_text(text)
+    accepted: list[str] = []
+    intake._on_accepted = lambda job, document: accepted.append(job.job_id)
+    outcomes = intake.offer_all(list(files), complete=True)
+    kinds = [type(outcome).__name__ for outcome in outcomes]
+    assert kinds == ["Accepted", "Rejected", "Accepted", "Rejected", "Accepted"]
+    duplicate = outcomes[3]
+    assert isinstance(duplicate, Rejected) and "already exists" in json.dumps(duplicate.reason)
+    assert accepted == ["a", "b"]  # handed on in order, once all were placed
+    assert [job.job_id for job in spool.jobs.list_jobs("pending")] == ["a", "b"]
+    assert [job.job_id for job in spool.jobs.list_jobs("scheduled")] == ["s"]
+    assert sorted(p.name for p in spool.dir("rejected").iterdir()) == ["again.yaml", "bad.yaml"]
+    assert list(incoming.iterdir()) == [] and list(spool.dir("tmp").iterdir()) == []
+
+
+def test_a_group_whose_commit_fails_goes_back_to_incoming_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared sync failing (a disk error) loses nothing: every file of the group is back
+    in incoming/ under its name, no id stays reserved, and the next try takes them all."""
+    spool, intake, clock = _intake(tmp_path)
+    names = [f"j{n}.yaml" for n in range(5)]
+    for n, name in enumerate(names):
+        (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: j{n}"))
+
+    def broken(prepared: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool.stages, "settle", broken)
+    assert intake.offer_all(names, complete=True) == [None] * 5
+    assert sorted(p.name for p in spool.dir("incoming").iterdir()) == names
+    assert list(spool.dir("tmp").iterdir()) == [] and spool.jobs.list_jobs("pending") == []
+    monkeypatch.undo()
+    clock.advance(1.0)  # the first backoff
+    assert all(isinstance(o, Accepted) for o in intake.offer_all(names, complete=True))
+    assert len(spool.jobs.list_jobs("pending")) == 5
+
+
+def test_a_failure_of_spoold_itself_mid_group_puts_the_unplaced_files_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the group's own code (here: asking whether a delivery waits raises) must not
+    strand staged files in tmp/ until the next start: they go back to incoming/ at once."""
+    spool, intake, _ = _intake(tmp_path)
+    names = [f"j{n}.yaml" for n in range(3)]
+    for n, name in enumerate(names):
+        (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: j{n}"))
+
+    class Broken:
+        def delivers(self, target: object, event: str) -> bool:
+            raise TypeError("a bug")
+
+    monkeypatch.setattr(intake, "_callbacks", Broken())
+    with pytest.raises(TypeError):
+        intake.offer_all(names, complete=True)
+    assert sorted(p.name for p in spool.dir("incoming").iterdir()) == names
+    assert list(spool.dir("tmp").iterdir()) == [] and spool.jobs.list_jobs("pending") == []

@@ -172,8 +172,7 @@ def test_accept_makes_the_job_directory_durable_before_it_enters_pending(
     def sync(path: str | Path) -> None:
         steps.append(f"sync {path}")
 
-    monkeypatch.setattr(stages_module, "fsync_path", sync)  # the job file, the stage
-    monkeypatch.setattr(fs_module, "fsync_path", sync)  # pending/, through its group commit
+    monkeypatch.setattr(fs_module, "fsync_path", sync)  # the job file, the stage, pending/
     monkeypatch.setattr(stages_module, "rename_noreplace", rename)
     spool.stages.accept(taken, "a", {"job_id": "a", "state": "pending"}, "accepted\n")
     stage = taken.stage
@@ -183,6 +182,59 @@ def test_accept_makes_the_job_directory_durable_before_it_enters_pending(
         f"rename {stage.name} -> pending/",
         f"sync {spool.dir('pending')}",
     ]
+
+
+def test_jobs_accepted_together_share_one_syncfs_and_one_fsync_of_pending(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A group commit: every job directory is durable before any is placed, and pending/ is
+    synced once after all are; on a filesystem where syncfs writes everything back."""
+    spool = _spool(tmp_path)
+    for name in ("a", "b", "c"):
+        (spool.dir("incoming") / f"{name}.yaml").write_text(f"job_id: {name}\n")
+    taken = [_taken(spool, f"{name}.yaml") for name in ("a", "b", "c")]
+    steps: list[str] = []
+    real_rename = fs_module.rename_noreplace
+
+    def rename(source: str | Path, target: str | Path) -> None:
+        steps.append(f"rename {Path(source).name} -> {Path(target).parent.name}/")
+        real_rename(source, target)
+
+    monkeypatch.setattr(fs_module, "fsync_path", lambda path: steps.append(f"sync {path}"))
+    monkeypatch.setattr(fs_module, "syncfs_path", lambda path: steps.append(f"syncfs {path}"))
+    monkeypatch.setattr(stages_module, "rename_noreplace", rename)
+    monkeypatch.setattr(fs_module, "filesystem_type", lambda path: "ext4")
+    prepared = [
+        spool.stages.prepare(t, t.name[0], {"job_id": t.name[0], "state": "pending"}, "x\n")
+        for t in taken
+    ]
+    spool.stages.settle(prepared)
+    jobs = [spool.stages.place(p, sync=False) for p in prepared]
+    spool.stages.sync_placed(schedules=False)
+    assert steps == [
+        f"syncfs {taken[0].stage}/job.yaml",
+        *(f"rename {t.stage.name} -> pending/" for t in taken),
+        f"sync {spool.dir('pending')}",
+    ]
+    assert [job.job_id for job in jobs] == ["a", "b", "c"]
+    assert all((job.path / "status.json").exists() for job in jobs)
+
+
+def test_a_network_filesystem_gets_an_fsync_per_file_even_in_a_group(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On NFS or sshfs syncfs may return having written nothing: no group syncfs there."""
+    spool = _spool(tmp_path)
+    for name in ("a", "b"):
+        (spool.dir("incoming") / f"{name}.yaml").write_text(f"job_id: {name}\n")
+    taken = [_taken(spool, f"{name}.yaml") for name in ("a", "b")]
+    steps: list[str] = []
+    monkeypatch.setattr(fs_module, "fsync_path", lambda path: steps.append(f"sync {path}"))
+    monkeypatch.setattr(fs_module, "syncfs_path", lambda path: steps.append(f"syncfs {path}"))
+    monkeypatch.setattr(fs_module, "filesystem_type", lambda path: "fuse.sshfs")
+    prepared = [spool.stages.prepare(t, t.name[0], {"job_id": t.name[0]}, "") for t in taken]
+    spool.stages.settle(prepared)
+    assert steps == [f"sync {p}" for t in taken for p in (f"{t.stage}/job.yaml", t.stage)]
 
 
 def test_a_duplicate_id_in_any_state_is_refused(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
@@ -32,6 +33,13 @@ def parse_duration(value: str | float | int) -> float:
         if value < 0:
             raise ValueError(f"{value!r} is negative")
         return float(value)
+    return _duration_text(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _duration_text(value: str) -> float:
+    # Cached: a schedule's durations are read at validation, intake and registration, and
+    # thousands of schedules share a few.
     text = value.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
         return float(text)

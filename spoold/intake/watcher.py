@@ -17,32 +17,13 @@ from pathlib import Path
 from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyFD, Mask
 
 from spoold.core.errors import ConfigError
+from spoold.core.spool import filesystem_type
 
 # Filesystems on which inotify sees only this host's changes.
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "fuse.sshfs", "fuse.ceph", "fuse.glusterfs",
     "glusterfs", "9p", "afs", "lustre", "gpfs", "fuse.s3fs", "fuse.rclone", "virtiofs",
 })  # fmt: skip
-
-
-def filesystem_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
-    """The type of the filesystem ``path`` is on, from the longest matching mount point."""
-    target = os.path.realpath(path)
-    best, best_type = "", None
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if " - " not in line or len(fields) < 5:
-            continue
-        mount_point = fields[4].replace("\\040", " ")
-        fs_type = line.split(" - ", 1)[1].split()[0]
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, fs_type
-    return best_type
 
 
 def resolve_watch_mode(setting: str, incoming: Path) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from spoold.core.errors import SpoolError
 from spoold.core.spool.deliveries import Deliveries
-from spoold.core.spool.fs import DEFAULT_MODE, GroupCommit
+from spoold.core.spool.fs import DEFAULT_MODE, GroupCommit, filesystem_type
 from spoold.core.spool.host_lock import HostLock
 from spoold.core.spool.hosts import HostRecords
 from spoold.core.spool.jobs import JobDir, Jobs
@@ -39,6 +39,7 @@ from spoold.core.spool.reservations import Reservations
 from spoold.core.spool.stages import (
     FileOwner,
     FileSignature,
+    Prepared,
     QuietCheck,
     Stages,
     TakenFile,
@@ -51,9 +52,11 @@ __all__ = [
     "FileOwner",
     "FileSignature",
     "JobDir",
+    "Prepared",
     "QuietCheck",
     "Spool",
     "TakenFile",
+    "filesystem_type",
     "is_transient_name",
 ]
 

@@ -29,6 +29,7 @@ __all__ = [
     "TEMP_MARK",
     "GroupCommit",
     "GroupSync",
+    "filesystem_type",
     "fsync_path",
     "give_to_owner_of",
     "json_bytes",
@@ -49,16 +50,43 @@ TEMP_MARK = ".spoold-"
 _counter = itertools.count()
 
 
+#: Filesystems where syncfs(2) writes back and flushes everything of the filesystem before it
+#: returns. Elsewhere (NFS, FUSE: sshfs) it may return having done nothing: files are fsynced.
+_SYNCFS_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
+#: From this many paths on, one syncfs costs less than an fsync each (0.1-0.2 ms apiece here).
+_SYNCFS_FROM = 4
+
+
 class GroupCommit:
     """The durability setting the stores of one spool share, and their directories' syncs.
 
     One ``GroupSync`` per top-level directory of the tree: every store that renamed into a
-    directory shares its fsync with whoever else needs one at the same time.
+    directory shares its fsync with whoever else needs one at the same time. ``barrier``
+    makes many files durable at once, where the filesystem allows it with one syncfs.
     """
 
     def __init__(self, directories: Iterable[str], *, durable: bool) -> None:
         self.durable = durable
         self._syncers = {path: GroupSync(path) for path in directories}
+        self._one_sync: bool | None = None  # whether syncfs may stand for fsyncs: on first use
+
+    def barrier(self, paths: list[str]) -> None:
+        """Make these files and directories (all in this spool's tree) durable, if durable:
+        one syncfs for many where it writes back everything, else an fsync each."""
+        if not self.durable or not paths:
+            return
+        if len(paths) >= _SYNCFS_FROM and self._syncfs_covers(paths[0]):
+            syncfs_path(paths[0])
+            return
+        for path in paths:
+            fsync_path(path)
+
+    def _syncfs_covers(self, path: str) -> bool:
+        if self._one_sync is None:
+            self._one_sync = (
+                filesystem_type(path) in _SYNCFS_FILESYSTEMS and _libc_syncfs() is not None
+            )
+        return self._one_sync
 
     def sync(self, *paths: str | Path) -> None:
         """fsync these directories (each one of the tree's top-level ones), if durable."""
@@ -258,6 +286,49 @@ class GroupSync:
                     self._cond.notify_all()
             if self._error is not None:  # the latest sync, which covers this caller, failed
                 raise self._error
+
+
+def syncfs_path(path: str | Path) -> None:
+    """syncfs(2) of the filesystem ``path`` is on: everything written to it is on disk after."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes  # noqa: PLC0415 - loaded by _libc_syncfs already
+
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc_syncfs() -> Any:
+    import ctypes  # noqa: PLC0415 - as for renameat2
+
+    return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+
+
+def filesystem_type(path: str | Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The type of the filesystem ``path`` is on, from the longest matching mount point."""
+    target = os.path.realpath(path)
+    best, best_type = "", None
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        fs_type = line.split(" - ", 1)[1].split()[0]
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, fs_type
+    return best_type
 
 
 def fsync_path(path: str | Path) -> None:

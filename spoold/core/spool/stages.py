@@ -26,7 +26,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,7 +36,6 @@ from spoold.core.spool.fs import (
     DEFAULT_MODE,
     TEMP_MARK,
     GroupCommit,
-    fsync_path,
     json_bytes,
     read_json,
     read_limited,
@@ -116,6 +115,16 @@ class TakenFile(NamedTuple):
     @property
     def original(self) -> Path:
         return self.stage / self.name
+
+
+class Prepared(NamedTuple):
+    """A job's directory written in its stage (``Stages.prepare``), not yet placed."""
+
+    job_id: str
+    stage: str
+    original: str  # where the staged file was, to give it back under its name
+    job_file: str
+    schedule: bool
 
 
 class Stages:
@@ -337,7 +346,23 @@ class Stages:
 
         ``schedule``: into scheduled/<job_id> instead, replacing a schedule of that id (one
         atomic exchange: the old definition is there up to the instant the new one is).
+        ``prepare``, ``settle`` and ``place`` in one: for one file at a time.
         """
+        prepared = self.prepare(taken, job_id, status, log_text, schedule=schedule)
+        self.settle([prepared])
+        return self.place(prepared)
+
+    def prepare(
+        self,
+        taken: TakenFile,
+        job_id: str,
+        status: dict[str, Any],
+        log_text: str,
+        *,
+        schedule: bool = False,
+    ) -> Prepared:
+        """Write a job's directory in its stage, beside the staged file: durable only once
+        ``settle`` has been called on it, placed by ``place``."""
         check_job_id(job_id)
         stage = os.fspath(taken.stage)
         original = f"{stage}/{taken.name}"
@@ -353,26 +378,40 @@ class Stages:
         os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
         if taken.name not in _STAGE_FILES:
             os.rename(original, job_file)
-        if self._disk.durable:
-            fsync_path(job_file)
-            # The job directory's own entries: without this, a filesystem that orders no
-            # metadata (ext4 without a journal, as on the benchmark machine) may come back from
-            # a power loss with pending/<id> naming a directory that was never written.
-            fsync_path(stage)
+        return Prepared(job_id, stage, original, job_file, schedule)
+
+    def settle(self, prepared: Sequence[Prepared]) -> None:
+        """Make prepared stages durable before any is placed: the job file, and the job
+        directory's own entries (without them, a filesystem that orders no metadata, such as
+        ext4 without a journal, may come back from a power loss with pending/<id> naming a
+        directory that was never written). Many at once share one syncfs where it is safe."""
+        self._disk.barrier([path for p in prepared for path in (p.job_file, p.stage)])
+
+    def place(
+        self, prepared: Prepared, *, status: dict[str, Any] | None = None, sync: bool = True
+    ) -> JobDir:
+        """Rename a settled stage into pending/ (or scheduled/); DuplicateJob if its id is
+        taken (the stage holds the staged file alone again). ``status``: one to write over
+        the prepared one first (a delivery prepared meanwhile numbered it). ``sync``: fsync
+        the directory it went into now; else the caller does, once for several
+        (``sync_placed``)."""
+        stage, job_id = prepared.stage, prepared.job_id
+        if status is not None:  # not fsynced, as the first: recovery rebuilds a lost one
+            write_file(f"{stage}/status.json", json_bytes(status), durable=False)
         # Reserved only now that status.json names the id: recovery of a stage undoes a
         # reservation that names the stage. No fsync of ids/: the fsync of pending/ (or
-        # scheduled/) below commits it, as every metadata change before it.
+        # scheduled/) commits it, as every metadata change before it.
         token: str | None = os.path.basename(stage)
         if not self._ids.reserve(job_id, str(token)):
             found = self._jobs.find(job_id)
-            if not (schedule and found is not None and found.directory == "scheduled"):
-                _unstage(stage, original, job_file)
+            if not (prepared.schedule and found is not None and found.directory == "scheduled"):
+                _unstage(stage, prepared.original, prepared.job_file)
                 where = f" in {found.directory}/" if found else " (its file is being accepted)"
                 raise DuplicateJob(f"a job with id {job_id!r} already exists{where}")
             token = None  # a schedule replaced keeps the reservation it had
         try:
-            if schedule:
-                return self._place_schedule(stage, job_id)
+            if prepared.schedule:
+                return self._place_schedule(stage, job_id, sync=sync)
             target = f"{self._dirs['pending']}/{job_id}"
             try:
                 rename_noreplace(stage, target)
@@ -380,16 +419,21 @@ class Stages:
                 # A job from before ids/ existed that the spool's migration missed: the
                 # reservation just made is now its.
                 token = None
-                _unstage(stage, original, job_file)
+                _unstage(stage, prepared.original, prepared.job_file)
                 raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
         except BaseException:
             if token is not None:
                 self._ids.unreserve(job_id, token)
             raise
-        self._disk.sync(self._dirs["pending"])
+        if sync:
+            self._disk.sync(self._dirs["pending"])
         return JobDir(job_id, "pending", target)
 
-    def _place_schedule(self, stage: str, job_id: str) -> JobDir:
+    def sync_placed(self, *, schedules: bool) -> None:
+        """The one fsync of pending/ (and of scheduled/) for jobs placed with ``sync=False``."""
+        self._disk.sync(self._dirs["pending"], *([self._dirs["scheduled"]] if schedules else []))
+
+    def _place_schedule(self, stage: str, job_id: str, *, sync: bool) -> JobDir:
         target = f"{self._dirs['scheduled']}/{job_id}"
         try:
             rename_noreplace(stage, target)
@@ -407,7 +451,8 @@ class Stages:
                 os.rename(stage, target)
                 stage = f"{stage}.old"
             shutil.rmtree(stage)
-        self._disk.sync(self._dirs["scheduled"])
+        if sync:
+            self._disk.sync(self._dirs["scheduled"])
         return JobDir(job_id, "scheduled", target)
 
     def create_run(
