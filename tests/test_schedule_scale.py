@@ -170,9 +170,10 @@ def test_a_schedule_accepted_is_registered_alone_from_what_intake_recorded(bench
         bench.drop(f"other-{i:02d}", EVERY_MINUTE)
     bench.reads.clear()
     bench.drop("new", EVERY_MINUTE)
-    assert bench.reads.jobs() == {"new"}, "no other schedule read"
-    assert bench.reads.of("read_status") == {"new": 1}
-    assert bench.reads.of("schedule_requests") == {"new": 1}, "what was asked, done at once"
+    assert bench.reads.jobs() <= {"new"}, "no other schedule read"
+    # Registered from the status intake wrote and handed over: not read back, nor asked of
+    # (a request made in the moment since is the next round's: SETTLE).
+    assert bench.reads.of("read_status") == {} and bench.reads.of("schedule_requests") == {}
     assert bench.reads.of("read_job_file") == {}, "nothing to run: its definition from status"
     assert bench.reads.of("write_status") == {}, "intake recorded its next firings already"
     assert "new" in bench.scheduler.registered() and bench.period("new") == timedelta(minutes=1)
@@ -191,7 +192,7 @@ def test_a_definition_replaced_is_registered_again_alone(bench: Bench) -> None:
     bench.reads.clear()
     bench.drop("beat", {"every": "30s"})
     assert bench.reads.jobs() == {"beat"}
-    assert bench.reads.of("read_status") == {"beat": 2}, "intake's (its history), the scheduler's"
+    assert bench.reads.of("read_status") == {"beat": 1}, "intake's (its history) alone"
     assert bench.period("beat") == timedelta(seconds=30)
     assert bench.scheduler.registered()["beat"] != before
     bench.reads.clear()
@@ -337,8 +338,7 @@ def test_2000_schedules_are_registered_with_a_bounded_number_of_reads(tmp_path: 
             bench.drop(f"s-{i:04d}", EVERY_MINUTE)
         assert len(bench.scheduler.registered()) == count
         assert len(bench.aps.get_jobs()) == count
-        reads = bench.reads.of("read_status")
-        assert len(reads) == count and set(reads.values()) == {1}, "each read once, when accepted"
+        assert bench.reads.of("read_status") == {}, "registered from what intake wrote"
         assert bench.reads.of("read_job_file") == {} and bench.reads.of("write_status") == {}
 
         # New directories: their stamps stand for them once a read came SETTLE after them.
@@ -397,7 +397,7 @@ def test_the_daemons_intake_registers_the_schedule_it_accepts_alone(
             ticked.drop(f"s-{i:02d}.yaml", local_job(f"s-{i:02d}", "true", schedule=EVERY_MINUTE))
         reads = Reads(ticked.daemon.spool)
         ticked.drop("new.yaml", local_job("new", "true", schedule=EVERY_MINUTE))
-        assert reads.jobs() == {"new"}, "the others are not read"
+        assert reads.jobs() <= {"new"}, "the others are not read"
         assert ticked.registered("new")
         assert "schedule new registered" in ticked.log()
 

@@ -149,7 +149,7 @@ class Intake:
         on_accepted: Callable[[JobDir, dict[str, Any]], None],
         logger: logging.Logger,
         allowed_run_as: tuple[str, ...] = (),
-        on_scheduled: Callable[[JobDir], None] = lambda job: None,
+        on_scheduled: Callable[[JobDir, dict[str, Any]], None] = lambda job, record: None,
         callbacks: Callbacks | None = None,
         policy: Policy | None = None,
         on_observed: Callable[[Observation], None] | None = None,
@@ -505,7 +505,7 @@ class Intake:
         if item.status is None:
             self._log.info("%s %s from %s", item.verb, job_id, name)
             try:
-                self._on_scheduled(job)
+                self._on_scheduled(job, item.schedule)  # the status.json intake wrote
             except Exception:  # it is in scheduled/ already: a scan registers it
                 self._log.exception("registering schedule %s failed; the next scan does it", job_id)
             return

@@ -179,14 +179,17 @@ class Scheduler:
                 if known is None or not known.settled or known.stamp != stamp:
                     self._look(job_id, stamp, wall=wall, now=now)
 
-    def accept(self, job: JobDir) -> None:
+    def accept(self, job: JobDir, status: Mapping[str, Any] | None = None) -> None:
         """Register the schedule intake just placed in scheduled/ (new, or its definition
-        replaced), and only it: one stat, one read."""
+        replaced), and only it: one stat, and one read unless ``status``, the status.json
+        intake wrote, is given. What was asked of it in the moment since (a pause from
+        another host) is its next round's: a directory stamped so lately is read again then
+        (``_settled``)."""
         with self._lock:
             wall, now = self._wall(), self._monotonic()
             stamp = self._spool.jobs.stamp_of(job)
             if stamp is not None:  # else unscheduled meanwhile: nothing to register
-                self._look(job.job_id, stamp, wall=wall, now=now)
+                self._look(job.job_id, stamp, wall=wall, now=now, placed=status)
 
     def registered(self) -> dict[str, str]:
         """The schedules registered with APScheduler: job id -> their definition's sha256 and
@@ -194,10 +197,14 @@ class Scheduler:
         with self._lock:
             return {j: k.definition for j, k in self._known.items() if k.definition is not None}
 
-    def _look(self, job_id: str, stamp: DirStamp, *, wall: float, now: float) -> None:
+    def _look(
+        self, job_id: str, stamp: DirStamp, *, wall: float, now: float,
+        placed: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         """Read one schedule, its directory stamped ``stamp`` (taken at or after ``wall`` and
         ``now``): register its definition if it is new here (what was missed fires there, and
-        what was asked is done there too), else act on what was asked of it, if anything."""
+        what was asked is done there too), else act on what was asked of it, if anything.
+        ``placed``: its status as intake just wrote it, neither read nor asked of again."""
         known = self._known.get(job_id)
         since = known.since if known is not None and known.stamp == stamp else now
         entry = _Known(
@@ -207,7 +214,7 @@ class Scheduler:
         self._known[job_id] = entry
         schedule = JobDir(job_id, "scheduled", f"{self._scheduled}/{job_id}")
         try:
-            status = self._spool.jobs.read_status(schedule)
+            status = dict(placed) if placed is not None else self._spool.jobs.read_status(schedule)
         except JobNotFound:
             entry.settled = False  # gone since its stat: the next round's listing drops it
             return
@@ -225,7 +232,9 @@ class Scheduler:
                 )  # fmt: skip
                 entry.definition = definition
                 self._logger.info("schedule %s registered (%s)", job_id, _describe(spec))
-                self._fire_loaded(schedule, status, spec, trigger)  # what was missed, if anything
+                # What was missed, if anything; a schedule just placed has no request yet.
+                asked = None if placed is None else ScheduleRequests(None, None, [])
+                self._fire_loaded(schedule, status, spec, trigger, asked=asked)
             elif _asked(asked := self._spool.jobs.schedule_requests(schedule), status):
                 self._fire_loaded(schedule, status, *self._load(schedule, status), asked=asked)
         except (OSError, SpooldError, ValueError) as exc:
