@@ -22,7 +22,9 @@ import pytest
 from spoold.core.spool import Spool
 from spoold.run.launcher import Launcher
 from tests.dockerd import client, dockerd, swarm  # noqa: F401 - the real servers, one each per session
+from tests.fakes import FakeClock
 from tests.harness import DaemonProcess, write_config
+from tests.receiver import receiver_fixture  # noqa: F401 - a webhook receiver on loopback
 from tests.sshd import sshd_fixture  # noqa: F401
 
 
@@ -55,6 +57,19 @@ def jobs_reach_tmp_path(tmp_path: Path) -> None:
         if not mode & stat.S_IXOTH:
             above.chmod(stat.S_IMODE(mode) | 0o011)
     tmp_path.chmod(0o1777)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """A fresh spool tree in the test's directory."""
+    made = Spool(tmp_path / "spool")
+    made.init()
+    return made
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import pytest
 
 from tests.harness import DEFAULT_BOUND, wait_for
 from tests.loopback import serve_in_thread, stop_serving
@@ -150,3 +152,11 @@ def verify(received: Received, secret: str) -> dict[str, Any]:
     expected = "sha256=" + out.split()[0]
     assert received.headers["x-spoold-signature"] == expected, "signature does not verify"
     return received.json()
+
+
+@pytest.fixture(name="receiver")
+def receiver_fixture() -> Iterator[Receiver]:
+    """A receiver on loopback for one test, stopped after it."""
+    made = Receiver().start()
+    yield made
+    made.stop()

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,6 @@ from tests.receiver import Receiver
 from tests.sshd import SshServer
 
 pytestmark = pytest.mark.daemon
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    made = Receiver().start()
-    yield made
-    made.stop()
 
 
 def _waits_for(mark: Path, runs: Path) -> str:

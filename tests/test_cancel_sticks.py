@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,13 +210,6 @@ def test_a_job_that_succeeds_before_the_cancel_reaches_it_succeeded(parts: Parts
 
 
 # -- the real daemon -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    made = Receiver().start()
-    yield made
-    made.stop()
 
 
 def _sleeper(tmp_path: Path) -> tuple[str, str]:

@@ -49,13 +49,6 @@ def mail_server(tmp_path: Path) -> Iterator[MailServer]:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver().start()
-    yield receiver
-    receiver.stop()
-
-
-@pytest.fixture
 def start_daemon(
     spool_dir: Path, tmp_path: Path, secrets_dir: Path, mail_server: MailServer
 ) -> Iterator[StartDaemon]:

@@ -38,30 +38,11 @@ TOKEN = "tok-9f8e7d6c5b4a"
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool")
-    spool.init()
-    return spool
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def mail_server(tmp_path: Path) -> Iterator[MailServer]:
     (tmp_path / "smtpd").mkdir()
     server = MailServer(tmp_path / "smtpd").start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver().start()
-    yield receiver
-    receiver.stop()
 
 
 class Bed:

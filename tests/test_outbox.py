@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +31,6 @@ from tests.receiver import Receiver, verify
 
 LOG = logging.getLogger("test")
 SECRET = "s3cr3t-for-tests"
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool")
-    spool.init()
-    return spool
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver().start()
-    yield receiver
-    receiver.stop()
 
 
 def callbacks(spool: Spool, clock: FakeClock, secrets: SecretStore | None = None) -> Callbacks:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import random
 import smtplib
 import ssl
@@ -42,6 +41,7 @@ from spoold.core.spool import Spool
 from spoold.out.messages import mail, webhook_body
 from spoold.out.notices import CHANGE, HELD, WINDOW, target_id
 from spoold.out.outbox import Callbacks, encode_record
+from spoold.out.threads import SenderThreads
 
 if TYPE_CHECKING:
     from email.message import EmailMessage
@@ -96,9 +96,10 @@ class Notifier:
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # target ids
         self._servers: Counter[str] = Counter()
-        self._work: queue.Queue[_Batch | None] = queue.Queue()
+        self._threads = SenderThreads[_Batch]("notify", self._loop, self._send_loop,
+                                              sending.workers)  # fmt: skip
+        self._work = self._threads.work
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._outage = Outage(logger, "notifier")
         self._next_due: float | None = None
         #: How this host sees another (as the callback sender's).
@@ -111,23 +112,13 @@ class Notifier:
         self._wake.set()
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._loop, name="notify", daemon=True)]
-        self._threads += [
-            threading.Thread(target=self._send_loop, name=f"notify-{n}", daemon=True)
-            for n in range(self._sending.workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads.start()
 
     def stop(self) -> None:
         """Stop taking notices; sends under way end on their own (within the timeout)."""
         self._stop.set()
         self._wake.set()
-        if not self._threads:
-            return
-        for _ in range(self._sending.workers):
-            self._work.put(None)
-        self._threads[0].join()
+        self._threads.stop()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

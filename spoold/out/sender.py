@@ -4,7 +4,6 @@ at once, with backoff, until the receiver answers 2xx or the delivery is given u
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 from collections import Counter
@@ -19,6 +18,7 @@ from spoold.core.outage import Outage
 from spoold.core.spool import Spool
 from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
+from spoold.out.threads import SenderThreads
 
 if TYPE_CHECKING:
     import requests
@@ -72,10 +72,10 @@ class Sender:
         self._listed = 0.0  # when, monotonic
         self._relist = False
         self._gone: set[str] = set()  # taken or given up since
-        self._work: queue.Queue[_Due | None] = queue.Queue()
+        self._threads = SenderThreads[_Due]("outbox", self._loop, self._post_loop, settings.workers)
+        self._work = self._threads.work
         self._wake = wake or threading.Event()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._outage = Outage(logger, "callback sender")
         #: How this host sees another (spoold.run.hostbeat.HostBeat.state_of): a delivery
@@ -88,23 +88,13 @@ class Sender:
         self._wake.set()
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._loop, name="outbox", daemon=True)]
-        self._threads += [
-            threading.Thread(target=self._post_loop, name=f"outbox-{n}", daemon=True)
-            for n in range(self._settings.workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads.start()
 
     def stop(self) -> None:
         """Stop taking deliveries; posts under way end on their own (within the timeout)."""
         self._stop.set()
         self._wake.set()
-        if not self._threads:
-            return  # never started (the daemon failed before)
-        for _ in range(self._settings.workers):
-            self._work.put(None)
-        self._threads[0].join()
+        self._threads.stop()
 
     def tick(self) -> int:
         """Hand out every delivery that is due; return how many were."""
