@@ -752,6 +752,7 @@ def schedules(base: Path, count: int, sizes: Sizes, workers: int, label: str) ->
                 "schedule: {every: 60s}\n"
             )
         os.sync()
+        tool.daemon.wait_quiet()  # its start-up is not registration
         cpu = cpu_seconds(tool.daemon)
         with Registered(tool.spool, ids) as registered:
             first = time.time()

@@ -125,6 +125,7 @@ def measure(
     period = float(every.rstrip("s"))
     try:
         daemon.start()
+        daemon.wait_quiet()  # its start-up is not registration
         seen = LogCount(daemon.log_path, REGISTERED)
         cpu_before = daemon.cpu_seconds()
         first = time.monotonic()

@@ -187,6 +187,20 @@ class Daemon:
                 total += int(fields[11]) + int(fields[12])
         return total / CLOCK_TICKS
 
+    def wait_quiet(self, bound: float = 10.0, step: float = 0.2) -> None:
+        """Return once the daemon's processes used less than a clock tick of CPU over
+        ``step`` seconds (or after ``bound``): READY comes before its worker processes and
+        launchers have finished importing, and a measurement started at READY would count
+        their start as the work measured."""
+        end = time.monotonic() + bound
+        before = self.cpu_seconds()
+        while time.monotonic() < end:
+            time.sleep(step)
+            now = self.cpu_seconds()
+            if now - before < 1.0 / CLOCK_TICKS:
+                return
+            before = now
+
     def memory_mb(self) -> tuple[float, float]:
         """RSS and PSS summed over the daemon's processes (PSS counts shared pages once)."""
         return memory_of(self.own_pids())
