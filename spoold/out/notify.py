@@ -96,10 +96,11 @@ class Notifier:
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # target ids
         self._servers: Counter[str] = Counter()
-        self._threads = SenderThreads[_Batch]("notify", self._loop, self._send_loop,
-                                              sending.workers)  # fmt: skip
-        self._work = self._threads.work
         self._stop = threading.Event()
+        self._threads = SenderThreads[_Batch]("notify", self._loop, self._send_loop,
+                                              sending.workers, stopping=self._stop,
+                                              wake=self._wake)  # fmt: skip
+        self._work = self._threads.work
         self._outage = Outage(logger, "notifier")
         self._next_due: float | None = None
         #: How this host sees another (as the callback sender's).
@@ -116,8 +117,6 @@ class Notifier:
 
     def stop(self) -> None:
         """Stop taking notices; sends under way end on their own (within the timeout)."""
-        self._stop.set()
-        self._wake.set()
         self._threads.stop()
 
     def _loop(self) -> None:

@@ -72,10 +72,12 @@ class Sender:
         self._listed = 0.0  # when, monotonic
         self._relist = False
         self._gone: set[str] = set()  # taken or given up since
-        self._threads = SenderThreads[_Due]("outbox", self._loop, self._post_loop, settings.workers)
-        self._work = self._threads.work
         self._wake = wake or threading.Event()
         self._stop = threading.Event()
+        self._threads = SenderThreads[_Due]("outbox", self._loop, self._post_loop,
+                                            settings.workers, stopping=self._stop,
+                                            wake=self._wake)  # fmt: skip
+        self._work = self._threads.work
         self._local = threading.local()
         self._outage = Outage(logger, "callback sender")
         #: How this host sees another (spoold.run.hostbeat.HostBeat.state_of): a delivery
@@ -92,8 +94,6 @@ class Sender:
 
     def stop(self) -> None:
         """Stop taking deliveries; posts under way end on their own (within the timeout)."""
-        self._stop.set()
-        self._wake.set()
         self._threads.stop()
 
     def tick(self) -> int:

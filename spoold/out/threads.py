@@ -16,9 +16,12 @@ class SenderThreads(Generic[T]):
     until it takes ``None``."""
 
     def __init__(
-        self, name: str, decide: Callable[[], None], send: Callable[[], None], workers: int
-    ) -> None:
+        self, name: str, decide: Callable[[], None], send: Callable[[], None], workers: int,
+        *, stopping: threading.Event, wake: threading.Event,
+    ) -> None:  # fmt: skip
+        """``stopping`` and ``wake``: what the deciding loop watches (``stop`` sets both)."""
         self.work: queue.Queue[T | None] = queue.Queue()
+        self._stopping, self._wake = stopping, wake
         self._name, self._decide, self._send, self._workers = name, decide, send, workers
         self._threads: list[threading.Thread] = []
 
@@ -32,9 +35,10 @@ class SenderThreads(Generic[T]):
             thread.start()
 
     def stop(self) -> None:
-        """Once the deciding loop was told to stop: no more sends; those under way end on
-        their own (within their timeout). Nothing to do if never started."""
-        if not self._threads:
+        """No more sends; those under way end on their own (within their timeout)."""
+        self._stopping.set()
+        self._wake.set()
+        if not self._threads:  # never started (the daemon failed before)
             return
         for _ in range(self._workers):
             self.work.put(None)
