@@ -289,6 +289,23 @@ def test_a_mail_server_that_is_down_delays_no_one_else(
     assert mail_server.mails() == [] and len(receiver.received) == 1
 
 
+def test_a_webhook_that_cannot_be_reached_never_shows_its_url_path(
+    spool: Spool, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chat webhook's path is its key: the error kept and logged names the host alone."""
+    key = "services/T0001/B0002/k3y-of-the-hook"
+    url = f"http://127.0.0.1:{free_port()}/{key}"  # nothing listens there
+    bed = Bed(spool, clock, tmp_path, None)
+    bed.fail("j", (webhook(url, "slack"),))
+    with caplog.at_level(logging.DEBUG, logger=LOG.name):
+        assert bed.notifier.tick(inline=True) == 1
+    (held,) = [n for n in bed.outbox() if n.startswith("_t.")]
+    record = spool.deliveries.read(held)
+    assert record is not None and record["tries"] == 1
+    assert "127.0.0.1" in str(record["last_error"]) and "k3y" not in str(record["last_error"])
+    assert caplog.records and all("k3y" not in r.getMessage() for r in caplog.records)
+
+
 def test_callbacks_and_notifications_go_their_own_ways(
     spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
 ) -> None:

@@ -362,7 +362,8 @@ class Notifier:
             )  # fmt: skip
             answer.close()
         except requests.RequestException as exc:
-            raise OSError(str(exc)) from None
+            # Not its words: they hold the URL, whose path is often the webhook's key.
+            raise OSError(f"{type(exc).__name__} posting to {urlsplit(url).netloc}") from None
         if not 200 <= answer.status_code < 300:
             raise OSError(f"HTTP {answer.status_code}")
 
