@@ -50,14 +50,14 @@ class Bed:
 
     def __init__(
         self, spool: Spool, clock: FakeClock, tmp_path: Path, mail: MailSettings | None,
-        *, wait: float = 0.0, **sending: Any,
+        *, wait: float = 0.0, host: str = "host1", **sending: Any,
     ) -> None:  # fmt: skip
         secrets_dir = tmp_path / "secrets"
         write_password(secrets_dir)
         self.spool, self.clock = spool, clock
         self.settings = NotifySettings(mail=mail, window=WINDOW, wait=wait)
-        notices = Notices(self.settings, hostname="host1", link=lambda job_id: LINK + job_id)
-        self.callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="host1",
+        notices = Notices(self.settings, hostname=host, link=lambda job_id: LINK + job_id)
+        self.callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG, host=host,
                                    notices=notices)  # fmt: skip
         self.folded: list[tuple[str, int]] = []
         self.notifier = Notifier(
@@ -304,6 +304,28 @@ def test_a_webhook_that_cannot_be_reached_never_shows_its_url_path(
     assert record is not None and record["tries"] == 1
     assert "127.0.0.1" in str(record["last_error"]) and "k3y" not in str(record["last_error"])
     assert caplog.records and all("k3y" not in r.getMessage() for r in caplog.records)
+
+
+def test_another_hosts_notifications_are_its_own_while_it_lives_then_adopted(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    """Hosts sharing a spool: a live host's notification is left to it; once it is gone,
+    another host adopts it (as callbacks) and sends it, once."""
+    target = webhook(receiver.url)
+    Bed(spool, clock, tmp_path, None, host="a").fail("j", (target,))
+    b = Bed(spool, clock, tmp_path, None, host="b")
+    b.notifier.host_state = lambda host: "alive"
+    assert b.notifier.tick(inline=True) == 0, "a is alive: a sends it"
+    assert [n for n in b.outbox() if n.startswith("_n.")], "nor split by b"
+    b.notifier.host_state = lambda host: "stale"
+    assert b.notifier.tick(inline=True) == 1
+    (body,) = receiver.bodies()
+    assert body["notices"][0]["job_id"] == "j"
+    assert [n for n in b.outbox() if not n.startswith("_w.b.")] == [], "sent, nothing held"
+    c = Bed(spool, clock, tmp_path, None, host="c")
+    c.notifier.host_state = lambda host: "stale"
+    c.notifier.tick(inline=True)
+    assert len(receiver.bodies()) == 1, "sent once"
 
 
 def test_callbacks_and_notifications_go_their_own_ways(
