@@ -14,6 +14,7 @@ The docker SDK is imported when a job runs, never with this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -37,6 +38,7 @@ from spoold.executors.docker import (
     MAX_LINE,
     WORKDIR,
     DockerExecutor,
+    EngineUsage,
     LoggedOutput,
     Pumps,
     copy_artifacts,
@@ -54,6 +56,7 @@ from spoold.executors.docker import (
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError
+from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
 
@@ -68,6 +71,8 @@ _FAILED = frozenset({"failed", "rejected", "orphaned", "shutdown"})
 # Seconds between looks at the tasks: often while a short job may end (the engine tells of no
 # task's change but by being asked), then less and less.
 _POLL_FIRST, _POLL_MOST, _POLL_OFTEN_FOR = 0.1, 1.0, 3.0
+#: Tasks whose engine figures are read while they run (a thread each); past it, none is.
+_METERED_MOST = 16
 _LABEL_SERVICE = "com.docker.swarm.service.id"  # the engine's label on a task's container
 _SECRETS_DIR = "/run/secrets"
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -352,6 +357,11 @@ class _ServiceRun:
         self.name = ""
         self.tasks: dict[str, Mapping[str, Any]] = {}
         self._stopped = False  # spoold scaled the service to zero: its tasks shut down
+        #: The engine's figures of each task whose container is on this node, read while it
+        #: runs; the tasks whose container is not here (another node's) are only counted.
+        self._meters: dict[str, EngineUsage] = {}
+        self._elsewhere: set[str] = set()
+        self._unread: set[str] = set()  # here, but past _METERED_MOST
 
     def start(self) -> ExecResult:
         """Create the service (and the secrets it reads) and follow it to its end."""
@@ -417,10 +427,53 @@ class _ServiceRun:
             output.finish()
         finally:
             output.close()
+            usage = self._usage()
         self._copy_artifacts()
         if ended is not None:
-            return ExecResult(None, timed_out=ended == "timeout", cancelled=ended == "cancel")
-        return self._result(verdict)
+            return ExecResult(None, timed_out=ended == "timeout", cancelled=ended == "cancel",
+                              usage=usage)  # fmt: skip
+        return dataclasses.replace(self._result(verdict), usage=usage)
+
+    def _meter_new_tasks(self) -> None:
+        """Start reading the engine's figures of each task that got a container since the
+        last look, where that container is on this node."""
+        for task_id, task in self.tasks.items():
+            if task_id in self._meters or task_id in self._elsewhere or task_id in self._unread:
+                continue
+            container_id = task.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")
+            if not container_id:
+                continue  # not started yet
+            try:
+                container = self.client.containers.get(container_id)
+            except Exception:  # another node's (or gone already): not measured from here
+                self._elsewhere.add(task_id)
+                continue
+            if len(self._meters) >= _METERED_MOST:  # a thread each: bounded
+                self._unread.add(task_id)
+                continue
+            meter = self._meters[task_id] = EngineUsage(container)
+            meter.start()
+
+    def _usage(self) -> Usage | None:
+        """What the tasks cost, as the engine of this node accounts for them: their CPU added
+        up, the largest peak; None (wall time and output only) unless every task was read."""
+        for meter in self._meters.values():
+            meter.stop()
+        figures = [meter.usage() for meter in self._meters.values()]
+        if self._unread:
+            self.ctx.log.info(
+                f"what it cost: more than {_METERED_MOST} tasks, whose stats are not read "
+                "one by one: wall time and output only"
+            )
+            return None
+        if self._elsewhere or not figures or None in figures:
+            if self._elsewhere:
+                self.ctx.log.info(
+                    f"what it cost: {len(self._elsewhere)} task(s) ran on other nodes, whose "
+                    "CPU and memory this node's engine cannot tell: wall time and output only"
+                )
+            return None
+        return functools.reduce(Usage.plus, (usage for usage in figures if usage is not None))
 
     def _wait(self, limit: float | None) -> tuple[str | None, Verdict]:
         """Until the tasks decide the job (None), or ``limit`` seconds pass, or the job is
@@ -462,6 +515,7 @@ class _ServiceRun:
     def _look(self) -> None:
         """Read the service's tasks afresh."""
         self.tasks = {task["ID"]: task for task in self.service.tasks()}
+        self._meter_new_tasks()
 
     def slot_of(self, task_id: str) -> int | None:
         """The slot of one of the service's tasks (asking the engine for one not seen yet)."""

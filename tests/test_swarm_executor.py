@@ -88,6 +88,34 @@ def test_output_reaches_the_log_and_nothing_is_left(
     assert _left(client, ctx.job_id) == []
 
 
+#: 100 MB of page cache charged to the task's cgroup, a busy loop, 7 bytes of output, and
+#: time for a reading of the engine's stats after all of that (as tests/test_usage_docker.py).
+_COSTLY = (
+    "dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; "
+    "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; printf 'abc\\ndef'; sleep 1.5"
+)
+
+
+def test_what_the_tasks_cost_comes_from_this_nodes_engine(
+    swarm: str, client: Any, tmp_path: Path
+) -> None:
+    """Issue 24: each task's container here is read while it runs; two replicas' CPU adds up,
+    the peak is the larger; a task gone before its first reading makes no figure up."""
+    log = _Log()
+    result = _run(_ctx(swarm, tmp_path, log, {"script": _COSTLY, "replicas": 2}))
+    assert result.succeeded, log.text()
+    usage = result.usage
+    assert usage is not None and usage.source in ("docker", "docker-sampled"), usage
+    assert usage.peak_memory_bytes is not None and usage.peak_memory_bytes >= 100 * 2**20
+    assert usage.cpu_user_seconds is not None and usage.cpu_system_seconds is not None
+    assert usage.cpu_user_seconds + usage.cpu_system_seconds > 0.1
+    assert usage.wall_seconds is not None and usage.wall_seconds >= 1.5
+    quick = _run(_ctx(swarm, tmp_path, _Log(), {"script": "true"}))
+    assert quick.succeeded and quick.usage is not None and quick.usage.wall_seconds is not None
+    if quick.usage.source == "wall":
+        assert quick.usage.cpu_user_seconds is None and quick.usage.peak_memory_bytes is None
+
+
 def test_a_failure_is_its_exit_code_and_is_not_run_again(
     swarm: str, client: Any, tmp_path: Path, shared: Path
 ) -> None:
