@@ -114,4 +114,7 @@ def serve_worker_process(fd: int) -> None:
     runner = parts.runner(daemon_pid=setup.parent, on_deferred=parent.deferred, observe=observe)
     pool = WorkerPool(runner, setup.slots, parts.logger, on_done=parent.done)
     heartbeat = parts.heartbeat(runner)
-    serve_jobs(conn, parent, runner, pool, heartbeat, config=parts.config, clock=parts.clock)
+    serve_jobs(
+        conn, parent, runner, pool, heartbeat, Launcher.shared(),
+        config=parts.config, clock=parts.clock,
+    )  # fmt: skip

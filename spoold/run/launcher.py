@@ -56,6 +56,9 @@ _HEADER = struct.Struct("!I")
 _FD_BATCH = 64  # descriptors per message (SCM_RIGHTS takes at most 253)
 #: Supervisors kept waiting for a next unit, per worker process: each holds ~2.5 MB of its own.
 _IDLE_SUPERVISORS = 4
+#: How long one waits for a next unit before it is let go. A new one costs a fork (~1 ms, and
+#: its first copy-on-write faults): nothing beside a gap this long; one kept costs ~7 MiB PSS.
+IDLE_SUPERVISOR_FOR = 5.0
 #: How often a waiting worker looks at the cancel and detach switches.
 _LOOK = 0.2
 
@@ -157,7 +160,8 @@ class Launcher:
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._chores_here = os.geteuid() == 0 if chores_here is None else chores_here
-        self._idle: list[socket.socket] = []  # supervisors that ended a unit, for the next
+        # Supervisors that ended a unit, for the next, with when they did (monotonic seconds).
+        self._idle: list[tuple[socket.socket, float]] = []
 
     def request(self, message: Supervise | Chore, fds: tuple[int, ...] = ()) -> socket.socket:
         """Hand ``message`` to a fork of the launcher; return the socket its answers come on."""
@@ -181,7 +185,8 @@ class Launcher:
         """Hand a unit to an idle supervisor, or to a new one; return its socket."""
         while True:
             with self._lock:
-                idle = self._idle.pop() if self._idle else None
+                # The one that waited least: the others age out at quiet times.
+                idle = self._idle.pop()[0] if self._idle else None
             if idle is None:
                 return self.request(request, fds)
             try:
@@ -191,13 +196,27 @@ class Launcher:
                 continue
             return idle
 
-    def release(self, sock: socket.socket) -> None:
-        """Keep a supervisor that ended its unit for the next; past a few, let it end."""
+    def release(self, sock: socket.socket, now: float) -> None:
+        """Keep a supervisor that ended its unit at ``now`` for the next; past a few, let it
+        end (it reads end of file)."""
         with self._lock:
             if len(self._idle) < _IDLE_SUPERVISORS:
-                self._idle.append(sock)
+                self._idle.append((sock, now))
                 return
         sock.close()
+
+    def expire(self, now: float) -> float | None:
+        """Let the supervisors that waited IDLE_SUPERVISOR_FOR for a unit end; return when the
+        next of those kept will have waited that long (None: none is kept)."""
+        with self._lock:
+            kept = []
+            for sock, since in self._idle:
+                if now - since < IDLE_SUPERVISOR_FOR:
+                    kept.append((sock, since))
+                else:
+                    sock.close()
+            self._idle = kept
+        return kept[0][1] + IDLE_SUPERVISOR_FOR if kept else None  # the first kept waited longest
 
     def chore(self, chore: Chore) -> Any:
         """Do ``chore`` and return its answer; LauncherError with its reason if it failed."""
@@ -245,7 +264,7 @@ class Launcher:
     def drain(self) -> None:
         """Let the idle supervisors end (each reads end of file)."""
         with self._lock:
-            for idle in self._idle:
+            for idle, _ in self._idle:
                 idle.close()
             self._idle.clear()
 
@@ -383,7 +402,7 @@ class Supervised(Processes):
                     os.close(pidfd)
         finally:
             if reusable:
-                self._launcher.release(sock)
+                self._launcher.release(sock, clock.monotonic())
             else:  # busy (left running) or gone: it ends after its unit, at end of file
                 sock.close()
 

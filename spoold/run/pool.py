@@ -33,6 +33,7 @@ from spoold.core.config import Config
 from spoold.core.errors import WorkerProcessError
 from spoold.run.dispatch import DispatchQueue, JobMeta
 from spoold.run.heartbeat import LeaseHeartbeat
+from spoold.run.launcher import Launcher
 from spoold.run.observed import Observation
 from spoold.run.worker import JobRunner, WorkerPool
 
@@ -567,11 +568,13 @@ def serve_jobs(
     runner: JobRunner,
     pool: WorkerPool,
     heartbeat: LeaseHeartbeat,
+    launcher: Launcher,
     *,
     config: Config,
     clock: Clock,
 ) -> None:
-    """A worker process's loop: take jobs from the main process, keep leases alive, stop.
+    """A worker process's loop: take jobs from the main process, keep leases alive, let
+    supervisors that wait for work too long go (``launcher``), stop.
 
     ``heartbeat`` is ticked between messages while a job is queued or runs here.
     """
@@ -580,8 +583,11 @@ def serve_jobs(
     parent.send(Ready())
     while True:
         busy = pool.busy or bool(runner.active_ids())
-        timeout = max(heartbeat.next_due - clock.monotonic(), 0.0) if busy else None
-        if conn.poll(timeout):
+        now = clock.monotonic()
+        due = [heartbeat.next_due] if busy else []
+        if (expiry := launcher.expire(now)) is not None:
+            due.append(expiry)
+        if conn.poll(max(min(due) - now, 0.0) if due else None):
             try:
                 message = receive_message(conn)
             except (EOFError, OSError):  # the main process is gone: stop as it would have

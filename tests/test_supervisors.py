@@ -1,0 +1,122 @@
+"""Job supervisors kept for a next unit: reused while jobs come, let go when none does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spoold.core.clock import SystemClock
+from spoold.core.config import Config
+from spoold.core.procfs import process_info
+from spoold.core.spool import Spool
+from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.validation import job_validator
+from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher
+from spoold.run.registry import ExecutorRegistry
+from spoold.run.worker import JobRunner
+from tests.harness import DaemonProcess, drop, local_job, wait_finished, wait_for, write_config
+
+LOGGER = logging.getLogger("spoold.test")
+
+
+def _alive(pid: int) -> bool:
+    info = process_info(pid)
+    return info is not None and not info.zombie
+
+
+def _supervisor_of(final: Path) -> int:
+    """The pid of the supervisor that ran the job's one unit, as its record names it."""
+    [record] = [p for p in (final / "units").iterdir() if not p.name.endswith(".end")]
+    pid = json.loads(record.read_text())["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+class _Bench:
+    """A spool, its intake and a runner on a launcher of the test's own."""
+
+    def __init__(self, root: Path, launcher: Launcher) -> None:
+        self.spool = Spool(root / "spool")
+        self.spool.init()
+        config = Config(spool=self.spool.root, workdir=root / "work", hostname="here",
+                        worker_id="w")  # fmt: skip
+        registry = ExecutorRegistry.from_entry_points()
+        clock = SystemClock()
+        self.intake = Intake(self.spool, job_validator(registry), clock, max_file_size=1 << 20,
+                             settle_time=0, on_accepted=lambda job, document: None,
+                             logger=LOGGER)  # fmt: skip
+        self.runner = JobRunner(self.spool, registry, config, clock, LOGGER, launcher=launcher)
+
+    def run(self, job_id: str) -> int:
+        """Run a ``true`` job to its end; the pid of the supervisor that ran it."""
+        (self.spool.dir("incoming") / f"{job_id}.yaml").write_text(
+            yaml.safe_dump(local_job(job_id, "true"))
+        )
+        assert isinstance(self.intake.offer(f"{job_id}.yaml", complete=True), Accepted)
+        job = self.runner.claim(job_id)
+        assert job is not None
+        final = self.runner.run(job)
+        assert final is not None and final.directory == "done", final
+        return _supervisor_of(final.path)
+
+
+def test_a_supervisor_runs_the_next_unit_and_is_let_go_after_waiting_idle(tmp_path: Path) -> None:
+    launcher = Launcher()
+    try:
+        bench = _Bench(tmp_path, launcher)
+        first = bench.run("one")
+        assert bench.run("two") == first, "the idle supervisor runs the next job"
+        released = time.monotonic()
+        due = launcher.expire(released)
+        assert due is not None and released < due <= released + IDLE_SUPERVISOR_FOR
+        assert launcher.expire(due - 0.5) == due, "kept until it has waited that long"
+        assert _alive(first)
+        assert launcher.expire(due) is None, "none kept once it has"
+        wait_for(lambda: not _alive(first), what="the idle supervisor to end")
+        assert bench.run("three") != first, "a new one for the next job"
+    finally:
+        launcher.close()
+
+
+def test_the_longest_idle_goes_first() -> None:
+    launcher = Launcher()
+    old, old_end = socket.socketpair()
+    new, new_end = socket.socketpair()
+    with old_end, new_end:
+        launcher.release(old, 100.0)
+        launcher.release(new, 103.0)
+        assert launcher.expire(104.0) == 100.0 + IDLE_SUPERVISOR_FOR
+        assert launcher.expire(100.0 + IDLE_SUPERVISOR_FOR) == 103.0 + IDLE_SUPERVISOR_FOR
+        assert old_end.recv(1) == b"", "let go: its supervisor reads end of file"
+        new_end.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            new_end.recv(1)  # still kept
+        launcher.close()
+        assert new_end.recv(1) == b""
+
+
+@pytest.mark.daemon
+def test_an_idle_daemon_lets_its_job_supervisors_go(spool_dir: Path, tmp_path: Path) -> None:
+    """After a burst of jobs, the daemon keeps no supervisor waiting for a job that does not
+    come: each holds ~7 MiB of its own."""
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir))
+    try:
+        daemon.start()
+        for n in range(4):
+            drop(spool_dir, f"b{n}.yaml", local_job(f"b{n}", "true"))
+        pids = set()
+        for n in range(4):
+            directory, status = wait_finished(spool_dir, f"b{n}")
+            assert status["state"] == "succeeded", status
+            pids.add(_supervisor_of(spool_dir / directory / f"b{n}"))
+        wait_for(lambda: not any(_alive(pid) for pid in pids), bound=IDLE_SUPERVISOR_FOR + 20,
+                 what="the idle supervisors to end")  # fmt: skip
+        assert daemon.alive
+    finally:
+        daemon.stop()
