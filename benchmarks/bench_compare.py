@@ -73,7 +73,6 @@ if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_spool import (
-    CLOCK_TICKS,
     START_BOUND,
     STOP_BOUND,
     Daemon,
@@ -182,13 +181,9 @@ def family(daemon: Daemon) -> list[int]:
 
 
 def cpu_seconds(daemon: Daemon) -> float:
-    """utime + stime of the daemon's ``family`` (all their threads; not the jobs)."""
-    total = 0
-    for pid in family(daemon):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+    """utime + stime of the daemon's ``family`` (all their threads; not the jobs), those
+    that ended since counted as last seen."""
+    return daemon.family_cpu.seconds(family(daemon))
 
 
 def memory_mb(daemon: Daemon) -> tuple[float, float]:

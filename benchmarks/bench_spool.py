@@ -109,6 +109,22 @@ def service_environment() -> dict[str, str]:
     return {key: os.environ[key] for key in keep if key in os.environ} | {"PYTHONUNBUFFERED": "1"}
 
 
+class CpuTally:
+    """utime + stime of a set of processes that changes, which never goes back: a process
+    that ended keeps the CPU it was last seen with (spoold lets an idle job supervisor go, and
+    its CPU would otherwise leave the sum, which then fell: -1.1 % idle CPU was seen)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str], int] = {}  # (pid, start time): clock ticks
+
+    def seconds(self, pids: Iterable[int]) -> float:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                self._seen[pid, fields[19]] = int(fields[11]) + int(fields[12])
+        return sum(self._seen.values()) / CLOCK_TICKS
+
+
 class Daemon:
     """A spool daemon in a subprocess, started and stopped the way systemd would."""
 
@@ -117,6 +133,8 @@ class Daemon:
         self.argv = argv
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.own_cpu = CpuTally()  # its session's processes
+        self.family_cpu = CpuTally()  # with its job supervisors (bench_compare)
 
     @property
     def pid(self) -> int:
@@ -180,12 +198,7 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the daemon's processes (all their threads, not the jobs)."""
-        total = 0
-        for pid in self.own_pids():
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-        return total / CLOCK_TICKS
+        return self.own_cpu.seconds(self.own_pids())
 
     def wait_quiet(self, bound: float = 10.0, step: float = 0.2) -> None:
         """Return once the daemon's processes used less than a clock tick of CPU over

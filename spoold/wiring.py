@@ -115,6 +115,6 @@ def serve_worker_process(fd: int) -> None:
     pool = WorkerPool(runner, setup.slots, parts.logger, on_done=parent.done)
     heartbeat = parts.heartbeat(runner)
     serve_jobs(
-        conn, parent, runner, pool, heartbeat, Launcher.shared(),
-        config=parts.config, clock=parts.clock,
+        conn, parent, runner, pool, heartbeat, launcher=Launcher.shared(), config=parts.config,
+        clock=parts.clock,
     )  # fmt: skip

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -230,6 +230,25 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+StartDaemon = Callable[..., DaemonProcess]
+
+
+def daemon_starter(spool: Path, config: Path, **defaults: Any) -> Iterator[StartDaemon]:
+    """A fixture's body: start daemons on ``spool`` with a config of ``defaults`` and the
+    caller's overrides (written to ``config``); every one started is killed after."""
+    started: list[DaemonProcess] = []
+
+    def start(**overrides: Any) -> DaemonProcess:
+        process = DaemonProcess(spool, write_config(config, spool, **{**defaults, **overrides}))
+        started.append(process)
+        process.start()
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
 
 
 # -- helpers for the daemon intake, chaos and disk tests ------------------------------------------

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from tests.harness import (
-    DaemonProcess,
+    StartDaemon,
+    daemon_starter,
     drop,
     local_job,
     run_cli,
     wait_finished,
     wait_for,
     wait_rejected,
-    write_config,
 )
 from tests.loopback import free_port
 from tests.receiver import Receiver, verify
@@ -31,25 +31,13 @@ FLAKY = 'test "$SPOOLD_ATTEMPT" -gt 1 || exit 75'  # fails its first attempt onl
 QUICK = {"backoff": {"initial": "200ms", "max": "1s"}}  # failed tries come back soon
 LIFE = ["accepted", "started", "succeeded"]  # the events of a job that succeeds at once
 
-StartDaemon = Callable[..., DaemonProcess]
 MakeReceiver = Callable[..., Receiver]
 
 
 @pytest.fixture
 def start_daemon(spool_dir: Path, tmp_path: Path) -> Iterator[StartDaemon]:
     """Start a daemon on ``spool_dir`` with a test config plus ``overrides``; all killed after."""
-    started: list[DaemonProcess] = []
-
-    def start(**overrides: Any) -> DaemonProcess:
-        config = write_config(tmp_path / "config.yaml", spool_dir, **overrides)
-        process = DaemonProcess(spool_dir, config)
-        started.append(process)
-        process.start()
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+    yield from daemon_starter(spool_dir, tmp_path / "config.yaml")
 
 
 @pytest.fixture

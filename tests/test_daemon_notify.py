@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +12,14 @@ import requests
 
 from tests.apiclient import free_port, make_token
 from tests.harness import (
-    DaemonProcess,
+    StartDaemon,
+    daemon_starter,
     drop,
     job_state,
     local_job,
     wait_finished,
     wait_for,
     wait_rejected,
-    write_config,
 )
 from tests.receiver import Receiver
 from tests.smtpd import MailServer, write_password
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.daemon
 
 SECRET = "s3cr3t-the-mail-must-not-show"
 OPS = "ops@example.net"
-StartDaemon = Callable[..., DaemonProcess]
 
 
 @pytest.fixture
@@ -53,21 +52,11 @@ def start_daemon(
     spool_dir: Path, tmp_path: Path, secrets_dir: Path, mail_server: MailServer
 ) -> Iterator[StartDaemon]:
     """Start a daemon with the mail server and secrets configured, plus ``overrides``."""
-    started: list[DaemonProcess] = []
-
-    def start(**overrides: Any) -> DaemonProcess:
-        settings = {"secrets_dir": str(secrets_dir), "mail": mail_server.mail_config(),
-                    "callbacks": {"backoff": {"initial": "200ms", "max": "1s"}},
-                    "notify_wait": "0s", **overrides}  # fmt: skip
-        config = write_config(tmp_path / "config.yaml", spool_dir, **settings)
-        process = DaemonProcess(spool_dir, config)
-        started.append(process)
-        process.start()
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
+    yield from daemon_starter(
+        spool_dir, tmp_path / "config.yaml", secrets_dir=str(secrets_dir),
+        mail=mail_server.mail_config(), callbacks={"backoff": {"initial": "200ms", "max": "1s"}},
+        notify_wait="0s",
+    )  # fmt: skip
 
 
 def failing(job_id: str, **fields: Any) -> dict[str, Any]:

@@ -568,8 +568,8 @@ def serve_jobs(
     runner: JobRunner,
     pool: WorkerPool,
     heartbeat: LeaseHeartbeat,
-    launcher: Launcher,
     *,
+    launcher: Launcher,
     config: Config,
     clock: Clock,
 ) -> None:
