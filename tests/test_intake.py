@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spoold.core.spool import Spool
-from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.incoming import Accepted, Intake, IntakeThread, Rejected
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
@@ -162,3 +162,14 @@ def test_a_failure_of_spoold_itself_mid_group_puts_the_unplaced_files_back(
         intake.offer_all(names, complete=True)
     assert sorted(p.name for p in spool.dir("incoming").iterdir()) == names
     assert list(spool.dir("tmp").iterdir()) == [] and spool.jobs.list_jobs("pending") == []
+
+
+@pytest.mark.parametrize("remote_writers", [False, True], ids=["local", "shared"])
+def test_intake_threads_stopped_before_they_started_stop_quietly(
+    tmp_path: Path, remote_writers: bool
+) -> None:
+    """A daemon whose start failed (a worker process that could not start) stops what it
+    built: its intake threads had not started, and stopping them must not raise over the
+    reason it failed (RuntimeError: cannot join thread before it is started, seen)."""
+    _, intake, _ = _intake(tmp_path)
+    IntakeThread(intake, logging.getLogger("spoold.test"), remote_writers=remote_writers).stop()

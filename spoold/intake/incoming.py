@@ -624,7 +624,8 @@ class IntakeThread:
         for _ in self._threads:
             self._queue.put(self._STOP)
         for thread in self._threads:
-            thread.join(timeout)
+            if thread.ident is not None:  # the daemon may stop before it started them
+                thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
