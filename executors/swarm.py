@@ -54,7 +54,7 @@ from spoold.executors.docker import (
     sdk,
 )
 
-from spoold.core.clock import parse_rfc3339, rfc3339
+from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError
 from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
@@ -71,6 +71,7 @@ _FAILED = frozenset({"failed", "rejected", "orphaned", "shutdown"})
 # Seconds between looks at the tasks: often while a short job may end (the engine tells of no
 # task's change but by being asked), then less and less.
 _POLL_FIRST, _POLL_MOST, _POLL_OFTEN_FOR = 0.1, 1.0, 3.0
+_REMOVAL_BOUND = 15.0  # how long a unit's end waits for the engine to remove its containers
 #: Tasks whose engine figures are read while they run (a thread each); past it, none is.
 _METERED_MOST = 16
 _LABEL_SERVICE = "com.docker.swarm.service.id"  # the engine's label on a task's container
@@ -604,7 +605,7 @@ class _ServiceRun:
         if self.service is not None:
             if not self._stopped and any(_state(task) in _RUNNING for task in self.tasks.values()):
                 self.stop()  # an engine error mid-way: nothing of the job may go on
-            _remove_service(self.client, self.service, ctx.log)
+            _remove_service(self.client, self.service, ctx.log, ctx.clock)
         _remove_secrets(self.client, ctx.log, _unit_filter(ctx))
 
 
@@ -822,7 +823,11 @@ def _scale_to_zero(client: Any, service: Any) -> None:
                 raise
 
 
-def _remove_service(client: Any, service: Any, log: JobLog | logging.Logger) -> None:
+def _remove_service(
+    client: Any, service: Any, log: JobLog | logging.Logger, clock: Clock | None = None
+) -> None:
+    """Remove a job's service and its tasks' containers on this node; with ``clock`` (a
+    unit's end), wait until the engine has none of them left (bounded)."""
     docker = sdk()
     try:
         service.remove()
@@ -830,15 +835,28 @@ def _remove_service(client: Any, service: Any, log: JobLog | logging.Logger) -> 
         pass
     except docker.errors.APIError as exc:  # the job's result stands; recovery removes it
         _say(log, f"could not remove service {service.name}: {explain(exc)}")
-    # Swarm leaves the containers of a job's ended tasks behind: this node's go with it.
-    for container in client.containers.list(
-        all=True, filters={"label": f"{_LABEL_SERVICE}={service.id}"}
-    ):
-        if isinstance(log, JobLog):
-            remove_container(container, log)
-        else:
-            with contextlib.suppress(docker.errors.APIError):
-                container.remove(force=True)
+    # Swarm leaves the containers of a job's ended tasks behind: this node's go with it. Its
+    # agent may be removing one already (the service's tasks are reaped as it goes): a second
+    # removal is refused, and the container is listed a moment longer (seen in CI).
+    filters = {"label": f"{_LABEL_SERVICE}={service.id}"}
+    deadline = None if clock is None else clock.monotonic() + _REMOVAL_BOUND
+    pause = _POLL_FIRST
+    while left := client.containers.list(all=True, filters=filters):
+        for container in left:
+            if container.status == "removing":
+                continue
+            if isinstance(log, JobLog):
+                remove_container(container, log)
+            else:
+                with contextlib.suppress(docker.errors.APIError):
+                    container.remove(force=True)
+        if clock is None or deadline is None or clock.monotonic() >= deadline:
+            if clock is not None:
+                _say(log, f"{len(left)} container(s) of service {service.name} still on the "
+                          f"engine after {_REMOVAL_BOUND:.0f}s")  # fmt: skip
+            return
+        time.sleep(pause)
+        pause = min(_POLL_MOST, pause * 1.5)
 
 
 def _adopt(client: Any, ctx: RunContext) -> Any | None:
