@@ -850,10 +850,11 @@ def _remove_service(
             else:
                 with contextlib.suppress(docker.errors.APIError):
                     container.remove(force=True)
-        if clock is None or deadline is None or clock.monotonic() >= deadline:
-            if clock is not None:
-                _say(log, f"{len(left)} container(s) of service {service.name} still on the "
-                          f"engine after {_REMOVAL_BOUND:.0f}s")  # fmt: skip
+        if clock is None or deadline is None:  # recovery's clean-up: one pass, no wait
+            return
+        if clock.monotonic() >= deadline:
+            _say(log, f"{len(left)} container(s) of service {service.name} still on the "
+                      f"engine after {_REMOVAL_BOUND:.0f}s")  # fmt: skip
             return
         time.sleep(pause)
         pause = min(_POLL_MOST, pause * 1.5)
