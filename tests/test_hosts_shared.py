@@ -123,7 +123,11 @@ def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed:
     events.append("h3 restored")
     when_finished(700, "h1 started again", lambda: h1.start_daemon(_config(bed, h1)))
     dropping.join(RUN_BOUND)
-    wait_for(lambda: _finished(server) >= JOBS, bound=RUN_BOUND, what="every job to end")
+    try:
+        wait_for(lambda: _finished(server) >= JOBS, bound=RUN_BOUND, what="every job to end")
+    except AssertionError as exc:
+        logs = {h.name: h.daemon.log() for h in bed.hosts if h.daemon}
+        raise AssertionError(f"{exc}\n{_unfinished(server, logs, events)}") from None
     assert run_cli(server, "unschedule", SCHEDULE).returncode == 0
     wait_for(lambda: not any(n.startswith(SCHEDULE + "@")
                              for d in ("pending", "running") for n in os.listdir(server / d)),
@@ -143,7 +147,7 @@ def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed:
     jobs = {job_id: dirs for job_id, dirs in where.items() if not job_id.startswith(SCHEDULE)}
     assert len(jobs) == JOBS, context
     assert {job_id: d for job_id, d in jobs.items() if len(d) != 1 or d[0] not in TERMINAL} == {}
-    assert os.listdir(server / "rejected") == [], context
+    assert os.listdir(server / "rejected") == [], _rejections(server, logs, events)
 
     # None run more often than its attempts record (on_interrupt: fail: once at most).
     marks: dict[str, list[str]] = collections.defaultdict(list)
@@ -190,6 +194,42 @@ def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed:
         assert shown.returncode == 0, shown.stderr
         states = {row["host"]: row["state"] for row in json.loads(shown.stdout)}
         assert states == {"h1": "alive", "h2": "alive", "h3": "alive"}, (host.name, states)
+
+
+def _unfinished(server: Path, logs: dict[str, str], events: list[str]) -> str:
+    """The jobs that have not ended, where each is, its record, and what the hosts said of it
+    (seen once under a loaded suite, not alone: a name to go by is not enough)."""
+    said = [str(events)]
+    where = _where(server)
+    stuck = sorted(job_id for job_id, dirs in where.items()
+                   if not job_id.startswith(SCHEDULE) and not set(dirs) & set(TERMINAL))  # fmt: skip
+    missing = sorted({f"j{n:04d}" for n in range(JOBS)} - set(where))
+    said.append(f"not ended: {len(stuck)} {stuck[:20]}; found nowhere: {missing[:20]}")
+    said.append(f"incoming/: {sorted(os.listdir(server / 'incoming'))[:20]}")
+    said.append(f"tmp/: {sorted(os.listdir(server / 'tmp'))[:20]}")
+    for job_id in stuck[:5]:
+        for directory in where[job_id]:
+            job = server / directory / job_id
+            for record in sorted(job.iterdir()):
+                if record.is_file() and record.name != "job.yaml":
+                    said.append(f"{directory}/{job_id}/{record.name}: {record.read_text()[-1500:]}")
+        said += [f"  {host}: {line}" for host, log in logs.items() for line in log.splitlines()
+                 if job_id in line][-30:]  # fmt: skip
+    said += [f"--- {host}\n{log[-4000:]}" for host, log in logs.items()]
+    return "\n".join(said)
+
+
+def _rejections(server: Path, logs: dict[str, str], events: list[str]) -> str:
+    """What was rejected, why, and every line any host said about those files or their jobs
+    (a rejection here is a rare race: its one sighting left only a name to go by)."""
+    said = [str(events)]
+    for name in sorted(os.listdir(server / "rejected")):
+        reason = server / "rejected" / name / "reason.json"
+        said.append(f"{name}: {reason.read_text() if reason.exists() else 'no reason.json'}")
+        words = {name, name.split("-", 1)[0].split(".", 1)[0]}  # j0653-2.yaml: j0653 too
+        said += [f"  {host}: {line}" for host, log in logs.items() for line in log.splitlines()
+                 if any(word in line for word in words)]  # fmt: skip
+    return "\n".join(said)
 
 
 def _drop_all(server: Path, runs: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spoold.core.spool import Spool
+from spoold.core.spool import Prepared, Spool
 from spoold.intake.incoming import Accepted, Intake, IntakeThread, Rejected
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
@@ -162,6 +162,108 @@ def test_a_failure_of_spoold_itself_mid_group_puts_the_unplaced_files_back(
         intake.offer_all(names, complete=True)
     assert sorted(p.name for p in spool.dir("incoming").iterdir()) == names
     assert list(spool.dir("tmp").iterdir()) == [] and spool.jobs.list_jobs("pending") == []
+
+
+def _shared_intake(tmp_path: Path, host: str) -> tuple[Spool, Intake, FakeClock]:
+    """An intake of host ``host`` on a spool hosts share."""
+    spool, intake, clock = _intake(tmp_path)
+    spool = Spool(spool.root, host=host)
+    intake._spool = spool
+    intake._ledger._spool = spool
+    return spool, intake, clock
+
+
+@pytest.mark.parametrize("taken_over", [0, 2], ids=["the-first", "one-in-the-middle"])
+def test_a_stage_another_host_took_over_costs_the_group_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_over: int
+) -> None:
+    """Seen with three hosts on sshfs: h2 was frozen mid-intake past its lease; another host
+    recovered h2's stages (their files back to incoming/, run there); h2 thawed with a group
+    of files taken, found one stage gone, and the release of that stage raised too (it was
+    gone): the group's other files stayed in h2's stages, which no host recovers while h2 is
+    alive: 14 jobs never ran. The stage another host took is that host's to finish; the
+    others of the group are placed, and nothing stays in tmp/."""
+    spool, intake, _ = _shared_intake(tmp_path, "h2")
+    other = Spool(spool.root, host="h1")
+    names = [f"j{n}.yaml" for n in range(5)]
+    for n, name in enumerate(names):
+        (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: j{n}"))
+    settle = spool.stages.settle
+
+    def then_taken_over(prepared: list[Prepared]) -> None:
+        settle(prepared)
+        # What h1's recovery of a stale host's stages does: the stage renamed to one of its
+        # own (so that its maker, should it wake, finds it gone), then recovered.
+        stage = prepared[taken_over].stage
+        os.rename(stage, spool.dir("tmp") / f"in-h1@{os.urandom(8).hex()}")
+        other.stages.recover()
+
+    monkeypatch.setattr(spool.stages, "settle", then_taken_over)
+    outcomes = intake.offer_all(names, complete=True)
+    placed = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, Accepted)]
+    assert placed == [n for n in range(5) if n != taken_over]
+    assert outcomes[taken_over] is None
+    # h1 gave that file back to incoming/: whoever takes it next runs it, once.
+    assert [p.name for p in spool.dir("incoming").iterdir()] == [names[taken_over]]
+    assert list(spool.dir("tmp").iterdir()) == []
+
+
+def test_a_stage_left_by_a_failure_is_recovered_while_the_host_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever failure leaves a stage of this host behind (a release that failed itself: an
+    I/O error on a cut-off mount), the host finds it on its next sweep and finishes it, as
+    it would at its next start and as other hosts would if it died: no file waits for a
+    restart."""
+    spool, intake, clock = _shared_intake(tmp_path, "h2")
+    names = [f"j{n}.yaml" for n in range(3)]
+    for n, name in enumerate(names):
+        (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: j{n}"))
+
+    def broken(prepared: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    def release_broken(taken: object) -> str:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool.stages, "settle", broken)
+    monkeypatch.setattr(spool.stages, "release", release_broken)
+    assert intake.offer_all(names, complete=True) == [None] * 3
+    assert len(list(spool.dir("tmp").iterdir())) == 3  # the mount is back; the stages stay
+    monkeypatch.undo()
+    clock.advance(60.0)  # past every backoff
+    intake.sweep(remote_writers=True)  # finds them, gives them back to incoming/
+    clock.advance(60.0)
+    intake.sweep(remote_writers=True)
+    clock.advance(60.0)
+    intake.sweep(remote_writers=True)
+    assert sorted(job.job_id for job in spool.jobs.list_jobs("pending")) == ["j0", "j1", "j2"]
+    assert list(spool.dir("tmp").iterdir()) == [] and list(spool.dir("incoming").iterdir()) == []
+
+
+def test_a_take_whose_answer_was_lost_leaves_no_file_staged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a network mount a rename can happen on the server while its answer is lost (EIO):
+    the file is in the stage though the take failed. It goes back to incoming/ at once, and
+    is taken next time."""
+    spool, intake, clock = _shared_intake(tmp_path, "h2")
+    (spool.dir("incoming") / "j.yaml").write_text(JOB)
+    rename = os.rename
+    lost: list[str] = []
+
+    def answer_lost(source: str, target: str) -> None:
+        rename(source, target)
+        if "/incoming/" in str(source) and not lost:
+            lost.append(str(target))
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "rename", answer_lost)
+    assert intake.offer("j.yaml", complete=True) is None
+    assert lost and [p.name for p in spool.dir("incoming").iterdir()] == ["j.yaml"]
+    assert list(spool.dir("tmp").iterdir()) == []
+    clock.advance(1.0)  # the first backoff
+    assert isinstance(intake.offer("j.yaml", complete=True), Accepted)
 
 
 @pytest.mark.parametrize("remote_writers", [False, True], ids=["local", "shared"])

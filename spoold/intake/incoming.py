@@ -19,7 +19,7 @@ from spoold.core.job import JobStatus
 from spoold.core.joblog import format_line
 from spoold.core.outage import Outage
 from spoold.core.policy import Policy, Submitter
-from spoold.core.spool import FileSignature, JobDir, Prepared, Spool, TakenFile
+from spoold.core.spool import FileSignature, JobDir, Prepared, Spool, StageLeft, TakenFile
 from spoold.core.units import format_duration
 from spoold.intake.admission import Admission, Admitted, Refused, display_name, file_problem
 from spoold.intake.policy_check import shared_writer_problem
@@ -178,6 +178,8 @@ class Intake:
         # (a full disk) go back to incoming/, and their own rename back must not retry at once.
         self._backoff: dict[str, tuple[float, float]] = {}
         self._backoff_lock = threading.Lock()  # intake runs on several threads
+        # stage -> what a failed intake could not give back from it (see _failed).
+        self._unreleased: dict[str, TakenFile] = {}
         self._quiet = QuietFiles(clock, settle_time)
 
     def offer(
@@ -303,6 +305,10 @@ class Intake:
                 return None
             self._quiet.forget(name)
             judged = self._judge(taken)
+        except StageLeft as left:  # the take itself failed, and may have left the file staged
+            cause = left.__cause__
+            self._failed(name, left.taken, cause if isinstance(cause, Exception) else left, retry)
+            return None
         except Exception as exc:  # a full disk or an I/O error: never lose the file
             self._failed(name, taken, exc, retry)
             return None
@@ -320,9 +326,13 @@ class Intake:
         exc: Exception,
         retry: tuple[float, float] | None,
     ) -> None:
-        """A file whose intake failed goes back to incoming/, tried again after a backoff."""
+        """A file whose intake failed goes back to incoming/, tried again after a backoff.
+
+        Should that fail too (a shared mount cut off), its stage is released again at each
+        sweep until it is: no file waits in a stage for the next start.
+        """
         if taken is not None:
-            self._spool.stages.release(taken)
+            self._release(taken)
         delay = min((retry or (0.0, _FIRST_RETRY))[1], _LAST_RETRY)
         with self._backoff_lock:
             self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
@@ -330,6 +340,23 @@ class Intake:
             "intake of %s failed (%s); it stays in incoming/, next try in %s",
             display_name(name), exc, format_duration(delay),
         )  # fmt: skip
+
+    def _release(self, taken: TakenFile) -> bool:
+        """Give a staged file back to incoming/; False (and kept for the next sweep) if that
+        failed."""
+        try:
+            self._spool.stages.release(taken)
+        except Exception as exc:
+            with self._backoff_lock:
+                self._unreleased[str(taken.stage)] = taken
+            self._log.error(
+                "could not give %s back to incoming/ (%s); tried again at the next scan",
+                display_name(taken.name), exc,
+            )  # fmt: skip
+            return False
+        with self._backoff_lock:
+            self._unreleased.pop(str(taken.stage), None)
+        return True
 
     def _recovered(self, item: _Judged | _Staged) -> None:
         """A file whose intake had failed before was taken now: no backoff left for it."""
@@ -339,6 +366,10 @@ class Intake:
 
     def sweep(self, *, remote_writers: bool = False) -> int:
         """Offer every file in incoming/; return how many were taken."""
+        with self._backoff_lock:
+            unreleased = list(self._unreleased.values())
+        for left in unreleased:
+            self._release(left)
         names = self._spool.stages.list_incoming()
         present = set(names)
         with self._backoff_lock:

@@ -117,6 +117,14 @@ class TakenFile(NamedTuple):
         return self.stage / self.name
 
 
+class StageLeft(SpoolError):
+    """A take failed and may have left its file in its stage (``taken``): release it."""
+
+    def __init__(self, taken: TakenFile) -> None:
+        super().__init__(f"{taken.name} may be left in {taken.stage.name}")
+        self.taken = taken
+
+
 class Prepared(NamedTuple):
     """A job's directory written in its stage (``Stages.prepare``), not yet placed."""
 
@@ -217,14 +225,21 @@ class Stages:
             except FileNotFoundError:
                 os.rmdir(stage)
                 return None
+            except OSError as exc:  # on a shared mount the rename may have happened all the same
+                left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None)
+                raise StageLeft(left) from exc
         finally:
             if fd >= 0:
                 os.close(fd)
         if kind != "file":
             return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=None)
-        return self._own_copy(
-            name, stage, max_size, checked=(st.st_dev, st.st_ino), arrived=st.st_ctime
-        )
+        try:
+            return self._own_copy(
+                name, stage, max_size, checked=(st.st_dev, st.st_ino), arrived=st.st_ctime
+            )
+        except OSError as exc:  # its own undoing may have failed too (an I/O error)
+            left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None)
+            raise StageLeft(left) from exc
 
     def _own_copy(
         self, name: str, stage: str, max_size: int, *, checked: tuple[int, int], arrived: float
@@ -486,7 +501,19 @@ class Stages:
         return target
 
     def release(self, taken: TakenFile) -> str:
-        """Undo a take that could not be finished: the file goes back into incoming/."""
+        """Undo a take that could not be finished: the file goes back into incoming/.
+
+        A stage that is gone was recovered by another host (this one was stale to it: frozen,
+        cut off) or was never made: it has nothing left to undo here.
+        """
+        try:
+            return self._release(taken)
+        except FileNotFoundError:
+            if os.path.lexists(taken.stage):
+                raise
+            return f"{taken.name}: its stage was gone (another host recovered it)"
+
+    def _release(self, taken: TakenFile) -> str:
         stage = taken.stage
         # Where accept() or reject() may have moved it; a file named like one spoold writes
         # was moved first, so its original name may now hold spoold's own file.
