@@ -4,6 +4,7 @@ daemon. Each attempt is denied; the daemon and the records are unharmed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -185,25 +186,49 @@ def test_secrets_dir_a_job_user_could_read_is_refused(tmp_path: Path) -> None:
         Lane.from_config(config, lambda: tmp_path / "w", switching=True)
 
 
-def test_a_job_started_by_a_daemon_with_capabilities_gets_none_of_them(tmp_path: Path) -> None:
+_JOB_AS_A_DAEMON_WITH_CAPABILITIES = """\
+import ctypes, io, json, os, sys, threading
+from pathlib import Path
+from spoold.core import procfs
+from spoold.core.clock import SystemClock
+from spoold.core.joblog import JobLog
+from spoold.run.lane import may_switch_users
+from spoold.run.process import RunAs, run_process
+assert may_switch_users()
+if {drop}:
+    procfs.drop_ambient_capabilities()  # what a supervisor does first
+def mine():
+    status = Path("/proc/self/status").read_text()
+    caps = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))
+    return [os.getresuid(), os.getresgid(), sorted(os.getgroups()), caps["CapEff"].strip()]
+before = mine()
+out = io.BytesIO()
+log = JobLog(out, SystemClock())
+run_process(["grep", "^Cap\\|^Uid\\|^Gid\\|^Groups", "/proc/self/status"], cwd=Path("/"),
+            env={{}}, log=log, clock=SystemClock(), timeout=10, kill_grace=1,
+            cancel=threading.Event(), run_as=RunAs.lookup("spoold-job"),
+            switch_in_place={in_place})
+after = mine()
+dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 1  # PR_GET_DUMPABLE
+sys.stdout.write(out.getvalue().decode())
+print("PARENT", json.dumps({{"before": before, "after": after, "dumpable": dumpable}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("in_place", "drop"),
+    [(False, False), (True, False), (True, True)],
+    ids=["forked", "in-place-refused-with-ambient-capabilities", "in-place-as-a-supervisor"],
+)
+def test_a_job_started_by_a_daemon_with_capabilities_gets_none_of_them(
+    in_place: bool, drop: bool
+) -> None:
     """The package's daemon is not root: it holds CAP_SETUID, CAP_SETGID and CAP_KILL as
     ambient capabilities. A switch between two uids that are not root keeps them; the job
-    must start with none, or it could make itself root."""
-    script = textwrap.dedent("""\
-        import io, sys, threading
-        from pathlib import Path
-        from spoold.core.clock import SystemClock
-        from spoold.core.joblog import JobLog
-        from spoold.run.lane import may_switch_users
-        from spoold.run.process import RunAs, run_process
-        assert may_switch_users()
-        out = io.BytesIO()
-        log = JobLog(out, SystemClock())
-        run_process(["grep", "^Cap", "/proc/self/status"], cwd=Path("/"), env={}, log=log,
-                    clock=SystemClock(), timeout=10, kill_grace=1, cancel=threading.Event(),
-                    run_as=RunAs.lookup("spoold-job"))
-        sys.stdout.write(out.getvalue().decode())
-    """)
+    must start with none, or it could make itself root. Started by a supervisor (which drops
+    its ambient capabilities, then becomes the job's user for the start), the job holds the
+    user's ids everywhere, and the supervisor is itself again after, capabilities and all."""
+    script = _JOB_AS_A_DAEMON_WITH_CAPABILITIES.format(in_place=in_place, drop=drop)
     caps = "+setuid,+setgid,+kill"
     result = subprocess.run(
         ["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups", f"--inh-caps={caps}",
@@ -216,6 +241,49 @@ def test_a_job_started_by_a_daemon_with_capabilities_gets_none_of_them(tmp_path:
     assert set(found) >= {"CapPrm", "CapEff", "CapAmb", "CapInh"}, result.stdout
     for name in ("CapPrm", "CapEff", "CapAmb"):
         assert int(found[name], 16) == 0, f"the job holds {name} {found[name]}"
+    job = pwd.getpwnam("spoold-job")
+    ids = dict(re.findall(r"(Uid|Gid):\s+([\d\s]+?)\n", result.stdout))
+    assert ids["Uid"].split() == [str(job.pw_uid)] * 4, result.stdout
+    assert ids["Gid"].split() == [str(job.pw_gid)] * 4, result.stdout
+    parent = json.loads(result.stdout.split("PARENT ", 1)[1])
+    assert parent["after"] == parent["before"], "the starting process is not itself again"
+    assert int(parent["after"][3], 16) != 0, "it lost its own capabilities"
+    assert parent["dumpable"], "its /proc entries are no longer its own user's"
+
+
+def test_a_supervisor_switched_in_place_starts_each_job_by_vfork(tmp_path: Path) -> None:
+    """The point of the in-place switch: a job user's process started without copying the
+    starting process's page tables. Seen from outside: the parent takes no copy-on-write
+    faults for its pages after the start (a fork makes it fault on every page it writes)."""
+    script = textwrap.dedent("""\
+        import io, resource, sys, threading
+        from pathlib import Path
+        from spoold.core.clock import SystemClock
+        from spoold.core.joblog import JobLog
+        from spoold.run.process import RunAs, run_process
+        ballast = [bytearray(4096) for _ in range(4000)]  # 16 MB the parent writes after
+        user = RunAs.lookup("spoold-job")
+        def faults(in_place):
+            run = lambda: run_process(["true"], cwd=Path("/"), env={}, log=JobLog(io.BytesIO(),
+                SystemClock()), clock=SystemClock(), timeout=10, kill_grace=1,
+                cancel=threading.Event(), run_as=user, switch_in_place=in_place)
+            run()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                run()
+                for page in ballast:
+                    page[0] = 1
+            return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+        print(faults(False), faults(True))
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        check=False, cwd="/", env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    forked, in_place = map(float, result.stdout.split())
+    assert forked > 4000, f"a fork should make the parent fault on its ballast: {forked}"
+    assert in_place < 400, f"switched in place, the start should not fault it: {in_place}"
 
 
 def test_the_job_users_file_work_done_as_that_user(tmp_path: Path) -> None:

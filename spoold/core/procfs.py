@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # Indexes into the fields of /proc/<pid>/stat after the command name (field 3 is index 0).
 _STATE, _PGRP, _SESSION, _STARTTIME = 0, 2, 3, 19
@@ -16,6 +16,7 @@ _BLOCKED, _IGNORED = 29, 30  # the calling thread's signal mask; the process's i
 _PR_SET_NAME = 15
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_DUMPABLE = 4
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -199,10 +200,28 @@ def ambient_clearer() -> Callable[[], object] | None:
     """
     if not ambient_capabilities():
         return None
-    import ctypes  # noqa: PLC0415 - only where there are ambient capabilities
+    return functools.partial(_libc().prctl, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    return functools.partial(libc.prctl, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+def drop_ambient_capabilities() -> None:
+    """Drop this process's ambient capabilities for good (its permitted and effective ones
+    stay): nothing it execs from now on inherits them."""
+    clear = ambient_clearer()
+    if clear is not None:
+        clear()
+
+
+def make_dumpable() -> None:
+    """Mark this process dumpable again, as it was before a change of its effective user id
+    reset the mark (which makes its /proc entries root's and bars its own user from them)."""
+    _libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes  # noqa: PLC0415 - only processes that call into the C library need it
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def become_child_subreaper() -> bool:
@@ -211,10 +230,7 @@ def become_child_subreaper() -> bool:
     cannot list a thread's children (CONFIG_PROC_CHILDREN), which finding them needs."""
     if not Path(f"/proc/self/task/{os.getpid()}/children").exists():
         return False
-    import ctypes  # noqa: PLC0415 - once per worker process; the CLI never needs it
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    return int(_libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
 
 
 def _threads(pid: int) -> list[str]:
@@ -243,18 +259,13 @@ def boot_id() -> str | None:
 
 def name_process(name: str) -> None:
     """Set this process's name as ps and top show it (``comm``, at most 15 bytes)."""
-    import ctypes  # noqa: PLC0415 - only processes that rename themselves need it
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    _libc().prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def release_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim), after a burst of
     short-lived allocations (compiling a validator, a large intake) that would otherwise stay
     in the process's resident size; nothing where the C library has no malloc_trim."""
-    import ctypes  # noqa: PLC0415 - only once a burst is over
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -43,6 +43,7 @@ from spoold.core.errors import ExecutorError, SpooldError
 from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
 from spoold.core.procfs import (
+    drop_ambient_capabilities,
     group_members,
     name_process,
     process_start_time,
@@ -556,6 +557,10 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
     name_process("spoold-job-sup")  # in ps -o comm, top: not a launcher
     adopt_orphans()  # what the job leaves is found and ended here, without a look at all of /proc
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a dead worker's socket: an error, no death
+    # It execs only jobs and hooks, which must not hold the daemon's capabilities (the Debian
+    # package's CAP_SETUID would make a job root); without ambient ones, a unit's process is
+    # started as its user by vfork (run_process's switch_in_place).
+    drop_ambient_capabilities()
     unit = _Unit()
 
     def on_cancel(signum: int, frame: object) -> None:
@@ -615,7 +620,7 @@ def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit
             request.argv, cwd=Path(request.cwd), env=request.env, log=log, clock=clock,
             timeout=request.timeout, kill_grace=request.kill_grace, cancel=unit.cancel,
             on_spawn=lambda pid: _answer(reply, ("spawned", pid)), run_as=request.run_as,
-            label=request.label,
+            label=request.label, switch_in_place=True,
         )  # fmt: skip
         ended = {
             "exit_code": outcome.exit_code,
