@@ -21,10 +21,11 @@ What every process run here gets, whatever the process that starts it does:
   CPU user and system seconds add up over those; the peak is the largest ``ru_maxrss`` among
   them: the most memory one process of the tree held, exact, not a sum of processes side by
   side (nothing samples them). Linux counts into a process's max RSS the image it replaced by
-  exec, so a job's figure is at least what the process that started it held at the start
-  (a supervisor: some 10-20 MB). An orphan is counted where it is reaped here, which a
-  supervisor (a child subreaper, one run at a time) does for all of them; elsewhere only what
-  the run's own processes reaped is counted.
+  exec, so a job's figure is at least what the process that started it held at the start,
+  or by vfork (the usual start) the most it ever held (a supervisor: some 20-30 MB). An
+  orphan is counted where it is reaped here, which a supervisor (a child subreaper, one run
+  at a time) does for all of them; elsewhere only what the run's own processes reaped is
+  counted.
 """
 
 from __future__ import annotations
