@@ -10,6 +10,7 @@ runs (intake, watcher, scheduler, sender) is wired in spoold.daemon.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -108,6 +109,8 @@ def serve_worker_process(fd: int) -> None:
         return
     conn, setup = received
     parts = Parts.build(setup.config)
+    if setup.launcher is not None:
+        Launcher.share(socket.socket(fileno=setup.launcher))
     Launcher.shared().start()  # before Ready: the first job does not wait for a new Python
     parent = ParentLink(conn)
     observe = parent.observed if setup.observe else None

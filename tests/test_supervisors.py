@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import yaml
 
 from spoold.core.clock import SystemClock
 from spoold.core.config import Config
-from spoold.core.procfs import process_info
+from spoold.core.procfs import children, descendants, process_info
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
@@ -120,3 +122,89 @@ def test_an_idle_daemon_lets_its_job_supervisors_go(spool_dir: Path, tmp_path: P
         assert daemon.alive
     finally:
         daemon.stop()
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _launchers(daemon: DaemonProcess) -> list[int]:
+    assert daemon.pid is not None
+    return [
+        pid for pid in descendants([daemon.pid]) if _comm(pid) == "spoold-launcher" and _alive(pid)
+    ]  # fmt: skip
+
+
+def _worker_processes(daemon: DaemonProcess) -> list[int]:
+    assert daemon.pid is not None
+    return [
+        pid for pid in children(daemon.pid)
+        if b"serve_worker_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]  # fmt: skip
+
+
+def _run_together(spool: Path, tmp_path: Path, prefix: str, count: int = 4) -> set[int]:
+    """Run ``count`` jobs at once (each waits for all to have started: both worker processes
+    run some); the supervisors that ran them."""
+    gate = tmp_path / f"{prefix}-gate"
+    gate.mkdir()
+    gate.chmod(0o777)  # the jobs' user writes here
+    for n in range(count):
+        wait = (f"touch {gate}/{n} && i=0 && while [ $(ls {gate} | wc -l) -lt 2 ]; do "
+                "sleep 0.05; i=$((i+1)); [ $i -lt 400 ] || exit 9; done")  # fmt: skip
+        drop(spool, f"{prefix}{n}.yaml", local_job(f"{prefix}{n}", wait))
+    found = set()
+    for n in range(count):
+        directory, status = wait_finished(spool, f"{prefix}{n}")
+        assert status["state"] == "succeeded", status
+        found.add(_supervisor_of(spool / directory / f"{prefix}{n}"))
+    return found
+
+
+@pytest.mark.daemon
+def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path) -> None:
+    """One launcher for the daemon, not one per worker process (an interpreter, ~16 MiB RSS,
+    fewer each); a worker process that replaces a dead one is handed a socket to it too."""
+    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=2)
+    daemon = DaemonProcess(spool_dir, config)
+    try:
+        daemon.start()
+        assert len(_worker_processes(daemon)) == 2
+        [launcher] = _launchers(daemon)
+        supervisors = _run_together(spool_dir, tmp_path, "a")
+        assert len(supervisors) >= 2, "the jobs ran side by side"
+        alive = [pid for pid in supervisors if _alive(pid)]  # idle, for a next job
+        assert alive, supervisors
+        assert {_parent(pid) for pid in alive} == {launcher}, "forked by the one launcher"
+        dead = _worker_processes(daemon)[0]
+        os.kill(dead, signal.SIGKILL)
+        wait_for(lambda: dead not in _worker_processes(daemon)
+                 and len(_worker_processes(daemon)) == 2, what="the worker process replaced")  # fmt: skip
+        _run_together(spool_dir, tmp_path, "b")
+        assert _launchers(daemon) == [launcher], "the replacement uses the daemon's launcher"
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.daemon
+def test_a_worker_process_whose_launcher_is_gone_starts_its_own(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir))
+    try:
+        daemon.start()
+        [launcher] = _launchers(daemon)
+        os.kill(launcher, signal.SIGKILL)  # the OOM killer, before any job ran
+        wait_for(lambda: launcher not in _launchers(daemon), what="the launcher gone")
+        _run_together(spool_dir, tmp_path, "c")
+        assert daemon.alive
+        assert launcher not in _launchers(daemon) and _launchers(daemon), "their own now"
+    finally:
+        daemon.stop()
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

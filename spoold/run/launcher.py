@@ -1,5 +1,5 @@
 """Supervisors for a job's processes, and the chores done as the job's user, forked on request by
-a launcher: a small single-threaded process each worker process starts once.
+a launcher: a small single-threaded process the daemon starts once for its worker processes.
 
 Why a launcher. A job's process must outlive the daemon (a crash, ``kill -9``, an upgrade), so
 something that is not the daemon must own it: its **supervisor**, which starts it as the job's
@@ -15,8 +15,12 @@ artifacts. The daemon may lack the right to read or remove what the job user mad
 Debian package it has CAP_SETUID, CAP_SETGID and CAP_KILL, no more), so it does that work as
 that user, in a child that became them.
 
-The launcher dies with its worker process (its socket reaches end of file); supervisors do
-not: they are in sessions of their own, and when the launcher is gone they are init's.
+The daemon starts one launcher for all its worker processes (``DaemonLauncher``: one
+interpreter, ~16 MiB RSS, fewer than one each), and hands each worker process a socket to it.
+A worker process whose launcher is gone (the OOM killer, an operator) starts one of its own,
+as ``spoold exec`` and the tests do. A launcher ends once every socket it serves has reached end
+of file: its worker processes' and the daemon's own; supervisors do not: they are in sessions
+of their own, and when the launcher is gone they are init's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import gc
 import os
 import pickle
 import select
+import selectors
 import signal
 import socket
 import stat
@@ -86,6 +91,11 @@ class Supervise(NamedTuple):
     host: str
     #: RUNNER_LOG_SOCKET: where every line goes too.
     log_socket: str | None = None
+
+
+class AddClient(NamedTuple):
+    """To a launcher, from the daemon: serve one more worker process, on the socket that
+    comes with this message."""
 
 
 class Chore(NamedTuple):
@@ -153,12 +163,24 @@ class Launcher:
                 cls._shared = cls()
             return cls._shared
 
-    def __init__(self, *, chores_here: bool | None = None) -> None:
+    @classmethod
+    def share(cls, sock: socket.socket) -> None:
+        """Make this process's launcher the one at the end of ``sock`` (the daemon's), before
+        its first use."""
+        with cls._shared_lock:
+            assert cls._shared is None, "this process's launcher is in use already"
+            cls._shared = cls(sock=sock)
+
+    def __init__(
+        self, *, chores_here: bool | None = None, sock: socket.socket | None = None
+    ) -> None:
         """``chores_here``: do the chores in this process, not in a fork that became the job's
         user; by default when this process is root, which may do them for any user at the
-        cost of a few system calls (a fork costs milliseconds)."""
+        cost of a few system calls (a fork costs milliseconds). ``sock``: a launcher's socket
+        (the daemon's, which others use too): else one of its own is started on first use,
+        and again if the one in use is gone."""
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = sock
         self._process: subprocess.Popen[bytes] | None = None
         self._chores_here = os.geteuid() == 0 if chores_here is None else chores_here
         # Supervisors that ended a unit, for the next, with when they did (monotonic seconds).
@@ -276,28 +298,67 @@ class Launcher:
 
     def _started(self) -> socket.socket:
         if self._sock is None:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            with theirs:
-                # As the worker processes are started: this interpreter, this import path.
-                self._process = subprocess.Popen(
-                    [sys.executable, "-c", f"from {__name__} import serve; serve()",
-                     str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                )  # fmt: skip
-            self._sock = ours
+            self._sock, self._process = _start_launcher()
         return self._sock
 
     def _stop(self) -> None:
         if self._sock is not None:
-            self._sock.close()  # the launcher reads end of file and exits
+            self._sock.close()  # the launcher reads end of file and exits, unless it is shared
             self._sock = None
         if self._process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(5)
-            if self._process.poll() is None:
-                self._process.kill()
-                self._process.wait()
+            _reap(self._process)
             self._process = None
+
+
+class DaemonLauncher:
+    """The daemon's launcher, shared by its worker processes: each is handed a socket to it
+    (``connect``). It ends once the daemon (``close``) and every worker process are done."""
+
+    def __init__(self) -> None:
+        self._control, self._process = _start_launcher()
+        self._lock = threading.Lock()
+
+    def connect(self) -> socket.socket | None:
+        """A new socket to the launcher, for a worker process; None when it is gone (that
+        worker process starts a launcher of its own)."""
+        if self._process.poll() is not None:  # reaped now: no zombie until the daemon ends
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours:
+            try:
+                with self._lock:
+                    _send(self._control, AddClient(), (ours.fileno(),))
+            except OSError:
+                theirs.close()
+                return None
+        return theirs
+
+    def close(self) -> None:
+        """Let it end once the worker processes are done with it (call after they stopped)."""
+        with self._lock:
+            self._control.close()
+        _reap(self._process)
+
+
+def _start_launcher() -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """A new launcher process, and a socket it serves."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        # As the worker processes are started: this interpreter, this import path.
+        process = subprocess.Popen(
+            [sys.executable, "-c", f"from {__name__} import serve; serve()", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    return ours, process
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a launcher whose sockets were closed; kill one that does not end."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 class Supervised(Processes):
@@ -492,9 +553,9 @@ def _signal(pidfd: int, signum: int) -> None:
 
 
 def serve() -> None:
-    """The launcher process: fork a child for each request until the worker process is gone."""
+    """The launcher process: fork a child for each request until every socket it serves (the
+    descriptors in its arguments, and those AddClient brings) has reached end of file."""
     name_process("spoold-launcher")
-    sock = socket.socket(fileno=int(sys.argv[1]))
     # Forks are not waited for: the kernel reaps them. Each child puts this back first.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     # A Ctrl-C or SIGTERM to the daemon's process group is the daemon's to act on.
@@ -503,19 +564,34 @@ def serve() -> None:
     # What is here now stays out of the collector's sight: a fork's collections would touch
     # every object and copy each page that holds one (~6 ms a fork, measured, of ~10).
     gc.freeze()
-    while True:
-        try:
-            message, fds = _receive(sock)
-        except (EOFError, OSError):
-            return
-        if os.fork() == 0:
-            try:
-                sock.close()
-                _child(message, fds)
-            finally:
-                os._exit(0)
-        for fd in fds:
-            os.close(fd)
+    with selectors.DefaultSelector() as selector:
+        for arg in sys.argv[1:]:
+            selector.register(socket.socket(fileno=int(arg)), selectors.EVENT_READ)
+        while selector.get_map():
+            for key, _ in selector.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    message, fds = _receive(sock)
+                except (EOFError, OSError):
+                    selector.unregister(sock)
+                    sock.close()
+                    continue
+                if isinstance(message, AddClient):
+                    for fd in fds:
+                        selector.register(socket.socket(fileno=fd), selectors.EVENT_READ)
+                    continue
+                if os.fork() == 0:
+                    try:
+                        # No worker's socket stays open in a supervisor: each worker process
+                        # must see end of file when the launcher is gone.
+                        for served in list(selector.get_map().values()):
+                            served.fileobj.close()  # type: ignore[union-attr]
+                        _child(message, fds)
+                    finally:
+                        os._exit(0)
+                for fd in fds:
+                    os.close(fd)
 
 
 def _child(message: Supervise | Chore, fds: list[int]) -> None:

@@ -33,7 +33,7 @@ from spoold.core.config import Config
 from spoold.core.errors import WorkerProcessError
 from spoold.run.dispatch import DispatchQueue, JobMeta
 from spoold.run.heartbeat import LeaseHeartbeat
-from spoold.run.launcher import Launcher
+from spoold.run.launcher import DaemonLauncher, Launcher
 from spoold.run.observed import Observation
 from spoold.run.worker import JobRunner, WorkerPool
 
@@ -61,6 +61,8 @@ class Setup:
     parent: int
     #: Whether the main process counts what it does (``Observed``): else it sends none.
     observe: bool = False
+    #: The descriptor of its socket to the daemon's launcher (spoold.run.launcher), if any.
+    launcher: int | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,7 @@ class WorkerProcesses:
         self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
         self._links: list[_Link] = []
         self._stopping = False
+        self._launcher: DaemonLauncher | None = None
 
     @property
     def processes(self) -> int:
@@ -272,6 +275,7 @@ class WorkerProcesses:
         Call from a thread that lives as long as the daemon: a worker process dies with the
         thread that started it (PR_SET_PDEATHSIG).
         """
+        self._launcher = DaemonLauncher()  # one for all: an interpreter fewer each
         links = [self._spawn(index, slots) for index, slots in enumerate(self._plan)]
         for link in links:
             self._await_ready(link)
@@ -373,16 +377,21 @@ class WorkerProcesses:
                 link.process.kill()
                 link.process.wait()
             link.conn.close()
+        if self._launcher is not None:
+            self._launcher.close()
 
     def _spawn(self, index: int, slots: tuple[str, ...]) -> _Link:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with ours, theirs:
+        launcher = None if self._launcher is None else self._launcher.connect()
+        launcher_fd = None if launcher is None else launcher.fileno()  # the same in the child
+        passed = (theirs.fileno(), *([] if launcher_fd is None else [launcher_fd]))
+        with ours, theirs, launcher or contextlib.nullcontext():
             process = subprocess.Popen(
-                [sys.executable, "-c", self._child_main, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
+                [sys.executable, "-c", self._child_main, str(theirs.fileno())], pass_fds=passed
             )
             conn = Connection(ours.detach())
-        conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None))
+        conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None,
+                        launcher=launcher_fd))  # fmt: skip
         return _Link(index, slots, process, conn)
 
     def _await_ready(self, link: _Link) -> None:
