@@ -256,11 +256,17 @@ def test_a_supervisor_switched_in_place_starts_each_job_by_vfork(tmp_path: Path)
     starting process's page tables. Seen from outside: the parent takes no copy-on-write
     faults for its pages after the start (a fork makes it fault on every page it writes)."""
     script = textwrap.dedent("""\
-        import io, resource, sys, threading
+        import io, resource, signal, sys, threading
         from pathlib import Path
         from spoold.core.clock import SystemClock
         from spoold.core.joblog import JobLog
-        from spoold.run.process import RunAs, run_process
+        from spoold.run.process import RunAs, clean_signal_state, run_process
+        # What a shell's background job starts with (CI's, seen): a child would need a step
+        # between fork and exec to reset them. A supervisor cleans them first.
+        for ignored in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(ignored, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+        clean_signal_state()
         ballast = [bytearray(4096) for _ in range(4000)]  # 16 MB the parent writes after
         user = RunAs.lookup("spoold-job")
         def faults(in_place):

@@ -56,7 +56,14 @@ from spoold.core.procfs import (
 from spoold.core.secrets import Masker
 from spoold.core.spool.jobs import JobDir, Jobs
 from spoold.run.log_socket import LogTap
-from spoold.run.process import Processes, ProcessOutcome, RunAs, adopt_orphans, run_process
+from spoold.run.process import (
+    Processes,
+    ProcessOutcome,
+    RunAs,
+    adopt_orphans,
+    clean_signal_state,
+    run_process,
+)
 
 _HEADER = struct.Struct("!I")
 _FD_BATCH = 64  # descriptors per message (SCM_RIGHTS takes at most 253)
@@ -637,6 +644,7 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
     # package's CAP_SETUID would make a job root); without ambient ones, a unit's process is
     # started as its user by vfork (run_process's switch_in_place).
     drop_ambient_capabilities()
+    clean_signal_state()  # for the same reason
     unit = _Unit()
 
     def on_cancel(signum: int, frame: object) -> None:

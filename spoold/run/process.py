@@ -410,9 +410,22 @@ def _signal_reset() -> Callable[[], None] | None:
     blocked, ignored = state[0] & ~_LIBC_INTERNAL, state[1] & ~(_RESTORED | _LIBC_INTERNAL)
     if not (blocked or ignored):
         return None
-    return functools.partial(
-        _reset_signals, tuple(n for n in range(1, signal.NSIG) if ignored >> (n - 1) & 1)
-    )
+    return functools.partial(_reset_signals, _bits(ignored))
+
+
+def clean_signal_state() -> None:
+    """Unblock every signal, and give back its default to every one this process ignores but
+    SIGPIPE (which subprocess restores in the child itself): for a process of its own for
+    runs (a supervisor), whose jobs then need no step between fork and exec, so that
+    subprocess may vfork them. What it cleans is what the daemon's start left: a shell's
+    background job ignores SIGINT and SIGQUIT (seen under CI), and so did everything after."""
+    state = procfs.signal_state()
+    ignored = tuple(range(1, signal.NSIG)) if state is None else _bits(state[1])
+    _reset_signals(tuple(n for n in ignored if n != signal.SIGPIPE))
+
+
+def _bits(mask: int) -> tuple[int, ...]:
+    return tuple(n for n in range(1, signal.NSIG) if mask >> (n - 1) & 1)
 
 
 def _reset_signals(ignored: tuple[int, ...]) -> None:
