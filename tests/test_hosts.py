@@ -419,6 +419,37 @@ def test_a_rename_never_replaces_where_the_filesystem_refuses_renameat2_flags(
     assert (tmp_path / "d3" / "job.yaml").read_text() == "d1"
 
 
+def test_a_move_cut_between_its_link_and_its_unlink_is_finished_not_doubled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where renameat2 has no RENAME_NOREPLACE (sshfs), a file is moved by a link and an
+    unlink. A host stopped between the two (frozen, cut off, killed) leaves the file under
+    both names. Seen as ``rejected/j0653-2.yaml`` on three hosts: a stale host's stage was
+    given back to incoming/ while the file was already there, under a free name beside its
+    first; both were taken, the second rejected as a duplicate. A move whose target is the
+    very same file is finished (the source name dropped), whoever finishes it."""
+    from spoold.core.spool import fs  # noqa: PLC0415
+
+    monkeypatch.setattr(fs, "_renameat2_errno", lambda *args: errno.EINVAL)  # as FUSE answers
+    (tmp_path / "a").write_text("a")
+    os.link(tmp_path / "a", tmp_path / "b")  # the link done, the unlink not
+    fs.rename_noreplace(tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").read_text() == "a"
+    assert os.stat(tmp_path / "b").st_nlink == 1
+    # The same through a stale host's stage, recovered by another host.
+    a = _spool(tmp_path, host="a")
+    b = Spool(a.root, host="b")
+    (a.dir("incoming") / "j.yaml").write_text("job_id: j\nexecutor: local\n")
+    taken = a.stages.take_incoming("j.yaml", now=T.timestamp(), max_size=1 << 20)
+    assert taken is not None
+    os.link(taken.original, a.dir("incoming") / "j.yaml")  # a's release, cut after its link
+    (line,) = b.stages.recover(frozenset({"a"}))
+    assert "returned j.yaml to incoming/ as j.yaml" in line, line
+    assert os.listdir(a.dir("incoming")) == ["j.yaml"]
+    assert os.stat(a.dir("incoming") / "j.yaml").st_nlink == 1
+    assert not [n for n in os.listdir(a.dir("tmp")) if n.startswith("in-")]
+
+
 def test_a_delivery_dropped_by_a_host_that_took_its_writer_for_stale_is_written_again(
     tmp_path: Path,
 ) -> None:

@@ -119,6 +119,11 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     file is linked to ``target`` (which fails if anything is there) and unlinked; a directory
     is renamed after a check, and a rename(2) never replaces a directory that holds anything
     (a job's directory always does): racy only against an empty directory made at that name.
+
+    A link and an unlink are two steps: a process stopped between them (killed, or a host
+    frozen or cut off) leaves the file under both names. A target that is the very file is
+    that move half done: it is finished here (the source name dropped), whoever finishes it,
+    rather than the file given a third name (seen: a job file taken twice, from two names).
     """
     err = _renameat2_errno(source, target, _RENAME_NOREPLACE)
     if err == 0:
@@ -128,7 +133,11 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     if err not in (None, errno.EINVAL, errno.ENOSYS):
         raise OSError(err, os.strerror(err), str(source))
     if not os.path.isdir(source) or os.path.islink(source):
-        os.link(source, target, follow_symlinks=False)
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            if not _same_file(source, target):
+                raise
         os.unlink(source)
         return
     if os.path.lexists(target):
@@ -139,6 +148,13 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise FileExistsError(exc.errno, os.strerror(exc.errno), str(target)) from None
         raise
+
+
+def _same_file(one: str | Path, other: str | Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(one), os.lstat(other))
+    except FileNotFoundError:
+        return False
 
 
 def rename_exchange(source: str | Path, target: str | Path) -> None:
