@@ -171,8 +171,7 @@ def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed:
     finals = {body["job_id"] for body in bed.receiver.bodies() if body["event"] in FINAL_EVENTS}
     missing = set(jobs) - finals
     if missing:  # the last ones may still be on their way
-        said = [f"{name}: {line}" for name, log in logs.items() for line in log.splitlines()
-                if any(job_id in line for job_id in missing)]  # fmt: skip
+        said = _said_about(logs, missing)
         wait_for(lambda: not set(jobs) - {b["job_id"] for b in bed.receiver.bodies()
                                            if b["event"] in FINAL_EVENTS},
                  bound=60.0, what=f"final callbacks of {sorted(missing)[:5]}:\n"
@@ -213,8 +212,7 @@ def _unfinished(server: Path, logs: dict[str, str], events: list[str]) -> str:
             for record in sorted(job.iterdir()):
                 if record.is_file() and record.name != "job.yaml":
                     said.append(f"{directory}/{job_id}/{record.name}: {record.read_text()[-1500:]}")
-        said += [f"  {host}: {line}" for host, log in logs.items() for line in log.splitlines()
-                 if job_id in line][-30:]  # fmt: skip
+        said += _said_about(logs, {job_id})[-30:]
     said += [f"--- {host}\n{log[-4000:]}" for host, log in logs.items()]
     return "\n".join(said)
 
@@ -226,10 +224,14 @@ def _rejections(server: Path, logs: dict[str, str], events: list[str]) -> str:
     for name in sorted(os.listdir(server / "rejected")):
         reason = server / "rejected" / name / "reason.json"
         said.append(f"{name}: {reason.read_text() if reason.exists() else 'no reason.json'}")
-        words = {name, name.split("-", 1)[0].split(".", 1)[0]}  # j0653-2.yaml: j0653 too
-        said += [f"  {host}: {line}" for host, log in logs.items() for line in log.splitlines()
-                 if any(word in line for word in words)]  # fmt: skip
+        said += _said_about(logs, {name, name.split("-", 1)[0].split(".", 1)[0]})  # j0653 too
     return "\n".join(said)
+
+
+def _said_about(logs: dict[str, str], words: set[str]) -> list[str]:
+    """Every line of the hosts' logs that names one of ``words``, with its host."""
+    return [f"  {host}: {line}" for host, log in logs.items() for line in log.splitlines()
+            if any(word in line for word in words)]  # fmt: skip
 
 
 def _drop_all(server: Path, runs: Path) -> None:

@@ -19,8 +19,9 @@ SETTLE = 2.0
 JOB = "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
 
 
-def _intake(tmp_path: Path) -> tuple[Spool, Intake, FakeClock]:
-    spool = Spool(tmp_path / "spool")
+def _intake(tmp_path: Path, host: str = "") -> tuple[Spool, Intake, FakeClock]:
+    """``host``: the intake of that host, on a spool hosts share."""
+    spool = Spool(tmp_path / "spool", host=host)
     spool.init()
     clock = FakeClock()
     intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
@@ -164,15 +165,6 @@ def test_a_failure_of_spoold_itself_mid_group_puts_the_unplaced_files_back(
     assert list(spool.dir("tmp").iterdir()) == [] and spool.jobs.list_jobs("pending") == []
 
 
-def _shared_intake(tmp_path: Path, host: str) -> tuple[Spool, Intake, FakeClock]:
-    """An intake of host ``host`` on a spool hosts share."""
-    spool, intake, clock = _intake(tmp_path)
-    spool = Spool(spool.root, host=host)
-    intake._spool = spool
-    intake._ledger._spool = spool
-    return spool, intake, clock
-
-
 @pytest.mark.parametrize("taken_over", [0, 2], ids=["the-first", "one-in-the-middle"])
 def test_a_stage_another_host_took_over_costs_the_group_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_over: int
@@ -183,7 +175,7 @@ def test_a_stage_another_host_took_over_costs_the_group_nothing(
     gone): the group's other files stayed in h2's stages, which no host recovers while h2 is
     alive: 14 jobs never ran. The stage another host took is that host's to finish; the
     others of the group are placed, and nothing stays in tmp/."""
-    spool, intake, _ = _shared_intake(tmp_path, "h2")
+    spool, intake, _ = _intake(tmp_path, host="h2")
     other = Spool(spool.root, host="h1")
     names = [f"j{n}.yaml" for n in range(5)]
     for n, name in enumerate(names):
@@ -215,7 +207,7 @@ def test_a_stage_left_by_a_failure_is_recovered_while_the_host_lives(
     I/O error on a cut-off mount), the host finds it on its next sweep and finishes it, as
     it would at its next start and as other hosts would if it died: no file waits for a
     restart."""
-    spool, intake, clock = _shared_intake(tmp_path, "h2")
+    spool, intake, clock = _intake(tmp_path, host="h2")
     names = [f"j{n}.yaml" for n in range(3)]
     for n, name in enumerate(names):
         (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: j{n}"))
@@ -247,7 +239,7 @@ def test_a_take_whose_answer_was_lost_leaves_no_file_staged(
     """On a network mount a rename can happen on the server while its answer is lost (EIO):
     the file is in the stage though the take failed. It goes back to incoming/ at once, and
     is taken next time."""
-    spool, intake, clock = _shared_intake(tmp_path, "h2")
+    spool, intake, clock = _intake(tmp_path, host="h2")
     (spool.dir("incoming") / "j.yaml").write_text(JOB)
     rename = os.rename
     lost: list[str] = []

@@ -341,9 +341,8 @@ class Intake:
             display_name(name), exc, format_duration(delay),
         )  # fmt: skip
 
-    def _release(self, taken: TakenFile) -> bool:
-        """Give a staged file back to incoming/; False (and kept for the next sweep) if that
-        failed."""
+    def _release(self, taken: TakenFile) -> None:
+        """Give a staged file back to incoming/; kept for the next sweep if that failed."""
         try:
             self._spool.stages.release(taken)
         except Exception as exc:
@@ -353,10 +352,9 @@ class Intake:
                 "could not give %s back to incoming/ (%s); tried again at the next scan",
                 display_name(taken.name), exc,
             )  # fmt: skip
-            return False
+            return
         with self._backoff_lock:
             self._unreleased.pop(str(taken.stage), None)
-        return True
 
     def _recovered(self, item: _Judged | _Staged) -> None:
         """A file whose intake had failed before was taken now: no backoff left for it."""
