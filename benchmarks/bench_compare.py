@@ -10,6 +10,9 @@ same machine. Rows (``--only``):
 
 - idle: every daemon left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over
   all of its processes (smaps_rollup), their number and their threads;
+- rest: the same once spoold's worker processes have left (``worker_idle_exit``, 30 s of nothing
+  to do; waited for, at most REST_BOUND s); then one job dropped into each spool: its pickup
+  latency (what the quiet costs the next job: spoold starts a worker process for it);
 - pickup: jobs renamed into incoming/ one at a time, ``spacing`` apart, in blocks of 25 per
   tool; rename -> the job's process has started (it writes $EPOCHREALTIME);
 - throughput: ``jobs`` ``/bin/true`` jobs, 2 at a time: renamed into incoming/ at once, first
@@ -93,7 +96,8 @@ from benchmarks.bench_spool import (
 from benchmarks.floor_durable import DIRECTORIES as FLOOR_DIRECTORIES
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("idle", "pickup", "throughput", "flood", "log100", "log2", "schedules")
+ROWS = ("idle", "rest", "pickup", "throughput", "flood", "log100", "log2", "schedules")
+REST_BOUND = 90.0  # seconds the rest row waits at most for spoold's worker processes to leave
 PICKUP_BLOCK = 25  # pickup drops alternate between the tools in blocks of this many
 SAMPLE_EVERY = 0.1  # seconds between two RSS samples in the flood
 LINE_99 = "x" * 99  # with yes's newline: 100-byte lines
@@ -184,6 +188,16 @@ def cpu_seconds(daemon: Daemon) -> float:
     """utime + stime of the daemon's ``family`` (all their threads; not the jobs), those
     that ended since counted as last seen."""
     return daemon.family_cpu.seconds(family(daemon))
+
+
+def worker_processes(daemon: Daemon) -> list[int]:
+    """spoold's worker processes among the daemon's ``family``."""
+    found = []
+    for pid in family(daemon):
+        with contextlib.suppress(OSError):
+            if b"serve_worker_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
 
 
 def memory_mb(daemon: Daemon) -> tuple[float, float]:
@@ -852,9 +866,9 @@ class Bench:
         wanted = [
             name
             for name, rows in (
-                ("tsp", {"idle", "throughput"}),
+                ("tsp", {"idle", "rest", "throughput"}),
                 ("nq", {"throughput"}),
-                ("incron", {"idle", "pickup", "throughput"}),
+                ("incron", {"idle", "rest", "pickup", "throughput"}),
             )
             if rows & set(self.rows)
         ]
@@ -932,7 +946,34 @@ class Bench:
         before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
         started = time.monotonic()
         time.sleep(self.sizes.idle)
-        elapsed = time.monotonic() - started
+        self._measure_quiet("idle", round_, daemons, before, time.monotonic() - started)
+
+    def row_rest(self, round_: int) -> None:
+        """The idle row once spoold's worker processes have left (``worker_idle_exit``)."""
+        os.sync()
+        daemons = self.daemons()
+        before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
+        started = time.monotonic()
+        if (spoold := daemons.get("spoold")) is not None:
+            while worker_processes(spoold) and time.monotonic() - started < REST_BOUND:
+                time.sleep(0.5)
+            say(f"  spoold's worker processes gone after {time.monotonic() - started:.1f} s")
+        self._measure_quiet("rest", round_, daemons, before, time.monotonic() - started)
+        for name, tool in self.spools.items():  # what the quiet costs the next job
+
+            def woken(tool: Tool = tool, job_id: str = f"rest{round_}-{name}") -> dict[str, Any]:
+                return {"pickup_ms": pickup(tool, [job_id], self.sizes.spacing, self.base)[0]}
+
+            self.attempt("woken", name, round_, woken)
+
+    def _measure_quiet(
+        self,
+        row: str,
+        round_: int,
+        daemons: dict[str, Daemon],
+        before: dict[str, float],
+        elapsed: float,
+    ) -> None:
         for name, daemon in daemons.items():
 
             def measure(name: str = name, daemon: Daemon = daemon) -> dict[str, Any]:
@@ -946,7 +987,7 @@ class Bench:
                     "threads": sum(proc_status(pid, "Threads") for pid in pids),
                 }
 
-            self.attempt("idle", name, round_, measure)
+            self.attempt(row, name, round_, measure)
 
     def row_pickup(self, round_: int) -> None:
         tools = [*self.spools.values(), *([self.incron_pick] if self.incron_pick else [])]
@@ -1115,28 +1156,44 @@ def table(results: Results) -> str:
             "<= 1.5 ms",
             None if math.isnan(mine) else mine <= 1.5,
         )
-    if "idle" in r.rows:
+    for row, what in (
+        ("idle", f"idle ({s.idle:.0f} s alone), all processes: RSS / PSS"),
+        ("rest", "at rest (worker processes gone), all processes: RSS / PSS"),
+    ):
+        if row not in r.rows:
+            continue
 
-        def memory(tool: str) -> str:
-            if tool not in r.rows["idle"]:
+        def memory(tool: str, row: str = row) -> str:
+            if tool not in r.rows[row]:
                 return "—"
             return (
-                f"{fmt(r.median('idle', tool, 'rss_mb'))} / {fmt(r.median('idle', tool, 'pss_mb'))} MiB "
-                f"({fmt(r.median('idle', tool, 'processes'))} processes, "
-                f"{fmt(r.median('idle', tool, 'threads'))} threads)"
+                f"{fmt(r.median(row, tool, 'rss_mb'))} / {fmt(r.median(row, tool, 'pss_mb'))} MiB "
+                f"({fmt(r.median(row, tool, 'processes'))} processes, "
+                f"{fmt(r.median(row, tool, 'threads'))} threads)"
             )
 
-        rss, pss = r.median("idle", "spoold", "rss_mb"), r.median("idle", "spoold", "pss_mb")
+        rss, pss = r.median(row, "spoold", "rss_mb"), r.median(row, "spoold", "pss_mb")
         add(
-            "idle, all processes: RSS / PSS",
+            what,
             memory("spoold"),
             memory("floor"),
-            ", ".join(f"{n} {memory(n)}" for n in ("tsp", "incron") if n in r.rows["idle"]),
-            f"RSS {times(r.ratio('idle', 'spoold', 'floor', 'rss_mb'), 'floor')}, "
-            f"PSS {times(r.ratio('idle', 'spoold', 'floor', 'pss_mb'), 'floor')}",
+            ", ".join(f"{n} {memory(n)}" for n in ("tsp", "incron") if n in r.rows[row]),
+            f"RSS {times(r.ratio(row, 'spoold', 'floor', 'rss_mb'), 'floor')}, "
+            f"PSS {times(r.ratio(row, 'spoold', 'floor', 'pss_mb'), 'floor')}",
             "<= 60 / 40 MiB",
             None if not all_known(rss, pss) else rss <= 60 and pss <= 40,
         )
+    if "woken" in r.rows:
+        add(
+            "pickup of the first job at rest (ms)",
+            fmt(r.median("woken", "spoold", "pickup_ms"), 1),
+            fmt(r.median("woken", "floor", "pickup_ms"), 1),
+            "",
+            times(r.ratio("woken", "spoold", "floor", "pickup_ms"), "floor"),
+            "—",
+            None,
+        )
+    if "idle" in r.rows:
         key = "cpu_percent"
         add(
             f"idle CPU ({s.idle:.0f} s alone; % of a core)",

@@ -20,9 +20,11 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_values_from_the_file_are_parsed(tmp_path: Path) -> None:
     path = _write(tmp_path, "workers: 4\nkill_grace: 1m30s\nlimits: {max_file_size: 2MiB}\n"
-                            "global_before_script: [set -u, umask 077]\nworkdir: work\nfsync: false\n")  # fmt: skip
+                            "global_before_script: [set -u, umask 077]\nworkdir: work\nfsync: false\n"
+                            "worker_idle_exit: 2m\n")  # fmt: skip
     config = load_config(path, env={})
     assert (config.workers, config.kill_grace, config.max_file_size) == (4, 90.0, 2 * 1024 * 1024)
+    assert config.worker_idle_exit == 120.0
     assert config.global_before_script == ("set -u", "umask 077")
     assert config.workdir == tmp_path / "work"  # relative to the config file
     assert config.durable is False

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.core.procfs import process_start_time
+from spoold.core.procfs import children, process_info, process_start_time
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -206,6 +206,65 @@ def test_kill_9_of_a_worker_process(env: Env, tmp_path: Path) -> None:
         assert "worker process 0" in daemon.log() or "worker process 1" in daemon.log()
         assert daemon.stop() == 0
         assert_spool_drained(spool)
+    finally:
+        daemon.kill()
+
+
+def _worker_processes(daemon: DaemonProcess) -> set[int]:
+    """The daemon's live worker processes (a zombie not yet reaped is not one)."""
+    assert daemon.process is not None
+    return {
+        pid for pid in children(daemon.process.pid)
+        if b"serve_worker_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        and (info := process_info(pid)) is not None and not info.zombie
+    }  # fmt: skip
+
+
+def test_idle_worker_processes_leave_and_come_back(env: Env, tmp_path: Path) -> None:
+    """A quiet daemon keeps no worker process; jobs that come start them again, as many as
+    run at once, and they leave again once idle."""
+    spool = env.spool
+    config = write_config(tmp_path / "config.yaml", spool, workers=2, worker_processes=2,
+                          worker_idle_exit="300ms")  # fmt: skip
+    daemon = DaemonProcess(spool, config)
+    daemon.start()
+    try:
+        wait_for(lambda: not _worker_processes(daemon), what="the idle worker processes to end")
+        drop(spool, "a.yaml", env.job("a", wait_go=True))
+        drop(spool, "b.yaml", env.job("b", wait_go=True))
+        a = wait_for(partial(env.lease_with_process, "a"), what="a's lease")
+        # b may come to a's process first, held behind a: the second one takes it back.
+        b = wait_for(partial(env.lease_with_process, "b"), what="b to run beside a")
+        assert a["worker_pid"] != b["worker_pid"], "two jobs at once: two worker processes"
+        assert _worker_processes(daemon) == {a["worker_pid"], b["worker_pid"]}
+        env.go.touch()
+        assert wait_finished(spool, "a")[0] == wait_finished(spool, "b")[0] == "done"
+        wait_for(lambda: not _worker_processes(daemon), what="the worker processes to end again")
+        drop(spool, "c.yaml", env.job("c"))
+        assert wait_finished(spool, "c")[0] == "done"
+        assert env.marks_of("a") == env.marks_of("b") == env.marks_of("c") == ["start 1", "end 1"]
+        assert daemon.alive and "ended with" not in daemon.log(), "leaving is not dying"
+        assert daemon.stop() == 0
+        assert_spool_drained(spool)
+    finally:
+        daemon.kill()
+
+
+def test_worker_processes_stay_when_told_to(env: Env, tmp_path: Path) -> None:
+    """``worker_idle_exit: 0``: the worker processes run as long as the daemon."""
+    config = write_config(tmp_path / "config.yaml", env.spool, workers=2, worker_processes=2,
+                          worker_idle_exit=0)  # fmt: skip
+    daemon = DaemonProcess(env.spool, config)
+    daemon.start()
+    try:
+        first = _worker_processes(daemon)
+        assert len(first) == 2, "started before READY"
+        drop(env.spool, "a.yaml", env.job("a"))
+        assert wait_finished(env.spool, "a")[0] == "done"
+        # Not a wait for luck: were 0 taken for "at once", they would be gone in milliseconds.
+        time.sleep(1.5)
+        assert _worker_processes(daemon) == first
+        assert daemon.stop() == 0
     finally:
         daemon.kill()
 

@@ -9,7 +9,16 @@ from multiprocessing import Pipe
 import pytest
 
 from spoold.core.errors import WorkerProcessError
-from spoold.run.pool import Done, Ready, RunJob, Stop, plan_slots, receive_message, send_message
+from spoold.run.pool import (
+    Done,
+    Leaving,
+    Ready,
+    RunJob,
+    Stop,
+    plan_slots,
+    receive_message,
+    send_message,
+)
 
 
 @pytest.mark.parametrize(
@@ -32,7 +41,7 @@ def test_slots_are_spread_round_robin(
 def test_messages_cross_intact() -> None:
     ours, theirs = Pipe()
     document = {"job_id": "a", "product": {"commands": ["x", "y"]}, "retries": 2, "on": True}
-    for message in (RunJob("a", document), RunJob("b"), Stop(2.5), Ready(), Done("a")):
+    for message in (RunJob("a", document), RunJob("b"), Stop(2.5), Ready(), Leaving(), Done("a")):
         send_message(ours, message)
         assert receive_message(theirs) == message
 

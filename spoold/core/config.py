@@ -305,6 +305,9 @@ class Config(NamedTuple):
     workers: int = 2
     #: Processes the workers are spread over; None: one per core (at most one per worker).
     worker_processes: int | None = None
+    #: A worker process with nothing to do this long ends; the next job starts it again.
+    #: 0: they run as long as the daemon.
+    worker_idle_exit: float = 30.0
     watch: str = "auto"
     poll_interval: float = 1.0
     rescan_interval: float = 30.0
@@ -490,7 +493,7 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         values["callbacks"] = _parsed("callbacks", callbacks, CallbackSettings.from_document)
     for key in (
         "poll_interval", "rescan_interval", "settle_time", "kill_grace",
-        "shutdown_grace", "lease_timeout", "heartbeat_interval",
+        "shutdown_grace", "lease_timeout", "heartbeat_interval", "worker_idle_exit",
     ):  # fmt: skip
         if key in doc:
             values[key] = _parsed(key, doc[key], parse_duration)

@@ -91,6 +91,12 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Leaving:
+    """From a worker process that had nothing to do for ``worker_idle_exit``: it may be
+    stopped. The main process answers Stop, or nothing if it sent a job meanwhile."""
+
+
+@dataclass(frozen=True)
 class Revoke:
     """Give back the jobs you hold and have not started: another process has a slot free."""
 
@@ -126,7 +132,7 @@ class Observed:
     observations: tuple[Observation, ...]
 
 
-Message = RunJob | Stop | Ready | Done | Revoke | Returned | Deferred | Observed
+Message = RunJob | Stop | Ready | Leaving | Done | Revoke | Returned | Deferred | Observed
 
 
 def send_message(conn: Connection, message: Message) -> None:
@@ -142,6 +148,8 @@ def send_message(conn: Connection, message: Message) -> None:
             data = marshal.dumps(("stop", grace))
         case Ready():
             data = marshal.dumps(("ready",))
+        case Leaving():
+            data = marshal.dumps(("leaving",))
         case Done(job_id, ()):
             data = marshal.dumps(("done", job_id))
         case Done(job_id, observations):
@@ -171,6 +179,8 @@ def receive_message(conn: Connection) -> Message:
             return Stop(grace)
         case ("ready",):
             return Ready()
+        case ("leaving",):
+            return Leaving()
         case ("done", str(job_id)):
             return Done(job_id)
         case ("done", str(job_id), tuple(batch)):
@@ -205,6 +215,8 @@ class _Link:
     in_flight: dict[str, RunJob] = field(default_factory=dict)  # sent, not reported done
     alive: bool = True
     revoking: bool = False  # a Revoke is out, its Returned not in yet
+    #: It said Leaving with nothing in flight and was sent Stop: it takes no more jobs.
+    retiring: bool = False
     #: Sends come from intake threads and from this link's receiver: one message at a time.
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -216,11 +228,15 @@ class _Link:
     @property
     def free(self) -> int:
         """How many more jobs it may be sent (its slots and its prefetch)."""
-        return len(self.slots) + _PREFETCH - len(self.in_flight) if self.alive else 0
+        return len(self.slots) + _PREFETCH - len(self.in_flight) if self.usable else 0
 
     @property
     def idle_slots(self) -> int:
-        return len(self.slots) - len(self.in_flight) if self.alive else 0
+        return len(self.slots) - len(self.in_flight) if self.usable else 0
+
+    @property
+    def usable(self) -> bool:
+        return self.alive and not self.retiring
 
     @property
     def waiting(self) -> int:
@@ -230,6 +246,10 @@ class _Link:
 
 class WorkerProcesses:
     """Starts the worker processes, feeds them job ids as slots free up, replaces the dead.
+
+    A worker process that had nothing to do for ``worker_idle_exit`` leaves (Leaving, then
+    Stop): a quiet daemon keeps none. Its place stays empty until a job waits that the others
+    cannot take; then ``on_lost`` asks for ``replace_dead``, which starts it again.
 
     ``entry`` (``module:function``) is what a worker process runs, given the descriptor of its
     end of the socket pair: the composition root of a worker process, which the daemon's own
@@ -261,7 +281,8 @@ class WorkerProcesses:
         self._lock = threading.Lock()
         self._queue = DispatchQueue(config.executor_limits)
         self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
-        self._links: list[_Link] = []
+        #: By index in the plan; None: none runs there now (it left while idle, or not yet).
+        self._links: list[_Link | None] = [None] * len(self._plan)
         self._stopping = False
         self._launcher: DaemonLauncher | None = None
 
@@ -281,16 +302,15 @@ class WorkerProcesses:
             self._await_ready(link)
             self._add(link)
 
-    def _add(self, link: _Link, replacing: int | None = None) -> None:
+    def _add(self, link: _Link) -> None:
         """Put a ready worker process to use, and hand it what is queued."""
         with self._lock:
-            if replacing is None:
-                self._links.append(link)
-            else:
-                self._links[replacing] = link
+            self._links[link.index] = link
             handed = [self._hand_out(link) for _ in range(link.free)]
+            holder = self._holder_to_revoke(link)  # queued behind a job while this one started
         for each in handed:
             self._send(each)
+        _revoke(holder)
 
     def submit(
         self,
@@ -316,10 +336,11 @@ class WorkerProcesses:
             self._known.difference_update(cancelled for cancelled, _ in cancel)
             handed = self._hand_out(self._free_link())
             holder = None if handed else self._outranked_holder(meta.priority)
+            start_one = self._wants_one()
         self._send(handed)
-        if holder is not None:
-            with contextlib.suppress(OSError):  # its receiver sees it die
-                holder.send(Revoke())
+        if start_one:
+            self._on_lost()
+        _revoke(holder)
         for cancelled, why in cancel:
             self._on_cancel(cancelled, why)
         return all(cancelled != job_id for cancelled, _ in cancel)
@@ -332,18 +353,22 @@ class WorkerProcesses:
     def in_flight(self) -> frozenset[str]:
         """Jobs handed to a worker process and not reported done."""
         with self._lock:
-            return frozenset().union(*(link.in_flight.keys() for link in self._links))
+            return frozenset().union(*(link.in_flight.keys() for link in self._live()))
 
     def lost_any(self) -> bool:
-        """Whether a worker process died and awaits ``replace_dead``."""
+        """Whether a worker process died, or queued jobs wait for one that left, and
+        ``replace_dead`` has work to do."""
         with self._lock:
-            return not self._stopping and not all(link.alive for link in self._links)
+            return not self._stopping and (self._wants_one() or any(
+                not link.alive and not link.retiring for link in self._live()
+            ))  # fmt: skip
 
     def replace_dead(self) -> list[str]:
-        """Restart every worker process that died; return the jobs they had in hand."""
+        """Restart every worker process that died, start those the queued jobs wait for;
+        return the jobs the dead had in hand."""
         lost: list[str] = []
-        for position, link in enumerate(list(self._links)):
-            if link.alive or self._stopping:
+        for link in self._live():
+            if link.alive or link.retiring or self._stopping:
                 continue
             code = link.process.wait()
             with self._lock:
@@ -358,18 +383,59 @@ class WorkerProcesses:
             )  # fmt: skip
             replacement = self._spawn(link.index, link.slots)
             self._await_ready(replacement)
-            self._add(replacement, replacing=position)
+            self._add(replacement)
+        with self._lock:
+            wanted = self._wants_one()
+        if wanted:
+            self._start_wanted()
         return lost
+
+    def _wants_one(self) -> bool:
+        """Under the lock: whether a job waits, queued or held behind another, that no running
+        worker process has a slot for, while one has left. A new one takes the held jobs
+        from their holders (Revoke), as it would from any process it finds busy."""
+        return (
+            None in self._links and not self._stopping and self._free_link() is None
+            and self._waiting() > 0
+        )  # fmt: skip
+
+    def _waiting(self) -> int:
+        """Under the lock: jobs queued here, or held by a process that has no slot for them."""
+        return len(self._queue) + sum(link.waiting for link in self._live() if link.usable)
+
+    def _start_wanted(self) -> None:
+        """Start worker processes in the empty places, as many as the queued jobs need slots."""
+        with self._lock:
+            wanted, started = self._waiting(), []
+            for index, link in enumerate(self._links):
+                if link is None and wanted > 0:
+                    started.append((index, self._plan[index]))
+                    wanted -= len(self._plan[index])
+        failed: list[WorkerProcessError] = []
+        for link in [self._spawn(index, slots) for index, slots in started]:
+            try:
+                self._await_ready(link)
+            except WorkerProcessError as exc:
+                failed.append(exc)  # the place stays empty: the next round tries again
+                continue
+            self._add(link)
+            self._logger.debug("worker process %d (pid %d) started for queued jobs", link.index,
+                               link.process.pid)  # fmt: skip
+        if failed:
+            raise failed[0]
+
+    def _live(self) -> list[_Link]:
+        return [link for link in self._links if link is not None]
 
     def stop(self, grace: float) -> None:
         """Stop taking jobs; worker processes interrupt theirs after ``grace`` and exit."""
         with self._lock:
             self._stopping = True
             self._queue.clear()
-        for link in self._links:
+        for link in self._live():
             with contextlib.suppress(OSError):
                 link.send(Stop(float(grace)))
-        for link in self._links:
+        for link in self._live():
             try:
                 link.process.wait(timeout=grace + _STOP_MARGIN)
             except subprocess.TimeoutExpired:
@@ -426,9 +492,7 @@ class WorkerProcesses:
                         handed = self._hand_out(link)
                         holder = self._holder_to_revoke(link)
                     self._send(handed)  # the freed slot's next job, without another thread
-                    if holder is not None:
-                        with contextlib.suppress(OSError):  # its receiver sees it die
-                            holder.send(Revoke())
+                    _revoke(holder)
                     for observation in message.observations:
                         self._observed(observation)
                 elif isinstance(message, Observed):
@@ -436,6 +500,8 @@ class WorkerProcesses:
                         self._observed(observation)
                 elif isinstance(message, Deferred):
                     self._on_deferred(message.job_id, message.due)
+                elif isinstance(message, Leaving):
+                    self._leaving(link)
                 elif isinstance(message, Returned):
                     with self._lock:
                         link.revoking = False
@@ -447,11 +513,28 @@ class WorkerProcesses:
                         self._send(each)
         except (EOFError, OSError, WorkerProcessError):
             pass  # a worker process that says nonsense is as good as dead: it is replaced
+        if link.retiring:
+            link.process.wait()  # it stops at once: nothing in flight, Stop sent
+            link.conn.close()
         with self._lock:
             link.alive = False
             stopping = self._stopping
-        if not stopping:
+            if link.retiring and self._links[link.index] is link:
+                self._links[link.index] = None
+            wanted = link.retiring and self._wants_one()
+        if wanted or not (stopping or link.retiring):
             self._on_lost()
+
+    def _leaving(self, link: _Link) -> None:
+        """A worker process had nothing to do for a while: stop it, unless a job is on its way."""
+        with self._lock:
+            if link.in_flight or link.revoking or self._stopping:
+                return  # it hears the job and stays; a stopping daemon stops it anyway
+            link.retiring = True
+        self._logger.debug("worker process %d (pid %d) idle for %gs: stopping it", link.index,
+                           link.process.pid, self._config.worker_idle_exit)  # fmt: skip
+        with contextlib.suppress(OSError):  # it died meanwhile: the end is the same
+            link.send(Stop(float(self._config.shutdown_grace)))
 
     def _observed(self, observation: Observation) -> None:
         """Hand an observation on; a failure there is logged, never felt by the link's reader
@@ -479,8 +562,8 @@ class WorkerProcesses:
 
         Its held jobs come back (Revoke, Returned) and go out again in priority order.
         """
-        for link in self._links:
-            if not link.alive or not link.waiting or link.revoking:
+        for link in self._live():
+            if not link.usable or not link.waiting or link.revoking:
                 continue
             if any(self._queue.priority_of(job_id) < priority for job_id in link.in_flight):
                 link.revoking = True
@@ -491,8 +574,8 @@ class WorkerProcesses:
         """Under the lock: a process holding a job it cannot start while ``freed`` idles."""
         if self._queue or freed.idle_slots <= 0 or self._stopping:
             return None
-        for link in self._links:
-            if link is not freed and link.alive and link.waiting and not link.revoking:
+        for link in self._live():
+            if link is not freed and link.usable and link.waiting and not link.revoking:
                 link.revoking = True
                 return link
         return None
@@ -511,8 +594,15 @@ class WorkerProcesses:
 
     def _free_link(self) -> _Link | None:
         """The process to send a job to: an idle slot first, then room to prefetch."""
-        best = max(self._links, key=lambda link: (link.idle_slots, link.free), default=None)
+        best = max(self._live(), key=lambda link: (link.idle_slots, link.free), default=None)
         return best if best is not None and best.free > 0 else None
+
+
+def _revoke(holder: _Link | None) -> None:
+    """Ask ``holder`` (if any) for the jobs it holds unstarted."""
+    if holder is not None:
+        with contextlib.suppress(OSError):  # its receiver sees it die
+            holder.send(Revoke())
 
 
 def _describe_exit(code: int) -> str:
@@ -583,17 +673,27 @@ def serve_jobs(
     clock: Clock,
 ) -> None:
     """A worker process's loop: take jobs from the main process, keep leases alive, let
-    supervisors that wait for work too long go (``launcher``), stop.
+    supervisors that wait for work too long go (``launcher``), say Leaving when it had
+    nothing to do for ``worker_idle_exit``, stop.
 
     ``heartbeat`` is ticked between messages while a job is queued or runs here.
     """
     heartbeat.restart(clock.monotonic())
     pool.start()
     parent.send(Ready())
+    linger = config.worker_idle_exit
+    busy_at, leaving = clock.monotonic(), False
     while True:
         busy = pool.busy or bool(runner.active_ids())
         now = clock.monotonic()
+        if busy:
+            busy_at, leaving = now, False
+        elif linger and not leaving and now >= busy_at + linger:
+            parent.send(Leaving())  # the main process answers Stop unless a job is on its way
+            leaving = True
         due = [heartbeat.next_due] if busy else []
+        if linger and not busy and not leaving:
+            due.append(busy_at + linger)
         if (expiry := launcher.expire(now)) is not None:
             due.append(expiry)
         if conn.poll(max(min(due) - now, 0.0) if due else None):
