@@ -8,6 +8,7 @@ it ever completed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -210,26 +211,37 @@ def test_kill_9_of_a_worker_process(env: Env, tmp_path: Path) -> None:
         daemon.kill()
 
 
-def _worker_processes(daemon: DaemonProcess) -> set[int]:
-    """The daemon's live worker processes (a zombie not yet reaped is not one)."""
+def _worker_processes(daemon: DaemonProcess, marker: bytes = b"serve_worker_process") -> set[int]:
+    """The daemon's live worker processes (``marker``: or what else its command line names;
+    a zombie not yet reaped is none)."""
     assert daemon.process is not None
-    return {
-        pid for pid in children(daemon.process.pid)
-        if b"serve_worker_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        and (info := process_info(pid)) is not None and not info.zombie
-    }  # fmt: skip
+    found = set()
+    for pid in children(daemon.process.pid):
+        with contextlib.suppress(OSError):
+            info = process_info(pid)
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes() and info and not info.zombie:
+                found.add(pid)
+    return found
+
+
+def _at_rest(daemon: DaemonProcess) -> bool:
+    """No worker process, and no launcher: the daemon alone."""
+    return not _worker_processes(daemon) and not _worker_processes(daemon, _LAUNCHER)
+
+
+_LAUNCHER = b"spoold.run.launcher import serve"
 
 
 def test_idle_worker_processes_leave_and_come_back(env: Env, tmp_path: Path) -> None:
-    """A quiet daemon keeps no worker process; jobs that come start them again, as many as
-    run at once, and they leave again once idle."""
+    """A quiet daemon keeps no worker process and no launcher; jobs that come start them
+    again, as many worker processes as jobs run at once, and they leave again once idle."""
     spool = env.spool
     config = write_config(tmp_path / "config.yaml", spool, workers=2, worker_processes=2,
                           worker_idle_exit="300ms")  # fmt: skip
     daemon = DaemonProcess(spool, config)
     daemon.start()
     try:
-        wait_for(lambda: not _worker_processes(daemon), what="the idle worker processes to end")
+        wait_for(partial(_at_rest, daemon), what="the idle worker processes and launcher to end")
         drop(spool, "a.yaml", env.job("a", wait_go=True))
         drop(spool, "b.yaml", env.job("b", wait_go=True))
         a = wait_for(partial(env.lease_with_process, "a"), what="a's lease")
@@ -237,9 +249,10 @@ def test_idle_worker_processes_leave_and_come_back(env: Env, tmp_path: Path) -> 
         b = wait_for(partial(env.lease_with_process, "b"), what="b to run beside a")
         assert a["worker_pid"] != b["worker_pid"], "two jobs at once: two worker processes"
         assert _worker_processes(daemon) == {a["worker_pid"], b["worker_pid"]}
+        assert len(_worker_processes(daemon, _LAUNCHER)) == 1, "one launcher for both"
         env.go.touch()
         assert wait_finished(spool, "a")[0] == wait_finished(spool, "b")[0] == "done"
-        wait_for(lambda: not _worker_processes(daemon), what="the worker processes to end again")
+        wait_for(partial(_at_rest, daemon), what="the worker processes and launcher to end again")
         drop(spool, "c.yaml", env.job("c"))
         assert wait_finished(spool, "c")[0] == "done"
         assert env.marks_of("a") == env.marks_of("b") == env.marks_of("c") == ["start 1", "end 1"]

@@ -16,7 +16,9 @@ Debian package it has CAP_SETUID, CAP_SETGID and CAP_KILL, no more), so it does 
 that user, in a child that became them.
 
 The daemon starts one launcher for all its worker processes (``DaemonLauncher``: one
-interpreter, ~16 MiB RSS, fewer than one each), and hands each worker process a socket to it.
+interpreter, ~16 MiB RSS, fewer than one each), and hands each worker process a socket to it;
+when the last of them has left (idle, see spoold.run.pool) it lets the launcher end, and the
+next worker process started gets a new one.
 A worker process whose launcher is gone (the OOM killer, an operator) starts one of its own,
 as ``spoold exec`` and the tests do. A launcher ends once every socket it serves has reached end
 of file: its worker processes' and the daemon's own; supervisors do not: they are in sessions
@@ -319,31 +321,47 @@ class Launcher:
 
 class DaemonLauncher:
     """The daemon's launcher, shared by its worker processes: each is handed a socket to it
-    (``connect``). It ends once the daemon (``close``) and every worker process are done."""
+    (``connect``). It ends once the daemon (``close``, ``rest``) and every worker process are
+    done with it; the next ``connect`` starts another."""
 
     def __init__(self) -> None:
+        self._control: socket.socket | None
         self._control, self._process = _start_launcher()
         self._lock = threading.Lock()
 
     def connect(self) -> socket.socket | None:
-        """A new socket to the launcher, for a worker process; None when it is gone (that
-        worker process starts a launcher of its own)."""
-        if self._process.poll() is not None:  # reaped now: no zombie until the daemon ends
-            return None
+        """A new socket to the launcher, for a worker process (a new launcher if it rested or
+        died); None if it cannot be reached (that worker process starts one of its own)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with ours:
+        with ours, self._lock:
+            if self._control is None or self._process.poll() is not None:  # poll() reaps it
+                if self._control is not None:
+                    self._control.close()
+                self._control, self._process = _start_launcher()
             try:
-                with self._lock:
-                    _send(self._control, AddClient(), (ours.fileno(),))
+                _send(self._control, AddClient(), (ours.fileno(),))
             except OSError:
                 theirs.close()
                 return None
         return theirs
 
+    def rest(self) -> None:
+        """No worker process runs: let the launcher end (an interpreter less at rest)."""
+        with self._lock:
+            if self._control is None:
+                return
+            self._control.close()
+            self._control, process = None, self._process
+        # It ends at once unless a worker process connected meanwhile: then it serves that one.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
+
     def close(self) -> None:
         """Let it end once the worker processes are done with it (call after they stopped)."""
         with self._lock:
-            self._control.close()
+            if self._control is not None:
+                self._control.close()
+                self._control = None
         _reap(self._process)
 
 

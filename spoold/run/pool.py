@@ -248,8 +248,9 @@ class WorkerProcesses:
     """Starts the worker processes, feeds them job ids as slots free up, replaces the dead.
 
     A worker process that had nothing to do for ``worker_idle_exit`` leaves (Leaving, then
-    Stop): a quiet daemon keeps none. Its place stays empty until a job waits that the others
-    cannot take; then ``on_lost`` asks for ``replace_dead``, which starts it again.
+    Stop): a quiet daemon keeps none, and no launcher either. Its place stays empty until a job
+    waits that the others cannot take; then ``on_lost`` asks for ``replace_dead``, which starts
+    it again.
 
     ``entry`` (``module:function``) is what a worker process runs, given the descriptor of its
     end of the socket pair: the composition root of a worker process, which the daemon's own
@@ -522,8 +523,11 @@ class WorkerProcesses:
             if link.retiring and self._links[link.index] is link:
                 self._links[link.index] = None
             wanted = link.retiring and self._wants_one()
+            resting = link.retiring and not (wanted or stopping or self._live())
         if wanted or not (stopping or link.retiring):
             self._on_lost()
+        if resting and self._launcher is not None:
+            self._launcher.rest()
 
     def _leaving(self, link: _Link) -> None:
         """A worker process had nothing to do for a while: stop it, unless a job is on its way."""
