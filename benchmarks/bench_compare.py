@@ -10,8 +10,8 @@ same machine. Rows (``--only``):
 
 - idle: every daemon left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over
   all of its processes (smaps_rollup), their number and their threads;
-- rest: the same once spoold's worker processes have left (``worker_idle_exit``, 30 s of nothing
-  to do; waited for, at most REST_BOUND s); then one job dropped into each spool: its pickup
+- rest: the same once spoold's worker processes and launcher have left (``worker_idle_exit``, 30 s
+  of nothing to do; waited for, at most REST_BOUND s); then one job dropped into each spool: its pickup
   latency (what the quiet costs the next job: spoold starts a worker process for it);
 - pickup: jobs renamed into incoming/ one at a time, ``spacing`` apart, in blocks of 25 per
   tool; rename -> the job's process has started (it writes $EPOCHREALTIME);
@@ -97,7 +97,7 @@ from benchmarks.floor_durable import DIRECTORIES as FLOOR_DIRECTORIES
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("idle", "rest", "pickup", "throughput", "flood", "log100", "log2", "schedules")
-REST_BOUND = 90.0  # seconds the rest row waits at most for spoold's worker processes to leave
+REST_BOUND = 90.0  # seconds the rest row waits at most for spoold's helper processes to leave
 PICKUP_BLOCK = 25  # pickup drops alternate between the tools in blocks of this many
 SAMPLE_EVERY = 0.1  # seconds between two RSS samples in the flood
 LINE_99 = "x" * 99  # with yes's newline: 100-byte lines
@@ -188,16 +188,6 @@ def cpu_seconds(daemon: Daemon) -> float:
     """utime + stime of the daemon's ``family`` (all their threads; not the jobs), those
     that ended since counted as last seen."""
     return daemon.family_cpu.seconds(family(daemon))
-
-
-def worker_processes(daemon: Daemon) -> list[int]:
-    """spoold's worker processes among the daemon's ``family``."""
-    found = []
-    for pid in family(daemon):
-        with contextlib.suppress(OSError):
-            if b"serve_worker_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-    return found
 
 
 def memory_mb(daemon: Daemon) -> tuple[float, float]:
@@ -949,15 +939,16 @@ class Bench:
         self._measure_quiet("idle", round_, daemons, before, time.monotonic() - started)
 
     def row_rest(self, round_: int) -> None:
-        """The idle row once spoold's worker processes have left (``worker_idle_exit``)."""
+        """The idle row once spoold's worker processes and launcher have left
+        (``worker_idle_exit``): its main process alone."""
         os.sync()
         daemons = self.daemons()
         before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
         started = time.monotonic()
         if (spoold := daemons.get("spoold")) is not None:
-            while worker_processes(spoold) and time.monotonic() - started < REST_BOUND:
+            while len(family(spoold)) > 1 and time.monotonic() - started < REST_BOUND:
                 time.sleep(0.5)
-            say(f"  spoold's worker processes gone after {time.monotonic() - started:.1f} s")
+            say(f"  spoold alone after {time.monotonic() - started:.1f} s")
         self._measure_quiet("rest", round_, daemons, before, time.monotonic() - started)
         for name, tool in self.spools.items():  # what the quiet costs the next job
 
@@ -1158,7 +1149,7 @@ def table(results: Results) -> str:
         )
     for row, what in (
         ("idle", f"idle ({s.idle:.0f} s alone), all processes: RSS / PSS"),
-        ("rest", "at rest (worker processes gone), all processes: RSS / PSS"),
+        ("rest", "at rest (worker processes and launcher gone): RSS / PSS"),
     ):
         if row not in r.rows:
             continue
