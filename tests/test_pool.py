@@ -1,24 +1,36 @@
 """How the daemon spreads its workers over worker processes (the processes themselves are
-driven for real in test_daemon_chaos and test_daemon_intake)."""
+driven for real here, in test_daemon_chaos and in test_daemon_intake)."""
 
 from __future__ import annotations
 
+import logging
 import marshal
 from multiprocessing import Pipe
+from pathlib import Path
 
 import pytest
+import yaml
 
+from spoold.core.clock import SystemClock
+from spoold.core.config import load_config
 from spoold.core.errors import WorkerProcessError
+from spoold.core.spool import Spool
+from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.validation import job_validator
 from spoold.run.pool import (
     Done,
     Leaving,
     Ready,
     RunJob,
     Stop,
+    WorkerProcesses,
     plan_slots,
     receive_message,
     send_message,
 )
+from spoold.run.registry import ExecutorRegistry
+from tests.harness import local_job, wait_finished, wait_for, write_config
+from tests.worker_entries import REFUSE
 
 
 @pytest.mark.parametrize(
@@ -61,3 +73,40 @@ def test_junk_on_the_wire_is_an_error_not_a_crash() -> None:
     ours.close()
     with pytest.raises(EOFError):
         receive_message(theirs)
+
+
+def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process left while idle; the next job needs one, and it cannot start: that is
+    said, the job waits in the queue (not lost, not failed), and the next round starts one."""
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.init()
+    config = load_config(write_config(tmp_path / "config.yaml", root, workers=1,
+                                      worker_idle_exit="200ms"), spool=root)  # fmt: skip
+    asked: list[bool] = []
+    workers = WorkerProcesses(
+        config, logging.getLogger("spoold.test"), processes=1,
+        entry="tests.worker_entries:serve_unless_refused", on_lost=lambda: asked.append(True),
+        on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
+    )  # fmt: skip
+    workers.start()
+    try:
+        wait_for(lambda: workers._links == [None], what="the idle worker process to leave")
+        assert not workers.lost_any() and not asked, "leaving is not dying"
+        intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
+                        max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
+                        on_accepted=lambda job, document: None)  # fmt: skip
+        (root / "incoming" / "j.yaml").write_text(yaml.safe_dump(local_job("j", "true")))
+        assert isinstance(intake.offer("j.yaml", complete=True), Accepted)
+        monkeypatch.setenv(REFUSE, "1")
+        workers.submit("j")
+        assert asked and workers.lost_any(), "a job waits: one is wanted"
+        assert workers.replace_dead() == []  # said, not raised
+        assert workers.lost_any() and workers.holds("j") and workers._links == [None]
+        monkeypatch.delenv(REFUSE)
+        assert workers.replace_dead() == []
+        assert wait_finished(root, "j")[0] == "done"
+    finally:
+        workers.stop(5.0)

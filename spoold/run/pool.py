@@ -412,18 +412,15 @@ class WorkerProcesses:
                 if link is None and wanted > 0:
                     started.append((index, self._plan[index]))
                     wanted -= len(self._plan[index])
-        failed: list[WorkerProcessError] = []
         for link in [self._spawn(index, slots) for index, slots in started]:
             try:
                 self._await_ready(link)
-            except WorkerProcessError as exc:
-                failed.append(exc)  # the place stays empty: the next round tries again
+            except WorkerProcessError as exc:  # the place stays empty: the next round tries again
+                self._logger.error("%s", exc)
                 continue
             self._add(link)
             self._logger.debug("worker process %d (pid %d) started for queued jobs", link.index,
                                link.process.pid)  # fmt: skip
-        if failed:
-            raise failed[0]
 
     def _live(self) -> list[_Link]:
         return [link for link in self._links if link is not None]
