@@ -138,6 +138,13 @@ def _launchers(daemon: DaemonProcess) -> list[int]:
     ]  # fmt: skip
 
 
+def _the_launcher(daemon: DaemonProcess) -> int:
+    """The daemon's one launcher, once it has named itself: READY does not wait for that (the
+    worker processes queue their requests on its socket meanwhile)."""
+    [launcher] = wait_for(lambda: _launchers(daemon), what="the launcher to name itself")
+    return launcher
+
+
 def _worker_processes(daemon: DaemonProcess) -> list[int]:
     assert daemon.pid is not None
     return [
@@ -173,7 +180,7 @@ def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path
     try:
         daemon.start()
         assert len(_worker_processes(daemon)) == 2
-        [launcher] = _launchers(daemon)
+        launcher = _the_launcher(daemon)
         supervisors = _run_together(spool_dir, tmp_path, "a")
         assert len(supervisors) >= 2, "the jobs ran side by side"
         alive = [pid for pid in supervisors if _alive(pid)]  # idle, for a next job
@@ -196,7 +203,7 @@ def test_a_worker_process_whose_launcher_is_gone_starts_its_own(
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir))
     try:
         daemon.start()
-        [launcher] = _launchers(daemon)
+        launcher = _the_launcher(daemon)
         os.kill(launcher, signal.SIGKILL)  # the OOM killer, before any job ran
         wait_for(lambda: launcher not in _launchers(daemon), what="the launcher gone")
         _run_together(spool_dir, tmp_path, "c")
