@@ -683,18 +683,24 @@ def serve_jobs(
     pool.start()
     parent.send(Ready())
     linger = config.worker_idle_exit
-    busy_at, leaving = clock.monotonic(), False
+    # Since when it has had nothing to do, as first seen: a job's end wakes no one here, so
+    # that is up to a heartbeat late, which makes Leaving late, never early.
+    idle_since: float | None = clock.monotonic()
+    leaving = False
     while True:
         busy = pool.busy or bool(runner.active_ids())
         now = clock.monotonic()
         if busy:
-            busy_at, leaving = now, False
-        elif linger and not leaving and now >= busy_at + linger:
-            parent.send(Leaving())  # the main process answers Stop unless a job is on its way
-            leaving = True
+            idle_since, leaving = None, False
+        elif idle_since is None:
+            idle_since = now
         due = [heartbeat.next_due] if busy else []
-        if linger and not busy and not leaving:
-            due.append(busy_at + linger)
+        if linger and idle_since is not None and not leaving:
+            if now >= idle_since + linger:
+                parent.send(Leaving())  # the main process answers Stop unless a job is on its way
+                leaving = True
+            else:
+                due.append(idle_since + linger)
         if (expiry := launcher.expire(now)) is not None:
             due.append(expiry)
         if conn.poll(max(min(due) - now, 0.0) if due else None):
