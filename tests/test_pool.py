@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import marshal
+import threading
+import time
 from multiprocessing import Pipe
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 import yaml
 
 from spoold.core.clock import SystemClock
-from spoold.core.config import load_config
+from spoold.core.config import Config, load_config
 from spoold.core.errors import WorkerProcessError
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
@@ -20,16 +23,20 @@ from spoold.intake.validation import job_validator
 from spoold.run.pool import (
     Done,
     Leaving,
+    ParentLink,
     Ready,
+    Returned,
+    Revoke,
     RunJob,
     Stop,
     WorkerProcesses,
     plan_slots,
     receive_message,
     send_message,
+    serve_jobs,
 )
 from spoold.run.registry import ExecutorRegistry
-from tests.harness import local_job, wait_finished, wait_for, write_config
+from tests.harness import DEFAULT_BOUND, local_job, wait_finished, wait_for, write_config
 from tests.worker_entries import REFUSE
 
 
@@ -110,3 +117,67 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
         assert wait_finished(root, "j")[0] == "done"
     finally:
         workers.stop(5.0)
+
+
+class _Slots:
+    """What serve_jobs asks of a worker process's slots and runner: busy or not, as told."""
+
+    def __init__(self) -> None:
+        self.busy = True
+
+    def start(self) -> None: ...
+
+    def active_ids(self) -> list[str]:
+        return []
+
+    def revoke(self) -> list[str]:
+        return []
+
+    def stop(self, grace: float, clock: object) -> None: ...
+
+
+class _Beat:
+    """No lease to keep: its next round is an hour away."""
+
+    next_due = time.monotonic() + 3600
+
+    def restart(self, now: float) -> None: ...
+
+    def tick(self, now: float) -> None: ...
+
+
+class _NoSupervisors:
+    def expire(self, now: float) -> None: ...
+
+
+def _next(conn: Connection) -> object:
+    assert conn.poll(DEFAULT_BOUND), "a message in time"
+    return receive_message(conn)
+
+
+def test_a_worker_process_says_leaving_a_whole_linger_after_it_saw_it_was_idle() -> None:
+    """A job's end wakes no one in a worker process: it sees that it is idle at its next wake
+    (a message, a heartbeat). The linger counts from there, so Leaving is late rather than
+    early: never sooner than ``worker_idle_exit`` after the last job's end."""
+    ours, theirs = Pipe()
+    slots, linger = _Slots(), 0.4
+    config = Config(worker_idle_exit=linger, shutdown_grace=1.0)
+    serving = threading.Thread(target=serve_jobs, args=(
+        theirs, ParentLink(theirs), slots, slots, _Beat(),
+    ), kwargs={"launcher": _NoSupervisors(), "config": config, "clock": SystemClock()})  # fmt: skip
+    serving.start()
+    try:
+        assert _next(ours) == Ready()
+        send_message(ours, Revoke())  # wakes it: it sees itself busy
+        assert _next(ours) == Returned(())
+        slots.busy = False  # the job ended; nothing wakes it
+        time.sleep(linger / 2)
+        send_message(ours, Revoke())  # wakes it: now it sees itself idle
+        seen_idle = time.monotonic()
+        assert _next(ours) == Returned(())
+        assert _next(ours) == Leaving()
+        assert time.monotonic() - seen_idle >= linger
+    finally:
+        send_message(ours, Stop(1.0))
+        serving.join(DEFAULT_BOUND)
+    assert not serving.is_alive()
