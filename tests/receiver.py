@@ -90,6 +90,9 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                if len(body) < length:  # its sender died between headers and body (kill -9)
+                    self.close_connection = True
+                    return  # not a delivery: no answer, so a sender would send it again
                 headers = {name.lower(): value for name, value in self.headers.items()}
                 with receiver._lock:
                     receiver.received.append(Received(self.path, headers, body, n))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from requests.structures import CaseInsensitiveDict
 
 from spoold.core.config import load_config
@@ -397,3 +399,18 @@ def test_cancel_and_retry_from_the_command_line_are_announced(
         (1, "accepted"), (2, "cancelled"), (3, "retrying"),
     ]  # fmt: skip
     assert spool.jobs.read_status(spool.jobs.get("a"))["callback_sequence"] == 3
+
+
+def test_the_test_receiver_takes_no_request_cut_short() -> None:
+    """A sender killed between its headers and its body (urllib3 sends them apart) leaves a
+    request cut short: no delivery, and not a body of nothing that breaks the checks of every
+    test using the receiver (seen in the shared-spool test, where a host is killed)."""
+    receiver = Receiver().start()
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
+            sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+        answer = requests.post(receiver.url, data=b'{"event": "finished"}', timeout=10)
+        assert answer.status_code == 200
+        assert receiver.bodies() == [{"event": "finished"}]
+    finally:
+        receiver.stop()
