@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from spoold.core.procfs import process_info, process_start_time, processes_matching
+from spoold.core.procfs import children, process_info, process_start_time, processes_matching
 
 T = TypeVar("T")
 
@@ -265,15 +265,33 @@ def supervisors(spool: Path) -> list[int]:
         except (OSError, ValueError):
             continue
         pid, start = begun.get("pid"), begun.get("pid_start")
-        if isinstance(pid, int) and process_start_time(pid) == start and _running(pid):
+        if isinstance(pid, int) and process_start_time(pid) == start and running(pid):
             found.append(pid)
     return found
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Alive, and not a zombie: an orphaned supervisor's parent (init) may not reap it at once."""
     info = process_info(pid)
     return info is not None and not info.zombie
+
+
+#: What the command lines of a daemon's worker processes and of its launcher hold.
+WORKER_PROCESS = b"serve_worker_process"
+LAUNCHER = b"spoold.run.launcher import serve"
+
+
+def daemon_children(daemon: DaemonProcess, marker: bytes) -> list[int]:
+    """The daemon's running children whose command line holds ``marker`` (WORKER_PROCESS,
+    LAUNCHER): by their command line, which is there from their start (not by their name,
+    which a launcher gives itself once it has imported what it needs)."""
+    assert daemon.pid is not None
+    found = []
+    for pid in children(daemon.pid):
+        with contextlib.suppress(OSError):
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes() and running(pid):
+                found.append(pid)
+    return found
 
 
 def end_supervisors(spool: Path, bound: float = DEFAULT_BOUND) -> None:
@@ -283,7 +301,7 @@ def end_supervisors(spool: Path, bound: float = DEFAULT_BOUND) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not any(_running(pid) for pid in pids), bound=bound,
+    wait_for(lambda: not any(running(pid) for pid in pids), bound=bound,
              what="the job supervisors to end")  # fmt: skip
 
 

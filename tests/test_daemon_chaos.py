@@ -8,7 +8,6 @@ it ever completed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -27,9 +26,12 @@ from typing import Any
 import pytest
 import yaml
 
-from spoold.core.procfs import children, process_info, process_start_time
+from spoold.core.procfs import process_start_time
 from tests.harness import (
+    LAUNCHER,
+    WORKER_PROCESS,
     DaemonProcess,
+    daemon_children,
     drop,
     found_in,
     job_state,
@@ -211,25 +213,9 @@ def test_kill_9_of_a_worker_process(env: Env, tmp_path: Path) -> None:
         daemon.kill()
 
 
-def _worker_processes(daemon: DaemonProcess, marker: bytes = b"serve_worker_process") -> set[int]:
-    """The daemon's live worker processes (``marker``: or what else its command line names;
-    a zombie not yet reaped is none)."""
-    assert daemon.process is not None
-    found = set()
-    for pid in children(daemon.process.pid):
-        with contextlib.suppress(OSError):
-            info = process_info(pid)
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes() and info and not info.zombie:
-                found.add(pid)
-    return found
-
-
 def _at_rest(daemon: DaemonProcess) -> bool:
     """No worker process, and no launcher: the daemon alone."""
-    return not _worker_processes(daemon) and not _worker_processes(daemon, _LAUNCHER)
-
-
-_LAUNCHER = b"spoold.run.launcher import serve"
+    return not daemon_children(daemon, WORKER_PROCESS) and not daemon_children(daemon, LAUNCHER)
 
 
 def test_idle_worker_processes_leave_and_come_back(env: Env, tmp_path: Path) -> None:
@@ -248,8 +234,8 @@ def test_idle_worker_processes_leave_and_come_back(env: Env, tmp_path: Path) -> 
         # b may come to a's process first, held behind a: the second one takes it back.
         b = wait_for(partial(env.lease_with_process, "b"), what="b to run beside a")
         assert a["worker_pid"] != b["worker_pid"], "two jobs at once: two worker processes"
-        assert _worker_processes(daemon) == {a["worker_pid"], b["worker_pid"]}
-        assert len(_worker_processes(daemon, _LAUNCHER)) == 1, "one launcher for both"
+        assert set(daemon_children(daemon, WORKER_PROCESS)) == {a["worker_pid"], b["worker_pid"]}
+        assert len(daemon_children(daemon, LAUNCHER)) == 1, "one launcher for both"
         env.go.touch()
         assert wait_finished(spool, "a")[0] == wait_finished(spool, "b")[0] == "done"
         wait_for(partial(_at_rest, daemon), what="the worker processes and launcher to end again")
@@ -270,13 +256,13 @@ def test_worker_processes_stay_when_told_to(env: Env, tmp_path: Path) -> None:
     daemon = DaemonProcess(env.spool, config)
     daemon.start()
     try:
-        first = _worker_processes(daemon)
+        first = set(daemon_children(daemon, WORKER_PROCESS))
         assert len(first) == 2, "started before READY"
         drop(env.spool, "a.yaml", env.job("a"))
         assert wait_finished(env.spool, "a")[0] == "done"
         # Not a wait for luck: were 0 taken for "at once", they would be gone in milliseconds.
         time.sleep(1.5)
-        assert _worker_processes(daemon) == first
+        assert set(daemon_children(daemon, WORKER_PROCESS)) == first
         assert daemon.stop() == 0
     finally:
         daemon.kill()

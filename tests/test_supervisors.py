@@ -15,21 +15,26 @@ import yaml
 
 from spoold.core.clock import SystemClock
 from spoold.core.config import Config
-from spoold.core.procfs import children, descendants, process_info
+from spoold.core.procfs import descendants
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
 from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
-from tests.harness import DaemonProcess, drop, local_job, wait_finished, wait_for, write_config
+from tests.harness import (
+    WORKER_PROCESS,
+    DaemonProcess,
+    daemon_children,
+    drop,
+    local_job,
+    running,
+    wait_finished,
+    wait_for,
+    write_config,
+)
 
 LOGGER = logging.getLogger("spoold.test")
-
-
-def _alive(pid: int) -> bool:
-    info = process_info(pid)
-    return info is not None and not info.zombie
 
 
 def _supervisor_of(final: Path) -> int:
@@ -78,9 +83,9 @@ def test_a_supervisor_runs_the_next_unit_and_is_let_go_after_waiting_idle(tmp_pa
         due = launcher.expire(released)
         assert due is not None and released < due <= released + IDLE_SUPERVISOR_FOR
         assert launcher.expire(due - 0.5) == due, "kept until it has waited that long"
-        assert _alive(first)
+        assert running(first)
         assert launcher.expire(due) is None, "none kept once it has"
-        wait_for(lambda: not _alive(first), what="the idle supervisor to end")
+        wait_for(lambda: not running(first), what="the idle supervisor to end")
         assert bench.run("three") != first, "a new one for the next job"
     finally:
         launcher.close()
@@ -117,7 +122,7 @@ def test_an_idle_daemon_lets_its_job_supervisors_go(spool_dir: Path, tmp_path: P
             directory, status = wait_finished(spool_dir, f"b{n}")
             assert status["state"] == "succeeded", status
             pids.add(_supervisor_of(spool_dir / directory / f"b{n}"))
-        wait_for(lambda: not any(_alive(pid) for pid in pids), bound=IDLE_SUPERVISOR_FOR + 20,
+        wait_for(lambda: not any(running(pid) for pid in pids), bound=IDLE_SUPERVISOR_FOR + 20,
                  what="the idle supervisors to end")  # fmt: skip
         assert daemon.alive
     finally:
@@ -134,7 +139,7 @@ def _comm(pid: int) -> str:
 def _launchers(daemon: DaemonProcess) -> list[int]:
     assert daemon.pid is not None
     return [
-        pid for pid in descendants([daemon.pid]) if _comm(pid) == "spoold-launcher" and _alive(pid)
+        pid for pid in descendants([daemon.pid]) if _comm(pid) == "spoold-launcher" and running(pid)
     ]  # fmt: skip
 
 
@@ -143,14 +148,6 @@ def _the_launcher(daemon: DaemonProcess) -> int:
     worker processes queue their requests on its socket meanwhile)."""
     [launcher] = wait_for(lambda: _launchers(daemon), what="the launcher to name itself")
     return launcher
-
-
-def _worker_processes(daemon: DaemonProcess) -> list[int]:
-    assert daemon.pid is not None
-    return [
-        pid for pid in children(daemon.pid)
-        if b"serve_worker_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]  # fmt: skip
 
 
 def _run_together(spool: Path, tmp_path: Path, prefix: str, count: int = 4) -> set[int]:
@@ -179,17 +176,17 @@ def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path
     daemon = DaemonProcess(spool_dir, config)
     try:
         daemon.start()
-        assert len(_worker_processes(daemon)) == 2
+        assert len(daemon_children(daemon, WORKER_PROCESS)) == 2
         launcher = _the_launcher(daemon)
         supervisors = _run_together(spool_dir, tmp_path, "a")
         assert len(supervisors) >= 2, "the jobs ran side by side"
-        alive = [pid for pid in supervisors if _alive(pid)]  # idle, for a next job
+        alive = [pid for pid in supervisors if running(pid)]  # idle, for a next job
         assert alive, supervisors
         assert {_parent(pid) for pid in alive} == {launcher}, "forked by the one launcher"
-        dead = _worker_processes(daemon)[0]
+        dead = daemon_children(daemon, WORKER_PROCESS)[0]
         os.kill(dead, signal.SIGKILL)
-        wait_for(lambda: dead not in _worker_processes(daemon)
-                 and len(_worker_processes(daemon)) == 2, what="the worker process replaced")  # fmt: skip
+        wait_for(lambda: dead not in daemon_children(daemon, WORKER_PROCESS)
+                 and len(daemon_children(daemon, WORKER_PROCESS)) == 2, what="the worker process replaced")  # fmt: skip
         _run_together(spool_dir, tmp_path, "b")
         assert _launchers(daemon) == [launcher], "the replacement uses the daemon's launcher"
     finally:

@@ -347,22 +347,24 @@ class DaemonLauncher:
 
     def rest(self) -> None:
         """No worker process runs: let the launcher end (an interpreter less at rest)."""
-        with self._lock:
-            if self._control is None:
-                return
-            self._control.close()
-            self._control, process = None, self._process
-        # It ends at once unless a worker process connected meanwhile: then it serves that one.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(5)
+        if (process := self._let_go()) is not None:
+            # It ends at once unless a worker process connected meanwhile: then it serves that one.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
 
     def close(self) -> None:
         """Let it end once the worker processes are done with it (call after they stopped)."""
-        with self._lock:
-            if self._control is not None:
-                self._control.close()
-                self._control = None
+        self._let_go()
         _reap(self._process)
+
+    def _let_go(self) -> subprocess.Popen[bytes] | None:
+        """Close the daemon's socket to the launcher; the launcher, or None if let go before."""
+        with self._lock:
+            if self._control is None:
+                return None
+            self._control.close()
+            self._control = None
+            return self._process
 
 
 def _start_launcher() -> tuple[socket.socket, subprocess.Popen[bytes]]:
