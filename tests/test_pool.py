@@ -120,10 +120,20 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
 
 
 class _Slots:
-    """What serve_jobs asks of a worker process's slots and runner: busy or not, as told."""
+    """What serve_jobs asks of a worker process's slots and runner: busy while ``working``;
+    how often it asked, and when it first heard they were not."""
 
     def __init__(self) -> None:
-        self.busy = True
+        self.working = True
+        self.looks = 0
+        self.first_idle_look: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        if not self.working and self.first_idle_look is None:
+            self.first_idle_look = time.monotonic()
+        self.looks += 1
+        return self.working
 
     def start(self) -> None: ...
 
@@ -168,15 +178,18 @@ def test_a_worker_process_says_leaving_a_whole_linger_after_it_saw_it_was_idle()
     serving.start()
     try:
         assert _next(ours) == Ready()
-        send_message(ours, Revoke())  # wakes it: it sees itself busy
+        wait_for(lambda: slots.looks >= 1, what="its first look")  # then it waits
+        send_message(ours, Revoke())  # wakes it
         assert _next(ours) == Returned(())
-        slots.busy = False  # the job ended; nothing wakes it
+        # It looks again after each message, then waits: busy, as it sees it.
+        wait_for(lambda: slots.looks >= 2, what="its look after the message")
+        slots.working = False  # the job ended; nothing wakes it
         time.sleep(linger / 2)
         send_message(ours, Revoke())  # wakes it: now it sees itself idle
-        seen_idle = time.monotonic()
         assert _next(ours) == Returned(())
         assert _next(ours) == Leaving()
-        assert time.monotonic() - seen_idle >= linger
+        assert slots.first_idle_look is not None
+        assert time.monotonic() - slots.first_idle_look >= linger
     finally:
         send_message(ours, Stop(1.0))
         serving.join(DEFAULT_BOUND)
