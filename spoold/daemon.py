@@ -195,6 +195,7 @@ def worker_processes(
         on_deferred=on_deferred,
         on_cancel=on_cancel,
         on_observed=on_observed,
+        executors=parts.registry.references(),
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,14 +51,24 @@ class Parts:
 
     @classmethod
     def build(
-        cls, config: Config, clock: Clock | None = None, *, wake: Callable[[], None] | None = None
+        cls,
+        config: Config,
+        clock: Clock | None = None,
+        *,
+        wake: Callable[[], None] | None = None,
+        executors: Iterable[tuple[str, str]] = (),
     ) -> Parts:
-        """Configure the log and build the parts; ``wake`` hears of each delivery written."""
+        """Configure the log and build the parts; ``wake`` hears of each delivery written.
+        ``executors``: the executors, each imported when first used (a worker process's:
+        ``Setup.executors``); none: every entry point's, loaded and checked now."""
         clock = clock or SystemClock()
         masker = Masker()
         logger = configure_logging(config, masker)
         spool = Spool(config.spool, durable=config.durable, host=config.host_id)
-        registry = ExecutorRegistry.from_entry_points()
+        executors = tuple(executors)
+        registry = (
+            ExecutorRegistry({}, executors) if executors else ExecutorRegistry.from_entry_points()
+        )
         callbacks = callbacks_for(config, spool, clock, logger, wake=wake)
         secrets = SecretStore(config.secrets_dir)
         return cls(config, clock, logger, masker, secrets, spool, registry, callbacks)
@@ -108,7 +118,7 @@ def serve_worker_process(fd: int) -> None:
     if received is None:
         return
     conn, setup = received
-    parts = Parts.build(setup.config)
+    parts = Parts.build(setup.config, executors=setup.executors)
     if setup.launcher is not None:
         Launcher.share(socket.socket(fileno=setup.launcher))
     Launcher.shared().start()  # before Ready: the first job does not wait for a new Python

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -347,6 +348,36 @@ def test_plugins_are_checked_when_loaded() -> None:
     registry = ExecutorRegistry.from_entry_points([_point("noschema", f"{__name__}:NoSchema")])
     with pytest.raises(PluginError, match="'noschema': cannot read its schema"):
         registry.schemas()
+
+
+def test_a_registry_of_references_imports_each_executor_when_first_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a worker process gets from the daemon: names and classes, nothing imported yet."""
+    (tmp_path / "lazy_plugin.py").write_text(
+        "from spoold.executors.local import LocalExecutor\n"
+        "class Later(LocalExecutor):\n    name = 'later'\n"
+        "class Misnamed(LocalExecutor):\n    name = 'other'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_plugin", raising=False)
+    daemons = ExecutorRegistry.from_entry_points()
+    references = (*daemons.references(), ("later", "lazy_plugin:Later"),
+                  ("misnamed", "lazy_plugin:Misnamed"), ("gone", "no_such_module:X"))  # fmt: skip
+    assert ("docker", "spoold.executors.docker:DockerExecutor") in references
+    registry = ExecutorRegistry({}, references)
+    assert registry.names() == sorted([*daemons.names(), "later", "misnamed", "gone"])
+    assert "lazy_plugin" not in sys.modules, "nothing is imported before it is used"
+    assert registry.get("later").__name__ == "Later"
+    assert "lazy_plugin" in sys.modules
+    assert registry.get("local") is daemons.get("local")
+    assert registry.references() == tuple(sorted(references))
+    with pytest.raises(PluginError, match=r"'gone' \(no_such_module:X\) failed to load"):
+        registry.get("gone")
+    with pytest.raises(PluginError, match="calls itself 'other'"):
+        registry.get("misnamed")
+    with pytest.raises(PluginError, match="unknown executor 'nope'"):
+        registry.get("nope")
 
 
 def test_an_executor_checks_what_its_schema_cannot(tmp_path: Path) -> None:

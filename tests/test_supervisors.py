@@ -194,6 +194,30 @@ def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path
 
 
 @pytest.mark.daemon
+def test_a_worker_process_imports_only_the_executors_it_runs(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    """The daemon checked every plugin; its worker processes import one when a job needs it.
+    The docker and invoicing executors' modules bring http.client and with it ssl (~3 MiB
+    and ~16 ms of each start): a worker process that ran only local jobs has not mapped it."""
+    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=2)
+    daemon = DaemonProcess(spool_dir, config)
+    try:
+        daemon.start()
+        supervisors = _run_together(spool_dir, tmp_path, "a")
+        assert len(supervisors) >= 2, "both worker processes ran a job"
+        workers = daemon_children(daemon, WORKER_PROCESS)
+        assert len(workers) == 2
+        for pid in workers:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert "/_ssl." not in maps, f"worker process {pid} imported ssl"
+            assert "/_yaml." in maps, "the check can see an extension module"
+        assert "/_ssl." in Path(f"/proc/{daemon.pid}/maps").read_text(), "the daemon loads all"
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.daemon
 def test_a_worker_process_whose_launcher_is_gone_starts_its_own(
     spool_dir: Path, tmp_path: Path
 ) -> None:

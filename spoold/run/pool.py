@@ -63,6 +63,9 @@ class Setup:
     observe: bool = False
     #: The descriptor of its socket to the daemon's launcher (spoold.run.launcher), if any.
     launcher: int | None = None
+    #: The daemon's executors, name and class (``ExecutorRegistry.references``), imported
+    #: when first used; empty: from the entry points, each at once.
+    executors: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,10 +271,13 @@ class WorkerProcesses:
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
+        executors: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """``on_observed`` hears of each change of state a worker process makes (the
-        metrics'), on the thread that reads that process's messages: it must be quick."""
+        metrics'), on the thread that reads that process's messages: it must be quick.
+        ``executors``: what the worker processes may run (``Setup.executors``)."""
         self._config = config
+        self._executors = executors
         self._on_observed = on_observed
         self._child_main = child_main(entry)
         self._on_deferred = on_deferred
@@ -455,7 +461,7 @@ class WorkerProcesses:
             )
             conn = Connection(ours.detach())
         conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None,
-                        launcher=launcher_fd))  # fmt: skip
+                        launcher=launcher_fd, executors=self._executors))  # fmt: skip
         return _Link(index, slots, process, conn)
 
     def _await_ready(self, link: _Link) -> None:
