@@ -20,7 +20,9 @@ from spoold.core.errors import WorkerProcessError
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
+from spoold.run import pool
 from spoold.run.pool import (
+    DOCUMENTS_KEPT,
     Done,
     Leaving,
     ParentLink,
@@ -93,6 +95,8 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
     config = load_config(write_config(tmp_path / "config.yaml", root, workers=1,
                                       worker_idle_exit="200ms"), spool=root)  # fmt: skip
     asked: list[bool] = []
+    trimmed: list[bool] = []
+    monkeypatch.setattr(pool, "release_memory", lambda: trimmed.append(True))
     workers = WorkerProcesses(
         config, logging.getLogger("spoold.test"), processes=1,
         entry="tests.worker_entries:serve_unless_refused", on_lost=lambda: asked.append(True),
@@ -102,6 +106,7 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
     try:
         wait_for(lambda: workers._links == [None], what="the idle worker process to leave")
         assert not workers.lost_any() and not asked, "leaving is not dying"
+        wait_for(lambda: trimmed == [True], what="the main process at rest trimming its heap")
         intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
                         max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
                         on_accepted=lambda job, document: None)  # fmt: skip
@@ -115,6 +120,43 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
         monkeypatch.delenv(REFUSE)
         assert workers.replace_dead() == []
         assert wait_finished(root, "j")[0] == "done"
+    finally:
+        workers.stop(5.0)
+
+
+def test_a_long_queue_keeps_the_documents_of_its_first_jobs_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood's thousands of parsed job files held while their jobs wait were most of the
+    main process's peak memory, and left its heap fragmented after: the jobs queued behind
+    the first ones keep none, and their worker process reads job.yaml."""
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.init()
+    config = load_config(write_config(tmp_path / "config.yaml", root, workers=1), spool=root)
+    monkeypatch.setenv(REFUSE, "1")  # no worker process yet: the jobs wait in the queue
+    workers = WorkerProcesses(
+        config, logging.getLogger("spoold.test"), processes=1,
+        entry="tests.worker_entries:serve_unless_refused", on_lost=lambda: None,
+        on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
+    )  # fmt: skip
+    documents: dict[str, dict[str, object]] = {}
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
+                    max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
+                    on_accepted=lambda job, document: documents.update({job.job_id: document}))  # fmt: skip
+    ids = [f"j{n:03d}" for n in range(DOCUMENTS_KEPT + 6)]
+    for job_id in ids:
+        (root / "incoming" / f"{job_id}.yaml").write_text(yaml.safe_dump(local_job(job_id, "true")))
+        assert isinstance(intake.offer(f"{job_id}.yaml", complete=True), Accepted)
+    try:
+        for job_id in ids:
+            workers.submit(job_id, documents[job_id])
+        kept = [job_id for job_id in ids if workers._queue._ids[job_id].payload.document]
+        assert kept == ids[:DOCUMENTS_KEPT]
+        monkeypatch.delenv(REFUSE)
+        workers.start()
+        for job_id in ids:
+            assert wait_finished(root, job_id)[0] == "done", job_id
     finally:
         workers.stop(5.0)
 
