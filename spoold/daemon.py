@@ -327,7 +327,7 @@ class Daemon:
             on_accepted=queue_job,
             logger=logger,
             allowed_run_as=config.allowed_run_as,
-            on_scheduled=scheduler.accept,  # that schedule alone: no pass over the others
+            on_scheduled=scheduler.accept,  # those schedules alone: no pass over the others
             callbacks=callbacks,
             policy=config.policy,
             on_observed=observed,

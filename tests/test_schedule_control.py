@@ -66,7 +66,7 @@ class Bench:
         self.intake = Intake(
             self.spool, _validator(), clock,
             max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, document: None,
-            logger=logger, on_scheduled=lambda job, record: self.scheduler.sync(),
+            logger=logger, on_scheduled=lambda placed: self.scheduler.sync(),
         )  # fmt: skip
 
     def _queue(self, run: str, document: dict[str, Any], meta: JobMeta) -> None:

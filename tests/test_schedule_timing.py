@@ -76,7 +76,7 @@ class Bench(Dropping):
         self.intake = Intake(
             self.spool, schedule_validator(), clock,
             max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, document: None,
-            logger=logger, on_scheduled=lambda job, record: self.scheduler.sync(),
+            logger=logger, on_scheduled=lambda placed: self.scheduler.sync(),
         )  # fmt: skip
 
     def next_firings(self, job_id: str) -> list[datetime]:

@@ -149,7 +149,7 @@ class Intake:
         on_accepted: Callable[[JobDir, dict[str, Any]], None],
         logger: logging.Logger,
         allowed_run_as: tuple[str, ...] = (),
-        on_scheduled: Callable[[JobDir, dict[str, Any]], None] = lambda job, record: None,
+        on_scheduled: Callable[[list[tuple[JobDir, dict[str, Any]]]], None] = lambda placed: None,
         callbacks: Callbacks | None = None,
         policy: Policy | None = None,
         on_observed: Callable[[Observation], None] | None = None,
@@ -279,9 +279,12 @@ class Intake:
                 )
             except OSError as exc:  # placed all the same: they run, and say so
                 self._log.error("fsync after accepting %d job(s) failed: %s", len(placed), exc)
+        schedules = []
         for one, job in placed:
             self._recovered(one)
-            self._announce(one.record, job)
+            if (schedule := self._announce(one.record, job)) is not None:
+                schedules.append(schedule)
+        self._hand_on(schedules)
 
     def _take(
         self, name: str, *, complete: bool, remote_writers: bool
@@ -463,7 +466,8 @@ class Intake:
         except DuplicateJob as exc:  # the rename into pending/ settles it, with no window
             assert taken.data is not None
             raise self._admission.duplicate(taken.data, admitted.document, str(exc)) from None
-        self._announce(record, job)
+        if (schedule := self._announce(record, job)) is not None:
+            self._hand_on([schedule])
         return Accepted(job)
 
     def _record(self, taken: TakenFile, admitted: Admitted, submitter: Submitter) -> _Record:
@@ -528,22 +532,30 @@ class Intake:
                 taken.data, item.record.admitted.document, str(exc)
             ) from None
 
-    def _announce(self, item: _Record, job: JobDir) -> None:
-        """Say a placed job or schedule, and hand it on (to the workers, the scheduler)."""
+    def _announce(self, item: _Record, job: JobDir) -> tuple[JobDir, dict[str, Any]] | None:
+        """Say a placed job or schedule, and hand a job on to the workers; a schedule is
+        returned with the status.json intake wrote, for ``_hand_on``."""
         name, job_id = item.taken.name, job.job_id
         if item.status is None:
             self._log.info("%s %s from %s", item.verb, job_id, name)
-            try:
-                self._on_scheduled(job, item.schedule)  # the status.json intake wrote
-            except Exception:  # it is in scheduled/ already: a scan registers it
-                self._log.exception("registering schedule %s failed; the next scan does it", job_id)
-            return
+            return job, item.schedule
         self._log.info("accepted %s as %s (%s, from %s)", name, job_id,
                        item.admitted.spec.executor, item.submitter.name)  # fmt: skip
         try:
             self._on_accepted(job, item.admitted.document)
         except Exception:  # the job is in pending/ already: a scan will queue it
             self._log.exception("queueing job %s failed; the next scan queues it", job_id)
+        return None
+
+    def _hand_on(self, schedules: list[tuple[JobDir, dict[str, Any]]]) -> None:
+        """The schedules placed together, to the scheduler in one go."""
+        if not schedules:
+            return
+        try:
+            self._on_scheduled(schedules)
+        except Exception:  # they are in scheduled/ already: a scan registers them
+            names = ", ".join(job.job_id for job, _ in schedules)
+            self._log.exception("registering schedule(s) %s failed; the next scan does it", names)
 
     def _precheck(self, taken: TakenFile) -> tuple[str, str] | None:
         if display_name(taken.name) != taken.name:
