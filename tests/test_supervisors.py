@@ -19,7 +19,7 @@ from spoold.core.procfs import descendants
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
-from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher
+from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher, _remove_tree
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.harness import (
@@ -89,6 +89,20 @@ def test_a_supervisor_runs_the_next_unit_and_is_let_go_after_waiting_idle(tmp_pa
         assert bench.run("three") != first, "a new one for the next job"
     finally:
         launcher.close()
+
+
+def test_a_work_dir_is_removed_empty_or_full_and_a_gone_one_is_said(tmp_path: Path) -> None:
+    """Most jobs leave their work dir empty: one rmdir; what a job left, modes and all, goes
+    through rmtree."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _remove_tree(str(empty)) is True and not empty.exists()
+    assert _remove_tree(str(empty)) is False, "nothing was there"
+    full = tmp_path / "full"
+    (full / "out").mkdir(parents=True)
+    (full / "out" / "r.txt").write_text("made\n")
+    (full / "out").chmod(0o500)
+    assert _remove_tree(str(full)) is True and not full.exists()
 
 
 def test_the_longest_idle_goes_first() -> None:

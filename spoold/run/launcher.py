@@ -818,8 +818,13 @@ def _remove_tree(path: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
             function(failed)
 
-    if not os.path.lexists(path):
+    try:
+        Path(path).rmdir()  # most jobs leave their work dir empty: one call, not rmtree's dozen
+        return True
+    except FileNotFoundError:
         return False
+    except OSError:
+        pass  # not empty (or not a directory): rmtree says what it cannot remove
     import shutil  # noqa: PLC0415 - in the chore's fork only
 
     shutil.rmtree(path, onerror=writable)
