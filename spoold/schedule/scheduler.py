@@ -159,8 +159,9 @@ class Scheduler:
         self._aps.start()
 
     def stop(self) -> None:
-        if self._aps.running:  # the daemon may stop before it started
-            self._aps.shutdown(wait=False)
+        with self._lock:  # not while a group of registrations holds APScheduler paused
+            if self._aps.running:  # the daemon may stop before it started
+                self._aps.shutdown(wait=False)
 
     def sync(self) -> None:
         """A round: register what scheduled/ holds anew (a definition replaced, on any host),
