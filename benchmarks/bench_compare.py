@@ -27,7 +27,8 @@ same machine. Rows (``--only``):
   seen by inotify; accepted files/s = ``flood`` / (last one accepted - first rename). When the
   last file left incoming/ and when the last job finished are shown too; peak RSS is the largest
   sum of VmRSS over the daemon's processes, sampled every 0.1 s until the last job finished,
-  beside that sum just before the drop;
+  beside that sum just before the drop; peak PSS the same, sampled every 0.5 s (a forked
+  process, such as spoold's job supervisors, counts its parent's pages in its RSS again);
 - log100, log2: one job writing ``log_bytes`` in 100-byte lines (``yes <99 x> | head -c N``), or
   in 2-byte lines (``yes | head -c N``): rename -> job in done/, and the daemon's CPU over it,
   against the same command with ``> file`` and an fsync of the file (spoold keeps its default
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -100,6 +102,7 @@ ROWS = ("idle", "rest", "pickup", "throughput", "flood", "log100", "log2", "sche
 REST_BOUND = 90.0  # seconds the rest row waits at most for spoold's helper processes to leave
 PICKUP_BLOCK = 25  # pickup drops alternate between the tools in blocks of this many
 SAMPLE_EVERY = 0.1  # seconds between two RSS samples in the flood
+PSS_EVERY = 5  # a PSS sample every this many: smaps_rollup walks every page table
 LINE_99 = "x" * 99  # with yes's newline: 100-byte lines
 FIRST_FIRING = 60.0  # seconds from a schedule's acceptance to its first firing ({every: 60s})
 T = TypeVar("T")
@@ -200,22 +203,27 @@ def rss_now_mb(daemon: Daemon) -> float:
     return sum(proc_status(pid, "VmRSS") for pid in family(daemon)) / 1024
 
 
-class PeakRss:
-    """Samples ``rss_now_mb`` every SAMPLE_EVERY s in a thread while the block runs."""
+class PeakMemory:
+    """Samples ``rss_now_mb`` every SAMPLE_EVERY s in a thread while the block runs, and the
+    PSS sum every PSS_EVERY samples: a process forked from another (spoold's job supervisors,
+    forks of its launcher) counts their shared pages in its RSS again, in its PSS not."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.peak = 0.0
+        self.peak_pss = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        while True:
+        for tick in itertools.count():
             self.peak = max(self.peak, rss_now_mb(self.daemon))
+            if tick % PSS_EVERY == 0:
+                self.peak_pss = max(self.peak_pss, memory_mb(self.daemon)[1])
             if self._stop.wait(SAMPLE_EVERY):
                 return
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -612,9 +620,9 @@ def flood(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
     """All of ``ids`` renamed into incoming/ at once; see the module's docstring."""
     names = stage_jobs(base / "stage", ids, "/bin/true")
     os.sync()  # the staged files written back now, not during the drop
-    baseline = rss_now_mb(tool.daemon)
+    baseline, baseline_pss = rss_now_mb(tool.daemon), memory_mb(tool.daemon)[1]
     cpu = cpu_seconds(tool.daemon)
-    with Flood(tool.spool, ids) as seen, PeakRss(tool.daemon) as peak:
+    with Flood(tool.spool, ids) as seen, PeakMemory(tool.daemon) as peak:
         first = time.time()
         for name in names:
             os.rename(base / "stage" / name, tool.incoming / name)
@@ -629,6 +637,8 @@ def flood(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
         "finished_s": max(seen.finished.values()) - first,
         "rss_before_mb": baseline,
         "peak_rss_mb": peak.peak,
+        "pss_before_mb": baseline_pss,
+        "peak_pss_mb": peak.peak_pss,
         "cpu_s": used,
     }
 
@@ -1204,14 +1214,19 @@ def table(results: Results) -> str:
                 f"{fmt(r.median('flood', tool, 'accepted_per_s'))} files/s "
                 f"(all in pending/ after {fmt(r.median('flood', tool, 'accepted_s'), 1)} s, out of "
                 f"incoming/ after {fmt(r.median('flood', tool, 'left_incoming_s'), 1)} s, all done after "
-                f"{fmt(r.median('flood', tool, 'finished_s'), 1)} s) / peak "
+                f"{fmt(r.median('flood', tool, 'finished_s'), 1)} s) / peak RSS "
                 f"{fmt(r.median('flood', tool, 'peak_rss_mb'))} MiB "
-                f"(before {fmt(r.median('flood', tool, 'rss_before_mb'))})"
+                f"(before {fmt(r.median('flood', tool, 'rss_before_mb'))}), PSS "
+                f"{fmt(r.median('flood', tool, 'peak_pss_mb'))} MiB "
+                f"(before {fmt(r.median('flood', tool, 'pss_before_mb'))})"
             )
 
         rate = r.median("flood", "spoold", "accepted_per_s")
         growth = r.median("flood", "spoold", "peak_rss_mb") / r.median(
             "flood", "spoold", "rss_before_mb"
+        )
+        growth_pss = r.median("flood", "spoold", "peak_pss_mb") / r.median(
+            "flood", "spoold", "pss_before_mb"
         )
         add(
             f"{s.flood:,} files renamed in at once: accepted / peak RSS",
@@ -1219,7 +1234,8 @@ def table(results: Results) -> str:
             flooded("floor"),
             "",
             f"accepted/s {times(r.ratio('flood', 'spoold', 'floor', 'accepted_per_s'), 'floor')}; "
-            f"spoold's peak {times(growth, 'its RSS before')}",
+            f"spoold's peak {times(growth, 'its RSS before')} "
+            f"(PSS {times(growth_pss, 'its PSS before')})",
             "accepted >= 2000 files/s; peak <= 1.3x idle",
             None if not all_known(rate, growth) else rate >= 2000 and growth <= 1.3,
         )
