@@ -362,15 +362,7 @@ def test_schedules_placed_together_wake_apscheduler_once(bench: Bench) -> None:
     """A running APScheduler wakes its thread for every job added (~60 µs of CPU each, and
     10,000 schedules dropped at once came to over 10 s): a group intake placed together is
     registered with it paused, and it wakes once after; one placed alone, once too."""
-    bench.aps.resume()
-    woken: list[bool] = []
-    wake = bench.aps.wakeup
-
-    def counted() -> None:
-        woken.append(True)
-        wake()
-
-    bench.aps.wakeup = counted
+    woken = _count_wakeups(bench)
     names = []
     for i in range(20):
         names.append(f"g-{i:02d}.yaml")
@@ -384,6 +376,37 @@ def test_schedules_placed_together_wake_apscheduler_once(bench: Bench) -> None:
     assert bench.period("g-07") == timedelta(minutes=1)
     bench.drop("alone", EVERY_MINUTE)
     assert len(woken) == 2 and bench.aps.state == STATE_RUNNING
+
+
+def test_schedules_another_host_placed_wake_apscheduler_once_at_the_next_round(
+    bench: Bench, tmp_path: Path
+) -> None:
+    """The same for a round that finds schedules placed by another host (intake there)."""
+    woken = _count_wakeups(bench)
+    other = Bench(tmp_path / "spool", wall=old_wall)
+    try:
+        for i in range(15):
+            other.drop(f"h2-{i:02d}", EVERY_MINUTE)
+    finally:
+        other.scheduler.stop()
+    bench.scheduler.sync()
+    assert len(woken) == 1, "one wake-up for the round"
+    assert bench.aps.state == STATE_RUNNING
+    assert sorted(job.id for job in bench.aps.get_jobs()) == [f"h2-{i:02d}" for i in range(15)]
+
+
+def _count_wakeups(bench: Bench) -> list[bool]:
+    """Run the bench's APScheduler, and count its wake-ups from now on."""
+    bench.aps.resume()
+    woken: list[bool] = []
+    wake = bench.aps.wakeup
+
+    def counted() -> None:
+        woken.append(True)
+        wake()
+
+    bench.aps.wakeup = counted
+    return woken
 
 
 def test_a_start_reads_each_schedule_once_fires_what_was_missed_then_runs_apscheduler(

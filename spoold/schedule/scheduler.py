@@ -34,11 +34,12 @@ there, before APScheduler starts (``start``), so that it takes them all in one g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -176,9 +177,15 @@ class Scheduler:
                 if self._known[job_id].definition is not None:
                     self._logger.info("schedule %s removed", job_id)
                 self._unregister(job_id)
-            for job_id, stamp in stamps.items():
-                known = self._known.get(job_id)
-                if known is None or not known.settled or known.stamp != stamp:
+            changed = [
+                (job_id, stamp)
+                for job_id, stamp in stamps.items()
+                if (known := self._known.get(job_id)) is None
+                or not known.settled
+                or known.stamp != stamp
+            ]
+            with self._one_wakeup(len(changed)):  # schedules placed by another host, say
+                for job_id, stamp in changed:
                     self._look(job_id, stamp, wall=wall, now=now)
 
     def accept(self, placed: Sequence[tuple[JobDir, Mapping[str, Any] | None]]) -> None:
@@ -186,24 +193,29 @@ class Scheduler:
         definition replaced), and only them: one stat each, and one read unless its status,
         the status.json intake wrote, is given. What was asked of one in the moment since (a
         pause from another host) is its next round's: a directory stamped so lately is read
-        again then (``_settled``).
-
-        APScheduler wakes its thread for every job added to it while it runs: for a group it
-        is paused, and wakes once after (~60 µs of CPU a schedule less, measured with 3,000).
-        What fell due meanwhile fires then."""
+        again then (``_settled``)."""
         with self._lock:
             wall, now = self._wall(), self._monotonic()
-            hold = len(placed) > 1 and self._aps.state == STATE_RUNNING
-            if hold:
-                self._aps.pause()
-            try:
+            with self._one_wakeup(len(placed)):
                 for job, status in placed:
                     stamp = self._spool.jobs.stamp_of(job)
                     if stamp is not None:  # else unscheduled meanwhile: nothing to register
                         self._look(job.job_id, stamp, wall=wall, now=now, placed=status)
-            finally:
-                if hold:
-                    self._aps.resume()
+
+    @contextlib.contextmanager
+    def _one_wakeup(self, looks: int) -> Iterator[None]:
+        """Around ``looks`` schedules looked at (the lock held): APScheduler wakes its thread
+        for every job added to it while it runs, so for more than one it is paused, and wakes
+        once after (~60 µs of CPU a schedule less, measured with 3,000). What fell due
+        meanwhile fires then."""
+        hold = looks > 1 and self._aps.state == STATE_RUNNING
+        if hold:
+            self._aps.pause()
+        try:
+            yield
+        finally:
+            if hold:
+                self._aps.resume()
 
     def registered(self) -> dict[str, str]:
         """The schedules registered with APScheduler: job id -> their definition's sha256 and
