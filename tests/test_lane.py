@@ -4,6 +4,8 @@ daemon. Each attempt is denied; the daemon and the records are unharmed."""
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spoold.core import procfs
 from spoold.core.clock import SystemClock
 from spoold.core.config import Config
 from spoold.core.errors import ConfigError
@@ -184,6 +187,53 @@ def test_secrets_dir_a_job_user_could_read_is_refused(tmp_path: Path) -> None:
     Spool(config.spool).init()
     with pytest.raises(ConfigError, match="key secrets_dir: the job user spoold-job may read"):
         Lane.from_config(config, lambda: tmp_path / "w", switching=True)
+
+
+def _status_reads(monkeypatch: pytest.MonkeyPatch, ambient: str | None) -> list[str]:
+    """Count this process's reads of /proc/self/status (``ambient``: what its CapAmb line
+    says instead of the truth)."""
+    reads: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(path: object, *args: object, **kwargs: object) -> object:
+        if str(path) == "/proc/self/status":
+            reads.append(str(path))
+            if ambient is not None:
+                return io.StringIO(f"Name:\tpython\nCapAmb:\t{ambient}\n")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return reads
+
+
+def test_ambient_capabilities_once_dropped_are_not_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A supervisor drops them first; nothing raises them again, so each job it starts as
+    its user need not read /proc to know there are none."""
+    monkeypatch.setattr(procfs._Dropped, "ambient", False)
+    reads = _status_reads(monkeypatch, ambient=None)
+    assert procfs.ambient_capabilities() == 0
+    assert len(reads) == 1, "read while not dropped"
+    procfs.drop_ambient_capabilities()
+    before = len(reads)
+    assert procfs.ambient_capabilities() == 0
+    assert procfs.ambient_clearer() is None
+    assert len(reads) == before, "known to be none after the drop"
+
+
+def test_a_drop_of_ambient_capabilities_that_failed_is_not_taken_for_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the drop did not take (the prctl failed), every later start looks again, and
+    clears them in the child."""
+    monkeypatch.setattr(procfs._Dropped, "ambient", False)
+    reads = _status_reads(monkeypatch, ambient="0000000000000080")  # CAP_SETUID, ambient
+    monkeypatch.setattr(procfs, "ambient_clearer", lambda: lambda: -1)  # a failing prctl
+    procfs.drop_ambient_capabilities()
+    before = len(reads)
+    assert procfs.ambient_capabilities() == 0x80
+    assert len(reads) == before + 1, "still read: the drop is not remembered as done"
 
 
 _JOB_AS_A_DAEMON_WITH_CAPABILITIES = """\

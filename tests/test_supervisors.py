@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from spoold.core.procfs import descendants
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
-from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher, _remove_tree
+from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher, _receive, _remove_tree, _send
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.harness import (
@@ -103,6 +104,33 @@ def test_a_work_dir_is_removed_empty_or_full_and_a_gone_one_is_said(tmp_path: Pa
     (full / "out" / "r.txt").write_text("made\n")
     (full / "out").chmod(0o500)
     assert _remove_tree(str(full)) is True and not full.exists()
+
+
+def test_a_message_and_its_descriptors_arrive_whole_when_a_send_falls_short() -> None:
+    """A frame (length and pickle) goes in one system call; one that does not fit at once
+    (here: a socket that sends only what its buffer takes) is finished after, and the
+    descriptors that rode on its start arrive with it."""
+    ours, theirs = socket.socketpair()
+    read_end, write_end = os.pipe()
+    message = {"kind": "large", "data": os.urandom(4 << 20)}  # far beyond the socket's buffer
+    ours.settimeout(30.0)  # sendmsg then returns once what fits is sent
+    received: list[tuple[object, list[int]]] = []
+    reader = threading.Thread(target=lambda: received.append(_receive(theirs)))
+    try:
+        reader.start()
+        _send(ours, message, (write_end,))
+        reader.join(30.0)
+        [(got, fds)] = received
+        assert got == message
+        assert len(fds) == 1
+        os.write(fds[0], b"!")
+        assert os.read(read_end, 1) == b"!", "the descriptor is the pipe's write end"
+        os.close(fds[0])
+    finally:
+        for fd in (read_end, write_end):
+            os.close(fd)
+        ours.close()
+        theirs.close()
 
 
 def test_the_longest_idle_goes_first() -> None:

@@ -180,8 +180,18 @@ def signal_state() -> tuple[int, int] | None:
     return int(fields[_BLOCKED]), int(fields[_IGNORED])
 
 
+class _Dropped:
+    """Whether drop_ambient_capabilities has run here: then there are none, for good (spoold
+    never raises one, and a change of user only takes them away), and a supervisor's start
+    of each job as its user needs no read of /proc to know it."""
+
+    ambient = False
+
+
 def ambient_capabilities() -> int:
     """This process's ambient capabilities (a bit mask; 0 if /proc cannot tell)."""
+    if _Dropped.ambient:
+        return 0
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             line = next((line for line in status if line.startswith("CapAmb:")), "CapAmb: 0")
@@ -209,6 +219,7 @@ def drop_ambient_capabilities() -> None:
     clear = ambient_clearer()
     if clear is not None:
         clear()
+    _Dropped.ambient = not ambient_capabilities()
 
 
 def make_dumpable() -> None:

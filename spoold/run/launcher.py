@@ -124,12 +124,10 @@ class Chore(NamedTuple):
 
 def _send(sock: socket.socket, message: object, fds: tuple[int, ...] = ()) -> None:
     data = pickle.dumps(message)
-    header = _HEADER.pack(len(data))
-    if fds:
-        socket.send_fds(sock, [header], list(fds))
-    else:
-        sock.sendall(header)
-    sock.sendall(data)
+    frame = _HEADER.pack(len(data)) + data  # one system call for both (three a unit's end)
+    sent = socket.send_fds(sock, [frame], list(fds)) if fds else 0
+    if sent < len(frame):  # a signal may cut a send with descriptors short
+        sock.sendall(frame[sent:])
 
 
 def _receive(sock: socket.socket) -> tuple[Any, list[int]]:
@@ -467,12 +465,12 @@ class Supervised(Processes):
                     except EOFError:
                         return self._ended_unseen(key, log, label, spawned)
                     kind, value = message
-                    if kind == "begun":
-                        pidfd = _pidfd(value)
-                    elif kind == "spawned":
-                        spawned = (value, process_start_time(value))
+                    if kind == "spawned":  # its supervisor's pid (to signal), its process's
+                        supervisor, pid = value
+                        pidfd = _pidfd(supervisor)
+                        spawned = (pid, process_start_time(pid))
                         if on_spawn is not None:
-                            on_spawn(value)
+                            on_spawn(pid)
                     elif kind == "taken":  # an earlier daemon's supervisor began it: attach
                         reusable = True
                         begun, _ = self._jobs.read_unit(self._job, key)
@@ -666,6 +664,7 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
     drop_ambient_capabilities()
     clean_signal_state()  # for the same reason
     unit = _Unit()
+    me = (os.getpid(), process_start_time(os.getpid()))  # for each unit's record: read once
 
     def on_cancel(signum: int, frame: object) -> None:
         if not unit.idle:  # one meant for a unit that ended as it came: not for the next
@@ -681,7 +680,7 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_stop)
     while True:
-        _run_unit(request, reply, tee_fd, unit)
+        _run_unit(request, reply, tee_fd, unit, me)
         unit.next()
         try:
             message, fds = _receive(reply)
@@ -693,11 +692,18 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
         request, tee_fd = message, fds[0] if fds else None
 
 
-def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit: _Unit) -> None:
-    """Begin one unit, run it to its end, record the end."""
+def _run_unit(
+    request: Supervise,
+    reply: socket.socket,
+    tee_fd: int | None,
+    unit: _Unit,
+    itself: tuple[int, int | None],
+) -> None:
+    """Begin one unit, run it to its end, record the end. ``itself``: this supervisor's pid
+    and start time."""
     clock = SystemClock()
-    me = os.getpid()
-    began = {"pid": me, "pid_start": process_start_time(me), "host": request.host,
+    me, start = itself
+    began = {"pid": me, "pid_start": start, "host": request.host,
              "started_at": rfc3339(clock.now())}  # fmt: skip
     try:
         if not Jobs.begin_unit(request.job, request.key, began):
@@ -706,7 +712,6 @@ def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit
     except OSError as exc:
         _answer(reply, ("failed", f"cannot record the start of {request.label}: {exc}"))
         return
-    _answer(reply, ("begun", me))
     tee = None if tee_fd is None else os.fdopen(tee_fd, "w")
     masker = Masker(request.masks)
     tap = None if request.log_socket is None else LogTap.open(Path(request.log_socket))
@@ -723,7 +728,7 @@ def _run_unit(request: Supervise, reply: socket.socket, tee_fd: int | None, unit
         outcome = run_process(
             request.argv, cwd=Path(request.cwd), env=request.env, log=log, clock=clock,
             timeout=request.timeout, kill_grace=request.kill_grace, cancel=unit.cancel,
-            on_spawn=lambda pid: _answer(reply, ("spawned", pid)), run_as=request.run_as,
+            on_spawn=lambda pid: _answer(reply, ("spawned", (me, pid))), run_as=request.run_as,
             label=request.label, switch_in_place=True,
         )  # fmt: skip
         ended = {
