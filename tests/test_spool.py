@@ -247,6 +247,29 @@ def test_a_duplicate_id_in_any_state_is_refused(tmp_path: Path) -> None:
         _accept(spool, "again.yaml", "a")
 
 
+def test_a_schedule_holds_no_artifacts_directory_and_a_refused_one_gives_its_file_back(
+    tmp_path: Path,
+) -> None:
+    """A schedule's definition never runs (each firing is a job with a directory of its own):
+    job.yaml, status.json and log, no artifacts/. One whose id a job holds is refused with its
+    stage as it was taken, ready to be rejected."""
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / "s.yaml").write_text("job_id: s\n")
+    schedule = spool.stages.accept(
+        _taken(spool, "s.yaml"), "s", {"job_id": "s", "state": "scheduled"}, "accepted\n",
+        schedule=True,
+    )  # fmt: skip
+    assert sorted(p.name for p in schedule.path.iterdir()) == ["job.yaml", "log", "status.json"]
+    job = _accept(spool, "j.yaml", "j")
+    assert (job.path / "artifacts").is_dir(), "a job has one"
+    (spool.dir("incoming") / "again.yaml").write_text("job_id: j\n")
+    taken = _taken(spool, "again.yaml")
+    with pytest.raises(DuplicateJob):
+        spool.stages.accept(taken, "j", {"job_id": "j"}, "accepted\n", schedule=True)
+    assert [p.name for p in taken.stage.iterdir()] == ["again.yaml"]
+    assert spool.stages.reject(taken, {"code": "duplicate"}).is_dir()
+
+
 def test_claim_is_won_by_exactly_one_of_many_threads(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     _accept(spool, "a.yaml", "race")

@@ -377,7 +377,9 @@ class Stages:
         schedule: bool = False,
     ) -> Prepared:
         """Write a job's directory in its stage, beside the staged file: durable only once
-        ``settle`` has been called on it, placed by ``place``."""
+        ``settle`` has been called on it, placed by ``place``. A schedule's has no
+        ``artifacts/``: it never runs (each firing is a job of its own), and a directory
+        less is one inode less for each of thousands registered."""
         check_job_id(job_id)
         stage = os.fspath(taken.stage)
         original = f"{stage}/{taken.name}"
@@ -390,7 +392,8 @@ class Stages:
         # Plain writes: nobody else looks into a stage.
         write_new(f"{stage}/status.json", json_bytes(status))
         write_new(f"{stage}/log", log_text.encode())
-        os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
+        if not schedule:
+            os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
         if taken.name not in _STAGE_FILES:
             os.rename(original, job_file)
         return Prepared(job_id, stage, original, job_file, schedule)
@@ -420,7 +423,7 @@ class Stages:
         if not self._ids.reserve(job_id, str(token)):
             found = self._jobs.find(job_id)
             if not (prepared.schedule and found is not None and found.directory == "scheduled"):
-                _unstage(stage, prepared.original, prepared.job_file)
+                _unstage(prepared)
                 where = f" in {found.directory}/" if found else " (its file is being accepted)"
                 raise DuplicateJob(f"a job with id {job_id!r} already exists{where}")
             token = None  # a schedule replaced keeps the reservation it had
@@ -434,7 +437,7 @@ class Stages:
                 # A job from before ids/ existed that the spool's migration missed: the
                 # reservation just made is now its.
                 token = None
-                _unstage(stage, prepared.original, prepared.job_file)
+                _unstage(prepared)
                 raise DuplicateJob(f"a job with id {job_id!r} already exists") from exc
         except BaseException:
             if token is not None:
@@ -655,12 +658,13 @@ def _entry_name(name: str) -> str:
     return name
 
 
-def _unstage(stage: str, original: str, job_file: str) -> None:
-    """Undo accept's writes: the stage holds the file alone again, as reject() expects."""
+def _unstage(prepared: Prepared) -> None:
+    """Undo prepare's writes: the stage holds the file alone again, as reject() expects."""
     for leftover in ("status.json", "log"):
-        os.unlink(f"{stage}/{leftover}")
-    os.rmdir(f"{stage}/artifacts")
-    os.rename(job_file, original)
+        os.unlink(f"{prepared.stage}/{leftover}")
+    if not prepared.schedule:
+        os.rmdir(f"{prepared.stage}/artifacts")
+    os.rename(prepared.job_file, prepared.original)
 
 
 def _free_names(name: str) -> Iterator[str]:
