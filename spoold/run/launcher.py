@@ -405,7 +405,10 @@ class Supervised(Processes):
         host: str,
         resume: bool = False,
         log_socket: Path | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> None:
+        """``meanwhile``: what the caller does while a unit's process starts, once it has been
+        asked for (``JobRunner.attempt``)."""
         self._launcher = launcher
         self._jobs = jobs
         self._job = job
@@ -413,6 +416,7 @@ class Supervised(Processes):
         self._log_limit = log_limit
         self._host = host
         self._log_socket = None if log_socket is None else str(log_socket)
+        self._meanwhile = meanwhile
         self.resume = resume
 
     def run(
@@ -434,6 +438,8 @@ class Supervised(Processes):
     ) -> ProcessOutcome:
         """Run ``argv`` as unit ``key`` to its end (or until ``detach``), its output in ``log``."""
         if self.resume:
+            if self._meanwhile is not None:  # an adopted unit may run on for long
+                self._meanwhile()
             begun, ended = self._jobs.read_unit(self._job, key)
             if ended is not None:
                 log.info(f"{label} had ended: its outcome is taken as recorded")
@@ -449,6 +455,8 @@ class Supervised(Processes):
         sock = self._launcher.supervise(request, () if tee is None else (tee,))
         reusable = False
         try:
+            if self._meanwhile is not None:
+                self._meanwhile()
             pidfd: int | None = None
             spawned: tuple[int, int | None] | None = None
             try:

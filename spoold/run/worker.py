@@ -8,7 +8,6 @@ import functools
 import hashlib
 import logging
 import os
-import queue
 import random
 import re
 import threading
@@ -61,10 +60,9 @@ from spoold.run.registry import ExecutorRegistry
 from spoold.run.steps import StepsRun
 
 _DOCUMENT_CACHE = 10_000
+
+
 # Recording is mostly waiting on fsync: two overlap their waits (one where one slot feeds them).
-_RECORDERS = 2
-
-
 @dataclass
 class ActiveRun:
     """A job this process is running now, with its lease and its stop switch."""
@@ -101,6 +99,9 @@ class ActiveRun:
     #: Another host took the claim over (JobFenced): the job's processes here are ended
     #: and nothing more is written for it.
     fenced: bool = False
+    #: Work its slot does once this attempt's first unit has been asked for, while it starts
+    #: (``WorkerPool``: the slot's previous job is recorded then).
+    meanwhile: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -321,12 +322,22 @@ class JobRunner:
         return None if outcome is None else self.record(outcome)
 
     def attempt(
-        self, job: JobDir, *, slot: str = "0", tee: IO[str] | None = None
+        self,
+        job: JobDir,
+        *,
+        slot: str = "0",
+        tee: IO[str] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> Outcome | None:
         """Run one attempt of a claimed job in work slot ``slot``; the outcome is not recorded
-        yet. None: spoold stops and left the job running, in running/, for the next daemon."""
+        yet. None: spoold stops and left the job running, in running/, for the next daemon.
+
+        ``meanwhile`` is called once the attempt's first unit has been asked for (its process
+        starts in its supervisor meanwhile), or before a unit that runs here; maybe more than
+        once, from any thread of the attempt, maybe never (no unit ran)."""
         with self._lock:
             run = self._active[job.job_id]
+        run.meanwhile = meanwhile
         log = JobLog(
             self._spool.jobs.open_log(job), self._clock, tee=tee, mask=run.masker.mask_text,
             limit=self._config.max_log_size,
@@ -545,7 +556,7 @@ class JobRunner:
         processes = Supervised(
             self._launcher, self._spool.jobs, job, masker=run.masker,
             log_limit=self._config.max_log_size, host=self._config.hostname, resume=run.resume,
-            log_socket=self._config.log_socket,
+            log_socket=self._config.log_socket, meanwhile=run.meanwhile,
         )  # fmt: skip
         try:
             run_as = self._lane.user_for(slot, spec.run_as)
@@ -696,6 +707,8 @@ class JobRunner:
         if executor.supervised:  # its supervisor records the unit, and finds it again
             result = executor.run(ctx)
         else:
+            if run.meanwhile is not None:  # it may run for long, here: nothing waits for it
+                run.meanwhile()
             result = self._recorded(run, executor, ctx)
         if result.detached:
             raise JobDetached(f"unit {key} left running")
@@ -934,12 +947,14 @@ def _sha256(path: Path) -> str:
 
 
 class WorkerPool:
-    """Threads that claim jobs and run them, one per work slot, and recorders behind them.
+    """Threads that claim jobs and run them, one per work slot.
 
-    Recording an outcome (fsync of status and log, the rename, a directory fsync) needs no
-    slot: it is handed to recorder threads so that the slot takes the next job at once. The
-    slots still bound how many jobs run at the same time. ``on_done`` hears of every job a
-    slot is done with, whatever became of it.
+    A slot records a job's outcome (fsync of status and log, the rename, a directory fsync)
+    while its next job starts: once that job's first unit has been asked for, its process
+    starts in its supervisor, on the other core, and the slot writes the record meanwhile; when
+    no job waits, at once. One thread does both: a thread of its own for the records handed the
+    interpreter lock back and forth with the slot at every system call (~45 futex calls a job,
+    measured). ``on_done`` hears of every job a slot is done with, whatever became of it.
     """
 
     def __init__(
@@ -957,17 +972,12 @@ class WorkerPool:
         self._known: set[str] = set()  # queued or running
         self._adopting: set[str] = set()  # of those, the ones to adopt rather than claim
         self._cond = threading.Condition()  # guards both
-        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._threads = [
             threading.Thread(
                 target=self._loop, args=(slot,), name=f"spoold-slot-{slot}", daemon=True
             )
             for slot in slots
-        ]
-        self._recorders = [
-            threading.Thread(target=self._record_loop, name=f"spoold-recorder-{n}", daemon=True)
-            for n in range(min(_RECORDERS, len(slots)))
         ]
 
     @property
@@ -977,7 +987,7 @@ class WorkerPool:
             return bool(self._known)
 
     def start(self) -> None:
-        for thread in [*self._threads, *self._recorders]:
+        for thread in self._threads:
             thread.start()
 
     def submit(self, job_id: str, *, adopt: bool = False) -> bool:
@@ -1003,7 +1013,8 @@ class WorkerPool:
 
     def stop(self, grace: float, clock: Clock) -> None:
         """Take no more jobs; leave running ones that can outlive spoold running for the next
-        daemon; let the others finish for ``grace`` seconds, then interrupt them."""
+        daemon; let the others finish for ``grace`` seconds, then interrupt them. Each slot
+        records its last outcome before it ends."""
         self._stopping.set()
         with self._cond:
             self._queue.clear()  # not started: they stay in pending/
@@ -1017,40 +1028,74 @@ class WorkerPool:
             self._logger.warning("interrupting %d running job(s) after %ss", count, grace)
             for thread in self._threads:
                 thread.join()
-        for _ in self._recorders:
-            self._outcomes.put(None)
-        for thread in self._recorders:
-            thread.join()
 
-    def _next(self) -> str | None:
-        with self._cond:
-            while not self._queue and not self._stopping.is_set():
-                self._cond.wait()
-            return None if self._stopping.is_set() else self._queue.popleft()
+    def _next(self, ended: _Unrecorded) -> str | None:
+        """The next job to start; when none is queued, the last outcome is recorded first."""
+        while True:
+            with self._cond:
+                if self._stopping.is_set():
+                    return None
+                if self._queue:
+                    return self._queue.popleft()
+                if not ended.waiting:
+                    self._cond.wait()
+                    continue
+            ended.record()  # not under the lock: submit() must not wait for a record
 
     def _loop(self, slot: str) -> None:
-        while (job_id := self._next()) is not None:
-            try:
-                # A spool error on one job must not end the worker; a shared spool cut off
-                # (EIO) is said once, not for each job handed over meanwhile: those wait in
-                # pending/ for a scan once it is back.
-                self._outage.call(functools.partial(self._work_on, job_id, slot),
-                                  f"worker failed on job {job_id}")  # fmt: skip
-            finally:
-                with self._cond:
-                    self._known.discard(job_id)
-                    self._adopting.discard(job_id)
-                self._on_done(job_id)
+        ended = _Unrecorded(self._runner, self._logger)
+        try:
+            while (job_id := self._next(ended)) is not None:
+                try:
+                    # A spool error on one job must not end the worker; a shared spool cut
+                    # off (EIO) is said once, not for each job handed over meanwhile: those
+                    # wait in pending/ for a scan once it is back.
+                    self._outage.call(functools.partial(self._work_on, job_id, slot, ended),
+                                      f"worker failed on job {job_id}")  # fmt: skip
+                finally:
+                    with self._cond:
+                        self._known.discard(job_id)
+                        self._adopting.discard(job_id)
+                    self._on_done(job_id)
+        finally:
+            ended.record()
 
-    def _work_on(self, job_id: str, slot: str) -> None:
+    def _work_on(self, job_id: str, slot: str, ended: _Unrecorded) -> None:
         adopt = job_id in self._adopting
         job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
-        if job is not None and (outcome := self._runner.attempt(job, slot=slot)):
-            self._outcomes.put(outcome)
+        if job is None:
+            return
+        outcome = self._runner.attempt(job, slot=slot, meanwhile=ended.record)
+        ended.record()  # if no unit of this attempt started, the last one's is still here
+        if outcome is not None:
+            ended.hold(outcome)
 
-    def _record_loop(self) -> None:
-        while (outcome := self._outcomes.get()) is not None:
-            try:
-                self._runner.record(outcome)
-            except Exception:  # retry_finishing picks up what was not recorded
-                self._logger.exception("recording job %s failed", outcome.run.job.job_id)
+
+class _Unrecorded:
+    """The one outcome a slot has not recorded yet."""
+
+    def __init__(self, runner: JobRunner, logger: logging.Logger) -> None:
+        self._runner = runner
+        self._logger = logger
+        self._outcome: Outcome | None = None
+        self._lock = threading.Lock()  # record() may come from an attempt's step threads
+
+    @property
+    def waiting(self) -> bool:
+        return self._outcome is not None
+
+    def hold(self, outcome: Outcome) -> None:
+        with self._lock:
+            assert self._outcome is None, "the last outcome is recorded before the next is held"
+            self._outcome = outcome
+
+    def record(self) -> None:
+        """Record the outcome held, if any (each is recorded once, by whoever comes first)."""
+        with self._lock:
+            outcome, self._outcome = self._outcome, None
+        if outcome is None:
+            return
+        try:
+            self._runner.record(outcome)
+        except Exception:  # retry_finishing picks up what was not recorded
+            self._logger.exception("recording job %s failed", outcome.run.job.job_id)
