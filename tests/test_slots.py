@@ -7,18 +7,22 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 import pytest
+from spoold.executors.base import ExecResult, Executor, RunContext
 
 from spoold.core.clock import SystemClock
+from spoold.core.config import Config
 from spoold.core.joblog import JobLog
 from spoold.core.secrets import Masker
 from spoold.core.spool import Spool
 from spoold.core.spool.jobs import JobDir
 from spoold.run.launcher import Launcher, Supervised
+from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner, Outcome, WorkerPool
 
 LOGGER = logging.getLogger("spoold.test")
@@ -124,3 +128,43 @@ def test_a_slot_adopting_a_unit_records_its_last_end_before_it_waits(tmp_path: P
     )  # fmt: skip
     assert ended.exit_code == 0, "the outcome as recorded"
     assert calls == ["meanwhile"]
+
+
+class _Elsewhere(Executor):
+    """Work that runs without a supervisor (as a container does), for as long as it takes."""
+
+    name = "elsewhere"
+    schema_resource = "none.schema.json"
+    seen: ClassVar[list[str]] = []
+
+    def execute(self, ctx: RunContext) -> ExecResult:
+        self.seen.append("execute")
+        return ExecResult(exit_code=0)
+
+
+def test_a_unit_without_a_supervisor_records_the_slots_last_end_before_it_runs(
+    tmp_path: Path,
+) -> None:
+    """Such a unit may run for hours in the slot's own thread: the end the slot holds is
+    recorded first, not when the unit is over."""
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    (spool.dir("incoming") / "e.yaml").write_text("job_id: e\nexecutor: elsewhere\nproduct: {}\n")
+    taken = spool.stages.take_incoming("e.yaml", now=time.time(), max_size=1 << 20)
+    assert taken is not None
+    spool.stages.accept(taken, "e", {"job_id": "e", "state": "pending"}, "accepted\n")
+    config = Config(spool=spool.root, workdir=tmp_path / "work", hostname="here", worker_id="w")
+    launcher = Launcher()
+    try:
+        runner = JobRunner(spool, ExecutorRegistry({"elsewhere": _Elsewhere}), config,
+                           SystemClock(), LOGGER, launcher=launcher)  # fmt: skip
+        job = runner.claim("e")
+        assert job is not None
+        _Elsewhere.seen.clear()
+        outcome = runner.attempt(job, meanwhile=lambda: _Elsewhere.seen.append("meanwhile"))
+        assert outcome is not None
+        assert _Elsewhere.seen == ["meanwhile", "execute"]
+        final = runner.record(outcome)
+        assert final is not None and final.directory == "done", final
+    finally:
+        launcher.close()
