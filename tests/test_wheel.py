@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,16 +12,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: What a checkout holds at its top besides its sources: environments, caches, build output.
+_NOT_SOURCE = {".venv", ".git", "build", "dist", "spool", "spoold.egg-info", ".mypy_cache",
+               ".ruff_cache", ".pytest_cache"}  # fmt: skip
+
+
+def _not_source(directory: str, names: list[str]) -> set[str]:
+    """For shutil.copytree: what of ``names`` in ``directory`` is not the project's source."""
+    top = _NOT_SOURCE if Path(directory) == ROOT else set()
+    return {name for name in names if name in top or name == "__pycache__"}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     build = tmp_path_factory.mktemp("build")
+    # Built from a copy: setuptools builds in the source tree's build/, and two test workers
+    # that each need the wheel (this fixture is per module, and per xdist worker) raced there
+    # ("File exists: build/bdist.linux-x86_64/wheel/spoold-0.1.0.dist-info", seen in CI).
+    source = build / "source"
+    shutil.copytree(ROOT, source, ignore=_not_source, symlinks=True)
     # --no-build-isolation: the test extra installs setuptools, so no index is needed here.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), str(ROOT)],
+         "--wheel-dir", str(out), str(source)],
         check=True, cwd=build, env={**os.environ, "PIP_NO_INPUT": "1"},
     )  # fmt: skip
     (found,) = out.glob("spoold-*.whl")
