@@ -12,15 +12,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: What a checkout holds at its top besides its sources: environments, caches, build output.
-_NOT_SOURCE = {".venv", ".git", "build", "dist", "spool", "spoold.egg-info", ".mypy_cache",
-               ".ruff_cache", ".pytest_cache"}  # fmt: skip
 
 
-def _not_source(directory: str, names: list[str]) -> set[str]:
-    """For shutil.copytree: what of ``names`` in ``directory`` is not the project's source."""
-    top = _NOT_SOURCE if Path(directory) == ROOT else set()
-    return {name for name in names if name in top or name == "__pycache__"}
+def _copy_sources(target: Path) -> None:
+    """The checkout's files as ``make deb`` takes them (tracked, and untracked but not
+    ignored), without its environments, caches and build output."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    for name in filter(None, os.fsdecode(listed).split("\0")):
+        source = ROOT / name
+        if source.is_symlink() or source.is_file():  # a tracked file deleted meanwhile: none
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name, follow_symlinks=False)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # that each need the wheel (this fixture is per module, and per xdist worker) raced there
     # ("File exists: build/bdist.linux-x86_64/wheel/spoold-0.1.0.dist-info", seen in CI).
     source = build / "source"
-    shutil.copytree(ROOT, source, ignore=_not_source, symlinks=True)
+    _copy_sources(source)
     # --no-build-isolation: the test extra installs setuptools, so no index is needed here.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
