@@ -267,3 +267,37 @@ def test_intake_threads_stopped_before_they_started_stop_quietly(
     reason it failed (RuntimeError: cannot join thread before it is started, seen)."""
     _, intake, _ = _intake(tmp_path)
     IntakeThread(intake, logging.getLogger("spoold.test"), remote_writers=remote_writers).stop()
+
+
+def test_the_user_database_is_asked_once_per_owner_and_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc reads /etc/passwd at every lookup: a group of files taken together asks once
+    per owner; the next group asks again, and sees a user renamed since."""
+    import pwd  # noqa: PLC0415
+
+    from spoold.core import policy  # noqa: PLC0415
+
+    asked: list[int] = []
+    names = iter(["alice", "bob"])
+
+    def getpwuid(uid: int) -> pwd.struct_passwd:
+        asked.append(uid)
+        return pwd.struct_passwd((next(names), "x", uid, uid, "", "/", "/bin/sh"))
+
+    monkeypatch.setattr(policy.pwd, "getpwuid", getpwuid)
+    spool, intake, _ = _intake(tmp_path)
+    first = [f"a{n}.yaml" for n in range(3)]
+    for name in [*first, "b.yaml"]:
+        job_id = name.removesuffix(".yaml")
+        (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: {job_id}"))
+    outcomes = intake.offer_all(first, complete=True)
+    assert all(isinstance(outcome, Accepted) for outcome in outcomes)
+    assert asked == [os.geteuid()], "one lookup for the three files of one owner"
+    assert isinstance(intake.offer("b.yaml", complete=True), Accepted)
+    assert len(asked) == 2, "the next group asks again"
+    submitters = [
+        json.loads((spool.dir("pending") / job_id / "status.json").read_text())["submitter"]
+        for job_id in ("a0", "a1", "a2", "b")
+    ]
+    assert submitters == ["alice", "alice", "alice", "bob"]

@@ -202,8 +202,13 @@ class Intake:
         fsyncs are shared. One outcome per name, in order."""
         outcomes: list[Accepted | Rejected | None] = [None] * len(names)
         judged: list[tuple[int, _Judged]] = []
+        # The user database is asked once per owner and group (glibc reads /etc/passwd at each
+        # lookup: six system calls), and again for the next: a user renamed since is seen.
+        owners: dict[int, Submitter] = {}
         for index, name in enumerate(names):
-            result = self._take(name, complete=complete, remote_writers=remote_writers)
+            result = self._take(
+                name, complete=complete, remote_writers=remote_writers, owners=owners
+            )
             if isinstance(result, _Judged):
                 judged.append((index, result))
             else:
@@ -287,7 +292,7 @@ class Intake:
         self._hand_on(schedules)
 
     def _take(
-        self, name: str, *, complete: bool, remote_writers: bool
+        self, name: str, *, complete: bool, remote_writers: bool, owners: dict[int, Submitter]
     ) -> _Judged | Rejected | None:
         """A file out of incoming/ and judged: rejected, or admitted (``_Judged``); None if
         it is not taken (not complete, gone, or its intake failed and it went back)."""
@@ -307,7 +312,7 @@ class Intake:
             if taken is None:
                 return None
             self._quiet.forget(name)
-            judged = self._judge(taken)
+            judged = self._judge(taken, owners)
         except StageLeft as left:  # the take itself failed, and may have left the file staged
             cause = left.__cause__
             self._failed(name, left.taken, cause if isinstance(cause, Exception) else left, retry)
@@ -387,7 +392,7 @@ class Intake:
 
     def decide(self, taken: TakenFile) -> Accepted | Rejected:
         """Validate a staged file and accept or reject it."""
-        judged = self._judge(taken)
+        judged = self._judge(taken, {})
         if isinstance(judged, Rejected):
             return judged
         try:
@@ -395,8 +400,11 @@ class Intake:
         except Refused as duplicate:
             return self._refuse(taken, duplicate, judged[1])
 
-    def _judge(self, taken: TakenFile) -> Rejected | tuple[Admitted, Submitter]:
-        """Validate a staged file: rejected (it is in rejected/ now), or admitted and by whom."""
+    def _judge(
+        self, taken: TakenFile, owners: dict[int, Submitter]
+    ) -> Rejected | tuple[Admitted, Submitter]:
+        """Validate a staged file: rejected (it is in rejected/ now), or admitted and by whom;
+        ``owners``: the submitters of the uids looked up already, added to."""
         problem = self._precheck(taken)
         if problem is not None:
             return self._reject(taken, *problem)
@@ -405,7 +413,10 @@ class Intake:
         now = self._clock.now()
         # The owner of the bytes read; a file spoold staged itself (`spoold exec`) has its caller.
         owner = taken.owner
-        submitter = Submitter.caller() if owner is None else Submitter.of_uid(owner.uid)
+        if owner is None:
+            submitter = Submitter.caller()
+        elif (submitter := owners.get(owner.uid)) is None:
+            submitter = owners[owner.uid] = Submitter.of_uid(owner.uid)
         # Without a policy every submitter may do the same: who wrote the file changes nothing.
         if self._policy is not None and owner is not None:
             why = shared_writer_problem(owner, submitter)
