@@ -726,13 +726,40 @@ AGREEMENT_CORPUS: list[Any] = [
 def test_fast_check_agrees_with_jsonschema(document: Any) -> None:
     fastjsonschema = pytest.importorskip("fastjsonschema")
     schema = _schema(docker=FAKE_DOCKER)
-    fast = fastjsonschema.compile(schema, use_default=False)
+    fast = validation._compiled(schema)  # as the daemon compiles it
+    assert fast is not None
     try:
         fast(document)
         fast_verdict = True
     except fastjsonschema.JsonSchemaException:
         fast_verdict = False
     assert fast_verdict == jsonschema.Draft202012Validator(schema).is_valid(document)
+
+
+@pytest.mark.parametrize(
+    "value", ["on", "off", "Off", None, 1, True, ["on"]], ids=lambda value: repr(value)
+)
+def test_a_const_is_checked_alike_on_the_fast_path(value: Any) -> None:
+    """The fast check writes a ``const`` as a one-value ``enum`` (fastjsonschema cannot write
+    one without the details of its failures); a property named ``const`` stays a property."""
+    fastjsonschema = pytest.importorskip("fastjsonschema")
+    schema = {
+        "type": "object",
+        "properties": {
+            "switch": {"const": "on"},
+            "const": {"type": "string", "enum": ["on", "off"], "const": "off"},
+            "either": {"anyOf": [{"const": "on"}, {"items": {"const": "on"}}]},
+        },
+    }
+    fast = validation._compiled(schema)
+    assert fast is not None
+    for document in ({"switch": value}, {"const": value}, {"either": value}):
+        try:
+            fast(document)
+            verdict = True
+        except fastjsonschema.JsonSchemaException:
+            verdict = False
+        assert verdict == jsonschema.Draft202012Validator(schema).is_valid(document), document
 
 
 NARROWING_CASES = [

@@ -530,10 +530,34 @@ def _compiled(schema: Mapping[str, Any]) -> Callable[[Any], Any] | None:
     if fastjsonschema is None or not _fast_checkable(below_root):
         return None
     try:
-        compiled: Callable[[Any], Any] = fastjsonschema.compile(dict(schema), use_default=False)
+        # Without the details of each failure (which schema, which value): building them for
+        # the branches of anyOf and oneOf that do not match took 2/3 of a valid file's check.
+        compiled: Callable[[Any], Any] = fastjsonschema.compile(
+            _without_const(dict(schema)), use_default=False, detailed_exceptions=False
+        )
     except Exception:  # an accelerator that cannot compile leaves jsonschema to it
         return None
     return compiled
+
+
+def _without_const(schema: Any) -> Any:
+    """A checkable schema with each ``const`` as the one value of an ``enum``, which checks the
+    same: fastjsonschema (2.22.3) cannot write a ``const`` without the details of its failure."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS:
+            out[key] = {name: _without_const(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS:
+            out[key] = [_without_const(sub) for sub in value]
+        elif key in _SCHEMA_ONE:
+            out[key] = _without_const(value)
+        elif key != "const":
+            out[key] = value
+    if "const" in schema:  # beside an ``enum``: what both allow
+        out["enum"] = [v for v in schema.get("enum", [schema["const"]]) if v == schema["const"]]
+    return out
 
 
 def _passes(check: Callable[[Any], Any], document: dict[str, Any]) -> bool:
