@@ -8,6 +8,7 @@ then. One real-daemon test measures the lag between a firing and its run.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -128,6 +129,17 @@ def test_every_20s_makes_its_run_at_its_firing_not_a_period_later(bench: Bench) 
     run_status = bench.status(run)
     assert parse_rfc3339(run_status["submitted_at"]) == T + period, "made at its firing"
     assert run_status["schedule"] == "tick"
+
+
+def test_what_apscheduler_calls_is_the_schedulers_fire(bench: Bench) -> None:
+    """APScheduler is handed a callable with ``fire``'s signature (it checks a job's arguments
+    against it), and calling it as APScheduler does makes the firing's run."""
+    bench.drop("tick", {"every": "20s"})
+    job = bench.aps.get_job("tick")
+    assert inspect.signature(job.func) == inspect.signature(bench.scheduler.fire)
+    bench.clock.advance(20)
+    job.func(*job.args, **job.kwargs)
+    assert bench.queued == ["tick@20261122T100307Z"]
 
 
 def test_a_schedule_and_its_runs_keep_its_labels_and_description(bench: Bench) -> None:

@@ -35,6 +35,7 @@ there, before APScheduler starts (``start``), so that it takes them all in one g
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import random
 import threading
@@ -109,6 +110,22 @@ class _Known:
     settled: bool  # the read came late enough after the stamp: unread until the stamp changes
 
 
+class _Firing:
+    """What APScheduler calls at a schedule's firings: ``fire``, its signature taken once.
+    APScheduler checks the arguments of every job added with ``inspect.signature``, which for
+    a bound method took a third of an ``add_job``; an object's own ``__signature__`` is
+    taken as it is."""
+
+    __slots__ = ("__signature__", "_fire")
+
+    def __init__(self, fire: Callable[[str], None]) -> None:
+        self._fire = fire
+        self.__signature__ = inspect.signature(fire)
+
+    def __call__(self, job_id: str) -> None:
+        self._fire(job_id)
+
+
 class Scheduler:
     """Keeps APScheduler's jobs in line with scheduled/ and makes the runs of each firing."""
 
@@ -146,6 +163,7 @@ class Scheduler:
         self._draw = draw
         self._on_fired = on_fired
         self._aps = BackgroundScheduler(timezone=UTC)
+        self._firing = _Firing(self.fire)
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
         self._scheduled = str(spool.dir("scheduled"))
         self._settle = settle
@@ -253,7 +271,7 @@ class Scheduler:
             if entry.definition != definition:
                 spec, trigger = self._load(schedule, status)
                 self._aps.add_job(
-                    self.fire, trigger=trigger, args=[job_id], id=job_id, replace_existing=True,
+                    self._firing, trigger=trigger, args=[job_id], id=job_id, replace_existing=True,
                     misfire_grace_time=None, coalesce=True, max_instances=1,
                 )  # fmt: skip
                 entry.definition = definition
