@@ -227,7 +227,9 @@ def read_limited(fd: int, limit: int) -> bytes:
     remaining = limit
     while remaining > 0:
         try:
-            chunk = os.read(fd, min(remaining, 1 << 20))
+            # Below malloc's mmap threshold (128 KiB): a larger buffer is mapped, shrunk to the
+            # bytes read and unmapped again, three system calls for each read of a small file.
+            chunk = os.read(fd, min(remaining, 1 << 16))
         except BlockingIOError:
             break
         if not chunk:
