@@ -24,7 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.spool import Spool
-from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.incoming import Accepted, Intake, Rejected
 from spoold.intake.validation import JobValidator, job_validator
 from spoold.run.dispatch import JobMeta
 from spoold.run.registry import ExecutorRegistry
@@ -140,6 +140,24 @@ def test_what_apscheduler_calls_is_the_schedulers_fire(bench: Bench) -> None:
     bench.clock.advance(20)
     job.func(*job.args, **job.kwargs)
     assert bench.queued == ["tick@20261122T100307Z"]
+
+
+@pytest.mark.parametrize("where", ["pending", "done"])
+def test_a_schedule_never_replaces_a_job_of_its_id(bench: Bench, where: str) -> None:
+    """Intake looks for the schedule it replaces in scheduled/ alone; a job's id, wherever the
+    job is, refuses the schedule as its stage is placed."""
+    path = bench.spool.dir("incoming") / "taken.yaml"
+    path.write_text(yaml.safe_dump(local_job("taken", "true")))
+    assert isinstance(bench.intake.offer(path.name, complete=True), Accepted)
+    if where == "done":
+        (bench.spool.dir("pending") / "taken").rename(bench.spool.dir("done") / "taken")
+    path.write_text(yaml.safe_dump(local_job("taken", "true", schedule={"every": "20s"})))
+    refused = bench.intake.offer(path.name, complete=True)
+    assert isinstance(refused, Rejected)
+    assert refused.reason["code"] == "duplicate"
+    assert f"already exists in {where}/" in refused.reason["reason"]
+    assert bench.spool.jobs.find("taken").directory == where
+    assert bench.aps.get_job("taken") is None
 
 
 def test_a_schedule_and_its_runs_keep_its_labels_and_description(bench: Bench) -> None:

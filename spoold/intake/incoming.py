@@ -495,9 +495,10 @@ class Intake:
             line = format_line(rfc3339(now), "INFO", f"spoold: accepted {name} as {job_id}")
             return _Record(taken, admitted, submitter, status, {}, line, "accepted")
         # Its runs are the submitter's: the scheduler copies ``submitter`` into each one.
-        existing = self._spool.jobs.find(job_id)
+        # A schedule replaces only a schedule: a job's id is refused as the stage is placed.
+        existing = self._spool.jobs.find(job_id, among=("scheduled",))
         previous = None
-        if existing is not None and existing.directory == "scheduled":
+        if existing is not None:
             with contextlib.suppress(OSError, SpooldError, ValueError):
                 previous = self._spool.jobs.read_status(existing)
         record = schedule_status(document, job_id=job_id, source=name, now=now,

@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -188,10 +188,13 @@ class Jobs:
         self._disk = disk
         self._ids = reservations
 
-    def find(self, job_id: str) -> JobDir | None:
-        """Where the job is now, looked up in the order jobs move so that none is missed."""
+    def find(
+        self, job_id: str, among: Sequence[str] = (*JOB_DIRECTORIES, "scheduled")
+    ) -> JobDir | None:
+        """Where the job is now, looked up in the order jobs move so that none is missed;
+        ``among``: in those directories only."""
         check_job_id(job_id)
-        for directory in (*JOB_DIRECTORIES, "scheduled"):
+        for directory in among:
             path = f"{self._dirs[directory]}/{job_id}"
             if os.path.isdir(path):
                 return JobDir(job_id, directory, path)
