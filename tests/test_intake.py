@@ -276,8 +276,6 @@ def test_the_user_database_is_asked_once_per_owner_and_group(
     per owner; the next group asks again, and sees a user renamed since."""
     import pwd  # noqa: PLC0415
 
-    from spoold.core import policy  # noqa: PLC0415
-
     asked: list[int] = []
     names = iter(["alice", "bob"])
 
@@ -285,7 +283,7 @@ def test_the_user_database_is_asked_once_per_owner_and_group(
         asked.append(uid)
         return pwd.struct_passwd((next(names), "x", uid, uid, "", "/", "/bin/sh"))
 
-    monkeypatch.setattr(policy.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(pwd, "getpwuid", getpwuid)
     spool, intake, _ = _intake(tmp_path)
     first = [f"a{n}.yaml" for n in range(3)]
     for name in [*first, "b.yaml"]:

@@ -156,7 +156,7 @@ def test_a_schedule_never_replaces_a_job_of_its_id(bench: Bench, where: str) -> 
     assert isinstance(refused, Rejected)
     assert refused.reason["code"] == "duplicate"
     assert f"already exists in {where}/" in refused.reason["reason"]
-    assert bench.spool.jobs.find("taken").directory == where
+    assert bench.spool.jobs.get("taken").directory == where
     assert bench.aps.get_job("taken") is None
 
 

@@ -736,9 +736,7 @@ def test_fast_check_agrees_with_jsonschema(document: Any) -> None:
     assert fast_verdict == jsonschema.Draft202012Validator(schema).is_valid(document)
 
 
-@pytest.mark.parametrize(
-    "value", ["on", "off", "Off", None, 1, True, ["on"]], ids=lambda value: repr(value)
-)
+@pytest.mark.parametrize("value", ["on", "off", "Off", None, 1, True, ["on"]], ids=repr)
 def test_a_const_is_checked_alike_on_the_fast_path(value: Any) -> None:
     """The fast check writes a ``const`` as a one-value ``enum`` (fastjsonschema cannot write
     one without the details of its failures); a property named ``const`` stays a property."""

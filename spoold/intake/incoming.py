@@ -415,8 +415,9 @@ class Intake:
         owner = taken.owner
         if owner is None:
             submitter = Submitter.caller()
-        elif (submitter := owners.get(owner.uid)) is None:
-            submitter = owners[owner.uid] = Submitter.of_uid(owner.uid)
+        else:
+            submitter = owners.get(owner.uid) or Submitter.of_uid(owner.uid)
+            owners[owner.uid] = submitter
         # Without a policy every submitter may do the same: who wrote the file changes nothing.
         if self._policy is not None and owner is not None:
             why = shared_writer_problem(owner, submitter)

@@ -545,7 +545,7 @@ def _without_const(schema: Any) -> Any:
     same: fastjsonschema (2.22.3) cannot write a ``const`` without the details of its failure."""
     if not isinstance(schema, dict):
         return schema
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _SCHEMA_MAPS:
             out[key] = {name: _without_const(sub) for name, sub in value.items()}
