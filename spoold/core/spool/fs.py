@@ -222,21 +222,20 @@ def give_to_owner_of(path: str, directory: str) -> None:
 
 
 def read_limited(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes of a regular file just opened, to its end as it is now."""
+    """Up to ``limit`` bytes of a file just opened, to its end as it is now."""
     chunks: list[bytes] = []
     remaining = limit
     while remaining > 0:
         # Below malloc's mmap threshold (128 KiB): a larger buffer is mapped, shrunk to the
         # bytes read and unmapped again, three system calls for each read of a small file.
-        want = min(remaining, 1 << 16)
         try:
-            chunk = os.read(fd, want)
+            chunk = os.read(fd, min(remaining, 1 << 16))
         except BlockingIOError:
+            break
+        if not chunk:  # not a short read: FUSE and NFS may return those before the end
             break
         chunks.append(chunk)
         remaining -= len(chunk)
-        if len(chunk) < want:  # a regular file's end: no read of nothing to find it
-            break
     return b"".join(chunks)
 
 
