@@ -486,3 +486,19 @@ def test_a_spool_others_could_write_jobs_into_is_refused(tmp_path: Path) -> None
     assert refused.returncode != 0
     assert "refusing to run: others could write jobs" in refused.stderr
     assert f"chmod o-w {spool.root}/pending" in refused.stderr
+
+
+def test_a_job_file_is_taken_whole_when_reads_come_back_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE (sshfs) and NFS may answer a read with fewer bytes than asked before the file's
+    end (a signal, a server's short answer): intake reads on to the read that returns nothing."""
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    data = b"job_id: long\nexecutor: local\nproduct: {commands: 'true'}\n" + b"# pad\n" * 20_000
+    (spool.dir("incoming") / "long.yaml").write_bytes(data)
+    real_read = os.read
+    monkeypatch.setattr(fs_module.os, "read", lambda fd, size: real_read(fd, min(size, 7_001)))
+    taken = _take(spool, "long.yaml")
+    assert taken is not None
+    assert taken.data == data
