@@ -498,7 +498,7 @@ def test_a_job_file_is_taken_whole_when_reads_come_back_short(
     data = b"job_id: long\nexecutor: local\nproduct: {commands: 'true'}\n" + b"# pad\n" * 20_000
     (spool.dir("incoming") / "long.yaml").write_bytes(data)
     real_read = os.read
-    monkeypatch.setattr(fs_module.os, "read", lambda fd, size: real_read(fd, min(size, 7_001)))
+    monkeypatch.setattr(os, "read", lambda fd, size: real_read(fd, min(size, 7_001)))
     taken = _take(spool, "long.yaml")
     assert taken is not None
     assert taken.data == data
