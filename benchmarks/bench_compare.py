@@ -88,6 +88,7 @@ from benchmarks.bench_spool import (
     load_average,
     make_tool,
     memory_of,
+    one_per_address_space,
     percentile,
     pickup,
     say,
@@ -200,7 +201,8 @@ def memory_mb(daemon: Daemon) -> tuple[float, float]:
 
 def rss_now_mb(daemon: Daemon) -> float:
     """VmRSS summed over the daemon's ``family`` (cheaper than smaps_rollup: for sampling)."""
-    return sum(proc_status(pid, "VmRSS") for pid in family(daemon)) / 1024
+    pids = one_per_address_space(family(daemon))
+    return sum(proc_status(pid, "VmRSS") for pid in pids) / 1024
 
 
 class PeakMemory:

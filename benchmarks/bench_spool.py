@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import ctypes
 import fcntl
 import json
 import math
@@ -226,10 +227,34 @@ class Daemon:
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
-def memory_of(pids: Iterable[int]) -> tuple[float, float]:
-    """RSS and PSS in MiB summed over ``pids`` (PSS counts shared pages once)."""
-    rss = pss = 0
+#: kcmp(2)'s number where this runs (its numbers differ by architecture); KCMP_VM asks whether
+#: two processes share one address space.
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+_KCMP_VM = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def one_per_address_space(pids: Iterable[int]) -> list[int]:
+    """``pids`` less each that shares its address space with one before it.
+
+    A child started by vfork, as subprocess starts a program, runs in its parent's memory
+    until it execs: its RSS and PSS are its parent's, and summing both counts that memory
+    twice (a sample taken while a spool starts a job would show one more interpreter).
+    """
+    kept: list[int] = []
     for pid in pids:
+        if _KCMP is None or not any(
+            _LIBC.syscall(_KCMP, pid, other, _KCMP_VM, 0, 0) == 0 for other in kept
+        ):
+            kept.append(pid)
+    return kept
+
+
+def memory_of(pids: Iterable[int]) -> tuple[float, float]:
+    """RSS and PSS in MiB summed over ``pids``, each address space once (PSS counts shared
+    pages once)."""
+    rss = pss = 0
+    for pid in one_per_address_space(pids):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Rss:"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 from spoold.run.dispatch import DispatchQueue, JobMeta
 
 
@@ -77,3 +79,29 @@ def test_meta_from_a_document_or_a_status() -> None:
                                   "concurrency": {"key": "x", "strategy": "skip"}})  # fmt: skip
     assert meta == JobMeta("docker", 3, "x", 1, "skip")
     assert JobMeta.from_document({"concurrency": None}) == JobMeta()
+
+
+def test_a_queued_job_costs_little_memory() -> None:
+    """A flood leaves thousands of jobs waiting in the main process: each held a JobMeta and a
+    RunJob of its own, ~480 bytes a job; jobs alike share one JobMeta now."""
+    ids = [f"job-{n:05d}" for n in range(10_000)]
+    document = {"executor": "local", "priority": 0, "product": {"commands": "true"}}
+    queue = DispatchQueue()
+    tracemalloc.start()
+    try:
+        for job_id in ids:
+            queue.add(job_id, JobMeta.from_document(dict(document)))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / len(ids) < 200, f"{held / len(ids):.0f} bytes a queued job"
+    assert _drain(queue) == ids
+
+
+def test_jobs_alike_share_their_meta_and_others_do_not() -> None:
+    first = JobMeta.from_document({"executor": "local", "concurrency": {"key": "k", "limit": 2}})
+    again = JobMeta.from_document({"executor": "local", "concurrency": {"key": "k", "limit": 2}})
+    assert first is again
+    assert first == JobMeta(executor="local", key="k", limit=2)
+    other = JobMeta.from_document({"executor": "local", "concurrency": {"key": "k", "limit": 3}})
+    assert other.limit == 3 and other is not first

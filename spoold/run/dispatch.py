@@ -9,6 +9,7 @@ single-threaded: the caller holds its lock.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobMeta:
     """What dispatch needs to know of a job: its executor, priority and concurrency."""
 
@@ -28,18 +29,26 @@ class JobMeta:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> JobMeta:
-        """From a validated job document, or from a status.json that kept these fields."""
+        """From a validated job document, or from a status.json that kept these fields.
+
+        Jobs alike share one: a flood of 10,000 queued jobs held one each.
+        """
         concurrency = document.get("concurrency") or {}
-        return cls(
-            executor=str(document.get("executor") or ""),
-            priority=int(document.get("priority") or 0),
-            key=concurrency.get("key"),
-            limit=int(concurrency.get("limit", 1)),
-            strategy=str(concurrency.get("strategy", "queue")),
+        return _meta(
+            str(document.get("executor") or ""),
+            int(document.get("priority") or 0),
+            concurrency.get("key"),
+            int(concurrency.get("limit", 1)),
+            str(concurrency.get("strategy", "queue")),
         )
 
 
-@dataclass
+@functools.lru_cache(maxsize=256)
+def _meta(executor: str, priority: int, key: str | None, limit: int, strategy: str) -> JobMeta:
+    return JobMeta(executor, priority, key, limit, strategy)
+
+
+@dataclass(slots=True)
 class _Waiting:
     job_id: str
     meta: JobMeta

@@ -72,7 +72,7 @@ class Setup:
     executors: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunJob:
     """Run a pending job; ``document`` is the job file as intake parsed it, if it did.
 
@@ -346,7 +346,9 @@ class WorkerProcesses:
                 # A flood's thousands of documents held here were 3.5 MiB of the main
                 # process's peak, and left its heap fragmented for good: as much again at rest.
                 document = None
-            cancel = self._queue.add(job_id, meta, RunJob(job_id, document, adopt))
+            # A plain job waits as its id alone (its RunJob is made as it is handed out).
+            held = None if document is None and not adopt else RunJob(job_id, document, adopt)
+            cancel = self._queue.add(job_id, meta, held)
             self._known.add(job_id)
             self._known.difference_update(cancelled for cancelled, _ in cancel)
             handed = self._hand_out(self._free_link())
@@ -572,7 +574,7 @@ class WorkerProcesses:
             return None
         if (taken := self._queue.take()) is None:
             return None  # what waits, waits for a concurrency limit
-        job: RunJob = taken[1]
+        job: RunJob = taken[1] or RunJob(taken[0])
         link.in_flight[job.job_id] = job
         return link, job
 
