@@ -20,7 +20,16 @@ from spoold.core.procfs import descendants
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
-from spoold.run.launcher import IDLE_SUPERVISOR_FOR, Launcher, _receive, _remove_tree, _send
+from spoold.run.launcher import (
+    IDLE_SUPERVISOR_FOR,
+    Chore,
+    Launcher,
+    LauncherError,
+    _receive,
+    _remove_tree,
+    _send,
+)
+from spoold.run.process import RunAs
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.harness import (
@@ -104,6 +113,35 @@ def test_a_work_dir_is_removed_empty_or_full_and_a_gone_one_is_said(tmp_path: Pa
     (full / "out" / "r.txt").write_text("made\n")
     (full / "out").chmod(0o500)
     assert _remove_tree(str(full)) is True and not full.exists()
+
+
+def test_a_work_dir_left_before_it_was_given_to_its_user_is_finished_on_adoption(
+    tmp_path: Path,
+) -> None:
+    """Root makes a job user's work dir, then gives it to them: a daemon killed between the
+    two left it root's, and the next one failed the adopted job ("exists and is not this
+    job's work dir", seen in the kill -9 chaos test). It finishes the making instead; a
+    directory of another user, or a file, is still refused."""
+    if os.geteuid() != 0:
+        pytest.fail("this test runs as root (it makes a directory for another user)")
+    user = RunAs.lookup("spoold-job")
+    work = tmp_path / "work"
+    work.mkdir()
+    left = work / "j.1.abc"
+    left.mkdir(mode=0o755)  # made, not yet chmodded nor chowned: the daemon was killed here
+    launcher = Launcher(chores_here=True)
+    assert launcher.chore(Chore("mkdir", user, str(left), mode=0o700)) is True
+    info = left.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (user.uid, user.gid, 0o700)
+    assert launcher.chore(Chore("mkdir", user, str(left), mode=0o700)) is False, "adopted as it is"
+    other = work / "j.2.def"
+    other.mkdir()
+    os.chown(other, 1, 1)  # daemon: not root's, not the job user's
+    file = work / "j.3.ghi"
+    file.write_text("")
+    for path in (other, file):
+        with pytest.raises(LauncherError, match="exists and is not this job's work dir"):
+            launcher.chore(Chore("mkdir", user, str(path), mode=0o700))
 
 
 def test_a_message_and_its_descriptors_arrive_whole_when_a_send_falls_short() -> None:

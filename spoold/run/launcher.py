@@ -797,7 +797,7 @@ def _do_chore(chore: Chore, *, chown: bool) -> bool:
     """A work dir made or removed; ``chown``: by root for the user, not as the user."""
     if chore.kind == "mkdir":
         owner = chore.user.uid if chore.user is not None else os.geteuid()
-        made = _make_workdir(chore.path, chore.mode, owner)
+        made = _make_workdir(chore.path, chore.mode, owner, chown=chown)
         if made and chown and chore.user is not None:
             os.chown(chore.path, chore.user.uid, chore.user.gid, follow_symlinks=False)
         return made
@@ -806,17 +806,22 @@ def _do_chore(chore: Chore, *, chown: bool) -> bool:
     raise LauncherError(f"no chore {chore.kind!r}")
 
 
-def _make_workdir(path: str, mode: int, owner: int) -> bool:
-    """Make the work dir, or take the one an earlier attempt of this run made (an adoption)."""
+def _make_workdir(path: str, mode: int, owner: int, *, chown: bool) -> bool:
+    """Make the work dir, or take the one an earlier attempt of this run made (an adoption):
+    True if it is to be given to ``owner`` now (``chown``: this process does that)."""
     try:
         Path(path).mkdir(mode)
-        Path(path).chmod(mode)  # not the umask's
-        return True
     except FileExistsError:
         info = os.lstat(path)
         if stat.S_ISDIR(info.st_mode) and info.st_uid == owner:
             return False
-        raise LauncherError(f"{path} exists and is not this job's work dir") from None
+        # Still this process's own (root's): a daemon killed between making it and giving
+        # it to the job's user. A job user may make entries in the work root (mode 1733),
+        # but none that root owns.
+        if not (stat.S_ISDIR(info.st_mode) and chown and info.st_uid == os.geteuid()):
+            raise LauncherError(f"{path} exists and is not this job's work dir") from None
+    Path(path).chmod(mode)  # not the umask's
+    return True
 
 
 def _remove_tree(path: str) -> bool:
