@@ -194,6 +194,50 @@ def cpu_seconds(daemon: Daemon) -> float:
     return daemon.family_cpu.seconds(family(daemon))
 
 
+#: spoold's processes by the names they give themselves (``ps -o comm``), and what they are.
+ROLES = {
+    "spoold": "main",
+    "spoold-worker": "workers",
+    "spoold-launcher": "supervisors",
+    "spoold-job-sup": "supervisors",
+}
+
+
+ROLE_NAMES = {
+    "main": "main",
+    "workers": "worker processes",
+    "supervisors": "launcher and job supervisors",
+}
+
+
+def cpu_by_role(daemon: Daemon) -> dict[str, float]:
+    """``cpu_seconds`` per role (``ROLES``; any other name is ``other``: a peer's processes)."""
+    found: dict[str, float] = {}
+    for name, seconds in daemon.family_cpu.by_name(family(daemon)).items():
+        role = ROLES.get(name, "other")
+        found[role] = found.get(role, 0.0) + seconds
+    return found
+
+
+class MachineCpu:
+    """How many of the machine's cores were busy (not idle, not waiting on I/O) between
+    its start and ``cores()``: a run near all of them is bound by CPU, not by waiting."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:]]
+        return sum(ticks[:8]), ticks[3] + ticks[4]  # guest time is within user already
+
+    def cores(self) -> float:
+        total, idle = self._read()
+        spent = total - self._start[0]
+        return (os.cpu_count() or 1) * (1 - (idle - self._start[1]) / spent) if spent else 0.0
+
+
 def memory_mb(daemon: Daemon) -> tuple[float, float]:
     """RSS and PSS summed over the daemon's ``family`` (PSS counts shared pages once)."""
     return memory_of(family(daemon))
@@ -530,22 +574,35 @@ def incron_tree(path: Path) -> Path:
     return path
 
 
-def drop_and_wait(
-    tool: Tool, ids: list[str], base: Path, commands: str, bound: float
-) -> dict[str, float]:
+@dataclass
+class Dropped:
+    """What ``drop_and_wait`` saw."""
+
+    seconds: float
+    cpu_s: float  # the daemon's, all its processes
+    cpu_s_by_role: dict[str, float]  # the same per ``ROLES``
+    busy_cores: float  # the whole machine's (``MachineCpu``)
+    failed: int
+
+
+def drop_and_wait(tool: Tool, ids: list[str], base: Path, commands: str, bound: float) -> Dropped:
     """Stage one job per id, rename them all into incoming/ at once, wait for all in done/ (or
     failed/): wall seconds and the daemon's CPU over it. The jobs stay in done/."""
     names = stage_jobs(base / "stage", ids, commands)
-    cpu = cpu_seconds(tool.daemon)
+    cpu = cpu_by_role(tool.daemon)
     with Finished(tool.spool, ids) as finished:
+        machine = MachineCpu()
         first = time.time()
         for name in names:
             os.rename(base / "stage" / name, tool.incoming / name)
         last = finished.wait(bound)
-    used = cpu_seconds(tool.daemon) - cpu
+        busy = machine.cores()
+    used = {
+        role: seconds - cpu.get(role, 0.0) for role, seconds in cpu_by_role(tool.daemon).items()
+    }
     if finished.failed:
         say(f"{tool.name}: {len(finished.failed)} job(s) failed")
-    return {"seconds": last - first, "cpu_s": used, "failed": len(finished.failed)}
+    return Dropped(last - first, sum(used.values()), used, busy, len(finished.failed))
 
 
 def spool_throughput(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
@@ -553,9 +610,11 @@ def spool_throughput(tool: Tool, ids: list[str], base: Path) -> dict[str, float]
     run = drop_and_wait(tool, ids, base, "/bin/true", bound)
     archive_jobs(tool, ids, base / "archive")
     return {
-        "jobs_per_s": len(ids) / run["seconds"],
-        "cpu_ms_per_job": run["cpu_s"] * 1000 / len(ids),
-        "failed": run["failed"],
+        "jobs_per_s": len(ids) / run.seconds,
+        "cpu_ms_per_job": run.cpu_s * 1000 / len(ids),
+        **{f"cpu_ms_{role}": s * 1000 / len(ids) for role, s in run.cpu_s_by_role.items()},
+        "busy_cores": run.busy_cores,
+        "failed": run.failed,
     }
 
 
@@ -658,10 +717,10 @@ def log_job(tool: Tool, job_id: str, base: Path, commands: str) -> dict[str, flo
     kept = (job_dir / "log").stat().st_size if (job_dir / "log").exists() else 0
     shutil.rmtree(job_dir)  # hundreds of MB: not kept for the archive
     return {
-        "wall_s": run["seconds"],
-        "cpu_s": run["cpu_s"],
+        "wall_s": run.seconds,
+        "cpu_s": run.cpu_s,
         "log_bytes": kept,
-        "failed": run["failed"],
+        "failed": run.failed,
     }
 
 
@@ -1150,10 +1209,16 @@ def table(results: Results) -> str:
         )
         key = "cpu_ms_per_job"
         mine = r.median("throughput", "spoold", key)
+        roles = ", ".join(
+            f"{what} {fmt(r.median('throughput', 'spoold', f'cpu_ms_{role}'), 2)}"
+            for role, what in ROLE_NAMES.items()
+        )
         add(
             "daemon CPU per job (all its processes, jobs excluded; ms)",
-            fmt(mine, 2),
-            fmt(r.median("throughput", "floor", key), 2),
+            f"{fmt(mine, 2)} ({roles}; {fmt(r.median('throughput', 'spoold', 'busy_cores'), 2)} "
+            f"of the machine's {os.cpu_count()} cores busy)",
+            f"{fmt(r.median('throughput', 'floor', key), 2)} "
+            f"({fmt(r.median('throughput', 'floor', 'busy_cores'), 2)} cores busy)",
             peers_of("throughput", key, ("tsp", "incron", "loop"), 2).replace("tsp", "tsp server"),
             times(r.ratio("throughput", "spoold", "floor", key), "floor"),
             "<= 1.5 ms",

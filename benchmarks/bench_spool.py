@@ -116,14 +116,24 @@ class CpuTally:
     its CPU would otherwise leave the sum, which then fell: -1.1 % idle CPU was seen)."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[int, str], int] = {}  # (pid, start time): clock ticks
+        # (pid, start time): (its name as ps shows it, clock ticks)
+        self._seen: dict[tuple[int, str], tuple[str, int]] = {}
 
     def seconds(self, pids: Iterable[int]) -> float:
+        return sum(self.by_name(pids).values())
+
+    def by_name(self, pids: Iterable[int]) -> dict[str, float]:
+        """The same, summed per process name (``comm``): spoold names its processes by role."""
         for pid in pids:
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                self._seen[pid, fields[19]] = int(fields[11]) + int(fields[12])
-        return sum(self._seen.values()) / CLOCK_TICKS
+            with contextlib.suppress(OSError, ValueError):
+                text = Path(f"/proc/{pid}/stat").read_text()
+                name = text[text.index("(") + 1 : text.rindex(")")]
+                fields = text.rsplit(")", 1)[1].split()
+                self._seen[pid, fields[19]] = (name, int(fields[11]) + int(fields[12]))
+        found: dict[str, float] = {}
+        for name, ticks in self._seen.values():
+            found[name] = found.get(name, 0.0) + ticks / CLOCK_TICKS
+        return found
 
 
 class Daemon:

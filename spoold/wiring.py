@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from spoold.core.clock import Clock, SystemClock
 from spoold.core.config import Config
 from spoold.core.own_log import configure_logging
+from spoold.core.procfs import name_process
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import Spool
 from spoold.out.outbox import Callbacks, callbacks_for
@@ -114,6 +115,7 @@ WORKER_ENTRY = "spoold.wiring:serve_worker_process"
 
 def serve_worker_process(fd: int) -> None:
     """The composition root of a worker process: ``fd`` is its end of the daemon's socket pair."""
+    name_process("spoold-worker")  # in ps -o comm and top, before its threads take the name on
     received = receive_setup(fd)
     if received is None:
         return

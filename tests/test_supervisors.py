@@ -258,6 +258,10 @@ def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path
         daemon.start()
         assert len(daemon_children(daemon, WORKER_PROCESS)) == 2
         launcher = _the_launcher(daemon)
+        # ps -o comm and top tell the roles apart (and the benchmarks count CPU by them)
+        workers = daemon_children(daemon, WORKER_PROCESS)
+        wait_for(lambda: {_comm(pid) for pid in workers} == {"spoold-worker"},
+                 what="the worker processes to name themselves")  # fmt: skip
         supervisors = _run_together(spool_dir, tmp_path, "a")
         assert len(supervisors) >= 2, "the jobs ran side by side"
         alive = [pid for pid in supervisors if running(pid)]  # idle, for a next job
