@@ -1,0 +1,41 @@
+"""The benchmarks' CPU counts: per process name, and kept for a process that ended."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from benchmarks.bench_compare import MachineCpu
+from benchmarks.bench_spool import CpuTally
+
+_BURNER = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, b"bench-burner", 0, 0, 0)  # PR_SET_NAME, as spoold names its own
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_cpu_is_summed_per_process_name_and_kept_once_a_process_has_ended() -> None:
+    """spoold's roles are told apart by the names its processes give themselves; a job
+    supervisor that left must not take its CPU out of the sum."""
+    machine = MachineCpu()
+    tally = CpuTally()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "burnt\n"
+        seen = tally.by_name([child.pid, os.getpid()])
+        assert seen["bench-burner"] >= 0.25, seen
+        assert len(seen) == 2, "this process is counted under its own name"
+    finally:
+        child.communicate("", timeout=30)
+    after = tally.by_name([child.pid, os.getpid()])  # the child is gone
+    assert after["bench-burner"] >= seen["bench-burner"]
+    assert tally.seconds([]) == sum(after.values())
+    assert 0.0 < machine.cores() <= (os.cpu_count() or 1), "the burner kept a core busy"
