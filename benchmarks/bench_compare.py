@@ -91,6 +91,7 @@ from benchmarks.bench_spool import (
     one_per_address_space,
     percentile,
     pickup,
+    runs,
     say,
     service_environment,
     spread_subdirectories,
@@ -168,9 +169,8 @@ def family(daemon: Daemon) -> list[int]:
     each in a session of its own, which write the job's log) are all its Python; a job runs
     other programs (sh, true, yes) and is left out, with whatever it starts.
     """
-    try:
-        exe = os.readlink(f"/proc/{daemon.pid}/exe")
-    except OSError:
+    exe = executable(daemon)
+    if exe is None:
         return []
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
@@ -181,11 +181,18 @@ def family(daemon: Daemon) -> list[int]:
     found, todo = [daemon.pid], [daemon.pid]
     while todo:  # each process is reached once: the tree is finite
         for child in children.get(todo.pop(), []):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{child}/exe") == exe:
-                    found.append(child)
-                    todo.append(child)
+            if runs(child, exe):
+                found.append(child)
+                todo.append(child)
     return found
+
+
+def executable(daemon: Daemon) -> str | None:
+    """The program the daemon runs (its Python); None once it has ended."""
+    try:
+        return os.readlink(f"/proc/{daemon.pid}/exe")
+    except OSError:
+        return None
 
 
 def cpu_seconds(daemon: Daemon) -> float:
@@ -239,14 +246,21 @@ class MachineCpu:
 
 
 def memory_mb(daemon: Daemon) -> tuple[float, float]:
-    """RSS and PSS summed over the daemon's ``family`` (PSS counts shared pages once)."""
-    return memory_of(family(daemon))
+    """RSS and PSS summed over the daemon's ``family`` (PSS counts shared pages once); a
+    child that has become a job since it was listed is not counted (``runs``)."""
+    return memory_of(family(daemon), executable(daemon))
 
 
 def rss_now_mb(daemon: Daemon) -> float:
-    """VmRSS summed over the daemon's ``family`` (cheaper than smaps_rollup: for sampling)."""
-    pids = one_per_address_space(family(daemon))
-    return sum(proc_status(pid, "VmRSS") for pid in pids) / 1024
+    """VmRSS summed over the daemon's ``family`` (cheaper than smaps_rollup: for sampling),
+    as ``memory_mb`` counts them."""
+    exe = executable(daemon)
+    total = 0
+    for pid in one_per_address_space(family(daemon)):
+        rss = proc_status(pid, "VmRSS")
+        if exe is not None and runs(pid, exe):
+            total += rss
+    return total / 1024
 
 
 class PeakMemory:

@@ -260,18 +260,31 @@ def one_per_address_space(pids: Iterable[int]) -> list[int]:
     return kept
 
 
-def memory_of(pids: Iterable[int]) -> tuple[float, float]:
+def memory_of(pids: Iterable[int], exe: str | None = None) -> tuple[float, float]:
     """RSS and PSS in MiB summed over ``pids``, each address space once (PSS counts shared
-    pages once)."""
+    pages once); with ``exe``, only those still running that program once read."""
     rss = pss = 0
     for pid in one_per_address_space(pids):
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            if exe is not None and not runs(pid, exe):
+                continue
+            for line in lines:
                 if line.startswith("Rss:"):
                     rss += int(line.split()[1])
                 elif line.startswith("Pss:"):
                     pss += int(line.split()[1])
     return rss / 1024, pss / 1024
+
+
+def runs(pid: int, exe: str) -> bool:
+    """Whether ``pid`` runs ``exe`` now. Asked *after* reading a process's memory: a daemon's
+    child listed as its own program may have exec'd a job since (a daemon starts each job
+    by vfork and exec), and the memory read was then the job's. An exec is one way."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe") == exe
+    except OSError:
+        return False
 
 
 @dataclass
