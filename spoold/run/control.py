@@ -19,6 +19,7 @@ import os
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spoold.core.clock import Clock, rfc3339
@@ -116,8 +117,20 @@ class JobControl:
             )
         status.state = JobState.PENDING
         status.finished_at = status.exit_code = status.error = status.next_attempt_at = None
-        pending = self._ledger.move(job, JobState.PENDING, status, event="retrying")
-        with self._spool.jobs.open_log(pending) as handle:
+        # Opened before the move, written after it: the handle follows the directory, which a
+        # worker may claim from pending/ the moment it is there.
+        moved_on = JobNotFound(f"job {job_id} moved meanwhile (retried, or purged); try again")
+        try:
+            handle = self._spool.jobs.open_log(job)
+        except FileNotFoundError:
+            raise moved_on from None
+        with handle:
+            try:
+                pending = self._ledger.move(job, JobState.PENDING, status, event="retrying")
+            except FileNotFoundError:
+                if Path(job.location).is_dir():
+                    raise  # not the move's own job: something else is missing
+                raise moved_on from None
             JobLog(handle, self._clock).info(
                 f"retry requested by {self._who}: attempt {len(status.attempts) + 1} follows"
             )

@@ -482,10 +482,16 @@ class Jobs:
         """failed/<id> -> pending/<id> (``spoold retry``), with its new status.
 
         Moved first, then the status rewritten: a crash in between leaves a pending job whose
-        status still says how it ended, which runs as the next attempt all the same.
+        status still says how it ended, which runs as the next attempt all the same. So does a
+        worker that claims it in between (the daemon's rescan, a wake): its directory has moved
+        on, and the status is then the worker's to write.
         """
         pending = self._move(job, "pending")
-        self.write_status(pending, status, durable=True)
+        try:
+            self.write_status(pending, status, durable=True)
+        except FileNotFoundError:
+            if os.path.isdir(pending.location):
+                raise  # not the claim: something else is missing
         return pending
 
     def request_cancel(self, job: JobDir, request: dict[str, Any]) -> None:
