@@ -97,16 +97,38 @@ class GroupCommit:
 
 
 def write_file(path: str | Path, data: bytes, *, durable: bool) -> None:
-    """Replace ``path`` atomically: written whole under a temporary name, then renamed over it."""
+    """Replace ``path`` atomically: written whole under a temporary name, then renamed over it.
+
+    A failed replace leaves no temporary file, even when the directory was moved on meanwhile
+    (a job's, claimed as its status is written): the file is found by its descriptor, which
+    is closed only after the rename for that reason (no extra call on the way that works).
+    """
     directory, name = os.path.split(path)
     temp = f"{directory}/{TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
-        write_new(temp, data, durable=durable)
+        _write_all(fd, data)
+        if durable:
+            os.fsync(fd)
         os.replace(temp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):  # no half-written temp files left
-            os.unlink(temp)
+        _remove_temporary(fd, temp)
         raise
+    finally:
+        os.close(fd)
+
+
+def _remove_temporary(fd: int, temp: str) -> None:
+    """Remove the file open as ``fd``, created as ``temp``: there, or where its directory went."""
+    try:
+        os.unlink(temp)
+        return
+    except FileNotFoundError:
+        pass
+    with contextlib.suppress(OSError):  # no /proc, or it is gone already
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.basename(where) == os.path.basename(temp):  # not "... (deleted)"
+            os.unlink(where)
 
 
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
@@ -192,13 +214,17 @@ def write_new(path: str | Path, data: bytes, *, durable: bool = False, mode: int
     """Create ``path`` (it must not exist) holding ``data``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def link_into_place(temporary: str, path: str) -> bool:
