@@ -721,10 +721,10 @@ def flood(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
 
 
 def awake(tool: Tool, prefix: str, base: Path) -> None:
-    """The same daemon before each flood, whatever ran before it: a few jobs wake spoold's
-    worker processes and launcher (they leave after ``worker_idle_exit`` of nothing to do),
-    and its job supervisors, which leave after a few seconds idle, are waited out. A flood
-    measured from rest would count five interpreters starting as its growth."""
+    """The same daemon before a flood or the idle row, whatever ran before it: a few jobs
+    wake spoold's worker processes and launcher (they leave after ``worker_idle_exit`` of
+    nothing to do), and its job supervisors, which leave after a few seconds idle, are waited
+    out. A flood measured from rest would count five interpreters starting as its growth."""
     ids = [f"{prefix}-{n}" for n in range(4)]
     drop_and_wait(tool, ids, base, "/bin/true", 60.0)
     archive_jobs(tool, ids, base / "archive")
@@ -1053,6 +1053,15 @@ class Bench:
         return self.results
 
     def row_idle(self, round_: int) -> None:
+        """Every daemon alone for ``idle`` seconds, the spools from the same state each round
+        whatever row ran before: a few jobs just run (spoold's worker processes and launcher
+        are up then; they leave after ``worker_idle_exit``, which the rest row waits for)."""
+        for name, tool in self.spools.items():
+            try:
+                awake(tool, f"idle{round_}-{name}", self.base)
+            except Exception as exc:
+                self.results.errors.append(f"round {round_ + 1}, idle, {name}: {exc!r}")
+                say(self.results.errors[-1])
         os.sync()
         daemons = self.daemons()
         before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
