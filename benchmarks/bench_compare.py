@@ -108,6 +108,7 @@ SAMPLE_EVERY = 0.1  # seconds between two RSS samples in the flood
 PSS_EVERY = 5  # a PSS sample every this many: smaps_rollup walks every page table
 LINE_99 = "x" * 99  # with yes's newline: 100-byte lines
 FIRST_FIRING = 60.0  # seconds from a schedule's acceptance to its first firing ({every: 60s})
+SETTLED = 6.0  # seconds after which spoold's scheduler takes a directory's stamp as final (5)
 T = TypeVar("T")
 
 
@@ -121,6 +122,10 @@ class Sizes:
     drops: int  # pickup: drops per tool and round
     spacing: float  # pickup: seconds between two drops
     idle: float  # seconds each daemon is left alone
+    #: seconds the schedules' daemon is left alone after registering them: with the full
+    #: sizes one ``rescan_interval`` (30 s in ``make_tool``'s config), so that its round over
+    #: every schedule falls in the window once, not in one round's window out of three
+    schedule_idle: float
     rounds: int
     warmup: int  # jobs each spool runs before the first round, not counted
 
@@ -134,6 +139,7 @@ FULL = Sizes(
     drops=200,
     spacing=0.020,
     idle=10.0,
+    schedule_idle=30.0,
     rounds=3,
     warmup=50,
 )
@@ -146,6 +152,7 @@ QUICK = Sizes(
     drops=50,
     spacing=0.020,
     idle=3.0,
+    schedule_idle=3.0,
     rounds=1,
     warmup=20,
 )
@@ -871,7 +878,13 @@ def schedules(base: Path, count: int, sizes: Sizes, workers: int, label: str) ->
         used = cpu_seconds(tool.daemon) - cpu
         result: dict[str, Any] = {"wall_s": last - first, "cpu_s": used, "known_by": how}
         # Idle with them: only before the first firing is due (one period after acceptance).
-        window = min(sizes.idle, first + FIRST_FIRING - 3.0 - time.time())
+        # First the round that reads again those registered in the last seconds (a stamp
+        # that young may hide a change, spoold.schedule.scheduler), asked for (SIGUSR1) once
+        # they are old enough; the window opens a second later, in the steady state after it.
+        time.sleep(max(0.0, last + SETTLED - time.time()))
+        os.kill(tool.daemon.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        window = min(sizes.schedule_idle, first + FIRST_FIRING - 3.0 - time.time())
         if window >= 1.0:
             before, started = cpu_seconds(tool.daemon), time.monotonic()
             time.sleep(window)

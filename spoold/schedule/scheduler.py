@@ -75,6 +75,8 @@ _RUNS_KEPT = 20  # in a schedule's status.json
 #: more than the filesystem's timestamp granularity (1 s over SFTP) plus the clock skew between
 #: this host and the one whose clock stamps the spool's files (keep hosts on NTP).
 SETTLE = 5.0
+#: A round in this many lists scheduled/ whether or not its own stamp changed (``sync``).
+LIST_EVERY = 10
 
 
 class _Made(NamedTuple):
@@ -165,6 +167,10 @@ class Scheduler:
         self._aps = BackgroundScheduler(timezone=UTC)
         self._firing = _Firing(self.fire)
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
+        # scheduled/'s own stamp at the last round that listed it, since when, and whether it
+        # stood for the directory then (``_settled``); rounds since the last listing.
+        self._tree: _Known | None = None
+        self._unlisted = 0
         self._scheduled = str(spool.dir("scheduled"))
         self._settle = settle
         self._wall = wall_time
@@ -187,9 +193,26 @@ class Scheduler:
         drop what it no longer holds (``spoold unschedule`` on any host), act on what users
         asked of a schedule (pause, resume, run now). One listing and one stat per schedule;
         only the schedules whose stamp changed since their last read (or may yet hide a change)
-        are read. The first round reads them all, and fires what was missed while down."""
+        are read. The first round reads them all, and fires what was missed while down.
+
+        When scheduled/'s own stamp is as it was, and settled, and so is every schedule's, the
+        round stops there: a schedule placed or removed renames a directory in scheduled/, and a
+        request changes its stamp too (``Jobs.request_pause`` and the others), so nothing was
+        asked since. One stat, not one a schedule (10,000 schedules cost 0.23 % of a core at
+        rest, a listing and 10,000 stats every ``rescan_interval``). Every ``LIST_EVERY``-th
+        round lists all the same: a request written by a spoold that did not change that stamp
+        (an older one, on another host sharing the spool) waits that long at most."""
         with self._lock:
             wall, now = self._wall(), self._monotonic()  # before the stats: see _settled
+            tree = self._spool.jobs.directory_stamp("scheduled")
+            if tree is not None and self._unchanged(tree):
+                return
+            self._unlisted = 0
+            since = self._tree.since if self._tree is not None and self._tree.stamp == tree else now
+            self._tree = None if tree is None else _Known(
+                definition=None, stamp=tree, since=since,
+                settled=_settled(tree, since, wall=wall, now=now, settle=self._settle),
+            )  # fmt: skip
             stamps = self._spool.jobs.entry_stamps("scheduled")
             for job_id in [job_id for job_id in self._known if job_id not in stamps]:
                 if self._known[job_id].definition is not None:
@@ -205,6 +228,17 @@ class Scheduler:
             with self._one_wakeup(len(changed)):  # schedules placed by another host, say
                 for job_id, stamp in changed:
                     self._look(job_id, stamp, wall=wall, now=now)
+
+    def _unchanged(self, tree: DirStamp) -> bool:
+        """Under the lock: whether this round may skip the listing (``sync``)."""
+        self._unlisted += 1
+        return (
+            self._unlisted < LIST_EVERY
+            and self._tree is not None
+            and self._tree.settled
+            and self._tree.stamp == tree
+            and all(known.settled for known in self._known.values())
+        )
 
     def accept(self, placed: Sequence[tuple[JobDir, Mapping[str, Any] | None]]) -> None:
         """Register the schedules intake just placed in scheduled/ together (new, or their

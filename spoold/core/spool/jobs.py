@@ -272,6 +272,16 @@ class Jobs:
             os.close(fd)
         return found
 
+    def directory_stamp(self, directory: str) -> DirStamp | None:
+        """The stamp of ``directory`` itself (``entry_stamps``): a job directory renamed in or
+        out of it changes it, and so does a schedule's request (``_requested``); None if it is
+        gone."""
+        try:
+            info = os.stat(self._dirs[_job_directory(directory)])
+        except FileNotFoundError:
+            return None
+        return _stamp(info)
+
     @staticmethod
     def stamp_of(job: JobDir) -> DirStamp | None:
         """One job directory's stamp (``entry_stamps``); None if it is gone."""
@@ -521,6 +531,7 @@ class Jobs:
         record of the pause already there, if it was (then nothing changes).
         FileNotFoundError if the schedule is gone."""
         if _create_whole(schedule, _PAUSED, record, durable=self._disk.durable):
+            self._requested()
             return None
         return read_json(f"{schedule.location}/{_PAUSED}") or {}
 
@@ -537,6 +548,8 @@ class Jobs:
             os.unlink(f"{schedule.location}/{_PAUSED}")
         except FileNotFoundError:
             return None  # another resume was first
+        finally:
+            self._requested()
         if durable:
             fsync_path(schedule.location)
         return paused
@@ -548,7 +561,17 @@ class Jobs:
         job_id, _, moment = run_id.partition("@")
         if job_id != schedule.job_id or not moment:
             raise SpoolError(f"{run_id!r} is not a run of schedule {schedule.job_id!r}")
-        return _create_whole(schedule, _RUN_NOW + moment, record, durable=self._disk.durable)
+        made = _create_whole(schedule, _RUN_NOW + moment, record, durable=self._disk.durable)
+        if made:
+            self._requested()
+        return made
+
+    def _requested(self) -> None:
+        """A request was made in a schedule's directory: scheduled/'s own stamp changes too,
+        so that a scheduler with nothing else to do looks at scheduled/ alone (one stat a
+        round, not one a schedule), on any host sharing the spool."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._dirs["scheduled"])
 
     @staticmethod
     def schedule_requests(schedule: JobDir) -> ScheduleRequests:
