@@ -1052,9 +1052,13 @@ class Bench:
         try:
             self.results.put(row, tool, round_, measure())
         except Exception as exc:
-            message = f"round {round_ + 1}, {row}, {tool}: {exc!r}"
-            say(message)
-            self.results.errors.append(message)
+            self._failed(row, tool, round_, exc)
+
+    def _failed(self, row: str, tool: str, round_: int, exc: Exception) -> None:
+        """A cell (or what comes before it) failed: said, recorded, and the run goes on."""
+        message = f"round {round_ + 1}, {row}, {tool}: {exc!r}"
+        say(message)
+        self.results.errors.append(message)
 
     def run(self) -> Results:
         self.results.load_average["start"] = load_average()
@@ -1073,8 +1077,7 @@ class Bench:
             try:
                 awake(tool, f"idle{round_}-{name}", self.base)
             except Exception as exc:
-                self.results.errors.append(f"round {round_ + 1}, idle, {name}: {exc!r}")
-                say(self.results.errors[-1])
+                self._failed("idle", name, round_, exc)
         os.sync()
         daemons = self.daemons()
         before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
@@ -1134,8 +1137,7 @@ class Bench:
                 try:
                     latencies[tool.name] += pickup(tool, ids, self.sizes.spacing, self.base)
                 except Exception as exc:
-                    self.results.errors.append(f"round {round_ + 1}, pickup, {tool.name}: {exc!r}")
-                    say(self.results.errors[-1])
+                    self._failed("pickup", tool.name, round_, exc)
         for name, values in latencies.items():
             self.results.put(
                 "pickup",
@@ -1248,9 +1250,14 @@ def both(first: Check, second: Check) -> Check:
     return check
 
 
-def _ratio_at_most(row: str, other: str, key: str, limit: float, x: Results) -> bool | None:
-    value = x.ratio(row, "spoold", other, key)
-    return None if math.isnan(value) else value <= limit
+def ratio_at_most(row: str, other: str, key: str, limit: float) -> Check:
+    """spoold's ratio of ``key`` to ``other``'s in ``row`` (within a round) is at most ``limit``."""
+
+    def check(x: Results) -> bool | None:
+        value = x.ratio(row, "spoold", other, key)
+        return None if math.isnan(value) else value <= limit
+
+    return check
 
 
 def times(value: float, what: str) -> str:
@@ -1442,7 +1449,7 @@ def table(results: Results) -> str:
             f"{PEER_NAMES['file']} {fmt(r.median(row, 'file', 'wall_s'), 2)} s",
             f"{times(to_disk, '`> file`')}, {times(r.ratio(row, 'spoold', 'floor', 'wall_s'), 'floor')}",
             f"<= {limit:.0f}x `> file`",
-            partial(_ratio_at_most, row, "file", "wall_s", limit),
+            ratio_at_most(row, "file", "wall_s", limit),
         )
     for row, count in (("schedules", s.schedules), ("schedules-large", s.schedules_large)):
         if row not in r.rows:
