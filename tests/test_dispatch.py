@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 
 from spoold.run.dispatch import DispatchQueue, JobMeta
@@ -105,3 +106,200 @@ def test_jobs_alike_share_their_meta_and_others_do_not() -> None:
     assert first == JobMeta(executor="local", key="k", limit=2)
     other = JobMeta.from_document({"executor": "local", "concurrency": {"key": "k", "limit": 3}})
     assert other.limit == 3 and other is not first
+
+
+class _Counted(str):
+    """A concurrency key that counts how often it is compared (a walk over waiting jobs)."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _Counted.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def _counting_allowed(queue: DispatchQueue) -> list[JobMeta]:
+    """The metas ``queue`` judges against its limits, one entry per look."""
+    looked: list[JobMeta] = []
+    judge = queue._allowed
+
+    def counted(meta: JobMeta) -> bool:
+        looked.append(meta)
+        return judge(meta)
+
+    queue._allowed = counted  # type: ignore[method-assign]
+    return looked
+
+
+def test_jobs_behind_a_full_executor_limit_are_not_walked_at_each_take() -> None:
+    """Reproduces a flood behind `limits.executors`: each take walked all 10,000 waiting jobs
+    to find none allowed (5.4 s of the main process for the flood, quadratic)."""
+    queue = DispatchQueue({"proxmox": 1})
+    proxmox = JobMeta(executor="proxmox")
+    queue.add("running", proxmox)
+    assert queue.take() == ("running", None)
+    for n in range(10_000):
+        queue.add(f"p{n:05d}", proxmox)
+    looked = _counting_allowed(queue)
+    for _ in range(100):
+        assert queue.take() is None
+    assert len(looked) == 0, f"{len(looked)} looks at waiting jobs for 100 takes"
+    queue.add("local", JobMeta(executor="local"))
+    assert queue.take() == ("local", None), "another executor passes"
+    queue.finished("running")
+    assert queue.take() == ("p00000", None), "the oldest proxmox job is next once one is free"
+
+
+def test_jobs_behind_a_busy_key_are_passed_as_one() -> None:
+    queue = DispatchQueue()
+    deploy = JobMeta(key="deploy", limit=1)
+    queue.add("running", deploy)
+    assert queue.take() == ("running", None)
+    for n in range(10_000):
+        queue.add(f"d{n:05d}", deploy)
+    looked = _counting_allowed(queue)
+    for n in range(100):
+        queue.add(f"other{n}", JobMeta(key=f"customer-{n}"))
+        assert queue.take() == (f"other{n}", None)
+    assert len(looked) <= 2 * 100, f"{len(looked)} looks at waiting jobs for 100 takes"
+    queue.finished("running")
+    assert queue.take() == ("d00000", None)
+
+
+def test_skip_and_replace_count_a_key_without_walking_the_queue() -> None:
+    queue = DispatchQueue()
+    for n in range(10_000):
+        queue.add(f"vm{n:05d}", JobMeta(key=_Counted(f"vm-{n}")))
+    _Counted.compared = 0
+    skip = JobMeta(key=_Counted("backup"), limit=2, strategy="skip")
+    assert queue.add("b1", skip) == [] and queue.add("b2", skip) == []
+    [(skipped, why)] = queue.add("b3", skip)
+    assert skipped == "b3" and "2 job(s)" in why
+    replace = JobMeta(key=_Counted("vm-7"), strategy="replace")
+    assert queue.add("vm-7-new", replace) == [
+        ("vm00007", "replaced by job vm-7-new (concurrency key 'vm-7')")
+    ]
+    assert _Counted.compared < 100, f"{_Counted.compared} key comparisons for 4 adds"
+    assert len(queue) == 10_000 + 2
+
+
+class _Reference:
+    """The rule, spelled out as a walk over every waiting job (the queue before lanes)."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self.limits = limits
+        self.waiting: list[tuple[int, str, JobMeta]] = []  # (seq, id, meta)
+        self.active: dict[str, tuple[int, str, JobMeta]] = {}
+        self.seq = 0
+
+    def busy_executor(self, executor: str) -> int:
+        return sum(1 for _, _, meta in self.active.values() if meta.executor == executor)
+
+    def busy_key(self, key: str) -> int:
+        return sum(1 for _, _, meta in self.active.values() if meta.key == key)
+
+    def allowed(self, meta: JobMeta) -> bool:
+        limit = self.limits.get(meta.executor)
+        if limit is not None and self.busy_executor(meta.executor) >= limit:
+            return False
+        return meta.key is None or self.busy_key(meta.key) < meta.limit
+
+    def add(self, job_id: str, meta: JobMeta) -> list[str]:
+        if meta.key is not None and meta.strategy != "queue":
+            same = [entry for entry in self.waiting if entry[2].key == meta.key]
+            busy = self.busy_key(meta.key) + len(same)
+            if busy >= meta.limit and meta.strategy == "skip":
+                return [job_id]
+            if busy >= meta.limit and meta.strategy == "replace":
+                for entry in same:
+                    self.waiting.remove(entry)
+                self.seq += 1
+                self.waiting.append((self.seq, job_id, meta))
+                return [entry[1] for entry in sorted(same)]
+        self.seq += 1
+        self.waiting.append((self.seq, job_id, meta))
+        return []
+
+    def take(self) -> str | None:
+        for entry in sorted(self.waiting, key=lambda e: (-e[2].priority, e[0])):
+            if self.allowed(entry[2]):
+                self.waiting.remove(entry)
+                self.active[entry[1]] = entry
+                return entry[1]
+        return None
+
+    def finished(self, job_id: str) -> None:
+        self.active.pop(job_id, None)
+
+    def give_back(self, job_id: str) -> None:
+        if (entry := self.active.pop(job_id, None)) is not None:
+            self.waiting.append(entry)
+
+
+def test_the_order_and_the_limits_match_a_walk_over_every_job() -> None:
+    """Seeded random adds, takes, ends and give-backs: the lanes hand out what a walk over
+    every waiting job would, with priorities, executor limits, keys and all three strategies."""
+    rng = random.Random(2312)
+    for _ in range(30):
+        limits = {"proxmox": rng.randint(1, 2), "docker": rng.randint(1, 3)}
+        queue, reference = DispatchQueue(limits), _Reference(limits)
+        active: list[str] = []
+        for step in range(400):
+            action = rng.random()
+            if action < 0.5:
+                meta = JobMeta(
+                    executor=rng.choice(["local", "proxmox", "docker"]),
+                    priority=rng.choice([0, 0, 0, 5, -1]),
+                    key=rng.choice([None, None, "a", "b", "c"]),
+                    limit=rng.randint(1, 2),
+                    strategy=rng.choice(["queue", "queue", "skip", "replace"]),
+                )
+                job_id = f"j{step}"
+                got = [cancelled for cancelled, _ in queue.add(job_id, meta)]
+                assert got == reference.add(job_id, meta), f"add {job_id} {meta}"
+            elif action < 0.8:
+                taken = queue.take()
+                assert (taken and taken[0]) == reference.take(), f"take at step {step}"
+                if taken is not None:
+                    active.append(taken[0])
+            elif active:
+                job_id = active.pop(rng.randrange(len(active)))
+                if action < 0.93:
+                    queue.finished(job_id)
+                    reference.finished(job_id)
+                else:
+                    queue.give_back(job_id)
+                    reference.give_back(job_id)
+            assert len(queue) == len(reference.waiting)
+
+
+def test_a_job_given_back_finds_its_place_without_walking_the_line() -> None:
+    """A revoked prefetch (a job of higher priority came) gives jobs back one by one; each went
+    back to its place by a walk from the end of its line."""
+    queue = DispatchQueue()
+    meta = JobMeta()
+    for n in range(10_000):
+        queue.add(f"j{n:05d}", meta)
+    taken = [queue.take() for _ in range(3)]
+    looked = 0
+
+    class Seq(int):
+        def __gt__(self, other: object) -> bool:
+            nonlocal looked
+            looked += 1
+            return int.__gt__(self, other)  # type: ignore[operator]
+
+        def __lt__(self, other: object) -> bool:
+            nonlocal looked
+            looked += 1
+            return int.__lt__(self, other)  # type: ignore[operator]
+
+    for waiting in queue._ids.values():
+        waiting.seq = Seq(waiting.seq)
+    for job in reversed(taken):
+        assert job is not None
+        queue.give_back(job[0])
+    assert looked < 3 * 100, f"{looked} comparisons to give 3 jobs back"
+    assert _drain(queue)[:4] == ["j00000", "j00001", "j00002", "j00003"]
