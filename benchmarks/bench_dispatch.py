@@ -19,11 +19,14 @@ process's time, quadratic in the flood. Two parts:
    for all and with a concurrency key per job (each key is a lane of its own);
 2. the daemon (``--daemon N``, 0 to leave it out): N job files renamed into incoming/ at once
    while a running job fills ``limits.executors: {local: 1}``, so that all N wait; files/s
-   accepted (all in pending/) and the main process's CPU for them. The blocking job is
-   cancelled and the daemon stopped at the end; its spool is removed.
+   accepted (all in pending/) and the main process's CPU for them. Then the backlog waiting:
+   the daemon's CPU (all its processes) over ``--idle`` seconds (30: one ``rescan_interval``),
+   from a second after a round asked for (SIGUSR1) once the last acceptances are SETTLE old,
+   as bench_schedules.py measures 10,000 schedules at rest. The blocking job is cancelled and
+   the daemon stopped at the end; its spool is removed.
 
 Usage: .venv/bin/python benchmarks/bench_dispatch.py [--sizes 1000,10000,40000] [--rounds 3]
-       [--daemon 5000] [--dir DIR]
+       [--daemon 5000] [--idle 30] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,9 +47,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_compare import Flood
+from benchmarks.bench_compare import Flood, cpu_seconds
 from benchmarks.bench_spool import make_tool, say, spread_subdirectories, stage_jobs
 from spoold.run.dispatch import DispatchQueue, JobMeta
+from spoold.schedule.scheduler import SETTLE
 
 BOUND = 300.0  # seconds a daemon's flood may take at most
 OPS = 2000  # timed operations per measurement
@@ -157,7 +162,7 @@ def main_cpu(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def daemon_flood(count: int, where: str | None) -> None:
+def daemon_flood(count: int, where: str | None, idle: float) -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-dispatch-", dir=where))
     try:
         spread_subdirectories(base)
@@ -197,6 +202,17 @@ def daemon_flood(count: int, where: str | None) -> None:
                 f"in {accepted:.2f} s = {count / accepted:.0f} files/s; main process "
                 f"{user * 1000 / count:.2f} ms user + {system * 1000 / count:.2f} ms system a file"
             )
+            if idle:
+                time.sleep(SETTLE + 1.0)
+                tool.daemon.process.send_signal(signal.SIGUSR1)  # a round: the stamps settle
+                time.sleep(1.0)
+                before_idle = cpu_seconds(tool.daemon)
+                time.sleep(idle)
+                used = cpu_seconds(tool.daemon) - before_idle
+                print(
+                    f"the daemon waiting with them: {100 * used / idle:.3f} % of a core over "
+                    f"{idle:g} s ({used * 1000:.0f} ms of CPU, all its processes)"
+                )
         finally:
             cli = [sys.executable, "-m", "spoold", "--spool", str(tool.spool)]
             subprocess.run([*cli, "cancel", "blocker"], capture_output=True, check=False)
@@ -215,6 +231,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,10000,40000", help="jobs waiting")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--daemon", type=int, default=5000, help="files of the flood; 0: none")
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds; 0: not measured")
     parser.add_argument(
         "--dir", help="where the daemon's spool goes (default: $TMPDIR): on ext4 without a "
         "journal, files freed in the last minutes slow each create (see benchmarks/README.md)"
@@ -224,7 +241,7 @@ def main() -> int:
     say(f"dispatch: sizes {sizes}, {args.rounds} rounds")
     queue_alone(sizes, args.rounds)
     if args.daemon:
-        daemon_flood(args.daemon, args.dir)
+        daemon_flood(args.daemon, args.dir, args.idle)
     return 0
 
 

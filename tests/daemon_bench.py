@@ -76,6 +76,9 @@ class InlineWorkers:
     def holds(self, job_id: str) -> bool:
         return job_id in self.queued
 
+    def held(self) -> frozenset[str]:
+        return frozenset(self.queued)
+
     def in_flight(self) -> frozenset[str]:
         return frozenset()
 

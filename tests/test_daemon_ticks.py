@@ -101,6 +101,41 @@ def test_a_round_says_when_the_next_is_due_and_a_rescan_comes_at_once(bench: Ben
     assert ticked.tick() == start + 2.5
 
 
+def test_a_backlog_the_workers_hold_is_not_listed_at_every_round(bench: Bench) -> None:
+    """Jobs held back (a full limit) can wait for hours, thousands of them: the status line
+    counted pending/ every STATUS_EVERY and each scan stat'ed every pending job. Now pending/ is
+    counted again only when its stamp may have changed, and a scan looks closer only at what
+    the workers do not hold."""
+    ticked = bench.start()
+    for n in range(20):
+        ticked.drop(f"held-{n:02d}.yaml", local_job(f"held-{n:02d}", "true"))
+    spool = ticked.daemon.spool
+    listings, looked = [], []
+    count, status = spool.count, ticked.daemon._pending_status
+
+    def counted(directory: str) -> int:
+        listings.append(directory)
+        return count(directory)
+
+    def read(job: Any) -> dict[str, Any]:
+        looked.append(job.job_id)
+        return status(job)
+
+    setattr(spool, "count", counted)  # noqa: B010 - spies on the instance
+    setattr(ticked.daemon, "_pending_status", read)  # noqa: B010
+    start = bench.clock.monotonic()
+    while bench.clock.monotonic() < start + 30:  # 15 status lines, rescan_interval 1 s: 30 scans
+        ticked.advance_to(ticked.tick())
+    # The fake clock's wall time is before the directories' real stamps: only SETTLE seconds
+    # of unchanged stamp settle it, so the first lines count until then.
+    assert 1 <= len(listings) <= 4, f"pending/ listed {len(listings)} times in 30 s"
+    assert looked == [], "no pending job the workers hold was read"
+    ticked.workers.queued.remove("held-07")  # handed over, and lost on the way
+    ticked.daemon.rescan.set()
+    ticked.tick()
+    assert looked == ["held-07"] and "held-07" in ticked.workers.queued, "queued again"
+
+
 # -- retries (issue 3): moved from test_daemon_semantics, where they waited on the wall clock -----
 
 

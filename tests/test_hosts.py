@@ -450,6 +450,24 @@ def test_a_move_cut_between_its_link_and_its_unlink_is_finished_not_doubled(
     assert not [n for n in os.listdir(a.dir("tmp")) if n.startswith("in-")]
 
 
+def test_a_move_onto_another_name_of_the_same_file_is_finished_where_renameat2_refuses_it(
+    tmp_path: Path,
+) -> None:
+    """renameat2(RENAME_NOREPLACE) answers EEXIST for a target that is there (the kernel
+    looks before the filesystem, sshfs included): a target that is the very file is the move
+    half done by a link, and is finished; any other file there is never replaced."""
+    from spoold.core.spool import fs  # noqa: PLC0415
+
+    (tmp_path / "a").write_text("a")
+    os.link(tmp_path / "a", tmp_path / "b")
+    fs.rename_noreplace(tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and os.stat(tmp_path / "b").st_nlink == 1
+    (tmp_path / "c").write_text("a")  # alike, but another file: kept, and so is the target
+    with pytest.raises(FileExistsError):
+        fs.rename_noreplace(tmp_path / "c", tmp_path / "b")
+    assert (tmp_path / "c").exists() and (tmp_path / "b").exists()
+
+
 def test_a_delivery_dropped_by_a_host_that_took_its_writer_for_stale_is_written_again(
     tmp_path: Path,
 ) -> None:

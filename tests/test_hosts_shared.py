@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from spoold.core.spool import Spool
 from tests.harness import run_cli, wait_for, write_config
 from tests.netbed import Bed, Host, make_bed
 
@@ -240,6 +241,38 @@ def _drop_all(server: Path, runs: Path) -> None:
         for n in range(batch * JOBS // 10, (batch + 1) * JOBS // 10):
             _drop(server, f"j{n:04d}.yaml", _job(n, runs))
         time.sleep(1.0)
+
+
+def test_a_move_cut_between_its_link_and_its_unlink_is_finished_on_sshfs(bed: Bed) -> None:
+    """The thousand jobs above once ended with ``rejected/j0650-2.yaml``: a job file given back
+    to incoming/ by two hosts at once (the stale host's release, the recovery of its stage by
+    another), each moving it by a link and an unlink, sshfs having no RENAME_NOREPLACE. The
+    second link found the first's and took a free name beside it: both names were taken, the
+    second rejected as a duplicate. A target that is the very file finishes the move; on
+    sshfs, which numbers each name as a node of its own and says each has one link, that is
+    told by everything the two names show, bytes included."""
+    h1, h2 = bed.host(1), bed.host(2)
+    assert run_cli(bed.server_spool, "init").returncode == 0
+    mine, other = Spool(h1.spool, host="h1"), Spool(h2.spool, host="h2")
+    incoming = h1.spool / "incoming"
+    (incoming / "j.yaml").write_text("job_id: j\nexecutor: local\n")
+    taken = mine.stages.take_incoming("j.yaml", now=time.time(), max_size=1 << 20)
+    assert taken is not None
+    os.link(taken.original, incoming / "j.yaml")  # h1's release, cut after its link
+    assert not os.path.samestat(os.lstat(taken.original), os.lstat(incoming / "j.yaml"))
+    (line,) = other.stages.recover(frozenset({"h1"}))
+    assert "returned j.yaml to incoming/ as j.yaml" in line, line
+    assert os.listdir(bed.server_spool / "incoming") == ["j.yaml"]
+    assert os.stat(bed.server_spool / "incoming" / "j.yaml").st_nlink == 1
+    # Two files alike in all but their bytes are two files: the second gets a name of its own.
+    (incoming / "k.yaml").write_text("job_id: k\nexecutor: local\n")
+    taken = mine.stages.take_incoming("k.yaml", now=time.time(), max_size=1 << 20)
+    assert taken is not None
+    (incoming / "k.yaml").write_text("job_id: K\nexecutor: local\n")
+    os.utime(incoming / "k.yaml", ns=(0, os.lstat(taken.original).st_mtime_ns))
+    os.chmod(incoming / "k.yaml", os.lstat(taken.original).st_mode)
+    (line,) = other.stages.recover(frozenset({"h1"}))
+    assert "returned k.yaml to incoming/ as k-2.yaml" in line, line
 
 
 TAKEN = re.compile(r"taken over by host (\S+) from host (\S+) \(claim generation (\d+)")

@@ -152,10 +152,11 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
 
 def _after_a_tick(directory: Path) -> None:
     """Wait until the filesystem stamps a change later than ``directory``'s stamp (a schedule's
-    directory, or scheduled/): a request made then changes it. (One made within that tick may
-    not, where timestamps are coarse: what SETTLE guards against, and old_wall sets aside.)"""
+    directory, or one of the spool's own, such as scheduled/): a request made then changes it.
+    (One made within that tick may not, where timestamps are coarse: what SETTLE guards
+    against, and old_wall sets aside.)"""
     stamp = max(directory.stat().st_mtime_ns, directory.stat().st_ctime_ns)
-    spool = directory.parent if directory.name == "scheduled" else directory.parent.parent
+    spool = directory.parent if (directory.parent / "tmp").is_dir() else directory.parent.parent
     probe = spool / "tmp" / "tick-probe"
 
     def later() -> bool:

@@ -367,6 +367,11 @@ class WorkerProcesses:
         with self._lock:
             return job_id in self._known
 
+    def held(self) -> frozenset[str]:
+        """Every job queued here or in a worker process's hands (``holds``), at one moment."""
+        with self._lock:
+            return frozenset(self._known)
+
     def in_flight(self) -> frozenset[str]:
         """Jobs handed to a worker process and not reported done."""
         with self._lock:

@@ -27,7 +27,7 @@ scheduled/ and stats each schedule's directory; a schedule is read only when tha
 ``spoold unschedule``, replacing definition or request file (made or removed in the directory)
 changes. A stamp has the filesystem's timestamp granularity (a kernel tick, a second over
 SFTP): a change made within that of a read could leave it as it was, so a stamp counts as read
-only once a read followed it by ``SETTLE`` seconds (``_settled``); until then the schedule is
+only once a read followed it by ``SETTLE`` seconds (``settled``); until then the schedule is
 read at every round. The first round reads every schedule: what was missed while down fires
 there, before APScheduler starts (``start``), so that it takes them all in one go.
 """
@@ -55,7 +55,7 @@ from spoold.core.errors import DuplicateJob, JobNotFound, SpooldError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.jobs import DirStamp, ScheduleRequests
+from spoold.core.spool.jobs import DirStamp, ScheduleRequests, settled
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
 from spoold.run.ledger import JobLedger, Listener
@@ -152,7 +152,7 @@ class Scheduler:
         ends a run (``overlap: replace``); ``on_fired`` hears, for each run a firing makes, how
         many seconds after the firing's moment it was made (``spoold_schedule_lag_seconds``);
         ``listeners``: told of each run made (the metrics count it accepted). ``settle``,
-        ``wall_time`` and ``monotonic``: when a directory's stamp stands for it (``_settled``);
+        ``wall_time`` and ``monotonic``: when a directory's stamp stands for it (``settled``);
         the host's real clocks, as the filesystem's timestamps follow them (not ``clock``)."""
         self._spool = spool
         self._callbacks = callbacks
@@ -168,7 +168,7 @@ class Scheduler:
         self._firing = _Firing(self.fire)
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
         # scheduled/'s own stamp at the last round that listed it, since when, and whether it
-        # stood for the directory then (``_settled``); rounds since the last listing.
+        # stood for the directory then (``settled``); rounds since the last listing.
         self._tree: _Known | None = None
         self._unlisted = 0
         self._scheduled = str(spool.dir("scheduled"))
@@ -211,7 +211,7 @@ class Scheduler:
             since = self._tree.since if self._tree is not None and self._tree.stamp == tree else now
             self._tree = None if tree is None else _Known(
                 definition=None, stamp=tree, since=since,
-                settled=_settled(tree, since, wall=wall, now=now, settle=self._settle),
+                settled=settled(tree, since, wall=wall, now=now, settle=self._settle),
             )  # fmt: skip
             stamps = self._spool.jobs.entry_stamps("scheduled")
             for job_id in [job_id for job_id in self._known if job_id not in stamps]:
@@ -245,7 +245,7 @@ class Scheduler:
         definition replaced), and only them: one stat each, and one read unless its status,
         the status.json intake wrote, is given. What was asked of one in the moment since (a
         pause from another host) is its next round's: a directory stamped so lately is read
-        again then (``_settled``)."""
+        again then (``settled``)."""
         with self._lock:
             wall, now = self._wall(), self._monotonic()
             with self._one_wakeup(len(placed)):
@@ -287,7 +287,7 @@ class Scheduler:
         since = known.since if known is not None and known.stamp == stamp else now
         entry = _Known(
             definition=None if known is None else known.definition, stamp=stamp, since=since,
-            settled=_settled(stamp, since, wall=wall, now=now, settle=self._settle),
+            settled=settled(stamp, since, wall=wall, now=now, settle=self._settle),
         )  # fmt: skip
         self._known[job_id] = entry
         schedule = JobDir(job_id, "scheduled", f"{self._scheduled}/{job_id}")
@@ -578,16 +578,6 @@ class Scheduler:
                 log.info(line)
         for line in said:
             self._logger.info("schedule %s: %s", schedule.job_id, line)
-
-
-def _settled(stamp: DirStamp, since: float, *, wall: float, now: float, settle: float) -> bool:
-    """Whether ``stamp`` now stands for its directory: whether any change after a read that
-    follows this stat must give the directory another stamp. So once the stamp is ``settle``
-    seconds old by this host's wall clock (``wall``, read before the stat), or was seen
-    unchanged for that long by its monotonic clock (first at ``since``, now ``now``), which
-    holds whatever the skew of the clock that stamps the spool's files."""
-    _, mtime_ns, ctime_ns = stamp
-    return now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
 
 
 def _asked(asked: ScheduleRequests, status: Mapping[str, Any]) -> bool:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import functools
 import itertools
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -150,7 +152,10 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     err = _renameat2_errno(source, target, _RENAME_NOREPLACE)
     if err == 0:
         return
-    if err in (errno.EEXIST, errno.ENOTEMPTY):
+    if err in (errno.EEXIST, errno.ENOTEMPTY):  # FUSE too: the kernel looks before sshfs does
+        if not os.path.isdir(source) and _same_file(source, target):
+            os.unlink(source)
+            return
         raise FileExistsError(err, os.strerror(err), str(target))
     if err not in (None, errno.EINVAL, errno.ENOSYS):
         raise OSError(err, os.strerror(err), str(source))
@@ -173,10 +178,27 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
 
 
 def _same_file(one: str | Path, other: str | Path) -> bool:
+    """Whether two names are one file: by inode, where the filesystem keeps one per file.
+
+    On a FUSE filesystem (sshfs) each name is a node with a number of its own, and says it has
+    one link: there, by all the two names show (type, size, mode, owner, modification time)
+    and their bytes. Two names of one file cannot differ in any of it; two files alike in all
+    of it are one content twice, which a move that was to keep it once may keep once.
+    """
     try:
-        return os.path.samestat(os.lstat(one), os.lstat(other))
+        first, second = os.lstat(one), os.lstat(other)
+        if os.path.samestat(first, second):
+            return True
+        if not (filesystem_type(os.path.dirname(os.fspath(other))) or "").startswith("fuse"):
+            return False
+        alike = stat.S_ISREG(first.st_mode) and _shown(first) == _shown(second)
+        return alike and filecmp.cmp(one, other, shallow=False)
     except FileNotFoundError:
         return False
+
+
+def _shown(info: os.stat_result) -> tuple[int, ...]:
+    return info.st_size, info.st_mode, info.st_uid, info.st_gid, info.st_mtime_ns
 
 
 def rename_exchange(source: str | Path, target: str | Path) -> None:

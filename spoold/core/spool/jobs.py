@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -61,7 +61,7 @@ from spoold.core.spool.fs import (
 from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
 from spoold.core.states import JOB_DIRECTORIES, JobState
 
-__all__ = ["DirStamp", "JobDir", "Jobs", "ScheduleRequests"]
+__all__ = ["DirStamp", "JobDir", "Jobs", "ScheduleRequests", "settled"]
 
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _UNITS = "units"  # in a job's directory: what each unit of its attempts began and how it ended
@@ -79,6 +79,16 @@ DirStamp = tuple[int, int, int]
 
 def _stamp(info: os.stat_result) -> DirStamp:
     return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
+def settled(stamp: DirStamp, since: float, *, wall: float, now: float, settle: float) -> bool:
+    """Whether ``stamp`` now stands for its directory: whether any change after a read that
+    follows this stat must give the directory another stamp. So once the stamp is ``settle``
+    seconds old by this host's wall clock (``wall``, read before the stat), or was seen
+    unchanged for that long by its monotonic clock (first at ``since``, now ``now``), which
+    holds whatever the skew of the clock that stamps the spool's files."""
+    _, mtime_ns, ctime_ns = stamp
+    return now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
 
 
 class ScheduleRequests(NamedTuple):
@@ -207,12 +217,15 @@ class Jobs:
             raise JobNotFound(f"no job {job_id!r} in {self._root}")
         return found
 
-    def list_jobs(self, directory: str) -> list[JobDir]:
-        """The jobs in one state directory, oldest arrival first."""
+    def list_jobs(
+        self, directory: str, *, skip: Callable[[str], bool] | None = None
+    ) -> list[JobDir]:
+        """The jobs in one state directory, oldest arrival first; those whose id ``skip``
+        names are left out before their stat (a backlog the daemon holds already)."""
         parent = self._dirs[directory]
         return [
             JobDir(name, directory, os.path.join(parent, name))
-            for _, name in sorted(self._entered(directory))
+            for _, name in sorted(self._entered(directory, skip))
         ]
 
     def entered_times(self, directory: str) -> list[tuple[JobDir, float]]:
@@ -223,13 +236,17 @@ class Jobs:
             for ctime, name in self._entered(directory)
         ]
 
-    def _entered(self, directory: str) -> list[tuple[int, str]]:
+    def _entered(
+        self, directory: str, skip: Callable[[str], bool] | None = None
+    ) -> list[tuple[int, str]]:
         if directory not in (*JOB_DIRECTORIES, "scheduled"):
             raise SpoolError(f"no job directory named {directory!r}")
         found = []
         with os.scandir(self._dirs[directory]) as entries:
             for entry in entries:
                 if not (entry.is_dir(follow_symlinks=False) and RUN_ID.match(entry.name)):
+                    continue
+                if skip is not None and skip(entry.name):
                     continue
                 try:
                     found.append((entry.stat(follow_symlinks=False).st_ctime_ns, entry.name))
