@@ -1,7 +1,13 @@
-"""What callbacks cost: the delivery made with a state change, and how fast the sender empties
-outbox/ into a receiver on loopback. Prints numbers; bounded (``--events``).
+"""What callbacks cost: the delivery made with a state change, how fast the sender empties
+outbox/ into a receiver on loopback, and what a backlog costs while its receiver is down.
+Prints numbers; bounded (``--events``, ``--down``).
 
-    .venv/bin/python benchmarks/bench_callbacks.py [--events 2000]
+The last part: as many deliveries again, to a port on loopback where nothing listens (each try
+refused at once), the sender left to them for ``--down`` seconds: this process's CPU over that
+time (the sender's threads; nothing else runs), the tries made, and the CPU a try. A sender
+that walks every waiting delivery at each post's end spends it on the backlog, not the tries.
+
+    .venv/bin/python benchmarks/bench_callbacks.py [--events 2000] [--down 10]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from spoold.core.spool import Spool
 from spoold.core.states import JobState
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.out.sender import CallbackSettings, Sender
+from tests.loopback import free_port
 from tests.receiver import Receiver
 
 LOG = logging.getLogger("bench")
@@ -40,6 +47,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--dir", type=Path, help="where the temporary spool goes")
+    parser.add_argument("--down", type=float, default=10.0, help="seconds; 0: not measured")
     args = parser.parse_args()
     clock = SystemClock()
     with tempfile.TemporaryDirectory(dir=args.dir) as temp:
@@ -76,7 +84,46 @@ def main() -> int:
         f"sender into a loopback receiver ({settings.workers} workers, per_host "
         f"{settings.per_host}): {sent / elapsed:.0f} deliveries/s"
     )
+    if args.down:
+        down(args.events, args.down, args.dir)
     return 0 if sent == args.events else 1
+
+
+class _Tries(logging.Handler):
+    """Counts the sender's failed tries, as it logs them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "failed (" in record.getMessage()
+
+
+def down(events: int, seconds: float, where: Path | None) -> None:
+    clock = SystemClock()
+    tries = _Tries()
+    LOG.addHandler(tries)
+    LOG.propagate = False  # thousands of warnings: counted, not printed
+    with tempfile.TemporaryDirectory(dir=where) as temp:
+        spool = Spool(Path(temp) / "spool")
+        spool.init()
+        callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG)
+        target = CallbackTarget(f"http://127.0.0.1:{free_port()}/hook", "bench-secret")
+        for n in range(events):
+            with callbacks.announce(target, "succeeded", _status(f"job{n}")):
+                pass
+        sender = Sender(spool, callbacks, clock, CallbackSettings(), LOG)
+        cpu = time.process_time()
+        sender.start()
+        time.sleep(seconds)
+        used = time.process_time() - cpu
+        sender.stop()
+    made = max(tries.count, 1)
+    print(
+        f"receiver down, {events} deliveries waiting, {seconds:g} s: {tries.count} tries, "
+        f"{100 * used / seconds:.1f} % of a core ({used * 1e3 / made:.2f} ms of CPU a try)"
+    )
 
 
 if __name__ == "__main__":

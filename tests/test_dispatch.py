@@ -133,16 +133,20 @@ def _counting_allowed(queue: DispatchQueue) -> list[JobMeta]:
     return looked
 
 
+def _running_and_behind_it(queue: DispatchQueue, meta: JobMeta, prefix: str) -> list[JobMeta]:
+    """One job of ``meta`` handed out, 10,000 more of it waiting; the looks counted from then."""
+    queue.add("running", meta)
+    assert queue.take() == ("running", None)
+    for n in range(10_000):
+        queue.add(f"{prefix}{n:05d}", meta)
+    return _counting_allowed(queue)
+
+
 def test_jobs_behind_a_full_executor_limit_are_not_walked_at_each_take() -> None:
     """Reproduces a flood behind `limits.executors`: each take walked all 10,000 waiting jobs
     to find none allowed (5.4 s of the main process for the flood, quadratic)."""
     queue = DispatchQueue({"proxmox": 1})
-    proxmox = JobMeta(executor="proxmox")
-    queue.add("running", proxmox)
-    assert queue.take() == ("running", None)
-    for n in range(10_000):
-        queue.add(f"p{n:05d}", proxmox)
-    looked = _counting_allowed(queue)
+    looked = _running_and_behind_it(queue, JobMeta(executor="proxmox"), "p")
     for _ in range(100):
         assert queue.take() is None
     assert len(looked) == 0, f"{len(looked)} looks at waiting jobs for 100 takes"
@@ -154,12 +158,7 @@ def test_jobs_behind_a_full_executor_limit_are_not_walked_at_each_take() -> None
 
 def test_jobs_behind_a_busy_key_are_passed_as_one() -> None:
     queue = DispatchQueue()
-    deploy = JobMeta(key="deploy", limit=1)
-    queue.add("running", deploy)
-    assert queue.take() == ("running", None)
-    for n in range(10_000):
-        queue.add(f"d{n:05d}", deploy)
-    looked = _counting_allowed(queue)
+    looked = _running_and_behind_it(queue, JobMeta(key="deploy", limit=1), "d")
     for n in range(100):
         queue.add(f"other{n}", JobMeta(key=f"customer-{n}"))
         assert queue.take() == (f"other{n}", None)

@@ -368,6 +368,42 @@ def test_a_live_hosts_deliveries_are_its_own_a_stale_hosts_are_adopted_once(
     assert spool.deliveries.names() == [name]
 
 
+def test_a_delivery_another_host_is_adopting_is_never_put_aside_as_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the three-host run: h3 adopted a stale host's final callback (renamed it aside,
+    wrote it back) while h2 read it, found nothing, and put it into outbox/failed/ as
+    unreadable, the file being back by then: the job's end was never sent. A record that
+    cannot be read is read again while its file is there; only one that is there and cannot
+    be read twice is damaged (test_outbox: test_a_damaged_delivery_is_put_aside)."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
+    with a.announce(
+        CallbackTarget("http://127.0.0.1:9/", "s3cret", None), "succeeded", callbacks_status("j1")
+    ):
+        pass
+    (name,) = spool.deliveries.names()
+    read = spool.deliveries.read
+    aside = {name}
+
+    def adopted_meanwhile(wanted: str, directory: str = "") -> dict[str, Any] | None:
+        if wanted in aside:  # read while c had it aside; back whole just after
+            aside.discard(wanted)
+            spool.deliveries.adopt(
+                wanted, "c", lambda old: json.dumps({**old, "host": "c"}).encode()
+            )
+            return None
+        return read(wanted, directory)
+
+    monkeypatch.setattr(spool.deliveries, "read", adopted_meanwhile)
+    b = _sender(spool, clock, "b", "stale")
+    b.host_state = lambda other: "stale" if other == "a" else "alive"
+    assert b.tick() == 0, "c's now, and c is alive"
+    assert spool.deliveries.names("failed") == []
+    assert spool.deliveries.names() == [name]
+    assert read(name)["host"] == "c"  # type: ignore[index]
+
+
 def test_a_hosts_prepared_delivery_is_settled_by_it_alone_while_it_lives(tmp_path: Path) -> None:
     spool, clock = _spool(tmp_path), FakeClock(T)
     a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")

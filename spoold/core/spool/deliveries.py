@@ -105,6 +105,11 @@ class Deliveries:
         """A delivery's content; None once it is gone."""
         return read_json(os.path.join(self._dirs["outbox"], directory, name))
 
+    def exists(self, name: str) -> bool:
+        """Whether outbox/ holds ``name`` now (one that ``read`` cannot read is damaged, not
+        one a host adopting it has put aside for a moment)."""
+        return os.path.lexists(os.path.join(self._dirs["outbox"], name))
+
     def update(self, name: str, data: bytes) -> None:
         """Record a delivery's failed tries. Not fsynced: a lost update only means a sooner try."""
         write_file(f"{self._dirs['outbox']}/{name}", data, durable=False)
