@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["CallbackSettings", "Sender"]  # CallbackSettings lives in spoold.core.config
 
 _REQUIRED = frozenset({"key", "event", "url", "body", "signature", "timestamp", "delivery_id"})
-_RELIST = 0.1  # seconds between listings of outbox/, at most (unless woken)
 
 
 @dataclass
@@ -161,11 +160,7 @@ class Sender:
         other hosts commit); index it again when what it holds has changed."""
         now = self._clock.monotonic()
         with self._lock:
-            if (
-                self._names is not None
-                and not self._relist
-                and now - self._listed < max(_RELIST, self._poll)
-            ):
+            if self._names is not None and not self._relist and now - self._listed < self._poll:
                 return
             self._relist = False
         names = self._spool.deliveries.names()
