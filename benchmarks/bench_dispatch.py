@@ -48,7 +48,13 @@ if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_compare import Flood, cpu_seconds
-from benchmarks.bench_spool import make_tool, say, spread_subdirectories, stage_jobs
+from benchmarks.bench_spool import (
+    CLOCK_TICKS,
+    make_tool,
+    say,
+    spread_subdirectories,
+    stage_jobs,
+)
 from spoold.run.dispatch import DispatchQueue, JobMeta
 from spoold.schedule.scheduler import SETTLE
 
@@ -158,8 +164,7 @@ def queue_alone(sizes: list[int], rounds: int) -> None:
 def main_cpu(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of a process (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def daemon_flood(count: int, where: str | None, idle: float) -> None:

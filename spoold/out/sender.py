@@ -69,18 +69,18 @@ class Sender:
         self._in_flight: set[str] = set()  # keys
         self._hosts: Counter[str] = Counter()
         self._records: dict[str, dict[str, Any]] = {}  # read once per name
-        self._names: list[str] | None = None  # the last listing of outbox/
+        self._names: set[str] | None = None  # the last listing of outbox/
         self._listed = 0.0  # when, monotonic
         self._relist = False
         self._gone: set[str] = set()  # taken or given up since
         self._ended: list[str] = []  # handed out and back (posted, failed or given up)
-        # The last listing's index (``_rebuild``), kept by ``tick`` alone: what each key
+        # The last listing's index (``_reindex``), kept by ``tick`` alone: what each key
         # has waiting in order, its head, and the heads this host sends, due first, in a heap
         # per receiver, so that a tick looks at what is due, not at every delivery waiting
         # (9000 waiting for a receiver that was down: 70 % of a core, each post's end walking
         # them all).
         self._by_key: dict[str, list[str]] = {}
-        self._heads: dict[str, str] = {}  # key -> its first delivery (``_head_of``)
+        self._heads: dict[str, str] = {}  # key -> its first delivery (``_advance``)
         self._due: dict[str, list[tuple[float, str]]] = {}  # receiver -> (next_try, name)
         self._prepared: set[str] = set()  # heads whose writer has not committed them
         self._foreign: dict[str, set[str]] = {}  # writer host -> heads it sends while alive
@@ -163,20 +163,19 @@ class Sender:
             if self._names is not None and not self._relist and now - self._listed < self._poll:
                 return
             self._relist = False
-        names = self._spool.deliveries.names()
+        names = set(self._spool.deliveries.names())
         with self._lock:
             self._listed = now
             self._gone.clear()
-            for gone in self._records.keys() - set(names):
+            for gone in self._records.keys() - names:
                 del self._records[gone]
         if names != self._names:
-            self._reindex(set(self._names or ()), names)
+            self._reindex(self._names or set(), names)
             self._names = names
 
-    def _reindex(self, before: set[str], names: list[str]) -> None:
+    def _reindex(self, before: set[str], now: set[str]) -> None:
         """Index what changed since the last listing (sorted: a key's lowest sequence comes
         first): a commit or a removal costs a tick its own names, not the backlog's."""
-        now = set(names)
         changed: set[str] = set()
         for name in sorted(before - now):
             key = self._key(name)

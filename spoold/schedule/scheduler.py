@@ -27,7 +27,7 @@ scheduled/ and stats each schedule's directory; a schedule is read only when tha
 ``spoold unschedule``, replacing definition or request file (made or removed in the directory)
 changes. A stamp has the filesystem's timestamp granularity (a kernel tick, a second over
 SFTP): a change made within that of a read could leave it as it was, so a stamp counts as read
-only once a read followed it by ``SETTLE`` seconds (``settled``); until then the schedule is
+only once a read followed it by ``SETTLE`` seconds (``sighting``); until then the schedule is
 read at every round. The first round reads every schedule: what was missed while down fires
 there, before APScheduler starts (``start``), so that it takes them all in one go.
 """
@@ -55,7 +55,7 @@ from spoold.core.errors import DuplicateJob, JobNotFound, SpooldError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.jobs import DirStamp, ScheduleRequests, settled
+from spoold.core.spool.jobs import DirStamp, ScheduleRequests, sighting
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
 from spoold.run.ledger import JobLedger, Listener
@@ -152,7 +152,7 @@ class Scheduler:
         ends a run (``overlap: replace``); ``on_fired`` hears, for each run a firing makes, how
         many seconds after the firing's moment it was made (``spoold_schedule_lag_seconds``);
         ``listeners``: told of each run made (the metrics count it accepted). ``settle``,
-        ``wall_time`` and ``monotonic``: when a directory's stamp stands for it (``settled``);
+        ``wall_time`` and ``monotonic``: when a directory's stamp stands for it (``sighting``);
         the host's real clocks, as the filesystem's timestamps follow them (not ``clock``)."""
         self._spool = spool
         self._callbacks = callbacks
@@ -168,7 +168,7 @@ class Scheduler:
         self._firing = _Firing(self.fire)
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
         # scheduled/'s own stamp at the last round that listed it, since when, and whether it
-        # stood for the directory then (``settled``); rounds since the last listing.
+        # stood for the directory then (``sighting``); rounds since the last listing.
         self._tree: _Known | None = None
         self._unlisted = 0
         self._scheduled = str(spool.dir("scheduled"))
@@ -203,16 +203,16 @@ class Scheduler:
         round lists all the same: a request written by a spoold that did not change that stamp
         (an older one, on another host sharing the spool) waits that long at most."""
         with self._lock:
-            wall, now = self._wall(), self._monotonic()  # before the stats: see _settled
+            wall, now = self._wall(), self._monotonic()  # before the stats: see sighting
             tree = self._spool.jobs.directory_stamp("scheduled")
             if tree is not None and self._unchanged(tree):
                 return
             self._unlisted = 0
-            since = self._tree.since if self._tree is not None and self._tree.stamp == tree else now
-            self._tree = None if tree is None else _Known(
-                definition=None, stamp=tree, since=since,
-                settled=settled(tree, since, wall=wall, now=now, settle=self._settle),
-            )  # fmt: skip
+            if tree is None:
+                self._tree = None
+            else:
+                since, ready = sighting(tree, self._tree, wall=wall, now=now, settle=self._settle)
+                self._tree = _Known(definition=None, stamp=tree, since=since, settled=ready)
             stamps = self._spool.jobs.entry_stamps("scheduled")
             for job_id in [job_id for job_id in self._known if job_id not in stamps]:
                 if self._known[job_id].definition is not None:
@@ -245,7 +245,7 @@ class Scheduler:
         definition replaced), and only them: one stat each, and one read unless its status,
         the status.json intake wrote, is given. What was asked of one in the moment since (a
         pause from another host) is its next round's: a directory stamped so lately is read
-        again then (``settled``)."""
+        again then (``sighting``)."""
         with self._lock:
             wall, now = self._wall(), self._monotonic()
             with self._one_wakeup(len(placed)):
@@ -284,10 +284,10 @@ class Scheduler:
         what was asked is done there too), else act on what was asked of it, if anything.
         ``placed``: its status as intake just wrote it, neither read nor asked of again."""
         known = self._known.get(job_id)
-        since = known.since if known is not None and known.stamp == stamp else now
+        since, ready = sighting(stamp, known, wall=wall, now=now, settle=self._settle)
         entry = _Known(
             definition=None if known is None else known.definition, stamp=stamp, since=since,
-            settled=settled(stamp, since, wall=wall, now=now, settle=self._settle),
+            settled=ready,
         )  # fmt: skip
         self._known[job_id] = entry
         schedule = JobDir(job_id, "scheduled", f"{self._scheduled}/{job_id}")

@@ -34,7 +34,7 @@ import shutil
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, Protocol
 
 from spoold.core.errors import (
     InvalidTransition,
@@ -61,7 +61,7 @@ from spoold.core.spool.fs import (
 from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
 from spoold.core.states import JOB_DIRECTORIES, JobState
 
-__all__ = ["DirStamp", "JobDir", "Jobs", "ScheduleRequests", "settled"]
+__all__ = ["DirStamp", "JobDir", "Jobs", "ScheduleRequests", "Seen", "sighting"]
 
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
 _UNITS = "units"  # in a job's directory: what each unit of its attempts began and how it ended
@@ -81,14 +81,28 @@ def _stamp(info: os.stat_result) -> DirStamp:
     return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
 
-def settled(stamp: DirStamp, since: float, *, wall: float, now: float, settle: float) -> bool:
-    """Whether ``stamp`` now stands for its directory: whether any change after a read that
-    follows this stat must give the directory another stamp. So once the stamp is ``settle``
-    seconds old by this host's wall clock (``wall``, read before the stat), or was seen
-    unchanged for that long by its monotonic clock (first at ``since``, now ``now``), which
-    holds whatever the skew of the clock that stamps the spool's files."""
+class Seen(Protocol):
+    """A directory's stamp as this host last saw it, and since when (monotonic)."""
+
+    @property
+    def stamp(self) -> DirStamp: ...
+
+    @property
+    def since(self) -> float: ...
+
+
+def sighting(
+    stamp: DirStamp, last: Seen | None, *, wall: float, now: float, settle: float
+) -> tuple[float, bool]:
+    """When ``stamp`` was first seen (``last``: what was seen before, if anything), and whether
+    it now stands for its directory: whether any change after a read that follows this stat
+    must give the directory another stamp. So once the stamp is ``settle`` seconds old by this
+    host's wall clock (``wall``, read before the stat), or was seen unchanged for that long by
+    its monotonic clock (``now``), which holds whatever the skew of the clock that stamps the
+    spool's files."""
+    since = last.since if last is not None and last.stamp == stamp else now
     _, mtime_ns, ctime_ns = stamp
-    return now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
+    return since, now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
 
 
 class ScheduleRequests(NamedTuple):
