@@ -404,6 +404,47 @@ def test_a_delivery_another_host_is_adopting_is_never_put_aside_as_unreadable(
     assert read(name)["host"] == "c"  # type: ignore[index]
 
 
+@pytest.mark.parametrize("trouble", ["cut off", "aside"])
+def test_a_delivery_its_sender_could_not_read_for_a_moment_is_sent_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trouble: str
+) -> None:
+    """Seen in the three-host run: h3, cut off from the shared spool, ran a job's retry once
+    back, and its final callback was never sent. The sender had made a delivery its key's
+    head and then could not read it (EIO while cut off; or gone for a moment, put aside by a
+    host adopting it); outbox/ listed the same after, so nothing looked at that key again,
+    and every later delivery of the job waited behind a head never filed."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    b = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="b")
+    with b.announce(
+        CallbackTarget("http://127.0.0.1:9/", "s3cret", None), "succeeded", callbacks_status("j1")
+    ):
+        pass
+    (name,) = spool.deliveries.names()
+    read, exists = spool.deliveries.read, spool.deliveries.exists
+    troubled = {name}
+
+    def read_once_troubled(wanted: str, directory: str = "") -> dict[str, Any] | None:
+        if wanted in troubled:
+            troubled.discard(wanted)
+            if trouble == "cut off":
+                raise OSError(errno.EIO, "Input/output error")
+            monkeypatch.setattr(spool.deliveries, "exists", lambda _name: False)
+            return None
+        monkeypatch.setattr(spool.deliveries, "exists", exists)
+        return read(wanted, directory)
+
+    monkeypatch.setattr(spool.deliveries, "read", read_once_troubled)
+    sender = _sender(spool, clock, "b", "alive")  # not started: what it hands out waits
+    if trouble == "cut off":
+        with pytest.raises(OSError):
+            sender.tick()  # the Outage around it says so, once
+    else:
+        assert sender.tick() == 0
+    assert spool.deliveries.names() == [name], "outbox/ lists the same"
+    sender.wake()
+    assert sender.tick() == 1, "its head filed again, and handed out"
+
+
 def test_a_hosts_prepared_delivery_is_settled_by_it_alone_while_it_lives(tmp_path: Path) -> None:
     spool, clock = _spool(tmp_path), FakeClock(T)
     a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")

@@ -84,6 +84,11 @@ class Sender:
         self._due: dict[str, list[tuple[float, str]]] = {}  # receiver -> (next_try, name)
         self._prepared: set[str] = set()  # heads whose writer has not committed them
         self._foreign: dict[str, set[str]] = {}  # writer host -> heads it sends while alive
+        #: Keys whose head is to be found and filed again: their line changed, their post
+        #: ended, or their head could not be read (cut off from the spool; put aside by a host
+        #: adopting it). A key leaves only once filed: one whose filing failed is tried at
+        #: every tick, when a listing that did not change would not bring it back.
+        self._unfiled: set[str] = set()
         self._wake = wake or threading.Event()
         self._stop = threading.Event()
         self._threads = SenderThreads[_Due]("outbox", self._loop, self._post_loop,
@@ -113,6 +118,8 @@ class Sender:
         now = self._clock.now().timestamp()
         self._take_back()
         self._refresh()
+        for key in sorted(self._unfiled):
+            self._file(key)
         for name in sorted(self._prepared):
             if self._key(name) not in self._in_flight:
                 self._settle_if_stale(name, now)
@@ -122,7 +129,7 @@ class Sender:
                 if record is not None and (adopted := self._adopt(name, record, now)):
                     self._push(name, adopted)
                 else:  # another host adopted it first: its own, while it lives
-                    self._advance(self._key(name))
+                    self._file(self._key(name))
         handed = 0
         for host in sorted(self._due, key=lambda h: self._due[h][0] if self._due[h] else 0.0):
             heap = self._due[host]
@@ -152,8 +159,8 @@ class Sender:
         """The deliveries whose post ended since the last tick: each key's next in line."""
         with self._lock:
             ended, self._ended = self._ended, []
-        for key in {self._key(name) for name in ended}:
-            self._advance(key)  # delivered or given up: the next; failed: again, when due
+        # Delivered or given up: the next; failed: again, when due.
+        self._unfiled.update(self._key(name) for name in ended)
 
     def _refresh(self) -> None:
         """List outbox/ again when woken by a commit here, or once a poll has passed (what
@@ -175,7 +182,8 @@ class Sender:
 
     def _reindex(self, before: set[str], now: set[str]) -> None:
         """Index what changed since the last listing (sorted: a key's lowest sequence comes
-        first): a commit or a removal costs a tick its own names, not the backlog's."""
+        first): a commit or a removal costs a tick its own names, not the backlog's. No file
+        is read here: the keys whose head changed are left to ``_file``."""
         changed: set[str] = set()
         for name in sorted(before - now):
             key = self._key(name)
@@ -188,17 +196,24 @@ class Sender:
             key = self._key(name)
             bisect.insort(self._by_key.setdefault(key, []), name)
             changed.add(key)
-        for key in sorted(changed):
+        for key in changed:
             line = self._by_key.get(key)
             if not line:
                 self._by_key.pop(key, None)
             if not line or self._heads.get(key) != line[0]:
-                self._advance(key)
+                self._unfiled.add(key)
 
-    def _advance(self, key: str) -> None:
+    def _file(self, key: str) -> None:
+        """File ``key``'s head (``_advance``); the key stays unfiled until that is done."""
+        self._unfiled.add(key)  # until filed: _advance may raise (EIO, cut off)
+        if self._advance(key):
+            self._unfiled.discard(key)
+
+    def _advance(self, key: str) -> bool:
         """Make the first of ``key``'s deliveries not gone its head, and file it: prepared,
         another host's, or due by its next try (unless it is in flight: its post's end files
-        it again). One unusable is put aside and the next taken."""
+        it again). One unusable is put aside and the next taken. False when the head could
+        not be read and is not there for now (``_file`` tries again)."""
         if (old := self._heads.pop(key, None)) is not None:
             self._prepared.discard(old)
             for heads in self._foreign.values():
@@ -208,22 +223,23 @@ class Sender:
                 continue
             self._heads[key] = name
             if key in self._in_flight:
-                return  # its post's end files it
+                return True  # its post's end files it
             if name.endswith(".prepared"):
                 self._prepared.add(name)
-                return
+                return True
             record, there = self._readable(name)
             if not there:  # gone, or put aside for a moment by a host adopting it
                 self._relist = True  # the next listing says which
-                return
+                return False
             if record is None or not record.keys() >= _REQUIRED:
                 self._unusable(name)
                 continue
             if not self._callbacks.written_here(record):
                 self._foreign.setdefault(str(record["host"]), set()).add(name)
-                return
+                return True
             self._push(name, record)
-            return
+            return True
+        return True
 
     def _readable(self, name: str) -> tuple[dict[str, Any] | None, bool]:
         """A delivery's record, and whether its file is there. One not read at first is read
