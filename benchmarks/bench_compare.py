@@ -8,10 +8,12 @@ every row, and within a row the tools take turns (the order rotates from round t
 table shows medians over the rounds and ratios taken within a round, where the tools met the
 same machine. Rows (``--only``):
 
-- idle: every daemon left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over
-  all of its processes (smaps_rollup), their number and their threads;
-- rest: the same once spoold's worker processes and launcher have left (``worker_idle_exit``, 30 s
-  of nothing to do; waited for, at most REST_BOUND s); then one job dropped into each spool: its pickup
+- idle: a few jobs, spoold's job supervisors waited out (5 s idle; ``awake``), then every daemon
+  left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over all of its
+  processes (smaps_rollup), their number and their threads;
+- rest: the same once spoold's worker processes and launcher have left (10 s after a burst that
+  came after a quiet spell, longer when jobs came soon after they left, up to
+  ``worker_idle_exit``; waited for, at most REST_BOUND s); then one job dropped into each spool: its pickup
   latency (what the quiet costs the next job: spoold starts a worker process for it);
 - pickup: jobs renamed into incoming/ one at a time, ``spacing`` apart, in blocks of 25 per
   tool; rename -> the job's process has started (it writes $EPOCHREALTIME);
@@ -729,9 +731,9 @@ def flood(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
 
 def awake(tool: Tool, prefix: str, base: Path) -> None:
     """The same daemon before a flood or the idle row, whatever ran before it: a few jobs
-    wake spoold's worker processes and launcher (they leave after ``worker_idle_exit`` of
-    nothing to do), and its job supervisors, which leave after a few seconds idle, are waited
-    out. A flood measured from rest would count five interpreters starting as its growth."""
+    wake spoold's worker processes and launcher (after a quiet spell they leave 10 s after
+    their last job, ``LINGER_FIRST``), and its job supervisors, which leave after 5 s idle,
+    are waited out. A flood measured from rest would count five interpreters starting as its growth."""
     ids = [f"{prefix}-{n}" for n in range(4)]
     drop_and_wait(tool, ids, base, "/bin/true", 60.0)
     archive_jobs(tool, ids, base / "archive")
@@ -740,6 +742,10 @@ def awake(tool: Tool, prefix: str, base: Path) -> None:
         proc_name(pid) == "spoold-job-sup" for pid in family(tool.daemon)
     ):
         time.sleep(0.2)
+    if tool.name == "spoold" and not any(
+        proc_name(pid) == "spoold-worker" for pid in family(tool.daemon)
+    ):  # they stay longer than the supervisors (LINGER_FIRST): said if this machine was slower
+        say("  spoold's worker processes had left before its job supervisors: measured at rest")
 
 
 def proc_name(pid: int) -> str:

@@ -193,6 +193,7 @@ def worker_processes(
         parts.logger,
         processes=config.worker_processes or os.cpu_count() or 1,
         entry=WORKER_ENTRY,
+        clock=parts.clock,
         on_lost=on_lost,
         on_deferred=on_deferred,
         on_cancel=on_cancel,

@@ -127,9 +127,9 @@ def serve_worker_process(fd: int) -> None:
     parent = ParentLink(conn)
     observe = parent.observed if setup.observe else None
     runner = parts.runner(daemon_pid=setup.parent, on_deferred=parent.deferred, observe=observe)
-    pool = WorkerPool(runner, setup.slots, parts.logger, on_done=parent.done)
+    pool = WorkerPool(runner, setup.slots, parts.logger, on_done=parent.done, clock=parts.clock)
     heartbeat = parts.heartbeat(runner)
     serve_jobs(
         conn, parent, runner, pool, heartbeat, launcher=Launcher.shared(), config=parts.config,
-        clock=parts.clock,
+        clock=parts.clock, linger=setup.linger,
     )  # fmt: skip

@@ -643,7 +643,7 @@ def test_worker_processes_tell_the_main_process_what_they_did(tmp_path: Path) ->
                     max_file_size=1 << 20, settle_time=0, on_accepted=lambda job, document: None,
                     logger=LOGGER, on_observed=gathered.observe)  # fmt: skip
     workers = WorkerProcesses(
-        config, LOGGER, processes=2, entry=WORKER_ENTRY, on_lost=lambda: None,
+        config, LOGGER, processes=2, entry=WORKER_ENTRY, clock=clock, on_lost=lambda: None,
         on_deferred=gathered.deferred.__setitem__, on_cancel=lambda job_id, why: None,
         on_observed=gathered.observe,
     )  # fmt: skip
@@ -721,7 +721,7 @@ def test_worker_processes_send_nothing_when_no_one_counts(tmp_path: Path) -> Non
                     max_file_size=1 << 20, settle_time=0, on_accepted=lambda job, document: None,
                     logger=LOGGER)  # fmt: skip
     workers = Overheard(
-        config, LOGGER, processes=1, entry=WORKER_ENTRY, on_lost=lambda: None,
+        config, LOGGER, processes=1, entry=WORKER_ENTRY, clock=SystemClock(), on_lost=lambda: None,
         on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
     )  # fmt: skip
     workers.heard = []

@@ -38,6 +38,7 @@ from spoold.run.pool import (
     serve_jobs,
 )
 from spoold.run.registry import ExecutorRegistry
+from tests.fakes import FakeClock
 from tests.harness import DEFAULT_BOUND, local_job, wait_finished, wait_for, write_config
 from tests.worker_entries import REFUSE
 
@@ -99,7 +100,8 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
     monkeypatch.setattr(pool, "release_memory", lambda: trimmed.append(True))
     workers = WorkerProcesses(
         config, logging.getLogger("spoold.test"), processes=1,
-        entry="tests.worker_entries:serve_unless_refused", on_lost=lambda: asked.append(True),
+        entry="tests.worker_entries:serve_unless_refused", clock=SystemClock(),
+        on_lost=lambda: asked.append(True),
         on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
     )  # fmt: skip
     workers.start()
@@ -137,7 +139,7 @@ def test_a_long_queue_keeps_the_documents_of_its_first_jobs_only(
     monkeypatch.setenv(REFUSE, "1")  # no worker process yet: the jobs wait in the queue
     workers = WorkerProcesses(
         config, logging.getLogger("spoold.test"), processes=1,
-        entry="tests.worker_entries:serve_unless_refused", on_lost=lambda: None,
+        entry="tests.worker_entries:serve_unless_refused", clock=SystemClock(), on_lost=lambda: None,
         on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
     )  # fmt: skip
     documents: dict[str, dict[str, object]] = {}
@@ -165,20 +167,26 @@ def test_a_long_queue_keeps_the_documents_of_its_first_jobs_only(
 
 
 class _Slots:
-    """What serve_jobs asks of a worker process's slots and runner: busy while ``working``;
-    how often it asked, and when it first heard they were not."""
+    """What serve_jobs asks of a worker process's slots and runner: busy while ``working``,
+    and since ``idle_since`` when not; how often it asked."""
 
     def __init__(self) -> None:
         self.working = True
         self.looks = 0
-        self.first_idle_look: float | None = None
+        self.ended = 0.0
 
     @property
     def busy(self) -> bool:
-        if not self.working and self.first_idle_look is None:
-            self.first_idle_look = time.monotonic()
         self.looks += 1
         return self.working
+
+    @property
+    def idle_since(self) -> float | None:
+        return None if self.working else self.ended
+
+    def end(self, at: float) -> None:
+        """Its last job ended ``at`` (time.monotonic); nothing wakes the loop for it."""
+        self.ended, self.working = at, False
 
     def start(self) -> None: ...
 
@@ -205,37 +213,142 @@ class _NoSupervisors:
     def expire(self, now: float) -> None: ...
 
 
+def _serving(slots: _Slots, linger: float) -> tuple[Connection, threading.Thread]:
+    """serve_jobs over ``slots`` in a thread, its Ready read; the main process's end."""
+    ours, theirs = Pipe()
+    serving = threading.Thread(target=serve_jobs, args=(
+        theirs, ParentLink(theirs), slots, slots, _Beat(),
+    ), kwargs={"launcher": _NoSupervisors(), "config": Config(shutdown_grace=1.0),
+               "clock": SystemClock(), "linger": linger})  # fmt: skip
+    serving.start()
+    assert _next(ours) == Ready()
+    wait_for(lambda: slots.looks >= 1, what="its first look")  # busy: then it waits
+    return ours, serving
+
+
+def _stop(ours: Connection, serving: threading.Thread) -> None:
+    send_message(ours, Stop(1.0))
+    serving.join(DEFAULT_BOUND)
+    assert not serving.is_alive()
+
+
 def _next(conn: Connection) -> object:
     assert conn.poll(DEFAULT_BOUND), "a message in time"
     return receive_message(conn)
 
 
-def test_a_worker_process_says_leaving_a_whole_linger_after_it_saw_it_was_idle() -> None:
-    """A job's end wakes no one in a worker process: it sees that it is idle at its next wake
-    (a message, a heartbeat). The linger counts from there, so Leaving is late rather than
-    early: never sooner than ``worker_idle_exit`` after the last job's end."""
-    ours, theirs = Pipe()
+def test_a_worker_process_leaves_a_linger_after_its_last_job_with_nothing_to_wake_it() -> None:
+    """A job's end wakes no one in a worker process, and its next lease heartbeat may be far
+    off (10 s by default, an hour here): it looks at least once a linger while busy, so
+    Leaving comes a linger after the end, not a heartbeat later."""
     slots, linger = _Slots(), 0.4
-    config = Config(worker_idle_exit=linger, shutdown_grace=1.0)
-    serving = threading.Thread(target=serve_jobs, args=(
-        theirs, ParentLink(theirs), slots, slots, _Beat(),
-    ), kwargs={"launcher": _NoSupervisors(), "config": config, "clock": SystemClock()})  # fmt: skip
-    serving.start()
+    ours, serving = _serving(slots, linger)
     try:
-        assert _next(ours) == Ready()
-        wait_for(lambda: slots.looks >= 1, what="its first look")  # then it waits
-        send_message(ours, Revoke())  # wakes it
-        assert _next(ours) == Returned(())
-        # It looks again after each message, then waits: busy, as it sees it.
-        wait_for(lambda: slots.looks >= 2, what="its look after the message")
-        slots.working = False  # the job ended; nothing wakes it
-        time.sleep(linger / 2)
-        send_message(ours, Revoke())  # wakes it: now it sees itself idle
+        ended = time.monotonic()
+        slots.end(ended)
+        assert _next(ours) == Leaving()
+        assert time.monotonic() - ended >= linger, "never early"
+    finally:
+        _stop(ours, serving)
+
+
+def test_a_worker_process_counts_its_linger_from_its_last_job_s_end_not_its_look() -> None:
+    """The pool says when its last job ended: a look long after the end (here a message an
+    hour's linger after it) leaves at once rather than a whole linger later."""
+    slots, linger = _Slots(), 3600.0
+    ours, serving = _serving(slots, linger)
+    try:
+        slots.end(time.monotonic() - linger)
+        send_message(ours, Revoke())  # wakes it: it looks
         assert _next(ours) == Returned(())
         assert _next(ours) == Leaving()
-        assert slots.first_idle_look is not None
-        assert time.monotonic() - slots.first_idle_look >= linger
     finally:
-        send_message(ours, Stop(1.0))
-        serving.join(DEFAULT_BOUND)
-    assert not serving.is_alive()
+        _stop(ours, serving)
+
+
+def test_a_worker_process_with_no_linger_never_says_leaving() -> None:
+    slots = _Slots()
+    ours, serving = _serving(slots, 0.0)
+    try:
+        slots.end(time.monotonic() - 3600)
+        send_message(ours, Revoke())
+        assert _next(ours) == Returned(())
+        looks = slots.looks
+        send_message(ours, Revoke())
+        assert _next(ours) == Returned(()), "no Leaving before it"
+        assert slots.looks > looks
+    finally:
+        _stop(ours, serving)
+
+
+def test_worker_processes_stay_longer_each_time_a_job_soon_needed_one_again() -> None:
+    """The first stay is short; a start soon after a leave doubles it, up to the ceiling
+    (``worker_idle_exit``); a start long after the last leave begins again; processes started
+    together are one start."""
+    linger = pool.Linger(30.0, 5.0)
+    assert linger.starting(0.0) == 5.0  # the daemon's start
+    assert linger.starting(0.0) == 5.0, "no leave in between: as it was"
+    stays = []
+    now = 100.0
+    for _ in range(5):
+        linger.left(now)
+        now += 3.0  # a job 3 s after it left: the leave saved little
+        stays.append(linger.starting(now))
+        assert linger.starting(now) == stays[-1], "its sibling started with it"
+        now += stays[-1] + 1.0
+    assert stays == [10.0, 20.0, 30.0, 30.0, 30.0]
+    linger.left(now)
+    assert linger.starting(now + 30.0) == 5.0, "a quiet spell as long as the ceiling: anew"
+    linger.left(now)
+    assert linger.starting(now + 29.0) == 10.0
+    assert pool.Linger(2.0, 5.0).starting(0.0) == 2.0, "never more than the ceiling"
+    assert pool.Linger(0.0, 5.0).starting(0.0) == 0.0, "0: for the daemon's life"
+
+
+def test_a_worker_process_started_again_soon_after_one_left_is_sent_a_longer_linger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Driven for real: the processes the main process starts carry the stay ``Linger`` gives
+    them, and leave after it."""
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.init()
+    config = load_config(write_config(tmp_path / "config.yaml", root, workers=1,
+                                      worker_idle_exit="2s"), spool=root)  # fmt: skip
+    monkeypatch.setattr(pool, "LINGER_FIRST", 0.2)
+    clock = FakeClock()
+    workers = WorkerProcesses(
+        config, logging.getLogger("spoold.test"), processes=1,
+        entry="tests.worker_entries:serve_unless_refused", clock=clock, on_lost=lambda: None,
+        on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
+    )  # fmt: skip
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
+                    max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
+                    on_accepted=lambda job, document: None)  # fmt: skip
+    stays: list[float] = []
+
+    def one_job(job_id: str) -> None:
+        (root / "incoming" / f"{job_id}.yaml").write_text(yaml.safe_dump(local_job(job_id, "true")))
+        assert isinstance(intake.offer(f"{job_id}.yaml", complete=True), Accepted)
+        workers.submit(job_id)
+        assert workers.replace_dead() == []  # what the daemon's round does when one is wanted
+        link = workers._links[0]
+        assert link is not None
+        stays.append(link.linger)
+        assert wait_finished(root, job_id)[0] == "done"
+        wait_for(
+            lambda: workers._links == [None], what=f"the worker process to leave after {job_id}"
+        )
+
+    workers.start()
+    try:
+        link = workers._links[0]
+        assert link is not None and link.linger == 0.2
+        wait_for(lambda: workers._links == [None], what="the idle worker process to leave")
+        one_job("a")  # soon after: twice as long
+        one_job("b")
+        clock.advance(2.0)  # a quiet spell as long as worker_idle_exit
+        one_job("c")
+        assert stays == [0.4, 0.8, 0.2]
+    finally:
+        workers.stop(5.0)

@@ -73,7 +73,8 @@ class _Runner:
 @pytest.fixture
 def slot() -> Iterator[tuple[WorkerPool, _Runner]]:
     runner = _Runner()
-    pool = WorkerPool(cast(JobRunner, runner), ["0"], LOGGER, on_done=lambda job_id: None)
+    pool = WorkerPool(cast(JobRunner, runner), ["0"], LOGGER, on_done=lambda job_id: None,
+                      clock=SystemClock())  # fmt: skip
     yield pool, runner
     pool.stop(5.0, SystemClock())
 

@@ -252,7 +252,8 @@ def _run_together(spool: Path, tmp_path: Path, prefix: str, count: int = 4) -> s
 def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path) -> None:
     """One launcher for the daemon, not one per worker process (an interpreter, ~16 MiB RSS,
     fewer each); a worker process that replaces a dead one is handed a socket to it too."""
-    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=2)
+    # Kept for the test's life: one that left while idle would start a launcher anew.
+    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=2, worker_idle_exit=0)
     daemon = DaemonProcess(spool_dir, config)
     try:
         daemon.start()
@@ -284,7 +285,8 @@ def test_a_worker_process_imports_only_the_executors_it_runs(
     """The daemon checked every plugin; its worker processes import one when a job needs it.
     The docker and invoicing executors' modules bring http.client and with it ssl (~3 MiB
     and ~16 ms of each start): a worker process that ran only local jobs has not mapped it."""
-    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=2)
+    # Kept for the test's life: counted after the jobs.
+    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=2, worker_idle_exit=0)
     daemon = DaemonProcess(spool_dir, config)
     try:
         daemon.start()

@@ -305,8 +305,8 @@ class Config(NamedTuple):
     workers: int = 2
     #: Processes the workers are spread over; None: one per core (at most one per worker).
     worker_processes: int | None = None
-    #: A worker process with nothing to do this long ends; the next job starts it again.
-    #: 0: they run as long as the daemon.
+    #: The longest a worker process with nothing to do stays (spoold.run.pool.Linger); the
+    #: next job starts it again. 0: they run as long as the daemon.
     worker_idle_exit: float = 30.0
     watch: str = "auto"
     poll_interval: float = 1.0

@@ -54,6 +54,10 @@ _OBSERVED_MOST = 256  # then they go at once
 #: Queued jobs that keep the document intake parsed, for their worker process to skip a
 #: parse; the ones queued behind them keep none (their worker reads job.yaml: ~40 µs).
 DOCUMENTS_KEPT = 64
+#: How long a worker process started after a quiet spell stays with nothing to do: longer
+#: than a job supervisor (``IDLE_SUPERVISOR_FOR``), a fork of ~1 ms where a worker process is
+#: a new interpreter (~0.15 s of CPU).
+LINGER_FIRST = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Setup:
     #: The daemon's executors, name and class (``ExecutorRegistry.references``), imported
     #: when first used; empty: from the entry points, each at once.
     executors: tuple[tuple[str, str], ...] = ()
+    #: How long it stays with nothing to do before it says Leaving (``Linger``); 0: never.
+    linger: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +225,7 @@ class _Link:
     slots: tuple[str, ...]
     process: subprocess.Popen[bytes]
     conn: Connection
+    linger: float = 0.0  # how long it stays idle (Setup.linger)
     in_flight: dict[str, RunJob] = field(default_factory=dict)  # sent, not reported done
     alive: bool = True
     revoking: bool = False  # a Revoke is out, its Returned not in yet
@@ -251,13 +258,44 @@ class _Link:
         return max(len(self.in_flight) - len(self.slots), 0)
 
 
+class Linger:
+    """How long a worker process with nothing to do stays before it leaves.
+
+    A burst of jobs after a quiet spell is most often alone: its worker processes leave after
+    ``LINGER_FIRST`` and the daemon is back to its main process (~65 MiB less) within seconds.
+    When a job needed one again less than ``ceiling`` (``worker_idle_exit``) after one left,
+    that leave cost a start (~0.15 s of CPU and of the job's wait) for little: the next
+    processes stay twice as long, up to ``ceiling``, so that jobs coming every few seconds find
+    them there after a few starts. A start that comes later than ``ceiling`` after the last
+    leave begins again at ``LINGER_FIRST``.
+    """
+
+    def __init__(self, ceiling: float, first: float) -> None:
+        self._ceiling = ceiling
+        self._current = min(first, ceiling)
+        self._first = self._current
+        self._left: float | None = None
+
+    def left(self, now: float) -> None:
+        """A worker process left, idle."""
+        self._left = now
+
+    def starting(self, now: float) -> float:
+        """How long a worker process started now stays idle (0: for the daemon's life)."""
+        if self._left is not None:
+            soon = now - self._left < self._ceiling
+            self._current = min(self._current * 2, self._ceiling) if soon else self._first
+            self._left = None  # processes started together count as one start
+        return self._current
+
+
 class WorkerProcesses:
     """Starts the worker processes, feeds them job ids as slots free up, replaces the dead.
 
-    A worker process that had nothing to do for ``worker_idle_exit`` leaves (Leaving, then
-    Stop): a quiet daemon keeps none, and no launcher either. Its place stays empty until a job
-    waits that the others cannot take; then ``on_lost`` asks for ``replace_dead``, which starts
-    it again.
+    A worker process that had nothing to do for a while (``Linger``, at most
+    ``worker_idle_exit``) leaves (Leaving, then Stop): a quiet daemon keeps none, and no
+    launcher either. Its place stays empty until a job waits that the others cannot take;
+    then ``on_lost`` asks for ``replace_dead``, which starts it again.
 
     ``entry`` (``module:function``) is what a worker process runs, given the descriptor of its
     end of the socket pair: the composition root of a worker process, which the daemon's own
@@ -271,6 +309,7 @@ class WorkerProcesses:
         *,
         processes: int,
         entry: str,
+        clock: Clock,
         on_lost: Callable[[], None],
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
@@ -296,6 +335,8 @@ class WorkerProcesses:
         self._links: list[_Link | None] = [None] * len(self._plan)
         self._stopping = False
         self._launcher: DaemonLauncher | None = None
+        self._clock = clock
+        self._linger = Linger(config.worker_idle_exit, LINGER_FIRST)  # under the lock
 
     @property
     def processes(self) -> int:
@@ -475,9 +516,11 @@ class WorkerProcesses:
                 [sys.executable, "-c", self._child_main, str(theirs.fileno())], pass_fds=passed
             )
             conn = Connection(ours.detach())
+        with self._lock:
+            linger = self._linger.starting(self._clock.monotonic())
         conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None,
-                        launcher=launcher_fd, executors=self._executors))  # fmt: skip
-        return _Link(index, slots, process, conn)
+                        launcher=launcher_fd, executors=self._executors, linger=linger))  # fmt: skip
+        return _Link(index, slots, process, conn, linger=linger)
 
     def _await_ready(self, link: _Link) -> None:
         """Wait for the Ready of a new worker process, then listen to it."""
@@ -540,6 +583,7 @@ class WorkerProcesses:
             stopping = self._stopping
             if link.retiring and self._links[link.index] is link:
                 self._links[link.index] = None
+                self._linger.left(self._clock.monotonic())
             wanted = link.retiring and self._wants_one()
             resting = link.retiring and not (wanted or stopping or self._live())
         if wanted or not (stopping or link.retiring):
@@ -558,7 +602,7 @@ class WorkerProcesses:
                 return  # it hears the job and stays; a stopping daemon stops it anyway
             link.retiring = True
         self._logger.debug("worker process %d (pid %d) idle for %gs: stopping it", link.index,
-                           link.process.pid, self._config.worker_idle_exit)  # fmt: skip
+                           link.process.pid, link.linger)  # fmt: skip
         with contextlib.suppress(OSError):  # it died meanwhile: the end is the same
             link.send(Stop(float(self._config.shutdown_grace)))
 
@@ -697,19 +741,17 @@ def serve_jobs(
     launcher: Launcher,
     config: Config,
     clock: Clock,
+    linger: float,
 ) -> None:
     """A worker process's loop: take jobs from the main process, keep leases alive, let
     supervisors that wait for work too long go (``launcher``), say Leaving when it had
-    nothing to do for ``worker_idle_exit``, stop.
+    nothing to do for ``linger`` seconds (0: never), stop.
 
     ``heartbeat`` is ticked between messages while a job is queued or runs here.
     """
     heartbeat.restart(clock.monotonic())
     pool.start()
     parent.send(Ready())
-    linger = config.worker_idle_exit
-    # Since when it has had nothing to do, as first seen: a job's end wakes no one here, so
-    # that is up to a heartbeat late, which makes Leaving late, never early.
     idle_since: float | None = clock.monotonic()
     leaving = False
     while True:
@@ -718,10 +760,14 @@ def serve_jobs(
         if busy:
             idle_since, leaving = None, False
         elif idle_since is None:
-            idle_since = now
+            # A job's end wakes no one here (a wake a job cost the slots more than it saves):
+            # the pool says when its last job ended, and the loop looks at least once a linger.
+            idle_since = min(pool.idle_since or now, now)
         due = [heartbeat.next_due] if busy else []
-        if linger and idle_since is not None and not leaving:
-            if now >= idle_since + linger:
+        if linger and not leaving:
+            if idle_since is None:
+                due.append(now + linger)
+            elif now >= idle_since + linger:
                 parent.send(Leaving())  # the main process answers Stop unless a job is on its way
                 leaving = True
             else:

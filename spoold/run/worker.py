@@ -962,10 +962,13 @@ class WorkerPool:
         slots: Sequence[str],
         logger: logging.Logger,
         on_done: Callable[[str], None],
+        clock: Clock,
     ) -> None:
         self._runner = runner
         self._logger = logger
         self._on_done = on_done
+        self._clock = clock
+        self._idle_since = clock.monotonic()  # when the last job here ended
         self._outage = Outage(logger, "worker slots")
         self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
         self._known: set[str] = set()  # queued or running
@@ -984,6 +987,12 @@ class WorkerPool:
         """Whether any job is queued here or running."""
         with self._cond:
             return bool(self._known)
+
+    @property
+    def idle_since(self) -> float | None:
+        """When its last job ended (``clock.monotonic``); None while one is queued or runs."""
+        with self._cond:
+            return None if self._known else self._idle_since
 
     def start(self) -> None:
         for thread in self._threads:
@@ -1055,6 +1064,8 @@ class WorkerPool:
                     with self._cond:
                         self._known.discard(job_id)
                         self._adopting.discard(job_id)
+                        if not self._known:
+                            self._idle_since = self._clock.monotonic()
                     self._on_done(job_id)
         finally:
             ended.record()
