@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from watchdog.observers.inotify_c import InotifyConstants
 
@@ -273,27 +273,24 @@ def rss_now_mb(daemon: Daemon) -> float:
     return total / 1024
 
 
-class PeakMemory:
-    """Samples ``rss_now_mb`` every SAMPLE_EVERY s in a thread while the block runs, and the
-    PSS sum every PSS_EVERY samples: a process forked from another (spoold's job supervisors,
-    forks of its launcher) counts their shared pages in its RSS again, in its PSS not."""
+class Sampler:
+    """Calls ``sample(tick)`` every ``every`` s in a thread while the block runs."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.peak = 0.0
-        self.peak_pss = 0.0
+    def __init__(self, every: float) -> None:
+        self._every = every
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def sample(self, tick: int) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
         for tick in itertools.count():
-            self.peak = max(self.peak, rss_now_mb(self.daemon))
-            if tick % PSS_EVERY == 0:
-                self.peak_pss = max(self.peak_pss, memory_mb(self.daemon)[1])
-            if self._stop.wait(SAMPLE_EVERY):
+            self.sample(tick)
+            if self._stop.wait(self._every):
                 return
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -301,7 +298,24 @@ class PeakMemory:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(10)
+
+
+class PeakMemory(Sampler):
+    """Samples ``rss_now_mb`` every SAMPLE_EVERY s in a thread while the block runs, and the
+    PSS sum every PSS_EVERY samples: a process forked from another (spoold's job supervisors,
+    forks of its launcher) counts their shared pages in its RSS again, in its PSS not."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(SAMPLE_EVERY)
+        self.daemon = daemon
+        self.peak = 0.0
+        self.peak_pss = 0.0
+
+    def sample(self, tick: int) -> None:
+        self.peak = max(self.peak, rss_now_mb(self.daemon))
+        if tick % PSS_EVERY == 0:
+            self.peak_pss = max(self.peak_pss, memory_mb(self.daemon)[1])
 
 
 def run_script(script: str, env: dict[str, str], bound: float) -> float:

@@ -368,6 +368,17 @@ def test_a_live_hosts_deliveries_are_its_own_a_stale_hosts_are_adopted_once(
     assert spool.deliveries.names() == [name]
 
 
+def _one_delivery(spool: Spool, clock: FakeClock, host: str) -> str:
+    """Job j1's final callback, committed by ``host``: its name in outbox/."""
+    callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG, host=host)
+    with callbacks.announce(
+        CallbackTarget("http://127.0.0.1:9/", "s3cret", None), "succeeded", callbacks_status("j1")
+    ):
+        pass
+    (name,) = spool.deliveries.names()
+    return name
+
+
 def test_a_delivery_another_host_is_adopting_is_never_put_aside_as_unreadable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -377,12 +388,7 @@ def test_a_delivery_another_host_is_adopting_is_never_put_aside_as_unreadable(
     cannot be read is read again while its file is there; only one that is there and cannot
     be read twice is damaged (test_outbox: test_a_damaged_delivery_is_put_aside)."""
     spool, clock = _spool(tmp_path), FakeClock(T)
-    a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
-    with a.announce(
-        CallbackTarget("http://127.0.0.1:9/", "s3cret", None), "succeeded", callbacks_status("j1")
-    ):
-        pass
-    (name,) = spool.deliveries.names()
+    name = _one_delivery(spool, clock, "a")
     read = spool.deliveries.read
     aside = {name}
 
@@ -414,12 +420,7 @@ def test_a_delivery_its_sender_could_not_read_for_a_moment_is_sent_once_it_can(
     host adopting it); outbox/ listed the same after, so nothing looked at that key again,
     and every later delivery of the job waited behind a head never filed."""
     spool, clock = _spool(tmp_path), FakeClock(T)
-    b = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="b")
-    with b.announce(
-        CallbackTarget("http://127.0.0.1:9/", "s3cret", None), "succeeded", callbacks_status("j1")
-    ):
-        pass
-    (name,) = spool.deliveries.names()
+    name = _one_delivery(spool, clock, "b")
     read, exists = spool.deliveries.read, spool.deliveries.exists
     troubled = {name}
 
