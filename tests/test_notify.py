@@ -289,6 +289,45 @@ def test_a_mail_server_that_is_down_delays_no_one_else(
     assert mail_server.mails() == [] and len(receiver.received) == 1
 
 
+def test_notices_held_through_an_outage_are_read_again_only_when_their_files_change(
+    spool: Spool, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat server down for a while leaves a notice held for each failed job, waiting out
+    its backoff. Each tick (every second, and at each send's end) read every one of them:
+    2000 held cost 39 ms of CPU a tick. A notice is read again only when its file changed."""
+    down = webhook(f"http://127.0.0.1:{free_port()}/hook")  # nothing listens there
+    bed = Bed(spool, clock, tmp_path, None, give_up_after=3600)
+    for n in range(50):
+        bed.fail(f"j{n:02d}", (down,))
+    assert bed.notifier.tick(inline=True) == 1, "one digest, refused: each notice rewritten"
+    held = [n for n in bed.outbox() if n.startswith("_t.")]
+    assert len(held) == 50
+    read = spool.deliveries.read
+    looked: list[str] = []
+
+    def counted(name: str, directory: str = "") -> dict[str, Any] | None:
+        looked.append(name)
+        return read(name, directory)
+
+    monkeypatch.setattr(spool.deliveries, "read", counted)
+    assert bed.notifier.tick(inline=True) == 0
+    assert sorted(looked) == held, "each read once since its try rewrote it"
+    looked.clear()
+    for _ in range(20):
+        clock.advance(0.1)
+        assert bed.notifier.tick(inline=True) == 0
+    assert looked == [], f"{len(looked)} notices read by 20 ticks with nothing changed"
+    record = read(held[7])
+    assert record is not None
+    spool.deliveries.update(held[7], json.dumps({**record, "tries": 9}).encode())
+    assert bed.notifier.tick(inline=True) == 0
+    assert looked == [held[7]], "the one rewritten is read again"
+    clock.advance(5)
+    assert bed.notifier.tick(inline=True) == 1, "due: tried again, from what it holds"
+    after = read(held[0])
+    assert after is not None and after["tries"] == 10, "the tries of the one read again count"
+
+
 def test_a_webhook_that_cannot_be_reached_never_shows_its_url_path(
     spool: Spool, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -103,6 +103,10 @@ class Notifier:
         self._work = self._threads.work
         self._outage = Outage(logger, "notifier")
         self._next_due: float | None = None
+        #: The records read, each under its file's stamp, by the loop's thread alone: a tick
+        #: read every held notice (2000 held through a chat server's outage: 39 ms of CPU a
+        #: tick, each second); now a stat each, and a read only for what changed.
+        self._known: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         #: How this host sees another (as the callback sender's).
         self.host_state: Callable[[str], str] = lambda host: "alive"
 
@@ -148,6 +152,8 @@ class Notifier:
         were. ``inline``: send them in this thread (a test's, or a loop not started)."""
         now = self._clock.now().timestamp()
         names = self._spool.deliveries.names()
+        for gone in self._known.keys() - set(names):
+            del self._known[gone]
         split = False
         for name in names:
             if name.startswith(CHANGE) and name.endswith(".json"):
@@ -168,7 +174,7 @@ class Notifier:
                 if record is not None and isinstance(record.get("target"), dict):
                     held.setdefault(name[len(HELD) :].split(".", 1)[0], []).append((name, record))
             elif name.startswith(own_window):
-                record = self._spool.deliveries.read(name)
+                record = self._read(name)
                 if record is not None:
                     windows[str(record.get("target_id"))] = (name, float(record.get("until") or 0))
         self._next_due = None
@@ -227,7 +233,7 @@ class Notifier:
     def _own(self, name: str, now: float) -> dict[str, Any] | None:
         """A notification file's record if this host sends it (adopted first from a host no
         longer alive); None if another host does, or it is gone."""
-        record = self._spool.deliveries.read(name)
+        record = self._read(name)
         if record is None or self._callbacks.written_here(record):
             return record
         owner = str(record.get("host"))
@@ -241,6 +247,22 @@ class Notifier:
         self._logger.warning("notification %s: adopted from host %s, which is %s", name, owner,
                              self.host_state(owner))  # fmt: skip
         return adopted
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        """A notification file's record, read again only when its file has changed since
+        (``Deliveries.stamp``); never changed by its callers (they copy to change it)."""
+        stamp = self._spool.deliveries.stamp(name)
+        if stamp is None:
+            self._known.pop(name, None)
+            return None
+        known = self._known.get(name)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        # Stamped before it is read: a change between the two makes the next stamp differ.
+        record = self._spool.deliveries.read(name)
+        if record is not None:
+            self._known[name] = (stamp, record)
+        return record
 
     def _split(self, name: str, record: dict[str, Any]) -> None:
         """One change file into a held notice per target; the change file removed last."""

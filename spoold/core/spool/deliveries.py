@@ -105,6 +105,16 @@ class Deliveries:
         """A delivery's content; None once it is gone."""
         return read_json(os.path.join(self._dirs["outbox"], directory, name))
 
+    def stamp(self, name: str) -> tuple[int, int, int] | None:
+        """What changes whenever ``name`` is written (inode, mtime and ctime, ns): every write
+        replaces the file by a new one (``write_file``, ``adopt``), so a record read under a
+        stamp is still the file's while the stamp is the same. None once it is gone."""
+        try:
+            info = os.stat(os.path.join(self._dirs["outbox"], name))
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
     def exists(self, name: str) -> bool:
         """Whether outbox/ holds ``name`` now (one that ``read`` cannot read is damaged, not
         one a host adopting it has put aside for a moment)."""
