@@ -252,16 +252,19 @@ def test_a_worker_process_leaves_a_linger_after_its_last_job_with_nothing_to_wak
         _stop(ours, serving)
 
 
-def test_a_worker_process_counts_its_linger_from_its_last_job_s_end_not_its_look() -> None:
-    """The pool says when its last job ended: a look long after the end (here a message an
-    hour's linger after it) leaves at once rather than a whole linger later."""
-    slots, linger = _Slots(), 3600.0
-    ours, serving = _serving(slots, linger)
+def test_a_worker_process_counts_its_linger_from_no_sooner_than_it_last_saw_work() -> None:
+    """The pool says when its last job ended; the stay never counts from before the loop last
+    saw work here (the runner may have held a job outside the pool's slots): an end the pool
+    dates an hour back, seen right after a busy look, still leaves a whole linger later."""
+    slots, linger = _Slots(), 0.4
+    before = time.monotonic()
+    ours, serving = _serving(slots, linger)  # its first look, after ``before``, was busy
     try:
-        slots.end(time.monotonic() - linger)
-        send_message(ours, Revoke())  # wakes it: it looks
+        slots.end(time.monotonic() - 3600)
+        send_message(ours, Revoke())  # wakes it: it looks, idle
         assert _next(ours) == Returned(())
         assert _next(ours) == Leaving()
+        assert time.monotonic() - before >= linger
     finally:
         _stop(ours, serving)
 

@@ -752,17 +752,20 @@ def serve_jobs(
     heartbeat.restart(clock.monotonic())
     pool.start()
     parent.send(Ready())
-    idle_since: float | None = clock.monotonic()
+    busy_seen = clock.monotonic()  # when it last saw work here
+    idle_since: float | None = busy_seen
     leaving = False
     while True:
         busy = pool.busy or bool(runner.active_ids())
         now = clock.monotonic()
         if busy:
-            idle_since, leaving = None, False
+            idle_since, leaving, busy_seen = None, False, now
         elif idle_since is None:
             # A job's end wakes no one here (a wake a job cost the slots more than it saves):
             # the pool says when its last job ended, and the loop looks at least once a linger.
-            idle_since = min(pool.idle_since or now, now)
+            # Never before it last saw work (a job the runner held outside the pool's slots).
+            ended = pool.idle_since
+            idle_since = min(max(busy_seen if ended is None else ended, busy_seen), now)
         due = [heartbeat.next_due] if busy else []
         if linger and not leaving:
             if idle_since is None:
