@@ -249,6 +249,38 @@ def test_idle_worker_processes_leave_and_come_back(env: Env, tmp_path: Path) -> 
         daemon.kill()
 
 
+def test_jobs_that_come_as_idle_worker_processes_leave_each_run_once(
+    env: Env, tmp_path: Path
+) -> None:
+    """Worker processes that stay a moment leave often, and jobs come just as one says it
+    is leaving (the main process answers Stop, or the job keeps it), or just after it left (a
+    new one starts): each job runs once, and no worker process dies. The arrivals are a
+    seeded pattern around the stay; the race itself is the machine's, the check is not."""
+    config = write_config(tmp_path / "config.yaml", env.spool, workers=2, worker_processes=2,
+                          worker_idle_exit="40ms", log_level="debug")  # fmt: skip
+    daemon = DaemonProcess(env.spool, config)
+    daemon.start()
+    try:
+        gaps = random.Random(23)
+        ids: list[str] = []
+        # At least 60 jobs, and on until a few leaves came among them (a loaded machine
+        # stretches each job): at most 200.
+        while len(ids) < 60 or (daemon.log().count("stopping it") < 3 and len(ids) < 200):
+            ids.append(job_id := f"r{len(ids):03d}")
+            drop(env.spool, f"{job_id}.yaml", env.job(job_id))
+            time.sleep(gaps.choice([0.0, 0.01, 0.03, 0.04, 0.05, 0.08, 0.12]))
+        for job_id in ids:
+            assert wait_finished(env.spool, job_id)[0] == "done", job_id
+            assert env.marks_of(job_id) == ["start 1", "end 1"], job_id
+        log = daemon.log()
+        assert log.count("stopping it") >= 3, "worker processes left among the jobs"
+        assert daemon.alive and "ended with" not in log, "leaving is not dying"
+        assert daemon.stop() == 0
+        assert_spool_drained(env.spool)
+    finally:
+        daemon.kill()
+
+
 def test_worker_processes_stay_when_told_to(env: Env, tmp_path: Path) -> None:
     """``worker_idle_exit: 0``: the worker processes run as long as the daemon."""
     config = write_config(tmp_path / "config.yaml", env.spool, workers=2, worker_processes=2,
