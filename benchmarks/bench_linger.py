@@ -43,15 +43,15 @@ from benchmarks.bench_compare import (
 )
 from benchmarks.bench_spool import Daemon, Tool, pickup, say
 
+IDLE_EXIT = 30.0  # s, both daemons' worker_idle_exit
 #: The ``fixed`` column: this checkout's daemon with its first stay at the ceiling.
 FIXED = (
-    "import sys; import spoold.run.pool as pool; pool.LINGER_FIRST = 30.0; "
+    f"import sys; import spoold.run.pool as pool; pool.LINGER_FIRST = {IDLE_EXIT!r}; "
     "from spoold.app import main; sys.exit(main())"
 )
 SAMPLE_EVERY = 0.25  # s; PSS (smaps_rollup, dearer) every PSS_EVERY samples
 PSS_EVERY = 4
 REST_BOUND = 90.0  # s a pattern waits at most for both daemons to be back at rest
-IDLE_EXIT = 30.0  # s, both daemons' worker_idle_exit
 
 
 @dataclass(frozen=True)
