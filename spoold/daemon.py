@@ -175,6 +175,7 @@ class MakeWorkers(Protocol):
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> Workers: ...
 
 
@@ -185,6 +186,7 @@ def worker_processes(
     on_deferred: Callable[[str, float], None],
     on_cancel: Callable[[str, str], None],
     on_observed: Callable[[Observation], None] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> WorkerProcesses:
     """The daemon's workers: processes of their own, each built by ``WORKER_ENTRY``."""
     config = parts.config
@@ -198,6 +200,7 @@ def worker_processes(
         on_deferred=on_deferred,
         on_cancel=on_cancel,
         on_observed=on_observed,
+        on_started=on_started,
         executors=parts.registry.references(),
     )
 
@@ -312,6 +315,7 @@ class Daemon:
         workers = make_workers(
             parts, on_lost=attention.set, on_deferred=defer, on_cancel=cancel,
             on_observed=observed,
+            on_started=None if metrics is None else metrics.worker_process_started,
         )  # fmt: skip
         watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 

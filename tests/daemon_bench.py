@@ -40,8 +40,10 @@ class InlineWorkers:
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
-        del on_lost, on_cancel  # no process to lose; no concurrency strategy to refuse a job
+        # No process to lose, or to start; no concurrency strategy to refuse a job.
+        del on_lost, on_cancel, on_started
         self.runner = parts.runner(on_deferred=on_deferred, observe=on_observed)
         self.queued: list[str] = []
         self.adopting: set[str] = set()

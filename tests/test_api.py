@@ -576,6 +576,7 @@ def test_metrics_parse_and_count_what_happened(tmp_path: Path) -> None:
         assert value("spoold_hosts_alive") == 1
         assert value("spoold_leases_stale") == 0
         assert value("spoold_callbacks_given_up") == 0
+        assert value("spoold_worker_process_starts_total") >= 1, "the daemon's, at least"
         for family in families.values():
             assert family.name.startswith("spoold_"), family.name
         # Counted from the spool: true after a restart, when the counters begin anew.

@@ -635,8 +635,9 @@ class Gathered:
 def test_worker_processes_tell_the_main_process_what_they_did(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     Spool(root).init()
+    # Kept for the test's life (worker_idle_exit 0): the two started are all it starts.
     config = load_config(write_config(tmp_path / "config.yaml", root, workers=2,
-                                      worker_processes=2), spool=root)  # fmt: skip
+                                      worker_processes=2, worker_idle_exit=0), spool=root)  # fmt: skip
     spool, clock = Spool(root), SystemClock()
     gathered = Gathered(Metrics(spool, config, clock, build_info=BUILD, count_reuse=0))
     intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
@@ -645,7 +646,7 @@ def test_worker_processes_tell_the_main_process_what_they_did(tmp_path: Path) ->
     workers = WorkerProcesses(
         config, LOGGER, processes=2, entry=WORKER_ENTRY, clock=clock, on_lost=lambda: None,
         on_deferred=gathered.deferred.__setitem__, on_cancel=lambda job_id, why: None,
-        on_observed=gathered.observe,
+        on_observed=gathered.observe, on_started=gathered.metrics.worker_process_started,
     )  # fmt: skip
     gate = tmp_path / "gate"
     jobs = {
@@ -695,6 +696,7 @@ def test_worker_processes_tell_the_main_process_what_they_did(tmp_path: Path) ->
     assert _value(samples, finished, executor="local", outcome="failed") == 1
     assert _value(samples, finished, executor="local", outcome="cancelled") == 1
     assert _value(samples, "spoold_job_retries_total", executor="local") == 1
+    assert _value(samples, "spoold_worker_process_starts_total") == 2
     assert _value(samples, "spoold_job_run_duration_seconds_count", executor="local") == 5
     assert _value(samples, "spoold_job_queue_wait_seconds_count", executor="local") == 5
     assert _value(samples, "spoold_jobs", state="succeeded") == 2

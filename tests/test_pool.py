@@ -320,10 +320,12 @@ def test_a_worker_process_started_again_soon_after_one_left_is_sent_a_longer_lin
                                       worker_idle_exit="2s"), spool=root)  # fmt: skip
     monkeypatch.setattr(pool, "LINGER_FIRST", 0.2)
     clock = FakeClock()
+    started: list[float] = []
     workers = WorkerProcesses(
         config, logging.getLogger("spoold.test"), processes=1,
         entry="tests.worker_entries:serve_unless_refused", clock=clock, on_lost=lambda: None,
         on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
+        on_started=lambda: started.append(clock.monotonic()),
     )  # fmt: skip
     intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
                     max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
@@ -353,5 +355,6 @@ def test_a_worker_process_started_again_soon_after_one_left_is_sent_a_longer_lin
         clock.advance(2.0)  # a quiet spell as long as worker_idle_exit
         one_job("c")
         assert stays == [0.4, 0.8, 0.2]
+        assert len(started) == 4, "each start told (the metrics count them)"
     finally:
         workers.stop(5.0)

@@ -314,14 +314,17 @@ class WorkerProcesses:
         on_deferred: Callable[[str, float], None],
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
+        on_started: Callable[[], None] | None = None,
         executors: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """``on_observed`` hears of each change of state a worker process makes (the
         metrics'), on the thread that reads that process's messages: it must be quick.
+        ``on_started``: each worker process started (the metrics' count of them).
         ``executors``: what the worker processes may run (``Setup.executors``)."""
         self._config = config
         self._executors = executors
         self._on_observed = on_observed
+        self._on_started = on_started
         self._child_main = child_main(entry)
         self._on_deferred = on_deferred
         self._on_cancel = on_cancel  # a job to end as cancelled, and why
@@ -516,6 +519,8 @@ class WorkerProcesses:
                 [sys.executable, "-c", self._child_main, str(theirs.fileno())], pass_fds=passed
             )
             conn = Connection(ours.detach())
+        if self._on_started is not None:
+            self._on_started()
         with self._lock:
             linger = self._linger.starting(self._clock.monotonic())
         conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None,
