@@ -38,6 +38,7 @@ from spoold.core.errors import SpooldError
 from spoold.core.outage import Outage
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
+from spoold.core.spool.jobs import DirStamp
 from spoold.out.messages import mail, webhook_body
 from spoold.out.notices import CHANGE, HELD, WINDOW, target_id
 from spoold.out.outbox import Callbacks, encode_record
@@ -106,7 +107,7 @@ class Notifier:
         #: The records read, each under its file's stamp, by the loop's thread alone: a tick
         #: read every held notice (2000 held through a chat server's outage: 39 ms of CPU a
         #: tick, each second); now a stat each, and a read only for what changed.
-        self._known: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._known: dict[str, tuple[DirStamp, dict[str, Any]]] = {}
         #: How this host sees another (as the callback sender's).
         self.host_state: Callable[[str], str] = lambda host: "alive"
 

@@ -22,10 +22,12 @@ from spoold.core.errors import SpoolError
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
     TEMP_MARK,
+    DirStamp,
     GroupCommit,
     json_bytes,
     link_into_place,
     read_json,
+    stat_stamp,
     write_file,
     write_new,
 )
@@ -105,15 +107,14 @@ class Deliveries:
         """A delivery's content; None once it is gone."""
         return read_json(os.path.join(self._dirs["outbox"], directory, name))
 
-    def stamp(self, name: str) -> tuple[int, int, int] | None:
-        """What changes whenever ``name`` is written (inode, mtime and ctime, ns): every write
-        replaces the file by a new one (``write_file``, ``adopt``), so a record read under a
-        stamp is still the file's while the stamp is the same. None once it is gone."""
+    def stamp(self, name: str) -> DirStamp | None:
+        """What changes whenever ``name`` is written: every write replaces the file by a new
+        one (``write_file``, ``adopt``), so a record read under a stamp is still the file's
+        while the stamp is the same. None once it is gone."""
         try:
-            info = os.stat(os.path.join(self._dirs["outbox"], name))
+            return stat_stamp(os.stat(os.path.join(self._dirs["outbox"], name)))
         except FileNotFoundError:
             return None
-        return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
     def exists(self, name: str) -> bool:
         """Whether outbox/ holds ``name`` now (one that ``read`` cannot read is damaged, not

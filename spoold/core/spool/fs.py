@@ -177,6 +177,16 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
         raise
 
 
+#: A directory's or a file's inode, mtime and ctime (ns): one of them changes whenever an entry
+#: is made, removed or renamed in the directory, or another takes its name; and whenever a
+#: file spoold writes is written, each write replacing it (``write_file``).
+DirStamp = tuple[int, int, int]
+
+
+def stat_stamp(info: os.stat_result) -> DirStamp:
+    return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
 def _same_file(one: str | Path, other: str | Path) -> bool:
     """Whether two names are one file: by inode, where the filesystem keeps one per file.
 

@@ -47,6 +47,7 @@ from spoold.core.ids import RUN_ID
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
     TEMP_MARK,
+    DirStamp,
     GroupCommit,
     fsync_path,
     give_to_owner_of,
@@ -55,6 +56,7 @@ from spoold.core.spool.fs import (
     read_bytes,
     read_json,
     rename_noreplace,
+    stat_stamp,
     write_file,
     write_new,
 )
@@ -70,15 +72,6 @@ _RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the sched
 _RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
 _FENCED = "fenced."  # in a job's directory: fenced.<generation>, that claim taken over (by whom)
 _FENCED_LOG = "fenced-log."  # the log as the fenced owner held it open: its late lines go here
-
-
-#: A directory's inode, mtime and ctime (ns): one of them changes whenever an entry is made,
-#: removed or renamed in it, or another directory takes its name (``Jobs.entry_stamps``).
-DirStamp = tuple[int, int, int]
-
-
-def _stamp(info: os.stat_result) -> DirStamp:
-    return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
 
 class Seen(Protocol):
@@ -298,7 +291,7 @@ class Jobs:
                 except FileNotFoundError:
                     continue  # moved on while we looked
                 if stat.S_ISDIR(info.st_mode):
-                    found[name] = _stamp(info)
+                    found[name] = stat_stamp(info)
         finally:
             os.close(fd)
         return found
@@ -311,7 +304,7 @@ class Jobs:
             info = os.stat(self._dirs[_job_directory(directory)])
         except FileNotFoundError:
             return None
-        return _stamp(info)
+        return stat_stamp(info)
 
     @staticmethod
     def stamp_of(job: JobDir) -> DirStamp | None:
@@ -320,7 +313,7 @@ class Jobs:
             info = os.stat(job.location, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        return _stamp(info)
+        return stat_stamp(info)
 
     def read_snapshot(self, name: str) -> bytes | None:
         """tmp/<name>.snapshot as ``write_snapshot`` left it, or None if there is none."""
