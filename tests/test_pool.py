@@ -168,7 +168,7 @@ def test_a_long_queue_keeps_the_documents_of_its_first_jobs_only(
 
 class _Slots:
     """What serve_jobs asks of a worker process's slots and runner: busy while ``working``,
-    and since ``idle_since`` when not; how often it asked."""
+    idle since ``ended`` when not; how often it asked."""
 
     def __init__(self) -> None:
         self.working = True
@@ -176,12 +176,8 @@ class _Slots:
         self.ended = 0.0
 
     @property
-    def busy(self) -> bool:
-        self.looks += 1
-        return self.working
-
-    @property
     def idle_since(self) -> float | None:
+        self.looks += 1
         return None if self.working else self.ended
 
     def end(self, at: float) -> None:

@@ -761,16 +761,16 @@ def serve_jobs(
     idle_since: float | None = busy_seen
     leaving = False
     while True:
-        busy = pool.busy or bool(runner.active_ids())
+        ended = pool.idle_since  # None while a job is queued or runs in its slots
+        busy = ended is None or bool(runner.active_ids())
         now = clock.monotonic()
         if busy:
             idle_since, leaving, busy_seen = None, False, now
-        elif idle_since is None:
+        elif idle_since is None and ended is not None:
             # A job's end wakes no one here (a wake a job cost the slots more than it saves):
             # the pool says when its last job ended, and the loop looks at least once a linger.
             # Never before it last saw work (a job the runner held outside the pool's slots).
-            ended = pool.idle_since
-            idle_since = min(max(busy_seen if ended is None else ended, busy_seen), now)
+            idle_since = min(max(ended, busy_seen), now)
         due = [heartbeat.next_due] if busy else []
         if linger and not leaving:
             if idle_since is None:

@@ -983,12 +983,6 @@ class WorkerPool:
         ]
 
     @property
-    def busy(self) -> bool:
-        """Whether any job is queued here or running."""
-        with self._cond:
-            return bool(self._known)
-
-    @property
     def idle_since(self) -> float | None:
         """When its last job ended (``clock.monotonic``); None while one is queued or runs."""
         with self._cond:
