@@ -23,7 +23,6 @@ import contextlib
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +40,10 @@ from benchmarks.bench_compare import (
     proc_name,
     rss_now_mb,
 )
-from benchmarks.bench_spool import Daemon, Tool, pickup, say
+from benchmarks.bench_spool import Tool, pickup, say, spoold_tool
 
 IDLE_EXIT = 30.0  # s, both daemons' worker_idle_exit
+SETTINGS = f"workers: 2\nworker_idle_exit: {IDLE_EXIT:g}s\n"
 #: The ``fixed`` column: this checkout's daemon with its first stay at the ceiling.
 FIXED = (
     f"import sys; import spoold.run.pool as pool; pool.LINGER_FIRST = {IDLE_EXIT!r}; "
@@ -100,19 +100,6 @@ class Watch(Sampler):
             seen.rss.append(rss_now_mb(tool.daemon))
             if tick % PSS_EVERY == 0:
                 seen.pss.append(memory_mb(tool.daemon)[1])
-
-
-def make_daemon(name: str, base: Path, argv_head: list[str]) -> Tool:
-    home = base / name
-    home.mkdir()
-    spool = home / "spool"
-    config = home / "config.yaml"
-    config.write_text(
-        f"workers: 2\nworker_idle_exit: {IDLE_EXIT:g}s\nrescan_interval: 30s\nlog_level: warning\n"
-    )
-    subprocess.run([*argv_head, "init", "--spool", str(spool)], check=True, capture_output=True)
-    argv = [*argv_head, "run", "--spool", str(spool), "--config", str(config)]
-    return Tool(name, spool, Daemon(name, argv, home / "daemon.log"), home / "done.aside")
 
 
 def quiet_spell(tools: dict[str, Tool]) -> None:
@@ -188,8 +175,8 @@ def main() -> int:
     (base / "archive").mkdir()
     spoold = Path(sys.executable).with_name("spoold")
     tools = {
-        "adaptive": make_daemon("adaptive", base, [str(spoold)]),
-        "fixed": make_daemon("fixed", base, [sys.executable, "-c", FIXED]),
+        "adaptive": spoold_tool("adaptive", base, [str(spoold)], SETTINGS),
+        "fixed": spoold_tool("fixed", base, [sys.executable, "-c", FIXED], SETTINGS),
     }
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:

@@ -303,21 +303,30 @@ class Tool:
 
 def make_tool(name: str, base: Path, workers: int, against: str | None = None) -> Tool:
     """The daemon of one column: spoold, and the floor or (``against``) another spoold."""
-    home = base / name
-    home.mkdir()
-    spool = home / "spool"
     if name == "spoold" or against:
         python = against if name == "floor" and against else sys.executable
         spoold = Path(python).with_name("spoold")
         cli = [str(spoold)] if spoold.exists() else [python, "-m", "spoold"]
-        subprocess.run([*cli, "init", "--spool", str(spool)], check=True, capture_output=True)
-        config = home / "config.yaml"
-        config.write_text(f"workers: {workers}\nrescan_interval: 30s\nlog_level: warning\n")
-        argv = [*cli, "run", "--spool", str(spool), "--config", str(config)]
-    else:
-        for directory in ("incoming", "running", "done", "failed"):
-            (spool / directory).mkdir(parents=True)
-        argv = [sys.executable, str(HERE / "floor.py"), str(spool), "--workers", str(workers)]
+        return spoold_tool(name, base, cli, f"workers: {workers}\n")
+    home = base / name
+    home.mkdir()
+    spool = home / "spool"
+    for directory in ("incoming", "running", "done", "failed"):
+        (spool / directory).mkdir(parents=True)
+    argv = [sys.executable, str(HERE / "floor.py"), str(spool), "--workers", str(workers)]
+    return Tool(name, spool, Daemon(name, argv, home / "daemon.log"), home / "done.aside")
+
+
+def spoold_tool(name: str, base: Path, cli: list[str], settings: str) -> Tool:
+    """A spoold daemon run by ``cli`` (its command, up to the subcommand) on a spool of its
+    own, with ``settings`` (YAML lines) in its config beside the benchmarks' quiet ones."""
+    home = base / name
+    home.mkdir()
+    spool = home / "spool"
+    subprocess.run([*cli, "init", "--spool", str(spool)], check=True, capture_output=True)
+    config = home / "config.yaml"
+    config.write_text(f"{settings}rescan_interval: 30s\nlog_level: warning\n")
+    argv = [*cli, "run", "--spool", str(spool), "--config", str(config)]
     return Tool(name, spool, Daemon(name, argv, home / "daemon.log"), home / "done.aside")
 
 
