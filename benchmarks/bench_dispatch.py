@@ -55,8 +55,8 @@ from benchmarks.bench_spool import (
     spread_subdirectories,
     stage_jobs,
 )
+from spoold.core.spool.fs import SETTLE
 from spoold.run.dispatch import DispatchQueue, JobMeta
-from spoold.schedule.scheduler import SETTLE
 
 BOUND = 300.0  # seconds a daemon's flood may take at most
 OPS = 2000  # timed operations per measurement

@@ -22,6 +22,7 @@ from spoold.core.outage import Outage
 from spoold.core.procfs import started_at
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import DirectoryCount, JobDir, Spool
+from spoold.core.spool.fs import SETTLE
 from spoold.intake.incoming import Intake, IntakeThread
 from spoold.intake.watcher import InotifyWatcher, resolve_watch_mode
 from spoold.out.notify import Notifier
@@ -35,7 +36,7 @@ from spoold.run.lane import Lane
 from spoold.run.observed import listener as observed_listener
 from spoold.run.pool import WorkerProcesses
 from spoold.run.recovery import Recovery
-from spoold.schedule.scheduler import SETTLE, Scheduler
+from spoold.schedule.scheduler import Scheduler
 from spoold.wiring import WORKER_ENTRY, Parts
 
 if TYPE_CHECKING:

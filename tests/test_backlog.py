@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spoold.core.spool import DirectoryCount, Spool
-from spoold.schedule.scheduler import SETTLE
+from spoold.core.spool.fs import SETTLE
 from tests.fakes import FakeClock
 from tests.test_schedule_scale import _after_a_tick
 

@@ -19,6 +19,7 @@ from spoold.core.errors import CallbackError, ConfigError
 from spoold.core.job import JobStatus
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
+from spoold.core.spool.fs import LIST_EVERY, SETTLE
 from spoold.core.states import JobState
 from spoold.intake.incoming import Accepted, Intake, Rejected
 from spoold.intake.validation import job_validator
@@ -448,3 +449,43 @@ def test_a_backlog_waiting_for_a_receiver_is_not_walked_at_every_tick(
     assert posting.next_due(clock.now().timestamp()) == pytest.approx(clock.now().timestamp() + 3.0)
     clock.advance(3.0)
     assert posting.tick() == 2, "all due: as many as one receiver may have in flight (per_host)"
+
+
+def test_a_poll_lists_outbox_only_when_it_may_have_changed(spool: Spool, clock: FakeClock) -> None:
+    """Each poll (every second) listed outbox/ for what other hosts commit: 10,000 deliveries
+    waiting for a receiver that is down, 6 ms a second. Once outbox/'s stamp has settled, a
+    poll that finds it unchanged lists nothing (one in LIST_EVERY does all the same); a
+    delivery another host commits is found by the next poll, and a commit here at once."""
+    port = free_port()  # nothing listens: each try is refused at once
+    target = CallbackTarget(f"http://127.0.0.1:{port}/hook", SECRET)
+    for n in range(20):
+        emit(spool, clock, target, status(f"j{n:03d}"), "accepted")
+    posting = sender(spool, clock, initial=600.0)
+    assert deliver_all(posting, spool).count(False) == 20
+    listings: list[str] = []
+    names = spool.deliveries.names
+
+    def counted(directory: str = "") -> list[str]:
+        listings.append(directory)
+        return names(directory)
+
+    setattr(spool.deliveries, "names", counted)  # noqa: B010 - a spy on the instance
+    for _ in range(int(SETTLE) + 1):  # outbox/'s stamp seen unchanged for SETTLE seconds
+        clock.advance(1.0)
+        assert posting.tick() == 0
+    listings.clear()
+    for _ in range(LIST_EVERY - 1):
+        clock.advance(1.0)
+        assert posting.tick() == 0
+    assert listings == [], "nothing changed: not listed"
+    clock.advance(1.0)
+    assert posting.tick() == 0
+    assert listings == [""], "the LIST_EVERY-th poll lists all the same"
+    for _ in range(int(SETTLE) + 2):
+        clock.advance(1.0)
+        posting.tick()
+    listings.clear()
+    emit(spool, clock, target, status("other"), "accepted")  # as another host would commit it
+    clock.advance(1.0)
+    assert posting.tick() == 1, "found by the next poll, and sent"
+    assert listings == [""]

@@ -30,10 +30,11 @@ from apscheduler.schedulers.base import STATE_RUNNING
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.fs import LIST_EVERY, SETTLE
 from spoold.core.spool.jobs import DirStamp
 from spoold.face.schedules import pause, resume, run_now
 from spoold.intake.incoming import Accepted, Intake
-from spoold.schedule.scheduler import LIST_EVERY, SETTLE, Scheduler
+from spoold.schedule.scheduler import Scheduler
 from spoold.schedule.triggers import EveryTrigger
 from tests.daemon_bench import TickedDaemon
 from tests.fakes import FakeClock

@@ -26,10 +26,11 @@ import random
 import smtplib
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock
@@ -38,7 +39,7 @@ from spoold.core.errors import SpooldError
 from spoold.core.outage import Outage
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
-from spoold.core.spool.jobs import DirStamp
+from spoold.core.spool.fs import DirStamp, Relist
 from spoold.out.messages import mail, webhook_body
 from spoold.out.notices import CHANGE, HELD, WINDOW, target_id
 from spoold.out.outbox import Callbacks, encode_record
@@ -49,6 +50,31 @@ if TYPE_CHECKING:
 
 #: Folded notices are told to this, by target kind (email, webhook): the metrics' counter.
 OnFolded = Callable[[str, int], None]
+
+
+class _Held(NamedTuple):
+    """One target's held notices, as a look found them."""
+
+    notices: list[tuple[str, dict[str, Any]]]  # (name, record), oldest first
+    first_created: float
+    next_try: float  # the latest of theirs: none is tried before it
+
+
+def _held(notices: list[tuple[str, dict[str, Any]]]) -> _Held:
+    notices.sort(key=lambda pair: float(pair[1].get("created") or 0))
+    return _Held(
+        notices,
+        first_created=float(notices[0][1].get("created") or 0),
+        next_try=max(float(record.get("next_try") or 0) for _, record in notices),
+    )
+
+
+class _Scan(NamedTuple):
+    """What a look at outbox/ found for this host to send (``Notifier._look``)."""
+
+    held: dict[str, _Held]  # by target id
+    windows: dict[str, tuple[str, float]]  # target id -> (its window's file, open until)
+    left_to: frozenset[str]  # the hosts, alive then, whose notices were left to them
 
 
 @dataclass
@@ -79,9 +105,11 @@ class Notifier:
         wake: threading.Event | None = None,
         on_folded: OnFolded | None = None,
         draw: Callable[[], float] = random.random,
+        wall_time: Callable[[], float] = time.time,
     ) -> None:
         """``sending``: the callbacks' timeout, backoff and give-up time, used here too.
-        ``wake``: set by whoever commits a change file in this process."""
+        ``wake``: set by whoever commits a change file in this process. ``wall_time``, with
+        the clock's monotonic time: when outbox/'s stamp stands for it (``sighting``)."""
         self._spool = spool
         self._callbacks = callbacks
         self._clock = clock
@@ -108,6 +136,9 @@ class Notifier:
         #: read every held notice (2000 held through a chat server's outage: 39 ms of CPU a
         #: tick, each second); now a stat each, and a read only for what changed.
         self._known: dict[str, tuple[DirStamp, dict[str, Any]]] = {}
+        self._wall = wall_time
+        self._relist = Relist(spool.deliveries.directory_stamp)
+        self._scan: _Scan | None = None  # the last look's, by the loop's thread alone
         #: How this host sees another (as the callback sender's).
         self.host_state: Callable[[str], str] = lambda host: "alive"
 
@@ -152,13 +183,50 @@ class Notifier:
         """Split what came, and hand out each target whose time has come; return how many
         were. ``inline``: send them in this thread (a test's, or a loop not started)."""
         now = self._clock.now().timestamp()
+        scan = self._look(now)
+        self._next_due = None
+        handed = 0
+        for tid, held in scan.held.items():
+            if tid in scan.windows:
+                until = scan.windows[tid][1]
+            else:  # a quiet target: its first notice waits a moment for others to join it
+                until = held.first_created + self._settings.wait
+            due = max(until, held.next_try)
+            if due > now:
+                self._due_at(due)
+                continue
+            if self._hand(tid, held.notices, inline=inline):
+                handed += 1
+        for tid, (name, until) in scan.windows.items():
+            if tid in scan.held:
+                continue
+            if until <= now:
+                self._spool.deliveries.remove(name)  # closed, and nothing came
+            else:
+                self._due_at(until)
+        return handed
+
+    def _look(self, now: float) -> _Scan:
+        """What outbox/ holds for this host to send: its change files split, its held notices
+        by target, its open windows. Looked at again only when outbox/ may have changed since
+        (``Relist``: every write there replaces a file), or a host whose notices were left to
+        it is no longer alive: 10,000 notices held through an outage cost a tick 78 ms of CPU,
+        each second, a stat each."""
+        if self._scan is not None and any(
+            self.host_state(host) != "alive" for host in self._scan.left_to
+        ):
+            self._relist.forget()
+        if not self._relist.needed(wall=self._wall(), now=self._clock.monotonic()):
+            assert self._scan is not None  # no listing to stand for before the first
+            return self._scan
+        left_to: set[str] = set()
         names = self._spool.deliveries.names()
         for gone in self._known.keys() - set(names):
             del self._known[gone]
         split = False
         for name in names:
             if name.startswith(CHANGE) and name.endswith(".json"):
-                record = self._own(name, now)
+                record = self._own(name, now, left_to)
                 if record is not None:
                     self._split(name, record)
                     split = True
@@ -171,35 +239,20 @@ class Notifier:
             if not name.endswith(".json"):
                 continue
             if name.startswith(HELD):
-                record = self._own(name, now)
+                record = self._own(name, now, left_to)
                 if record is not None and isinstance(record.get("target"), dict):
                     held.setdefault(name[len(HELD) :].split(".", 1)[0], []).append((name, record))
             elif name.startswith(own_window):
                 record = self._read(name)
                 if record is not None:
                     windows[str(record.get("target_id"))] = (name, float(record.get("until") or 0))
-        self._next_due = None
-        handed = 0
-        for tid, notices in held.items():
-            notices.sort(key=lambda pair: float(pair[1].get("created") or 0))
-            if tid in windows:
-                until = windows[tid][1]
-            else:  # a quiet target: its first notice waits a moment for others to join it
-                until = float(notices[0][1].get("created") or 0) + self._settings.wait
-            due = max([until] + [float(r.get("next_try") or 0) for _, r in notices])
-            if due > now:
-                self._due_at(due)
-                continue
-            if self._hand(tid, notices, inline=inline):
-                handed += 1
-        for tid, (name, until) in windows.items():
-            if tid in held:
-                continue
-            if until <= now:
-                self._spool.deliveries.remove(name)  # closed, and nothing came
-            else:
-                self._due_at(until)
-        return handed
+        self._relist.listed()
+        self._scan = _Scan(
+            held={tid: _held(notices) for tid, notices in held.items()},
+            windows=windows,
+            left_to=frozenset(left_to),
+        )
+        return self._scan
 
     def _due_at(self, when: float) -> None:
         self._next_due = when if self._next_due is None else min(self._next_due, when)
@@ -231,14 +284,15 @@ class Notifier:
             return f"smtp:{mail.host}:{mail.port}" if mail is not None else "smtp:"
         return "http:" + (urlsplit(target.url).netloc or target.url[:40])
 
-    def _own(self, name: str, now: float) -> dict[str, Any] | None:
+    def _own(self, name: str, now: float, left_to: set[str]) -> dict[str, Any] | None:
         """A notification file's record if this host sends it (adopted first from a host no
-        longer alive); None if another host does, or it is gone."""
+        longer alive); None if another host does (named into ``left_to``), or it is gone."""
         record = self._read(name)
         if record is None or self._callbacks.written_here(record):
             return record
         owner = str(record.get("host"))
         if self.host_state(owner) == "alive":
+            left_to.add(owner)
             return None
         adopted = {**record, "host": self._callbacks.host, "adopted_from": owner,
                    "created": now, "next_try": now}  # fmt: skip

@@ -8,6 +8,7 @@ import heapq
 import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings
 from spoold.core.outage import Outage
 from spoold.core.spool import Spool
+from spoold.core.spool.fs import Relist
 from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 from spoold.out.threads import SenderThreads
@@ -55,8 +57,11 @@ class Sender:
         poll_interval: float = 1.0,
         draw: Callable[[], float] = random.random,
         wake: threading.Event | None = None,
+        wall_time: Callable[[], float] = time.time,
     ) -> None:
-        """``wake``: set by whoever commits a delivery in this process (``Callbacks``)."""
+        """``wake``: set by whoever commits a delivery in this process (``Callbacks``).
+        ``wall_time``, with the clock's monotonic time: when outbox/'s stamp stands for it
+        (``sighting``): a poll lists outbox/ only when it may have changed."""
         self._spool = spool
         self._callbacks = callbacks
         self._clock = clock
@@ -72,6 +77,8 @@ class Sender:
         self._names: set[str] | None = None  # the last listing of outbox/
         self._listed = 0.0  # when, monotonic
         self._relist = False
+        self._wall = wall_time
+        self._outbox = Relist(spool.deliveries.directory_stamp)
         self._gone: set[str] = set()  # taken or given up since
         self._ended: list[str] = []  # handed out and back (posted, failed or given up)
         # The last listing's index (``_reindex``), kept by ``tick`` alone: what each key
@@ -169,7 +176,13 @@ class Sender:
         with self._lock:
             if self._names is not None and not self._relist and now - self._listed < self._poll:
                 return
-            self._relist = False
+            woken, self._relist = self._relist, False
+        if woken:
+            self._outbox.forget()
+        if not self._outbox.needed(wall=self._wall(), now=now) and self._names is not None:
+            with self._lock:
+                self._listed = now  # as it was: 10,000 names waiting, 6 ms a listing
+            return
         names = set(self._spool.deliveries.names())
         with self._lock:
             self._listed = now
@@ -179,6 +192,7 @@ class Sender:
         if names != self._names:
             self._reindex(self._names or set(), names)
             self._names = names
+        self._outbox.listed()
 
     def _reindex(self, before: set[str], now: set[str]) -> None:
         """Index what changed since the last listing (sorted: a key's lowest sequence comes

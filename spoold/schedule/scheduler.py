@@ -55,7 +55,8 @@ from spoold.core.errors import DuplicateJob, JobNotFound, SpooldError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.jobs import DirStamp, ScheduleRequests, sighting
+from spoold.core.spool.fs import LIST_EVERY, SETTLE, DirStamp, sighting
+from spoold.core.spool.jobs import ScheduleRequests
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
 from spoold.run.ledger import JobLedger, Listener
@@ -71,12 +72,6 @@ from spoold.schedule.triggers import (
 )
 
 _RUNS_KEPT = 20  # in a schedule's status.json
-#: Seconds by which a read must follow a directory's stamp for the stamp to stand for it:
-#: more than the filesystem's timestamp granularity (1 s over SFTP) plus the clock skew between
-#: this host and the one whose clock stamps the spool's files (keep hosts on NTP).
-SETTLE = 5.0
-#: A round in this many lists scheduled/ whether or not its own stamp changed (``sync``).
-LIST_EVERY = 10
 
 
 class _Made(NamedTuple):

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
-from typing import NamedTuple
 
 from spoold.core.errors import SpoolError
 from spoold.core.spool.deliveries import Deliveries
-from spoold.core.spool.fs import DEFAULT_MODE, GroupCommit, filesystem_type
+from spoold.core.spool.fs import DEFAULT_MODE, GroupCommit, Relist, filesystem_type
 from spoold.core.spool.host_lock import HostLock
 from spoold.core.spool.hosts import HostRecords
-from spoold.core.spool.jobs import DirStamp, JobDir, Jobs, sighting
+from spoold.core.spool.jobs import JobDir, Jobs
 from spoold.core.spool.records import IdempotencyKeys, TokenRecords
 from spoold.core.spool.reservations import Reservations
 from spoold.core.spool.stages import (
@@ -220,36 +220,24 @@ def _ancestors(root: Path) -> list[str]:
     return found
 
 
-class _Counted(NamedTuple):
-    stamp: DirStamp  # the directory's, listed under
-    since: float  # (monotonic) when that stamp was first seen
-    entries: int
-    settled: bool  # the stamp had settled before that listing
-
-
 class DirectoryCount:
     """How many entries one of the spool's job directories holds (``Spool.count``), listed
     again only when the directory's stamp has changed since a listing that came after the stamp
-    had settled (``sighting``). A backlog of 10,000 pending jobs cost ``systemctl status``'s line
+    had settled (``Relist``). A backlog of 10,000 pending jobs cost ``systemctl status``'s line
     a listing every 2 s (5 ms each, a quarter of a percent of a core); now one stat."""
 
     def __init__(self, spool: Spool, directory: str, *, settle: float) -> None:
         self._spool = spool
         self._directory = directory
-        self._settle = settle
-        self._last: _Counted | None = None
+        self._relist = Relist(
+            lambda: spool.jobs.directory_stamp(directory), settle=settle, every=sys.maxsize
+        )
+        self._entries = 0
 
     def count(self, *, wall: float, now: float) -> int:
         """``wall``: the wall clock's time, read before this call; ``now``: the monotonic
         clock's."""
-        stamp = self._spool.jobs.directory_stamp(self._directory)
-        last = self._last
-        if last is not None and stamp == last.stamp and last.settled:
-            return last.entries
-        found = self._spool.count(self._directory)
-        if stamp is None:
-            self._last = None
-        else:
-            since, ready = sighting(stamp, last, wall=wall, now=now, settle=self._settle)
-            self._last = _Counted(stamp, since, found, ready)
-        return found
+        if self._relist.needed(wall=wall, now=now):
+            self._entries = self._spool.count(self._directory)
+            self._relist.listed()
+        return self._entries

@@ -116,6 +116,14 @@ class Deliveries:
         except FileNotFoundError:
             return None
 
+    def directory_stamp(self) -> DirStamp | None:
+        """outbox/'s own stamp: a delivery prepared, committed, written (each write replaces its
+        file), put aside, given up or removed changes it. None if outbox/ is gone."""
+        try:
+            return stat_stamp(os.stat(self._dirs["outbox"]))
+        except FileNotFoundError:
+            return None
+
     def exists(self, name: str) -> bool:
         """Whether outbox/ holds ``name`` now (one that ``read`` cannot read is damaged, not
         one a host adopting it has put aside for a moment)."""

@@ -22,15 +22,20 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "DEFAULT_MODE",
+    "LIST_EVERY",
+    "SETTLE",
     "TEMP_MARK",
+    "DirStamp",
     "GroupCommit",
     "GroupSync",
+    "Relist",
+    "Seen",
     "filesystem_type",
     "fsync_path",
     "give_to_owner_of",
@@ -42,6 +47,8 @@ __all__ = [
     "read_limited_path",
     "rename_exchange",
     "rename_noreplace",
+    "sighting",
+    "stat_stamp",
     "write_file",
     "write_new",
 ]
@@ -185,6 +192,99 @@ DirStamp = tuple[int, int, int]
 
 def stat_stamp(info: os.stat_result) -> DirStamp:
     return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
+#: Seconds by which a read must follow a directory's stamp for the stamp to stand for it:
+#: more than the filesystem's timestamp granularity (1 s over SFTP) plus the clock skew between
+#: this host and the one whose clock stamps the spool's files (keep hosts on NTP).
+SETTLE = 5.0
+#: A look in this many lists its directory whether or not the stamp changed (``Relist``).
+LIST_EVERY = 10
+
+
+class Seen(Protocol):
+    """A directory's stamp as this host last saw it, and since when (monotonic)."""
+
+    @property
+    def stamp(self) -> DirStamp: ...
+
+    @property
+    def since(self) -> float: ...
+
+
+def sighting(
+    stamp: DirStamp, last: Seen | None, *, wall: float, now: float, settle: float
+) -> tuple[float, bool]:
+    """When ``stamp`` was first seen (``last``: what was seen before, if anything), and whether
+    it now stands for its directory: whether any change after a read that follows this stat
+    must give the directory another stamp. So once the stamp is ``settle`` seconds old by this
+    host's wall clock (``wall``, read before the stat), or was seen unchanged for that long by
+    its monotonic clock (``now``), which holds whatever the skew of the clock that stamps the
+    spool's files."""
+    since = last.since if last is not None and last.stamp == stamp else now
+    _, mtime_ns, ctime_ns = stamp
+    return since, now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
+
+
+class _Sighted(NamedTuple):
+    stamp: DirStamp
+    since: float  # (monotonic) when that stamp was first seen
+    settled: bool  # it had settled before the listing that followed it
+
+
+class Relist:
+    """Whether a directory must be listed again, or still holds what its last listing found:
+    its stamp is the one that listing was made under, and that stamp had settled then
+    (``sighting``), so any change since would have given it another. One stat instead of a
+    listing (and whatever the lister reads of each entry).
+
+    ``every``: one look in this many lists all the same, for what a stamp may not show at once
+    (a shared filesystem's cached attributes, a host whose clock is far off).
+    """
+
+    def __init__(
+        self, stamp: Callable[[], DirStamp | None], *, settle: float = SETTLE,
+        every: int = LIST_EVERY,
+    ) -> None:  # fmt: skip
+        """``stamp``: the directory's stamp now (None if it is gone)."""
+        self._stamp = stamp
+        self._settle = settle
+        self._every = every
+        self._last: _Sighted | None = None  # the last listing's
+        self._taken: _Sighted | None = None  # the stamp the listing under way is made under
+        self._skipped = 0
+        self._stale = False
+
+    def needed(self, *, wall: float, now: float) -> bool:
+        """Before a listing: whether it must be made. When it must, the stamp read here is the
+        one it stands under once ``listed()`` is called. ``wall``: the wall clock's time, read
+        before this call; ``now``: the monotonic clock's."""
+        stamp = self._stamp()
+        last = self._last
+        if (
+            last is not None
+            and last.settled
+            and stamp == last.stamp
+            and not self._stale
+            and self._skipped + 1 < self._every
+        ):
+            self._skipped += 1
+            return False
+        if stamp is None:
+            self._taken = None
+        else:
+            since, settled = sighting(stamp, last, wall=wall, now=now, settle=self._settle)
+            self._taken = _Sighted(stamp, since, settled)
+        return True
+
+    def listed(self) -> None:
+        """The listing ``needed()`` asked for is made: it holds until the stamp changes."""
+        self._last, self._taken = self._taken, None
+        self._skipped, self._stale = 0, False
+
+    def forget(self) -> None:
+        """The next look lists: something changed that the stamp does not show."""
+        self._stale = True
 
 
 def _same_file(one: str | Path, other: str | Path) -> bool:

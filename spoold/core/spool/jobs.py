@@ -34,7 +34,7 @@ import shutil
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple
 
 from spoold.core.errors import (
     InvalidTransition,
@@ -49,6 +49,7 @@ from spoold.core.spool.fs import (
     TEMP_MARK,
     DirStamp,
     GroupCommit,
+    Seen,
     fsync_path,
     give_to_owner_of,
     json_bytes,
@@ -56,6 +57,7 @@ from spoold.core.spool.fs import (
     read_bytes,
     read_json,
     rename_noreplace,
+    sighting,
     stat_stamp,
     write_file,
     write_new,
@@ -72,30 +74,6 @@ _RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the sched
 _RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
 _FENCED = "fenced."  # in a job's directory: fenced.<generation>, that claim taken over (by whom)
 _FENCED_LOG = "fenced-log."  # the log as the fenced owner held it open: its late lines go here
-
-
-class Seen(Protocol):
-    """A directory's stamp as this host last saw it, and since when (monotonic)."""
-
-    @property
-    def stamp(self) -> DirStamp: ...
-
-    @property
-    def since(self) -> float: ...
-
-
-def sighting(
-    stamp: DirStamp, last: Seen | None, *, wall: float, now: float, settle: float
-) -> tuple[float, bool]:
-    """When ``stamp`` was first seen (``last``: what was seen before, if anything), and whether
-    it now stands for its directory: whether any change after a read that follows this stat
-    must give the directory another stamp. So once the stamp is ``settle`` seconds old by this
-    host's wall clock (``wall``, read before the stat), or was seen unchanged for that long by
-    its monotonic clock (``now``), which holds whatever the skew of the clock that stamps the
-    spool's files."""
-    since = last.since if last is not None and last.stamp == stamp else now
-    _, mtime_ns, ctime_ns = stamp
-    return since, now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
 
 
 class ScheduleRequests(NamedTuple):
