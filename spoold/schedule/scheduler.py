@@ -55,7 +55,7 @@ from spoold.core.errors import DuplicateJob, JobNotFound, SpooldError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.fs import LIST_EVERY, SETTLE, DirStamp, sighting
+from spoold.core.spool.fs import LIST_EVERY, SETTLE, DirStamp, Relist, sighting
 from spoold.core.spool.jobs import ScheduleRequests
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
@@ -164,8 +164,10 @@ class Scheduler:
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
         # scheduled/'s own stamp at the last round that listed it, since when, and whether it
         # stood for the directory then (``sighting``); rounds since the last listing.
-        self._tree: _Known | None = None
-        self._unlisted = 0
+        #: Whether scheduled/ must be listed again (its own stamp: ``sync``).
+        self._relist = Relist(
+            lambda: spool.jobs.directory_stamp("scheduled"), settle=settle, every=LIST_EVERY
+        )
         self._scheduled = str(spool.dir("scheduled"))
         self._settle = settle
         self._wall = wall_time
@@ -199,15 +201,10 @@ class Scheduler:
         (an older one, on another host sharing the spool) waits that long at most."""
         with self._lock:
             wall, now = self._wall(), self._monotonic()  # before the stats: see sighting
-            tree = self._spool.jobs.directory_stamp("scheduled")
-            if tree is not None and self._unchanged(tree):
+            if not all(known.settled for known in self._known.values()):
+                self._relist.forget()  # one may yet hide a change its stamp does not show
+            if not self._relist.needed(wall=wall, now=now):
                 return
-            self._unlisted = 0
-            if tree is None:
-                self._tree = None
-            else:
-                since, ready = sighting(tree, self._tree, wall=wall, now=now, settle=self._settle)
-                self._tree = _Known(definition=None, stamp=tree, since=since, settled=ready)
             stamps = self._spool.jobs.entry_stamps("scheduled")
             for job_id in [job_id for job_id in self._known if job_id not in stamps]:
                 if self._known[job_id].definition is not None:
@@ -223,17 +220,7 @@ class Scheduler:
             with self._one_wakeup(len(changed)):  # schedules placed by another host, say
                 for job_id, stamp in changed:
                     self._look(job_id, stamp, wall=wall, now=now)
-
-    def _unchanged(self, tree: DirStamp) -> bool:
-        """Under the lock: whether this round may skip the listing (``sync``)."""
-        self._unlisted += 1
-        return (
-            self._unlisted < LIST_EVERY
-            and self._tree is not None
-            and self._tree.settled
-            and self._tree.stamp == tree
-            and all(known.settled for known in self._known.values())
-        )
+            self._relist.listed()
 
     def accept(self, placed: Sequence[tuple[JobDir, Mapping[str, Any] | None]]) -> None:
         """Register the schedules intake just placed in scheduled/ together (new, or their
