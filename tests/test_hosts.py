@@ -24,7 +24,7 @@ from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.face.views import hosts_rows
-from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.out.outbox import Callbacks, CallbackTarget, encode_record
 from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.hostbeat import HostBeat
 from spoold.run.ledger import JobLedger
@@ -610,3 +610,28 @@ def test_a_spool_that_cannot_be_reached_is_said_once_and_its_return_once(
         "intake: the spool cannot be reached ([Errno 5] Input/output error); trying again",
         "intake: the spool can be reached again",
     ]
+
+
+def test_a_delivery_another_host_adopted_since_it_was_read_is_left_to_that_host(
+    tmp_path: Path,
+) -> None:
+    """A host back from a pause, its sender holding a delivery it read before: meanwhile
+    another host judged it stale and adopted the delivery, writing it again under the same
+    name. outbox/ lists the same names, so only the file's stamp tells: checked before each
+    post, it is read again and left to its new owner, not posted by both."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    name = _one_delivery(spool, clock, "a")
+    record = spool.deliveries.read(name)
+    assert record is not None
+    due = clock.now().timestamp() + 2.5  # a tried it once before its pause
+    spool.deliveries.update(name, encode_record({**record, "next_try": due}))
+    a = _sender(spool, clock, "a", "alive")
+    assert a.tick() == 0, "not due yet; a's sender holds it"
+    adopted = spool.deliveries.adopt(
+        name, "b", lambda old: encode_record({**old, "host": "b", "adopted_from": "a"})
+    )
+    assert adopted and spool.deliveries.names() == [name], "the same name, b's now"
+    clock.advance(3.0)
+    assert a.tick() == 0, "b's: left to b, which posts it"
+    a.host_state = lambda other: "gone"
+    assert a.tick() == 1, "b gone: a adopts it back, and hands it out"

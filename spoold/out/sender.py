@@ -19,7 +19,7 @@ from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings
 from spoold.core.outage import Outage
 from spoold.core.spool import Spool
-from spoold.core.spool.fs import Relist
+from spoold.core.spool.fs import DirStamp, Relist
 from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 from spoold.out.threads import SenderThreads
@@ -73,7 +73,10 @@ class Sender:
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()  # keys
         self._hosts: Counter[str] = Counter()
-        self._records: dict[str, dict[str, Any]] = {}  # read once per name
+        #: Each record read or written here, under its file's stamp: read once per name, and
+        #: checked by a stat before it is posted (``_current``): a host that adopted it since
+        #: wrote it again under the same name, which a listing does not show.
+        self._records: dict[str, tuple[DirStamp, dict[str, Any]]] = {}
         self._names: set[str] | None = None  # the last listing of outbox/
         self._listed = 0.0  # when, monotonic
         self._relist = False
@@ -272,7 +275,15 @@ class Sender:
         key = self._key(name)
         if name in self._gone or self._heads.get(key) != name or key in self._in_flight:
             return None
-        return self._records.get(name)
+        kept = self._records.get(name)
+        if kept is None:
+            return None
+        if self._spool.deliveries.stamp(name) != kept[0]:  # written since: read it again
+            with self._lock:
+                self._records.pop(name, None)
+            self._unfiled.add(key)
+            return None
+        return kept[1]
 
     def _push(self, name: str, record: dict[str, Any]) -> None:
         host = urlsplit(str(record["url"])).netloc
@@ -293,13 +304,25 @@ class Sender:
         return min(tops, default=None)
 
     def _record(self, name: str) -> dict[str, Any] | None:
-        record = self._records.get(name)  # one dict lookup is atomic; this runs per delivery
-        if record is None:
-            record = self._spool.deliveries.read(name)
-            if record is not None:
-                with self._lock:
-                    self._records[name] = record
+        kept = self._records.get(name)  # one dict lookup is atomic; this runs per delivery
+        if kept is not None:
+            return kept[1]
+        # Stamped before it is read: a change between the two makes the next stamp differ.
+        stamp = self._spool.deliveries.stamp(name)
+        record = self._spool.deliveries.read(name)
+        if record is not None and stamp is not None:
+            with self._lock:
+                self._records[name] = (stamp, record)
         return record
+
+    def _keep(self, name: str, record: dict[str, Any]) -> None:
+        """Note ``record`` as what this sender just wrote into ``name``."""
+        stamp = self._spool.deliveries.stamp(name)
+        with self._lock:
+            if stamp is None:
+                self._records.pop(name, None)
+            else:
+                self._records[name] = (stamp, record)
 
     def _unusable(self, name: str) -> None:
         """A delivery file that cannot be sent (damaged, or not spoold's): out of the way."""
@@ -326,8 +349,7 @@ class Sender:
             return None
         self._logger.warning("callback %s: adopted from host %s, which is %s", name, owner,
                              self.host_state(owner))  # fmt: skip
-        with self._lock:
-            self._records[name] = adopted
+        self._keep(name, adopted)
         return adopted
 
     def _settle_if_stale(self, name: str, now: float) -> None:
@@ -424,12 +446,13 @@ class Sender:
             return
         wait = self._policy.delay(tries, self._draw)
         record["next_try"] = now + wait
-        with self._lock:
-            self._records[name] = record
         try:
             self._spool.deliveries.update(name, encode_record(record))
         except FileNotFoundError:  # removed by hand meanwhile
+            with self._lock:
+                self._records.pop(name, None)
             return
+        self._keep(name, record)  # before the post's end files its key again
         self._logger.warning(
             "callback %s %s to %s failed (%s); try %d again in %.0fs",
             record["key"], record["event"], record["url"], error, tries + 1, wait,
