@@ -207,6 +207,9 @@ def _unfinished(server: Path, logs: dict[str, str], events: list[str]) -> str:
     said.append(f"not ended: {len(stuck)} {stuck[:20]}; found nowhere: {missing[:20]}")
     said.append(f"incoming/: {sorted(os.listdir(server / 'incoming'))[:20]}")
     said.append(f"tmp/: {sorted(os.listdir(server / 'tmp'))[:20]}")
+    if missing:  # a job found nowhere was never accepted, or is lost: which, and what was said
+        said.append(_rejections(server, logs, []))
+        said += _said_about(logs, set(missing[:5]))[-30:]
     for job_id in stuck[:5]:
         for directory in where[job_id]:
             job = server / directory / job_id
