@@ -6,6 +6,7 @@ it lives. The same over a real network filesystem, with real partitions: test_ho
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -444,6 +445,64 @@ def test_a_delivery_its_sender_could_not_read_for_a_moment_is_sent_once_it_can(
     assert spool.deliveries.names() == [name], "outbox/ lists the same"
     sender.wake()
     assert sender.tick() == 1, "its head filed again, and handed out"
+
+
+def test_a_delivery_whose_check_before_its_post_failed_is_posted_once_it_can_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the three-host run, on this round's first version of the check: a host cut off
+    from the spool while deliveries were due. The stat that checks a delivery before its post
+    raised EIO after its heap entry was taken, and nothing filed it again: final callbacks
+    never sent. A check that cannot be made files the delivery again, from its file."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    _one_delivery(spool, clock, "b")
+    stamp = spool.deliveries.stamp
+    calls: list[str] = []
+
+    def cut_off_at_the_check(wanted: str) -> Any:
+        calls.append(wanted)
+        if len(calls) == 2:  # the first reads it, the second checks it before its post
+            raise OSError(errno.EIO, "Input/output error")
+        return stamp(wanted)
+
+    monkeypatch.setattr(spool.deliveries, "stamp", cut_off_at_the_check)
+    sender = _sender(spool, clock, "b", "alive")  # not started: what it hands out waits
+    with contextlib.suppress(OSError):  # as the Outage around the loop's ticks would
+        assert sender.tick() == 0, "not checked: not handed out"
+    assert len(calls) == 2
+    assert sender.tick() == 1, "filed again from its file, checked, and handed out"
+
+
+def test_a_gone_hosts_deliveries_are_adopted_though_the_spool_failed_half_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adoption of a gone host's deliveries took them all out of the sender's index
+    first: one that could not be read (EIO, cut off from the spool) took the rest with it,
+    and none of them was adopted or filed again."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
+    target = CallbackTarget("http://127.0.0.1:9/", "s3cret", None)
+    for job_id in ("j1", "j2", "j3"):
+        with a.announce(target, "succeeded", callbacks_status(job_id)):
+            pass
+    b = _sender(spool, clock, "b", "alive")
+    assert b.tick() == 0, "a's, and a is alive"
+    read = spool.deliveries.read
+    cut = {"once": True}
+
+    def cut_off_once(wanted: str, directory: str = "") -> dict[str, Any] | None:
+        if cut["once"]:
+            cut["once"] = False
+            raise OSError(errno.EIO, "Input/output error")
+        return read(wanted, directory)
+
+    monkeypatch.setattr(b, "_records", {})  # as after a restart of b: each is read again
+    monkeypatch.setattr(spool.deliveries, "read", cut_off_once)
+    b.host_state = lambda other: "gone"
+    with contextlib.suppress(OSError):  # as the Outage around the loop's ticks would
+        b.tick()
+    assert b.tick() == 2, "all three adopted; two handed out (per_host), one due after them"
+    assert {read(n)["host"] for n in spool.deliveries.names()} == {"b"}  # type: ignore[index]
 
 
 def test_a_hosts_prepared_delivery_is_settled_by_it_alone_while_it_lives(tmp_path: Path) -> None:

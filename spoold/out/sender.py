@@ -134,12 +134,19 @@ class Sender:
             if self._key(name) not in self._in_flight:
                 self._settle_if_stale(name, now)
         for writer in [w for w in self._foreign if self.host_state(w) != "alive"]:
-            for name in sorted(self._foreign.pop(writer)):
+            heads = self._foreign[writer]
+            for name in sorted(heads):
+                # Each leaves the writer's heads once dealt with: one that raised (EIO, cut
+                # off from the spool) is adopted at a next tick, not forgotten.
                 record = self._record(name)
                 if record is not None and (adopted := self._adopt(name, record, now)):
+                    heads.discard(name)
                     self._push(name, adopted)
                 else:  # another host adopted it first: its own, while it lives
+                    heads.discard(name)
                     self._file(self._key(name))
+            if not heads:
+                self._foreign.pop(writer, None)
         handed = 0
         for host in sorted(self._due, key=lambda h: self._due[h][0] if self._due[h] else 0.0):
             heap = self._due[host]
@@ -278,12 +285,20 @@ class Sender:
         kept = self._records.get(name)
         if kept is None:
             return None
-        if self._spool.deliveries.stamp(name) != kept[0]:  # written since: read it again
+        if self._stamp(name) != kept[0]:  # written since, or cut off: read again when it can be
             with self._lock:
                 self._records.pop(name, None)
-            self._unfiled.add(key)
+            self._unfiled.add(key)  # its heap entry is gone: filed again from its file
             return None
         return kept[1]
+
+    def _stamp(self, name: str) -> DirStamp | None:
+        """``name``'s stamp; None if it is gone, or cannot be looked at now (EIO, cut off
+        from the spool): never an error, where it would lose the entry being handed out."""
+        try:
+            return self._spool.deliveries.stamp(name)
+        except OSError:
+            return None
 
     def _push(self, name: str, record: dict[str, Any]) -> None:
         host = urlsplit(str(record["url"])).netloc
@@ -317,7 +332,7 @@ class Sender:
 
     def _keep(self, name: str, record: dict[str, Any]) -> None:
         """Note ``record`` as what this sender just wrote into ``name``."""
-        stamp = self._spool.deliveries.stamp(name)
+        stamp = self._stamp(name)
         with self._lock:
             if stamp is None:
                 self._records.pop(name, None)
