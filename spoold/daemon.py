@@ -621,6 +621,13 @@ class Daemon:
         lost = self.hostbeat.lost() if self.hostbeat is not None else frozenset()
         if not lost:
             return
+        # Before their stages: a job file given back must not find its own first delivery.
+        made, dropped = self.callbacks.settle_all(lost)
+        if made or dropped:
+            self.logger.warning(
+                "recovery of %s: %d callback(s) of changes made queued, %d of changes not "
+                "made dropped", ", ".join(sorted(lost)), made, dropped,
+            )  # fmt: skip
         for line in self.spool.stages.recover(lost):
             self.logger.warning("recovery of %s: %s", ", ".join(sorted(lost)), line)
         if restored := self.spool.deliveries.finish_adoptions(lost):

@@ -505,6 +505,31 @@ def test_a_gone_hosts_deliveries_are_adopted_though_the_spool_failed_half_way(
     assert {read(n)["host"] for n in spool.deliveries.names()} == {"b"}  # type: ignore[index]
 
 
+def test_a_lost_hosts_prepared_delivery_is_settled_before_its_stages_go_back(
+    tmp_path: Path,
+) -> None:
+    """Seen in the three-host run: ``rejected/j0569.yaml``, "a job with id 'j0569' has
+    callbacks waiting". h3 was cut off between preparing the job's ``accepted`` delivery and
+    placing its stage; h2 gave the stage's file back to incoming/ and took it again, and found
+    that first delivery still prepared: refused as a duplicate, a job never accepted lost to
+    rejected/. A lost host's prepared deliveries are now decided before its stages go back
+    (``_recover_lost_hosts``): a change not made, dropped."""
+    a = _spool(tmp_path, host="a")
+    b = Spool(a.root, host="b")
+    clock = FakeClock(T)
+    taken = a.stages.stage_data("j.yaml", b"job_id: j\nexecutor: local\ncommand: 'true'\n")
+    target = CallbackTarget("http://127.0.0.1:9/", "s3cret", None)
+    on_a = Callbacks(a, clock, SecretStore(None), logger=LOG, host="a")
+    on_a._prepare(target, "j", 1, {"event": "accepted"}, {"job": "j"}, exclusive=True)
+    on_b = Callbacks(b, clock, SecretStore(None), logger=LOG, host="b")
+    with pytest.raises(FileExistsError):  # what b's intake of the file met
+        on_b._prepare(target, "j", 1, {"event": "accepted"}, {"job": "j"}, exclusive=True)
+    assert on_b.settle_all(frozenset({"a"})) == (0, 1), "no job j: a change not made"
+    assert b.stages.recover(frozenset({"a"})), "its stage recovered, to be taken again"
+    assert not os.path.exists(taken.stage)
+    on_b._prepare(target, "j", 1, {"event": "accepted"}, {"job": "j"}, exclusive=True)
+
+
 def test_a_hosts_prepared_delivery_is_settled_by_it_alone_while_it_lives(tmp_path: Path) -> None:
     spool, clock = _spool(tmp_path), FakeClock(T)
     a = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")

@@ -424,17 +424,27 @@ class Callbacks:
             self._spool.deliveries.remove(name)
         return made
 
-    def settle_all(self) -> tuple[int, int]:
-        """At start, before stages are recovered: decide every prepared delivery this host
-        left (made, dropped). Another host's may be a change under way: the sender settles
-        those once their host is found stale."""
+    def settle_all(self, hosts: frozenset[str] | None = None) -> tuple[int, int]:
+        """Before stages are recovered: decide every prepared delivery this host left, at
+        start, or (``hosts``) those hosts found stale or gone left (made, dropped).
+
+        Another host's may be a change under way while it lives (the sender settles those
+        once it is found stale). Once its stages go back to incoming/, a job file taken again
+        would find its first delivery still prepared and be refused as a duplicate: seen in
+        the three-host run, a host cut off between the prepare and the place."""
         made = dropped = 0
         for name in self._spool.deliveries.names():
-            if name.endswith(".prepared") and self.written_here(self._spool.deliveries.read(name)):
-                if self.settle(name):
-                    made += 1
-                else:
-                    dropped += 1
+            if not name.endswith(".prepared"):
+                continue
+            record = self._spool.deliveries.read(name)
+            if record is None:
+                continue
+            if not (self.written_here(record) if hosts is None else record.get("host") in hosts):
+                continue
+            if self.settle(name):
+                made += 1
+            else:
+                dropped += 1
         return made, dropped
 
     def _prepare(
