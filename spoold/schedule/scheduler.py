@@ -162,8 +162,6 @@ class Scheduler:
         self._aps = BackgroundScheduler(timezone=UTC)
         self._firing = _Firing(self.fire)
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
-        # scheduled/'s own stamp at the last round that listed it, since when, and whether it
-        # stood for the directory then (``sighting``); rounds since the last listing.
         #: Whether scheduled/ must be listed again (its own stamp: ``sync``).
         self._relist = Relist(
             lambda: spool.jobs.directory_stamp("scheduled"), settle=settle, every=LIST_EVERY

@@ -26,8 +26,8 @@ from spoold.core.spool.fs import (
     GroupCommit,
     json_bytes,
     link_into_place,
+    path_stamp,
     read_json,
-    stat_stamp,
     write_file,
     write_new,
 )
@@ -111,18 +111,12 @@ class Deliveries:
         """What changes whenever ``name`` is written: every write replaces the file by a new
         one (``write_file``, ``adopt``), so a record read under a stamp is still the file's
         while the stamp is the same. None once it is gone."""
-        try:
-            return stat_stamp(os.stat(os.path.join(self._dirs["outbox"], name)))
-        except FileNotFoundError:
-            return None
+        return path_stamp(os.path.join(self._dirs["outbox"], name))
 
     def directory_stamp(self) -> DirStamp | None:
         """outbox/'s own stamp: a delivery prepared, committed, written (each write replaces its
         file), put aside, given up or removed changes it. None if outbox/ is gone."""
-        try:
-            return stat_stamp(os.stat(self._dirs["outbox"]))
-        except FileNotFoundError:
-            return None
+        return path_stamp(self._dirs["outbox"])
 
     def exists(self, name: str) -> bool:
         """Whether outbox/ holds ``name`` now (one that ``read`` cannot read is damaged, not

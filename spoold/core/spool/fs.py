@@ -41,6 +41,7 @@ __all__ = [
     "give_to_owner_of",
     "json_bytes",
     "link_into_place",
+    "path_stamp",
     "read_bytes",
     "read_json",
     "read_limited",
@@ -192,6 +193,14 @@ DirStamp = tuple[int, int, int]
 
 def stat_stamp(info: os.stat_result) -> DirStamp:
     return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
+def path_stamp(path: str, *, follow_symlinks: bool = True) -> DirStamp | None:
+    """``path``'s stamp (``stat_stamp``); None once it is gone."""
+    try:
+        return stat_stamp(os.stat(path, follow_symlinks=follow_symlinks))
+    except FileNotFoundError:
+        return None
 
 
 #: Seconds by which a read must follow a directory's stamp for the stamp to stand for it:

@@ -54,6 +54,7 @@ from spoold.core.spool.fs import (
     give_to_owner_of,
     json_bytes,
     link_into_place,
+    path_stamp,
     read_bytes,
     read_json,
     rename_noreplace,
@@ -278,20 +279,12 @@ class Jobs:
         """The stamp of ``directory`` itself (``entry_stamps``): a job directory renamed in or
         out of it changes it, and so does a schedule's request (``_requested``); None if it is
         gone."""
-        try:
-            info = os.stat(self._dirs[_job_directory(directory)])
-        except FileNotFoundError:
-            return None
-        return stat_stamp(info)
+        return path_stamp(self._dirs[_job_directory(directory)])
 
     @staticmethod
     def stamp_of(job: JobDir) -> DirStamp | None:
         """One job directory's stamp (``entry_stamps``); None if it is gone."""
-        try:
-            info = os.stat(job.location, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        return stat_stamp(info)
+        return path_stamp(job.location, follow_symlinks=False)
 
     def read_snapshot(self, name: str) -> bytes | None:
         """tmp/<name>.snapshot as ``write_snapshot`` left it, or None if there is none."""
