@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock, parse_rfc3339
 from spoold.core.errors import ExecutorError, SpooldError
-from spoold.core.job import ArtifactSpec, Usage
+from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
 from spoold.core.limits import Limits
 from spoold.core.units import format_duration
+from spoold.core.usage import Usage
 from spoold.run.process import Processes, RunAs
 
 

@@ -38,9 +38,9 @@ from spoold.executors.local import shell_script
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
-from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
+from spoold.core.usage import Usage
 
 #: Where the job's commands run, inside the container; artifacts are relative to it.
 WORKDIR = "/spoold/work"

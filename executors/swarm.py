@@ -56,9 +56,9 @@ from spoold.executors.docker import (
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError
-from spoold.core.job import Usage
 from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
+from spoold.core.usage import Usage
 
 #: spoold's line in the job's log just before it creates the service, with the service's name:
 #: a resumed unit finds there where the service's output begins in the log.

@@ -26,11 +26,12 @@ import spoold
 from spoold.core.clock import SystemClock, rfc3339
 from spoold.core.config import Config, load_config
 from spoold.core.errors import WorkerProcessError
-from spoold.core.job import Attempt, JobStatus, Usage
+from spoold.core.job import Attempt, JobStatus
 from spoold.core.own_log import close_logging
 from spoold.core.procfs import process_start_time
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
+from spoold.core.usage import Usage
 from spoold.face.metrics import METRICS, Metrics
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator

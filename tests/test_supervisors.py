@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import spoold
 from spoold.core.clock import SystemClock
 from spoold.core.config import Config
 from spoold.core.procfs import descendants
@@ -276,6 +278,35 @@ def test_the_worker_processes_share_one_launcher(spool_dir: Path, tmp_path: Path
         assert _launchers(daemon) == [launcher], "the replacement uses the daemon's launcher"
     finally:
         daemon.stop()
+
+
+@pytest.mark.daemon
+def test_a_launcher_carries_neither_site_nor_the_jobs_model(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    """Each job supervisor is a fork of the launcher and counts again every page it holds
+    (a flood starts two): the launcher starts without site, and imports what a unit cost
+    (``spoold.core.usage``), not the job's model, its limits and its retry policy.
+
+    Its own command line, run with ``serve()`` replaced by a look at what it imported."""
+    config = write_config(tmp_path / "c.yaml", spool_dir, worker_processes=1, worker_idle_exit=0)
+    daemon = DaemonProcess(spool_dir, config)
+    try:
+        daemon.start()
+        argv = Path(f"/proc/{_the_launcher(daemon)}/cmdline").read_bytes().split(b"\0")[:-1]
+    finally:
+        daemon.stop()
+    *interpreter, code, _socket = (arg.decode() for arg in argv)
+    assert interpreter[-2:] == ["-S", "-c"], interpreter
+    look = "import json; print(json.dumps([sorted(sys.modules), spoold.__file__]))"
+    assert code.endswith("serve()")
+    probe = subprocess.run([*interpreter, f"{code.removesuffix('serve()')}import spoold; {look}"],
+                           capture_output=True, text=True, check=True, cwd="/", timeout=60)  # fmt: skip
+    modules, where = json.loads(probe.stdout)
+    assert "site" not in modules
+    assert "spoold.core.usage" in modules
+    assert not {"spoold.core.job", "spoold.core.limits", "spoold.core.retry"} & set(modules)
+    assert where == spoold.__file__, "the very spoold the daemon runs"
 
 
 @pytest.mark.daemon

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from spoold.core.job import StepUsage, Usage
+from spoold.core.usage import StepUsage, Usage
 from spoold.face.views import usage_text
 from tests.harness import (
     DaemonProcess,

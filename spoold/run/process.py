@@ -48,10 +48,10 @@ from pathlib import Path
 from spoold.core import procfs
 from spoold.core.clock import Clock
 from spoold.core.errors import ExecutorError
-from spoold.core.job import Usage
 from spoold.core.joblog import JobLog, OutputStream
 from spoold.core.procfs import ProcessInfo
 from spoold.core.units import format_duration
+from spoold.core.usage import Usage
 
 _READ_SIZE = 65536
 _DRAIN_QUIET_ROUNDS = 6

@@ -33,8 +33,6 @@ from spoold.core.job import (
     Attempt,
     JobSpec,
     JobStatus,
-    StepUsage,
-    Usage,
     interpolate,
     refer_to_secrets,
     secret_variable,
@@ -47,6 +45,7 @@ from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import generations
 from spoold.core.states import JobState
 from spoold.core.units import format_duration
+from spoold.core.usage import StepUsage, Usage
 from spoold.executors.base import ExecResult, Executor, RunContext, resumed
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.control import cancel_reason, cancel_words
