@@ -1,8 +1,8 @@
 """The job catalogue (spoold.face.catalogue) with many finished jobs, against ``spoold list``.
 
 Makes N finished jobs (done/ and failed/, written directly, no fsync; a realistic status.json of
-~1 KB each, labels in it as intake keeps them), lets the directories settle (older than the
-catalogue's RACY_NS), then prints:
+~1 KB each, labels in it as intake keeps them), lets the directories settle (their stamps
+older than ``SETTLE``: the catalogue then trusts them), then prints:
 
 - the first build (every status.json read) and the snapshot written after it;
 - a warm start from that snapshot (a new Catalogue's first page), and one where done/ changed
@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spoold.core.spool import Spool
+from spoold.core.spool.fs import SETTLE
 from spoold.face import catalogue as catalogue_module
 from spoold.face.catalogue import Catalogue, JobQuery
 from spoold.face.listing import job_rows
@@ -105,8 +106,8 @@ def finish_one(root: Path, number: int, rng: random.Random) -> str:
 
 
 def settle() -> None:
-    """Wait until the directories just written are older than the catalogue's RACY_NS."""
-    time.sleep(catalogue_module.RACY_NS / 1e9 + 0.1)
+    """Wait until the stamps of the directories just written have settled (``SETTLE``)."""
+    time.sleep(SETTLE + 0.1)
 
 
 def timed(action: Callable[[], Any]) -> float:

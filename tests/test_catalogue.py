@@ -23,13 +23,14 @@ import pytest
 from spoold.core.errors import JobNotFound
 from spoold.core.job import JobStatus
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.fs import SETTLE
 from spoold.core.states import JobState
 from spoold.face import catalogue as catalogue_module
-from spoold.face.catalogue import RACY_NS, Catalogue, JobQuery, Page
+from spoold.face.catalogue import Catalogue, JobQuery, Page
 from tests.harness import wait_for
 
 #: For the snapshot's tests: the catalogue looks as if 10 s after the tree last changed, so
-#: that no directory's mtime is too recent to tell (catalogue.RACY_NS).
+#: that every directory's stamp has settled (fs.SETTLE).
 LATER = 10 * 10**9
 
 
@@ -424,6 +425,48 @@ def test_a_directory_changed_within_the_mtimes_tick_is_looked_into_again(
     assert ids(catalogue.page(JobQuery())) == ["second", "first"]
 
 
+def test_a_change_a_whole_second_stamp_cannot_show_is_found_whatever_the_skew(
+    spool: Spool, catalogues: Callable[..., Catalogue], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over SFTP (sshfs) a directory's times are whole seconds (its ctime is its mtime), kept
+    by the file server's clock. A look 1.2 s into the second after its stamp, from a host
+    whose clock is 0.5 s ahead of the server's, comes while a change on the server still
+    gets the same stamp. A directory is looked into again until its stamp was seen unchanged
+    for ``SETTLE`` seconds (or is that old by this host's clock); from then on a call costs a
+    stat, no listing."""
+    whole = 10**9
+
+    def sftp_stamp(directory: str) -> tuple[int, int, int]:
+        info = os.stat(spool.dir(directory))
+        mtime = info.st_mtime_ns // whole * whole
+        return info.st_ino, mtime, mtime
+
+    listed: list[str] = []
+    names = spool.jobs.names
+
+    def counted_names(directory: str) -> list[str]:
+        listed.append(directory)
+        return names(directory)
+
+    monkeypatch.setattr(spool.jobs, "directory_stamp", sftp_stamp)
+    monkeypatch.setattr(spool.jobs, "names", counted_names)
+    make_job(spool, "first", second=1)
+    done = spool.dir("done")
+    second = sftp_stamp("done")[1]
+    clock = [100.0]
+    catalogue = catalogues(spool, wall_ns=lambda: second + 1_200_000_000,
+                           monotonic=lambda: clock[0])  # fmt: skip
+    assert ids(catalogue.page(JobQuery())) == ["first"]
+    make_job(spool, "second", second=2)
+    os.utime(done, ns=(second, second))  # the server's clock still in that second
+    assert ids(catalogue.page(JobQuery())) == ["second", "first"]
+    clock[0] += SETTLE
+    catalogue.page(JobQuery())  # the stamp seen unchanged that long: it stands for done/
+    listed.clear()
+    assert ids(catalogue.page(JobQuery())) == ["second", "first"]
+    assert "done" not in listed
+
+
 def test_a_costly_look_is_spaced_but_what_the_daemon_says_shows_at_once(
     spool: Spool, catalogues: Callable[..., Catalogue], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -546,7 +589,7 @@ def test_a_stale_snapshot_is_brought_up_to_date(
     newest = max(os.stat(job.location).st_ctime_ns for job in made)
     wait_for(lambda: time.time_ns() > newest + 50_000_000, bound=5, what="the clock to move on")
     after = newest + 1_000_000  # entered_times are float seconds: a margin for their rounding
-    rewrite_snapshot(spool, lambda doc: doc.__setitem__("fresh_ns", after + RACY_NS))
+    rewrite_snapshot(spool, lambda doc: doc.__setitem__("fresh_ns", after + int(SETTLE * 1e9)))
     # While no catalogue looked: one job retried and cancelled, one purged, one new.
     retry_and_cancel(spool, "job-1")
     spool.jobs.purge(spool.jobs.get("gone"))

@@ -9,10 +9,12 @@ full only the rows of the page it answers.
 How it stays true, at each call (``page``, ``counts``):
 
 - A job directory (pending/, running/, done/, failed/, scheduled/) is looked into again when
-  its stamp (device, inode, mtime) changed since the last look, or when the last look came too
-  soon after a change for the mtime to tell (``RACY_NS``: mtimes have the coarse clock's
-  granularity). A look lists its names (no stat) and reads the status.json of each name not
-  indexed there; a name gone is dropped.
+  its stamp (inode, mtime, ctime) changed since the last look, or when that stamp had not
+  settled then (``spoold.core.spool.fs.sighting``: ``SETTLE`` seconds old by this host's
+  clock, or seen unchanged that long): a change made soon after a look may leave the stamp
+  as it was (the kernel's coarse clock; whole seconds over SFTP; the clock of another host
+  sharing the spool). A look lists its names (no stat) and reads the status.json of each
+  name not indexed there; a name gone is dropped.
 - A look into a directory that took more than ``CHEAP_LOOK`` seconds (done/ with 100,000 jobs:
   50-170 ms on the machine of 2026-12, nearly all of it the listdir) is not repeated sooner
   than ``LOOK_SPACING`` times that long after it (so a client asking without pause has the
@@ -75,20 +77,16 @@ from typing import Any, NamedTuple, TypeAlias
 from spoold.core.errors import SpooldError
 from spoold.core.ids import RUN_ID
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.fs import SETTLE, DirStamp, sighting
 from spoold.face.views import labels_of
 
 __all__ = [
-    "CHEAP_LOOK", "LOOK_SPACING", "MAX_SPACING", "RACY_NS", "STATES", "Catalogue", "JobQuery",
-    "Page",
+    "CHEAP_LOOK", "LOOK_SPACING", "MAX_SPACING", "STATES", "Catalogue", "JobQuery", "Page",
 ]  # fmt: skip
 
 #: The states a query may name; ``scheduled`` lists the schedules' definitions, which no other
 #: query lists (as ``spoold list``).
 STATES = ("pending", "running", "succeeded", "failed", "cancelled", "scheduled")
-#: A directory changed less than this (ns) before it was looked into is looked into again at
-#: the next call: its mtime, kept by the kernel's coarse clock, could not show a change made
-#: just after the look.
-RACY_NS = 1_000_000_000
 #: A look into a directory that took longer than this (seconds) is spaced (``LOOK_SPACING``).
 CHEAP_LOOK = 0.002
 #: A costly look is not repeated sooner than this many times its duration after it...
@@ -149,10 +147,15 @@ class _Entry(NamedTuple):
     labels: _Labels | None  # sorted (key, value) pairs; None: unknown (then no label matches)
 
 
+class _Seen(NamedTuple):
+    stamp: DirStamp
+    since: float  # (monotonic) when it was first seen
+
+
 class _Capture(NamedTuple):
     """The index at one moment, for the snapshot."""
 
-    stamps: dict[str, tuple[int, int, int] | None]
+    stamps: dict[str, DirStamp | None]  # each directory's, where it had settled
     fresh_ns: int  # the wall clock at the older of the last looks into done/ and failed/
     recheck: list[str]  # forgotten, not yet read again
     entries: list[_Entry]
@@ -209,7 +212,8 @@ class Catalogue:
         #: ("state", s), ("executor", e), ("submitter", s), ("label", k), ("label", k, v).
         self._lists: dict[_Name, list[_Entry]] = {("all",): []}
         self._texts: _Texts | None = None  # made by the first text query, then kept up
-        self._stamps: dict[str, tuple[int, int, int] | None] = {}
+        self._stamps: dict[str, DirStamp | None] = {}  # the last look's, once it had settled
+        self._seen: dict[str, _Seen] = {}  # each directory's stamp at the last look, and since
         self._looked: dict[str, tuple[float, float]] = {}  # when, and how long it took
         #: The wall clock at the last look into each directory (or check that it had not
         #: changed): what entered it before then is indexed.
@@ -315,8 +319,8 @@ class Catalogue:
         jobs = self._spool.jobs
         started = self._monotonic()
         try:
-            stamp = jobs.stamp(directory)
-            if stamp == self._stamps.get(directory) and stamp is not None:
+            stamp = jobs.directory_stamp(directory)
+            if stamp is not None and stamp == self._stamps.get(directory):
                 self._fresh[directory] = now
                 return []
             last, took = self._looked.get(directory, (-math.inf, 0.0))
@@ -325,9 +329,13 @@ class Catalogue:
             names = set(jobs.names(directory))
         except (PermissionError, FileNotFoundError):  # not ours to list: none of its jobs
             names, stamp = set(), None
-        # A change made within the mtime's tick after this look would leave the stamp as it
-        # is: look again next time, until the stamp is old enough to tell.
-        settled = stamp is not None and now - stamp[2] >= RACY_NS
+        # A change made soon after this look may leave the stamp as it is: look again at the
+        # next call, until the stamp has settled (then any change gives it another).
+        settled = False
+        if stamp is not None:
+            seen = self._seen.get(directory)
+            since, settled = sighting(stamp, seen, wall=now / 1e9, now=started, settle=SETTLE)
+            self._seen[directory] = _Seen(stamp, since)
         self._stamps[directory] = stamp if settled else None
         self._fresh[directory] = now
         known = {
@@ -620,10 +628,10 @@ class Catalogue:
         recheck = set(capture.recheck)
         # A job back in done/ or failed/ under the same name since (a retry; an id purged and
         # submitted anew) shows only in its directory's ctime, which a rename sets.
-        since = (capture.fresh_ns - RACY_NS) / 1e9
+        since = capture.fresh_ns / 1e9 - SETTLE
         for directory in ("done", "failed"):
             try:
-                if jobs.stamp(directory) == capture.stamps.get(directory):
+                if jobs.directory_stamp(directory) == capture.stamps.get(directory):
                     continue
                 entered = jobs.entered_times(directory)
             except OSError:

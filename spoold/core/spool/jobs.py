@@ -242,13 +242,6 @@ class Jobs:
 
     # -- for a catalogue of the jobs (spoold.face.catalogue): what changed, without reading --
 
-    def stamp(self, directory: str) -> tuple[int, int, int]:
-        """What changes whenever a job enters or leaves ``directory``: its device, inode and
-        mtime (ns). A cache's check of the names it holds, not a clock: the mtime has the
-        kernel's coarse granularity, so a stamp read within a tick of a change proves little."""
-        info = os.stat(self._dirs[_job_directory(directory)])
-        return info.st_dev, info.st_ino, info.st_mtime_ns
-
     def names(self, directory: str) -> list[str]:
         """The names in ``directory``: one listdir, no stat, unchecked (a job's read tells;
         half the cost of a scandir, which makes an object of every name)."""
