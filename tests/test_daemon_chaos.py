@@ -547,11 +547,18 @@ def test_intake_interrupted_at_each_step_is_finished_once(env: Env, tmp_path: Pa
     spool = env.spool
     texts = {
         job_id: yaml.safe_dump(env.job(job_id))
-        for job_id in ("taken", "accept-written", "accept-half")
+        for job_id in ("taken", "swapped", "accept-written", "accept-half")
     }
     # Taken: moved out of incoming/ into a stage, nothing else (Stages.take_incoming).
     stage = new_stage(spool)
     (stage / "taken.yaml").write_text(texts["taken"])
+
+    # Taken, spoold's copy swapped in, the submitter's file still beside it under the copy's
+    # temporary name; and a submitted file moved aside, not yet removed.
+    stage = new_stage(spool)
+    (stage / "swapped.yaml").write_text(texts["swapped"])
+    (stage / ".spoold-copy").write_text(texts["swapped"])
+    (spool / "tmp" / "spent-0123456789abcdef").write_text(texts["taken"])
 
     # Accepted but not yet renamed into pending/: everything written.
     stage = new_stage(spool)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from spoold.intake.incoming import Accepted, Intake, IntakeThread, Rejected
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
+from tests.harness import wait_for
 
 SETTLE = 2.0
 JOB = "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
@@ -299,3 +302,86 @@ def test_the_user_database_is_asked_once_per_owner_and_group(
         for job_id in ("a0", "a1", "a2", "b")
     ]
     assert submitters == ["alice", "alice", "alice", "bob"]
+
+
+# -- the submitted file its private copy replaces -------------------------------------------------
+
+NAMED = "job_id: {id}\nexecutor: local\nproduct: {{commands: 'true'}}\n"
+
+
+def test_the_submitted_file_is_set_aside_for_later_where_names_can_be_swapped(
+    tmp_path: Path,
+) -> None:
+    """Removing a file can wait on the disk (``discard``): the take swaps spoold's copy in and
+    moves the submitter's file aside, whole, to be removed off intake's path; a crash before
+    that leaves it to the next start's recovery."""
+    spool, _, _ = _intake(tmp_path)
+    path = spool.dir("incoming") / "a.yaml"
+    path.write_text(NAMED.format(id="a"))
+    submitted = path.stat().st_ino
+    taken = spool.stages.take_incoming("a.yaml", now=0.0, max_size=1 << 20)
+    assert taken is not None and taken.spent is not None
+    spent = Path(taken.spent)
+    assert spent.parent == spool.dir("tmp")
+    assert spent.stat().st_ino == submitted and spent.read_text() == NAMED.format(id="a")
+    assert taken.original.stat().st_ino != submitted, "the stage holds spoold's copy"
+    assert taken.original.read_text() == NAMED.format(id="a")
+    assert [e.name for e in os.scandir(taken.stage)] == ["a.yaml"]
+    spool.stages.remove_spent(taken.spent)
+    assert not spent.exists()
+    spool.stages.remove_spent(taken.spent)  # gone already: nothing to do
+
+    (spool.dir("incoming") / "b.yaml").write_text(NAMED.format(id="b"))
+    left = spool.stages.take_incoming("b.yaml", now=0.0, max_size=1 << 20)
+    assert left is not None and left.spent is not None  # then the daemon was killed
+    restarted = Spool(spool.root)
+    assert "removed 1 submitted file(s) left after their copy" in restarted.stages.recover()
+    assert not Path(left.spent).exists()
+
+
+def test_where_names_cannot_be_swapped_the_copy_replaces_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE (sshfs) has no RENAME_EXCHANGE: the copy replaces the file there, and the take
+    stops asking after the first refusal."""
+    asked: list[str] = []
+
+    def refuse(source: str, target: str) -> None:
+        asked.append(target)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr("spoold.core.spool.stages.rename_exchange", refuse)
+    spool, _, _ = _intake(tmp_path)
+    for name in ("a", "b"):
+        (spool.dir("incoming") / f"{name}.yaml").write_text(NAMED.format(id=name))
+        taken = spool.stages.take_incoming(f"{name}.yaml", now=0.0, max_size=1 << 20)
+        assert taken is not None and taken.spent is None
+        assert taken.original.read_text() == NAMED.format(id=name)
+        assert not [n for n in os.listdir(spool.dir("tmp")) if n.startswith("spent-")]
+    assert len(asked) == 1
+
+
+def test_intake_threads_leave_removing_the_submitted_files_to_a_thread_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, intake, _ = _intake(tmp_path)
+    removed: dict[str, str] = {}
+    remove = spool.stages.remove_spent
+
+    def record(path: str) -> None:
+        removed[path] = threading.current_thread().name
+        remove(path)
+
+    monkeypatch.setattr(spool.stages, "remove_spent", record)
+    threads = IntakeThread(intake, logging.getLogger("spoold.test"), remote_writers=False)
+    threads.start()
+    try:
+        for n in range(5):
+            (spool.dir("incoming") / f"j{n}.yaml").write_text(NAMED.format(id=f"j{n}"))
+            threads.arrived(f"j{n}.yaml")
+        wait_for(lambda: len(os.listdir(spool.dir("pending"))) == 5, what="the five accepted")
+    finally:
+        threads.stop()
+    assert len(removed) == 5
+    assert set(removed.values()) == {"spoold-intake-spent"}
+    assert not [n for n in os.listdir(spool.dir("tmp")) if n.startswith("spent-")]

@@ -32,7 +32,11 @@ def _spool(tmp_path: Path) -> Spool:
 
 
 def _take(spool: Spool, name: str) -> TakenFile | None:
-    return spool.stages.take_incoming(name, now=time.time(), max_size=MB)
+    """As intake takes a file: the submitted file its copy replaced is removed."""
+    taken = spool.stages.take_incoming(name, now=time.time(), max_size=MB)
+    if taken is not None and taken.spent is not None:
+        spool.stages.remove_spent(taken.spent)
+    return taken
 
 
 def _taken(spool: Spool, name: str) -> TakenFile:

@@ -181,6 +181,22 @@ class Intake:
         # stage -> what a failed intake could not give back from it (see _failed).
         self._unreleased: dict[str, TakenFile] = {}
         self._quiet = QuietFiles(clock, settle_time)
+        # The submitted files their private copies replaced (TakenFile.spent): removed here at
+        # once, or handed to whoever asked for them (``spent_files``: IntakeThread's remover).
+        self._spent: queue.SimpleQueue[str | None] | None = None
+
+    def spent_files(self) -> queue.SimpleQueue[str | None]:
+        """From now on each submitted file that a private copy replaced is put here, for the
+        caller to remove (``remove_spent``) off intake's path, instead of being removed at once."""
+        if self._spent is None:
+            self._spent = queue.SimpleQueue()
+        return self._spent
+
+    def remove_spent(self, path: str) -> None:
+        try:
+            self._spool.stages.remove_spent(path)
+        except OSError as exc:  # nothing reads it: the next start removes it
+            self._log.debug("could not remove %s yet: %s", path, exc)
 
     def offer(
         self, name: str, *, complete: bool, remote_writers: bool = False
@@ -311,6 +327,11 @@ class Intake:
             )
             if taken is None:
                 return None
+            if taken.spent is not None:
+                if self._spent is None:
+                    self.remove_spent(taken.spent)
+                else:
+                    self._spent.put(taken.spent)
             self._quiet.forget(name)
             judged = self._judge(taken, owners)
         except StageLeft as left:  # the take itself failed, and may have left the file staged
@@ -662,10 +683,16 @@ class IntakeThread:
             threading.Thread(target=self._loop, name=f"spoold-intake-{n}", daemon=True)
             for n in range(3 if remote_writers else 1)
         ]
+        # Removing a file can wait on the disk (see Stages._put_in_place): not on intake's path.
+        self._spent = intake.spent_files()
+        self._remover = threading.Thread(
+            target=self._remove_spent, name="spoold-intake-spent", daemon=True
+        )
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        self._remover.start()
 
     def arrived(self, name: str) -> None:
         """The watcher saw ``name`` closed after writing or renamed into incoming/."""
@@ -680,6 +707,13 @@ class IntakeThread:
         for thread in self._threads:
             if thread.ident is not None:  # the daemon may stop before it started them
                 thread.join(timeout)
+        self._spent.put(None)  # after what intake left: each is removed before it stops
+        if self._remover.ident is not None:
+            self._remover.join(timeout)
+
+    def _remove_spent(self) -> None:
+        while (path := self._spent.get()) is not None:
+            self._intake.remove_spent(path)
 
     def _loop(self) -> None:
         while True:
