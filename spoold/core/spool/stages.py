@@ -307,10 +307,8 @@ class Stages:
         if self._swaps:
             try:
                 rename_exchange(copy, staged)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                self._swaps = False  # FUSE: sshfs
+            except OSError:  # EINVAL over FUSE (sshfs); a failed swap changed nothing
+                self._swaps = False
             else:
                 spent = f"{self._dirs['tmp']}/{SPENT_PREFIX}{os.urandom(8).hex()}"
                 try:
