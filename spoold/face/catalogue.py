@@ -77,7 +77,7 @@ from typing import Any, NamedTuple, TypeAlias
 from spoold.core.errors import SpooldError
 from spoold.core.ids import RUN_ID
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.fs import SETTLE, DirStamp, sighting
+from spoold.core.spool.fs import SETTLE, DirStamp, Sighted, sighting
 from spoold.face.views import labels_of
 
 __all__ = [
@@ -147,11 +147,6 @@ class _Entry(NamedTuple):
     labels: _Labels | None  # sorted (key, value) pairs; None: unknown (then no label matches)
 
 
-class _Seen(NamedTuple):
-    stamp: DirStamp
-    since: float  # (monotonic) when it was first seen
-
-
 class _Capture(NamedTuple):
     """The index at one moment, for the snapshot."""
 
@@ -212,8 +207,7 @@ class Catalogue:
         #: ("state", s), ("executor", e), ("submitter", s), ("label", k), ("label", k, v).
         self._lists: dict[_Name, list[_Entry]] = {("all",): []}
         self._texts: _Texts | None = None  # made by the first text query, then kept up
-        self._stamps: dict[str, DirStamp | None] = {}  # the last look's, once it had settled
-        self._seen: dict[str, _Seen] = {}  # each directory's stamp at the last look, and since
+        self._seen: dict[str, Sighted] = {}  # each directory's stamp at its last look
         self._looked: dict[str, tuple[float, float]] = {}  # when, and how long it took
         #: The wall clock at the last look into each directory (or check that it had not
         #: changed): what entered it before then is indexed.
@@ -318,9 +312,10 @@ class Catalogue:
         """The jobs that entered ``directory`` since the last look, read; those gone dropped."""
         jobs = self._spool.jobs
         started = self._monotonic()
+        seen = self._seen.get(directory)
         try:
             stamp = jobs.directory_stamp(directory)
-            if stamp is not None and stamp == self._stamps.get(directory):
+            if seen is not None and seen.settled and stamp == seen.stamp:
                 self._fresh[directory] = now
                 return []
             last, took = self._looked.get(directory, (-math.inf, 0.0))
@@ -331,12 +326,11 @@ class Catalogue:
             names, stamp = set(), None
         # A change made soon after this look may leave the stamp as it is: look again at the
         # next call, until the stamp has settled (then any change gives it another).
-        settled = False
-        if stamp is not None:
-            seen = self._seen.get(directory)
+        if stamp is None:
+            self._seen.pop(directory, None)
+        else:
             since, settled = sighting(stamp, seen, wall=now / 1e9, now=started, settle=SETTLE)
-            self._seen[directory] = _Seen(stamp, since)
-        self._stamps[directory] = stamp if settled else None
+            self._seen[directory] = Sighted(stamp, since, settled)
         self._fresh[directory] = now
         known = {
             entry.job_id: entry
@@ -602,7 +596,8 @@ class Catalogue:
         with self._forget_lock:
             recheck = sorted(self._forgotten)
         fresh = min(self._fresh.get(directory, 0) for directory in ("done", "failed"))
-        return _Capture(dict(self._stamps), fresh, recheck, list(self._entries.values()))
+        stamps = {d: seen.stamp if seen.settled else None for d, seen in self._seen.items()}
+        return _Capture(stamps, fresh, recheck, list(self._entries.values()))
 
     def _write(self, capture: _Capture) -> None:
         try:
@@ -624,7 +619,12 @@ class Catalogue:
             return
         self._load(capture.entries)
         self._saved_at = self._monotonic()
-        self._stamps = dict(capture.stamps)
+        # Each had settled when it was kept: it stands for its directory while it holds.
+        self._seen = {
+            directory: Sighted(stamp, -math.inf, True)
+            for directory, stamp in capture.stamps.items()
+            if stamp is not None
+        }
         recheck = set(capture.recheck)
         # A job back in done/ or failed/ under the same name since (a retry; an id purged and
         # submitted anew) shows only in its directory's ctime, which a rename sets.

@@ -36,6 +36,7 @@ __all__ = [
     "GroupSync",
     "Relist",
     "Seen",
+    "Sighted",
     "filesystem_type",
     "fsync_path",
     "give_to_owner_of",
@@ -235,7 +236,9 @@ def sighting(
     return since, now - since >= settle or max(mtime_ns, ctime_ns) <= (wall - settle) * 1e9
 
 
-class _Sighted(NamedTuple):
+class Sighted(NamedTuple):
+    """A directory's stamp as last seen, since when, and whether it had settled then."""
+
     stamp: DirStamp
     since: float  # (monotonic) when that stamp was first seen
     settled: bool  # it had settled before the listing that followed it
@@ -259,8 +262,8 @@ class Relist:
         self._stamp = stamp
         self._settle = settle
         self._every = every
-        self._last: _Sighted | None = None  # the last listing's
-        self._taken: _Sighted | None = None  # the stamp the listing under way is made under
+        self._last: Sighted | None = None  # the last listing's
+        self._taken: Sighted | None = None  # the stamp the listing under way is made under
         self._skipped = 0
         self._stale = False
 
@@ -283,7 +286,7 @@ class Relist:
             self._taken = None
         else:
             since, settled = sighting(stamp, last, wall=wall, now=now, settle=self._settle)
-            self._taken = _Sighted(stamp, since, settled)
+            self._taken = Sighted(stamp, since, settled)
         return True
 
     def listed(self) -> None:
