@@ -707,8 +707,8 @@ class IntakeThread:
         for thread in self._threads:
             if thread.ident is not None:  # the daemon may stop before it started them
                 thread.join(timeout)
-        self._spent.put(None)  # after what intake left: each is removed before it stops
-        if self._remover.ident is not None:
+        if self._remover.ident is not None:  # the daemon may stop before it started it
+            self._spent.put(None)  # after what intake left: each is removed before it stops
             self._remover.join(timeout)
 
     def _remove_spent(self) -> None:
