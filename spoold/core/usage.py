@@ -1,6 +1,6 @@
 """What a unit of work, a step or an attempt cost (status.json ``usage``).
 
-Apart from the job's model (``spoold.core.job``, which re-exports it) because a job's
+Apart from the job's model (``spoold.core.job``, whose attempts hold one) because a job's
 supervisor records it: the launcher it is forked from imports this, not the model, its
 limits and its retry policy (each supervisor counts again what the launcher holds).
 """
