@@ -23,7 +23,8 @@ same machine. Rows (``--only``):
   the daemon's CPU per job: utime+stime of the daemon and of its descendants that run its own
   executable (spoold: worker processes, launchers, the jobs' supervisors, which sit in sessions
   of their own), so not the jobs (tsp: its server alone, not the clients that run its jobs;
-  incron: incrond; the loop: its own process);
+  incron: incrond; the loop: its own process); for spoold and the floor, also how much of it
+  was the kernel's (stime);
 - flood: ``flood`` ``/bin/true`` job files renamed into incoming/ at once. *Accepted* = the job's
   directory was renamed into pending/ (or a later state's directory: running/, done/, failed/),
   seen by inotify; accepted files/s = ``flood`` / (last one accepted - first rename). When the
@@ -227,12 +228,18 @@ ROLE_NAMES = {
 }
 
 
+#: The key ``cpu_by_role`` gives the CPU all roles spent in the kernel under.
+KERNEL = "kernel"
+
+
 def cpu_by_role(daemon: Daemon) -> dict[str, float]:
-    """``cpu_seconds`` per role (``ROLES``; any other name is ``other``: a peer's processes)."""
-    found: dict[str, float] = {}
-    for name, seconds in daemon.family_cpu.by_name(family(daemon)).items():
+    """``cpu_seconds`` per role (``ROLES``; any other name is ``other``: a peer's processes),
+    and under ``KERNEL`` how much of it all was spent in the kernel."""
+    found: dict[str, float] = {KERNEL: 0.0}
+    for name, (seconds, in_kernel) in daemon.family_cpu.split_by_name(family(daemon)).items():
         role = ROLES.get(name, "other")
         found[role] = found.get(role, 0.0) + seconds
+        found[KERNEL] += in_kernel
     return found
 
 
@@ -619,6 +626,7 @@ class Dropped:
     seconds: float
     cpu_s: float  # the daemon's, all its processes
     cpu_s_by_role: dict[str, float]  # the same per ``ROLES``
+    kernel_s: float  # of cpu_s, in the kernel
     busy_cores: float  # the whole machine's (``MachineCpu``)
     failed: int
 
@@ -640,7 +648,8 @@ def drop_and_wait(tool: Tool, ids: list[str], base: Path, commands: str, bound: 
     }
     if finished.failed:
         say(f"{tool.name}: {len(finished.failed)} job(s) failed")
-    return Dropped(last - first, sum(used.values()), used, busy, len(finished.failed))
+    kernel = used.pop(KERNEL)
+    return Dropped(last - first, sum(used.values()), used, kernel, busy, len(finished.failed))
 
 
 def spool_throughput(tool: Tool, ids: list[str], base: Path) -> dict[str, float]:
@@ -651,6 +660,7 @@ def spool_throughput(tool: Tool, ids: list[str], base: Path) -> dict[str, float]
         "jobs_per_s": len(ids) / run.seconds,
         "cpu_ms_per_job": run.cpu_s * 1000 / len(ids),
         **{f"cpu_ms_{role}": s * 1000 / len(ids) for role, s in run.cpu_s_by_role.items()},
+        "cpu_ms_kernel": run.kernel_s * 1000 / len(ids),
         "busy_cores": run.busy_cores,
         "failed": run.failed,
     }
@@ -1351,12 +1361,17 @@ def table(results: Results) -> str:
             f"{what} {fmt(r.median('throughput', 'spoold', f'cpu_ms_{role}'), 2)}"
             for role, what in ROLE_NAMES.items()
         )
+
+        def in_kernel(tool: str) -> str:
+            return f"{fmt(r.median('throughput', tool, 'cpu_ms_kernel'), 2)} of it in the kernel"
+
         add(
             "daemon CPU per job (all its processes, jobs excluded; ms)",
-            f"{fmt(mine, 2)} ({roles}; {fmt(r.median('throughput', 'spoold', 'busy_cores'), 2)} "
+            f"{fmt(mine, 2)} ({roles}; {in_kernel('spoold')}; "
+            f"{fmt(r.median('throughput', 'spoold', 'busy_cores'), 2)} "
             f"of the machine's {os.cpu_count()} cores busy)",
-            f"{fmt(r.median('throughput', 'floor', key), 2)} "
-            f"({fmt(r.median('throughput', 'floor', 'busy_cores'), 2)} cores busy)",
+            f"{fmt(r.median('throughput', 'floor', key), 2)} ({in_kernel('floor')}; "
+            f"{fmt(r.median('throughput', 'floor', 'busy_cores'), 2)} cores busy)",
             peers_of("throughput", key, ("tsp", "incron", "loop"), 2).replace("tsp", "tsp server"),
             times(r.ratio("throughput", "spoold", "floor", key), "floor"),
             "<= 1.5 ms",

@@ -116,23 +116,30 @@ class CpuTally:
     its CPU would otherwise leave the sum, which then fell: -1.1 % idle CPU was seen)."""
 
     def __init__(self) -> None:
-        # (pid, start time): (its name as ps shows it, clock ticks)
-        self._seen: dict[tuple[int, str], tuple[str, int]] = {}
+        # (pid, start time): (its name as ps shows it, clock ticks, of which in the kernel)
+        self._seen: dict[tuple[int, str], tuple[str, int, int]] = {}
 
     def seconds(self, pids: Iterable[int]) -> float:
         return sum(self.by_name(pids).values())
 
     def by_name(self, pids: Iterable[int]) -> dict[str, float]:
         """The same, summed per process name (``comm``): spoold names its processes by role."""
+        return {name: total for name, (total, _) in self.split_by_name(pids).items()}
+
+    def split_by_name(self, pids: Iterable[int]) -> dict[str, tuple[float, float]]:
+        """Per process name: seconds in all, and of them in the kernel (stime): the part no
+        interpreter, however fast, takes off a job."""
         for pid in pids:
             with contextlib.suppress(OSError, ValueError):
                 text = Path(f"/proc/{pid}/stat").read_text()
                 name = text[text.index("(") + 1 : text.rindex(")")]
                 fields = text.rsplit(")", 1)[1].split()
-                self._seen[pid, fields[19]] = (name, int(fields[11]) + int(fields[12]))
-        found: dict[str, float] = {}
-        for name, ticks in self._seen.values():
-            found[name] = found.get(name, 0.0) + ticks / CLOCK_TICKS
+                kernel = int(fields[12])
+                self._seen[pid, fields[19]] = (name, int(fields[11]) + kernel, kernel)
+        found: dict[str, tuple[float, float]] = {}
+        for name, ticks, kernel in self._seen.values():
+            total, in_kernel = found.get(name, (0.0, 0.0))
+            found[name] = (total + ticks / CLOCK_TICKS, in_kernel + kernel / CLOCK_TICKS)
         return found
 
 

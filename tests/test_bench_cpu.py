@@ -13,8 +13,8 @@ _BURNER = """
 import ctypes, sys, time
 ctypes.CDLL(None).prctl(15, b"bench-burner", 0, 0, 0)  # PR_SET_NAME, as spoold names its own
 end = time.process_time() + 0.3
-while time.process_time() < end:
-    pass
+while time.process_time() < end:  # a system call: a loop of Python between two
+    sum(range(10_000))
 print("burnt", flush=True)
 sys.stdin.read()
 """
@@ -39,3 +39,41 @@ def test_cpu_is_summed_per_process_name_and_kept_once_a_process_has_ended() -> N
     assert after["bench-burner"] >= seen["bench-burner"]
     assert tally.seconds([]) == sum(after.values())
     assert 0.0 < machine.cores() <= (os.cpu_count() or 1), "the burner kept a core busy"
+
+
+_KERNEL_BURNER = """
+import ctypes, os, sys, time
+ctypes.CDLL(None).prctl(15, b"bench-kernel", 0, 0, 0)
+zero = os.open("/dev/zero", os.O_RDONLY)
+buffer = bytearray(1 << 20)
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    os.readv(zero, [buffer])  # the kernel clears a MiB each time: its time, not Python's
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+def _start(program: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_the_kernel_s_part_is_told_apart_from_the_interpreter_s() -> None:
+    """bench_compare shows how much of a job's CPU is the kernel's: what no faster Python
+    could take away. A loop in Python spends next to none there, reading /dev/zero nearly all."""
+    tally = CpuTally()
+    children = [_start(program) for program in (_BURNER, _KERNEL_BURNER)]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline() == "burnt\n"
+        split = tally.split_by_name([child.pid for child in children])
+    finally:
+        for child in children:
+            child.communicate("", timeout=30)
+    total, kernel = split["bench-burner"]
+    assert total >= 0.25 and kernel <= 0.3 * total, split
+    total, kernel = split["bench-kernel"]
+    assert total >= 0.25 and kernel >= 0.7 * total, split
+    assert tally.by_name([]) == {name: t for name, (t, _) in split.items()}
