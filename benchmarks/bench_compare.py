@@ -228,19 +228,16 @@ ROLE_NAMES = {
 }
 
 
-#: The key ``cpu_by_role`` gives the CPU all roles spent in the kernel under.
-KERNEL = "kernel"
-
-
-def cpu_by_role(daemon: Daemon) -> dict[str, float]:
+def cpu_by_role(daemon: Daemon) -> tuple[dict[str, float], float]:
     """``cpu_seconds`` per role (``ROLES``; any other name is ``other``: a peer's processes),
-    and under ``KERNEL`` how much of it all was spent in the kernel."""
-    found: dict[str, float] = {KERNEL: 0.0}
+    and how much of it all was spent in the kernel."""
+    found: dict[str, float] = {}
+    kernel = 0.0
     for name, (seconds, in_kernel) in daemon.family_cpu.split_by_name(family(daemon)).items():
         role = ROLES.get(name, "other")
         found[role] = found.get(role, 0.0) + seconds
-        found[KERNEL] += in_kernel
-    return found
+        kernel += in_kernel
+    return found, kernel
 
 
 class MachineCpu:
@@ -635,7 +632,7 @@ def drop_and_wait(tool: Tool, ids: list[str], base: Path, commands: str, bound: 
     """Stage one job per id, rename them all into incoming/ at once, wait for all in done/ (or
     failed/): wall seconds and the daemon's CPU over it. The jobs stay in done/."""
     names = stage_jobs(base / "stage", ids, commands)
-    cpu = cpu_by_role(tool.daemon)
+    cpu, kernel_before = cpu_by_role(tool.daemon)
     with Finished(tool.spool, ids) as finished:
         machine = MachineCpu()
         first = time.time()
@@ -643,12 +640,11 @@ def drop_and_wait(tool: Tool, ids: list[str], base: Path, commands: str, bound: 
             os.rename(base / "stage" / name, tool.incoming / name)
         last = finished.wait(bound)
         busy = machine.cores()
-    used = {
-        role: seconds - cpu.get(role, 0.0) for role, seconds in cpu_by_role(tool.daemon).items()
-    }
+    cpu_after, kernel_after = cpu_by_role(tool.daemon)
+    used = {role: seconds - cpu.get(role, 0.0) for role, seconds in cpu_after.items()}
     if finished.failed:
         say(f"{tool.name}: {len(finished.failed)} job(s) failed")
-    kernel = used.pop(KERNEL)
+    kernel = kernel_after - kernel_before
     return Dropped(last - first, sum(used.values()), used, kernel, busy, len(finished.failed))
 
 

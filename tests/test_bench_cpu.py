@@ -9,15 +9,30 @@ import sys
 from benchmarks.bench_compare import MachineCpu
 from benchmarks.bench_spool import CpuTally
 
-_BURNER = """
-import ctypes, sys, time
-ctypes.CDLL(None).prctl(15, b"bench-burner", 0, 0, 0)  # PR_SET_NAME, as spoold names its own
+_BURN = """
+import ctypes, os, sys, time
+ctypes.CDLL(None).prctl(15, b"{name}", 0, 0, 0)  # PR_SET_NAME, as spoold names its own
+{setup}
 end = time.process_time() + 0.3
-while time.process_time() < end:  # a system call: a loop of Python between two
-    sum(range(10_000))
+while time.process_time() < end:  # a system call: the work goes between two
+    {work}
 print("burnt", flush=True)
 sys.stdin.read()
 """
+#: A loop of Python: next to no time in the kernel.
+_BURNER = _BURN.format(name="bench-burner", setup="", work="sum(range(10_000))")
+#: The kernel clears a MiB each time: its time, not Python's.
+_KERNEL_BURNER = _BURN.format(
+    name="bench-kernel",
+    setup='zero = os.open("/dev/zero", os.O_RDONLY)\nbuffer = bytearray(1 << 20)',
+    work="os.readv(zero, [buffer])",
+)
+
+
+def _start(program: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_cpu_is_summed_per_process_name_and_kept_once_a_process_has_ended() -> None:
@@ -25,9 +40,7 @@ def test_cpu_is_summed_per_process_name_and_kept_once_a_process_has_ended() -> N
     supervisor that left must not take its CPU out of the sum."""
     machine = MachineCpu()
     tally = CpuTally()
-    child = subprocess.Popen(
-        [sys.executable, "-c", _BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    child = _start(_BURNER)
     try:
         assert child.stdout is not None and child.stdout.readline() == "burnt\n"
         seen = tally.by_name([child.pid, os.getpid()])
@@ -39,25 +52,6 @@ def test_cpu_is_summed_per_process_name_and_kept_once_a_process_has_ended() -> N
     assert after["bench-burner"] >= seen["bench-burner"]
     assert tally.seconds([]) == sum(after.values())
     assert 0.0 < machine.cores() <= (os.cpu_count() or 1), "the burner kept a core busy"
-
-
-_KERNEL_BURNER = """
-import ctypes, os, sys, time
-ctypes.CDLL(None).prctl(15, b"bench-kernel", 0, 0, 0)
-zero = os.open("/dev/zero", os.O_RDONLY)
-buffer = bytearray(1 << 20)
-end = time.process_time() + 0.3
-while time.process_time() < end:
-    os.readv(zero, [buffer])  # the kernel clears a MiB each time: its time, not Python's
-print("burnt", flush=True)
-sys.stdin.read()
-"""
-
-
-def _start(program: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
 
 
 def test_the_kernel_s_part_is_told_apart_from_the_interpreter_s() -> None:
