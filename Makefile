@@ -67,15 +67,17 @@ lock: $(LOCKED)
 # rsync: uploads in the intake tests; openssl: checks callback signatures independently;
 # docker.io, busybox-static (the test image) and openssh-server: the real servers the docker
 # and ssh executors are tested against (the test fixtures start them); chromium and
-# chromium-driver: the browser the web page is tested in (headless, through Selenium).
+# chromium-driver: the browser the web page is tested in (headless, through Selenium); gcc and
+# libc6-dev: the benchmarks' compiled floor, which a test builds and runs.
 system-deps:
 	@command -v rsync >/dev/null && command -v openssl >/dev/null && command -v dockerd >/dev/null \
+	  && command -v cc >/dev/null && test -f /usr/include/stdio.h \
 	  && test -x /bin/busybox && test -x /usr/sbin/sshd \
 	  && test -x /usr/bin/chromium && test -x /usr/bin/chromedriver \
 	  && command -v sshfs >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      rsync openssl docker.io busybox-static openssh-server chromium chromium-driver \
-	      sshfs fuse3 iproute2 util-linux >/dev/null)
+	      sshfs fuse3 iproute2 util-linux gcc libc6-dev >/dev/null)
 
 # Set up, initialise ./spool, drop the example job, run the daemon in the foreground.
 run: setup

@@ -1,7 +1,9 @@
 """spoold against the durable floor and its peers, in one interleaved run (issue 23).
 
 The tools: spoold (this checkout's, 2 workers), the durable floor (floor_durable.py, 2 workers:
-spoold's 7 fsyncs a job and nothing more), and where a row applies to them task-spooler
+spoold's 7 fsyncs a job and nothing more), the same floor compiled (floor_durable.c, built with
+the system's cc; in the throughput, flood and pickup rows, and left alone with the others in
+the idle ones: what SPEC section 1's work costs without an interpreter), and where a row applies to them task-spooler
 (``tsp -S 2``), nq (two queues, jobs alternating), incron (one command per file renamed in) and a
 plain subprocess loop (2 threads), plus ``> file`` + fsync for the log rows. Each round measures
 every row, and within a row the tools take turns (the order rotates from round to round); the
@@ -44,8 +46,8 @@ same machine. Rows (``--only``):
 
 Every wait is bounded; every daemon (incrond with a throwaway config and table in the run's own
 directory, tsp's server on its own socket) is stopped and every temporary directory removed on the
-way out, also after a failure or Ctrl-C. task-spooler, nq and incron are installed with apt-get
-when missing. Local files and a Unix socket only: no network.
+way out, also after a failure or Ctrl-C. task-spooler, nq, incron and a C compiler are installed
+with apt-get when missing. Local files and a Unix socket only: no network.
 
 Usage: .venv/bin/python benchmarks/bench_compare.py [--quick] [--rounds N] [--json FILE]
        [--only ROW,...] [--schedules-large] [--dir DIR] [--workers 2]
@@ -104,6 +106,7 @@ from benchmarks.floor_durable import DIRECTORIES as FLOOR_DIRECTORIES
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("idle", "rest", "pickup", "throughput", "flood", "log100", "log2", "schedules")
+COMPILED_ROWS = {"pickup", "throughput", "flood"}  # the rows the compiled floor takes part in
 AWAKE_BOUND = 20.0  # seconds a flood waits at most for spoold's idle job supervisors to leave
 REST_BOUND = 90.0  # seconds the rest row waits at most for spoold's helper processes to leave
 PICKUP_BLOCK = 25  # pickup drops alternate between the tools in blocks of this many
@@ -364,6 +367,13 @@ def find_tsp() -> str | None:
     return None
 
 
+def find_cc() -> str | None:
+    """A C compiler that can build floor_durable.c: cc, with the C library's headers."""
+    cc = shutil.which("cc")
+    return cc if cc is not None and Path("/usr/include/stdio.h").is_file() else None
+
+
+#: Each peer's Debian packages (separated by spaces) and how to find its binary.
 PEERS: dict[str, tuple[str, Callable[[], str | None]]] = {
     "tsp": ("task-spooler", find_tsp),
     "nq": ("nq", lambda: shutil.which("nq")),
@@ -371,12 +381,15 @@ PEERS: dict[str, tuple[str, Callable[[], str | None]]] = {
         "incron",
         lambda: shutil.which("incrond") or shutil.which("incrond", path="/usr/sbin"),
     ),
+    "cc": ("gcc libc6-dev", find_cc),
 }
 
 
 def ensure_peers(wanted: list[str]) -> dict[str, str | None]:
     """The peers' binaries, installed with apt-get where missing; None for one not to be had."""
-    missing = [PEERS[name][0] for name in wanted if PEERS[name][1]() is None]
+    missing = [
+        package for name in wanted if PEERS[name][1]() is None for package in PEERS[name][0].split()
+    ]
     if missing:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             say(f"cannot install {missing} (not root, or no apt-get): those columns stay empty")
@@ -608,6 +621,32 @@ def make_floor(base: Path, workers: int) -> Tool:
         (spool / directory).mkdir(parents=True)
     argv = [sys.executable, str(HERE / "floor_durable.py"), str(spool), "--workers", str(workers)]
     return Tool("floor", spool, Daemon("floor", argv, home / "daemon.log"), home / "done.aside")
+
+
+def make_compiled_floor(base: Path, workers: int, cc: str) -> Tool:
+    """The compiled floor's column: floor_durable.c built with ``cc`` into the run's directory
+    (RuntimeError with the compiler's words if it will not build)."""
+    home = base / "cfloor"
+    spool = home / "spool"
+    for directory in FLOOR_DIRECTORIES:
+        (spool / directory).mkdir(parents=True)
+    binary = home / "floor_durable"
+    built = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(binary), str(HERE / "floor_durable.c"), "-lpthread"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"floor_durable.c did not build: {built.stderr[-500:]}")
+    argv = [str(binary), str(spool), "--workers", str(workers)]
+    return Tool("cfloor", spool, Daemon("cfloor", argv, home / "daemon.log"), home / "done.aside")
+
+
+def present(*tools: Tool | None) -> list[Tool]:
+    """The tools that are there (a peer that would not start is None)."""
+    return [tool for tool in tools if tool is not None]
 
 
 def incron_tree(path: Path) -> Path:
@@ -993,6 +1032,7 @@ class Bench:
         self.large = large
         self.results = Results(sizes)
         self.spools: dict[str, Tool] = {}
+        self.compiled: Tool | None = None  # the compiled floor: some rows only
         self.incron: Incron | None = None
         self.incron_true: Tool | None = None
         self.incron_pick: Tool | None = None
@@ -1001,6 +1041,8 @@ class Bench:
 
     def daemons(self) -> dict[str, Daemon]:
         found: dict[str, Daemon] = {name: tool.daemon for name, tool in self.spools.items()}
+        if self.compiled is not None:
+            found["cfloor"] = self.compiled.daemon
         if self.tsp is not None:
             found["tsp"] = self.tsp
         if self.incron is not None:
@@ -1020,12 +1062,22 @@ class Bench:
                 ("tsp", {"idle", "rest", "throughput"}),
                 ("nq", {"throughput"}),
                 ("incron", {"idle", "rest", "pickup", "throughput"}),
+                ("cc", COMPILED_ROWS),
             )
             if rows & set(self.rows)
         ]
         self.results.peers = ensure_peers(wanted)
         for tool in self.spools.values():
             tool.daemon.start()
+        if cc := self.results.peers.get("cc"):
+            try:
+                compiled = make_compiled_floor(self.base, self.workers, cc)
+            except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                self.results.errors.append(f"the compiled floor: {exc}")
+                say(self.results.errors[-1])
+            else:
+                if self._started(compiled.daemon):
+                    self.compiled = compiled
         peers = self.base / "peers"
         if binary := self.results.peers.get("incron"):
             home = peers / "incron"
@@ -1045,7 +1097,7 @@ class Bench:
             if not self._started(self.tsp):
                 self.tsp = None
         self.nq = self.results.peers.get("nq")
-        warm = [*self.spools.values(), *([self.incron_true] if self.incron_true else [])]
+        warm = [*self.spools.values(), *present(self.compiled, self.incron_true)]
         for tool in warm:  # lazily loaded code and first-time costs, not counted
             ids = [f"warm-{tool.name}-{i:04d}" for i in range(self.sizes.warmup)]
             spool_throughput(tool, ids, self.base)
@@ -1154,7 +1206,7 @@ class Bench:
             self.attempt(row, name, round_, measure)
 
     def row_pickup(self, round_: int) -> None:
-        tools = [*self.spools.values(), *([self.incron_pick] if self.incron_pick else [])]
+        tools = [*self.spools.values(), *present(self.compiled, self.incron_pick)]
         latencies: dict[str, list[float]] = {tool.name: [] for tool in tools}
         for block, first in enumerate(range(0, self.sizes.drops, PICKUP_BLOCK)):
             numbers = range(first, min(first + PICKUP_BLOCK, self.sizes.drops))
@@ -1181,7 +1233,7 @@ class Bench:
         jobs, base = self.sizes.jobs, self.base
         bound = max(120.0, jobs / 5)
         cells: dict[str, Callable[[], dict[str, Any]]] = {}
-        tools = [*self.spools.values(), *([self.incron_true] if self.incron_true else [])]
+        tools = [*self.spools.values(), *present(self.compiled, self.incron_true)]
         for tool in tools:
             ids = [f"t{round_}-{tool.name}-{i:05d}" for i in range(jobs)]
             cells[tool.name] = partial(spool_throughput, tool, ids, base)
@@ -1195,8 +1247,9 @@ class Bench:
             self.attempt("throughput", name, round_, cells[name])
 
     def row_flood(self, round_: int) -> None:
-        for name in rotated(list(self.spools), round_):
-            tool = self.spools[name]
+        tools = {tool.name: tool for tool in [*self.spools.values(), *present(self.compiled)]}
+        for name in rotated(list(tools), round_):
+            tool = tools[name]
             ids = [f"f{round_}-{name}-{i:05d}" for i in range(self.sizes.flood)]
             say(f"  {name}: {len(ids)} files")
             self.attempt("flood", name, round_, partial(flood, tool, ids, self.base))
@@ -1296,6 +1349,7 @@ def all_known(*values: float) -> bool:
 
 
 PEER_NAMES = {
+    "cfloor": "compiled floor",
     "tsp": "tsp",
     "nq": "nq x2",
     "incron": "incron",
@@ -1334,8 +1388,10 @@ def table(results: Results) -> str:
         key = "jobs_per_s"
         vs = {
             n: r.ratio("throughput", "spoold", n, key)
-            for n in ("floor", "tsp", "nq", "incron", "loop")
+            for n in ("floor", "cfloor", "tsp", "nq", "incron", "loop")
         }
+        # Whether SPEC section 1's work, with no interpreter at all, keeps up with tsp here.
+        compiled_vs_tsp = times(r.ratio("throughput", "cfloor", "tsp", key), "tsp")
 
         def ahead(x: Results) -> bool | None:
             floor = x.ratio("throughput", "spoold", "floor", "jobs_per_s")
@@ -1346,8 +1402,9 @@ def table(results: Results) -> str:
             f"{s.jobs} `/bin/true` jobs, 2 at a time (jobs/s)",
             fmt(r.median("throughput", "spoold", key)),
             fmt(r.median("throughput", "floor", key)),
-            peers_of("throughput", key, ("tsp", "nq", "incron", "loop")),
-            ", ".join(times(v, PEER_NAMES.get(n, n)) for n, v in vs.items() if not math.isnan(v)),
+            peers_of("throughput", key, ("cfloor", "tsp", "nq", "incron", "loop")),
+            ", ".join(times(v, PEER_NAMES.get(n, n)) for n, v in vs.items() if not math.isnan(v))
+            + (f"; the compiled floor {compiled_vs_tsp}" if compiled_vs_tsp else ""),
             ">= 1.5x the durable floor and >= tsp, same run",
             ahead,
         )
@@ -1361,6 +1418,11 @@ def table(results: Results) -> str:
         def in_kernel(tool: str) -> str:
             return f"{fmt(r.median('throughput', tool, 'cpu_ms_kernel'), 2)} of it in the kernel"
 
+        cpu_peers = [peers_of("throughput", key, ("tsp", "incron", "loop"), 2)]
+        if "cfloor" in r.rows["throughput"]:
+            compiled = r.median("throughput", "cfloor", key)
+            cpu_peers.insert(0, f"compiled floor {fmt(compiled, 2)} ({in_kernel('cfloor')})")
+
         add(
             "daemon CPU per job (all its processes, jobs excluded; ms)",
             f"{fmt(mine, 2)} ({roles}; {in_kernel('spoold')}; "
@@ -1368,7 +1430,7 @@ def table(results: Results) -> str:
             f"of the machine's {os.cpu_count()} cores busy)",
             f"{fmt(r.median('throughput', 'floor', key), 2)} ({in_kernel('floor')}; "
             f"{fmt(r.median('throughput', 'floor', 'busy_cores'), 2)} cores busy)",
-            peers_of("throughput", key, ("tsp", "incron", "loop"), 2).replace("tsp", "tsp server"),
+            ", ".join(p for p in cpu_peers if p).replace("tsp", "tsp server"),
             times(r.ratio("throughput", "spoold", "floor", key), "floor"),
             "<= 1.5 ms",
             at_most("throughput", "cpu_ms_per_job", 1.5),
@@ -1453,7 +1515,7 @@ def table(results: Results) -> str:
             f"{s.flood:,} files renamed in at once: accepted / peak RSS",
             flooded("spoold"),
             flooded("floor"),
-            "",
+            f"compiled floor {flooded('cfloor')}" if "cfloor" in r.rows["flood"] else "",
             f"accepted/s {times(r.ratio('flood', 'spoold', 'floor', 'accepted_per_s'), 'floor')}; "
             f"spoold's peak {times(growth, 'its RSS before')} "
             f"(PSS {times(growth_pss, 'its PSS before')})",
@@ -1510,11 +1572,13 @@ def table(results: Results) -> str:
             return None if not all_known(p50, p99, i50) else p50 <= i50 and p99 <= 10
 
         (p50, p99), (f50, f99), (i50, i99) = picked("spoold"), picked("floor"), picked("incron")
+        c50, c99 = picked("cfloor")
         add(
             "pickup p50 / p99 (rename into incoming/ -> job process started; ms)",
             f"{fmt(p50, 1)} / {fmt(p99, 1)}",
             f"{fmt(f50, 1)} / {fmt(f99, 1)}",
-            f"incron {fmt(i50, 1)} / {fmt(i99, 1)}",
+            f"incron {fmt(i50, 1)} / {fmt(i99, 1)}"
+            + (f", compiled floor {fmt(c50, 1)} / {fmt(c99, 1)}" if all_known(c50) else ""),
             f"p50 {times(r.ratio('pickup', 'spoold', 'incron', 'p50_ms'), 'incron')}, "
             f"{times(r.ratio('pickup', 'spoold', 'floor', 'p50_ms'), 'floor')}",
             "p50 <= incron's, p99 <= 10 ms, same run",
