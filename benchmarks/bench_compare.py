@@ -1390,8 +1390,15 @@ def table(results: Results) -> str:
             n: r.ratio("throughput", "spoold", n, key)
             for n in ("floor", "cfloor", "tsp", "nq", "incron", "loop")
         }
-        # Whether SPEC section 1's work, with no interpreter at all, keeps up with tsp here.
-        compiled_vs_tsp = times(r.ratio("throughput", "cfloor", "tsp", key), "tsp")
+        # Whether SPEC section 1's work, with no interpreter at all, meets the target here.
+        compiled_ratios = ", ".join(
+            text
+            for text in (
+                times(r.ratio("throughput", "cfloor", "floor", key), "floor"),
+                times(r.ratio("throughput", "cfloor", "tsp", key), "tsp"),
+            )
+            if text
+        )
 
         def ahead(x: Results) -> bool | None:
             floor = x.ratio("throughput", "spoold", "floor", "jobs_per_s")
@@ -1404,7 +1411,7 @@ def table(results: Results) -> str:
             fmt(r.median("throughput", "floor", key)),
             peers_of("throughput", key, ("cfloor", "tsp", "nq", "incron", "loop")),
             ", ".join(times(v, PEER_NAMES.get(n, n)) for n, v in vs.items() if not math.isnan(v))
-            + (f"; the compiled floor {compiled_vs_tsp}" if compiled_vs_tsp else ""),
+            + (f"; the compiled floor {compiled_ratios}" if compiled_ratios else ""),
             ">= 1.5x the durable floor and >= tsp, same run",
             ahead,
         )
