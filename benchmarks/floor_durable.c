@@ -339,9 +339,9 @@ static void on_stop(int signum) {
 }
 
 int main(int argc, char **argv) {
-    int workers = 2;
-    if (argc == 4 && strcmp(argv[2], "--workers") == 0) workers = atoi(argv[3]);
-    if ((argc != 2 && argc != 4) || workers < 1 || workers > 64) {
+    int workers = argc == 4 && strcmp(argv[2], "--workers") == 0 ? atoi(argv[3]) : 2;
+    if ((argc != 2 && !(argc == 4 && strcmp(argv[2], "--workers") == 0)) || workers < 1 ||
+        workers > 64) {
         fprintf(stderr, "usage: %s SPOOL [--workers N]\n", argv[0]);
         return 2;
     }
