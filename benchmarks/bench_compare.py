@@ -3,12 +3,12 @@
 The tools: spoold (this checkout's, 2 workers), the durable floor (floor_durable.py, 2 workers:
 spoold's 7 fsyncs a job and nothing more), the same floor compiled (floor_durable.c, built with
 the system's cc; in the throughput, flood and pickup rows, and left alone with the others in
-the idle ones: what SPEC section 1's work costs without an interpreter), and where a row applies to them task-spooler
-(``tsp -S 2``), nq (two queues, jobs alternating), incron (one command per file renamed in) and a
-plain subprocess loop (2 threads), plus ``> file`` + fsync for the log rows. Each round measures
-every row, and within a row the tools take turns (the order rotates from round to round); the
-table shows medians over the rounds and ratios taken within a round, where the tools met the
-same machine. Rows (``--only``):
+the idle ones: what SPEC section 1's work costs without an interpreter), and where a row
+applies to them task-spooler (``tsp -S 2``), nq (two queues, jobs alternating), incron (one
+command per file renamed in) and a plain subprocess loop (2 threads), plus ``> file`` + fsync
+for the log rows. Each round measures every row, and within a row the tools take turns (the
+order rotates from round to round); the table shows medians over the rounds and ratios taken
+within a round, where the tools met the same machine. Rows (``--only``):
 
 - idle: a few jobs, spoold's job supervisors waited out (5 s idle; ``awake``), then every daemon
   left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over all of its
@@ -613,24 +613,26 @@ def loop_throughput(jobs: int, bound: float) -> dict[str, float]:
 # -- the spools ---------------------------------------------------------------------------------
 
 
-def make_floor(base: Path, workers: int) -> Tool:
-    """The durable floor's column: floor_durable.py on a spool of its own."""
-    home = base / "floor"
+def floor_tool(name: str, home: Path, program: list[str], workers: int) -> Tool:
+    """A floor's column: ``program`` serving a spool of its own under ``home``."""
     spool = home / "spool"
     for directory in FLOOR_DIRECTORIES:
         (spool / directory).mkdir(parents=True)
-    argv = [sys.executable, str(HERE / "floor_durable.py"), str(spool), "--workers", str(workers)]
-    return Tool("floor", spool, Daemon("floor", argv, home / "daemon.log"), home / "done.aside")
+    argv = [*program, str(spool), "--workers", str(workers)]
+    return Tool(name, spool, Daemon(name, argv, home / "daemon.log"), home / "done.aside")
+
+
+def make_floor(base: Path, workers: int) -> Tool:
+    """The durable floor's column: floor_durable.py."""
+    program = [sys.executable, str(HERE / "floor_durable.py")]
+    return floor_tool("floor", base / "floor", program, workers)
 
 
 def make_compiled_floor(base: Path, workers: int, cc: str) -> Tool:
     """The compiled floor's column: floor_durable.c built with ``cc`` into the run's directory
     (RuntimeError with the compiler's words if it will not build)."""
-    home = base / "cfloor"
-    spool = home / "spool"
-    for directory in FLOOR_DIRECTORIES:
-        (spool / directory).mkdir(parents=True)
-    binary = home / "floor_durable"
+    binary = base / "cfloor" / "floor_durable"
+    tool = floor_tool("cfloor", binary.parent, [str(binary)], workers)
     built = subprocess.run(
         [cc, "-O2", "-Wall", "-o", str(binary), str(HERE / "floor_durable.c"), "-lpthread"],
         capture_output=True,
@@ -640,8 +642,7 @@ def make_compiled_floor(base: Path, workers: int, cc: str) -> Tool:
     )
     if built.returncode != 0:
         raise RuntimeError(f"floor_durable.c did not build: {built.stderr[-500:]}")
-    argv = [str(binary), str(spool), "--workers", str(workers)]
-    return Tool("cfloor", spool, Daemon("cfloor", argv, home / "daemon.log"), home / "done.aside")
+    return tool
 
 
 def present(*tools: Tool | None) -> list[Tool]:

@@ -240,13 +240,12 @@ static int spawn(const job *j, const char *dir, int log) {
     posix_spawnattr_setflags(&attributes,
                              POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t pid;
-    int code = 127, status;
+    int code = 127, status, waited = -1;
     if (posix_spawn(&pid, argv[0], &actions, &attributes, argv, env) == 0) {
-        while (waitpid(pid, &status, 0) < 0) {
-            if (errno != EINTR) break;
+        while ((waited = waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
         }
-        code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
+    if (waited > 0) code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attributes);
     free(env);
