@@ -9,14 +9,15 @@
      fsynced); fsync job.yaml (1), the stage (2); rename the stage to pending/<id>, fsync
      pending/ (3);
    - claim (--workers threads): rename to running/<id>, fsync running/ (4);
-   - run: SHELL -c COMMANDS (product.shell, /bin/sh if none) in a session of its own, in the job's directory, JOB_ID in its
-     environment, stdin /dev/null, stdout and stderr appended to running/<id>/log;
+   - run: SHELL -c COMMANDS (product.shell, /bin/sh if none) in a session of its own, in the
+     job's directory, JOB_ID in its environment, stdin /dev/null, stdout and stderr appended to
+     running/<id>/log;
    - finish: fsync the log (5), the final status.json under a temporary name, fsynced (6) and
      renamed over the old one, rename to done/<id> (failed/<id>), fsync that directory (7).
 
    It reads only the job files the benchmarks write (bench_spool.stage_jobs: "job_id: ID" on a
-   line, product a JSON object with a "commands" string and maybe a "shell"); any other is left in its stage and
-   said on stderr. Built by bench_compare.py with the system's cc.
+   line, product a JSON object with a "commands" string and maybe a "shell"); any other is left
+   in its stage and said on stderr. Built by bench_compare.py with the system's cc.
 
    Usage: floor_durable SPOOL [--workers N]. READY=1 to $NOTIFY_SOCKET once it watches; SIGTERM
    or SIGINT stops it after the jobs in hand. */
@@ -338,9 +339,9 @@ static void on_stop(int signum) {
 }
 
 int main(int argc, char **argv) {
-    int workers = argc == 4 && strcmp(argv[2], "--workers") == 0 ? atoi(argv[3]) : 2;
-    if ((argc != 2 && !(argc == 4 && strcmp(argv[2], "--workers") == 0)) || workers < 1 ||
-        workers > 64) {
+    int flagged = argc == 4 && strcmp(argv[2], "--workers") == 0;
+    int workers = flagged ? atoi(argv[3]) : 2;
+    if ((argc != 2 && !flagged) || workers < 1 || workers > 64) {
         fprintf(stderr, "usage: %s SPOOL [--workers N]\n", argv[0]);
         return 2;
     }
