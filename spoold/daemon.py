@@ -442,9 +442,10 @@ class Daemon:
             )
             if self.api is not None:
                 self.api.stop()
+            # Intake first: a watcher waiting for room in its backlog is let go at once.
+            self.intake_thread.stop()
             if watcher is not None:
                 watcher.stop()
-            self.intake_thread.stop()
             self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
             self.sender.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -33,6 +34,9 @@ from spoold.schedule.triggers import schedule_status
 _FIRST_RETRY, _LAST_RETRY = 1.0, 60.0
 #: Files judged together before one durable commit: more than a flood's burst is rare.
 GROUP = 64
+#: Names reported by the watcher that may wait for intake: sixteen groups, a second's work.
+NAMES_HELD = 1024
+_ROOM_WAIT = 0.2  # seconds between looks at whether intake stopped, while a name waits for room
 
 _NOT_A_FILE = {
     "symlink": "is a symbolic link; spoold takes only regular files (copy the file itself)",
@@ -128,11 +132,16 @@ class QuietFiles:
         with self._lock:
             self._seen.pop(name, None)
 
-    def keep_only(self, names: set[str]) -> None:
+    def names(self) -> set[str]:
+        """The files something is known of."""
+        with self._lock:
+            return set(self._seen)
+
+    def forget_all(self, names: set[str]) -> None:
         """Drop what is known of files no longer in incoming/."""
         with self._lock:
-            for gone in self._seen.keys() - names:
-                del self._seen[gone]
+            for gone in names:
+                self._seen.pop(gone, None)
 
 
 class Intake:
@@ -397,18 +406,26 @@ class Intake:
             unreleased = list(self._unreleased.values())
         for left in unreleased:
             self._release(left)
-        names = self._spool.stages.list_incoming()
-        present = set(names)
+        # What is known of files (a backoff, a quiet period) goes with a file not met. Here
+        # the names are read group by group, not held all at once (a flood's are thousands);
+        # a shared filesystem's are listed first, as its directory may change under a reader
+        # in ways a local one's does not (an NFS cookie gone stale), and each waiting file
+        # is remembered there anyway (QuietFiles).
         with self._backoff_lock:
-            for gone in self._backoff.keys() - present:
-                del self._backoff[gone]
-        self._quiet.keep_only(present)
+            waiting = set(self._backoff)
+        watched = self._quiet.names()
+        met: set[str] = set()
         taken = 0
-        for start in range(0, len(names), GROUP):
-            outcomes = self.offer_all(
-                names[start : start + GROUP], complete=False, remote_writers=remote_writers
-            )
+        stages = self._spool.stages
+        names = iter(stages.list_incoming()) if remote_writers else stages.incoming_names()
+        while group := list(itertools.islice(names, GROUP)):
+            met.update(name for name in group if name in waiting or name in watched)
+            outcomes = self.offer_all(group, complete=False, remote_writers=remote_writers)
             taken += sum(outcome is not None for outcome in outcomes)
+        with self._backoff_lock:
+            for gone in waiting - met:
+                self._backoff.pop(gone, None)
+        self._quiet.forget_all(watched - met)
         return taken
 
     def decide(self, taken: TakenFile) -> Accepted | Rejected:
@@ -668,17 +685,31 @@ class IntakeThread:
     one (``remote_writers``: NFS, sshfs) each call is a round trip to the server, and three
     threads, each taking its own files (sweeps side by side), keep three in flight: one thread
     there took a thousand jobs over three hosts three times as long.
+
+    At most ``names_held`` names reported by the watcher wait here: past that ``arrived``
+    waits, and the rest wait in the kernel's inotify queue (``max_queued_events``; past that
+    an overflow, and a sweep). A flood of any size then holds a bounded number here, where
+    every name it kept was the daemon's memory until intake caught up.
     """
 
     _SWEEP = object()
     _STOP = object()
 
-    def __init__(self, intake: Intake, logger: logging.Logger, *, remote_writers: bool) -> None:
+    def __init__(
+        self,
+        intake: Intake,
+        logger: logging.Logger,
+        *,
+        remote_writers: bool,
+        names_held: int = NAMES_HELD,
+    ) -> None:
         self._intake = intake
         self._log = logger
         self._outage = Outage(logger, "intake")
         self._remote_writers = remote_writers
         self._queue: queue.SimpleQueue[str | object] = queue.SimpleQueue()
+        self._room = threading.Semaphore(names_held)
+        self._closing = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, name=f"spoold-intake-{n}", daemon=True)
             for n in range(3 if remote_writers else 1)
@@ -695,13 +726,22 @@ class IntakeThread:
         self._remover.start()
 
     def arrived(self, name: str) -> None:
-        """The watcher saw ``name`` closed after writing or renamed into incoming/."""
+        """The watcher saw ``name`` closed after writing or renamed into incoming/; waits
+        while ``names_held`` names wait already. Once intake stops, a name is let go: its
+        file stays in incoming/ for the next start's sweep."""
+        while not self._room.acquire(timeout=_ROOM_WAIT):
+            if self._closing.is_set():
+                return
+        if self._closing.is_set():
+            self._room.release()
+            return
         self._queue.put(name)
 
     def request_sweep(self) -> None:
         self._queue.put(self._SWEEP)
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._closing.set()
         for _ in self._threads:
             self._queue.put(self._STOP)
         for thread in self._threads:
@@ -722,6 +762,7 @@ class IntakeThread:
             # What arrived meanwhile joins it, up to a group; a sweep or a stop ends the group.
             while isinstance(item, str):
                 names.append(item)
+                self._room.release()
                 if len(names) >= GROUP:
                     item = None
                     break

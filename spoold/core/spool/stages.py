@@ -160,8 +160,16 @@ class Stages:
 
     def list_incoming(self) -> list[str]:
         """Names in incoming/ that are not marked as still being written."""
+        return sorted(self.incoming_names())
+
+    def incoming_names(self) -> Iterator[str]:
+        """``list_incoming``'s names in the directory's order, read as they are asked for: a
+        flood's ten thousands are not all held at once. Files taken meanwhile are not named
+        again; one arriving meanwhile may or may not be (readdir's rule)."""
         with os.scandir(self._dirs["incoming"]) as entries:
-            return sorted(e.name for e in entries if not is_transient_name(e.name))
+            for entry in entries:
+                if not is_transient_name(entry.name):
+                    yield entry.name
 
     def waiting_incoming(self) -> tuple[int, float | None]:
         """How many files wait in incoming/ (as ``list_incoming`` names them), and the ctime
