@@ -16,7 +16,8 @@ process's time, quadratic in the flood. Two parts:
 
    and the ratio of the largest size's cost to the smallest's: near 1.0x, a take does not
    walk the waiting jobs. Then the bytes a queued job holds (tracemalloc), with one JobMeta
-   for all and with a concurrency key per job (each key is a lane of its own);
+   for all (past ``HELD`` waiting packed, and all as objects) and with a concurrency key per
+   job (each key is a lane of its own, its first job never packed);
 2. the daemon (``--daemon N``, 0 to leave it out): N job files renamed into incoming/ at once
    while a running job fills ``limits.executors: {local: 1}``, so that all N wait; files/s
    accepted (all in pending/) and the main process's CPU for them. Then the backlog waiting:
@@ -56,7 +57,7 @@ from benchmarks.bench_spool import (
     stage_jobs,
 )
 from spoold.core.spool.fs import SETTLE
-from spoold.run.dispatch import DispatchQueue, JobMeta
+from spoold.run.dispatch import HELD, DispatchQueue, JobMeta
 
 BOUND = 300.0  # seconds a daemon's flood may take at most
 OPS = 2000  # timed operations per measurement
@@ -126,18 +127,18 @@ CASES: dict[str, Callable[[int], float]] = {
 }
 
 
-def bytes_a_job(size: int, *, key_each: bool) -> float:
+def bytes_a_job(size: int, *, key_each: bool, held: int = HELD) -> float:
+    """``held``: jobs waiting as objects before the queue packs the others (``size``: none)."""
     metas = [JobMeta(executor="local", key=f"vm-{n}" if key_each else None) for n in range(size)]
-    ids = [f"job-{n:06d}" for n in range(size)]
-    queue = DispatchQueue()
+    queue = DispatchQueue(held=held)
     tracemalloc.start()
     try:
-        for job_id, meta in zip(ids, metas, strict=True):
-            queue.add(job_id, meta)
-        held, _ = tracemalloc.get_traced_memory()
+        for n, meta in enumerate(metas):
+            queue.add(f"job-{n:06d}", meta)  # a new id each, as intake's are
+        used, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return held / size
+    return used / size
 
 
 def queue_alone(sizes: list[int], rounds: int) -> None:
@@ -156,7 +157,8 @@ def queue_alone(sizes: list[int], rounds: int) -> None:
     size = sizes[-1]
     print(
         f"bytes a queued job ({size:,} waiting): one JobMeta for all "
-        f"{bytes_a_job(size, key_each=False):.0f}, a concurrency key each "
+        f"{bytes_a_job(size, key_each=False):.0f} (past {HELD} packed; all as objects "
+        f"{bytes_a_job(size, key_each=False, held=size):.0f}), a concurrency key each "
         f"{bytes_a_job(size, key_each=True):.0f}"
     )
 

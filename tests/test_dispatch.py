@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 import tracemalloc
 
-from spoold.run.dispatch import DispatchQueue, JobMeta
+import pytest
+
+from spoold.run.dispatch import HELD, DispatchQueue, JobMeta
 
 
 def _drain(queue: DispatchQueue) -> list[str]:
@@ -97,6 +99,58 @@ def test_a_queued_job_costs_little_memory() -> None:
         tracemalloc.stop()
     assert held / len(ids) < 200, f"{held / len(ids):.0f} bytes a queued job"
     assert _drain(queue) == ids
+
+
+def test_a_flood_past_held_waits_packed_in_a_fifth_of_the_memory() -> None:
+    """Past ``held`` waiting, a lane's youngest wait packed: ids and places in line, no object
+    a job. Unpacked, each cost ~190 bytes: the job, its id, the index by id."""
+    count = 40_000
+    meta = JobMeta(executor="local")
+    costs = {}
+    for held in (count, HELD):
+        queue = DispatchQueue(held=held)
+        tracemalloc.start()
+        try:
+            for n in range(count):
+                queue.add(f"20261206-{n:06d}-flood", meta)  # a new id each, of a common length
+            costs[held], _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        ids = [f"20261206-{n:06d}-flood" for n in range(count)]
+        assert _drain(queue) == ids
+        assert not queue and len(queue) == 0 and queue.job_ids() == set(ids)
+    per_job = {held: cost / count for held, cost in costs.items()}
+    assert per_job[HELD] * 4 < per_job[count], f"bytes a job: {per_job}"
+    assert per_job[HELD] < 45, f"bytes a job: {per_job}"
+
+
+def test_a_packed_job_queued_again_by_a_scan_is_handed_out_once() -> None:
+    """A scan of pending/ can meet a job in the moment between its acceptance and its queueing,
+    and queue it a second time: packed, the two come in as one."""
+    queue = DispatchQueue(held=2)
+    meta = JobMeta()
+    for job_id in ["a", "b", "c", "d", "c"]:
+        queue.add(job_id, meta)
+    assert queue.holds("d") and "d" not in queue, "packed: held, not looked up by id"
+    assert _drain(queue) == ["a", "b", "c", "d"]
+    assert len(queue) == 0
+
+
+def test_a_job_that_cannot_be_packed_keeps_its_place_behind_packed_ones() -> None:
+    """A job with a payload (an adoption) after packed jobs of its lane: they come in first."""
+    queue = DispatchQueue(held=1)
+    meta = JobMeta()
+    for job_id in ["a", "b", "c"]:
+        queue.add(job_id, meta)
+    queue.add("adopted", meta, payload="run it")
+    queue.add("e", meta)
+    assert [queue.take() for _ in range(5)] == [
+        ("a", None),
+        ("b", None),
+        ("c", None),
+        ("adopted", "run it"),
+        ("e", None),
+    ]
 
 
 def test_jobs_alike_share_their_meta_and_others_do_not() -> None:
@@ -237,13 +291,15 @@ class _Reference:
             self.waiting.append(entry)
 
 
-def test_the_order_and_the_limits_match_a_walk_over_every_job() -> None:
+@pytest.mark.parametrize("held", [HELD, 3], ids=["unpacked", "packed-past-3"])
+def test_the_order_and_the_limits_match_a_walk_over_every_job(held: int) -> None:
     """Seeded random adds, takes, ends and give-backs: the lanes hand out what a walk over
-    every waiting job would, with priorities, executor limits, keys and all three strategies."""
+    every waiting job would, with priorities, executor limits, keys and all three strategies;
+    and the same with all but three waiting jobs packed."""
     rng = random.Random(2312)
     for _ in range(30):
         limits = {"proxmox": rng.randint(1, 2), "docker": rng.randint(1, 3)}
-        queue, reference = DispatchQueue(limits), _Reference(limits)
+        queue, reference = DispatchQueue(limits, held=held), _Reference(limits)
         active: list[str] = []
         for step in range(400):
             action = rng.random()
@@ -272,6 +328,7 @@ def test_the_order_and_the_limits_match_a_walk_over_every_job() -> None:
                     queue.give_back(job_id)
                     reference.give_back(job_id)
             assert len(queue) == len(reference.waiting)
+            assert queue.job_ids() == {entry[1] for entry in reference.waiting} | set(active)
 
 
 def test_a_job_given_back_finds_its_place_without_walking_the_line() -> None:

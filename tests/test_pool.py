@@ -7,6 +7,7 @@ import logging
 import marshal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -126,30 +127,45 @@ def test_a_worker_process_that_cannot_start_again_is_tried_again_its_job_waits(
         workers.stop(5.0)
 
 
+def _refusing_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_accepted: Callable[..., None]
+) -> tuple[Path, WorkerProcesses, Intake]:
+    """A spool, its intake (``on_accepted``) and a pool of one worker process that is not
+    started yet: what is submitted waits in the queue until REFUSE is unset and it starts."""
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.init()
+    config = load_config(write_config(tmp_path / "config.yaml", root, workers=1), spool=root)
+    monkeypatch.setenv(REFUSE, "1")
+    workers = WorkerProcesses(
+        config, logging.getLogger("spoold.test"), processes=1,
+        entry="tests.worker_entries:serve_unless_refused", clock=SystemClock(), on_lost=lambda: None,
+        on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
+    )  # fmt: skip
+    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
+                    max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
+                    on_accepted=on_accepted)  # fmt: skip
+    return root, workers, intake
+
+
+def _accept(root: Path, intake: Intake, job_id: str, commands: str) -> None:
+    (root / "incoming" / f"{job_id}.yaml").write_text(yaml.safe_dump(local_job(job_id, commands)))
+    assert isinstance(intake.offer(f"{job_id}.yaml", complete=True), Accepted)
+
+
 def test_a_long_queue_keeps_the_documents_of_its_first_jobs_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A flood's thousands of parsed job files held while their jobs wait were most of the
     main process's peak memory, and left its heap fragmented after: the jobs queued behind
     the first ones keep none, and their worker process reads job.yaml."""
-    root = tmp_path / "spool"
-    spool = Spool(root)
-    spool.init()
-    config = load_config(write_config(tmp_path / "config.yaml", root, workers=1), spool=root)
-    monkeypatch.setenv(REFUSE, "1")  # no worker process yet: the jobs wait in the queue
-    workers = WorkerProcesses(
-        config, logging.getLogger("spoold.test"), processes=1,
-        entry="tests.worker_entries:serve_unless_refused", clock=SystemClock(), on_lost=lambda: None,
-        on_deferred=lambda job_id, due: None, on_cancel=lambda job_id, why: None,
-    )  # fmt: skip
     documents: dict[str, dict[str, object]] = {}
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
-                    max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
-                    on_accepted=lambda job, document: documents.update({job.job_id: document}))  # fmt: skip
+    root, workers, intake = _refusing_pool(
+        tmp_path, monkeypatch, lambda job, document: documents.update({job.job_id: document})
+    )
     ids = [f"j{n:03d}" for n in range(DOCUMENTS_KEPT + 6)]
     for job_id in ids:
-        (root / "incoming" / f"{job_id}.yaml").write_text(yaml.safe_dump(local_job(job_id, "true")))
-        assert isinstance(intake.offer(f"{job_id}.yaml", complete=True), Accepted)
+        _accept(root, intake, job_id, "true")
     try:
         for job_id in ids:
             workers.submit(job_id, documents[job_id])
@@ -164,6 +180,32 @@ def test_a_long_queue_keeps_the_documents_of_its_first_jobs_only(
             assert wait_finished(root, job_id)[0] == "done", job_id
     finally:
         workers.stop(5.0)
+
+
+def test_jobs_waiting_packed_are_held_and_each_runs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the queue's ``held`` a waiting job is packed: the pool still says it holds it (a
+    scan of pending/ must not queue it again), and each runs once, in order."""
+    root, workers, intake = _refusing_pool(tmp_path, monkeypatch, lambda job, document: None)
+    workers._queue._held = 3
+    ids = [f"j{n:03d}" for n in range(40)]
+    for job_id in ids:
+        _accept(root, intake, job_id, "true")
+    try:
+        for job_id in ids:
+            assert workers.submit(job_id)
+        assert len(workers._queue._ids) == 3, "the others wait packed"
+        assert workers.held() == set(ids) and workers.holds(ids[-1])
+        assert not workers.submit(ids[0]), "waiting as an object: not queued again"
+        monkeypatch.delenv(REFUSE)
+        workers.start()
+        statuses = [wait_finished(root, job_id) for job_id in ids]
+    finally:
+        workers.stop(5.0)
+    assert [(state, len(status["attempts"])) for state, status in statuses] == [("done", 1)] * 40
+    started = [status["started_at"] for _, status in statuses]
+    assert started == sorted(started), "in the order queued (one slot: one at a time)"
 
 
 class _Slots:

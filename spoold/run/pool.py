@@ -332,8 +332,8 @@ class WorkerProcesses:
         self._plan = plan_slots(config.workers, processes)
         self._on_lost = on_lost
         self._lock = threading.Lock()
+        # What it holds, queued or in flight, is never queued again: a job is handed out once.
         self._queue = DispatchQueue(config.executor_limits)
-        self._known: set[str] = set()  # queued or in flight: a job is never handed out twice
         #: By index in the plan; None: none runs there now (it left while idle, or not yet).
         self._links: list[_Link | None] = [None] * len(self._plan)
         self._stopping = False
@@ -376,7 +376,8 @@ class WorkerProcesses:
         adopt: bool = False,
     ) -> bool:
         """Queue a pending job (``adopt``: a running one whose worker is gone) unless it is
-        queued or running already.
+        queued or running already (one waiting packed is not looked for: queued again, the
+        two come in as one, see DispatchQueue._unpack; ``held`` names those too).
 
         ``meta`` (priority, concurrency) comes from ``document`` when not given. A job its
         concurrency strategy refuses, or one it replaces, goes to ``on_cancel``.
@@ -384,7 +385,7 @@ class WorkerProcesses:
         if meta is None:
             meta = JobMeta() if document is None else JobMeta.from_document(document)
         with self._lock:
-            if job_id in self._known or self._stopping:
+            if job_id in self._queue or self._stopping:
                 return False
             if len(self._queue) >= DOCUMENTS_KEPT:
                 # A flood's thousands of documents held here were 3.5 MiB of the main
@@ -393,8 +394,6 @@ class WorkerProcesses:
             # A plain job waits as its id alone (its RunJob is made as it is handed out).
             held = None if document is None and not adopt else RunJob(job_id, document, adopt)
             cancel = self._queue.add(job_id, meta, held)
-            self._known.add(job_id)
-            self._known.difference_update(cancelled for cancelled, _ in cancel)
             handed = self._hand_out(self._free_link())
             holder = None if handed else self._outranked_holder(meta.priority)
             start_one = self._wants_one()
@@ -409,12 +408,12 @@ class WorkerProcesses:
     def holds(self, job_id: str) -> bool:
         """Whether the job is queued here or in a worker process's hands."""
         with self._lock:
-            return job_id in self._known
+            return self._queue.holds(job_id)
 
     def held(self) -> frozenset[str]:
         """Every job queued here or in a worker process's hands (``holds``), at one moment."""
         with self._lock:
-            return frozenset(self._known)
+            return frozenset(self._queue.job_ids())
 
     def in_flight(self) -> frozenset[str]:
         """Jobs handed to a worker process and not reported done."""
@@ -439,7 +438,6 @@ class WorkerProcesses:
             code = link.process.wait()
             with self._lock:
                 lost.extend(link.in_flight)
-                self._known.difference_update(link.in_flight)
                 for job_id in link.in_flight:
                     self._queue.finished(job_id)
                 link.in_flight.clear()
@@ -554,7 +552,6 @@ class WorkerProcesses:
                 if isinstance(message, Done):
                     with self._lock:
                         link.in_flight.pop(message.job_id, None)
-                        self._known.discard(message.job_id)
                         self._queue.finished(message.job_id)
                         handed = self._hand_out(link)
                         holder = self._holder_to_revoke(link)
@@ -665,7 +662,6 @@ class WorkerProcesses:
             with self._lock:
                 link.in_flight.pop(job.job_id, None)
                 self._queue.finished(job.job_id)
-                self._known.discard(job.job_id)
 
     def _free_link(self) -> _Link | None:
         """The process to send a job to: an idle slot first, then room to prefetch."""
