@@ -205,18 +205,18 @@ class DispatchQueue:
     def job_ids(self) -> set[str]:
         """Every job waiting, packed or not, or handed out, at this moment."""
         found = self._ids.keys() | self._active.keys()
-        for lane in self._lanes.values():
-            if lane.packed is not None:
-                found.update(lane.packed.job_ids())
+        found.update(self._packed_ids())
         return found
 
     def holds(self, job_id: str) -> bool:
         """Whether a job waits, packed or not, or is handed out (a packed one is looked for
         through every pack)."""
-        return job_id in self or any(
-            lane.packed is not None and job_id in lane.packed.job_ids()
-            for lane in self._lanes.values()
-        )  # fmt: skip
+        return job_id in self or job_id in self._packed_ids()
+
+    def _packed_ids(self) -> Iterator[str]:
+        for lane in self._lanes.values():
+            if lane.packed is not None:
+                yield from lane.packed.job_ids()
 
     def add(self, job_id: str, meta: JobMeta, payload: Any = None) -> list[tuple[str, str]]:
         """Queue a job; return the jobs to cancel (job id, why): the new one, or those replaced."""
