@@ -206,8 +206,7 @@ def measured(result: ExecResult, wall_seconds: float, output_bytes: int | None) 
     usage = result.usage or Usage()
     if usage.wall_seconds is not None and (usage.output_bytes is not None or output_bytes is None):
         return result
-    usage = dataclasses.replace(
-        usage,
+    usage = usage._replace(
         wall_seconds=usage.wall_seconds if usage.wall_seconds is not None else wall_seconds,
         output_bytes=usage.output_bytes if usage.output_bytes is not None else output_bytes,
     )
@@ -224,7 +223,7 @@ def resumed(result: ExecResult, begun: Mapping[str, Any], now: datetime) -> Exec
     if result.usage is None:
         return result
     wall = max((now - start).total_seconds(), 0.0)
-    return dataclasses.replace(result, usage=dataclasses.replace(result.usage, wall_seconds=wall))
+    return dataclasses.replace(result, usage=result.usage._replace(wall_seconds=wall))
 
 
 def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None) -> ExecResult:

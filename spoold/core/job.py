@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -350,7 +349,7 @@ class JobStatus:
                     wall = max((now - parse_rfc3339(current.started_at)).total_seconds(), 0.0)
                 except ValueError:  # a start not written by spoold: the work's own wall time
                     wall = usage.wall_seconds or 0.0
-                current.usage = dataclasses.replace(usage, wall_seconds=wall)
+                current.usage = usage._replace(wall_seconds=wall)
         self.state = state
         # A job going back to pending (a requeue) has not finished.
         self.finished_at = None if state is JobState.PENDING else stamp

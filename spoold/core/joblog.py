@@ -17,7 +17,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO
 
 from spoold.core.clock import Clock, rfc3339
@@ -45,19 +44,30 @@ def format_line(stamp: str, level: str, text: str) -> str:
     return f"{stamp} {level} {text}\n"
 
 
-@dataclass
 class _Sink:
     """The log file, shared by a job's log and its steps' sections."""
 
-    handle: IO[bytes]
-    tee: IO[str] | None
-    tap: Callable[[str], None] | None = None
-    limit: int | None = None  # bytes of log a job's output may fill
-    size: int = 0  # of the file, as written
-    cut_lines: int = 0  # output lines not kept, past the limit
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    lost_lines: int = 0
-    first_error: str | None = None
+    # A plain class, not a dataclass: a job's supervisor imports this module, and each
+    # supervisor counts again what its launcher imported (dataclasses brings inspect, ~1.3 MiB).
+    __slots__ = ("cut_lines", "first_error", "handle", "limit", "lock", "lost_lines", "size",
+                 "tap", "tee")  # fmt: skip
+
+    def __init__(
+        self,
+        handle: IO[bytes],
+        tee: IO[str] | None,
+        tap: Callable[[str], None] | None = None,
+        limit: int | None = None,  # bytes of log a job's output may fill
+    ) -> None:
+        self.handle = handle
+        self.tee = tee
+        self.tap = tap
+        self.limit = limit
+        self.size = 0  # of the file, as written
+        self.cut_lines = 0  # output lines not kept, past the limit
+        self.lock = threading.Lock()
+        self.lost_lines = 0
+        self.first_error: str | None = None
 
 
 class JobLog:

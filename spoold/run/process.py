@@ -42,8 +42,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from spoold.core import procfs
 from spoold.core.clock import Clock
@@ -70,9 +70,13 @@ _LIBC_INTERNAL = (1 << 31) | (1 << 32)
 _CANNOT_SWITCH_BACK = 71  # EX_OSERR
 
 
-@dataclass(frozen=True)
-class RunAs:
-    """A user a job's processes run as (``run_as:``)."""
+class RunAs(NamedTuple):
+    """A user a job's processes run as (``run_as:``).
+
+    This module's records are named tuples, not dataclasses: a job's supervisor imports it,
+    and each supervisor counts again what its launcher imported (dataclasses brings inspect,
+    ~1.3 MiB).
+    """
 
     name: str
     uid: int
@@ -95,8 +99,7 @@ class RunAs:
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
-@dataclass(frozen=True)
-class ProcessOutcome:
+class ProcessOutcome(NamedTuple):
     """How a process ended."""
 
     exit_code: int | None
@@ -437,8 +440,7 @@ def _reset_signals(ignored: tuple[int, ...]) -> None:
             signal.signal(signum, signal.SIG_DFL)
 
 
-@dataclass(frozen=True)
-class _Tree:
+class _Tree(NamedTuple):
     """One run of run_process: its token and its first process."""
 
     token: str
