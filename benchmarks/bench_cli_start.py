@@ -44,6 +44,11 @@ import threading
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: the project root is one up
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_spool import same_interpreter
+
 JOB = "job_id: bench-1\nexecutor: local\nproduct: {commands: 'true'}\n"
 ARGUMENTS = {"--version": ["--version"], "status ID": ["status", "bench-1"], "list": ["list"]}
 
@@ -112,6 +117,7 @@ def main() -> int:
     args = parser.parse_args()
     pythons = {"": args.python}
     if args.against:
+        same_interpreter(args.python, args.against)
         pythons["old "] = args.against
     top = Path(tempfile.mkdtemp(prefix="spoold-bench-cli-"))
     try:

@@ -25,7 +25,13 @@ if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_compare import flood
-from benchmarks.bench_spool import Tool, make_tool, say, spread_subdirectories
+from benchmarks.bench_spool import (
+    Tool,
+    make_tool,
+    same_interpreter,
+    say,
+    spread_subdirectories,
+)
 
 
 def main() -> int:
@@ -35,6 +41,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--dir", type=Path, help="where the temporary spools go")
     args = parser.parse_args()
+    same_interpreter(sys.executable, args.against)
     base = Path(tempfile.mkdtemp(prefix="bench-flood-", dir=args.dir))
     base.chmod(0o711)  # the jobs' user passes through
     tools: dict[str, Tool] = {}

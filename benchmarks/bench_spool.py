@@ -308,6 +308,33 @@ class Tool:
         return self.spool / "incoming"
 
 
+#: What tells two interpreters apart: the version line (release, build, compiler) and the
+#: interpreter a venv stands on.
+_INTERPRETER = (
+    "import os, sys; print(sys.version.replace(chr(10), ' ')); "
+    "print(os.path.realpath(getattr(sys, '_base_executable', sys.executable)))"
+)
+
+
+def same_interpreter(python: str, against: str) -> None:
+    """Exit with the reason unless ``against`` is a venv of the interpreter ``python`` is.
+
+    Old against new must differ only by spoold: another build of Python differs by more than
+    a round of work (pyenv's 3.11.7, a shared libpython without PGO, against Debian's 3.11.2:
+    ~3 MiB more in each process, and slower), and so did comparisons made that way."""
+    ours, theirs = (
+        subprocess.run([py, "-c", _INTERPRETER], check=True, capture_output=True, text=True).stdout
+        for py in (python, against)
+    )  # fmt: skip
+    if ours != theirs:
+        raise SystemExit(
+            f"--against {against} runs another interpreter than {python}:\n"
+            f"  {theirs.strip()!r}\n  against {ours.strip()!r}\n"
+            "make its venv from the same Python (e.g. `make setup` in a git worktree of the "
+            "older commit)"
+        )
+
+
 def make_tool(name: str, base: Path, workers: int, against: str | None = None) -> Tool:
     """The daemon of one column: spoold, and the floor or (``against``) another spoold."""
     if name == "spoold" or against:
@@ -684,6 +711,8 @@ def main() -> int:
         "venv): ratios are then this spoold's over that one's",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.against:
+        same_interpreter(sys.executable, args.against)
     sizes = QUICK if args.quick else FULL
     began = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
