@@ -48,7 +48,7 @@ class _Sink:
     """The log file, shared by a job's log and its steps' sections."""
 
     # A plain class, not a dataclass: a job's supervisor imports this module, and each
-    # supervisor counts again what its launcher imported (dataclasses brings inspect, ~1.3 MiB).
+    # supervisor counts again what its launcher imported (dataclasses brings inspect: ~1.2 MiB).
     __slots__ = ("cut_lines", "first_error", "handle", "limit", "lock", "lost_lines", "size",
                  "tap", "tee")  # fmt: skip
 

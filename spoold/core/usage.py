@@ -22,7 +22,7 @@ class Usage(NamedTuple):
     measured (``USAGE_SOURCES``; several joined by ``+`` for an attempt of mixed steps).
 
     A named tuple, not a dataclass, for the same reason as the module (dataclasses brings
-    inspect: ~1.3 MiB more in the launcher, and in each supervisor again).
+    inspect: ~1.2 MiB more in the launcher, measured, and in each supervisor again).
     """
 
     wall_seconds: float | None = None
