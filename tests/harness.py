@@ -398,16 +398,26 @@ def kill_processes_with(token: str) -> None:
 
 
 def tmp_leftovers(spool: Path) -> list[str]:
-    """What tmp/ holds besides daemon locks and empty per-slot work dirs: nothing, when drained."""
+    """What tmp/ holds besides daemon locks, empty per-slot work dirs and stages made ahead
+    that no file came into (a daemon killed keeps them; the next start removes them):
+    nothing, when drained."""
     tmp = spool / "tmp"
     # The API's catalogue keeps its snapshot there too: a cache, not a leftover.
     found = [n for n in os.listdir(tmp) if not n.startswith("daemon-")
-             and n not in ("work", "catalogue.snapshot")]  # fmt: skip
+             and n not in ("work", "catalogue.snapshot") and not _made_ahead(tmp / n)]  # fmt: skip
     if (tmp / "work").is_dir():
         found += [
             f"work/{s}/{n}" for s in os.listdir(tmp / "work") for n in os.listdir(tmp / "work" / s)
         ]
     return found
+
+
+def _made_ahead(path: Path) -> bool:
+    """A stage made ahead (spoold.core.spool.stages, ``make_ready``) and never used."""
+    if not (path.name.startswith("in-") and path.is_dir()):
+        return False
+    names = os.listdir(path)
+    return bool(names) and all(name.startswith(".spoold-ready-") for name in names)
 
 
 def schedule_status(spool: Path, job_id: str) -> dict[str, Any]:

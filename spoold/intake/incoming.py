@@ -7,6 +7,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ _FIRST_RETRY, _LAST_RETRY = 1.0, 60.0
 GROUP = 64
 #: Names reported by the watcher that may wait for intake: sixteen groups, a second's work.
 NAMES_HELD = 1024
+#: Stages made ahead while intake waits (``Stages.make_ready``): a small burst's worth.
+READY_STAGES = 4
 _ROOM_WAIT = 0.2  # seconds between looks at whether intake stopped, while a name waits for room
 
 _NOT_A_FILE = {
@@ -206,6 +209,17 @@ class Intake:
             self._spool.stages.remove_spent(path)
         except OSError as exc:  # nothing reads it: the next start removes it
             self._log.debug("could not remove %s yet: %s", path, exc)
+
+    def drop_ready(self) -> None:
+        """Remove the stages made ahead and not used (intake has stopped)."""
+        self._spool.stages.drop_ready()
+
+    def make_ready(self, enough: Callable[[], bool]) -> None:
+        """Make stages ahead for the next files, until ``enough()`` (see Stages.make_ready)."""
+        try:
+            self._spool.stages.make_ready(READY_STAGES, enough=enough)
+        except OSError as exc:  # a full disk: files are taken into stages made then, as before
+            self._log.debug("could not make a stage ahead: %s", exc)
 
     def offer(
         self, name: str, *, complete: bool, remote_writers: bool = False
@@ -693,6 +707,8 @@ class IntakeThread:
     """
 
     _SWEEP = object()
+    #: On the remover's queue, where every other item is a path: make stages ahead.
+    _MAKE_READY = ""
     _STOP = object()
 
     def __init__(
@@ -721,6 +737,7 @@ class IntakeThread:
         )
 
     def start(self) -> None:
+        self._spent.put(self._MAKE_READY)  # once recovery has cleared tmp/: for the first files
         for thread in self._threads:
             thread.start()
         self._remover.start()
@@ -750,10 +767,22 @@ class IntakeThread:
         if self._remover.ident is not None:  # the daemon may stop before it started it
             self._spent.put(None)  # after what intake left: each is removed before it stops
             self._remover.join(timeout)
+        self._intake.drop_ready()
 
     def _remove_spent(self) -> None:
-        while (path := self._spent.get()) is not None:
-            self._intake.remove_spent(path)
+        """Off intake's path: removes the submitted files that private copies replaced, and
+        makes stages ahead when intake is waiting (asked for each time it runs dry).
+
+        At the lowest priority (a thread's own nice value): what it does can wait, and a stage
+        made ahead as a job starts would take a core from the job's worker and supervisor,
+        which a file's pickup waits on."""
+        with contextlib.suppress(OSError):  # where threads cannot be told apart, it just runs
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while (item := self._spent.get()) is not None:
+            if item == self._MAKE_READY:
+                self._intake.make_ready(enough=lambda: not self._queue.empty())
+            else:
+                self._intake.remove_spent(item)
 
     def _loop(self) -> None:
         while True:
@@ -781,3 +810,5 @@ class IntakeThread:
                     functools.partial(self._intake.sweep, remote_writers=self._remote_writers),
                     "intake failed; the next scan tries again",
                 )
+            if self._queue.empty():  # intake waits now: stages for the next files, meanwhile
+                self._spent.put(self._MAKE_READY)

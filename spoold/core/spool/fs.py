@@ -52,6 +52,7 @@ __all__ = [
     "sighting",
     "stat_stamp",
     "write_file",
+    "write_into",
     "write_new",
 ]
 
@@ -361,6 +362,16 @@ def write_new(path: str | Path, data: bytes, *, durable: bool = False, mode: int
         _write_all(fd, data)
         if durable:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_into(path: str | Path, data: bytes) -> None:
+    """Write ``data`` into ``path``, an empty file made before (created ahead, as a ready
+    stage's entries are): no new inode now."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        _write_all(fd, data)
     finally:
         os.close(fd)
 

@@ -66,10 +66,11 @@ from spoold.core.spool.fs import (
 from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
 from spoold.core.states import JOB_DIRECTORIES, JobState
 
-__all__ = ["DirStamp", "JobDir", "Jobs", "ScheduleRequests", "Seen", "sighting"]
+__all__ = ["UNITS", "DirStamp", "JobDir", "Jobs", "ScheduleRequests", "Seen", "sighting"]
 
 _CANCEL_FILE = "cancel"  # in running/<id>/: spoold cancel's request to the job's worker
-_UNITS = "units"  # in a job's directory: what each unit of its attempts began and how it ended
+#: In a job's directory: what each unit of its attempts began and how it ended.
+UNITS = "units"
 _PAUSED = "paused"  # in scheduled/<id>/: there while the schedule is paused (who, since when)
 _RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the scheduler noted it
 _RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
@@ -415,7 +416,7 @@ class Jobs:
         goes on, and recovery then follows the job's ``on_interrupt`` (see ``lease``).
         """
         check_fence(job)
-        units = f"{job.location}/{_UNITS}"
+        units = f"{job.location}/{UNITS}"
         with contextlib.suppress(FileExistsError):
             os.mkdir(units, DEFAULT_MODE)
         temporary = f"{units}/.{key}.{os.getpid()}"
@@ -426,12 +427,12 @@ class Jobs:
     def end_unit(job: JobDir, key: str, record: dict[str, Any]) -> None:
         """Record how unit ``key`` ended (replaced whole; not fsynced, as ``begin_unit``)."""
         check_fence(job)
-        write_file(f"{job.location}/{_UNITS}/{key}.end", json_bytes(record), durable=False)
+        write_file(f"{job.location}/{UNITS}/{key}.end", json_bytes(record), durable=False)
 
     @staticmethod
     def read_unit(job: JobDir, key: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """How unit ``key`` began and ended, each None if it did not (yet)."""
-        units = f"{job.location}/{_UNITS}"
+        units = f"{job.location}/{UNITS}"
         return read_json(f"{units}/{key}"), read_json(f"{units}/{key}.end")
 
     def read_lease(self, job: JobDir) -> dict[str, Any] | None:

@@ -79,10 +79,14 @@ class Reservations:
         check_job_id(job_id)
         return os.path.lexists(f"{self._dirs['ids']}/{job_id}")
 
-    def reserve(self, job_id: str, token: str) -> bool:
-        """Reserve ``job_id`` for ``token``; False if it is held already."""
+    def reserve(self, job_id: str, token: str, *, made: str | None = None) -> bool:
+        """Reserve ``job_id`` for ``token``; False if it is held already. ``made``: a symlink
+        to ``token`` made ahead (a ready stage's), moved into place, not made now."""
         try:
-            os.symlink(token, f"{self._dirs['ids']}/{job_id}")
+            if made is None:
+                os.symlink(token, f"{self._dirs['ids']}/{job_id}")
+            else:
+                rename_noreplace(made, f"{self._dirs['ids']}/{job_id}")
         except FileExistsError:
             return False
         return True

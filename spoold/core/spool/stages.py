@@ -14,6 +14,17 @@ reason.json), or released (back into incoming/). What accept fsyncs (see
 A crash leaves the stage; ``recover`` at start finishes a rejection whose reason.json was
 written, and otherwise gives up the reservation the stage made and puts the file back into
 incoming/.
+
+Ready stages. Each file taken needs a stage and, once accepted, the first entries of a job's
+directory and its id's reservation: six new inodes (the stage, the private copy, status.json,
+log, artifacts/, the symlink in ids/) and a seventh its supervisor makes (units/). On ext4
+without a journal (this machine's root) a new inode costs 0.1-0.3 ms while inodes were freed
+nearby in the last minutes: a search past each of them. So while intake has nothing to do,
+``make_ready`` makes a few stages ahead, each with those entries under hidden names
+(``.spoold-ready-*``; the reservation's target is the stage's name, known then); a file taken
+then costs renames, not creates, on its way to a worker. A ready stage is an ordinary one to
+recovery: what is hidden in it is never a submitter's, and one that holds nothing else is
+removed without a word.
 """
 
 from __future__ import annotations
@@ -43,9 +54,10 @@ from spoold.core.spool.fs import (
     rename_exchange,
     rename_noreplace,
     write_file,
+    write_into,
     write_new,
 )
-from spoold.core.spool.jobs import JobDir, Jobs
+from spoold.core.spool.jobs import UNITS, JobDir, Jobs
 from spoold.core.spool.reservations import (
     GONE_PREFIX,
     MIGRATION_PREFIX,
@@ -72,6 +84,12 @@ _HANDED_OVER = "handed-over"
 _STAGE_FILES = frozenset(
     {"job.yaml", "status.json", "log", "artifacts", "reason.json", _HANDED_OVER}
 )
+#: A ready stage's entries (``make_ready``): the private copy's file, then what each becomes.
+_READY = f"{TEMP_MARK}ready-"
+_READY_COPY = f"{_READY}copy"
+_READY_ID = f"{_READY}id"  # the job id's reservation, its target the stage's name
+_READY_FILES = ("status.json", "log")
+_READY_DIRS = ("artifacts", UNITS)
 _REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
 
 #: What tells one version of a file from the next without reading it.
@@ -116,6 +134,8 @@ class TakenFile(NamedTuple):
     #: The submitter's file that the private copy replaced, moved aside for ``remove_spent``
     #: (None: removed already, or none).
     spent: str | None = None
+    #: Its stage was made ahead (``Stages.make_ready``): the entries not used yet are there.
+    ready: bool = False
 
     @property
     def original(self) -> Path:
@@ -138,6 +158,7 @@ class Prepared(NamedTuple):
     original: str  # where the staged file was, to give it back under its name
     job_file: str
     schedule: bool
+    ready: bool = False  # its stage was made ahead (TakenFile.ready)
 
 
 class Stages:
@@ -155,6 +176,10 @@ class Stages:
         self._ids = reservations
         self._host = host
         self._swaps = True  # whether renameat2 can swap two names here (not over FUSE)
+        # Stages made ahead, for take_incoming. One thread makes them (make_ready), intake's
+        # take them: list.append and list.pop are atomic, and a length read late only means
+        # one stage more or less.
+        self._ready: list[str] = []
 
     # -- incoming ----------------------------------------------------------------------------
 
@@ -233,31 +258,45 @@ class Stages:
                         return None
                     if writer is None and settle and now - st.st_mtime < settle:
                         return None
-            stage = self._new_stage()
+            stage, ready = self._take_stage()
             try:
                 os.rename(path, f"{stage}/{name}")
             except FileNotFoundError:
-                os.rmdir(stage)
-                return None
+                if not ready or os.path.isdir(stage):
+                    self._drop_stage(stage, ready=ready, reuse=True)  # nothing of it was used
+                    return None
+                # A ready stage that is gone (recovered by another host while this one was
+                # stale): the file is still there to take, into a stage made now.
+                stage, ready = self._new_stage(), False
+                try:
+                    os.rename(path, f"{stage}/{name}")
+                except FileNotFoundError:
+                    os.rmdir(stage)
+                    return None
             except OSError as exc:  # on a shared mount the rename may have happened all the same
-                left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None)
+                left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None,
+                                 ready=ready)  # fmt: skip
                 raise StageLeft(left) from exc
         finally:
             if fd >= 0:
                 os.close(fd)
         if kind != "file":
-            return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=None)
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size, data=None,
+                             ready=ready)  # fmt: skip
         try:
             return self._own_copy(
-                name, stage, max_size, checked=(st.st_dev, st.st_ino), arrived=st.st_ctime
-            )
+                name, stage, max_size, checked=(st.st_dev, st.st_ino), arrived=st.st_ctime,
+                ready=ready,
+            )  # fmt: skip
         except OSError as exc:  # its own undoing may have failed too (an I/O error)
-            left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None)
+            left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None,
+                             ready=ready)  # fmt: skip
             raise StageLeft(left) from exc
 
     def _own_copy(
-        self, name: str, stage: str, max_size: int, *, checked: tuple[int, int], arrived: float
-    ) -> TakenFile | None:
+        self, name: str, stage: str, max_size: int, *, checked: tuple[int, int], arrived: float,
+        ready: bool,
+    ) -> TakenFile | None:  # fmt: skip
         """Read the file now in ``stage`` and put a private copy of those bytes in its place.
 
         What was checked above may not be what was renamed: another file can be renamed over
@@ -272,36 +311,41 @@ class Stages:
         except OSError as exc:  # swapped for a symlink, or for a file spoold may not read
             kind = "symlink" if exc.errno == errno.ELOOP else "unreadable"
             size = os.lstat(staged).st_size
-            return TakenFile(name=name, stage=Path(stage), kind=kind, size=size, data=None)
+            return TakenFile(name=name, stage=Path(stage), kind=kind, size=size, data=None,
+                             ready=ready)  # fmt: skip
         try:
             st = os.fstat(fd)
             kind = _kind(st.st_mode)
             if kind == "file" and (st.st_dev, st.st_ino) != checked and _has_local_writer(fd):
                 # Renamed over the checked file while still being written: not complete.
                 _move_to_free_name(Path(staged), Path(self._dirs["incoming"]), name)
-                os.rmdir(stage)
+                self._drop_stage(stage, ready=ready, reuse=True)  # its copy not made yet
                 return None
             if kind != "file" or st.st_size > max_size:
                 return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size,
-                                 data=None, links=st.st_nlink)  # fmt: skip
+                                 data=None, links=st.st_nlink, ready=ready)  # fmt: skip
             data = read_limited(fd, max_size + 1)
         finally:
             os.close(fd)
         spent = None
         if len(data) <= max_size:
-            temp = f"{stage}/{TEMP_MARK}copy"
+            temp = f"{stage}/{_READY_COPY if ready else TEMP_MARK + 'copy'}"
             try:
-                write_new(temp, data, mode=_PRIVATE_FILE)
+                if ready:
+                    write_into(temp, data)
+                else:
+                    write_new(temp, data, mode=_PRIVATE_FILE)
                 spent = self._put_in_place(temp, staged)
             except BaseException:  # a full disk: the file goes back, to be tried again
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
                 _move_to_free_name(Path(staged), Path(self._dirs["incoming"]), name)
-                os.rmdir(stage)
+                self._drop_stage(stage, ready=ready)
                 raise
         return TakenFile(name=name, stage=Path(stage), kind="file", size=len(data),
                          data=data if len(data) <= max_size else None, links=st.st_nlink,
-                         owner=FileOwner.of(st), arrived=arrived, spent=spent)  # fmt: skip
+                         owner=FileOwner.of(st), arrived=arrived, spent=spent,
+                         ready=ready)  # fmt: skip
 
     def _put_in_place(self, copy: str, staged: str) -> str | None:
         """Put spoold's ``copy`` in place of the submitter's file ``staged``; the submitter's
@@ -389,6 +433,49 @@ class Stages:
         os.mkdir(stage, DEFAULT_MODE)
         return stage
 
+    def make_ready(self, count: int, *, enough: Callable[[], bool]) -> int:
+        """Make stages ahead, each with a job directory's first entries (the module's
+        docstring), until ``count`` are ready or ``enough()`` says to stop (intake has work
+        again: in a flood the inodes cost the same made here or there, and intake's are
+        wanted first). Return how many are ready."""
+        while len(self._ready) < count and not enough():
+            stage = self._new_stage()
+            try:
+                write_new(f"{stage}/{_READY_COPY}", b"", mode=_PRIVATE_FILE)
+                os.symlink(os.path.basename(stage), f"{stage}/{_READY_ID}")
+                for name in _READY_FILES:
+                    write_new(f"{stage}/{_READY}{name}", b"")
+                os.mkdir(f"{stage}/{_READY}artifacts", _PRIVATE_DIR)
+                os.mkdir(f"{stage}/{_READY}{UNITS}", DEFAULT_MODE)
+            except BaseException:  # a full disk: no stage half made is left behind
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+            self._ready.append(stage)
+        return len(self._ready)
+
+    def drop_ready(self) -> None:
+        """Remove the stages made ahead (intake has stopped: a clean stop leaves tmp/ as it
+        found it)."""
+        while self._ready:
+            shutil.rmtree(self._ready.pop(), ignore_errors=True)
+
+    def _take_stage(self) -> tuple[str, bool]:
+        """A stage for a file to take: a ready one if there is one (and True), else a new one."""
+        try:
+            return self._ready.pop(), True
+        except IndexError:
+            return self._new_stage(), False
+
+    def _drop_stage(self, stage: str, *, ready: bool, reuse: bool = False) -> None:
+        """Remove a stage that holds nothing of a file; a ready one whose entries are all still
+        there (``reuse``) is ready again instead."""
+        if ready and reuse:
+            self._ready.append(stage)
+            return
+        if ready:
+            _clear_ready(stage)
+        os.rmdir(stage)
+
     def _new_stage_name(self) -> str:
         # Random: stages of several hosts sharing one spool must not collide.
         owner = f"{self._host}@" if self._host else ""  # not "~": gone-<token>~<id> parses it
@@ -436,13 +523,22 @@ class Stages:
         if taken.name in _STAGE_FILES:
             os.rename(original, job_file)
         # Plain writes: nobody else looks into a stage.
-        write_new(f"{stage}/status.json", json_bytes(status))
-        write_new(f"{stage}/log", log_text.encode())
-        if not schedule:
+        for name, data in (("status.json", json_bytes(status)), ("log", log_text.encode())):
+            if taken.ready:
+                write_into(f"{stage}/{_READY}{name}", data)
+                os.rename(f"{stage}/{_READY}{name}", f"{stage}/{name}")
+            else:
+                write_new(f"{stage}/{name}", data)
+        for name in _READY_DIRS if taken.ready else ():
+            if schedule:
+                os.rmdir(f"{stage}/{_READY}{name}")
+            else:  # units/ now, where a job's supervisor would make it on its way to start
+                os.rename(f"{stage}/{_READY}{name}", f"{stage}/{name}")
+        if not (schedule or taken.ready):
             os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
         if taken.name not in _STAGE_FILES:
             os.rename(original, job_file)
-        return Prepared(job_id, stage, original, job_file, schedule)
+        return Prepared(job_id, stage, original, job_file, schedule, taken.ready)
 
     def settle(self, prepared: Sequence[Prepared]) -> None:
         """Make prepared stages durable before any is placed: the job file, and the job
@@ -466,7 +562,10 @@ class Stages:
         # reservation that names the stage. No fsync of ids/: the fsync of pending/ (or
         # scheduled/) commits it, as every metadata change before it.
         token: str | None = os.path.basename(stage)
-        if not self._ids.reserve(job_id, str(token)):
+        made = f"{stage}/{_READY_ID}" if prepared.ready else None
+        if not self._ids.reserve(job_id, str(token), made=made):
+            if made is not None:  # no place beside a job file, rejected or a schedule's
+                os.unlink(made)
             found = self._jobs.find(job_id)
             if not (prepared.schedule and found is not None and found.directory == "scheduled"):
                 _unstage(prepared)
@@ -542,6 +641,8 @@ class Stages:
     def reject(self, taken: TakenFile, reason: dict[str, Any]) -> Path:
         """Move a staged file into rejected/<name>/ beside a reason.json; return that directory."""
         stage = taken.stage
+        if taken.ready:  # what was made ahead and not used has no place beside a rejected file
+            _clear_ready(os.fspath(stage))
         if taken.name == "reason.json":  # the reason must not land on the file it is about
             os.rename(taken.original, stage / "reason.json.orig")
         write_file(stage / "reason.json", json_bytes(reason), durable=self._disk.durable)
@@ -599,13 +700,16 @@ class Stages:
                 if hosts is not None:
                     taken = Path(self._new_stage_name())
                     os.rename(stage, taken)
-                    done.append(self._recover_stage(taken, token=stage.name))
+                    what = self._recover_stage(taken, token=stage.name)
                 else:
-                    done.append(self._recover_stage(stage))
+                    what = self._recover_stage(stage)
             except FileNotFoundError:
                 continue  # its maker finished it, or another host took it first
             except OSError as exc:
                 done.append(f"could not recover stage {stage.name} yet: {exc}")
+                continue
+            if what is not None:
+                done.append(what)
         spent = [p for p in found if p.name.startswith(SPENT_PREFIX)]
         for path in spent:  # nothing reads them: whoever finds one may remove it
             self.remove_spent(os.fspath(path))
@@ -627,10 +731,15 @@ class Stages:
                     done.append(f"removed {torn.name}, a snapshot left half written")
         return done
 
-    def _recover_stage(self, stage: Path, *, token: str | None = None) -> str:
-        """``token``: the name the stage had when it reserved its job id (its own if None)."""
+    def _recover_stage(self, stage: Path, *, token: str | None = None) -> str | None:
+        """``token``: the name the stage had when it reserved its job id (its own if None).
+        What was done, for the log; None for a ready stage never used (``make_ready``)."""
         token = token or stage.name
-        entries = {e.name for e in os.scandir(stage) if not e.name.startswith(TEMP_MARK)}
+        names = [e.name for e in os.scandir(stage)]
+        if names and all(name.startswith(_READY) for name in names):
+            shutil.rmtree(stage)  # made ahead, and no file came: nothing to say
+            return None
+        entries = {name for name in names if not name.startswith(TEMP_MARK)}
         if _REPLACED in entries:  # a schedule's old definition, replaced: what was left to do
             shutil.rmtree(stage)
             return f"finished removing a replaced schedule definition ({stage.name})"
@@ -715,7 +824,19 @@ def _unstage(prepared: Prepared) -> None:
         os.unlink(f"{prepared.stage}/{leftover}")
     if not prepared.schedule:
         os.rmdir(f"{prepared.stage}/artifacts")
+        with contextlib.suppress(FileNotFoundError):  # made by prepare from a ready stage only
+            os.rmdir(f"{prepared.stage}/{UNITS}")
     os.rename(prepared.job_file, prepared.original)
+
+
+def _clear_ready(stage: str) -> None:
+    """Remove what is left of a ready stage's entries made ahead (``make_ready``)."""
+    for name in (_READY_COPY, _READY_ID, *(_READY + n for n in _READY_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{stage}/{name}")
+    for name in _READY_DIRS:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(f"{stage}/{_READY}{name}")
 
 
 def _free_names(name: str) -> Iterator[str]:
