@@ -4,9 +4,11 @@ daemon watched. Never run twice, never lost, callbacks once."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import pwd
 import signal
 import uuid
 from pathlib import Path
@@ -216,6 +218,10 @@ def test_kill_9_while_a_local_a_docker_and_an_ssh_job_run(
             drop(spool_dir, f"{job_id}.yaml", document)
         for job_id, word in zip(jobs, ("waiting", "box-up", "ssh-up"), strict=True):
             wait_for(functools.partial(_says, spool_dir, job_id, word), what=f"{job_id} to run")
+        # Its output once only if the host knew how far the log had it when the daemon died
+        # (else, by design, it comes again from its start): a busy machine may kill it first.
+        wait_for(functools.partial(_acknowledged, sshd, f"ssh-{suffix}"),
+                 what="the ssh host to know how far the log has the job's output")  # fmt: skip
         daemon.kill(leave_jobs=True)
         daemon.start()
         mark.touch()
@@ -245,6 +251,17 @@ def test_kill_9_while_a_local_a_docker_and_an_ssh_job_run(
 
 def _says(spool: Path, job_id: str, word: str) -> bool:
     return word in _log_of(spool, job_id)
+
+
+def _acknowledged(sshd: SshServer, job_id: str) -> bool:
+    """Whether the ssh host recorded that the log has some of the job's output (its unit's
+    ``logged``, executors/ssh.py)."""
+    home = Path(pwd.getpwnam(sshd.user).pw_dir)
+    for logged in home.glob(f".spoold/*/{job_id}/*/logged"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(logged.read_text().split()[0]) > 0:
+                return True
+    return False
 
 
 def _ended(receiver: Receiver, job_id: str) -> bool:
