@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,7 +21,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from spoold.core.clock import Clock
 from spoold.core.procfs import children, process_info, process_start_time, processes_matching
+from spoold.core.spool import Spool
+from spoold.intake.incoming import Intake
+from spoold.intake.validation import job_validator
+from spoold.run.registry import ExecutorRegistry
 
 T = TypeVar("T")
 
@@ -410,6 +416,15 @@ def tmp_leftovers(spool: Path) -> list[str]:
             f"work/{s}/{n}" for s in os.listdir(tmp / "work") for n in os.listdir(tmp / "work" / s)
         ]
     return found
+
+
+def intake_for(spool: Spool, clock: Clock, *, settle_time: float = 0.0) -> Intake:
+    """An intake of ``spool`` with every installed executor's schema, as the daemon's, its
+    accepted jobs handed to nobody."""
+    return Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                  max_file_size=1 << 20, settle_time=settle_time,
+                  on_accepted=lambda job, document: None,
+                  logger=logging.getLogger("spoold.test"))  # fmt: skip
 
 
 def _made_ahead(path: Path) -> bool:

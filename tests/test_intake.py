@@ -13,10 +13,8 @@ import pytest
 
 from spoold.core.spool import Prepared, Spool
 from spoold.intake.incoming import Accepted, Intake, IntakeThread, Rejected
-from spoold.intake.validation import job_validator
-from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
-from tests.harness import wait_for
+from tests.harness import intake_for, wait_for
 
 SETTLE = 2.0
 JOB = "job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n"
@@ -27,11 +25,7 @@ def _intake(tmp_path: Path, host: str = "") -> tuple[Spool, Intake, FakeClock]:
     spool = Spool(tmp_path / "spool", host=host)
     spool.init()
     clock = FakeClock()
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                    max_file_size=1 << 20, settle_time=SETTLE,
-                    on_accepted=lambda job, document: None,
-                    logger=logging.getLogger("spoold.test"))  # fmt: skip
-    return spool, intake, clock
+    return spool, intake_for(spool, clock, settle_time=SETTLE), clock
 
 
 @pytest.mark.parametrize(

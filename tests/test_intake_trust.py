@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import stat
@@ -27,13 +26,12 @@ from spoold.core.job import JobSpec, JobStatus
 from spoold.core.spool import Spool
 from spoold.core.states import JobState
 from spoold.intake.incoming import Accepted, Intake, Rejected
-from spoold.intake.validation import job_validator
-from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 from tests.harness import (
     DaemonProcess,
     drop,
     found_in,
+    intake_for,
     local_job,
     run_cli,
     tmp_leftovers,
@@ -48,11 +46,7 @@ JOB = "job_id: {id}\nexecutor: local\nproduct: {{commands: 'true'}}\n"
 def _intake(tmp_path: Path) -> tuple[Spool, Intake]:
     spool = Spool(tmp_path / "spool")
     spool.init()
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), FakeClock(),
-                    max_file_size=1 << 20, settle_time=0.0,
-                    on_accepted=lambda job, document: None,
-                    logger=logging.getLogger("spoold.test"))  # fmt: skip
-    return spool, intake
+    return spool, intake_for(spool, FakeClock())
 
 
 def _stored(job_dir: Path) -> tuple[bytes, dict[str, Any]]:

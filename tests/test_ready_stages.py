@@ -15,10 +15,8 @@ import pytest
 
 from spoold.core.spool import Spool
 from spoold.intake.incoming import READY_STAGES, Accepted, Intake, IntakeThread, Rejected
-from spoold.intake.validation import job_validator
-from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
-from tests.harness import tmp_leftovers, wait_for
+from tests.harness import intake_for, tmp_leftovers, wait_for
 
 JOB = "job_id: {id}\nexecutor: local\nproduct: {{commands: 'true'}}\n"
 SCHEDULE = JOB + "schedule: {{every: 60s}}\n"
@@ -28,11 +26,7 @@ MADE_AHEAD = ".spoold-ready-"
 def _intake(tmp_path: Path, host: str = "", root: Path | None = None) -> tuple[Spool, Intake]:
     spool = Spool(root or tmp_path / "spool", host=host)
     spool.init()
-    intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), FakeClock(),
-                    max_file_size=1 << 20, settle_time=0.0,
-                    on_accepted=lambda job, document: None,
-                    logger=logging.getLogger("spoold.test"))  # fmt: skip
-    return spool, intake
+    return spool, intake_for(spool, FakeClock())
 
 
 def _stages(spool: Spool) -> list[Path]:
