@@ -8,12 +8,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from spoold.core.spool import Spool
+from spoold.core.spool.stages import StageLeft
 from spoold.intake.incoming import READY_STAGES, Accepted, Intake, IntakeThread, Rejected
 from tests.fakes import FakeClock
 from tests.harness import intake_for, tmp_leftovers, wait_for
@@ -145,6 +147,31 @@ def test_a_ready_stage_another_host_recovered_is_not_used(tmp_path: Path) -> Non
     (result,) = a_intake.offer_all([_drop(a, "j.yaml", JOB.format(id="j"))], complete=True)
     assert isinstance(result, Accepted), "taken into a stage made then"
     assert os.listdir(a.dir("incoming")) == []
+
+
+def test_a_failed_take_into_a_stage_made_instead_of_a_gone_ready_one_leaves_it_to_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a shared mount a rename that failed may have happened all the same: the stage made
+    in place of a ready one gone is named for intake to release, as any stage is."""
+    spool, _ = _intake(tmp_path)
+    spool.stages.make_ready(1, enough=lambda: False)
+    (ready,) = _stages(spool)
+    shutil.rmtree(ready)  # another host recovered it
+    _drop(spool, "a.yaml", JOB.format(id="a"))
+    real, calls = os.rename, []
+
+    def rename(source: str, target: str) -> None:
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real(source, target)
+
+    monkeypatch.setattr("spoold.core.spool.stages.os.rename", rename)
+    with pytest.raises(StageLeft) as left:
+        spool.stages.take_incoming("a.yaml", now=0.0, max_size=1 << 20)
+    assert not left.value.taken.ready
+    assert left.value.taken.stage != ready and left.value.taken.stage.is_dir()
 
 
 def test_making_stages_ahead_stops_when_intake_has_work(tmp_path: Path) -> None:

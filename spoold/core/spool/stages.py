@@ -259,24 +259,22 @@ class Stages:
                     if writer is None and settle and now - st.st_mtime < settle:
                         return None
             stage, ready = self._take_stage()
-            try:
-                os.rename(path, f"{stage}/{name}")
-            except FileNotFoundError:
-                if not ready or os.path.isdir(stage):
-                    self._drop_stage(stage, ready=ready, reuse=True)  # nothing of it was used
-                    return None
-                # A ready stage that is gone (recovered by another host while this one was
-                # stale): the file is still there to take, into a stage made now.
-                stage, ready = self._new_stage(), False
+            while True:  # twice at most: a stage made now is not a ready one
                 try:
                     os.rename(path, f"{stage}/{name}")
                 except FileNotFoundError:
-                    os.rmdir(stage)
+                    if ready and not os.path.isdir(stage):
+                        # A ready stage that is gone (recovered by another host while this one
+                        # was stale): the file may still be there, for a stage made now.
+                        stage, ready = self._new_stage(), False
+                        continue
+                    self._drop_stage(stage, ready=ready, reuse=True)  # nothing of it was used
                     return None
-            except OSError as exc:  # on a shared mount the rename may have happened all the same
-                left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None,
-                                 ready=ready)  # fmt: skip
-                raise StageLeft(left) from exc
+                except OSError as exc:  # on a shared mount the rename may have happened anyway
+                    left = TakenFile(name=name, stage=Path(stage), kind=kind, size=0, data=None,
+                                     ready=ready)  # fmt: skip
+                    raise StageLeft(left) from exc
+                break
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -529,12 +527,13 @@ class Stages:
                 os.rename(f"{stage}/{_READY}{name}", f"{stage}/{name}")
             else:
                 write_new(f"{stage}/{name}", data)
-        for name in _READY_DIRS if taken.ready else ():
-            if schedule:
-                os.rmdir(f"{stage}/{_READY}{name}")
-            else:  # units/ now, where a job's supervisor would make it on its way to start
-                os.rename(f"{stage}/{_READY}{name}", f"{stage}/{name}")
-        if not (schedule or taken.ready):
+        if taken.ready:
+            for name in _READY_DIRS:
+                if schedule:
+                    os.rmdir(f"{stage}/{_READY}{name}")
+                else:  # units/ now, where a job's supervisor would make it on its way to start
+                    os.rename(f"{stage}/{_READY}{name}", f"{stage}/{name}")
+        elif not schedule:
             os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
         if taken.name not in _STAGE_FILES:
             os.rename(original, job_file)
