@@ -282,8 +282,10 @@ class Daemon:
         if reserved := spool.reservations.ensure():
             logger.info("reserved the ids of %d existing job(s) in %s", reserved, spool.dir("ids"))
         # Here, once: a job user that does not exist stops spoold at start, not each job.
-        for note in Lane.from_config(config, spool.jobs.work_root).notes:
+        lane = Lane.from_config(config, spool.jobs.work_root)
+        for note in lane.notes:
             logger.warning("%s", note)
+        lane.sweep_spares(config.host_id)  # work dirs made ahead by worker processes now gone
         attention = threading.Event()
         due = DueJobs()
 

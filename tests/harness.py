@@ -21,12 +21,16 @@ from typing import Any, TypeVar
 
 import yaml
 
-from spoold.core.clock import Clock
+from spoold.core.clock import Clock, SystemClock
+from spoold.core.config import Config
 from spoold.core.procfs import children, process_info, process_start_time, processes_matching
 from spoold.core.spool import Spool
-from spoold.intake.incoming import Intake
+from spoold.core.spool.spares import SPARE_PREFIX
+from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
+from spoold.run.launcher import Launcher
 from spoold.run.registry import ExecutorRegistry
+from spoold.run.worker import JobRunner
 
 T = TypeVar("T")
 
@@ -404,9 +408,9 @@ def kill_processes_with(token: str) -> None:
 
 
 def tmp_leftovers(spool: Path) -> list[str]:
-    """What tmp/ holds besides daemon locks, empty per-slot work dirs and stages made ahead
-    that no file came into (a daemon killed keeps them; the next start removes them):
-    nothing, when drained."""
+    """What tmp/ holds besides daemon locks, empty per-slot work dirs, and stages and spare
+    files made ahead that nothing came into (a daemon killed keeps them; the next start
+    removes them): nothing, when drained."""
     tmp = spool / "tmp"
     # The API's catalogue keeps its snapshot there too: a cache, not a leftover.
     found = [n for n in os.listdir(tmp) if not n.startswith("daemon-")
@@ -416,6 +420,33 @@ def tmp_leftovers(spool: Path) -> list[str]:
             f"work/{s}/{n}" for s in os.listdir(tmp / "work") for n in os.listdir(tmp / "work" / s)
         ]
     return found
+
+
+class RunnerBench:
+    """A spool, its intake and a runner on a launcher of the test's own (``config``: more of
+    the runner's config)."""
+
+    def __init__(self, root: Path, launcher: Launcher, **config: Any) -> None:
+        clock = SystemClock()
+        self.config = Config(spool=root / "spool", workdir=root / "work", hostname="here",
+                             worker_id="w", **config)  # fmt: skip
+        self.spool = Spool(self.config.spool, host=self.config.host_id)
+        self.spool.init()
+        self.intake = intake_for(self.spool, clock)
+        self.runner = JobRunner(self.spool, ExecutorRegistry.from_entry_points(), self.config,
+                                clock, logging.getLogger("spoold.test"), launcher=launcher)  # fmt: skip
+
+    def run(self, job_id: str, commands: str = "true") -> Path:
+        """Run a job of ``commands`` to its end in done/; its directory there."""
+        (self.spool.dir("incoming") / f"{job_id}.yaml").write_text(
+            yaml.safe_dump(local_job(job_id, commands))
+        )
+        assert isinstance(self.intake.offer(f"{job_id}.yaml", complete=True), Accepted)
+        job = self.runner.claim(job_id)
+        assert job is not None
+        final = self.runner.run(job)
+        assert final is not None and final.directory == "done", final
+        return final.path
 
 
 def intake_for(spool: Spool, clock: Clock, *, settle_time: float = 0.0) -> Intake:
@@ -428,7 +459,10 @@ def intake_for(spool: Spool, clock: Clock, *, settle_time: float = 0.0) -> Intak
 
 
 def _made_ahead(path: Path) -> bool:
-    """A stage made ahead (spoold.core.spool.stages, ``make_ready``) and never used."""
+    """A stage made ahead (spoold.core.spool.stages, ``make_ready``) and never used, or a
+    spare file (spoold.core.spool.spares) still empty."""
+    if path.name.startswith(SPARE_PREFIX):
+        return path.is_file() and path.stat().st_size == 0
     if not (path.name.startswith("in-") and path.is_dir()):
         return False
     names = os.listdir(path)

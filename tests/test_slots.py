@@ -37,6 +37,7 @@ class _Runner:
     def __init__(self) -> None:
         self.events: list[str] = []
         self.recorded = threading.Condition()
+        self.dropped = False
 
     def claim(self, job_id: str) -> JobDir:
         return JobDir(job_id, "running", f"/nonexistent/{job_id}")
@@ -57,11 +58,24 @@ class _Runner:
             self.events.append(f"record {outcome}")
             self.recorded.notify_all()
 
+    def make_ahead(self, jobs: int) -> None:
+        with self.recorded:
+            self.events.append("ahead")
+            self.recorded.notify_all()
+
+    def drop_ahead(self) -> None:
+        self.dropped = True
+
     def detach_all(self) -> int:
         return 0
 
     def interrupt_all(self) -> int:
         return 0
+
+    def jobs(self) -> list[str]:
+        """What it was asked about jobs, in order (not when it made ahead)."""
+        with self.recorded:
+            return [event for event in self.events if event != "ahead"]
 
     def wait_recorded(self, job_id: str) -> None:
         with self.recorded:
@@ -87,10 +101,28 @@ def test_a_slot_records_an_end_while_its_next_job_starts_and_at_once_when_none_w
         pool.submit(job_id)
     pool.start()
     runner.wait_recorded("b")
-    assert runner.events == ["start a", "end a", "start b", "record a", "end b", "record b"]
+    assert runner.jobs() == ["start a", "end a", "start b", "record a", "end b", "record b"]
     pool.submit("c")  # nothing after it: its end is recorded at once
     runner.wait_recorded("c")
-    assert runner.events[6:] == ["start c", "end c", "record c"]
+    assert runner.jobs()[6:] == ["start c", "end c", "record c"]
+
+
+def test_a_slot_makes_ahead_while_a_job_starts_and_when_it_waits_and_drops_it_at_stop(
+    slot: tuple[WorkerPool, _Runner],
+) -> None:
+    pool, runner = slot
+    for job_id in ("a", "b"):
+        pool.submit(job_id)
+    pool.start()
+    with runner.recorded:
+        assert runner.recorded.wait_for(lambda: runner.events.count("ahead") == 3, 30.0)
+    assert runner.events == [
+        "start a", "ahead", "end a",
+        "start b", "record a", "ahead", "end b",
+        "record b", "ahead",
+    ]  # fmt: skip
+    pool.stop(5.0, SystemClock())
+    assert runner.dropped
 
 
 def test_an_attempt_that_started_no_unit_records_the_last_end_before_its_own(
@@ -101,7 +133,7 @@ def test_an_attempt_that_started_no_unit_records_the_last_end_before_its_own(
         pool.submit(job_id)
     pool.start()
     runner.wait_recorded("c")
-    assert runner.events == [
+    assert runner.jobs() == [
         "start a", "end a",
         "start quiet-b", "end quiet-b", "record a",
         "start c", "record quiet-b", "end c",

@@ -13,15 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 import spoold
-from spoold.core.clock import SystemClock
-from spoold.core.config import Config
 from spoold.core.procfs import descendants
-from spoold.core.spool import Spool
-from spoold.intake.incoming import Accepted, Intake
-from spoold.intake.validation import job_validator
 from spoold.run.launcher import (
     IDLE_SUPERVISOR_FOR,
     Chore,
@@ -32,11 +26,10 @@ from spoold.run.launcher import (
     _send,
 )
 from spoold.run.process import RunAs
-from spoold.run.registry import ExecutorRegistry
-from spoold.run.worker import JobRunner
 from tests.harness import (
     WORKER_PROCESS,
     DaemonProcess,
+    RunnerBench,
     daemon_children,
     drop,
     local_job,
@@ -57,40 +50,12 @@ def _supervisor_of(final: Path) -> int:
     return pid
 
 
-class _Bench:
-    """A spool, its intake and a runner on a launcher of the test's own."""
-
-    def __init__(self, root: Path, launcher: Launcher) -> None:
-        self.spool = Spool(root / "spool")
-        self.spool.init()
-        config = Config(spool=self.spool.root, workdir=root / "work", hostname="here",
-                        worker_id="w")  # fmt: skip
-        registry = ExecutorRegistry.from_entry_points()
-        clock = SystemClock()
-        self.intake = Intake(self.spool, job_validator(registry), clock, max_file_size=1 << 20,
-                             settle_time=0, on_accepted=lambda job, document: None,
-                             logger=LOGGER)  # fmt: skip
-        self.runner = JobRunner(self.spool, registry, config, clock, LOGGER, launcher=launcher)
-
-    def run(self, job_id: str) -> int:
-        """Run a ``true`` job to its end; the pid of the supervisor that ran it."""
-        (self.spool.dir("incoming") / f"{job_id}.yaml").write_text(
-            yaml.safe_dump(local_job(job_id, "true"))
-        )
-        assert isinstance(self.intake.offer(f"{job_id}.yaml", complete=True), Accepted)
-        job = self.runner.claim(job_id)
-        assert job is not None
-        final = self.runner.run(job)
-        assert final is not None and final.directory == "done", final
-        return _supervisor_of(final.path)
-
-
 def test_a_supervisor_runs_the_next_unit_and_is_let_go_after_waiting_idle(tmp_path: Path) -> None:
     launcher = Launcher()
     try:
-        bench = _Bench(tmp_path, launcher)
-        first = bench.run("one")
-        assert bench.run("two") == first, "the idle supervisor runs the next job"
+        bench = RunnerBench(tmp_path, launcher)
+        first = _supervisor_of(bench.run("one"))
+        assert _supervisor_of(bench.run("two")) == first, "the idle supervisor runs the next job"
         released = time.monotonic()
         due = launcher.expire(released)
         assert due is not None and released < due <= released + IDLE_SUPERVISOR_FOR
@@ -98,7 +63,7 @@ def test_a_supervisor_runs_the_next_unit_and_is_let_go_after_waiting_idle(tmp_pa
         assert running(first)
         assert launcher.expire(due) is None, "none kept once it has"
         wait_for(lambda: not running(first), what="the idle supervisor to end")
-        assert bench.run("three") != first, "a new one for the next job"
+        assert _supervisor_of(bench.run("three")) != first, "a new one for the next job"
     finally:
         launcher.close()
 

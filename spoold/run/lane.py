@@ -19,6 +19,7 @@ from pathlib import Path
 
 from spoold.core.config import Config
 from spoold.core.errors import ConfigError, ExecutorError
+from spoold.core.spool.spares import Spares, sweep_spares
 from spoold.run.process import RunAs
 
 _CAP_SETGID, _CAP_SETUID = 6, 7
@@ -115,6 +116,15 @@ class Lane:
             return None if user.uid == os.geteuid() else user
         index = int(slot) if slot.isdigit() else sum(map(ord, slot))
         return self._users[index % len(self._users)]
+
+    def spares(self, host: str) -> Spares:
+        """Work dirs made ahead in the work root by this process (which must make them as
+        root: each is renamed to a job's, then given to its user)."""
+        return Spares(str(self.work_root), host, dirs=True, mode=0o700)
+
+    def sweep_spares(self, host: str) -> int:
+        """Remove the work dirs made ahead (``spares``) by processes that are gone."""
+        return sweep_spares(str(self.work_root), host)
 
     def workdir_for(self, job_id: str, attempt: int) -> Path:
         """A new work dir's path for one attempt of a job (unguessable: no job can take it first)."""

@@ -55,7 +55,9 @@ from spoold.core.procfs import (
     process_start_time,
 )
 from spoold.core.secrets import Masker
+from spoold.core.spool.fs import rename_noreplace
 from spoold.core.spool.jobs import JobDir, Jobs
+from spoold.core.spool.spares import Spares
 from spoold.core.usage import Usage
 from spoold.run.log_socket import LogTap
 from spoold.run.process import (
@@ -102,6 +104,9 @@ class Supervise(NamedTuple):
     host: str
     #: RUNNER_LOG_SOCKET: where every line goes too.
     log_socket: str | None = None
+    #: Where the supervisor makes a spare ahead for its next unit's record (the spool's tmp/),
+    #: and for which host (``Spares``).
+    spares: tuple[str, str] | None = None
 
 
 class AddClient(NamedTuple):
@@ -117,8 +122,10 @@ class Chore(NamedTuple):
     path: str
     #: For "artifacts": (glob, type) of each declared artifact, relative to ``path``.
     patterns: tuple[tuple[str, str], ...] = ()
-    #: For "mkdir": the work dir's mode.
+    #: For "mkdir": the work dir's mode, and an empty directory made ahead in the work root
+    #: (``spoold.core.spool.spares``) to be renamed into place instead of a new one.
     mode: int = 0o700
+    spare: str | None = None
 
 
 # -- framing: a length, a pickle, and descriptors riding on the length --------------------------
@@ -249,6 +256,11 @@ class Launcher:
                     sock.close()
             self._idle = kept
         return kept[0][1] + IDLE_SUPERVISOR_FOR if kept else None  # the first kept waited longest
+
+    @property
+    def chores_here(self) -> bool:
+        """Whether chores are done in the calling process (it is root), not by the launcher."""
+        return self._chores_here
 
     def chore(self, chore: Chore) -> Any:
         """Do ``chore`` and return its answer; LauncherError with its reason if it failed."""
@@ -457,7 +469,7 @@ class Supervised(Processes):
         request = Supervise(
             self._job, key, tuple(argv), str(cwd), dict(env), run_as, timeout, kill_grace,
             label, log.sections, self._masker.values(), self._log_limit, self._host,
-            self._log_socket,
+            self._log_socket, (self._jobs.spares.directory, self._jobs.spares.host),
         )  # fmt: skip
         tee = log.tee_fd()
         sock = self._launcher.supervise(request, () if tee is None else (tee,))
@@ -695,17 +707,31 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
     signal.signal(signal.SIGUSR1, on_cancel)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_stop)
-    while True:
-        _run_unit(request, reply, tee_fd, unit, me)
-        unit.next()
-        try:
-            message, fds = _receive(reply)
-        except (EOFError, OSError):
-            return  # the worker is done with it, or gone
-        unit.idle = False
-        if not isinstance(message, Supervise):
-            return
-        request, tee_fd = message, fds[0] if fds else None
+    spares: Spares | None = None  # one file for the next unit's record, made while idle
+    try:
+        while True:
+            if request.spares is not None and (
+                spares is None or (spares.directory, spares.host) != request.spares
+            ):
+                if spares is not None:
+                    spares.drop()
+                spares = Spares(*request.spares)
+            _run_unit(request, reply, tee_fd, unit, me, spares=spares)
+            unit.next()
+            if spares is not None:
+                with contextlib.suppress(OSError):  # a full disk: the record is made then
+                    spares.fill(1)
+            try:
+                message, fds = _receive(reply)
+            except (EOFError, OSError):
+                return  # the worker is done with it, or gone
+            unit.idle = False
+            if not isinstance(message, Supervise):
+                return
+            request, tee_fd = message, fds[0] if fds else None
+    finally:
+        if spares is not None:
+            spares.drop()
 
 
 def _run_unit(
@@ -714,15 +740,17 @@ def _run_unit(
     tee_fd: int | None,
     unit: _Unit,
     itself: tuple[int, int | None],
+    *,
+    spares: Spares | None,
 ) -> None:
     """Begin one unit, run it to its end, record the end. ``itself``: this supervisor's pid
-    and start time."""
+    and start time; ``spares``: its record's file, made ahead."""
     clock = SystemClock()
     me, start = itself
     began = {"pid": me, "pid_start": start, "host": request.host,
              "started_at": rfc3339(clock.now())}  # fmt: skip
     try:
-        if not Jobs.begin_unit(request.job, request.key, began):
+        if not Jobs.begin_unit(request.job, request.key, began, spares=spares):
             _answer(reply, ("taken", None))
             return
     except OSError as exc:
@@ -805,7 +833,7 @@ def _do_chore(chore: Chore, *, chown: bool) -> bool:
     """A work dir made or removed; ``chown``: by root for the user, not as the user."""
     if chore.kind == "mkdir":
         owner = chore.user.uid if chore.user is not None else os.geteuid()
-        made = _make_workdir(chore.path, chore.mode, owner, chown=chown)
+        made = _make_workdir(chore.path, chore.mode, owner, chown=chown, spare=chore.spare)
         if made and chown and chore.user is not None:
             os.chown(chore.path, chore.user.uid, chore.user.gid, follow_symlinks=False)
         return made
@@ -814,11 +842,14 @@ def _do_chore(chore: Chore, *, chown: bool) -> bool:
     raise LauncherError(f"no chore {chore.kind!r}")
 
 
-def _make_workdir(path: str, mode: int, owner: int, *, chown: bool) -> bool:
-    """Make the work dir, or take the one an earlier attempt of this run made (an adoption):
-    True if it is to be given to ``owner`` now (``chown``: this process does that)."""
+def _make_workdir(
+    path: str, mode: int, owner: int, *, chown: bool, spare: str | None = None
+) -> bool:
+    """Make the work dir (``spare``: rename that one there), or take the one an earlier
+    attempt of this run made (an adoption): True if it is to be given to ``owner`` now
+    (``chown``: this process does that)."""
     try:
-        Path(path).mkdir(mode)
+        _new_dir(path, mode, spare)
     except FileExistsError:
         info = os.lstat(path)
         if stat.S_ISDIR(info.st_mode) and info.st_uid == owner:
@@ -830,6 +861,22 @@ def _make_workdir(path: str, mode: int, owner: int, *, chown: bool) -> bool:
             raise LauncherError(f"{path} exists and is not this job's work dir") from None
     Path(path).chmod(mode)  # not the umask's
     return True
+
+
+def _new_dir(path: str, mode: int, spare: str | None) -> None:
+    """mkdir ``path``; ``spare``, an empty directory made ahead (the caller's), is renamed
+    there instead while it is there (a sweep may have taken it for a dead process's)."""
+    if spare is not None:
+        try:
+            rename_noreplace(spare, path)
+            return
+        except FileNotFoundError:
+            pass
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                Path(spare).rmdir()
+            raise
+    Path(path).mkdir(mode)
 
 
 def _remove_tree(path: str) -> bool:

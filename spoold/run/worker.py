@@ -168,6 +168,24 @@ class JobRunner:
         self._launcher = launcher if launcher is not None else Launcher.shared()
         self._lane = lane if lane is not None else Lane.from_config(config, spool.jobs.work_root)
         self._boot = boot_id()
+        # Work dirs made ahead (``make_ahead``), where this process makes them itself (root).
+        self._workdirs = self._lane.spares(config.host_id) if self._launcher.chores_here else None
+
+    def make_ahead(self, jobs: int) -> None:
+        """Make ahead what the starts of the next ``jobs`` jobs would create on their way (a
+        slot that waits): their status.json "started", lease and work dir become renames."""
+        try:
+            self._spool.jobs.spares.fill(2 * jobs)
+            if self._workdirs is not None:
+                self._workdirs.fill(jobs)
+        except OSError as exc:  # a full disk: each is made when needed, as before
+            self._logger.debug("could not make spares ahead: %s", exc)
+
+    def drop_ahead(self) -> None:
+        """Remove what ``make_ahead`` made and no job took (the process stops)."""
+        self._spool.jobs.spares.drop()
+        if self._workdirs is not None:
+            self._workdirs.drop()
 
     def remember(self, job_id: str, document: dict[str, Any]) -> None:
         """Keep the document intake validated for a job about to be queued."""
@@ -563,9 +581,9 @@ class JobRunner:
             # Whoever owns it removes it, and opens the artifacts in it.
             local = self._registry.get(spec.executor).supervised if not spec.steps else True
             run.user = run_as if local else None
-            self._chore(
-                run, Chore("mkdir", run.user, str(workdir), mode=0o700 if local else 0o755), log
-            )
+            spare = None if run.resume or self._workdirs is None else self._workdirs.take()
+            mode = 0o700 if local else 0o755
+            self._chore(run, Chore("mkdir", run.user, str(workdir), mode=mode, spare=spare), log)
             own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
             env, _ = self._environment(spec, job, workdir, attempt.number, own)
             hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as,
@@ -1029,19 +1047,32 @@ class WorkerPool:
             self._logger.warning("interrupting %d running job(s) after %ss", count, grace)
             for thread in self._threads:
                 thread.join()
+        self._runner.drop_ahead()
 
     def _next(self, ended: _Unrecorded) -> str | None:
-        """The next job to start; when none is queued, the last outcome is recorded first."""
+        """The next job to start; when none is queued, the last outcome is recorded first,
+        then what the next jobs' starts would create is made ahead."""
+        made = False
         while True:
             with self._cond:
                 if self._stopping.is_set():
                     return None
                 if self._queue:
                     return self._queue.popleft()
-                if not ended.waiting:
+                if made and not ended.waiting:
                     self._cond.wait()
                     continue
-            ended.record()  # not under the lock: submit() must not wait for a record
+            # Not under the lock: submit() must not wait for either.
+            if ended.waiting:
+                ended.record()
+            else:
+                self._runner.make_ahead(len(self._threads))
+                made = True
+
+    def _meanwhile(self, ended: _Unrecorded) -> None:
+        """While a job's process starts: record the slot's last outcome, make ahead."""
+        ended.record()
+        self._runner.make_ahead(len(self._threads))
 
     def _loop(self, slot: str) -> None:
         ended = _Unrecorded(self._runner, self._logger)
@@ -1068,7 +1099,9 @@ class WorkerPool:
         job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
         if job is None:
             return
-        outcome = self._runner.attempt(job, slot=slot, meanwhile=ended.record)
+        outcome = self._runner.attempt(
+            job, slot=slot, meanwhile=functools.partial(self._meanwhile, ended)
+        )
         ended.record()  # if no unit of this attempt started, the last one's is still here
         if outcome is not None:
             ended.hold(outcome)

@@ -89,7 +89,7 @@ class Spool:
         self._dirs = {name: os.path.join(root, name) for name in SPOOL_DIRECTORIES}
         self._disk = GroupCommit(self._dirs.values(), durable=durable)
         self.reservations = Reservations(self._dirs, self._disk)
-        self.jobs = Jobs(self.root, self._dirs, self._disk, self.reservations)
+        self.jobs = Jobs(self.root, self._dirs, self._disk, self.reservations, host=host)
         self.stages = Stages(self._dirs, self._disk, self.jobs, self.reservations, host=host)
         self.deliveries = Deliveries(self._dirs, self._disk)
         self.host_lock = HostLock(self.root, self._dirs)

@@ -108,16 +108,22 @@ class GroupCommit:
             self._syncers[os.fspath(path)].sync()
 
 
-def write_file(path: str | Path, data: bytes, *, durable: bool) -> None:
+def write_file(path: str | Path, data: bytes, *, durable: bool, spare: str | None = None) -> None:
     """Replace ``path`` atomically: written whole under a temporary name, then renamed over it.
+
+    ``spare``: an empty file made ahead on the same filesystem (``spoold.core.spool.spares``),
+    the caller's, to be that temporary file: no new inode now. Gone, a temporary is made.
 
     A failed replace leaves no temporary file, even when the directory was moved on meanwhile
     (a job's, claimed as its status is written): the file is found by its descriptor, which
     is closed only after the rename for that reason (no extra call on the way that works).
     """
-    directory, name = os.path.split(path)
-    temp = f"{directory}/{TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    fd = _open_spare(spare)
+    if spare is None or fd is None:
+        directory, name = os.path.split(path)
+        spare = f"{directory}/{TEMP_MARK}{name}.{os.getpid()}.{next(_counter)}.tmp"
+        fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    temp = spare
     try:
         _write_all(fd, data)
         if durable:
@@ -128,6 +134,32 @@ def write_file(path: str | Path, data: bytes, *, durable: bool) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def _open_spare(spare: str | None) -> int | None:
+    """``spare`` opened for writing, emptied; None if there is none (or it is gone)."""
+    if spare is None:
+        return None
+    try:
+        return os.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def write_spare(spare: str, data: bytes) -> bool:
+    """Write ``data`` into ``spare``, an empty file made ahead (``write_file``); False if it
+    is gone (a sweep took it for a dead process's)."""
+    fd = _open_spare(spare)
+    if fd is None:
+        return False
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        _remove_temporary(fd, spare)
+        raise
+    finally:
+        os.close(fd)
+    return True
 
 
 def _remove_temporary(fd: int, temp: str) -> None:

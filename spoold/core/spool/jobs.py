@@ -62,8 +62,10 @@ from spoold.core.spool.fs import (
     stat_stamp,
     write_file,
     write_new,
+    write_spare,
 )
 from spoold.core.spool.reservations import GONE_PREFIX, Reservations, check_job_id, new_token
+from spoold.core.spool.spares import Spares
 from spoold.core.states import JOB_DIRECTORIES, JobState
 
 __all__ = ["UNITS", "DirStamp", "JobDir", "Jobs", "ScheduleRequests", "Seen", "sighting"]
@@ -178,12 +180,22 @@ class Jobs:
     """The jobs of a spool, in every state, and the schedules' definitions in scheduled/."""
 
     def __init__(
-        self, root: Path, dirs: Mapping[str, str], disk: GroupCommit, reservations: Reservations
+        self,
+        root: Path,
+        dirs: Mapping[str, str],
+        disk: GroupCommit,
+        reservations: Reservations,
+        *,
+        host: str = "",
     ) -> None:
+        """``host``: this host's id among those sharing the spool, for the spares' names."""
         self._root = root
         self._dirs = dirs
         self._disk = disk
         self._ids = reservations
+        #: Files made ahead in tmp/ (a worker process's slots fill it while they wait) for the
+        #: writes on a job's way to its start: status.json "started" and the first lease.
+        self.spares = Spares(dirs["tmp"], host)
 
     def find(
         self, job_id: str, among: Sequence[str] = (*JOB_DIRECTORIES, "scheduled")
@@ -325,6 +337,7 @@ class Jobs:
             f"{job.location}/status.json",
             json_bytes(status),
             durable=durable and self._disk.durable,
+            spare=self.spares.take(),
         )
 
     @staticmethod
@@ -398,29 +411,36 @@ class Jobs:
         the claim was taken over.
         """
         check_fence(job)
-        if first:
+        spare = self.spares.take() if first else None  # a renewal is on no job's way
+        if first and spare is None:
             with contextlib.suppress(FileExistsError):
                 write_new(f"{job.location}/lease", json_bytes(lease))
                 return
-        write_file(f"{job.location}/lease", json_bytes(lease), durable=False)
+        write_file(f"{job.location}/lease", json_bytes(lease), durable=False, spare=spare)
 
     # -- units: each process, container or call an attempt starts, begun once and ended once --
 
     @staticmethod
-    def begin_unit(job: JobDir, key: str, record: dict[str, Any]) -> bool:
+    def begin_unit(
+        job: JobDir, key: str, record: dict[str, Any], *, spares: Spares | None = None
+    ) -> bool:
         """Record that unit ``key`` of the job starts; False if it was begun before.
 
         Exclusive: of two that try (a supervisor forked just before its daemon died, and the
         next daemon's), one wins, so no unit runs twice. Created whole (a link of a written
         file): a reader never sees it half written. Not fsynced: after a reboot no unit
         goes on, and recovery then follows the job's ``on_interrupt`` (see ``lease``).
+        ``spares``: the caller's, made ahead in tmp/; one is the file written, if there is one.
         """
         check_fence(job)
         units = f"{job.location}/{UNITS}"
         with contextlib.suppress(FileExistsError):
             os.mkdir(units, DEFAULT_MODE)
-        temporary = f"{units}/.{key}.{os.getpid()}"
-        write_new(temporary, json_bytes(record))
+        data = json_bytes(record)
+        temporary = None if spares is None else spares.take()
+        if temporary is None or not write_spare(temporary, data):
+            temporary = f"{units}/.{key}.{os.getpid()}"
+            write_new(temporary, data)
         return link_into_place(temporary, f"{units}/{key}")
 
     @staticmethod

@@ -65,6 +65,7 @@ from spoold.core.spool.reservations import (
     check_job_id,
     new_token,
 )
+from spoold.core.spool.spares import sweep_spares
 
 __all__ = ["FileOwner", "FileSignature", "QuietCheck", "Stages", "TakenFile", "is_transient_name"]
 
@@ -714,6 +715,8 @@ class Stages:
             self.remove_spent(os.fspath(path))
         if spent:
             done.append(f"removed {len(spent)} submitted file(s) left after their copy")
+        # Empty files made ahead by processes now gone (a worker killed): nothing to say.
+        sweep_spares(self._dirs["tmp"], self._host, stale=hosts or ())
         if hosts is not None:
             return done
         for gone in (p for p in found if p.name.startswith(GONE_PREFIX)):
