@@ -25,7 +25,7 @@ from spoold.core.clock import Clock, SystemClock
 from spoold.core.config import Config
 from spoold.core.procfs import children, process_info, process_start_time, processes_matching
 from spoold.core.spool import Spool
-from spoold.core.spool.spares import SPARE_PREFIX
+from spoold.core.spool.spares import SPARES_PREFIX
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
 from spoold.run.launcher import Launcher
@@ -461,8 +461,11 @@ def intake_for(spool: Spool, clock: Clock, *, settle_time: float = 0.0) -> Intak
 def _made_ahead(path: Path) -> bool:
     """A stage made ahead (spoold.core.spool.stages, ``make_ready``) and never used, or a
     spare file (spoold.core.spool.spares) still empty."""
-    if path.name.startswith(SPARE_PREFIX):
-        return path.is_file() and path.stat().st_size == 0
+    if path.name.startswith(SPARES_PREFIX):  # a process's spares: empty files or dirs
+        return all(
+            not os.listdir(entry) if entry.is_dir() else entry.stat().st_size == 0
+            for entry in path.iterdir()
+        )
     if not (path.name.startswith("in-") and path.is_dir()):
         return False
     names = os.listdir(path)

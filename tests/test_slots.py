@@ -96,20 +96,7 @@ def slot() -> Iterator[tuple[WorkerPool, _Runner]]:
 def test_a_slot_records_an_end_while_its_next_job_starts_and_at_once_when_none_waits(
     slot: tuple[WorkerPool, _Runner],
 ) -> None:
-    pool, runner = slot
-    for job_id in ("a", "b"):
-        pool.submit(job_id)
-    pool.start()
-    runner.wait_recorded("b")
-    assert runner.jobs() == ["start a", "end a", "start b", "record a", "end b", "record b"]
-    pool.submit("c")  # nothing after it: its end is recorded at once
-    runner.wait_recorded("c")
-    assert runner.jobs()[6:] == ["start c", "end c", "record c"]
-
-
-def test_a_slot_makes_ahead_while_a_job_starts_and_when_it_waits_and_drops_it_at_stop(
-    slot: tuple[WorkerPool, _Runner],
-) -> None:
+    """It makes ahead for the next starts then too, and whenever it waits; a stop drops that."""
     pool, runner = slot
     for job_id in ("a", "b"):
         pool.submit(job_id)
@@ -121,6 +108,9 @@ def test_a_slot_makes_ahead_while_a_job_starts_and_when_it_waits_and_drops_it_at
         "start b", "record a", "ahead", "end b",
         "record b", "ahead",
     ]  # fmt: skip
+    pool.submit("c")  # nothing after it: its end is recorded at once
+    runner.wait_recorded("c")
+    assert runner.jobs()[6:] == ["start c", "end c", "record c"]
     pool.stop(5.0, SystemClock())
     assert runner.dropped
 

@@ -19,7 +19,7 @@ import pytest
 
 from spoold.core.spool import Spool
 from spoold.core.spool.fs import write_file
-from spoold.core.spool.spares import SPARE_PREFIX, Spares, sweep_spares
+from spoold.core.spool.spares import SPARES_PREFIX, Spares, sweep_spares
 from spoold.run.launcher import Launcher, _make_workdir
 from tests.harness import (
     DaemonProcess,
@@ -33,12 +33,14 @@ from tests.harness import (
 
 
 def _spares(directory: Path, pid: int | None = None) -> dict[str, int]:
-    """The spares in ``directory`` (of process ``pid`` only, if given), with their inodes."""
+    """The spares made under ``directory`` (by process ``pid`` only, if given), each by its
+    path from there, with their inodes."""
     mark = "" if pid is None else f"@{pid}."
     return {
-        p.name: p.lstat().st_ino
-        for p in directory.iterdir()
-        if p.name.startswith(SPARE_PREFIX) and mark in p.name
+        str(spare.relative_to(directory)): spare.lstat().st_ino
+        for own in directory.iterdir()
+        if own.name.startswith(SPARES_PREFIX) and mark in own.name
+        for spare in own.iterdir()
     }
 
 
@@ -73,7 +75,7 @@ def test_a_job_started_after_its_worker_made_ahead_takes_what_it_made(tmp_path: 
         assert [v for k, v in inodes.items() if k.startswith(str(work))] == [workdir]
         assert _spares(tmp, os.getpid()) == {} and _spares(work) == {}, "all taken"
         made = [*supervisor, *mine, *_spares(tmp)]
-        assert all(name.startswith(f"{SPARE_PREFIX}h1@") for name in made), "the host's id"
+        assert all(name.startswith(f"{SPARES_PREFIX}h1@") for name in made), "the host's id"
     finally:
         launcher.close()
 
@@ -92,7 +94,7 @@ def test_a_spare_that_cannot_be_renamed_into_place_is_removed(tmp_path: Path) ->
     assert spare is not None
     with pytest.raises(FileNotFoundError):  # its directory gone: a job moved on meanwhile
         write_file(tmp_path / "moved" / "status.json", b"{}", durable=False, spare=spare)
-    assert os.listdir(tmp_path) == []
+    assert not os.path.lexists(spare)
 
 
 def test_a_work_dir_from_a_spare_is_the_job_users_with_its_mode(tmp_path: Path) -> None:
@@ -128,24 +130,23 @@ def test_a_fork_does_not_take_the_spares_of_the_process_it_came_from(tmp_path: P
 
 def test_a_sweep_removes_only_the_spares_of_processes_gone(tmp_path: Path) -> None:
     tmp = str(tmp_path)
-    live = Spares(tmp, "here")
-    live.fill(1)
+    Spares(tmp, "here").fill(1)
+    mine = set(os.listdir(tmp_path))
     dead = _dead_pid()
     for name in (f"here@{dead}.1.aa", "there@1.1.bb", "gone@1.1.cc", f"here@{dead}.1.dd"):
-        (tmp_path / f"{SPARE_PREFIX}{name}").touch()
-    (tmp_path / f"{SPARE_PREFIX}here@{dead}.1.dd").unlink()
-    (tmp_path / f"{SPARE_PREFIX}here@{dead}.1.dd").mkdir()  # a work dir made ahead
-    mine = set(_spares(tmp_path, os.getpid()))
+        (tmp_path / f"{SPARES_PREFIX}{name}" / "1").mkdir(parents=True)  # a work dir made ahead
+    (tmp_path / f"{SPARES_PREFIX}here@{dead}.1.aa" / "2").touch()
     assert sweep_spares(tmp, "here", stale={"gone"}) == 3
-    assert set(os.listdir(tmp_path)) == {f"{SPARE_PREFIX}there@1.1.bb", *mine}
+    assert set(os.listdir(tmp_path)) == {f"{SPARES_PREFIX}there@1.1.bb", *mine}
 
 
 def test_recovery_sweeps_the_spares_of_a_worker_killed(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", host="here")
     spool.init()
     tmp = spool.dir("tmp")
-    dead = tmp / f"{SPARE_PREFIX}here@{_dead_pid()}.1.aa"
-    dead.touch()
+    dead = tmp / f"{SPARES_PREFIX}here@{_dead_pid()}.1.aa"
+    dead.mkdir()
+    (dead / "1").touch()
     spool.jobs.spares.fill(1)
     assert spool.stages.recover() == [], "nothing to say"
     assert not dead.exists() and len(_spares(tmp, os.getpid())) == 1, "a live one kept"
@@ -163,7 +164,9 @@ def test_a_full_disk_leaves_the_start_to_make_its_files(
     with pytest.raises(OSError, match="No space"):
         spares.fill(2)
     monkeypatch.undo()
-    assert spares.take() is None and os.listdir(tmp_path) == []
+    assert spares.take() is None
+    spares.drop()
+    assert os.listdir(tmp_path) == [], "its directory too"
 
 
 def test_a_daemon_stopped_leaves_no_spare(spool_dir: Path, tmp_path: Path) -> None:

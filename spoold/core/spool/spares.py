@@ -7,29 +7,30 @@ its start (``status.json`` "started", the lease, the work dir) and its superviso
 unit's record). A process that has nothing to do makes a few spares (``fill``) where those go;
 on the job's way it takes one (``take``), writes into it, and renames (or links) it into place.
 
-A spare is its maker's alone until taken. Its name says whose it is
-(``.spoold-spare-<host>@<pid>.<start>.<random>``), so that ``sweep`` removes the spares of
-processes that are gone, and never one of a live process's: several daemons share one work
-root, several hosts one spool's tmp/.
+Each process makes its spares in a directory of its own, named after it
+(``.spoold-spares-<host>@<pid>.<start>.<random>``): a create holds its directory's lock while
+ext4 searches for a free inode, and intake's renames through tmp/ must not wait for that. The
+name says whose they are, so that ``sweep_spares`` removes those of processes that are gone, and
+never a live process's: several daemons share one work root, several hosts one spool's tmp/.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import threading
 from collections.abc import Collection
 
 from spoold.core.procfs import process_start_time
 from spoold.core.spool.fs import TEMP_MARK
 
-__all__ = ["SPARE_PREFIX", "Spares", "sweep_spares"]
+__all__ = ["SPARES_PREFIX", "Spares", "sweep_spares"]
 
-SPARE_PREFIX = f"{TEMP_MARK}spare-"
+SPARES_PREFIX = f"{TEMP_MARK}spares-"
 
 
 class Spares:
-    """Empty files (``dirs``: directories) of mode ``mode`` made ahead in ``directory`` by
+    """Empty files (``dirs``: directories) of mode ``mode`` made ahead under ``directory`` by
     this process, for this host (``host``: its id among those sharing the spool); safe to use
     from several threads."""
 
@@ -40,8 +41,9 @@ class Spares:
         self._mode = mode
         self._lock = threading.Lock()
         self._made: list[str] = []
-        self._pid = 0  # the process whose spares those are, and the stem of their names
-        self._stem = ""
+        self._pid = 0  # the process whose spares those are, and their directory once made
+        self._own = ""
+        self._count = 0
 
     def fill(self, count: int) -> int:
         """Make spares until there are ``count``; return how many there are. OSError (a full
@@ -51,13 +53,10 @@ class Spares:
                 self._mine()
                 if len(self._made) >= count:
                     return len(self._made)
-                if not self._stem:
-                    pid = os.getpid()
-                    self._stem = (
-                        f"{self.directory}/{SPARE_PREFIX}{self.host}@{pid}."
-                        f"{process_start_time(pid)}."
-                    )
-                path = f"{self._stem}{os.urandom(6).hex()}"
+                if not self._own:
+                    self._own = self._make_own()
+                self._count += 1
+                path = f"{self._own}/{self._count}"
             if self._dirs:
                 os.mkdir(path, self._mode)
             else:
@@ -73,47 +72,51 @@ class Spares:
             return self._made.pop() if self._made else None
 
     def drop(self) -> None:
-        """Remove the spares not taken (the process stops)."""
+        """Remove the spares not taken, and their directory (the process stops)."""
         with self._lock:
             self._mine()
-            made, self._made = self._made, []
-        for path in made:
-            with contextlib.suppress(OSError):
-                os.rmdir(path) if self._dirs else os.unlink(path)
+            own, self._made, self._own = self._own, [], ""
+        if own:
+            shutil.rmtree(own, ignore_errors=True)
+
+    def _make_own(self) -> str:
+        pid = os.getpid()
+        own = (
+            f"{self.directory}/{SPARES_PREFIX}{self.host}@{pid}.{process_start_time(pid)}."
+            f"{os.urandom(4).hex()}"  # each its own: one process may have several
+        )
+        os.mkdir(own, 0o700)
+        return own
 
     def _mine(self) -> None:
         """Forget the spares of the process this one was forked from: they are its."""
         if (pid := os.getpid()) != self._pid:
-            self._made, self._pid, self._stem = [], pid, ""
+            self._made, self._pid, self._own = [], pid, ""
 
 
 def sweep_spares(directory: str, host: str, *, stale: Collection[str] = ()) -> int:
-    """Remove the spares in ``directory`` whose maker is gone: those of this host's (``host``)
-    whose process has ended, and all of the hosts in ``stale`` (found gone). Return how many."""
+    """Remove the spares under ``directory`` whose maker is gone: those of this host's
+    (``host``) whose process has ended, and all of the hosts in ``stale`` (found gone).
+    Return of how many processes."""
     try:
         with os.scandir(directory) as entries:
             found = [(entry.name, entry.path) for entry in entries
-                     if entry.name.startswith(SPARE_PREFIX)]  # fmt: skip
+                     if entry.name.startswith(SPARES_PREFIX)]  # fmt: skip
     except FileNotFoundError:
         return 0
     removed = 0
     for name, path in found:
-        maker, _, process = name[len(SPARE_PREFIX) :].rpartition("@")
+        maker, _, process = name[len(SPARES_PREFIX) :].rpartition("@")
         if maker not in stale and (maker != host or _alive(process)):
             continue
-        with contextlib.suppress(OSError):  # gone meanwhile: another host swept it
-            try:
-                os.unlink(path)
-            except IsADirectoryError:
-                os.rmdir(path)
-            removed += 1
+        shutil.rmtree(path, ignore_errors=True)  # gone meanwhile: another host swept it
+        removed += 1
     return removed
 
 
 def _alive(process: str) -> bool:
-    """Whether the process a spare's name gives (``<pid>.<start>.<random>``) still runs."""
+    """Whether the process a spares directory's name gives (``<pid>.<start>.<random>``)
+    still runs."""
     pid, _, rest = process.partition(".")
     start = rest.partition(".")[0]
-    if not pid.isdigit():
-        return False
-    return str(process_start_time(int(pid))) == start
+    return pid.isdigit() and str(process_start_time(int(pid))) == start
