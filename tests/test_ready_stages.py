@@ -138,6 +138,32 @@ def test_recovery_removes_ready_stages_without_a_word(tmp_path: Path) -> None:
     assert os.listdir(spool.dir("tmp")) == []
 
 
+@pytest.mark.parametrize("name", ["a.yaml", "log", "units"])
+@pytest.mark.parametrize("moment", ["prepared", "before-its-file-was-renamed", "taken"])
+def test_a_crash_in_a_ready_stage_gives_the_file_back_whole(
+    tmp_path: Path, name: str, moment: str
+) -> None:
+    """Whatever the moment, the next start puts the submitter's bytes back into incoming/
+    under their name (seen: units/, made ahead, given back in place of the job file)."""
+    spool, _ = _intake(tmp_path)
+    spool.stages.make_ready(1, enough=lambda: False)
+    text = JOB.format(id="a")
+    _drop(spool, name, text)
+    taken = spool.stages.take_incoming(name, now=0.0, max_size=1 << 20)
+    assert taken is not None and taken.ready
+    if moment != "taken":
+        prepared = spool.stages.prepare(taken, "a", {"job_id": "a", "source": name}, "accepted\n")
+        if moment == "before-its-file-was-renamed" and name == "a.yaml":
+            os.rename(prepared.job_file, prepared.original)  # its last step not taken yet
+    # The daemon is killed here; the next start recovers.
+    said = Spool(spool.root).stages.recover()
+    assert f"returned {name} to incoming/ as {name} (intake was interrupted)" in said
+    assert os.listdir(spool.dir("incoming")) == [name]
+    assert (spool.dir("incoming") / name).read_text() == text
+    assert os.listdir(spool.dir("ids")) == [], "its reservation given up"
+    assert tmp_leftovers(spool.root) == []
+
+
 def test_a_ready_stage_another_host_recovered_is_not_used(tmp_path: Path) -> None:
     a, a_intake = _intake(tmp_path, host="a")
     b, _ = _intake(tmp_path, host="b", root=a.root)

@@ -83,7 +83,7 @@ SPENT_PREFIX = "spent-"
 #: crash, and a client that got no answer, whose retry places the job again.
 _HANDED_OVER = "handed-over"
 _STAGE_FILES = frozenset(
-    {"job.yaml", "status.json", "log", "artifacts", "reason.json", _HANDED_OVER}
+    {"job.yaml", "status.json", "log", "artifacts", UNITS, "reason.json", _HANDED_OVER}
 )
 #: A ready stage's entries (``make_ready``): the private copy's file, then what each becomes.
 _READY = f"{TEMP_MARK}ready-"
@@ -746,6 +746,10 @@ class Stages:
             shutil.rmtree(stage)
             return f"finished removing a replaced schedule definition ({stage.name})"
         originals = sorted(entries - _STAGE_FILES)
+        if not originals and "job.yaml" not in entries:
+            # A file named like one spoold writes (a job file named log) is renamed to
+            # job.yaml before anything is written beside it: alone, it is the submitter's.
+            originals = sorted(entries - {"reason.json", _HANDED_OVER})
         if _HANDED_OVER in entries:
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
