@@ -138,19 +138,22 @@ def test_recovery_removes_ready_stages_without_a_word(tmp_path: Path) -> None:
     assert os.listdir(spool.dir("tmp")) == []
 
 
-@pytest.mark.parametrize("name", ["a.yaml", "log", "units"])
+@pytest.mark.parametrize("ahead", [True, False], ids=["ready", "made-then"])
+@pytest.mark.parametrize("name", ["a.yaml", "log", "units", "reason.json"])
 @pytest.mark.parametrize("moment", ["prepared", "before-its-file-was-renamed", "taken"])
-def test_a_crash_in_a_ready_stage_gives_the_file_back_whole(
-    tmp_path: Path, name: str, moment: str
+def test_a_crash_in_a_stage_gives_the_file_back_whole(
+    tmp_path: Path, name: str, moment: str, ahead: bool
 ) -> None:
     """Whatever the moment, the next start puts the submitter's bytes back into incoming/
-    under their name (seen: units/, made ahead, given back in place of the job file)."""
+    under their name (seen: units/, made ahead, given back in place of the job file; a file
+    named like one of spoold's, alone in its stage, removed as if the stage were empty)."""
     spool, _ = _intake(tmp_path)
-    spool.stages.make_ready(1, enough=lambda: False)
+    if ahead:
+        spool.stages.make_ready(1, enough=lambda: False)
     text = JOB.format(id="a")
     _drop(spool, name, text)
     taken = spool.stages.take_incoming(name, now=0.0, max_size=1 << 20)
-    assert taken is not None and taken.ready
+    assert taken is not None and taken.ready is ahead
     if moment != "taken":
         prepared = spool.stages.prepare(taken, "a", {"job_id": "a", "source": name}, "accepted\n")
         if moment == "before-its-file-was-renamed" and name == "a.yaml":

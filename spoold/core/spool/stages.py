@@ -746,17 +746,19 @@ class Stages:
             shutil.rmtree(stage)
             return f"finished removing a replaced schedule definition ({stage.name})"
         originals = sorted(entries - _STAGE_FILES)
-        if not originals and "job.yaml" not in entries:
-            # A file named like one spoold writes (a job file named log) is renamed to
-            # job.yaml before anything is written beside it: alone, it is the submitter's.
-            originals = sorted(entries - {"reason.json", _HANDED_OVER})
+        # A file named like one spoold writes (a job file named log, or reason.json) is renamed
+        # away (to job.yaml, reason.json.orig) before anything is written beside it: alone,
+        # it is the submitter's, taken just before the crash.
+        alone = len(entries) == 1 and not originals and not entries & {"job.yaml", _HANDED_OVER}
+        if alone:
+            originals = sorted(entries)
         if _HANDED_OVER in entries:
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
                 self._ids.unreserve(job_id, token)
             shutil.rmtree(stage)
             return f"removed job file {stage.name} handed over by the API and not yet accepted"
-        if "reason.json" in entries:
+        if "reason.json" in entries and not alone:
             reason = json.loads((stage / "reason.json").read_bytes())
             target = _move_to_free_name(
                 stage, Path(self._dirs["rejected"]), str(reason.get("file"))
