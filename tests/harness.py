@@ -408,8 +408,8 @@ def kill_processes_with(token: str) -> None:
 
 
 def tmp_leftovers(spool: Path) -> list[str]:
-    """What tmp/ holds besides daemon locks, empty per-slot work dirs, and stages and spare
-    files made ahead that nothing came into (a daemon killed keeps them; the next start
+    """What tmp/ holds besides daemon locks, empty per-slot work dirs, and stages and spares
+    made ahead that nothing came into (a daemon killed keeps them; the next start
     removes them): nothing, when drained."""
     tmp = spool / "tmp"
     # The API's catalogue keeps its snapshot there too: a cache, not a leftover.
@@ -460,7 +460,7 @@ def intake_for(spool: Spool, clock: Clock, *, settle_time: float = 0.0) -> Intak
 
 def _made_ahead(path: Path) -> bool:
     """A stage made ahead (spoold.core.spool.stages, ``make_ready``) and never used, or a
-    spare file (spoold.core.spool.spares) still empty."""
+    process's directory of spares (spoold.core.spool.spares) holding nothing written."""
     if path.name.startswith(SPARES_PREFIX):  # a process's spares: empty files or dirs
         return all(
             not os.listdir(entry) if entry.is_dir() else entry.stat().st_size == 0

@@ -147,18 +147,16 @@ def _open_spare(spare: str | None) -> int | None:
 
 
 def write_spare(spare: str, data: bytes) -> bool:
-    """Write ``data`` into ``spare``, an empty file made ahead (``write_file``); False if it
-    is gone (a sweep took it for a dead process's)."""
-    fd = _open_spare(spare)
-    if fd is None:
-        return False
+    """``write_into`` a file made ahead (``spoold.core.spool.spares``), removed again if that
+    fails; False if it is gone (a sweep took it for a dead process's)."""
     try:
-        _write_all(fd, data)
+        write_into(spare, data)
+    except FileNotFoundError:
+        return False
     except BaseException:
-        _remove_temporary(fd, spare)
+        with contextlib.suppress(OSError):
+            os.unlink(spare)
         raise
-    finally:
-        os.close(fd)
     return True
 
 
