@@ -280,6 +280,18 @@ def supervisors(spool: Path) -> list[int]:
     return found
 
 
+def spares_of_live_processes(directory: Path) -> list[str]:
+    """The directories of spares (spoold.core.spool.spares) in ``directory`` (a spool's tmp/,
+    a work root) whose process still runs: after a daemon's end its worker processes and
+    idle supervisors wind down, each removing its own."""
+    found = []
+    for own in directory.glob(f"{SPARES_PREFIX}*"):
+        pid, start, _ = own.name.rpartition("@")[2].split(".", 2)
+        if pid.isdigit() and str(process_start_time(int(pid))) == start and running(int(pid)):
+            found.append(own.name)
+    return found
+
+
 def running(pid: int) -> bool:
     """Alive, and not a zombie: an orphaned supervisor's parent (init) may not reap it at once."""
     info = process_info(pid)

@@ -23,6 +23,7 @@ from tests.harness import (
     local_job,
     processes_with,
     run_cli,
+    spares_of_live_processes,
     wait_finished,
     wait_for,
     write_config,
@@ -136,6 +137,12 @@ def test_a_secret_never_reaches_a_file_spoold_writes(spool_dir: Path, tmp_path: 
         assert log.count("token is ***") == 2 and log.count("and on stderr: ***") == 2
     finally:
         daemon.kill()
+    # What outlives the daemon a moment (its worker processes, an idle supervisor) removes the
+    # spares it made ahead as it ends: the files are read once none is left to go meanwhile.
+    wait_for(
+        lambda: not spares_of_live_processes(spool_dir / "tmp"),
+        what="the daemon's processes to end",
+    )
     written = [p for p in spool_dir.rglob("*") if p.is_file() and p.name != "job.yaml"]
     leaks = [str(p) for p in [*written, daemon.log_path] if secret in p.read_text(errors="replace")]
     assert leaks == []

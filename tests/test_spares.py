@@ -8,6 +8,7 @@ for longer than the next start."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from tests.harness import (
     RunnerBench,
     drop,
     local_job,
+    spares_of_live_processes,
     wait_finished,
     wait_for,
     write_config,
@@ -42,6 +44,10 @@ def _spares(directory: Path, pid: int | None = None) -> dict[str, int]:
         if own.name.startswith(SPARES_PREFIX) and mark in own.name
         for spare in own.iterdir()
     }
+
+
+def _none_alive(directory: Path) -> bool:
+    return not spares_of_live_processes(directory)
 
 
 def _dead_pid() -> int:
@@ -180,4 +186,7 @@ def test_a_daemon_stopped_leaves_no_spare(spool_dir: Path, tmp_path: Path) -> No
         wait_for(lambda: _spares(spool_dir / "tmp") and _spares(work), what="spares made ahead")
     finally:
         daemon.stop()
+    # Its idle supervisors end after it, at the end of their workers' sockets.
+    for directory in (spool_dir / "tmp", work):
+        wait_for(functools.partial(_none_alive, directory), what="its processes to end")
     assert _spares(spool_dir / "tmp") == {} and _spares(work) == {}
