@@ -524,7 +524,8 @@ class Stages:
         # Plain writes: nobody else looks into a stage.
         for name, data in (("status.json", json_bytes(status)), ("log", log_text.encode())):
             if taken.ready:
-                write_file(f"{stage}/{name}", data, durable=False, spare=f"{stage}/{_READY}{name}")
+                write_into(f"{stage}/{_READY}{name}", data)
+                os.rename(f"{stage}/{_READY}{name}", f"{stage}/{name}")
             else:
                 write_new(f"{stage}/{name}", data)
         if taken.ready:
