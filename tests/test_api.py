@@ -169,6 +169,23 @@ def test_a_taken_job_id_gets_409(api: Api) -> None:
     assert again.json()["detail"]["code"] == "duplicate"
 
 
+def test_a_job_id_another_change_is_taking_gets_503_until_that_change_is_decided(
+    api: Api,
+) -> None:
+    """Another host taking a file of that id (its ``accepted`` delivery prepared, not yet
+    committed) may yet fail: not a 409 for a job that may never be, but a 503 to try again."""
+    hook = {"url": "http://127.0.0.1:9/hook", "secret": "s3cret"}
+    under_way = api.daemon.spool / "outbox" / "busy-1~00000001.prepared"
+    under_way.write_text(json.dumps({"key": "busy-1", "sequence": 1, "event": "accepted",
+                                     "condition": {"job": "busy-1"}, "created": time.time()}))  # fmt: skip
+    busy = api.submit(job("busy-1", "true", callback=hook))
+    assert busy.status_code == 503, busy.text
+    assert busy.headers["Retry-After"] == "1"
+    assert "under way" in busy.json()["detail"]
+    under_way.unlink()  # that change failed
+    assert api.submit(job("busy-1", "true", callback=hook)).status_code == 201
+
+
 def test_an_idempotent_post_answers_the_first_job(api: Api) -> None:
     text = yaml.safe_dump({"executor": "local", "product": {"commands": "true"}})
     key = {"Idempotency-Key": "order-4711"}

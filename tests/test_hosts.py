@@ -19,17 +19,21 @@ import pytest
 
 from spoold.core.clock import rfc3339
 from spoold.core.config import Config, load_config
-from spoold.core.errors import ConfigError, JobFenced
+from spoold.core.errors import ConfigError, JobBusy, JobFenced
+from spoold.core.policy import Submitter
 from spoold.core.secrets import SecretStore
 from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.face.views import hosts_rows
+from spoold.intake.incoming import Accepted, Intake, Rejected
+from spoold.intake.validation import job_validator
 from spoold.out.outbox import Callbacks, CallbackTarget, encode_record
 from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.hostbeat import HostBeat
 from spoold.run.ledger import JobLedger
 from spoold.run.recovery import Recovery, Verdict
+from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 from tests.harness import run_cli, write_config
 
@@ -522,12 +526,100 @@ def test_a_lost_hosts_prepared_delivery_is_settled_before_its_stages_go_back(
     on_a = Callbacks(a, clock, SecretStore(None), logger=LOG, host="a")
     on_a._prepare(target, "j", 1, {"event": "accepted"}, {"job": "j"}, exclusive=True)
     on_b = Callbacks(b, clock, SecretStore(None), logger=LOG, host="b")
-    with pytest.raises(FileExistsError):  # what b's intake of the file met
+    with pytest.raises(JobBusy):  # what b's intake of the file meets: it waits
         on_b._prepare(target, "j", 1, {"event": "accepted"}, {"job": "j"}, exclusive=True)
     assert on_b.settle_all(frozenset({"a"})) == (0, 1), "no job j: a change not made"
     assert b.stages.recover(frozenset({"a"})), "its stage recovered, to be taken again"
     assert not os.path.exists(taken.stage)
     on_b._prepare(target, "j", 1, {"event": "accepted"}, {"job": "j"}, exclusive=True)
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "with-another-file"])
+def test_a_job_file_taken_while_a_change_of_its_id_is_under_way_waits_for_that_change(
+    tmp_path: Path, together: bool
+) -> None:
+    """Seen in the three-host run, twice: ``rejected/j0775.yaml``, "a job with id 'j0775' has
+    callbacks waiting". h2, frozen mid-intake, was taken for stale, and h3 gave the file in
+    its stage back to incoming/. Thawed, h2 went on with the intake it had begun: it prepared
+    the job's ``accepted`` delivery, then failed (its stage gone) and dropped it. In that
+    moment h3 took the file again, met the prepared delivery, and refused the file as a
+    duplicate: a job never accepted, lost to rejected/. A delivery only prepared is a change
+    under way, not a job: the file waits in incoming/ until that change is decided."""
+    a = _spool(tmp_path, host="a")
+    b = Spool(a.root, host="b")
+    clock = FakeClock(T)
+    url, secret = "http://127.0.0.1:9/hook", "s3cret"
+    on_a = Callbacks(a, clock, SecretStore(None), logger=LOG, host="a",
+                     default_url=url, default_secret=secret)  # fmt: skip
+    on_b = Callbacks(b, clock, SecretStore(None), logger=LOG, host="b",
+                     default_url=url, default_secret=secret)  # fmt: skip
+    intake = Intake(b, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
+                    logger=LOG, callbacks=on_b)  # fmt: skip
+    late = on_a._prepare(CallbackTarget(url, secret, None), "j", 1, {"event": "accepted"},
+                         {"job": "j"}, exclusive=True)  # fmt: skip
+    names = ["j.yaml", "k.yaml"] if together else ["j.yaml"]
+    for name in names:
+        (b.dir("incoming") / name).write_text(
+            f"job_id: {name[0]}\nexecutor: local\nproduct: {{commands: 'true'}}\n"
+        )
+    outcomes = intake.offer_all(names, complete=True)
+    assert outcomes[0] is None, "not refused: left for the change under way to be decided"
+    assert os.listdir(b.dir("rejected")) == []
+    assert os.path.exists(b.dir("incoming") / "j.yaml")
+    assert a.deliveries.read(late) is not None, "a's delivery is a's still"
+    if together:
+        assert isinstance(outcomes[1], Accepted)
+    with pytest.raises(JobBusy):  # the API's submit: 503, try again
+        intake.submit(b"job_id: j\nexecutor: local\nproduct: {commands: 'true'}\n", "j.yaml",
+                      Submitter.caller())  # fmt: skip
+    a.deliveries.remove(late)  # a's change failed: its stage was gone
+    clock.advance(2.0)  # past the first retry's backoff
+    assert intake.sweep() == 1
+    assert b.jobs.find("j") is not None and os.listdir(b.dir("rejected")) == []
+    made = a.deliveries.read("j~00000001.json")
+    assert made is not None and made["host"] == "b"
+    # Once that change is made, a file of that id is a duplicate, as before.
+    (b.dir("incoming") / "j2.yaml").write_text("job_id: j\nexecutor: local\n"
+                                               "product: {commands: 'true'}\n")  # fmt: skip
+    again = intake.offer("j2.yaml", complete=True)
+    assert isinstance(again, Rejected) and again.reason["code"] == "duplicate"
+
+
+@pytest.mark.parametrize("checked", ["at-admission", "at-placing"])
+def test_a_job_file_taken_while_a_file_of_its_id_is_being_placed_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checked: str
+) -> None:
+    """The same race with no callback: another host holds the id (ids/, reserved as its
+    stage is placed) and may yet fail to place it (its stage recovered while it was stale,
+    its disk full): the file waits for that, as for a delivery under way, rather than being
+    refused as a duplicate of a job that may never be. A job found is a duplicate, as ever."""
+    a = _spool(tmp_path, host="a")
+    b = Spool(a.root, host="b")
+    clock = FakeClock(T)
+    intake = Intake(b, job_validator(ExecutorRegistry.from_entry_points()), clock,
+                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
+                    logger=LOG)  # fmt: skip
+    token = "in-a@0123456789abcdef"
+    if checked == "at-admission":
+        assert a.reservations.reserve("j", token)
+    else:  # held in the moment between admission's look and the placing's reserve
+        reserve = b.reservations.reserve
+
+        def held_meanwhile(job_id: str, mine: str, **kwargs: Any) -> bool:
+            a.reservations.reserve(job_id, token)
+            return reserve(job_id, mine, **kwargs)
+
+        monkeypatch.setattr(b.reservations, "reserve", held_meanwhile)
+    (b.dir("incoming") / "j.yaml").write_text("job_id: j\nexecutor: local\n"
+                                              "product: {commands: 'true'}\n")  # fmt: skip
+    assert intake.offer("j.yaml", complete=True) is None, "not refused"
+    assert os.listdir(b.dir("rejected")) == [] and os.listdir(b.dir("incoming")) == ["j.yaml"]
+    monkeypatch.undo()
+    a.reservations.unreserve("j", token)  # a's placing failed
+    clock.advance(2.0)
+    assert intake.sweep() == 1
+    assert b.jobs.find("j") is not None and os.listdir(b.dir("rejected")) == []
 
 
 def test_a_hosts_prepared_delivery_is_settled_by_it_alone_while_it_lives(tmp_path: Path) -> None:
@@ -579,6 +671,50 @@ def test_a_rename_never_replaces_where_the_filesystem_refuses_renameat2_flags(
         fs.rename_noreplace(tmp_path / "d1", tmp_path / "d2")
     fs.rename_noreplace(tmp_path / "d1", tmp_path / "d3")
     assert (tmp_path / "d3" / "job.yaml").read_text() == "d1"
+
+
+def test_a_link_sshfs_refuses_with_eperm_onto_a_name_made_meanwhile_is_a_name_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the three-host run: "schedule tick cannot fire: [Errno 1] Operation not
+    permitted: '.../outbox/.spoold-tick@...tmp' -> '.../outbox/tick@...~00000001.prepared'",
+    each time another host's firing had won. sshfs answers EPERM (SFTP's one code for every
+    failure) for a link onto a name another host made after the kernel looked. Every link
+    spoold makes to claim a name reads that as the name taken; a real EPERM is kept."""
+    from spoold.core.spool import fs  # noqa: PLC0415
+
+    link = os.link
+
+    def sshfs_link(source: Any, target: Any, **kwargs: Any) -> None:
+        if os.path.lexists(target):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        link(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "link", sshfs_link)
+    monkeypatch.setattr(fs, "_renameat2_errno", lambda *args: errno.EINVAL)  # as FUSE answers
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        fs.rename_noreplace(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
+    (tmp_path / "t").write_text("t")
+    assert not fs.link_into_place(str(tmp_path / "t"), str(tmp_path / "b"))
+    assert not (tmp_path / "t").exists() and (tmp_path / "b").read_text() == "b"
+    spool = _spool(tmp_path)
+    spool.deliveries.prepare("j", 1, b"{}", exclusive=True)
+    with pytest.raises(JobBusy):  # under way: not a duplicate yet
+        spool.deliveries.prepare("j", 1, b"{}", exclusive=True)
+    spool.deliveries.commit("j~00000001.prepared")
+    with pytest.raises(FileExistsError):  # made: a duplicate
+        spool.deliveries.prepare("j", 1, b"{}", exclusive=True)
+
+    def refused(source: Any, target: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)  # protected_hardlinks, say: nothing is there
+    with pytest.raises(PermissionError):
+        fs.rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 def test_a_move_cut_between_its_link_and_its_unlink_is_finished_not_doubled(

@@ -15,7 +15,7 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from spoold.core.config import load_config
-from spoold.core.errors import CallbackError, ConfigError
+from spoold.core.errors import CallbackError, ConfigError, JobBusy
 from spoold.core.job import JobStatus
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
@@ -177,9 +177,10 @@ def test_a_rejection_is_decided_by_its_stage(spool: Spool, clock: FakeClock) -> 
 
 
 def test_a_first_event_never_replaces_another_jobs(spool: Spool) -> None:
-    """Two files with one job id: the loser must not overwrite the winner's delivery."""
+    """Two files with one job id: the loser must not overwrite the winner's delivery. While
+    the winner's change is under way, the loser waits for it (it may yet be dropped)."""
     spool.deliveries.prepare("j1", 1, b"{}", exclusive=True)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(JobBusy):
         spool.deliveries.prepare("j1", 1, b"{}", exclusive=True)
     spool.deliveries.commit("j1~00000001.prepared")
     with pytest.raises(FileExistsError):

@@ -23,9 +23,11 @@ import yaml
 from apscheduler.triggers.interval import IntervalTrigger
 
 from spoold.core.clock import parse_rfc3339, rfc3339
+from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake, Rejected
 from spoold.intake.validation import JobValidator, job_validator
+from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.dispatch import JobMeta
 from spoold.run.registry import ExecutorRegistry
 from spoold.schedule.scheduler import Scheduler
@@ -35,6 +37,7 @@ from tests.harness import DaemonProcess, drop, job_state, local_job, wait_for, w
 
 #: Dropped at a time with a fraction of a second, as real drops are.
 T = datetime(2026, 11, 22, 10, 2, 47, 160000, tzinfo=UTC)
+SECRET = "s3cret"
 
 
 class Dropping:
@@ -59,17 +62,22 @@ class Dropping:
 class Bench(Dropping):
     """A spool, intake and the scheduler on one FakeClock; what the scheduler queued."""
 
-    def __init__(self, root: Path, clock: FakeClock) -> None:
+    def __init__(self, root: Path, clock: FakeClock, *, callback: str | None = None) -> None:
+        """``callback``: every run's events go there (signed by ``SECRET``)."""
         self.spool = Spool(root)
         self.spool.init()
         self.clock = clock
         self.queued: list[str] = []
         self.deferred: list[tuple[str, float]] = []
         logger = logging.getLogger("spoold.test")
+        callbacks = None
+        if callback is not None:
+            callbacks = Callbacks(self.spool, clock, SecretStore(None), logger=logger,
+                                  default_url=callback, default_secret=SECRET)  # fmt: skip
         self.scheduler = Scheduler(
             self.spool, clock, logger, queue=self._queue,
             defer=lambda run, when: self.deferred.append((run, when)),
-            cancel=lambda run, why: None, draw=lambda: 0.0,
+            cancel=lambda run, why: None, draw=lambda: 0.0, callbacks=callbacks,
         )  # fmt: skip
         # Registered for real, but paused: the test, not the wall clock, decides when it fires.
         self.aps = self.scheduler._aps  # to ask it what it was given
@@ -158,6 +166,36 @@ def test_a_schedule_never_replaces_a_job_of_its_id(bench: Bench, where: str) -> 
     assert f"already exists in {where}/" in refused.reason["reason"]
     assert bench.spool.jobs.get("taken").directory == where
     assert bench.aps.get_job("taken") is None
+
+
+def test_a_run_another_host_is_making_is_made_at_the_next_firing_if_that_host_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hosts sharing a spool all fire each schedule; one run's first delivery, made
+    exclusively, picks who makes it. A firing that meets that delivery only prepared (another
+    host making the run, which may yet fail: a stale host's late change) is not taken for the
+    run made: the next firing looks again, and catches it up if it is still not made."""
+    hook = "http://127.0.0.1:9/hook"
+    bench = Bench(tmp_path / "spool", FakeClock(T), callback=hook)
+    try:
+        bench.drop("tick", {"every": "20s", "overlap": "allow"})
+        first = T + timedelta(seconds=20)
+        other = Callbacks(Spool(bench.spool.root, host="a"), bench.clock, SecretStore(None),
+                          logger=logging.getLogger("spoold.test"), host="a")  # fmt: skip
+        run = f"tick@{first:%Y%m%dT%H%M%S}Z"
+        late = other._prepare(CallbackTarget(hook, SECRET, None), run, 1,
+                              {"event": "accepted"}, {"job": run}, exclusive=True)  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="spoold.test"):
+            bench.at(first, "tick")
+        assert bench.queued == [] and bench.fired("tick") == []
+        assert "its next firing looks again" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        bench.spool.deliveries.remove(late)  # that host's change failed
+        bench.at(first + timedelta(seconds=20), "tick")
+        assert bench.queued == [run, f"tick@{first + timedelta(seconds=20):%Y%m%dT%H%M%S}Z"]
+        assert bench.fired("tick") == [first, first + timedelta(seconds=20)]
+    finally:
+        bench.scheduler.stop()
 
 
 def test_a_schedule_and_its_runs_keep_its_labels_and_description(bench: Bench) -> None:

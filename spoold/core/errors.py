@@ -49,6 +49,17 @@ class DuplicateJob(SpoolError):
     """A job with that id already exists in some state."""
 
 
+class JobBusy(SpoolError):
+    """Another change of that job id is under way, and may yet fail (a file of that id being
+    placed, its first delivery prepared): neither a job nor a duplicate yet; try again."""
+
+    @classmethod
+    def held(cls, job_id: str) -> JobBusy:
+        """The id is held (ids/) and no job of it found: a file of that id being placed, or
+        a job that moved between directories as they were looked at."""
+        return cls(f"a file of job id {job_id!r} is being accepted (its id is held, no job yet)")
+
+
 class JobFileChanged(SpoolError):
     """A job's job.yaml is no longer the file that was validated (its sha256 differs)."""
 

@@ -35,6 +35,7 @@ from spoold.core.documents import (
 from spoold.core.errors import (
     CallbackError,
     InvalidJobFile,
+    JobBusy,
     NotifyError,
     SpooldError,
     ValidationIssue,
@@ -254,8 +255,7 @@ class Admission:
                 data, document, f"a job with id {job_id!r} already exists in {found.directory}/"
             )
         if found is None and spool.reservations.reserved(job_id):
-            where = "(its file is being accepted)"
-            raise self.duplicate(data, document, f"a job with id {job_id!r} already exists {where}")
+            raise JobBusy.held(job_id)  # not a job yet: its placing may yet fail
         if found is None and (hidden := spool.hidden()):
             dirs = ", ".join(f"{d}/" for d in hidden)
             note = f"not checked here against {dirs}: this user may not look into them"

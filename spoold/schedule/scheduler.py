@@ -51,7 +51,7 @@ from apscheduler.triggers.base import BaseTrigger
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.documents import load_document
-from spoold.core.errors import DuplicateJob, JobNotFound, SpooldError
+from spoold.core.errors import DuplicateJob, JobBusy, JobNotFound, SpooldError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
@@ -304,6 +304,8 @@ class Scheduler:
         with self._lock:
             try:
                 self._fire(job_id)
+            except JobBusy as exc:  # another host firing the same moment: it may yet fail
+                self._logger.info("schedule %s: %s; its next firing looks again", job_id, exc)
             except (OSError, SpooldError, ValueError) as exc:  # its job file changed, a full disk
                 self._logger.error("schedule %s cannot fire: %s", job_id, exc)
             except Exception:  # a schedule's failure must not stop the scheduler

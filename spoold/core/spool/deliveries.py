@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from spoold.core.errors import SpoolError
+from spoold.core.errors import JobBusy, SpoolError
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
     TEMP_MARK,
@@ -26,6 +26,7 @@ from spoold.core.spool.fs import (
     GroupCommit,
     json_bytes,
     link_into_place,
+    link_noreplace,
     path_stamp,
     read_json,
     write_file,
@@ -48,25 +49,35 @@ class Deliveries:
     def prepare(self, key: str, sequence: int, data: bytes, *, exclusive: bool = False) -> str:
         """Write a delivery that is not valid yet, durably; return its name.
 
-        A leftover of that name is replaced (its change was never made); with ``exclusive``,
-        FileExistsError instead if that delivery exists in any form (a job's first event:
-        another job of that id, even one accepted by another host a moment ago, owns it).
+        A leftover of that name is replaced (its change was never made). With ``exclusive``
+        (a job's first event), nothing is: FileExistsError if that delivery is committed
+        (another job of that id, even one accepted by another host a moment ago, owns it);
+        JobBusy if it is only prepared, a change of that id under way (another host's intake
+        of a file of that id, or a stale host's late one) that may yet be dropped.
         """
         outbox = self._dirs["outbox"]
         name = f"{key}~{sequence:08d}"
         path = f"{outbox}/{name}{_PREPARED}"
+        committed = f"{outbox}/{name}.json"
         if not exclusive:
             write_file(path, data, durable=self._disk.durable)
         else:
             temp = f"{outbox}/{TEMP_MARK}{name}.{os.urandom(4).hex()}.tmp"
             write_new(temp, data, durable=self._disk.durable)
             try:
-                os.link(temp, path)  # unlike a rename, never replaces
+                link_noreplace(temp, path)  # unlike a rename, never replaces
+            except FileExistsError:
+                if os.path.exists(committed):
+                    raise
+                raise JobBusy(
+                    f"another change of job {key!r} is under way ({name}{_PREPARED} is "
+                    "prepared, not decided yet)"
+                ) from None
             finally:
                 os.unlink(temp)
-            if os.path.exists(f"{outbox}/{name}.json"):
+            if os.path.exists(committed):
                 os.unlink(path)
-                raise FileExistsError(f"{outbox}/{name}.json")
+                raise FileExistsError(committed)
         self._disk.sync(outbox)
         return name + _PREPARED
 

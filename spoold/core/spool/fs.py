@@ -42,6 +42,7 @@ __all__ = [
     "give_to_owner_of",
     "json_bytes",
     "link_into_place",
+    "link_noreplace",
     "path_stamp",
     "read_bytes",
     "read_json",
@@ -201,7 +202,7 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
         raise OSError(err, os.strerror(err), str(source))
     if not os.path.isdir(source) or os.path.islink(source):
         try:
-            os.link(source, target, follow_symlinks=False)
+            link_noreplace(source, target)
         except FileExistsError:
             if not _same_file(source, target):
                 raise
@@ -212,8 +213,25 @@ def rename_noreplace(source: str | Path, target: str | Path) -> None:
     try:
         os.rename(source, target)
     except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(exc.errno, os.strerror(exc.errno), str(target)) from None
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or (
+            exc.errno == errno.EPERM and os.path.lexists(target)
+        ):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        raise
+
+
+def link_noreplace(source: str | Path, target: str | Path) -> None:
+    """link(2), which never replaces: FileExistsError if anything is at ``target``.
+
+    sshfs answers EPERM, not EEXIST, when another host made ``target`` between the kernel's
+    lookup and the link (SFTP has one code for every failure): seen in the three-host run,
+    as schedule firings refused with "Operation not permitted" while another host's won.
+    """
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except PermissionError as exc:
+        if exc.errno == errno.EPERM and os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
         raise
 
 
@@ -417,7 +435,7 @@ def link_into_place(temporary: str, path: str) -> bool:
     False), and remove ``temporary``: a reader never sees half of it, two writers never both
     win."""
     try:
-        os.link(temporary, path)
+        link_noreplace(temporary, path)
     except FileExistsError:
         return False
     finally:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from spoold.core.errors import DuplicateJob, SpoolError
+from spoold.core.errors import DuplicateJob, JobBusy, SpoolError
 from spoold.core.ids import RUN_ID
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
@@ -569,8 +569,9 @@ class Stages:
             found = self._jobs.find(job_id)
             if not (prepared.schedule and found is not None and found.directory == "scheduled"):
                 _unstage(prepared)
-                where = f" in {found.directory}/" if found else " (its file is being accepted)"
-                raise DuplicateJob(f"a job with id {job_id!r} already exists{where}")
+                if found is None:  # a file of that id being placed, which may yet fail
+                    raise JobBusy.held(job_id)
+                raise DuplicateJob(f"a job with id {job_id!r} already exists in {found.directory}/")
             token = None  # a schedule replaced keeps the reservation it had
         try:
             if prepared.schedule:

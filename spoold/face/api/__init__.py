@@ -16,7 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
-from spoold.core.errors import InvalidTransition, JobNotFound, SpooldError, SpoolError
+from spoold.core.errors import (
+    InvalidTransition,
+    JobBusy,
+    JobNotFound,
+    SpooldError,
+    SpoolError,
+)
 from spoold.face.access import NotAllowed
 from spoold.face.api.context import ApiContext
 
@@ -72,6 +78,9 @@ def _errors(app: FastAPI, ctx: ApiContext) -> None:
 
     async def spoold_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)
+        if isinstance(exc, JobBusy):  # decided within moments: not the server's failure
+            return JSONResponse({"detail": str(exc)}, status_code=503,
+                                headers={"Retry-After": "1"})  # fmt: skip
         if code >= 500:
             ctx.logger.error("API: %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=code)
