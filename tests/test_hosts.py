@@ -588,7 +588,10 @@ def test_a_job_file_taken_while_a_change_of_its_id_is_under_way_waits_for_that_c
 
 @pytest.mark.parametrize("checked", ["at-admission", "at-placing"])
 def test_a_job_file_taken_while_a_file_of_its_id_is_being_placed_waits_for_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checked: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    checked: str,
 ) -> None:
     """The same race with no callback: another host holds the id (ids/, reserved as its
     stage is placed) and may yet fail to place it (its stage recovered while it was stale,
@@ -613,7 +616,10 @@ def test_a_job_file_taken_while_a_file_of_its_id_is_being_placed_waits_for_it(
         monkeypatch.setattr(b.reservations, "reserve", held_meanwhile)
     (b.dir("incoming") / "j.yaml").write_text("job_id: j\nexecutor: local\n"
                                               "product: {commands: 'true'}\n")  # fmt: skip
-    assert intake.offer("j.yaml", complete=True) is None, "not refused"
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert intake.offer("j.yaml", complete=True) is None, "not refused"
+    assert "intake of j.yaml waits: a file of job id 'j' is being accepted" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert os.listdir(b.dir("rejected")) == [] and os.listdir(b.dir("incoming")) == ["j.yaml"]
     monkeypatch.undo()
     a.reservations.unreserve("j", token)  # a's placing failed

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from spoold.core.clock import Clock, rfc3339
-from spoold.core.errors import CallbackError, DuplicateJob, SpooldError, ValidationIssue
+from spoold.core.errors import (
+    CallbackError,
+    DuplicateJob,
+    JobBusy,
+    SpooldError,
+    ValidationIssue,
+)
 from spoold.core.job import JobStatus
 from spoold.core.joblog import format_line
 from spoold.core.outage import Outage
@@ -387,6 +393,12 @@ class Intake:
         delay = min((retry or (0.0, _FIRST_RETRY))[1], _LAST_RETRY)
         with self._backoff_lock:
             self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
+        if isinstance(exc, JobBusy):  # another host's change, decided within moments
+            self._log.warning(
+                "intake of %s waits: %s; it stays in incoming/, next try in %s",
+                display_name(name), exc, format_duration(delay),
+            )  # fmt: skip
+            return
         self._log.error(
             "intake of %s failed (%s); it stays in incoming/, next try in %s",
             display_name(name), exc, format_duration(delay),
