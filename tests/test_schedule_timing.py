@@ -198,6 +198,34 @@ def test_a_run_another_host_is_making_is_made_at_the_next_firing_if_that_host_fa
         bench.scheduler.stop()
 
 
+def test_a_start_catching_up_on_a_run_another_host_is_making_leaves_it_to_that_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hosts started together catch up on the same missed firing as they register the
+    schedule: the one that meets the run being made says so, and no error."""
+    hook = "http://127.0.0.1:9/hook"
+    bench = Bench(tmp_path / "spool", FakeClock(T), callback=hook)
+    bench.drop("beat", {"every": "20s", "overlap": "allow"})
+    bench.scheduler.stop()
+    bench.clock.advance(65)  # down: +20, +40 and +60 due, +60 on time at the next start
+    run = "beat@20261122T100347Z"
+    other = Callbacks(Spool(bench.spool.root, host="a"), bench.clock, SecretStore(None),
+                      logger=logging.getLogger("spoold.test"), host="a")  # fmt: skip
+    late = other._prepare(CallbackTarget(hook, SECRET, None), run, 1, {"event": "accepted"},
+                          {"job": run}, exclusive=True)  # fmt: skip
+    again = Bench(tmp_path / "spool", bench.clock, callback=hook)
+    try:
+        with caplog.at_level(logging.INFO, logger="spoold.test"):
+            again.scheduler.sync()
+        assert again.queued == [] and "its next firing looks again" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        again.spool.deliveries.remove(late)  # that host's change failed
+        again.at(T + timedelta(seconds=80), "beat")
+        assert again.queued == [run, "beat@20261122T100407Z"]
+    finally:
+        again.scheduler.stop()
+
+
 def test_a_schedule_and_its_runs_keep_its_labels_and_description(bench: Bench) -> None:
     """What `spoold status` and `list --label` show, kept where a submitter may read it."""
     path = bench.spool.dir("incoming") / "tagged.yaml"

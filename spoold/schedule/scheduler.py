@@ -295,6 +295,9 @@ class Scheduler:
                 self._fire_loaded(schedule, status, spec, trigger, asked=asked)
             elif _asked(asked := self._spool.jobs.schedule_requests(schedule), status):
                 self._fire_loaded(schedule, status, *self._load(schedule, status), asked=asked)
+        except JobBusy as exc:  # hosts started together, catching up on the same firings
+            entry.settled = False
+            self._logger.info("schedule %s: %s; its next firing looks again", job_id, exc)
         except (OSError, SpooldError, ValueError) as exc:
             entry.settled = False  # read again at the next round
             self._logger.error("schedule %s cannot be loaded: %s", job_id, exc)
