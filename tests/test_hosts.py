@@ -655,17 +655,24 @@ def test_intake_stages_are_recovered_by_their_own_host_or_once_it_is_lost(tmp_pa
     assert not [n for n in os.listdir(a.dir("tmp")) if n.startswith("in-")]
 
 
+def _never_replaced(tmp_path: Path) -> None:
+    """Moving ``a`` onto ``b`` fails, and leaves both as they were."""
+    from spoold.core.spool import fs  # noqa: PLC0415
+
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        fs.rename_noreplace(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
+
+
 def test_a_rename_never_replaces_where_the_filesystem_refuses_renameat2_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from spoold.core.spool import fs  # noqa: PLC0415
 
     monkeypatch.setattr(fs, "_renameat2_errno", lambda *args: errno.EINVAL)  # as FUSE answers
-    (tmp_path / "a").write_text("a")
-    (tmp_path / "b").write_text("b")
-    with pytest.raises(FileExistsError):
-        fs.rename_noreplace(tmp_path / "a", tmp_path / "b")
-    assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
+    _never_replaced(tmp_path)
     fs.rename_noreplace(tmp_path / "a", tmp_path / "c")
     assert not (tmp_path / "a").exists() and (tmp_path / "c").read_text() == "a"
     with pytest.raises(FileNotFoundError):
@@ -698,11 +705,7 @@ def test_a_link_sshfs_refuses_with_eperm_onto_a_name_made_meanwhile_is_a_name_ta
 
     monkeypatch.setattr(os, "link", sshfs_link)
     monkeypatch.setattr(fs, "_renameat2_errno", lambda *args: errno.EINVAL)  # as FUSE answers
-    (tmp_path / "a").write_text("a")
-    (tmp_path / "b").write_text("b")
-    with pytest.raises(FileExistsError):
-        fs.rename_noreplace(tmp_path / "a", tmp_path / "b")
-    assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
+    _never_replaced(tmp_path)
     (tmp_path / "t").write_text("t")
     assert not fs.link_into_place(str(tmp_path / "t"), str(tmp_path / "b"))
     assert not (tmp_path / "t").exists() and (tmp_path / "b").read_text() == "b"
