@@ -185,7 +185,7 @@ def test_a_run_another_host_is_making_is_made_at_the_next_firing_if_that_host_fa
         run = f"tick@{first:%Y%m%dT%H%M%S}Z"
         late = other._prepare(CallbackTarget(hook, SECRET, None), run, 1,
                               {"event": "accepted"}, {"job": run}, exclusive=True)  # fmt: skip
-        with caplog.at_level(logging.INFO, logger="spoold.test"):
+        with caplog.at_level(logging.DEBUG, logger="spoold.test"):
             bench.at(first, "tick")
         assert bench.queued == [] and bench.fired("tick") == []
         assert "its next firing looks again" in caplog.text
@@ -215,7 +215,7 @@ def test_a_start_catching_up_on_a_run_another_host_is_making_leaves_it_to_that_h
                           {"job": run}, exclusive=True)  # fmt: skip
     again = Bench(tmp_path / "spool", bench.clock, callback=hook)
     try:
-        with caplog.at_level(logging.INFO, logger="spoold.test"):
+        with caplog.at_level(logging.DEBUG, logger="spoold.test"):
             again.scheduler.sync()
         assert again.queued == [] and "its next firing looks again" in caplog.text
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -297,7 +297,7 @@ class Scheduler:
                 self._fire_loaded(schedule, status, *self._load(schedule, status), asked=asked)
         except JobBusy as exc:  # hosts started together, catching up on the same firings
             entry.settled = False
-            self._logger.info("schedule %s: %s; its next firing looks again", job_id, exc)
+            self._logger.debug("schedule %s: %s; its next firing looks again", job_id, exc)
         except (OSError, SpooldError, ValueError) as exc:
             entry.settled = False  # read again at the next round
             self._logger.error("schedule %s cannot be loaded: %s", job_id, exc)
@@ -308,7 +308,7 @@ class Scheduler:
             try:
                 self._fire(job_id)
             except JobBusy as exc:  # another host firing the same moment: it may yet fail
-                self._logger.info("schedule %s: %s; its next firing looks again", job_id, exc)
+                self._logger.debug("schedule %s: %s; its next firing looks again", job_id, exc)
             except (OSError, SpooldError, ValueError) as exc:  # its job file changed, a full disk
                 self._logger.error("schedule %s cannot fire: %s", job_id, exc)
             except Exception:  # a schedule's failure must not stop the scheduler
