@@ -168,32 +168,48 @@ def test_a_schedule_never_replaces_a_job_of_its_id(bench: Bench, where: str) -> 
     assert bench.aps.get_job("taken") is None
 
 
-def test_a_run_another_host_is_making_is_made_at_the_next_firing_if_that_host_fails(
+def _made_meanwhile_by(bench: Bench, run: str, hook: str) -> str:
+    """Another host (``a``) making ``run``: its first delivery prepared, not committed."""
+    other = Callbacks(Spool(bench.spool.root, host="a"), bench.clock, SecretStore(None),
+                      logger=logging.getLogger("spoold.test"), host="a")  # fmt: skip
+    return other._prepare(CallbackTarget(hook, SECRET, None), run, 1, {"event": "accepted"},
+                          {"job": run}, exclusive=True)  # fmt: skip
+
+
+def _fired_again(bench: Bench, job_id: str) -> list[datetime]:
+    """When the firings again that the scheduler gave APScheduler will come."""
+    return [job.next_run_time for job in bench.aps.get_jobs() if job.id.startswith(f"{job_id}~")]
+
+
+def test_a_run_another_host_is_making_is_made_here_soon_after_that_host_fails(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Hosts sharing a spool all fire each schedule; one run's first delivery, made
     exclusively, picks who makes it. A firing that meets that delivery only prepared (another
     host making the run, which may yet fail: a stale host's late change) is not taken for the
-    run made: the next firing looks again, and catches it up if it is still not made."""
+    run made: it fires again a second later, then two, and so on, until the run is made by
+    either host (at the latest, once that host is found stale and its change dropped)."""
     hook = "http://127.0.0.1:9/hook"
     bench = Bench(tmp_path / "spool", FakeClock(T), callback=hook)
     try:
         bench.drop("tick", {"every": "20s", "overlap": "allow"})
         first = T + timedelta(seconds=20)
-        other = Callbacks(Spool(bench.spool.root, host="a"), bench.clock, SecretStore(None),
-                          logger=logging.getLogger("spoold.test"), host="a")  # fmt: skip
         run = f"tick@{first:%Y%m%dT%H%M%S}Z"
-        late = other._prepare(CallbackTarget(hook, SECRET, None), run, 1,
-                              {"event": "accepted"}, {"job": run}, exclusive=True)  # fmt: skip
+        late = _made_meanwhile_by(bench, run, hook)
         with caplog.at_level(logging.DEBUG, logger="spoold.test"):
             bench.at(first, "tick")
-        assert bench.queued == [] and bench.fired("tick") == []
-        assert "its next firing looks again" in caplog.text
+            assert bench.queued == [] and bench.fired("tick") == []
+            assert _fired_again(bench, "tick") == [first + timedelta(seconds=1)]
+            bench.at(first + timedelta(seconds=1), "tick")  # still under way
+            assert _fired_again(bench, "tick") == [first + timedelta(seconds=3)]
+        assert "fired again in 1s" in caplog.text and "fired again in 2s" in caplog.text
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         bench.spool.deliveries.remove(late)  # that host's change failed
+        bench.at(first + timedelta(seconds=3), "tick")
+        assert bench.queued == [run] and bench.fired("tick") == [first]
+        assert _fired_again(bench, "tick") == []
         bench.at(first + timedelta(seconds=20), "tick")
         assert bench.queued == [run, f"tick@{first + timedelta(seconds=20):%Y%m%dT%H%M%S}Z"]
-        assert bench.fired("tick") == [first, first + timedelta(seconds=20)]
     finally:
         bench.scheduler.stop()
 
@@ -202,26 +218,24 @@ def test_a_start_catching_up_on_a_run_another_host_is_making_leaves_it_to_that_h
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Hosts started together catch up on the same missed firing as they register the
-    schedule: the one that meets the run being made says so, and no error."""
+    schedule: the one that meets the run being made fires again soon, and logs no error."""
     hook = "http://127.0.0.1:9/hook"
     bench = Bench(tmp_path / "spool", FakeClock(T), callback=hook)
     bench.drop("beat", {"every": "20s", "overlap": "allow"})
     bench.scheduler.stop()
     bench.clock.advance(65)  # down: +20, +40 and +60 due, +60 on time at the next start
     run = "beat@20261122T100347Z"
-    other = Callbacks(Spool(bench.spool.root, host="a"), bench.clock, SecretStore(None),
-                      logger=logging.getLogger("spoold.test"), host="a")  # fmt: skip
-    late = other._prepare(CallbackTarget(hook, SECRET, None), run, 1, {"event": "accepted"},
-                          {"job": run}, exclusive=True)  # fmt: skip
+    late = _made_meanwhile_by(bench, run, hook)
     again = Bench(tmp_path / "spool", bench.clock, callback=hook)
     try:
         with caplog.at_level(logging.DEBUG, logger="spoold.test"):
             again.scheduler.sync()
-        assert again.queued == [] and "its next firing looks again" in caplog.text
+        assert again.queued == [] and "fired again in 1s" in caplog.text
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        [when] = _fired_again(again, "beat")
         again.spool.deliveries.remove(late)  # that host's change failed
-        again.at(T + timedelta(seconds=80), "beat")
-        assert again.queued == [run, "beat@20261122T100407Z"]
+        again.at(when, "beat")
+        assert again.queued == [run]
     finally:
         again.scheduler.stop()
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import random
 import threading
@@ -45,9 +46,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.date import DateTrigger
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.documents import load_document
@@ -57,6 +60,7 @@ from spoold.core.joblog import JobLog, format_line
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.fs import LIST_EVERY, SETTLE, DirStamp, Relist, sighting
 from spoold.core.spool.jobs import ScheduleRequests
+from spoold.core.units import format_duration
 from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
 from spoold.run.ledger import JobLedger, Listener
@@ -72,6 +76,11 @@ from spoold.schedule.triggers import (
 )
 
 _RUNS_KEPT = 20  # in a schedule's status.json
+#: A firing that met its run being made by another host (JobBusy) fires again this many seconds
+#: later, twice as late each time up to the last: a host frozen or lost inside a firing is found
+#: stale within a lease, and its change decided, well before then.
+_AGAIN_FIRST, _AGAIN_LAST = 1.0, 60.0
+_AGAIN = "~again."  # APScheduler's id of such a firing: <job id>~again.<n> (no job id has "~")
 
 
 class _Made(NamedTuple):
@@ -171,6 +180,9 @@ class Scheduler:
         self._wall = wall_time
         self._monotonic = monotonic
         self._lock = threading.RLock()  # firings and registrations, one at a time
+        #: By job id: a firing to come again (JobBusy), its delay and its APScheduler job's id.
+        self._again: dict[str, tuple[float, str]] = {}
+        self._agains = itertools.count()
 
     def start(self) -> None:
         """Register every schedule, firing what was missed while down, then start APScheduler:
@@ -296,8 +308,7 @@ class Scheduler:
             elif _asked(asked := self._spool.jobs.schedule_requests(schedule), status):
                 self._fire_loaded(schedule, status, *self._load(schedule, status), asked=asked)
         except JobBusy as exc:  # hosts started together, catching up on the same firings
-            entry.settled = False
-            self._logger.debug("schedule %s: %s; its next firing looks again", job_id, exc)
+            self._fire_again(job_id, exc)
         except (OSError, SpooldError, ValueError) as exc:
             entry.settled = False  # read again at the next round
             self._logger.error("schedule %s cannot be loaded: %s", job_id, exc)
@@ -308,11 +319,40 @@ class Scheduler:
             try:
                 self._fire(job_id)
             except JobBusy as exc:  # another host firing the same moment: it may yet fail
-                self._logger.debug("schedule %s: %s; its next firing looks again", job_id, exc)
+                self._fire_again(job_id, exc)
             except (OSError, SpooldError, ValueError) as exc:  # its job file changed, a full disk
                 self._logger.error("schedule %s cannot fire: %s", job_id, exc)
             except Exception:  # a schedule's failure must not stop the scheduler
                 self._logger.exception("schedule %s failed to fire", job_id)
+            else:
+                self._forget_again(job_id)
+
+    def _fire_again(self, job_id: str, exc: JobBusy) -> None:
+        """A firing (or a registration's catch-up) that met its run being made by another
+        host: that host may yet fail (frozen, then found stale; lost), so fire again soon, as
+        APScheduler would, until the run is made by either. Debug only: on a shared spool
+        every host fires every schedule, and another one making the run is the normal case."""
+        before = self._again.get(job_id)
+        delay = _AGAIN_FIRST if before is None else min(before[0] * 2, _AGAIN_LAST)
+        self._forget_again(job_id)
+        when = self._clock.now() + timedelta(seconds=delay)
+        added = self._aps.add_job(
+            self._firing, trigger=DateTrigger(run_date=when), args=[job_id],
+            id=f"{job_id}{_AGAIN}{next(self._agains)}", misfire_grace_time=None,
+        )  # fmt: skip
+        self._again[job_id] = (delay, added.id)
+        self._logger.debug(
+            "schedule %s: %s; fired again in %s", job_id, exc, format_duration(delay)
+        )
+
+    def _forget_again(self, job_id: str) -> None:
+        """No firing again (its run made, or its schedule gone); its backoff starts anew."""
+        left = self._again.pop(job_id, None)
+        if left is not None:
+            # Gone already if it is the one running: APScheduler drops a date job once it
+            # has handed it on, under the lock remove_job takes too.
+            with contextlib.suppress(JobLookupError):
+                self._aps.remove_job(left[1])
 
     def _load(
         self, schedule: JobDir, status: Mapping[str, Any]
@@ -335,6 +375,7 @@ class Scheduler:
 
     def _unregister(self, job_id: str) -> None:
         self._known.pop(job_id, None)
+        self._forget_again(job_id)
         if self._aps.get_job(job_id) is not None:
             self._aps.remove_job(job_id)
 
