@@ -28,6 +28,7 @@ from spoold.core.spool import Spool
 from spoold.core.spool.spares import SPARES_PREFIX
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
+from spoold.out.outbox import Callbacks
 from spoold.run.launcher import Launcher
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
@@ -461,13 +462,15 @@ class RunnerBench:
         return final.path
 
 
-def intake_for(spool: Spool, clock: Clock, *, settle_time: float = 0.0) -> Intake:
+def intake_for(
+    spool: Spool, clock: Clock, *, settle_time: float = 0.0, callbacks: Callbacks | None = None
+) -> Intake:
     """An intake of ``spool`` with every installed executor's schema, as the daemon's, its
-    accepted jobs handed to nobody."""
+    accepted jobs handed to nobody; ``callbacks``: what announces its changes, if anything."""
     return Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
                   max_file_size=1 << 20, settle_time=settle_time,
                   on_accepted=lambda job, document: None,
-                  logger=logging.getLogger("spoold.test"))  # fmt: skip
+                  logger=logging.getLogger("spoold.test"), callbacks=callbacks)  # fmt: skip
 
 
 def _made_ahead(path: Path) -> bool:

@@ -26,16 +26,14 @@ from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.face.views import hosts_rows
-from spoold.intake.incoming import Accepted, Intake, Rejected
-from spoold.intake.validation import job_validator
+from spoold.intake.incoming import Accepted, Rejected
 from spoold.out.outbox import Callbacks, CallbackTarget, encode_record
 from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.hostbeat import HostBeat
 from spoold.run.ledger import JobLedger
 from spoold.run.recovery import Recovery, Verdict
-from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
-from tests.harness import run_cli, write_config
+from tests.harness import intake_for, run_cli, write_config
 
 LOG = logging.getLogger("spoold.test")
 T = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
@@ -553,9 +551,7 @@ def test_a_job_file_taken_while_a_change_of_its_id_is_under_way_waits_for_that_c
                      default_url=url, default_secret=secret)  # fmt: skip
     on_b = Callbacks(b, clock, SecretStore(None), logger=LOG, host="b",
                      default_url=url, default_secret=secret)  # fmt: skip
-    intake = Intake(b, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
-                    logger=LOG, callbacks=on_b)  # fmt: skip
+    intake = intake_for(b, clock, callbacks=on_b)
     late = on_a._prepare(CallbackTarget(url, secret, None), "j", 1, {"event": "accepted"},
                          {"job": "j"}, exclusive=True)  # fmt: skip
     names = ["j.yaml", "k.yaml"] if together else ["j.yaml"]
@@ -600,9 +596,7 @@ def test_a_job_file_taken_while_a_file_of_its_id_is_being_placed_waits_for_it(
     a = _spool(tmp_path, host="a")
     b = Spool(a.root, host="b")
     clock = FakeClock(T)
-    intake = Intake(b, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                    max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
-                    logger=LOG)  # fmt: skip
+    intake = intake_for(b, clock)
     token = "in-a@0123456789abcdef"
     if checked == "at-admission":
         assert a.reservations.reserve("j", token)

@@ -21,14 +21,12 @@ from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
 from spoold.core.spool.fs import LIST_EVERY, SETTLE
 from spoold.core.states import JobState
-from spoold.intake.incoming import Accepted, Intake, Rejected
-from spoold.intake.validation import job_validator
+from spoold.intake.incoming import Accepted, Rejected
 from spoold.out.outbox import STALE_PREPARED, Callbacks, CallbackTarget
 from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.control import JobControl
-from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
-from tests.harness import run_cli, wait_for
+from tests.harness import intake_for, run_cli, wait_for
 from tests.loopback import free_port
 from tests.receiver import Receiver, verify
 
@@ -345,18 +343,12 @@ def test_a_damaged_delivery_is_put_aside(spool: Spool, clock: FakeClock) -> None
     assert outbox(spool) == [] and outbox(spool, "failed") == ["j1~00000001.json"]
 
 
-def intake_with(spool: Spool, clock: FakeClock, made: Callbacks) -> Intake:
-    return Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), clock,
-                  max_file_size=1 << 20, settle_time=0.0, on_accepted=lambda job, doc: None,
-                  logger=LOG, callbacks=made)  # fmt: skip
-
-
 def test_intake_announces_and_refuses_what_it_cannot_sign(
     spool: Spool, clock: FakeClock, tmp_path: Path
 ) -> None:
     made = Callbacks(spool, clock, SecretStore(None), logger=LOG,
                      default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
-    intake = intake_with(spool, clock, made)
+    intake = intake_for(spool, clock, callbacks=made)
 
     def offer(name: str, text: str) -> Accepted | Rejected:
         (tmp_path / name).write_text(text)
@@ -378,7 +370,9 @@ def test_intake_announces_and_refuses_what_it_cannot_sign(
     assert len(rejections) == 1
     record = spool.deliveries.read(rejections[0])
     assert record is not None and json.loads(record["body"])["job_id"] == "a"
-    intake = intake_with(spool, clock, Callbacks(spool, clock, SecretStore(None), logger=LOG))
+    intake = intake_for(
+        spool, clock, callbacks=Callbacks(spool, clock, SecretStore(None), logger=LOG)
+    )
     refused = offer("c.yaml", job.replace("a\n", "c\ncallback: {url: 'http://127.0.0.1:9/c'}\n", 1))
     assert isinstance(refused, Rejected) and refused.reason["code"] == "callback"
     assert "no secret" in refused.reason["reason"]
@@ -389,7 +383,7 @@ def test_cancel_and_retry_from_the_command_line_are_announced(
 ) -> None:
     made = Callbacks(spool, clock, SecretStore(None), logger=LOG,
                      default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
-    intake = intake_with(spool, clock, made)
+    intake = intake_for(spool, clock, callbacks=made)
     (tmp_path / "a.yaml").write_text("job_id: a\nexecutor: local\nproduct: {commands: 'true'}\n")
     assert isinstance(intake.decide(spool.stages.stage_file(tmp_path / "a.yaml", max_size=1 << 20)),
                       Accepted)  # fmt: skip
