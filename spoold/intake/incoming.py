@@ -393,15 +393,12 @@ class Intake:
         delay = min((retry or (0.0, _FIRST_RETRY))[1], _LAST_RETRY)
         with self._backoff_lock:
             self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
-        if isinstance(exc, JobBusy):  # another host's change, decided within moments
-            self._log.warning(
-                "intake of %s waits: %s; it stays in incoming/, next try in %s",
-                display_name(name), exc, format_duration(delay),
-            )  # fmt: skip
-            return
-        self._log.error(
-            "intake of %s failed (%s); it stays in incoming/, next try in %s",
-            display_name(name), exc, format_duration(delay),
+        busy = isinstance(exc, JobBusy)  # another host's change, decided within moments
+        self._log.log(
+            logging.WARNING if busy else logging.ERROR,
+            "intake of %s %s; it stays in incoming/, next try in %s",
+            display_name(name), f"waits: {exc}" if busy else f"failed ({exc})",
+            format_duration(delay),
         )  # fmt: skip
 
     def _release(self, taken: TakenFile) -> None:

@@ -26,7 +26,6 @@ from spoold.core.spool.fs import (
     GroupCommit,
     json_bytes,
     link_into_place,
-    link_noreplace,
     path_stamp,
     read_json,
     write_file,
@@ -64,17 +63,13 @@ class Deliveries:
         else:
             temp = f"{outbox}/{TEMP_MARK}{name}.{os.urandom(4).hex()}.tmp"
             write_new(temp, data, durable=self._disk.durable)
-            try:
-                link_noreplace(temp, path)  # unlike a rename, never replaces
-            except FileExistsError:
+            if not link_into_place(temp, path):  # unlike a rename, never replaces
                 if os.path.exists(committed):
-                    raise
+                    raise FileExistsError(committed)
                 raise JobBusy(
                     f"another change of job {key!r} is under way ({name}{_PREPARED} is "
                     "prepared, not decided yet)"
-                ) from None
-            finally:
-                os.unlink(temp)
+                )
             if os.path.exists(committed):
                 os.unlink(path)
                 raise FileExistsError(committed)
