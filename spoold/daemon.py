@@ -345,7 +345,9 @@ class Daemon:
             policy=config.policy,
             on_observed=observed,
         )
-        intake_thread = IntakeThread(intake, logger, remote_writers=watch_mode == "poll")
+        intake_thread = IntakeThread(
+            intake, logger, clock=clock, remote_writers=watch_mode == "poll"
+        )
         executors = [parts.registry.get(name) for name in parts.registry.names()]
         recovery = Recovery(spool, config, clock, logger, callbacks=callbacks,
                             executors=executors, listeners=told)  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spoold.core.clock import SystemClock
 from spoold.core.spool import Prepared, Spool
 from spoold.intake.incoming import Accepted, Intake, IntakeThread, Rejected
 from tests.fakes import FakeClock
@@ -263,7 +264,8 @@ def test_intake_threads_stopped_before_they_started_stop_quietly(
     built: its intake threads had not started, and stopping them must not raise over the
     reason it failed (RuntimeError: cannot join thread before it is started, seen)."""
     _, intake, _ = _intake(tmp_path)
-    IntakeThread(intake, logging.getLogger("spoold.test"), remote_writers=remote_writers).stop()
+    IntakeThread(intake, logging.getLogger("spoold.test"), clock=SystemClock(),
+                 remote_writers=remote_writers).stop()  # fmt: skip
 
 
 def test_the_user_database_is_asked_once_per_owner_and_group(
@@ -367,7 +369,8 @@ def test_intake_threads_leave_removing_the_submitted_files_to_a_thread_of_their_
         remove(path)
 
     monkeypatch.setattr(spool.stages, "remove_spent", record)
-    threads = IntakeThread(intake, logging.getLogger("spoold.test"), remote_writers=False)
+    threads = IntakeThread(intake, logging.getLogger("spoold.test"), clock=SystemClock(),
+                           remote_writers=False)  # fmt: skip
     threads.start()
     try:
         for n in range(5):

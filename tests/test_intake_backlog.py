@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from spoold.core.clock import SystemClock
 from spoold.core.spool import Spool
 from spoold.intake.incoming import GROUP, Accepted, Intake, IntakeThread, Rejected
 from spoold.intake.validation import job_validator
@@ -71,7 +72,10 @@ def _held_up(
     """Intake threads whose intake waits at a gate, with room for ``names_held`` names."""
     spool, intake = _spool(tmp_path)
     gate = _Gate(intake, monkeypatch)
-    return spool, gate, IntakeThread(intake, LOG, remote_writers=False, names_held=names_held)
+    threads = IntakeThread(
+        intake, LOG, clock=SystemClock(), remote_writers=False, names_held=names_held
+    )
+    return spool, gate, threads
 
 
 def test_a_flood_waits_in_the_kernel_queue_not_in_the_daemon(

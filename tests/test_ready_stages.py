@@ -6,6 +6,7 @@ same way out of a new stage leaves."""
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from spoold.core.clock import SystemClock
 from spoold.core.spool import Spool
-from spoold.core.spool.stages import StageLeft
+from spoold.core.spool.stages import SPENT_PREFIX, StageLeft
 from spoold.intake.incoming import READY_STAGES, Accepted, Intake, IntakeThread, Rejected
 from tests.fakes import FakeClock
 from tests.harness import intake_for, tmp_leftovers, wait_for
@@ -23,6 +25,7 @@ from tests.harness import intake_for, tmp_leftovers, wait_for
 JOB = "job_id: {id}\nexecutor: local\nproduct: {{commands: 'true'}}\n"
 SCHEDULE = JOB + "schedule: {{every: 60s}}\n"
 MADE_AHEAD = ".spoold-ready-"
+LOG = logging.getLogger("spoold.test")
 
 
 def _intake(tmp_path: Path, host: str = "", root: Path | None = None) -> tuple[Spool, Intake]:
@@ -251,7 +254,7 @@ def test_a_reservation_made_ahead_is_moved_into_place_where_renameat2_is_refused
 
 def test_intake_keeps_stages_ready_off_its_path_and_a_stop_removes_them(tmp_path: Path) -> None:
     spool, intake = _intake(tmp_path)
-    threads = IntakeThread(intake, logging.getLogger("spoold.test"), remote_writers=False)
+    threads = IntakeThread(intake, LOG, clock=SystemClock(), remote_writers=False)
     threads.start()
     try:
         wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made ahead at start")
@@ -264,3 +267,35 @@ def test_intake_keeps_stages_ready_off_its_path_and_a_stop_removes_them(tmp_path
     finally:
         threads.stop()
     assert os.listdir(spool.dir("tmp")) == [], "a stop removes what it made ahead"
+
+
+def test_stages_are_made_again_only_once_intake_has_had_nothing_to_do_for_a_while(
+    tmp_path: Path,
+) -> None:
+    """Made at once, a stage's creates took a core from the start of the job just handed on
+    (two cores: the worker's claim and its supervisor's start beside them). A file arriving
+    meanwhile makes it wait again; the submitted files are removed as they come all the same."""
+    spool, intake = _intake(tmp_path)
+    threads = IntakeThread(intake, LOG, clock=SystemClock(), remote_writers=False,
+                           ready_after=3600.0)  # fmt: skip
+    threads.start()
+    try:
+        wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made ahead at start")
+        for n in (1, 2):
+            threads.arrived(_drop(spool, f"j{n}.yaml", JOB.format(id=f"j{n}")))
+            wait_for(functools.partial(_accepted, spool, n), what=f"j{n} accepted")
+        # The second file's submitted copy is removed after intake asked for stages the first
+        # time: that ask has been heard, and none was made.
+        wait_for(lambda: not _spent(spool), what="the submitted files removed")
+        assert len(_stages(spool)) == READY_STAGES - 2
+    finally:
+        threads.stop()
+    assert os.listdir(spool.dir("tmp")) == [], "a stop removes what it made ahead"
+
+
+def _accepted(spool: Spool, count: int) -> bool:
+    return len(os.listdir(spool.dir("pending"))) == count
+
+
+def _spent(spool: Spool) -> list[str]:
+    return [name for name in os.listdir(spool.dir("tmp")) if name.startswith(SPENT_PREFIX)]
