@@ -269,28 +269,45 @@ def test_intake_keeps_stages_ready_off_its_path_and_a_stop_removes_them(tmp_path
     assert os.listdir(spool.dir("tmp")) == [], "a stop removes what it made ahead"
 
 
-def test_stages_are_made_again_only_once_intake_has_had_nothing_to_do_for_a_while(
+def test_after_a_file_that_came_alone_stages_are_made_only_a_while_later(
     tmp_path: Path,
 ) -> None:
     """Made at once, a stage's creates took a core from the start of the job just handed on
-    (two cores: the worker's claim and its supervisor's start beside them). A file arriving
-    meanwhile makes it wait again; the submitted files are removed as they come all the same."""
+    (two cores: the worker's claim and its supervisor's start beside them). The wait counts
+    from the first file; the submitted files are removed as they come all the same."""
     spool, intake = _intake(tmp_path)
     threads = IntakeThread(intake, LOG, clock=SystemClock(), remote_writers=False,
-                           ready_after=3600.0)  # fmt: skip
+                           ready_after=3600.0, alone_after=0.0)  # fmt: skip
     threads.start()
     try:
         wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made ahead at start")
         for n in (1, 2):
             threads.arrived(_drop(spool, f"j{n}.yaml", JOB.format(id=f"j{n}")))
             wait_for(functools.partial(_accepted, spool, n), what=f"j{n} accepted")
-        # The second file's submitted copy is removed after intake asked for stages the first
-        # time: that ask has been heard, and none was made.
+        # The second file's submitted copy is removed after intake ran dry the first time:
+        # that has been heard, and no stage was made.
         wait_for(lambda: not _spent(spool), what="the submitted files removed")
         assert len(_stages(spool)) == READY_STAGES - 2
     finally:
         threads.stop()
     assert os.listdir(spool.dir("tmp")) == [], "a stop removes what it made ahead"
+
+
+def test_in_a_stream_of_files_stages_are_made_at_once(tmp_path: Path) -> None:
+    """A file soon after the one before (``alone_after``): stages made later would meet the
+    next files' starts instead, or not be made before the stream ends."""
+    spool, intake = _intake(tmp_path)
+    threads = IntakeThread(intake, LOG, clock=SystemClock(), remote_writers=False,
+                           ready_after=3600.0, alone_after=3600.0)  # fmt: skip
+    threads.start()
+    try:
+        wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made ahead at start")
+        for n in (1, 2):
+            threads.arrived(_drop(spool, f"j{n}.yaml", JOB.format(id=f"j{n}")))
+            wait_for(functools.partial(_accepted, spool, n), what=f"j{n} accepted")
+        wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made again at once")
+    finally:
+        threads.stop()
 
 
 def _accepted(spool: Spool, count: int) -> bool:

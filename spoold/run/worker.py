@@ -1069,6 +1069,11 @@ class WorkerPool:
                 self._runner.make_ahead(len(self._threads))
                 made = True
 
+    def _meanwhile(self, ended: _Unrecorded) -> None:
+        """While a job's process starts: record the slot's last outcome, make ahead."""
+        ended.record()
+        self._runner.make_ahead(len(self._threads))
+
     def _loop(self, slot: str) -> None:
         ended = _Unrecorded(self._runner, self._logger)
         try:
@@ -1094,10 +1099,9 @@ class WorkerPool:
         job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
         if job is None:
             return
-        # While its process starts, the slot's last outcome is recorded. Nothing is made ahead
-        # then: those creates took a core from the supervisor starting it (pickup p50 0.97x
-        # without, measured); a slot makes ahead when it waits for work (``_next``).
-        outcome = self._runner.attempt(job, slot=slot, meanwhile=ended.record)
+        outcome = self._runner.attempt(
+            job, slot=slot, meanwhile=functools.partial(self._meanwhile, ended)
+        )
         ended.record()  # if no unit of this attempt started, the last one's is still here
         if outcome is not None:
             ended.hold(outcome)

@@ -4,8 +4,7 @@ On ext4 without a journal (this machine's root), a new inode costs 0.1-0.3 ms wh
 were freed nearby in the last minutes (see ``spoold.core.spool.stages``: Ready stages). Intake
 makes its stages ahead; a worker process then still made three new inodes on a job's way to
 its start (``status.json`` "started", the lease, the work dir) and its supervisor a fourth (the
-unit's record). A process that has nothing to do makes a few spares (``fill``) where those go
-(a worker slot that waits, not one whose job's process starts: that took a core from the start);
+unit's record). A process that has nothing to do makes a few spares (``fill``) where those go;
 on the job's way it takes one (``take``), writes into it, and renames (or links) it into place.
 
 Each process makes its spares in a directory of its own, named after it

@@ -19,8 +19,8 @@ Ready stages. Each file taken needs a stage and, once accepted, the first entrie
 directory and its id's reservation: six new inodes (the stage, the private copy, status.json,
 log, artifacts/, the symlink in ids/) and a seventh its supervisor makes (units/). On ext4
 without a journal (this machine's root) a new inode costs 0.1-0.3 ms while inodes were freed
-nearby in the last minutes: a search past each of them. So once intake has had nothing to do
-for a moment (``IntakeThread``: not while the jobs it handed on start), ``make_ready`` makes a
+nearby in the last minutes: a search past each of them. So while intake has nothing to do
+(``IntakeThread``: not while the job of a file that came alone starts), ``make_ready`` makes a
 few stages ahead, each with those entries under hidden names
 (``.spoold-ready-*``; the reservation's target is the stage's name, known then); a file taken
 then costs renames, not creates, on its way to a worker. A ready stage is an ordinary one to
