@@ -5,12 +5,14 @@ same way out of a new stage leaves."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -276,20 +278,11 @@ def test_after_a_file_that_came_alone_stages_are_made_only_a_while_later(
     (two cores: the worker's claim and its supervisor's start beside them). The wait counts
     from the first file; the submitted files are removed as they come all the same."""
     spool, intake = _intake(tmp_path)
-    threads = IntakeThread(intake, LOG, clock=SystemClock(), remote_writers=False,
-                           ready_after=3600.0, alone_after=0.0)  # fmt: skip
-    threads.start()
-    try:
-        wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made ahead at start")
-        for n in (1, 2):
-            threads.arrived(_drop(spool, f"j{n}.yaml", JOB.format(id=f"j{n}")))
-            wait_for(functools.partial(_accepted, spool, n), what=f"j{n} accepted")
+    with _two_files_taken(spool, intake, alone_after=0.0):
         # The second file's submitted copy is removed after intake ran dry the first time:
         # that has been heard, and no stage was made.
         wait_for(lambda: not _spent(spool), what="the submitted files removed")
         assert len(_stages(spool)) == READY_STAGES - 2
-    finally:
-        threads.stop()
     assert os.listdir(spool.dir("tmp")) == [], "a stop removes what it made ahead"
 
 
@@ -297,15 +290,23 @@ def test_in_a_stream_of_files_stages_are_made_at_once(tmp_path: Path) -> None:
     """A file soon after the one before (``alone_after``): stages made later would meet the
     next files' starts instead, or not be made before the stream ends."""
     spool, intake = _intake(tmp_path)
+    with _two_files_taken(spool, intake, alone_after=3600.0):
+        wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made again at once")
+
+
+@contextlib.contextmanager
+def _two_files_taken(spool: Spool, intake: Intake, *, alone_after: float) -> Iterator[None]:
+    """Intake's threads, their stages made at start, and two files accepted one after the
+    other; stages made after a file alone an hour later, so never within the test."""
     threads = IntakeThread(intake, LOG, clock=SystemClock(), remote_writers=False,
-                           ready_after=3600.0, alone_after=3600.0)  # fmt: skip
+                           ready_after=3600.0, alone_after=alone_after)  # fmt: skip
     threads.start()
     try:
         wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made ahead at start")
         for n in (1, 2):
             threads.arrived(_drop(spool, f"j{n}.yaml", JOB.format(id=f"j{n}")))
             wait_for(functools.partial(_accepted, spool, n), what=f"j{n} accepted")
-        wait_for(lambda: len(_stages(spool)) == READY_STAGES, what="stages made again at once")
+        yield
     finally:
         threads.stop()
 
