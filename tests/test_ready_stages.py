@@ -279,7 +279,7 @@ def test_after_a_file_that_came_alone_stages_are_made_only_a_while_later(
     from the first file; the submitted files are removed as they come all the same."""
     spool, intake = _intake(tmp_path)
     with _two_files_taken(spool, intake, alone_after=0.0):
-        # The second file's submitted copy is removed after intake ran dry the first time:
+        # The second file's submitted copy is removed after intake said it took the first:
         # that has been heard, and no stage was made.
         wait_for(lambda: not _spent(spool), what="the submitted files removed")
         assert len(_stages(spool)) == READY_STAGES - 2

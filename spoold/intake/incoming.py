@@ -49,7 +49,7 @@ READY_STAGES = 4
 #: start: 2 cores, the worker's claim and its supervisor's start beside them (pickup p50
 #: 0.75-0.88x with this wait, measured).
 READY_AFTER = 0.01
-#: Alone: intake had run dry no sooner than this before. In a stream (files closer than a
+#: Alone: intake had taken no file for this long before. In a stream (files closer than a
 #: start and the wait), stages made later would meet the next files' starts instead, or not
 #: be made before the stream ends: they are made at once, as before.
 ALONE_AFTER = 0.015
@@ -724,9 +724,9 @@ class IntakeThread:
     """
 
     _SWEEP = object()
-    #: On the remover's queue, where every other item is a path: intake ran dry (make stages
-    #: ahead, ``ready_after`` later if the file before came ``alone_after`` or more earlier);
-    #: make them at once (the start).
+    #: On the remover's queue, where every other item is a path: intake took a group of files
+    #: (make stages ahead while it has nothing to do, ``ready_after`` later if the group
+    #: before was ``alone_after`` or more earlier); make them at once (the start).
     _MAKE_READY = ""
     _MAKE_READY_NOW = "/"
     _STOP = object()
@@ -797,16 +797,16 @@ class IntakeThread:
 
     def _remove_spent(self) -> None:
         """Off intake's path: removes the submitted files that private copies replaced as
-        they come, and makes stages ahead each time intake runs dry: ``ready_after`` later
-        when it ran dry alone (not within ``alone_after`` of the time before), so that the
-        job it just handed on starts undisturbed; at once in a stream.
+        they come, and makes stages ahead while intake has nothing to do (``enough``): after
+        files that came alone (none taken in the ``alone_after`` before), ``ready_after``
+        later, so that the job just handed on starts undisturbed; in a stream at once.
 
         At the daemon's own priority. At the lowest (nice 19) a pickup's p90 and p99 were 1.7x
         and 1.9x those of the code before, side by side on a busy machine: preempted while
         making a stage in tmp/, it can hold tmp/'s lock, which intake's next rename through
         tmp/ then waits for."""
         due: float | None = None  # when to make stages ahead
-        asked: float | None = None  # when intake last ran dry
+        asked: float | None = None  # when intake last took files
         while True:
             try:
                 wait = None if due is None else max(due - self._clock.monotonic(), 0.0)
@@ -856,5 +856,7 @@ class IntakeThread:
                     functools.partial(self._intake.sweep, remote_writers=self._remote_writers),
                     "intake failed; the next scan tries again",
                 )
-            if self._queue.empty():  # intake waits now: stages for the next files, meanwhile
-                self._spent.put(self._MAKE_READY)
+            # Stages for the next files, once intake has nothing to do: said after every group
+            # (not only when none waits, as seen from here), so that the remover knows each
+            # moment intake took files, to tell a file that came alone from a stream.
+            self._spent.put(self._MAKE_READY)
