@@ -78,12 +78,11 @@ def _errors(app: FastAPI, ctx: ApiContext) -> None:
 
     async def spoold_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)
-        if isinstance(exc, JobBusy):  # decided within moments: not the server's failure
-            return JSONResponse({"detail": str(exc)}, status_code=503,
-                                headers={"Retry-After": "1"})  # fmt: skip
-        if code >= 500:
+        busy = isinstance(exc, JobBusy)  # decided within moments: not the server's failure
+        if code >= 500 and not busy:
             ctx.logger.error("API: %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse({"detail": str(exc)}, status_code=code,
+                            headers={"Retry-After": "1"} if busy else None)  # fmt: skip
 
     app.add_exception_handler(SpooldError, spoold_error)
 
