@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from spoold.core.clock import SystemClock
+from spoold.core.secrets import SecretStore
 from spoold.core.spool import Prepared, Spool
+from spoold.core.spool import fs as fs_module
 from spoold.intake.incoming import Accepted, Intake, IntakeThread, Rejected
+from spoold.out.outbox import Callbacks
 from tests.fakes import FakeClock
 from tests.harness import intake_for, wait_for
 
@@ -298,6 +301,84 @@ def test_the_user_database_is_asked_once_per_owner_and_group(
         for job_id in ("a0", "a1", "a2", "b")
     ]
     assert submitters == ["alice", "alice", "alice", "bob"]
+
+
+# -- pending/'s fsync and the hand-on -------------------------------------------------------------
+
+
+def _order_of_hand_on_and_sync(
+    spool: Spool, intake: Intake, monkeypatch: pytest.MonkeyPatch, names: list[str]
+) -> list[str]:
+    """Offer ``names`` together; what happened in order: each job handed on, each fsync of
+    pending/ (done for real)."""
+    events: list[str] = []
+    real_fsync = fs_module.fsync_path
+    pending = str(spool.dir("pending"))
+
+    def fsync(path: str | Path) -> None:
+        real_fsync(path)
+        if str(path) == pending:
+            events.append("sync pending/")
+
+    monkeypatch.setattr(fs_module, "fsync_path", fsync)
+    intake._on_accepted = lambda job, document: events.append(f"hand on {job.job_id}")
+    for name in names:
+        job_id = name.removesuffix(".yaml")
+        (spool.dir("incoming") / name).write_text(JOB.replace("job_id: a", f"job_id: {job_id}"))
+    assert all(isinstance(o, Accepted) for o in intake.offer_all(names, complete=True))
+    return events
+
+
+@pytest.mark.parametrize("count", [1, 3], ids=["alone", "together"])
+def test_a_job_is_handed_on_before_pending_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """The worker's wake-up meets the fsync of pending/ instead of following it: its claim
+    fsyncs running/ before the job starts, so nothing runs that a power loss could undo."""
+    spool, intake, _ = _intake(tmp_path)
+    names = [f"j{n}.yaml" for n in range(count)]
+    events = _order_of_hand_on_and_sync(spool, intake, monkeypatch, names)
+    assert events == [*(f"hand on j{n}" for n in range(count)), "sync pending/"]
+
+
+@pytest.mark.parametrize("count", [1, 3], ids=["alone", "together"])
+def test_a_job_with_an_accepted_delivery_is_fsynced_into_pending_before_it_is_handed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """Its ``accepted`` delivery is committed as it is placed (spoold.run.ledger): pending/
+    is synced first, as before."""
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    clock = FakeClock()
+    callbacks = Callbacks(spool, clock, SecretStore(None), logger=logging.getLogger("spoold.test"),
+                          default_url="http://127.0.0.1:9/d", default_secret="d")  # fmt: skip
+    intake = intake_for(spool, clock, callbacks=callbacks)
+    names = [f"j{n}.yaml" for n in range(count)]
+    events = _order_of_hand_on_and_sync(spool, intake, monkeypatch, names)
+    assert events == [*(["sync pending/"] * count), *(f"hand on j{n}" for n in range(count))]
+
+
+def test_a_failed_fsync_of_pending_after_the_hand_on_is_said_and_the_job_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job is placed and handed on already: it runs, and the error is logged."""
+    spool, intake, _ = _intake(tmp_path)
+    pending = str(spool.dir("pending"))
+    real_fsync = fs_module.fsync_path
+
+    def fsync(path: str | Path) -> None:
+        if str(path) == pending:
+            raise OSError(errno.EIO, "Input/output error", pending)
+        real_fsync(path)
+
+    monkeypatch.setattr(fs_module, "fsync_path", fsync)
+    handed: list[str] = []
+    intake._on_accepted = lambda job, document: handed.append(job.job_id)
+    (spool.dir("incoming") / "a.yaml").write_text(JOB)
+    with caplog.at_level(logging.ERROR, logger="spoold.test"):
+        assert isinstance(intake.offer("a.yaml", complete=True), Accepted)
+    assert handed == ["a"] and [j.job_id for j in spool.jobs.list_jobs("pending")] == ["a"]
+    assert "fsync after accepting 1 job(s) failed" in caplog.text
 
 
 # -- the submitted file its private copy replaces -------------------------------------------------

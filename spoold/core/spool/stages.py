@@ -489,16 +489,18 @@ class Stages:
         log_text: str,
         *,
         schedule: bool = False,
+        sync: bool = True,
     ) -> JobDir:
         """Turn a staged file into pending/<job_id>; raise DuplicateJob if the id exists anywhere.
 
         ``schedule``: into scheduled/<job_id> instead, replacing a schedule of that id (one
         atomic exchange: the old definition is there up to the instant the new one is).
-        ``prepare``, ``settle`` and ``place`` in one: for one file at a time.
+        ``prepare``, ``settle`` and ``place`` in one: for one file at a time; ``sync`` as
+        ``place``'s.
         """
         prepared = self.prepare(taken, job_id, status, log_text, schedule=schedule)
         self.settle([prepared])
-        return self.place(prepared)
+        return self.place(prepared, sync=sync)
 
     def prepare(
         self,
