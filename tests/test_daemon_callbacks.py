@@ -286,3 +286,28 @@ def test_a_delivery_is_given_up_and_status_shows_it(
     assert "given up" in result.stdout and name in result.stdout, result.stdout
     line = next(line for line in result.stdout.splitlines() if name in line)
     assert "succeeded" in line and r.url in line and "HTTP 500" in line, line
+
+
+def test_a_short_secret_masks_what_was_said_not_the_status_documents_own_names(
+    start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path
+) -> None:
+    """A careless submitter's callback secret ``s``: every ``s`` of status.json was masked,
+    its field names too ("***tate"), and ``spoold retry`` of the job failed with KeyError
+    'state'; the callbacks' bodies lost their names alike. Only what a job, its executor or
+    its submitter said is masked (errors, results, labels, the log); spoold's own names and
+    values (states, ids, times, counts) are written as they are."""
+    r = receiver()
+    start_daemon()
+    job = local_job("sad", "echo 'this is s'; exit 3", labels={"s": "this is s"},
+                    **hook(r.url, "s", ["failed", "retrying"]))  # fmt: skip
+    drop(spool_dir, "sad.yaml", job)
+    directory, status = wait_finished(spool_dir, "sad")
+    assert directory == "failed" and status["state"] == "failed" and status["job_id"] == "sad"
+    assert status["attempts"][0]["usage"]["source"] == "kernel"
+    assert status["labels"] == {"***": "thi*** i*** ***"}, "the submitter's words: masked"
+    (failed,) = r.wait_count(1)
+    body = verify(failed, "s")
+    assert (body["event"], body["state"], body["exit_code"]) == ("failed", "failed", 3)
+    result = run_cli(spool_dir, "retry", "sad")
+    assert result.returncode == 0, result.stderr
+    assert verify(r.wait_count(2)[1], "s")["event"] == "retrying"

@@ -6,12 +6,14 @@ import os
 import socket
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from spoold.core.errors import SecretError, SpooldError
 from spoold.core.secrets import MAX_SECRET_SIZE, Masker, SecretStore, is_secret_field
+from spoold.core.states import JobState
 
 
 def _secret(directory: Path, name: str, data: bytes, mode: int = 0o600) -> Path:
@@ -338,3 +340,37 @@ def test_concurrent_adds_and_masks_lose_no_value() -> None:
         f"secret-{i}-{n}-value" for i in range(threads_count) for n in range(per_thread)
     )
     assert masker.mask_text(every) == " ".join(["***"] * threads_count * per_thread)
+
+
+def test_a_short_secret_masks_what_was_said_not_spoolds_own_names_and_values() -> None:
+    """A secret ``a`` (a careless submitter's) made status.json's "state": "failed"
+    "st***te": "f***iled"; spoold could not read the job back. What a job, its executor or
+    its submitter said is masked, keys and all where they are data (``result``,
+    ``labels``); spoold's own fields, the attempts' and steps' records but their errors,
+    and the step ids (read back on a retry) are written as they are."""
+    from spoold.core.job import JobStatus  # noqa: PLC0415 - this test alone needs the job model
+    from spoold.run.worker import _masked  # noqa: PLC0415
+
+    status = JobStatus(job_id="a-job", state=JobState.FAILED, executor="local", type="backup",
+                       submitted_at="2026-12-06T12:00:00Z", source="a.yaml")  # fmt: skip
+    status.begin_attempt(datetime(2026, 12, 6, 12, 0, 1, tzinfo=UTC), "vm-42")
+    status.end_attempt(datetime(2026, 12, 6, 12, 0, 2, tzinfo=UTC), JobState.FAILED, 3,
+                       "exit code 3 (bad password a)")  # fmt: skip
+    status.steps = {"fetch-data": {"state": "failed", "error": "a failure", "exit_code": 3}}
+    status.result = {"vmid": 4711, "name": "data-1", "api_token": "tok"}
+    status.labels = {"team": "data"}
+    document = status.to_dict()
+    masked = _masked(Masker(["a"]), document)
+    again = JobStatus.from_dict(masked)
+    assert (again.job_id, again.state, again.executor, again.type) == (
+        "a-job", JobState.FAILED, "local", "backup",
+    )  # fmt: skip
+    assert masked["submitted_at"] == document["submitted_at"] and masked["worker"] == "vm-42"
+    assert masked["error"] == "exit code 3 (b***d p***ssword ***)"
+    assert masked["attempts"][0]["error"] == masked["error"]
+    assert masked["attempts"][0]["started_at"] == document["attempts"][0]["started_at"]
+    assert masked["steps"] == {"fetch-data": {"state": "failed", "error": "*** f***ilure",
+                                              "exit_code": 3}}  # fmt: skip
+    assert masked["result"] == {"vmid": 4711, "n***me": "d***t***-1", "***pi_token": "***"}
+    assert masked["labels"] == {"te***m": "d***t***"} and masked["source"] == "***.y***ml"
+    assert _masked(Masker(["a"]), {"log": "a tail"}) == {"log": "*** t***il"}, "a notice's tail"

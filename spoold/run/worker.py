@@ -919,8 +919,22 @@ def _of(number: int, allowed: int) -> str:
     return f"{number} of {allowed}" if allowed > 1 and number <= allowed else str(number)
 
 
+#: status.json's fields that are spoold's own words (ids, states, times, counts, digests),
+#: read back as they are: never masked, where a short secret ("s") made "state" "***tate".
+_OWN_FIELDS = frozenset({
+    "job_id", "state", "executor", "type", "submitted_at", "started_at", "finished_at",
+    "exit_code", "worker", "submitter", "submitter_uid", "sha256", "schedule",
+    "log_lines_lost", "next_attempt_at", "priority", "concurrency", "callback_sequence",
+    "callback_delivery", "generation",
+})  # fmt: skip
+
+
 def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:
-    """status.json as it may be written: no secret value in it, no secret-named field's value.
+    """status.json (or what a callback or notice is made of) as it may be written: no
+    secret value in what a job, its executor or its submitter said (``error``s, ``result``,
+    ``labels``, ``description``, ``artifacts``, ``source``, a log's tail), no secret-named
+    field's value; spoold's own names and values as they are (``_OWN_FIELDS``, the attempts'
+    and steps' records but their errors).
 
     spoold writes every field but ``result`` itself, and puts no secret into any: with no
     secret known and nothing from an executor, there is nothing to mask (the common case,
@@ -928,8 +942,24 @@ def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:
     """
     if not masker and not status.get("result"):
         return status
-    masked: dict[str, Any] = masker.mask_data(status)
+    masked: dict[str, Any] = {}
+    for name, value in status.items():
+        if name in _OWN_FIELDS:
+            masked[name] = value
+        elif name == "attempts" and isinstance(value, list):
+            masked[name] = [_error_masked(masker, attempt) for attempt in value]
+        elif name == "steps" and isinstance(value, dict):
+            masked[name] = {step: _error_masked(masker, record) for step, record in value.items()}
+        else:
+            masked[name] = masker.mask_data(value)
     return masked
+
+
+def _error_masked(masker: Masker, record: Any) -> Any:
+    """An attempt's or a step's record, its ``error`` masked: the rest is spoold's."""
+    if not isinstance(record, dict) or not isinstance(record.get("error"), str):
+        return record
+    return {**record, "error": masker.mask_text(record["error"])}
 
 
 def _record_of(result: ExecResult) -> dict[str, Any]:
