@@ -423,6 +423,8 @@ class Daemon:
                     self.logger,
                 )
                 watcher.start()
+                watcher.also(self.spool.dir("outbox"), self._outbox_changed, self._outbox_unwatched)
+                self._watch_outbox(self.config.rescan_interval)
             self.intake_thread.request_sweep()
             if self.api is not None:
                 try:
@@ -460,6 +462,25 @@ class Daemon:
             lock.close()
             self.logger.info("stopped")
         return 0
+
+    def _outbox_changed(self, name: str | None) -> None:
+        """outbox/'s watch saw ``name`` come or go (None: it lost track): a delivery or a
+        notification a worker process, the CLI or another daemon committed goes out now."""
+        self.sender.changed(name)
+        if self.notifier is not None:
+            self.notifier.changed(name)
+
+    def _outbox_unwatched(self) -> None:
+        self.logger.error("the watch on %s ended; callbacks and notifications are polled for",
+                          self.spool.dir("outbox"))  # fmt: skip
+        self._watch_outbox(None)
+
+    def _watch_outbox(self, rest: float | None) -> None:
+        """With outbox/ watched (``rest``: its senders' wait while it holds nothing of theirs),
+        or no longer (None: they poll)."""
+        self.sender.watched(rest)
+        if self.notifier is not None:
+            self.notifier.watched(rest)
 
     def _loop(self, stop: threading.Event) -> None:
         """The waiting: until the next round is due or something asks for attention (a worker

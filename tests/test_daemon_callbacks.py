@@ -288,6 +288,25 @@ def test_a_delivery_is_given_up_and_status_shows_it(
     assert "succeeded" in line and r.url in line and "HTTP 500" in line, line
 
 
+def test_what_a_worker_process_and_the_cli_commit_goes_out_without_a_poll(
+    start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path
+) -> None:
+    """A job's end is committed by its worker process, a retry by the CLI: neither woke the
+    daemon's sender, which found them at its next poll (858 ms from a job's end to its
+    callback, measured). outbox/ is watched now: with polls an hour apart, all three of one
+    job's deliveries go out, each after the one before (its prepared name gone by then)."""
+    secret = "s3cret-watched"
+    r = receiver()
+    start_daemon(poll_interval="1h", rescan_interval="1h")
+    hooked = hook(r.url, secret, ["failed", "retrying"])
+    drop(spool_dir, "ends.yaml", local_job("ends", "exit 3", **hooked))
+    assert wait_finished(spool_dir, "ends")[0] == "failed"
+    r.wait_count(1)
+    assert run_cli(spool_dir, "retry", "ends").returncode == 0
+    got = [verify(each, secret) for each in r.wait_count(3)]
+    assert events(got) == ["failed", "retrying", "failed"] and sequences(got) == [1, 2, 3]
+
+
 def test_a_short_secret_masks_what_was_said_not_the_status_documents_own_names(
     start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path
 ) -> None:

@@ -24,7 +24,7 @@ from spoold.core.spool import Spool
 from spoold.core.spool.fs import LIST_EVERY, SETTLE
 from spoold.core.states import JobState
 from spoold.out.notices import Notices
-from spoold.out.notify import Notifier
+from spoold.out.notify import LOOK_SHARE, Notifier
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.out.sender import Sender
 from tests.fakes import FakeClock
@@ -489,3 +489,60 @@ def test_a_job_whose_targets_no_longer_work_keeps_its_callback(
     found = bed.callbacks.target_of("j", document)
     assert found is not None and found.url == "http://127.0.0.1:9/cb" and found.notify == ()
     assert "job j sends no notifications: notify: email targets need" in caplog.text
+
+
+def test_a_watched_outbox_wakes_the_notifier_for_a_change_file_and_it_rests_between(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    """The notifier looked at outbox/ every second (5.5 ms of CPU in 30 s idle), and a failure
+    a worker process committed waited for that look. With outbox/ watched: a change file told
+    by name is looked for at once; nothing of the notifier's there, it waits ``rest``."""
+    bed = Bed(spool, clock, tmp_path, None)
+    notifier = bed.notifier
+    notifier.watched(30.0)
+    assert notifier._wait() == 0.0, "a look is owed: what came before the watch"
+    notifier.tick(inline=True)
+    assert notifier._wait() == 30.0
+    notifier.changed("_t.0a1b2c3d.first~00000001.json")  # a held notice: the notifier's own
+    notifier.changed("job~00000001.json")  # a callback delivery: the sender's
+    assert notifier._wait() == 30.0
+    bed.fail("first", (webhook(receiver.url),))
+    notifier.changed("_n.first~00000001.json")
+    assert notifier._wait() == 0.0
+    assert notifier.tick(inline=True) == 1
+    assert [b["count"] for b in receiver.bodies()] == [1]
+    assert notifier._wait() == 1.0, "its window is open in outbox/: polled"
+    notifier.watched(None)
+    assert notifier._wait() == 0.0
+    notifier.tick(inline=True)
+    clock.advance(WINDOW)
+    notifier.tick(inline=True)  # the window closed with nothing held: removed
+    notifier.tick(inline=True)
+    assert not bed.outbox() and notifier._wait() == 1.0, "not watched: a poll"
+
+
+def test_change_files_coming_fast_list_a_backlog_a_tenth_of_the_time_at_most(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Each change file told would list outbox/ again: with thousands of notices held (a
+    chat server down) and failures coming fast, the notifier's thread would do nothing
+    else. A told look waits LOOK_SHARE times the last listing's time after it."""
+    bed = Bed(spool, clock, tmp_path, None)
+    port = free_port()  # nothing listens: held
+    target = webhook(f"http://127.0.0.1:{port}/hook")
+    bed.notifier.watched(30.0)
+    names = spool.deliveries.names
+
+    def slow(directory: str = "") -> list[str]:
+        clock.advance(0.01)  # a listing of a backlog takes 10 ms
+        return names(directory)
+
+    setattr(spool.deliveries, "names", slow)  # noqa: B010 - a spy on the instance
+    bed.notifier.tick(inline=True)
+    bed.fail("next", (target,))
+    bed.notifier.changed("_n.next~00000001.json")
+    assert bed.notifier._wait() == pytest.approx(LOOK_SHARE * 0.01)
+    clock.advance(LOOK_SHARE * 0.01)
+    assert bed.notifier._wait() == 0.0
+    bed.notifier.tick(inline=True)
+    assert any(n.startswith("_t.") for n in bed.outbox()), "split into its held notice"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Mapping
@@ -484,3 +485,113 @@ def test_a_poll_lists_outbox_only_when_it_may_have_changed(spool: Spool, clock: 
     clock.advance(1.0)
     assert posting.tick() == 1, "found by the next poll, and sent"
     assert listings == [""]
+
+
+def test_a_commit_outboxs_watch_tells_is_sent_without_a_listing(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """A delivery a worker process or the CLI commits woke no one: the sender found it at its
+    next poll, a second later at worst (858 ms from a job's end to its callback, measured).
+    Told by outbox/'s watch, it is added by its name alone, however long the backlog: no
+    listing. The sender's own writes, temporary names, and names put aside wake nothing."""
+    port = free_port()  # nothing listens: each try is refused at once
+    target = CallbackTarget(f"http://127.0.0.1:{port}/hook", SECRET)
+    for n in range(50):
+        emit(spool, clock, target, status(f"j{n:03d}"), "accepted")
+    woken = threading.Event()
+    posting = Sender(spool, callbacks(spool, clock), clock, CallbackSettings(initial=600.0), LOG,
+                     draw=lambda: 0.0, wake=woken)  # fmt: skip
+    assert deliver_all(posting, spool).count(False) == 50
+    posting.watched(30.0)
+    assert posting.tick() == 0  # listed once: the watch began
+    listings: list[str] = []
+    names = spool.deliveries.names
+
+    def counted(directory: str = "") -> list[str]:
+        listings.append(directory)
+        return names(directory)
+
+    setattr(spool.deliveries, "names", counted)  # noqa: B010 - a spy on the instance
+    woken.clear()
+    for quiet in (".spoold-new~00000001.json.1a2b.tmp", ".adopt-h2-j000~00000001.json",
+                  "j000~00000001.json"):  # fmt: skip
+        posting.changed(quiet)
+    assert not woken.is_set(), "temporary, put aside, or one of the sender's own writes"
+    emit(spool, clock, target, status("new"), "accepted")
+    posting.changed("new~00000001.json")
+    assert woken.is_set()
+    assert posting.tick() == 1, "the new delivery, due at once, handed out"
+    assert listings == [], "found by its name, not by listing 51"
+    posting.changed(None)  # the kernel dropped events: anything may have come
+    clock.advance(0.1)
+    posting.tick()
+    assert listings == [""]
+
+
+def test_a_sender_rests_while_a_watched_outbox_holds_nothing(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    """An idle daemon's sender looked at outbox/ every second (5.8 ms of CPU in 30 s). With
+    outbox/ watched and empty it waits ``rest``; anything in it, or in flight, and it polls."""
+    posting = sender(spool, clock)
+    posting.tick()
+    assert posting._wait() == 1.0, "not watched: a poll"
+    posting.watched(30.0)
+    assert posting._wait() == 1.0, "told to look first"
+    posting.tick()
+    assert posting._wait() == 30.0
+    emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "accepted")
+    posting.changed("j1~00000001.json")
+    assert posting._wait() == 1.0, "something arrived"
+    posting.start()
+    try:
+        receiver.wait_count(1)
+        wait_for(lambda: outbox(spool) == [], what="the delivery removed")
+        posting.changed("j1~00000001.json")  # as the watch tells its removal
+        wait_for(lambda: posting._wait() == 30.0, what="empty again: resting")
+    finally:
+        posting.stop()
+    posting.watched(None)
+    posting.tick()
+    assert posting._wait() == 1.0, "the watch lost: polls again"
+
+
+def test_a_key_followed_by_its_names_alone_sends_each_delivery_in_turn(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    """Followed by the names its watch tells, not listed: a delivery prepared, then committed
+    (its prepared name renamed away), then the next one of the same job. Told only of names
+    that came, the sender kept the prepared name as the job's head, and the job's later
+    deliveries waited behind it for a listing (the next poll: never, with an hour's)."""
+    target = CallbackTarget(receiver.url, SECRET)
+    posting = Sender(spool, callbacks(spool, clock), clock, CallbackSettings(), LOG,
+                     poll_interval=3600.0, draw=lambda: 0.0)  # fmt: skip
+    emit(spool, clock, target, status("k"), "accepted")
+    posting.watched(30.0)
+    told = set(os.listdir(spool.dir("outbox")))  # what its first look finds
+
+    def tell() -> None:
+        """The watch's events: every name that came or went since."""
+        now = set(os.listdir(spool.dir("outbox")))
+        for name in sorted(now ^ told):
+            posting.changed(name)
+        told.clear()
+        told.update(now)
+
+    posting.start()
+    try:
+        receiver.wait_count(1)
+        wait_for(lambda: outbox(spool) == [], what="the first delivered")
+        tell()
+        for sequence, event in ((1, "started"), (2, "succeeded")):
+            with callbacks(spool, clock).announce(target, event, status("k", sequence=sequence)):
+                tell()  # prepared: not sent before the change is made
+                clock.advance(0.1)
+            tell()
+            receiver.wait_count(sequence + 1)
+            wait_for(lambda: outbox(spool) == [], what="delivered")
+        tell()
+        wait_for(lambda: posting._wait() == 30.0, what="resting")
+    finally:
+        posting.stop()
+    assert [b["event"] for b in receiver.bodies()] == ["accepted", "started", "succeeded"]

@@ -1,10 +1,14 @@
-"""Tells intake that a file arrived in incoming/; nothing more.
+"""Tells intake that a file arrived in incoming/, and the outbox's senders that a name came
+or went in outbox/; nothing more.
 
 inotify through watchdog's ``InotifyFD`` with a mask of IN_MOVED_TO and IN_CLOSE_WRITE only:
 watchdog's observer holds every IN_MOVED_FROM for 0.5 s to pair moves, and once spoold moves a
 file out of incoming/ every later drop would queue behind it. Asking the kernel for neither
 IN_MOVED_FROM nor anything else keeps pickup in the low milliseconds. Where inotify cannot see
 other hosts' writes (NFS, sshfs, CephFS), the daemon scans instead.
+
+outbox/ is watched on the same descriptor (one reader thread): a delivery a worker process,
+the CLI or another daemon commits is sent at once, not at the senders' next poll.
 """
 
 from __future__ import annotations
@@ -65,10 +69,27 @@ class InotifyWatcher:
             os.fsencode(self._directory), Mask(mask), self, CallbackId(0)
         )
 
+    def also(self, directory: Path, on_name: Callable[[str | None], None],
+             on_lost: Callable[[], None]) -> None:  # fmt: skip
+        """Watch ``directory`` too, on the same reader thread: ``on_name(name)`` for each name
+        created, linked, written, renamed in or out, or removed there (a writer's temporary
+        ones too); ``on_name(None)`` when the kernel dropped events (any name may have
+        changed); ``on_lost`` if the watch ends before ``stop`` (the directory was removed or
+        moved). A failure in ``on_name`` is logged: incoming/'s watch goes on."""
+        c = InotifyConstants
+        mask = (c.IN_CREATE | c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_MOVED_FROM | c.IN_DELETE
+                | c.IN_DELETE_SELF | c.IN_MOVE_SELF)  # fmt: skip
+        changes = _Changes(self, on_name, on_lost, self._logger)
+        self._fd.add_callback(os.fsencode(directory), Mask(mask), changes, CallbackId(1))
+
     def stop(self) -> None:
         self._stopping = True
         self._fd.stop()
         self._fd.join(5)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     # WatchCallback protocol, called on watchdog's reader thread.
     def on_event(self, event: object) -> None:
@@ -88,3 +109,35 @@ class InotifyWatcher:
     def on_queue_overflow(self) -> None:
         self._logger.warning("inotify queue overflowed; scanning %s", self._directory)
         self._on_overflow()
+
+
+class _Changes:
+    """The WatchCallback of a directory watched with ``InotifyWatcher.also``."""
+
+    def __init__(
+        self, watcher: InotifyWatcher, on_name: Callable[[str | None], None],
+        on_lost: Callable[[], None], logger: logging.Logger,
+    ) -> None:  # fmt: skip
+        self._watcher, self._on_name, self._on_lost = watcher, on_name, on_lost
+        self._logger = logger
+
+    def on_event(self, event: object) -> None:
+        if getattr(event, "is_delete_self", False) or getattr(event, "is_move_self", False):
+            return  # on_watch_deleted follows
+        name = os.fsdecode(getattr(event, "name", b""))
+        if name:
+            self._tell(name)
+
+    def on_watch_deleted(self, wd: object) -> None:
+        if not self._watcher.stopping:
+            self._on_lost()
+
+    def on_queue_overflow(self) -> None:
+        self._tell(None)
+
+    def _tell(self, name: str | None) -> None:
+        # The reader thread is incoming/'s too: a failure raised here would end both watches.
+        try:
+            self._on_name(name)
+        except Exception:
+            self._logger.exception("a change in a watched directory (%s) was not told", name)

@@ -48,6 +48,10 @@ from spoold.out.threads import SenderThreads
 if TYPE_CHECKING:
     from email.message import EmailMessage
 
+#: A look that lists outbox/ for a change file told by its watch waits this many times the
+#: last listing's time after it: a tenth of the loop's thread at most, with thousands held.
+LOOK_SHARE = 9.0
+
 #: Folded notices are told to this, by target kind (email, webhook): the metrics' counter.
 OnFolded = Callable[[str, int], None]
 
@@ -139,6 +143,16 @@ class Notifier:
         self._wall = wall_time
         self._relist = Relist(spool.deliveries.directory_stamp)
         self._scan: _Scan | None = None  # the last look's, by the loop's thread alone
+        #: Whether the last look found any notification file (a change, held, a window).
+        self._holds_any = True
+        #: A change file committed since the last look (``changed``), and the monotonic time
+        #: from which a look may list outbox/ again for one: at most a tenth of this thread's
+        #: time goes to listing a backlog of held notices, however fast changes come.
+        self._changed = False
+        self._look_free_at = 0.0
+        #: The wait with nothing of the notifier's in outbox/ while a watch tells every change
+        #: file written (``watched``); None: a poll.
+        self._rest: float | None = None
         #: How this host sees another (as the callback sender's).
         self.host_state: Callable[[str], str] = lambda host: "alive"
 
@@ -147,6 +161,34 @@ class Notifier:
     def wake(self) -> None:
         """Look at outbox/ now: a change file was committed."""
         self._wake.set()
+
+    def changed(self, name: str | None) -> None:
+        """outbox/'s watch saw ``name`` written, renamed or removed (None: it lost track). Only
+        a change file is news here: the held notices and windows are this host's own
+        writes, or another's that is alive (and polled for while it is)."""
+        if name is None or (name.startswith(CHANGE) and name.endswith(".json")):
+            self._changed = True
+            self._wake.set()
+
+    def watched(self, rest: float | None) -> None:
+        """From now on every change file written in outbox/ is told (``changed``): with nothing
+        of the notifier's there at the last look the loop waits ``rest`` seconds, not a poll.
+        None: polls again."""
+        self._rest = rest
+        self.changed(None)  # what came before the watch began
+
+    def _wait(self) -> float:
+        """How long the loop waits for a wake-up: until the next notice is due, a poll, or
+        ``rest`` where nothing of the notifier's is in outbox/ and a watch tells what comes."""
+        with self._lock:
+            busy = bool(self._in_flight)
+        if self._changed:  # a look is owed, once listing is free again
+            return max(self._look_free_at - self._clock.monotonic(), 0.0)
+        resting = self._rest is not None and not busy and not self._holds_any
+        wait = self._rest if resting and self._rest is not None else self._poll
+        if self._next_due is not None:
+            wait = min(wait, max(self._next_due - self._clock.now().timestamp(), 0.0))
+        return wait
 
     def start(self) -> None:
         self._threads.start()
@@ -159,10 +201,7 @@ class Notifier:
         while not self._stop.is_set():
             self._wake.clear()  # before looking: a wake-up from now on is not lost
             self._outage.call(self.tick, "notifier: unexpected failure; going on")
-            wait = self._poll
-            if self._next_due is not None:
-                wait = min(wait, max(self._next_due - self._clock.now().timestamp(), 0.0))
-            self._wake.wait(wait)
+            self._wake.wait(self._wait())
 
     def _send_loop(self) -> None:
         while (batch := self._work.get()) is not None:
@@ -216,7 +255,11 @@ class Notifier:
             self.host_state(host) != "alive" for host in self._scan.left_to
         ):
             self._relist.forget()
-        if not self._relist.needed(wall=self._wall(), now=self._clock.monotonic()):
+        started = self._clock.monotonic()
+        if self._changed and started >= self._look_free_at:
+            self._changed = False  # before the listing: a change file from now on is looked for
+            self._relist.forget()
+        if not self._relist.needed(wall=self._wall(), now=started):
             assert self._scan is not None  # no listing to stand for before the first
             return self._scan
         left_to: set[str] = set()
@@ -247,6 +290,9 @@ class Notifier:
                 if record is not None:
                     windows[str(record.get("target_id"))] = (name, float(record.get("until") or 0))
         self._relist.listed()
+        self._holds_any = any(name.startswith((CHANGE, HELD, WINDOW)) for name in names)
+        ended = self._clock.monotonic()
+        self._look_free_at = ended + LOOK_SHARE * (ended - started)
         self._scan = _Scan(
             held={tid: _held(notices) for tid, notices in held.items()},
             windows=windows,

@@ -19,6 +19,7 @@ from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings
 from spoold.core.outage import Outage
 from spoold.core.spool import Spool
+from spoold.core.spool.deliveries import is_delivery
 from spoold.core.spool.fs import DirStamp, Relist
 from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
@@ -80,6 +81,12 @@ class Sender:
         self._names: set[str] | None = None  # the last listing of outbox/
         self._listed = 0.0  # when, monotonic
         self._relist = False
+        #: Names outbox/'s watch saw appear or go since the last tick (``changed``): the
+        #: listing follows them, not listed again with a backlog for each.
+        self._touched: set[str] = set()
+        #: How long the loop waits while outbox/ held nothing at its last look and a watch
+        #: reports every name written there (``watched``); None: a poll, whatever it held.
+        self._rest: float | None = None
         self._wall = wall_time
         self._outbox = Relist(spool.deliveries.directory_stamp)
         self._gone: set[str] = set()  # taken or given up since
@@ -115,6 +122,28 @@ class Sender:
         """Look at outbox/ now: a delivery was committed."""
         self._relist = True
         self._wake.set()
+
+    def changed(self, name: str | None) -> None:
+        """outbox/'s watch saw ``name`` written, renamed or removed (None: it lost track, list
+        it all again)."""
+        if name is not None:
+            if not is_delivery(name):
+                return  # a writer's temporary file, a name put aside: its rename follows
+            if (name in (self._names or ())) == self._spool.deliveries.exists(name):
+                return  # written again (a try recorded, an adoption: a post checks its stamp)
+        with self._lock:
+            if name is None:
+                self._relist = True
+            else:
+                self._touched.add(name)
+        self._wake.set()
+
+    def watched(self, rest: float | None) -> None:
+        """From now on every name that comes or goes in outbox/ is told (``changed``): with
+        nothing there at the last look the loop waits ``rest`` seconds, not a poll. None:
+        polls again."""
+        self._rest = rest
+        self.changed(None)  # what came before the watch began
 
     def start(self) -> None:
         self._threads.start()
@@ -184,6 +213,10 @@ class Sender:
         other hosts commit); index it again when what it holds has changed."""
         now = self._clock.monotonic()
         with self._lock:
+            touched, self._touched = self._touched, set()
+        if touched and self._names is not None:
+            self._follow(touched)
+        with self._lock:
             if self._names is not None and not self._relist and now - self._listed < self._poll:
                 return
             woken, self._relist = self._relist, False
@@ -203,6 +236,28 @@ class Sender:
             self._reindex(self._names or set(), names)
             self._names = names
         self._outbox.listed()
+
+    def _follow(self, touched: set[str]) -> None:
+        """The listing as the names outbox/'s watch told make it (each there or not, as a
+        stat says now): a commit costs its own name, not a listing of the backlog."""
+        assert self._names is not None
+        names = (self._names - touched) | {n for n in touched if self._spool.deliveries.exists(n)}
+        if names != self._names:
+            self._reindex(self._names, names)
+            self._names = names
+
+    def _wait(self) -> float:
+        """How long the loop waits for a wake-up: until the next try is due, a poll, or
+        ``rest`` where outbox/ is watched and holds nothing, with nothing in flight or waiting
+        to be filed or followed."""
+        with self._lock:
+            busy = self._in_flight or self._touched or self._relist
+        resting = not busy and self._names == set() and not self._unfiled
+        wait = self._rest if resting and self._rest is not None else self._poll
+        now = self._clock.now().timestamp()
+        if (due := self.next_due(now)) is not None:
+            wait = min(wait, due - now)
+        return wait
 
     def _reindex(self, before: set[str], now: set[str]) -> None:
         """Index what changed since the last listing (sorted: a key's lowest sequence comes
@@ -390,11 +445,7 @@ class Sender:
             self._wake.clear()  # before looking: a wake-up from now on is not lost
             # The sender must outlive any one bad file.
             self._outage.call(self.tick, "callback sender: unexpected failure; going on")
-            now = self._clock.now().timestamp()
-            wait = self._poll
-            if (due := self.next_due(now)) is not None:
-                wait = min(wait, due - now)
-            self._wake.wait(wait)
+            self._wake.wait(self._wait())
 
     def _post_loop(self) -> None:
         while (due := self._work.get()) is not None:

@@ -32,10 +32,16 @@ from spoold.core.spool.fs import (
     write_new,
 )
 
-__all__ = ["Deliveries"]
+__all__ = ["Deliveries", "is_delivery"]
 
 _PREPARED = ".prepared"  # an outbox delivery whose state change is not made yet
 _ADOPTING = ".adopt-"  # .adopt-<host>-<name>: a delivery being adopted by <host>
+
+
+def is_delivery(name: str) -> bool:
+    """Whether a name in outbox/ is a delivery's (prepared or committed): not failed/, nor a
+    writer's temporary file, nor one put aside while a host adopts it."""
+    return "~" in name and name[0] != "."
 
 
 class Deliveries:
@@ -105,7 +111,7 @@ class Deliveries:
             names = os.listdir(os.path.join(self._dirs["outbox"], directory))
         except FileNotFoundError:
             return []
-        names = [n for n in names if "~" in n and n[0] != "."]  # not failed/, nor temp files
+        names = [n for n in names if is_delivery(n)]
         names.sort()
         return names
 
