@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_spool import Tool, spoold_tool
+from benchmarks.bench_spool import Tool, spoold_tool, thread_ns
 from tests.receiver import Receiver
 
 SECRET = "bench-latency-secret"
@@ -45,23 +45,6 @@ LEAVE_BOUND = 60.0  # seconds the worker processes may take to leave (worker_idl
 def cli_of(python: str) -> list[str]:
     spoold = Path(python).with_name("spoold")
     return [str(spoold)] if spoold.exists() else [python, "-m", "spoold"]
-
-
-def thread_cpu_ns(pid: int) -> int:
-    """On-CPU nanoseconds of every thread of ``pid`` and of its children (the worker
-    processes), as the scheduler counts them."""
-    total = 0
-    for each in [pid, *children(pid)]:
-        try:
-            tasks = os.listdir(f"/proc/{each}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                total += int(Path(f"/proc/{each}/task/{task}/schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-    return total
 
 
 def children(pid: int) -> list[int]:
@@ -88,6 +71,11 @@ def one_job(tool: Tool, receiver: Receiver, marks: Path, job_id: str) -> float:
         time.sleep(0.0005)
     arrived = time.time()
     return arrived - float((marks / job_id).read_text())
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU nanoseconds of every thread of ``pid`` and of its worker processes."""
+    return sum(thread_ns([pid, *children(pid)]).values())
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -153,11 +141,11 @@ def idle(tools: dict[str, Tool], seconds: float) -> None:
             raise TimeoutError("the worker processes did not leave")
         time.sleep(0.2)
     time.sleep(1.0)
-    before = {name: thread_cpu_ns(tool.daemon.pid) for name, tool in tools.items()}
+    before = {name: cpu_ns(tool.daemon.pid) for name, tool in tools.items()}
     started = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - started
-    used = {name: thread_cpu_ns(tool.daemon.pid) - before[name] for name, tool in tools.items()}
+    used = {name: cpu_ns(tool.daemon.pid) - before[name] for name, tool in tools.items()}
     print(f"idle, {elapsed:.0f} s alone, all threads (schedstat):")
     for name, ns in used.items():
         print(f"  {name:8s} {ns / 1e6:6.2f} ms of CPU = {100 * ns / 1e9 / elapsed:.4f} % of a core")

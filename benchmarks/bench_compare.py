@@ -12,8 +12,9 @@ order rotates from round to round); the table shows medians over the rounds and 
 within a round, where the tools met the same machine. Rows (``--only``):
 
 - idle: a few jobs, spoold's job supervisors waited out (5 s idle; ``awake``), then every daemon
-  left alone ``idle`` s at once: CPU over that time; RSS and PSS summed over all of its
-  processes (smaps_rollup), their number and their threads;
+  left alone ``idle`` s at once: CPU over that time (``QuietCpu``: to the nanosecond where the
+  same threads ran all through, in 10 ms clock ticks otherwise); RSS and PSS summed over all
+  of its processes (smaps_rollup), their number and their threads;
 - rest: the same once spoold's worker processes and launcher have left (10 s after a burst that
   came after a quiet spell, longer when jobs came soon after they left, up to
   ``worker_idle_exit``; waited for, at most REST_BOUND s); then one job dropped into each spool: its pickup
@@ -41,8 +42,9 @@ within a round, where the tools met the same machine. Rows (``--only``):
   ``max_log_size``);
 - schedules: a fresh spoold each round (stopped and removed after it), ``schedules`` files
   ``{every: 60s}`` renamed in at once; first rename -> every schedule's status.json lists its
-  ``next_fire_times`` (its scheduler took it in), and the daemon's CPU over that time; then its
-  CPU left alone up to ``idle`` s, in the minute before the first firing is due.
+  ``next_fire_times`` (its scheduler took it in), and the daemon's CPU over that time; then,
+  once the worker processes started with it have left, its CPU left alone up to
+  ``schedule_idle`` s (``QuietCpu``), in the minute before the first firing is due.
   ``--schedules-large`` adds the same with ``schedules_large`` (10,000).
 
 Every wait is bounded; every daemon (incrond with a throwaway config and table in the run's own
@@ -84,6 +86,7 @@ if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_spool import (
+    CLOCK_TICKS,
     START_BOUND,
     STOP_BOUND,
     Daemon,
@@ -102,6 +105,7 @@ from benchmarks.bench_spool import (
     service_environment,
     spread_subdirectories,
     stage_jobs,
+    thread_ns,
 )
 from benchmarks.floor_durable import DIRECTORIES as FLOOR_DIRECTORIES
 
@@ -214,6 +218,31 @@ def cpu_seconds(daemon: Daemon) -> float:
     """utime + stime of the daemon's ``family`` (all their threads; not the jobs), those
     that ended since counted as last seen."""
     return daemon.family_cpu.seconds(family(daemon))
+
+
+class QuietCpu:
+    """A daemon's CPU over a quiet window: to the nanosecond where the same threads ran at
+    its start and its end (``schedstat``); in clock ticks otherwise (``cpu_seconds``, which
+    keeps what a process that ended used). A tick is 10 ms: 0.033 % of a core over 30 s, a
+    third of the 10,000 schedules' idle limit.
+
+    A thread that began and ended inside the window is in neither list of threads, and its
+    time in no thread's count: its process's ticks (utime and stime, each cut to a whole
+    tick) then exceed the threads' sum by more than two ticks, and the ticks are taken."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._ticks = cpu_seconds(daemon)
+        self._threads = thread_ns(family(daemon))
+
+    def seconds(self) -> tuple[float, str]:
+        """CPU since the start, and how it was counted (``schedstat`` or ``ticks``)."""
+        now = thread_ns(family(self._daemon))
+        ticks = cpu_seconds(self._daemon) - self._ticks
+        precise = (sum(now.values()) - sum(self._threads.values())) / 1e9
+        if now and now.keys() == self._threads.keys() and ticks - precise <= 2 / CLOCK_TICKS:
+            return precise, "schedstat"
+        return ticks, "ticks"
 
 
 #: spoold's processes by the names they give themselves (``ps -o comm``), and what they are.
@@ -1013,13 +1042,19 @@ def schedules(base: Path, count: int, sizes: Sizes, workers: int, label: str) ->
         time.sleep(max(0.0, last + SETTLED - time.time()))
         os.kill(tool.daemon.pid, signal.SIGUSR1)
         time.sleep(1.0)
+        # And the worker processes started with the daemon gone (``LINGER_FIRST``), while
+        # the window can still be as long: their leaving is not what idle costs.
+        while len(family(tool.daemon)) > 1 and (
+            first + FIRST_FIRING - 3.0 - time.time() > sizes.schedule_idle + 0.5
+        ):
+            time.sleep(0.5)
         window = min(sizes.schedule_idle, first + FIRST_FIRING - 3.0 - time.time())
         if window >= 1.0:
-            before, started = cpu_seconds(tool.daemon), time.monotonic()
+            quiet, started = QuietCpu(tool.daemon), time.monotonic()
             time.sleep(window)
             elapsed = time.monotonic() - started
-            result["idle_s"] = elapsed
-            result["idle_cpu_percent"] = 100 * (cpu_seconds(tool.daemon) - before) / elapsed
+            used, counted = quiet.seconds()
+            result.update(idle_s=elapsed, idle_cpu_percent=100 * used / elapsed, idle_by=counted)
         else:
             say(f"{label}: registration ran into the first firings; no idle window")
         rss, pss = memory_mb(tool.daemon)
@@ -1229,7 +1264,7 @@ class Bench:
                 self._failed("idle", name, round_, exc)
         os.sync()
         daemons = self.daemons()
-        before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
+        before = {name: QuietCpu(daemon) for name, daemon in daemons.items()}
         started = time.monotonic()
         time.sleep(self.sizes.idle)
         self._measure_quiet("idle", round_, daemons, before, time.monotonic() - started)
@@ -1239,7 +1274,7 @@ class Bench:
         (``worker_idle_exit``): its main process alone."""
         os.sync()
         daemons = self.daemons()
-        before = {name: cpu_seconds(daemon) for name, daemon in daemons.items()}
+        before = {name: QuietCpu(daemon) for name, daemon in daemons.items()}
         started = time.monotonic()
         if (spoold := daemons.get("spoold")) is not None:
             while len(family(spoold)) > 1 and time.monotonic() - started < REST_BOUND:
@@ -1258,7 +1293,7 @@ class Bench:
         row: str,
         round_: int,
         daemons: dict[str, Daemon],
-        before: dict[str, float],
+        before: dict[str, QuietCpu],
         elapsed: float,
     ) -> None:
         for name, daemon in daemons.items():
@@ -1266,8 +1301,10 @@ class Bench:
             def measure(name: str = name, daemon: Daemon = daemon) -> dict[str, Any]:
                 rss, pss = memory_mb(daemon)
                 pids = family(daemon)
+                used, counted = before[name].seconds()
                 return {
-                    "cpu_percent": 100 * (cpu_seconds(daemon) - before[name]) / elapsed,
+                    "cpu_percent": 100 * used / elapsed,
+                    "cpu_by": counted,
                     "rss_mb": rss,
                     "pss_mb": pss,
                     "processes": len(pids),
@@ -1553,9 +1590,9 @@ def table(results: Results) -> str:
         key = "cpu_percent"
         add(
             f"idle CPU ({s.idle:.0f} s alone; % of a core)",
-            fmt(r.median("idle", "spoold", key), 2),
-            fmt(r.median("idle", "floor", key), 2),
-            peers_of("idle", key, ("tsp", "incron"), 2),
+            fmt(r.median("idle", "spoold", key), 3),
+            fmt(r.median("idle", "floor", key), 3),
+            peers_of("idle", key, ("tsp", "incron"), 3),
             "",
             "—",
             None,
@@ -1629,7 +1666,7 @@ def table(results: Results) -> str:
         idle = r.median(row, "spoold", "idle_cpu_percent")
         known = {m.get("known_by") for m in r.rows[row].get("spoold", {}).values()}
         cell = (
-            f"{fmt(wall, 2)} s, {fmt(cpu, 2)} s CPU; then idle {fmt(idle, 2)}% of a core, "
+            f"{fmt(wall, 2)} s, {fmt(cpu, 2)} s CPU; then idle {fmt(idle, 3)}% of a core, "
             f"RSS {fmt(r.median(row, 'spoold', 'rss_mb'))} MiB"
             + ("" if known <= {"status"} else " (quiet)")
         )

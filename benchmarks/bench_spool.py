@@ -110,6 +110,19 @@ def service_environment() -> dict[str, str]:
     return {key: os.environ[key] for key in keep if key in os.environ} | {"PYTHONUNBUFFERED": "1"}
 
 
+def thread_ns(pids: list[int]) -> dict[tuple[int, int], int]:
+    """On-CPU nanoseconds of each thread of ``pids``, as the scheduler counts them
+    (``/proc/PID/task/TID/schedstat``)."""
+    found: dict[tuple[int, int], int] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    text = Path(f"/proc/{pid}/task/{task}/schedstat").read_text()
+                    found[pid, int(task)] = int(text.split()[0])
+    return found
+
+
 class CpuTally:
     """utime + stime of a set of processes that changes, which never goes back: a process
     that ended keeps the CPU it was last seen with (spoold lets an idle job supervisor go, and

@@ -1,13 +1,15 @@
-"""The benchmarks' CPU counts: per process name, and kept for a process that ended."""
+"""The benchmarks' CPU counts: per process name, kept for a process that ended, and to the
+nanosecond over a quiet window."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from benchmarks.bench_compare import MachineCpu
-from benchmarks.bench_spool import CpuTally
+from benchmarks.bench_compare import MachineCpu, QuietCpu
+from benchmarks.bench_spool import CpuTally, Daemon
 
 _BURN = """
 import ctypes, os, sys, time
@@ -71,3 +73,46 @@ def test_the_kernel_s_part_is_told_apart_from_the_interpreter_s() -> None:
     total, kernel = split["bench-kernel"]
     assert total >= 0.25 and kernel >= 0.7 * total, split
     assert tally.by_name([]) == {name: t for name, (t, _) in split.items()}
+
+
+_ON_CUE = """
+import sys, threading, time
+def burn():
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        sum(range(10_000))
+for line in sys.stdin:
+    if line == "burn\\n":
+        burn()
+    else:  # a thread that burns and ends: its time leaves the threads' counts
+        worker = threading.Thread(target=burn)
+        worker.start()
+        worker.join()
+    print("burnt", flush=True)
+"""
+
+
+def test_a_quiet_window_is_counted_to_the_nanosecond_while_its_threads_stay() -> None:
+    """utime and stime count 10 ms ticks: 0.033 % of a core over the schedules row's 30 s
+    window, a third of its limit, and the row read 0.10 % where the daemon used 0.078 %.
+    The scheduler's count is taken when the same threads ran all through; ticks otherwise."""
+    child = subprocess.Popen([sys.executable, "-c", _ON_CUE], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    daemon = Daemon("burner", [], Path(os.devnull))
+    daemon.process = child
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        quiet = QuietCpu(daemon)
+        child.stdin.write("burn\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "burnt\n"
+        used, counted = quiet.seconds()
+        assert counted == "schedstat" and 0.29 <= used < 0.6, (used, counted)
+        quiet = QuietCpu(daemon)
+        child.stdin.write("thread\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "burnt\n"
+        used, counted = quiet.seconds()
+        assert counted == "ticks" and used >= 0.25, (used, counted)
+    finally:
+        child.communicate("", timeout=30)
