@@ -81,6 +81,19 @@ def outbox(spool: Spool, directory: str = "") -> list[str]:
     return spool.deliveries.names(directory)
 
 
+def count_listings(spool: Spool) -> list[str]:
+    """From now on, each listing of outbox/ (its subdirectory: "" for outbox/ itself)."""
+    listings: list[str] = []
+    names = spool.deliveries.names
+
+    def counted(directory: str = "") -> list[str]:
+        listings.append(directory)
+        return names(directory)
+
+    setattr(spool.deliveries, "names", counted)  # noqa: B010 - a spy on the instance
+    return listings
+
+
 def deliver_all(sender: Sender, spool: Spool) -> list[bool]:
     """Every delivery due, in the order the sender hands them out, tried once each."""
     results = []
@@ -458,14 +471,7 @@ def test_a_poll_lists_outbox_only_when_it_may_have_changed(spool: Spool, clock: 
         emit(spool, clock, target, status(f"j{n:03d}"), "accepted")
     posting = sender(spool, clock, initial=600.0)
     assert deliver_all(posting, spool).count(False) == 20
-    listings: list[str] = []
-    names = spool.deliveries.names
-
-    def counted(directory: str = "") -> list[str]:
-        listings.append(directory)
-        return names(directory)
-
-    setattr(spool.deliveries, "names", counted)  # noqa: B010 - a spy on the instance
+    listings = count_listings(spool)
     for _ in range(int(SETTLE) + 1):  # outbox/'s stamp seen unchanged for SETTLE seconds
         clock.advance(1.0)
         assert posting.tick() == 0
@@ -504,14 +510,7 @@ def test_a_commit_outboxs_watch_tells_is_sent_without_a_listing(
     assert deliver_all(posting, spool).count(False) == 50
     posting.watched(30.0)
     assert posting.tick() == 0  # listed once: the watch began
-    listings: list[str] = []
-    names = spool.deliveries.names
-
-    def counted(directory: str = "") -> list[str]:
-        listings.append(directory)
-        return names(directory)
-
-    setattr(spool.deliveries, "names", counted)  # noqa: B010 - a spy on the instance
+    listings = count_listings(spool)
     woken.clear()
     for quiet in (".spoold-new~00000001.json.1a2b.tmp", ".adopt-h2-j000~00000001.json",
                   "j000~00000001.json"):  # fmt: skip
