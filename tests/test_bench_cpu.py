@@ -97,22 +97,22 @@ def test_a_quiet_window_is_counted_to_the_nanosecond_while_its_threads_stay() ->
     window, a third of its limit, and the row read 0.10 % where the daemon used 0.078 %.
     The scheduler's count is taken when the same threads ran all through; ticks otherwise."""
     child = subprocess.Popen([sys.executable, "-c", _ON_CUE], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE)  # fmt: skip
     daemon = Daemon("burner", [], Path(os.devnull))
     daemon.process = child
     assert child.stdin is not None and child.stdout is not None
     try:
         quiet = QuietCpu(daemon)
-        child.stdin.write("burn\n")
+        child.stdin.write(b"burn\n")
         child.stdin.flush()
-        assert child.stdout.readline() == "burnt\n"
+        assert child.stdout.readline() == b"burnt\n"
         used, counted = quiet.seconds()
         assert counted == "schedstat" and 0.29 <= used < 0.6, (used, counted)
         quiet = QuietCpu(daemon)
-        child.stdin.write("thread\n")
+        child.stdin.write(b"thread\n")
         child.stdin.flush()
-        assert child.stdout.readline() == "burnt\n"
+        assert child.stdout.readline() == b"burnt\n"
         used, counted = quiet.seconds()
         assert counted == "ticks" and used >= 0.25, (used, counted)
     finally:
-        child.communicate("", timeout=30)
+        child.communicate(b"", timeout=30)
