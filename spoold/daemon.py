@@ -252,6 +252,8 @@ class Daemon:
     _outage: Outage = field(init=False, repr=False)
     #: pending/'s count for the status line, listed again only when it may have changed.
     _pending_count: DirectoryCount = field(init=False, repr=False)
+    #: Whether outbox/'s watch tells its senders every name that comes or goes there.
+    _outbox_watched: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._outage = Outage(self.logger, "periodic duties")
@@ -424,7 +426,8 @@ class Daemon:
                 )
                 watcher.start()
                 watcher.also(self.spool.dir("outbox"), self._outbox_changed, self._outbox_unwatched)
-                self._watch_outbox(self.config.rescan_interval)
+                self._outbox_watched = True
+                self._pace_outbox()
             self.intake_thread.request_sweep()
             if self.api is not None:
                 try:
@@ -473,14 +476,16 @@ class Daemon:
     def _outbox_unwatched(self) -> None:
         self.logger.error("the watch on %s ended; callbacks and notifications are polled for",
                           self.spool.dir("outbox"))  # fmt: skip
-        self._watch_outbox(None)
+        self._outbox_watched = False
+        self._pace_outbox()
 
-    def _watch_outbox(self, rest: float | None) -> None:
-        """With outbox/ watched (``rest``: its senders' wait while it holds nothing of theirs),
-        or no longer (None: they poll)."""
-        self.sender.watched(rest)
+    def _pace_outbox(self) -> None:
+        """The senders of outbox/ look every ``poll_interval``; while it is watched and holds
+        nothing of theirs, every ``rescan_interval`` (the config's, as it is now)."""
+        rest = self.config.rescan_interval if self._outbox_watched else None
+        self.sender.pace(self.config.poll_interval, rest)
         if self.notifier is not None:
-            self.notifier.watched(rest)
+            self.notifier.pace(self.config.poll_interval, rest)
 
     def _loop(self, stop: threading.Event) -> None:
         """The waiting: until the next round is due or something asks for attention (a worker
@@ -558,7 +563,8 @@ class Daemon:
         """Read the config file again (SIGHUP); return whether the new one was taken.
 
         Applied at once: ``log_level``, ``poll_interval``, ``rescan_interval`` (from the next
-        scan), ``retention`` (from the next hourly pass) and ``shutdown_grace``. Every other key
+        scan, and in the outbox's senders' waits), ``retention`` (from the next hourly pass)
+        and ``shutdown_grace``. Every other key
         needs a restart: the worker processes got the config when they started (executor
         settings, limits, kill_grace, lease and heartbeat times, default callback, secrets,
         workdir, run_as users), and the spool, watch mode, workers and log files are built once.
@@ -577,6 +583,8 @@ class Daemon:
         kept = {f: getattr(old, f) for f in _config_fields() if f not in RELOADABLE}
         self.config = new._replace(**kept)
         self.logger.setLevel(self.config.log_level.upper())
+        if {"poll_interval", "rescan_interval"} & set(applied):
+            self._pace_outbox()
         self.logger.info(
             "config reloaded from %s: applied %s; need a restart: %s",
             old.source, ", ".join(applied) or "no changes",

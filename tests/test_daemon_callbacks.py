@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from tests.harness import (
     wait_finished,
     wait_for,
     wait_rejected,
+    write_config,
 )
 from tests.loopback import free_port
 from tests.receiver import Receiver, verify
@@ -330,3 +332,26 @@ def test_a_short_secret_masks_what_was_said_not_the_status_documents_own_names(
     result = run_cli(spool_dir, "retry", "sad")
     assert result.returncode == 0, result.stderr
     assert verify(r.wait_count(2)[1], "s")["event"] == "retrying"
+
+
+def test_a_reloaded_poll_interval_reaches_the_callback_sender(
+    start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path, tmp_path: Path
+) -> None:
+    """``poll_interval`` applies at once on SIGHUP, as the reload's log line says; the
+    callback sender kept the one it started with. On a spool that is polled (a network
+    filesystem's), a job's end, committed by its worker process, waited for that poll: an
+    hour here. Reloaded to 200 ms, it goes out."""
+    secret = "s3cret-reloaded"
+    r = receiver()
+    settings = {"watch": "poll", "rescan_interval": "1h", "settle_time": "0s"}
+    # In before the daemon: its first sweep takes it; it ends after the sender's first look.
+    drop(spool_dir, "late.yaml", local_job("late", "sleep 1; exit 3",
+                                           **hook(r.url, secret, ["failed"])))  # fmt: skip
+    daemon = start_daemon(poll_interval="1h", **settings)
+    assert wait_finished(spool_dir, "late")[0] == "failed"
+    assert daemon.process is not None
+    write_config(tmp_path / "config.yaml", spool_dir, poll_interval="200ms", **settings)
+    daemon.process.send_signal(signal.SIGHUP)
+    (failed,) = r.wait_count(1)
+    assert verify(failed, secret)["event"] == "failed"
+    assert "applied poll_interval" in daemon.log()

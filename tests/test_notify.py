@@ -499,7 +499,7 @@ def test_a_watched_outbox_wakes_the_notifier_for_a_change_file_and_it_rests_betw
     by name is looked for at once; nothing of the notifier's there, it waits ``rest``."""
     bed = Bed(spool, clock, tmp_path, None)
     notifier = bed.notifier
-    notifier.watched(30.0)
+    notifier.pace(1.0, 30.0)
     assert notifier._wait() == 0.0, "a look is owed: what came before the watch"
     notifier.tick(inline=True)
     assert notifier._wait() == 30.0
@@ -512,7 +512,7 @@ def test_a_watched_outbox_wakes_the_notifier_for_a_change_file_and_it_rests_betw
     assert notifier.tick(inline=True) == 1
     assert [b["count"] for b in receiver.bodies()] == [1]
     assert notifier._wait() == 1.0, "its window is open in outbox/: polled"
-    notifier.watched(None)
+    notifier.pace(1.0, None)
     assert notifier._wait() == 0.0
     notifier.tick(inline=True)
     clock.advance(WINDOW)
@@ -530,7 +530,7 @@ def test_change_files_coming_fast_list_a_backlog_a_tenth_of_the_time_at_most(
     bed = Bed(spool, clock, tmp_path, None)
     port = free_port()  # nothing listens: held
     target = webhook(f"http://127.0.0.1:{port}/hook")
-    bed.notifier.watched(30.0)
+    bed.notifier.pace(1.0, 30.0)
     names = spool.deliveries.names
 
     def slow(directory: str = "") -> list[str]:

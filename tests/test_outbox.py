@@ -508,7 +508,7 @@ def test_a_commit_outboxs_watch_tells_is_sent_without_a_listing(
     posting = Sender(spool, callbacks(spool, clock), clock, CallbackSettings(initial=600.0), LOG,
                      draw=lambda: 0.0, wake=woken)  # fmt: skip
     assert deliver_all(posting, spool).count(False) == 50
-    posting.watched(30.0)
+    posting.pace(1.0, 30.0)
     assert posting.tick() == 0  # listed once: the watch began
     listings = count_listings(spool)
     woken.clear()
@@ -535,7 +535,7 @@ def test_a_sender_rests_while_a_watched_outbox_holds_nothing(
     posting = sender(spool, clock)
     posting.tick()
     assert posting._wait() == 1.0, "not watched: a poll"
-    posting.watched(30.0)
+    posting.pace(1.0, 30.0)
     assert posting._wait() == 1.0, "told to look first"
     posting.tick()
     assert posting._wait() == 30.0
@@ -550,7 +550,7 @@ def test_a_sender_rests_while_a_watched_outbox_holds_nothing(
         wait_for(lambda: posting._wait() == 30.0, what="empty again: resting")
     finally:
         posting.stop()
-    posting.watched(None)
+    posting.pace(1.0, None)
     posting.tick()
     assert posting._wait() == 1.0, "the watch lost: polls again"
 
@@ -563,10 +563,9 @@ def test_a_key_followed_by_its_names_alone_sends_each_delivery_in_turn(
     that came, the sender kept the prepared name as the job's head, and the job's later
     deliveries waited behind it for a listing (the next poll: never, with an hour's)."""
     target = CallbackTarget(receiver.url, SECRET)
-    posting = Sender(spool, callbacks(spool, clock), clock, CallbackSettings(), LOG,
-                     poll_interval=3600.0, draw=lambda: 0.0)  # fmt: skip
+    posting = sender(spool, clock)
     emit(spool, clock, target, status("k"), "accepted")
-    posting.watched(30.0)
+    posting.pace(3600.0, 30.0)
     told = set(os.listdir(spool.dir("outbox")))  # what its first look finds
 
     def tell() -> None:

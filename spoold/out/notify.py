@@ -151,7 +151,7 @@ class Notifier:
         self._changed = False
         self._look_free_at = 0.0
         #: The wait with nothing of the notifier's in outbox/ while a watch tells every change
-        #: file written (``watched``); None: a poll.
+        #: file written (``pace``); None: a poll.
         self._rest: float | None = None
         #: How this host sees another (as the callback sender's).
         self.host_state: Callable[[str], str] = lambda host: "alive"
@@ -170,11 +170,12 @@ class Notifier:
             self._changed = True
             self._wake.set()
 
-    def watched(self, rest: float | None) -> None:
-        """From now on every change file written in outbox/ is told (``changed``): with nothing
-        of the notifier's there at the last look the loop waits ``rest`` seconds, not a poll.
-        None: polls again."""
-        self._rest = rest
+    def pace(self, poll: float, rest: float | None) -> None:
+        """Look at outbox/ every ``poll`` seconds, or every ``rest`` while it holds nothing of
+        the notifier's and every change file written there is told (``changed``: outbox/ is
+        watched); ``rest`` None: it is not. Set as the daemon starts its watch, loses it,
+        or reloads its config."""
+        self._poll, self._rest = poll, rest
         self.changed(None)  # what came before the watch began
 
     def _wait(self) -> float:

@@ -85,7 +85,7 @@ class Sender:
         #: listing follows them, not listed again with a backlog for each.
         self._touched: set[str] = set()
         #: How long the loop waits while outbox/ held nothing at its last look and a watch
-        #: reports every name written there (``watched``); None: a poll, whatever it held.
+        #: reports every name written there (``pace``); None: a poll, whatever it held.
         self._rest: float | None = None
         self._wall = wall_time
         self._outbox = Relist(spool.deliveries.directory_stamp)
@@ -138,11 +138,12 @@ class Sender:
                 self._touched.add(name)
         self._wake.set()
 
-    def watched(self, rest: float | None) -> None:
-        """From now on every name that comes or goes in outbox/ is told (``changed``): with
-        nothing there at the last look the loop waits ``rest`` seconds, not a poll. None:
-        polls again."""
-        self._rest = rest
+    def pace(self, poll: float, rest: float | None) -> None:
+        """Look at outbox/ every ``poll`` seconds, or every ``rest`` while it holds nothing
+        and every name that comes or goes there is told (``changed``: outbox/ is watched);
+        ``rest`` None: it is not. Set as the daemon starts its watch, loses it, or reloads
+        its config."""
+        self._poll, self._rest = poll, rest
         self.changed(None)  # what came before the watch began
 
     def start(self) -> None:
