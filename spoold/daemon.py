@@ -564,10 +564,10 @@ class Daemon:
 
         Applied at once: ``log_level``, ``poll_interval``, ``rescan_interval`` (from the next
         scan, and in the outbox's senders' waits), ``retention`` (from the next hourly pass)
-        and ``shutdown_grace``. Every other key
-        needs a restart: the worker processes got the config when they started (executor
-        settings, limits, kill_grace, lease and heartbeat times, default callback, secrets,
-        workdir, run_as users), and the spool, watch mode, workers and log files are built once.
+        and ``shutdown_grace``. Every other key needs a restart: the worker processes got the
+        config when they started (executor settings, limits, kill_grace, lease and heartbeat
+        times, default callback, secrets, workdir, run_as users), and the spool, watch mode,
+        workers and log files are built once.
         Changes to those are logged as waiting for a restart. An invalid file is refused, with
         the problem logged, and the config in use is kept.
         """
