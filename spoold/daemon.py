@@ -24,7 +24,7 @@ from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import DirectoryCount, JobDir, Spool
 from spoold.core.spool.fs import SETTLE
 from spoold.intake.incoming import Intake, IntakeThread
-from spoold.intake.watcher import InotifyWatcher, resolve_watch_mode
+from spoold.intake.watcher import ChangeWatch, InotifyWatcher, resolve_watch_mode
 from spoold.out.notify import Notifier
 from spoold.out.outbox import Callbacks
 from spoold.out.sender import Sender
@@ -406,6 +406,7 @@ class Daemon:
         stop = threading.Event()
         self._install_signals(stop)
         watcher: InotifyWatcher | None = None
+        outbox_watch: ChangeWatch | None = None
         try:
             self.systemd.status("recovering", self.clock.monotonic(), force=True)
             if self.hostbeat is not None:  # before anything this host writes names it
@@ -425,7 +426,9 @@ class Daemon:
                     self.logger,
                 )
                 watcher.start()
-                watcher.also(self.spool.dir("outbox"), self._outbox_changed, self._outbox_unwatched)
+                outbox_watch = ChangeWatch(self.spool.dir("outbox"), self._outbox_changed,
+                                           self._outbox_unwatched, self.logger)  # fmt: skip
+                outbox_watch.start()
                 self._outbox_watched = True
                 self._pace_outbox()
             self.intake_thread.request_sweep()
@@ -455,6 +458,8 @@ class Daemon:
             self.intake_thread.stop()
             if watcher is not None:
                 watcher.stop()
+            if outbox_watch is not None:
+                outbox_watch.stop()
             self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
             self.sender.stop()

@@ -1,5 +1,5 @@
-"""The inotify watcher: incoming/'s arrivals, and a second directory (outbox/) watched on the
-same descriptor, its names told as they are written, its loss told once."""
+"""The inotify watches: a directory's changes (outbox/'s) told by name as they come and go, its
+loss told once, and never held up by intake's watcher waiting for room."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import shutil
 import threading
 from pathlib import Path
 
-from spoold.intake.watcher import InotifyWatcher
+import pytest
+
+from spoold.intake.watcher import ChangeWatch, InotifyWatcher
 from tests.harness import wait_for
 
 LOG = logging.getLogger("spoold.test")
 
 
 class _Told:
-    """What the watcher told: incoming/'s names, the other directory's, and its loss."""
+    """What a ChangeWatch told: the names, and the watch's loss."""
 
     def __init__(self) -> None:
-        self.arrived: list[str] = []
         self.names: list[str | None] = []
         self.lost = threading.Event()
 
@@ -27,49 +28,99 @@ class _Told:
         self.names.append(name)
 
 
-def _watching(tmp_path: Path, told: _Told) -> tuple[InotifyWatcher, Path, Path]:
-    incoming, outbox = tmp_path / "incoming", tmp_path / "outbox"
-    incoming.mkdir()
-    outbox.mkdir()
-    watcher = InotifyWatcher(incoming, told.arrived.append, lambda: None, LOG)
-    watcher.start()
-    watcher.also(outbox, told.named, told.lost.set)
-    return watcher, incoming, outbox
+def _watch(directory: Path, told: _Told) -> ChangeWatch:
+    directory.mkdir()
+    watch = ChangeWatch(directory, told.named, told.lost.set, LOG)
+    watch.start()
+    return watch
 
 
-def test_a_second_directory_tells_every_name_written_there(tmp_path: Path) -> None:
-    """A commit by rename, one by link (an exclusive prepare), and a file written in place
-    are each told by name; the writer's temporary file too (the senders drop it). incoming/'s
-    watch goes on as before, and the other's names never reach intake."""
+def test_every_name_that_comes_or_goes_is_told(tmp_path: Path) -> None:
+    """A commit by rename (its prepared name going), one by link (an exclusive prepare), a
+    file written in place, and a removal are each told by name; the writer's temporary file
+    too (the senders drop it)."""
     told = _Told()
-    watcher, incoming, outbox = _watching(tmp_path, told)
+    outbox = tmp_path / "outbox"
+    watch = _watch(outbox, told)
     try:
         temp = outbox / ".spoold-a~1.tmp"
         temp.write_bytes(b"{}")
-        os.rename(temp, outbox / "a~00000001.json")
-        wait_for(lambda: "a~00000001.json" in told.names, what="the rename told")
+        os.rename(temp, outbox / "a~00000001.prepared")
+        os.rename(outbox / "a~00000001.prepared", outbox / "a~00000001.json")
+        wait_for(lambda: "a~00000001.json" in told.names, what="the commit told")
+        assert told.names.count("a~00000001.prepared") == 2, "renamed in, then away"
         linked = outbox / ".spoold-b.tmp"
         linked.write_bytes(b"{}")
         os.link(linked, outbox / "b~00000001.prepared")
         wait_for(lambda: "b~00000001.prepared" in told.names, what="the link told")
         (outbox / "c~00000001.json").write_bytes(b"{}")
         wait_for(lambda: told.names.count("c~00000001.json") == 2, what="created, then closed")
+        (outbox / "a~00000001.json").unlink()
+        wait_for(lambda: told.names.count("a~00000001.json") == 2, what="the removal told")
         assert ".spoold-a~1.tmp" in told.names
-        (incoming / "job.yaml").write_text("job_id: x\n")
-        wait_for(lambda: told.arrived == ["job.yaml"], what="incoming/'s arrival")
-        assert "job.yaml" not in told.names and not told.lost.is_set()
     finally:
-        watcher.stop()
+        watch.stop()
     assert not told.lost.is_set(), "a watch ended by stop is not lost"
 
 
-def test_the_second_directory_removed_is_told_once_as_lost(tmp_path: Path) -> None:
+def test_the_directory_removed_is_told_once_as_lost(tmp_path: Path) -> None:
     told = _Told()
-    watcher, incoming, outbox = _watching(tmp_path, told)
+    outbox = tmp_path / "outbox"
+    watch = _watch(outbox, told)
     try:
         shutil.rmtree(outbox)
         assert told.lost.wait(10), "the watch's end told"
-        (incoming / "job.yaml").write_text("job_id: x\n")
-        wait_for(lambda: told.arrived == ["job.yaml"], what="incoming/ still watched")
     finally:
+        watch.stop()
+
+
+def test_a_flood_held_by_intake_does_not_hold_outbox_up(tmp_path: Path) -> None:
+    """Intake's watcher waits while a flood fills intake's backlog: the flood waits in the
+    kernel's queue. outbox/'s watch, on that watcher's descriptor, waited with it: a job's
+    callback behind thousands of files not yet taken in, and their names in its queue."""
+    held, release = threading.Event(), threading.Event()
+
+    def arrived(name: str) -> None:  # intake with no room left: the watcher waits
+        held.set()
+        release.wait(30)
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    watcher = InotifyWatcher(incoming, arrived, lambda: None, LOG)
+    watcher.start()
+    told = _Told()
+    watch = _watch(tmp_path / "outbox", told)
+    try:
+        (incoming / "job.yaml").write_text("job_id: x\n")
+        assert held.wait(10), "intake's watcher waits for room"
+        (tmp_path / "outbox" / "j~00000001.json").write_bytes(b"{}")
+        wait_for(lambda: "j~00000001.json" in told.names, what="outbox/'s change told")
+    finally:
+        release.set()
         watcher.stop()
+        watch.stop()
+
+
+def test_a_failure_where_a_name_is_told_is_logged_and_the_watch_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    told = _Told()
+
+    def fails_once(name: str | None) -> None:
+        if not told.names:
+            told.names.append("failed")
+            raise OSError("EIO")
+        told.named(name)
+
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    watch = ChangeWatch(outbox, fails_once, told.lost.set, LOG)
+    watch.start()
+    try:
+        (outbox / "first~00000001.json").write_bytes(b"{}")
+        wait_for(lambda: told.names, what="the first name")
+        (outbox / "next~00000001.json").write_bytes(b"{}")
+        wait_for(lambda: "next~00000001.json" in told.names, what="the next name told")
+    finally:
+        watch.stop()
+    assert any("was not told" in record.getMessage() for record in caplog.records)

@@ -7,8 +7,9 @@ file out of incoming/ every later drop would queue behind it. Asking the kernel 
 IN_MOVED_FROM nor anything else keeps pickup in the low milliseconds. Where inotify cannot see
 other hosts' writes (NFS, sshfs, CephFS), the daemon scans instead.
 
-outbox/ is watched on the same descriptor (one reader thread): a delivery a worker process,
-the CLI or another daemon commits is sent at once, not at the senders' next poll.
+outbox/ is watched too (``ChangeWatch``, with a descriptor and a reader thread of its own): a
+delivery a worker process, the CLI or another daemon commits is sent at once, not at the
+senders' next poll.
 """
 
 from __future__ import annotations
@@ -69,27 +70,10 @@ class InotifyWatcher:
             os.fsencode(self._directory), Mask(mask), self, CallbackId(0)
         )
 
-    def also(self, directory: Path, on_name: Callable[[str | None], None],
-             on_lost: Callable[[], None]) -> None:  # fmt: skip
-        """Watch ``directory`` too, on the same reader thread: ``on_name(name)`` for each name
-        created, linked, written, renamed in or out, or removed there (a writer's temporary
-        ones too); ``on_name(None)`` when the kernel dropped events (any name may have
-        changed); ``on_lost`` if the watch ends before ``stop`` (the directory was removed or
-        moved). A failure in ``on_name`` is logged: incoming/'s watch goes on."""
-        c = InotifyConstants
-        mask = (c.IN_CREATE | c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_MOVED_FROM | c.IN_DELETE
-                | c.IN_DELETE_SELF | c.IN_MOVE_SELF)  # fmt: skip
-        changes = _Changes(self, on_name, on_lost, self._logger)
-        self._fd.add_callback(os.fsencode(directory), Mask(mask), changes, CallbackId(1))
-
     def stop(self) -> None:
         self._stopping = True
         self._fd.stop()
         self._fd.join(5)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     # WatchCallback protocol, called on watchdog's reader thread.
     def on_event(self, event: object) -> None:
@@ -111,16 +95,40 @@ class InotifyWatcher:
         self._on_overflow()
 
 
-class _Changes:
-    """The WatchCallback of a directory watched with ``InotifyWatcher.also``."""
+class ChangeWatch:
+    """Calls ``on_name(name)`` for each name created, linked, written, renamed in or out, or
+    removed in a directory (a writer's temporary ones too); ``on_name(None)`` when the
+    kernel dropped events (any name may have changed); ``on_lost`` if the watch ends before
+    ``stop`` (the directory was removed or moved). A failure in ``on_name`` is logged.
+
+    A descriptor and a reader thread of its own, not incoming/'s: intake's watcher waits
+    while a flood fills intake's backlog (the flood waits in the kernel's queue), and what
+    comes here must not wait behind it, nor fill that queue.
+    """
 
     def __init__(
-        self, watcher: InotifyWatcher, on_name: Callable[[str | None], None],
+        self, directory: Path, on_name: Callable[[str | None], None],
         on_lost: Callable[[], None], logger: logging.Logger,
     ) -> None:  # fmt: skip
-        self._watcher, self._on_name, self._on_lost = watcher, on_name, on_lost
+        self._directory = directory
+        self._on_name, self._on_lost = on_name, on_lost
         self._logger = logger
+        self._fd = InotifyFD()
+        self._stopping = False
 
+    def start(self) -> None:
+        c = InotifyConstants
+        mask = (c.IN_CREATE | c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_MOVED_FROM | c.IN_DELETE
+                | c.IN_DELETE_SELF | c.IN_MOVE_SELF)  # fmt: skip
+        self._fd.start()
+        self._fd.add_callback(os.fsencode(self._directory), Mask(mask), self, CallbackId(0))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._fd.stop()
+        self._fd.join(5)
+
+    # WatchCallback protocol, called on watchdog's reader thread.
     def on_event(self, event: object) -> None:
         if getattr(event, "is_delete_self", False) or getattr(event, "is_move_self", False):
             return  # on_watch_deleted follows
@@ -129,15 +137,14 @@ class _Changes:
             self._tell(name)
 
     def on_watch_deleted(self, wd: object) -> None:
-        if not self._watcher.stopping:
+        if not self._stopping:
             self._on_lost()
 
     def on_queue_overflow(self) -> None:
         self._tell(None)
 
     def _tell(self, name: str | None) -> None:
-        # The reader thread is incoming/'s too: a failure raised here would end both watches.
         try:
             self._on_name(name)
-        except Exception:
-            self._logger.exception("a change in a watched directory (%s) was not told", name)
+        except Exception:  # the reader thread must outlive a failure of the one it tells
+            self._logger.exception("a change in %s was not told (%s)", self._directory, name)
