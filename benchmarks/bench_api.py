@@ -55,6 +55,7 @@ from benchmarks.bench_spool import (
     load_average,
     percentile,
     say,
+    spoold_cli,
     spread_subdirectories,
     stage_jobs,
     throughput,
@@ -91,12 +92,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def spoold_cli() -> list[str]:
-    """This venv's ``spoold`` (as bench_spool starts it)."""
-    spoold = Path(sys.executable).with_name("spoold")
-    return [str(spoold)] if spoold.exists() else [sys.executable, "-m", "spoold"]
 
 
 @dataclass

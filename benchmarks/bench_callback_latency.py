@@ -8,9 +8,9 @@
   all by default): a job that came right after a callback would meet a sender that had just
   looked, and a poll's wait would show as nearly a whole poll every time.
 - idle: every daemon left alone ``--idle`` seconds after its worker processes have left
-  (``worker_idle_exit``): the CPU of all its threads, to the nanosecond
-  (``/proc/PID/task/*/schedstat``: utime and stime count whole clock ticks, 10 ms, which
-  is 0.03 % of a core over 30 s).
+  (``worker_idle_exit``): the CPU of all its threads, to the nanosecond where the same
+  threads ran all through (``bench_compare.QuietCpu``: utime and stime count whole clock
+  ticks, 10 ms, which is 0.03 % of a core over 30 s).
 
 ``--against PYTHON``: the same daemon run by another interpreter's spoold (an older checkout
 in a venv of its own) beside this one, interleaved job by job; ratios are this one's over it.
@@ -34,24 +34,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_spool import Tool, spoold_tool, thread_ns
+from benchmarks.bench_compare import QuietCpu, family
+from benchmarks.bench_spool import Tool, percentile, spoold_cli, spoold_tool
 from tests.receiver import Receiver
 
 SECRET = "bench-latency-secret"
 RECEIPT_BOUND = 30.0  # seconds a callback may take before the run fails
 LEAVE_BOUND = 60.0  # seconds the worker processes may take to leave (worker_idle_exit)
-
-
-def cli_of(python: str) -> list[str]:
-    spoold = Path(python).with_name("spoold")
-    return [str(spoold)] if spoold.exists() else [python, "-m", "spoold"]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def one_job(tool: Tool, receiver: Receiver, marks: Path, job_id: str) -> float:
@@ -73,16 +62,6 @@ def one_job(tool: Tool, receiver: Receiver, marks: Path, job_id: str) -> float:
     return arrived - float((marks / job_id).read_text())
 
 
-def cpu_ns(pid: int) -> int:
-    """On-CPU nanoseconds of every thread of ``pid`` and of its worker processes."""
-    return sum(thread_ns([pid, *children(pid)]).values())
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=60)
@@ -98,7 +77,7 @@ def main() -> int:
     marks.chmod(0o777)
     columns = {"this": sys.executable} | ({"against": args.against} if args.against else {})
     tools = {
-        name: spoold_tool(name, base, cli_of(python), "workers: 2\nworker_idle_exit: 5s\n")
+        name: spoold_tool(name, base, spoold_cli(python), "workers: 2\nworker_idle_exit: 5s\n")
         for name, python in columns.items()
     }  # fmt: skip
     receivers = {name: Receiver().start() for name in tools}
@@ -117,7 +96,7 @@ def main() -> int:
         for name, values in latency.items():
             print(
                 f"  {name:8s} p50 {statistics.median(values) * 1e3:7.1f} ms  "
-                f"p90 {quantile(values, 0.9) * 1e3:7.1f} ms  max {max(values) * 1e3:7.1f} ms"
+                f"p90 {percentile(values, 90) * 1e3:7.1f} ms  max {max(values) * 1e3:7.1f} ms"
             )
         if args.against:
             ratio = statistics.median(latency["this"]) / statistics.median(latency["against"])
@@ -136,21 +115,22 @@ def main() -> int:
 def idle(tools: dict[str, Tool], seconds: float) -> None:
     """Every daemon alone at once for ``seconds``, once its worker processes have left."""
     end = time.monotonic() + LEAVE_BOUND
-    while any(children(tool.daemon.pid) for tool in tools.values()):
+    while any(len(family(tool.daemon)) > 1 for tool in tools.values()):
         if time.monotonic() > end:
             raise TimeoutError("the worker processes did not leave")
         time.sleep(0.2)
     time.sleep(1.0)
-    before = {name: cpu_ns(tool.daemon.pid) for name, tool in tools.items()}
+    quiet = {name: QuietCpu(tool.daemon) for name, tool in tools.items()}
     started = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - started
-    used = {name: cpu_ns(tool.daemon.pid) - before[name] for name, tool in tools.items()}
-    print(f"idle, {elapsed:.0f} s alone, all threads (schedstat):")
-    for name, ns in used.items():
-        print(f"  {name:8s} {ns / 1e6:6.2f} ms of CPU = {100 * ns / 1e9 / elapsed:.4f} % of a core")
-    if used.get("against"):
-        print(f"  ratio this/against: {used['this'] / used['against']:.3f}x")
+    used = {name: each.seconds() for name, each in quiet.items()}
+    print(f"idle, {elapsed:.0f} s alone, all threads:")
+    for name, (cpu, counted) in used.items():
+        print(f"  {name:8s} {cpu * 1e3:6.2f} ms of CPU ({counted}) = "
+              f"{100 * cpu / elapsed:.4f} % of a core")  # fmt: skip
+    if used.get("against", (0.0, ""))[0]:
+        print(f"  ratio this/against: {used['this'][0] / used['against'][0]:.3f}x")
 
 
 if __name__ == "__main__":

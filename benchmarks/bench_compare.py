@@ -105,7 +105,6 @@ from benchmarks.bench_spool import (
     service_environment,
     spread_subdirectories,
     stage_jobs,
-    thread_ns,
 )
 from benchmarks.floor_durable import DIRECTORIES as FLOOR_DIRECTORIES
 
@@ -218,6 +217,19 @@ def cpu_seconds(daemon: Daemon) -> float:
     """utime + stime of the daemon's ``family`` (all their threads; not the jobs), those
     that ended since counted as last seen."""
     return daemon.family_cpu.seconds(family(daemon))
+
+
+def thread_ns(pids: list[int]) -> dict[tuple[int, int], int]:
+    """On-CPU nanoseconds of each thread of ``pids``, as the scheduler counts them
+    (``/proc/PID/task/TID/schedstat``)."""
+    found: dict[tuple[int, int], int] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    text = Path(f"/proc/{pid}/task/{task}/schedstat").read_text()
+                    found[pid, int(task)] = int(text.split()[0])
+    return found
 
 
 class QuietCpu:

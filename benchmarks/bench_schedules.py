@@ -39,7 +39,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root is one up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_spool import Daemon, load_average, say, spread_subdirectories
+from benchmarks.bench_spool import (
+    Daemon,
+    load_average,
+    say,
+    spoold_cli,
+    spread_subdirectories,
+)
 
 REGISTERED = b" registered ("  # "schedule X registered (every 60s in UTC, ...)"
 POLL = 0.1  # seconds between two looks at the daemon's log
@@ -85,18 +91,13 @@ class LogCount:
         return self.count
 
 
-def cli() -> list[str]:
-    spoold = Path(sys.executable).with_name("spoold")
-    return [str(spoold)] if spoold.exists() else [sys.executable, "-m", "spoold"]
-
-
 def make_daemon(home: Path) -> tuple[Path, Daemon]:
     """A fresh spool with its config (log at info: the registrations are counted there)."""
     spool = home / "spool"
-    subprocess.run([*cli(), "init", "--spool", str(spool)], check=True, capture_output=True)
+    subprocess.run([*spoold_cli(), "init", "--spool", str(spool)], check=True, capture_output=True)
     config = home / "config.yaml"
     config.write_text(f"workers: 2\nrescan_interval: {RESCAN:g}s\nlog_level: info\n")
-    argv = [*cli(), "run", "--spool", str(spool), "--config", str(config)]
+    argv = [*spoold_cli(), "run", "--spool", str(spool), "--config", str(config)]
     return spool, Daemon("spoold", argv, home / "daemon.log")
 
 

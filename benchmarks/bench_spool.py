@@ -110,19 +110,6 @@ def service_environment() -> dict[str, str]:
     return {key: os.environ[key] for key in keep if key in os.environ} | {"PYTHONUNBUFFERED": "1"}
 
 
-def thread_ns(pids: list[int]) -> dict[tuple[int, int], int]:
-    """On-CPU nanoseconds of each thread of ``pids``, as the scheduler counts them
-    (``/proc/PID/task/TID/schedstat``)."""
-    found: dict[tuple[int, int], int] = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    text = Path(f"/proc/{pid}/task/{task}/schedstat").read_text()
-                    found[pid, int(task)] = int(text.split()[0])
-    return found
-
-
 class CpuTally:
     """utime + stime of a set of processes that changes, which never goes back: a process
     that ended keeps the CPU it was last seen with (spoold lets an idle job supervisor go, and
@@ -352,9 +339,7 @@ def make_tool(name: str, base: Path, workers: int, against: str | None = None) -
     """The daemon of one column: spoold, and the floor or (``against``) another spoold."""
     if name == "spoold" or against:
         python = against if name == "floor" and against else sys.executable
-        spoold = Path(python).with_name("spoold")
-        cli = [str(spoold)] if spoold.exists() else [python, "-m", "spoold"]
-        return spoold_tool(name, base, cli, f"workers: {workers}\n")
+        return spoold_tool(name, base, spoold_cli(python), f"workers: {workers}\n")
     home = base / name
     home.mkdir()
     spool = home / "spool"
@@ -362,6 +347,12 @@ def make_tool(name: str, base: Path, workers: int, against: str | None = None) -
         (spool / directory).mkdir(parents=True)
     argv = [sys.executable, str(HERE / "floor.py"), str(spool), "--workers", str(workers)]
     return Tool(name, spool, Daemon(name, argv, home / "daemon.log"), home / "done.aside")
+
+
+def spoold_cli(python: str = sys.executable) -> list[str]:
+    """The ``spoold`` command of ``python``'s venv, or ``python -m spoold`` where it has none."""
+    spoold = Path(python).with_name("spoold")
+    return [str(spoold)] if spoold.exists() else [python, "-m", "spoold"]
 
 
 def spoold_tool(name: str, base: Path, cli: list[str], settings: str) -> Tool:
