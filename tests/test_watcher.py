@@ -124,3 +124,29 @@ def test_a_failure_where_a_name_is_told_is_logged_and_the_watch_goes_on(
     finally:
         watch.stop()
     assert any("was not told" in record.getMessage() for record in caplog.records)
+
+
+def test_incoming_removed_falls_back_to_scans_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """intake's watcher, on the same base as outbox/'s: its watch lost (incoming/ removed)
+    asks for scans and says so; a watch ended by ``stop`` asks for nothing."""
+    scans = threading.Event()
+    asked: list[str] = []
+
+    def scan() -> None:
+        asked.append("scan")
+        scans.set()
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    watcher = InotifyWatcher(incoming, lambda name: None, scan, LOG)
+    watcher.start()
+    try:
+        shutil.rmtree(incoming)
+        assert scans.wait(10), "a scan asked for"
+    finally:
+        watcher.stop()
+    assert asked == ["scan"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("falling back to scans" in message for message in messages), messages

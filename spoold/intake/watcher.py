@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,11 +41,54 @@ def resolve_watch_mode(setting: str, incoming: Path) -> str:
     return "poll" if filesystem_type(incoming) in NETWORK_FILESYSTEMS else "inotify"
 
 
-class InotifyWatcher:
+class _Watch(ABC):
+    """One directory watched by inotify, with a descriptor and a reader thread of its own: a
+    private ``InotifyFD`` (watchdog's shared one would be a hidden global). The kernel's
+    events come to the WatchCallback methods (``on_event``, ...), on that thread."""
+
+    MASK: int  # the events asked for
+
+    def __init__(self, directory: Path, logger: logging.Logger) -> None:
+        self._directory = directory
+        self._logger = logger
+        self._fd = InotifyFD()
+        self._stopping = False
+
+    def start(self) -> None:
+        self._fd.start()
+        self._fd.add_callback(os.fsencode(self._directory), Mask(self.MASK), self, CallbackId(0))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._fd.stop()
+        self._fd.join(5)
+
+    @abstractmethod
+    def on_event(self, event: object) -> None: ...
+
+    @abstractmethod
+    def on_queue_overflow(self) -> None:
+        """The kernel dropped events."""
+
+    def on_watch_deleted(self, wd: object) -> None:
+        if not self._stopping:
+            self._lost()
+
+    @abstractmethod
+    def _lost(self) -> None:
+        """The watch ended before ``stop``: the directory was removed or moved."""
+
+
+_C = InotifyConstants
+
+
+class InotifyWatcher(_Watch):
     """Calls ``on_arrival(name)`` for each file renamed into, or closed after writing in, a directory.
 
     ``on_overflow`` is called when the kernel dropped events; the caller then scans.
     """
+
+    MASK = _C.IN_MOVED_TO | _C.IN_CLOSE_WRITE | _C.IN_DELETE_SELF | _C.IN_MOVE_SELF
 
     def __init__(
         self,
@@ -53,29 +97,10 @@ class InotifyWatcher:
         on_overflow: Callable[[], None],
         logger: logging.Logger,
     ) -> None:
-        self._directory = directory
+        super().__init__(directory, logger)
         self._on_arrival = on_arrival
         self._on_overflow = on_overflow
-        self._logger = logger
-        # A private instance: watchdog's shared one would be a hidden global.
-        self._fd = InotifyFD()
-        self._wd: object | None = None
-        self._stopping = False
 
-    def start(self) -> None:
-        c = InotifyConstants
-        mask = c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_DELETE_SELF | c.IN_MOVE_SELF
-        self._fd.start()
-        self._wd = self._fd.add_callback(
-            os.fsencode(self._directory), Mask(mask), self, CallbackId(0)
-        )
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._fd.stop()
-        self._fd.join(5)
-
-    # WatchCallback protocol, called on watchdog's reader thread.
     def on_event(self, event: object) -> None:
         name = os.fsdecode(getattr(event, "name", b""))
         if getattr(event, "is_delete_self", False) or getattr(event, "is_move_self", False):
@@ -84,9 +109,7 @@ class InotifyWatcher:
         if name:
             self._on_arrival(name)
 
-    def on_watch_deleted(self, wd: object) -> None:
-        if self._stopping:
-            return
+    def _lost(self) -> None:
         self._logger.error("the watch on %s ended; falling back to scans", self._directory)
         self._on_overflow()
 
@@ -95,7 +118,7 @@ class InotifyWatcher:
         self._on_overflow()
 
 
-class ChangeWatch:
+class ChangeWatch(_Watch):
     """Calls ``on_name(name)`` for each name created, linked, written, renamed in or out, or
     removed in a directory (a writer's temporary ones too); ``on_name(None)`` when the
     kernel dropped events (any name may have changed); ``on_lost`` if the watch ends before
@@ -106,29 +129,16 @@ class ChangeWatch:
     comes here must not wait behind it, nor fill that queue.
     """
 
+    MASK = (_C.IN_CREATE | _C.IN_MOVED_TO | _C.IN_CLOSE_WRITE | _C.IN_MOVED_FROM | _C.IN_DELETE
+            | _C.IN_DELETE_SELF | _C.IN_MOVE_SELF)  # fmt: skip
+
     def __init__(
         self, directory: Path, on_name: Callable[[str | None], None],
         on_lost: Callable[[], None], logger: logging.Logger,
     ) -> None:  # fmt: skip
-        self._directory = directory
+        super().__init__(directory, logger)
         self._on_name, self._on_lost = on_name, on_lost
-        self._logger = logger
-        self._fd = InotifyFD()
-        self._stopping = False
 
-    def start(self) -> None:
-        c = InotifyConstants
-        mask = (c.IN_CREATE | c.IN_MOVED_TO | c.IN_CLOSE_WRITE | c.IN_MOVED_FROM | c.IN_DELETE
-                | c.IN_DELETE_SELF | c.IN_MOVE_SELF)  # fmt: skip
-        self._fd.start()
-        self._fd.add_callback(os.fsencode(self._directory), Mask(mask), self, CallbackId(0))
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._fd.stop()
-        self._fd.join(5)
-
-    # WatchCallback protocol, called on watchdog's reader thread.
     def on_event(self, event: object) -> None:
         if getattr(event, "is_delete_self", False) or getattr(event, "is_move_self", False):
             return  # on_watch_deleted follows
@@ -136,9 +146,8 @@ class ChangeWatch:
         if name:
             self._tell(name)
 
-    def on_watch_deleted(self, wd: object) -> None:
-        if not self._stopping:
-            self._on_lost()
+    def _lost(self) -> None:
+        self._on_lost()
 
     def on_queue_overflow(self) -> None:
         self._tell(None)
