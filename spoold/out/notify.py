@@ -185,8 +185,8 @@ class Notifier:
             busy = bool(self._in_flight)
         if self._changed:  # a look is owed, once listing is free again
             return max(self._look_free_at - self._clock.monotonic(), 0.0)
-        resting = self._rest is not None and not busy and not self._holds_any
-        wait = self._rest if resting and self._rest is not None else self._poll
+        rest = self._rest
+        wait = rest if rest is not None and not busy and not self._holds_any else self._poll
         if self._next_due is not None:
             wait = min(wait, max(self._next_due - self._clock.now().timestamp(), 0.0))
         return wait
