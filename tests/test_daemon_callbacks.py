@@ -294,8 +294,8 @@ def test_what_a_worker_process_and_the_cli_commit_goes_out_without_a_poll(
     start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path
 ) -> None:
     """A job's end is committed by its worker process, a retry by the CLI: neither woke the
-    daemon's sender, which found them at its next poll (858 ms from a job's end to its
-    callback, measured). outbox/ is watched now: with polls an hour apart, all three of one
+    daemon's sender, which found them at its next poll (493 ms from a job's end to its
+    callback, median, measured). outbox/ is watched now: with polls an hour apart, all three of one
     job's deliveries go out, each after the one before (its prepared name gone by then)."""
     secret = "s3cret-watched"
     r = receiver()

