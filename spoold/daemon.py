@@ -252,8 +252,9 @@ class Daemon:
     _outage: Outage = field(init=False, repr=False)
     #: pending/'s count for the status line, listed again only when it may have changed.
     _pending_count: DirectoryCount = field(init=False, repr=False)
-    #: Whether outbox/'s watch tells its senders every name that comes or goes there.
-    _outbox_watched: bool = field(default=False, init=False, repr=False)
+    #: The inotify watches of incoming/ and outbox/ (None while polled, or before ``run``).
+    _incoming_watch: InotifyWatcher | None = field(default=None, init=False, repr=False)
+    _outbox_watch: ChangeWatch | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._outage = Outage(self.logger, "periodic duties")
@@ -405,8 +406,6 @@ class Daemon:
             return 2
         stop = threading.Event()
         self._install_signals(stop)
-        watcher: InotifyWatcher | None = None
-        outbox_watch: ChangeWatch | None = None
         try:
             self.systemd.status("recovering", self.clock.monotonic(), force=True)
             if self.hostbeat is not None:  # before anything this host writes names it
@@ -419,17 +418,17 @@ class Daemon:
             self.scheduler.start()  # after the workers: what was missed may be queued at once
             self.intake_thread.start()
             if self.watch_mode == "inotify":
-                watcher = InotifyWatcher(
+                self._incoming_watch = InotifyWatcher(
                     self.spool.dir("incoming"),
                     self.intake_thread.arrived,
                     self.intake_thread.request_sweep,
+                    self._incoming_unwatched,
                     self.logger,
                 )
-                watcher.start()
-                outbox_watch = ChangeWatch(self.spool.dir("outbox"), self._outbox_changed,
-                                           self._outbox_unwatched, self.logger)  # fmt: skip
-                outbox_watch.start()
-                self._outbox_watched = True
+                self._incoming_watch.start()
+                self._outbox_watch = ChangeWatch(self.spool.dir("outbox"), self._outbox_changed,
+                                                 self._outbox_unwatched, self.logger)  # fmt: skip
+                self._outbox_watch.start()
                 self._pace_outbox()
             self.intake_thread.request_sweep()
             if self.api is not None:
@@ -456,10 +455,9 @@ class Daemon:
                 self.api.stop()
             # Intake first: a watcher waiting for room in its backlog is let go at once.
             self.intake_thread.stop()
-            if watcher is not None:
-                watcher.stop()
-            if outbox_watch is not None:
-                outbox_watch.stop()
+            for watch in (self._incoming_watch, self._outbox_watch):
+                if watch is not None:
+                    watch.stop()
             self.scheduler.stop()
             self.workers.stop(self.config.shutdown_grace)
             self.sender.stop()
@@ -478,16 +476,30 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.changed(name)
 
+    def _incoming_unwatched(self) -> None:
+        """incoming/'s watch was lost (the watcher's thread): scans every ``poll_interval``
+        from now until ``_rewatch`` watches it again."""
+        self.rescan.set()
+        self.attention.set()
+
     def _outbox_unwatched(self) -> None:
-        self.logger.error("the watch on %s ended; callbacks and notifications are polled for",
-                          self.spool.dir("outbox"))  # fmt: skip
-        self._outbox_watched = False
         self._pace_outbox()
+
+    def _rewatch(self) -> None:
+        """A lost watch taken up again once its directory is back (made anew, mounted again);
+        what came meanwhile is looked for at once."""
+        incoming, outbox = self._incoming_watch, self._outbox_watch
+        if incoming is not None and not incoming.watching and incoming.rewatch():
+            self.rescan.set()  # and scans every rescan_interval again after it
+        if outbox is not None and not outbox.watching and outbox.rewatch():
+            self._pace_outbox()
+            self._outbox_changed(None)
 
     def _pace_outbox(self) -> None:
         """The senders of outbox/ look every ``poll_interval``; while it is watched and holds
         nothing of theirs, every ``rescan_interval`` (the config's, as it is now)."""
-        rest = self.config.rescan_interval if self._outbox_watched else None
+        watched = self._outbox_watch is not None and self._outbox_watch.watching
+        rest = self.config.rescan_interval if watched else None
         self.sender.pace(self.config.poll_interval, rest)
         if self.notifier is not None:
             self.notifier.pace(self.config.poll_interval, rest)
@@ -505,9 +517,10 @@ class Daemon:
         the next round is due, on that same clock.
 
         In order: the watchdog ping; the status line (every STATUS_EVERY); the config read again
-        if asked (SIGHUP); dead worker processes replaced; the retries that are due by the
-        clock's wall time handed to the workers; retention (at the first round, then hourly);
-        a scan when its time has come or one was asked for (SIGUSR1): a sweep of incoming/ that
+        if asked (SIGHUP); dead worker processes replaced; a lost watch taken up again once its
+        directory is back; the retries that are due by the clock's wall time handed to the
+        workers; retention (at the first round, then hourly); a scan when its time has come or
+        one was asked for (SIGUSR1, a watch lost or taken up again): a sweep of incoming/ that
         backs up the watcher, the schedules synced, pending jobs queued, lost claims reaped.
         Leases are kept alive by the worker processes that hold them. Does not wait; whoever
         calls it (``_loop``, or a test with a fake clock) decides when the next round runs.
@@ -525,6 +538,8 @@ class Daemon:
             self._next_scan = min(self._next_scan, now + self._scan_every())
         if self.workers.lost_any():
             self._duty(self._replace_workers)
+        if not all(w.watching for w in (self._incoming_watch, self._outbox_watch) if w):
+            self._duty(self._rewatch)
         for job_id in self.due.pop_due(self.clock.now().timestamp()):
             self.workers.submit(job_id, meta=self._meta(job_id))
         if self.rescan.is_set():
@@ -551,7 +566,8 @@ class Daemon:
         return wake_at
 
     def _scan_every(self) -> float:
-        if self.watch_mode == "poll":
+        incoming = self._incoming_watch
+        if self.watch_mode == "poll" or (incoming is not None and not incoming.watching):
             return self.config.poll_interval
         return self.config.rescan_interval
 

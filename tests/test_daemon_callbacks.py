@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import signal
 import threading
 from collections import Counter
@@ -307,6 +308,28 @@ def test_what_a_worker_process_and_the_cli_commit_goes_out_without_a_poll(
     assert run_cli(spool_dir, "retry", "ends").returncode == 0
     got = [verify(each, secret) for each in r.wait_count(3)]
     assert events(got) == ["failed", "retrying", "failed"] and sequences(got) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["moved", "removed"])
+def test_outbox_made_again_is_watched_again(
+    start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path, how: str
+) -> None:
+    """outbox/ moved away (the watch followed it, and the senders rested as if it were
+    watched) or removed, and made again: a job's callback waited for a poll, an hour here,
+    until the daemon restarted. Its watch is taken up again."""
+    secret = "s3cret-again"
+    r = receiver()
+    daemon = start_daemon(poll_interval="1h", rescan_interval="1h")
+    outbox = spool_dir / "outbox"
+    if how == "moved":
+        outbox.rename(spool_dir / "outbox.old")
+    else:
+        shutil.rmtree(outbox)
+    outbox.mkdir()
+    wait_for(lambda: "outbox is watched again" in daemon.log(), what="outbox/ watched again")
+    drop(spool_dir, "again.yaml", local_job("again", "exit 3", **hook(r.url, secret, ["failed"])))
+    (failed,) = r.wait_count(1)
+    assert verify(failed, secret)["event"] == "failed"
 
 
 def test_a_short_secret_masks_what_was_said_not_the_status_documents_own_names(

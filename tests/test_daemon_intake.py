@@ -223,6 +223,36 @@ def test_poll_mode_takes_files_by_scanning(spool_dir: Path, tmp_path: Path) -> N
         daemon.kill()
 
 
+def _lose(directory: Path, how: str) -> None:
+    """What an operator does by mistake (or a remount does): the directory moved away or
+    removed, then a new one made at its path."""
+    if how == "moved":
+        directory.rename(directory.with_name(f"{directory.name}.old"))
+    else:
+        shutil.rmtree(directory)
+    directory.mkdir()
+
+
+@pytest.mark.parametrize("how", ["moved", "removed"])
+def test_incoming_made_again_is_watched_again(spool_dir: Path, tmp_path: Path, how: str) -> None:
+    """incoming/ moved away (the watch followed it) or removed, and made again: files dropped
+    in the new one waited for the next rescan, an hour here; a lost watch did not even make
+    the scans more frequent. It is taken up again; what came meanwhile is found at once."""
+    config = write_config(tmp_path / "c.yaml", spool_dir, poll_interval="1h", rescan_interval="1h")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        _lose(spool_dir / "incoming", how)
+        drop(spool_dir, "meanwhile.yaml", local_job("meanwhile", "echo meanwhile"))
+        assert wait_finished(spool_dir, "meanwhile")[0] == "done"
+        wait_for(lambda: "incoming is watched again" in daemon.log(), what="watched again")
+        drop(spool_dir, "after.yaml", local_job("after", "echo after"))
+        assert wait_finished(spool_dir, "after")[0] == "done"
+        assert daemon.alive
+    finally:
+        daemon.kill()
+
+
 def test_rsync_style_temp_names_are_left_alone_until_renamed(
     daemon: DaemonProcess, spool_dir: Path
 ) -> None:

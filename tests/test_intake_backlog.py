@@ -83,7 +83,9 @@ def test_a_flood_waits_in_the_kernel_queue_not_in_the_daemon(
 ) -> None:
     spool, gate, threads = _held_up(tmp_path, monkeypatch, names_held=4)
     counted = _Counted(threads)
-    watcher = InotifyWatcher(spool.dir("incoming"), counted.arrived, threads.request_sweep, LOG)
+    watcher = InotifyWatcher(
+        spool.dir("incoming"), counted.arrived, threads.request_sweep, lambda: None, LOG
+    )
     stage = tmp_path / "stage"
     stage.mkdir()
     names = [f"j{n:03d}.yaml" for n in range(200)]

@@ -23,14 +23,19 @@ class _Told:
     def __init__(self) -> None:
         self.names: list[str | None] = []
         self.lost = threading.Event()
+        self.lost_count = 0
 
     def named(self, name: str | None) -> None:
         self.names.append(name)
 
+    def lose(self) -> None:
+        self.lost_count += 1
+        self.lost.set()
+
 
 def _watch(directory: Path, told: _Told) -> ChangeWatch:
     directory.mkdir()
-    watch = ChangeWatch(directory, told.named, told.lost.set, LOG)
+    watch = ChangeWatch(directory, told.named, told.lose, LOG)
     watch.start()
     return watch
 
@@ -63,15 +68,49 @@ def test_every_name_that_comes_or_goes_is_told(tmp_path: Path) -> None:
     assert not told.lost.is_set(), "a watch ended by stop is not lost"
 
 
-def test_the_directory_removed_is_told_once_as_lost(tmp_path: Path) -> None:
+def test_the_directory_removed_is_told_once_as_lost_and_watched_again_once_back(
+    tmp_path: Path,
+) -> None:
+    """outbox/ removed: its watch's end was told, and the senders polled until the daemon
+    restarted, though outbox/ was made again the next minute. ``rewatch`` takes it up again."""
     told = _Told()
     outbox = tmp_path / "outbox"
     watch = _watch(outbox, told)
     try:
         shutil.rmtree(outbox)
         assert told.lost.wait(10), "the watch's end told"
+        assert not watch.watching and not watch.rewatch(), "nothing to watch yet"
+        outbox.mkdir()
+        assert watch.rewatch(), "watched again"
+        (outbox / "a~00000001.json").write_bytes(b"{}")
+        wait_for(lambda: "a~00000001.json" in told.names, what="a name in the new outbox/")
     finally:
         watch.stop()
+    assert told.lost_count == 1
+
+
+def test_the_directory_moved_away_is_lost_and_its_new_names_are_not_told(
+    tmp_path: Path,
+) -> None:
+    """``mv outbox outbox.old; mkdir outbox``: the kernel's watch followed the old directory,
+    whose names were told as if they were outbox/'s, while the new one was not watched and
+    the watch was taken as whole (the senders resting for ``rescan_interval``)."""
+    told = _Told()
+    outbox = tmp_path / "outbox"
+    watch = _watch(outbox, told)
+    try:
+        outbox.rename(tmp_path / "outbox.old")
+        assert told.lost.wait(10), "the move told as the watch's end"
+        assert not watch.watching
+        (tmp_path / "outbox.old" / "old~00000001.json").write_bytes(b"{}")
+        outbox.mkdir()
+        assert watch.rewatch()
+        (outbox / "new~00000001.json").write_bytes(b"{}")
+        wait_for(lambda: "new~00000001.json" in told.names, what="a name in the new outbox/")
+        assert "old~00000001.json" not in told.names, told.names
+    finally:
+        watch.stop()
+    assert told.lost_count == 1
 
 
 def test_a_flood_held_by_intake_does_not_hold_outbox_up(tmp_path: Path) -> None:
@@ -86,7 +125,7 @@ def test_a_flood_held_by_intake_does_not_hold_outbox_up(tmp_path: Path) -> None:
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    watcher = InotifyWatcher(incoming, arrived, lambda: None, LOG)
+    watcher = InotifyWatcher(incoming, arrived, lambda: None, lambda: None, LOG)
     watcher.start()
     told = _Told()
     watch = _watch(tmp_path / "outbox", told)
@@ -114,7 +153,7 @@ def test_a_failure_where_a_name_is_told_is_logged_and_the_watch_goes_on(
 
     outbox = tmp_path / "outbox"
     outbox.mkdir()
-    watch = ChangeWatch(outbox, fails_once, told.lost.set, LOG)
+    watch = ChangeWatch(outbox, fails_once, told.lose, LOG)
     watch.start()
     try:
         (outbox / "first~00000001.json").write_bytes(b"{}")
@@ -126,27 +165,30 @@ def test_a_failure_where_a_name_is_told_is_logged_and_the_watch_goes_on(
     assert any("was not told" in record.getMessage() for record in caplog.records)
 
 
-def test_incoming_removed_falls_back_to_scans_once(
+def test_incoming_removed_is_lost_once_and_its_arrivals_told_once_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """intake's watcher, on the same base as outbox/'s: its watch lost (incoming/ removed)
-    asks for scans and says so; a watch ended by ``stop`` asks for nothing."""
-    scans = threading.Event()
-    asked: list[str] = []
-
-    def scan() -> None:
-        asked.append("scan")
-        scans.set()
-
+    """intake's watcher, on the same base as outbox/'s: its watch lost (incoming/ removed) is
+    told once and said; a watch ended by ``stop`` tells nothing; once incoming/ is made
+    again, ``rewatch`` takes it up and arrivals are told again."""
+    lost: list[str] = []
+    arrived: list[str] = []
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    watcher = InotifyWatcher(incoming, lambda name: None, scan, LOG)
+    watcher = InotifyWatcher(incoming, arrived.append, lambda: None,
+                             lambda: lost.append("lost"), LOG)  # fmt: skip
     watcher.start()
     try:
         shutil.rmtree(incoming)
-        assert scans.wait(10), "a scan asked for"
+        wait_for(lambda: lost, what="the watch's end told")
+        incoming.mkdir()
+        assert watcher.rewatch()
+        (incoming / "job.yaml").write_text("job_id: x\n")
+        wait_for(lambda: "job.yaml" in arrived, what="an arrival in the new incoming/")
     finally:
         watcher.stop()
-    assert asked == ["scan"]
+    assert lost == ["lost"]
     messages = [record.getMessage() for record in caplog.records]
-    assert any("falling back to scans" in message for message in messages), messages
+    assert any("was removed or unmounted: incoming files are found by scans" in message
+               for message in messages), messages  # fmt: skip
+    assert any("is watched again" in message for message in messages), messages

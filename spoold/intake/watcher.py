@@ -20,7 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyFD, Mask
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
 
 from spoold.core.errors import ConfigError
 from spoold.core.spool import filesystem_type
@@ -44,39 +50,85 @@ def resolve_watch_mode(setting: str, incoming: Path) -> str:
 class _Watch(ABC):
     """One directory watched by inotify, with a descriptor and a reader thread of its own: a
     private ``InotifyFD`` (watchdog's shared one would be a hidden global). The kernel's
-    events come to the WatchCallback methods (``on_event``, ...), on that thread."""
+    events come to the WatchCallback methods (``on_event``, ...), on that thread.
+
+    The watch is lost when the directory is removed, moved away or unmounted under it:
+    ``on_lost`` is called once, and ``watching`` turns false until ``rewatch`` finds a
+    directory at the path again (made anew, or mounted again).
+    """
 
     MASK: int  # the events asked for
 
-    def __init__(self, directory: Path, logger: logging.Logger) -> None:
+    def __init__(
+        self, directory: Path, on_lost: Callable[[], None], logger: logging.Logger
+    ) -> None:
         self._directory = directory
+        self._on_lost = on_lost
         self._logger = logger
         self._fd = InotifyFD()
+        self._wd: WatchDescriptor | None = None
         self._stopping = False
+        self.watching = False
 
     def start(self) -> None:
         self._fd.start()
-        self._fd.add_callback(os.fsencode(self._directory), Mask(self.MASK), self, CallbackId(0))
+        self._add()
 
     def stop(self) -> None:
         self._stopping = True
         self._fd.stop()
         self._fd.join(5)
 
+    def rewatch(self) -> bool:
+        """Watch the directory at the path again after the watch was lost, if one is there;
+        return whether it is watched now."""
+        if self.watching or self._stopping:
+            return self.watching
+        try:
+            self._add()
+        except OSError:
+            return False
+        self._logger.warning("%s is watched again", self._directory)
+        return True
+
+    def _add(self) -> None:
+        path = os.fsencode(self._directory)
+        self._wd = self._fd.add_callback(path, Mask(self.MASK), self, CallbackId(0))
+        self.watching = True
+
+    def on_event(self, event: object) -> None:
+        if getattr(event, "is_move_self", False):
+            # The kernel follows the directory to where it went; a new one at the path is
+            # not watched by this watch, and the old one's changes are nobody's business.
+            if self._wd is not None:
+                self._fd.remove_callbacks([(self._wd, CallbackId(0))])
+            self._lose("moved away")
+            return
+        # On IN_DELETE_SELF (no name) on_watch_deleted follows.
+        if name := os.fsdecode(getattr(event, "name", b"")):
+            self._changed(name)
+
+    def on_watch_deleted(self, wd: object) -> None:
+        if wd == self._wd:
+            self._lose("removed or unmounted")
+
+    def _lose(self, how: str) -> None:
+        if self._stopping or not self.watching:
+            return
+        self.watching = False
+        self._logger.error("%s was %s: %s until it is there again", self._directory, how,
+                           self.LOST)  # fmt: skip
+        self._on_lost()
+
+    LOST: str  # what the daemon does meanwhile
+
     @abstractmethod
-    def on_event(self, event: object) -> None: ...
+    def _changed(self, name: str) -> None:
+        """``name`` came, changed or went, as the mask asks."""
 
     @abstractmethod
     def on_queue_overflow(self) -> None:
         """The kernel dropped events."""
-
-    def on_watch_deleted(self, wd: object) -> None:
-        if not self._stopping:
-            self._lost()
-
-    @abstractmethod
-    def _lost(self) -> None:
-        """The watch ended before ``stop``: the directory was removed or moved."""
 
 
 _C = InotifyConstants
@@ -86,32 +138,26 @@ class InotifyWatcher(_Watch):
     """Calls ``on_arrival(name)`` for each file renamed into, or closed after writing in, a directory.
 
     ``on_overflow`` is called when the kernel dropped events; the caller then scans.
+    ``on_lost`` when the watch was lost; the caller then scans until ``rewatch`` succeeds.
     """
 
     MASK = _C.IN_MOVED_TO | _C.IN_CLOSE_WRITE | _C.IN_DELETE_SELF | _C.IN_MOVE_SELF
+    LOST = "incoming files are found by scans every poll_interval"
 
     def __init__(
         self,
         directory: Path,
         on_arrival: Callable[[str], None],
         on_overflow: Callable[[], None],
+        on_lost: Callable[[], None],
         logger: logging.Logger,
     ) -> None:
-        super().__init__(directory, logger)
+        super().__init__(directory, on_lost, logger)
         self._on_arrival = on_arrival
         self._on_overflow = on_overflow
 
-    def on_event(self, event: object) -> None:
-        name = os.fsdecode(getattr(event, "name", b""))
-        if getattr(event, "is_delete_self", False) or getattr(event, "is_move_self", False):
-            self._logger.error("incoming directory %s was removed or moved", self._directory)
-            return
-        if name:
-            self._on_arrival(name)
-
-    def _lost(self) -> None:
-        self._logger.error("the watch on %s ended; falling back to scans", self._directory)
-        self._on_overflow()
+    def _changed(self, name: str) -> None:
+        self._on_arrival(name)
 
     def on_queue_overflow(self) -> None:
         self._logger.warning("inotify queue overflowed; scanning %s", self._directory)
@@ -121,8 +167,9 @@ class InotifyWatcher(_Watch):
 class ChangeWatch(_Watch):
     """Calls ``on_name(name)`` for each name created, linked, written, renamed in or out, or
     removed in a directory (a writer's temporary ones too); ``on_name(None)`` when the
-    kernel dropped events (any name may have changed); ``on_lost`` if the watch ends before
-    ``stop`` (the directory was removed or moved). A failure in ``on_name`` is logged.
+    kernel dropped events (any name may have changed); ``on_lost`` if the watch is lost before
+    ``stop`` (the directory removed, moved away or unmounted). A failure in ``on_name`` is
+    logged.
 
     A descriptor and a reader thread of its own, not incoming/'s: intake's watcher waits
     while a flood fills intake's backlog (the flood waits in the kernel's queue), and what
@@ -131,23 +178,17 @@ class ChangeWatch(_Watch):
 
     MASK = (_C.IN_CREATE | _C.IN_MOVED_TO | _C.IN_CLOSE_WRITE | _C.IN_MOVED_FROM | _C.IN_DELETE
             | _C.IN_DELETE_SELF | _C.IN_MOVE_SELF)  # fmt: skip
+    LOST = "callbacks and notifications are polled for"
 
     def __init__(
         self, directory: Path, on_name: Callable[[str | None], None],
         on_lost: Callable[[], None], logger: logging.Logger,
     ) -> None:  # fmt: skip
-        super().__init__(directory, logger)
-        self._on_name, self._on_lost = on_name, on_lost
+        super().__init__(directory, on_lost, logger)
+        self._on_name = on_name
 
-    def on_event(self, event: object) -> None:
-        if getattr(event, "is_delete_self", False) or getattr(event, "is_move_self", False):
-            return  # on_watch_deleted follows
-        name = os.fsdecode(getattr(event, "name", b""))
-        if name:
-            self._tell(name)
-
-    def _lost(self) -> None:
-        self._on_lost()
+    def _changed(self, name: str) -> None:
+        self._tell(name)
 
     def on_queue_overflow(self) -> None:
         self._tell(None)
