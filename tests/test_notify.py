@@ -3,6 +3,7 @@ sent through a real SMTP server (aiosmtpd, STARTTLS and a login) and a real webh
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import Spool
 from spoold.core.spool.fs import LIST_EVERY, SETTLE
 from spoold.core.states import JobState
-from spoold.out.notices import Notices
+from spoold.out.notices import Notices, log_tail
 from spoold.out.notify import LOOK_SHARE, Notifier
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.out.sender import Sender
@@ -133,6 +134,26 @@ def test_a_failure_is_mailed_once_over_starttls_with_its_masked_log_tail(
     assert [n for n in bed.outbox() if not n.startswith("_w.")] == []
     assert bed.notifier.tick(inline=True) == 0
     assert len(mail_server.mails()) == 1 and bed.folded == []
+
+
+def test_a_log_tails_masking_spares_spoolds_stamps_and_levels() -> None:
+    """A careless submitter's secret ``2``: the tail was masked again as one text, and every
+    line's stamp came out ``***026-11-***...``; the log itself is masked before its stamps are
+    added. Each line's text is masked; a line not in the log's form, wholly."""
+    lines = [
+        "2026-11-22T12:00:02.123456Z INFO code 2 here",
+        "2026-11-22T12:00:02Z ERROR spoold: exit 2",
+        "ragged 2 line",
+        "2026-11-22T12:00:02Z INFO ",
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    tail = log_tail(io.BytesIO(data), Masker(["2"]).mask_data).splitlines()
+    assert tail == [
+        "2026-11-22T12:00:02.123456Z INFO code *** here",
+        "2026-11-22T12:00:02Z ERROR spoold: exit ***",
+        "ragged *** line",
+        "2026-11-22T12:00:02Z INFO ",
+    ], tail
 
 
 def test_twenty_failures_together_are_one_digest(

@@ -44,6 +44,16 @@ def format_line(stamp: str, level: str, text: str) -> str:
     return f"{stamp} {level} {text}\n"
 
 
+def split_line(line: str) -> tuple[str, str]:
+    """A line of a log read back: what spoold put before the text (its stamp and level, with
+    the space after them), and the text; ``("", line)`` for a line not in that form."""
+    stamp, _, rest = line.partition(" ")
+    level, space, text = rest.partition(" ")
+    if space and level in ("INFO", "ERROR") and stamp[:1].isdigit():
+        return line[: len(line) - len(text)], text
+    return "", line
+
+
 class _Sink:
     """The log file, shared by a job's log and its steps' sections."""
 

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from spoold.core.config import Config, NotifySettings, NotifyTarget, parse_notify
 from spoold.core.errors import ConfigError, NotifyError
+from spoold.core.joblog import split_line
 
 #: Every outbox/ name of the notifications starts with this (never a job id, nor "rejected-").
 PREFIX = "_"
@@ -148,7 +149,9 @@ def log_tail(log: IO[bytes], mask: Mask | None) -> str:
     lines = text.splitlines()
     if start and lines:
         lines = lines[1:]  # cut at a byte, not at a line
-    tail = "\n".join(lines[-TAIL_LINES:])
-    if mask is not None:
-        tail = str(mask({"log": tail})["log"])
-    return tail
+    lines = lines[-TAIL_LINES:]
+    if mask is not None:  # the texts, not spoold's stamps: a secret "2" is not in a year
+        split = [split_line(line) for line in lines]
+        texts = mask({"log": [text for _, text in split]})["log"]
+        lines = [head + str(text) for (head, _), text in zip(split, texts, strict=True)]
+    return "\n".join(lines)
