@@ -60,6 +60,20 @@ class _Records:
     def create(self, key: str, record: dict[str, Any]) -> bool:
         """Make the record unless one exists (then False): written whole, then linked into
         place, so that a reader never sees half of it and two writers never both win."""
+        path, temp = self._written(key, record)
+        return link_into_place(temp, path)
+
+    def replace(self, key: str, record: dict[str, Any]) -> None:
+        """Put ``record`` in place of the key's record (or make it), whole at every moment."""
+        path, temp = self._written(key, record)
+        try:
+            os.rename(temp, path)
+        except BaseException:
+            os.unlink(temp)
+            raise
+
+    def _written(self, key: str, record: dict[str, Any]) -> tuple[str, str]:
+        """The record's path, and a temporary file beside it that holds ``record``."""
         self._ensure()
         path = self._path(key)
         temp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
@@ -70,7 +84,7 @@ class _Records:
         except BaseException:
             os.unlink(temp)
             raise
-        return link_into_place(temp, path)
+        return path, temp
 
     def remove(self, key: str) -> bool:
         """Remove the record; False if there was none."""

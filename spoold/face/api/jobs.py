@@ -11,12 +11,14 @@ import asyncio
 import hashlib
 import mimetypes
 import os
+import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from spoold.core.errors import JobNotFound
 from spoold.core.ids import RUN_ID
 from spoold.face.access import current_status, locate
 from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require
@@ -59,6 +61,7 @@ def job_url(request: Request, ctx: ApiContext, job_id: str) -> str:
         200: {"description": "a replay of an earlier POST with the same Idempotency-Key"},
         408: {"description": "the body came too slowly"},
         409: {"description": "a job with that job_id exists", **_PROBLEM},
+        410: {"description": "the job of an earlier POST with its Idempotency-Key is gone"},
         413: {"description": "larger than limits.max_file_size"},
         422: {"description": "the job file is refused: errors with line, column, path", **_PROBLEM},
     },
@@ -68,7 +71,7 @@ async def submit_job(
     response: Response,
     caller: Annotated[Caller, Depends(require("submit"))],
     ctx: Annotated[ApiContext, Depends(context)],
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> dict[str, Any]:
     """Validate a job file as `spoold validate` does and place it as `spoold submit` does.
 
@@ -127,36 +130,80 @@ def _submit_once(
     that token); the job id, with the response marked 200 for a replay.
 
     The key's record names the job before it is placed: a crash between the two leaves a record
-    whose job is nowhere, and the next POST with the key places it under that id.
+    whose job is nowhere, and the next POST with the key places it under that id. POSTs racing
+    with one key wait for each other in this process; across hosts, the job's id settles it
+    (one placement of an id wins), and a record is marked once its job is placed, so that a job
+    removed since (``spoold purge``, retention) is not placed again.
     """
     digest = hashlib.sha256(f"{caller.token.id}\0{key}".encode()).hexdigest()[:40]
     body_sha = hashlib.sha256(data).hexdigest()
-    for _ in range(2):
-        record = ctx.spool.idempotency.read(digest)
-        if record is not None:
-            if record.get("body_sha256") != body_sha:
+    keys = ctx.spool.idempotency
+    with _KEY_LOCKS[int(digest[:8], 16) % len(_KEY_LOCKS)]:
+        for _ in range(2):
+            record = keys.read(digest)
+            if record is None:
+                job_id = ctx.submit(data, name, caller.submitter, None, dry_run=True)
+                record = {"job_id": job_id, "body_sha256": body_sha, "token": caller.token.id}
+                if not keys.create(digest, record):
+                    continue  # another host's POST with this key recorded its job first
+                try:
+                    placed = _place_as(ctx, caller, data, name, job_id, body_sha)
+                except BaseException:
+                    keys.remove(digest)  # not placed: the key is free again
+                    raise
+            elif record.get("body_sha256") != body_sha:
                 raise HTTPException(
                     status_code=422,
                     detail={"message": "this Idempotency-Key was used with another body",
                             "code": "idempotency_key_reused", "errors": []},
                 )  # fmt: skip
-            job_id = str(record.get("job_id"))
-            if ctx.spool.jobs.find(job_id) is None:
-                return ctx.submit(data, name, caller.submitter, job_id, dry_run=False)
+            else:
+                job_id = str(record.get("job_id"))
+                if ctx.spool.jobs.find(job_id) is not None:
+                    placed = False
+                elif record.get("placed"):
+                    raise HTTPException(
+                        status_code=410,
+                        detail={"message": f"the job this Idempotency-Key made, {job_id}, was "
+                                           "removed; it is not placed again",
+                                "code": "idempotent_job_removed", "errors": []},
+                    )  # fmt: skip
+                else:  # its POST died before placing it, or is placing it on another host
+                    placed = _place_as(ctx, caller, data, name, job_id, body_sha)
+            if placed:
+                keys.replace(digest, {**record, "placed": True})
+                return job_id
             response.status_code = 200
             response.headers["Location"] = job_url(request, ctx, job_id)
             response.headers["Idempotent-Replayed"] = "true"
             return job_id
-        job_id = ctx.submit(data, name, caller.submitter, None, dry_run=True)
-        record = {"job_id": job_id, "body_sha256": body_sha, "token": caller.token.id}
-        if ctx.spool.idempotency.create(digest, record):
-            try:
-                return ctx.submit(data, name, caller.submitter, job_id, dry_run=False)
-            except BaseException:
-                ctx.spool.idempotency.remove(digest)  # not placed: the key is free again
-                raise
-        # Another POST with this key recorded its job first: answer that one.
     raise HTTPException(status_code=503, detail="Idempotency-Key: try again")
+
+
+#: POSTs with one Idempotency-Key take turns (by a digest's stripe: bounded, never freed).
+_KEY_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def _place_as(
+    ctx: ApiContext, caller: Caller, data: bytes, name: str, job_id: str, body_sha: str
+) -> bool:
+    """Place the job under ``job_id``; False if a POST with the same key placed it first
+    (the same body, the same submitter), as one on another host may."""
+    from spoold.intake.admission import Refused  # noqa: PLC0415
+
+    try:
+        ctx.submit(data, name, caller.submitter, job_id, dry_run=False)
+    except Refused as refused:
+        if refused.code != "duplicate":
+            raise
+        try:
+            there = current_status(ctx.spool, job_id)
+        except JobNotFound:
+            raise refused from None
+        if there.get("sha256") != body_sha or there.get("submitter") != caller.submitter.name:
+            raise
+        return False
+    return True
 
 
 @router.get("/jobs", responses={400: {"description": "a cursor this API did not give"}})
