@@ -135,6 +135,13 @@ def test_a_secret_never_reaches_a_file_spoold_writes(spool_dir: Path, tmp_path: 
         assert directory == "done", status
         log = (spool_dir / "done" / "leaky" / "log").read_text()
         assert log.count("token is ***") == 2 and log.count("and on stderr: ***") == 2
+        # A program that cannot start, named by the secret: its error was written to
+        # units/1.end in clear (status.json and the log had it masked).
+        unstartable = local_job("unstartable", "true", variables={"REF": "${secret:api_token}"})
+        unstartable["product"]["shell"] = "/bin/${REF}"
+        drop(spool_dir, "unstartable.yaml", unstartable)
+        directory, status = wait_finished(spool_dir, "unstartable")
+        assert directory == "failed" and "/bin/***" in status["error"], status
     finally:
         daemon.kill()
     # What outlives the daemon a moment (its worker processes, an idle supervisor) removes the

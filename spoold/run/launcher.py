@@ -787,7 +787,7 @@ def _run_unit(
         }
     except Exception as exc:  # cannot start it (no such program, a work dir gone)
         log.error(f"cannot start {request.label}: {exc}")
-        ended = {"exit_code": None, "error": str(exc), "tail": []}
+        ended = {"exit_code": None, "error": masker.mask_text(str(exc)), "tail": []}
     if unit.interrupted:
         log.error(f"the supervisor of {request.label} was stopped (signal {unit.interrupted[0]})")
     ended["finished_at"] = rfc3339(clock.now())

@@ -752,7 +752,11 @@ class JobRunner:
             result = resumed(result, begun, self._clock.now())
         if not result.detached:
             usage = None if result.usage is None else result.usage.to_dict()
-            jobs.end_unit(run.job, key, {**_record_of(result), "usage": usage})
+            # What the executor said masked, as in status.json: the submitter's group reads
+            # units/ too. Read back on adoption, masked it is what status.json shows anyway.
+            record = _error_masked(run.masker, {**_record_of(result), "usage": usage})
+            record["result"] = run.masker.mask_data(record["result"])
+            jobs.end_unit(run.job, key, record)
         return result
 
     def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:
