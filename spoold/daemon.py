@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -542,7 +542,8 @@ class Daemon:
             self._duty(self._rewatch)
         for job_id in self.due.pop_due(self.clock.now().timestamp()):
             self.workers.submit(job_id, meta=self._meta(job_id))
-        if self.rescan.is_set():
+        asked = self.rescan.is_set()
+        if asked:
             self.rescan.clear()
             self._next_scan = now  # at once, as if its time had come
         if now >= self._next_retention:
@@ -553,7 +554,7 @@ class Daemon:
         if now >= self._next_scan:
             self.intake_thread.request_sweep()
             self._duty(self.scheduler.sync)  # any host: unschedule, replace, requests (stats)
-            self._duty(self._queue_pending)
+            self._duty(lambda: self._queue_pending(recheck_due=asked))
             self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
             self._duty(self._recover_lost_hosts)
             self._next_scan = now + self._scan_every()
@@ -693,26 +694,33 @@ class Daemon:
         for job in self.recovery.reap(own_runs=self.workers.in_flight()):
             self.logger.warning("recovery: job %s is now in %s/", job.job_id, job.directory)
 
-    def _queue_pending(self) -> None:
+    def _queue_pending(self, *, recheck_due: bool = False) -> None:
         """Hand the workers every pending job they do not hold, unless it waits for a retry.
 
         A backlog they hold already costs a listing of names, no stat a job (10,000 waiting
-        behind a full limit: 36 ms a scan, stat'ed and sorted, now 5)."""
+        behind a full limit: 36 ms a scan, stat'ed and sorted, now 5). ``recheck_due``: a scan
+        asked for (``spoold retry`` wakes the daemon): the jobs waiting for a retry are read
+        again, since one may have been cancelled and retried meanwhile, to run at once.
+        """
         now = self.clock.now().timestamp()
         held = self.workers.held()
+        waiting: Container[str] = () if recheck_due else self.due
         for job in self.spool.jobs.list_jobs(
-            "pending", skip=lambda job_id: job_id in held or job_id in self.due
+            "pending", skip=lambda job_id: job_id in held or job_id in waiting
         ):
             status = self._pending_status(job)
             due = status.get("next_attempt_at")
             when = parse_rfc3339(due).timestamp() if isinstance(due, str) else None
             if when is not None and when > now:
+                if self.due.due_at(job.job_id) == when:
+                    continue  # known, and unchanged
                 self.due.add(job.job_id, when)
                 self.logger.info(
                     "job %s waits for its next attempt, due at %s",
                     job.job_id, rfc3339(datetime.fromtimestamp(when, UTC)),
                 )  # fmt: skip
             else:
+                self.due.discard(job.job_id)
                 self.workers.submit(job.job_id, meta=JobMeta.from_document(status))
 
     def _install_signals(self, stop: threading.Event) -> None:

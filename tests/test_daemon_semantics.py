@@ -18,6 +18,7 @@ from spoold.core.spool import JobDir
 from tests.harness import (
     DaemonProcess,
     drop,
+    job_log,
     job_state,
     kill_processes_with,
     local_job,
@@ -166,6 +167,31 @@ def test_validate_plan_prints_the_order_of_the_steps(spool_dir: Path, tmp_path: 
     result = run_cli(spool_dir, "validate", "--plan", str(path))
     assert result.returncode == 0, result.stderr
     assert "1. fetch, lint (run in parallel)\n2. build\n   build <- fetch, lint" in result.stdout
+
+
+def test_a_job_cancelled_while_it_waited_for_a_retry_and_retried_runs_at_once(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    """Cancelled while it waited an hour for its second attempt, then retried: `spoold
+    status` said it waited for its turn, but it ran at the hour the cancelled retry had
+    been due; the cancel said it ended the job "before it started"."""
+    config = write_config(tmp_path / "slow.yaml", spool_dir, rescan_interval="1h")
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        drop(spool_dir, "later.yaml", local_job("later", FLAKY, retries=1, backoff="1h"))
+        wait_for(lambda: "due at" in job_log(spool_dir, "later"), what="its retry to wait")
+        cancelled = run_cli(spool_dir, "cancel", "later")
+        assert cancelled.returncode == 0, cancelled.stderr
+        status = job_state(spool_dir, "later")[1]  # type: ignore[index]
+        assert status["state"] == "cancelled" and "before attempt 2 started" in status["error"]
+        retried = run_cli(spool_dir, "retry", "later")
+        assert retried.returncode == 0, retried.stderr
+        directory, status = wait_finished(spool_dir, "later")
+        assert directory == "done", status
+        assert [a["exit_code"] for a in status["attempts"]] == [75, 0]
+    finally:
+        daemon.kill()
 
 
 def test_cancel_stops_a_job_of_steps_and_starts_no_more(

@@ -173,7 +173,9 @@ class JobControl:
             status = JobStatus.from_dict(self._spool.jobs.read_status(job))
         except (JobNotFound, ValueError, OSError):
             raise SpoolError(f"job {job.job_id} has no readable status.json") from None
-        reason = reason or f"cancelled by {self._who} before it started"
+        if reason is None:
+            waited = f"attempt {len(status.attempts) + 1}" if status.attempts else "it"
+            reason = f"cancelled by {self._who} before {waited} started"
         status.end_attempt(self._clock.now(), JobState.CANCELLED, None, reason)
         status.next_attempt_at = None
         with self._spool.jobs.open_log(job) as handle:

@@ -27,6 +27,11 @@ class DueJobs:
         with self._lock:
             self._due.pop(job_id, None)
 
+    def due_at(self, job_id: str) -> float | None:
+        """When ``job_id`` becomes due, or None if it is not waiting."""
+        with self._lock:
+            return self._due.get(job_id)
+
     def __contains__(self, job_id: object) -> bool:
         with self._lock:
             return job_id in self._due
