@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import pwd
 import shutil
 import signal
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.harness import (
     StartDaemon,
@@ -180,6 +183,37 @@ def test_a_rejected_file_calls_back_the_default(
     assert body["file"] == "broken.yaml" and body["sequence"] == 1
     assert body["code"] and body["code"] == reason.get("code")
     assert isinstance(body["error"], str) and body["error"]
+
+
+def test_a_file_refused_a_secret_is_not_signed_with_it_where_it_asks(
+    start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path, tmp_path: Path
+) -> None:
+    """A submitter whose policy allows only the secret SHORT drops a file whose callback is
+    signed with TOKEN, at a URL of their own: the file was rejected (not_allowed), and its
+    ``rejected`` event still went to that URL signed with TOKEN, handing out a signature under
+    a secret the policy keeps from them. It goes to the default callback now."""
+    theirs, ours = receiver(), receiver()
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    for name in ("TOKEN", "SHORT"):
+        (secrets / name).write_text(f"value-of-{name}\n")
+        (secrets / name).chmod(0o600)
+    policy = {"users": {"nobody": {"executors": ["local"], "secrets": ["SHORT"]}}}
+    start_daemon(secrets_dir=str(secrets), policy=policy, default_callback_url=ours.url,
+                 default_callback_secret="s3cret-default")  # fmt: skip
+    document = local_job("grab", "true", **hook(theirs.url, "${secret:TOKEN}"))
+    nobody = pwd.getpwnam("nobody")
+    staged = tmp_path / "grab.yaml"
+    staged.write_text(yaml.safe_dump(document))
+    os.chown(staged, nobody.pw_uid, nobody.pw_gid)
+    os.rename(staged, spool_dir / "incoming" / "grab.yaml")
+    reason = wait_rejected(spool_dir, "grab.yaml")
+    assert reason["code"] == "not_allowed", reason
+    (told,) = ours.wait_count(1)
+    body = verify(told, "s3cret-default")
+    assert (body["event"], body["file"], body["code"]) == ("rejected", "grab.yaml", "not_allowed")
+    wait_outbox_empty(spool_dir)
+    assert theirs.received == []
 
 
 def _head_tried(spool: Path, job_id: str) -> bool:

@@ -29,7 +29,7 @@ from spoold.core.policy import Policy, Submitter
 from spoold.core.spool import FileSignature, JobDir, Prepared, Spool, StageLeft, TakenFile
 from spoold.core.units import format_duration
 from spoold.intake.admission import Admission, Admitted, Refused, display_name, file_problem
-from spoold.intake.policy_check import shared_writer_problem
+from spoold.intake.policy_check import secret_references, shared_writer_problem
 from spoold.intake.validation import JobValidator
 from spoold.out.outbox import Callbacks
 from spoold.run import observed
@@ -698,18 +698,23 @@ class Intake:
         if submitter is not None:
             record.update(submitter.status_fields())
         job_id = None if document is None else document.get("job_id")
-        with self._announce_rejection(taken, record, document, job_id):
+        with self._announce_rejection(taken, record, document, job_id, submitter):
             path = self._spool.stages.reject(taken, record)
         self._log.warning("rejected %s: %s", display_name(taken.name), reason)
         return Rejected(path, record)
 
     def _announce_rejection(
         self, taken: TakenFile, record: dict[str, Any], document: dict[str, Any] | None,
-        job_id: Any,
+        job_id: Any, submitter: Submitter | None,
     ) -> Any:  # fmt: skip
-        """The ``rejected`` event goes where the file asked, if it got that far; else the default."""
+        """The ``rejected`` event goes where the file asked, if it got that far and its
+        submitter may use what its callback and notifications name; else to the default."""
         if self._callbacks is None:
             return contextlib.nullcontext()
+        if document is not None and (why := self._not_theirs(document, submitter)):
+            self._log.warning("rejection of %s: %s; the default callback is told", record["file"],
+                              why)  # fmt: skip
+            document = None
         target = None
         for candidate in (document, None) if document is not None else (None,):
             try:
@@ -720,6 +725,23 @@ class Intake:
         stage = str(taken.stage)
         ident = str(job_id) if isinstance(job_id, str | int) else None
         return self._callbacks.announce_rejection(target, stage, record, ident)
+
+    def _not_theirs(self, document: dict[str, Any], submitter: Submitter | None) -> str | None:
+        """Why a rejected file's own callback and notifications are not used: a secret in them
+        that its submitter may not use (a signature under it, sent where the file asks, would
+        hand out what the policy keeps), or a submitter not known; None if they may be."""
+        if self._policy is None:
+            return None
+        if submitter is None:
+            return "its submitter is not known"
+        rules = self._policy.rules_of(submitter)
+        if rules is None:
+            return None
+        asked = {key: document[key] for key in ("callback", "notify") if key in document}
+        for name, _ in secret_references(asked):
+            if not rules.allows("secrets", name):
+                return f"its callback uses secret {name!r}, which {submitter.name} may not use"
+        return None
 
 
 class IntakeThread:
