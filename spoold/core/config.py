@@ -432,9 +432,10 @@ def _read_document(
 def _parse_yaml(path: Path, text: str) -> Any:
     import yaml  # noqa: PLC0415 - only where there is a config file, and no parsed copy
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # without libyaml: same, slower
+    from spoold.core.yaml_keys import NamedKeysLoader  # noqa: PLC0415 - as yaml
+
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        return yaml.load(text, Loader=NamedKeysLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
 

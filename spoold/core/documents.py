@@ -17,11 +17,8 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from spoold.core.errors import InvalidJobFile, ValidationIssue
-
-try:
-    from yaml import CSafeLoader as _SafeLoader
-except ImportError:  # PyYAML built without libyaml: slower, same results
-    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+from spoold.core.yaml_keys import NamedKeysLoader
+from spoold.core.yaml_keys import SafeLoader as _SafeLoader
 
 DocPath = tuple[Hashable, ...]
 MAX_DEPTH = 64
@@ -52,7 +49,7 @@ def _plain_data(loader: type[_SafeLoader]) -> tuple[dict[Any, Any], dict[Any, An
     return resolvers, constructors
 
 
-class JobLoader(_SafeLoader):
+class JobLoader(NamedKeysLoader):
     """The safe loader, for plain data, noting duplicate keys instead of keeping the last."""
 
     yaml_implicit_resolvers, yaml_constructors = _plain_data(_SafeLoader)
