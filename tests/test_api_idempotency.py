@@ -63,7 +63,7 @@ def _one_job(answers: list[requests.Response]) -> str:
         codes,
         [a.text for a in answers if a.status_code not in (200, 201)],
     )
-    (job_id,) = {answer.json()["job_id"] for answer in answers}
+    (job_id,) = {str(answer.json()["job_id"]) for answer in answers}
     return job_id
 
 

@@ -13,6 +13,8 @@ try:
 except ImportError:  # PyYAML built without libyaml: slower, same results
     from yaml import SafeLoader  # type: ignore[assignment]
 
+__all__ = ["NamedKeysLoader", "SafeLoader"]
+
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _STR_TAG = "tag:yaml.org,2002:str"
 
