@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spoold.core.errors import (
     InvalidTransition,
@@ -30,6 +34,17 @@ __all__ = ["ApiContext", "build_app"]
 
 #: How often remembered Idempotency-Keys past their day are removed.
 _EXPIRE_EVERY = 3600.0
+
+
+class AnyPath(PathConvertor):
+    """A path parameter of any characters, a newline too (``{path:anypath}``): an artifact's
+    name is whatever its job wrote, and Starlette's ``path`` (``.*``) stops at a newline."""
+
+    regex = r"[\s\S]*"
+
+
+# Registered here, where the routers' package is imported, before any of them makes a route.
+register_url_convertor("anypath", AnyPath())
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
@@ -59,6 +74,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
     app.state.context = ctx
     for router in (jobs.router, logs.router, schedules.router, system.router):
         app.include_router(router)
+    app.add_middleware(HeadAsGet)
     _errors(app, ctx)
     from spoold.face import page  # noqa: PLC0415 - the web page, behind the same tokens
 
@@ -66,8 +82,56 @@ def build_app(ctx: ApiContext) -> FastAPI:
     return app
 
 
+class HeadAsGet:
+    """HEAD answered as the GET of the same URL, without its body (RFC 9110 9.3.2): FastAPI's
+    routes take only the methods they name, where Starlette's add HEAD to each GET."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def head_only(message: Message) -> None:
+            # The first part of a body ends the answer: a followed log or a large artifact is
+            # neither read nor waited for (the server answers the route's receive as gone).
+            nonlocal ended
+            if ended:
+                return
+            if message["type"] == "http.response.body":
+                ended = True
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, head_only)
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> set[str]:
+    """The methods some route of ``app`` takes at the path of ``scope``, HEAD with each GET.
+
+    Through FastAPI's route contexts: the routes of an included router sit in ``app.routes``
+    behind one entry that has no methods of its own.
+    """
+    methods: set[str] = set()
+    for route in iter_route_contexts(app.routes):
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= set(route.methods or ())
+    return methods | ({"HEAD"} if "GET" in methods else set())
+
+
+def public_message(message: str, spool: Path) -> str:
+    """An error's message for a remote caller: the CLI's words without the server's paths.
+    "no job 'x' in /var/lib/spoold" says "no job 'x'" (the caller knows which spool it asks);
+    a path within the spool is said from its root ("the spool/running/...")."""
+    return message.replace(f" in {spool}", "").replace(str(spool), "the spool")
+
+
 def _errors(app: FastAPI, ctx: ApiContext) -> None:
-    """spoold's own errors as HTTP answers: the message is the CLI's."""
+    """spoold's own errors as HTTP answers: the message is the CLI's, without server paths."""
     statuses: list[tuple[type[Exception], int]] = [
         (JobNotFound, 404), (NotAllowed, 403), (InvalidTransition, 409),
         (SpoolError, 503), (SpooldError, 409),
@@ -81,19 +145,18 @@ def _errors(app: FastAPI, ctx: ApiContext) -> None:
         busy = isinstance(exc, JobBusy)  # decided within moments: not the server's failure
         if code >= 500 and not busy:
             ctx.logger.error("API: %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=code,
+        detail = public_message(str(exc), ctx.spool.root)
+        return JSONResponse({"detail": detail}, status_code=code,
                             headers={"Retry-After": "1"} if busy else None)  # fmt: skip
 
     app.add_exception_handler(SpooldError, spoold_error)
 
     async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        """405 with every method the path has (Starlette names only its first route's)."""
-        methods = set()
-        for route in app.routes:
-            match, _ = route.matches({**request.scope, "method": "GET"})
-            if match is not Match.NONE:
-                methods |= set(getattr(route, "methods", None) or ())
-        allow = ", ".join(sorted(methods - {"HEAD"}))
+        """405 with every method the path has (Starlette names only its first route's; a
+        mount, /static/, names its own)."""
+        named = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        methods = allowed_methods(app, request.scope) | {m.strip() for m in named.split(",")}
+        allow = ", ".join(sorted(methods - {""}))
         return JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
                             headers={"Allow": allow})  # fmt: skip
 

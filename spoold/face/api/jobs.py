@@ -12,13 +12,14 @@ import hashlib
 import mimetypes
 import os
 import threading
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from spoold.core.errors import JobNotFound
+from spoold.core.errors import JobBusy, JobNotFound
 from spoold.core.ids import RUN_ID
 from spoold.face.access import current_status, locate
 from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require
@@ -188,22 +189,37 @@ def _place_as(
     ctx: ApiContext, caller: Caller, data: bytes, name: str, job_id: str, body_sha: str
 ) -> bool:
     """Place the job under ``job_id``; False if a POST with the same key placed it first
-    (the same body, the same submitter), as one on another host may."""
+    (the same body, the same submitter), as one on another host may.
+
+    While that POST is placing it (the id held, no job yet: JobBusy), waits a moment for it,
+    at most ``BUSY_WAIT``: its caller then hears of the one job, not of a change under way.
+    """
     from spoold.intake.admission import Refused  # noqa: PLC0415
 
-    try:
-        ctx.submit(data, name, caller.submitter, job_id, dry_run=False)
-    except Refused as refused:
-        if refused.code != "duplicate":
-            raise
+    end = ctx.clock.monotonic() + BUSY_WAIT
+    while True:
         try:
-            there = current_status(ctx.spool, job_id)
-        except JobNotFound:
-            raise refused from None
-        if there.get("sha256") != body_sha or there.get("submitter") != caller.submitter.name:
-            raise
-        return False
-    return True
+            ctx.submit(data, name, caller.submitter, job_id, dry_run=False)
+        except JobBusy:
+            if ctx.clock.monotonic() >= end:
+                raise
+            time.sleep(0.02)  # a pause, not a reading of time: the clock says when to stop
+            continue
+        except Refused as refused:
+            if refused.code != "duplicate":
+                raise
+            try:
+                there = current_status(ctx.spool, job_id)
+            except JobNotFound:
+                raise refused from None
+            if there.get("sha256") != body_sha or there.get("submitter") != caller.submitter.name:
+                raise
+            return False
+        return True
+
+
+#: How long a POST with an Idempotency-Key waits for another placing its job (JobBusy).
+BUSY_WAIT = 2.0
 
 
 @router.get("/jobs", responses={400: {"description": "a cursor this API did not give"}})
@@ -295,8 +311,27 @@ def list_artifacts(
     return list(status.get("artifacts") or [])
 
 
+def _attachment(name: str) -> str:
+    """Content-Disposition for a download named ``name`` (RFC 6266): ``filename`` alone for a
+    plain name; else an ASCII stand-in there and the name itself in ``filename*`` (RFC 8187:
+    UTF-8, percent-encoded), which browsers prefer. Never a byte a header may not carry."""
+    import unicodedata  # noqa: PLC0415 - only for a download's name
+    from urllib.parse import quote  # noqa: PLC0415
+
+    letters = "".join(
+        c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c)
+    )
+    # Printable ASCII only; no '"' or '\\' (quoting) nor '%' (some browsers decode it).
+    stand_in = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in letters)
+    if stand_in == name:
+        return f'attachment; filename="{name}"'
+    encoded = quote(name, safe="!#$&+-.^_`|~", errors="replace")  # RFC 8187's attr-char
+    return f"attachment; filename=\"{stand_in}\"; filename*=UTF-8''{encoded}"
+
+
 @router.get(
-    "/jobs/{job_id}/artifacts/{path:path}",
+    # anypath (spoold.face.api's): a name of any characters, a newline too, as the job wrote it
+    "/jobs/{job_id}/artifacts/{path:anypath}",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
@@ -317,8 +352,7 @@ def get_artifact(
     except FileNotFoundError:
         raise HTTPException(status_code=404, detail=f"artifact {path!r} is gone") from None
     kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    filename = path.rsplit("/", 1)[-1].replace('"', "")
-    headers = {"Content-Disposition": f'attachment; filename="{filename}"',
+    headers = {"Content-Disposition": _attachment(path.rsplit("/", 1)[-1]),
                "X-Content-Type-Options": "nosniff"}  # fmt: skip
     headers["Content-Length"] = str(os.fstat(handle.fileno()).st_size)
 

@@ -1,9 +1,11 @@
 """/api/v1/jobs/{id}/log: a page of a job's log, or the log followed while the job runs.
 
-Offsets are bytes. A page (``?offset=&limit=``) says where the next starts (``X-Log-Next-Offset``)
-and how long the log is now (``X-Log-Size``). ``?follow=1`` streams from ``offset`` until the job
-ends: as Server-Sent Events when the client accepts ``text/event-stream`` (each event a run of
-whole lines, its ``id`` the byte offset after them, so that a reconnecting EventSource's
+Offsets are bytes. A page (``?offset=&limit=``) says where the next starts
+(``X-Log-Next-Offset``) and how long the log is now (``X-Log-Size``); an offset past the end
+reads from the end, and one no file can reach is refused (422), as a ``limit`` out of bounds
+is. ``?follow=1`` streams from ``offset`` (or the ``Last-Event-ID``: ASCII digits) until the
+job ends: as Server-Sent Events when the client accepts ``text/event-stream`` (each event a run
+of whole lines, its ``id`` the byte offset after them, so that a reconnecting EventSource's
 ``Last-Event-ID`` resumes exactly there; an ``end`` event carries the outcome), else as plain
 chunked text (curl). The log file stays open across the job's moves between directories.
 """
@@ -37,6 +39,10 @@ GONE_AFTER = 5.0
 KEEPALIVE = 15.0
 #: At most this much is read, and sent, at once.
 CHUNK = 64 * 1024
+#: The largest offset asked for: the largest a file offset (off_t) can hold.
+MAX_OFFSET = 2**63 - 1
+#: A Last-Event-ID this API gives: an offset in ASCII digits (str.isdigit takes '²' too).
+EVENT_ID = r"^[0-9]{1,19}$"
 _ENDED = ("done", "failed", "scheduled")
 
 
@@ -59,14 +65,19 @@ async def get_log(
     request: Request,
     _: Annotated[Caller, Depends(require("read"))],
     ctx: Annotated[ApiContext, Depends(context)],
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=16 * 1024 * 1024)] = 1024 * 1024,
     follow: bool = False,
-    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=19, pattern=EVENT_ID)] = None,
 ) -> Response:
-    """A page of the log (`offset`, `limit` in bytes), or with `follow=1` the log streamed until
-    the job ends (`text/event-stream` if accepted, else chunked text)."""
+    """A page of the log (`offset`, `limit` in bytes; past the end: from the end), or with
+    `follow=1` the log streamed until the job ends (`text/event-stream` if accepted, else
+    chunked text), from `offset` or the `Last-Event-ID` an EventSource resumes with."""
     job, log = _open_log(ctx, job_id)
+    if follow and last_event_id is not None:
+        offset = int(last_event_id)
+    # Never seek past the end: the OS refuses offsets its file system cannot hold (EINVAL).
+    offset = min(offset, log.seek(0, 2))
     if not follow:
         with log:
             log.seek(offset)
@@ -75,8 +86,6 @@ async def get_log(
         headers = {"X-Log-Offset": str(offset), "X-Log-Next-Offset": str(offset + len(data)),
                    "X-Log-Size": str(size), "X-Job-Directory": job.directory}  # fmt: skip
         return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
-    if last_event_id is not None and last_event_id.isdigit():
-        offset = int(last_event_id)
     log.seek(offset)
     if "text/event-stream" in request.headers.get("accept", ""):
         return EventSourceResponse(_events(ctx, request, job_id, log, offset))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, Request
@@ -18,7 +18,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from spoold.core.errors import SpooldError
+from spoold.core.errors import InvalidJobFile, SpooldError
+from spoold.core.ids import RUN_ID
+from spoold.core.secrets import MASK, Masker, is_secret_field
+from spoold.core.spool.deliveries import is_delivery
 from spoold.core.tokens import Token
 from spoold.face.api.auth import Caller, context
 from spoold.face.api.context import ApiContext
@@ -43,10 +46,17 @@ CSP = (
 CHART_JOBS = 1000
 #: The tail of a log a job's page shows at first; older parts are fetched on demand.
 LOG_TAIL = 64 * 1024
+#: A line whose key names a secret (quoted or not, a list item's or not), and its value: masked
+#: in the job file shown (its quotes and a JSON comma kept), unless it is a ``${secret:NAME}``
+#: reference or a block scalar's indicator. Values the line does not hold (flow style, JSON on
+#: one line, block scalars) are found by parsing (masked_job_file).
 _SECRET_VALUE = re.compile(
-    r"(?im)^(\s*[\w.-]*(?:secret|password|passwd|token|api_key|apikey)[\w.-]*\s*:\s*)"
-    r"(?![\"']?\$\{secret:)(\S.*)$"
+    r"(?im)^(?P<key>[ \t]*(?:-[ \t]+)?[\"']?[\w.-]*(?:secret|password|passwd|token|api_key|apikey)"
+    r"[\w.-]*[\"']?[ \t]*:[ \t]*)(?![\"']?\$\{secret:)(?![|>][-+0-9]*[ \t]*(?:#.*)?$)"
+    r"(?P<quote>[\"']?)(?P<value>\S.*?)(?P=quote)(?P<end>,?)[ \t]*$"
 )
+#: A value that only names a secret: shown as it is, it tells where the value comes from.
+_REFERENCE = re.compile(r"\$\{secret:[^}]*\}")
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -59,6 +69,18 @@ class LoginNeeded(SpooldError):
 
 class Forbidden(SpooldError):
     """A change asked for without the right CSRF token or scope."""
+
+
+class NotFound(SpooldError):
+    """A page about something that cannot exist (a job id no job can have): 404."""
+
+
+class JobFile(NamedTuple):
+    """The job file as a job's page shows it, secret values masked; ``note`` says why it is
+    not shown as submitted, when it is not."""
+
+    text: str
+    note: str | None = None
 
 
 class Viewer:
@@ -102,6 +124,18 @@ def acting(
     if not seen.may_control:
         raise Forbidden(f"token {seen.token.name} may not change anything (no control scope)")
     return seen
+
+
+def job_named(job_id: str) -> str:
+    """The job id of a page's path; NotFound for one no job can have (the API's JobId), before
+    the spool is asked (it refuses such an id as an error of its own)."""
+    if RUN_ID.fullmatch(job_id) is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job_id
+
+
+#: A job id in a page's path, checked.
+PageJobId = Annotated[str, Depends(job_named)]
 
 
 def render(request: Request, name: str, seen: Viewer | None, **values: Any) -> HTMLResponse:
@@ -235,7 +269,7 @@ def jobs(
 
 @router.get("/jobs/{job_id}")
 def job(
-    job_id: str,
+    job_id: PageJobId,
     request: Request,
     seen: Annotated[Viewer, Depends(viewer)],
     ctx: Annotated[ApiContext, Depends(context)],
@@ -318,7 +352,7 @@ def deliveries(
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel(
-    job_id: str,
+    job_id: PageJobId,
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
@@ -331,7 +365,7 @@ def cancel(
 
 @router.post("/jobs/{job_id}/retry")
 def retry(
-    job_id: str,
+    job_id: PageJobId,
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
@@ -342,7 +376,7 @@ def retry(
 
 @router.post("/schedules/{job_id}/{action}")
 def schedule_action(
-    job_id: str,
+    job_id: PageJobId,
     action: str,
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
@@ -371,6 +405,8 @@ def resend(
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
+    if not is_delivery(name):
+        raise NotFound(f"no delivery {name!r}")
     sent = ctx.spool.deliveries.resend(name, now=ctx.clock.now().timestamp())
     ctx.logger.info("page: delivery %s sent again by %s", name, seen.caller.who)
     return back("/deliveries", f"{name} back in outbox/" if sent else f"{name} was not given up")
@@ -452,13 +488,62 @@ def _deliveries(ctx: ApiContext, job_id: str) -> list[dict[str, Any]]:
             for name, where, record in job_deliveries(ctx.spool, job_id)]  # fmt: skip
 
 
-def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> str:
-    """The job file as submitted, with values of keys that name secrets masked."""
+def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> JobFile:
     try:
         data = ctx.spool.jobs.read_job_file(where, sha256=status.get("sha256"))
     except (OSError, SpooldError):
-        return ""
-    return _SECRET_VALUE.sub(r"\1********", data.decode("utf-8", "replace"))
+        return JobFile("")
+    return masked_job_file(data)
+
+
+def masked_job_file(data: bytes) -> JobFile:
+    """A job file with every secret value masked: the values of secret-named fields (as the
+    parsed file has them, however the text spells them), wherever they occur, and what follows
+    a secret-named key on its line.
+
+    The text as submitted only when each such value occurs in it verbatim; else (a folded block
+    scalar, an escape, a number) the parsed document, masked, and a note that says so.
+    """
+    from spoold.core.documents import decode_text, read_json, read_yaml  # noqa: PLC0415
+
+    try:
+        text = decode_text(data)
+        try:
+            document, duplicates = read_yaml(text)
+        except InvalidJobFile:  # JSON that YAML 1.1 does not read (an escaped "/")
+            document, duplicates = read_json(text)
+    except InvalidJobFile:
+        return JobFile("", "not shown: it cannot be parsed, so its secret values are not known")
+    found = Masker()
+    found.collect(document)
+    masker = Masker(value for value in found.values() if not _REFERENCE.fullmatch(value))
+    verbatim = all(value in text for value in masker.values())
+    # (A key given twice keeps only its last value in the document: the first is known nowhere.)
+    if verbatim and not duplicates and not _opaque_secret(document):
+        return JobFile(_SECRET_VALUE.sub(_masked_line, masker.mask_text(text)))
+    import yaml  # noqa: PLC0415
+
+    shown = yaml.safe_dump(masker.mask_data(document), sort_keys=False, allow_unicode=True)
+    return JobFile(shown, "shown parsed, not as submitted: a secret value in it is spelled in a "
+                          "way that cannot be found in its text")  # fmt: skip
+
+
+def _masked_line(match: re.Match[str]) -> str:
+    quote = match["quote"]
+    return f"{match['key']}{quote}{MASK}{quote}{match['end']}"
+
+
+def _opaque_secret(data: Any, *, secret: bool = False) -> bool:
+    """Whether a secret-named field holds a number or a boolean, at any depth: Masker.collect
+    takes strings only, and ``1e3``, ``0x1F`` or ``yes`` in the text are not its value's str."""
+    if isinstance(data, dict):
+        return any(
+            _opaque_secret(value, secret=secret or (isinstance(key, str) and is_secret_field(key)))
+            for key, value in data.items()
+        )
+    if isinstance(data, list):
+        return any(_opaque_secret(item, secret=secret) for item in data)
+    return secret and data is not None and not isinstance(data, str)
 
 
 def _api_base(request: Request, ctx: ApiContext) -> str:
@@ -490,5 +575,9 @@ def install(app: Any, ctx: ApiContext) -> None:
     async def forbidden(request: Request, exc: Exception) -> Response:
         return PlainTextResponse(str(exc), status_code=403)
 
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse(str(exc), status_code=404)
+
     app.add_exception_handler(LoginNeeded, to_login)
     app.add_exception_handler(Forbidden, forbidden)
+    app.add_exception_handler(NotFound, not_found)

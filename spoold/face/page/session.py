@@ -42,6 +42,17 @@ def _mac(key: bytes, text: str) -> str:
     return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
+def _same(given: str, expected: str) -> bool:
+    """Whether ``given`` (from a request: any characters) is ``expected``, in constant time;
+    compare_digest raises TypeError for a str that is not ASCII."""
+    return given.isascii() and hmac.compare_digest(given, expected)
+
+
+def _seconds(text: str) -> bool:
+    """Whether ``text`` is a time as a cookie says it: ASCII digits only ('²'.isdigit() too)."""
+    return text.isascii() and text.isdecimal()
+
+
 def session_cookie(spool: Spool, token: Token, *, now: float | None = None) -> str:
     """The cookie's value for a login with ``token``."""
     until = int((time.time() if now is None else now) + LIFETIME)
@@ -55,12 +66,12 @@ def session_token(spool: Spool, cookie: str | None, *, now: float | None = None)
         return None
     token_id, until, mac = cookie.split(".")
     body = f"{token_id}.{until}"
-    if not until.isdigit() or not hmac.compare_digest(mac, _mac(_key(spool), body)):
+    if not _seconds(until) or not _same(mac, _mac(_key(spool), body)):
         return None
     moment = time.time() if now is None else now
     if int(until) < moment or spool.tokens.read(_ended(mac)) is not None:
         return None
-    record = spool.tokens.read(token_id) if token_id.isalnum() else None
+    record = spool.tokens.read(token_id) if token_id.isascii() and token_id.isalnum() else None
     if record is None:
         return None
     try:
@@ -82,7 +93,7 @@ def end_session(spool: Spool, cookie: str, *, now: float | None = None) -> None:
             spool.tokens.remove(key)
     if cookie.count(".") == 2:
         _, until, mac = cookie.split(".")
-        if until.isdigit() and mac.isalnum():
+        if _seconds(until) and mac.isascii() and mac.isalnum():
             spool.tokens.create(_ended(mac), {"until": int(until)})
 
 
@@ -94,4 +105,4 @@ def csrf_token(spool: Spool, cookie: str) -> str:
 def csrf_ok(spool: Spool, cookie: str | None, given: str | None) -> bool:
     if not cookie or not given:
         return False
-    return hmac.compare_digest(csrf_token(spool, cookie), given)
+    return _same(given, csrf_token(spool, cookie))
