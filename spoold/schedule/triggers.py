@@ -1,8 +1,11 @@
 """Recurring jobs (``schedule:``): when they fire, and what a restart does about missed firings.
 
 Pure: times come in, decisions come out; the daemon's scheduler (``spoold.schedule.scheduler``) acts on
-them. Fire times come from APScheduler 3.x triggers. Two things are added on top:
+them. Fire times come from APScheduler 3.x triggers. Some things are added on top:
 
+- cron as cron reads it (``cron_trigger``): weekdays count from Sunday (0 or 7), names and
+  steps as cron takes them, and a day of the month and a weekday both given fire on either
+  (``0 0 13 * 5``: every Friday and every 13th), where APScheduler needs both.
 - A wall-clock time fires once: a daily job at a time the autumn clock change repeats (02:30
   in Europe/Berlin on the last Sunday of October) runs once that day, not twice as the bare
   trigger would (an hourly job has 24 runs on that 25-hour day); a time the spring change skips
@@ -24,6 +27,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from spoold.core.clock import parse_rfc3339, rfc3339
@@ -127,10 +131,7 @@ class ScheduleSpec:
             period = timedelta(seconds=self.every)
             return EveryTrigger(period, start=self.start or anchor + period, end=self.end)
         assert self.cron is not None
-        return CronTrigger(
-            **_cron_fields(self.cron), timezone=self.timezone, start_date=self.start,
-            end_date=self.end,
-        )  # fmt: skip
+        return cron_trigger(self.cron, timezone=self.timezone, start=self.start, end=self.end)
 
 
 def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
@@ -340,45 +341,107 @@ def _moment(value: Any, zone: ZoneInfo, where: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=zone)
 
 
+def cron_trigger(
+    expression: str, *, timezone: str, start: datetime | None = None, end: datetime | None = None
+) -> BaseTrigger:
+    """A 5-field cron expression's trigger, with cron's day rule: when both the day of the month
+    and the weekday are restricted, a day matches if either does (Vixie/ISC cron, POSIX), where
+    APScheduler 3 requires both. A field counts as unrestricted when it starts with ``*`` (so
+    ``*/2`` too, as in Vixie cron): then only the other one counts. The union is an OrTrigger
+    of the two; one of them that never fires (30 February) is left out, as APScheduler would
+    look for it up to the year 9999 at every call."""
+    fields = _cron_fields(expression)
+    _, _, day, _, weekday = expression.split()  # as written: "*/2" is a star to cron
+
+    def cron(**days: str) -> CronTrigger:
+        return CronTrigger(**{**fields, **days}, timezone=timezone, start_date=start, end_date=end)
+
+    if day.startswith("*") or weekday.startswith("*"):
+        return cron()
+    by_weekday = cron(day="*")  # a month has every weekday: it may fire
+    by_day = cron(day_of_week="*")
+    if not _some_date(by_day):
+        return by_weekday
+    return OrTrigger([by_day, by_weekday])
+
+
+def _some_date(trigger: CronTrigger) -> bool:
+    """Whether a trigger's month and day fields name a date that exists (not 30 February),
+    in any of the 28 years from 2024: every calendar (leap year, first weekday) is among them,
+    for the APScheduler extensions that depend on it ("5th fri")."""
+    fields = {field.name: field for field in trigger.fields}
+    month, day = fields["month"], fields["day"]
+    months = [n for n in range(1, 13) if month.get_next_value(datetime(2024, n, 1)) == n]
+    return any(
+        day.get_next_value(datetime(year, n, 1)) is not None
+        for n in months
+        for year in range(2024, 2024 + 28)
+    )
+
+
 def _cron_fields(expression: str) -> dict[str, str]:
     fields = expression.split()
     if len(fields) != 5:
         raise ValueError(f"{expression!r} is not 5 cron fields (minute hour day month weekday)")
     minute, hour, day, month, weekday = fields
-    return {"minute": minute, "hour": hour, "day": day, "month": month,
+    return {"minute": minute, "hour": hour, "day": day, "month": _months(month),
             "day_of_week": _weekdays(weekday)}  # fmt: skip
+
+
+def _months(field: str) -> str:
+    """cron's month field in APScheduler's words: names (jan-dec) as numbers, as APScheduler 3
+    ignores a step after names ("jan-dec/3" would be every month)."""
+    return _NAME.sub(
+        lambda name: str(_named(name[0], _MONTHS, "month (1-12 or jan-dec)") + 1), field
+    )
 
 
 def _weekdays(field: str) -> str:
     """cron's weekday field in APScheduler's words: cron counts from Sunday (0 and 7),
-    APScheduler 3 from Monday, so "1-5" must become mon-fri, not tue-sat."""
-    if field == "*" or not any(c.isdigit() for c in field):
-        return field.lower()  # names (mon-fri) mean the same to both
+    APScheduler 3 from Monday, so "1-5" must become mon-fri, not tue-sat; names, ranges of
+    them (sun-tue, sat-sun) and steps (*/2, mon-fri/2) are read here too."""
+    if field == "*":
+        return field
     days: set[int] = set()
     for part in field.split(","):
-        span, _, step_text = part.partition("/")
-        step = int(step_text) if step_text else 1
+        span, slash, step_text = part.partition("/")
+        step = int(step_text) if step_text.isdigit() else 1
         if span == "*":
             first, last = 0, 6
         elif "-" in span:
-            first, last = (_weekday(x) for x in span.split("-", 1))
+            first_text, last_text = span.split("-", 1)
+            first, last = _weekday(first_text), _weekday(last_text)
+            if last == 0 and first > 0 and not last_text.isdigit():
+                last = 7  # a range of names that ends on Sunday (sat-sun): 6-7
         else:
             first = last = _weekday(span)
-        if last < first or step < 1:
+        if last < first or step < 1 or (slash and not step_text.isdigit()):
             raise ValueError(f"weekday field {field!r} is not valid")
-        days.update(range(first, last + 1, step))
-    return ",".join(_DAY_NAMES[day % 7] for day in sorted(days))
+        days.update(day % 7 for day in range(first, last + 1, step))
+    return ",".join(_DAYS[day][:3] for day in sorted(days))
 
 
 def _weekday(text: str) -> int:
-    if text.isdigit() and 0 <= int(text) <= 7:
-        return int(text)
-    if text.lower()[:3] in _DAY_NAMES:
-        return _DAY_NAMES.index(text.lower()[:3])
-    raise ValueError(f"{text!r} is not a weekday (0-7 or sun-sat)")
+    if text.isdigit():
+        if 0 <= int(text) <= 7:
+            return int(text)
+        raise ValueError(f"{text!r} is not a weekday (0-7 or sun-sat)")
+    return _named(text, _DAYS, "weekday (0-7 or sun-sat)")
 
 
-_DAY_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+def _named(text: str, names: tuple[str, ...], what: str) -> int:
+    """Where a name is in ``names``: its first three letters, as in cron, or more of it."""
+    word = text.lower()
+    for index, name in enumerate(names):
+        if len(word) >= 3 and name.startswith(word):
+            return index
+    raise ValueError(f"{text!r} is not a {what}")
+
+
+_DAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
+           "september", "october", "november", "december")  # fmt: skip
+_NAME = re.compile(r"[A-Za-z]+")
 
 
 def _show(moment: datetime) -> str:
