@@ -92,6 +92,14 @@ def load_base_schema() -> dict[str, Any]:
     return load_executor_schema("spoold.schemas", "job.schema.json")
 
 
+#: A job of steps, as the worker tells one (``JobSpec.steps``): ``steps:`` with at least one.
+#: A job with ``steps: []`` runs as one unit of its executor, and is held to all one without is.
+_HAS_STEPS: dict[str, Any] = {
+    "required": ["steps"],
+    "properties": {"steps": {"type": "array", "minItems": 1}},
+}
+
+
 def compose_job_schema(
     base: Mapping[str, Any], executor_schemas: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
@@ -146,7 +154,7 @@ def compose_job_schema(
         inherit = {"if": {"not": {"required": ["executor"]}}, "then": {"$ref": unit_pointer}}
         job["properties"]["steps"] = {"items": inherit}
         if with_steps or alone:  # a job of steps needs no product of its own: its steps have one
-            job["if"] = {"required": ["steps"]}
+            job["if"] = _HAS_STEPS
             job |= {"then": _all_of(with_steps)} if with_steps else {}
             job |= {"else": _all_of(alone)} if alone else {}
         defs[f"job.{name}"] = job
@@ -305,7 +313,12 @@ def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_P
             yield f"unknown field {show_value(key)}{hint}", (*path, key), True
     elif kind == "required":
         missing = [name for name in value if name not in instance]
-        yield from ((f"missing required field {show_value(name)}", path, False) for name in missing)
+        for name in missing:
+            yield (
+                f"missing required field {show_value(name)}{_why_needed(instance, name)}",
+                path,
+                False,
+            )
     elif kind == "type":
         yield f"must be {_or_list(_type_words(value))}, not {kind_of(instance)}", path, on_key
     elif kind == "pattern":
@@ -324,6 +337,16 @@ def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_P
         )
     else:
         yield _simple_message(error), path, False
+
+
+def _why_needed(instance: Any, name: Any) -> str:
+    """Why a job must have a field it lacks, where the reason is not plain: ``product`` (or
+    ``type``) in a job whose ``steps:`` is empty, which runs as one unit of its executor."""
+    if name not in ("product", "type") or not isinstance(instance, Mapping):
+        return ""
+    if instance.get("steps") != []:
+        return ""
+    return f" (steps is empty: the job runs as one unit of its executor, with the job's {name})"
 
 
 def _simple_message(error: ValidationError) -> str:

@@ -2,7 +2,8 @@
 
 A job's ``steps:`` form a DAG through ``needs:`` (SPEC section 3). ``plan()`` lays it out in
 waves (``spoold validate --plan``); ``StepScheduler`` is what a worker asks, event by event, which
-steps may start now. A step starts once every step it needs has succeeded, or has failed with
+steps may start now; ``carried_over`` is what a retry or an adoption keeps of what was recorded.
+A step starts once every step it needs has succeeded, or has failed with
 ``continue_on_error: true``. A step that fails without it fails the job, and every step that needs
 it, directly or not, is skipped; the steps that do not depend on it still run.
 
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidSteps",
     "StepScheduler",
     "StepState",
+    "carried_over",
     "plan",
     "plan_text",
 ]
@@ -165,6 +167,31 @@ def plan_text(steps: Sequence[Mapping[str, Any]]) -> str:
             if graph.needs[step_id]
         )
     return "\n".join(lines)
+
+
+def carried_over(steps: Sequence[Mapping[str, Any]], recorded: Mapping[str, str]) -> dict[str, str]:
+    """What a job's next run of its steps keeps of the states recorded before: for a retry, or
+    for the same attempt adopted after a restart. The rest is pending: it runs (again).
+
+    Kept: a step that succeeded, and one that failed with ``continue_on_error``, as the attempt
+    before let its dependents go past it (``recorded`` names no such step whose end was not its
+    own doing, a cancel: the caller leaves it out). A failure that failed the job, a step
+    skipped behind one, one left running or never started run again. A step is kept only if
+    every step it needs is kept too, so that records that cannot be (hand-edited, from a step
+    cut off) lead to more runs, never to a list ``from_states`` refuses. Unknown ids and states
+    are left out. In the steps' order: ``from_states(steps, carried_over(steps, recorded))``.
+    """
+    graph = _read_graph(steps)
+    kept: dict[str, str] = {}
+    for wave in graph.waves:  # every need of a step is in an earlier wave: already decided
+        for step_id in wave:
+            state = recorded.get(step_id)
+            settled = state == StepState.SUCCEEDED.value or (
+                state == StepState.FAILED.value and step_id in graph.tolerant
+            )
+            if settled and all(need in kept for need in graph.needs[step_id]):
+                kept[step_id] = str(state)
+    return {step_id: kept[step_id] for step_id in graph.index if step_id in kept}
 
 
 class StepScheduler:

@@ -2,8 +2,10 @@
 in parallel, each with its own executor, timeout, retries, log section and status entry.
 
 ``spoold.run.dag`` decides what may start; this runs it. Steps share the job's work dir (a later
-step uses what an earlier one built) and its cancel switch. A new attempt of the job runs the
-steps that did not succeed last time, not the ones that did.
+step uses what an earlier one built) and its cancel switch. A new attempt of the job, or the
+same one adopted after a restart, keeps what the one before settled (``dag.carried_over``): the
+steps that succeeded, and those that failed with ``continue_on_error`` on their own, as the job
+went past them then; it runs the rest, a step cut off by a cancel among them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from spoold.core.job import JobSpec
 from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
 from spoold.executors.base import ExecResult
-from spoold.run.dag import StepScheduler, StepState
+from spoold.run.dag import StepScheduler, StepState, carried_over
 
 #: What runs one attempt of one step: (step id, its spec, its log section) -> result.
 RunUnit = Callable[[str, JobSpec, JobLog], ExecResult]
@@ -52,20 +54,22 @@ class StepsRun:
         on_change: Callable[[dict[str, Any]], None],
         draw: Callable[[], float],
     ) -> None:
-        """``previous``: the status.json ``steps`` of the attempt before, if any."""
+        """``previous``: the status.json ``steps`` of the attempt before (or of this one, when
+        it is adopted), if any."""
         self._spec = spec
         steps = spec.document["steps"]
-        done = {
-            step_id: StepState.SUCCEEDED.value
-            for step_id, record in previous.items()
-            if record.get("state") == StepState.SUCCEEDED.value
-        }
-        self._scheduler = StepScheduler.from_states(steps, done)
+        kept = carried_over(steps, _recorded_states(previous))
+        self._scheduler = StepScheduler.from_states(steps, kept)
         # Each entry says whether the job goes on past the step's failure: `spoold status`
-        # shows it without reading job.yaml.
+        # shows it without reading job.yaml. A step kept keeps its entry; one that runs again
+        # is pending until it starts (how it ended before is in the job's attempts).
         self._records: dict[str, dict[str, Any]] = {
             step["id"]: {
-                **(previous.get(step["id"]) or {"state": StepState.PENDING.value}),
+                **(
+                    previous[step["id"]]
+                    if step["id"] in kept
+                    else {"state": StepState.PENDING.value}
+                ),
                 "continue_on_error": step.get("continue_on_error") is True,
             }
             for step in steps
@@ -86,9 +90,9 @@ class StepsRun:
         results: dict[str, ExecResult] = {}
         for step_id in self._scheduler.skipped():
             self._record(step_id, state=StepState.SKIPPED.value)
-        detached = False
+        detached = interrupted = False
         while True:
-            if not (self._cancel.is_set() or detached):
+            if not (self._cancel.is_set() or detached or interrupted):
                 for step_id in self._scheduler.ready(self._parallel):
                     self._scheduler.started(step_id)
                     running += 1
@@ -104,6 +108,8 @@ class StepsRun:
                 detached = True
                 continue
             results[step_id] = result
+            # Not the step's own end: nothing goes past it (the job's on_interrupt decides).
+            interrupted = interrupted or result.interrupted
             self._scheduler.finished(step_id, result.succeeded)
             for skipped in self._scheduler.skipped():
                 if self._records[skipped]["state"] != StepState.SKIPPED.value:
@@ -133,7 +139,7 @@ class StepsRun:
             log.info(f"step {step_id} started (attempt {number} of {spec.retry.attempts})")
             self._record(step_id, state=StepState.RUNNING.value, attempts=number,
                          started_at=rfc3339(self._clock.now()), finished_at=None,
-                         exit_code=None, error=None)  # fmt: skip
+                         exit_code=None, error=None, drop=("cancelled",))  # fmt: skip
             result = self._run_unit(step_id, spec, log)
             if result.interrupted:  # not the step's doing: the job's on_interrupt decides
                 return result
@@ -146,8 +152,11 @@ class StepsRun:
                 if not self._cancel.wait(wait):
                     continue
             state = StepState.SUCCEEDED if result.succeeded else StepState.FAILED
+            # A cancel is no end of the step's own: a retry runs it again, continue_on_error
+            # or not (the job never went past it).
+            cut_off: dict[str, Any] = {"cancelled": True} if result.cancelled else {}
             self._record(step_id, state=state.value, finished_at=rfc3339(self._clock.now()),
-                         exit_code=result.exit_code, error=result.error)  # fmt: skip
+                         exit_code=result.exit_code, error=result.error, **cut_off)  # fmt: skip
             word = "succeeded" if result.succeeded else f"failed: {result.failure}"
             tolerated = not result.succeeded and step.get("continue_on_error")
             (log.info if result.succeeded or tolerated else log.error)(
@@ -155,9 +164,13 @@ class StepsRun:
             )
             return result
 
-    def _record(self, step_id: str, **fields: Any) -> None:
+    def _record(self, step_id: str, *, drop: tuple[str, ...] = (), **fields: Any) -> None:
+        """Update a step's entry with ``fields``, the fields named in ``drop`` taken out."""
         with self._lock:
-            self._records[step_id].update(fields)
+            record = self._records[step_id]
+            for key in drop:
+                record.pop(key, None)
+            record.update(fields)
             self._on_change({key: dict(value) for key, value in self._records.items()})
 
     def _result(self, results: Mapping[str, ExecResult]) -> ExecResult:
@@ -181,3 +194,13 @@ class StepsRun:
         return ExecResult(
             exit_code=first.exit_code if first else None, error=error, retryable=retryable
         )
+
+
+def _recorded_states(previous: Mapping[str, Any]) -> dict[str, str]:
+    """Per step, its state as status.json kept it; a step a cancel cut off counts as not run."""
+    states: dict[str, str] = {}
+    for step_id, record in previous.items():
+        if isinstance(record, Mapping) and isinstance(record.get("state"), str):
+            cut_off = record.get("cancelled") is True
+            states[str(step_id)] = StepState.PENDING.value if cut_off else record["state"]
+    return states
