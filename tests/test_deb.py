@@ -604,7 +604,12 @@ def test_debian_package(tmp_path: Path) -> None:
             "job_id: debtest\nexecutor: local\nproduct:\n  commands:\n"
             "    - echo packaged-spoold-ran\n"
         )
-        run("/usr/bin/spoold", "exec", "--spool", str(spool), str(job), cwd=tmp_path)
+        # Root's jobs in a work root of its own: the package's (/var/lib/spoold/work) is the
+        # spoold user's, who must not be able to swap a root job's work dir.
+        own = tmp_path / "exec.yaml"
+        own.write_text(f"workdir: {tmp_path / 'work'}\n")
+        run("/usr/bin/spoold", "exec", "--spool", str(spool), "--config", str(own), str(job),
+            cwd=tmp_path)  # fmt: skip
         status = json.loads(
             run("/usr/bin/spoold", "status", "--spool", str(spool), "--json", "debtest").stdout
         )

@@ -10,6 +10,8 @@ the spool, of secrets_dir, of another job (given one job user per slot) or of th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pwd
 import stat
@@ -69,9 +71,10 @@ class Lane:
         """
         switching = may_switch_users() if switching is None else switching
         me = pwd.getpwuid(os.geteuid()).pw_name if _has_name(os.geteuid()) else str(os.geteuid())
+        owners = _trusted_owners(config)
         if not switching:
             root = config.workdir or own_root()
-            root.mkdir(parents=True, exist_ok=True)
+            _prepare_root(root, "workdir" if config.workdir else None, owners, shared=False)
             note = (
                 f"spoold runs as {me} and cannot switch users: jobs run as {me} and can reach "
                 f"all that {me} can (the spool, secrets_dir, the daemon's processes); run it as "
@@ -97,7 +100,7 @@ class Lane:
             )
         # One for all of this user's spools: each work dir's name is unguessable anyway.
         root = config.workdir or Path(tempfile.gettempdir()) / f"spoold-work-{os.geteuid()}"
-        _prepare_root(root, "workdir" if config.workdir else None)
+        _prepare_root(root, "workdir" if config.workdir else None, owners, shared=True)
         _check_secrets(config, users)
         # root as the job user needs no switch: None is "as spoold itself".
         plain = tuple(
@@ -149,28 +152,134 @@ def _job_user(name: str) -> RunAs | None:
         ) from None
 
 
-def _prepare_root(root: Path, key: str | None) -> None:
-    """Make the work root (or check the configured one): spoold's, mode 1733, reachable by
-    every job user, under no directory another user could swap."""
-    where = f"key {key}: " if key else ""
+def _trusted_owners(config: Config) -> frozenset[int]:
+    """Who may own the work root and the directories above it: spoold's own user and root.
+    And the spool's owner: root's ``spoold exec`` on a daemon's spool (the package's, whose
+    work root is its daemon's) trusts that user, who holds every record of the spool already;
+    a daemon refuses a spool of anyone but itself and root (``Spool.unsafe_permissions``)."""
+    owners = {os.geteuid(), 0}
+    with contextlib.suppress(OSError):
+        owners.add(config.spool.stat().st_uid)
+    return frozenset(owners)
+
+
+def _prepare_root(root: Path, key: str | None, owners: frozenset[int], *, shared: bool) -> None:
+    """Make the work root, or check the configured one: a directory, never a link, that only
+    ``owners`` may change, under directories that only they may change. ``shared``: job users
+    of their own make their work dirs there: mode 1733 (spoold sets it on its own), reachable
+    by every job user. Anything else refuses to run, naming the path, what was found and the
+    fix: another user who may rename entries there could put a directory of its own in place
+    of a job's work dir, and so its files among the job's artifacts."""
+    where = (
+        f"key {key}: the work root {root}" if key else f"the work root {root} (workdir's default)"
+    )
+    me = _who(os.geteuid())
+    elsewhere = f"name a workdir of {me}'s" if key else f"set workdir: to a directory of {me}'s"
+    # First what is there above it: nothing is made or changed under another's directory.
+    if problem := _ancestor_problem(root, owners, shared=shared):
+        raise ConfigError(f"refusing to run: {where}: {problem}, or {elsewhere}")
     try:
-        root.mkdir(mode=0o700, parents=key is not None, exist_ok=True)
-        info = os.lstat(root)
+        if key is not None:
+            _make_parents(root.parent)
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(0o700)
     except OSError as exc:
-        raise ConfigError(f"{where}cannot make the work root {root}: {exc.strerror}") from None
-    # Root may work in another's (``spoold exec`` as root on the package's work root): it
-    # makes each work dir itself, for its user, and follows no link doing so.
-    if not stat.S_ISDIR(info.st_mode) or (info.st_uid not in (os.geteuid(), 0) and os.geteuid()):
-        raise ConfigError(f"{where}{root} is not a directory of spoold's own user: remove it")
-    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != WORK_ROOT_MODE:
-        root.chmod(WORK_ROOT_MODE)
-    for above in root.resolve().parents:
-        mode = above.stat().st_mode
-        if not mode & stat.S_IXOTH:
+        raise ConfigError(f"{where}: cannot make it: {exc.strerror}") from None
+    try:
+        # Not followed if a link: one planted there (in /tmp, by anyone) would take spoold to
+        # a directory of its maker's choosing.
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(f"{where}: cannot open it: {exc.strerror}") from None
+        raise ConfigError(
+            f"refusing to run: {where} is not a directory (a symbolic link or a file: spoold "
+            f"follows no link there); remove it (rm {root}), or {elsewhere}"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in owners:
+            fix = f"chown {me} {root}" if key else f"remove it (rm -rf {root}): another made it"
+            mine = f"{me} (spoold's user)" if os.geteuid() == 0 else f"{me} (spoold's user) or root"
             raise ConfigError(
-                f"{where}job users cannot reach the work root {root}: {above} is mode "
-                f"{stat.S_IMODE(mode):04o} (chmod o+x {above}, or choose another workdir)"
+                f"refusing to run: {where} belongs to {_who(info.st_uid)}, not to {mine}: that "
+                f"user could put a directory of its own in place of a job's work dir, and its "
+                f"files among the job's artifacts; {fix}, or {elsewhere}"
             )
+        if info.st_uid == os.geteuid() and shared and mode != WORK_ROOT_MODE:
+            os.fchmod(fd, WORK_ROOT_MODE)
+        elif _writable_by_others(info) or (shared and not mode & stat.S_IXOTH):
+            why = (
+                "others could rename a job's work dir there and put their own in its place"
+                if _writable_by_others(info)
+                else "job users cannot reach their work dirs there"
+            )
+            wanted = f"{WORK_ROOT_MODE:04o}" if shared else "go-w"
+            raise ConfigError(
+                f"refusing to run: {where} is mode {mode:04o}: {why}; chmod {wanted} {root}, or "
+                f"{elsewhere}"
+            )
+    finally:
+        os.close(fd)
+
+
+def _make_parents(directory: Path) -> None:
+    """Make the missing directories down to ``directory``, mode 0755 whatever the umask (the
+    job users pass through them; no one but their maker may change them)."""
+    missing = []
+    while not (directory.exists() or directory.is_symlink()) and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            made.mkdir(0o755)
+            made.chmod(0o755)  # not the umask's: the job users pass through
+
+
+def _ancestor_problem(root: Path, owners: frozenset[int], *, shared: bool) -> str | None:
+    """What about the directories above the work root (and the links on the way to it) lets
+    a user other than ``owners`` rename it, with the fix; or, ``shared``, keeps job users
+    from reaching it. None if nothing does. Those not made yet are not looked at."""
+    for above in root.absolute().parents:
+        if above.is_symlink() and (owner := above.lstat().st_uid) not in owners:
+            return (
+                f"{above}, a symbolic link on the way to it, belongs to {_who(owner)}, who could "
+                f"point it elsewhere; write the path it stands for ({above.resolve()}) in workdir:"
+            )
+    for above in root.resolve().parents:
+        try:
+            info = above.stat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in owners:
+            return (
+                f"{above}, above it, belongs to {_who(info.st_uid)}, who could put another "
+                f"directory in its place: chown {_who(os.geteuid())} {above}"
+            )
+        if _writable_by_others(info):
+            return (
+                f"{above}, above it, is mode {mode:04o}: others could put another directory in "
+                f"its place; chmod go-w {above} (or chmod +t {above})"
+            )
+        if shared and not mode & stat.S_IXOTH:
+            return f"job users cannot reach it: {above} is mode {mode:04o}; chmod o+x {above}"
+    return None
+
+
+def _writable_by_others(info: os.stat_result) -> bool:
+    """Whether users other than the owner may rename entries of this directory (writable by
+    its group or everyone, without the sticky bit)."""
+    return bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)) and not info.st_mode & stat.S_ISVTX
+
+
+def _who(uid: int) -> str:
+    """A user as a message names it: by name, or by uid where it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _check_secrets(config: Config, users: tuple[RunAs | None, ...]) -> None:

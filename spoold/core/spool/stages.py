@@ -384,10 +384,15 @@ class Stages:
         Written under a transient name and fsynced, then renamed to a free final name.
         """
         incoming = Path(self._dirs["incoming"])
-        temp = incoming / f".{name}.{os.urandom(4).hex()}.tmp"
-        write_file(temp, data, durable=self._disk.durable)
+        # Made unique by its random part, so written in place; the name shortened to leave
+        # room for what is added to it (the final name may be as long as a name can be).
+        ending = f".{os.urandom(8).hex()}.tmp"
+        temp = incoming / f".{fit_name(name, name_max(incoming) - len(ending) - 1)}{ending}"
         try:
+            write_new(temp, data, durable=self._disk.durable)
             target = _move_to_free_name(temp, incoming, name)
+        except FileExistsError:  # made by another (its random part the same): not ours
+            raise
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -851,19 +856,56 @@ def _clear_ready(stage: str) -> None:
             os.rmdir(f"{stage}/{_READY}{name}")
 
 
-def _free_names(name: str) -> Iterator[str]:
-    """name, then name-2.yaml, name-3.yaml, ...: the suffix stays, so a job file stays one."""
+#: The longest name of a directory's entry, in bytes, where the file system does not say.
+NAME_MAX = 255
+
+
+def name_max(directory: str | Path) -> int:
+    """The longest name an entry of ``directory`` may have, in bytes (NAME_MAX: 255 on most
+    file systems, less on some, such as eCryptfs)."""
+    try:
+        return min(os.pathconf(directory, "PC_NAME_MAX"), NAME_MAX)
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def fit_name(text: str, size: int) -> str:
+    """The longest start of ``text`` that takes at most ``size`` bytes in the file system's
+    encoding, cut between characters (a character cut in two would be a name that is not
+    UTF-8); bytes that were not UTF-8 to begin with count one each."""
+    used = 0
+    for end, char in enumerate(text):
+        used += len(os.fsencode(char))
+        if used > size:
+            return text[:end]
+    return text
+
+
+def _free_names(name: str, longest: int = NAME_MAX) -> Iterator[str]:
+    """name, then name-2.yaml, name-3.yaml, ...: the suffix stays, so a job file stays one.
+
+    Each fits in ``longest`` bytes: the stem is shortened (from its end) where the number
+    would not fit beside it, so that a name already as long as a name can be still gets a
+    free one. Names shortened alike differ by their number; the full name is the caller's to
+    keep (a rejection's reason.json has it).
+    """
     stem, dot, suffix = name.rpartition(".")
-    if not (dot and stem):
-        stem, suffix = name, ""
-    yield name
+    if not (dot and stem) or len(os.fsencode(suffix)) > longest // 2:
+        stem, suffix = name, ""  # no suffix, or one too long to be a job file's: all stem
+    ending = f".{suffix}" if suffix else ""
+    if len(os.fsencode(name)) <= longest:
+        yield name
+    else:  # longer than its new directory allows (another file system): shortened too
+        yield fit_name(stem, longest - len(os.fsencode(ending))) + ending
     for n in range(2, 10_000):
-        yield f"{stem}-{n}.{suffix}" if suffix else f"{stem}-{n}"
+        number = f"-{n}{ending}"
+        yield fit_name(stem, longest - len(os.fsencode(number))) + number
 
 
 def _move_to_free_name(source: Path, parent: Path, name: str) -> Path:
-    """Rename ``source`` into ``parent`` under the first free name; never replaces anything."""
-    for candidate in _free_names(name):
+    """Rename ``source`` into ``parent`` under the first free name that fits there (see
+    ``_free_names``); never replaces anything."""
+    for candidate in _free_names(name, name_max(parent)):
         try:
             rename_noreplace(source, parent / candidate)
         except FileExistsError:
