@@ -13,7 +13,7 @@ from spoold.core.config import Config
 from spoold.core.documents import load_document
 from spoold.core.errors import SpooldError, SpoolError, ValidationIssue
 from spoold.core.states import JobState
-from spoold.face.views import ended_text
+from spoold.face.views import ended_text, printable
 from spoold.intake.incoming import Accepted, Intake
 from spoold.wiring import Parts
 
@@ -52,9 +52,9 @@ def run_once(path: Path, config: Config) -> int:
     if not isinstance(outcome, Accepted):
         errors = outcome.reason["errors"] or [{"message": outcome.reason["reason"], "path": ""}]
         for error in errors:
-            print(ValidationIssue(**error).format(str(path)), file=sys.stderr)
+            print(printable(ValidationIssue(**error).format(str(path))), file=sys.stderr)
         # Not in the FILE: form: the lines above are exactly validate's.
-        print(f"rejected into {outcome.path}", file=sys.stderr)
+        print(printable(f"rejected into {outcome.path}"), file=sys.stderr)
         return 1
     job_id = outcome.job.job_id
     # The worker processes' lease heartbeat, on a thread: `spoold cancel` works on a job run

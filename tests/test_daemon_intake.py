@@ -639,16 +639,20 @@ def test_submit_valid_and_invalid(daemon: DaemonProcess, spool_dir: Path, tmp_pa
 def test_submit_the_same_name_twice_while_stopped(spool_dir: Path, tmp_path: Path) -> None:
     job = tmp_path / "same.yaml"
     job.write_text(yaml.safe_dump({"executor": "local", "product": {"commands": "echo same"}}))
+    printed = []
     for _ in range(2):
         result = run_cli(spool_dir, "submit", str(job))
         assert result.returncode == 0, result.stderr
+        printed.append(result.stdout.split("(job ")[1].split(")")[0])
     names = sorted(os.listdir(spool_dir / "incoming"))
     assert len(names) == 2, names
     assert "same.yaml" in names
-    for name in names:
-        assert (spool_dir / "incoming" / name).read_bytes() == job.read_bytes()
-        assert name.endswith(".yaml"), "a renamed submission must still be a job file"
-    # Both run once the daemon starts (each gets a generated id).
+    # Each placed as written, with the id submit printed added as its first key.
+    placed = sorted((spool_dir / "incoming" / name).read_bytes() for name in names)
+    given = sorted(f"job_id: {job_id}\n".encode() + job.read_bytes() for job_id in printed)
+    assert placed == given
+    assert all(name.endswith(".yaml") for name in names), "still job files once renamed"
+    # Both run once the daemon starts, each under the id submit printed.
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir))
     daemon.start()
     try:
@@ -661,7 +665,7 @@ def test_submit_the_same_name_twice_while_stopped(spool_dir: Path, tmp_path: Pat
         sources = sorted(
             json.loads((spool_dir / "done" / d / "status.json").read_text())["source"] for d in done
         )
-        assert sources == names
+        assert sources == names and sorted(done) == sorted(printed)
         assert os.listdir(spool_dir / "rejected") == []
     finally:
         daemon.kill()

@@ -201,7 +201,7 @@ def test_wrong_type_in_a_list(validator: JobValidator) -> None:
         ("hooks: {pre_run: []}", "must not be empty", "hooks.pre_run", 18),
         ("backoff: [1]", "must be a number, a string or a mapping, not a list", "backoff", 10),
         ("schedule: 5", "must be a string or a mapping, not a number", "schedule", 11),
-        ("timeout: -5", "must be at least 0 (got -5)", "timeout", 10),
+        ("timeout: -5", "must be more than 0 (got -5)", "timeout", 10),
         ("timeout: true", "must be a number or a string, not a boolean", "timeout", 10),
         ("backoff: {jitter: 0.5}", "must be a boolean, not a number", "backoff.jitter", 19),
         (

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from spoold.core.retention import Retention, Rule, apply_retention
 from spoold.core.spool import Spool
+from spoold.face.views import printable
 
 if TYPE_CHECKING:
     from spoold.core.config import Config
@@ -45,7 +46,7 @@ def purge(
         # The daemon's retention, with ``age`` for every state: what billing keeps longer stays.
         rules = Retention(dict.fromkeys(finished, Rule(max_age=age)), config.retention.executors)
         for job in apply_retention(spool, rules, now, states=finished, dry_run=dry_run):
-            print(f"{verb} {job.directory}/{job.job_id}")
+            print(printable(f"{verb} {job.directory}/{job.job_id}"))
             jobs += 1
     if "rejected" in states:
         for name, reason in spool.stages.list_rejected():
@@ -56,7 +57,7 @@ def purge(
                     spool.stages.purge_rejected(name)
                 except FileNotFoundError:
                     continue
-            print(f"{verb} rejected/{name}")
+            print(printable(f"{verb} rejected/{name}"))  # a submitter's file name
             rejected += 1
     counted = []
     if any(s != "rejected" for s in states):

@@ -50,34 +50,44 @@ def main(argv: Sequence[str] | None = None, *, commands: Mapping[str, Command]) 
         args.handler = commands[args.command]
     if (wrong := _usage_problem(args)) is not None:
         parser.error(wrong)  # exits 2, with the usage
-    from spoold.core.errors import ConfigError, SpooldError, SpoolError  # noqa: PLC0415
+    from spoold.core.errors import ConfigError, JobNotFound, SpooldError, SpoolError  # noqa: PLC0415
     from spoold.face.access import UsageError, permission_problem  # noqa: PLC0415
 
     try:
         config = None if args.command in _STANDALONE else _config(args)
         result: int = args.handler(args, config)
     except ConfigError as exc:
-        print(f"spoold: configuration error: {exc}", file=sys.stderr)
+        _complain(f"configuration error: {exc}")
         return EXIT_USAGE
-    except UsageError as exc:  # and NotAllowed: what this user may not look at
-        print(f"spoold: {exc}", file=sys.stderr)
+    except (UsageError, JobNotFound) as exc:
+        # UsageError: NotAllowed too, what this user may not look at. JobNotFound: an id that
+        # names no job (or not the kind the command acts on) is the command line's mistake, not
+        # a job that failed: 2, whichever command was given it (SPEC 9).
+        _complain(str(exc))
         return EXIT_USAGE
     except SpoolError as exc:
-        print(f"spoold: {exc}", file=sys.stderr)
+        _complain(str(exc))
         return EXIT_USAGE if "not a spool" in str(exc) else EXIT_FAILED
     except SpooldError as exc:
-        print(f"spoold: {exc}", file=sys.stderr)
+        _complain(str(exc))
         return EXIT_FAILED
     except PermissionError as exc:
-        print(f"spoold: {permission_problem(exc)}", file=sys.stderr)
+        _complain(permission_problem(exc))
         return EXIT_USAGE
     except OSError as exc:  # a file named on the command line, a full disk: no traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"spoold: {where}{exc.strerror or exc}", file=sys.stderr)
+        _complain(f"{where}{exc.strerror or exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _complain(text: str) -> None:
+    """``spoold: <text>`` on standard error, escaped: an error may quote what a submitter wrote."""
+    from spoold.face.views import printable  # noqa: PLC0415
+
+    print(f"spoold: {printable(text, lines=True)}", file=sys.stderr)
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     execute = add("exec", None, "run one job now, in the foreground, without a daemon")
     execute.add_argument("file", type=Path, metavar="FILE")
     status = add("status", cmd_status, "one job's status, or a summary of the spool")
-    status.add_argument("job_id", nargs="?", metavar="ID")
+    status.add_argument("job_id", nargs="?", type=job_id_argument, metavar="ID")
     status.add_argument("--json", action="store_true", help="status.json as it is")
     listing = add("list", cmd_list, "jobs, newest first; rejected files with their reason")
     listing.add_argument("--state", choices=[*_STATES, "scheduled", "rejected"])
@@ -159,28 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--label", action="append", default=[], metavar="KEY[=VALUE]",
         help="only jobs with this label (and value); repeat for several",
     )  # fmt: skip
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
+    listing.add_argument(
+        "--limit", type=limit_argument, default=100, metavar="N", help="at most this many (0: all)"
+    )
     listing.add_argument("--json", action="store_true")
     listing.add_argument("--ids", action="store_true", help=argparse.SUPPRESS)  # for completion
     logs = add("logs", cmd_logs, "a job's log")
-    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument("job_id", type=job_id_argument, metavar="ID")
     logs.add_argument(
         "-f", "--follow", action="store_true",
         help="follow while the job runs, then exit 0 if it succeeded, 1 if not",
     )  # fmt: skip
     wait = add("wait", cmd_wait, "wait until the jobs end; exit 0 only if every one succeeded")
-    wait.add_argument("job_ids", nargs="+", metavar="ID")
+    wait.add_argument("job_ids", nargs="+", type=job_id_argument, metavar="ID")
     wait.add_argument("--timeout", type=duration, metavar="SECONDS", help="at most (exit 1)")
     cancel = add("cancel", cmd_cancel, "stop a pending or running job; it ends as cancelled")
-    cancel.add_argument("job_id", metavar="ID")
+    cancel.add_argument("job_id", type=job_id_argument, metavar="ID")
     cancel.add_argument(
         "--wait", type=duration, default=None, metavar="SECONDS",
         help="how long to wait for a running job to end (default: kill_grace + 30s; 0: not)",
     )  # fmt: skip
     again = add("retry", cmd_retry, "run a failed or cancelled job again, as a new attempt")
-    again.add_argument("job_id", metavar="ID")
+    again.add_argument("job_id", type=job_id_argument, metavar="ID")
     unschedule = add("unschedule", cmd_unschedule, "remove a recurring job (its runs stay)")
-    unschedule.add_argument("job_id", metavar="ID")
+    unschedule.add_argument("job_id", type=job_id_argument, metavar="ID")
     purge = add(
         "purge", cmd_purge,
         "remove finished jobs and rejected files older than an age, naming each; "
@@ -225,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "fire a paused schedule again from its next firing on"),
     ):
         acting = schedule_sub.add_parser(action, parents=[common], help=text, description=text)
-        acting.add_argument("job_id", metavar="ID")
+        acting.add_argument("job_id", type=job_id_argument, metavar="ID")
         acting.set_defaults(handler=cmd_schedule_act)
     token = add("token", None, "HTTP API tokens: create, list, revoke")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -272,6 +284,31 @@ def duration(text: str) -> float:
     from spoold.core.units import parse_duration  # noqa: PLC0415
 
     return parse_duration(text)
+
+
+def limit_argument(text: str) -> int:
+    """``--limit N``: a whole number, 0 (all) or more. A negative one would be a slice's end,
+    dropping the oldest rows without a word."""
+    try:
+        limit: int | None = int(text)
+    except ValueError:
+        limit = None
+    if limit is None or limit < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows: 1 or more, or 0 (all)")
+    return limit
+
+
+def job_id_argument(text: str) -> str:
+    """A job id as the spool names its jobs (a schedule's run: ``ID@<time>``); anything else
+    is a usage error here, before the spool is looked at. Shown with repr: escaped."""
+    from spoold.core.ids import RUN_ID  # noqa: PLC0415 - stdlib only
+
+    if not RUN_ID.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job id: letters, digits, '.', '_' and '-', starting with a "
+            "letter or digit (a schedule's run: ID@YYYYMMDDTHHMMSSZ)"
+        )
+    return text
 
 
 # -- the config and the spool -----------------------------------------------------------------
@@ -376,8 +413,10 @@ def _admit(
 
 
 def _print_issues(path: Path, issues: Sequence[ValidationIssue]) -> None:
+    from spoold.face.views import printable  # noqa: PLC0415
+
     for issue in issues:
-        print(issue.format(str(path)), file=sys.stderr)
+        print(printable(issue.format(str(path))), file=sys.stderr)
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
@@ -415,6 +454,7 @@ def _submitter(user: str) -> Submitter:
 
 def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     from spoold.core.clock import SystemClock, rfc3339  # noqa: PLC0415
+    from spoold.face.views import printable  # noqa: PLC0415
     from spoold.face.waits import Submitted, give_job_id, wait_for_submitted  # noqa: PLC0415
 
     spool = _spool(config)
@@ -438,20 +478,30 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
                   f"`spoold wait` its runs ({admitted.job_id}@<time>)", file=sys.stderr)  # fmt: skip
             failed = True
             continue
-        if args.wait and "job_id" not in admitted.document:
+        job_id: str | None = admitted.job_id
+        if "job_id" not in admitted.document:
+            # The daemon reads the id from the file: without one written there, it would make
+            # another than the one admitted here (and printed).
             named = give_job_id(data, admitted.job_id)
-            if named is None:
+            if named is None and args.wait:
                 print(f"{path}: has no job_id, and spoold cannot add one to it: give it a "
                       "job_id for --wait to know the job by", file=sys.stderr)  # fmt: skip
                 failed = True
                 continue
-            data = named
+            if named is None:
+                job_id = None  # the daemon makes one when it takes the file
+            else:
+                data = named
         _print_issues(path, admitted.notes)
         when = rfc3339(clock.now())
         placed = spool.stages.submit_file(path.name, data)
-        submitted[admitted.job_id] = path
-        print(f"{path}: submitted as {placed} (job {admitted.job_id})")
-        waits.append(Submitted(admitted.job_id, placed, when))
+        if job_id is None:
+            said = "no job_id, and none can be added without changing the file: it is given one "
+            print(printable(f"{path}: submitted as {placed} ({said}when spoold takes the file)"))
+            continue
+        submitted[job_id] = path
+        print(printable(f"{path}: submitted as {placed} (job {job_id})"))
+        waits.append(Submitted(job_id, placed, when))
     if not args.wait:
         return EXIT_FAILED if failed else EXIT_OK
     all_succeeded = wait_for_submitted(spool, config, waits, timeout=args.timeout)
@@ -494,7 +544,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.limit:
         rows = rows[: args.limit]
     if args.ids:
-        print("\n".join(str(row.get("job_id") or row.get("name")) for row in rows))
+        print("\n".join(listing.row_id(row) for row in rows))
     elif args.json:
         import json  # noqa: PLC0415
 

@@ -10,7 +10,7 @@ from spoold.core.errors import SpoolError
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JOB_DIRECTORIES
 from spoold.face.access import NotAllowed, hidden_directories, refusal
-from spoold.face.views import labels_of
+from spoold.face.views import labels_of, printable
 
 
 def parse_labels(given: list[str]) -> dict[str, str | None]:
@@ -93,11 +93,20 @@ def rejected_rows(spool: Spool) -> list[dict[str, Any]]:
 
 
 def row_text(row: dict[str, Any]) -> str:
-    """One line of ``spoold list``."""
+    """One line of ``spoold list`` (a file name, an error: one line, escaped as they come)."""
     if "name" in row and row.get("state") == "rejected":
         reason = f"{row.get('code') or '?'}: {row.get('reason') or '(no reason.json)'}"
-        return f"{row['name']:<40} {'rejected':<10} {'':<8} {row.get('rejected_at') or '':<28} {reason}"
-    return (
-        f"{row['job_id']:<40} {row['state']:<10} {row.get('executor') or '':<8} "
+        name = printable(row["name"])
+        return printable(
+            f"{name:<40} {'rejected':<10} {'':<8} {row.get('rejected_at') or '':<28} {reason}"
+        )
+    return printable(
+        f"{printable(row['job_id']):<40} {row['state']:<10} {row.get('executor') or '':<8} "
         f"{row.get('submitted_at') or '':<28} {row.get('error') or ''}"
     )
+
+
+def row_id(row: dict[str, Any]) -> str:
+    """What ``spoold list --ids`` (the bash completion) says of a row: the job id, or the name
+    of a rejected file, escaped."""
+    return printable(row.get("job_id") or row.get("name"))

@@ -1,9 +1,12 @@
 """What ``spoold status`` shows: one job (its attempts, steps, why it waits, its callbacks) or
-the spool (counts, callbacks given up, the daemon), read as this user may (spoold.face.access)."""
+the spool (counts, callbacks given up, the daemon), read as this user may (spoold.face.access);
+and ``printable``, through which every text face of the command line shows what a submitter
+wrote."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,35 @@ _WIDTH = 17  # the label column of ``spoold status ID``
 _ABOUT_KEYS = ("labels", "description", "continue_on_error")
 
 
+# -- text from a submitter ---------------------------------------------------------------------
+
+#: What a terminal acts on instead of showing (C0 controls, DEL, C1 controls: colours, a cleared
+#: screen, a window title, a line overwritten), and the lone surrogates that stand for bytes
+#: that are not UTF-8 (a file name, a job's output), which no UTF-8 terminal can be sent.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: The same, but for newlines and tabs: in a text of several lines (a job's log) they stay.
+_UNPRINTABLE_IN_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decoded it
+        return f"\\x{code - 0xDC00:02x}"
+    return repr(found.group())[1:-1]  # \x1b, \n, \t, \r, \x9b, \ud800
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """``text`` as the command line shows what a submitter wrote (a file name, a description,
+    a label, an error, a job's log): each control character escaped as Python writes it
+    (``\\x1b``, ``\\n``), as spoold's own log writes a file name, and a byte that is not UTF-8
+    as ``\\xff``. The submitter is not trusted (SPEC 13): what they wrote must not drive the
+    operator's terminal, nor add a line of its own to a listing. ``lines``: a text of several
+    lines, whose newlines and tabs stay. ``--json`` output needs none of this: JSON escapes
+    them all."""
+    pattern = _UNPRINTABLE_IN_LINES if lines else _UNPRINTABLE
+    return pattern.sub(_escaped, str(text))
+
+
 # -- one job ----------------------------------------------------------------------------------
 
 
@@ -43,11 +75,13 @@ def ended_text(status: dict[str, Any]) -> str:
     outcome = (
         "" if state == "succeeded" else outcome_text(status.get("exit_code"), status.get("error"))
     )
-    return f"job {status.get('job_id')} {state_phrase(state)}" + (f": {outcome}" if outcome else "")
+    said = f"job {status.get('job_id')} {state_phrase(state)}" + (f": {outcome}" if outcome else "")
+    return printable(said)
 
 
 def _line(label: str, text: Any) -> str:
-    return f"{label + ':':<{_WIDTH}}{text}"
+    """One line of ``spoold status ID``: a value of several lines stays on this one."""
+    return printable(f"{label + ':':<{_WIDTH}}{text}")
 
 
 def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) -> str:
@@ -423,8 +457,10 @@ def summary_text(spool: Spool, config: Config) -> str:
     if given_up:
         lines.append(f"  {len(given_up)} callback(s) given up, kept in outbox/failed/:")
         lines += [
-            f"    {item['name']}: {item['event']} to {item['url']} after {item['tries']} tries; "
-            f"last: {item['last_error']}"
+            printable(
+                f"    {item['name']}: {item['event']} to {item['url']} after {item['tries']} "
+                f"tries; last: {item['last_error']}"
+            )
             for item in given_up
         ]
     return "\n".join(lines)

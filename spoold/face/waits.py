@@ -7,6 +7,7 @@ the exit code: 0 only if every job succeeded.
 
 from __future__ import annotations
 
+import codecs
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from spoold.core.errors import JobNotFound, SpooldError
 from spoold.face.access import NotAllowed, UsageError, locate, read_status, who
-from spoold.face.views import ended_text
+from spoold.face.views import ended_text, printable
 
 if TYPE_CHECKING:
     from spoold.core.config import Config
@@ -31,13 +32,11 @@ _FINISHED = ("done", "failed")
 def wait_for_jobs(spool: Spool, job_ids: list[str], *, timeout: float | None) -> bool:
     """Wait until every job has ended, saying how each did; True only if every one succeeded.
 
-    UsageError for an id that names no job (or a schedule, which never ends).
+    JobNotFound for an id that names no job, UsageError for a schedule (which never ends):
+    the command line's usage errors, as for every command given an id.
     """
     for job_id in job_ids:
-        try:
-            where = locate(spool, job_id)
-        except JobNotFound as exc:
-            raise UsageError(str(exc)) from None
+        where = locate(spool, job_id)
         if where.directory == "scheduled":
             raise UsageError(
                 f"{job_id} is a schedule, which never ends: wait for its runs ({job_id}@<time>)"
@@ -100,7 +99,8 @@ def wait_for_submitted(
                 accepted.append(item.job_id)
                 waiting.remove(item)
             elif not _still_there(item.placed) and (reason := rejection_of(spool, item)):
-                print(f"{item.placed.name}: rejected: {reason.get('reason')}", file=sys.stderr)
+                said = f"{item.placed.name}: rejected: {reason.get('reason')}"
+                print(printable(said), file=sys.stderr)
                 waiting.remove(item)
                 ok = False
         if not waiting:
@@ -111,7 +111,7 @@ def wait_for_submitted(
                   "wait in incoming/ until one starts (or another host's takes them)",
                   file=sys.stderr)  # fmt: skip
         if deadline is not None and time.monotonic() >= deadline:
-            names = ", ".join(item.placed.name for item in waiting)
+            names = printable(", ".join(item.placed.name for item in waiting))
             print(f"spoold: still in incoming/ after {timeout:g}s: {names}", file=sys.stderr)
             return False
         time.sleep(POLL)
@@ -187,11 +187,27 @@ def give_job_id(data: bytes, job_id: str) -> bytes | None:
     return changed if after == {**before, "job_id": job_id} else None
 
 
+class _LogText:
+    """A job's log as ``spoold logs`` shows it: its own output, written by whoever submitted
+    the job, with control characters escaped (newlines and tabs aside) and bytes that are not
+    UTF-8 as ``\\xff`` (``printable``), as ``less`` shows them; the log file keeps them as
+    written. A character split between two reads is decoded whole."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self._out = sys.stdout.buffer
+
+    def write(self, chunk: bytes, *, final: bool = False) -> None:
+        text = self._decoder.decode(chunk, final)
+        self._out.write(printable(text, lines=True).encode("utf-8"))
+        self._out.flush()
+
+
 def show_log(spool: Spool, job_id: str, *, follow: bool) -> int:
     """``spoold logs ID [-f]``: the log; with -f, followed until the job ends, and then exit 0
     if it succeeded, 1 if not."""
     job = locate(spool, job_id)
-    out = sys.stdout.buffer
+    out = _LogText()
     try:
         log = open(job.log_path, "rb")  # noqa: SIM115 - closed below; valid across renames
     except PermissionError:
@@ -204,9 +220,9 @@ def show_log(spool: Spool, job_id: str, *, follow: bool) -> int:
             chunk = log.read(65536)
             if chunk:
                 out.write(chunk)
-                out.flush()
                 continue
             if not follow:
+                out.write(b"", final=True)
                 return 0
             where = spool.jobs.find(job_id)
             if where is None:  # between two directories, or purged
@@ -214,14 +230,14 @@ def show_log(spool: Spool, job_id: str, *, follow: bool) -> int:
                 if time.monotonic() - missing_since <= GONE_AFTER:
                     time.sleep(POLL)
                     continue
+                out.write(b"", final=True)
                 return 1
             missing_since = None
             if where.directory in ("pending", "running"):
                 time.sleep(POLL)
                 continue
             # The job ended: whatever it wrote before that is already in the file.
-            out.write(log.read())
-            out.flush()
+            out.write(log.read(), final=True)
             if where.directory == "scheduled":
                 return 0
             status = _final_status(spool, where) or {}
