@@ -183,6 +183,7 @@ def test_a_job_cancelled_while_it_waited_for_a_retry_and_retried_runs_at_once(
         wait_for(lambda: "due at" in job_log(spool_dir, "later"), what="its retry to wait")
         cancelled = run_cli(spool_dir, "cancel", "later")
         assert cancelled.returncode == 0, cancelled.stderr
+        assert "cancelled before attempt 2 started" in cancelled.stdout
         status = job_state(spool_dir, "later")[1]  # type: ignore[index]
         assert status["state"] == "cancelled" and "before attempt 2 started" in status["error"]
         retried = run_cli(spool_dir, "retry", "later")

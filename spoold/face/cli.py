@@ -593,7 +593,9 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     control = _control(config)
     outcome = control.cancel(args.job_id)
     if outcome.cancelled:
-        print(f"{args.job_id}: cancelled before it started ({outcome.job.path})")
+        attempts = read_status(spool, outcome.job).get("attempts") or []
+        waited = f"attempt {len(attempts) + 1}" if attempts else "it"  # a retry it waited for
+        print(f"{args.job_id}: cancelled before {waited} started ({outcome.job.path})")
         return EXIT_OK
     if outcome.state is not JobState.RUNNING:
         print(f"{args.job_id}: already {outcome.state.value}; nothing to cancel", file=sys.stderr)
