@@ -7,6 +7,7 @@ command; a timeout of 0 is refused at validation. No daemon: intake is driven in
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -213,3 +214,17 @@ def test_a_timeouts_bound_is_the_durations() -> None:
     defs = load_base_schema()["$defs"]
     number = next(option for option in defs["timeout"]["anyOf"] if option.get("type") == "number")
     assert number["maximum"] == MAX_DURATION
+
+
+@pytest.mark.parametrize("command", ["submit", "validate", "exec"])
+def test_a_fifo_given_as_a_job_file_is_refused_not_waited_on(
+    spool_root: Path, tmp_path: Path, command: str
+) -> None:
+    """`spoold submit f.yaml` on a FIFO hung for ever, reading it for a writer that never
+    came; intake rejects a FIFO without reading it."""
+    fifo = tmp_path / "f.yaml"
+    os.mkfifo(fifo)
+    result = run_cli(spool_root, command, str(fifo), bound=30)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{fifo}: cannot read: it is a FIFO" in result.stderr
+    assert os.listdir(spool_root / "incoming") == []

@@ -9,7 +9,9 @@ requests or watchdog.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -379,9 +381,23 @@ def _admission(config: Config, clock: SystemClock) -> Admission:
 
 
 def read_job_file(path: Path) -> bytes | None:
-    """A job file's bytes, or None with why not printed as validate prints a problem."""
+    """A job file's bytes, or None with why not printed as validate prints a problem.
+
+    A regular file only, as intake takes: opened without waiting, so that a FIFO (which a
+    read would wait on for a writer, for ever) or a device is refused, as intake refuses it.
+    """
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as handle:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+                print(f"{path}: cannot read: it is {kind}: only a regular file is a job file "
+                      "(intake rejects the others)", file=sys.stderr)  # fmt: skip
+                return None
+            return handle.read()
     except OSError as exc:
         print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return None
