@@ -58,6 +58,15 @@ class Api:
         return self.call("POST", "/api/v1/jobs", token=token, data=text, headers=headers, **kwargs)
 
 
+def module_api(tmp_path_factory: Any, name: str, **config: Any) -> Iterator[Api]:
+    """A module fixture's body: one daemon with the API for the module's tests, killed after."""
+    tmp = tmp_path_factory.mktemp(name)
+    tmp.chmod(0o755)
+    started = start_api(tmp, **config)
+    yield started
+    started.daemon.kill()
+
+
 def start_api(tmp: Path, **config: Any) -> Api:
     """A daemon on a fresh spool under ``tmp`` with ``api:`` on a free port, and tokens of each
     scope (``admin``, ``read``, ``submit``, ``control``) made before it starts."""

@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from tests.apiclient import Api, start_api
+from tests.apiclient import Api, module_api
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.daemon
@@ -29,11 +29,7 @@ COOKIE = "spoold_session"
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    tmp.chmod(0o755)
-    started = start_api(tmp)
-    yield started
-    started.daemon.kill()
+    yield from module_api(tmp_path_factory, "hostile")
 
 
 def wait_state(api: Api, job_id: str, *states: str) -> dict[str, object]:

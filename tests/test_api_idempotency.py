@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from tests.apiclient import Api, free_port, start_api
+from tests.apiclient import Api, free_port, module_api, start_api
 from tests.harness import DaemonProcess, run_cli, wait_for, write_config
 
 ROUNDS = 4
@@ -24,11 +24,7 @@ AT_ONCE = 8
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    tmp = tmp_path_factory.mktemp("idem")
-    tmp.chmod(0o755)
-    started = start_api(tmp)
-    yield started
-    started.daemon.kill()
+    yield from module_api(tmp_path_factory, "idem")
 
 
 def _body(tag: str) -> str:

@@ -724,8 +724,12 @@ AGREEMENT_CORPUS: list[Any] = [
 
 @pytest.mark.parametrize("document", AGREEMENT_CORPUS)
 def test_fast_check_agrees_with_jsonschema(document: Any) -> None:
+    assert_fast_check_agrees(_schema(docker=FAKE_DOCKER), document)
+
+
+def assert_fast_check_agrees(schema: dict[str, Any], document: Any) -> None:
+    """The daemon's compiled check of ``schema`` says of ``document`` what jsonschema says."""
     fastjsonschema = pytest.importorskip("fastjsonschema")
-    schema = _schema(docker=FAKE_DOCKER)
     fast = validation._compiled(schema)  # as the daemon compiles it
     assert fast is not None
     try:

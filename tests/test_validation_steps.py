@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
@@ -15,6 +14,7 @@ from spoold.intake import validation
 from spoold.intake.validation import JobValidator, ValidationIssue, job_validator
 from spoold.run.registry import ExecutorRegistry
 from tests.harness import run_cli
+from tests.test_validation import assert_fast_check_agrees
 
 REGISTRY = ExecutorRegistry.from_entry_points()
 
@@ -161,20 +161,12 @@ def test_steps_that_lack_what_their_executor_needs_are_refused(
     ids=repr,
 )
 def test_the_fast_check_agrees_with_jsonschema_on_empty_steps(document: dict[str, Any]) -> None:
-    fastjsonschema = pytest.importorskip("fastjsonschema")
     executor = document["executor"]
     # Narrowed to the job's executor, as the daemon's fast check is for a job of one.
     schema = validation.compose_job_schema(
         validation.load_base_schema(), {executor: REGISTRY.schemas()[executor]}
     )
-    fast = validation._compiled(schema)
-    assert fast is not None
-    try:
-        fast(document)
-        verdict = True
-    except fastjsonschema.JsonSchemaException:
-        verdict = False
-    assert verdict == jsonschema.Draft202012Validator(schema).is_valid(document)
+    assert_fast_check_agrees(schema, document)
 
 
 def test_spoold_validate_refuses_the_empty_steps_of_the_probe(
