@@ -41,16 +41,17 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from spoold.core.clock import Clock, SystemClock, rfc3339
+from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError, SpooldError
 from spoold.core.joblog import JobLog
 from spoold.core.procfs import (
+    children,
     drop_ambient_capabilities,
-    group_members,
     name_process,
     process_start_time,
 )
@@ -61,11 +62,14 @@ from spoold.core.spool.spares import Spares
 from spoold.core.usage import Usage
 from spoold.run.log_socket import LogTap
 from spoold.run.process import (
+    TREE_VARIABLE,
     Processes,
     ProcessOutcome,
     RunAs,
     adopt_orphans,
     clean_signal_state,
+    end_left_running,
+    new_token,
     run_process,
 )
 
@@ -438,6 +442,19 @@ class Supervised(Processes):
         self._log_socket = None if log_socket is None else str(log_socket)
         self._meanwhile = meanwhile
         self.resume = resume
+        self._ends = threading.Lock()
+        #: The latest end of the units that ended while no daemon watched them, as their
+        #: supervisors recorded it; and whether a unit ran, or ended, in this one's sight.
+        self._unwatched_end: datetime | None = None
+        self._watched = False
+
+    def ended_unwatched(self) -> datetime | None:
+        """When the attempt's work ended, if each of its units ended while no daemon watched
+        it (an adopted job that ended while the daemon was down): the last end their
+        supervisors recorded, which is the attempt's, not the time of this adoption. None if
+        a unit ran or ended in this daemon's sight: the attempt ends now."""
+        with self._ends:
+            return None if self._watched else self._unwatched_end
 
     def run(
         self,
@@ -463,9 +480,11 @@ class Supervised(Processes):
             begun, ended = self._jobs.read_unit(self._job, key)
             if ended is not None:
                 log.info(f"{label} had ended: its outcome is taken as recorded")
+                self._ended_while_unwatched(ended)
                 return _outcome(ended)
             if begun is not None:
                 return self._attach(begun, key, log, cancel=cancel, detach=detach, label=label)
+        self._in_sight()
         request = Supervise(
             self._job, key, tuple(argv), str(cwd), dict(env), run_as, timeout, kill_grace,
             label, log.sections, self._masker.values(), self._log_limit, self._host,
@@ -478,7 +497,7 @@ class Supervised(Processes):
             if self._meanwhile is not None:
                 self._meanwhile()
             pidfd: int | None = None
-            spawned: tuple[int, int | None] | None = None
+            spawned: tuple[int, int] | None = None
             try:
                 while True:
                     if detach.is_set():
@@ -491,12 +510,13 @@ class Supervised(Processes):
                     try:
                         message, _ = _receive(sock)
                     except EOFError:
-                        return self._ended_unseen(key, log, label, spawned)
+                        return self._ended_unseen(key, log, label, [spawned] if spawned else [])
                     kind, value = message
                     if kind == "spawned":  # its supervisor's pid (to signal), its process's
                         supervisor, pid = value
                         pidfd = _pidfd(supervisor)
-                        spawned = (pid, process_start_time(pid))
+                        start = process_start_time(pid)
+                        spawned = None if start is None else (pid, start)
                         if on_spawn is not None:
                             on_spawn(pid)
                     elif kind == "taken":  # an earlier daemon's supervisor began it: attach
@@ -533,19 +553,24 @@ class Supervised(Processes):
     ) -> ProcessOutcome:
         """Wait for a supervisor this process did not start (an earlier daemon's)."""
         pid, start = begun.get("pid"), begun.get("pid_start")
-        pidfd = None
-        if isinstance(pid, int) and start is not None:
-            with contextlib.suppress(OSError):
-                pidfd = os.pidfd_open(pid)
-            if pidfd is not None and process_start_time(pid) != start:
-                os.close(pidfd)  # the pid was reused: that supervisor is long gone
-                pidfd = None
+        if not (isinstance(pid, int) and isinstance(start, int)):
+            return self._ended_unseen(key, log, label)
+        pidfd = _pidfd(pid)
+        if pidfd is not None and process_start_time(pid) != start:
+            os.close(pidfd)  # the pid was reused: that supervisor is long gone
+            pidfd = None
         if pidfd is None:
             return self._ended_unseen(key, log, label)
+        self._in_sight()
+        # Its children, as seen while it lives: the unit's first process and what it adopted.
+        # Should it die without a record of the end, they and their groups end here.
+        seen: dict[int, int] = {}
+        _children_of(pid, start, pidfd, seen)
         log.info(f"adopted {label} (supervisor pid {pid}, begun {begun.get('started_at')})")
         try:
             signalled = False
             while not select.select([pidfd], [], [], _LOOK)[0]:
+                _children_of(pid, start, pidfd, seen)
                 if detach.is_set():
                     return ProcessOutcome(None, detached=True)
                 if cancel.is_set() and not signalled:
@@ -553,26 +578,70 @@ class Supervised(Processes):
                     signalled = True
         finally:
             os.close(pidfd)
-        return self._ended_unseen(key, log, label)
+        return self._ended_unseen(key, log, label, seen.items())
 
     def _ended_unseen(
-        self, key: str, log: JobLog, label: str, spawned: tuple[int, int | None] | None = None
+        self, key: str, log: JobLog, label: str, firsts: Iterable[tuple[int, int]] = ()
     ) -> ProcessOutcome:
         """The supervisor is gone: its record says how the unit ended, or that it died.
 
-        One that died (killed itself: the OOM killer) left its job's processes to init: those
-        of the job's own group end here (``spawned``: its first process, if known).
+        One that died (killed by itself: the OOM killer) left its job's processes to init:
+        they end here, found by the run's token in their environment (the unit's record names
+        it), by ``firsts`` (processes of the unit, by pid and start time: its first, the
+        children its supervisor had) and, for the job's own command, by the lease's
+        ``job_pid``, with the groups and sessions these lead.
         """
         log.written_elsewhere()
-        _, ended = self._jobs.read_unit(self._job, key)
+        begun, ended = self._jobs.read_unit(self._job, key)
         if ended is not None:
+            self._ended_while_unwatched(ended)
             return _outcome(ended)
+        self._in_sight()  # when it died is not known: the attempt ends now
         log.error(f"the supervisor of {label} died before it could record its end")
-        if spawned is not None:
-            for pid in group_members(*spawned):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        tree = (begun or {}).get("tree")
+        environment = f"{TREE_VARIABLE}={tree}" if isinstance(tree, str) and tree else None
+        left = end_left_running(environment, [*firsts, *self._leased_process(key)])
+        if left:
+            log.info(f"ended {left} process(es) {label} left running (SIGKILL)")
         return ProcessOutcome(None, interrupted=True)
+
+    def _leased_process(self, key: str) -> list[tuple[int, int]]:
+        """The process the lease names (``job_pid``, ``job_pid_start``), if it is unit ``key``'s:
+        the lease names the first process of the job's own command (unit ``<attempt>``), not
+        a hook's or a step's."""
+        if "." in key:
+            return []
+        with contextlib.suppress(OSError, ValueError):
+            lease = self._jobs.read_lease(self._job) or {}
+            pid, start = lease.get("job_pid"), lease.get("job_pid_start")
+            if isinstance(pid, int) and isinstance(start, int):
+                return [(pid, start)]
+        return []
+
+    def _in_sight(self) -> None:
+        with self._ends:
+            self._watched = True
+
+    def _ended_while_unwatched(self, record: dict[str, Any]) -> None:
+        """A unit's end as recorded, for ``ended_unwatched``."""
+        try:
+            ended = parse_rfc3339(str(record.get("finished_at")))
+        except ValueError:
+            ended = None
+        with self._ends:
+            if ended is None:
+                self._watched = True  # not known: the attempt ends now
+            elif self._unwatched_end is None or ended > self._unwatched_end:
+                self._unwatched_end = ended
+
+
+def _children_of(pid: int, start: int, pidfd: int, seen: dict[int, int]) -> None:
+    """Add to ``seen`` the children of the live supervisor ``pid`` (started at ``start``),
+    each with its start time; nothing if it ended meanwhile (its pid may name another)."""
+    found = {child: process_start_time(child) for child in children(pid, pid) if child not in seen}
+    if select.select([pidfd], [], [], 0)[0]:
+        return  # it ended while they were read: what was read may be another's
+    seen.update({child: at for child, at in found.items() if at is not None and at >= start})
 
 
 def _outcome(record: dict[str, Any]) -> ProcessOutcome:
@@ -747,8 +816,11 @@ def _run_unit(
     and start time; ``spares``: its record's file, made ahead."""
     clock = SystemClock()
     me, start = itself
+    # The run's token, in its processes' environment: should this supervisor die, a daemon
+    # finds what the unit left running by it (``Supervised._ended_unseen``).
+    token = new_token()
     began = {"pid": me, "pid_start": start, "host": request.host,
-             "started_at": rfc3339(clock.now())}  # fmt: skip
+             "started_at": rfc3339(clock.now()), "tree": token}  # fmt: skip
     try:
         if not Jobs.begin_unit(request.job, request.key, began, spares=spares):
             _answer(reply, ("taken", None))
@@ -773,7 +845,7 @@ def _run_unit(
             request.argv, cwd=Path(request.cwd), env=request.env, log=log, clock=clock,
             timeout=request.timeout, kill_grace=request.kill_grace, cancel=unit.cancel,
             on_spawn=lambda pid: _answer(reply, ("spawned", (me, pid))), run_as=request.run_as,
-            label=request.label, switch_in_place=True,
+            label=request.label, switch_in_place=True, token=token,
         )  # fmt: skip
         ended = {
             "exit_code": outcome.exit_code,

@@ -41,7 +41,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,6 +68,9 @@ _RESTORED = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
 _LIBC_INTERNAL = (1 << 31) | (1 << 32)
 #: The exit status of a process that became a job's user for a start and could not come back.
 _CANNOT_SWITCH_BACK = 71  # EX_OSERR
+#: Indexes into the fields of /proc/<pid>/stat after the command name (man 5 proc: pgrp is
+#: field 5, session 6, starttime 22).
+_PGRP, _SESSION, _START = 2, 3, 19
 
 
 class RunAs(NamedTuple):
@@ -155,6 +158,11 @@ class Processes:
         )  # fmt: skip
 
 
+def new_token() -> str:
+    """A run's ``SPOOLD_PROCESS_TREE`` value: random, so that no other run's processes carry it."""
+    return os.urandom(8).hex()
+
+
 def adopt_orphans() -> bool:
     """Make this process the parent of every orphan its runs leave (a child subreaper).
 
@@ -181,14 +189,17 @@ def run_process(
     run_as: RunAs | None = None,
     label: str = "the job",
     switch_in_place: bool = False,
+    token: str | None = None,
 ) -> ProcessOutcome:
     """Run ``argv`` to its end, writing its output into ``log``; nothing it started outlives it.
 
     ``label`` names it in the log's lines about its end ("the job", "hook post_run").
     ``switch_in_place``: the caller is a process of its own for runs (a supervisor), which may
-    become ``run_as`` for the moment of the start (see ``_switched``).
+    become ``run_as`` for the moment of the start (see ``_switched``). ``token``: the run's
+    ``SPOOLD_PROCESS_TREE`` (``new_token``), when the caller records it before the start (a
+    supervisor, for a next daemon to find what the run left should the supervisor die).
     """
-    token = os.urandom(8).hex()
+    token = token or new_token()
     environment = {**env, TREE_VARIABLE: token}
     if run_as is not None:
         environment.update(run_as.environment())
@@ -557,6 +568,83 @@ class _Trees:
             elif token is None and not any(_started_by(r, info) for r in live.values()):
                 found.append(info)
         return found
+
+
+def end_left_running(environment: str | None, firsts: Iterable[tuple[int, int]] = ()) -> int:
+    """SIGKILL what a run left running once nothing watches it any more (its supervisor died,
+    the worker that ran it is gone), and wait until it is gone; return how many were ended.
+
+    The run's processes are those whose environment holds ``environment`` ("NAME=value":
+    the run's ``SPOOLD_PROCESS_TREE``, the job's ``SPOOLD_JOB_DIR``), those below them, and
+    the members of the groups and sessions that these or ``firsts`` lead: processes of the
+    run by pid and start time, as a record or a look at the run's supervisor knew them (an
+    environment may be out of reach: another user's, or cleared). A pid is never taken at its
+    word. One that names a live process started at another time was reused, and it, its group
+    and its session are someone else's; the id of a group or a session whose leader has ended
+    cannot be reused while it has members, which are the run's. Each process is signalled
+    through a pidfd opened while its start time still matched: never a process that took the
+    pid of one that ended meanwhile.
+    """
+    mine = os.getpid()
+    killed: set[int] = set()
+    give_up = time.monotonic() + _KILL_WAIT
+    while True:
+        left = [info for info in _left_running(environment, firsts) if info.pid != mine]
+        killed.update(info.pid for info in left if _kill_exactly(info))
+        if not left or time.monotonic() > give_up:
+            return len(killed)
+        time.sleep(0.002)  # a signal is delivered asynchronously
+
+
+def _left_running(environment: str | None, firsts: Iterable[tuple[int, int]]) -> list[ProcessInfo]:
+    """The live processes of a run that nothing watches (see ``end_left_running``)."""
+    carriers = [] if environment is None else procfs.processes_with_environment(environment)
+    # Group or session ids that are the run's, with the start of the process whose pid each is.
+    leaders: dict[int, int] = {}
+    for pid, start in firsts:
+        if procfs.process_start_time(pid) in (None, start):  # the same process, or ended
+            leaders[pid] = start
+    for pid in carriers:
+        if (began := procfs.process_start_time(pid)) is not None:
+            leaders[pid] = began
+    roots = [pid for pid, start in leaders.items() if procfs.process_start_time(pid) == start]
+    pids = dict.fromkeys(roots + procfs.descendants(roots))
+    if leaders:
+        member = functools.partial(_led_by, leaders)
+        pids.update(dict.fromkeys(procfs.processes_matching("stat", member)))
+    found = [procfs.process_info(pid) for pid in pids]
+    return [info for info in found if info is not None and not info.zombie]
+
+
+def _led_by(leaders: Mapping[int, int], stat: bytes) -> bool:
+    """Whether the process of /proc/<pid>/stat ``stat`` is in a group or a session of
+    ``leaders`` and started no earlier than its leader (a later group of the same id would
+    be another's, made once the run's had no member left)."""
+    try:
+        fields = stat.rsplit(b")", 1)[1].split()
+        group, session, start = int(fields[_PGRP]), int(fields[_SESSION]), int(fields[_START])
+    except (IndexError, ValueError):
+        return False
+    return any(
+        (led := leaders.get(leader)) is not None and start >= led for leader in (group, session)
+    )
+
+
+def _kill_exactly(info: ProcessInfo) -> bool:
+    """SIGKILL ``info``'s process if its pid still names it (not one started since)."""
+    try:
+        pidfd = os.pidfd_open(info.pid)
+    except OSError:
+        return False  # ended meanwhile
+    try:
+        if procfs.process_start_time(info.pid) != info.start:
+            return False  # the pid was reused before the pidfd was opened
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:  # ended meanwhile, or not ours to signal
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def _started_by(run: _Tree, info: ProcessInfo) -> bool:

@@ -27,12 +27,7 @@ from spoold.core.documents import load_document
 from spoold.core.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog
-from spoold.core.procfs import (
-    boot_id,
-    group_members,
-    process_start_time,
-    processes_with_environment,
-)
+from spoold.core.procfs import boot_id, process_start_time
 from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import generations
@@ -41,6 +36,7 @@ from spoold.executors.base import Executor
 from spoold.out.outbox import Callbacks
 from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.ledger import JobLedger, Listener
+from spoold.run.process import end_left_running
 
 
 @dataclass(frozen=True)
@@ -274,20 +270,14 @@ class Recovery:
             # Its daemon is gone, and so must it be before the job moves on.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(worker, signal.SIGKILL)
+        # Its first process by the lease (a pid that names another process now is left
+        # alone), and those no lease names, by their environment: spawned just before a
+        # crash, gone from the group, or a hook's or a step's.
         pid, start = lease.get("job_pid"), lease.get("job_pid_start")
-        members = set()
-        if isinstance(pid, int):
-            members.update(group_members(pid, int(start) if start is not None else None))
-        # Also those no lease names: spawned just before a crash, or gone from the group.
-        members.update(processes_with_environment(f"SPOOLD_JOB_DIR={job.location}"))
-        members.discard(os.getpid())
-        for member in sorted(members):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(member, signal.SIGKILL)
-        if members:
-            self._logger.warning(
-                "killed %d leftover process(es) of job %s", len(members), job.job_id
-            )
+        first = [(pid, start)] if isinstance(pid, int) and isinstance(start, int) else []
+        killed = end_left_running(f"SPOOLD_JOB_DIR={job.location}", first)
+        if killed:
+            self._logger.warning("killed %d leftover process(es) of job %s", killed, job.job_id)
 
 
 def _alive(pid: object, start: object) -> bool:

@@ -536,6 +536,8 @@ class JobRunner:
         old = self._spool.jobs.read_lease(run.job) or {}
         if isinstance(old.get("workdir"), str):
             run.workdir = Path(old["workdir"])
+        # Its process goes on: the new lease names it, for an end should its supervisor die.
+        run.lease.update(job_pid=old.get("job_pid"), job_pid_start=old.get("job_pid_start"))
         gone = f"{old.get('worker')} (pid {old.get('pid')} on {old.get('host')})"
         log.info(
             f"attempt {number} adopted on {self._config.hostname} by {self._config.worker_id}: "
@@ -632,10 +634,10 @@ class JobRunner:
         status.result = dict(result.result)
         state, error = self._outcome(run, spec, result)
         now = self._clock.now()
+        # Ended while no daemon watched (adopted): its end as recorded, not this adoption's.
+        ended = processes.ended_unwatched() or now
         if state is JobState.PENDING:
-            log.error(
-                "interrupted: spoold is stopping; the job goes back to pending (on_interrupt: requeue)"
-            )
+            log.error(f"{error}; the job goes back to pending (on_interrupt: requeue)")
         else:
             code = "" if result.exit_code is None else f" (exit code {result.exit_code})"
             (log.info if state is JobState.SUCCEEDED else log.error)(
@@ -647,15 +649,15 @@ class JobRunner:
         if state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code):
             wait = retry.delay(attempt.number, self._draw)
             due = now + timedelta(seconds=wait)
-            status.end_attempt(now, JobState.PENDING, result.exit_code, error, retryable=retryable,
-                               usage=result.usage)  # fmt: skip
+            status.end_attempt(ended, JobState.PENDING, result.exit_code, error,
+                               retryable=retryable, usage=result.usage)  # fmt: skip
             status.next_attempt_at = rfc3339(due)
             log.info(
                 f"retrying in {format_duration(wait)}: attempt {attempt.number + 1} of "
                 f"{retry.attempts} is due at {status.next_attempt_at}"
             )
             return JobState.PENDING
-        status.end_attempt(now, state, result.exit_code, error, retryable=retryable,
+        status.end_attempt(ended, state, result.exit_code, error, retryable=retryable,
                            usage=result.usage)  # fmt: skip
         if hooks is not None and state is not JobState.PENDING:  # the job's end, not an attempt's
             final = "on_success" if state is JobState.SUCCEEDED else "on_failure"
