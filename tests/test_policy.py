@@ -510,3 +510,10 @@ def test_submit_and_validate_check_as_their_caller_who_is_then_the_submitter(
         json.loads(run_cli(package_spool, "status", "billed", "--json").stdout)["submitter_uid"]
         == DAEMON.pw_uid
     )
+
+
+@pytest.mark.parametrize("name", ["uid:²", "²", "uid:٣"])
+def test_a_user_named_by_digits_of_another_script_is_no_user(name: str) -> None:
+    """`spoold validate --as uid:²` said "invalid literal for int()": '²'.isdigit()."""
+    with pytest.raises(ValueError, match="there is no user"):
+        Submitter.named(name)

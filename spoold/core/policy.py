@@ -100,7 +100,7 @@ class Submitter(NamedTuple):
     def named(cls, text: str) -> Submitter:
         """A user given by name, by number or as ``uid:N``; ValueError if there is none such."""
         number = text.removeprefix("uid:")
-        if number.isdigit():
+        if number.isascii() and number.isdigit():  # not '²', which int() refuses
             return cls.of_uid(int(number))
         try:
             entry = pwd.getpwnam(text)

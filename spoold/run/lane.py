@@ -117,7 +117,7 @@ class Lane:
                     f"run_as: spoold cannot switch users here, so not to {run_as!r}"
                 )
             return None if user.uid == os.geteuid() else user
-        index = int(slot) if slot.isdigit() else sum(map(ord, slot))
+        index = int(slot) if slot.isascii() and slot.isdigit() else sum(map(ord, slot))
         return self._users[index % len(self._users)]
 
     def spares(self, host: str) -> Spares:
