@@ -195,19 +195,29 @@ def _connect(paramiko: Any, ctx: RunContext) -> Any:
     product = ctx.product
     host, port, user = str(product["host"]), int(product.get("port", 22)), product.get("user")
     where = f"{host}:{port}"
-    known = Path(str(product.get("known_hosts") or "~/.ssh/known_hosts")).expanduser()
+    # spoold's own known_hosts (the operator's: ``executors: {ssh: {known_hosts: PATH}}``) is
+    # the one trust on first use writes. One a job names is read, never written: with it, a
+    # job made spoold overwrite any file spoold's user may write (a job's status.json).
+    own = Path(str(ctx.settings.get("known_hosts") or "~/.ssh/known_hosts")).expanduser()
+    named = Path(str(product["known_hosts"])).expanduser() if product.get("known_hosts") else None
+    known = named or own
+    first_use = bool(ctx.settings.get("trust_on_first_use"))
     client = paramiko.SSHClient()
-    if ctx.settings.get("trust_on_first_use") and not known.exists():
-        known.parent.mkdir(parents=True, exist_ok=True)
-        known.touch(mode=0o600)
+    if first_use and not own.exists():
+        own.parent.mkdir(parents=True, exist_ok=True)
+        own.touch(mode=0o600)
     try:
-        client.load_host_keys(str(known))
-    except (OSError, paramiko.SSHException) as exc:
+        if named is not None:
+            client.load_system_host_keys(str(named))  # read only: paramiko saves none of it
+        if named is None or first_use:
+            client.load_host_keys(str(own))  # where a key trusted on first use is kept
+    except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as exc:
+        # A line paramiko cannot read is an InvalidHostKey, no SSHException.
         raise ExecutorError(f"ssh: cannot read known_hosts {known}: {exc}") from exc
     # No trust on first use, unless the operator's config says so (``executors: {ssh:
     # {trust_on_first_use: true}}``): a host key spoold has not been told about fails the job.
     # A changed key fails either way.
-    if ctx.settings.get("trust_on_first_use"):
+    if first_use:
 
         class TrustOnFirstUse(paramiko.AutoAddPolicy):  # type: ignore[misc]
             """Keeps the key in known_hosts (paramiko saves it there) and says so in the log."""
@@ -216,7 +226,7 @@ def _connect(paramiko: Any, ctx: RunContext) -> Any:
                 super().missing_host_key(client, hostname, key)
                 ctx.log.info(
                     f"ssh: trusted {hostname} on first use: {key.get_name()} "
-                    f"{key.fingerprint}, kept in {known}"
+                    f"{key.fingerprint}, kept in {own}"
                 )
 
         client.set_missing_host_key_policy(TrustOnFirstUse())

@@ -182,13 +182,14 @@ def test_a_changed_host_key_fails_the_job(sshd: SshServer, tmp_path: Path) -> No
 
 
 def test_trust_on_first_use_only_when_the_config_says_so(sshd: SshServer, tmp_path: Path) -> None:
-    known = tmp_path / "new" / "known_hosts"  # not there yet
-    trusting = {"trust_on_first_use": True}
-    product = sshd.product(commands="echo ran", known_hosts=str(known))
-    result, log, _ = _run(tmp_path, product, settings=trusting)
+    known = tmp_path / "new" / "known_hosts"  # spoold's own, the config's: not there yet
+    trusting = {"trust_on_first_use": True, "known_hosts": str(known)}
+    unnamed = {k: v for k, v in sshd.product(commands="echo ran").items() if k != "known_hosts"}
+    result, log, _ = _run(tmp_path, unnamed, settings=trusting)
     assert result.succeeded, log.text()
     assert f"trusted [127.0.0.1]:{sshd.port} on first use" in log.text()
     assert known.read_text().startswith(f"[127.0.0.1]:{sshd.port} ")
+    product = sshd.product(commands="echo ran", known_hosts=str(known))
     result, log, _ = _run(tmp_path, product)  # now known: no trust needed
     assert result.succeeded and "on first use" not in log.text()
     # A changed key fails even so.
@@ -391,3 +392,30 @@ def test_without_paramiko_the_error_names_the_extra(
     result, _, _ = _run(tmp_path, {"host": "127.0.0.1", "commands": "true"})
     assert result.exit_code is None
     assert result.error is not None and "pip install spoold[ssh]" in result.error
+
+
+def test_a_known_hosts_a_job_names_is_read_never_written(sshd: SshServer, tmp_path: Path) -> None:
+    """With trust on first use, a job's own known_hosts was where its key was written: a job
+    naming another job's status.json made spoold overwrite it (and the spool unreadable), and
+    a path of new directories had them made. The key goes to spoold's own file."""
+    own = tmp_path / "spoold_known_hosts"
+    victim = tmp_path / "status.json"
+    victim.write_text('{"state": "succeeded"}')
+    trusting = {"trust_on_first_use": True, "known_hosts": str(own)}
+    for named in (victim, tmp_path / "made" / "a" / "known_hosts"):
+        product = sshd.product(commands="echo ran", known_hosts=str(named))
+        result, log, _ = _run(tmp_path, product, settings=trusting)
+        if named == victim:
+            assert result.succeeded, log.text()  # trusted, and kept in spoold's own file
+        assert victim.read_text() == '{"state": "succeeded"}'
+    assert not (tmp_path / "made").exists()
+    assert own.read_text().startswith(f"[127.0.0.1]:{sshd.port} ")
+
+
+def test_a_known_hosts_paramiko_cannot_read_fails_clearly(sshd: SshServer, tmp_path: Path) -> None:
+    bad = tmp_path / "known_hosts"
+    bad.write_text("important = yes\n")
+    result, _, _ = _run(tmp_path, sshd.product(commands="true", known_hosts=str(bad)))
+    assert result.error is not None and result.error.startswith(
+        f"ssh: cannot read known_hosts {bad}"
+    )
