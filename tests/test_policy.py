@@ -517,3 +517,56 @@ def test_a_user_named_by_digits_of_another_script_is_no_user(name: str) -> None:
     """`spoold validate --as uid:²` said "invalid literal for int()": '²'.isdigit()."""
     with pytest.raises(ValueError, match="there is no user"):
         Submitter.named(name)
+
+
+# -- paths of this host --------------------------------------------------------------------------
+
+
+def test_a_host_path_a_job_names_must_be_among_the_submitters_host_paths(tmp_path: Path) -> None:
+    """A submitter allowed docker mounted / (read the secrets, wrote as root), the engine's
+    socket, the spool; allowed ssh, logged in with a key of secrets_dir as its keyfile. The
+    paths of this host a job names are the policy's to allow, as its secrets are."""
+    allowed = tmp_path / "data"
+    (allowed / "in").mkdir(parents=True)
+    (allowed / "out").symlink_to("/")
+    policy = {"users": {"daemon": {"executors": ["docker", "ssh"],
+                                   "host_paths": [f"{allowed}/*"]}}}  # fmt: skip
+    spool, intake = make_intake(tmp_path, policy)
+    mounts = ["/:/host", "/var/run/docker.sock:/s", f"{allowed}/in:/in", "cache:/cache",
+              f"{allowed}/out:/out", f"{allowed}/in/../../..:/up", "${DIR}:/d"]  # fmt: skip
+    docker = yaml.safe_dump({"executor": "docker", "variables": {"DIR": "/"},
+                             "product": {"image": "x", "script": "y", "mounts": mounts}})  # fmt: skip
+    given = f"(the config's policy gives daemon the host paths: {allowed}/*)"
+    may_not = "submitter daemon may not use the host path"
+    assert refusal(by_daemon(intake, spool, "d.yaml", docker)) == [
+        ("product.mounts[0]", 5, f"{may_not} '/': it is not among their host paths {given}"),
+        ("product.mounts[1]", 6,
+         f"{may_not} '/var/run/docker.sock': it is not among their host paths {given}"),
+        ("product.mounts[4]", 9, f"{may_not} '{allowed}/out': it leads to / {given}"),
+        ("product.mounts[5]", 10,
+         f"{may_not} '{allowed}/in/../../..': it is not among their host paths {given}"),
+        ("product.mounts[6]", 11, f"{may_not} '${{DIR}}': a variable or a secret in it is known "
+                                  f"only when the job runs {given}"),
+    ]  # fmt: skip
+    ssh = yaml.safe_dump({"executor": "ssh", "product": {
+        "host": "127.0.0.1", "commands": "true", "keyfile": "/etc/spoold/secrets/deploy",
+        "known_hosts": f"{allowed}/in/known_hosts"}})  # fmt: skip
+    assert [path for path, _, _ in refusal(by_daemon(intake, spool, "s.yaml", ssh))] == [
+        "product.keyfile"
+    ]
+    fine = yaml.safe_dump({"executor": "docker", "product": {
+        "image": "x", "script": "y", "mounts": [f"{allowed}/in:/in:ro", "cache:/cache"]}})  # fmt: skip
+    assert status_of(by_daemon(intake, spool, "ok.yaml", fine))["submitter"] == "daemon"
+
+
+def test_without_host_paths_a_policy_allows_volumes_only_and_no_policy_limits_no_one(
+    tmp_path: Path,
+) -> None:
+    text = yaml.safe_dump({"executor": "docker", "product": {
+        "image": "x", "script": "y", "mounts": ["/srv:/srv", "cache:/cache"]}})  # fmt: skip
+    spool, intake = make_intake(tmp_path / "a", {"users": {"daemon": {"executors": ["docker"]}}})
+    assert [p for p, _, _ in refusal(by_daemon(intake, spool, "d.yaml", text))] == [
+        "product.mounts[0]"
+    ]
+    spool, intake = make_intake(tmp_path / "b", None)
+    assert status_of(by_daemon(intake, spool, "d.yaml", text))["submitter"] == "daemon"

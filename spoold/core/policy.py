@@ -1,5 +1,5 @@
-"""The submitter policy (``policy:`` in the config): which executors, ``run_as`` users and secrets
-a submitter may use, and who the submitter is.
+"""The submitter policy (``policy:`` in the config): which executors, ``run_as`` users, secrets and
+paths of this host a submitter may use, and who the submitter is.
 
 A subject is a user, a group or an HTTP API token (by its name); each names rules of glob
 patterns. A submitter's rights are the union of the rules naming their user, any of their groups
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from spoold.core.errors import ConfigError
 
 #: What a rule may limit, as the config names it.
-KINDS = ("executors", "run_as", "secrets")
+KINDS = ("executors", "run_as", "secrets", "host_paths")
 
 
 class Rules(NamedTuple):
@@ -33,6 +33,9 @@ class Rules(NamedTuple):
     executors: tuple[str, ...] = ()
     run_as: tuple[str, ...] = ()
     secrets: tuple[str, ...] = ()
+    #: Paths of this host a job may name: a container's bind mount, an ssh keyfile or
+    #: known_hosts (``/srv/data/*``; ``*`` matches ``/`` too).
+    host_paths: tuple[str, ...] = ()
 
     @classmethod
     def from_document(cls, document: Any, key: str) -> Rules:
@@ -52,7 +55,8 @@ class Rules(NamedTuple):
         return cls(**found)
 
     def allows(self, kind: str, name: str) -> bool:
-        """Whether ``name`` (an executor, a user, a secret) matches one of ``kind``'s patterns."""
+        """Whether ``name`` (an executor, a user, a secret, a path) matches one of ``kind``'s
+        patterns."""
         patterns: tuple[str, ...] = getattr(self, kind)
         return any(fnmatchcase(name, pattern) for pattern in patterns)
 

@@ -11,8 +11,10 @@ And who the submitter is: the owner of a dropped file, unless others could have 
 from __future__ import annotations
 
 import grp
+import os
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from spoold.core.documents import DocPath
@@ -24,7 +26,10 @@ from spoold.core.spool import FileOwner
 PolicyProblem = tuple[str, DocPath, bool]
 
 _SECRET = re.compile(rf"\$\{{secret:({SECRET_NAME.pattern})\}}")
-_WHAT = {"executors": "executors", "run_as": "run_as users", "secrets": "secrets"}
+_WHAT = {"executors": "executors", "run_as": "run_as users", "secrets": "secrets",
+         "host_paths": "host paths"}  # fmt: skip
+#: A product's fields that name a path of this host, given the docker, swarm and ssh executors.
+_PATH_FIELDS = ("keyfile", "known_hosts")
 
 
 def policy_problems(
@@ -59,7 +64,48 @@ def policy_problems(
     for name, path in dict.fromkeys(secret_references(document)):
         if not rules.allows("secrets", name):
             problems.append((f"{who} may not use secret {name!r} {given('secrets')}", path, False))
+    for text, path in host_paths(document):
+        if why := _host_path_refused(text, rules):
+            problems.append((f"{who} may not use the host path {text!r}: {why} "
+                             f"{given('host_paths')}", path, False))  # fmt: skip
     return problems
+
+
+def host_paths(document: Mapping[str, Any]) -> Iterator[tuple[str, DocPath]]:
+    """Each path of this host the job's products name, with its place: a bind mount's source
+    (``SRC:DST``; a volume's name is no path), an ssh ``keyfile`` or ``known_hosts``. Through
+    these a container reaches the host's files and the engine's (root's) rights, and ssh reads
+    a key or writes known_hosts, as spoold's user, wherever they point."""
+    products: list[tuple[Any, DocPath]] = [(document.get("product"), ("product",))]
+    for number, step in enumerate(document.get("steps") or ()):
+        if isinstance(step, Mapping):
+            products.append((step.get("product"), ("steps", number, "product")))
+    for product, where in products:
+        if not isinstance(product, Mapping):
+            continue
+        for index, mount in enumerate(product.get("mounts") or ()):
+            source = str(mount).split(":", 1)[0]
+            # A variable may make a volume's name a path when the job runs: judged as one.
+            if source.startswith(("/", "~", "$")):
+                yield source, (*where, "mounts", index)
+        for field in _PATH_FIELDS:
+            if isinstance(value := product.get(field), str):
+                yield value, (*where, field)
+
+
+def _host_path_refused(text: str, rules: Rules) -> str | None:
+    """Why ``rules`` do not allow the host path ``text``, or None: the path as written out and
+    where it leads now (links followed) must both match; one known only when the job runs
+    (``${...}``) cannot be judged, and is not allowed."""
+    if "${" in text:
+        return "a variable or a secret in it is known only when the job runs"
+    expanded = Path(text).expanduser()  # as the executor reads it: spoold's own home
+    written, leads = os.path.normpath(expanded), os.path.realpath(expanded)
+    if not rules.allows("host_paths", written):
+        return "it is not among their host paths"
+    if not rules.allows("host_paths", leads):
+        return f"it leads to {leads}"
+    return None
 
 
 def secret_references(value: Any, path: DocPath = ()) -> Iterator[tuple[str, DocPath]]:
