@@ -11,8 +11,9 @@ import yaml
 
 from spoold.core.config import ApiSettings, Config, NotifyTarget, load_config
 from spoold.core.errors import CallbackError, ConfigError
-from spoold.out.messages import DIGEST_LIST, mail, webhook_body
+from spoold.out.messages import DIGEST_LIST, mail, url_shown, webhook_body
 from spoold.out.notices import Notices, job_link, target_id
+from spoold.out.notify import describe
 
 
 def item(job_id: str = "backup-7", **changes: Any) -> dict[str, Any]:
@@ -144,6 +145,9 @@ def test_the_config_reads_targets_the_mail_server_and_the_window(tmp_path: Path)
     assert chat.on == frozenset({"failed", "rejected"}) and chat.format == "slack"
     tls = load_config(write(tmp_path, mail={"host": "h", "security": "tls"}), env={})
     assert tls.notify.mail is not None and tls.notify.mail.port == 465
+    for relay in ("127.0.0.1", "localhost", "::1", "127.0.0.53"):
+        plain = load_config(write(tmp_path, mail={"host": relay, "security": "none"}), env={})
+        assert plain.notify.mail is not None and plain.notify.mail.security == "none"
     assert Config().notify.window == 300.0 and Config().notify.defaults == ()
 
 
@@ -163,6 +167,20 @@ def test_the_config_reads_targets_the_mail_server_and_the_window(tmp_path: Path)
         ({"mail": {"host": "h", "user": "u"}}, "mail"),
         ({"mail": {"host": "h", "user": "u", "password_secret": "../x"}}, "mail.password_secret"),
         ({"notify_window": "soon"}, "notify_window"),
+        # A login without TLS sent the password in clear (AUTH PLAIN), to any host.
+        (
+            {
+                "mail": {
+                    "host": "127.0.0.1",
+                    "security": "none",
+                    "user": "u",
+                    "password_secret": "smtp",
+                }
+            },
+            "mail.user: a login goes only over TLS",
+        ),
+        ({"mail": {"host": "10.0.0.1", "security": "none"}}, "mail.security: none is for a relay"),
+        ({"mail": {"host": "smtp.example.net", "security": "none"}}, "on loopback"),
     ],
 )
 def test_an_invalid_notification_config_names_the_key(
@@ -199,3 +217,22 @@ def test_a_target_is_known_by_where_it_goes_and_the_link_by_the_api() -> None:
     )
     public = config._replace(api=ApiSettings(public_url="https://spoold.test"))
     assert job_link(public, "j") == "https://spoold.test/jobs/j"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://admin:PLAINPW@127.0.0.1:8099/err/KEY?sig=Q", "http://127.0.0.1:8099"),
+        ("https://hooks.example.net/services/T0/B0/SECRETPATH", "https://hooks.example.net"),
+        ("http://[::1]:80/x", "http://[::1]:80"),
+        ("http://user@host:notaport/x", "http://host"),
+        ("not a url", "a URL without a host"),
+    ],
+)
+def test_a_url_in_spoolds_log_is_its_scheme_host_and_port(url: str, shown: str) -> None:
+    """A webhook's or a callback's credentials were written to spoold's log: a notification
+    target by its netloc (user:password@host), a callback's failures by the whole URL, its
+    path and query (often the hook's key) on every retry."""
+    assert url_shown(url) == shown
+    target = NotifyTarget("webhook", url=url, format="slack")
+    assert describe(target) == f"slack webhook at {shown}"

@@ -226,6 +226,19 @@ def _notify_target(entry: Any, key: str) -> NotifyTarget:
     return NotifyTarget("webhook", url=url, format=str(form), on=on)
 
 
+def _loopback(host: object) -> bool:
+    """Whether ``host`` names this host's loopback: ``localhost``, 127.0.0.0/8 or ::1."""
+    import ipaddress  # noqa: PLC0415 - only for a mail server without TLS
+
+    text = str(host).strip("[]")
+    if text == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
 class MailSettings(NamedTuple):
     """The SMTP server notifications are mailed through (``mail:`` in the config)."""
 
@@ -260,6 +273,17 @@ class MailSettings(NamedTuple):
         secret = document.get("password_secret")
         if (user is None) != (secret is None):
             raise ConfigError("key mail.user: a login needs both user and password_secret")
+        host = document["host"]
+        if security == "none" and user is not None:
+            raise ConfigError(
+                "key mail.user: a login goes only over TLS: with security: none the password "
+                "would cross the network as it is (security: starttls or tls)"
+            )
+        if security == "none" and not _loopback(host):
+            raise ConfigError(
+                f"key mail.security: none is for a relay on loopback, not {host!r}: mail "
+                "would cross the network unencrypted (security: starttls or tls)"
+            )
         if secret is not None:
             from spoold.core.secrets import NAME_RULE, SECRET_NAME  # noqa: PLC0415
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import urlsplit
 
 #: A digest lists at most this many jobs; the rest are counted.
 DIGEST_LIST = 50
@@ -248,3 +249,18 @@ def _teams(items: Sequence[Item], window: float) -> dict[str, Any]:
 
 def _html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def url_shown(url: str) -> str:
+    """Where a URL goes, as spoold's log says it: its scheme, host and port; never the user and
+    password in it, nor its path and query, which often hold a webhook's key or a token."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host:
+        return "a URL without a host"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: nothing of it is said
+        port = None
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")

@@ -31,16 +31,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock
 from spoold.core.config import CallbackSettings, MailSettings, NotifySettings, NotifyTarget
-from spoold.core.errors import SpooldError
+from spoold.core.errors import NotifyError, SpooldError
 from spoold.core.outage import Outage
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import Spool
 from spoold.core.spool.fs import DirStamp, Relist
-from spoold.out.messages import mail, webhook_body
+from spoold.out.messages import mail, url_shown, webhook_body
 from spoold.out.notices import CHANGE, HELD, WINDOW, target_id
 from spoold.out.outbox import Callbacks, encode_record
 from spoold.out.threads import SenderThreads
@@ -329,7 +328,7 @@ class Notifier:
         mail = self._settings.mail
         if target.kind == "email":
             return f"smtp:{mail.host}:{mail.port}" if mail is not None else "smtp:"
-        return "http:" + (urlsplit(target.url).netloc or target.url[:40])
+        return "http:" + url_shown(target.url)
 
     def _own(self, name: str, now: float, left_to: set[str]) -> dict[str, Any] | None:
         """A notification file's record if this host sends it (adopted first from a host no
@@ -487,7 +486,7 @@ class Notifier:
             answer.close()
         except requests.RequestException as exc:
             # Not its words: they hold the URL, whose path is often the webhook's key.
-            raise OSError(f"{type(exc).__name__} posting to {urlsplit(url).netloc}") from None
+            raise OSError(f"{type(exc).__name__} posting to {url_shown(url)}") from None
         if not 200 <= answer.status_code < 300:
             raise OSError(f"HTTP {answer.status_code}")
 
@@ -509,7 +508,10 @@ def send_mail(
     with smtp:
         if settings.security == "starttls":
             smtp.starttls(context=context)
+        # Never without TLS (the config refuses it; this makes sure): a password in clear.
         if settings.user is not None and settings.password_secret is not None:
+            if settings.security == "none":
+                raise NotifyError("mail: no login without TLS (mail.security: none)")
             smtp.login(settings.user, secrets.read(settings.password_secret))
         smtp.send_message(message, from_addr=settings.sender, to_addrs=to)
 
@@ -520,4 +522,4 @@ def describe(target: NotifyTarget) -> str:
         return "mail to " + ", ".join(target.to)
     if target.url.startswith("${secret:"):
         return f"{target.format} webhook in {target.url[2:-1]}"
-    return f"{target.format} webhook at {urlsplit(target.url).netloc}"
+    return f"{target.format} webhook at {url_shown(target.url)}"

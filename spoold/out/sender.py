@@ -21,6 +21,7 @@ from spoold.core.outage import Outage
 from spoold.core.spool import Spool
 from spoold.core.spool.deliveries import is_delivery
 from spoold.core.spool.fs import DirStamp, Relist
+from spoold.out.messages import url_shown
 from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 from spoold.out.threads import SenderThreads
@@ -508,7 +509,7 @@ class Sender:
                 self._gone.add(name)
             self._logger.error(
                 "callback %s %s to %s: gave up after %d tries (%s); kept in outbox/failed/",
-                record["key"], record["event"], record["url"], tries, error,
+                record["key"], record["event"], url_shown(str(record["url"])), tries, error,
             )  # fmt: skip
             return
         wait = self._policy.delay(tries, self._draw)
@@ -522,7 +523,7 @@ class Sender:
         self._keep(name, record)  # before the post's end files its key again
         self._logger.warning(
             "callback %s %s to %s failed (%s); try %d again in %.0fs",
-            record["key"], record["event"], record["url"], error, tries + 1, wait,
+            record["key"], record["event"], url_shown(str(record["url"])), error, tries + 1, wait,
         )  # fmt: skip
 
     def _session(self) -> requests.Session:
