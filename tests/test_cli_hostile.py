@@ -228,3 +228,39 @@ def test_a_fifo_given_as_a_job_file_is_refused_not_waited_on(
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{fifo}: cannot read: it is a FIFO" in result.stderr
     assert os.listdir(spool_root / "incoming") == []
+
+
+@pytest.mark.parametrize("every", ["999999999d", "99999999999999999999999s", "3000000d"])
+def test_an_every_past_the_calendar_is_rejected_not_kept_in_incoming(
+    spool_root: Path, tmp_path: Path, every: str
+) -> None:
+    """`every: 999999999d` made intake fail on each try (OverflowError: date value out of
+    range), the file in incoming/ for good, and validate print a traceback."""
+    document = {**local_job("ev", "true"), "schedule": {"every": every}}
+    drop(spool_root, "ev.yaml", document)
+    [outcome] = take_incoming(spool_root)
+    assert isinstance(outcome, Rejected), outcome
+    assert "at most 315360000 seconds, 10 years" in outcome.reason["reason"]
+    job = tmp_path / "ev.yaml"
+    job.write_text(yaml.safe_dump(document))
+    result = run_cli(spool_root, "validate", str(job))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "schedule.every: must be at most 315360000 seconds" in result.stderr
+
+
+def test_a_file_spoolds_checks_fail_on_is_rejected_not_tried_for_ever(
+    spool_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a check of spoold's raises on a file (a bug: here a stand-in), the file goes
+    to rejected/ with the reason, where it was kept in incoming/ and tried again for ever."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ArithmeticError("a check that fails")
+
+    monkeypatch.setattr("spoold.intake.admission.Admission.admit", broken)
+    drop(spool_root, "odd.yaml", local_job("odd", "true"))
+    [outcome] = take_incoming(spool_root)
+    assert isinstance(outcome, Rejected), outcome
+    assert outcome.reason["code"] == "internal"
+    assert "ArithmeticError: a check that fails" in outcome.reason["reason"]
+    assert os.listdir(spool_root / "incoming") == []

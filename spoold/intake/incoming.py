@@ -497,6 +497,13 @@ class Intake:
             admitted = self._admission.admit(taken.data, name, now=now, submitter=submitter)
         except Refused as refused:
             return self._refuse(taken, refused, submitter)
+        except OSError:
+            raise  # the disk, the secrets: it may pass; the file is tried again
+        except Exception as exc:  # a file spoold's checks fail on: rejected, never tried forever
+            self._log.exception("judging %s failed", display_name(taken.name))
+            why = f"spoold could not judge the file ({type(exc).__name__}: {exc}); a bug in spoold"
+            return self._reject(taken, "internal", why, [ValidationIssue(why, "")],
+                                submitter=submitter)  # fmt: skip
         return admitted, submitter
 
     def submit(

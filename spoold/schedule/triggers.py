@@ -128,10 +128,16 @@ class ScheduleSpec:
         if self.every is not None:
             if self.every < 1:  # a run is named by its firing's second
                 raise ValueError("every: must be at least 1s")
+            if self.every > _LONGEST_EVERY:  # a date past the calendar's end: OverflowError
+                raise ValueError(f"every: must be at most {_LONGEST_EVERY:.0f} seconds, 10 years")
             period = timedelta(seconds=self.every)
             return EveryTrigger(period, start=self.start or anchor + period, end=self.end)
         assert self.cron is not None
         return cron_trigger(self.cron, timezone=self.timezone, start=self.start, end=self.end)
+
+
+#: The longest ``every:``: what every other duration of a job may be (admission's MAX_DURATION).
+_LONGEST_EVERY = 315_360_000.0
 
 
 def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
@@ -139,9 +145,11 @@ def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
     try:
         spec = ScheduleSpec.from_document(value)
         trigger = spec.trigger(now)
+        first = trigger.get_next_fire_time(None, now)
     except ValueError as exc:
         return str(exc)
-    first = trigger.get_next_fire_time(None, now)
+    except OverflowError:  # a time past what a date can say: no file may stop intake so
+        return "it names a time past the year 9999"
     if first is None or first - now > _HORIZON:
         return "it never fires (a date that does not exist, or a window in the past)"
     return None
