@@ -567,3 +567,30 @@ def test_change_files_coming_fast_list_a_backlog_a_tenth_of_the_time_at_most(
     assert bed.notifier._wait() == 0.0
     bed.notifier.tick(inline=True)
     assert any(n.startswith("_t.") for n in bed.outbox()), "split into its held notice"
+
+
+def test_a_window_the_callback_sender_meets_half_written_is_left_to_its_writer(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A target's window is prepared, then committed, by the notifier. The callback sender,
+    looking between the two, took it for a delivery its writer had left unfinished (it had no
+    ``created``): "its writer left it unfinished; the change was not made, dropped", with
+    every window (11 times in a probe's afternoon)."""
+    bed = Bed(spool, clock, tmp_path, None)
+    sender = Sender(spool, bed.callbacks, clock, CallbackSettings(), LOG)
+    commit = spool.deliveries.commit
+    looked: list[int] = []
+
+    def sender_looks_first(prepared: str, data: bytes) -> Any:
+        sender.changed(None)  # as outbox/'s watch tells it: look at all of it
+        looked.append(sender.tick())
+        return commit(prepared, data)
+
+    monkeypatch.setattr(spool.deliveries, "commit", sender_looks_first)
+    bed.fail("w", (webhook(receiver.url),))
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert bed.notifier.tick(inline=True) == 1
+    assert looked, "the sender looked while a record was prepared"
+    assert not [r for r in caplog.records if "left it unfinished" in r.getMessage()]
+    assert any(name.startswith("_w.host1.") for name in bed.outbox()), "the window is kept"

@@ -429,8 +429,10 @@ class Notifier:
     def _window(self, tid: str, now: float) -> None:
         """The target's window is open from now: written before its notices are removed, so
         that a restart neither forgets it nor sends them again but as a duplicate."""
+        # ``created``: while it is prepared, the callback sender tells it from one its writer
+        # left unfinished by its age (without it, every window was "left unfinished", dropped).
         record = {"kind": "window", "key": f"{WINDOW}{self._callbacks.host}.{tid}",
-                  "sequence": 0, "target_id": tid, "sent_at": now,
+                  "sequence": 0, "target_id": tid, "sent_at": now, "created": now,
                   "until": now + self._settings.window, "host": self._callbacks.host,
                   "condition": {}}  # fmt: skip
         data = encode_record(record)
