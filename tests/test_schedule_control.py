@@ -231,20 +231,24 @@ def test_run_now_makes_one_run_at_once_named_by_its_time(bench: Bench) -> None:
     asked_at = bench.clock.now()
     run = run_now(bench.spool, "beat", who=BOB, now=asked_at)
     assert run == _run_of("beat", asked_at)
-    assert run_now(bench.spool, "beat", who=ALICE, now=asked_at) == run, "same second, one run"
+    # Asked again in that second: a run of its own, named by the next second (three in one
+    # second were one run, and each caller was told "asked for").
+    again = run_now(bench.spool, "beat", who=ALICE, now=asked_at)
+    assert again == _run_of("beat", asked_at + timedelta(seconds=1)), "a run of its own"
     assert schedule_row(bench.spool, "beat", now=asked_at)["run_now_asked"] == [
-        {"run_id": run, "by": BOB, "at": rfc3339(asked_at)}
+        {"run_id": run, "by": BOB, "at": rfc3339(asked_at)},
+        {"run_id": again, "by": ALICE, "at": rfc3339(asked_at)},
     ]
-    assert bench.queued == [], "the daemon makes it, at its sync"
+    assert bench.queued == [], "the daemon makes them, at its sync"
     assert wake_daemon(bench.spool, "host1") is False, "none runs here: it acts when it starts"
 
     bench.clock.advance(0.01)
     bench.scheduler.sync()
-    assert bench.queued == [run] and bench.runs("beat") == [run]
+    assert bench.queued == [run, again] and bench.runs("beat") == [run, again]
     assert bench.lags == [], "a run now is no firing: no lag"
     made = bench.status(run)
     assert (made["schedule"], made["state"]) == ("beat", "pending")
-    assert bench.status("beat")["runs"][-1] == {"run_id": run, "fired_at": rfc3339(
+    assert bench.status("beat")["runs"][-2] == {"run_id": run, "fired_at": rfc3339(
         asked_at.replace(microsecond=0)), "requested_by": BOB}  # fmt: skip
     assert schedule_row(bench.spool, "beat", now=bench.clock.now())["run_now_asked"] == []
     log = bench.spool.jobs.read_log(bench.spool.jobs.get(run)).read().decode()
@@ -252,7 +256,7 @@ def test_run_now_makes_one_run_at_once_named_by_its_time(bench: Bench) -> None:
 
     bench.scheduler.sync()
     bench.at(_firing(1), "beat")
-    assert bench.queued == [run, _run_of("beat", _firing(1))], "the firings go on as before"
+    assert bench.queued == [run, again, _run_of("beat", _firing(1))], "the firings go on"
 
 
 def test_a_run_now_request_seen_twice_makes_one_run(bench: Bench, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.triggers.base import BaseTrigger
@@ -78,10 +78,12 @@ def schedule_row(spool: Spool, job_id: str, *, now: datetime | None = None) -> d
 
 def run_now(spool: Spool, job_id: str, *, who: str, now: datetime | None = None) -> str:
     """Ask for one run of a schedule now, paused or not; return the id it has: ``<id>@<now's
-    UTC second>``, named as a firing is. Asked twice in one second (or in the second of a
-    firing), it is that one run. The daemon makes it at its next sync, applying the schedule's
-    overlap rule as for a firing; ``InvalidTransition`` at once when that rule would skip it
-    (``overlap: skip`` and a run still going)."""
+    UTC second>``, named as a firing is, or the first second after it that names no run yet:
+    each request is a run of its own (three asked for in one second were one, each told it
+    was asked for). The daemon makes it at its next sync, applying the schedule's overlap
+    rule as for a firing; ``InvalidTransition`` at once when that rule would skip it
+    (``overlap: skip`` and a run still going), or when the next minute's seconds all name a
+    run already."""
     moment = now or datetime.now(UTC)
     schedule = _schedule(spool, job_id)
     status = read_status(spool, schedule)
@@ -91,11 +93,22 @@ def run_now(spool: Spool, job_id: str, *, who: str, now: datetime | None = None)
             f"schedule {job_id}: run {going[-1]} is still going and its overlap rule (skip) "
             "would skip a run now; try again once it has ended"
         )
-    run = run_id(job_id, moment)
-    record = {"by": who, "at": rfc3339(moment), "run_id": run}
-    with _asking(job_id):
-        spool.jobs.request_run_now(schedule, run, record)  # False: asked already, same run
-    return run
+    for ahead in range(RUN_NOW_SECONDS):
+        run = run_id(job_id, moment + timedelta(seconds=ahead))
+        if spool.jobs.find(run) is not None:
+            continue  # a firing's, or one asked for before and made
+        record = {"by": who, "at": rfc3339(moment), "run_id": run}
+        with _asking(job_id):
+            if spool.jobs.request_run_now(schedule, run, record):  # False: asked for already
+                return run
+    raise InvalidTransition(
+        f"schedule {job_id}: {RUN_NOW_SECONDS} runs were asked for in the last minute, one a "
+        "second; try again in a moment"
+    )
+
+
+#: How many seconds ahead of the asking a run asked for may be named, one run each.
+RUN_NOW_SECONDS = 60
 
 
 def pause(spool: Spool, job_id: str, *, who: str, now: datetime | None = None) -> dict[str, Any]:
