@@ -236,3 +236,10 @@ def test_a_url_in_spoolds_log_is_its_scheme_host_and_port(url: str, shown: str) 
     assert url_shown(url) == shown
     target = NotifyTarget("webhook", url=url, format="slack")
     assert describe(target) == f"slack webhook at {shown}"
+
+
+def test_a_tail_that_holds_a_fence_stays_inside_its_code_block() -> None:
+    """A job printing ``` closed Slack's code block around its tail (Mattermost's was kept)."""
+    body = webhook_body("slack", [item(log_tail="a\n```\n*bold* <!channel>")], window=300)
+    text = body["blocks"][2]["text"]["text"]
+    assert text == "```a\n'''\n*bold* &lt;!channel&gt;```"

@@ -159,7 +159,7 @@ def _slack(items: Sequence[Item], window: float) -> dict[str, Any]:
         ]
         if (tail := _chat_tail(item)) is not None:
             blocks.append({"type": "section", "text": {
-                "type": "mrkdwn", "text": f"```{_slack_escape(tail)}```"[:3000]}})  # fmt: skip
+                "type": "mrkdwn", "text": f"```{_fenced(_slack_escape(tail))}```"[:3000]}})  # fmt: skip
         return {"text": title(item), "blocks": blocks}
     shown = items[: CARD_JOBS * 3]  # a section's text stops at 3000 characters
     lines = [f"• {_slack_link(item)}: {_slack_escape(_what(item))}" for item in shown]
@@ -174,6 +174,11 @@ def _slack(items: Sequence[Item], window: float) -> dict[str, Any]:
             {"type": "context", "elements": [{"type": "mrkdwn", "text": together}]},
         ],
     }
+
+
+def _fenced(text: str) -> str:
+    """A log's tail inside a code block: a job's own ``` would end the block early."""
+    return text.replace("```", "'''")
 
 
 def _slack_escape(text: str) -> str:
@@ -194,7 +199,7 @@ def _mattermost(items: Sequence[Item], window: float) -> dict[str, Any]:
         if item.get("link"):
             lines.append(f"[Open the job]({item['link']})")
         if (tail := _chat_tail(item)) is not None:
-            lines += ["```", tail.replace("```", "'''"), "```"]
+            lines += ["```", _fenced(tail), "```"]
         return {"text": "\n".join(lines), "username": "spoold"}
     listed, more = _listed(items)
     lines = [f"#### {digest_title(items)}", "", "| Job | Event | Error |", "|---|---|---|"]
