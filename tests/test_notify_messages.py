@@ -243,3 +243,18 @@ def test_a_tail_that_holds_a_fence_stays_inside_its_code_block() -> None:
     body = webhook_body("slack", [item(log_tail="a\n```\n*bold* <!channel>")], window=300)
     text = body["blocks"][2]["text"]["text"]
     assert text == "```a\n'''\n*bold* &lt;!channel&gt;```"
+
+
+def test_a_digest_of_rejected_files_calls_them_files_and_says_why_they_come_together() -> None:
+    """A digest of two rejected files was "2 jobs on host1: 2 rejected", and a first message
+    said they came while the last message was less than the window old."""
+    rejected = {"event": "rejected", "state": "rejected", "file": "a.yaml", "job_id": None}
+    files = [item(**rejected), item(**{**rejected, "file": "b.yaml"})]
+    message = mail(files, sender="s@example.net", to=["a@example.net"], window=300,
+                   message_id="m")  # fmt: skip
+    assert message["Subject"] == "[spoold] 2 files on host1: 2 rejected"
+    text = str(message.get_content())
+    assert "less than" not in text and "one message at most every 5 minute(s)" in text
+    both = mail([files[0], item()], sender="s@example.net", to=["a@example.net"], window=300,
+                message_id="n")  # fmt: skip
+    assert both["Subject"] == "[spoold] 2 jobs and files on host1: 1 failed, 1 rejected"

@@ -38,7 +38,9 @@ def digest_title(items: Sequence[Item]) -> str:
     """One line on a digest: ``20 jobs on host1: 18 failed, 2 cancelled``."""
     counts = Counter(str(item.get("event")) for item in items)
     parts = ", ".join(f"{n} {event}" for event, n in sorted(counts.items()))
-    return f"{len(items)} jobs on {items[0].get('host')}: {parts}"
+    files = counts["rejected"]  # a rejected file is no job
+    what = "jobs" if not files else "files" if files == len(items) else "jobs and files"
+    return f"{len(items)} {what} on {items[0].get('host')}: {parts}"
 
 
 def _facts(item: Item) -> list[tuple[str, str]]:
@@ -106,8 +108,8 @@ def mail(items: Sequence[Item], *, sender: str, to: Sequence[str], message_id: s
     listed, more = _listed(items)
     lines = [
         f"spoold: {digest_title(items)}.",
-        f"They came while the last message to you was less than {_duration(window)} old, "
-        "and are told together.",
+        f"They are told together: one message at most every {_duration(window)}, and what "
+        "comes in a burst waits a moment for the rest of it.",
         "",
     ]
     for item in listed:
