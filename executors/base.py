@@ -111,6 +111,9 @@ class ExecResult:
     #: the engine that ran it); ``Executor.run`` adds the wall time and the output it counted
     #: where the executor left them out. None only for a unit left running (``detached``).
     usage: Usage | None = None
+    #: When its work ended, where that was before this daemon saw it end: a unit resumed
+    #: that had ended while no daemon watched (its engine's record). None: as it is returned.
+    ended_at: datetime | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -215,14 +218,15 @@ def measured(result: ExecResult, wall_seconds: float, output_bytes: int | None) 
 
 def resumed(result: ExecResult, begun: Mapping[str, Any], now: datetime) -> ExecResult:
     """A resumed unit's result with its wall time from its start as recorded (``begun``'s
-    ``started_at``), not from this daemon's adoption of it."""
+    ``started_at``), not from this daemon's adoption of it, to its end (``ended_at``, where it
+    ended before this daemon saw it, else ``now``)."""
     try:
         start = parse_rfc3339(str(begun.get("started_at")))
     except ValueError:
         return result
     if result.usage is None:
         return result
-    wall = max((now - start).total_seconds(), 0.0)
+    wall = max(((result.ended_at or now) - start).total_seconds(), 0.0)
     return dataclasses.replace(result, usage=result.usage._replace(wall_seconds=wall))
 
 

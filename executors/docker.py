@@ -10,6 +10,7 @@ its executors) on hosts without it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import heapq
 import http.client
@@ -511,7 +512,9 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
         if running and ctx.timeout is not None:
             # Its start counts: a resumed unit does not get a fresh timeout.
             limit = max(0.0, ctx.timeout - (ctx.clock.now() - started).total_seconds())
-        return _watch(container, pumps, ctx, limit)
+        result = _watch(container, pumps, ctx, limit)
+        # Ended while no daemon watched: its end is the engine's, not this adoption's.
+        return result if running else dataclasses.replace(result, ended_at=ended)
     finally:
         pumps.stop()
 

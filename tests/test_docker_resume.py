@@ -30,7 +30,7 @@ from spoold.executors.docker import (
     LoggedOutput,
 )
 
-from spoold.core.clock import Clock, SystemClock
+from spoold.core.clock import Clock, SystemClock, parse_rfc3339
 from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
 from tests.harness import wait_for
@@ -229,6 +229,10 @@ def test_resume_of_a_container_that_ended_while_no_daemon_watched(
     wait_for(ended, bound=_BOUND, what="the container's end")
     result = job.start(job.context(resume=True, artifacts=(ArtifactSpec("out/a.txt"),))).wait()
     assert (result.exit_code, result.detached) == (3, False), job.text()
+    # Its end is the engine's (the adopter's own time made a job that ended while spoold was
+    # down end when it was adopted, its wall time the downtime's too).
+    finished = parse_rfc3339(container.attrs["State"]["FinishedAt"])
+    assert result.ended_at is not None and abs((result.ended_at - finished).total_seconds()) < 1
     lines = job.lines()
     assert any("ended while no daemon watched" in line for line in lines)
     err = "INFO" if tty else "ERROR"  # a tty has one stream

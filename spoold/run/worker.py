@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -635,7 +635,7 @@ class JobRunner:
         state, error = self._outcome(run, spec, result)
         now = self._clock.now()
         # Ended while no daemon watched (adopted): its end as recorded, not this adoption's.
-        ended = processes.ended_unwatched() or now
+        ended = processes.ended_unwatched() or result.ended_at or now
         if state is JobState.PENDING:
             log.error(f"{error}; the job goes back to pending (on_interrupt: requeue)")
         else:
@@ -739,7 +739,8 @@ class JobRunner:
         begun, ended = jobs.read_unit(run.job, key) if run.resume else (None, None)
         if ended is not None:
             ctx.log.info(f"{executor.name} unit {key} had ended: its outcome is taken as recorded")
-            return dataclasses.replace(_result_of(ended), usage=Usage.from_dict(ended.get("usage")))
+            return dataclasses.replace(_result_of(ended), usage=Usage.from_dict(ended.get("usage")),
+                                       ended_at=_recorded_end(ended))  # fmt: skip
         if begun is not None and not executor.resumable:
             ctx.log.error(
                 f"the {executor.name} work of unit {key} was under way when its worker was "
@@ -758,6 +759,8 @@ class JobRunner:
             # units/ too. Read back on adoption, masked it is what status.json shows anyway.
             record = _error_masked(run.masker, {**_record_of(result), "usage": usage})
             record["result"] = run.masker.mask_data(record["result"])
+            # When it ended, for a daemon that adopts the job before its end is recorded.
+            record["finished_at"] = rfc3339(result.ended_at or self._clock.now())
             jobs.end_unit(run.job, key, record)
         return result
 
@@ -975,6 +978,14 @@ def _record_of(result: ExecResult) -> dict[str, Any]:
         "cancelled": result.cancelled, "result": result.result, "retryable": result.retryable,
         "interrupted": result.interrupted,
     }  # fmt: skip
+
+
+def _recorded_end(record: dict[str, Any]) -> datetime | None:
+    """When a unit ended, as its end record says; None if it does not say (an older one)."""
+    try:
+        return parse_rfc3339(str(record.get("finished_at")))
+    except ValueError:
+        return None
 
 
 def _result_of(record: dict[str, Any]) -> ExecResult:
