@@ -248,7 +248,7 @@ def test_a_tail_that_holds_a_fence_stays_inside_its_code_block() -> None:
 def test_a_digest_of_rejected_files_calls_them_files_and_says_why_they_come_together() -> None:
     """A digest of two rejected files was "2 jobs on host1: 2 rejected", and a first message
     said they came while the last message was less than the window old."""
-    rejected = {"event": "rejected", "state": "rejected", "file": "a.yaml", "job_id": None}
+    rejected: dict[str, Any] = {"event": "rejected", "file": "a.yaml", "job_id": None}
     files = [item(**rejected), item(**{**rejected, "file": "b.yaml"})]
     message = mail(files, sender="s@example.net", to=["a@example.net"], window=300,
                    message_id="m")  # fmt: skip
