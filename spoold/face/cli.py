@@ -305,7 +305,7 @@ def job_id_argument(text: str) -> str:
     is a usage error here, before the spool is looked at. Shown with repr: escaped."""
     from spoold.core.ids import RUN_ID  # noqa: PLC0415 - stdlib only
 
-    if not RUN_ID.match(text):
+    if not RUN_ID.fullmatch(text):  # not match: its $ takes a last newline
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a job id: letters, digits, '.', '_' and '-', starting with a "
             "letter or digit (a schedule's run: ID@YYYYMMDDTHHMMSSZ)"
