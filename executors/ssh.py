@@ -21,6 +21,7 @@ import socket
 import stat
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -139,6 +140,8 @@ _PROBE = (
     'if { read -r w j t b < pid; } 2>/dev/null; then echo "pid $w $j $t $b"; '
     'alive "$w" && echo alive; fi; '
     '[ -f status ] && echo "status $(cat status)"; '
+    # When it ended, on the host's clock (its status file's time), beside "now" on the same.
+    '[ -f status ] && echo "ended $(stat -c %Y status 2>/dev/null)"; '
     '[ -f logged ] && echo "logged $(cat logged)"; exit 0'
 )
 
@@ -298,6 +301,7 @@ class _Found:
     started_boot: str = "-"
     alive: bool = False
     status: int | None = None
+    ended: int | None = None  # on the host's clock, as ``now``
     logged: tuple[int, int] | None = None
     final: bool = False  # ``logged`` was written as spoold stopped, not along the way
 
@@ -321,6 +325,7 @@ class _Found:
             started_boot=pid[3] if started else "-",
             alive="alive" in fields,
             status=_number(fields.get("status")),
+            ended=_number(fields.get("ended")),
             logged=(int(logged[0]), int(logged[1])) if position else None,
             final=position and logged[2:3] == ["final"],
         )
@@ -354,6 +359,8 @@ class _Unit:
         self.ack_at = 0.0
         self.reason: str | None = None  # of stopping the job: a timeout, a cancel
         self.sent = 0  # of SIGTERM, SIGKILL
+        #: When a job that ended while no spoold watched it ended, on this host's clock.
+        self.ended_at: datetime | None = None
         self.next_step_at = 0.0
         self.losses = 0
 
@@ -390,7 +397,8 @@ class _Unit:
             if ctx.artifacts:
                 _fetch_artifacts(self.client, ctx, f"{self.root}/work")
             code = self._finish(kill=ending == "died")
-            return self._result(ending, code)
+            result = self._result(ending, code)
+            return dataclasses.replace(result, ended_at=self.ended_at) if self.ended_at else result
         finally:
             self.client.close()
 
@@ -454,6 +462,9 @@ class _Unit:
                     "before the last spoold died may appear twice"
                 )
         elapsed = max(found.now - found.started, 0)
+        if found.status is not None and found.ended is not None:
+            # How long before the probe it ended, by the host's clock: no two clocks compared.
+            self.ended_at = ctx.clock.now() - timedelta(seconds=max(found.now - found.ended, 0))
         if found.status is not None:
             ctx.log.info(
                 f"ssh: resuming: the job ended on {self.where} while no spoold "

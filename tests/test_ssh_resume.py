@@ -155,9 +155,16 @@ def test_resume_reports_a_job_that_ended_while_no_spoold_watched(
     for flag in _flags(tmp_path):
         flag.touch()
     wait_for((unit_dir(ctx) / "status").exists, bound=BOUND, what="the job's end")
+    # As if it had ended 100 s before this resume (the host is this one: its file's time).
+    ended = time.time() - 100
+    os.utime(unit_dir(ctx) / "status", (ended, ended))
 
     result = SshExecutor().run(_resumed(ctx))
     assert (result.exit_code, result.error) == (7, "exit code 7"), log.text()
+    # Its end is the host's record, not the resume's (the adopter's time was its end, and
+    # the downtime counted in its wall time).
+    assert result.ended_at is not None
+    assert abs(result.ended_at.timestamp() - ended) < 5, (result.ended_at, ended)
     assert "the job ended on 127.0.0.1" in log.text()
     assert "while no spoold watched it (exit status 7)" in log.text()
     for line in ("started", "while-away", "after", "oops"):
