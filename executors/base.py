@@ -265,7 +265,12 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
             ctx.log.error(hit)
             error = f"{hit} ({error})"
     return ExecResult(
-        outcome.exit_code, error, outcome.timed_out, outcome.cancelled, usage=outcome.usage
+        outcome.exit_code,
+        error,
+        outcome.timed_out,
+        outcome.cancelled,
+        usage=outcome.usage,
+        ended_at=outcome.ended_at,
     )
 
 

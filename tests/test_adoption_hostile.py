@@ -214,6 +214,8 @@ def test_a_job_that_ended_while_no_daemon_ran_keeps_its_recorded_end(
     wall = (ended - _when(attempt["started_at"])).total_seconds()
     assert attempt["usage"]["wall_seconds"] == pytest.approx(wall, abs=0.002), attempt
     assert attempt["usage"]["cpu_user_seconds"] is not None, "the record's figures"
+    if how == "steps":  # the step's own entry too (it said the adoption's time)
+        assert status["steps"]["two"]["finished_at"] == record["finished_at"], status["steps"]
 
 
 # -- 3. what the log says when a supervisor dies ------------------------------------------------

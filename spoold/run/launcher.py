@@ -480,8 +480,7 @@ class Supervised(Processes):
             begun, ended = self._jobs.read_unit(self._job, key)
             if ended is not None:
                 log.info(f"{label} had ended: its outcome is taken as recorded")
-                self._ended_while_unwatched(ended)
-                return _outcome(ended)
+                return self._ended_while_unwatched(ended)
             if begun is not None:
                 return self._attach(begun, key, log, cancel=cancel, detach=detach, label=label)
         self._in_sight()
@@ -594,8 +593,7 @@ class Supervised(Processes):
         log.written_elsewhere()
         begun, ended = self._jobs.read_unit(self._job, key)
         if ended is not None:
-            self._ended_while_unwatched(ended)
-            return _outcome(ended)
+            return self._ended_while_unwatched(ended)
         self._in_sight()  # when it died is not known: the attempt ends now
         log.error(f"the supervisor of {label} died before it could record its end")
         tree = (begun or {}).get("tree")
@@ -622,8 +620,9 @@ class Supervised(Processes):
         with self._ends:
             self._watched = True
 
-    def _ended_while_unwatched(self, record: dict[str, Any]) -> None:
-        """A unit's end as recorded, for ``ended_unwatched``."""
+    def _ended_while_unwatched(self, record: dict[str, Any]) -> ProcessOutcome:
+        """A unit's end as recorded (its outcome, with when it ended), for ``ended_unwatched``
+        too."""
         try:
             ended = parse_rfc3339(str(record.get("finished_at")))
         except ValueError:
@@ -633,6 +632,7 @@ class Supervised(Processes):
                 self._watched = True  # not known: the attempt ends now
             elif self._unwatched_end is None or ended > self._unwatched_end:
                 self._unwatched_end = ended
+        return _outcome(record)._replace(ended_at=ended)
 
 
 def _children_of(pid: int, start: int, pidfd: int, seen: dict[int, int]) -> None:

@@ -42,6 +42,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,6 +117,9 @@ class ProcessOutcome(NamedTuple):
     tail: tuple[str, ...] = ()
     #: What it cost (None: not measured, as for one left running).
     usage: Usage | None = None
+    #: When it ended, where that was while no daemon watched it (its supervisor's record);
+    #: None: as it is told.
+    ended_at: datetime | None = None
 
     @property
     def error(self) -> str | None:

@@ -155,7 +155,9 @@ class StepsRun:
             # A cancel is no end of the step's own: a retry runs it again, continue_on_error
             # or not (the job never went past it).
             cut_off: dict[str, Any] = {"cancelled": True} if result.cancelled else {}
-            self._record(step_id, state=state.value, finished_at=rfc3339(self._clock.now()),
+            # Ended while no daemon watched (adopted): its end as recorded, not this one's.
+            ended = result.ended_at or self._clock.now()
+            self._record(step_id, state=state.value, finished_at=rfc3339(ended),
                          exit_code=result.exit_code, error=result.error, **cut_off)  # fmt: skip
             word = "succeeded" if result.succeeded else f"failed: {result.failure}"
             tolerated = not result.succeeded and step.get("continue_on_error")
