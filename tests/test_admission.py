@@ -27,7 +27,8 @@ from spoold.core.errors import CallbackError, SecretError, ValidationIssue
 from spoold.core.job import interpolate, refer_to_secrets
 from spoold.core.secrets import SecretAccessDenied, SecretStore
 from spoold.core.spool import Spool
-from spoold.intake.admission import MAX_DURATION, MAX_MEMORY, Admission, Refused
+from spoold.core.units import MAX_DURATION
+from spoold.intake.admission import MAX_MEMORY, Admission, Refused
 from spoold.intake.incoming import Accepted, Intake, Rejected
 from spoold.intake.validation import JobValidator, job_validator, load_base_schema
 from spoold.out.outbox import Callbacks, CallbackTarget

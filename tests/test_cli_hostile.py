@@ -16,8 +16,8 @@ import yaml
 
 from spoold.core.clock import SystemClock
 from spoold.core.spool import Spool
+from spoold.core.units import MAX_DURATION
 from spoold.face.views import printable
-from spoold.intake.admission import MAX_DURATION
 from spoold.intake.incoming import Accepted, Rejected
 from spoold.intake.validation import load_base_schema
 from tests.harness import drop, intake_for, local_job, run_cli

@@ -9,6 +9,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
 _DURATION_FULL = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+$", re.IGNORECASE)
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
+#: The longest duration a job may give, in seconds: ten years (the schema's `duration` maximum;
+#: a schedule's ``every:`` too, past which its dates leave the calendar).
+MAX_DURATION = 315_360_000
+
 #: The sizes parse_size takes, in words, for every message about one.
 SIZE_FORMS = (
     "a number of bytes, or a number and a unit: k, M, G or T (powers of 1000), Ki, Mi, Gi or Ti "

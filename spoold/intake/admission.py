@@ -45,7 +45,7 @@ from spoold.core.job import JobSpec, reference_problems
 from spoold.core.policy import Policy, Submitter
 from spoold.core.secrets import SecretAccessDenied
 from spoold.core.spool import Spool
-from spoold.core.units import parse_duration, parse_size
+from spoold.core.units import MAX_DURATION, parse_duration, parse_size
 from spoold.intake.policy_check import policy_problems
 from spoold.intake.validation import JobValidator, locate
 from spoold.out.outbox import CallbackTarget, callbacks_for
@@ -59,8 +59,6 @@ JOB_SUFFIXES = (".yaml", ".yml", ".json")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: The executors whose processes run on this host, and so can run as another user.
 RUN_AS_EXECUTORS = frozenset({"local", "custom"})
-#: The longest duration a job may give, in seconds: ten years (the schema's `duration` maximum).
-MAX_DURATION = 315_360_000
 #: The largest `limits.memory` (address space), in bytes: 1 PiB (the schema's maximum).
 MAX_MEMORY = 2**50
 #: How many values of a file are located at most (JobValidator's own bound on a document).

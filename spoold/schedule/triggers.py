@@ -32,7 +32,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.job import labels_and_description
-from spoold.core.units import parse_duration
+from spoold.core.units import MAX_DURATION, parse_duration
 
 #: A firing this late (or one period, if shorter) is on time (a busy daemon), not missed.
 ON_TIME = 60.0
@@ -128,16 +128,12 @@ class ScheduleSpec:
         if self.every is not None:
             if self.every < 1:  # a run is named by its firing's second
                 raise ValueError("every: must be at least 1s")
-            if self.every > _LONGEST_EVERY:  # a date past the calendar's end: OverflowError
-                raise ValueError(f"every: must be at most {_LONGEST_EVERY:.0f} seconds, 10 years")
+            if self.every > MAX_DURATION:  # a date past the calendar's end: OverflowError
+                raise ValueError(f"every: must be at most {MAX_DURATION} seconds, 10 years")
             period = timedelta(seconds=self.every)
             return EveryTrigger(period, start=self.start or anchor + period, end=self.end)
         assert self.cron is not None
         return cron_trigger(self.cron, timezone=self.timezone, start=self.start, end=self.end)
-
-
-#: The longest ``every:``: what every other duration of a job may be (admission's MAX_DURATION).
-_LONGEST_EVERY = 315_360_000.0
 
 
 def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
