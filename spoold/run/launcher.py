@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
-from spoold.core.errors import ExecutorError, SpooldError
+from spoold.core.errors import ExecutorError, JobFenced, SpooldError
 from spoold.core.joblog import JobLog
 from spoold.core.procfs import (
     children,
@@ -57,7 +57,7 @@ from spoold.core.procfs import (
 )
 from spoold.core.secrets import Masker
 from spoold.core.spool.fs import rename_noreplace
-from spoold.core.spool.jobs import JobDir, Jobs
+from spoold.core.spool.jobs import JobDir, Jobs, check_fence
 from spoold.core.spool.spares import Spares
 from spoold.core.usage import Usage
 from spoold.run.log_socket import LogTap
@@ -111,6 +111,10 @@ class Supervise(NamedTuple):
     #: Where the supervisor makes a spare ahead for its next unit's record (the spool's tmp/),
     #: and for which host (``Spares``).
     spares: tuple[str, str] | None = None
+    #: How often the supervisor looks at the claim while its unit runs (the daemon's
+    #: ``heartbeat_interval``): it ends the unit if the job was taken over, and moves the
+    #: claim's beat itself while its worker is gone (``_Keeper``). None: it does not.
+    beat_interval: float | None = None
 
 
 class AddClient(NamedTuple):
@@ -430,9 +434,11 @@ class Supervised(Processes):
         resume: bool = False,
         log_socket: Path | None = None,
         meanwhile: Callable[[], None] | None = None,
+        beat_interval: float | None = None,
     ) -> None:
         """``meanwhile``: what the caller does while a unit's process starts, once it has been
-        asked for (``JobRunner.attempt``)."""
+        asked for (``JobRunner.attempt``); ``beat_interval``: ``Supervise.beat_interval``."""
+        self._beat_interval = beat_interval
         self._launcher = launcher
         self._jobs = jobs
         self._job = job
@@ -488,6 +494,7 @@ class Supervised(Processes):
             self._job, key, tuple(argv), str(cwd), dict(env), run_as, timeout, kill_grace,
             label, log.sections, self._masker.values(), self._log_limit, self._host,
             self._log_socket, (self._jobs.spares.directory, self._jobs.spares.host),
+            self._beat_interval,
         )  # fmt: skip
         tee = log.tee_fd()
         sock = self._launcher.supervise(request, () if tee is None else (tee,))
@@ -606,11 +613,14 @@ class Supervised(Processes):
     def _leased_process(self, key: str) -> list[tuple[int, int]]:
         """The process the lease names (``job_pid``, ``job_pid_start``), if it is unit ``key``'s:
         the lease names the first process of the job's own command (unit ``<attempt>``), not
-        a hook's or a step's."""
+        a hook's or a step's. Only the lease of this claim: once another host took the job
+        over, the lease is the taker's (a generation higher), and its pid is the taker's."""
         if "." in key:
             return []
         with contextlib.suppress(OSError, ValueError):
             lease = self._jobs.read_lease(self._job) or {}
+            if lease.get("generation") != self._job.generation:
+                return []
             pid, start = lease.get("job_pid"), lease.get("job_pid_start")
             if isinstance(pid, int) and isinstance(start, int):
                 return [(pid, start)]
@@ -747,6 +757,71 @@ class _Unit:
         self.idle = True
 
 
+class _Keeper:
+    """A supervisor's watch over its unit's claim, every ``interval`` while the unit runs.
+
+    A job another host took over (fenced) ends here at once, whether or not a daemon of this
+    host still runs to tell it so: its processes must not go on beside the taker's run. And
+    while the unit's worker is gone (its daemon stopped, leaving the job to run on, as a stop
+    does) and no other worker renews the lease, the supervisor moves the claim's beat itself
+    (``Jobs.keep_claim``): a job that still runs here is not taken over by another host.
+    """
+
+    def __init__(
+        self, job: JobDir, reply: socket.socket, interval: float,
+        *, cancel: threading.Event, log: JobLog, now: float,
+    ) -> None:  # fmt: skip
+        self._job = job
+        self._reply = reply
+        self._interval = interval
+        self._cancel = cancel
+        self._log = log
+        self._next = now + interval
+        self._lease_beat: object = None  # the lease's beat at the last look
+        self._beat = 0  # the last kept.<generation>.<beat> made; 0: none
+        self.fenced = False
+
+    def __call__(self, now: float) -> None:
+        if self.fenced or now < self._next:
+            return
+        self._next = now + self._interval
+        try:
+            self._look()
+        except JobFenced as exc:
+            self.fenced = True
+            self._log.error(f"{exc}: this host's copy of it ends")
+            self._cancel.set()
+        except OSError:
+            pass  # a spool cut off, or a full disk: looked at again next time
+
+    def _look(self) -> None:
+        check_fence(self._job)
+        beat = (Jobs.read_lease(self._job) or {}).get("beat")
+        renewed, self._lease_beat = beat != self._lease_beat, beat
+        if renewed or not self._worker_gone():
+            self.done()  # a worker renews the lease: the beat is its own
+            return
+        if self._beat == 0:
+            self._log.info("its worker is gone: its supervisor keeps the claim while it runs")
+        Jobs.keep_claim(self._job, self._beat + 1)
+        self._beat += 1
+
+    def _worker_gone(self) -> bool:
+        try:
+            return not self._reply.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def done(self) -> None:
+        """No more beats of its own (the unit ended, or a worker beats again)."""
+        if self._beat:
+            with contextlib.suppress(OSError):
+                Jobs.drop_kept(self._job, self._beat)
+            self._beat = 0
+
+
 def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> None:
     """A supervisor: runs units one after another for its worker, as long as the worker
     hands it more (a fork and its first copy-on-write faults cost more than a unit of
@@ -840,12 +915,16 @@ def _run_unit(
     for name in request.sections:
         log = log.section(name)
     ended: dict[str, Any]
+    keeper = None
+    if request.beat_interval is not None and request.job.generation is not None:
+        keeper = _Keeper(request.job, reply, request.beat_interval, cancel=unit.cancel,
+                         log=log, now=clock.monotonic())  # fmt: skip
     try:
         outcome = run_process(
             request.argv, cwd=Path(request.cwd), env=request.env, log=log, clock=clock,
             timeout=request.timeout, kill_grace=request.kill_grace, cancel=unit.cancel,
             on_spawn=lambda pid: _answer(reply, ("spawned", (me, pid))), run_as=request.run_as,
-            label=request.label, switch_in_place=True, token=token,
+            label=request.label, switch_in_place=True, token=token, tend=keeper,
         )  # fmt: skip
         ended = {
             "exit_code": outcome.exit_code,
@@ -867,7 +946,10 @@ def _run_unit(
     log.close()
     if tap is not None:
         tap.close()
-    with contextlib.suppress(OSError):  # the job was purged meanwhile: no one to tell
+    if keeper is not None:
+        keeper.done()
+    # Purged meanwhile, or taken over by another host: no one to tell, nothing to record.
+    with contextlib.suppress(OSError, JobFenced):
         Jobs.end_unit(request.job, request.key, ended)
     _answer(reply, ("ended", ended))
     if unit.interrupted:

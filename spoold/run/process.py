@@ -194,6 +194,7 @@ def run_process(
     label: str = "the job",
     switch_in_place: bool = False,
     token: str | None = None,
+    tend: Callable[[float], None] | None = None,
 ) -> ProcessOutcome:
     """Run ``argv`` to its end, writing its output into ``log``; nothing it started outlives it.
 
@@ -202,6 +203,8 @@ def run_process(
     become ``run_as`` for the moment of the start (see ``_switched``). ``token``: the run's
     ``SPOOLD_PROCESS_TREE`` (``new_token``), when the caller records it before the start (a
     supervisor, for a next daemon to find what the run left should the supervisor die).
+    ``tend``: called with the monotonic time at each turn of the wait (at least every 0.2 s),
+    in this thread; it may set ``cancel``.
     """
     token = token or new_token()
     environment = {**env, TREE_VARIABLE: token}
@@ -222,6 +225,8 @@ def run_process(
             on_spawn(process.pid)
         while not _reaped(process, meter):
             now = clock.monotonic()
+            if tend is not None:
+                tend(now)
             if not (timed_out or cancelled):
                 if deadline is not None and now >= deadline:
                     timed_out = True

@@ -30,7 +30,7 @@ from spoold.core.joblog import JobLog
 from spoold.core.procfs import boot_id, process_start_time
 from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
-from spoold.core.spool.jobs import generations
+from spoold.core.spool.jobs import claim_marks, generations
 from spoold.core.states import JobState
 from spoold.executors.base import Executor
 from spoold.out.outbox import Callbacks
@@ -100,10 +100,12 @@ class Recovery:
         # Claimed a moment ago and not leased yet, or another host's: only whether the claim
         # moves (its lease's counter, and the fences made in it), by this host's clock. (A
         # lease of an older spoold has no beat; its heartbeat text changes as a counter would.)
-        fenced = generations(job.location)
+        # The beat its supervisor keeps (``kept.*``) moves too while the owner's daemon is
+        # stopped and the job runs on there: a claim that still runs is not taken over.
+        fenced, kept = claim_marks(job.location)
         lease = lease or {}
         seen = (owner, lease.get("generation"), lease.get("beat"), lease.get("heartbeat"),
-                max(fenced, default=0))  # fmt: skip
+                max(fenced, default=0), kept)  # fmt: skip
         still = self._leases.unchanged_for(job.job_id, seen, now)
         if still < self._config.lease_timeout:
             return Verdict(False)
@@ -215,6 +217,15 @@ class Recovery:
             state, error = JobState.CANCELLED, cancel_reason(request)
             line = f"{error}, and {why}: the job ends cancelled"
             told = f"job {job.job_id} {cancel_words(request)} ({which}; recovered: {why})"
+        elif (ended := self._ended_command(job, status)) is not None:
+            # Its command ran to its end (its supervisor recorded it) while no daemon of its
+            # host watched: requeued, it would run twice. What followed the end here (hooks,
+            # artifacts) did not happen: the job fails, saying so; a retry runs it again.
+            state = JobState.FAILED
+            error = (f"interrupted: {why}; its command had ended ({ended}) before its outcome "
+                     "was recorded: not run again")  # fmt: skip
+            line = f"{error}; failed"
+            told = f"job {job.job_id} failed: {error} ({which})"
         elif _on_interrupt(self._spool, job, status) == "requeue":
             state, error = JobState.PENDING, f"interrupted: {why}"
             line = f"{error}; requeued (on_interrupt: requeue)"
@@ -233,6 +244,18 @@ class Recovery:
         moved = self._ledger.move(job, state, status)
         self._logger.warning("%s", told)
         return moved
+
+    def _ended_command(self, job: JobDir, status: JobStatus) -> str | None:
+        """How the last attempt's own command ended, in words, if its supervisor recorded
+        its end (unit ``<attempt>``); None if it did not, if it was cut short (its supervisor
+        stopped: a system shutdown), or if the job has no attempt."""
+        if not status.attempts:
+            return None
+        _, ended = self._spool.jobs.read_unit(job, str(status.attempts[-1].number))
+        if ended is None or ended.get("interrupted"):
+            return None
+        code = ended.get("exit_code")
+        return "exit code " + str(code) if isinstance(code, int) else "no exit code"
 
     def repair_pending(self) -> list[str]:
         """Rebuild the status.json of pending jobs that lost it (it is not fsynced at accept)."""

@@ -575,6 +575,7 @@ class JobRunner:
             self._launcher, self._spool.jobs, job, masker=run.masker,
             log_limit=self._config.max_log_size, host=self._config.hostname, resume=run.resume,
             log_socket=self._config.log_socket, meanwhile=run.meanwhile,
+            beat_interval=self._config.heartbeat_interval,
         )  # fmt: skip
         try:
             run_as = self._lane.user_for(slot, spec.run_as)

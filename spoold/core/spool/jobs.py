@@ -78,6 +78,9 @@ _RESUMED = "resumed"  # in scheduled/<id>/: who ended the pause, until the sched
 _RUN_NOW = "run-now."  # in scheduled/<id>/: run-now.<UTC time>, a run asked for at that time
 _FENCED = "fenced."  # in a job's directory: fenced.<generation>, that claim taken over (by whom)
 _FENCED_LOG = "fenced-log."  # the log as the fenced owner held it open: its late lines go here
+#: In a job's directory: kept.<generation>.<beat>, the claim's beat as its supervisor moves it
+#: while no worker renews the lease (its daemon stopped, leaving the job to run on).
+_KEPT = "kept."
 
 
 class ScheduleRequests(NamedTuple):
@@ -168,12 +171,19 @@ def check_fence(job: JobDir) -> None:
 
 def generations(location: str) -> list[int]:
     """The claim generations fenced in a job's directory, lowest first."""
+    return claim_marks(location)[0]
+
+
+def claim_marks(location: str) -> tuple[list[int], tuple[str, ...]]:
+    """What a job's directory says of its claims, from one listing: the generations fenced
+    (lowest first), and the beats its supervisors keep (``Jobs.keep_claim``), as names."""
     try:
         names = os.listdir(location)
     except FileNotFoundError:
-        return []
+        return [], ()
     found = [n[len(_FENCED) :] for n in names if n.startswith(_FENCED)]
-    return sorted(int(n) for n in found if n.isdigit())
+    kept = tuple(sorted(n for n in names if n.startswith(_KEPT)))
+    return sorted(int(n) for n in found if n.isdigit()), kept
 
 
 class Jobs:
@@ -450,12 +460,31 @@ class Jobs:
         write_file(f"{job.location}/{UNITS}/{key}.end", json_bytes(record), durable=False)
 
     @staticmethod
+    def keep_claim(job: JobDir, beat: int) -> None:
+        """Move the claim's beat from its supervisor: ``kept.<generation>.<beat>``, renamed
+        from the beat before (made at the first). A host that judges the claim sees the name
+        change in the listing it makes for the fences anyway (``claim_marks``)."""
+        check_fence(job)
+        name = f"{job.location}/{_KEPT}{job.generation}.{beat}"
+        if beat <= 1:
+            write_new(name, b"")
+        else:
+            os.rename(f"{job.location}/{_KEPT}{job.generation}.{beat - 1}", name)
+
+    @staticmethod
+    def drop_kept(job: JobDir, beat: int) -> None:
+        """The supervisor's beat is over (its unit ended, or a worker renews the lease again)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{job.location}/{_KEPT}{job.generation}.{beat}")
+
+    @staticmethod
     def read_unit(job: JobDir, key: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """How unit ``key`` began and ended, each None if it did not (yet)."""
         units = f"{job.location}/{UNITS}"
         return read_json(f"{units}/{key}"), read_json(f"{units}/{key}.end")
 
-    def read_lease(self, job: JobDir) -> dict[str, Any] | None:
+    @staticmethod
+    def read_lease(job: JobDir) -> dict[str, Any] | None:
         """The claim on a running job, or None when it has none (yet)."""
         return read_json(f"{job.location}/lease")
 

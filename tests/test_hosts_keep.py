@@ -1,0 +1,221 @@
+"""Two hosts on one spool, each a real daemon (two host ids on this machine), and a job that
+outlives its host's daemon: it is the same job, run once, whatever happens to that daemon.
+
+- A stop leaves the job running (README: "they go on, and the next start adopts them"): its
+  supervisor keeps the claim's beat while no worker does, so the other host does not take it
+  over and run it again.
+- A job its host's daemon could no longer watch (frozen) and that the other host took over
+  ends here at once, by its own supervisor, not beside the taker's run; and the woken host
+  ends nothing of the taker's.
+- A job whose command ended while no daemon of its host ran is not run again by a takeover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.core.procfs import children, process_start_time
+from spoold.core.secrets import Masker
+from spoold.core.spool import JobDir, Spool
+from spoold.run.launcher import Launcher, Supervised
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    end_supervisors,
+    local_job,
+    running,
+    wait_finished,
+    wait_for,
+    write_config,
+)
+
+LEASE_TIMEOUT = 2.0  # write_config's heartbeat is 0.5 s
+
+
+#: Host b's daemon runs in a process namespace of its own, as on another machine: it sees
+#: none of host a's processes (a takeover on one machine would end them itself, by their
+#: environment), and they see none of its.
+ANOTHER_MACHINE = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc")
+
+
+class Hosts:
+    """Daemons of host ids "a" and "b" on one spool, each with its own log."""
+
+    def __init__(self, spool: Path, root: Path) -> None:
+        self.spool = spool
+        config = write_config(root / "config.yaml", spool, lease_timeout=f"{LEASE_TIMEOUT:g}s")
+        self.daemons = {host: self._daemon(spool, config, root, host) for host in ("a", "b")}
+
+    @staticmethod
+    def _daemon(spool: Path, config: Path, root: Path, host: str) -> DaemonProcess:
+        prefix = ANOTHER_MACHINE if host == "b" else ()
+        env = {"RUNNER_ID": host}
+        return DaemonProcess(spool, config, env, log_path=root / f"{host}.log", prefix=prefix)
+
+    def __getitem__(self, host: str) -> DaemonProcess:
+        return self.daemons[host]
+
+    def seen_still_for(self, watcher: str, host: str) -> float:
+        """How long ``watcher``'s daemon has seen ``host``'s beat stand still (its record)."""
+        try:
+            record = json.loads((self.spool / "hosts" / watcher).read_text())
+        except (OSError, ValueError):
+            return 0.0
+        return float(record.get("view", {}).get(host, {}).get("unchanged_for", 0.0))
+
+
+@pytest.fixture(name="hosts")
+def _hosts(spool_dir: Path, tmp_path: Path) -> Iterator[Hosts]:
+    hosts = Hosts(spool_dir, tmp_path)
+    try:
+        yield hosts
+    finally:
+        for daemon in hosts.daemons.values():
+            if daemon.alive and daemon.pid is not None:
+                os.killpg(daemon.pid, signal.SIGCONT)  # a frozen one must die, not wait
+            daemon.kill()
+        end_supervisors(spool_dir)
+
+
+def _job(job_id: str, tmp_path: Path) -> dict[str, Any]:
+    """It notes each start (attempt, host, pid) in ``runs``, then waits for the test's go."""
+    runs, go = tmp_path / "runs", tmp_path / "go"
+    note = f'echo "$SPOOLD_ATTEMPT $RUNNER_ID $$" >> {runs}'
+    return local_job(job_id, f"{note}; until [ -e {go} ]; do sleep 0.05; done",
+                     on_interrupt="requeue")  # fmt: skip
+
+
+def _runs(tmp_path: Path) -> list[list[str]]:
+    path = tmp_path / "runs"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _lease(spool: Path, job_id: str) -> dict[str, Any]:
+    return json.loads((spool / "running" / job_id / "lease").read_text())
+
+
+def _freeze(daemon: DaemonProcess, sig: signal.Signals) -> None:
+    """Stop (or go on with) the daemon and its worker processes, not the jobs' supervisors:
+    they are sessions of their own, as a job's are, and go on while spoold is frozen."""
+    assert daemon.pid is not None
+    os.killpg(daemon.pid, sig)
+
+
+def test_a_stopped_hosts_job_runs_on_untaken_and_its_next_start_adopts_it(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path
+) -> None:
+    hosts["a"].start()
+    drop(spool_dir, "kept.yaml", _job("kept", tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    hosts["b"].start()
+    hosts["a"].stop(leave_jobs=True)
+    # Host b has watched a's beat stand still for twice the lease's timeout: long enough to
+    # have taken over any claim of a's that stood still too.
+    wait_for(lambda: hosts.seen_still_for("b", "a") >= 2 * LEASE_TIMEOUT,
+             what="host b watching host a's beat stand still")  # fmt: skip
+    assert (spool_dir / "running" / "kept").is_dir()
+    assert _lease(spool_dir, "kept")["host"] == "a"
+    assert not list((spool_dir / "running" / "kept").glob("fenced.*"))
+    assert [run[:2] for run in _runs(tmp_path)] == [["1", "a"]]
+    assert "its supervisor keeps the claim" in (spool_dir / "running" / "kept" / "log").read_text()
+
+    hosts["a"].start()
+    wait_for(lambda: "adopted" in (spool_dir / "running" / "kept" / "log").read_text(),
+             what="host a's next daemon adopting the job")  # fmt: skip
+    (tmp_path / "go").touch()
+    directory, status = wait_finished(spool_dir, "kept")
+    assert (directory, status["state"]) == ("done", "succeeded"), status
+    assert [run[:2] for run in _runs(tmp_path)] == [["1", "a"]]
+    assert not list((spool_dir / "done" / "kept").glob("kept.*")), "its beat's mark is left"
+
+
+def test_a_frozen_hosts_job_taken_over_ends_there_and_the_woken_host_spares_the_takers_run(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path
+) -> None:
+    hosts["a"].start()
+    drop(spool_dir, "moved.yaml", _job("moved", tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    first = int(_runs(tmp_path)[0][2])
+    hosts["b"].start()
+    _freeze(hosts["a"], signal.SIGSTOP)
+    wait_for(lambda: len(_runs(tmp_path)) == 2, what="host b taking the job over, running it")
+    assert _runs(tmp_path)[1][:2] == ["2", "b"]
+    # Host a's daemon is still frozen: its job's own supervisor ended its copy.
+    wait_for(lambda: not running(first), what="host a's copy of the job to end")
+    fenced_log = (spool_dir / "running" / "moved" / "fenced-log.1").read_text()
+    assert "this host's copy of it ends" in fenced_log, fenced_log
+
+    _freeze(hosts["a"], signal.SIGCONT)
+    wait_for(lambda: "recording nothing" in hosts["a"].log(),
+             what="the woken host finding itself fenced")  # fmt: skip
+    (tmp_path / "go").touch()
+    directory, status = wait_finished(spool_dir, "moved")
+    # The taker's run was not ended by the woken host: it ran to its end.
+    assert (directory, status["state"]) == ("done", "succeeded"), status
+    assert [a["number"] for a in status["attempts"]] == [1, 2], status["attempts"]
+    assert len(_runs(tmp_path)) == 2
+
+
+def test_a_job_that_ended_while_its_host_was_stopped_is_not_run_again_by_a_takeover(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path
+) -> None:
+    hosts["a"].start()
+    drop(spool_dir, "ended.yaml", _job("ended", tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    hosts["a"].stop(leave_jobs=True)
+    (tmp_path / "go").touch()
+    ended = spool_dir / "running" / "ended" / "units" / "1.end"
+    wait_for(ended.exists, what="the job's end, recorded by its supervisor")
+    hosts["b"].start()
+    directory, status = wait_finished(spool_dir, "ended")
+    assert (directory, status["state"]) == ("failed", "failed"), status
+    assert "its command had ended (exit code 0)" in status["error"], status["error"]
+    assert "not run again" in status["error"], status["error"]
+    assert len(_runs(tmp_path)) == 1
+
+
+def test_the_daemons_own_processes_are_one_group_and_the_supervisors_are_not_in_it(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path
+) -> None:
+    """What ``_freeze`` relies on: a signal to the daemon's group reaches its workers, not the
+    jobs' supervisors."""
+    hosts["a"].start()
+    drop(spool_dir, "group.yaml", _job("group", tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start")
+    pid = hosts["a"].pid
+    assert pid is not None
+    worker = _lease(spool_dir, "group")["worker_pid"]
+    assert os.getpgid(worker) == pid
+    supervisor = json.loads((spool_dir / "running" / "group" / "units" / "1").read_text())["pid"]
+    assert os.getpgid(supervisor) != pid
+    assert children(pid), "the daemon has no processes of its own"
+    (tmp_path / "go").touch()
+    wait_finished(spool_dir, "group")
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+def test_a_dead_supervisors_job_process_is_found_by_the_lease_of_its_own_claim_only(
+    spool_dir: Path, generation: int
+) -> None:
+    """The lease names the job's first process; once another host took the job over, the lease
+    is the taker's (a generation higher) and that pid is the taker's process, never ours to end
+    (on one machine, or where pids of two machines meet)."""
+    spool = Spool(spool_dir)
+    where = spool_dir / "running" / "taken"
+    where.mkdir()
+    start = process_start_time(os.getpid())
+    lease = {"host": "b", "generation": generation, "job_pid": os.getpid(), "job_pid_start": start}
+    (where / "lease").write_text(json.dumps(lease))
+    job = JobDir("taken", "running", str(where), 1)
+    supervised = Supervised(Launcher(chores_here=True), spool.jobs, job, masker=Masker(),
+                            log_limit=None, host="a")  # fmt: skip
+    # The choice itself, without the kill that follows it in _ended_unseen.
+    found = supervised._leased_process("1")
+    assert found == ([(os.getpid(), start)] if generation == 1 else [])
