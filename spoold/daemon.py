@@ -241,6 +241,8 @@ class Daemon:
     systemd: Systemd = field(default_factory=Systemd)
     #: This host's heartbeat in hosts/, and its view of the other hosts sharing the spool.
     hostbeat: HostBeat | None = None
+    #: What ``run`` returns: 2 when it stopped for another daemon serving as this host.
+    exit_code: int = 0
     #: The HTTP API, when the config enables it (``api:``), and what it reads of the changes.
     api: ApiServer | None = None
     seen: _Seen | None = None
@@ -406,10 +408,11 @@ class Daemon:
             return 2
         stop = threading.Event()
         self._install_signals(stop)
+        if self.hostbeat is not None and not self._own_record(stop):
+            lock.close()
+            return 2
         try:
             self.systemd.status("recovering", self.clock.monotonic(), force=True)
-            if self.hostbeat is not None:  # before anything this host writes names it
-                self.hostbeat.tick(self.clock.monotonic())
             self.recover()
             self.sender.start()
             if self.notifier is not None:
@@ -467,7 +470,27 @@ class Daemon:
                 self.hostbeat.stopped()
             lock.close()
             self.logger.info("stopped")
-        return 0
+        return self.exit_code
+
+    def _own_record(self, stop: threading.Event) -> bool:
+        """This host's first beat, before anything it writes names it; False if another
+        daemon serves as this host (or ``stop`` came while this one waited to know)."""
+        assert self.hostbeat is not None
+        self.hostbeat.tick(self.clock.monotonic())
+        if self.hostbeat.waiting:
+            wait = self.config.lease_timeout + self.config.heartbeat_interval
+            self.systemd.notify(f"EXTEND_TIMEOUT_USEC={int((wait + 30) * 1e6)}")
+            self.systemd.status(f"waiting up to {wait:g}s: hosts/{self.config.host_id} was "
+                                "written on another machine", self.clock.monotonic(),
+                                force=True)  # fmt: skip
+        while self.hostbeat.waiting and not stop.is_set():
+            stop.wait(max(self.hostbeat.next_due - self.clock.monotonic(), 0.0))
+            self.systemd.ping(self.clock.monotonic())
+            self.hostbeat.tick(self.clock.monotonic())
+        if self.hostbeat.taken is not None:
+            self.logger.error("refusing to run: %s", self.hostbeat.taken)
+            return False
+        return not stop.is_set()
 
     def _outbox_changed(self, name: str | None) -> None:
         """outbox/'s watch saw ``name`` come or go (None: it lost track): a delivery or a
@@ -509,6 +532,10 @@ class Daemon:
         process died, a retry was scheduled, a signal came), then the round (``tick``)."""
         while not stop.is_set():
             wake_at = self.tick(self.clock.monotonic())
+            if self.hostbeat is not None and self.hostbeat.taken is not None:
+                self.logger.error("stopping: %s", self.hostbeat.taken)
+                self.exit_code = 2
+                return
             self.attention.wait(max(wake_at - self.clock.monotonic(), 0.0))
             self.attention.clear()
 

@@ -227,7 +227,7 @@ def test_two_hosts_that_find_one_lease_stale_take_it_over_once(tmp_path: Path) -
         assert judge.reap() == []
     clock.advance(LEASE_TIMEOUT)
     verdicts = [judge.judge(job, own_runs=frozenset()) for judge in (b, c)]
-    assert verdicts[0] == verdicts[1] == Verdict(True, verdicts[0].why, 1, "a")
+    assert verdicts[0] == verdicts[1] == Verdict(True, verdicts[0].why, 1, "a", elsewhere=True)
     taken = b._take_over(job, verdicts[0])
     assert taken is not None and taken[0].generation == 2
     assert c._take_over(job, verdicts[1]) is None, "c finds a's claim fenced by b"

@@ -13,18 +13,27 @@ outlives its host's daemon: it is the same job, run once, whatever happens to th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from spoold.core.procfs import children, process_start_time
+from spoold.core.clock import rfc3339
+from spoold.core.config import Config
+from spoold.core.procfs import Machine, children, process_start_time, this_machine
 from spoold.core.secrets import Masker
 from spoold.core.spool import JobDir, Spool
+from spoold.run.hostbeat import HostBeat
 from spoold.run.launcher import Launcher, Supervised
+from spoold.run.recovery import Recovery
+from tests.fakes import FakeClock
 from tests.harness import (
     DaemonProcess,
     drop,
@@ -37,6 +46,7 @@ from tests.harness import (
 )
 
 LEASE_TIMEOUT = 2.0  # write_config's heartbeat is 0.5 s
+CLONE_BOUND = 60.0  # a ceiling for a refusing daemon's start, not a measurement
 
 
 #: Host b's daemon runs in a process namespace of its own, as on another machine: it sees
@@ -219,3 +229,143 @@ def test_a_dead_supervisors_job_process_is_found_by_the_lease_of_its_own_claim_o
     # The choice itself, without the kill that follows it in _ended_unseen.
     found = supervised._leased_process("1")
     assert found == ([(os.getpid(), start)] if generation == 1 else [])
+
+
+# -- two hosts given one host id ------------------------------------------------------------------
+
+T = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
+HERE, THERE = Machine("m-here", "boot-1", 1), Machine("m-there", "boot-7", 1)
+
+
+def _beats(spool_dir: Path, *machines: Machine) -> tuple[FakeClock, list[HostBeat]]:
+    spool = Spool(spool_dir)
+    config = Config(spool=spool_dir, runner_id="a", lease_timeout=LEASE_TIMEOUT,
+                    heartbeat_interval=0.5)  # fmt: skip
+    clock = FakeClock(T)
+    log = logging.getLogger("spoold.test")
+    beats = [HostBeat(spool, config, clock, log, running=list, machine=m) for m in machines]
+    return clock, beats
+
+
+def test_a_daemon_given_the_host_id_another_machine_serves_refuses_to_start(
+    spool_dir: Path,
+) -> None:
+    clock, (there, here) = _beats(spool_dir, THERE, HERE)
+    there.tick(clock.monotonic())
+    here.tick(clock.monotonic())
+    assert here.waiting, "a record of another machine not said stopped may be a live daemon's"
+    clock.advance(0.5)
+    there.tick(clock.monotonic())
+    here.tick(clock.monotonic())
+    assert not here.waiting
+    assert here.taken is not None and there.taken is None
+    assert "another spoold serves this spool as host 'a' on another machine" in here.taken
+    assert "give each host its own RUNNER_ID" in here.taken
+    record = Spool(spool_dir).hosts.read("a")
+    assert record is not None and record["machine_id"] == "m-there", "the newcomer wrote"
+
+
+def test_a_host_ids_record_another_machine_left_is_watched_for_lease_timeout_then_taken(
+    spool_dir: Path,
+) -> None:
+    clock, (there, here) = _beats(spool_dir, THERE, HERE)
+    there.tick(clock.monotonic())  # and never again: that machine died
+    here.tick(clock.monotonic())
+    clock.advance(LEASE_TIMEOUT - 0.5)
+    here.tick(clock.monotonic())
+    assert here.waiting
+    clock.advance(0.5)
+    here.tick(clock.monotonic())
+    assert not here.waiting and here.taken is None
+    record = Spool(spool_dir).hosts.read("a")
+    assert record is not None and record["machine_id"] == "m-here"
+
+
+def test_a_host_ids_record_said_stopped_or_of_this_machine_is_no_reason_to_wait(
+    spool_dir: Path,
+) -> None:
+    clock, (there, here, again) = _beats(spool_dir, THERE, HERE, HERE)
+    there.tick(clock.monotonic())
+    there.stopped()
+    here.tick(clock.monotonic())
+    assert not here.waiting and here.taken is None
+    clock.advance(0.5)
+    # Another daemon of this machine writes as "a" (no host lock between them here): the one
+    # that finds the other's record over its own stops, and writes nothing more.
+    again.tick(clock.monotonic())
+    assert not again.waiting
+    clock.advance(0.5)
+    here.tick(clock.monotonic())
+    assert here.taken is not None and "on this machine" in here.taken
+    here.stopped()
+    record = Spool(spool_dir).hosts.read("a")
+    assert record is not None and not record["stopped"], "a stop said over the other's record"
+
+
+def _leased(spool_dir: Path, host: str, **lease: Any) -> JobDir:
+    spool = Spool(spool_dir)
+    where = spool_dir / "running" / "j1"
+    where.mkdir()
+    (where / "job.yaml").write_text("job_id: j1\nexecutor: local\ncommand: 'true'\n")
+    status = {"job_id": "j1", "state": "running", "executor": "local", "generation": 1,
+              "attempts": [{"number": 1, "started_at": rfc3339(T)}]}  # fmt: skip
+    (where / "status.json").write_text(json.dumps(status))
+    (where / "log").write_text("")
+    job = JobDir("j1", "running", str(where), 1)
+    spool.jobs.write_lease(job, {"host": host, "generation": 1, "beat": 0, "pid": 1,
+                                 "pid_start": 1, **lease})  # fmt: skip
+    return job
+
+
+def test_a_lease_of_this_host_id_written_on_another_machine_is_judged_by_its_beat(
+    spool_dir: Path,
+) -> None:
+    """Its pids are another machine's: not found in this process table, they prove nothing."""
+    job = _leased(spool_dir, "a", machine_id="m-there", boot_id="boot-7", pid_ns=1)
+    spool, clock = Spool(spool_dir), FakeClock(T)
+    config = Config(spool=spool_dir, runner_id="a", lease_timeout=LEASE_TIMEOUT)
+    judge = Recovery(spool, config, clock, logging.getLogger("spoold.test"))
+    for beat in range(1, 5):
+        assert not judge.judge(job, own_runs=frozenset()).gone
+        clock.advance(LEASE_TIMEOUT - 0.5)
+        lease = spool.jobs.read_lease(job)
+        assert lease is not None
+        spool.jobs.write_lease(job, {**lease, "beat": beat})
+    assert not judge.judge(job, own_runs=frozenset()).gone
+    clock.advance(LEASE_TIMEOUT)
+    verdict = judge.judge(job, own_runs=frozenset())
+    assert verdict.gone and verdict.elsewhere and "unchanged for" in verdict.why
+
+
+def test_a_lease_of_this_machine_from_an_earlier_boot_is_gone_at_once(spool_dir: Path) -> None:
+    here = this_machine()
+    job = _leased(spool_dir, "a", machine_id=here.machine_id, boot_id="an-earlier-boot",
+                  pid_ns=here.pid_ns, pid=os.getpid(), pid_start=process_start_time(os.getpid()))  # fmt: skip
+    config = Config(spool=spool_dir, runner_id="a", lease_timeout=LEASE_TIMEOUT)
+    judge = Recovery(Spool(spool_dir), config, FakeClock(T), logging.getLogger("spoold.test"))
+    verdict = judge.judge(job, own_runs=frozenset())
+    assert verdict.gone and not verdict.elsewhere and "before a reboot" in verdict.why
+
+
+def test_a_second_daemon_serving_as_a_running_host_on_another_machine_refuses_and_runs_nothing(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path
+) -> None:
+    hosts["a"].start()
+    drop(spool_dir, "one.yaml", _job("one", tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    # Another machine: its own processes, and its own host lock (flock crosses no network
+    # filesystem, and on one kernel it would stop the clone before its first look): a tmp/ of
+    # its own, in a mount namespace of its own.
+    own_tmp = ("sh", "-c", 'mount -t tmpfs -o mode=0755 spoold-clone "$0" && exec "$@"',
+               str(spool_dir / "tmp"))  # fmt: skip
+    command = [*ANOTHER_MACHINE, "--mount", *own_tmp, sys.executable, "-m", "spoold", "run",
+               "--spool", str(spool_dir), "--config", str(hosts["a"].config)]  # fmt: skip
+    clone = subprocess.run(command, env={**os.environ, "RUNNER_ID": "a"}, capture_output=True,
+                           text=True, timeout=CLONE_BOUND, check=False)  # fmt: skip
+    assert clone.returncode == 2, clone.stderr
+    assert "refusing to run: another spoold serves this spool as host 'a'" in clone.stderr
+    assert hosts["a"].alive
+    (tmp_path / "go").touch()
+    directory, status = wait_finished(spool_dir, "one")
+    assert (directory, status["state"]) == ("done", "succeeded"), status
+    assert len(_runs(tmp_path)) == 1

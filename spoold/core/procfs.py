@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -266,6 +266,51 @@ def boot_id() -> str | None:
             return handle.read().strip()
     except OSError:
         return None
+
+
+class Machine(NamedTuple):
+    """Which machine, boot and process namespace a record was written in: where its pids mean
+    something. Two hosts given one host id (cloned VMs, a copied config) differ here."""
+
+    machine_id: str | None
+    boot_id: str | None
+    pid_ns: int | None
+
+    def fields(self) -> dict[str, str | int | None]:
+        """As a lease or a host record holds it."""
+        return {"machine_id": self.machine_id, "boot_id": self.boot_id, "pid_ns": self.pid_ns}
+
+    def relation(self, record: Mapping[str, object]) -> str:
+        """Where ``record`` (a lease, a host record) was written, seen from this machine:
+        ``here`` (its pids are this machine's), ``before`` (this machine, an earlier boot:
+        nothing of it runs) or ``elsewhere`` (another machine, or another process namespace
+        on this kernel: nothing here says whether it runs). A field a record lacks (written
+        by an older spoold) is taken as this machine's."""
+        machine = record.get("machine_id")
+        if machine is not None and self.machine_id is not None and machine != self.machine_id:
+            return "elsewhere"
+        if (boot := record.get("boot_id")) is not None and boot != self.boot_id:
+            return "before"
+        ns = record.get("pid_ns")
+        return "elsewhere" if ns is not None and ns != self.pid_ns else "here"
+
+
+def this_machine() -> Machine:
+    """This process's ``Machine``: /etc/machine-id, the boot id, its pid namespace."""
+    machine = None
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as handle:
+                machine = handle.read().strip() or None
+        except (OSError, ValueError):
+            continue
+        if machine:
+            break
+    try:
+        ns: int | None = Path("/proc/self/ns/pid").stat().st_ino
+    except OSError:
+        ns = None
+    return Machine(machine, boot_id(), ns)
 
 
 def name_process(name: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from spoold.core.clock import Clock, rfc3339
 from spoold.core.config import Config
+from spoold.core.procfs import Machine, this_machine
 from spoold.core.sightings import Sightings
 from spoold.core.spool import Spool
 
@@ -30,9 +31,10 @@ class HostBeat:
 
     def __init__(
         self, spool: Spool, config: Config, clock: Clock, logger: logging.Logger,
-        *, running: Callable[[], Iterable[str]], version: str = "",
+        *, running: Callable[[], Iterable[str]], version: str = "", machine: Machine | None = None,
     ) -> None:  # fmt: skip
-        """``running``: the jobs this host runs now (for the record)."""
+        """``running``: the jobs this host runs now (for the record); ``machine``: where this
+        daemon runs (default: ``this_machine()``)."""
         self._spool = spool
         self._config = config
         self._clock = clock
@@ -45,6 +47,15 @@ class HostBeat:
         self._view: dict[str, dict[str, Any]] = {}
         self._looked = False  # whether hosts/ was read yet
         self._next: float | None = None
+        # Tells this daemon's record from another's of the same host id (a second machine
+        # given this id): pids and start times can coincide across machines, this cannot.
+        self._instance = os.urandom(8).hex()
+        self._machine = machine or this_machine()
+        #: Why this daemon must stop, once it found another daemon writing its record.
+        self.taken: str | None = None
+        self._written = False  # a record of this daemon's is in hosts/ (to read back)
+        #: Another machine's record of this host id, as first seen and when (``waiting``).
+        self._rival: tuple[tuple[object, ...], float] | None = None
 
     @property
     def next_due(self) -> float:
@@ -62,6 +73,10 @@ class HostBeat:
         """Look at the other hosts' records, then write this host's, one beat higher."""
         me = self._config.host_id
         records = self._spool.hosts.all()
+        if (mine := records.get(me)) is not None and mine.get("instance") != self._instance:
+            self._look_at_own(mine, now)
+        if self.taken is not None or self.waiting:
+            return  # not this daemon's record to write (yet, or any more)
         view: dict[str, dict[str, Any]] = {}
         for host, record in records.items():
             if host == me:
@@ -71,9 +86,58 @@ class HostBeat:
         self._view, self._looked = view, True
         self._beat += 1
         self._spool.hosts.write(me, self._record(view, stopped=False))
+        self._written = True
+
+    @property
+    def waiting(self) -> bool:
+        """Whether this daemon must not start yet: this host's record was written on another
+        machine, not said stopped, and has not yet stood still for ``lease_timeout``."""
+        return self._rival is not None and self.taken is None
+
+    def _look_at_own(self, record: dict[str, Any], now: float) -> None:
+        """This host's record, written by another daemon than this one. Once this daemon
+        wrote its own, that is a second daemon serving as this host (two hosts given one
+        host id: each would take the other's jobs for its own, and run them again): said in
+        ``taken``, and the daemon stops. Before, it is an earlier daemon's: of this machine,
+        gone (the host lock says so); of another, perhaps not: it is watched first, and this
+        daemon starts only once it stood still for ``lease_timeout``."""
+        if self._written:
+            self._taken_by(record)
+            return
+        if record.get("stopped") or self._machine.relation(record) != "elsewhere":
+            return
+        seen = (record.get("beat"), record.get("instance"), record.get("pid"))
+        if self._rival is None:
+            self._rival = (seen, now)
+            self._logger.warning(
+                "this host's record (hosts/%s) was written on another machine (hostname %r, "
+                "pid %s) that did not say it stopped: watching it for %gs before starting",
+                self._config.host_id, record.get("hostname"), record.get("pid"),
+                self._config.lease_timeout,
+            )  # fmt: skip
+        elif self._rival[0] != seen:
+            self._taken_by(record)
+        elif now - self._rival[1] >= self._config.lease_timeout:
+            self._logger.info("hosts/%s stood still for %.0fs: starting",
+                              self._config.host_id, now - self._rival[1])  # fmt: skip
+            self._rival = None
+
+    def _taken_by(self, record: dict[str, Any]) -> None:
+        if self.taken is not None:
+            return
+        where = {"here": "on this machine", "before": "on this machine",
+                 "elsewhere": "on another machine"}[self._machine.relation(record)]  # fmt: skip
+        self.taken = (
+            f"another spoold serves this spool as host {self._config.host_id!r} {where} "
+            f"(hostname {record.get('hostname')!r}, pid {record.get('pid')}, started "
+            f"{record.get('started_at')}): two hosts with one host id would run jobs twice; "
+            "give each host its own RUNNER_ID"
+        )
 
     def stopped(self) -> None:
         """Say that this host's daemon stopped: others call it gone, not stale."""
+        if self.taken is not None:
+            return  # the record is the other daemon's now: its word stands
         try:
             self._spool.hosts.write(self._config.host_id, self._record(self._view, stopped=True))
         except OSError as exc:  # a partition or a full disk: others will find it stale
@@ -122,4 +186,6 @@ class HostBeat:
             "stopped": stopped,
             "version": self._version,
             "view": view,
+            "instance": self._instance,
+            **self._machine.fields(),
         }

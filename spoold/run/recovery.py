@@ -27,7 +27,7 @@ from spoold.core.documents import load_document
 from spoold.core.errors import InvalidJobFile, JobNotFound, SpoolError
 from spoold.core.job import JobSpec, JobStatus
 from spoold.core.joblog import JobLog
-from spoold.core.procfs import boot_id, process_start_time
+from spoold.core.procfs import process_start_time, this_machine
 from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import claim_marks, generations
@@ -49,6 +49,8 @@ class Verdict:
     #: read again later: a host that fenced it meanwhile must win, not be taken from).
     fence: int = 0
     owner: str = ""
+    #: Judged by its beat: another host's claim, or one of this host id on another machine.
+    elsewhere: bool = False
 
 
 class Recovery:
@@ -69,7 +71,7 @@ class Recovery:
         self._config = config
         self._clock = clock
         self._logger = logger
-        self._boot = boot_id()
+        self._machine = this_machine()
         #: Each running job's lease as last seen, and since when (this host's monotonic clock).
         self._leases: Sightings[str] = Sightings()
         #: Takes over a job whose worker on this host is gone, since this boot (the daemon's
@@ -83,12 +85,17 @@ class Recovery:
         lease = self._spool.jobs.read_lease(job)
         now = self._clock.monotonic()
         owner = str((lease or {}).get("host") or "")
-        if lease is not None and owner == self._config.host_id:
+        where = "" if lease is None else self._machine.relation(lease)
+        if lease is not None and owner == self._config.host_id and where != "elsewhere":
             # Same host: the process table is the truth, not the heartbeat. The daemon and
             # its worker process must both live (the worker dies with the daemon, but not
-            # necessarily before a restarted daemon looks).
+            # necessarily before a restarted daemon looks). (A lease of this host id written
+            # on another machine is another host's, judged by its beat below: two hosts
+            # given one id must not end each other's jobs.)
             worker = f"worker {lease.get('worker')} (pid {lease.get('pid')} on {owner})"
             fence = _to_fence(lease, generations(job.location))
+            if where == "before":
+                return Verdict(True, f"{worker} is gone (it ran before a reboot)", fence, owner)
             if not _alive(lease.get("pid"), lease.get("pid_start")):
                 return Verdict(True, f"{worker} is gone", fence, owner)
             if "worker_pid" in lease and not _alive(
@@ -114,7 +121,7 @@ class Recovery:
         else:
             why = (f"host {owner}'s lease (generation {lease.get('generation')}, beat "
                    f"{lease.get('beat')}) unchanged for {still:.0f}s")  # fmt: skip
-        return Verdict(True, why, _to_fence(lease, fenced), owner)
+        return Verdict(True, why, _to_fence(lease, fenced), owner, elsewhere=True)
 
     def reap(self, *, own_runs: frozenset[str] = frozenset()) -> list[JobDir]:
         """End or requeue every running job whose worker is gone; return where they went."""
@@ -147,7 +154,7 @@ class Recovery:
         lease = self._spool.jobs.read_lease(job)
         if lease is None or lease.get("host") != self._config.host_id:
             return False
-        if self._boot is None or lease.get("boot_id") != self._boot:
+        if self._machine.boot_id is None or self._machine.relation(lease) != "here":
             return False
         status = JobStatus.from_dict(self._spool.jobs.read_status(job))
         if status.state.is_terminal:
@@ -181,7 +188,7 @@ class Recovery:
             self._logger.info("job %s: another host is taking it over (%s)", job.job_id, why)
             return None
         job = job._replace(generation=fenced + 1)
-        if owner == me:
+        if owner == me and not verdict.elsewhere:
             return job, why
         # Its old owner may wake and append to the log it holds open: not to this one.
         self._spool.jobs.rotate_log(job, fenced)

@@ -39,7 +39,7 @@ from spoold.core.job import (
 )
 from spoold.core.joblog import JobLog
 from spoold.core.outage import Outage, is_outage
-from spoold.core.procfs import boot_id, process_start_time
+from spoold.core.procfs import process_start_time, this_machine
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import generations
@@ -167,7 +167,7 @@ class JobRunner:
         self._documents: dict[str, dict[str, Any]] = {}
         self._launcher = launcher if launcher is not None else Launcher.shared()
         self._lane = lane if lane is not None else Lane.from_config(config, spool.jobs.work_root)
-        self._boot = boot_id()
+        self._machine = this_machine().fields()
         # Work dirs made ahead (``make_ahead``), where this process makes them itself (root).
         self._workdirs = self._lane.spares(config.host_id) if self._launcher.chores_here else None
 
@@ -211,8 +211,9 @@ class JobRunner:
             "claimed_at": now,
             "heartbeat": now,
             # A lease from another boot names no process that could still run: the job's
-            # on_interrupt decides, rather than an adoption (see Recovery).
-            "boot_id": self._boot,
+            # on_interrupt decides, rather than an adoption; one from another machine (under
+            # this host id) is judged by its beat, never by this process table (see Recovery).
+            **self._machine,
             "job_pid": None,
             "job_pid_start": None,
         }
