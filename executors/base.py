@@ -18,7 +18,7 @@ from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock, parse_rfc3339
-from spoold.core.errors import ExecutorError, SpooldError
+from spoold.core.errors import ExecutorError, NotStarted, SpooldError
 from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
 from spoold.core.limits import Limits
@@ -114,6 +114,9 @@ class ExecResult:
     #: When its work ended, where that was before this daemon saw it end: a unit resumed
     #: that had ended while no daemon watched (its engine's record). None: as it is returned.
     ended_at: datetime | None = None
+    #: Its work did not begin (``NotStarted``: its start could not be recorded): the job goes
+    #: back to pending, tried again later, not failed for it.
+    not_started: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -162,8 +165,12 @@ class Executor(ABC):
         except SpooldError as exc:
             retryable = isinstance(exc, ExecutorError) and exc.retryable
             ctx.log.error(str(exc) + (" (retryable)" if retryable else ""))
-            result = ExecResult(exit_code=None, error=str(exc), retryable=retryable)
-        except Exception as exc:  # a plugin bug must fail the job, not the worker
+            result = ExecResult(exit_code=None, error=str(exc), retryable=retryable,
+                                not_started=isinstance(exc, NotStarted))  # fmt: skip
+        # A plugin bug must fail the job, not the worker: a sys.exit() or a KeyboardInterrupt
+        # raised by a plugin too (a worker process disregards SIGINT: none comes from a
+        # signal), which would otherwise end the worker with the job left in running/.
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
             ctx.log.error(f"executor {self.name!r} failed unexpectedly: {exc!r}")
             result = ExecResult(exit_code=None, error=f"executor error: {exc!r}")
         if not result.detached:

@@ -234,13 +234,19 @@ def test_contract_cancel_ends_the_attempt(executor: Contracted, tmp_path: Path) 
     assert result.cancelled and result.error == "cancelled"
 
 
-def test_a_plugin_bug_fails_the_job_and_not_the_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "raised", [RuntimeError("boom"), SystemExit("boom"), KeyboardInterrupt("boom")],
+    ids=["error", "sys.exit", "KeyboardInterrupt"],
+)  # fmt: skip
+def test_a_plugin_bug_fails_the_job_and_not_the_worker(
+    tmp_path: Path, raised: BaseException
+) -> None:
     class Broken(Executor):
         name = "broken"
         schema_resource = "local.schema.json"
 
         def execute(self, ctx: RunContext) -> ExecResult:
-            raise RuntimeError("boom")
+            raise raised
 
     log = _Log()
     result = Broken().run(_context(tmp_path, {}, log))

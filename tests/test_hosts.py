@@ -314,7 +314,9 @@ def test_spoold_hosts_shows_a_daemons_view(tmp_path: Path) -> None:
     rows = {row["host"]: row for row in hosts_rows(spool, _config(spool, "c"))}
     assert rows["a"]["state"] == "stale" and rows["a"]["seen_by"] == "b"
     assert rows["a"]["running"] == ["j1", "j2"]
-    assert (rows["b"]["state"], rows["b"]["seen_by"]) == ("alive", "a")
+    # b's record is the newest (its view saw a's last beat): b is shown by its own record,
+    # and a's view, which b calls stale, is taken for nothing.
+    assert (rows["b"]["state"], rows["b"]["seen_by"]) == ("alive", "b")
     config = write_config(tmp_path / "config.yaml", spool.root)
     shown = run_cli(spool.root, "hosts", "--json", "--config", str(config), env={"RUNNER_ID": "c"})
     assert shown.returncode == 0, shown.stderr
@@ -817,21 +819,64 @@ def test_of_two_hosts_that_prepared_one_firings_event_only_the_maker_s_is_sent(
 def test_a_spool_that_cannot_be_reached_is_said_once_and_its_return_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from spoold.core.outage import Outage, is_outage  # noqa: PLC0415
+    from spoold.core.outage import RETURN_QUIET, Outage, is_outage  # noqa: PLC0415
 
-    outage = Outage(LOG, "intake")
+    clock = FakeClock(T)
+    outage = Outage(LOG, "intake", monotonic=clock.monotonic)
     cut = OSError(errno.EIO, "Input/output error")
     assert is_outage(cut) and not is_outage(OSError(errno.ENOSPC, "full"))
     assert not is_outage(ValueError("x"))
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         for _ in range(50):  # a poll every 200 ms through a 10 s cut
             outage.failed(cut)
-        outage.ok()
-        outage.ok()
+            clock.advance(0.2)
+        for _ in range(int(RETURN_QUIET / 0.2) + 5):  # back: a poll every 200 ms that works
+            outage.ok()
+            clock.advance(0.2)
     said = [record.getMessage() for record in caplog.records]
     assert said == [
         "intake: the spool cannot be reached ([Errno 5] Input/output error); trying again",
         "intake: the spool can be reached again",
+    ]
+
+
+def test_a_round_that_partly_works_during_a_cut_does_not_say_the_spool_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The probe's log: every 200 ms a duty failed with EIO and the next one worked (a cached
+    answer), and "reached again" / "cannot be reached" alternated 34 times in 8 s."""
+    from spoold.core.outage import RETURN_QUIET, Outage  # noqa: PLC0415
+
+    clock = FakeClock(T)
+    outage = Outage(LOG, "periodic duties", monotonic=clock.monotonic)
+    cut = OSError(errno.EIO, "Input/output error")
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        for _ in range(40):  # 8 s of rounds: one duty fails, the others work
+            outage.call(lambda: None, "x")
+            outage.failed(cut)
+            outage.call(lambda: None, "x")
+            outage.call(lambda: None, "x")
+            clock.advance(0.2)
+        assert [r.getMessage() for r in caplog.records] == [
+            "periodic duties: the spool cannot be reached ([Errno 5] Input/output error); "
+            "trying again"
+        ]
+        for _ in range(4):  # the host's beat fails every 10 s; the other duties work between
+            for _ in range(50):
+                clock.advance(0.2)
+                outage.ok()
+            outage.failed(cut)
+        for _ in range(3):  # the lease heartbeat: fails and works by turns, 10 s apart
+            clock.advance(10.0)
+            outage.ok()
+            clock.advance(10.0)
+            outage.failed(cut)
+        assert len(caplog.records) == 1
+        for _ in range(int(RETURN_QUIET / 0.2) + 1):  # back: every duty works again
+            clock.advance(0.2)
+            outage.ok()
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "periodic duties: the spool can be reached again"
     ]
 
 

@@ -39,6 +39,7 @@ from tests.harness import (
     drop,
     end_supervisors,
     local_job,
+    run_cli,
     running,
     wait_finished,
     wait_for,
@@ -355,8 +356,11 @@ def test_a_second_daemon_serving_as_a_running_host_on_another_machine_refuses_an
     wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
     # Another machine: its own processes, and its own host lock (flock crosses no network
     # filesystem, and on one kernel it would stop the clone before its first look): a tmp/ of
-    # its own, in a mount namespace of its own.
-    own_tmp = ("sh", "-c", 'mount -t tmpfs -o mode=0755 spoold-clone "$0" && exec "$@"',
+    # its own, in a mount namespace of its own (bound from the same filesystem: spoold refuses
+    # a tmp/ on another).
+    clone_tmp = tmp_path / "clone-tmp"
+    clone_tmp.mkdir(mode=0o755)
+    own_tmp = ("sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', str(clone_tmp),
                str(spool_dir / "tmp"))  # fmt: skip
     command = [*ANOTHER_MACHINE, "--mount", *own_tmp, sys.executable, "-m", "spoold", "run",
                "--spool", str(spool_dir), "--config", str(hosts["a"].config)]  # fmt: skip
@@ -368,4 +372,22 @@ def test_a_second_daemon_serving_as_a_running_host_on_another_machine_refuses_an
     (tmp_path / "go").touch()
     directory, status = wait_finished(spool_dir, "one")
     assert (directory, status["state"]) == ("done", "succeeded"), status
+    assert len(_runs(tmp_path)) == 1
+
+
+def test_a_cancel_asked_while_no_daemon_runs_ends_the_job_and_the_next_start_records_it(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path
+) -> None:
+    hosts["a"].start()
+    drop(spool_dir, "halt.yaml", _job("halt", tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start")
+    first = int(_runs(tmp_path)[0][2])
+    hosts["a"].stop(leave_jobs=True)
+    asked = run_cli(spool_dir, "cancel", "halt", "--wait", "0", "--config", str(hosts["a"].config))
+    assert asked.returncode == 0, asked.stderr
+    wait_for(lambda: not running(first), what="the job's own supervisor to end it")
+    assert "its supervisor ends it" in (spool_dir / "running" / "halt" / "log").read_text()
+    hosts["a"].start()
+    directory, status = wait_finished(spool_dir, "halt")
+    assert (directory, status["state"]) == ("failed", "cancelled"), status
     assert len(_runs(tmp_path)) == 1

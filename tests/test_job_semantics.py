@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from spoold.executors.base import ExecResult, Executor, RunContext
 
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339
 from spoold.core.config import Config
+from spoold.core.errors import ExecutorError
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import JobDir, Spool
 from spoold.intake.incoming import Accepted, Intake, Rejected
@@ -32,13 +35,14 @@ class Parts:
         draw: float = 0.0,
         secrets: Path | None = None,
         clock: Clock | None = None,
+        registry: ExecutorRegistry | None = None,
         **settings: Any,
     ) -> None:
         self.spool = Spool(tmp_path / "spool")
         self.spool.init()
         self.clock: Any = clock or FakeClock()
         self.masker = Masker()
-        registry = ExecutorRegistry.from_entry_points()
+        registry = registry or ExecutorRegistry.from_entry_points()
         config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5,
                         **settings)  # fmt: skip
         self.deferred: list[tuple[str, float]] = []
@@ -442,3 +446,55 @@ def test_a_job_that_writes_too_much_keeps_its_log_within_the_limit(tmp_path: Pat
     assert "the log reached its limit of 8192 bytes" in log
     kept = log.count(" INFO line ")
     assert f"{5000 - kept} line(s) of output were not kept (log limit)" in log
+
+
+def test_a_secret_named_fields_literal_value_is_masked_in_spoolds_own_log_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value written into the file (not a ${secret:...}) is known to the job's masker alone;
+    the job's error may echo it, and spoold's own line about the job's end says the error."""
+
+    class Echoing(Executor):
+        """An API executor whose vendor's error page quotes the request's token."""
+
+        name = "echoing"
+        schema_resource = "local.schema.json"
+
+        def execute(self, ctx: RunContext) -> ExecResult:
+            raise ExecutorError(f"502 Bad gateway for {ctx.product['shell']}")
+
+    registry = ExecutorRegistry({"echoing": Echoing})
+    parts = Parts(tmp_path, registry=registry)
+    document = {"job_id": "lit", "executor": "echoing", "variables": {"API_TOKEN": SECRET},
+                "product": {"commands": "true", "shell": "${API_TOKEN}"}}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        job, status = parts.attempt(parts.submit(document))
+    assert job.directory == "failed", status
+    said = "\n".join(record.getMessage() for record in caplog.records)
+    assert "job lit failed" in said and "***" in said, said
+    assert SECRET not in said
+
+
+def test_a_job_whose_start_cannot_be_recorded_goes_back_to_pending_not_to_failed(
+    tmp_path: Path,
+) -> None:
+    """Its supervisor cannot make units/1 (a full disk; here a file where units/ goes, which
+    fails the same way, every time): nothing of the job ran, so it is tried again later,
+    retries: 0 or not, as intake retries a file it could not take."""
+    parts = Parts(tmp_path)
+    runs = tmp_path / "runs"
+    job_id = parts.submit({"job_id": "nospace", "executor": "local",
+                           "product": {"commands": f"echo run >> {runs}"}})  # fmt: skip
+    blocker = parts.spool.dir("pending") / job_id / "units"
+    blocker.write_text("")
+    job, status = parts.attempt(job_id)
+    assert (job.directory, status["state"]) == ("pending", "pending"), status
+    assert not runs.exists()
+    assert status["next_attempt_at"] is not None
+    assert "cannot record the start of the job" in status["attempts"][-1]["error"]
+    assert "it did not start: tried again in 10s" in job.log_path.read_text()
+    (Path(job.location) / "units").unlink()
+    parts.clock.advance(10.0)
+    job, status = parts.attempt(job_id)
+    assert (job.directory, status["state"]) == ("done", "succeeded"), status
+    assert runs.read_text() == "run\n"

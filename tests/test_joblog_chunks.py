@@ -283,7 +283,38 @@ def test_a_full_disk_counts_every_line_of_a_chunk_not_written_whole() -> None:
     log, _ = _log(handle=disk)
     _fed(log, [line * 10])
     assert len(disk.getvalue()) == 250  # two lines and half of the third
-    assert log.lost_lines == 8 and log.first_error == "No space left on device"
+    # Eight of the output, and the summary's line that says so: lost too, the disk still full.
+    assert log.lost_lines == 9 and log.first_error == "No space left on device"
+
+
+def test_lines_lost_to_a_full_disk_are_said_in_the_log_once_there_is_room_again() -> None:
+    line = b"z" * 66 + b"\n"
+    disk = _FullDisk(room=250)
+    log, _ = _log(handle=disk)
+    stream = OutputStream(log, stderr=False)
+    stream.feed(line * 10)
+    stream.close()
+    disk.room = 10_000  # the disk has room again when the attempt ends
+    log.summarize()
+    log.summarize()  # said once
+    # On a line of its own, after the line the full disk cut.
+    *_, cut, said_line = disk.getvalue().decode().splitlines()
+    assert cut.endswith("INFO " + "z" * 17)  # the third line's first 50 bytes
+    said = said_line.split(" ", 1)[1]
+    assert (
+        said == "ERROR spoold: 8 line(s) of this log could not be written (No space left on device)"
+    )
+    assert disk.getvalue().decode().count("could not be written") == 1
+
+
+def test_lines_another_process_lost_are_counted_and_left_to_it_to_say() -> None:
+    """A job's supervisor writes the job's output into the file, and says its own losses
+    there; its worker counts them for status.json and says nothing more of them."""
+    log, out = _log()
+    log.lost_by_another(5, "No space left on device")
+    log.summarize()
+    assert log.lost_lines == 5 and log.first_error == "No space left on device"
+    assert out.getvalue() == b""
 
 
 def test_the_tap_and_the_tee_get_the_lines_of_a_chunk_as_the_file_does() -> None:
@@ -293,3 +324,12 @@ def test_the_tap_and_the_tee_get_the_lines_of_a_chunk_as_the_file_does() -> None
     _fed(log, [b"one\ntwo\n", "dr\u00e9i\n".encode()])
     assert "".join(tapped) == tee.getvalue() == out.getvalue().decode()
     assert _texts(out) == ["INFO one", "INFO two", "INFO dr\u00e9i"]
+
+
+def test_a_units_record_of_lines_its_supervisor_lost_is_counted_by_the_worker() -> None:
+    from spoold.run.launcher import _outcome  # noqa: PLC0415 - the one function under test
+
+    log, _ = _log()
+    record = {"exit_code": 0, "log_lines_lost": 14012, "log_error": "No space left on device"}
+    assert _outcome(record, log).exit_code == 0
+    assert log.lost_lines == 14012 and log.first_error == "No space left on device"

@@ -200,6 +200,64 @@ def test_a_first_event_never_replaces_another_jobs(spool: Spool) -> None:
     assert outbox(spool) == ["j1~00000001.json"]
 
 
+def test_a_failed_posts_error_never_shows_the_urls_user_password_path_or_query(
+    spool: Spool, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe's callback URL: requests' ConnectionError quotes the request target (``with
+    url: /hook?key=...``), which went into spoold.log and the delivery's ``last_error``."""
+    port = free_port()
+    url = f"http://cbuser:Pa55w0rd@127.0.0.1:{port}/hook?key=CFGKEY123"
+    secrets = ("cbuser", "Pa55w0rd", "CFGKEY123", "/hook", "key=")
+    emit(spool, clock, CallbackTarget(url, SECRET), status("j1"), "accepted")
+    emit(spool, clock, CallbackTarget(url, SECRET), status("j2"), "accepted")
+    with caplog.at_level(logging.DEBUG, logger=LOG.name):
+        first = sender(spool, clock)
+        assert first.deliver("j1~00000001.json", _read(spool, "j1~00000001.json")) is False
+        given_up = sender(spool, clock, give_up_after=0.0)
+        assert given_up.deliver("j2~00000001.json", _read(spool, "j2~00000001.json")) is False
+    given_up_record = spool.deliveries.read("j2~00000001.json", "failed")
+    assert given_up_record is not None
+    errors = [_read(spool, "j1~00000001.json")["last_error"], given_up_record["last_error"]]
+    assert all(e.startswith("ConnectionError: ") and "127.0.0.1" in e for e in errors), errors
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 2 and f"to http://127.0.0.1:{port} " in logged[0], logged
+    for text in errors + logged:
+        assert not any(secret in text for secret in secrets), text
+
+
+def test_an_unexpected_failure_of_a_post_is_logged_without_the_urls_secrets(
+    spool: Spool, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure that is not requests' own (here one whose text quotes the URL whole) is logged
+    with its traceback, the URL in it shown as ``url_shown`` shows it."""
+    url = "https://cbuser:Pa55w0rd@hooks.example:8443/hook/T0KEN?key=CFGKEY123"
+    emit(spool, clock, CallbackTarget(url, SECRET), status("j1"), "accepted")
+    posting = sender(spool, clock)
+
+    class Broken(requests.Session):
+        def post(self, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+            raise RuntimeError(f"cannot post to {url!r} (path /hook/T0KEN?key=CFGKEY123)")
+
+    setattr(posting, "_session", Broken)  # noqa: B010 - every post fails unexpectedly
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        posting.start()
+        try:
+            wait_for(lambda: caplog.records or None)
+        finally:
+            posting.stop()
+    told = caplog.text  # the messages and any traceback logged with them
+    assert not any(s in told for s in ("cbuser", "Pa55w0rd", "CFGKEY123", "T0KEN")), told
+    assert "unexpected failure" in told and "https://hooks.example:8443" in told
+    assert "Traceback" in told and "RuntimeError" in told, told
+    assert not any(s in told for s in ("cbuser", "Pa55w0rd", "CFGKEY123", "T0KEN")), told
+
+
+def _read(spool: Spool, name: str) -> dict[str, Any]:
+    record = spool.deliveries.read(name)
+    assert record is not None
+    return record
+
+
 def test_later_events_wait_for_an_earlier_one(
     spool: Spool, clock: FakeClock, receiver: Receiver
 ) -> None:

@@ -101,6 +101,11 @@ class ExecutorError(SpooldError):
         self.retryable = retryable
 
 
+class NotStarted(ExecutorError):
+    """A unit's work did not begin: its start could not be recorded (a full disk, no inode
+    left). Nothing of it ran, so the job is tried again later rather than failed for it."""
+
+
 class ExecutorNotAvailable(ExecutorError):
     """An executor's SDK is not installed; the message names the extra to install."""
 

@@ -59,8 +59,8 @@ class _Sink:
 
     # A plain class, not a dataclass: a job's supervisor imports this module, and each
     # supervisor counts again what its launcher imported (dataclasses brings inspect: ~1.2 MiB).
-    __slots__ = ("cut_lines", "first_error", "handle", "limit", "lock", "lost_lines", "size",
-                 "tap", "tee")  # fmt: skip
+    __slots__ = ("cut_lines", "first_error", "handle", "limit", "lock", "lost_elsewhere",
+                 "lost_lines", "said_lost", "size", "tap", "tee", "torn")  # fmt: skip
 
     def __init__(
         self,
@@ -77,6 +77,9 @@ class _Sink:
         self.cut_lines = 0  # output lines not kept, past the limit
         self.lock = threading.Lock()
         self.lost_lines = 0
+        self.lost_elsewhere = 0  # lines another process (a supervisor) lost of this file
+        self.said_lost = 0  # of lost_lines, how many a line of the log has told of
+        self.torn = False  # the file ends in part of a line (a write cut short)
         self.first_error: str | None = None
 
 
@@ -156,8 +159,16 @@ class JobLog:
 
     @property
     def lost_lines(self) -> int:
-        """Lines that could not be written (a full disk)."""
-        return self._sink.lost_lines
+        """Lines that could not be written (a full disk), here and by the processes that
+        wrote into the same file for it (``lost_elsewhere``)."""
+        return self._sink.lost_lines + self._sink.lost_elsewhere
+
+    def lost_by_another(self, lines: int, error: str | None) -> None:
+        """Another process that appended to the file for this job (its supervisor) could not
+        write ``lines`` of it (``error``): counted with this log's own."""
+        with self._sink.lock:
+            self._sink.lost_elsewhere += lines
+            self._sink.first_error = self._sink.first_error or error
 
     @property
     def first_error(self) -> str | None:
@@ -378,18 +389,22 @@ class JobLog:
                 sink.tee.write(text)
                 sink.tee.flush()
             done = 0
+            # The file ends in a line cut by a full disk: the next line starts on its own.
+            written_data = b"\n" + data if sink.torn else data
             try:
                 # A regular file takes less than all only when it is full: the next write
                 # says why. Bounded: each round writes something or raises.
-                while done < len(data):
-                    written = sink.handle.write(data[done:] if done else data)
+                while done < len(written_data):
+                    written = sink.handle.write(written_data[done:] if done else written_data)
                     if not written:  # 0, or None from a non-blocking file that would block
                         raise OSError(errno.EIO, "the log took none of a write")
                     done += written
                     sink.size += written
+                sink.torn = False
             except OSError as exc:
                 # The job must not die of its log: what is lost is counted and reported.
-                sink.lost_lines += data.count(b"\n", done)
+                sink.lost_lines += written_data.count(b"\n", max(done, 1 if sink.torn else 0))
+                sink.torn = sink.torn if done == 0 else written_data[done - 1 : done] != b"\n"
                 sink.first_error = sink.first_error or exc.strerror or str(exc)
             if sink.tap is not None:
                 assert text is not None
@@ -403,10 +418,16 @@ class JobLog:
             self._sink.first_error = self._sink.first_error or exc.strerror or str(exc)
 
     def summarize(self) -> None:
-        """Say, at the end of the attempt, how much output the limit kept out of the log."""
+        """Say, at the end of the attempt, how much output the limit kept out of the log, and
+        how many lines this process could not write into it (a full disk, since passed:
+        else this line is lost too, and counted)."""
         if self._sink.cut_lines:
             self.info(f"{self._sink.cut_lines} line(s) of output were not kept (log limit)")
             self._sink.cut_lines = 0
+        if (lost := self._sink.lost_lines - self._sink.said_lost) > 0:
+            self.error(f"{lost} line(s) of this log could not be written "
+                       f"({self._sink.first_error})")  # fmt: skip
+            self._sink.said_lost = self._sink.lost_lines  # this line too, if it was lost
 
     def close(self) -> None:
         try:

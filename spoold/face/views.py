@@ -117,7 +117,7 @@ def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) 
         lines += [_line("waits", reason) for reason in waiting_reasons(spool, config, status)]
     lines += [_line("callback", text) for text in _callback_lines(spool, job.job_id)]
     if job.directory in ("pending", "running", "scheduled"):
-        lines.append(_line("daemon", daemon_text(spool, config.host_id)))
+        lines.append(_line("daemon", daemon_text(spool, config)))
     return "\n".join(lines)
 
 
@@ -288,10 +288,16 @@ def waiting_reasons(spool: Spool, config: Config, status: dict[str, Any]) -> lis
     if len(running) >= config.workers:
         reasons.append(f"for a worker: {len(running)} running, workers: {config.workers}")
     try:
-        if spool.host_lock.daemon_on(config.host_id) is None:
-            reasons.append(f"for a daemon: none runs on {config.hostname} for this spool")
+        daemon = _daemon(spool, config)
     except OSError:  # tmp/ is not this user's to look into
+        daemon = None
+    if daemon is None:
         return reasons or ["for its turn, as far as this user can see"]
+    if daemon["pid"] is None and not daemon["other_hosts"]:
+        # Named by host id, as hosts/, the lock and ``spoold hosts`` name hosts: on a shared
+        # spool another host's daemon serves it as well as this host's would.
+        reasons.append(f"for a daemon: none runs on {config.host_id} for this spool, "
+                       "nor on another host (spoold hosts)")  # fmt: skip
     return reasons or ["for its turn: nothing else holds it back"]
 
 
@@ -344,42 +350,65 @@ def _callback_lines(spool: Spool, job_id: str) -> list[str]:
     return lines
 
 
-def daemon_text(spool: Spool, host: str) -> str:
-    """Whether a daemon serves this spool on this host: its pid and since when."""
-    return _daemon_words(spool, _daemon(spool, host))
+def daemon_text(spool: Spool, config: Config) -> str:
+    """Whether a daemon serves this spool: on this host (its pid and since when), else on
+    another host of a shared spool (hosts/, as ``spoold hosts`` sees them)."""
+    return _daemon_words(spool, _daemon(spool, config))
 
 
-def _daemon(spool: Spool, host: str) -> dict[str, Any] | None:
-    """The daemon on ``host`` as ``status --json`` shows it (pid None: none); None if this user
-    may not look."""
+def _daemon(spool: Spool, config: Config) -> dict[str, Any] | None:
+    """The daemon on this host as ``status --json`` shows it (pid None: none), and
+    ``other_hosts``: the other hosts alive in hosts/ (``hosts_rows``), which serve the spool
+    too; None if this user may not look into tmp/."""
+    host = config.host_id
     try:
         holder = spool.host_lock.daemon_on(host)
     except PermissionError:
         return None
     since = started_at(holder[1]) if holder else None
+    others = [row for row in hosts_rows(spool, config)
+              if row["state"] == "alive" and not row["this_host"]]  # fmt: skip
     return {"host": host, "pid": holder[0] if holder else None,
-            "since": rfc3339(since) if since else None}  # fmt: skip
+            "since": rfc3339(since) if since else None,
+            "other_hosts": [row["host"] for row in others],
+            "other_hosts_seen_by": {row["host"]: row["seen_by"] for row in others}}  # fmt: skip
 
 
 def hosts_rows(spool: Spool, config: Config) -> list[dict[str, Any]]:
     """The hosts serving this spool (hosts/): each with its state as a daemon sees it
     (``alive``, ``stale``, ``gone``; ``unknown`` where no daemon's view says), its beat, what
-    it runs, and ``seen_by``: whose view that is. A command has no clock that watched the
-    beats, so it shows a daemon's view: this host's daemon's if it runs, else another's."""
+    it runs (``running_as_of``: the beat that list is from when the host is not alive), and
+    ``seen_by``: whose view that is.
+
+    A command has no clock that watched the beats, so it shows a daemon's view: this host's
+    daemon's if it runs (its lock proves it live), else the view of the host whose record is
+    the newest, ``_by_recency``: every other record's beat is one it has seen. That host is
+    shown as its own record says (``alive``, seen by itself: it wrote it). A view is taken
+    from another host only if no view taken before calls that host stale or gone: a host
+    killed long ago still says, in its last record, that the others were alive then."""
     records = spool.hosts.all()
     me = config.host_id
     mine = records.get(me)
-    here = mine is not None and not mine.get("stopped") and _runs_here(spool, me)
-    observers = [me] if here else [
-        host for host, record in records.items() if not record.get("stopped") and host != me
-    ]  # fmt: skip
+    here = _lock_says(spool, me) if mine is not None and not mine.get("stopped") else None
+    ordered = [h for h in _by_recency(records) if h != me or here is None]
+    if here:
+        ordered.insert(0, me)
+    observers: list[str] = []
+    for candidate in ordered:
+        said = [(records[o].get("view") or {}).get(candidate) or {} for o in observers]
+        if not any(seen.get("state") in ("stale", "gone") for seen in said):
+            observers.append(candidate)
     rows = []
     for host, record in records.items():
         seen_by, state, still = None, "unknown", None
         if record.get("stopped"):
             state = "gone"
-        elif host == me and here:
-            seen_by, state, still = me, "alive", 0.0
+        elif host == me and here is False:
+            # Its record says it runs, its lock that no daemon holds it: killed (kill -9,
+            # a crash), whatever a view written before says. This host's own evidence.
+            seen_by, state = me, "stale"
+        elif observers and host == observers[0]:
+            seen_by, state, still = host, "alive", 0.0  # its own record: the newest, or locked
         else:
             for observer in observers:
                 if (seen := (records[observer].get("view") or {}).get(host)) is not None:
@@ -388,26 +417,66 @@ def hosts_rows(spool: Spool, config: Config) -> list[dict[str, Any]]:
         rows.append({
             "host": host, "hostname": record.get("hostname"), "state": state,
             "beat": record.get("beat"), "unchanged_for": still, "seen_by": seen_by,
-            "running": list(record.get("running") or []), "pid": record.get("pid"),
-            "started_at": record.get("started_at"), "this_host": host == me,
+            "running": list(record.get("running") or []),
+            "running_as_of": None if state == "alive" else record.get("beat"),
+            "pid": record.get("pid"), "started_at": record.get("started_at"),
+            "this_host": host == me,
         })  # fmt: skip
     return rows
 
 
-def _runs_here(spool: Spool, host: str) -> bool:
+def _by_recency(records: dict[str, dict[str, Any]]) -> list[str]:
+    """The hosts whose daemon has not said it stopped, the newest record first, told without
+    a clock: a record is as old as the beats it has not seen. For each other host, the beats
+    that host wrote since this record's view saw it (all of them, if the view never saw it or
+    saw an earlier run of it), times that host's ``heartbeat_interval``: roughly how many
+    seconds this record is older than that one. A live daemon's record misses at most a beat
+    of each; one killed minutes ago misses minutes of the others'."""
+    live = {h: r for h, r in records.items() if not r.get("stopped")}
+
+    def lag(host: str) -> float:
+        view = live[host].get("view") or {}
+        behind = 0.0
+        for other, record in live.items():
+            if other == host or not isinstance(beat := record.get("beat"), int):
+                continue
+            seen = (view.get(other) or {}).get("beat")
+            missed = beat - seen if isinstance(seen, int) and seen <= beat else beat + 1
+            behind += missed * float(record.get("heartbeat_interval") or 1.0)
+        return behind
+
+    return sorted(live, key=lambda host: (lag(host), host))
+
+
+def _lock_says(spool: Spool, host: str) -> bool | None:
+    """Whether a daemon holds ``host``'s lock (tmp/daemon-<host>.lock: only a command on that
+    host can tell); None if this user may not look."""
     try:
         return spool.host_lock.daemon_on(host) is not None
     except PermissionError:
-        return False
+        return None
 
 
 def _daemon_words(spool: Spool, daemon: dict[str, Any] | None) -> str:
     if daemon is None:
         return f"not visible to this user (its lock is in tmp/, {owner(str(spool.dir('tmp')))})"
     if daemon["pid"] is None:
-        return f"none: no spoold runs on {daemon['host']} for this spool"
+        if daemon.get("other_hosts"):
+            return f"none on {daemon['host']}; served by {_hosts_words(daemon)}"
+        return f"none: no spoold runs on {daemon['host']} for this spool, nor on another host"
     since = f", running since {daemon['since']}" if daemon["since"] else ""
     return f"pid {daemon['pid']} on {daemon['host']}{since}"
+
+
+def _hosts_words(daemon: dict[str, Any]) -> str:
+    """``host h2 (alive, by its own record)``, ``hosts h2, h3 (alive, seen by h2)``."""
+    seen_by = daemon.get("other_hosts_seen_by") or {}
+    said = []
+    for host in daemon["other_hosts"]:
+        by = seen_by.get(host)
+        said.append(f"{host} (alive, " + ("by its own record)" if by in (host, None)
+                                          else f"seen by {by})"))  # fmt: skip
+    return ("host " if len(said) == 1 else "hosts ") + ", ".join(said)
 
 
 # -- the spool ------------------------------------------------------------------------------------
@@ -433,7 +502,15 @@ def summary(spool: Spool, config: Config) -> dict[str, Any]:
     except PermissionError:
         counts["outbox"], given_up = None, None
     return {"spool": str(spool.root), "counts": counts, "callbacks_given_up": given_up,
-            "daemon": _daemon(spool, config.host_id)}  # fmt: skip
+            "daemon": _daemon(spool, config)}  # fmt: skip
+
+
+def _receiver(url: Any) -> str:
+    """A callback's URL as the log names it: scheme, host and port, never a user, password,
+    path or query (a webhook's key), which a terminal or a pasted report must not show."""
+    from spoold.out.messages import url_shown  # noqa: PLC0415 - only where one was given up
+
+    return url_shown(str(url))
 
 
 def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -458,7 +535,8 @@ def summary_text(spool: Spool, config: Config) -> str:
         lines.append(f"  {len(given_up)} callback(s) given up, kept in outbox/failed/:")
         lines += [
             printable(
-                f"    {item['name']}: {item['event']} to {item['url']} after {item['tries']} "
+                f"    {item['name']}: {item['event']} to {_receiver(item['url'])} after "
+                f"{item['tries']} "
                 f"tries; last: {item['last_error']}"
             )
             for item in given_up

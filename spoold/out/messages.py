@@ -7,12 +7,13 @@ log tail than a mail, and a digest lists at most ``DIGEST_LIST`` jobs (and says 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 #: A digest lists at most this many jobs; the rest are counted.
 DIGEST_LIST = 50
@@ -261,7 +262,10 @@ def _html_escape(text: str) -> str:
 def url_shown(url: str) -> str:
     """Where a URL goes, as spoold's log says it: its scheme, host and port; never the user and
     password in it, nor its path and query, which often hold a webhook's key or a token."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket: nothing of it is said
+        return "a URL that cannot be parsed"
     host = parts.hostname or ""
     if not host:
         return "a URL without a host"
@@ -271,3 +275,46 @@ def url_shown(url: str) -> str:
         port = None
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
+
+
+#: A URL inside an error text: a scheme, ``://``, then up to a space, quote or bracket.
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
+#: urllib3's ``Max retries exceeded with url: /hook?key=... (Caused by ...)``: a request
+#: target, whichever URL it came from.
+_TARGET_IN_TEXT = re.compile(r"(\burl: )\S+")
+#: What stands for a part of a URL taken out of an error text.
+HIDDEN = "(hidden)"
+#: A piece of a URL shorter than this is not hunted through the text on its own (a user
+#: ``a`` would take every ``a`` out of the message); it is still taken out with the rest.
+_SHORTEST_HUNTED = 3
+
+
+def error_shown(text: str, url: str) -> str:
+    """An error text about posting to ``url`` (a requests or urllib3 exception's, a traceback)
+    with nothing of ``url`` but what ``url_shown`` says: every URL in it shown as
+    ``url_shown`` shows it, and the user, the password, the path, the query and the fragment
+    of ``url`` taken out wherever they stand, as written or as requests re-quoted them.
+    Call it before the text is cut short: a piece cut in two is no longer found."""
+    text = _URL_IN_TEXT.sub(lambda found: url_shown(found.group()), text)
+    for piece in _secret_pieces(url):
+        text = text.replace(piece, HIDDEN)
+    return _TARGET_IN_TEXT.sub(lambda found: found.group(1) + HIDDEN, text)
+
+
+def _secret_pieces(url: str) -> list[str]:
+    """The parts of ``url`` an error text must not show, longest first (a path before the
+    path and query it begins), each also percent-quoted as requests sends it and unquoted."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket: all but the scheme is hunted
+        rest = url.partition("://")[2]
+        return sorted({p for p in (url, rest, unquote(rest)) if p}, key=len, reverse=True)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    userinfo = parts.netloc.rpartition("@")[0]
+    whole = [userinfo, target, f"#{parts.fragment}" if parts.fragment else ""]
+    alone = [parts.username or "", parts.password or "", parts.path, parts.query, parts.fragment]
+    pieces = {p for p in whole if p and p != "/"}
+    pieces |= {p for p in alone if len(p) >= _SHORTEST_HUNTED}
+    pieces |= {quote(p, safe="!#$%&'()*+,/:;=?@[]~") for p in pieces}  # requests.requote_uri
+    pieces |= {unquote(p) for p in pieces}
+    return sorted((p for p in pieces if p and p != "/"), key=len, reverse=True)

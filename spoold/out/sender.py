@@ -9,6 +9,7 @@ import logging
 import random
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from spoold.core.outage import Outage
 from spoold.core.spool import Spool
 from spoold.core.spool.deliveries import is_delivery
 from spoold.core.spool.fs import DirStamp, Relist
-from spoold.out.messages import url_shown
+from spoold.out.messages import error_shown, url_shown
 from spoold.out.notices import is_notification
 from spoold.out.outbox import STALE_PREPARED, Callbacks, encode_record
 from spoold.out.threads import SenderThreads
@@ -453,8 +454,12 @@ class Sender:
         while (due := self._work.get()) is not None:
             try:
                 self.deliver(due.name, due.record)
-            except Exception:
-                self._logger.exception("callback %s: unexpected failure; will try again", due.name)
+            except Exception as exc:
+                # Its traceback, with the URL's user, password, path and query taken out: an
+                # exception's text may quote the URL it was posting to.
+                told = error_shown("".join(traceback.format_exception(exc)), str(due.record["url"]))
+                self._logger.error("callback %s: unexpected failure; will try again\n%s",
+                                   due.name, told.rstrip())  # fmt: skip
             finally:
                 with self._lock:
                     self._in_flight.discard(self._key(due.name))
@@ -485,8 +490,11 @@ class Sender:
             )  # fmt: skip
             answer.close()
             error = None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
-        except requests.RequestException as exc:
-            error = f"{type(exc).__name__}: {_first_line(exc)}"
+        except (requests.RequestException, ValueError) as exc:
+            # ValueError: a URL http.client or IDNA refuses (control characters, a label too
+            # long) is not a RequestException. Either text may quote the URL: it is masked
+            # here, once, before the log, the record (``last_error``) and the page see it.
+            error = f"{type(exc).__name__}: {_first_line(exc, str(record['url']))}"
         if error is None:
             self._spool.deliveries.remove(name)
             with self._lock:
@@ -535,5 +543,7 @@ class Sender:
         return session
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0][:300]
+def _first_line(exc: BaseException, url: str) -> str:
+    """The exception's first line, nothing of ``url`` in it but what ``url_shown`` shows;
+    masked before it is cut to 300 characters, where a secret cut in two would be missed."""
+    return (error_shown(str(exc), url).splitlines() or [""])[0][:300]

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
-from spoold.core.errors import ExecutorError, JobFenced, SpooldError
+from spoold.core.errors import ExecutorError, JobFenced, NotStarted, SpooldError
 from spoold.core.joblog import JobLog
 from spoold.core.procfs import (
     children,
@@ -486,7 +486,7 @@ class Supervised(Processes):
             begun, ended = self._jobs.read_unit(self._job, key)
             if ended is not None:
                 log.info(f"{label} had ended: its outcome is taken as recorded")
-                return self._ended_while_unwatched(ended)
+                return self._ended_while_unwatched(ended, log)
             if begun is not None:
                 return self._attach(begun, key, log, cancel=cancel, detach=detach, label=label)
         self._in_sight()
@@ -534,10 +534,10 @@ class Supervised(Processes):
                     elif kind == "ended":
                         reusable = True
                         log.written_elsewhere()
-                        return _outcome(value)
-                    elif kind == "failed":
+                        return _outcome(value, log)
+                    elif kind == "failed":  # its start could not be recorded
                         reusable = True
-                        raise ExecutorError(value)
+                        raise NotStarted(value)
             finally:
                 if pidfd is not None:
                     os.close(pidfd)
@@ -600,7 +600,7 @@ class Supervised(Processes):
         log.written_elsewhere()
         begun, ended = self._jobs.read_unit(self._job, key)
         if ended is not None:
-            return self._ended_while_unwatched(ended)
+            return self._ended_while_unwatched(ended, log)
         self._in_sight()  # when it died is not known: the attempt ends now
         log.error(f"the supervisor of {label} died before it could record its end")
         tree = (begun or {}).get("tree")
@@ -630,7 +630,7 @@ class Supervised(Processes):
         with self._ends:
             self._watched = True
 
-    def _ended_while_unwatched(self, record: dict[str, Any]) -> ProcessOutcome:
+    def _ended_while_unwatched(self, record: dict[str, Any], log: JobLog) -> ProcessOutcome:
         """A unit's end as recorded (its outcome, with when it ended), for ``ended_unwatched``
         too."""
         try:
@@ -642,7 +642,7 @@ class Supervised(Processes):
                 self._watched = True  # not known: the attempt ends now
             elif self._unwatched_end is None or ended > self._unwatched_end:
                 self._unwatched_end = ended
-        return _outcome(record)._replace(ended_at=ended)
+        return _outcome(record, log)._replace(ended_at=ended)
 
 
 def _children_of(pid: int, start: int, pidfd: int, seen: dict[int, int]) -> None:
@@ -654,8 +654,12 @@ def _children_of(pid: int, start: int, pidfd: int, seen: dict[int, int]) -> None
     seen.update({child: at for child, at in found.items() if at is not None and at >= start})
 
 
-def _outcome(record: dict[str, Any]) -> ProcessOutcome:
-    """A unit's end as its supervisor recorded it; ExecutorError if it could not start."""
+def _outcome(record: dict[str, Any], log: JobLog) -> ProcessOutcome:
+    """A unit's end as its supervisor recorded it; ExecutorError if it could not start. The
+    lines it could not write into the job's log are counted in ``log``."""
+    if isinstance(lost := record.get("log_lines_lost"), int) and lost > 0:
+        error = record.get("log_error")
+        log.lost_by_another(lost, error if isinstance(error, str) else None)
     if isinstance(record.get("error"), str):
         raise ExecutorError(record["error"])
     code = record.get("exit_code")
@@ -764,7 +768,9 @@ class _Keeper:
     host still runs to tell it so: its processes must not go on beside the taker's run. And
     while the unit's worker is gone (its daemon stopped, leaving the job to run on, as a stop
     does) and no other worker renews the lease, the supervisor moves the claim's beat itself
-    (``Jobs.keep_claim``): a job that still runs here is not taken over by another host.
+    (``Jobs.keep_claim``): a job that still runs here is not taken over by another host; and
+    it acts on a cancel asked meanwhile (``spoold cancel`` with no daemon to hear it), whose
+    end the next daemon records.
     """
 
     def __init__(
@@ -805,6 +811,9 @@ class _Keeper:
             self._log.info("its worker is gone: its supervisor keeps the claim while it runs")
         Jobs.keep_claim(self._job, self._beat + 1)
         self._beat += 1
+        if not self._cancel.is_set() and Jobs.cancel_request(self._job) is not None:
+            self._log.error("cancel asked while no daemon watches the job: its supervisor ends it")
+            self._cancel.set()
 
     def _worker_gone(self) -> bool:
         try:
@@ -944,6 +953,8 @@ def _run_unit(
     ended["finished_at"] = rfc3339(clock.now())
     log.summarize()
     log.close()
+    if log.lost_lines:  # for the worker's count (status.json's log_lines_lost)
+        ended["log_lines_lost"], ended["log_error"] = log.lost_lines, log.first_error
     if tap is not None:
         tap.close()
     if keeper is not None:

@@ -59,6 +59,8 @@ from spoold.run.registry import ExecutorRegistry
 from spoold.run.steps import StepsRun
 
 _DOCUMENT_CACHE = 10_000
+#: The least wait before a job whose start could not be recorded (a full disk) is tried again.
+NOT_STARTED_WAIT = 10.0
 
 
 @dataclass
@@ -464,10 +466,14 @@ class JobRunner:
         number = 0 if attempt is None else attempt.number
         facts = _facts(status.exit_code, attempt)
         retryable = " (retryable)" if attempt is not None and attempt.retryable else ""
+        # Masked by the job's own masker too: the literal values of its secret-named fields
+        # (an api_token written into the file) are known to it alone, and an error may echo
+        # them (a vendor's error page quoting the request).
+        error = None if status.error is None else run.masker.mask_text(status.error)
         if state is JobState.PENDING and status.next_attempt_at:
             self._logger.warning(
                 "job %s attempt %s %s%s (%s); retry: attempt %s due at %s", job_id,
-                _of(number, allowed), _ended(JobState.FAILED, status.error, status.exit_code),
+                _of(number, allowed), _ended(JobState.FAILED, error, status.exit_code),
                 retryable, facts or "no exit code", _of(number + 1, allowed),
                 status.next_attempt_at,
             )  # fmt: skip
@@ -481,7 +487,6 @@ class JobRunner:
         elif state is JobState.SUCCEEDED:
             self._logger.info("job %s succeeded (%s)", job_id, facts)
         else:
-            error = status.error
             if state is JobState.CANCELLED and run.cancel_request is not None:
                 error = cancel_words(run.cancel_request)  # who, and why if said
             self._logger.warning(
@@ -648,12 +653,23 @@ class JobRunner:
         retry = spec.retry
         # The executor's word on its own failure, not on spoold's stop that ended the job.
         retryable = state is JobState.FAILED and not run.interrupted and result.retryable
-        if state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code):
+        # Nothing of it ran (a full disk kept its start from being recorded): tried again
+        # later, whatever its retries, as intake retries a file it could not take.
+        not_started = state is JobState.FAILED and result.not_started
+        if not_started or (
+            state is JobState.FAILED and retry.should_retry(attempt.number, result.exit_code)
+        ):
             wait = retry.delay(attempt.number, self._draw)
+            if not_started:
+                wait = max(wait, NOT_STARTED_WAIT)
             due = now + timedelta(seconds=wait)
             status.end_attempt(ended, JobState.PENDING, result.exit_code, error,
                                retryable=retryable, usage=result.usage)  # fmt: skip
             status.next_attempt_at = rfc3339(due)
+            if not_started:
+                log.info(f"it did not start: tried again in {format_duration(wait)}, at "
+                         f"{status.next_attempt_at}")  # fmt: skip
+                return JobState.PENDING
             log.info(
                 f"retrying in {format_duration(wait)}: attempt {attempt.number + 1} of "
                 f"{retry.attempts} is due at {status.next_attempt_at}"

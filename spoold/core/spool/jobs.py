@@ -548,7 +548,8 @@ class Jobs:
             raise InvalidTransition(f"only a running job takes a cancel request, not {job}")
         write_file(f"{job.location}/{_CANCEL_FILE}", json_bytes(request), durable=False)
 
-    def cancel_request(self, job: JobDir) -> dict[str, Any] | None:
+    @staticmethod
+    def cancel_request(job: JobDir) -> dict[str, Any] | None:
         """The cancel request made for a running job, if any."""
         return read_json(f"{job.location}/{_CANCEL_FILE}")
 
