@@ -109,7 +109,8 @@ def _runs(tmp_path: Path) -> list[list[str]]:
 
 
 def _lease(spool: Path, job_id: str) -> dict[str, Any]:
-    return json.loads((spool / "running" / job_id / "lease").read_text())
+    lease: dict[str, Any] = json.loads((spool / "running" / job_id / "lease").read_text())
+    return lease
 
 
 def _freeze(daemon: DaemonProcess, sig: signal.Signals) -> None:
@@ -238,6 +239,15 @@ T = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
 HERE, THERE = Machine("m-here", "boot-1", 1), Machine("m-there", "boot-7", 1)
 
 
+def _waits(beat: HostBeat) -> bool:
+    """Read afresh at each call (a property mypy would take as fixed once asserted)."""
+    return beat.waiting
+
+
+def _taken(beat: HostBeat) -> str | None:
+    return beat.taken
+
+
 def _beats(spool_dir: Path, *machines: Machine) -> tuple[FakeClock, list[HostBeat]]:
     spool = Spool(spool_dir)
     config = Config(spool=spool_dir, runner_id="a", lease_timeout=LEASE_TIMEOUT,
@@ -254,11 +264,11 @@ def test_a_daemon_given_the_host_id_another_machine_serves_refuses_to_start(
     clock, (there, here) = _beats(spool_dir, THERE, HERE)
     there.tick(clock.monotonic())
     here.tick(clock.monotonic())
-    assert here.waiting, "a record of another machine not said stopped may be a live daemon's"
+    assert _waits(here), "a record of another machine not said stopped may be a live daemon's"
     clock.advance(0.5)
     there.tick(clock.monotonic())
     here.tick(clock.monotonic())
-    assert not here.waiting
+    assert not _waits(here)
     assert here.taken is not None and there.taken is None
     assert "another spoold serves this spool as host 'a' on another machine" in here.taken
     assert "give each host its own RUNNER_ID" in here.taken
@@ -274,10 +284,10 @@ def test_a_host_ids_record_another_machine_left_is_watched_for_lease_timeout_the
     here.tick(clock.monotonic())
     clock.advance(LEASE_TIMEOUT - 0.5)
     here.tick(clock.monotonic())
-    assert here.waiting
+    assert _waits(here)
     clock.advance(0.5)
     here.tick(clock.monotonic())
-    assert not here.waiting and here.taken is None
+    assert not _waits(here) and here.taken is None
     record = Spool(spool_dir).hosts.read("a")
     assert record is not None and record["machine_id"] == "m-here"
 
@@ -289,15 +299,16 @@ def test_a_host_ids_record_said_stopped_or_of_this_machine_is_no_reason_to_wait(
     there.tick(clock.monotonic())
     there.stopped()
     here.tick(clock.monotonic())
-    assert not here.waiting and here.taken is None
+    assert not _waits(here) and here.taken is None
     clock.advance(0.5)
     # Another daemon of this machine writes as "a" (no host lock between them here): the one
     # that finds the other's record over its own stops, and writes nothing more.
     again.tick(clock.monotonic())
-    assert not again.waiting
+    assert not _waits(again)
     clock.advance(0.5)
     here.tick(clock.monotonic())
-    assert here.taken is not None and "on this machine" in here.taken
+    taken = _taken(here)
+    assert taken is not None and "on this machine" in taken
     here.stopped()
     record = Spool(spool_dir).hosts.read("a")
     assert record is not None and not record["stopped"], "a stop said over the other's record"
