@@ -13,8 +13,9 @@ idempotency keys and a create may answer 504 after 30 s and still have succeeded
 
 All lexware jobs of the machine share the API's limit of 2 requests per second through
 ``spoold.core.ratelimit`` (the workers are separate processes). 429 and 5xx answers are retried
-within the attempt (Retry-After honoured), bounded by the job's timeout. Money is
-``decimal.Decimal`` throughout, written to JSON as the exact decimal text.
+within the attempt (Retry-After honoured), bounded by the job's timeout; each request is
+bounded by it as a whole and ended by a cancel, and an answer larger than 8 MiB is refused. Money
+is ``decimal.Decimal`` throughout, written to JSON as the exact decimal text.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
+from spoold.executors._vendor import MIB, Bound, Deadline, Stopped
 from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
 from spoold.core.errors import ExecutorError
@@ -40,6 +42,9 @@ RATE, PER_SECOND = 2, 1.0
 _BERLIN = ZoneInfo("Europe/Berlin")
 _STATUSES = "draft,open,paid,paidoff,voided,overdue"
 _REQUEST_TIMEOUT = 60.0  # the gateway itself gives up after 30 s (504)
+_MAX_ANSWER = 8 * MIB
+#: Pages of the voucher list read at most (250 a page): one customer's invoices of one day.
+_MAX_PAGES = 40
 _BACKOFF_FIRST, _BACKOFF_MAX, _TRIES_WITHOUT_TIMEOUT = 0.5, 16.0, 8
 _CREATES = 3  # creates sent at most per attempt (each after a lookup found nothing)
 _SETTLE = (2.0, 5.0)  # waits before the lookups after a lost create answer
@@ -113,6 +118,8 @@ class LexwareExecutor(Executor):
             if ctx.type == "create_invoice":
                 return _create_invoice(api, ctx)
             return _cancel_invoice(api, ctx)
+        except Stopped as stop:
+            return stop.result()
         finally:
             api.close()
 
@@ -416,13 +423,15 @@ class _Api:
             margin=float(settings.get("rate_margin", 0.05)),
         )  # fmt: skip
         self.settle = tuple(float(s) for s in settings.get("settle_seconds", _SETTLE))
-        self.deadline = None if ctx.timeout is None else ctx.clock.monotonic() + ctx.timeout
+        self.bound = Bound(Deadline.of(ctx), name="lexware", max_body=_MAX_ANSWER,
+                           request_seconds=_REQUEST_TIMEOUT)  # fmt: skip
+        self.bound.mount(self.session)
 
     def close(self) -> None:
         self.session.close()
 
     def left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - self.ctx.clock.monotonic()
+        return self.bound.deadline.left()
 
     def call(
         self,
@@ -443,19 +452,19 @@ class _Api:
         data = None if body is None else dumps(body)
         delay = _BACKOFF_FIRST
         for tries in range(1, 10_000):
+            self.bound.deadline.check()
             left = self.left()
-            if self.ctx.cancel.is_set():
-                raise ExecutorError("lexware: cancelled")
-            if left is not None and left <= 0:
-                raise ExecutorError(f"lexware: {shown}: out of time", retryable=True)
             # The limiter's deadline is on its own clock, the one its processes share.
             until = None if left is None else self.limiter.clock() + left
-            self.limiter.acquire(self.ctx.cancel, until)
-            self.ctx.log.info(f"lexware: {shown}")
-            timeout = _REQUEST_TIMEOUT if left is None else max(1.0, min(_REQUEST_TIMEOUT, left))
             try:
+                self.limiter.acquire(self.ctx.cancel, until)
+            except ExecutorError:
+                self.bound.deadline.check()  # a cancel is a cancel, not a failure
+                raise
+            self.ctx.log.info(f"lexware: {shown}")
+            try:  # the session's adapter bounds it by the time left (Bound)
                 answer = self.session.request(
-                    method, self.base + path, params=params, data=data, timeout=timeout,
+                    method, self.base + path, params=params, data=data, timeout=_REQUEST_TIMEOUT,
                     headers={"Content-Type": "application/json"} if data is not None else None,
                 )  # fmt: skip
             except (errors.ConnectionError, errors.Timeout) as exc:
@@ -495,7 +504,7 @@ class _Api:
             raise ExecutorError(f"lexware: {shown}: {why}; no time left to retry", retryable=True)
         self.ctx.log.info(f"lexware: {shown}: {why}; retrying in {wait:.1f}s")
         if self.ctx.cancel.wait(wait):
-            raise ExecutorError("lexware: cancelled")
+            raise Stopped(cancelled=True)
 
     def settle_and_find(self, look: Any) -> Any:
         """Look for what a lost create may have made, after each settle wait."""
@@ -504,7 +513,7 @@ class _Api:
             if left is not None and wait >= left:
                 break
             if wait and self.ctx.cancel.wait(wait):
-                raise ExecutorError("lexware: cancelled")
+                raise Stopped(cancelled=True)
             found = look()
             if found is not None:
                 return found
@@ -512,8 +521,11 @@ class _Api:
 
     def find_invoice(self, ref: str, customer: str, day: str) -> dict[str, Any] | None:
         """The customer's invoice of ``day`` whose remark carries ``ref``, or None."""
-        found = []
+        found, seen = [], set()
         for row in self._voucherlist(customer, day):
+            if str(row.get("id")) in seen:
+                continue
+            seen.add(str(row.get("id")))
             invoice = self.call("GET", f"/v1/invoices/{_uuid(str(row['id']))}")
             if ref in str(invoice.get("remark") or "").splitlines():
                 found.append(invoice)
@@ -523,8 +535,10 @@ class _Api:
         return found[0] if found else None
 
     def _voucherlist(self, customer: str, day: str) -> Iterator[Mapping[str, Any]]:
-        page = 0
-        while True:
+        pages = _MAX_PAGES
+        for page in range(_MAX_PAGES):
+            if page >= pages:
+                break
             params = {
                 "voucherType": "invoice", "voucherStatus": _STATUSES, "contactId": customer,
                 "voucherDateFrom": day, "voucherDateTo": day, "size": "250", "page": str(page),
@@ -533,21 +547,31 @@ class _Api:
             yield from answer.get("content") or []
             if answer.get("last", True) or not answer.get("content"):
                 return
-            page += 1
+            total = answer.get("totalPages")
+            if isinstance(total, int) and not isinstance(total, bool):
+                pages = min(pages, total)
+        # Not knowing the whole list, a lookup cannot say the invoice is not there.
+        raise ExecutorError(
+            f"lexware: the voucher list of customer {customer} on {day} did not end after "
+            f"{pages} page(s) (the server said there were more): cannot tell whether this "
+            "job's invoice exists, so none is created; look in Lexware Office"
+        )
 
 
 def _retry_after(value: str | None, now: dt.datetime) -> float | None:
-    """Seconds to wait as a Retry-After header says (seconds or an HTTP date), at most 120."""
-    if not value:
+    """Seconds to wait as a Retry-After header says, at most 120; None for a header that is
+    not one (RFC 7231 7.1.3: delay-seconds, or an HTTP-date in any of its three forms)."""
+    text = (value or "").strip()
+    if not text:
         return None
+    if text.isascii() and text.isdigit():  # not float(): "nan", "1e9", "-5" are no delay
+        return min(float(text), 120.0)
     try:
-        return min(float(value), 120.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # "-0000" and the asctime form: HTTP-dates are all in GMT
+        when = when.replace(tzinfo=dt.UTC)
     return min(max(0.0, (when - now).total_seconds()), 120.0)
 
 

@@ -1,7 +1,16 @@
 """The ``proxmox`` executor: one Proxmox VE API call, a shortcut or a raw one, through proxmoxer.
 
 A call that starts a task (it answers a UPID) is waited for and the task's log copied into the
-job's log. proxmoxer and requests are imported when a job runs, never with this module.
+job's log. Every request is bounded by the attempt's timeout and ended by its cancel (a task it
+started is then stopped); an answer larger than 16 MiB is refused.
+
+A guest this executor creates or clones carries a line ``spoold-job: <job_id>`` (and the step)
+in its description: only a guest with that line is adopted as the one an earlier attempt made.
+The vmid a create without one takes from ``/cluster/nextid`` is noted in the job's log before
+the create is sent, so that a retry after a lost answer uses it again (Proxmox refuses a second
+guest with one vmid) instead of creating another guest with the next free one.
+
+proxmoxer and requests are imported when a job runs, never with this module.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from spoold.executors._vendor import MIB, Bound, Deadline, Stopped, find_note, leave_note
 from spoold.executors.base import ExecResult, Executor, RunContext, within_workdir
 
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
@@ -46,6 +56,14 @@ _RETRYABLE_STATUS = frozenset({502, 503, 504, 595, 596, 597})
 _TRANSIENT = re.compile(r"timeout|can't lock|locked|temporar", re.IGNORECASE)
 _POLL_FIRST, _POLL_MAX = 0.2, 2.0
 _LOG_PAGE = 500
+#: Lines of a task's log copied at most: past them the log is on the node.
+_MAX_LOG_LINES = 50_000
+_MAX_ANSWER = 16 * MIB  # /cluster/resources of a large cluster fits
+_READ_SECONDS = 30.0  # per read from the socket
+_REQUEST_SECONDS = 120.0  # a whole request, answer and all
+#: How long stopping a task may take once the attempt is cancelled or out of time.
+_STOP_GRACE = 10.0
+_VMID_NOTE = re.compile(r"proxmox: vmid (\d+) is taken for the guest this unit creates\b.*")
 
 
 def _proxmoxer() -> Any:
@@ -97,6 +115,12 @@ class ProxmoxExecutor(Executor):
         return problems
 
     def execute(self, ctx: RunContext) -> ExecResult:
+        try:
+            return self._execute(ctx)
+        except Stopped as stop:
+            return stop.result()
+
+    def _execute(self, ctx: RunContext) -> ExecResult:
         proxmoxer = _proxmoxer()
         product = ctx.product
         api = _Api(proxmoxer, ctx)
@@ -123,21 +147,20 @@ class ProxmoxExecutor(Executor):
         vmid = _vmid(product, "vmid")
         params = _form(product.get("params") or {})
         result: dict[str, Any] = {"node": node, "vmid": vmid}
+        findable = True  # a retry can tell whether this call made its guest
 
         if kind in ("create", "clone"):
             key, new = ("vmid", vmid) if kind == "create" else ("newid", _vmid(product, "newid"))
             if kind == "create" and guest == "lxc" and "ostemplate" not in params:
                 raise ExecutorError("proxmox: lxc_create needs params.ostemplate")
-            name_key = "hostname" if guest == "lxc" else "name"
-            if new is None:
-                new = int(api.call("GET", "/cluster/nextid", {}))
-                ctx.log.info(f"proxmox: the next free vmid is {new}")
-            elif (found := api.find_guest(int(new))) is not None:
-                where = str(params.get("target", node))  # a clone may go to another node
-                name = params.get(name_key)
-                return api.adopt(found, guest, where, name, result | {key: int(new)})
-            params[key] = int(new)
-            result |= {key: int(new)}
+            owner = _owner(ctx)
+            mine = str(params.get("description") or "").rstrip()
+            params["description"] = f"{mine}\n{owner}" if mine else owner
+            new, found, findable = _claim(api, guest, new, owner)
+            if found is not None:
+                return api.adopt(found, result | {key: new})
+            params[key] = new
+            result |= {key: new}
         elif kind == "config" and params:
             method = "PUT"
         elif kind == "firewall" and product.get("rule"):
@@ -163,7 +186,16 @@ class ProxmoxExecutor(Executor):
         elif action == "migrate":
             result["target"] = params.get("target")
         path = template.format(node=node, guest=guest, vmid=vmid, **_snap(product))
-        answer = api.call(method, path, params)
+        try:
+            answer = api.call(method, path, params)
+        except ExecutorError as exc:
+            if findable or not exc.retryable:
+                raise
+            raise ExecutorError(
+                f"{exc}; {guest} {result.get('vmid') or result.get('newid')} may have been "
+                "made, and a retry could not tell (no job log to note its vmid in): look in the "
+                "cluster, then run the job again with that vmid"
+            ) from exc
         if kind == "agent":
             return api.agent_exec(path, int(answer["pid"]), result)
         if kind == "vnc":
@@ -172,6 +204,52 @@ class ProxmoxExecutor(Executor):
         if kind in ("create", "clone") and outcome.succeeded:
             outcome.result["created"] = True
         return outcome
+
+
+def _owner(ctx: RunContext) -> str:
+    """The line in a guest's description that says this job (this step of it) made it."""
+    step = "/".join(ctx.log.sections)
+    return f"spoold-job: {ctx.job_id}" + (f" step {step}" if step else "")
+
+
+def _claim(
+    api: _Api, guest: str, explicit: int | None, owner: str
+) -> tuple[int, dict[str, Any] | None, bool]:
+    """The vmid a create or clone makes; the guest with it if this job made that already (a
+    retry after a lost answer); and whether a retry can find it (its vmid is kept)."""
+    ctx = api.ctx
+    if explicit is not None:
+        found = api.find_guest(explicit)
+        if found is not None and not api.owned(found, guest, owner):
+            raise ExecutorError(
+                f"proxmox: vmid {explicit} already exists ({_describe(found)}): it is taken, "
+                f"and not by this job (its description has no line {owner!r}): choose another "
+                "vmid, or leave it out to take the next free one"
+            )
+        return explicit, found, True
+    noted = find_note(ctx, _VMID_NOTE)
+    if noted is not None:
+        vmid = int(noted.group(1))
+        ctx.log.info(f"proxmox: an earlier attempt took vmid {vmid}: looking for its guest")
+        found = api.find_guest(vmid)
+        if found is None or api.owned(found, guest, owner):
+            return vmid, found, True
+        ctx.log.info(f"proxmox: vmid {vmid} is someone else's: the earlier create never happened")
+    vmid = int(api.call("GET", "/cluster/nextid", {}))
+    kept = leave_note(
+        ctx, f"proxmox: vmid {vmid} is taken for the guest this unit creates (the next free one)"
+    )
+    if not kept and ctx.read_log is not None:  # the line was lost: a full disk
+        raise ExecutorError(
+            f"proxmox: cannot note vmid {vmid} in the job's log: not creating a guest that a "
+            "retry could not find again",
+            retryable=True,
+        )
+    return vmid, None, kept
+
+
+def _describe(found: Mapping[str, Any]) -> str:
+    return f"{found.get('type')} {found.get('vmid')} {found.get('name')!r} on {found.get('node')}"
 
 
 def _vmid(product: Mapping[str, Any], field: str) -> int | None:
@@ -246,16 +324,19 @@ class _Api:
             verify = str(Path(str(product["ca_file"])).expanduser())
         elif "fingerprint" in product:
             verify = False  # the pin below replaces the CA check
-        self.deadline = None if ctx.timeout is None else ctx.clock.monotonic() + ctx.timeout
         self.api = proxmoxer.ProxmoxAPI(
             host.strip("[]"), port=self.port, user=user, token_name=token_name,
             token_value=str(product["token_secret"]), verify_ssl=verify, backend="https",
-            timeout=30 if ctx.timeout is None else max(1.0, min(30.0, ctx.timeout)),
+            timeout=_READ_SECONDS,
         )  # fmt: skip
-        session = self.api._store["session"]  # proxmoxer offers no other way to pin a cert
+        session = self.api._store["session"]  # proxmoxer offers no other way to reach it
         session.trust_env = False  # a proxy from the environment must not see the token
-        if "fingerprint" in product:
-            session.mount(f"https://{host}:{self.port}", _pinned_adapter(requests, product))
+        self.bound = Bound(Deadline.of(ctx), name="proxmox", max_body=_MAX_ANSWER,
+                           request_seconds=_REQUEST_SECONDS)  # fmt: skip
+        pin = {}
+        if "fingerprint" in product:  # urllib3 compares the peer certificate's SHA-256
+            pin["assert_fingerprint"] = str(product["fingerprint"]).replace(":", "").lower()
+        self.bound.mount(session, pin)
 
     def call(
         self, method: str, path: str, params: Mapping[str, Any], *, quiet: bool = False
@@ -298,26 +379,36 @@ class _Api:
                 return dict(resource)
         return None
 
-    def adopt(
-        self, found: dict[str, Any], guest: str, node: str, name: Any, result: dict[str, Any]
-    ) -> ExecResult:
-        """A create whose vmid exists: ours from an earlier attempt, or someone else's."""
-        vmid = found.get("vmid")
-        what = f"{found.get('type')} {vmid} {found.get('name')!r} on {found.get('node')}"
-        self.ctx.log.info(f"proxmox: vmid {vmid} already exists: {what}")
-        theirs = found.get("type") != guest or found.get("node") != node
-        if theirs or (name is not None and found.get("name") != str(name)):
+    def owned(self, found: Mapping[str, Any], guest: str, owner: str) -> bool:
+        """Whether the guest ``found`` is the one this job made: its description has the line
+        ``owner``. ExecutorError (retryable) while it is still being made and cannot tell."""
+        if found.get("type") != guest:
+            return False
+        node = _segment(found, "node")
+        config = self.call("GET", f"/nodes/{node}/{guest}/{int(found['vmid'])}/config", {})
+        config = config if isinstance(config, Mapping) else {}
+        description = str(config.get("description") or "")
+        if owner in (line.strip() for line in description.splitlines()):
+            return True
+        lock = config.get("lock") or found.get("lock")
+        if lock in ("create", "clone"):  # its description is written when it is done
             raise ExecutorError(
-                f"proxmox: vmid {vmid} already exists ({what}) and is not the one this job "
-                "creates: choose another vmid, or leave it out to take the next free one"
+                f"proxmox: vmid {found['vmid']} is being made (lock: {lock}); whether by this "
+                "job its description says once that is done: a retry looks again",
+                retryable=True,
             )
+        return False
+
+    def adopt(self, found: dict[str, Any], result: dict[str, Any]) -> ExecResult:
+        """A create whose guest an earlier attempt of this job made (``owned``)."""
+        self.ctx.log.info(f"proxmox: vmid {found.get('vmid')} already exists: {_describe(found)}")
         if found.get("lock") in ("create", "clone"):
             raise ExecutorError(
-                f"proxmox: vmid {vmid} is still being made by an earlier attempt "
+                f"proxmox: vmid {found.get('vmid')} is still being made by an earlier attempt "
                 f"(lock: {found['lock']})",
                 retryable=True,
             )
-        self.ctx.log.info("proxmox: it matches this job: not creating it again (a retry)")
+        self.ctx.log.info("proxmox: this job made it: not creating it again (a retry)")
         return ExecResult(0, result=result | {"created": False, "existing": found})
 
     def finish(self, answer: Any, result: dict[str, Any]) -> ExecResult:
@@ -334,21 +425,18 @@ class _Api:
         self.ctx.log.info(f"proxmox: waiting for task {upid}")
         base, interval = f"/nodes/{node}/tasks/{upid}", _POLL_FIRST
         while True:
-            status = self.call("GET", base + "/status", {}, quiet=True)
+            try:
+                status = self.call("GET", base + "/status", {}, quiet=True)
+            except Stopped as stopped:
+                return self._stop_task(upid, "cancel" if stopped.cancelled else "timeout", result)
             if status.get("status") == "stopped":
                 break
             stop = self._stop_reason()
             if stop is not None:
-                self.ctx.log.error(f"proxmox: {stop}: stopping task {upid}")
-                try:
-                    self.call("DELETE", base, {})
-                except ExecutorError as exc:  # the attempt ends either way
-                    self.ctx.log.error(str(exc))
-                self._copy_log(base)
-                return ExecResult(None, None, stop != "cancel", stop == "cancel", result)
+                return self._stop_task(upid, stop, result)
             self._sleep(interval)
             interval = min(interval * 2, _POLL_MAX)
-        self._copy_log(base)
+        self._copy_log(upid)
         exitstatus = str(status.get("exitstatus", ""))
         result["exitstatus"] = exitstatus
         if exitstatus == "OK":
@@ -360,12 +448,27 @@ class _Api:
             1, f"proxmox task {status.get('type', '')} failed: {exitstatus}", result=result
         )
 
+    def _stop_task(self, upid: str, stop: str, result: dict[str, Any]) -> ExecResult:
+        """Stop the task on a cancel or timeout, within a grace of its own; keep its log."""
+        self.ctx.log.error(f"proxmox: {stop}: stopping task {upid}")
+        with self.bound.grace(_STOP_GRACE):
+            try:
+                self.call("DELETE", f"/nodes/{upid.split(':')[1]}/tasks/{upid}", {})
+            except ExecutorError as exc:  # the attempt ends either way
+                self.ctx.log.error(str(exc))
+            self._copy_log(upid)
+        return ExecResult(None, None, stop != "cancel", stop == "cancel", result)
+
     def agent_exec(self, path: str, pid: int, result: dict[str, Any]) -> ExecResult:
         """Wait for a guest agent command; its output into the log, its exit code the job's."""
         result["pid"] = pid
         interval = _POLL_FIRST
         while True:
-            status = self.call("GET", path + "-status", {"pid": pid}, quiet=True)
+            try:
+                status = self.call("GET", path + "-status", {"pid": pid}, quiet=True)
+            except Stopped as stopped:
+                self.ctx.log.error(f"proxmox: {stopped}: leaving guest pid {pid} running")
+                return stopped.result(result)
             if status.get("exited"):
                 break
             stop = self._stop_reason()
@@ -410,54 +513,53 @@ class _Api:
         self.ctx.log.info(f"proxmox: console proxy on port {answer.get('port')}")
         return ExecResult(0, result=result)
 
-    def _copy_log(self, base: str) -> None:
-        start = 0
-        while True:
+    def _copy_log(self, upid: str) -> None:
+        """Copy the task's log into the job's, page by page: until a page is short or brings
+        no line not copied yet, at most _MAX_LOG_LINES, within the attempt's deadline."""
+        base, start = f"/nodes/{upid.split(':')[1]}/tasks/{upid}/log", 0
+        while start < _MAX_LOG_LINES:
             try:
-                lines = (
-                    self.call(
-                        "GET", base + "/log", {"start": start, "limit": _LOG_PAGE}, quiet=True
-                    )
-                    or []
-                )
+                lines = self.call("GET", base, {"start": start, "limit": _LOG_PAGE}, quiet=True)
             except ExecutorError as exc:  # the task's outcome matters more than its log
                 self.ctx.log.error(f"proxmox: cannot read the task log: {exc}")
                 return
-            for line in lines:
+            lines = [line for line in lines or [] if isinstance(line, Mapping)]
+            # Line numbers count from 1: a page of lines copied already is not progress.
+            fresh = [line for line in lines if _is_new(line, start)]
+            for line in fresh:
                 text = str(line.get("t", ""))
                 if text != "no content":
                     self.ctx.log.output(
                         f"task: {text}".encode(), stderr=text.startswith("TASK ERROR")
                     )
-            if len(lines) < _LOG_PAGE:
+            if len(lines) < _LOG_PAGE or not fresh:
                 return
             start += len(lines)
+        self.ctx.log.error(
+            f"proxmox: the task log is longer than {_MAX_LOG_LINES} lines: the rest is on the "
+            f"node (pvenode task log {upid})"
+        )
 
     def _stop_reason(self) -> str | None:
         if self.ctx.cancel.is_set():
             return "cancel"
-        if self.deadline is not None and self.ctx.clock.monotonic() >= self.deadline:
+        left = self.bound.deadline.left()
+        if left is not None and left <= 0:
             return "timeout"
         return None
 
     def _sleep(self, seconds: float) -> None:
-        if self.deadline is not None:
-            seconds = max(0.0, min(seconds, self.deadline - self.ctx.clock.monotonic()))
+        left = self.bound.deadline.left()
+        if left is not None:
+            seconds = max(0.0, min(seconds, left))
         self.ctx.cancel.wait(seconds)
 
 
-def _pinned_adapter(requests: Any, product: Mapping[str, Any]) -> Any:
-    """An adapter that accepts exactly the certificate with ``product.fingerprint``."""
-    fingerprint = str(product["fingerprint"]).replace(":", "").lower()
-
-    class PinnedAdapter(requests.adapters.HTTPAdapter):  # type: ignore[misc]
-        """urllib3 compares the SHA-256 of the peer's certificate after the handshake."""
-
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["assert_fingerprint"] = fingerprint
-            super().init_poolmanager(*args, **kwargs)
-
-    return PinnedAdapter()
+def _is_new(line: Mapping[str, Any], start: int) -> bool:
+    """Whether a line of a task's log read from ``start`` is past it (a line without a
+    number counts as new: _MAX_LOG_LINES still bounds them)."""
+    number = line.get("n")
+    return not isinstance(number, int) or number > start
 
 
 def _reason(exc: Exception) -> str:

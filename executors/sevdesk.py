@@ -7,7 +7,11 @@ that reference is adopted instead. A cancel likewise looks for an existing cance
 (``invoiceType`` SR whose ``origin`` is the invoice) before it asks for another one.
 
 Money is ``decimal.Decimal`` from the job file to the request body: no float arithmetic.
-requests is imported when a job runs, never with this module.
+An invoice without ``invoice_date`` is dated the day its first attempt ran: that day is noted
+in the job's log and read back by every later attempt, whose lookup and body use it too.
+
+Every request is bounded by the attempt's timeout and ended by its cancel; an answer larger
+than 8 MiB is refused. requests is imported when a job runs, never with this module.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
+from spoold.executors._vendor import MIB, Bound, Deadline, Stopped, find_note, leave_note
 from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
@@ -28,10 +33,17 @@ TYPES = ("create_invoice", "cancel_invoice")
 _CENT = Decimal("0.01")
 _PLACEHOLDER = re.compile(r"\$\{[^}]+\}")
 _DECIMAL_TEXT = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,6})?\Z")
-_RAW = re.compile(r'"\\u0000dec:(-?[0-9.]+)\\u0000"')
+_RAW = re.compile(r'"\\u0000dec:(-?[0-9]+(?:\.[0-9]+)?)\\u0000"')
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 _ZERO_RATE_RULES = frozenset({"2", "3", "4", "5", "11", "17", "18", "19", "20"})
-_TIMEOUT = 30.0
+_TIMEOUT = 30.0  # per read from the socket
+_REQUEST_SECONDS = 120.0  # a whole request, answer and all
+_MAX_ANSWER = 8 * MIB
+#: The most an amount, a position's net or an invoice's gross may be: twelve digits before
+#: the point, as the text form of an amount allows. sevDesk keeps sums as doubles (15 to 16
+#: significant digits): up to here every cent stays exact, and no real invoice comes near it.
+MAX_AMOUNT = Decimal("999999999999.99")
+_DATE_NOTE = re.compile(r"sevdesk: invoice_date (\d{4}-\d{2}-\d{2}) \(the first attempt's day\).*")
 
 
 def _requests() -> Any:
@@ -70,9 +82,20 @@ def position_totals(position: Mapping[str, Any], where: str) -> tuple[Decimal, D
     price = decimal(position["price"], f"{where}.price")
     rate = decimal(position["tax_rate"], f"{where}.tax_rate")
     discount = decimal(position.get("discount", 0), f"{where}.discount")
+    for field, value in (("quantity", quantity), ("price", price)):
+        _within(value, f"{where}.{field}")
     net = (quantity * price * (100 - discount) / 100).quantize(_CENT, ROUND_HALF_UP)
+    _within(net, f"{where}: quantity times price")
     tax = (net * rate / 100).quantize(_CENT, ROUND_HALF_UP)
     return net, tax
+
+
+def _within(value: Decimal, what: str) -> None:
+    if abs(value) > MAX_AMOUNT:
+        raise ExecutorError(
+            f"sevdesk: {what}: {value:f} is more than {MAX_AMOUNT:,} (an amount no invoice "
+            "has: a typo, or a value in the wrong unit?)"
+        )
 
 
 def totals(positions: list[Mapping[str, Any]]) -> dict[str, str]:
@@ -81,6 +104,7 @@ def totals(positions: list[Mapping[str, Any]]) -> dict[str, str]:
     for index, position in enumerate(positions):
         n, t = position_totals(position, f"invoice_data.positions[{index}]")
         net, tax = net + n, tax + t
+    _within(net + tax, "invoice_data: the gross total")
     return {"net": str(net), "tax": str(tax), "gross": str(net + tax)}
 
 
@@ -131,6 +155,11 @@ class SevdeskExecutor(Executor):
                 exponent = values[field].as_tuple().exponent
                 if isinstance(exponent, int) and exponent < -6:
                     problems.append(f"{where}.{field}: {raw!r} has more than 6 decimal places")
+            for field in ("quantity", "price"):
+                if field in values and abs(values[field]) > MAX_AMOUNT:
+                    problems.append(
+                        f"{where}.{field}: {values[field]:f} is more than {MAX_AMOUNT:,}"
+                    )
             if "quantity" in values and values["quantity"] <= 0:
                 problems.append(f"{where}.quantity: must be more than 0")
             if "price" in values and values["price"] < 0:
@@ -145,6 +174,8 @@ class SevdeskExecutor(Executor):
                     problems.append(
                         f"{where}.tax_rate: tax_rule {rule} bills no German VAT: give 0, not {rate}"
                     )
+        if not problems:  # each amount is sound: their products and sums may still not be
+            problems += _total_problems(positions)
         invoice_date, delivery = data.get("invoice_date"), data.get("delivery_date")
         for field, value in (("invoice_date", invoice_date), ("delivery_date", delivery)):
             if value is not None and _literal(value):
@@ -166,6 +197,12 @@ class SevdeskExecutor(Executor):
         return problems
 
     def execute(self, ctx: RunContext) -> ExecResult:
+        try:
+            return self._execute(ctx)
+        except Stopped as stop:
+            return stop.result()
+
+    def _execute(self, ctx: RunContext) -> ExecResult:
         problem = cleartext_problem(
             str(ctx.product.get("base_url") or DEFAULT_BASE_URL), "API token"
         )
@@ -177,6 +214,22 @@ class SevdeskExecutor(Executor):
         if ctx.type == "cancel_invoice":
             return _cancel(api, ctx)
         raise ExecutorError(f"sevdesk: unknown type {ctx.type!r}: give one of {', '.join(TYPES)}")
+
+
+def _total_problems(positions: Any) -> list[str]:
+    """Positions and an invoice worth more than MAX_AMOUNT, where every amount is written."""
+    try:
+        if all(
+            isinstance(p, Mapping)
+            and all(p.get(f) is not None and _literal(p.get(f)) for f in ("quantity", "price"))
+            and _literal(p.get("tax_rate", 0))
+            and _literal(p.get("discount", 0))
+            for p in positions
+        ):
+            totals([{"tax_rate": 0, **p} for p in positions])
+    except ExecutorError as exc:
+        return [str(exc).removeprefix("sevdesk: ")]
+    return []
 
 
 def _need(product: Mapping[str, Any], field: str, type_: str) -> Any:
@@ -204,7 +257,7 @@ def _create(api: _Api, ctx: RunContext) -> ExecResult:
         raise ExecutorError("sevdesk: invoice_data.positions: give at least one position")
     computed = totals(positions)  # a bad amount fails here, before anything is sent
     ref = reference(ctx.job_id)
-    invoice_date = str(data.get("invoice_date") or ctx.clock.now().date().isoformat())
+    invoice_date = _invoice_date(ctx, data)
     found = api.find_by_reference(contact, ref, invoice_date)
     if found is not None:
         ctx.log.info(
@@ -226,6 +279,25 @@ def _create(api: _Api, ctx: RunContext) -> ExecResult:
     result = _result(invoice, ref, adopted=False)
     result["computed"] = computed
     return ExecResult(0, result=result)
+
+
+def _invoice_date(ctx: RunContext, data: Mapping[str, Any]) -> str:
+    """The invoice's date: as written, else the first attempt's day, the same on every retry
+    (a retry after midnight must neither date the invoice anew nor look on the wrong day)."""
+    if data.get("invoice_date"):
+        return str(data["invoice_date"])
+    noted = find_note(ctx, _DATE_NOTE)
+    if noted is not None:
+        return noted.group(1)
+    today = ctx.clock.now().date().isoformat()
+    if not leave_note(ctx, f"sevdesk: invoice_date {today} (the first attempt's day), kept "
+                           "for this job's retries"):  # fmt: skip
+        ctx.log.error(
+            "sevdesk: the invoice date cannot be kept for a retry (no job log to read back): "
+            "a retry on another day looks for this job's invoice on that day only; give "
+            "invoice_data.invoice_date to be sure"
+        )
+    return today
 
 
 def _cancel(api: _Api, ctx: RunContext) -> ExecResult:
@@ -355,7 +427,8 @@ class _Dec:
 def _dumps(body: Any) -> str:
     def default(value: Any) -> Any:
         if isinstance(value, _Dec):
-            return f"\x00dec:{value.value}\x00"
+            # Fixed-point text: str() writes 1E+16, which is no JSON number.
+            return f"\x00dec:{value.value:f}\x00"
         raise TypeError(f"{type(value).__name__} is not JSON")
 
     return _RAW.sub(r"\1", json.dumps(body, default=default))
@@ -376,7 +449,10 @@ class _Api:
                 "User-Agent": "spoold sevdesk executor",
             }
         )
-        self.timeout = _TIMEOUT if ctx.timeout is None else max(1.0, min(_TIMEOUT, ctx.timeout))
+        self.timeout = _TIMEOUT
+        bound = Bound(Deadline.of(ctx), name="sevdesk", max_body=_MAX_ANSWER,
+                      request_seconds=_REQUEST_SECONDS)  # fmt: skip
+        bound.mount(self.session)
 
     def call(
         self,

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from functools import cache
@@ -81,6 +82,9 @@ class FakeLexware:
         answer (then reset).
       storm_429: the next N requests are answered 429 (counted down).
       rate: requests per second before 429 (2); per_second window length (1.0).
+      on_request: called with (method, path) of each authorized request before it is answered.
+      voucherlist_never_ends: every page of the voucher list is its first, with ``last: false``
+        and ``totalPages`` as ``voucherlist_total_pages`` says (None: left out).
     """
 
     def __init__(self, api_key: str | None = None) -> None:
@@ -95,6 +99,9 @@ class FakeLexware:
         self.storm_429 = 0
         self.rate, self.per_second = 2, 1.0
         self.throttled = 0
+        self.on_request: Callable[[str, str], object] | None = None
+        self.voucherlist_never_ends = False
+        self.voucherlist_total_pages: int | None = None
         self._accepted: deque[float] = deque()
         self._numbers = {"invoice": 1000, "creditnote": 5000}
         self._lock = threading.RLock()
@@ -240,6 +247,8 @@ class _Handler(MethodHandler):
                 raise _Reply(429, {"status": 429, "error": "Too Many Requests"})
             with fake._lock:
                 fake.requests.append((time.monotonic(), method, self.path))
+            if fake.on_request is not None:
+                fake.on_request(method, parts.path)
             status, body = self._route(method, parts.path, query, raw)
         except _Reply as reply:
             if reply.violation is not None:
@@ -377,6 +386,12 @@ class _Handler(MethodHandler):
                 })  # fmt: skip
         content = rows[page * size : (page + 1) * size]
         pages = max(1, -(-len(rows) // size))
+        if fake.voucherlist_never_ends:
+            endless: dict[str, Any] = {"content": rows[:size], "first": page == 0, "last": False,
+                                       "size": size, "number": page}  # fmt: skip
+            if fake.voucherlist_total_pages is not None:
+                endless["totalPages"] = fake.voucherlist_total_pages
+            return endless
         return {
             "content": content, "first": page == 0, "last": page >= pages - 1,
             "totalPages": pages, "totalElements": len(rows), "numberOfElements": len(content),

@@ -394,6 +394,10 @@ class FakePVE:
       crash_after_create: if True, the next create (POST lxc/qemu) creates the guest and then
         drops the connection without answering (then reset).
       agent_commands: queue of AgentCommand consumed by agent/exec (default: exit 0, no output).
+      on_request: called with (method, template) of each valid request before it is answered.
+      drip: templates whose answer is sent a byte every ``drip_seconds`` (a server that never
+        quite answers), until the client goes away or a minute has passed.
+      padding: template -> bytes of blanks written into its answer (an answer too large).
     """
 
     def __init__(
@@ -424,6 +428,10 @@ class FakePVE:
         self.fail_next_task: str | None = None
         self.crash_after_create = False
         self.agent_commands: list[AgentCommand] = []
+        self.on_request: Callable[[str, str], object] | None = None
+        self.drip: set[str] = set()
+        self.drip_seconds = 0.5
+        self.padding: dict[str, int] = {}
         self._agent_runs: dict[tuple[int, int], tuple[AgentCommand, list[int]]] = {}
         self._pid = itertools.count(0x10000)
         self._lock = threading.RLock()
@@ -622,7 +630,8 @@ class FakePVE:
             return []
         return [
             {"id": f"{g.kind}/{g.vmid}", "vmid": g.vmid, "node": n, "type": g.kind,
-             "status": g.status, "name": g.name, "template": int(g.config.get("template") == "1")}
+             "status": g.status, "name": g.name, "template": int(g.config.get("template") == "1"),
+             **({"lock": g.lock} if g.lock else {})}
             for n, guests in self.guests.items() for g in guests.values()
         ]  # fmt: skip
 
@@ -873,6 +882,8 @@ class FakePVE:
         name = p.get("hostname" if guest.kind == "lxc" else "name")
         if name:
             config["hostname" if guest.kind == "lxc" else "name"] = name
+        if "description" in p:  # else the copy keeps the source's, as Proxmox's does
+            config["description"] = p["description"]
         clone = self.add_guest(newid, guest.kind, target, config=config)
         clone.lock = "clone"
 
@@ -1095,6 +1106,8 @@ class _Handler(MethodHandler):
             return
 
         try:
+            if fake.on_request is not None:
+                fake.on_request(method, template)
             data = fake.handle(method, template, path_params, params)
         except _DropConnection:
             seen.status = -1
@@ -1108,7 +1121,42 @@ class _Handler(MethodHandler):
             fail(500, f"fake error: {e}")
             return
         seen.status = 200
+        if template in fake.drip:
+            self._drip(fake.drip_seconds)
+            return
+        if template in fake.padding:
+            self._padded(fake.padding[template], {"data": data})
+            return
         self._reply(200, "OK", {"data": data})
+
+    def _drip(self, seconds: float) -> None:
+        self.close_connection = True
+        self.send_response(200, "OK")
+        self.send_header("Content-Type", "application/json;charset=UTF-8")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        for _ in range(int(60 / seconds)):
+            try:
+                self.wfile.write(b" ")
+                self.wfile.flush()
+            except OSError:  # the client went away
+                return
+            time.sleep(seconds)
+
+    def _padded(self, blanks: int, body: dict[str, Any]) -> None:
+        self.close_connection = True
+        raw = json.dumps(body).encode()
+        self.send_response(200, "OK")
+        self.send_header("Content-Type", "application/json;charset=UTF-8")
+        self.send_header("Content-Length", str(blanks + len(raw)))
+        self.end_headers()
+        chunk = b" " * 65536
+        try:
+            for _ in range(blanks // len(chunk)):
+                self.wfile.write(chunk)
+            self.wfile.write(b" " * (blanks % len(chunk)) + raw)
+        except OSError:  # the client went away
+            return
 
 
 def iter_endpoints(api: ApiDescription | None = None) -> Iterator[Endpoint]:

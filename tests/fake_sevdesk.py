@@ -19,6 +19,7 @@ answer that status without doing anything).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -329,7 +330,8 @@ def _handler(fake: FakeSevdesk) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            with contextlib.suppress(OSError):  # the client went away (a cancel ended it)
+                self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve
 

@@ -15,7 +15,13 @@ from typing import Any
 import jsonschema
 import pytest
 from spoold.executors.base import ExecResult
-from spoold.executors.lexware import LexwareExecutor, credit_note_body, dumps, reference
+from spoold.executors.lexware import (
+    LexwareExecutor,
+    _retry_after,
+    credit_note_body,
+    dumps,
+    reference,
+)
 
 from tests.fake_lexware import FakeLexware
 from tests.test_executors import _context, _Log
@@ -330,3 +336,52 @@ def test_an_unknown_type_or_missing_field_fails_before_any_request(
     result, _ = _run(fake, tmp_path, "cancel_invoice", {})
     assert not result.succeeded and "needs invoice_id" in str(result.error)
     assert fake.requests == [] and fake.violations == []
+
+
+NOW = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("30", 30.0),
+        ("  7 ", 7.0),
+        ("3600", 120.0),  # at most two minutes
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 30.0),  # IMF-fixdate
+        ("Wed, 21 Oct 2015 07:28:00 -0000", 30.0),  # the same, zone written as -0000
+        ("Wednesday, 21-Oct-15 07:28:00 GMT", 30.0),  # obsolete RFC 850 form
+        ("Wed Oct 21 07:28:00 2015", 30.0),  # obsolete asctime form, no zone: GMT
+        ("Wed, 21 Oct 2015 07:00:00 GMT", 0.0),  # past
+        ("nan", None),
+        ("1e3", None),
+        ("-5", None),
+        ("Wed, 99 Oct 2015 07:28:00 GMT", None),
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_reads_every_form_and_ignores_the_rest(
+    header: str, seconds: float | None
+) -> None:
+    assert _retry_after(header, NOW) == seconds
+
+
+@pytest.mark.parametrize("total_pages", [3, None])
+def test_a_voucher_list_without_end_is_read_within_bounds(
+    fake: FakeLexware, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, total_pages: int | None
+) -> None:
+    monkeypatch.setattr("spoold.executors.lexware._MAX_PAGES", 5)
+    fake.add_invoice({"voucherDate": "2026-11-20T00:00:00.000+01:00",
+                      "address": {"contactId": CUSTOMER}, "remark": "someone else's",
+                      "lineItems": [], "totalPrice": {"currency": "EUR"}})  # fmt: skip
+    fake.voucherlist_never_ends, fake.voucherlist_total_pages = True, total_pages
+    done: list[ExecResult] = []
+    thread = threading.Thread(target=lambda: done.append(_create(fake, tmp_path)[0]), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "still paging through the voucher list"
+    assert not done[0].succeeded
+    assert "did not end after" in (done[0].error or "")
+    pages = [p for _, m, p in fake.requests if p.startswith("/v1/voucherlist")]
+    assert len(pages) == (total_pages or 5)
+    assert _posts(fake, "/v1/invoices") == []  # not knowing the list, it creates nothing

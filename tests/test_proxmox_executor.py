@@ -3,6 +3,7 @@ vendor's API description (``fake.violations``)."""
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 from collections.abc import Iterator
@@ -393,3 +394,114 @@ def test_without_proxmoxer_the_error_names_the_extra(
     monkeypatch.setitem(sys.modules, "proxmoxer", None)
     result, _ = _run(fake, tmp_path, "kvm_list", {})
     assert "pip install spoold[proxmox]" in (result.error or "")
+
+
+def _attempts(
+    fake: FakePVE, tmp_path: Path, type_: str, product: dict[str, Any], log: _Log, **ctx: Any
+) -> ExecResult:
+    """One attempt of a job whose attempts share ``log``, which each reads back, as the
+    daemon's job log."""
+    context = _context(
+        tmp_path, _product(fake, **product), log, executor="proxmox", type=type_,
+        read_log=lambda: io.BytesIO(log.buffer.getvalue()), **ctx,
+    )  # fmt: skip
+    return ProxmoxExecutor().run(context)
+
+
+def test_a_create_without_vmid_whose_answer_was_lost_is_not_made_twice(
+    fake: FakePVE, tmp_path: Path
+) -> None:
+    fake.crash_after_create = True
+    log, product = _Log(), {"params": {"name": "web", "memory": 1024}}
+    first = _attempts(fake, tmp_path, "kvm_create", product, log)
+    assert not first.succeeded and first.retryable
+    second = _attempts(fake, tmp_path, "kvm_create", product, log)
+    assert second.succeeded and second.result["created"] is False
+    assert second.result["vmid"] == 100
+    assert len(fake.requests_to("POST", "/nodes/{node}/qemu")) == 1
+    assert list(fake.guests["pve1"]) == [100]
+    assert fake.guests["pve1"][100].config["description"] == "spoold-job: t"
+    assert fake.violations == []
+
+
+def test_a_noted_vmid_someone_else_took_is_not_adopted(fake: FakePVE, tmp_path: Path) -> None:
+    log = _Log()
+    log.log.info("proxmox: vmid 100 is taken for the guest this unit creates (the next free one)")
+    fake.add_guest(100, "qemu", config={"name": "theirs"})  # the first create never came
+    result = _attempts(fake, tmp_path, "kvm_create", {"params": {"name": "web"}}, log)
+    assert result.succeeded and result.result["created"] is True and result.result["vmid"] == 101
+    assert fake.guests["pve1"][100].config == {"name": "theirs"}
+
+
+def test_without_a_job_log_a_lost_create_says_the_guest_may_exist(
+    fake: FakePVE, tmp_path: Path
+) -> None:
+    fake.crash_after_create = True
+    result, _ = _run(fake, tmp_path, "kvm_create", {"params": {"name": "web"}})
+    assert not result.succeeded and not result.retryable
+    assert "qemu 100 may have been made" in (result.error or "")
+
+
+def test_a_guest_without_this_jobs_mark_is_not_adopted(fake: FakePVE, tmp_path: Path) -> None:
+    # Same vmid, type and node, no name given: nothing says it is this job's.
+    fake.add_guest(200, "qemu", config={"name": "database"})
+    result, _ = _run(fake, tmp_path, "kvm_create", {"vmid": 200})
+    assert not result.succeeded and "vmid 200 already exists" in (result.error or "")
+    assert "it is taken, and not by this job" in (result.error or "")
+    # ...nor one another job made, nor one of another step of this job.
+    fake.add_guest(201, "qemu", config={"description": "notes\nspoold-job: other"})
+    result, _ = _run(fake, tmp_path, "kvm_create", {"vmid": 201})
+    assert "vmid 201 already exists" in (result.error or "")
+    assert fake.requests_to("POST", "/nodes/{node}/qemu") == []
+
+
+class _EndlessLog(FakePVE):
+    """A task log that answers the same full page whatever is asked."""
+
+    def _task_log(self, upid: str, p: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"n": i + 1, "t": f"line {i}"} for i in range(500)]
+
+
+class _LongLog(FakePVE):
+    """A task log of fresh lines without end."""
+
+    def _task_log(self, upid: str, p: dict[str, str]) -> list[dict[str, Any]]:
+        start = int(p.get("start", 0))
+        return [{"n": start + i + 1, "t": f"line {start + i}"} for i in range(500)]
+
+
+@pytest.mark.parametrize("server", [_EndlessLog, _LongLog])
+def test_a_task_log_without_end_is_copied_within_bounds(
+    server: type[FakePVE], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("spoold.executors.proxmox._MAX_LOG_LINES", 2000)
+    with server(nodes=("pve1",)) as fake:
+        fake.task_polls = 0
+        fake.add_guest(100, "qemu")
+        done: list[ExecResult] = []
+        log = _Log()
+        context = _context(tmp_path, _product(fake, vmid=100), log, executor="proxmox",
+                           type="kvm_start")  # fmt: skip
+        thread = threading.Thread(target=lambda: done.append(ProxmoxExecutor().run(context)))
+        thread.daemon = True
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "still copying the task log"
+        assert done[0].succeeded
+        copied = log.text().count("task: line ")
+        if server is _EndlessLog:
+            assert copied == 500  # the page once: asked again, it brought nothing new
+        else:
+            assert copied == 2000 and "the task log is longer than 2000 lines" in log.text()
+
+
+def test_a_guest_of_this_job_still_being_made_is_waited_for(fake: FakePVE, tmp_path: Path) -> None:
+    guest = fake.add_guest(200, "qemu", config={"description": "spoold-job: t"})
+    guest.lock = "create"
+    result, _ = _run(fake, tmp_path, "kvm_create", {"vmid": 200})
+    assert not result.succeeded and result.retryable
+    assert "vmid 200 is still being made by an earlier attempt" in (result.error or "")
+    fake.add_guest(201, "qemu").lock = "create"  # whose, its description cannot say yet
+    result, _ = _run(fake, tmp_path, "kvm_create", {"vmid": 201})
+    assert result.retryable and "whether by this job its description says" in (result.error or "")
+    assert fake.requests_to("POST", "/nodes/{node}/qemu") == []

@@ -3,14 +3,18 @@ OpenAPI description (``fake.violations``)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 import json
+import time
 from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from spoold.executors.base import ExecResult
-from spoold.executors.sevdesk import SevdeskExecutor, totals
+from spoold.executors.sevdesk import SevdeskExecutor, _Dec, _dumps, decimal, totals
 
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
@@ -279,3 +283,71 @@ def test_the_fake_records_what_the_description_does_not_allow(fake: FakeSevdesk)
     assert "body.invoicePosSave: required" in text  # the vendor lists invoicePos: see the fake
     assert "DELETE /Invoice/Factory/saveInvoice" in text and "no Authorization" in text
     assert len(fake.violations) == 5
+
+
+class _At:
+    """A clock that stands at one moment (its monotonic time runs)."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self.moment = now
+
+    def now(self) -> dt.datetime:
+        return self.moment
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def test_a_retry_after_midnight_keeps_the_first_attempts_date(
+    fake: FakeSevdesk, tmp_path: Path
+) -> None:
+    undated = {k: v for k, v in INVOICE.items() if k != "invoice_date"}
+    product = {"api_token": fake.token, "base_url": fake.base_url, "contact_id": 1001,
+               "invoice_data": undated}  # fmt: skip
+    log = _Log()  # the job's log, which each attempt reads back
+
+    def attempt(now: dt.datetime) -> ExecResult:
+        context = _context(tmp_path, product, log, executor="sevdesk", type="create_invoice",
+                           job_id="job-1", clock=_At(now),
+                           read_log=lambda: io.BytesIO(log.buffer.getvalue()))  # fmt: skip
+        return SevdeskExecutor().run(context)
+
+    fake.crash_after_create = True
+    first = attempt(dt.datetime(2026, 12, 6, 23, 59, 59, tzinfo=dt.UTC))
+    assert not first.succeeded and fake.count() == 1
+    second = attempt(dt.datetime(2026, 12, 7, 0, 0, 30, tzinfo=dt.UTC))
+    assert second.succeeded and second.result["adopted"] is True
+    assert fake.count() == 1
+    assert [inv["invoiceDate"][:10] for inv in fake.invoices.values()] == ["2026-12-06"]
+
+
+def test_an_amount_in_exponent_form_goes_out_as_a_plain_number(
+    fake: FakeSevdesk, tmp_path: Path
+) -> None:
+    assert _dumps({"q": _Dec(decimal(1e16, "q")), "p": _Dec(Decimal("1E-2"))}) == (
+        '{"q": 10000000000000000, "p": 0.01}'
+    )
+    data = INVOICE | {"positions": [{"name": "x", "quantity": 1e3, "price": "2.5E+2",
+                                     "tax_rate": 19}]}  # fmt: skip
+    result, _ = _create(fake, tmp_path, invoice_data=data)
+    assert result.succeeded, result.error
+    assert result.result["amount"]["net"] == "250000.00"
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize(
+    ("position", "problem"),
+    [
+        ({"quantity": 1e16, "price": "1.00"}, "quantity: 10000000000000000 is more than"),
+        ({"quantity": 1, "price": 1e13}, "price: 10000000000000.0 is more than"),
+        ({"quantity": 1e6, "price": 1e7}, "quantity times price: 10000000000000.00 is more than"),
+    ],
+)
+def test_absurd_amounts_are_refused(
+    fake: FakeSevdesk, tmp_path: Path, position: dict[str, Any], problem: str
+) -> None:
+    data = INVOICE | {"positions": [{"name": "x", "tax_rate": 19, **position}]}
+    assert any(problem in p for p in SevdeskExecutor.validate({"invoice_data": data}))
+    result, _ = _create(fake, tmp_path, invoice_data=data)  # ${...} filled in: at run time too
+    assert problem in (result.error or "")
+    assert fake.requests == []
