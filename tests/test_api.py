@@ -186,6 +186,16 @@ def test_a_job_id_another_change_is_taking_gets_503_until_that_change_is_decided
     assert api.submit(job("busy-1", "true", callback=hook)).status_code == 201
 
 
+def test_forwarded_headers_from_a_loopback_client_are_not_believed(api: Api) -> None:
+    # Without public_url, URLs are the request's own: its scheme is the connection's, not
+    # what an X-Forwarded-Proto says (the logged address: tests/test_api_trust.py, whose
+    # daemon has refused fewer requests than this module's 20 lines a minute).
+    forged = {"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"}
+    answer = api.submit(job("forwarded-1", "true"), headers=forged)
+    assert answer.status_code == 201, answer.text
+    assert answer.headers["Location"] == f"{api.url}/api/v1/jobs/forwarded-1"
+
+
 def test_an_idempotent_post_answers_the_first_job(api: Api) -> None:
     text = yaml.safe_dump({"executor": "local", "product": {"commands": "true"}})
     key = {"Idempotency-Key": "order-4711"}

@@ -100,8 +100,12 @@ def read_page(html: str) -> _Page:
 
 
 def page_session(api: Api, token: str = "admin") -> requests.Session:
+    """Logged in as the login form does it: its hidden inputs (a CSRF token, if it has one)
+    sent back with the token."""
     session = requests.Session()
-    answer = session.post(api.url + "/login", data={"token": api.tokens[token]},
+    shown = session.get(api.url + "/login", timeout=30)
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', shown.text))
+    answer = session.post(api.url + "/login", data={**hidden, "token": api.tokens[token]},
                           allow_redirects=False, timeout=30)  # fmt: skip
     assert answer.status_code == 303, answer.text
     return session

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
 from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,7 +29,8 @@ from spoold.core.errors import (
     SpoolError,
 )
 from spoold.face.access import NotAllowed
-from spoold.face.api.context import ApiContext
+from spoold.face.api.context import BODY_TOO_SLOW, ApiContext, client_of, path_of
+from spoold.face.views import printable
 
 __all__ = ["ApiContext", "build_app"]
 
@@ -144,7 +146,9 @@ def _errors(app: FastAPI, ctx: ApiContext) -> None:
         code = status_of(exc)
         busy = isinstance(exc, JobBusy)  # decided within moments: not the server's failure
         if code >= 500 and not busy:
-            ctx.logger.error("API: %s %s: %s", request.method, request.url.path, exc)
+            # The path is the client's, the message may hold it: escaped, as in every line.
+            ctx.logger.error("API: %s %s: %s", request.method, printable(path_of(request)),
+                             printable(exc))  # fmt: skip
         detail = public_message(str(exc), ctx.spool.root)
         return JSONResponse({"detail": detail}, status_code=code,
                             headers={"Retry-After": "1"} if busy else None)  # fmt: skip
@@ -161,6 +165,20 @@ def _errors(app: FastAPI, ctx: ApiContext) -> None:
                             headers={"Allow": allow})  # fmt: skip
 
     app.add_exception_handler(405, not_allowed)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        """A client that left before its whole body came, or whose body the server cut off at
+        ``client_timeout`` (it answered 408 itself, spoold.face.api.server): one short line
+        within the refusals' budget, not a traceback of something no one can act on (a client
+        leaving at will could otherwise fill the log)."""
+        if request.scope.get("state", {}).get(BODY_TOO_SLOW):
+            ctx.refusals.refused(ctx, request, "its body did not come within client_timeout (408)")
+        else:
+            ctx.refusals.say(ctx.logger, "API: %s %s from %s: the client left before its whole "
+                             "body came", request.method, path_of(request), client_of(request))  # fmt: skip
+        return Response(status_code=400)  # sent nowhere: the connection is gone
+
+    app.add_exception_handler(ClientDisconnect, client_gone)
 
 
 async def _expire_keys(ctx: ApiContext) -> None:

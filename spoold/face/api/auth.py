@@ -8,6 +8,7 @@ without the scope gets 403 naming the scope.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NamedTuple
 
@@ -63,6 +64,19 @@ def context(request: Request) -> ApiContext:
     return found
 
 
+def _token_of(ctx: ApiContext, request: Request, presented: str | None) -> Token | None:
+    """The valid token of ``request``: the one ``presented``, or for the page's own reads
+    (GET, HEAD, nothing presented) its session's; None if there is none (now)."""
+    token = authenticate(ctx.spool, presented) if presented else None
+    if token is None and not presented and request.method in ("GET", "HEAD"):
+        # The web page's own reads (its live log's EventSource cannot send a header); a
+        # change through the API always needs the token itself (no CSRF for the API).
+        from spoold.face.page.session import COOKIE, session_token  # noqa: PLC0415
+
+        token = session_token(ctx.spool, request.cookies.get(COOKIE))
+    return token
+
+
 def require(scope: str) -> Callable[..., Awaitable[Caller]]:
     """A dependency: the Caller, if its token is valid and has ``scope``."""
 
@@ -73,13 +87,7 @@ def require(scope: str) -> Callable[..., Awaitable[Caller]]:
         ctx: Annotated[ApiContext, Depends(context)],
     ) -> Caller:
         presented = bearer.credentials if bearer is not None else api_key
-        token = authenticate(ctx.spool, presented) if presented else None
-        if token is None and not presented and request.method in ("GET", "HEAD"):
-            # The web page's own reads (its live log's EventSource cannot send a header); a
-            # change through the API always needs the token itself (no CSRF for the API).
-            from spoold.face.page.session import COOKIE, session_token  # noqa: PLC0415
-
-            token = session_token(ctx.spool, request.cookies.get(COOKIE))
+        token = _token_of(ctx, request, presented)
         if token is None:
             ctx.refusals.refused(
                 ctx, request, "a token that is not valid" if presented else "no token"
@@ -95,3 +103,13 @@ def require(scope: str) -> Callable[..., Awaitable[Caller]]:
 
     caller.__name__ = f"require_{scope}"
     return caller
+
+
+async def still_allowed(ctx: ApiContext, request: Request, scope: str) -> bool:
+    """Whether ``request`` would still be let in for ``scope``: its token not revoked, its page
+    session not ended or expired. For an answer that goes on (a followed log), asked again
+    while it does: a token is checked once per request, and a stream is one request."""
+    bearer = await _bearer(request)
+    presented = bearer.credentials if bearer is not None else await _api_key(request)
+    token = await asyncio.to_thread(_token_of, ctx, request, presented)  # reads tokens/
+    return token is not None and token.allows(scope)

@@ -34,9 +34,19 @@ class Submit(Protocol):
     ) -> str: ...
 
 
+#: Set in a request's ASGI scope by the server when its body did not come within
+#: ``client_timeout``: the server answered 408 itself, and the app's read of the body then
+#: finds the client gone (spoold.face.api.server).
+BODY_TOO_SLOW = "spoold.body_too_slow"
+
+
 class RefusalLog:
     """Logs refused requests, at most ``burst`` lines a minute: someone guessing tokens must not
-    fill the log; the lines held back are counted in the next one."""
+    fill the log; the lines held back are counted in the next one.
+
+    What a client chose (its path, its method) is escaped as spoold's own log escapes a file
+    name (``printable``): an unauthenticated client must not write terminal escapes, or lines
+    of its own, into the operator's log."""
 
     def __init__(self, burst: int = 20, per: float = 60.0) -> None:
         self._burst, self._per = burst, per
@@ -45,21 +55,45 @@ class RefusalLog:
         self._lock = threading.Lock()
 
     def refused(self, ctx: ApiContext, request: Request, why: str) -> None:
+        self.say(ctx.logger, "API: refused %s %s from %s: %s",
+                 request.method, path_of(request), client_of(request), why)  # fmt: skip
+
+    def say(self, logger: logging.Logger, message: str, *args: object) -> None:
+        """A warning ``message % args`` (each argument escaped), within the budget."""
+        from spoold.face.views import printable  # noqa: PLC0415 - views imports much
+
         now = time.monotonic()
         with self._lock:
             if now - self._window >= self._per:
                 held, self._held = self._held, 0
                 self._window, self._said = now, 0
                 if held:
-                    ctx.logger.warning("API: %d more request(s) refused without a line", held)
+                    logger.warning("API: %d more request(s) refused without a line", held)
             if self._said >= self._burst:
                 self._held += 1
                 return
             self._said += 1
-        client = request.client.host if request.client else "?"
-        ctx.logger.warning(
-            "API: refused %s %s from %s: %s", request.method, request.url.path, client, why
-        )
+        logger.warning(message, *(printable(arg) for arg in args))
+
+
+def path_of(request: Request) -> str:
+    """The path as the client sent it, percent-decoded (``request.url.path`` drops the tabs
+    and newlines in it, as urllib's parsing does: a log line must show them, escaped)."""
+    return str(request.scope.get("path") or request.url.path)
+
+
+def client_of(request: Request) -> str:
+    """The client's address as the connection has it (never a header's word for it)."""
+    return request.client.host if request.client else "?"
+
+
+def absolute_url(ctx: ApiContext, request: Request, path: str, query: str = "") -> str:
+    """``path`` (of this app, from its root) as clients reach it: under ``api.public_url`` when
+    set (a proxy in front), else on the scheme and host the request came with."""
+    api = ctx.config.api
+    base = api.public_url if api is not None and api.public_url else None
+    base = base or str(request.base_url).rstrip("/")
+    return f"{base}{path}" + (f"?{query}" if query else "")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from spoold.core.errors import JobBusy, JobNotFound
 from spoold.core.ids import RUN_ID
 from spoold.face.access import current_status, locate
 from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require
-from spoold.face.api.context import ApiContext
+from spoold.face.api.context import ApiContext, absolute_url
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"], responses=JOB_RESPONSES)
 
@@ -49,9 +49,7 @@ _PROBLEM = {"content": {"application/json": {"schema": {"type": "object"}}}}
 
 def job_url(request: Request, ctx: ApiContext, job_id: str) -> str:
     """The job's URL, as clients reach it (``api.public_url``, else as the request came)."""
-    base = ctx.config.api.public_url if ctx.config.api and ctx.config.api.public_url else None
-    path = f"/api/v1/jobs/{job_id}"
-    return f"{base}{path}" if base else str(request.url_for("get_job", job_id=job_id))
+    return absolute_url(ctx, request, f"/api/v1/jobs/{job_id}")
 
 
 @router.post(
@@ -249,7 +247,9 @@ def list_jobs(
     except ValueError:
         raise HTTPException(status_code=400, detail="cursor: not one this API gave") from None
     if page.next_cursor:
-        following = request.url.include_query_params(cursor=page.next_cursor)
+        # This request's own query with the next cursor, under public_url as Location is.
+        params = request.url.include_query_params(cursor=page.next_cursor).query
+        following = absolute_url(ctx, request, "/api/v1/jobs", params)
         response.headers["Link"] = f'<{following}>; rel="next"'
     return {"jobs": page.rows, "next_cursor": page.next_cursor}
 

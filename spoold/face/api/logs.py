@@ -25,7 +25,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from spoold.core.errors import SpooldError
 from spoold.core.spool import JobDir
 from spoold.face.access import locate
-from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require
+from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require, still_allowed
 from spoold.face.api.context import ApiContext
 from spoold.face.api.jobs import JobId
 
@@ -35,6 +35,8 @@ router = APIRouter(prefix="/api/v1", tags=["logs"], responses=JOB_RESPONSES)
 POLL = 0.2
 #: A job not found for this long (between two directories takes microseconds) ended the stream.
 GONE_AFTER = 5.0
+#: How often a followed log asks again whether its token (or page session) is still valid.
+RECHECK = 1.0
 #: SSE: a comment this often keeps proxies from closing an idle stream.
 KEEPALIVE = 15.0
 #: At most this much is read, and sent, at once.
@@ -63,7 +65,7 @@ def _open_log(ctx: ApiContext, job_id: str) -> tuple[JobDir, IO[bytes]]:
 async def get_log(
     job_id: JobId,
     request: Request,
-    _: Annotated[Caller, Depends(require("read"))],
+    caller: Annotated[Caller, Depends(require("read"))],
     ctx: Annotated[ApiContext, Depends(context)],
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=16 * 1024 * 1024)] = 1024 * 1024,
@@ -87,31 +89,45 @@ async def get_log(
                    "X-Log-Size": str(size), "X-Job-Directory": job.directory}  # fmt: skip
         return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
     log.seek(offset)
+    following = _Following(ctx, request, job_id, caller)
     if "text/event-stream" in request.headers.get("accept", ""):
-        return EventSourceResponse(_events(ctx, request, job_id, log, offset))
-    return StreamingResponse(
-        _text(ctx, request, job_id, log), media_type="text/plain; charset=utf-8"
-    )
+        return EventSourceResponse(_events(following, log, offset))
+    return StreamingResponse(_text(following, log), media_type="text/plain; charset=utf-8")
 
 
-async def _text(
-    ctx: ApiContext, request: Request, job_id: str, log: IO[bytes]
-) -> AsyncIterator[bytes]:
+class _Following:
+    """Who follows which job's log, and whether they still may: asked every ``RECHECK``
+    seconds, so that a token revoked (or a page session ended) ends its streams too."""
+
+    def __init__(self, ctx: ApiContext, request: Request, job_id: str, caller: Caller) -> None:
+        self.ctx, self.request, self.job_id, self.caller = ctx, request, job_id, caller
+        self._asked = time.monotonic()
+
+    async def may_go_on(self) -> bool:
+        if time.monotonic() - self._asked < RECHECK:
+            return True
+        self._asked = time.monotonic()
+        if await still_allowed(self.ctx, self.request, "read"):
+            return True
+        self.ctx.logger.info("API: log stream of job %s ended: %s is no longer valid",
+                             self.job_id, self.caller.who)  # fmt: skip
+        return False
+
+
+async def _text(following: _Following, log: IO[bytes]) -> AsyncIterator[bytes]:
     with log:
-        async for chunk, _ended in _follow(ctx, request, job_id, log):
+        async for chunk, _ended in _follow(following, log):
             if chunk:
                 yield chunk
 
 
-async def _events(
-    ctx: ApiContext, request: Request, job_id: str, log: IO[bytes], offset: int
-) -> AsyncIterator[bytes]:
+async def _events(following: _Following, log: IO[bytes], offset: int) -> AsyncIterator[bytes]:
     """SSE: whole lines only (a line still being written waits for its end, or the job's)."""
     held = b""
     quiet_since = time.monotonic()
     yield format_sse_event(retry=2000, comment="spoold log stream")
     with log:
-        async for chunk, ended in _follow(ctx, request, job_id, log):
+        async for chunk, ended in _follow(following, log):
             held += chunk
             cut = len(held) if ended or len(held) >= CHUNK else held.rfind(b"\n") + 1
             if cut > 0:
@@ -128,12 +144,16 @@ async def _events(
 
 
 async def _follow(
-    ctx: ApiContext, request: Request, job_id: str, log: IO[bytes]
+    following: _Following, log: IO[bytes]
 ) -> AsyncIterator[tuple[bytes, dict[str, Any] | None]]:
     """(new bytes, None) while the job runs; (the rest, its outcome) once it ended. Stops
-    early when the client goes or the server stops."""
+    early when the client goes, the server stops, or the caller's token or session is no
+    longer valid (no outcome then: a client that reconnects hears 401)."""
+    ctx, request, job_id = following.ctx, following.request, following.job_id
     missing_since: float | None = None
     while True:
+        if not await following.may_go_on():  # asked between chunks too: a log may never pause
+            return
         chunk = log.read(CHUNK)
         if chunk:
             yield chunk, None

@@ -7,9 +7,22 @@ uvicorn on asyncio with h11 (no uvloop, no httptools): nothing to compile, and a
 answers in milliseconds does not need more.
 
 Slow clients: uvicorn closes a keep-alive connection idle for ``timeout_keep_alive``, but any
-byte received restarts that wait, and a fresh connection that sends nothing has none. So each
-connection here must deliver a complete request head within ``client_timeout`` of being made
-(or of its last response), however it trickles; the body's own time is bounded where it is read.
+byte received restarts that wait, a fresh connection that sends nothing has none, and a request
+whose body never comes waits for it as long as the route does (a form read by the page: for
+ever). So each connection here must deliver a complete request head within ``client_timeout``
+of being made (or of its last response), however it trickles, and then the request's body
+within ``client_timeout`` of its head; a body too late is answered 408 by the server itself,
+whatever route was reading it, and the connection closed.
+
+Many clients: each connection holds a file descriptor of the daemon's, which intake, the
+workers and the logs need too. At most ``connection_cap()`` are kept open at once; one more is
+answered 503 and closed at once, so a flood of connections costs the API its service for a
+while (each lasts at most about twice ``client_timeout`` unless it is served), never the
+daemon its descriptors.
+
+Proxies: X-Forwarded-For and X-Forwarded-Proto are not believed (uvicorn's default believes
+them from any loopback client): the log names the connection's own address, and absolute URLs
+come from ``api.public_url`` (else the request's own scheme and Host).
 """
 
 from __future__ import annotations
@@ -17,31 +30,73 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from spoold.core.errors import ConfigError
+from spoold.face.api.context import BODY_TOO_SLOW, RefusalLog
 
 if TYPE_CHECKING:
     from spoold.core.config import ApiSettings
 
 #: A request head (line and headers) larger than this is refused (431/400) by h11.
 MAX_HEAD = 64 * 1024
+#: The most connections the API keeps open at once (fewer where descriptors are scarce).
+MAX_CONNECTIONS = 512
+#: Connections the kernel queues before they are accepted, and asyncio accepts in one go
+#: before any is looked at (uvicorn's 2048 would let a flood hold that many more for a moment).
+BACKLOG = 128
+_TOO_SLOW_BODY = b'{"detail":"the request body came too slowly"}'
+_BUSY_BODY = b'{"detail":"too many connections: try again"}'
+#: Written to a connection beyond the cap before it is closed (no request read: none needed).
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s"
+    % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+def connection_cap() -> int:
+    """How many connections the API keeps open at once: ``MAX_CONNECTIONS``, or a quarter of
+    the descriptors this process may open if that is fewer (the rest stay the daemon's)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 4))
 
 
 class _Guarded(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's head (see the module doc)."""
+    """uvicorn's h11 protocol with a deadline for each request's head and body, and a cap on
+    the connections open at once (see the module doc). ``guarded()`` makes one per server."""
+
+    #: Connections beyond this many open at once are answered 503 and closed.
+    cap: int
+    #: Where a connection refused for the cap is said, within the refusals' budget.
+    spoold_logger: logging.Logger
+    refusals: RefusalLog
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        #: The request whose body the timer waits for (None: a head, or nothing).
+        self._body_of: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.cap:
+            self.connections.discard(self)  # not counted while its closing is under way
+            client = self.client[0] if self.client else "?"
+            self.refusals.say(self.spoold_logger, "API: %s connections open, as many as it "
+                              "takes; closed one from %s", len(self.connections), client)  # fmt: skip
+            transport.write(_BUSY)
+            transport.close()  # after the write: asyncio flushes before it closes
+            return
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -50,27 +105,63 @@ class _Guarded(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self._disarm()  # a request is under way: its head arrived
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return  # between requests: the head's deadline runs
+        if not cycle.more_body:
+            self._disarm()  # the whole request is in: its answer takes the time it takes
+        elif self._body_of is not cycle:
+            self._body_of = cycle  # its head is in: from now, its body has client_timeout
+            self._arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        # (A pipelined request may be under way already: its own deadline was set for it.)
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._arm()
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._too_slow)
+        self._timer = self.loop.call_later(self.timeout_keep_alive, self._too_slow)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _too_slow(self) -> None:
-        self._head_timer = None
-        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-            self.transport.close()
+        self._timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or (cycle is not None and not cycle.more_body
+                                           and not cycle.response_complete):  # fmt: skip
+            return  # closed already, or a request wholly in and being answered
+        if cycle is not None and not cycle.response_complete:
+            # Its body did not come in time: 408 unless an answer began, then the route's
+            # receive hears the client gone (and the app says so, spoold.face.api), and
+            # whatever the route answers goes nowhere.
+            if not cycle.response_started:
+                cycle.scope.setdefault("state", {})[BODY_TOO_SLOW] = True
+                self._answer_too_slow()
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    def _answer_too_slow(self) -> None:
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(_TOO_SLOW_BODY)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        try:
+            for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                          h11.Data(data=_TOO_SLOW_BODY), h11.EndOfMessage()):  # fmt: skip
+                self.transport.write(self.conn.send(event) or b"")
+        except h11.LocalProtocolError:  # h11 would not say it now: closing says enough
+            pass
+
+
+def guarded(logger: logging.Logger) -> type[_Guarded]:
+    """The protocol class of one server: its cap, its log, its own budget of lines."""
+    return type("Guarded", (_Guarded,),
+                {"cap": connection_cap(), "spoold_logger": logger, "refusals": RefusalLog()})  # fmt: skip
 
 
 class ApiServer:
@@ -81,15 +172,21 @@ class ApiServer:
         self._logger = logger
         self._config = uvicorn.Config(
             app,
-            http=_Guarded,
+            http=guarded(logger),
             ws="none",
             lifespan="on",
             log_config=None,  # spoold's own log: uvicorn's loggers propagate to the root
             access_log=False,
             server_header=False,
+            # Not X-Forwarded-For/-Proto from loopback clients: anyone on the host could forge
+            # the address the log names, and the scheme of the URLs the API gives out.
+            proxy_headers=False,
+            # No limit_concurrency: the cap on connections (connection_cap) bounds the requests
+            # in progress too, one per connection at a time.
             timeout_keep_alive=max(1, round(settings.client_timeout)),
             timeout_graceful_shutdown=3,
             h11_max_incomplete_event_size=MAX_HEAD,
+            backlog=BACKLOG,
             ssl_certfile=str(settings.certfile) if settings.certfile else None,
             ssl_keyfile=str(settings.keyfile) if settings.keyfile else None,
         )

@@ -9,16 +9,25 @@ build step, no CDN, no inline script or style (the Content-Security-Policy forbi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from spoold.core.errors import InvalidJobFile, SpooldError
+from spoold.core.errors import (
+    InvalidJobFile,
+    InvalidTransition,
+    JobBusy,
+    JobNotFound,
+    SpooldError,
+    SpoolError,
+)
 from spoold.core.ids import RUN_ID
 from spoold.core.secrets import MASK, Masker, is_secret_field
 from spoold.core.spool.deliveries import is_delivery
@@ -29,13 +38,21 @@ from spoold.face.page import charts
 from spoold.face.page.session import (
     COOKIE,
     LIFETIME,
+    LOGIN_COOKIE,
+    LOGIN_LIFETIME,
     csrf_ok,
     csrf_token,
     end_session,
+    flash_mac,
+    flash_ok,
+    login_cookie,
+    login_csrf,
+    login_csrf_ok,
     session_cookie,
     session_token,
 )
 from spoold.face.tokens import authenticate
+from spoold.out.messages import url_shown
 
 HERE = Path(__file__).parent
 CSP = (
@@ -57,8 +74,14 @@ _SECRET_VALUE = re.compile(
 )
 #: A value that only names a secret: shown as it is, it tells where the value comes from.
 _REFERENCE = re.compile(r"\$\{secret:[^}]*\}")
+#: A URL in an error's text (a callback's, as an HTTP library words its failure).
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]+")
+#: What urllib3 says of the request that failed: the path and query of the URL (a webhook's key).
+_URL_TAIL = re.compile(r"(?i)(\burl: )\S+")
+#: What a browser says of a request another site's page made (Fetch Metadata): refused for a
+#: form the page posts, wherever else the cookie or a token came from.
+_FOREIGN = ("cross-site", "same-site")
 
-router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 static = StaticFiles(directory=str(HERE / "static"))
 
@@ -73,6 +96,71 @@ class Forbidden(SpooldError):
 
 class NotFound(SpooldError):
     """A page about something that cannot exist (a job id no job can have): 404."""
+
+
+#: What the page answers to spoold's own errors, first match (as the API does, in HTML).
+_STATUSES: tuple[tuple[type[SpooldError], int], ...] = (
+    (Forbidden, 403), (NotFound, 404), (JobNotFound, 404), (InvalidTransition, 409),
+    (JobBusy, 503), (SpoolError, 503), (SpooldError, 409),
+)  # fmt: skip
+_TITLES = {403: "Not allowed", 404: "Not found", 409: "Not done", 503: "Busy, try again"}
+
+
+class PageRoute(APIRoute):
+    """A route of the page: spoold's errors, raised by the route or by its dependencies (a
+    session, a CSRF token, a scope), become a page of their own with the right status, never
+    the API's JSON (``{"detail": ...}`` shown raw in the browser)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LoginNeeded:
+                return RedirectResponse("/login", status_code=303)
+            except SpooldError as exc:
+                return problem(request, exc)
+
+        return guarded
+
+
+router = APIRouter(include_in_schema=False, route_class=PageRoute)
+
+
+def problem(request: Request, exc: SpooldError) -> HTMLResponse:
+    """The page that says why an action or a page was refused: the CLI's words without the
+    server's paths, a way back, and the status the API gives for the same error."""
+    from spoold.face.access import NotAllowed  # noqa: PLC0415
+
+    code = (
+        403 if isinstance(exc, NotAllowed) else next(c for k, c in _STATUSES if isinstance(exc, k))
+    )
+    ctx: ApiContext = request.app.state.context
+    root = str(ctx.spool.root)
+    message = str(exc).replace(f" in {root}", "").replace(root, "the spool")
+    if code >= 500 and not isinstance(exc, JobBusy):
+        ctx.logger.error("page: %s %s: %s", request.method, request.url.path, message)
+    answer = templates.TemplateResponse(
+        request, "problem.html",
+        {"viewer": None, "flash": None, "title": _TITLES.get(code, "Not done"), "message": message,
+         "back": _way_back(request.url.path)},
+        status_code=code,
+    )  # fmt: skip
+    if isinstance(exc, JobBusy):
+        answer.headers["Retry-After"] = "1"
+    return answer
+
+
+def _way_back(path: str) -> str:
+    """Where a refused page or action leads back to: the job's page for a job's action, the
+    list for a schedule's or a delivery's, else the overview."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "jobs" and len(parts) >= 3 and RUN_ID.fullmatch(parts[1]):
+        return f"/jobs/{parts[1]}"
+    if parts[0] in ("jobs", "schedules", "deliveries", "rejected") and len(parts) >= 2:
+        return f"/{parts[0]}"
+    return "/"
 
 
 class JobFile(NamedTuple):
@@ -98,13 +186,32 @@ class Viewer:
         return Caller(self.token)
 
 
-def viewer(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> Viewer:
-    """The session's viewer; LoginNeeded without a valid one."""
+def session_viewer(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> Viewer:
+    """The session's viewer, whatever its scopes; LoginNeeded without a valid one."""
     cookie = request.cookies.get(COOKIE)
     token = session_token(ctx.spool, cookie)
     if token is None or cookie is None:
         raise LoginNeeded("log in")
     return Viewer(token, cookie, csrf_token(ctx.spool, cookie))
+
+
+def viewer(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> Viewer:
+    """The viewer of a page: every page shows what the API's read endpoints do, so it needs
+    what they need, the ``read`` scope (a submit- or control-only token sees no job, no log)."""
+    seen = session_viewer(request, ctx)
+    if not seen.token.allows("read"):
+        raise Forbidden(
+            f"token {seen.token.name} may not read (it has {', '.join(seen.token.scopes)}): "
+            "log out, and log in with a token that has the read scope"
+        )
+    return seen
+
+
+def not_foreign(request: Request) -> None:
+    """Refuse a form posted by another site's page, as the browser tells it (Sec-Fetch-Site;
+    also another port of this host, which is "same-site" and gets SameSite=Strict cookies)."""
+    if request.headers.get("sec-fetch-site", "").lower() in _FOREIGN:
+        raise Forbidden("this form was sent by another site's page: refused")
 
 
 async def form(request: Request) -> dict[str, str]:
@@ -139,22 +246,53 @@ PageJobId = Annotated[str, Depends(job_named)]
 
 
 def render(request: Request, name: str, seen: Viewer | None, **values: Any) -> HTMLResponse:
-    """A page from its template, with the viewer and the flash message of the last action."""
-    return templates.TemplateResponse(
-        request, name, {"viewer": seen, "flash": request.query_params.get("done"), **values}
-    )
+    """A page from its template, with the viewer and the flash message of the last action:
+    only one this session's own redirect vouched for (see ``back``)."""
+    said = request.query_params.get("done")
+    vouched = request.query_params.get("mac")
+    flash = said if seen is not None and said and flash_ok(seen.csrf, said, vouched) else None
+    return templates.TemplateResponse(request, name, {"viewer": seen, "flash": flash, **values})
 
 
-def back(path: str, said: str) -> RedirectResponse:
-    return RedirectResponse(f"{path}?{urlencode({'done': said})}", status_code=303)
+def back(path: str, said: str, seen: Viewer) -> RedirectResponse:
+    """To ``path``, saying ``said`` there: with a MAC keyed by the session's CSRF token, so
+    that only the page's own redirects put text into its flash message."""
+    query = urlencode({"done": said, "mac": flash_mac(seen.csrf, said)})
+    return RedirectResponse(f"{path}?{query}", status_code=303)
+
+
+def _secure(request: Request, ctx: ApiContext) -> bool:
+    """Whether the browser reaches the page over HTTPS: served so here (certfile), or as
+    public_url has it (a TLS proxy in front: X-Forwarded-Proto is not believed, from any
+    client); a cookie without Secure would also go out over plain HTTP."""
+    api = ctx.config.api
+    if request.url.scheme == "https" or (api is not None and api.certfile is not None):
+        return True
+    return bool(api is not None and (api.public_url or "").lower().startswith("https:"))
 
 
 # -- access ---------------------------------------------------------------------------------
 
 
+def _login_page(
+    request: Request, ctx: ApiContext, error: str | None, status_code: int = 200
+) -> HTMLResponse:
+    """The login form, with a CSRF field bound to a fresh pre-session cookie (double submit:
+    another site can neither read the field nor set the cookie SameSite=Strict keeps)."""
+    cookie = login_cookie()
+    shown = render(request, "login.html", None, error=error, csrf=login_csrf(ctx.spool, cookie))
+    shown.status_code = status_code
+    shown.set_cookie(
+        LOGIN_COOKIE, cookie, max_age=LOGIN_LIFETIME, path="/login", httponly=True,
+        samesite="strict", secure=_secure(request, ctx),
+    )  # fmt: skip
+    shown.headers["Cache-Control"] = "no-store"
+    return shown
+
+
 @router.get("/login")
-def login_form(request: Request) -> HTMLResponse:
-    return render(request, "login.html", None, error=None)
+def login_form(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> HTMLResponse:
+    return _login_page(request, ctx, None)
 
 
 @router.post("/login", response_model=None)
@@ -163,20 +301,36 @@ def login(
     ctx: Annotated[ApiContext, Depends(context)],
     fields: Annotated[dict[str, str], Depends(form)],
 ) -> Response:
+    foreign = request.headers.get("sec-fetch-site", "").lower() in _FOREIGN
+    if foreign or not login_csrf_ok(ctx.spool, request.cookies.get(LOGIN_COOKIE),
+                                    fields.get("csrf")):  # fmt: skip
+        # Login CSRF: another site's page logging the operator in with a token of its own,
+        # to see what the operator then does, or to show them its jobs as spoold's.
+        ctx.refusals.refused(ctx, request, "a login not sent by the page's own login form")
+        return _login_page(request, ctx, "This login did not come from this page's own form "
+                           "(sent by another site, or the form was too old): log in here.", 403)  # fmt: skip
     token = fields.get("token", "")[:200]
     found = authenticate(ctx.spool, token) if token else None
     if found is None:
         ctx.refusals.refused(ctx, request, "a login with a token that is not valid")
-        refused = render(request, "login.html", None, error="That token is not valid.")
-        refused.status_code = 401
-        return refused
+        return _login_page(request, ctx, "That token is not valid.", 401)
+    if not found.allows("read"):
+        # Every page shows what the read scope covers: a session without it would see nothing.
+        ctx.logger.info("page: login of %s refused: no read scope", Caller(found).who)
+        return _login_page(
+            request, ctx, f"The token {found.name} has no read scope (it has "
+            f"{', '.join(found.scopes)}): the page needs read. Log in with a token made with "
+            "--scope read (and control, for the buttons).", 403,
+        )  # fmt: skip
     ctx.logger.info("page: %s logged in", Caller(found).who)
     answer = RedirectResponse("/", status_code=303)
-    secure = ctx.config.api is not None and ctx.config.api.certfile is not None
+    secure = _secure(request, ctx)
     answer.set_cookie(
         COOKIE, session_cookie(ctx.spool, found), max_age=LIFETIME, path="/", httponly=True,
         samesite="strict", secure=secure,
     )  # fmt: skip
+    answer.delete_cookie(LOGIN_COOKIE, path="/login", httponly=True, samesite="strict",
+                         secure=secure)  # fmt: skip
     return answer
 
 
@@ -186,7 +340,8 @@ def leaving(
     fields: Annotated[dict[str, str], Depends(form)],
 ) -> Viewer:
     """The viewer of a logout: its CSRF token checked (a forged logout is a nuisance too)."""
-    seen = viewer(request, ctx)
+    not_foreign(request)
+    seen = session_viewer(request, ctx)
     if not csrf_ok(ctx.spool, seen.cookie, fields.get("csrf")):
         raise Forbidden("this form is stale or forged (no valid CSRF token): reload the page")
     return seen
@@ -194,11 +349,14 @@ def leaving(
 
 @router.post("/logout")
 def logout(
-    seen: Annotated[Viewer, Depends(leaving)], ctx: Annotated[ApiContext, Depends(context)]
+    request: Request,
+    seen: Annotated[Viewer, Depends(leaving)],
+    ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
     end_session(ctx.spool, seen.cookie)
     answer = RedirectResponse("/login", status_code=303)
-    answer.delete_cookie(COOKIE, path="/")
+    answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+                         secure=_secure(request, ctx))  # fmt: skip
     return answer
 
 
@@ -235,7 +393,8 @@ def overview(
         counts=counts, running=running, failures=failures, now=now,
         incoming=waiting, incoming_age=None if oldest is None else max(now - oldest, 0.0),
         outbox=len(spool.deliveries.names()),
-        given_up=[spool.deliveries.read(n, "failed") or {} for n in spool.deliveries.names("failed")],
+        given_up=[_delivery_shown(spool.deliveries.read(n, "failed") or {})
+                  for n in spool.deliveries.names("failed")],
         hosts=hosts_rows(spool, ctx.config),
         hourly=charts.hourly_chart(_finished(recent), now=now),
         runtime=charts.runtime_chart(_durations(recent)),
@@ -278,14 +437,14 @@ def job(
 
     status = current_status(ctx.spool, job_id)
     where = locate(ctx.spool, job_id)
-    log, log_start = _log_tail(ctx, where)
+    log, log_start, log_end = _log_tail(ctx, where)
     steps = status.get("steps") or {}
     needs = _needs(ctx, where, status) if steps else {}
     return render(
         request, "job.html", seen,
         job_id=job_id, status=status, directory=where.directory, log=log, log_start=log_start,
         costs=_costs(status),
-        log_end=log_start + len(log.encode()), graph=charts.step_graph(steps, needs) if steps
+        log_end=log_end, graph=charts.step_graph(steps, needs) if steps
         else None, deliveries=_deliveries(ctx, job_id), job_file=_job_file(ctx, where, status),
         api=_api_base(request, ctx), live=where.directory in ("pending", "running"),
     )  # fmt: skip
@@ -342,7 +501,7 @@ def deliveries(
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> HTMLResponse:
     records = ctx.spool.deliveries
-    rows = [{"name": name, **(records.read(name, "failed") or {})}
+    rows = [{"name": name, **_delivery_shown(records.read(name, "failed") or {})}
             for name in records.names("failed")]  # fmt: skip
     return render(request, "deliveries.html", seen, rows=rows)
 
@@ -356,11 +515,18 @@ def cancel(
     seen: Annotated[Viewer, Depends(acting)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> RedirectResponse:
+    from spoold.core.states import JobState  # noqa: PLC0415
+
     who = seen.caller.who
     outcome = ctx.cancel(job_id, who, reason=f"cancelled by {who} on the web page")
+    if outcome.cancelled:
+        said = f"{job_id} cancelled"
+    elif outcome.state is JobState.RUNNING:
+        said = f"{job_id} asked to stop: its worker ends it shortly"
+    else:  # as the API's 409 says it, in a page of its own
+        raise InvalidTransition(f"job {job_id} already {outcome.state.value}: nothing to cancel")
     ctx.logger.info("page: cancel of job %s asked by %s", job_id, who)
-    said = "cancelled" if outcome.cancelled else f"cancel asked (it was {outcome.state.value})"
-    return back(f"/jobs/{job_id}", said)
+    return back(f"/jobs/{job_id}", said, seen)
 
 
 @router.post("/jobs/{job_id}/retry")
@@ -371,7 +537,7 @@ def retry(
 ) -> RedirectResponse:
     ctx.retry(job_id, seen.caller.who)
     ctx.logger.info("page: job %s retried by %s", job_id, seen.caller.who)
-    return back(f"/jobs/{job_id}", "back in pending/: it runs again")
+    return back(f"/jobs/{job_id}", f"{job_id} back in pending/: it runs again", seen)
 
 
 @router.post("/schedules/{job_id}/{action}")
@@ -393,10 +559,10 @@ def schedule_action(
         acts.resume(ctx.spool, job_id, who=who, now=now)
         said = f"{job_id} resumed"
     else:
-        raise Forbidden(f"no such action: {action}")
+        raise NotFound(f"no such action on a schedule: {action!r}")
     ctx.wake()
     ctx.logger.info("page: %s of schedule %s by %s", action, job_id, who)
-    return back("/schedules", said)
+    return back("/schedules", said, seen)
 
 
 @router.post("/deliveries/{name}/resend")
@@ -409,7 +575,9 @@ def resend(
         raise NotFound(f"no delivery {name!r}")
     sent = ctx.spool.deliveries.resend(name, now=ctx.clock.now().timestamp())
     ctx.logger.info("page: delivery %s sent again by %s", name, seen.caller.who)
-    return back("/deliveries", f"{name} back in outbox/" if sent else f"{name} was not given up")
+    return back(
+        "/deliveries", f"{name} back in outbox/" if sent else f"{name} was not given up", seen
+    )
 
 
 # -- what the pages show --------------------------------------------------------------------
@@ -465,8 +633,10 @@ def _needs(ctx: ApiContext, where: Any, status: dict[str, Any]) -> dict[str, lis
             for step in document.get("steps") or () if isinstance(step, dict)}  # fmt: skip
 
 
-def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int]:
-    """The last LOG_TAIL bytes of the log from a line's start, and where they start."""
+def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int, int]:
+    """The last LOG_TAIL bytes of the log from a line's start, and where they start and end,
+    in bytes of the file (never from the text decoded and encoded again: bytes that are not
+    UTF-8 become U+FFFD, three bytes, and the live log would start after the wrong byte)."""
     try:
         with ctx.spool.jobs.read_log(where) as log:
             size = log.seek(0, 2)
@@ -474,18 +644,43 @@ def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int]:
             log.seek(start)
             data = log.read()
     except FileNotFoundError:
-        return "", 0
+        return "", 0, 0
     if start:
         cut = data.find(b"\n") + 1
         data, start = data[cut:], start + cut
-    return data.decode("utf-8", "replace"), start
+    return data.decode("utf-8", "replace"), start, start + len(data)
 
 
 def _deliveries(ctx: ApiContext, job_id: str) -> list[dict[str, Any]]:
     from spoold.face.views import job_deliveries  # noqa: PLC0415
 
-    return [{"name": name, "given_up": bool(where), **record}
+    return [{"name": name, "given_up": bool(where), **_delivery_shown(record)}
             for name, where, record in job_deliveries(ctx.spool, job_id)]  # fmt: skip
+
+
+def _delivery_shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A delivery as the page shows it: its URL as spoold's log says it (scheme, host, port:
+    a user and password, a webhook's key in the path or query are the receiver's secrets, not
+    something every reader of the page may copy), and its last error with that URL masked."""
+    url = record.get("url")
+    shown = {**record, "url": url_shown(str(url)) if url else ""}
+    if record.get("last_error"):
+        shown["last_error"] = error_shown(str(record["last_error"]), str(url) if url else None)
+    return shown
+
+
+def error_shown(text: str, url: str | None = None) -> str:
+    """``text`` (an error from sending to ``url``) without what a URL may hold: every URL in it
+    as url_shown has it, urllib3's ``url: /path?query`` as ``url: …``, and whatever part of
+    ``url`` itself (its user and password, path, query) the text still holds."""
+    text = _URL.sub(lambda found: url_shown(found.group()), text)
+    text = _URL_TAIL.sub(lambda found: f"{found[1]}…", text)
+    if url:
+        parts = urlsplit(url)
+        secret = [parts.password, parts.username, parts.query, parts.path.strip("/")]
+        for part in sorted((p for p in secret if p and len(p) >= 3), key=len, reverse=True):
+            text = text.replace(part, "…")
+    return text
 
 
 def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> JobFile:
@@ -517,15 +712,34 @@ def masked_job_file(data: bytes) -> JobFile:
     found = Masker()
     found.collect(document)
     masker = Masker(value for value in found.values() if not _REFERENCE.fullmatch(value))
-    verbatim = all(value in text for value in masker.values())
+    hook = _callback_url(document)
+    verbatim = all(value in text for value in masker.values()) and (hook is None or hook in text)
     # (A key given twice keeps only its last value in the document: the first is known nowhere.)
     if verbatim and not duplicates and not _opaque_secret(document):
-        return JobFile(_SECRET_VALUE.sub(_masked_line, masker.mask_text(text)))
+        masked = _SECRET_VALUE.sub(_masked_line, masker.mask_text(text))
+        if hook is not None:
+            masked = masked.replace(masker.mask_text(hook), _hook_shown(hook))
+        return JobFile(masked)
     import yaml  # noqa: PLC0415
 
-    shown = yaml.safe_dump(masker.mask_data(document), sort_keys=False, allow_unicode=True)
+    parsed = masker.mask_data(document)
+    if hook is not None:
+        parsed["callback"]["url"] = _hook_shown(hook)
+    shown = yaml.safe_dump(parsed, sort_keys=False, allow_unicode=True)
     return JobFile(shown, "shown parsed, not as submitted: a secret value in it is spelled in a "
                           "way that cannot be found in its text")  # fmt: skip
+
+
+def _callback_url(document: Any) -> str | None:
+    """The job's callback URL: shown as the deliveries' (``_hook_shown``), its user, password,
+    path and query (a webhook's key) being the receiver's secrets."""
+    callback = document.get("callback") if isinstance(document, dict) else None
+    url = callback.get("url") if isinstance(callback, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def _hook_shown(url: str) -> str:
+    return f"{url_shown(url)}/{MASK}"
 
 
 def _masked_line(match: re.Match[str]) -> str:
@@ -553,9 +767,8 @@ def _api_base(request: Request, ctx: ApiContext) -> str:
 
 
 def install(app: Any, ctx: ApiContext) -> None:
-    """Serve the page from ``app``: its routes, its static files, its CSP, its errors."""
-    from fastapi.responses import PlainTextResponse  # noqa: PLC0415
-
+    """Serve the page from ``app``: its routes (its errors are its own: PageRoute), its static
+    files, its CSP."""
     app.include_router(router)
     app.mount("/static", static, name="static")
 
@@ -568,16 +781,3 @@ def install(app: Any, ctx: ApiContext) -> None:
         return answer
 
     app.middleware("http")(policy)
-
-    async def to_login(request: Request, exc: Exception) -> Response:
-        return RedirectResponse("/login", status_code=303)
-
-    async def forbidden(request: Request, exc: Exception) -> Response:
-        return PlainTextResponse(str(exc), status_code=403)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return PlainTextResponse(str(exc), status_code=404)
-
-    app.add_exception_handler(LoginNeeded, to_login)
-    app.add_exception_handler(Forbidden, forbidden)
-    app.add_exception_handler(NotFound, not_found)

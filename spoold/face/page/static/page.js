@@ -25,31 +25,70 @@ function follow(log) {
       badge.className = "state " + outcome.state;
     }
   });
+  // The API ends the stream with "denied" when the session ends (logout, a revoked token);
+  // a reconnect it refuses (401, 403) closes the EventSource: no more lines either way.
+  source.addEventListener("denied", () => {
+    source.close();
+    if (status) status.textContent = "stopped: the session ended (log in again)";
+  });
   source.onerror = () => {
-    if (status && source.readyState !== EventSource.CLOSED) status.textContent = "reconnecting…";
+    if (!status) return;
+    status.textContent = source.readyState === EventSource.CLOSED
+      ? "stopped (reload the page, or log in again)" : "reconnecting…";
   };
   source.onopen = () => { if (status) status.textContent = "following…"; };
 }
 
+// Older lines are fetched this many bytes at a time.
+const OLDER_STEP = 65536;
+// A line longer than this (no newline in it) is shown in parts, cut between characters.
+const OLDER_MOST = 16 * OLDER_STEP;
+
+// Older lines: the bytes before the first one shown, by byte offsets as the API counts them.
+// Cut in the bytes, at a newline, and decoded only then: a chunk may start in the middle of a
+// character, and text decoded and encoded again is not the bytes it came from (a U+FFFD for
+// the part of a character, three bytes), which shifted each step and showed bytes twice.
 async function older(button) {
-  const log = document.getElementById("log");
-  const start = Number(button.dataset.start);
-  const from = Math.max(start - 65536, 0);
-  const url = new URL(button.dataset.url, window.location.href);
-  url.searchParams.set("offset", String(from));
-  url.searchParams.set("limit", String(start - from));
-  const answer = await fetch(url, {credentials: "same-origin"});
-  if (!answer.ok) return;
-  let text = await answer.text();
-  let shown = from;
-  if (from > 0) {  // from a line's start
-    const cut = text.indexOf("\n") + 1;
-    shown += new TextEncoder().encode(text.slice(0, cut)).length;
-    text = text.slice(cut);
+  if (button.disabled) return;
+  button.disabled = true;
+  try {
+    const log = document.getElementById("log");
+    let start = Number(button.dataset.start);
+    let held = new Uint8Array(0);  // bytes before `start` not shown yet: no line start in them
+    while (start > 0) {
+      const from = Math.max(start - OLDER_STEP, 0);
+      const url = new URL(button.dataset.url, window.location.href);
+      url.searchParams.set("offset", String(from));
+      url.searchParams.set("limit", String(start - from));
+      const answer = await fetch(url, {credentials: "same-origin"});
+      if (!answer.ok) return;
+      const got = new Uint8Array(await answer.arrayBuffer());
+      if (got.length !== start - from) return;  // the log is not what it was: stop here
+      const bytes = new Uint8Array(got.length + held.length);
+      bytes.set(got, 0);
+      bytes.set(held, got.length);
+      let cut = 0;
+      if (from > 0) {  // from a line's start: after the first newline in these bytes
+        cut = bytes.indexOf(0x0a) + 1;
+        if (cut === 0 && bytes.length < OLDER_MOST) {  // no line starts here: fetch more
+          held = bytes;
+          start = from;
+          continue;
+        }
+        // One line longer than OLDER_MOST: shown from a character's start (never from a
+        // UTF-8 continuation byte, 10xxxxxx).
+        if (cut === 0) {
+          while (cut < bytes.length && (bytes[cut] & 0xc0) === 0x80) cut += 1;
+        }
+      }
+      log.prepend(document.createTextNode(new TextDecoder().decode(bytes.subarray(cut))));
+      button.dataset.start = String(from + cut);
+      if (from + cut <= 0) button.remove();
+      return;
+    }
+  } finally {
+    button.disabled = false;
   }
-  log.prepend(document.createTextNode(text));
-  button.dataset.start = String(shown);
-  if (shown <= 0) button.remove();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
