@@ -19,6 +19,7 @@ from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError, SpooldError, SpoolError
 from spoold.core.outage import Outage
+from spoold.core.own_log import reopen_logging
 from spoold.core.procfs import started_at
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import DirectoryCount, JobDir, Spool
@@ -281,6 +282,7 @@ class Daemon:
         parts = Parts.build(config, clock or SystemClock(), wake=outbox_written)
         clock, logger, spool, callbacks = parts.clock, parts.logger, parts.spool, parts.callbacks
         spool.check()
+        spool.check_filesystems()  # a mount on done/: every finish would fail with EXDEV
         if problems := spool.unsafe_permissions():
             # A job written into pending/ by someone else would run unvalidated, as spoold.
             raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
@@ -624,6 +626,7 @@ class Daemon:
         try:
             new = load_config(old.source, spool=old.spool)
         except ConfigError as exc:
+            reopen_logging()
             self.logger.error("config not reloaded, the old one stays in use: %s", exc)
             return False
         changed = [f for f in _config_fields() if getattr(new, f) != getattr(old, f)]
@@ -632,6 +635,7 @@ class Daemon:
         kept = {f: getattr(old, f) for f in _config_fields() if f not in RELOADABLE}
         self.config = new._replace(**kept)
         self.logger.setLevel(self.config.log_level.upper())
+        reopen_logging()  # a rotation's postrotate may send the SIGHUP
         if {"poll_interval", "rescan_interval"} & set(applied):
             self._pace_outbox()
         self.logger.info(
@@ -767,6 +771,9 @@ class Daemon:
             self.reload.set()
             self.attention.set()
 
+        # A hangup held since start-up (spoold.face.cli.HeldHangup) is a reload asked for.
+        if getattr(signal.getsignal(signal.SIGHUP), "came", False):
+            self.reload.set()
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGHUP, request_reload)
         signal.signal(signal.SIGINT, request_stop)

@@ -3,18 +3,24 @@ and runner, so that the job is in the spool afterwards like any other."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-import time
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from spoold.core.clock import parse_rfc3339
 from spoold.core.config import Config
 from spoold.core.documents import load_document
 from spoold.core.errors import SpooldError, SpoolError, ValidationIssue
+from spoold.core.spool import Spool
 from spoold.core.states import JobState
 from spoold.face.views import ended_text, printable
 from spoold.intake.incoming import Accepted, Intake
+from spoold.run.control import JobControl
 from spoold.wiring import Parts
 
 
@@ -34,7 +40,7 @@ def run_once(path: Path, config: Config) -> int:
     """
     parts = Parts.build(config)
     spool, clock = parts.spool, parts.clock
-    spool.init()
+    spool.init()  # refuses a directory that is no spool, or one across filesystems
     runner = parts.runner()
     intake = Intake(
         spool,
@@ -57,21 +63,29 @@ def run_once(path: Path, config: Config) -> int:
         print(printable(f"rejected into {outcome.path}"), file=sys.stderr)
         return 1
     job_id = outcome.job.job_id
+    stopping = _Interrupt(job_id, JobControl(spool, clock, who=_who(config),
+                                             callbacks=parts.callbacks))  # fmt: skip
     # The worker processes' lease heartbeat, on a thread: `spoold cancel` works on a job run
-    # by `spoold exec` too.
-    with parts.heartbeat(runner).in_background(clock):
+    # by `spoold exec` too, and so does Ctrl-C (a cancel request of its own, below).
+    with parts.heartbeat(runner).in_background(clock), stopping.installed():
         while True:
             job = runner.claim(job_id)
             if job is None:
+                if stopping.signal is not None:
+                    break  # cancelled while it waited for its next attempt
                 raise SpoolError(f"job {job_id} was claimed by a running daemon")
             final = runner.run(job, slot=f"exec-{os.getpid()}", tee=sys.stdout)
-            if final is None or final.directory != "pending":
+            if final is None or final.directory != "pending" or stopping.signal is not None:
                 break
             # A retry: wait here for it, in the foreground, as the daemon would in the background.
             due = spool.jobs.read_status(final).get("next_attempt_at")
             if not isinstance(due, str):
                 break
-            time.sleep(max(parse_rfc3339(due).timestamp() - clock.now().timestamp(), 0.0))
+            if stopping.wait(max(parse_rfc3339(due).timestamp() - clock.now().timestamp(), 0.0)):
+                stopping.cancel_now()  # pending: ended here and now, as `spoold cancel` would
+                break
+    if stopping.signal is not None:
+        return _interrupted(path, spool, job_id, stopping.signal)
     if final is None:
         print(f"{path}: job {job_id}: its outcome could not be recorded (see above)",
               file=sys.stderr)  # fmt: skip
@@ -79,3 +93,88 @@ def run_once(path: Path, config: Config) -> int:
     status = spool.jobs.read_status(final)
     print(f"{path}: {ended_text(status)} ({final.path})", file=sys.stderr)
     return 0 if status["state"] == JobState.SUCCEEDED.value else 1
+
+
+#: What an interrupted ``spoold exec`` exits with, as a shell's Ctrl-C does (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+class _Interrupt:
+    """SIGINT and SIGTERM while ``spoold exec`` runs its job: the job is cancelled as
+    ``spoold cancel`` would (a request its runner acts on within ``poll_interval``: SIGTERM,
+    ``kill_grace``, SIGKILL, recorded cancelled), and exec waits for that end. Before, a
+    KeyboardInterrupt left the job running under its supervisor, in running/ for ever.
+
+    The request is written on a thread of its own, not in the handler: the handler runs
+    between two bytecodes of the main thread, which may hold a lock the write needs. A second
+    signal gives up waiting (KeyboardInterrupt); the request stands."""
+
+    def __init__(self, job_id: str, control: JobControl) -> None:
+        self._job_id = job_id
+        self._control = control
+        self._came = threading.Event()
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # a test's thread: signals are not its to take
+            return
+        before = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in before.items():
+                signal.signal(number, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt  # asked twice: stop waiting; the cancel request stands
+        self.signal = signum
+        self._came.set()
+        name = signal.Signals(signum).name
+        print(f"spoold: {name}: cancelling job {self._job_id} (again to stop waiting)",
+              file=sys.stderr)  # fmt: skip
+        threading.Thread(target=self._request, name="exec-cancel", daemon=True).start()
+
+    def _request(self) -> None:
+        try:
+            self.cancel_now()
+        except (SpooldError, OSError) as exc:  # it ended meanwhile, or the spool failed
+            print(f"spoold: job {self._job_id}: cancel not requested: {exc}", file=sys.stderr)
+
+    def cancel_now(self) -> None:
+        """Cancel the job: a pending one ends here; a running one gets a request."""
+        assert self.signal is not None
+        name = signal.Signals(self.signal).name
+        self._control.cancel(self._job_id, reason=f"spoold exec was interrupted ({name})")
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if a signal comes; whether one came."""
+        return self._came.wait(seconds)
+
+
+def _interrupted(path: Path, spool: Spool, job_id: str, signum: int) -> int:
+    """What an interrupted exec says: how its job ended (cancelled, or ended before the
+    cancel reached it), and where it is; 130."""
+    name = signal.Signals(signum).name
+    job = spool.jobs.find(job_id)
+    if job is None or job.directory in ("pending", "running"):
+        where = "its state is unknown" if job is None else f"it is still in {job.directory}/"
+        print(f"{path}: interrupted ({name}): job {job_id} was asked to stop; {where} "
+              f"(`spoold status {job_id}`)", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    status = spool.jobs.read_status(job)
+    print(f"{path}: interrupted ({name}): {ended_text(status)} ({job.path})", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _who(config: Config) -> str:
+    """Who cancels an interrupted exec's job, for its log: ``alice on host1``."""
+    import pwd  # noqa: PLC0415
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid:{os.geteuid()}"
+    return f"{user} on {config.hostname}"

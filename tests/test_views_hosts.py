@@ -15,6 +15,7 @@ from spoold.core.spool import Spool
 from spoold.face.views import daemon_text, hosts_rows, waiting_reasons
 from spoold.run.hostbeat import HostBeat
 from tests.fakes import FakeClock
+from tests.harness import run_cli
 
 LOG = logging.getLogger("spoold.test")
 T = datetime(2026, 12, 6, 23, 0, 0, tzinfo=UTC)
@@ -67,6 +68,22 @@ def test_a_host_killed_long_ago_vouches_for_nobody(tmp_path: Path) -> None:
     assert rows["hA"]["running"] == ["long3", "long4"]
     assert rows["hA"]["running_as_of"] == spool.hosts.read("hA")["beat"]  # type: ignore[index]
     assert rows["hB"]["running_as_of"] is None
+
+
+def test_spoold_hosts_dates_the_jobs_of_a_host_that_is_not_alive(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    clock = FakeClock(T)
+    a = _beat(spool, "hA", clock, running=lambda: ["long3", "long4"])
+    b = _beat(spool, "hB", clock)
+    _run(clock, 5, a, b)
+    _run(clock, 30, b)  # hA killed: hB finds it stale
+    shown = run_cli(spool.root, "hosts", env={"RUNNER_ID": "hC"})
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if line[1:].startswith("hA "))
+    beat = spool.hosts.read("hA")["beat"]  # type: ignore[index]
+    assert f"runs 2 as of beat {beat}: long3, long4" in line, line
+    line = next(line for line in shown.stdout.splitlines() if line[1:].startswith("hB "))
+    assert "as of beat" not in line, line
 
 
 def test_the_one_live_daemon_is_shown_by_its_own_record(tmp_path: Path) -> None:

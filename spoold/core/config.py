@@ -70,6 +70,10 @@ class CallbackSettings(NamedTuple):
         parsed = {
             key: parse_duration(value) for key, value in durations.items() if value is not None
         }
+        names = {"timeout": "timeout", "initial": "backoff.initial", "maximum": "backoff.max"}
+        for key, seconds in parsed.items():
+            if key in names:
+                _at_least(f"callbacks.{names[key]}", seconds)
         return defaults._replace(
             workers=int(document.get("workers", defaults.workers)),
             per_host=int(document.get("per_host", defaults.per_host)),
@@ -120,6 +124,7 @@ class ApiSettings(NamedTuple):
                 found["client_timeout"] = parse_duration(document["client_timeout"])
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"key api.client_timeout: {exc}") from None
+            _at_least("api.client_timeout", found["client_timeout"])
         if document.get("public_url"):
             found["public_url"] = str(document["public_url"]).rstrip("/")
         return cls(**found)
@@ -389,8 +394,15 @@ class Config(NamedTuple):
 def find_config_file(explicit: Path | None) -> Path | None:
     """--config, else ./config.yaml, else /etc/spoold/config.yaml, else none."""
     if explicit is not None:
-        if not explicit.is_file():
+        if explicit.is_dir():
+            raise ConfigError(
+                f"config file {explicit} is a directory: --config names the file "
+                f"(e.g. {explicit / 'config.yaml'})"
+            )
+        if not os.path.lexists(explicit):
             raise ConfigError(f"config file {explicit} does not exist")
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} is not a regular file (nor a link to one)")
         return explicit
     return next((p for p in SEARCH_PATH if p.is_file()), None)
 
@@ -522,6 +534,7 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     ):  # fmt: skip
         if key in doc:
             values[key] = _parsed(key, doc[key], parse_duration)
+            _at_least(key, values[key])
     limits = _of_kind("limits", doc.get("limits", {}), dict, "a mapping")
     for key in ("max_file_size", "max_log_size"):
         if key in limits:
@@ -582,7 +595,53 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
                 _of_kind("global_before_script", line, str, "a command or a list of them")
                 for line in lines
             )
-    return Config(**values)
+    config = Config(**values)
+    _check_lease(config, doc)
+    return config
+
+
+#: The least each duration may be, in seconds: a loop paced by one of these at 0 would spin (a
+#: ``poll_interval`` of 0 kept a core busy with nothing to do); a timeout of 0 would fail every
+#: try. Not advice: a floor. The durations not named here may be 0 (worker_idle_exit: 0 keeps
+#: the worker processes; kill_grace 0: SIGKILL at once; ...).
+DURATION_FLOORS: Mapping[str, float] = {
+    "poll_interval": 0.01,
+    "rescan_interval": 0.01,
+    "heartbeat_interval": 0.01,
+    "lease_timeout": 0.01,
+    "callbacks.timeout": 0.001,
+    "callbacks.backoff.initial": 0.001,
+    "callbacks.backoff.max": 0.001,
+    "api.client_timeout": 0.001,
+}
+
+
+def _at_least(key: str, seconds: float) -> None:
+    """ConfigError naming ``key`` if ``seconds`` is under its floor (``DURATION_FLOORS``)."""
+    floor = DURATION_FLOORS.get(key)
+    if floor is not None and seconds < floor:
+        least = f"{floor * 1000:g}ms" if floor < 1 else f"{floor:g}s"
+        raise ConfigError(
+            f"key {key}: {seconds:g}s is too short: at least {least} (a loop paced by it "
+            "would spin, or every try would fail at once)"
+        )
+
+
+def _check_lease(config: Config, doc: Mapping[str, Any]) -> None:
+    """lease_timeout must exceed heartbeat_interval: a lease renewed less often than it goes
+    stale is taken over from a worker that is alive, and its job run twice."""
+    if config.lease_timeout > config.heartbeat_interval:
+        return
+
+    def said(key: str, seconds: float) -> str:
+        return f"{seconds:g}s" + ("" if key in doc else " (the default)")
+
+    raise ConfigError(
+        f"key lease_timeout: {said('lease_timeout', config.lease_timeout)} must exceed "
+        f"heartbeat_interval {said('heartbeat_interval', config.heartbeat_interval)} (several "
+        "times over, 6x by default): a lease renewed less often than it goes stale would be "
+        "taken over from a live worker, and its job run twice"
+    )
 
 
 def _notify_settings(doc: Mapping[str, Any], base: Path, hostname: str) -> NotifySettings:

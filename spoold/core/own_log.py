@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TextIO
 
 from spoold.core.config import Config
+from spoold.core.errors import ConfigError
 from spoold.core.secrets import Masker
 
 #: The timestamped form: a terminal, a plain file, anything but journald.
@@ -87,14 +90,41 @@ def configure_logging(config: Config, masker: Masker | None = None) -> logging.L
     stream.setFormatter(LineFormatter(journal=stderr_is_journal(sys.stderr), masker=masker))
     handlers: list[logging.Handler] = [stream]
     if config.logdir is not None:
-        config.logdir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(config.logdir / "spoold.log")
+        file = _log_file(config.logdir)
         file.setFormatter(LineFormatter(masker=masker))
         handlers.append(file)
     close_logging()
     for handler in handlers:
         logger.addHandler(handler)
     return logger
+
+
+def _log_file(logdir: Path) -> logging.Handler:
+    """logdir/spoold.log, opened by a handler that reopens it once it is moved or removed
+    (logrotate's default rotation: rename, then a new file), in the daemon and in each worker
+    process alike; a plain FileHandler wrote on into the rotated file for ever. ConfigError
+    naming the key where the directory cannot be made or the file opened."""
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        return logging.handlers.WatchedFileHandler(logdir / "spoold.log")
+    except FileExistsError:
+        raise ConfigError(
+            f"key logdir: {logdir} is not a directory: spoold writes spoold.log into it; "
+            "name a directory (RUNNER_LOG_DIR overrides the key)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"key logdir: cannot write spoold.log in {logdir}: {exc.strerror or exc}; name a "
+            "directory spoold's user may write (RUNNER_LOG_DIR overrides the key)"
+        ) from None
+
+
+def reopen_logging() -> None:
+    """Reopen spoold's log file now (SIGHUP): a rotation by copy, or a file moved while no
+    line was written, is followed at once rather than at the next line."""
+    for handler in logging.getLogger("spoold").handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler.reopenIfNeeded()
 
 
 def close_logging() -> None:

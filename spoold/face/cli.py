@@ -48,11 +48,14 @@ def main(argv: Sequence[str] | None = None, *, commands: Mapping[str, Command]) 
     the composition root (spoold.app) owns those, this face parses and shows."""
     parser = build_parser()
     args = parser.parse_args(argv)  # --version and --help end here, having imported nothing
+    if args.command == "run":
+        hold_hangups()  # before the slow part of start-up: a reload then must not kill it
     if args.handler is None:
         args.handler = commands[args.command]
     if (wrong := _usage_problem(args)) is not None:
         parser.error(wrong)  # exits 2, with the usage
     from spoold.core.errors import ConfigError, JobNotFound, SpooldError, SpoolError  # noqa: PLC0415
+    from spoold.core.spool import NotASpool  # noqa: PLC0415
     from spoold.face.access import UsageError, permission_problem  # noqa: PLC0415
 
     try:
@@ -67,6 +70,9 @@ def main(argv: Sequence[str] | None = None, *, commands: Mapping[str, Command]) 
         # a job that failed: 2, whichever command was given it (SPEC 9).
         _complain(str(exc))
         return EXIT_USAGE
+    except NotASpool as exc:  # the spool named is none, or not a usable one: a usage error
+        _complain(str(exc))
+        return EXIT_USAGE
     except SpoolError as exc:
         _complain(str(exc))
         return EXIT_USAGE if "not a spool" in str(exc) else EXIT_FAILED
@@ -77,12 +83,48 @@ def main(argv: Sequence[str] | None = None, *, commands: Mapping[str, Command]) 
         _complain(permission_problem(exc))
         return EXIT_USAGE
     except OSError as exc:  # a file named on the command line, a full disk: no traceback
+        if exc.errno == errno.EROFS:  # the README's "permission error": 2, with the way out
+            _complain(read_only_problem(exc))
+            return EXIT_USAGE
         where = f"{exc.filename}: " if exc.filename else ""
         _complain(f"{where}{exc.strerror or exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def read_only_problem(exc: OSError) -> str:
+    """EROFS met anywhere (the spool, a logdir, a workdir), as a message naming the path."""
+    where = os.fsdecode(exc.filename) if exc.filename else "the spool"
+    return (
+        f"{where}: Read-only file system: spoold must write there; remount it read-write "
+        "(mount -o remount,rw ...), or choose another --spool (or the config key that names "
+        "the path)"
+    )
+
+
+class HeldHangup:
+    """SIGHUP's handler from the very start of ``spoold run`` until the daemon installs its own
+    (the config reload): SIGHUP's default ends the process, and ``systemctl reload`` (or
+    logrotate's postrotate) early in a start killed the daemon (exit 129). A hangup that
+    came is kept in ``came``, and the daemon then reloads once, as asked."""
+
+    def __init__(self) -> None:
+        self.came = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.came = True
+
+
+def hold_hangups() -> None:
+    """Install ``HeldHangup`` for SIGHUP (main thread only: a test calling ``main`` elsewhere
+    may not take signals)."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, HeldHangup())
 
 
 def _complain(text: str) -> None:
@@ -365,7 +407,15 @@ def _spool(config: Config) -> Spool:
 def cmd_init(args: argparse.Namespace, config: Config) -> int:
     from spoold.core.spool import Spool  # noqa: PLC0415
 
-    Spool(config.spool).init()
+    spool = Spool(config.spool)
+    for change in spool.init():  # a directory that was there: its mode is never changed unsaid
+        print(f"spoold: {change}", file=sys.stderr)
+    # What init cannot fix (an owner, a directory above the spool) would make `spoold run`
+    # refuse the spool: said now, not as "ready".
+    if problems := spool.unsafe_permissions():
+        print(f"spoold: the spool at {config.spool} is made, but spoold run would refuse it: "
+              + "; ".join(problems), file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     print(f"spool ready at {config.spool}")
     return EXIT_OK
 
@@ -580,7 +630,8 @@ def cmd_wait(args: argparse.Namespace, config: Config) -> int:
     from spoold.face.waits import wait_for_jobs  # noqa: PLC0415
 
     ids = list(dict.fromkeys(args.job_ids))
-    return EXIT_OK if wait_for_jobs(_spool(config), ids, timeout=args.timeout) else EXIT_FAILED
+    done = wait_for_jobs(_spool(config), ids, timeout=args.timeout, host=config.host_id)
+    return EXIT_OK if done else EXIT_FAILED
 
 
 def _control(config: Config) -> JobControl:
@@ -600,12 +651,25 @@ def _control(config: Config) -> JobControl:
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     import time  # noqa: PLC0415
 
+    from spoold.core.errors import JobNotFound  # noqa: PLC0415
     from spoold.core.states import JobState  # noqa: PLC0415
     from spoold.face.access import locate, read_status  # noqa: PLC0415
-    from spoold.face.views import ended_text  # noqa: PLC0415
+    from spoold.face.views import ended_text, printable  # noqa: PLC0415
+    from spoold.face.waits import find_incoming  # noqa: PLC0415
 
     spool = _spool(config)
-    locate(spool, args.job_id)  # "may not look" is said as such, never as "no job"
+    try:
+        locate(spool, args.job_id)  # "may not look" is said as such, never as "no job"
+    except JobNotFound:
+        if (placed := find_incoming(spool, args.job_id)) is None:
+            raise
+        # A job to come: no record of it to cancel yet, and intake acts on no request.
+        print(printable(
+            f"{args.job_id}: not accepted yet: its file {placed} waits for spoold to take it "
+            f"in; cancel it once it is a job (`spoold wait {args.job_id}` returns when it "
+            "ends), or withdraw it now by removing the file"
+        ), file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
     control = _control(config)
     outcome = control.cancel(args.job_id)
     if outcome.cancelled:
@@ -620,8 +684,25 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
         print(f"{args.job_id}: cancel requested; no spoold runs it now: it ends cancelled when "
               "spoold starts again on this host")  # fmt: skip
         return EXIT_OK
+    lease = spool.jobs.read_lease(outcome.job) or {}
+    here = lease.get("host") in (None, config.host_id)
+    if (
+        here
+        and not control.daemon_runs(config.host_id)
+        and not control.runner_alive(outcome.job, config.host_id)
+    ):
+        # No process here watches its cancel requests but the job's supervisor, which ends
+        # the job; what records it cancelled (running/ to failed/) is the next daemon: waiting
+        # for that here would only end in "still running".
+        print(f"{args.job_id}: cancel requested; no spoold runs on {config.hostname} for this "
+              "spool: the job's supervisor stops it, and it is recorded cancelled when spoold "
+              "starts here again")  # fmt: skip
+        return EXIT_OK
     bound = config.kill_grace + 30.0 if args.wait is None else args.wait
-    print(f"{args.job_id}: cancel requested; its worker stops it", file=sys.stderr)
+    stopper = "its worker" if here else f"its worker on host {lease.get('host')}"
+    if here and not control.daemon_runs(config.host_id):
+        stopper = f"its spoold exec (pid {lease.get('pid')})"
+    print(f"{args.job_id}: cancel requested; {stopper} stops it", file=sys.stderr)
     end = time.monotonic() + bound
     while time.monotonic() < end:
         job = spool.jobs.find(args.job_id)
@@ -717,8 +798,10 @@ def cmd_hosts(args: argparse.Namespace, config: Config) -> int:
         seen = f"seen by {row['seen_by']}" if row["seen_by"] else "no daemon's view"
         mark = "*" if row["this_host"] else " "
         running = ", ".join(row["running"][:5]) + (" ..." if len(row["running"]) > 5 else "")
+        # A host that is not alive runs what its last beat said, not what runs now.
+        dated = "" if row.get("running_as_of") is None else f" as of beat {row['running_as_of']}"
         print(f"{mark}{row['host']:<20} {state:<34} beat {row['beat']!s:<8} {seen:<18} "
-              f"runs {len(row['running'])}{': ' + running if running else ''}")  # fmt: skip
+              f"runs {len(row['running'])}{dated}{': ' + running if running else ''}")  # fmt: skip
     return EXIT_OK
 
 

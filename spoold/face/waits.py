@@ -8,6 +8,7 @@ the exit code: 0 only if every job succeeded.
 from __future__ import annotations
 
 import codecs
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,19 +30,61 @@ GONE_AFTER = 5.0
 _FINISHED = ("done", "failed")
 
 
-def wait_for_jobs(spool: Spool, job_ids: list[str], *, timeout: float | None) -> bool:
+def wait_for_jobs(
+    spool: Spool, job_ids: list[str], *, timeout: float | None, host: str | None = None
+) -> bool:
     """Wait until every job has ended, saying how each did; True only if every one succeeded.
 
-    JobNotFound for an id that names no job, UsageError for a schedule (which never ends):
-    the command line's usage errors, as for every command given an id.
+    An id whose file waits in incoming/ (``spoold submit`` wrote the id into it) is a job to
+    come: waited for until spoold takes it in (then until it ends) or rejects it, as
+    ``submit --wait`` does; ``host``: this host's id, to say when no daemon runs here for
+    the spool. JobNotFound for an id that names no job and no such file, UsageError for a
+    schedule (which never ends): the command line's usage errors, as for every command given
+    an id.
     """
+    coming: list[Submitted] = []
     for job_id in job_ids:
-        where = locate(spool, job_id)
-        if where.directory == "scheduled":
+        found = _job_or_file(spool, job_id)
+        if isinstance(found, Path):
+            print(printable(f"job {job_id} is not taken in yet (incoming/{found.name}): "
+                            "waiting for it"), file=sys.stderr)  # fmt: skip
+            coming.append(Submitted(job_id, found, _placed_at(found)))
+            continue
+        if found.directory == "scheduled":
             raise UsageError(
                 f"{job_id} is a schedule, which never ends: wait for its runs ({job_id}@<time>)"
             )
     deadline = None if timeout is None else time.monotonic() + timeout
+    ok = True
+    if coming:
+        accepted, ok, in_time = _until_taken(spool, host, coming, deadline, timeout)
+        if not in_time:
+            return False
+        taken = {*accepted}
+        job_ids = [j for j in job_ids if j in taken or j not in {c.job_id for c in coming}]
+    return _wait_for_ended(spool, job_ids, deadline, timeout) and ok
+
+
+def _job_or_file(spool: Spool, job_id: str) -> JobDir | Path:
+    """Where the job is, or its file in incoming/; JobNotFound if neither. Looked at a few
+    times: intake may be taking the file in (out of incoming/, not in pending/ yet)."""
+    for look in range(3):
+        try:
+            return locate(spool, job_id)
+        except JobNotFound:
+            if (placed := find_incoming(spool, job_id)) is not None:
+                return placed
+            if look == 2:
+                raise
+        time.sleep(POLL)
+    raise AssertionError("unreachable")
+
+
+def _wait_for_ended(
+    spool: Spool, job_ids: list[str], deadline: float | None, timeout: float | None
+) -> bool:
+    """Until every job (each in the spool now) has ended, or ``deadline`` (monotonic: where
+    the whole wait's ``timeout`` ends); True only if every one succeeded."""
     left = list(job_ids)
     states: dict[str, str] = {}
     missing: dict[str, float] = {}  # job id -> since when it is found nowhere
@@ -91,6 +134,21 @@ def wait_for_submitted(
 ) -> bool:
     """``submit --wait``: until each file is a job (then until it ends) or rejected."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    accepted, ok, in_time = _until_taken(spool, config.host_id, placed, deadline, timeout)
+    if not in_time:
+        return False
+    return _wait_for_ended(spool, accepted, deadline, timeout) and ok if accepted else ok
+
+
+def _until_taken(
+    spool: Spool,
+    host: str | None,
+    placed: list[Submitted],
+    deadline: float | None,
+    timeout: float | None,
+) -> tuple[list[str], bool, bool]:
+    """Until each file in incoming/ is a job or rejected: the ids accepted, whether none was
+    rejected, and whether that came before ``deadline`` (said on standard error if not)."""
     started, told = time.monotonic(), False
     waiting, accepted, ok = list(placed), [], True
     while waiting:
@@ -105,18 +163,72 @@ def wait_for_submitted(
                 ok = False
         if not waiting:
             break
-        if not told and time.monotonic() - started > 5 and _no_daemon(spool, config.host_id):
+        waited = time.monotonic() - started > 5
+        if not told and host is not None and waited and _no_daemon(spool, host):
             told = True
-            print(f"spoold: no spoold runs on {config.hostname} for this spool: the file(s) "
+            print(f"spoold: no spoold runs on {host} for this spool: the file(s) "
                   "wait in incoming/ until one starts (or another host's takes them)",
                   file=sys.stderr)  # fmt: skip
         if deadline is not None and time.monotonic() >= deadline:
             names = printable(", ".join(item.placed.name for item in waiting))
             print(f"spoold: still in incoming/ after {timeout:g}s: {names}", file=sys.stderr)
-            return False
+            return accepted, ok, False
         time.sleep(POLL)
-    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    return wait_for_jobs(spool, accepted, timeout=left) and ok if accepted else ok
+    return accepted, ok, True
+
+
+#: How many files of incoming/ a look for a job to come reads at most: a backlog of files is
+#: looked through by name first (``spoold submit`` keeps the file's name), then by content.
+_LOOK_AT_MOST = 2000
+
+
+def find_incoming(spool: Spool, job_id: str) -> Path | None:
+    """The file in incoming/ that will become job ``job_id`` (its ``job_id:``, as ``spoold
+    submit`` writes it), or None. Bounded: at most ``_LOOK_AT_MOST`` files, each within the
+    intake's size limit; a file this user may not read is passed over."""
+    from spoold.core.documents import load_document  # noqa: PLC0415 - YAML: only here
+    from spoold.core.spool import is_transient_name  # noqa: PLC0415
+
+    try:
+        with os.scandir(spool.dir("incoming")) as entries:
+            names = sorted(
+                (e.name for e in entries if e.is_file(follow_symlinks=False)),
+                key=lambda name: not name.startswith(job_id),  # the likely one first
+            )[:_LOOK_AT_MOST]
+    except OSError:
+        return None
+    needle = job_id.encode()
+    for name in names:
+        if is_transient_name(name):
+            continue
+        path = spool.dir("incoming") / name
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(4 * 1024 * 1024)
+        except OSError:
+            continue
+        if needle not in data:
+            continue
+        try:
+            document = load_document(data, name)
+        except (SpooldError, ValueError, RecursionError):
+            continue
+        if isinstance(document, dict) and document.get("job_id") == job_id:
+            return path
+    return None
+
+
+def _placed_at(path: Path) -> str:
+    """When a file was placed (its mtime), as a rejection's ``rejected_at`` compares: a
+    rejection of it comes after."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from spoold.core.clock import rfc3339  # noqa: PLC0415
+
+    try:
+        return rfc3339(datetime.fromtimestamp(path.stat().st_mtime - 1, UTC))
+    except OSError:
+        return ""
 
 
 def _still_there(path: Path) -> bool:

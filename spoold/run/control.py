@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from spoold.core.clock import Clock, rfc3339
-from spoold.core.errors import InvalidTransition, JobNotFound, SpoolError
+from spoold.core.errors import InvalidTransition, JobNotFound, SpooldError, SpoolError
 from spoold.core.job import JobStatus
 from spoold.core.joblog import JobLog
 from spoold.core.procfs import process_start_time
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState, state_phrase
-from spoold.out.outbox import Callbacks
-from spoold.run.ledger import JobLedger, Listener, StateChange
+from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.run.ledger import FROM_JOB_FILE, FromJobFile, JobLedger, Listener, StateChange
 
 # A job can move while we act on it (claimed, finished); a few looks settle where it is.
 _LOOKS = 5
@@ -79,6 +79,7 @@ class JobControl:
                     listener(change)
 
         self._ledger = JobLedger(spool, callbacks, listeners=(tell,) if told else ())
+        self._callbacks = callbacks
         self._clock = clock
         self._who = who  # who asks, for the log and status.json: "root on host1"
 
@@ -125,8 +126,14 @@ class JobControl:
         except FileNotFoundError:
             raise moved_on from None
         with handle:
+            # Its callback's target read here, not by the move: a retry that lost the race to
+            # another (five at once) found job.yaml gone and logged "no retrying callback"
+            # before it could say that the job had moved.
+            target = self._retry_target(job, status, moved_on)
             try:
-                pending = self._ledger.move(job, JobState.PENDING, status, event="retrying")
+                pending = self._ledger.move(
+                    job, JobState.PENDING, status, event="retrying", target=target
+                )
             except FileNotFoundError:
                 if Path(job.location).is_dir():
                     raise  # not the move's own job: something else is missing
@@ -135,6 +142,27 @@ class JobControl:
                 f"retry requested by {self._who}: attempt {len(status.attempts) + 1} follows"
             )
         return pending
+
+    def _retry_target(
+        self, job: JobDir, status: JobStatus, moved_on: JobNotFound
+    ) -> CallbackTarget | FromJobFile | None:
+        """Where the retry's ``retrying`` event goes, from the job's job.yaml; ``moved_on``
+        if the job left failed/ meanwhile. A file that cannot be used is left to the move,
+        which says what is wrong with it."""
+        if self._callbacks is None:
+            return None
+        from spoold.core.documents import load_document  # noqa: PLC0415 - YAML: only a retry
+
+        try:
+            data = self._spool.jobs.read_job_file(job, sha256=status.sha256)
+            document = load_document(data, "job.yaml")
+        except FileNotFoundError:
+            if not Path(job.location).is_dir():
+                raise moved_on from None
+            return FROM_JOB_FILE
+        except (SpooldError, OSError, ValueError):
+            return FROM_JOB_FILE
+        return self._callbacks.target_of(job.job_id, document)
 
     @staticmethod
     def _not_a_schedule(job: JobDir) -> JobDir:
@@ -154,6 +182,20 @@ class JobControl:
             return False
         pid, start = lease.get("pid"), lease.get("pid_start")
         return not (isinstance(pid, int) and start is not None and process_start_time(pid) == start)
+
+    def daemon_runs(self, host: str) -> bool:
+        """Whether a spoold daemon serves this spool on ``host`` (this host) now."""
+        found = self._spool.host_lock.daemon_on(host)
+        return found is not None and process_start_time(found[0]) == found[1]
+
+    def runner_alive(self, job: JobDir, host: str) -> bool:
+        """Whether the process that holds ``job``'s lease on ``host`` lives: a daemon's, or a
+        ``spoold exec``'s (which watches its job's cancel requests itself)."""
+        lease = self._spool.jobs.read_lease(job)
+        if lease is None or lease.get("host") != host:
+            return False
+        pid, start = lease.get("pid"), lease.get("pid_start")
+        return isinstance(pid, int) and start is not None and process_start_time(pid) == start
 
     def wake_daemon(self, host: str) -> bool:
         """Ask the daemon on ``host`` to look at pending/ now (SIGUSR1); False if none runs."""

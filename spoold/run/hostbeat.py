@@ -10,6 +10,7 @@ record are for people: no host compares them with its own clock.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -24,6 +25,9 @@ from spoold.core.spool import Spool
 __all__ = ["ALIVE", "GONE", "STALE", "HostBeat"]
 
 ALIVE, STALE, GONE = "alive", "stale", "gone"
+#: What a write answers on a full disk, over quota, or on a spool mounted read-only: a state
+#: that lasts, said once (not a traceback every beat).
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class HostBeat:
@@ -56,6 +60,9 @@ class HostBeat:
         self._written = False  # a record of this daemon's is in hosts/ (to read back)
         #: Another machine's record of this host id, as first seen and when (``waiting``).
         self._rival: tuple[tuple[object, ...], float] | None = None
+        #: The errno this host's record last could not be written with (a full disk), said
+        #: once; None while it is written.
+        self._unwritten: int | None = None
 
     @property
     def next_due(self) -> float:
@@ -85,8 +92,31 @@ class HostBeat:
         self._seen.keep_only(records)
         self._view, self._looked = view, True
         self._beat += 1
-        self._spool.hosts.write(me, self._record(view, stopped=False))
+        try:
+            self._spool.hosts.write(me, self._record(view, stopped=False))
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            self._cannot_write(exc)
+            return
+        if self._unwritten is not None:
+            self._logger.warning("this host's beat is written to hosts/%s again", me)
+            self._unwritten = None
         self._written = True
+
+    def _cannot_write(self, exc: OSError) -> None:
+        """A full disk, a quota, a read-only spool: one line when it starts (or changes), none
+        at each beat after it: the daemon goes on, and other hosts may see this one stale
+        once ``lease_timeout`` has passed. (Not an outage: the spool can be reached.)"""
+        if exc.errno == self._unwritten:
+            return
+        self._unwritten = exc.errno
+        self._logger.warning(
+            "cannot write this host's beat to hosts/%s: %s; trying again every %gs (other "
+            "hosts see this host stale after %gs)",
+            self._config.host_id, exc.strerror or exc, self._config.heartbeat_interval,
+            self._config.lease_timeout,
+        )  # fmt: skip
 
     @property
     def waiting(self) -> bool:

@@ -64,12 +64,12 @@ Listener = Callable[[StateChange], None]
 Mask = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class _FromJobFile:
+class FromJobFile:
     """The callback target named by the job's own job.yaml (read when needed)."""
 
 
 #: ``target=`` default of ``JobLedger.move``: the job's job.yaml says where its events go.
-FROM_JOB_FILE = _FromJobFile()
+FROM_JOB_FILE = FromJobFile()
 
 
 class JobLedger:
@@ -102,7 +102,7 @@ class JobLedger:
         to: JobState,
         status: JobStatus,
         *,
-        target: CallbackTarget | _FromJobFile | None = FROM_JOB_FILE,
+        target: CallbackTarget | FromJobFile | None = FROM_JOB_FILE,
         event: str | None = None,
         mask: Mask | None = None,
         announce: bool = True,
@@ -159,7 +159,7 @@ class JobLedger:
         job: JobDir | None,
         event: str,
         status: JobStatus,
-        target: CallbackTarget | _FromJobFile | None,
+        target: CallbackTarget | FromJobFile | None,
         *,
         mask: Mask | None,
         announce: bool,
@@ -167,7 +167,7 @@ class JobLedger:
         if self._callbacks is None or not announce:
             yield
             return
-        if isinstance(target, _FromJobFile):
+        if isinstance(target, FromJobFile):
             assert job is not None, "a new job has no job.yaml to read its target from"
             with self._callbacks.announce_job(job, event, status):
                 yield

@@ -25,6 +25,7 @@ each store's module says what its own transitions fsync.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "FileOwner",
     "FileSignature",
     "JobDir",
+    "NotASpool",
     "Prepared",
     "QuietCheck",
     "Spool",
@@ -75,6 +77,16 @@ _ADDED_LATER = frozenset({"ids", "hosts"})
 # Writers drop files here; spoold alone reads the rest. The sticky bit: a submitter can neither
 # rename nor delete another's file (swapping a file another user is about to have validated).
 _MODES = {"incoming": 0o1770}
+#: What a directory that is not a spool yet may hold and still be made one: a filesystem's own
+#: lost+found (a spool on a filesystem of its own), a checkout's README, dot files (.gitkeep).
+#: Anything else is someone else's directory (a careless ``--spool /tmp``): init refuses it
+#: rather than chmod it and fill it with a tree.
+_HARMLESS = re.compile(r"lost\+found|README(\.\w+)?|\..+")
+
+
+class NotASpool(SpoolError):
+    """The directory is no usable spool (not one, a file where a directory belongs, another
+    filesystem mounted inside it): the command line's or the operator's mistake, exit 2."""
 
 
 class Spool:
@@ -110,41 +122,97 @@ class Spool:
 
     # -- the tree --------------------------------------------------------------------------
 
-    def init(self) -> None:
-        """Create the tree with safe permissions, whatever the umask.
+    def init(self) -> list[str]:
+        """Create the tree with safe permissions, whatever the umask; return what it changed of
+        directories that were there already (``spoold init`` says each).
 
-        Existing directories keep their owner and mode, except that ``incoming/`` gets the
-        sticky bit it lacked before; a spool made by an older spoold gets ``ids/`` filled.
+        NotASpool for a directory that holds things but is no spool (a careless ``--spool
+        /tmp``: its mode is never changed, nothing is made in it), for a file where one of the
+        tree's directories belongs, and for a directory of the tree on another filesystem.
+        Existing directories keep their owner; their modes are tightened as far as
+        ``spoold run`` demands (no group or other write, but incoming/'s group with the sticky
+        bit), never loosened; a spool made by an older spoold gets ``ids/`` filled.
         """
+        changed: list[str] = []
         if not self.root.is_dir():
+            if os.path.lexists(self.root):
+                raise NotASpool(_not_a_directory(self.root, f"--spool {self.root}"))
             self.root.mkdir(mode=DEFAULT_MODE, parents=True)
             self.root.chmod(DEFAULT_MODE)  # mkdir's mode is masked by the umask
-        elif (mode := stat.S_IMODE(self.root.stat().st_mode)) & 0o027:
+        else:
+            if not self._any_tree_directory() and (foreign := _foreign_entries(self.root)):
+                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                raise NotASpool(
+                    f"{self.root} is not empty and is not a spool (it holds {shown}; no "
+                    "incoming/, pending/, ...): spoold init makes a spool only in a new or empty "
+                    "directory, and leaves this one as it is; choose a directory of its own, "
+                    f"e.g. --spool {self.root / 'spool'}"
+                )
             # Only ever tightened: a checkout's spool/ comes as 0755, every job's log readable
             # by every user of the host.
-            self.root.chmod(mode & ~0o027)
+            changed += _tighten(self.root, 0o027)
         for name in SPOOL_DIRECTORIES:
             path = self.root / name
-            mode = _MODES.get(name, DEFAULT_MODE)
+            if os.path.lexists(path) and not path.is_dir():
+                raise NotASpool(_not_a_directory(path, f"--spool {self.root}"))
             if name == "ids":
                 continue  # made and filled by reservations.ensure(), below
+            mode = _MODES.get(name, DEFAULT_MODE)
             if not path.is_dir():
                 path.mkdir(mode=mode)
                 path.chmod(mode)
-            elif mode & stat.S_ISVTX and not path.stat().st_mode & stat.S_ISVTX:
+                continue
+            changed += _tighten(path, stat.S_IWOTH if name == "incoming" else 0o022)
+            if mode & stat.S_ISVTX and not path.stat().st_mode & stat.S_ISVTX:
                 path.chmod(path.stat().st_mode | stat.S_ISVTX)
+                changed.append(
+                    f"{path}: sticky bit set (a submitter may not rename another's file)"
+                )
+        self.check_filesystems()
         self.reservations.ensure()
+        return changed
+
+    def _any_tree_directory(self) -> bool:
+        return any((self.root / name).is_dir() for name in SPOOL_DIRECTORIES)
 
     def check(self) -> None:
-        """Raise SpoolError unless every directory of the tree exists."""
-        missing = [
-            n for n in SPOOL_DIRECTORIES if n not in _ADDED_LATER and not (self.root / n).is_dir()
-        ]
+        """NotASpool unless every directory of the tree exists, as a directory."""
+        missing, plain = [], []
+        for name in SPOOL_DIRECTORIES:
+            path = self.root / name
+            if path.is_dir():
+                continue
+            if os.path.lexists(path):
+                plain.append(path)
+            elif name not in _ADDED_LATER:
+                missing.append(name)
+        if plain:
+            raise NotASpool(_not_a_directory(plain[0], f"--spool {self.root}"))
         if missing:
-            raise SpoolError(
+            raise NotASpool(
                 f"{self.root} is not a spool (missing {', '.join(missing)}): "
                 f"run 'spoold init --spool {self.root}'"
             )
+
+    def check_filesystems(self) -> None:
+        """NotASpool if a directory of the tree is on another filesystem than the spool's root
+        (a mount on done/, a link to elsewhere): every transition is a rename(2), which cannot
+        cross filesystems (EXDEV), so finished jobs would pile up in running/. Checked at the
+        daemon's and ``exec``'s start and by ``init``."""
+        root = os.stat(self.root).st_dev
+        for name in SPOOL_DIRECTORIES:
+            try:
+                device = os.stat(self._dirs[name]).st_dev
+            except FileNotFoundError:
+                continue  # ids/ or hosts/ of an older spool: made inside the root
+            if device != root:
+                path = self.root / name
+                raise NotASpool(
+                    f"{path} is on another filesystem than the spool {self.root}: a job moves "
+                    "between the spool's directories by rename(2), which cannot cross "
+                    f"filesystems; unmount it (or remove the link) so that {name}/ is a plain "
+                    "directory of the spool, or mount the whole spool there instead"
+                )
 
     def unsafe_permissions(self) -> list[str]:
         """What would let users other than spoold's own (and root) put jobs into the tree, each
@@ -208,6 +276,29 @@ class Spool:
         """fsync every top-level directory: at start, so that the first jobs do not pay for
         whatever metadata of the tree is still unwritten (a fresh ``init`` takes ~0.1 s here)."""
         self._disk.sync(*(self._dirs[name] for name in SPOOL_DIRECTORIES))
+
+
+def _foreign_entries(root: Path) -> list[str]:
+    """What ``root`` holds that is no part of a spool, nor harmless (``_HARMLESS``)."""
+    with os.scandir(root) as entries:
+        return sorted(entry.name for entry in entries if not _HARMLESS.fullmatch(entry.name))
+
+
+def _tighten(path: Path, off: int) -> list[str]:
+    """Take the ``off`` bits from ``path``'s mode, if it has any; what it did, said."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & off:
+        return []
+    path.chmod(mode & ~off)
+    return [f"{path}: mode {mode:04o} -> {mode & ~off:04o} (spoold run refuses others' write)"]
+
+
+def _not_a_directory(path: Path, where: str) -> str:
+    kind = "a link to nothing" if not os.path.exists(path) else "not a directory"
+    return (
+        f"{path} is {kind}, where the spool's directory belongs: move it away "
+        f"(mv {path} {path}.old), then run 'spoold init {where}'"
+    )
 
 
 def _ancestors(root: Path) -> list[str]:
