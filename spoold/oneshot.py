@@ -18,6 +18,7 @@ from spoold.core.documents import load_document
 from spoold.core.errors import SpooldError, SpoolError, ValidationIssue
 from spoold.core.spool import Spool
 from spoold.core.states import JobState
+from spoold.face.access import caller
 from spoold.face.views import ended_text, printable
 from spoold.intake.incoming import Accepted, Intake
 from spoold.run.control import JobControl
@@ -63,7 +64,7 @@ def run_once(path: Path, config: Config) -> int:
         print(printable(f"rejected into {outcome.path}"), file=sys.stderr)
         return 1
     job_id = outcome.job.job_id
-    stopping = _Interrupt(job_id, JobControl(spool, clock, who=_who(config),
+    stopping = _Interrupt(job_id, JobControl(spool, clock, who=caller(config.hostname),
                                              callbacks=parts.callbacks))  # fmt: skip
     # The worker processes' lease heartbeat, on a thread: `spoold cancel` works on a job run
     # by `spoold exec` too, and so does Ctrl-C (a cancel request of its own, below).
@@ -167,14 +168,3 @@ def _interrupted(path: Path, spool: Spool, job_id: str, signum: int) -> int:
     status = spool.jobs.read_status(job)
     print(f"{path}: interrupted ({name}): {ended_text(status)} ({job.path})", file=sys.stderr)
     return EXIT_INTERRUPTED
-
-
-def _who(config: Config) -> str:
-    """Who cancels an interrupted exec's job, for its log: ``alice on host1``."""
-    import pwd  # noqa: PLC0415
-
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = f"uid:{os.geteuid()}"
-    return f"{user} on {config.hostname}"

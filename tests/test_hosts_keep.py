@@ -103,6 +103,14 @@ def _job(job_id: str, tmp_path: Path) -> dict[str, Any]:
                      on_interrupt="requeue")  # fmt: skip
 
 
+def _started_on_a(hosts: Hosts, job_id: str, tmp_path: Path) -> int:
+    """Host a's daemon started, running ``job_id``: the pid of its first process."""
+    hosts["a"].start()
+    drop(hosts.spool, f"{job_id}.yaml", _job(job_id, tmp_path))
+    wait_for(lambda: len(_runs(tmp_path)) == 1, what=f"{job_id}'s start on host a")
+    return int(_runs(tmp_path)[0][2])
+
+
 def _runs(tmp_path: Path) -> list[list[str]]:
     path = tmp_path / "runs"
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
@@ -123,9 +131,7 @@ def _freeze(daemon: DaemonProcess, sig: signal.Signals) -> None:
 def test_a_stopped_hosts_job_runs_on_untaken_and_its_next_start_adopts_it(
     hosts: Hosts, spool_dir: Path, tmp_path: Path
 ) -> None:
-    hosts["a"].start()
-    drop(spool_dir, "kept.yaml", _job("kept", tmp_path))
-    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    _started_on_a(hosts, "kept", tmp_path)
     hosts["b"].start()
     hosts["a"].stop(leave_jobs=True)
     # Host b has watched a's beat stand still for twice the lease's timeout: long enough to
@@ -151,10 +157,7 @@ def test_a_stopped_hosts_job_runs_on_untaken_and_its_next_start_adopts_it(
 def test_a_frozen_hosts_job_taken_over_ends_there_and_the_woken_host_spares_the_takers_run(
     hosts: Hosts, spool_dir: Path, tmp_path: Path
 ) -> None:
-    hosts["a"].start()
-    drop(spool_dir, "moved.yaml", _job("moved", tmp_path))
-    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
-    first = int(_runs(tmp_path)[0][2])
+    first = _started_on_a(hosts, "moved", tmp_path)
     hosts["b"].start()
     _freeze(hosts["a"], signal.SIGSTOP)
     wait_for(lambda: len(_runs(tmp_path)) == 2, what="host b taking the job over, running it")
@@ -178,9 +181,7 @@ def test_a_frozen_hosts_job_taken_over_ends_there_and_the_woken_host_spares_the_
 def test_a_job_that_ended_while_its_host_was_stopped_is_not_run_again_by_a_takeover(
     hosts: Hosts, spool_dir: Path, tmp_path: Path
 ) -> None:
-    hosts["a"].start()
-    drop(spool_dir, "ended.yaml", _job("ended", tmp_path))
-    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    _started_on_a(hosts, "ended", tmp_path)
     hosts["a"].stop(leave_jobs=True)
     (tmp_path / "go").touch()
     ended = spool_dir / "running" / "ended" / "units" / "1.end"
@@ -198,9 +199,7 @@ def test_the_daemons_own_processes_are_one_group_and_the_supervisors_are_not_in_
 ) -> None:
     """What ``_freeze`` relies on: a signal to the daemon's group reaches its workers, not the
     jobs' supervisors."""
-    hosts["a"].start()
-    drop(spool_dir, "group.yaml", _job("group", tmp_path))
-    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start")
+    _started_on_a(hosts, "group", tmp_path)
     pid = hosts["a"].pid
     assert pid is not None
     worker = _lease(spool_dir, "group")["worker_pid"]
@@ -362,9 +361,7 @@ def test_a_lease_of_this_machine_from_an_earlier_boot_is_gone_at_once(spool_dir:
 def test_a_second_daemon_serving_as_a_running_host_on_another_machine_refuses_and_runs_nothing(
     hosts: Hosts, spool_dir: Path, tmp_path: Path
 ) -> None:
-    hosts["a"].start()
-    drop(spool_dir, "one.yaml", _job("one", tmp_path))
-    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start on host a")
+    _started_on_a(hosts, "one", tmp_path)
     # Another machine: its own processes, and its own host lock (flock crosses no network
     # filesystem, and on one kernel it would stop the clone before its first look): a tmp/ of
     # its own, in a mount namespace of its own (bound from the same filesystem: spoold refuses
@@ -389,10 +386,7 @@ def test_a_second_daemon_serving_as_a_running_host_on_another_machine_refuses_an
 def test_a_cancel_asked_while_no_daemon_runs_ends_the_job_and_the_next_start_records_it(
     hosts: Hosts, spool_dir: Path, tmp_path: Path
 ) -> None:
-    hosts["a"].start()
-    drop(spool_dir, "halt.yaml", _job("halt", tmp_path))
-    wait_for(lambda: len(_runs(tmp_path)) == 1, what="the job's start")
-    first = int(_runs(tmp_path)[0][2])
+    first = _started_on_a(hosts, "halt", tmp_path)
     hosts["a"].stop(leave_jobs=True)
     asked = run_cli(spool_dir, "cancel", "halt", "--wait", "0", "--config", str(hosts["a"].config))
     assert asked.returncode == 0, asked.stderr

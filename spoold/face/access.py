@@ -61,6 +61,18 @@ def who() -> str:
     return f"user {name} (groups {groups})"
 
 
+def caller(hostname: str) -> str:
+    """Who runs this command, as records name them (a cancel, a schedule's pause, a token):
+    ``alice on host1``."""
+    import pwd  # noqa: PLC0415 - only for a record
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid:{os.geteuid()}"
+    return f"{user} on {hostname}"
+
+
 def owner(path: str) -> str:
     """``owned by spoold:spoold, mode 0750``: whose a directory is, for a refusal."""
     import grp  # noqa: PLC0415 - only for a message

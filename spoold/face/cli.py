@@ -636,16 +636,14 @@ def cmd_wait(args: argparse.Namespace, config: Config) -> int:
 
 def _control(config: Config) -> JobControl:
     import logging  # noqa: PLC0415
-    import pwd  # noqa: PLC0415
 
     from spoold.core.clock import SystemClock  # noqa: PLC0415
     from spoold.out.outbox import callbacks_for  # noqa: PLC0415
     from spoold.run.control import JobControl  # noqa: PLC0415
 
-    user = pwd.getpwuid(os.geteuid()).pw_name
     spool, clock = _spool(config), SystemClock()
     callbacks = callbacks_for(config, spool, clock, logging.getLogger("spoold"))
-    return JobControl(spool, clock, who=f"{user} on {config.hostname}", callbacks=callbacks)
+    return JobControl(spool, clock, who=_who(config), callbacks=callbacks)
 
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
@@ -758,13 +756,9 @@ def cmd_purge(args: argparse.Namespace, config: Config) -> int:
 
 def _who(config: Config) -> str:
     """Who runs this command, for records: ``alice on host1``."""
-    import pwd  # noqa: PLC0415
+    from spoold.face.access import caller  # noqa: PLC0415
 
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = f"uid:{os.geteuid()}"
-    return f"{user} on {config.hostname}"
+    return caller(config.hostname)
 
 
 def cmd_hosts(args: argparse.Namespace, config: Config) -> int:
