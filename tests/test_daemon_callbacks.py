@@ -326,6 +326,9 @@ def test_a_delivery_is_given_up_and_status_shows_it(
     shown = r.url.removesuffix("/hook")
     assert "succeeded" in line and shown in line and "HTTP 500" in line, line
     assert r.url not in line, line
+    # So in what status --json and the API's summary (a read token's) give.
+    summary = json.loads(run_cli(spool_dir, "status", "--json").stdout)
+    assert [item["url"] for item in summary["callbacks_given_up"]] == [shown], summary
 
 
 def test_what_a_worker_process_and_the_cli_commit_goes_out_without_a_poll(

@@ -514,7 +514,10 @@ def _receiver(url: Any) -> str:
 
 
 def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
-    return {key: record.get(key) for key in ("event", "url", "tries", "last_error", "created")}
+    """A given-up delivery as the summary shows it (``status --json``, the API's, which a read
+    token sees): its receiver as the log names it, not the URL's secrets."""
+    summary = {key: record.get(key) for key in ("event", "tries", "last_error", "created")}
+    return {**summary, "url": None if record.get("url") is None else _receiver(record["url"])}
 
 
 def summary_text(spool: Spool, config: Config) -> str:
@@ -535,7 +538,7 @@ def summary_text(spool: Spool, config: Config) -> str:
         lines.append(f"  {len(given_up)} callback(s) given up, kept in outbox/failed/:")
         lines += [
             printable(
-                f"    {item['name']}: {item['event']} to {_receiver(item['url'])} after "
+                f"    {item['name']}: {item['event']} to {item['url']} after "
                 f"{item['tries']} "
                 f"tries; last: {item['last_error']}"
             )
