@@ -368,6 +368,7 @@ class Daemon:
         daemon.hostbeat = HostBeat(spool, config, clock, logger, running=workers.in_flight,
                                    version=__version__)  # fmt: skip
         sender.host_state = daemon.hostbeat.state_of
+        recovery.host_stopped = daemon.hostbeat.said_stopped
         daemon.notifier, notifier.host_state = notifier, daemon.hostbeat.state_of
         if seen is not None:
             daemon.seen, daemon.api = seen, daemon.build_api(seen)

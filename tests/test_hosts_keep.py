@@ -178,14 +178,44 @@ def test_a_frozen_hosts_job_taken_over_ends_there_and_the_woken_host_spares_the_
     assert len(_runs(tmp_path)) == 2
 
 
-def test_a_job_that_ended_while_its_host_was_stopped_is_not_run_again_by_a_takeover(
+def test_a_job_that_ended_while_its_host_was_stopped_is_left_for_its_next_start_to_record(
     hosts: Hosts, spool_dir: Path, tmp_path: Path
 ) -> None:
+    """A host that said it stopped keeps its claims: nothing of its keeps the beat once the
+    job ended, yet no other host takes the job over; its next start records the end."""
     _started_on_a(hosts, "ended", tmp_path)
     hosts["a"].stop(leave_jobs=True)
     (tmp_path / "go").touch()
     ended = spool_dir / "running" / "ended" / "units" / "1.end"
     wait_for(ended.exists, what="the job's end, recorded by its supervisor")
+    hosts["b"].start()
+    wait_for(lambda: hosts.seen_still_for("b", "a") >= 2 * LEASE_TIMEOUT,
+             what="host b watching host a's beat stand still")  # fmt: skip
+    assert (spool_dir / "running" / "ended").is_dir()
+    assert "left to host a, which said it stopped" in hosts["b"].log()
+    hosts["a"].start()
+    directory, status = wait_finished(spool_dir, "ended")
+    assert (directory, status["state"]) == ("done", "succeeded"), status
+    assert len(_runs(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("how", ["killed", "forgotten"])
+def test_a_job_that_ended_while_its_host_was_down_is_not_run_again_by_a_takeover(
+    hosts: Hosts, spool_dir: Path, tmp_path: Path, how: str
+) -> None:
+    """Its host's daemon killed (no word of a stop), or stopped and then retired for good
+    (``spoold hosts --forget``): another host takes the job over, and does not run it again."""
+    _started_on_a(hosts, "ended", tmp_path)
+    if how == "killed":
+        hosts["a"].kill(leave_jobs=True)
+    else:
+        hosts["a"].stop(leave_jobs=True)
+    (tmp_path / "go").touch()
+    ended = spool_dir / "running" / "ended" / "units" / "1.end"
+    wait_for(ended.exists, what="the job's end, recorded by its supervisor")
+    if how == "forgotten":
+        forgot = run_cli(spool_dir, "hosts", "--forget", "a")
+        assert forgot.returncode == 0, forgot.stderr
     hosts["b"].start()
     directory, status = wait_finished(spool_dir, "ended")
     assert (directory, status["state"]) == ("failed", "failed"), status

@@ -182,6 +182,12 @@ class HostBeat:
             return GONE if self._looked else ALIVE
         return str(seen["state"])
 
+    def said_stopped(self, host: str) -> bool:
+        """Whether ``host``'s record says its daemon stopped (``gone``): not a host whose
+        record was removed (``spoold hosts --forget``), nor one found stale."""
+        seen = self._view.get(host)
+        return seen is not None and seen["state"] == GONE
+
     def lost(self) -> frozenset[str]:
         """The other hosts this host sees stale or gone."""
         return frozenset(h for h, seen in self._view.items() if seen["state"] != ALIVE)

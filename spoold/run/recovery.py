@@ -74,6 +74,10 @@ class Recovery:
         self._machine = this_machine()
         #: Each running job's lease as last seen, and since when (this host's monotonic clock).
         self._leases: Sightings[str] = Sightings()
+        #: Whether another host's record says its daemon stopped (HostBeat.said_stopped):
+        #: its claims are its own until it starts again or is forgotten. None: none did.
+        self.host_stopped: Callable[[str], bool] | None = None
+        self._kept_for: set[str] = set()  # jobs said to be left to their stopped host
         #: Takes over a job whose worker on this host is gone, since this boot (the daemon's
         #: workers): True if it did. None: such jobs end or requeue as their on_interrupt says.
         self.adopter: Callable[[JobDir], bool] | None = None
@@ -116,6 +120,17 @@ class Recovery:
         still = self._leases.unchanged_for(job.job_id, seen, now)
         if still < self._config.lease_timeout:
             return Verdict(False)
+        if owner and self.host_stopped is not None and self.host_stopped(owner):
+            # A stop leaves the jobs running for the host's next start to adopt (a container,
+            # a remote process: nothing there keeps the beat while no daemon runs). Taken over,
+            # they would run twice. A host retired for good is forgotten (spoold hosts --forget).
+            if job.job_id not in self._kept_for:
+                self._kept_for.add(job.job_id)
+                self._logger.info(
+                    "job %s: left to host %s, which said it stopped: its next start adopts it "
+                    "(spoold hosts --forget %s if it is retired)", job.job_id, owner, owner,
+                )  # fmt: skip
+            return Verdict(False)
         if not lease:
             why = f"claimed and never leased for {still:.0f}s"
         else:
@@ -128,6 +143,7 @@ class Recovery:
         moved = []
         running = self._spool.jobs.list_jobs("running")
         self._leases.keep_only(job.job_id for job in running)
+        self._kept_for.intersection_update(job.job_id for job in running)
         for job in running:
             try:
                 verdict = self.judge(job, own_runs=own_runs)
