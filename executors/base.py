@@ -65,6 +65,10 @@ class RunContext:
     #: its try where there are steps (``3``, ``3.build.2``). What an executor starts elsewhere
     #: carries it (a container's label, a remote pid file's name), so that ``resume`` finds it.
     unit_key: str = "1"
+    #: The host whose claim the job runs under (its host id): what an executor starts elsewhere
+    #: carries it (a container's label), so that a host's recovery tells its own leftovers
+    #: from the work of a host that took the job over (``RunningJobs``). "": not known.
+    host: str = ""
     #: This unit may have been started under an earlier daemon that died or stopped (the job
     #: was adopted): attach to what ``unit_key`` started if it is still there, or report how it
     #: ended; start the work only if nothing of it was started.
@@ -198,7 +202,9 @@ class Executor(ABC):
     @classmethod
     def recover(cls, spool_root: Path, running: Collection[str], log: logging.Logger) -> None:
         """After a crash: remove what this executor's jobs left outside spoold's process tree
-        (containers, ...) for the jobs of ``spool_root`` that are no longer in ``running``.
+        (containers, ...) for the jobs of ``spool_root`` that are no longer in ``running``,
+        and for those another host holds now (``running`` is a ``RunningJobs``: see
+        ``taken_elsewhere``, and ``RunContext.host`` for what to label the work with).
 
         Recovery calls it at start and whenever it ended jobs whose worker died (their
         processes on this host are killed before). The default has nothing to remove.
@@ -208,6 +214,32 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, ctx: RunContext) -> ExecResult:
         """Run the job's work; may raise SpooldError with a message for the log."""
+
+
+class RunningJobs(frozenset[str]):
+    """The ids of the jobs in running/, as ``Executor.recover`` gets them, with the host whose
+    claim each is under (its lease's ``host``), where one is known (``holders``).
+
+    What an executor started for a job under one host's claim (a container labelled with that
+    host) is a leftover once another host holds the claim: it took the job over while this
+    host's daemon was down, and runs it itself. A plain set (an older caller) says no holder.
+    """
+
+    holders: Mapping[str, str]
+
+    def __new__(cls, holders: Mapping[str, str | None]) -> RunningJobs:
+        jobs = super().__new__(cls, holders)
+        jobs.holders = {job: host for job, host in holders.items() if host}
+        return jobs
+
+
+def taken_elsewhere(running: Collection[str], job: str | None, started_by: str | None) -> bool:
+    """Whether work that host ``started_by`` started for ``job`` is left over: the job is no
+    longer running, or another host holds its claim now (``RunningJobs``)."""
+    if job not in running:
+        return True
+    holder = getattr(running, "holders", {}).get(job)
+    return holder is not None and started_by is not None and started_by != holder
 
 
 def measured(result: ExecResult, wall_seconds: float, output_bytes: int | None) -> ExecResult:

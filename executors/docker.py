@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from spoold.executors.base import ExecResult, Executor, RunContext
+from spoold.executors.base import ExecResult, Executor, RunContext, taken_elsewhere
 from spoold.executors.local import shell_script
 
 from spoold.core.clock import parse_rfc3339, rfc3339
@@ -50,6 +50,7 @@ LABEL_MANAGED = "spoold.managed"
 LABEL_WORKER = "spoold.worker"
 LABEL_SPOOL = "spoold.spool"  # whose recovery may remove it: several spools can share an engine
 LABEL_UNIT = "spoold.unit"  # which run of the job's executor (RunContext.unit_key) started it
+LABEL_HOST = "spoold.host"  # whose claim (RunContext.host): a host that took it over is not it
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
 _POLL = 0.05  # seconds between looks at cancel and the timeout
 #: Seconds between readings of a running container's stats (``EngineUsage``): each costs the
@@ -169,6 +170,8 @@ def _options(ctx: RunContext) -> dict[str, Any]:
     labels = identity_labels(ctx)
     if worker := ctx.env.get("RUNNER_ID"):
         labels[LABEL_WORKER] = worker
+    if ctx.host:
+        labels[LABEL_HOST] = ctx.host
     namespace = product.get("namespace")
     if namespace:
         labels["spoold.namespace"] = str(namespace)
@@ -799,7 +802,7 @@ def nothing_left(paths: Sequence[str], spool: Path, running: Collection[str]) ->
             return False
         for item in listed:
             labels = item.get("Labels") or item.get("Spec", {}).get("Labels") or {}
-            if labels.get(LABEL_JOB) not in running:
+            if taken_elsewhere(running, labels.get(LABEL_JOB), labels.get(LABEL_HOST)):
                 return False
     return True
 
@@ -862,7 +865,9 @@ def _recover(spool_root: Path, running: Collection[str], log: logging.Logger) ->
 def remove_leftovers(
     client: Any, log: logging.Logger, *, running: Collection[str] = (), spool: str | None = None
 ) -> list[str]:
-    """Remove spoold's containers whose job is not in ``running`` (after a kill -9 of spoold).
+    """Remove spoold's containers whose job is not in ``running`` (after a kill -9 of spoold),
+    or whose job another host holds now (``RunningJobs``: taken over while this host's daemon
+    was down, and run there).
 
     ``spool`` limits this to the containers of one spool's jobs, so that several spools (and
     their daemons) can share an engine. Returns the names of the containers removed.
@@ -871,7 +876,9 @@ def remove_leftovers(
     labels = [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_SPOOL}={spool}"] if spool else [])
     removed = []
     for container in client.containers.list(all=True, filters={"label": labels}):
-        if container.labels.get(LABEL_JOB) in running:
+        if not taken_elsewhere(
+            running, container.labels.get(LABEL_JOB), container.labels.get(LABEL_HOST)
+        ):
             continue
         try:
             container.remove(force=True)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from spoold.executors.base import ExecResult, Executor, RunContext
+from spoold.executors.base import ExecResult, Executor, RunContext, taken_elsewhere
 from spoold.executors.docker import (
+    LABEL_HOST,
     LABEL_JOB,
     LABEL_MANAGED,
     LABEL_SPOOL,
@@ -625,6 +626,8 @@ class _ServiceSpec:
         labels = identity_labels(ctx)
         if worker := ctx.env.get("RUNNER_ID"):
             labels[LABEL_WORKER] = worker
+        if ctx.host:
+            labels[LABEL_HOST] = ctx.host
         if product.get("namespace"):
             labels["spoold.namespace"] = str(product["namespace"])
         plain = {k: v for k, v in self.env.items() if k not in self.secret_variables}
@@ -878,7 +881,8 @@ def _adopt(client: Any, ctx: RunContext) -> Any | None:
 def remove_leftover_services(
     client: Any, log: logging.Logger, *, running: Collection[str] = (), spool: str | None = None
 ) -> list[str]:
-    """End and remove spoold's services (and secrets) whose job is not in ``running``.
+    """End and remove spoold's services (and secrets) whose job is not in ``running``, or
+    whose job another host holds now (``RunningJobs``: taken over, and run there).
 
     ``spool`` limits this to one spool's jobs, so that several spools can share a cluster.
     Returns the names of the services removed.
@@ -886,8 +890,9 @@ def remove_leftover_services(
     labels = [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_SPOOL}={spool}"] if spool else [])
     removed = []
     for service in client.services.list(filters={"label": labels}):
-        job = service.attrs["Spec"].get("Labels", {}).get(LABEL_JOB)
-        if job in running:
+        service_labels = service.attrs["Spec"].get("Labels", {})
+        job = service_labels.get(LABEL_JOB)
+        if not taken_elsewhere(running, job, service_labels.get(LABEL_HOST)):
             continue
         # Scaled to zero first, swarm ends its tasks on every node even once it is removed;
         # this node's containers go at once (no job of spoold's waits for their output).

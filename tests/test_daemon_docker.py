@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from spoold.executors.docker import LABEL_JOB, LABEL_SPOOL
+from spoold.executors.docker import LABEL_HOST, LABEL_JOB, LABEL_SPOOL
 
 from tests.harness import (
     DaemonProcess,
@@ -74,6 +75,31 @@ def test_a_container_outlives_a_killed_daemon_and_the_next_one_reattaches(
         log = job_log(spool_dir, job_id)
         assert log.count("INFO up") == 1 and log.count("INFO down") == 1, log
         wait_for(lambda: not _containers(client, job_id), what="the container removed")
+    finally:
+        second.kill()
+
+
+def test_recovery_removes_the_container_of_a_job_another_host_took_over(
+    dockerd: str, client: Any, spool_dir: Path, tmp_path: Path
+) -> None:
+    """This host's daemon died with a container running; another host (b) took the job over
+    meanwhile (its fence, its lease: it runs the job itself). This host's next start removes
+    its own container of the job, not leaving it to run beside b's run. Its lease_timeout is
+    long: it takes nothing over from b within the test, so the job stays in running/."""
+    config = write_config(tmp_path / "config.yaml", spool_dir, lease_timeout="10m")
+    job_id = _killed_while_a_container_runs(spool_dir, config, dockerd, "echo up; sleep 300")
+    (container,) = _containers(client, job_id)
+    running = spool_dir / "running" / job_id
+    lease = json.loads((running / "lease").read_text())
+    assert container.labels[LABEL_HOST] == lease["host"]
+    held = lease["generation"]
+    (running / f"fenced.{held}").write_text(json.dumps({"by": "b", "from": lease["host"]}))
+    (running / "lease").write_text(json.dumps({"host": "b", "generation": held + 1, "beat": 0}))
+    second = DaemonProcess(spool_dir, config)
+    second.start()
+    try:
+        wait_for(lambda: not _containers(client, job_id), what="this host's container removed")
+        assert running.is_dir(), "the job is b's, still running there"
     finally:
         second.kill()
 

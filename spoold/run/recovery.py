@@ -32,7 +32,7 @@ from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import claim_marks, generations
 from spoold.core.states import JobState
-from spoold.executors.base import Executor
+from spoold.executors.base import Executor, RunningJobs
 from spoold.out.outbox import Callbacks
 from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.ledger import JobLedger, Listener
@@ -185,7 +185,13 @@ class Recovery:
     def sweep_executors(self) -> None:
         """Let every executor remove what jobs no longer running left behind (containers)."""
         self._swept = True
-        running = {job.job_id for job in self._spool.jobs.list_jobs("running")}
+        holders: dict[str, str | None] = {}
+        for job in self._spool.jobs.list_jobs("running"):
+            holders[job.job_id] = None  # no lease (yet): no holder known
+            with contextlib.suppress(OSError, ValueError):
+                host = (self._spool.jobs.read_lease(job) or {}).get("host")
+                holders[job.job_id] = host if isinstance(host, str) and host else None
+        running = RunningJobs(holders)
         for executor in self._executors:
             try:
                 executor.recover(self._spool.root, running, self._logger)

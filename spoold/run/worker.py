@@ -734,6 +734,7 @@ class JobRunner:
             job_env=job_env,
             settings=self._config.executor_settings.get(unit.executor, {}),
             unit_key=key,
+            host=self._config.host_id,
             resume=run.resume,
             detach=run.detach,
             processes=processes,
