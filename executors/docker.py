@@ -457,7 +457,8 @@ def _adopt(client: Any, ctx: RunContext) -> Any | None:
     """The container an earlier daemon started for this unit; None if it started none."""
     labels = [f"{key}={value}" for key, value in identity_labels(ctx).items()]
     started = None
-    for container in client.containers.list(all=True, filters={"label": labels}):
+    for container in client.containers.list(all=True, filters={"label": labels},
+                                            ignore_removed=True):  # fmt: skip
         if container.status == "created":  # its daemon died before the start: nothing ran
             remove_container(container, ctx.log)
         elif started is None:  # the engine lists the newest first
@@ -875,7 +876,9 @@ def remove_leftovers(
     docker = sdk()
     labels = [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_SPOOL}={spool}"] if spool else [])
     removed = []
-    for container in client.containers.list(all=True, filters={"label": labels}):
+    # One removed meanwhile (its own removal racing this) is not an error: ignore_removed.
+    for container in client.containers.list(all=True, filters={"label": labels},
+                                            ignore_removed=True):  # fmt: skip
         if not taken_elsewhere(
             running, container.labels.get(LABEL_JOB), container.labels.get(LABEL_HOST)
         ):

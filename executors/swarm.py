@@ -840,11 +840,13 @@ def _remove_service(
         _say(log, f"could not remove service {service.name}: {explain(exc)}")
     # Swarm leaves the containers of a job's ended tasks behind: this node's go with it. Its
     # agent may be removing one already (the service's tasks are reaped as it goes): a second
-    # removal is refused, and the container is listed a moment longer (seen in CI).
+    # removal is refused, and the container is listed a moment longer (seen in CI); or gone
+    # between the listing and the SDK's look at each listed one (ignore_removed: seen in CI,
+    # where the NotFound replaced a timed-out job's result).
     filters = {"label": f"{_LABEL_SERVICE}={service.id}"}
     deadline = None if clock is None else clock.monotonic() + _REMOVAL_BOUND
     pause = _POLL_FIRST
-    while left := client.containers.list(all=True, filters=filters):
+    while left := client.containers.list(all=True, filters=filters, ignore_removed=True):
         for container in left:
             if container.status == "removing":
                 continue

@@ -471,3 +471,28 @@ def test_judge_tells_unplaceable_from_waiting_for_resources() -> None:
     assert judge([_task("pending", Err=busy)], 1).outcome is None
     both = "no suitable node (insufficient resources on 1 node; 1 node not available for new tasks)"
     assert judge([_task("pending", Err=both)], 1).outcome == "unplaceable"
+
+
+def test_a_container_the_agent_removes_while_it_is_listed_is_no_error() -> None:
+    """Swarm's agent reaps a service's task containers as the service goes: one listed, then
+    gone before the SDK looks at it, is one fewer to remove (seen in CI: its NotFound
+    replaced a timed-out job's result)."""
+    import docker  # noqa: PLC0415 - the SDK's own error, as the engine gives it
+    from spoold.executors.swarm import _remove_service  # noqa: PLC0415 - the one function
+
+    class Containers:
+        def list(self, *, all: bool, filters: Any, ignore_removed: bool = False) -> list[Any]:
+            if not ignore_removed:
+                raise docker.errors.NotFound("No such container: 487c4011")
+            return []
+
+    class Client:
+        containers = Containers()
+
+    class Service:
+        id, name = "s1", "spoold-t-1"
+
+        def remove(self) -> None:
+            pass
+
+    _remove_service(Client(), Service(), _Log(), SystemClock())  # type: ignore[arg-type]
