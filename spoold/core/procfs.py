@@ -30,6 +30,10 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
     finally:
         os.close(fd)
+    return _fields_of(stat)
+
+
+def _fields_of(stat: str) -> list[str]:
     # The command name (field 2) may contain spaces and parentheses; the fields after it do not.
     return stat.rsplit(")", 1)[1].split()
 
@@ -51,20 +55,23 @@ def started_at(ticks: int) -> datetime | None:
     return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
-def group_members(pgid: int, not_before: int | None) -> list[int]:
-    """Processes in group ``pgid`` that started no earlier than ``not_before`` (clock ticks).
+def led_by(leaders: Mapping[int, int]) -> list[int]:
+    """Processes in a group or a session of ``leaders`` (an id, with the start time in clock
+    ticks of the process whose pid it is) that started no earlier than that leader: a later
+    group or session of the same id is another's, made once the first had no member left."""
 
-    The start-time check keeps a recycled group id from naming someone else's processes.
-    """
-    if not_before is None:
-        return []
-    members = []
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            fields = _stat_fields(entry.name) if entry.name.isdigit() else None
-            if fields and int(fields[_PGRP]) == pgid and int(fields[_STARTTIME]) >= not_before:
-                members.append(int(entry.name))
-    return members
+    def member(stat: bytes) -> bool:
+        try:
+            fields = _fields_of(stat.decode(errors="replace"))
+            group, session = int(fields[_PGRP]), int(fields[_SESSION])
+            start = int(fields[_STARTTIME])
+        except (IndexError, ValueError):
+            return False
+        return any(
+            (led := leaders.get(leader)) is not None and start >= led for leader in (group, session)
+        )
+
+    return processes_matching("stat", member)
 
 
 def processes_matching(part: str, matches: Callable[[bytes], bool]) -> list[int]:

@@ -69,9 +69,6 @@ _RESTORED = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
 _LIBC_INTERNAL = (1 << 31) | (1 << 32)
 #: The exit status of a process that became a job's user for a start and could not come back.
 _CANNOT_SWITCH_BACK = 71  # EX_OSERR
-#: Indexes into the fields of /proc/<pid>/stat after the command name (man 5 proc: pgrp is
-#: field 5, session 6, starttime 22).
-_PGRP, _SESSION, _START = 2, 3, 19
 
 
 class RunAs(NamedTuple):
@@ -619,24 +616,9 @@ def _left_running(environment: str | None, firsts: Iterable[tuple[int, int]]) ->
     roots = [pid for pid, start in leaders.items() if procfs.process_start_time(pid) == start]
     pids = dict.fromkeys(roots + procfs.descendants(roots))
     if leaders:
-        member = functools.partial(_led_by, leaders)
-        pids.update(dict.fromkeys(procfs.processes_matching("stat", member)))
+        pids.update(dict.fromkeys(procfs.led_by(leaders)))
     found = [procfs.process_info(pid) for pid in pids]
     return [info for info in found if info is not None and not info.zombie]
-
-
-def _led_by(leaders: Mapping[int, int], stat: bytes) -> bool:
-    """Whether the process of /proc/<pid>/stat ``stat`` is in a group or a session of
-    ``leaders`` and started no earlier than its leader (a later group of the same id would
-    be another's, made once the run's had no member left)."""
-    try:
-        fields = stat.rsplit(b")", 1)[1].split()
-        group, session, start = int(fields[_PGRP]), int(fields[_SESSION]), int(fields[_START])
-    except (IndexError, ValueError):
-        return False
-    return any(
-        (led := leaders.get(leader)) is not None and start >= led for leader in (group, session)
-    )
 
 
 def _kill_exactly(info: ProcessInfo) -> bool:
