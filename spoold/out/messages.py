@@ -289,14 +289,15 @@ HIDDEN = "(hidden)"
 _SHORTEST_HUNTED = 3
 
 
-def error_shown(text: str, url: str) -> str:
+def error_shown(text: str, url: str | None) -> str:
     """An error text about posting to ``url`` (a requests or urllib3 exception's, a traceback)
     with nothing of ``url`` but what ``url_shown`` says: every URL in it shown as
     ``url_shown`` shows it, and the user, the password, the path, the query and the fragment
     of ``url`` taken out wherever they stand, as written or as requests re-quoted them.
-    Call it before the text is cut short: a piece cut in two is no longer found."""
+    Call it before the text is cut short: a piece cut in two is no longer found. ``url``
+    None: no URL known (the URLs in the text are still shown so)."""
     text = _URL_IN_TEXT.sub(lambda found: url_shown(found.group()), text)
-    for piece in _secret_pieces(url):
+    for piece in _secret_pieces(url) if url else ():
         text = text.replace(piece, HIDDEN)
     return _TARGET_IN_TEXT.sub(lambda found: found.group(1) + HIDDEN, text)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,15 +20,15 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from spoold.core.errors import (
-    InvalidTransition,
-    JobBusy,
-    JobNotFound,
-    SpooldError,
-    SpoolError,
+from spoold.core.errors import JobBusy, SpooldError
+from spoold.face.api.context import (
+    BODY_TOO_SLOW,
+    ApiContext,
+    client_of,
+    path_of,
+    public_message,
+    status_of,
 )
-from spoold.face.access import NotAllowed
-from spoold.face.api.context import BODY_TOO_SLOW, ApiContext, client_of, path_of
 from spoold.face.views import printable
 
 __all__ = ["ApiContext", "build_app"]
@@ -125,22 +124,8 @@ def allowed_methods(app: FastAPI, scope: Scope) -> set[str]:
     return methods | ({"HEAD"} if "GET" in methods else set())
 
 
-def public_message(message: str, spool: Path) -> str:
-    """An error's message for a remote caller: the CLI's words without the server's paths.
-    "no job 'x' in /var/lib/spoold" says "no job 'x'" (the caller knows which spool it asks);
-    a path within the spool is said from its root ("the spool/running/...")."""
-    return message.replace(f" in {spool}", "").replace(str(spool), "the spool")
-
-
 def _errors(app: FastAPI, ctx: ApiContext) -> None:
     """spoold's own errors as HTTP answers: the message is the CLI's, without server paths."""
-    statuses: list[tuple[type[Exception], int]] = [
-        (JobNotFound, 404), (NotAllowed, 403), (InvalidTransition, 409),
-        (SpoolError, 503), (SpooldError, 409),
-    ]  # fmt: skip
-
-    def status_of(exc: Exception) -> int:
-        return next(code for kind, code in statuses if isinstance(exc, kind))
 
     async def spoold_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)

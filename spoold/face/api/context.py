@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fastapi import Request
 
     from spoold.core.clock import Clock
@@ -85,6 +87,30 @@ def path_of(request: Request) -> str:
 def client_of(request: Request) -> str:
     """The client's address as the connection has it (never a header's word for it)."""
     return request.client.host if request.client else "?"
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status of one of spoold's errors, as the API and the page answer it."""
+    from spoold.core.errors import (  # noqa: PLC0415 - the faces' own, imported with them
+        InvalidTransition,
+        JobNotFound,
+        SpooldError,
+        SpoolError,
+    )
+    from spoold.face.access import NotAllowed  # noqa: PLC0415
+
+    statuses: tuple[tuple[type[Exception], int], ...] = (
+        (JobNotFound, 404), (NotAllowed, 403), (InvalidTransition, 409),
+        (SpoolError, 503), (SpooldError, 409),
+    )  # fmt: skip
+    return next(code for kind, code in statuses if isinstance(exc, kind))
+
+
+def public_message(message: str, spool: Path) -> str:
+    """An error's message for a remote caller: the CLI's words without the server's paths.
+    "no job 'x' in /var/lib/spoold" says "no job 'x'" (the caller knows which spool it asks);
+    a path within the spool is said from its root ("the spool/running/...")."""
+    return message.replace(f" in {spool}", "").replace(str(spool), "the spool")
 
 
 def absolute_url(ctx: ApiContext, request: Request, path: str, query: str = "") -> str:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -24,16 +24,20 @@ from spoold.core.errors import (
     InvalidJobFile,
     InvalidTransition,
     JobBusy,
-    JobNotFound,
     SpooldError,
-    SpoolError,
 )
 from spoold.core.ids import RUN_ID
 from spoold.core.secrets import MASK, Masker, is_secret_field
 from spoold.core.spool.deliveries import is_delivery
 from spoold.core.tokens import Token
 from spoold.face.api.auth import Caller, context
-from spoold.face.api.context import ApiContext
+from spoold.face.api.context import (
+    ApiContext,
+    absolute_url,
+    path_of,
+    public_message,
+    status_of,
+)
 from spoold.face.page import charts
 from spoold.face.page.session import (
     COOKIE,
@@ -52,7 +56,8 @@ from spoold.face.page.session import (
     session_token,
 )
 from spoold.face.tokens import authenticate
-from spoold.out.messages import url_shown
+from spoold.face.views import printable
+from spoold.out.messages import error_shown, url_shown
 
 HERE = Path(__file__).parent
 CSP = (
@@ -74,10 +79,6 @@ _SECRET_VALUE = re.compile(
 )
 #: A value that only names a secret: shown as it is, it tells where the value comes from.
 _REFERENCE = re.compile(r"\$\{secret:[^}]*\}")
-#: A URL in an error's text (a callback's, as an HTTP library words its failure).
-_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]+")
-#: What urllib3 says of the request that failed: the path and query of the URL (a webhook's key).
-_URL_TAIL = re.compile(r"(?i)(\burl: )\S+")
 #: What a browser says of a request another site's page made (Fetch Metadata): refused for a
 #: form the page posts, wherever else the cookie or a token came from.
 _FOREIGN = ("cross-site", "same-site")
@@ -98,11 +99,6 @@ class NotFound(SpooldError):
     """A page about something that cannot exist (a job id no job can have): 404."""
 
 
-#: What the page answers to spoold's own errors, first match (as the API does, in HTML).
-_STATUSES: tuple[tuple[type[SpooldError], int], ...] = (
-    (Forbidden, 403), (NotFound, 404), (JobNotFound, 404), (InvalidTransition, 409),
-    (JobBusy, 503), (SpoolError, 503), (SpooldError, 409),
-)  # fmt: skip
 _TITLES = {403: "Not allowed", 404: "Not found", 409: "Not done", 503: "Busy, try again"}
 
 
@@ -131,16 +127,15 @@ router = APIRouter(include_in_schema=False, route_class=PageRoute)
 def problem(request: Request, exc: SpooldError) -> HTMLResponse:
     """The page that says why an action or a page was refused: the CLI's words without the
     server's paths, a way back, and the status the API gives for the same error."""
-    from spoold.face.access import NotAllowed  # noqa: PLC0415
-
-    code = (
-        403 if isinstance(exc, NotAllowed) else next(c for k, c in _STATUSES if isinstance(exc, k))
-    )
+    # The page's own refusals, then what the API answers to the same error, in HTML.
+    code = 403 if isinstance(exc, Forbidden) else 404 if isinstance(exc, NotFound) else None
+    code = code or status_of(exc)
     ctx: ApiContext = request.app.state.context
-    root = str(ctx.spool.root)
-    message = str(exc).replace(f" in {root}", "").replace(root, "the spool")
+    message = public_message(str(exc), ctx.spool.root)
     if code >= 500 and not isinstance(exc, JobBusy):
-        ctx.logger.error("page: %s %s: %s", request.method, request.url.path, message)
+        # The path is the client's: escaped, as in every line of the log.
+        ctx.logger.error("page: %s %s: %s", request.method, printable(path_of(request)),
+                         printable(message))  # fmt: skip
     answer = templates.TemplateResponse(
         request, "problem.html",
         {"viewer": None, "flash": None, "title": _TITLES.get(code, "Not done"), "message": message,
@@ -446,7 +441,7 @@ def job(
         costs=_costs(status),
         log_end=log_end, graph=charts.step_graph(steps, needs) if steps
         else None, deliveries=_deliveries(ctx, job_id), job_file=_job_file(ctx, where, status),
-        api=_api_base(request, ctx), live=where.directory in ("pending", "running"),
+        api=absolute_url(ctx, request, ""), live=where.directory in ("pending", "running"),
     )  # fmt: skip
 
 
@@ -669,20 +664,6 @@ def _delivery_shown(record: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def error_shown(text: str, url: str | None = None) -> str:
-    """``text`` (an error from sending to ``url``) without what a URL may hold: every URL in it
-    as url_shown has it, urllib3's ``url: /path?query`` as ``url: …``, and whatever part of
-    ``url`` itself (its user and password, path, query) the text still holds."""
-    text = _URL.sub(lambda found: url_shown(found.group()), text)
-    text = _URL_TAIL.sub(lambda found: f"{found[1]}…", text)
-    if url:
-        parts = urlsplit(url)
-        secret = [parts.password, parts.username, parts.query, parts.path.strip("/")]
-        for part in sorted((p for p in secret if p and len(p) >= 3), key=len, reverse=True):
-            text = text.replace(part, "…")
-    return text
-
-
 def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> JobFile:
     try:
         data = ctx.spool.jobs.read_job_file(where, sha256=status.get("sha256"))
@@ -758,12 +739,6 @@ def _opaque_secret(data: Any, *, secret: bool = False) -> bool:
     if isinstance(data, list):
         return any(_opaque_secret(item, secret=secret) for item in data)
     return secret and data is not None and not isinstance(data, str)
-
-
-def _api_base(request: Request, ctx: ApiContext) -> str:
-    if ctx.config.api is not None and ctx.config.api.public_url:
-        return ctx.config.api.public_url
-    return str(request.base_url).rstrip("/")
 
 
 def install(app: Any, ctx: ApiContext) -> None:

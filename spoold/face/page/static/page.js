@@ -25,12 +25,8 @@ function follow(log) {
       badge.className = "state " + outcome.state;
     }
   });
-  // The API ends the stream with "denied" when the session ends (logout, a revoked token);
-  // a reconnect it refuses (401, 403) closes the EventSource: no more lines either way.
-  source.addEventListener("denied", () => {
-    source.close();
-    if (status) status.textContent = "stopped: the session ended (log in again)";
-  });
+  // The API ends the stream when the session ends (logout, a revoked token); the reconnect it
+  // then refuses (401, 403) closes the EventSource: no more lines.
   source.onerror = () => {
     if (!status) return;
     status.textContent = source.readyState === EventSource.CLOSED
