@@ -8,7 +8,6 @@ the exit code: 0 only if every job succeeded.
 from __future__ import annotations
 
 import codecs
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -185,36 +184,27 @@ _LOOK_AT_MOST = 2000
 def find_incoming(spool: Spool, job_id: str) -> Path | None:
     """The file in incoming/ that will become job ``job_id`` (its ``job_id:``, as ``spoold
     submit`` writes it), or None. Bounded: at most ``_LOOK_AT_MOST`` files, each within the
-    intake's size limit; a file this user may not read is passed over."""
+    intake's size limit; a file this user may not read, or not a regular one, is passed over."""
     from spoold.core.documents import load_document  # noqa: PLC0415 - YAML: only here
-    from spoold.core.spool import is_transient_name  # noqa: PLC0415
 
     try:
-        with os.scandir(spool.dir("incoming")) as entries:
-            names = sorted(
-                (e.name for e in entries if e.is_file(follow_symlinks=False)),
-                key=lambda name: not name.startswith(job_id),  # the likely one first
-            )[:_LOOK_AT_MOST]
+        names = sorted(
+            spool.stages.incoming_names(),
+            key=lambda name: not name.startswith(job_id),  # the likely one first
+        )[:_LOOK_AT_MOST]
     except OSError:
         return None
     needle = job_id.encode()
     for name in names:
-        if is_transient_name(name):
-            continue
-        path = spool.dir("incoming") / name
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read(4 * 1024 * 1024)
-        except OSError:
-            continue
-        if needle not in data:
+        data = spool.stages.peek_incoming(name, 4 * 1024 * 1024)
+        if data is None or needle not in data:
             continue
         try:
             document = load_document(data, name)
         except (SpooldError, ValueError, RecursionError):
             continue
         if isinstance(document, dict) and document.get("job_id") == job_id:
-            return path
+            return spool.dir("incoming") / name
     return None
 
 

@@ -198,6 +198,21 @@ class Stages:
                 if not is_transient_name(entry.name):
                     yield entry.name
 
+    def peek_incoming(self, name: str, limit: int) -> bytes | None:
+        """The first ``limit`` bytes of ``incoming/<name>`` as it is now, taking nothing; None
+        if it is not a regular file this user may read (gone, a link, a FIFO: never waited on)."""
+        try:
+            fd = os.open(f"{self._dirs['incoming']}/{name}",
+                         os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)  # fmt: skip
+        except OSError:
+            return None
+        try:
+            return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def waiting_incoming(self) -> tuple[int, float | None]:
         """How many files wait in incoming/ (as ``list_incoming`` names them), and the ctime
         of the one waiting longest (None: none waits). One lstat each, nothing read."""
