@@ -420,20 +420,18 @@ class _Api:
 
     def wait_task(self, upid: str, result: dict[str, Any]) -> ExecResult:
         """Poll the task until it stops; stop it on timeout or cancel; keep its log."""
-        node = upid.split(":")[1]
         result["upid"] = upid
         self.ctx.log.info(f"proxmox: waiting for task {upid}")
-        base, interval = f"/nodes/{node}/tasks/{upid}", _POLL_FIRST
+        interval = _POLL_FIRST
         while True:
+            # A cancel or the timeout, come while it waited, stops the next call before it is
+            # sent (the session's Bound): Stopped.
             try:
-                status = self.call("GET", base + "/status", {}, quiet=True)
+                status = self.call("GET", _task_path(upid) + "/status", {}, quiet=True)
             except Stopped as stopped:
                 return self._stop_task(upid, "cancel" if stopped.cancelled else "timeout", result)
             if status.get("status") == "stopped":
                 break
-            stop = self._stop_reason()
-            if stop is not None:
-                return self._stop_task(upid, stop, result)
             self._sleep(interval)
             interval = min(interval * 2, _POLL_MAX)
         self._copy_log(upid)
@@ -453,7 +451,7 @@ class _Api:
         self.ctx.log.error(f"proxmox: {stop}: stopping task {upid}")
         with self.bound.grace(_STOP_GRACE):
             try:
-                self.call("DELETE", f"/nodes/{upid.split(':')[1]}/tasks/{upid}", {})
+                self.call("DELETE", _task_path(upid), {})
             except ExecutorError as exc:  # the attempt ends either way
                 self.ctx.log.error(str(exc))
             self._copy_log(upid)
@@ -471,10 +469,6 @@ class _Api:
                 return stopped.result(result)
             if status.get("exited"):
                 break
-            stop = self._stop_reason()
-            if stop is not None:  # the API offers no way to stop a guest command
-                self.ctx.log.error(f"proxmox: {stop}: leaving guest pid {pid} running")
-                return ExecResult(None, None, stop != "cancel", stop == "cancel", result)
             self._sleep(interval)
             interval = min(interval * 2, _POLL_MAX)
         for field, stderr in (("out-data", False), ("err-data", True)):
@@ -516,7 +510,7 @@ class _Api:
     def _copy_log(self, upid: str) -> None:
         """Copy the task's log into the job's, page by page: until a page is short or brings
         no line not copied yet, at most _MAX_LOG_LINES, within the attempt's deadline."""
-        base, start = f"/nodes/{upid.split(':')[1]}/tasks/{upid}/log", 0
+        base, start = _task_path(upid) + "/log", 0
         while start < _MAX_LOG_LINES:
             try:
                 lines = self.call("GET", base, {"start": start, "limit": _LOG_PAGE}, quiet=True)
@@ -540,19 +534,16 @@ class _Api:
             f"node (pvenode task log {upid})"
         )
 
-    def _stop_reason(self) -> str | None:
-        if self.ctx.cancel.is_set():
-            return "cancel"
-        left = self.bound.deadline.left()
-        if left is not None and left <= 0:
-            return "timeout"
-        return None
-
     def _sleep(self, seconds: float) -> None:
         left = self.bound.deadline.left()
         if left is not None:
             seconds = max(0.0, min(seconds, left))
         self.ctx.cancel.wait(seconds)
+
+
+def _task_path(upid: str) -> str:
+    """The API path of a task, on the node its UPID names."""
+    return f"/nodes/{upid.split(':')[1]}/tasks/{upid}"
 
 
 def _is_new(line: Mapping[str, Any], start: int) -> bool:
