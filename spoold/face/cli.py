@@ -684,11 +684,9 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     lease = spool.jobs.read_lease(outcome.job) or {}
     here = lease.get("host") in (None, config.host_id)
-    if (
-        here
-        and not control.daemon_runs(config.host_id)
-        and not control.runner_alive(outcome.job, config.host_id)
-    ):
+    # This host's lease names a live holder (worker_gone said so): a daemon's, or an exec's.
+    daemon = here and control.daemon_runs(config.host_id)
+    if here and not daemon and lease.get("host") is None:
         # No process here watches its cancel requests but the job's supervisor, which ends
         # the job; what records it cancelled (running/ to failed/) is the next daemon: waiting
         # for that here would only end in "still running".
@@ -698,7 +696,7 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     bound = config.kill_grace + 30.0 if args.wait is None else args.wait
     stopper = "its worker" if here else f"its worker on host {lease.get('host')}"
-    if here and not control.daemon_runs(config.host_id):
+    if here and not daemon:
         stopper = f"its spoold exec (pid {lease.get('pid')})"
     print(f"{args.job_id}: cancel requested; {stopper} stops it", file=sys.stderr)
     end = time.monotonic() + bound

@@ -188,15 +188,6 @@ class JobControl:
         found = self._spool.host_lock.daemon_on(host)
         return found is not None and process_start_time(found[0]) == found[1]
 
-    def runner_alive(self, job: JobDir, host: str) -> bool:
-        """Whether the process that holds ``job``'s lease on ``host`` lives: a daemon's, or a
-        ``spoold exec``'s (which watches its job's cancel requests itself)."""
-        lease = self._spool.jobs.read_lease(job)
-        if lease is None or lease.get("host") != host:
-            return False
-        pid, start = lease.get("pid"), lease.get("pid_start")
-        return isinstance(pid, int) and start is not None and process_start_time(pid) == start
-
     def wake_daemon(self, host: str) -> bool:
         """Ask the daemon on ``host`` to look at pending/ now (SIGUSR1); False if none runs."""
         found = self._spool.host_lock.daemon_on(host)
