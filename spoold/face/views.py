@@ -113,11 +113,16 @@ def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) 
         )
     if status.get("log_lines_lost"):
         lines.append(_line("log", f"{status['log_lines_lost']} line(s) lost (the disk was full)"))
+    # Looked at once (the lock, hosts/) for both lines that say it.
+    daemon = (
+        _daemon(spool, config) if job.directory in ("pending", "running", "scheduled") else None
+    )
     if job.directory == "pending":
-        lines += [_line("waits", reason) for reason in waiting_reasons(spool, config, status)]
+        reasons = _waiting_reasons(spool, config, status, daemon)
+        lines += [_line("waits", reason) for reason in reasons]
     lines += [_line("callback", text) for text in _callback_lines(spool, job.job_id)]
     if job.directory in ("pending", "running", "scheduled"):
-        lines.append(_line("daemon", daemon_text(spool, config)))
+        lines.append(_line("daemon", _daemon_words(spool, daemon)))
     return "\n".join(lines)
 
 
@@ -264,6 +269,17 @@ def _steps_lines(status: dict[str, Any], about: dict[str, Any]) -> list[str]:
 def waiting_reasons(spool: Spool, config: Config, status: dict[str, Any]) -> list[str]:
     """Why a pending job has not started: its due time, a busy concurrency key or executor, every
     worker busy, no daemon. "next in line" when nothing holds it back."""
+    try:
+        daemon = _daemon(spool, config)
+    except OSError:  # tmp/ is not this user's to look into
+        daemon = None
+    return _waiting_reasons(spool, config, status, daemon)
+
+
+def _waiting_reasons(
+    spool: Spool, config: Config, status: dict[str, Any], daemon: dict[str, Any] | None
+) -> list[str]:
+    """``waiting_reasons``, with the daemons as ``_daemon`` found them (None: not known)."""
     from spoold.core.clock import SystemClock  # noqa: PLC0415
     from spoold.core.units import format_duration  # noqa: PLC0415
 
@@ -287,10 +303,6 @@ def waiting_reasons(spool: Spool, config: Config, status: dict[str, Any]) -> lis
             reasons.append(f"for a {executor} slot: {busy} running, limits.executors: {cap}")
     if len(running) >= config.workers:
         reasons.append(f"for a worker: {len(running)} running, workers: {config.workers}")
-    try:
-        daemon = _daemon(spool, config)
-    except OSError:  # tmp/ is not this user's to look into
-        daemon = None
     if daemon is None:
         return reasons or ["for its turn, as far as this user can see"]
     if daemon["pid"] is None and not daemon["other_hosts"]:
