@@ -115,7 +115,7 @@ def test_callback_urls_and_their_errors_show_no_user_password_path_or_query(api:
 
 
 def test_error_shown_masks_every_url_and_what_urllib3_says_of_it() -> None:
-    from spoold.face.page import error_shown  # noqa: PLC0415 - new with the fix
+    from spoold.out.messages import error_shown  # noqa: PLC0415 - the one the page shows by
 
     url = f"https://{HOOK_USER}:{HOOK_PASSWORD}@hooks.example.net:8443/T0/B1/{HOOK_KEY}?k=v"
     texts = [

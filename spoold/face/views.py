@@ -517,19 +517,26 @@ def summary(spool: Spool, config: Config) -> dict[str, Any]:
             "daemon": _daemon(spool, config)}  # fmt: skip
 
 
-def _receiver(url: Any) -> str:
-    """A callback's URL as the log names it: scheme, host and port, never a user, password,
-    path or query (a webhook's key), which a terminal or a pasted report must not show."""
-    from spoold.out.messages import url_shown  # noqa: PLC0415 - only where one was given up
+def delivery_shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A delivery as spoold shows it to its readers (the page, ``status``, the API, which a
+    read token sees): its URL as the log names it (scheme, host and port: a user, a password,
+    a webhook's key in the path or query are the receiver's secrets), and its last error
+    with that URL's secrets taken out (``error_shown``: a record written before the sender
+    masked them)."""
+    from spoold.out.messages import error_shown, url_shown  # noqa: PLC0415 - only for these
 
-    return url_shown(str(url))
+    url = record.get("url")
+    shown = {**record, "url": None if url is None else url_shown(str(url))}
+    if record.get("last_error"):
+        shown["last_error"] = error_shown(
+            str(record["last_error"]), None if url is None else str(url)
+        )
+    return shown
 
 
 def _delivery_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """A given-up delivery as the summary shows it (``status --json``, the API's, which a read
-    token sees): its receiver as the log names it, not the URL's secrets."""
-    summary = {key: record.get(key) for key in ("event", "tries", "last_error", "created")}
-    return {**summary, "url": None if record.get("url") is None else _receiver(record["url"])}
+    shown = delivery_shown(record)
+    return {key: shown.get(key) for key in ("event", "url", "tries", "last_error", "created")}
 
 
 def summary_text(spool: Spool, config: Config) -> str:

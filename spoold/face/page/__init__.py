@@ -56,8 +56,8 @@ from spoold.face.page.session import (
     session_token,
 )
 from spoold.face.tokens import authenticate
-from spoold.face.views import printable
-from spoold.out.messages import error_shown, url_shown
+from spoold.face.views import delivery_shown, printable
+from spoold.out.messages import url_shown
 
 HERE = Path(__file__).parent
 CSP = (
@@ -388,7 +388,7 @@ def overview(
         counts=counts, running=running, failures=failures, now=now,
         incoming=waiting, incoming_age=None if oldest is None else max(now - oldest, 0.0),
         outbox=len(spool.deliveries.names()),
-        given_up=[_delivery_shown(spool.deliveries.read(n, "failed") or {})
+        given_up=[delivery_shown(spool.deliveries.read(n, "failed") or {})
                   for n in spool.deliveries.names("failed")],
         hosts=hosts_rows(spool, ctx.config),
         hourly=charts.hourly_chart(_finished(recent), now=now),
@@ -496,7 +496,7 @@ def deliveries(
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> HTMLResponse:
     records = ctx.spool.deliveries
-    rows = [{"name": name, **_delivery_shown(records.read(name, "failed") or {})}
+    rows = [{"name": name, **delivery_shown(records.read(name, "failed") or {})}
             for name in records.names("failed")]  # fmt: skip
     return render(request, "deliveries.html", seen, rows=rows)
 
@@ -649,19 +649,8 @@ def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int, int]:
 def _deliveries(ctx: ApiContext, job_id: str) -> list[dict[str, Any]]:
     from spoold.face.views import job_deliveries  # noqa: PLC0415
 
-    return [{"name": name, "given_up": bool(where), **_delivery_shown(record)}
+    return [{"name": name, "given_up": bool(where), **delivery_shown(record)}
             for name, where, record in job_deliveries(ctx.spool, job_id)]  # fmt: skip
-
-
-def _delivery_shown(record: dict[str, Any]) -> dict[str, Any]:
-    """A delivery as the page shows it: its URL as spoold's log says it (scheme, host, port:
-    a user and password, a webhook's key in the path or query are the receiver's secrets, not
-    something every reader of the page may copy), and its last error with that URL masked."""
-    url = record.get("url")
-    shown = {**record, "url": url_shown(str(url)) if url else ""}
-    if record.get("last_error"):
-        shown["last_error"] = error_shown(str(record["last_error"]), str(url) if url else None)
-    return shown
 
 
 def _job_file(ctx: ApiContext, where: Any, status: dict[str, Any]) -> JobFile:
