@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from spoold.executors.base import ExecResult, RunContext
+from spoold.executors.base import RunContext, Stopped
 
 from spoold.core.clock import Clock
 from spoold.core.errors import ExecutorError
@@ -31,20 +31,6 @@ from spoold.core.joblog import split_line
 MIB = 1024 * 1024
 _CHUNK = 64 * 1024
 _TICK = 0.05  # how soon the watchdog sees a cancel
-
-
-class Stopped(ExecutorError):
-    """The attempt was cancelled or ran out of time, before or while a request was made."""
-
-    def __init__(self, *, cancelled: bool) -> None:
-        super().__init__("cancelled" if cancelled else "out of time")
-        self.cancelled = cancelled
-
-    def result(self, result: dict[str, Any] | None = None) -> ExecResult:
-        """What the attempt came to: cancelled, or timed out."""
-        return ExecResult(
-            None, timed_out=not self.cancelled, cancelled=self.cancelled, result=result or {}
-        )
 
 
 class AnswerTooLarge(ExecutorError):

@@ -136,6 +136,22 @@ class ExecResult:
         return f"exit code {self.exit_code}"
 
 
+class Stopped(ExecutorError):
+    """The attempt was cancelled or ran out of time, before or while its executor did a part
+    of its work (a request): ``Executor.run`` makes it the attempt's result, cancelled or
+    timed out, as a process ended by either would be."""
+
+    def __init__(self, *, cancelled: bool) -> None:
+        super().__init__("cancelled" if cancelled else "out of time")
+        self.cancelled = cancelled
+
+    def result(self, result: dict[str, Any] | None = None) -> ExecResult:
+        """What the attempt came to: cancelled, or timed out."""
+        return ExecResult(
+            None, timed_out=not self.cancelled, cancelled=self.cancelled, result=result or {}
+        )
+
+
 class Executor(ABC):
     """Base class of every executor; subclasses are registered under ``spoold.executors``."""
 
@@ -166,6 +182,8 @@ class Executor(ABC):
             if not self.reports_start and ctx.on_start is not None:
                 ctx.on_start(None)
             result = self.execute(ctx)
+        except Stopped as stop:
+            result = stop.result()
         except SpooldError as exc:
             retryable = isinstance(exc, ExecutorError) and exc.retryable
             ctx.log.error(str(exc) + (" (retryable)" if retryable else ""))

@@ -30,8 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from spoold.executors._vendor import MIB, Bound, Deadline, Stopped
-from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
+from spoold.executors._vendor import MIB, Bound, Deadline
+from spoold.executors.base import ExecResult, Executor, RunContext, Stopped, cleartext_problem
 
 from spoold.core.errors import ExecutorError
 from spoold.core.ratelimit import RateLimiter
@@ -118,8 +118,6 @@ class LexwareExecutor(Executor):
             if ctx.type == "create_invoice":
                 return _create_invoice(api, ctx)
             return _cancel_invoice(api, ctx)
-        except Stopped as stop:
-            return stop.result()
         finally:
             api.close()
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from spoold.executors._vendor import MIB, Bound, Deadline, Stopped, find_note, leave_note
-from spoold.executors.base import ExecResult, Executor, RunContext, within_workdir
+from spoold.executors._vendor import MIB, Bound, Deadline, find_note, leave_note
+from spoold.executors.base import ExecResult, Executor, RunContext, Stopped, within_workdir
 
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 
@@ -115,12 +115,6 @@ class ProxmoxExecutor(Executor):
         return problems
 
     def execute(self, ctx: RunContext) -> ExecResult:
-        try:
-            return self._execute(ctx)
-        except Stopped as stop:
-            return stop.result()
-
-    def _execute(self, ctx: RunContext) -> ExecResult:
         proxmoxer = _proxmoxer()
         product = ctx.product
         api = _Api(proxmoxer, ctx)

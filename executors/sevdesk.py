@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
-from spoold.executors._vendor import MIB, Bound, Deadline, Stopped, find_note, leave_note
+from spoold.executors._vendor import MIB, Bound, Deadline, find_note, leave_note
 from spoold.executors.base import ExecResult, Executor, RunContext, cleartext_problem
 
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
@@ -197,12 +197,6 @@ class SevdeskExecutor(Executor):
         return problems
 
     def execute(self, ctx: RunContext) -> ExecResult:
-        try:
-            return self._execute(ctx)
-        except Stopped as stop:
-            return stop.result()
-
-    def _execute(self, ctx: RunContext) -> ExecResult:
         problem = cleartext_problem(
             str(ctx.product.get("base_url") or DEFAULT_BASE_URL), "API token"
         )
