@@ -203,10 +203,15 @@ def viewer(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> Vi
 
 
 def not_foreign(request: Request) -> None:
-    """Refuse a form posted by another site's page, as the browser tells it (Sec-Fetch-Site;
-    also another port of this host, which is "same-site" and gets SameSite=Strict cookies)."""
-    if request.headers.get("sec-fetch-site", "").lower() in _FOREIGN:
+    """Refuse a form posted by another site's page (``foreign``)."""
+    if foreign(request):
         raise Forbidden("this form was sent by another site's page: refused")
+
+
+def foreign(request: Request) -> bool:
+    """Whether another site's page sent this, as the browser tells it (Sec-Fetch-Site; also
+    another port of this host, which is "same-site" and gets SameSite=Strict cookies)."""
+    return request.headers.get("sec-fetch-site", "").lower() in _FOREIGN
 
 
 async def form(request: Request) -> dict[str, str]:
@@ -296,8 +301,8 @@ def login(
     ctx: Annotated[ApiContext, Depends(context)],
     fields: Annotated[dict[str, str], Depends(form)],
 ) -> Response:
-    foreign = request.headers.get("sec-fetch-site", "").lower() in _FOREIGN
-    if foreign or not login_csrf_ok(ctx.spool, request.cookies.get(LOGIN_COOKIE),
+    # Not not_foreign: a refused login is the login page again, with why.
+    if foreign(request) or not login_csrf_ok(ctx.spool, request.cookies.get(LOGIN_COOKIE),
                                     fields.get("csrf")):  # fmt: skip
         # Login CSRF: another site's page logging the operator in with a token of its own,
         # to see what the operator then does, or to show them its jobs as spoold's.
