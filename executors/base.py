@@ -18,6 +18,7 @@ from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit
 
 from spoold.core.clock import Clock, parse_rfc3339
+from spoold.core.config import is_loopback
 from spoold.core.errors import ExecutorError, NotStarted, SpooldError
 from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
@@ -331,14 +332,11 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
     )
 
 
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
 def cleartext_problem(base_url: str, credential: str) -> str | None:
     """Why ``base_url`` would send ``credential`` in clear text, or None: plain http is for a
     loopback address only (a local test server, a tunnel)."""
     url = urlsplit(base_url)
-    if url.scheme == "http" and url.hostname not in _LOOPBACK:
+    if url.scheme == "http" and not is_loopback(url.hostname or ""):
         return (
             f"base_url: {base_url} is plain http: the {credential} would travel in clear text; "
             "use https (only a loopback address may use http)"

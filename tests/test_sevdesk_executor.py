@@ -259,7 +259,12 @@ def test_a_crash_after_cancel_then_a_rerun_does_not_cancel_twice(
 def test_plain_http_is_refused_except_on_loopback(tmp_path: Path) -> None:
     product = {"api_token": "t", "base_url": "http://sevdesk.example.net/api/v1"}
     assert any("plain http" in p for p in SevdeskExecutor.validate(product))
-    assert SevdeskExecutor.validate(product | {"base_url": "http://127.0.0.1:8080/api/v1"}) == []
+    for loopback in ("127.0.0.1:8080", "127.0.0.2", "localhost", "[::1]:80"):
+        url = f"http://{loopback}/api/v1"
+        assert SevdeskExecutor.validate(product | {"base_url": url}) == [], loopback
+    for other in ("127.0.0.1.example.net", "[::2]", "128.0.0.1"):
+        url = f"http://{other}/api/v1"
+        assert any("plain http" in p for p in SevdeskExecutor.validate(product | {"base_url": url}))
     log = _Log()
     ctx = _context(tmp_path, product | {"invoice_id": 1}, log, executor="sevdesk",
                    type="cancel_invoice")  # fmt: skip

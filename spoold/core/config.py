@@ -231,9 +231,9 @@ def _notify_target(entry: Any, key: str) -> NotifyTarget:
     return NotifyTarget("webhook", url=url, format=str(form), on=on)
 
 
-def _loopback(host: object) -> bool:
+def is_loopback(host: object) -> bool:
     """Whether ``host`` names this host's loopback: ``localhost``, 127.0.0.0/8 or ::1."""
-    import ipaddress  # noqa: PLC0415 - only for a mail server without TLS
+    import ipaddress  # noqa: PLC0415 - only for a server without TLS
 
     text = str(host).strip("[]")
     if text == "localhost":
@@ -284,7 +284,7 @@ class MailSettings(NamedTuple):
                 "key mail.user: a login goes only over TLS: with security: none the password "
                 "would cross the network as it is (security: starttls or tls)"
             )
-        if security == "none" and not _loopback(host):
+        if security == "none" and not is_loopback(host):
             raise ConfigError(
                 f"key mail.security: none is for a relay on loopback, not {host!r}: mail "
                 "would cross the network unencrypted (security: starttls or tls)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -254,6 +254,17 @@ def map_nodes(text: str, max_nodes: int) -> NodeMap:
 def document_positions(text: str, max_nodes: int = 100_000) -> dict[DocPath, tuple[int, int]]:
     """1-based (line, column) of each value of a YAML or JSON text, by its path."""
     return map_nodes(text, max_nodes).values
+
+
+def units_of(document: Mapping[str, Any]) -> list[tuple[DocPath, Mapping[str, Any]]]:
+    """The job's units as its file has them, each with its place: the job itself (``()``),
+    then each step that is a mapping (``("steps", n)``). A step that is not one is the
+    schema's to refuse, and skipped here."""
+    steps = document.get("steps")
+    found: list[tuple[DocPath, Mapping[str, Any]]] = [((), document)]
+    if isinstance(steps, list):
+        found += [(("steps", n), step) for n, step in enumerate(steps) if isinstance(step, Mapping)]
+    return found
 
 
 def format_path(path: DocPath) -> str:

@@ -31,6 +31,7 @@ from spoold.core.documents import (
     map_nodes,
     show_value,
     size_problem,
+    units_of,
 )
 from spoold.core.errors import (
     CallbackError,
@@ -336,8 +337,7 @@ def value_problems(document: dict[str, Any]) -> list[_Problem]:
 
 def _bound_problems(document: dict[str, Any]) -> list[_Problem]:
     """Durations and sizes given as text, past the bounds the schema sets for numbers."""
-    units: list[tuple[DocPath, Any]] = [((), document)]
-    units += [(("steps", n), step) for n, step in enumerate(document.get("steps") or ())]
+    units = units_of(document)
     found: list[tuple[DocPath, Any]] = []
     for base, unit in units:
         extra = _SCHEDULE_DURATIONS if not base else ()

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from spoold.core.documents import DocPath
+from spoold.core.documents import DocPath, units_of
 from spoold.core.policy import Rules, Submitter
 from spoold.core.secrets import SECRET_NAME
 from spoold.core.spool import FileOwner
@@ -43,13 +43,11 @@ def policy_problems(
         return f"(the config's policy gives {submitter.name} the {_WHAT[kind]}: {allowed})"
 
     problems: list[PolicyProblem] = []
-    named: list[tuple[Any, DocPath]] = [(document.get("executor"), ("executor",))]
-    for number, step in enumerate(document.get("steps") or ()):
-        named.append((step.get("executor"), ("steps", number, "executor")))
-    for executor, path in named:
+    for where, unit in units_of(document):
+        executor = unit.get("executor")
         if isinstance(executor, str) and not rules.allows("executors", executor):
             message = f"{who} may not submit {executor} jobs {given('executors')}"
-            problems.append((message, path, False))
+            problems.append((message, (*where, "executor"), False))
     if document.get("hooks") and not rules.allows("executors", "local"):
         message = (
             f"hooks are shell commands run on this host, as a local job's are: {who} may not "
@@ -76,11 +74,8 @@ def host_paths(document: Mapping[str, Any]) -> Iterator[tuple[str, DocPath]]:
     (``SRC:DST``; a volume's name is no path), an ssh ``keyfile`` or ``known_hosts``. Through
     these a container reaches the host's files and the engine's (root's) rights, and ssh reads
     a key or writes known_hosts, as spoold's user, wherever they point."""
-    products: list[tuple[Any, DocPath]] = [(document.get("product"), ("product",))]
-    for number, step in enumerate(document.get("steps") or ()):
-        if isinstance(step, Mapping):
-            products.append((step.get("product"), ("steps", number, "product")))
-    for product, where in products:
+    for unit_at, unit in units_of(document):
+        product, where = unit.get("product"), (*unit_at, "product")
         if not isinstance(product, Mapping):
             continue
         for index, mount in enumerate(product.get("mounts") or ()):

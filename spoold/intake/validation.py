@@ -39,6 +39,7 @@ from spoold.core.documents import (
     read_yaml,
     show_value,
     size_problem,
+    units_of,
 )
 from spoold.core.errors import InvalidJobFile, PluginError, ValidationIssue
 from spoold.core.procfs import release_memory
@@ -685,10 +686,8 @@ class JobValidator:
 
     def _product_problems(self, document: dict[str, Any]) -> list[_Problem]:
         """Each executor's own check of its products (the job's, and each step's)."""
-        units: list[tuple[DocPath, Mapping[str, Any]]] = [((), document)]
-        units += [(("steps", n), step) for n, step in enumerate(document.get("steps") or ())]
         problems: list[_Problem] = []
-        for path, unit in units:
+        for path, unit in units_of(document):
             executor = unit.get("executor", document.get("executor"))
             check = self._checks.get(executor) if isinstance(executor, str) else None
             if check is not None and isinstance(unit.get("product"), Mapping):
