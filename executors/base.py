@@ -70,6 +70,11 @@ class RunContext:
     #: carries it (a container's label), so that a host's recovery tells its own leftovers
     #: from the work of a host that took the job over (``RunningJobs``). "": not known.
     host: str = ""
+    #: Names the job among the jobs of every spool, the same on every host that shares its
+    #: spool (``JobStatus.identity``): what an executor starts elsewhere may carry it, so that
+    #: the host that took the job over finds an earlier attempt's work its first host left
+    #: running, and ends it before it starts the job again. "": not known.
+    job_key: str = ""
     #: This unit may have been started under an earlier daemon that died or stopped (the job
     #: was adopted): attach to what ``unit_key`` started if it is still there, or report how it
     #: ended; start the work only if nothing of it was started.

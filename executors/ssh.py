@@ -87,15 +87,26 @@ _SUPERVISOR = (
 #: takes no byte past its line, so the rest is left for the supervisor), starts the supervisor
 #: in a session of its own, out of reach of the connection's end, and prints the dir and what
 #: the supervisor said. A dir already there is an earlier run of this unit that was not resumed:
-#: what of it still runs is ended first (on the same boot only), so that two never run.
+#: what of it still runs is ended first (on the same boot only), so that two never run. So is
+#: the unit of an earlier attempt of the same job (`job`: "JOB_KEY ATTEMPT") that another
+#: host's spoold started under its own spool dir, and left running when this host took the
+#: job over (printed "spoold-earlier ATTEMPT DIR"). Arguments: the unit's path, the shell, the
+#: mark, the job's key ("": none), its attempt, and the job's path component.
 _START = (
     f"sv={shlex.quote(_FUNCTIONS + _SUPERVISOR)}; "
-    'u=$(umask); umask 077; d="$HOME/$1" s=$2 n=$3; '
+    'u=$(umask); umask 077; d="$HOME/$1" s=$2 n=$3 k=$4 a=$5; '
     'if [ -e "$d" ]; then echo spoold-leftover; '
     'if { read -r w j t b < "$d/pid"; } 2>/dev/null && [ "$b" = "$(boot_id)" ]; then '
     '[ "$j" = - ] || kill -KILL -"$j" 2>/dev/null; kill -KILL "$w" 2>/dev/null; fi; '
     'rm -rf "$d"; fi; '
+    'if [ -n "$k" ]; then for o in "$HOME"/.spoold/*/"$6"/*; do [ "$o" = "$d" ] && continue; '
+    '{ read -r x y < "$o/job"; } 2>/dev/null || continue; '
+    '[ "$x" = "$k" ] && [ "$y" -lt "$a" ] 2>/dev/null || continue; echo "spoold-earlier $y $o"; '
+    'if { read -r w j t b < "$o/pid"; } 2>/dev/null && [ "$b" = "$(boot_id)" ]; then '
+    '[ "$j" = - ] || kill -KILL -"$j" 2>/dev/null; kill -KILL "$w" 2>/dev/null; fi; '
+    'rm -rf "$o"; rmdir "${o%/*}" 2>/dev/null && rmdir "${o%/*/*}" 2>/dev/null; done; fi; '
     'mkdir -p "$d/work" && cd "$d" || exit 125; echo "dir $PWD"; '
+    '[ -z "$k" ] || echo "$k $a" > job || exit 125; '
     'while IFS= read -r l; do [ "$l" = "$n" ] && break; printf "%s\\n" "$l"; done > script; '
     '[ "$l" = "$n" ] || { echo "the commands of the job did not arrive whole"; exit 124; }; '
     'umask "$u"; '
@@ -419,7 +430,8 @@ class _Unit:
         mark = f": spoold-{uuid.uuid4().hex}"
         script = shell_script(ctx.before_script, ctx.product["commands"])
         stdin = f"{script}{mark}\n{_environment(ctx, mark)}".encode()
-        args = (self.path, self.shell, mark)
+        attempt = ctx.unit_key.split(".", 1)[0]
+        args = (self.path, self.shell, mark, ctx.job_key, attempt, _component(ctx.job_id))
         code, out = _remote(
             self.client, _START, args, ctx.log, stdin=stdin, what="starting the job"
         )
@@ -429,6 +441,14 @@ class _Unit:
                 f"ssh: {self.where} held a dir of unit {ctx.unit_key} from an earlier spoold "
                 "that was not resumed: ended what ran of it and removed it"
             )
+        for line in lines:
+            if line.startswith("spoold-earlier "):
+                _, earlier, where = line.split(" ", 2)
+                ctx.log.info(
+                    f"ssh: {self.where} still held attempt {earlier} of this job, which "
+                    f"another spoold started ({where}) before this host took the job over: "
+                    "ended what ran of it and removed it, so that two never run"
+                )
         root = next((line[4:] for line in lines if line.startswith("dir /")), None)
         self.root = root or self.root
         ack = lines[-1].split() if lines else []
@@ -441,7 +461,10 @@ class _Unit:
             )
         if root:
             self._finish(kill=True)
-        said = "\n".join(line for line in lines if line != "spoold-leftover" and line[:4] != "dir ")
+        said = "\n".join(
+            line for line in lines if not line.startswith(("spoold-leftover", "spoold-earlier "))
+            and line[:4] != "dir "
+        )  # fmt: skip
         raise ExecutorError(f"ssh: cannot start the job on the host: {said or code}")
 
     def _adopt(self, found: _Found) -> None:

@@ -15,6 +15,7 @@ from spoold.executors.base import ExecResult, Executor, RunContext
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339
 from spoold.core.config import Config
 from spoold.core.errors import ExecutorError
+from spoold.core.job import JobStatus
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import JobDir, Spool
 from spoold.intake.incoming import Accepted, Intake, Rejected
@@ -498,3 +499,33 @@ def test_a_job_whose_start_cannot_be_recorded_goes_back_to_pending_not_to_failed
     job, status = parts.attempt(job_id)
     assert (job.directory, status["state"]) == ("done", "succeeded"), status
     assert runs.read_text() == "run\n"
+
+
+def test_each_unit_knows_the_jobs_key_the_same_for_every_attempt_and_host(tmp_path: Path) -> None:
+    """RunContext.job_key (what the ssh executor's remote units carry, so that a host that took
+    a job over ends what another host left running of it) is the job's, not the attempt's,
+    step's or host's: the status's identity, from its id and when it was accepted."""
+    keys: list[tuple[str, str]] = []
+
+    class Keyed(Executor):
+        name = "keyed"
+        schema_resource = "local.schema.json"
+
+        def execute(self, ctx: RunContext) -> ExecResult:
+            keys.append((ctx.unit_key, ctx.job_key))
+            return ExecResult(exit_code=1 if ctx.unit_key.startswith("1.") else 0)
+
+    parts = Parts(tmp_path, registry=ExecutorRegistry({"keyed": Keyed}))
+    document = {"job_id": "key", "executor": "keyed", "retries": 1, "backoff": "1s",
+                "steps": [{"id": "a", "product": {"commands": "true"}},
+                          {"id": "b", "product": {"commands": "true"}}]}  # fmt: skip
+    job_id = parts.submit(document)
+    parts.attempt(job_id)
+    parts.clock.advance(1.0)
+    _, status = parts.attempt(job_id)
+    assert status["state"] == "succeeded", status
+    assert sorted(unit for unit, _ in keys) == ["1.a.1", "1.b.1", "2.a.1", "2.b.1"]
+    expected = JobStatus.from_dict(status).identity
+    assert {key for _, key in keys} == {expected} and len(expected) == 16
+    other = JobStatus.from_dict({**status, "submitted_at": "2026-01-01T00:00:00Z"})
+    assert other.identity != expected  # the same id in another spool, accepted another time

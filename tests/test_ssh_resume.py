@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def _detached(
     """A unit started, and left running as spoold stops once it printed ``started`` (and the
     host has ``recorded`` as where the log stands, if given)."""
     ctx, log = ssh_context(tmp_path, sshd.product(commands=commands), **overrides)
+    cleanup(ctx)
     running = _InThread(ctx)
     wait_for(lambda: "started" in log.text(), bound=BOUND, what="the job's first line")
     if recorded:
@@ -335,6 +337,47 @@ def test_a_unit_not_resumed_is_ended_before_it_runs_again(
     assert "held a dir of unit 1 from an earlier spoold that was not resumed" in log.text()
     wait_for(lambda: not _processes(marker), bound=10, what="the first run to end")
     assert _remote_dirs(ctx) == []
+
+
+def test_an_earlier_attempt_another_host_left_running_is_ended_before_the_next(
+    sshd: SshServer, tmp_path: Path, cleanup: Callable[[RunContext], None]
+) -> None:
+    """Host a's daemon died while its attempt 1 ran on the remote host; host b took the job
+    over (SPEC section 11) and starts attempt 2 under its own spool dir there: attempt 1 is
+    ended first, never two at once. The same job id of another spool (another key) and a
+    later attempt are left alone."""
+    job_id = f"ssh-{uuid.uuid4().hex[:12]}"
+
+    def on(host: str, unit: str, key: str, commands: str) -> tuple[RunContext, _Log]:
+        job_env = {"SPOOLD_JOB_DIR": f"/srv/{host}/running/{job_id}", "RUNNER_HOSTNAME": host}
+        ctx, log = ssh_context(tmp_path, sshd.product(commands=commands), job_id=job_id,
+                               job_env=job_env, unit_key=unit, job_key=key)  # fmt: skip
+        cleanup(ctx)
+        return ctx, log
+
+    first, second, other = _marker(), _marker(), _marker()
+    started = [  # the later attempt first: its start would end attempt 1 too
+        on("host-c", "3", "key-1", f"echo started; sleep {second}"),
+        on("host-a", "1", "key-1", f"echo started; sleep {first}"),
+        on("host-d", "1", "key-2", f"echo started; sleep {other}"),
+    ]
+    for ctx, its_log in started:
+        running = _InThread(ctx)
+        wait_for(lambda its_log=its_log: "started" in its_log.text(), bound=BOUND)
+        ctx.detach.set()
+        assert running.join().detached
+    (ctx_later, _), (ctx_a, _), (ctx_other, _) = started
+    assert _processes(first) and _processes(second) and _processes(other)
+
+    ctx_b, log = on("host-b", "2", "key-1", "echo second")
+    result = SshExecutor().run(ctx_b)
+    assert result.succeeded, log.text()
+    wait_for(lambda: not _processes(first), bound=BOUND, what="attempt 1 to end")
+    assert not unit_dir(ctx_a).exists()
+    assert "still held attempt 1 of this job, which another spoold started" in log.text()
+    assert _processes(second) and _processes(other)  # a later attempt; another spool's job
+    assert unit_dir(ctx_later).exists() and unit_dir(ctx_other).exists()
+    assert log.text().count("still held attempt") == 1
 
 
 def test_nothing_is_started_once_spoold_stops(sshd: SshServer, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -311,6 +312,14 @@ class JobStatus:
             **labels_and_description(spec.document),
             **({} if submitter is None else submitter.status_fields()),
         )
+
+    @property
+    def identity(self) -> str:
+        """Names this job among the jobs of every spool, the same on every host that shares
+        its spool: its id (which another spool may give one of its own) and when it was
+        accepted, digested. What an executor starts elsewhere may carry it
+        (``RunContext.job_key``)."""
+        return hashlib.sha256(f"{self.job_id}\0{self.submitted_at}".encode()).hexdigest()[:16]
 
     def begin_attempt(self, now: datetime, worker: str) -> Attempt:
         """Mark the job running with a new attempt."""

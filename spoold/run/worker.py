@@ -604,7 +604,7 @@ class JobRunner:
             tries: dict[str, int] = {}
             unit = functools.partial(
                 self._run_unit, run, workdir=workdir, run_as=run_as, attempt=attempt.number,
-                processes=processes,
+                processes=processes, job_key=status.identity,
             )  # fmt: skip
 
             step_usage = StepUsage(attempt.number, status.steps)
@@ -693,6 +693,7 @@ class JobRunner:
         run_as: RunAs | None,
         attempt: int,
         processes: Supervised,
+        job_key: str,
         step_id: str | None = None,
     ) -> ExecResult:
         """Run one executor once (the job's own, or one step's try) as unit ``key``."""
@@ -735,6 +736,7 @@ class JobRunner:
             settings=self._config.executor_settings.get(unit.executor, {}),
             unit_key=key,
             host=self._config.host_id,
+            job_key=job_key,
             resume=run.resume,
             detach=run.detach,
             processes=processes,
