@@ -3,6 +3,7 @@ it started, and output that costs bounded memory and bounded log, whatever its s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from spoold.core import procfs
 from spoold.core.clock import SystemClock
 from spoold.core.joblog import HELD_BYTES, LINE_BOUND, JobLog, OutputStream
 from spoold.core.procfs import children
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The trap a well-behaved job has: it says so, and ends at once as a shell would on SIGTERM.
 TRAP = "trap 'echo trapped TERM; exit 143' TERM; echo ready; sleep 60 & wait"
 NO_SIGKILL = "after SIGTERM: SIGKILL"
+CI = os.environ.get("CI") == "true"
 
 
 def _log(spool: Path, job_id: str) -> str:
@@ -253,11 +256,90 @@ def test_nothing_a_job_or_its_hook_started_outlives_it(
         kill_processes_with(hook_token)
 
 
+def _state_dir(status: dict[str, Any]) -> str:
+    return "done" if status["state"] == "succeeded" else "failed"
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return ""
+
+
+#: A process that outruns a sweep over pids: it ignores SIGTERM and, until its time is up,
+#: forks, leaves the child in a session of its own, and exits, about every millisecond; so
+#: whatever pid an end finds has a successor by the time the end looks again.
+_HOPPER = (
+    "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "end = time.monotonic() + 20; os.fork() and os._exit(0)\n"
+    "while time.monotonic() < end:\n"
+    "    os.fork() and os._exit(0); os.setsid()\n"
+    "open(sys.argv[1], 'w').write('survived')"
+)
+
+
+@pytest.mark.parametrize("end", ["normal", "timeout"])
+def test_a_process_that_forks_and_exits_faster_than_a_sweep_ends_with_its_job(
+    end: str, spool_dir: Path, tmp_path: Path
+) -> None:
+    """Seen: the hopper outlived the job's end and every end after it (ppid 1, as the job's
+    user: free to read the environment of that user's later jobs). Each run of a supervisor
+    is in a cgroup of its own, which SIGKILL empties at once."""
+    survived = tmp_path / f"hopper-{end}-survived"
+    start = f'{sys.executable} -c "$HOPPER" {survived}'
+    commands = f"{start}; echo started" + ("" if end == "normal" else "; sleep 60")
+    document = local_job("hop", commands, variables={"HOPPER": _HOPPER},
+                         **({"timeout": "2s"} if end == "timeout" else {}))  # fmt: skip
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir,
+                                                   kill_grace="1s"))  # fmt: skip
+    daemon.start()
+    try:
+        drop(spool_dir, "hop.yaml", document)
+        _, status = wait_finished(spool_dir, "hop", bound=30)
+        assert status["state"] == ("succeeded" if end == "normal" else "failed"), status
+        assert processes_with(str(survived)) == [], "the hopper outlived its job"
+        log = _log(spool_dir, "hop")
+        assert re.search(r"ended \d+ process\(es\) the job left running", log), log
+        assert not survived.exists()
+        begun = json.loads((spool_dir / _state_dir(status) / "hop" / "units" / "1").read_text())
+        if CI or procfs.cgroup_home() is not None:  # CI: this machine's kind has cgroup v2
+            assert not Path(begun["cgroup"]).exists(), "the run's cgroup is left"
+    finally:
+        daemon.kill()
+        for _ in range(100):  # the old code's way out: ends only once its time is up
+            kill_processes_with(str(survived))
+
+
+@pytest.mark.parametrize("end", ["timeout", "cancel"])
+def test_a_stopped_supervisor_is_continued_and_its_timeout_and_cancel_hold(
+    end: str, spool_dir: Path, tmp_path: Path
+) -> None:
+    """Seen: a job of the same user stopped other jobs' supervisors in the moment each was
+    that user (a start): they stayed stopped, their jobs ran past their timeouts, and a cancel
+    was lost (the job ended succeeded once continued by hand). The worker continues them."""
+    fields = {"timeout": "3s"} if end == "timeout" else {}
+    daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir,
+                                                   kill_grace="1s"))  # fmt: skip
+    daemon.start()
+    supervisor = None
+    try:
+        drop(spool_dir, "held.yaml", local_job("held", "echo ready; sleep 60", **fields))
+        wait_for(lambda: "INFO ready" in _log(spool_dir, "held"), what="the job to run")
+        supervisor = json.loads((spool_dir / "running" / "held" / "units" / "1").read_text())
+        os.kill(supervisor["pid"], signal.SIGSTOP)
+        if end == "cancel":
+            assert run_cli(spool_dir, "cancel", "held").returncode == 0
+        _, status = wait_finished(spool_dir, "held", bound=30)
+        assert status["state"] == ("failed" if end == "timeout" else "cancelled"), status
+        log = _log(spool_dir, "held")
+        assert "was found stopped (by a stop signal it cannot refuse): continued" in log, log
+        assert log.count("was found stopped") == 1, log
+    finally:
+        if supervisor is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor["pid"], signal.SIGCONT)
+        daemon.kill()
 
 
 def test_a_job_ends_what_it_left_even_where_orphans_go_to_init(tmp_path: Path) -> None:

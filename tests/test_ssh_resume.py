@@ -7,6 +7,7 @@ the unit's remote dir and at its processes directly. Jobs wait for flag files, n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -105,6 +106,10 @@ def _resumed(ctx: RunContext, **overrides: Any) -> RunContext:
 def _pid_file(ctx: RunContext) -> tuple[int, int, int, str]:
     supervisor, group, started, boot = (unit_dir(ctx) / "pid").read_text().split()
     return int(supervisor), int(group), int(started), boot
+
+
+def _says(log: _Log, text: str) -> bool:
+    return text in log.text()
 
 
 def _count(log: _Log, line: str) -> int:
@@ -363,7 +368,7 @@ def test_an_earlier_attempt_another_host_left_running_is_ended_before_the_next(
     ]
     for ctx, its_log in started:
         running = _InThread(ctx)
-        wait_for(lambda its_log=its_log: "started" in its_log.text(), bound=BOUND)
+        wait_for(functools.partial(_says, its_log, "started"), bound=BOUND)
         ctx.detach.set()
         assert running.join().detached
     (ctx_later, _), (ctx_a, _), (ctx_other, _) = started

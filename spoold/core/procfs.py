@@ -1,5 +1,6 @@
 """What /proc says about processes: start times (to tell a live pid from a reused one), groups,
-sessions, children, environments and signal state."""
+sessions, children, environments and signal state; and the cgroup v2 directories that hold a
+run's processes whatever they do (``cgroup_home``, ``kill_cgroup``)."""
 
 from __future__ import annotations
 
@@ -264,6 +265,122 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+#: The name of every cgroup spoold makes starts so: none other is ever killed or removed.
+CGROUP_PREFIX = "spoold-"
+
+
+@functools.cache
+def cgroup_home() -> str | None:
+    """The directory of this process's cgroup in the cgroup v2 hierarchy, where one is mounted
+    (a systemd host's /sys/fs/cgroup, a hybrid one's /sys/fs/cgroup/unified) and this process
+    may make cgroups in it (root, or a service with ``Delegate=yes``); None otherwise. Read
+    once: the process it is asked for does not move (a supervisor steps into a run's cgroup
+    only for the moment of a start)."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            own = next((line[3:].rstrip("\n") for line in handle if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            mounts = [line.split() for line in handle]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for fields in mounts:
+        if "-" in fields and fields[fields.index("-") + 1 :][:1] == ["cgroup2"]:
+            root, mount = fields[3], fields[4]
+            break
+    else:
+        return None
+    if own is None or not own.startswith("/") or own.endswith(" (deleted)"):
+        return None
+    if root != "/":  # a mount of part of the tree: own is relative to the whole
+        if own != root and not own.startswith(root + "/"):
+            return None
+        own = own[len(root) :] or "/"
+    home = mount.rstrip("/") + (own if own != "/" else "")
+    return home if os.access(home, os.W_OK | os.X_OK) else None
+
+
+def is_spoold_cgroup(path: str) -> bool:
+    """Whether ``path`` is a cgroup spoold made (see ``make_cgroup``), under this host's cgroup
+    v2 mount: a record of a run names one, and nothing else is killed or removed for it."""
+    name = Path(path).name
+    return (
+        name.startswith(CGROUP_PREFIX)
+        and "/" not in name
+        and os.path.normpath(path) == path
+        and Path(f"{path}/cgroup.kill").is_file()
+    )
+
+
+def make_cgroup(home: str, name: str) -> str | None:
+    """A new cgroup ``CGROUP_PREFIX + name`` in ``home``; None if it cannot be made."""
+    path = f"{home}/{CGROUP_PREFIX}{name}"
+    try:
+        Path(path).mkdir()
+    except OSError:
+        return None
+    return path
+
+
+def _write_cgroup_file(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, data)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def enter_cgroup(path: str) -> bool:
+    """Move this whole process (every thread) into the cgroup at ``path``; False if it stays
+    where it is. A child it starts meanwhile is born there, out of reach of its parent's
+    cgroup, and so is all it starts in turn."""
+    return _write_cgroup_file(f"{path}/cgroup.procs", b"0")
+
+
+def cgroup_members(path: str) -> list[int]:
+    """The processes in the cgroup at ``path`` now (not its zombies); [] if it is gone."""
+    try:
+        fd = os.open(f"{path}/cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        return [int(pid) for pid in _read_all(fd).split()]
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+
+
+def cgroup_populated(path: str) -> bool:
+    """Whether a live process is in the cgroup at ``path`` (False if it is gone)."""
+    try:
+        with open(f"{path}/cgroup.events", "rb") as handle:
+            return b"populated 1" in handle.read()
+    except OSError:
+        return False
+
+
+def kill_cgroup(path: str) -> bool:
+    """SIGKILL every process in the cgroup at ``path`` at once (cgroup.kill, Linux 5.14): one
+    that forks meanwhile cannot get a child past it, as a sweep over pids can. False where
+    the kernel has no cgroup.kill; the caller then signals ``cgroup_members`` one by one."""
+    return _write_cgroup_file(f"{path}/cgroup.kill", b"1")
+
+
+def remove_cgroup(path: str) -> bool:
+    """Remove the cgroup at ``path``, which must be empty; False if it is not (or is gone)."""
+    try:
+        Path(path).rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def boot_id() -> str | None:

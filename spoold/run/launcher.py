@@ -53,6 +53,7 @@ from spoold.core.procfs import (
     children,
     drop_ambient_capabilities,
     name_process,
+    process_info,
     process_start_time,
 )
 from spoold.core.secrets import Masker
@@ -70,6 +71,7 @@ from spoold.run.process import (
     clean_signal_state,
     end_left_running,
     new_token,
+    run_cgroup,
     run_process,
 )
 
@@ -504,6 +506,7 @@ class Supervised(Processes):
                 self._meanwhile()
             pidfd: int | None = None
             spawned: tuple[int, int] | None = None
+            stopped = _Stopped(log, label)
             try:
                 while True:
                     if detach.is_set():
@@ -512,6 +515,11 @@ class Supervised(Processes):
                         _signal(pidfd, signal.SIGUSR1)
                         cancel = threading.Event()  # once is enough: it takes it from there
                     if not select.select([sock], [], [], _LOOK)[0]:
+                        if pidfd is None:  # it has not said it started the unit's process
+                            begun, _ = self._jobs.read_unit(self._job, key)
+                            stopped.look((begun or {}).get("pid"), (begun or {}).get("pid_start"))
+                        else:
+                            stopped.look(*stopped.supervisor)
                         continue
                     try:
                         message, _ = _receive(sock)
@@ -521,6 +529,7 @@ class Supervised(Processes):
                     if kind == "spawned":  # its supervisor's pid (to signal), its process's
                         supervisor, pid = value
                         pidfd = _pidfd(supervisor)
+                        stopped.supervisor = (supervisor, process_start_time(supervisor))
                         start = process_start_time(pid)
                         spawned = None if start is None else (pid, start)
                         if on_spawn is not None:
@@ -603,9 +612,10 @@ class Supervised(Processes):
             return self._ended_while_unwatched(ended, log)
         self._in_sight()  # when it died is not known: the attempt ends now
         log.error(f"the supervisor of {label} died before it could record its end")
-        tree = (begun or {}).get("tree")
+        tree, cgroup = (begun or {}).get("tree"), (begun or {}).get("cgroup")
         environment = f"{TREE_VARIABLE}={tree}" if isinstance(tree, str) and tree else None
-        left = end_left_running(environment, [*firsts, *self._leased_process(key)])
+        cgroups = [cgroup] if isinstance(cgroup, str) else []
+        left = end_left_running(environment, [*firsts, *self._leased_process(key)], cgroups)
         if left:
             log.info(f"ended {left} process(es) {label} left running (SIGKILL)")
         return ProcessOutcome(None, interrupted=True)
@@ -671,6 +681,45 @@ def _outcome(record: dict[str, Any], log: JobLog) -> ProcessOutcome:
         tail=tuple(record.get("tail") or ()),
         usage=Usage.from_dict(record.get("usage")),
     )
+
+
+class _Stopped:
+    """Continues a unit's supervisor that a stop signal halted.
+
+    SIGSTOP cannot be refused, and for the moment of a start (``run_process``'s switch) a
+    supervisor is the job's user, whose processes may then signal it. One stopped then would
+    stay so, and its unit's timeout and cancel with it (seen: a job that stopped every
+    supervisor it could find held two jobs past their timeouts, and lost a cancel). The
+    worker continues it, and says so in the job's log once.
+    """
+
+    def __init__(self, log: JobLog, label: str) -> None:
+        self._log = log
+        self._label = label
+        self._said = False
+        #: Its pid and start time, once it has said it started the unit's process.
+        self.supervisor: tuple[object, object] = (None, None)
+
+    def look(self, pid: object, start: object) -> None:
+        if not isinstance(pid, int) or not isinstance(start, int):
+            return
+        info = process_info(pid)
+        if info is None or info.state not in ("T", "t") or info.start != start:
+            return
+        pidfd = _pidfd(pid)
+        if pidfd is None:
+            return
+        try:
+            if process_start_time(pid) == start:  # not a pid reused before the pidfd opened
+                _signal(pidfd, signal.SIGCONT)
+        finally:
+            os.close(pidfd)
+        if not self._said:
+            self._said = True
+            self._log.error(
+                f"the supervisor of {self._label} was found stopped (by a stop signal it "
+                "cannot refuse): continued, so that its timeout and cancel hold"
+            )
 
 
 def _pidfd(pid: int) -> int | None:
@@ -905,6 +954,8 @@ def _run_unit(
     token = new_token()
     began = {"pid": me, "pid_start": start, "host": request.host,
              "started_at": rfc3339(clock.now()), "tree": token}  # fmt: skip
+    if (cgroup := run_cgroup(token)) is not None:
+        began["cgroup"] = cgroup  # what a next daemon kills, should this supervisor die
     try:
         if not Jobs.begin_unit(request.job, request.key, began, spares=spares):
             _answer(reply, ("taken", None))

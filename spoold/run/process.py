@@ -14,6 +14,11 @@ What every process run here gets, whatever the process that starts it does:
   process has ended, for whatever reason, SIGKILL goes to everything of the run still there.
   In a worker process (``adopt_orphans``) orphans become its children, so finding what a run
   left costs one read of /proc; elsewhere (``spoold exec``) /proc is scanned for the token.
+  A supervisor's runs are each in a cgroup of their own too, where cgroup v2 lets it make one
+  (``procfs.cgroup_home``): no process of the run can leave it, and its SIGKILL reaches them
+  all at once (cgroup.kill). A sweep over pids cannot end a process that forks and exits
+  faster than the sweep looks (measured: one forking every millisecond outlived it, and
+  every end after); nor can it find one that cleared its environment and left the group.
 - **Bounded output.** See ``spoold.core.joblog``: at most ``HELD_BYTES`` of an unfinished line per
   stream, plus one read of ``_READ_SIZE``.
 - **What it cost** (``ProcessOutcome.usage``), from the kernel: each process of the run is
@@ -197,7 +202,8 @@ def run_process(
 
     ``label`` names it in the log's lines about its end ("the job", "hook post_run").
     ``switch_in_place``: the caller is a process of its own for runs (a supervisor), which may
-    become ``run_as`` for the moment of the start (see ``_switched``). ``token``: the run's
+    become ``run_as`` for the moment of the start (see ``_switched``), and starts the run in a
+    cgroup of its own (``run_cgroup``). ``token``: the run's
     ``SPOOLD_PROCESS_TREE`` (``new_token``), when the caller records it before the start (a
     supervisor, for a next daemon to find what the run left should the supervisor die).
     ``tend``: called with the monotonic time at each turn of the wait (at least every 0.2 s),
@@ -207,9 +213,17 @@ def run_process(
     environment = {**env, TREE_VARIABLE: token}
     if run_as is not None:
         environment.update(run_as.environment())
-    with _switched(run_as if switch_in_place else None) as switched:
-        process = _start(argv, cwd, environment, None if switched else run_as)
-    tree = _TREES.add(token, process.pid)
+    cgroup = _contained(token) if switch_in_place else None
+    try:
+        with _switched(run_as if switch_in_place else None) as switched:
+            process = _start(argv, cwd, environment, None if switched else run_as)
+    except BaseException:
+        if cgroup is not None and _leave():
+            procfs.remove_cgroup(cgroup)
+        raise
+    if cgroup is not None and not _leave():
+        cgroup = None  # this process is in it: the run ends by the sweep over pids alone
+    tree = _TREES.add(token, process.pid, cgroup)
     meter = _TREES.meter(tree, clock.monotonic())
     written = log.output_bytes  # counted by the streams' OutputStream as they read
     assert process.stdout is not None and process.stderr is not None
@@ -458,10 +472,11 @@ def _reset_signals(ignored: tuple[int, ...]) -> None:
 
 
 class _Tree(NamedTuple):
-    """One run of run_process: its token and its first process."""
+    """One run of run_process: its token, its first process and its cgroup (None: none)."""
 
     token: str
     pid: int
+    cgroup: str | None = None
 
 
 class _Trees:
@@ -473,8 +488,8 @@ class _Trees:
         self._meters: dict[str, _Meter] = {}  # of runs not yet at their end's very end
         self.adopting = False  # adopt_orphans() was called and took effect
 
-    def add(self, token: str, pid: int) -> _Tree:
-        tree = _Tree(token, pid)
+    def add(self, token: str, pid: int, cgroup: str | None = None) -> _Tree:
+        tree = _Tree(token, pid, cgroup)
         with self._lock:
             self._live[token] = tree
         return tree
@@ -497,6 +512,8 @@ class _Trees:
     def signal(self, tree: _Tree, sig: signal.Signals) -> None:
         """Signal a live run's processes: its group at once, then each one outside it."""
         _signal_group(tree.pid, sig)
+        if tree.cgroup is not None:
+            _signal_cgroup(tree.cgroup, sig)
         for info in self._processes(tree, [tree.pid]):
             if info.pgrp != tree.pid:
                 _signal(info.pid, sig)
@@ -507,9 +524,9 @@ class _Trees:
         Its process group at once, then every process of the run, again until none is left
         or ``_KILL_WAIT`` has passed (one in uninterruptible sleep is left to a later end).
         """
+        killed = set() if tree.cgroup is None else _signal_cgroup(tree.cgroup, signal.SIGKILL)
         left = self._processes(tree, [])
         _signal_group(tree.pid, signal.SIGKILL)
-        killed: set[int] = set()
         give_up = time.monotonic() + _KILL_WAIT
         while left:
             for info in left:
@@ -519,6 +536,8 @@ class _Trees:
                 break
             time.sleep(0.002)  # a signal is delivered asynchronously
             left = self._processes(tree, [])
+        if tree.cgroup is not None:
+            _remove_cgroup(tree.cgroup, give_up)
         return len(killed)
 
     def _processes(self, tree: _Tree, roots: list[int]) -> list[ProcessInfo]:
@@ -576,9 +595,16 @@ class _Trees:
         return found
 
 
-def end_left_running(environment: str | None, firsts: Iterable[tuple[int, int]] = ()) -> int:
+def end_left_running(
+    environment: str | None,
+    firsts: Iterable[tuple[int, int]] = (),
+    cgroups: Iterable[str] = (),
+) -> int:
     """SIGKILL what a run left running once nothing watches it any more (its supervisor died,
     the worker that ran it is gone), and wait until it is gone; return how many were ended.
+
+    First everything in ``cgroups`` (the runs' own, as their records name them; any other
+    path is ignored), which are then removed.
 
     The run's processes are those whose environment holds ``environment`` ("NAME=value":
     the run's ``SPOOLD_PROCESS_TREE``, the job's ``SPOOLD_JOB_DIR``), those below them, and
@@ -594,12 +620,68 @@ def end_left_running(environment: str | None, firsts: Iterable[tuple[int, int]] 
     mine = os.getpid()
     killed: set[int] = set()
     give_up = time.monotonic() + _KILL_WAIT
+    contained = [path for path in dict.fromkeys(cgroups) if procfs.is_spoold_cgroup(path)]
+    for path in contained:
+        killed |= _signal_cgroup(path, signal.SIGKILL)
     while True:
         left = [info for info in _left_running(environment, firsts) if info.pid != mine]
         killed.update(info.pid for info in left if _kill_exactly(info))
         if not left or time.monotonic() > give_up:
-            return len(killed)
+            break
         time.sleep(0.002)  # a signal is delivered asynchronously
+    for path in contained:
+        _remove_cgroup(path, give_up)
+    return len(killed)
+
+
+def run_cgroup(token: str) -> str | None:
+    """Where the cgroup of the run with ``token`` goes, when this process starts its runs in
+    cgroups of their own (a supervisor: ``run_process``'s ``switch_in_place``); None if it
+    cannot make them here."""
+    home = procfs.cgroup_home()
+    return None if home is None else f"{home}/{procfs.CGROUP_PREFIX}{token}"
+
+
+def _contained(token: str) -> str | None:
+    """A new cgroup for the run with ``token``, with this process in it: the run's first
+    process is started there, then this process goes back (``_leave``). None, and nothing
+    changed, where that cannot be: no cgroup v2 to make one in, or this process has threads
+    (each would start its children in the one cgroup)."""
+    home = procfs.cgroup_home()
+    if home is None or threading.active_count() != 1:
+        return None
+    path = procfs.make_cgroup(home, token)
+    if path is None:
+        return None
+    if not procfs.enter_cgroup(path):
+        procfs.remove_cgroup(path)
+        return None
+    return path
+
+
+def _leave() -> bool:
+    """Back to this process's own cgroup from a run's; False if it could not go: it is then
+    still in the run's cgroup, which must not be killed (it would be among the dead)."""
+    home = procfs.cgroup_home()
+    return home is not None and procfs.enter_cgroup(home)
+
+
+def _signal_cgroup(path: str, sig: signal.Signals) -> set[int]:
+    """Send ``sig`` to every process in the cgroup at ``path``; return those it held. SIGKILL
+    goes to all at once where the kernel can (cgroup.kill)."""
+    members = set(procfs.cgroup_members(path))
+    if members and not (sig == signal.SIGKILL and procfs.kill_cgroup(path)):
+        for pid in members:
+            _signal(pid, sig)
+    return members
+
+
+def _remove_cgroup(path: str, give_up: float) -> None:
+    """Remove a run's cgroup once what it held has ended (until ``give_up``, monotonic): one in
+    uninterruptible sleep can outlast that, and keeps it; a later end removes it."""
+    while procfs.cgroup_populated(path) and time.monotonic() < give_up:
+        time.sleep(0.002)
+    procfs.remove_cgroup(path)
 
 
 def _left_running(environment: str | None, firsts: Iterable[tuple[int, int]]) -> list[ProcessInfo]:

@@ -149,7 +149,7 @@ class Recovery:
                 verdict = self.judge(job, own_runs=own_runs)
                 gone = verdict.gone and not self._adopted(job, verdict.why)
                 if gone and (taken := self._take_over(job, verdict)) is not None:
-                    moved.append(self._interrupt(*taken))
+                    moved.append(self._interrupt(*taken, own=not verdict.elsewhere))
             except FileNotFoundError:
                 continue  # finished or taken over while we looked
             except (SpoolError, OSError, ValueError) as exc:
@@ -223,8 +223,9 @@ class Recovery:
         return job, (f"taken over by host {me} {whose} (claim generation {fenced} -> "
                      f"{fenced + 1}): {why}")  # fmt: skip
 
-    def _interrupt(self, job: JobDir, why: str) -> JobDir:
-        self._kill_leftovers(job)
+    def _interrupt(self, job: JobDir, why: str, *, own: bool = True) -> JobDir:
+        """``own``: the claim was this host's (not one judged by its beat: another host's)."""
+        self._kill_leftovers(job, own=own)
         status = JobStatus.from_dict(self._spool.jobs.read_status(job))
         if self._callbacks is not None:  # the dead worker's last event, if its change was made
             self._callbacks.settle_job(
@@ -311,8 +312,10 @@ class Recovery:
             self._logger.warning("rebuilt the lost status of pending job %s", job.job_id)
         return repaired
 
-    def _kill_leftovers(self, job: JobDir) -> None:
-        """A job's processes can outlive a killed daemon; they must not outlive its recovery."""
+    def _kill_leftovers(self, job: JobDir, *, own: bool = True) -> None:
+        """A job's processes can outlive a killed daemon; they must not outlive its recovery.
+        ``own``: the claim was this host's, so the cgroups its units' records name are this
+        host's (another host's may name one on a machine both share: not this one's to end)."""
         lease = self._spool.jobs.read_lease(job)
         if lease is not None and lease.get("host") != self._config.host_id:
             return  # another host's processes are out of reach
@@ -327,7 +330,9 @@ class Recovery:
         # crash, gone from the group, or a hook's or a step's.
         pid, start = lease.get("job_pid"), lease.get("job_pid_start")
         first = [(pid, start)] if isinstance(pid, int) and isinstance(start, int) else []
-        killed = end_left_running(f"SPOOLD_JOB_DIR={job.location}", first)
+        units = self._spool.jobs.unended_units(job) if own else []
+        cgroups = [unit["cgroup"] for unit in units if isinstance(unit.get("cgroup"), str)]
+        killed = end_left_running(f"SPOOLD_JOB_DIR={job.location}", first, cgroups)
         if killed:
             self._logger.warning("killed %d leftover process(es) of job %s", killed, job.job_id)
 

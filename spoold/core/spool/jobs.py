@@ -484,6 +484,18 @@ class Jobs:
         return read_json(f"{units}/{key}"), read_json(f"{units}/{key}.end")
 
     @staticmethod
+    def unended_units(job: JobDir) -> list[dict[str, Any]]:
+        """How each unit of the job that began with no end recorded began."""
+        units = f"{job.location}/{UNITS}"
+        try:
+            names = set(os.listdir(units))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        begun = (n for n in names if n[:1] != "." and not n.endswith(".end"))
+        records = (read_json(f"{units}/{n}") for n in sorted(begun) if f"{n}.end" not in names)
+        return [record for record in records if isinstance(record, dict)]
+
+    @staticmethod
     def read_lease(job: JobDir) -> dict[str, Any] | None:
         """The claim on a running job, or None when it has none (yet)."""
         return read_json(f"{job.location}/lease")
