@@ -187,7 +187,7 @@ def test_wrong_type_in_a_list(validator: JobValidator) -> None:
         ("concurrency: {limit: 0}", "must be at least 1 (got 0)", "concurrency.limit", 22),
         (
             "callback: {url: 'ftp://x'}",
-            "'ftp://x' is not an http:// or https:// URL",
+            "'ftp://x/***' is not an http:// or https:// URL",  # a receiver: its host only
             "callback.url",
             17,
         ),

@@ -25,6 +25,8 @@ MAX_DEPTH = 64
 MERGE_TAG = "tag:yaml.org,2002:merge"
 _PARSER_DEPTH_BOUND = 1000  # libyaml composes recursively: ~0.4 MB of C stack at this depth
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+#: The user and password of a URL (``scheme://user:password@``), up to its last ``@``.
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]*@")
 TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "null": "null",
                "number": "a number", "integer": "an integer", "boolean": "a boolean"}  # fmt: skip
 
@@ -275,13 +277,23 @@ def format_path(path: DocPath) -> str:
             out += f".{part}" if out else part
         elif isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
+        elif isinstance(part, str):
+            out += f"[{json.dumps(without_userinfo(part))}]"
         else:
-            out += f"[{json.dumps(part) if isinstance(part, str) else show_value(part)}]"
+            out += f"[{show_value(part)}]"
     return out
 
 
+def without_userinfo(text: str) -> str:
+    """``text`` with the user and password of every URL in it taken out (``scheme://***@``)."""
+    return _USERINFO.sub(r"\1***@", text) if "://" in text else text
+
+
 def show_value(value: Any) -> str:
+    """A value as a message quotes it: cut short, and no URL's user or password in it (taken
+    out before the cut, which could leave a password without its ``@``)."""
     if isinstance(value, str):
+        value = without_userinfo(value)
         return repr(value if len(value) <= 60 else value[:57] + "...")
     if value is None or isinstance(value, bool):
         return json.dumps(value)

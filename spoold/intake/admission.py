@@ -7,7 +7,8 @@ line and column of what is wrong.
 
 The order is intake's: the schema and the executors' checks (``invalid``), what no schema says
 about the values (``invalid``: NUL characters, references spoold would not resolve, numbers
-that are not finite, durations and sizes past their bounds), the config's ``allowed_run_as``
+that are not finite, durations and sizes past their bounds, variables and scripts longer than
+Linux starts a process with), the config's ``allowed_run_as``
 and the submitter's ``policy:`` (``not_allowed``), the callback (``callback``), and, where a
 spool is given, the job id (``duplicate``). A valid file costs one walk over its values;
 positions are worked out only for a refusal, by composing the text again.
@@ -47,7 +48,9 @@ from spoold.core.policy import Policy, Submitter
 from spoold.core.secrets import SecretAccessDenied
 from spoold.core.spool import Spool
 from spoold.core.units import MAX_DURATION, parse_duration, parse_size
+from spoold.intake.exec_limits import exec_problems
 from spoold.intake.policy_check import policy_problems
+from spoold.intake.redaction import Redaction, quoted
 from spoold.intake.validation import JobValidator, locate
 from spoold.out.outbox import CallbackTarget, callbacks_for
 
@@ -92,7 +95,9 @@ class Refused(SpooldError):
     """A file that is not admitted: ``code`` names the rule, ``issues`` say where and why.
 
     ``reason`` is the one line that rejected/'s reason.json carries; ``document`` is the parsed
-    file where it got that far (its callback then hears of the rejection).
+    file where it got that far (its callback then hears of the rejection). ``values``: the
+    parsed file where it is no ``document`` (it is invalid). Every refusal is worded here, so
+    none quotes what the file's receivers' URLs and secret-named fields hold (``Redaction``).
     """
 
     def __init__(
@@ -101,12 +106,15 @@ class Refused(SpooldError):
         reason: str,
         issues: list[ValidationIssue],
         document: dict[str, Any] | None = None,
+        *,
+        values: Any = None,
     ) -> None:
+        hide = Redaction(document if values is None else values)
         self.code = code
-        self.reason = reason
-        self.issues = issues
+        self.reason = hide.text(reason)
+        self.issues = hide.issues(issues)
         self.document = document
-        super().__init__(reason)
+        super().__init__(self.reason)
 
 
 class Admission:
@@ -175,17 +183,18 @@ class Admission:
         try:
             document = self._validator.parse(data, filename, now=now)
         except InvalidJobFile as exc:
-            issues = _also_in_values(data, filename, exc.issues)
-            raise Refused("invalid", summary(issues), issues) from None
+            values = _loaded(data, filename)
+            issues = _also_in_values(data, values, exc.issues)
+            raise Refused("invalid", summary(issues), issues, values=values) from None
         if problems := value_problems(document):
             issues = _located(_nodes(data), problems)
-            raise Refused("invalid", summary(issues), issues)
+            raise Refused("invalid", summary(issues), issues, values=document)
         job_id = str(document.get("job_id") or job_id or generate_job_id(now))
         try:
             spec = JobSpec.from_document(document, job_id)
         except ValueError as exc:  # the checks above should leave nothing for this
             issue = ValidationIssue(str(exc), "")
-            raise Refused("invalid", str(exc), [issue]) from None
+            raise Refused("invalid", str(exc), [issue], values=document) from None
         if (refused := self._policy_problem(spec)) is not None:
             message, field = refused
             issue = self._issue(data, message, (field,))
@@ -295,16 +304,23 @@ def summary(issues: list[ValidationIssue]) -> str:
     return f"{first.path + ': ' if first.path else ''}{first.message}{where}{more}"
 
 
-def _also_in_values(
-    data: bytes, filename: str, issues: list[ValidationIssue]
-) -> list[ValidationIssue]:
-    """The validator's issues and what the values hold besides, so that one run tells all."""
+def _loaded(data: bytes, filename: str) -> dict[str, Any] | None:
+    """An invalid file's values, where it parses to a mapping small enough to walk."""
     try:
         document = load_document(data, filename)
     except (SpooldError, ValueError):  # it does not parse: the validator said why
-        return issues
+        return None
     if not isinstance(document, dict) or size_problem(document, _MAX_NODES):
-        return issues  # too big to walk (a billion laughs): the validator said so
+        return None  # too big to walk (a billion laughs): the validator said so
+    return document
+
+
+def _also_in_values(
+    data: bytes, document: dict[str, Any] | None, issues: list[ValidationIssue]
+) -> list[ValidationIssue]:
+    """The validator's issues and what the values hold besides, so that one run tells all."""
+    if document is None:
+        return issues
     if not (problems := value_problems(document)):
         return issues
     told = {issue.path for issue in issues}  # `inf` is past the schema's maximum: once is enough
@@ -332,7 +348,7 @@ def value_problems(document: dict[str, Any]) -> list[_Problem]:
             stack.extend(((*path, index), item) for index, item in enumerate(value))
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append((f"must be a finite number (got {value!r})", path, False))
-    return problems + _bound_problems(document)
+    return problems + _bound_problems(document) + exec_problems(document)
 
 
 def _bound_problems(document: dict[str, Any]) -> list[_Problem]:
@@ -347,16 +363,16 @@ def _bound_problems(document: dict[str, Any]) -> list[_Problem]:
         seconds = _parsed(parse_duration, value)
         if seconds is not None and seconds > MAX_DURATION:
             bound = f"{MAX_DURATION} seconds, 10 years"
-            problems.append((f"must be at most {bound} (got {show_value(value)})", path, False))
+            problems.append((f"must be at most {bound} (got {quoted(value, path)})", path, False))
     for base, unit in units:
         memory = _at(unit, ("limits", "memory"))
         size = _parsed(parse_size, memory)
         path = (*base, "limits", "memory")
         if size is not None and size > MAX_MEMORY:
             bound = f"1 PiB, {MAX_MEMORY} bytes"
-            problems.append((f"must be at most {bound} (got {show_value(memory)})", path, False))
+            problems.append((f"must be at most {bound} (got {quoted(memory, path)})", path, False))
         elif size is not None and size < 1:
-            problems.append((f"must be at least 1 byte (got {show_value(memory)})", path, False))
+            problems.append((f"must be at least 1 byte (got {quoted(memory, path)})", path, False))
     return problems
 
 

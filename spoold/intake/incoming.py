@@ -30,6 +30,7 @@ from spoold.core.spool import FileSignature, JobDir, Prepared, Spool, StageLeft,
 from spoold.core.units import format_duration
 from spoold.intake.admission import Admission, Admitted, Refused, display_name, file_problem
 from spoold.intake.policy_check import secret_references, shared_writer_problem
+from spoold.intake.redaction import Redaction
 from spoold.intake.validation import JobValidator
 from spoold.out.outbox import Callbacks
 from spoold.run import observed
@@ -694,12 +695,15 @@ class Intake:
         document: dict[str, Any] | None = None,
         submitter: Submitter | None = None,
     ) -> Rejected:
+        # Refused worded its own already; what intake words itself (an exception's text) too.
+        hide = Redaction(document)
+        reason = hide.text(reason)
         record: dict[str, Any] = {
             "file": display_name(taken.name),
             "rejected_at": rfc3339(self._clock.now()),
             "code": code,
             "reason": reason,
-            "errors": [i.to_dict() for i in issues or ()],
+            "errors": [i.to_dict() for i in hide.issues(issues or ())],
             "size": taken.size,
         }
         if submitter is not None:
@@ -727,8 +731,9 @@ class Intake:
             try:
                 target = self._callbacks.target(candidate)
                 break
-            except CallbackError as exc:
-                self._log.error("rejection of %s: %s", record["file"], exc)
+            except CallbackError as exc:  # its words may quote the URL it could not use
+                self._log.error("rejection of %s: %s", record["file"],
+                                Redaction(candidate).text(str(exc)))  # fmt: skip
         stage = str(taken.stage)
         ident = str(job_id) if isinstance(job_id, str | int) else None
         return self._callbacks.announce_rejection(target, stage, record, ident)

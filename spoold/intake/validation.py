@@ -44,6 +44,7 @@ from spoold.core.documents import (
 from spoold.core.errors import InvalidJobFile, PluginError, ValidationIssue
 from spoold.core.procfs import release_memory
 from spoold.core.units import SIZE_FORMS
+from spoold.intake.redaction import quoted
 
 if TYPE_CHECKING:
     from spoold.run.registry import ExecutorRegistry
@@ -326,18 +327,19 @@ def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_P
         # The pattern is text, not a template: `{0,63}` must not be read as a placeholder.
         fallback = "{} does not match " + value.replace("{", "{{").replace("}", "}}")
         template = _PATTERN_MESSAGES.get(schema.get("title", ""), fallback)
-        yield template.format(show_value(instance)), path, on_key
+        shown = show_value(instance) if on_key else quoted(instance, path)  # a name, or a value
+        yield template.format(shown), path, on_key
     elif kind == "enum" and path[-1:] == ("executor",) and len(path) in (1, 3):
         installed = ", ".join(executors) or "none"
-        yield f"unknown executor {show_value(instance)} (installed: {installed})", path, False
+        yield f"unknown executor {quoted(instance, path)} (installed: {installed})", path, False
     elif kind == "enum":
         yield (
-            f"must be one of: {', '.join(map(str, value))} (got {show_value(instance)})",
+            f"must be one of: {', '.join(map(str, value))} (got {quoted(instance, path)})",
             path,
             False,
         )
     else:
-        yield _simple_message(error), path, False
+        yield _simple_message(error, path), path, False
 
 
 def _why_needed(instance: Any, name: Any) -> str:
@@ -350,12 +352,9 @@ def _why_needed(instance: Any, name: Any) -> str:
     return f" (steps is empty: the job runs as one unit of its executor, with the job's {name})"
 
 
-def _simple_message(error: ValidationError) -> str:
-    kind, value, got = (
-        error.validator,
-        error.validator_value,
-        f" (got {show_value(error.instance)})",
-    )
+def _simple_message(error: ValidationError, path: DocPath) -> str:
+    shown = quoted(error.instance, path)
+    kind, value, got = error.validator, error.validator_value, f" (got {shown})"
     if kind in ("minItems", "minLength", "minProperties") and value == 1:
         return "must not be empty"
     messages: dict[str, Callable[[], str]] = {
@@ -370,11 +369,14 @@ def _simple_message(error: ValidationError) -> str:
         "exclusiveMinimum": lambda: f"must be more than {value}{got}",
         "exclusiveMaximum": lambda: f"must be less than {value}{got}",
         "uniqueItems": lambda: "must not list the same item twice",
-        "format": lambda: f"{show_value(error.instance)} is not a valid {value}",
-        "not": lambda: f"{show_value(error.instance)} is not allowed here{_reason(value)}",
+        "format": lambda: f"{shown} is not a valid {value}",
+        "not": lambda: f"{shown} is not allowed here{_reason(value)}",
     }
     make = messages.get(kind) if isinstance(kind, str) else None
-    return make() if make else error.message
+    if make:
+        return make()
+    # jsonschema's own words quote the value as repr() does: in full, and whatever it is.
+    return error.message.replace(repr(error.instance), shown)
 
 
 def _reason(refused: Any) -> str:
@@ -439,7 +441,7 @@ def _step_problems(document: Mapping[Hashable, Any]) -> list[_Problem]:
     for i, step in enumerate(steps):
         step_id = step.get("id") if isinstance(step, dict) else None
         if isinstance(step_id, str) and step_id in index:
-            message = f"duplicate step id '{step_id}' (also steps[{index[step_id]}])"
+            message = f"duplicate step id {show_value(step_id)} (also steps[{index[step_id]}])"
             problems.append((message, ("steps", i, "id"), False))
         elif isinstance(step_id, str):
             index[step_id] = i
@@ -451,9 +453,13 @@ def _step_problems(document: Mapping[Hashable, Any]) -> list[_Problem]:
         for j, need in enumerate(needs):
             if need not in index:
                 close = difflib.get_close_matches(need, list(index), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = f" (did you mean {show_value(close[0])}?)" if close else ""
                 problems.append(
-                    (f"needs unknown step '{need}'{hint}", ("steps", i, "needs", j), False)
+                    (
+                        f"needs unknown step {show_value(need)}{hint}",
+                        ("steps", i, "needs", j),
+                        False,
+                    )
                 )
     for cycle in _cycles(graph):
         last = index[cycle[-2]]
