@@ -93,17 +93,16 @@ def rejected_rows(spool: Spool) -> list[dict[str, Any]]:
 
 
 def row_text(row: dict[str, Any]) -> str:
-    """One line of ``spoold list`` (a file name, an error: one line, escaped as they come)."""
+    """One line of ``spoold list`` (a file name, an error: one line, escaped as they come,
+    each once: the columns line up as the escaped text is wide)."""
     if "name" in row and row.get("state") == "rejected":
         reason = f"{row.get('code') or '?'}: {row.get('reason') or '(no reason.json)'}"
-        name = printable(row["name"])
-        return printable(
-            f"{name:<40} {'rejected':<10} {'':<8} {row.get('rejected_at') or '':<28} {reason}"
-        )
-    return printable(
-        f"{printable(row['job_id']):<40} {row['state']:<10} {row.get('executor') or '':<8} "
-        f"{row.get('submitted_at') or '':<28} {row.get('error') or ''}"
-    )
+        fields = [row["name"], "rejected", "", row.get("rejected_at") or "", reason]
+    else:
+        fields = [row["job_id"], row["state"], row.get("executor") or "",
+                  row.get("submitted_at") or "", row.get("error") or ""]  # fmt: skip
+    name, state, executor, when, said = (printable(field) for field in fields)
+    return f"{name:<40} {state:<10} {executor:<8} {when:<28} {said}"
 
 
 def row_id(row: dict[str, Any]) -> str:

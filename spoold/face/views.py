@@ -5,6 +5,7 @@ wrote."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import re
 from datetime import UTC, datetime
@@ -32,30 +33,78 @@ _ABOUT_KEYS = ("labels", "description", "continue_on_error")
 # -- text from a submitter ---------------------------------------------------------------------
 
 #: What a terminal acts on instead of showing (C0 controls, DEL, C1 controls: colours, a cleared
-#: screen, a window title, a line overwritten), and the lone surrogates that stand for bytes
-#: that are not UTF-8 (a file name, a job's output), which no UTF-8 terminal can be sent.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: screen, a window title, a line overwritten), the lone surrogates that stand for bytes that
+#: are not UTF-8 (a file name, a job's output), which no UTF-8 terminal can be sent, and the
+#: backslash, doubled: else a name that holds a backslash and an ``n`` could not be told from one
+#: that holds a newline.
+_UNPRINTABLE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 #: The same, but for newlines and tabs: in a text of several lines (a job's log) they stay.
-_UNPRINTABLE_IN_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNPRINTABLE_IN_LINES = re.compile(r"[\\\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _escaped(found: re.Match[str]) -> str:
     code = ord(found.group())
     if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decoded it
         return f"\\x{code - 0xDC00:02x}"
-    return repr(found.group())[1:-1]  # \x1b, \n, \t, \r, \x9b, \ud800
+    return repr(found.group())[1:-1]  # \x1b, \n, \t, \r, \x9b, \ud800, \\
 
 
 def printable(text: object, *, lines: bool = False) -> str:
     """``text`` as the command line shows what a submitter wrote (a file name, a description,
     a label, an error, a job's log): each control character escaped as Python writes it
-    (``\\x1b``, ``\\n``), as spoold's own log writes a file name, and a byte that is not UTF-8
-    as ``\\xff``. The submitter is not trusted (SPEC 13): what they wrote must not drive the
-    operator's terminal, nor add a line of its own to a listing. ``lines``: a text of several
-    lines, whose newlines and tabs stay. ``--json`` output needs none of this: JSON escapes
-    them all."""
+    (``\\x1b``, ``\\n``), as spoold's own log writes a file name, a byte that is not UTF-8
+    as ``\\xff``, and a backslash as ``\\\\`` (so that every escape reads one way back). The
+    submitter is not trusted (SPEC 13): what they wrote must not drive the operator's terminal,
+    nor add a line of its own to a listing. ``lines``: a text of several lines, whose newlines
+    and tabs stay. ``--json`` output needs none of this: JSON escapes them all."""
     pattern = _UNPRINTABLE_IN_LINES if lines else _UNPRINTABLE
     return pattern.sub(_escaped, str(text))
+
+
+class LogText:
+    """A job's log as text for a person (``spoold logs``, the API's log and its streams, the
+    page), from its bytes as they come: ``printable`` with its newlines and tabs, a character
+    split between two pieces decoded whole (``held``: the bytes of one still waiting)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+
+    def text(self, piece: bytes, *, final: bool = False) -> str:
+        """The text of ``piece``; ``final``: nothing follows, bytes held are shown as bytes."""
+        return printable(self._decoder.decode(piece, final), lines=True)
+
+    @property
+    def held(self) -> int:
+        """How many bytes at the end of the pieces so far wait for the rest of a character."""
+        return len(self._decoder.getstate()[0])
+
+
+def log_piece(data: bytes, following: bytes, *, growing: bool) -> tuple[str, int]:
+    """A piece of a log as ``LogText`` shows it, and how many of its bytes that text covers
+    (offsets are the file's bytes): all of them, but for a character cut in two by the piece's
+    end, which the next piece starts with. ``following``: the (up to 3) bytes after ``data`` in
+    the file; ``growing``: the log may still get more (its job runs), so a character cut at its
+    end may yet be completed. A piece that is nothing but part of a character shows it as bytes
+    (``\\xe2``): every piece moves on."""
+    shown = LogText()
+    text = shown.text(data)
+    held = shown.held
+    if not held:
+        return text, len(data)
+    rest = data[-held:] + following
+    needs = 2 if rest[0] < 0xE0 else 3 if rest[0] < 0xF0 else 4  # its first byte says
+    cut_in_two = _decodes(rest[:needs]) if len(rest) >= needs else growing
+    if cut_in_two and held < len(data):
+        return text, len(data) - held
+    return text + shown.text(b"", final=True), len(data)
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # -- one job ----------------------------------------------------------------------------------

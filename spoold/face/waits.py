@@ -7,7 +7,6 @@ the exit code: 0 only if every job succeeded.
 
 from __future__ import annotations
 
-import codecs
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from spoold.core.errors import JobNotFound, SpooldError
 from spoold.face.access import NotAllowed, UsageError, locate, read_status, who
-from spoold.face.views import ended_text, printable
+from spoold.face.views import LogText, ended_text, printable
 
 if TYPE_CHECKING:
     from spoold.core.config import Config
@@ -292,16 +291,15 @@ def give_job_id(data: bytes, job_id: str) -> bytes | None:
 class _LogText:
     """A job's log as ``spoold logs`` shows it: its own output, written by whoever submitted
     the job, with control characters escaped (newlines and tabs aside) and bytes that are not
-    UTF-8 as ``\\xff`` (``printable``), as ``less`` shows them; the log file keeps them as
-    written. A character split between two reads is decoded whole."""
+    UTF-8 as ``\\xff`` (``LogText``, as the API serves it), as ``less`` shows them; the log
+    file keeps them as written."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self._shown = LogText()
         self._out = sys.stdout.buffer
 
     def write(self, chunk: bytes, *, final: bool = False) -> None:
-        text = self._decoder.decode(chunk, final)
-        self._out.write(printable(text, lines=True).encode("utf-8"))
+        self._out.write(self._shown.text(chunk, final=final).encode("utf-8"))
         self._out.flush()
 
 

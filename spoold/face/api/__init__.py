@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
 from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -76,6 +77,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
     for router in (jobs.router, logs.router, schedules.router, system.router):
         app.include_router(router)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(NoStore)
     _errors(app, ctx)
     from spoold.face import page  # noqa: PLC0415 - the web page, behind the same tokens
 
@@ -108,6 +110,31 @@ class HeadAsGet:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, head_only)
+
+
+class NoStore:
+    """``Cache-Control: no-store`` on every answer but the page's static files: what a token or
+    a session shows (jobs, logs, artifacts, the pages) must not be kept by a browser's or a
+    proxy's cache for the next user of either; refusals and the login form with the rest."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(CACHEABLE):
+            await self.app(scope, receive, send)
+            return
+
+        async def no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, no_store)
+
+
+#: The paths of the page's own files, the same for everyone: a cache may keep them.
+CACHEABLE = ("/static/", "/charts.css")
 
 
 def allowed_methods(app: FastAPI, scope: Scope) -> set[str]:

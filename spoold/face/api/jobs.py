@@ -311,7 +311,7 @@ def list_artifacts(
     return list(status.get("artifacts") or [])
 
 
-def _attachment(name: str) -> str:
+def attachment(name: str) -> str:
     """Content-Disposition for a download named ``name`` (RFC 6266): ``filename`` alone for a
     plain name; else an ASCII stand-in there and the name itself in ``filename*`` (RFC 8187:
     UTF-8, percent-encoded), which browsers prefer. Never a byte a header may not carry."""
@@ -352,7 +352,7 @@ def get_artifact(
     except FileNotFoundError:
         raise HTTPException(status_code=404, detail=f"artifact {path!r} is gone") from None
     kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    headers = {"Content-Disposition": _attachment(path.rsplit("/", 1)[-1]),
+    headers = {"Content-Disposition": attachment(path.rsplit("/", 1)[-1]),
                "X-Content-Type-Options": "nosniff"}  # fmt: skip
     headers["Content-Length"] = str(os.fstat(handle.fileno()).st_size)
 

@@ -8,6 +8,11 @@ job ends: as Server-Sent Events when the client accepts ``text/event-stream`` (e
 of whole lines, its ``id`` the byte offset after them, so that a reconnecting EventSource's
 ``Last-Event-ID`` resumes exactly there; an ``end`` event carries the outcome), else as plain
 chunked text (curl). The log file stays open across the job's moves between directories.
+
+What a job wrote is its submitter's, and reaches terminals (``curl ... ?follow=1``): as text,
+a log is escaped as ``spoold logs`` shows it (``LogText``: control characters but newlines and
+tabs, a byte that is not UTF-8, a backslash), a page ending before a character's last byte
+(the next starts with it). ``?raw=1`` gives the bytes as stored, as a download.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from spoold.core.spool import JobDir
 from spoold.face.access import locate
 from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require, still_allowed
 from spoold.face.api.context import ApiContext
-from spoold.face.api.jobs import JobId
+from spoold.face.api.jobs import JobId, attachment
+from spoold.face.views import LogText, log_piece
 
 router = APIRouter(prefix="/api/v1", tags=["logs"], responses=JOB_RESPONSES)
 
@@ -60,7 +66,8 @@ def _open_log(ctx: ApiContext, job_id: str) -> tuple[JobDir, IO[bytes]]:
     "/jobs/{job_id}/log",
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
-                                 "text/event-stream": {"schema": {"type": "string"}}}}},
+                                 "text/event-stream": {"schema": {"type": "string"}},
+                                 "application/octet-stream": {}}}},
 )  # fmt: skip
 async def get_log(
     job_id: JobId,
@@ -70,29 +77,47 @@ async def get_log(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=16 * 1024 * 1024)] = 1024 * 1024,
     follow: bool = False,
+    raw: bool = False,
     last_event_id: Annotated[str | None, Header(max_length=19, pattern=EVENT_ID)] = None,
 ) -> Response:
     """A page of the log (`offset`, `limit` in bytes; past the end: from the end), or with
     `follow=1` the log streamed until the job ends (`text/event-stream` if accepted, else
-    chunked text), from `offset` or the `Last-Event-ID` an EventSource resumes with."""
+    chunked text), from `offset` or the `Last-Event-ID` an EventSource resumes with. As text,
+    control characters are escaped as `spoold logs` shows them; `raw=1`: the bytes as stored
+    (`application/octet-stream`, as a download)."""
     job, log = _open_log(ctx, job_id)
     if follow and last_event_id is not None:
         offset = int(last_event_id)
     # Never seek past the end: the OS refuses offsets its file system cannot hold (EINVAL).
     offset = min(offset, log.seek(0, 2))
+    headers = {"X-Content-Type-Options": "nosniff"}
+    if raw:
+        headers["Content-Disposition"] = attachment(f"{job_id}.log")
     if not follow:
         with log:
             log.seek(offset)
             data = log.read(limit)
+            following = b"" if raw else log.read(3)  # the rest of a character cut at the end
             size = log.seek(0, 2)
-        headers = {"X-Log-Offset": str(offset), "X-Log-Next-Offset": str(offset + len(data)),
-                   "X-Log-Size": str(size), "X-Job-Directory": job.directory}  # fmt: skip
-        return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
+        if raw:
+            body: bytes | str = data
+            used = len(data)
+        else:
+            body, used = log_piece(data, following, growing=job.directory not in _ENDED)
+        headers |= {"X-Log-Offset": str(offset), "X-Log-Next-Offset": str(offset + used),
+                    "X-Log-Size": str(size), "X-Job-Directory": job.directory}  # fmt: skip
+        return Response(body, media_type=_RAW if raw else _TEXT, headers=headers)
     log.seek(offset)
-    following = _Following(ctx, request, job_id, caller)
+    follower = _Following(ctx, request, job_id, caller)
+    if raw:
+        return StreamingResponse(_raw(follower, log), media_type=_RAW, headers=headers)
     if "text/event-stream" in request.headers.get("accept", ""):
-        return EventSourceResponse(_events(following, log, offset))
-    return StreamingResponse(_text(following, log), media_type="text/plain; charset=utf-8")
+        return EventSourceResponse(_events(follower, log, offset))
+    return StreamingResponse(_text(follower, log), media_type=_TEXT, headers=headers)
+
+
+_TEXT = "text/plain; charset=utf-8"
+_RAW = "application/octet-stream"
 
 
 class _Following:
@@ -114,28 +139,40 @@ class _Following:
         return False
 
 
-async def _text(following: _Following, log: IO[bytes]) -> AsyncIterator[bytes]:
+async def _raw(following: _Following, log: IO[bytes]) -> AsyncIterator[bytes]:
     with log:
         async for chunk, _ended in _follow(following, log):
             if chunk:
                 yield chunk
 
 
+async def _text(following: _Following, log: IO[bytes]) -> AsyncIterator[bytes]:
+    shown = LogText()
+    with log:
+        async for chunk, ended in _follow(following, log):
+            if text := shown.text(chunk, final=ended is not None):
+                yield text.encode("utf-8")
+
+
 async def _events(following: _Following, log: IO[bytes], offset: int) -> AsyncIterator[bytes]:
     """SSE: whole lines only (a line still being written waits for its end, or the job's)."""
     held = b""
+    shown = LogText()
     quiet_since = time.monotonic()
     yield format_sse_event(retry=2000, comment="spoold log stream")
     with log:
         async for chunk, ended in _follow(following, log):
             held += chunk
             cut = len(held) if ended or len(held) >= CHUNK else held.rfind(b"\n") + 1
-            if cut > 0:
+            if cut > 0 or ended is not None:
                 lines, held = held[:cut], held[cut:]
                 offset += len(lines)
-                text = lines.decode("utf-8", "replace").removesuffix("\n")
-                yield format_sse_event(data_str=text, id=str(offset))
-                quiet_since = time.monotonic()
+                if text := shown.text(lines, final=ended is not None):
+                    # A long line cut at CHUNK may end inside a character: the event's id is
+                    # where that character starts, which the next event begins with.
+                    yield format_sse_event(data_str=text.removesuffix("\n"),
+                                           id=str(offset - shown.held))  # fmt: skip
+                    quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= KEEPALIVE:
                 yield KEEPALIVE_COMMENT
                 quiet_since = time.monotonic()

@@ -56,7 +56,7 @@ from spoold.face.page.session import (
     session_token,
 )
 from spoold.face.tokens import authenticate
-from spoold.face.views import delivery_shown, printable
+from spoold.face.views import delivery_shown, log_piece, printable
 from spoold.out.messages import url_shown
 
 HERE = Path(__file__).parent
@@ -634,9 +634,9 @@ def _needs(ctx: ApiContext, where: Any, status: dict[str, Any]) -> dict[str, lis
 
 
 def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int, int]:
-    """The last LOG_TAIL bytes of the log from a line's start, and where they start and end,
-    in bytes of the file (never from the text decoded and encoded again: bytes that are not
-    UTF-8 become U+FFFD, three bytes, and the live log would start after the wrong byte)."""
+    """The last LOG_TAIL bytes of the log from a line's start, as the API's log shows them
+    (``log_piece``), and where they start and end, in bytes of the file (never from the text
+    encoded again: it is not the bytes, and the live log would start after the wrong byte)."""
     try:
         with ctx.spool.jobs.read_log(where) as log:
             size = log.seek(0, 2)
@@ -648,7 +648,9 @@ def _log_tail(ctx: ApiContext, where: Any) -> tuple[str, int, int]:
     if start:
         cut = data.find(b"\n") + 1
         data, start = data[cut:], start + cut
-    return data.decode("utf-8", "replace"), start, start + len(data)
+    growing = where.directory in ("pending", "running")
+    text, used = log_piece(data, b"", growing=growing)
+    return text, start, start + used
 
 
 def _deliveries(ctx: ApiContext, job_id: str) -> list[dict[str, Any]]:
@@ -684,42 +686,79 @@ def masked_job_file(data: bytes) -> JobFile:
             document, duplicates = read_json(text)
     except InvalidJobFile:
         return JobFile("", "not shown: it cannot be parsed, so its secret values are not known")
-    found = Masker()
-    found.collect(document)
-    masker = Masker(value for value in found.values() if not _REFERENCE.fullmatch(value))
-    hook = _callback_url(document)
-    verbatim = all(value in text for value in masker.values()) and (hook is None or hook in text)
+    # The values as the document has them (a Masker's values() adds forms of its own, which
+    # the text need not hold); a reference is not a secret: it says where the value comes from.
+    values = [value for value in _secret_strings(document) if not _REFERENCE.fullmatch(value)]
+    masker = Masker(values)
+    hidden: set[str] = set()
+    _urls_hidden(document, hidden)
+    verbatim = all(value in text for value in (*values, *hidden))
     # (A key given twice keeps only its last value in the document: the first is known nowhere.)
     if verbatim and not duplicates and not _opaque_secret(document):
         masked = _SECRET_VALUE.sub(_masked_line, masker.mask_text(text))
-        if hook is not None:
-            masked = masked.replace(masker.mask_text(hook), _hook_shown(hook))
-        return JobFile(masked)
+        for url in sorted(hidden, key=len, reverse=True):  # one inside another: the whole first
+            masked = masked.replace(masker.mask_text(url), _url_hidden(url))
+        # What the document does not hold: a URL with a password in a comment.
+        return JobFile(_USER_URL.sub(lambda found: _url_hidden(found.group()), masked))
     import yaml  # noqa: PLC0415
 
-    parsed = masker.mask_data(document)
-    if hook is not None:
-        parsed["callback"]["url"] = _hook_shown(hook)
+    parsed = _urls_hidden(masker.mask_data(document), set())
     shown = yaml.safe_dump(parsed, sort_keys=False, allow_unicode=True)
     return JobFile(shown, "shown parsed, not as submitted: a secret value in it is spelled in a "
                           "way that cannot be found in its text")  # fmt: skip
 
 
-def _callback_url(document: Any) -> str | None:
-    """The job's callback URL: shown as the deliveries' (``_hook_shown``), its user, password,
-    path and query (a webhook's key) being the receiver's secrets."""
-    callback = document.get("callback") if isinstance(document, dict) else None
-    url = callback.get("url") if isinstance(callback, dict) else None
-    return url if isinstance(url, str) and url else None
+#: Where a job file sends something: every ``url`` under these keys is a receiver's, whose
+#: user, password, path and query are its secrets (a chat webhook's URL is its key).
+_SENDS_TO = ("callback", "notify")
+#: A URL with a user (and a password) in it, wherever it stands: up to a space or a quote.
+_USER_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@'\"<>]*@[^\s'\"<>]*")
 
 
-def _hook_shown(url: str) -> str:
-    return f"{url_shown(url)}/{MASK}"
+def _urls_hidden(data: Any, hidden: set[str], *, sends: bool = False, url: bool = False) -> Any:
+    """``data`` (a parsed job file) with the URLs it sends to and every URL with a user in it
+    shown as ``_url_hidden`` does, as the deliveries show them; each URL as it was added to
+    ``hidden``. ``sends``: under callback or notify; ``url``: the value of a ``url`` key there.
+    """
+    if isinstance(data, dict):
+        return {key: _urls_hidden(value, hidden, sends=sends or key in _SENDS_TO,
+                                  url=(sends or key in _SENDS_TO) and key == "url")
+                for key, value in data.items()}  # fmt: skip
+    if isinstance(data, list):
+        return [_urls_hidden(item, hidden, sends=sends) for item in data]
+    if not isinstance(data, str):
+        return data
+    if url and data and not _REFERENCE.fullmatch(data):
+        hidden.add(data)
+        return _url_hidden(data)
+
+    def one(found: re.Match[str]) -> str:
+        hidden.add(found.group())
+        return _url_hidden(found.group())
+
+    return _USER_URL.sub(one, data)
+
+
+def _url_hidden(url: str) -> str:
+    """``http://host:port/***``: where a URL goes, as spoold's log says it, and that there is
+    more, not shown."""
+    shown = url_shown(url)
+    return f"{shown}/{MASK}" if "://" in shown else MASK
 
 
 def _masked_line(match: re.Match[str]) -> str:
     quote = match["quote"]
     return f"{match['key']}{quote}{MASK}{quote}{match['end']}"
+
+
+def _secret_strings(data: Any, *, secret: bool = False) -> list[str]:
+    """The strings of secret-named fields, at any depth (what ``Masker.collect`` masks)."""
+    if isinstance(data, dict):
+        return [found for key, value in data.items() for found in _secret_strings(
+            value, secret=secret or (isinstance(key, str) and is_secret_field(key)))]  # fmt: skip
+    if isinstance(data, list):
+        return [found for item in data for found in _secret_strings(item, secret=secret)]
+    return [data] if secret and isinstance(data, str) and data.strip() else []
 
 
 def _opaque_secret(data: Any, *, secret: bool = False) -> bool:

@@ -40,22 +40,36 @@ const OLDER_STEP = 65536;
 // A line longer than this (no newline in it) is shown in parts, cut between characters.
 const OLDER_MOST = 16 * OLDER_STEP;
 
+// The log's text from byte `from` to byte `end`, as the API escapes it (control characters as
+// `spoold logs` shows them); null if the log is not what it was.
+async function logText(base, from, end) {
+  if (from >= end) return "";
+  const url = new URL(base, window.location.href);
+  url.searchParams.set("offset", String(from));
+  url.searchParams.set("limit", String(end - from));
+  const answer = await fetch(url, {credentials: "same-origin"});
+  if (!answer.ok || answer.headers.get("X-Log-Next-Offset") !== String(end)) return null;
+  return answer.text();
+}
+
 // Older lines: the bytes before the first one shown, by byte offsets as the API counts them.
-// Cut in the bytes, at a newline, and decoded only then: a chunk may start in the middle of a
-// character, and text decoded and encoded again is not the bytes it came from (a U+FFFD for
-// the part of a character, three bytes), which shifted each step and showed bytes twice.
+// Cut in the bytes as stored (raw=1), at a newline, and only then asked for as text: a chunk
+// may start in the middle of a character, and text is not the bytes it came from (an escape
+// is longer than its character), which would shift each step and show bytes twice.
 async function older(button) {
   if (button.disabled) return;
   button.disabled = true;
   try {
     const log = document.getElementById("log");
-    let start = Number(button.dataset.start);
+    const end = Number(button.dataset.start);
+    let start = end;
     let held = new Uint8Array(0);  // bytes before `start` not shown yet: no line start in them
     while (start > 0) {
       const from = Math.max(start - OLDER_STEP, 0);
       const url = new URL(button.dataset.url, window.location.href);
       url.searchParams.set("offset", String(from));
       url.searchParams.set("limit", String(start - from));
+      url.searchParams.set("raw", "1");
       const answer = await fetch(url, {credentials: "same-origin"});
       if (!answer.ok) return;
       const got = new Uint8Array(await answer.arrayBuffer());
@@ -77,7 +91,9 @@ async function older(button) {
           while (cut < bytes.length && (bytes[cut] & 0xc0) === 0x80) cut += 1;
         }
       }
-      log.prepend(document.createTextNode(new TextDecoder().decode(bytes.subarray(cut))));
+      const text = await logText(button.dataset.url, from + cut, end);
+      if (text === null) return;
+      log.prepend(document.createTextNode(text));
       button.dataset.start = String(from + cut);
       if (from + cut <= 0) button.remove();
       return;
