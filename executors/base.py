@@ -56,9 +56,10 @@ class RunContext:
     #: another host) copies the matching files from there into ``workdir`` first.
     artifacts: tuple[ArtifactSpec, ...] = ()
     #: The part of ``env`` that is the job's own: its variables, its secrets' variables and
-    #: spoold's about the job (``JOB_ID``, ``SPOOLD_*``, ``RUNNER_*``). ``env`` adds spoold's
-    #: inherited environment, which describes this host: an executor that runs elsewhere (a
-    #: container, another host) passes on only this.
+    #: spoold's about the job (``JOB_ID``, ``SPOOLD_*``, ``RUNNER_*``). ``env`` adds what of
+    #: this host a local process needs (``PATH``, the locale, ``TZ``, the user's ``HOME``,
+    #: what the config's ``pass_env`` names: never the rest of spoold's own environment): an
+    #: executor that runs elsewhere (a container, another host) passes on only ``job_env``.
     job_env: Mapping[str, str] = field(default_factory=dict)
     #: The operator's settings for this executor: the config's ``executors: {NAME: {...}}``.
     settings: Mapping[str, Any] = field(default_factory=dict)

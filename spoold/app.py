@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if args.daemon:
         close_logging()  # its files would be closed under it, their numbers reused
         detach(args.pidfile.absolute() if args.pidfile else None)
-        configure_logging(config)
+        configure_logging(config, warn=False)  # said before it detached
         daemon.systemd = Systemd()  # a new pid: WATCHDOG_PID names the process that detached
     return daemon.run()
 

@@ -64,9 +64,10 @@ class Parts:
         ``Setup.executors``); none: every entry point's, loaded and checked now."""
         clock = clock or SystemClock()
         masker = Masker()
-        logger = configure_logging(config, masker)
-        spool = Spool(config.spool, durable=config.durable, host=config.host_id)
         executors = tuple(executors)
+        # Said once, by the main process: a worker process's would repeat it at each start.
+        logger = configure_logging(config, masker, warn=not executors)
+        spool = Spool(config.spool, durable=config.durable, host=config.host_id)
         registry = (
             ExecutorRegistry({}, executors) if executors else ExecutorRegistry.from_entry_points()
         )

@@ -65,6 +65,9 @@ def write_config(path: Path, spool: Path, **overrides: Any) -> Path:
         "shutdown_grace": "2s",
         "lease_timeout": "3s",
         "heartbeat_interval": "500ms",
+        # Jobs get none of spoold's environment but what pass_env names: the leak guard's
+        # token (tests/conftest.py) finds the processes a test's jobs leave behind.
+        "pass_env": ["SPOOLD_TEST_LEAK_GUARD"],
     }
     config.update(overrides)
     path.write_text(yaml.safe_dump(config))

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from spoold.core.retry import RetryPolicy
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
+#: Keys whose values a message about them never shows (it says their kind): a config error
+#: goes to stderr and spoold's log, which more people read than the config.
+_SECRET_KEY = re.compile(r"(?:secret|password|api_key|api_token|token)\Z", re.IGNORECASE)
 #: Enough of a mail address to refuse what is surely none (the server decides the rest).
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 DEFAULT_SPOOL = Path("spool")
@@ -293,7 +296,7 @@ class MailSettings(NamedTuple):
             from spoold.core.secrets import NAME_RULE, SECRET_NAME  # noqa: PLC0415
 
             if not isinstance(secret, str) or not SECRET_NAME.fullmatch(secret):
-                raise ConfigError(f"key mail.password_secret: {secret!r}: {NAME_RULE}")
+                raise ConfigError(f"key mail.password_secret: {_kind_of(secret)}: {NAME_RULE}")
         sender = _of_kind("mail.from", document.get("from", f"spoold@{hostname}"), str,
                           "a mail address")  # fmt: skip
         if not _ADDRESS.fullmatch(sender):
@@ -344,6 +347,10 @@ class Config(NamedTuple):
     max_file_size: int = 1024 * 1024
     #: A job's log keeps at most this much of its output (``limits.max_log_size``).
     max_log_size: int | None = 100 * 1024 * 1024
+    #: Of one attempt's artifacts, at most this many files and bytes (apparent sizes) are kept
+    #: (``limits.max_artifacts``, ``limits.max_artifacts_size``); what passes one is left out.
+    max_artifacts: int = 1000
+    max_artifacts_size: int = 1024 * 1024 * 1024
     #: At most this many jobs of an executor at once (``limits.executors``), beyond ``workers``.
     executor_limits: Mapping[str, int] = {}
     workdir: Path | None = None
@@ -370,6 +377,9 @@ class Config(NamedTuple):
     retention: Retention = Retention()
     #: The users a job may name in ``run_as:``; none by default.
     allowed_run_as: tuple[str, ...] = ()
+    #: What local and custom jobs and hooks get of the daemon's environment beyond PATH,
+    #: the locale and TZ (``pass_env:``): names, or shell patterns (``AWS_*``).
+    pass_env: tuple[str, ...] = ()
     #: Who local and custom jobs, hooks and steps run as when spoold may switch users
     #: (``job_user:``): one account, or one per worker slot so that jobs running at the same
     #: time cannot reach each other. ``root`` only when the config says so.
@@ -489,6 +499,10 @@ def _check_schema(document: dict[str, Any], path: Path) -> None:
 
 
 def _describe(error: Any) -> str:
+    if error.validator != "additionalProperties" and _holds_secret(
+        error.absolute_path, error.instance
+    ):
+        return _describe_hidden(error)
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
@@ -499,6 +513,38 @@ def _describe(error: Any) -> str:
     if error.validator == "oneOf":
         return f"key {key}: {error.instance!r} is not valid ({error.schema.get('description', '')})"
     return f"key {key}: {error.message}"
+
+
+def _holds_secret(path: Any, instance: Any) -> bool:
+    """Whether a key on ``path`` names a secret, or ``instance`` holds one at any depth."""
+    if any(isinstance(key, str) and _SECRET_KEY.search(key) for key in path):
+        return True
+    if isinstance(instance, dict):
+        return any(_holds_secret([key], value) for key, value in instance.items())
+    if isinstance(instance, list):
+        return any(_holds_secret((), item) for item in instance)
+    return False
+
+
+def _describe_hidden(error: Any) -> str:
+    """What is wrong with a value that holds a secret, said without the value."""
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    kind = _kind_of(error.instance)
+    if error.validator == "type":
+        wanted = error.validator_value
+        wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
+        return f"key {key}: {kind} is not of type {wanted!r} (not shown: it holds a secret)"
+    rule = error.schema.get("description") or f"the schema's {error.validator!r} rule"
+    return f"key {key}: its value ({kind}, not shown: it holds a secret) does not fit: {rule}"
+
+
+def _kind_of(value: Any) -> str:
+    """``value``'s kind in words (``an integer``), for a message that must not show it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "null"}  # fmt: skip
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
@@ -536,9 +582,13 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
             values[key] = _parsed(key, doc[key], parse_duration)
             _at_least(key, values[key])
     limits = _of_kind("limits", doc.get("limits", {}), dict, "a mapping")
-    for key in ("max_file_size", "max_log_size"):
+    for key in ("max_file_size", "max_log_size", "max_artifacts_size"):
         if key in limits:
             values[key] = _parsed(f"limits.{key}", limits[key], parse_size)
+    if "max_artifacts" in limits:
+        values["max_artifacts"] = _of_kind(
+            "limits.max_artifacts", limits["max_artifacts"], int, "a whole number"
+        )
     if "executors" in limits:
         caps = _of_kind("limits.executors", limits["executors"], dict, "a mapping")
         values["executor_limits"] = {
@@ -558,6 +608,11 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
         users = _of_kind("allowed_run_as", doc["allowed_run_as"], list, "a list of user names")
         values["allowed_run_as"] = tuple(
             _of_kind("allowed_run_as", user, str, "a list of user names") for user in users
+        )
+    if "pass_env" in doc:
+        names = _of_kind("pass_env", doc["pass_env"], list, "a list of variable names")
+        values["pass_env"] = tuple(
+            _of_kind("pass_env", name, str, "a list of variable names") for name in names
         )
     if "job_user" in doc:
         named = doc["job_user"]
@@ -668,7 +723,8 @@ def _of_kind(key: str, value: Any, kind: type, what: str) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"key {key}: {value!r} is not {what}")
+        shown = _kind_of(value) if _holds_secret(key.split("."), value) else repr(value)
+        raise ConfigError(f"key {key}: {shown} is not {what}")
     return value
 
 
@@ -676,6 +732,8 @@ def _parsed(key: str, value: Any, parse: Any) -> Any:
     try:
         return parse(value)
     except (ValueError, TypeError, AttributeError) as exc:  # the last two: a wrong kind
+        if _holds_secret(key.split("."), value):  # a parser's message may quote the value
+            raise ConfigError(f"key {key}: {_kind_of(value)} that cannot be used") from None
         raise ConfigError(f"key {key}: {exc}") from exc
 
 

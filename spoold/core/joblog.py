@@ -4,8 +4,13 @@ Bounded whatever the output's shape: a line keeps at most ``LINE_BOUND`` bytes (
 how long it was), ``OutputStream`` holds at most ``HELD_BYTES`` of an unfinished line, and past
 ``limit`` no more output is kept.
 
+The job's bytes are written as they came, a byte that is not UTF-8 included: such bytes are
+decoded as lone surrogates (``surrogateescape``), which the mask leaves alone and encoding
+turns back into the same bytes. The tee and the tap, text for a terminal and a socket, get
+U+FFFD for them instead.
+
 At disk speed: the lines of a chunk of output share one stamp, and where nothing but the stamp
-is to be added (no mask to apply, valid UTF-8, no line to cut) they are written with bytes
+is to be added (no mask to apply, no line to cut) they are written with bytes
 operations, not one by one; past the limit they are only counted.
 """
 
@@ -28,11 +33,14 @@ _TAIL_CHARS = 4096  # of each line in the tail: what limits.explain looks for is
 #: the masker's pattern (a lookahead at every character).
 _FEW_SECRETS = 16
 
-#: The most of one line of output the log keeps, in bytes as written (decoded and masked).
+#: The most of one line of output the log keeps, in bytes as written (masked).
 LINE_BOUND = 64 * 1024
-#: Lines up to this many bytes cannot exceed LINE_BOUND once written: each byte becomes at
-#: most 3 (an invalid byte's U+FFFD), and masking at most triples a text (a 1-character secret).
-_SHORT_LINE = LINE_BOUND // 9
+#: Lines up to this many bytes cannot exceed LINE_BOUND once written: each byte is written as
+#: it came, and masking at most triples a text (a 1-character secret).
+_SHORT_LINE = LINE_BOUND // 3
+#: How output is decoded to be masked: a byte that is not UTF-8 becomes a lone surrogate that
+#: encoding with the same handler turns back into that byte.
+_BYTES = "surrogateescape"
 #: What an OutputStream holds of a line before it cuts it: the bound, and past it enough to
 #: see whole any secret that starts before the cut (a secret file holds at most
 #: MAX_SECRET_SIZE), so that no part of one is written.
@@ -191,7 +199,7 @@ class JobLog:
         if len(line) > _SHORT_LINE:
             self._long_output(line, stderr)
             return
-        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        text = line.decode("utf-8", _BYTES).rstrip("\r\n")
         self._tail_add(text)
         if self._reached_limit():
             return
@@ -203,8 +211,8 @@ class JobLog:
         """Whole lines the job printed, ``data[start:end]``, each ending in a newline: logged as
         ``output`` logs them one by one, except that lines read together share one stamp.
 
-        Where nothing but the stamp needs adding (valid UTF-8, no ``\\r\\n``, no line to cut,
-        nothing to mask) the lines are written with bytes operations, not one by one; past
+        Where nothing but the stamp needs adding (no ``\\r\\n``, no line to cut, nothing to
+        mask) the lines are written with bytes operations, not one by one; past
         the limit they are only counted.
         """
         end = len(data) if end is None else end
@@ -238,20 +246,15 @@ class JobLog:
         nothing else changed, as ``output`` would log it line by line."""
         if b"\r" in piece and b"\r\n" in piece:  # the first is memchr: no "\r" costs least
             return False  # output strips a line's "\r" before its newline
-        text = None
-        if not piece.isascii():
-            try:
-                text = piece.decode()
-            except UnicodeDecodeError:
-                return False  # output replaces what is invalid
         if self._mask is None:
-            return True
+            return True  # bytes that are not UTF-8 too: output writes them back as they came
         if self._masker is not None and len(secrets := self._masker.values()) <= _FEW_SECRETS:
             if secrets != self._secrets[0]:  # values are added while a job runs
                 self._secrets = (secrets, tuple(value.encode() for value in secrets))
-            # Valid UTF-8 holds a value's bytes only where it holds the value.
+            # The bytes hold a value's bytes only where the text holds the value: a value
+            # starts with no continuation byte, so what comes before it cannot take it in.
             return not any(value in piece for value in self._secrets[1])
-        text = piece.decode() if text is None else text
+        text = piece.decode("utf-8", _BYTES)
         # A mask that leaves all of the text alone leaves each line of it alone.
         return self._mask(text) == text
 
@@ -318,8 +321,8 @@ class JobLog:
         """The first ``HELD_BYTES`` of a line too long to hold whole: its first ``LINE_BOUND``
         bytes are written, masked as the whole line would be. True if they were written
         (call ``line_cut`` once the line has ended), False if the log is full."""
-        near = self._masked(start[:LINE_BOUND].decode("utf-8", errors="replace"))
-        far = self._masked(start.decode("utf-8", errors="replace"))
+        near = self._masked(start[:LINE_BOUND].decode("utf-8", _BYTES))
+        far = self._masked(start.decode("utf-8", _BYTES))
         self._tail_add(near[:_TAIL_CHARS])
         if not far.startswith(near):
             # Its end is not what the longer text masks to: the start of a secret that runs
@@ -338,7 +341,7 @@ class JobLog:
                    f"{LINE_BOUND} bytes are kept")  # fmt: skip
 
     def _long_output(self, line: bytes, stderr: bool) -> None:
-        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        text = line.decode("utf-8", _BYTES).rstrip("\r\n")
         self._tail_add(text[:_TAIL_CHARS])
         if self._reached_limit():
             return
@@ -366,9 +369,10 @@ class JobLog:
         return text if self._mask is None else self._mask(text)
 
     def tail(self) -> list[str]:
-        """The job's last lines of output (unmasked: for spoold to read, never to write)."""
+        """The job's last lines of output (unmasked: for spoold to read, never to write), a
+        byte that is not UTF-8 as U+FFFD (they go into status.json)."""
         self._flush_recent()
-        return list(self._tail)
+        return [text if text.isascii() else _shown(text) for text in self._tail]
 
     def _write(self, level: str, text: str, *, masked: bool = False) -> None:
         stamp = rfc3339(self._clock.now())
@@ -376,14 +380,17 @@ class JobLog:
             text = self._mask(text)
         prefix = self._prefix
         data = "".join(format_line(stamp, level, prefix + part) for part in text.split("\n"))
-        self._emit(data.encode(), data)
+        try:
+            self._emit(data.encode(), data)
+        except UnicodeEncodeError:  # output's bytes that are not UTF-8, as _BYTES decoded them
+            self._emit(_written(data), None)
 
     def _emit(self, data: bytes, text: str | None) -> None:
         """Log lines into the file, the tee and the tap; ``text``: ``data`` decoded, if at hand."""
         sink = self._sink
         with sink.lock:
             if text is None and (sink.tee is not None or sink.tap is not None):
-                text = data.decode()
+                text = data.decode("utf-8", "replace")
             if sink.tee is not None:
                 assert text is not None
                 sink.tee.write(text)
@@ -494,15 +501,45 @@ class OutputStream:
         self._start_written = False
 
 
+def _written(text: str) -> bytes:
+    """``text`` as the file takes it: the bytes _BYTES decoded as lone surrogates as they were
+    (any other lone surrogate, which no output decodes to, as ``?``)."""
+    try:
+        return text.encode("utf-8", _BYTES)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+def _shown(text: str) -> str:
+    """``text`` for a reader of text: each byte that is not UTF-8 as U+FFFD."""
+    return _written(text).decode("utf-8", "replace")
+
+
 def _cut(text: str) -> tuple[str, bool]:
-    """``text`` cut to at most LINE_BOUND bytes of UTF-8 (never inside a character), and
+    """``text`` cut to at most LINE_BOUND bytes as written (never inside a character), and
     whether it was cut."""
     if len(text) <= LINE_BOUND // 4:
         return text, False
-    data = text.encode()
+    data = _written(text)
     if len(data) <= LINE_BOUND:
         return text, False
-    return data[:LINE_BOUND].decode("utf-8", errors="ignore"), True
+    end = start = LINE_BOUND
+    while start > LINE_BOUND - 3 and 0x80 <= data[start - 1] < 0xC0:  # continuation bytes
+        start -= 1
+    start -= 1  # where the last character before the cut starts, if it is one
+    first = data[start]
+    length = 2 if first < 0xE0 else 3 if first < 0xF0 else 4
+    if first >= 0xC2 and start + length > end and _valid(data[start : start + length]):
+        end = start  # a character the cut would split: left out whole
+    return data[:end].decode("utf-8", _BYTES), True
+
+
+def _valid(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _fitting(data: bytes, room: int, width: int) -> int:

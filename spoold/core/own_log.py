@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +23,11 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(name)s: %(message)s"
 #: What a continuation line of a multi-line event (a traceback) starts with in the plain form.
 CONTINUATION = "    "
+#: The modes of a logdir spoold makes (and of the parents it makes for it) and of spoold.log,
+#: whatever the umask: the log names job ids, submitters and errors, for no other user to read
+#: (nor for jobs, which run as other users).
+LOGDIR_MODE = 0o750
+LOG_FILE_MODE = 0o640
 
 
 def syslog_priority(level: int) -> int:
@@ -78,10 +86,13 @@ def stderr_is_journal(stream: TextIO | None = None, env: Mapping[str, str] | Non
     return expected == f"{info.st_dev}:{info.st_ino}"
 
 
-def configure_logging(config: Config, masker: Masker | None = None) -> logging.Logger:
+def configure_logging(
+    config: Config, masker: Masker | None = None, *, warn: bool = True
+) -> logging.Logger:
     """spoold's own log: standard error (journald under systemd), and logdir/spoold.log if set.
 
-    ``masker``: the secrets read in this process, masked in every line.
+    ``masker``: the secrets read in this process, masked in every line. ``warn``: say, in the
+    log, when a logdir or spoold.log that was there already is readable by other users.
     """
     logger = logging.getLogger("spoold")
     logger.setLevel(config.log_level.upper())
@@ -89,14 +100,78 @@ def configure_logging(config: Config, masker: Masker | None = None) -> logging.L
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(LineFormatter(journal=stderr_is_journal(sys.stderr), masker=masker))
     handlers: list[logging.Handler] = [stream]
+    exposed: list[str] = []
     if config.logdir is not None:
         file = _log_file(config.logdir)
         file.setFormatter(LineFormatter(masker=masker))
         handlers.append(file)
+        exposed = exposed_logs(config.logdir) if warn else []
     close_logging()
     for handler in handlers:
         logger.addHandler(handler)
+    for warning in exposed:
+        logger.warning(warning)
     return logger
+
+
+def exposed_logs(logdir: Path) -> list[str]:
+    """A warning for logdir and for its spoold.log if other users may read it, with the fix:
+    one that spoold did not make is the operator's, whose mode spoold does not change."""
+    warnings = []
+    for path, what in ((logdir, "directory"), (logdir / "spoold.log", "file")):
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & (stat.S_IROTH | stat.S_IWOTH):
+            warnings.append(
+                f"logdir: the {what} {path} may be read by every local user (mode "
+                f"{stat.S_IMODE(mode):04o}), jobs included: spoold's log names job ids, "
+                f"submitters and errors; run chmod o-rwx {path}"
+            )
+    return warnings
+
+
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler whose file, when it makes it (at start, or after a rotation),
+    is LOG_FILE_MODE whatever the umask."""
+
+    def _open(self) -> io.TextIOWrapper:
+        # Appended to, as the handler's default mode "a" would.
+        return open(_log_fd(self.baseFilename), "a", encoding=self.encoding, errors=self.errors)
+
+
+def _log_fd(path: str) -> int:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    for _ in range(3):  # bounded: each round lost a race with a rotation
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+        except FileExistsError:
+            try:
+                return os.open(path, flags)
+            except FileNotFoundError:
+                continue
+        os.fchmod(fd, LOG_FILE_MODE)  # the umask may have taken bits from it
+        return fd
+    return os.open(path, flags | os.O_CREAT, LOG_FILE_MODE)
+
+
+def _make_logdir(logdir: Path) -> None:
+    """logdir and the parents it lacks, each LOGDIR_MODE whatever the umask (Path.mkdir gives
+    the parents the umask's mode)."""
+    missing = []
+    where = logdir.absolute()
+    while not os.path.lexists(where) and where != where.parent:  # bounded: the path's depth
+        missing.append(where)
+        where = where.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(LOGDIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs
+        path.chmod(LOGDIR_MODE)
+    if not logdir.is_dir():
+        raise FileExistsError(errno.EEXIST, "not a directory", str(logdir))
 
 
 def _log_file(logdir: Path) -> logging.Handler:
@@ -105,8 +180,8 @@ def _log_file(logdir: Path) -> logging.Handler:
     process alike; a plain FileHandler wrote on into the rotated file for ever. ConfigError
     naming the key where the directory cannot be made or the file opened."""
     try:
-        logdir.mkdir(parents=True, exist_ok=True)
-        return logging.handlers.WatchedFileHandler(logdir / "spoold.log")
+        _make_logdir(logdir)
+        return _LogFile(logdir / "spoold.log")
     except FileExistsError:
         raise ConfigError(
             f"key logdir: {logdir} is not a directory: spoold writes spoold.log into it; "

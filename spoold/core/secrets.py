@@ -7,6 +7,7 @@ per job (or per daemon), and passes them to whatever writes.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from spoold.core.errors import SecretError
 
@@ -35,6 +37,10 @@ SECRET_FIELD = re.compile(r"(?:secret|password|api_key|api_token)\Z", re.IGNOREC
 
 #: What a secret value is replaced with.
 MASK = "***"
+
+#: A secret shorter than this is still masked, but found inside ordinary words too ("ab" makes
+#: "table" "t***le"), which gives it away by context: spoold warns when it reads one.
+SHORT_SECRET = 4
 
 # The job log is masked one line at a time, so a multi-line value is also masked line by line;
 # shorter lines ("-----", "==") would mask ordinary output without protecting anything.
@@ -208,25 +214,34 @@ class Masker:
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._values: frozenset[str] = frozenset()
+        # The values added, then the forms derived from them (values()): in this order a
+        # Masker given them derives the same forms and skips them when they come.
+        self._added: tuple[str, ...] = ()
+        self._derived: tuple[str, ...] = ()
         # Readers take this one reference without the lock: add() swaps in a whole new pattern.
         self._pattern: re.Pattern[str] | None = None
         for value in values:
             self.add(value)
 
     def add(self, value: str) -> None:
-        """Mask ``value`` from now on (and each line of it, if it has several)."""
-        new = _registered_forms(value)
-        if not new:
+        """Mask ``value`` from now on: as it is, each line of it if it has several, and the
+        forms a remote or an error message turns it into (escaped, URL-encoded)."""
+        if value in self._values or not value.strip():
             return
+        forms = _registered_forms(value)
         with self._lock:
-            if new <= self._values:
+            if value in self._values:
                 return
-            self._values = self._values | new
+            derived = tuple(form for form in forms if form not in self._values and form != value)
+            self._values = self._values | {value, *derived}
+            self._added = (*self._added, value)
+            self._derived = (*self._derived, *derived)
             self._pattern = _compile(self._values)
 
     def values(self) -> tuple[str, ...]:
-        """What it masks: given to a Masker elsewhere (a job's supervisor), it masks the same."""
-        return tuple(self._values)
+        """What it masks, every form included (the values added first): given to a Masker
+        elsewhere (a job's supervisor), it masks the same."""
+        return self._added + self._derived
 
     def __bool__(self) -> bool:
         """Whether any value is known (else mask_text changes nothing)."""
@@ -291,13 +306,32 @@ class Masker:
                 self._collect(item, inside_secret=inside_secret)
 
 
-def _registered_forms(value: str) -> frozenset[str]:
-    if not value.strip():
-        return frozenset()
-    forms = {value}
+def _registered_forms(value: str) -> list[str]:
+    """``value``, its lines if it has several, and how it reads once escaped or encoded:
+    a fixed few forms of the whole value (not of each line), so the cost is bounded."""
+    forms = [value]
     if "\n" in value or "\r" in value:
         for raw_line in value.splitlines():
             line = raw_line.strip()
             if len(line) >= _MIN_LINE_LENGTH:
-                forms.add(line)
-    return frozenset(forms)
+                forms.append(line)
+    forms.extend(encoded_forms(value))
+    return list(dict.fromkeys(forms))
+
+
+def encoded_forms(value: str) -> list[str]:
+    """The forms ``value`` takes in what others write, where they differ from it: quoted by
+    Python's repr (an error message's ``{value!r}`` doubles each backslash), escaped in JSON
+    (also PHP's ``\\/``), and URL-encoded (``%2B``, ``%20`` or ``+`` for a space)."""
+    as_json = json.dumps(value)[1:-1]
+    forms = (
+        repr(value)[1:-1],
+        as_json,
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        as_json.replace("/", "\\/"),
+        quote(value, safe=""),
+        quote(value),
+        quote_plus(value),
+        quote_plus(value, safe="/"),
+    )
+    return [form for form in dict.fromkeys(forms) if form != value]

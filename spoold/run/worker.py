@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import hashlib
 import logging
 import os
+import pwd
 import random
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,7 +42,7 @@ from spoold.core.job import (
 from spoold.core.joblog import JobLog
 from spoold.core.outage import Outage, is_outage
 from spoold.core.procfs import process_start_time, this_machine
-from spoold.core.secrets import Masker, SecretStore
+from spoold.core.secrets import SHORT_SECRET, Masker, SecretStore, is_secret_field
 from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.jobs import generations
 from spoold.core.states import JobState
@@ -59,6 +61,16 @@ from spoold.run.registry import ExecutorRegistry
 from spoold.run.steps import StepsRun
 
 _DOCUMENT_CACHE = 10_000
+#: A job's PATH when spoold has none (systemd's default).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: What a job gets of the daemon's environment besides PATH: how to speak and what time it is.
+PASSED_ENV = ("LANG", "LANGUAGE", "LC_*", "TZ")
+#: The daemon's own service (systemd's socket and watchdog, its credentials, its journal
+#: stream): never passed on by a pattern of ``pass_env``, only when named there as it is.
+DAEMON_ONLY_ENV = (
+    "NOTIFY_SOCKET", "WATCHDOG_*", "LISTEN_*", "CREDENTIALS_DIRECTORY", "INVOCATION_ID",
+    "JOURNAL_STREAM", "SYSTEMD_EXEC_PID", "MAINPID", "MANAGERPID",
+)  # fmt: skip
 #: The least wait before a job whose start could not be recorded (a full disk) is tried again.
 NOT_STARTED_WAIT = 10.0
 
@@ -102,6 +114,8 @@ class ActiveRun:
     #: Work its slot does once this attempt's first unit has been asked for, while it starts
     #: (``WorkerPool``: the slot's previous job is recorded then).
     meanwhile: Callable[[], None] | None = None
+    #: The short secret values spoold's log warned of for this attempt (each once).
+    short_warned: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,9 @@ class JobRunner:
         if daemon_pid is not None:
             daemon = {"pid": daemon_pid, "pid_start": process_start_time(daemon_pid)}
             self._owner = {**daemon, "worker_pid": me["pid"], "worker_pid_start": me["pid_start"]}
-        self._environ = dict(os.environ)  # a plain dict copies much faster per job
+        # Built once: a plain dict copies much faster per job.
+        self._environ = job_base_environment(os.environ, config.pass_env)
+        self._accounts: dict[int, tuple[str, str, str] | None] = {}  # uid: name, home, shell
         # Documents intake parsed, so that a job is not parsed again to run (bounded).
         self._documents: dict[str, dict[str, Any]] = {}
         self._launcher = launcher if launcher is not None else Launcher.shared()
@@ -496,7 +512,7 @@ class JobRunner:
     def _run(self, run: ActiveRun, status: JobStatus, log: JobLog, slot: str) -> JobState:
         job = run.job
         spec = self._load_spec(job, status)
-        run.masker.collect(spec.document)  # the values of secret-named fields, wherever they are
+        self._learn_secrets(run, spec.document)
         if self._callbacks is not None:
             run.callback = self._callbacks.target_of(spec.job_id, spec.document)
         run.attempts_allowed = spec.retry.attempts
@@ -584,7 +600,7 @@ class JobRunner:
             beat_interval=self._config.heartbeat_interval,
         )  # fmt: skip
         try:
-            run_as = self._lane.user_for(slot, spec.run_as)
+            run_as = self._with_home(self._lane.user_for(slot, spec.run_as), workdir)
             # The work dir is the job user's own for a job of processes here; spoold's,
             # readable by the hooks, for one whose executor brings files back from elsewhere.
             # Whoever owns it removes it, and opens the artifacts in it.
@@ -594,7 +610,7 @@ class JobRunner:
             mode = 0o700 if local else 0o755
             self._chore(run, Chore("mkdir", run.user, str(workdir), mode=mode, spare=spare), log)
             own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
-            env, _ = self._environment(spec, job, workdir, attempt.number, own)
+            env, _ = self._environment(job, workdir, attempt.number, own, run_as)
             hooks = self._hooks(run, spec, env, workdir=workdir, log=log, run_as=run_as,
                                 processes=processes, attempt=attempt.number)  # fmt: skip
         except (SecretError, ExecutorError) as exc:
@@ -708,7 +724,7 @@ class JobRunner:
         try:
             executor = self._registry.create(unit.executor)
             product, env, job_env = self._resolve(
-                run, unit, executor.script_fields, workdir, attempt
+                run, unit, executor.script_fields, workdir, attempt, run_as=run_as
             )
         except (SecretError, ExecutorError) as exc:
             log.error(str(exc))
@@ -844,6 +860,8 @@ class JobRunner:
             return []
         patterns = tuple((spec.path, spec.type) for spec in declared)
         collected = []
+        store = self._spool.jobs.artifact_store(run.job, max_count=self._config.max_artifacts,
+                                                max_size=self._config.max_artifacts_size)  # fmt: skip
         try:
             for found in self._launcher.artifacts(Chore("artifacts", run.user, str(workdir),
                                                          patterns)):  # fmt: skip
@@ -852,27 +870,36 @@ class JobRunner:
                     continue
                 relative, fd = found
                 with open(fd, "rb") as source:
-                    stored = self._spool.jobs.store_artifact(run.job, relative, source)
-                collected.append(
-                    {"path": relative, "size": stored.stat().st_size, "sha256": _sha256(stored)}
-                )
+                    stored = store.store(relative, source)
+                if stored is not None:
+                    collected.append({"path": relative, "size": stored.stat().st_size,
+                                      "sha256": _sha256(stored)})  # fmt: skip
         except (LauncherError, OSError) as exc:
             log.error(f"artifacts: {exc}")
+        if (left_out := store.left_out()) is not None:
+            log.error(left_out)
         if collected:
             log.info(f"kept {len(collected)} artifact(s)")
         return collected
 
     def _resolve(
-        self, run: ActiveRun, spec: JobSpec, scripts: tuple[str, ...], workdir: Path, attempt: int
+        self,
+        run: ActiveRun,
+        spec: JobSpec,
+        scripts: tuple[str, ...],
+        workdir: Path,
+        attempt: int,
+        *,
+        run_as: RunAs | None,
     ) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
-        """The product with variables and secrets filled in, the job's environment, and the
-        part of it that is the job's own (not spoold's inherited one).
+        """The product with variables and secrets filled in, the job's environment on this
+        host, and the part of it that is the job's own (for a container or another host).
 
         Secrets are read now, at run time, and masked from here on. Fields that are programs
         (``scripts``) get references instead of values: see ``refer_to_secrets``.
         """
         own = {name: self._fill(run, value, {}) for name, value in spec.variables.items()}
-        env, variables = self._environment(spec, run.job, workdir, attempt, own)
+        env, variables = self._environment(run.job, workdir, attempt, own, run_as)
         used: set[str] = set()
         product = {
             key: refer_to_secrets(value, used)
@@ -880,6 +907,8 @@ class JobRunner:
             else self._fill(run, value, variables)
             for key, value in spec.product.items()
         }
+        # As filled in, with what only now is known (the attempt, the work dir): masked too.
+        self._learn_filled(run, product, "product")
         secrets = {secret_variable(name): self._secret(run, name) for name in sorted(used)}
         env.update(secrets)
         return product, env, {**variables, **secrets}
@@ -894,11 +923,146 @@ class JobRunner:
             value = run.secrets[name] = self._secrets.read(name)
             run.masker.add(value)
             self._masker.add(value)
+            self._warn_if_short(run, f"secret {name!r}", value)
         return value
 
+    def _learn_secrets(self, run: ActiveRun, document: Mapping[str, Any]) -> None:
+        """Mask the values of the job file's secret-named fields, wherever they are (products,
+        steps, ``callback``, ``notify``, ``variables``): as written, and as ``${NAME}`` and
+        ``${secret:NAME}`` fill them in, with the job's variables (a step's over them).
+
+        Before anything of the job runs or is written: a field whose value comes from a
+        variable (``api_token: ${TOK}``) is masked like one written out.
+        """
+        variables = self._filled_variables(run, document.get("variables"), {})
+        self._learn(run, document, variables, "")
+        for index, step in enumerate(document.get("steps") or ()):
+            if isinstance(step, Mapping):
+                own = self._filled_variables(run, step.get("variables"), {})
+                self._learn(run, step, {**variables, **own}, f"steps.{index}.")
+
+    def _filled_variables(
+        self, run: ActiveRun, block: Any, variables: Mapping[str, str]
+    ) -> dict[str, str]:
+        """A ``variables:`` mapping filled in as ``_resolve`` fills it; one that cannot be
+        (its secret unreadable: the attempt fails on it later) is left as written."""
+        if not isinstance(block, Mapping):
+            return {}
+        filled = {}
+        for name, value in block.items():
+            text = value if isinstance(value, str) else str(value)
+            filled[str(name)] = str(self._filled(run, text, variables))
+        return filled
+
+    def _filled(self, run: ActiveRun, text: str, variables: Mapping[str, str]) -> str:
+        if "${" not in text:
+            return text
+        try:
+            return str(interpolate(text, variables, functools.partial(self._secret, run)))
+        except SecretError:  # said when the field is used, as the attempt's error
+            return text
+
+    def _learn(
+        self,
+        run: ActiveRun,
+        data: Any,
+        variables: Mapping[str, str],
+        where: str,
+        *,
+        top: bool = True,
+    ) -> None:
+        """``_learn_secrets`` for ``data``, found at ``where`` (a job or a step, if ``top``)."""
+        if not isinstance(data, Mapping):
+            return
+        for key, value in data.items():
+            if top and key == "steps":
+                continue  # each step with its own variables (``_learn_secrets``)
+            name = f"{where}{key}"
+            # A variable's value is filled in without the others, as it is for the job.
+            among = {} if top and key == "variables" else variables
+            if isinstance(key, str) and is_secret_field(key):
+                for text in _strings(value):
+                    self._learn_value(run, name, text)
+                    self._learn_value(run, name, self._filled(run, text, among))
+            elif isinstance(value, Mapping):
+                self._learn(run, value, among, name + ".", top=False)
+            elif isinstance(value, list | tuple):
+                for index, item in enumerate(value):
+                    self._learn(run, item, among, f"{name}.{index}.", top=False)
+
+    def _learn_filled(self, run: ActiveRun, data: Any, where: str) -> None:
+        """Mask the secret-named fields' values of ``data``, already filled in."""
+        if isinstance(data, Mapping):
+            for key, value in data.items():
+                name = f"{where}.{key}"
+                if isinstance(key, str) and is_secret_field(key):
+                    for text in _strings(value):
+                        self._learn_value(run, name, text)
+                else:
+                    self._learn_filled(run, value, name)
+        elif isinstance(data, list | tuple):
+            for index, item in enumerate(data):
+                self._learn_filled(run, item, f"{where}.{index}")
+
+    def _learn_value(self, run: ActiveRun, field_name: str, value: str) -> None:
+        run.masker.add(value)
+        if value.strip():
+            self._warn_if_short(run, f"the value of {field_name}", value)
+
+    def _warn_if_short(self, run: ActiveRun, what: str, value: str) -> None:
+        """Say once per attempt and value that a secret is so short its masking gives it
+        away; ``what`` names it (never the value)."""
+        if len(value) >= SHORT_SECRET or value in run.short_warned:
+            return
+        run.short_warned.add(value)
+        self._logger.warning(
+            "job %s: %s is shorter than %d characters: it is masked as *** wherever it "
+            "appears, inside other words too, so the text around each *** can tell what it "
+            "is; use a longer secret", run.job.job_id, what, SHORT_SECRET,
+        )  # fmt: skip
+
+    def _with_home(self, run_as: RunAs | None, workdir: Path) -> RunAs | None:
+        """The job's user with the HOME its processes get (``_account``)."""
+        if run_as is None:
+            return None
+        home = self._account(run_as.uid, workdir)[1]
+        return run_as if home == run_as.home else run_as._replace(home=home)
+
+    def _account(self, uid: int, workdir: Path) -> tuple[str | None, str, str]:
+        """The name, HOME and SHELL of the job's user ``uid``, from its passwd entry.
+
+        HOME is the work dir when the account's home does not exist (a system account's
+        ``/nonexistent``): a tool that keeps files in ~ then keeps them in the job's own
+        place, removed with it, never in ``/`` or another job's.
+        """
+        if uid not in self._accounts:
+            try:
+                entry = pwd.getpwuid(uid)
+            except KeyError:  # no passwd entry (an arbitrary uid in a container)
+                self._accounts[uid] = None
+            else:
+                self._accounts[uid] = (entry.pw_name, entry.pw_dir, entry.pw_shell or "/bin/sh")
+        account = self._accounts[uid]
+        if account is None:
+            return None, str(workdir), "/bin/sh"
+        name, home, shell = account
+        return name, home if home and Path(home).is_dir() else str(workdir), shell
+
     def _environment(
-        self, spec: JobSpec, job: JobDir, workdir: Path, attempt: int, own: dict[str, str]
+        self,
+        job: JobDir,
+        workdir: Path,
+        attempt: int,
+        own: dict[str, str],
+        run_as: RunAs | None,
     ) -> tuple[dict[str, str], dict[str, str]]:
+        """The environment of the job's processes on this host, and the part of it that is
+        the job's own (its variables and spoold's about it).
+
+        Not the daemon's: its PATH, locale and time zone, what the config's ``pass_env``
+        names, and its user's HOME, USER, LOGNAME and SHELL; nothing else of the daemon's
+        environment (credentials, systemd's socket) reaches a job.
+        """
         builtins = {
             "JOB_ID": job.job_id,
             "SPOOLD_JOB_ID": job.job_id,
@@ -909,7 +1073,37 @@ class JobRunner:
             "RUNNER_WORKDIR": str(workdir),
         }
         variables = {**builtins, **own}
-        return {**self._environ, **variables}, variables
+        name, home, shell = self._account(os.geteuid() if run_as is None else run_as.uid, workdir)
+        user = {"HOME": home, "SHELL": shell}
+        if name is not None:
+            user.update(USER=name, LOGNAME=name)
+        return {**self._environ, **user, **variables}, variables
+
+
+def job_base_environment(environ: Mapping[str, str], pass_env: Sequence[str]) -> dict[str, str]:
+    """What every job gets of the daemon's environment ``environ``: PATH, ``PASSED_ENV``, and
+    what the config's ``pass_env`` names (names or shell patterns; a pattern never passes
+    ``DAEMON_ONLY_ENV``, a name does)."""
+    env = {"PATH": environ.get("PATH") or DEFAULT_PATH}
+    for name, value in environ.items():
+        matches = functools.partial(fnmatch.fnmatchcase, name)
+        if name in pass_env or (
+            any(map(matches, (*PASSED_ENV, *pass_env))) and not any(map(matches, DAEMON_ONLY_ENV))
+        ):
+            env[name] = value
+    return env
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """The strings in ``value``, at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def _take_cancel(run: ActiveRun, request: dict[str, Any]) -> None:

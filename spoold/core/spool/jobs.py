@@ -28,6 +28,7 @@ still fences the old owner's generation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -686,17 +687,39 @@ class Jobs:
     def artifacts_dir(self, job: JobDir) -> Path:
         return job.path / "artifacts"
 
-    def store_artifact(self, job: JobDir, relative: str, source: IO[bytes]) -> Path:
+    def store_artifact(
+        self, job: JobDir, relative: str, source: IO[bytes], size: int | None = None
+    ) -> Path:
         """Copy one file (open: the job's user opened it) into the job's artifacts/, keeping
-        its path relative to the work dir."""
+        its path relative to the work dir: its first ``size`` bytes (default: its size now),
+        holes left holes. Made whole or not at all: an OSError (a full disk) leaves no part
+        of it."""
         check_fence(job)
         target = self.artifacts_dir(job) / relative
         if not target.resolve().is_relative_to(self.artifacts_dir(job).resolve()):
             raise SpoolError(f"artifact path {relative!r} leaves the artifacts directory")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as copy:
-            shutil.copyfileobj(source, copy, 1 << 20)
+        size = os.fstat(source.fileno()).st_size if size is None else size
+        temporary = f"{target.parent}/{TEMP_MARK}{target.name}.{os.urandom(4).hex()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o666)
+        try:
+            try:
+                _copy_sparse(source.fileno(), fd, size)
+            finally:
+                os.close(fd)
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
         return target
+
+    def artifact_store(
+        self, job: JobDir, *, max_count: int | None, max_size: int | None
+    ) -> ArtifactStore:
+        """What stores one attempt's artifacts of ``job`` within the limits."""
+        return ArtifactStore(self, job, max_count=max_count, max_size=max_size)
 
     def open_artifact(self, job: JobDir, relative: str) -> IO[bytes]:
         """One of the job's artifacts, opened for reading, confined to its artifacts/: each
@@ -723,3 +746,122 @@ class Jobs:
             os.close(found)
             raise FileNotFoundError(relative)
         return os.fdopen(found, "rb")
+
+
+#: How many of the files a limit left out the line about them names.
+_NAMED = 3
+#: What copy_file_range says where the two files do not allow it (other filesystems, a kernel
+#: without it): the copy is made with reads and writes instead.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+class ArtifactStore:
+    """One attempt's artifacts copied into the job's artifacts/ within the limits
+    (``limits.max_artifacts``, ``limits.max_artifacts_size``, apparent sizes): a file that
+    would pass one, or that cannot be copied (a full disk), is left out, and ``left_out``
+    says so in one line, whatever their number. The job's outcome is not theirs to change."""
+
+    def __init__(
+        self, jobs: Jobs, job: JobDir, *, max_count: int | None, max_size: int | None
+    ) -> None:
+        self._jobs = jobs
+        self._job = job
+        self._max_count = max_count
+        self._max_size = max_size
+        self._count = 0
+        self._size = 0
+        #: reason -> (files, bytes, the first few names)
+        self._left: dict[str, tuple[int, int, list[str]]] = {}
+
+    def store(self, relative: str, source: IO[bytes]) -> Path | None:
+        """The copy of one artifact, or None where it was left out."""
+        size = os.fstat(source.fileno()).st_size  # what the limit counts; a sparse file's too
+        if self._max_count is not None and self._count >= self._max_count:
+            self._leave("past limits.max_artifacts", relative, size)
+            return None
+        if self._max_size is not None and self._size + size > self._max_size:
+            self._leave("past limits.max_artifacts_size", relative, size)
+            return None
+        try:
+            stored = self._jobs.store_artifact(self._job, relative, source, size)
+        except OSError as exc:
+            self._leave(f"not copied: {exc.strerror or exc}", relative, size)
+            return None
+        self._count += 1
+        self._size += size
+        return stored
+
+    def _leave(self, reason: str, relative: str, size: int) -> None:
+        files, total, names = self._left.get(reason, (0, 0, []))
+        if len(names) < _NAMED:
+            names.append(relative)
+        self._left[reason] = (files + 1, total + size, names)
+
+    def left_out(self) -> str | None:
+        """One line for the job's log about the artifacts not kept, if any."""
+        if not self._left:
+            return None
+        # Not at the top: a job's supervisor imports this module, and dataclasses with it.
+        from spoold.core.limits import format_size  # noqa: PLC0415
+
+        limits = {"past limits.max_artifacts": f"{self._max_count} files",
+                  "past limits.max_artifacts_size": format_size(self._max_size or 0)}  # fmt: skip
+        parts = []
+        for reason, (files, total, names) in self._left.items():
+            shown = ", ".join(names) + (", ..." if files > len(names) else "")
+            said = f"{reason} ({limits[reason]})" if reason in limits else reason
+            parts.append(f"{files} file(s), {format_size(total)}, {said}: {shown}")
+        return f"artifacts not kept: {'; '.join(parts)}"
+
+
+def _copy_sparse(source: int, target: int, size: int) -> None:
+    """The first ``size`` bytes of ``source`` into ``target`` (new, empty), the holes left
+    holes: a sparse file takes in the spool only what it holds (copy_file_range alone fills
+    them in on ext4, 2 GiB of zeros written for ``truncate -s 2G``)."""
+    position = 0
+    while position < size:  # bounded: each round copies up to a hole past position, or ends
+        try:
+            data = os.lseek(source, position, os.SEEK_DATA)
+            hole = os.lseek(source, data, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a hole from position to the end
+                break
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data, hole = position, size  # a filesystem that does not say: copied whole
+        if data >= size:
+            break
+        hole = min(hole, size)
+        if not _copy_range(source, target, data, hole - data):
+            break  # the file ended sooner (it shrank meanwhile)
+        position = hole
+    os.ftruncate(target, size)  # the hole at the end, if any
+
+
+def _copy_range(source: int, target: int, offset: int, length: int) -> bool:
+    """``length`` bytes at ``offset`` from ``source`` to the same offset in ``target``; False
+    if ``source`` ended first."""
+    end = offset + length
+    while offset < end:  # bounded: each round copies something or returns
+        try:
+            copied = os.copy_file_range(source, target, end - offset, offset, offset)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            return _write_range(source, target, offset, end)
+        if not copied:
+            return False
+        offset += copied
+    return True
+
+
+def _write_range(source: int, target: int, offset: int, end: int) -> bool:
+    while offset < end:  # bounded: each round writes something or returns
+        data = os.pread(source, min(end - offset, 1 << 20), offset)
+        if not data:
+            return False
+        written = 0
+        while written < len(data):  # a regular file takes less only when full: the next raises
+            written += os.pwrite(target, memoryview(data)[written:], offset + written)
+        offset += len(data)
+    return True
