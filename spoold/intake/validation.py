@@ -7,6 +7,7 @@ the text again into nodes that remember where they came from.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -43,7 +44,7 @@ from spoold.core.documents import (
 )
 from spoold.core.errors import InvalidJobFile, PluginError, ValidationIssue
 from spoold.core.procfs import release_memory
-from spoold.core.units import SIZE_FORMS
+from spoold.core.units import MAX_DURATION, SIZE_FORMS, parse_duration
 from spoold.intake.redaction import quoted
 
 if TYPE_CHECKING:
@@ -473,6 +474,10 @@ def _schedule_problems(schedule: Any, now: datetime) -> list[_Problem]:
     unknown zone."""
     from spoold.schedule.triggers import problem  # noqa: PLC0415 - APScheduler only for schedules
 
+    every = schedule.get("every") if isinstance(schedule, Mapping) else None
+    with contextlib.suppress(ValueError, TypeError):
+        if every is not None and parse_duration(every) > MAX_DURATION:
+            return []  # admission's bounds say so, at schedule.every, with the value
     found = problem(schedule, now)
     return [] if found is None else [(found, ("schedule",), False)]
 

@@ -30,6 +30,14 @@ SFTP): a change made within that of a read could leave it as it was, so a stamp 
 only once a read followed it by ``SETTLE`` seconds (``sighting``); until then the schedule is
 read at every round. The first round reads every schedule: what was missed while down fires
 there, before APScheduler starts (``start``), so that it takes them all in one go.
+
+The wall clock may step (NTP setting a clock that was wrong, an admin, a host resumed from
+suspend). APScheduler sleeps until its next firing as the wall clock reckons it, so a step back
+of an hour would hold every schedule for an hour: its sleep is bounded (``WAKE``), and at each
+wake-up the wall clock's advance is compared with the monotonic clock's (``check_clock``). A
+step (more than ``STEP`` apart) is logged, and every schedule is looked at again at once: a
+``last_fired`` a step back left in the future is the clock's error (``triggers.believable``),
+and firings a step forward passed over are said to be that, not missed while spoold was down.
 """
 
 from __future__ import annotations
@@ -65,9 +73,11 @@ from spoold.out.outbox import Callbacks
 from spoold.run.dispatch import JobMeta
 from spoold.run.ledger import JobLedger, Listener
 from spoold.schedule.triggers import (
+    DOWN,
     NOTES_KEPT,
     Plan,
     ScheduleSpec,
+    believable,
     jitter_delay,
     next_fire_times,
     plan,
@@ -81,6 +91,12 @@ _RUNS_KEPT = 20  # in a schedule's status.json
 #: stale within a lease, and its change decided, well before then.
 _AGAIN_FIRST, _AGAIN_LAST = 1.0, 60.0
 _AGAIN = "~again."  # APScheduler's id of such a firing: <job id>~again.<n> (no job id has "~")
+#: APScheduler sleeps this long at most, so that a step of the wall clock is seen within it.
+WAKE = 2.0
+#: The wall clock and the monotonic clock may part by this much between two looks before it
+#: counts as a step (NTP slews at most 0.5 ms a second; a step is a second or more).
+STEP = 1.0
+_STEPS_KEPT = 10
 
 
 class _Made(NamedTuple):
@@ -114,6 +130,34 @@ class _Known:
     stamp: DirStamp  # its directory's, taken before that read
     since: float  # (monotonic) when that stamp was first seen
     settled: bool  # the read came late enough after the stamp: unread until the stamp changes
+
+
+class _Step(NamedTuple):
+    """A step of the wall clock seen while up: where it landed, and by how many seconds."""
+
+    at: datetime
+    by: float
+
+    def __str__(self) -> str:
+        way = "forward" if self.by > 0 else "back"
+        return (
+            f"passed over when the wall clock stepped {way} by {format_duration(abs(self.by))} "
+            f"at {rfc3339(self.at)} (spoold was up)"
+        )
+
+
+class _Wakeful(BackgroundScheduler):  # type: ignore[misc]  # APScheduler 3 ships no types
+    """APScheduler's thread, its sleep bounded by ``WAKE`` and ``before`` called at each
+    wake-up: its own sleep, reckoned on the wall clock, would outlast a step back of it."""
+
+    def __init__(self, before: Callable[[], None], **options: Any) -> None:
+        super().__init__(**options)
+        self._before = before
+
+    def _process_jobs(self) -> float:
+        self._before()
+        wait: float | None = super()._process_jobs()
+        return WAKE if wait is None else min(wait, WAKE)
 
 
 class _Firing:
@@ -168,7 +212,10 @@ class Scheduler:
         self._cancel = cancel
         self._draw = draw
         self._on_fired = on_fired
-        self._aps = BackgroundScheduler(timezone=UTC)
+        self._aps = _Wakeful(self._check_clock_safely, timezone=UTC)
+        #: The two clocks at the last look (``check_clock``), and the steps seen since start.
+        self._clocks: tuple[datetime, float] | None = None
+        self._steps: list[_Step] = []
         self._firing = _Firing(self.fire)
         self._known: dict[str, _Known] = {}  # by job id: each schedule of scheduled/ looked at
         #: Whether scheduled/ must be listed again (its own stamp: ``sync``).
@@ -188,7 +235,50 @@ class Scheduler:
         """Register every schedule, firing what was missed while down, then start APScheduler:
         handed them before it runs, it takes thousands in one go, not one wake-up each."""
         self.sync()
+        self._clocks = (self._clock.now(), self._clock.monotonic())
         self._aps.start()
+
+    def check_clock(self) -> _Step | None:
+        """Whether the wall clock stepped since the last look (APScheduler's thread looks at
+        each wake-up, every ``WAKE`` seconds at most): its advance against the monotonic
+        clock's. After a step every schedule fires at once, where ``plan`` decides from its
+        record: a step back leaves APScheduler's next firings an hour late, say, and the
+        ``last_fired`` of some in the future."""
+        with self._lock:
+            return self._check_clock()
+
+    def _check_clock(self) -> _Step | None:
+        wall, mono = self._clock.now(), self._clock.monotonic()
+        before, self._clocks = self._clocks, (wall, mono)
+        if before is None:
+            return None
+        by = (wall - before[0]).total_seconds() - (mono - before[1])
+        if abs(by) <= STEP:
+            return None
+        step = _Step(wall, by)
+        self._steps = [*self._steps, step][-_STEPS_KEPT:]
+        self._logger.warning(
+            "the wall clock moved %+.3fs apart from the monotonic clock (a step of the "
+            "clock, or the host suspended): every schedule is looked at again now",
+            by,
+        )
+        for job_id, known in self._known.items():
+            if known.definition is not None and self._aps.get_job(job_id) is not None:
+                self._aps.modify_job(job_id, next_run_time=wall)
+        return step
+
+    def _check_clock_safely(self) -> None:
+        """``check_clock`` from APScheduler's thread, unless the lock is held: ``stop`` holds
+        it while it waits for that thread to end, and a sync may hold it a while; the clocks'
+        advance since the last look is there to be seen at the next wake-up."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._check_clock()
+        except Exception:  # APScheduler's thread must go on
+            self._logger.exception("the look at the clocks failed")
+        finally:
+            self._lock.release()
 
     def stop(self) -> None:
         with self._lock:  # not while a group of registrations holds APScheduler paused
@@ -401,10 +491,13 @@ class Scheduler:
         now = self._clock.now()
         recorded = status.get("last_fired")
         since = parse_rfc3339(status["accepted_at"])
-        # A firing of an earlier definition (dropped again under the same id) is not this one's.
+        # A firing of an earlier definition (dropped again under the same id) is not this
+        # one's; one recorded in the future is the wall clock's error (``believable``).
         last = None if recorded is None else parse_rfc3339(recorded)
-        last = None if last is None or last < since else last
         notes: _Notes = []
+        last, since, doubt = believable(spec, last, since, now)
+        if doubt is not None:
+            notes.append(doubt)
         last = self._follow_pause(spec, trigger, status, asked, last=last, since=since, now=now,
                                   notes=notes)  # fmt: skip
         fire: tuple[datetime, ...] = ()
@@ -413,7 +506,8 @@ class Scheduler:
             if decided.last is not None and decided.skipped:
                 notes.append(_skips(asked.paused, decided))
         else:
-            decided = plan(spec, trigger, last=last, since=since, now=now)
+            decided = plan(spec, trigger, last=last, since=since, now=now,
+                           why=self._missed(last or since))  # fmt: skip
             notes.extend(decided.notes)
             fire = decided.fire
         document = self._document(schedule, status) if fire or asked.run_now else {}
@@ -444,6 +538,14 @@ class Scheduler:
                 self._defer(run, due.timestamp())
             else:
                 self._queue(run, document, meta)
+
+    def _missed(self, after: datetime) -> str:
+        """Why firings after ``after`` were missed: the newest step forward of the wall clock
+        since then, seen while up, else spoold was down."""
+        for step in reversed(self._steps):
+            if step.by > 0 and step.at - timedelta(seconds=step.by) >= after:
+                return str(step)
+        return DOWN
 
     def _follow_pause(
         self, spec: ScheduleSpec, trigger: BaseTrigger, status: dict[str, Any],

@@ -6,10 +6,11 @@ them. Fire times come from APScheduler 3.x triggers. Some things are added on to
 - cron as cron reads it (``cron_trigger``): weekdays count from Sunday (0 or 7), names and
   steps as cron takes them, and a day of the month and a weekday both given fire on either
   (``0 0 13 * 5``: every Friday and every 13th), where APScheduler needs both.
-- A wall-clock time fires once: a daily job at a time the autumn clock change repeats (02:30
-  in Europe/Berlin on the last Sunday of October) runs once that day, not twice as the bare
-  trigger would (an hourly job has 24 runs on that 25-hour day); a time the spring change skips
-  fires an hour later, once.
+- cron reads the wall clock (``WallCronTrigger``): each wall-clock time it names fires once. A
+  time the autumn change repeats fires at its first pass (``*/15 * * * *`` has 96 runs on that
+  25-hour day, an hourly job 24); a time the spring change skips fires once, shifted by the
+  gap (02:15 and 02:45 at 03:15 and 03:45 in Europe/Berlin; a daily 00:00 where the gap is at
+  midnight at 01:00), unless the shifted time is a firing time itself (then it is that one).
 - A firing is named by its nominal time (``<job_id>@20261122T153000Z``): a firing that was
   recorded can be recognised after any crash, so none is lost and none repeated.
 - ``every:`` fires on one exact grid (``EveryTrigger``), from when its definition was accepted:
@@ -32,15 +33,20 @@ from apscheduler.triggers.cron import CronTrigger
 
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.job import labels_and_description
-from spoold.core.units import MAX_DURATION, parse_duration
+from spoold.core.units import MAX_DURATION, format_duration, parse_duration
 
 #: A firing this late (or one period, if shorter) is on time (a busy daemon), not missed.
 ON_TIME = 60.0
 #: ``catch_up: all`` starts at most this many runs at once; the rest are recorded as dropped.
 CATCH_UP_LIMIT = 1000
-#: How far ahead a schedule must fire at least once to be valid (31 February never comes).
-_HORIZON = timedelta(days=366 * 8)
+#: How far ahead a schedule must fire at least once to be valid (31 February never comes): past
+#: the longest ``every:`` accepted, and past cron's rarest date (29 February on a Monday, 28 years).
+_HORIZON = timedelta(seconds=MAX_DURATION) + timedelta(days=366 * 29)
 _TICK = timedelta(microseconds=1)
+_DAY = timedelta(days=1)
+#: Wall-clock times a look at one firing may pass over: those of a spring gap (a day at most,
+#: every minute of it) and of the hour the autumn change repeats.
+_GAP_LOOK = 3000
 _WINDOW_JUMPS = 1000
 _TIME_OF_DAY = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
 
@@ -60,14 +66,19 @@ class EveryTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 ships no
     ``previous + period``: a firing off the grid, recorded by an older spoold, leads back to it).
     """
 
-    __slots__ = ("end", "period", "start")
+    __slots__ = ("back", "end", "period", "start")
 
-    def __init__(self, period: timedelta, *, start: datetime, end: datetime | None) -> None:
+    def __init__(
+        self, period: timedelta, *, start: datetime, end: datetime | None, back: bool = False
+    ) -> None:
+        """``back``: the grid goes on before ``start`` too (a start that is no window's, but
+        when the definition was accepted: a step back of the wall clock may go before it)."""
         if period <= timedelta(0):
             raise ValueError("every: must be longer than 0s")
         self.period = period
         self.start = start.astimezone(UTC)
         self.end = None if end is None else end.astimezone(UTC)
+        self.back = back
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
@@ -78,7 +89,9 @@ class EveryTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 ships no
         return self._first_from(now.astimezone(UTC))
 
     def _first_from(self, moment: datetime) -> datetime | None:
-        steps = -((self.start - moment) // self.period) if moment > self.start else 0  # ceil
+        steps = -((self.start - moment) // self.period)  # ceil
+        if steps < 0 and (not self.back or steps == -1):
+            steps = 0  # the grid's point at the acceptance itself is no firing
         fire = self.start + steps * self.period
         return None if self.end is not None and fire > self.end else fire
 
@@ -131,7 +144,8 @@ class ScheduleSpec:
             if self.every > MAX_DURATION:  # a date past the calendar's end: OverflowError
                 raise ValueError(f"every: must be at most {MAX_DURATION} seconds, 10 years")
             period = timedelta(seconds=self.every)
-            return EveryTrigger(period, start=self.start or anchor + period, end=self.end)
+            start = self.start or anchor + period
+            return EveryTrigger(period, start=start, end=self.end, back=self.start is None)
         assert self.cron is not None
         return cron_trigger(self.cron, timezone=self.timezone, start=self.start, end=self.end)
 
@@ -161,20 +175,56 @@ class Plan:
     skipped: int = 0  # firings skipped because the schedule is paused (``skip_while_paused``)
 
 
+#: Missed firings, in a note, when nothing else is known: the daemon was not running.
+DOWN = "missed while spoold was down"
+
+
+def grace(spec: ScheduleSpec) -> float:
+    """Seconds a firing may be late and still be on time: a period, a minute at most."""
+    return min(ON_TIME, spec.every) if spec.every else ON_TIME
+
+
+def believable(
+    spec: ScheduleSpec, last: datetime | None, since: datetime, now: datetime
+) -> tuple[datetime | None, datetime, str | None]:
+    """``last`` (the newest firing recorded) and ``since`` (when the definition was accepted),
+    or, when one lies later than ``now`` by more than ``grace``, the clock's error taken for
+    what it is: a firing is recorded once it is due, so the wall clock stepped back since (or
+    was ahead then, a bad RTC that NTP set right). Then the schedule counts from ``now`` less
+    that grace (a firing due this moment still fires), and the note says so; the record written
+    after it is believable again (said once). A firing recorded before ``since`` was one of an
+    earlier definition dropped under the same id, unless ``since`` itself is in the future
+    (the wall clock stepped back to before it)."""
+    slack = timedelta(seconds=grace(spec))
+    if last is not None and last < since <= now + slack:
+        last = None
+    newest = since if last is None else last
+    if newest <= now + slack:
+        return last, since, None
+    what = "accepted at" if last is None else "the last firing recorded,"
+    ahead = format_duration((newest - now).total_seconds())
+    note = (
+        f"{what} {_show(newest)}, is {ahead} later than now ({_show(now)}): the wall clock "
+        "stepped back, or was ahead then; firings count from now"
+    )
+    moment = now - timedelta(seconds=grace(spec))
+    return moment, min(since, moment), note
+
+
 def plan(
     spec: ScheduleSpec, trigger: BaseTrigger, *, last: datetime | None, since: datetime,
-    now: datetime,
+    now: datetime, why: str = DOWN,
 ) -> Plan:  # fmt: skip
     """The firings due at ``now``: after ``last`` (the newest dealt with) or, never fired,
-    after ``since`` (when the schedule was made). A firing more than ``ON_TIME`` seconds late
-    was missed (spoold was down): ``catch_up`` decides, and the notes say what happened.
+    after ``since`` (when the schedule was made). A firing more than ``grace`` seconds late
+    was missed: ``catch_up`` decides, and the notes say what happened; ``why`` says why
+    (spoold was down, unless its scheduler saw the wall clock step).
     """
     due, count = _due(spec, trigger, last or since, now)
     if not due:
         return Plan((), (), last)
     # Late by less than a period (a minute at most) is on time; later than that was missed.
-    grace = min(ON_TIME, spec.every) if spec.every else ON_TIME
-    on_time = [t for t in due if (now - t).total_seconds() <= grace]
+    on_time = [t for t in due if (now - t).total_seconds() <= grace(spec)]
     missed = due[: len(due) - len(on_time)]
     fire, notes = list(on_time), []
     if missed:
@@ -184,20 +234,19 @@ def plan(
         if total == 1:
             span = _show(missed[0])
         if spec.catch_up == "skip":
-            notes.append(f"skipped {total} firing(s) missed while spoold was down ({span})")
+            notes.append(f"skipped {total} firing(s) {why} ({span})")
         elif spec.catch_up == "once":
             if not on_time:  # an on-time firing already is the one run
                 fire.insert(0, missed[-1])
             notes.append(
-                f"caught up {total} firing(s) missed while spoold was down ({span}) "
-                "with one run (catch_up: once)"
+                f"caught up {total} firing(s) {why} ({span}) with one run (catch_up: once)"
             )
         else:
             kept = missed[-CATCH_UP_LIMIT:]
             fire[:0] = kept
             dropped = total - len(kept)
             notes.append(
-                f"caught up {len(kept)} firing(s) missed while spoold was down ({span}), "
+                f"caught up {len(kept)} firing(s) {why} ({span}), "
                 "one run each (catch_up: all)"
                 + (f"; {dropped} older ones dropped (at most {CATCH_UP_LIMIT})" if dropped else "")
             )
@@ -269,24 +318,14 @@ def _due(
 def _next(
     spec: ScheduleSpec, trigger: BaseTrigger, previous: datetime | None, now: datetime
 ) -> datetime | None:
-    """The trigger's next firing after ``previous``, without a repeated wall-clock time.
-
-    Times go to the trigger in UTC: from a local time in the repeated autumn hour, APScheduler
-    would find that same instant again.
-    """
+    """The trigger's next firing after ``previous``, in a daily window if there is one."""
     previous = None if previous is None else previous.astimezone(UTC)
     moment: datetime | None = trigger.get_next_fire_time(previous, now.astimezone(UTC))
     for _ in range(_WINDOW_JUMPS):
         if moment is None:
             return None
-        if previous is not None and (
-            moment <= previous
-            or (spec.cron is not None and _wall(moment, spec) == _wall(previous, spec))
-        ):
-            # In the hour the autumn change repeats, APScheduler 3 finds the same instant
-            # again, or that wall-clock time a second time: look on from just after it.
-            # (``every:`` counts elapsed time: an hourly interval fires in both of those hours.)
-            moment = trigger.get_next_fire_time(None, max(moment.astimezone(UTC), previous) + _TICK)
+        if previous is not None and moment <= previous:  # a trigger of an older spoold's kind
+            moment = trigger.get_next_fire_time(None, previous + _TICK)
         elif (opens := _outside_daily(spec, moment)) is not None:
             moment = trigger.get_next_fire_time(None, opens)  # the next firing in the window
         else:
@@ -322,10 +361,6 @@ def _daily(window: Mapping[str, Any]) -> tuple[time, time] | None:
     return start, end
 
 
-def _wall(moment: datetime, spec: ScheduleSpec) -> datetime:
-    return moment.astimezone(ZoneInfo(spec.timezone)).replace(tzinfo=None)
-
-
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
@@ -358,15 +393,82 @@ def cron_trigger(
     _, _, day, _, weekday = expression.split()  # as written: "*/2" is a star to cron
 
     def cron(**days: str) -> CronTrigger:
-        return CronTrigger(**{**fields, **days}, timezone=timezone, start_date=start, end_date=end)
+        return CronTrigger(**{**fields, **days}, timezone=UTC)  # on wall-clock times: see below
 
+    wall: BaseTrigger
     if day.startswith("*") or weekday.startswith("*"):
-        return cron()
-    by_weekday = cron(day="*")  # a month has every weekday: it may fire
-    by_day = cron(day_of_week="*")
-    if not _some_date(by_day):
-        return by_weekday
-    return OrTrigger([by_day, by_weekday])
+        wall = cron()
+    else:
+        by_weekday = cron(day="*")  # a month has every weekday: it may fire
+        by_day = cron(day_of_week="*")
+        wall = OrTrigger([by_day, by_weekday]) if _some_date(by_day) else by_weekday
+    return WallCronTrigger(wall, ZoneInfo(timezone), start=start, end=end)
+
+
+class WallCronTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 ships no types
+    """cron on a zone's wall clock: each wall-clock time the cron names fires once.
+
+    ``wall`` finds the wall-clock times (naive times, handed to it as if UTC: a clock without
+    changes); each becomes an instant as zoneinfo reads a naive time with ``fold=0``: a time the
+    autumn change repeats at its first pass, a time the spring change skips with the offset
+    before the gap, which is that time shifted by the gap (02:15 is 03:15 in Europe/Berlin).
+    Two times that become one instant fire once. APScheduler 3's CronTrigger in the zone
+    instead fired the repeated times twice and lost the skipped ones but the first.
+    """
+
+    __slots__ = ("end", "start", "wall", "zone")
+
+    def __init__(
+        self, wall: BaseTrigger, zone: ZoneInfo, *, start: datetime | None, end: datetime | None
+    ) -> None:
+        self.wall = wall
+        self.zone = zone
+        self.start = None if start is None else start.astimezone(UTC)
+        self.end = None if end is None else end.astimezone(UTC)
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The first firing after ``previous_fire_time`` or, without one, at or after ``now``."""
+        after = (
+            now.astimezone(UTC)
+            if previous_fire_time is None
+            else previous_fire_time.astimezone(UTC) + _TICK
+        )
+        if self.start is not None and after < self.start:
+            after = self.start
+        found = self._first_from(after)
+        return None if found is None or (self.end is not None and found > self.end) else found
+
+    def _first_from(self, after: datetime) -> datetime | None:
+        """The earliest instant at or after ``after`` of a wall-clock time the cron names.
+
+        Instants grow with wall-clock times, but for the times in a spring gap, which land on
+        those just after it: the look starts one gap early when a gap ended within a day, and
+        ends at the first time outside a gap that is late enough (no later one is earlier).
+        """
+        zone = self.zone
+        local = after.astimezone(zone)
+        offset, day_before = local.utcoffset(), (after - _DAY).astimezone(zone).utcoffset()
+        assert offset is not None and day_before is not None
+        gap = max(offset - day_before, timedelta(0))
+        moment = self.wall.get_next_fire_time(None, local.replace(tzinfo=UTC) - gap)
+        best: datetime | None = None
+        for _ in range(_GAP_LOOK):
+            if moment is None:
+                break
+            naive = moment.replace(tzinfo=zone)
+            instant = naive.astimezone(UTC)
+            skipped = instant.astimezone(zone).replace(tzinfo=UTC) != moment
+            if instant >= after and (best is None or instant < best):
+                best = instant
+            if best is not None and not skipped and instant >= after:
+                return best
+            moment = self.wall.get_next_fire_time(None, moment + _TICK)
+        return best
+
+    def __str__(self) -> str:
+        return f"cron {self.wall} on the wall clock of {self.zone.key}"
 
 
 def _some_date(trigger: CronTrigger) -> bool:
