@@ -205,11 +205,14 @@ def test_a_jobs_own_notify_replaces_the_configs() -> None:
         notices.targets({"notify": [{"webhook": {"url": "http://x"}, "on": []}]})
 
 
-def test_a_target_is_known_by_where_it_goes_and_the_link_by_the_api() -> None:
+def test_a_target_is_known_by_where_it_goes_and_the_link_by_the_api(tmp_path: Path) -> None:
     a = NotifyTarget("webhook", url="http://x", on=frozenset({"failed"}))
     assert target_id(a) == target_id(a._replace(on=frozenset({"succeeded"})))
     assert target_id(a) != target_id(a._replace(format="slack"))
-    config = load_config(None, env={})._replace(hostname="box")
+    # An empty config of its own: not /etc/spoold/config.yaml, which the package test installs
+    # (with the API on) while other tests run.
+    (empty := tmp_path / "config.yaml").write_text("")
+    config = load_config(empty, env={})._replace(hostname="box")
     assert job_link(config, "j") is None
     wide = config._replace(api=ApiSettings(host="0.0.0.0", port=8420))
     assert job_link(wide, "run@2026-11-22T12:00:00Z") == (

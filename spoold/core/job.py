@@ -100,6 +100,16 @@ def labels_and_description(document: Mapping[str, Any]) -> dict[str, Any]:
     return {"labels": labels, "description": description}
 
 
+def _stamps_apart(start: str, end: str) -> float | None:
+    """Seconds from ``start`` to ``end`` (RFC 3339); None if either does not parse or the
+    end comes first, which only a wall clock stepped back between them does."""
+    try:
+        seconds = (parse_rfc3339(end) - parse_rfc3339(start)).total_seconds()
+    except (ValueError, TypeError):  # not written by spoold (no time zone: TypeError)
+        return None
+    return seconds if seconds >= 0 else None
+
+
 def _scalar_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -217,6 +227,16 @@ class Attempt:
     retryable: bool = False
     #: What it cost, once it ended (None while it runs, and for an attempt from before usage).
     usage: Usage | None = None
+
+    def seconds(self) -> float | None:
+        """How long it took, once ended: its usage's wall time (measured on a monotonic
+        clock), else its stamps' difference where that is not negative (a wall clock stepped
+        back between them); None if neither is known."""
+        if self.usage is not None and self.usage.wall_seconds is not None:
+            return self.usage.wall_seconds
+        if self.finished_at is None:
+            return None
+        return _stamps_apart(self.started_at, self.finished_at)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -343,9 +363,17 @@ class JobStatus:
         *,
         retryable: bool = False,
         usage: Usage | None = None,
+        took: float | None = None,
     ) -> None:
         """Close the current attempt and set the job's outcome (``retryable``: the attempt's;
-        ``usage``: what its work cost, whose wall time becomes the attempt's own, start to end)."""
+        ``usage``: what its work cost, whose wall time becomes the attempt's own, start to end).
+
+        ``took``: how long the attempt took, measured on a monotonic clock by the process that
+        saw it start and end. A wall clock stepped meanwhile (NTP) moves the stamps, not the
+        duration. None (an attempt adopted from an earlier worker, whose start another process
+        saw): the stamps' difference, unless negative, else the wall time of ``usage`` (the
+        supervisor's own measure of its unit), else none.
+        """
         stamp = rfc3339(now)
         if self.attempts and self.attempts[-1].finished_at is None:
             current = self.attempts[-1]
@@ -354,10 +382,9 @@ class JobStatus:
             current.error = error
             current.retryable = retryable
             if usage is not None:
-                try:
-                    wall = max((now - parse_rfc3339(current.started_at)).total_seconds(), 0.0)
-                except ValueError:  # a start not written by spoold: the work's own wall time
-                    wall = usage.wall_seconds or 0.0
+                if took is None:
+                    took = _stamps_apart(current.started_at, stamp)
+                wall = usage.wall_seconds if took is None else max(took, 0.0)
                 current.usage = usage._replace(wall_seconds=wall)
         self.state = state
         # A job going back to pending (a requeue) has not finished.

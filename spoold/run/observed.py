@@ -130,8 +130,7 @@ def _last_run(status: JobStatus | None, *, ended: bool) -> float | None:
     last = status.attempts[-1]
     if last.finished_at is None or (ended and last.finished_at != status.finished_at):
         return None
-    start, end = _timestamp(last.started_at), _timestamp(last.finished_at)
-    return None if start is None or end is None else max(end - start, 0.0)
+    return last.seconds()  # monotonic where measured: a wall clock step does not change it
 
 
 def _seconds(value: object) -> float | None:

@@ -116,6 +116,11 @@ class ActiveRun:
     meanwhile: Callable[[], None] | None = None
     #: The short secret values spoold's log warned of for this attempt (each once).
     short_warned: set[str] = field(default_factory=set)
+    #: When its attempt began, on the clock's monotonic time: None for an attempt adopted from
+    #: a worker that is gone, whose start this process did not see.
+    began: float | None = None
+    #: How long its attempt took, on that monotonic time, once it ended (None: not measured).
+    took: float | None = None
 
 
 @dataclass(frozen=True)
@@ -396,13 +401,23 @@ class JobRunner:
             self._logger.error("%s", exc)
             log.error(str(exc))
             state = JobState.FAILED
-            status.end_attempt(self._clock.now(), state, None, str(exc))
+            status.end_attempt(self._clock.now(), state, None, str(exc), took=self._took(run))
         except Exception as exc:  # spoold's own failure must still end the job somewhere
             self._logger.exception("job %s failed inside spoold", job.job_id)
             log.error(f"internal error: {exc!r}")
             state = JobState.FAILED
-            status.end_attempt(self._clock.now(), state, None, f"internal error: {exc!r}")
+            status.end_attempt(self._clock.now(), state, None, f"internal error: {exc!r}",
+                               took=self._took(run))  # fmt: skip
         return Outcome(run, state, status, log)
+
+    def _took(self, run: ActiveRun) -> float | None:
+        """How long ``run``'s attempt has taken, by the monotonic clock: a step of the wall
+        clock (NTP) while it ran changes its stamps, never its duration. None for an adopted
+        attempt (its start was another process's). Kept on ``run`` for spoold's own log, which
+        may be written later (a full disk)."""
+        if run.began is not None:
+            run.took = max(self._clock.monotonic() - run.began, 0.0)
+        return run.took
 
     def record(self, outcome: Outcome) -> JobDir | None:
         """Write an attempt's outcome and move the job to done/, failed/ or back to pending/."""
@@ -480,7 +495,7 @@ class JobRunner:
             # None began (its job file was not the one validated): not an earlier attempt's.
             attempt = attempt if attempt.finished_at == status.finished_at else None
         number = 0 if attempt is None else attempt.number
-        facts = _facts(status.exit_code, attempt)
+        facts = _facts(status.exit_code, attempt, run.took)
         retryable = " (retryable)" if attempt is not None and attempt.retryable else ""
         # Masked by the job's own masker too: the literal values of its secret-named fields
         # (an api_token written into the file) are known to it alone, and an error may echo
@@ -519,10 +534,11 @@ class JobRunner:
         last = status.attempts[-1] if status.attempts else None
         if run.resume and last is not None and last.finished_at is None:
             attempt = last
-            self._adopted(run, attempt.number, log)
+            self._adopted(run, status, log)
         else:
             run.resume = False  # its attempt had ended (or none began): a new one starts
             attempt = status.begin_attempt(self._clock.now(), self._config.worker_id)
+            run.began = self._clock.monotonic()
             status.generation = job.generation or 0
             if attempt.number > 1:
                 self._logger.info(
@@ -553,8 +569,10 @@ class JobRunner:
             if not detached:  # only declared artifacts are kept
                 self._chore(run, Chore("remove", run.user, str(workdir)), log)
 
-    def _adopted(self, run: ActiveRun, number: int, log: JobLog) -> None:
-        """Take over an attempt whose worker is gone: its work dir, and a word in both logs."""
+    def _adopted(self, run: ActiveRun, status: JobStatus, log: JobLog) -> None:
+        """Take over an attempt whose worker is gone: its work dir, status.json's ``worker``
+        (this one's from now on, as the lease's), and a word in both logs."""
+        number = status.attempts[-1].number
         old = self._spool.jobs.read_lease(run.job) or {}
         if isinstance(old.get("workdir"), str):
             run.workdir = Path(old["workdir"])
@@ -567,6 +585,12 @@ class JobRunner:
         )
         self._logger.warning("job %s adopted: attempt %s goes on (its worker %s is gone)",
                              run.job.job_id, number, gone)  # fmt: skip
+        status.worker = self._config.worker_id
+        try:
+            self._spool.jobs.write_status(run.job, _masked(run.masker, status.to_dict()))
+        except OSError as exc:  # a full disk: the job goes on; its end writes the worker too
+            self._logger.warning("job %s: cannot record its adoption in status.json: %s",
+                                 run.job.job_id, exc)  # fmt: skip
 
     def _chore(self, run: ActiveRun, chore: Chore, log: JobLog) -> Any:
         """Do file work on the job's work dir as its user; a failure is the job's error."""
@@ -659,6 +683,7 @@ class JobRunner:
         now = self._clock.now()
         # Ended while no daemon watched (adopted): its end as recorded, not this adoption's.
         ended = processes.ended_unwatched() or result.ended_at or now
+        took = self._took(run) if ended is now else None
         if state is JobState.PENDING:
             log.error(f"{error}; the job goes back to pending (on_interrupt: requeue)")
         else:
@@ -680,7 +705,7 @@ class JobRunner:
                 wait = max(wait, NOT_STARTED_WAIT)
             due = now + timedelta(seconds=wait)
             status.end_attempt(ended, JobState.PENDING, result.exit_code, error,
-                               retryable=retryable, usage=result.usage)  # fmt: skip
+                               retryable=retryable, usage=result.usage, took=took)  # fmt: skip
             status.next_attempt_at = rfc3339(due)
             if not_started:
                 log.info(f"it did not start: tried again in {format_duration(wait)}, at "
@@ -692,7 +717,7 @@ class JobRunner:
             )
             return JobState.PENDING
         status.end_attempt(ended, state, result.exit_code, error, retryable=retryable,
-                           usage=result.usage)  # fmt: skip
+                           usage=result.usage, took=took)  # fmt: skip
         if hooks is not None and state is not JobState.PENDING:  # the job's end, not an attempt's
             final = "on_success" if state is JobState.SUCCEEDED else "on_failure"
             hooks.run(final, state=state.value, exit_code=result.exit_code)
@@ -789,7 +814,7 @@ class JobRunner:
                                            "started_at": rfc3339(self._clock.now())})  # fmt: skip
         result = executor.run(dataclasses.replace(ctx, resume=begun is not None))
         if begun is not None:  # its wall time from its start, not from this adoption
-            result = resumed(result, begun, self._clock.now())
+            result = _not_below(resumed(result, begun, self._clock.now()), result.usage)
         if not result.detached:
             usage = None if result.usage is None else result.usage.to_dict()
             # What the executor said masked, as in status.json: the submitter's group reads
@@ -1128,14 +1153,25 @@ def _ended(state: JobState, error: str | None, exit_code: int | None) -> str:
     return f"{state.value}: {error}"
 
 
-def _facts(exit_code: int | None, attempt: Attempt | None) -> str:
-    """``exit 3, 0.4 s``: what there is of an attempt's exit code and duration."""
+def _facts(exit_code: int | None, attempt: Attempt | None, took: float | None) -> str:
+    """``exit 3, 0.4 s``: what there is of an attempt's exit code and duration (``took``, as
+    its worker measured it, else the attempt's own ``seconds``)."""
     facts = [] if exit_code is None else [f"exit {exit_code}"]
     if attempt is not None and attempt.finished_at is not None:
-        took = parse_rfc3339(attempt.finished_at) - parse_rfc3339(attempt.started_at)
-        seconds = took.total_seconds()
-        facts.append(f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds))
+        seconds = took if took is not None else attempt.seconds()
+        if seconds is not None:
+            facts.append(f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds))
     return ", ".join(facts)
+
+
+def _not_below(result: ExecResult, measured: Usage | None) -> ExecResult:
+    """A resumed unit's wall time, from a start another process stamped, is never less than
+    what this process measured of it since the adoption (monotonic): less, and the wall
+    clock stepped back between the two stamps."""
+    usage, own = result.usage, None if measured is None else measured.wall_seconds
+    if usage is None or own is None or (usage.wall_seconds or 0.0) >= own:
+        return result
+    return dataclasses.replace(result, usage=usage._replace(wall_seconds=own))
 
 
 def _of(number: int, allowed: int) -> str:
