@@ -2,7 +2,9 @@
 upgrades and purges on this machine; its service runs jobs as the job user, and a job running
 through an upgrade is adopted by the new daemon (issue 18); it serves the HTTP API on loopback
 with an admin token made at install, root's alone, kept through a reinstall and an upgrade
-(issue 19).
+(issue 19). Its maintainer scripts follow no link the spoold user plants in the spool; its
+unit writes the log directory its config offers, which its logrotate file rotates under the
+running daemon; and a purge after the API listed jobs removes the spool its caches are left in.
 
 One test function: every step drives dpkg, which must never run twice at once under
 pytest-xdist. It needs root (it installs the package system-wide); under CI=true it installs
@@ -51,6 +53,8 @@ API_PORT = 8420  # the package's config.yaml: api: {listen: 127.0.0.1:8420}
 API_TOKEN = Path("/etc/spoold/api-token")  # postinst's: admin scope, named local-admin
 TOKEN_LINE = re.compile(r"spoold_(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{43}\n")
 API_JOB = "via-api"
+LOGDIR = Path("/var/log/spoold")  # the unit's LogsDirectory=, config.yaml's suggested logdir
+LOGROTATE = Path("/etc/logrotate.d/spoold")
 
 
 def run(
@@ -192,6 +196,10 @@ def check_unit_privileges() -> None:
     writable = [Path(p) for value in settings.get("ReadWritePaths", []) for p in value.split()]
     writable += [Path("/var/lib", d) for v in settings.get("StateDirectory", []) for d in v.split()]
     assert any(p == WORKDIR or p in WORKDIR.parents for p in writable), writable
+    # The logdir config.yaml suggests: writable under ProtectSystem=strict, spoold's alone.
+    writable += [Path("/var/log", d) for v in settings.get("LogsDirectory", []) for d in v.split()]
+    assert LOGDIR in writable, writable
+    assert settings.get("LogsDirectoryMode") == ["0750"], settings.get("LogsDirectoryMode")
 
 
 def check_job_user() -> None:
@@ -257,6 +265,13 @@ class UnitService:
         }
         if LEAK_TOKEN in os.environ:
             env[LEAK_TOKEN] = os.environ[LEAK_TOKEN]
+        logs = [Path("/var/log", d) for v in settings.get("LogsDirectory", []) for d in v.split()]
+        for path in logs:  # as systemd makes them: the unit's user's, LogsDirectoryMode
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, user.pw_uid, grp.getgrnam(settings["Group"][-1]).gr_gid)
+            path.chmod(int(settings.get("LogsDirectoryMode", ["0755"])[-1], 8))
+        if logs:
+            env["LOGS_DIRECTORY"] = ":".join(map(str, logs))
         as_unit = self._credentials(settings)
         for line in settings.get("ExecStartPre", []):
             pre = subprocess.run(
@@ -536,6 +551,10 @@ def check_api_job(api: ApiClient, service: UnitService) -> None:
     log = api.call("GET", f"/api/v1/jobs/{API_JOB}/log")
     assert log.status_code == 200 and "api-job 42" in log.text, log.text
     assert job_directories(API_JOB) == ["done"]
+    # Listing jobs leaves the catalogue's cache in tmp/ (catalogue.snapshot): no job for purge.
+    listed = api.call("GET", "/api/v1/jobs")
+    assert listed.status_code == 200, listed.text
+    assert API_JOB in [row["job_id"] for row in listed.json()["jobs"]], listed.text
 
 
 def end_leftovers(token: str) -> None:
@@ -550,6 +569,121 @@ def end_leftovers(token: str) -> None:
         if token.encode() in cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(name), signal.SIGKILL)
+
+
+def as_spoold(script: str) -> None:
+    """A shell script as the spoold user, in the spool: what that user may do there."""
+    run("runuser", "-u", "spoold", "--", "sh", "-ec", script, cwd=SPOOL)
+
+
+class Outside:
+    """Files and directories of root's outside the spool, that links the spoold user plants
+    in it lead to: none may change owner, group or mode, nor go, through the maintainer
+    scripts (a root that follows such a link gives the spoold user /etc)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="spoold-outside-"))
+        self.root.chmod(0o755)  # the spoold user may pass, as it may pass /etc
+        self._made: dict[Path, tuple[int, int, int]] = {}
+
+    def make(self, name: str, *, directory: bool) -> Path:
+        path = self.root / name
+        if directory:
+            path.mkdir(0o755)
+            (path / "inside").write_text("root's\n")
+            (path / "inside").chmod(0o644)
+            (path / ".spoold-ready-copy").write_text("")  # a ready stage's entry, if followed
+            path.chmod(0o755)
+        else:
+            path.write_text("root's\n")
+            path.chmod(0o644)
+        info = path.stat()
+        self._made[path] = (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode))
+        return path
+
+    def changed(self) -> list[str]:
+        """What changed of what ``make`` made (a directory's entries included)."""
+        found = []
+        for path, was in self._made.items():
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                found.append(f"{path}: gone")
+                continue
+            now = (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode))
+            if now != was:
+                found.append(f"{path}: (uid, gid, mode) {was} became {now}")
+            if path.is_dir() and not (path / "inside").is_file():
+                found.append(f"{path}/inside: gone")
+        return found
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def plant_for_configure(outside: Outside) -> None:
+    """As the spoold user: outbox/ and scheduled/ replaced by links to root's directories, and
+    a kept job's directory whose status.json and log link to root's files, and a link named as
+    a job's directory, for postinst's owner, group and mode resets to follow if they would."""
+    as_spoold(
+        f"mv outbox outbox.kept; ln -s {outside.make('outbox', directory=True)} outbox\n"
+        f"mv scheduled scheduled.kept\n"
+        f"ln -s {outside.make('scheduled', directory=True)} scheduled\n"
+        f"mkdir done/planted\n"
+        f"ln -s {outside.make('status.json', directory=False)} done/planted/status.json\n"
+        f"ln -s {outside.make('log', directory=False)} done/planted/log\n"
+        f"ln -s {outside.make('job-directory', directory=True)} done/planted-link\n"
+    )
+
+
+def unplant_for_configure() -> None:
+    as_spoold(
+        "rm outbox scheduled done/planted-link; rm -r done/planted\n"
+        "mv outbox.kept outbox; mv scheduled.kept scheduled\n"
+    )
+
+
+def plant_for_purge(outside: Outside) -> None:
+    """As the spoold user, in tmp/: what a daemon that was killed leaves there (a spares
+    directory, a ready stage, a submitted file after its copy, a snapshot cut short), and links
+    named like each, to root's files and directories, for postrm to follow if it would."""
+    as_spoold(
+        "mkdir tmp/.spoold-spares-test@1.2.ab; : > tmp/.spoold-spares-test@1.2.ab/.spoold-spare\n"
+        "mkdir tmp/in-test@0123456789abcdef; : > tmp/in-test@0123456789abcdef/.spoold-ready-copy\n"
+        "ln -s in-test@0123456789abcdef tmp/in-test@0123456789abcdef/.spoold-ready-id\n"
+        "mkdir tmp/in-test@0123456789abcdef/.spoold-ready-artifacts\n"
+        ": > tmp/spent-0123456789abcdef; : > tmp/.spoold-catalogue.snapshot.1.2.tmp\n"
+        f"ln -s {outside.make('lock', directory=False)} tmp/daemon-planted.lock\n"
+        f"ln -s {outside.make('snapshot', directory=False)} tmp/planted.snapshot\n"
+        f"ln -s {outside.make('spent', directory=False)} tmp/spent-planted\n"
+        f"ln -s {outside.make('stage', directory=True)} tmp/in-planted@00\n"
+        f"ln -s {outside.make('spares', directory=True)} tmp/.spoold-spares-planted\n"
+    )
+
+
+def logrotate_command(workdir: Path) -> list[str]:
+    """This machine's logrotate, or Debian's unpacked into ``workdir``: installing it would
+    bring a cron daemon to the machine."""
+    found = shutil.which("logrotate")
+    if found is not None:
+        return [found]
+    if run("apt-get", "download", "-qq", "logrotate", cwd=workdir, check=False).returncode:
+        run("apt-get", "update", "-qq")
+        run("apt-get", "download", "-qq", "logrotate", cwd=workdir)
+    (deb,) = workdir.glob("logrotate_*.deb")
+    run("dpkg-deb", "-x", str(deb), str(workdir / "logrotate"))
+    return [str(workdir / "logrotate" / "usr" / "sbin" / "logrotate")]
+
+
+def check_own_log(*names: str) -> str:
+    """The daemon's spoold.log in the unit's log directory: spoold's, 0640, naming ``names``."""
+    log = LOGDIR / "spoold.log"
+    info = log.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (pwd.getpwnam("spoold").pw_uid, 0o640)
+    text = log.read_text(errors="replace")
+    for name in names:
+        assert name in text, text
+    return text
 
 
 @pytest.mark.timeout(900)
@@ -587,6 +721,7 @@ def test_debian_package(tmp_path: Path) -> None:
     # The job's files and the release: readable by the job user (tmp_path is root's alone).
     share = Path(tempfile.mkdtemp(prefix="spoold-upgrade-"))
     share.chmod(0o755)
+    outside = Outside()
     try:
         first = run("apt-get", "install", "-y", "-qq", str(deb))
         assert installed("spoold")
@@ -629,6 +764,9 @@ def test_debian_package(tmp_path: Path) -> None:
         assert Path("/usr/share/man/man1/spoold.1.gz").is_file()
         conffiles = run("dpkg-query", "-W", "-f", "${Conffiles}", "spoold").stdout
         assert "/etc/spoold/config.yaml" in conffiles
+        assert str(LOGROTATE) in conffiles
+        rotation = LOGROTATE.stat()
+        assert (rotation.st_uid, stat.S_IMODE(rotation.st_mode)) == (0, 0o644)
         assert "spool: /var/spool/spoold" in Path("/etc/spoold/config.yaml").read_text()
         assert pwd.getpwnam("spoold").pw_gid == grp.getgrnam("spoold").gr_gid
         assert group_exists("spoold-submit")
@@ -644,9 +782,15 @@ def test_debian_package(tmp_path: Path) -> None:
         port = api_port()
         if port != API_PORT:  # held on this machine: the service's API moves, as an admin would
             move_api(port)
-        with Path("/etc/spoold/config.yaml").open("a") as config_file:
-            config_file.write("# changed by test_deb\n")
+        with Path("/etc/spoold/config.yaml").open("a") as config_file:  # its suggested logdir
+            config_file.write(f"# changed by test_deb\nlogdir: {LOGDIR}\n")
+        # The spoold user's links in its spool: the reinstall's postinst follows none.
+        plant_for_configure(outside)
         again = run("apt-get", "install", "-y", "-qq", "--reinstall", str(deb))
+        assert outside.changed() == [], again.stdout + again.stderr
+        for name in ("outbox", "scheduled"):  # dpkg's pty: the scripts' stderr in apt's stdout
+            assert f"{SPOOL / name} is a link" in again.stdout + again.stderr, again.stdout
+        unplant_for_configure()
         assert "# changed by test_deb" in Path("/etc/spoold/config.yaml").read_text()
         assert check_api_token() == token, "the reinstall replaced the API token"
         not_shown(token, again)
@@ -658,6 +802,7 @@ def test_debian_package(tmp_path: Path) -> None:
         api = ApiClient(port, token)
         check_api(api)
         check_api_job(api, service)
+        check_own_log(API_JOB)
 
         # An upgrade to a higher version while a job runs under the service.
         submit_waiting_job(share)
@@ -680,6 +825,11 @@ def test_debian_package(tmp_path: Path) -> None:
             lambda: adopted(UPGRADE_JOB, service), "the new daemon to adopt the job", service
         )
         check_api(api)  # the new daemon, with the kept token
+        # The package's logrotate file rotates spoold.log under the running daemon, which
+        # writes on into the new one.
+        rotate = logrotate_command(tmp_path)
+        run(*rotate, "-f", "-s", str(tmp_path / "logrotate.state"), str(LOGROTATE))
+        assert UPGRADE_JOB in (LOGDIR / "spoold.log.1").read_text(errors="replace")
         (share / "release").touch()
         wait_until(
             lambda: set(job_directories(UPGRADE_JOB)) & {"done", "failed"},
@@ -688,19 +838,26 @@ def test_debian_package(tmp_path: Path) -> None:
         stopped = service.stop()
         assert stopped == 0, f"the new daemon's stop: exit {stopped}\n{service.tail()}"
         check_job_through_upgrade(share, service)
+        check_own_log(f"{UPGRADE_JOB} succeeded")
+        assert (SPOOL / "tmp" / "catalogue.snapshot").is_file()  # the API's listing's cache
         run("/usr/bin/spoold", "status", "--spool", str(spool), "debtest")
         # Jobs are data: purge keeps a spool that holds any. The test's go first.
         run("runuser", "-u", "spoold", "--", "/usr/bin/spoold", "purge", "--spool", str(SPOOL),
             "--older-than", "0s", cwd=Path("/"))  # fmt: skip
+        # What is left in tmp/ is spoold's caches and locks, and the spoold user's links.
+        plant_for_purge(outside)
     finally:
         if api is not None:
             api.close()
         service.kill()
         end_leftovers(str(share))  # the job, after a failure
         shutil.rmtree(share, ignore_errors=True)
-        run("apt-get", "purge", "-y", "-qq", "spoold", check=False)
+        purged = run("apt-get", "purge", "-y", "-qq", "spoold", check=False)
         gone_ok = not installed("spoold")
+        followed = outside.changed()
+        outside.remove()
         leftovers = [p for p in ("/etc/spoold", str(SPOOL), str(WORKDIR.parent),
+                                 str(LOGDIR), str(LOGROTATE),
                                  "/usr/lib/spoold", "/usr/bin/spoold",
                                  "/lib/systemd/system/spoold.service",
                                  "/etc/systemd/system/multi-user.target.wants/spoold.service")
@@ -719,5 +876,7 @@ def test_debian_package(tmp_path: Path) -> None:
             if not had[group] and group_exists(group):
                 run("delgroup", "--system", "--quiet", group, check=False)
     assert gone_ok
-    assert leftovers == []
+    assert leftovers == [], purged.stdout + purged.stderr
+    assert "left in place" not in purged.stderr, purged.stderr
+    assert followed == [], followed
     assert kept_user and kept_job_user
