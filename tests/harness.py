@@ -24,7 +24,7 @@ import yaml
 from spoold.core.clock import Clock, SystemClock
 from spoold.core.config import Config
 from spoold.core.procfs import children, process_info, process_start_time, processes_matching
-from spoold.core.spool import Spool
+from spoold.core.spool import JobDir, Spool
 from spoold.core.spool.spares import SPARES_PREFIX
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
@@ -503,3 +503,18 @@ def schedule_runs(spool: Path, job_id: str) -> list[str]:
     names = {p.name for d in ("pending", "running", "done", "failed")
              for p in (spool / d).glob(f"{job_id}@*")}  # fmt: skip
     return sorted(names)
+
+
+def accept_and_run(
+    spool: Spool, intake: Intake, runner: JobRunner, document: dict[str, Any]
+) -> tuple[JobDir, dict[str, Any]]:
+    """Offer ``document`` to ``intake`` as incoming/j.yaml, then claim and run the job it
+    accepted to its end in this process: where the job went, and its status."""
+    (spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
+    outcome = intake.offer("j.yaml", complete=True)
+    assert isinstance(outcome, Accepted), outcome
+    claimed = runner.claim(outcome.job.job_id)
+    assert claimed is not None
+    final = runner.run(claimed)
+    assert final is not None
+    return final, spool.jobs.read_status(final)

@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import yaml
 from spoold.executors.base import ExecResult, Executor, RunContext
 
 from spoold.core.config import Config
 from spoold.core.spool import JobDir, Spool
-from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.incoming import Intake
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import DEFAULT_PATH, JobRunner, job_base_environment
 from tests.fakes import FakeClock
+from tests.harness import accept_and_run
 
 LOGGER = logging.getLogger("spoold.test.environment")
 
@@ -57,14 +57,7 @@ class Runner:
         self.runner = JobRunner(self.spool, registry, config, clock, LOGGER)
 
     def run(self, document: dict[str, Any]) -> tuple[JobDir, dict[str, Any]]:
-        (self.spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
-        outcome = self.intake.offer("j.yaml", complete=True)
-        assert isinstance(outcome, Accepted), outcome
-        claimed = self.runner.claim(outcome.job.job_id)
-        assert claimed is not None
-        final = self.runner.run(claimed)
-        assert final is not None
-        return final, self.spool.jobs.read_status(final)
+        return accept_and_run(self.spool, self.intake, self.runner, document)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import yaml
 
 from spoold.core.clock import SystemClock
 from spoold.core.config import Config
-from spoold.core.joblog import HELD_BYTES, LINE_BOUND, JobLog, OutputStream
+from spoold.core.joblog import HELD_BYTES, LINE_BOUND, JobLog
 from spoold.core.own_log import close_logging, configure_logging
 from spoold.core.secrets import Masker
 from spoold.core.spool import Spool
@@ -29,6 +29,7 @@ from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.fakes import FakeClock
+from tests.test_joblog_chunks import _fed
 
 _STAMP = re.compile(rb"^\S+ (INFO|ERROR) ")
 
@@ -44,14 +45,6 @@ def _log(
         tap=None if tap is None else tap.append,
     )  # fmt: skip
     return log, out
-
-
-def _fed(log: JobLog, chunks: list[bytes], *, stderr: bool = False) -> None:
-    stream = OutputStream(log, stderr=stderr)
-    for chunk in chunks:
-        stream.feed(chunk)
-    stream.close()
-    log.summarize()
 
 
 def _lines(out: io.BytesIO) -> list[bytes]:

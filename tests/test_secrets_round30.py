@@ -12,18 +12,18 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
-import yaml
 
 from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError
 from spoold.core.secrets import Masker, SecretStore, encoded_forms
 from spoold.core.spool import JobDir, Spool
-from spoold.intake.incoming import Accepted, Intake
+from spoold.intake.incoming import Intake
 from spoold.intake.validation import job_validator
 from spoold.out.outbox import callbacks_for
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.fakes import FakeClock
+from tests.harness import accept_and_run
 from tests.loopback import MethodHandler, serve_in_thread, stop_serving
 
 LOGGER = logging.getLogger("spoold.test.round30")
@@ -57,14 +57,7 @@ class Runner:
                                 callbacks=callbacks)  # fmt: skip
 
     def run(self, document: dict[str, Any]) -> tuple[JobDir, dict[str, Any]]:
-        (self.spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
-        outcome = self.intake.offer("j.yaml", complete=True)
-        assert isinstance(outcome, Accepted), outcome
-        claimed = self.runner.claim(outcome.job.job_id)
-        assert claimed is not None
-        final = self.runner.run(claimed)
-        assert final is not None
-        return final, self.spool.jobs.read_status(final)
+        return accept_and_run(self.spool, self.intake, self.runner, document)
 
     def written(self) -> str:
         """Everything spoold wrote into the spool (logs, status.json, outbox/), but job.yaml,
