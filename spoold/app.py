@@ -37,6 +37,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if args.daemon:
         check_detach(config)  # detached without a logdir, its log would go nowhere
     daemon = Daemon.build(config)  # every check that can fail, while the terminal still sees it
+    daemon.detached = args.daemon  # a reload checks what check_detach did
     if daemon.spool.host_lock.daemon_on(config.host_id) is not None:
         print(f"spoold: {lock_holder(daemon.spool, config.host_id)}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,10 +16,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
-from spoold.core.config import Config, load_config
+from spoold.core.config import Config, changed_keys, load_config
 from spoold.core.errors import ConfigError, SpooldError, SpoolError
 from spoold.core.outage import Outage
-from spoold.core.own_log import reopen_logging
+from spoold.core.own_log import _log_file, reopen_logging
 from spoold.core.procfs import started_at
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import DirectoryCount, JobDir, Spool
@@ -244,6 +244,8 @@ class Daemon:
     hostbeat: HostBeat | None = None
     #: What ``run`` returns: 2 when it stopped for another daemon serving as this host.
     exit_code: int = 0
+    #: Whether it was started with ``--daemon``: a reload then checks what ``check_detach`` does.
+    detached: bool = False
     #: The HTTP API, when the config enables it (``api:``), and what it reads of the changes.
     api: ApiServer | None = None
     seen: _Seen | None = None
@@ -281,11 +283,7 @@ class Daemon:
 
         parts = Parts.build(config, clock or SystemClock(), wake=outbox_written)
         clock, logger, spool, callbacks = parts.clock, parts.logger, parts.spool, parts.callbacks
-        spool.check()
-        spool.check_filesystems()  # a mount on done/: every finish would fail with EXDEV
-        if problems := spool.unsafe_permissions():
-            # A job written into pending/ by someone else would run unvalidated, as spoold.
-            raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
+        check_spool(spool)
         if reserved := spool.reservations.ensure():
             logger.info("reserved the ids of %d existing job(s) in %s", reserved, spool.dir("ids"))
         # Here, once: a job user that does not exist stops spoold at start, not each job.
@@ -620,23 +618,34 @@ class Daemon:
         config when they started (executor settings, limits, kill_grace, lease and heartbeat
         times, default callback, secrets, workdir, run_as users), and the spool, watch mode,
         workers and log files are built once.
-        Changes to those are logged as waiting for a restart. An invalid file is refused, with
-        the problem logged, and the config in use is kept.
+        Changes to those are logged as waiting for a restart, named by their keys. A file that
+        does not load, or that a start would refuse (``start_problems``: a job user that does
+        not exist, a logdir that cannot be written, a certificate that cannot be loaded, ...),
+        is refused whole, each problem logged, and the config in use is kept: the restart an
+        upgrade makes must not fail on a file the reload said was taken.
         """
         old = self.config
+        reopen_logging()  # a rotation's postrotate may send the SIGHUP
         try:
-            new = load_config(old.source, spool=old.spool)
+            # --spool stays as the start had it; SPOOLD_SPOOL is read again, as a start would.
+            new = load_config(
+                old.source, spool=old.spool if old.spool_override == "--spool" else None
+            )
         except ConfigError as exc:
-            reopen_logging()
-            self.logger.error("config not reloaded, the old one stays in use: %s", exc)
+            problems = [str(exc)]
+        else:
+            problems = start_problems(new, running=old, spool=self.spool, logger=self.logger,
+                                      detached=self.detached)  # fmt: skip
+        for problem in problems:
+            self.logger.error("config not reloaded, the old one stays in use: %s", problem)
+        if problems:
             return False
-        changed = [f for f in _config_fields() if getattr(new, f) != getattr(old, f)]
-        applied = [f for f in changed if f in RELOADABLE]
-        waiting = [f for f in changed if f not in RELOADABLE]
+        changed = changed_keys(old, new)
+        applied = [k for k in changed if k in RELOADABLE]
+        waiting = [k for k in changed if k not in RELOADABLE]
         kept = {f: getattr(old, f) for f in _config_fields() if f not in RELOADABLE}
         self.config = new._replace(**kept)
         self.logger.setLevel(self.config.log_level.upper())
-        reopen_logging()  # a rotation's postrotate may send the SIGHUP
         if {"poll_interval", "rescan_interval"} & set(applied):
             self._pace_outbox()
         self.logger.info(
@@ -644,6 +653,16 @@ class Daemon:
             old.source, ", ".join(applied) or "no changes",
             ", ".join(waiting) or "none",
         )  # fmt: skip
+        if new.spool_override and new.file_spool not in (None, old.file_spool):
+            self.logger.warning(
+                "config %s: spool: %s in the file is overridden by %s: spoold stays on %s, "
+                "after a restart too", old.source, new.file_spool, new.spool_override, new.spool,
+            )  # fmt: skip
+        if "api" in waiting and new.api is not None:
+            from spoold.face.api.server import plain_text_warning  # noqa: PLC0415
+
+            if (warning := plain_text_warning(new.api)) is not None:
+                self.logger.warning("from the next restart, %s", warning)
         self.logger.info("keys a reload applies: %s; all others need a restart",
                          ", ".join(RELOADABLE))  # fmt: skip
         return True
@@ -819,6 +838,54 @@ RETENTION_EVERY = 3600.0
 
 def _config_fields() -> list[str]:
     return [f for f in Config._fields if f not in ("source", "worker_id")]
+
+
+def check_spool(spool: Spool) -> None:
+    """What a start requires of the spool: the whole tree, on one filesystem (a mount on done/:
+    every finish would fail with EXDEV), and no one else able to write jobs into it."""
+    spool.check()
+    spool.check_filesystems()
+    if problems := spool.unsafe_permissions():
+        # A job written into pending/ by someone else would run unvalidated, as spoold.
+        raise SpoolError("refusing to run: others could write jobs; " + "; ".join(problems))
+
+
+def start_problems(
+    config: Config, *, running: Config, spool: Spool, logger: logging.Logger, detached: bool
+) -> list[str]:
+    """What would stop ``spoold run`` with ``config`` (loaded already) on this host, each
+    problem naming its key; none: a start would take it. For a reload, which must not take a
+    file the next start refuses. The checks are the start's own (``Daemon.build``, ``run``,
+    ``check_detach``), with their side effects (a logdir, a work root made); ``running``,
+    on ``spool``: the config in use, whose API address is this daemon's already."""
+    problems: list[str] = []
+
+    def check(what: Callable[[], object], key: str | None = None) -> bool:
+        try:
+            what()
+        except (SpooldError, OSError) as exc:
+            problems.append(f"key {key}: {exc}" if key else str(exc))
+            return False
+        return True
+
+    if detached:
+        check(lambda: check_detach(config))
+    if config.logdir is not None:
+        logdir = config.logdir
+        check(lambda: _log_file(logdir).close())
+    target = spool
+    if config.spool != running.spool:
+        target = Spool(config.spool, durable=config.durable, host=config.host_id)
+    if target is spool or check(lambda: check_spool(target), "spool"):
+        check(lambda: Lane.from_config(config, target.jobs.work_root))  # tmp/work/ in the spool
+        check(lambda: resolve_watch_mode(config.watch, target.dir("incoming")))
+    if config.api is not None:
+        from spoold.face.api.server import check_api  # noqa: PLC0415 - only with an API
+
+        api, now = config.api, running.api
+        moved = now is None or (api.host, api.port) != (now.host, now.port)
+        check(lambda: check_api(api, logger, bind=moved))
+    return problems
 
 
 def check_detach(config: Config) -> None:

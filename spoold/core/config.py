@@ -31,6 +31,8 @@ _SECRET_KEY = re.compile(r"(?:secret|password|api_key|api_token|token)\Z", re.IG
 #: Enough of a mail address to refuse what is surely none (the server decides the rest).
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 DEFAULT_SPOOL = Path("spool")
+#: The most values of a config file the search for duplicate keys looks at (as a job file's).
+_MAX_NODES = 100_000
 
 
 def _hostname() -> str:
@@ -119,7 +121,7 @@ class ApiSettings(NamedTuple):
             found["host"], found["port"] = host.removeprefix("[").removesuffix("]"), int(port)
         for key in ("certfile", "keyfile"):
             if key in document:
-                found[key] = base / str(document[key])
+                found[key] = config_path(f"api.{key}", document[key], base)
         if ("certfile" in found) != ("keyfile" in found):
             raise ConfigError("key api.certfile: HTTPS needs both certfile and keyfile")
         if "client_timeout" in document:
@@ -307,8 +309,7 @@ class MailSettings(NamedTuple):
             security=str(security),
             user=None if user is None else _of_kind("mail.user", user, str, "a user name"),
             password_secret=secret, sender=sender,
-            ca_file=None if ca_file is None else base / _of_kind("mail.ca_file", ca_file, str,
-                                                                 "a path"),
+            ca_file=None if ca_file is None else config_path("mail.ca_file", ca_file, base),
         )  # fmt: skip
 
 
@@ -334,6 +335,11 @@ class Config(NamedTuple):
     """
 
     spool: Path = DEFAULT_SPOOL
+    #: What chose ``spool`` over the file's ``spool:`` (``--spool``, ``SPOOLD_SPOOL``); None:
+    #: the file (or the default) did. A reload tells a changed ``spool:`` by these two.
+    spool_override: str | None = None
+    #: What the file's ``spool:`` says, whether or not it is the spool in use.
+    file_spool: Path | None = None
     workers: int = 2
     #: Processes the workers are spread over; None: one per core (at most one per worker).
     worker_processes: int | None = None
@@ -401,6 +407,36 @@ class Config(NamedTuple):
         return self.runner_id or self.hostname
 
 
+#: The config key (or variable) of each Config field whose name is not the key's.
+_FIELD_KEYS: Mapping[str, str] = {
+    "max_file_size": "limits.max_file_size", "max_log_size": "limits.max_log_size",
+    "max_artifacts": "limits.max_artifacts", "max_artifacts_size": "limits.max_artifacts_size",
+    "executor_limits": "limits.executors", "executor_settings": "executors",
+    "durable": "fsync", "runner_id": "host_id", "job_users": "job_user",
+    "log_socket": "RUNNER_LOG_SOCKET",
+}  # fmt: skip
+_NOTIFY_KEYS: Mapping[str, str] = {
+    "defaults": "notify", "mail": "mail", "window": "notify_window", "wait": "notify_wait",
+}  # fmt: skip
+#: Fields no key sets, or that a reload compares apart (the spool's origin).
+_NOT_KEYS = frozenset({"source", "worker_id", "spool_override", "file_spool"})
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The config keys whose values differ from ``old`` to ``new``, as the file names them
+    (``job_user``, ``limits.max_file_size``; never a field's name, such as ``job_users``)."""
+    keys: list[str] = []
+    for name in Config._fields:
+        if name in _NOT_KEYS or getattr(old, name) == getattr(new, name):
+            continue
+        if name == "notify":
+            keys += [_NOTIFY_KEYS[part] for part in NotifySettings._fields
+                     if getattr(old.notify, part) != getattr(new.notify, part)]  # fmt: skip
+        else:
+            keys.append(_FIELD_KEYS.get(name, name))
+    return keys
+
+
 def find_config_file(explicit: Path | None) -> Path | None:
     """--config, else ./config.yaml, else /etc/spoold/config.yaml, else none."""
     if explicit is not None:
@@ -428,7 +464,8 @@ def load_config(
 
     ``check_schema=False``: the file is not checked against config.schema.json (loading
     jsonschema takes about 0.1 s), for the commands that only read the spool. Unknown keys
-    are then ignored and ranges not enforced, but a value that cannot be used is still a
+    are then ignored, ranges not enforced and a key given twice not refused (the last is
+    taken), but a value that cannot be used is still a
     ConfigError naming its key: the full check runs then, to say it as ``spoold run`` would.
     """
     env = os.environ if env is None else env
@@ -451,7 +488,7 @@ def load_config(
             "host id: letters, digits, '.', '_' and '-', 64 at most, not starting with '.'"
         )
     if spool is not None:
-        config = config._replace(spool=spool)
+        config = config._replace(spool=spool, spool_override="--spool")
     return config
 
 
@@ -471,6 +508,8 @@ def _read_document(
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
     if check_schema:
+        # Here, not where YAML is parsed: a light command's parsed copy has no duplicates left.
+        _refuse_duplicates(path, text)
         _check_schema(document, path)
     return document
 
@@ -481,9 +520,27 @@ def _parse_yaml(path: Path, text: str) -> Any:
     from spoold.core.yaml_keys import NamedKeysLoader  # noqa: PLC0415 - as yaml
 
     try:
-        return yaml.load(text, Loader=NamedKeysLoader)  # noqa: S506 - a safe loader
+        document = yaml.load(text, Loader=NamedKeysLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
+    return document
+
+
+def _refuse_duplicates(path: Path, text: str) -> None:
+    """ConfigError naming each key the text gives twice in one mapping, and both its lines:
+    YAML keeps the last silently, so a key added at the end of the shipped file (which sets
+    ``api:``, ``job_user:`` and ``spool:`` already) would override the first, or be overridden,
+    unsaid. Found as job files' are; a ``<<:`` merge overridden is no duplicate. Part of the
+    full check (as unknown keys are): the light commands take the last, without YAML's nodes."""
+    from spoold.core.documents import format_path, map_nodes, position  # noqa: PLC0415 - as yaml
+
+    duplicates = map_nodes(text, _MAX_NODES).duplicates
+    if duplicates:
+        raise ConfigError("; ".join(
+            f"{path}:{':'.join(map(str, position(second)))}: key {format_path(key)}: given "
+            f"twice (first on line {position(first)[0]}); give each key once"
+            for key, second, first in sorted(duplicates, key=lambda d: position(d[1]))
+        ))  # fmt: skip
 
 
 def _check_schema(document: dict[str, Any], path: Path) -> None:
@@ -600,7 +657,9 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     base = source.parent if source else Path.cwd()
     for key in ("spool", "workdir", "logdir", "secrets_dir"):
         if key in doc:
-            values[key] = base / _of_kind(key, doc[key], str, "a path")
+            values[key] = config_path(key, doc[key], base)
+    if "spool" in values:
+        values["file_spool"] = values["spool"]
     if "retention" in doc:
         retention = _of_kind("retention", doc["retention"], dict, "a mapping")
         values["retention"] = _parsed("retention", retention, Retention.from_document)
@@ -717,6 +776,21 @@ def _notify_settings(doc: Mapping[str, Any], base: Path, hostname: str) -> Notif
     return NotifySettings(defaults, mail, window, wait)
 
 
+def config_path(key: str, value: Any, base: Path) -> Path:
+    """A path-valued key's path: ``~`` and ``~user`` at its start expanded as the shell would
+    (``$HOME``, the user's home directory), then a relative path taken from ``base`` (the
+    config file's directory). ConfigError naming the key of a ``~user`` with no such user."""
+    path = Path(_of_kind(key, value, str, "a path"))
+    try:
+        return base / path.expanduser()
+    except RuntimeError:  # a ~user with no such user (or ~ with no home known)
+        user = path.parts[0][1:]
+        whose = f"there is no user {user!r} on this host" if user else "no home is known"
+        raise ConfigError(
+            f"key {key}: {str(path)!r} starts with ~{user}, but {whose}: write the path in full"
+        ) from None
+
+
 def _of_kind(key: str, value: Any, kind: type, what: str) -> Any:
     """``value`` if it is a ``kind`` (true and false are no numbers; 4.0 is the whole number
     4, as for the schema), else ConfigError."""
@@ -746,6 +820,8 @@ def _apply_environment(config: Config, env: Mapping[str, str]) -> Config:
     for variable, key in paths.items():
         if env.get(variable):
             changes[key] = Path(env[variable])
+    if "spool" in changes:
+        changes["spool_override"] = "SPOOLD_SPOOL"
     if env.get("RUNNER_ID"):
         changes["worker_id"] = changes["runner_id"] = env["RUNNER_ID"]
     if env.get("RUNNER_HOSTNAME"):

@@ -39,6 +39,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
+from spoold.core.config import is_loopback
 from spoold.core.errors import ConfigError
 from spoold.face.api.context import BODY_TOO_SLOW, RefusalLog
 
@@ -164,32 +165,91 @@ def guarded(logger: logging.Logger) -> type[_Guarded]:
                 {"cap": connection_cap(), "spoold_logger": logger, "refusals": RefusalLog()})  # fmt: skip
 
 
+def plain_text_warning(settings: ApiSettings) -> str | None:
+    """What to say of an API served in plain HTTP on an address other than loopback (None
+    for one that is not): its tokens and jobs would cross the network readable by anyone on
+    the way."""
+    if settings.certfile is not None or is_loopback(settings.host):
+        return None
+    return (
+        f"the HTTP API listens on {settings.host}:{settings.port} without TLS: API tokens, "
+        "job files and logs would travel in clear text; set api.certfile and api.keyfile "
+        "(HTTPS), or listen on 127.0.0.1 behind a proxy that serves HTTPS"
+    )
+
+
+def check_api(settings: ApiSettings, logger: logging.Logger, *, bind: bool) -> None:
+    """What ``ApiServer.start`` checks of ``settings`` without serving: its certificate and key
+    load (ConfigError naming ``api.certfile``), and, ``bind``, its address can be listened on
+    (``api.listen``). For a reload, whose file a start must take too."""
+    config = _uvicorn_config(_no_app, settings, logger)
+    if bind:
+        _bind(settings, config.backlog).close()
+    if settings.certfile:
+        _load(config)
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    """The app of a server only checked, never run."""
+
+
+def _uvicorn_config(app: Any, settings: ApiSettings, logger: logging.Logger) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        http=guarded(logger),
+        ws="none",
+        lifespan="on",
+        log_config=None,  # spoold's own log: uvicorn's loggers propagate to the root
+        access_log=False,
+        server_header=False,
+        # Not X-Forwarded-For/-Proto from loopback clients: anyone on the host could forge
+        # the address the log names, and the scheme of the URLs the API gives out.
+        proxy_headers=False,
+        # No limit_concurrency: the cap on connections (connection_cap) bounds the requests
+        # in progress too, one per connection at a time.
+        timeout_keep_alive=max(1, round(settings.client_timeout)),
+        timeout_graceful_shutdown=3,
+        h11_max_incomplete_event_size=MAX_HEAD,
+        backlog=BACKLOG,
+        ssl_certfile=str(settings.certfile) if settings.certfile else None,
+        ssl_keyfile=str(settings.keyfile) if settings.keyfile else None,
+    )
+
+
+def _bind(settings: ApiSettings, backlog: int) -> socket.socket:
+    """A socket listening on the address of ``settings``; ConfigError naming ``api.listen``."""
+    host, port = settings.host, settings.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only for a socket
+    # that says it is TCP; without it each keep-alive answer waited ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        raise ConfigError(f"key api.listen: cannot listen on {where}: {exc.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def _load(config: uvicorn.Config) -> None:
+    """Load ``config`` now, its certificate with it; ConfigError naming ``api.certfile``."""
+    try:
+        config.load()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key api.certfile: cannot use it: {exc}") from None
+
+
 class ApiServer:
     """uvicorn serving ``app`` on the address of ``settings``, in a thread of its own."""
 
     def __init__(self, app: Any, settings: ApiSettings, logger: logging.Logger) -> None:
         self._settings = settings
         self._logger = logger
-        self._config = uvicorn.Config(
-            app,
-            http=guarded(logger),
-            ws="none",
-            lifespan="on",
-            log_config=None,  # spoold's own log: uvicorn's loggers propagate to the root
-            access_log=False,
-            server_header=False,
-            # Not X-Forwarded-For/-Proto from loopback clients: anyone on the host could forge
-            # the address the log names, and the scheme of the URLs the API gives out.
-            proxy_headers=False,
-            # No limit_concurrency: the cap on connections (connection_cap) bounds the requests
-            # in progress too, one per connection at a time.
-            timeout_keep_alive=max(1, round(settings.client_timeout)),
-            timeout_graceful_shutdown=3,
-            h11_max_incomplete_event_size=MAX_HEAD,
-            backlog=BACKLOG,
-            ssl_certfile=str(settings.certfile) if settings.certfile else None,
-            ssl_keyfile=str(settings.keyfile) if settings.keyfile else None,
-        )
+        self._config = _uvicorn_config(app, settings, logger)
         self._server = uvicorn.Server(self._config)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -210,30 +270,19 @@ class ApiServer:
     def start(self) -> None:
         """Bind, then serve in a thread; ConfigError naming ``api.listen`` if it cannot bind,
         ``api.certfile`` if the certificate cannot be loaded."""
-        host, port = self._settings.host, self._settings.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only for a socket
-        # that says it is TCP; without it each keep-alive answer waited ~40 ms for a delayed ACK.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen(self._config.backlog)
-        except OSError as exc:
-            sock.close()
-            where = f"{host}:{port}"
-            raise ConfigError(f"key api.listen: cannot listen on {where}: {exc.strerror}") from None
-        sock.set_inheritable(False)
+        sock = _bind(self._settings, self._config.backlog)
         if self._settings.certfile:
             try:
-                self._config.load()  # loads the certificate now: its error is said at start
-            except (OSError, ValueError) as exc:
+                _load(self._config)  # loads the certificate now: its error is said at start
+            except ConfigError:
                 sock.close()
-                raise ConfigError(f"key api.certfile: cannot use it: {exc}") from None
+                raise
         self._socket = sock
         self._thread = threading.Thread(target=self._serve, name="spoold-api", daemon=True)
         self._thread.start()
         self._logger.info("HTTP API listening on %s", self.url)
+        if (warning := plain_text_warning(self._settings)) is not None:
+            self._logger.warning("%s", warning)
 
     def _serve(self) -> None:
         assert self._socket is not None
