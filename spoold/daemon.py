@@ -31,7 +31,7 @@ from spoold.out.outbox import Callbacks
 from spoold.out.sender import Sender
 from spoold.run.control import JobControl
 from spoold.run.dispatch import JobMeta
-from spoold.run.due import DueJobs
+from spoold.run.due import DueJobs, scheduled_wait
 from spoold.run.hostbeat import HostBeat
 from spoold.run.lane import Lane
 from spoold.run.observed import listener as observed_listener
@@ -292,7 +292,7 @@ class Daemon:
             logger.warning("%s", note)
         lane.sweep_spares(config.host_id)  # work dirs made ahead by worker processes now gone
         attention = threading.Event()
-        due = DueJobs()
+        due = DueJobs(clock)
 
         def defer(job_id: str, when: float) -> None:
             due.add(job_id, when)
@@ -568,7 +568,7 @@ class Daemon:
             self._duty(self._replace_workers)
         if not all(w.watching for w in (self._incoming_watch, self._outbox_watch) if w):
             self._duty(self._rewatch)
-        for job_id in self.due.pop_due(self.clock.now().timestamp()):
+        for job_id in self.due.pop_due():
             self.workers.submit(job_id, meta=self._meta(job_id))
         asked = self.rescan.is_set()
         if asked:
@@ -762,10 +762,10 @@ class Daemon:
             status = self._pending_status(job)
             due = status.get("next_attempt_at")
             when = parse_rfc3339(due).timestamp() if isinstance(due, str) else None
+            if when is not None and self.due.due_at(job.job_id) == when:
+                continue  # known, and unchanged: its wait runs on the monotonic clock
             if when is not None and when > now:
-                if self.due.due_at(job.job_id) == when:
-                    continue  # known, and unchanged
-                self.due.add(job.job_id, when)
+                self.due.add(job.job_id, when, longest=scheduled_wait(status))
                 self.logger.info(
                     "job %s waits for its next attempt, due at %s",
                     job.job_id, rfc3339(datetime.fromtimestamp(when, UTC)),
