@@ -477,3 +477,27 @@ def test_under_the_daemon_200_mb_without_a_newline_leave_memory_and_log_bounded(
         assert growth < 16 * 1024, f"the worker process grew by {growth} KiB"
     finally:
         daemon.kill()
+
+
+def test_a_record_may_name_only_a_cgroup_spoold_made_in_its_own(tmp_path: Path) -> None:
+    """A unit's record names the cgroup a recovery kills: never one outside this process's
+    own cgroup, nor one not named as spoold names its runs' (a forged or foreign record)."""
+    home = procfs.cgroup_home()
+    if home is None:
+        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
+        return
+    mine = procfs.make_cgroup(home, f"test-{tmp_path.name}")
+    assert mine is not None
+    other = Path(home) / f"other-{tmp_path.name}"
+    other.mkdir()
+    nested = procfs.make_cgroup(mine, "nested")
+    try:
+        assert procfs.is_spoold_cgroup(mine)
+        assert not procfs.is_spoold_cgroup(str(other))  # not named as spoold names them
+        assert not procfs.is_spoold_cgroup(str(nested))  # not in this process's own cgroup
+        assert not procfs.is_spoold_cgroup(f"{home}/../{Path(mine).name}")
+        assert not procfs.is_spoold_cgroup(str(tmp_path / "spoold-x"))
+    finally:
+        for path in (nested, mine, str(other)):
+            if path is not None:
+                procfs.remove_cgroup(path)

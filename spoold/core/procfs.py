@@ -302,13 +302,15 @@ def cgroup_home() -> str | None:
 
 
 def is_spoold_cgroup(path: str) -> bool:
-    """Whether ``path`` is a cgroup spoold made (see ``make_cgroup``), under this host's cgroup
-    v2 mount: a record of a run names one, and nothing else is killed or removed for it."""
-    name = Path(path).name
+    """Whether ``path`` is a cgroup spoold made (see ``make_cgroup``) in this process's own
+    cgroup (``cgroup_home``): a record of a run names one, and nothing else is killed or
+    removed for it (not another service's, nor one of another spoold's runs elsewhere)."""
+    home = cgroup_home()
     return (
-        name.startswith(CGROUP_PREFIX)
-        and "/" not in name
+        home is not None
         and os.path.normpath(path) == path
+        and str(Path(path).parent) == home
+        and Path(path).name.startswith(CGROUP_PREFIX)
         and Path(f"{path}/cgroup.kill").is_file()
     )
 

@@ -319,19 +319,22 @@ def _registered_forms(value: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
 def encoded_forms(value: str) -> list[str]:
     """The forms ``value`` takes in what others write, where they differ from it: quoted by
     Python's repr (an error message's ``{value!r}`` doubles each backslash), escaped in JSON
-    (also PHP's ``\\/``), and URL-encoded (``%2B``, ``%20`` or ``+`` for a space)."""
+    (also PHP's ``\\/``), and URL-encoded (``%2B``, ``%20`` or ``+`` for a space), its hex
+    digits in either case (RFC 3986 allows both; some clients write ``%2b``)."""
     as_json = json.dumps(value)[1:-1]
+    encoded = (quote(value, safe=""), quote(value), quote_plus(value), quote_plus(value, safe="/"))
     forms = (
         repr(value)[1:-1],
         as_json,
         json.dumps(value, ensure_ascii=False)[1:-1],
         as_json.replace("/", "\\/"),
-        quote(value, safe=""),
-        quote(value),
-        quote_plus(value),
-        quote_plus(value, safe="/"),
+        *encoded,
+        *(_PERCENT.sub(lambda m: m.group().lower(), form) for form in encoded),
     )
     return [form for form in dict.fromkeys(forms) if form != value]
