@@ -260,4 +260,4 @@ def test_a_digest_of_rejected_files_calls_them_files_and_says_why_they_come_toge
     assert "less than" not in text and "one message at most every 5 minute(s)" in text
     both = mail([files[0], item()], sender="s@example.net", to=["a@example.net"], window=300,
                 message_id="n")  # fmt: skip
-    assert both["Subject"] == "[spoold] 2 jobs and files on host1: 1 failed, 1 rejected"
+    assert both["Subject"] == "[spoold] 1 job and 1 file on host1: 1 failed, 1 rejected"

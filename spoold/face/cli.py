@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("job_id", nargs="?", type=job_id_argument, metavar="ID")
     status.add_argument("--json", action="store_true", help="status.json as it is")
     listing = add("list", cmd_list, "jobs, newest first; rejected files with their reason")
-    listing.add_argument("--state", choices=[*_STATES, "scheduled", "rejected"])
+    listing.add_argument(
+        "--state", choices=[*_STATES, "scheduled", "rejected"],
+        help="only jobs in this state (scheduled: the schedules; rejected: the files refused)",
+    )  # fmt: skip
     listing.add_argument(
         "--label", action="append", default=[], metavar="KEY[=VALUE]",
         help="only jobs with this label (and value); repeat for several",
@@ -216,8 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument(
         "--limit", type=limit_argument, default=100, metavar="N", help="at most this many (0: all)"
     )
-    listing.add_argument("--json", action="store_true")
-    listing.add_argument("--ids", action="store_true", help=argparse.SUPPRESS)  # for completion
+    listing.add_argument("--json", action="store_true", help="the rows as a JSON list")
+    listing.add_argument(
+        "--ids", action="store_true",
+        help="only the job ids (a rejected file's name), one a line: for scripts and the shell "
+        "completion",
+    )  # fmt: skip
     logs = add("logs", cmd_logs, "a job's log")
     logs.add_argument("job_id", type=job_id_argument, metavar="ID")
     logs.add_argument(
@@ -254,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hosts", cmd_hosts,
         "the hosts serving this spool (hosts/): alive, stale or gone, and what each runs",
     )  # fmt: skip
-    hosts.add_argument("--json", action="store_true")
+    hosts.add_argument("--json", action="store_true", help="the hosts as JSON")
     hosts.add_argument(
         "--forget", metavar="HOST",
         help="remove a gone or stale host's record from hosts/ (a host retired for good)",
@@ -265,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         "list", parents=[common],
         help="the schedules, soonest firing first: next firings, paused or not, last runs",
     )  # fmt: skip
-    schedule_list.add_argument("--json", action="store_true")
+    schedule_list.add_argument("--json", action="store_true", help="the schedules as JSON")
     schedule_list.set_defaults(handler=cmd_schedule_list)
     for action, text in (
         (
@@ -298,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     create.set_defaults(handler=cmd_token_create)
     token_list = token_sub.add_parser("list", parents=[common], help="the tokens (no secrets)")
-    token_list.add_argument("--json", action="store_true")
+    token_list.add_argument("--json", action="store_true", help="the tokens as JSON")
     token_list.set_defaults(handler=cmd_token_list)
     revoke = token_sub.add_parser(
         "revoke", parents=[common], help="revoke a token by id, or every token of a name"
@@ -610,7 +617,8 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.limit:
         rows = rows[: args.limit]
     if args.ids:
-        print("\n".join(listing.row_id(row) for row in rows))
+        if rows:  # none: no line at all, not an empty one
+            print("\n".join(listing.row_id(row) for row in rows))
     elif args.json:
         import json  # noqa: PLC0415
 

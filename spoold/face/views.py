@@ -18,6 +18,7 @@ from spoold.core.spool import JobDir, Spool
 from spoold.core.states import state_phrase
 from spoold.core.units import format_duration
 from spoold.face.access import owner, who
+from spoold.out.notices import count_outbox, is_notification
 
 if TYPE_CHECKING:
     from spoold.core.config import Config
@@ -551,19 +552,23 @@ def _count(spool: Spool, name: str) -> int | None:
 
 
 def summary(spool: Spool, config: Config) -> dict[str, Any]:
-    """``spoold status --json``: counts (null where this user may not look), callbacks given up,
-    and the daemon on this host."""
+    """``spoold status --json``: counts (null where this user may not look), outbox/'s callbacks
+    and notifications apart, the callbacks given up, and the daemon on this host."""
     counts: dict[str, int | None] = {name: _count(spool, name) for name in COUNTED}
+    outbox: dict[str, int] | None
     try:
-        counts["outbox"] = len(spool.deliveries.names())
+        outbox = count_outbox(spool.deliveries)._asdict()
         given_up: list[dict[str, Any]] | None = [
             {"name": name, **_delivery_summary(spool.deliveries.read(name, "failed") or {})}
             for name in spool.deliveries.names("failed")
+            if not is_notification(name)
         ]
     except PermissionError:
-        counts["outbox"], given_up = None, None
-    return {"spool": str(spool.root), "counts": counts, "callbacks_given_up": given_up,
-            "daemon": _daemon(spool, config)}  # fmt: skip
+        outbox, given_up = None, None
+    # counts' outbox is the callbacks alone, as spoold_callbacks_waiting counts them.
+    counts["outbox"] = None if outbox is None else outbox["callbacks_waiting"]
+    return {"spool": str(spool.root), "counts": counts, "outbox": outbox,
+            "callbacks_given_up": given_up, "daemon": _daemon(spool, config)}  # fmt: skip
 
 
 def delivery_shown(record: dict[str, Any]) -> dict[str, Any]:
@@ -592,11 +597,15 @@ def summary_text(spool: Spool, config: Config) -> str:
     """``spoold status``: how many entries each directory holds, and who serves the spool."""
     found = summary(spool, config)
     lines = [f"spool {spool.root}"]
+    outbox = found["outbox"]
     for name, count in found["counts"].items():
         shown = "?" if count is None else str(count)
-        lines.append(
-            f"  {name + '/':<11} {shown}" + ("  callbacks waiting" if name == "outbox" else "")
-        )
+        if name == "outbox" and outbox is not None:
+            shown = (
+                f"{_several(outbox['callbacks_waiting'], 'callback')} waiting, "
+                f"{_several(outbox['notifications_waiting'], 'notification')} waiting"
+            )
+        lines.append(f"  {name + '/':<11} {shown}")
     hidden = [name for name, count in found["counts"].items() if count is None]
     if hidden:
         lines.append(f"  ?: {who()} may not look into {', '.join(n + '/' for n in hidden)}")
@@ -612,4 +621,13 @@ def summary_text(spool: Spool, config: Config) -> str:
             )
             for item in given_up
         ]
+    if outbox is not None and outbox["notifications_given_up"]:
+        lines.append(
+            f"  {_several(outbox['notifications_given_up'], 'notification')} given up, "
+            "kept in outbox/failed/"
+        )
     return "\n".join(lines)
+
+
+def _several(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")

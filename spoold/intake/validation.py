@@ -15,7 +15,7 @@ import re
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 import yaml
@@ -70,6 +70,16 @@ except ImportError:  # pragma: no cover
 _Problem = tuple[str, DocPath, bool]  # message, path, whether to point at the key
 #: An executor's own check of a valid ``product:``: the problems, in words ([] if none).
 ProductCheck = Callable[[Mapping[str, Any]], list[str]]
+
+
+class _Found(NamedTuple):
+    """A schema error's problem, with what ties it to another in the same mapping."""
+
+    message: str
+    path: DocPath
+    at_key: bool
+    missing: tuple[str, ...] = ()  # the required fields it says are missing (one will do)
+    suggested: str | None = None  # the field an unknown one's "did you mean" names
 
 
 _PLAIN_NAME = (
@@ -293,7 +303,7 @@ def _type_words(value: str | list[str]) -> list[str]:
     return [TYPE_WORDS.get(t, t) for t in ([value] if isinstance(value, str) else value)]
 
 
-def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_Problem]:
+def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_Found]:
     """What a person should read for one jsonschema error, drilled down where it is vague."""
     path, kind = tuple(error.absolute_path), error.validator
     value: Any = error.validator_value
@@ -313,34 +323,42 @@ def _error_problems(error: ValidationError, executors: list[str]) -> Iterator[_P
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             if not hint and 0 < len(allowed) <= 8:
                 hint = f" (allowed: {', '.join(allowed)})"
-            yield f"unknown field {show_value(key)}{hint}", (*path, key), True
+            message = f"unknown field {show_value(key)}{hint}"
+            yield _Found(message, (*path, key), True, suggested=close[0] if close else None)
     elif kind == "required":
         missing = [name for name in value if name not in instance]
         for name in missing:
-            yield (
-                f"missing required field {show_value(name)}{_why_needed(instance, name)}",
-                path,
-                False,
-            )
+            message = f"missing required field {show_value(name)}{_why_needed(instance, name)}"
+            yield _Found(message, path, False, missing=(str(name),))
     elif kind == "type":
-        yield f"must be {_or_list(_type_words(value))}, not {kind_of(instance)}", path, on_key
+        message = f"must be {_or_list(_type_words(value))}, not {kind_of(instance)}"
+        yield _Found(message, path, on_key)
     elif kind == "pattern":
         # The pattern is text, not a template: `{0,63}` must not be read as a placeholder.
         fallback = "{} does not match " + value.replace("{", "{{").replace("}", "}}")
         template = _PATTERN_MESSAGES.get(schema.get("title", ""), fallback)
         shown = show_value(instance) if on_key else quoted(instance, path)  # a name, or a value
-        yield template.format(shown), path, on_key
+        yield _Found(template.format(shown), path, on_key)
     elif kind == "enum" and path[-1:] == ("executor",) and len(path) in (1, 3):
         installed = ", ".join(executors) or "none"
-        yield f"unknown executor {quoted(instance, path)} (installed: {installed})", path, False
+        message = f"unknown executor {quoted(instance, path)} (installed: {installed})"
+        yield _Found(message, path, False)
     elif kind == "enum":
-        yield (
-            f"must be one of: {', '.join(map(str, value))} (got {quoted(instance, path)})",
-            path,
-            False,
-        )
+        message = f"must be one of: {', '.join(map(str, value))} (got {quoted(instance, path)})"
+        yield _Found(message, path, False)
     else:
-        yield _simple_message(error, path), path, False
+        yield _Found(_simple_message(error, path), path, False)
+
+
+def _without_follow_ons(found: list[_Found]) -> list[_Problem]:
+    """The problems to say: not a required field's absence where an unknown field beside it is
+    taken for a misspelling of it (``comands``: "did you mean 'commands'?" says it all)."""
+    suggested = {(f.path[:-1], f.suggested) for f in found if f.suggested is not None}
+    return [
+        (f.message, f.path, f.at_key)
+        for f in found
+        if not any((f.path, name) in suggested for name in f.missing)
+    ]
 
 
 def _why_needed(instance: Any, name: Any) -> str:
@@ -386,22 +404,26 @@ def _reason(refused: Any) -> str:
     return f": {why}" if isinstance(why, str) and why else ""
 
 
-def _branch_problems(error: ValidationError, executors: list[str]) -> Iterator[_Problem]:
+def _branch_problems(error: ValidationError, executors: list[str]) -> Iterator[_Found]:
     """For anyOf/oneOf, the errors of the alternative the value came closest to."""
     path = tuple(error.absolute_path)
     options: Any = error.validator_value
     if all(isinstance(option, dict) and set(option) == {"required"} for option in options):
-        names = _or_list([f"'{name}'" for option in options for name in option["required"]])
-        lead = "missing required field" if error.context else "give only one of"
-        yield f"{lead} {names}", path, False
+        required = [str(name) for option in options for name in option["required"]]
+        names = _or_list([f"'{name}'" for name in required])
+        if error.context:
+            yield _Found(f"missing required field {names}", path, False, missing=tuple(required))
+        else:
+            yield _Found(f"give only one of {names}", path, False)
         return
     if not error.context:  # oneOf, and several alternatives fit
-        yield "fits more than one of the allowed forms; it must fit exactly one", path, False
+        message = "fits more than one of the allowed forms; it must fit exactly one"
+        yield _Found(message, path, False)
         return
     fitting = [errs for errs in _branches(error) if not any(map(_rejects_type, errs))]
     if not fitting:
         expected = list(dict.fromkeys(word for e in error.context for word in _expected_types(e)))
-        yield f"must be {_or_list(expected)}, not {kind_of(error.instance)}", path, False
+        yield _Found(f"must be {_or_list(expected)}, not {kind_of(error.instance)}", path, False)
         return
     best = max(fitting, key=lambda errs: (max(len(e.relative_path) for e in errs), -len(errs)))
     for sub in best:
@@ -744,7 +766,9 @@ class JobValidator:
         errors = [
             e for e in errors if e.validator == "type" or tuple(e.absolute_path) not in mistyped
         ]
-        problems = [p for error in errors for p in _error_problems(error, self._executors)]
+        problems = _without_follow_ons(
+            [p for error in errors for p in _error_problems(error, self._executors)]
+        )
         nodes = map_nodes(text, self._max_nodes)
         issues = [locate(problem, nodes) for problem in [*problems, *steps]]
         for path, second, first in nodes.duplicates:

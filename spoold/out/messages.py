@@ -36,12 +36,16 @@ def title(item: Item) -> str:
 
 
 def digest_title(items: Sequence[Item]) -> str:
-    """One line on a digest: ``20 jobs on host1: 18 failed, 2 cancelled``."""
+    """One line on a digest: ``20 jobs on host1: 18 failed, 2 cancelled``: the jobs counted
+    once each (a job retrying twice is one job), its notices by event."""
     counts = Counter(str(item.get("event")) for item in items)
     parts = ", ".join(f"{n} {event}" for event, n in sorted(counts.items()))
-    files = counts["rejected"]  # a rejected file is no job
-    what = "jobs" if not files else "files" if files == len(items) else "jobs and files"
-    return f"{len(items)} {what} on {items[0].get('host')}: {parts}"
+    files = counts["rejected"]  # a rejected file is no job; each rejection is a file dropped
+    jobs = len({item.get("job_id") for item in items if item.get("event") != "rejected"})
+    what = " and ".join(
+        f"{n} {noun}" + ("" if n == 1 else "s") for n, noun in ((jobs, "job"), (files, "file")) if n
+    )
+    return f"{what} on {items[0].get('host')}: {parts}"
 
 
 def _facts(item: Item) -> list[tuple[str, str]]:

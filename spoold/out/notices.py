@@ -16,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from spoold.core.config import Config, NotifySettings, NotifyTarget, parse_notify
 from spoold.core.errors import ConfigError, NotifyError
 from spoold.core.joblog import split_line
+
+if TYPE_CHECKING:
+    from spoold.core.spool.deliveries import Deliveries
 
 #: Every outbox/ name of the notifications starts with this (never a job id, nor "rejected-").
 PREFIX = "_"
@@ -41,6 +44,37 @@ Mask = Callable[[dict[str, Any]], dict[str, Any]]
 def is_notification(name: str) -> bool:
     """Whether an outbox/ name is one of the notifications' (not a callback delivery)."""
     return name.startswith(PREFIX)
+
+
+class OutboxCount(NamedTuple):
+    """What outbox/ holds, by kind: what ``spoold status`` says and /metrics gives."""
+
+    callbacks_waiting: int
+    notifications_waiting: int  # held notices, and changes not yet split into them
+    callbacks_given_up: int
+    notifications_given_up: int
+
+
+def _kinds(names: list[str]) -> tuple[int, int]:
+    """(callbacks, notifications) among committed outbox/ names. A prepared one is a change
+    under way, not a delivery yet; a window only says when its target may be sent to again."""
+    callbacks = notifications = 0
+    for name in names:
+        if name.endswith(".prepared") or name.startswith(WINDOW):
+            continue
+        if is_notification(name):
+            notifications += 1
+        else:
+            callbacks += 1
+    return callbacks, notifications
+
+
+def count_outbox(deliveries: Deliveries) -> OutboxCount:
+    """Callbacks and notifications waiting in outbox/ and given up in outbox/failed/, each
+    kind apart (PermissionError where this user may not look)."""
+    waiting = _kinds(deliveries.names())
+    given_up = _kinds(deliveries.names("failed"))
+    return OutboxCount(waiting[0], waiting[1], given_up[0], given_up[1])
 
 
 def change_key(key: str) -> str:
