@@ -44,7 +44,7 @@ from spoold.core.config import Config
 from spoold.core.errors import SpooldError
 from spoold.core.spool import Spool
 from spoold.face.views import hosts_rows
-from spoold.out.notices import PREFIX as NOTICE_PREFIX
+from spoold.out.notices import count_outbox
 from spoold.run.observed import Observation
 from spoold.run.recovery import Recovery
 
@@ -429,14 +429,9 @@ class Metrics:
         return self._read(directory, functools.partial(self._spool.count, directory))
 
     def _callbacks(self) -> tuple[int, int]:
-        """Callback deliveries waiting and given up. A prepared one is not one yet: its change
-        is being made (or was never made). Notifications (``_``) are not callbacks."""
-        waiting = sum(
-            1 for n in self._spool.deliveries.names()
-            if not n.endswith(".prepared") and not n.startswith(NOTICE_PREFIX)
-        )  # fmt: skip
-        given_up = self._spool.deliveries.names("failed")
-        return waiting, sum(1 for n in given_up if not n.startswith(NOTICE_PREFIX))
+        """Callback deliveries waiting and given up, as ``spoold status`` counts them."""
+        counted = count_outbox(self._spool.deliveries)
+        return counted.callbacks_waiting, counted.callbacks_given_up
 
     def _stale_leases(self) -> int:
         stale = 0

@@ -58,6 +58,8 @@ from spoold.face.page.session import (
 from spoold.face.tokens import authenticate
 from spoold.face.views import delivery_shown, log_piece, printable
 from spoold.out.messages import url_shown
+from spoold.out.notices import PREFIX as NOTICE_PREFIX
+from spoold.out.notices import count_outbox
 
 HERE = Path(__file__).parent
 CSP = (
@@ -392,9 +394,9 @@ def overview(
         request, "overview.html", seen,
         counts=counts, running=running, failures=failures, now=now,
         incoming=waiting, incoming_age=None if oldest is None else max(now - oldest, 0.0),
-        outbox=len(spool.deliveries.names()),
+        outbox=count_outbox(spool.deliveries),
         given_up=[delivery_shown(spool.deliveries.read(n, "failed") or {})
-                  for n in spool.deliveries.names("failed")],
+                  for n in spool.deliveries.names("failed") if not n.startswith(NOTICE_PREFIX)],
         hosts=hosts_rows(spool, ctx.config),
         hourly=charts.hourly_chart(_finished(recent), now=now),
         runtime=charts.runtime_chart(_durations(recent)),
