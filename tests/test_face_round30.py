@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spoold.face.views import printable
+from spoold.face.views import LogText, printable
 from tests.apiclient import Api, sse_events, start_api
 from tests.harness import run_cli, wait_for
 from tests.test_page import page_session
@@ -150,6 +150,20 @@ def test_printable_tells_a_backslash_from_an_escape() -> None:
     assert printable("out/name\\nwith newline") != printable("out/name\nwith newline")
     assert printable("a\\x1b", lines=True) == "a\\\\x1b"
     assert printable("a\x1b", lines=True) == "a\\x1b"
+
+
+def test_invisible_characters_that_reorder_or_hide_text_are_escaped() -> None:
+    """Seen: bidi overrides and isolates, zero-width and tag characters reached the terminal
+    raw through spoold logs and the API's log (a line can show the reverse of what it holds)."""
+    for char, shown in [("\u202e", "\\u202e"), ("\u2066", "\\u2066"), ("\u2069", "\\u2069"),
+                        ("\u2028", "\\u2028"), ("\u200b", "\\u200b"), ("\ufeff", "\\ufeff"),
+                        ("\U000e0041", "\\U000e0041")]:  # fmt: skip
+        assert printable(f"a{char}b", lines=True) == f"a{shown}b"
+        assert LogText().text(f"a{char}b\n".encode(), final=True) == f"a{shown}b\n"
+    # What scripts and emoji need is shown as it is: joiners, letters, marks.
+    assert printable("\u0645\u200c\u0647 \U0001f468\u200d\U0001f469 \u00e4") == (
+        "\u0645\u200c\u0647 \U0001f468\u200d\U0001f469 \u00e4"
+    )
 
 
 def test_spoold_status_shows_an_artifact_with_a_backslash_unlike_one_with_a_newline(

@@ -37,10 +37,16 @@ _ABOUT_KEYS = ("labels", "description", "continue_on_error")
 #: screen, a window title, a line overwritten), the lone surrogates that stand for bytes that
 #: are not UTF-8 (a file name, a job's output), which no UTF-8 terminal can be sent, and the
 #: backslash, doubled: else a name that holds a backslash and an ``n`` could not be told from one
-#: that holds a newline.
-_UNPRINTABLE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: that holds a newline. And the invisible characters that reorder or hide what is shown (bidi
+#: overrides, embeddings and isolates, the line and paragraph separators, zero-width space and
+#: no-break space, word joiner, tags): a job's line that shows `ok` may hold a `fail` the
+#: terminal turned around ("Trojan Source"). Joiners (U+200C, U+200D) stay: scripts need them.
+_INVISIBLE = (
+    "\u061c\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\U000e0000-\U000e007f"
+)
+_UNPRINTABLE = re.compile(rf"[\\\x00-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]")
 #: The same, but for newlines and tabs: in a text of several lines (a job's log) they stay.
-_UNPRINTABLE_IN_LINES = re.compile(r"[\\\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNPRINTABLE_IN_LINES = re.compile(rf"[\\\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]")
 
 
 def _escaped(found: re.Match[str]) -> str:
