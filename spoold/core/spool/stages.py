@@ -13,7 +13,12 @@ reason.json), or released (back into incoming/). What accept fsyncs (see
 
 A crash leaves the stage; ``recover`` at start finishes a rejection whose reason.json was
 written, and otherwise gives up the reservation the stage made and puts the file back into
-incoming/.
+incoming/: only ever the submitter's file, whole. A stage of a job file spoold made itself (a
+schedule's firing, ``spoold exec``'s copy: its name says so) is removed instead, as is one
+of bytes handed over (the API); a file being copied is written under a hidden name until
+whole. The same holds for a host found stale that goes on (frozen, then thawed): the stage
+it fills is taken from under it, and what it does next fails there, changing nothing
+outside it.
 
 Ready stages. Each file taken needs a stage and, once accepted, the first entries of a job's
 directory and its id's reservation: six new inodes (the stage, the private copy, status.json,
@@ -77,6 +82,13 @@ _PRIVATE_FILE, _PRIVATE_DIR = 0o600, 0o700
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _STAGE_PREFIX = "in-"
+#: Begins the random part of the name of a stage that holds a job file of spoold's own (a
+#: schedule's firing, a file run by ``spoold exec``, a stage being deleted), never one taken
+#: from incoming/: a stage of it left behind is removed, the file in it never given to
+#: incoming/ (where it would be a file nobody submitted; seen: an empty job.yaml, being
+#: written when a host found stale recovered the stage). In the name, not in a file beside
+#: it: there from the stage's first instant, and no inode more.
+_OWN = "own-"
 #: A submitter's file that spoold's private copy replaced, out of its stage, to be removed.
 SPENT_PREFIX = "spent-"
 # The files spoold writes into a stage; a staged original is any other entry.
@@ -93,6 +105,8 @@ _READY_ID = f"{_READY}id"  # the job id's reservation, its target the stage's na
 _READY_FILES = ("status.json", "log")
 _READY_DIRS = ("artifacts", UNITS)
 _REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
+#: How renameat2 says it cannot exchange two names here (any other failure is the names').
+_NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 #: What tells one version of a file from the next without reading it.
 FileSignature = tuple[int, int, int, int]
@@ -276,13 +290,13 @@ class Stages:
                     if writer is None and settle and now - st.st_mtime < settle:
                         return None
             stage, ready = self._take_stage()
-            while True:  # twice at most: a stage made now is not a ready one
+            for last in (False, True):
                 try:
                     os.rename(path, f"{stage}/{name}")
                 except FileNotFoundError:
-                    if ready and not os.path.isdir(stage):
-                        # A ready stage that is gone (recovered by another host while this one
-                        # was stale): the file may still be there, for a stage made now.
+                    if not last and not os.path.isdir(stage):
+                        # A stage that is gone (recovered by another host while this one was
+                        # stale): the file may still be there, for a stage made now.
                         stage, ready = self._new_stage(), False
                         continue
                     self._drop_stage(stage, ready=ready, reuse=True)  # nothing of it was used
@@ -415,8 +429,9 @@ class Stages:
         return target
 
     def stage_file(self, source: Path, *, max_size: int) -> TakenFile:
-        """Copy a file from outside the spool into a stage, as if it had been taken from incoming/."""
-        stage = Path(self._new_stage())
+        """Copy a file from outside the spool into a stage, as if it had been taken from
+        incoming/ (but never given to it: the file stays where it is, outside)."""
+        stage = Path(self._new_stage(own=True))
         target = stage / source.name
         size = source.stat().st_size
         data = read_limited_path(source, max_size + 1) if size <= max_size else None
@@ -446,10 +461,22 @@ class Stages:
 
     def discard(self, taken: TakenFile) -> None:
         """Remove a stage that was not accepted (its bytes were handed over, not dropped)."""
-        shutil.rmtree(taken.stage, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._remove_stage(taken.stage)
 
-    def _new_stage(self) -> str:
-        stage = self._new_stage_name()
+    def _remove_stage(self, stage: str | Path) -> None:
+        """Delete a stage whose job file must never go to incoming/ (a schedule's definition
+        replaced, a firing, bytes handed over): first renamed to a stage of spoold's own
+        (``_OWN``) in one step. Deleted in place, a removal cut short (a crash, this host
+        found stale) could have lost the entry that tells what the stage is before its job
+        file, which recovery would then give to incoming/ as a file taken (found: a replaced
+        definition's "replaced" mark deleted first, and the old definition put back)."""
+        doomed = self._new_stage_name(own=True)
+        os.rename(stage, doomed)
+        shutil.rmtree(doomed)
+
+    def _new_stage(self, *, own: bool = False) -> str:
+        stage = self._new_stage_name(own=own)
         os.mkdir(stage, DEFAULT_MODE)
         return stage
 
@@ -494,12 +521,14 @@ class Stages:
             return
         if ready:
             _clear_ready(stage)
-        os.rmdir(stage)
+        with contextlib.suppress(FileNotFoundError):  # taken over by another host, emptied
+            os.rmdir(stage)
 
-    def _new_stage_name(self) -> str:
+    def _new_stage_name(self, *, own: bool = False) -> str:
         # Random: stages of several hosts sharing one spool must not collide.
         owner = f"{self._host}@" if self._host else ""  # not "~": gone-<token>~<id> parses it
-        return f"{self._dirs['tmp']}/{_STAGE_PREFIX}{owner}{os.urandom(8).hex()}"
+        kind = _OWN if own else ""
+        return f"{self._dirs['tmp']}/{_STAGE_PREFIX}{owner}{kind}{os.urandom(8).hex()}"
 
     def accept(
         self,
@@ -628,19 +657,45 @@ class Stages:
             # Marked before it goes: once exchanged, the old definition sits where the new one
             # was prepared, and recovery must delete it there, not give it back to incoming/
             # (where it would replace the new one). On the current definition the mark is inert.
-            os.close(
-                os.open(f"{target}/{_REPLACED}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            )
+            mark = f"{target}/{_REPLACED}"
             try:
-                rename_exchange(stage, target)  # the old definition is in the stage now
-            except OSError:  # no exchange here (NFS): the old one goes first, for a moment
-                os.rename(target, f"{stage}.old")
-                os.rename(stage, target)
-                stage = f"{stage}.old"
-            shutil.rmtree(stage)
+                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            except FileExistsError:
+                mark = ""  # another's (a replacement under way elsewhere): not this one's to take
+            try:
+                stage = self._swap_definition(stage, target)
+            except BaseException:
+                # The stage is gone (taken over, this host found stale): what is in place
+                # stays as it was, unmarked by this host.
+                if mark:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(mark)
+                raise
+            with contextlib.suppress(FileNotFoundError):  # taken over: removed there
+                self._remove_stage(stage)
         if sync:
             self._disk.sync(self._dirs["scheduled"])
         return JobDir(job_id, "scheduled", target)
+
+    @staticmethod
+    def _swap_definition(stage: str, target: str) -> str:
+        """Put the definition prepared in ``stage`` in place of ``target``'s; where the old one
+        is now, to be removed."""
+        try:
+            rename_exchange(stage, target)  # the old definition is in the stage now
+        except OSError as exc:
+            if exc.errno not in _NO_EXCHANGE:
+                raise  # the stage is gone: nothing was moved
+            # No exchange here (NFS, sshfs): the old one goes first, for a moment, and comes
+            # back should the new one not follow (never left out of scheduled/).
+            os.rename(target, f"{stage}.old")
+            try:
+                os.rename(stage, target)
+            except BaseException:
+                os.rename(f"{stage}.old", target)
+                raise
+            return f"{stage}.old"
+        return stage
 
     def create_run(
         self, schedule: JobDir, run_id: str, status: dict[str, Any], log_text: str
@@ -651,7 +706,7 @@ class Stages:
         between making it and recording it), and must not be made twice.
         """
         data = self._jobs.read_job_file(schedule, sha256=status.get("sha256"))
-        stage = self._new_stage()
+        stage = self._new_stage(own=True)
         try:
             write_new(f"{stage}/job.yaml", data, mode=_PRIVATE_FILE)
             taken = TakenFile(
@@ -722,7 +777,7 @@ class Stages:
                 continue
             try:
                 if hosts is not None:
-                    taken = Path(self._new_stage_name())
+                    taken = Path(self._new_stage_name(own=_is_own(stage.name)))
                     os.rename(stage, taken)
                     what = self._recover_stage(taken, token=stage.name)
                 else:
@@ -761,13 +816,22 @@ class Stages:
         """``token``: the name the stage had when it reserved its job id (its own if None).
         What was done, for the log; None for a ready stage never used (``make_ready``)."""
         token = token or stage.name
+        if _is_own(stage.name):
+            # Whole or not, nobody's file: a firing not recorded is made again.
+            job_id = self._staged_status(stage).get("job_id")
+            if isinstance(job_id, str) and RUN_ID.match(job_id):
+                self._ids.unreserve(job_id, token)
+            self._remove_stage(stage)
+            return f"removed {stage.name}, a stage of spoold's own (nothing to give back)"
         names = [e.name for e in os.scandir(stage)]
         if names and all(name.startswith(_READY) for name in names):
             shutil.rmtree(stage)  # made ahead, and no file came: nothing to say
             return None
         entries = {name for name in names if not name.startswith(TEMP_MARK)}
         if _REPLACED in entries:  # a schedule's old definition, replaced: what was left to do
-            shutil.rmtree(stage)
+            if self._restore_definition(stage):
+                return f"put a schedule's definition back in scheduled/ ({stage.name})"
+            self._remove_stage(stage)
             return f"finished removing a replaced schedule definition ({stage.name})"
         originals = sorted(entries - _STAGE_FILES)
         # A file named like one spoold writes (a job file named log, or reason.json) is renamed
@@ -780,7 +844,7 @@ class Stages:
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
                 self._ids.unreserve(job_id, token)
-            shutil.rmtree(stage)
+            self._remove_stage(stage)
             return f"removed job file {stage.name} handed over by the API and not yet accepted"
         if "reason.json" in entries and not alone:
             reason = json.loads((stage / "reason.json").read_bytes())
@@ -802,6 +866,25 @@ class Stages:
             return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
         shutil.rmtree(stage)
         return f"removed empty stage {stage.name}"
+
+    def _restore_definition(self, stage: Path) -> bool:
+        """Put a replaced definition back where no other is (its replacement, where there is
+        no exchange, was cut between its two renames: the new one goes back to incoming/ from
+        its own stage); whether it was."""
+        job_id = self._staged_status(stage).get("job_id")
+        if not (isinstance(job_id, str) and RUN_ID.match(job_id)):
+            return False
+        target = f"{self._dirs['scheduled']}/{job_id}"
+        if os.path.lexists(target):
+            return False
+        try:
+            rename_noreplace(stage, target)
+        except FileExistsError:  # the new one came meanwhile
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{target}/{_REPLACED}")
+        self._disk.sync(self._dirs["scheduled"])
+        return True
 
     @staticmethod
     def _staged_status(stage: Path) -> dict[str, Any]:
@@ -850,15 +933,27 @@ def _entry_name(name: str) -> str:
     return name
 
 
+def _is_own(stage_name: str) -> bool:
+    """Whether a stage holds a job file of spoold's own (``_OWN``), by its name."""
+    return stage_name[len(_STAGE_PREFIX) :].rpartition("@")[2].startswith(_OWN)
+
+
 def _unstage(prepared: Prepared) -> None:
-    """Undo prepare's writes: the stage holds the file alone again, as reject() expects."""
+    """Undo prepare's writes: the stage holds the file alone again, as reject() expects.
+
+    The file gets its name back first, where no file of spoold's has it: until then its
+    name is known only from status.json, and a stage taken over meanwhile (this host
+    found stale) would give it back to incoming/ as job.yaml once status.json was gone."""
+    if os.path.basename(prepared.original) not in _STAGE_FILES:
+        os.rename(prepared.job_file, prepared.original)
     for leftover in ("status.json", "log"):
         os.unlink(f"{prepared.stage}/{leftover}")
     if not prepared.schedule:
         os.rmdir(f"{prepared.stage}/artifacts")
         with contextlib.suppress(FileNotFoundError):  # made by prepare from a ready stage only
             os.rmdir(f"{prepared.stage}/{UNITS}")
-    os.rename(prepared.job_file, prepared.original)
+    if os.path.basename(prepared.original) in _STAGE_FILES:
+        os.rename(prepared.job_file, prepared.original)
 
 
 def _clear_ready(stage: str) -> None:
