@@ -8,19 +8,19 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339, rfc3339
 from spoold.core.config import Config, changed_keys, load_config
 from spoold.core.errors import ConfigError, SpooldError, SpoolError
 from spoold.core.outage import Outage
 from spoold.core.own_log import _log_file, reopen_logging
-from spoold.core.procfs import started_at
+from spoold.core.procfs import started_at, this_machine
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import DirectoryCount, JobDir, Spool
 from spoold.core.spool.fs import SETTLE
@@ -166,6 +166,16 @@ class Workers(Protocol):
     def replace_dead(self) -> list[str]: ...
 
 
+@runtime_checkable
+class ClaimHolder(Protocol):
+    """Workers that count the claims a previous daemon left running against their limits
+    (WorkerProcesses; a test's double that models no limits has nothing to count)."""
+
+    def hold_claims(self, claims: Mapping[str, JobMeta]) -> None: ...
+
+    def held_claims(self) -> frozenset[str]: ...
+
+
 class MakeWorkers(Protocol):
     """Builds the daemon's workers from its parts, with what they tell the daemon."""
 
@@ -205,6 +215,23 @@ def worker_processes(
         on_started=on_started,
         executors=parts.registry.references(),
     )
+
+
+def stop_words(grace: float, held: Sequence[str] | None, running: int) -> str:
+    """What a stopping daemon says it does with its jobs: ``held``, the executors whose jobs
+    cannot outlive it and get ``grace`` (None: not known); other jobs go on for its next start."""
+    if not running:
+        return "stopping: no new jobs; none running"
+    others = "the others go on for the next start"
+    if held is None:
+        said = f"jobs that cannot outlive spoold get {grace:g}s, {others}"
+    elif not held:
+        said = "running jobs go on for the next start"
+    else:
+        names = held[0] if len(held) == 1 else ", ".join(held[:-1]) + " and " + held[-1]
+        executors = "executor" if len(held) == 1 else "executors"
+        said = f"jobs of the {names} {executors} get {grace:g}s, {others}"
+    return f"stopping: no new jobs; {said}"
 
 
 @dataclass
@@ -249,6 +276,9 @@ class Daemon:
     #: The HTTP API, when the config enables it (``api:``), and what it reads of the changes.
     api: ApiServer | None = None
     seen: _Seen | None = None
+    #: The executors whose jobs cannot outlive the daemon, which a stop gives
+    #: ``shutdown_grace``; other jobs go on for the next start. None: not known.
+    held_at_stop: tuple[str, ...] | None = None
     #: When ``tick`` scans, applies retention and reports status next (monotonic; None until
     #: the first round).
     _next_scan: float | None = field(default=None, init=False, repr=False)
@@ -361,6 +391,10 @@ class Daemon:
             due, scheduler, callbacks, sender, intake,
         )  # fmt: skip
         recovery.adopter = daemon.adopt
+        daemon.held_at_stop = tuple(
+            executor.name for executor in executors
+            if not (executor.supervised or executor.resumable)
+        )  # fmt: skip
         from spoold import __version__  # noqa: PLC0415
 
         daemon.hostbeat = HostBeat(spool, config, clock, logger, running=workers.in_flight,
@@ -448,13 +482,11 @@ class Daemon:
             self.systemd.notify("READY=1")
             self._loop(stop)
         finally:
-            self.systemd.notify(
-                f"STOPPING=1\nSTATUS=stopping: {len(self.workers.in_flight())} running job(s) "
-                f"get {self.config.shutdown_grace:g}s"
+            said = stop_words(
+                self.config.shutdown_grace, self.held_at_stop, len(self.workers.in_flight())
             )
-            self.logger.info(
-                "stopping: no new jobs; running jobs get %ss", self.config.shutdown_grace
-            )
+            self.systemd.notify(f"STOPPING=1\nSTATUS={said}")
+            self.logger.info("%s", said)
             if self.api is not None:
                 self.api.stop()
             # Intake first: a watcher waiting for room in its backlog is let go at once.
@@ -584,6 +616,7 @@ class Daemon:
             self._duty(self.scheduler.sync)  # any host: unschedule, replace, requests (stats)
             self._duty(lambda: self._queue_pending(recheck_due=asked))
             self._duty(lambda: self.recovery.reap(own_runs=self.workers.in_flight()))
+            self._duty(self._hold_claims)
             self._duty(self._recover_lost_hosts)
             self._next_scan = now + self._scan_every()
         wake_at = min(self._next_scan, self._next_retention, self._next_status)
@@ -695,6 +728,7 @@ class Daemon:
     def _replace_workers(self) -> None:
         lost = self.workers.replace_dead()
         self._reap()  # their leases name a dead pid now: those jobs end or requeue at once
+        self._hold_claims()
         if lost:
             self._queue_pending()
 
@@ -719,8 +753,44 @@ class Daemon:
         if restored := self.spool.deliveries.finish_adoptions(frozenset({self.config.host_id})):
             self.logger.warning("recovery: %d callback adoption(s) cut short put back", restored)
         self.recovery.repair_pending()
+        # Before anything is dispatched: what still runs of the last daemon counts first.
+        self._hold_claims(first=True)
         self._reap()
+        self._hold_claims()
         self._queue_pending()
+
+    def _hold_claims(self, *, first: bool = False) -> None:
+        """Have the workers count, against their slots and limits, every job in running/ that
+        this host holds or that no lease names yet (``first``, at the start: all of them;
+        later, of those held, the ones not adopted, ended or taken over since). Until it is
+        adopted, such a job may still run under the worker of the last daemon, or of a worker
+        process that died, alive or not yet judged gone."""
+        workers = self.workers
+        if not isinstance(workers, ClaimHolder):
+            return
+        if first:
+            jobs = self.spool.jobs.list_jobs("running")
+        elif held := workers.held_claims():
+            jobs = [
+                job for job_id in held
+                if (job := self.spool.jobs.find(job_id, among=("running",))) is not None
+            ]  # fmt: skip
+        else:
+            return
+        machine, claims = this_machine(), {}
+        for job in jobs:
+            try:
+                lease = self.spool.jobs.read_lease(job)
+            except FileNotFoundError:
+                continue  # it moved on meanwhile
+            except (OSError, ValueError):
+                lease = None  # unreadable: not judged yet, so counted
+            if lease is not None and (
+                lease.get("host") != self.config.host_id or machine.relation(lease) == "elsewhere"
+            ):
+                continue  # another host's (or another machine's of this host id)
+            claims[job.job_id] = JobMeta.from_document(self._pending_status(job))
+        workers.hold_claims(claims)
 
     def _recover_lost_hosts(self) -> None:
         """What hosts found stale or gone left half done in tmp/ and outbox/: their intake

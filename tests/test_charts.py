@@ -7,6 +7,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -440,3 +441,23 @@ def test_step_graph_cycle_ends() -> None:
 def test_step_graph_empty() -> None:
     root = parse(step_graph({}, {}), "step-graph")
     assert "no steps" in texts(root)
+
+
+def test_a_step_box_says_why_it_failed_and_a_timed_out_one_is_drawn_as_such() -> None:
+    """Seen: the page showed only `a: failed` whether the failure failed the job, was one the
+    job went on after, or was a cut-off step; `timed_out` was drawn as an unknown state."""
+    steps: dict[str, dict[str, Any]] = {
+        "a": {"state": "failed", "exit_code": 9, "continue_on_error": True},
+        "b": {"state": "failed", "error": "killed by signal SIGKILL"},
+        "c": {"state": "timed_out", "error": "timed out after 3s"},
+        "d": {"state": "skipped", "error": "a step it needs failed (b)"},
+    }
+    found = boxes(parse(step_graph(steps, {"d": ["b"]}), "step-graph"))
+    titles = {name: g.findtext(f"{NS}title") for name, g in found.items()}
+    assert titles == {
+        "a": "a: failed: exit code 9 (continue_on_error: the job went on)",
+        "b": "b: failed: killed by signal SIGKILL",
+        "c": "c: timed_out: timed out after 3s",
+        "d": "d: skipped: a step it needs failed (b)",
+    }
+    assert box_rect(found["c"]).get("class") == "timed_out"

@@ -183,7 +183,7 @@ def test_wrong_type_in_a_list(validator: JobValidator) -> None:
         ("retries: -1", "must be at least 0 (got -1)", "retries", 10),
         ("retry_on: [256]", "must be at most 255 (got 256)", "retry_on[0]", 12),
         ("retry_on: []", "must not be empty", "retry_on", 11),
-        ("concurrency: {limit: 0}", "must be at least 1 (got 0)", "concurrency.limit", 22),
+        ("concurrency: {key: k, limit: 0}", "must be at least 1 (got 0)", "concurrency.limit", 30),
         (
             "callback: {url: 'ftp://x'}",
             "'ftp://x/***' is not an http:// or https:// URL",  # a receiver: its host only

@@ -40,13 +40,21 @@ class InvalidStepEvent(SpooldError, ValueError):
 
 
 class StepState(enum.StrEnum):
-    """A step's state, as kept per step in status.json."""
+    """A step's state, as kept per step in status.json.
+
+    The scheduler's own are the first five. ``cancelled`` and ``timed_out`` are how a worker
+    records a step the attempt cut off while it ran or waited for its next try (a cancel or
+    spoold's stop; the job's ``timeout``): no end of the step's own, so to a scheduler resumed
+    from them (``from_states``) it is pending, and it runs again.
+    """
 
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
 
 
 def _phrase(state: StepState) -> str:
@@ -199,6 +207,8 @@ class StepScheduler:
 
     A worker loops: ``ready()``, ``started(id)`` for those it starts, ``finished(id, ok)`` as each
     ends (after the step's own retries), until ``done()``; then ``outcome()`` is the job's result.
+    A step the attempt cut off is told with ``cut_off(id)`` instead: once the attempt stops,
+    no step starts, and ``outcome()`` is not asked.
     """
 
     def __init__(self, steps: Sequence[Mapping[str, Any]]) -> None:
@@ -328,6 +338,17 @@ class StepScheduler:
             self._unmet[dependent] -= 1
             if not self._unmet[dependent] and self._state[dependent] is StepState.PENDING:
                 self._startable.add(dependent)
+
+    def cut_off(self, step_id: str) -> None:
+        """``step_id``, which was running, ended by no doing of its own (a cancel, the job's
+        timeout, spoold's stop): pending again, as a next run of the steps finds it. Its
+        dependents are not skipped: they wait for it, as they would for a step not yet run."""
+        state = self._known(step_id)
+        if state is not StepState.RUNNING:
+            raise InvalidStepEvent(f"step '{step_id}' cannot be cut off: it {_phrase(state)}")
+        self._state[step_id] = StepState.PENDING
+        if not self._unmet[step_id]:
+            self._startable.add(step_id)
 
     def running(self) -> list[str]:
         """Steps started and not finished, in file order."""

@@ -13,6 +13,12 @@ whole. A ``take`` costs the same with 10 or 40,000 jobs waiting behind a full li
 walking the jobs made a flood's dispatch quadratic (10,000 behind ``limits.executors``: 5.4 s
 of the main process's time).
 
+A job that runs already counts against its limits however it came to run: one adopted (its
+worker gone, it goes on here) is counted as it is queued and handed out before anything else,
+whatever its priority or its key's strategy; a claim a previous daemon left in running/ is
+counted from the start (``hold``) until it is adopted or let go. A restart never starts more
+than the limits allow beside what still runs.
+
 Past ``held`` jobs waiting, a lane keeps its youngest packed (``_Packed``: the id and the
 place in line, ~40 bytes a job where one waiting as an object is ~200), and unpacks them as
 its line moves up: a flood's backlog costs the daemon a fifth of the memory it did, and the
@@ -190,23 +196,64 @@ class DispatchQueue:
         self._by_key: Counter[str] = Counter()
         #: key -> the lanes of its waiting jobs (a list: nearly always one).
         self._keyed: dict[str, list[JobMeta]] = {}
+        #: Adopted jobs not handed out yet, oldest first: they run, and are counted already.
+        self._adopted: dict[str, _Waiting] = {}
+        #: Of the jobs handed out, those adopted: one given back goes back among the adopted.
+        self._adopted_out: set[str] = set()
+        #: Claims in running/ not (yet) adopted here (``hold``), each counted by its limits.
+        self._claims: dict[str, JobMeta] = {}
         self._seq = itertools.count()
 
     def __bool__(self) -> bool:
-        return bool(self._ids)  # a lane with packed jobs has unpacked ones before them
+        # A lane with packed jobs has unpacked ones before them.
+        return bool(self._ids) or bool(self._adopted)
 
     def __len__(self) -> int:
-        return len(self._ids) + self._packed
+        return len(self._ids) + self._packed + len(self._adopted)
 
     def __contains__(self, job_id: object) -> bool:
-        """Whether a job waits unpacked or is handed out (a packed one is not looked for)."""
-        return job_id in self._ids or job_id in self._active
+        """Whether a job waits unpacked or is handed out (a packed one is not looked for).
+        A claim held (``hold``) is not: it waits for its adoption, which is queued."""
+        return job_id in self._ids or job_id in self._active or job_id in self._adopted
 
     def job_ids(self) -> set[str]:
         """Every job waiting, packed or not, or handed out, at this moment."""
-        found = self._ids.keys() | self._active.keys()
+        found = self._ids.keys() | self._active.keys() | self._adopted.keys()
         found.update(self._packed_ids())
         return found
+
+    @property
+    def claims(self) -> int:
+        """How many claims are held (``hold``): each takes a worker slot that nothing here
+        fills (the caller's to count)."""
+        return len(self._claims)
+
+    def hold(self, job_id: str, meta: JobMeta) -> None:
+        """Count a job that may be running without having been handed out here (a claim a
+        previous daemon left in running/) against its limits, until it is adopted (``add``
+        with ``running``) or let go (``let_go``). One queued or handed out already is not."""
+        if job_id not in self and job_id not in self._claims:
+            self._claims[job_id] = meta
+            self._count(meta, 1)
+
+    def lost(self, job_id: str) -> None:
+        """A job handed out whose worker process died: it may run on (its supervisor does),
+        so it stays counted, as a claim held (``hold``), until adopted or let go."""
+        if (active := self._active.pop(job_id, None)) is not None:
+            self._adopted_out.discard(job_id)
+            self._claims[job_id] = active.meta
+
+    def let_go(self, job_id: str) -> bool:
+        """A claim held is no longer one to count (it ended, or another host has it);
+        whether one was held."""
+        if (meta := self._claims.pop(job_id, None)) is None:
+            return False
+        self._count(meta, -1)
+        return True
+
+    def held_claims(self) -> frozenset[str]:
+        """The claims held (``hold``), not yet adopted or let go."""
+        return frozenset(self._claims)
 
     def holds(self, job_id: str) -> bool:
         """Whether a job waits, packed or not, or is handed out (a packed one is looked for
@@ -218,8 +265,21 @@ class DispatchQueue:
             if lane.packed is not None:
                 yield from lane.packed.job_ids()
 
-    def add(self, job_id: str, meta: JobMeta, payload: Any = None) -> list[tuple[str, str]]:
-        """Queue a job; return the jobs to cancel (job id, why): the new one, or those replaced."""
+    def add(
+        self, job_id: str, meta: JobMeta, payload: Any = None, *, running: bool = False
+    ) -> list[tuple[str, str]]:
+        """Queue a job; return the jobs to cancel (job id, why): the new one, or those replaced.
+
+        ``running``: an adoption, a job that runs already: counted at once (a claim held for
+        it becomes its count) and handed out first; never skipped or replaced, never held back.
+        """
+        if running:
+            if job_id not in self._adopted and job_id not in self._active:
+                if (claimed := self._claims.pop(job_id, None)) is not None:
+                    self._count(claimed, -1)
+                self._count(meta, 1)
+                self._adopted[job_id] = _Waiting(job_id, meta, next(self._seq), payload)
+            return []
         cancel: list[tuple[str, str]] = []
         if meta.key is not None and meta.strategy != "queue":
             waiting = sum(len(self._lanes[lane]) for lane in self._keyed.get(meta.key, ()))
@@ -236,8 +296,17 @@ class DispatchQueue:
         self._put(_Waiting(job_id, meta, next(self._seq), payload), new=True)
         return cancel
 
-    def take(self) -> tuple[str, Any] | None:
-        """The next job allowed to start now, marked as handed out; None if none is."""
+    def take(self, *, adopted_only: bool = False) -> tuple[str, Any] | None:
+        """The next job allowed to start now, marked as handed out; None if none is.
+        Adoptions first; ``adopted_only``: nothing else (no worker slot is free for it)."""
+        if self._adopted:
+            job_id = next(iter(self._adopted))
+            waiting = self._adopted.pop(job_id)
+            self._active[job_id] = waiting  # counted since it was queued
+            self._adopted_out.add(job_id)
+            return job_id, waiting.payload
+        if adopted_only:
+            return None
         for priority in sorted(self._heads, reverse=True):
             by_executor = self._heads[priority]
             found: list[tuple[_Entry, list[_Entry]]] = []  # each executor's oldest allowed
@@ -261,20 +330,35 @@ class DispatchQueue:
     def finished(self, job_id: str) -> None:
         """A job handed out is done with (ran, or was claimed elsewhere): its limits free up."""
         if (active := self._active.pop(job_id, None)) is not None:
+            self._adopted_out.discard(job_id)
             self._count(active.meta, -1)
 
     def give_back(self, job_id: str) -> None:
-        """A job handed out and not started comes back, to its old place in line."""
-        if (active := self._active.pop(job_id, None)) is not None:
-            self._count(active.meta, -1)
-            self._put(active)
+        """A job handed out and not started comes back, to its old place in line (an
+        adoption, at the head of the line, still counted: it runs meanwhile)."""
+        if (active := self._active.pop(job_id, None)) is None:
+            return
+        if job_id in self._adopted_out:
+            self._adopted_out.discard(job_id)
+            self._adopted = {job_id: active, **self._adopted}
+            return
+        self._count(active.meta, -1)
+        self._put(active)
 
     def priority_of(self, job_id: str) -> int:
         """The priority of a job waiting or handed out (0 if unknown)."""
-        entry = self._ids.get(job_id) or self._active.get(job_id)
+        entry = self._ids.get(job_id) or self._active.get(job_id) or self._adopted.get(job_id)
         return entry.meta.priority if entry is not None else 0
 
     def clear(self) -> None:
+        """Forget every job waiting and every claim held (the daemon stops); those handed
+        out stay counted until ``finished``."""
+        for waiting in self._adopted.values():
+            self._count(waiting.meta, -1)
+        for meta in self._claims.values():
+            self._count(meta, -1)
+        self._adopted.clear()
+        self._claims.clear()
         self._lanes.clear()
         self._heads.clear()
         self._ids.clear()

@@ -111,14 +111,47 @@ class Lane:
     def user_for(self, slot: str, run_as: str | None) -> RunAs | None:
         """Who a job in worker slot ``slot`` runs as (None: spoold's own user)."""
         if run_as is not None:
-            user = RunAs.lookup(run_as)
-            if not self.switching and user.uid != os.geteuid():
-                raise ExecutorError(
-                    f"run_as: spoold cannot switch users here, so not to {run_as!r}"
-                )
-            return None if user.uid == os.geteuid() else user
+            return self._switch_to(run_as, "run_as")
+        return self._slot_user(slot)
+
+    def job_user(self, slot: str) -> str | None:
+        """The name of worker slot ``slot``'s job user (None: spoold's own user), as a lease
+        records it: an adopted job goes on as that user (``user_named``), whichever slot
+        adopts it, since its work dir and its processes are that user's."""
+        user = self._slot_user(slot)
+        return None if user is None else user.name
+
+    def user_named(self, job_user: str | None, run_as: str | None) -> RunAs | None:
+        """Who a job runs as, its job user being ``job_user`` (``job_user()``, as its lease
+        recorded it; None: spoold's own user) unless its file names ``run_as``."""
+        if run_as is not None:
+            return self._switch_to(run_as, "run_as")
+        return None if job_user is None else self._switch_to(job_user, "the job user")
+
+    def job_user_of(self, workdir: Path) -> str | None:
+        """Which job user owns ``workdir`` (an attempt's work dir, made by its job user);
+        None if none of them does, or it is not there."""
+        try:
+            owner = workdir.lstat().st_uid
+        except OSError:
+            return None
+        found = [user.name for user in self._users if user is not None and user.uid == owner]
+        return found[0] if found else None
+
+    def _slot_user(self, slot: str) -> RunAs | None:
         index = int(slot) if slot.isascii() and slot.isdigit() else sum(map(ord, slot))
         return self._users[index % len(self._users)]
+
+    def _switch_to(self, name: str, what: str) -> RunAs | None:
+        """The user ``name`` to start processes as (None: spoold's own user); ExecutorError
+        if there is none, or spoold cannot switch to it (``what``: where it was named)."""
+        try:
+            user = RunAs.lookup(name)
+        except ExecutorError:
+            raise ExecutorError(f"{what}: there is no user {name!r} on this host") from None
+        if not self.switching and user.uid != os.geteuid():
+            raise ExecutorError(f"{what}: spoold cannot switch users here, so not to {name!r}")
+        return None if user.uid == os.geteuid() else user
 
     def spares(self, host: str) -> Spares:
         """Work dirs made ahead in the work root by this process (which must make them as

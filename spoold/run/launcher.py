@@ -28,10 +28,13 @@ of their own, and when the launcher is gone they are init's.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import functools
 import gc
 import os
 import pickle
+import re
 import select
 import selectors
 import signal
@@ -136,6 +139,20 @@ class Chore(NamedTuple):
     #: (``spoold.core.spool.spares``) to be renamed into place instead of a new one.
     mode: int = 0o700
     spare: str | None = None
+    #: For "artifacts": at most this many files are opened (``limits.max_artifacts``); those
+    #: found past it are only counted, so that a job's million files cost no million opens.
+    max_files: int | None = None
+
+
+class ArtifactsLeft(NamedTuple):
+    """From an artifacts chore, after its files: what it left out for one ``reason``,
+    ``number`` of them (``more``: it stopped counting there), the first few ``names``."""
+
+    reason: str
+    number: int
+    more: bool
+    names: tuple[str, ...]
+    what: str = "file(s)"
 
 
 # -- framing: a length, a pickle, and descriptors riding on the length --------------------------
@@ -288,11 +305,12 @@ class Launcher:
             raise LauncherError(str(answer))
         return answer
 
-    def artifacts(self, chore: Chore) -> Iterator[tuple[str, int] | str]:
+    def artifacts(self, chore: Chore) -> Iterator[tuple[str, int] | str | ArtifactsLeft]:
         """Open the declared artifacts as the job's user: each found file's path and an open
-        descriptor (the caller closes it), or a line for the log about what was not kept."""
+        descriptor (the caller closes it), a line for the log (a glob that matched nothing),
+        or what was left out for one reason, after the files."""
         if self._chores_here:
-            yield from _artifacts(Path(chore.path), chore.patterns)
+            yield from _artifacts(chore)
             return
         with self.request(chore) as sock:
             while True:
@@ -304,7 +322,9 @@ class Launcher:
                     ) from None
                 if answer is None:
                     return
-                if isinstance(answer, str):
+                if isinstance(answer, Exception):  # the chore failed: what it found stands
+                    raise LauncherError(str(answer))
+                if isinstance(answer, str | ArtifactsLeft):
                     yield answer
                     continue
                 for index, relative in enumerate(answer):
@@ -1030,8 +1050,9 @@ def _chore(chore: Chore, reply: socket.socket) -> None:
         _become(chore.user)
         if chore.kind == "artifacts":
             batch: list[tuple[str, int]] = []
-            for found in _artifacts(Path(chore.path), chore.patterns):
-                if isinstance(found, str):
+            for found in _artifacts(chore):
+                if isinstance(found, str | ArtifactsLeft):
+                    _flush(reply, batch)  # the files before what is said after them
                     _answer(reply, found)
                     continue
                 batch.append(found)
@@ -1116,37 +1137,328 @@ def _remove_tree(path: str) -> bool:
         pass  # not empty (or not a directory): rmtree says what it cannot remove
     import shutil  # noqa: PLC0415 - in the chore's fork only
 
-    shutil.rmtree(path, onerror=writable)
+    try:
+        shutil.rmtree(path, onerror=writable)
+    except RecursionError:
+        # Deeper than Python's recursion (a job made thousands of nested directories): rm's
+        # walk has no such bound, and follows no link either.
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], check=False,
+                       stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
+        if Path(path).exists():
+            raise OSError(f"cannot remove {path}: too deep for Python, and rm left it") from None
     return True
 
 
-def _artifacts(
-    root: Path, patterns: tuple[tuple[str, str], ...]
-) -> Iterator[str | tuple[str, int]]:
-    """An open descriptor of each declared artifact (never anything outside the work dir,
-    never through a link), with its path; or a line for the log about what was not kept."""
-    root = root.resolve()
-    found: dict[str, Path] = {}
-    for pattern, kind in patterns:
-        matches = sorted(root.glob(pattern)) if root.is_dir() else []
-        if not matches:
-            yield f"artifact {pattern!r}: nothing matched"
-        for match in matches:
-            if not match.resolve().is_relative_to(root) or match.is_symlink():
-                yield f"artifact {match.relative_to(root)!s}: a link out of the work dir is not kept"
-                continue
-            for path in _artifact_files(match, kind, root):
-                found.setdefault(path.relative_to(root).as_posix(), path)
-    for relative, path in sorted(found.items()):
+# -- artifacts: found and opened from the work dir down, never through a link ------------------
+
+#: How many directories deep below the work dir artifacts are looked for: the walk holds one
+#: open for each level; what is deeper is named in the log, not walked.
+ARTIFACT_DEPTH = 64
+#: How many entries of a work dir the walk for its artifacts looks at, at most.
+ARTIFACT_ENTRIES = 200_000
+#: How many names a line about what was left out names.
+_NAMED = 3
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: Where the globs are in a directory: (a glob's index, how many of its parts are matched).
+_States = frozenset[tuple[int, int]]
+_NOWHERE: _States = frozenset()
+
+
+class _Glob(NamedTuple):
+    """A declared artifact's glob, as pathlib's glob reads it: a part for each component, a
+    name, a wildcard, or None for ``**`` (any number of directories, none too)."""
+
+    text: str
+    parts: tuple[str | re.Pattern[str] | None, ...]
+    whole: bool  # ``type: dir``: every file below what it matches
+
+
+class _Frame(NamedTuple):
+    """A directory the walk is in: open, its path (with a trailing slash, the work dir's is
+    empty), how deep, where the globs are in it, and its entries not yet looked at."""
+
+    fd: int
+    prefix: str
+    depth: int
+    states: _States
+    whole: bool
+    entries: Iterator[tuple[str, str]]
+
+
+def _artifacts(chore: Chore) -> Iterator[tuple[str, int] | str | ArtifactsLeft]:
+    """Each declared artifact's path and an open descriptor, in path order; then a line for
+    each glob that matched nothing, and what was left out.
+
+    Found and opened from the work dir down, each component below the last without following
+    a link: a directory the job swaps for a link, whenever it does, leads nowhere outside (a
+    glob found first and opened by its path later would follow it, as root here)."""
+    globs: list[_Glob] = []
+    for pattern, kind in chore.patterns:
+        parts = [part for part in pattern.split("/") if part not in ("", ".")]
+        if ".." in parts:  # the job schema refuses it already
+            yield f"artifact {pattern!r}: a path with '..' is not kept"
+            continue
+        globs.append(_Glob(pattern, tuple(map(_glob_part, parts)), kind == "dir"))
+    walk = _ArtifactWalk(globs, chore.max_files)
+    try:
+        root = os.open(chore.path, _DIRECTORY)
+    except FileNotFoundError:  # no work dir (an executor that made none): nothing matched
+        pass
+    except OSError as exc:
+        yield f"artifacts: the work dir {chore.path}: {exc.strerror}"
+        return
+    else:
+        yield from walk.files(root)
+    yield from walk.said()
+
+
+def _glob_part(part: str) -> str | re.Pattern[str] | None:
+    if part == "**":
+        return None
+    if any(char in part for char in "*?["):  # what pathlib's glob takes for a wildcard
+        return re.compile(fnmatch.translate(part))
+    return part
+
+
+class _ArtifactWalk:
+    """One walk of a work dir for the files its globs match: all globs at once, each entry
+    looked at once, in path order; iterative, a stack of open directories no deeper than
+    ARTIFACT_DEPTH, no more than ARTIFACT_ENTRIES entries looked at, no more than
+    ``max_files`` files opened (the rest counted)."""
+
+    def __init__(self, globs: list[_Glob], max_files: int | None) -> None:
+        self._globs = globs
+        self._max_files = max_files
+        self._budget = ARTIFACT_ENTRIES
+        self._opened = 0
+        self._matched: set[int] = set()
+        self._cut = False
+        #: reason -> (how many, the first few names, of what)
+        self._left: dict[str, tuple[int, list[str], str]] = {}
+
+    def files(self, root: int) -> Iterator[tuple[str, int]]:
+        """Each matched file's path and descriptor; closes ``root``, the work dir's."""
+        start = self._closed((index, 0) for index in range(len(self._globs)))
+        stack: list[_Frame] = []
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            whole = self._reached(start, whole=False)  # "." matches the work dir itself
+            self._push(stack, root, "", 0, states=start, whole=whole)
+            while stack:
+                frame = stack[-1]
+                entry = next(frame.entries, None)
+                if entry is None:
+                    stack.pop()
+                    os.close(frame.fd)
+                    continue
+                name, kind = entry
+                relative = frame.prefix + name
+                states = self._step(frame.states, name, kind == "d") if frame.states else _NOWHERE
+                whole = self._reached(states, whole=frame.whole)
+                if kind == "l" and states:  # a glob names it: said, never followed
+                    self._leave("not followed", relative, "link(s)")
+                elif kind == "f":
+                    kept = frame.whole or any(not self._globs[index].whole
+                                              for index, done in states
+                                              if done == len(self._globs[index].parts))  # fmt: skip
+                    if kept and (fd := self._open(frame.fd, name, relative)) is not None:
+                        yield relative, fd
+                elif kind == "d" and (whole or self._further(states)):
+                    self._enter(stack, frame, name, states, whole)
+                    if self._cut:  # it looked at all it may
+                        return
+        finally:
+            for frame in stack:
+                os.close(frame.fd)
+
+    def said(self) -> Iterator[str | ArtifactsLeft]:
+        """After the files: a line for each glob that matched nothing, what was left out."""
+        if not self._cut:  # else a glob may match past where the walk stopped
+            for index, glob in enumerate(self._globs):
+                if index not in self._matched:
+                    yield f"artifact {glob.text!r}: nothing matched"
+        for reason, (count, names, what) in self._left.items():
+            more = self._cut and reason == "past limits.max_artifacts"
+            yield ArtifactsLeft(reason, count, more, tuple(names), what)
+
+    def _reached(self, states: _States, *, whole: bool) -> bool:
+        """Note the globs ``states`` match whole; whether a ``type: dir`` one is among them
+        (or ``whole``: the directory is in one already)."""
+        for index, done in states:
+            if done == len(self._globs[index].parts):
+                self._matched.add(index)
+                whole = whole or self._globs[index].whole
+        return whole
+
+    def _further(self, states: _States) -> bool:
+        return any(done < len(self._globs[index].parts) for index, done in states)
+
+    def _step(self, states: _States, name: str, is_dir: bool) -> _States:
+        """Where the globs are in entry ``name`` of a directory where they are at ``states``."""
+        moved = []
+        for index, done in states:
+            parts = self._globs[index].parts
+            if done == len(parts):
+                continue
+            part = parts[done]
+            if part is None:  # ``**`` goes down directories, never a link
+                if is_dir:
+                    moved.append((index, done))
+            elif part == name or (not isinstance(part, str) and part.match(name)):
+                moved.append((index, done + 1))
+        return self._closed(moved)
+
+    def _closed(self, states: Iterable[tuple[int, int]]) -> _States:
+        """``states`` and, past each ``**``, what follows it (it matches no directory too)."""
+        closed: set[tuple[int, int]] = set()
+        todo = list(states)
+        while todo:  # bounded: each step adds one of the globs' finitely many places
+            index, done = todo.pop()
+            if (index, done) in closed:
+                continue
+            closed.add((index, done))
+            parts = self._globs[index].parts
+            if done < len(parts) and parts[done] is None:
+                todo.append((index, done + 1))
+        return frozenset(closed)
+
+    def _enter(self, stack: list[_Frame], frame: _Frame, name: str, states: _States,
+               whole: bool) -> None:  # fmt: skip
+        """Open directory ``name`` in ``frame`` onto the stack, within the walk's bounds."""
+        relative = frame.prefix + name
+        if frame.depth >= ARTIFACT_DEPTH:
+            self._leave(f"deeper than {ARTIFACT_DEPTH} levels, not looked into", relative,
+                        "director(ies)")  # fmt: skip
+            return
+        try:
+            fd = os.open(name, _DIRECTORY, dir_fd=frame.fd)
+        except OSError as exc:  # swapped for a link or a file since listed, or unreadable
+            if exc.errno == errno.ENOTDIR and _is_link(frame.fd, name):  # O_DIRECTORY's word
+                self._leave("not followed", relative, "link(s)")
+            else:
+                self._failed(relative, exc)
+            return
+        self._push(stack, fd, relative + "/", frame.depth + 1, states=states, whole=whole)
+
+    def _push(self, stack: list[_Frame], fd: int, prefix: str, depth: int, *, states: _States,
+              whole: bool) -> None:  # fmt: skip
+        """Put directory ``fd`` on the stack, listed (or close it: unreadable, or past the
+        walk's budget, which ends the walk)."""
+        try:
+            entries = self._list(fd, states, whole)
         except OSError as exc:
-            yield f"artifact {relative}: {exc.strerror}"
-            continue
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            continue
-        yield relative, fd
+            self._failed(prefix.rstrip("/") or ".", exc)
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        if entries is None:
+            os.close(fd)
+            self._cut = True
+            self._leave(f"past {ARTIFACT_ENTRIES} entries looked at, not looked into",
+                        prefix.rstrip("/") or ".", "director(ies)")  # fmt: skip
+            return
+        stack.append(_Frame(fd, prefix, depth, states, whole, iter(entries)))
+
+    def _list(self, fd: int, states: _States, whole: bool) -> list[tuple[str, str]] | None:
+        """The entries of directory ``fd`` the globs may match, with their kinds ("d", "f",
+        "l" or "o"), in the order that makes the walk's the paths' order; None when past the
+        walk's budget. Names the globs spell out are looked up, not listed."""
+        found: list[tuple[str, str]] = []
+        names = None if whole else self._names(states)
+        if names is not None:
+            for name in names:
+                if not self._spend():
+                    return None
+                try:
+                    mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                except ValueError:  # a NUL in the name: no file has one
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                        continue
+                    raise
+                found.append((name, _kind(mode)))
+        else:
+            with os.scandir(fd) as listing:
+                for entry in listing:
+                    if not self._spend():
+                        return None
+                    with contextlib.suppress(FileNotFoundError):  # gone meanwhile
+                        found.append((entry.name, _entry_kind(entry)))
+        # A directory sorts as its name and a slash, as the paths below it do.
+        found.sort(key=lambda item: item[0] + "/" if item[1] == "d" else item[0])
+        return found
+
+    def _names(self, states: _States) -> list[str] | None:
+        """The names the globs spell out next, if none is a wildcard or ``**``."""
+        names = set()
+        for index, done in states:
+            parts = self._globs[index].parts
+            if done < len(parts):
+                part = parts[done]
+                if not isinstance(part, str):
+                    return None
+                names.add(part)
+        return sorted(names)
+
+    def _spend(self) -> bool:
+        if not self._budget:
+            return False
+        self._budget -= 1
+        return True
+
+    def _open(self, directory: int, name: str, relative: str) -> int | None:
+        if self._max_files is not None and self._opened >= self._max_files:
+            self._leave("past limits.max_artifacts", relative)
+            return None
+        try:
+            fd = os.open(name, _FILE, dir_fd=directory)
+        except OSError as exc:
+            self._failed(relative, exc)
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since listed: a FIFO, a device
+            os.close(fd)
+            return None
+        self._opened += 1
+        return fd
+
+    def _failed(self, relative: str, exc: OSError) -> None:
+        if exc.errno == errno.ELOOP:  # swapped for a link since listed
+            self._leave("not followed", relative, "link(s)")
+        elif exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # else gone, or no directory now
+            self._leave(f"not opened: {exc.strerror or exc}", relative)
+
+    def _leave(self, reason: str, relative: str, what: str = "file(s)") -> None:
+        count, names, _ = self._left.get(reason, (0, [], what))
+        if len(names) < _NAMED:
+            names.append(relative)
+        self._left[reason] = (count + 1, names, what)
+
+
+def _is_link(directory: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "l"
+    if stat.S_ISDIR(mode):
+        return "d"
+    return "f" if stat.S_ISREG(mode) else "o"
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """What ``entry`` is, from its directory's listing where it says (an lstat where not)."""
+    if entry.is_symlink():
+        return "l"
+    if entry.is_dir(follow_symlinks=False):
+        return "d"
+    return "f" if entry.is_file(follow_symlinks=False) else "o"
 
 
 def _flush(reply: socket.socket, batch: list[tuple[str, int]]) -> None:
@@ -1155,14 +1467,3 @@ def _flush(reply: socket.socket, batch: list[tuple[str, int]]) -> None:
         for _, fd in batch:
             os.close(fd)
         batch.clear()
-
-
-def _artifact_files(match: Path, kind: str, root: Path) -> list[Path]:
-    if kind == "dir":
-        if not match.is_dir():
-            return []
-        return [
-            p for p in sorted(match.rglob("*"))
-            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)
-        ]  # fmt: skip
-    return [match] if match.is_file() else []

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -340,6 +340,8 @@ class WorkerProcesses:
         self._launcher: DaemonLauncher | None = None
         self._clock = clock
         self._linger = Linger(config.worker_idle_exit, LINGER_FIRST)  # under the lock
+        self._slots = sum(len(slots) for slots in self._plan)
+        self._claims_taken = False  # whether hold_claims was called
 
     @property
     def processes(self) -> int:
@@ -393,7 +395,7 @@ class WorkerProcesses:
                 document = None
             # A plain job waits as its id alone (its RunJob is made as it is handed out).
             held = None if document is None and not adopt else RunJob(job_id, document, adopt)
-            cancel = self._queue.add(job_id, meta, held)
+            cancel = self._queue.add(job_id, meta, held, running=adopt)
             handed = self._hand_out(self._free_link())
             holder = None if handed else self._outranked_holder(meta.priority)
             start_one = self._wants_one()
@@ -404,6 +406,32 @@ class WorkerProcesses:
         for cancelled, why in cancel:
             self._on_cancel(cancelled, why)
         return all(cancelled != job_id for cancelled, _ in cancel)
+
+    def hold_claims(self, claims: Mapping[str, JobMeta]) -> None:
+        """The jobs in running/ this host may be running outside these worker processes (a
+        previous daemon's, not adopted yet), with their limits: each takes a worker slot and
+        counts against its executor's limit and its concurrency key until it is adopted
+        (``submit`` with ``adopt``) or missing from a later call (it ended, or another host
+        took it over). The first call holds them; later ones only let go: a job claimed
+        since is this daemon's own, counted as it was handed out. (The jobs a worker process
+        that died had in hand are held the same way, by ``replace_dead``.)"""
+        with self._lock:
+            if not self._claims_taken:
+                self._claims_taken = True
+                for job_id, meta in claims.items():
+                    self._queue.hold(job_id, meta)
+                return
+            freed = [job_id for job_id in self._queue.held_claims() if job_id not in claims]
+            for job_id in freed:
+                self._queue.let_go(job_id)
+            handed = self._fill() if freed else []
+        for each in handed:
+            self._send(each)
+
+    def held_claims(self) -> frozenset[str]:
+        """The claims ``hold_claims`` holds still."""
+        with self._lock:
+            return self._queue.held_claims()
 
     def holds(self, job_id: str) -> bool:
         """Whether the job is queued here or in a worker process's hands."""
@@ -439,7 +467,7 @@ class WorkerProcesses:
             with self._lock:
                 lost.extend(link.in_flight)
                 for job_id in link.in_flight:
-                    self._queue.finished(job_id)
+                    self._queue.lost(job_id)  # counted until adopted, or let go (hold_claims)
                 link.in_flight.clear()
             self._logger.error(
                 "worker process %d (pid %d) ended with %s; starting a new one",
@@ -620,10 +648,18 @@ class WorkerProcesses:
                                    observation.job_id)  # fmt: skip
 
     def _hand_out(self, link: _Link | None) -> tuple[_Link, RunJob] | None:
-        """Under the lock: the next queued job, reserved for a free slot of ``link``."""
+        """Under the lock: the next queued job, reserved for a free slot of ``link``.
+
+        While claims are held (``hold_claims``), each keeps a slot: beside them only as many
+        jobs go out, prefetched ones included, as there are slots left; adoptions always do
+        (each takes the slot its claim kept)."""
         if link is None or link.free <= 0 or not self._queue or self._stopping:
             return None
-        if (taken := self._queue.take()) is None:
+        claims = self._queue.claims
+        full = claims > 0 and sum(len(each.in_flight) for each in self._live()) + claims >= (
+            self._slots
+        )
+        if (taken := self._queue.take(adopted_only=full)) is None:
             return None  # what waits, waits for a concurrency limit
         job: RunJob = taken[1] or RunJob(taken[0])
         link.in_flight[job.job_id] = job
@@ -662,6 +698,13 @@ class WorkerProcesses:
             with self._lock:
                 link.in_flight.pop(job.job_id, None)
                 self._queue.finished(job.job_id)
+
+    def _fill(self) -> list[tuple[_Link, RunJob]]:
+        """Under the lock: hand out what may go now to the processes with room for it."""
+        handed = []
+        while (each := self._hand_out(self._free_link())) is not None:
+            handed.append(each)  # in its link's in_flight: the next _free_link sees it
+        return handed
 
     def _free_link(self) -> _Link | None:
         """The process to send a job to: an idle slot first, then room to prefetch."""

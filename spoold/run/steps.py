@@ -2,20 +2,28 @@
 in parallel, each with its own executor, timeout, retries, log section and status entry.
 
 ``spoold.run.dag`` decides what may start; this runs it. Steps share the job's work dir (a later
-step uses what an earlier one built) and its cancel switch. A new attempt of the job, or the
-same one adopted after a restart, keeps what the one before settled (``dag.carried_over``): the
+step uses what an earlier one built) and its cancel switch. The job's ``timeout`` bounds the
+steps together (their tries and the waits between them): past it, the steps running end as on
+a timeout, none starts, and the attempt ends timed out. A new attempt of the job, or the same
+one adopted after a restart, keeps what the one before settled (``dag.carried_over``): the
 steps that succeeded, and those that failed with ``continue_on_error`` on their own, as the job
-went past them then; it runs the rest, a step cut off by a cancel among them.
+went past them then; it runs the rest, a step cut off by a cancel or the timeout among them.
+
+Once the attempt's steps end, every step's entry says what became of it: a step that did not
+run is ``skipped``, its ``error`` saying why (a step it needs failed, the job was cancelled, the
+timeout ran out, the pre_run hook failed); one cut off while it ran or waited for its next try
+is ``cancelled`` or ``timed_out``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from spoold.core.clock import Clock, rfc3339
+from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.errors import JobDetached
 from spoold.core.job import JobSpec
 from spoold.core.joblog import JobLog
@@ -28,6 +36,9 @@ RunUnit = Callable[[str, JobSpec, JobLog], ExecResult]
 
 # The job's own fields a step inherits unless it says otherwise.
 _INHERITED = ("executor", "type", "timeout", "limits", "run_as")
+# The longest a wait for a step's next try goes without looking at the clock: a test's clock
+# that is moved ends it within this, as the real one does.
+_WAIT_TURN = 0.2
 
 
 def step_spec(job: JobSpec, step: Mapping[str, Any]) -> JobSpec:
@@ -53,9 +64,13 @@ class StepsRun:
         parallel: int,
         on_change: Callable[[dict[str, Any]], None],
         draw: Callable[[], float],
+        adopted_from: str | None = None,
+        interrupted: Callable[[], bool] = lambda: False,
     ) -> None:
         """``previous``: the status.json ``steps`` of the attempt before (or of this one, when
-        it is adopted), if any."""
+        it is adopted), if any. ``adopted_from``: the start of an attempt adopted from a worker
+        that is gone (RFC 3339): the job's timeout counts from there. ``interrupted``: whether
+        ``cancel`` was set because spoold stops, not by a cancel of the job."""
         self._spec = spec
         steps = spec.document["steps"]
         kept = carried_over(steps, _recorded_states(previous))
@@ -81,18 +96,25 @@ class StepsRun:
         self._parallel = max(parallel, 1)
         self._on_change = on_change
         self._draw = draw  # the jitter of step retries
+        self._adopted_from = adopted_from
+        self._interrupted = interrupted
+        self._deadline: float | None = None  # the job's timeout, on the clock's monotonic time
         self._lock = threading.Lock()  # records and on_change, from several step threads
+        self._timed_out: list[str] = []  # steps the job's timeout cut off, in the order it did
+        self._unstarted: set[str] = set()  # started as the attempt stopped: they did not run
 
     def run(self) -> ExecResult:
         """Run until no step can start any more; the result is the job attempt's."""
+        self._deadline = self._start_deadline()
         finished: queue.SimpleQueue[tuple[str, ExecResult]] = queue.SimpleQueue()
         running = 0
         results: dict[str, ExecResult] = {}
+        self._publish()  # every step shows once the steps start: pending, or as kept
         for step_id in self._scheduler.skipped():
-            self._record(step_id, state=StepState.SKIPPED.value)
+            self._record(step_id, state=StepState.SKIPPED.value, error="a step it needs failed")
         detached = interrupted = False
         while True:
-            if not (self._cancel.is_set() or detached or interrupted):
+            if not (detached or interrupted or self._stopped()):
                 for step_id in self._scheduler.ready(self._parallel):
                     self._scheduler.started(step_id)
                     running += 1
@@ -107,17 +129,84 @@ class StepsRun:
             if result.detached:  # spoold stops: the others are told too, and left as they are
                 detached = True
                 continue
+            if step_id in self._unstarted:
+                self._scheduler.cut_off(step_id)
+                continue
             results[step_id] = result
             # Not the step's own end: nothing goes past it (the job's on_interrupt decides).
             interrupted = interrupted or result.interrupted
+            if result.cancelled or result.interrupted or step_id in self._timed_out:
+                self._scheduler.cut_off(step_id)  # what needs it waits: it never ended
+                continue
             self._scheduler.finished(step_id, result.succeeded)
             for skipped in self._scheduler.skipped():
                 if self._records[skipped]["state"] != StepState.SKIPPED.value:
-                    self._record(skipped, state=StepState.SKIPPED.value)
-                    self._log.error(f"step {skipped} skipped: a step it needs failed")
+                    self._record(skipped, state=StepState.SKIPPED.value,
+                                 error=f"a step it needs failed ({step_id})")  # fmt: skip
+                    self._log.error(f"step {skipped} skipped: a step it needs failed ({step_id})")
         if detached:
             raise JobDetached("steps left running")
-        return self._result(results)
+        unrun = [] if (why := self._why_stopped(interrupted)) is None else self.not_run(why)
+        return self._result(results, unrun)
+
+    def not_run(self, why: str) -> list[str]:
+        """Every step that has not run in this attempt is skipped, for ``why``: the attempt
+        ended without them (a failed pre_run hook, a cancel, the timeout). Returns their ids."""
+        unrun = [
+            step_id
+            for step_id, record in self._records.items()
+            if record["state"] == StepState.PENDING.value
+        ]
+        if self._cancel.is_set() and not self._interrupted():
+            why = "the job was cancelled"  # a pre_run hook that failed as it was cancelled
+        for step_id in unrun:
+            self._record(step_id, state=StepState.SKIPPED.value, error=f"not run: {why}",
+                         publish=False)  # fmt: skip
+        if unrun:
+            self._log.error(f"not run: {', '.join(unrun)} ({why})")
+        self._publish()
+        return unrun
+
+    def _start_deadline(self) -> float | None:
+        """When the job's timeout ends the steps, on the clock's monotonic time."""
+        timeout = self._spec.timeout
+        if timeout is None:
+            return None
+        spent = 0.0
+        if self._adopted_from is not None:  # its start was seen by a worker that is gone
+            try:
+                began = parse_rfc3339(self._adopted_from)
+            except ValueError:
+                began = self._clock.now()
+            spent = min(max((self._clock.now() - began).total_seconds(), 0.0), timeout)
+        return self._clock.monotonic() + timeout - spent
+
+    def _left(self) -> float | None:
+        """Seconds left of the job's timeout (None: it has none)."""
+        if self._deadline is None:
+            return None
+        return self._deadline - self._clock.monotonic()
+
+    def _expired(self) -> bool:
+        left = self._left()
+        return left is not None and left <= 0
+
+    def _stopped(self) -> bool:
+        """No step starts any more: the job is cancelled, or its timeout ran out."""
+        return self._cancel.is_set() or self._expired()
+
+    def _why_stopped(self, interrupted: bool) -> str | None:
+        """Why steps that did not run were left out, if the attempt stopped before its end."""
+        if self._cancel.is_set() or interrupted:
+            if interrupted or self._interrupted():
+                return "the attempt was interrupted"
+            return "the job was cancelled"
+        if self._timed_out or self._expired():
+            return f"the job's timeout of {self._timeout_words()} ran out"
+        return None
+
+    def _timeout_words(self) -> str:
+        return format_duration(self._spec.timeout or 0)
 
     def _step(self, step_id: str, finished: queue.SimpleQueue[tuple[str, ExecResult]]) -> None:
         try:
@@ -127,6 +216,8 @@ class StepsRun:
         except Exception as exc:  # a bug here must end the step, not hang the job
             self._log.error(f"step {step_id} failed inside spoold: {exc!r}")
             result = ExecResult(exit_code=None, error=f"internal error: {exc!r}")
+            self._record(step_id, state=StepState.FAILED.value, error=result.error,
+                         finished_at=rfc3339(self._clock.now()))  # fmt: skip
         finished.put((step_id, result))
 
     def _attempts(self, step_id: str) -> ExecResult:
@@ -136,50 +227,112 @@ class StepsRun:
         number = 0
         while True:
             number += 1
+            if number == 1 and self._stopped():  # stopped as it was about to start: not run
+                with self._lock:
+                    self._unstarted.add(step_id)
+                return ExecResult(exit_code=None, error="not run")
+            left = self._left()
+            # The job's timeout, where it ends no later than the step's own (which is the
+            # job's, unless the step has one): a try it ends is cut off, not failed.
+            bounded = left is not None and (spec.timeout is None or left <= spec.timeout)
+            unit = dataclasses.replace(spec, timeout=max(left or 0.0, 0.0)) if bounded else spec
             log.info(f"step {step_id} started (attempt {number} of {spec.retry.attempts})")
             self._record(step_id, state=StepState.RUNNING.value, attempts=number,
                          started_at=rfc3339(self._clock.now()), finished_at=None,
                          exit_code=None, error=None, drop=("cancelled",))  # fmt: skip
-            result = self._run_unit(step_id, spec, log)
-            if result.interrupted:  # not the step's doing: the job's on_interrupt decides
-                return result
-            failed = not result.succeeded and not result.cancelled
+            result = self._run_unit(step_id, unit, log)
+            if result.interrupted or result.cancelled:  # not the step's doing
+                return self._ended(step_id, log, result, StepState.CANCELLED, result.failure)
+            if result.timed_out and bounded:
+                self._cut(step_id)
+                why = f"cut off: the job's timeout of {self._timeout_words()} ran out"
+                return self._ended(step_id, log, result, StepState.TIMED_OUT, why)
+            failed = not result.succeeded
             if failed and spec.retry.should_retry(number, result.exit_code):
                 wait = spec.retry.delay(number, self._draw)
                 log.error(
                     f"step {step_id} failed ({result.failure}); retrying in {format_duration(wait)}"
                 )
-                if not self._cancel.wait(wait):
+                stopped = self._wait(wait)
+                if stopped is None:
                     continue
+                # Cut off while it waited: the tries it had left are a next run's.
+                if stopped is StepState.TIMED_OUT:
+                    self._cut(step_id)
+                    why = f"the job's timeout of {self._timeout_words()} ran out"
+                else:
+                    why = "cancelled"
+                said = f"{why} while it waited to try again (try {number}: {result.failure})"
+                result = dataclasses.replace(result, cancelled=stopped is StepState.CANCELLED)
+                return self._ended(step_id, log, result, stopped, said)
             state = StepState.SUCCEEDED if result.succeeded else StepState.FAILED
-            # A cancel is no end of the step's own: a retry runs it again, continue_on_error
-            # or not (the job never went past it).
-            cut_off: dict[str, Any] = {"cancelled": True} if result.cancelled else {}
-            # Ended while no daemon watched (adopted): its end as recorded, not this one's.
-            ended = result.ended_at or self._clock.now()
-            self._record(step_id, state=state.value, finished_at=rfc3339(ended),
-                         exit_code=result.exit_code, error=result.error, **cut_off)  # fmt: skip
-            word = "succeeded" if result.succeeded else f"failed: {result.failure}"
-            tolerated = not result.succeeded and step.get("continue_on_error")
-            (log.info if result.succeeded or tolerated else log.error)(
-                f"step {step_id} {word}" + (" (continue_on_error)" if tolerated else "")
-            )
-            return result
+            return self._ended(step_id, log, result, state, result.error)
 
-    def _record(self, step_id: str, *, drop: tuple[str, ...] = (), **fields: Any) -> None:
+    def _ended(
+        self, step_id: str, log: JobLog, result: ExecResult, state: StepState, error: str | None
+    ) -> ExecResult:
+        """Record how a step ended (``state``, ``error``), and say so in its log section."""
+        # Ended while no daemon watched (adopted): its end as recorded, not this one's.
+        ended = result.ended_at or self._clock.now()
+        self._record(step_id, state=state.value, finished_at=rfc3339(ended),
+                     exit_code=result.exit_code, error=error)  # fmt: skip
+        if state is StepState.SUCCEEDED:
+            log.info(f"step {step_id} succeeded")
+        elif state is StepState.FAILED:
+            tolerated = self._scheduler.step(step_id).get("continue_on_error") is True
+            (log.info if tolerated else log.error)(
+                f"step {step_id} failed: {result.failure}" + (" (continue_on_error)" * tolerated)
+            )
+        else:
+            log.error(f"step {step_id} {state.value}: {error}")
+        return result
+
+    def _wait(self, seconds: float) -> StepState | None:
+        """Wait ``seconds`` on the clock for a step's next try: what cut the wait short (the
+        job's cancel, its timeout), or None."""
+        until = self._clock.monotonic() + seconds
+        while True:
+            if self._cancel.is_set():
+                return StepState.CANCELLED
+            now = self._clock.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                return StepState.TIMED_OUT
+            if now >= until:
+                return None
+            self._cancel.wait(min(until - now, _WAIT_TURN))
+
+    def _cut(self, step_id: str) -> None:
+        with self._lock:
+            if step_id not in self._timed_out:
+                self._timed_out.append(step_id)
+
+    def _record(
+        self, step_id: str, *, drop: tuple[str, ...] = (), publish: bool = True, **fields: Any
+    ) -> None:
         """Update a step's entry with ``fields``, the fields named in ``drop`` taken out."""
         with self._lock:
             record = self._records[step_id]
             for key in drop:
                 record.pop(key, None)
             record.update(fields)
+            if publish:
+                self._on_change({key: dict(value) for key, value in self._records.items()})
+
+    def _publish(self) -> None:
+        with self._lock:
             self._on_change({key: dict(value) for key, value in self._records.items()})
 
-    def _result(self, results: Mapping[str, ExecResult]) -> ExecResult:
+    def _result(self, results: Mapping[str, ExecResult], unrun: list[str]) -> ExecResult:
         if self._cancel.is_set() or any(r.cancelled for r in results.values()):
             return ExecResult(exit_code=None, error="cancelled", cancelled=True)
         if any(result.interrupted for result in results.values()):
             return ExecResult(exit_code=None, error="interrupted while it ran", interrupted=True)
+        if self._timed_out or unrun:  # only the timeout is left to leave steps out
+            # As a job without steps that runs out of time: timed out, no exit code.
+            said = [f"cut off: {', '.join(self._timed_out)}"] if self._timed_out else []
+            said += [f"not run: {', '.join(unrun)}"] if unrun else []
+            error = f"timed out after {self._timeout_words()} ({'; '.join(said)})"
+            return ExecResult(exit_code=None, error=error, timed_out=True)
         if self._scheduler.outcome() == "succeeded":
             return ExecResult(exit_code=0)
         failed = [
@@ -199,7 +352,8 @@ class StepsRun:
 
 
 def _recorded_states(previous: Mapping[str, Any]) -> dict[str, str]:
-    """Per step, its state as status.json kept it; a step a cancel cut off counts as not run."""
+    """Per step, its state as status.json kept it; a step a cancel cut off counts as not run
+    (``cancelled: true`` beside ``failed``: how spoold recorded one before ``cancelled``)."""
     states: dict[str, str] = {}
     for step_id, record in previous.items():
         if isinstance(record, Mapping) and isinstance(record.get("state"), str):

@@ -53,7 +53,7 @@ from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.hooks import HookRunner
 from spoold.run.lane import Lane
-from spoold.run.launcher import Chore, Launcher, LauncherError, Supervised
+from spoold.run.launcher import ArtifactsLeft, Chore, Launcher, LauncherError, Supervised
 from spoold.run.ledger import JobLedger, Listener
 from spoold.run.log_socket import LogTap
 from spoold.run.process import RunAs
@@ -557,6 +557,8 @@ class JobRunner:
         with run.lock:
             # Before anything of the attempt starts: what it starts, a next daemon adopts.
             run.workdir, run.lease["workdir"] = workdir, str(workdir)
+            # And its job user: an adoption keeps it (``_adopted``), whichever slot adopts it.
+            run.lease.setdefault("job_user", self._lane.job_user(slot))
             self._spool.jobs.write_lease(job, run.lease, first=not run.resume)
             run.leased = True
         detached = False
@@ -576,6 +578,13 @@ class JobRunner:
         old = self._spool.jobs.read_lease(run.job) or {}
         if isinstance(old.get("workdir"), str):
             run.workdir = Path(old["workdir"])
+        # The user it runs as is the one it ran as, not this slot's: its work dir and its
+        # processes are that user's. A lease of an older spoold names none: its work dir's
+        # owner does, if a job user; else this slot's user it is (``_run``).
+        if "job_user" in old:
+            run.lease["job_user"] = old["job_user"]
+        elif run.workdir is not None and (owner := self._lane.job_user_of(run.workdir)):
+            run.lease["job_user"] = owner
         # Its process goes on: the new lease names it, for an end should its supervisor die.
         run.lease.update(job_pid=old.get("job_pid"), job_pid_start=old.get("job_pid_start"))
         gone = f"{old.get('worker')} (pid {old.get('pid')} on {old.get('host')})"
@@ -624,7 +633,8 @@ class JobRunner:
             beat_interval=self._config.heartbeat_interval,
         )  # fmt: skip
         try:
-            run_as = self._with_home(self._lane.user_for(slot, spec.run_as), workdir)
+            job_user = run.lease.get("job_user", self._lane.job_user(slot))
+            run_as = self._with_home(self._lane.user_named(job_user, spec.run_as), workdir)
             # The work dir is the job user's own for a job of processes here; spoold's,
             # readable by the hooks, for one whose executor brings files back from elsewhere.
             # Whoever owns it removes it, and opens the artifacts in it.
@@ -657,16 +667,20 @@ class JobRunner:
                 step_usage.add(step_id, ended.usage)  # this step's entry, from its one thread
                 return ended
 
+            steps = None if not spec.steps else StepsRun(
+                spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
+                parallel=self._config.workers, draw=self._draw, run_unit=step_unit,
+                on_change=lambda records: self._steps_changed(run, status,
+                                                            step_usage.onto(records)),
+                adopted_from=attempt.started_at if run.resume else None,
+                interrupted=lambda: run.interrupted,
+            )  # fmt: skip
             if not hooks.run("pre_run", state="running", exit_code=None):
                 result = ExecResult(exit_code=None, error="the pre_run hook failed")
-            elif spec.steps:
-                result = StepsRun(
-                    spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
-                    parallel=self._config.workers, draw=self._draw, run_unit=step_unit,
-                    on_change=lambda steps: self._steps_changed(run, status,
-                                                                step_usage.onto(steps)),
-                ).run()  # fmt: skip
-                result = dataclasses.replace(result, usage=step_usage.total())
+                if steps is not None:  # every step says it did not run, and why
+                    steps.not_run("the pre_run hook failed")
+            elif steps is not None:
+                result = dataclasses.replace(steps.run(), usage=step_usage.total())
             else:
                 result = unit(spec, log, key=str(attempt.number))
             hooks.run("post_run", state="running", exit_code=result.exit_code)
@@ -847,8 +861,10 @@ class JobRunner:
         used: set[str] = set()
         commands = {name: refer_to_secrets(value, used) for name, value in spec.hooks.items()}
         env = {**env, **{secret_variable(name): self._secret(run, name) for name in used}}
+        # The job's cancel ends a hook as it ends the job's own processes.
         return HookRunner(commands, env, workdir, log, self._clock, self._config.kill_grace,
-                          spec.timeout, run_as, processes, attempt, run.detach)  # fmt: skip
+                          spec.timeout, run_as, processes, attempt, run.detach,
+                          cancel=run.cancel)  # fmt: skip
 
     def _outcome(
         self, run: ActiveRun, spec: JobSpec, result: ExecResult
@@ -880,18 +896,24 @@ class JobRunner:
         self, run: ActiveRun, workdir: Path, declared: tuple[ArtifactSpec, ...], log: JobLog
     ) -> list[dict[str, Any]]:
         """Copy the declared artifacts into artifacts/, each opened by the job's own user
-        (never anything outside the work dir, never through a link)."""
+        (never anything outside the work dir, never through a link), no more files opened
+        than ``limits.max_artifacts``; what was left out said in one line."""
         if not declared:
             return []
         patterns = tuple((spec.path, spec.type) for spec in declared)
         collected = []
         store = self._spool.jobs.artifact_store(run.job, max_count=self._config.max_artifacts,
                                                 max_size=self._config.max_artifacts_size)  # fmt: skip
+        chore = Chore("artifacts", run.user, str(workdir), patterns,
+                      max_files=self._config.max_artifacts)  # fmt: skip
         try:
-            for found in self._launcher.artifacts(Chore("artifacts", run.user, str(workdir),
-                                                         patterns)):  # fmt: skip
+            for found in self._launcher.artifacts(chore):
                 if isinstance(found, str):
                     log.error(found)
+                    continue
+                if isinstance(found, ArtifactsLeft):
+                    store.left_by_walk(found.reason, found.number, found.names, more=found.more,
+                                       what=found.what)  # fmt: skip
                     continue
                 relative, fd = found
                 with open(fd, "rb") as source:

@@ -691,9 +691,9 @@ class Jobs:
         self, job: JobDir, relative: str, source: IO[bytes], size: int | None = None
     ) -> Path:
         """Copy one file (open: the job's user opened it) into the job's artifacts/, keeping
-        its path relative to the work dir: its first ``size`` bytes (default: its size now),
-        holes left holes. Made whole or not at all: an OSError (a full disk) leaves no part
-        of it."""
+        its path relative to the work dir: its ``size`` bytes (default: its size now), holes
+        left holes. Made whole or not at all: an OSError (a full disk), or ArtifactChanged (it
+        changed size while copied), leaves no part of it."""
         check_fence(job)
         target = self.artifacts_dir(job) / relative
         if not target.resolve().is_relative_to(self.artifacts_dir(job).resolve()):
@@ -755,11 +755,17 @@ _NAMED = 3
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
+class ArtifactChanged(SpoolError):
+    """An artifact changed size while it was copied: its copy would hold no one moment of it."""
+
+
 class ArtifactStore:
     """One attempt's artifacts copied into the job's artifacts/ within the limits
     (``limits.max_artifacts``, ``limits.max_artifacts_size``, apparent sizes): a file that
-    would pass one, or that cannot be copied (a full disk), is left out, and ``left_out``
-    says so in one line, whatever their number. The job's outcome is not theirs to change."""
+    would pass one, that cannot be copied (a full disk) or that changes size while copied,
+    is left out, and so is what the walk that found them left (``left_by_walk``);
+    ``left_out`` says so in one line, whatever their number. The job's outcome is not theirs
+    to change."""
 
     def __init__(
         self, jobs: Jobs, job: JobDir, *, max_count: int | None, max_size: int | None
@@ -770,8 +776,9 @@ class ArtifactStore:
         self._max_size = max_size
         self._count = 0
         self._size = 0
-        #: reason -> (files, bytes, the first few names)
-        self._left: dict[str, tuple[int, int, list[str]]] = {}
+        #: reason -> (how many, their bytes (None: not looked at), the first few names, of
+        #: what, whether there were more than counted)
+        self._left: dict[str, tuple[int, int | None, list[str], str, bool]] = {}
 
     def store(self, relative: str, source: IO[bytes]) -> Path | None:
         """The copy of one artifact, or None where it was left out."""
@@ -784,6 +791,9 @@ class ArtifactStore:
             return None
         try:
             stored = self._jobs.store_artifact(self._job, relative, source, size)
+        except ArtifactChanged:
+            self._leave("changed size while copied", relative, size)
+            return None
         except OSError as exc:
             self._leave(f"not copied: {exc.strerror or exc}", relative, size)
             return None
@@ -791,11 +801,22 @@ class ArtifactStore:
         self._size += size
         return stored
 
+    def left_by_walk(
+        self, reason: str, count: int, names: Sequence[str], *, more: bool = False,
+        what: str = "file(s)",
+    ) -> None:  # fmt: skip
+        """What the walk that found the artifacts left out for ``reason``: ``count`` of
+        ``what`` (``more``: it stopped counting there), their sizes not looked at."""
+        known, _, kept, _, beyond = self._left.get(reason, (0, 0, [], what, False))
+        kept.extend(names[: max(0, _NAMED - len(kept))])
+        self._left[reason] = (known + count, None, kept, what, beyond or more)
+
     def _leave(self, reason: str, relative: str, size: int) -> None:
-        files, total, names = self._left.get(reason, (0, 0, []))
+        files, total, names, what, more = self._left.get(reason, (0, 0, [], "file(s)", False))
         if len(names) < _NAMED:
             names.append(relative)
-        self._left[reason] = (files + 1, total + size, names)
+        self._left[reason] = (files + 1, None if total is None else total + size, names,
+                              what, more)  # fmt: skip
 
     def left_out(self) -> str | None:
         """One line for the job's log about the artifacts not kept, if any."""
@@ -807,17 +828,20 @@ class ArtifactStore:
         limits = {"past limits.max_artifacts": f"{self._max_count} files",
                   "past limits.max_artifacts_size": format_size(self._max_size or 0)}  # fmt: skip
         parts = []
-        for reason, (files, total, names) in self._left.items():
-            shown = ", ".join(names) + (", ..." if files > len(names) else "")
+        for reason, (count, total, names, what, more) in self._left.items():
+            shown = ", ".join(names) + (", ..." if more or count > len(names) else "")
             said = f"{reason} ({limits[reason]})" if reason in limits else reason
-            parts.append(f"{files} file(s), {format_size(total)}, {said}: {shown}")
+            size = "" if total is None else f", {format_size(total)}"
+            parts.append(f"{'more than ' if more else ''}{count} {what}{size}, {said}: {shown}")
         return f"artifacts not kept: {'; '.join(parts)}"
 
 
 def _copy_sparse(source: int, target: int, size: int) -> None:
-    """The first ``size`` bytes of ``source`` into ``target`` (new, empty), the holes left
-    holes: a sparse file takes in the spool only what it holds (copy_file_range alone fills
-    them in on ext4, 2 GiB of zeros written for ``truncate -s 2G``)."""
+    """The ``size`` bytes of ``source`` into ``target`` (new, empty), the holes left holes: a
+    sparse file takes in the spool only what it holds (copy_file_range alone fills them in
+    on ext4, 2 GiB of zeros written for ``truncate -s 2G``). ArtifactChanged if ``source``
+    is not ``size`` bytes long all along: a file written while copied is a mix of moments,
+    and one cut short would be padded with zeros of its copy's own making."""
     position = 0
     while position < size:  # bounded: each round copies up to a hole past position, or ends
         try:
@@ -833,8 +857,11 @@ def _copy_sparse(source: int, target: int, size: int) -> None:
             break
         hole = min(hole, size)
         if not _copy_range(source, target, data, hole - data):
-            break  # the file ended sooner (it shrank meanwhile)
+            raise ArtifactChanged("it ended sooner: it shrank while copied")
         position = hole
+    # A shrink past the last data copied reads as a hole at the end; a growth reads nowhere.
+    if os.fstat(source).st_size != size:
+        raise ArtifactChanged("its size changed while copied")
     os.ftruncate(target, size)  # the hole at the end, if any
 
 

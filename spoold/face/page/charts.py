@@ -36,7 +36,7 @@ __all__ = [
 #: The outcomes ``hourly_chart`` counts, stacked bottom-up in this order.
 OUTCOMES = ("succeeded", "failed", "cancelled")
 #: A step's states ``step_graph`` colours; any other is drawn with the class ``unknown``.
-STEP_STATES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
+STEP_STATES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled", "timed_out")
 #: Above this many firings in the window a timeline row is drawn as bands, not one circle each
 #: (a schedule firing every minute would otherwise put 1,440 circles with titles on the page).
 DENSE_ROW = 200
@@ -73,6 +73,7 @@ svg.chart .step rect.running { fill: #2f6fd6; stroke: #2f6fd6; }
 svg.chart .step rect.succeeded { fill: #2e9e44; stroke: #2e9e44; }
 svg.chart .step rect.failed { fill: #d1363b; stroke: #d1363b; }
 svg.chart .step rect.cancelled { fill: #8a8f98; stroke: #8a8f98; }
+svg.chart .step rect.timed_out { fill: #d1363b; stroke: #d1363b; stroke-dasharray: 4 3; }
 svg.chart .step rect.skipped { fill: #8a8f98; stroke: #8a8f98; stroke-dasharray: 4 3; }
 svg.chart .step rect.unknown { fill: #8a8f98; stroke: #8a8f98; stroke-dasharray: 1 3; }
 """
@@ -697,7 +698,7 @@ def step_graph(steps: Mapping[str, Mapping[str, Any]], needs: Mapping[str, Seque
         x, y = where[name][0], where[name][1] - box_h / 2
         state = _state(steps[name])
         parts = [
-            _title(f"{name}: {state}"),
+            _title(f"{name}: {state}{_why(steps[name])}"),
             _tag("rect", {"class": state if state in STEP_STATES else "unknown", "x": x, "y": y,
                           "width": box_w, "height": box_h, "rx": 5}),
             _tag("text", {"x": x + box_w / 2, "y": y + box_h / 2 + 4, "text-anchor": "middle",
@@ -717,6 +718,18 @@ def step_graph(steps: Mapping[str, Mapping[str, Any]], needs: Mapping[str, Seque
     )
     body = [marker, _tag("g", {"class": "edges"}, inner="".join(edges)), *boxes]
     return _svg("step-graph", width, height, label, body, fill=False)
+
+
+def _why(entry: object) -> str:
+    """What a step's box says beside its state, as ``spoold status`` does: its error or exit
+    code, and a failure the job went on after (``continue_on_error``)."""
+    if not isinstance(entry, Mapping):
+        return ""
+    error, code = entry.get("error"), entry.get("exit_code")
+    said = f": {error}" if error else (f": exit code {code}" if code not in (None, 0) else "")
+    if entry.get("state") == "failed" and entry.get("continue_on_error") is True:
+        said += " (continue_on_error: the job went on)"
+    return said
 
 
 def _state(entry: object) -> str:
