@@ -531,3 +531,46 @@ def test_each_unit_knows_the_jobs_key_the_same_for_every_attempt_and_host(tmp_pa
     assert {key for _, key in keys} == {expected} and len(expected) == 16
     other = JobStatus.from_dict({**status, "submitted_at": "2026-01-01T00:00:00Z"})
     assert other.identity != expected  # the same id in another spool, accepted another time
+
+
+def test_a_steps_result_is_kept_in_its_entry(tmp_path: Path) -> None:
+    """Seen: the plugin example's checksum step succeeded, yet neither status.json's result nor
+    its step's entry held the digest its executor returned (README: `result` becomes
+    status.json's `result`). A step's is its entry's; a later try without one leaves none."""
+    tries: list[str] = []
+
+    class Summing(Executor):
+        name = "summing"
+        schema_resource = "local.schema.json"
+
+        def execute(self, ctx: RunContext) -> ExecResult:
+            tries.append(ctx.unit_key)
+            if ctx.unit_key.endswith("b.1"):
+                return ExecResult(exit_code=1, result={"partial": True})
+            return ExecResult(exit_code=0, result={"digest": f"d-{ctx.unit_key}"} if
+                              "a" in ctx.unit_key else {})  # fmt: skip
+
+    parts = Parts(tmp_path, registry=ExecutorRegistry({"summing": Summing}))
+    document = {"job_id": "sums", "executor": "summing",
+                "steps": [{"id": "a", "product": {"commands": "true"}},
+                          {"id": "b", "retries": 1, "backoff": "1s",
+                           "product": {"commands": "true"}}]}  # fmt: skip
+    job_id = parts.submit(document)
+    claimed = parts.runner.claim(job_id)
+    assert claimed is not None
+    import threading  # noqa: PLC0415
+
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(parts.runner.run(claimed)))
+    thread.start()
+    for _ in range(500):  # the step's retry waits on the fake clock
+        if "1.b.2" in tries or not thread.is_alive():
+            break
+        parts.clock.advance(0.5)
+        thread.join(0.01)
+    thread.join(30)
+    assert not thread.is_alive() and done
+    status = parts.spool.jobs.read_status(done[0])
+    assert status["state"] == "succeeded", status
+    assert status["steps"]["a"]["result"] == {"digest": "d-1.a.1"}
+    assert "result" not in status["steps"]["b"], status["steps"]["b"]  # its first try's is gone

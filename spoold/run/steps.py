@@ -274,8 +274,12 @@ class StepsRun:
         """Record how a step ended (``state``, ``error``), and say so in its log section."""
         # Ended while no daemon watched (adopted): its end as recorded, not this one's.
         ended = result.ended_at or self._clock.now()
-        self._record(step_id, state=state.value, finished_at=rfc3339(ended),
-                     exit_code=result.exit_code, error=error)  # fmt: skip
+        # What its executor returned (a checksum, an invoice's id): the step's own, as a job's
+        # is status.json's ``result``; a try that returned none leaves none of an earlier one.
+        kept = {"result": dict(result.result)} if result.result else {}
+        self._record(step_id, drop=() if kept else ("result",), state=state.value,
+                     finished_at=rfc3339(ended), exit_code=result.exit_code, error=error,
+                     **kept)  # fmt: skip
         if state is StepState.SUCCEEDED:
             log.info(f"step {step_id} succeeded")
         elif state is StepState.FAILED:
