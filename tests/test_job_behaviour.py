@@ -501,3 +501,39 @@ def test_a_record_may_name_only_a_cgroup_spoold_made_in_its_own(tmp_path: Path) 
         for path in (nested, mine, str(other)):
             if path is not None:
                 procfs.remove_cgroup(path)
+
+
+def test_a_runs_cgroup_is_made_and_entered_ahead_and_used_by_the_run(tmp_path: Path) -> None:
+    """A supervisor enters its next run's cgroup while it waits (a move after a quiet moment
+    waits for an RCU grace period: 11-15 ms measured, which the job's start would wait for);
+    the run with that token starts there, and nothing of it is left after."""
+    if procfs.cgroup_home() is None:
+        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
+        return
+    script = textwrap.dedent(f"""\
+        import io, sys, threading
+        from pathlib import Path
+        from spoold.core import procfs
+        from spoold.core.clock import SystemClock
+        from spoold.core.joblog import JobLog
+        from spoold.run import process
+        token = process.prepare_next_run()
+        path = process.run_cgroup(token)
+        assert Path(path).is_dir(), path
+        assert open("/proc/self/cgroup").read().strip().endswith("/spoold-" + token)
+        out = io.BytesIO()
+        process.run_process(["/bin/sh", "-c", "cat /proc/self/cgroup"], cwd=Path("{tmp_path}"),
+                            env={{}}, log=JobLog(out, SystemClock()), clock=SystemClock(),
+                            timeout=None, kill_grace=1, cancel=threading.Event(),
+                            switch_in_place=True, token=token)
+        assert "/spoold-" + token in out.getvalue().decode(), out.getvalue()
+        assert not Path(path).exists(), "the run's cgroup is left"
+        again = process.prepare_next_run()
+        assert process.prepare_next_run() == again  # one made ahead at a time
+        process.forget_prepared()
+        assert not Path(process.run_cgroup(again)).exists()
+        assert "/spoold-" not in open("/proc/self/cgroup").read()
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr

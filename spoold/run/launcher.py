@@ -73,7 +73,9 @@ from spoold.run.process import (
     adopt_orphans,
     clean_signal_state,
     end_left_running,
+    forget_prepared,
     new_token,
+    prepare_next_run,
     run_cgroup,
     run_process,
 )
@@ -930,6 +932,7 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_stop)
     spares: Spares | None = None  # one file for the next unit's record, made while idle
+    token = new_token()  # the first unit's: its cgroup is made as it starts
     try:
         while True:
             if request.spares is not None and (
@@ -938,8 +941,9 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
                 if spares is not None:
                     spares.drop()
                 spares = Spares(*request.spares)
-            _run_unit(request, reply, tee_fd, unit, me, spares=spares)
+            _run_unit(request, reply, tee_fd, unit, me, spares=spares, token=token)
             unit.next()
+            token = prepare_next_run()  # its cgroup entered now, not when a job waits on it
             if spares is not None:
                 with contextlib.suppress(OSError):  # a full disk: the record is made then
                     spares.fill(1)
@@ -952,6 +956,7 @@ def _supervise(request: Supervise, reply: socket.socket, tee_fd: int | None) -> 
                 return
             request, tee_fd = message, fds[0] if fds else None
     finally:
+        forget_prepared()
         if spares is not None:
             spares.drop()
 
@@ -964,14 +969,14 @@ def _run_unit(
     itself: tuple[int, int | None],
     *,
     spares: Spares | None,
+    token: str,
 ) -> None:
     """Begin one unit, run it to its end, record the end. ``itself``: this supervisor's pid
-    and start time; ``spares``: its record's file, made ahead."""
+    and start time; ``spares``: its record's file, made ahead; ``token``: the run's, in its
+    processes' environment (should this supervisor die, a daemon finds what the unit left
+    running by it: ``Supervised._ended_unseen``), which names its cgroup."""
     clock = SystemClock()
     me, start = itself
-    # The run's token, in its processes' environment: should this supervisor die, a daemon
-    # finds what the unit left running by it (``Supervised._ended_unseen``).
-    token = new_token()
     began = {"pid": me, "pid_start": start, "host": request.host,
              "started_at": rfc3339(clock.now()), "tree": token}  # fmt: skip
     if (cgroup := run_cgroup(token)) is not None:
