@@ -674,11 +674,11 @@ def _contained(token: str, *, prepared: bool = True) -> str | None:
     be: no cgroup v2 to make one in, or this process has threads (each would start its
     children in the one cgroup)."""
     if prepared and _PREPARED:
-        made, path = _PREPARED.pop()
+        made, ahead = _PREPARED.pop()
         if made == token:
-            return path
+            return ahead
         if _leave():  # made for another token (not asked for by this run): not this run's
-            procfs.remove_cgroup(path)
+            procfs.remove_cgroup(ahead)
     home = procfs.cgroup_home()
     if home is None or threading.active_count() != 1:
         return None

@@ -276,7 +276,7 @@ class StepsRun:
         ended = result.ended_at or self._clock.now()
         # What its executor returned (a checksum, an invoice's id): the step's own, as a job's
         # is status.json's ``result``; a try that returned none leaves none of an earlier one.
-        kept = {"result": dict(result.result)} if result.result else {}
+        kept: dict[str, Any] = {"result": dict(result.result)} if result.result else {}
         self._record(step_id, drop=() if kept else ("result",), state=state.value,
                      finished_at=rfc3339(ended), exit_code=result.exit_code, error=error,
                      **kept)  # fmt: skip
