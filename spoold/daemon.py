@@ -36,6 +36,7 @@ from spoold.run.hostbeat import HostBeat
 from spoold.run.lane import Lane
 from spoold.run.observed import listener as observed_listener
 from spoold.run.pool import WorkerProcesses
+from spoold.run.process import remove_empty_run_cgroups
 from spoold.run.recovery import Recovery
 from spoold.schedule.scheduler import Scheduler
 from spoold.wiring import WORKER_ENTRY, Parts
@@ -756,6 +757,8 @@ class Daemon:
         # Before anything is dispatched: what still runs of the last daemon counts first.
         self._hold_claims(first=True)
         self._reap()
+        if left := remove_empty_run_cgroups():
+            self.logger.info("recovery: removed %d empty cgroup(s) of runs that ended", left)
         self._hold_claims()
         self._queue_pending()
 

@@ -4,6 +4,7 @@ it started, and output that costs bounded memory and bounded log, whatever its s
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -537,3 +538,35 @@ def test_a_runs_cgroup_is_made_and_entered_ahead_and_used_by_the_run(tmp_path: P
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_a_start_removes_the_empty_cgroups_of_runs_and_no_other(tmp_path: Path) -> None:
+    """Supervisors killed (-9) leave the cgroup made ahead for their next run, named by no
+    record; a start removes every empty one of spoold's, never one that holds a process nor
+    another program's."""
+    from spoold.run.process import remove_empty_run_cgroups  # noqa: PLC0415
+
+    home = procfs.cgroup_home()
+    if home is None:
+        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
+        return
+    empty = procfs.make_cgroup(home, f"left-{tmp_path.name}")
+    busy = procfs.make_cgroup(home, f"busy-{tmp_path.name}")
+    other = Path(home) / f"other-{tmp_path.name}"
+    other.mkdir()
+    assert empty is not None and busy is not None
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(busy, "cgroup.procs").write_text(str(holder.pid))
+        assert remove_empty_run_cgroups() >= 1
+        assert not Path(empty).exists() and Path(busy).exists() and other.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        for path in (busy, str(other)):
+            gone = functools.partial(_removed_cgroup, path)
+            wait_for(gone, what="the test's cgroup to go")
+
+
+def _removed_cgroup(path: str) -> bool:
+    return procfs.remove_cgroup(path) or not Path(path).exists()

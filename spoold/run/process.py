@@ -634,6 +634,25 @@ def end_left_running(
     return len(killed)
 
 
+def remove_empty_run_cgroups() -> int:
+    """Remove the runs' cgroups in this process's own that hold no process: those of
+    supervisors killed meanwhile (one made ahead is named by no record; one whose run ended
+    may be left by a kill between its end and its removal). How many. Safe beside other
+    daemons' runs: a cgroup that holds a process cannot be removed, and one just made is
+    entered at once, or its run goes without one."""
+    home = procfs.cgroup_home()
+    if home is None:
+        return 0
+    try:
+        names = [e.name for e in os.scandir(home) if e.name.startswith(procfs.CGROUP_PREFIX)]
+    except OSError:
+        return 0
+    return sum(
+        1 for name in names
+        if not procfs.cgroup_populated(f"{home}/{name}") and procfs.remove_cgroup(f"{home}/{name}")
+    )  # fmt: skip
+
+
 def run_cgroup(token: str) -> str | None:
     """Where the cgroup of the run with ``token`` goes, when this process starts its runs in
     cgroups of their own (a supervisor: ``run_process``'s ``switch_in_place``); None if it
