@@ -18,6 +18,7 @@ from spoold.core.errors import ConfigError
 from spoold.core.ids import HOST_ID
 from spoold.core.parsed import recall, remember
 from spoold.core.retention import Retention
+from spoold.core.secrets import is_unquoted_field
 from spoold.core.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -25,9 +26,6 @@ if TYPE_CHECKING:
     from spoold.core.retry import RetryPolicy
 
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
-#: Keys whose values a message about them never shows (it says their kind): a config error
-#: goes to stderr and spoold's log, which more people read than the config.
-_SECRET_KEY = re.compile(r"(?:secret|password|api_key|api_token|token)\Z", re.IGNORECASE)
 #: Enough of a mail address to refuse what is surely none (the server decides the rest).
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 DEFAULT_SPOOL = Path("spool")
@@ -574,7 +572,8 @@ def _describe(error: Any) -> str:
 
 def _holds_secret(path: Any, instance: Any) -> bool:
     """Whether a key on ``path`` names a secret, or ``instance`` holds one at any depth."""
-    if any(isinstance(key, str) and _SECRET_KEY.search(key) for key in path):
+    # A config error goes to stderr and spoold's log, which more people read than the config.
+    if any(isinstance(key, str) and is_unquoted_field(key) for key in path):
         return True
     if isinstance(instance, dict):
         return any(_holds_secret([key], value) for key, value in instance.items())

@@ -56,6 +56,17 @@ def is_secret_field(name: str) -> bool:
     return SECRET_FIELD.search(name) is not None
 
 
+#: Wider than ``SECRET_FIELD``: the names whose values a message (a refusal, a config error)
+#: never quotes. ``*token`` is masked nowhere else (a job's ``token`` may be anything), but an
+#: error about one says its kind, not its value.
+_UNQUOTED_FIELD = re.compile(r"(?:secret|password|api_key|api_token|token)\Z", re.IGNORECASE)
+
+
+def is_unquoted_field(name: str) -> bool:
+    """Whether a message about a field of that name must not quote its value."""
+    return _UNQUOTED_FIELD.search(name) is not None
+
+
 def _file_kind(mode: int) -> str:
     kinds = {
         stat.S_IFDIR: "a directory",

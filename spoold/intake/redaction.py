@@ -25,13 +25,11 @@ from urllib.parse import urlsplit
 
 from spoold.core.documents import DocPath, show_value, without_userinfo
 from spoold.core.errors import ValidationIssue
-from spoold.core.secrets import MASK
-from spoold.out.messages import url_shown
+from spoold.core.secrets import is_unquoted_field
+from spoold.out.messages import receiver_hidden
 
 #: What stands for a value a message must not quote.
 HIDDEN = "(hidden)"
-#: Wider than the run time's mask (``core.secrets.SECRET_FIELD``): a refusal may hide more.
-_SECRET_FIELD = re.compile(r"(?:secret|password|api_key|api_token|token)\Z", re.IGNORECASE)
 _RECEIVERS = frozenset({"callback", "notify"})
 #: A reference is the name of a secret or a variable, not its value: it stays readable.
 _REFERENCE = re.compile(r"\$\{[^{}]*\}")
@@ -55,7 +53,7 @@ def hidden_kind(path: DocPath) -> Kind | None:
     for part in path:
         if not isinstance(part, str):
             continue
-        if _SECRET_FIELD.search(part):
+        if is_unquoted_field(part):
             return "secret"
         if receiver and part == "url":
             return "url"
@@ -66,14 +64,7 @@ def hidden_kind(path: DocPath) -> Kind | None:
 def receiver_shown(url: Any) -> str:
     """A receiver's URL as messages show it: ``scheme://host:port/***``; ``(hidden)`` when it
     has no host to name."""
-    if not isinstance(url, str):
-        return HIDDEN
-    try:
-        if not urlsplit(url).hostname:
-            return HIDDEN
-    except ValueError:  # an unclosed IPv6 bracket
-        return HIDDEN
-    return f"{url_shown(url)}/{MASK}"
+    return (receiver_hidden(url) if isinstance(url, str) else None) or HIDDEN
 
 
 def quoted(value: Any, path: DocPath) -> str:

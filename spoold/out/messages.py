@@ -15,6 +15,8 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from spoold.core.secrets import MASK
+
 #: A digest lists at most this many jobs; the rest are counted.
 DIGEST_LIST = 50
 #: The most of a log tail a chat message carries (Slack's section text stops at 3000).
@@ -279,6 +281,18 @@ def url_shown(url: str) -> str:
         port = None
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
+
+
+def receiver_hidden(url: str) -> str | None:
+    """``url`` as a message or the page shows a receiver's: ``scheme://host:port/***``, that
+    there is more than where it goes, not shown; None where it names no host to say (the
+    caller says what stands for it)."""
+    try:
+        if not urlsplit(url).hostname:
+            return None
+    except ValueError:  # an unclosed IPv6 bracket
+        return None
+    return f"{url_shown(url)}/{MASK}"
 
 
 #: A URL inside an error text: a scheme, ``://``, then up to a space, quote or bracket.

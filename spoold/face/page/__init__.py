@@ -57,7 +57,7 @@ from spoold.face.page.session import (
 )
 from spoold.face.tokens import authenticate
 from spoold.face.views import delivery_shown, log_piece, printable
-from spoold.out.messages import url_shown
+from spoold.out.messages import receiver_hidden
 from spoold.out.notices import PREFIX as NOTICE_PREFIX
 from spoold.out.notices import count_outbox
 
@@ -742,10 +742,8 @@ def _urls_hidden(data: Any, hidden: set[str], *, sends: bool = False, url: bool 
 
 
 def _url_hidden(url: str) -> str:
-    """``http://host:port/***``: where a URL goes, as spoold's log says it, and that there is
-    more, not shown."""
-    shown = url_shown(url)
-    return f"{shown}/{MASK}" if "://" in shown else MASK
+    """``http://host:port/***``; ``***`` for one that names no host."""
+    return receiver_hidden(url) or MASK
 
 
 def _masked_line(match: re.Match[str]) -> str:
