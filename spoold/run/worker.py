@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.config import Config
-from spoold.core.documents import load_document
+from spoold.core.documents import load_document, units_of
 from spoold.core.errors import (
     ExecutorError,
     JobDetached,
@@ -981,12 +981,11 @@ class JobRunner:
         Before anything of the job runs or is written: a field whose value comes from a
         variable (``api_token: ${TOK}``) is masked like one written out.
         """
-        variables = self._filled_variables(run, document.get("variables"), {})
-        self._learn(run, document, variables, "")
-        for index, step in enumerate(document.get("steps") or ()):
-            if isinstance(step, Mapping):
-                own = self._filled_variables(run, step.get("variables"), {})
-                self._learn(run, step, {**variables, **own}, f"steps.{index}.")
+        job_variables = self._filled_variables(run, document.get("variables"), {})
+        for path, unit in units_of(document):  # the job, then each step (its own over the job's)
+            own = self._filled_variables(run, unit.get("variables"), {}) if path else {}
+            where = "".join(f"{part}." for part in path)  # "" or "steps.3."
+            self._learn(run, unit, {**job_variables, **own}, where)
 
     def _filled_variables(
         self, run: ActiveRun, block: Any, variables: Mapping[str, str]
