@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 
 import pytest
 
+from spoold.core.procfs import process_info
+
 SOCKET = "/var/run/docker.sock"
 IMAGE = "local/busybox:test"
 _STATE_DIR = Path(tempfile.gettempdir()) / "spoold-test-dockerd"
@@ -108,11 +110,8 @@ def _stop(pid: int) -> None:
 
 def _ended(pid: int) -> bool:
     """Gone, or a zombie that the xdist worker which started it has yet to reap."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    info = process_info(pid)
+    return info is None or info.zombie
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -297,9 +298,10 @@ def spares_of_live_processes(directory: Path) -> list[str]:
 
 
 def running(pid: int) -> bool:
-    """Alive, and not a zombie: an orphaned supervisor's parent (init) may not reap it at once."""
+    """Alive, and not a zombie: an orphaned supervisor's parent (init) may not reap it at once.
+    A process that ends while it is looked at is gone, never an error."""
     info = process_info(pid)
-    return info is not None and not info.zombie
+    return info is not None and info.state not in ("Z", "X")
 
 
 #: What the command lines of a daemon's worker processes and of its launcher hold.
@@ -408,6 +410,21 @@ def wait_rescan(spool: Path, tag: str, bound: float = DEFAULT_BOUND) -> None:
     wait_for(
         lambda: job_state(spool, witness_id), bound=bound, what=f"a rescan taking {witness_id}"
     )
+
+
+def process_token(prefix: str) -> str:
+    """A word for the command lines of a test's processes, to find them with processes_with:
+    unique on this machine (tmp_path names repeat in every xdist worker, whose tests run at
+    the same time and would see and kill each other's)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def sleep_command(tmp_path: Path, prefix: str) -> tuple[str, str]:
+    """(a sleep command, a process_token in its command line) to find its processes."""
+    token = process_token(prefix)
+    sleeper = tmp_path / f"{token}-sleep"
+    sleeper.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    return str(sleeper), token
 
 
 def processes_with(token: str) -> list[int]:

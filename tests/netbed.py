@@ -332,6 +332,12 @@ class Host:
         while running := not_stopped(pids):
             if time.monotonic() > end:
                 raise AssertionError(f"{self.name}'s processes did not stop: {_described(running)}")
+            # A paused machine stops all at once; one signal after another lets a worker not
+            # yet stopped continue a supervisor it finds stopped (as it must for a job's
+            # SIGSTOP), so whatever runs again is stopped again until nothing is left to.
+            for pid in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
             time.sleep(0.01)
         return pids
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from tests.harness import (
     local_job,
     processes_with,
     run_cli,
+    sleep_command,
     wait_finished,
     wait_for,
     write_config,
@@ -212,19 +212,11 @@ def test_a_job_that_succeeds_before_the_cancel_reaches_it_succeeded(parts: Parts
 # -- the real daemon -------------------------------------------------------------------------------
 
 
-def _sleeper(tmp_path: Path) -> tuple[str, str]:
-    """(a sleep command, a word in its command line unique to this test) to find its processes."""
-    token = f"spoold-cancel-{tmp_path.name}"
-    sleeper = tmp_path / f"{token}-sleep"
-    sleeper.symlink_to(shutil.which("sleep") or "/bin/sleep")
-    return str(sleeper), token
-
-
 @pytest.mark.daemon
 def test_a_cancel_made_while_the_daemon_is_down_ends_the_job_at_its_restart(
     spool_dir: Path, tmp_path: Path, receiver: Receiver
 ) -> None:
-    sleep, token = _sleeper(tmp_path)
+    sleep, token = sleep_command(tmp_path, "spoold-cancel")
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir))
     document = local_job("c1", f"{sleep} 30", on_interrupt="requeue", retries=2,
                          callback={"url": receiver.url, "secret": "s3cret"})  # fmt: skip

@@ -12,7 +12,6 @@ import os
 import struct
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.harness import (
     job_state,
     kill_processes_with,
     local_job,
+    process_token,
     run_cli,
     wait_finished,
     wait_for,
@@ -105,7 +105,7 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def token() -> Iterator[str]:
     """A mark for the command lines of this test's jobs, so that none outlives the test."""
-    mark = f"spoold-disk-{uuid.uuid4().hex}"
+    mark = process_token("spoold-disk")
     yield mark
     kill_processes_with(mark)
 

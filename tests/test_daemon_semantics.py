@@ -6,7 +6,6 @@ FakeClock in test_daemon_ticks.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.harness import (
     local_job,
     processes_with,
     run_cli,
+    sleep_command,
     spares_of_live_processes,
     wait_finished,
     wait_for,
@@ -36,18 +36,10 @@ pytestmark = pytest.mark.daemon
 FLAKY = 'test "$SPOOLD_ATTEMPT" -gt 1 || exit 75'  # fails its first attempt only
 
 
-def _sleeper(tmp_path: Path) -> tuple[str, str]:
-    """(a sleep command, a word in its command line unique to this test) to find its processes."""
-    token = f"spoold-test-{tmp_path.name}"
-    sleeper = tmp_path / f"{token}-sleep"
-    sleeper.symlink_to(shutil.which("sleep") or "/bin/sleep")
-    return str(sleeper), token
-
-
 def test_cancel_ends_a_running_job_and_its_whole_process_tree(
     daemon: DaemonProcess, spool_dir: Path, tmp_path: Path
 ) -> None:
-    sleep, token = _sleeper(tmp_path)
+    sleep, token = sleep_command(tmp_path, "spoold-test")
     # Children and a grandchild that left the job's environment behind (env -i).
     tree = f"{sleep} 300 & env -i sh -c '{sleep} 301' & {sleep} 302; wait"
     drop(spool_dir, "long.yaml", local_job("long", tree))
@@ -68,7 +60,7 @@ def test_cancel_ends_a_running_job_and_its_whole_process_tree(
 
 
 def test_cancel_of_a_pending_job_ends_it_before_it_starts(spool_dir: Path, tmp_path: Path) -> None:
-    sleep, token = _sleeper(tmp_path)
+    sleep, token = sleep_command(tmp_path, "spoold-test")
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "one.yaml", spool_dir, workers=1))
     daemon.start()
     try:
@@ -198,7 +190,7 @@ def test_a_job_cancelled_while_it_waited_for_a_retry_and_retried_runs_at_once(
 def test_cancel_stops_a_job_of_steps_and_starts_no_more(
     daemon: DaemonProcess, spool_dir: Path, tmp_path: Path
 ) -> None:
-    sleep, token = _sleeper(tmp_path)
+    sleep, token = sleep_command(tmp_path, "spoold-test")
     steps = [
         {"id": "first", "product": {"commands": "echo first"}},
         {"id": "long-a", "needs": ["first"], "product": {"commands": f"{sleep} 300"}},

@@ -27,6 +27,7 @@ from tests.harness import (
     local_job,
     run_cli,
     run_detached,
+    running,
     supervisors,
     wait_finished,
     wait_for,
@@ -136,14 +137,6 @@ def test_no_watchdog_pings_without_watchdog_usec(
         process.wait()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
 def test_daemon_flag_detaches_with_a_pidfile(spool_dir: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", spool_dir, logdir=str(tmp_path / "logs"))
     pidfile = tmp_path / "spoold.pid"
@@ -154,16 +147,16 @@ def test_daemon_flag_detaches_with_a_pidfile(spool_dir: Path, tmp_path: Path) ->
         text: str = wait_for(lambda: pidfile.read_text().strip() if pidfile.exists() else "",
                              what="the pidfile")  # fmt: skip
         pid = int(text)
-        assert _alive(pid)
+        assert running(pid)
         drop(spool_dir, "bg.yaml", local_job("bg", "echo detached"))
         assert wait_finished(spool_dir, "bg")[0] == "done"
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not _alive(pid), what="the detached daemon to stop")
+        wait_for(lambda: not running(pid), what="the detached daemon to stop")
         assert not pidfile.exists()
         log = (tmp_path / "logs" / "spoold.log").read_text()
         assert "spoold running on" in log and "stopped" in log
     finally:
-        if pid and _alive(pid):
+        if pid and running(pid):
             os.kill(pid, signal.SIGKILL)
 
 

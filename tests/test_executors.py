@@ -23,7 +23,7 @@ from spoold.core.joblog import JobLog
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from tests.fake_pve import AgentCommand, FakePVE
-from tests.harness import wait_for
+from tests.harness import running, wait_for
 from tests.loopback import free_port
 
 
@@ -268,16 +268,9 @@ def test_local_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     product = {"commands": f"sleep 60 & echo $! > {marker}; wait"}
     result = LocalExecutor().run(_context(tmp_path, product, _Log(), timeout=0.5))
     assert result.timed_out
-    child = Path(f"/proc/{int(marker.read_text())}/stat")
-
-    def gone() -> bool:
-        # SIGKILL is delivered asynchronously; a zombie awaiting its reaper counts as gone.
-        try:
-            return child.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
-
-    wait_for(gone, what="the background child to die")
+    child = int(marker.read_text())
+    # SIGKILL is delivered asynchronously; a zombie awaiting its reaper counts as gone.
+    wait_for(lambda: not running(child), what="the background child to die")
 
 
 def test_a_term_ignoring_job_is_killed_after_the_grace(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from tests.harness import (
     drop,
     kill_processes_with,
     local_job,
+    process_token,
     processes_with,
     run_cli,
     wait_finished,
@@ -185,7 +186,7 @@ def _escapers(tmp_path: Path, tag: str) -> tuple[str, str]:
 
     The lines wait until all five run, so that a job's end really has something to end.
     """
-    token = f"spoold-escaper-{tag}-{tmp_path.name}"
+    token = process_token(f"spoold-escaper-{tag}")
     sleep = tmp_path / token
     sleep.symlink_to(shutil.which("sleep") or "/bin/sleep")
     daemonize = (  # the classic double fork: fork, setsid, fork, the middle one exits
@@ -250,7 +251,8 @@ def test_nothing_a_job_or_its_hook_started_outlives_it(
             assert heard.exists() and NO_SIGKILL not in log, log
         assert daemon.process is not None
         for worker in children(daemon.process.pid):  # they reaped the orphans they adopted
-            assert all(_state(child) != "Z" for child in children(worker)), "zombies left"
+            infos = [procfs.process_info(child) for child in children(worker)]
+            assert not any(info and info.zombie for info in infos), "zombies left"
     finally:
         daemon.kill()
         kill_processes_with(token)
@@ -259,13 +261,6 @@ def test_nothing_a_job_or_its_hook_started_outlives_it(
 
 def _state_dir(status: dict[str, Any]) -> str:
     return "done" if status["state"] == "succeeded" else "failed"
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
 
 
 #: A process that outruns a sweep over pids: it ignores SIGTERM and, until its time is up,
@@ -487,9 +482,9 @@ def test_a_record_may_name_only_a_cgroup_spoold_made_in_its_own(tmp_path: Path) 
     if home is None:
         assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
         return
-    mine = procfs.make_cgroup(home, f"test-{tmp_path.name}")
+    mine = procfs.make_cgroup(home, process_token("test"))
     assert mine is not None
-    other = Path(home) / f"other-{tmp_path.name}"
+    other = Path(home) / process_token("other")
     other.mkdir()
     nested = procfs.make_cgroup(mine, "nested")
     try:
@@ -550,9 +545,9 @@ def test_a_start_removes_the_empty_cgroups_of_runs_and_no_other(tmp_path: Path) 
     if home is None:
         assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
         return
-    empty = procfs.make_cgroup(home, f"left-{tmp_path.name}")
-    busy = procfs.make_cgroup(home, f"busy-{tmp_path.name}")
-    other = Path(home) / f"other-{tmp_path.name}"
+    empty = procfs.make_cgroup(home, process_token("left"))
+    busy = procfs.make_cgroup(home, process_token("busy"))
+    other = Path(home) / process_token("other")
     other.mkdir()
     assert empty is not None and busy is not None
     holder = subprocess.Popen(["sleep", "60"])

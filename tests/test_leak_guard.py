@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
+
+from tests.harness import running
 
 pytest_plugins = ["pytester"]
 
@@ -145,14 +146,6 @@ def test_two(forgotten_server):
 """
 
 
-def _ended(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def _join(name: str) -> None:
     for thread in threading.enumerate():
         if thread.name == name:
@@ -198,6 +191,6 @@ def test_leaked_threads_and_processes_fail_their_test_and_clean_ones_pass(
     for name in ("child.pid", "grandchild.pid", "member.pid"):
         pid = int((pytester.path / name).read_text())
         end = time.monotonic() + 5
-        while not _ended(pid) and time.monotonic() < end:
+        while running(pid) and time.monotonic() < end:
             time.sleep(0.01)
-        assert _ended(pid), f"{name}: the guard left {pid} running"
+        assert not running(pid), f"{name}: the guard left {pid} running"

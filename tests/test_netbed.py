@@ -5,13 +5,16 @@ facts about the sshfs mounts that the fencing design needs, measured and printed
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import tests.netbed as netbed_module
 from tests.harness import drop, local_job, run_cli, wait_finished, wait_for, write_config
 from tests.netbed import (  # noqa: F401 (the fixture)
     Bed,
@@ -245,6 +248,34 @@ def test_freeze_stops_every_process_of_a_host_and_thaw_resumes_them(netbed: Bed)
         if tree.poll() is None:
             h2.kill9()
             tree.wait(BOUND)
+
+
+def test_freeze_stops_again_what_a_member_continued_meanwhile(
+    netbed: Bed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's worker continues a supervisor it finds stopped (a job may SIGSTOP it). While
+    a freeze signals one process after another, a worker not yet stopped may do so to one
+    already stopped: the freeze must stop it again, as a paused machine would stay paused."""
+    h2 = netbed.host(2)
+    tree = h2.popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    signal_once = netbed_module.signal_until_stable
+
+    def continued_meanwhile(find: Callable[[], set[int]], signum: int) -> set[int]:
+        pids = signal_once(find, signum)
+        wait_for(lambda: not not_stopped(pids), bound=BOUND, what="the first stop")
+        for pid in pids:  # what the worker does to a supervisor before its own stop comes
+            os.kill(pid, signal.SIGCONT)
+        return pids
+
+    try:
+        wait_for(lambda: len(h2.processes()) >= 2, bound=BOUND, what="the tree to start")
+        monkeypatch.setattr(netbed_module, "signal_until_stable", continued_meanwhile)
+        frozen = h2.freeze()
+        assert tree.pid in frozen and not not_stopped(frozen), {p: state(p) for p in frozen}
+        monkeypatch.undo()
+    finally:
+        h2.kill9()
+        tree.wait(BOUND)
 
 
 def test_the_receiver_gets_a_post_from_inside_each_host(netbed: Bed) -> None:

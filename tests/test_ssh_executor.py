@@ -24,7 +24,7 @@ from spoold.executors.ssh import SshExecutor, _Stream, _unit_path
 
 from spoold.core.job import ArtifactSpec
 from spoold.run.registry import ExecutorRegistry
-from tests.harness import wait_for
+from tests.harness import running, wait_for
 from tests.loopback import free_port
 from tests.sshd import SshServer, keygen
 from tests.test_executors import _context, _Log
@@ -304,20 +304,11 @@ def end_unit(ctx: RunContext) -> None:
             os.killpg(int(group), signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(supervisor), signal.SIGKILL)
-        wait_for(lambda: not alive(int(supervisor)), bound=10, what="the supervisor to end")
+        wait_for(lambda: not running(int(supervisor)), bound=10, what="the supervisor to end")
     shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty: another test's, or this one's other units
         directory.parent.rmdir()
         directory.parent.parent.rmdir()
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (this test host's init may leave an ended orphan unreaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_a_lost_connection_is_made_again(

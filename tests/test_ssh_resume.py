@@ -24,14 +24,13 @@ from spoold.executors import ssh
 from spoold.executors.base import ExecResult, RunContext
 from spoold.executors.ssh import SshExecutor, _unit_path
 
-from tests.harness import wait_for
+from tests.harness import running, wait_for
 from tests.sshd import SshServer
 from tests.test_executors import _Log
 from tests.test_ssh_executor import (
     _marker,
     _processes,
     _remote_dirs,
-    alive,
     end_unit,
     ssh_context,
     unit_dir,
@@ -133,17 +132,17 @@ def test_detach_leaves_the_job_running_and_resume_takes_it_up(
     ctx = _detached(sshd, tmp_path, _waiting_job(tmp_path), cleanup, log=log, recorded="8 5\n")
     assert "spoold stops: the job keeps running on 127.0.0.1" in log.text()
     supervisor, group, _, _ = _pid_file(ctx)
-    assert alive(supervisor) and alive(group), "the job runs on without spoold"
+    assert running(supervisor) and running(group), "the job runs on without spoold"
     assert (unit_dir(ctx) / "logged").read_text().split() == ["8", "5", "final"]
     away, end = _flags(tmp_path)
     away.touch()  # the job prints while no spoold watches
     wait_for(lambda: b"while-away" in (unit_dir(ctx) / "out").read_bytes(), bound=BOUND)
 
     resumed = _resumed(ctx)
-    running = _InThread(resumed)
+    resuming = _InThread(resumed)
     wait_for(lambda: "resuming: the job still runs" in log.text(), bound=BOUND)
     end.touch()
-    result = running.join()
+    result = resuming.join()
     assert (result.exit_code, result.error) == (7, "exit code 7"), log.text()
     assert f"still runs on 127.0.0.1:{sshd.port} (pid {supervisor}, started" in log.text()
     assert "its output from where this log left it" in log.text()
@@ -151,7 +150,7 @@ def test_detach_leaves_the_job_running_and_resume_takes_it_up(
         assert _count(log, line) == 1, (line, log.text())
     assert any(line.endswith(" ERROR oops") for line in log.lines())
     assert _remote_dirs(ctx) == []
-    assert not alive(group)
+    assert not running(group)
 
 
 def test_resume_reports_a_job_that_ended_while_no_spoold_watched(
@@ -250,7 +249,7 @@ def test_a_supervisor_gone_without_an_exit_status_fails_retryably(
     # The supervisor first: killed after the job, it would see the job end and record it.
     os.kill(supervisor, signal.SIGKILL)
     os.killpg(group, signal.SIGKILL)
-    wait_for(lambda: not alive(supervisor), bound=BOUND, what="the supervisor to end")
+    wait_for(lambda: not running(supervisor), bound=BOUND, what="the supervisor to end")
 
     result = SshExecutor().run(_resumed(ctx))
     assert result.exit_code is None and result.retryable, log.text()

@@ -7,7 +7,6 @@ does (a request, then the worker's look), or moves the fake clock past the job's
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from spoold.core.spool import JobDir
 from spoold.run.control import JobControl
-from tests.harness import kill_processes_with, processes_with, wait_for
+from tests.harness import kill_processes_with, processes_with, sleep_command, wait_for
 from tests.test_job_semantics import REPORT, Parts
 
 BOUND = 30.0  # a ceiling for an attempt that must end, not a measurement
@@ -50,10 +49,8 @@ class Attempt:
 @pytest.fixture
 def sleeper(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(a sleep command, a word in its command line unique to this test)."""
-    token = f"spoold-r30-{tmp_path.name}"
-    sleep = tmp_path / f"{token}-sleep"
-    sleep.symlink_to(shutil.which("sleep") or "/bin/sleep")
-    yield str(sleep), token
+    sleep, token = sleep_command(tmp_path, "spoold-r30")
+    yield sleep, token
     kill_processes_with(token)
 
 
