@@ -179,7 +179,10 @@ class DaemonProcess:
             # A socket with a path is reached through the filesystem: from any network namespace.
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.bind(address)
-                env = {**os.environ, **self.env, "NOTIFY_SOCKET": address, "PYTHONUNBUFFERED": "1"}
+                # PYTHONFAULTHANDLER: a daemon that does not stop is aborted (``stop``), and
+                # where each of its threads stood goes to its log.
+                env = {**os.environ, **self.env, "NOTIFY_SOCKET": address, "PYTHONUNBUFFERED": "1",
+                       "PYTHONFAULTHANDLER": "1"}  # fmt: skip
                 self.starts += 1
                 with open(self.log_path, "ab") as log:
                     self.process = subprocess.Popen(
@@ -233,10 +236,33 @@ class DaemonProcess:
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(bound)
+            try:
+                self.process.wait(bound)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    self._stuck(f"did not stop {bound:g} s after SIGTERM")
+                ) from None
         if not leave_jobs:
             self._end_jobs()
         return int(self.process.returncode)
+
+    def _stuck(self, what: str) -> str:
+        """Abort the daemon and its worker processes (their stacks go to the log: see
+        ``start``) and say ``what`` with the end of the log."""
+        assert self.process is not None
+        for pid in [*children(self.process.pid), self.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        try:
+            tail = self.log_path.read_bytes()[-12000:].decode(errors="replace")
+        except OSError as exc:
+            tail = f"(no log: {exc})"
+        return f"spoold (pid {self.process.pid}) {what}; the end of its log:\n{tail}"
 
     def _end_jobs(self) -> None:
         """End the jobs left running, as a system shutdown would: every supervisor the spool's
