@@ -19,7 +19,7 @@ from spoold.core.errors import SpooldError, SpoolError, ValidationIssue
 from spoold.core.spool import Spool
 from spoold.core.states import JobState
 from spoold.face.access import caller
-from spoold.face.views import ended_text, printable
+from spoold.face.views import ended_text, issue_line, printable
 from spoold.intake.incoming import Accepted, Intake
 from spoold.run.control import JobControl
 from spoold.wiring import Parts
@@ -59,7 +59,7 @@ def run_once(path: Path, config: Config) -> int:
     if not isinstance(outcome, Accepted):
         errors = outcome.reason["errors"] or [{"message": outcome.reason["reason"], "path": ""}]
         for error in errors:
-            print(printable(ValidationIssue(**error).format(str(path))), file=sys.stderr)
+            print(issue_line(path, ValidationIssue(**error)), file=sys.stderr)
         # Not in the FILE: form: the lines above are exactly validate's.
         print(printable(f"rejected into {outcome.path}"), file=sys.stderr)
         return 1

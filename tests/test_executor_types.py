@@ -338,8 +338,7 @@ def test_steps_are_checked_with_the_type_they_run_with(validator: JobValidator) 
 
 def test_a_step_of_another_executor_runs_with_the_job_s_type(validator: JobValidator) -> None:
     step = {"id": "copy", "executor": "lexware", "product": {"api_key": "k"}}
-    job = {"executor": "sevdesk", "type": "create_invoice",
-           "product": _product("sevdesk", "create_invoice"), "steps": [step]}  # fmt: skip
+    job = {"executor": "sevdesk", "type": "create_invoice", "steps": [step]}
     issues = _refusals(validator, yaml.safe_dump(job).encode())
     assert {(i.path, i.message) for i in issues} == {
         ("steps[0].product", "missing required field 'customer_id'"),

@@ -382,16 +382,16 @@ def test_a_registry_of_references_imports_each_executor_when_first_used(
 def test_an_executor_checks_what_its_schema_cannot(tmp_path: Path) -> None:
     checker = job_validator(ExecutorRegistry.from_entry_points())
     text = (
-        b"executor: ssh\nproduct: {host: h, commands: x, keyfile: id_rsa}\nsteps:\n"
+        b"executor: ssh\nsteps:\n  - {id: s, product: {host: h, commands: x, keyfile: id_rsa}}\n"
         b"  - {id: a, executor: docker, product: {image: x, script: y, mounts: ['./d:/a', 'v:/a/']}}\n"
     )
     assert [(i.path, i.message) for i in checker.check(text, "a.yaml")] == [
-        ("product", "keyfile: id_rsa is a relative path: give an absolute one (or ~/...)"),
+        ("steps[0].product", "keyfile: id_rsa is a relative path: give an absolute one (or ~/...)"),
         (
-            "steps[0].product",
+            "steps[1].product",
             "mounts: ./d is a relative path: give an absolute one or a volume name",
         ),
-        ("steps[0].product", "mounts: /a/ is mounted twice"),
+        ("steps[1].product", "mounts: /a/ is mounted twice"),
     ]
     assert (
         checker.check(b"executor: ssh\nproduct: {host: h, commands: x, keyfile: ~/k}\n", "b") == []

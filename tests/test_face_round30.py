@@ -180,10 +180,12 @@ def test_spoold_status_shows_an_artifact_with_a_backslash_unlike_one_with_a_newl
 def test_list_escapes_a_rejected_name_once() -> None:
     from spoold.face.listing import row_text  # noqa: PLC0415
 
-    row = {"name": "a\\b\x1b.yaml", "state": "rejected", "code": "invalid", "reason": "x\\y"}
+    row = {"name": "a\\b\x1b.yaml", "state": "rejected", "code": "invalid", "reason": "x\\y\x1b"}
     line = row_text(row)
     assert line.startswith("a\\\\b\\x1b.yaml ")
-    assert line.endswith("invalid: x\\\\y")
+    # A reason quotes its values escaped where it was made: its backslashes stay single, and
+    # what is still raw is escaped (as spoold validate prints the same refusal).
+    assert line.endswith("invalid: x\\y\\x1b")
 
 
 # -- 3: every URL a job file sends to is shown as its host ----------------------------------------

@@ -104,7 +104,7 @@ def test_valid_local_job(validator: JobValidator) -> None:
         "executor: local\nproduct: {commands: x}\nsteps: []\n",
         "steps:\n  - {id: a, executor: local, product: {commands: x}}\n"
         "  - {id: b, needs: [a], executor: custom, product: {script: x}, continue_on_error: true}\n",
-        "executor: local\nproduct: {commands: x}\nsteps:\n  - {id: a, product: {commands: y}}\n",
+        "executor: local\nsteps:\n  - {id: a, product: {commands: y}}\n",
     ],
 )
 def test_other_valid_jobs(validator: JobValidator, text: str) -> None:
@@ -311,7 +311,6 @@ def test_product_checked_by_the_executor_of_each_step(validator: JobValidator) -
         validator,
         """\
         executor: local
-        product: {commands: x}
         steps:
           - id: inherits
           - id: own
@@ -320,8 +319,8 @@ def test_product_checked_by_the_executor_of_each_step(validator: JobValidator) -
         """,
     )
     assert issues == [
-        ValidationIssue("missing required field 'product'", "steps[0]", 4, 5),
-        ValidationIssue("missing required field 'script'", "steps[1].product", 7, 14),
+        ValidationIssue("missing required field 'product'", "steps[0]", 3, 5),
+        ValidationIssue("missing required field 'script'", "steps[1].product", 6, 14),
     ]
 
 
@@ -353,7 +352,7 @@ def test_every_problem_reported_once_and_sorted_by_line(validator: JobValidator)
 
 # --- steps: what the schema cannot say --------------------------------------------------------
 
-STEPS_HEAD = "executor: local\nproduct: {commands: x}\nsteps:\n"
+STEPS_HEAD = "executor: local\nsteps:\n"
 
 
 def test_steps_cycle_is_named(validator: JobValidator) -> None:
@@ -365,7 +364,7 @@ def test_steps_cycle_is_named(validator: JobValidator) -> None:
         + "  - {id: c, needs: [b], product: {commands: x}}\n",
     )
     assert issue.message == "steps form a cycle: a -> c -> b -> a"
-    assert (issue.path, issue.line, issue.column) == ("steps[1].needs[0]", 5, 21)
+    assert (issue.path, issue.line, issue.column) == ("steps[1].needs[0]", 4, 21)
 
 
 def test_step_needing_itself(validator: JobValidator) -> None:
@@ -383,9 +382,9 @@ def test_unknown_need_and_duplicate_step_ids(validator: JobValidator) -> None:
     )
     assert issues == [
         ValidationIssue(
-            "needs unknown step 'biuld' (did you mean 'build'?)", "steps[1].needs[0]", 5, 26
+            "needs unknown step 'biuld' (did you mean 'build'?)", "steps[1].needs[0]", 4, 26
         ),
-        ValidationIssue("duplicate step id 'build' (also steps[0])", "steps[2].id", 6, 10),
+        ValidationIssue("duplicate step id 'build' (also steps[0])", "steps[2].id", 5, 10),
     ]
 
 
@@ -396,7 +395,7 @@ def test_long_chain_of_steps_is_no_recursion_problem(validator: JobValidator) ->
         for i in range(1, 3000)
     ]
     steps[0]["needs"] = ["s2999"]
-    document = {"executor": "local", "product": {"commands": "x"}, "steps": steps}
+    document = {"executor": "local", "steps": steps}
     issue = one_issue(validator, json.dumps(document), "job.json")
     assert issue.message.startswith("steps form a cycle: s0 -> s2999 -> s2998")
 

@@ -29,8 +29,6 @@ SEARCH_PATH = (Path("config.yaml"), Path("/etc/spoold/config.yaml"))
 #: Enough of a mail address to refuse what is surely none (the server decides the rest).
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 DEFAULT_SPOOL = Path("spool")
-#: The most values of a config file the search for duplicate keys looks at (as a job file's).
-_MAX_NODES = 100_000
 
 
 def _hostname() -> str:
@@ -104,6 +102,10 @@ class ApiSettings(NamedTuple):
     client_timeout: float = 30.0
     #: Where clients reach the API (Location headers); None: as each request came.
     public_url: str | None = None
+    #: A TLS handshake not over this long after its connection was made is cut off.
+    handshake_timeout: float = 10.0
+    #: The peers (addresses, networks) whose X-Forwarded-For and -Proto are believed.
+    trusted_proxies: tuple[str, ...] = ()
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any], base: Path) -> ApiSettings | None:
@@ -122,19 +124,43 @@ class ApiSettings(NamedTuple):
                 found[key] = config_path(f"api.{key}", document[key], base)
         if ("certfile" in found) != ("keyfile" in found):
             raise ConfigError("key api.certfile: HTTPS needs both certfile and keyfile")
-        if "client_timeout" in document:
-            try:
-                found["client_timeout"] = parse_duration(document["client_timeout"])
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"key api.client_timeout: {exc}") from None
-            _at_least("api.client_timeout", found["client_timeout"])
+        for key in ("client_timeout", "handshake_timeout"):
+            if key in document:
+                try:
+                    found[key] = parse_duration(document[key])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"key api.{key}: {exc}") from None
+                _at_least(f"api.{key}", found[key])
         if document.get("public_url"):
             found["public_url"] = str(document["public_url"]).rstrip("/")
+        if "trusted_proxies" in document:
+            found["trusted_proxies"] = _trusted_proxies(document["trusted_proxies"])
         return cls(**found)
 
     @property
     def scheme(self) -> str:
         return "https" if self.certfile else "http"
+
+
+def _trusted_proxies(value: object) -> tuple[str, ...]:
+    """``api.trusted_proxies`` as written, each an address or a network (host bits clear), or
+    ConfigError: uvicorn would take anything else as a name no peer ever has, and ``*`` as
+    every peer (then any client could say who it is)."""
+    import ipaddress  # noqa: PLC0415 - only with proxies
+
+    if not isinstance(value, list):
+        raise ConfigError("key api.trusted_proxies: a list of addresses or networks, e.g. "
+                          "[127.0.0.1, ::1]")  # fmt: skip
+    for item in value:
+        try:
+            if "/" in str(item):
+                ipaddress.ip_network(str(item))
+            else:
+                ipaddress.ip_address(str(item))
+        except ValueError as exc:
+            raise ConfigError(f"key api.trusted_proxies: {str(item)!r} is not an address or a "
+                              f"network ({exc})") from None  # fmt: skip
+    return tuple(str(item) for item in value)
 
 
 # -- notifications (``notify:``, ``mail:``, ``notify_window:``) ----------------------------------
@@ -462,9 +488,9 @@ def load_config(
 
     ``check_schema=False``: the file is not checked against config.schema.json (loading
     jsonschema takes about 0.1 s), for the commands that only read the spool. Unknown keys
-    are then ignored, ranges not enforced and a key given twice not refused (the last is
-    taken), but a value that cannot be used is still a
-    ConfigError naming its key: the full check runs then, to say it as ``spoold run`` would.
+    are then ignored and ranges not enforced, but a key given twice is refused all the same
+    (the YAML read refuses it), and a value that cannot be used is still a ConfigError naming
+    its key: the full check runs then, to say it as ``spoold run`` would.
     """
     env = os.environ if env is None else env
     found = find_config_file(path)
@@ -506,39 +532,37 @@ def _read_document(
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the configuration must be a mapping of keys to values")
     if check_schema:
-        # Here, not where YAML is parsed: a light command's parsed copy has no duplicates left.
-        _refuse_duplicates(path, text)
         _check_schema(document, path)
     return document
 
 
 def _parse_yaml(path: Path, text: str) -> Any:
+    """The document ``text`` holds; ConfigError if it is no YAML, or gives a key twice in one
+    mapping. Here, where every command's read of the file goes (a parsed copy is kept only of
+    a text that passed), so that ``status`` refuses what ``run`` and a reload refuse: YAML keeps
+    the last of the two silently, and a key added at the end of the shipped file (which sets
+    ``api:``, ``job_user:`` and ``spool:`` already) would override the first, or be overridden,
+    unsaid; ``status`` would look at another spool than the daemon."""
     import yaml  # noqa: PLC0415 - only where there is a config file, and no parsed copy
 
-    from spoold.core.yaml_keys import NamedKeysLoader  # noqa: PLC0415 - as yaml
+    from spoold.core.yaml_keys import UniqueKeysLoader  # noqa: PLC0415 - as yaml
 
+    loader = UniqueKeysLoader(text)
     try:
-        document = yaml.load(text, Loader=NamedKeysLoader)  # noqa: S506 - a safe loader
+        document = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from exc
-    return document
+    finally:
+        loader.dispose()
+    if loader.given_twice:
+        from spoold.core.documents import format_path  # noqa: PLC0415 - only to say it
 
-
-def _refuse_duplicates(path: Path, text: str) -> None:
-    """ConfigError naming each key the text gives twice in one mapping, and both its lines:
-    YAML keeps the last silently, so a key added at the end of the shipped file (which sets
-    ``api:``, ``job_user:`` and ``spool:`` already) would override the first, or be overridden,
-    unsaid. Found as job files' are; a ``<<:`` merge overridden is no duplicate. Part of the
-    full check (as unknown keys are): the light commands take the last, without YAML's nodes."""
-    from spoold.core.documents import format_path, map_nodes, position  # noqa: PLC0415 - as yaml
-
-    duplicates = map_nodes(text, _MAX_NODES).duplicates
-    if duplicates:
         raise ConfigError("; ".join(
-            f"{path}:{':'.join(map(str, position(second)))}: key {format_path(key)}: given "
-            f"twice (first on line {position(first)[0]}); give each key once"
-            for key, second, first in sorted(duplicates, key=lambda d: position(d[1]))
+            f"{path}:{twice.line}:{twice.column}: key {format_path(twice.path)}: given twice "
+            f"(first on line {twice.first_line}); give each key once"
+            for twice in loader.given_twice
         ))  # fmt: skip
+    return document
 
 
 def _check_schema(document: dict[str, Any], path: Path) -> None:
@@ -687,14 +711,14 @@ def _from_document(doc: dict[str, Any], source: Path | None) -> Config:
     if "policy" in doc:
         from spoold.core.policy import Policy  # noqa: PLC0415 - only a config that has one
 
-        values["policy"] = Policy.from_document(doc["policy"])
+        values["policy"] = Policy.from_document(doc["policy"], _host_path_pattern)
     if "api" in doc:
         api = _of_kind("api", doc["api"] or {}, dict, "a mapping")
         values["api"] = ApiSettings.from_document(api, base)
     if "executors" in doc:
         executors = _of_kind("executors", doc["executors"], dict, "a mapping")
         values["executor_settings"] = {
-            str(name): dict(_of_kind(f"executors.{name}", settings, dict, "a mapping"))
+            str(name): _executor_settings(str(name), settings, base)
             for name, settings in executors.items()
         }
     values["notify"] = _notify_settings(doc, base, here)
@@ -726,6 +750,7 @@ DURATION_FLOORS: Mapping[str, float] = {
     "callbacks.backoff.initial": 0.001,
     "callbacks.backoff.max": 0.001,
     "api.client_timeout": 0.001,
+    "api.handshake_timeout": 0.001,
 }
 
 
@@ -757,6 +782,26 @@ def _check_lease(config: Config, doc: Mapping[str, Any]) -> None:
     )
 
 
+#: The settings of the shipped executors that name a path of this host (``executors: {NAME:
+#: {...}}``): resolved as every path of the config is, where the executor would take ``~`` and
+#: a relative path literally (lexware's rate_dir) or from wherever the worker runs. A plugin's
+#: settings are handed over as written.
+EXECUTOR_PATH_SETTINGS: Mapping[str, tuple[str, ...]] = {
+    "ssh": ("known_hosts",),
+    "lexware": ("rate_dir",),
+}
+
+
+def _executor_settings(name: str, settings: Any, base: Path) -> dict[str, Any]:
+    """One executor's settings, its paths (``EXECUTOR_PATH_SETTINGS``) resolved; as strings,
+    as the executors read them."""
+    found = dict(_of_kind(f"executors.{name}", settings, dict, "a mapping"))
+    for key in EXECUTOR_PATH_SETTINGS.get(name, ()):
+        if found.get(key) is not None:
+            found[key] = str(config_path(f"executors.{name}.{key}", found[key], base))
+    return found
+
+
 def _notify_settings(doc: Mapping[str, Any], base: Path, hostname: str) -> NotifySettings:
     """``notify:``, ``mail:``, ``notify_window:`` and ``notify_wait:``: defaults that mail
     need ``mail:``."""
@@ -776,18 +821,49 @@ def _notify_settings(doc: Mapping[str, Any], base: Path, hostname: str) -> Notif
 
 
 def config_path(key: str, value: Any, base: Path) -> Path:
-    """A path-valued key's path: ``~`` and ``~user`` at its start expanded as the shell would
-    (``$HOME``, the user's home directory), then a relative path taken from ``base`` (the
-    config file's directory). ConfigError naming the key of a ``~user`` with no such user."""
-    path = Path(_of_kind(key, value, str, "a path"))
-    try:
-        return base / path.expanduser()
-    except RuntimeError:  # a ~user with no such user (or ~ with no home known)
-        user = path.parts[0][1:]
+    """A path-valued key's path: ``~`` and ``~user`` at its start expanded (``config_home``),
+    then a relative path taken from ``base`` (the config file's directory). ConfigError naming
+    the key of a value that is no string, or of a ``~user`` with no such user."""
+    return base / config_home(key, _of_kind(key, value, str, "a path"))
+
+
+def config_home(key: str, text: str, *, pattern: bool = False) -> str:
+    """``text`` with ``~`` or ``~user`` at its start expanded (``expand_home``), for every
+    path the config names, patterns (``pattern``) included; ConfigError naming ``key`` of a
+    ``~user`` with no such user."""
+    expanded = expand_home(text, pattern=pattern)
+    if expanded is None:
+        user = text.partition("/")[0][1:]
         whose = f"there is no user {user!r} on this host" if user else "no home is known"
         raise ConfigError(
-            f"key {key}: {str(path)!r} starts with ~{user}, but {whose}: write the path in full"
-        ) from None
+            f"key {key}: {text!r} starts with ~{user}, but {whose}: write the path in full"
+        )
+    return expanded
+
+
+def _host_path_pattern(key: str, pattern: str) -> str:
+    """A policy's ``host_paths`` pattern, ``~`` expanded (the job's paths are so too)."""
+    return config_home(key, pattern, pattern=True)
+
+
+def expand_home(text: str, *, pattern: bool = False) -> str | None:
+    """``text`` with ``~`` or ``~user`` at its start replaced by that home directory, as the
+    shell and ``Path.expanduser`` would (``~`` is ``$HOME``, else the user database's); None
+    for a ``~user`` with no such user, or ``~`` with no home known. The one expansion of the
+    config's paths and of the host paths a job names, so that a policy's ``~/data/*`` matches
+    a job's ``~/data/key``. ``pattern``: ``text`` is a glob (fnmatch), and the home's own
+    ``*``, ``?`` and ``[`` are matched as written."""
+    if not text.startswith("~"):
+        return text
+    expanded = os.path.expanduser(text)  # noqa: PTH111 - the rest stays as written, as a glob's
+    if expanded.startswith("~"):  # what expanduser cannot expand, it leaves as it was
+        return None
+    if not pattern:
+        return expanded
+    from glob import escape  # noqa: PLC0415 - only a pattern with a home in it
+
+    rest = text[len(text.partition("/")[0]) :]
+    return escape(expanded[: len(expanded) - len(rest)]) + rest
 
 
 def _of_kind(key: str, value: Any, kind: type, what: str) -> Any:
@@ -817,8 +893,8 @@ def _apply_environment(config: Config, env: Mapping[str, str]) -> Config:
         "RUNNER_LOG_DIR": "logdir", "RUNNER_LOG_SOCKET": "log_socket",
     }  # fmt: skip
     for variable, key in paths.items():
-        if env.get(variable):
-            changes[key] = Path(env[variable])
+        if env.get(variable):  # ~ too: a unit's Environment= has no shell to expand it
+            changes[key] = Path(config_home(variable, env[variable]))
     if "spool" in changes:
         changes["spool_override"] = "SPOOLD_SPOOL"
     if env.get("RUNNER_ID"):

@@ -6,6 +6,21 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 
+def escape_unprintable(text: str) -> str:
+    """``text`` with each character ``str.isprintable`` refuses (a terminal's controls, those
+    that reorder or hide what is shown, line separators) escaped as ``repr`` escapes it, and
+    its backslashes left as they are.
+
+    For messages, whose values ``documents.show_value`` quoted, escaped, where they were
+    made: such a message comes out the same, so a face that passes it through here again
+    escapes only what another layer's words left raw, never a second time what was escaped
+    already.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 class ValidationIssue(NamedTuple):
     """One problem in a job file, with where it is."""
 

@@ -1,7 +1,7 @@
 """A job's log: one timestamped, INFO/ERROR-prefixed line per line of output or event.
 
 Bounded whatever the output's shape: a line keeps at most ``LINE_BOUND`` bytes (the log says
-how long it was), ``OutputStream`` holds at most ``HELD_BYTES`` of an unfinished line, and past
+how long it was), ``OutputStream`` holds at most ``JobLog.hold`` of an unfinished line, and past
 ``limit`` no more output is kept.
 
 The job's bytes are written as they came, a byte that is not UTF-8 included: such bytes are
@@ -25,13 +25,10 @@ from collections.abc import Callable
 from typing import IO
 
 from spoold.core.clock import Clock, rfc3339
-from spoold.core.secrets import MASK, MAX_SECRET_SIZE, Masker
+from spoold.core.secrets import MASK, MAX_FORM_SIZE, Masker
 
 _TAIL_LINES = 20
 _TAIL_CHARS = 4096  # of each line in the tail: what limits.explain looks for is near the start
-#: Up to this many secrets, output is searched for each (memchr-fast) rather than run through
-#: the masker's pattern (a lookahead at every character).
-_FEW_SECRETS = 16
 
 #: The most of one line of output the log keeps, in bytes as written (masked).
 LINE_BOUND = 64 * 1024
@@ -41,10 +38,12 @@ _SHORT_LINE = LINE_BOUND // 3
 #: How output is decoded to be masked: a byte that is not UTF-8 becomes a lone surrogate that
 #: encoding with the same handler turns back into that byte.
 _BYTES = "surrogateescape"
-#: What an OutputStream holds of a line before it cuts it: the bound, and past it enough to
-#: see whole any secret that starts before the cut (a secret file holds at most
-#: MAX_SECRET_SIZE), so that no part of one is written.
-HELD_BYTES = LINE_BOUND + MAX_SECRET_SIZE
+#: The most an OutputStream holds of a line before it cuts it (``JobLog.hold``): the bound, and
+#: past it enough to see whole any secret that starts before the cut, in any form the mask
+#: knows (its hex or escaped form is longer than the value), so that no part of one is written.
+HELD_BYTES = LINE_BOUND + MAX_FORM_SIZE
+#: Past the bound, what the cut must see of a character it splits (UTF-8: 4 bytes at most).
+_CHAR_ROOM = 3
 
 
 def format_line(stamp: str, level: str, text: str) -> str:
@@ -119,7 +118,6 @@ class JobLog:
         # A Masker's own mask changes only text that holds one of its values.
         owner = getattr(mask, "__self__", None)
         self._masker = owner if isinstance(owner, Masker) and mask == owner.mask_text else None
-        self._secrets: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())  # encoded, kept
         self._prefix = ""
         self._sections: tuple[str, ...] = ()
         # What the job printed last: what a limit it hit looks like ("Too many open files").
@@ -128,6 +126,19 @@ class JobLog:
         self._recent: tuple[bytes, int, int] | None = None
         # Bytes of output the job wrote through this view, kept or not (``count_output``).
         self._output_bytes = 0
+
+    @property
+    def hold(self) -> int:
+        """How much of a line that has not ended an OutputStream holds before it cuts it: the
+        bound, and past it enough to see whole any form of a secret that starts before the cut
+        (``output_start``): the longest form its Masker knows, HELD_BYTES for a mask that is
+        no Masker's (a hex or escaped form of a 64 KiB secret would make every stream hold
+        that much, where most jobs have no secret or short ones)."""
+        if self._mask is None:
+            return LINE_BOUND + _CHAR_ROOM
+        if self._masker is None:
+            return HELD_BYTES
+        return LINE_BOUND + max(_CHAR_ROOM, min(self._masker.longest_form, MAX_FORM_SIZE))
 
     def section(self, name: str) -> JobLog:
         """The same log, each line of it starting with ``[name]``: one step's section."""
@@ -248,12 +259,8 @@ class JobLog:
             return False  # output strips a line's "\r" before its newline
         if self._mask is None:
             return True  # bytes that are not UTF-8 too: output writes them back as they came
-        if self._masker is not None and len(secrets := self._masker.values()) <= _FEW_SECRETS:
-            if secrets != self._secrets[0]:  # values are added while a job runs
-                self._secrets = (secrets, tuple(value.encode() for value in secrets))
-            # The bytes hold a value's bytes only where the text holds the value: a value
-            # starts with no continuation byte, so what comes before it cannot take it in.
-            return not any(value in piece for value in self._secrets[1])
+        if self._masker is not None:
+            return not self._masker.in_output(piece)  # without decoding, at any number of values
         text = piece.decode("utf-8", _BYTES)
         # A mask that leaves all of the text alone leaves each line of it alone.
         return self._mask(text) == text
@@ -318,7 +325,7 @@ class JobLog:
         self._tail.append(text)
 
     def output_start(self, start: bytes, *, stderr: bool) -> bool:
-        """The first ``HELD_BYTES`` of a line too long to hold whole: its first ``LINE_BOUND``
+        """The first ``hold`` bytes of a line too long to hold whole: its first ``LINE_BOUND``
         bytes are written, masked as the whole line would be. True if they were written
         (call ``line_cut`` once the line has ended), False if the log is full."""
         near = self._masked(start[:LINE_BOUND].decode("utf-8", _BYTES))
@@ -446,7 +453,8 @@ class JobLog:
 class OutputStream:
     """One of a job's output streams (stdout or stderr) turned into log lines, in bounded memory.
 
-    Between calls it holds at most ``HELD_BYTES`` of a line that has not ended; a line longer
+    Between calls it holds at most ``JobLog.hold`` (``HELD_BYTES`` at most) of a line that has
+    not ended; a line longer
     than that is written up to ``LINE_BOUND`` as soon as that much has come, and the rest of it
     is only counted.
     """
@@ -479,10 +487,9 @@ class OutputStream:
             else:
                 self._log.output_lines(data, stderr=self._stderr, end=last + 1)
             self._partial = data[last + 1 :]
-        if len(self._partial) >= HELD_BYTES:
-            self._start_written = self._log.output_start(
-                self._partial[:HELD_BYTES], stderr=self._stderr
-            )
+        hold = self._log.hold
+        if len(self._partial) >= hold:
+            self._start_written = self._log.output_start(self._partial[:hold], stderr=self._stderr)
             self._cut_length = len(self._partial)
             self._partial = b""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
@@ -25,6 +25,15 @@ from spoold.core.errors import ConfigError
 
 #: What a rule may limit, as the config names it.
 KINDS = ("executors", "run_as", "secrets", "host_paths")
+#: How a ``host_paths`` pattern is read, given its key: the config's expands ``~`` as it does
+#: in every path it names (``spoold.core.config.config_home``), so that it matches the job's
+#: paths, expanded so too; ConfigError naming the key if it cannot.
+HostPathReader = Callable[[str, str], str]
+
+
+def _as_written(key: str, pattern: str) -> str:
+    """A policy built without a config (a test's): its patterns as they are."""
+    return pattern
 
 
 class Rules(NamedTuple):
@@ -34,11 +43,13 @@ class Rules(NamedTuple):
     run_as: tuple[str, ...] = ()
     secrets: tuple[str, ...] = ()
     #: Paths of this host a job may name: a container's bind mount, an ssh keyfile or
-    #: known_hosts (``/srv/data/*``; ``*`` matches ``/`` too).
+    #: known_hosts (``/srv/data/*``; ``*`` matches ``/`` too); a ``~`` at the start expanded.
     host_paths: tuple[str, ...] = ()
 
     @classmethod
-    def from_document(cls, document: Any, key: str) -> Rules:
+    def from_document(
+        cls, document: Any, key: str, host_path: HostPathReader = _as_written
+    ) -> Rules:
         """From one entry of ``policy:``; ConfigError naming ``key`` and the part that is wrong."""
         if not isinstance(document, dict):
             raise ConfigError(f"key {key}: {document!r} is not a mapping of {', '.join(KINDS)}")
@@ -51,7 +62,10 @@ class Rules(NamedTuple):
                 isinstance(p, str) and p for p in patterns
             ):
                 raise ConfigError(f"key {key}.{kind}: {patterns!r} is not a list of names")
-            found[kind] = tuple(dict.fromkeys(patterns))
+            if kind == "host_paths":
+                found[kind] = tuple(dict.fromkeys(host_path(f"{key}.{kind}", p) for p in patterns))
+            else:
+                found[kind] = tuple(dict.fromkeys(patterns))
         return cls(**found)
 
     def allows(self, kind: str, name: str) -> bool:
@@ -146,7 +160,7 @@ class Policy(NamedTuple):
     tokens: Mapping[str, Rules] = {}
 
     @classmethod
-    def from_document(cls, document: Any) -> Policy:
+    def from_document(cls, document: Any, host_path: HostPathReader = _as_written) -> Policy:
         """From the config's ``policy:``; ConfigError naming the key of what is wrong."""
         if not isinstance(document, dict):
             raise ConfigError(f"key policy: {document!r} is not a mapping")
@@ -160,15 +174,17 @@ class Policy(NamedTuple):
             if not isinstance(entries, dict):
                 raise ConfigError(f"key policy.{kind}: {entries!r} is not a mapping of names")
             subjects[kind] = {
-                str(name): Rules.from_document(rules, f"policy.{kind}.{name}")
+                str(name): Rules.from_document(rules, f"policy.{kind}.{name}", host_path)
                 for name, rules in entries.items()
             }
         default = document.get("default")
+        if default is not None:
+            default = Rules.from_document(default, "policy.default", host_path)
         return cls(
             users=subjects["users"],
             groups=subjects["groups"],
             tokens=subjects["tokens"],
-            default=None if default is None else Rules.from_document(default, "policy.default"),
+            default=default,
         )
 
     def rules_for(

@@ -6,15 +6,17 @@ per job (or per daemon), and passes them to whatever writes.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
 import re
 import stat
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, quote_plus
 
 from spoold.core.errors import SecretError
@@ -31,6 +33,11 @@ NAME_RULE = (
 
 #: A secret file holds one value (a token, a password, a PEM key), never a document.
 MAX_SECRET_SIZE = 64 * 1024
+
+#: The longest, in UTF-8 bytes, that a form of a secret (escaped, encoded) can be: JSON writes
+#: a control character, one byte, as six (``\u0001``). What cuts a line must look this far past
+#: the cut to see whole every form that starts before it.
+MAX_FORM_SIZE = 6 * MAX_SECRET_SIZE
 
 #: Field names whose values are secret; use with ``search`` (the name *ends* in one of these).
 SECRET_FIELD = re.compile(r"(?:secret|password|api_key|api_token)\Z", re.IGNORECASE)
@@ -211,12 +218,111 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _compile(values: frozenset[str]) -> re.Pattern[str]:
-    # Never called with no values: an empty alternation would match everywhere.
-    # Longest first, so that where several values start at one position the longest one wins;
-    # the lookahead lets matches overlap, so mask_text can merge spans and leave no fragment.
-    ordered = sorted(values, key=lambda value: (-len(value), value))
-    return re.compile("(?=(" + "|".join(re.escape(value) for value in ordered) + "))")
+#: Up to this many forms, a text is searched for each in turn (memchr-fast, nothing to build);
+#: past it, for the machine words that forms start with (``_Probe``), at a cost that does not
+#: grow with their number: a base64-encoded or hex secret makes up to nine forms of one value.
+_FEW_FORMS = 16
+
+#: Word sizes the probe looks up, widest first, with the memoryview format of each.
+_WORDS: tuple[tuple[int, Literal["Q", "I"]], ...] = ((8, "Q"), (4, "I"))
+
+
+class _Probe:
+    """Whether any of some byte strings occurs in data: a sure no, or a yes checked by search."""
+
+    __slots__ = ("_searched", "_tables")
+
+    def __init__(self, needles: Iterable[bytes]) -> None:
+        needles = tuple(needles)
+        self._searched = needles
+        self._tables: list[tuple[int, Literal["Q", "I"], dict[int, list[bytes]]]] = []
+        if len(needles) <= _FEW_FORMS:
+            return
+        searched: list[bytes] = []
+        tables: dict[int, dict[int, list[bytes]]] = {size: {} for size, _ in _WORDS}
+        for needle in needles:
+            # Wherever a needle of 2*size-1 bytes or more sits, it covers a whole word of the
+            # data at a multiple of size: one of the words at its first size offsets.
+            size = next((size for size, _ in _WORDS if len(needle) >= 2 * size - 1), None)
+            if size is None:
+                searched.append(needle)
+                continue
+            for start in range(size):
+                word = int.from_bytes(needle[start : start + size], sys.byteorder)
+                tables[size].setdefault(word, []).append(needle)
+        self._searched = tuple(searched)
+        self._tables = [(size, kind, tables[size]) for size, kind in _WORDS if tables[size]]
+
+    def occurs_in(self, data: bytes) -> bool:
+        """Whether one of the needles occurs in ``data``."""
+        if any(needle in data for needle in self._searched):
+            return True
+        for size, kind, table in self._tables:
+            whole = len(data) - len(data) % size
+            if not whole:
+                continue
+            words = memoryview(data)[:whole].cast(kind)
+            if table.keys().isdisjoint(words):  # one look-up per word, in C
+                continue
+            found = table.keys() & set(words)
+            if any(needle in data for word in found for needle in table[word]):
+                return True
+        return False
+
+
+def _as_output(form: str) -> bytes | None:
+    """``form``'s bytes in a job's raw output, None if output cannot hold it: output is decoded
+    with ``surrogateescape``, so of lone surrogates only those stand for bytes."""
+    try:
+        return form.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+
+
+class _Finder:
+    """The forms a Masker knows, and what finds them; built whole by each ``add``."""
+
+    __slots__ = ("_forms", "_ordered", "_output", "_pattern", "_text")
+
+    def __init__(self, forms: frozenset[str]) -> None:
+        # Longest first, so that where several forms start at one position the longest wins.
+        ordered = sorted(forms, key=lambda form: (-len(form), form))
+        self._ordered = ordered
+        # Compiled when first needed: most text holds no form, and compiling the forms of a
+        # 64 KiB secret takes a second or more.
+        self._pattern: re.Pattern[str] | None = None
+        self._forms: tuple[str, ...] | None = None
+        self._text: _Probe | None = None
+        if len(ordered) <= _FEW_FORMS:
+            self._forms = tuple(ordered)  # searched as they are: no text to encode
+        else:
+            self._text = _Probe(form.encode("utf-8", "surrogatepass") for form in ordered)
+        raw = (_as_output(form) for form in ordered)
+        self._output = _Probe(form for form in raw if form is not None)
+
+    def in_text(self, text: str) -> bool:
+        """Whether ``text`` may hold a form (no: it holds none)."""
+        if self._forms is not None:
+            return any(form in text for form in self._forms)
+        assert self._text is not None
+        return self._text.occurs_in(text.encode("utf-8", "surrogatepass"))
+
+    def in_output(self, data: bytes) -> bool:
+        """Whether the text ``data`` decodes to (UTF-8, ``surrogateescape``) holds a form."""
+        # The bytes hold a form's bytes only where the text holds the form: a form starts with
+        # no continuation byte, so what comes before it cannot take it in.
+        return self._output.occurs_in(data)
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """Finds every form, overlapping ones too (group 1 is the form)."""
+        pattern = self._pattern
+        if pattern is None:  # two threads may both compile it: the same pattern either way
+            # The lookahead lets matches overlap, so mask_text can merge spans and leave no
+            # fragment.
+            alternatives = "|".join(re.escape(form) for form in self._ordered)
+            pattern = self._pattern = re.compile(f"(?=({alternatives}))")
+        return pattern
 
 
 class Masker:
@@ -229,44 +335,74 @@ class Masker:
         # Masker given them derives the same forms and skips them when they come.
         self._added: tuple[str, ...] = ()
         self._derived: tuple[str, ...] = ()
-        # Readers take this one reference without the lock: add() swaps in a whole new pattern.
-        self._pattern: re.Pattern[str] | None = None
+        # Left out of values(): a Masker derives them again from the values, and they are the
+        # bulk of the forms (nine of a 64 KiB secret are 0.8 MB) that a supervisor is sent.
+        self._encoded: tuple[str, ...] = ()
+        # Readers take this one reference without the lock: add() swaps in a whole new one.
+        self._finder: _Finder | None = None
+        self._longest = 0
         for value in values:
             self.add(value)
 
     def add(self, value: str) -> None:
         """Mask ``value`` from now on: as it is, each line of it if it has several, and the
-        forms a remote or an error message turns it into (escaped, URL-encoded)."""
+        forms a remote, an error message or a job turns it into (escaped, URL-encoded, base64,
+        hex)."""
         if value in self._values or not value.strip():
             return
         forms = _registered_forms(value)
+        encodings = _encodings(value)
         with self._lock:
             if value in self._values:
                 return
             derived = tuple(form for form in forms if form not in self._values and form != value)
-            self._values = self._values | {value, *derived}
+            known = self._values | {value, *derived}
+            encoded = tuple(form for form in encodings if form not in known)
+            self._values = known | set(encoded)
             self._added = (*self._added, value)
             self._derived = (*self._derived, *derived)
-            self._pattern = _compile(self._values)
+            self._encoded = (*self._encoded, *encoded)
+            self._finder = _Finder(self._values)
+            self._longest = max(
+                self._longest,
+                *(
+                    len(form.encode("utf-8", "surrogatepass"))
+                    for form in (value, *derived, *encoded)
+                ),
+            )
 
     def values(self) -> tuple[str, ...]:
-        """What it masks, every form included (the values added first): given to a Masker
-        elsewhere (a job's supervisor), it masks the same."""
+        """What it masks (the values added first, then their escaped forms; not their base64
+        and hex, which a Masker derives from the values): given to a Masker elsewhere (a
+        job's supervisor), it masks the same."""
         return self._added + self._derived
+
+    @property
+    def longest_form(self) -> int:
+        """The UTF-8 length of the longest value or form it masks (at most MAX_FORM_SIZE)."""
+        return self._longest
 
     def __bool__(self) -> bool:
         """Whether any value is known (else mask_text changes nothing)."""
-        return self._pattern is not None
+        return self._finder is not None
+
+    def in_output(self, data: bytes) -> bool:
+        """Whether a job's output ``data`` (UTF-8, any byte that is not as ``surrogateescape``
+        decodes it) holds a value or a form of one: where it does not, ``mask_text`` would
+        leave the text alone. At any number of values, no slower than a few searches."""
+        finder = self._finder
+        return finder is not None and finder.in_output(data)
 
     def mask_text(self, text: str) -> str:
         """``text`` with every occurrence of every known value replaced by ``***``."""
-        pattern = self._pattern
-        if pattern is None:
-            # Runs on every log line: nothing to mask costs one attribute read.
+        finder = self._finder
+        # Runs on every log line: nothing to mask costs one attribute read, and text that
+        # holds nothing to mask a search or two, not the pattern (a try at each character).
+        if finder is None or not finder.in_text(text):
             return text
         pieces: list[str] = []
         masked_to = 0  # text[:masked_to] is already copied or masked
-        for match in pattern.finditer(text):
+        for match in finder.pattern.finditer(text):
             start, end = match.start(), match.end(1)
             if end <= masked_to:
                 continue
@@ -327,6 +463,40 @@ def _registered_forms(value: str) -> list[str]:
             if len(line) >= _MIN_LINE_LENGTH:
                 forms.append(line)
     forms.extend(encoded_forms(value))
+    return list(dict.fromkeys(forms))
+
+
+def _encodings(value: str) -> list[str]:
+    """What a job shows of ``value`` encoded, where it differs from it: base64 (``base64``, an
+    ``Authorization: Basic`` header) and hex, in either case, of its UTF-8 bytes."""
+    # The encodings of a short secret are shorter still ("ab" is "YWI" in base64, "6162" in
+    # hex) and would mask innocent text everywhere; the plain value is masked all the same.
+    if len(value) < SHORT_SECRET:
+        return []
+    # A value from a job file may hold a lone surrogate (JSON's "\ud800"): no error here.
+    data = value.encode("utf-8", "surrogatepass")
+    forms = [*base64_forms(data), data.hex(), data.hex().upper()]
+    return [form for form in dict.fromkeys(forms) if form != value]
+
+
+_URL_SAFE = str.maketrans("+/", "-_")
+
+
+def base64_forms(data: bytes) -> list[str]:
+    """What base64 text shows of ``data`` wherever it sits in what was encoded: a 3-byte group
+    becomes 4 characters, so ``data`` starting at byte 0, 1 or 2 of a group reads three ways.
+    Of each, only the characters made of ``data``'s bits alone; the one at each end that also
+    holds a neighbour's bits (or padding) differs with what is around, and is left to show at
+    most 4 bits of ``data``'s first or last byte. In the standard and the URL-safe alphabet;
+    padding is never part of them, so text with or without it is masked alike."""
+    forms: list[str] = []
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + data).decode("ascii")
+        # Character i holds bits 6i to 6i+5; data holds bits 8*offset to 8*(offset+len).
+        first = -(-8 * offset // 6)
+        end = 8 * (offset + len(data)) // 6
+        middle = encoded[first:end]
+        forms.extend((middle, middle.translate(_URL_SAFE)))
     return list(dict.fromkeys(forms))
 
 

@@ -140,10 +140,16 @@ def read_status(spool: Spool, job: JobDir) -> dict[str, Any]:
 def current_status(spool: Spool, job_id: str, *, looks: int = 20) -> dict[str, Any]:
     """The job's status.json wherever it is now: a job that moves between finding it and
     reading it (claimed, finished) is looked for again."""
+    return current_job(spool, job_id, looks=looks)[1]
+
+
+def current_job(spool: Spool, job_id: str, *, looks: int = 20) -> tuple[JobDir, dict[str, Any]]:
+    """Where the job is now and its status.json there (``current_status``)."""
     for _ in range(looks - 1):
         job = locate(spool, job_id)
         try:
-            return read_status(spool, job)
+            return job, read_status(spool, job)
         except JobNotFound:  # moved on: locate finds where to, or says it is gone
             continue
-    return read_status(spool, locate(spool, job_id))
+    job = locate(spool, job_id)
+    return job, read_status(spool, job)

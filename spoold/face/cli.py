@@ -486,10 +486,10 @@ def _admit(
 
 
 def _print_issues(path: Path, issues: Sequence[ValidationIssue]) -> None:
-    from spoold.face.views import printable  # noqa: PLC0415
+    from spoold.face.views import issue_line  # noqa: PLC0415
 
     for issue in issues:
-        print(printable(issue.format(str(path))), file=sys.stderr)
+        print(issue_line(path, issue), file=sys.stderr)
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
@@ -588,8 +588,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     spool = _spool(config)
     if args.job_id:
         job = locate(spool, args.job_id)
-        status = read_status(spool, job)
-        if args.json:  # status.json as it is
+        status = views.job_view(spool, job, read_status(spool, job))
+        if args.json:  # status.json, its steps listed from the job file until they start
             import json  # noqa: PLC0415
 
             print(json.dumps(status, indent=2))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from spoold.core.errors import SpoolError
+from spoold.core.errors import SpoolError, escape_unprintable
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JOB_DIRECTORIES
 from spoold.face.access import NotAllowed, hidden_directories, refusal
@@ -101,7 +101,10 @@ def row_text(row: dict[str, Any]) -> str:
     else:
         fields = [row["job_id"], row["state"], row.get("executor") or "",
                   row.get("submitted_at") or "", row.get("error") or ""]  # fmt: skip
-    name, state, executor, when, said = (printable(field) for field in fields)
+    # The names are the submitter's text; a reason or an error quotes its values escaped
+    # where it was made (printable would double each backslash of those escapes).
+    name, state, executor, when = (printable(field) for field in fields[:4])
+    said = escape_unprintable(str(fields[4]))
     return f"{name:<40} {state:<10} {executor:<8} {when:<28} {said}"
 
 

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from spoold.core.clock import parse_rfc3339, rfc3339
-from spoold.core.errors import SpooldError
+from spoold.core.errors import SpooldError, ValidationIssue, escape_unprintable
 from spoold.core.procfs import started_at
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import state_phrase
 from spoold.core.units import format_duration
-from spoold.face.access import owner, who
+from spoold.face.access import current_job, owner, who
 from spoold.out.notices import count_outbox, is_notification
 
 if TYPE_CHECKING:
@@ -66,6 +66,13 @@ def printable(text: object, *, lines: bool = False) -> str:
     and tabs stay. ``--json`` output needs none of this: JSON escapes them all."""
     pattern = _UNPRINTABLE_IN_LINES if lines else _UNPRINTABLE
     return pattern.sub(_escaped, str(text))
+
+
+def issue_line(path: object, issue: ValidationIssue) -> str:
+    """One refusal of a file as ``spoold validate`` prints it: the file name (the caller's
+    text: ``printable``), then the issue, whose words quote their values escaped already where
+    they were made (``printable`` would double each backslash of those escapes)."""
+    return printable(str(path)) + escape_unprintable(issue.format(""))
 
 
 class LogText:
@@ -140,8 +147,52 @@ def _line(label: str, text: Any) -> str:
     return printable(f"{label + ':':<{_WIDTH}}{text}")
 
 
+def shown_status(spool: Spool, job_id: str) -> dict[str, Any]:
+    """The job wherever it is now (``current_status``), as every face shows it (``job_view``)."""
+    return job_view(spool, *current_job(spool, job_id))
+
+
+def job_view(spool: Spool, job: JobDir, status: dict[str, Any]) -> dict[str, Any]:
+    """The job as every face shows it (``spoold status``, the API's job, the page): its
+    status.json, with an entry per step (``steps_before_start``) while it has none yet."""
+    if status.get("steps") or job.directory not in _STEPS_SHOWN:
+        return status
+    try:
+        document = job_document(spool, job, status, keys=("steps",))
+    except (OSError, SpooldError, ValueError):  # not this user's to read: as status.json says
+        return status
+    steps = steps_before_start(document.get("steps"), ended=job.directory in ("done", "failed"))
+    return {**status, "steps": steps} if steps else status
+
+
+#: Where a job's steps are shown before status.json has them: a schedule's are its runs'.
+_STEPS_SHOWN = ("pending", "running", "done", "failed")
+
+
+def steps_before_start(steps: Any, *, ended: bool = False) -> dict[str, dict[str, Any]]:
+    """Per step of a job file's ``steps``, its entry before its attempt's steps start (the
+    worker writes them to status.json only then): ``pending``, with what it ``needs``. A job
+    that ``ended`` before they started (a secret missing, the work dir not made) ran none:
+    ``skipped``, and why."""
+    entries: dict[str, dict[str, Any]] = {}
+    for step in steps if isinstance(steps, list) else ():
+        if not isinstance(step, dict) or not isinstance(step.get("id"), str):
+            continue
+        needs = step.get("needs")
+        entry: dict[str, Any] = {
+            "state": "skipped" if ended else "pending",
+            "continue_on_error": step.get("continue_on_error") is True,
+            "needs": [str(need) for need in needs] if isinstance(needs, list) else [],
+        }
+        if ended:
+            entry["error"] = "not run: the attempt ended before its steps started"
+        entries[step["id"]] = entry
+    return entries
+
+
 def job_text(spool: Spool, config: Config, job: JobDir, status: dict[str, Any]) -> str:
-    """``spoold status ID``: the job, its attempts and steps, why it waits, its callbacks."""
+    """``spoold status ID``: the job, its attempts and steps, why it waits, its callbacks
+    (``status`` as ``job_view`` shows it)."""
     lines = []
     keys = ("job_id", "state", "executor", "type", "description", "source", "submitter",
             "submitted_at", "started_at", "finished_at", "next_attempt_at", "exit_code", "error",
@@ -295,8 +346,8 @@ def job_document(
 
 
 def _steps_lines(status: dict[str, Any], about: dict[str, Any]) -> list[str]:
-    """One line per step: its state, exit code or error, attempts; a failed step the job went
-    on past (``continue_on_error``) says so."""
+    """One line per step: its state, exit code or error, attempts, what it needs (where its
+    entry says); a failed step the job went on past (``continue_on_error``) says so."""
     steps = status.get("steps") or {}
     tolerated = about.get("tolerated")
     lines = []
@@ -307,6 +358,8 @@ def _steps_lines(status: dict[str, Any], about: dict[str, Any]) -> list[str]:
             parts.append(outcome)
         if int(step.get("attempts") or 0) > 1:
             parts.append(f"{step['attempts']} attempts")
+        if needs := step.get("needs"):
+            parts.append(f"needs {', '.join(map(str, needs))}")
         text = ", ".join(parts)
         if state == "failed":
             went_on = (

@@ -41,6 +41,7 @@ from spoold.core.errors import (
     NotifyError,
     SpooldError,
     ValidationIssue,
+    escape_unprintable,
 )
 from spoold.core.ids import generate_job_id
 from spoold.core.job import JobSpec, reference_problems
@@ -97,7 +98,9 @@ class Refused(SpooldError):
     ``reason`` is the one line that rejected/'s reason.json carries; ``document`` is the parsed
     file where it got that far (its callback then hears of the rejection). ``values``: the
     parsed file where it is no ``document`` (it is invalid). Every refusal is worded here, so
-    none quotes what the file's receivers' URLs and secret-named fields hold (``Redaction``).
+    none quotes what the file's receivers' URLs and secret-named fields hold (``Redaction``),
+    and none carries a character a terminal would act on (``escape_unprintable``: once, as
+    the issues' words are).
     """
 
     def __init__(
@@ -111,8 +114,9 @@ class Refused(SpooldError):
     ) -> None:
         hide = Redaction(document if values is None else values)
         self.code = code
-        self.reason = hide.text(reason)
-        self.issues = hide.issues(issues)
+        self.reason = escape_unprintable(hide.text(reason))
+        self.issues = [issue._replace(message=escape_unprintable(issue.message))
+                       for issue in hide.issues(issues)]  # fmt: skip
         self.document = document
         super().__init__(self.reason)
 

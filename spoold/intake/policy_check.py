@@ -14,9 +14,9 @@ import grp
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
+from spoold.core.config import expand_home
 from spoold.core.documents import DocPath, units_of
 from spoold.core.policy import Rules, Submitter
 from spoold.core.secrets import SECRET_NAME
@@ -94,7 +94,10 @@ def _host_path_refused(text: str, rules: Rules) -> str | None:
     (``${...}``) cannot be judged, and is not allowed."""
     if "${" in text:
         return "a variable or a secret in it is known only when the job runs"
-    expanded = Path(text).expanduser()  # as the executor reads it: spoold's own home
+    expanded = expand_home(text)  # as the executor reads it, and the policy's patterns are
+    if expanded is None:
+        user = text.partition("/")[0][1:]
+        return f"there is no user {user!r} on this host" if user else "no home is known"
     written, leads = os.path.normpath(expanded), os.path.realpath(expanded)
     if not rules.allows("host_paths", written):
         return "it is not among their host paths"

@@ -42,7 +42,7 @@ from spoold.core.documents import (
     size_problem,
     units_of,
 )
-from spoold.core.errors import InvalidJobFile, PluginError, ValidationIssue
+from spoold.core.errors import InvalidJobFile, PluginError, ValidationIssue, escape_unprintable
 from spoold.core.procfs import release_memory
 from spoold.core.units import MAX_DURATION, SIZE_FORMS, parse_duration
 from spoold.intake.redaction import quoted
@@ -107,10 +107,8 @@ def load_base_schema() -> dict[str, Any]:
 
 #: A job of steps, as the worker tells one (``JobSpec.steps``): ``steps:`` with at least one.
 #: A job with ``steps: []`` runs as one unit of its executor, and is held to all one without is.
-_HAS_STEPS: dict[str, Any] = {
-    "required": ["steps"],
-    "properties": {"steps": {"type": "array", "minItems": 1}},
-}
+#: The base schema's, which its own rules for a job of steps use too.
+_HAS_STEPS: dict[str, Any] = {"$ref": "#/$defs/has_steps"}
 
 
 def compose_job_schema(
@@ -692,6 +690,14 @@ class JobValidator:
         ``now``: the moment a schedule must still fire after, from the caller's clock (intake
         passes its own); the system's when not given.
         """
+        try:
+            return self._parse(data, filename, now)
+        except InvalidJobFile as exc:
+            # Every face (the command line, reason.json, the API) shows these words as they
+            # are: what a parser or an executor's check quoted raw is escaped here, once.
+            raise InvalidJobFile([_escaped(issue) for issue in exc.issues]) from None
+
+    def _parse(self, data: bytes, filename: str, now: datetime | None) -> dict[str, Any]:
         text = decode_text(data)
         if not text.strip():
             raise InvalidJobFile([ValidationIssue("the file is empty", "")])
@@ -788,7 +794,13 @@ def locate(problem: _Problem, nodes: NodeMap) -> ValidationIssue:
     for end in range(len(path), -1, -1):  # the nearest enclosing value that has a position
         position = position or nodes.values.get(path[:end])
     line, column = position or (None, None)
-    return ValidationIssue(message, format_path(path), line, column)
+    return _escaped(ValidationIssue(message, format_path(path), line, column))
+
+
+def _escaped(issue: ValidationIssue) -> ValidationIssue:
+    """The issue as every face may show it: see ``escape_unprintable``."""
+    message, path = escape_unprintable(issue.message), escape_unprintable(issue.path)
+    return issue._replace(message=message, path=path)
 
 
 def job_validator(registry: ExecutorRegistry) -> JobValidator:

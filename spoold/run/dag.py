@@ -14,6 +14,7 @@ or crashes on a list that is not: it raises ``InvalidSteps`` (a ``ValueError``) 
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -299,18 +300,40 @@ class StepScheduler:
         self._known(step_id)
         return self._graph.steps[step_id]
 
-    def ready(self, limit: int | None = None) -> list[str]:
+    def ready(
+        self,
+        limit: int | None = None,
+        *,
+        caps: Mapping[str, int] | None = None,
+        kinds: Mapping[str, str] | None = None,
+    ) -> list[str]:
         """Steps that may start now, in file order; asking starts nothing.
 
         ``limit`` bounds how many steps of the job run at once: with ``limit`` 3 and 2 running,
-        at most 1 is returned. None: no bound.
+        at most 1 is returned. None: no bound. ``caps`` bounds the steps of one kind (``kinds``:
+        step id -> its kind, the executor) running at once: a step whose kind is full is passed
+        over, and one after it of another kind may start.
         """
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1 (or None), not {limit}")
+        caps, kinds = caps or {}, kinds or {}
+        if low := {kind: cap for kind, cap in caps.items() if cap < 1}:
+            raise ValueError(f"caps must be at least 1, not {low}")
         ids = sorted(self._startable, key=self._graph.index.__getitem__)
-        if limit is None:
-            return ids
-        return ids[: max(0, limit - len(self.running()))]
+        running = self.running()
+        room = None if limit is None else max(0, limit - len(running))
+        busy = Counter(kinds.get(step_id) for step_id in running)
+        chosen: list[str] = []
+        for step_id in ids:
+            if room is not None and len(chosen) >= room:
+                break
+            kind = kinds.get(step_id)
+            cap = caps.get(kind) if kind is not None else None
+            if cap is not None and busy[kind] >= cap:
+                continue
+            busy[kind] += 1
+            chosen.append(step_id)
+        return chosen
 
     def started(self, step_id: str) -> None:
         """``step_id`` is running now; it must have been ready."""

@@ -1,5 +1,7 @@
 """One attempt of a job with ``steps:``: each step once its needs succeeded, independent ones
 in parallel, each with its own executor, timeout, retries, log section and status entry.
+Parallel within bounds: at most ``workers`` steps of the job at once, and of one executor at
+most its ``limits.executors`` (counted within the job only: other jobs' runs are dispatch's).
 
 ``spoold.run.dag`` decides what may start; this runs it. Steps share the job's work dir (a later
 step uses what an earlier one built) and its cancel switch. The job's ``timeout`` bounds the
@@ -62,6 +64,7 @@ class StepsRun:
         clock: Clock,
         cancel: threading.Event,
         parallel: int,
+        executor_limits: Mapping[str, int] | None = None,
         on_change: Callable[[dict[str, Any]], None],
         draw: Callable[[], float],
         adopted_from: str | None = None,
@@ -70,7 +73,9 @@ class StepsRun:
         """``previous``: the status.json ``steps`` of the attempt before (or of this one, when
         it is adopted), if any. ``adopted_from``: the start of an attempt adopted from a worker
         that is gone (RFC 3339): the job's timeout counts from there. ``interrupted``: whether
-        ``cancel`` was set because spoold stops, not by a cancel of the job."""
+        ``cancel`` was set because spoold stops, not by a cancel of the job.
+        ``parallel``: the job's steps running at once (the config's ``workers``);
+        ``executor_limits``: of those, the most of one executor (``limits.executors``)."""
         self._spec = spec
         steps = spec.document["steps"]
         kept = carried_over(steps, _recorded_states(previous))
@@ -94,6 +99,10 @@ class StepsRun:
         self._clock = clock
         self._cancel = cancel
         self._parallel = max(parallel, 1)
+        # A step waits, pending, for one of its executor to end, as for a worker: a vendor's
+        # rate limit is not the job's to exceed by running its steps side by side.
+        self._caps = {name: max(cap, 1) for name, cap in (executor_limits or {}).items()}
+        self._kinds = {step["id"]: str(step.get("executor") or spec.executor) for step in steps}
         self._on_change = on_change
         self._draw = draw  # the jitter of step retries
         self._adopted_from = adopted_from
@@ -115,7 +124,8 @@ class StepsRun:
         detached = interrupted = False
         while True:
             if not (detached or interrupted or self._stopped()):
-                for step_id in self._scheduler.ready(self._parallel):
+                ready = self._scheduler.ready(self._parallel, caps=self._caps, kinds=self._kinds)
+                for step_id in ready:
                     self._scheduler.started(step_id)
                     running += 1
                     threading.Thread(

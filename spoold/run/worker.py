@@ -669,7 +669,8 @@ class JobRunner:
 
             steps = None if not spec.steps else StepsRun(
                 spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
-                parallel=self._config.workers, draw=self._draw, run_unit=step_unit,
+                parallel=self._config.workers, executor_limits=self._config.executor_limits,
+                draw=self._draw, run_unit=step_unit,
                 on_change=lambda records: self._steps_changed(run, status,
                                                             step_usage.onto(records)),
                 adopted_from=attempt.started_at if run.resume else None,

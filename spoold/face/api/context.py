@@ -85,7 +85,9 @@ def path_of(request: Request) -> str:
 
 
 def client_of(request: Request) -> str:
-    """The client's address as the connection has it (never a header's word for it)."""
+    """The client's address: the connection's, or from a peer in ``api.trusted_proxies``, the
+    one its X-Forwarded-For names (uvicorn's ProxyHeadersMiddleware, spoold.face.api.server);
+    never a header's word for it from any other peer."""
     return request.client.host if request.client else "?"
 
 

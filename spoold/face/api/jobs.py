@@ -24,6 +24,7 @@ from spoold.core.ids import RUN_ID
 from spoold.face.access import current_status, locate
 from spoold.face.api.auth import JOB_RESPONSES, Caller, context, require
 from spoold.face.api.context import ApiContext, absolute_url
+from spoold.face.views import shown_status
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"], responses=JOB_RESPONSES)
 
@@ -260,8 +261,9 @@ def get_job(
     _: Annotated[Caller, Depends(require("read"))],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> dict[str, Any]:
-    """The job's status.json, as `spoold status ID --json` prints it."""
-    return current_status(ctx.spool, job_id)
+    """The job's status.json, as `spoold status ID --json` prints it (its steps listed from
+    its file, `pending`, until its attempt's steps start)."""
+    return shown_status(ctx.spool, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", responses={202: {"description": "asked of its worker"},

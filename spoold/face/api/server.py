@@ -20,9 +20,19 @@ answered 503 and closed at once, so a flood of connections costs the API its ser
 while (each lasts at most about twice ``client_timeout`` unless it is served), never the
 daemon its descriptors.
 
-Proxies: X-Forwarded-For and X-Forwarded-Proto are not believed (uvicorn's default believes
-them from any loopback client): the log names the connection's own address, and absolute URLs
-come from ``api.public_url`` (else the request's own scheme and Host).
+TLS: the server accepts plain TCP connections and starts TLS on each itself (asyncio's
+``start_tls``), so that a connection is counted against the cap, and under its head's deadline,
+from the moment it is made, its handshake included: uvicorn hands asyncio the certificate, and
+asyncio makes the protocol only once the handshake is over, which left connections that never
+finish theirs (nothing sent, or a byte at a time) uncounted and open for asyncio's minute. The
+handshake must be over within ``handshake_timeout``, a closing's exchange of close_notify too.
+
+Proxies: X-Forwarded-For and X-Forwarded-Proto are believed only from the peers
+``api.trusted_proxies`` names (uvicorn's ProxyHeadersMiddleware; its default believes them from
+any loopback client, which anyone on the host is): the client is then the right-most address
+of X-Forwarded-For that is not itself a trusted proxy, the scheme X-Forwarded-Proto's. From any
+other peer they are ignored: the log names the connection's own address, and absolute URLs come
+from ``api.public_url`` (else the request's scheme and Host).
 """
 
 from __future__ import annotations
@@ -32,12 +42,14 @@ import contextlib
 import logging
 import resource
 import socket
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_remote_addr
 
 from spoold.core.config import is_loopback
 from spoold.core.errors import ConfigError
@@ -72,33 +84,101 @@ def connection_cap() -> int:
     return max(16, min(MAX_CONNECTIONS, soft // 4))
 
 
-class _Guarded(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's head and body, and a cap on
-    the connections open at once (see the module doc). ``guarded()`` makes one per server."""
+class _Early(asyncio.Protocol):
+    """What a TLS connection delivers between the end of its handshake and the moment the
+    server's protocol takes it over (the client's first request can come with its Finished)."""
 
-    #: Connections beyond this many open at once are answered 503 and closed.
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+
+class _Guarded(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head and body, a cap on the
+    connections open at once, and TLS started by itself (see the module doc). ``guarded()``
+    makes one per server."""
+
+    #: Connections beyond this many open at once are answered 503 (or, TLS, just) closed.
     cap: int
     #: Where a connection refused for the cap is said, within the refusals' budget.
     spoold_logger: logging.Logger
     refusals: RefusalLog
+    #: The server's side of TLS (None: plain HTTP), and how long a handshake may take.
+    tls: ssl.SSLContext | None
+    handshake_timeout: float
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
         #: The request whose body the timer waits for (None: a head, or nothing).
         self._body_of: RequestResponseCycle | None = None
+        #: The TLS handshake under way (kept: the loop holds its tasks only weakly).
+        self._handshake: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if len(self.connections) > self.cap:
-            self.connections.discard(self)  # not counted while its closing is under way
-            client = self.client[0] if self.client else "?"
-            self.refusals.say(self.spoold_logger, "API: %s connections open, as many as it "
-                              "takes; closed one from %s", len(self.connections), client)  # fmt: skip
-            transport.write(_BUSY)
-            transport.close()  # after the write: asyncio flushes before it closes
+        if self.tls is None:
+            super().connection_made(transport)
+            if not self._refused_for_cap(transport, _BUSY):
+                self._arm()
+            return
+        # Counted, and its head's deadline running, from now: its handshake is part of both.
+        self.connections.add(self)
+        self.transport, self.client = transport, get_remote_addr(transport)
+        if self._refused_for_cap(transport, b""):  # no 503 before a handshake: closed
             return
         self._arm()
+        self._handshake = self.loop.create_task(self._start_tls(transport))
+
+    def _refused_for_cap(self, transport: asyncio.Transport, answer: bytes) -> bool:
+        """Close this connection if it is one more than the cap (after ``answer``)."""
+        if len(self.connections) <= self.cap:
+            return False
+        self.connections.discard(self)  # not counted while its closing is under way
+        client = self.client[0] if self.client else "?"
+        self.refusals.say(self.spoold_logger, "API: %s connections open, as many as it "
+                          "takes; closed one from %s", len(self.connections), client)  # fmt: skip
+        if answer:
+            transport.write(answer)
+        transport.close()  # after the write: asyncio flushes before it closes
+        return True
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        """TLS on ``raw``, then HTTP on it; a handshake that fails, takes too long, or is cut
+        off (the head's deadline, a shutdown) closes the connection, and says nothing (anyone
+        can open one and leave: a line each would be theirs to write)."""
+        assert self.tls is not None
+        early = _Early()
+        secure: asyncio.BaseTransport | None = None
+        try:
+            secure = await self.loop.start_tls(
+                raw, early, self.tls, server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout,
+                ssl_shutdown_timeout=self.handshake_timeout,
+            )  # fmt: skip
+        except Exception:  # noqa: S110 - the client's failure: start_tls closed it
+            pass
+        finally:
+            # Closed already (a cancel too: a stop under way): its connection_lost went to
+            # ``early`` or nowhere, never to this protocol, so it is uncounted here.
+            if not isinstance(secure, asyncio.Transport) or secure.is_closing():
+                self.connections.discard(self)
+                self._disarm()
+                raw.close()
+        if not isinstance(secure, asyncio.Transport) or secure.is_closing():
+            return
+        # From here its connection_lost comes to this protocol: counted until then.
+        secure.set_protocol(self)
+        super().connection_made(secure)  # its transport, flow control and scheme: TLS's
+        if early.data:
+            self.data_received(b"".join(early.data))
+        if early.eof:
+            self.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -159,10 +239,26 @@ class _Guarded(H11Protocol):
             pass
 
 
-def guarded(logger: logging.Logger) -> type[_Guarded]:
-    """The protocol class of one server: its cap, its log, its own budget of lines."""
+def guarded(
+    logger: logging.Logger, tls: ssl.SSLContext | None = None, handshake_timeout: float = 10.0
+) -> type[_Guarded]:
+    """The protocol class of one server: its cap, its log, its own budget of lines, its TLS."""
     return type("Guarded", (_Guarded,),
-                {"cap": connection_cap(), "spoold_logger": logger, "refusals": RefusalLog()})  # fmt: skip
+                {"cap": connection_cap(), "spoold_logger": logger, "refusals": RefusalLog(),
+                 "tls": tls, "handshake_timeout": handshake_timeout})  # fmt: skip
+
+
+def tls_context(settings: ApiSettings) -> ssl.SSLContext | None:
+    """The server's side of TLS for ``settings`` (None: plain HTTP), its certificate and key
+    loaded; ConfigError naming ``api.certfile`` if they cannot be."""
+    if settings.certfile is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.certfile, settings.keyfile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"key api.certfile: cannot use it: {exc}") from None
+    return context
 
 
 def plain_text_warning(settings: ApiSettings) -> str | None:
@@ -182,37 +278,33 @@ def check_api(settings: ApiSettings, logger: logging.Logger, *, bind: bool) -> N
     """What ``ApiServer.start`` checks of ``settings`` without serving: its certificate and key
     load (ConfigError naming ``api.certfile``), and, ``bind``, its address can be listened on
     (``api.listen``). For a reload, whose file a start must take too."""
-    config = _uvicorn_config(_no_app, settings, logger)
     if bind:
-        _bind(settings, config.backlog).close()
-    if settings.certfile:
-        _load(config)
+        _bind(settings, BACKLOG).close()
+    tls_context(settings)
 
 
-async def _no_app(scope: Any, receive: Any, send: Any) -> None:
-    """The app of a server only checked, never run."""
-
-
-def _uvicorn_config(app: Any, settings: ApiSettings, logger: logging.Logger) -> uvicorn.Config:
+def _uvicorn_config(
+    app: Any, settings: ApiSettings, logger: logging.Logger, tls: ssl.SSLContext | None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=guarded(logger),
+        http=guarded(logger, tls, settings.handshake_timeout),
         ws="none",
         lifespan="on",
         log_config=None,  # spoold's own log: uvicorn's loggers propagate to the root
         access_log=False,
         server_header=False,
-        # Not X-Forwarded-For/-Proto from loopback clients: anyone on the host could forge
-        # the address the log names, and the scheme of the URLs the API gives out.
-        proxy_headers=False,
+        # X-Forwarded-For/-Proto only from the proxies named (uvicorn's default: from any
+        # loopback client, and anyone on the host could forge the address the log names).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
         # No limit_concurrency: the cap on connections (connection_cap) bounds the requests
         # in progress too, one per connection at a time.
         timeout_keep_alive=max(1, round(settings.client_timeout)),
         timeout_graceful_shutdown=3,
         h11_max_incomplete_event_size=MAX_HEAD,
         backlog=BACKLOG,
-        ssl_certfile=str(settings.certfile) if settings.certfile else None,
-        ssl_keyfile=str(settings.keyfile) if settings.keyfile else None,
+        # No ssl_certfile: each connection starts its TLS itself (_Guarded, the module doc).
     )
 
 
@@ -235,22 +327,14 @@ def _bind(settings: ApiSettings, backlog: int) -> socket.socket:
     return sock
 
 
-def _load(config: uvicorn.Config) -> None:
-    """Load ``config`` now, its certificate with it; ConfigError naming ``api.certfile``."""
-    try:
-        config.load()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"key api.certfile: cannot use it: {exc}") from None
-
-
 class ApiServer:
     """uvicorn serving ``app`` on the address of ``settings``, in a thread of its own."""
 
     def __init__(self, app: Any, settings: ApiSettings, logger: logging.Logger) -> None:
+        self._app = app
         self._settings = settings
         self._logger = logger
-        self._config = _uvicorn_config(app, settings, logger)
-        self._server = uvicorn.Server(self._config)
+        self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -270,13 +354,15 @@ class ApiServer:
     def start(self) -> None:
         """Bind, then serve in a thread; ConfigError naming ``api.listen`` if it cannot bind,
         ``api.certfile`` if the certificate cannot be loaded."""
-        sock = _bind(self._settings, self._config.backlog)
-        if self._settings.certfile:
-            try:
-                _load(self._config)  # loads the certificate now: its error is said at start
-            except ConfigError:
-                sock.close()
-                raise
+        sock = _bind(self._settings, BACKLOG)
+        try:
+            tls = tls_context(self._settings)  # the certificate now: its error is said at start
+        except ConfigError:
+            sock.close()
+            raise
+        config = _uvicorn_config(self._app, self._settings, self._logger, tls)
+        config.load()
+        self._server = uvicorn.Server(config)
         self._socket = sock
         self._thread = threading.Thread(target=self._serve, name="spoold-api", daemon=True)
         self._thread.start()
@@ -285,7 +371,7 @@ class ApiServer:
             self._logger.warning("%s", warning)
 
     def _serve(self) -> None:
-        assert self._socket is not None
+        assert self._socket is not None and self._server is not None
         try:
             self._server.run(sockets=[self._socket])
         except Exception:  # the daemon goes on without its API; the log says why
@@ -293,7 +379,7 @@ class ApiServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving: open streams (log follows) are ended, then the thread joined."""
-        if self._thread is None:
+        if self._thread is None or self._server is None:
             return
         self._server.should_exit = True
         self._thread.join(timeout)

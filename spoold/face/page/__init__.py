@@ -435,10 +435,11 @@ def job(
     seen: Annotated[Viewer, Depends(viewer)],
     ctx: Annotated[ApiContext, Depends(context)],
 ) -> HTMLResponse:
-    from spoold.face.access import current_status, locate  # noqa: PLC0415
+    from spoold.face.access import current_job  # noqa: PLC0415
+    from spoold.face.views import job_view  # noqa: PLC0415
 
-    status = current_status(ctx.spool, job_id)
-    where = locate(ctx.spool, job_id)
+    where, status = current_job(ctx.spool, job_id)
+    status = job_view(ctx.spool, where, status)
     log, log_start, log_end = _log_tail(ctx, where)
     steps = status.get("steps") or {}
     needs = _needs(ctx, where, status) if steps else {}
