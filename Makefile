@@ -34,11 +34,16 @@ $(STAMP): $(LOCKED) pyproject.toml
 # The default job user (job_user in the config): a checkout run as root runs its jobs as
 # spoold-job, as the Debian package does (the package's postinst makes it the same way: its own
 # group only, no home, no shell). Made only where missing; nothing to do for other users.
+# The job users of the default config's two worker slots (README: Trust): jobs running side by
+# side run as two accounts, and cannot reach each other. One group for both.
+JOB_USERS = spoold-job spoold-job2
 job-user:
-	@if [ "$$(id -u)" = 0 ] && ! getent passwd spoold-job >/dev/null; then \
-	  getent group spoold-job >/dev/null && group="--gid spoold-job" || group=--user-group; \
-	  useradd --system $$group --no-create-home --home-dir /nonexistent \
-	    --shell /usr/sbin/nologin --comment "spoold jobs" spoold-job; \
+	@if [ "$$(id -u)" = 0 ]; then \
+	  getent group spoold-job >/dev/null || groupadd --system spoold-job; \
+	  for user in $(JOB_USERS); do \
+	    getent passwd $$user >/dev/null || useradd --system --gid spoold-job --no-create-home \
+	      --home-dir /nonexistent --shell /usr/sbin/nologin --comment "spoold jobs" $$user; \
+	  done; \
 	fi
 
 setup: $(STAMP) job-user

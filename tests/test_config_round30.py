@@ -108,7 +108,7 @@ def test_a_reload_with_an_unknown_job_user_is_refused_naming_job_user(
     assert "stays in use: key job_user: there is no user 'nosuchuser123'" in err, err
     assert "stays in use: key logdir: cannot write spoold.log" in err, err
     assert "job_users" not in err
-    assert daemon.config.job_users == ("spoold-job",)
+    assert daemon.config.job_users == ()  # none named: one account per worker slot
 
 
 def test_a_reload_names_the_keys_not_the_fields(

@@ -45,6 +45,8 @@ CI = os.environ.get("CI") == "true"
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 UNIT = Path("/lib/systemd/system/spoold.service")
 JOB_USER = "spoold-job"
+#: The default config's job users: one per worker slot (workers: 2), all in JOB_USER's group.
+JOB_USERS = (JOB_USER, "spoold-job2")
 WORKDIR = Path("/var/lib/spoold/work")
 # Starting jobs as other users and ending them: the daemon's capabilities, and no more.
 DAEMON_CAPABILITIES = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
@@ -203,11 +205,13 @@ def check_unit_privileges() -> None:
 
 
 def check_job_user() -> None:
-    """postinst's job user: its own group and no other, no login, no home; and the work dir."""
-    account = pwd.getpwnam(JOB_USER)
-    assert grp.getgrgid(account.pw_gid).gr_name == JOB_USER
-    assert (account.pw_dir, account.pw_shell) == ("/nonexistent", "/usr/sbin/nologin")
-    assert run("id", "-nG", JOB_USER).stdout.split() == [JOB_USER]
+    """postinst's job users, one per worker slot of the default config: in their own group
+    and no other, no login, no home; and the work dir."""
+    for user in JOB_USERS:
+        account = pwd.getpwnam(user)
+        assert grp.getgrgid(account.pw_gid).gr_name == JOB_USER
+        assert (account.pw_dir, account.pw_shell) == ("/nonexistent", "/usr/sbin/nologin")
+        assert run("id", "-nG", user).stdout.split() == [JOB_USER]
     assert not os.path.exists("/nonexistent")
     # The job user may make its own work dir there; only spoold may list them, and the sticky
     # bit keeps each job user from removing another's.
@@ -219,7 +223,8 @@ def check_job_user() -> None:
     parent = WORKDIR.parent.stat()
     assert parent.st_uid == 0 and not stat.S_IMODE(parent.st_mode) & 0o022
     config = yaml.safe_load(Path("/etc/spoold/config.yaml").read_text())
-    assert (config["job_user"], config["workdir"]) == (JOB_USER, str(WORKDIR)), config
+    # No job_user: one account per worker slot, those above.
+    assert (config.get("job_user"), config["workdir"]) == (None, str(WORKDIR)), config
 
 
 class UnitService:
@@ -389,6 +394,7 @@ def submit_waiting_job(share: Path) -> None:
     marks = share / "marks"
     marks.mkdir()
     os.chown(marks, job_user.pw_uid, job_user.pw_gid)
+    marks.chmod(0o770)  # for the job user of whichever worker slot runs it
     commands = [
         f"grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status > {marks}/caps",
         f"echo started >> {marks}/runs",
@@ -419,7 +425,8 @@ def check_job_through_upgrade(share: Path, service: UnitService) -> None:
     assert len([line for line in log.splitlines() if line.endswith("released 42")]) == 1, log
     assert "adopted" in log, f"no adoption by the new daemon in the job's log:\n{log}"
     runs = (share / "marks" / "runs").stat()
-    assert runs.st_uid == pwd.getpwnam(JOB_USER).pw_uid, "the job did not run as the job user"
+    job_uids = {pwd.getpwnam(user).pw_uid for user in JOB_USERS}
+    assert runs.st_uid in job_uids, "the job did not run as a job user"
     caps = {}
     for line in (share / "marks" / "caps").read_text().splitlines():
         name, _, value = line.partition(":")
@@ -700,7 +707,7 @@ def test_debian_package(tmp_path: Path) -> None:
         apt_install("systemd")
     had = {
         "user": user_exists("spoold"),
-        "job-user": user_exists(JOB_USER),
+        **{f"job-user {user}": user_exists(user) for user in JOB_USERS},
         "spoold": group_exists("spoold"),
         "spoold-submit": group_exists("spoold-submit"),
         JOB_USER: group_exists(JOB_USER),
@@ -868,8 +875,8 @@ def test_debian_package(tmp_path: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
         # Debian policy: purging keeps the system users and groups; the test removes its own.
         kept_user = user_exists("spoold")
-        kept_job_user = user_exists(JOB_USER)
-        for user, key in (("spoold", "user"), (JOB_USER, "job-user")):
+        kept_job_user = all(user_exists(user) for user in JOB_USERS)
+        for user, key in (("spoold", "user"), *((u, f"job-user {u}") for u in JOB_USERS)):
             if not had[key] and user_exists(user):
                 run("deluser", "--system", "--quiet", user, check=False)
         for group in ("spoold", "spoold-submit", JOB_USER):

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,7 +28,7 @@ from spoold.core.errors import ConfigError
 from spoold.core.spool import Spool
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
-from spoold.run.lane import WORK_ROOT_MODE, Lane
+from spoold.run.lane import WORK_ROOT_MODE, Lane, default_job_users
 from spoold.run.launcher import Launcher
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
@@ -36,6 +37,7 @@ from tests.harness import DaemonProcess, drop, local_job, wait_finished, wait_fo
 pytestmark = pytest.mark.daemon
 
 SECOND_USER = "spoold-job-t2"
+CI = os.environ.get("CI") == "true"
 LOGGER = logging.getLogger("spoold.test")
 
 
@@ -72,12 +74,36 @@ def job_state_dir(spool: Path, job_id: str) -> Path:
     raise AssertionError(f"no job {job_id}")
 
 
+@pytest.fixture(scope="session")
+def default_second_job_user() -> str:
+    """The default config's second worker slot's account (``make job-user`` makes it)."""
+    name = default_job_users(2)[1]
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if CI:
+            pytest.fail(f"{name} is missing: the set-up (make job-user) makes it")
+        subprocess.run(["useradd", "--system", "--gid", "spoold-job", "--no-create-home",
+                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+                       check=True)  # fmt: skip
+    return name
+
+
+@pytest.mark.parametrize("users", ["named", "default"])
 def test_hostile_jobs_reach_nothing_but_their_own(
-    spool_dir: Path, tmp_path: Path, second_job_user: str
+    spool_dir: Path, tmp_path: Path, users: str, request: pytest.FixtureRequest
 ) -> None:
+    """Two jobs at once, one per worker slot: the second tries all it can on the first, the
+    spool and the daemon. With job_user naming a user per slot, or none (each slot's default
+    account): jobs running side by side reach nothing of each other's (SPEC 13)."""
     secrets = _secrets(tmp_path, MINE="mine-7f3a", OTHER="other-9c1d")
-    config = write_config(tmp_path / "c.yaml", spool_dir, secrets_dir=str(secrets),
-                          job_user=["spoold-job", second_job_user])  # fmt: skip
+    if users == "named":
+        second_job_user = request.getfixturevalue("second_job_user")
+        chosen: dict[str, Any] = {"job_user": ["spoold-job", second_job_user]}
+    else:
+        second_job_user = request.getfixturevalue("default_second_job_user")
+        chosen = {}
+    config = write_config(tmp_path / "c.yaml", spool_dir, secrets_dir=str(secrets), **chosen)
     daemon = DaemonProcess(spool_dir, config)
     daemon.start()
     assert daemon.process is not None
@@ -88,6 +114,7 @@ def test_hostile_jobs_reach_nothing_but_their_own(
         holder = tmp_path / "holder-dir"
         drop(spool_dir, "holder.yaml", local_job("holder", [
             "echo private > mine.txt",
+            f"echo $$ > {tmp_path / 'holder-pid'}",
             f"pwd > {holder}",
             f"until [ -e {tmp_path / 'done-looking'} ]; do sleep 0.05; done",
         ]))  # fmt: skip
@@ -103,6 +130,10 @@ def test_hostile_jobs_reach_nothing_but_their_own(
             "forge": 'mkdir "$SPOOLD_JOB_DIR/../../pending/forged"',
             "spool": f"ls {spool_dir}/done",
             "other-workdir": f'cat "$(cat {holder})/mine.txt"',
+            # What a job user shared by both would allow: reading the other's environment
+            # (its secrets), and ending it.
+            "other-environ": f"cat /proc/$(cat {tmp_path / 'holder-pid'})/environ",
+            "signal-other": f"kill -STOP $(cat {tmp_path / 'holder-pid'})",
             "signal-daemon": f"kill -TERM {daemon.process.pid}",
         }
         script = [f'out=$({command} 2>&1); rc=$?; echo "{name}:" $out "rc=$rc" >> {found}'
@@ -116,7 +147,8 @@ def test_hostile_jobs_reach_nothing_but_their_own(
         assert seen["whoami"].split()[0] == second_job_user, seen  # the second slot's user
         assert seen["own-secret"].split()[0] == "MINE-7F3A", "its own secret, handed over"
         for name in ("other-secret", "list-secrets", "status", "remove-record", "move-record",
-                     "forge", "spool", "other-workdir", "signal-daemon"):  # fmt: skip
+                     "forge", "spool", "other-workdir", "signal-daemon", "other-environ",
+                     "signal-other"):  # fmt: skip
             assert not seen[name].endswith(" rc=0"), f"{name} was allowed: {seen[name]}"
         assert "other-9c1d" not in found.read_text()
         assert "private" not in seen["other-workdir"]
@@ -147,8 +179,9 @@ def test_jobs_run_as_root_only_when_the_config_says_so(spool_dir: Path, tmp_path
         daemon.start()
         drop(spool_dir, "b.yaml", local_job("b", f"id -u >> {out}"))
         wait_finished(spool_dir, "b")
-        job_uid = str(pwd.getpwnam("spoold-job").pw_uid)
-        assert out.read_text().split() == [job_uid, job_uid, "0"]
+        job_uids = {str(pwd.getpwnam(user).pw_uid) for user in default_job_users(2)}
+        job, hook, as_root = out.read_text().split()
+        assert job == hook and job in job_uids and as_root == "0", out.read_text()
         assert "jobs run as root (job_user: root)" in daemon.log()
     finally:
         daemon.kill()

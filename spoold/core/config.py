@@ -412,8 +412,9 @@ class Config(NamedTuple):
     pass_env: tuple[str, ...] = ()
     #: Who local and custom jobs, hooks and steps run as when spoold may switch users
     #: (``job_user:``): one account, or one per worker slot so that jobs running at the same
-    #: time cannot reach each other. ``root`` only when the config says so.
-    job_users: tuple[str, ...] = ("spoold-job",)
+    #: time cannot reach each other. ``root`` only when the config says so. Empty: not named,
+    #: one account per slot as ``run.lane.default_job_users`` names them.
+    job_users: tuple[str, ...] = ()
     #: What each submitter may use (``policy:``); None: no limits beyond the rest of the config.
     policy: Policy | None = None
     #: The HTTP API (``api:``); None: not served.

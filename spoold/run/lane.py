@@ -1,6 +1,7 @@
 """The jobs' own lane: who a job's processes run as, and the work dir only they may enter.
 
-A job runs as the job user (``job_user:``, default ``spoold-job``) or a ``run_as`` user the
+A job runs as its worker slot's job user (``job_user:``; by default ``spoold-job`` for the
+first slot, ``spoold-job2`` for the second, and so on) or a ``run_as`` user the
 config allows, never as spoold's own user when spoold may switch users (it is root, or has
 CAP_SETUID and CAP_SETGID), and as root only when the config names root. Its work dir is made
 by its own user, mode 0700, under a work root of mode 1733 that no job may list: a job reaches
@@ -25,6 +26,17 @@ from spoold.core.spool.spares import Spares, sweep_spares
 from spoold.run.process import RunAs
 
 _CAP_SETGID, _CAP_SETUID = 6, 7
+#: The first worker slot's job user when the config names none; the others' add their number.
+DEFAULT_JOB_USER = "spoold-job"
+
+
+def default_job_users(workers: int) -> tuple[str, ...]:
+    """The accounts of ``workers`` worker slots when the config names no ``job_user``: one
+    each (spoold-job, spoold-job2, ...), so that jobs running at the same time, each in a slot
+    of its own, cannot reach each other (SPEC 13) unless the config says they may."""
+    return (DEFAULT_JOB_USER, *(f"{DEFAULT_JOB_USER}{n}" for n in range(2, workers + 1)))
+
+
 #: The work root's mode: job users may make their own entries in it, not list or remove others'.
 WORK_ROOT_MODE = 0o1733
 
@@ -82,7 +94,7 @@ class Lane:
                 "(README: Trust)"
             )
             return cls((None,), root, switching=False, notes=(note,))
-        users = tuple(_job_user(name) for name in config.job_users)
+        users, missing = _slot_users(config)
         for user in users:
             if user is not None and user.uid == os.geteuid() != 0:
                 raise ConfigError(
@@ -92,9 +104,18 @@ class Lane:
         notes = []
         if any(user is None or user.uid == 0 for user in users):
             notes.append("jobs run as root (job_user: root): they can reach everything")
-        elif len(set(config.job_users)) < config.workers:
+        elif missing:
             notes.append(
-                f"jobs running at the same time share the user(s) {', '.join(config.job_users)}: "
+                f"worker slots whose own job users are missing ({', '.join(missing)}) run their "
+                f"jobs as {DEFAULT_JOB_USER}, which jobs of the first slot run as: jobs running "
+                "at the same time may reach each other; make each like spoold-job (useradd "
+                f"--system --gid {DEFAULT_JOB_USER} --no-create-home --home-dir /nonexistent "
+                f"--shell /usr/sbin/nologin {missing[0]}), or name job_user"
+            )
+        elif len({user.uid for user in users if user is not None}) < config.workers:
+            shared = ", ".join(dict.fromkeys(user.name for user in users if user is not None))
+            notes.append(
+                f"jobs running at the same time share the user(s) {shared}: "
                 "one may reach another's work dir; give job_user one user per worker to keep "
                 "them apart"
             )
@@ -173,6 +194,23 @@ def _has_name(uid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _slot_users(config: Config) -> tuple[tuple[RunAs | None, ...], tuple[str, ...]]:
+    """Each worker slot's job user, and the default accounts that are missing (their slots
+    run as the first slot's: a default must not keep a spoold upgraded from one job user, or
+    given more workers, from starting). Named in the config, each must be there."""
+    if config.job_users:
+        return tuple(_job_user(name) for name in config.job_users), ()
+    first, *others = default_job_users(max(1, config.workers))
+    users, missing = [_job_user(first)], []
+    for name in others:
+        try:
+            users.append(RunAs.lookup(name))
+        except ExecutorError:
+            users.append(users[0])
+            missing.append(name)
+    return tuple(users), tuple(missing)
 
 
 def _job_user(name: str) -> RunAs | None:

@@ -1,0 +1,70 @@
+"""Each worker slot has a job user of its own by default (SPEC 13: a job reaches no other job);
+a default account that is missing leaves its slot to the first's, said once at start."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
+from spoold.core.config import load_config
+from spoold.run.lane import DEFAULT_JOB_USER, Lane, default_job_users
+from tests.harness import write_config
+
+CI = os.environ.get("CI") == "true"
+
+
+def _exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _lane(tmp_path: Path, **overrides: object) -> Lane:
+    spool = tmp_path / "spool"
+    config = load_config(write_config(tmp_path / "c.yaml", spool, **overrides), env={})
+    return Lane.from_config(config, lambda: tmp_path / "own-work", switching=True)
+
+
+def test_the_default_names_one_account_per_slot() -> None:
+    assert default_job_users(1) == ("spoold-job",)
+    assert default_job_users(4) == ("spoold-job", "spoold-job2", "spoold-job3", "spoold-job4")
+
+
+def test_without_job_user_each_slot_runs_as_its_own_account(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    first, second = default_job_users(2)
+    assert _exists(first) and _exists(second), "make job-user makes both"
+    lane = _lane(tmp_path, workers=2, workdir=str(tmp_path / "work"))
+    assert (lane.job_user("0"), lane.job_user("1")) == (first, second)
+    assert lane.notes == ()  # nothing shared: nothing to say
+
+
+def test_a_missing_default_account_leaves_its_slot_to_the_first_and_says_so(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    workers = 40  # the accounts of slots 3 to 40 are nowhere
+    missing = [name for name in default_job_users(workers) if not _exists(name)]
+    assert missing, "a machine with 40 job users: the test needs one missing"
+    lane = _lane(tmp_path, workers=workers, workdir=str(tmp_path / "work"))
+    slot = default_job_users(workers).index(missing[0])
+    assert lane.job_user(str(slot)) == DEFAULT_JOB_USER
+    assert lane.job_user("1") == "spoold-job2"  # present: its own
+    (note,) = lane.notes
+    assert missing[0] in note and "may reach each other" in note and "useradd" in note
+
+
+def test_one_user_named_is_shared_by_every_slot_and_said(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    lane = _lane(tmp_path, workers=2, job_user="spoold-job", workdir=str(tmp_path / "work"))
+    assert (lane.job_user("0"), lane.job_user("1")) == ("spoold-job", "spoold-job")
+    (note,) = lane.notes
+    assert "share the user(s) spoold-job" in note
