@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 import spoold
-from tests.apiclient import Api, make_token, sse_events, start_api
+from tests.apiclient import Api, certificate, make_token, sse_events, start_api
 from tests.harness import DaemonProcess, run_cli, wait_finished, wait_for, write_config
 
 
@@ -398,13 +398,7 @@ def test_a_client_that_trickles_its_request_is_disconnected(tmp_path: Path) -> N
 
 
 def test_https_with_the_configured_certificate(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = certificate(tmp_path)
     started = start_api(tmp_path, api={"certfile": str(cert), "keyfile": str(key)})
     started.verify = str(cert)
     try:

@@ -20,7 +20,6 @@ import re
 import selectors
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ import yaml
 
 from spoold.core.config import load_config
 from spoold.core.errors import ConfigError
-from tests.apiclient import Api, module_api, start_api
+from tests.apiclient import Api, certificate, module_api, start_api
 from tests.harness import wait_for, write_config
 
 pytestmark = pytest.mark.daemon
@@ -48,17 +47,6 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """Plain HTTP on 127.0.0.1, with 127.0.0.2 and 10.9.0.0/16 as trusted proxies."""
     yield from module_api(tmp_path_factory, "proxied",
                           api={"trusted_proxies": [PROXY, "10.9.0.0/16"]})  # fmt: skip
-
-
-def certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def tls_api(tmp: Path, **api: object) -> Api:

@@ -12,31 +12,19 @@ import random
 import string
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from spoold.core.config import Config
 from spoold.core.joblog import HELD_BYTES, LINE_BOUND, JobLog, OutputStream
 from spoold.core.secrets import (
     MASK,
     MAX_FORM_SIZE,
     MAX_SECRET_SIZE,
     Masker,
-    SecretStore,
     base64_forms,
     encoded_forms,
 )
-from spoold.core.spool import JobDir, Spool
-from spoold.intake.incoming import Intake
-from spoold.intake.validation import job_validator
-from spoold.out.outbox import callbacks_for
-from spoold.run.registry import ExecutorRegistry
-from spoold.run.worker import JobRunner
-from tests.fakes import FakeClock
-from tests.harness import accept_and_run
-
-LOGGER = logging.getLogger("spoold.test.round31")
+from tests.test_secrets_round30 import LOGGER, Runner
 
 TOKEN = "ghp_Xq7+Lm/2Zt9Kd0wPa4Rv8sYb1Nc6Jh3Ue5Tf"
 SECRETS = [TOKEN, "p\u00e4ssw\u00f6rd-\u65e5\u672c", "abcd", "s3cr3t-TOKEN", "x" * 57]
@@ -203,43 +191,10 @@ def test_a_line_cut_at_the_bound_leaves_no_part_of_a_long_secrets_hex_or_base64(
 # --- a job, end to end -------------------------------------------------------------------------------
 
 
-class _Runner:
-    """A spool, intake with callbacks, and a runner, in this process, on a fake clock."""
-
-    def __init__(self, tmp_path: Path, secrets: dict[str, str]) -> None:
-        self.spool = Spool(tmp_path / "spool")
-        self.spool.init()
-        clock = FakeClock()
-        secrets_dir = tmp_path / "secrets"
-        secrets_dir.mkdir(mode=0o700)
-        for name, value in secrets.items():
-            (secrets_dir / name).write_text(value + "\n")
-            (secrets_dir / name).chmod(0o600)
-        config = Config(spool=self.spool.root, hostname="here", worker_id="w1", kill_grace=0.5,
-                        secrets_dir=secrets_dir)  # fmt: skip
-        registry = ExecutorRegistry.from_entry_points()
-        callbacks = callbacks_for(config, self.spool, clock, LOGGER)
-        self.intake = Intake(self.spool, job_validator(registry), clock,
-                             max_file_size=config.max_file_size, settle_time=0,
-                             on_accepted=lambda job, document: None, logger=LOGGER,
-                             callbacks=callbacks)  # fmt: skip
-        self.runner = JobRunner(self.spool, registry, config, clock, LOGGER,
-                                secrets=SecretStore(secrets_dir), masker=Masker(),
-                                callbacks=callbacks)  # fmt: skip
-
-    def run(self, document: dict[str, Any]) -> tuple[JobDir, dict[str, Any]]:
-        return accept_and_run(self.spool, self.intake, self.runner, document)
-
-    def written(self) -> str:
-        """Everything spoold wrote into the spool but job.yaml, which stays as submitted."""
-        files = (p for p in sorted(self.spool.root.rglob("*")) if p.is_file())
-        return "".join(p.read_text(errors="replace") for p in files if p.name != "job.yaml")
-
-
 def test_a_job_printing_its_token_in_base64_and_hex_leaks_it_nowhere(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    parts = _Runner(tmp_path, secrets={"TOK": TOKEN})
+    parts = Runner(tmp_path, secrets={"TOK": TOKEN})
     commands = [
         'printf %s "${secret:TOK}" | base64',
         "printf 'user:%s' \"${secret:TOK}\" | base64 -w0; echo",
