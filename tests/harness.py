@@ -508,6 +508,29 @@ class RunnerBench:
         return final.path
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, mode: int = 0o755) -> Iterator[None]:
+    """A tmpfs of ``size`` (``1m``) and ``mode`` mounted on ``path`` for the test (a full disk,
+    another filesystem), always unmounted after (lazily if still busy). Without root it cannot
+    be: a failure under CI, where every test runs, else a skip."""
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:04o}", "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        import pytest  # noqa: PLC0415 - the benchmarks import this module without pytest's
+
+        message = f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def intake_for(
     spool: Spool, clock: Clock, *, settle_time: float = 0.0, callbacks: Callbacks | None = None
 ) -> Intake:

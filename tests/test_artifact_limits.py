@@ -9,22 +9,19 @@ import errno
 import hashlib
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from spoold.core.clock import SystemClock
 from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError
 from spoold.core.spool import JobDir, Spool
-from spoold.intake.incoming import Accepted, Intake
-from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
+from tests.harness import accept_and_run, intake_for, tmpfs
 
 GIB = 1 << 30
 LOGGER = logging.getLogger("spoold.test")
@@ -157,22 +154,10 @@ def small_spool(tmp_path: Path) -> Iterator[Spool]:
     """A spool alone on a 1 MiB tmpfs."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(disk)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        message = f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
+    with tmpfs(disk, "1m"):
         spool = Spool(disk / "spool")
         spool.init()
         yield spool
-    finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_full_disk_leaves_no_part_of_a_copy_and_is_said(
@@ -198,21 +183,11 @@ def _run_job(tmp_path: Path, commands: list[str], **config: Any) -> tuple[JobDir
     spool = Spool(tmp_path / "spool")
     spool.init()
     cfg = Config(spool=spool.root, hostname="here", worker_id="w1", kill_grace=0.5, **config)
-    registry = ExecutorRegistry.from_entry_points()
     clock = SystemClock()
-    intake = Intake(spool, job_validator(registry), clock, max_file_size=cfg.max_file_size,
-                    settle_time=0, on_accepted=lambda job, document: None, logger=LOGGER)  # fmt: skip
-    runner = JobRunner(spool, registry, cfg, clock, LOGGER)
+    runner = JobRunner(spool, ExecutorRegistry.from_entry_points(), cfg, clock, LOGGER)
     document = {"job_id": "art", "executor": "local", "product": {"commands": commands},
                 "artifacts": [{"path": "out", "type": "dir"}]}  # fmt: skip
-    (spool.dir("incoming") / "j.yaml").write_text(yaml.safe_dump(document))
-    accepted = intake.offer("j.yaml", complete=True)
-    assert isinstance(accepted, Accepted), accepted
-    claimed = runner.claim("art")
-    assert claimed is not None
-    final = runner.run(claimed)
-    assert final is not None
-    return final, spool.jobs.read_status(final)
+    return accept_and_run(spool, intake_for(spool, clock), runner, document)
 
 
 def test_a_job_truncating_a_huge_file_keeps_its_outcome_and_the_spool_its_room(

@@ -10,7 +10,6 @@ import ctypes
 import errno
 import os
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -27,6 +26,7 @@ from tests.harness import (
     local_job,
     process_token,
     run_cli,
+    tmpfs,
     wait_finished,
     wait_for,
     write_config,
@@ -82,24 +82,10 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
     spool = disk / "spool"
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(disk)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        message = f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
+    with tmpfs(disk, "2m"):
         result = run_cli(spool, "init")
         assert result.returncode == 0, result.stderr
         yield spool
-    finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError
 from spoold.core.own_log import close_logging, configure_logging
 from spoold.core.spool import NotASpool, Spool
-from tests.harness import run_cli, write_config
+from tests.harness import run_cli, tmpfs, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,28 +83,12 @@ def test_a_file_where_a_state_directory_belongs_is_named_with_its_fix(tmp_path: 
 # -- 4. a state directory on another filesystem ------------------------------------------------
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path) -> Iterator[None]:
-    """A small tmpfs mounted on ``path`` for the test (root only), always unmounted."""
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0750", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-
-
 def test_a_state_directory_on_another_filesystem_is_refused_at_start(tmp_path: Path) -> None:
     """Every finish is a rename into done/: across filesystems, EXDEV, every 10 s, for ever."""
     root = tmp_path / "spool"
     Spool(root).init()
     config = write_config(tmp_path / "config.yaml", root, workdir=str(tmp_path / "work"))
-    with _tmpfs(root / "done"):
+    with tmpfs(root / "done", "1m", 0o750):
         with pytest.raises(NotASpool, match="done is on another filesystem"):
             Spool(root).check_filesystems()
         result = run_cli(root, "run", "--config", str(config), bound=60)
