@@ -80,10 +80,8 @@ def build_app(ctx: ApiContext) -> FastAPI:
     app.add_middleware(NoStore)
     _errors(app, ctx)
     from spoold.face import page  # noqa: PLC0415 - the web page, behind the same tokens
-    from spoold.face.page.session import HostCookies  # noqa: PLC0415 - as the page
 
     page.install(app, ctx)
-    app.add_middleware(HostCookies)
     return app
 
 

@@ -71,9 +71,9 @@ def _token_of(ctx: ApiContext, request: Request, presented: str | None) -> Token
     if token is None and not presented and request.method in ("GET", "HEAD"):
         # The web page's own reads (its live log's EventSource cannot send a header); a
         # change through the API always needs the token itself (no CSRF for the API).
-        from spoold.face.page.session import COOKIE, session_token  # noqa: PLC0415
+        from spoold.face.page.session import COOKIE, cookie_name, session_token  # noqa: PLC0415
 
-        token = session_token(ctx.spool, request.cookies.get(COOKIE))
+        token = session_token(ctx.spool, request.cookies.get(cookie_name(request, COOKIE)))
     return token
 
 

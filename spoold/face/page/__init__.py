@@ -44,6 +44,8 @@ from spoold.face.page.session import (
     LIFETIME,
     LOGIN_COOKIE,
     LOGIN_LIFETIME,
+    cookie_name,
+    cookie_path,
     csrf_ok,
     csrf_token,
     end_session,
@@ -185,7 +187,7 @@ class Viewer:
 
 def session_viewer(request: Request, ctx: Annotated[ApiContext, Depends(context)]) -> Viewer:
     """The session's viewer, whatever its scopes; LoginNeeded without a valid one."""
-    cookie = request.cookies.get(COOKIE)
+    cookie = request.cookies.get(cookie_name(request, COOKIE))
     token = session_token(ctx.spool, cookie)
     if token is None or cookie is None:
         raise LoginNeeded("log in")
@@ -285,8 +287,9 @@ def _login_page(
     shown = render(request, "login.html", None, error=error, csrf=login_csrf(ctx.spool, cookie))
     shown.status_code = status_code
     shown.set_cookie(
-        LOGIN_COOKIE, cookie, max_age=LOGIN_LIFETIME, path="/login", httponly=True,
-        samesite="strict", secure=_secure(request, ctx),
+        cookie_name(request, LOGIN_COOKIE), cookie, max_age=LOGIN_LIFETIME,
+        path=cookie_path(request, "/login"), httponly=True, samesite="strict",
+        secure=_secure(request, ctx),
     )  # fmt: skip
     shown.headers["Cache-Control"] = "no-store"
     return shown
@@ -304,7 +307,7 @@ def login(
     fields: Annotated[dict[str, str], Depends(form)],
 ) -> Response:
     # Not not_foreign: a refused login is the login page again, with why.
-    if foreign(request) or not login_csrf_ok(ctx.spool, request.cookies.get(LOGIN_COOKIE),
+    if foreign(request) or not login_csrf_ok(ctx.spool, request.cookies.get(cookie_name(request, LOGIN_COOKIE)),
                                     fields.get("csrf")):  # fmt: skip
         # Login CSRF: another site's page logging the operator in with a token of its own,
         # to see what the operator then does, or to show them its jobs as spoold's.
@@ -328,11 +331,11 @@ def login(
     answer = RedirectResponse("/", status_code=303)
     secure = _secure(request, ctx)
     answer.set_cookie(
-        COOKIE, session_cookie(ctx.spool, found), max_age=LIFETIME, path="/", httponly=True,
-        samesite="strict", secure=secure,
+        cookie_name(request, COOKIE), session_cookie(ctx.spool, found), max_age=LIFETIME,
+        path="/", httponly=True, samesite="strict", secure=secure,
     )  # fmt: skip
-    answer.delete_cookie(LOGIN_COOKIE, path="/login", httponly=True, samesite="strict",
-                         secure=secure)  # fmt: skip
+    answer.delete_cookie(cookie_name(request, LOGIN_COOKIE), path=cookie_path(request, "/login"),
+                         httponly=True, samesite="strict", secure=secure)  # fmt: skip
     return answer
 
 
@@ -357,8 +360,8 @@ def logout(
 ) -> RedirectResponse:
     end_session(ctx.spool, seen.cookie)
     answer = RedirectResponse("/login", status_code=303)
-    answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
-                         secure=_secure(request, ctx))  # fmt: skip
+    answer.delete_cookie(cookie_name(request, COOKIE), path="/", httponly=True,
+                         samesite="strict", secure=_secure(request, ctx))  # fmt: skip
     return answer
 
 

@@ -12,7 +12,7 @@ one too: bound to a random pre-session cookie (LOGIN_COOKIE, double submit), so 
 site can log the operator in with a token of its own. Logging out records the session as ended
 (in tokens/, until it would have expired): the cookie is refused everywhere from then on.
 
-Over TLS both cookies are ``__Host-`` cookies (``HostCookies``): a browser keeps one only if a
+Over TLS both cookies are ``__Host-`` cookies (``cookie_name``): a browser keeps one only if a
 secure page set it Secure, for Path=/ and without Domain, so neither a sibling subdomain nor a
 plain-HTTP page of this host (another port) can set or overwrite it, and a cookie of the bare
 name, which either could, is not believed over TLS. Over plain HTTP (loopback, a tunnel) they
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from spoold.core.tokens import Token, TokenError
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.requests import Request
 
     from spoold.core.spool import Spool
 
@@ -46,7 +46,6 @@ _KEY_RECORD = "session-key"
 _NONCE_BYTES = 16
 #: The name prefix of the page's cookies over TLS (see the module doc).
 HOST_PREFIX = "__Host-"
-_PAGE_COOKIES = (COOKIE, LOGIN_COOKIE)
 
 
 def _key(spool: Spool) -> bytes:
@@ -186,56 +185,14 @@ def flash_ok(csrf: str, text: str, mac: str | None) -> bool:
 # -- the cookies' names over TLS ---------------------------------------------------------------
 
 
-def cookies_over_tls(header: str) -> str:
-    """A Cookie header that came over TLS, as the page reads it: its ``__Host-`` cookies by
-    their bare names, and the bare-named ones it had left out (anyone could have set those)."""
-    kept: list[str] = []
-    for part in header.split(";"):
-        name, sep, value = part.strip().partition("=")
-        if not part.strip() or name.strip() in _PAGE_COOKIES:
-            continue
-        bare = name.strip().removeprefix(HOST_PREFIX)
-        kept.append(f"{bare if bare in _PAGE_COOKIES else name}{sep}{value}")
-    return "; ".join(kept)
+def cookie_name(request: Request, name: str) -> str:
+    """What the page's cookie ``name`` is called on ``request``: over TLS (the connection's, or
+    a trusted proxy's X-Forwarded-Proto) a ``__Host-`` cookie, so that one of the bare name,
+    which another could have set, is never read there (see the module doc)."""
+    return f"{HOST_PREFIX}{name}" if request.url.scheme == "https" else name
 
 
-def set_cookie_over_tls(header: str) -> str:
-    """A Set-Cookie header going out over TLS: one of the page's cookies as a ``__Host-``
-    cookie (Secure, Path=/, no Domain: a browser refuses the prefix without all three)."""
-    first, *attributes = header.split(";")
-    name, _, value = first.partition("=")
-    if name.strip() not in _PAGE_COOKIES:
-        return header
-    kept = [a.strip() for a in attributes
-            if a.strip() and a.split("=")[0].strip().lower() not in ("path", "domain", "secure")]  # fmt: skip
-    return "; ".join([f"{HOST_PREFIX}{name.strip()}={value}", *kept, "Path=/", "Secure"])
-
-
-class HostCookies:
-    """ASGI middleware: on a request that came over TLS (the connection's, or a trusted
-    proxy's X-Forwarded-Proto), the page's cookies are ``__Host-`` cookies on the wire and
-    their bare names within (``cookies_over_tls``, ``set_cookie_over_tls``)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("scheme") != "https":
-            await self.app(scope, receive, send)
-            return
-        headers = [
-            (key, cookies_over_tls(value.decode("latin-1")).encode("latin-1"))
-            if key == b"cookie" else (key, value)
-            for key, value in scope["headers"]
-        ]  # fmt: skip
-
-        async def host_cookies(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [
-                    (key, set_cookie_over_tls(value.decode("latin-1")).encode("latin-1"))
-                    if key.lower() == b"set-cookie" else (key, value)
-                    for key, value in message.get("headers", ())
-                ]}  # fmt: skip
-            await send(message)
-
-        await self.app({**scope, "headers": headers}, receive, host_cookies)
+def cookie_path(request: Request, path: str) -> str:
+    """Where the page's cookie set for ``path`` goes on ``request``: a ``__Host-`` cookie only
+    with Path=/ (a browser refuses the prefix otherwise)."""
+    return "/" if request.url.scheme == "https" else path
