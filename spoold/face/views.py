@@ -165,8 +165,10 @@ def job_view(spool: Spool, job: JobDir, status: dict[str, Any]) -> dict[str, Any
     return {**status, "steps": steps} if steps else status
 
 
-#: Where a job's steps are shown before status.json has them: a schedule's are its runs'.
-_STEPS_SHOWN = ("pending", "running", "done", "failed")
+#: Where a job's steps may be missing from status.json, to be shown from its file: not done/
+#: (a job succeeds only by its steps, all recorded, so its file is not read at each look),
+#: nor scheduled/ (a schedule's steps are its runs').
+_STEPS_SHOWN = ("pending", "running", "failed")
 
 
 def steps_before_start(steps: Any, *, ended: bool = False) -> dict[str, dict[str, Any]]:
