@@ -835,11 +835,16 @@ def config_home(key: str, text: str, *, pattern: bool = False) -> str:
     expanded = expand_home(text, pattern=pattern)
     if expanded is None:
         user = text.partition("/")[0][1:]
-        whose = f"there is no user {user!r} on this host" if user else "no home is known"
         raise ConfigError(
-            f"key {key}: {text!r} starts with ~{user}, but {whose}: write the path in full"
+            f"key {key}: {text!r} starts with ~{user}, but {no_home(text)}: write the path in full"
         )
     return expanded
+
+
+def no_home(text: str) -> str:
+    """Why ``expand_home`` could not expand ``text``: whose home is not known."""
+    user = text.partition("/")[0][1:]
+    return f"there is no user {user!r} on this host" if user else "no home is known"
 
 
 def _host_path_pattern(key: str, pattern: str) -> str:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from spoold.core.config import expand_home
+from spoold.core.config import expand_home, no_home
 from spoold.core.documents import DocPath, units_of
 from spoold.core.policy import Rules, Submitter
 from spoold.core.secrets import SECRET_NAME
@@ -96,8 +96,7 @@ def _host_path_refused(text: str, rules: Rules) -> str | None:
         return "a variable or a secret in it is known only when the job runs"
     expanded = expand_home(text)  # as the executor reads it, and the policy's patterns are
     if expanded is None:
-        user = text.partition("/")[0][1:]
-        return f"there is no user {user!r} on this host" if user else "no home is known"
+        return no_home(text)
     written, leads = os.path.normpath(expanded), os.path.realpath(expanded)
     if not rules.allows("host_paths", written):
         return "it is not among their host paths"
