@@ -72,6 +72,15 @@ def test_a_token_without_read_cannot_log_in(api: Api, scope: str) -> None:
     assert "read scope" in answer.text, answer.text
     assert COOKIE not in session.cookies
     assert session.get(api.url + "/jobs", allow_redirects=False, timeout=30).status_code == 303
+    said = re.compile(rf"page: login of token {scope} \([^)]*\) from 127\.0\.0\.1 refused: no read")
+    wait_for(lambda: said.search(api.daemon.log()), what="the refused login in the daemon's log")
+
+
+def test_a_login_says_where_it_came_from(api: Api) -> None:
+    """A token that leaked shows up logging in from an address it never used."""
+    assert post_login(api, requests.Session(), api.tokens["read"]).status_code == 303
+    said = re.compile(r"page: token read \([^)]*\) logged in from 127\.0\.0\.1")
+    wait_for(lambda: said.search(api.daemon.log()), what="the login in the daemon's log")
 
 
 def test_a_session_of_a_token_without_read_sees_no_page(api: Api) -> None:

@@ -34,6 +34,7 @@ from spoold.face.api.auth import Caller, context
 from spoold.face.api.context import (
     ApiContext,
     absolute_url,
+    client_of,
     path_of,
     public_message,
     status_of,
@@ -321,13 +322,15 @@ def login(
         return _login_page(request, ctx, "That token is not valid.", 401)
     if not found.allows("read"):
         # Every page shows what the read scope covers: a session without it would see nothing.
-        ctx.logger.info("page: login of %s refused: no read scope", Caller(found).who)
+        ctx.logger.info("page: login of %s from %s refused: no read scope", Caller(found).who,
+                        client_of(request))  # fmt: skip
         return _login_page(
             request, ctx, f"The token {found.name} has no read scope (it has "
             f"{', '.join(found.scopes)}): the page needs read. Log in with a token made with "
             "--scope read (and control, for the buttons).", 403,
         )  # fmt: skip
-    ctx.logger.info("page: %s logged in", Caller(found).who)
+    # Where from: a token that leaked is seen logging in from an address it never used.
+    ctx.logger.info("page: %s logged in from %s", Caller(found).who, client_of(request))
     answer = RedirectResponse("/", status_code=303)
     secure = _secure(request, ctx)
     answer.set_cookie(
