@@ -23,11 +23,12 @@ from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import Spool
 from spoold.out.outbox import Callbacks, callbacks_for
 from spoold.run import observed
+from spoold.run.executor_slots import ExecutorSlots
 from spoold.run.heartbeat import LeaseHeartbeat
 from spoold.run.launcher import Launcher
 from spoold.run.log_socket import LogTap
 from spoold.run.observed import Observation
-from spoold.run.pool import ParentLink, receive_setup, serve_jobs
+from spoold.run.pool import LinkedSlots, ParentLink, receive_setup, serve_jobs
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner, WorkerPool
 
@@ -88,15 +89,17 @@ class Parts:
         daemon_pid: int | None = None,
         on_deferred: Callable[[str, float], None] | None = None,
         observe: Callable[[Observation], None] | None = None,
+        slots: ExecutorSlots | None = None,
     ) -> JobRunner:
         """The job runner of this process (``daemon_pid``: the daemon's, in a worker process);
-        ``observe`` hears of each change of state it makes (the metrics')."""
+        ``observe`` hears of each change of state it makes (the metrics'); ``slots``: where
+        its jobs' steps take their executors' slots (this process counts them if not given)."""
         listeners = () if observe is None else (observed.listener(observe, self.clock),)
         return JobRunner(
             self.spool, self.registry, self.config, self.clock, self.logger,
             daemon_pid=daemon_pid, on_deferred=on_deferred, secrets=self.secrets,
             masker=self.masker, tap=LogTap.open(self.config.log_socket), callbacks=self.callbacks,
-            listeners=listeners,
+            listeners=listeners, slots=slots,
         )  # fmt: skip
 
     def heartbeat(self, runner: JobRunner) -> LeaseHeartbeat:
@@ -127,10 +130,13 @@ def serve_worker_process(fd: int) -> None:
     Launcher.shared().start()  # before Ready: the first job does not wait for a new Python
     parent = ParentLink(conn)
     observe = parent.observed if setup.observe else None
-    runner = parts.runner(daemon_pid=setup.parent, on_deferred=parent.deferred, observe=observe)
+    slots = LinkedSlots(parent, setup.config.executor_limits)
+    runner = parts.runner(
+        daemon_pid=setup.parent, on_deferred=parent.deferred, observe=observe, slots=slots
+    )
     pool = WorkerPool(runner, setup.slots, parts.logger, on_done=parent.done, clock=parts.clock)
     heartbeat = parts.heartbeat(runner)
     serve_jobs(
-        conn, parent, runner, pool, heartbeat, launcher=Launcher.shared(), config=parts.config,
-        clock=parts.clock, linger=setup.linger,
+        conn, parent, runner, pool, heartbeat, launcher=Launcher.shared(), slots=slots,
+        config=parts.config, clock=parts.clock, linger=setup.linger,
     )  # fmt: skip

@@ -432,6 +432,7 @@ def test_a_step_retries_on_its_own_and_has_its_own_timeout(tmp_path: Path) -> No
     } == {
         "state": "succeeded", "attempts": 2, "exit_code": 0, "error": None,
         "started_at": None, "finished_at": None, "continue_on_error": False,
+        "executor": "local",
     }  # fmt: skip
     assert flaky_entry["usage_attempt"] == 1 and flaky_entry["usage"]["wall_seconds"] is not None
     assert status["steps"]["slow"]["state"] == "failed"

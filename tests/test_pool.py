@@ -26,6 +26,7 @@ from spoold.run.pool import (
     DOCUMENTS_KEPT,
     Done,
     Leaving,
+    LinkedSlots,
     ParentLink,
     Ready,
     Returned,
@@ -254,10 +255,12 @@ class _NoSupervisors:
 def _serving(slots: _Slots, linger: float) -> tuple[Connection, threading.Thread]:
     """serve_jobs over ``slots`` in a thread, its Ready read; the main process's end."""
     ours, theirs = Pipe()
+    parent = ParentLink(theirs)
     serving = threading.Thread(target=serve_jobs, args=(
-        theirs, ParentLink(theirs), slots, slots, _Beat(),
-    ), kwargs={"launcher": _NoSupervisors(), "config": Config(shutdown_grace=1.0),
-               "clock": SystemClock(), "linger": linger})  # fmt: skip
+        theirs, parent, slots, slots, _Beat(),
+    ), kwargs={"launcher": _NoSupervisors(), "slots": LinkedSlots(parent, {}),
+               "config": Config(shutdown_grace=1.0), "clock": SystemClock(),
+               "linger": linger})  # fmt: skip
     serving.start()
     assert _next(ours) == Ready()
     wait_for(lambda: slots.looks >= 1, what="its first look")  # busy: then it waits

@@ -381,7 +381,8 @@ class Config(NamedTuple):
     #: (``limits.max_artifacts``, ``limits.max_artifacts_size``); what passes one is left out.
     max_artifacts: int = 1000
     max_artifacts_size: int = 1024 * 1024 * 1024
-    #: At most this many jobs of an executor at once (``limits.executors``), beyond ``workers``.
+    #: At most this many jobs or steps of an executor at once, across all jobs
+    #: (``limits.executors``), beyond ``workers``.
     executor_limits: Mapping[str, int] = {}
     workdir: Path | None = None
     logdir: Path | None = None

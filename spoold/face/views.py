@@ -408,8 +408,9 @@ def _waiting_reasons(
         if busy >= limit:
             reasons.append(f"for concurrency key {key!r}: {busy} running, limit {limit}")
     executor = status.get("executor")
-    if (cap := config.executor_limits.get(str(executor))) is not None:
-        busy = sum(1 for s in running if s.get("executor") == executor)
+    # A job with steps takes no slot of an executor: each of its steps takes its own's.
+    if not status.get("steps") and (cap := config.executor_limits.get(str(executor))) is not None:
+        busy = sum(_slots_held(s, str(executor)) for s in running)
         if busy >= cap:
             reasons.append(f"for a {executor} slot: {busy} running, limits.executors: {cap}")
     if len(running) >= config.workers:
@@ -422,6 +423,20 @@ def _waiting_reasons(
         reasons.append(f"for a daemon: none runs on {config.host_id} for this spool, "
                        "nor on another host (spoold hosts)")  # fmt: skip
     return reasons or ["for its turn: nothing else holds it back"]
+
+
+def _slots_held(status: dict[str, Any], executor: str) -> int:
+    """How many slots of ``executor`` a running job holds: one, or its steps' that run."""
+    steps = status.get("steps")
+    if not steps or not isinstance(steps, dict):
+        return int(status.get("executor") == executor)
+    return sum(
+        1
+        for step in steps.values()
+        if isinstance(step, dict)
+        and step.get("state") == "running"
+        and step.get("executor") == executor
+    )
 
 
 def _moment(text: str) -> datetime | None:

@@ -28,6 +28,7 @@ order is the same, since only a lane's youngest are ever packed.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -52,11 +53,14 @@ class JobMeta:
     def from_document(cls, document: Mapping[str, Any]) -> JobMeta:
         """From a validated job document, or from a status.json that kept these fields.
 
+        A job with steps takes no slot of an executor: each of its steps takes one of its
+        own executor's as it runs (``want_slot``). Its status.json says so once its steps
+        ran; before that, its worker says so as they start (``stepping``).
         Jobs alike share one: a flood of 10,000 queued jobs held one each.
         """
         concurrency = document.get("concurrency") or {}
         return _meta(
-            str(document.get("executor") or ""),
+            "" if document.get("steps") else str(document.get("executor") or ""),
             int(document.get("priority") or 0),
             concurrency.get("key"),
             int(concurrency.get("limit", 1)),
@@ -76,6 +80,10 @@ class _Waiting:
     seq: int
     payload: Any = field(compare=False)
 
+
+#: A step's slot of its executor (``want_slot``): which worker process asked (its index in
+#: the plan, its pid) and the token it gave the step's try.
+SlotKey = tuple[int, int, str]
 
 #: Waiting jobs held as objects before lanes pack their youngest: a flood's first second.
 HELD = 1024
@@ -203,6 +211,10 @@ class DispatchQueue:
         #: Claims in running/ not (yet) adopted here (``hold``), each counted by its limits.
         self._claims: dict[str, JobMeta] = {}
         self._seq = itertools.count()
+        #: Steps holding a slot of their executor (``want_slot``), by key: the executor.
+        self._slots: dict[SlotKey, str] = {}
+        #: Steps waiting for a slot, by executor, oldest first; they go before any job of it.
+        self._slot_queue: dict[str, dict[SlotKey, None]] = {}
 
     def __bool__(self) -> bool:
         # A lane with packed jobs has unpacked ones before them.
@@ -312,8 +324,10 @@ class DispatchQueue:
             found: list[tuple[_Entry, list[_Entry]]] = []  # each executor's oldest allowed
             for executor in list(by_executor):
                 limit = self._executor_limits.get(executor)
-                if limit is not None and self._by_executor[executor] >= limit:
-                    continue
+                if limit is not None and (
+                    self._by_executor[executor] >= limit or executor in self._slot_queue
+                ):
+                    continue  # full, or its slots go to steps that wait already
                 if (entry := self._first_allowed(by_executor, executor)) is not None:
                     found.append((entry, by_executor[executor]))
             if found:
@@ -344,6 +358,62 @@ class DispatchQueue:
             return
         self._count(active.meta, -1)
         self._put(active)
+
+    def stepping(self, job_id: str) -> None:
+        """A job handed out (or adopted) runs steps: it holds no slot of its executor, its
+        steps do (``want_slot``). Its status.json did not say so when it was queued."""
+        waiting = self._active.get(job_id) or self._adopted.get(job_id)
+        if waiting is not None and waiting.meta.executor:
+            _less(self._by_executor, waiting.meta.executor)
+            waiting.meta = dataclasses.replace(waiting.meta, executor="")
+            self._by_executor[""] += 1  # as its ``finished`` will count it off
+
+    def want_slot(self, key: SlotKey, executor: str, *, running: bool = False) -> bool:
+        """A step asks for a slot of ``executor``: whether it has one now. Else it waits,
+        before any job of that executor, until ``granted`` names it; ``free_slot`` ends
+        either. ``running``: it runs already (an adopted step): counted at once, whatever
+        the limit, as an adopted job is."""
+        limit = self._executor_limits.get(executor)
+        if limit is None or key in self._slots:
+            return True
+        if running or (not self._slot_queue.get(executor) and self._by_executor[executor] < limit):
+            self._slots[key] = executor
+            self._by_executor[executor] += 1
+            return True
+        self._slot_queue.setdefault(executor, {})[key] = None
+        return False
+
+    def free_slot(self, key: SlotKey) -> None:
+        """A step's slot is free (its try ended), or it no longer waits for one."""
+        if (executor := self._slots.pop(key, None)) is not None:
+            _less(self._by_executor, executor)
+            return
+        for executor, waiting in list(self._slot_queue.items()):
+            if waiting.pop(key, 0) is None and not waiting:
+                del self._slot_queue[executor]
+
+    def free_slots(self, index: int, pid: int) -> None:
+        """Free every slot held or asked for by the steps of a worker process (it died)."""
+        for key in [key for key in self._slots if key[:2] == (index, pid)]:
+            self.free_slot(key)
+        for waiting in list(self._slot_queue.values()):
+            for key in [key for key in waiting if key[:2] == (index, pid)]:
+                self.free_slot(key)
+
+    def granted(self) -> list[SlotKey]:
+        """The steps that had waited and have their slot now, oldest first in each executor."""
+        found: list[SlotKey] = []
+        for executor, waiting in list(self._slot_queue.items()):
+            limit = self._executor_limits.get(executor, 0)
+            while waiting and self._by_executor[executor] < limit:
+                key = next(iter(waiting))
+                del waiting[key]
+                self._slots[key] = executor
+                self._by_executor[executor] += 1
+                found.append(key)
+            if not waiting:
+                del self._slot_queue[executor]
+        return found
 
     def priority_of(self, job_id: str) -> int:
         """The priority of a job waiting or handed out (0 if unknown)."""

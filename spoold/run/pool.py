@@ -8,12 +8,17 @@ and a worker process reports each job it is done with. Each process holds one jo
 slots, so that a slot starts its next job without a round trip; a job held behind a long one
 is taken back when another process has a slot free. A worker process that dies is replaced,
 and its claims are recovered as a crashed daemon's would be: they carry its pid.
+
+The steps of a job ask the main process for their executors' slots too (SlotWanted, then
+SlotGranted, SlotFreed: spoold.run.executor_slots), so that ``limits.executors`` holds across
+the jobs of every worker process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import marshal
 import os
@@ -32,7 +37,8 @@ from spoold.core.clock import Clock
 from spoold.core.config import Config
 from spoold.core.errors import WorkerProcessError
 from spoold.core.procfs import release_memory
-from spoold.run.dispatch import DispatchQueue, JobMeta
+from spoold.run.dispatch import DispatchQueue, JobMeta, SlotKey
+from spoold.run.executor_slots import Ticket, free_ticket
 from spoold.run.heartbeat import LeaseHeartbeat
 from spoold.run.launcher import DaemonLauncher, Launcher
 from spoold.run.observed import Observation
@@ -145,7 +151,42 @@ class Observed:
     observations: tuple[Observation, ...]
 
 
-Message = RunJob | Stop | Ready | Leaving | Done | Revoke | Returned | Deferred | Observed
+@dataclass(frozen=True, slots=True)
+class Stepping:
+    """From a worker process: a job it runs has steps, which take their executors' slots
+    (``SlotWanted``); the job holds none of its own executor's."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotWanted:
+    """From a worker process: a step's try wants a slot of ``executor`` (``running``: the
+    step runs already, adopted). The main process answers SlotGranted, at once or in turn."""
+
+    token: str
+    executor: str
+    running: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFreed:
+    """From a worker process: a step's slot is free, or the step no longer waits for one."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGranted:
+    """To a worker process: the step that asked (SlotWanted) has its slot."""
+
+    token: str
+
+
+Message = (
+    RunJob | Stop | Ready | Leaving | Done | Revoke | Returned | Deferred | Observed
+    | Stepping | SlotWanted | SlotFreed | SlotGranted
+)  # fmt: skip
 
 
 def send_message(conn: Connection, message: Message) -> None:
@@ -175,6 +216,14 @@ def send_message(conn: Connection, message: Message) -> None:
             data = marshal.dumps(("deferred", job_id, due))
         case Observed(observations):
             data = marshal.dumps(("observed", tuple(each.to_wire() for each in observations)))
+        case Stepping(job_id):
+            data = marshal.dumps(("stepping", job_id))
+        case SlotWanted(token, executor, running):
+            data = marshal.dumps(("slot", token, executor, running))
+        case SlotFreed(token):
+            data = marshal.dumps(("slot-free", token))
+        case SlotGranted(token):
+            data = marshal.dumps(("slot-go", token))
     conn.send_bytes(data)
 
 
@@ -208,6 +257,14 @@ def receive_message(conn: Connection) -> Message:
                 return Observed(tuple(Observation.from_wire(wire) for wire in batch))
         case ("returned", tuple(job_ids)) if all(isinstance(j, str) for j in job_ids):
             return Returned(job_ids)
+        case ("stepping", str(job_id)):
+            return Stepping(job_id)
+        case ("slot", str(token), str(executor), bool(running)):
+            return SlotWanted(token, executor, running)
+        case ("slot-free", str(token)):
+            return SlotFreed(token)
+        case ("slot-go", str(token)):
+            return SlotGranted(token)
     raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
 
 
@@ -427,6 +484,8 @@ class WorkerProcesses:
             handed = self._fill() if freed else []
         for each in handed:
             self._send(each)
+        if freed:
+            self._grant_slots()
 
     def held_claims(self) -> frozenset[str]:
         """The claims ``hold_claims`` holds still."""
@@ -469,6 +528,8 @@ class WorkerProcesses:
                 for job_id in link.in_flight:
                     self._queue.lost(job_id)  # counted until adopted, or let go (hold_claims)
                 link.in_flight.clear()
+                self._queue.free_slots(link.index, link.process.pid)
+            self._grant_slots()
             self._logger.error(
                 "worker process %d (pid %d) ended with %s; starting a new one",
                 link.index, link.process.pid, _describe_exit(code),
@@ -603,6 +664,25 @@ class WorkerProcesses:
                         handed_out = [self._hand_out(self._free_link()) for _ in message.job_ids]
                     for each in handed_out:
                         self._send(each)
+                elif isinstance(message, SlotWanted):
+                    with self._lock:
+                        now = self._queue.want_slot(
+                            _slot_key(link, message.token), message.executor,
+                            running=message.running,
+                        )  # fmt: skip
+                    if now:
+                        link.send(SlotGranted(message.token))
+                    continue  # frees nothing
+                elif isinstance(message, SlotFreed | Stepping):
+                    with self._lock:
+                        if isinstance(message, Stepping):
+                            self._queue.stepping(message.job_id)
+                        else:
+                            self._queue.free_slot(_slot_key(link, message.token))
+                        filled = self._fill()
+                    for each in filled:
+                        self._send(each)
+                self._grant_slots()  # whatever freed one: the steps waiting go first
         except (EOFError, OSError, WorkerProcessError):
             pass  # a worker process that says nonsense is as good as dead: it is replaced
         if link.retiring:
@@ -624,6 +704,17 @@ class WorkerProcesses:
             # A burst (a flood's intake) left free pages in the heaps of the threads that
             # served it: a daemon at rest gives them back (~1 MiB after 10,000 files).
             release_memory()
+
+    def _grant_slots(self) -> None:
+        """Tell the steps that waited for a slot of their executor, and have one now."""
+        with self._lock:
+            if not (granted := self._queue.granted()):
+                return
+            links = {(link.index, link.process.pid): link for link in self._live()}
+        for index, pid, token in granted:
+            if (link := links.get((index, pid))) is not None:
+                with contextlib.suppress(OSError):  # it died: its slots are freed as it goes
+                    link.send(SlotGranted(token))
 
     def _leaving(self, link: _Link) -> None:
         """A worker process had nothing to do for a while: stop it, unless a job is on its way."""
@@ -712,6 +803,12 @@ class WorkerProcesses:
         return best if best is not None and best.free > 0 else None
 
 
+def _slot_key(link: _Link, token: str) -> SlotKey:
+    """A step's slot as dispatch knows it: its worker process (a replacement is another) and
+    the token that process gave it."""
+    return link.index, link.process.pid, token
+
+
 def _revoke(holder: _Link | None) -> None:
     """Ask ``holder`` (if any) for the jobs it holds unstarted."""
     if holder is not None:
@@ -783,13 +880,15 @@ def serve_jobs(
     heartbeat: LeaseHeartbeat,
     *,
     launcher: Launcher,
+    slots: LinkedSlots,
     config: Config,
     clock: Clock,
     linger: float,
 ) -> None:
     """A worker process's loop: take jobs from the main process, keep leases alive, let
-    supervisors that wait for work too long go (``launcher``), say Leaving when it had
-    nothing to do for ``linger`` seconds (0: never), stop.
+    supervisors that wait for work too long go (``launcher``), hand the slots the main process
+    grants to the steps that asked (``slots``), say Leaving when it had nothing to do for
+    ``linger`` seconds (0: never), stop.
 
     ``heartbeat`` is ticked between messages while a job is queued or runs here.
     """
@@ -834,6 +933,8 @@ def serve_jobs(
                 if message.document is not None:
                     runner.remember(message.job_id, message.document)
                 pool.submit(message.job_id, adopt=message.adopt)
+            elif isinstance(message, SlotGranted):
+                slots.granted(message.token)
             elif isinstance(message, Revoke):
                 parent.send(Returned(tuple(pool.revoke())))
         now = clock.monotonic()
@@ -927,3 +1028,41 @@ class ParentLink:
                     continue
                 with contextlib.suppress(OSError):
                     self._send_held()
+
+
+class LinkedSlots:
+    """A worker process's executor slots (spoold.run.executor_slots): the main process counts
+    them with its jobs', and answers each claim in turn."""
+
+    def __init__(self, parent: ParentLink, limits: Mapping[str, int]) -> None:
+        self._parent = parent
+        self._limits = dict(limits)
+        self._lock = threading.Lock()
+        self._tickets: dict[str, Ticket] = {}
+        self._tokens = itertools.count()
+
+    def stepping(self, job_id: str) -> None:
+        if self._limits:  # else its executor is counted by nothing
+            self._parent.send(Stepping(job_id))
+
+    def claim(self, executor: str, *, running: bool = False) -> Ticket:
+        if executor not in self._limits:
+            return free_ticket()
+        token = str(next(self._tokens))
+        ticket = Ticket(lambda: self._free(token))
+        with self._lock:
+            self._tickets[token] = ticket
+        self._parent.send(SlotWanted(token, executor, running))
+        return ticket
+
+    def granted(self, token: str) -> None:
+        """The main process's SlotGranted (one given back meanwhile is freed again by it)."""
+        with self._lock:
+            ticket = self._tickets.get(token)
+        if ticket is not None:
+            ticket.granted.set()
+
+    def _free(self, token: str) -> None:
+        with self._lock:
+            del self._tickets[token]
+        self._parent.send(SlotFreed(token))

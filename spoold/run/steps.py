@@ -1,7 +1,9 @@
 """One attempt of a job with ``steps:``: each step once its needs succeeded, independent ones
 in parallel, each with its own executor, timeout, retries, log section and status entry.
 Parallel within bounds: at most ``workers`` steps of the job at once, and of one executor at
-most its ``limits.executors`` (counted within the job only: other jobs' runs are dispatch's).
+most its ``limits.executors``, counted across every job the daemon runs: each try of a step
+takes a slot of its executor as a job without steps does (spoold.run.executor_slots), waiting
+for one, pending, if they are all taken; the job itself takes none.
 
 ``spoold.run.dag`` decides what may start; this runs it. Steps share the job's work dir (a later
 step uses what an earlier one built) and its cancel switch. The job's ``timeout`` bounds the
@@ -32,6 +34,7 @@ from spoold.core.joblog import JobLog
 from spoold.core.units import format_duration
 from spoold.executors.base import ExecResult
 from spoold.run.dag import StepScheduler, StepState, carried_over
+from spoold.run.executor_slots import ExecutorSlots, LocalSlots, Ticket
 
 #: What runs one attempt of one step: (step id, its spec, its log section) -> result.
 RunUnit = Callable[[str, JobSpec, JobLog], ExecResult]
@@ -65,6 +68,7 @@ class StepsRun:
         cancel: threading.Event,
         parallel: int,
         executor_limits: Mapping[str, int] | None = None,
+        slots: ExecutorSlots | None = None,
         on_change: Callable[[dict[str, Any]], None],
         draw: Callable[[], float],
         adopted_from: str | None = None,
@@ -75,7 +79,9 @@ class StepsRun:
         that is gone (RFC 3339): the job's timeout counts from there. ``interrupted``: whether
         ``cancel`` was set because spoold stops, not by a cancel of the job.
         ``parallel``: the job's steps running at once (the config's ``workers``);
-        ``executor_limits``: of those, the most of one executor (``limits.executors``)."""
+        ``executor_limits``: of those, the most of one executor (``limits.executors``);
+        ``slots``: where each try takes a slot of its executor, beside other jobs' (counted
+        among this job's steps alone if not given)."""
         self._spec = spec
         steps = spec.document["steps"]
         kept = carried_over(steps, _recorded_states(previous))
@@ -103,6 +109,12 @@ class StepsRun:
         # rate limit is not the job's to exceed by running its steps side by side.
         self._caps = {name: max(cap, 1) for name, cap in (executor_limits or {}).items()}
         self._kinds = {step["id"]: str(step.get("executor") or spec.executor) for step in steps}
+        self._slots = slots if slots is not None else LocalSlots(self._caps)
+        # Adopted, a step that ran when its worker went runs on: it has its slot at once.
+        self._running_before = set() if adopted_from is None else {
+            step_id for step_id, state in _recorded_states(previous).items()
+            if state == StepState.RUNNING.value and step_id not in kept
+        }  # fmt: skip
         self._on_change = on_change
         self._draw = draw  # the jitter of step retries
         self._adopted_from = adopted_from
@@ -115,6 +127,7 @@ class StepsRun:
     def run(self) -> ExecResult:
         """Run until no step can start any more; the result is the job attempt's."""
         self._deadline = self._start_deadline()
+        self._slots.stepping(self._spec.job_id)
         finished: queue.SimpleQueue[tuple[str, ExecResult]] = queue.SimpleQueue()
         running = 0
         results: dict[str, ExecResult] = {}
@@ -234,49 +247,88 @@ class StepsRun:
         step = self._scheduler.step(step_id)
         spec = step_spec(self._spec, step)
         log = self._log.section(step_id)
+        kind = self._kinds[step_id]
         number = 0
+        result: ExecResult | None = None  # the try before
         while True:
             number += 1
-            if number == 1 and self._stopped():  # stopped as it was about to start: not run
+            ticket, stopped = self._turn(step_id, kind, log, running=number == 1
+                                         and step_id in self._running_before)  # fmt: skip
+            if result is not None and stopped is not None:  # it waited for a slot to try again
+                ticket.give_back()
+                return self._stopped_between(step_id, log, result, number - 1, stopped)
+            if result is None and (stopped is not None or self._stopped()):
+                ticket.give_back()  # stopped as it was about to start: not run
                 with self._lock:
                     self._unstarted.add(step_id)
                 return ExecResult(exit_code=None, error="not run")
-            left = self._left()
-            # The job's timeout, where it ends no later than the step's own (which is the
-            # job's, unless the step has one): a try it ends is cut off, not failed.
-            bounded = left is not None and (spec.timeout is None or left <= spec.timeout)
-            unit = dataclasses.replace(spec, timeout=max(left or 0.0, 0.0)) if bounded else spec
-            log.info(f"step {step_id} started (attempt {number} of {spec.retry.attempts})")
-            self._record(step_id, state=StepState.RUNNING.value, attempts=number,
-                         started_at=rfc3339(self._clock.now()), finished_at=None,
-                         exit_code=None, error=None, drop=("cancelled",))  # fmt: skip
-            result = self._run_unit(step_id, unit, log)
-            if result.interrupted or result.cancelled:  # not the step's doing
-                return self._ended(step_id, log, result, StepState.CANCELLED, result.failure)
-            if result.timed_out and bounded:
-                self._cut(step_id)
-                why = f"cut off: the job's timeout of {self._timeout_words()} ran out"
-                return self._ended(step_id, log, result, StepState.TIMED_OUT, why)
-            failed = not result.succeeded
-            if failed and spec.retry.should_retry(number, result.exit_code):
-                wait = spec.retry.delay(number, self._draw)
-                log.error(
-                    f"step {step_id} failed ({result.failure}); retrying in {format_duration(wait)}"
-                )
-                stopped = self._wait(wait)
-                if stopped is None:
-                    continue
-                # Cut off while it waited: the tries it had left are a next run's.
-                if stopped is StepState.TIMED_OUT:
-                    self._cut(step_id)
-                    why = f"the job's timeout of {self._timeout_words()} ran out"
-                else:
-                    why = "cancelled"
-                said = f"{why} while it waited to try again (try {number}: {result.failure})"
-                result = dataclasses.replace(result, cancelled=stopped is StepState.CANCELLED)
-                return self._ended(step_id, log, result, stopped, said)
-            state = StepState.SUCCEEDED if result.succeeded else StepState.FAILED
-            return self._ended(step_id, log, result, state, result.error)
+            try:
+                tried = self._try(step_id, spec, log, number)
+            finally:
+                ticket.give_back()
+            if isinstance(tried, tuple):  # cut off: the step ends
+                return tried[0]
+            result = tried
+            if result.succeeded or not spec.retry.should_retry(number, result.exit_code):
+                state = StepState.SUCCEEDED if result.succeeded else StepState.FAILED
+                return self._ended(step_id, log, result, state, result.error)
+            wait = spec.retry.delay(number, self._draw)
+            log.error(
+                f"step {step_id} failed ({result.failure}); retrying in {format_duration(wait)}"
+            )
+            if (stopped := self._wait(wait)) is not None:
+                return self._stopped_between(step_id, log, result, number, stopped)
+
+    def _turn(
+        self, step_id: str, kind: str, log: JobLog, *, running: bool
+    ) -> tuple[Ticket, StepState | None]:
+        """A slot of the step's executor for its next try, and what cut the wait for it short
+        (the job's cancel, its timeout), if anything did."""
+        ticket = self._slots.claim(kind, running=running)
+        if ticket.granted.is_set():
+            return ticket, None
+        log.info(f"step {step_id} waits for a {kind} slot (limits.executors: "
+                 f"{self._caps.get(kind)}, other jobs' runs and steps hold them)")  # fmt: skip
+        return ticket, self._wait(None, until=ticket.granted)
+
+    def _try(
+        self, step_id: str, spec: JobSpec, log: JobLog, number: int
+    ) -> ExecResult | tuple[ExecResult]:
+        """Run one try of a step; its result, or (in a tuple) the step's end when the try
+        was cut off (a cancel, the job's timeout)."""
+        left = self._left()
+        # The job's timeout, where it ends no later than the step's own (which is the
+        # job's, unless the step has one): a try it ends is cut off, not failed.
+        bounded = left is not None and (spec.timeout is None or left <= spec.timeout)
+        unit = dataclasses.replace(spec, timeout=max(left or 0.0, 0.0)) if bounded else spec
+        log.info(f"step {step_id} started (attempt {number} of {spec.retry.attempts})")
+        # Its executor too: who asks why a job waits counts the slots running steps hold.
+        self._record(step_id, state=StepState.RUNNING.value, attempts=number,
+                     executor=self._kinds[step_id], started_at=rfc3339(self._clock.now()),
+                     finished_at=None, exit_code=None, error=None,
+                     drop=("cancelled",))  # fmt: skip
+        result = self._run_unit(step_id, unit, log)
+        if result.interrupted or result.cancelled:  # not the step's doing
+            return (self._ended(step_id, log, result, StepState.CANCELLED, result.failure),)
+        if result.timed_out and bounded:
+            self._cut(step_id)
+            why = f"cut off: the job's timeout of {self._timeout_words()} ran out"
+            return (self._ended(step_id, log, result, StepState.TIMED_OUT, why),)
+        return result
+
+    def _stopped_between(
+        self, step_id: str, log: JobLog, result: ExecResult, number: int, stopped: StepState
+    ) -> ExecResult:
+        """A step cut off (``stopped``) while it waited to try again after try ``number``
+        (``result``): the tries it had left are a next run's."""
+        if stopped is StepState.TIMED_OUT:
+            self._cut(step_id)
+            why = f"the job's timeout of {self._timeout_words()} ran out"
+        else:
+            why = "cancelled"
+        said = f"{why} while it waited to try again (try {number}: {result.failure})"
+        result = dataclasses.replace(result, cancelled=stopped is StepState.CANCELLED)
+        return self._ended(step_id, log, result, stopped, said)
 
     def _ended(
         self, step_id: str, log: JobLog, result: ExecResult, state: StepState, error: str | None
@@ -301,19 +353,22 @@ class StepsRun:
             log.error(f"step {step_id} {state.value}: {error}")
         return result
 
-    def _wait(self, seconds: float) -> StepState | None:
-        """Wait ``seconds`` on the clock for a step's next try: what cut the wait short (the
-        job's cancel, its timeout), or None."""
-        until = self._clock.monotonic() + seconds
+    def _wait(
+        self, seconds: float | None, *, until: threading.Event | None = None
+    ) -> StepState | None:
+        """Wait ``seconds`` on the clock (None: no end) or ``until`` is set: what cut the wait
+        short (the job's cancel, its timeout), or None."""
+        end = None if seconds is None else self._clock.monotonic() + seconds
         while True:
             if self._cancel.is_set():
                 return StepState.CANCELLED
             now = self._clock.monotonic()
             if self._deadline is not None and now >= self._deadline:
                 return StepState.TIMED_OUT
-            if now >= until:
+            if (end is not None and now >= end) or (until is not None and until.is_set()):
                 return None
-            self._cancel.wait(min(until - now, _WAIT_TURN))
+            turn = _WAIT_TURN if end is None else min(end - now, _WAIT_TURN)
+            (until or self._cancel).wait(turn)
 
     def _cut(self, step_id: str) -> None:
         with self._lock:

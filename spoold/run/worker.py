@@ -51,6 +51,7 @@ from spoold.core.usage import StepUsage, Usage
 from spoold.executors.base import ExecResult, Executor, RunContext, resumed
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.control import cancel_reason, cancel_words
+from spoold.run.executor_slots import ExecutorSlots, LocalSlots
 from spoold.run.hooks import HookRunner
 from spoold.run.lane import Lane
 from spoold.run.launcher import ArtifactsLeft, Chore, Launcher, LauncherError, Supervised
@@ -154,6 +155,7 @@ class JobRunner:
         launcher: Launcher | None = None,
         lane: Lane | None = None,
         listeners: Iterable[Listener] = (),
+        slots: ExecutorSlots | None = None,
     ) -> None:
         """``daemon_pid``: the daemon whose worker process this is (None: this process runs alone).
 
@@ -161,6 +163,8 @@ class JobRunner:
         ``launcher`` starts the jobs' supervisors (this process's if not given); ``lane``
         says who jobs run as and where they work (the config's if not given). ``listeners``
         hear of each change of state this runner makes (spoold.run.ledger: the metrics').
+        ``slots``: where the steps of its jobs take their executors' slots (counted by this
+        runner if not given: a worker process's are the main process's to count).
         """
         self._spool = spool
         self._registry = registry
@@ -185,6 +189,7 @@ class JobRunner:
             self._owner = {**daemon, "worker_pid": me["pid"], "worker_pid_start": me["pid_start"]}
         # Built once: a plain dict copies much faster per job.
         self._environ = job_base_environment(os.environ, config.pass_env)
+        self._slots = slots if slots is not None else LocalSlots(config.executor_limits)
         self._accounts: dict[int, tuple[str, str, str] | None] = {}  # uid: name, home, shell
         # Documents intake parsed, so that a job is not parsed again to run (bounded).
         self._documents: dict[str, dict[str, Any]] = {}
@@ -670,7 +675,7 @@ class JobRunner:
             steps = None if not spec.steps else StepsRun(
                 spec, previous=status.steps, log=log, clock=self._clock, cancel=run.cancel,
                 parallel=self._config.workers, executor_limits=self._config.executor_limits,
-                draw=self._draw, run_unit=step_unit,
+                slots=self._slots, draw=self._draw, run_unit=step_unit,
                 on_change=lambda records: self._steps_changed(run, status,
                                                             step_usage.onto(records)),
                 adopted_from=attempt.started_at if run.resume else None,
