@@ -14,10 +14,10 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from spoold.core.errors import InvalidJobFile, ValidationIssue
-from spoold.core.yaml_keys import NamedKeysLoader
+from spoold.core.yaml_keys import KeyGivenTwice, NamedKeysLoader, UniqueKeysLoader
 from spoold.core.yaml_keys import SafeLoader as _SafeLoader
 
 DocPath = tuple[Hashable, ...]
@@ -51,36 +51,46 @@ def _plain_data(loader: type[_SafeLoader]) -> tuple[dict[Any, Any], dict[Any, An
     return resolvers, constructors
 
 
-class JobLoader(NamedKeysLoader):
-    """The safe loader, for plain data, noting duplicate keys instead of keeping the last."""
+class JobLoader(UniqueKeysLoader):
+    """The safe loader, for plain data, noting the keys given twice (``given_twice``) instead
+    of keeping the last silently."""
 
     yaml_implicit_resolvers, yaml_constructors = _plain_data(_SafeLoader)
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.duplicate_keys: list[Hashable] = []
-        self._explicit_keys: dict[int, list[Node]] = {}
+        self._explicit_keys: dict[int, int] = {}  # a mapping's own keys, by id: how many
+        self._shortened = False  # whether a mapping came out with fewer keys than pairs
+        #: The pairs of each mapping with a ``<<:``, as written (flatten_mapping rewrites them).
+        self._written: dict[int, tuple[MappingNode, list[tuple[Node, Node]]]] = {}
 
-    def flatten_mapping(self, node: MappingNode) -> None:
-        keys = self._explicit_keys.setdefault(
-            id(node), [k for k, _ in node.value if k.tag != MERGE_TAG]
-        )
-        super().flatten_mapping(node)
-        # Merges of merges repeat pairs: keeping the last of each stops a few lines of `<<:`
-        # from growing into billions of pairs before any size check can run.
-        if len(node.value) > len(keys):
-            last = {id(key): i for i, (key, _) in enumerate(node.value)}
-            node.value = [pair for i, pair in enumerate(node.value) if last[id(pair[0])] == i]
+    def construct_document(self, node: Node) -> Any:
+        # A job's parse is on intake's path: the walk only where a mapping came out shorter
+        # than it was written (a key given twice, or one a merge brought and it overrides).
+        document = NamedKeysLoader.construct_document(self, node)
+        if self._shortened:
+            for mapping, pairs in self._written.values():
+                mapping.value = pairs  # the walk tells a merge from a key given twice
+            self.given_twice = self.keys_given_twice(node)
+        return document
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         mapping = super().construct_mapping(node, deep)
-        if len(mapping) < len(node.value):  # a key given twice, or merged and then overridden
-            seen: set[Any] = set()
-            for key in (self.construct_object(k) for k in self._explicit_keys[id(node)]):
-                if isinstance(key, str | int | float | bool) and key in seen:
-                    self.duplicate_keys.append(key)
-                seen.add(key if isinstance(key, str | int | float | bool) else id(key))
+        self._shortened = self._shortened or len(mapping) < len(node.value)
         return mapping
+
+    def flatten_mapping(self, node: MappingNode) -> None:
+        keys = self._explicit_keys.setdefault(
+            id(node), len([k for k, _ in node.value if k.tag != MERGE_TAG])
+        )
+        if keys < len(node.value):
+            self._written.setdefault(id(node), (node, list(node.value)))
+        super().flatten_mapping(node)
+        # Merges of merges repeat pairs: keeping the last of each stops a few lines of `<<:`
+        # from growing into billions of pairs before any size check can run.
+        if len(node.value) > keys:
+            last = {id(key): i for i, (key, _) in enumerate(node.value)}
+            node.value = [pair for i, pair in enumerate(node.value) if last[id(pair[0])] == i]
 
 
 def decode_text(data: bytes) -> str:
@@ -119,7 +129,7 @@ def read_yaml(text: str) -> tuple[Any, list[Hashable]]:
     try:
         loader = JobLoader(text)
         try:
-            return loader.get_single_data(), loader.duplicate_keys
+            return loader.get_single_data(), [twice.path[-1] for twice in loader.given_twice]
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
@@ -206,7 +216,7 @@ def size_problem(document: Any, max_nodes: int) -> str | None:
 class NodeMap:
     values: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
     keys: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
-    duplicates: list[tuple[DocPath, Node, Node]] = field(default_factory=list)  # path, 2nd, 1st
+    duplicates: list[KeyGivenTwice] = field(default_factory=list)
 
 
 def position(node: Node) -> tuple[int, int]:
@@ -214,20 +224,20 @@ def position(node: Node) -> tuple[int, int]:
 
 
 def map_nodes(text: str, max_nodes: int) -> NodeMap:
-    """Where each value and each mapping key of the document is, by path."""
+    """Where each value and each mapping key of the document is, by path, its keys read as the
+    loader reads them (a plain ``on:`` is "on"); and the keys given twice."""
     found = NodeMap()
+    loader = JobLoader(text)
     try:
-        root = yaml.compose(text, Loader=JobLoader)
+        root = loader.get_single_node()
     except (yaml.YAMLError, RecursionError):
         return found  # JSON that YAML cannot read: its issues go out without positions
-    constructor = yaml.constructor.SafeConstructor()
-
-    def key_of(node: Node) -> Hashable:
-        key = constructor.construct_object(node) if isinstance(node, ScalarNode) else None
-        return key if isinstance(key, str | int | float | bool) else ("<complex key>", id(node))
-
-    visited: set[int] = set()
-    stack: list[tuple[DocPath, Node]] = [((), root)] if root is not None else []
+    finally:
+        loader.dispose()
+    if root is None:
+        return found
+    found.duplicates = loader.keys_given_twice(root)
+    stack: list[tuple[DocPath, Node]] = [((), root)]
     while stack and len(found.values) < max_nodes:
         path, node = stack.pop()
         found.values[path] = position(node)
@@ -237,16 +247,12 @@ def map_nodes(text: str, max_nodes: int) -> NodeMap:
             continue
         pairs: dict[Hashable, tuple[Node, Node]] = {}
         for key_node, value_node in (p for p in node.value if p[0].tag != MERGE_TAG):
-            key = key_of(key_node)
-            if key in pairs and id(node) not in visited:
-                found.duplicates.append(((*path, key), key_node, pairs[key][0]))
-            pairs[key] = (key_node, value_node)
+            pairs[loader.key_of(key_node)] = (key_node, value_node)
         for merged in (v for k, v in node.value if k.tag == MERGE_TAG):
             for source in merged.value if isinstance(merged, SequenceNode) else [merged]:
                 for key_node, value_node in source.value:  # earlier sources win; one level
                     if key_node.tag != MERGE_TAG:
-                        pairs.setdefault(key_of(key_node), (key_node, value_node))
-        visited.add(id(node))
+                        pairs.setdefault(loader.key_of(key_node), (key_node, value_node))
         for key, (key_node, value_node) in pairs.items():
             found.keys[(*path, key)] = position(key_node)
             stack.append(((*path, key), value_node))

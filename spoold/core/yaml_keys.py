@@ -1,6 +1,7 @@
 """YAML mappings whose plain keys are names, as JSON's are: the one rule a job file and the
-config share, kept apart from ``documents`` so that reading the config stays light; and the
-config's loader, which also finds a key given twice."""
+config share, kept apart from ``documents`` so that reading the config stays light; the one walk
+that finds a key given twice (the config refuses it in its one parse, ``UniqueKeysLoader``; a
+job file's refusal says where, spoold.core.documents.map_nodes); and the config's loader."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+class KeyGivenTwice(NamedTuple):
+    """A key one mapping gives twice: its path, where it is written the second time (1-based
+    line and column) and the line it is written on first."""
+
+    path: tuple[Hashable, ...]
+    line: int
+    column: int
+    first_line: int
+
+
 class NamedKeysLoader(SafeLoader):
     """The safe loader, with a plain key that YAML 1.1 reads as a boolean (``on``, ``off``,
     ``yes``, ``no``, ``y``, ``n``, ``true``, ``false``) read as the name it is: ``on:
@@ -34,32 +45,10 @@ class NamedKeysLoader(SafeLoader):
                 key.tag = _STR_TAG
         return super().construct_mapping(node, deep)
 
-
-class KeyGivenTwice(NamedTuple):
-    """A key one mapping gives twice: its path, where it is written the second time (1-based
-    line and column) and the line it is written on first."""
-
-    path: tuple[Hashable, ...]
-    line: int
-    column: int
-    first_line: int
-
-
-class UniqueKeysLoader(NamedKeysLoader):
-    """The named-keys loader that also finds each key one mapping gives twice (YAML keeps the
-    last silently), in the one parse that loads the document: for the config, which refuses
-    them whichever command reads it. A key a ``<<:`` merge brings and the mapping overrides is
-    no duplicate."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.given_twice: list[KeyGivenTwice] = []
-
-    def construct_document(self, node: Node) -> Any:
-        self.given_twice = self._keys_given_twice(node)
-        return super().construct_document(node)
-
-    def _keys_given_twice(self, root: Node) -> list[KeyGivenTwice]:
+    def keys_given_twice(self, root: Node) -> list[KeyGivenTwice]:
+        """Each key a mapping of ``root``'s document gives twice (YAML keeps the last
+        silently), in the order they are written. A key a ``<<:`` merge brings and the mapping
+        overrides is no duplicate."""
         found: list[KeyGivenTwice] = []
         seen_nodes: set[int] = set()  # an alias's node is walked once, not once per alias
         stack: list[tuple[tuple[Hashable, ...], Node]] = [((), root)]
@@ -77,7 +66,7 @@ class UniqueKeysLoader(NamedKeysLoader):
                 if key_node.tag == _MERGE_TAG:
                     stack.append((path, value_node))
                     continue
-                key = self._key_of(key_node)
+                key = self.key_of(key_node)
                 if key in keys:
                     second, first = key_node.start_mark, keys[key].start_mark
                     found.append(
@@ -88,7 +77,7 @@ class UniqueKeysLoader(NamedKeysLoader):
                 stack.append(((*path, key), value_node))
         return sorted(found, key=lambda twice: (twice.line, twice.column))
 
-    def _key_of(self, node: Node) -> Hashable:
+    def key_of(self, node: Node) -> Hashable:
         """The key ``node`` makes, as construct_mapping will make it; one no other equals for
         a key that is no scalar (the constructor refuses those anyway)."""
         if not isinstance(node, ScalarNode):
@@ -103,3 +92,18 @@ class UniqueKeysLoader(NamedKeysLoader):
         except (ValueError, TypeError, yaml.YAMLError):  # the real construction says what
             return (node.tag, node.value)
         return key if isinstance(key, Hashable) else (node.tag, node.value)
+
+
+class UniqueKeysLoader(NamedKeysLoader):
+    """The named-keys loader that also finds each key one mapping gives twice (YAML keeps the
+    last silently), in the one parse that loads the document: for the config, which refuses
+    them whichever command reads it. A key a ``<<:`` merge brings and the mapping overrides is
+    no duplicate."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.given_twice: list[KeyGivenTwice] = []
+
+    def construct_document(self, node: Node) -> Any:
+        self.given_twice = self.keys_given_twice(node)
+        return super().construct_document(node)

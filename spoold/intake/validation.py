@@ -35,7 +35,6 @@ from spoold.core.documents import (
     load_document,
     load_executor_schema,
     map_nodes,
-    position,
     read_json,
     read_yaml,
     show_value,
@@ -777,9 +776,13 @@ class JobValidator:
         )
         nodes = map_nodes(text, self._max_nodes)
         issues = [locate(problem, nodes) for problem in [*problems, *steps]]
-        for path, second, first in nodes.duplicates:
-            message = f"duplicate key {show_value(path[-1])} (first on line {position(first)[0]})"
-            issues.append(ValidationIssue(message, format_path(path), *position(second)))
+        for twice in nodes.duplicates:
+            message = (
+                f"duplicate key {show_value(twice.path[-1])} (first on line {twice.first_line})"
+            )
+            issues.append(
+                ValidationIssue(message, format_path(twice.path), twice.line, twice.column)
+            )
         if duplicates and not nodes.duplicates:  # only where the text could not be mapped
             issues.extend(
                 ValidationIssue(f"duplicate key {show_value(key)}", "") for key in duplicates
