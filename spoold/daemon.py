@@ -402,6 +402,7 @@ class Daemon:
                                    version=__version__)  # fmt: skip
         sender.host_state = daemon.hostbeat.state_of
         recovery.host_stopped = daemon.hostbeat.said_stopped
+        recovery.host_up_for = daemon.hostbeat.up_for
         daemon.notifier, notifier.host_state = notifier, daemon.hostbeat.state_of
         if seen is not None:
             daemon.seen, daemon.api = seen, daemon.build_api(seen)

@@ -252,6 +252,25 @@ def test_a_taker_that_died_after_its_fence_is_taken_over_in_turn(tmp_path: Path)
     ]  # fmt: skip
 
 
+def test_a_host_that_starts_again_has_a_lease_timeout_to_adopt_its_jobs(tmp_path: Path) -> None:
+    """Found by the multi-host tests run side by side: a's job ended while a was stopped;
+    the moment a's record no longer said "stopped" (a started again), b took the job over,
+    its lease having stood still all along, before a adopted it: the job that succeeded was
+    recorded failed, "taken over by host b". A daemon seen starting gets ``lease_timeout``."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    _pending(spool, "j1")
+    job = _claimed_by(spool, "j1", "a", clock)
+    judge = Recovery(spool, _config(spool, "b"), clock, LOG)
+    up = {"a": 0.0}
+    judge.host_up_for = up.get
+    assert judge.reap() == []
+    clock.advance(LEASE_TIMEOUT * 5)  # a stopped long ago: its lease stood still all along
+    up["a"] = LEASE_TIMEOUT - 0.5  # and its daemon started again a moment ago
+    assert judge.judge(job, own_runs=frozenset()) == Verdict(False)
+    up["a"] = LEASE_TIMEOUT  # up that long without renewing it: gone again, taken over
+    assert judge.judge(job, own_runs=frozenset()).gone
+
+
 def test_a_claim_never_leased_is_judged_by_sightings_not_by_its_directory_time(
     tmp_path: Path,
 ) -> None:

@@ -48,6 +48,9 @@ class HostBeat:
         self._beat = 0
         self._started = rfc3339(clock.now())
         self._seen: Sightings[str] = Sightings()
+        #: Each other host's daemon as this host saw it start (``up_for``).
+        self._daemons: Sightings[str] = Sightings()
+        self._up: dict[str, float] = {}
         self._view: dict[str, dict[str, Any]] = {}
         self._looked = False  # whether hosts/ was read yet
         self._next: float | None = None
@@ -90,6 +93,8 @@ class HostBeat:
                 continue
             view[host] = self._judge(host, record, now)
         self._seen.keep_only(records)
+        self._daemons.keep_only(records)
+        self._up = {host: up for host, up in self._up.items() if host in records}
         self._view, self._looked = view, True
         self._beat += 1
         try:
@@ -188,6 +193,13 @@ class HostBeat:
         seen = self._view.get(host)
         return seen is not None and seen["state"] == GONE
 
+    def up_for(self, host: str) -> float | None:
+        """How long ``host``'s daemon has been the one seen in its record, as of this host's
+        last beat (None: not seen). A daemon that starts again (after a stop or a crash) is
+        given ``lease_timeout`` to adopt its jobs: their leases stood still while no daemon
+        ran there, and would be taken over the moment its record stopped saying it stopped."""
+        return self._up.get(host)
+
     def lost(self) -> frozenset[str]:
         """The other hosts this host sees stale or gone."""
         return frozenset(h for h, seen in self._view.items() if seen["state"] != ALIVE)
@@ -196,6 +208,8 @@ class HostBeat:
         # A restarted daemon counts from 0 again: its pid and start tell the new beat apart.
         seen = (record.get("beat"), record.get("pid"), record.get("started_at"))
         still = self._seen.unchanged_for(host, seen, now)
+        daemon = (record.get("instance"), record.get("pid"), record.get("started_at"))
+        self._up[host] = self._daemons.unchanged_for(host, daemon, now)
         if record.get("stopped"):
             state = GONE
         elif still >= self._config.lease_timeout:

@@ -77,6 +77,8 @@ class Recovery:
         #: Whether another host's record says its daemon stopped (HostBeat.said_stopped):
         #: its claims are its own until it starts again or is forgotten. None: none did.
         self.host_stopped: Callable[[str], bool] | None = None
+        #: How long another host's daemon has run, as this host saw it (HostBeat.up_for).
+        self.host_up_for: Callable[[str], float | None] | None = None
         self._kept_for: set[str] = set()  # jobs said to be left to their stopped host
         #: Takes over a job whose worker on this host is gone, since this boot (the daemon's
         #: workers): True if it did. None: such jobs end or requeue as their on_interrupt says.
@@ -131,6 +133,12 @@ class Recovery:
                     "(spoold hosts --forget %s if it is retired)", job.job_id, owner, owner,
                 )  # fmt: skip
             return Verdict(False)
+        if (
+            owner
+            and self.host_up_for is not None
+            and ((up := self.host_up_for(owner)) is not None and up < self._config.lease_timeout)
+        ):
+            return Verdict(False)  # started again: its adoption of the job renews the lease
         if not lease:
             why = f"claimed and never leased for {still:.0f}s"
         else:
