@@ -154,6 +154,7 @@ class Workers(Protocol):
         meta: JobMeta | None = None,
         *,
         adopt: bool = False,
+        user: str | None = None,
     ) -> bool: ...
 
     def holds(self, job_id: str) -> bool: ...
@@ -172,7 +173,9 @@ class ClaimHolder(Protocol):
     """Workers that count the claims a previous daemon left running against their limits
     (WorkerProcesses; a test's double that models no limits has nothing to count)."""
 
-    def hold_claims(self, claims: Mapping[str, JobMeta]) -> None: ...
+    def hold_claims(
+        self, claims: Mapping[str, JobMeta], users: Mapping[str, str | None] | None = None
+    ) -> None: ...
 
     def held_claims(self) -> frozenset[str]: ...
 
@@ -434,7 +437,14 @@ class Daemon:
         if self.workers.holds(job.job_id):
             return True
         status = self._pending_status(job)
-        return self.workers.submit(job.job_id, meta=JobMeta.from_document(status), adopt=True)
+        try:  # it goes on as the user it ran as: its workers keep that user for it
+            user = (self.spool.jobs.read_lease(job) or {}).get("job_user")
+        except (OSError, ValueError):
+            user = None
+        return self.workers.submit(
+            job.job_id, meta=JobMeta.from_document(status), adopt=True,
+            user=user if isinstance(user, str) else None,
+        )  # fmt: skip
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
@@ -781,7 +791,7 @@ class Daemon:
             ]  # fmt: skip
         else:
             return
-        machine, claims = this_machine(), {}
+        machine, claims, users = this_machine(), {}, {}
         for job in jobs:
             try:
                 lease = self.spool.jobs.read_lease(job)
@@ -794,7 +804,9 @@ class Daemon:
             ):
                 continue  # another host's (or another machine's of this host id)
             claims[job.job_id] = JobMeta.from_document(self._pending_status(job))
-        workers.hold_claims(claims)
+            if lease is not None and isinstance(user := lease.get("job_user"), str):
+                users[job.job_id] = user  # the user it runs as, kept for it
+        workers.hold_claims(claims, users)
 
     def _recover_lost_hosts(self) -> None:
         """What hosts found stale or gone left half done in tmp/ and outbox/: their intake

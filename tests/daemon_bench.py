@@ -65,6 +65,7 @@ class InlineWorkers:
         meta: JobMeta | None = None,
         *,
         adopt: bool = False,
+        user: str | None = None,
     ) -> bool:
         if job_id in self.queued:
             return False

@@ -37,6 +37,17 @@ def default_job_users(workers: int) -> tuple[str, ...]:
     return (DEFAULT_JOB_USER, *(f"{DEFAULT_JOB_USER}{n}" for n in range(2, workers + 1)))
 
 
+def user_slots(config: Config) -> dict[str, str]:
+    """Which worker slot each job user belongs to, by name, for the users that belong to one
+    slot alone (none where slots share one: ``job_user: NAME``). A job adopted after a restart
+    goes on as the user it ran as: the daemon gives it that user's slot, so that no job that
+    starts meanwhile runs as the same user beside it (SPEC 13: a job reaches no other job)."""
+    workers = max(1, config.workers)
+    names = config.job_users or default_job_users(workers)
+    by_slot = [names[index % len(names)] for index in range(workers)]
+    return {name: str(index) for index, name in enumerate(by_slot) if by_slot.count(name) == 1}
+
+
 #: The work root's mode: job users may make their own entries in it, not list or remove others'.
 WORK_ROOT_MODE = 0o1733
 

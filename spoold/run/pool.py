@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import itertools
 import logging
 import marshal
@@ -40,6 +41,7 @@ from spoold.core.procfs import release_memory
 from spoold.run.dispatch import DispatchQueue, JobMeta, SlotKey
 from spoold.run.executor_slots import Ticket, free_ticket
 from spoold.run.heartbeat import LeaseHeartbeat
+from spoold.run.lane import user_slots
 from spoold.run.launcher import DaemonLauncher, Launcher
 from spoold.run.observed import Observation
 from spoold.run.worker import JobRunner, WorkerPool
@@ -95,6 +97,9 @@ class RunJob:
     job_id: str
     document: dict[str, Any] | None = None
     adopt: bool = False
+    #: The slot whose job user it runs as, in the worker process it is sent to (an
+    #: adoption's: its lease's user's; None: the process picks one of its own that is free).
+    slot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,11 +198,11 @@ def send_message(conn: Connection, message: Message) -> None:
     """Send one message as marshal data: several times cheaper than pickle, and both ends run
     the same interpreter. A document marshal cannot take goes as None (the worker reads it)."""
     match message:
-        case RunJob(job_id, document, adopt):
+        case RunJob(job_id, document, adopt, slot):
             try:
-                data = marshal.dumps(("run", job_id, document, adopt))
+                data = marshal.dumps(("run", job_id, document, adopt, slot))
             except ValueError:
-                data = marshal.dumps(("run", job_id, None, adopt))
+                data = marshal.dumps(("run", job_id, None, adopt, slot))
         case Stop(grace):
             data = marshal.dumps(("stop", grace))
         case Ready():
@@ -235,8 +240,8 @@ def receive_message(conn: Connection) -> Message:
     except (ValueError, TypeError) as exc:
         raise WorkerProcessError(f"unreadable message between spoold processes: {exc}") from exc
     match fields:
-        case ("run", str(job_id), document, bool(adopt)):
-            return RunJob(job_id, document, adopt)
+        case ("run", str(job_id), document, bool(adopt), (str() | None) as slot):
+            return RunJob(job_id, document, adopt, slot)
         case ("stop", float(grace)):
             return Stop(grace)
         case ("ready",):
@@ -290,6 +295,8 @@ class _Link:
     retiring: bool = False
     #: Sends come from intake threads and from this link's receiver: one message at a time.
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Slots kept for claims to be adopted here, their job users' (``WorkerProcesses._reserve``).
+    reserved: int = 0
 
     def send(self, message: Message) -> None:
         """Send one message; OSError when the process is gone."""
@@ -299,11 +306,13 @@ class _Link:
     @property
     def free(self) -> int:
         """How many more jobs it may be sent (its slots and its prefetch)."""
-        return len(self.slots) + _PREFETCH - len(self.in_flight) if self.usable else 0
+        # None held beyond its slots while it keeps one: a held job would start in it.
+        room = len(self.slots) + (0 if self.reserved else _PREFETCH) - len(self.in_flight)
+        return room - self.reserved if self.usable else 0
 
     @property
     def idle_slots(self) -> int:
-        return len(self.slots) - len(self.in_flight) if self.usable else 0
+        return len(self.slots) - len(self.in_flight) - self.reserved if self.usable else 0
 
     @property
     def usable(self) -> bool:
@@ -399,6 +408,14 @@ class WorkerProcesses:
         self._linger = Linger(config.worker_idle_exit, LINGER_FIRST)  # under the lock
         self._slots = sum(len(slots) for slots in self._plan)
         self._claims_taken = False  # whether hold_claims was called
+        # A job adopted goes on as the user it ran as: it goes to the worker process that
+        # has that user's slot, which keeps the slot for it meanwhile, so that no job that
+        # starts there runs as that user beside it (SPEC 13).
+        self._user_slots = user_slots(config)
+        self._process_of = {slot: index for index, slots in enumerate(self._plan) for slot in slots}
+        #: job -> the process keeping a slot for it, and the slot (its user's).
+        self._reserved: dict[str, tuple[int, str]] = {}
+        self._adopt_slot: dict[str, str] = {}  # an adoption -> its user's slot
 
     @property
     def processes(self) -> int:
@@ -414,13 +431,18 @@ class WorkerProcesses:
         links = [self._spawn(index, slots) for index, slots in enumerate(self._plan)]
         for link in links:
             self._await_ready(link)
+        with self._lock:  # each known before any is handed a job: adoptions go to their own
+            for link in links:
+                self._links[link.index] = link
+        for link in links:
             self._add(link)
 
     def _add(self, link: _Link) -> None:
         """Put a ready worker process to use, and hand it what is queued."""
         with self._lock:
             self._links[link.index] = link
-            handed = [self._hand_out(link) for _ in range(link.free)]
+            link.reserved = sum(1 for index, _ in self._reserved.values() if index == link.index)
+            handed = [self._hand_out(link) for _ in range(link.free + link.reserved)]
             holder = self._holder_to_revoke(link)  # queued behind a job while this one started
         for each in handed:
             self._send(each)
@@ -433,10 +455,12 @@ class WorkerProcesses:
         meta: JobMeta | None = None,
         *,
         adopt: bool = False,
+        user: str | None = None,
     ) -> bool:
-        """Queue a pending job (``adopt``: a running one whose worker is gone) unless it is
-        queued or running already (one waiting packed is not looked for: queued again, the
-        two come in as one, see DispatchQueue._unpack; ``held`` names those too).
+        """Queue a pending job (``adopt``: a running one whose worker is gone, ``user``: the
+        job user it runs as, its lease's) unless it is queued or running already (one waiting
+        packed is not looked for: queued again, the two come in as one, see
+        DispatchQueue._unpack; ``held`` names those too).
 
         ``meta`` (priority, concurrency) comes from ``document`` when not given. A job its
         concurrency strategy refuses, or one it replaces, goes to ``on_cancel``.
@@ -450,6 +474,8 @@ class WorkerProcesses:
                 # A flood's thousands of documents held here were 3.5 MiB of the main
                 # process's peak, and left its heap fragmented for good: as much again at rest.
                 document = None
+            if adopt and (slot := self._user_slots.get(user or "")) is not None:
+                self._adopt_slot[job_id] = slot
             # A plain job waits as its id alone (its RunJob is made as it is handed out).
             held = None if document is None and not adopt else RunJob(job_id, document, adopt)
             cancel = self._queue.add(job_id, meta, held, running=adopt)
@@ -464,23 +490,30 @@ class WorkerProcesses:
             self._on_cancel(cancelled, why)
         return all(cancelled != job_id for cancelled, _ in cancel)
 
-    def hold_claims(self, claims: Mapping[str, JobMeta]) -> None:
+    def hold_claims(
+        self, claims: Mapping[str, JobMeta], users: Mapping[str, str | None] | None = None
+    ) -> None:
         """The jobs in running/ this host may be running outside these worker processes (a
         previous daemon's, not adopted yet), with their limits: each takes a worker slot and
         counts against its executor's limit and its concurrency key until it is adopted
         (``submit`` with ``adopt``) or missing from a later call (it ended, or another host
-        took it over). The first call holds them; later ones only let go: a job claimed
-        since is this daemon's own, counted as it was handed out. (The jobs a worker process
-        that died had in hand are held the same way, by ``replace_dead``.)"""
+        took it over); ``users``: the job users they run as, their leases': the worker
+        process with that user's slot keeps it for the claim meanwhile. The first call holds
+        them; later ones only let go: a job claimed since is this daemon's own, counted as it
+        was handed out. (The jobs a worker process that died had in hand are held the same
+        way, by ``replace_dead``.)"""
         with self._lock:
             if not self._claims_taken:
                 self._claims_taken = True
                 for job_id, meta in claims.items():
                     self._queue.hold(job_id, meta)
+                    if (slot := self._user_slots.get((users or {}).get(job_id) or "")) is not None:
+                        self._reserve(job_id, slot)
                 return
             freed = [job_id for job_id in self._queue.held_claims() if job_id not in claims]
             for job_id in freed:
                 self._queue.let_go(job_id)
+                self._unreserve(job_id)
             handed = self._fill() if freed else []
         for each in handed:
             self._send(each)
@@ -525,8 +558,11 @@ class WorkerProcesses:
             code = link.process.wait()
             with self._lock:
                 lost.extend(link.in_flight)
-                for job_id in link.in_flight:
+                for job_id, job in link.in_flight.items():
                     self._queue.lost(job_id)  # counted until adopted, or let go (hold_claims)
+                    # It runs on as its user: that slot is kept for it (where it is known).
+                    if (slot := job.slot or _only(link.slots)) is not None:
+                        self._reserve(job_id, slot)
                 link.in_flight.clear()
                 self._queue.free_slots(link.index, link.process.pid)
             self._grant_slots()
@@ -659,8 +695,10 @@ class WorkerProcesses:
                     with self._lock:
                         link.revoking = False
                         for job_id in message.job_ids:
-                            if link.in_flight.pop(job_id, None) is not None:
+                            if (job := link.in_flight.pop(job_id, None)) is not None:
                                 self._queue.give_back(job_id)  # to its old place in line
+                                if job.adopt and job.slot is not None:
+                                    self._adopt_slot[job_id] = job.slot  # still its user's
                         handed_out = [self._hand_out(self._free_link()) for _ in message.job_ids]
                     for each in handed_out:
                         self._send(each)
@@ -719,7 +757,7 @@ class WorkerProcesses:
     def _leaving(self, link: _Link) -> None:
         """A worker process had nothing to do for a while: stop it, unless a job is on its way."""
         with self._lock:
-            if link.in_flight or link.revoking or self._stopping:
+            if link.in_flight or link.revoking or link.reserved or self._stopping:
                 return  # it hears the job and stays; a stopping daemon stops it anyway
             link.retiring = True
         self._logger.debug("worker process %d (pid %d) idle for %gs: stopping it", link.index,
@@ -739,12 +777,17 @@ class WorkerProcesses:
                                    observation.job_id)  # fmt: skip
 
     def _hand_out(self, link: _Link | None) -> tuple[_Link, RunJob] | None:
-        """Under the lock: the next queued job, reserved for a free slot of ``link``.
+        """Under the lock: the next queued job, reserved for a free slot of ``link``; an
+        adoption first, wherever it goes (``_adoption``).
 
         While claims are held (``hold_claims``), each keeps a slot: beside them only as many
         jobs go out, prefetched ones included, as there are slots left; adoptions always do
         (each takes the slot its claim kept)."""
-        if link is None or link.free <= 0 or not self._queue or self._stopping:
+        if not self._queue or self._stopping:
+            return None
+        if (adoption := self._adoption()) is not None:
+            return adoption
+        if link is None or link.free <= 0:
             return None
         claims = self._queue.claims
         full = claims > 0 and sum(len(each.in_flight) for each in self._live()) + claims >= (
@@ -753,8 +796,50 @@ class WorkerProcesses:
         if (taken := self._queue.take(adopted_only=full)) is None:
             return None  # what waits, waits for a concurrency limit
         job: RunJob = taken[1] or RunJob(taken[0])
+        if link.reserved:
+            # A process keeping slots: the job runs as the user of one it does not keep.
+            taken_slots = {kept for index, kept in self._reserved.values() if index == link.index}
+            taken_slots.update(each.slot for each in link.in_flight.values() if each.slot)
+            free = [slot for slot in link.slots if slot not in taken_slots]
+            job = dataclasses.replace(job, slot=free[0] if free else None)
         link.in_flight[job.job_id] = job
         return link, job
+
+    def _adoption(self) -> tuple[_Link, RunJob] | None:
+        """Under the lock: an adoption queued, to the worker process with its user's slot
+        (which kept it for the job, if it was held: it goes there whatever else waits), else
+        to one with room; None if none is queued, or none can take it now."""
+        if (taken := self._queue.take(adopted_only=True)) is None:
+            return None
+        job: RunJob = taken[1] or RunJob(taken[0], adopt=True)
+        slot = self._adopt_slot.pop(job.job_id, None)
+        owner = None if slot is None else self._links[self._process_of[slot]]
+        target = owner if owner is not None and owner.usable else self._free_link()
+        if target is None:
+            self._queue.give_back(job.job_id)  # at the head of the line again
+            if slot is not None:
+                self._adopt_slot[job.job_id] = slot
+            return None
+        self._unreserve(job.job_id)
+        if target is owner:  # else its user's process is gone: it goes on as its lease says
+            job = dataclasses.replace(job, slot=slot)
+        target.in_flight[job.job_id] = job
+        return target, job
+
+    def _reserve(self, job_id: str, slot: str) -> None:
+        """Under the lock: the worker process with ``slot`` keeps it for a job it will adopt
+        (the job runs as that slot's user): no job starts there as that user meanwhile."""
+        self._unreserve(job_id)
+        index = self._process_of[slot]
+        self._reserved[job_id] = index, slot
+        if (link := self._links[index]) is not None:
+            link.reserved += 1
+
+    def _unreserve(self, job_id: str) -> None:
+        if (kept := self._reserved.pop(job_id, None)) is not None and (
+            link := self._links[kept[0]]
+        ) is not None:
+            link.reserved -= 1
 
     def _outranked_holder(self, priority: int) -> _Link | None:
         """Under the lock: a process holding, unstarted, a job of lower priority than a new one.
@@ -801,6 +886,10 @@ class WorkerProcesses:
         """The process to send a job to: an idle slot first, then room to prefetch."""
         best = max(self._live(), key=lambda link: (link.idle_slots, link.free), default=None)
         return best if best is not None and best.free > 0 else None
+
+
+def _only(slots: tuple[str, ...]) -> str | None:
+    return slots[0] if len(slots) == 1 else None
 
 
 def _slot_key(link: _Link, token: str) -> SlotKey:
@@ -932,7 +1021,7 @@ def serve_jobs(
             if isinstance(message, RunJob):
                 if message.document is not None:
                     runner.remember(message.job_id, message.document)
-                pool.submit(message.job_id, adopt=message.adopt)
+                pool.submit(message.job_id, adopt=message.adopt, slot=message.slot)
             elif isinstance(message, SlotGranted):
                 slots.granted(message.token)
             elif isinstance(message, Revoke):

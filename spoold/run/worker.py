@@ -1315,6 +1315,11 @@ class WorkerPool:
         self._queue: deque[str] = deque()  # a deque, not a queue: revoke() takes jobs back
         self._known: set[str] = set()  # queued or running
         self._adopting: set[str] = set()  # of those, the ones to adopt rather than claim
+        # Whose job user each slot's is while a job runs as it: a job runs as a free one, its
+        # own slot's first; an adopted one keeps the one it ran as (the daemon names it).
+        self._slot_names = tuple(slots)
+        self._user_taken: dict[str, str] = {}  # slot whose user a job runs as -> the job
+        self._user_given: dict[str, str] = {}  # an adoption's user's slot, as the daemon said
         self._cond = threading.Condition()  # guards both
         self._stopping = threading.Event()
         self._threads = [
@@ -1334,15 +1339,18 @@ class WorkerPool:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, job_id: str, *, adopt: bool = False) -> bool:
+    def submit(self, job_id: str, *, adopt: bool = False, slot: str | None = None) -> bool:
         """Queue a pending job (``adopt``: a running one whose worker is gone) unless it is
-        queued or running already."""
+        queued or running already; ``slot``: the slot whose job user it runs as, if the
+        daemon says (an adoption's, or a job's beside slots kept for adoptions)."""
         with self._cond:
             if job_id in self._known or self._stopping.is_set():
                 return False
             self._known.add(job_id)
             if adopt:
                 self._adopting.add(job_id)
+            if slot is not None:
+                self._user_given[job_id] = slot
             self._queue.append(job_id)
             self._cond.notify()
         return True
@@ -1353,6 +1361,8 @@ class WorkerPool:
             taken = list(self._queue)
             self._queue.clear()
             self._known.difference_update(taken)
+            for job_id in taken:
+                self._user_given.pop(job_id, None)
         return taken
 
     def stop(self, grace: float, clock: Clock) -> None:
@@ -1424,12 +1434,34 @@ class WorkerPool:
         job = self._runner.adopt(job_id) if adopt else self._runner.claim(job_id)
         if job is None:
             return
-        outcome = self._runner.attempt(
-            job, slot=slot, meanwhile=functools.partial(self._meanwhile, ended)
-        )
+        user = self._take_user(job_id, slot, adopt=adopt)
+        try:
+            outcome = self._runner.attempt(
+                job, slot=user or slot, meanwhile=functools.partial(self._meanwhile, ended)
+            )
+        finally:
+            with self._cond:
+                if user is not None and self._user_taken.get(user) == job_id:
+                    del self._user_taken[user]
         ended.record()  # if no unit of this attempt started, the last one's is still here
         if outcome is not None:
             ended.hold(outcome)
+
+    def _take_user(self, job_id: str, slot: str, *, adopt: bool) -> str | None:
+        """The slot whose job user a job runs as: the one the daemon named (an adoption's,
+        or one it did not keep for an adoption); an adoption it named none for goes on as
+        its lease says (None); else ``slot``'s own if no adopted job runs as it, or another
+        free one (the adopted job's slot's)."""
+        with self._cond:
+            if job_id in self._user_given or adopt:
+                user = self._user_given.pop(job_id, None)
+            elif slot not in self._user_taken:
+                user = slot
+            else:
+                user = next((s for s in self._slot_names if s not in self._user_taken), slot)
+            if user is not None:
+                self._user_taken[user] = job_id
+            return user
 
 
 class _Unrecorded:
