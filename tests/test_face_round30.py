@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from spoold.face.views import LogText, printable
-from tests.apiclient import Api, sse_events, start_api
+from tests.apiclient import Api, module_api, sse_events
 from tests.harness import run_cli, wait_for
 from tests.test_page import page_session
 
@@ -29,11 +29,7 @@ CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    tmp = tmp_path_factory.mktemp("round30")
-    tmp.chmod(0o755)
-    started = start_api(tmp)
-    yield started
-    started.daemon.kill()
+    yield from module_api(tmp_path_factory, "round30")
 
 
 def job(job_id: str, commands: str | list[str], **fields: object) -> str:

@@ -4,7 +4,6 @@ a default account that is missing leaves its slot to the first's, said once at s
 from __future__ import annotations
 
 import os
-import pwd
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,9 @@ import pytest
 from spoold.core.config import load_config
 from spoold.run.lane import DEFAULT_JOB_USER, Lane, default_job_users
 from tests.harness import write_config
+from tests.test_deb import user_exists
 
 CI = os.environ.get("CI") == "true"
-
-
-def _exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def _lane(tmp_path: Path, **overrides: object) -> Lane:
@@ -39,7 +31,7 @@ def test_without_job_user_each_slot_runs_as_its_own_account(tmp_path: Path) -> N
     if os.geteuid() != 0:
         pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
     first, second = default_job_users(2)
-    assert _exists(first) and _exists(second), "make job-user makes both"
+    assert user_exists(first) and user_exists(second), "make job-user makes both"
     lane = _lane(tmp_path, workers=2, workdir=str(tmp_path / "work"))
     assert (lane.job_user("0"), lane.job_user("1")) == (first, second)
     assert lane.notes == ()  # nothing shared: nothing to say
@@ -51,7 +43,7 @@ def test_a_missing_default_account_leaves_its_slot_to_the_first_and_says_so(
     if os.geteuid() != 0:
         pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
     workers = 40  # the accounts of slots 3 to 40 are nowhere
-    missing = [name for name in default_job_users(workers) if not _exists(name)]
+    missing = [name for name in default_job_users(workers) if not user_exists(name)]
     assert missing, "a machine with 40 job users: the test needs one missing"
     lane = _lane(tmp_path, workers=workers, workdir=str(tmp_path / "work"))
     slot = default_job_users(workers).index(missing[0])

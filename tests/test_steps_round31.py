@@ -28,7 +28,7 @@ from spoold.core.joblog import JobLog
 from spoold.face.views import job_view, steps_before_start
 from spoold.run.dag import StepScheduler
 from spoold.run.steps import StepsRun
-from tests.apiclient import Api, start_api
+from tests.apiclient import Api, module_api
 from tests.harness import run_cli, wait_for
 from tests.test_job_semantics import Parts
 
@@ -237,11 +237,7 @@ def test_a_job_that_ended_before_its_steps_started_shows_them_not_run() -> None:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    tmp = tmp_path_factory.mktemp("round31")
-    tmp.chmod(0o755)
-    started = start_api(tmp)
-    yield started
-    started.daemon.kill()
+    yield from module_api(tmp_path_factory, "round31")
 
 
 @pytest.mark.daemon
