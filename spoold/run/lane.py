@@ -37,14 +37,18 @@ def default_job_users(workers: int) -> tuple[str, ...]:
     return (DEFAULT_JOB_USER, *(f"{DEFAULT_JOB_USER}{n}" for n in range(2, workers + 1)))
 
 
+def _job_user_names(config: Config) -> tuple[str, ...]:
+    """The job users the config names (``job_user:``), else the default account of each slot."""
+    return config.job_users or default_job_users(max(1, config.workers))
+
+
 def user_slots(config: Config) -> dict[str, str]:
     """Which worker slot each job user belongs to, by name, for the users that belong to one
     slot alone (none where slots share one: ``job_user: NAME``). A job adopted after a restart
     goes on as the user it ran as: the daemon gives it that user's slot, so that no job that
     starts meanwhile runs as the same user beside it (SPEC 13: a job reaches no other job)."""
-    workers = max(1, config.workers)
-    names = config.job_users or default_job_users(workers)
-    by_slot = [names[index % len(names)] for index in range(workers)]
+    names = _job_user_names(config)
+    by_slot = [names[index % len(names)] for index in range(max(1, config.workers))]
     return {name: str(index) for index, name in enumerate(by_slot) if by_slot.count(name) == 1}
 
 
@@ -213,7 +217,7 @@ def _slot_users(config: Config) -> tuple[tuple[RunAs | None, ...], tuple[str, ..
     given more workers, from starting). Named in the config, each must be there."""
     if config.job_users:
         return tuple(_job_user(name) for name in config.job_users), ()
-    first, *others = default_job_users(max(1, config.workers))
+    first, *others = _job_user_names(config)
     users, missing = [_job_user(first)], []
     for name in others:
         try:

@@ -1320,7 +1320,7 @@ class WorkerPool:
         self._slot_names = tuple(slots)
         self._user_taken: dict[str, str] = {}  # slot whose user a job runs as -> the job
         self._user_given: dict[str, str] = {}  # an adoption's user's slot, as the daemon said
-        self._cond = threading.Condition()  # guards both
+        self._cond = threading.Condition()  # guards the queue and the sets and maps above
         self._stopping = threading.Event()
         self._threads = [
             threading.Thread(
