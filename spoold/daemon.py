@@ -89,11 +89,15 @@ class Systemd:
     def status(self, text: str, now: float, *, force: bool = False) -> bool:
         """``STATUS=text`` if it changed, at most every STATUS_EVERY seconds unless ``force``.
 
+        A forced line (a phase: recovering, waiting for a host record, stopping) does not count
+        against the next line: the loop's first report replaces "recovering" at once.
         Returns whether it was new (and sent, if systemd listens).
         """
         if text == self._status or (not force and now < self._status_sent + STATUS_EVERY):
             return False
-        self._status, self._status_sent = text, now
+        self._status = text
+        if not force:
+            self._status_sent = now
         self.notify(f"STATUS={text}")
         return True
 
@@ -602,7 +606,7 @@ class Daemon:
             self._next_retention = self._next_status = now
         self.systemd.ping(now)
         if now >= self._next_status:
-            self._duty(self._report_status)
+            self._duty(lambda: self._report_status(now))
             self._next_status = now + STATUS_EVERY
         if self.reload.is_set():
             self.reload.clear()
@@ -645,13 +649,17 @@ class Daemon:
             return self.config.poll_interval
         return self.config.rescan_interval
 
-    def _report_status(self) -> None:
-        """``STATUS=running: N jobs, M pending`` for ``systemctl status``."""
+    def _report_status(self, now: float) -> None:
+        """``STATUS=running: N jobs, M pending`` for ``systemctl status``, in the round at ``now``.
+
+        The round's time, not a reading taken after the count: the line throttles against the
+        last one sent, and a count that took longer last time made a due line "too soon".
+        """
         running = len(self.workers.in_flight())
         wall = self.clock.now().timestamp()  # before the stat: see DirectoryCount
         pending = self._pending_count.count(wall=wall, now=self.clock.monotonic())
         text = f"running: {running} jobs, {pending} pending"
-        if self.systemd.status(text, self.clock.monotonic()):
+        if self.systemd.status(text, now):
             self.logger.debug("status: %s", text)
 
     def reload_config(self) -> bool:

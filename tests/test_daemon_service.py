@@ -249,10 +249,17 @@ def test_sighup_reloads_the_config_and_refuses_an_invalid_one(
         assert "applied log_level" in line and "need a restart: workers" in line
         # The next line of the reload's: written a moment after (waited on, not assumed).
         wait_for(lambda: "keys a reload applies: log_level" in daemon.log(), what="its keys")
-        # The new level is in force: the status line of a running job is logged at debug.
-        drop(spool_dir, "seen.yaml", local_job("seen", "sleep 3"))
-        wait_for(lambda: re.search(r" DEBUG spoold: status: running: 1 jobs", daemon.log()),
-                 what="a debug line")  # fmt: skip
+        # The new level is in force: the status line of a running job is logged at debug. The
+        # job runs until the test has seen that line (a gate, bounded), not for a fixed time: a
+        # status sample comes every STATUS_EVERY seconds, and a loaded machine can miss a window.
+        gate = tmp_path / "seen-go"
+        wait = f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
+        drop(spool_dir, "seen.yaml", local_job("seen", wait))
+        try:
+            wait_for(lambda: re.search(r" DEBUG spoold: status: running: 1 jobs", daemon.log()),
+                     what="a debug line")  # fmt: skip
+        finally:
+            gate.touch()
         assert wait_finished(spool_dir, "seen")[0] == "done"
 
         config.write_text("workers: [\n")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from spoold.core.clock import parse_rfc3339
-from spoold.daemon import STATUS_EVERY
+from spoold.daemon import STATUS_EVERY, Systemd
 from spoold.intake.incoming import Accepted, Rejected
 from tests.daemon_bench import TickedDaemon
 from tests.fakes import FakeClock
@@ -99,6 +99,43 @@ def test_a_round_says_when_the_next_is_due_and_a_rescan_comes_at_once(bench: Ben
     assert ticked.tick() == start + STATUS_EVERY, "scanned; the status line is due first"
     ticked.advance_to(start + STATUS_EVERY)
     assert ticked.tick() == start + 2.5
+
+
+def test_a_changed_status_line_goes_out_at_each_round_it_is_due(bench: Bench) -> None:
+    """CI waited 60 s for a running job's status line and never saw it. The loop reports every
+    STATUS_EVERY, but the report held its own clock reading against the last one sent: when the
+    last report's count of pending/ took a while and this one's did not, the line was "too soon"
+    and waited a whole STATUS_EVERY more, past a short job's run. The round's time is used now,
+    and a forced line (recovering) no longer holds back the first report after it."""
+    ticked = bench.start()
+    sent: list[tuple[float, str]] = []
+
+    class Recording(Systemd):
+        def status(self, text: str, now: float, *, force: bool = False) -> bool:
+            new = super().status(text, now, force=force)
+            if new:
+                sent.append((now, text))
+            return new
+
+    ticked.daemon.systemd = Recording({})
+    ticked.daemon.systemd.status("recovering", bench.clock.monotonic(), force=True)
+    counts = itertools.count()
+
+    def slow_then_quick(*, wall: float, now: float) -> int:
+        number = next(counts)
+        if number == 0:
+            bench.clock.advance(0.05)  # the first count stat'ed a slow disk
+        return number  # a line that changes at every report
+
+    setattr(ticked.daemon._pending_count, "count", slow_then_quick)  # noqa: B010 - a spy
+    start = bench.clock.monotonic()
+    while bench.clock.monotonic() < start + 3 * STATUS_EVERY:
+        ticked.advance_to(ticked.tick())
+    reports = [text for _, text in sent]
+    assert reports[0] == "recovering"
+    assert reports[1:] == [f"running: 0 jobs, {n} pending" for n in range(len(reports) - 1)]
+    assert sent[1][0] == start, "the first round's line replaced the forced one at once"
+    assert len(reports) == 4, f"one line per STATUS_EVERY: {sent}"
 
 
 def test_a_backlog_the_workers_hold_is_not_listed_at_every_round(bench: Bench) -> None:
