@@ -835,17 +835,22 @@ def config_home(key: str, text: str, *, pattern: bool = False) -> str:
     ``~user`` with no such user."""
     expanded = expand_home(text, pattern=pattern)
     if expanded is None:
-        user = text.partition("/")[0][1:]
         raise ConfigError(
-            f"key {key}: {text!r} starts with ~{user}, but {no_home(text)}: write the path in full"
+            f"key {key}: {text!r} starts with ~{_home_user(text)}, but {no_home(text)}: "
+            "write the path in full"
         )
     return expanded
 
 
 def no_home(text: str) -> str:
     """Why ``expand_home`` could not expand ``text``: whose home is not known."""
-    user = text.partition("/")[0][1:]
+    user = _home_user(text)
     return f"there is no user {user!r} on this host" if user else "no home is known"
+
+
+def _home_user(text: str) -> str:
+    """The user of a ``~user`` at the start of ``text``; "" for a bare ``~``."""
+    return text.partition("/")[0][1:]
 
 
 def _host_path_pattern(key: str, pattern: str) -> str:
@@ -869,7 +874,7 @@ def expand_home(text: str, *, pattern: bool = False) -> str | None:
         return expanded
     from glob import escape  # noqa: PLC0415 - only a pattern with a home in it
 
-    rest = text[len(text.partition("/")[0]) :]
+    rest = text[1 + len(_home_user(text)) :]  # after "~user"
     return escape(expanded[: len(expanded) - len(rest)]) + rest
 
 
