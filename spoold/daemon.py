@@ -436,15 +436,12 @@ class Daemon:
         )  # fmt: skip
         return ApiServer(build_app(context), self.config.api, self.logger)
 
-    def adopt(self, job: JobDir) -> bool:
-        """Hand a running job whose worker is gone to the workers, to go on with its attempt."""
+    def adopt(self, job: JobDir, lease: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Hand a running job whose worker is gone to the workers, to go on with its attempt
+        (``lease`` and ``status``: as recovery read them)."""
         if self.workers.holds(job.job_id):
             return True
-        status = self._pending_status(job)
-        try:  # it goes on as the user it ran as: its workers keep that user for it
-            user = (self.spool.jobs.read_lease(job) or {}).get("job_user")
-        except (OSError, ValueError):
-            user = None
+        user = lease.get("job_user")  # it goes on as the user it ran as: its workers keep it
         return self.workers.submit(
             job.job_id, meta=JobMeta.from_document(status), adopt=True,
             user=user if isinstance(user, str) else None,

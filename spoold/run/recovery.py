@@ -81,8 +81,9 @@ class Recovery:
         self.host_up_for: Callable[[str], float | None] | None = None
         self._kept_for: set[str] = set()  # jobs said to be left to their stopped host
         #: Takes over a job whose worker on this host is gone, since this boot (the daemon's
-        #: workers): True if it did. None: such jobs end or requeue as their on_interrupt says.
-        self.adopter: Callable[[JobDir], bool] | None = None
+        #: workers), given its lease and status.json as read here: True if it did. None: such
+        #: jobs end or requeue as their on_interrupt says.
+        self.adopter: Callable[[JobDir, dict[str, Any], dict[str, Any]], bool] | None = None
 
     def judge(self, job: JobDir, *, own_runs: frozenset[str]) -> Verdict:
         """Decide about one job in running/. ``own_runs``: ids this process runs right now."""
@@ -180,12 +181,13 @@ class Recovery:
             return False
         if self._machine.boot_id is None or self._machine.relation(lease) != "here":
             return False
-        status = JobStatus.from_dict(self._spool.jobs.read_status(job))
+        document = self._spool.jobs.read_status(job)
+        status = JobStatus.from_dict(document)
         if status.state.is_terminal:
             return False  # recorded: only its move is missing, which _interrupt completes
         if status.attempts and status.attempts[-1].finished_at is not None:
             return False  # its attempt had ended: nothing of it runs to go on with
-        if not self.adopter(job):
+        if not self.adopter(job, lease, document):
             return False
         self._logger.warning("recovery: job %s handed over to go on (%s)", job.job_id, why)
         return True
