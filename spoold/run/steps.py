@@ -25,7 +25,7 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
 from spoold.core.errors import JobDetached
@@ -52,6 +52,14 @@ def step_spec(job: JobSpec, step: Mapping[str, Any]) -> JobSpec:
     document.update({key: value for key, value in step.items() if key not in ("id", "needs")})
     document["variables"] = {**job.document.get("variables", {}), **step.get("variables", {})}
     return JobSpec.from_document(document, job.job_id)
+
+
+class _Tried(NamedTuple):
+    """A try of a step: its result, and whether the step ended with it (``final``: cut off),
+    where a result that is not final goes to the step's retry rules."""
+
+    result: ExecResult
+    final: bool = True
 
 
 class StepsRun:
@@ -266,9 +274,9 @@ class StepsRun:
                 tried = self._try(step_id, spec, log, number)
             finally:
                 ticket.give_back()
-            if isinstance(tried, tuple):  # cut off: the step ends
-                return tried[0]
-            result = tried
+            if tried.final:  # cut off: the step ends
+                return tried.result
+            result = tried.result
             if result.succeeded or not spec.retry.should_retry(number, result.exit_code):
                 state = StepState.SUCCEEDED if result.succeeded else StepState.FAILED
                 return self._ended(step_id, log, result, state, result.error)
@@ -291,11 +299,9 @@ class StepsRun:
                  f"{self._caps.get(kind)}, other jobs' runs and steps hold them)")  # fmt: skip
         return ticket, self._wait(None, until=ticket.granted)
 
-    def _try(
-        self, step_id: str, spec: JobSpec, log: JobLog, number: int
-    ) -> ExecResult | tuple[ExecResult]:
-        """Run one try of a step; its result, or (in a tuple) the step's end when the try
-        was cut off (a cancel, the job's timeout)."""
+    def _try(self, step_id: str, spec: JobSpec, log: JobLog, number: int) -> _Tried:
+        """Run one try of a step: its result, or the step's end when the try was cut off (a
+        cancel, the job's timeout)."""
         left = self._left()
         # The job's timeout, where it ends no later than the step's own (which is the
         # job's, unless the step has one): a try it ends is cut off, not failed.
@@ -309,12 +315,12 @@ class StepsRun:
                      drop=("cancelled",))  # fmt: skip
         result = self._run_unit(step_id, unit, log)
         if result.interrupted or result.cancelled:  # not the step's doing
-            return (self._ended(step_id, log, result, StepState.CANCELLED, result.failure),)
+            return _Tried(self._ended(step_id, log, result, StepState.CANCELLED, result.failure))
         if result.timed_out and bounded:
             self._cut(step_id)
             why = f"cut off: the job's timeout of {self._timeout_words()} ran out"
-            return (self._ended(step_id, log, result, StepState.TIMED_OUT, why),)
-        return result
+            return _Tried(self._ended(step_id, log, result, StepState.TIMED_OUT, why))
+        return _Tried(result, final=False)
 
     def _stopped_between(
         self, step_id: str, log: JobLog, result: ExecResult, number: int, stopped: StepState
