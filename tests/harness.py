@@ -54,6 +54,15 @@ def wait_for(
         time.sleep(0.01)
 
 
+def gate_wait(gate: str | Path, bound: float = DEFAULT_BOUND) -> str:
+    """Shell that holds a job until ``gate`` exists: it runs as long as the test needs to see
+    it run, not a guessed time; bounded, so that a failed test does not leave it behind."""
+    return (
+        f'i=0; while [ ! -e "{gate}" ] && [ $i -lt {int(bound / 0.05)} ]; '
+        "do sleep 0.05; i=$((i+1)); done"
+    )
+
+
 def write_config(path: Path, spool: Path, **overrides: Any) -> Path:
     """A config for tests: quick scans and short grace periods."""
     config = {

@@ -7,6 +7,8 @@ CAP_SETUID and CAP_SETGID), and as root only when the config names root. Its wor
 by its own user, mode 0700, under a work root of mode 1733 that no job may list: a job reaches
 its work dir, the secrets its file references (handed over in its environment), and nothing of
 the spool, of secrets_dir, of another job (given one job user per slot) or of the daemon.
+What a slot's own user leaves in the shared temporary directories (``SHARED_DIRS``) is removed
+after each attempt, so that the slot's next job does not find it either.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import os
 import pwd
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from spoold.core.config import Config
 from spoold.core.errors import ConfigError, ExecutorError
@@ -55,6 +59,62 @@ def user_slots(config: Config) -> dict[str, str]:
 #: The work root's mode: job users may make their own entries in it, not list or remove others'.
 WORK_ROOT_MODE = 0o1733
 
+#: Directories every user may write: what a job leaves there, outside its work dir, the next
+#: job of its slot (the same user) would find. What that user made or changed there during an
+#: attempt is removed after it, where the user is the slot's alone (``Lane.sweeps``).
+SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+#: The kernel stamps a change with a coarse clock (a tick: 1-10 ms): a stamp this close to a
+#: look may be followed by a change with the same stamp, so such a directory is looked
+#: through after the attempt all the same, and what was changed this long before the look
+#: counts as changed during the attempt.
+STAMP_SLACK_NS = 50_000_000
+
+
+class SharedLook(NamedTuple):
+    """The shared directories as an attempt began (``look``): after it, only those whose
+    stamp changed are looked through, for what its user made or changed since ``since``."""
+
+    #: Wall-clock nanoseconds (the kernel's stamps are on it): changes from then on count.
+    since: int
+    #: Each directory and its ctime at the look (None: look through it after the attempt).
+    stamps: tuple[tuple[str, int | None], ...]
+
+    @classmethod
+    def look(cls, dirs: tuple[str, ...] = SHARED_DIRS) -> SharedLook:
+        """The directories now, before anything of an attempt runs. The wall clock, not an
+        injected one: the stamps it is compared with are the kernel's."""
+        began = time.time_ns()
+        stamps: list[tuple[str, int | None]] = []
+        for directory in dirs:
+            # None: not there (or not to be seen): whatever is there after counts.
+            ctime = _ctime(directory)
+            settled = ctime is not None and ctime < began - STAMP_SLACK_NS
+            stamps.append((directory, ctime if settled else None))
+        return cls(began - STAMP_SLACK_NS, tuple(stamps))
+
+    @classmethod
+    def since_start(cls, started: int, dirs: tuple[str, ...] = SHARED_DIRS) -> SharedLook:
+        """For an attempt adopted from a worker that is gone: all of them, for what changed
+        since its start (``started``, wall-clock nanoseconds)."""
+        return cls(started - STAMP_SLACK_NS, tuple((directory, None) for directory in dirs))
+
+    def changed(self) -> tuple[str, ...]:
+        """The directories to look through now: those whose stamp is not the look's."""
+        found = []
+        for directory, ctime in self.stamps:
+            now = _ctime(directory)
+            if now is not None and (ctime is None or now != ctime):  # None: nothing is there
+                found.append(directory)
+        return tuple(found)
+
+
+def _ctime(directory: str) -> int | None:
+    """A directory's ctime (which no user can set back), None if it cannot be seen."""
+    try:
+        return os.stat(directory).st_ctime_ns  # noqa: PTH116 - at each attempt: no Path made
+    except OSError:
+        return None
+
 
 def may_switch_users() -> bool:
     """Whether this process may start processes as other users (root, or the capabilities)."""
@@ -79,6 +139,7 @@ class Lane:
         *,
         switching: bool,
         notes: tuple[str, ...],
+        swept: frozenset[int] = frozenset(),
     ) -> None:
         self._users = users
         self.work_root = work_root
@@ -86,6 +147,7 @@ class Lane:
         self.switching = switching
         #: What spoold says once at start about what jobs can reach.
         self.notes = notes
+        self._swept = swept
 
     @classmethod
     def from_config(
@@ -142,13 +204,26 @@ class Lane:
         plain = tuple(
             None if user is not None and user.uid == os.geteuid() else user for user in users
         )
-        return cls(plain, root, switching=True, notes=tuple(notes))
+        return cls(plain, root, switching=True, notes=tuple(notes), swept=_swept(config, plain))
 
     def user_for(self, slot: str, run_as: str | None) -> RunAs | None:
         """Who a job in worker slot ``slot`` runs as (None: spoold's own user)."""
         if run_as is not None:
             return self._switch_to(run_as, "run_as")
         return self._slot_user(slot)
+
+    def sweeps(self, slot: str, user: RunAs | None) -> bool:
+        """Whether what ``user`` leaves in the shared directories (SHARED_DIRS) is removed
+        after each attempt in worker slot ``slot``: where the user is that slot's own and no
+        other's (a daemon's slot, not ``spoold exec``'s; no ``run_as`` may name it)."""
+        return (
+            user is not None
+            and user.uid in self._swept
+            and slot.isascii()
+            and slot.isdigit()
+            and (own := self._slot_user(slot)) is not None
+            and own.uid == user.uid
+        )
 
     def job_user(self, slot: str) -> str | None:
         """The name of worker slot ``slot``'s job user (None: spoold's own user), as a lease
@@ -226,6 +301,19 @@ def _slot_users(config: Config) -> tuple[tuple[RunAs | None, ...], tuple[str, ..
             users.append(users[0])
             missing.append(name)
     return tuple(users), tuple(missing)
+
+
+def _swept(config: Config, users: tuple[RunAs | None, ...]) -> frozenset[int]:
+    """The uids whose leftovers in the shared directories are removed after each attempt
+    (``Lane.sweeps``): a slot's own job user, which no other slot shares and no ``run_as``
+    may name (by any name of its uid), and not root."""
+    by_slot = [users[index % len(users)] for index in range(max(1, config.workers))]
+    uids = [user.uid for user in by_slot if user is not None]
+    named = set()
+    for name in config.allowed_run_as:
+        with contextlib.suppress(KeyError):
+            named.add(pwd.getpwnam(name).pw_uid)
+    return frozenset(uid for uid in uids if uid != 0 and uids.count(uid) == 1 and uid not in named)
 
 
 def _job_user(name: str) -> RunAs | None:

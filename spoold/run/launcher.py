@@ -132,7 +132,7 @@ class AddClient(NamedTuple):
 class Chore(NamedTuple):
     """File work on a job's work dir, done as its user (``None``: as the daemon's own)."""
 
-    kind: str  # "mkdir", "remove" or "artifacts"
+    kind: str  # "mkdir", "remove", "artifacts" or "leftovers"
     user: RunAs | None
     path: str
     #: For "artifacts": (glob, type) of each declared artifact, relative to ``path``.
@@ -144,6 +144,21 @@ class Chore(NamedTuple):
     #: For "artifacts": at most this many files are opened (``limits.max_artifacts``); those
     #: found past it are only counted, so that a job's million files cost no million opens.
     max_files: int | None = None
+    #: For "leftovers": the shared directories (``spoold.run.lane.SHARED_DIRS``) to look
+    #: through, and from when (wall-clock nanoseconds) what the user changed there counts.
+    sweep: tuple[str, ...] = ()
+    since: int = 0
+
+
+class Leftovers(NamedTuple):
+    """From a leftovers chore: how many entries the user had made or changed in the shared
+    directories during the attempt, the first few of them, and whether they were removed:
+    kept where a process of the user's runs on (``busy``: the user is not the attempt's
+    alone now, as under another daemon)."""
+
+    number: int = 0
+    names: tuple[str, ...] = ()
+    busy: int | None = None
 
 
 class ArtifactsLeft(NamedTuple):
@@ -1071,8 +1086,9 @@ def _chore(chore: Chore, reply: socket.socket) -> None:
         _answer(reply, LauncherError(f"{chore.kind} {chore.path}: {exc}"))
 
 
-def _do_chore(chore: Chore, *, chown: bool) -> bool:
-    """A work dir made or removed; ``chown``: by root for the user, not as the user."""
+def _do_chore(chore: Chore, *, chown: bool) -> bool | Leftovers:
+    """A work dir made or removed, or a user's leftovers; ``chown``: by root for the user,
+    not as the user."""
     if chore.kind == "mkdir":
         owner = chore.user.uid if chore.user is not None else os.geteuid()
         made = _make_workdir(chore.path, chore.mode, owner, chown=chown, spare=chore.spare)
@@ -1081,7 +1097,57 @@ def _do_chore(chore: Chore, *, chown: bool) -> bool:
         return made
     if chore.kind == "remove":
         return _remove_tree(chore.path)
+    if chore.kind == "leftovers" and chore.user is not None:
+        return _remove_leftovers(chore.user.uid, chore.sweep, chore.since)
     raise LauncherError(f"no chore {chore.kind!r}")
+
+
+def _remove_leftovers(uid: int, directories: Iterable[str], since: int) -> Leftovers:
+    """Remove what ``uid`` made or changed in ``directories`` from ``since`` on (ctime, which
+    no user can set back): what else it has there is not the attempt's, and is left. Done as
+    the user (the launcher's fork) or by root, who removes only what the user owns. Not while
+    a process of the user's runs (the attempt's have ended): another daemon's job, or a
+    ``spoold exec``, may run as the user too, and its files are its own."""
+    found: list[tuple[str, bool]] = []
+    for directory in directories:
+        try:
+            entries = os.scandir(directory)
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if info.st_uid == uid and info.st_ctime_ns >= since:
+                    found.append((entry.path, stat.S_ISDIR(info.st_mode)))
+    if not found:
+        return Leftovers()
+    named = tuple(path for path, _ in found[:_NAMED])
+    if (busy := _process_of(uid)) is not None:
+        return Leftovers(len(found), named, busy)
+    for path, is_dir in found:
+        with contextlib.suppress(FileNotFoundError):
+            if is_dir:
+                _remove_tree(path)
+            else:
+                os.unlink(path)
+    return Leftovers(len(found), named)
+
+
+def _process_of(uid: int) -> int | None:
+    """A process of ``uid``'s that runs now, other than this one; None if none does (as far
+    as /proc shows: its entries belong to their processes' users)."""
+    me = os.getpid()
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    return int(entry.name)
+    return None
 
 
 def _make_workdir(
@@ -1124,10 +1190,15 @@ def _new_dir(path: str, mode: int, spare: str | None) -> None:
 def _remove_tree(path: str) -> bool:
     """Remove ``path`` and all in it, whatever modes the job left on what it made."""
 
+    top = os.path.normpath(path)
+
     def writable(function: Any, failed: str, exc: Any) -> None:
         entry = Path(failed)
         with contextlib.suppress(OSError):
-            entry.parent.chmod(0o700)
+            # Nothing above the tree: its parent is the work root, or /tmp for a leftover,
+            # whose mode root must never change.
+            if os.path.normpath(failed) != top:
+                entry.parent.chmod(0o700)
             if entry.is_dir() and not entry.is_symlink():
                 entry.chmod(0o700)
         with contextlib.suppress(FileNotFoundError):

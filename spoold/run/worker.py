@@ -53,8 +53,15 @@ from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.run.control import cancel_reason, cancel_words
 from spoold.run.executor_slots import ExecutorSlots, LocalSlots
 from spoold.run.hooks import HookRunner
-from spoold.run.lane import Lane
-from spoold.run.launcher import ArtifactsLeft, Chore, Launcher, LauncherError, Supervised
+from spoold.run.lane import Lane, SharedLook
+from spoold.run.launcher import (
+    ArtifactsLeft,
+    Chore,
+    Launcher,
+    LauncherError,
+    Leftovers,
+    Supervised,
+)
 from spoold.run.ledger import JobLedger, Listener
 from spoold.run.log_socket import LogTap
 from spoold.run.process import RunAs
@@ -109,6 +116,9 @@ class ActiveRun:
     #: The attempt's work dir, and who its processes run as (None: spoold's own user).
     workdir: Path | None = None
     user: RunAs | None = None
+    #: The job user whose leftovers in the shared directories are removed after the attempt,
+    #: and how those directories were as it began (``Lane.sweeps``).
+    leftovers: tuple[RunAs, SharedLook] | None = None
     #: Another host took the claim over (JobFenced): the job's processes here are ended
     #: and nothing more is written for it.
     fenced: bool = False
@@ -575,6 +585,30 @@ class JobRunner:
         finally:
             if not detached:  # only declared artifacts are kept
                 self._chore(run, Chore("remove", run.user, str(workdir)), log)
+                self._remove_leftovers(run, log)
+
+    def _remove_leftovers(self, run: ActiveRun, log: JobLog) -> None:
+        """Remove what the attempt's job user made in the shared directories (SPEC 13: the
+        next job of its slot, the same user, must not find it), and say so in its log."""
+        if run.leftovers is None:
+            return
+        user, look = run.leftovers
+        run.leftovers = None
+        if not (changed := look.changed()):
+            return  # the usual case: three stats, and no look inside
+        chore = Chore("leftovers", user, ", ".join(changed), sweep=changed, since=look.since)
+        found = self._chore(run, chore, log)
+        if not isinstance(found, Leftovers) or not found.number:
+            return
+        more = found.number - len(found.names)
+        what = ", ".join(found.names) + (f" and {more} more" if more else "")
+        if found.busy is None:
+            log.info(f"removed what the job left outside its work dir, as {user.name}: {what}")
+        else:
+            log.info(
+                f"kept what the job left outside its work dir ({what}): {user.name} runs "
+                f"another process (pid {found.busy}), which it may be of"
+            )
 
     def _adopted(self, run: ActiveRun, status: JobStatus, log: JobLog) -> None:
         """Take over an attempt whose worker is gone: its work dir, status.json's ``worker``
@@ -612,7 +646,7 @@ class JobRunner:
             return self._launcher.chore(chore)
         except LauncherError as exc:
             log.error(str(exc))
-            if chore.kind == "remove":
+            if chore.kind in ("remove", "leftovers"):  # after the job: its outcome stands
                 self._logger.error("job %s: %s", run.job.job_id, exc)
                 return None
             raise ExecutorError(str(exc)) from None
@@ -645,6 +679,9 @@ class JobRunner:
             # Whoever owns it removes it, and opens the artifacts in it.
             local = self._registry.get(spec.executor).supervised if not spec.steps else True
             run.user = run_as if local else None
+            if spec.run_as is None and run_as is not None and self._lane.sweeps(slot, run_as):
+                # Before anything of the attempt runs (its hooks too, whatever its executor).
+                run.leftovers = (run_as, _shared_look(run, attempt))
             spare = None if run.resume or self._workdirs is None else self._workdirs.take()
             mode = 0o700 if local else 0o755
             self._chore(run, Chore("mkdir", run.user, str(workdir), mode=mode, spare=spare), log)
@@ -1214,6 +1251,13 @@ _OWN_FIELDS = frozenset({
     "log_lines_lost", "next_attempt_at", "priority", "concurrency", "callback_sequence",
     "callback_delivery", "generation",
 })  # fmt: skip
+
+
+def _shared_look(run: ActiveRun, attempt: Attempt) -> SharedLook:
+    """The shared directories as the attempt began, or for one adopted, since its start."""
+    if run.resume and attempt.started_at:
+        return SharedLook.since_start(int(parse_rfc3339(attempt.started_at).timestamp() * 1e9))
+    return SharedLook.look()
 
 
 def _masked(masker: Masker, status: dict[str, Any]) -> dict[str, Any]:
