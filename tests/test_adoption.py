@@ -20,6 +20,7 @@ from tests.harness import (
     DaemonProcess,
     drop,
     end_supervisors,
+    gate_wait,
     local_job,
     supervisors,
     wait_finished,
@@ -186,6 +187,8 @@ def test_kill_9_while_a_local_a_docker_and_an_ssh_job_run(
     suffix = uuid.uuid4().hex[:8]
     mark, runs = tmp_path / "go", tmp_path / "runs"
     remote_mark = f"/tmp/spoold-adopt-{suffix}"  # the ssh host is this host: the test's gate
+    box_gate = tmp_path / "box-gate"  # the container's, mounted
+    box_gate.mkdir(mode=0o777)
     callback = {"url": receiver.url, "secret": "s3cret"}
     jobs: dict[str, dict[str, Any]] = {
         f"local-{suffix}": local_job(
@@ -197,8 +200,8 @@ def test_kill_9_while_a_local_a_docker_and_an_ssh_job_run(
             "callback": callback,
             "product": {
                 "image": dockerd,
-                "script": "echo box-up; i=0; while [ $i -lt 40 ]; do sleep 0.1; "
-                "i=$((i+1)); done; echo box-down",
+                "script": f"echo box-up; {gate_wait('/gate/go')}; echo box-down",
+                "mounts": [f"{box_gate}:/gate"],
             },
         },
         f"ssh-{suffix}": {
@@ -224,7 +227,12 @@ def test_kill_9_while_a_local_a_docker_and_an_ssh_job_run(
                  what="the ssh host to know how far the log has the job's output")  # fmt: skip
         daemon.kill(leave_jobs=True)
         daemon.start()
+        # Each job runs until the next daemon has adopted it.
+        for job_id in jobs:
+            wait_for(functools.partial(_says, spool_dir, job_id, "adopted"),
+                     what=f"{job_id} to be adopted")  # fmt: skip
         mark.touch()
+        (box_gate / "go").touch()
         Path(remote_mark).touch()
         final = {job_id: wait_finished(spool_dir, job_id) for job_id in jobs}
         local, box, ssh = (final[job_id] for job_id in jobs)
@@ -245,6 +253,7 @@ def test_kill_9_while_a_local_a_docker_and_an_ssh_job_run(
             ended = "succeeded" if status["state"] == "succeeded" else "failed"
             assert _events(receiver, job_id) == ["accepted", "started", ended], job_id
     finally:
+        (box_gate / "go").touch()
         daemon.kill()
         Path(remote_mark).unlink(missing_ok=True)
 

@@ -183,8 +183,8 @@ def test_a_job_that_ended_while_no_daemon_ran_keeps_its_recorded_end(
     document: dict[str, Any]
     if how == "exit":
         document, last = local_job("ended", f"{wait}; exit 7"), "1"
-    elif how == "timeout":
-        document, last = local_job("ended", f"sleep {token}", timeout="3s"), "1"
+    elif how == "timeout":  # long enough for the kill -9 below to come first, whatever the load
+        document, last = local_job("ended", f"sleep {token}", timeout="10s"), "1"
     else:
         document = {
             "job_id": "ended", "executor": "local",

@@ -191,7 +191,7 @@ def ticking(api: Api, job_id: str) -> None:
                                                    "sleep 0.2; done"}})  # fmt: skip
     assert api.submit(text).status_code == 201
     wait_for(lambda: api.call("GET", f"/api/v1/jobs/{job_id}").json()["state"] == "running",
-             bound=BOUND, what=f"{job_id} running")  # fmt: skip
+             what=f"{job_id} running")  # fmt: skip
 
 
 def followed_until_it_ends(answer: requests.Response, cut_off: Callable[[], None]) -> list[str]:

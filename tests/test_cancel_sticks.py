@@ -29,6 +29,7 @@ from spoold.run.recovery import Recovery
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.harness import (
+    DEFAULT_BOUND,
     DaemonProcess,
     drop,
     job_state,
@@ -218,13 +219,14 @@ def test_a_cancel_made_while_the_daemon_is_down_ends_the_job_at_its_restart(
 ) -> None:
     sleep, token = sleep_command(tmp_path, "spoold-cancel")
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir))
-    document = local_job("c1", f"{sleep} 30", on_interrupt="requeue", retries=2,
+    # Outlasts the kill, the cancel and the restart however slow they are: the cancel ends it.
+    document = local_job("c1", f"{sleep} 300", on_interrupt="requeue", retries=2,
                          callback={"url": receiver.url, "secret": "s3cret"})  # fmt: skip
     try:
         daemon.start()
         drop(spool_dir, "c1.yaml", document)
-        wait_for(lambda: processes_with(token), bound=15, what="the job to run")
-        wait_for(lambda: any(b["event"] == "started" for b in receiver.bodies()), bound=15,
+        wait_for(lambda: processes_with(token), what="the job to run")
+        wait_for(lambda: any(b["event"] == "started" for b in receiver.bodies()),
                  what="the started callback")  # fmt: skip
         daemon.kill()  # kill -9: its job's process lives on, in a session of its own
         asked = run_cli(spool_dir, "cancel", "c1", "--wait", "0")
@@ -232,18 +234,18 @@ def test_a_cancel_made_while_the_daemon_is_down_ends_the_job_at_its_restart(
         assert (spool_dir / "running" / "c1" / "cancel").exists()
 
         daemon.start()  # recovery runs before READY
-        directory, status = wait_finished(spool_dir, "c1", bound=15)
+        directory, status = wait_finished(spool_dir, "c1")
         assert (directory, status["state"]) == ("failed", "cancelled"), status
         assert status["error"].startswith("cancelled by root on "), status["error"]
         assert [a["number"] for a in status["attempts"]] == [1], "no attempt 2"
-        wait_for(lambda: not processes_with(token), bound=10, what="the leftover to be killed")
+        wait_for(lambda: not processes_with(token), what="the leftover to be killed")
 
         def last_event() -> str | None:
             bodies = [b for b in receiver.bodies() if b["job_id"] == "c1"]
             ended = max(bodies, key=lambda b: b["sequence"]) if bodies else None
             return ended["event"] if ended and ended["event"] == "cancelled" else None
 
-        wait_for(last_event, bound=15, what="the cancelled callback")
+        wait_for(last_event, what="the cancelled callback")
         events = [b["event"] for b in sorted(receiver.bodies(), key=lambda b: b["sequence"])]
         assert events[-1] == "cancelled" and "retrying" not in events, events
         assert "job c1 cancelled by root on " in daemon.log()
@@ -267,21 +269,21 @@ def test_a_running_job_cancelled_with_retries_left_is_not_retried(
     try:
         daemon.start()
         drop(spool_dir, "c2.yaml", local_job("c2", script, retries=2, backoff="200ms"))
-        wait_for((spool_dir / "running" / "c2" / "lease").exists, bound=15, what="c2 to run")
+        wait_for((spool_dir / "running" / "c2" / "lease").exists, what="c2 to run")
         asking = subprocess.Popen(
             [sys.executable, "-m", "spoold", "cancel", "--spool", str(spool_dir), "c2", "--wait",
-             "15"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             "45"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        wait_for((spool_dir / "running" / "c2" / "cancel").exists, bound=15, what="the request")
+        wait_for((spool_dir / "running" / "c2" / "cancel").exists, what="the request")
         (tmp_path / "asked").touch()
-        out, err = asking.communicate(timeout=30)
+        out, err = asking.communicate(timeout=DEFAULT_BOUND)  # its --wait, and its start
         asked = subprocess.CompletedProcess(asking.args, asking.returncode, out, err)
         assert asked.returncode == 0, asked.stdout + asked.stderr
         assert "c2: cancelled" in asked.stdout
-        directory, status = wait_finished(spool_dir, "c2", bound=15)
+        directory, status = wait_finished(spool_dir, "c2")
         assert (directory, status["state"], len(status["attempts"])) == ("failed", "cancelled", 1)
         assert status["exit_code"] == 3 and status["next_attempt_at"] is None
-        wait_for(lambda: "job c2 cancelled by root on " in daemon.log(), bound=10,
+        wait_for(lambda: "job c2 cancelled by root on " in daemon.log(),
                  what="the daemon's log line")  # fmt: skip
         assert "job c2 attempt" not in daemon.log(), "no retry was ever due"
     finally:

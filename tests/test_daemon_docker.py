@@ -14,6 +14,7 @@ from spoold.executors.docker import LABEL_HOST, LABEL_JOB, LABEL_SPOOL
 from tests.harness import (
     DaemonProcess,
     drop,
+    gate_wait,
     job_log,
     killed_once_logged,
     wait_finished,
@@ -46,14 +47,15 @@ def test_a_docker_job_runs_and_its_container_goes(
     assert _containers(client, job_id) == []
 
 
-def _killed_while_a_container_runs(spool: Path, config: Path, image: str, script: str) -> str:
+def _killed_while_a_container_runs(
+    spool: Path, config: Path, image: str, script: str, mounts: tuple[str, ...] = ()
+) -> str:
     """A docker job started, and its daemon killed once the container printed ``up``."""
     job_id = f"box-{uuid.uuid4().hex[:8]}"
-    document = {
-        "job_id": job_id,
-        "executor": "docker",
-        "product": {"image": image, "script": script},
-    }
+    product: dict[str, Any] = {"image": image, "script": script}
+    if mounts:
+        product["mounts"] = list(mounts)
+    document = {"job_id": job_id, "executor": "docker", "product": product}
     killed_once_logged(spool, config, document, "INFO up")
     return job_id
 
@@ -62,20 +64,29 @@ def test_a_container_outlives_a_killed_daemon_and_the_next_one_reattaches(
     dockerd: str, client: Any, spool_dir: Path, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path / "config.yaml", spool_dir)
+    gate = tmp_path / "gate"
+    gate.mkdir(mode=0o777)
+    script = f"echo up; {gate_wait('/gate/go')}; echo down"  # runs until re-attached to
     job_id = _killed_while_a_container_runs(
-        spool_dir, config, dockerd, "echo up; sleep 2; echo down"
+        spool_dir, config, dockerd, script, mounts=(f"{gate}:/gate",)
     )
     (container,) = _containers(client, job_id)  # it outlived its daemon
     assert container.labels[LABEL_SPOOL] == str(spool_dir.resolve())
     second = DaemonProcess(spool_dir, config)
     second.start()
     try:
+        wait_for(
+            lambda: "re-attached to container" in job_log(spool_dir, job_id),
+            what="the re-attach",
+        )
+        (gate / "go").touch()
         directory, status = wait_finished(spool_dir, job_id)
         assert (directory, status["exit_code"], len(status["attempts"])) == ("done", 0, 1), status
         log = job_log(spool_dir, job_id)
         assert log.count("INFO up") == 1 and log.count("INFO down") == 1, log
         wait_for(lambda: not _containers(client, job_id), what="the container removed")
     finally:
+        (gate / "go").touch()
         second.kill()
 
 

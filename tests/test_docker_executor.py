@@ -196,8 +196,17 @@ def test_output_survives_a_silence_longer_than_the_api_timeout(
 ) -> None:
     docker = importlib.import_module("docker")  # only once the fixture found the SDK
 
-    from_env = docker.from_env
-    monkeypatch.setattr(docker, "from_env", lambda **kw: from_env(**({"timeout": 1} | kw)))
+    # As if the API timeout were 1 s, for the streamed requests of a client that has one:
+    # only a client without one (timeout=None) follows output through a longer silence. The
+    # other calls keep theirs: a loaded engine may take over a second to create a container.
+    timed = docker.APIClient._set_request_timeout
+
+    def streams_time_out_soon(client: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("stream") and client.timeout is not None:
+            kwargs.setdefault("timeout", 1)
+        return dict(timed(client, kwargs))
+
+    monkeypatch.setattr(docker.APIClient, "_set_request_timeout", streams_time_out_soon)
     log = _Log()
     result = _run(_ctx(dockerd, tmp_path, log, {"script": "echo a; sleep 2; echo b"}))
     assert result.succeeded, log.text()

@@ -266,7 +266,8 @@ def test_local_stdout_is_info_and_stderr_is_error(tmp_path: Path) -> None:
 def test_local_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     marker = tmp_path / "child-pid"
     product = {"commands": f"sleep 60 & echo $! > {marker}; wait"}
-    result = LocalExecutor().run(_context(tmp_path, product, _Log(), timeout=0.5))
+    # Ample time for the child's start and its pid written first, on a loaded machine too.
+    result = LocalExecutor().run(_context(tmp_path, product, _Log(), timeout=3.0))
     assert result.timed_out
     child = int(marker.read_text())
     # SIGKILL is delivered asynchronously; a zombie awaiting its reaper counts as gone.
@@ -275,9 +276,19 @@ def test_local_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
 
 def test_a_term_ignoring_job_is_killed_after_the_grace(tmp_path: Path) -> None:
     log = _Log()
-    product = {"commands": "trap '' TERM; sleep 60"}
-    result = LocalExecutor().run(_context(tmp_path, product, log, timeout=0.3, kill_grace=0.3))
-    assert result.timed_out
+    cancel = threading.Event()
+
+    # Stopped once its trap is set (it says so), not after a time the shell may not get to it in.
+    def cancel_once_ignoring() -> None:
+        wait_for(lambda: "term-ignored" in log.text(), what="the job's trap")
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_ignoring, daemon=True)
+    canceller.start()
+    product = {"commands": "trap '' TERM; echo term-ignored; sleep 60"}
+    result = LocalExecutor().run(_context(tmp_path, product, log, cancel=cancel, kill_grace=0.3))
+    canceller.join(10)
+    assert result.cancelled, log.text()
     assert "SIGKILL" in log.text()
 
 

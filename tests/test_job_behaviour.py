@@ -219,7 +219,9 @@ def test_nothing_a_job_or_its_hook_started_outlives_it(
     wait = f"trap 'until [ -e {heard} ]; do sleep 0.02; done; exit 143' TERM; sleep 60 & wait"
     fields: dict[str, Any] = {"hooks": {"pre_run": hook_lines}}
     if end == "timeout":
-        fields["timeout"] = "5s"
+        # Longer than _escapers' own wait for its five (20 s), which the hook and then the job
+        # each get in full: a slow machine's start of them is not cut short by the timeout.
+        fields["timeout"] = "25s"
     document = local_job("tree", lines + ("" if end == "normal" else wait), **fields)
     daemon = DaemonProcess(
         spool_dir, write_config(tmp_path / "c.yaml", spool_dir, kill_grace="20s")
@@ -314,7 +316,8 @@ def test_a_stopped_supervisor_is_continued_and_its_timeout_and_cancel_hold(
     """Seen: a job of the same user stopped other jobs' supervisors in the moment each was
     that user (a start): they stayed stopped, their jobs ran past their timeouts, and a cancel
     was lost (the job ended succeeded once continued by hand). The worker continues them."""
-    fields = {"timeout": "3s"} if end == "timeout" else {}
+    # Time enough for the test to see "ready" and stop the supervisor before the timeout.
+    fields = {"timeout": "10s"} if end == "timeout" else {}
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "c.yaml", spool_dir,
                                                    kill_grace="1s"))  # fmt: skip
     daemon.start()

@@ -15,6 +15,9 @@ pytest_plugins = ["pytester"]
 # so the guards of the two sessions share no state.
 CONFTEST = 'pytest_plugins = ["tests.conftest"]\n'
 
+#: The inner leaky thread's gate (TESTS names it too), in the inner session's directory: opened
+#: once that session is over.
+LEAKY_GATE = "leaky-thread.go"
 TESTS = """
 import os
 import subprocess
@@ -24,9 +27,17 @@ from pathlib import Path
 
 import pytest
 
+LEAKY_GATE = "leaky-thread.go"
+
 
 def _remember(name, pid):
     Path(name).write_text(str(pid))
+
+
+def _until_opened(gate, bound=60):
+    end = time.monotonic() + bound
+    while not Path(gate).exists() and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def test_clean():
@@ -35,7 +46,10 @@ def test_clean():
 
 
 def test_leaks_a_thread():
-    threading.Thread(target=time.sleep, args=(1.5,), name="leaky-thread", daemon=True).start()
+    # Alive until the outer test opens its gate: past the guard's look, however late that is.
+    threading.Thread(
+        target=_until_opened, args=(Path(LEAKY_GATE).resolve(),), name="leaky-thread", daemon=True
+    ).start()
 
 
 def test_leaks_a_child():
@@ -160,6 +174,7 @@ def test_leaked_threads_and_processes_fail_their_test_and_clean_ones_pass(
     try:
         result = pytester.runpytest("-p", "no:cacheprovider", "-o", "leak_grace=0.3", "-rA")
     finally:
+        (pytester.path / LEAKY_GATE).touch()
         _join("leaky-thread")
         _join("declared-thread")
     outcomes = result.parseoutcomes()
@@ -171,7 +186,7 @@ def test_leaked_threads_and_processes_fail_their_test_and_clean_ones_pass(
             "ERROR test_leaky.py::test_leaks_a_grandchild_whose_parent_was_killed*",
             "ERROR test_leaky.py::test_leaks_what_the_session_of_its_fixture_holds*",
             "ERROR test_module_leak.py::test_two*",
-            "*thread 'leaky-thread' (time.sleep, daemon), started in the test body*",
+            "*thread 'leaky-thread' (*._until_opened, daemon), started in the test body*",
             "*process * (a child of the test process, started in the test body), killed: sleep 30",
             "*process * (started during the test (its environment says so), parent *), killed:"
             " sleep 30",

@@ -23,7 +23,7 @@ from selenium.webdriver.common.keys import Keys
 
 from tests.apiclient import Api, start_api
 from tests.browser import PHONE, Browser, StartBrowser, browsers  # noqa: F401 - the fixture
-from tests.harness import drop, wait_for, wait_rejected
+from tests.harness import drop, gate_wait, wait_for, wait_rejected
 from tests.loopback import free_port, serve_in_thread, stop_serving
 
 pytestmark = pytest.mark.daemon
@@ -89,6 +89,12 @@ def wait_state(api: Api, job_id: str, *states: str, bound: float = 60.0) -> dict
         return answer.json() if answer.ok and answer.json()["state"] in states else None
 
     return wait_for(reached, bound=bound, what=f"job {job_id} to be {' or '.join(states)}")
+
+
+def held(gate: Path) -> str:
+    """A job that runs until the test creates ``gate``: as long as page loads on a loaded
+    machine take, where a sleep would guess; bounded, should a test fail to create it."""
+    return gate_wait(gate, bound=600)
 
 
 def end_running(api: Api, job_id: str) -> None:
@@ -335,10 +341,10 @@ def test_tab_reaches_the_login_button_and_enter_submits(api: Api, browser: Brows
 # -- overview --------------------------------------------------------------------------------
 
 
-def test_the_overview_counts_what_the_spool_holds(api: Api, admin: Browser) -> None:
+def test_the_overview_counts_what_the_spool_holds(api: Api, admin: Browser, tmp_path: Path) -> None:
     submit(api, job("page-ok-1", "echo fine"))
     submit(api, job("page-bad-1", "echo broken >&2; exit 3"))
-    submit(api, job("page-long-1", "sleep 60"))
+    submit(api, job("page-long-1", held(tmp_path / "go")))
     wait_state(api, "page-ok-1", "succeeded")
     wait_state(api, "page-bad-1", "failed")
     wait_state(api, "page-long-1", "running")
@@ -370,51 +376,76 @@ def test_the_overview_counts_what_the_spool_holds(api: Api, admin: Browser) -> N
         assert marks(admin, "svg#chart-hourly") >= 2, "no succeeded and failed marks per hour"
         assert marks(admin, "svg#chart-runtime") >= 1, "no run time marks"
     finally:
+        (tmp_path / "go").touch()
         end_running(api, "page-long-1")
 
 
 # -- a job -----------------------------------------------------------------------------------
 
-SLOW = "for i in $(seq 1 30); do echo line-$i; sleep 0.1; done"
+
+def slow(tmp_path: Path) -> tuple[str, Path, Path]:
+    """A job printing line-1 to line-30, 0.1 s apart, that holds after line-10 until the test
+    creates the first gate and after line-20 until the second: the test sees lines arrive
+    while the job surely runs, however long the browser takes."""
+    first, second = tmp_path / "go-1", tmp_path / "go-2"
+    lines = "for i in $(seq {} {}); do echo line-$i; sleep 0.1; done"
+    script = "; ".join([lines.format(1, 10), gate_wait(first), lines.format(11, 20),
+                        gate_wait(second), lines.format(21, 30)])  # fmt: skip
+    return script, first, second
 
 
-def test_the_log_arrives_live_while_the_job_runs(api: Api, admin: Browser) -> None:
-    submit(api, job("page-live-1", SLOW))
-    wait_state(api, "page-live-1", "running")
-    admin.open("/jobs/page-live-1")
-    at_load = log_lines(admin.text("pre#log"))
-    assert 30 not in at_load, "the job ended before its page was shown: too slow a machine?"
+def test_the_log_arrives_live_while_the_job_runs(api: Api, admin: Browser, tmp_path: Path) -> None:
+    script, first, second = slow(tmp_path)
+    submit(api, job("page-live-1", script))
+    try:
+        wait_state(api, "page-live-1", "running")
+        admin.open("/jobs/page-live-1")
+        at_load = log_lines(admin.text("pre#log"))
+        assert not set(at_load) - set(range(1, 11)), at_load  # held at the first gate
+        first.touch()
 
-    def more_lines(_: object) -> list[int] | None:
-        now = log_lines(admin.text("pre#log"))
-        return now if len(now) > len(at_load) and now[-1] >= 10 else None
+        def more_lines(_: object) -> list[int] | None:
+            now = log_lines(admin.text("pre#log"))
+            return now if len(now) > len(at_load) and now[-1] >= 20 else None
 
-    live = admin.wait(more_lines, what=f"lines after {at_load} without a reload")
-    assert status(api, "page-live-1")["state"] == "running", "seen only after the job ended"
-    assert 30 not in live
-    admin.shot("live-log")
-    admin.wait(lambda _: 30 in log_lines(admin.text("pre#log")), what="the last line, live")
-    assert log_lines(admin.text("pre#log")) == list(range(1, 31))
-    wait_state(api, "page-live-1", "succeeded")
-    admin.wait_reloading(lambda: admin.text("#state").strip() == "succeeded",
-                         what="#state to say succeeded")  # fmt: skip
-    assert log_lines(admin.text("pre#log")) == list(range(1, 31))
+        live = admin.wait(more_lines, what=f"lines after {at_load} without a reload")
+        assert status(api, "page-live-1")["state"] == "running", "seen only after the job ended"
+        assert 30 not in live
+        admin.shot("live-log")
+        second.touch()
+        admin.wait(lambda _: 30 in log_lines(admin.text("pre#log")), what="the last line, live")
+        assert log_lines(admin.text("pre#log")) == list(range(1, 31))
+        wait_state(api, "page-live-1", "succeeded")
+        admin.wait_reloading(lambda: admin.text("#state").strip() == "succeeded",
+                             what="#state to say succeeded")  # fmt: skip
+        assert log_lines(admin.text("pre#log")) == list(range(1, 31))
+    finally:
+        first.touch()
+        second.touch()
 
 
-def test_a_reload_mid_run_shows_every_line_once(api: Api, admin: Browser) -> None:
-    submit(api, job("page-live-2", SLOW))
-    wait_state(api, "page-live-2", "running")
-    admin.open("/jobs/page-live-2")
-    admin.wait(lambda _: len(log_lines(admin.text("pre#log"))) >= 8, what="a few lines")
-    assert status(api, "page-live-2")["state"] == "running"
-    admin.reload()
-    admin.wait(lambda _: 30 in log_lines(admin.text("pre#log")), what="the last line")
-    assert log_lines(admin.text("pre#log")) == list(range(1, 31)), "a line lost or repeated"
-    wait_state(api, "page-live-2", "succeeded")
-    whole = api.call("GET", "/api/v1/jobs/page-live-2/log").text.strip()
-    # The lines written as the job ended (its outcome) arrive too, and nothing else.
-    admin.wait(lambda _: admin.text("pre#log").strip() == whole,
-               what="pre#log to hold the whole log, each line once")  # fmt: skip
+def test_a_reload_mid_run_shows_every_line_once(api: Api, admin: Browser, tmp_path: Path) -> None:
+    script, first, second = slow(tmp_path)
+    submit(api, job("page-live-2", script))
+    try:
+        wait_state(api, "page-live-2", "running")
+        admin.open("/jobs/page-live-2")
+        admin.wait(lambda _: len(log_lines(admin.text("pre#log"))) >= 8, what="a few lines")
+        first.touch()
+        admin.wait(lambda _: len(log_lines(admin.text("pre#log"))) >= 15, what="more lines")
+        assert status(api, "page-live-2")["state"] == "running"
+        admin.reload()
+        second.touch()  # the rest arrives after the reload
+        admin.wait(lambda _: 30 in log_lines(admin.text("pre#log")), what="the last line")
+        assert log_lines(admin.text("pre#log")) == list(range(1, 31)), "a line lost or repeated"
+        wait_state(api, "page-live-2", "succeeded")
+        whole = api.call("GET", "/api/v1/jobs/page-live-2/log").text.strip()
+        # The lines written as the job ended (its outcome) arrive too, and nothing else.
+        admin.wait(lambda _: admin.text("pre#log").strip() == whole,
+                   what="pre#log to hold the whole log, each line once")  # fmt: skip
+    finally:
+        first.touch()
+        second.touch()
 
 
 def test_cancel_a_running_job_from_its_page(api: Api, admin: Browser) -> None:
@@ -483,8 +514,9 @@ def test_an_artifact_downloads_through_its_link(api: Api, admin: Browser) -> Non
 def test_a_read_only_token_sees_no_action_and_its_forged_post_is_refused(
     api: Api,
     browsers: StartBrowser,  # noqa: F811 - the fixture
+    tmp_path: Path,
 ) -> None:
-    submit(api, job("page-ro-run", "sleep 60"))
+    submit(api, job("page-ro-run", held(tmp_path / "go")))
     submit(api, job("page-ro-bad", "exit 2"))
     submit(api, job("page-ro-hourly", "true", schedule={"every": "1h"}))
     hook = {"url": f"http://127.0.0.1:{free_port()}/hook", "secret": "s3cret-ro",
@@ -548,6 +580,7 @@ def test_a_read_only_token_sees_no_action_and_its_forged_post_is_refused(
         ended = wait_state(api, "page-ro-run", "cancelled")
         assert "token control" in str(ended["error"]) and "read" not in str(ended["error"])
     finally:
+        (tmp_path / "go").touch()
         end_running(api, "page-ro-run")
 
 

@@ -348,7 +348,10 @@ def test_a_window_start_is_a_firing_and_the_grid_starts_there() -> None:
 
 # -- the real daemon -------------------------------------------------------------------------------
 
-LAG_BOUND = 0.5  # generous: measured 1-6 ms on the 2-core test machine (it was a whole period)
+#: Generous (measured 1-6 ms on the 2-core test machine) for a loaded machine, and still half
+#: of PERIOD: a run made a whole period late (as it was) fails.
+LAG_BOUND = 2.0
+PERIOD = 4
 
 
 @pytest.mark.daemon
@@ -358,7 +361,8 @@ def test_the_daemon_makes_each_run_within_moments_of_its_firing(
     daemon = DaemonProcess(spool_dir, write_config(tmp_path / "config.yaml", spool_dir))
     daemon.start()
     try:
-        drop(spool_dir, "soon.yaml", local_job("soon", "true", schedule={"every": "1s"}))
+        every = {"every": f"{PERIOD}s"}
+        drop(spool_dir, "soon.yaml", local_job("soon", "true", schedule=every))
         status_file = spool_dir / "scheduled" / "soon" / "status.json"
 
         def schedule() -> dict[str, Any]:
@@ -367,12 +371,21 @@ def test_the_daemon_makes_each_run_within_moments_of_its_firing(
             except (FileNotFoundError, ValueError):
                 return {}
 
-        promised = wait_for(lambda: schedule().get("next_fire_times"), bound=15,
+        # Read first after the first firing, or before: what it promises comes either way.
+        promised = wait_for(lambda: schedule().get("next_fire_times"),
                             what="the schedule's next firings")  # fmt: skip
-        wait_for(lambda: len(schedule().get("runs", [])) >= 3, bound=15, what="three runs")
+
+        def fired() -> list[str]:
+            return [run["fired_at"] for run in schedule().get("runs", [])]
+
+        last = parse_rfc3339(promised[-1])
+        wait_for(lambda: fired() and parse_rfc3339(fired()[-1]) >= last,
+                 what="runs up to the last firing promised")  # fmt: skip
     finally:
         daemon.kill()
-    runs = schedule()["runs"][:3]
+    assert promised[0] in fired(), (promised, fired())
+    first = fired().index(promised[0])
+    runs = schedule()["runs"][first : first + len(promised)]
     assert [run["fired_at"] for run in runs] == promised, "the firings status promised"
     lags = []
     for run in runs:
@@ -380,4 +393,4 @@ def test_the_daemon_makes_each_run_within_moments_of_its_firing(
         assert found is not None, run
         submitted = parse_rfc3339(found[1]["submitted_at"])
         lags.append((submitted - parse_rfc3339(run["fired_at"])).total_seconds())
-    assert all(0 <= lag < LAG_BOUND for lag in lags), f"lags {lags} (a period would be 1 s)"
+    assert all(0 <= lag < LAG_BOUND for lag in lags), f"lags {lags} (a period is {PERIOD} s)"

@@ -259,10 +259,22 @@ def test_what_the_job_left_running_ends_with_it(sshd: SshServer, tmp_path: Path)
 
 def test_sigkill_follows_when_sigterm_is_ignored(sshd: SshServer, tmp_path: Path) -> None:
     marker = _marker()
-    product = sshd.product(commands=f"trap '' TERM; sleep {marker}")
-    result, log, _ = _run(tmp_path, product, timeout=0.5, kill_grace=0.5)
-    assert result.timed_out
-    assert "SIGKILL" in log.text()
+    log = _Log()
+    cancel = threading.Event()
+
+    # Stopped once "term-ignored" says SIGTERM is ignored, not after a time that a slow connect
+    # (and so a SIGTERM before the trap) may take up.
+    def cancel_once_ready() -> None:
+        wait_for(lambda: "term-ignored" in log.text(), bound=30, what="the job's first line")
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_ready, daemon=True)
+    canceller.start()
+    product = sshd.product(commands=f"trap '' TERM; echo term-ignored; sleep {marker}")
+    result, _, _ = _run(tmp_path, product, log=log, cancel=cancel, kill_grace=0.5)
+    canceller.join(10)
+    assert result.cancelled, log.text()
+    assert "SIGKILL" in log.text(), log.text()
     wait_for(lambda: not _processes(marker), bound=10, what="the remote sleep to end")
 
 

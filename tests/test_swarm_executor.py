@@ -20,9 +20,11 @@ from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
 from tests.harness import wait_for
 from tests.test_executors import _context, _Log
+from tests.test_usage_docker import SCRIPT, open_after_a_reading
 
-# Ends at once on SIGTERM (sh runs a trap only between commands: the sleep goes in background).
-_UNTIL_TERM = "trap 'echo ended; exit 9' TERM; sleep 60 & wait"
+# Ends at once on SIGTERM (sh runs a trap only between commands: the sleep goes in background);
+# "up" says the trap is set.
+_UNTIL_TERM = "trap 'echo ended; exit 9' TERM; echo up; sleep 60 & wait"
 
 
 def _job_id() -> str:
@@ -88,21 +90,20 @@ def test_output_reaches_the_log_and_nothing_is_left(
     assert _left(client, ctx.job_id) == []
 
 
-#: 100 MB of page cache charged to the task's cgroup, a busy loop, 7 bytes of output, and
-#: time for a reading of the engine's stats after all of that (as tests/test_usage_docker.py).
-_COSTLY = (
-    "dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; "
-    "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; printf 'abc\\ndef'; sleep 1.5"
-)
-
-
 def test_what_the_tasks_cost_comes_from_this_nodes_engine(
-    swarm: str, client: Any, tmp_path: Path
+    swarm: str, client: Any, tmp_path: Path, shared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 24: each task's container here is read while it runs; two replicas' CPU adds up,
     the peak is the larger; a task gone before its first reading makes no figure up."""
     log = _Log()
-    result = _run(_ctx(swarm, tmp_path, log, {"script": _COSTLY, "replicas": 2}))
+
+    def worked() -> bool:
+        return sum(line.endswith("] abc") for line in log.text().splitlines()) == 2
+
+    open_after_a_reading(monkeypatch, shared / "go", worked, 2)
+    script = SCRIPT.replace("/gate/", "/shared/")
+    product = {"script": script, "replicas": 2, "mounts": [f"{shared}:/shared"]}
+    result = _run(_ctx(swarm, tmp_path, log, product))
     assert result.succeeded, log.text()
     usage = result.usage
     assert usage is not None and usage.source in ("docker", "docker-sampled"), usage
@@ -134,9 +135,11 @@ def test_a_timeout_stops_the_task_with_sigterm_and_removes_the_service(
     swarm: str, client: Any, tmp_path: Path
 ) -> None:
     log = _Log()
-    ctx = _ctx(swarm, tmp_path, log, {"script": f"echo up; {_UNTIL_TERM}"}, timeout=1.0)
+    # The timeout counts from the service's creation: long enough for a loaded machine to
+    # start the task and set its trap, which "up" then says.
+    ctx = _ctx(swarm, tmp_path, log, {"script": _UNTIL_TERM}, timeout=15.0)
     result = _run(ctx)
-    assert result.timed_out and result.error == "timed out after 1s", log.text()
+    assert result.timed_out and result.error == "timed out after 15s", log.text()
     assert "up" in log.text().splitlines()
     assert "ended" in log.text().splitlines()  # its trap ran: SIGTERM first, within the grace
     assert _left(client, ctx.job_id) == []
@@ -147,7 +150,7 @@ def test_a_cancel_stops_the_task_and_removes_the_service(
 ) -> None:
     log = _Log()
     cancel = threading.Event()
-    ctx = _ctx(swarm, tmp_path, log, {"script": f"echo up; {_UNTIL_TERM}"}, cancel=cancel)
+    ctx = _ctx(swarm, tmp_path, log, {"script": _UNTIL_TERM}, cancel=cancel)
     _when(lambda: "up" in log.text(), cancel)
     result = _run(ctx)
     assert result.cancelled and result.error == "cancelled", log.text()

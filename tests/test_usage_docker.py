@@ -4,24 +4,58 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import pytest
 from spoold.executors.docker import DockerExecutor, EngineUsage
 
+from tests.harness import gate_wait
 from tests.test_executors import _context, _Log
 
 MB = 1024 * 1024
-#: 100 MB of page cache charged to the container's cgroup, a busy loop, 7 bytes of output,
-#: and time for a reading of the engine's stats after all of that.
+#: 100 MB of page cache charged to the container's cgroup, a busy loop, 7 bytes of output
+#: ("abc" tells the work is done), 1.5 s of wall time, and a wait at /gate/go: the container
+#: lives until the engine's stats were read after all of that (open_after_a_reading).
 SCRIPT = (
     "dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; "
-    "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; printf 'abc\\ndef'; sleep 1.5"
+    "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; printf 'abc\\ndef'; sleep 1.5; "
+    + gate_wait("/gate/go")
 )
 
 
-def test_a_containers_cost_comes_from_the_engine(dockerd: str, tmp_path: Path) -> None:
+def open_after_a_reading(
+    monkeypatch: pytest.MonkeyPatch, gate: Path, worked: Callable[[], bool], containers: int
+) -> None:
+    """Create ``gate`` once the stats of ``containers`` containers were each read after
+    ``worked()`` held: a reading a loaded machine delays still comes before the end, so the
+    figures are the engine's for all the work (or the test fails on them, not on timing)."""
+    read = EngineUsage.read
+    armed: set[int] = set()  # their next reading is fetched after the work
+    after: set[int] = set()
+
+    def reading(self: EngineUsage, stats: Mapping[str, Any]) -> None:
+        read(self, stats)
+        if id(self) in armed:
+            after.add(id(self))
+        elif worked():
+            armed.add(id(self))
+        if len(after) >= containers:
+            gate.touch()
+
+    monkeypatch.setattr(EngineUsage, "read", reading)
+
+
+def test_a_containers_cost_comes_from_the_engine(
+    dockerd: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = _Log()
-    ctx = _context(tmp_path, {"image": dockerd, "script": SCRIPT}, log, executor="docker",
+    gate = tmp_path / "gate"
+    gate.mkdir(mode=0o777)
+    open_after_a_reading(monkeypatch, gate / "go", lambda: "abc" in log.text().splitlines(), 1)
+    product = {"image": dockerd, "script": SCRIPT, "mounts": [f"{gate}:/gate"]}
+    ctx = _context(tmp_path, product, log, executor="docker",
                    job_id=f"t-{uuid.uuid4().hex[:10]}")  # fmt: skip
     result = DockerExecutor().run(ctx)
     assert result.succeeded, log.text()
