@@ -7,6 +7,7 @@ keyboard. Each page shown is saved as a screenshot (tests/browser.py); a console
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -383,21 +384,25 @@ def test_the_overview_counts_what_the_spool_holds(api: Api, admin: Browser, tmp_
 # -- a job -----------------------------------------------------------------------------------
 
 
-def slow(tmp_path: Path) -> tuple[str, Path, Path]:
+@contextlib.contextmanager
+def slow(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     """A job printing line-1 to line-30, 0.1 s apart, that holds after line-10 until the test
     creates the first gate and after line-20 until the second: the test sees lines arrive
-    while the job surely runs, however long the browser takes."""
+    while the job surely runs, however long the browser takes. Both gates open at the end."""
     first, second = tmp_path / "go-1", tmp_path / "go-2"
     lines = "for i in $(seq {} {}); do echo line-$i; sleep 0.1; done"
     script = "; ".join([lines.format(1, 10), gate_wait(first), lines.format(11, 20),
                         gate_wait(second), lines.format(21, 30)])  # fmt: skip
-    return script, first, second
+    try:
+        yield script, first, second
+    finally:
+        first.touch()
+        second.touch()
 
 
 def test_the_log_arrives_live_while_the_job_runs(api: Api, admin: Browser, tmp_path: Path) -> None:
-    script, first, second = slow(tmp_path)
-    submit(api, job("page-live-1", script))
-    try:
+    with slow(tmp_path) as (script, first, second):
+        submit(api, job("page-live-1", script))
         wait_state(api, "page-live-1", "running")
         admin.open("/jobs/page-live-1")
         at_load = log_lines(admin.text("pre#log"))
@@ -419,15 +424,11 @@ def test_the_log_arrives_live_while_the_job_runs(api: Api, admin: Browser, tmp_p
         admin.wait_reloading(lambda: admin.text("#state").strip() == "succeeded",
                              what="#state to say succeeded")  # fmt: skip
         assert log_lines(admin.text("pre#log")) == list(range(1, 31))
-    finally:
-        first.touch()
-        second.touch()
 
 
 def test_a_reload_mid_run_shows_every_line_once(api: Api, admin: Browser, tmp_path: Path) -> None:
-    script, first, second = slow(tmp_path)
-    submit(api, job("page-live-2", script))
-    try:
+    with slow(tmp_path) as (script, first, second):
+        submit(api, job("page-live-2", script))
         wait_state(api, "page-live-2", "running")
         admin.open("/jobs/page-live-2")
         admin.wait(lambda _: len(log_lines(admin.text("pre#log"))) >= 8, what="a few lines")
@@ -443,9 +444,6 @@ def test_a_reload_mid_run_shows_every_line_once(api: Api, admin: Browser, tmp_pa
         # The lines written as the job ended (its outcome) arrive too, and nothing else.
         admin.wait(lambda _: admin.text("pre#log").strip() == whole,
                    what="pre#log to hold the whole log, each line once")  # fmt: skip
-    finally:
-        first.touch()
-        second.touch()
 
 
 def test_cancel_a_running_job_from_its_page(api: Api, admin: Browser) -> None:

@@ -257,19 +257,25 @@ def test_what_the_job_left_running_ends_with_it(sshd: SshServer, tmp_path: Path)
     wait_for(lambda: not _processes(marker), bound=10, what="the background sleep to end")
 
 
+def _cancel_once(log: _Log, line: str) -> tuple[threading.Event, threading.Thread]:
+    """A cancel set once the job said ``line`` (a thread that waits for it, started)."""
+    cancel = threading.Event()
+
+    def cancel_once_said() -> None:
+        wait_for(lambda: line in log.text(), bound=30, what="the job's first line")
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_said, daemon=True)
+    canceller.start()
+    return cancel, canceller
+
+
 def test_sigkill_follows_when_sigterm_is_ignored(sshd: SshServer, tmp_path: Path) -> None:
     marker = _marker()
     log = _Log()
-    cancel = threading.Event()
-
     # Stopped once "term-ignored" says SIGTERM is ignored, not after a time that a slow connect
     # (and so a SIGTERM before the trap) may take up.
-    def cancel_once_ready() -> None:
-        wait_for(lambda: "term-ignored" in log.text(), bound=30, what="the job's first line")
-        cancel.set()
-
-    canceller = threading.Thread(target=cancel_once_ready, daemon=True)
-    canceller.start()
+    cancel, canceller = _cancel_once(log, "term-ignored")
     product = sshd.product(commands=f"trap '' TERM; echo term-ignored; sleep {marker}")
     result, _, _ = _run(tmp_path, product, log=log, cancel=cancel, kill_grace=0.5)
     canceller.join(10)
@@ -281,14 +287,7 @@ def test_sigkill_follows_when_sigterm_is_ignored(sshd: SshServer, tmp_path: Path
 def test_cancel_kills_the_remote_process_group(sshd: SshServer, tmp_path: Path) -> None:
     marker = _marker()
     log = _Log()
-    cancel = threading.Event()
-
-    def cancel_once_started() -> None:
-        wait_for(lambda: "started" in log.text(), bound=30, what="the job's first line")
-        cancel.set()
-
-    canceller = threading.Thread(target=cancel_once_started, daemon=True)
-    canceller.start()
+    cancel, canceller = _cancel_once(log, "started")
     product = sshd.product(commands=f"echo started; sh -c 'sleep {marker}; :'")
     result, _, ctx = _run(tmp_path, product, log=log, cancel=cancel)
     canceller.join(10)
