@@ -149,6 +149,27 @@ def test_nothing_goes_while_a_process_of_the_user_runs(shared: Path) -> None:
     assert made.exists()
 
 
+def test_one_that_cannot_be_removed_keeps_no_other_and_is_said(
+    shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _root()
+    stuck, other = shared / "stuck", shared / "other"
+    for path in (stuck, other):
+        path.touch()
+        _owned(path)
+    unlink = os.unlink
+
+    def refuse(path: str) -> None:
+        if path == str(stuck):
+            raise PermissionError(1, "Operation not permitted", path)
+        unlink(path)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(PermissionError, match="not permitted"):
+        _remove_leftovers(NOBODY_UID, (str(shared),), 0)
+    assert [path.name for path in shared.iterdir()] == ["stuck"]
+
+
 def test_the_launchers_fork_removes_them_as_the_user(shared: Path) -> None:
     """The package's daemon is not root: a fork of its launcher that became the job user
     removes them, and can remove nothing of anyone else's."""

@@ -1127,12 +1127,19 @@ def _remove_leftovers(uid: int, directories: Iterable[str], since: int) -> Lefto
     named = tuple(path for path, _ in found[:_NAMED])
     if (busy := _process_of(uid)) is not None:
         return Leftovers(len(found), named, busy)
-    for path, is_dir in found:
-        with contextlib.suppress(FileNotFoundError):
+    failed: OSError | None = None
+    for path, is_dir in found:  # each one it can: one that cannot be removed keeps no other
+        try:
             if is_dir:
                 _remove_tree(path)
             else:
                 os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed  # said in the job's log, and spoold's
     return Leftovers(len(found), named)
 
 
