@@ -468,15 +468,37 @@ def _registered_forms(value: str) -> list[str]:
 
 def _encodings(value: str) -> list[str]:
     """What a job shows of ``value`` encoded, where it differs from it: base64 (``base64``, an
-    ``Authorization: Basic`` header) and hex, in either case, of its UTF-8 bytes."""
+    ``Authorization: Basic`` header; wrapped too) and hex, in either case, of its UTF-8 bytes."""
     # The encodings of a short secret are shorter still ("ab" is "YWI" in base64, "6162" in
     # hex) and would mask innocent text everywhere; the plain value is masked all the same.
     if len(value) < SHORT_SECRET:
         return []
     # A value from a job file may hold a lone surrogate (JSON's "\ud800"): no error here.
     data = value.encode("utf-8", "surrogatepass")
-    forms = [*base64_forms(data), data.hex(), data.hex().upper()]
+    forms = [*base64_forms(data), *wrapped_base64(data), data.hex(), data.hex().upper()]
     return [form for form in dict.fromkeys(forms) if form != value]
+
+
+#: The widths base64 is wrapped at: ``base64`` and MIME (76), PEM and ``openssl base64`` (64).
+_WRAPS = (76, 64)
+#: The shortest last line of wrapped base64 that is masked: shorter ones would mask other
+#: text; what such a line leaves to see is at most the secret's last 5 bytes.
+_MIN_WRAPPED = 8
+
+
+def wrapped_base64(data: bytes) -> list[str]:
+    """The lines ``data``'s base64 takes when it is wrapped (``base64 key.pem``, ``echo
+    "$KEY" | base64``: past 57 bytes) and ``data`` starts what was encoded: each line is masked
+    on its own, as a log holds them. Of the last, only the characters of ``data``'s bits, as
+    ``base64_forms`` keeps them. ``data`` inside longer wrapped base64 is not found: where its
+    lines break depends on what came before it."""
+    encoded = base64.b64encode(data).decode("ascii")
+    own = encoded[: 8 * len(data) // 6]  # character i holds bits 6i to 6i+5
+    lines: list[str] = []
+    for width in _WRAPS:
+        if len(own) > width:
+            lines.extend(own[start : start + width] for start in range(0, len(own), width))
+    return [line for line in lines if len(line) >= _MIN_WRAPPED]
 
 
 _URL_SAFE = str.maketrans("+/", "-_")
