@@ -11,12 +11,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from spoold.core.clock import parse_rfc3339
 from spoold.core.config import Config
 from spoold.core.documents import load_document
 from spoold.core.errors import SpooldError, SpoolError, ValidationIssue
-from spoold.core.spool import Spool
+from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.face.access import caller
 from spoold.face.views import ended_text, issue_line, printable
@@ -43,13 +44,19 @@ def run_once(path: Path, config: Config) -> int:
     spool, clock = parts.spool, parts.clock
     spool.init()  # refuses a directory that is no spool, or one across filesystems
     runner = parts.runner()
+    run_as: list[Any] = []
+
+    def accepted(job: JobDir, document: dict[str, Any]) -> None:
+        runner.remember(job.job_id, document)
+        run_as.append(document.get("run_as"))
+
     intake = Intake(
         spool,
         parts.validator(),
         clock,
         max_file_size=config.max_file_size,
         settle_time=0.0,
-        on_accepted=lambda job, document: runner.remember(job.job_id, document),
+        on_accepted=accepted,
         logger=parts.logger,
         allowed_run_as=config.allowed_run_as,
         callbacks=parts.callbacks,
@@ -64,6 +71,9 @@ def run_once(path: Path, config: Config) -> int:
         print(printable(f"rejected into {outcome.path}"), file=sys.stderr)
         return 1
     job_id = outcome.job.job_id
+    slot = f"exec-{os.getpid()}"
+    if not any(run_as):
+        _beside_a_daemon(spool, config, job_id, runner.job_user(slot))
     stopping = _Interrupt(job_id, JobControl(spool, clock, who=caller(config.hostname),
                                              callbacks=parts.callbacks))  # fmt: skip
     # The worker processes' lease heartbeat, on a thread: `spoold cancel` works on a job run
@@ -75,7 +85,7 @@ def run_once(path: Path, config: Config) -> int:
                 if stopping.signal is not None:
                     break  # cancelled while it waited for its next attempt
                 raise SpoolError(f"job {job_id} was claimed by a running daemon")
-            final = runner.run(job, slot=f"exec-{os.getpid()}", tee=sys.stdout)
+            final = runner.run(job, slot=slot, tee=sys.stdout)
             if final is None or final.directory != "pending" or stopping.signal is not None:
                 break
             # A retry: wait here for it, in the foreground, as the daemon would in the background.
@@ -94,6 +104,20 @@ def run_once(path: Path, config: Config) -> int:
     status = spool.jobs.read_status(final)
     print(f"{path}: {ended_text(status)} ({final.path})", file=sys.stderr)
     return 0 if status["state"] == JobState.SUCCEEDED.value else 1
+
+
+def _beside_a_daemon(spool: Spool, config: Config, job_id: str, user: str | None) -> None:
+    """Say so where the job runs beside a daemon on this spool as the user of one of its
+    worker slots (there is no other to take): that slot's jobs and this one may reach each
+    other's processes and work dir (SPEC 13), unless it goes to the daemon instead."""
+    holder = spool.host_lock.daemon_on(config.host_id)
+    if holder is None or user is None:
+        return
+    print(printable(
+        f"spoold exec: a daemon runs on this spool (pid {holder[0]}): job {job_id} runs as "
+        f"{user}, as the jobs of one of its worker slots do, and each may reach the other's "
+        "processes and work dir; `spoold submit` runs it in a slot of the daemon's own"
+    ), file=sys.stderr)  # fmt: skip
 
 
 #: What an interrupted ``spoold exec`` exits with, as a shell's Ctrl-C does (128 + SIGINT).

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spoold.core.config import load_config
 from spoold.run.lane import DEFAULT_JOB_USER, Lane, default_job_users
-from tests.harness import write_config
+from tests.harness import DaemonProcess, local_job, run_cli, write_config
 from tests.test_deb import user_exists
 
 CI = os.environ.get("CI") == "true"
@@ -60,3 +61,32 @@ def test_one_user_named_is_shared_by_every_slot_and_said(tmp_path: Path) -> None
     assert (lane.job_user("0"), lane.job_user("1")) == ("spoold-job", "spoold-job")
     (note,) = lane.notes
     assert "share the user(s) spoold-job" in note
+
+
+def test_exec_beside_a_daemon_says_whose_slot_user_its_job_shares(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    """`spoold exec` runs its job as the user of one of the daemon's worker slots (there is
+    no other): beside a running daemon, that slot's jobs and it may reach each other, and
+    exec says so; without a daemon it says nothing of the kind."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    # No rescan of pending/ while exec runs: the daemon would race it for the claim.
+    config = write_config(tmp_path / "config.yaml", spool_dir, rescan_interval="1h")
+    files = []
+    for job_id in ("beside", "alone"):
+        files.append(tmp_path / f"{job_id}.yaml")
+        files[-1].write_text(yaml.safe_dump(local_job(job_id, "true")))
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        ran = run_cli(spool_dir, "exec", str(files[0]), "--config", str(config))
+    finally:
+        daemon.kill()
+    assert ran.returncode == 0, ran.stderr
+    said = f"a daemon runs on this spool (pid {daemon.pid}): job beside runs as spoold-job"
+    assert said in ran.stderr, ran.stderr
+    assert "`spoold submit` runs it in a slot of the daemon's own" in ran.stderr
+    alone = run_cli(spool_dir, "exec", str(files[1]), "--config", str(config))
+    assert alone.returncode == 0, alone.stderr
+    assert "a daemon runs" not in alone.stderr

@@ -225,6 +225,11 @@ class JobRunner:
         if self._workdirs is not None:
             self._workdirs.drop()
 
+    def job_user(self, slot: str) -> str | None:
+        """The name of the user a job in worker slot ``slot`` runs as without ``run_as``
+        (None: spoold's own user)."""
+        return self._lane.job_user(slot)
+
     def remember(self, job_id: str, document: dict[str, Any]) -> None:
         """Keep the document intake validated for a job about to be queued."""
         with self._lock:
