@@ -35,10 +35,11 @@ from tests.harness import (
 from tests.test_steps_round31 import _marks
 
 CI = os.environ.get("CI") == "true"
-#: This module's own job user: the sweep holds off while any process of its user runs, and
-#: other tests run jobs as spoold-job and spoold-job2 at any time.
+#: Job users of this module's own, one for each test that runs a daemon: the sweep holds off
+#: while any process of its user runs, other tests run jobs as spoold-job and spoold-job2 at
+#: any time, and this module's tests may run side by side.
 USER = "spoold-job-t3"
-#: A uid no account and no process has: the unit tests' files belong to it.
+#: Uids no account and no process has, one for each unit test: their files belong to it.
 NOBODY_UID = 64_123
 
 
@@ -47,15 +48,23 @@ def _root() -> None:
         pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
 
 
-@pytest.fixture(scope="session")
-def own_user() -> str:
+@pytest.fixture
+def own_user(request: pytest.FixtureRequest) -> str:
+    """An account of the test's own (``indirect`` parametrization names it; else USER)."""
     _root()
-    # Two test workers may both find it missing: the second useradd fails, and it is there.
-    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--shell", "/usr/sbin/nologin", USER], check=False,
-                   capture_output=True)  # fmt: skip
-    pwd.getpwnam(USER)
-    return USER
+    name: str = getattr(request, "param", USER)
+    # Two test workers may both find it missing, and useradd fails while another holds the
+    # lock on /etc/passwd (test_lane makes its own account too): tried again, a few times.
+    for _ in range(50):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                            "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+                           check=False, capture_output=True)  # fmt: skip
+            time.sleep(0.1)
+    pytest.fail(f"useradd did not make {name}")
 
 
 @pytest.fixture
@@ -124,7 +133,7 @@ def test_the_users_new_entries_go_and_all_else_stays(shared: Path) -> None:
     _owned(link)
     (tree / "inner-link").symlink_to(target)
 
-    found = _remove_leftovers(NOBODY_UID, (str(shared),), since)
+    found = _remove_leftovers(NOBODY_UID, (str(shared),), since)  # this test's uid
     assert found.busy is None and found.number == 3, found
     assert set(found.names) <= {str(made), str(tree), str(link)}
     assert sorted(path.name for path in shared.iterdir()) == ["before", "others"]
@@ -135,14 +144,15 @@ def test_the_users_new_entries_go_and_all_else_stays(shared: Path) -> None:
 def test_nothing_goes_while_a_process_of_the_user_runs(shared: Path) -> None:
     """Another daemon's job, or a spoold exec, may run as the same user: its files stay."""
     _root()
+    uid = NOBODY_UID + 1
     made = shared / "made"
     made.touch()
-    _owned(made)
-    with subprocess.Popen(["sleep", "60"], user=NOBODY_UID, group=NOBODY_UID) as other:
+    _owned(made, uid)
+    with subprocess.Popen(["sleep", "60"], user=uid, group=uid) as other:
         try:
-            wait_for(lambda: Path(f"/proc/{other.pid}").stat().st_uid == NOBODY_UID,
+            wait_for(lambda: Path(f"/proc/{other.pid}").stat().st_uid == uid,
                      what="the process as its user")  # fmt: skip
-            found = _remove_leftovers(NOBODY_UID, (str(shared),), 0)
+            found = _remove_leftovers(uid, (str(shared),), 0)
         finally:
             other.kill()
     assert found == Leftovers(1, (str(made),), other.pid)
@@ -153,10 +163,11 @@ def test_one_that_cannot_be_removed_keeps_no_other_and_is_said(
     shared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _root()
+    uid = NOBODY_UID + 2
     stuck, other = shared / "stuck", shared / "other"
     for path in (stuck, other):
         path.touch()
-        _owned(path)
+        _owned(path, uid)
     unlink = os.unlink
 
     def refuse(path: str) -> None:
@@ -166,7 +177,7 @@ def test_one_that_cannot_be_removed_keeps_no_other_and_is_said(
 
     monkeypatch.setattr(os, "unlink", refuse)
     with pytest.raises(PermissionError, match="not permitted"):
-        _remove_leftovers(NOBODY_UID, (str(shared),), 0)
+        _remove_leftovers(uid, (str(shared),), 0)
     assert [path.name for path in shared.iterdir()] == ["stuck"]
 
 
@@ -174,12 +185,13 @@ def test_the_launchers_fork_removes_them_as_the_user(shared: Path) -> None:
     """The package's daemon is not root: a fork of its launcher that became the job user
     removes them, and can remove nothing of anyone else's."""
     _root()
-    user = RunAs("spoold-left-t", NOBODY_UID, NOBODY_UID, (NOBODY_UID,), "/nonexistent")
+    uid = NOBODY_UID + 3
+    user = RunAs("spoold-left-t", uid, uid, (uid,), "/nonexistent")
     made = shared / "made"
     (made / "deep").mkdir(parents=True)
     (made / "deep").chmod(0o500)
     for path in (made, made / "deep"):
-        _owned(path)
+        _owned(path, uid)
     (shared / "others").touch()
     launcher = Launcher(chores_here=False)
     try:
@@ -252,6 +264,7 @@ def test_the_next_job_of_the_slot_finds_nothing_the_last_one_left(
             subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+@pytest.mark.parametrize("own_user", ["spoold-job-t4"], indirect=True)
 def test_what_the_user_may_still_use_elsewhere_is_kept_and_said(
     spool_dir: Path, tmp_path: Path, own_user: str
 ) -> None:
@@ -281,6 +294,7 @@ def test_what_the_user_may_still_use_elsewhere_is_kept_and_said(
         left.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("own_user", ["spoold-job-t5"], indirect=True)
 def test_an_adopted_attempts_leftovers_go_too(
     spool_dir: Path, tmp_path: Path, own_user: str
 ) -> None:
