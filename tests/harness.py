@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -61,6 +62,21 @@ def gate_wait(gate: str | Path, bound: float = DEFAULT_BOUND) -> str:
         f'i=0; while [ ! -e "{gate}" ] && [ $i -lt {int(bound / 0.05)} ]; '
         "do sleep 0.05; i=$((i+1)); done"
     )
+
+
+def ensure_account(name: str, *options: str) -> str:
+    """The system account ``name``, made (``useradd`` with ``options``) if it is missing. Two
+    test workers may both find it missing: the second useradd fails, and it is there then."""
+    for _ in range(50):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                            "/nonexistent", "--shell", "/usr/sbin/nologin", *options, name],
+                           check=False, capture_output=True)  # fmt: skip
+            time.sleep(0.1)
+    raise AssertionError(f"useradd did not make {name}")
 
 
 def write_config(path: Path, spool: Path, **overrides: Any) -> Path:

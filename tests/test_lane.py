@@ -32,7 +32,15 @@ from spoold.run.lane import WORK_ROOT_MODE, Lane, default_job_users
 from spoold.run.launcher import Launcher
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
-from tests.harness import DaemonProcess, drop, local_job, wait_finished, wait_for, write_config
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    ensure_account,
+    local_job,
+    wait_finished,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.daemon
 
@@ -44,12 +52,7 @@ LOGGER = logging.getLogger("spoold.test")
 @pytest.fixture(scope="session")
 def second_job_user() -> Iterator[str]:
     """A second job user, so that two jobs running at once run as two users."""
-    try:
-        pwd.getpwnam(SECOND_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", SECOND_USER], check=True)  # fmt: skip
-    yield SECOND_USER
+    yield ensure_account(SECOND_USER)
 
 
 def _secrets(tmp_path: Path, **values: str) -> Path:
@@ -83,10 +86,7 @@ def default_second_job_user() -> str:
     except KeyError:
         if CI:
             pytest.fail(f"{name} is missing: the set-up (make job-user) makes it")
-        subprocess.run(["useradd", "--system", "--gid", "spoold-job", "--no-create-home",
-                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
-                       check=True)  # fmt: skip
-    return name
+    return ensure_account(name, "--gid", "spoold-job")
 
 
 @pytest.mark.parametrize("users", ["named", "default"])

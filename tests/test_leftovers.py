@@ -25,6 +25,7 @@ from spoold.run.process import RunAs
 from tests.harness import (
     DaemonProcess,
     drop,
+    ensure_account,
     gate_wait,
     job_log,
     local_job,
@@ -53,18 +54,7 @@ def own_user(request: pytest.FixtureRequest) -> str:
     """An account of the test's own (``indirect`` parametrization names it; else USER)."""
     _root()
     name: str = getattr(request, "param", USER)
-    # Two test workers may both find it missing, and useradd fails while another holds the
-    # lock on /etc/passwd (test_lane makes its own account too): tried again, a few times.
-    for _ in range(50):
-        try:
-            pwd.getpwnam(name)
-            return name
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                            "/nonexistent", "--shell", "/usr/sbin/nologin", name],
-                           check=False, capture_output=True)  # fmt: skip
-            time.sleep(0.1)
-    pytest.fail(f"useradd did not make {name}")
+    return ensure_account(name)
 
 
 @pytest.fixture
