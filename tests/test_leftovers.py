@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,6 +170,36 @@ def test_one_that_cannot_be_removed_keeps_no_other_and_is_said(
     with pytest.raises(PermissionError, match="not permitted"):
         _remove_leftovers(uid, (str(shared),), 0)
     assert [path.name for path in shared.iterdir()] == ["stuck"]
+
+
+def test_root_changes_no_mode_through_a_path_another_user_may_swap(
+    shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job may leave a directory every user can write: another user may swap what is in it
+    for a link while root removes it. Root needs no modes to remove anything, and changes
+    none: a chmod through that path would change the link's target (here, as it was, /etc)."""
+    _root()
+    uid = NOBODY_UID + 4
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    left = shared / "left"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "x").touch()
+    left.chmod(0o777)  # the job made it everyone's to write
+    _owned(left, uid)
+    unlink = os.unlink
+
+    def swapped_then_refused(name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "x":  # another user swaps sub for a link as root removes what is in it
+            (left / "sub").rename(left / "moved")
+            (left / "sub").symlink_to(target)
+            raise PermissionError(1, "Operation not permitted", name)
+        unlink(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", swapped_then_refused)
+    with pytest.raises(OSError):  # what it could not remove is said
+        _remove_leftovers(uid, (str(shared),), 0)
+    assert target.stat().st_mode & 0o777 == 0o755, "root changed the mode of a link's target"
 
 
 def test_the_launchers_fork_removes_them_as_the_user(shared: Path) -> None:

@@ -1200,6 +1200,11 @@ def _remove_tree(path: str) -> bool:
     top = os.path.normpath(path)
 
     def writable(function: Any, failed: str, exc: Any) -> None:
+        if os.geteuid() == 0:
+            # Root needs no mode to remove anything, and must change none: a chmod goes by
+            # path and follows links, and in a directory the job left open to everyone (in
+            # /tmp) another user may have swapped a part of that path for a link.
+            raise exc[1]
         entry = Path(failed)
         with contextlib.suppress(OSError):
             # Nothing above the tree: its parent is the work root, or /tmp for a leftover,
