@@ -184,7 +184,8 @@ def test_sigterm_stops_at_once_and_leaves_running_jobs_to_the_next_daemon(
         drop(spool_dir, "long.yaml",
              local_job("long", f"touch {started}; until [ -e {go} ]; do sleep 0.05; done"))  # fmt: skip
         wait_for(started.exists, what="the job to start")
-        assert daemon.stop(bound=10, leave_jobs=True) == 0, "no wait for the grace"
+        # Half the grace: a loaded machine's slow stop passes, a wait for the grace does not.
+        assert daemon.stop(bound=30, leave_jobs=True) == 0, "no wait for the grace"
         assert "job long left running for the next daemon" in daemon.log()
         assert supervisors(spool_dir), "the job goes on"
         assert (job_state(spool_dir, "long") or ("",))[0] == "running"
