@@ -92,6 +92,23 @@ def processes_matching(part: str, matches: Callable[[bytes], bool]) -> list[int]
     return found
 
 
+def process_of_user(uid: int) -> int | None:
+    """A process of ``uid``'s that runs now, other than this one; None if none does (as far
+    as /proc shows: each entry belongs to its process's user, root for one not dumpable)."""
+    me = str(os.getpid())
+    with os.scandir("/proc") as entries:
+        for proc in entries:
+            if not proc.name.isdigit() or proc.name == me:
+                continue
+            try:
+                owner = proc.stat(follow_symlinks=False).st_uid
+            except OSError:
+                continue  # gone
+            if owner == uid:
+                return int(proc.name)
+    return None
+
+
 def processes_with_environment(entry: str) -> list[int]:
     """Processes whose environment holds ``entry`` ("NAME=value") as it was at their start.
 

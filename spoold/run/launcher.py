@@ -57,6 +57,7 @@ from spoold.core.procfs import (
     drop_ambient_capabilities,
     name_process,
     process_info,
+    process_of_user,
     process_start_time,
 )
 from spoold.core.secrets import Masker
@@ -1125,7 +1126,7 @@ def _remove_leftovers(uid: int, directories: Iterable[str], since: int) -> Lefto
     if not found:
         return Leftovers()
     named = tuple(path for path, _ in found[:_NAMED])
-    if (busy := _process_of(uid)) is not None:
+    if (busy := process_of_user(uid)) is not None:
         return Leftovers(len(found), named, busy)
     failed: OSError | None = None
     for path, is_dir in found:  # each one it can: one that cannot be removed keeps no other
@@ -1141,20 +1142,6 @@ def _remove_leftovers(uid: int, directories: Iterable[str], since: int) -> Lefto
     if failed is not None:
         raise failed  # said in the job's log, and spoold's
     return Leftovers(len(found), named)
-
-
-def _process_of(uid: int) -> int | None:
-    """A process of ``uid``'s that runs now, other than this one; None if none does (as far
-    as /proc shows: its entries belong to their processes' users)."""
-    me = os.getpid()
-    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit() or int(entry.name) == me:
-                continue
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    return int(entry.name)
-    return None
 
 
 def _make_workdir(
