@@ -64,6 +64,16 @@ def gate_wait(gate: str | Path, bound: float = DEFAULT_BOUND) -> str:
     )
 
 
+def needs_root() -> None:
+    """Fail a test that needs root where CI runs it (as root), skip it elsewhere."""
+    import pytest  # noqa: PLC0415 - the benchmarks import this module without pytest's
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs root, as CI runs")
+        pytest.skip("needs root")
+
+
 def ensure_account(name: str, *options: str) -> str:
     """The system account ``name``, made (``useradd`` with ``options``) if it is missing. Two
     test workers may both find it missing: the second useradd fails, and it is there then."""

@@ -11,7 +11,6 @@ from the start; a new job there runs as the user of a slot not kept.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,8 @@ from spoold.core.clock import SystemClock
 from spoold.core.config import Config
 from spoold.run.lane import default_job_users, user_slots
 from spoold.run.worker import WorkerPool
-from tests.harness import StartDaemon, daemon_starter, drop, wait_finished, wait_for
+from tests.harness import StartDaemon, daemon_starter, drop, needs_root, wait_finished, wait_for
 from tests.test_steps_round31 import BOUND, _held_step, _marks
-
-CI = os.environ.get("CI") == "true"
 
 
 def test_each_default_user_belongs_to_its_slot_and_a_shared_one_to_none() -> None:
@@ -68,8 +65,7 @@ def _user_of(marks: Path, job_id: str) -> str:
 def test_a_job_that_starts_beside_an_adopted_one_runs_as_another_user(
     spool_dir: Path, tmp_path: Path, start_daemon: StartDaemon
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    needs_root()
     marks = _marks(tmp_path)
     settings = {"workers": 2, "worker_processes": 2}
     first = start_daemon(**settings)

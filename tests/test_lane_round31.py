@@ -3,18 +3,14 @@ a default account that is missing leaves its slot to the first's, said once at s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
 import yaml
 
 from spoold.core.config import load_config
 from spoold.run.lane import DEFAULT_JOB_USER, Lane, default_job_users
-from tests.harness import DaemonProcess, local_job, run_cli, write_config
+from tests.harness import DaemonProcess, local_job, needs_root, run_cli, write_config
 from tests.test_deb import user_exists
-
-CI = os.environ.get("CI") == "true"
 
 
 def _lane(tmp_path: Path, **overrides: object) -> Lane:
@@ -29,8 +25,7 @@ def test_the_default_names_one_account_per_slot() -> None:
 
 
 def test_without_job_user_each_slot_runs_as_its_own_account(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    needs_root()
     first, second = default_job_users(2)
     assert user_exists(first) and user_exists(second), "make job-user makes both"
     lane = _lane(tmp_path, workers=2, workdir=str(tmp_path / "work"))
@@ -41,8 +36,7 @@ def test_without_job_user_each_slot_runs_as_its_own_account(tmp_path: Path) -> N
 def test_a_missing_default_account_leaves_its_slot_to_the_first_and_says_so(
     tmp_path: Path,
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    needs_root()
     workers = 40  # the accounts of slots 3 to 40 are nowhere
     missing = [name for name in default_job_users(workers) if not user_exists(name)]
     assert missing, "a machine with 40 job users: the test needs one missing"
@@ -55,8 +49,7 @@ def test_a_missing_default_account_leaves_its_slot_to_the_first_and_says_so(
 
 
 def test_one_user_named_is_shared_by_every_slot_and_said(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    needs_root()
     lane = _lane(tmp_path, workers=2, job_user="spoold-job", workdir=str(tmp_path / "work"))
     assert (lane.job_user("0"), lane.job_user("1")) == ("spoold-job", "spoold-job")
     (note,) = lane.notes
@@ -69,8 +62,7 @@ def test_exec_beside_a_daemon_says_whose_slot_user_its_job_shares(
     """`spoold exec` runs its job as the user of one of the daemon's worker slots (there is
     no other): beside a running daemon, that slot's jobs and it may reach each other, and
     exec says so; without a daemon it says nothing of the kind."""
-    if os.geteuid() != 0:
-        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
+    needs_root()
     # No rescan of pending/ while exec runs: the daemon would race it for the claim.
     config = write_config(tmp_path / "config.yaml", spool_dir, rescan_interval="1h")
     files = []

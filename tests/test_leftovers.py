@@ -30,13 +30,13 @@ from tests.harness import (
     gate_wait,
     job_log,
     local_job,
+    needs_root,
     wait_finished,
     wait_for,
     write_config,
 )
 from tests.test_steps_round31 import _marks
 
-CI = os.environ.get("CI") == "true"
 #: Job users of this module's own, one for each test that runs a daemon: the sweep holds off
 #: while any process of its user runs, other tests run jobs as spoold-job and spoold-job2 at
 #: any time, and this module's tests may run side by side.
@@ -45,15 +45,10 @@ USER = "spoold-job-t3"
 NOBODY_UID = 64_123
 
 
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root, as CI runs") if CI else pytest.skip("needs root")
-
-
 @pytest.fixture
 def own_user(request: pytest.FixtureRequest) -> str:
     """An account of the test's own (``indirect`` parametrization names it; else USER)."""
-    _root()
+    needs_root()
     name: str = getattr(request, "param", USER)
     return ensure_account(name)
 
@@ -101,7 +96,7 @@ def test_an_adopted_attempt_looks_through_all_since_its_start(shared: Path) -> N
 
 
 def test_the_users_new_entries_go_and_all_else_stays(shared: Path) -> None:
-    _root()
+    needs_root()
     (shared / "before").write_text("the user's, from before the attempt")
     _owned(shared / "before")
     since = time.time_ns() + 50_000_000  # the attempt began after it was last changed
@@ -134,7 +129,7 @@ def test_the_users_new_entries_go_and_all_else_stays(shared: Path) -> None:
 
 def test_nothing_goes_while_a_process_of_the_user_runs(shared: Path) -> None:
     """Another daemon's job, or a spoold exec, may run as the same user: its files stay."""
-    _root()
+    needs_root()
     uid = NOBODY_UID + 1
     made = shared / "made"
     made.touch()
@@ -153,7 +148,7 @@ def test_nothing_goes_while_a_process_of_the_user_runs(shared: Path) -> None:
 def test_one_that_cannot_be_removed_keeps_no_other_and_is_said(
     shared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _root()
+    needs_root()
     uid = NOBODY_UID + 2
     stuck, other = shared / "stuck", shared / "other"
     for path in (stuck, other):
@@ -178,7 +173,7 @@ def test_root_changes_no_mode_through_a_path_another_user_may_swap(
     """A job may leave a directory every user can write: another user may swap what is in it
     for a link while root removes it. Root needs no modes to remove anything, and changes
     none: a chmod through that path would change the link's target (here, as it was, /etc)."""
-    _root()
+    needs_root()
     uid = NOBODY_UID + 4
     target = tmp_path / "target"
     target.mkdir(mode=0o755)
@@ -205,7 +200,7 @@ def test_root_changes_no_mode_through_a_path_another_user_may_swap(
 def test_the_launchers_fork_removes_them_as_the_user(shared: Path) -> None:
     """The package's daemon is not root: a fork of its launcher that became the job user
     removes them, and can remove nothing of anyone else's."""
-    _root()
+    needs_root()
     uid = NOBODY_UID + 3
     user = RunAs("spoold-left-t", uid, uid, (uid,), "/nonexistent")
     made = shared / "made"
