@@ -313,10 +313,12 @@ class Daemon:
     ) -> Daemon:
         """Build the daemon from the config: the parts every process has (spoold.wiring), and
         those only the daemon runs. ``make_workers``: its worker processes, unless a test's."""
-        outbox_changed, notices_changed = threading.Event(), threading.Event()
+        notices_changed = threading.Event()
 
-        def outbox_written() -> None:
-            outbox_changed.set()
+        def outbox_written(name: str) -> None:
+            # By name, as outbox/'s watch tells it: a spool that is polled (no watch) would
+            # otherwise hold a delivery committed here until the sender's next poll.
+            sender.changed(name)
             notices_changed.set()
 
         parts = Parts.build(config, clock or SystemClock(), wake=outbox_written)
@@ -337,7 +339,7 @@ class Daemon:
             attention.set()  # the loop's next wake-up may have to come sooner
 
         sender = Sender(spool, callbacks, clock, config.callbacks, logger,
-                        poll_interval=config.poll_interval, wake=outbox_changed)  # fmt: skip
+                        poll_interval=config.poll_interval)  # fmt: skip
         # Kept only where they can be read: a daemon without the API counts nothing.
         seen = _Seen.build(config, spool, clock, logger) if config.api is not None else None
         metrics = None if seen is None else seen.metrics

@@ -57,10 +57,11 @@ class Parts:
         config: Config,
         clock: Clock | None = None,
         *,
-        wake: Callable[[], None] | None = None,
+        wake: Callable[[str], None] | None = None,
         executors: Iterable[tuple[str, str]] = (),
     ) -> Parts:
-        """Configure the log and build the parts; ``wake`` hears of each delivery written.
+        """Configure the log and build the parts; ``wake`` hears of each name in outbox/ a
+        delivery written here changed.
         ``executors``: the executors, each imported when first used (a worker process's:
         ``Setup.executors``); none: every entry point's, loaded and checked now."""
         clock = clock or SystemClock()

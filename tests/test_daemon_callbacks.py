@@ -21,6 +21,7 @@ from tests.harness import (
     StartDaemon,
     daemon_starter,
     drop,
+    gate_wait,
     local_job,
     run_cli,
     wait_finished,
@@ -397,6 +398,23 @@ def test_a_short_secret_masks_what_was_said_not_the_status_documents_own_names(
     assert verify(r.wait_count(2)[1], "s")["event"] == "retrying"
 
 
+def test_on_a_polled_spool_a_delivery_committed_by_the_daemon_goes_out_at_once(
+    start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path
+) -> None:
+    """With ``watch: poll`` (a network filesystem's spool: no watch of outbox/), a delivery the
+    main process committed, a rejection or a job's acceptance, woke the sender, which looked
+    at outbox/ only once ``poll_interval`` had passed: an hour here, a second by default.
+    It is told the names now, as a watch would tell them."""
+    r = receiver()
+    # In before the daemon: its first sweep takes them (a polled incoming/ waits a poll too).
+    drop(spool_dir, "broken.yaml", "job_id: [unclosed")
+    drop(spool_dir, "told.yaml", local_job("told", "true", **hook(r.url, "s3cret", ["accepted"])))
+    start_daemon(poll_interval="1h", watch="poll", rescan_interval="1h", settle_time="0s",
+                 default_callback_url=r.url, default_callback_secret="s3cret")  # fmt: skip
+    told = sorted(verify(each, "s3cret")["event"] for each in r.wait_count(2, bound=20))
+    assert told == ["accepted", "rejected"]
+
+
 def test_a_reloaded_poll_interval_reaches_the_callback_sender(
     start_daemon: StartDaemon, receiver: MakeReceiver, spool_dir: Path, tmp_path: Path
 ) -> None:
@@ -404,14 +422,23 @@ def test_a_reloaded_poll_interval_reaches_the_callback_sender(
     callback sender kept the one it started with. On a spool that is polled (a network
     filesystem's), a job's end, committed by its worker process, waited for that poll: an
     hour here. Reloaded to 200 ms, it goes out."""
-    secret = "s3cret-reloaded"
-    r = receiver()
-    settings = {"watch": "poll", "rescan_interval": "1h", "settle_time": "0s"}
-    # In before the daemon: its first sweep takes it; it ends after the sender's first look.
-    drop(spool_dir, "late.yaml", local_job("late", "sleep 1; exit 3",
+    secret, gate = "s3cret-reloaded", tmp_path / "gate"
+    r, seen = receiver(), receiver()
+    settings = {"watch": "poll", "rescan_interval": "1h", "settle_time": "0s",
+                "default_callback_url": seen.url, "default_callback_secret": "s3cret-default"}  # fmt: skip
+    # Both in before the daemon, taken by its first sweep. The rejection is committed in the
+    # main process, which wakes the sender to list outbox/: its post at ``seen`` shows that
+    # the sender's last listing before the reload is done. The job ends after it.
+    drop(spool_dir, "broken.yaml", "job_id: [unclosed")
+    drop(spool_dir, "late.yaml", local_job("late", f"{gate_wait(gate)}; exit 3",
                                            **hook(r.url, secret, ["failed"])))  # fmt: skip
     daemon = start_daemon(poll_interval="1h", **settings)
+    seen.wait_count(1)
+    gate.touch()
     assert wait_finished(spool_dir, "late")[0] == "failed"
+    wait_for(lambda: any(n.startswith("late~") for n in outbox(spool_dir)),
+             what="late's delivery in outbox/")  # fmt: skip
+    assert r.received == []  # nothing lists outbox/ again within the hour but the reload
     assert daemon.process is not None
     write_config(tmp_path / "config.yaml", spool_dir, poll_interval="200ms", **settings)
     daemon.process.send_signal(signal.SIGHUP)

@@ -42,6 +42,7 @@ from spoold.core.errors import CallbackError, DuplicateJob, SpooldError
 from spoold.core.job import JobStatus, interpolate
 from spoold.core.secrets import SecretStore
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.deliveries import committed_name
 from spoold.core.states import JobState
 from spoold.out.notices import Mask, Notices, change_key, log_tail
 
@@ -60,7 +61,7 @@ STALE_PREPARED = 600.0
 
 def callbacks_for(
     config: Config, spool: Spool, clock: Clock, logger: logging.Logger,
-    wake: Callable[[], None] | None = None,
+    wake: Callable[[str], None] | None = None,
 ) -> Callbacks:  # fmt: skip
     """The Callbacks of a process that changes job states: daemon, worker process, CLI."""
     return Callbacks(
@@ -112,13 +113,14 @@ class Callbacks:
         logger: logging.Logger,
         default_url: str | None = None,
         default_secret: str | None = None,
-        wake: Callable[[], None] | None = None,
+        wake: Callable[[str], None] | None = None,
         host: str = "",
         notices: Notices | None = None,
     ) -> None:
         """``host``: this host's id, written into each delivery: only it sends the delivery
         while it is alive (spoold.out.sender). ``notices``: decides the notifications (none
-        without)."""
+        without). ``wake``: told each name in outbox/ a commit here changed (the prepared one
+        gone, the committed one there)."""
         self._host = host
         self._notices = notices
         #: What each delivery prepared here holds, until committed: written again should
@@ -397,7 +399,7 @@ class Callbacks:
             if not _made_by(self._spool.deliveries.read(name), delivery):
                 continue
             if self._spool.deliveries.commit(name):
-                self._woken()
+                self._woken(name)
 
     def settle(self, name: str) -> bool:
         """Decide one prepared delivery by the state it depends on; True if it was committed."""
@@ -419,7 +421,7 @@ class Callbacks:
                     )
         if made:
             self._spool.deliveries.commit(name)
-            self._woken()
+            self._woken(name)
         else:
             self._spool.deliveries.remove(name)
         return made
@@ -488,11 +490,12 @@ class Callbacks:
 
     def _commit(self, name: str) -> None:
         self._spool.deliveries.commit(name, self._prepared.pop(name, None))
-        self._woken()
+        self._woken(name)
 
-    def _woken(self) -> None:
+    def _woken(self, prepared: str) -> None:
         if self._wake is not None:
-            self._wake()
+            self._wake(prepared)
+            self._wake(committed_name(prepared))
 
 
 def encode_record(record: dict[str, Any]) -> bytes:

@@ -44,6 +44,13 @@ def is_delivery(name: str) -> bool:
     return "~" in name and name[0] != "."
 
 
+def committed_name(prepared: str) -> str:
+    """The name a prepared delivery has once committed."""
+    if not prepared.endswith(_PREPARED):
+        raise SpoolError(f"{prepared!r} is not a prepared delivery")
+    return prepared[: -len(_PREPARED)] + ".json"
+
+
 class Deliveries:
     """The outbox: deliveries prepared, committed, listed, retried, acknowledged, given up."""
 
@@ -88,10 +95,8 @@ class Deliveries:
         ``data``: its content, from the writer that made the change. Another host that took
         this one for stale may have dropped it as a change not made: the writer knows better,
         and writes it again (a receiver dedupes by ``delivery_id`` should it come twice)."""
-        if not name.endswith(_PREPARED):
-            raise SpoolError(f"{name!r} is not a prepared delivery")
         outbox = self._dirs["outbox"]
-        committed = f"{outbox}/{name[: -len(_PREPARED)]}.json"
+        committed = f"{outbox}/{committed_name(name)}"
         try:
             os.rename(f"{outbox}/{name}", committed)
         except FileNotFoundError:
