@@ -52,6 +52,7 @@ LABEL_SPOOL = "spoold.spool"  # whose recovery may remove it: several spools can
 LABEL_UNIT = "spoold.unit"  # which run of the job's executor (RunContext.unit_key) started it
 LABEL_HOST = "spoold.host"  # whose claim (RunContext.host): a host that took it over is not it
 _ALIVE = frozenset({"created", "running", "restarting", "paused"})
+_KILLED = 128 + 9  # the exit code of a container whose process got SIGKILL
 _POLL = 0.05  # seconds between looks at cancel and the timeout
 #: Seconds between readings of a running container's stats (``EngineUsage``): each costs the
 #: engine a read of the container's cgroup.
@@ -255,13 +256,19 @@ class Pumps:
         self.streams: list[Any] = []
         #: Every thread has returned: the container's output is all in the log.
         self.done = threading.Event()
-        #: Set before the streams are closed to leave the container running: a line it has
-        #: half printed is not logged, the next daemon copies it whole.
+        #: Set before the streams are closed to leave the service running (swarm's): a line it
+        #: has half printed is not logged, the next daemon copies it whole.
         self.leaving = threading.Event()
+        #: How to log the last line of each stream that ended without a newline: done once the
+        #: container ended (``flush``). Where the stream was dropped, or the container left to
+        #: the next daemon, the engine's log gives that line whole.
+        self.held: list[Callable[[], None]] = []
         self._threads: list[threading.Thread] = []
 
     def start(self, targets: Sequence[Callable[[], None]]) -> None:
-        """Run each target in a thread of its own; ``done`` once all have returned."""
+        """Run each target in a thread of its own; ``done`` once all have returned (those of
+        an earlier start included: they have, or this is not called)."""
+        self.done.clear()
         left = len(targets)
         lock = threading.Lock()
 
@@ -280,6 +287,12 @@ class Pumps:
             self._threads.append(thread)
             thread.start()
 
+    def flush(self) -> None:
+        """Log the last lines held (``held``): the container ended, they will not go on."""
+        held, self.held = self.held, []
+        for log in held:
+            log()
+
     def stop(self) -> None:
         """Close the streams and let the threads end (bounded: an engine may not answer)."""
         for stream in self.streams:
@@ -295,31 +308,33 @@ def _run(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
     )
     pumps = Pumps(f"docker-{ctx.job_id}")
     pumps.streams.append(output)
-    pumps.start([functools.partial(_pump, output, ctx.log, pumps.leaving)])
+    pumps.start([functools.partial(_pump, output, ctx.log, pumps)])
     try:
         ctx.log.info(f"{_STARTING}{container.name}")  # before its first line: see _STARTING
         container.start()
         if ctx.on_start is not None:
             ctx.on_start(None)
-        return _watch(container, pumps, ctx, ctx.timeout)
+        return _watch(container, streams, pumps, ctx, ctx.timeout)
     finally:
         pumps.stop()
 
 
-def _watch(container: Any, pumps: Pumps, ctx: RunContext, limit: float | None) -> ExecResult:
+def _watch(
+    container: Any, streams: Any, pumps: Pumps, ctx: RunContext, limit: float | None
+) -> ExecResult:
     """Follow a started container to its end, within ``limit`` seconds from now."""
     meter = EngineUsage(container)
     meter.start()
     try:
-        ended = _wait(container, pumps.done, ctx, limit)
+        ended = _wait(container, streams, pumps, ctx, limit)
     finally:
         meter.stop()
-    if ended == "detach":
-        pumps.leaving.set()
+    if ended == "detach":  # its last lines held are left to the next daemon (``Pumps.held``)
         return ExecResult(None, detached=True)
     if ended is not None:
         _stop(container, ctx.kill_grace)
         pumps.done.wait(ctx.kill_grace + 10)  # the rest of the output, up to the very end
+    pumps.flush()
     container.reload()
     usage = meter.usage()
     state = container.attrs["State"]
@@ -332,12 +347,34 @@ def _watch(container: Any, pumps: Pumps, ctx: RunContext, limit: float | None) -
         return ExecResult(
             code, timed_out=ended == "timeout", cancelled=ended == "cancel", usage=usage
         )
-    if state.get("OOMKilled"):
-        memory = container.attrs["HostConfig"].get("Memory")
+    memory = container.attrs["HostConfig"].get("Memory")
+    if state.get("OOMKilled") or (code == _KILLED and memory and _oom_event(container, state)):
         error = f"the container ran out of memory (memory limit {memory} bytes)"
         ctx.log.error(error)
         return ExecResult(code, error, usage=usage)
+    if code == _KILLED and memory:
+        # The engine may miss the kernel's report (cgroup v1: 2 of 40 containers killed so
+        # here said neither OOMKilled nor an oom event): the limit is the likely cause.
+        error = (f"exit code {code}: killed, out of memory (memory limit {memory} bytes) "
+                 "unless something else killed it: the engine did not say")  # fmt: skip
+        ctx.log.error(error)
+        return ExecResult(code, error, usage=usage)
     return ExecResult(code, None if code == 0 else f"exit code {code}", usage=usage)
+
+
+def _oom_event(container: Any, state: Mapping[str, Any]) -> bool:
+    """Whether the engine's events tell of the container running out of memory, up to a
+    second after its end (the engine may mark its end before the kernel's report is in)."""
+    try:
+        since = parse_rfc3339(state["StartedAt"]).timestamp()
+        until = parse_rfc3339(state["FinishedAt"]).timestamp() + 1
+        events = container.client.api.events(
+            since=f"{since:.6f}", until=f"{until:.6f}", decode=True,
+            filters={"container": container.id, "event": "oom"},
+        )  # fmt: skip
+        return any(event.get("status") == "oom" for event in events)
+    except (sdk().errors.DockerException, OSError, KeyError, ValueError):  # requests' are OSError
+        return False  # what is left is the hedged message
 
 
 class EngineUsage:
@@ -406,10 +443,9 @@ class EngineUsage:
             self._peak = max(self._peak or 0, usage)
 
 
-def _pump(
-    output: Iterable[tuple[bytes | None, bytes | None]], log: JobLog, leaving: threading.Event
-) -> None:
-    """Log the container's output line by line as it comes; stderr as errors."""
+def _pump(output: Iterable[tuple[bytes | None, bytes | None]], log: JobLog, pumps: Pumps) -> None:
+    """Log the container's output line by line as it comes; stderr as errors; a last line
+    without its newline held (``Pumps.held``)."""
     pending = {False: b"", True: b""}
     try:
         for chunks in output:
@@ -428,23 +464,25 @@ def _pump(
         pass
     finally:
         for is_err, rest in pending.items():
-            if rest and not leaving.is_set():
-                log.output(rest, stderr=is_err)
+            if rest:
+                pumps.held.append(functools.partial(log.output, rest, stderr=is_err))
 
 
 def _wait(
-    container: Any, done: threading.Event, ctx: RunContext, limit: float | None
+    container: Any, streams: Any, pumps: Pumps, ctx: RunContext, limit: float | None
 ) -> str | None:
     """Until the container ends (None), ``limit`` seconds pass, or the job is cancelled or left
     running for the next daemon."""
     deadline = None if limit is None else ctx.clock.monotonic() + limit
     while True:
-        if done.wait(_POLL):
+        if pumps.done.wait(_POLL):
             container.reload()
             if container.status not in _ALIVE:
                 return None
-            # The output stream ended but the container runs on (the engine dropped it): poll.
-            ctx.cancel.wait(0.5)
+            # Its output stream ended but it runs on: the engine dropped the stream (a dockerd
+            # restarted with live-restore, a proxy's timeout). Not more than twice a second.
+            if not ctx.cancel.wait(0.5) and not ctx.detach.is_set():
+                _follow_again(container, streams, pumps, ctx)
         if ctx.cancel.is_set():
             return "cancel"
         if ctx.detach.is_set():
@@ -488,26 +526,23 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
             said += f" (past its timeout of {format_duration(ctx.timeout)}: its result stands)"
     pumps = Pumps(f"docker-{ctx.job_id}")
     try:
-        try:
+        if not running:  # all in the engine's log, or the job fails saying why not
             targets = _replay(container, streams, ctx.log, logged, pumps)
+            unread = None
+        else:
+            targets, unread = _follow(container, streams, ctx.log, logged, pumps)
+        if unread is not None:
+            how = (
+                f"the engine cannot give back its output ({explain(unread)}): what it printed "
+                "while no daemon watched is missing, its output from now on follows"
+            )
+        elif logged is None:
             how = (
                 "its output since its start follows from the engine's log; lines the job's "
                 "log already holds may repeat"
-                if logged is None
-                else "the output the job's log lacks follows from the engine's log"
             )
-        except sdk().errors.APIError as exc:  # a log driver that cannot be read back
-            if not running:
-                raise
-            output = streams.api.attach(
-                container.id, stdout=True, stderr=True, stream=True, demux=True
-            )
-            pumps.streams.append(output)
-            targets = [functools.partial(_pump, output, ctx.log, pumps.leaving)]
-            how = (
-                f"the engine cannot give back its output ({explain(exc)}): what it printed "
-                "while no daemon watched is missing, its output from now on follows"
-            )
+        else:
+            how = "the output the job's log lacks follows from the engine's log"
         ctx.log.info(f"{said}: {how}")
         if ctx.on_start is not None:
             ctx.on_start(None)
@@ -516,11 +551,42 @@ def _resume(container: Any, streams: Any, ctx: RunContext) -> ExecResult:
         if running and ctx.timeout is not None:
             # Its start counts: a resumed unit does not get a fresh timeout.
             limit = max(0.0, ctx.timeout - (ctx.clock.now() - started).total_seconds())
-        result = _watch(container, pumps, ctx, limit)
+        result = _watch(container, streams, pumps, ctx, limit)
         # Ended while no daemon watched: its end is the engine's, not this adoption's.
         return result if running else dataclasses.replace(result, ended_at=ended)
     finally:
         pumps.stop()
+
+
+def _follow(
+    container: Any, streams: Any, log: JobLog, logged: LoggedOutput | None, pumps: Pumps
+) -> tuple[list[Callable[[], None]], Exception | None]:
+    """Follow a running container's output from where the job's log may lack lines
+    (``_replay``), or, where its log driver cannot be read back, from now on (with the
+    engine's error)."""
+    try:
+        return _replay(container, streams, log, logged, pumps), None
+    except sdk().errors.APIError as exc:
+        output = streams.api.attach(container.id, stdout=True, stderr=True, stream=True,
+                                    demux=True)  # fmt: skip
+        pumps.streams.append(output)
+        return [functools.partial(_pump, output, log, pumps)], exc
+
+
+def _follow_again(container: Any, streams: Any, pumps: Pumps, ctx: RunContext) -> None:
+    """The engine stopped streaming a running container's output: follow it again, from
+    what the job's log holds. Its half-printed last line comes whole from the engine's log."""
+    pumps.held.clear()
+    logged = logged_output(ctx, _STARTING + container.name)
+    targets, unread = _follow(container, streams, ctx.log, logged, pumps)
+    how = (
+        "it follows again from the engine's log"
+        if unread is None
+        else f"the engine cannot give back its output ({explain(unread)}): what it printed "
+        "meanwhile is missing, its output from now on follows"
+    )
+    ctx.log.info(f"the engine stopped streaming the container's output: {how}")
+    pumps.start(targets)
 
 
 def _replay(
@@ -530,6 +596,10 @@ def _replay(
     stream at a time (only so are stdout and stderr told apart), to follow it to the end."""
     tty = bool(container.attrs["Config"].get("Tty"))  # a tty merged stderr into stdout
     since = None if logged is None else logged.since
+
+    def hold(last: tuple[str, bool, bytes]) -> None:
+        pumps.held.append(functools.partial(_copy, [last], log, logged))
+
     lines = []
     for is_err in (False,) if tty else (False, True):
         chunks = streams.api.logs(
@@ -538,7 +608,7 @@ def _replay(
         )  # fmt: skip
         pumps.streams.append(chunks)
         entries = _tty_entries(chunks) if tty else chunks
-        lines.append(_stamped_lines(entries, is_err, pumps.leaving))
+        lines.append(_stamped_lines(entries, is_err, hold))
     if container.status not in _ALIVE:
         # Its streams end, so they can be merged: its lines keep their order across them.
         lines = [heapq.merge(*lines, key=operator.itemgetter(0))]
@@ -562,10 +632,10 @@ def _copy(
 
 
 def _stamped_lines(
-    entries: Iterable[bytes], is_err: bool, leaving: threading.Event
+    entries: Iterable[bytes], is_err: bool, hold: Callable[[tuple[str, bool, bytes]], None]
 ) -> Iterator[tuple[str, bool, bytes]]:
     """(stamp, is_err, line) from the entries of one stream of the engine's log with
-    timestamps, ``STAMP text``.
+    timestamps, ``STAMP text``; a last line without its newline to ``hold``.
 
     A line longer than the engine's buffer comes in several entries, each but the last without
     a newline; the line has the stamp of its first.
@@ -583,8 +653,8 @@ def _stamped_lines(
         if held.endswith(b"\n") or len(held) > MAX_LINE:
             yield stamp, is_err, held.removesuffix(b"\n")
             held = b""
-    if held and not leaving.is_set():
-        yield stamp, is_err, held
+    if held:
+        hold((stamp, is_err, held))
 
 
 def _tty_entries(chunks: Iterable[bytes]) -> Iterator[bytes]:

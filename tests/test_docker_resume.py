@@ -336,3 +336,36 @@ def test_a_line_logged_just_before_the_engine_stamped_it_is_held() -> None:
     assert logged.lines[False].holds("2026-12-03T10:00:00.000900Z", "up")
     older = LoggedOutput([("2026-12-03T10:00:00.000000Z", "INFO", "up")])
     assert not older.lines[False].holds("2026-12-03T10:00:05.000000Z", "up")
+
+
+def test_output_the_engine_stopped_streaming_is_followed_again(
+    make_job: Any, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attached stream ends while the container runs on (a dockerd restarted with
+    ``live-restore``, a proxy in front of a remote engine timing out): what the container
+    printed after that was lost, and the job's log stayed silent to its end. It follows
+    again from the engine's log, each line once, half a line included."""
+    docker = importlib.import_module("docker")
+    attached: list[Any] = []
+    attach = docker.APIClient.attach
+
+    def recorded(api: Any, *args: Any, **kwargs: Any) -> Any:
+        attached.append(attach(api, *args, **kwargs))
+        return attached[-1]
+
+    monkeypatch.setattr(docker.APIClient, "attach", recorded)
+    job = make_job({"script": _GATED})
+    running = job.start(job.context())
+    wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
+    container = _the_container(client, job)
+    attached[0].close()  # as the engine's end of the connection going
+    _open_gate(container, "go1")
+    wait_for(lambda: _printed(container, b"away\n"), bound=_BOUND, what="the line printed away")
+    _open_gate(container, "go2")
+    result = running.wait()
+    assert (result.exit_code, result.error) == (3, "exit code 3"), job.text()
+    lines = job.lines()
+    for line in ("INFO one", "ERROR err-one", "INFO half-line", "INFO away", "ERROR err-away",
+                 "INFO after", *(f"INFO {long}" for long in _LONG)):  # fmt: skip
+        assert lines.count(line) == 1, (line[:40], job.text())
+    assert any("stopped streaming" in line for line in lines), job.text()
