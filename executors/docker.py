@@ -473,16 +473,34 @@ def _wait(
 ) -> str | None:
     """Until the container ends (None), ``limit`` seconds pass, or the job is cancelled or left
     running for the next daemon."""
+    import requests  # noqa: PLC0415 - as the SDK: only where such jobs run
+
     deadline = None if limit is None else ctx.clock.monotonic() + limit
+    missed: str | None = None  # the engine's error while it cannot be reached
+    behind = False  # the job's log may lack output: its stream ended before the container
     while True:
         if pumps.done.wait(_POLL):
-            container.reload()
-            if container.status not in _ALIVE:
-                return None
-            # Its output stream ended but it runs on: the engine dropped the stream (a dockerd
-            # restarted with live-restore, a proxy's timeout). Not more than twice a second.
-            if not ctx.cancel.wait(0.5) and not ctx.detach.is_set():
+            try:
+                container.reload()
+            except requests.ConnectionError as exc:  # a dockerd restarting (live-restore)
+                behind = True
+                if missed is None:
+                    missed = explain(exc)
+                    ctx.log.error(f"the docker engine cannot be reached ({missed}): waiting "
+                                  "for it, the container may run on")  # fmt: skip
+                ctx.cancel.wait(0.5)
+                continue
+            if missed is not None:
+                ctx.log.info("the docker engine answers again")
+                missed = None
+            alive = container.status in _ALIVE
+            if not alive and not behind:
+                return None  # its stream ended with it: all its output is in
+            # The stream was dropped (a proxy's timeout, the engine gone meanwhile): the rest
+            # comes from the engine's log, which ends with the container. Twice a second at most.
+            if (not alive or not ctx.cancel.wait(0.5)) and not ctx.detach.is_set():
                 _follow_again(container, streams, pumps, ctx)
+                behind = False
         if ctx.cancel.is_set():
             return "cancel"
         if ctx.detach.is_set():
