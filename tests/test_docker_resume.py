@@ -339,6 +339,17 @@ def test_a_line_logged_just_before_the_engine_stamped_it_is_held() -> None:
     assert not older.lines[False].holds("2026-12-03T10:00:05.000000Z", "up")
 
 
+def _gated_whole(job: _Job, result: ExecResult) -> list[str]:
+    """The log's lines of a ``_GATED`` job that ran to its end, having checked that each line
+    it printed is there once."""
+    assert (result.exit_code, result.error) == (3, "exit code 3"), job.text()
+    lines = job.lines()
+    for line in ("INFO one", "ERROR err-one", "INFO half-line", "INFO away", "ERROR err-away",
+                 "INFO after", *(f"INFO {long}" for long in _LONG)):  # fmt: skip
+        assert lines.count(line) == 1, (line[:40], job.text())
+    return lines
+
+
 def test_output_the_engine_stopped_streaming_is_followed_again(
     make_job: Any, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,11 +375,7 @@ def test_output_the_engine_stopped_streaming_is_followed_again(
     wait_for(lambda: _printed(container, b"away\n"), bound=_BOUND, what="the line printed away")
     _open_gate(container, "go2")
     result = running.wait()
-    assert (result.exit_code, result.error) == (3, "exit code 3"), job.text()
-    lines = job.lines()
-    for line in ("INFO one", "ERROR err-one", "INFO half-line", "INFO away", "ERROR err-away",
-                 "INFO after", *(f"INFO {long}" for long in _LONG)):  # fmt: skip
-        assert lines.count(line) == 1, (line[:40], job.text())
+    lines = _gated_whole(job, result)
     assert any("stopped streaming" in line for line in lines), job.text()
 
 
@@ -468,10 +475,6 @@ def test_a_job_rides_out_an_engine_it_cannot_reach_while_its_container_runs_on(
         result = running.wait()
     finally:
         link.close()
-    assert (result.exit_code, result.error) == (3, "exit code 3"), job.text()
-    lines = job.lines()
-    for line in ("INFO one", "ERROR err-one", "INFO half-line", "INFO away", "ERROR err-away",
-                 "INFO after", *(f"INFO {long}" for long in _LONG)):  # fmt: skip
-        assert lines.count(line) == 1, (line[:40], job.text())
+    lines = _gated_whole(job, result)
     assert any("answers again" in line for line in lines), job.text()
     assert _containers(client, job.job_id) == []
