@@ -468,6 +468,26 @@ def _pump(output: Iterable[tuple[bytes | None, bytes | None]], log: JobLog, pump
                 pumps.held.append(functools.partial(log.output, rest, stderr=is_err))
 
 
+class Outage:
+    """Says once that the engine cannot be reached, and once that it answers again: a dockerd
+    restarting with live-restore leaves its containers running, and a job waits for it."""
+
+    def __init__(self, log: JobLog, what: str) -> None:
+        self._log, self._what = log, what
+        self._error: str | None = None
+
+    def missed(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = explain(exc)
+            self._log.error(f"the docker engine cannot be reached ({self._error}): waiting for "
+                            f"it, {self._what} may run on")  # fmt: skip
+
+    def answered(self) -> None:
+        if self._error is not None:
+            self._log.info("the docker engine answers again")
+            self._error = None
+
+
 def _wait(
     container: Any, streams: Any, pumps: Pumps, ctx: RunContext, limit: float | None
 ) -> str | None:
@@ -476,7 +496,7 @@ def _wait(
     import requests  # noqa: PLC0415 - as the SDK: only where such jobs run
 
     deadline = None if limit is None else ctx.clock.monotonic() + limit
-    missed: str | None = None  # the engine's error while it cannot be reached
+    outage = Outage(ctx.log, "the container")
     behind = False  # the job's log may lack output: its stream ended before the container
     while True:
         if pumps.done.wait(_POLL):
@@ -484,15 +504,10 @@ def _wait(
                 container.reload()
             except requests.ConnectionError as exc:  # a dockerd restarting (live-restore)
                 behind = True
-                if missed is None:
-                    missed = explain(exc)
-                    ctx.log.error(f"the docker engine cannot be reached ({missed}): waiting "
-                                  "for it, the container may run on")  # fmt: skip
+                outage.missed(exc)
                 ctx.cancel.wait(0.5)
                 continue
-            if missed is not None:
-                ctx.log.info("the docker engine answers again")
-                missed = None
+            outage.answered()
             alive = container.status in _ALIVE
             if not alive and not behind:
                 return None  # its stream ended with it: all its output is in

@@ -41,6 +41,7 @@ from spoold.executors.docker import (
     DockerExecutor,
     EngineUsage,
     LoggedOutput,
+    Outage,
     Pumps,
     copy_artifacts,
     engine_for_recovery,
@@ -480,13 +481,22 @@ class _ServiceRun:
     def _wait(self, limit: float | None) -> tuple[str | None, Verdict]:
         """Until the tasks decide the job (None), or ``limit`` seconds pass, or the job is
         cancelled or left running for the next daemon."""
+        import requests  # noqa: PLC0415 - as the SDK: only where such jobs run
+
         ctx = self.ctx
         begun = ctx.clock.monotonic()
         deadline = None if limit is None else begun + limit
         pause, said_waiting = _POLL_FIRST, ""
+        outage = Outage(ctx.log, "its tasks")
+        verdict = judge((), self.replicas)
         while True:
-            self._look()
-            verdict = judge(self.tasks.values(), self.replicas)
+            try:
+                self._look()
+            except requests.ConnectionError as exc:  # a manager restarting: its tasks run on
+                outage.missed(exc)  # the output the followers miss is read at the end
+            else:
+                outage.answered()
+                verdict = judge(self.tasks.values(), self.replicas)
             if verdict.outcome is not None:
                 return None, verdict
             waiting = self._waiting_for()

@@ -14,9 +14,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +233,75 @@ def client(dockerd: str) -> Iterator[Any]:
     engine = docker.from_env()
     yield engine
     engine.close()
+
+
+class EngineLink:
+    """A socket in front of the engine's, as the executor's way to it: ``cut`` closes every
+    connection and takes none (the engine gone, as a client sees a dockerd restarting with
+    ``live-restore``: its containers run on), ``mend`` takes them again."""
+
+    def __init__(self, path: Path, engine: str = SOCKET) -> None:
+        self.path, self._engine = path, engine
+        self._up = threading.Event()
+        self._up.set()
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._server = socket.socket(socket.AF_UNIX)
+        self._server.bind(str(path))
+        self._server.listen(16)
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="test-engine-link", daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._server.accept()
+            except OSError:  # closed: the test is over
+                return
+            if not self._up.is_set():
+                near.close()
+                continue
+            far = socket.socket(socket.AF_UNIX)
+            far.connect(self._engine)
+            with self._lock:
+                self._open += [near, far]
+            self._spawn(self._copy, near, far)
+            self._spawn(self._copy, far, near)
+
+    @staticmethod
+    def _copy(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for each in (source, sink):
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._up.clear()
+        with self._lock:
+            cut, self._open = self._open, []
+        for each in cut:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+
+    def mend(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self._server.shutdown(socket.SHUT_RDWR)  # wakes its accept(), which close() would not
+        self._server.close()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(10)
+        with self._lock:
+            for each in self._open:
+                each.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ from spoold.executors.docker import (
 from spoold.core.clock import Clock, SystemClock, parse_rfc3339
 from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
+from tests.dockerd import EngineLink
 from tests.harness import wait_for
 
 _BOUND = 60.0  # seconds: a ceiling for a wait, not a measurement
@@ -379,78 +379,6 @@ def test_output_the_engine_stopped_streaming_is_followed_again(
     assert any("stopped streaming" in line for line in lines), job.text()
 
 
-class _EngineLink:
-    """A socket in front of the engine's, as the executor's way to it: ``cut`` closes every
-    connection and takes none (the engine gone, as a client sees a dockerd restarting with
-    ``live-restore``: its containers run on), ``mend`` takes them again."""
-
-    def __init__(self, path: Path, engine: str) -> None:
-        self.path, self._engine = path, engine
-        self._up = threading.Event()
-        self._up.set()
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._server = socket.socket(socket.AF_UNIX)
-        self._server.bind(str(path))
-        self._server.listen(16)
-        self._spawn(self._accept)
-
-    def _spawn(self, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name="test-engine-link", daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                near, _ = self._server.accept()
-            except OSError:  # closed: the test is over
-                return
-            if not self._up.is_set():
-                near.close()
-                continue
-            far = socket.socket(socket.AF_UNIX)
-            far.connect(self._engine)
-            with self._lock:
-                self._open += [near, far]
-            self._spawn(self._copy, near, far)
-            self._spawn(self._copy, far, near)
-
-    @staticmethod
-    def _copy(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        for each in (source, sink):
-            with contextlib.suppress(OSError):
-                each.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self._up.clear()
-        with self._lock:
-            cut, self._open = self._open, []
-        for each in cut:
-            with contextlib.suppress(OSError):
-                each.shutdown(socket.SHUT_RDWR)
-
-    def mend(self) -> None:
-        self._up.set()
-
-    def close(self) -> None:
-        self.cut()
-        self._server.shutdown(socket.SHUT_RDWR)  # wakes its accept(), which close() would not
-        self._server.close()
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(10)
-        with self._lock:
-            for each in self._open:
-                each.close()
-
-
 def test_a_job_rides_out_an_engine_it_cannot_reach_while_its_container_runs_on(
     make_job: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -458,7 +386,7 @@ def test_a_job_rides_out_an_engine_it_cannot_reach_while_its_container_runs_on(
     ``live-restore``, the job's container running on): the job failed at once with the
     connection's error, and its container was left running, no daemon watching it. It waits
     for the engine now, and follows the container to its end, its output whole."""
-    link = _EngineLink(tmp_path / "engine.sock", "/var/run/docker.sock")
+    link = EngineLink(tmp_path / "engine.sock")
     try:
         monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
         job = make_job({"script": _GATED})

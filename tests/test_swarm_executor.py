@@ -18,6 +18,7 @@ from spoold.core.job import ArtifactSpec
 from spoold.core.joblog import JobLog
 from spoold.intake.validation import job_validator
 from spoold.run.registry import ExecutorRegistry
+from tests.dockerd import EngineLink
 from tests.harness import wait_for
 from tests.test_executors import _context, _Log
 from tests.test_usage_docker import SCRIPT, open_after_a_reading
@@ -345,6 +346,41 @@ def test_detach_leaves_the_service_and_resume_re_attaches_without_repeating(
     result = _run(second)
     assert result.succeeded, unit.output()
     # Each line once; stdout and stderr are followed side by side, so their order may differ.
+    assert sorted(unit.output()) == ["ERROR two", "INFO one", "INFO three"]
+    assert _left(client, unit.job_id) == []
+
+
+def test_a_job_rides_out_a_manager_it_cannot_reach_while_its_tasks_run_on(
+    swarm: str, client: Any, tmp_path: Path, shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager's engine could not be reached for a while (restarting: a service's tasks
+    run on): the job failed at once with the connection's error. It waits for the engine
+    now, and its log has what the task printed meanwhile."""
+    script = ["echo one", "until [ -e /shared/go ]; do sleep 0.1; done", "echo two >&2",
+              ": > /shared/printed", "until [ -e /shared/end ]; do sleep 0.1; done",
+              "echo three"]  # fmt: skip
+    unit = _Unit(tmp_path, swarm, {"script": script, "mounts": [f"{shared}:/shared"]})
+    link = EngineLink(tmp_path / "engine.sock")
+    try:
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
+        ctx = unit.context()
+        results: list[ExecResult] = []
+        running = threading.Thread(target=lambda: results.append(_run(ctx)))
+        running.start()
+        wait_for(lambda: "INFO one" in unit.output(), what="'one' in the log")
+        link.cut()
+        log = unit.dir / "log"
+        wait_for(lambda: "cannot be reached" in log.read_text(), what="the engine missed")
+        (shared / "go").touch()  # printed while the engine cannot be reached
+        wait_for((shared / "printed").exists, what="'two' printed")
+        link.mend()
+        wait_for(lambda: "answers again" in log.read_text(), what="the engine back")
+        (shared / "end").touch()
+        running.join(60)
+    finally:
+        link.close()
+    (result,) = results
+    assert result.succeeded, log.read_text()
     assert sorted(unit.output()) == ["ERROR two", "INFO one", "INFO three"]
     assert _left(client, unit.job_id) == []
 
