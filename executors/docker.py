@@ -121,7 +121,7 @@ class DockerExecutor(Executor):
             # Attached output may pause for longer than any API call may take: no read timeout.
             streams = docker.from_env(timeout=None)
         except failures as exc:
-            raise ExecutorError(f"cannot reach the docker engine: {exc}") from exc
+            raise ExecutorError(f"cannot reach the docker engine: {exc}", retryable=True) from exc
         try:
             container = _adopt(client, ctx) if ctx.resume else None
             resumed = container is not None
@@ -143,10 +143,21 @@ class DockerExecutor(Executor):
                 else:
                     remove_container(container, ctx.log)
         except failures as exc:
-            raise ExecutorError(f"docker: {explain(exc)}") from exc
+            # Not a 5xx: the engine answers 500 for what no retry mends too (a runtime that
+            # cannot start the image).
+            raise ExecutorError(f"docker: {explain(exc)}", retryable=transient(exc)) from exc
         finally:
             client.close()
             streams.close()
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether the engine was away (a connection refused, reset or timed out: restarting), so
+    that another attempt may find it. Not an answer it gave: the SDK's APIError is a
+    ``requests`` error too."""
+    import requests  # noqa: PLC0415 - as the SDK: only where such jobs run
+
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout))
 
 
 def _ensure_image(client: Any, image: str, log: JobLog) -> None:

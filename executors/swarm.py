@@ -54,6 +54,7 @@ from spoold.executors.docker import (
     remove_container,
     script_of,
     sdk,
+    transient,
 )
 
 from spoold.core.clock import Clock, parse_rfc3339, rfc3339
@@ -212,7 +213,7 @@ class SwarmExecutor(Executor):
                 else:
                     run.remove()
         except failures as exc:
-            retryable = isinstance(exc, requests.RequestException) or _server_side(exc)
+            retryable = transient(exc) or _server_side(exc)
             raise ExecutorError(f"swarm: {explain(exc)}", retryable=retryable) from exc
         finally:
             client.close()

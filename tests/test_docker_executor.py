@@ -21,6 +21,7 @@ from spoold.executors.docker import (
     DockerExecutor,
     nothing_left,
     remove_leftovers,
+    transient,
 )
 
 from spoold.core.job import ArtifactSpec
@@ -241,6 +242,26 @@ def test_output_survives_a_silence_longer_than_the_api_timeout(
     result = _run(_ctx(dockerd, tmp_path, log, {"script": "echo a; sleep 2; echo b"}))
     assert result.succeeded, log.text()
     assert log.text().endswith("a\nb")
+
+
+def test_an_engine_that_cannot_be_reached_fails_the_attempt_retryable(
+    dockerd: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listens at the engine's socket (a dockerd restarting): the attempt failed as
+    for good, where ``retries:`` could have run it once the engine was back."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'nobody.sock'}")
+    result = _run(_ctx(dockerd, tmp_path, _Log(), {"script": "true"}))
+    assert result.exit_code is None and result.retryable, result
+
+
+def test_an_answer_of_the_engine_is_no_transient_failure(dockerd: str) -> None:
+    """The SDK's APIError is a ``requests`` error too: swarm took any answer of the engine's
+    (a 400 for a spec it refuses) for a connection lost, and retried it."""
+    docker, requests = importlib.import_module("docker"), importlib.import_module("requests")
+    assert transient(requests.ConnectionError("refused"))
+    assert transient(requests.ReadTimeout("slow"))
+    assert not transient(docker.errors.APIError("400 Client Error: bad spec"))
+    assert not transient(docker.errors.NotFound("404: no such container"))
 
 
 def test_without_the_sdk_the_error_names_the_extra(
