@@ -223,12 +223,11 @@ def test_poll_mode_takes_files_by_scanning(spool_dir: Path, tmp_path: Path) -> N
 
 def _lose(directory: Path, how: str) -> None:
     """What an operator does by mistake (or a remount does): the directory moved away or
-    removed, then a new one made at its path."""
+    removed."""
     if how == "moved":
         directory.rename(directory.with_name(f"{directory.name}.old"))
     else:
         shutil.rmtree(directory)
-    directory.mkdir()
 
 
 @pytest.mark.parametrize("how", ["moved", "removed"])
@@ -241,7 +240,13 @@ def test_incoming_made_again_is_watched_again(spool_dir: Path, tmp_path: Path, h
     daemon.start()
     try:
         _lose(spool_dir / "incoming", how)
-        drop(spool_dir, "meanwhile.yaml", local_job("meanwhile", "echo meanwhile"))
+        # The scan the loss asked for is over (it found no incoming/); the next is an hour
+        # away. The new incoming/ comes with a file in it: only taking up the watch finds it.
+        wait_for(lambda: "intake failed" in daemon.log(), what="the scan of the lost incoming/")
+        made = tmp_path / "incoming.new"
+        made.mkdir()
+        (made / "meanwhile.yaml").write_text(yaml.safe_dump(local_job("meanwhile", "true")))
+        made.rename(spool_dir / "incoming")
         assert wait_finished(spool_dir, "meanwhile")[0] == "done"
         wait_for(lambda: "incoming is watched again" in daemon.log(), what="watched again")
         drop(spool_dir, "after.yaml", local_job("after", "echo after"))

@@ -20,11 +20,13 @@ import pytest
 from spoold.core.clock import rfc3339
 from spoold.core.config import Config, load_config
 from spoold.core.errors import ConfigError, JobBusy, JobFenced
+from spoold.core.own_log import close_logging
 from spoold.core.policy import Submitter
 from spoold.core.secrets import SecretStore
 from spoold.core.sightings import Sightings
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
+from spoold.daemon import Daemon
 from spoold.face.views import hosts_rows
 from spoold.intake.incoming import Accepted, Rejected
 from spoold.out.outbox import Callbacks, CallbackTarget, encode_record
@@ -32,6 +34,7 @@ from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.hostbeat import HostBeat
 from spoold.run.ledger import JobLedger
 from spoold.run.recovery import Recovery, Verdict
+from tests.daemon_bench import InlineWorkers
 from tests.fakes import FakeClock
 from tests.harness import intake_for, run_cli, write_config
 
@@ -256,19 +259,58 @@ def test_a_host_that_starts_again_has_a_lease_timeout_to_adopt_its_jobs(tmp_path
     """Found by the multi-host tests run side by side: a's job ended while a was stopped;
     the moment a's record no longer said "stopped" (a started again), b took the job over,
     its lease having stood still all along, before a adopted it: the job that succeeded was
-    recorded failed, "taken over by host b". A daemon seen starting gets ``lease_timeout``."""
+    recorded failed, "taken over by host b". A daemon seen starting gets ``lease_timeout``.
+    The hosts' beats are real, as b's recovery reads them (``HostBeat.up_for``)."""
     spool, clock = _spool(tmp_path), FakeClock(T)
     _pending(spool, "j1")
     job = _claimed_by(spool, "j1", "a", clock)
+    a = HostBeat(spool, _config(spool, "a"), clock, LOG, running=lambda: ["j1"])
+    b = HostBeat(spool, _config(spool, "b"), clock, LOG, running=list)
     judge = Recovery(spool, _config(spool, "b"), clock, LOG)
-    up = {"a": 0.0}
-    judge.host_up_for = up.get
-    assert judge.reap() == []
+    judge.host_up_for = b.up_for
+
+    def beat(*hosts: HostBeat) -> None:
+        for host in hosts:
+            host.tick(clock.monotonic())
+
+    beat(a, b)
+    a.stopped()
     clock.advance(LEASE_TIMEOUT * 5)  # a stopped long ago: its lease stood still all along
-    up["a"] = LEASE_TIMEOUT - 0.5  # and its daemon started again a moment ago
+    beat(b)
+    assert b.state_of("a") == "gone"
+    clock.advance(1.0)
+    again = HostBeat(spool, _config(spool, "a"), clock, LOG, running=lambda: ["j1"])
+    beat(again, b)  # its daemon started again a moment ago
+    assert b.state_of("a") == "alive" and b.up_for("a") == 0.0
     assert judge.judge(job, own_runs=frozenset()) == Verdict(False)
-    up["a"] = LEASE_TIMEOUT  # up that long without renewing it: gone again, taken over
+    for _ in range(int(LEASE_TIMEOUT) - 1):
+        clock.advance(1.0)
+        beat(again, b)
+    assert b.up_for("a") == LEASE_TIMEOUT - 1
+    assert judge.judge(job, own_runs=frozenset()) == Verdict(False)
+    clock.advance(1.0)
+    beat(again, b)  # up that long without renewing it: gone again, taken over
     assert judge.judge(job, own_runs=frozenset()).gone
+
+
+def test_the_daemons_parts_see_the_other_hosts_through_its_beat(tmp_path: Path) -> None:
+    """Recovery, the callback sender and the notifier judge another host's jobs by the one
+    view this daemon's beat keeps: a part left with its default would take a restarted host's
+    jobs over at once, or send what another host, alive, is sending."""
+    root = tmp_path / "spool"
+    Spool(root).init()
+    config = load_config(write_config(tmp_path / "config.yaml", root,
+                                      workdir=str(tmp_path / "work")), env={})  # fmt: skip
+    try:
+        daemon = Daemon.build(config, make_workers=InlineWorkers)
+        beat = daemon.hostbeat
+        assert beat is not None and daemon.notifier is not None
+        assert daemon.recovery.host_up_for == beat.up_for
+        assert daemon.recovery.host_stopped == beat.said_stopped
+        assert daemon.sender.host_state == beat.state_of
+        assert daemon.notifier.host_state == beat.state_of
+    finally:
+        close_logging()
 
 
 def test_a_claim_never_leased_is_judged_by_sightings_not_by_its_directory_time(

@@ -351,16 +351,16 @@ def test_worker_processes_stay_longer_each_time_a_job_soon_needed_one_again() ->
     assert pool.Linger(0.0, 5.0).starting(0.0) == 0.0, "0: for the daemon's life"
 
 
-def test_a_worker_process_started_again_soon_after_one_left_is_sent_a_longer_linger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Driven for real: the processes the main process starts carry the stay ``Linger`` gives
-    them, and leave after it."""
+def _lingering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker_idle_exit: object
+) -> tuple[Path, WorkerProcesses, FakeClock, list[float], Callable[[str], pool._Link]]:
+    """One worker process, its first stay 0.2 s: the spool, the processes, their clock, when
+    each started, and how to hand one a job (returning its link)."""
     root = tmp_path / "spool"
     spool = Spool(root)
     spool.init()
     config = load_config(write_config(tmp_path / "config.yaml", root, workers=1,
-                                      worker_idle_exit="2s"), spool=root)  # fmt: skip
+                                      worker_idle_exit=worker_idle_exit), spool=root)  # fmt: skip
     monkeypatch.setattr(pool, "LINGER_FIRST", 0.2)
     clock = FakeClock()
     started: list[float] = []
@@ -373,15 +373,47 @@ def test_a_worker_process_started_again_soon_after_one_left_is_sent_a_longer_lin
     intake = Intake(spool, job_validator(ExecutorRegistry.from_entry_points()), SystemClock(),
                     max_file_size=1 << 20, settle_time=0, logger=logging.getLogger("spoold.test"),
                     on_accepted=lambda job, document: None)  # fmt: skip
-    stays: list[float] = []
 
-    def one_job(job_id: str) -> None:
+    def submit(job_id: str) -> pool._Link:
         (root / "incoming" / f"{job_id}.yaml").write_text(yaml.safe_dump(local_job(job_id, "true")))
         assert isinstance(intake.offer(f"{job_id}.yaml", complete=True), Accepted)
         workers.submit(job_id)
         assert workers.replace_dead() == []  # what the daemon's round does when one is wanted
         link = workers._links[0]
         assert link is not None
+        return link
+
+    return root, workers, clock, started, submit
+
+
+def test_worker_idle_exit_0_keeps_the_worker_processes_for_the_daemons_life(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``worker_idle_exit: 0`` is "stay", not a ceiling of 0 s nor the default: the process
+    is sent no stay, and is there still five first stays after its job."""
+    root, workers, _clock, _started, submit = _lingering(tmp_path, monkeypatch, 0)
+    workers.start()
+    try:
+        link = submit("a")
+        assert link.linger == 0.0
+        assert wait_finished(root, "a")[0] == "done"
+        pid = link.process.pid
+        time.sleep(5 * pool.LINGER_FIRST)  # a process sent any stay would have left by now
+        assert workers._links[0] is link and link.process.poll() is None, pid
+    finally:
+        workers.stop(5.0)
+
+
+def test_a_worker_process_started_again_soon_after_one_left_is_sent_a_longer_linger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Driven for real: the processes the main process starts carry the stay ``Linger`` gives
+    them, and leave after it."""
+    root, workers, clock, started, submit = _lingering(tmp_path, monkeypatch, "2s")
+    stays: list[float] = []
+
+    def one_job(job_id: str) -> None:
+        link = submit(job_id)
         stays.append(link.linger)
         assert wait_finished(root, job_id)[0] == "done"
         wait_for(
