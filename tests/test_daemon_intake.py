@@ -242,7 +242,7 @@ def test_incoming_made_again_is_watched_again(spool_dir: Path, tmp_path: Path, h
         _lose(spool_dir / "incoming", how)
         # The scan the loss asked for is over (it found no incoming/); the next is an hour
         # away. The new incoming/ comes with a file in it: only taking up the watch finds it.
-        wait_for(lambda: "intake failed" in daemon.log(), what="the scan of the lost incoming/")
+        wait_for(lambda: "incoming is missing" in daemon.log(), what="the lost incoming/ scanned")
         made = tmp_path / "incoming.new"
         made.mkdir()
         (made / "meanwhile.yaml").write_text(yaml.safe_dump(local_job("meanwhile", "true")))
@@ -252,6 +252,7 @@ def test_incoming_made_again_is_watched_again(spool_dir: Path, tmp_path: Path, h
         drop(spool_dir, "after.yaml", local_job("after", "echo after"))
         assert wait_finished(spool_dir, "after")[0] == "done"
         assert daemon.alive
+        assert "intake failed" not in daemon.log()  # a traceback at each scan meanwhile
     finally:
         daemon.kill()
 

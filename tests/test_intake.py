@@ -463,3 +463,25 @@ def test_intake_threads_leave_removing_the_submitted_files_to_a_thread_of_their_
     assert len(removed) == 5
     assert set(removed.values()) == {"spoold-intake-spent"}
     assert not [n for n in os.listdir(spool.dir("tmp")) if n.startswith("spent-")]
+
+
+@pytest.mark.parametrize("remote_writers", [False, True])
+def test_a_missing_incoming_is_said_once_not_with_a_traceback_at_each_scan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, remote_writers: bool
+) -> None:
+    """incoming/ moved away or removed: each scan (every ``poll_interval`` while its watch is
+    lost, or on a polled spool) failed with FileNotFoundError, which the intake thread logged
+    with its traceback, "intake failed", each second until it was back."""
+    spool, intake, _ = _intake(tmp_path)
+    (spool.root / "incoming").rename(tmp_path / "incoming.old")
+    with caplog.at_level(logging.WARNING, logger="spoold.test"):
+        for _ in range(3):
+            assert intake.sweep(remote_writers=remote_writers) == 0
+        said = [record.getMessage() for record in caplog.records]
+        assert said == [f"{spool.root / 'incoming'} is missing: files are taken again once it "
+                        "is there"]  # fmt: skip
+        (tmp_path / "incoming.old").rename(spool.root / "incoming")
+        for _ in range(2):
+            assert intake.sweep(remote_writers=remote_writers) == 0
+    said = [record.getMessage() for record in caplog.records]
+    assert said[1:] == ["incoming/ is there again: its files are taken"]

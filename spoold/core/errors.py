@@ -56,6 +56,10 @@ class SpoolError(SpooldError):
     """The spool tree is missing, unusable or inconsistent."""
 
 
+class IncomingMissing(SpoolError):
+    """incoming/ is not there (moved away, removed, not mounted): nothing can be dropped."""
+
+
 class JobNotFound(SpoolError):
     """No job with that id is in the spool."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spoold.core.errors import JobNotFound, SpooldError
+from spoold.core.errors import IncomingMissing, JobNotFound, SpooldError
 from spoold.face.access import NotAllowed, UsageError, locate, read_status, who
 from spoold.face.views import LogText, ended_text, printable
 
@@ -191,7 +191,7 @@ def find_incoming(spool: Spool, job_id: str) -> Path | None:
             spool.stages.incoming_names(),
             key=lambda name: not name.startswith(job_id),  # the likely one first
         )[:_LOOK_AT_MOST]
-    except OSError:
+    except (OSError, IncomingMissing):
         return None
     needle = job_id.encode()
     for name in names:

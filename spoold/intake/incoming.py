@@ -18,6 +18,7 @@ from spoold.core.clock import Clock, rfc3339
 from spoold.core.errors import (
     CallbackError,
     DuplicateJob,
+    IncomingMissing,
     JobBusy,
     SpooldError,
     ValidationIssue,
@@ -208,6 +209,7 @@ class Intake:
         # stage -> what a failed intake could not give back from it (see _failed).
         self._unreleased: dict[str, TakenFile] = {}
         self._quiet = QuietFiles(clock, settle_time)
+        self._missing = False  # incoming/ was not there at the last sweep (said once)
         # The submitted files their private copies replaced (TakenFile.spent): removed here at
         # once, or handed to whoever asked for them (``spent_files``: IntakeThread's remover).
         self._spent: queue.SimpleQueue[str | None] | None = None
@@ -449,11 +451,21 @@ class Intake:
         met: set[str] = set()
         taken = 0
         stages = self._spool.stages
-        names = iter(stages.list_incoming()) if remote_writers else stages.incoming_names()
-        while group := list(itertools.islice(names, GROUP)):
-            met.update(name for name in group if name in waiting or name in watched)
-            outcomes = self.offer_all(group, complete=False, remote_writers=remote_writers)
-            taken += sum(outcome is not None for outcome in outcomes)
+        try:
+            names = iter(stages.list_incoming()) if remote_writers else stages.incoming_names()
+            while group := list(itertools.islice(names, GROUP)):
+                met.update(name for name in group if name in waiting or name in watched)
+                outcomes = self.offer_all(group, complete=False, remote_writers=remote_writers)
+                taken += sum(outcome is not None for outcome in outcomes)
+        except IncomingMissing as exc:
+            # Said once, not with a traceback at each scan (every poll_interval meanwhile).
+            if not self._missing:
+                self._log.error("%s: files are taken again once it is there", exc)
+            self._missing = True
+            return taken
+        if self._missing:
+            self._log.warning("incoming/ is there again: its files are taken")
+            self._missing = False
         with self._backoff_lock:
             for gone in waiting - met:
                 self._backoff.pop(gone, None)

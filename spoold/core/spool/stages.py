@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from spoold.core.errors import DuplicateJob, JobBusy, SpoolError
+from spoold.core.errors import DuplicateJob, IncomingMissing, JobBusy, SpoolError
 from spoold.core.ids import RUN_ID
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
@@ -206,8 +206,13 @@ class Stages:
     def incoming_names(self) -> Iterator[str]:
         """``list_incoming``'s names in the directory's order, read as they are asked for: a
         flood's ten thousands are not all held at once. Files taken meanwhile are not named
-        again; one arriving meanwhile may or may not be (readdir's rule)."""
-        with os.scandir(self._dirs["incoming"]) as entries:
+        again; one arriving meanwhile may or may not be (readdir's rule). IncomingMissing if
+        there is no incoming/."""
+        try:
+            entries = os.scandir(self._dirs["incoming"])
+        except FileNotFoundError as exc:
+            raise IncomingMissing(f"{self._dirs['incoming']} is missing") from exc
+        with entries:
             for entry in entries:
                 if not is_transient_name(entry.name):
                     yield entry.name
