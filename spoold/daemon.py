@@ -291,6 +291,7 @@ class Daemon:
     #: the first round).
     _next_scan: float | None = field(default=None, init=False, repr=False)
     _next_retention: float = field(default=0.0, init=False, repr=False)
+    _next_sweep: float = field(default=0.0, init=False, repr=False)
     _next_status: float = field(default=0.0, init=False, repr=False)
     _outage: Outage = field(init=False, repr=False)
     #: pending/'s count for the status line, listed again only when it may have changed.
@@ -594,15 +595,17 @@ class Daemon:
         In order: the watchdog ping; the status line (every STATUS_EVERY); the config read again
         if asked (SIGHUP); dead worker processes replaced; a lost watch taken up again once its
         directory is back; the retries that are due by the clock's wall time handed to the
-        workers; retention (at the first round, then hourly); a scan when its time has come or
-        one was asked for (SIGUSR1, a watch lost or taken up again): a sweep of incoming/ that
-        backs up the watcher, the schedules synced, pending jobs queued, lost claims reaped.
+        workers; retention (at the first round, then hourly); the executors' leftovers (every
+        SWEEP_EVERY); a scan when its time has come or one was asked for (SIGUSR1, a watch lost
+        or taken up again): a sweep of incoming/ that backs up the watcher, the schedules
+        synced, pending jobs queued, lost claims reaped.
         Leases are kept alive by the worker processes that hold them. Does not wait; whoever
         calls it (``_loop``, or a test with a fake clock) decides when the next round runs.
         """
         if self._next_scan is None:  # the first round: retention and status now, a scan later
             self._next_scan = now + self._scan_every()
             self._next_retention = self._next_status = now
+            self._next_sweep = now + SWEEP_EVERY  # recovery swept at the start
         self.systemd.ping(now)
         if now >= self._next_status:
             self._duty(lambda: self._report_status(now))
@@ -624,6 +627,11 @@ class Daemon:
         if now >= self._next_retention:
             self._duty(self.apply_retention)
             self._next_retention = now + RETENTION_EVERY
+        if now >= self._next_sweep:
+            # What a job's own clean-up could not remove (its engine away): not left until the
+            # next start, or the next job recovery moves.
+            self._duty(self.recovery.sweep_executors)
+            self._next_sweep = now + SWEEP_EVERY
         if self.hostbeat is not None and now >= self.hostbeat.next_due:
             self._duty(lambda: self.hostbeat.tick(now) if self.hostbeat else None)
         if now >= self._next_scan:
@@ -634,7 +642,7 @@ class Daemon:
             self._duty(self._hold_claims)
             self._duty(self._recover_lost_hosts)
             self._next_scan = now + self._scan_every()
-        wake_at = min(self._next_scan, self._next_retention, self._next_status)
+        wake_at = min(self._next_scan, self._next_retention, self._next_status, self._next_sweep)
         if self.hostbeat is not None:
             wake_at = min(wake_at, self.hostbeat.next_due)
         wake_at = min(wake_at, now + self.systemd.next_wake(now))
@@ -927,6 +935,9 @@ class _Seen:
 
 #: How often the retention rules are applied (also once at start).
 RETENTION_EVERY = 3600.0
+#: Seconds between the executors' sweeps of what jobs no longer running left (containers,
+#: services): an engine listing or two, over its socket, without the SDK.
+SWEEP_EVERY = 600.0
 
 
 def _config_fields() -> list[str]:

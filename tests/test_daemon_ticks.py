@@ -8,6 +8,7 @@ driven as a subprocess in the other test_daemon_* modules.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Iterator
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from spoold.executors.docker import LABEL_JOB, LABEL_MANAGED, LABEL_SPOOL
 
 from spoold.core.clock import parse_rfc3339
-from spoold.daemon import STATUS_EVERY, Systemd
+from spoold.daemon import STATUS_EVERY, SWEEP_EVERY, Systemd
 from spoold.intake.incoming import Accepted, Rejected
 from tests.daemon_bench import TickedDaemon
 from tests.fakes import FakeClock
@@ -136,6 +138,28 @@ def test_a_changed_status_line_goes_out_at_each_round_it_is_due(bench: Bench) ->
     assert reports[1:] == [f"running: 0 jobs, {n} pending" for n in range(len(reports) - 1)]
     assert sent[1][0] == start, "the first round's line replaced the forced one at once"
     assert len(reports) == 4, f"one line per STATUS_EVERY: {sent}"
+
+
+def test_a_container_a_job_could_not_remove_is_swept_within_a_period(
+    bench: Bench, dockerd: str, client: Any
+) -> None:
+    """A job's own clean-up could not remove its container (its engine away at the end, a
+    cancel during the outage) and said "recovery removes it later": recovery swept at the
+    daemon's start, and after moving a job, so it stayed until the next start. The executors
+    sweep every SWEEP_EVERY now."""
+    ticked = bench.start()
+    start = bench.clock.monotonic()
+    labels = {LABEL_JOB: "gone", LABEL_MANAGED: "1", LABEL_SPOOL: str(ticked.daemon.spool.root)}
+    left = client.containers.create(dockerd, ["true"], labels=labels)
+    try:
+        assert ticked.tick() <= start + SWEEP_EVERY
+        left.reload()  # still there: recovery swept before it was made
+        ticked.advance_to(start + SWEEP_EVERY)
+        ticked.tick()
+        assert client.containers.list(all=True, filters={"label": f"{LABEL_JOB}=gone"}) == []
+    finally:
+        with contextlib.suppress(Exception):
+            left.remove(force=True)
 
 
 def test_a_backlog_the_workers_hold_is_not_listed_at_every_round(bench: Bench) -> None:
