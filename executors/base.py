@@ -232,7 +232,9 @@ class Executor(ABC):
         ``taken_elsewhere``, and ``RunContext.host`` for what to label the work with).
 
         Recovery calls it at start and whenever it ended jobs whose worker died (their
-        processes on this host are killed before). The default has nothing to remove.
+        processes on this host are killed before), and the daemon every 10 minutes, in a
+        thread of its own (what a job's own clean-up could not remove). The default has
+        nothing to remove.
         """
         return
 

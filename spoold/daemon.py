@@ -292,6 +292,8 @@ class Daemon:
     _next_scan: float | None = field(default=None, init=False, repr=False)
     _next_retention: float = field(default=0.0, init=False, repr=False)
     _next_sweep: float = field(default=0.0, init=False, repr=False)
+    #: The executors' periodic sweep under way, if any (``_sweep_executors``).
+    sweeping: threading.Thread | None = field(default=None, init=False, repr=False)
     _next_status: float = field(default=0.0, init=False, repr=False)
     _outage: Outage = field(init=False, repr=False)
     #: pending/'s count for the status line, listed again only when it may have changed.
@@ -628,9 +630,7 @@ class Daemon:
             self._duty(self.apply_retention)
             self._next_retention = now + RETENTION_EVERY
         if now >= self._next_sweep:
-            # What a job's own clean-up could not remove (its engine away): not left until the
-            # next start, or the next job recovery moves.
-            self._duty(self.recovery.sweep_executors)
+            self._sweep_executors()
             self._next_sweep = now + SWEEP_EVERY
         if self.hostbeat is not None and now >= self.hostbeat.next_due:
             self._duty(lambda: self.hostbeat.tick(now) if self.hostbeat else None)
@@ -758,6 +758,19 @@ class Daemon:
         self._hold_claims()
         if lost:
             self._queue_pending()
+
+    def _sweep_executors(self) -> None:
+        """What a job's own clean-up could not remove (its engine away): not left until the
+        next start, or the next job recovery moves. In a thread of its own: an engine that
+        does not answer is asked with timeouts of 10 to 30 s, and the loop pings a 60 s
+        watchdog."""
+        if self.sweeping is not None and self.sweeping.is_alive():
+            return
+        self.sweeping = threading.Thread(
+            target=self._duty, args=(self.recovery.sweep_executors,), name="spoold-sweep",
+            daemon=True,
+        )  # fmt: skip
+        self.sweeping.start()
 
     def _duty(self, duty: Callable[[], object]) -> None:
         """Run one periodic duty; its failure is logged and the daemon goes on. A spool that

@@ -172,4 +172,6 @@ class TickedDaemon:
         No stop of the daemon's own runs: for the spool, it is gone as if killed.
         """
         self.daemon.scheduler.stop()
+        if self.daemon.sweeping is not None:
+            self.daemon.sweeping.join(60)
         close_logging()

@@ -156,6 +156,8 @@ def test_a_container_a_job_could_not_remove_is_swept_within_a_period(
         left.reload()  # still there: recovery swept before it was made
         ticked.advance_to(start + SWEEP_EVERY)
         ticked.tick()
+        assert ticked.daemon.sweeping is not None
+        ticked.daemon.sweeping.join(60)  # the loop does not wait for an engine
         assert client.containers.list(all=True, filters={"label": f"{LABEL_JOB}=gone"}) == []
     finally:
         with contextlib.suppress(Exception):
