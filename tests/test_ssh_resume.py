@@ -327,6 +327,13 @@ def test_a_resumed_unit_can_be_detached_again_and_cancelled(
     assert _remote_dirs(ctx) == []
 
 
+def _alone(marker: str) -> str:
+    """Commands that fail if the process of ``marker`` still runs as they begin: "before" is
+    checked by the second run itself, not after it (``[s]`` keeps the pattern from matching
+    the shell that runs it)."""
+    return f"if pgrep -f '[s]leep {marker}' > /dev/null; then echo TWO-AT-ONCE; exit 3; fi; echo second"
+
+
 def test_a_unit_not_resumed_is_ended_before_it_runs_again(
     sshd: SshServer, tmp_path: Path, cleanup: Callable[[RunContext], None]
 ) -> None:
@@ -335,11 +342,11 @@ def test_a_unit_not_resumed_is_ended_before_it_runs_again(
     log = _Log()
     ctx = _detached(sshd, tmp_path, f"echo started; sleep {marker}", cleanup, log=log)
     again = dataclasses.replace(ctx, detach=threading.Event(), product={**ctx.product,
-                                "commands": "echo second"})  # fmt: skip
+                                "commands": _alone(marker)})  # fmt: skip
     result = SshExecutor().run(again)
-    assert result.succeeded, log.text()
+    assert result.succeeded, log.text()  # the first run was gone when the second began
     assert "held a dir of unit 1 from an earlier spoold that was not resumed" in log.text()
-    wait_for(lambda: not _processes(marker), bound=10, what="the first run to end")
+    assert not _processes(marker)
     assert _remote_dirs(ctx) == []
 
 
@@ -373,10 +380,10 @@ def test_an_earlier_attempt_another_host_left_running_is_ended_before_the_next(
     (ctx_later, _), (ctx_a, _), (ctx_other, _) = started
     assert _processes(first) and _processes(second) and _processes(other)
 
-    ctx_b, log = on("host-b", "2", "key-1", "echo second")
+    ctx_b, log = on("host-b", "2", "key-1", _alone(first))
     result = SshExecutor().run(ctx_b)
-    assert result.succeeded, log.text()
-    wait_for(lambda: not _processes(first), bound=BOUND, what="attempt 1 to end")
+    assert result.succeeded, log.text()  # attempt 1 was gone when attempt 2 began
+    assert not _processes(first)
     assert not unit_dir(ctx_a).exists()
     assert "still held attempt 1 of this job, which another spoold started" in log.text()
     assert _processes(second) and _processes(other)  # a later attempt; another spool's job
