@@ -82,6 +82,8 @@ async def submit_job(
         async with asyncio.timeout(ctx.config.api.client_timeout if ctx.config.api else 30.0):
             data = await request.body()
     except TimeoutError:
+        # Said as the server says the 408 it answers itself, whichever of the two came first.
+        ctx.refusals.refused(ctx, request, "its body did not come within client_timeout (408)")
         raise HTTPException(status_code=408, detail="the request body came too slowly") from None
     if len(data) > ctx.config.max_file_size:  # the app's own limit says 413 before this
         raise HTTPException(status_code=413, detail="larger than limits.max_file_size")
