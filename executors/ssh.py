@@ -60,6 +60,16 @@ _FUNCTIONS = (
     'if [ -r "/proc/$1/stat" ]; then read -r x < "/proc/$1/stat" 2>/dev/null || return 1; '
     'case $x in *") "[ZX]" "*) return 1 ;; esac; '
     'else case $(ps -o stat= -p "$1" 2>/dev/null) in Z*) return 1 ;; esac; fi; return 0; }; '
+    # `grp`: a process of group $1 runs (a zombie does not: by /proc where there is one).
+    'grp() { g=$1; [ -d /proc/self ] || { kill -0 -"$g" 2>/dev/null; return; }; '
+    'for f in /proc/[0-9]*/stat; do read -r x < "$f" 2>/dev/null || continue; '
+    'set -- ${x##*") "}; [ "$3" = "$g" ] && [ "$1" != Z ] && [ "$1" != X ] && return 0; done; '
+    "return 1; }; "
+    # Kills a unit's supervisor and job group, and waits (2 s at most) until they are gone: a
+    # run that follows never overlaps them.
+    'end() { [ "$2" = - ] || kill -KILL -"$2" 2>/dev/null; kill -KILL "$1" 2>/dev/null; i=0; '
+    'while [ $i -lt 20 ] && { alive "$1" || { [ "$2" != - ] && grp "$2"; }; }; '
+    "do sleep 0.1 2>/dev/null || sleep 1; i=$((i+1)); done; }; "
 )
 
 #: The supervisor: reads the job's environment (stdin) into memory only, starts the job in a
@@ -97,13 +107,13 @@ _START = (
     'u=$(umask); umask 077; d="$HOME/$1" s=$2 n=$3 k=$4 a=$5; '
     'if [ -e "$d" ]; then echo spoold-leftover; '
     'if { read -r w j t b < "$d/pid"; } 2>/dev/null && [ "$b" = "$(boot_id)" ]; then '
-    '[ "$j" = - ] || kill -KILL -"$j" 2>/dev/null; kill -KILL "$w" 2>/dev/null; fi; '
+    'end "$w" "$j"; fi; '
     'rm -rf "$d"; fi; '
     'if [ -n "$k" ]; then for o in "$HOME"/.spoold/*/"$6"/*; do [ "$o" = "$d" ] && continue; '
     '{ read -r x y < "$o/job"; } 2>/dev/null || continue; '
     '[ "$x" = "$k" ] && [ "$y" -lt "$a" ] 2>/dev/null || continue; echo "spoold-earlier $y $o"; '
     'if { read -r w j t b < "$o/pid"; } 2>/dev/null && [ "$b" = "$(boot_id)" ]; then '
-    '[ "$j" = - ] || kill -KILL -"$j" 2>/dev/null; kill -KILL "$w" 2>/dev/null; fi; '
+    'end "$w" "$j"; fi; '
     'rm -rf "$o"; rmdir "${o%/*}" 2>/dev/null && rmdir "${o%/*/*}" 2>/dev/null; done; fi; '
     'mkdir -p "$d/work" && cd "$d" || exit 125; echo "dir $PWD"; '
     '[ -z "$k" ] || echo "$k $a" > job || exit 125; '
