@@ -542,12 +542,15 @@ def test_a_watched_outbox_wakes_the_notifier_for_a_change_file_and_it_rests_betw
     assert not bed.outbox() and notifier._wait() == 1.0, "not watched: a poll"
 
 
-def test_change_files_coming_fast_list_a_backlog_a_tenth_of_the_time_at_most(
+def test_a_change_told_right_after_a_listing_is_waited_for_in_proportion_to_it(
     spool: Spool, clock: FakeClock, tmp_path: Path
 ) -> None:
     """Each change file told would list outbox/ again: with thousands of notices held (a
     chat server down) and failures coming fast, the notifier's thread would do nothing
-    else. A told look waits LOOK_SHARE times the last listing's time after it."""
+    else. The loop waits LOOK_SHARE times the last listing's time before a told look. (Only
+    the loop's wait: a tick woken sooner, by a send's end, lists if outbox/'s stamp moved,
+    as a change file's write moves it; a look that kept the last listing instead would send
+    what that listing held again.)"""
     bed = Bed(spool, clock, tmp_path, None)
     port = free_port()  # nothing listens: held
     target = webhook(f"http://127.0.0.1:{port}/hook")
