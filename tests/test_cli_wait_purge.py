@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from spoold.core.spool import Spool
 from spoold.core.states import JobState
-from spoold.face.waits import give_job_id
+from spoold.face.waits import give_job_id, wait_for_jobs
 from tests.harness import DaemonProcess, local_job, run_cli, write_config
 from tests.test_cli_status import NOW, make_job
 
@@ -53,25 +53,38 @@ def test_wait_is_bounded_by_its_timeout(spool_root: Path) -> None:
     assert "still waiting after 0.3s for forever" in result.stderr
 
 
-def test_wait_sees_a_job_end_while_it_waits(spool_root: Path) -> None:
-    """A job moved to done/ while `spoold wait` polls (as a worker would finish it)."""
+def test_wait_sees_a_job_end_while_it_waits(
+    spool_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job moved to done/ while `spoold wait` polls (as a worker would finish it): moved
+    only once a look of the wait found it running, where a `spoold wait` started as a process
+    took longer to start than the move (it found the job ended at its first look)."""
     make_job(spool_root, "soon", "running")
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "spoold", "wait", "soon", "--spool", str(spool_root),
-         "--timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    spool = Spool(spool_root, durable=False)
+    find, seen_running = spool.jobs.find, threading.Event()
+
+    def looked(job_id: str) -> Any:
+        found = find(job_id)
+        if found is not None and found.directory == "running":
+            seen_running.set()
+        return found
+
+    setattr(spool.jobs, "find", looked)  # noqa: B010 - a spy on the instance
+    answers: list[bool] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(wait_for_jobs(spool, ["soon"], timeout=60))
+    )
+    waiting.start()
     try:
-        spool = Spool(spool_root, durable=False)
-        running = spool.jobs.find("soon")
+        assert seen_running.wait(60)
+        running = find("soon")
         assert running is not None
         status = {**spool.jobs.read_status(running), "state": "succeeded", "exit_code": 0}
         spool.jobs.finish(running, JobState.SUCCEEDED, status)
-        out, err = waiting.communicate(timeout=60)
     finally:
-        waiting.kill()
-    assert waiting.returncode == 0, err
-    assert out == "job soon succeeded\n"
+        waiting.join(60)
+    assert answers == [True]
+    assert capsys.readouterr().out == "job soon succeeded\n"
 
 
 def test_purge_names_what_it_removes_and_a_dry_run_removes_nothing(spool_root: Path) -> None:
