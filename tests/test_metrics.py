@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from multiprocessing import Pipe
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from spoold.core.procfs import process_start_time
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
 from spoold.core.usage import Usage
+from spoold.face import metrics as metrics_module
 from spoold.face.metrics import METRICS, Metrics
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
@@ -544,6 +546,45 @@ def test_a_big_spools_counts_are_reused_for_a_while_in_proportion_to_their_cost(
     _job_dir(spool, "done", "a")
     assert _value(_samples(dear.render()[0]), "spoold_jobs", state="succeeded") == 0
     assert _value(_samples(fresh.render()[0]), "spoold_jobs", state="succeeded") == 1
+
+
+def test_a_count_is_reused_for_count_reuse_times_what_it_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In proportion to its cost, not for a fixed time: a count of done/ that costs 10 ms is
+    reused for 50 ms with ``count_reuse: 5``, then read again; a count that costs nothing is
+    read at every scrape."""
+    now = [1000.0]
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    count, dear_from = spool.count, []
+
+    def priced(directory: str) -> int:
+        if directory == "done":
+            dear_from.append(now[0])
+            now[0] += 0.01
+        return count(directory)
+
+    setattr(spool, "count", priced)  # noqa: B010 - a spy on the instance
+    metrics = Metrics(spool, Config(spool=spool.root, hostname="here"), FakeClock(T0),
+                      build_info=BUILD, count_reuse=5)  # fmt: skip
+
+    def succeeded() -> object:
+        return _value(_samples(metrics.render()[0]), "spoold_jobs", state="succeeded")
+
+    def pending() -> object:
+        return _value(_samples(metrics.render()[0]), "spoold_jobs", state="pending")
+
+    assert succeeded() == 0
+    first = dear_from[-1]
+    _job_dir(spool, "done", "a")
+    _job_dir(spool, "pending", "p")
+    now[0] = first + 0.04
+    assert succeeded() == 0, "reused: read 40 ms ago, at a cost of 10 ms"
+    assert pending() == 1, "a count that cost nothing is read again"
+    now[0] = first + 0.06
+    assert succeeded() == 1, "read again: 60 ms is past 5 times its cost"
 
 
 def test_a_figure_that_cannot_be_read_is_left_out_not_the_scrape(
