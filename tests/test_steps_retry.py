@@ -229,7 +229,8 @@ def test_a_job_adopted_after_a_restart_goes_on_past_a_tolerated_failure(
         wait_for(lambda: supervisors(spool_dir), what="step d's supervisor")
         daemon.kill(leave_jobs=True)
         daemon.start()
-        wait_for(lambda: "adopted" in job_log(spool_dir, "adopted"),
+        # Its adoption's line, not the job's id (in the log's first line already).
+        wait_for(lambda: "(supervisor pid" in job_log(spool_dir, "adopted"),
                  what="the new daemon to adopt the job")  # fmt: skip
         mark.touch()
         directory, status = wait_finished(spool_dir, "adopted")
