@@ -11,8 +11,10 @@ import logging
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,7 @@ from tests.harness import (
     drop,
     ensure_account,
     local_job,
+    needs_root,
     wait_finished,
     wait_for,
     write_config,
@@ -375,12 +378,12 @@ def test_a_supervisor_switched_in_place_starts_each_job_by_vfork(tmp_path: Path)
     assert in_place < 400, f"switched in place, the start should not fault it: {in_place}"
 
 
-def test_the_job_users_file_work_done_as_that_user(tmp_path: Path) -> None:
-    """What the package's daemon (not root) does: the work dir made, the artifacts opened and
-    the work dir removed by forks that became the job user, not by spoold's own user."""
-    spool = Spool(tmp_path / "spool")
+def file_work(root: Path) -> None:
+    """A job that leaves a read-only artifact dir in its work dir, run in ``root``: its work
+    dir made, its artifacts opened and its work dir removed (read-only parts too)."""
+    spool = Spool(root / "spool")
     spool.init()
-    config = Config(spool=spool.root, workdir=tmp_path / "work", hostname="here", worker_id="w")
+    config = Config(spool=spool.root, workdir=root / "work", hostname="here", worker_id="w")
     registry = ExecutorRegistry.from_entry_points()
     clock = SystemClock()
     intake = Intake(spool, job_validator(registry), clock, max_file_size=1 << 20, settle_time=0,
@@ -401,6 +404,38 @@ def test_the_job_users_file_work_done_as_that_user(tmp_path: Path) -> None:
         kept = final.path / "artifacts"
         assert (kept / "out" / "r.txt").read_text() == "made\n"
         assert (kept / "who.txt").read_text() == "spoold-job\n"
-        assert list((tmp_path / "work").iterdir()) == [], "removed, read-only parts too"
+        assert list((root / "work").iterdir()) == [], "removed, read-only parts too"
     finally:
         launcher.close()
+
+
+def test_the_job_users_file_work_done_as_that_user(tmp_path: Path) -> None:
+    """What the package's daemon does: the work dir made, the artifacts opened and the work
+    dir removed by forks that became the job user, not by spoold's own user. Run by root here,
+    which may read and remove anything: see the next test for the daemon that may not."""
+    file_work(tmp_path)
+
+
+def test_the_job_users_file_work_needs_no_more_than_the_packages_capabilities() -> None:
+    """The same job under the package's daemon: not root, with CAP_SETUID, CAP_SETGID and
+    CAP_KILL only (no CAP_DAC_OVERRIDE). Its own user can neither read the job's 0400 artifact
+    nor remove its 0500 dir: only a fork that became the job user can (root passed with the
+    chores done as root)."""
+    needs_root()
+    daemon = pwd.getpwnam("daemon")
+    root = Path(tempfile.mkdtemp(prefix="spoold-capped-"))
+    try:
+        os.chown(root, daemon.pw_uid, daemon.pw_gid)
+        root.chmod(0o711)  # the job user reaches its work dir through it
+        caps = "+setuid,+setgid,+kill"
+        result = subprocess.run(
+            ["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups",
+             f"--inh-caps={caps}", f"--ambient-caps={caps}", sys.executable, "-c",
+             f"from pathlib import Path; from tests.test_lane import file_work; "
+             f"file_work(Path({str(root)!r}))"],
+            capture_output=True, text=True, timeout=120, check=False, cwd="/",
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
