@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from spoold.out.notify import LOOK_SHARE, Notifier
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.out.sender import Sender
 from tests.fakes import FakeClock
+from tests.harness import wait_for
 from tests.loopback import free_port
 from tests.receiver import Receiver
 from tests.smtpd import MailServer, write_password
@@ -547,10 +549,8 @@ def test_a_change_told_right_after_a_listing_is_waited_for_in_proportion_to_it(
 ) -> None:
     """Each change file told would list outbox/ again: with thousands of notices held (a
     chat server down) and failures coming fast, the notifier's thread would do nothing
-    else. The loop waits LOOK_SHARE times the last listing's time before a told look. (Only
-    the loop's wait: a tick woken sooner, by a send's end, lists if outbox/'s stamp moved,
-    as a change file's write moves it; a look that kept the last listing instead would send
-    what that listing held again.)"""
+    else. The loop waits LOOK_SHARE times the last listing's time before a told look (and
+    before any tick: see the next test)."""
     bed = Bed(spool, clock, tmp_path, None)
     port = free_port()  # nothing listens: held
     target = webhook(f"http://127.0.0.1:{port}/hook")
@@ -570,6 +570,43 @@ def test_a_change_told_right_after_a_listing_is_waited_for_in_proportion_to_it(
     assert bed.notifier._wait() == 0.0
     bed.notifier.tick(inline=True)
     assert any(n.startswith("_t.") for n in bed.outbox()), "split into its held notice"
+
+
+def test_the_notifiers_loop_lists_a_backlog_a_tenth_of_its_time_at_most(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    """However fast the wake-ups come (a change file committed, a send ended), the loop's
+    next tick waits LOOK_SHARE times the last listing's time: each tick lists where
+    outbox/'s stamp moved, and failures coming fast kept it listing, a tenth of its time
+    only in the README. The clock stands still here: only the loop's own wait holds it."""
+    bed = Bed(spool, clock, tmp_path, None)
+    target = webhook(f"http://127.0.0.1:{free_port()}/hook")  # nothing listens: held
+    names, tick = spool.deliveries.names, bed.notifier.tick
+    ticks: list[float] = []
+
+    def slow(directory: str = "") -> list[str]:
+        clock.advance(0.01)  # a listing of a backlog takes 10 ms
+        return names(directory)
+
+    def counted(*, inline: bool = False) -> int:
+        ticks.append(clock.monotonic())
+        return tick(inline=inline)
+
+    setattr(spool.deliveries, "names", slow)  # noqa: B010 - a spy on the instance
+    setattr(bed.notifier, "tick", counted)  # noqa: B010
+    bed.notifier.start()
+    try:
+        wait_for(lambda: ticks, what="the first tick")
+        assert bed.notifier.held_back() == pytest.approx(LOOK_SHARE * 0.01)
+        for n in range(5):  # committed and told, each waking the loop
+            bed.fail(f"fast{n}", (target,))
+            bed.notifier.changed(f"_n.fast{n}~00000001.json")
+            time.sleep(0.05)
+        assert len(ticks) == 1, "held back while the clock stood still"
+        clock.advance(LOOK_SHARE * 0.01)
+        wait_for(lambda: len(ticks) > 1, what="the tick once listing is free")
+    finally:
+        bed.notifier.stop()
 
 
 def test_a_window_the_callback_sender_meets_half_written_is_left_to_its_writer(

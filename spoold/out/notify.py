@@ -199,9 +199,22 @@ class Notifier:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if (held := self.held_back()) > 0:
+                self._stop.wait(held)
+                continue
             self._wake.clear()  # before looking: a wake-up from now on is not lost
             self._outage.call(self.tick, "notifier: unexpected failure; going on")
             self._wake.wait(self._wait())
+
+    def held_back(self) -> float:
+        """How long the loop waits before its next tick, whatever woke it: LOOK_SHARE times
+        the last listing's time after it. A tick lists again wherever outbox/'s stamp moved,
+        which every change file committed and every send's end does: without this, failures
+        coming fast kept it listing a backlog of held notices. A tick that kept the last
+        listing instead would send what that listing held again."""
+        if self._scan is None:
+            return 0.0
+        return max(self._look_free_at - self._clock.monotonic(), 0.0)
 
     def _send_loop(self) -> None:
         while (batch := self._work.get()) is not None:
