@@ -16,14 +16,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from spoold.core.errors import CallbackError, SecretError, ValidationIssue
+from spoold.core.errors import SecretError, ValidationIssue
 from spoold.core.job import interpolate, refer_to_secrets
 from spoold.core.secrets import SecretAccessDenied, SecretStore
 from spoold.core.spool import Spool
@@ -31,7 +30,7 @@ from spoold.core.units import MAX_DURATION
 from spoold.intake.admission import MAX_MEMORY, Admission, Refused
 from spoold.intake.incoming import Accepted, Intake, Rejected
 from spoold.intake.validation import JobValidator, job_validator, load_base_schema
-from spoold.out.outbox import Callbacks, CallbackTarget
+from spoold.out.outbox import Callbacks
 from spoold.run.registry import ExecutorRegistry
 from tests.fakes import FakeClock
 
@@ -386,15 +385,33 @@ def admission(validator: JobValidator, target: Any, *, strict: bool) -> Admissio
     )
 
 
-def test_a_callback_secret_this_user_may_not_read_is_left_to_intake(
-    validator: JobValidator,
-) -> None:
-    def target(document: Mapping[str, Any] | None) -> CallbackTarget | None:
-        try:
-            raise SecretAccessDenied("secret 'CB': cannot open /etc/spoold/secrets/CB")
-        except SecretError as exc:
-            raise CallbackError(f"callback secret: {exc}") from exc
+def _denied_open(monkeypatch: pytest.MonkeyPatch, name: str, code: int) -> None:
+    """Opening the secret ``name`` fails with ``code`` (root may open anything: as a user
+    who may not, EACCES)."""
+    real = os.open
 
+    def opened(path: Any, *args: Any, **kwargs: Any) -> int:
+        if os.path.basename(str(path)) == name:
+            raise OSError(code, os.strerror(code))
+        return int(real(path, *args, **kwargs))
+
+    monkeypatch.setattr("spoold.core.secrets.os.open", opened)
+
+
+def test_a_callback_secret_this_user_may_not_read_is_left_to_intake(
+    validator: JobValidator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real callbacks' target, on a secret this user may not open: what it raises must
+    still say "access denied" (its cause), which admission tells apart."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "CB").write_text("value\n")
+    (secrets / "CB").chmod(0o600)
+    spool = Spool(tmp_path / "spool")
+    spool.init()
+    target = Callbacks(spool, FakeClock(), SecretStore(secrets),
+                       logger=logging.getLogger("spoold.test")).target  # fmt: skip
+    _denied_open(monkeypatch, "CB", errno.EACCES)
     data = (JOB + "callback: {url: 'http://127.0.0.1:9/x', secret: '${secret:CB}'}\n").encode()
     now = FakeClock().now()
     admitted = admission(validator, target, strict=False).admit(data, "j.yaml", now=now)
@@ -407,15 +424,19 @@ def test_a_callback_secret_this_user_may_not_read_is_left_to_intake(
     assert refused.value.code == "callback"
 
 
+@pytest.mark.parametrize(
+    ("code", "denied"), [(errno.EACCES, True), (errno.EPERM, True), (errno.EIO, False),
+                         (errno.EMFILE, False)],
+)  # fmt: skip
 def test_permission_denied_on_a_secret_is_told_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, denied: bool
 ) -> None:
-    def denied(*args: Any, **kwargs: Any) -> int:
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr("spoold.core.secrets.os.open", denied)
-    with pytest.raises(SecretAccessDenied, match="Permission denied"):
+    """Denied, and only denied: another failure to open it (a disk's, too many files) is the
+    secret's error, which admission does not pass over."""
+    _denied_open(monkeypatch, "token", code)
+    with pytest.raises(SecretError, match=os.strerror(code)) as raised:
         SecretStore(tmp_path).read("token")
+    assert isinstance(raised.value, SecretAccessDenied) == denied
 
 
 def test_a_number_longer_than_python_converts_is_refused_not_a_crash(
