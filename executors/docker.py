@@ -359,15 +359,13 @@ def _watch(
             code, timed_out=ended == "timeout", cancelled=ended == "cancel", usage=usage
         )
     memory = container.attrs["HostConfig"].get("Memory")
-    if state.get("OOMKilled") or (code == _KILLED and memory and _oom_event(container, state)):
+    if state.get("OOMKilled") or (code == _KILLED and memory):
         error = f"the container ran out of memory (memory limit {memory} bytes)"
-        ctx.log.error(error)
-        return ExecResult(code, error, usage=usage)
-    if code == _KILLED and memory:
-        # The engine may miss the kernel's report (cgroup v1: 2 of 40 containers killed so
-        # here said neither OOMKilled nor an oom event): the limit is the likely cause.
-        error = (f"exit code {code}: killed, out of memory (memory limit {memory} bytes) "
-                 "unless something else killed it: the engine did not say")  # fmt: skip
+        if not state.get("OOMKilled") and not _oom_event(container, state):
+            # The engine may miss the kernel's report (cgroup v1: 2 of 40 containers killed so
+            # here said neither OOMKilled nor an oom event): the limit is the likely cause.
+            error = (f"exit code {code}: killed, out of memory (memory limit {memory} bytes) "
+                     "unless something else killed it: the engine did not say")  # fmt: skip
         ctx.log.error(error)
         return ExecResult(code, error, usage=usage)
     return ExecResult(code, None if code == 0 else f"exit code {code}", usage=usage)

@@ -183,7 +183,7 @@ class Notifier:
         with self._lock:
             busy = bool(self._in_flight)
         if self._changed:  # a look is owed, once listing is free again
-            return max(self._look_free_at - self._clock.monotonic(), 0.0)
+            return self.held_back()
         rest = self._rest
         wait = rest if rest is not None and not busy and not self._holds_any else self._poll
         if self._next_due is not None:

@@ -62,7 +62,8 @@ class Sender:
         wake: threading.Event | None = None,
         wall_time: Callable[[], float] = time.time,
     ) -> None:
-        """``wake``: set by whoever commits a delivery in this process (``Callbacks``).
+        """``wake``: the event the loop waits on, set by ``changed`` and ``wake`` (a commit in
+        this process is told by name, as outbox/'s watch tells one) and by each post's end.
         ``wall_time``, with the clock's monotonic time: when outbox/'s stamp stands for it
         (``sighting``): a poll lists outbox/ only when it may have changed."""
         self._spool = spool
