@@ -195,14 +195,17 @@ def _escapers(tmp_path: Path, tag: str) -> tuple[str, str]:
     )
     # A setsid'd one that says when SIGTERM reaches it, by the shell's own redirection: a
     # `touch` forked by the trap is one more process of the job's, which the SIGTERM that
-    # goes to each of them may reach before it made the file (seen under load).
+    # goes to each of them may reach before it made the file (seen under load). Its sleep
+    # ignores SIGTERM: the signals go to a cgroup's members one by one, in no set order, and
+    # a sleep that died of its own first let the shell's wait return and the shell exit before
+    # its SIGTERM came (seen once in CI: the job then waited out kill_grace).
     heard = tmp_path / f"{tag}-heard-TERM"
     lines = textwrap.dedent(f"""\
         setsid {sleep} 301 &
         (setsid sh -c '{sleep} 302 & ' &)
         nohup {sleep} 303 >/dev/null 2>&1 &
         {sys.executable} -c '{daemonize}' {sleep} 304
-        setsid sh -c 'trap ": > {heard}; exit 0" TERM; {sleep} 305 & wait' &
+        setsid sh -c 'trap ": > {heard}; exit 0" TERM; (trap "" TERM; exec {sleep} 305) & wait' &
         n=0
         until [ "$(pgrep -fc '^{sleep} 30')" -ge 5 ] || [ $n -ge 400 ]; do sleep 0.05; n=$((n+1)); done
         echo "escapers: $(pgrep -fc '^{sleep} 30')"
