@@ -295,6 +295,20 @@ def test_the_lane_names_a_slots_job_user_and_finds_it_again(tmp_path: Path) -> N
     assert lane.user_named("nobody", None) == users[1], "whichever slot asks"
     assert lane.user_named(None, None) is None, "spoold's own user, as recorded"
     assert lane.user_named("nobody", "spoold-job") == users[0], "run_as still wins"
+    # A slot's user is the one looked up at start, not looked up again for every job; one
+    # recorded by an earlier daemon that is no slot's now is looked up.
+    looked: list[str] = []
+    real = RunAs.lookup
+
+    def lookup(name: str) -> RunAs:
+        looked.append(name)
+        return real(name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunAs, "lookup", lookup)
+        assert lane.user_named("nobody", None) is users[1]
+        assert lane.user_named("spoold-job2", None) == real("spoold-job2")
+    assert looked == ["spoold-job2"]
     workdir = tmp_path / "u7.1.abc"
     workdir.mkdir()
     assert lane.job_user_of(workdir) is None, "root's: no job user's"

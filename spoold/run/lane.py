@@ -237,7 +237,12 @@ class Lane:
         recorded it; None: spoold's own user) unless its file names ``run_as``."""
         if run_as is not None:
             return self._switch_to(run_as, "run_as")
-        return None if job_user is None else self._switch_to(job_user, "the job user")
+        if job_user is None:
+            return None
+        # A slot's own, as looked up at start (``user_for`` gives the same): getgrouplist
+        # reads every group source again each time (190 us a job here through nss-systemd).
+        known = [user for user in self._users if user is not None and user.name == job_user]
+        return known[0] if known else self._switch_to(job_user, "the job user")
 
     def job_user_of(self, workdir: Path) -> str | None:
         """Which job user owns ``workdir`` (an attempt's work dir, made by its job user);
