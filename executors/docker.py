@@ -484,6 +484,7 @@ class Outage:
     def __init__(self, log: JobLog, what: str) -> None:
         self._log, self._what = log, what
         self._error: str | None = None
+        self._owed: str | None = None
 
     def missed(self, exc: BaseException) -> None:
         if self._error is None:
@@ -491,10 +492,22 @@ class Outage:
             self._log.error(f"the docker engine cannot be reached ({self._error}): waiting for "
                             f"it, {self._what} may run on")  # fmt: skip
 
-    def answered(self) -> None:
-        if self._error is not None:
-            self._log.info("the docker engine answers again")
-            self._error = None
+    def answered(self) -> bool:
+        """Whether the engine answers again after it could not be reached (said so)."""
+        self._owed = None
+        if self._error is None:
+            return False
+        self._log.info("the docker engine answers again")
+        self._error = None
+        return True
+
+    def owed(self, reason: str | None) -> None:
+        """Say once that ``reason`` ("cancel", "timeout of 1h") stops the job only once the
+        engine answers: until then nothing can stop what runs on without it."""
+        if reason is not None and self._owed is None:
+            self._owed = reason
+            self._log.error(f"{reason}: stopping {self._what} waits until the docker engine "
+                            "answers")  # fmt: skip
 
 
 def _wait(
@@ -514,23 +527,44 @@ def _wait(
             except requests.ConnectionError as exc:  # a dockerd restarting (live-restore)
                 behind = True
                 outage.missed(exc)
-                ctx.cancel.wait(0.5)
+                # A cancel or a timeout cannot stop the container until the engine answers
+                # (asking on at once spun); a daemon stopping leaves it to the next, as ever.
+                if ctx.detach.wait(0.5):
+                    return "detach"
+                if ctx.cancel.is_set():
+                    outage.owed("cancel")
+                elif deadline is not None and ctx.clock.monotonic() >= deadline:
+                    outage.owed(timeout_of(ctx))
                 continue
             outage.answered()
             alive = container.status in _ALIVE
             if not alive and not behind:
                 return None  # its stream ended with it: all its output is in
             # The stream was dropped (a proxy's timeout, the engine gone meanwhile): the rest
-            # comes from the engine's log, which ends with the container. Twice a second at most.
-            if (not alive or not ctx.cancel.wait(0.5)) and not ctx.detach.is_set():
+            # comes from the engine's log, which ends with the container. Twice a second at
+            # most while it runs on; at once when it is to be stopped, for its output up to then.
+            ending = _due(ctx, deadline) is not None
+            if (not alive or ending or not ctx.cancel.wait(0.5)) and not ctx.detach.is_set():
                 _follow_again(container, streams, pumps, ctx)
                 behind = False
-        if ctx.cancel.is_set():
-            return "cancel"
-        if ctx.detach.is_set():
-            return "detach"
-        if deadline is not None and ctx.clock.monotonic() >= deadline:
-            return "timeout"
+        if (due := _due(ctx, deadline)) is not None:
+            return due
+
+
+def _due(ctx: RunContext, deadline: float | None) -> str | None:
+    """What ends the wait for a container now: "cancel", "detach", "timeout"; None: nothing."""
+    if ctx.cancel.is_set():
+        return "cancel"
+    if ctx.detach.is_set():
+        return "detach"
+    if deadline is not None and ctx.clock.monotonic() >= deadline:
+        return "timeout"
+    return None
+
+
+def timeout_of(ctx: RunContext) -> str:
+    """A job's timeout as its log names it where it falls: "timeout of 1h"."""
+    return f"timeout of {format_duration(ctx.timeout or 0)}"
 
 
 def _adopt(client: Any, ctx: RunContext) -> Any | None:

@@ -54,6 +54,7 @@ from spoold.executors.docker import (
     remove_container,
     script_of,
     sdk,
+    timeout_of,
     transient,
 )
 
@@ -422,7 +423,7 @@ class _ServiceRun:
     def _watch(self, output: _Output, limit: float | None) -> ExecResult:
         output.follow()
         try:
-            ended, verdict = self._wait(limit)
+            ended, verdict = self._wait(limit, output)
             if ended == "detach":
                 output.leave()
                 return ExecResult(None, detached=True)
@@ -479,7 +480,7 @@ class _ServiceRun:
             return None
         return functools.reduce(Usage.plus, (usage for usage in figures if usage is not None))
 
-    def _wait(self, limit: float | None) -> tuple[str | None, Verdict]:
+    def _wait(self, limit: float | None, output: _Output) -> tuple[str | None, Verdict]:
         """Until the tasks decide the job (None), or ``limit`` seconds pass, or the job is
         cancelled or left running for the next daemon."""
         import requests  # noqa: PLC0415 - as the SDK: only where such jobs run
@@ -494,9 +495,15 @@ class _ServiceRun:
             try:
                 self._look()
             except requests.ConnectionError as exc:  # a manager restarting: its tasks run on
-                outage.missed(exc)  # the output the followers miss is read at the end
+                outage.missed(exc)
+                away = True
             else:
-                outage.answered()
+                if outage.answered():
+                    # What the tasks printed meanwhile, before a cancel may stop them (a task
+                    # scaled away takes its log with it); then followed again as it comes.
+                    output.catch_up()
+                    output.follow()
+                away = False
                 verdict = judge(self.tasks.values(), self.replicas)
             if verdict.outcome is not None:
                 return None, verdict
@@ -504,6 +511,16 @@ class _ServiceRun:
             if waiting and waiting != said_waiting:
                 ctx.log.info(f"waiting for the cluster: {waiting}")
             said_waiting = waiting
+            if away:
+                # A cancel or a timeout cannot stop the tasks until the manager answers (the
+                # stop's scaling failed, the tasks ran on); a daemon stopping leaves them.
+                if ctx.detach.wait(max(pause, _POLL_FIRST)):
+                    return "detach", verdict
+                if ctx.cancel.is_set():
+                    outage.owed("cancel")
+                elif deadline is not None and ctx.clock.monotonic() >= deadline:
+                    outage.owed(timeout_of(ctx))
+                continue
             if deadline is not None:
                 pause = min(pause, max(0.0, deadline - ctx.clock.monotonic()))
             if ctx.cancel.wait(pause):
@@ -951,14 +968,26 @@ class _Output:
 
     def finish(self) -> None:
         """The tasks ended: log what the followers have yet to get, then stop them."""
+        for failed in self.catch_up(ended=True):
+            self._engine_said(f"the rest of the output cannot be read: {explain(failed)}")
+        self.pumps.stop()
+
+    def catch_up(self, *, ended: bool = False) -> list[Exception]:
+        """Log what the service printed so far that the followers have yet to get; return
+        why a stream could not be read (the engine gone again: its next answer reads it).
+        A line half printed is left to the followers unless its tasks ``ended``."""
+        failed = []
+        partial = threading.Event()
+        if not ended:
+            partial.set()
         for is_err in (False, True):
             try:
                 stream = self._open(is_err, follow=False)
                 with contextlib.closing(stream):
-                    self._copy(stream, is_err, threading.Event())
+                    self._copy(stream, is_err, partial)
             except Exception as exc:
-                self._engine_said(f"the rest of the output cannot be read: {explain(exc)}")
-        self.pumps.stop()
+                failed.append(exc)
+        return failed
 
     def close(self) -> None:
         self.pumps.stop()

@@ -61,6 +61,18 @@ class _Later:
         return time.monotonic()
 
 
+class _Shifted:
+    """The real clock, ``shift`` seconds on by its monotonic time (for a timeout to fall)."""
+
+    shift = 0.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.shift
+
+
 class _Job:
     """A job in running/ of a spool, and the runs of its docker executor by one daemon or
     the next."""
@@ -405,4 +417,99 @@ def test_a_job_rides_out_an_engine_it_cannot_reach_while_its_container_runs_on(
         link.close()
     lines = _gated_whole(job, result)
     assert any("answers again" in line for line in lines), job.text()
+    assert _containers(client, job.job_id) == []
+
+
+def _counted_reloads(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The times of every ``Container.reload`` from now on (the executor's look at the engine)."""
+    models = importlib.import_module("docker.models.containers")
+    reload, times = models.Container.reload, []
+
+    def counted(container: Any) -> None:
+        times.append(time.monotonic())
+        reload(container)
+
+    monkeypatch.setattr(models.Container, "reload", counted)
+    return times
+
+
+@pytest.mark.parametrize("end", ["cancel", "timeout"])
+def test_a_cancel_or_timeout_while_the_engine_is_away_stops_the_container_once_it_answers(
+    end: str, make_job: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel while the engine could not be reached spun: the wait went round without a
+    pause, asking the engine, until it answered; and then stopped the container without the
+    output it had printed meanwhile. Now it waits as before, says the stop waits for the
+    engine, and stops the container once it answers, its output whole."""
+    link = EngineLink(tmp_path / "engine.sock")
+    clock = _Shifted()
+    running = None
+    try:
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
+        job = make_job({"script": _GATED})
+        ctx = job.context(timeout=600.0, clock=clock)
+        running = job.start(ctx)
+        wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
+        container = _the_container(client, job)
+        link.cut()
+        wait_for(lambda: any("cannot be reached" in line for line in job.lines()),
+                 bound=_BOUND, what="the engine missed")  # fmt: skip
+        _open_gate(container, "go1")  # printed while the engine cannot be reached
+        wait_for(lambda: _printed(container, b"away\n"), bound=_BOUND, what="the line printed away")
+        reloads = _counted_reloads(monkeypatch)
+        if end == "cancel":
+            ctx.cancel.set()
+        else:
+            clock.shift = 601.0  # its timeout falls while the engine is away
+        said = f"{'cancel' if end == 'cancel' else 'timeout of 10m'}: stopping the container waits"
+        wait_for(lambda: any(said in line for line in job.lines()), bound=_BOUND,
+                 what="the stop said to wait for the engine")  # fmt: skip
+        first = len(reloads)
+        time.sleep(1.0)  # a spin asks thousands of times in a second; a wait twice or so
+        assert len(reloads) - first <= 5, f"{len(reloads) - first} looks in a second"
+        assert running.result is None, "it did not give up on a container still running"
+        link.mend()
+        result = running.wait()
+    finally:
+        if running is not None and running.result is None:
+            running.ctx.detach.set()  # a failed test's run ends too (the engine stays away)
+        link.close()
+    assert (result.cancelled, result.timed_out) == (end == "cancel", end == "timeout"), result
+    lines = job.lines()
+    assert any("answers again" in line for line in lines), job.text()
+    for line in ("INFO one", "INFO away", "ERROR err-away"):  # what it printed meanwhile too
+        assert lines.count(line) == 1, (line, job.text())
+    assert "INFO after" not in lines, job.text()  # stopped before its second gate
+    assert _containers(client, job.job_id) == []
+
+
+def test_a_daemon_stopping_while_the_engine_is_away_leaves_the_container_to_the_next(
+    make_job: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon stopping while the engine could not be reached waited for the engine (its
+    detach went unheard until then); the container runs on, and the next daemon takes it up
+    as it takes up any other, its output whole."""
+    job = make_job({"script": _GATED})
+    ctx = job.context()
+    link = EngineLink(tmp_path / "engine.sock")
+    try:
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
+        running = job.start(ctx)
+        wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
+        container = _the_container(client, job)
+        link.cut()
+        wait_for(lambda: any("cannot be reached" in line for line in job.lines()),
+                 bound=_BOUND, what="the engine missed")  # fmt: skip
+        ctx.detach.set()
+        assert running.wait(bound=20.0).detached, job.text()
+        _open_gate(container, "go1")  # printed while no daemon watches
+        link.mend()
+        next_daemon = job.start(job.context(resume=True))
+        wait_for(lambda: "INFO away" in job.lines(), bound=_BOUND, what="'away' in the log")
+        _open_gate(container, "go2")
+        result = next_daemon.wait()
+    finally:
+        ctx.detach.set()
+        link.close()
+    _gated_whole(job, result)
     assert _containers(client, job.job_id) == []

@@ -355,7 +355,7 @@ def test_a_job_rides_out_a_manager_it_cannot_reach_while_its_tasks_run_on(
 ) -> None:
     """The manager's engine could not be reached for a while (restarting: a service's tasks
     run on): the job failed at once with the connection's error. It waits for the engine
-    now, and its log has what the task printed meanwhile."""
+    now, and once it answers its log has what the task printed meanwhile."""
     script = ["echo one", "until [ -e /shared/go ]; do sleep 0.1; done", "echo two >&2",
               ": > /shared/printed", "until [ -e /shared/end ]; do sleep 0.1; done",
               "echo three"]  # fmt: skip
@@ -375,6 +375,8 @@ def test_a_job_rides_out_a_manager_it_cannot_reach_while_its_tasks_run_on(
         wait_for((shared / "printed").exists, what="'two' printed")
         link.mend()
         wait_for(lambda: "answers again" in log.read_text(), what="the engine back")
+        # Read once the engine answers, while the task runs on (not only at its end).
+        wait_for(lambda: "ERROR two" in unit.output(), what="'two' in the log")
         (shared / "end").touch()
         running.join(60)
     finally:
@@ -382,6 +384,45 @@ def test_a_job_rides_out_a_manager_it_cannot_reach_while_its_tasks_run_on(
     (result,) = results
     assert result.succeeded, log.read_text()
     assert sorted(unit.output()) == ["ERROR two", "INFO one", "INFO three"]
+    assert _left(client, unit.job_id) == []
+
+
+def test_a_cancel_while_the_manager_is_away_stops_the_tasks_once_it_answers(
+    swarm: str, client: Any, tmp_path: Path, shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel while the manager's engine could not be reached failed the job at once with
+    the connection's error (the stop's scaling could not be asked for), its tasks running on.
+    Now the stop waits for the engine, and the job ends cancelled, its output whole."""
+    script = ["echo one", "until [ -e /shared/go ]; do sleep 0.1; done", "echo two >&2",
+              ": > /shared/printed", "until [ -e /shared/end ]; do sleep 0.1; done",
+              "echo three"]  # fmt: skip
+    unit = _Unit(tmp_path, swarm, {"script": script, "mounts": [f"{shared}:/shared"]})
+    ctx = unit.context()
+    link = EngineLink(tmp_path / "engine.sock")
+    results: list[ExecResult] = []
+    running = threading.Thread(target=lambda: results.append(_run(ctx)))
+    try:
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
+        running.start()
+        wait_for(lambda: "INFO one" in unit.output(), what="'one' in the log")
+        link.cut()
+        log = unit.dir / "log"
+        wait_for(lambda: "cannot be reached" in log.read_text(), what="the engine missed")
+        (shared / "go").touch()  # printed while the engine cannot be reached
+        wait_for((shared / "printed").exists, what="'two' printed")
+        ctx.cancel.set()
+        wait_for(lambda: "cancel: stopping its tasks waits" in log.read_text(),
+                 what="the stop said to wait")  # fmt: skip
+        assert running.is_alive() and not results, log.read_text()
+        link.mend()
+        running.join(60)
+    finally:
+        ctx.detach.set()  # a failed test's run ends too
+        link.close()
+    (result,) = results
+    assert result.cancelled, log.read_text()
+    assert "answers again" in log.read_text()
+    assert sorted(unit.output()) == ["ERROR two", "INFO one"], log.read_text()  # not "three"
     assert _left(client, unit.job_id) == []
 
 
