@@ -492,14 +492,16 @@ class Outage:
             self._log.error(f"the docker engine cannot be reached ({self._error}): waiting for "
                             f"it, {self._what} may run on")  # fmt: skip
 
-    def answered(self) -> bool:
-        """Whether the engine answers again after it could not be reached (said so)."""
+    @property
+    def missing(self) -> bool:
+        """The engine could not be reached at the last try."""
+        return self._error is not None
+
+    def answered(self) -> None:
         self._owed = None
-        if self._error is None:
-            return False
-        self._log.info("the docker engine answers again")
-        self._error = None
-        return True
+        if self._error is not None:
+            self._log.info("the docker engine answers again")
+            self._error = None
 
     def owed(self, reason: str | None) -> None:
         """Say once that ``reason`` ("cancel", "timeout of 1h") stops the job only once the

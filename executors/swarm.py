@@ -498,13 +498,12 @@ class _ServiceRun:
                 outage.missed(exc)
                 away = True
             else:
-                if outage.answered():
-                    # What the tasks printed meanwhile, before a cancel may stop them (a task
-                    # scaled away takes its log with it); then followed again as it comes.
-                    output.catch_up()
-                    output.follow()
-                away = False
-                verdict = judge(self.tasks.values(), self.replicas)
+                # What the tasks printed meanwhile is read before a cancel may stop them (a
+                # task scaled away takes its log with it); then they are followed again.
+                away = outage.missing and not output.follow_again()
+                if not away:
+                    outage.answered()
+                    verdict = judge(self.tasks.values(), self.replicas)
             if verdict.outcome is not None:
                 return None, verdict
             waiting = self._waiting_for()
@@ -971,6 +970,20 @@ class _Output:
         for failed in self.catch_up(ended=True):
             self._engine_said(f"the rest of the output cannot be read: {explain(failed)}")
         self.pumps.stop()
+
+    def follow_again(self) -> bool:
+        """After the engine could not be reached: log what the tasks printed meanwhile, and
+        follow them again; False if it cannot be reached for that (the next look tries again).
+        """
+        import requests  # noqa: PLC0415 - as the SDK: only where such jobs run
+
+        failed = self.catch_up()
+        if not failed:
+            try:
+                self.follow()
+            except Exception as exc:  # another error: the end reads what the followers miss
+                failed.append(exc)
+        return not any(isinstance(exc, requests.ConnectionError) for exc in failed)
 
     def catch_up(self, *, ended: bool = False) -> list[Exception]:
         """Log what the service printed so far that the followers have yet to get; return
