@@ -196,6 +196,7 @@ class MakeWorkers(Protocol):
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
         on_started: Callable[[], None] | None = None,
+        on_told: Callable[[str], None] | None = None,
     ) -> Workers: ...
 
 
@@ -207,6 +208,7 @@ def worker_processes(
     on_cancel: Callable[[str, str], None],
     on_observed: Callable[[Observation], None] | None = None,
     on_started: Callable[[], None] | None = None,
+    on_told: Callable[[str], None] | None = None,
 ) -> WorkerProcesses:
     """The daemon's workers: processes of their own, each built by ``WORKER_ENTRY``."""
     config = parts.config
@@ -221,6 +223,7 @@ def worker_processes(
         on_cancel=on_cancel,
         on_observed=on_observed,
         on_started=on_started,
+        on_told=on_told,
         executors=parts.registry.references(),
     )
 
@@ -363,12 +366,14 @@ class Daemon:
             except SpooldError as exc:  # it moved on (ran, or was cancelled): nothing to undo
                 logger.warning("job %s could not be cancelled (%s): %s", job_id, why, exc)
 
+        watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
         workers = make_workers(
             parts, on_lost=attention.set, on_deferred=defer, on_cancel=cancel,
             on_observed=observed,
             on_started=None if metrics is None else metrics.worker_process_started,
+            # Where outbox/ is polled, as the commits of this process are (``outbox_written``).
+            on_told=outbox_written if watch_mode == "poll" else None,
         )  # fmt: skip
-        watch_mode = resolve_watch_mode(config.watch, spool.dir("incoming"))
 
         def queue_job(job: JobDir, document: dict[str, Any]) -> None:
             workers.submit(job.job_id, document)

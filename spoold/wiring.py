@@ -125,11 +125,12 @@ def serve_worker_process(fd: int) -> None:
     if received is None:
         return
     conn, setup = received
-    parts = Parts.build(setup.config, executors=setup.executors)
+    parent = ParentLink(conn)
+    told = parent.told if setup.tell else None
+    parts = Parts.build(setup.config, executors=setup.executors, wake=told)
     if setup.launcher is not None:
         Launcher.share(socket.socket(fileno=setup.launcher))
     Launcher.shared().start()  # before Ready: the first job does not wait for a new Python
-    parent = ParentLink(conn)
     observe = parent.observed if setup.observe else None
     slots = LinkedSlots(parent, setup.config.executor_limits)
     runner = parts.runner(

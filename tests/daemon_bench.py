@@ -41,9 +41,10 @@ class InlineWorkers:
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
         on_started: Callable[[], None] | None = None,
+        on_told: Callable[[str], None] | None = None,
     ) -> None:
         # No process to lose, or to start; no concurrency strategy to refuse a job.
-        del on_lost, on_cancel, on_started
+        del on_lost, on_cancel, on_started, on_told  # its commits are the daemon's process's
         self.runner = parts.runner(on_deferred=on_deferred, observe=on_observed)
         self.queued: list[str] = []
         self.adopting: set[str] = set()

@@ -420,28 +420,33 @@ def test_a_reloaded_poll_interval_reaches_the_callback_sender(
 ) -> None:
     """``poll_interval`` applies at once on SIGHUP, as the reload's log line says; the
     callback sender kept the one it started with. On a spool that is polled (a network
-    filesystem's), a job's end, committed by its worker process, waited for that poll: an
-    hour here. Reloaded to 200 ms, it goes out."""
+    filesystem's), what another process commits (the CLI's retry) waits for that poll: an
+    hour here. Reloaded to 200 ms, it goes out. What the daemon's own processes commit is
+    told to the sender (a worker process's by its message): a job's end goes out at once."""
     secret, gate = "s3cret-reloaded", tmp_path / "gate"
     r, seen = receiver(), receiver()
     settings = {"watch": "poll", "rescan_interval": "1h", "settle_time": "0s",
                 "default_callback_url": seen.url, "default_callback_secret": "s3cret-default"}  # fmt: skip
     # Both in before the daemon, taken by its first sweep. The rejection is committed in the
-    # main process, which wakes the sender to list outbox/: its post at ``seen`` shows that
-    # the sender's last listing before the reload is done. The job ends after it.
+    # main process, the job's end in a worker process; its retry's second attempt waits.
     drop(spool_dir, "broken.yaml", "job_id: [unclosed")
-    drop(spool_dir, "late.yaml", local_job("late", f"{gate_wait(gate)}; exit 3",
-                                           **hook(r.url, secret, ["failed"])))  # fmt: skip
+    script = f'[ "$SPOOLD_ATTEMPT" = 1 ] && exit 3; {gate_wait(gate)}'
+    drop(spool_dir, "late.yaml", local_job("late", script,
+                                           **hook(r.url, secret, ["failed", "retrying"])))  # fmt: skip
     daemon = start_daemon(poll_interval="1h", **settings)
     seen.wait_count(1)
-    gate.touch()
     assert wait_finished(spool_dir, "late")[0] == "failed"
-    wait_for(lambda: any(n.startswith("late~") for n in outbox(spool_dir)),
-             what="late's delivery in outbox/")  # fmt: skip
-    assert r.received == []  # nothing lists outbox/ again within the hour but the reload
-    assert daemon.process is not None
-    write_config(tmp_path / "config.yaml", spool_dir, poll_interval="200ms", **settings)
-    daemon.process.send_signal(signal.SIGHUP)
-    (failed,) = r.wait_count(1)
+    (failed,) = r.wait_count(1)  # within the bound: no poll of the hour came
     assert verify(failed, secret)["event"] == "failed"
+    try:
+        assert run_cli(spool_dir, "retry", "late").returncode == 0
+        wait_for(lambda: any(n.startswith("late~") for n in outbox(spool_dir)),
+                 what="the retry's delivery in outbox/")  # fmt: skip
+        assert len(r.received) == 1  # nothing lists outbox/ again within the hour but the reload
+        assert daemon.process is not None
+        write_config(tmp_path / "config.yaml", spool_dir, poll_interval="200ms", **settings)
+        daemon.process.send_signal(signal.SIGHUP)
+        assert verify(r.wait_count(2)[1], secret)["event"] == "retrying"
+    finally:
+        gate.touch()
     assert "applied poll_interval" in daemon.log()

@@ -33,6 +33,7 @@ from spoold.run.pool import (
     Revoke,
     RunJob,
     Stop,
+    Told,
     WorkerProcesses,
     plan_slots,
     receive_message,
@@ -65,7 +66,8 @@ def test_slots_are_spread_round_robin(
 def test_messages_cross_intact() -> None:
     ours, theirs = Pipe()
     document = {"job_id": "a", "product": {"commands": ["x", "y"]}, "retries": 2, "on": True}
-    for message in (RunJob("a", document), RunJob("b"), Stop(2.5), Ready(), Leaving(), Done("a")):
+    for message in (RunJob("a", document), RunJob("b"), Stop(2.5), Ready(), Leaving(), Done("a"),
+                    Told(("a~1.json", "b~2.json"))):  # fmt: skip
         send_message(ours, message)
         assert receive_message(theirs) == message
 
@@ -78,7 +80,8 @@ def test_a_document_marshal_cannot_take_goes_without_it() -> None:
 
 def test_junk_on_the_wire_is_an_error_not_a_crash() -> None:
     ours, theirs = Pipe()
-    for junk in (b"\xff\x00garbage", marshal.dumps(("launch", "missiles"))):
+    for junk in (b"\xff\x00garbage", marshal.dumps(("launch", "missiles")),
+                 marshal.dumps(("told", ("a", 3)))):  # fmt: skip
         ours.send_bytes(junk)
         with pytest.raises(WorkerProcessError):
             receive_message(theirs)

@@ -84,6 +84,8 @@ class Setup:
     executors: tuple[tuple[str, str], ...] = ()
     #: How long it stays with nothing to do before it says Leaving (``Linger``); 0: never.
     linger: float = 0.0
+    #: Whether it tells the deliveries it commits (``Told``): no watch of outbox/ does.
+    tell: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,14 @@ class Deferred:
     due: float  # a wall-clock timestamp: it is also what status.json says
 
 
+@dataclass(frozen=True, slots=True)
+class Told:
+    """From a worker process: the deliveries it committed to outbox/, by name (``Setup.tell``:
+    a polled spool, where the callback sender would see them only at its next look)."""
+
+    names: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Observed:
     """From a worker process: changes of jobs' states it made, for the daemon's metrics."""
@@ -190,7 +200,7 @@ class SlotGranted:
 
 Message = (
     RunJob | Stop | Ready | Leaving | Done | Revoke | Returned | Deferred | Observed
-    | Stepping | SlotWanted | SlotFreed | SlotGranted
+    | Stepping | SlotWanted | SlotFreed | SlotGranted | Told
 )  # fmt: skip
 
 
@@ -229,6 +239,8 @@ def send_message(conn: Connection, message: Message) -> None:
             data = marshal.dumps(("slot-free", token))
         case SlotGranted(token):
             data = marshal.dumps(("slot-go", token))
+        case Told(names):
+            data = marshal.dumps(("told", names))
     conn.send_bytes(data)
 
 
@@ -270,6 +282,8 @@ def receive_message(conn: Connection) -> Message:
             return SlotFreed(token)
         case ("slot-go", str(token)):
             return SlotGranted(token)
+        case ("told", tuple(names)) if all(isinstance(name, str) for name in names):
+            return Told(names)
     raise WorkerProcessError(f"unknown message between spoold processes: {fields!r}")
 
 
@@ -381,13 +395,17 @@ class WorkerProcesses:
         on_cancel: Callable[[str, str], None],
         on_observed: Callable[[Observation], None] | None = None,
         on_started: Callable[[], None] | None = None,
+        on_told: Callable[[str], None] | None = None,
         executors: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """``on_observed`` hears of each change of state a worker process makes (the
         metrics'), on the thread that reads that process's messages: it must be quick.
         ``on_started``: each worker process started (the metrics' count of them).
+        ``on_told``: each delivery a worker process committed, by name (``Told``); None:
+        outbox/'s watch tells them, the processes send none.
         ``executors``: what the worker processes may run (``Setup.executors``)."""
         self._config = config
+        self._on_told = on_told
         self._executors = executors
         self._on_observed = on_observed
         self._on_started = on_started
@@ -647,7 +665,8 @@ class WorkerProcesses:
         with self._lock:
             linger = self._linger.starting(self._clock.monotonic())
         conn.send(Setup(self._config, slots, os.getpid(), observe=self._on_observed is not None,
-                        launcher=launcher_fd, executors=self._executors, linger=linger))  # fmt: skip
+                        launcher=launcher_fd, executors=self._executors, linger=linger,
+                        tell=self._on_told is not None))  # fmt: skip
         return _Link(index, slots, process, conn, linger=linger)
 
     def _await_ready(self, link: _Link) -> None:
@@ -689,6 +708,11 @@ class WorkerProcesses:
                         self._observed(observation)
                 elif isinstance(message, Deferred):
                     self._on_deferred(message.job_id, message.due)
+                elif isinstance(message, Told):
+                    if (told := self._on_told) is not None:
+                        for name in message.names:
+                            told(name)
+                    continue  # frees nothing
                 elif isinstance(message, Leaving):
                     self._leaving(link)
                 elif isinstance(message, Returned):
@@ -1076,6 +1100,10 @@ class ParentLink:
     def deferred(self, job_id: str, due: float) -> None:
         """What the runner calls when a job waits in pending/ for its next attempt."""
         self.send(Deferred(job_id, due))
+
+    def told(self, name: str) -> None:
+        """What the callbacks call for each delivery committed here (``Setup.tell``)."""
+        self.send(Told((name,)))
 
     def observed(self, observation: Observation) -> None:
         """What the runner's ledger listener calls for each change of state (the metrics')."""
