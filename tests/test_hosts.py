@@ -36,7 +36,18 @@ from spoold.run.ledger import JobLedger
 from spoold.run.recovery import Recovery, Verdict
 from tests.daemon_bench import InlineWorkers
 from tests.fakes import FakeClock
-from tests.harness import intake_for, run_cli, write_config
+from tests.harness import (
+    DaemonProcess,
+    drop,
+    intake_for,
+    kill_processes_with,
+    local_job,
+    processes_with,
+    run_cli,
+    sleep_command,
+    wait_for,
+    write_config,
+)
 
 LOG = logging.getLogger("spoold.test")
 T = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
@@ -964,3 +975,33 @@ def test_a_delivery_another_host_adopted_since_it_was_read_is_left_to_that_host(
     assert a.tick() == 0, "b's: left to b, which posts it"
     a.host_state = lambda other: "gone"
     assert a.tick() == 1, "b gone: a adopts it back, and hands it out"
+
+
+def test_a_host_whose_claim_was_taken_over_ends_the_jobs_processes(
+    spool_dir: Path, tmp_path: Path
+) -> None:
+    """A host frozen or cut off past its lease finds, once back, that another host took its
+    job over (its claim fenced): the job's processes here end, and it writes nothing more for
+    the job. Only the big test over three hosts ran this, and nothing there looked at whether
+    a fenced copy went on running (its output goes to a log of its own, fenced-log.<gen>)."""
+    sleep, token = sleep_command(tmp_path, "spoold-fenced")
+    config = write_config(tmp_path / "c.yaml", spool_dir, heartbeat_interval="200ms",
+                          lease_timeout="30s")  # fmt: skip
+    daemon = DaemonProcess(spool_dir, config)
+    daemon.start()
+    try:
+        drop(spool_dir, "held.yaml", local_job("held", f"echo up; {sleep} 120"))
+        wait_for(lambda: processes_with(token) != [], what="the job's sleep")
+        spool = Spool(spool_dir)
+        job = spool.jobs.find("held")
+        assert job is not None and job.directory == "running"
+        status = Path(job.location, "status.json").read_bytes()
+        # As another host's recovery does when it takes the job over: claim 1 fenced.
+        assert spool.jobs.fence(job._replace(generation=1), 1, {"by": "h9"})
+        wait_for(lambda: processes_with(token) == [], what="the fenced job's processes to end")
+        wait_for(lambda: "taken over by h9" in daemon.log(), what="the host to say so")
+        assert Path(job.location, "status.json").read_bytes() == status, "written after its fence"
+        assert spool.jobs.find("held") == job, "moved by the fenced host"
+    finally:
+        daemon.kill()
+        kill_processes_with(token)

@@ -21,7 +21,10 @@ from typing import Any
 import pytest
 import yaml
 
+from spoold.core.clock import parse_rfc3339
 from spoold.core.spool import Spool
+from spoold.core.spool.fs import rename_noreplace
+from spoold.schedule.triggers import run_id
 from tests.harness import run_cli, wait_for, write_config
 from tests.netbed import Bed, Host, make_bed
 
@@ -187,6 +190,17 @@ def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed:
         if body["event"] == "accepted" and body["job_id"].startswith(SCHEDULE + "@")
     )  # fmt: skip
     assert {run for run, count in accepted.items() if count != 1} == set(), accepted
+    # And one run per firing, named by it: hosts that each made a run of one firing under a
+    # name of their own would pass the count above.
+    firings: dict[str, list[str]] = collections.defaultdict(list)
+    for run in fired:
+        (directory,) = where[run]
+        # A takeover's copy of the log keeps its lines (fenced-log.<gen> repeats them).
+        text = (server / directory / run / "log").read_text(errors="replace")
+        (when,) = re.findall(rf"firing at (\S+) of schedule {SCHEDULE}$", text, re.MULTILINE)
+        firings[when].append(run)
+        assert run == run_id(SCHEDULE, parse_rfc3339(when)), (run, when)
+    assert {when: made for when, made in firings.items() if len(made) != 1} == {}, firings
     # Every host alive again, as each of them sees the others.
     for host in bed.hosts:
         shown = run_cli(host.spool, "hosts", "--json", "--config", str(_config(bed, host)),
@@ -276,6 +290,14 @@ def test_a_move_cut_between_its_link_and_its_unlink_is_finished_on_sshfs(bed: Be
     os.chmod(incoming / "k.yaml", os.lstat(taken.original).st_mode)
     (line,) = other.stages.recover(frozenset({"h1"}))
     assert "returned k.yaml to incoming/ as k-2.yaml" in line, line
+    # The move itself, half done (the file under both names): finished, the first name gone
+    # (above, the stage's removal took that name with it, whatever the move left).
+    half, whole = h1.spool / "tmp" / "half.yaml", h1.spool / "tmp" / "whole.yaml"
+    half.write_text("job_id: h\n")
+    os.link(half, whole)
+    rename_noreplace(half, whole)
+    assert not half.exists() and whole.read_text() == "job_id: h\n"
+    assert os.listdir(bed.server_spool / "tmp").count("half.yaml") == 0
 
 
 TAKEN = re.compile(r"taken over by host (\S+) from host (\S+) \(claim generation (\d+)")
