@@ -391,6 +391,17 @@ def test_output_the_engine_stopped_streaming_is_followed_again(
     assert any("stopped streaming" in line for line in lines), job.text()
 
 
+def _cut_after_one(client: Any, job: _Job, link: EngineLink) -> Any:
+    """Once a ``_GATED`` job printed its first line, cut the way to the engine, and wait for
+    the job to say so; its container."""
+    wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
+    container = _the_container(client, job)
+    link.cut()
+    wait_for(lambda: any("cannot be reached" in line for line in job.lines()),
+             bound=_BOUND, what="the engine missed")  # fmt: skip
+    return container
+
+
 def test_a_job_rides_out_an_engine_it_cannot_reach_while_its_container_runs_on(
     make_job: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,11 +414,7 @@ def test_a_job_rides_out_an_engine_it_cannot_reach_while_its_container_runs_on(
         monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
         job = make_job({"script": _GATED})
         running = job.start(job.context())
-        wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
-        container = _the_container(client, job)
-        link.cut()
-        wait_for(lambda: any("cannot be reached" in line for line in job.lines()),
-                 bound=_BOUND, what="the engine missed")  # fmt: skip
+        container = _cut_after_one(client, job, link)
         _open_gate(container, "go1")  # printed while the engine cannot be reached
         wait_for(lambda: _printed(container, b"away\n"), bound=_BOUND, what="the line printed away")
         link.mend()
@@ -449,11 +456,7 @@ def test_a_cancel_or_timeout_while_the_engine_is_away_stops_the_container_once_i
         job = make_job({"script": _GATED})
         ctx = job.context(timeout=600.0, clock=clock)
         running = job.start(ctx)
-        wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
-        container = _the_container(client, job)
-        link.cut()
-        wait_for(lambda: any("cannot be reached" in line for line in job.lines()),
-                 bound=_BOUND, what="the engine missed")  # fmt: skip
+        container = _cut_after_one(client, job, link)
         _open_gate(container, "go1")  # printed while the engine cannot be reached
         wait_for(lambda: _printed(container, b"away\n"), bound=_BOUND, what="the line printed away")
         reloads = _counted_reloads(monkeypatch)
@@ -495,11 +498,7 @@ def test_a_daemon_stopping_while_the_engine_is_away_leaves_the_container_to_the_
     try:
         monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
         running = job.start(ctx)
-        wait_for(lambda: "INFO one" in job.lines(), bound=_BOUND, what="'one' in the log")
-        container = _the_container(client, job)
-        link.cut()
-        wait_for(lambda: any("cannot be reached" in line for line in job.lines()),
-                 bound=_BOUND, what="the engine missed")  # fmt: skip
+        container = _cut_after_one(client, job, link)
         ctx.detach.set()
         assert running.wait(bound=20.0).detached, job.text()
         _open_gate(container, "go1")  # printed while no daemon watches

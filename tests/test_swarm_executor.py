@@ -350,16 +350,32 @@ def test_detach_leaves_the_service_and_resume_re_attaches_without_repeating(
     assert _left(client, unit.job_id) == []
 
 
+#: Prints "one", then "two" on stderr once /shared/go is there (and marks /shared/printed),
+#: then "three" once /shared/end is there.
+_GATED = ["echo one", "until [ -e /shared/go ]; do sleep 0.1; done", "echo two >&2",
+          ": > /shared/printed", "until [ -e /shared/end ]; do sleep 0.1; done",
+          "echo three"]  # fmt: skip
+
+
+def _printed_while_cut(unit: _Unit, link: EngineLink, shared: Path) -> Path:
+    """Once a ``_GATED`` unit printed "one", cut the way to the engine; once the unit says
+    so, let it print "two" meanwhile. Its log's path."""
+    wait_for(lambda: "INFO one" in unit.output(), what="'one' in the log")
+    link.cut()
+    log = unit.dir / "log"
+    wait_for(lambda: "cannot be reached" in log.read_text(), what="the engine missed")
+    (shared / "go").touch()
+    wait_for((shared / "printed").exists, what="'two' printed")
+    return log
+
+
 def test_a_job_rides_out_a_manager_it_cannot_reach_while_its_tasks_run_on(
     swarm: str, client: Any, tmp_path: Path, shared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The manager's engine could not be reached for a while (restarting: a service's tasks
     run on): the job failed at once with the connection's error. It waits for the engine
     now, and once it answers its log has what the task printed meanwhile."""
-    script = ["echo one", "until [ -e /shared/go ]; do sleep 0.1; done", "echo two >&2",
-              ": > /shared/printed", "until [ -e /shared/end ]; do sleep 0.1; done",
-              "echo three"]  # fmt: skip
-    unit = _Unit(tmp_path, swarm, {"script": script, "mounts": [f"{shared}:/shared"]})
+    unit = _Unit(tmp_path, swarm, {"script": _GATED, "mounts": [f"{shared}:/shared"]})
     link = EngineLink(tmp_path / "engine.sock")
     try:
         monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
@@ -367,12 +383,7 @@ def test_a_job_rides_out_a_manager_it_cannot_reach_while_its_tasks_run_on(
         results: list[ExecResult] = []
         running = threading.Thread(target=lambda: results.append(_run(ctx)))
         running.start()
-        wait_for(lambda: "INFO one" in unit.output(), what="'one' in the log")
-        link.cut()
-        log = unit.dir / "log"
-        wait_for(lambda: "cannot be reached" in log.read_text(), what="the engine missed")
-        (shared / "go").touch()  # printed while the engine cannot be reached
-        wait_for((shared / "printed").exists, what="'two' printed")
+        log = _printed_while_cut(unit, link, shared)
         link.mend()
         wait_for(lambda: "answers again" in log.read_text(), what="the engine back")
         # Read once the engine answers, while the task runs on (not only at its end).
@@ -393,10 +404,7 @@ def test_a_cancel_while_the_manager_is_away_stops_the_tasks_once_it_answers(
     """A cancel while the manager's engine could not be reached failed the job at once with
     the connection's error (the stop's scaling could not be asked for), its tasks running on.
     Now the stop waits for the engine, and the job ends cancelled, its output whole."""
-    script = ["echo one", "until [ -e /shared/go ]; do sleep 0.1; done", "echo two >&2",
-              ": > /shared/printed", "until [ -e /shared/end ]; do sleep 0.1; done",
-              "echo three"]  # fmt: skip
-    unit = _Unit(tmp_path, swarm, {"script": script, "mounts": [f"{shared}:/shared"]})
+    unit = _Unit(tmp_path, swarm, {"script": _GATED, "mounts": [f"{shared}:/shared"]})
     ctx = unit.context()
     link = EngineLink(tmp_path / "engine.sock")
     results: list[ExecResult] = []
@@ -404,12 +412,7 @@ def test_a_cancel_while_the_manager_is_away_stops_the_tasks_once_it_answers(
     try:
         monkeypatch.setenv("DOCKER_HOST", f"unix://{link.path}")
         running.start()
-        wait_for(lambda: "INFO one" in unit.output(), what="'one' in the log")
-        link.cut()
-        log = unit.dir / "log"
-        wait_for(lambda: "cannot be reached" in log.read_text(), what="the engine missed")
-        (shared / "go").touch()  # printed while the engine cannot be reached
-        wait_for((shared / "printed").exists, what="'two' printed")
+        log = _printed_while_cut(unit, link, shared)
         ctx.cancel.set()
         wait_for(lambda: "cancel: stopping its tasks waits" in log.read_text(),
                  what="the stop said to wait")  # fmt: skip
