@@ -484,7 +484,7 @@ class Outage:
     def __init__(self, log: JobLog, what: str) -> None:
         self._log, self._what = log, what
         self._error: str | None = None
-        self._owed: str | None = None
+        self._owed = False  # a stop waiting for the engine was said
 
     def missed(self, exc: BaseException) -> None:
         if self._error is None:
@@ -498,16 +498,22 @@ class Outage:
         return self._error is not None
 
     def answered(self) -> None:
-        self._owed = None
+        self._owed = False
         if self._error is not None:
             self._log.info("the docker engine answers again")
             self._error = None
 
-    def owed(self, reason: str | None) -> None:
-        """Say once that ``reason`` ("cancel", "timeout of 1h") stops the job only once the
-        engine answers: until then nothing can stop what runs on without it."""
-        if reason is not None and self._owed is None:
-            self._owed = reason
+    def owed(self, ctx: RunContext, deadline: float | None) -> None:
+        """Say once that a cancel, or the timeout that fell at ``deadline`` (monotonic), stops
+        the job only once the engine answers: until then nothing can stop what runs on."""
+        if ctx.cancel.is_set():
+            reason = "cancel"
+        elif deadline is not None and ctx.clock.monotonic() >= deadline:
+            reason = f"timeout of {format_duration(ctx.timeout or 0)}"
+        else:
+            return
+        if not self._owed:
+            self._owed = True
             self._log.error(f"{reason}: stopping {self._what} waits until the docker engine "
                             "answers")  # fmt: skip
 
@@ -533,10 +539,7 @@ def _wait(
                 # (asking on at once spun); a daemon stopping leaves it to the next, as ever.
                 if ctx.detach.wait(0.5):
                     return "detach"
-                if ctx.cancel.is_set():
-                    outage.owed("cancel")
-                elif deadline is not None and ctx.clock.monotonic() >= deadline:
-                    outage.owed(timeout_of(ctx))
+                outage.owed(ctx, deadline)
                 continue
             outage.answered()
             alive = container.status in _ALIVE
@@ -562,11 +565,6 @@ def _due(ctx: RunContext, deadline: float | None) -> str | None:
     if deadline is not None and ctx.clock.monotonic() >= deadline:
         return "timeout"
     return None
-
-
-def timeout_of(ctx: RunContext) -> str:
-    """A job's timeout as its log names it where it falls: "timeout of 1h"."""
-    return f"timeout of {format_duration(ctx.timeout or 0)}"
 
 
 def _adopt(client: Any, ctx: RunContext) -> Any | None:

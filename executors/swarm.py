@@ -54,7 +54,6 @@ from spoold.executors.docker import (
     remove_container,
     script_of,
     sdk,
-    timeout_of,
     transient,
 )
 
@@ -515,10 +514,7 @@ class _ServiceRun:
                 # stop's scaling failed, the tasks ran on); a daemon stopping leaves them.
                 if ctx.detach.wait(max(pause, _POLL_FIRST)):
                     return "detach", verdict
-                if ctx.cancel.is_set():
-                    outage.owed("cancel")
-                elif deadline is not None and ctx.clock.monotonic() >= deadline:
-                    outage.owed(timeout_of(ctx))
+                outage.owed(ctx, deadline)
                 continue
             if deadline is not None:
                 pause = min(pause, max(0.0, deadline - ctx.clock.monotonic()))
