@@ -46,6 +46,7 @@ class Receiver:
         self.idle = idle
         self.status = status
         self.hold: threading.Event | None = None  # when set: answers wait for it
+        self.location: str | None = None  # when set: each answer's Location header (a redirect)
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._addresses = dict(addresses or {0: "127.0.0.1"})
@@ -99,6 +100,8 @@ class Receiver:
                 if receiver.hold is not None:
                     receiver.hold.wait(DEFAULT_BOUND)
                 self.send_response(receiver.status)
+                if receiver.location is not None:
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -754,6 +754,31 @@ def test_a_rename_never_replaces_where_the_filesystem_refuses_renameat2_flags(
     assert (tmp_path / "d3" / "job.yaml").read_text() == "d1"
 
 
+def replaced_only_while_there(directory: Path) -> None:
+    """``write_file(existing=True)``: a file there is replaced, one gone stays gone; neither
+    leaves a temporary file behind."""
+    from spoold.core.spool import fs  # noqa: PLC0415
+
+    (directory / "d.json").write_text("old")
+    fs.write_file(directory / "d.json", b"new", durable=False, existing=True)
+    assert (directory / "d.json").read_text() == "new"
+    (directory / "d.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        fs.write_file(directory / "d.json", b"newer", durable=False, existing=True)
+    assert os.listdir(directory) == []
+
+
+@pytest.mark.parametrize("renameat2", ["exchange", "refused"])
+def test_a_write_of_an_existing_file_never_makes_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: str
+) -> None:
+    from spoold.core.spool import fs  # noqa: PLC0415
+
+    if renameat2 == "refused":
+        monkeypatch.setattr(fs, "_renameat2_errno", lambda *args: errno.EINVAL)  # as FUSE
+    replaced_only_while_there(tmp_path)
+
+
 def test_a_link_sshfs_refuses_with_eperm_onto_a_name_made_meanwhile_is_a_name_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,6 +27,7 @@ from spoold.core.spool.fs import rename_noreplace
 from spoold.schedule.triggers import run_id
 from tests.harness import run_cli, wait_for, write_config
 from tests.netbed import Bed, Host, make_bed
+from tests.test_hosts import replaced_only_while_there
 
 JOBS = 1000
 LONG_EVERY = 10  # every tenth job runs ~3 s: some are always under way when a host goes
@@ -298,6 +299,17 @@ def test_a_move_cut_between_its_link_and_its_unlink_is_finished_on_sshfs(bed: Be
     rename_noreplace(half, whole)
     assert not half.exists() and whole.read_text() == "job_id: h\n"
     assert os.listdir(bed.server_spool / "tmp").count("half.yaml") == 0
+
+
+def test_a_write_of_an_existing_file_never_makes_it_again_on_sshfs(bed: Bed) -> None:
+    """An outbox delivery removed by hand (or adopted by another host) while a failed try of
+    it was being recorded is not written back: on sshfs too, whatever it does with
+    RENAME_EXCHANGE."""
+    h1 = bed.host(1)
+    assert run_cli(bed.server_spool, "init").returncode == 0
+    directory = h1.spool / "tmp" / "existing"
+    directory.mkdir()
+    replaced_only_while_there(directory)
 
 
 TAKEN = re.compile(r"taken over by host (\S+) from host (\S+) \(claim generation (\d+)")

@@ -634,3 +634,139 @@ def test_a_window_the_callback_sender_meets_half_written_is_left_to_its_writer(
     assert looked, "the sender looked while a record was prepared"
     assert not [r for r in caplog.records if "left it unfinished" in r.getMessage()]
     assert any(name.startswith("_w.host1.") for name in bed.outbox()), "the window is kept"
+
+
+def test_a_change_split_again_after_a_crash_keeps_its_notices_message_id(
+    spool: Spool, clock: FakeClock, tmp_path: Path, mail_server: MailServer
+) -> None:
+    """A crash between splitting a change file and removing it splits it again at the next
+    look: the same held notice, under the same name and with the same id, which the mail
+    carries as its Message-ID (a mail sent twice is known as one by its reader)."""
+    bed = Bed(spool, clock, tmp_path, mail_settings(mail_server), wait=10.0)
+    bed.fail("backup-7", (email("ops@example.net"),))
+    change = spool.dir("outbox") / "_n.backup-7~00000001.json"
+    left = change.read_bytes()
+    assert bed.notifier.tick(inline=True) == 0, "split, and waiting for others to join it"
+    (held,) = [n for n in bed.outbox() if n.startswith("_t.")]
+    first = spool.deliveries.read(held)
+    assert first is not None and not change.exists()
+    change.write_bytes(left)  # as the crash left it: not removed yet
+    bed = Bed(spool, clock, tmp_path, mail_settings(mail_server), wait=10.0)  # restarted
+    assert bed.notifier.tick(inline=True) == 0
+    assert [n for n in bed.outbox() if n.startswith(("_t.", "_n."))] == [held]
+    again = spool.deliveries.read(held)
+    assert again is not None and again["delivery_id"] == first["delivery_id"]
+    clock.advance(10)
+    assert bed.notifier.tick(inline=True) == 1
+    (got,) = mail_server.wait_count(1)
+    assert got.message()["Message-ID"] == f"<{first['delivery_id']}@spoold>"
+
+
+def test_a_webhooks_redirect_is_not_followed_nor_taken(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver
+) -> None:
+    """Only a 2xx answer takes a notice: a 307 (which keeps the method and the body) is not
+    followed to where it points, and the notice stays held for its next try."""
+    elsewhere = Receiver().start()
+    try:
+        receiver.status, receiver.location = 307, elsewhere.url
+        bed = Bed(spool, clock, tmp_path, None)
+        bed.fail("j", (webhook(receiver.url),))
+        assert bed.notifier.tick(inline=True) == 1
+        assert len(receiver.received) == 1 and elsewhere.received == []
+        (held,) = [n for n in bed.outbox() if n.startswith("_t.")]
+        record = spool.deliveries.read(held)
+        assert record is not None and record["tries"] == 1
+        assert record["last_error"] == "OSError: HTTP 307"
+        assert not [n for n in bed.outbox() if n.startswith("_w.")], "nothing sent: no window"
+    finally:
+        elsewhere.stop()
+
+
+def test_a_notice_is_given_up_once_give_up_after_has_passed(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    """``callbacks.give_up_after`` from the notice's making: a try that fails that long after
+    it moves it into outbox/failed/ (as a callback's), not one try later."""
+    url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    bed = Bed(spool, clock, tmp_path, None, give_up_after=3600.0)
+    bed.fail("j", (webhook(url),))
+    assert bed.notifier.tick(inline=True) == 1
+    (held,) = [n for n in bed.outbox() if n.startswith("_t.")]
+    clock.advance(3600)
+    assert bed.notifier.tick(inline=True) == 1
+    assert bed.outbox("failed") == [held] and held not in bed.outbox()
+
+
+@pytest.mark.parametrize("giving_up", [False, True], ids=["tried-again", "given-up"])
+def test_a_notice_removed_by_hand_during_a_failing_send_stays_removed(
+    spool: Spool, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    giving_up: bool,
+) -> None:  # fmt: skip
+    """A held notice deleted from outbox/ while a send of it is under way, which then fails:
+    it is not written back (to be sent again) nor put into outbox/failed/."""
+    url = f"http://127.0.0.1:{free_port()}/hook"
+    bed = Bed(spool, clock, tmp_path, None, give_up_after=3600.0)
+    bed.fail("j", (webhook(url),))
+    assert bed.notifier.tick(inline=True) == 1  # nothing listens: held, to be sent again
+    held = [n for n in bed.outbox() if n.startswith("_t.")]
+    assert held
+    clock.advance(3600 if giving_up else 60)
+
+    def removed_then_refused(target: NotifyTarget, items: list[dict[str, Any]]) -> None:
+        for name in held:
+            (spool.dir("outbox") / name).unlink()  # rm, while the send waits
+        raise OSError("HTTP 503")
+
+    monkeypatch.setattr(bed.notifier, "_post", removed_then_refused)
+    assert bed.notifier.tick(inline=True) == 1
+    assert not set(held) & set(bed.outbox()), "written back"
+    assert bed.outbox("failed") == []
+
+
+def test_at_most_per_host_sends_go_to_one_server_at_once(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    """``callbacks.per_host``: two targets on one server (two chat channels) are sent one at
+    a time there; a target on another server is not held by them. The notifier's threads are
+    not started: what a tick hands out stays in flight."""
+    one, other = free_port(), free_port()
+    targets = (webhook(f"http://127.0.0.1:{one}/a"), webhook(f"http://127.0.0.1:{one}/b"),
+               webhook(f"http://127.0.0.1:{other}/c"))  # fmt: skip
+    bed = Bed(spool, clock, tmp_path, None, per_host=1)
+    bed.fail("j", targets)
+    assert bed.notifier.tick() == 2, "one to each server"
+    assert bed.notifier.tick() == 0, "the second target of the first server waits its turn"
+
+
+def test_a_window_survives_a_crash_right_after_its_send(
+    spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A send's window is written before its notices are removed: a crash between the two
+    leaves the notice held (sent again, as a lost answer is) but the window open, so the
+    restarted daemon holds it until the window closes rather than send it again at once."""
+
+    class Crash(BaseException):
+        pass
+
+    remove = spool.deliveries.remove
+
+    def crash(name: str) -> None:
+        if name.startswith("_t."):  # a sent notice: the process dies here
+            raise Crash(name)
+        remove(name)
+
+    bed = Bed(spool, clock, tmp_path, None)
+    bed.fail("j", (webhook(receiver.url),))
+    monkeypatch.setattr(spool.deliveries, "remove", crash)
+    with pytest.raises(Crash):
+        bed.notifier.tick(inline=True)
+    monkeypatch.undo()
+    assert len(receiver.received) == 1
+    bed = Bed(spool, clock, tmp_path, None)  # restarted
+    assert any(n.startswith("_w.host1.") for n in bed.outbox()), "the window was kept"
+    assert bed.notifier.tick(inline=True) == 0, "the window is open: held"
+    clock.advance(WINDOW)
+    assert bed.notifier.tick(inline=True) == 1
+    assert len(receiver.wait_count(2)) == 2

@@ -34,6 +34,7 @@ def test_a_mail_names_the_job_its_state_and_host_and_attaches_the_tail() -> None
     assert (
         message["To"] == "a@example.net, b@example.net" and message["Message-ID"] == "<abc@spoold>"
     )
+    assert message["Auto-Submitted"] == "auto-generated", "RFC 3834: no vacation replies"
     body = message.get_body(("plain",))
     assert body is not None
     text = body.get_content()
@@ -59,6 +60,7 @@ def test_a_digest_lists_each_job_and_bounds_the_list() -> None:
                    window=300)  # fmt: skip
     n = DIGEST_LIST + 5
     assert message["Subject"] == f"[spoold] {n} jobs on host1: 1 cancelled, {n - 1} failed"
+    assert message["Auto-Submitted"] == "auto-generated"
     text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "- job-000: cancelled\n" in text and "- job-001: failed (exit code 3)" in text
     assert "https://spoold.test/jobs/job-049" in text and "job-050" not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -404,7 +405,10 @@ def test_the_sender_settles_what_a_killed_writer_left(spool: Spool, clock: FakeC
     (spool.dir("outbox") / "j1~00000001.json").rename(spool.dir("outbox") / "j1~00000001.prepared")
     posting = sender(spool, clock)
     assert posting.tick() == 0 and outbox(spool) == ["j1~00000001.prepared"]
-    clock.advance(STALE_PREPARED + 1)
+    clock.advance(STALE_PREPARED)
+    posting.tick()
+    assert outbox(spool) == ["j1~00000001.prepared"], "its writer may still be at it"
+    clock.advance(1)
     posting.tick()
     assert outbox(spool) == ["j1~00000001.json"]
 
@@ -651,3 +655,120 @@ def test_a_key_followed_by_its_names_alone_sends_each_delivery_in_turn(
     finally:
         posting.stop()
     assert [b["event"] for b in receiver.bodies()] == ["accepted", "started", "succeeded"]
+
+
+def test_a_redirect_is_not_followed_and_does_not_take_a_delivery(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    """A 307 keeps the method and the body: followed, the signed body would go wherever the
+    receiver (or whoever answers in its name) points. Not followed; not taken; tried again."""
+    elsewhere = Receiver().start()
+    try:
+        receiver.status, receiver.location = 307, elsewhere.url
+        emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "accepted")
+        assert deliver_all(sender(spool, clock), spool) == [False]
+        assert len(receiver.received) == 1 and elsewhere.received == []
+        assert _read(spool, "j1~00000001.json")["last_error"] == "HTTP 307"
+    finally:
+        elsewhere.stop()
+
+
+def test_the_timestamp_header_is_the_events_unix_seconds_on_every_try(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    """``X-Spoold-Timestamp``: Unix seconds, when the event happened; a retry sends the stored
+    bytes, so a try an hour later carries the same timestamp and signature."""
+    happened = str(int(clock.now().timestamp()))
+    emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "accepted")
+    receiver.status = 500
+    posting = sender(spool, clock)
+    assert deliver_all(posting, spool) == [False]
+    clock.advance(3600)
+    receiver.status = 200
+    assert deliver_all(posting, spool) == [True]
+    first, second = receiver.wait_count(2)
+    assert first.headers["x-spoold-timestamp"] == happened
+    assert second.headers["x-spoold-timestamp"] == happened
+    assert second.headers["x-spoold-signature"] == first.headers["x-spoold-signature"]
+    assert second.body == first.body
+    verify(second, SECRET)
+
+
+def test_the_backoff_grows_by_its_multiplier_up_to_its_maximum(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """``callbacks.backoff``: initial 10 s, doubled at each failed try, at most 40 s; jittered
+    into [wait/2, wait) (the draw here: 0, the lower end; just under 1, the upper)."""
+    port = free_port()  # nothing listens: each try is refused at once
+    emit(spool, clock, CallbackTarget(f"http://127.0.0.1:{port}/hook", SECRET), status("j1"),
+         "accepted")  # fmt: skip
+    for draw, expected in ((0.0, [5.0, 10.0, 20.0, 20.0]), (0.999, [10.0, 20.0, 40.0, 40.0])):
+        posting = Sender(spool, callbacks(spool, clock), clock,
+                         CallbackSettings(initial=10.0, maximum=40.0, multiplier=2.0), LOG,
+                         draw=functools.partial(float, draw))  # fmt: skip
+        waits: list[float] = []
+        for _ in expected:
+            record = _read(spool, "j1~00000001.json")
+            assert posting.deliver("j1~00000001.json", record) is False
+            record = _read(spool, "j1~00000001.json")
+            waits.append(record["next_try"] - clock.now().timestamp())
+            clock.advance(waits[-1])
+        assert waits == pytest.approx(expected, abs=0.05), waits
+        spool.deliveries.update("j1~00000001.json", json.dumps({**record, "tries": 0}).encode())
+
+
+def test_no_more_than_workers_deliveries_are_handed_out_at_once(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """``callbacks.workers``: deliveries in flight at once, whatever receivers they go to. The
+    sender's threads are not started: what a tick hands out stays in flight."""
+    for n in range(3):
+        emit(spool, clock, CallbackTarget(f"http://127.0.0.1:{9000 + n}/hook", SECRET),
+             status(f"j{n}"), "accepted")  # fmt: skip
+    posting = sender(spool, clock, workers=2, per_host=2)
+    assert posting.tick() == 2
+    assert posting.tick() == 0, "both workers are busy: the third waits"
+
+
+def test_a_resent_delivery_gets_its_time_to_give_up_anew(
+    spool: Spool, clock: FakeClock, receiver: Receiver
+) -> None:
+    """A given-up delivery sent back into outbox/ (the page's resend) is tried again until
+    ``give_up_after`` has passed once more, not given up at its first failure."""
+    receiver.status = 503
+    emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "failed")
+    posting = sender(spool, clock, give_up_after=3600.0)
+    assert deliver_all(posting, spool) == [False]
+    clock.advance(3600)
+    assert deliver_all(posting, spool) == [False]
+    assert outbox(spool, "failed") == ["j1~00000001.json"]
+    clock.advance(60)
+    assert spool.deliveries.resend("j1~00000001.json", clock.now().timestamp())
+    assert deliver_all(posting, spool) == [False]
+    assert outbox(spool) == ["j1~00000001.json"] and outbox(spool, "failed") == []
+    assert _read(spool, "j1~00000001.json")["tries"] == 1
+    clock.advance(3600)
+    assert deliver_all(posting, spool) == [False]
+    assert outbox(spool, "failed") == ["j1~00000001.json"], "given up again, once its time is up"
+
+
+@pytest.mark.parametrize("giving_up", [False, True], ids=["tried-again", "given-up"])
+def test_a_delivery_removed_by_hand_during_a_failing_try_stays_removed(
+    spool: Spool, clock: FakeClock, giving_up: bool
+) -> None:
+    """An operator deletes a delivery stuck on a receiver that hangs, while a try of it is
+    under way; the try then fails. It stays gone: not written back to be tried again for
+    ``give_up_after``, nor (a try past that) put into outbox/failed/."""
+    emit(spool, clock, CallbackTarget("http://127.0.0.1:9/hook", SECRET), status("j1"), "failed")
+    posting = sender(spool, clock)
+    if giving_up:
+        clock.advance(posting._settings.give_up_after)
+
+    class Hanging(requests.Session):
+        def post(self, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+            (spool.dir("outbox") / "j1~00000001.json").unlink()  # rm, while the try waits
+            raise requests.ConnectTimeout("timed out")
+
+    setattr(posting, "_session", Hanging)  # noqa: B010 - a receiver that never answers
+    assert posting.deliver("j1~00000001.json", _read(spool, "j1~00000001.json")) is False
+    assert outbox(spool) == [] and outbox(spool, "failed") == []

@@ -459,10 +459,10 @@ class Notifier:
         for name, record in zip(batch.names, batch.records, strict=True):
             updated = {**record, "tries": tries, "last_error": error, "next_try": now + wait}
             if now - float(record.get("created") or now) >= self._sending.give_up_after:
-                self._spool.deliveries.update(name, encode_record(updated))
                 try:
+                    self._spool.deliveries.update(name, encode_record(updated))
                     self._spool.deliveries.give_up(name)
-                except FileNotFoundError:
+                except FileNotFoundError:  # removed by hand meanwhile: not made again
                     continue
                 self._logger.error(
                     "notify %s of %s: gave up after %d tries (%s); kept in outbox/failed/",

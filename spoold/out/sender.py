@@ -498,36 +498,39 @@ class Sender:
             error = f"{type(exc).__name__}: {_first_line(exc, str(record['url']))}"
         if error is None:
             self._spool.deliveries.remove(name)
-            with self._lock:
-                self._records.pop(name, None)
-                self._gone.add(name)
+            self._forget(name)
             self._logger.debug("callback %s %s delivered", record["key"], record["event"])
             return True
         self._failed(name, record, error)
         return False
 
+    def _forget(self, name: str) -> None:
+        """A delivery no longer in outbox/ (delivered, given up, removed): not filed again."""
+        with self._lock:
+            self._records.pop(name, None)
+            self._gone.add(name)
+
     def _failed(self, name: str, record: dict[str, Any], error: str) -> None:
         now = self._clock.now().timestamp()
         tries = int(record.get("tries") or 0) + 1
         record = {**record, "tries": tries, "last_error": error}
-        if now - float(record.get("created") or now) >= self._settings.give_up_after:
+        giving_up = now - float(record.get("created") or now) >= self._settings.give_up_after
+        wait = 0.0 if giving_up else self._policy.delay(tries, self._draw)
+        if not giving_up:
+            record["next_try"] = now + wait
+        try:
             self._spool.deliveries.update(name, encode_record(record))
-            self._spool.deliveries.give_up(name)
-            with self._lock:
-                self._records.pop(name, None)
-                self._gone.add(name)
+            if giving_up:
+                self._spool.deliveries.give_up(name)
+        except FileNotFoundError:  # removed by hand meanwhile (or adopted): not made again
+            self._forget(name)
+            return
+        if giving_up:
+            self._forget(name)
             self._logger.error(
                 "callback %s %s to %s: gave up after %d tries (%s); kept in outbox/failed/",
                 record["key"], record["event"], url_shown(str(record["url"])), tries, error,
             )  # fmt: skip
-            return
-        wait = self._policy.delay(tries, self._draw)
-        record["next_try"] = now + wait
-        try:
-            self._spool.deliveries.update(name, encode_record(record))
-        except FileNotFoundError:  # removed by hand meanwhile
-            with self._lock:
-                self._records.pop(name, None)
             return
         self._keep(name, record)  # before the post's end files its key again
         self._logger.warning(

@@ -141,8 +141,12 @@ class Deliveries:
         return os.path.lexists(os.path.join(self._dirs["outbox"], name))
 
     def update(self, name: str, data: bytes) -> None:
-        """Record a delivery's failed tries. Not fsynced: a lost update only means a sooner try."""
-        write_file(f"{self._dirs['outbox']}/{name}", data, durable=False)
+        """Record a delivery's failed tries. Not fsynced: a lost update only means a sooner try.
+
+        FileNotFoundError if it is gone meanwhile (removed by hand while a try was under way,
+        or adopted by another host that found this one stale): it is not written back.
+        """
+        write_file(f"{self._dirs['outbox']}/{name}", data, durable=False, existing=True)
 
     def remove(self, name: str) -> None:
         """Drop a delivery: acknowledged, or a prepared one whose state change never happened."""

@@ -109,11 +109,21 @@ class GroupCommit:
             self._syncers[os.fspath(path)].sync()
 
 
-def write_file(path: str | Path, data: bytes, *, durable: bool, spare: str | None = None) -> None:
+def write_file(
+    path: str | Path,
+    data: bytes,
+    *,
+    durable: bool,
+    spare: str | None = None,
+    existing: bool = False,
+) -> None:
     """Replace ``path`` atomically: written whole under a temporary name, then renamed over it.
 
     ``spare``: an empty file made ahead on the same filesystem (``spoold.core.spool.spares``),
     the caller's, to be that temporary file: no new inode now. Gone, a temporary is made.
+
+    ``existing``: only a file still there is replaced; one removed meanwhile (by hand, or
+    taken by another host) raises FileNotFoundError and is not made again (``_swap_in``).
 
     A failed replace leaves no temporary file, even when the directory was moved on meanwhile
     (a job's, claimed as its status is written): the file is found by its descriptor, which
@@ -129,12 +139,36 @@ def write_file(path: str | Path, data: bytes, *, durable: bool, spare: str | Non
         _write_all(fd, data)
         if durable:
             os.fsync(fd)
-        os.replace(temp, path)
+        if existing:
+            _swap_in(temp, path)
+        else:
+            os.replace(temp, path)
     except BaseException:
         _remove_temporary(fd, temp)
         raise
     finally:
         os.close(fd)
+
+
+def _swap_in(temp: str, path: str | Path) -> None:
+    """``temp`` in place of ``path`` if ``path`` is there, else FileNotFoundError.
+
+    One exchange (renameat2 RENAME_EXCHANGE), which fails if either name is missing: no
+    window in which a removal is undone. Where the filesystem has none (NFS, FUSE), a check
+    and a rename: a removal between the two comes back, as with a plain replace.
+    """
+    err = _renameat2_errno(temp, path, _RENAME_EXCHANGE)
+    if err == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)  # the version replaced, under the temporary name now
+        return
+    if err == errno.ENOENT:
+        raise FileNotFoundError(err, os.strerror(err), str(path))
+    if err not in (None, errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), str(path))
+    if not os.path.lexists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    os.replace(temp, path)
 
 
 def _open_spare(spare: str | None) -> int | None:
