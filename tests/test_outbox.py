@@ -321,6 +321,16 @@ def test_a_delivery_gives_up_into_outbox_failed(
     assert outbox(spool, "failed") == ["j1~00000001.json"]
     shown = run_cli(spool.root, "status")
     assert "1 callback(s) given up" in shown.stdout and "HTTP 503" in shown.stdout, shown
+    # Sent back into outbox/ (the page's resend), it is tried again until give_up_after has
+    # passed once more, not given up at its first failure.
+    clock.advance(60)
+    assert spool.deliveries.resend("j1~00000001.json", clock.now().timestamp())
+    assert deliver_all(posting, spool) == [False]
+    assert outbox(spool) == ["j1~00000001.json"] and outbox(spool, "failed") == []
+    assert _read(spool, "j1~00000001.json")["tries"] == 1
+    clock.advance(3600)
+    assert deliver_all(posting, spool) == [False]
+    assert outbox(spool, "failed") == ["j1~00000001.json"], "given up again, once its time is up"
 
 
 def test_a_slow_receiver_holds_only_its_own_deliveries(
@@ -728,28 +738,6 @@ def test_no_more_than_workers_deliveries_are_handed_out_at_once(
     posting = sender(spool, clock, workers=2, per_host=2)
     assert posting.tick() == 2
     assert posting.tick() == 0, "both workers are busy: the third waits"
-
-
-def test_a_resent_delivery_gets_its_time_to_give_up_anew(
-    spool: Spool, clock: FakeClock, receiver: Receiver
-) -> None:
-    """A given-up delivery sent back into outbox/ (the page's resend) is tried again until
-    ``give_up_after`` has passed once more, not given up at its first failure."""
-    receiver.status = 503
-    emit(spool, clock, CallbackTarget(receiver.url, SECRET), status("j1"), "failed")
-    posting = sender(spool, clock, give_up_after=3600.0)
-    assert deliver_all(posting, spool) == [False]
-    clock.advance(3600)
-    assert deliver_all(posting, spool) == [False]
-    assert outbox(spool, "failed") == ["j1~00000001.json"]
-    clock.advance(60)
-    assert spool.deliveries.resend("j1~00000001.json", clock.now().timestamp())
-    assert deliver_all(posting, spool) == [False]
-    assert outbox(spool) == ["j1~00000001.json"] and outbox(spool, "failed") == []
-    assert _read(spool, "j1~00000001.json")["tries"] == 1
-    clock.advance(3600)
-    assert deliver_all(posting, spool) == [False]
-    assert outbox(spool, "failed") == ["j1~00000001.json"], "given up again, once its time is up"
 
 
 @pytest.mark.parametrize("giving_up", [False, True], ids=["tried-again", "given-up"])
