@@ -439,6 +439,19 @@ def test_a_step_retries_on_its_own_and_has_its_own_timeout(tmp_path: Path) -> No
     assert "timed out after 300ms" in status["steps"]["slow"]["error"]
 
 
+def test_a_steps_retries_back_off_as_its_backoff_says(tmp_path: Path) -> None:
+    """Each wait between a step's tries grows by its multiplier, as a job's does."""
+    parts = Parts(tmp_path, clock=SystemClock())  # a step's wait runs on the clock's monotonic
+    backoff = {"initial": "10ms", "multiplier": 20}
+    steps = [_step("flaky", "exit 75", retries=2, backoff=backoff)]
+    job, status = parts.attempt(parts.submit({"job_id": "grows", "executor": "local",
+                                              "steps": steps}))  # fmt: skip
+    assert status["steps"]["flaky"]["attempts"] == 3
+    log = job.log_path.read_text()
+    waits = re.findall(r"step flaky failed \(.*?\); retrying in (\S+)", log)
+    assert waits == ["10ms", "200ms"]
+
+
 def test_a_job_that_writes_too_much_keeps_its_log_within_the_limit(tmp_path: Path) -> None:
     parts = Parts(tmp_path, max_log_size=8192)
     document = {"job_id": "chatty", "executor": "local",

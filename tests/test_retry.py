@@ -25,6 +25,11 @@ def test_a_plain_duration_is_a_fixed_wait() -> None:
     assert [policy.delay(n, lambda: 0.5) for n in (1, 2, 3)] == [30, 30, 30]
 
 
+def test_a_plain_duration_longer_than_the_default_ceiling_is_waited_in_full() -> None:
+    policy = RetryPolicy.from_document({"retries": 2, "backoff": "30m"})
+    assert [policy.delay(n, lambda: 0.0) for n in (1, 2)] == [1800, 1800]
+
+
 def test_an_exponential_policy_with_its_own_ceiling() -> None:
     policy = RetryPolicy.from_document(
         {"retries": 5, "backoff": {"initial": "1s", "max": "5s", "multiplier": 3}}

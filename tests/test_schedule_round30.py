@@ -263,6 +263,20 @@ def test_a_last_firing_a_wrong_clock_recorded_is_believed_no_more_after_a_restar
         again.scheduler.stop()
 
 
+def test_firings_missed_after_a_step_back_are_not_said_to_be_the_steps(stepping: Bench) -> None:
+    """A step back passes over no firing: firings missed after one (APScheduler held up for
+    hours, both clocks going on) are not noted as passed over by that step."""
+    bench = stepping
+    bench.drop("hourly", {"every": "1h", "catch_up": "once", "overlap": "allow"})
+    bench.at(T + timedelta(hours=1), "hourly")
+    _step(bench, -30)
+    bench.clock.advance(2.5 * 3600)  # no step: both clocks went on
+    assert bench.scheduler.check_clock() is None
+    bench.scheduler.fire("hourly")
+    [note] = [n for n in _notes(bench, "hourly") if "caught up" in n]
+    assert "stepped back" not in note and "passed over" not in note, note
+
+
 def test_no_step_no_look(stepping: Bench) -> None:
     clock = stepping.clock
     assert isinstance(clock, SteppingClock)

@@ -12,7 +12,7 @@ import inspect
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,12 @@ class Dropping:
 class Bench(Dropping):
     """A spool, intake and the scheduler on one FakeClock; what the scheduler queued."""
 
-    def __init__(self, root: Path, clock: FakeClock, *, callback: str | None = None) -> None:
-        """``callback``: every run's events go there (signed by ``SECRET``)."""
+    def __init__(
+        self, root: Path, clock: FakeClock, *, callback: str | None = None,
+        draw: Callable[[], float] = lambda: 0.0,
+    ) -> None:  # fmt: skip
+        """``callback``: every run's events go there (signed by ``SECRET``); ``draw``: the
+        scheduler's jitter source."""
         self.spool = Spool(root)
         self.spool.init()
         self.clock = clock
@@ -77,7 +81,7 @@ class Bench(Dropping):
         self.scheduler = Scheduler(
             self.spool, clock, logger, queue=self._queue,
             defer=lambda run, when: self.deferred.append((run, when)),
-            cancel=lambda run, why: None, draw=lambda: 0.0, callbacks=callbacks,
+            cancel=lambda run, why: None, draw=draw, callbacks=callbacks,
         )  # fmt: skip
         # Registered for real, but paused: the test, not the wall clock, decides when it fires.
         self.aps = self.scheduler._aps  # to ask it what it was given
@@ -293,6 +297,58 @@ def test_a_replaced_definition_counts_from_its_own_acceptance(bench: Bench) -> N
     assert bench.wake_ups("beat", 1) == [replaced_at + timedelta(minutes=1)]
     bench.at(T + timedelta(seconds=40), "beat")
     assert len(bench.queued) == 1, "the old definition's firing is gone with it"
+
+
+def test_a_replaced_cron_definition_does_not_catch_up_on_firings_before_it(
+    tmp_path: Path,
+) -> None:
+    """The history stays (``last_fired`` of the definition replaced), but the new definition's
+    firings count from its acceptance: none before it is missed or caught up."""
+    bench = Bench(tmp_path / "spool", FakeClock(datetime(2026, 11, 22, 10, 59, 30, tzinfo=UTC)))
+    try:
+        bench.drop("report", {"cron": "0 * * * *", "overlap": "allow"})
+        eleven = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
+        bench.at(eleven, "report")
+        assert bench.queued == ["report@20261122T110000Z"]
+        bench.clock.advance(40 * 60 + 30)  # 11:40:30
+        bench.drop("report", {"cron": "*/5 * * * *", "catch_up": "once", "overlap": "allow"})
+        assert bench.status("report")["last_fired"] == rfc3339(eleven), "the history stays"
+        assert bench.queued == ["report@20261122T110000Z"], "no firing of 11:05 to 11:40"
+        notes = [str(note["what"]) for note in bench.status("report")["notes"]]
+        assert not any("caught up" in note or "skipped" in note for note in notes), notes
+        first = datetime(2026, 11, 22, 11, 45, tzinfo=UTC)
+        assert bench.next_firings("report")[0] == first
+        bench.at(first, "report")
+        assert bench.queued[1:] == ["report@20261122T114500Z"]
+    finally:
+        bench.scheduler.stop()
+
+
+@pytest.mark.parametrize("overlap", ["queue", "replace"])
+def test_runs_of_queue_and_replace_run_one_at_a_time(bench: Bench, overlap: str) -> None:
+    """``replace`` cancels the run still going, and its own run waits for that one to end (a
+    cancel takes SIGTERM and kill_grace): the runs share a concurrency key of limit 1."""
+    bench.drop("one", {"every": "20s", "overlap": overlap})
+    bench.at(T + timedelta(seconds=20), "one")
+    [run] = bench.queued
+    assert bench.status(run)["concurrency"] == {
+        "key": "schedule:one", "limit": 1, "strategy": "queue",
+    }  # fmt: skip
+
+
+def test_jitter_holds_a_run_back_after_its_firing(tmp_path: Path) -> None:
+    bench = Bench(tmp_path / "spool", FakeClock(T), draw=lambda: 0.5)
+    try:
+        bench.drop("spread", {"every": "20s", "jitter": "10s"})
+        firing = T + timedelta(seconds=20)
+        bench.at(firing, "spread")
+        due = firing + timedelta(seconds=5)  # half of the jitter
+        assert bench.queued == [], "made at its firing, but not queued before its jitter"
+        assert bench.deferred == [("spread@20261122T100307Z", due.timestamp())]
+        status = bench.status("spread@20261122T100307Z")
+        assert status["next_attempt_at"] == rfc3339(due)
+    finally:
+        bench.scheduler.stop()
 
 
 def test_a_cron_firing_just_made_is_not_shown_as_the_next_one(tmp_path: Path) -> None:

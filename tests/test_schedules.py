@@ -10,7 +10,9 @@ import pytest
 
 from spoold.schedule.triggers import (
     CATCH_UP_LIMIT,
+    Plan,
     ScheduleSpec,
+    believable,
     jitter_delay,
     next_fire_times,
     plan,
@@ -92,6 +94,28 @@ def test_catch_up_all_is_bounded() -> None:
     decided = _plan({"every": "1m", "catch_up": "all"}, last=NOW - timedelta(days=30), now=NOW)
     assert len([t for t in decided.fire if (NOW - t).total_seconds() > 60]) == CATCH_UP_LIMIT
     assert "older ones dropped" in decided.notes[0]
+
+
+def test_catch_up_all_keeps_the_newest_missed_firings_and_drops_the_older() -> None:
+    decided = _plan({"every": "1m", "catch_up": "all"}, last=NOW - timedelta(days=30), now=NOW)
+    # The 1000 newest missed (12:00 less 2 to 1001 minutes), then the two on time (12:00 less
+    # one minute, and 12:00 itself), oldest first.
+    expected = tuple(NOW - timedelta(minutes=n) for n in range(CATCH_UP_LIMIT + 1, -1, -1))
+    assert decided.fire == expected
+    assert decided.last == NOW
+
+
+def test_a_last_firing_recorded_less_than_a_period_ahead_is_believed() -> None:
+    """Hosts sharing a spool have clocks a little apart: a firing another host recorded a few
+    seconds ahead of this host's now is no step of the wall clock (a minute at most, README)."""
+    spec = ScheduleSpec.from_document("0 * * * *")
+    since = NOW - timedelta(days=1)
+    now = NOW - timedelta(seconds=40)  # the firing at 12:00, recorded by a host 40 s ahead
+    assert believable(spec, NOW, since, now) == (NOW, since, None)
+    decided = plan(spec, spec.trigger(since), last=NOW, since=since, now=now)
+    assert decided == Plan((), (), NOW), "nothing fires again, the record stays where it was"
+    later, _, doubt = believable(spec, NOW, since, NOW - timedelta(seconds=61))
+    assert doubt is not None and "later than now" in doubt and later != NOW
 
 
 @pytest.mark.parametrize("draw", [0.0, 0.5, 0.999999])
