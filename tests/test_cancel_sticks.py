@@ -184,6 +184,41 @@ def test_a_cancel_that_comes_once_the_retry_is_decided_still_wins(parts: Parts) 
     assert "retrying in 1h" in log and "the job ends cancelled, with no further attempt" in log
 
 
+def test_a_job_cancelled_while_it_waits_for_its_retry_is_due_no_more(parts: Parts) -> None:
+    """Cancelled in pending/ while its second attempt was due in an hour: it ended there and
+    then, and no next attempt stays on its record (``spoold status`` would say it waits)."""
+    job = parts.submit(_job("waiting", "exit 3", retries=2, backoff="1h"))
+    claimed = parts.runner.claim(job.job_id)
+    assert claimed is not None
+    outcome = parts.runner.attempt(claimed)
+    assert outcome is not None
+    pending = parts.runner.record(outcome)
+    assert pending is not None and parts.status(pending)["next_attempt_at"] is not None
+    done = parts.control.cancel("waiting")
+    assert done.cancelled and done.job.directory == "failed"
+    status = parts.status(done.job)
+    assert (status["state"], status["next_attempt_at"]) == ("cancelled", None), status
+    assert status["error"] == "cancelled by alice on here before attempt 2 started"
+
+
+def test_a_retried_job_waits_in_pending_without_its_last_outcome(parts: Parts) -> None:
+    """``spoold retry``: back in pending/ with its attempts kept, and none of the outcome of
+    the last one on the job itself (no error, exit code or end while it waits to run)."""
+    job = parts.submit(_job("again", "exit 3"))
+    claimed = parts.runner.claim(job.job_id)
+    assert claimed is not None
+    outcome = parts.runner.attempt(claimed)
+    assert outcome is not None
+    failed = parts.runner.record(outcome)
+    assert failed is not None and parts.status(failed)["error"] == "exit code 3"
+    pending = parts.control.retry("again")
+    status = parts.status(pending)
+    assert pending.directory == "pending" and status["state"] == "pending"
+    assert len(status["attempts"]) == 1 and status["attempts"][0]["exit_code"] == 3
+    found = {key: status[key] for key in ("error", "exit_code", "finished_at", "next_attempt_at")}
+    assert found == dict.fromkeys(found), found
+
+
 def test_a_cancel_wins_over_requeue_when_spoold_stops_during_it(parts: Parts) -> None:
     job = parts.submit(_job("stop", "sleep 30 & wait", on_interrupt="requeue"))
     thread, ended = _run_in_thread(parts, job)

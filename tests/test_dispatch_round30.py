@@ -99,6 +99,50 @@ def test_an_adoption_given_back_stays_counted_and_first() -> None:
     assert queue.take() is None
 
 
+def test_a_lost_job_stays_counted_until_adopted_or_let_go() -> None:
+    """A job whose worker process died runs on under its supervisor: its key and its
+    executor's limit stay taken (as a claim held) until it is adopted or let go, whether or
+    not the pool's replacement adopts it before the next take."""
+    queue = DispatchQueue({"local": 1})
+    meta = JobMeta(executor="local", key="k", limit=1)
+    queue.add("ran", meta)
+    assert queue.take() == ("ran", None)
+    queue.add("same-key", JobMeta(executor="remote", key="k", limit=1))
+    queue.add("same-executor", JobMeta(executor="local"))
+    queue.lost("ran")
+    assert (queue.held_claims(), _drain(queue)) == (frozenset({"ran"}), []), "both wait for it"
+    queue.add("ran", meta, "adopt", running=True)
+    assert queue.claims == 0 and _drain(queue) == ["ran"]
+    queue.lost("ran")  # its new worker process died too
+    assert _drain(queue) == []
+    assert queue.let_go("ran"), "it ended, or another host took it over"
+    assert sorted(_drain(queue)) == ["same-executor", "same-key"]
+
+
+def test_a_claim_queued_or_handed_out_already_is_not_held_a_second_time() -> None:
+    """``hold`` for a job adopted already (queued, or handed out) counts nothing more: its
+    end frees its limits in full."""
+    queue = DispatchQueue({"local": 1})
+    meta = JobMeta(executor="local", key="k", limit=1)
+    queue.add("adopted", meta, "adopt", running=True)
+    queue.hold("adopted", meta)  # queued: its count is its adoption's
+    assert queue.take() == ("adopted", "adopt")
+    queue.hold("adopted", meta)  # handed out
+    assert queue.claims == 0
+    queue.finished("adopted")
+    queue.add("next", meta)
+    assert _drain(queue) == ["next"], "the limits were counted twice"
+
+
+def test_adoptions_given_back_go_back_first_in_their_old_order() -> None:
+    queue = DispatchQueue()
+    for job_id in ("a1", "a2", "a3"):
+        queue.add(job_id, JobMeta(key=job_id), job_id, running=True)
+    assert queue.take() == ("a1", "a1")
+    queue.give_back("a1")
+    assert _drain(queue) == ["a1", "a2", "a3"]
+
+
 # -- a real daemon, killed and started again ----------------------------------------------------
 
 #: How long a job waits for the test's word before it gives up (a ceiling, never reached).

@@ -70,6 +70,20 @@ def test_a_step_has_a_slot_while_its_executor_is_under_its_limit_and_waits_in_tu
     assert queue.want_slot((0, 1, "d"), "docker")  # no limit: never counted
 
 
+def test_a_step_asking_while_others_wait_queues_behind_them_even_with_a_slot_free() -> None:
+    """Between a slot's release and ``granted`` (the pool frees under its lock, then grants
+    in another turn of it), a step that asks meanwhile must not take the slot ahead of the
+    steps that waited for it: they go first, in the order they asked."""
+    queue = DispatchQueue({"local": 1})
+    assert queue.want_slot((0, 1, "a"), "local")
+    assert not queue.want_slot((0, 1, "b"), "local")
+    queue.free_slot((0, 1, "a"))  # one slot free, b still waiting: granted() not yet called
+    assert not queue.want_slot((1, 2, "late"), "local"), "it jumped the line"
+    assert queue.granted() == [(0, 1, "b")]
+    queue.free_slot((0, 1, "b"))
+    assert queue.granted() == [(1, 2, "late")]
+
+
 def test_a_job_of_an_executor_waits_behind_its_steps_and_its_steps_behind_its_jobs() -> None:
     queue = DispatchQueue({"local": 1})
     queue.add("plain", LOCAL)

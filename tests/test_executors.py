@@ -292,6 +292,47 @@ def test_a_term_ignoring_job_is_killed_after_the_grace(tmp_path: Path) -> None:
     assert "SIGKILL" in log.text()
 
 
+def test_a_cancel_sends_sigterm_to_a_process_of_the_job_outside_its_group(tmp_path: Path) -> None:
+    """Run without a supervisor's cgroup (a plugin's executor, ``spoold exec``), a cancel's
+    SIGTERM reaches a process the job moved into a session of its own too, not only the job's
+    process group: its trap runs, and nothing needs the SIGKILL of kill_grace."""
+    log = _Log()
+    cancel = threading.Event()
+    heard = tmp_path / "heard-TERM"
+
+    def cancel_once_ready() -> None:
+        wait_for(lambda: "both-ready" in log.text(), what="the job's traps")
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_ready, daemon=True)
+    canceller.start()
+    ready = tmp_path / "escaper-ready"
+    # The job waits (bounded) for its escaper to say it heard SIGTERM, then ends as a shell
+    # would; an escaper never told would leave the job to end at the bound, heard not made.
+    product = {
+        "commands": (
+            f'setsid sh -c \'trap ": > {heard}; exit 0" TERM; : > {ready}; '
+            "sleep 60 & wait' &\n"
+            f"n=0; until [ -e {ready} ] || [ $n -ge 400 ]; do sleep 0.05; n=$((n+1)); done\n"
+            f"trap 'n=0; until [ -e {heard} ] || [ $n -ge 100 ]; do sleep 0.05; n=$((n+1)); "
+            "done; exit 143' TERM\n"
+            "echo both-ready\n"
+            "sleep 60 & wait"
+        )
+    }
+    result = LocalExecutor().run(_context(tmp_path, product, log, cancel=cancel, kill_grace=30.0))
+    canceller.join(10)
+    assert result.cancelled, log.text()
+    assert heard.exists(), "the process outside the job's group got no SIGTERM"
+    assert "after SIGTERM: SIGKILL" not in log.text(), log.text()
+
+
+def test_a_job_killed_by_a_signal_says_which(tmp_path: Path) -> None:
+    log = _Log()
+    result = LocalExecutor().run(_context(tmp_path, {"commands": "kill -9 $$"}, log))
+    assert (result.exit_code, result.error) == (-9, "killed by signal SIGKILL"), log.text()
+
+
 def test_background_children_do_not_keep_a_finished_job_alive(tmp_path: Path) -> None:
     # The shell exits at once; its background child holds stdout open and must not block the job.
     result = LocalExecutor().run(

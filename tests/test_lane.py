@@ -225,6 +225,37 @@ def test_secrets_dir_a_job_user_could_read_is_refused(tmp_path: Path) -> None:
         Lane.from_config(config, lambda: tmp_path / "w", switching=True)
 
 
+def test_spoolds_own_user_as_the_job_user_is_refused_when_it_may_switch(tmp_path: Path) -> None:
+    """The package's daemon is not root and may switch users: a job_user that is its own user
+    would let jobs reach the spool, secrets_dir and the daemon. It refuses to start, saying so."""
+    needs_root()
+    script = textwrap.dedent(f"""\
+        from pathlib import Path
+        from spoold.core.config import Config
+        from spoold.core.errors import ConfigError
+        from spoold.run.lane import Lane
+        # A work root it cannot make: were the user let through, nothing would be made.
+        config = Config(spool=Path({str(tmp_path / "spool")!r}), job_users=("daemon",),
+                        workdir=Path("/nonexistent/spoold-work"))
+        try:
+            Lane.from_config(config, lambda: Path("/nonexistent"), switching=True)
+        except ConfigError as exc:
+            print("REFUSED", exc)
+        else:
+            print("ACCEPTED")
+        """)
+    result = subprocess.run(
+        ["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups", sys.executable, "-c",
+         script],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("REFUSED key job_user: daemon is spoold's own user"), (
+        result.stdout
+    )
+
+
 def _status_reads(monkeypatch: pytest.MonkeyPatch, ambient: str | None) -> list[str]:
     """Count this process's reads of /proc/self/status (``ambient``: what its CapAmb line
     says instead of the truth)."""

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from spoold.core.config import load_config
-from spoold.run.lane import DEFAULT_JOB_USER, Lane, default_job_users
+from spoold.core.config import Config, load_config
+from spoold.run.lane import DEFAULT_JOB_USER, Lane, default_job_users, user_slots
 from tests.harness import DaemonProcess, local_job, needs_root, run_cli, write_config
 from tests.test_deb import user_exists
 
@@ -54,6 +54,18 @@ def test_one_user_named_is_shared_by_every_slot_and_said(tmp_path: Path) -> None
     assert (lane.job_user("0"), lane.job_user("1")) == ("spoold-job", "spoold-job")
     (note,) = lane.notes
     assert "share the user(s) spoold-job" in note
+
+
+def test_only_a_user_of_one_slot_alone_names_a_slot_for_an_adopted_job(tmp_path: Path) -> None:
+    """``user_slots``: a job adopted as a user that no other slot shares gets that user's slot
+    kept for it; a user shared by slots names none (jobs beside it run as that user anyway)."""
+    config = Config(spool=tmp_path / "spool", workers=3, job_users=("a", "a", "b"))
+    assert user_slots(config) == {"b": "2"}
+    assert user_slots(Config(spool=tmp_path / "spool", workers=2, job_users=("a",))) == {}
+    assert user_slots(Config(spool=tmp_path / "spool", workers=2)) == {
+        DEFAULT_JOB_USER: "0",
+        f"{DEFAULT_JOB_USER}2": "1",
+    }
 
 
 def test_exec_beside_a_daemon_says_whose_slot_user_its_job_shares(

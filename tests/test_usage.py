@@ -45,8 +45,10 @@ import json, sys, threading
 from pathlib import Path
 from spoold.core.clock import SystemClock
 from spoold.core.joblog import JobLog
-from spoold.run.process import run_process
+from spoold.run.process import adopt_orphans, run_process
 command, where = sys.argv[1], Path(sys.argv[2])
+if sys.argv[3:] == ["adopt"]:
+    assert adopt_orphans()  # as a supervisor: orphans are reaped, and counted, here
 with (where / "log").open("ab") as handle:
     outcome = run_process(
         ["/bin/sh", "-c", command], cwd=where, env={"PATH": "/usr/bin:/bin"},
@@ -57,13 +59,14 @@ print(json.dumps([outcome.exit_code, outcome.usage and outcome.usage.to_dict()])
 """
 
 
-def _run(command: str, tmp_path: Path) -> Usage:
+def _run(command: str, tmp_path: Path, *, adopt: bool = False) -> Usage:
     """What ``command`` cost, run by a fresh interpreter of a supervisor's size: a process
     started by vfork carries the peak of its starter's memory into its own (the test
     runner's, after a suite run in one process, was over 200 MB: seen)."""
     result = subprocess.run(
-        [sys.executable, "-c", _RUN, command, str(tmp_path)], capture_output=True, text=True,
-        timeout=60, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        [sys.executable, "-c", _RUN, command, str(tmp_path), *(["adopt"] if adopt else [])],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )  # fmt: skip
     exit_code, usage = json.loads(result.stdout)
     assert exit_code == 0, (tmp_path / "log").read_text()
@@ -84,6 +87,31 @@ def test_the_kernel_measures_memory_cpu_and_output_of_a_process_tree(tmp_path: P
     assert burn.peak_memory_bytes is not None and burn.peak_memory_bytes < 200 * MB
     assert _run(PRINT, tmp_path).output_bytes == 11
     assert _run("true", tmp_path).output_bytes == 0
+
+
+def test_the_peak_is_the_largest_process_in_bytes_not_the_sum_of_them(tmp_path: Path) -> None:
+    """Three orphans side by side, each of 100 MB and saying its own max RSS (KiB, from the
+    kernel), reaped one by one by a supervisor-like runner (a child subreaper): the run's peak
+    is the largest of them, in bytes (1 KiB = 1024), not their sum (README: the most memory
+    one process of the tree held, not a sum of processes side by side)."""
+    said = tmp_path / "maxrss"
+    one = (
+        "(python3 -c 'import resource, sys\nb = bytearray(100 * 1024 * 1024)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=open(sys.argv[1], "a"))\''
+        f" {said} &)"
+    )
+    wait = (
+        f'n=0; until [ "$(cat {said} 2>/dev/null | wc -l)" -ge 3 ] || [ $n -ge 1200 ]; '
+        "do sleep 0.05; n=$((n+1)); done"
+    )
+    usage = _run(f"{one}; {one}; {one}; {wait}", tmp_path, adopt=True)
+    said_kib = [int(line) for line in said.read_text().split()]
+    assert len(said_kib) == 3, said_kib
+    largest = max(said_kib) * 1024
+    assert usage.peak_memory_bytes is not None
+    assert usage.peak_memory_bytes >= largest, "not in bytes of 1024 to the KiB"
+    assert usage.peak_memory_bytes < 2 * largest, "the processes' peaks were summed"
 
 
 def test_usage_adds_up_and_reads_back() -> None:
