@@ -13,7 +13,8 @@ reason.json), or released (back into incoming/). What accept fsyncs (see
 
 A crash leaves the stage; ``recover`` at start finishes a rejection whose reason.json was
 written, and otherwise gives up the reservation the stage made and puts the file back into
-incoming/: only ever the submitter's file, whole. A stage of a job file spoold made itself (a
+incoming/: only ever the submitter's file, whole (spoold's copy of it, which names its
+submitter: ``SUBMITTER_MARK``). A stage of a job file spoold made itself (a
 schedule's firing, ``spoold exec``'s copy: its name says so) is removed instead, as is one
 of bytes handed over (the API); a file being copied is written under a hidden name until
 whole. The same holds for a host found stale that goes on (frozen, then thawed): the stage
@@ -107,6 +108,15 @@ _READY_DIRS = ("artifacts", UNITS)
 _REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
 #: How renameat2 says it cannot exchange two names here (any other failure is the names').
 _NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+#: On spoold's private copy, who owned the submitter's file it replaced (``uid:gid:mode``,
+#: the mode in octal): a copy given back to incoming/ (its intake failed; a crash's
+#: recovery) is taken again as that submitter's, judged by their policy, not as spoold's
+#: user's. Believed only on a file of spoold's own user, which nobody but spoold (or root)
+#: can have given it: a user attribute is set by the file's owner alone. (A link to a copy
+#: is no way round: a file with a second name is rejected, whoever it names.)
+SUBMITTER_MARK = "user.spoold.submitter"
+#: How setxattr says the filesystem keeps no user attributes (sshfs, NFS before 4.2).
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 #: What tells one version of a file from the next without reading it.
 FileSignature = tuple[int, int, int, int]
@@ -192,6 +202,8 @@ class Stages:
         self._ids = reservations
         self._host = host
         self._swaps = True  # whether renameat2 can swap two names here (not over FUSE)
+        self._marks = True  # whether a file here keeps user attributes (SUBMITTER_MARK)
+        self._euid = os.geteuid()
         # Stages made ahead, for take_incoming. One thread makes them (make_ready), intake's
         # take them: list.append and list.pop are atomic, and a length read late only means
         # one stage more or less.
@@ -359,6 +371,7 @@ class Stages:
                 return TakenFile(name=name, stage=Path(stage), kind=kind, size=st.st_size,
                                  data=None, links=st.st_nlink, ready=ready)  # fmt: skip
             data = read_limited(fd, max_size + 1)
+            owner = self._owner_of(fd, st)
         finally:
             os.close(fd)
         spent = None
@@ -369,6 +382,7 @@ class Stages:
                     write_into(temp, data)
                 else:
                     write_new(temp, data, mode=_PRIVATE_FILE)
+                self._mark(temp, owner)
                 spent = self._put_in_place(temp, staged)
             except BaseException:  # a full disk: the file goes back, to be tried again
                 with contextlib.suppress(FileNotFoundError):
@@ -378,8 +392,30 @@ class Stages:
                 raise
         return TakenFile(name=name, stage=Path(stage), kind="file", size=len(data),
                          data=data if len(data) <= max_size else None, links=st.st_nlink,
-                         owner=FileOwner.of(st), arrived=arrived, spent=spent,
-                         ready=ready)  # fmt: skip
+                         owner=owner, arrived=arrived, spent=spent, ready=ready)  # fmt: skip
+
+    def _owner_of(self, fd: int, st: os.stat_result) -> FileOwner:
+        """Who submitted the file open as ``fd``: its owner, or for spoold's own copy given
+        back to incoming/, the owner of the file it replaced (``SUBMITTER_MARK``)."""
+        if st.st_uid == self._euid and self._marks:
+            try:
+                uid, gid, mode = os.getxattr(fd, SUBMITTER_MARK).split(b":")
+                return FileOwner(int(uid), int(gid), int(mode, 8) & 0o7777)
+            except (OSError, ValueError):
+                pass  # none: a file spoold's user dropped itself
+        return FileOwner.of(st)
+
+    def _mark(self, copy: str, owner: FileOwner) -> None:
+        """Say on spoold's ``copy`` whose file it replaces (``SUBMITTER_MARK``)."""
+        if not self._marks:
+            return
+        mark = f"{owner.uid}:{owner.gid}:{owner.mode:o}".encode()
+        try:
+            os.setxattr(copy, SUBMITTER_MARK, mark, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS:
+                raise
+            self._marks = False
 
     def _put_in_place(self, copy: str, staged: str) -> str | None:
         """Put spoold's ``copy`` in place of the submitter's file ``staged``; the submitter's
@@ -759,6 +795,8 @@ class Stages:
         if source is None:
             shutil.rmtree(stage)
             return f"{taken.name} was gone from its stage"
+        if not self._marks and taken.owner is not None:
+            _give_back_to(source, taken.owner)
         target = _move_to_free_name(source, Path(self._dirs["incoming"]), taken.name)
         shutil.rmtree(stage)
         return f"returned {taken.name} to incoming/ as {target.name}"
@@ -1064,3 +1102,14 @@ def _has_local_writer(fd: int) -> bool | None:
         return None  # EACCES (not our file, no CAP_LEASE), EINVAL (NFS and friends)
     fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
     return False
+
+
+def _give_back_to(path: Path, owner: FileOwner) -> None:
+    """Where no ``SUBMITTER_MARK`` can be kept, spoold's copy given back as its submitter's:
+    their owner and mode, where spoold may give them (as root)."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode) or FileOwner.of(st) == owner:
+        return
+    with contextlib.suppress(PermissionError):
+        os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+        os.chmod(path, owner.mode & 0o777)
