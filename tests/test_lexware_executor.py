@@ -385,3 +385,37 @@ def test_a_voucher_list_without_end_is_read_within_bounds(
     pages = [p for _, m, p in fake.requests if p.startswith("/v1/voucherlist")]
     assert len(pages) == (total_pages or 5)
     assert _posts(fake, "/v1/invoices") == []  # not knowing the list, it creates nothing
+
+
+def test_a_job_whose_id_begins_another_jobs_is_not_adopted(
+    fake: FakeLexware, tmp_path: Path
+) -> None:
+    """The reference is a whole line of the remark: ``spoold-job: invoice-4711`` is text in
+    ``spoold-job: invoice-47110``, not that invoice's reference."""
+    product = {"customer_id": CUSTOMER, "invoice_data": _invoice_data()}
+    other, _ = _run(fake, tmp_path, "create_invoice", product, job_id="invoice-47110")
+    mine, log = _create(fake, tmp_path)  # invoice-4711
+    assert other.succeeded and mine.succeeded, log.text()
+    assert mine.result["adopted"] is False, log.text()
+    assert mine.result["invoice_id"] != other.result["invoice_id"]
+    assert len(fake.invoices) == 2
+    assert fake.violations == []
+
+
+def test_only_a_related_credit_note_is_taken_for_the_cancel(
+    fake: FakeLexware, tmp_path: Path
+) -> None:
+    """An invoice's relatedVouchers list its order confirmation, its quotation too: those
+    cancel nothing, so the cancel makes its credit note."""
+    created, _ = _create(fake, tmp_path)
+    invoice_id = created.result["invoice_id"]
+    other = "0b0a5b4c-1111-4222-8333-944445555666"
+    fake.invoices[invoice_id].body["relatedVouchers"].append(
+        {"id": other, "voucherNumber": "AB0001", "voucherType": "orderconfirmation"}
+    )
+    result, log = _run(fake, tmp_path, "cancel_invoice", {"invoice_id": invoice_id}, "c-1")
+    assert result.succeeded, log.text()
+    assert result.result["adopted"] is False and result.result["credit_note_id"] != other
+    assert len(fake.credit_notes) == 1
+    assert result.result["credit_note_id"] in fake.credit_notes
+    assert fake.violations == []

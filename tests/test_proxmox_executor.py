@@ -3,6 +3,7 @@ vendor's API description (``fake.violations``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 import threading
@@ -512,3 +513,58 @@ def test_a_guest_of_this_job_still_being_made_is_waited_for(fake: FakePVE, tmp_p
     result, _ = _run(fake, tmp_path, "kvm_create", {"vmid": 201})
     assert result.retryable and "whether by this job its description says" in (result.error or "")
     assert fake.requests_to("POST", "/nodes/{node}/qemu") == []
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["spoold-job: t2", "spoold-job: tx step build", "spoold-job: t step build", "x spoold-job: t"],
+)
+def test_only_this_units_own_line_makes_a_guest_its_own(
+    fake: FakePVE, tmp_path: Path, description: str
+) -> None:
+    """The mark is a whole line: another job whose id begins with this one's, another step of
+    this job, a line that merely mentions it, none of them made this guest."""
+    fake.add_guest(200, "qemu", config={"name": "theirs", "description": description})
+    result, _ = _run(fake, tmp_path, "kvm_create", {"vmid": 200, "params": {"name": "web"}})
+    assert not result.succeeded and "vmid 200 already exists" in (result.error or "")
+    assert fake.requests_to("POST", "/nodes/{node}/qemu") == []
+    assert fake.guests["pve1"][200].config["name"] == "theirs"
+
+
+def test_a_locked_guest_fails_retryably_and_a_real_refusal_does_not(
+    fake: FakePVE, tmp_path: Path
+) -> None:
+    """Proxmox answers 500 for both: a lock (a backup runs) passes, a guest already running
+    stays so."""
+    fake.add_guest(100, "qemu").lock = "backup"
+    result, _ = _run(fake, tmp_path, "kvm_start", {"vmid": 100})
+    assert not result.succeeded and "500" in (result.error or "") and result.retryable
+    fake.guests["pve1"][100].lock = None
+    fake.guests["pve1"][100].status = "running"
+    result, _ = _run(fake, tmp_path, "kvm_start", {"vmid": 100})
+    assert not result.succeeded and "already running" in (result.error or "")
+    assert not result.retryable
+
+
+def test_a_create_in_a_step_finds_its_noted_vmid_again(fake: FakePVE, tmp_path: Path) -> None:
+    """In a step, the note of the vmid is in the step's section of the job's log: the step's
+    retry reads it there, and creates no second guest."""
+    fake.crash_after_create = True
+    log, product = _Log(), {"params": {"name": "web"}}
+
+    def attempt() -> ExecResult:
+        context = _context(
+            tmp_path, _product(fake, **product), log, executor="proxmox", type="kvm_create",
+            read_log=lambda: io.BytesIO(log.buffer.getvalue()),
+        )  # fmt: skip
+        return ProxmoxExecutor().run(dataclasses.replace(context, log=log.log.section("deploy")))
+
+    first = attempt()
+    assert not first.succeeded and first.retryable
+    second = attempt()
+    assert second.succeeded and second.result["created"] is False, log.text()
+    assert second.result["vmid"] == 100
+    assert list(fake.guests["pve1"]) == [100]
+    assert fake.guests["pve1"][100].config["description"] == "spoold-job: t step deploy"
+    assert len(fake.requests_to("POST", "/nodes/{node}/qemu")) == 1
+    assert fake.violations == []

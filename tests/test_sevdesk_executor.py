@@ -356,3 +356,50 @@ def test_absurd_amounts_are_refused(
     result, _ = _create(fake, tmp_path, invoice_data=data)  # ${...} filled in: at run time too
     assert problem in (result.error or "")
     assert fake.requests == []
+
+
+def test_a_job_whose_id_begins_another_jobs_makes_its_own_invoice(
+    fake: FakeSevdesk, tmp_path: Path
+) -> None:
+    """``spoold:job-1`` is in ``spoold:job-10``'s note as text, not as its reference: job-1
+    adopting job-10's invoice would leave its own customer unbilled."""
+    other, _ = _run(fake, tmp_path, "create_invoice", job_id="job-10",
+                    contact_id=1001, invoice_data=INVOICE)  # fmt: skip
+    mine, log = _create(fake, tmp_path)  # job-1
+    assert other.succeeded and mine.succeeded, mine.error
+    assert mine.result["adopted"] is False, log.text()
+    assert mine.result["invoice_id"] != other.result["invoice_id"]
+    assert fake.count() == 2
+    assert fake.violations == []
+
+
+def test_a_cancel_adopts_only_the_cancellation_of_its_own_invoice(
+    fake: FakeSevdesk, tmp_path: Path
+) -> None:
+    """Two invoices of one contact, the first cancelled: cancelling the second makes its own
+    cancellation invoice, it does not take the first's for it."""
+    first = _create(fake, tmp_path)[0].result["invoice_id"]
+    second = _run(fake, tmp_path, "create_invoice", job_id="job-2",
+                  contact_id=1001, invoice_data=INVOICE)[0].result["invoice_id"]  # fmt: skip
+    assert _run(fake, tmp_path, "cancel_invoice", job_id="c-1", invoice_id=first)[0].succeeded
+    result, log = _run(fake, tmp_path, "cancel_invoice", job_id="c-2", invoice_id=second)
+    assert result.succeeded, result.error
+    assert result.result["adopted"] is False, log.text()
+    assert result.result["cancelled_invoice_id"] == second
+    assert fake.invoices[int(result.result["invoice_id"])]["origin"]["id"] == second
+    assert int(second) in fake.cancelled and fake.count("SR") == 2
+    assert fake.violations == []
+
+
+def test_a_cancellation_invoice_is_not_cancelled(fake: FakeSevdesk, tmp_path: Path) -> None:
+    invoice_id = _create(fake, tmp_path)[0].result["invoice_id"]
+    cancelled, _ = _run(fake, tmp_path, "cancel_invoice", job_id="c-1", invoice_id=invoice_id)
+    sr = cancelled.result["invoice_id"]
+    result, _ = _run(fake, tmp_path, "cancel_invoice", job_id="c-2", invoice_id=sr)
+    assert not result.succeeded and not result.retryable
+    assert "is itself a cancellation invoice" in (result.error or "")
+    assert [p for _, p in fake.requests if p.endswith("/cancelInvoice")] == [
+        f"/api/v1/Invoice/{invoice_id}/cancelInvoice"
+    ]
+    assert fake.count("SR") == 1
+    assert fake.violations == []

@@ -178,6 +178,7 @@ def test_a_changed_host_key_fails_the_job(sshd: SshServer, tmp_path: Path) -> No
     result, log, _ = _run(tmp_path, sshd.product(commands="echo ran", known_hosts=str(known)))
     assert result.exit_code is None
     assert result.error is not None and "CHANGED" in result.error, result.error
+    assert not result.retryable  # no connection failure: a retry meets the same key
     assert "ran" not in log.text().replace(result.error, "")
 
 
@@ -421,3 +422,69 @@ def test_a_known_hosts_paramiko_cannot_read_fails_clearly(sshd: SshServer, tmp_p
     assert result.error is not None and result.error.startswith(
         f"ssh: cannot read known_hosts {bad}"
     )
+
+
+def test_the_entries_of_a_known_hosts_a_job_names_stay_out_of_spoolds_own(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    """Trust on first use saves spoold's own known_hosts whole: the entries of a job's own file
+    must not be among them, or a job plants a host key every later job of the host trusts."""
+    own = tmp_path / "spoold_known_hosts"
+    named = tmp_path / "job_known_hosts"
+    planted = Path(f"{keygen(tmp_path / 'planted')}.pub").read_text().split()
+    named.write_text(f"planted.example.net {planted[0]} {planted[1]}\n")
+    trusting = {"trust_on_first_use": True, "known_hosts": str(own)}
+    product = sshd.product(commands="echo ran", known_hosts=str(named))
+    result, log, _ = _run(tmp_path, product, settings=trusting)
+    assert result.succeeded, log.text()
+    kept = own.read_text()
+    assert kept.startswith(f"[127.0.0.1]:{sshd.port} "), kept
+    assert "planted.example.net" not in kept and planted[1] not in kept
+    assert named.read_text() == f"planted.example.net {planted[0]} {planted[1]}\n"
+
+
+def test_the_units_remote_dir_is_the_users_alone(sshd: SshServer, tmp_path: Path) -> None:
+    """The unit's dir holds the job's output (``out``, ``err``) and commands: made under umask
+    077 whatever the login's umask, so that other users of the host read none of it."""
+    product = sshd.product(commands='umask; stat -c "mode %a" "$PWD/.." "$PWD"')
+    result, log, _ = _run(tmp_path, product)
+    assert result.succeeded, log.text()
+    lines = log.text().splitlines()
+    assert "0077" not in lines, "the test sshd's login umask is 077: it would hide a lax dir"
+    assert [line for line in lines if line.startswith("mode ")] == ["mode 700", "mode 700"]
+
+
+def test_a_job_whose_supervisor_died_is_not_left_running(sshd: SshServer, tmp_path: Path) -> None:
+    """The supervisor killed alone (the OOM killer): the attempt fails retryably, and the job's
+    processes are ended with it, or the retry would run beside them."""
+    marker = _marker()
+    log = _Log()
+    product = sshd.product(commands=f"echo started; sleep {marker}")
+    ctx, _ = ssh_context(tmp_path, product, log=log, timeout=60.0)
+    group: list[int] = []
+
+    def kill_the_supervisor() -> None:
+        pid = unit_dir(ctx) / "pid"
+        wait_for(
+            lambda: "started" in log.text() and pid.read_text().split()[1] != "-",
+            bound=30,
+            what="the job to start",
+        )
+        supervisor, job = pid.read_text().split()[:2]
+        group.append(int(job))
+        os.kill(int(supervisor), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_supervisor)
+    killer.start()
+    try:
+        result = SshExecutor().run(ctx)
+        killer.join(30)
+        assert result.exit_code is None and result.retryable, log.text()
+        assert "ended without an exit status" in (result.error or "")
+        wait_for(lambda: not _processes(marker), bound=10, what="the job's processes to end")
+        assert _remote_dirs(ctx) == []
+    finally:
+        for pid in group:  # its pid file may be gone with the unit's dir
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        end_unit(ctx)

@@ -251,3 +251,77 @@ def test_proxmox_sends_no_create_once_cancelled(fake_pve: FakePVE, tmp_path: Pat
     assert result.cancelled
     assert fake_pve.requests_to("POST", "/nodes/{node}/qemu") == []
     assert list(fake_pve.guests["pve1"]) == [100]
+
+
+# ---------------------------------------------------------------------- a proxy in the environment
+class _Proxy:
+    """A proxy on loopback that records what reaches it (a request line and its Authorization
+    header, or a CONNECT) and answers 502."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        proxy = self
+
+        class Handler(MethodHandler):
+            def serve(self, method: str) -> None:
+                proxy.seen.append((method, self.path, self.headers.get("Authorization")))
+                self.close_connection = True
+                self.send_response(502)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_CONNECT(self) -> None:
+                self.serve("CONNECT")
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = serve_in_thread(self.server)
+
+    def close(self) -> None:
+        stop_serving(self.server, self.thread)
+
+
+@pytest.mark.parametrize("name", ["sevdesk", "lexware", "proxmox"])
+def test_a_proxy_in_spoolds_environment_never_sees_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A proxy set for spoold's own process (HTTPS_PROXY in its unit) would get the API token
+    in every request to a plain-http base_url, and each host name: the vendor executors go to
+    the server directly."""
+    proxy = _Proxy()
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(variable, proxy.url)
+    for variable in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    try:
+        if name == "sevdesk":
+            with FakeSevdesk() as sevdesk:
+                product = {"api_token": sevdesk.token, "base_url": sevdesk.base_url,
+                           "invoice_id": 4242}  # fmt: skip
+                context = _context(tmp_path, product, _Log(), executor=name,
+                                   type="cancel_invoice")  # fmt: skip
+                result, answered = SevdeskExecutor().run(context), "check invoice_id 4242"
+        elif name == "lexware":
+            with FakeLexware() as lexware:
+                product = {"api_key": lexware.api_key, "base_url": lexware.url,
+                           "invoice_id": UUID}  # fmt: skip
+                context = _context(tmp_path, product, _Log(), executor=name,
+                                   type="cancel_invoice", timeout=10.0,
+                                   settings={"rate_dir": str(tmp_path / "rate")})  # fmt: skip
+                result, answered = LexwareExecutor().run(context), "failed: 404"
+        else:
+            with FakePVE(nodes=("pve1",)) as pve:
+                product = {"host": f"{pve.host}:{pve.port}", "node": "pve1",
+                           "token_id": pve.token_id, "token_secret": pve.token_secret,
+                           "ca_file": pve.ca_file}  # fmt: skip
+                context = _context(tmp_path, product, _Log(), executor=name, type="kvm_list")
+                result, answered = ProxmoxExecutor().run(context), ""
+    finally:
+        proxy.close()
+    assert proxy.seen == []
+    assert answered in (result.error or ""), result.error  # the fake itself answered
+    assert result.succeeded == (name == "proxmox"), result.error
