@@ -412,7 +412,7 @@ def test_a_file_given_back_after_a_failed_intake_keeps_its_submitter(
         def no_attributes(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOTSUP, "Operation not supported")
 
-        monkeypatch.setattr(stages_module.os, "setxattr", no_attributes)
+        monkeypatch.setattr(os, "setxattr", no_attributes)
     _full_disk_at_settle(spool, monkeypatch)
     assert intake.offer("j.yaml", complete=True) is None
     given_back = (spool.dir("incoming") / "j.yaml").stat()

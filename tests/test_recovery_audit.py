@@ -386,6 +386,16 @@ def _call_job(spool: Spool, on_interrupt: str = "requeue") -> str:
     return _accept(spool, document, ExecutorRegistry({"calls": _Calls}))
 
 
+def _adopted_and_run(spool: Spool, job_id: str) -> tuple[JobDir, dict[str, Any]]:
+    """``job_id`` adopted by a new daemon's runner and run to its end; where and how it ended."""
+    runner = _runner(spool)
+    adopted = runner.adopt(job_id)
+    assert adopted is not None
+    final = runner.run(adopted)
+    assert final is not None
+    return final, spool.jobs.read_status(final)
+
+
 def test_an_adopted_unit_that_had_ended_is_taken_as_recorded_not_called_again(
     tmp_path: Path, calls: type[_Calls]
 ) -> None:
@@ -400,12 +410,7 @@ def test_an_adopted_unit_that_had_ended_is_taken_as_recorded_not_called_again(
     assert claimed is not None
     assert first.attempt(claimed) is not None  # and its daemon dies before recording it
     assert calls.made == ["1"] and Path(claimed.location, "units", "1.end").exists()
-    second = _runner(spool)
-    adopted = second.adopt(job_id)
-    assert adopted is not None
-    final = second.run(adopted)
-    assert final is not None
-    status = spool.jobs.read_status(final)
+    final, status = _adopted_and_run(spool, job_id)
     assert (final.directory, status["state"]) == ("done", "succeeded"), status
     assert status["result"] == {"invoice": "R-1"}
     assert calls.made == ["1"], "the call was made again"
@@ -424,12 +429,7 @@ def test_an_adopted_unit_of_an_executor_that_cannot_resume_is_not_called_again(
     job = _running(spool, job_id, lease)
     assert spool.jobs.begin_unit(job._replace(generation=1), "1",
                                  {"executor": "calls", "started_at": rfc3339(SystemClock().now())})  # fmt: skip
-    runner = _runner(spool)
-    adopted = runner.adopt(job_id)
-    assert adopted is not None
-    final = runner.run(adopted)
-    assert final is not None
-    status = spool.jobs.read_status(final)
+    final, status = _adopted_and_run(spool, job_id)
     assert calls.made == [], "a call that was under way was made again"
     assert (final.directory, status["state"]) == ("failed", "failed"), status
     assert "interrupted" in status["error"]

@@ -32,7 +32,23 @@ UUID = "5a0a5b4c-1111-4222-8333-944445555666"
 _HOLD = 30.0
 
 
-class _Hostile:
+class _Served:
+    """A plain-http server on loopback, serving with ``handler`` until closed."""
+
+    def __init__(self, handler: type[MethodHandler]) -> None:
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+        self.server = Server(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = serve_in_thread(self.server)
+
+    def close(self) -> None:
+        stop_serving(self.server, self.thread)
+
+
+class _Hostile(_Served):
     """A plain-http server on loopback that answers every request in one bad way (``mode``):
     ``drip`` (a byte every 0.2 s of an answer it says is 100 kB long), ``long`` (it says its
     answer is 1 GiB long), ``endless`` (a chunked answer that never ends)."""
@@ -70,16 +86,7 @@ class _Hostile:
                     if hostile.mode == "drip":
                         time.sleep(0.2)
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = serve_in_thread(self.server)
-
-    def close(self) -> None:
-        stop_serving(self.server, self.thread)
+        super().__init__(Handler)
 
 
 @pytest.fixture(params=["drip", "long", "endless"])
@@ -254,7 +261,7 @@ def test_proxmox_sends_no_create_once_cancelled(fake_pve: FakePVE, tmp_path: Pat
 
 
 # ---------------------------------------------------------------------- a proxy in the environment
-class _Proxy:
+class _Proxy(_Served):
     """A proxy on loopback that records what reaches it (a request line and its Authorization
     header, or a CONNECT) and answers 502."""
 
@@ -273,16 +280,7 @@ class _Proxy:
             def do_CONNECT(self) -> None:
                 self.serve("CONNECT")
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = serve_in_thread(self.server)
-
-    def close(self) -> None:
-        stop_serving(self.server, self.thread)
+        super().__init__(Handler)
 
 
 @pytest.mark.parametrize("name", ["sevdesk", "lexware", "proxmox"])
