@@ -24,6 +24,7 @@ from spoold.core.procfs import started_at, this_machine
 from spoold.core.retention import Retention, apply_retention
 from spoold.core.spool import DirectoryCount, JobDir, Spool
 from spoold.core.spool.fs import SETTLE
+from spoold.core.wakeup import Wakeup
 from spoold.intake.incoming import Intake, IntakeThread
 from spoold.intake.watcher import ChangeWatch, InotifyWatcher, resolve_watch_mode
 from spoold.out.notify import Notifier
@@ -258,8 +259,8 @@ class Daemon:
     recovery: Recovery
     watch_mode: str
     #: Set to wake the loop early: a worker process died, a retry was scheduled, or the
-    #: daemon is stopping.
-    attention: threading.Event
+    #: daemon is stopping (a signal: ``Wakeup``, which a handler may set).
+    attention: Wakeup
     #: Pending jobs waiting for a later attempt, handed to the workers once due.
     due: DueJobs
     #: The schedules in scheduled/, firing into pending/.
@@ -337,7 +338,7 @@ class Daemon:
         for note in lane.notes:
             logger.warning("%s", note)
         lane.sweep_spares(config.host_id)  # work dirs made ahead by worker processes now gone
-        attention = threading.Event()
+        attention = Wakeup()
         due = DueJobs(clock)
 
         def defer(job_id: str, when: float) -> None:
