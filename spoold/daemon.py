@@ -274,9 +274,9 @@ class Daemon:
     #: Sends the notifications in outbox/ (mail, chat), folded per target and window.
     notifier: Notifier | None = None
     #: Set (SIGUSR1) to look at incoming/ and pending/ now rather than at the next scan.
-    rescan: threading.Event = field(default_factory=threading.Event)
+    rescan: Wakeup = field(default_factory=Wakeup)
     #: Set (SIGHUP) to read the config file again.
-    reload: threading.Event = field(default_factory=threading.Event)
+    reload: Wakeup = field(default_factory=Wakeup)
     #: Readiness, status and watchdog pings for systemd.
     systemd: Systemd = field(default_factory=Systemd)
     #: This host's heartbeat in hosts/, and its view of the other hosts sharing the spool.
@@ -465,7 +465,7 @@ class Daemon:
         except SpoolError:
             self.logger.error("refusing to run: %s", lock_holder(self.spool, self.config.host_id))
             return 2
-        stop = threading.Event()
+        stop = Wakeup()  # set by a signal handler while this thread may wait on it
         self._install_signals(stop)
         if self.hostbeat is not None and not self._own_record(stop):
             lock.close()
@@ -529,7 +529,7 @@ class Daemon:
             self.logger.info("stopped")
         return self.exit_code
 
-    def _own_record(self, stop: threading.Event) -> bool:
+    def _own_record(self, stop: Wakeup) -> bool:
         """This host's first beat, before anything it writes names it; False if another
         daemon serves as this host (or ``stop`` came while this one waited to know)."""
         assert self.hostbeat is not None
@@ -584,7 +584,7 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.pace(self.config.poll_interval, rest)
 
-    def _loop(self, stop: threading.Event) -> None:
+    def _loop(self, stop: Wakeup) -> None:
         """The waiting: until the next round is due or something asks for attention (a worker
         process died, a retry was scheduled, a signal came), then the round (``tick``)."""
         while not stop.is_set():
@@ -894,7 +894,7 @@ class Daemon:
                 self.due.discard(job.job_id)
                 self.workers.submit(job.job_id, meta=JobMeta.from_document(status))
 
-    def _install_signals(self, stop: threading.Event) -> None:
+    def _install_signals(self, stop: Wakeup) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
 

@@ -19,6 +19,7 @@ from spoold.core.documents import load_document
 from spoold.core.errors import SpooldError, SpoolError, ValidationIssue
 from spoold.core.spool import JobDir, Spool
 from spoold.core.states import JobState
+from spoold.core.wakeup import Wakeup
 from spoold.face.access import caller
 from spoold.face.views import ended_text, issue_line, printable
 from spoold.intake.incoming import Accepted, Intake
@@ -137,7 +138,7 @@ class _Interrupt:
     def __init__(self, job_id: str, control: JobControl) -> None:
         self._job_id = job_id
         self._control = control
-        self._came = threading.Event()
+        self._came = Wakeup()  # set by the handler while this thread may wait on it
         self.signal: int | None = None
 
     @contextlib.contextmanager

@@ -5,9 +5,9 @@ A signal handler runs on the main thread, between two bytecodes of whatever that
 doing. ``Event.set()`` there takes the event's lock, which the main thread holds for a moment
 inside its own ``Event.wait()`` on the same event: the handler then waits for a lock its own
 thread holds, for ever (seen in CI: a SIGTERM the daemon never acted on, its faulthandler
-dump showing ``set`` inside ``wait``). A write to a pipe takes no lock, and the wait is a
-``poll`` of that pipe, which a signal interrupts and Python resumes (PEP 475) to find the
-byte the handler wrote.
+dump showing ``set`` inside ``wait``); ``Event.clear()`` holds it too. A write to a pipe
+takes no lock, and the wait is a ``poll`` of that pipe, which a signal interrupts and Python
+resumes (PEP 475) to find the byte the handler wrote.
 """
 
 from __future__ import annotations
