@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 __all__ = [
     "DEFAULT_MODE",
     "LIST_EVERY",
+    "NO_EXCHANGE",
     "SETTLE",
     "TEMP_MARK",
     "DirStamp",
@@ -164,7 +165,7 @@ def _swap_in(temp: str, path: str | Path) -> None:
         return
     if err == errno.ENOENT:
         raise FileNotFoundError(err, os.strerror(err), str(path))
-    if err not in (None, errno.EINVAL, errno.ENOSYS):
+    if err is not None and err not in NO_EXCHANGE:
         raise OSError(err, os.strerror(err), str(path))
     if not os.path.lexists(path):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
@@ -209,6 +210,8 @@ def _remove_temporary(fd: int, temp: str) -> None:
 
 
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+#: How renameat2 says it cannot exchange two names here (any other failure is the names').
+NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 def rename_noreplace(source: str | Path, target: str | Path) -> None:

@@ -52,6 +52,7 @@ from spoold.core.errors import DuplicateJob, IncomingMissing, JobBusy, SpoolErro
 from spoold.core.ids import RUN_ID
 from spoold.core.spool.fs import (
     DEFAULT_MODE,
+    NO_EXCHANGE,
     TEMP_MARK,
     GroupCommit,
     json_bytes,
@@ -106,8 +107,6 @@ _READY_ID = f"{_READY}id"  # the job id's reservation, its target the stage's na
 _READY_FILES = ("status.json", "log")
 _READY_DIRS = ("artifacts", UNITS)
 _REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
-#: How renameat2 says it cannot exchange two names here (any other failure is the names').
-_NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 #: On spoold's private copy, who owned the submitter's file it replaced (``uid:gid:mode``,
 #: the mode in octal): a copy given back to incoming/ (its intake failed; a crash's
 #: recovery) is taken again as that submitter's, judged by their policy, not as spoold's
@@ -725,7 +724,7 @@ class Stages:
         try:
             rename_exchange(stage, target)  # the old definition is in the stage now
         except OSError as exc:
-            if exc.errno not in _NO_EXCHANGE:
+            if exc.errno not in NO_EXCHANGE:
                 raise  # the stage is gone: nothing was moved
             # No exchange here (NFS, sshfs): the old one goes first, for a moment, and comes
             # back should the new one not follow (never left out of scheduled/).
