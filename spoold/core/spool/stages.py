@@ -784,6 +784,12 @@ class Stages:
 
     def _release(self, taken: TakenFile) -> str:
         stage = taken.stage
+        # The id a placing cut short may have left reserved for this stage (its own undo failed
+        # too: a cut): given up first, as by recovery, for nothing else will name it once the
+        # stage is gone (seen: a file given back, waiting "being accepted" for good).
+        job_id = self._staged_status(stage).get("job_id")
+        if isinstance(job_id, str) and RUN_ID.match(job_id):
+            self._ids.unreserve(job_id, stage.name)
         # Where accept() or reject() may have moved it; a file named like one spoold writes
         # was moved first, so its original name may now hold spoold's own file.
         moved = [stage / "job.yaml", stage / "reason.json.orig"]
@@ -869,7 +875,11 @@ class Stages:
         if names and all(name.startswith(_READY) for name in names):
             shutil.rmtree(stage)  # made ahead, and no file came: nothing to say
             return None
-        entries = {name for name in names if not name.startswith(TEMP_MARK)}
+        # Never a submitter's file: a name never taken from incoming/, such as spoold's own
+        # temporaries (TEMP_MARK) and what a network filesystem keeps of a file removed while
+        # its host held it open (.fuse_hidden*, .nfs*), which a cut can leave in a stage for
+        # good: it sorts first (seen: given back in place of the job file, deleted with the stage).
+        entries = {name for name in names if not is_transient_name(name)}
         if _REPLACED in entries:  # a schedule's old definition, replaced: what was left to do
             if self._restore_definition(stage):
                 return f"put a schedule's definition back in scheduled/ ({stage.name})"
@@ -901,11 +911,15 @@ class Stages:
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
                 self._ids.unreserve(job_id, token)
-            source = stage / (originals[0] if originals else "job.yaml")
-            name = originals[0] if originals else self._staged_source(stage)
-            target = _move_to_free_name(source, Path(self._dirs["incoming"]), name)
+            # Each original, should there ever be more than one: the stage is deleted after.
+            sources = [(n, n) for n in originals] or [("job.yaml", self._staged_source(stage))]
+            given = [
+                f"{name} to incoming/ as "
+                + _move_to_free_name(stage / entry, Path(self._dirs["incoming"]), name).name
+                for entry, name in sources
+            ]
             shutil.rmtree(stage)
-            return f"returned {name} to incoming/ as {target.name} (intake was interrupted)"
+            return f"returned {', '.join(given)} (intake was interrupted)"
         shutil.rmtree(stage)
         return f"removed empty stage {stage.name}"
 
