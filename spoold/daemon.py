@@ -398,6 +398,7 @@ class Daemon:
             callbacks=callbacks,
             policy=config.policy,
             on_observed=observed,
+            lease_timeout=config.lease_timeout,
         )
         intake_thread = IntakeThread(
             intake, logger, clock=clock, remote_writers=watch_mode == "poll"

@@ -62,6 +62,7 @@ def run_once(path: Path, config: Config) -> int:
         allowed_run_as=config.allowed_run_as,
         callbacks=parts.callbacks,
         policy=config.policy,
+        lease_timeout=config.lease_timeout,
     )
     outcome = intake.decide(spool.stages.stage_file(path, max_size=config.max_file_size))
     if not isinstance(outcome, Accepted):

@@ -11,11 +11,13 @@ import errno
 import json
 import logging
 import os
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from spoold.core.clock import rfc3339
 from spoold.core.config import Config, load_config
@@ -29,7 +31,7 @@ from spoold.core.spool import stages as stages_module
 from spoold.core.states import JobState
 from spoold.daemon import Daemon
 from spoold.face.views import hosts_rows
-from spoold.intake.incoming import Accepted, Rejected
+from spoold.intake.incoming import Accepted, Intake, Rejected
 from spoold.out.outbox import Callbacks, CallbackTarget, encode_record
 from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.hostbeat import HostBeat
@@ -731,6 +733,102 @@ def test_a_file_whose_placing_was_cut_off_after_its_reservation_is_accepted_once
     assert spool.jobs.find("j0967") is not None
     assert os.listdir(spool.dir("incoming")) == [] and os.listdir(spool.dir("rejected")) == []
     assert not [n for n in os.listdir(spool.dir("tmp")) if n.startswith("in-")]
+
+
+def _tries_until_taken(intake: Intake, clock: FakeClock, bound: int = 200) -> int:
+    """Seconds of sweeps, one a second, until intake takes a file."""
+    for waited in range(bound):
+        if intake.sweep():
+            return waited
+        clock.advance(1.0)
+    raise AssertionError(f"nothing taken in {bound} s")
+
+
+def test_a_job_id_held_by_nothing_is_given_up_after_a_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A careless operator removes a job by hand (``rm -r``, not ``spoold purge``): its id
+    stays reserved in ids/, and a new file of that id waited "being accepted" for good. So
+    did j0967 in the three-host run, whose reservation outlived its placing (a host frozen,
+    its stage recovered, then cut off as it undid the reservation it had made meanwhile). A
+    reservation that names no job, no file being placed and no removal is given up once it
+    has stood so for a lease (``lease_timeout``, 60 s here), and the file is accepted."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    intake = intake_for(spool, clock)
+    drop(spool.root, "j.yaml", local_job("j", "true"))
+    assert isinstance(intake.offer("j.yaml", complete=True), Accepted)
+    shutil.rmtree(spool.dir("pending") / "j")
+    drop(spool.root, "j.yaml", local_job("j", "true"))
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert intake.offer("j.yaml", complete=True) is None, "waits, as for a placing"
+        waited = _tries_until_taken(intake, clock)
+    assert 60 <= waited <= 60 + 8, "given up after a lease, at the try after (backoff: 8 s)"
+    assert spool.jobs.find("j") is not None and os.listdir(spool.dir("rejected")) == []
+    assert "gave up job id 'j''s reservation (in-" in caplog.text
+    assert "being accepted" in caplog.text
+
+
+def test_a_job_id_reservation_api_submit_waits_on_is_given_up_after_a_lease(
+    tmp_path: Path,
+) -> None:
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    intake = intake_for(spool, clock)
+    assert spool.reservations.reserve("j", "in-gone@0123456789abcdef")
+    data = yaml.safe_dump(local_job("j", "true")).encode()
+    for _ in range(3):  # the client's tries, 503 each, within a lease (at 0, 20 and 40 s)
+        with pytest.raises(JobBusy):
+            intake.submit(data, "j.yaml", Submitter.caller())
+        clock.advance(20.0)
+    with pytest.raises(JobBusy):  # this try, a lease after the first, gives it up
+        intake.submit(data, "j.yaml", Submitter.caller())
+    assert intake.submit(data, "j.yaml", Submitter.caller()) == "j"
+    assert spool.jobs.find("j") is not None
+
+
+@pytest.mark.parametrize("under_way", ["placing", "removal"])
+def test_a_job_id_held_for_a_change_under_way_is_never_given_up(
+    tmp_path: Path, under_way: str
+) -> None:
+    """Another host placing a file of that id (its stage there, however long it is frozen:
+    its stage is recovered when its lease runs out, and the reservation with it) or removing
+    a job of that id (``tmp/gone-<token>~<id>``): the file waits for that change."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    intake = intake_for(spool, clock)
+    token = "in-b@0123456789abcdef"
+    assert spool.reservations.reserve("j", token)
+    held_by = spool.dir("tmp") / (token if under_way == "placing" else f"gone-{token}~j")
+    held_by.mkdir()
+    drop(spool.root, "j.yaml", local_job("j", "true"))
+    for _ in range(10):  # ten leases
+        clock.advance(60.0)
+        assert intake.sweep() == 0
+    assert spool.reservations.holder("j") == token
+    held_by.rmdir()  # that change failed, its reservation left behind
+    # Its first look comes within a backoff (60 s by now), the giving up a lease after it.
+    assert 60 <= _tries_until_taken(intake, clock) <= 60 + 60 + 1
+    assert spool.jobs.find("j") is not None
+
+
+def test_a_reservation_names_nothing_under_way_only_without_job_stage_or_removal(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path)
+    stages, token = spool.stages, "in-a@00112233aabbccdd"
+    assert stages.idle_reservation("j") is None, "not held"
+    assert spool.reservations.reserve("j", token)
+    assert stages.idle_reservation("j") == token
+    for made in (token, f"gone-{token}~j"):
+        (spool.dir("tmp") / made).mkdir()
+        assert stages.idle_reservation("j") is None, made
+        (spool.dir("tmp") / made).rmdir()
+    for directory in ("pending", "running", "done", "failed", "scheduled"):
+        (spool.dir(directory) / "j").mkdir()
+        assert stages.idle_reservation("j") is None, directory
+        (spool.dir(directory) / "j").rmdir()
+    assert stages.idle_reservation("j") == token
+    os.unlink(spool.dir("ids") / "j")
+    os.symlink("../../etc", spool.dir("ids") / "j")
+    assert stages.idle_reservation("j") is None, "not a token spoold gives: left alone"
 
 
 def test_a_hosts_prepared_delivery_is_settled_by_it_alone_while_it_lives(tmp_path: Path) -> None:

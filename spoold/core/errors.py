@@ -72,11 +72,17 @@ class JobBusy(SpoolError):
     """Another change of that job id is under way, and may yet fail (a file of that id being
     placed, its first delivery prepared): neither a job nor a duplicate yet; try again."""
 
+    #: The job id whose reservation (ids/) holds it with no job found (``held``); None for
+    #: another change under way.
+    held_id: str | None = None
+
     @classmethod
     def held(cls, job_id: str) -> JobBusy:
         """The id is held (ids/) and no job of it found: a file of that id being placed, or
         a job that moved between directories as they were looked at."""
-        return cls(f"a file of job id {job_id!r} is being accepted (its id is held, no job yet)")
+        busy = cls(f"a file of job id {job_id!r} is being accepted (its id is held, no job yet)")
+        busy.held_id = job_id
+        return busy
 
 
 class JobFileChanged(SpoolError):

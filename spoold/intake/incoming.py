@@ -27,6 +27,7 @@ from spoold.core.job import JobStatus
 from spoold.core.joblog import format_line
 from spoold.core.outage import Outage
 from spoold.core.policy import Policy, Submitter
+from spoold.core.sightings import Sightings
 from spoold.core.spool import FileSignature, JobDir, Prepared, Spool, StageLeft, TakenFile
 from spoold.core.units import format_duration
 from spoold.intake.admission import Admission, Admitted, Refused, display_name, file_problem
@@ -181,8 +182,11 @@ class Intake:
         callbacks: Callbacks | None = None,
         policy: Policy | None = None,
         on_observed: Callable[[Observation], None] | None = None,
+        lease_timeout: float = 60.0,
     ) -> None:
-        """``on_observed`` hears of each job accepted, with its pickup latency (the metrics')."""
+        """``on_observed`` hears of each job accepted, with its pickup latency (the metrics').
+        ``lease_timeout``: how long a job id's reservation must name nothing under way, at
+        this host's looks, before it is given up (``_give_up_if_idle``)."""
         self._spool = spool
         self._policy = policy
         self._callbacks = callbacks
@@ -209,6 +213,10 @@ class Intake:
         # stage -> what a failed intake could not give back from it (see _failed).
         self._unreleased: dict[str, TakenFile] = {}
         self._quiet = QuietFiles(clock, settle_time)
+        # job id -> the token of its reservation, seen naming nothing under way (under
+        # _backoff_lock): how long it has stood so, by this host's clock.
+        self._idle: Sightings[str] = Sightings()
+        self._lease_timeout = lease_timeout
         self._missing = False  # incoming/ was not there at the last sweep (said once)
         # The submitted files their private copies replaced (TakenFile.spent): removed here at
         # once, or handed to whoever asked for them (``spent_files``: IntakeThread's remover).
@@ -402,16 +410,47 @@ class Intake:
         """
         if taken is not None:
             self._release(taken)
+        busy = isinstance(exc, JobBusy)  # another host's change, decided within moments
+        if isinstance(exc, JobBusy) and exc.held_id and self._give_up_if_idle(exc.held_id):
+            retry = None  # tried again as soon as a file newly failed
         delay = min((retry or (0.0, _FIRST_RETRY))[1], _LAST_RETRY)
         with self._backoff_lock:
             self._backoff[name] = (self._clock.monotonic() + delay, delay * 2)
-        busy = isinstance(exc, JobBusy)  # another host's change, decided within moments
         self._log.log(
             logging.WARNING if busy else logging.ERROR,
             "intake of %s %s; it stays in incoming/, next try in %s",
             display_name(name), f"waits: {exc}" if busy else f"failed ({exc})",
             format_duration(delay),
         )  # fmt: skip
+
+    def _give_up_if_idle(self, job_id: str) -> bool:
+        """Give up ``job_id``'s reservation if it has named nothing under way (no job, no file
+        being placed, no removal: ``Stages.idle_reservation``) for a lease at this host's
+        looks; whether it was. Left so by a placing whose own undo failed (its host cut off)
+        or by a job removed by hand, it would hold every file of that id back for good; a
+        lease, as for a host, is far longer than any look can miss a job moving on."""
+        try:
+            token = self._spool.stages.idle_reservation(job_id)
+        except OSError:  # the spool cannot be read now: the next try looks again
+            return False
+        with self._backoff_lock:
+            if token is None:
+                self._idle.forget(job_id)
+                return False
+            stood = self._idle.unchanged_for(job_id, token, self._clock.monotonic())
+            if stood < self._lease_timeout:
+                return False
+            self._idle.forget(job_id)
+        try:
+            self._spool.reservations.unreserve(job_id, token)
+        except OSError:
+            return False
+        self._log.warning(
+            "gave up job id %r's reservation (%s): for %s it named no job, no file being "
+            "accepted and no removal (left by a host cut off while placing it, or by a job "
+            "removed by hand)", job_id, token, format_duration(stood),
+        )  # fmt: skip
+        return True
 
     def _release(self, taken: TakenFile) -> None:
         """Give a staged file back to incoming/; kept for the next sweep if that failed."""
@@ -429,10 +468,13 @@ class Intake:
             self._unreleased.pop(str(taken.stage), None)
 
     def _recovered(self, item: _Judged | _Staged) -> None:
-        """A file whose intake had failed before was taken now: no backoff left for it."""
+        """A file whose intake had failed before was taken now: no backoff left for it, nor
+        any watch on its id's reservation."""
         if item.retry is not None:
+            admitted = item.admitted if isinstance(item, _Judged) else item.record.admitted
             with self._backoff_lock:
                 self._backoff.pop(item.taken.name, None)
+                self._idle.forget(admitted.job_id)
 
     def sweep(self, *, remote_writers: bool = False) -> int:
         """Offer every file in incoming/; return how many were taken."""
@@ -535,16 +577,21 @@ class Intake:
         taken). ``job_id``: the id for a file that names none. ``dry_run``: admit only.
         """
         now = self._clock.now()
-        admitted = self._admission.admit(
-            data, name, now=now, spool=self._spool, submitter=submitter, job_id=job_id
-        )
-        if dry_run:
-            return admitted.job_id
-        taken = self._spool.stages.stage_data(name, data)
         try:
-            accepted = self._place(taken, admitted, submitter)
-        except BaseException:
-            self._spool.stages.discard(taken)
+            admitted = self._admission.admit(
+                data, name, now=now, spool=self._spool, submitter=submitter, job_id=job_id
+            )
+            if dry_run:
+                return admitted.job_id
+            taken = self._spool.stages.stage_data(name, data)
+            try:
+                accepted = self._place(taken, admitted, submitter)
+            except BaseException:
+                self._spool.stages.discard(taken)
+                raise
+        except JobBusy as busy:  # the client tries again; a reservation of nothing is let go
+            if busy.held_id:
+                self._give_up_if_idle(busy.held_id)
             raise
         self._spool.stages.handed_over(accepted.job)
         return admitted.job_id

@@ -950,6 +950,26 @@ class Stages:
         source = self._staged_status(stage).get("source")
         return str(source) if source else "job.yaml"
 
+    def idle_reservation(self, job_id: str) -> str | None:
+        """The token of ``job_id``'s reservation if it names nothing under way: no job of that
+        id, no stage of that name (a file being placed), no removal of it; else None.
+
+        Left so by a placing whose undo failed with it (a host cut off), or by a job removed
+        by hand: nothing else would ever give it up. The caller decides how long one must
+        stand so (a job moving between directories can be missed by one look).
+        """
+        token = self._ids.holder(job_id)
+        if token is None or "/" in token or token in (".", ".."):
+            return None  # none, or not a name spoold gives
+        tmp = self._dirs["tmp"]
+        if os.path.lexists(f"{tmp}/{token}") or os.path.lexists(
+            f"{tmp}/{GONE_PREFIX}{token}~{job_id}"
+        ):
+            return None
+        if self._jobs.find(job_id) is not None:
+            return None
+        return token
+
     # -- rejected files --------------------------------------------------------------------------
 
     def list_rejected(self) -> list[tuple[str, dict[str, Any] | None]]:
