@@ -892,6 +892,35 @@ def test_a_stage_recovered_gives_back_the_job_file_never_a_filesystems_stand_in(
     assert not [n for n in os.listdir(a.dir("tmp")) if n.startswith("in-")]
 
 
+@pytest.mark.parametrize("by", ["its-host", "another-host"])
+def test_a_stand_in_left_alone_in_a_stage_is_the_submitters_file_and_goes_back(
+    tmp_path: Path, by: str
+) -> None:
+    """The submitter's file hidden as it was replaced by spoold's copy (FUSE renames the file
+    it replaces aside, then renames the copy in: a cut between the two) leaves the stand-in
+    alone with the job's bytes: it goes back, not deleted with the stage. Its host knows the
+    file's name; another host names it after the stage."""
+    a = _spool(tmp_path, host="a")
+    b = Spool(a.root, host="b")
+    job = b"job_id: j0942\nexecutor: local\ncommand: 'true'\n"
+    (a.dir("incoming") / "j0942.yaml").write_bytes(job)
+    taken = a.stages.take_incoming("j0942.yaml", now=T.timestamp(), max_size=1 << 20)
+    assert taken is not None and taken.spent
+    a.stages.remove_spent(taken.spent)
+    os.rename(taken.original, taken.stage / STAND_INS[0])
+
+    if by == "its-host":
+        assert a.stages.release(taken) == "returned j0942.yaml to incoming/ as j0942.yaml"
+        name = "j0942.yaml"
+    else:
+        (line,) = b.stages.recover(frozenset({"a"}))
+        (name,) = os.listdir(a.dir("incoming"))
+        assert name.startswith("recovered-in-") and name.endswith(".yaml") and name in line
+    assert os.listdir(a.dir("incoming")) == [name]
+    assert (a.dir("incoming") / name).read_bytes() == job
+    assert not [n for n in os.listdir(a.dir("tmp")) if n.startswith("in-")]
+
+
 def test_every_file_a_recovered_stage_may_hold_of_its_submitter_goes_back(tmp_path: Path) -> None:
     """Nothing a stage holds that spoold did not write is deleted with it: were there ever two
     files in it (there should not be), both go back, each under its own name."""

@@ -44,7 +44,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -107,6 +107,11 @@ _READY_ID = f"{_READY}id"  # the job id's reservation, its target the stage's na
 _READY_FILES = ("status.json", "log")
 _READY_DIRS = ("artifacts", UNITS)
 _REPLACED = "replaced"  # in a schedule's directory: its definition is being replaced
+#: How a network filesystem names a file removed or replaced while its host had it open, kept
+#: until the last close (FUSE's libfuse without hard_remove, as sshfs; NFS's "silly rename").
+#: In a stage, the submitter's file that spoold's copy replaced: alone (the copy's rename cut
+#: off after FUSE moved the file aside), it holds the job's bytes.
+_STAND_INS = (".fuse_hidden", ".nfs")
 #: On spoold's private copy, who owned the submitter's file it replaced (``uid:gid:mode``,
 #: the mode in octal): a copy given back to incoming/ (its intake failed; a crash's
 #: recovery) is taken again as that submitter's, judged by their policy, not as spoold's
@@ -797,6 +802,8 @@ class Stages:
             [*moved, taken.original] if taken.name in _STAGE_FILES else [taken.original, *moved]
         )
         source = next((p for p in places if p.exists() or p.is_symlink()), None)
+        if source is None and (stand_ins := _stand_ins(os.listdir(stage))):
+            source = stage / stand_ins[0]
         if source is None:
             shutil.rmtree(stage)
             return f"{taken.name} was gone from its stage"
@@ -892,6 +899,8 @@ class Stages:
         alone = len(entries) == 1 and not originals and not entries & {"job.yaml", _HANDED_OVER}
         if alone:
             originals = sorted(entries)
+        # No file of the submitter's nor job.yaml: only a stand-in can hold the job's bytes.
+        stand_ins = [] if originals or "job.yaml" in entries else _stand_ins(names)
         if _HANDED_OVER in entries:
             job_id = self._staged_status(stage).get("job_id")
             if isinstance(job_id, str) and RUN_ID.match(job_id):
@@ -904,7 +913,7 @@ class Stages:
                 stage, Path(self._dirs["rejected"]), str(reason.get("file"))
             )
             return f"finished rejecting {target.name}"
-        if originals or "job.yaml" in entries:
+        if originals or "job.yaml" in entries or stand_ins:
             # Taken but not yet accepted: back to incoming/ to be taken again, and the id it
             # may have reserved given up. A file already renamed to job.yaml is named after
             # the source recorded beside it, if any.
@@ -912,7 +921,14 @@ class Stages:
             if isinstance(job_id, str) and RUN_ID.match(job_id):
                 self._ids.unreserve(job_id, token)
             # Each original, should there ever be more than one: the stage is deleted after.
-            sources = [(n, n) for n in originals] or [("job.yaml", self._staged_source(stage))]
+            sources = (
+                [(n, n) for n in originals]
+                or [
+                    (n, self._staged_source(stage, f"recovered-{stage.name}.yaml"))
+                    for n in stand_ins
+                ]
+                or [("job.yaml", self._staged_source(stage))]
+            )
             given = [
                 f"{name} to incoming/ as "
                 + _move_to_free_name(stage / entry, Path(self._dirs["incoming"]), name).name
@@ -946,9 +962,9 @@ class Stages:
     def _staged_status(stage: Path) -> dict[str, Any]:
         return read_json(f"{stage}/status.json") or {}
 
-    def _staged_source(self, stage: Path) -> str:
+    def _staged_source(self, stage: Path, unknown: str = "job.yaml") -> str:
         source = self._staged_status(stage).get("source")
-        return str(source) if source else "job.yaml"
+        return str(source) if source else unknown
 
     def idle_reservation(self, job_id: str) -> str | None:
         """The token of ``job_id``'s reservation if it names nothing under way: no job of that
@@ -1030,6 +1046,11 @@ def _unstage(prepared: Prepared) -> None:
             os.rmdir(f"{prepared.stage}/{UNITS}")
     if os.path.basename(prepared.original) in _STAGE_FILES:
         os.rename(prepared.job_file, prepared.original)
+
+
+def _stand_ins(names: Iterable[str]) -> list[str]:
+    """The stand-ins (``_STAND_INS``) among a stage's entries, by name."""
+    return sorted(name for name in names if name.startswith(_STAND_INS))
 
 
 def _clear_ready(stage: str) -> None:
