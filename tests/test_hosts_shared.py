@@ -301,6 +301,54 @@ def test_a_move_cut_between_its_link_and_its_unlink_is_finished_on_sshfs(bed: Be
     assert os.listdir(bed.server_spool / "tmp").count("half.yaml") == 0
 
 
+def test_a_stage_with_fuses_stand_in_for_the_submitted_file_gives_back_the_job_on_sshfs(
+    bed: Bed,
+) -> None:
+    """The thousand jobs above once lost j0941: found nowhere, and in incoming/ a file named
+    ``.fuse_hidden000027ce00000003``. A file replaced while its host holds it open is moved
+    aside by FUSE (sshfs's libfuse, without ``hard_remove``) under such a name until the last
+    close. Here a reader on h1 (``less``, a backup) holds the submitted file open as h1 takes
+    it: spoold's copy replaces it in the stage, and the original stays beside it as a stand-in
+    (for good had h1 been cut off before that close). h2, recovering h1's stage, gave the
+    stand-in back (its name sorts first) and deleted the job file with the stage."""
+    h1, h2 = bed.host(1), bed.host(2)
+    assert run_cli(bed.server_spool, "init").returncode == 0
+    mine, other = Spool(h1.spool, host="h1"), Spool(h2.spool, host="h2")
+    job = b"job_id: j\nexecutor: local\nproduct: {commands: 'true'}\n"
+    (bed.server_spool / "incoming" / "j.yaml").write_bytes(job)
+    reader = os.open(h1.spool / "incoming" / "j.yaml", os.O_RDONLY)
+    try:
+        taken = mine.stages.take_incoming("j.yaml", now=time.time(), max_size=1 << 20)
+        assert taken is not None
+        stage = bed.server_spool / "tmp" / taken.stage.name
+        hidden = [n for n in os.listdir(stage) if n.startswith(".fuse_hidden")]
+        assert len(hidden) == 1, os.listdir(stage)
+        assert (stage / hidden[0]).read_bytes() == job
+        (line,) = other.stages.recover(frozenset({"h1"}))
+    finally:
+        os.close(reader)
+    assert "returned j.yaml to incoming/ as j.yaml" in line, line
+    assert os.listdir(bed.server_spool / "incoming") == ["j.yaml"]
+    assert (bed.server_spool / "incoming" / "j.yaml").read_bytes() == job
+    # h1's own release (its intake failed) while the reader still has the file: the stand-in,
+    # hidden again as the stage is removed (ENOTEMPTY), is never given back in its turn (a
+    # second copy of the job, rejected as a duplicate once the first is accepted).
+    reader = os.open(h1.spool / "incoming" / "j.yaml", os.O_RDONLY)
+    try:
+        taken = mine.stages.take_incoming("j.yaml", now=time.time(), max_size=1 << 20)
+        assert taken is not None
+        assert "returned j.yaml to incoming/ as j.yaml" in mine.stages.release(taken)
+        os.rename(bed.server_spool / "incoming" / "j.yaml", bed.server_spool / "taken.yaml")
+        for _ in range(3):  # tried again, as intake does at each sweep until it works
+            mine.stages.release(taken)
+        # Left as one of spoold's own: another host removes it, and gives nothing back.
+        (line,) = other.stages.recover(frozenset({"h1"}))
+        assert "a stage of spoold's own (nothing to give back)" in line, line
+        assert os.listdir(bed.server_spool / "incoming") == []
+    finally:
+        os.close(reader)
+
+
 def test_a_write_of_an_existing_file_never_makes_it_again_on_sshfs(bed: Bed) -> None:
     """An outbox delivery removed by hand (or adopted by another host) while a failed try of
     it was being recorded is not written back: on sshfs too, whatever it does with

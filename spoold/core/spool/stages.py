@@ -810,8 +810,21 @@ class Stages:
         if not self._marks and taken.owner is not None:
             _give_back_to(source, taken.owner)
         target = _move_to_free_name(source, Path(self._dirs["incoming"]), taken.name)
-        shutil.rmtree(stage)
-        return f"returned {taken.name} to incoming/ as {target.name}"
+        return f"returned {taken.name} to incoming/ as {target.name}{self._emptied(stage)}"
+
+    def _emptied(self, stage: Path) -> str:
+        """Remove a stage whose submitter's file went back to incoming/; "" or what was left.
+
+        Made one of spoold's own first, so that nothing left in it is ever given back in its
+        turn: a stand-in (``_STAND_INS``) held open on this host is hidden again by FUSE as it
+        is removed (ENOTEMPTY), and would be a second copy of the job. Left now (that, or a
+        cut), it goes at this host's next start, and the give-back stands.
+        """
+        try:
+            self._remove_stage(stage)
+        except OSError as exc:
+            return f"; its stage is left for later ({exc.strerror})"
+        return ""
 
     def recover(self, hosts: frozenset[str] | None = None) -> list[str]:
         """Finish or undo intake that a crash interrupted; return what was done, for the log.
@@ -934,8 +947,7 @@ class Stages:
                 + _move_to_free_name(stage / entry, Path(self._dirs["incoming"]), name).name
                 for entry, name in sources
             ]
-            shutil.rmtree(stage)
-            return f"returned {', '.join(given)} (intake was interrupted)"
+            return f"returned {', '.join(given)} (intake was interrupted){self._emptied(stage)}"
         shutil.rmtree(stage)
         return f"removed empty stage {stage.name}"
 
