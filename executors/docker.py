@@ -40,7 +40,7 @@ from spoold.executors.local import shell_script
 from spoold.core.clock import parse_rfc3339, rfc3339
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 from spoold.core.joblog import JobLog
-from spoold.core.units import format_duration
+from spoold.core.units import format_duration, timeout_reason
 from spoold.core.usage import Usage
 
 #: Where the job's commands run, inside the container; artifacts are relative to it.
@@ -509,7 +509,7 @@ class Outage:
         if ctx.cancel.is_set():
             reason = "cancel"
         elif deadline is not None and ctx.clock.monotonic() >= deadline:
-            reason = f"timeout of {format_duration(ctx.timeout or 0)}"
+            reason = timeout_reason(ctx.timeout)
         else:
             return
         if not self._owed:

@@ -31,7 +31,7 @@ from spoold.executors.local import shell_script
 
 from spoold.core.errors import ExecutorError, ExecutorNotAvailable
 from spoold.core.joblog import JobLog, OutputStream
-from spoold.core.units import format_duration, parse_duration
+from spoold.core.units import format_duration, parse_duration, timeout_reason
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHELL = re.compile(r"/[A-Za-z0-9/._+-]*\Z")  # it is pasted into a remote command line
@@ -550,7 +550,7 @@ class _Unit:
                     if ctx.detach.is_set():
                         return self._detach(channel)
                     if self.deadline is not None and now >= self.deadline:
-                        self.reason = f"timeout of {format_duration(ctx.timeout or 0)}"
+                        self.reason = timeout_reason(ctx.timeout)
                     elif ctx.cancel.is_set():
                         self.reason = "cancel"
                     self.next_step_at = now

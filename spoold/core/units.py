@@ -79,3 +79,8 @@ def format_duration(seconds: float) -> str:
     if whole or not parts:
         parts.append(f"{whole}s")
     return "".join(parts)
+
+
+def timeout_reason(timeout: float | None) -> str:
+    """Why an attempt was stopped, as its log and result say it: 'timeout of 5s'."""
+    return f"timeout of {format_duration(timeout or 0)}"

@@ -56,7 +56,7 @@ from spoold.core.clock import Clock
 from spoold.core.errors import ExecutorError
 from spoold.core.joblog import JobLog, OutputStream
 from spoold.core.procfs import ProcessInfo
-from spoold.core.units import format_duration
+from spoold.core.units import format_duration, timeout_reason
 from spoold.core.usage import Usage
 
 _READ_SIZE = 65536
@@ -245,7 +245,7 @@ def run_process(
                     cancelled = True
                 if timed_out or cancelled:
                     reason = (
-                        f"timeout of {format_duration(timeout or 0)}" if timed_out else "cancel"
+                        timeout_reason(timeout) if timed_out else "cancel"
                     )
                     log.error(f"{reason}: sending SIGTERM to {label}'s processes")
                     _TREES.signal(tree, signal.SIGTERM)
