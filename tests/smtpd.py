@@ -130,9 +130,10 @@ class Mail:
 
 
 class MailServer:
-    """aiosmtpd on 127.0.0.1:``port``, STARTTLS and a login required; keeps every message."""
+    """aiosmtpd on 127.0.0.1:``port``, STARTTLS and a login required; keeps every message.
+    ``plain``: neither required, and a login taken in clear (what a client must never send)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *, plain: bool = False) -> None:
         try:
             import aiosmtpd  # noqa: F401, PLC0415
         except ImportError as exc:
@@ -143,6 +144,7 @@ class MailServer:
         self.logins: list[tuple[str, str]] = []  # (mechanism, user) of each login that passed
         self._lock = threading.Lock()
         self._controller: Any = None
+        self._plain = plain
 
     def _tls(self) -> ssl.SSLContext:
         import ssl  # noqa: PLC0415
@@ -179,10 +181,12 @@ class MailServer:
                     self.logins.append((mechanism, USER))
             return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
 
+        required = not self._plain
         self._controller = Controller(
-            Handler(), hostname="127.0.0.1", port=self.port, tls_context=self._tls(),
-            require_starttls=True, auth_required=True, auth_require_tls=True,
-            authenticator=authenticator, server_hostname="127.0.0.1", ready_timeout=30.0,
+            Handler(), hostname="127.0.0.1", port=self.port,
+            tls_context=None if self._plain else self._tls(), require_starttls=required,
+            auth_required=required, auth_require_tls=required, authenticator=authenticator,
+            server_hostname="127.0.0.1", ready_timeout=30.0,
         )  # fmt: skip
         self._controller.start()
         return self

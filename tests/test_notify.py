@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,14 @@ from spoold.core.config import (
     NotifySettings,
     NotifyTarget,
 )
-from spoold.core.errors import CallbackError
+from spoold.core.errors import CallbackError, NotifyError
 from spoold.core.job import JobStatus
 from spoold.core.secrets import Masker, SecretStore
 from spoold.core.spool import Spool
 from spoold.core.spool.fs import LIST_EVERY, SETTLE
 from spoold.core.states import JobState
 from spoold.out.notices import Notices, log_tail
-from spoold.out.notify import LOOK_SHARE, Notifier
+from spoold.out.notify import LOOK_SHARE, Notifier, send_mail
 from spoold.out.outbox import Callbacks, CallbackTarget
 from spoold.out.sender import Sender
 from tests.fakes import FakeClock
@@ -770,3 +771,29 @@ def test_a_window_survives_a_crash_right_after_its_send(
     clock.advance(WINDOW)
     assert bed.notifier.tick(inline=True) == 1
     assert len(receiver.wait_count(2)) == 2
+
+
+def test_no_login_is_sent_in_clear_whatever_the_settings(tmp_path: Path) -> None:
+    """The config refuses a login with ``security: none``; settings made otherwise (an API,
+    a config check missed) still never send the password in clear, to a server that would
+    take it."""
+    (tmp_path / "smtpd").mkdir()
+    server = MailServer(tmp_path / "smtpd", plain=True).start()
+    try:
+        write_password(tmp_path / "secrets")
+        settings = MailSettings(host="127.0.0.1", port=server.port, security="none",
+                                user="spoold-mailer", password_secret="smtp-password")  # fmt: skip
+        message = EmailMessage()
+        message["Subject"] = "x"
+        message.set_content("x")
+        with pytest.raises(NotifyError, match="no login without TLS"):
+            send_mail(
+                settings, message, ["ops@example.net"], SecretStore(tmp_path / "secrets"), 5.0
+            )
+        assert server.logins == [] and server.mails() == []
+        # The same server takes a mail with no login: it was the login alone that was refused.
+        send_mail(settings._replace(user=None, password_secret=None), message,
+                  ["ops@example.net"], SecretStore(None), 5.0)  # fmt: skip
+        assert len(server.mails()) == 1
+    finally:
+        server.stop()

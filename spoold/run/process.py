@@ -244,9 +244,7 @@ def run_process(
                 elif cancel.is_set():
                     cancelled = True
                 if timed_out or cancelled:
-                    reason = (
-                        timeout_reason(timeout) if timed_out else "cancel"
-                    )
+                    reason = timeout_reason(timeout) if timed_out else "cancel"
                     log.error(f"{reason}: sending SIGTERM to {label}'s processes")
                     _TREES.signal(tree, signal.SIGTERM)
                     kill_at = now + kill_grace
