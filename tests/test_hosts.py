@@ -21,7 +21,8 @@ import yaml
 
 from spoold.core.clock import rfc3339
 from spoold.core.config import Config, load_config
-from spoold.core.errors import ConfigError, JobBusy, JobFenced
+from spoold.core.errors import ConfigError, DuplicateJob, JobBusy, JobFenced
+from spoold.core.job import JobStatus
 from spoold.core.own_log import close_logging
 from spoold.core.policy import Submitter
 from spoold.core.secrets import SecretStore
@@ -175,9 +176,87 @@ def test_a_fenced_owner_writes_nothing_for_the_job(tmp_path: Path) -> None:
     assert spool.deliveries.names() == []
 
 
-def callbacks_status(job_id: str) -> Any:
-    from spoold.core.job import JobStatus  # noqa: PLC0415
+def _ending_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Spool, FakeClock, JobDir, JobLedger, JobStatus, CallbackTarget]:
+    """Host a's job j1, whose end (failed) a records: status.json written, then its move cut
+    off (the fence check before the rename: EIO, as seen), the change raising."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    _pending(spool, "j1")
+    job = _claimed_by(spool, "j1", "a", clock)
+    target = CallbackTarget("http://127.0.0.1:9/hook", "s3cret", None)
+    ledger = JobLedger(spool, Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a"))
+    status = JobStatus.from_dict(spool.jobs.read_status(job))
+    status.state, status.exit_code = JobState.FAILED, 1
 
+    def cut_off(job: JobDir, directory: str) -> JobDir:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), f"{job.location}/fenced.1")
+
+    with monkeypatch.context() as cut:
+        cut.setattr(spool.jobs, "_move", cut_off)
+        with pytest.raises(OSError):
+            ledger.move(job, JobState.FAILED, status, target=target)
+    assert spool.jobs.read_status(job)["state"] == "failed", "recorded, not moved"
+    return spool, clock, job, ledger, status, target
+
+
+def _events(spool: Spool) -> list[tuple[str, str]]:
+    """(event, delivery id) of each delivery committed in outbox/."""
+    records = (spool.deliveries.read(name) for name in spool.deliveries.names())
+    return sorted((r["event"], r["delivery_id"]) for r in records if r is not None)
+
+
+def test_an_end_recorded_but_cut_off_before_its_move_is_announced_by_the_host_that_completes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the three-host run: j0661's final callback never came. h3, cut off as it
+    recorded the job's end, wrote status.json (failed), could not move the job, and dropped
+    the change's delivery as a change not made. h2 took the job over, found its end recorded,
+    and completed the move without announcing it, as one whose delivery was made."""
+    spool, clock, _job, _ledger, _status, _target = _ending_cut_off(tmp_path, monkeypatch)
+    on_b = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="b")
+    b = Recovery(spool, _config(spool, "b"), clock, LOG, callbacks=on_b)
+    assert b.reap() == []
+    clock.advance(LEASE_TIMEOUT)
+    (moved,) = b.reap()
+    assert moved.directory == "failed"
+    recorded = spool.jobs.read_status(moved)
+    assert _events(spool) == [("failed", recorded["callback_delivery"])]
+
+
+def test_an_end_recorded_but_cut_off_before_its_move_is_announced_once_when_its_host_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker tries the same end again (``retry_finishing``) once the spool answers: the
+    job moves, and its end is announced once, as the status records it."""
+    spool, _clock, job, ledger, status, target = _ending_cut_off(tmp_path, monkeypatch)
+    moved = ledger.move(job, JobState.FAILED, status, target=target, retry=True)
+    assert moved.directory == "failed"
+    recorded = spool.jobs.read_status(moved)
+    assert _events(spool) == [("failed", recorded["callback_delivery"])]
+    assert recorded["callback_sequence"] == status.callback_sequence
+
+
+def test_a_change_refused_as_a_duplicate_announces_nothing(tmp_path: Path) -> None:
+    """A file whose id another job took as it was placed (that job's events sent and gone
+    from outbox/): its change raises, and its prepared ``accepted`` goes, whatever that job's
+    status records (a later sequence, but another job's: never this change)."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    _pending(spool, "j")
+    status = spool.jobs.read_status(JobDir("j", "pending", str(spool.dir("pending") / "j")))
+    status.update(callback_sequence=3, callback_delivery="d" * 32)  # ran on; all sent
+    spool.jobs.write_status(JobDir("j", "pending", str(spool.dir("pending") / "j")), status)
+    callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
+    target = CallbackTarget("http://127.0.0.1:9/hook", "s3cret", None)
+    new = JobStatus(job_id="j", state=JobState.PENDING, executor="local", type=None,
+                    submitted_at=rfc3339(T), source="j.yaml")  # fmt: skip
+    with pytest.raises(DuplicateJob), callbacks.announce(target, "accepted", new):
+        raise DuplicateJob("a job with id 'j' already exists in pending/")
+    assert spool.deliveries.names() == []
+    assert (new.callback_sequence, new.callback_delivery) == (0, None)
+
+
+def callbacks_status(job_id: str) -> Any:
     return JobStatus(job_id=job_id, state=JobState.SUCCEEDED, executor="local", type=None,
                      submitted_at=rfc3339(T), source=None)  # fmt: skip
 

@@ -176,11 +176,18 @@ def test_a_thousand_jobs_over_three_hosts_one_killed_one_frozen_one_cut_off(bed:
     finals = {body["job_id"] for body in bed.receiver.bodies() if body["event"] in FINAL_EVENTS}
     missing = set(jobs) - finals
     if missing:  # the last ones may still be on their way
-        said = _said_about(logs, missing)
-        wait_for(lambda: not set(jobs) - {b["job_id"] for b in bed.receiver.bodies()
-                                           if b["event"] in FINAL_EVENTS},
-                 bound=60.0, what=f"final callbacks of {sorted(missing)[:5]}:\n"
-                 + "\n".join(said[-40:]))  # fmt: skip
+        try:
+            wait_for(lambda: not set(jobs) - {b["job_id"] for b in bed.receiver.bodies()
+                                               if b["event"] in FINAL_EVENTS},
+                     bound=60.0, what=f"final callbacks of {sorted(missing)[:5]}")  # fmt: skip
+        except AssertionError as exc:
+            still = set(jobs) - {b["job_id"] for b in bed.receiver.bodies()
+                                 if b["event"] in FINAL_EVENTS}  # fmt: skip
+            logs = {h.name: h.daemon.log() for h in bed.hosts if h.daemon}  # as they are now
+            raise AssertionError(
+                f"{exc}: {len(still)} missing\n{_outbox_of(server, still, bed)}\n"
+                + "\n".join(_said_about(logs, still)[-20:] + _said_of_callbacks(logs))
+            ) from None
     # Each firing of the schedule made once: one run, one "accepted" delivery.
     fired = sorted(job_id for job_id in where if job_id.startswith(SCHEDULE + "@"))
     assert len(fired) >= 10, fired
@@ -234,6 +241,43 @@ def _unfinished(server: Path, logs: dict[str, str], events: list[str]) -> str:
         said += _said_about(logs, {job_id})[-30:]
     said += [f"--- {host}\n{log[-4000:]}" for host, log in logs.items()]
     return "\n".join(said)
+
+
+def _outbox_of(server: Path, job_ids: set[str], bed: Bed) -> str:
+    """What outbox/ holds of these jobs (each delivery's host, event, tries, next try, last
+    error), and what the receiver got of them: where a missing callback is stuck."""
+    said = []
+    for directory in ("", "failed"):
+        try:
+            names = sorted(os.listdir(server / "outbox" / directory))
+        except FileNotFoundError:  # outbox/failed/ is made with its first delivery given up
+            continue
+        said.append(f"outbox/{directory}: {len(names)} entries")
+        for name in names:
+            if name.split("~", 1)[0] not in job_ids or len(said) > 40:
+                continue
+            try:
+                record = json.loads((server / "outbox" / directory / name).read_text())
+            except (OSError, ValueError) as exc:
+                said.append(f"  {name}: unreadable ({exc})")
+                continue
+            fields = ("host", "event", "tries", "next_try", "created", "last_error")
+            said.append(f"  {name}: { ({k: record.get(k) for k in fields}) }")
+    got = collections.Counter(
+        (b["job_id"], b["event"]) for b in bed.receiver.bodies() if b["job_id"] in job_ids
+    )  # fmt: skip
+    said.append(f"received of them: {sorted(got.items())[:20]}; now {time.time():.0f}")
+    return "\n".join(said)
+
+
+def _said_of_callbacks(logs: dict[str, str]) -> list[str]:
+    """Each host's last lines about callbacks, its sender, or the spool's reach."""
+    words = ("callback", "deliver", "outbox", "spool cannot be reached", "spool is back")
+    return [
+        line
+        for host, log in logs.items()
+        for line in [f"  {host}: {x}" for x in log.splitlines() if any(w in x for w in words)][-15:]
+    ]
 
 
 def _rejections(server: Path, logs: dict[str, str], events: list[str]) -> str:

@@ -5,7 +5,9 @@ states.TRANSITIONS before anything is written, its delivery prepared before and 
 from __future__ import annotations
 
 import ast
+import errno
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -66,7 +68,30 @@ def test_every_move_is_checked_against_the_table_before_anything_is_written(
     assert [n for n in spool.deliveries.names() if n.startswith("j1~")] == ["j1~00000001.json"]
 
 
-def test_a_change_that_fails_drops_its_delivery_and_tells_no_one(tmp_path: Path) -> None:
+def test_a_change_that_fails_unrecorded_drops_its_delivery_and_tells_no_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = _spool(tmp_path)
+    told: list[StateChange] = []
+    ledger = JobLedger(spool, callbacks(spool, FakeClock()), listeners=[told.append])
+    job = _job_in(spool, "j2", JobState.RUNNING)
+    new = status("j2", JobState.SUCCEEDED)
+
+    def disk_full(*args: object, **kwargs: object) -> JobDir:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(spool.jobs, "finish", disk_full)  # before its status is written
+    with pytest.raises(OSError):
+        ledger.move(job, JobState.SUCCEEDED, new, target=TARGET)
+    assert spool.deliveries.names() == [] and new.callback_sequence == 0 and told == []
+
+
+def test_a_change_that_fails_after_its_status_was_written_keeps_its_delivery(
+    tmp_path: Path,
+) -> None:
+    """Its status records the outcome: whoever completes the move (a retry, a takeover)
+    announces nothing more, so the delivery made for it stands. Listeners hear nothing: the
+    move was not made."""
     spool = _spool(tmp_path)
     told: list[StateChange] = []
     ledger = JobLedger(spool, callbacks(spool, FakeClock()), listeners=[told.append])
@@ -75,7 +100,9 @@ def test_a_change_that_fails_drops_its_delivery_and_tells_no_one(tmp_path: Path)
     new = status("j2", JobState.SUCCEEDED)
     with pytest.raises(SpoolError):
         ledger.move(job, JobState.SUCCEEDED, new, target=TARGET)
-    assert spool.deliveries.names() == [] and new.callback_sequence == 0 and told == []
+    assert spool.jobs.read_status(job)["callback_delivery"] == new.callback_delivery
+    assert spool.deliveries.names() == ["j2~00000001.json"] and new.callback_sequence == 1
+    assert told == []
 
 
 def test_listeners_hear_every_change_and_one_that_fails_is_logged_not_felt(

@@ -246,18 +246,44 @@ class Callbacks:
         self, names: list[str], status: JobStatus, sequence: int, change: str
     ) -> Iterator[None]:
         """The change itself (the caller's block), between the prepare of ``names`` and their
-        commit; they are dropped if it raises."""
+        commit; if it raises, they go as the job's status then says (``_settle_failed``)."""
         before = status.callback_delivery
         status.callback_sequence, status.callback_delivery = sequence, change
         try:
             yield
         except BaseException:
-            # The change was not made (a duplicate id, a full disk): nor are its deliveries.
-            status.callback_sequence, status.callback_delivery = sequence - 1, before
-            self._drop(names)
+            # Made or not is what the job's status now says, not the exception: a change can
+            # fail after its status was written (a move cut off), and is then completed as
+            # recorded, by a retry or by the host that takes the job over, its delivery with it.
+            if not self._settle_failed(names, status.job_id, change):
+                status.callback_sequence, status.callback_delivery = sequence - 1, before
             raise
         for name in names:
             self._commit(name)
+
+    def _settle_failed(self, names: list[str], job_id: str, change: str) -> bool:
+        """Decide the deliveries of a change that raised by what the job's status records:
+        committed if it names this very change (``callback_delivery``: not another job of
+        that id, a duplicate refused), else dropped; whether they were committed. Where the
+        status cannot be read now (the spool cut off) they stay prepared, for whoever
+        completes or redoes the change: a retry's prepare replaces them, a next owner's
+        ``settle_job`` commits them if recorded, this host's sender settles them once stale."""
+        try:
+            job = self._spool.jobs.find(job_id)
+            status = None if job is None else self._spool.jobs.read_status(job)
+        except (OSError, SpooldError, ValueError):
+            return False
+        recorded = status is not None and status.get("callback_delivery") == change
+        for name in names:
+            self._prepared.pop(name, None)
+            try:
+                if recorded and self._spool.deliveries.commit(name):
+                    self._woken(name)
+                elif not recorded:
+                    self._spool.deliveries.remove(name)
+            except OSError:
+                continue
+        return recorded
 
     def _drop(self, names: list[str]) -> None:
         for name in names:

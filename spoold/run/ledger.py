@@ -8,7 +8,9 @@ this order, written once:
 2. settle what the job's last owner left prepared in outbox/, then prepare this change's
    delivery (``Callbacks.announce``: status ``callback_sequence`` + 1);
 3. make the change in the spool's stores (status.json written, the directory renamed);
-4. commit the delivery, or drop it if the change raised;
+4. commit the delivery; if the change raised, commit or drop it as the job's status.json
+   then records it (a change can raise after its status was written: its move cut off,
+   which a retry or a takeover completes without announcing it again);
 5. tell the listeners (``StateChange``): a listener that fails is logged, never felt.
 
 A ``StateChange`` carries what a listener needs to tell what happened (spoold.run.observed
@@ -107,12 +109,15 @@ class JobLedger:
         mask: Mask | None = None,
         announce: bool = True,
         log_synced: bool = False,
+        retry: bool = False,
     ) -> JobDir:
         """Move ``job`` into ``to``'s directory with ``status`` (masked by ``mask`` where it is
         written and sent); its event (``event``, else the one of ``to``) goes to ``target``.
 
         ``announce=False`` only for recovery completing a move whose delivery was made (and
-        settled) before its worker died.
+        settled) before its worker died. ``retry``: this very change (``status`` as the try
+        that raised left it) tried again: where its status was written before it raised (its
+        move cut off), only the move is left, and its delivery is the one it made then.
         """
         if to is JobState.RUNNING:
             raise ValueError("a job becomes running by claim(), which its worker wins")
@@ -121,6 +126,12 @@ class JobLedger:
         # Before anything is written for it, its delivery included: a claim another host
         # took over writes nothing more (JobFenced).
         self._spool.jobs.check_fence(job)
+        if retry and announce and self._recorded(job, status):
+            if self._callbacks is not None:
+                self._callbacks.settle_job(
+                    job.job_id, status.callback_sequence, status.callback_delivery
+                )
+            announce = False
         with self._announced(job, event or event_for(to), status, target, mask=mask,
                              announce=announce):  # fmt: skip
             data = status.to_dict()
@@ -174,6 +185,21 @@ class JobLedger:
             return
         with self._callbacks.announce(target, event, status, mask):
             yield
+
+    def _recorded(self, job: JobDir, status: JobStatus) -> bool:
+        """Whether ``job``'s status.json records the change ``status`` announced (its
+        ``callback_delivery``): a try that raised after writing it."""
+        if status.callback_delivery is None:
+            return False
+        try:
+            written = self._spool.jobs.read_status(job)
+        except (OSError, SpooldError, ValueError):
+            return False  # not known: announced again, as a change not recorded
+        return bool(
+            written.get("callback_delivery") == status.callback_delivery
+            and written.get("callback_sequence") == status.callback_sequence
+            and written.get("state") == status.state.value  # not a cancel asked since
+        )
 
     def _claimed_status(self, job: JobDir) -> JobStatus | None:
         """The status a claimed job had in pending/ (its worker reads it next, from the page

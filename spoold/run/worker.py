@@ -461,11 +461,13 @@ class JobRunner:
         moved = []
         for run in waiting:
             assert run.outcome is not None
-            if (final := self._finish(run, *run.outcome)) is not None:
+            if (final := self._finish(run, *run.outcome, retry=True)) is not None:
                 moved.append(final)
         return moved
 
-    def _finish(self, run: ActiveRun, state: JobState, status: JobStatus) -> JobDir | None:
+    def _finish(
+        self, run: ActiveRun, state: JobState, status: JobStatus, *, retry: bool = False
+    ) -> JobDir | None:
         synced = True
         if state is JobState.PENDING and (reason := self._cancel_asked(run)) is not None:
             # Asked after the attempt's outcome was decided: no retry, no requeue all the same.
@@ -475,6 +477,7 @@ class JobRunner:
                 final = self._ledger.move(
                     run.job, state, status, target=run.callback,
                     mask=functools.partial(_masked, run.masker), log_synced=synced,
+                    retry=retry,
                 )  # fmt: skip
             except JobFenced as exc:
                 self._drop_fenced(run, exc)
