@@ -211,7 +211,7 @@ def test_a_retried_job_waits_in_pending_without_its_last_outcome(parts: Parts) -
     assert outcome is not None
     failed = parts.runner.record(outcome)
     assert failed is not None and parts.status(failed)["error"] == "exit code 3"
-    pending = parts.control.retry("again")
+    pending = parts.control.retry("again").job
     status = parts.status(pending)
     assert pending.directory == "pending" and status["state"] == "pending"
     assert len(status["attempts"]) == 1 and status["attempts"][0]["exit_code"] == 3

@@ -48,9 +48,13 @@ def test_a_retried_job_claimed_the_moment_it_is_pending_is_retried_all_the_same(
         return moved
 
     monkeypatch.setattr(spool.jobs, "_move", moved_then_claimed)
-    JobControl(spool, clock, who="tester").retry("r1")
+    retried = JobControl(spool, clock, who="tester").retry("r1")
     job = spool.jobs.get("r1")
     assert job.directory == "running"
+    # What the API answers with is what the retry recorded, not status.json now, which
+    # still says how the job ended until its worker writes its own (seen: "cancelled").
+    assert spool.jobs.read_status(job)["state"] == "cancelled"
+    assert retried.status.to_dict()["state"] == "pending"
     log = (Path(job.location) / "log").read_text()
     assert "retry requested by tester: attempt 1 follows" in log, log
     leftovers = [p.name for p in Path(job.location).iterdir() if p.name.startswith(".")]

@@ -728,7 +728,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
     locate(_spool(config), args.job_id)  # "may not look" is said as such, never as "no job"
     control = _control(config)
-    job = control.retry(args.job_id)  # says why not, for a job that is not failed or cancelled
+    job = control.retry(args.job_id).job  # says why not, for one not failed or cancelled
     woke = control.wake_daemon(config.host_id)
     print(f"{args.job_id}: back in pending/ ({job.path})")
     if not woke:

@@ -56,6 +56,17 @@ class CancelOutcome:
     state: JobState
 
 
+@dataclass(frozen=True)
+class Retried:
+    """What ``retry`` did: ``job`` is where it put the job (a worker may have claimed it
+    since), ``status`` what it recorded there: what a caller answers with, not a read of
+    status.json, which a worker that claimed the job before the retry wrote its own still
+    shows as it ended (seen under load: a retry answered "cancelled")."""
+
+    job: JobDir
+    status: JobStatus
+
+
 class JobControl:
     """Cancel and retry, as ``spoold cancel`` and ``spoold retry`` do them."""
 
@@ -107,7 +118,7 @@ class JobControl:
             return CancelOutcome(job, False, state)
         raise SpoolError(f"job {job_id} kept moving; try again")
 
-    def retry(self, job_id: str) -> JobDir:
+    def retry(self, job_id: str) -> Retried:
         """Put a failed or cancelled job back into pending/ for one more attempt."""
         job = self._not_a_schedule(self._spool.jobs.get(job_id))
         status = JobStatus.from_dict(self._spool.jobs.read_status(job))
@@ -141,7 +152,7 @@ class JobControl:
             JobLog(handle, self._clock).info(
                 f"retry requested by {self._who}: attempt {len(status.attempts) + 1} follows"
             )
-        return pending
+        return Retried(pending, status)
 
     def _retry_target(
         self, job: JobDir, status: JobStatus, moved_on: JobNotFound

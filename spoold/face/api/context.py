@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -160,8 +160,10 @@ class ApiContext:
         self.catalogue.forget(job_id)
         return outcome
 
-    def retry(self, job_id: str, who: str) -> None:
-        """Retry as ``spoold retry`` does, and wake the daemon to run it now."""
-        self.control(who).retry(job_id)
+    def retry(self, job_id: str, who: str) -> dict[str, Any]:
+        """Retry as ``spoold retry`` does, and wake the daemon to run it now; the status the
+        retry recorded."""
+        retried = self.control(who).retry(job_id)
         self.catalogue.forget(job_id)  # no change the listeners count: it is told here
         self.wake()
+        return retried.status.to_dict()

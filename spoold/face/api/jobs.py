@@ -299,9 +299,9 @@ def retry_job(
 ) -> dict[str, Any]:
     """Run a failed or cancelled job again, as a new attempt: back in pending/."""
     locate(ctx.spool, job_id)
-    ctx.retry(job_id, caller.who)
+    recorded = ctx.retry(job_id, caller.who)
     ctx.logger.info("API: job %s retried by %s", job_id, caller.who)
-    return current_status(ctx.spool, job_id)
+    return recorded
 
 
 @router.get("/jobs/{job_id}/artifacts")
