@@ -27,7 +27,7 @@ from spoold.core.own_log import close_logging
 from spoold.core.policy import Submitter
 from spoold.core.secrets import SecretStore
 from spoold.core.sightings import Sightings
-from spoold.core.spool import JobDir, Spool, fs
+from spoold.core.spool import JobDir, Spool, TakenFile, fs
 from spoold.core.spool import stages as stages_module
 from spoold.core.states import JobState
 from spoold.daemon import Daemon
@@ -945,20 +945,29 @@ def test_intake_stages_are_recovered_by_their_own_host_or_once_it_is_lost(tmp_pa
 STAND_INS = (".fuse_hidden000027ce00000003", ".nfs00000000013d6f4a00000007")
 
 
+def _taken_on_a(
+    tmp_path: Path, name: str, job: bytes, *, ready: bool = False
+) -> tuple[Spool, Spool, TakenFile]:
+    """Host a's spool, host b's view of it, and ``name`` (holding ``job``) taken by a into a
+    stage (one made ahead if ``ready``), the submitter's file its copy replaced removed."""
+    a = _spool(tmp_path, host="a")
+    b = Spool(a.root, host="b")
+    (a.dir("incoming") / name).write_bytes(job)
+    if ready:
+        assert a.stages.make_ready(1, enough=lambda: False) == 1
+    taken = a.stages.take_incoming(name, now=T.timestamp(), max_size=1 << 20)
+    assert taken is not None and taken.ready == ready and taken.spent
+    a.stages.remove_spent(taken.spent)
+    return a, b, taken
+
+
 @pytest.mark.parametrize("stand_in", STAND_INS)
 @pytest.mark.parametrize("ready", [False, True], ids=["stage-made-then", "stage-made-ahead"])
 def test_a_stage_recovered_gives_back_the_job_file_never_a_filesystems_stand_in(
     tmp_path: Path, stand_in: str, ready: bool
 ) -> None:
-    a = _spool(tmp_path, host="a")
-    b = Spool(a.root, host="b")
     job = b"job_id: j0941\nexecutor: local\ncommand: 'true'\n"
-    (a.dir("incoming") / "j0941.yaml").write_bytes(job)
-    if ready:
-        assert a.stages.make_ready(1, enough=lambda: False) == 1
-    taken = a.stages.take_incoming("j0941.yaml", now=T.timestamp(), max_size=1 << 20)
-    assert taken is not None and taken.ready == ready and taken.spent
-    a.stages.remove_spent(taken.spent)
+    a, b, taken = _taken_on_a(tmp_path, "j0941.yaml", job, ready=ready)
     # The submitter's file, replaced by spoold's copy while still open, and judging begun.
     (taken.stage / stand_in).write_bytes(job)
     (taken.stage / "status.json").write_text('{"job_id": "j0941"}')
@@ -979,13 +988,8 @@ def test_a_stand_in_left_alone_in_a_stage_is_the_submitters_file_and_goes_back(
     it replaces aside, then renames the copy in: a cut between the two) leaves the stand-in
     alone with the job's bytes: it goes back, not deleted with the stage. Its host knows the
     file's name; another host names it after the stage."""
-    a = _spool(tmp_path, host="a")
-    b = Spool(a.root, host="b")
     job = b"job_id: j0942\nexecutor: local\ncommand: 'true'\n"
-    (a.dir("incoming") / "j0942.yaml").write_bytes(job)
-    taken = a.stages.take_incoming("j0942.yaml", now=T.timestamp(), max_size=1 << 20)
-    assert taken is not None and taken.spent
-    a.stages.remove_spent(taken.spent)
+    a, b, taken = _taken_on_a(tmp_path, "j0942.yaml", job)
     os.rename(taken.original, taken.stage / STAND_INS[0])
 
     if by == "its-host":
@@ -1003,12 +1007,7 @@ def test_a_stand_in_left_alone_in_a_stage_is_the_submitters_file_and_goes_back(
 def test_every_file_a_recovered_stage_may_hold_of_its_submitter_goes_back(tmp_path: Path) -> None:
     """Nothing a stage holds that spoold did not write is deleted with it: were there ever two
     files in it (there should not be), both go back, each under its own name."""
-    a = _spool(tmp_path, host="a")
-    b = Spool(a.root, host="b")
-    (a.dir("incoming") / "one.yaml").write_bytes(b"job_id: one\n")
-    taken = a.stages.take_incoming("one.yaml", now=T.timestamp(), max_size=1 << 20)
-    assert taken is not None and taken.spent
-    a.stages.remove_spent(taken.spent)
+    a, b, taken = _taken_on_a(tmp_path, "one.yaml", b"job_id: one\n")
     (taken.stage / "two.yaml").write_bytes(b"job_id: two\n")
 
     lines = b.stages.recover(frozenset({"a"}))

@@ -792,9 +792,7 @@ class Stages:
         # The id a placing cut short may have left reserved for this stage (its own undo failed
         # too: a cut): given up first, as by recovery, for nothing else will name it once the
         # stage is gone (seen: a file given back, waiting "being accepted" for good).
-        job_id = self._staged_status(stage).get("job_id")
-        if isinstance(job_id, str) and RUN_ID.match(job_id):
-            self._ids.unreserve(job_id, stage.name)
+        self._unreserve_staged(stage, stage.name)
         # Where accept() or reject() may have moved it; a file named like one spoold writes
         # was moved first, so its original name may now hold spoold's own file.
         moved = [stage / "job.yaml", stage / "reason.json.orig"]
@@ -886,9 +884,7 @@ class Stages:
         token = token or stage.name
         if _is_own(stage.name):
             # Whole or not, nobody's file: a firing not recorded is made again.
-            job_id = self._staged_status(stage).get("job_id")
-            if isinstance(job_id, str) and RUN_ID.match(job_id):
-                self._ids.unreserve(job_id, token)
+            self._unreserve_staged(stage, token)
             self._remove_stage(stage)
             return f"removed {stage.name}, a stage of spoold's own (nothing to give back)"
         names = [e.name for e in os.scandir(stage)]
@@ -915,9 +911,7 @@ class Stages:
         # No file of the submitter's nor job.yaml: only a stand-in can hold the job's bytes.
         stand_ins = [] if originals or "job.yaml" in entries else _stand_ins(names)
         if _HANDED_OVER in entries:
-            job_id = self._staged_status(stage).get("job_id")
-            if isinstance(job_id, str) and RUN_ID.match(job_id):
-                self._ids.unreserve(job_id, token)
+            self._unreserve_staged(stage, token)
             self._remove_stage(stage)
             return f"removed job file {stage.name} handed over by the API and not yet accepted"
         if "reason.json" in entries and not alone:
@@ -930,9 +924,7 @@ class Stages:
             # Taken but not yet accepted: back to incoming/ to be taken again, and the id it
             # may have reserved given up. A file already renamed to job.yaml is named after
             # the source recorded beside it, if any.
-            job_id = self._staged_status(stage).get("job_id")
-            if isinstance(job_id, str) and RUN_ID.match(job_id):
-                self._ids.unreserve(job_id, token)
+            self._unreserve_staged(stage, token)
             # Each original, should there ever be more than one: the stage is deleted after.
             sources = (
                 [(n, n) for n in originals]
@@ -955,8 +947,8 @@ class Stages:
         """Put a replaced definition back where no other is (its replacement, where there is
         no exchange, was cut between its two renames: the new one goes back to incoming/ from
         its own stage); whether it was."""
-        job_id = self._staged_status(stage).get("job_id")
-        if not (isinstance(job_id, str) and RUN_ID.match(job_id)):
+        job_id = self._staged_id(stage)
+        if job_id is None:
             return False
         target = f"{self._dirs['scheduled']}/{job_id}"
         if os.path.lexists(target):
@@ -973,6 +965,17 @@ class Stages:
     @staticmethod
     def _staged_status(stage: Path) -> dict[str, Any]:
         return read_json(f"{stage}/status.json") or {}
+
+    def _staged_id(self, stage: Path) -> str | None:
+        """The job id a stage's status.json names, if it is one."""
+        job_id = self._staged_status(stage).get("job_id")
+        return job_id if isinstance(job_id, str) and RUN_ID.match(job_id) else None
+
+    def _unreserve_staged(self, stage: Path, token: str) -> None:
+        """Give up the id the stage's status.json names, if ``token`` (the name the stage had
+        when it reserved it) still holds it."""
+        if (job_id := self._staged_id(stage)) is not None:
+            self._ids.unreserve(job_id, token)
 
     def _staged_source(self, stage: Path, unknown: str = "job.yaml") -> str:
         source = self._staged_status(stage).get("source")
