@@ -196,9 +196,10 @@ def _escapers(tmp_path: Path, tag: str) -> tuple[str, str]:
     # A setsid'd one that says when SIGTERM reaches it, by the shell's own redirection: a
     # `touch` forked by the trap is one more process of the job's, which the SIGTERM that
     # goes to each of them may reach before it made the file (seen under load). Its sleep
-    # ignores SIGTERM: the signals go to a cgroup's members one by one, in no set order, and
-    # a sleep that died of its own first let the shell's wait return and the shell exit before
-    # its SIGTERM came (seen once in CI: the job then waited out kill_grace).
+    # ignores SIGTERM: where no cgroup can be frozen the signals go to the job's processes one
+    # by one, in no set order, and a sleep that died of its own first let the shell's wait
+    # return and the shell exit before its SIGTERM came (seen once in CI, before the freeze:
+    # the job then waited out kill_grace).
     heard = tmp_path / f"{tag}-heard-TERM"
     lines = textwrap.dedent(f"""\
         setsid {sleep} 301 &
@@ -570,6 +571,67 @@ def test_a_start_removes_the_empty_cgroups_of_runs_and_no_other(tmp_path: Path) 
         for path in (busy, str(other)):
             gone = functools.partial(_removed_cgroup, path)
             wait_for(gone, what="the test's cgroup to go")
+
+
+# Forks a child of its own session (out of the run's group) for each byte read.
+_FORKER = """import os, sys
+while sys.stdin.buffer.read(1):
+    if os.fork() == 0:
+        os.setsid()
+        os.execv("/bin/sleep", ["sleep", "301"])
+"""
+
+
+def test_a_runs_sigterm_reaches_a_process_forked_while_it_is_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timeout's or cancel's SIGTERM goes to the run's cgroup while it is frozen: a process
+    that forks between the look at the cgroup's members and the signals cannot get a child
+    past them. Here one is asked to fork at that very moment, by the look itself; sent one by
+    one to the members it found, the signal missed the child, which ran on."""
+    from spoold.run.process import _Trees  # noqa: PLC0415
+
+    home = procfs.cgroup_home()
+    if home is None:
+        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
+        return
+    cgroup = procfs.make_cgroup(home, process_token("frozen"))
+    assert cgroup is not None
+    first = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    forker = subprocess.Popen([sys.executable, "-c", _FORKER], stdin=subprocess.PIPE,
+                              start_new_session=True)  # fmt: skip
+    assert forker.stdin is not None
+    looked_at = procfs.cgroup_members
+
+    def members_then_a_fork(path: str) -> list[int]:
+        found = looked_at(path)
+        assert forker.stdin is not None
+        forker.stdin.write(b"x")
+        forker.stdin.flush()
+        # Its child, where it can fork now: not while frozen, where this waits out the bound.
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: len(looked_at(path)) > len(found), bound=0.5)
+        return found
+
+    try:
+        for pid in (first.pid, forker.pid):
+            Path(cgroup, "cgroup.procs").write_text(str(pid))
+        trees = _Trees()
+        tree = trees.add(process_token("run"), first.pid, cgroup)
+        monkeypatch.setattr(procfs, "cgroup_members", members_then_a_fork)
+        trees.signal(tree, signal.SIGTERM)
+        monkeypatch.undo()
+        assert not procfs.cgroup_frozen(cgroup), "the run was left frozen"
+        assert (first.wait(timeout=10), forker.wait(timeout=10)) == (-15, -15)
+        with contextlib.suppress(AssertionError):  # what SIGTERM reached is ending
+            wait_for(lambda: not procfs.cgroup_populated(cgroup), bound=10)
+        assert procfs.cgroup_members(cgroup) == [], "a process forked meanwhile ran on"
+    finally:
+        procfs.kill_cgroup(cgroup)
+        for process in (first, forker):
+            process.kill()
+            process.wait()
+        wait_for(functools.partial(_removed_cgroup, cgroup), what="the test's cgroup to go")
 
 
 def _removed_cgroup(path: str) -> bool:

@@ -16,9 +16,10 @@ What every process run here gets, whatever the process that starts it does:
   left costs one read of /proc; elsewhere (``spoold exec``) /proc is scanned for the token.
   A supervisor's runs are each in a cgroup of their own too, where cgroup v2 lets it make one
   (``procfs.cgroup_home``): no process of the run can leave it, and its SIGKILL reaches them
-  all at once (cgroup.kill). A sweep over pids cannot end a process that forks and exits
-  faster than the sweep looks (measured: one forking every millisecond outlived it, and
-  every end after); nor can it find one that cleared its environment and left the group.
+  all at once (cgroup.kill); so does its SIGTERM, sent while the cgroup is frozen. A sweep
+  over pids cannot end a process that forks and exits faster than the sweep looks (measured:
+  one forking every millisecond outlived it, and every end after); nor can it find one that
+  cleared its environment and left the group.
 - **Bounded output.** See ``spoold.core.joblog``: at most ``HELD_BYTES`` of an unfinished line per
   stream, plus one read of ``_READ_SIZE``.
 - **What it cost** (``ProcessOutcome.usage``), from the kernel: each process of the run is
@@ -66,6 +67,8 @@ TREE_VARIABLE = "SPOOLD_PROCESS_TREE"
 #: How long an end waits for the processes it killed to be gone (a process in uninterruptible
 #: sleep can take longer: it is killed again by a later end).
 _KILL_WAIT = 2.0
+#: How long a signal waits for the run's cgroup to freeze before it goes anyway.
+_FREEZE_WAIT = 0.5
 #: Signals subprocess resets in the child itself (restore_signals=True).
 _RESTORED = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
 # Signals 32 and 33: glibc's own (thread cancellation, setxid), which Python can neither set nor
@@ -508,13 +511,19 @@ class _Trees:
             self._meters.pop(tree.token, None)
 
     def signal(self, tree: _Tree, sig: signal.Signals) -> None:
-        """Signal a live run's processes: its group at once, then each one outside it."""
-        _signal_group(tree.pid, sig)
-        if tree.cgroup is not None:
-            _signal_cgroup(tree.cgroup, sig)
-        for info in self._processes(tree, [tree.pid]):
-            if info.pgrp != tree.pid:
-                _signal(info.pid, sig)
+        """Signal a live run's processes: its group at once, then each one outside it.
+
+        With the run's cgroup frozen meanwhile (``_frozen``), so that the signal reaches all
+        of them together at the thaw: none can fork a process past the look at who is there,
+        and none ends of it early and lets another one end before its own signal came (a
+        shell whose ``wait`` returned because its child died first)."""
+        with _frozen(tree.cgroup):
+            _signal_group(tree.pid, sig)
+            if tree.cgroup is not None:
+                _signal_cgroup(tree.cgroup, sig)
+            for info in self._processes(tree, [tree.pid]):
+                if info.pgrp != tree.pid:
+                    _signal(info.pid, sig)
 
     def end(self, tree: _Tree) -> int:
         """SIGKILL what an ended run left, and wait until it is gone; return how many.
@@ -723,6 +732,25 @@ def _signal_cgroup(path: str, sig: signal.Signals) -> set[int]:
         for pid in members:
             _signal(pid, sig)
     return members
+
+
+@contextlib.contextmanager
+def _frozen(path: str | None) -> Iterator[None]:
+    """The cgroup at ``path`` frozen for the block, once the freeze has taken effect (within
+    ``_FREEZE_WAIT``: one in uninterruptible sleep freezes when it wakes), thawed after; as it
+    is where it cannot be frozen (None: no cgroup). A process killed in the block leaves the
+    run frozen: what then ends the run, its supervisor's death or its end, kills with
+    SIGKILL, which a frozen process gets at once."""
+    if path is None or not procfs.freeze_cgroup(path, True):
+        yield
+        return
+    try:
+        give_up = time.monotonic() + _FREEZE_WAIT
+        while not procfs.cgroup_frozen(path) and time.monotonic() < give_up:
+            time.sleep(0.001)
+        yield
+    finally:
+        procfs.freeze_cgroup(path, False)
 
 
 def _remove_cgroup(path: str, give_up: float) -> None:
