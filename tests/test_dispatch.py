@@ -77,6 +77,34 @@ def test_a_job_given_back_returns_to_its_place_and_frees_its_limit() -> None:
     assert _drain(queue) == ["a"]
 
 
+def test_clear_forgets_what_waits_and_what_is_held_but_not_what_was_handed_out() -> None:
+    """The daemon stops: the jobs waiting (packed or not), the adoptions not handed out and
+    the claims held are forgotten, and their limits with them; a job handed out stays
+    counted until it is finished."""
+    queue = DispatchQueue({"local": 1}, held=2)
+    queue.add("out", JobMeta(key="k", limit=1))
+    assert queue.take() == ("out", None)
+    queue.add("behind-out", JobMeta(key="k", limit=1))
+    for job_id in ("w1", "w2", "w3"):  # the last two packed
+        queue.add(job_id, JobMeta(key="w", limit=1))
+    queue.add("adopted", JobMeta(executor="local"), "adopt", running=True)
+    queue.hold("claimed", JobMeta(key="c", limit=1))
+    assert (len(queue), queue.claims, queue.holds("w3")) == (5, 1, True)
+
+    queue.clear()
+    assert not queue and len(queue) == 0 and queue.claims == 0
+    assert queue.job_ids() == {"out"} and not queue.holds("w3")
+    assert queue.take() is None
+    # Their limits are free again; only the job handed out still holds its key.
+    queue.add("local-next", JobMeta(executor="local"))
+    queue.add("c-next", JobMeta(key="c", limit=1))
+    assert queue.add("w-next", JobMeta(key="w", limit=1, strategy="skip")) == [], "none waits"
+    queue.add("k-next", JobMeta(key="k", limit=1))
+    assert sorted(_drain(queue)) == ["c-next", "local-next", "w-next"]
+    queue.finished("out")
+    assert _drain(queue) == ["k-next"]
+
+
 def test_meta_from_a_document_or_a_status() -> None:
     meta = JobMeta.from_document({"executor": "docker", "priority": 3,
                                   "concurrency": {"key": "x", "strategy": "skip"}})  # fmt: skip

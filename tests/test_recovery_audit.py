@@ -353,12 +353,14 @@ class _Calls(Executor):
     name = "calls"
     schema_resource = "local.schema.json"
     made: list[str] = []  # reset by each test (the fixture)
+    users: list[str | None] = []  # whom each call ran as (its job user: hooks, environment)
     started = threading.Event()
     cancelled = threading.Event()
     wait_for_cancel = False
 
     def execute(self, ctx: RunContext) -> ExecResult:
         type(self).made.append(ctx.unit_key)
+        type(self).users.append(None if ctx.run_as is None else ctx.run_as.name)
         type(self).started.set()
         if type(self).wait_for_cancel and ctx.cancel.wait(BOUND):
             type(self).cancelled.set()
@@ -368,7 +370,7 @@ class _Calls(Executor):
 
 @pytest.fixture(name="calls")
 def _calls() -> Iterator[type[_Calls]]:
-    _Calls.made = []
+    _Calls.made, _Calls.users = [], []
     _Calls.started, _Calls.cancelled = threading.Event(), threading.Event()
     _Calls.wait_for_cancel = False
     yield _Calls
@@ -434,6 +436,35 @@ def test_an_adopted_unit_of_an_executor_that_cannot_resume_is_not_called_again(
     assert (final.directory, status["state"]) == ("failed", "failed"), status
     assert "interrupted" in status["error"]
     assert "cannot be resumed" in final.log_path.read_text()
+
+
+def test_an_adopted_job_goes_on_as_the_job_user_its_old_lease_names(
+    tmp_path: Path, calls: type[_Calls]
+) -> None:
+    """worker.py: an adoption keeps the user the job ran as, "whichever slot adopts it". A job
+    whose executor works elsewhere has a work dir of spoold's own, which names no job user:
+    only its old lease says it ran as slot 1's user. Adopted in slot 0, it still runs as that
+    user, and its new lease says so for whoever adopts it next."""
+    spool = _spool(tmp_path)
+    job_id = _call_job(spool)
+    workdir = tmp_path / "work" / f"{job_id}.1.abc"
+    workdir.mkdir(parents=True)
+    old = {"worker": "old", "host": "here", "pid": 999_999, "pid_start": 1,
+           "workdir": str(workdir), "job_user": "spoold-job2"}  # fmt: skip
+    _running(spool, job_id, old)
+    runner = _runner(spool)
+    assert runner.job_user("0") == "spoold-job", "slot 0's own user is another"
+    adopted = runner.adopt(job_id)
+    assert adopted is not None
+    leases: list[dict[str, Any] | None] = []  # as the call starts
+    attempt = runner.attempt(
+        adopted, meanwhile=lambda: leases.append(spool.jobs.read_lease(adopted))
+    )
+    assert attempt is not None and calls.made == ["1"]
+    assert calls.users == ["spoold-job2"], "it went on as the adopting slot's user"
+    assert [lease and lease.get("job_user") for lease in leases] == ["spoold-job2"]
+    final = runner.record(attempt)
+    assert final is not None and final.directory == "done"
 
 
 def test_a_unit_in_the_worker_process_ends_once_its_claim_is_fenced(

@@ -34,6 +34,7 @@ from spoold.face.schedules import (
 )
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import JobValidator, job_validator
+from spoold.run.control import JobControl
 from spoold.run.dispatch import JobMeta
 from spoold.run.registry import ExecutorRegistry
 from spoold.schedule.scheduler import Scheduler
@@ -329,6 +330,27 @@ def test_run_now_keeps_the_overlap_rule_of_a_firing(bench: Bench) -> None:
     run = run_now(bench.spool, "slow", who=BOB, now=bench.clock.now())
     bench.scheduler.sync()
     assert bench.queued == [going, run]
+
+
+def test_overlap_skip_looks_back_past_the_newest_run_as_the_face_does(bench: Bench) -> None:
+    """A run that is not the newest may be going again: one of the last five, failed and
+    retried after four more ran. Its schedule's next firing is skipped, as the face refuses a
+    run now for it: both look at the same five newest runs."""
+    bench.drop("slow", {"every": "20s"})  # overlap: skip, the default
+    runs = []
+    for k in range(1, 6):
+        bench.at(_firing(k), "slow")
+        runs.append(bench.queued[-1])
+        bench.finish(runs[-1], JobState.FAILED if k == 1 else JobState.SUCCEEDED)
+    oldest = runs[0]
+    JobControl(bench.spool, bench.clock, who=BOB).retry(oldest)
+    with pytest.raises(InvalidTransition, match=f"run {oldest} is still going"):
+        run_now(bench.spool, "slow", who=BOB, now=bench.clock.now())
+    bench.at(_firing(6), "slow")
+    assert bench.queued == runs, "a firing made a run beside the one going"
+    assert bench.notes("slow")[-1] == (
+        f"firing at {rfc3339(_firing(6))} skipped: run {oldest} is still going (overlap: skip)"
+    )
 
 
 @pytest.mark.parametrize("action", ["run", "pause", "resume"])

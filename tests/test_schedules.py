@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from spoold.core.units import MAX_DURATION
 from spoold.schedule.triggers import (
     CATCH_UP_LIMIT,
     Plan,
@@ -61,6 +62,17 @@ def test_an_hourly_job_fires_at_each_wall_clock_hour_once_through_the_changes() 
     spring = _times(hourly, datetime(2026, 3, 28, 23, 0, tzinfo=UTC), 5)  # 00:00 local
     assert [t.astimezone(BERLIN).hour for t in spring] == [0, 1, 3, 4, 5], "02:00 never comes"
     assert len(set(autumn)) == len(autumn) and sorted(autumn) == autumn
+
+
+def test_the_next_firings_are_strictly_after_now_even_when_one_falls_on_it() -> None:
+    """A firing due this very moment, after an older ``last`` (the daemon has yet to make it;
+    a face shows the next firings meanwhile), is not one of the next: those come after it."""
+    spec = ScheduleSpec.from_document("0 * * * *")
+    trigger = spec.trigger(NOW - timedelta(days=1))
+    hour = timedelta(hours=1)
+    assert next_fire_times(spec, trigger, NOW, 2, last=NOW - hour) == [NOW + hour, NOW + 2 * hour]
+    assert next_fire_times(spec, trigger, NOW - timedelta(microseconds=1), 1,
+                           last=NOW - hour) == [NOW]  # fmt: skip
 
 
 def _plan(value: dict[str, Any], *, last: datetime | None, now: datetime):  # type: ignore[no-untyped-def]
@@ -142,6 +154,18 @@ def test_jitter_stays_within_its_bounds(draw: float) -> None:
 def test_schedules_that_cannot_work_are_named(value: str | dict[str, Any], words: str) -> None:
     found = problem(value, NOW)
     assert found is not None and words in found
+
+
+def test_a_schedule_whose_first_firing_lies_past_the_horizon_never_fires() -> None:
+    """Valid means a firing within the longest ``every:`` (10 years) and cron's rarest date
+    (29 February on a Monday, 28 years) from now: one that far ahead is accepted, one a second
+    further is taken for none (a window opening in some far year is a mistake)."""
+    horizon = timedelta(seconds=MAX_DURATION) + timedelta(days=366 * 29)
+    for ahead, refused in ((horizon, False), (horizon + timedelta(seconds=1), True)):
+        value = {"every": "1h", "window": {"start": (NOW + ahead).isoformat()}}
+        assert _times(value, NOW, 1) == [NOW + ahead], "the window's start is its first firing"
+        found = problem(value, NOW)
+        assert (found is not None and "never fires" in found) == refused, (ahead, found)
 
 
 def test_a_window_limits_when_a_schedule_fires() -> None:

@@ -318,6 +318,34 @@ def test_reject_keeps_the_file_and_never_overwrites_an_earlier_rejection(tmp_pat
     assert json.loads((paths[1] / "reason.json").read_text())["reason"] == "second"
 
 
+def test_reject_syncs_rejected_after_its_rename(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A rejection is durable before it is told (its ``rejected`` event is committed after
+    ``reject`` returns): the reason is written durably, then rejected/ is synced after the
+    rename into it."""
+    spool = _spool(tmp_path)
+    (spool.dir("incoming") / "bad.yaml").write_text("job_id: [\n")
+    taken = _taken(spool, "bad.yaml")
+    steps: list[str] = []
+    real_fsync, real_rename = os.fsync, fs_module.rename_noreplace
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name  # a file: written aside first
+        steps.append("sync reason.json" if "reason.json" in name else f"sync {name}")
+        real_fsync(fd)
+
+    def rename(source: str | Path, target: str | Path) -> None:
+        steps.append(f"rename {Path(source).name} -> {Path(target).parent.name}/")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(stages_module, "rename_noreplace", rename)
+    target = spool.stages.reject(taken, {"file": "bad.yaml", "reason": "not YAML"})
+    assert target == spool.dir("rejected") / "bad.yaml"
+    assert steps == ["sync reason.json", f"rename {taken.stage.name} -> rejected/", "sync rejected"]
+
+
 def test_a_file_named_reason_json_does_not_hide_its_reason(tmp_path: Path) -> None:
     spool = _spool(tmp_path)
     (spool.dir("incoming") / "reason.json").write_text("{}")
