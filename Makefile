@@ -107,7 +107,7 @@ typecheck: setup
 # The package test installs a real /etc/spoold/config.yaml (which any spoold command without
 # --config then finds) and adds and removes the spoold-job user: it runs alone, after the rest.
 unit: setup
-	$(VENV)/bin/pytest -n auto -q --ignore=tests/test_deb.py
+	$(VENV)/bin/pytest -n auto -q --durations=15 --ignore=tests/test_deb.py
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_deb.py
 
 test: setup system-deps lint typecheck unit

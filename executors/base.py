@@ -318,7 +318,7 @@ def run_local_process(ctx: RunContext, argv: list[str], cwd: Path | None = None)
     if outcome.detached:
         return ExecResult(None, detached=True)
     if outcome.interrupted:
-        why = (
+        why = outcome.why or (
             "its supervisor was stopped" if outcome.exit_code is not None else "its supervisor died"
         )
         return ExecResult(outcome.exit_code, why, interrupted=True, usage=outcome.usage)

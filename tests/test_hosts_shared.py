@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from spoold.core.clock import parse_rfc3339
-from spoold.core.spool import Spool
+from spoold.core.spool import Spool, fs
 from spoold.core.spool.fs import rename_noreplace
 from spoold.schedule.triggers import run_id
-from tests.harness import run_cli, wait_for, write_config
+from tests.harness import gate_wait, local_job, run_cli, wait_finished, wait_for, write_config
 from tests.netbed import Bed, Host, make_bed
 from tests.test_hosts import replaced_only_while_there
 
@@ -402,6 +402,70 @@ def test_a_write_of_an_existing_file_never_makes_it_again_on_sshfs(bed: Bed) -> 
     directory = h1.spool / "tmp" / "existing"
     directory.mkdir()
     replaced_only_while_there(directory)
+
+
+def test_a_cut_off_host_ends_a_job_it_would_run_twice_before_another_takes_it_over(
+    bed: Bed,
+) -> None:
+    """A job with ``on_interrupt: requeue`` on a host cut off from the spool past its lease: its
+    taker runs it again. The cut-off host's copy ran on until the link came back (its
+    supervisor saw the fence only then): two copies of one job at once. Now that supervisor
+    ends it first, once the spool has been out of its reach for what the lease leaves."""
+    h1, h2 = bed.host(1), bed.host(2)
+    server = bed.server_spool
+    assert run_cli(server, "init").returncode == 0
+    marks, gate = bed.root / "marks", bed.root / "gate"
+    marks.mkdir(mode=0o777)
+    marks.chmod(0o777)  # the job runs as the job user
+    lease = 10.0  # the copy ends 6 s (10 - 3 beats - kill_grace) after its beat last moved
+    configs = {
+        host.name: write_config(
+            bed.root / f"cut-{host.name}.yaml",
+            host.spool,
+            watch="poll",
+            poll_interval="200ms",
+            rescan_interval="1s",
+            lease_timeout=f"{lease:g}s",
+            heartbeat_interval="1s",
+            kill_grace="1s",
+            logdir=str(bed.root / "logs" / host.name),
+        )
+        for host in (h1, h2)
+    }
+    stamp = f'$(date +%s.%N) >> "{marks}/$RUNNER_ID"'
+    commands = (
+        f"echo start {stamp}; trap 'echo end {stamp}; exit 143' TERM; "
+        f"{gate_wait(gate, bound=120)} & wait"
+    )
+    h1.start_daemon(configs["h1"])
+    h2.start_daemon(configs["h2"])
+    # h1 sees h2 (its record's view says so) before the job starts, which h2 sits out frozen.
+    record = server / "hosts" / "h1"
+    wait_for(lambda: "h2" in (fs.read_json(str(record)) or {}).get("view", {}),
+             what="h1 to see h2")  # fmt: skip
+    h2.freeze()
+    try:
+        _drop(server, "twice.yaml", local_job("twice", commands, on_interrupt="requeue"))
+        wait_for((marks / "h1").exists, what="the job to start on h1")
+    finally:
+        h2.thaw()
+    h1.cut()
+    try:
+        wait_for((marks / "h2").exists, bound=60, what="h2 to take the job over and run it")
+        h2_start = float((marks / "h2").read_text().split()[1])
+        h1_lines = (marks / "h1").read_text().split("\n")
+        ends = [float(line.split()[1]) for line in h1_lines if line.startswith("end ")]
+        assert ends, f"h1's copy still ran when h2 started the job: {h1_lines}"
+        assert ends[0] < h2_start, (ends, h2_start)
+        print(f"FACT cut-off: h1's copy ended {h2_start - ends[0]:.2f} s before h2 started it")
+    finally:
+        h1.restore()
+    gate.touch()
+    where, status = wait_finished(server, "twice", bound=60)
+    assert where == "done", status
+    assert status["worker"].startswith("h2"), status
+    log = (server / "done" / "twice" / "log").read_text()
+    assert "taken over by host h2 from host h1" in log, log
 
 
 TAKEN = re.compile(r"taken over by host (\S+) from host (\S+) \(claim generation (\d+)")

@@ -21,10 +21,9 @@ from spoold.core.config import Config
 from spoold.core.procfs import Machine, this_machine
 from spoold.core.sightings import Sightings
 from spoold.core.spool import Spool
+from spoold.core.spool.hosts import ALIVE, GONE, STALE
 
 __all__ = ["ALIVE", "GONE", "STALE", "HostBeat"]
-
-ALIVE, STALE, GONE = "alive", "stale", "gone"
 #: What a write answers on a full disk, over quota, or on a spool mounted read-only: a state
 #: that lasts, said once (not a traceback every beat).
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})

@@ -62,8 +62,10 @@ from spoold.core.procfs import (
 )
 from spoold.core.secrets import Masker
 from spoold.core.spool.fs import rename_noreplace
+from spoold.core.spool.hosts import others_may_take_over
 from spoold.core.spool.jobs import JobDir, Jobs, check_fence
 from spoold.core.spool.spares import Spares
+from spoold.core.units import format_duration
 from spoold.core.usage import Usage
 from spoold.run.log_socket import LogTap
 from spoold.run.process import (
@@ -123,6 +125,20 @@ class Supervise(NamedTuple):
     #: ``heartbeat_interval``): it ends the unit if the job was taken over, and moves the
     #: claim's beat itself while its worker is gone (``_Keeper``). None: it does not.
     beat_interval: float | None = None
+    #: For a job another host would run again once it took it over (``on_interrupt:
+    #: requeue``): when the supervisor ends the unit itself, the spool out of its reach.
+    cut_off: CutOff | None = None
+
+
+class CutOff(NamedTuple):
+    """A unit ends if the spool has been out of reach while its claim's beat was last seen
+    moving ``after`` seconds ago, and the host's record (``host_record``) last showed
+    another host that may take the job over: its run there could not be stopped before
+    that host runs the job again (``_Keeper``)."""
+
+    after: float
+    host_record: str
+    lease_timeout: float
 
 
 class AddClient(NamedTuple):
@@ -475,10 +491,12 @@ class Supervised(Processes):
         log_socket: Path | None = None,
         meanwhile: Callable[[], None] | None = None,
         beat_interval: float | None = None,
+        cut_off: CutOff | None = None,
     ) -> None:
         """``meanwhile``: what the caller does while a unit's process starts, once it has been
-        asked for (``JobRunner.attempt``); ``beat_interval``: ``Supervise.beat_interval``."""
+        asked for (``JobRunner.attempt``); ``beat_interval``, ``cut_off``: ``Supervise``'s."""
         self._beat_interval = beat_interval
+        self._cut_off = cut_off
         self._launcher = launcher
         self._jobs = jobs
         self._job = job
@@ -534,7 +552,7 @@ class Supervised(Processes):
             self._job, key, tuple(argv), str(cwd), dict(env), run_as, timeout, kill_grace,
             label, log.sections, self._masker.values(), self._log_limit, self._host,
             self._log_socket, (self._jobs.spares.directory, self._jobs.spares.host),
-            self._beat_interval,
+            self._beat_interval, self._cut_off,
         )  # fmt: skip
         tee = log.tee_fd()
         sock = self._launcher.supervise(request, () if tee is None else (tee,))
@@ -716,6 +734,7 @@ def _outcome(record: dict[str, Any], log: JobLog) -> ProcessOutcome:
         timed_out=record.get("timed_out") is True,
         cancelled=record.get("cancelled") is True,
         interrupted=record.get("interrupted") is True,
+        why=why if isinstance(why := record.get("why"), str) else None,
         tail=tuple(record.get("tail") or ()),
         usage=Usage.from_dict(record.get("usage")),
     )
@@ -862,35 +881,49 @@ class _Keeper:
 
     def __init__(
         self, job: JobDir, reply: socket.socket, interval: float,
-        *, cancel: threading.Event, log: JobLog, now: float,
+        *, cancel: threading.Event, log: JobLog, clock: Clock, cut_off: CutOff | None = None,
     ) -> None:  # fmt: skip
         self._job = job
         self._reply = reply
         self._interval = interval
         self._cancel = cancel
         self._log = log
+        self._clock = clock
+        self._cut_off = cut_off
+        now = clock.monotonic()
         self._next = now + interval
         self._lease_beat: object = None  # the lease's beat at the last look
         self._beat = 0  # the last kept.<generation>.<beat> made; 0: none
+        #: When the claim's beat was last seen moving, or moved here (the unit's start: its
+        #: worker claimed or renewed the job just before).
+        self._renewed = now
+        #: Whether the host's record, at the last look, showed a host that may take over.
+        self._takers = True
         self.fenced = False
+        #: Why it ended the unit itself, the spool out of reach (None: it did not).
+        self.cut_off: str | None = None
 
     def __call__(self, now: float) -> None:
         if self.fenced or now < self._next:
             return
         self._next = now + self._interval
         try:
-            self._look()
+            self._look(now)
         except JobFenced as exc:
             self.fenced = True
             self._log.error(f"{exc}: this host's copy of it ends")
             self._cancel.set()
-        except OSError:
-            pass  # a spool cut off, or a full disk: looked at again next time
+        except OSError as exc:  # a spool cut off, or a full disk: looked at again next time
+            self._out_of_reach(exc)
 
-    def _look(self) -> None:
+    def _look(self, now: float) -> None:
         check_fence(self._job)
         beat = (Jobs.read_lease(self._job) or {}).get("beat")
         renewed, self._lease_beat = beat != self._lease_beat, beat
+        if self._cut_off is not None:
+            self._takers = others_may_take_over(self._cut_off.host_record)
+        if renewed:
+            self._renewed = now
         if renewed or not self._worker_gone():
             self.done()  # a worker renews the lease: the beat is its own
             return
@@ -898,9 +931,31 @@ class _Keeper:
             self._log.info("its worker is gone: its supervisor keeps the claim while it runs")
         Jobs.keep_claim(self._job, self._beat + 1)
         self._beat += 1
+        self._renewed = now
         if not self._cancel.is_set() and Jobs.cancel_request(self._job) is not None:
             self._log.error("cancel asked while no daemon watches the job: its supervisor ends it")
             self._cancel.set()
+
+    def _out_of_reach(self, exc: OSError) -> None:
+        """The spool could not be read: once the claim's beat has not been seen moving for
+        ``CutOff.after``, another host may soon find it stale and run the job again; the
+        unit ends first. Not if no other host was there to (a spool of one host: the job
+        runs on, and is recorded once the spool is back)."""
+        if self._cut_off is None or not self._takers:
+            return
+        still = self._clock.monotonic() - self._renewed  # the look may have waited long
+        if still < self._cut_off.after:
+            return
+        self.fenced = True
+        self.cut_off = (
+            f"the spool was out of reach and its claim's beat last seen moving {still:.0f}s "
+            f"ago: another host may take it over after lease_timeout "
+            f"({format_duration(self._cut_off.lease_timeout)}) and run it again"
+        )
+        self._log.error(
+            f"{self.cut_off} ({exc.strerror or exc}): this host's copy of it ends first"
+        )
+        self._cancel.set()
 
     def _worker_gone(self) -> bool:
         try:
@@ -1019,7 +1074,7 @@ def _run_unit(
     keeper = None
     if request.beat_interval is not None and request.job.generation is not None:
         keeper = _Keeper(request.job, reply, request.beat_interval, cancel=unit.cancel,
-                         log=log, now=clock.monotonic())  # fmt: skip
+                         log=log, clock=clock, cut_off=request.cut_off)  # fmt: skip
     try:
         outcome = run_process(
             request.argv, cwd=Path(request.cwd), env=request.env, log=log, clock=clock,
@@ -1027,11 +1082,13 @@ def _run_unit(
             on_spawn=lambda pid: _answer(reply, ("spawned", (me, pid))), run_as=request.run_as,
             label=request.label, switch_in_place=True, token=token, tend=keeper,
         )  # fmt: skip
+        cut_off = None if keeper is None else keeper.cut_off
         ended = {
             "exit_code": outcome.exit_code,
             "timed_out": outcome.timed_out,
-            "cancelled": outcome.cancelled and not unit.interrupted,
-            "interrupted": bool(unit.interrupted),
+            "cancelled": outcome.cancelled and not unit.interrupted and cut_off is None,
+            "interrupted": bool(unit.interrupted) or cut_off is not None,
+            "why": cut_off,
             # Masked: it is written down (a limit's message is found in it all the same).
             "tail": [masker.mask_text(line) for line in log.tail()],
             # In the record, so that a next daemon that adopts the job has it too.

@@ -116,8 +116,11 @@ class ProcessOutcome(NamedTuple):
     cancelled: bool = False
     #: Left running for the next daemon (spoold stopped): no end yet.
     detached: bool = False
-    #: Its supervisor was stopped (a shutdown) or died: the job's ``on_interrupt`` decides.
+    #: Its supervisor was stopped (a shutdown) or died, or ended it with the spool out of
+    #: its reach: the job's ``on_interrupt`` decides.
     interrupted: bool = False
+    #: Why, where its supervisor said (the spool out of reach).
+    why: str | None = None
     #: Its last lines of output (unmasked: for spoold to read, never to write).
     tail: tuple[str, ...] = ()
     #: What it cost (None: not measured, as for one left running).

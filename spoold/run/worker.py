@@ -57,6 +57,7 @@ from spoold.run.lane import Lane, SharedLook
 from spoold.run.launcher import (
     ArtifactsLeft,
     Chore,
+    CutOff,
     Launcher,
     LauncherError,
     Leftovers,
@@ -648,6 +649,21 @@ class JobRunner:
             self._logger.warning("job %s: cannot record its adoption in status.json: %s",
                                  run.job.job_id, exc)  # fmt: skip
 
+    def _cut_off(self) -> CutOff:
+        """When a supervisor cut off from the spool ends a job another host would run again.
+
+        That host finds the claim stale once its beat has stood still for ``lease_timeout``
+        by its own clock, counted from when it first saw that beat: at the earliest when it
+        was written. The supervisor sees a beat up to one interval after it was written, and
+        looks once an interval; then SIGTERM, and SIGKILL ``kill_grace`` after; one interval
+        more for the taker's own start. What is left of the lease for that, and no less than
+        one interval (a lease too short for it: the unit ends as soon as it can)."""
+        config = self._config
+        beat = config.heartbeat_interval
+        after = max(config.lease_timeout - 3 * beat - config.kill_grace, beat)
+        record = self._spool.hosts.path(config.host_id)
+        return CutOff(after, record, config.lease_timeout)
+
     def _chore(self, run: ActiveRun, chore: Chore, log: JobLog) -> Any:
         """Do file work on the job's work dir as its user; a failure is the job's error."""
         try:
@@ -678,6 +694,7 @@ class JobRunner:
             log_limit=self._config.max_log_size, host=self._config.hostname, resume=run.resume,
             log_socket=self._config.log_socket, meanwhile=run.meanwhile,
             beat_interval=self._config.heartbeat_interval,
+            cut_off=self._cut_off() if spec.on_interrupt == "requeue" else None,
         )  # fmt: skip
         try:
             job_user = run.lease.get("job_user", self._lane.job_user(slot))

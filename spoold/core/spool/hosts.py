@@ -20,7 +20,10 @@ from spoold.core.errors import SpoolError
 from spoold.core.ids import HOST_ID
 from spoold.core.spool.fs import DEFAULT_MODE, give_to_owner_of, json_bytes, read_json, write_file
 
-__all__ = ["HostRecords"]
+__all__ = ["ALIVE", "GONE", "STALE", "HostRecords", "others_may_take_over"]
+
+#: How a host sees another in its record's ``view`` (spoold.run.hostbeat judges them).
+ALIVE, STALE, GONE = "alive", "stale", "gone"
 
 
 class HostRecords:
@@ -34,6 +37,10 @@ class HostRecords:
         if not HOST_ID.match(host):
             raise SpoolError(f"not a host id: {host!r}")
         return f"{self._dir}/{host}"
+
+    def path(self, host: str) -> str:
+        """Where ``host``'s record is (for ``others_may_take_over``, in another process)."""
+        return self._path(host)
 
     def write(self, host: str, record: dict[str, Any]) -> None:
         """Replace ``host``'s record (only its own daemon calls this)."""
@@ -73,3 +80,17 @@ class HostRecords:
         except FileNotFoundError:
             return False
         return True
+
+
+def others_may_take_over(record_path: str) -> bool:
+    """Whether the host whose record is at ``record_path`` saw, at its last beat, another
+    host that may take its jobs over should it be found stale: one alive, or stale (it may
+    come back). True where its record is not there yet (none seen: no view to go by).
+    OSError where the spool cannot be read."""
+    record = read_json(record_path)
+    if record is None:
+        return True
+    view = record.get("view")
+    if not isinstance(view, dict):
+        return True
+    return any(isinstance(seen, dict) and seen.get("state") != GONE for seen in view.values())
