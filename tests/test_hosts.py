@@ -33,7 +33,7 @@ from spoold.core.states import JobState
 from spoold.daemon import Daemon
 from spoold.face.views import hosts_rows
 from spoold.intake.incoming import Accepted, Intake, Rejected
-from spoold.out.outbox import Callbacks, CallbackTarget, encode_record
+from spoold.out.outbox import STALE_PREPARED, Callbacks, CallbackTarget, encode_record
 from spoold.out.sender import CallbackSettings, Sender
 from spoold.run.hostbeat import HostBeat
 from spoold.run.ledger import JobLedger
@@ -254,6 +254,42 @@ def test_a_change_refused_as_a_duplicate_announces_nothing(tmp_path: Path) -> No
         raise DuplicateJob("a job with id 'j' already exists in pending/")
     assert spool.deliveries.names() == []
     assert (new.callback_sequence, new.callback_delivery) == (0, None)
+
+
+@pytest.mark.parametrize("decider", ["its-start", "its-sender"])
+def test_a_duplicates_accepted_left_prepared_in_a_cut_is_dropped_though_that_job_ran_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decider: str
+) -> None:
+    """The same refusal on a host cut off as it decides the delivery: the job's status cannot
+    be read, and the prepared ``accepted`` stays, to be decided later (at the host's start, or
+    by its sender once stale). The job of that id has run on meanwhile (a later sequence):
+    that proves nothing of this delivery, which its status never named. It was sent as that
+    job's second ``accepted``: the backend told of a job that was refused."""
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    job = _pending(spool, "j")
+    status = spool.jobs.read_status(job)
+    status.update(callback_sequence=3, callback_delivery="d" * 32)  # ran on; all sent
+    spool.jobs.write_status(job, status)
+    callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="a")
+    target = CallbackTarget("http://127.0.0.1:9/hook", "s3cret", None)
+    new = JobStatus(job_id="j", state=JobState.PENDING, executor="local", type=None,
+                    submitted_at=rfc3339(T), source="j.yaml")  # fmt: skip
+
+    def cut_off(job: JobDir) -> dict[str, Any]:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), f"{job.location}/status.json")
+
+    with monkeypatch.context() as cut:
+        cut.setattr(spool.jobs, "read_status", cut_off)
+        with pytest.raises(DuplicateJob), callbacks.announce(target, "accepted", new):
+            raise DuplicateJob("a job with id 'j' already exists in pending/")
+    assert spool.deliveries.names() == ["j~00000001.prepared"], "not known then: left"
+    if decider == "its-start":
+        assert callbacks.settle_all() == (0, 1)
+    else:
+        sender = Sender(spool, callbacks, clock, CallbackSettings(), LOG, draw=lambda: 0.0)
+        clock.advance(STALE_PREPARED + 1)
+        sender.tick()
+    assert spool.deliveries.names() == [], "a second 'accepted' of a job that refused it"
 
 
 def callbacks_status(job_id: str) -> Any:

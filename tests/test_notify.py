@@ -290,6 +290,36 @@ def test_a_prepared_notification_is_decided_by_the_jobs_status(
     assert bed.outbox() == ["_n.made~00000001.json"]
 
 
+def test_a_notice_of_a_change_not_made_is_dropped_though_its_job_ran_on(
+    spool: Spool, clock: FakeClock, tmp_path: Path
+) -> None:
+    """host1 died as it ended job j (``failed``: its callback and a notice prepared, its
+    status not written). Host b took the job over and requeued it (``retrying``: at that
+    sequence, its callback replaced host1's; no notice for it), then ran it again
+    (``started``). At its start, host1 decides the notice it left: the status's later
+    sequence proves nothing of it, for the status names other changes. It was sent: a mail
+    that j failed, which it never did."""
+    bed = Bed(spool, clock, tmp_path, None)
+    target = CallbackTarget("http://127.0.0.1:9/hook", "s3cret",
+                            notify=(webhook("http://127.0.0.1:9/x"),))  # fmt: skip
+    path = spool.dir("running") / "j"
+    path.mkdir()
+    status = JobStatus(job_id="j", state=JobState.FAILED, executor="local", type=None,
+                       submitted_at="2026-11-22T12:00:00Z", source=None)  # fmt: skip
+    (path / "status.json").write_text(json.dumps({**status.to_dict(), "state": "running"}))
+    left = bed.callbacks.announce(target, "failed", status)
+    left.__enter__()  # prepared; host1 dies before it writes the status
+    assert bed.outbox() == ["_n.j~00000001.prepared", "j~00000001.prepared"]
+    on_b = Callbacks(spool, clock, SecretStore(None), logger=LOG, host="b")
+    taken = JobStatus.from_dict(json.loads((path / "status.json").read_text()))
+    for event in ("retrying", "started"):
+        with on_b.announce(target, event, taken):
+            (path / "status.json").write_text(json.dumps(taken.to_dict()))
+    assert bed.outbox() == ["_n.j~00000001.prepared", "j~00000001.json", "j~00000002.json"]
+    assert bed.callbacks.settle_all() == (0, 1)
+    assert bed.outbox() == ["j~00000001.json", "j~00000002.json"]
+
+
 def test_a_mail_server_that_is_down_delays_no_one_else(
     spool: Spool, clock: FakeClock, tmp_path: Path, receiver: Receiver, mail_server: MailServer
 ) -> None:

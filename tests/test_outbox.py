@@ -165,6 +165,24 @@ def test_a_prepared_delivery_is_decided_by_the_jobs_status(spool: Spool, clock: 
     assert outbox(spool) == ["made~00000002.json"]
 
 
+def test_a_later_sequence_proves_a_change_made_only_where_the_status_names_none(
+    spool: Spool, clock: FakeClock
+) -> None:
+    """A status of an older spoold names no change (``callback_delivery``): its sequence is
+    all there is, and one past the delivery's says it was made. One that names a change names
+    the last made, and each change commits the one before it first, if made (``settle_job``):
+    one still prepared below it was never made (a duplicate refused, a change redone)."""
+    data = b'{"delivery_id": "%s", "sequence": 1, "condition": {"job": "%s"}}'
+    put_job(spool, "done", "older", sequence=3)
+    put_job(spool, "done", "newer", sequence=3)
+    newer = spool.dir("done") / "newer" / "status.json"
+    newer.write_text(json.dumps({**json.loads(newer.read_text()), "callback_delivery": "c3"}))
+    spool.deliveries.prepare("older", 1, data % (b"c1", b"older"))
+    spool.deliveries.prepare("newer", 1, data % (b"c1", b"newer"))
+    assert callbacks(spool, clock).settle_all() == (1, 1)
+    assert outbox(spool) == ["older~00000001.json"]
+
+
 def test_the_next_owner_commits_what_its_last_owner_left(spool: Spool, clock: FakeClock) -> None:
     spool.deliveries.prepare("j1", 1, b"{}")  # accepted: made, but not committed yet
     spool.deliveries.prepare("j1", 2, b"{}")  # a change that was never made

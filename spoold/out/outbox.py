@@ -10,10 +10,11 @@ How a delivery becomes part of its state change, with no transaction across two 
 2. the state change is made, and the status.json it writes says ``callback_sequence: n``;
 3. commit: the delivery is renamed to outbox/<job>~<n>.json, which the sender posts.
 
-A crash between 1 and 3 leaves a prepared delivery, and the job's status.json decides it: a
-sequence of n or more means the change was made (commit), a smaller one that it was not (the
-delivery is dropped). The next owner of the job does this before its own event; the daemon does
-it at start for every leftover; the sender does it for one left over longer than
+A crash between 1 and 3 leaves a prepared delivery, and the job's status.json decides it: the
+change it names (``callback_delivery``, the delivery's ``delivery_id``) was made (commit), any
+other was not (the delivery is dropped); a status of an older spoold, which names none, by its
+sequence (n or more: made). The next owner of the job does this before its own event; the daemon
+does it at start for every leftover; the sender does it for one left over longer than
 ``STALE_PREPARED`` (a ``spoold cancel`` killed half-way). A receiver may get a delivery twice
 (an answer lost in a crash), never one for a change that was not made, and dedupes by
 ``delivery_id``.
@@ -440,11 +441,7 @@ class Callbacks:
             with contextlib.suppress(SpooldError, OSError, ValueError):
                 job = self._spool.jobs.find(str(condition["job"]))
                 if job is not None:
-                    status = self._spool.jobs.read_status(job)
-                    made = int(status.get("callback_sequence") or 0) > int(record["sequence"]) or (
-                        int(status.get("callback_sequence") or 0) == int(record["sequence"])
-                        and _made_by(record, status.get("callback_delivery"))
-                    )
+                    made = _recorded(record, self._spool.jobs.read_status(job))
         if made:
             self._spool.deliveries.commit(name)
             self._woken(name)
@@ -527,6 +524,22 @@ class Callbacks:
 def encode_record(record: dict[str, Any]) -> bytes:
     """A delivery file's bytes."""
     return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _recorded(record: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Whether a job's status records the change of a delivery left prepared: it names that
+    change (``callback_delivery``). A status of an older spoold names none: a sequence at the
+    delivery's or past it is all it says, and says made.
+
+    A later sequence proves nothing where the status names a change. Each change commits
+    first what the one before it left prepared, if the status names it (``settle_job``), so
+    one still prepared below the change named was never made: a duplicate's ``accepted``
+    (refused: the id was another job's, which ran on), or the notice or callback of a change
+    that another owner made again at its sequence with the other kind only."""
+    delivery = status.get("callback_delivery")
+    if delivery is None:
+        return int(status.get("callback_sequence") or 0) >= int(record["sequence"])
+    return bool(record.get("delivery_id") == delivery)
 
 
 def _made_by(record: Mapping[str, Any] | None, delivery: str | None) -> bool:
