@@ -374,3 +374,15 @@ def test_a_schedule_problem_says_schedule_once(tmp_path: Path, spool_root: Path)
     result = run_cli(spool_root, "validate", str(job))
     assert result.returncode == 1 and "it never fires" in result.stderr, result.stderr
     assert "schedule: schedule:" not in result.stderr, result.stderr
+
+
+def test_a_window_opening_decades_ahead_is_refused_with_its_date(
+    tmp_path: Path, spool_root: Path
+) -> None:
+    job = tmp_path / "far.yaml"
+    job.write_text("job_id: f\nexecutor: local\nproduct: {commands: 'true'}\n"
+                   "schedule: {every: 1h, window: {start: '2080-01-01T00:00:00Z'}}\n")  # fmt: skip
+    result = run_cli(spool_root, "validate", str(job))
+    said = "far.yaml:4:11: schedule: it would first fire at 2080-01-01T00:00:00Z, more than "
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+    assert "never fires" not in result.stderr, result.stderr

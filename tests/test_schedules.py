@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -156,16 +157,38 @@ def test_schedules_that_cannot_work_are_named(value: str | dict[str, Any], words
     assert found is not None and words in found
 
 
-def test_a_schedule_whose_first_firing_lies_past_the_horizon_never_fires() -> None:
+def test_a_schedule_whose_first_firing_lies_past_the_horizon_is_refused_with_its_date() -> None:
     """Valid means a firing within the longest ``every:`` (10 years) and cron's rarest date
     (29 February on a Monday, 28 years) from now: one that far ahead is accepted, one a second
-    further is taken for none (a window opening in some far year is a mistake)."""
+    further is refused (a window opening in some far year is a mistake), saying when it would
+    first fire and how far ahead is too far, not that it never fires; a window in the past does
+    never fire, and says so."""
     horizon = timedelta(seconds=MAX_DURATION) + timedelta(days=366 * 29)
-    for ahead, refused in ((horizon, False), (horizon + timedelta(seconds=1), True)):
+    found: dict[timedelta, str | None] = {}
+    for ahead in (horizon, horizon + timedelta(seconds=1)):
         value = {"every": "1h", "window": {"start": (NOW + ahead).isoformat()}}
         assert _times(value, NOW, 1) == [NOW + ahead], "the window's start is its first firing"
-        found = problem(value, NOW)
-        assert (found is not None and "never fires" in found) == refused, (ahead, found)
+        found[ahead] = problem(value, NOW)
+    assert found == {
+        horizon: None,
+        horizon + timedelta(seconds=1): (
+            "it would first fire at 2065-12-11T12:00:01Z, more than 14264d (39 years) ahead, "
+            "later than a schedule's first firing may be"
+        ),
+    }
+    past = {"every": "1h", "window": {"start": "2020-01-01", "end": "2020-02-01"}}
+    assert problem(past, NOW) == (
+        "it never fires (a date that does not exist, or a window in the past)"
+    )
+
+
+def test_the_readme_quotes_both_refusals_as_they_are_said() -> None:
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    far = {"every": "1h", "window": {"start": "2080-01-01T00:00:00Z"}}
+    past = {"every": "1h", "window": {"start": "2020-01-01", "end": "2020-02-01"}}
+    for value in (far, past):
+        said = problem(value, NOW)
+        assert said is not None and f"`{said}`" in readme, said
 
 
 def test_a_window_limits_when_a_schedule_fires() -> None:

@@ -489,8 +489,8 @@ def _step_problems(document: Mapping[Hashable, Any]) -> list[_Problem]:
 
 
 def _schedule_problems(schedule: Any, now: datetime) -> list[_Problem]:
-    """What the schema cannot say about a schedule: a cron that never fires (after ``now``), an
-    unknown zone."""
+    """What the schema cannot say about a schedule: one that never fires (after ``now``) or first
+    fires past the horizon (a window opening in some far year), an unknown zone."""
     from spoold.schedule.triggers import problem  # noqa: PLC0415 - APScheduler only for schedules
 
     every = schedule.get("every") if isinstance(schedule, Mapping) else None

@@ -42,6 +42,8 @@ CATCH_UP_LIMIT = 1000
 #: How far ahead a schedule must fire at least once to be valid (31 February never comes): past
 #: the longest ``every:`` accepted, and past cron's rarest date (29 February on a Monday, 28 years).
 _HORIZON = timedelta(seconds=MAX_DURATION) + timedelta(days=366 * 29)
+#: The horizon as a refusal says it: ``14264d (39 years)``.
+_HORIZON_SAID = f"{format_duration(_HORIZON.total_seconds())} ({int(_HORIZON.days / 365.25)} years)"
 _TICK = timedelta(microseconds=1)
 _DAY = timedelta(days=1)
 #: Wall-clock times a look at one firing may pass over: those of a spring gap (a day at most,
@@ -151,16 +153,22 @@ class ScheduleSpec:
 
 
 def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
-    """Why a ``schedule:`` cannot work, in words (None if it can)."""
+    """Why a ``schedule:`` cannot work, in words (None if it can): one that never fires, and one
+    whose first firing lies past the horizon (a window opening in some far year), each says so."""
     try:
         spec = ScheduleSpec.from_document(value)
         trigger = spec.trigger(now)
         first = trigger.get_next_fire_time(None, now)
+        if first is not None and first - now > _HORIZON:  # shown here: its UTC may overflow
+            return (
+                f"it would first fire at {_show(first)}, more than {_HORIZON_SAID} ahead, later "
+                "than a schedule's first firing may be"
+            )
     except ValueError as exc:
         return str(exc)
     except OverflowError:  # a time past what a date can say: no file may stop intake so
         return "it names a time past the year 9999"
-    if first is None or first - now > _HORIZON:
+    if first is None:
         return "it never fires (a date that does not exist, or a window in the past)"
     return None
 
