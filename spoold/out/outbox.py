@@ -539,7 +539,7 @@ def _recorded(record: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
     delivery = status.get("callback_delivery")
     if delivery is None:
         return int(status.get("callback_sequence") or 0) >= int(record["sequence"])
-    return bool(record.get("delivery_id") == delivery)
+    return _made_by(record, delivery)
 
 
 def _made_by(record: Mapping[str, Any] | None, delivery: str | None) -> bool:
