@@ -468,6 +468,46 @@ def test_a_cut_off_host_ends_a_job_it_would_run_twice_before_another_takes_it_ov
     assert "taken over by host h2 from host h1" in log, log
 
 
+def test_a_job_a_cut_off_host_ended_goes_back_to_pending_if_the_spool_returns_first(
+    bed: Bed,
+) -> None:
+    """The same end, the spool back before any host took the job over (here no daemon runs
+    on h9, whose record only says it served the spool: stale, it may come back): the host
+    that ended its copy records the interruption itself, and ``on_interrupt: requeue`` runs
+    the job again."""
+    h1 = bed.host(1)
+    server = bed.server_spool
+    assert run_cli(server, "init").returncode == 0
+    (server / "hosts" / "h9").write_text(json.dumps({"host": "h9", "beat": 1, "stopped": False}))
+    marks = bed.root / "marks"
+    marks.mkdir(mode=0o777)
+    marks.chmod(0o777)  # the job runs as the job user
+    config = write_config(
+        bed.root / "alone.yaml", h1.spool, watch="poll", poll_interval="200ms",
+        rescan_interval="1s", lease_timeout="10s", heartbeat_interval="1s", kill_grace="1s",
+        logdir=str(bed.root / "logs" / "h1"),
+    )  # fmt: skip
+    stamp = f'$SPOOLD_ATTEMPT $(date +%s.%N) >> "{marks}/$RUNNER_ID"'
+    commands = (
+        f"echo start {stamp}; trap 'echo end {stamp}; exit 143' TERM; "
+        '[ "$SPOOLD_ATTEMPT" -gt 1 ] || { sleep 120 & wait; }'
+    )
+    h1.start_daemon(config)
+    _drop(server, "back.yaml", local_job("back", commands, on_interrupt="requeue"))
+    wait_for((marks / "h1").exists, what="the job to start on h1")
+    h1.cut()
+    try:
+        wait_for(lambda: "end 1 " in (marks / "h1").read_text(), bound=60,
+                 what="h1's copy to end, cut off")  # fmt: skip
+    finally:
+        h1.restore()
+    where, status = wait_finished(server, "back", bound=60)
+    assert (where, status["state"]) == ("done", "succeeded"), status
+    first = status["attempts"][0]
+    assert first["error"].startswith("interrupted: the spool was out of reach"), first
+    assert "start 2 " in (marks / "h1").read_text()
+
+
 TAKEN = re.compile(r"taken over by host (\S+) from host (\S+) \(claim generation (\d+)")
 TICK = re.compile(r"^.*tick (\S+) (\d+)$")
 

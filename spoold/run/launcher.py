@@ -1088,12 +1088,13 @@ def _run_unit(
             "timed_out": outcome.timed_out,
             "cancelled": outcome.cancelled and not unit.interrupted and cut_off is None,
             "interrupted": bool(unit.interrupted) or cut_off is not None,
-            "why": cut_off,
             # Masked: it is written down (a limit's message is found in it all the same).
             "tail": [masker.mask_text(line) for line in log.tail()],
             # In the record, so that a next daemon that adopts the job has it too.
             "usage": None if outcome.usage is None else outcome.usage.to_dict(),
         }
+        if cut_off is not None:
+            ended["why"] = cut_off
     except Exception as exc:  # cannot start it (no such program, a work dir gone)
         log.error(f"cannot start {request.label}: {exc}")
         ended = {"exit_code": None, "error": masker.mask_text(str(exc)), "tail": []}
