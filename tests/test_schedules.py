@@ -177,18 +177,125 @@ def test_a_schedule_whose_first_firing_lies_past_the_horizon_is_refused_with_its
         ),
     }
     past = {"every": "1h", "window": {"start": "2020-01-01", "end": "2020-02-01"}}
-    assert problem(past, NOW) == (
-        "it never fires (a date that does not exist, or a window in the past)"
-    )
+    assert problem(past, NOW) == "it never fires: its window ended at 2020-02-01T00:00:00Z"
 
 
-def test_the_readme_quotes_both_refusals_as_they_are_said() -> None:
+#: What the README quotes, each refusal of a schedule that can never fire or fires too late.
+REFUSED: dict[str, str | dict[str, Any]] = {
+    "far": {"every": "1h", "window": {"start": "2080-01-01T00:00:00Z"}},
+    "past": {"every": "1h", "window": {"start": "2020-01-01", "end": "2020-02-01"}},
+    "no date": "0 0 31 2 *",
+    "none in the window": {
+        "cron": "0 0 * * *",
+        "window": {"start": "2027-01-05T01:00:00Z", "end": "2027-01-05T02:00:00Z"},
+    },
+    "none in the hours": {"cron": "0 12 * * *", "window": {"start": "08:00", "end": "09:00"}},
+}
+
+
+def test_the_readme_quotes_the_refusals_as_they_are_said() -> None:
     readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
-    far = {"every": "1h", "window": {"start": "2080-01-01T00:00:00Z"}}
-    past = {"every": "1h", "window": {"start": "2020-01-01", "end": "2020-02-01"}}
-    for value in (far, past):
+    for value in REFUSED.values():
         said = problem(value, NOW)
         assert said is not None and f"`{said}`" in readme, said
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (REFUSED["no date"], "it never fires: the date it names does not exist"),
+        ("0 0 31 4,6,9,11 *", "it never fires: the date it names does not exist"),
+        (REFUSED["past"], "it never fires: its window ended at 2020-02-01T00:00:00Z"),
+        (
+            REFUSED["none in the window"],
+            "it never fires: no firing falls in its window "
+            "(2027-01-05T01:00:00Z to 2027-01-05T02:00:00Z)",
+        ),
+        (  # open now, NOW is 12:00: the next midnight comes after it closed
+            {"cron": "0 0 * * *", "window": {"start": "2026-11-01", "end": "2026-11-22T23:00Z"}},
+            "it never fires: no firing falls in the rest of its window (until "
+            "2026-11-22T23:00:00Z)",
+        ),
+        (
+            {"every": "1h", "window": {"start": "2027-01-02", "end": "2027-01-01"}},
+            "it never fires: its window ends (2027-01-01T00:00:00Z) before it starts "
+            "(2027-01-02T00:00:00Z)",
+        ),
+        (
+            REFUSED["none in the hours"],
+            "it never fires: no firing falls in its window (08:00 to 09:00 each day, UTC)",
+        ),
+        (
+            {"cron": "0 12 * * *", "window": {"start": "22:00", "end": "02:00"}},
+            "it never fires: no firing falls in its window (22:00 to 02:00 each day, UTC)",
+        ),
+        (  # 12:30 is no time the spring change skips in Berlin (02:00 to 03:00 is)
+            {
+                "cron": "30 12 * * *",
+                "timezone": "Europe/Berlin",
+                "window": {"start": "13:00", "end": "14:00"},
+            },
+            "it never fires: no firing falls in its window (13:00 to 14:00 each day, "
+            "Europe/Berlin)",
+        ),
+        (  # made at NOW, 12:00: it fires at 12:00 every other day
+            {"every": "48h", "window": {"start": "13:00", "end": "14:00"}},
+            "it never fires: no firing falls in its window (13:00 to 14:00 each day, UTC)",
+        ),
+        (  # its grid moves a second a day: 08:00 is 72,000 days ahead, past what spoold looks at
+            {"every": "86401s", "window": {"start": "08:00", "end": "08:00:01"}},
+            "it never fires: no firing falls in its window (08:00 to 08:00:01 each day, UTC) "
+            "in its next 1000 openings",
+        ),
+    ],
+)
+def test_a_schedule_that_never_fires_says_why(value: str | dict[str, Any], said: str) -> None:
+    """A date that does not exist, a window in the past, one that ends before it starts, or
+    one no firing falls in (dates, or times of each day): each is said as it is."""
+    assert problem(value, NOW) == said
+
+
+@pytest.mark.parametrize(
+    ("value", "first"),
+    [
+        (  # one midnight in its window
+            {
+                "cron": "0 0 * * *",
+                "window": {"start": "2027-01-04T23:30:00Z", "end": "2027-01-05T00:30:00Z"},
+            },
+            datetime(2027, 1, 5, tzinfo=UTC),
+        ),
+        (
+            {"cron": "0 1 * * *", "window": {"start": "22:00", "end": "02:00"}},
+            datetime(2026, 11, 23, 1, tzinfo=UTC),
+        ),
+        (  # 02:30 fires at 03:30 on the day the spring change skips it, and only then
+            {
+                "cron": "30 2 * * *",
+                "timezone": "Europe/Berlin",
+                "window": {"start": "03:00", "end": "04:00"},
+            },
+            datetime(2027, 3, 28, 1, 30, tzinfo=UTC),
+        ),
+        (  # every 7h meets every hour of the day in time
+            {"every": "7h", "window": {"start": "08:00", "end": "09:00"}},
+            datetime(2026, 11, 28, 8, tzinfo=UTC),
+        ),
+        (  # 12:00 UTC is 13:00 in Berlin's winter and 14:00 in its summer
+            {
+                "every": "24h",
+                "timezone": "Europe/Berlin",
+                "window": {"start": "14:00", "end": "14:30"},
+            },
+            datetime(2027, 3, 28, 12, tzinfo=UTC),
+        ),
+    ],
+)
+def test_a_schedule_that_fires_in_its_window_however_rarely_is_accepted(
+    value: dict[str, Any], first: datetime
+) -> None:
+    assert problem(value, NOW) is None
+    assert _times(value, NOW, 1) == [first]
 
 
 def test_a_window_limits_when_a_schedule_fires() -> None:

@@ -20,10 +20,12 @@ them. Fire times come from APScheduler 3.x triggers. Some things are added on to
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -46,6 +48,8 @@ _HORIZON = timedelta(seconds=MAX_DURATION) + timedelta(days=366 * 29)
 _HORIZON_SAID = f"{format_duration(_HORIZON.total_seconds())} ({int(_HORIZON.days / 365.25)} years)"
 _TICK = timedelta(microseconds=1)
 _DAY = timedelta(days=1)
+_WEEK = timedelta(days=7)
+_NEVER = "it never fires"
 #: Wall-clock times a look at one firing may pass over: those of a spring gap (a day at most,
 #: every minute of it) and of the hour the autumn change repeats.
 _GAP_LOOK = 3000
@@ -153,12 +157,23 @@ class ScheduleSpec:
 
 
 def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
-    """Why a ``schedule:`` cannot work, in words (None if it can): one that never fires, and one
-    whose first firing lies past the horizon (a window opening in some far year), each says so."""
+    """Why a ``schedule:`` cannot work, in words (None if it can): one that never fires says
+    why (a date that does not exist, a window in the past or ending before it starts, a window
+    no firing falls in), and one whose first firing lies past the horizon (a window opening in
+    some far year) says when that is. Bounded: what a look at the firings one by one would take
+    long to find (30 February, a daily window the times named miss) is decided from the fields;
+    the look then passes over at most ``_WINDOW_JUMPS`` firings outside a daily window, as the
+    scheduler's does (``_next``)."""
     try:
         spec = ScheduleSpec.from_document(value)
         trigger = spec.trigger(now)
+        if (never := _never(spec, now)) is not None:
+            return never
         first = trigger.get_next_fire_time(None, now)
+        if spec.daily and first is not None and _outside_daily(spec, first) is not None:
+            if not _may_fire_in_daily(spec, spec.daily, trigger, now):
+                return f"{_NEVER}: no firing falls in its window ({_said_daily(spec, spec.daily)})"
+            first = _next(spec, trigger, None, first)  # the first in it, as the scheduler's look
         if first is not None and first - now > _HORIZON:  # shown here: its UTC may overflow
             return (
                 f"it would first fire at {_show(first)}, more than {_HORIZON_SAID} ahead, later "
@@ -168,9 +183,124 @@ def problem(value: str | Mapping[str, Any], now: datetime) -> str | None:
         return str(exc)
     except OverflowError:  # a time past what a date can say: no file may stop intake so
         return "it names a time past the year 9999"
-    if first is None:
-        return "it never fires (a date that does not exist, or a window in the past)"
+    return None if first is not None else _none_found(spec, now)
+
+
+def _never(spec: ScheduleSpec, now: datetime) -> str | None:
+    """Why a schedule never fires, where its date or window of dates says so at once."""
+    if spec.cron is not None and not _names_a_date(spec.cron):
+        return f"{_NEVER}: the date it names does not exist"
+    if spec.start is not None and spec.end is not None and spec.end < spec.start:
+        return (
+            f"{_NEVER}: its window ends ({_show(spec.end)}) before it starts ({_show(spec.start)})"
+        )
+    if spec.end is not None and spec.end < now:
+        return f"{_NEVER}: its window ended at {_show(spec.end)}"
     return None
+
+
+def _none_found(spec: ScheduleSpec, now: datetime) -> str:
+    """Why the look for a first firing found none, the date named and the window not past."""
+    if spec.daily is not None:  # a firing may fall in it, but not within the look's jumps
+        return (
+            f"{_NEVER}: no firing falls in its window ({_said_daily(spec, spec.daily)}) in its "
+            f"next {_WINDOW_JUMPS} openings"
+        )
+    if spec.end is None:  # not expected: a date exists, and nothing ends the firings
+        return _NEVER
+    if spec.start is not None and spec.start >= now:
+        return f"{_NEVER}: no firing falls in its window ({_show(spec.start)} to {_show(spec.end)})"
+    return f"{_NEVER}: no firing falls in the rest of its window (until {_show(spec.end)})"
+
+
+def _said_daily(spec: ScheduleSpec, daily: tuple[time, time]) -> str:
+    start, end = (t.strftime("%H:%M:%S" if t.second else "%H:%M") for t in daily)
+    return f"{start} to {end} each day, {spec.timezone}"
+
+
+def _names_a_date(expression: str) -> bool:
+    """Whether a cron's day and month fields name a date some year has (not 31 February). A
+    weekday given with them is a date in every month (cron's either); one given with a day
+    that starts with ``*`` meets it within 28 years. APScheduler would look up to the year 9999."""
+    _, _, day, _, weekday = expression.split()
+    if day.startswith("*") or not weekday.startswith("*"):
+        return True
+    return _some_date(CronTrigger(**_cron_fields(expression), timezone=UTC))
+
+
+def _may_fire_in_daily(
+    spec: ScheduleSpec, daily: tuple[time, time], trigger: BaseTrigger, now: datetime
+) -> bool:
+    """Whether a firing may fall in a daily window at all, decided from the fields: for cron,
+    a time of day it names is in the window, or one a spring gap of the zone shifts into it;
+    for ``every:``, a point of its grid is, at one of the UTC offsets the zone takes. (Not
+    when: that is for the look at the firings.)"""
+    offsets, gaps = _wall_clock(spec.timezone, now.year)
+    day = _DAY // _TICK
+    opens, closes = (
+        timedelta(hours=t.hour, minutes=t.minute, seconds=t.second) // _TICK for t in daily
+    )
+    spans = [(opens, closes)] if opens < closes else [(opens, day), (0, closes)]
+    if isinstance(trigger, EveryTrigger):  # start + k x period meets start + j x gcd(period, day)
+        step = math.gcd(trigger.period // _TICK, day)
+        points = ((_of_day(trigger.start) + offset) // _TICK % step for offset in offsets)
+        return any(low + (point - low) % step < high for point in points for low, high in spans)
+    assert spec.cron is not None
+    fields = _cron_fields(spec.cron)
+    times = CronTrigger(minute=fields["minute"], hour=fields["hour"], timezone=UTC)  # each day
+    midnight = datetime(2000, 1, 1, tzinfo=UTC)
+    for low, high in spans:
+        found = times.get_next_fire_time(None, midnight + low * _TICK)
+        if found is not None and found < midnight + high * _TICK:
+            return True
+    for begins, length in gaps:  # a time in a gap fires shifted by it (02:30 at 03:30)
+        found = times.get_next_fire_time(None, midnight + begins)
+        while found is not None and found < midnight + begins + length:
+            shifted = _of_day(found + length) // _TICK
+            if any(low <= shifted < high for low, high in spans):
+                return True
+            found = times.get_next_fire_time(None, found + _TICK)
+    return False
+
+
+def _of_day(moment: datetime) -> timedelta:
+    """How far into its day ``moment`` is, on its own clock."""
+    return moment - moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+@lru_cache(maxsize=1024)
+def _wall_clock(
+    zone_key: str, year: int
+) -> tuple[frozenset[timedelta], frozenset[tuple[timedelta, timedelta]]]:
+    """A zone's UTC offsets and spring gaps (how far into the day each begins, how long it is)
+    from the start of ``year`` over the horizon, seen week by week (no zone changes its offset
+    twice in a week) and each change found to the second: a few ms, once a zone and year."""
+    zone = ZoneInfo(zone_key)
+    moment = datetime(year, 1, 1, tzinfo=UTC)
+    offset = _offset(moment, zone)
+    offsets, gaps = {offset}, set()
+    for _ in range((_HORIZON + _DAY * 366) // _WEEK):
+        later = moment + _WEEK
+        if (new := _offset(later, zone)) != offset:
+            low, high = 0, int(_WEEK.total_seconds())  # offset at low, new at high
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (
+                    (middle, high)
+                    if _offset(moment + timedelta(seconds=middle), zone) == offset
+                    else (low, middle)
+                )
+            if new > offset:  # the wall clock jumps from the old offset's time on
+                gaps.add((_of_day(moment + timedelta(seconds=high) + offset), new - offset))
+            offsets.add(new)
+        moment, offset = later, new
+    return frozenset(offsets), frozenset(gaps)
+
+
+def _offset(moment: datetime, zone: ZoneInfo) -> timedelta:
+    offset = moment.astimezone(zone).utcoffset()
+    assert offset is not None
+    return offset
 
 
 @dataclass(frozen=True)
