@@ -183,6 +183,10 @@ def test_a_login_not_from_the_pages_own_form_is_refused(api: Api) -> None:
 class _Evil(BaseHTTPRequestHandler):
     """Another site's page: a form that logs whoever opens it in with the attacker's token."""
 
+    # The browser opens a connection ahead that sends nothing; served one at a time, it held
+    # the server (and the test's end) for a minute, until the browser gave it up.
+    timeout = 1.0
+
     def do_GET(self) -> None:
         target, token = self.server.target, self.server.token  # type: ignore[attr-defined]
         page = (f'<html><body><form id="f" method="post" action="{target}/login">'
