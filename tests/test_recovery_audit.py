@@ -31,16 +31,21 @@ from spoold.core.config import Config
 from spoold.core.errors import JobFenced, SpoolError
 from spoold.core.job import JobStatus
 from spoold.core.procfs import process_start_time
+from spoold.core.secrets import SecretStore
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool import fs as fs_module
 from spoold.core.spool import jobs as jobs_module
 from spoold.core.spool.fs import fsync_path, rename_noreplace
 from spoold.core.states import JobState
 from spoold.intake.incoming import Accepted, Intake
 from spoold.intake.validation import job_validator
+from spoold.out.outbox import Callbacks
+from spoold.run.control import JobControl
 from spoold.run.recovery import Recovery
 from spoold.run.registry import ExecutorRegistry
 from spoold.run.worker import JobRunner
 from tests.fakes import FakeClock
+from tests.harness import intake_for
 
 LOG = logging.getLogger("spoold.test")
 LEASE_TIMEOUT = 10.0
@@ -304,6 +309,117 @@ def test_a_pending_status_rebuilt_after_a_power_loss_is_written_durably(
     disk = Disk(spool, monkeypatch)
     assert Recovery(spool, _config(spool), SystemClock(), LOG).repair_pending() == ["p"]
     assert disk.steps == ["sync status.json"]
+
+
+class PowerCut:
+    """What a power loss keeps of the files in a spool: a file's content only as it was at its
+    last fsync (or a syncfs since which it was not written), else nothing: a file whose
+    content never reached the disk comes back empty. Names (renames, new entries) are kept: a
+    test undoes by hand one it means to lose."""
+
+    def __init__(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._spool = spool
+        #: (device, inode) -> (size, mtime) of a file when it was last made durable
+        self._durable: dict[tuple[int, int], tuple[int, int]] = {}
+        real_fsync, real_syncfs = os.fsync, fs_module.syncfs_path
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            self._keep(os.fstat(fd))
+
+        def syncfs(path: str | Path) -> None:
+            real_syncfs(path)
+            for directory, _, files in os.walk(spool.root):
+                for name in files:
+                    self._keep(os.lstat(os.path.join(directory, name)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(fs_module, "syncfs_path", syncfs)
+
+    def _keep(self, st: os.stat_result) -> None:
+        self._durable[st.st_dev, st.st_ino] = (st.st_size, st.st_mtime_ns)
+
+    def cut(self, *directories: str) -> list[str]:
+        """Empty each file in these directories of the spool whose content is not durable;
+        the paths emptied, relative to the spool."""
+        lost = []
+        for top in directories:
+            for directory, _, files in os.walk(self._spool.dir(top)):
+                for name in files:
+                    path = os.path.join(directory, name)
+                    st = os.lstat(path)
+                    if self._durable.get((st.st_dev, st.st_ino)) != (st.st_size, st.st_mtime_ns):
+                        os.truncate(path, 0)
+                        lost.append(os.path.relpath(path, self._spool.root))
+        return sorted(lost)
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["commit-lost", "commit-kept"])
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "together"])
+def test_a_power_loss_after_accept_keeps_the_accepted_callback_and_its_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: bool, committed: bool
+) -> None:
+    """README (Callbacks): the backend hears what became of its job "even if it was down",
+    nothing is lost, in order by ``sequence``; SPEC 1: the files written before a transition
+    are fsynced. A power cut just after intake placed a job (pending/ fsynced, its prepared
+    ``accepted`` fsynced, the commit's rename in outbox/ not yet) keeps the job and the
+    delivery: its status.json, which names the change (``callback_delivery``), must be kept
+    too. Lost, recovery dropped the ``accepted`` of a job that exists (its status no longer
+    named it) and rebuilt the status at sequence 0; or, the commit kept, the job's next event
+    took sequence 1 again and replaced the ``accepted`` before it was sent. Alone (intake's
+    ``_place``, as a schedule's firing) and in a group (``_place_together``: one syncfs)."""
+    spool, clock = _spool(tmp_path), FakeClock()
+    callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG,
+                          default_url="http://127.0.0.1:9/hook", default_secret="s")  # fmt: skip
+    intake = intake_for(spool, clock, callbacks=callbacks)
+    ids = ["a", "b", "c"] if together else ["a"]
+    for job_id in ids:
+        (spool.dir("incoming") / f"{job_id}.yaml").write_text(yaml.safe_dump(_local(job_id)))
+    power = PowerCut(spool, monkeypatch)
+    outcomes = intake.offer_all([f"{job_id}.yaml" for job_id in ids], complete=True)
+    assert all(isinstance(outcome, Accepted) for outcome in outcomes), outcomes
+    outbox = spool.dir("outbox")
+    if not committed:  # outbox/ is not fsynced after a commit: its rename may be lost
+        for job_id in ids:
+            os.rename(outbox / f"{job_id}~00000001.json", outbox / f"{job_id}~00000001.prepared")
+    lost = power.cut("pending", "outbox")
+    assert not [path for path in lost if path.startswith("outbox/")], lost
+    # The next start, as the daemon's ``recover``; then each job's next change.
+    callbacks.settle_all()
+    spool.stages.recover()
+    Recovery(spool, _config(spool), clock, LOG).repair_pending()
+    control = JobControl(spool, clock, who="tester", callbacks=callbacks)
+    for job_id in ids:
+        assert control.cancel(job_id).cancelled
+    records = [spool.deliveries.read(name) or {} for name in sorted(os.listdir(outbox))]
+    sent = [(record.get("key"), record.get("sequence"), record.get("event")) for record in records]
+    expected = [(job_id, 1, "accepted") for job_id in ids]
+    expected += [(job_id, 2, "cancelled") for job_id in ids]
+    assert sorted(sent) == sorted(expected), f"lost to the power cut: {lost}"
+
+
+@pytest.mark.parametrize("delivered", [False, True], ids=["no-callback", "callback"])
+def test_accept_fsyncs_a_jobs_status_only_where_it_names_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delivered: bool
+) -> None:
+    """stages.py (accept): a status that names the job's ``accepted`` change is fsynced with
+    job.yaml, before the stage is renamed into pending/ (the test above: what is lost else);
+    one that names none is rebuilt after a power loss (``repair_pending``): no fsync for it."""
+    spool, clock = _spool(tmp_path), FakeClock()
+    callbacks = Callbacks(spool, clock, SecretStore(None), logger=LOG,
+                          default_url="http://127.0.0.1:9/hook", default_secret="s")  # fmt: skip
+    intake = intake_for(spool, clock, callbacks=callbacks if delivered else None)
+    (spool.dir("incoming") / "a.yaml").write_text(yaml.safe_dump(_local("a")))
+    disk = Disk(spool, monkeypatch)
+    assert isinstance(intake.offer("a.yaml", complete=True), Accepted)
+    steps = [
+        "sync tmp/<stage>" if step.startswith("sync tmp/in-") else
+        "sync outbox/<delivery>" if step.startswith("sync outbox/.spoold-a~") else step
+        for step in disk.steps
+    ]  # fmt: skip
+    job = ["sync job.yaml", *(["sync status.json"] if delivered else []), "sync tmp/<stage>"]
+    delivery = ["sync outbox/<delivery>", "sync outbox/"] if delivered else []
+    assert steps == [*delivery, *job, "sync pending/"]
 
 
 # -- the one gate: fences ---------------------------------------------------------------------

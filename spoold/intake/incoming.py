@@ -34,7 +34,7 @@ from spoold.intake.admission import Admission, Admitted, Refused, display_name, 
 from spoold.intake.policy_check import secret_references, shared_writer_problem
 from spoold.intake.redaction import Redaction
 from spoold.intake.validation import JobValidator
-from spoold.out.outbox import Callbacks
+from spoold.out.outbox import Callbacks, numbered
 from spoold.run import observed
 from spoold.run.ledger import JobLedger
 from spoold.run.observed import Observation
@@ -118,6 +118,8 @@ class _Staged:
     record: _Record
     prepared: Prepared
     retry: tuple[float, float] | None
+    #: The ``accepted`` change its stage's status was numbered for (``outbox.numbered``).
+    change: str | None = None
 
     @property
     def taken(self) -> TakenFile:
@@ -312,8 +314,9 @@ class Intake:
         stages, for the caller to give back should this fail on its own."""
         staged: list[tuple[int, _Staged]] = []
         for index, admitted in judged:
+            delivers = self._delivers_accepted(admitted.admitted)  # a bug here: the group's
             try:
-                staged.append((index, self._stage(admitted)))
+                staged.append((index, self._stage(admitted, delivers=delivers)))
             except Exception as exc:
                 del waiting[index]
                 self._failed(admitted.taken.name, admitted.taken, exc, admitted.retry)
@@ -663,15 +666,21 @@ class Intake:
         line = format_line(rfc3339(now), "INFO", f"spoold: {verb} {job_id} from {name}")
         return _Record(taken, admitted, submitter, None, record, line, verb)
 
-    def _stage(self, item: _Judged) -> _Staged:
-        """An admitted file's job directory written in its stage (not yet durable)."""
+    def _stage(self, item: _Judged, *, delivers: bool) -> _Staged:
+        """An admitted file's job directory written in its stage (not yet durable). A job
+        whose ``accepted`` is delivered (``delivers``) gets its status as that change will
+        leave it: made durable with the stage, before the delivery is prepared
+        (``Stages.settle``)."""
         record = self._record(item.taken, item.admitted, item.submitter)
+        change, status = None, record.schedule
+        if record.status is not None:
+            status = record.status.to_dict()
+            if delivers:
+                change, status = numbered(record.status)
         prepared = self._spool.stages.prepare(
-            item.taken, item.admitted.job_id,
-            record.schedule if record.status is None else record.status.to_dict(), record.line,
-            schedule=record.status is None,
-        )  # fmt: skip
-        return _Staged(record, prepared, item.retry)
+            item.taken, item.admitted.job_id, status, record.line, schedule=record.status is None
+        )
+        return _Staged(record, prepared, item.retry, change)
 
     def _enter(self, item: _Staged, *, sync: bool) -> JobDir:
         """Place a settled stage: a job through the ledger, its ``accepted`` delivery prepared
@@ -682,14 +691,11 @@ class Intake:
         try:
             if status is None:
                 return stages.place(item.prepared, sync=sync)
-            # A delivery prepared meanwhile numbered the status: that one is written.
-            numbered = self._delivers_accepted(item.record.admitted)
+            # The status in the stage is numbered for this change already (``_stage``).
             return self._ledger.enter(
                 status, item.record.admitted.callback,
-                lambda: stages.place(
-                    item.prepared, status=status.to_dict() if numbered else None, sync=sync
-                ),
-                arrived=taken.arrived,
+                lambda: stages.place(item.prepared, sync=sync),
+                arrived=taken.arrived, change=item.change,
             )  # fmt: skip
         except DuplicateJob as exc:  # the rename into pending/ settles it, with no window
             assert taken.data is not None

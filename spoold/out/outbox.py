@@ -189,11 +189,14 @@ class Callbacks:
         event: str,
         status: JobStatus,
         mask: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        *,
+        change: str | None = None,
     ) -> Iterator[None]:
         """Around a job's state change: prepare its delivery, and commit it once the change is made.
 
         The block must write ``status`` (its ``callback_sequence`` is raised on entry). When
-        it raises, the change counts as not made, and the delivery is dropped.
+        it raises, the change counts as not made, and the delivery is dropped. ``change``: the
+        change's id where the caller wrote ``status`` numbered before (``numbered``).
         """
         if target is None or not self.delivers(target, event):
             yield
@@ -204,7 +207,8 @@ class Callbacks:
         sequence = status.callback_sequence + 1
         data = status.to_dict()
         data = mask(data) if mask is not None else data
-        change = uuid.uuid4().hex  # the change's id: its callback's delivery_id, if it has one
+        # The change's id: its callback's delivery_id, if it has one.
+        change = change or uuid.uuid4().hex
         names = []
         if notify:
             item = self._item(event, data, mask)
@@ -519,6 +523,17 @@ class Callbacks:
         if self._wake is not None:
             self._wake(prepared)
             self._wake(committed_name(prepared))
+
+
+def numbered(status: JobStatus) -> tuple[str, dict[str, Any]]:
+    """The id of ``status``'s next change and ``status`` as ``announce`` numbers it for that
+    change, for a caller that must write it before the delivery is prepared (intake: into
+    stages made durable together, before any of their deliveries); it passes the id on to
+    ``announce`` (``change``), which then writes the same numbers."""
+    change = uuid.uuid4().hex
+    data = status.to_dict()
+    data.update(callback_sequence=status.callback_sequence + 1, callback_delivery=change)
+    return change, data
 
 
 def encode_record(record: dict[str, Any]) -> bytes:

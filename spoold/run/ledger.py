@@ -151,15 +151,21 @@ class JobLedger:
         place: Callable[[], JobDir],
         *,
         arrived: float | None = None,
+        change: str | None = None,
     ) -> JobDir:
         """A new job into pending/ (``place`` puts it there: intake's accept, a schedule's
         firing), its ``accepted`` event prepared before and committed after.
 
         ``arrived``: when its file arrived in incoming/, for the listeners (pickup latency).
+        ``change``: the ``accepted`` change's id, where the status ``place`` puts was written
+        numbered for it before (``outbox.numbered``).
         """
         if status.state is not JobState.PENDING:
             raise InvalidTransition(f"a new job enters pending, not {status.state.value}")
-        with self._announced(None, "accepted", status, target, mask=None, announce=True):
+        announced = self._announced(
+            None, "accepted", status, target, mask=None, announce=True, change=change
+        )
+        with announced:
             job = place()
         self._tell(StateChange(job.job_id, None, JobState.PENDING, job, status, arrived))
         return job
@@ -174,6 +180,7 @@ class JobLedger:
         *,
         mask: Mask | None,
         announce: bool,
+        change: str | None = None,
     ) -> Iterator[None]:
         if self._callbacks is None or not announce:
             yield
@@ -183,7 +190,7 @@ class JobLedger:
             with self._callbacks.announce_job(job, event, status):
                 yield
             return
-        with self._callbacks.announce(target, event, status, mask):
+        with self._callbacks.announce(target, event, status, mask, change=change):
             yield
 
     def _recorded(self, job: JobDir, status: JobStatus) -> bool:

@@ -9,7 +9,11 @@ reason.json), or released (back into incoming/). What accept fsyncs (see
 
 - accept:  fsync job.yaml, rename the stage into pending/, fsync pending/. status.json and the
            first log line are derived from job.yaml; recovery rebuilds a status lost to power
-           loss (``repair_pending``).
+           loss (``repair_pending``). Not one that names the job's ``accepted`` change
+           (``callback_delivery``): that one is fsynced with job.yaml (``Prepared.numbered``).
+           Rebuilt, it would name no change and say sequence 0: the prepared ``accepted`` of
+           a job that exists dropped at the next start, or, committed, replaced unsent by the
+           job's next event, numbered 1 again.
 
 A crash leaves the stage; ``recover`` at start finishes a rejection whose reason.json was
 written, and otherwise gives up the reservation the stage made and puts the file back into
@@ -189,6 +193,9 @@ class Prepared(NamedTuple):
     job_file: str
     schedule: bool
     ready: bool = False  # its stage was made ahead (TakenFile.ready)
+    #: Its status.json names the job's first change (``callback_delivery``): made durable by
+    #: ``settle`` with the job file, as nothing could rebuild it.
+    numbered: bool = False
 
 
 class Stages:
@@ -635,26 +642,28 @@ class Stages:
             os.mkdir(f"{stage}/artifacts", _PRIVATE_DIR)
         if taken.name not in _STAGE_FILES:
             os.rename(original, job_file)
-        return Prepared(job_id, stage, original, job_file, schedule, taken.ready)
+        numbered = not schedule and status.get("callback_delivery") is not None
+        return Prepared(job_id, stage, original, job_file, schedule, taken.ready, numbered)
 
     def settle(self, prepared: Sequence[Prepared]) -> None:
-        """Make prepared stages durable before any is placed: the job file, and the job
-        directory's own entries (without them, a filesystem that orders no metadata, such as
-        ext4 without a journal, may come back from a power loss with pending/<id> naming a
-        directory that was never written). Many at once share one syncfs where it is safe."""
-        self._disk.barrier([path for p in prepared for path in (p.job_file, p.stage)])
+        """Make prepared stages durable before any is placed: the job file, a status that
+        names a change (``Prepared.numbered``), and the job directory's own entries (without
+        them, a filesystem that orders no metadata, such as ext4 without a journal, may come
+        back from a power loss with pending/<id> naming a directory that was never written).
+        Many at once share one syncfs where it is safe."""
+        paths = []
+        for one in prepared:
+            paths.append(one.job_file)
+            if one.numbered:
+                paths.append(f"{one.stage}/status.json")
+            paths.append(one.stage)
+        self._disk.barrier(paths)
 
-    def place(
-        self, prepared: Prepared, *, status: dict[str, Any] | None = None, sync: bool = True
-    ) -> JobDir:
+    def place(self, prepared: Prepared, *, sync: bool = True) -> JobDir:
         """Rename a settled stage into pending/ (or scheduled/); DuplicateJob if its id is
-        taken (the stage holds the staged file alone again). ``status``: one to write over
-        the prepared one first (a delivery prepared meanwhile numbered it). ``sync``: fsync
-        the directory it went into now; else the caller does, once for several
-        (``sync_placed``)."""
+        taken (the stage holds the staged file alone again). ``sync``: fsync the directory it
+        went into now; else the caller does, once for several (``sync_placed``)."""
         stage, job_id = prepared.stage, prepared.job_id
-        if status is not None:  # not fsynced, as the first: recovery rebuilds a lost one
-            write_file(f"{stage}/status.json", json_bytes(status), durable=False)
         # Reserved only now that status.json names the id: recovery of a stage undoes a
         # reservation that names the stage. No fsync of ids/: the fsync of pending/ (or
         # scheduled/) commits it, as every metadata change before it.
