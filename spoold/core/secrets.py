@@ -341,35 +341,44 @@ class Masker:
         # Readers take this one reference without the lock: add() swaps in a whole new one.
         self._finder: _Finder | None = None
         self._longest = 0
-        for value in values:
-            self.add(value)
+        self.add_all(values)
 
     def add(self, value: str) -> None:
         """Mask ``value`` from now on: as it is, each line of it if it has several, and the
         forms a remote, an error message or a job turns it into (escaped, URL-encoded, base64,
         hex)."""
-        if value in self._values or not value.strip():
+        self.add_all((value,))
+
+    def add_all(self, values: Iterable[str]) -> None:
+        """``add`` each of ``values``, with what finds them built once for all of them: built
+        for each one, a Masker of 100 secrets took 254 ms to make (a supervisor makes its
+        job's at each unit), and 20 took 10 ms."""
+        fresh = [v for v in dict.fromkeys(values) if v not in self._values and v.strip()]
+        if not fresh:
             return
-        forms = _registered_forms(value)
-        encodings = _encodings(value)
+        each = [(value, _registered_forms(value), _encodings(value)) for value in fresh]
         with self._lock:
-            if value in self._values:
+            known = set(self._values)
+            added, derived, encoded = list(self._added), list(self._derived), list(self._encoded)
+            longest = self._longest
+            for value, forms, encodings in each:
+                if value in known:
+                    continue
+                its_derived = [form for form in forms if form not in known and form != value]
+                known.update((value, *its_derived))
+                its_encoded = [form for form in encodings if form not in known]
+                known.update(its_encoded)
+                added.append(value)
+                derived += its_derived
+                encoded += its_encoded
+                for form in (value, *its_derived, *its_encoded):
+                    longest = max(longest, len(form.encode("utf-8", "surrogatepass")))
+            if len(known) == len(self._values):
                 return
-            derived = tuple(form for form in forms if form not in self._values and form != value)
-            known = self._values | {value, *derived}
-            encoded = tuple(form for form in encodings if form not in known)
-            self._values = known | set(encoded)
-            self._added = (*self._added, value)
-            self._derived = (*self._derived, *derived)
-            self._encoded = (*self._encoded, *encoded)
+            self._values = frozenset(known)
+            self._added, self._derived, self._encoded = tuple(added), tuple(derived), tuple(encoded)
+            self._longest = longest
             self._finder = _Finder(self._values)
-            self._longest = max(
-                self._longest,
-                *(
-                    len(form.encode("utf-8", "surrogatepass"))
-                    for form in (value, *derived, *encoded)
-                ),
-            )
 
     def values(self) -> tuple[str, ...]:
         """What it masks (the values added first, then their escaped forms; not their base64

@@ -314,7 +314,8 @@ class Intake:
         stages, for the caller to give back should this fail on its own."""
         staged: list[tuple[int, _Staged]] = []
         for index, admitted in judged:
-            delivers = self._delivers_accepted(admitted.admitted)  # a bug here: the group's
+            # Outside the file's own handling: an error here is spoold's, for the whole group.
+            delivers = self._delivers_accepted(admitted.admitted)
             try:
                 staged.append((index, self._stage(admitted, delivers=delivers)))
             except Exception as exc:
