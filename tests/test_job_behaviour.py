@@ -485,13 +485,21 @@ def test_under_the_daemon_200_mb_without_a_newline_leave_memory_and_log_bounded(
         daemon.kill()
 
 
-def test_a_record_may_name_only_a_cgroup_spoold_made_in_its_own(tmp_path: Path) -> None:
+@pytest.fixture(name="home")
+def cgroup_home_fixture() -> str:
+    """Where this process may make cgroups (cgroup v2, as root): the runs' cgroups' home."""
+    home = procfs.cgroup_home()
+    assert home is not None or not CI, (
+        "this machine's kind mounts cgroup v2, where root may make cgroups"
+    )
+    if home is None:
+        pytest.skip("no cgroup v2 here that this process may make cgroups in")
+    return home
+
+
+def test_a_record_may_name_only_a_cgroup_spoold_made_in_its_own(tmp_path: Path, home: str) -> None:
     """A unit's record names the cgroup a recovery kills: never one outside this process's
     own cgroup, nor one not named as spoold names its runs' (a forged or foreign record)."""
-    home = procfs.cgroup_home()
-    if home is None:
-        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
-        return
     mine = procfs.make_cgroup(home, process_token("test"))
     assert mine is not None
     other = Path(home) / process_token("other")
@@ -509,13 +517,12 @@ def test_a_record_may_name_only_a_cgroup_spoold_made_in_its_own(tmp_path: Path) 
                 procfs.remove_cgroup(path)
 
 
-def test_a_runs_cgroup_is_made_and_entered_ahead_and_used_by_the_run(tmp_path: Path) -> None:
+def test_a_runs_cgroup_is_made_and_entered_ahead_and_used_by_the_run(
+    tmp_path: Path, home: str
+) -> None:
     """A supervisor enters its next run's cgroup while it waits (a move after a quiet moment
     waits for an RCU grace period: 11-15 ms measured, which the job's start would wait for);
     the run with that token starts there, and nothing of it is left after."""
-    if procfs.cgroup_home() is None:
-        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
-        return
     script = textwrap.dedent(f"""\
         import io, sys, threading
         from pathlib import Path
@@ -545,16 +552,12 @@ def test_a_runs_cgroup_is_made_and_entered_ahead_and_used_by_the_run(tmp_path: P
     assert done.returncode == 0, done.stderr
 
 
-def test_a_start_removes_the_empty_cgroups_of_runs_and_no_other(tmp_path: Path) -> None:
+def test_a_start_removes_the_empty_cgroups_of_runs_and_no_other(tmp_path: Path, home: str) -> None:
     """Supervisors killed (-9) leave the cgroup made ahead for their next run, named by no
     record; a start removes every empty one of spoold's, never one that holds a process nor
     another program's."""
     from spoold.run.process import remove_empty_run_cgroups  # noqa: PLC0415
 
-    home = procfs.cgroup_home()
-    if home is None:
-        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
-        return
     empty = procfs.make_cgroup(home, process_token("left"))
     busy = procfs.make_cgroup(home, process_token("busy"))
     other = Path(home) / process_token("other")
@@ -583,7 +586,7 @@ while sys.stdin.buffer.read(1):
 
 
 def test_a_runs_sigterm_reaches_a_process_forked_while_it_is_sent(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, home: str
 ) -> None:
     """A timeout's or cancel's SIGTERM goes to the run's cgroup while it is frozen: a process
     that forks between the look at the cgroup's members and the signals cannot get a child
@@ -591,10 +594,6 @@ def test_a_runs_sigterm_reaches_a_process_forked_while_it_is_sent(
     one to the members it found, the signal missed the child, which ran on."""
     from spoold.run.process import _Trees  # noqa: PLC0415
 
-    home = procfs.cgroup_home()
-    if home is None:
-        assert not CI, "this machine's kind mounts cgroup v2, where root may make cgroups"
-        return
     cgroup = procfs.make_cgroup(home, process_token("frozen"))
     assert cgroup is not None
     first = subprocess.Popen(["sleep", "300"], start_new_session=True)
