@@ -14,6 +14,7 @@ pin down, found by breaking the code on purpose (a mutation audit).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -581,6 +582,81 @@ def test_an_adopted_job_goes_on_as_the_job_user_its_old_lease_names(
     assert [lease and lease.get("job_user") for lease in leases] == ["spoold-job2"]
     final = runner.record(attempt)
     assert final is not None and final.directory == "done"
+
+
+class _Cut:
+    """A job's directory out of reach while ``on``: every look at its claim fails with EIO, as
+    on a network filesystem cut off."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.on = False
+        looked = jobs_module.check_fence
+
+        def check_fence(job: JobDir) -> None:
+            if self.on:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            looked(job)
+
+        monkeypatch.setattr(jobs_module, "check_fence", check_fence)
+
+
+@pytest.mark.parametrize("takers", [True, False], ids=["another-host-may-take-over", "alone"])
+def test_a_unit_in_the_worker_process_ends_once_its_lease_could_be_taken_over(
+    tmp_path: Path,
+    calls: type[_Calls],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    takers: bool,
+) -> None:
+    """A job with ``on_interrupt: requeue`` whose lease its worker cannot renew (the spool cut
+    off) would be run again by a host that finds it stale: its run here ends first, once the
+    lease has stood still for lease_timeout - 3 beats - kill_grace (10 - 3 - 0.5 s here). A
+    unit in the worker process (the API executors, docker, ssh) has no supervisor to end it.
+    Back, the job goes to pending/, interrupted, saying why. Not on a spool no other host
+    serves (this host's record shows none): there it runs on."""
+    spool = _spool(tmp_path)
+    calls.wait_for_cancel = True
+    job_id = _call_job(spool)
+    clock = FakeClock()
+    config = _config(spool, heartbeat_interval=1.0)
+    if not takers:
+        spool.hosts.write(config.host_id, {"host": config.host_id, "beat": 1, "view": {}})
+    runner = JobRunner(spool, ExecutorRegistry({"calls": _Calls}), config, clock, LOG)
+    cut = _Cut(monkeypatch)
+    claimed = runner.claim(job_id)
+    assert claimed is not None
+    thread = threading.Thread(target=runner.run, args=(claimed,))
+    thread.start()
+    try:
+        assert calls.started.wait(BOUND)
+        runner.renew_leases()  # reads this host's record: may another host take over?
+        cut.on = True
+        clock.advance(6.0)
+        runner.renew_leases()
+        assert "ends first" not in caplog.text, "ended before its lease could be taken over"
+        clock.advance(1.0)
+        runner.renew_leases()
+        if not takers:
+            clock.advance(100.0)
+            runner.renew_leases()
+            assert "ends first" not in caplog.text and not calls.cancelled.is_set()
+            return
+        assert calls.cancelled.wait(BOUND), "the unit went on running"
+        assert "this host's copy of it ends first" in caplog.text
+    finally:
+        if not takers:
+            runner.interrupt_all()  # the test's end
+        thread.join(BOUND + 5)
+        cut.on = False
+    assert not thread.is_alive()
+    runner.retry_finishing()  # its outcome, held while the spool was cut off
+    found = spool.jobs.find(job_id)
+    assert found is not None and found.directory == "pending", found
+    status = spool.jobs.read_status(found)
+    error = status["attempts"][0]["error"]
+    assert error.startswith("interrupted: the spool was out of reach and its lease not renewed"), (
+        error
+    )
 
 
 def test_a_unit_in_the_worker_process_ends_once_its_claim_is_fenced(

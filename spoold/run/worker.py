@@ -44,6 +44,7 @@ from spoold.core.outage import Outage, is_outage
 from spoold.core.procfs import process_start_time, this_machine
 from spoold.core.secrets import SHORT_SECRET, Masker, SecretStore, is_secret_field
 from spoold.core.spool import JobDir, Spool
+from spoold.core.spool.hosts import others_may_take_over
 from spoold.core.spool.jobs import generations
 from spoold.core.states import JobState
 from spoold.core.units import format_duration
@@ -123,6 +124,13 @@ class ActiveRun:
     #: Another host took the claim over (JobFenced): the job's processes here are ended
     #: and nothing more is written for it.
     fenced: bool = False
+    #: For a job another host would run again once it took it over (``on_interrupt:
+    #: requeue``): when this process ends it, its lease not renewed (``renew_leases``).
+    cut_off: CutOff | None = None
+    #: When its lease was last written, on the clock's monotonic time (None: not yet).
+    renewed: float | None = None
+    #: Why it was interrupted, where this process ended it itself (the spool out of reach).
+    why: str | None = None
     #: Work its slot does once this attempt's first unit has been asked for, while it starts
     #: (``WorkerPool``: the slot's previous job is recorded then).
     meanwhile: Callable[[], None] | None = None
@@ -188,6 +196,8 @@ class JobRunner:
         self._callbacks = callbacks
         self._ledger = JobLedger(spool, callbacks, listeners=listeners, logger=logger)
         self._masker = masker if masker is not None else Masker()
+        #: Whether this host's record last showed a host that may take its jobs over.
+        self._takers = True
         # Hears of each job moved back to pending/ to wait for a retry, with when it is due.
         self._on_deferred = on_deferred
         self._active: dict[str, ActiveRun] = {}
@@ -299,6 +309,7 @@ class JobRunner:
         with self._lock:
             runs = list(self._active.values())
         stamp = rfc3339(self._clock.now())
+        self._look_for_takers(runs)
         for run in runs:
             with run.lock:
                 if not run.leased:
@@ -308,12 +319,43 @@ class JobRunner:
                 run.lease["beat"] = int(run.lease.get("beat") or 0) + 1
                 try:
                     self._spool.jobs.write_lease(run.job, run.lease)
+                    run.renewed = self._clock.monotonic()
                 except JobFenced as exc:
                     self._fenced(run, exc)
                 except FileNotFoundError:
                     pass  # finished since the snapshot
                 except OSError as exc:  # a full disk: the old lease stands, the job goes on
                     self._logger.warning("cannot renew the lease of %s: %s", run.job.job_id, exc)
+                    self._out_of_reach(run, exc)
+
+    def _look_for_takers(self, runs: list[ActiveRun]) -> None:
+        """Whether this host's record shows another host that may take its jobs over, read
+        while a job that one would run again runs here; kept as last read when it cannot be."""
+        held = next((run.cut_off for run in runs if run.cut_off is not None), None)
+        if held is not None:
+            with contextlib.suppress(OSError):
+                self._takers = others_may_take_over(held.host_record)
+
+    def _out_of_reach(self, run: ActiveRun, exc: OSError) -> None:
+        """Its lease could not be renewed: once it has stood still for ``CutOff.after``, a
+        host that may take the job over would soon find it stale and run the job again; its
+        run here ends first, as its supervisor ends a unit of processes (``_Keeper``). For
+        the units that run in this process (the API executors, docker, ssh), which have none,
+        this is all that ends them; the job is then interrupted (``on_interrupt``)."""
+        if run.cut_off is None or run.renewed is None or run.cancel.is_set() or not self._takers:
+            return
+        still = self._clock.monotonic() - run.renewed
+        if still < run.cut_off.after:
+            return
+        run.why = (
+            f"the spool was out of reach and its lease not renewed for {still:.0f}s: another "
+            f"host may take it over after lease_timeout "
+            f"({format_duration(run.cut_off.lease_timeout)}) and run it again"
+        )
+        run.interrupted = True
+        self._logger.warning("job %s: %s (%s): this host's copy of it ends first",
+                             run.job.job_id, run.why, exc.strerror or exc)  # fmt: skip
+        run.cancel.set()
 
     def _fenced(self, run: ActiveRun, exc: JobFenced) -> None:
         """Another host took the job over: end its processes here; write nothing for it."""
@@ -584,7 +626,8 @@ class JobRunner:
             # And its job user: an adoption keeps it (``_adopted``), whichever slot adopts it.
             run.lease.setdefault("job_user", self._lane.job_user(slot))
             self._spool.jobs.write_lease(job, run.lease, first=not run.resume)
-            run.leased = True
+            run.leased, run.renewed = True, self._clock.monotonic()
+            run.cut_off = self._cut_off() if spec.on_interrupt == "requeue" else None
         detached = False
         try:
             return self._execute(run, spec, status, log, workdir=workdir, slot=slot)
@@ -693,8 +736,7 @@ class JobRunner:
             self._launcher, self._spool.jobs, job, masker=run.masker,
             log_limit=self._config.max_log_size, host=self._config.hostname, resume=run.resume,
             log_socket=self._config.log_socket, meanwhile=run.meanwhile,
-            beat_interval=self._config.heartbeat_interval,
-            cut_off=self._cut_off() if spec.on_interrupt == "requeue" else None,
+            beat_interval=self._config.heartbeat_interval, cut_off=run.cut_off,
         )  # fmt: skip
         try:
             job_user = run.lease.get("job_user", self._lane.job_user(slot))
@@ -905,7 +947,15 @@ class JobRunner:
             record["result"] = run.masker.mask_data(record["result"])
             # When it ended, for a daemon that adopts the job before its end is recorded.
             record["finished_at"] = rfc3339(result.ended_at or self._clock.now())
-            jobs.end_unit(run.job, key, record)
+            try:
+                jobs.end_unit(run.job, key, record)
+            except OSError as exc:
+                if not is_outage(exc):
+                    raise
+                # A shared spool cut off as the unit ended: its outcome is the attempt's all
+                # the same, recorded with the job once the spool is back. The record is for a
+                # next daemon's adoption; without it one finds the unit begun, and its
+                # on_interrupt decides, as for a unit cut short.
         return result
 
     def _steps_changed(self, run: ActiveRun, status: JobStatus, steps: dict[str, Any]) -> None:
@@ -942,7 +992,7 @@ class JobRunner:
             # whatever the job did on its SIGTERM (exit 0 before it came is a success).
             return JobState.CANCELLED, reason
         if run.interrupted:
-            why = result.error if result.interrupted else None
+            why = run.why or (result.error if result.interrupted else None)
             if spec.on_interrupt == "requeue":
                 return JobState.PENDING, f"interrupted: {why or 'spoold stopped'}"
             return JobState.FAILED, f"interrupted: {why or 'spoold stopped while the job ran'}"
