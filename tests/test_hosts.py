@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1354,3 +1355,49 @@ def test_a_host_whose_claim_was_taken_over_ends_the_jobs_processes(
     finally:
         daemon.kill()
         kill_processes_with(token)
+
+
+def test_a_unit_begun_as_its_claim_is_taken_over_writes_into_the_log_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A supervisor frozen between its unit's begin (which checks the claim) and the open of
+    the job's log, while another host fenced the claim and moved the log aside: once thawed,
+    it opened the log by its name, the taker's now, and the job's output landed after the
+    taker's "taken over" line (seen once in the three-host run: ``tick h2 1``). The log is
+    opened before the check: its late lines land in the log moved aside."""
+    from spoold.core.spool.jobs import Jobs  # noqa: PLC0415
+    from spoold.run import launcher  # noqa: PLC0415 - its supervisor's work, called in place
+    from spoold.run.process import ProcessOutcome  # noqa: PLC0415
+
+    spool, clock = _spool(tmp_path), FakeClock(T)
+    _pending(spool, "j1")
+    job = _claimed_by(spool, "j1", "a", clock)
+    begin = Jobs.begin_unit
+
+    def begun_then_taken_over(job: JobDir, key: str, record: dict[str, Any], **kw: Any) -> bool:
+        made = begin(job, key, record, **kw)
+        assert spool.jobs.fence(job, 1, {"by": "b"})  # meanwhile, the supervisor frozen
+        spool.jobs.rotate_log(job, 1)
+        with spool.jobs.open_log(job) as taker:
+            taker.write(b"taken over by host b from host a\n")
+        return made
+
+    def run(argv: Any, **kw: Any) -> Any:
+        kw["log"].info("late line of the job")
+        return ProcessOutcome(0)
+
+    monkeypatch.setattr(Jobs, "begin_unit", staticmethod(begun_then_taken_over))
+    monkeypatch.setattr(launcher, "run_process", run)
+    request = launcher.Supervise(
+        job, "1", ("true",), str(tmp_path), {}, None, None, 1.0, "the job", (), (), None, "a"
+    )
+    worker, reply = socket.socketpair()
+    try:
+        launcher._run_unit(request, reply, None, launcher._Unit(), (os.getpid(), None),
+                           spares=None, token="t")  # fmt: skip
+    finally:
+        worker.close()
+        reply.close()
+    log = Path(job.location, "log").read_text()
+    assert "late line" not in log, log
+    assert "late line of the job" in Path(job.location, "fenced-log.1").read_text()

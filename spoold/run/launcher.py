@@ -1052,19 +1052,35 @@ def _run_unit(
              "started_at": rfc3339(clock.now()), "tree": token}  # fmt: skip
     if (cgroup := run_cgroup(token)) is not None:
         began["cgroup"] = cgroup  # what a next daemon kills, should this supervisor die
+    # The log is opened before the unit is begun, which checks the claim. A host taking the
+    # job over fences the claim first, then moves the log aside: a log opened before a check
+    # that passed is the one moved aside, where this unit's late lines land. Opened after it,
+    # by its name, it was the taker's, whatever the unit then wrote (seen: a supervisor frozen
+    # between the check and the open wrote its job's output after the taker's "taken over").
     try:
-        if not Jobs.begin_unit(request.job, request.key, began, spares=spares):
-            _answer(reply, ("taken", None))
-            return
+        log_file = Jobs.open_log(request.job)
     except OSError as exc:
+        _answer(reply, ("failed", f"cannot open the log of {request.label}: {exc}"))
+        return
+    try:
+        begun = Jobs.begin_unit(request.job, request.key, began, spares=spares)
+    except OSError as exc:
+        log_file.close()
         _answer(reply, ("failed", f"cannot record the start of {request.label}: {exc}"))
+        return
+    except BaseException:
+        log_file.close()
+        raise
+    if not begun:
+        log_file.close()
+        _answer(reply, ("taken", None))
         return
     tee = None if tee_fd is None else os.fdopen(tee_fd, "w")
     masker = Masker(request.masks)
     tap = None if request.log_socket is None else LogTap.open(Path(request.log_socket))
     log = JobLog(
         # No secret to mask (the usual case): no mask to run over every piece of output.
-        Jobs.open_log(request.job), clock, tee=tee, mask=masker.mask_text if masker else None,
+        log_file, clock, tee=tee, mask=masker.mask_text if masker else None,
         limit=request.log_limit,
         tap=None if tap is None else functools.partial(tap.send, request.job.job_id),
     )  # fmt: skip
