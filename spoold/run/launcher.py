@@ -140,6 +140,16 @@ class CutOff(NamedTuple):
     host_record: str
     lease_timeout: float
 
+    def why(self, still: float, stood: str) -> str | None:
+        """Why the unit ends, what ``stood`` still for ``still`` seconds (the claim's beat,
+        the lease) with the spool out of reach; None while it may run on."""
+        if still < self.after:
+            return None
+        return (
+            f"the spool was out of reach and {stood}: another host may take it over after "
+            f"lease_timeout ({format_duration(self.lease_timeout)}) and run it again"
+        )
+
 
 class AddClient(NamedTuple):
     """To a launcher, from the daemon: serve one more worker process, on the socket that
@@ -944,14 +954,12 @@ class _Keeper:
         if self._cut_off is None or not self._takers:
             return
         still = self._clock.monotonic() - self._renewed  # the look may have waited long
-        if still < self._cut_off.after:
+        self.cut_off = self._cut_off.why(
+            still, f"its claim's beat last seen moving {still:.0f}s ago"
+        )
+        if self.cut_off is None:
             return
         self.fenced = True
-        self.cut_off = (
-            f"the spool was out of reach and its claim's beat last seen moving {still:.0f}s "
-            f"ago: another host may take it over after lease_timeout "
-            f"({format_duration(self._cut_off.lease_timeout)}) and run it again"
-        )
         self._log.error(
             f"{self.cut_off} ({exc.strerror or exc}): this host's copy of it ends first"
         )

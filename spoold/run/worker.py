@@ -345,13 +345,9 @@ class JobRunner:
         if run.cut_off is None or run.renewed is None or run.cancel.is_set() or not self._takers:
             return
         still = self._clock.monotonic() - run.renewed
-        if still < run.cut_off.after:
+        run.why = run.cut_off.why(still, f"its lease not renewed for {still:.0f}s")
+        if run.why is None:
             return
-        run.why = (
-            f"the spool was out of reach and its lease not renewed for {still:.0f}s: another "
-            f"host may take it over after lease_timeout "
-            f"({format_duration(run.cut_off.lease_timeout)}) and run it again"
-        )
         run.interrupted = True
         self._logger.warning("job %s: %s (%s): this host's copy of it ends first",
                              run.job.job_id, run.why, exc.strerror or exc)  # fmt: skip
